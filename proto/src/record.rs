@@ -1,0 +1,191 @@
+//! The audit record: what a SIEM reads, one JSON object per record.
+//!
+//! A record is serialised once, by the node that seals it into its stream (see [`crate::chain`]),
+//! and never again: every consumer hashes the exact bytes it received. The types here are used
+//! both to build records and to read them back (replay, SIEM-side tooling).
+
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The version of the record schema written by this code (`v` in every record).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a record describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// First record of a stream (one gateway process lifetime).
+    StreamStart,
+    /// Last record of a stream, written on orderly shutdown.
+    StreamEnd,
+    /// A client authenticated (outcome `success`) or was refused (outcome `denied`).
+    SessionStart,
+    /// A session ended.
+    SessionEnd,
+    /// A statement, written before the target sees it.
+    Request,
+    /// What the target answered to a request (same `stmt`).
+    Response,
+    /// A request the gateway refused on its own (never reached the target).
+    Blocked,
+    /// A CancelRequest forwarded to the target.
+    Cancel,
+    /// The client broke the wire protocol (bad frame, unknown message); the session was closed.
+    ProtocolError,
+}
+
+/// How an action ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Error,
+    Blocked,
+    Pending,
+    Denied,
+}
+
+/// Who acted, as established from a verified token. `intent` is declared by the client and
+/// recorded, never trusted for authorisation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    /// `iss` of the token.
+    pub issuer: String,
+    /// `id_token` or `access_token`.
+    pub token_type: String,
+}
+
+/// The client connection and the target it reaches.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    /// `postgres` today; `ssh`, `kubernetes` later.
+    pub protocol: String,
+    pub client_addr: String,
+    pub client_tls: bool,
+    /// The configured connection name the client asked for (`database` for PostgreSQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `host:port/database` of the target, when one was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The client software's own name (`application_name`), as declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application: Option<String>,
+}
+
+/// A statement or command as the client sent it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// `simple` (Query message), `extended` (Execute of a bound portal), `function_call`.
+    pub protocol: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portal: Option<String>,
+    /// Bind parameters: text values as sent, binary values as `\x` hex, NULL as null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Vec<Option<String>>>,
+}
+
+/// An error reported by the target (or by the gateway).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// What came back for one request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Command tags in order (`SELECT 1`, `INSERT 0 3` …), one per completed statement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Rows returned (DataRow messages) over all result sets.
+    pub rows: u64,
+    /// Bytes of row and COPY data that came back or went in.
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// The first rows, as text (binary values as `\x` hex), up to the configured size.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub result: Vec<Vec<Option<String>>>,
+    /// True when `result` holds fewer rows than came back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Hex SHA-256 over every DataRow body, present when `truncated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// The policy that decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    /// The rule that matched (or `default`).
+    pub rule: String,
+    /// Hex SHA-256 of the policy in force.
+    pub version: String,
+}
+
+/// The part of a record that the node fills in; [`crate::chain::Chain::seal`] adds the chain
+/// fields (`v`, `stream`, `seq`, `prev`) in front of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    /// UTC, RFC 3339 with nanoseconds.
+    pub time: String,
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<Arc<Principal>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Arc<Connection>>,
+    /// Statement number inside the session; a request and its response share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stmt: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Request>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Response>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRef>,
+    /// Human-readable reason (why a token was refused, why a frame was rejected …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A whole record as read back from a log or topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub v: u32,
+    pub stream: String,
+    pub seq: u64,
+    pub prev: String,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+impl Record {
+    /// Parses one record from its exact bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
