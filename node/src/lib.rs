@@ -1,1 +1,147 @@
+//! The Vigil gateway node: identity, audit, the PostgreSQL listener and the admin endpoints.
+//!
+//! [`start`] builds a node from a validated [`config::Config`], binds its listeners (port 0
+//! works, for tests) and returns a handle that reports the bound addresses and shuts it down.
 
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod pg;
+pub mod replay;
+pub mod secret;
+pub mod tls;
+
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Renders an error with its chain of sources: `outer: inner: root`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// A started node.
+pub struct RunningNode {
+    pub pg_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The file of this process's audit stream.
+    pub audit_path: PathBuf,
+    pub metrics: Arc<metrics::Metrics>,
+    shutdown: watch::Sender<bool>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Stops accepting, lets open sessions finish (bounded), writes `stream_end` and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.served.await;
+    }
+
+    /// Resolves when the node has stopped.
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.served).await;
+    }
+
+    /// Asks the node to stop without waiting.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Builds and starts a node. Everything that can fail on bad configuration fails here, before
+/// any listener accepts a client.
+pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut targets = std::collections::HashMap::new();
+    for target in config.pg_targets()? {
+        let name = target.config.name.clone();
+        let target = pg::backend::Target::new(target)
+            .with_context(|| format!("TLS settings of connection {name:?}"))?;
+        targets.insert(name, Arc::new(target));
+    }
+    let tls = tls::server_config(
+        config.postgres.tls_cert.as_deref(),
+        config.postgres.tls_key.as_deref(),
+        &config.node.data_dir.join("tls"),
+    )
+    .context("postgres TLS certificate")?;
+    let audit = audit::AuditLog::open(
+        &config.audit_dir(),
+        &config.node.id,
+        config.audit.sync,
+        metrics.clone(),
+    )
+    .with_context(|| format!("cannot open the audit log in {}", config.audit_dir().display()))?;
+    let verifier = identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
+    let pg_listener = tokio::net::TcpListener::bind(config.postgres.listen)
+        .await
+        .with_context(|| format!("cannot bind postgres.listen {}", config.postgres.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot bind admin.listen {}", config.admin.listen))?;
+    let pg_addr = pg_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    // Keys are loaded in the background: until they are, tokens are refused (fail closed) and
+    // /readyz says why.
+    {
+        let verifier = verifier.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            while let Err(e) = verifier.refresh().await {
+                tracing::warn!(error = %error_chain(&e), "identity provider not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            tracing::info!("identity provider keys loaded");
+        });
+    }
+
+    let (shutdown, stop_rx) = watch::channel(false);
+    let admin_state = admin::AdminState {
+        metrics: metrics.clone(),
+        verifier: verifier.clone(),
+    };
+    tokio::spawn(admin::serve(admin_listener, admin_state, wait_for(stop_rx.clone())));
+    let ctx = Arc::new(pg::PgContext {
+        config: config.postgres.clone(),
+        tls,
+        targets: Arc::new(targets),
+        verifier,
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        cancels: pg::cancel::CancelRegistry::default(),
+        max_result_bytes: config.audit.max_result_bytes,
+    });
+    let audit_path = audit.path().to_path_buf();
+    let served = tokio::spawn(async move {
+        pg::serve(pg_listener, ctx, wait_for(stop_rx)).await;
+        audit.close().await;
+    });
+    tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), "vigil-node started");
+    Ok(RunningNode {
+        pg_addr,
+        admin_addr,
+        audit_path,
+        metrics,
+        shutdown,
+        served,
+    })
+}

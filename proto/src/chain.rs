@@ -17,7 +17,7 @@ pub fn record_hash(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// The writer's side of one stream: it assigns `seq` and `prev` and remembers the last hash.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Chain {
     stream: String,
     next_seq: u64,

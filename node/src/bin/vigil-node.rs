@@ -1,1 +1,59 @@
-fn main() {}
+//! `vigil-node --config FILE`: the gateway process.
+
+use anyhow::Context as _;
+use clap::Parser;
+use std::path::PathBuf;
+use vigil_node::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(version, about = "Vigil gateway node")]
+struct Args {
+    /// The node's TOML configuration file.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vigil-node: {}", vigil_node::error_chain(&e));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log.level, config.log.format);
+    match run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let mut node = vigil_node::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = node.wait() => return Ok(()),
+    }
+    tracing::info!("shutting down");
+    node.stop();
+    node.wait().await;
+    Ok(())
+}

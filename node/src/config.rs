@@ -1,0 +1,516 @@
+//! The node's configuration file (TOML). Every key is documented in docs/configuration.md and
+//! a commented example lives in deploy/vigil-node.toml.
+//!
+//! Loading is strict: unknown keys, missing required keys and values that make no sense are
+//! refused with a message that names the key, before anything is bound.
+
+use crate::secret::{Secret, SecretRef};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    pub postgres: PostgresConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Names this node in every audit record and in its stream id.
+    pub id: String,
+    /// Where the node keeps its audit log, its generated TLS certificate and keys.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9187))
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `vigil_node=debug` …); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    RS256,
+    ES256,
+    EdDSA,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenType {
+    /// OpenID Connect ID tokens (people).
+    IdToken,
+    /// RFC 9068 JWT access tokens, `typ: at+jwt` (agents, client credentials).
+    AccessToken,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The issuer URL, compared exactly with `iss` and with the discovery document.
+    pub issuer: String,
+    /// Accepted `aud` values: the resource indicator for access tokens, client ids for ID tokens.
+    pub audiences: Vec<String>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    #[serde(default = "default_token_types")]
+    pub token_types: Vec<TokenType>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Minimum time between two JWKS fetches caused by unknown key ids.
+    #[serde(default = "default_jwks_cooldown")]
+    pub jwks_refresh_cooldown_secs: u64,
+    /// Timeout of one HTTP request to the provider.
+    #[serde(default = "default_http_timeout")]
+    pub http_timeout_secs: u64,
+    #[serde(default)]
+    pub claims: ClaimNames,
+}
+
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+}
+fn default_token_types() -> Vec<TokenType> {
+    vec![TokenType::AccessToken, TokenType::IdToken]
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_jwks_cooldown() -> u64 {
+    30
+}
+fn default_http_timeout() -> u64 {
+    5
+}
+
+/// Which claims fill which principal field.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimNames {
+    #[serde(default = "claim_sub")]
+    pub subject: String,
+    /// Falls back to `azp` when the named claim is absent.
+    #[serde(default = "claim_client_id")]
+    pub client_id: String,
+    #[serde(default = "claim_model")]
+    pub model: String,
+    #[serde(default = "claim_model_version")]
+    pub model_version: String,
+    #[serde(default = "claim_groups")]
+    pub groups: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        Self {
+            subject: claim_sub(),
+            client_id: claim_client_id(),
+            model: claim_model(),
+            model_version: claim_model_version(),
+            groups: claim_groups(),
+        }
+    }
+}
+
+fn claim_sub() -> String {
+    "sub".into()
+}
+fn claim_client_id() -> String {
+    "client_id".into()
+}
+fn claim_model() -> String {
+    "model".into()
+}
+fn claim_model_version() -> String {
+    "model_version".into()
+}
+fn claim_groups() -> String {
+    "groups".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// `write(2)` per batch: a record survives a killed gateway process.
+    #[default]
+    Write,
+    /// `fdatasync(2)` per batch as well: a record also survives a power loss.
+    Fsync,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Directory of the local audit log; default `<data_dir>/audit`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// Result rows recorded per statement, in bytes of row data; beyond it a digest.
+    #[serde(default = "default_max_result_bytes")]
+    pub max_result_bytes: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            sync: SyncMode::default(),
+            max_result_bytes: default_max_result_bytes(),
+        }
+    }
+}
+
+fn default_max_result_bytes() -> usize {
+    64 * 1024
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub listen: SocketAddr,
+    /// Largest message accepted from a client or target, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// PEM certificate chain and key for client TLS; generated in `<data_dir>/tls` when absent.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Accept a token over a connection without TLS. Off by default: the token is a bearer
+    /// credential.
+    #[serde(default)]
+    pub allow_cleartext_token: bool,
+    /// Time a client has to finish TLS, startup and authentication.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout_secs: u64,
+    #[serde(default)]
+    pub connections: Vec<PgConnectionConfig>,
+}
+
+fn default_max_frame() -> usize {
+    64 * 1024 * 1024
+}
+fn default_startup_timeout() -> u64 {
+    15
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetTls {
+    #[default]
+    Disable,
+    /// TLS without verifying the certificate (like libpq's `sslmode=require`).
+    Require,
+    /// TLS, certificate verified against `ca_file` (or the web PKI) and the host name.
+    VerifyFull,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConnectionConfig {
+    /// What clients put in `dbname` to reach this target.
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub database: String,
+    /// The gateway's own login on the target.
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<SecretRef>,
+    #[serde(default)]
+    pub tls: TargetTls,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    pub allow: AccessRule,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+/// Who may use a connection: a principal matching any list is allowed.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub client_ids: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Every verified principal may connect.
+    #[serde(default)]
+    pub any_authenticated: bool,
+}
+
+/// A connection with its secret resolved, ready for use.
+#[derive(Clone, Debug)]
+pub struct PgTarget {
+    pub config: PgConnectionConfig,
+    pub password: Option<Secret<String>>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id.is_empty()
+            || !self
+                .node
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(invalid(
+                "node.id",
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            ));
+        }
+        let id = &self.identity;
+        if !(id.issuer.starts_with("https://") || id.issuer.starts_with("http://")) {
+            return Err(invalid("identity.issuer", "must be an http(s) URL"));
+        }
+        if id.audiences.is_empty() {
+            return Err(invalid("identity.audiences", "must name at least one audience"));
+        }
+        if id.algorithms.is_empty() {
+            return Err(invalid("identity.algorithms", "must allow at least one algorithm"));
+        }
+        if id.token_types.is_empty() {
+            return Err(invalid("identity.token_types", "must accept at least one token type"));
+        }
+        if self.audit.max_result_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("audit.max_result_bytes", "must be at most 64 MiB"));
+        }
+        let pg = &self.postgres;
+        if pg.max_frame_bytes < 1024 {
+            return Err(invalid("postgres.max_frame_bytes", "must be at least 1024"));
+        }
+        if pg.tls_cert.is_some() != pg.tls_key.is_some() {
+            return Err(invalid(
+                "postgres.tls_cert",
+                "tls_cert and tls_key must be given together",
+            ));
+        }
+        if pg.connections.is_empty() {
+            return Err(invalid(
+                "postgres.connections",
+                "at least one connection is needed",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in pg.connections.iter().enumerate() {
+            let key = |k: &str| format!("postgres.connections[{i}].{k}");
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                return Err(invalid(key("name"), "must be non-empty and unique"));
+            }
+            let a = &c.allow;
+            if !a.any_authenticated
+                && a.subjects.is_empty()
+                && a.client_ids.is_empty()
+                && a.groups.is_empty()
+            {
+                return Err(invalid(
+                    key("allow"),
+                    "allows no one: list subjects, client_ids or groups, or set any_authenticated = true",
+                ));
+            }
+            if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
+                return Err(invalid(key("ca_file"), "only used with tls = \"verify-full\""));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every secret reference; a missing one is an error naming its key.
+    pub fn pg_targets(&self) -> Result<Vec<PgTarget>, ConfigError> {
+        self.postgres
+            .connections
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let password = c
+                    .password
+                    .as_ref()
+                    .map(|r| r.resolve())
+                    .transpose()
+                    .map_err(|e| {
+                        invalid(format!("postgres.connections[{i}].password"), e.to_string())
+                    })?;
+                Ok(PgTarget {
+                    config: c.clone(),
+                    password,
+                })
+            })
+            .collect()
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("audit"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+id = "n1"
+data_dir = "/tmp/x"
+[identity]
+issuer = "http://127.0.0.1:1"
+audiences = ["urn:vigil:gateway"]
+[postgres]
+listen = "127.0.0.1:0"
+[[postgres.connections]]
+name = "app"
+host = "127.0.0.1"
+database = "app"
+user = "gw"
+password = { env = "PW" }
+allow = { groups = ["dba"] }
+"#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn a_good_config_loads_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.identity.leeway_secs, 30);
+        assert_eq!(c.postgres.connections[0].port, 5432);
+        assert_eq!(c.audit_dir(), PathBuf::from("/tmp/x/audit"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse(&GOOD.replace("host = ", "hots = ")).unwrap_err();
+        assert!(e.contains("hots"), "{e}");
+        let e = parse(&GOOD.replace("allow = { groups = [\"dba\"] }", "allow = {}")).unwrap_err();
+        assert!(e.contains("postgres.connections[0].allow"), "{e}");
+        let e = parse(&GOOD.replace("[\"urn:vigil:gateway\"]", "[]")).unwrap_err();
+        assert!(e.contains("identity.audiences"), "{e}");
+        let e = parse(&GOOD.replace("\"127.0.0.1:0\"", "\"nowhere\"")).unwrap_err();
+        assert!(e.contains("listen"), "{e}");
+        let e = parse(&GOOD.replace("algorithms", "x").replace(
+            "audiences = [",
+            "algorithms = [\"HS256\"]\naudiences = [",
+        ))
+        .unwrap_err();
+        assert!(e.contains("HS256"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_secret_names_its_key() {
+        let mut c = parse(GOOD).unwrap();
+        c.postgres.connections[0].password = Some(SecretRef::Env("VIGIL_TEST_UNSET_PW".into()));
+        let e = c.pg_targets().unwrap_err().to_string();
+        assert!(e.contains("postgres.connections[0].password"), "{e}");
+    }
+}

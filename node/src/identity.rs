@@ -1,0 +1,430 @@
+//! OIDC token verification: discovery from the issuer, the JWKS cached by key id, and the checks
+//! of design.md (algorithm allow-list, exact `iss`, `aud`, `exp`, `nbf`, `iat`, token type).
+//!
+//! ID tokens and RFC 9068 JWT access tokens are both JWS-signed JWTs checked against the same
+//! key set, so one verifier serves both; they differ only in their `typ` header (`at+jwt` for
+//! access tokens). Header fields that would let a token pick its own key (`jku`, `x5u`, `jwk`)
+//! are ignored: keys come from the issuer's JWKS only.
+
+use crate::config::{Algorithm, ClaimNames, IdentityConfig, TokenType};
+use crate::metrics::{Metrics, ReasonLabel};
+use base64::Engine as _;
+use jsonwebtoken::{jwk::JwkSet, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Mutex;
+use vigil_proto::record::Principal;
+
+/// Why a token was refused. The text is what the client is told: precise enough to fix a
+/// misconfigured agent, nothing that helps forge a token.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("signing algorithm {0} is not allowed")]
+    AlgorithmNotAllowed(String),
+    #[error("the token has no key id (kid)")]
+    MissingKid,
+    #[error("the token is signed with an unknown key")]
+    UnknownKey,
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token was issued in the future")]
+    IssuedInFuture,
+    #[error("the token was issued by another issuer")]
+    WrongIssuer,
+    #[error("the token is not meant for this gateway (audience)")]
+    WrongAudience,
+    #[error("token type {0} is not accepted")]
+    TypeNotAccepted(String),
+    #[error("the token lacks the {0} claim")]
+    MissingClaim(String),
+    #[error("cannot verify tokens now: the identity provider is unavailable")]
+    ProviderUnavailable,
+}
+
+impl TokenError {
+    /// A short stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::AlgorithmNotAllowed(_) => "algorithm",
+            TokenError::MissingKid => "missing_kid",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::BadSignature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::IssuedInFuture => "issued_in_future",
+            TokenError::WrongIssuer => "issuer",
+            TokenError::WrongAudience => "audience",
+            TokenError::TypeNotAccepted(_) => "type",
+            TokenError::MissingClaim(_) => "missing_claim",
+            TokenError::ProviderUnavailable => "provider_unavailable",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("discovery document names issuer {found:?}, expected {expected:?}")]
+    IssuerMismatch { expected: String, found: String },
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+struct KeyEntry {
+    key: DecodingKey,
+    /// The `alg` the JWK pins, if any.
+    alg: Option<String>,
+    family: KeyFamily,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyFamily {
+    Rsa,
+    Ec,
+    Okp,
+    Other,
+}
+
+fn family_of(alg: Algorithm) -> KeyFamily {
+    match alg {
+        Algorithm::RS256 => KeyFamily::Rsa,
+        Algorithm::ES256 => KeyFamily::Ec,
+        Algorithm::EdDSA => KeyFamily::Okp,
+    }
+}
+
+struct FetchState {
+    jwks_uri: Option<String>,
+    last_fetch: Option<Instant>,
+}
+
+/// Verifies tokens of one issuer. Cheap to share (`Arc`).
+pub struct TokenVerifier {
+    config: IdentityConfig,
+    http: reqwest::Client,
+    keys: moka::future::Cache<String, Arc<KeyEntry>>,
+    /// Serialises fetches (single flight) and remembers when the last one happened.
+    fetch: Mutex<FetchState>,
+    ready: std::sync::atomic::AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TokenVerifier {
+    pub fn new(config: IdentityConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.http_timeout_secs))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Arc::new(Self {
+            config,
+            http,
+            keys: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+            fetch: Mutex::new(FetchState {
+                jwks_uri: None,
+                last_fetch: None,
+            }),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// Whether keys have been loaded at least once.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Loads discovery and keys now, regardless of the cooldown (used at start).
+    pub async fn refresh(&self) -> Result<(), ProviderError> {
+        let mut state = self.fetch.lock().await;
+        self.fetch_locked(&mut state).await
+    }
+
+    async fn fetch_locked(&self, state: &mut FetchState) -> Result<(), ProviderError> {
+        state.last_fetch = Some(Instant::now());
+        let result = self.fetch_keys(state).await;
+        if result.is_err() {
+            self.metrics.jwks_fetch_errors.inc();
+        }
+        result
+    }
+
+    async fn fetch_keys(&self, state: &mut FetchState) -> Result<(), ProviderError> {
+        let jwks_uri = match &state.jwks_uri {
+            Some(uri) => uri.clone(),
+            None => {
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    self.config.issuer.trim_end_matches('/')
+                );
+                let doc: Discovery = self.get_json(&url).await?;
+                if doc.issuer != self.config.issuer {
+                    return Err(ProviderError::IssuerMismatch {
+                        expected: self.config.issuer.clone(),
+                        found: doc.issuer,
+                    });
+                }
+                state.jwks_uri = Some(doc.jwks_uri.clone());
+                doc.jwks_uri
+            }
+        };
+        self.metrics.jwks_fetches.inc();
+        let set: JwkSet = self.get_json(&jwks_uri).await?;
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
+            // A key this library cannot use is skipped, not fatal: others may still verify.
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let family = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => KeyFamily::Okp,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => KeyFamily::Other,
+            };
+            let alg = jwk.common.key_algorithm.map(|a| format!("{a:?}"));
+            self.keys
+                .insert(kid, Arc::new(KeyEntry { key, alg, family }))
+                .await;
+        }
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, ProviderError> {
+        let err = |source| ProviderError::Http {
+            url: url.to_string(),
+            source,
+        };
+        self.http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(err)?
+            .json()
+            .await
+            .map_err(err)
+    }
+
+    /// The key for `kid`, fetching the JWKS again when it is unknown and the cooldown allows.
+    async fn key(&self, kid: &str) -> Result<Arc<KeyEntry>, TokenError> {
+        if let Some(k) = self.keys.get(kid).await {
+            return Ok(k);
+        }
+        let mut state = self.fetch.lock().await;
+        if let Some(k) = self.keys.get(kid).await {
+            return Ok(k);
+        }
+        let cooldown = Duration::from_secs(self.config.jwks_refresh_cooldown_secs);
+        let cooling = state.last_fetch.is_some_and(|t| t.elapsed() < cooldown);
+        if cooling {
+            return Err(if self.is_ready() {
+                TokenError::UnknownKey
+            } else {
+                TokenError::ProviderUnavailable
+            });
+        }
+        if let Err(e) = self.fetch_locked(&mut state).await {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot refresh the JWKS");
+            return Err(TokenError::ProviderUnavailable);
+        }
+        self.keys.get(kid).await.ok_or(TokenError::UnknownKey)
+    }
+
+    /// Verifies a token and maps its claims to a principal.
+    pub async fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        let result = self.verify_inner(token.trim()).await;
+        if let Err(e) = &result {
+            self.metrics
+                .token_rejections
+                .get_or_create(&ReasonLabel { reason: e.reason() })
+                .inc();
+        }
+        result
+    }
+
+    async fn verify_inner(&self, token: &str) -> Result<Principal, TokenError> {
+        let header = parse_header(token)?;
+        let alg_name = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or(TokenError::Malformed)?;
+        let alg = self
+            .config
+            .algorithms
+            .iter()
+            .copied()
+            .find(|a| format!("{a:?}") == alg_name)
+            .ok_or_else(|| TokenError::AlgorithmNotAllowed(alg_name.to_string()))?;
+        let typ = header.get("typ").and_then(Value::as_str).unwrap_or("JWT");
+        let token_type = match typ.to_ascii_lowercase().as_str() {
+            "at+jwt" | "application/at+jwt" => TokenType::AccessToken,
+            "jwt" => TokenType::IdToken,
+            _ => return Err(TokenError::TypeNotAccepted(typ.to_string())),
+        };
+        if !self.config.token_types.contains(&token_type) {
+            return Err(TokenError::TypeNotAccepted(typ.to_string()));
+        }
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .ok_or(TokenError::MissingKid)?;
+        let entry = self.key(kid).await?;
+        if entry.family != family_of(alg) || entry.alg.as_deref().is_some_and(|a| a != alg_name) {
+            // The key exists but is not a key for this algorithm: the classic confusion attack.
+            return Err(TokenError::BadSignature);
+        }
+        let jwt_alg = match alg {
+            Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+            Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+            Algorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+        };
+        let mut validation = Validation::new(jwt_alg);
+        validation.leeway = self.config.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[self.config.issuer.as_str()]);
+        validation.set_audience(&self.config.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &entry.key, &validation)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::InvalidSignature => TokenError::BadSignature,
+                    K::ExpiredSignature => TokenError::Expired,
+                    K::ImmatureSignature => TokenError::NotYetValid,
+                    K::InvalidIssuer => TokenError::WrongIssuer,
+                    K::InvalidAudience => TokenError::WrongAudience,
+                    K::MissingRequiredClaim(c) => TokenError::MissingClaim(c.clone()),
+                    _ => TokenError::Malformed,
+                }
+            })?;
+        let claims = data.claims;
+        let iat = claims
+            .get("iat")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TokenError::MissingClaim("iat".into()))?;
+        if iat > now_secs() + self.config.leeway_secs {
+            return Err(TokenError::IssuedInFuture);
+        }
+        principal_from_claims(&claims, &self.config.claims, &self.config.issuer, token_type)
+    }
+}
+
+/// Decodes the JOSE header without trusting anything in it.
+fn parse_header(token: &str) -> Result<Map<String, Value>, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|_| TokenError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+fn claim_string(claims: &Map<String, Value>, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Maps verified claims to the principal fields named in the config.
+pub fn principal_from_claims(
+    claims: &Map<String, Value>,
+    names: &ClaimNames,
+    issuer: &str,
+    token_type: TokenType,
+) -> Result<Principal, TokenError> {
+    let subject = claim_string(claims, &names.subject)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| TokenError::MissingClaim(names.subject.clone()))?;
+    let groups = match claims.get(&names.groups) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+        _ => Vec::new(),
+    };
+    Ok(Principal {
+        subject,
+        client_id: claim_string(claims, &names.client_id).or_else(|| claim_string(claims, "azp")),
+        model: claim_string(claims, &names.model),
+        model_version: claim_string(claims, &names.model_version),
+        groups,
+        intent: None,
+        issuer: issuer.to_string(),
+        token_type: match token_type {
+            TokenType::IdToken => "id_token",
+            TokenType::AccessToken => "access_token",
+        }
+        .to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_parsed_without_trust() {
+        assert_eq!(parse_header("a.b"), Err(TokenError::Malformed));
+        assert_eq!(parse_header("a.b.c.d"), Err(TokenError::Malformed));
+        assert_eq!(parse_header("!!.b.c"), Err(TokenError::Malformed));
+        let h = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#);
+        assert_eq!(parse_header(&format!("{h}.e30.")).unwrap()["alg"], "none");
+    }
+
+    #[test]
+    fn claims_map_to_the_principal() {
+        let claims: Map<String, Value> = serde_json::from_str(
+            r#"{"sub":"agent-1","azp":"cli","model":"gpt-5","model_version":"2026-08","groups":["a","b"]}"#,
+        )
+        .unwrap();
+        let p = principal_from_claims(&claims, &ClaimNames::default(), "iss", TokenType::AccessToken)
+            .unwrap();
+        assert_eq!(p.subject, "agent-1");
+        assert_eq!(p.client_id.as_deref(), Some("cli"));
+        assert_eq!(p.model.as_deref(), Some("gpt-5"));
+        assert_eq!(p.groups, vec!["a", "b"]);
+        assert_eq!(p.token_type, "access_token");
+        let none: Map<String, Value> = serde_json::from_str(r#"{"sub":""}"#).unwrap();
+        assert!(matches!(
+            principal_from_claims(&none, &ClaimNames::default(), "iss", TokenType::IdToken),
+            Err(TokenError::MissingClaim(_))
+        ));
+    }
+}

@@ -1,0 +1,135 @@
+//! Every metric the node exports, in one place. Drop paths have counters of their own and tests
+//! assert they stay at zero.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Client sessions by outcome (`success`, `denied`, `error`).
+    pub sessions: Family<OutcomeLabel, Counter>,
+    pub active_sessions: Gauge,
+    /// Statements by outcome (`success`, `error`, `blocked`).
+    pub statements: Family<OutcomeLabel, Counter>,
+    pub audit_records: Counter,
+    pub audit_bytes: Counter,
+    pub audit_batches: Counter,
+    /// Failed appends to the local log; every one refused the statements it carried.
+    pub audit_write_errors: Counter,
+    /// Records dropped from an overfull retry queue (a loss: must stay zero).
+    pub audit_dropped_records: Counter,
+    /// Statements refused because their record could not be written.
+    pub audit_refused_statements: Counter,
+    /// Token rejections by reason.
+    pub token_rejections: Family<ReasonLabel, Counter>,
+    pub jwks_fetches: Counter,
+    pub jwks_fetch_errors: Counter,
+    pub protocol_errors: Counter,
+    pub cancel_requests: Counter,
+    pub bytes_to_target: Counter,
+    pub bytes_from_target: Counter,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut registry = Registry::with_prefix("vigil");
+        registry.register(
+            "sessions",
+            "Client sessions by outcome",
+            self.sessions.clone(),
+        );
+        registry.register(
+            "active_sessions",
+            "Client sessions open now",
+            self.active_sessions.clone(),
+        );
+        registry.register(
+            "statements",
+            "Statements by outcome",
+            self.statements.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records appended to the local log",
+            self.audit_records.clone(),
+        );
+        registry.register(
+            "audit_bytes",
+            "Bytes of audit records appended",
+            self.audit_bytes.clone(),
+        );
+        registry.register(
+            "audit_batches",
+            "Group-commit batches written to the local log",
+            self.audit_batches.clone(),
+        );
+        registry.register(
+            "audit_write_errors",
+            "Failed appends to the local audit log",
+            self.audit_write_errors.clone(),
+        );
+        registry.register(
+            "audit_dropped_records",
+            "Audit records dropped from an overfull retry queue (must stay zero)",
+            self.audit_dropped_records.clone(),
+        );
+        registry.register(
+            "audit_refused_statements",
+            "Statements refused because their audit record could not be written",
+            self.audit_refused_statements.clone(),
+        );
+        registry.register(
+            "token_rejections",
+            "Tokens refused, by reason",
+            self.token_rejections.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "JWKS documents fetched from the identity provider",
+            self.jwks_fetches.clone(),
+        );
+        registry.register(
+            "jwks_fetch_errors",
+            "Failed JWKS or discovery fetches",
+            self.jwks_fetch_errors.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "Sessions closed for a wire protocol violation",
+            self.protocol_errors.clone(),
+        );
+        registry.register(
+            "cancel_requests",
+            "Cancel requests forwarded to a target",
+            self.cancel_requests.clone(),
+        );
+        registry.register(
+            "bytes_to_target",
+            "Bytes relayed from clients to targets",
+            self.bytes_to_target.clone(),
+        );
+        registry.register(
+            "bytes_from_target",
+            "Bytes relayed from targets to clients",
+            self.bytes_from_target.clone(),
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

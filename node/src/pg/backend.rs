@@ -1,0 +1,294 @@
+//! The gateway's own connection to a target PostgreSQL: TCP, optional TLS, startup and
+//! authentication with the gateway's credentials (SCRAM-SHA-256, md5 or cleartext). The client
+//! never sees these credentials.
+
+use super::codec::{split_frame, Frame, FrameError};
+use super::messages::{self, Reader};
+use crate::config::{PgTarget, TargetTls};
+use crate::tls::BoxStream;
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Largest message accepted from a target (PostgreSQL's own limit for a field is 1 GB).
+pub const MAX_BACKEND_FRAME: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to the target")]
+    Connect(#[source] std::io::Error),
+    #[error("timed out connecting to the target")]
+    Timeout,
+    #[error("the target does not offer TLS")]
+    TlsRefused,
+    #[error("the target closed the connection during startup")]
+    Closed,
+    #[error("the target refused the gateway's login: {code} {message}")]
+    Refused { code: String, message: String },
+    #[error("the target asks for an authentication method the gateway does not support ({0})")]
+    UnsupportedAuth(String),
+    #[error("the target needs a password and none is configured")]
+    NoPassword,
+    #[error("protocol error from the target: {0}")]
+    Protocol(String),
+}
+
+impl From<FrameError> for BackendError {
+    fn from(e: FrameError) -> Self {
+        BackendError::Protocol(e.to_string())
+    }
+}
+
+impl From<messages::Malformed> for BackendError {
+    fn from(e: messages::Malformed) -> Self {
+        BackendError::Protocol(e.to_string())
+    }
+}
+
+/// A target with what is needed to reach it, prepared at start.
+pub struct Target {
+    pub config: PgTarget,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// `host:port/database`, for audit records.
+    pub display: String,
+}
+
+impl Target {
+    pub fn new(config: PgTarget) -> Result<Self, crate::tls::TlsError> {
+        let c = &config.config;
+        let tls = match c.tls {
+            TargetTls::Disable => None,
+            TargetTls::Require | TargetTls::VerifyFull => {
+                let client = if c.tls == TargetTls::Require {
+                    crate::tls::unverified_client_config()
+                } else {
+                    crate::tls::verifying_client_config(c.ca_file.as_deref())?
+                };
+                let name = ServerName::try_from(c.host.clone()).map_err(|_| {
+                    crate::tls::TlsError::Rustls(rustls::Error::General(format!(
+                        "invalid server name {}",
+                        c.host
+                    )))
+                })?;
+                Some((TlsConnector::from(client), name))
+            }
+        };
+        let display = format!("{}:{}/{}", c.host, c.port, c.database);
+        Ok(Self {
+            config,
+            tls,
+            display,
+        })
+    }
+
+    fn addr(&self) -> (String, u16) {
+        (self.config.config.host.clone(), self.config.config.port)
+    }
+
+    async fn open(&self) -> Result<BoxStream, BackendError> {
+        let mut tcp = TcpStream::connect(self.addr())
+            .await
+            .map_err(BackendError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        tcp.write_all(&messages::ssl_request())
+            .await
+            .map_err(BackendError::Connect)?;
+        let answer = tcp.read_u8().await.map_err(BackendError::Connect)?;
+        if answer != b'S' {
+            return Err(BackendError::TlsRefused);
+        }
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(BackendError::Connect)?;
+        Ok(Box::new(tls))
+    }
+
+    /// Connects and logs in. `params` are extra startup parameters passed through from the
+    /// client (application_name, client_encoding …).
+    pub async fn connect(&self, params: &[(&str, &str)]) -> Result<Backend, BackendError> {
+        let timeout = Duration::from_secs(self.config.config.connect_timeout_secs);
+        tokio::time::timeout(timeout, self.connect_inner(params))
+            .await
+            .map_err(|_| BackendError::Timeout)?
+    }
+
+    async fn connect_inner(&self, params: &[(&str, &str)]) -> Result<Backend, BackendError> {
+        let c = &self.config.config;
+        let mut stream = self.open().await?;
+        let mut startup = vec![("user", c.user.as_str()), ("database", c.database.as_str())];
+        startup.extend_from_slice(params);
+        stream
+            .write_all(&messages::startup_message(&startup))
+            .await
+            .map_err(BackendError::Connect)?;
+        let mut buf = BytesMut::with_capacity(8192);
+        let mut scram: Option<ScramSha256> = None;
+        let password = || {
+            self.config
+                .password
+                .as_ref()
+                .map(|p| p.expose().as_bytes())
+                .ok_or(BackendError::NoPassword)
+        };
+        // Authentication.
+        loop {
+            let frame = read_frame(&mut stream, &mut buf).await?;
+            match frame.tag {
+                b'R' => {
+                    let body = frame.body();
+                    let mut r = Reader::new(&body, "Authentication");
+                    let code = r.i32()?;
+                    let rest = &body[4..];
+                    let reply: Option<Bytes> = match code {
+                        0 => break,
+                        3 => Some(messages::password_message(password()?)),
+                        5 => {
+                            let salt: [u8; 4] = rest
+                                .try_into()
+                                .map_err(|_| BackendError::Protocol("bad md5 salt".into()))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                c.user.as_bytes(),
+                                password()?,
+                                salt,
+                            );
+                            Some(messages::password_message(hash.as_bytes()))
+                        }
+                        10 => {
+                            let offers_scram = rest
+                                .split(|&b| b == 0)
+                                .any(|m| m == SCRAM_SHA_256.as_bytes());
+                            if !offers_scram {
+                                return Err(BackendError::UnsupportedAuth(
+                                    String::from_utf8_lossy(rest).replace('\0', " "),
+                                ));
+                            }
+                            let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
+                            let msg = messages::sasl_initial_response(SCRAM_SHA_256, s.message());
+                            scram = Some(s);
+                            Some(msg)
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                BackendError::Protocol("SASL continue without SASL".into())
+                            })?;
+                            s.update(rest)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                            Some(messages::sasl_response(s.message()))
+                        }
+                        12 => {
+                            let mut s = scram.take().ok_or_else(|| {
+                                BackendError::Protocol("SASL final without SASL".into())
+                            })?;
+                            s.finish(rest)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                            None
+                        }
+                        other => return Err(BackendError::UnsupportedAuth(format!("code {other}"))),
+                    };
+                    if let Some(reply) = reply {
+                        stream
+                            .write_all(&reply)
+                            .await
+                            .map_err(BackendError::Connect)?;
+                    }
+                }
+                b'E' => {
+                    let (code, message) = messages::parse_error_fields(&frame.body());
+                    return Err(BackendError::Refused { code, message });
+                }
+                b'N' => {}
+                other => {
+                    return Err(BackendError::Protocol(format!(
+                        "unexpected message {:?} during authentication",
+                        other as char
+                    )))
+                }
+            }
+        }
+        // Parameters and key data until the first ReadyForQuery.
+        let mut parameters = Vec::new();
+        let mut key = None;
+        loop {
+            let frame = read_frame(&mut stream, &mut buf).await?;
+            match frame.tag {
+                b'S' => parameters.push(frame.raw),
+                b'K' => {
+                    let body = frame.body();
+                    let mut r = Reader::new(&body, "BackendKeyData");
+                    key = Some((r.i32()?, r.i32()?));
+                }
+                b'Z' => break,
+                b'N' => {}
+                b'E' => {
+                    let (code, message) = messages::parse_error_fields(&frame.body());
+                    return Err(BackendError::Refused { code, message });
+                }
+                other => {
+                    return Err(BackendError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        other as char
+                    )))
+                }
+            }
+        }
+        Ok(Backend {
+            stream,
+            parameters,
+            key,
+            leftover: buf,
+        })
+    }
+
+    /// Sends a CancelRequest for a backend of this target.
+    pub async fn cancel(&self, pid: i32, secret: i32) -> Result<(), BackendError> {
+        let mut tcp = TcpStream::connect(self.addr())
+            .await
+            .map_err(BackendError::Connect)?;
+        tcp.write_all(&messages::cancel_request(pid, secret))
+            .await
+            .map_err(BackendError::Connect)?;
+        // The server closes the connection without answering.
+        let mut sink = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+        Ok(())
+    }
+}
+
+/// A logged-in target connection, ready for queries.
+pub struct Backend {
+    pub stream: BoxStream,
+    /// ParameterStatus messages as received, to replay to the client.
+    pub parameters: Vec<Bytes>,
+    /// The target's BackendKeyData (pid, secret), used to route cancels.
+    pub key: Option<(i32, i32)>,
+    /// Bytes read past the first ReadyForQuery.
+    pub leftover: BytesMut,
+}
+
+async fn read_frame(stream: &mut BoxStream, buf: &mut BytesMut) -> Result<Frame, BackendError> {
+    loop {
+        if let Some(frame) = split_frame(buf, MAX_BACKEND_FRAME)? {
+            return Ok(frame);
+        }
+        if stream
+            .read_buf(buf)
+            .await
+            .map_err(BackendError::Connect)?
+            == 0
+        {
+            return Err(BackendError::Closed);
+        }
+    }
+}
+
+/// Targets by the name clients use.
+pub type Targets = Arc<std::collections::HashMap<String, Arc<Target>>>;

@@ -1,0 +1,430 @@
+//! Typed views of the PostgreSQL messages the gateway inspects, parsed on demand from raw
+//! frame bodies, and builders for the messages it sends itself.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Protocol codes of the untyped startup-phase packets.
+pub const PROTOCOL_3_0: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed {0} message")]
+pub struct Malformed(pub &'static str);
+
+/// A cursor over a message body.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, what }
+    }
+
+    fn err(&self) -> Malformed {
+        Malformed(self.what)
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn u8(&mut self) -> Result<u8, Malformed> {
+        let (&b, rest) = self.buf.split_first().ok_or(self.err())?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    pub fn i16(&mut self) -> Result<i16, Malformed> {
+        let b = self.take(2)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+
+    pub fn i32(&mut self) -> Result<i32, Malformed> {
+        let b = self.take(4)?;
+        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        if self.buf.len() < n {
+            return Err(self.err());
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    /// A NUL-terminated string, which must be UTF-8.
+    pub fn cstr(&mut self) -> Result<&'a str, Malformed> {
+        let end = self.buf.iter().position(|&b| b == 0).ok_or(self.err())?;
+        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+
+    /// A non-negative count from an i16 field.
+    pub fn count16(&mut self) -> Result<usize, Malformed> {
+        usize::try_from(self.i16()?).map_err(|_| self.err())
+    }
+
+    /// A length-prefixed value; -1 is NULL.
+    pub fn value(&mut self) -> Result<Option<&'a [u8]>, Malformed> {
+        match self.i32()? {
+            -1 => Ok(None),
+            n if n >= 0 => self.take(n as usize).map(Some),
+            _ => Err(self.err()),
+        }
+    }
+
+    pub fn finish(self) -> Result<(), Malformed> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(Malformed(self.what))
+        }
+    }
+}
+
+/// The StartupMessage parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Startup {
+    pub params: Vec<(String, String)>,
+}
+
+impl Startup {
+    /// Parses the packet body after the protocol code.
+    pub fn parse(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "StartupMessage");
+        let mut params = Vec::new();
+        loop {
+            let key = r.cstr()?;
+            if key.is_empty() {
+                break;
+            }
+            let value = r.cstr()?;
+            params.push((key.to_string(), value.to_string()));
+        }
+        r.finish()?;
+        Ok(Self { params })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parse: statement name, query text (parameter type OIDs are not needed).
+pub fn parse_parse(body: &[u8]) -> Result<(&str, &str), Malformed> {
+    let mut r = Reader::new(body, "Parse");
+    let name = r.cstr()?;
+    let query = r.cstr()?;
+    let n = r.count16()?;
+    r.take(n * 4)?;
+    r.finish()?;
+    Ok((name, query))
+}
+
+/// Bind, reduced to what the audit needs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    pub params: Vec<Option<&'a [u8]>>,
+    /// Format of each parameter (0 text, 1 binary), expanded to one entry per parameter.
+    pub formats: Vec<i16>,
+}
+
+pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let nfmt = r.count16()?;
+    let mut fmts = Vec::with_capacity(nfmt);
+    for _ in 0..nfmt {
+        fmts.push(r.i16()?);
+    }
+    let nparams = r.count16()?;
+    if nfmt > 1 && nfmt != nparams {
+        return Err(Malformed("Bind"));
+    }
+    let mut params = Vec::with_capacity(nparams);
+    for _ in 0..nparams {
+        params.push(r.value()?);
+    }
+    let nres = r.count16()?;
+    r.take(nres * 2)?;
+    r.finish()?;
+    let formats = match nfmt {
+        0 => vec![0; nparams],
+        1 => vec![fmts[0]; nparams],
+        _ => fmts,
+    };
+    Ok(Bind {
+        portal,
+        statement,
+        params,
+        formats,
+    })
+}
+
+/// Execute: portal name and row limit.
+pub fn parse_execute(body: &[u8]) -> Result<(&str, i32), Malformed> {
+    let mut r = Reader::new(body, "Execute");
+    let portal = r.cstr()?;
+    let max_rows = r.i32()?;
+    r.finish()?;
+    Ok((portal, max_rows))
+}
+
+/// Describe or Close: kind (`S` statement, `P` portal) and name.
+pub fn parse_target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), Malformed> {
+    let mut r = Reader::new(body, what);
+    let kind = r.u8()?;
+    if kind != b'S' && kind != b'P' {
+        return Err(Malformed(what));
+    }
+    let name = r.cstr()?;
+    r.finish()?;
+    Ok((kind, name))
+}
+
+/// A Query message's text.
+pub fn parse_query(body: &[u8]) -> Result<&str, Malformed> {
+    let mut r = Reader::new(body, "Query");
+    let q = r.cstr()?;
+    r.finish()?;
+    Ok(q)
+}
+
+/// The fields of an ErrorResponse or NoticeResponse.
+pub fn parse_error_fields(body: &[u8]) -> (String, String) {
+    let mut r = Reader::new(body, "ErrorResponse");
+    let (mut code, mut message) = (String::new(), String::new());
+    while let Ok(field) = r.u8() {
+        if field == 0 {
+            break;
+        }
+        let Ok(value) = r.cstr() else { break };
+        match field {
+            b'C' => code = value.to_string(),
+            b'M' => message = value.to_string(),
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+/// Column names of a RowDescription.
+pub fn parse_row_description(body: &[u8]) -> Result<Vec<String>, Malformed> {
+    let mut r = Reader::new(body, "RowDescription");
+    let n = r.count16()?;
+    let mut names = Vec::with_capacity(n);
+    for _ in 0..n {
+        names.push(r.cstr()?.to_string());
+        r.take(18)?;
+    }
+    r.finish()?;
+    Ok(names)
+}
+
+/// Values of a DataRow.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Malformed> {
+    let mut r = Reader::new(body, "DataRow");
+    let n = r.count16()?;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        values.push(r.value()?);
+    }
+    r.finish()?;
+    Ok(values)
+}
+
+/// A value for the audit record: UTF-8 text as is, anything else as `\x` hex.
+pub fn display_value(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("\\x{}", hex::encode(v)),
+    }
+}
+
+fn typed(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut b = BytesMut::with_capacity(64);
+    b.put_u8(tag);
+    b.put_i32(0);
+    body(&mut b);
+    let len = (b.len() - 1) as i32;
+    b[1..5].copy_from_slice(&len.to_be_bytes());
+    b.freeze()
+}
+
+fn put_cstr(b: &mut BytesMut, s: &str) {
+    // A NUL inside would end the field early; the gateway's own texts never hold one.
+    b.put_slice(s.replace('\0', " ").as_bytes());
+    b.put_u8(0);
+}
+
+/// ErrorResponse with severity ERROR (session continues) or FATAL (session ends).
+pub fn error_response(fatal: bool, sqlstate: &str, message: &str) -> Bytes {
+    typed(b'E', |b| {
+        let sev = if fatal { "FATAL" } else { "ERROR" };
+        b.put_u8(b'S');
+        put_cstr(b, sev);
+        b.put_u8(b'V');
+        put_cstr(b, sev);
+        b.put_u8(b'C');
+        put_cstr(b, sqlstate);
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    })
+}
+
+pub fn ready_for_query(status: u8) -> Bytes {
+    typed(b'Z', |b| b.put_u8(status))
+}
+
+pub fn auth_request(code: i32, extra: &[u8]) -> Bytes {
+    typed(b'R', |b| {
+        b.put_i32(code);
+        b.put_slice(extra);
+    })
+}
+
+pub fn backend_key_data(pid: i32, secret: i32) -> Bytes {
+    typed(b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    })
+}
+
+pub fn password_message(password: &[u8]) -> Bytes {
+    typed(b'p', |b| {
+        b.put_slice(password);
+        b.put_u8(0);
+    })
+}
+
+pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Bytes {
+    typed(b'p', |b| {
+        put_cstr(b, mechanism);
+        b.put_i32(data.len() as i32);
+        b.put_slice(data);
+    })
+}
+
+pub fn sasl_response(data: &[u8]) -> Bytes {
+    typed(b'p', |b| b.put_slice(data))
+}
+
+pub fn terminate() -> Bytes {
+    typed(b'X', |_| {})
+}
+
+/// An untyped startup-phase packet: length, then `body`.
+pub fn startup_packet(body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut b = BytesMut::with_capacity(128);
+    b.put_i32(0);
+    body(&mut b);
+    let len = b.len() as i32;
+    b[0..4].copy_from_slice(&len.to_be_bytes());
+    b.freeze()
+}
+
+pub fn startup_message(params: &[(&str, &str)]) -> Bytes {
+    startup_packet(|b| {
+        b.put_i32(PROTOCOL_3_0);
+        for (k, v) in params {
+            put_cstr(b, k);
+            put_cstr(b, v);
+        }
+        b.put_u8(0);
+    })
+}
+
+pub fn cancel_request(pid: i32, secret: i32) -> Bytes {
+    startup_packet(|b| {
+        b.put_i32(CANCEL_REQUEST);
+        b.put_i32(pid);
+        b.put_i32(secret);
+    })
+}
+
+pub fn ssl_request() -> Bytes {
+    startup_packet(|b| b.put_i32(SSL_REQUEST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::codec::split_frame;
+
+    fn body_of(frame: Bytes) -> Bytes {
+        let mut buf = BytesMut::from(&frame[..]);
+        split_frame(&mut buf, 1 << 20).unwrap().unwrap().body()
+    }
+
+    #[test]
+    fn error_responses_round_trip() {
+        let e = error_response(false, "28P01", "bad token");
+        let (code, msg) = parse_error_fields(&body_of(e));
+        assert_eq!((code.as_str(), msg.as_str()), ("28P01", "bad token"));
+    }
+
+    #[test]
+    fn startup_messages_round_trip() {
+        let p = startup_message(&[("user", "u"), ("database", "d")]);
+        let s = Startup::parse(&p[8..]).unwrap();
+        assert_eq!(s.get("database"), Some("d"));
+        assert_eq!(Startup::parse(b"user\0u"), Err(Malformed("StartupMessage")));
+    }
+
+    #[test]
+    fn bind_expands_formats_and_rejects_lies() {
+        // portal "", statement "s1", 1 format (binary), 2 params, 0 result formats
+        let mut b = BytesMut::new();
+        b.put_slice(b"\0s1\0");
+        b.put_i16(1);
+        b.put_i16(1);
+        b.put_i16(2);
+        b.put_i32(2);
+        b.put_slice(b"\x00\x01");
+        b.put_i32(-1);
+        b.put_i16(0);
+        let bind = parse_bind(&b).unwrap();
+        assert_eq!(bind.statement, "s1");
+        assert_eq!(bind.formats, vec![1, 1]);
+        assert_eq!(bind.params, vec![Some(&b"\x00\x01"[..]), None]);
+        let mut lie = b.clone();
+        lie[10] = 0x7f; // parameter length far beyond the body
+        assert!(parse_bind(&lie).is_err());
+        assert!(parse_bind(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn data_rows_and_descriptions_parse() {
+        let mut row = BytesMut::new();
+        row.put_i16(2);
+        row.put_i32(1);
+        row.put_u8(b'7');
+        row.put_i32(-1);
+        assert_eq!(parse_data_row(&row).unwrap(), vec![Some(&b"7"[..]), None]);
+        let mut desc = BytesMut::new();
+        desc.put_i16(1);
+        desc.put_slice(b"id\0");
+        desc.put_slice(&[0; 18]);
+        assert_eq!(parse_row_description(&desc).unwrap(), vec!["id"]);
+        assert!(parse_row_description(&desc[..10]).is_err());
+    }
+
+    #[test]
+    fn values_display_as_text_or_hex() {
+        assert_eq!(display_value(b"abc"), "abc");
+        assert_eq!(display_value(&[0xff, 0x00]), "\\xff00");
+    }
+}

@@ -1,0 +1,65 @@
+//! The PostgreSQL protocol: a listener that speaks the v3 wire protocol to stock clients,
+//! authenticates them with an OIDC token sent as the password, records every statement before
+//! the target sees it, and relays to the target over the gateway's own login.
+
+pub mod backend;
+pub mod cancel;
+pub mod codec;
+pub mod messages;
+mod relay;
+mod session;
+
+use crate::audit::AuditLog;
+use crate::identity::TokenVerifier;
+use crate::metrics::Metrics;
+use backend::Targets;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Everything a session needs, shared by all sessions of the listener.
+pub struct PgContext {
+    pub config: crate::config::PostgresConfig,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub targets: Targets,
+    pub verifier: Arc<TokenVerifier>,
+    pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
+    pub cancels: cancel::CancelRegistry,
+    pub max_result_bytes: usize,
+}
+
+/// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.
+pub async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future<Output = ()>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let ctx = ctx.clone();
+                    let active = active.clone();
+                    active.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        session::run(ctx, tcp, peer).await;
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

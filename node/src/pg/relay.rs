@@ -1,0 +1,665 @@
+//! The relay of an established session.
+//!
+//! Two halves run side by side. The client half reads client messages, writes each statement's
+//! request record (and waits until it is in the log) before forwarding it, and tells the target
+//! half, in protocol order, which responses to expect. The target half reads the target's
+//! messages, attributes them to the statement they answer (command tags, rows, errors), writes
+//! the response records, and injects the gateway's own answers (a refused statement) at the
+//! right place in the stream.
+
+use super::backend::{Backend, MAX_BACKEND_FRAME};
+use super::cancel::CancelGuard;
+use super::codec::{split_frame, Frame};
+use super::messages::{self, display_value};
+use super::session::outcome_label;
+use super::PgContext;
+use crate::audit::AuditLog;
+use crate::tls::BoxStream;
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use vigil_proto::record::{
+    Body, Connection, ErrorInfo, Kind, Outcome, Principal, Request, Response,
+};
+
+/// Who is on the other end, stamped on every record of the session.
+pub struct Session {
+    pub id: String,
+    pub principal: Arc<Principal>,
+    pub conn: Arc<Connection>,
+    pub started: Instant,
+}
+
+impl Session {
+    pub fn body(&self, audit: &AuditLog, kind: Kind) -> Body {
+        let mut b = audit.body(Some(&self.id), kind);
+        b.principal = Some(self.principal.clone());
+        b.connection = Some(self.conn.clone());
+        b
+    }
+}
+
+pub struct Established {
+    pub session: Session,
+    /// Client bytes read past the password message.
+    pub client_buf: BytesMut,
+    pub backend: Backend,
+    pub _cancel_guard: CancelGuard,
+}
+
+/// A statement in flight: what the target half needs to write its response record.
+struct Unit {
+    stmt: u64,
+    started: Instant,
+    statement: Option<String>,
+    portal: Option<String>,
+}
+
+/// What the target half expects next, in protocol order.
+enum Pending {
+    Parse,
+    Bind,
+    Close,
+    Describe { kind: u8, name: String },
+    Execute(Unit),
+    Query(Unit),
+    Sync,
+    /// The gateway answers this one itself: an ErrorResponse, then ReadyForQuery if `ready`.
+    Refuse { error: Bytes, ready: bool },
+}
+
+pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
+    let Established {
+        session,
+        client_buf,
+        backend,
+        _cancel_guard,
+    } = est;
+    let session = Arc::new(session);
+    let (client_read, client_write) = tokio::io::split(client);
+    let (target_read, target_write) = tokio::io::split(backend.stream);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let copy_in = Arc::new(AtomicU64::new(0));
+    let stmts = Arc::new(AtomicU64::new(0));
+    let mut client_half = ClientHalf {
+        ctx: ctx.clone(),
+        session: session.clone(),
+        read: client_read,
+        write: target_write,
+        buf: client_buf,
+        tx,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        skip_until_sync: false,
+        copy_in: copy_in.clone(),
+        stmts: stmts.clone(),
+    };
+    let mut target_half = TargetHalf {
+        ctx: ctx.clone(),
+        session: session.clone(),
+        read: target_read,
+        write: client_write,
+        buf: backend.leftover,
+        rx,
+        queue: VecDeque::new(),
+        acc: Acc::default(),
+        described: HashMap::new(),
+        status: b'I',
+        copy_in,
+    };
+    let end = tokio::select! {
+        end = client_half.run() => end,
+        end = target_half.run() => end,
+    };
+    if let End::ClientProtocol(message) = &end {
+        let _ = target_half
+            .write
+            .write_all(&messages::error_response(true, "08P01", message))
+            .await;
+    }
+    target_half.abandon_pending();
+    let mut body = session.body(&ctx.audit, Kind::SessionEnd);
+    body.duration_us = Some(session.started.elapsed().as_micros() as u64);
+    body.detail = Some(format!(
+        "{}; {} statements",
+        end,
+        stmts.load(Ordering::Relaxed)
+    ));
+    body.outcome = Some(Outcome::Success);
+    ctx.audit.record(body);
+    tracing::info!(%end, "session ended");
+}
+
+/// Why a session ended, for the `session_end` record.
+#[derive(Debug)]
+enum End {
+    ClientTerminated,
+    ClientClosed,
+    TargetClosed,
+    ClientProtocol(String),
+    TargetProtocol(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientTerminated => f.write_str("client terminated"),
+            End::ClientClosed => f.write_str("client closed the connection"),
+            End::TargetClosed => f.write_str("target closed the connection"),
+            End::ClientProtocol(e) => write!(f, "client protocol violation: {e}"),
+            End::TargetProtocol(e) => write!(f, "target protocol violation: {e}"),
+        }
+    }
+}
+
+struct ClientHalf {
+    ctx: Arc<PgContext>,
+    session: Arc<Session>,
+    read: ReadHalf<BoxStream>,
+    write: WriteHalf<BoxStream>,
+    buf: BytesMut,
+    tx: mpsc::UnboundedSender<Pending>,
+    /// Prepared statements by name (`""` is the unnamed one) → query text.
+    statements: HashMap<String, Arc<str>>,
+    /// Portals by name → (statement name, bind parameters for the record).
+    portals: HashMap<String, (String, Vec<Option<String>>)>,
+    /// After a refused Execute the target never sees the rest of the batch up to Sync, the
+    /// way PostgreSQL itself discards messages after an error.
+    skip_until_sync: bool,
+    copy_in: Arc<AtomicU64>,
+    stmts: Arc<AtomicU64>,
+}
+
+impl ClientHalf {
+    async fn run(&mut self) -> End {
+        let mut out = BytesMut::with_capacity(8192);
+        loop {
+            loop {
+                let frame = match split_frame(&mut self.buf, self.ctx.config.max_frame_bytes) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return self.protocol_error(e.to_string()).await,
+                };
+                match self.handle(frame, &mut out).await {
+                    Ok(None) => {}
+                    Ok(Some(end)) => {
+                        let _ = self.flush(&mut out).await;
+                        return end;
+                    }
+                    Err(msg) => return self.protocol_error(msg).await,
+                }
+            }
+            if self.flush(&mut out).await.is_err() {
+                return End::TargetClosed;
+            }
+            match self.read.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return End::ClientClosed,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self, out: &mut BytesMut) -> std::io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.ctx.metrics.bytes_to_target.inc_by(out.len() as u64);
+        let r = self.write.write_all(out).await;
+        out.clear();
+        r
+    }
+
+    fn expect(&self, p: Pending) {
+        // The target half lives as long as this half; a send error means the session is over.
+        let _ = self.tx.send(p);
+    }
+
+    fn next_stmt(&self) -> u64 {
+        self.stmts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Handles one client message. `Ok(Some)` ends the session; `Err` is a protocol violation.
+    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<Option<End>, String> {
+        let body = frame.body();
+        let m = |e: messages::Malformed| e.to_string();
+        if self.skip_until_sync && frame.tag != b'S' && frame.tag != b'X' {
+            return Ok(None);
+        }
+        match frame.tag {
+            b'Q' => {
+                let text = messages::parse_query(&body).map_err(m)?;
+                let request = Request {
+                    protocol: "simple".into(),
+                    text: text.to_string(),
+                    ..Request::default()
+                };
+                if let Some(unit) = self.audit_request(request).await {
+                    self.expect(Pending::Query(unit));
+                    out.extend_from_slice(&frame.raw);
+                } else {
+                    self.refuse_unrecorded(true);
+                }
+            }
+            b'P' => {
+                let (name, query) = messages::parse_parse(&body).map_err(m)?;
+                self.statements.insert(name.to_string(), query.into());
+                self.expect(Pending::Parse);
+                out.extend_from_slice(&frame.raw);
+            }
+            b'B' => {
+                let bind = messages::parse_bind(&body).map_err(m)?;
+                let params = bind
+                    .params
+                    .iter()
+                    .zip(&bind.formats)
+                    .map(|(v, fmt)| {
+                        v.map(|v| match fmt {
+                            0 => String::from_utf8_lossy(v).into_owned(),
+                            _ => format!("\\x{}", hex::encode(v)),
+                        })
+                    })
+                    .collect();
+                self.portals
+                    .insert(bind.portal.to_string(), (bind.statement.to_string(), params));
+                self.expect(Pending::Bind);
+                out.extend_from_slice(&frame.raw);
+            }
+            b'E' => {
+                let (portal, _max_rows) = messages::parse_execute(&body).map_err(m)?;
+                let (statement, params) = self.portals.get(portal).cloned().unwrap_or_default();
+                let text = self
+                    .statements
+                    .get(&statement)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let request = Request {
+                    protocol: "extended".into(),
+                    text,
+                    statement: Some(statement.clone()),
+                    portal: Some(portal.to_string()),
+                    params: Some(params),
+                };
+                if let Some(mut unit) = self.audit_request(request).await {
+                    unit.statement = Some(statement);
+                    unit.portal = Some(portal.to_string());
+                    self.expect(Pending::Execute(unit));
+                    out.extend_from_slice(&frame.raw);
+                } else {
+                    self.refuse_unrecorded(false);
+                    self.skip_until_sync = true;
+                }
+            }
+            b'D' => {
+                let (kind, name) = messages::parse_target(&body, "Describe").map_err(m)?;
+                self.expect(Pending::Describe {
+                    kind,
+                    name: name.to_string(),
+                });
+                out.extend_from_slice(&frame.raw);
+            }
+            b'C' => {
+                let (kind, name) = messages::parse_target(&body, "Close").map_err(m)?;
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                self.expect(Pending::Close);
+                out.extend_from_slice(&frame.raw);
+            }
+            b'S' => {
+                self.skip_until_sync = false;
+                self.expect(Pending::Sync);
+                out.extend_from_slice(&frame.raw);
+            }
+            b'H' => out.extend_from_slice(&frame.raw),
+            b'd' | b'c' | b'f' => {
+                self.copy_in.fetch_add(body.len() as u64, Ordering::Relaxed);
+                out.extend_from_slice(&frame.raw);
+            }
+            b'X' => {
+                out.extend_from_slice(&frame.raw);
+                return Ok(Some(End::ClientTerminated));
+            }
+            b'F' => {
+                let stmt = self.next_stmt();
+                let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
+                rec.stmt = Some(stmt);
+                rec.request = Some(Request {
+                    protocol: "function_call".into(),
+                    text: format!("function call, {} bytes", body.len()),
+                    ..Request::default()
+                });
+                rec.outcome = Some(Outcome::Blocked);
+                rec.detail = Some("the FunctionCall message is not allowed".into());
+                self.ctx.audit.record(rec);
+                self.ctx
+                    .metrics
+                    .statements
+                    .get_or_create(&outcome_label(Outcome::Blocked))
+                    .inc();
+                self.expect(Pending::Refuse {
+                    error: messages::error_response(
+                        false,
+                        "42501",
+                        "the FunctionCall message is not allowed through the Vigil gateway; use SELECT instead",
+                    ),
+                    ready: true,
+                });
+            }
+            other => return Err(format!("unexpected message type {:?}", other as char)),
+        }
+        Ok(None)
+    }
+
+    /// Writes a request record and waits until it is in the log. `None` means it could not be
+    /// written and the statement must not reach the target.
+    async fn audit_request(&mut self, request: Request) -> Option<Unit> {
+        let stmt = self.next_stmt();
+        let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
+        rec.stmt = Some(stmt);
+        rec.request = Some(request.clone());
+        match self.ctx.audit.append(rec).await {
+            Ok(()) => Some(Unit {
+                stmt,
+                started: Instant::now(),
+                statement: None,
+                portal: None,
+            }),
+            Err(e) => {
+                self.ctx.metrics.audit_refused_statements.inc();
+                tracing::warn!(error = %e, "statement refused: its audit record cannot be written");
+                // The refusal is recorded too; the log keeps it until it can be written.
+                let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
+                rec.stmt = Some(stmt);
+                rec.request = Some(request);
+                rec.outcome = Some(Outcome::Error);
+                rec.detail = Some(format!("refused before the target: {e}"));
+                self.ctx.audit.record(rec);
+                None
+            }
+        }
+    }
+
+    fn refuse_unrecorded(&self, ready: bool) {
+        self.ctx
+            .metrics
+            .statements
+            .get_or_create(&outcome_label(Outcome::Error))
+            .inc();
+        self.expect(Pending::Refuse {
+            error: messages::error_response(
+                false,
+                "58030",
+                "statement refused: the gateway cannot write its audit record; nothing was sent to the database",
+            ),
+            ready,
+        });
+    }
+
+    async fn protocol_error(&mut self, message: String) -> End {
+        self.ctx.metrics.protocol_errors.inc();
+        let mut rec = self.session.body(&self.ctx.audit, Kind::ProtocolError);
+        rec.outcome = Some(Outcome::Error);
+        rec.detail = Some(message.clone());
+        self.ctx.audit.record(rec);
+        End::ClientProtocol(message)
+    }
+}
+
+/// What came back so far for the statement at the head of the queue.
+#[derive(Default)]
+struct Acc {
+    response: Response,
+    result_bytes: usize,
+    hasher: Option<Sha256>,
+    copy_out: u64,
+}
+
+struct TargetHalf {
+    ctx: Arc<PgContext>,
+    session: Arc<Session>,
+    read: ReadHalf<BoxStream>,
+    write: WriteHalf<BoxStream>,
+    buf: BytesMut,
+    rx: mpsc::UnboundedReceiver<Pending>,
+    queue: VecDeque<Pending>,
+    acc: Acc,
+    /// Columns learned from Describe, by (kind, name).
+    described: HashMap<(u8, String), Vec<String>>,
+    /// Transaction status of the last ReadyForQuery.
+    status: u8,
+    copy_in: Arc<AtomicU64>,
+}
+
+impl TargetHalf {
+    async fn run(&mut self) -> End {
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        loop {
+            tokio::select! {
+                biased;
+                pending = self.rx.recv() => match pending {
+                    Some(p) => {
+                        self.queue.push_back(p);
+                        while let Ok(p) = self.rx.try_recv() {
+                            self.queue.push_back(p);
+                        }
+                    }
+                    // The client half has ended; its End wins the select.
+                    None => std::future::pending::<()>().await,
+                },
+                read = self.read.read_buf(&mut self.buf) => match read {
+                    Ok(0) | Err(_) => {
+                        self.inject(&mut out);
+                        let _ = self.write.write_all(&out).await;
+                        return End::TargetClosed;
+                    }
+                    Ok(_) => {
+                        while let Ok(p) = self.rx.try_recv() {
+                            self.queue.push_back(p);
+                        }
+                        loop {
+                            match split_frame(&mut self.buf, MAX_BACKEND_FRAME) {
+                                Ok(Some(frame)) => self.handle(frame, &mut out),
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let msg = e.to_string();
+                                    out.extend_from_slice(&messages::error_response(
+                                        true,
+                                        "08P01",
+                                        "the target sent an invalid message",
+                                    ));
+                                    let _ = self.write.write_all(&out).await;
+                                    return End::TargetProtocol(msg);
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+            self.inject(&mut out);
+            if !out.is_empty() {
+                self.ctx.metrics.bytes_from_target.inc_by(out.len() as u64);
+                if self.write.write_all(&out).await.is_err() {
+                    return End::ClientClosed;
+                }
+                out.clear();
+            }
+        }
+    }
+
+    /// Writes the gateway's own answers that have reached the head of the queue.
+    fn inject(&mut self, out: &mut BytesMut) {
+        while let Some(Pending::Refuse { .. }) = self.queue.front() {
+            let Some(Pending::Refuse { error, ready }) = self.queue.pop_front() else {
+                unreachable!("the front was just matched")
+            };
+            out.extend_from_slice(&error);
+            if ready {
+                out.extend_from_slice(&messages::ready_for_query(self.status));
+            }
+        }
+    }
+
+    fn handle(&mut self, frame: Frame, out: &mut BytesMut) {
+        self.inject(out);
+        let body = frame.body();
+        match frame.tag {
+            b'1' | b'2' | b'3' => {
+                self.queue.pop_front();
+            }
+            b'n' => {
+                if let Some(Pending::Describe { .. }) = self.queue.front() {
+                    self.queue.pop_front();
+                }
+            }
+            b'T' => {
+                let columns = messages::parse_row_description(&body).unwrap_or_default();
+                match self.queue.front() {
+                    Some(Pending::Describe { kind, name }) => {
+                        let key = (*kind, name.clone());
+                        self.queue.pop_front();
+                        self.described.insert(key, columns);
+                    }
+                    _ => self.acc.response.columns = columns,
+                }
+            }
+            b'D' => self.add_row(&body),
+            b'd' => self.acc.copy_out += body.len() as u64,
+            b'C' | b'I' | b's' => {
+                if frame.tag == b'C' {
+                    let tag = body.strip_suffix(b"\0").unwrap_or(&body);
+                    self.acc
+                        .response
+                        .tags
+                        .push(String::from_utf8_lossy(tag).into_owned());
+                }
+                if let Some(Pending::Execute(_)) = self.queue.front() {
+                    if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
+                        self.complete(unit);
+                    }
+                }
+            }
+            b'E' => {
+                let (code, message) = messages::parse_error_fields(&body);
+                let error = ErrorInfo {
+                    sqlstate: code,
+                    message,
+                };
+                match self.queue.front() {
+                    Some(Pending::Query(_)) => {
+                        if self.acc.response.error.is_none() {
+                            self.acc.response.error = Some(error);
+                        }
+                    }
+                    Some(_) => {
+                        // Extended protocol: the target discards everything up to Sync. The
+                        // first statement in that range carries the error; the others never ran.
+                        let mut error = Some(error);
+                        while !matches!(self.queue.front(), Some(Pending::Sync) | None) {
+                            if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
+                                self.acc.response.error = Some(error.take().unwrap_or_else(|| ErrorInfo {
+                                    sqlstate: String::new(),
+                                    message: "not executed: an earlier message of the batch failed".into(),
+                                }));
+                                self.complete(unit);
+                            }
+                        }
+                        self.acc = Acc::default();
+                    }
+                    None => {}
+                }
+            }
+            b'Z' => {
+                self.status = body.first().copied().unwrap_or(b'I');
+                match self.queue.pop_front() {
+                    Some(Pending::Query(unit)) => self.complete(unit),
+                    Some(Pending::Sync) | None => {}
+                    Some(other) => {
+                        // Out of step: keep the entry for the next response rather than guess.
+                        self.queue.push_front(other);
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.extend_from_slice(&frame.raw);
+    }
+
+    fn add_row(&mut self, body: &Bytes) {
+        let acc = &mut self.acc;
+        acc.response.rows += 1;
+        acc.response.bytes += body.len() as u64;
+        let limit = self.ctx.max_result_bytes;
+        if !acc.response.truncated && acc.result_bytes + body.len() <= limit {
+            if let Ok(values) = messages::parse_data_row(body) {
+                acc.result_bytes += body.len();
+                acc.response
+                    .result
+                    .push(values.into_iter().map(|v| v.map(display_value)).collect());
+            }
+        } else {
+            acc.response.truncated = true;
+        }
+        acc.hasher
+            .get_or_insert_with(Sha256::new)
+            .update(&body[..]);
+    }
+
+    /// Writes the response record of a finished statement.
+    fn complete(&mut self, unit: Unit) {
+        let mut acc = std::mem::take(&mut self.acc);
+        let copy_in = self.copy_in.swap(0, Ordering::Relaxed);
+        acc.response.bytes += acc.copy_out + copy_in;
+        if acc.response.truncated {
+            acc.response.digest = acc.hasher.map(|h| hex::encode(h.finalize()));
+        }
+        if acc.response.columns.is_empty() {
+            let portal = unit.portal.as_ref().map(|p| (b'P', p.clone()));
+            let stmt = unit.statement.as_ref().map(|s| (b'S', s.clone()));
+            if let Some(cols) = portal
+                .and_then(|k| self.described.get(&k))
+                .or_else(|| stmt.and_then(|k| self.described.get(&k)))
+            {
+                acc.response.columns = cols.clone();
+            }
+        }
+        let outcome = if acc.response.error.is_some() {
+            Outcome::Error
+        } else {
+            Outcome::Success
+        };
+        self.ctx
+            .metrics
+            .statements
+            .get_or_create(&outcome_label(outcome))
+            .inc();
+        let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
+        rec.stmt = Some(unit.stmt);
+        rec.response = Some(acc.response);
+        rec.outcome = Some(outcome);
+        rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
+        self.ctx.audit.record(rec);
+    }
+
+    /// Statements still in flight when the session ends get a response record too.
+    fn abandon_pending(&mut self) {
+        while let Ok(p) = self.rx.try_recv() {
+            self.queue.push_back(p);
+        }
+        while let Some(p) = self.queue.pop_front() {
+            if let Pending::Execute(unit) | Pending::Query(unit) = p {
+                self.acc.response.error = Some(ErrorInfo {
+                    sqlstate: String::new(),
+                    message: "no answer: the session ended first".into(),
+                });
+                self.complete(unit);
+            }
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! One client session up to the relay: TLS negotiation, startup, token authentication, access
+//! check and the gateway's own login to the target.
+
+use super::cancel::CancelEntry;
+use super::codec::{split_frame, split_startup, FrameError};
+use super::messages::{self, Reader, Startup};
+use super::relay::{self, Session};
+use super::PgContext;
+use crate::config::AccessRule;
+use crate::tls::BoxStream;
+use bytes::{Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+use vigil_proto::record::{Connection, Kind, Outcome, Principal};
+
+/// Client startup parameters passed on to the target; anything else is dropped, except the
+/// ones refused outright below.
+const PASSED_PARAMS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "extra_float_digits",
+    "IntervalStyle",
+    "search_path",
+];
+
+/// Why a session did not reach the relay.
+enum Refusal {
+    /// Refuse with an error to the client and a `session_start` record.
+    Deny {
+        sqlstate: &'static str,
+        message: String,
+        outcome: Outcome,
+        principal: Option<Arc<Principal>>,
+    },
+    /// The client broke the protocol: error, `protocol_error` record, close.
+    Protocol(String),
+    /// Nothing to say or record (the client went away, or a cancel was handled).
+    Quiet,
+}
+
+impl From<FrameError> for Refusal {
+    fn from(e: FrameError) -> Self {
+        Refusal::Protocol(e.to_string())
+    }
+}
+
+impl From<messages::Malformed> for Refusal {
+    fn from(e: messages::Malformed) -> Self {
+        Refusal::Protocol(e.to_string())
+    }
+}
+
+fn deny(sqlstate: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal::Deny {
+        sqlstate,
+        message: message.into(),
+        outcome: Outcome::Denied,
+        principal: None,
+    }
+}
+
+pub fn new_session_id() -> String {
+    hex::encode(rand::random::<[u8; 12]>())
+}
+
+pub async fn run(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketAddr) {
+    let id = new_session_id();
+    let span = tracing::info_span!("pg_session", session = %id, client = %peer);
+    async move {
+        let mut conn = Connection {
+            protocol: "postgres".into(),
+            client_addr: peer.to_string(),
+            ..Connection::default()
+        };
+        let mut stream: BoxStream = Box::new(tcp);
+        let timeout = Duration::from_secs(ctx.config.startup_timeout_secs);
+        let started = tokio::time::timeout(
+            timeout,
+            handshake(&ctx, &id, &mut stream, &mut conn),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Refusal::Protocol("startup did not finish in time".into())));
+        match started {
+            Ok(established) => {
+                ctx.metrics.sessions.get_or_create(&outcome_label(Outcome::Success)).inc();
+                ctx.metrics.active_sessions.inc();
+                relay::run(&ctx, established, stream).await;
+                ctx.metrics.active_sessions.dec();
+            }
+            Err(refusal) => refuse(&ctx, &id, &mut stream, conn, refusal).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+pub fn outcome_label(o: Outcome) -> crate::metrics::OutcomeLabel {
+    crate::metrics::OutcomeLabel {
+        outcome: match o {
+            Outcome::Success => "success",
+            Outcome::Error => "error",
+            Outcome::Blocked => "blocked",
+            Outcome::Pending => "pending",
+            Outcome::Denied => "denied",
+        },
+    }
+}
+
+async fn refuse(
+    ctx: &PgContext,
+    id: &str,
+    stream: &mut BoxStream,
+    conn: Connection,
+    refusal: Refusal,
+) {
+    let conn = Some(Arc::new(conn));
+    match refusal {
+        Refusal::Deny {
+            sqlstate,
+            message,
+            outcome,
+            principal,
+        } => {
+            tracing::info!(%sqlstate, %message, "session refused");
+            ctx.metrics.sessions.get_or_create(&outcome_label(outcome)).inc();
+            let mut body = ctx.audit.body(Some(id), Kind::SessionStart);
+            body.outcome = Some(outcome);
+            body.principal = principal;
+            body.connection = conn;
+            body.detail = Some(message.clone());
+            ctx.audit.record(body);
+            let _ = stream
+                .write_all(&messages::error_response(true, sqlstate, &message))
+                .await;
+        }
+        Refusal::Protocol(message) => {
+            tracing::info!(%message, "protocol violation");
+            ctx.metrics.protocol_errors.inc();
+            let mut body = ctx.audit.body(Some(id), Kind::ProtocolError);
+            body.outcome = Some(Outcome::Error);
+            body.connection = conn;
+            body.detail = Some(message.clone());
+            ctx.audit.record(body);
+            let _ = stream
+                .write_all(&messages::error_response(true, "08P01", &message))
+                .await;
+        }
+        Refusal::Quiet => {}
+    }
+    let _ = stream.shutdown().await;
+}
+
+async fn read_startup(stream: &mut BoxStream, buf: &mut BytesMut, max: usize) -> Result<Bytes, Refusal> {
+    loop {
+        if let Some(p) = split_startup(buf, max)? {
+            return Ok(p);
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(Refusal::Quiet),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn handshake(
+    ctx: &Arc<PgContext>,
+    id: &str,
+    stream: &mut BoxStream,
+    conn: &mut Connection,
+) -> Result<relay::Established, Refusal> {
+    let max = ctx.config.max_frame_bytes;
+    let mut buf = BytesMut::with_capacity(1024);
+    // Startup packets: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage.
+    let startup = loop {
+        let packet = read_startup(stream, &mut buf, max).await?;
+        let mut r = Reader::new(&packet, "startup packet");
+        match r.i32()? {
+            messages::SSL_REQUEST if !conn.client_tls => {
+                if !buf.is_empty() {
+                    // Bytes sent before the handshake would be read as if they were encrypted.
+                    return Err(Refusal::Protocol("data received after SSLRequest".into()));
+                }
+                stream.write_all(b"S").await.map_err(|_| Refusal::Quiet)?;
+                let plain = std::mem::replace(stream, Box::new(tokio::io::duplex(1).0));
+                let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.clone());
+                let tls = acceptor.accept(plain).await.map_err(|e| {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    Refusal::Quiet
+                })?;
+                *stream = Box::new(tls);
+                conn.client_tls = true;
+            }
+            messages::GSSENC_REQUEST => {
+                stream.write_all(b"N").await.map_err(|_| Refusal::Quiet)?;
+            }
+            messages::CANCEL_REQUEST => {
+                let (pid, secret) = (r.i32()?, r.i32()?);
+                cancel(ctx, conn, pid, secret).await;
+                return Err(Refusal::Quiet);
+            }
+            messages::PROTOCOL_3_0 => break Startup::parse(&packet[4..])?,
+            other => {
+                return Err(Refusal::Protocol(format!(
+                    "unsupported protocol version or request code {other}"
+                )))
+            }
+        }
+    };
+    let database = startup.get("database").or(startup.get("user")).unwrap_or("");
+    conn.name = Some(database.to_string());
+    conn.application = startup
+        .get("application_name")
+        .filter(|a| !a.is_empty())
+        .map(str::to_string);
+
+    // The token is a bearer credential: never ask for it over cleartext unless allowed.
+    if !conn.client_tls && !ctx.config.allow_cleartext_token {
+        return Err(deny(
+            "28000",
+            "TLS is required: the password is an access token; connect with sslmode=require",
+        ));
+    }
+    stream
+        .write_all(&messages::auth_request(3, &[]))
+        .await
+        .map_err(|_| Refusal::Quiet)?;
+    let token = loop {
+        match split_frame(&mut buf, max)? {
+            Some(f) if f.tag == b'p' => {
+                let body = f.body();
+                let mut r = Reader::new(&body, "PasswordMessage");
+                break r.cstr()?.to_string();
+            }
+            Some(f) => {
+                return Err(Refusal::Protocol(format!(
+                    "expected a password message, got {:?}",
+                    f.tag as char
+                )))
+            }
+            None => match stream.read_buf(&mut buf).await {
+                // psql hangs up here to prompt for a password, then reconnects.
+                Ok(0) | Err(_) => return Err(Refusal::Quiet),
+                Ok(_) => {}
+            },
+        }
+    };
+    let mut principal = match ctx.verifier.verify(&token).await {
+        Ok(p) => p,
+        Err(e) => {
+            let code = if e == crate::identity::TokenError::ProviderUnavailable {
+                "28000"
+            } else {
+                "28P01"
+            };
+            return Err(deny(code, format!("authentication failed: {e}")));
+        }
+    };
+    principal.intent = conn.application.clone();
+    let principal = Arc::new(principal);
+    let denied = |sqlstate, message: String| Refusal::Deny {
+        sqlstate,
+        message,
+        outcome: Outcome::Denied,
+        principal: Some(principal.clone()),
+    };
+    let Some(target) = ctx.targets.get(database).cloned() else {
+        return Err(denied(
+            "3D000",
+            format!("no connection named {database:?} on this gateway"),
+        ));
+    };
+    conn.target = Some(target.display.clone());
+    if !allowed(&target.config.config.allow, &principal) {
+        return Err(denied(
+            "28000",
+            format!(
+                "{} is not allowed to use connection {database:?}",
+                principal.subject
+            ),
+        ));
+    }
+    if startup.get("options").is_some_and(|o| !o.trim().is_empty()) {
+        return Err(denied(
+            "42501",
+            "startup options are not accepted by this gateway".into(),
+        ));
+    }
+    if startup.get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        return Err(denied(
+            "42501",
+            "replication connections are not accepted by this gateway".into(),
+        ));
+    }
+    let params: Vec<(&str, &str)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| PASSED_PARAMS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let backend = target.connect(&params).await.map_err(|e| {
+        tracing::warn!(target = %target.display, error = %crate::error_chain(&e), "cannot open the target connection");
+        Refusal::Deny {
+            sqlstate: "08001",
+            message: format!("the gateway cannot open connection {database:?}: {e}"),
+            outcome: Outcome::Error,
+            principal: Some(principal.clone()),
+        }
+    })?;
+    let conn = Arc::new(conn.clone());
+    let session = Session {
+        id: id.to_string(),
+        principal: principal.clone(),
+        conn: conn.clone(),
+        started: Instant::now(),
+    };
+    // The session is on record before the client may send its first statement.
+    let mut body = session.body(&ctx.audit, Kind::SessionStart);
+    body.outcome = Some(Outcome::Success);
+    ctx.audit.append(body).await.map_err(|e| Refusal::Deny {
+        sqlstate: "58030",
+        message: format!("the gateway cannot record this session: {e}"),
+        outcome: Outcome::Error,
+        principal: Some(principal.clone()),
+    })?;
+    tracing::info!(subject = %principal.subject, connection = %database, "session started");
+    let (backend_pid, backend_secret) = backend.key.unwrap_or((0, 0));
+    let (key, cancel_guard) = ctx.cancels.register(CancelEntry {
+        target: target.clone(),
+        backend_pid,
+        backend_secret,
+        session: id.to_string(),
+    });
+    let mut hello = BytesMut::new();
+    hello.extend_from_slice(&messages::auth_request(0, &[]));
+    for p in &backend.parameters {
+        hello.extend_from_slice(p);
+    }
+    hello.extend_from_slice(&messages::backend_key_data(key.0, key.1));
+    hello.extend_from_slice(&messages::ready_for_query(b'I'));
+    stream.write_all(&hello).await.map_err(|_| Refusal::Quiet)?;
+    Ok(relay::Established {
+        session,
+        client_buf: buf,
+        backend,
+        _cancel_guard: cancel_guard,
+    })
+}
+
+fn allowed(rule: &AccessRule, p: &Principal) -> bool {
+    rule.any_authenticated
+        || rule.subjects.iter().any(|s| *s == p.subject)
+        || p
+            .client_id
+            .as_ref()
+            .is_some_and(|c| rule.client_ids.iter().any(|x| x == c))
+        || p.groups.iter().any(|g| rule.groups.contains(g))
+}
+
+async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
+    let mut body = ctx.audit.body(None, Kind::Cancel);
+    body.connection = Some(Arc::new(conn.clone()));
+    match ctx.cancels.lookup(pid, secret) {
+        Some(entry) => {
+            ctx.metrics.cancel_requests.inc();
+            body.session = Some(entry.session.clone());
+            body.outcome = Some(match entry.target.cancel(entry.backend_pid, entry.backend_secret).await {
+                Ok(()) => Outcome::Success,
+                Err(e) => {
+                    body.detail = Some(e.to_string());
+                    Outcome::Error
+                }
+            });
+        }
+        None => {
+            body.outcome = Some(Outcome::Denied);
+            body.detail = Some("no session holds this cancel key".into());
+        }
+    }
+    ctx.audit.record(body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_rules_match_subject_client_or_group() {
+        let p = Principal {
+            subject: "s".into(),
+            client_id: Some("c".into()),
+            groups: vec!["g".into()],
+            ..Principal::default()
+        };
+        let rule = |f: fn(&mut AccessRule)| {
+            let mut r = AccessRule::default();
+            f(&mut r);
+            r
+        };
+        assert!(!allowed(&AccessRule::default(), &p));
+        assert!(allowed(&rule(|r| r.subjects = vec!["s".into()]), &p));
+        assert!(allowed(&rule(|r| r.client_ids = vec!["c".into()]), &p));
+        assert!(allowed(&rule(|r| r.groups = vec!["x".into(), "g".into()]), &p));
+        assert!(!allowed(&rule(|r| r.groups = vec!["x".into()]), &p));
+        assert!(allowed(&rule(|r| r.any_authenticated = true), &p));
+    }
+}

@@ -1,0 +1,203 @@
+//! TLS: the server certificate clients see (from config, or generated once and persisted), and
+//! client configurations for reaching targets.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A byte stream, plain or TLS, client or target side.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no {what}")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("cannot generate a self-signed certificate")]
+    Generate(#[source] rcgen::Error),
+    #[error("invalid TLS configuration")]
+    Rustls(#[source] rustls::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_pem(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_pem(path)?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::Empty {
+            path: path.to_path_buf(),
+            what: "private key",
+        })
+}
+
+/// The server configuration for client connections. Without a configured certificate one is
+/// generated into `generated_dir` on first start and reused afterwards, so clients that pin it
+/// keep working across restarts.
+pub fn server_config(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    generated_dir: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (cert_path, key_path) = match (cert, key) {
+        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
+        _ => {
+            let c = generated_dir.join("cert.pem");
+            let k = generated_dir.join("key.pem");
+            if !c.exists() || !k.exists() {
+                generate_self_signed(&c, &k)?;
+            }
+            (c, k)
+        }
+    };
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&cert_path)?, load_key(&key_path)?)
+        .map_err(TlsError::Rustls)?;
+    Ok(Arc::new(config))
+}
+
+fn generate_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let cert = rcgen::generate_simple_self_signed(names).map_err(TlsError::Generate)?;
+    let write = |path: &Path, data: String| {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| TlsError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        std::fs::write(path, data).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    write(key_path, cert.key_pair.serialize_pem())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(key_path, std::fs::Permissions::from_mode(0o600));
+    }
+    write(cert_path, cert.cert.pem())
+}
+
+/// A client configuration that verifies the target against `ca_file` (or the web PKI roots).
+pub fn verifying_client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in load_certs(path)? {
+                roots.add(cert).map_err(TlsError::Rustls)?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A client configuration that encrypts without verifying the peer (libpq's `sslmode=require`):
+/// protects against passive listeners only. Chosen explicitly per connection in the config.
+pub fn unverified_client_config() -> Arc<ClientConfig> {
+    let provider = provider();
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
