@@ -42,8 +42,12 @@ pub enum AuditError {
 
 enum Cmd {
     Append {
-        body: Body,
+        body: Box<Body>,
         ack: Option<oneshot::Sender<Result<(), AuditError>>>,
+    },
+    /// Answered once everything queued before it has been written (or has failed).
+    Flush {
+        done: oneshot::Sender<()>,
     },
     Close {
         done: oneshot::Sender<()>,
@@ -145,7 +149,7 @@ impl AuditLog {
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Cmd::Append {
-                body,
+                body: Box::new(body),
                 ack: Some(ack),
             })
             .map_err(|_| AuditError::Closed)?;
@@ -154,8 +158,23 @@ impl AuditLog {
 
     /// Appends without waiting; the record is kept until it is written.
     pub fn record(&self, body: Body) {
-        if self.tx.send(Cmd::Append { body, ack: None }).is_err() {
+        if self
+            .tx
+            .send(Cmd::Append {
+                body: Box::new(body),
+                ack: None,
+            })
+            .is_err()
+        {
             tracing::error!("audit record after the log was closed");
+        }
+    }
+
+    /// Waits until every record queued so far has been through a write attempt.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Cmd::Flush { done }).is_ok() {
+            let _ = wait.await;
         }
     }
 
@@ -187,12 +206,13 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut acks: Vec<Ack> = Vec::new();
         let mut waiting: Vec<Body> = Vec::new();
+        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
             let mut close = None;
             if self.backlog.is_empty() {
                 // Nothing to retry: sleep until a command arrives.
                 match rx.blocking_recv() {
-                    Some(cmd) => close = self.take(cmd, &mut waiting, &mut acks),
+                    Some(cmd) => close = self.take(cmd, &mut waiting, &mut acks, &mut flushes),
                     None => return,
                 }
             } else {
@@ -201,11 +221,14 @@ impl Writer {
             }
             while close.is_none() && waiting.len() + self.backlog.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(cmd) => close = self.take(cmd, &mut waiting, &mut acks),
+                    Ok(cmd) => close = self.take(cmd, &mut waiting, &mut acks, &mut flushes),
                     Err(_) => break,
                 }
             }
             self.write_batch(&mut waiting, &mut acks);
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
             if let Some(done) = close {
                 if !self.backlog.is_empty() {
                     tracing::error!(
@@ -226,18 +249,23 @@ impl Writer {
         cmd: Cmd,
         waiting: &mut Vec<Body>,
         acks: &mut Vec<Ack>,
+        flushes: &mut Vec<oneshot::Sender<()>>,
     ) -> Option<oneshot::Sender<()>> {
         match cmd {
             Cmd::Append {
                 body,
                 ack: Some(ack),
             } => {
-                waiting.push(body);
+                waiting.push(*body);
                 acks.push(ack);
                 None
             }
             Cmd::Append { body, ack: None } => {
-                self.backlog.push_back(body);
+                self.backlog.push_back(*body);
+                None
+            }
+            Cmd::Flush { done } => {
+                flushes.push(done);
                 None
             }
             Cmd::Close { done } => Some(done),

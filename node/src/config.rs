@@ -17,12 +17,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
 }
@@ -343,9 +339,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            message: e.to_string(),
         })?;
         config.validate()?;
         Ok(config)
@@ -370,13 +366,22 @@ impl Config {
             return Err(invalid("identity.issuer", "must be an http(s) URL"));
         }
         if id.audiences.is_empty() {
-            return Err(invalid("identity.audiences", "must name at least one audience"));
+            return Err(invalid(
+                "identity.audiences",
+                "must name at least one audience",
+            ));
         }
         if id.algorithms.is_empty() {
-            return Err(invalid("identity.algorithms", "must allow at least one algorithm"));
+            return Err(invalid(
+                "identity.algorithms",
+                "must allow at least one algorithm",
+            ));
         }
         if id.token_types.is_empty() {
-            return Err(invalid("identity.token_types", "must accept at least one token type"));
+            return Err(invalid(
+                "identity.token_types",
+                "must accept at least one token type",
+            ));
         }
         if self.audit.max_result_bytes > 64 * 1024 * 1024 {
             return Err(invalid("audit.max_result_bytes", "must be at most 64 MiB"));
@@ -415,7 +420,10 @@ impl Config {
                 ));
             }
             if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
-                return Err(invalid(key("ca_file"), "only used with tls = \"verify-full\""));
+                return Err(invalid(
+                    key("ca_file"),
+                    "only used with tls = \"verify-full\"",
+                ));
             }
         }
         Ok(())
@@ -498,10 +506,11 @@ allow = { groups = ["dba"] }
         assert!(e.contains("identity.audiences"), "{e}");
         let e = parse(&GOOD.replace("\"127.0.0.1:0\"", "\"nowhere\"")).unwrap_err();
         assert!(e.contains("listen"), "{e}");
-        let e = parse(&GOOD.replace("algorithms", "x").replace(
-            "audiences = [",
-            "algorithms = [\"HS256\"]\naudiences = [",
-        ))
+        let e = parse(
+            &GOOD
+                .replace("algorithms", "x")
+                .replace("audiences = [", "algorithms = [\"HS256\"]\naudiences = ["),
+        )
         .unwrap_err();
         assert!(e.contains("HS256"), "{e}");
     }

@@ -220,7 +220,10 @@ impl TokenVerifier {
         Ok(())
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, ProviderError> {
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<T, ProviderError> {
         let err = |source| ProviderError::Http {
             url: url.to_string(),
             source,
@@ -336,14 +339,20 @@ impl TokenVerifier {
         if iat > now_secs() + self.config.leeway_secs {
             return Err(TokenError::IssuedInFuture);
         }
-        principal_from_claims(&claims, &self.config.claims, &self.config.issuer, token_type)
+        principal_from_claims(
+            &claims,
+            &self.config.claims,
+            &self.config.issuer,
+            token_type,
+        )
     }
 }
 
 /// Decodes the JOSE header without trusting anything in it.
 fn parse_header(token: &str) -> Result<Map<String, Value>, TokenError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(TokenError::Malformed);
     };
@@ -414,8 +423,13 @@ mod tests {
             r#"{"sub":"agent-1","azp":"cli","model":"gpt-5","model_version":"2026-08","groups":["a","b"]}"#,
         )
         .unwrap();
-        let p = principal_from_claims(&claims, &ClaimNames::default(), "iss", TokenType::AccessToken)
-            .unwrap();
+        let p = principal_from_claims(
+            &claims,
+            &ClaimNames::default(),
+            "iss",
+            TokenType::AccessToken,
+        )
+        .unwrap();
         assert_eq!(p.subject, "agent-1");
         assert_eq!(p.client_id.as_deref(), Some("cli"));
         assert_eq!(p.model.as_deref(), Some("gpt-5"));

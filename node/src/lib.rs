@@ -39,6 +39,7 @@ pub struct RunningNode {
     /// The file of this process's audit stream.
     pub audit_path: PathBuf,
     pub metrics: Arc<metrics::Metrics>,
+    pub audit: audit::AuditLog,
     shutdown: watch::Sender<bool>,
     served: tokio::task::JoinHandle<()>,
 }
@@ -88,7 +89,12 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         config.audit.sync,
         metrics.clone(),
     )
-    .with_context(|| format!("cannot open the audit log in {}", config.audit_dir().display()))?;
+    .with_context(|| {
+        format!(
+            "cannot open the audit log in {}",
+            config.audit_dir().display()
+        )
+    })?;
     let verifier = identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
     let pg_listener = tokio::net::TcpListener::bind(config.postgres.listen)
         .await
@@ -119,7 +125,11 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         metrics: metrics.clone(),
         verifier: verifier.clone(),
     };
-    tokio::spawn(admin::serve(admin_listener, admin_state, wait_for(stop_rx.clone())));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        wait_for(stop_rx.clone()),
+    ));
     let ctx = Arc::new(pg::PgContext {
         config: config.postgres.clone(),
         tls,
@@ -131,6 +141,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         max_result_bytes: config.audit.max_result_bytes,
     });
     let audit_path = audit.path().to_path_buf();
+    let audit_handle = audit.clone();
     let served = tokio::spawn(async move {
         pg::serve(pg_listener, ctx, wait_for(stop_rx)).await;
         audit.close().await;
@@ -141,6 +152,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         admin_addr,
         audit_path,
         metrics,
+        audit: audit_handle,
         shutdown,
         served,
     })

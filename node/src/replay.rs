@@ -9,10 +9,7 @@ use vigil_proto::record::{Kind, Record};
 use vigil_proto::verify::{Report, Verifier};
 
 /// Calls `f(file, line number, bytes)` for every line of every stream file under `path`.
-fn each_line(
-    path: &Path,
-    mut f: impl FnMut(&Path, usize, &[u8]),
-) -> std::io::Result<Vec<PathBuf>> {
+fn each_line(path: &Path, mut f: impl FnMut(&Path, usize, &[u8])) -> std::io::Result<Vec<PathBuf>> {
     let files = log_files(path)?;
     for file in &files {
         let mut reader = BufReader::new(std::fs::File::open(file)?);
@@ -55,7 +52,11 @@ pub fn session_records(path: &Path, prefix: &str) -> std::io::Result<Vec<Record>
     let mut out = Vec::new();
     each_line(path, |_, _, bytes| {
         if let Ok(r) = Record::parse(bytes) {
-            if r.body.session.as_deref().is_some_and(|s| s.starts_with(prefix)) {
+            if r.body
+                .session
+                .as_deref()
+                .is_some_and(|s| s.starts_with(prefix))
+            {
                 out.push(r);
             }
         }
@@ -80,7 +81,10 @@ pub fn list_sessions(path: &Path) -> std::io::Result<String> {
             b.time,
             p.map(|p| p.subject.as_str()).unwrap_or("(unauthenticated)"),
             p.and_then(|p| p.model.as_deref()).unwrap_or("-"),
-            b.connection.as_ref().and_then(|c| c.name.as_deref()).unwrap_or("-"),
+            b.connection
+                .as_ref()
+                .and_then(|c| c.name.as_deref())
+                .unwrap_or("-"),
             b.outcome,
         );
     })?;
@@ -94,7 +98,12 @@ pub fn render(records: &[Record]) -> String {
         let b = &r.body;
         match b.kind {
             Kind::SessionStart => {
-                let _ = writeln!(out, "session {}  {}", b.session.as_deref().unwrap_or("-"), b.time);
+                let _ = writeln!(
+                    out,
+                    "session {}  {}",
+                    b.session.as_deref().unwrap_or("-"),
+                    b.time
+                );
                 if let Some(p) = &b.principal {
                     let _ = writeln!(out, "  principal   {}", p.subject);
                     if let Some(c) = &p.client_id {

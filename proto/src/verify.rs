@@ -88,7 +88,11 @@ impl fmt::Display for Failure {
                 "{}: stream {} seq {}: {}",
                 self.location, self.stream, seq, self.problem
             ),
-            None => write!(f, "{}: stream {}: {}", self.location, self.stream, self.problem),
+            None => write!(
+                f,
+                "{}: stream {}: {}",
+                self.location, self.stream, self.problem
+            ),
         }
     }
 }
@@ -307,7 +311,10 @@ mod tests {
         let r = verify(&recs, Some("a"));
         assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
         assert_eq!(r.failures[0].seq, Some(3));
-        assert!(matches!(r.failures[0].problem, Problem::HashMismatch { .. }));
+        assert!(matches!(
+            r.failures[0].problem,
+            Problem::HashMismatch { .. }
+        ));
     }
 
     #[test]
@@ -315,7 +322,10 @@ mod tests {
         let mut recs = stream("a", 5);
         recs.remove(2);
         let r = verify(&recs, Some("a"));
-        assert!(matches!(r.failures[0].problem, Problem::Gap { expected: 2 }));
+        assert!(matches!(
+            r.failures[0].problem,
+            Problem::Gap { expected: 2 }
+        ));
     }
 
     #[test]
@@ -323,7 +333,10 @@ mod tests {
         let mut recs = stream("a", 3);
         recs.remove(0);
         let r = verify(&recs, Some("a"));
-        assert!(matches!(r.failures[0].problem, Problem::Gap { expected: 0 }));
+        assert!(matches!(
+            r.failures[0].problem,
+            Problem::Gap { expected: 0 }
+        ));
     }
 
     #[test]

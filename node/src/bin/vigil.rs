@@ -83,7 +83,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     "stream {stream}: {} records verified, last seq {}, {}{}",
                     s.verified,
                     s.last_seq.map(|s| s.to_string()).unwrap_or("-".into()),
-                    if s.ended { "ended" } else { "open (no stream_end record)" },
+                    if s.ended {
+                        "ended"
+                    } else {
+                        "open (no stream_end record)"
+                    },
                     if s.identical_duplicates > 0 {
                         format!(", {} identical duplicates", s.identical_duplicates)
                     } else {
@@ -122,15 +126,19 @@ fn run(args: Args) -> Result<ExitCode, String> {
             let path = log.path()?;
             let records = replay::session_records(&path, &session)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            let ids: std::collections::BTreeSet<_> =
-                records.iter().filter_map(|r| r.body.session.clone()).collect();
+            let ids: std::collections::BTreeSet<_> = records
+                .iter()
+                .filter_map(|r| r.body.session.clone())
+                .collect();
             match ids.len() {
                 0 => Err(format!("no session {session:?} in {}", path.display())),
                 1 => {
                     print!("{}", replay::render(&records));
                     Ok(ExitCode::SUCCESS)
                 }
-                n => Err(format!("{n} sessions start with {session:?}; give more of the id")),
+                n => Err(format!(
+                    "{n} sessions start with {session:?}; give more of the id"
+                )),
             }
         }
     }

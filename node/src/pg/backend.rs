@@ -192,7 +192,9 @@ impl Target {
                                 .map_err(|e| BackendError::Protocol(e.to_string()))?;
                             None
                         }
-                        other => return Err(BackendError::UnsupportedAuth(format!("code {other}"))),
+                        other => {
+                            return Err(BackendError::UnsupportedAuth(format!("code {other}")))
+                        }
                     };
                     if let Some(reply) = reply {
                         stream
@@ -279,12 +281,7 @@ async fn read_frame(stream: &mut BoxStream, buf: &mut BytesMut) -> Result<Frame,
         if let Some(frame) = split_frame(buf, MAX_BACKEND_FRAME)? {
             return Ok(frame);
         }
-        if stream
-            .read_buf(buf)
-            .await
-            .map_err(BackendError::Connect)?
-            == 0
-        {
+        if stream.read_buf(buf).await.map_err(BackendError::Connect)? == 0 {
             return Err(BackendError::Closed);
         }
     }

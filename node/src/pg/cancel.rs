@@ -14,9 +14,12 @@ pub struct CancelEntry {
     pub session: String,
 }
 
+/// The (pid, secret) pair a client holds.
+type Key = (i32, i32);
+
 #[derive(Clone, Default)]
 pub struct CancelRegistry {
-    inner: Arc<Mutex<HashMap<(i32, i32), Arc<CancelEntry>>>>,
+    inner: Arc<Mutex<HashMap<Key, Arc<CancelEntry>>>>,
 }
 
 /// Removes its key from the registry when the session ends.

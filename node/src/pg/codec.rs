@@ -98,14 +98,20 @@ mod tests {
         let mut short = BytesMut::from(&b"Q\0\0\0\x03"[..]);
         assert_eq!(split_frame(&mut short, 1024), Err(FrameError::TooShort(3)));
         let mut negative = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
-        assert_eq!(split_frame(&mut negative, 1024), Err(FrameError::TooShort(-1)));
+        assert_eq!(
+            split_frame(&mut negative, 1024),
+            Err(FrameError::TooShort(-1))
+        );
         let mut long = BytesMut::from(&b"Q\0\x10\0\0"[..]);
         assert!(matches!(
             split_frame(&mut long, 1024),
             Err(FrameError::TooLong { .. })
         ));
         let mut startup = BytesMut::from(&b"\0\0\0\x04"[..]);
-        assert_eq!(split_startup(&mut startup, 1024), Err(FrameError::TooShort(4)));
+        assert_eq!(
+            split_startup(&mut startup, 1024),
+            Err(FrameError::TooShort(4))
+        );
     }
 
     #[test]

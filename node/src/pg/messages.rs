@@ -136,8 +136,6 @@ pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
     pub params: Vec<Option<&'a [u8]>>,
-    /// Format of each parameter (0 text, 1 binary), expanded to one entry per parameter.
-    pub formats: Vec<i16>,
 }
 
 pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
@@ -145,10 +143,7 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
     let portal = r.cstr()?;
     let statement = r.cstr()?;
     let nfmt = r.count16()?;
-    let mut fmts = Vec::with_capacity(nfmt);
-    for _ in 0..nfmt {
-        fmts.push(r.i16()?);
-    }
+    r.take(nfmt * 2)?;
     let nparams = r.count16()?;
     if nfmt > 1 && nfmt != nparams {
         return Err(Malformed("Bind"));
@@ -160,16 +155,10 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
     let nres = r.count16()?;
     r.take(nres * 2)?;
     r.finish()?;
-    let formats = match nfmt {
-        0 => vec![0; nparams],
-        1 => vec![fmts[0]; nparams],
-        _ => fmts,
-    };
     Ok(Bind {
         portal,
         statement,
         params,
-        formats,
     })
 }
 
@@ -245,11 +234,18 @@ pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Malformed> {
     Ok(values)
 }
 
-/// A value for the audit record: UTF-8 text as is, anything else as `\x` hex.
+/// A value for the audit record: printable UTF-8 as is (text format, or a binary-format text
+/// value), anything else as `\x` hex.
 pub fn display_value(v: &[u8]) -> String {
     match std::str::from_utf8(v) {
-        Ok(s) => s.to_string(),
-        Err(_) => format!("\\x{}", hex::encode(v)),
+        Ok(s)
+            if !s
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) =>
+        {
+            s.to_string()
+        }
+        _ => format!("\\x{}", hex::encode(v)),
     }
 }
 
@@ -385,7 +381,7 @@ mod tests {
     }
 
     #[test]
-    fn bind_expands_formats_and_rejects_lies() {
+    fn bind_parses_and_rejects_lies() {
         // portal "", statement "s1", 1 format (binary), 2 params, 0 result formats
         let mut b = BytesMut::new();
         b.put_slice(b"\0s1\0");
@@ -398,7 +394,6 @@ mod tests {
         b.put_i16(0);
         let bind = parse_bind(&b).unwrap();
         assert_eq!(bind.statement, "s1");
-        assert_eq!(bind.formats, vec![1, 1]);
         assert_eq!(bind.params, vec![Some(&b"\x00\x01"[..]), None]);
         let mut lie = b.clone();
         lie[10] = 0x7f; // parameter length far beyond the body
@@ -426,5 +421,7 @@ mod tests {
     fn values_display_as_text_or_hex() {
         assert_eq!(display_value(b"abc"), "abc");
         assert_eq!(display_value(&[0xff, 0x00]), "\\xff00");
+        assert_eq!(display_value(&[0, 0, 0, 7]), "\\x00000007");
+        assert_eq!(display_value(b"a\tb"), "a\tb");
     }
 }

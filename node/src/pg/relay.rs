@@ -55,6 +55,9 @@ pub struct Established {
 /// A statement in flight: what the target half needs to write its response record.
 struct Unit {
     stmt: u64,
+    /// Set when the response record must carry the request itself (a Parse that failed: no
+    /// request record was written because nothing was executed).
+    request: Option<Request>,
     started: Instant,
     statement: Option<String>,
     portal: Option<String>,
@@ -62,15 +65,27 @@ struct Unit {
 
 /// What the target half expects next, in protocol order.
 enum Pending {
-    Parse,
+    Parse {
+        name: String,
+        text: Arc<str>,
+    },
     Bind,
     Close,
-    Describe { kind: u8, name: String },
+    Describe {
+        kind: u8,
+        name: String,
+    },
     Execute(Unit),
     Query(Unit),
     Sync,
+    /// The client ended a COPY FROM STDIN (CopyDone or CopyFail). No response of its own; it
+    /// marks which Syncs the target ignored because they arrived during copy-in.
+    CopyEnd,
     /// The gateway answers this one itself: an ErrorResponse, then ReadyForQuery if `ready`.
-    Refuse { error: Bytes, ready: bool },
+    Refuse {
+        error: Bytes,
+        ready: bool,
+    },
 }
 
 pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
@@ -111,6 +126,9 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         described: HashMap::new(),
         status: b'I',
         copy_in,
+        stmts: stmts.clone(),
+        in_copy_in: false,
+        drop_syncs_until_copy_end: false,
     };
     let end = tokio::select! {
         end = client_half.run() => end,
@@ -247,25 +265,21 @@ impl ClientHalf {
             }
             b'P' => {
                 let (name, query) = messages::parse_parse(&body).map_err(m)?;
-                self.statements.insert(name.to_string(), query.into());
-                self.expect(Pending::Parse);
+                let text: Arc<str> = query.into();
+                self.statements.insert(name.to_string(), text.clone());
+                self.expect(Pending::Parse {
+                    name: name.to_string(),
+                    text,
+                });
                 out.extend_from_slice(&frame.raw);
             }
             b'B' => {
                 let bind = messages::parse_bind(&body).map_err(m)?;
-                let params = bind
-                    .params
-                    .iter()
-                    .zip(&bind.formats)
-                    .map(|(v, fmt)| {
-                        v.map(|v| match fmt {
-                            0 => String::from_utf8_lossy(v).into_owned(),
-                            _ => format!("\\x{}", hex::encode(v)),
-                        })
-                    })
-                    .collect();
-                self.portals
-                    .insert(bind.portal.to_string(), (bind.statement.to_string(), params));
+                let params = bind.params.iter().map(|v| v.map(display_value)).collect();
+                self.portals.insert(
+                    bind.portal.to_string(),
+                    (bind.statement.to_string(), params),
+                );
                 self.expect(Pending::Bind);
                 out.extend_from_slice(&frame.raw);
             }
@@ -318,8 +332,12 @@ impl ClientHalf {
                 out.extend_from_slice(&frame.raw);
             }
             b'H' => out.extend_from_slice(&frame.raw),
-            b'd' | b'c' | b'f' => {
+            b'd' => {
                 self.copy_in.fetch_add(body.len() as u64, Ordering::Relaxed);
+                out.extend_from_slice(&frame.raw);
+            }
+            b'c' | b'f' => {
+                self.expect(Pending::CopyEnd);
                 out.extend_from_slice(&frame.raw);
             }
             b'X' => {
@@ -367,6 +385,7 @@ impl ClientHalf {
         match self.ctx.audit.append(rec).await {
             Ok(()) => Some(Unit {
                 stmt,
+                request: None,
                 started: Instant::now(),
                 statement: None,
                 portal: None,
@@ -435,6 +454,11 @@ struct TargetHalf {
     /// Transaction status of the last ReadyForQuery.
     status: u8,
     copy_in: Arc<AtomicU64>,
+    stmts: Arc<AtomicU64>,
+    /// The statement at the head is in copy-in mode (CopyInResponse seen).
+    in_copy_in: bool,
+    /// Copy-in ended before the client's CopyEnd marker arrived: drop Syncs until it does.
+    drop_syncs_until_copy_end: bool,
 }
 
 impl TargetHalf {
@@ -445,9 +469,9 @@ impl TargetHalf {
                 biased;
                 pending = self.rx.recv() => match pending {
                     Some(p) => {
-                        self.queue.push_back(p);
+                        self.push(p);
                         while let Ok(p) = self.rx.try_recv() {
-                            self.queue.push_back(p);
+                            self.push(p);
                         }
                     }
                     // The client half has ended; its End wins the select.
@@ -461,7 +485,7 @@ impl TargetHalf {
                     }
                     Ok(_) => {
                         while let Ok(p) = self.rx.try_recv() {
-                            self.queue.push_back(p);
+                            self.push(p);
                         }
                         loop {
                             match split_frame(&mut self.buf, MAX_BACKEND_FRAME) {
@@ -493,6 +517,42 @@ impl TargetHalf {
         }
     }
 
+    fn push(&mut self, p: Pending) {
+        if self.drop_syncs_until_copy_end {
+            match p {
+                Pending::Sync => return,
+                Pending::CopyEnd => {
+                    self.drop_syncs_until_copy_end = false;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        self.queue.push_back(p);
+    }
+
+    /// The target ignores Sync messages received during copy-in. When a copy-in ends, forget
+    /// the Syncs the client sent between the COPY and its CopyDone/CopyFail.
+    fn end_copy_in(&mut self) {
+        if !std::mem::take(&mut self.in_copy_in) {
+            return;
+        }
+        let end = self
+            .queue
+            .iter()
+            .position(|p| matches!(p, Pending::CopyEnd));
+        let limit = end.unwrap_or(self.queue.len());
+        let mut i = 0;
+        // Keep the head (the COPY itself) and everything after the marker; drop the Syncs
+        // before it and the marker.
+        self.queue.retain(|p| {
+            let keep = i == 0 || i > limit || (i < limit && !matches!(p, Pending::Sync));
+            i += 1;
+            keep
+        });
+        self.drop_syncs_until_copy_end = end.is_none();
+    }
+
     /// Writes the gateway's own answers that have reached the head of the queue.
     fn inject(&mut self, out: &mut BytesMut) {
         while let Some(Pending::Refuse { .. }) = self.queue.front() {
@@ -508,8 +568,13 @@ impl TargetHalf {
 
     fn handle(&mut self, frame: Frame, out: &mut BytesMut) {
         self.inject(out);
+        // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
+        while matches!(self.queue.front(), Some(Pending::CopyEnd)) {
+            self.queue.pop_front();
+        }
         let body = frame.body();
         match frame.tag {
+            b'G' => self.in_copy_in = true,
             b'1' | b'2' | b'3' => {
                 self.queue.pop_front();
             }
@@ -532,6 +597,7 @@ impl TargetHalf {
             b'D' => self.add_row(&body),
             b'd' => self.acc.copy_out += body.len() as u64,
             b'C' | b'I' | b's' => {
+                self.end_copy_in();
                 if frame.tag == b'C' {
                     let tag = body.strip_suffix(b"\0").unwrap_or(&body);
                     self.acc
@@ -546,26 +612,49 @@ impl TargetHalf {
                 }
             }
             b'E' => {
+                self.end_copy_in();
                 let (code, message) = messages::parse_error_fields(&body);
                 let error = ErrorInfo {
                     sqlstate: code,
                     message,
                 };
                 match self.queue.front() {
-                    Some(Pending::Query(_)) => {
-                        if self.acc.response.error.is_none() {
-                            self.acc.response.error = Some(error);
-                        }
+                    Some(Pending::Query(_)) if self.acc.response.error.is_none() => {
+                        self.acc.response.error = Some(error);
                     }
+                    Some(Pending::Query(_)) => {}
                     Some(_) => {
                         // Extended protocol: the target discards everything up to Sync. The
                         // first statement in that range carries the error; the others never ran.
                         let mut error = Some(error);
+                        if let Some(Pending::Parse { name, text }) = self.queue.front() {
+                            // A statement that does not parse never runs; its attempt is
+                            // recorded with the error.
+                            let unit = Unit {
+                                stmt: self.stmts.fetch_add(1, Ordering::Relaxed) + 1,
+                                request: Some(Request {
+                                    protocol: "extended".into(),
+                                    text: text.to_string(),
+                                    statement: Some(name.clone()),
+                                    ..Request::default()
+                                }),
+                                started: Instant::now(),
+                                statement: None,
+                                portal: None,
+                            };
+                            self.queue.pop_front();
+                            self.acc.response.error = error.take();
+                            self.complete(unit);
+                        }
                         while !matches!(self.queue.front(), Some(Pending::Sync) | None) {
                             if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
-                                self.acc.response.error = Some(error.take().unwrap_or_else(|| ErrorInfo {
-                                    sqlstate: String::new(),
-                                    message: "not executed: an earlier message of the batch failed".into(),
+                                self.acc.response.error = Some(error.take().unwrap_or_else(|| {
+                                    ErrorInfo {
+                                        sqlstate: String::new(),
+                                        message:
+                                            "not executed: an earlier message of the batch failed"
+                                                .into(),
+                                    }
                                 }));
                                 self.complete(unit);
                             }
@@ -606,9 +695,7 @@ impl TargetHalf {
         } else {
             acc.response.truncated = true;
         }
-        acc.hasher
-            .get_or_insert_with(Sha256::new)
-            .update(&body[..]);
+        acc.hasher.get_or_insert_with(Sha256::new).update(&body[..]);
     }
 
     /// Writes the response record of a finished statement.
@@ -641,6 +728,7 @@ impl TargetHalf {
             .inc();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
         rec.stmt = Some(unit.stmt);
+        rec.request = unit.request;
         rec.response = Some(acc.response);
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);

@@ -80,15 +80,15 @@ pub async fn run(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketAddr) {
         };
         let mut stream: BoxStream = Box::new(tcp);
         let timeout = Duration::from_secs(ctx.config.startup_timeout_secs);
-        let started = tokio::time::timeout(
-            timeout,
-            handshake(&ctx, &id, &mut stream, &mut conn),
-        )
-        .await
-        .unwrap_or_else(|_| Err(Refusal::Protocol("startup did not finish in time".into())));
+        let started = tokio::time::timeout(timeout, handshake(&ctx, &id, &mut stream, &mut conn))
+            .await
+            .unwrap_or_else(|_| Err(Refusal::Protocol("startup did not finish in time".into())));
         match started {
             Ok(established) => {
-                ctx.metrics.sessions.get_or_create(&outcome_label(Outcome::Success)).inc();
+                ctx.metrics
+                    .sessions
+                    .get_or_create(&outcome_label(Outcome::Success))
+                    .inc();
                 ctx.metrics.active_sessions.inc();
                 relay::run(&ctx, established, stream).await;
                 ctx.metrics.active_sessions.dec();
@@ -128,7 +128,10 @@ async fn refuse(
             principal,
         } => {
             tracing::info!(%sqlstate, %message, "session refused");
-            ctx.metrics.sessions.get_or_create(&outcome_label(outcome)).inc();
+            ctx.metrics
+                .sessions
+                .get_or_create(&outcome_label(outcome))
+                .inc();
             let mut body = ctx.audit.body(Some(id), Kind::SessionStart);
             body.outcome = Some(outcome);
             body.principal = principal;
@@ -156,7 +159,11 @@ async fn refuse(
     let _ = stream.shutdown().await;
 }
 
-async fn read_startup(stream: &mut BoxStream, buf: &mut BytesMut, max: usize) -> Result<Bytes, Refusal> {
+async fn read_startup(
+    stream: &mut BoxStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Bytes, Refusal> {
     loop {
         if let Some(p) = split_startup(buf, max)? {
             return Ok(p);
@@ -212,7 +219,10 @@ async fn handshake(
             }
         }
     };
-    let database = startup.get("database").or(startup.get("user")).unwrap_or("");
+    let database = startup
+        .get("database")
+        .or(startup.get("user"))
+        .unwrap_or("");
     conn.name = Some(database.to_string());
     conn.application = startup
         .get("application_name")
@@ -291,7 +301,10 @@ async fn handshake(
             "startup options are not accepted by this gateway".into(),
         ));
     }
-    if startup.get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+    if startup
+        .get("replication")
+        .is_some_and(|r| r != "false" && r != "0" && r != "off")
+    {
         return Err(denied(
             "42501",
             "replication connections are not accepted by this gateway".into(),
@@ -354,9 +367,8 @@ async fn handshake(
 
 fn allowed(rule: &AccessRule, p: &Principal) -> bool {
     rule.any_authenticated
-        || rule.subjects.iter().any(|s| *s == p.subject)
-        || p
-            .client_id
+        || rule.subjects.contains(&p.subject)
+        || p.client_id
             .as_ref()
             .is_some_and(|c| rule.client_ids.iter().any(|x| x == c))
         || p.groups.iter().any(|g| rule.groups.contains(g))
@@ -369,13 +381,19 @@ async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
         Some(entry) => {
             ctx.metrics.cancel_requests.inc();
             body.session = Some(entry.session.clone());
-            body.outcome = Some(match entry.target.cancel(entry.backend_pid, entry.backend_secret).await {
-                Ok(()) => Outcome::Success,
-                Err(e) => {
-                    body.detail = Some(e.to_string());
-                    Outcome::Error
-                }
-            });
+            body.outcome = Some(
+                match entry
+                    .target
+                    .cancel(entry.backend_pid, entry.backend_secret)
+                    .await
+                {
+                    Ok(()) => Outcome::Success,
+                    Err(e) => {
+                        body.detail = Some(e.to_string());
+                        Outcome::Error
+                    }
+                },
+            );
         }
         None => {
             body.outcome = Some(Outcome::Denied);
@@ -405,7 +423,10 @@ mod tests {
         assert!(!allowed(&AccessRule::default(), &p));
         assert!(allowed(&rule(|r| r.subjects = vec!["s".into()]), &p));
         assert!(allowed(&rule(|r| r.client_ids = vec!["c".into()]), &p));
-        assert!(allowed(&rule(|r| r.groups = vec!["x".into(), "g".into()]), &p));
+        assert!(allowed(
+            &rule(|r| r.groups = vec!["x".into(), "g".into()]),
+            &p
+        ));
         assert!(!allowed(&rule(|r| r.groups = vec!["x".into()]), &p));
         assert!(allowed(&rule(|r| r.any_authenticated = true), &p));
     }

