@@ -1,0 +1,320 @@
+//! t5x: faults. Nothing unaudited reaches the target, even when the gateway is killed with
+//! SIGKILL in the middle of a stream of statements; a full disk refuses statements before the
+//! target and loses no record.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use vigil_chaos::*;
+use vigil_proto::record::{Kind, Record};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn spawn_node(files: &NodeFiles, admin_port: u16) -> Child {
+    let child = Command::new(bin("vigil-node"))
+        .arg("--config")
+        .arg(&files.config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("vigil-node starts");
+    let url = format!("http://127.0.0.1:{admin_port}/readyz");
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(&url).await {
+            if r.status().is_success() {
+                return child;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("vigil-node did not become ready");
+}
+
+/// Markers like `mk-abc-17` found in `text`.
+fn markers(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(prefix) {
+        let tail = &rest[i + prefix.len()..];
+        let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        if !digits.is_empty() {
+            out.insert(format!("{prefix}{digits}"));
+        }
+        rest = tail;
+    }
+    out
+}
+
+/// Markers of every statement the audit log says was sent to the target (request records) or
+/// attempted (failed parses carry their request in the response).
+fn audited(records: &[Record], prefix: &str) -> BTreeSet<String> {
+    records
+        .iter()
+        .filter(|r| matches!(r.body.kind, Kind::Request | Kind::Response))
+        .filter_map(|r| r.body.request.as_ref())
+        .flat_map(|q| markers(&q.text, prefix))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_kill_9_mid_stream_leaves_nothing_unaudited() {
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let opts = NodeOptions {
+        pg_port,
+        admin_port,
+        ..NodeOptions::default()
+    };
+    let files = NodeFiles::new(&opts).await;
+    let token = agent_token().await;
+    let run = random_suffix();
+    let prefix = format!("mk-{run}-");
+    let log_offset = pg_log_len();
+
+    for round in 0..3 {
+        phase(&format!(
+            "round {round}: start a gateway process and stream statements"
+        ));
+        let mut child = spawn_node(&files, admin_port).await;
+        let conn = format!("host=127.0.0.1 port={pg_port} user=agent dbname=app password={token}");
+        let mut clients = Vec::new();
+        for c in 0..3 {
+            let conn = conn.clone();
+            let prefix = prefix.clone();
+            clients.push(tokio::spawn(async move {
+                let (client, _task) = connect_tls(&conn).await.unwrap();
+                let mut done = 0u64;
+                for i in 0.. {
+                    let marker = format!("{prefix}{}", round * 1_000_000 + c * 100_000 + i);
+                    let ok = if i % 2 == 0 {
+                        client
+                            .simple_query(&format!("SELECT '{marker}'"))
+                            .await
+                            .is_ok()
+                    } else {
+                        client
+                            .query(&format!("SELECT '{marker}'::text"), &[])
+                            .await
+                            .is_ok()
+                    };
+                    if !ok {
+                        break;
+                    }
+                    done += 1;
+                }
+                done
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(400 + 150 * round as u64)).await;
+        phase("kill -9 the gateway");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut completed = 0;
+        for c in clients {
+            completed += c.await.unwrap();
+        }
+        assert!(
+            completed > 10,
+            "statements flowed before the kill ({completed})"
+        );
+    }
+
+    phase("judge: every statement the target executed has its audit record");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let executed: BTreeSet<String> = pg_log_lines(&files.db, log_offset)
+        .iter()
+        .flat_map(|l| markers(l, &prefix))
+        .collect();
+    let records = files.records();
+    let recorded = audited(&records, &prefix);
+    let missing: Vec<_> = executed.difference(&recorded).collect();
+    assert!(
+        executed.len() > 30,
+        "the target ran statements: {}",
+        executed.len()
+    );
+    assert!(missing.is_empty(), "executed without a record: {missing:?}");
+
+    phase("judge: every killed stream still verifies");
+    let dir = files.audit_dir.to_str().unwrap().to_string();
+    let (code, report) = vigil(&["audit", "verify", "--log", &dir]);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("3 streams verified"), "{report}");
+
+    phase("a restarted gateway serves again and ends its stream cleanly on SIGTERM");
+    let child = spawn_node(&files, admin_port).await;
+    let conn = format!("host=127.0.0.1 port={pg_port} user=agent dbname=app password={token}");
+    let (client, _task) = connect_tls(&conn).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    drop(client);
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = wait_exit(child).await;
+    assert!(status.success(), "graceful exit: {status:?}");
+    let (code, report) = vigil(&["audit", "verify", "--log", &dir]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report.matches("ended").count(), 1, "{report}");
+}
+
+async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().ok();
+    panic!("the gateway did not exit after SIGTERM");
+}
+
+fn phase(what: &str) {
+    eprintln!("--- {what}");
+}
+
+/// A tiny tmpfs that fills up: the real "disk full".
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t51_full_disk_refuses_before_the_target_and_loses_nothing() {
+    let disk = SmallDisk::mount("512k");
+    let audit = disk.dir.path().join("audit");
+    let node = TestNode::start(NodeOptions {
+        audit_dir: Some(audit.clone()),
+        ..NodeOptions::default()
+    })
+    .await;
+    let run = random_suffix();
+    let log_offset = pg_log_len();
+    let (client, _c) = node.client(&agent_token().await).await.unwrap();
+    client
+        .simple_query(&format!("SELECT 'ok-{run}-1'"))
+        .await
+        .unwrap();
+
+    phase("the disk fills up");
+    disk.fill();
+    // The log file's last page may still hold a few records: statements keep working until
+    // an append needs a new page, and from then on every statement is refused.
+    let prefix = format!("df-{run}-");
+    let mut refused = Vec::new();
+    for i in 0..500 {
+        let marker = format!("{prefix}{i}");
+        match client.simple_query(&format!("SELECT '{marker}'")).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code().unwrap().code(), "58030", "{e:?}");
+                refused.push(marker);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused.len(), 1, "a full disk refuses statements");
+    let marker = format!("{prefix}1000");
+    let err = client
+        .query(&format!("SELECT '{marker}'::text"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "58030", "{err:?}");
+    refused.push(marker);
+    let marker = format!("{prefix}1001");
+    let err = client
+        .simple_query(&format!("SELECT '{marker}'"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code().unwrap().code(),
+        "58030",
+        "the session stays usable"
+    );
+    refused.push(marker);
+
+    phase("space comes back: the same session works, the refusals are on record");
+    disk.free();
+    let rows = client
+        .simple_query(&format!("SELECT 'ok-{run}-2'"))
+        .await
+        .unwrap();
+    assert!(rows
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(format!("ok-{run}-2").as_str()))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let executed: BTreeSet<String> = pg_log_lines(&node.files.db, log_offset)
+        .iter()
+        .flat_map(|l| markers(l, &prefix))
+        .collect();
+    for m in &refused {
+        assert!(
+            !executed.contains(m),
+            "refused statement {m} reached the target"
+        );
+    }
+    let records = node.records().await;
+    let recorded = audited(&records, &prefix);
+    let missing: Vec<_> = executed.difference(&recorded).collect();
+    assert!(missing.is_empty(), "executed without a record: {missing:?}");
+    let on_record: Vec<String> = of_kind(&records, Kind::Blocked)
+        .iter()
+        .filter_map(|r| r.body.request.as_ref())
+        .flat_map(|q| markers(&q.text, &prefix))
+        .collect();
+    assert_eq!(
+        on_record, refused,
+        "each refusal is recorded once space is back"
+    );
+    let metrics = node.metrics().await;
+    assert!(metric(&metrics, "vigil_audit_write_errors_total") >= 1.0);
+    assert_eq!(
+        metric(&metrics, "vigil_audit_refused_statements_total"),
+        3.0
+    );
+    assert_eq!(metric(&metrics, "vigil_audit_dropped_records_total"), 0.0);
+    let (code, report) = vigil(&["audit", "verify", "--log", audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "no torn record: {report}");
+    drop(client);
+    node.node.shutdown().await;
+}

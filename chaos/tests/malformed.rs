@@ -1,0 +1,211 @@
+//! t4x: a client that breaks the wire protocol gets an error and a closed connection, never a
+//! panic or a hang; the node keeps serving everyone else, and the violation is audited.
+
+use bytes::{BufMut, BytesMut};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vigil_chaos::*;
+use vigil_proto::record::Kind;
+
+fn startup(db: &str) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_i32(196_608);
+    for (k, v) in [("user", "agent"), ("database", db)] {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut out = BytesMut::new();
+    out.put_i32(body.len() as i32 + 4);
+    out.put_slice(&body);
+    out.to_vec()
+}
+
+fn typed(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Sends `bytes`, closes the sending side and reads until the server closes; returns what came
+/// back. Panics on a hang.
+async fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    // Half-close: a truncated message followed by EOF must end the session, not wait for more.
+    let _ = s.shutdown().await;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the gateway answers or closes; it does not hang")
+        .ok();
+    out
+}
+
+/// Authenticates over cleartext (allowed in this node's config) and returns the stream after
+/// the first ReadyForQuery.
+async fn session(port: u16, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&startup("app")).await.unwrap();
+    let mut buf = [0u8; 9];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(buf[0], b'R');
+    let mut pw = token.as_bytes().to_vec();
+    pw.push(0);
+    s.write_all(&typed(b'p', &pw)).await.unwrap();
+    read_until_ready(&mut s).await;
+    s
+}
+
+/// Reads messages until ReadyForQuery; returns the tags seen.
+async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
+    let mut tags = Vec::new();
+    loop {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap();
+        let mut body = vec![0; len as usize - 4];
+        s.read_exact(&mut body).await.unwrap();
+        tags.push(tag);
+        if tag == b'Z' {
+            return tags;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_malformed_frames_get_an_error_never_a_hang() {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        max_frame_bytes: 64 * 1024,
+        ..NodeOptions::default()
+    })
+    .await;
+    let port = node.port();
+    let token = agent_token().await;
+
+    // Startup phase: lengths below the minimum, beyond the maximum, negative; unknown codes;
+    // a truncated packet; garbage.
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("length 0", vec![0, 0, 0, 0]),
+        ("length 3", vec![0, 0, 0, 3, 1, 2, 3]),
+        ("negative length", vec![0xff, 0xff, 0xff, 0xf0, 0, 0]),
+        ("huge length", vec![0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]),
+        ("unknown code", vec![0, 0, 0, 8, 0x12, 0x34, 0x56, 0x78]),
+        ("startup without terminator", {
+            let mut v = vec![0, 0, 0, 13, 0, 3, 0, 0];
+            v.extend_from_slice(b"user\0");
+            v
+        }),
+        ("truncated then closed", vec![0, 0, 0, 100, 0, 3, 0, 0]),
+    ];
+    for i in 0..20u64 {
+        let mut v = rand::random::<[u8; 64]>().to_vec();
+        v.truncate((i as usize * 7) % 64 + 1);
+        cases.push(("random bytes", v));
+    }
+    for (name, bytes) in &cases {
+        let out = exchange(port, bytes).await;
+        if !out.is_empty() {
+            assert_eq!(
+                out[0],
+                b'E',
+                "{name}: answered {:?}",
+                &out[..out.len().min(16)]
+            );
+        }
+    }
+
+    // After authentication: bad lengths, a lying Bind, an unknown message type.
+    let lying_bind = {
+        let mut b = BytesMut::new();
+        b.put_slice(b"\0\0");
+        b.put_i16(0);
+        b.put_i16(1);
+        b.put_i32(1_000_000); // a parameter far longer than the message
+        b.put_slice(b"x");
+        b.put_i16(0);
+        typed(b'B', &b)
+    };
+    let post_auth: Vec<(&str, Vec<u8>)> = vec![
+        ("length 2", vec![b'Q', 0, 0, 0, 2]),
+        ("beyond max_frame_bytes", vec![b'Q', 0, 0x10, 0, 0]),
+        ("lying Bind", lying_bind),
+        ("unknown type", typed(b'@', b"")),
+        ("Query without terminator", typed(b'Q', b"SELECT 1")),
+        ("password after auth", typed(b'p', b"x\0")),
+    ];
+    for (name, bytes) in &post_auth {
+        let mut s = session(port, &token).await;
+        s.write_all(bytes).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: hang"))
+            .ok();
+        assert_eq!(out.first(), Some(&b'E'), "{name}: {out:?}");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("08P01"), "{name}: {text}");
+    }
+
+    // The node is still healthy: a well-formed session works.
+    let mut s = session(port, &token).await;
+    s.write_all(&typed(b'Q', b"SELECT 1\0")).await.unwrap();
+    let tags = read_until_ready(&mut s).await;
+    assert_eq!(tags, vec![b'T', b'D', b'C', b'Z']);
+    // A FunctionCall is refused with a clear error; the session continues.
+    let mut fc = BytesMut::new();
+    fc.put_i32(1598); // any function oid
+    fc.put_i16(0);
+    fc.put_i16(0);
+    fc.put_i16(0);
+    s.write_all(&typed(b'F', &fc)).await.unwrap();
+    let tags = read_until_ready(&mut s).await;
+    assert_eq!(tags, vec![b'E', b'Z']);
+    s.write_all(&typed(b'Q', b"SELECT 2\0")).await.unwrap();
+    assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
+
+    let records = node.records().await;
+    let violations = of_kind(&records, Kind::ProtocolError);
+    assert!(
+        violations.len() >= post_auth.len() + 5,
+        "violations are audited: {}",
+        violations.len()
+    );
+    let blocked = of_kind(&records, Kind::Blocked);
+    assert_eq!(blocked.len(), 1, "the FunctionCall is audited as blocked");
+    let metrics = node.metrics().await;
+    assert!(metric(&metrics, "vigil_protocol_errors_total") >= (post_auth.len() + 5) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t41_one_statement_in_one_byte_writes_and_many_pipelined() {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let mut s = session(node.port(), &token).await;
+    // One byte per write.
+    for b in typed(b'Q', b"SELECT 'dribbled'\0") {
+        s.write_all(&[b]).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
+    // Fifty statements pipelined in one write.
+    let mut batch = Vec::new();
+    for i in 0..50 {
+        batch.extend(typed(b'Q', format!("SELECT {i}\0").as_bytes()));
+    }
+    s.write_all(&batch).await.unwrap();
+    for _ in 0..50 {
+        assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
+    }
+    let records = node.records().await;
+    assert_eq!(of_kind(&records, Kind::Request).len(), 51);
+    assert_eq!(of_kind(&records, Kind::Response).len(), 51);
+}
