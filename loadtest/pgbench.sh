@@ -161,7 +161,7 @@ vigil_cli="$target_dir/release/vigil"
 work="$(mktemp -d /tmp/vigil-pgbench.XXXXXX)"
 chmod 755 "$work"
 mkdir -p "$work/runs" "$work/vigil/data"
-results="$work/results.tsv" # round target mode tps lat_avg_ms txns cpu_ticks
+results="$work/results.tsv" # round target mode tps lat_avg_ms txns cpu_ticks audit_ticks ctx_switches
 : >"$results"
 
 # ---------------------------------------------------------------------------- Vigil
@@ -277,12 +277,24 @@ target_env() {
   conn_env+=(PGDATABASE=bench PGCONNECT_TIMEOUT=10)
 }
 
-# utime + stime of a process (all its threads), in clock ticks
+# utime + stime (clock ticks) from a /proc stat file: of a process (all its threads) or one task
 cpu_ticks() {
   local stat
-  stat="$(cat "/proc/$1/stat")" || die "process $1 is gone"
+  stat="$(cat "$1")" || die "$1 is gone"
   stat="${stat##*) }" # fields from 3 on: state is $1, utime is $12, stime is $13
   awk '{ print $12 + $13 }' <<<"$stat"
+}
+
+# "process_ticks audit_thread_ticks context_switches" of a proxy process. The audit thread is
+# Vigil's `vigil-audit`; context switches are summed over the live threads.
+proc_sample() {
+  local pid="$1" total audit=0 t
+  total="$(cpu_ticks "/proc/$pid/stat")"
+  for t in /proc/"$pid"/task/*; do
+    [[ "$(cat "$t/comm" 2>/dev/null)" == vigil-audit ]] && audit=$((audit + $(cpu_ticks "$t/stat")))
+  done
+  printf '%s %s %s\n' "$total" "$audit" \
+    "$(awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ { s += $2 } END { print s + 0 }' /proc/"$pid"/task/*/status)"
 }
 
 for t in "${TARGETS[@]}"; do
@@ -301,15 +313,15 @@ run_one() {
   local prefix="$work/runs/$t.$mode.r$round" args=()
   target_env "$t"
   [[ -n "$logged" ]] && args+=(--log "--log-prefix=$work/runs/txlog.$t.$mode.r$round")
-  local before=0 after=0
-  [[ -n "$proxy_pid" ]] && before="$(cpu_ticks "$proxy_pid")"
+  local b_cpu=0 b_audit=0 b_csw=0 a_cpu=0 a_audit=0 a_csw=0
+  [[ -n "$proxy_pid" ]] && read -r b_cpu b_audit b_csw < <(proc_sample "$proxy_pid")
   if ! (cd "$work/runs" && env "${conn_env[@]}" "$pg_bin/pgbench" -n -S -M "$mode" -c "$CLIENTS" -j "$THREADS" \
         -T "$secs" "${args[@]}" >"$prefix.out" 2>&1); then
     show_log "$prefix.out"
     [[ "$t" == vigil ]] && show_log "$work/vigil/vigil.log"
     die "pgbench failed against $t ($mode)"
   fi
-  [[ -n "$proxy_pid" ]] && after="$(cpu_ticks "$proxy_pid")"
+  [[ -n "$proxy_pid" ]] && read -r a_cpu a_audit a_csw < <(proc_sample "$proxy_pid")
   local tps lat txns failed
   tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$prefix.out")"
   lat="$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$prefix.out")"
@@ -318,7 +330,8 @@ run_one() {
   [[ -n "$tps" && -n "$lat" && -n "$txns" ]] || { show_log "$prefix.out"; die "cannot read pgbench's report ($t, $mode)"; }
   [[ -z "$failed" || "$failed" == 0 ]] || { show_log "$prefix.out"; die "$failed failed transactions against $t ($mode)"; }
   if [[ "$round" != w ]]; then
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$mode" "$tps" "$lat" "$txns" "$((after - before))" >>"$results"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$mode" "$tps" "$lat" "$txns" \
+      "$((a_cpu - b_cpu))" "$((a_audit - b_audit))" "$((a_csw - b_csw))" >>"$results"
     log "round $round  $(printf '%-12s %-8s' "$t" "$mode") tps $tps  lat avg $lat ms"
   fi
 }
@@ -381,8 +394,8 @@ clk_tck="$(getconf CLK_TCK)"
 declare -A TPS CPU
 table="$work/table.txt"
 {
-  printf '%-13s %-9s %9s  %-26s %8s %8s %8s %8s %8s %9s\n' \
-    target mode "TPS(med)" "TPS per round" "x direct" "x pgbncr" "lat avg" "p50 ms" "p99 ms" "CPU us/tx"
+  printf '%-13s %-9s %8s  %-22s %8s %8s %8s %7s %7s %9s %8s %6s\n' \
+    target mode "TPS med" "TPS per round" "x direct" "x pgbncr" "lat avg" "p50" "p99" "CPU us/tx" "audit us" "csw/tx"
   for mode in "${MODES[@]}"; do
     for t in "${TARGETS[@]}"; do
       TPS[$t.$mode]="$(field "$t" "$mode" 4 | median)"
@@ -392,16 +405,18 @@ table="$work/table.txt"
       rounds="$(awk -F'\t' -v t="$t" -v m="$mode" '$2 == t && $3 == m { printf "%s%.0f", sep, $4; sep = " " }' "$results")"
       lat="$(field "$t" "$mode" 5 | median)"
       read -r p50 p99 < <(percentiles "$t" "$mode")
-      cpu="-"
+      cpu="-" audit="-" csw="-"
       if [[ "$t" == vigil || "$t" == pgbouncer ]]; then
-        # CPU over all rounds / transactions over all rounds
-        cpu="$(awk -F'\t' -v t="$t" -v m="$mode" -v hz="$clk_tck" \
-          '$2 == t && $3 == m { ticks += $7; tx += $6 } END { if (tx > 0) printf "%.1f", ticks * 1e6 / hz / tx; else print "-" }' "$results")"
+        # CPU (and context switches) over all rounds / transactions over all rounds
+        read -r cpu audit csw < <(awk -F'\t' -v t="$t" -v m="$mode" -v hz="$clk_tck" \
+          '$2 == t && $3 == m { ticks += $7; at += $8; cs += $9; tx += $6 }
+           END { if (tx > 0) printf "%.1f %.1f %.2f\n", ticks * 1e6 / hz / tx, at * 1e6 / hz / tx, cs / tx; else print "- - -" }' "$results")
         CPU[$t.$mode]="$cpu"
+        [[ "$t" == vigil ]] || audit="-"
       fi
-      printf '%-13s %-9s %9.0f  %-26s %8s %8s %8.3f %8s %8s %9s\n' "$t" "$mode" "$tps" "$rounds" \
+      printf '%-13s %-9s %8.0f  %-22s %8s %8s %8.3f %7s %7s %9s %8s %6s\n' "$t" "$mode" "$tps" "$rounds" \
         "$(ratio "$tps" "${TPS[direct-tls.$mode]:-}")" "$(ratio "$tps" "${TPS[pgbouncer.$mode]:-}")" \
-        "$lat" "$p50" "$p99" "$cpu"
+        "$lat" "$p50" "$p99" "$cpu" "$audit" "$csw"
     done
   done
 } >"$table"
@@ -414,7 +429,8 @@ verdict() { # value op goal -> met / NOT met
 echo
 echo "== Vigil pgbench -S: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), load before $load_before, after $load_after"
 echo "   pgbench -n -S -c $CLIENTS -j $THREADS -T $DURATION, $ROUNDS rounds interleaved, scale $scale; medians of the rounds;"
-echo "   p50/p99 over every transaction of every round (pgbench --log); CPU = utime+stime of the proxy process / transactions."
+echo "   lat avg = pgbench's average (median of rounds), p50/p99 over every transaction of every round (pgbench --log), in ms;"
+echo "   CPU = utime+stime of the proxy process / transactions (audit us: Vigil's vigil-audit thread alone); csw/tx = its context switches per transaction."
 echo "   direct-tls, pgbouncer and vigil: client leg TLS (sslmode=require); proxy->PostgreSQL leg plain; target log_statement=$target_log_statement"
 echo "   vigil $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n "$(git -C "$repo" status --porcelain -- node proto 2>/dev/null)" ]] && echo ' + local changes'), audit on (sync=write); $("$pg_bin/postgres" --version); $(/usr/sbin/pgbouncer --version | head -n 1) pool_mode=session"
 echo

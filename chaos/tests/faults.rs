@@ -17,7 +17,7 @@ fn free_port() -> u16 {
 }
 
 async fn spawn_node(files: &NodeFiles, admin_port: u16) -> Child {
-    let child = Command::new(bin("vigil-node"))
+    let mut child = Command::new(bin("vigil-node"))
         .arg("--config")
         .arg(&files.config_path)
         .stdout(Stdio::null())
@@ -33,6 +33,8 @@ async fn spawn_node(files: &NodeFiles, admin_port: u16) -> Child {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("vigil-node did not become ready");
 }
 
@@ -272,6 +274,14 @@ async fn t51_full_disk_refuses_before_the_target_and_loses_nothing() {
         "the session stays usable"
     );
     refused.push(marker);
+    let ready = reqwest::get(format!("http://{}/readyz", node.node.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "a node that cannot record is not ready"
+    );
 
     phase("space comes back: the same session works, the refusals are on record");
     disk.free();

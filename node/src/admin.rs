@@ -1,6 +1,7 @@
 //! The admin endpoints: `/metrics` (Prometheus text), `/healthz` (the process runs) and
-//! `/readyz` (the node can authenticate clients).
+//! `/readyz` (the node can authenticate clients and record what they do).
 
+use crate::audit::AuditLog;
 use crate::identity::TokenVerifier;
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub verifier: Arc<TokenVerifier>,
+    pub audit: AuditLog,
 }
 
 pub async fn serve(
@@ -46,12 +48,17 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.verifier.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !state.verifier.is_ready() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: identity provider keys not loaded\n",
         )
+    } else if !state.audit.is_healthy() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the audit log cannot be written\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }

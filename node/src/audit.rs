@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +62,8 @@ pub struct AuditLog {
     stream: Arc<str>,
     node: Arc<str>,
     path: Arc<Path>,
+    /// False while the last write failed (the node is not ready: it refuses statements).
+    healthy: Arc<AtomicBool>,
 }
 
 /// Now, as RFC 3339 UTC with nanoseconds.
@@ -93,11 +96,13 @@ impl AuditLog {
             .create_new(true)
             .open(&path)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let healthy = Arc::new(AtomicBool::new(true));
         let log = Self {
             tx,
             stream: stream.clone().into(),
             node: node.into(),
             path: path.clone().into(),
+            healthy: healthy.clone(),
         };
         let writer = Writer {
             file,
@@ -107,6 +112,7 @@ impl AuditLog {
             sync,
             metrics,
             backlog: VecDeque::new(),
+            healthy,
         };
         std::thread::Builder::new()
             .name("vigil-audit".into())
@@ -123,6 +129,11 @@ impl AuditLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the last write succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
     }
 
     /// A body stamped with the time, this node and the session.
@@ -198,6 +209,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Records that do not wait for their write, kept across failed writes.
     backlog: VecDeque<Body>,
+    healthy: Arc<AtomicBool>,
 }
 
 type Ack = oneshot::Sender<Result<(), AuditError>>;
@@ -296,9 +308,11 @@ impl Writer {
                 self.metrics.audit_records.inc_by(records);
                 self.metrics.audit_bytes.inc_by(buf.len() as u64);
                 self.metrics.audit_batches.inc();
+                self.healthy.store(true, Ordering::Relaxed);
             }
             Err(e) => {
                 self.metrics.audit_write_errors.inc();
+                self.healthy.store(false, Ordering::Relaxed);
                 tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing the statements it carried");
                 // Roll back: no torn record stays in the file, seq stays contiguous.
                 if let Err(e) = self.file.set_len(self.len) {

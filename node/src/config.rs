@@ -245,7 +245,8 @@ fn default_max_result_bytes() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     pub listen: SocketAddr,
-    /// Largest message accepted from a client or target, in bytes.
+    /// Largest message accepted from a client, in bytes (target messages may be up to 1 GiB,
+    /// PostgreSQL's own limit).
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
     /// PEM certificate chain and key for client TLS; generated in `<data_dir>/tls` when absent.
@@ -383,6 +384,15 @@ impl Config {
                 "must accept at least one token type",
             ));
         }
+        if id.http_timeout_secs == 0 {
+            return Err(invalid("identity.http_timeout_secs", "must be at least 1"));
+        }
+        if self.postgres.startup_timeout_secs == 0 {
+            return Err(invalid(
+                "postgres.startup_timeout_secs",
+                "must be at least 1",
+            ));
+        }
         if self.audit.max_result_bytes > 64 * 1024 * 1024 {
             return Err(invalid("audit.max_result_bytes", "must be at most 64 MiB"));
         }
@@ -417,6 +427,12 @@ impl Config {
                 return Err(invalid(
                     key("allow"),
                     "allows no one: list subjects, client_ids or groups, or set any_authenticated = true",
+                ));
+            }
+            if c.connect_timeout_secs == 0 || c.connect_timeout_secs >= pg.startup_timeout_secs {
+                return Err(invalid(
+                    key("connect_timeout_secs"),
+                    "must be at least 1 and below postgres.startup_timeout_secs",
                 ));
             }
             if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
@@ -513,6 +529,12 @@ allow = { groups = ["dba"] }
         )
         .unwrap_err();
         assert!(e.contains("HS256"), "{e}");
+    }
+
+    #[test]
+    fn the_commented_example_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vigil-node.toml");
+        Config::load(&path).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
     }
 
     #[test]

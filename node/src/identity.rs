@@ -145,7 +145,9 @@ impl TokenVerifier {
             http,
             keys: moka::future::Cache::builder()
                 .max_capacity(1024)
-                .time_to_live(Duration::from_secs(24 * 3600))
+                // Keys expire so that a key removed at the provider stops verifying; the next
+                // token signed with it triggers a (cooldown-limited) refetch.
+                .time_to_live(Duration::from_secs(3600))
                 .build(),
             fetch: Mutex::new(FetchState {
                 jwks_uri: None,
@@ -197,6 +199,8 @@ impl TokenVerifier {
         };
         self.metrics.jwks_fetches.inc();
         let set: JwkSet = self.get_json(&jwks_uri).await?;
+        // The fetched set replaces the cache: a key the provider no longer publishes is gone.
+        self.keys.invalidate_all();
         for jwk in &set.keys {
             let Some(kid) = jwk.common.key_id.clone() else {
                 continue;

@@ -124,6 +124,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     let admin_state = admin::AdminState {
         metrics: metrics.clone(),
         verifier: verifier.clone(),
+        audit: audit.clone(),
     };
     tokio::spawn(admin::serve(
         admin_listener,

@@ -5,7 +5,14 @@ use crate::audit::log_files;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use vigil_proto::record::{Kind, Record};
+use vigil_proto::record::{Kind, Outcome, Record};
+
+/// An outcome as written in records (`success`, `denied` …), `-` when absent.
+fn outcome(o: Option<Outcome>) -> String {
+    o.and_then(|o| serde_json::to_value(o).ok())
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "-".into())
+}
 use vigil_proto::verify::{Report, Verifier};
 
 /// Calls `f(file, line number, bytes)` for every line of every stream file under `path`.
@@ -76,7 +83,7 @@ pub fn list_sessions(path: &Path) -> std::io::Result<String> {
         let p = b.principal.as_deref();
         let _ = writeln!(
             out,
-            "{}  {}  {:<24} {:<20} {:<12} {:?}",
+            "{}  {}  {:<24} {:<20} {:<12} {}",
             b.session.as_deref().unwrap_or("-"),
             b.time,
             p.map(|p| p.subject.as_str()).unwrap_or("(unauthenticated)"),
@@ -85,7 +92,7 @@ pub fn list_sessions(path: &Path) -> std::io::Result<String> {
                 .as_ref()
                 .and_then(|c| c.name.as_deref())
                 .unwrap_or("-"),
-            b.outcome,
+            outcome(b.outcome),
         );
     })?;
     Ok(out)
@@ -135,7 +142,7 @@ pub fn render(records: &[Record]) -> String {
                         c.client_tls
                     );
                 }
-                let _ = writeln!(out, "  outcome     {:?}", b.outcome);
+                let _ = writeln!(out, "  outcome     {}", outcome(b.outcome));
                 if let Some(d) = &b.detail {
                     let _ = writeln!(out, "  detail      {d}");
                 }
@@ -152,9 +159,9 @@ pub fn render(records: &[Record]) -> String {
                 if let Some(resp) = &b.response {
                     let _ = writeln!(
                         out,
-                        "  -> #{} {:?} {} rows, {} bytes, {} us{}",
+                        "  -> #{} {} {} rows, {} bytes, {} us{}",
                         b.stmt.unwrap_or(0),
-                        b.outcome,
+                        outcome(b.outcome),
                         resp.rows,
                         resp.bytes,
                         b.duration_us.unwrap_or(0),
@@ -196,10 +203,10 @@ pub fn render(records: &[Record]) -> String {
             _ => {
                 let _ = writeln!(
                     out,
-                    "\n[{}] {:?} {:?} {}",
+                    "\n[{}] {:?} {} {}",
                     b.time,
                     b.kind,
-                    b.outcome,
+                    outcome(b.outcome),
                     b.detail.as_deref().unwrap_or("")
                 );
                 if let Some(q) = &b.request {

@@ -94,7 +94,8 @@ pub struct Request {
     pub statement: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub portal: Option<String>,
-    /// Bind parameters: text values as sent, binary values as `\x` hex, NULL as null.
+    /// Bind parameters: printable UTF-8 values as they are, anything else as `\x` hex, NULL as
+    /// null.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Vec<Option<String>>>,
 }
@@ -118,7 +119,8 @@ pub struct Response {
     pub bytes: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
-    /// The first rows, as text (binary values as `\x` hex), up to the configured size.
+    /// The first rows (printable UTF-8 as is, anything else as `\x` hex), up to the configured
+    /// size.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub result: Vec<Vec<Option<String>>>,
     /// True when `result` holds fewer rows than came back.

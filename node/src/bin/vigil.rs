@@ -110,7 +110,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 );
                 Ok(ExitCode::SUCCESS)
             } else {
-                println!("FAILED: {} problems", report.failures.len());
+                println!("FAILED: {} problem(s)", report.failures.len());
                 Ok(ExitCode::FAILURE)
             }
         }

@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn frames_split_only_when_complete() {
-        let mut buf = BytesMut::from(&b"Q\0\0\0\x09SELECT"[..]);
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x0bSELECT"[..]);
         assert_eq!(split_frame(&mut buf, 1024), Ok(None));
         buf.extend_from_slice(b"\0X");
         let f = split_frame(&mut buf, 1024).unwrap().unwrap();

@@ -148,7 +148,10 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         end,
         stmts.load(Ordering::Relaxed)
     ));
-    body.outcome = Some(Outcome::Success);
+    body.outcome = Some(match end {
+        End::ClientTerminated | End::ClientClosed => Outcome::Success,
+        End::TargetClosed | End::ClientProtocol(_) | End::TargetProtocol(_) => Outcome::Error,
+    });
     ctx.audit.record(body);
     tracing::info!(%end, "session ended");
 }

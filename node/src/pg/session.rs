@@ -320,7 +320,8 @@ async fn handshake(
         tracing::warn!(target = %target.display, error = %crate::error_chain(&e), "cannot open the target connection");
         Refusal::Deny {
             sqlstate: "08001",
-            message: format!("the gateway cannot open connection {database:?}: {e}"),
+            // The cause (which may name the gateway's own login) goes to the node's log only.
+            message: format!("the gateway cannot open connection {database:?}; see the gateway log"),
             outcome: Outcome::Error,
             principal: Some(principal.clone()),
         }
