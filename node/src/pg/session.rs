@@ -375,33 +375,34 @@ fn allowed(rule: &AccessRule, p: &Principal) -> bool {
         || p.groups.iter().any(|g| rule.groups.contains(g))
 }
 
+/// Routes a CancelRequest. Like every request, it is on record before the target sees it.
 async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
     let mut body = ctx.audit.body(None, Kind::Cancel);
     body.connection = Some(Arc::new(conn.clone()));
-    match ctx.cancels.lookup(pid, secret) {
-        Some(entry) => {
-            ctx.metrics.cancel_requests.inc();
-            body.session = Some(entry.session.clone());
-            body.outcome = Some(
-                match entry
-                    .target
-                    .cancel(entry.backend_pid, entry.backend_secret)
-                    .await
-                {
-                    Ok(()) => Outcome::Success,
-                    Err(e) => {
-                        body.detail = Some(e.to_string());
-                        Outcome::Error
-                    }
-                },
-            );
-        }
-        None => {
-            body.outcome = Some(Outcome::Denied);
-            body.detail = Some("no session holds this cancel key".into());
-        }
+    let Some(entry) = ctx.cancels.lookup(pid, secret) else {
+        body.outcome = Some(Outcome::Denied);
+        body.detail = Some("no session holds this cancel key".into());
+        ctx.audit.record(body);
+        return;
+    };
+    body.session = Some(entry.session.clone());
+    body.outcome = Some(Outcome::Success);
+    body.detail = Some("forwarded to the target".into());
+    if let Err(e) = ctx.audit.append(body.clone()).await {
+        tracing::warn!(error = %e, "cancel not forwarded: its audit record cannot be written");
+        return;
     }
-    ctx.audit.record(body);
+    ctx.metrics.cancel_requests.inc();
+    if let Err(e) = entry
+        .target
+        .cancel(entry.backend_pid, entry.backend_secret)
+        .await
+    {
+        body.time = crate::audit::now_rfc3339();
+        body.outcome = Some(Outcome::Error);
+        body.detail = Some(format!("forwarding failed: {e}"));
+        ctx.audit.record(body);
+    }
 }
 
 #[cfg(test)]
