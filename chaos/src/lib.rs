@@ -216,6 +216,8 @@ pub struct NodeOptions {
     pub jwks_refresh_cooldown_secs: u64,
     pub admin_port: u16,
     pub pg_port: u16,
+    /// `tls` of the target connection (`disable`, `require`, `verify-full`).
+    pub target_tls: &'static str,
 }
 
 impl Default for NodeOptions {
@@ -229,6 +231,7 @@ impl Default for NodeOptions {
             jwks_refresh_cooldown_secs: 30,
             admin_port: 0,
             pg_port: 0,
+            target_tls: "disable",
         }
     }
 }
@@ -261,6 +264,11 @@ impl NodeFiles {
         };
         let pw = dir.path().join("target-password");
         std::fs::write(&pw, format!("{password}\n")).unwrap();
+        let ca = if opts.target_tls == "verify-full" {
+            format!("ca_file = \"{}\"", e.get("VIGIL_PG_CA_CERT"))
+        } else {
+            String::new()
+        };
         let audit_dir = opts
             .audit_dir
             .clone()
@@ -299,6 +307,8 @@ port = {port}
 database = "{db}"
 user = "{user}"
 password = {{ file = "{pw}" }}
+tls = "{target_tls}"
+{ca}
 allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 "#,
             suffix = random_suffix(),
@@ -315,6 +325,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             host = e.get("VIGIL_PG_HOST"),
             port = e.get("VIGIL_PG_PORT"),
             pw = pw.display(),
+            target_tls = opts.target_tls,
         );
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, config).unwrap();

@@ -510,3 +510,24 @@ async fn t18_unknown_connection_and_access_rules() {
     assert_eq!(alice_rec.token_type, "id_token");
     assert_eq!(alice_rec.groups, vec!["dba", "approvers"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t19_tls_to_the_target() {
+    let token = agent_token().await;
+    for mode in ["require", "verify-full"] {
+        let node = TestNode::start(NodeOptions {
+            target_tls: mode,
+            ..NodeOptions::default()
+        })
+        .await;
+        let (client, _c) = node.client(&token).await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(0), "{mode}: the target leg is encrypted");
+    }
+}

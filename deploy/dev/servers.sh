@@ -27,7 +27,7 @@ pg_dir="$dev_dir/pg"
 pg_data="$pg_dir/data"
 pg_sock="$pg_dir/sock"
 pg_log="$pg_dir/postgres.log"
-pg_cert="$pg_dir/server.crt"
+pg_cert="$pg_dir/ca.crt"  # the CA that signed the target's certificate
 
 oidc_dir="$dev_dir/oidc"
 oidc_key="$oidc_dir/signing-key.pem"
@@ -155,12 +155,20 @@ pg_init() {
   fi
   rm -f "$pwfile"
 
-  # self-signed TLS certificate for the target
-  if ! openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
-      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-      -keyout "$pg_data/server.key" -out "$pg_data/server.crt" >"$pg_dir/openssl.log" 2>&1; then
+  # TLS for the target: a private CA and a server certificate it signs (a self-signed CA
+  # certificate used directly as the server's is refused by strict verifiers: CaUsedAsEndEntity)
+  if ! {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Vigil dev CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout "$pg_dir/ca.key" -out "$pg_dir/ca.crt" &&
+    openssl req -new -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+      -keyout "$pg_data/server.key" -out "$pg_dir/server.csr" &&
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$pg_dir/server.ext" &&
+    openssl x509 -req -in "$pg_dir/server.csr" -CA "$pg_dir/ca.crt" -CAkey "$pg_dir/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$pg_dir/server.ext" -out "$pg_data/server.crt"
+  } >"$pg_dir/openssl.log" 2>&1; then
     show_log "$pg_dir/openssl.log"
-    die "openssl could not create the PostgreSQL server certificate"
+    die "openssl could not create the PostgreSQL CA and server certificate"
   fi
   chown postgres:postgres "$pg_data/server.key" "$pg_data/server.crt"
   chmod 600 "$pg_data/server.key"
@@ -253,7 +261,6 @@ EOF
       || { show_log "$pg_dir/pgbench-init.log"; die "pgbench -i failed"; }
   fi
 
-  cp "$pg_data/server.crt" "$pg_cert"
   chmod 644 "$pg_cert"
 }
 

@@ -6,8 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 deploy/dev/setup.sh
+# Fresh servers in a fresh state directory for every run, removed afterwards.
+if [[ -z "${VIGIL_DEV_DIR:-}" ]]; then
+  VIGIL_DEV_DIR=$(mktemp -d /tmp/vigil-test.XXXXXX)
+  chmod 755 "$VIGIL_DEV_DIR"
+  rmdir "$VIGIL_DEV_DIR"  # servers.sh creates it (and marks it as its own)
+  export VIGIL_DEV_DIR
+fi
 deploy/dev/servers.sh start
-trap 'deploy/dev/servers.sh stop' EXIT
+trap 'deploy/dev/servers.sh clean' EXIT
 
 # The end-to-end tests run the `vigil-node` and `vigil` binaries as child processes.
 cargo build --workspace --bins

@@ -201,3 +201,28 @@ impl ServerCertVerifier for NoVerify {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_certificate_is_persisted_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        server_config(None, None, dir.path()).unwrap();
+        let first = std::fs::read(dir.path().join("cert.pem")).unwrap();
+        server_config(None, None, dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("cert.pem")).unwrap(), first);
+    }
+
+    #[test]
+    fn missing_or_empty_pem_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = server_config(Some(&empty), Some(&empty), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+        let e = verifying_client_config(Some(&dir.path().join("nope.pem"))).unwrap_err();
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+    }
+}

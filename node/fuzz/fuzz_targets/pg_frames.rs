@@ -1,0 +1,34 @@
+//! Client and target bytes through the frame splitter and every message parser: errors are
+//! fine, panics and unbounded allocations are not.
+#![no_main]
+
+use bytes::BytesMut;
+use libfuzzer_sys::fuzz_target;
+use vigil_node::pg::{codec, messages};
+
+const MAX: usize = 1 << 16;
+
+fuzz_target!(|data: &[u8]| {
+    let mut startup = BytesMut::from(data);
+    if let Ok(Some(packet)) = codec::split_startup(&mut startup, MAX) {
+        if packet.len() >= 4 {
+            let _ = messages::Startup::parse(&packet[4..]);
+        }
+    }
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(frame)) = codec::split_frame(&mut buf, MAX) {
+        let body = frame.body();
+        let _ = messages::parse_query(&body);
+        let _ = messages::parse_parse(&body);
+        let _ = messages::parse_bind(&body);
+        let _ = messages::parse_execute(&body);
+        let _ = messages::parse_target(&body, "Describe");
+        let _ = messages::parse_row_description(&body);
+        if let Ok(values) = messages::parse_data_row(&body) {
+            for v in values.into_iter().flatten() {
+                let _ = messages::display_value(v);
+            }
+        }
+        let _ = messages::parse_error_fields(&body);
+    }
+});
