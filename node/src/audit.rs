@@ -1,13 +1,13 @@
-//! The local audit log: one append-only file per stream (one gateway process lifetime), written
-//! by a dedicated thread with group commit.
+//! The local audit log: one append-only file per stream (one gateway process lifetime).
 //!
-//! Two ways in:
-//! - [`AuditLog::append`] waits until the record is written: requests use it, so a statement
-//!   reaches the target only after its record is in the log. If the write fails, the caller
-//!   gets the error and refuses the statement.
-//! - [`AuditLog::record`] does not wait (responses, session ends, refusals). Such a record is
-//!   never dropped: when a write fails it stays queued, in order, and goes out with the next
-//!   batch that succeeds.
+//! Records are sealed into the chain and written by the session task itself, under a mutex,
+//! before it goes on: a request's record is in the file (`write(2)` returned) before the
+//! statement is forwarded, with no thread hop on the hot path. Two ways in:
+//! - [`AuditLog::append`] reports failure: requests use it, and a statement whose record cannot
+//!   be written is refused before it reaches the target.
+//! - [`AuditLog::record`] cannot fail (responses, session ends, refusals): such a record is
+//!   never dropped; when a write fails it stays queued, in order, and goes out with the next
+//!   write that succeeds (a background task retries every 100 ms).
 //!
 //! A failed write is rolled back (file truncated to its last good length, chain state restored),
 //! so the file never holds a torn record and seq stays contiguous.
@@ -19,19 +19,17 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vigil_proto::chain::Chain;
 use vigil_proto::record::{Body, Kind};
 
 /// File name suffix of stream files.
 pub const LOG_SUFFIX: &str = ".jsonl";
 
-/// Records queued for retry are bounded; past this the oldest would have to be dropped, which is
-/// counted and logged (the drop path the tests keep at zero).
+/// Records queued for retry are bounded; past this the oldest are dropped, which is counted
+/// and logged (the drop path the tests keep at zero).
 const MAX_BACKLOG: usize = 1_000_000;
-const MAX_BATCH: usize = 4096;
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum AuditError {
@@ -41,29 +39,20 @@ pub enum AuditError {
     Closed,
 }
 
-enum Cmd {
-    Append {
-        body: Box<Body>,
-        ack: Option<oneshot::Sender<Result<(), AuditError>>>,
-    },
-    /// Answered once everything queued before it has been written (or has failed).
-    Flush {
-        done: oneshot::Sender<()>,
-    },
-    Close {
-        done: oneshot::Sender<()>,
-    },
-}
-
 /// A handle to the node's audit stream. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Cmd>,
-    stream: Arc<str>,
-    node: Arc<str>,
-    path: Arc<Path>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    stream: String,
+    node: String,
+    path: PathBuf,
+    writer: Mutex<Writer>,
     /// False while the last write failed (the node is not ready: it refuses statements).
-    healthy: Arc<AtomicBool>,
+    healthy: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 /// Now, as RFC 3339 UTC with nanoseconds.
@@ -77,7 +66,8 @@ pub fn now_rfc3339() -> String {
 }
 
 impl AuditLog {
-    /// Opens a new stream file in `dir` and starts the writer thread.
+    /// Opens a new stream file in `dir`, writes `stream_start` and starts the retry task.
+    /// Must be called inside a tokio runtime.
     pub fn open(
         dir: &Path,
         node: &str,
@@ -95,52 +85,60 @@ impl AuditLog {
             .append(true)
             .create_new(true)
             .open(&path)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let healthy = Arc::new(AtomicBool::new(true));
         let log = Self {
-            tx,
-            stream: stream.clone().into(),
-            node: node.into(),
-            path: path.clone().into(),
-            healthy: healthy.clone(),
+            inner: Arc::new(Inner {
+                stream: stream.clone(),
+                node: node.into(),
+                path,
+                writer: Mutex::new(Writer {
+                    file,
+                    len: 0,
+                    chain: Chain::new(stream),
+                    sync,
+                    backlog: VecDeque::new(),
+                    closed: false,
+                    buf: Vec::with_capacity(64 * 1024),
+                }),
+                healthy: AtomicBool::new(true),
+                metrics,
+            }),
         };
-        let writer = Writer {
-            file,
-            path,
-            len: 0,
-            chain: Chain::new(stream),
-            sync,
-            metrics,
-            backlog: VecDeque::new(),
-            healthy,
-        };
-        std::thread::Builder::new()
-            .name("vigil-audit".into())
-            .spawn(move || writer.run(rx))?;
         let mut start = log.body(None, Kind::StreamStart);
         start.detail = Some(format!("vigil-node {}", env!("CARGO_PKG_VERSION")));
         log.record(start);
+        let weak = Arc::downgrade(&log.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let mut w = inner.lock();
+                if !w.backlog.is_empty() && !w.closed {
+                    let _ = inner.write(&mut w, None);
+                }
+            }
+        });
         Ok(log)
     }
 
     pub fn stream(&self) -> &str {
-        &self.stream
+        &self.inner.stream
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// Whether the last write succeeded.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.inner.healthy.load(Ordering::Relaxed)
     }
 
     /// A body stamped with the time, this node and the session.
     pub fn body(&self, session: Option<&str>, kind: Kind) -> Body {
         Body {
             time: now_rfc3339(),
-            node: self.node.to_string(),
+            node: self.inner.node.clone(),
             session: session.map(str::to_string),
             kind,
             principal: None,
@@ -155,185 +153,119 @@ impl AuditLog {
         }
     }
 
-    /// Appends and waits until the record is written.
-    pub async fn append(&self, body: Body) -> Result<(), AuditError> {
-        let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Cmd::Append {
-                body: Box::new(body),
-                ack: Some(ack),
-            })
-            .map_err(|_| AuditError::Closed)?;
-        done.await.map_err(|_| AuditError::Closed)?
+    /// Writes the record now; an error means it is not in the log.
+    pub fn append(&self, body: &Body) -> Result<(), AuditError> {
+        let mut w = self.inner.lock();
+        if w.closed {
+            return Err(AuditError::Closed);
+        }
+        self.inner.write(&mut w, Some(body))
     }
 
-    /// Appends without waiting; the record is kept until it is written.
+    /// Writes the record now, or keeps it until a write succeeds.
     pub fn record(&self, body: Body) {
-        if self
-            .tx
-            .send(Cmd::Append {
-                body: Box::new(body),
-                ack: None,
-            })
-            .is_err()
-        {
-            tracing::error!("audit record after the log was closed");
+        let mut w = self.inner.lock();
+        if w.closed {
+            tracing::error!(kind = ?body.kind, "audit record after the log was closed");
+            self.inner.metrics.audit_dropped_records.inc();
+            return;
         }
+        w.backlog.push_back(body);
+        let _ = self.inner.write(&mut w, None);
     }
 
-    /// Waits until every record queued so far has been through a write attempt.
-    pub async fn flush(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Cmd::Flush { done }).is_ok() {
-            let _ = wait.await;
-        }
-    }
-
-    /// Writes the `stream_end` record, flushes and stops the writer.
-    pub async fn close(&self) {
+    /// Writes the `stream_end` record, syncs the file and refuses further records.
+    pub fn close(&self) {
         self.record(self.body(None, Kind::StreamEnd));
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Cmd::Close { done }).is_ok() {
-            let _ = wait.await;
+        let mut w = self.inner.lock();
+        if !w.backlog.is_empty() {
+            tracing::error!(
+                records = w.backlog.len(),
+                "audit log closed with unwritten records"
+            );
+            self.inner
+                .metrics
+                .audit_dropped_records
+                .inc_by(w.backlog.len() as u64);
+        }
+        let _ = w.file.sync_all();
+        w.closed = true;
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the lock cannot leave a torn record (writes are rolled back),
+        // so the state is still consistent.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the backlog, then `body`, in one `write(2)`. On failure everything is rolled
+    /// back: `body` is not in the log (the caller refuses its statement), the backlog is kept.
+    fn write(&self, w: &mut Writer, body: Option<&Body>) -> Result<(), AuditError> {
+        let before = w.chain.clone();
+        let Writer {
+            chain,
+            backlog,
+            buf,
+            ..
+        } = w;
+        buf.clear();
+        let mut records = 0u64;
+        for b in backlog.iter().chain(body) {
+            buf.extend_from_slice(&chain.seal(b));
+            buf.push(b'\n');
+            records += 1;
+        }
+        if records == 0 {
+            return Ok(());
+        }
+        match w.write_buf() {
+            Ok(()) => {
+                w.len += w.buf.len() as u64;
+                w.backlog.clear();
+                let m = &self.metrics;
+                m.audit_records.inc_by(records);
+                m.audit_bytes.inc_by(w.buf.len() as u64);
+                m.audit_batches.inc();
+                self.healthy.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.audit_write_errors.inc();
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing statements until it succeeds");
+                }
+                if let Err(e) = w.file.set_len(w.len) {
+                    tracing::error!(error = %e, "cannot truncate the audit log after a failed write");
+                }
+                w.chain = before;
+                while w.backlog.len() > MAX_BACKLOG {
+                    w.backlog.pop_front();
+                    self.metrics.audit_dropped_records.inc();
+                }
+                Err(AuditError::Write(e.to_string()))
+            }
         }
     }
 }
 
 struct Writer {
     file: File,
-    path: PathBuf,
     /// Length of the file up to the last good record.
     len: u64,
     chain: Chain,
     sync: SyncMode,
-    metrics: Arc<Metrics>,
-    /// Records that do not wait for their write, kept across failed writes.
+    /// Records that do not report failure, kept across failed writes.
     backlog: VecDeque<Body>,
-    healthy: Arc<AtomicBool>,
+    closed: bool,
+    /// Reused serialisation buffer.
+    buf: Vec<u8>,
 }
 
-type Ack = oneshot::Sender<Result<(), AuditError>>;
-
 impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        let mut acks: Vec<Ack> = Vec::new();
-        let mut waiting: Vec<Body> = Vec::new();
-        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-        loop {
-            let mut close = None;
-            if self.backlog.is_empty() {
-                // Nothing to retry: sleep until a command arrives.
-                match rx.blocking_recv() {
-                    Some(cmd) => close = self.take(cmd, &mut waiting, &mut acks, &mut flushes),
-                    None => return,
-                }
-            } else {
-                // The last write failed: retry shortly, with whatever arrived meanwhile.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            while close.is_none() && waiting.len() + self.backlog.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(cmd) => close = self.take(cmd, &mut waiting, &mut acks, &mut flushes),
-                    Err(_) => break,
-                }
-            }
-            self.write_batch(&mut waiting, &mut acks);
-            for done in flushes.drain(..) {
-                let _ = done.send(());
-            }
-            if let Some(done) = close {
-                if !self.backlog.is_empty() {
-                    tracing::error!(
-                        records = self.backlog.len(),
-                        "audit log closed with unwritten records"
-                    );
-                }
-                let _ = self.file.sync_all();
-                let _ = done.send(());
-                return;
-            }
-        }
-    }
-
-    /// Sorts one command into the batch; returns the closer when it asks to close.
-    fn take(
-        &mut self,
-        cmd: Cmd,
-        waiting: &mut Vec<Body>,
-        acks: &mut Vec<Ack>,
-        flushes: &mut Vec<oneshot::Sender<()>>,
-    ) -> Option<oneshot::Sender<()>> {
-        match cmd {
-            Cmd::Append {
-                body,
-                ack: Some(ack),
-            } => {
-                waiting.push(*body);
-                acks.push(ack);
-                None
-            }
-            Cmd::Append { body, ack: None } => {
-                self.backlog.push_back(*body);
-                None
-            }
-            Cmd::Flush { done } => {
-                flushes.push(done);
-                None
-            }
-            Cmd::Close { done } => Some(done),
-        }
-    }
-
-    /// Writes the backlog, then the waiting records, in one `write(2)`.
-    fn write_batch(&mut self, waiting: &mut Vec<Body>, acks: &mut Vec<Ack>) {
-        if waiting.is_empty() && self.backlog.is_empty() {
-            return;
-        }
-        let before = self.chain.clone();
-        let mut buf = Vec::with_capacity(512 * (waiting.len() + self.backlog.len()));
-        let mut records = 0u64;
-        for body in self.backlog.iter().chain(waiting.iter()) {
-            buf.extend_from_slice(&self.chain.seal(body));
-            buf.push(b'\n');
-            records += 1;
-        }
-        match self.write_all(&buf) {
-            Ok(()) => {
-                self.len += buf.len() as u64;
-                self.backlog.clear();
-                waiting.clear();
-                for a in acks.drain(..) {
-                    let _ = a.send(Ok(()));
-                }
-                self.metrics.audit_records.inc_by(records);
-                self.metrics.audit_bytes.inc_by(buf.len() as u64);
-                self.metrics.audit_batches.inc();
-                self.healthy.store(true, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.metrics.audit_write_errors.inc();
-                self.healthy.store(false, Ordering::Relaxed);
-                tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing the statements it carried");
-                // Roll back: no torn record stays in the file, seq stays contiguous.
-                if let Err(e) = self.file.set_len(self.len) {
-                    tracing::error!(error = %e, "cannot truncate the audit log after a failed write");
-                }
-                self.chain = before;
-                let err = AuditError::Write(e.to_string());
-                waiting.clear();
-                for a in acks.drain(..) {
-                    let _ = a.send(Err(err.clone()));
-                }
-                while self.backlog.len() > MAX_BACKLOG {
-                    self.backlog.pop_front();
-                    self.metrics.audit_dropped_records.inc();
-                }
-            }
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(buf)?;
+    fn write_buf(&mut self) -> std::io::Result<()> {
+        self.file.write_all(&self.buf)?;
         if self.sync == SyncMode::Fsync {
             self.file.sync_data()?;
         }

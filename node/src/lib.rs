@@ -145,7 +145,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     let audit_handle = audit.clone();
     let served = tokio::spawn(async move {
         pg::serve(pg_listener, ctx, wait_for(stop_rx)).await;
-        audit.close().await;
+        audit.close();
     });
     tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), "vigil-node started");
     Ok(RunningNode {

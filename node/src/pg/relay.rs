@@ -259,7 +259,7 @@ impl ClientHalf {
                     text: text.to_string(),
                     ..Request::default()
                 };
-                if let Some(unit) = self.audit_request(request).await {
+                if let Some(unit) = self.audit_request(request) {
                     self.expect(Pending::Query(unit));
                     out.extend_from_slice(&frame.raw);
                 } else {
@@ -301,7 +301,7 @@ impl ClientHalf {
                     portal: Some(portal.to_string()),
                     params: Some(params),
                 };
-                if let Some(mut unit) = self.audit_request(request).await {
+                if let Some(mut unit) = self.audit_request(request) {
                     unit.statement = Some(statement);
                     unit.portal = Some(portal.to_string());
                     self.expect(Pending::Execute(unit));
@@ -380,12 +380,12 @@ impl ClientHalf {
 
     /// Writes a request record and waits until it is in the log. `None` means it could not be
     /// written and the statement must not reach the target.
-    async fn audit_request(&mut self, request: Request) -> Option<Unit> {
+    fn audit_request(&mut self, request: Request) -> Option<Unit> {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
         rec.stmt = Some(stmt);
-        rec.request = Some(request.clone());
-        match self.ctx.audit.append(rec).await {
+        rec.request = Some(request);
+        match self.ctx.audit.append(&rec) {
             Ok(()) => Some(Unit {
                 stmt,
                 request: None,
@@ -397,9 +397,8 @@ impl ClientHalf {
                 self.ctx.metrics.audit_refused_statements.inc();
                 tracing::warn!(error = %e, "statement refused: its audit record cannot be written");
                 // The refusal is recorded too; the log keeps it until it can be written.
-                let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
-                rec.stmt = Some(stmt);
-                rec.request = Some(request);
+                rec.kind = Kind::Blocked;
+                rec.time = crate::audit::now_rfc3339();
                 rec.outcome = Some(Outcome::Error);
                 rec.detail = Some(format!("refused before the target: {e}"));
                 self.ctx.audit.record(rec);

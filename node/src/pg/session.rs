@@ -336,7 +336,7 @@ async fn handshake(
     // The session is on record before the client may send its first statement.
     let mut body = session.body(&ctx.audit, Kind::SessionStart);
     body.outcome = Some(Outcome::Success);
-    ctx.audit.append(body).await.map_err(|e| Refusal::Deny {
+    ctx.audit.append(&body).map_err(|e| Refusal::Deny {
         sqlstate: "58030",
         message: format!("the gateway cannot record this session: {e}"),
         outcome: Outcome::Error,
@@ -388,7 +388,7 @@ async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
     body.session = Some(entry.session.clone());
     body.outcome = Some(Outcome::Success);
     body.detail = Some("forwarded to the target".into());
-    if let Err(e) = ctx.audit.append(body.clone()).await {
+    if let Err(e) = ctx.audit.append(&body) {
         tracing::warn!(error = %e, "cancel not forwarded: its audit record cannot be written");
         return;
     }
