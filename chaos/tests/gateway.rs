@@ -531,3 +531,57 @@ async fn t19_tls_to_the_target() {
         assert!(row.get::<_, bool>(0), "{mode}: the target leg is encrypted");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t1a_large_results_are_truncated_with_a_digest_of_the_rest() {
+    use sha2::{Digest, Sha256};
+    let node = TestNode::start(NodeOptions {
+        max_result_bytes: 200,
+        ..NodeOptions::default()
+    })
+    .await;
+    let (client, _c) = node.client(&agent_token().await).await.unwrap();
+    let sql = "SELECT id::text, email FROM customers ORDER BY id";
+    let rows: Vec<(String, String)> = client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((r.get(0).unwrap().to_string(), r.get(1).unwrap().to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), 50);
+    let records = node.records().await;
+    let resp = of_kind(&records, Kind::Response)
+        .into_iter()
+        .find(|r| r.body.response.as_ref().unwrap().rows == 50)
+        .expect("the response record")
+        .body
+        .response
+        .clone()
+        .unwrap();
+    assert!(resp.truncated);
+    let kept = resp.result.len();
+    assert!(kept > 0 && kept < 50, "kept {kept} rows within 200 bytes");
+    for (i, row) in resp.result.iter().enumerate() {
+        assert_eq!(row[0].as_deref(), Some(rows[i].0.as_str()));
+        assert_eq!(row[1].as_deref(), Some(rows[i].1.as_str()));
+    }
+    // The digest covers exactly the DataRow bodies that were not recorded.
+    let mut h = Sha256::new();
+    for (id, email) in &rows[kept..] {
+        h.update(2i16.to_be_bytes());
+        for v in [id, email] {
+            h.update((v.len() as i32).to_be_bytes());
+            h.update(v.as_bytes());
+        }
+    }
+    assert_eq!(
+        resp.digest.as_deref(),
+        Some(hex::encode(h.finalize()).as_str())
+    );
+}

@@ -185,7 +185,7 @@ pub fn render(records: &[Record]) -> String {
                     if resp.truncated {
                         let _ = writeln!(
                             out,
-                            "     … truncated; sha256 of all rows {}",
+                            "     … truncated; sha256 of the remaining rows {}",
                             resp.digest.as_deref().unwrap_or("-")
                         );
                     }

@@ -126,7 +126,8 @@ pub struct Response {
     /// True when `result` holds fewer rows than came back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
-    /// Hex SHA-256 over every DataRow body, present when `truncated`.
+    /// Hex SHA-256 over the bodies of the DataRows not recorded in `result` (in order), present
+    /// when `truncated`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

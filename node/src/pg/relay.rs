@@ -693,10 +693,11 @@ impl TargetHalf {
                 acc.response
                     .result
                     .push(values.into_iter().map(|v| v.map(display_value)).collect());
+                return;
             }
-        } else {
-            acc.response.truncated = true;
         }
+        // Rows past the limit are not recorded one by one; their digest is.
+        acc.response.truncated = true;
         acc.hasher.get_or_insert_with(Sha256::new).update(&body[..]);
     }
 
@@ -705,9 +706,7 @@ impl TargetHalf {
         let mut acc = std::mem::take(&mut self.acc);
         let copy_in = self.copy_in.swap(0, Ordering::Relaxed);
         acc.response.bytes += acc.copy_out + copy_in;
-        if acc.response.truncated {
-            acc.response.digest = acc.hasher.map(|h| hex::encode(h.finalize()));
-        }
+        acc.response.digest = acc.hasher.map(|h| hex::encode(h.finalize()));
         if acc.response.columns.is_empty() {
             let portal = unit.portal.as_ref().map(|p| (b'P', p.clone()));
             let stmt = unit.statement.as_ref().map(|s| (b'S', s.clone()));
