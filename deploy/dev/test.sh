@@ -18,4 +18,12 @@ trap 'deploy/dev/servers.sh clean' EXIT
 
 # The end-to-end tests run the `vigil-node` and `vigil` binaries as child processes.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+log=$(mktemp)
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary: "N passed, N failed".
+summary=$(awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed", p, f }' "$log")
+rm -f "$log"
+if [[ -n "${VIGIL_TEST_SUMMARY:-}" ]]; then echo "$summary" > "$VIGIL_TEST_SUMMARY"; fi
+echo "Tests: $summary"
+exit "$status"
