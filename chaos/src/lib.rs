@@ -218,6 +218,10 @@ pub struct NodeOptions {
     pub pg_port: u16,
     /// `tls` of the target connection (`disable`, `require`, `verify-full`).
     pub target_tls: &'static str,
+    /// Keys for the `app` connection, added after its `allow` line (`read_only = true` …).
+    pub connection_extra: &'static str,
+    /// TOML appended to the config (a `[policy]` section …).
+    pub extra: &'static str,
 }
 
 impl Default for NodeOptions {
@@ -232,6 +236,8 @@ impl Default for NodeOptions {
             admin_port: 0,
             pg_port: 0,
             target_tls: "disable",
+            connection_extra: "",
+            extra: "",
         }
     }
 }
@@ -310,6 +316,9 @@ password = {{ file = "{pw}" }}
 tls = "{target_tls}"
 {ca}
 allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
+{connection_extra}
+
+{extra}
 "#,
             suffix = random_suffix(),
             data = dir.path().display(),
@@ -326,6 +335,8 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             port = e.get("VIGIL_PG_PORT"),
             pw = pw.display(),
             target_tls = opts.target_tls,
+            connection_extra = opts.connection_extra,
+            extra = opts.extra,
         );
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, config).unwrap();

@@ -42,6 +42,9 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     pub postgres: PostgresConfig,
+    /// Guardrails (docs/policy.md).
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -302,6 +305,9 @@ pub struct PgConnectionConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// Only reads, transaction control and harmless settings pass (rule `read-only`).
+    #[serde(default)]
+    pub read_only: bool,
     pub allow: AccessRule,
 }
 
@@ -325,6 +331,18 @@ pub struct AccessRule {
     /// Every verified principal may connect.
     #[serde(default)]
     pub any_authenticated: bool,
+}
+
+impl AccessRule {
+    /// Whether the principal matches any list (or the rule admits every verified principal).
+    pub fn allows(&self, p: &vigil_proto::record::Principal) -> bool {
+        self.any_authenticated
+            || self.subjects.contains(&p.subject)
+            || p.client_id
+                .as_ref()
+                .is_some_and(|c| self.client_ids.contains(c))
+            || p.groups.iter().any(|g| self.groups.contains(g))
+    }
 }
 
 /// A connection with its secret resolved, ready for use.
@@ -411,6 +429,30 @@ impl Config {
                 "postgres.connections",
                 "at least one connection is needed",
             ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, rule) in self.policy.rules.iter().enumerate() {
+            let reserved = [
+                "default",
+                "parse-error",
+                "read-only",
+                "function-call",
+                "startup-options",
+            ];
+            if rule.id.is_empty() || reserved.contains(&rule.id.as_str()) || !ids.insert(&rule.id) {
+                return Err(invalid(
+                    format!("policy.rules[{i}].id"),
+                    "must be non-empty, unique and not a reserved rule name",
+                ));
+            }
+            for c in &rule.connections {
+                if !pg.connections.iter().any(|x| &x.name == c) {
+                    return Err(invalid(
+                        format!("policy.rules[{i}].connections"),
+                        format!("no connection named {c:?}"),
+                    ));
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, c) in pg.connections.iter().enumerate() {
@@ -535,6 +577,41 @@ allow = { groups = ["dba"] }
     fn the_commented_example_in_deploy_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vigil-node.toml");
         Config::load(&path).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
+    }
+
+    #[test]
+    fn access_rules_match_subject_client_or_group() {
+        let p = vigil_proto::record::Principal {
+            subject: "s".into(),
+            client_id: Some("c".into()),
+            groups: vec!["g".into()],
+            ..Default::default()
+        };
+        let rule = |f: fn(&mut AccessRule)| {
+            let mut r = AccessRule::default();
+            f(&mut r);
+            r
+        };
+        assert!(!AccessRule::default().allows(&p));
+        assert!(rule(|r| r.subjects = vec!["s".into()]).allows(&p));
+        assert!(rule(|r| r.client_ids = vec!["c".into()]).allows(&p));
+        assert!(rule(|r| r.groups = vec!["x".into(), "g".into()]).allows(&p));
+        assert!(!rule(|r| r.groups = vec!["x".into()]).allows(&p));
+        assert!(rule(|r| r.any_authenticated = true).allows(&p));
+    }
+
+    #[test]
+    fn policy_rules_are_checked() {
+        let dup = format!("{GOOD}\n[[policy.rules]]\nid = \"a\"\naction = \"block\"\n[[policy.rules]]\nid = \"a\"\naction = \"allow\"\n");
+        assert!(parse(&dup).unwrap_err().contains("policy.rules[1].id"));
+        let conn = format!(
+            "{GOOD}\n[[policy.rules]]\nid = \"a\"\naction = \"block\"\nconnections = [\"nope\"]\n"
+        );
+        assert!(parse(&conn)
+            .unwrap_err()
+            .contains("policy.rules[0].connections"));
+        let flag = format!("{GOOD}\n[[policy.rules]]\nid = \"a\"\naction = \"block\"\nflags = [\"delete_everything\"]\n");
+        assert!(parse(&flag).unwrap_err().contains("delete_everything"));
     }
 
     #[test]

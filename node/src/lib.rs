@@ -9,6 +9,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod pg;
+pub mod policy;
 pub mod replay;
 pub mod secret;
 pub mod tls;
@@ -140,6 +141,8 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         metrics: metrics.clone(),
         cancels: pg::cancel::CancelRegistry::default(),
         max_result_bytes: config.audit.max_result_bytes,
+        policy: policy::Policy::new(config.policy.clone()),
+        classifier: policy::Classifier::default(),
     });
     let audit_path = audit.path().to_path_buf();
     let audit_handle = audit.clone();

@@ -29,6 +29,8 @@ pub struct PgContext {
     pub metrics: Arc<Metrics>,
     pub cancels: cancel::CancelRegistry,
     pub max_result_bytes: usize,
+    pub policy: Arc<crate::policy::Policy>,
+    pub classifier: crate::policy::Classifier,
 }
 
 /// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.

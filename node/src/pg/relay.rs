@@ -14,6 +14,8 @@ use super::messages::{self, display_value};
 use super::session::outcome_label;
 use super::PgContext;
 use crate::audit::AuditLog;
+use crate::policy::classify::StatementInfo;
+use crate::policy::{Action, Classification, Decision};
 use crate::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -24,8 +26,13 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use vigil_proto::record::{
-    Body, Connection, ErrorInfo, Kind, Outcome, Principal, Request, Response,
+    Body, Connection, ErrorInfo, Kind, Outcome, PolicyRef, Principal, Request, Response,
 };
+
+/// What dry-run rules would have done, for the record.
+fn dry_run_note(d: &Decision) -> Option<String> {
+    (!d.dry_run.is_empty()).then(|| format!("dry-run: {}", d.dry_run.join(", ")))
+}
 
 /// Who is on the other end, stamped on every record of the session.
 pub struct Session {
@@ -33,6 +40,8 @@ pub struct Session {
     pub principal: Arc<Principal>,
     pub conn: Arc<Connection>,
     pub started: Instant,
+    /// The connection's `read_only` setting.
+    pub read_only: bool,
 }
 
 impl Session {
@@ -50,6 +59,16 @@ pub struct Established {
     pub client_buf: BytesMut,
     pub backend: Backend,
     pub _cancel_guard: CancelGuard,
+}
+
+/// A prepared statement (protocol Parse or SQL PREPARE; they share one namespace): its text,
+/// what it does, and the decision that let it be prepared.
+#[derive(Clone)]
+struct Prepared {
+    text: Arc<str>,
+    class: Arc<Classification>,
+    policy: PolicyRef,
+    note: Option<String>,
 }
 
 /// A statement in flight: what the target half needs to write its response record.
@@ -185,8 +204,8 @@ struct ClientHalf {
     write: WriteHalf<BoxStream>,
     buf: BytesMut,
     tx: mpsc::UnboundedSender<Pending>,
-    /// Prepared statements by name (`""` is the unnamed one) → query text.
-    statements: HashMap<String, Arc<str>>,
+    /// Prepared statements by name (`""` is the unnamed one).
+    statements: HashMap<String, Prepared>,
     /// Portals by name → (statement name, bind parameters for the record).
     portals: HashMap<String, (String, Vec<Option<String>>)>,
     /// After a refused Execute the target never sees the rest of the batch up to Sync, the
@@ -259,7 +278,12 @@ impl ClientHalf {
                     text: text.to_string(),
                     ..Request::default()
                 };
-                if let Some(unit) = self.audit_request(request) {
+                let (decision, class) = self.check(text);
+                if decision.blocks() {
+                    // If one statement of the message is blocked, none runs.
+                    self.block(request, &decision, true);
+                } else if let Some(unit) = self.audit_request(request, &decision) {
+                    self.track_sql_prepares(text, &class, &decision);
                     self.expect(Pending::Query(unit));
                     out.extend_from_slice(&frame.raw);
                 } else {
@@ -268,8 +292,29 @@ impl ClientHalf {
             }
             b'P' => {
                 let (name, query) = messages::parse_parse(&body).map_err(m)?;
+                let (decision, class) = self.check(query);
+                if decision.blocks() {
+                    // A blocked statement is never prepared.
+                    let request = Request {
+                        protocol: "extended".into(),
+                        text: query.to_string(),
+                        statement: Some(name.to_string()),
+                        ..Request::default()
+                    };
+                    self.block(request, &decision, false);
+                    self.skip_until_sync = true;
+                    return Ok(None);
+                }
                 let text: Arc<str> = query.into();
-                self.statements.insert(name.to_string(), text.clone());
+                self.statements.insert(
+                    name.to_string(),
+                    Prepared {
+                        text: text.clone(),
+                        class,
+                        policy: self.ctx.policy.reference(&decision),
+                        note: dry_run_note(&decision),
+                    },
+                );
                 self.expect(Pending::Parse {
                     name: name.to_string(),
                     text,
@@ -289,11 +334,10 @@ impl ClientHalf {
             b'E' => {
                 let (portal, _max_rows) = messages::parse_execute(&body).map_err(m)?;
                 let (statement, params) = self.portals.get(portal).cloned().unwrap_or_default();
-                let text = self
-                    .statements
-                    .get(&statement)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default();
+                let prepared = self.statements.get(&statement);
+                let text = prepared.map(|p| p.text.to_string()).unwrap_or_default();
+                // The decision was made when the statement was prepared.
+                let decision = prepared.map(|p| (p.policy.clone(), p.note.clone()));
                 let request = Request {
                     protocol: "extended".into(),
                     text,
@@ -301,7 +345,7 @@ impl ClientHalf {
                     portal: Some(portal.to_string()),
                     params: Some(params),
                 };
-                if let Some(mut unit) = self.audit_request(request) {
+                if let Some(mut unit) = self.audit_request_decided(request, decision) {
                     unit.statement = Some(statement);
                     unit.portal = Some(portal.to_string());
                     self.expect(Pending::Execute(unit));
@@ -321,6 +365,7 @@ impl ClientHalf {
             }
             b'C' => {
                 let (kind, name) = messages::parse_target(&body, "Close").map_err(m)?;
+                // (Closing a statement also forgets it for SQL-level EXECUTE.)
                 if kind == b'S' {
                     self.statements.remove(name);
                 } else {
@@ -357,6 +402,10 @@ impl ClientHalf {
                     ..Request::default()
                 });
                 rec.outcome = Some(Outcome::Blocked);
+                rec.policy = Some(PolicyRef {
+                    rule: "function-call".into(),
+                    version: self.ctx.policy.version().to_string(),
+                });
                 rec.detail = Some("the FunctionCall message is not allowed".into());
                 self.ctx.audit.record(rec);
                 self.ctx
@@ -378,13 +427,122 @@ impl ClientHalf {
         Ok(None)
     }
 
+    /// Classifies and decides a statement text. `EXECUTE name` is decided on what `name` was
+    /// prepared as.
+    fn check(&self, text: &str) -> (Decision, Arc<Classification>) {
+        let class = self.ctx.classifier.classify(text);
+        let resolved: Option<Vec<StatementInfo>> = match class.as_ref() {
+            Ok(stmts) if stmts.iter().any(|s| s.executes.is_some()) => Some(
+                stmts
+                    .iter()
+                    .flat_map(|s| {
+                        let body = s
+                            .executes
+                            .as_ref()
+                            .and_then(|n| self.statements.get(n))
+                            .and_then(|p| p.class.as_ref().as_ref().ok());
+                        body.cloned().unwrap_or_else(|| vec![s.clone()])
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let input = match (&resolved, class.as_ref()) {
+            (Some(v), _) => Ok(v.as_slice()),
+            (None, Ok(v)) => Ok(v.as_slice()),
+            (None, Err(e)) => Err(e),
+        };
+        let connection = self.session.conn.name.as_deref().unwrap_or("");
+        let decision = self.ctx.policy.decide(
+            input,
+            &self.session.principal,
+            connection,
+            self.session.read_only,
+        );
+        (decision, class)
+    }
+
+    /// Remembers `PREPARE name AS …` (and forgets `DEALLOCATE`d names) from an allowed message.
+    fn track_sql_prepares(&mut self, text: &str, class: &Classification, decision: &Decision) {
+        let Ok(stmts) = class else { return };
+        for s in stmts {
+            if let Some(name) = &s.prepares {
+                self.statements.insert(
+                    name.clone(),
+                    Prepared {
+                        text: text.into(),
+                        class: Arc::new(Ok(vec![s.clone()])),
+                        policy: self.ctx.policy.reference(decision),
+                        note: dry_run_note(decision),
+                    },
+                );
+            }
+            match &s.deallocates {
+                Some(Some(name)) => {
+                    self.statements.remove(name);
+                }
+                Some(None) => self.statements.clear(),
+                None => {}
+            }
+        }
+    }
+
+    /// Refuses a statement the policy blocks: a `blocked` record, then ErrorResponse 42501
+    /// (and ReadyForQuery if `ready`). The session continues.
+    fn block(&mut self, request: Request, decision: &Decision, ready: bool) {
+        let stmt = self.next_stmt();
+        let reason = decision
+            .reason
+            .clone()
+            .unwrap_or_else(|| "the policy does not allow this statement".into());
+        let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
+        rec.stmt = Some(stmt);
+        rec.request = Some(request);
+        rec.outcome = Some(Outcome::Blocked);
+        rec.policy = Some(self.ctx.policy.reference(decision));
+        rec.detail = Some(match dry_run_note(decision) {
+            Some(note) => format!("{reason}; {note}"),
+            None => reason.clone(),
+        });
+        self.ctx.audit.record(rec);
+        self.ctx
+            .metrics
+            .statements
+            .get_or_create(&outcome_label(Outcome::Blocked))
+            .inc();
+        let message = match decision.action {
+            Action::RequireApproval => format!(
+                "statement requires approval (Vigil policy rule {}): {reason}; approvals are not available on this gateway yet, so nothing was run",
+                decision.rule
+            ),
+            _ => format!("blocked by Vigil policy (rule {}): {reason}", decision.rule),
+        };
+        self.expect(Pending::Refuse {
+            error: messages::error_response(false, "42501", &message),
+            ready,
+        });
+    }
+
+    fn audit_request(&mut self, request: Request, decision: &Decision) -> Option<Unit> {
+        let decided = (self.ctx.policy.reference(decision), dry_run_note(decision));
+        self.audit_request_decided(request, Some(decided))
+    }
+
     /// Writes a request record and waits until it is in the log. `None` means it could not be
     /// written and the statement must not reach the target.
-    fn audit_request(&mut self, request: Request) -> Option<Unit> {
+    fn audit_request_decided(
+        &mut self,
+        request: Request,
+        decided: Option<(PolicyRef, Option<String>)>,
+    ) -> Option<Unit> {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
         rec.stmt = Some(stmt);
         rec.request = Some(request);
+        if let Some((policy, note)) = decided {
+            rec.policy = Some(policy);
+            rec.detail = note;
+        }
         match self.ctx.audit.append(&rec) {
             Ok(()) => Some(Unit {
                 stmt,

@@ -6,7 +6,6 @@ use super::codec::{split_frame, split_startup, FrameError};
 use super::messages::{self, Reader, Startup};
 use super::relay::{self, Session};
 use super::PgContext;
-use crate::config::AccessRule;
 use crate::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -286,7 +285,7 @@ async fn handshake(
         ));
     };
     conn.target = Some(target.display.clone());
-    if !allowed(&target.config.config.allow, &principal) {
+    if !target.config.config.allow.allows(&principal) {
         return Err(denied(
             "28000",
             format!(
@@ -295,12 +294,29 @@ async fn handshake(
             ),
         ));
     }
-    if startup.get("options").is_some_and(|o| !o.trim().is_empty()) {
+    // Startup options can change how the target behaves for the whole session (`-c role=…`):
+    // only settings on the policy's allow-list pass.
+    let options =
+        crate::policy::startup_settings(startup.get("options").unwrap_or("")).map_err(|e| {
+            denied(
+                "42501",
+                format!("blocked by Vigil policy (rule startup-options): {e}"),
+            )
+        })?;
+    if let Some((name, _)) = options
+        .iter()
+        .find(|(name, _)| !ctx.policy.allowed_startup_setting(name))
+    {
         return Err(denied(
             "42501",
-            "startup options are not accepted by this gateway".into(),
+            format!("blocked by Vigil policy (rule startup-options): the startup setting {name:?} is not allowed"),
         ));
     }
+    let options = options
+        .iter()
+        .map(|(n, v)| format!("-c {n}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     if startup
         .get("replication")
         .is_some_and(|r| r != "false" && r != "0" && r != "off")
@@ -310,12 +326,15 @@ async fn handshake(
             "replication connections are not accepted by this gateway".into(),
         ));
     }
-    let params: Vec<(&str, &str)> = startup
+    let mut params: Vec<(&str, &str)> = startup
         .params
         .iter()
         .filter(|(k, _)| PASSED_PARAMS.contains(&k.as_str()))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    if !options.is_empty() {
+        params.push(("options", &options));
+    }
     let backend = target.connect(&params).await.map_err(|e| {
         tracing::warn!(target = %target.display, error = %crate::error_chain(&e), "cannot open the target connection");
         Refusal::Deny {
@@ -332,6 +351,7 @@ async fn handshake(
         principal: principal.clone(),
         conn: conn.clone(),
         started: Instant::now(),
+        read_only: target.config.config.read_only,
     };
     // The session is on record before the client may send its first statement.
     let mut body = session.body(&ctx.audit, Kind::SessionStart);
@@ -366,15 +386,6 @@ async fn handshake(
     })
 }
 
-fn allowed(rule: &AccessRule, p: &Principal) -> bool {
-    rule.any_authenticated
-        || rule.subjects.contains(&p.subject)
-        || p.client_id
-            .as_ref()
-            .is_some_and(|c| rule.client_ids.iter().any(|x| x == c))
-        || p.groups.iter().any(|g| rule.groups.contains(g))
-}
-
 /// Routes a CancelRequest. Like every request, it is on record before the target sees it.
 async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
     let mut body = ctx.audit.body(None, Kind::Cancel);
@@ -402,34 +413,5 @@ async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
         body.outcome = Some(Outcome::Error);
         body.detail = Some(format!("forwarding failed: {e}"));
         ctx.audit.record(body);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn access_rules_match_subject_client_or_group() {
-        let p = Principal {
-            subject: "s".into(),
-            client_id: Some("c".into()),
-            groups: vec!["g".into()],
-            ..Principal::default()
-        };
-        let rule = |f: fn(&mut AccessRule)| {
-            let mut r = AccessRule::default();
-            f(&mut r);
-            r
-        };
-        assert!(!allowed(&AccessRule::default(), &p));
-        assert!(allowed(&rule(|r| r.subjects = vec!["s".into()]), &p));
-        assert!(allowed(&rule(|r| r.client_ids = vec!["c".into()]), &p));
-        assert!(allowed(
-            &rule(|r| r.groups = vec!["x".into(), "g".into()]),
-            &p
-        ));
-        assert!(!allowed(&rule(|r| r.groups = vec!["x".into()]), &p));
-        assert!(allowed(&rule(|r| r.any_authenticated = true), &p));
     }
 }

@@ -1,0 +1,366 @@
+//! t7x: guardrails from the real PostgreSQL parser, through the real gateway, against real
+//! PostgreSQL: an evasion corpus on the simple and the extended protocol, read-only
+//! connections, startup options, dry-run rules.
+
+use std::collections::BTreeMap;
+use vigil_chaos::*;
+use vigil_proto::record::{Kind, Outcome};
+
+const POLICY: &str = r#"
+[policy]
+allowed_startup_settings = ["statement_timeout"]
+
+[[policy.rules]]
+id = "no-destruction"
+action = "block"
+flags = ["drop", "truncate", "delete_without_where", "update_without_where", "alter"]
+reason = "destructive statements need a human"
+
+[[policy.rules]]
+id = "no-escape"
+action = "block"
+flags = ["copy_program", "server_file", "dangerous_function", "role_change", "procedural", "explain_analyze_write", "nested_write"]
+reason = "statements that reach outside the data are not allowed"
+
+[[policy.rules]]
+id = "no-privilege"
+action = "block"
+kinds = ["privilege", "ddl"]
+
+[[policy.rules]]
+id = "payroll-needs-approval"
+action = "require_approval"
+kinds = ["write"]
+tables = ["payroll"]
+
+[[policy.rules]]
+id = "watch-customers"
+action = "block"
+dry_run = true
+kinds = ["write"]
+tables = ["customers"]
+"#;
+
+/// (statement, the rule that must block it, or None when it must pass)
+const BASE: &[(&str, Option<&str>)] = &[
+    ("DROP TABLE customers", Some("no-destruction")),
+    ("TRUNCATE customers", Some("no-destruction")),
+    ("DELETE FROM customers", Some("no-destruction")),
+    ("UPDATE customers SET name = 'x'", Some("no-destruction")),
+    (
+        "ALTER TABLE customers ADD COLUMN x int",
+        Some("no-destruction"),
+    ),
+    (
+        "PREPARE p1 AS DELETE FROM customers",
+        Some("no-destruction"),
+    ),
+    (
+        "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM d",
+        Some("no-escape"),
+    ),
+    (
+        "EXPLAIN ANALYZE DELETE FROM customers WHERE id = 1",
+        Some("no-escape"),
+    ),
+    (
+        "EXPLAIN (ANALYZE, COSTS OFF) UPDATE customers SET name = 'y' WHERE id = 2",
+        Some("no-escape"),
+    ),
+    (
+        "COPY customers TO PROGRAM 'cat > /dev/null'",
+        Some("no-escape"),
+    ),
+    ("COPY customers FROM '/etc/hostname'", Some("no-escape")),
+    ("SELECT pg_read_file('/etc/hostname')", Some("no-escape")),
+    (
+        "SELECT x FROM (SELECT lo_import('/etc/hostname') AS x) s",
+        Some("no-escape"),
+    ),
+    (
+        "SELECT pg_catalog.pg_terminate_backend(pg_backend_pid())",
+        Some("no-escape"),
+    ),
+    ("SET ROLE postgres", Some("no-escape")),
+    ("SET SESSION AUTHORIZATION postgres", Some("no-escape")),
+    (
+        "DO $$ BEGIN DELETE FROM customers; END $$",
+        Some("no-escape"),
+    ),
+    ("DO $body$ BEGIN PERFORM 1; END $body$", Some("no-escape")),
+    ("GRANT ALL ON customers TO PUBLIC", Some("no-privilege")),
+    ("CREATE TABLE evil (a int)", Some("no-privilege")),
+    ("SELECT * INTO evil2 FROM customers", Some("no-privilege")),
+    (
+        "INSERT INTO payroll VALUES (1, 100)",
+        Some("payroll-needs-approval"),
+    ),
+    ("SELEC name FROM customers", Some("parse-error")),
+    ("SELECT name FROM customers WHERE id = 1", None),
+    ("DELETE FROM customers WHERE id = 99999", None),
+    ("UPDATE customers SET name = name WHERE id = 1", None),
+    ("EXPLAIN SELECT * FROM customers", None),
+    ("SET statement_timeout = '5s'", None),
+];
+
+/// Rewritings that change nothing for PostgreSQL.
+fn transforms(sql: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("as is", sql.to_string()),
+        ("lower case", sql.to_lowercase()),
+        ("upper case", sql.to_uppercase()),
+        ("whitespace", sql.replace(' ', " \n\t  ")),
+        ("line comment", format!("-- just a comment\n{sql}")),
+        ("block comment", sql.replacen(' ', " /* innocent */ ", 1)),
+        (
+            "nested comment",
+            format!("/* a /* nested */ comment */ {sql}"),
+        ),
+        ("trailing semicolons", format!("{sql} ;;")),
+        ("quoted names", sql.replace("customers", "\"customers\"")),
+        (
+            "schema-qualified",
+            sql.replace("customers", "public.customers"),
+        ),
+        ("after another statement", format!("SELECT 1; {sql}")),
+        ("before another statement", format!("{sql}; SELECT 2")),
+    ]
+}
+
+fn single_statement(name: &str) -> bool {
+    !matches!(
+        name,
+        "after another statement" | "before another statement" | "trailing semicolons"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_evasion_corpus_on_both_protocols() {
+    let node = TestNode::start(NodeOptions {
+        extra: POLICY,
+        ..NodeOptions::default()
+    })
+    .await;
+    let su = direct_superuser(&node.files.db).await;
+    su.batch_execute(&format!(
+        "CREATE TABLE payroll (id int, amount int); ALTER TABLE payroll OWNER TO {}",
+        env().get("VIGIL_PG_GATEWAY_USER")
+    ))
+    .await
+    .unwrap();
+    let token = agent_token().await;
+    let log_offset = pg_log_len();
+    let mut expected_blocks: BTreeMap<String, usize> = BTreeMap::new();
+    let mut cases = 0;
+    for (i, (base, rule)) in BASE.iter().enumerate() {
+        // One session per statement: every rewriting of it, on both protocols. A blocked
+        // statement must leave the session usable for the next case.
+        let (client, _c) = node.client(&token).await.unwrap();
+        for (name, sql) in transforms(base) {
+            // A trailing comment tags the case in the target's statement log.
+            let sql = format!("{sql}\n-- case-{i}-{}", name.replace(' ', "_"));
+            let upper_changes_meaning = name == "upper case" && base.contains('\'');
+            for extended in [false, true] {
+                if extended && !single_statement(name) {
+                    continue;
+                }
+                let result = if extended {
+                    client.query(sql.as_str(), &[]).await.map(|_| ())
+                } else {
+                    client.simple_query(&sql).await.map(|_| ())
+                };
+                cases += 1;
+                let what = format!("case {i} {base:?} / {name} / extended={extended}");
+                match rule {
+                    Some(rule) => {
+                        let err = result.expect_err(&what);
+                        let db = err
+                            .as_db_error()
+                            .unwrap_or_else(|| panic!("{what}: {err:?}"));
+                        assert_eq!(db.code().code(), "42501", "{what}: {}", db.message());
+                        assert!(
+                            db.message().contains(&format!("rule {rule}")),
+                            "{what}: {}",
+                            db.message()
+                        );
+                        *expected_blocks.entry(rule.to_string()).or_default() += 1;
+                    }
+                    None => {
+                        if let Err(e) = result {
+                            let code = e.code().map(|c| c.code().to_string());
+                            assert_ne!(code.as_deref(), Some("42501"), "{what}: blocked: {e:?}");
+                            assert!(upper_changes_meaning, "{what}: {e:?}");
+                        }
+                    }
+                }
+                // The session is still usable, outside any failed transaction.
+                client
+                    .simple_query("ROLLBACK; SELECT 1")
+                    .await
+                    .expect(&what);
+            }
+        }
+    }
+    assert!(cases >= 300, "the corpus has {cases} cases");
+
+    // Nothing destructive reached the target.
+    let n: i64 = su
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+    let evil: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname IN ('evil', 'evil2')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(evil, 0);
+    let payroll: i64 = su
+        .query_one("SELECT count(*) FROM payroll", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(payroll, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = pg_log_lines(&node.files.db, log_offset).join("\n");
+    for (i, (_, rule)) in BASE.iter().enumerate() {
+        if rule.is_some() {
+            assert!(
+                !log.contains(&format!("case-{i}-")),
+                "a blocked statement of case {i} reached the target"
+            );
+        }
+    }
+
+    // Every block is on record with its rule and the policy version.
+    let records = node.records().await;
+    let blocked = of_kind(&records, Kind::Blocked);
+    let mut by_rule: BTreeMap<String, usize> = BTreeMap::new();
+    let version = blocked[0].body.policy.as_ref().unwrap().version.clone();
+    assert_eq!(version.len(), 64);
+    for r in &blocked {
+        assert_eq!(r.body.outcome, Some(Outcome::Blocked));
+        let p = r.body.policy.as_ref().unwrap();
+        assert_eq!(p.version, version);
+        *by_rule.entry(p.rule.clone()).or_default() += 1;
+    }
+    assert_eq!(by_rule, expected_blocks);
+    // Allowed statements name the rule that let them through; dry-run rules are noted.
+    let dry = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter(|r| {
+            r.body
+                .request
+                .as_ref()
+                .unwrap()
+                .text
+                .contains("DELETE FROM customers WHERE id = 99999")
+        })
+        .collect::<Vec<_>>();
+    assert!(!dry.is_empty());
+    for r in dry {
+        assert_eq!(r.body.policy.as_ref().unwrap().rule, "default");
+        assert_eq!(
+            r.body.detail.as_deref(),
+            Some("dry-run: watch-customers:block")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t71_prepared_bodies_count_on_both_protocols() {
+    let node = TestNode::start(NodeOptions {
+        extra: r#"
+[[policy.rules]]
+id = "no-deletes"
+action = "block"
+kinds = ["write"]
+tables = ["customers"]
+"#,
+        ..NodeOptions::default()
+    })
+    .await;
+    let (client, _c) = node.client(&agent_token().await).await.unwrap();
+    // SQL PREPARE of a blocked body is refused; an allowed one runs through EXECUTE.
+    let err = client
+        .simple_query("PREPARE d AS DELETE FROM customers WHERE id = $1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42501");
+    client
+        .simple_query("PREPARE s AS SELECT name FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    client.simple_query("EXECUTE s(1)").await.unwrap();
+    // A name prepared on the extended protocol is decided when it is parsed; EXECUTE of it in
+    // SQL is decided on its body.
+    let err = client
+        .prepare("DELETE FROM customers WHERE id = $1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42501");
+    client.simple_query("SELECT 1").await.unwrap();
+    let records = node.records().await;
+    let exec = of_kind(&records, Kind::Request)
+        .into_iter()
+        .find(|r| r.body.request.as_ref().unwrap().text == "EXECUTE s(1)")
+        .unwrap();
+    assert_eq!(exec.body.policy.as_ref().unwrap().rule, "default");
+    assert_eq!(of_kind(&records, Kind::Blocked).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t72_read_only_connections_and_startup_options() {
+    let node = TestNode::start(NodeOptions {
+        connection_extra: "read_only = true",
+        extra: "[policy]\nallowed_startup_settings = [\"statement_timeout\"]\n",
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let (client, _c) = node.client(&token).await.unwrap();
+    client
+        .simple_query("SELECT count(*) FROM customers")
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO customers VALUES (100, 'x', 'y')",
+        "WITH x AS (UPDATE customers SET name = 'z' WHERE id = 1 RETURNING 1) SELECT * FROM x",
+        "SET ROLE postgres",
+        "CREATE TABLE t (a int)",
+    ] {
+        let err = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "42501", "{sql}");
+        assert!(err
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("rule read-only"));
+    }
+    // Startup options: allow-listed settings reach the target, others refuse the session.
+    let ok = format!(
+        "{} options='-c statement_timeout=4321'",
+        node.conn_str(&token, "app")
+    );
+    let (client, _c) = connect_tls(&ok).await.unwrap();
+    let row = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "4321ms");
+    let bad = format!(
+        "{} options='-c role=postgres'",
+        node.conn_str(&token, "app")
+    );
+    let err = connect_tls(&bad).await.err().unwrap();
+    assert_eq!(err.code().unwrap().code(), "42501");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("startup-options"));
+}

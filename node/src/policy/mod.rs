@@ -1,0 +1,474 @@
+//! Guardrails: a policy is plain data (rules from the config), decisions are pure functions of
+//! a classified statement, the principal and the connection. No I/O here.
+//!
+//! Evaluation, per statement: a statement that does not parse is blocked (rule `parse-error`);
+//! on a `read_only` connection anything but reads, transaction control and harmless session
+//! settings is blocked (rule `read-only`); otherwise the first rule whose conditions all hold
+//! decides, and with no match the policy's `default` action applies (rule `default`). A rule
+//! with `dry_run = true` never decides: it is noted in the record (`would_block` …) and
+//! evaluation continues. A message with several statements is blocked whole when any of them
+//! is.
+//!
+//! `require_approval` behaves as a block with its own reason until the coordinator holds
+//! approvals.
+
+pub mod classify;
+
+use crate::config::AccessRule;
+use classify::{Flag, StatementInfo, StatementKind};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use vigil_proto::record::{PolicyRef, Principal};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Allow,
+    Block,
+    RequireApproval,
+}
+
+/// Who a rule applies to: a principal matching any list (or every principal when all lists are
+/// empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalMatch {
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub client_ids: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// One rule. Every condition given must hold; inside a list any entry may match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub id: String,
+    pub action: Action,
+    /// Connection names; empty: every connection.
+    #[serde(default)]
+    pub connections: Vec<String>,
+    #[serde(default)]
+    pub principals: PrincipalMatch,
+    #[serde(default)]
+    pub kinds: Vec<StatementKind>,
+    /// `table` or `schema.table`; `table` also matches it in any schema.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Function names (last component, lower case).
+    #[serde(default)]
+    pub functions: Vec<String>,
+    #[serde(default)]
+    pub flags: Vec<Flag>,
+    /// Only record what the rule would have done.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Told to the client and recorded.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The `[policy]` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// What happens to a statement no rule matches.
+    #[serde(default)]
+    pub default: Action,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Settings a client may pass in the startup `options` (`-c name=value`).
+    #[serde(default)]
+    pub allowed_startup_settings: Vec<String>,
+}
+
+/// The outcome for one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The rule that decided (`default`, `parse-error`, `read-only`, or a rule id).
+    pub rule: String,
+    /// Why, for the client and the record.
+    pub reason: Option<String>,
+    /// Dry-run rules that matched, as `rule-id:action`.
+    pub dry_run: Vec<String>,
+}
+
+impl Decision {
+    pub fn blocks(&self) -> bool {
+        self.action != Action::Allow
+    }
+}
+
+/// A policy in force, with its version.
+#[derive(Debug)]
+pub struct Policy {
+    config: PolicyConfig,
+    version: String,
+}
+
+impl Policy {
+    pub fn new(config: PolicyConfig) -> Arc<Self> {
+        let canonical = serde_json::to_vec(&config).expect("a policy serialises");
+        let version = hex::encode(Sha256::digest(&canonical));
+        Arc::new(Self { config, version })
+    }
+
+    /// Hex SHA-256 of the policy (its canonical JSON form).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn reference(&self, d: &Decision) -> PolicyRef {
+        PolicyRef {
+            rule: d.rule.clone(),
+            version: self.version.clone(),
+        }
+    }
+
+    pub fn allowed_startup_setting(&self, name: &str) -> bool {
+        self.config
+            .allowed_startup_settings
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(name))
+    }
+
+    /// Decides a message from its classification (`Err`: it does not parse).
+    pub fn decide(
+        &self,
+        statements: Result<&[StatementInfo], &classify::ParseError>,
+        principal: &Principal,
+        connection: &str,
+        read_only: bool,
+    ) -> Decision {
+        let statements = match statements {
+            Ok(s) => s,
+            Err(e) => {
+                return Decision {
+                    action: Action::Block,
+                    rule: "parse-error".into(),
+                    reason: Some(e.to_string()),
+                    dry_run: Vec::new(),
+                }
+            }
+        };
+        let mut first: Option<Decision> = None;
+        let mut dry_run = Vec::new();
+        for s in statements {
+            let d = self.decide_one(s, principal, connection, read_only, &mut dry_run);
+            if d.blocks() {
+                return Decision { dry_run, ..d };
+            }
+            first.get_or_insert(d);
+        }
+        let d = first.unwrap_or_else(|| self.default_decision());
+        Decision { dry_run, ..d }
+    }
+
+    fn default_decision(&self) -> Decision {
+        Decision {
+            action: self.config.default,
+            rule: "default".into(),
+            reason: (self.config.default != Action::Allow)
+                .then(|| "no rule allows this statement".to_string()),
+            dry_run: Vec::new(),
+        }
+    }
+
+    fn decide_one(
+        &self,
+        s: &StatementInfo,
+        principal: &Principal,
+        connection: &str,
+        read_only: bool,
+        dry_run: &mut Vec<String>,
+    ) -> Decision {
+        if read_only && !read_only_safe(s) {
+            return Decision {
+                action: Action::Block,
+                rule: "read-only".into(),
+                reason: Some(format!(
+                    "connection {connection:?} is read-only and this statement is {}",
+                    kind_name(s.kind())
+                )),
+                dry_run: Vec::new(),
+            };
+        }
+        for rule in &self.config.rules {
+            if !rule_matches(rule, s, principal, connection) {
+                continue;
+            }
+            if rule.dry_run {
+                dry_run.push(format!("{}:{}", rule.id, action_name(rule.action)));
+                continue;
+            }
+            return Decision {
+                action: rule.action,
+                rule: rule.id.clone(),
+                reason: rule.reason.clone(),
+                dry_run: Vec::new(),
+            };
+        }
+        self.default_decision()
+    }
+}
+
+fn read_only_safe(s: &StatementInfo) -> bool {
+    match s.kind() {
+        StatementKind::Read | StatementKind::Transaction => !s.flags.iter().any(|f| {
+            matches!(
+                f,
+                Flag::DangerousFunction | Flag::ServerFile | Flag::CopyProgram
+            )
+        }),
+        StatementKind::Session => !s.flags.contains(&Flag::RoleChange),
+        _ => false,
+    }
+}
+
+pub fn kind_name(k: StatementKind) -> String {
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub fn action_name(a: Action) -> String {
+    serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn principal_matches(m: &PrincipalMatch, p: &Principal) -> bool {
+    if m.subjects.is_empty()
+        && m.client_ids.is_empty()
+        && m.groups.is_empty()
+        && m.models.is_empty()
+    {
+        return true;
+    }
+    let access = AccessRule {
+        subjects: m.subjects.clone(),
+        client_ids: m.client_ids.clone(),
+        groups: m.groups.clone(),
+        any_authenticated: false,
+    };
+    access.allows(p)
+        || p.model
+            .as_ref()
+            .is_some_and(|model| m.models.contains(model))
+}
+
+fn table_matches(pattern: &str, table: &str) -> bool {
+    let norm = |s: &str| s.to_ascii_lowercase();
+    let (pattern, table) = (norm(pattern), norm(table));
+    if pattern == table {
+        return true;
+    }
+    let rel = |s: &str| s.rsplit('.').next().unwrap_or(s).to_string();
+    // An unqualified pattern matches the table in any schema; an unqualified table may resolve
+    // to any schema through search_path, so it matches a qualified pattern too.
+    (!pattern.contains('.') || !table.contains('.')) && rel(&pattern) == rel(&table)
+}
+
+fn rule_matches(rule: &Rule, s: &StatementInfo, p: &Principal, connection: &str) -> bool {
+    (rule.connections.is_empty() || rule.connections.iter().any(|c| c == connection))
+        && principal_matches(&rule.principals, p)
+        && (rule.kinds.is_empty() || rule.kinds.contains(&s.kind()))
+        && (rule.tables.is_empty()
+            || rule
+                .tables
+                .iter()
+                .any(|t| s.tables.iter().any(|x| table_matches(t, x))))
+        && (rule.functions.is_empty()
+            || rule
+                .functions
+                .iter()
+                .any(|f| s.functions.contains(&f.to_ascii_lowercase())))
+        && (rule.flags.is_empty() || rule.flags.iter().any(|f| s.flags.contains(f)))
+}
+
+/// The classification of one message: its statements, or why it does not parse.
+pub type Classification = Result<Vec<StatementInfo>, classify::ParseError>;
+
+/// Classifications by statement text, so a statement repeated by a pool or a benchmark is
+/// parsed once.
+pub struct Classifier {
+    cache: moka::sync::Cache<String, Arc<Classification>>,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Self {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(32 * 1024 * 1024)
+                .weigher(|k: &String, _| k.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+        }
+    }
+}
+
+impl Classifier {
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        if let Some(c) = self.cache.get(sql) {
+            return c;
+        }
+        let c = Arc::new(classify::classify(sql));
+        self.cache.insert(sql.to_string(), c.clone());
+        c
+    }
+}
+
+/// Parses a startup `options` string into `(name, value)` settings: `-c name=value`,
+/// `-cname=value` and `--name=value`. Anything else is an error.
+pub fn startup_settings(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words
+                .next()
+                .ok_or_else(|| "`-c` without a setting".to_string())?
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest
+        } else {
+            return Err(format!("unsupported startup option {w:?}"));
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("startup setting {setting:?} has no value"))?;
+        out.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_options_parse() {
+        assert_eq!(
+            startup_settings("-c statement_timeout=5s --work-mem=64MB -cwork_mem=1").unwrap(),
+            vec![
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "64MB".into()),
+                ("work_mem".into(), "1".into())
+            ]
+        );
+        assert!(startup_settings("-c").is_err());
+        assert!(startup_settings("-c role").is_err());
+        assert!(startup_settings("-R").is_err());
+    }
+
+    fn policy(toml_text: &str) -> Arc<Policy> {
+        Policy::new(toml::from_str(toml_text).unwrap())
+    }
+
+    fn agent() -> Principal {
+        Principal {
+            subject: "agent-1".into(),
+            client_id: Some("agent-1".into()),
+            model: Some("gpt-5".into()),
+            groups: vec!["analysts".into()],
+            ..Principal::default()
+        }
+    }
+
+    fn decide(p: &Policy, sql: &str, read_only: bool) -> Decision {
+        let c = classify::classify(sql);
+        p.decide(c.as_deref(), &agent(), "app", read_only)
+    }
+
+    const RULES: &str = r#"
+[[rules]]
+id = "no-destruction"
+action = "block"
+flags = ["drop", "truncate", "delete_without_where", "update_without_where"]
+reason = "destructive statements are not allowed"
+
+[[rules]]
+id = "audit-only"
+action = "block"
+dry_run = true
+tables = ["payroll"]
+
+[[rules]]
+id = "gpt-no-writes"
+action = "require_approval"
+principals = { models = ["gpt-5"] }
+kinds = ["write"]
+tables = ["public.customers"]
+"#;
+
+    #[test]
+    fn first_matching_rule_decides() {
+        let p = policy(RULES);
+        let d = decide(&p, "DELETE FROM customers", false);
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Block, "no-destruction")
+        );
+        let d = decide(&p, "DELETE FROM customers WHERE id = 1", false);
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::RequireApproval, "gpt-no-writes")
+        );
+        let d = decide(&p, "SELECT * FROM customers", false);
+        assert_eq!((d.action, d.rule.as_str()), (Action::Allow, "default"));
+        let d = decide(&p, "SELECT * FROM payroll", false);
+        assert_eq!(d.action, Action::Allow);
+        assert_eq!(d.dry_run, vec!["audit-only:block"]);
+    }
+
+    #[test]
+    fn one_blocked_statement_blocks_the_message() {
+        let p = policy(RULES);
+        let d = decide(&p, "SELECT 1; TRUNCATE customers; SELECT 2", false);
+        assert_eq!(d.rule, "no-destruction");
+        assert!(decide(&p, "SELEC 1", false).blocks());
+        assert_eq!(decide(&p, "SELEC 1", false).rule, "parse-error");
+    }
+
+    #[test]
+    fn read_only_connections_allow_reads_only() {
+        let p = policy("");
+        assert!(!decide(&p, "SELECT * FROM t", true).blocks());
+        assert!(!decide(&p, "BEGIN", true).blocks());
+        assert!(!decide(&p, "SET search_path = x", true).blocks());
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "WITH x AS (DELETE FROM t RETURNING 1) SELECT * FROM x",
+            "SET ROLE postgres",
+            "SELECT pg_read_file('/etc/passwd')",
+            "CREATE TABLE x (a int)",
+            "DO $$ BEGIN END $$",
+        ] {
+            assert_eq!(decide(&p, sql, true).rule, "read-only", "{sql}");
+        }
+    }
+
+    #[test]
+    fn the_version_changes_with_the_policy() {
+        assert_ne!(policy(RULES).version(), policy("").version());
+        assert_eq!(policy(RULES).version(), policy(RULES).version());
+    }
+
+    #[test]
+    fn tables_match_with_and_without_schema() {
+        assert!(table_matches("customers", "public.customers"));
+        assert!(table_matches("public.customers", "customers"));
+        assert!(table_matches("Public.Customers", "public.customers"));
+        assert!(!table_matches("other.customers", "public.customers"));
+        assert!(!table_matches("customers", "customers_archive"));
+    }
+}
