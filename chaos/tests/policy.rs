@@ -364,3 +364,127 @@ async fn t72_read_only_connections_and_startup_options() {
         .message()
         .contains("startup-options"));
 }
+
+const MASKING: &str = r#"
+[[policy.masking.columns]]
+table = "public.customers"
+column = "name"
+method = "token"
+client = true
+
+[[policy.masking.detectors]]
+kind = "email"
+method = "keep_last"
+keep = 4
+
+[[policy.masking.detectors]]
+kind = "card"
+method = "redact"
+client = true
+"#;
+
+fn rows(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73_masking_of_results_audit_and_client_copies() {
+    let node = TestNode::start(NodeOptions {
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let su = direct_superuser(&node.files.db).await;
+    su.batch_execute(
+        "ALTER TABLE customers ADD COLUMN card text;
+         UPDATE customers SET card = '4111 1111 1111 1111' WHERE id = 1;
+         UPDATE customers SET card = '4111 1111 1111 1112' WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    let token = agent_token().await;
+    let (client, _c) = node.client(&token).await.unwrap();
+    let sql = "SELECT id, name, email, card FROM customers WHERE id <= 2 ORDER BY id";
+    let got = rows(client.simple_query(sql).await.unwrap());
+    // Client copy: the name column is tokenised, valid cards redacted, emails untouched (that
+    // detector is audit-only), the Luhn-invalid look-alike untouched.
+    let name_token = got[0][1].clone().unwrap();
+    assert!(name_token.starts_with("tok_"), "{got:?}");
+    assert_ne!(got[0][1], got[1][1]);
+    assert_eq!(got[0][2].as_deref(), Some("c1@example.com"));
+    assert_eq!(got[0][3].as_deref(), Some("[redacted]"));
+    assert_eq!(got[1][3].as_deref(), Some("4111 1111 1111 1112"));
+    // An alias does not hide the column: PostgreSQL reports where it comes from.
+    let aliased = rows(
+        client
+            .simple_query("SELECT name AS who FROM customers WHERE id = 1")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(aliased[0][0].as_deref(), Some(name_token.as_str()));
+    // The extended protocol with binary results is masked the same way.
+    let row = client
+        .query_one("SELECT name, card FROM customers WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), name_token);
+    assert_eq!(row.get::<_, String>(1), "[redacted]");
+
+    // Audit copy: everything masked, with counts.
+    let records = node.records().await;
+    let resp = of_kind(&records, Kind::Response)
+        .into_iter()
+        .find(|r| r.body.response.as_ref().unwrap().columns == vec!["id", "name", "email", "card"])
+        .unwrap();
+    let result = &resp.body.response.as_ref().unwrap().result;
+    assert_eq!(result[0][1].as_deref(), Some(name_token.as_str()));
+    let email = result[0][2].clone().unwrap();
+    assert!(
+        !email.contains("c1@") && email.ends_with("e.com"),
+        "{email}"
+    );
+    assert_eq!(result[0][3].as_deref(), Some("[redacted]"));
+    let masked = &resp.body.masked;
+    assert_eq!(masked.get("column"), Some(&2));
+    assert_eq!(masked.get("email"), Some(&2));
+    assert_eq!(masked.get("card"), Some(&1));
+    // No audit record holds the clear values.
+    let log = std::fs::read_to_string(&node.node.audit_path).unwrap();
+    for clear in ["customer 1", "c1@example.com", "4111 1111 1111 1111"] {
+        assert!(!log.contains(clear), "{clear} is in the audit log");
+    }
+
+    // Tokens are stable across sessions, and differ under another key.
+    let (other, _c2) = node.client(&token).await.unwrap();
+    let again = rows(other.simple_query(sql).await.unwrap());
+    assert_eq!(again[0][1].as_deref(), Some(name_token.as_str()));
+    let key_file = node.files.dir.path().join("other.key");
+    std::fs::write(&key_file, "another key").unwrap();
+    let extra: &'static str = Box::leak(
+        format!(
+            "{MASKING}\n[policy]\nmasking_key = {{ file = \"{}\" }}\n",
+            key_file.display()
+        )
+        .into_boxed_str(),
+    );
+    let keyed = TestNode::start_with(NodeFiles::for_database(
+        node.files.db.clone(),
+        &NodeOptions {
+            extra,
+            ..NodeOptions::default()
+        },
+    ))
+    .await;
+    let (third, _c3) = keyed.client(&token).await.unwrap();
+    let rekeyed = rows(third.simple_query(sql).await.unwrap());
+    assert!(rekeyed[0][1].as_deref().unwrap().starts_with("tok_"));
+    assert_ne!(rekeyed[0][1].as_deref(), Some(name_token.as_str()));
+}

@@ -150,6 +150,7 @@ impl AuditLog {
             duration_us: None,
             policy: None,
             detail: None,
+            masked: Default::default(),
         }
     }
 

@@ -67,6 +67,33 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// The key of deterministic masking tokens: from the config, or generated once and kept in
+/// `<data_dir>/masking.key` so tokens stay stable across restarts.
+fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
+    if let Some(r) = &config.policy.masking_key {
+        let secret = r.resolve().context("policy.masking_key")?;
+        return Ok(secret.expose().as_bytes().to_vec());
+    }
+    let path = config.node.data_dir.join("masking.key");
+    match std::fs::read_to_string(&path) {
+        Ok(hex_key) => hex::decode(hex_key.trim())
+            .with_context(|| format!("{} is not a hex key", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rand::random::<[u8; 32]>().to_vec();
+            std::fs::create_dir_all(&config.node.data_dir)?;
+            std::fs::write(&path, hex::encode(&key))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            }
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// Builds and starts a node. Everything that can fail on bad configuration fails here, before
 /// any listener accepts a client.
 pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
@@ -78,6 +105,11 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
             .with_context(|| format!("TLS settings of connection {name:?}"))?;
         targets.insert(name, Arc::new(target));
     }
+    let catalogs = targets
+        .iter()
+        .map(|(name, t)| (name.clone(), Arc::new(pg::catalog::Catalog::new(t.clone()))))
+        .collect();
+    let masking_key = masking_key(&config)?;
     let tls = tls::server_config(
         config.postgres.tls_cert.as_deref(),
         config.postgres.tls_key.as_deref(),
@@ -143,6 +175,8 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         max_result_bytes: config.audit.max_result_bytes,
         policy: policy::Policy::new(config.policy.clone()),
         classifier: policy::Classifier::default(),
+        masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
+        catalogs,
     });
     let audit_path = audit.path().to_path_buf();
     let audit_handle = audit.clone();

@@ -99,6 +99,7 @@ mod tests {
             duration_us: None,
             policy: None,
             detail: None,
+            masked: Default::default(),
         }
     }
 

@@ -173,6 +173,9 @@ pub struct Body {
     /// Human-readable reason (why a token was refused, why a frame was rejected …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Entity kinds masked in this record's copy of the data, and how many values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub masked: std::collections::BTreeMap<String, u64>,
 }
 
 /// A whole record as read back from a log or topic.

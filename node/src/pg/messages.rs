@@ -136,6 +136,8 @@ pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
     pub params: Vec<Option<&'a [u8]>>,
+    /// Result column formats: none (all text), one (for all columns) or one per column.
+    pub result_formats: Vec<i16>,
 }
 
 pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
@@ -153,9 +155,13 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
         params.push(r.value()?);
     }
     let nres = r.count16()?;
-    r.take(nres * 2)?;
+    let mut result_formats = Vec::with_capacity(nres);
+    for _ in 0..nres {
+        result_formats.push(r.i16()?);
+    }
     r.finish()?;
     Ok(Bind {
+        result_formats,
         portal,
         statement,
         params,
@@ -209,17 +215,61 @@ pub fn parse_error_fields(body: &[u8]) -> (String, String) {
     (code, message)
 }
 
-/// Column names of a RowDescription.
-pub fn parse_row_description(body: &[u8]) -> Result<Vec<String>, Malformed> {
+/// One column of a RowDescription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    /// The table the column comes from (0 for expressions).
+    pub table_oid: u32,
+    pub column: i16,
+    pub type_oid: u32,
+    /// 0 text, 1 binary (0 as well when unknown: Describe of a statement).
+    pub format: i16,
+}
+
+/// Types whose binary form is their UTF-8 text (text, varchar, bpchar, name, json, unknown).
+pub fn is_text_type(oid: u32) -> bool {
+    matches!(oid, 25 | 1043 | 1042 | 19 | 114 | 705)
+}
+
+/// The columns of a RowDescription.
+pub fn parse_row_description(body: &[u8]) -> Result<Vec<Field>, Malformed> {
     let mut r = Reader::new(body, "RowDescription");
     let n = r.count16()?;
-    let mut names = Vec::with_capacity(n);
+    let mut fields = Vec::with_capacity(n);
     for _ in 0..n {
-        names.push(r.cstr()?.to_string());
-        r.take(18)?;
+        let name = r.cstr()?.to_string();
+        let table_oid = r.i32()? as u32;
+        let column = r.i16()?;
+        let type_oid = r.i32()? as u32;
+        r.take(6)?;
+        let format = r.i16()?;
+        fields.push(Field {
+            name,
+            table_oid,
+            column,
+            type_oid,
+            format,
+        });
     }
     r.finish()?;
-    Ok(names)
+    Ok(fields)
+}
+
+/// A DataRow with these values.
+pub fn data_row(values: &[Option<&[u8]>]) -> Bytes {
+    typed(b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    })
 }
 
 /// Values of a DataRow.
@@ -413,7 +463,13 @@ mod tests {
         desc.put_i16(1);
         desc.put_slice(b"id\0");
         desc.put_slice(&[0; 18]);
-        assert_eq!(parse_row_description(&desc).unwrap(), vec!["id"]);
+        let fields = parse_row_description(&desc).unwrap();
+        assert_eq!(fields[0].name, "id");
+        let row = data_row(&[Some(b"7"), None]);
+        assert_eq!(
+            parse_data_row(&body_of(row)).unwrap(),
+            vec![Some(&b"7"[..]), None]
+        );
         assert!(parse_row_description(&desc[..10]).is_err());
     }
 

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod cancel;
+pub mod catalog;
 pub mod codec;
 pub mod messages;
 mod relay;
@@ -31,6 +32,9 @@ pub struct PgContext {
     pub max_result_bytes: usize,
     pub policy: Arc<crate::policy::Policy>,
     pub classifier: crate::policy::Classifier,
+    pub masker: crate::policy::masking::Masker,
+    /// Table names behind result columns, per connection name (for column masking rules).
+    pub catalogs: std::collections::HashMap<String, Arc<catalog::Catalog>>,
 }
 
 /// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.

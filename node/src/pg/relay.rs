@@ -15,10 +15,13 @@ use super::session::outcome_label;
 use super::PgContext;
 use crate::audit::AuditLog;
 use crate::policy::classify::StatementInfo;
+use crate::policy::masking::{ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
 use crate::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
+use messages::Field;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,6 +74,14 @@ struct Prepared {
     note: Option<String>,
 }
 
+/// A bound portal: its statement, its parameters (for the record) and result formats.
+#[derive(Clone, Default)]
+struct Portal {
+    statement: String,
+    params: Vec<Option<String>>,
+    result_formats: Vec<i16>,
+}
+
 /// A statement in flight: what the target half needs to write its response record.
 struct Unit {
     stmt: u64,
@@ -80,6 +91,8 @@ struct Unit {
     started: Instant,
     statement: Option<String>,
     portal: Option<String>,
+    /// The Bind's result formats (Execute only).
+    result_formats: Vec<i16>,
 }
 
 /// What the target half expects next, in protocol order.
@@ -207,7 +220,7 @@ struct ClientHalf {
     /// Prepared statements by name (`""` is the unnamed one).
     statements: HashMap<String, Prepared>,
     /// Portals by name → (statement name, bind parameters for the record).
-    portals: HashMap<String, (String, Vec<Option<String>>)>,
+    portals: HashMap<String, Portal>,
     /// After a refused Execute the target never sees the rest of the batch up to Sync, the
     /// way PostgreSQL itself discards messages after an error.
     skip_until_sync: bool,
@@ -326,14 +339,22 @@ impl ClientHalf {
                 let params = bind.params.iter().map(|v| v.map(display_value)).collect();
                 self.portals.insert(
                     bind.portal.to_string(),
-                    (bind.statement.to_string(), params),
+                    Portal {
+                        statement: bind.statement.to_string(),
+                        params,
+                        result_formats: bind.result_formats,
+                    },
                 );
                 self.expect(Pending::Bind);
                 out.extend_from_slice(&frame.raw);
             }
             b'E' => {
                 let (portal, _max_rows) = messages::parse_execute(&body).map_err(m)?;
-                let (statement, params) = self.portals.get(portal).cloned().unwrap_or_default();
+                let Portal {
+                    statement,
+                    params,
+                    result_formats,
+                } = self.portals.get(portal).cloned().unwrap_or_default();
                 let prepared = self.statements.get(&statement);
                 let text = prepared.map(|p| p.text.to_string()).unwrap_or_default();
                 // The decision was made when the statement was prepared.
@@ -348,6 +369,7 @@ impl ClientHalf {
                 if let Some(mut unit) = self.audit_request_decided(request, decision) {
                     unit.statement = Some(statement);
                     unit.portal = Some(portal.to_string());
+                    unit.result_formats = result_formats;
                     self.expect(Pending::Execute(unit));
                     out.extend_from_slice(&frame.raw);
                 } else {
@@ -489,8 +511,28 @@ impl ClientHalf {
 
     /// Refuses a statement the policy blocks: a `blocked` record, then ErrorResponse 42501
     /// (and ReadyForQuery if `ready`). The session continues.
-    fn block(&mut self, request: Request, decision: &Decision, ready: bool) {
+    /// Masks the audit copy of a request (statement text and bind parameters) with the
+    /// detectors; the target still gets the original.
+    fn mask_request(&self, request: &mut Request) -> Counts {
+        let mut counts = Counts::new();
+        let masker = &self.ctx.masker;
+        if !masker.is_active() {
+            return counts;
+        }
+        if let Cow::Owned(t) = masker.mask(&request.text, None, false, Some(&mut counts)) {
+            request.text = t;
+        }
+        for p in request.params.iter_mut().flatten().flatten() {
+            if let Cow::Owned(t) = masker.mask(p, None, false, Some(&mut counts)) {
+                *p = t;
+            }
+        }
+        counts
+    }
+
+    fn block(&mut self, mut request: Request, decision: &Decision, ready: bool) {
         let stmt = self.next_stmt();
+        let masked = self.mask_request(&mut request);
         let reason = decision
             .reason
             .clone()
@@ -499,6 +541,7 @@ impl ClientHalf {
         rec.stmt = Some(stmt);
         rec.request = Some(request);
         rec.outcome = Some(Outcome::Blocked);
+        rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
         rec.detail = Some(match dry_run_note(decision) {
             Some(note) => format!("{reason}; {note}"),
@@ -532,12 +575,13 @@ impl ClientHalf {
     /// written and the statement must not reach the target.
     fn audit_request_decided(
         &mut self,
-        request: Request,
+        mut request: Request,
         decided: Option<(PolicyRef, Option<String>)>,
     ) -> Option<Unit> {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
         rec.stmt = Some(stmt);
+        rec.masked = self.mask_request(&mut request);
         rec.request = Some(request);
         if let Some((policy, note)) = decided {
             rec.policy = Some(policy);
@@ -550,6 +594,7 @@ impl ClientHalf {
                 started: Instant::now(),
                 statement: None,
                 portal: None,
+                result_formats: Vec::new(),
             }),
             Err(e) => {
                 self.ctx.metrics.audit_refused_statements.inc();
@@ -591,6 +636,15 @@ impl ClientHalf {
     }
 }
 
+/// How one result column is masked.
+struct ColMask {
+    rule: Option<ColumnRule>,
+    /// Its table could not be resolved: masked whole (fail closed).
+    unresolved: bool,
+    /// Text format (only text values are rewritten for the client).
+    text: bool,
+}
+
 /// What came back so far for the statement at the head of the queue.
 #[derive(Default)]
 struct Acc {
@@ -598,6 +652,9 @@ struct Acc {
     result_bytes: usize,
     hasher: Option<Sha256>,
     copy_out: u64,
+    /// Column masks of the current result set (`None` while masking is off or not yet known).
+    masks: Option<Arc<Vec<ColMask>>>,
+    masked: Counts,
 }
 
 struct TargetHalf {
@@ -610,7 +667,7 @@ struct TargetHalf {
     queue: VecDeque<Pending>,
     acc: Acc,
     /// Columns learned from Describe, by (kind, name).
-    described: HashMap<(u8, String), Vec<String>>,
+    described: HashMap<(u8, String), Vec<Field>>,
     /// Transaction status of the last ReadyForQuery.
     status: u8,
     copy_in: Arc<AtomicU64>,
@@ -649,7 +706,7 @@ impl TargetHalf {
                         }
                         loop {
                             match split_frame(&mut self.buf, MAX_BACKEND_FRAME) {
-                                Ok(Some(frame)) => self.handle(frame, &mut out),
+                                Ok(Some(frame)) => self.handle(frame, &mut out).await,
                                 Ok(None) => break,
                                 Err(e) => {
                                     let msg = e.to_string();
@@ -726,8 +783,9 @@ impl TargetHalf {
         }
     }
 
-    fn handle(&mut self, frame: Frame, out: &mut BytesMut) {
+    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) {
         self.inject(out);
+        let mut raw = frame.raw.clone();
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
         while matches!(self.queue.front(), Some(Pending::CopyEnd)) {
             self.queue.pop_front();
@@ -744,17 +802,50 @@ impl TargetHalf {
                 }
             }
             b'T' => {
-                let columns = messages::parse_row_description(&body).unwrap_or_default();
+                let fields = messages::parse_row_description(&body).unwrap_or_default();
                 match self.queue.front() {
                     Some(Pending::Describe { kind, name }) => {
                         let key = (*kind, name.clone());
                         self.queue.pop_front();
-                        self.described.insert(key, columns);
+                        self.described.insert(key, fields);
                     }
-                    _ => self.acc.response.columns = columns,
+                    _ => {
+                        self.acc.masks = self.masks_for(&fields).await;
+                        self.acc.response.columns = fields.into_iter().map(|f| f.name).collect();
+                    }
                 }
             }
-            b'D' => self.add_row(&body),
+            b'D' => {
+                if self.acc.masks.is_none() && self.ctx.masker.is_active() {
+                    // An Execute's rows: the columns were described before.
+                    let fields = match self.queue.front() {
+                        Some(Pending::Execute(unit)) => {
+                            self.described_fields(unit).map(|fields| {
+                                // A statement's Describe does not know the formats; the Bind
+                                // chose them.
+                                let f = &unit.result_formats;
+                                fields
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, field)| Field {
+                                        format: match f.len() {
+                                            0 => 0,
+                                            1 => f[0],
+                                            _ => f.get(i).copied().unwrap_or(0),
+                                        },
+                                        ..field.clone()
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                        }
+                        _ => None,
+                    };
+                    self.acc.masks = self.masks_for(&fields.unwrap_or_default()).await;
+                }
+                if let Some(masked) = self.add_row(&body) {
+                    raw = masked;
+                }
+            }
             b'd' => self.acc.copy_out += body.len() as u64,
             b'C' | b'I' | b's' => {
                 self.end_copy_in();
@@ -801,6 +892,7 @@ impl TargetHalf {
                                 started: Instant::now(),
                                 statement: None,
                                 portal: None,
+                                result_formats: Vec::new(),
                             };
                             self.queue.pop_front();
                             self.acc.response.error = error.take();
@@ -837,26 +929,167 @@ impl TargetHalf {
             }
             _ => {}
         }
-        out.extend_from_slice(&frame.raw);
+        out.extend_from_slice(&raw);
     }
 
-    fn add_row(&mut self, body: &Bytes) {
+    fn masks_for(
+        &self,
+        fields: &[Field],
+    ) -> impl std::future::Future<Output = Option<Arc<Vec<ColMask>>>> + Send + 'static {
+        let ctx = self.ctx.clone();
+        let conn = self.session.conn.name.clone().unwrap_or_default();
+        let fields = fields.to_vec();
+        async move { Self::masks(&ctx, &conn, &fields).await }
+    }
+
+    /// The Describe result that covers an Execute: its portal's, else its statement's.
+    fn described_fields(&self, unit: &Unit) -> Option<&Vec<Field>> {
+        let portal = unit.portal.as_ref().map(|p| (b'P', p.clone()));
+        let stmt = unit.statement.as_ref().map(|s| (b'S', s.clone()));
+        portal
+            .and_then(|k| self.described.get(&k))
+            .or_else(|| stmt.and_then(|k| self.described.get(&k)))
+    }
+
+    /// Column masks for a result set, resolving the tables behind its columns. (Takes the
+    /// context rather than `self`: the half's streams are not `Sync`.)
+    async fn masks(ctx: &PgContext, conn: &str, fields: &[Field]) -> Option<Arc<Vec<ColMask>>> {
+        let masker = &ctx.masker;
+        if !masker.is_active() {
+            return None;
+        }
+        let oids: Vec<u32> = fields
+            .iter()
+            .map(|f| f.table_oid)
+            .filter(|&o| o != 0)
+            .collect();
+        let tables = match ctx.catalogs.get(conn) {
+            Some(catalog) if masker.has_column_rules() && !oids.is_empty() => {
+                match catalog.tables(&oids).await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot resolve result tables; masking those columns whole");
+                        None
+                    }
+                }
+            }
+            _ => Some(HashMap::new()),
+        };
+        Some(Arc::new(
+            fields
+                .iter()
+                .map(|f| {
+                    let (rule, unresolved) = match &tables {
+                        None => (None, f.table_oid != 0),
+                        Some(t) => (
+                            t.get(&f.table_oid)
+                                .and_then(|t| {
+                                    let column = t.columns.get(&f.column)?;
+                                    masker.column_rule(conn, &t.schema, &t.name, column)
+                                })
+                                .cloned(),
+                            false,
+                        ),
+                    };
+                    ColMask {
+                        rule,
+                        unresolved,
+                        text: f.format == 0 || messages::is_text_type(f.type_oid),
+                    }
+                })
+                .collect(),
+        ))
+    }
+
+    /// Accounts a DataRow; returns the row to send instead when the client copy is masked.
+    fn add_row(&mut self, body: &Bytes) -> Option<Bytes> {
+        let masker = &self.ctx.masker;
         let acc = &mut self.acc;
         acc.response.rows += 1;
         acc.response.bytes += body.len() as u64;
+        let values = messages::parse_data_row(body).ok();
+        let masks = acc.masks.clone();
         let limit = self.ctx.max_result_bytes;
-        if !acc.response.truncated && acc.result_bytes + body.len() <= limit {
-            if let Ok(values) = messages::parse_data_row(body) {
+        match &values {
+            Some(values) if !acc.response.truncated && acc.result_bytes + body.len() <= limit => {
                 acc.result_bytes += body.len();
-                acc.response
-                    .result
-                    .push(values.into_iter().map(|v| v.map(display_value)).collect());
-                return;
+                let row = values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        v.map(|v| {
+                            let text = display_value(v);
+                            let Some(masks) = &masks else { return text };
+                            match masks.get(i) {
+                                Some(m) if m.unresolved => {
+                                    *acc.masked.entry("unresolved".into()).or_default() += 1;
+                                    "[redacted]".to_string()
+                                }
+                                m => masker
+                                    .mask(
+                                        &text,
+                                        m.and_then(|m| m.rule.as_ref()),
+                                        false,
+                                        Some(&mut acc.masked),
+                                    )
+                                    .into_owned(),
+                            }
+                        })
+                    })
+                    .collect();
+                acc.response.result.push(row);
+            }
+            _ => {
+                // Rows past the limit are not recorded one by one; their digest is.
+                acc.response.truncated = true;
+                acc.hasher.get_or_insert_with(Sha256::new).update(&body[..]);
             }
         }
-        // Rows past the limit are not recorded one by one; their digest is.
-        acc.response.truncated = true;
-        acc.hasher.get_or_insert_with(Sha256::new).update(&body[..]);
+        let conn = self.session.conn.name.as_deref().unwrap_or("");
+        let (Some(masks), Some(values)) = (masks, values) else {
+            return None;
+        };
+        if !masker.masks_clients(conn) {
+            return None;
+        }
+        let mut changed = false;
+        let client: Vec<Option<Cow<'_, [u8]>>> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let m = masks.get(i);
+                // A binary value of another type cannot be rewritten: when a client-side rule
+                // covers it, it is withheld (NULL) rather than leaked.
+                if m.is_some_and(|m| {
+                    !m.text && (m.unresolved || m.rule.as_ref().is_some_and(|r| r.client))
+                }) {
+                    changed |= v.is_some();
+                    return None;
+                }
+                v.map(|v| {
+                    let text = match std::str::from_utf8(v) {
+                        Ok(t) if m.is_none_or(|m| m.text) => t,
+                        _ => return Cow::Borrowed(v),
+                    };
+                    let out = if m.is_some_and(|m| m.unresolved) {
+                        Cow::Owned("[redacted]".to_string())
+                    } else {
+                        masker.mask(text, m.and_then(|m| m.rule.as_ref()), true, None)
+                    };
+                    match out {
+                        Cow::Owned(o) => {
+                            changed = true;
+                            Cow::Owned(o.into_bytes())
+                        }
+                        Cow::Borrowed(_) => Cow::Borrowed(v),
+                    }
+                })
+            })
+            .collect();
+        changed.then(|| {
+            let refs: Vec<Option<&[u8]>> = client.iter().map(|v| v.as_deref()).collect();
+            messages::data_row(&refs)
+        })
     }
 
     /// Writes the response record of a finished statement.
@@ -866,13 +1099,8 @@ impl TargetHalf {
         acc.response.bytes += acc.copy_out + copy_in;
         acc.response.digest = acc.hasher.map(|h| hex::encode(h.finalize()));
         if acc.response.columns.is_empty() {
-            let portal = unit.portal.as_ref().map(|p| (b'P', p.clone()));
-            let stmt = unit.statement.as_ref().map(|s| (b'S', s.clone()));
-            if let Some(cols) = portal
-                .and_then(|k| self.described.get(&k))
-                .or_else(|| stmt.and_then(|k| self.described.get(&k)))
-            {
-                acc.response.columns = cols.clone();
+            if let Some(fields) = self.described_fields(&unit) {
+                acc.response.columns = fields.iter().map(|f| f.name.clone()).collect();
             }
         }
         let outcome = if acc.response.error.is_some() {
@@ -888,6 +1116,7 @@ impl TargetHalf {
         let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
         rec.stmt = Some(unit.stmt);
         rec.request = unit.request;
+        rec.masked = acc.masked;
         rec.response = Some(acc.response);
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);

@@ -13,6 +13,7 @@
 //! approvals.
 
 pub mod classify;
+pub mod masking;
 
 use crate::config::AccessRule;
 use classify::{Flag, StatementInfo, StatementKind};
@@ -86,6 +87,12 @@ pub struct PolicyConfig {
     /// Settings a client may pass in the startup `options` (`-c name=value`).
     #[serde(default)]
     pub allowed_startup_settings: Vec<String>,
+    #[serde(default)]
+    pub masking: masking::MaskingConfig,
+    /// The key of deterministic masking tokens; default: generated once into
+    /// `<data_dir>/masking.key`. Not part of the policy version.
+    #[serde(default, skip_serializing)]
+    pub masking_key: Option<crate::secret::SecretRef>,
 }
 
 /// The outcome for one message.

@@ -1,0 +1,156 @@
+//! Table and column names behind the table OIDs of RowDescription, for column masking rules.
+//!
+//! PostgreSQL reports, for a result column that is a plain column reference, the table's OID
+//! and the column's number, even under an alias (`SELECT ssn AS x`). The gateway resolves them
+//! over a connection of its own to the target, with the gateway's login, and caches them.
+
+use super::backend::{Backend, BackendError, Target};
+use super::codec::split_frame;
+use super::messages;
+use bytes::{BufMut, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+/// A table's schema, name and columns by number.
+#[derive(Debug, Default)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    pub columns: HashMap<i16, String>,
+}
+
+pub struct Catalog {
+    target: Arc<Target>,
+    conn: Mutex<Option<Backend>>,
+    cache: moka::sync::Cache<u32, Arc<TableInfo>>,
+}
+
+impl Catalog {
+    pub fn new(target: Arc<Target>) -> Self {
+        Self {
+            target,
+            conn: Mutex::new(None),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(std::time::Duration::from_secs(300))
+                .build(),
+        }
+    }
+
+    /// Resolves the given table OIDs (unknown OIDs are absent from the result).
+    pub async fn tables(&self, oids: &[u32]) -> Result<HashMap<u32, Arc<TableInfo>>, BackendError> {
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        for &oid in oids {
+            match self.cache.get(&oid) {
+                Some(t) => {
+                    out.insert(oid, t);
+                }
+                None if oid != 0 && !missing.contains(&oid) => missing.push(oid),
+                None => {}
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let mut conn = self.conn.lock().await;
+        let result = self.query(&mut conn, &missing).await;
+        if result.is_err() {
+            // Start over with a fresh connection next time.
+            *conn = None;
+        }
+        for (oid, info) in result? {
+            let info = Arc::new(info);
+            self.cache.insert(oid, info.clone());
+            out.insert(oid, info);
+        }
+        Ok(out)
+    }
+
+    async fn query(
+        &self,
+        conn: &mut Option<Backend>,
+        oids: &[u32],
+    ) -> Result<HashMap<u32, TableInfo>, BackendError> {
+        if conn.is_none() {
+            *conn = Some(
+                self.target
+                    .connect(&[("application_name", "vigil-catalog")])
+                    .await?,
+            );
+        }
+        let backend = conn.as_mut().expect("just connected");
+        let list = oids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT c.oid::text, n.nspname, c.relname, a.attnum::text, a.attname \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+             WHERE a.attnum > 0 AND c.oid IN ({list})"
+        );
+        let mut q = BytesMut::new();
+        q.put_u8(b'Q');
+        q.put_i32((sql.len() + 5) as i32);
+        q.put_slice(sql.as_bytes());
+        q.put_u8(0);
+        backend
+            .stream
+            .write_all(&q)
+            .await
+            .map_err(BackendError::Connect)?;
+        let mut out: HashMap<u32, TableInfo> = HashMap::new();
+        let buf = &mut backend.leftover;
+        loop {
+            let frame = match split_frame(buf, super::backend::MAX_BACKEND_FRAME)? {
+                Some(f) => f,
+                None => {
+                    if backend
+                        .stream
+                        .read_buf(buf)
+                        .await
+                        .map_err(BackendError::Connect)?
+                        == 0
+                    {
+                        return Err(BackendError::Closed);
+                    }
+                    continue;
+                }
+            };
+            match frame.tag {
+                b'D' => {
+                    let body = frame.body();
+                    let v = messages::parse_data_row(&body)?;
+                    let text = |i: usize| {
+                        v.get(i)
+                            .copied()
+                            .flatten()
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                            .unwrap_or_default()
+                    };
+                    let (Ok(oid), Ok(attnum)) = (text(0).parse::<u32>(), text(3).parse::<i16>())
+                    else {
+                        continue;
+                    };
+                    let t = out.entry(oid).or_insert_with(|| TableInfo {
+                        schema: text(1),
+                        name: text(2),
+                        columns: HashMap::new(),
+                    });
+                    t.columns.insert(attnum, text(4));
+                }
+                b'E' => {
+                    let (code, message) = messages::parse_error_fields(&frame.body());
+                    return Err(BackendError::Refused { code, message });
+                }
+                b'Z' => return Ok(out),
+                _ => {}
+            }
+        }
+    }
+}
