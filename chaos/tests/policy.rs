@@ -332,6 +332,9 @@ async fn t72_read_only_connections_and_startup_options() {
         "WITH x AS (UPDATE customers SET name = 'z' WHERE id = 1 RETURNING 1) SELECT * FROM x",
         "SET ROLE postgres",
         "CREATE TABLE t (a int)",
+        "EXPLAIN ANALYZE WITH d AS (DELETE FROM customers RETURNING 1) SELECT * FROM d",
+        "EXPLAIN ANALYZE CREATE TABLE t2 AS SELECT 1",
+        "PREPARE w AS DELETE FROM customers",
     ] {
         let err = client.simple_query(sql).await.unwrap_err();
         assert_eq!(err.code().unwrap().code(), "42501", "{sql}");
@@ -487,4 +490,79 @@ async fn t73_masking_of_results_audit_and_client_copies() {
     let rekeyed = rows(third.simple_query(sql).await.unwrap());
     assert!(rekeyed[0][1].as_deref().unwrap().starts_with("tok_"));
     assert_ne!(rekeyed[0][1].as_deref(), Some(name_token.as_str()));
+}
+
+/// Statements the engine lets through on a permissive policy, with what they do.
+const DIFFERENTIAL: &[&str] = &[
+    "SELECT * FROM customers",
+    "SELECT count(*) FROM customers WHERE email LIKE '%@example.com'",
+    "SELECT c.name FROM customers c JOIN customers d ON d.id = c.id + 1",
+    "WITH x AS (SELECT id FROM customers) SELECT * FROM x",
+    "SELECT * FROM customers FOR UPDATE",
+    "EXPLAIN SELECT * FROM customers",
+    "EXPLAIN DELETE FROM customers WHERE id = 1",
+    "VALUES (1), (2)",
+    "SHOW search_path",
+    "SELECT pg_sleep(0)",
+    "INSERT INTO customers VALUES (1000, 'n', 'e')",
+    "UPDATE customers SET name = name || '!' WHERE id = 1",
+    "DELETE FROM customers WHERE id = 2",
+    "WITH d AS (DELETE FROM customers WHERE id = 3 RETURNING *) SELECT count(*) FROM d",
+    "WITH u AS (UPDATE customers SET email = 'x' WHERE id = 4 RETURNING id) SELECT * FROM u",
+    "EXPLAIN ANALYZE UPDATE customers SET name = 'y' WHERE id = 5",
+    "INSERT INTO customers SELECT 2000 + id, name, email FROM customers WHERE id < 3",
+    "MERGE INTO customers c USING (VALUES (6)) v(id) ON c.id = v.id WHEN MATCHED THEN UPDATE SET name = 'm'",
+    "CREATE TABLE scratch (a int)",
+    "CREATE INDEX ON customers (email)",
+    "ALTER TABLE customers ADD COLUMN extra int",
+    "DROP TABLE customers",
+    "TRUNCATE customers",
+    "SELECT * INTO snapshot_table FROM customers",
+    "CREATE VIEW v AS SELECT * FROM customers",
+    "COMMENT ON TABLE customers IS 'x'",
+    "GRANT SELECT ON customers TO PUBLIC",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t74_differential_classification_agrees_with_postgres() {
+    use vigil_node::policy::classify::{classify, StatementKind as K};
+    let db = create_database().await;
+    let su = direct_superuser(&db).await;
+    su.batch_execute(&format!("SET ROLE {}", env().get("VIGIL_PG_GATEWAY_USER")))
+        .await
+        .unwrap();
+    let mut checked = 0;
+    for base in DIFFERENTIAL {
+        for (name, sql) in transforms(base) {
+            if !single_statement(name) || (name == "upper case" && base.contains('\'')) {
+                continue;
+            }
+            let class = classify(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(class.len(), 1, "{sql}");
+            let kind = class[0].kind();
+            // What PostgreSQL did: a transaction id is assigned only when something was
+            // written (rows, catalog). Everything is rolled back.
+            su.batch_execute("BEGIN").await.unwrap();
+            su.batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let wrote: bool = su
+                .query_one("SELECT txid_current_if_assigned() IS NOT NULL", &[])
+                .await
+                .unwrap()
+                .get(0);
+            su.batch_execute("ROLLBACK").await.unwrap();
+            let classified_write = matches!(kind, K::Write | K::Ddl | K::Privilege);
+            // SELECT … FOR UPDATE locks rows, which assigns a transaction id without writing
+            // data; it is a read for the policy.
+            let locks = base.to_lowercase().contains("for update");
+            assert_eq!(
+                classified_write,
+                wrote && !locks,
+                "{sql}: classified {kind:?}, PostgreSQL wrote: {wrote}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 200, "{checked} statements checked");
 }

@@ -194,13 +194,20 @@ fn top_kind(name: &str, body: &Value, info: &mut StatementInfo) -> StatementKind
                         })
                     })
                 });
+            // EXPLAIN ANALYZE runs what it explains: it is whatever that is.
             let inner = body.pointer("/query/node").and_then(single);
-            let inner_write = inner.is_some_and(|(n, _)| is_write_node(n));
-            if analyze && inner_write {
-                info.flags.insert(Flag::ExplainAnalyzeWrite);
-                K::Write
-            } else {
-                K::Read
+            match inner {
+                Some((n, b)) if analyze => {
+                    let mut kind = top_kind(n, b, info);
+                    if kind == K::Read && subtree_writes(b) {
+                        kind = K::Write;
+                    }
+                    if kind != K::Read {
+                        info.flags.insert(Flag::ExplainAnalyzeWrite);
+                    }
+                    kind
+                }
+                _ => K::Read,
             }
         }
         "CopyStmt" => {
@@ -307,6 +314,17 @@ fn top_kind(name: &str, body: &Value, info: &mut StatementInfo) -> StatementKind
             K::Ddl
         }
         _ => K::Utility,
+    }
+}
+
+/// Whether an INSERT, UPDATE, DELETE or MERGE appears anywhere under `v`.
+fn subtree_writes(v: &Value) -> bool {
+    match v {
+        Value::Object(obj) => obj
+            .iter()
+            .any(|(k, v)| is_write_node(k) || subtree_writes(v)),
+        Value::Array(items) => items.iter().any(subtree_writes),
+        _ => false,
     }
 }
 
@@ -419,6 +437,19 @@ mod tests {
         let ex = one("EXPLAIN (ANALYZE) UPDATE t SET a = 1 WHERE id = 2");
         assert_eq!(ex.kind(), K::Write);
         assert_eq!(one("EXPLAIN UPDATE t SET a = 1").kind(), K::Read);
+        for sql in [
+            "EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d",
+            "EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1",
+            "EXPLAIN ANALYZE SELECT 1 INTO x",
+        ] {
+            let c = one(sql);
+            assert_ne!(c.kind(), K::Read, "{sql}");
+            assert!(c.flags.contains(&F::ExplainAnalyzeWrite), "{sql}");
+        }
+        assert_eq!(
+            one("EXPLAIN ANALYZE EXECUTE p").executes.as_deref(),
+            Some("p")
+        );
         assert_eq!(
             one("COPY (DELETE FROM t RETURNING *) TO STDOUT").kind(),
             K::Write

@@ -173,6 +173,15 @@ struct Detector {
     check: fn(&str) -> bool,
 }
 
+/// One pass that tells which detectors can match at all: most values match none.
+fn detector_set() -> &'static regex::RegexSet {
+    static S: OnceLock<regex::RegexSet> = OnceLock::new();
+    S.get_or_init(|| {
+        regex::RegexSet::new(detectors().iter().map(|d| d.re.as_str()))
+            .expect("the detector patterns are valid")
+    })
+}
+
 fn detectors() -> &'static [Detector] {
     static D: OnceLock<Vec<Detector>> = OnceLock::new();
     D.get_or_init(|| {
@@ -307,7 +316,17 @@ impl Masker {
             return Cow::Owned(self.apply(r.method, r.keep, EntityKind::Column, value));
         }
         let mut out = Cow::Borrowed(value);
-        for det in detectors() {
+        if self.config.detectors.is_empty() {
+            return out;
+        }
+        let candidates = detector_set().matches(value);
+        if !candidates.matched_any() {
+            return out;
+        }
+        for (i, det) in detectors().iter().enumerate() {
+            if !candidates.matched(i) {
+                continue;
+            }
             let Some(rule) = self
                 .config
                 .detectors
