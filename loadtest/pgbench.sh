@@ -18,7 +18,7 @@
 #   CLIENTS=8 THREADS=2  pgbench -c / -j
 #   WARMUP=3             seconds of unlogged warm-up per target before round 1 (0: none)
 #   MODES="simple prepared"
-#   TARGETS="direct-plain direct-tls pgbouncer vigil"
+#   TARGETS="direct-plain direct-tls pgbouncer vigil vigil-guarded"
 #   VIGIL_PORT=16433 VIGIL_ADMIN_PORT=19188 PGBOUNCER_PORT=16434   (127.0.0.1)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
@@ -34,7 +34,7 @@ CLIENTS="${CLIENTS:-8}"
 THREADS="${THREADS:-2}"
 WARMUP="${WARMUP:-3}"
 read -r -a MODES <<<"${MODES:-simple prepared}"
-read -r -a TARGETS <<<"${TARGETS:-direct-plain direct-tls pgbouncer vigil}"
+read -r -a TARGETS <<<"${TARGETS:-direct-plain direct-tls pgbouncer vigil vigil-guarded}"
 VIGIL_PORT="${VIGIL_PORT:-16433}"
 VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19188}"
 PGBOUNCER_PORT="${PGBOUNCER_PORT:-16434}"
@@ -62,7 +62,7 @@ for v in DURATION ROUNDS CLIENTS THREADS WARMUP VIGIL_PORT VIGIL_ADMIN_PORT PGBO
 done
 ((DURATION > 0 && ROUNDS > 0 && CLIENTS > 0 && THREADS > 0)) || die "DURATION, ROUNDS, CLIENTS, THREADS must be > 0"
 for t in "${TARGETS[@]}"; do
-  case "$t" in direct-plain | direct-tls | pgbouncer | vigil) ;; *) die "unknown target '$t'" ;; esac
+  case "$t" in direct-plain | direct-tls | pgbouncer | vigil | vigil-guarded) ;; *) die "unknown target '$t'" ;; esac
 done
 for m in "${MODES[@]}"; do
   case "$m" in simple | prepared | extended) ;; *) die "unknown mode '$m'" ;; esac
@@ -189,6 +189,38 @@ database = "bench"
 user = "$VIGIL_PG_GATEWAY_USER"
 password = { file = "$work/vigil/pg-password" }
 allow = { any_authenticated = true }
+
+# The same database behind guardrails and masking (target vigil-guarded), in the same process.
+[[postgres.connections]]
+name = "bench_guarded"
+host = "$VIGIL_PG_HOST"
+port = $VIGIL_PG_PORT
+database = "bench"
+user = "$VIGIL_PG_GATEWAY_USER"
+password = { file = "$work/vigil/pg-password" }
+allow = { any_authenticated = true }
+
+[[policy.rules]]
+id = "no-destruction"
+action = "block"
+connections = ["bench_guarded"]
+flags = ["drop", "truncate", "alter", "delete_without_where", "update_without_where"]
+[[policy.rules]]
+id = "no-escape"
+action = "block"
+connections = ["bench_guarded"]
+flags = ["copy_program", "server_file", "dangerous_function", "role_change", "procedural"]
+[[policy.rules]]
+id = "no-history-writes"
+action = "require_approval"
+connections = ["bench_guarded"]
+kinds = ["write"]
+tables = ["pgbench_history"]
+[[policy.masking.columns]]
+connections = ["bench_guarded"]
+table = "pgbench_accounts"
+column = "abalance"
+method = "token"
 EOF
 
 log "starting vigil-node on 127.0.0.1:$VIGIL_PORT (admin $VIGIL_ADMIN_PORT)"
@@ -269,12 +301,14 @@ target_env() {
     pgbouncer) conn_env=(PGHOST=127.0.0.1 PGPORT="$PGBOUNCER_PORT" PGSSLMODE=require
                          PGUSER="$VIGIL_PG_GATEWAY_USER" PGPASSWORD="$VIGIL_PG_GATEWAY_PASSWORD")
                proxy_pid="$bouncer_pid" ;;
-    vigil) fresh_token
+    vigil | vigil-guarded) fresh_token
            conn_env=(PGHOST=127.0.0.1 PGPORT="$VIGIL_PORT" PGSSLMODE=require
                      PGUSER=bench-agent PGPASSWORD="$token")
            proxy_pid="$vigil_pid" ;;
   esac
-  conn_env+=(PGDATABASE=bench PGCONNECT_TIMEOUT=10)
+  local db=bench
+  [[ "$1" == vigil-guarded ]] && db=bench_guarded
+  conn_env+=(PGDATABASE="$db" PGCONNECT_TIMEOUT=10)
 }
 
 # utime + stime (clock ticks) from a /proc stat file: of a process (all its threads) or one task
@@ -406,13 +440,13 @@ table="$work/table.txt"
       lat="$(field "$t" "$mode" 5 | median)"
       read -r p50 p99 < <(percentiles "$t" "$mode")
       cpu="-" audit="-" csw="-"
-      if [[ "$t" == vigil || "$t" == pgbouncer ]]; then
+      if [[ "$t" == vigil* || "$t" == pgbouncer ]]; then
         # CPU (and context switches) over all rounds / transactions over all rounds
         read -r cpu audit csw < <(awk -F'\t' -v t="$t" -v m="$mode" -v hz="$clk_tck" \
           '$2 == t && $3 == m { ticks += $7; at += $8; cs += $9; tx += $6 }
            END { if (tx > 0) printf "%.1f %.1f %.2f\n", ticks * 1e6 / hz / tx, at * 1e6 / hz / tx, cs / tx; else print "- - -" }' "$results")
         CPU[$t.$mode]="$cpu"
-        [[ "$t" == vigil ]] || audit="-"
+        [[ "$t" == vigil* ]] || audit="-"
       fi
       printf '%-13s %-9s %8.0f  %-22s %8s %8s %8.3f %7s %7s %9s %8s %6s\n' "$t" "$mode" "$tps" "$rounds" \
         "$(ratio "$tps" "${TPS[direct-tls.$mode]:-}")" "$(ratio "$tps" "${TPS[pgbouncer.$mode]:-}")" \
@@ -446,6 +480,13 @@ if [[ " ${TARGETS[*]} " == *" vigil "* ]]; then
       "$mode" "$vd" "$GOAL_VS_DIRECT" "$(verdict "$vd" '>=' "$GOAL_VS_DIRECT")" \
       "$vb" "$GOAL_VS_PGBOUNCER" "$(verdict "$vb" '>=' "$GOAL_VS_PGBOUNCER")" \
       "$vc" "$GOAL_CPU_US" "$(verdict "$vc" '<=' "$GOAL_CPU_US")"
+  done
+  for mode in "${MODES[@]}"; do
+    if [[ -n "${TPS[vigil-guarded.$mode]:-}" ]]; then
+      vg="$(ratio "${TPS[vigil-guarded.$mode]}" "${TPS[vigil.$mode]:-}")"
+      printf '  %-9s guardrails+masking on / off %5s (>= 0.8: %s)   CPU %s vs %s us/tx\n' "$mode" "$vg" \
+        "$(verdict "$vg" '>=' 0.8)" "${CPU[vigil-guarded.$mode]:--}" "${CPU[vigil.$mode]:--}"
+    fi
   done
   echo
   echo "Audit log: vigil audit verify $audit_summary"

@@ -185,6 +185,8 @@ async fn t40_malformed_frames_get_an_error_never_a_hang() {
 async fn t41_one_statement_in_one_byte_writes_and_many_pipelined() {
     let node = TestNode::start(NodeOptions {
         allow_cleartext_token: true,
+        extra:
+            "[[policy.rules]]\nid = \"no-truncate\"\naction = \"block\"\nflags = [\"truncate\"]\n",
         ..NodeOptions::default()
     })
     .await;
@@ -205,7 +207,30 @@ async fn t41_one_statement_in_one_byte_writes_and_many_pipelined() {
     for _ in 0..50 {
         assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
     }
+    // A blocked statement dribbled one byte at a time is still blocked.
+    for b in typed(b'Q', b"TRUNCATE /* x */ customers\0") {
+        s.write_all(&[b]).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    assert_eq!(read_until_ready(&mut s).await, vec![b'E', b'Z']);
+    // A blocked statement in the middle of a pipelined batch: the others run, in order.
+    let mut batch = Vec::new();
+    batch.extend(typed(b'Q', b"SELECT 'before'\0"));
+    batch.extend(typed(b'Q', b"truncate customers\0"));
+    batch.extend(typed(b'Q', b"SELECT 'after'\0"));
+    s.write_all(&batch).await.unwrap();
+    assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
+    assert_eq!(read_until_ready(&mut s).await, vec![b'E', b'Z']);
+    assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
     let records = node.records().await;
-    assert_eq!(of_kind(&records, Kind::Request).len(), 51);
-    assert_eq!(of_kind(&records, Kind::Response).len(), 51);
+    assert_eq!(of_kind(&records, Kind::Request).len(), 53);
+    assert_eq!(of_kind(&records, Kind::Response).len(), 53);
+    assert_eq!(of_kind(&records, Kind::Blocked).len(), 2);
+    let su = direct_superuser(&node.files.db).await;
+    let n: i64 = su
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50, "nothing was truncated");
 }

@@ -452,6 +452,10 @@ impl ClientHalf {
     /// Classifies and decides a statement text. `EXECUTE name` is decided on what `name` was
     /// prepared as.
     fn check(&self, text: &str) -> (Decision, Arc<Classification>) {
+        let connection = self.session.conn.name.as_deref().unwrap_or("");
+        if !self.ctx.policy.governs(connection, self.session.read_only) {
+            return (self.ctx.policy.ungoverned(), Arc::new(Ok(Vec::new())));
+        }
         let class = self.ctx.classifier.classify(text);
         let resolved: Option<Vec<StatementInfo>> = match class.as_ref() {
             Ok(stmts) if stmts.iter().any(|s| s.executes.is_some()) => Some(
@@ -474,7 +478,6 @@ impl ClientHalf {
             (None, Ok(v)) => Ok(v.as_slice()),
             (None, Err(e)) => Err(e),
         };
-        let connection = self.session.conn.name.as_deref().unwrap_or("");
         let decision = self.ctx.policy.decide(
             input,
             &self.session.principal,

@@ -139,6 +139,24 @@ impl Policy {
         }
     }
 
+    /// Whether anything can be decided on `connection`: a rule that may apply, a default other
+    /// than allow, or a read-only connection. When nothing can, statements are not parsed at
+    /// all (there is nothing to decide; the target rejects what does not parse).
+    pub fn governs(&self, connection: &str, read_only: bool) -> bool {
+        read_only
+            || self.config.default != Action::Allow
+            || self
+                .config
+                .rules
+                .iter()
+                .any(|r| r.connections.is_empty() || r.connections.iter().any(|c| c == connection))
+    }
+
+    /// The decision on a connection nothing governs.
+    pub fn ungoverned(&self) -> Decision {
+        self.default_decision()
+    }
+
     pub fn allowed_startup_setting(&self, name: &str) -> bool {
         self.config
             .allowed_startup_settings
