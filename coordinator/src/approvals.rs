@@ -1,0 +1,586 @@
+//! The approvals domain: approval requests and their decisions, one-time consumption,
+//! time-windowed grants, and the latest signed checkpoint of every audit stream.
+//!
+//! A deterministic state machine: every change is a [`Command`] applied in log order, time
+//! arrives inside the command (never read from a clock here), maps are ordered. Two replicas
+//! that apply the same commands hold the same state, byte for byte once serialised, which is
+//! what a Raft state machine needs. No Raft types appear here.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Milliseconds since the Unix epoch, as stamped by the proposer.
+pub type Millis = u64;
+
+/// Who asks or decides, as established from a verified token.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub subject: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    /// Approved and used: a one-time approval is consumed exactly once.
+    Consumed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub approver: String,
+    pub approve: bool,
+    pub comment: Option<String>,
+    pub at: Millis,
+}
+
+/// A statement held for approval, bound to who asked, where, and the exact statement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub id: String,
+    pub requester: Actor,
+    pub connection: String,
+    /// Hex SHA-256 of the exact statement text.
+    pub statement_hash: String,
+    pub reason: Option<String>,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    /// Members of this group may decide.
+    pub approver_group: String,
+    pub approvals_required: u32,
+    pub votes: Vec<Vote>,
+    pub state: RequestState,
+    pub consumed_at: Option<Millis>,
+}
+
+impl ApprovalRequest {
+    fn expired(&self, now: Millis) -> bool {
+        now >= self.expires_at
+    }
+}
+
+/// "This principal may use this access class on this connection in this window."
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    pub subject: String,
+    pub connection: String,
+    /// What the grant covers, e.g. `write`.
+    pub access_class: String,
+    pub not_before: Millis,
+    pub not_after: Millis,
+    pub granted_by: String,
+    pub revoked_at: Option<Millis>,
+}
+
+impl Grant {
+    fn active(&self, now: Millis) -> bool {
+        self.revoked_at.is_none() && self.not_before <= now && now < self.not_after
+    }
+}
+
+/// A node's signed statement of how far an audit stream reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub stream: String,
+    pub seq: u64,
+    /// Hex SHA-256 of the record at `seq`.
+    pub hash: String,
+    pub time: Millis,
+    /// Hex Ed25519 signature by the node's key (verified before the command is proposed).
+    pub signature: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateRequest {
+        id: String,
+        requester: Actor,
+        connection: String,
+        statement_hash: String,
+        reason: Option<String>,
+        now: Millis,
+        ttl: Millis,
+        approver_group: String,
+        approvals_required: u32,
+    },
+    Decide {
+        id: String,
+        approver: Actor,
+        approve: bool,
+        comment: Option<String>,
+        now: Millis,
+    },
+    /// Use an approved request for this principal, connection and statement: succeeds once.
+    Consume {
+        subject: String,
+        connection: String,
+        statement_hash: String,
+        now: Millis,
+    },
+    CreateGrant {
+        grant: Grant,
+    },
+    RevokeGrant {
+        id: String,
+        now: Millis,
+    },
+    PutCheckpoint {
+        checkpoint: Checkpoint,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum DomainError {
+    #[error("no approval request {0}")]
+    NotFound(String),
+    #[error("an object with id {0} exists already")]
+    Duplicate(String),
+    #[error("the request was decided already")]
+    AlreadyDecided,
+    #[error("the requester cannot approve their own request")]
+    SelfApproval,
+    #[error("{0} is not in the approver group")]
+    NotApprover(String),
+    #[error("{0} has voted on this request already")]
+    AlreadyVoted(String),
+    #[error("the request has expired")]
+    Expired,
+    #[error("no approved request matches")]
+    NothingToConsume,
+    #[error("invalid command: {0}")]
+    Invalid(String),
+    #[error("checkpoint for stream {stream} goes back from seq {have} to {got}")]
+    CheckpointRegression { stream: String, have: u64, got: u64 },
+    #[error("checkpoint for stream {stream} seq {seq} conflicts with the one held")]
+    CheckpointConflict { stream: String, seq: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    Request(ApprovalRequest),
+    Grant(Grant),
+    Checkpoint(Checkpoint),
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub requests: BTreeMap<String, ApprovalRequest>,
+    pub grants: BTreeMap<String, Grant>,
+    pub checkpoints: BTreeMap<String, Checkpoint>,
+}
+
+impl State {
+    /// Applies one command. A refused command changes nothing.
+    pub fn apply(&mut self, cmd: Command) -> Result<Applied, DomainError> {
+        match cmd {
+            Command::CreateRequest {
+                id,
+                requester,
+                connection,
+                statement_hash,
+                reason,
+                now,
+                ttl,
+                approver_group,
+                approvals_required,
+            } => {
+                if self.requests.contains_key(&id) {
+                    return Err(DomainError::Duplicate(id));
+                }
+                if approvals_required == 0 || ttl == 0 || approver_group.is_empty() {
+                    return Err(DomainError::Invalid(
+                        "a request needs an approver group, at least one approval and a lifetime"
+                            .into(),
+                    ));
+                }
+                let request = ApprovalRequest {
+                    id: id.clone(),
+                    requester,
+                    connection,
+                    statement_hash,
+                    reason,
+                    created_at: now,
+                    expires_at: now.saturating_add(ttl),
+                    approver_group,
+                    approvals_required,
+                    votes: Vec::new(),
+                    state: RequestState::Pending,
+                    consumed_at: None,
+                };
+                self.requests.insert(id, request.clone());
+                Ok(Applied::Request(request))
+            }
+            Command::Decide {
+                id,
+                approver,
+                approve,
+                comment,
+                now,
+            } => {
+                let r = self
+                    .requests
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::NotFound(id.clone()))?;
+                if r.state != RequestState::Pending {
+                    return Err(DomainError::AlreadyDecided);
+                }
+                if r.expired(now) {
+                    return Err(DomainError::Expired);
+                }
+                if approver.subject == r.requester.subject {
+                    return Err(DomainError::SelfApproval);
+                }
+                if !approver.groups.contains(&r.approver_group) {
+                    return Err(DomainError::NotApprover(approver.subject));
+                }
+                if r.votes.iter().any(|v| v.approver == approver.subject) {
+                    return Err(DomainError::AlreadyVoted(approver.subject));
+                }
+                r.votes.push(Vote {
+                    approver: approver.subject,
+                    approve,
+                    comment,
+                    at: now,
+                });
+                // One denial decides; approvals decide when enough distinct approvers agree.
+                if !approve {
+                    r.state = RequestState::Denied;
+                } else if r.votes.iter().filter(|v| v.approve).count() as u32
+                    >= r.approvals_required
+                {
+                    r.state = RequestState::Approved;
+                }
+                Ok(Applied::Request(r.clone()))
+            }
+            Command::Consume {
+                subject,
+                connection,
+                statement_hash,
+                now,
+            } => {
+                // The oldest matching approval is used; the compare (approved, not expired)
+                // and the set (consumed) happen in one apply, so exactly one caller wins.
+                let r = self
+                    .requests
+                    .values_mut()
+                    .filter(|r| {
+                        r.state == RequestState::Approved
+                            && r.requester.subject == subject
+                            && r.connection == connection
+                            && r.statement_hash == statement_hash
+                            && !r.expired(now)
+                    })
+                    .min_by_key(|r| (r.created_at, r.id.clone()))
+                    .ok_or(DomainError::NothingToConsume)?;
+                r.state = RequestState::Consumed;
+                r.consumed_at = Some(now);
+                Ok(Applied::Request(r.clone()))
+            }
+            Command::CreateGrant { grant } => {
+                if self.grants.contains_key(&grant.id) {
+                    return Err(DomainError::Duplicate(grant.id));
+                }
+                if grant.not_after <= grant.not_before {
+                    return Err(DomainError::Invalid("a grant's window is empty".into()));
+                }
+                self.grants.insert(grant.id.clone(), grant.clone());
+                Ok(Applied::Grant(grant))
+            }
+            Command::RevokeGrant { id, now } => {
+                let g = self
+                    .grants
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::NotFound(id.clone()))?;
+                g.revoked_at.get_or_insert(now);
+                Ok(Applied::Grant(g.clone()))
+            }
+            Command::PutCheckpoint { checkpoint } => {
+                if let Some(have) = self.checkpoints.get(&checkpoint.stream) {
+                    if checkpoint.seq < have.seq {
+                        return Err(DomainError::CheckpointRegression {
+                            stream: checkpoint.stream,
+                            have: have.seq,
+                            got: checkpoint.seq,
+                        });
+                    }
+                    if checkpoint.seq == have.seq && checkpoint.hash != have.hash {
+                        return Err(DomainError::CheckpointConflict {
+                            stream: checkpoint.stream,
+                            seq: checkpoint.seq,
+                        });
+                    }
+                }
+                self.checkpoints
+                    .insert(checkpoint.stream.clone(), checkpoint.clone());
+                Ok(Applied::Checkpoint(checkpoint))
+            }
+        }
+    }
+
+    /// An active grant for this principal, connection and access class at `now`.
+    pub fn active_grant(
+        &self,
+        subject: &str,
+        connection: &str,
+        access_class: &str,
+        now: Millis,
+    ) -> Option<&Grant> {
+        self.grants.values().find(|g| {
+            g.subject == subject
+                && g.connection == connection
+                && g.access_class == access_class
+                && g.active(now)
+        })
+    }
+
+    /// Requests still waiting for a decision at `now`.
+    pub fn pending(&self, now: Millis) -> impl Iterator<Item = &ApprovalRequest> {
+        self.requests
+            .values()
+            .filter(move |r| r.state == RequestState::Pending && !r.expired(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(subject: &str, groups: &[&str]) -> Actor {
+        Actor {
+            subject: subject.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    fn create(id: &str, required: u32, now: Millis) -> Command {
+        Command::CreateRequest {
+            id: id.into(),
+            requester: actor("agent", &["approvers"]),
+            connection: "app".into(),
+            statement_hash: "h1".into(),
+            reason: Some("monthly cleanup".into()),
+            now,
+            ttl: 60_000,
+            approver_group: "approvers".into(),
+            approvals_required: required,
+        }
+    }
+
+    fn decide(id: &str, who: &str, approve: bool, now: Millis) -> Command {
+        Command::Decide {
+            id: id.into(),
+            approver: actor(who, &["approvers"]),
+            approve,
+            comment: None,
+            now,
+        }
+    }
+
+    fn consume(now: Millis) -> Command {
+        Command::Consume {
+            subject: "agent".into(),
+            connection: "app".into(),
+            statement_hash: "h1".into(),
+            now,
+        }
+    }
+
+    #[test]
+    fn an_approval_is_consumed_exactly_once() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        assert_eq!(s.apply(consume(1)), Err(DomainError::NothingToConsume));
+        s.apply(decide("r1", "alice", true, 2)).unwrap();
+        assert!(
+            matches!(s.apply(consume(3)), Ok(Applied::Request(r)) if r.state == RequestState::Consumed)
+        );
+        assert_eq!(s.apply(consume(4)), Err(DomainError::NothingToConsume));
+    }
+
+    #[test]
+    fn requesters_cannot_approve_themselves_and_approvers_need_the_group() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        assert_eq!(
+            s.apply(decide("r1", "agent", true, 1)),
+            Err(DomainError::SelfApproval)
+        );
+        let outsider = Command::Decide {
+            id: "r1".into(),
+            approver: actor("mallory", &["analysts"]),
+            approve: true,
+            comment: None,
+            now: 1,
+        };
+        assert_eq!(
+            s.apply(outsider),
+            Err(DomainError::NotApprover("mallory".into()))
+        );
+        assert_eq!(s.requests["r1"].state, RequestState::Pending);
+    }
+
+    #[test]
+    fn several_approvals_and_a_denial() {
+        let mut s = State::default();
+        s.apply(create("r1", 2, 0)).unwrap();
+        s.apply(decide("r1", "alice", true, 1)).unwrap();
+        assert_eq!(
+            s.apply(decide("r1", "alice", true, 2)),
+            Err(DomainError::AlreadyVoted("alice".into()))
+        );
+        assert_eq!(s.requests["r1"].state, RequestState::Pending);
+        s.apply(decide("r1", "bob", true, 3)).unwrap();
+        assert_eq!(s.requests["r1"].state, RequestState::Approved);
+        assert_eq!(
+            s.apply(decide("r1", "carol", false, 4)),
+            Err(DomainError::AlreadyDecided)
+        );
+        s.apply(create("r2", 2, 0)).unwrap();
+        s.apply(decide("r2", "alice", false, 1)).unwrap();
+        assert_eq!(s.requests["r2"].state, RequestState::Denied);
+    }
+
+    #[test]
+    fn expiry_is_judged_by_the_time_in_the_command() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        assert_eq!(
+            s.apply(decide("r1", "alice", true, 60_000)),
+            Err(DomainError::Expired)
+        );
+        s.apply(create("r2", 1, 0)).unwrap();
+        s.apply(decide("r2", "alice", true, 10)).unwrap();
+        assert_eq!(s.apply(consume(60_001)), Err(DomainError::NothingToConsume));
+        assert_eq!(s.pending(59_999).count(), 1);
+        assert_eq!(s.pending(60_000).count(), 0);
+    }
+
+    #[test]
+    fn grants_cover_their_window_until_revoked() {
+        let mut s = State::default();
+        let grant = Grant {
+            id: "g1".into(),
+            subject: "agent".into(),
+            connection: "app".into(),
+            access_class: "write".into(),
+            not_before: 100,
+            not_after: 200,
+            granted_by: "alice".into(),
+            revoked_at: None,
+        };
+        s.apply(Command::CreateGrant {
+            grant: grant.clone(),
+        })
+        .unwrap();
+        assert!(s.active_grant("agent", "app", "write", 99).is_none());
+        assert!(s.active_grant("agent", "app", "write", 150).is_some());
+        assert!(s.active_grant("agent", "app", "read", 150).is_none());
+        assert!(s.active_grant("agent", "app", "write", 200).is_none());
+        s.apply(Command::RevokeGrant {
+            id: "g1".into(),
+            now: 160,
+        })
+        .unwrap();
+        assert!(s.active_grant("agent", "app", "write", 170).is_none());
+        let empty = Grant {
+            id: "g2".into(),
+            not_after: 100,
+            ..grant
+        };
+        assert!(matches!(
+            s.apply(Command::CreateGrant { grant: empty }),
+            Err(DomainError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn checkpoints_only_move_forward() {
+        let mut s = State::default();
+        let cp = |seq, hash: &str| Command::PutCheckpoint {
+            checkpoint: Checkpoint {
+                stream: "n1:1".into(),
+                seq,
+                hash: hash.into(),
+                time: seq,
+                signature: "sig".into(),
+            },
+        };
+        s.apply(cp(10, "a")).unwrap();
+        s.apply(cp(10, "a")).unwrap();
+        assert!(matches!(
+            s.apply(cp(10, "b")),
+            Err(DomainError::CheckpointConflict { .. })
+        ));
+        assert!(matches!(
+            s.apply(cp(9, "c")),
+            Err(DomainError::CheckpointRegression { .. })
+        ));
+        s.apply(cp(20, "d")).unwrap();
+        assert_eq!(s.checkpoints["n1:1"].seq, 20);
+    }
+
+    /// Random command sequences applied to two replicas: same state, and the invariants hold.
+    #[test]
+    fn replicas_agree_and_invariants_hold_under_random_commands() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut a, mut b) = (State::default(), State::default());
+        let mut consumed_ok = BTreeMap::<String, u32>::new();
+        for step in 0..5_000u64 {
+            let id = format!("r{}", next(40));
+            let now = step * 10;
+            let cmd = match next(4) {
+                0 => create(&id, 1 + next(2) as u32, now),
+                1 => decide(
+                    &id,
+                    ["alice", "bob", "agent"][next(3) as usize],
+                    next(4) != 0,
+                    now,
+                ),
+                2 => consume(now),
+                _ => decide(&id, "carol", true, now),
+            };
+            let ra = a.apply(cmd.clone());
+            let rb = b.apply(cmd);
+            assert_eq!(ra, rb);
+            if let Ok(Applied::Request(r)) = &ra {
+                if r.state == RequestState::Consumed {
+                    *consumed_ok.entry(r.id.clone()).or_default() += 1;
+                }
+            }
+        }
+        assert_eq!(a, b);
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap()
+        );
+        assert!(
+            consumed_ok.values().all(|&n| n == 1),
+            "consumed at most once"
+        );
+        for r in a.requests.values() {
+            let approvals = r.votes.iter().filter(|v| v.approve).count() as u32;
+            let denials = r.votes.iter().filter(|v| !v.approve).count();
+            match r.state {
+                RequestState::Denied => assert_eq!(denials, 1),
+                RequestState::Approved | RequestState::Consumed => {
+                    assert_eq!(denials, 0);
+                    assert!(approvals >= r.approvals_required);
+                }
+                RequestState::Pending => assert_eq!(denials, 0),
+            }
+            assert!(r.votes.iter().all(|v| v.approver != r.requester.subject));
+        }
+    }
+}
