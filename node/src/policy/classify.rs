@@ -134,6 +134,19 @@ fn classify_statement(node: &Value) -> StatementInfo {
     let top = single(node);
     if let Some((name, body)) = top {
         info.kind = Some(top_kind(name, body, &mut info));
+        // Every DROP … and ALTER … carries its flag, whatever its object.
+        if name.starts_with("Drop") {
+            info.flags.insert(Flag::Drop);
+        }
+        if name.starts_with("Alter") {
+            info.flags.insert(Flag::Alter);
+        }
+        if name == "CreateTrigStmt" || name == "CreateEventTrigStmt" {
+            info.flags.insert(Flag::Procedural);
+        }
+        if name == "DropStmt" {
+            dropped_relations(body, &mut info);
+        }
     }
     walk(node, 0, &mut info);
     // A read that contains a write anywhere (CTE, COPY (DELETE … RETURNING)) is a write; a
@@ -317,6 +330,43 @@ fn top_kind(name: &str, body: &Value, info: &mut StatementInfo) -> StatementKind
     }
 }
 
+/// Names of the relations a `DROP TABLE/VIEW/…` removes (they are name lists, not RangeVars).
+fn dropped_relations(body: &Value, info: &mut StatementInfo) {
+    use pg_query::protobuf::ObjectType as O;
+    const RELATIONS: &[i64] = &[
+        O::ObjectTable as i64,
+        O::ObjectView as i64,
+        O::ObjectMatview as i64,
+        O::ObjectSequence as i64,
+        O::ObjectForeignTable as i64,
+        O::ObjectIndex as i64,
+    ];
+    let relation = body
+        .get("remove_type")
+        .and_then(Value::as_i64)
+        .is_some_and(|t| RELATIONS.contains(&t));
+    if !relation {
+        return;
+    }
+    for object in body
+        .get("objects")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let parts: Vec<&str> = object
+            .pointer("/node/List/items")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.pointer("/node/String/sval").and_then(Value::as_str))
+            .collect();
+        if !parts.is_empty() {
+            info.tables.insert(parts.join("."));
+        }
+    }
+}
+
 /// Whether an INSERT, UPDATE, DELETE or MERGE appears anywhere under `v`.
 fn subtree_writes(v: &Value) -> bool {
     match v {
@@ -477,6 +527,17 @@ mod tests {
             K::Procedural
         );
         assert!(one("DROP TABLE t").flags.contains(&F::Drop));
+        let drop = one("DROP TABLE s.t, u");
+        assert!(drop.tables.contains("s.t") && drop.tables.contains("u"));
+        assert!(one("DROP ROLE r").flags.contains(&F::Drop));
+        assert!(one("ALTER SUBSCRIPTION s DISABLE")
+            .flags
+            .contains(&F::Alter));
+        assert!(
+            one("CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()")
+                .flags
+                .contains(&F::Procedural)
+        );
         assert!(one("TRUNCATE t").flags.contains(&F::Truncate));
         assert_eq!(one("GRANT ALL ON t TO public").kind(), K::Privilege);
         let p = one("PREPARE p AS DELETE FROM t");
