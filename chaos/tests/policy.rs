@@ -470,7 +470,7 @@ async fn t73_masking_of_results_audit_and_client_copies() {
     let again = rows(other.simple_query(sql).await.unwrap());
     assert_eq!(again[0][1].as_deref(), Some(name_token.as_str()));
     let key_file = node.files.dir.path().join("other.key");
-    std::fs::write(&key_file, "another key").unwrap();
+    std::fs::write(&key_file, "another masking key, long enough").unwrap();
     let extra: &'static str = Box::leak(
         format!(
             "{MASKING}\n[policy]\nmasking_key = {{ file = \"{}\" }}\n",

@@ -454,6 +454,14 @@ impl Config {
                 }
             }
         }
+        for (i, d) in self.policy.masking.detectors.iter().enumerate() {
+            if d.kind == crate::policy::masking::EntityKind::Column {
+                return Err(invalid(
+                    format!("policy.masking.detectors[{i}].kind"),
+                    "`column` is not a detector; use [[policy.masking.columns]]",
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, c) in pg.connections.iter().enumerate() {
             let key = |k: &str| format!("postgres.connections[{i}].{k}");

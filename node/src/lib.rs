@@ -69,19 +69,28 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
 
 /// The key of deterministic masking tokens: from the config, or generated once and kept in
 /// `<data_dir>/masking.key` so tokens stay stable across restarts.
+/// Either way the key is the file's (or variable's) text, so a copy of `masking.key` given as
+/// `masking_key` yields the same tokens.
 fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
+    let masking = &config.policy.masking;
+    if masking.columns.is_empty() && masking.detectors.is_empty() {
+        return Ok(Vec::new());
+    }
     if let Some(r) = &config.policy.masking_key {
         let secret = r.resolve().context("policy.masking_key")?;
+        anyhow::ensure!(
+            secret.expose().len() >= 16,
+            "policy.masking_key: the key must be at least 16 characters"
+        );
         return Ok(secret.expose().as_bytes().to_vec());
     }
     let path = config.node.data_dir.join("masking.key");
     match std::fs::read_to_string(&path) {
-        Ok(hex_key) => hex::decode(hex_key.trim())
-            .with_context(|| format!("{} is not a hex key", path.display())),
+        Ok(key) => Ok(key.trim_end_matches(['\r', '\n']).as_bytes().to_vec()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = rand::random::<[u8; 32]>().to_vec();
+            let key = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
             std::fs::create_dir_all(&config.node.data_dir)?;
-            std::fs::write(&path, hex::encode(&key))
+            std::fs::write(&path, &key)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             #[cfg(unix)]
             {

@@ -101,7 +101,9 @@ enum Pending {
         name: String,
         text: Arc<str>,
     },
-    Bind,
+    Bind {
+        portal: String,
+    },
     Close,
     Describe {
         kind: u8,
@@ -345,7 +347,9 @@ impl ClientHalf {
                         result_formats: bind.result_formats,
                     },
                 );
-                self.expect(Pending::Bind);
+                self.expect(Pending::Bind {
+                    portal: bind.portal.to_string(),
+                });
                 out.extend_from_slice(&frame.raw);
             }
             b'E' => {
@@ -657,6 +661,9 @@ struct Acc {
     copy_out: u64,
     /// Column masks of the current result set (`None` while masking is off or not yet known).
     masks: Option<Arc<Vec<ColMask>>>,
+    /// Rows arrive with no column description while column rules exist: every value is
+    /// treated as unresolved.
+    unknown_columns: bool,
     masked: Counts,
 }
 
@@ -797,7 +804,17 @@ impl TargetHalf {
         match frame.tag {
             b'G' => self.in_copy_in = true,
             b'1' | b'2' | b'3' => {
-                self.queue.pop_front();
+                // A statement parsed again, or a portal bound again, is described anew: an
+                // old description must not pick the columns that get masked.
+                match self.queue.pop_front() {
+                    Some(Pending::Parse { name, .. }) => {
+                        self.described.remove(&(b'S', name));
+                    }
+                    Some(Pending::Bind { portal }) => {
+                        self.described.remove(&(b'P', portal));
+                    }
+                    _ => {}
+                }
             }
             b'n' => {
                 if let Some(Pending::Describe { .. }) = self.queue.front() {
@@ -823,6 +840,9 @@ impl TargetHalf {
                     // An Execute's rows: the columns were described before.
                     let fields = match self.queue.front() {
                         Some(Pending::Execute(unit)) => {
+                            // Rows of an Execute nobody described: the columns are unknown, so
+                            // column rules cannot be matched; fail closed.
+                            self.acc.unknown_columns = self.described_fields(unit).is_none();
                             self.described_fields(unit).map(|fields| {
                                 // A statement's Describe does not know the formats; the Bind
                                 // chose them.
@@ -1012,6 +1032,7 @@ impl TargetHalf {
         acc.response.bytes += body.len() as u64;
         let values = messages::parse_data_row(body).ok();
         let masks = acc.masks.clone();
+        let unknown = acc.unknown_columns && masker.has_column_rules();
         let limit = self.ctx.max_result_bytes;
         match &values {
             Some(values) if !acc.response.truncated && acc.result_bytes + body.len() <= limit => {
@@ -1024,6 +1045,10 @@ impl TargetHalf {
                             let text = display_value(v);
                             let Some(masks) = &masks else { return text };
                             match masks.get(i) {
+                                _ if unknown => {
+                                    *acc.masked.entry("unresolved".into()).or_default() += 1;
+                                    "[redacted]".to_string()
+                                }
                                 Some(m) if m.unresolved => {
                                     *acc.masked.entry("unresolved".into()).or_default() += 1;
                                     "[redacted]".to_string()
@@ -1061,6 +1086,15 @@ impl TargetHalf {
             .enumerate()
             .map(|(i, v)| {
                 let m = masks.get(i);
+                if unknown {
+                    // Unknown columns: text is redacted, anything else withheld.
+                    changed |= v.is_some();
+                    return v.and_then(|v| {
+                        std::str::from_utf8(v)
+                            .ok()
+                            .map(|_| Cow::Owned(b"[redacted]".to_vec()))
+                    });
+                }
                 // A binary value of another type cannot be rewritten: when a client-side rule
                 // covers it, it is withheld (NULL) rather than leaked.
                 if m.is_some_and(|m| {
@@ -1106,6 +1140,21 @@ impl TargetHalf {
                 acc.response.columns = fields.iter().map(|f| f.name.clone()).collect();
             }
         }
+        // Values echoed in errors and in a failed Parse's text are masked like results.
+        let masker = &self.ctx.masker;
+        let mut request = unit.request;
+        if masker.is_active() {
+            if let Some(e) = acc.response.error.as_mut() {
+                if let Cow::Owned(m) = masker.mask(&e.message, None, false, Some(&mut acc.masked)) {
+                    e.message = m;
+                }
+            }
+            if let Some(r) = request.as_mut() {
+                if let Cow::Owned(m) = masker.mask(&r.text, None, false, Some(&mut acc.masked)) {
+                    r.text = m;
+                }
+            }
+        }
         let outcome = if acc.response.error.is_some() {
             Outcome::Error
         } else {
@@ -1118,7 +1167,7 @@ impl TargetHalf {
             .inc();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
         rec.stmt = Some(unit.stmt);
-        rec.request = unit.request;
+        rec.request = request;
         rec.masked = acc.masked;
         rec.response = Some(acc.response);
         rec.outcome = Some(outcome);

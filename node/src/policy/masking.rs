@@ -74,7 +74,8 @@ pub struct ColumnRule {
     /// For `keep_last`.
     #[serde(default)]
     pub keep: usize,
-    /// Mask what the client receives too (text-format values only).
+    /// Mask what the client receives too (text values; a binary value of another type is
+    /// withheld as NULL).
     #[serde(default)]
     pub client: bool,
 }
