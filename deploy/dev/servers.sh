@@ -5,8 +5,8 @@
 #
 # Run deploy/dev/setup.sh once first. Run as root (PostgreSQL itself runs as `postgres`).
 #   VIGIL_DEV_DIR        state dir (default /tmp/vigil-dev)
-#   VIGIL_DEV_PG_PORT    PostgreSQL port on 127.0.0.1 (default 55432)
-#   VIGIL_DEV_OIDC_PORT  OIDC provider port on 127.0.0.1 (default 55480)
+#   VIGIL_DEV_PG_PORT    PostgreSQL port on 127.0.0.1 (default 25432; below the ephemeral port range)
+#   VIGIL_DEV_OIDC_PORT  OIDC provider port on 127.0.0.1 (default 25480)
 #
 # `start` is idempotent: servers that are already up are left alone and only the env
 # file $VIGIL_DEV_DIR/env (`export NAME=value` lines, for `source`) is rewritten.
@@ -18,8 +18,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 oidc_src="$here/oidc"
 
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
-pg_port="${VIGIL_DEV_PG_PORT:-55432}"
-oidc_port="${VIGIL_DEV_OIDC_PORT:-55480}"
+pg_port="${VIGIL_DEV_PG_PORT:-25432}"
+oidc_port="${VIGIL_DEV_OIDC_PORT:-25480}"
 tools_dir="${VIGIL_TOOLS_DIR:-/opt/vigil-dev}"
 
 pg_bin=/usr/lib/postgresql/15/bin

@@ -13,8 +13,9 @@ if [[ -z "${VIGIL_DEV_DIR:-}" ]]; then
   rmdir "$VIGIL_DEV_DIR"  # servers.sh creates it (and marks it as its own)
   export VIGIL_DEV_DIR
 fi
-deploy/dev/servers.sh start
+# Cleanup is armed before the start, so a half-started set of servers is stopped too.
 trap 'deploy/dev/servers.sh clean' EXIT
+deploy/dev/servers.sh start
 
 # The end-to-end tests run the `vigil-node` and `vigil` binaries as child processes.
 cargo build --workspace --bins
