@@ -323,8 +323,14 @@ fn rule_matches(rule: &Rule, s: &StatementInfo, p: &Principal, connection: &str)
 /// The classification of one message: its statements, or why it does not parse.
 pub type Classification = Result<Vec<StatementInfo>, classify::ParseError>;
 
-/// Classifications by statement text, so a statement repeated by a pool or a benchmark is
-/// parsed once.
+/// Classifications by statement shape, so a statement repeated by a pool, a benchmark or a
+/// loop over ids is parsed once.
+///
+/// The cache key is the token stream of PostgreSQL's own scanner (libpg_query), with the values
+/// of numeric constants left out: two texts with the same key have the same parse tree but for
+/// those numbers, and nothing the classifier reports depends on a number. String constants
+/// stay in the key (`EXPLAIN (ANALYZE 'off')` differs from `EXPLAIN (ANALYZE 'on')`). Each
+/// token is length-prefixed, so different token streams cannot collide.
 pub struct Classifier {
     cache: moka::sync::Cache<String, Arc<Classification>>,
 }
@@ -342,13 +348,35 @@ impl Default for Classifier {
 
 impl Classifier {
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
-        if let Some(c) = self.cache.get(sql) {
+        let Some(key) = shape_key(sql) else {
+            // The scanner refused the text: it does not parse either.
+            return Arc::new(classify::classify(sql));
+        };
+        if let Some(c) = self.cache.get(&key) {
             return c;
         }
         let c = Arc::new(classify::classify(sql));
-        self.cache.insert(sql.to_string(), c.clone());
+        self.cache.insert(key, c.clone());
         c
     }
+}
+
+/// The cache key of a statement: its scanner tokens, numeric constants blanked.
+fn shape_key(sql: &str) -> Option<String> {
+    use pg_query::protobuf::Token;
+    let scan = pg_query::scan(sql).ok()?;
+    let mut key = String::with_capacity(sql.len() + 4 * scan.tokens.len());
+    for t in &scan.tokens {
+        let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
+        let text = if t.token == Token::Iconst as i32 || t.token == Token::Fconst as i32 {
+            "#"
+        } else {
+            text
+        };
+        key.push_str(&format!("{}:{}:", t.token, text.len()));
+        key.push_str(text);
+    }
+    Some(key)
 }
 
 /// Parses a startup `options` string into `(name, value)` settings: `-c name=value`,
@@ -379,6 +407,30 @@ pub fn startup_settings(options: &str) -> Result<Vec<(String, String)>, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_that_differ_in_numbers_share_a_classification() {
+        let c = Classifier::default();
+        let a = c.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 17");
+        let b = c.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 123456");
+        assert!(Arc::ptr_eq(&a, &b));
+        // Strings, names and keywords are part of the shape.
+        let off = c.classify("EXPLAIN (ANALYZE 'off') DELETE FROM t WHERE id = 1");
+        let on = c.classify("EXPLAIN (ANALYZE 'on') DELETE FROM t WHERE id = 1");
+        assert!(!Arc::ptr_eq(&off, &on));
+        assert_eq!(
+            on.as_ref().as_ref().unwrap()[0].kind(),
+            classify::StatementKind::Write
+        );
+        assert_eq!(
+            off.as_ref().as_ref().unwrap()[0].kind(),
+            classify::StatementKind::Read
+        );
+        let t = c.classify("SELECT * FROM t WHERE id = 1");
+        let u = c.classify("SELECT * FROM u WHERE id = 1");
+        assert!(!Arc::ptr_eq(&t, &u));
+        assert!(c.classify("SELEC 1").is_err());
+    }
 
     #[test]
     fn startup_options_parse() {
