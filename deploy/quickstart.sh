@@ -13,7 +13,7 @@ deploy/dev/servers.sh start
 . "${VIGIL_DEV_DIR:-/tmp/vigil-dev}/env"
 
 echo "quickstart: building vigil (release)…"
-cargo build --release --bins
+cargo build --release -p vigil-node --bins
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
 DIR="${VIGIL_QUICKSTART_DIR:-/tmp/vigil-quickstart}"
@@ -55,6 +55,20 @@ database = "bench"
 user = "$VIGIL_PG_GATEWAY_USER"
 password = { file = "$DIR/target-password" }
 allow = { any_authenticated = true }
+
+# Guardrails and masking (docs/policy.md): destructive statements are refused on "app", and
+# e-mail addresses never reach the audit log in clear.
+[[policy.rules]]
+id = "no-destruction"
+action = "block"
+connections = ["app"]
+flags = ["drop", "truncate", "delete_without_where", "update_without_where"]
+reason = "destructive statements need a human"
+
+[[policy.masking.detectors]]
+kind = "email"
+method = "keep_last"
+keep = 4
 TOML
 
 "$BIN/vigil-node" --config "$DIR/vigil-node.toml" > "$DIR/vigil-node.log" 2>&1 &
@@ -85,7 +99,8 @@ password is an OIDC access token (valid 10 minutes):
 
   (new token: $TOKEN_CMD)
 
-Then, in another shell:
+Try "DELETE FROM customers" (refused by the guardrail) and "SELECT * FROM customers" (the
+e-mail addresses are masked in the audit copy). Then, in another shell:
 
   $BIN/vigil audit verify --config $DIR/vigil-node.toml
   $BIN/vigil sessions --config $DIR/vigil-node.toml

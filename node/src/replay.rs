@@ -200,6 +200,22 @@ pub fn render(records: &[Record]) -> String {
                     b.duration_us.unwrap_or(0)
                 );
             }
+            Kind::Blocked => {
+                let rule = b
+                    .policy
+                    .as_ref()
+                    .map(|p| format!(" (rule {})", p.rule))
+                    .unwrap_or_default();
+                let text = b.request.as_ref().map(|q| q.text.as_str()).unwrap_or("");
+                let _ = writeln!(
+                    out,
+                    "\n[{}] #{} {text}\n  -> #{} REFUSED{rule}: {}",
+                    b.time,
+                    b.stmt.unwrap_or(0),
+                    b.stmt.unwrap_or(0),
+                    b.detail.as_deref().unwrap_or("")
+                );
+            }
             _ => {
                 let _ = writeln!(
                     out,
