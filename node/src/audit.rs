@@ -136,22 +136,12 @@ impl AuditLog {
 
     /// A body stamped with the time, this node and the session.
     pub fn body(&self, session: Option<&str>, kind: Kind) -> Body {
-        Body {
-            time: now_rfc3339(),
-            node: self.inner.node.clone(),
-            session: session.map(str::to_string),
+        Body::new(
+            now_rfc3339(),
+            self.inner.node.clone(),
+            session.map(str::to_string),
             kind,
-            principal: None,
-            connection: None,
-            stmt: None,
-            request: None,
-            response: None,
-            outcome: None,
-            duration_us: None,
-            policy: None,
-            detail: None,
-            masked: Default::default(),
-        }
+        )
     }
 
     /// Writes the record now; an error means it is not in the log.

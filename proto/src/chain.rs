@@ -85,22 +85,12 @@ mod tests {
     use crate::record::{Kind, Record};
 
     fn body(kind: Kind) -> Body {
-        Body {
-            time: "2026-11-27T09:00:00.000000001Z".into(),
-            node: "n1".into(),
-            session: None,
+        Body::new(
+            "2026-11-27T09:00:00.000000001Z".into(),
+            "n1".into(),
+            None,
             kind,
-            principal: None,
-            connection: None,
-            stmt: None,
-            request: None,
-            response: None,
-            outcome: None,
-            duration_us: None,
-            policy: None,
-            detail: None,
-            masked: Default::default(),
-        }
+        )
     }
 
     #[test]

@@ -178,6 +178,28 @@ pub struct Body {
     pub masked: std::collections::BTreeMap<String, u64>,
 }
 
+impl Body {
+    /// A body with only the fields every record has; the rest is filled in by the caller.
+    pub fn new(time: String, node: String, session: Option<String>, kind: Kind) -> Self {
+        Self {
+            time,
+            node,
+            session,
+            kind,
+            principal: None,
+            connection: None,
+            stmt: None,
+            request: None,
+            response: None,
+            outcome: None,
+            duration_us: None,
+            policy: None,
+            detail: None,
+            masked: Default::default(),
+        }
+    }
+}
+
 /// A whole record as read back from a log or topic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {

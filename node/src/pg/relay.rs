@@ -434,19 +434,12 @@ impl ClientHalf {
                 });
                 rec.detail = Some("the FunctionCall message is not allowed".into());
                 self.ctx.audit.record(rec);
-                self.ctx
-                    .metrics
-                    .statements
-                    .get_or_create(&outcome_label(Outcome::Blocked))
-                    .inc();
-                self.expect(Pending::Refuse {
-                    error: messages::error_response(
-                        false,
-                        "42501",
-                        "the FunctionCall message is not allowed through the Vigil gateway; use SELECT instead",
-                    ),
-                    ready: true,
-                });
+                self.refuse(
+                    Outcome::Blocked,
+                    "42501",
+                    "the FunctionCall message is not allowed through the Vigil gateway; use SELECT instead",
+                    true,
+                );
             }
             other => return Err(format!("unexpected message type {:?}", other as char)),
         }
@@ -555,11 +548,6 @@ impl ClientHalf {
             None => reason.clone(),
         });
         self.ctx.audit.record(rec);
-        self.ctx
-            .metrics
-            .statements
-            .get_or_create(&outcome_label(Outcome::Blocked))
-            .inc();
         let message = match decision.action {
             Action::RequireApproval => format!(
                 "statement requires approval (Vigil policy rule {}): {reason}; approvals are not available on this gateway yet, so nothing was run",
@@ -567,10 +555,7 @@ impl ClientHalf {
             ),
             _ => format!("blocked by Vigil policy (rule {}): {reason}", decision.rule),
         };
-        self.expect(Pending::Refuse {
-            error: messages::error_response(false, "42501", &message),
-            ready,
-        });
+        self.refuse(Outcome::Blocked, "42501", &message, ready);
     }
 
     fn audit_request(&mut self, request: Request, decision: &Decision) -> Option<Unit> {
@@ -618,17 +603,24 @@ impl ClientHalf {
     }
 
     fn refuse_unrecorded(&self, ready: bool) {
+        self.refuse(
+            Outcome::Error,
+            "58030",
+            "statement refused: the gateway cannot write its audit record; nothing was sent to the database",
+            ready,
+        );
+    }
+
+    /// Counts a statement the gateway answers itself and queues its ErrorResponse (and
+    /// ReadyForQuery if `ready`) in protocol order.
+    fn refuse(&self, outcome: Outcome, sqlstate: &str, message: &str, ready: bool) {
         self.ctx
             .metrics
             .statements
-            .get_or_create(&outcome_label(Outcome::Error))
+            .get_or_create(&outcome_label(outcome))
             .inc();
         self.expect(Pending::Refuse {
-            error: messages::error_response(
-                false,
-                "58030",
-                "statement refused: the gateway cannot write its audit record; nothing was sent to the database",
-            ),
+            error: messages::error_response(false, sqlstate, message),
             ready,
         });
     }
