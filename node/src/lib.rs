@@ -182,7 +182,16 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         metrics: metrics.clone(),
         cancels: pg::cancel::CancelRegistry::default(),
         max_result_bytes: config.audit.max_result_bytes,
-        policy: policy::Policy::new(config.policy.clone()),
+        policy: policy::Policy::for_node(
+            config.policy.clone(),
+            config
+                .postgres
+                .connections
+                .iter()
+                .filter(|c| c.read_only)
+                .map(|c| c.name.clone())
+                .collect(),
+        ),
         classifier: policy::Classifier::default(),
         masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
         catalogs,

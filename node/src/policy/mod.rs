@@ -122,7 +122,22 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(config: PolicyConfig) -> Arc<Self> {
-        let canonical = serde_json::to_vec(&config).expect("a policy serialises");
+        Self::for_node(config, Vec::new())
+    }
+
+    /// The policy of a node: the read-only connections decide too (rule `read-only`), so they
+    /// are part of the version when there are any.
+    pub fn for_node(config: PolicyConfig, mut read_only_connections: Vec<String>) -> Arc<Self> {
+        read_only_connections.sort();
+        let canonical = if read_only_connections.is_empty() {
+            serde_json::to_vec(&config)
+        } else {
+            serde_json::to_vec(&serde_json::json!({
+                "policy": &config,
+                "read_only_connections": read_only_connections,
+            }))
+        }
+        .expect("a policy serialises");
         let version = hex::encode(Sha256::digest(&canonical));
         Arc::new(Self { config, version })
     }
@@ -538,6 +553,8 @@ tables = ["public.customers"]
     fn the_version_changes_with_the_policy() {
         assert_ne!(policy(RULES).version(), policy("").version());
         assert_eq!(policy(RULES).version(), policy(RULES).version());
+        let ro = Policy::for_node(PolicyConfig::default(), vec!["app".into()]);
+        assert_ne!(ro.version(), policy("").version());
     }
 
     #[test]
