@@ -63,6 +63,11 @@ async fn session(port: u16, token: &str) -> TcpStream {
 
 /// Reads messages until ReadyForQuery; returns the tags seen.
 async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
+    read_until_ready_status(s).await.0
+}
+
+/// Reads messages until ReadyForQuery; returns the tags seen and the transaction status.
+async fn read_until_ready_status(s: &mut TcpStream) -> (Vec<u8>, u8) {
     let mut tags = Vec::new();
     loop {
         let tag = s.read_u8().await.unwrap();
@@ -71,9 +76,24 @@ async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
         s.read_exact(&mut body).await.unwrap();
         tags.push(tag);
         if tag == b'Z' {
-            return tags;
+            return (tags, body[0]);
         }
     }
+}
+
+fn parse(sql: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.push(0);
+    b.extend_from_slice(sql.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    typed(b'P', &b)
+}
+
+fn bind_execute() -> Vec<u8> {
+    let mut out = typed(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend(typed(b'E', &[0, 0, 0, 0, 0]));
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,11 +242,42 @@ async fn t41_one_statement_in_one_byte_writes_and_many_pipelined() {
     assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
     assert_eq!(read_until_ready(&mut s).await, vec![b'E', b'Z']);
     assert_eq!(read_until_ready(&mut s).await, vec![b'T', b'D', b'C', b'Z']);
+    // A refusal fails the target's transaction the way any error would: the insert before it
+    // in the same extended-protocol batch is rolled back with the batch ...
+    let mut batch = parse("INSERT INTO customers VALUES (900, 'x', 'y')");
+    batch.extend(bind_execute());
+    batch.extend(parse("TRUNCATE customers"));
+    batch.extend(bind_execute());
+    batch.extend(typed(b'S', b""));
+    s.write_all(&batch).await.unwrap();
+    let (tags, status) = read_until_ready_status(&mut s).await;
+    assert_eq!((tags, status), (vec![b'1', b'2', b'C', b'E', b'Z'], b'I'));
+    // ... and inside a transaction block the transaction is aborted.
+    for (sql, want) in [
+        ("BEGIN", b'T'),
+        ("INSERT INTO customers VALUES (901, 'x', 'y')", b'T'),
+        ("TRUNCATE customers", b'E'),
+        ("COMMIT", b'I'),
+    ] {
+        s.write_all(&typed(b'Q', format!("{sql}\0").as_bytes()))
+            .await
+            .unwrap();
+        let (_, status) = read_until_ready_status(&mut s).await;
+        assert_eq!(status, want, "{sql}");
+    }
     let records = node.records().await;
-    assert_eq!(of_kind(&records, Kind::Request).len(), 53);
-    assert_eq!(of_kind(&records, Kind::Response).len(), 53);
-    assert_eq!(of_kind(&records, Kind::Blocked).len(), 2);
+    assert_eq!(of_kind(&records, Kind::Request).len(), 57);
+    assert_eq!(of_kind(&records, Kind::Blocked).len(), 4);
     let su = direct_superuser(&node.files.db).await;
+    let rolled_back: i64 = su
+        .query_one("SELECT count(*) FROM customers WHERE id >= 900", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rolled_back, 0,
+        "the statements before a refusal did not commit"
+    );
     let n: i64 = su
         .query_one("SELECT count(*) FROM customers", &[])
         .await

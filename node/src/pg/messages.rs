@@ -368,6 +368,19 @@ pub fn sasl_response(data: &[u8]) -> Bytes {
     typed(b'p', |b| b.put_slice(data))
 }
 
+pub fn query(sql: &str) -> Bytes {
+    typed(b'Q', |b| put_cstr(b, sql))
+}
+
+/// Parse of an unnamed statement with no parameter types.
+pub fn parse(sql: &str) -> Bytes {
+    typed(b'P', |b| {
+        put_cstr(b, "");
+        put_cstr(b, sql);
+        b.put_i16(0);
+    })
+}
+
 pub fn terminate() -> Bytes {
     typed(b'X', |_| {})
 }

@@ -115,12 +115,18 @@ enum Pending {
     /// The client ended a COPY FROM STDIN (CopyDone or CopyFail). No response of its own; it
     /// marks which Syncs the target ignored because they arrived during copy-in.
     CopyEnd,
-    /// The gateway answers this one itself: an ErrorResponse, then ReadyForQuery if `ready`.
-    Refuse {
+    /// A refused statement. In its place the target got a statement that fails to parse, so
+    /// the target fails exactly as PostgreSQL fails on an error (an open transaction is
+    /// aborted; the rest of an extended-protocol batch is discarded up to Sync). The target's
+    /// ErrorResponse is replaced by `error`. `simple`: a Query, answered up to ReadyForQuery.
+    StandIn {
         error: Bytes,
-        ready: bool,
+        simple: bool,
     },
 }
+
+/// What the target is sent in place of a refused statement: it never parses.
+const STAND_IN: &str = "vigil_refused_this_statement";
 
 pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let Established {
@@ -296,13 +302,13 @@ impl ClientHalf {
                 let (decision, class) = self.check(text);
                 if decision.blocks() {
                     // If one statement of the message is blocked, none runs.
-                    self.block(request, &decision, true);
+                    self.block(request, &decision, true, out);
                 } else if let Some(unit) = self.audit_request(request, &decision) {
                     self.track_sql_prepares(text, &class, &decision);
                     self.expect(Pending::Query(unit));
                     out.extend_from_slice(&frame.raw);
                 } else {
-                    self.refuse_unrecorded(true);
+                    self.refuse_unrecorded(true, out);
                 }
             }
             b'P' => {
@@ -316,7 +322,7 @@ impl ClientHalf {
                         statement: Some(name.to_string()),
                         ..Request::default()
                     };
-                    self.block(request, &decision, false);
+                    self.block(request, &decision, false, out);
                     self.skip_until_sync = true;
                     return Ok(None);
                 }
@@ -377,7 +383,7 @@ impl ClientHalf {
                     self.expect(Pending::Execute(unit));
                     out.extend_from_slice(&frame.raw);
                 } else {
-                    self.refuse_unrecorded(false);
+                    self.refuse_unrecorded(false, out);
                     self.skip_until_sync = true;
                 }
             }
@@ -439,6 +445,7 @@ impl ClientHalf {
                     "42501",
                     "the FunctionCall message is not allowed through the Vigil gateway; use SELECT instead",
                     true,
+                    out,
                 );
             }
             other => return Err(format!("unexpected message type {:?}", other as char)),
@@ -530,7 +537,13 @@ impl ClientHalf {
         counts
     }
 
-    fn block(&mut self, mut request: Request, decision: &Decision, ready: bool) {
+    fn block(
+        &mut self,
+        mut request: Request,
+        decision: &Decision,
+        simple: bool,
+        out: &mut BytesMut,
+    ) {
         let stmt = self.next_stmt();
         let masked = self.mask_request(&mut request);
         let reason = decision
@@ -555,7 +568,7 @@ impl ClientHalf {
             ),
             _ => format!("blocked by Vigil policy (rule {}): {reason}", decision.rule),
         };
-        self.refuse(Outcome::Blocked, "42501", &message, ready);
+        self.refuse(Outcome::Blocked, "42501", &message, simple, out);
     }
 
     fn audit_request(&mut self, request: Request, decision: &Decision) -> Option<Unit> {
@@ -602,26 +615,39 @@ impl ClientHalf {
         }
     }
 
-    fn refuse_unrecorded(&self, ready: bool) {
+    fn refuse_unrecorded(&self, simple: bool, out: &mut BytesMut) {
         self.refuse(
             Outcome::Error,
             "58030",
             "statement refused: the gateway cannot write its audit record; nothing was sent to the database",
-            ready,
+            simple,
+            out,
         );
     }
 
-    /// Counts a statement the gateway answers itself and queues its ErrorResponse (and
-    /// ReadyForQuery if `ready`) in protocol order.
-    fn refuse(&self, outcome: Outcome, sqlstate: &str, message: &str, ready: bool) {
+    /// Counts a refused statement and sends the target a stand-in that fails, whose error the
+    /// client sees as `message` (see [`Pending::StandIn`]).
+    fn refuse(
+        &self,
+        outcome: Outcome,
+        sqlstate: &str,
+        message: &str,
+        simple: bool,
+        out: &mut BytesMut,
+    ) {
         self.ctx
             .metrics
             .statements
             .get_or_create(&outcome_label(outcome))
             .inc();
-        self.expect(Pending::Refuse {
+        out.extend_from_slice(&if simple {
+            messages::query(STAND_IN)
+        } else {
+            messages::parse(STAND_IN)
+        });
+        self.expect(Pending::StandIn {
             error: messages::error_response(false, sqlstate, message),
-            ready,
+            simple,
         });
     }
 
@@ -698,7 +724,6 @@ impl TargetHalf {
                 },
                 read = self.read.read_buf(&mut self.buf) => match read {
                     Ok(0) | Err(_) => {
-                        self.inject(&mut out);
                         let _ = self.write.write_all(&out).await;
                         return End::TargetClosed;
                     }
@@ -725,7 +750,6 @@ impl TargetHalf {
                     }
                 },
             }
-            self.inject(&mut out);
             if !out.is_empty() {
                 self.ctx.metrics.bytes_from_target.inc_by(out.len() as u64);
                 if self.write.write_all(&out).await.is_err() {
@@ -772,21 +796,7 @@ impl TargetHalf {
         self.drop_syncs_until_copy_end = end.is_none();
     }
 
-    /// Writes the gateway's own answers that have reached the head of the queue.
-    fn inject(&mut self, out: &mut BytesMut) {
-        while let Some(Pending::Refuse { .. }) = self.queue.front() {
-            let Some(Pending::Refuse { error, ready }) = self.queue.pop_front() else {
-                unreachable!("the front was just matched")
-            };
-            out.extend_from_slice(&error);
-            if ready {
-                out.extend_from_slice(&messages::ready_for_query(self.status));
-            }
-        }
-    }
-
     async fn handle(&mut self, frame: Frame, out: &mut BytesMut) {
-        self.inject(out);
         let mut raw = frame.raw.clone();
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
         while matches!(self.queue.front(), Some(Pending::CopyEnd)) {
@@ -885,6 +895,15 @@ impl TargetHalf {
                     message,
                 };
                 match self.queue.front() {
+                    // The stand-in failed as intended: the client sees the gateway's error.
+                    Some(Pending::StandIn { error, simple }) => {
+                        raw = error.clone();
+                        if !*simple {
+                            // The target now discards everything up to Sync, as after any
+                            // error; nothing was queued behind the stand-in but that Sync.
+                            self.queue.pop_front();
+                        }
+                    }
                     Some(Pending::Query(_)) if self.acc.response.error.is_none() => {
                         self.acc.response.error = Some(error);
                     }
@@ -935,7 +954,7 @@ impl TargetHalf {
                 self.status = body.first().copied().unwrap_or(b'I');
                 match self.queue.pop_front() {
                     Some(Pending::Query(unit)) => self.complete(unit),
-                    Some(Pending::Sync) | None => {}
+                    Some(Pending::Sync) | Some(Pending::StandIn { .. }) | None => {}
                     Some(other) => {
                         // Out of step: keep the entry for the next response rather than guess.
                         self.queue.push_front(other);
