@@ -110,6 +110,20 @@ async fn t10_psql_session_is_audited_verified_and_replayable() {
     assert_eq!(records.last().unwrap().body.kind, Kind::StreamEnd);
 }
 
+/// The response record that carries an error with this SQLSTATE.
+fn response_with_error<'a>(
+    responses: &[&'a vigil_proto::record::Record],
+    sqlstate: &str,
+) -> Option<&'a vigil_proto::record::Record> {
+    responses.iter().copied().find(|r| {
+        r.body
+            .response
+            .as_ref()
+            .and_then(|x| x.error.as_ref())
+            .is_some_and(|e| e.sqlstate == sqlstate)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t11_extended_protocol_prepared_statements_transactions() {
     let node = TestNode::start(NodeOptions::default()).await;
@@ -196,27 +210,11 @@ async fn t11_extended_protocol_prepared_statements_transactions() {
     let q = inserts[7].body.request.as_ref().unwrap();
     assert_eq!(q.protocol, "extended");
     assert_eq!(q.params.as_ref().unwrap()[1].as_deref(), Some("value 7"));
-    let multi = responses
-        .iter()
-        .find(|r| {
-            r.body
-                .response
-                .as_ref()
-                .and_then(|x| x.error.as_ref())
-                .is_some_and(|e| e.sqlstate == "22012")
-        })
-        .expect("the multi-statement error is recorded");
+    let multi =
+        response_with_error(&responses, "22012").expect("the multi-statement error is recorded");
     assert_eq!(multi.body.response.as_ref().unwrap().tags, vec!["SELECT 1"]);
-    let missing = responses
-        .iter()
-        .find(|r| {
-            r.body
-                .response
-                .as_ref()
-                .and_then(|x| x.error.as_ref())
-                .is_some_and(|e| e.sqlstate == "42P01")
-        })
-        .expect("the extended-protocol error is recorded");
+    let missing =
+        response_with_error(&responses, "42P01").expect("the extended-protocol error is recorded");
     assert_eq!(missing.body.outcome, Some(Outcome::Error));
     assert_eq!(
         missing.body.request.as_ref().unwrap().text,

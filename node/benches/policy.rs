@@ -76,22 +76,15 @@ tables = ["payroll"]
 
 /// Detector masking over realistic row text (mostly clean values, some entities).
 fn masking_throughput() {
-    let detectors = [
-        EntityKind::Email,
-        EntityKind::Card,
-        EntityKind::UsSsn,
-        EntityKind::Phone,
-        EntityKind::Iban,
-        EntityKind::Secret,
-    ]
-    .into_iter()
-    .map(|kind| DetectorRule {
-        kind,
-        method: Method::Token,
-        keep: 0,
-        client: false,
-    })
-    .collect();
+    let detectors = EntityKind::DETECTED
+        .into_iter()
+        .map(|kind| DetectorRule {
+            kind,
+            method: Method::Token,
+            keep: 0,
+            client: false,
+        })
+        .collect();
     let masker = Masker::new(
         MaskingConfig {
             columns: vec![],

@@ -33,6 +33,16 @@ pub enum EntityKind {
 }
 
 impl EntityKind {
+    /// Every kind a detector can find (all but `Column`).
+    pub const DETECTED: [EntityKind; 6] = [
+        EntityKind::Email,
+        EntityKind::Card,
+        EntityKind::UsSsn,
+        EntityKind::Phone,
+        EntityKind::Iban,
+        EntityKind::Secret,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             EntityKind::Email => "email",
@@ -369,22 +379,15 @@ mod tests {
     use super::*;
 
     fn masker(client: bool) -> Masker {
-        let detectors = [
-            EntityKind::Email,
-            EntityKind::Card,
-            EntityKind::UsSsn,
-            EntityKind::Phone,
-            EntityKind::Iban,
-            EntityKind::Secret,
-        ]
-        .into_iter()
-        .map(|kind| DetectorRule {
-            kind,
-            method: Method::Redact,
-            keep: 0,
-            client,
-        })
-        .collect();
+        let detectors = EntityKind::DETECTED
+            .into_iter()
+            .map(|kind| DetectorRule {
+                kind,
+                method: Method::Redact,
+                keep: 0,
+                client,
+            })
+            .collect();
         Masker::new(
             MaskingConfig {
                 columns: vec![ColumnRule {
