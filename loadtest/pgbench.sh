@@ -216,6 +216,7 @@ action = "require_approval"
 connections = ["bench_guarded"]
 kinds = ["write"]
 tables = ["pgbench_history"]
+approval = { approvers = "dba", wait_secs = 0 }
 [[policy.masking.columns]]
 connections = ["bench_guarded"]
 table = "pgbench_accounts"

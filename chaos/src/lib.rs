@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tempfile::TempDir;
 use vigil_proto::record::{Kind, Record};
 
+pub mod cluster;
+
 /// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.
 pub struct DevEnv {
     vars: HashMap<String, String>,
@@ -52,13 +54,14 @@ pub fn env() -> &'static DevEnv {
     })
 }
 
-/// A path to one of the workspace's binaries, next to the test executable's directory.
+/// A path to one of the workspace's binaries: next to this executable, or next to its
+/// directory for test executables (target/<profile>/deps).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
+    let exe = std::env::current_exe().expect("the executable has a path");
+    let mut dir = exe.parent().expect("executables live in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>/deps");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -66,6 +69,15 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A port nothing listens on right now (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn random_suffix() -> String {
@@ -222,6 +234,8 @@ pub struct NodeOptions {
     pub connection_extra: &'static str,
     /// TOML appended to the config (a `[policy]` section …).
     pub extra: &'static str,
+    /// The `[coordinator]` section; default: the embedded member on an ephemeral port.
+    pub coordinator: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -238,6 +252,7 @@ impl Default for NodeOptions {
             target_tls: "disable",
             connection_extra: "",
             extra: "",
+            coordinator: None,
         }
     }
 }
@@ -318,6 +333,8 @@ tls = "{target_tls}"
 allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 {connection_extra}
 
+{coordinator}
+
 {extra}
 "#,
             suffix = random_suffix(),
@@ -336,6 +353,10 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             pw = pw.display(),
             target_tls = opts.target_tls,
             connection_extra = opts.connection_extra,
+            coordinator = opts
+                .coordinator
+                .clone()
+                .unwrap_or_else(|| "[coordinator]\nlisten = \"127.0.0.1:0\"".into()),
             extra = opts.extra,
         );
         let config_path = dir.path().join("node.toml");

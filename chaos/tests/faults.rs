@@ -8,14 +8,6 @@ use std::time::Duration;
 use vigil_chaos::*;
 use vigil_proto::record::{Kind, Record};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn spawn_node(files: &NodeFiles, admin_port: u16) -> Child {
     let mut child = Command::new(bin("vigil-node"))
         .arg("--config")

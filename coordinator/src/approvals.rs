@@ -38,28 +38,68 @@ pub struct Vote {
     pub at: Millis,
 }
 
-/// A statement held for approval, bound to who asked, where, and the exact statement.
+/// What a gateway node asks for when it holds a statement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApprovalRequest {
+pub struct NewRequest {
+    /// Chosen by the node; unique.
     pub id: String,
     pub requester: Actor,
     pub connection: String,
     /// Hex SHA-256 of the exact statement text.
     pub statement_hash: String,
+    /// The statement as audited (masked), for the approver to read.
+    pub statement: String,
     pub reason: Option<String>,
-    pub created_at: Millis,
-    pub expires_at: Millis,
+    /// Lifetime in milliseconds from creation.
+    pub ttl: Millis,
     /// Members of this group may decide.
     pub approver_group: String,
     pub approvals_required: u32,
+    /// The gateway node that holds the statement.
+    pub node: String,
+    /// The policy rule that asked for approval.
+    pub rule: String,
+}
+
+/// A statement held for approval, bound to who asked, where, and the exact statement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    #[serde(flatten)]
+    pub asked: NewRequest,
+    pub created_at: Millis,
+    pub expires_at: Millis,
     pub votes: Vec<Vote>,
     pub state: RequestState,
     pub consumed_at: Option<Millis>,
+    /// The attempt that consumed it (see [`Command::Consume`]).
+    pub consumed_by: Option<String>,
 }
 
 impl ApprovalRequest {
+    pub fn id(&self) -> &str {
+        &self.asked.id
+    }
+
     fn expired(&self, now: Millis) -> bool {
         now >= self.expires_at
+    }
+
+    /// The state as an operator sees it at `now`: a pending request past its lifetime is
+    /// `expired` (it can no longer be decided).
+    pub fn state_at(&self, now: Millis) -> &'static str {
+        match self.state {
+            RequestState::Pending if self.expired(now) => "expired",
+            RequestState::Pending => "pending",
+            RequestState::Approved if self.expired(now) => "expired",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+            RequestState::Consumed => "consumed",
+        }
+    }
+
+    /// Decided for good: nothing can change it any more at `now`.
+    pub fn settled(&self, now: Millis) -> bool {
+        !matches!(self.state_at(now), "pending" | "approved")
     }
 }
 
@@ -75,6 +115,8 @@ pub struct Grant {
     pub not_after: Millis,
     pub granted_by: String,
     pub revoked_at: Option<Millis>,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 impl Grant {
@@ -83,30 +125,17 @@ impl Grant {
     }
 }
 
-/// A node's signed statement of how far an audit stream reached.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub stream: String,
-    pub seq: u64,
-    /// Hex SHA-256 of the record at `seq`.
-    pub hash: String,
-    pub time: Millis,
-    /// Hex Ed25519 signature by the node's key (verified before the command is proposed).
-    pub signature: String,
-}
+/// A node's signed statement of how far an audit stream reached (its signature is checked
+/// before the command is proposed).
+pub use vigil_proto::checkpoint::Checkpoint;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Hold a statement for approval. Creating the same request again (same id, same content)
+    /// answers with the one held, so a node may retry after a lost reply.
     CreateRequest {
-        id: String,
-        requester: Actor,
-        connection: String,
-        statement_hash: String,
-        reason: Option<String>,
+        request: NewRequest,
         now: Millis,
-        ttl: Millis,
-        approver_group: String,
-        approvals_required: u32,
     },
     Decide {
         id: String,
@@ -116,10 +145,13 @@ pub enum Command {
         now: Millis,
     },
     /// Use an approved request for this principal, connection and statement: succeeds once.
+    /// `attempt` names the try (unique per statement run); repeating a consume with the same
+    /// attempt answers with the request it consumed, so a node may retry after a lost reply.
     Consume {
         subject: String,
         connection: String,
         statement_hash: String,
+        attempt: String,
         now: Millis,
     },
     CreateGrant {
@@ -158,6 +190,8 @@ pub enum DomainError {
     CheckpointRegression { stream: String, have: u64, got: u64 },
     #[error("checkpoint for stream {stream} seq {seq} conflicts with the one held")]
     CheckpointConflict { stream: String, seq: u64 },
+    #[error("checkpoint for stream {0} is signed by another key than the stream's")]
+    CheckpointKey(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,42 +213,35 @@ impl State {
     /// Applies one command. A refused command changes nothing.
     pub fn apply(&mut self, cmd: Command) -> Result<Applied, DomainError> {
         match cmd {
-            Command::CreateRequest {
-                id,
-                requester,
-                connection,
-                statement_hash,
-                reason,
-                now,
-                ttl,
-                approver_group,
-                approvals_required,
-            } => {
-                if self.requests.contains_key(&id) {
-                    return Err(DomainError::Duplicate(id));
+            Command::CreateRequest { request, now } => {
+                if let Some(held) = self.requests.get(&request.id) {
+                    return if held.asked == request {
+                        Ok(Applied::Request(held.clone()))
+                    } else {
+                        Err(DomainError::Duplicate(request.id))
+                    };
                 }
-                if approvals_required == 0 || ttl == 0 || approver_group.is_empty() {
+                if request.id.is_empty()
+                    || request.approvals_required == 0
+                    || request.ttl == 0
+                    || request.approver_group.is_empty()
+                {
                     return Err(DomainError::Invalid(
-                        "a request needs an approver group, at least one approval and a lifetime"
+                        "a request needs an id, an approver group, at least one approval and a lifetime"
                             .into(),
                     ));
                 }
-                let request = ApprovalRequest {
-                    id: id.clone(),
-                    requester,
-                    connection,
-                    statement_hash,
-                    reason,
+                let held = ApprovalRequest {
                     created_at: now,
-                    expires_at: now.saturating_add(ttl),
-                    approver_group,
-                    approvals_required,
+                    expires_at: now.saturating_add(request.ttl),
+                    asked: request,
                     votes: Vec::new(),
                     state: RequestState::Pending,
                     consumed_at: None,
+                    consumed_by: None,
                 };
-                self.requests.insert(id, request.clone());
-                Ok(Applied::Request(request))
+                self.requests.insert(held.asked.id.clone(), held.clone());
+                Ok(Applied::Request(held))
             }
             Command::Decide {
                 id,
@@ -233,10 +260,10 @@ impl State {
                 if r.expired(now) {
                     return Err(DomainError::Expired);
                 }
-                if approver.subject == r.requester.subject {
+                if approver.subject == r.asked.requester.subject {
                     return Err(DomainError::SelfApproval);
                 }
-                if !approver.groups.contains(&r.approver_group) {
+                if !approver.groups.contains(&r.asked.approver_group) {
                     return Err(DomainError::NotApprover(approver.subject));
                 }
                 if r.votes.iter().any(|v| v.approver == approver.subject) {
@@ -252,7 +279,7 @@ impl State {
                 if !approve {
                     r.state = RequestState::Denied;
                 } else if r.votes.iter().filter(|v| v.approve).count() as u32
-                    >= r.approvals_required
+                    >= r.asked.approvals_required
                 {
                     r.state = RequestState::Approved;
                 }
@@ -262,8 +289,16 @@ impl State {
                 subject,
                 connection,
                 statement_hash,
+                attempt,
                 now,
             } => {
+                if let Some(done) = self
+                    .requests
+                    .values()
+                    .find(|r| r.consumed_by.as_deref() == Some(attempt.as_str()))
+                {
+                    return Ok(Applied::Request(done.clone()));
+                }
                 // The oldest matching approval is used; the compare (approved, not expired)
                 // and the set (consumed) happen in one apply, so exactly one caller wins.
                 let r = self
@@ -271,15 +306,16 @@ impl State {
                     .values_mut()
                     .filter(|r| {
                         r.state == RequestState::Approved
-                            && r.requester.subject == subject
-                            && r.connection == connection
-                            && r.statement_hash == statement_hash
+                            && r.asked.requester.subject == subject
+                            && r.asked.connection == connection
+                            && r.asked.statement_hash == statement_hash
                             && !r.expired(now)
                     })
-                    .min_by_key(|r| (r.created_at, r.id.clone()))
+                    .min_by_key(|r| (r.created_at, r.asked.id.clone()))
                     .ok_or(DomainError::NothingToConsume)?;
                 r.state = RequestState::Consumed;
                 r.consumed_at = Some(now);
+                r.consumed_by = Some(attempt);
                 Ok(Applied::Request(r.clone()))
             }
             Command::CreateGrant { grant } => {
@@ -302,6 +338,9 @@ impl State {
             }
             Command::PutCheckpoint { checkpoint } => {
                 if let Some(have) = self.checkpoints.get(&checkpoint.stream) {
+                    if checkpoint.public_key != have.public_key {
+                        return Err(DomainError::CheckpointKey(checkpoint.stream));
+                    }
                     if checkpoint.seq < have.seq {
                         return Err(DomainError::CheckpointRegression {
                             stream: checkpoint.stream,
@@ -360,15 +399,20 @@ mod tests {
 
     fn create(id: &str, required: u32, now: Millis) -> Command {
         Command::CreateRequest {
-            id: id.into(),
-            requester: actor("agent", &["approvers"]),
-            connection: "app".into(),
-            statement_hash: "h1".into(),
-            reason: Some("monthly cleanup".into()),
+            request: NewRequest {
+                id: id.into(),
+                requester: actor("agent", &["approvers"]),
+                connection: "app".into(),
+                statement_hash: "h1".into(),
+                statement: "DELETE FROM t".into(),
+                reason: Some("monthly cleanup".into()),
+                ttl: 60_000,
+                approver_group: "approvers".into(),
+                approvals_required: required,
+                node: "n1".into(),
+                rule: "deletes".into(),
+            },
             now,
-            ttl: 60_000,
-            approver_group: "approvers".into(),
-            approvals_required: required,
         }
     }
 
@@ -387,6 +431,7 @@ mod tests {
             subject: "agent".into(),
             connection: "app".into(),
             statement_hash: "h1".into(),
+            attempt: format!("try-{now}"),
             now,
         }
     }
@@ -401,6 +446,21 @@ mod tests {
             matches!(s.apply(consume(3)), Ok(Applied::Request(r)) if r.state == RequestState::Consumed)
         );
         assert_eq!(s.apply(consume(4)), Err(DomainError::NothingToConsume));
+        // The attempt that won may ask again (a retry after a lost reply) and hears the same.
+        assert!(
+            matches!(s.apply(consume(3)), Ok(Applied::Request(r)) if r.consumed_by.as_deref() == Some("try-3"))
+        );
+    }
+
+    #[test]
+    fn creating_the_same_request_again_answers_with_the_one_held() {
+        let mut s = State::default();
+        let first = s.apply(create("r1", 1, 0)).unwrap();
+        assert_eq!(s.apply(create("r1", 1, 5)).unwrap(), first);
+        assert_eq!(
+            s.apply(create("r1", 2, 5)),
+            Err(DomainError::Duplicate("r1".into()))
+        );
     }
 
     #[test]
@@ -473,6 +533,7 @@ mod tests {
             not_after: 200,
             granted_by: "alice".into(),
             revoked_at: None,
+            reason: None,
         };
         s.apply(Command::CreateGrant {
             grant: grant.clone(),
@@ -507,8 +568,9 @@ mod tests {
                 stream: "n1:1".into(),
                 seq,
                 hash: hash.into(),
-                time: seq,
+                time_ms: seq,
                 signature: "sig".into(),
+                public_key: "key".into(),
             },
         };
         s.apply(cp(10, "a")).unwrap();
@@ -523,6 +585,14 @@ mod tests {
         ));
         s.apply(cp(20, "d")).unwrap();
         assert_eq!(s.checkpoints["n1:1"].seq, 20);
+        let mut foreign = cp(30, "e");
+        if let Command::PutCheckpoint { checkpoint } = &mut foreign {
+            checkpoint.public_key = "another key".into();
+        }
+        assert!(matches!(
+            s.apply(foreign),
+            Err(DomainError::CheckpointKey(_))
+        ));
     }
 
     /// Random command sequences applied to two replicas: same state, and the invariants hold.
@@ -551,12 +621,13 @@ mod tests {
                 2 => consume(now),
                 _ => decide(&id, "carol", true, now),
             };
+            let is_consume = matches!(cmd, Command::Consume { .. });
             let ra = a.apply(cmd.clone());
             let rb = b.apply(cmd);
             assert_eq!(ra, rb);
-            if let Ok(Applied::Request(r)) = &ra {
+            if let (true, Ok(Applied::Request(r))) = (is_consume, &ra) {
                 if r.state == RequestState::Consumed {
-                    *consumed_ok.entry(r.id.clone()).or_default() += 1;
+                    *consumed_ok.entry(r.asked.id.clone()).or_default() += 1;
                 }
             }
         }
@@ -576,11 +647,14 @@ mod tests {
                 RequestState::Denied => assert_eq!(denials, 1),
                 RequestState::Approved | RequestState::Consumed => {
                     assert_eq!(denials, 0);
-                    assert!(approvals >= r.approvals_required);
+                    assert!(approvals >= r.asked.approvals_required);
                 }
                 RequestState::Pending => assert_eq!(denials, 0),
             }
-            assert!(r.votes.iter().all(|v| v.approver != r.requester.subject));
+            assert!(r
+                .votes
+                .iter()
+                .all(|v| v.approver != r.asked.requester.subject));
         }
     }
 }

@@ -1,10 +1,17 @@
-//! The Vigil coordinator.
+//! The Vigil coordinator: a Raft group (openraft) holding approval requests and decisions,
+//! time-windowed grants and the latest signed checkpoint of every audit stream.
 //!
-//! What exists today: the approvals domain ([`approvals`]), the deterministic state machine
-//! that the Raft group (openraft) will replicate: approval requests bound to principal,
-//! connection and statement hash; decisions with self-approval and group checks; one-time
-//! consumption; time-windowed grants; the latest checkpoint of every audit stream. The Raft
-//! storage and network glue, the gRPC services and the `vigil-coordinator` binary are the next
-//! step (issue "Coordinator").
+//! - [`approvals`]: the domain, a deterministic state machine free of Raft types;
+//! - [`store`]: openraft's log and state-machine storage on redb (fsync'd);
+//! - [`network`]: Raft RPCs between members over gRPC;
+//! - [`service`]: the gRPC services (nodes, operators, members) and their authentication;
+//! - [`server`]: one member, started from its configuration;
+//! - [`client`]: what gateway nodes and the `vigil` CLI use to reach the cluster, following the
+//!   leader.
 
 pub mod approvals;
+pub mod client;
+pub mod network;
+pub mod server;
+pub mod service;
+pub mod store;

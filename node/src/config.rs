@@ -45,6 +45,54 @@ pub struct Config {
     /// Guardrails (docs/policy.md).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
+    /// Where approvals, grants and checkpoints live (docs/configuration.md).
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+}
+
+/// The `[coordinator]` section of a node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// `host:port` of the coordinator members. Empty: the node runs a one-member coordinator
+    /// in-process (the embedded default), with the same code, on `listen`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The cluster token; required with `endpoints`.
+    #[serde(default)]
+    pub cluster_token: Option<SecretRef>,
+    /// Embedded only: where the in-process member serves gRPC (what `vigil approvals` uses).
+    #[serde(default = "default_embedded_listen")]
+    pub listen: SocketAddr,
+    /// Embedded only: operators in this group may manage grants and membership.
+    #[serde(default = "default_admin_group")]
+    pub admin_group: String,
+    /// How long one coordinator call may keep retrying (leader changes, dead members) before
+    /// the statement is refused.
+    #[serde(default = "default_coordinator_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            cluster_token: None,
+            listen: default_embedded_listen(),
+            admin_group: default_admin_group(),
+            timeout_secs: default_coordinator_timeout(),
+        }
+    }
+}
+
+fn default_embedded_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7470))
+}
+pub fn default_admin_group() -> String {
+    "vigil-admins".into()
+}
+fn default_coordinator_timeout() -> u64 {
+    5
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -352,16 +400,164 @@ pub struct PgTarget {
     pub password: Option<Secret<String>>,
 }
 
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn check_identity(key: &str, id: &IdentityConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("{key}.{k}");
+    if !(id.issuer.starts_with("https://") || id.issuer.starts_with("http://")) {
+        return Err(invalid(key("issuer"), "must be an http(s) URL"));
+    }
+    if id.audiences.is_empty() {
+        return Err(invalid(key("audiences"), "must name at least one audience"));
+    }
+    if id.algorithms.is_empty() {
+        return Err(invalid(
+            key("algorithms"),
+            "must allow at least one algorithm",
+        ));
+    }
+    if id.token_types.is_empty() {
+        return Err(invalid(
+            key("token_types"),
+            "must accept at least one token type",
+        ));
+    }
+    if id.http_timeout_secs == 0 {
+        return Err(invalid(key("http_timeout_secs"), "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The configuration file of a coordinator member (`vigil-coordinator --config FILE`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorFile {
+    pub member: MemberSection,
+    /// Operators' OIDC tokens are verified against this provider. Without it only the cluster
+    /// token is accepted (no operator can decide).
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[member]`: one coordinator member.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSection {
+    /// Unique in the cluster, non-zero, never reused.
+    pub id: u64,
+    /// gRPC for members, nodes and operators.
+    pub listen: SocketAddr,
+    /// `host:port` others reach this member at; default: `listen`.
+    #[serde(default)]
+    pub advertise: String,
+    /// The Raft log, vote and snapshots (one redb file).
+    pub data_dir: PathBuf,
+    /// Shared by the members and the gateway nodes of one cluster.
+    pub cluster_token: SecretRef,
+    #[serde(default = "default_admin_group")]
+    pub admin_group: String,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// A snapshot (and log purge) every this many entries.
+    #[serde(default = "default_snapshot_after")]
+    pub snapshot_after: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+fn default_election_min_ms() -> u64 {
+    400
+}
+fn default_election_max_ms() -> u64 {
+    800
+}
+fn default_snapshot_after() -> u64 {
+    5000
+}
+
+impl CoordinatorFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file: Self = read_toml(path)?;
+        file.validate()?;
+        Ok(file)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.member;
+        if m.id == 0 {
+            return Err(invalid("member.id", "must be at least 1"));
+        }
+        if m.heartbeat_ms == 0 || m.election_timeout_min_ms <= m.heartbeat_ms {
+            return Err(invalid(
+                "member.election_timeout_min_ms",
+                "must be longer than member.heartbeat_ms (and that at least 1)",
+            ));
+        }
+        if m.election_timeout_max_ms <= m.election_timeout_min_ms {
+            return Err(invalid(
+                "member.election_timeout_max_ms",
+                "must be longer than member.election_timeout_min_ms",
+            ));
+        }
+        if m.snapshot_after == 0 {
+            return Err(invalid("member.snapshot_after", "must be at least 1"));
+        }
+        if let Some(id) = &self.identity {
+            check_identity("identity", id)?;
+        }
+        Ok(())
+    }
+
+    /// The member's runtime settings, with the cluster token resolved.
+    pub fn member_config(&self) -> Result<vigil_coordinator::server::MemberConfig, ConfigError> {
+        let m = &self.member;
+        let token = m
+            .cluster_token
+            .resolve()
+            .map_err(|e| invalid("member.cluster_token", e.to_string()))?;
+        if token.expose().len() < 16 {
+            return Err(invalid(
+                "member.cluster_token",
+                "must be at least 16 characters",
+            ));
+        }
+        let mut c = vigil_coordinator::server::MemberConfig::new(
+            m.id,
+            m.listen,
+            m.data_dir.clone(),
+            token.expose().as_str().into(),
+        );
+        c.advertise = m.advertise.clone();
+        c.admin_group = m.admin_group.clone();
+        c.heartbeat = std::time::Duration::from_millis(m.heartbeat_ms);
+        c.election_timeout = (
+            std::time::Duration::from_millis(m.election_timeout_min_ms),
+            std::time::Duration::from_millis(m.election_timeout_max_ms),
+        );
+        c.snapshot_after = m.snapshot_after;
+        Ok(c)
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: Config = read_toml(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -380,31 +576,7 @@ impl Config {
                 "must be non-empty and use only letters, digits, '-', '_' and '.'",
             ));
         }
-        let id = &self.identity;
-        if !(id.issuer.starts_with("https://") || id.issuer.starts_with("http://")) {
-            return Err(invalid("identity.issuer", "must be an http(s) URL"));
-        }
-        if id.audiences.is_empty() {
-            return Err(invalid(
-                "identity.audiences",
-                "must name at least one audience",
-            ));
-        }
-        if id.algorithms.is_empty() {
-            return Err(invalid(
-                "identity.algorithms",
-                "must allow at least one algorithm",
-            ));
-        }
-        if id.token_types.is_empty() {
-            return Err(invalid(
-                "identity.token_types",
-                "must accept at least one token type",
-            ));
-        }
-        if id.http_timeout_secs == 0 {
-            return Err(invalid("identity.http_timeout_secs", "must be at least 1"));
-        }
+        check_identity("identity", &self.identity)?;
         if self.postgres.startup_timeout_secs == 0 {
             return Err(invalid(
                 "postgres.startup_timeout_secs",
@@ -453,6 +625,39 @@ impl Config {
                     ));
                 }
             }
+            if let Some(spec) = &rule.approval {
+                check_approval(&format!("policy.rules[{i}].approval"), spec)?;
+            }
+            if rule.action == crate::policy::Action::RequireApproval
+                && rule.approval.is_none()
+                && self.policy.approval.is_none()
+            {
+                return Err(invalid(
+                    format!("policy.rules[{i}].approval"),
+                    "a require_approval rule needs approval settings (here or in [policy.approval])",
+                ));
+            }
+        }
+        if let Some(spec) = &self.policy.approval {
+            check_approval("policy.approval", spec)?;
+        }
+        if self.policy.default == crate::policy::Action::RequireApproval
+            && self.policy.approval.is_none()
+        {
+            return Err(invalid(
+                "policy.approval",
+                "default = \"require_approval\" needs [policy.approval]",
+            ));
+        }
+        let co = &self.coordinator;
+        if !co.endpoints.is_empty() && co.cluster_token.is_none() {
+            return Err(invalid(
+                "coordinator.cluster_token",
+                "is required when coordinator.endpoints are given",
+            ));
+        }
+        if co.timeout_secs == 0 {
+            return Err(invalid("coordinator.timeout_secs", "must be at least 1"));
         }
         for (i, d) in self.policy.masking.detectors.iter().enumerate() {
             if d.kind == crate::policy::masking::EntityKind::Column {
@@ -518,12 +723,35 @@ impl Config {
             .collect()
     }
 
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.node.data_dir.join("coordinator")
+    }
+
     pub fn audit_dir(&self) -> PathBuf {
         self.audit
             .dir
             .clone()
             .unwrap_or_else(|| self.node.data_dir.join("audit"))
     }
+}
+
+fn check_approval(key: &str, spec: &crate::policy::ApprovalSpec) -> Result<(), ConfigError> {
+    if spec.approvers.is_empty() {
+        return Err(invalid(format!("{key}.approvers"), "must name a group"));
+    }
+    if spec.required == 0 {
+        return Err(invalid(format!("{key}.required"), "must be at least 1"));
+    }
+    if spec.ttl_secs == 0 {
+        return Err(invalid(format!("{key}.ttl_secs"), "must be at least 1"));
+    }
+    if spec.wait_secs > spec.ttl_secs {
+        return Err(invalid(
+            format!("{key}.wait_secs"),
+            "cannot be longer than the request lives (ttl_secs)",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -620,6 +848,29 @@ allow = { groups = ["dba"] }
             .contains("policy.rules[0].connections"));
         let flag = format!("{GOOD}\n[[policy.rules]]\nid = \"a\"\naction = \"block\"\nflags = [\"delete_everything\"]\n");
         assert!(parse(&flag).unwrap_err().contains("delete_everything"));
+    }
+
+    #[test]
+    fn approval_rules_need_their_settings() {
+        let bare = format!("{GOOD}\n[[policy.rules]]\nid = \"a\"\naction = \"require_approval\"\n");
+        assert!(parse(&bare)
+            .unwrap_err()
+            .contains("policy.rules[0].approval"));
+        let own = format!("{bare}approval = {{ approvers = \"dba\" }}\n");
+        let c = parse(&own).unwrap();
+        let spec = c.policy.rules[0].approval.clone().unwrap();
+        assert_eq!(
+            (spec.required, spec.ttl_secs, spec.wait_secs),
+            (1, 3600, 30)
+        );
+        let wide = format!("{GOOD}\n[policy.approval]\napprovers = \"dba\"\nrequired = 0\n");
+        assert!(parse(&wide)
+            .unwrap_err()
+            .contains("policy.approval.required"));
+        let remote = format!("{GOOD}\n[coordinator]\nendpoints = [\"127.0.0.1:1\"]\n");
+        assert!(parse(&remote)
+            .unwrap_err()
+            .contains("coordinator.cluster_token"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod coordination;
 pub mod identity;
 pub mod metrics;
 pub mod pg;
@@ -33,6 +34,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Logging for the binaries: `RUST_LOG` wins over the configured level.
+pub fn init_tracing(level: &str, format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        config::LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => builder.init(),
+    }
+}
+
 /// A started node.
 pub struct RunningNode {
     pub pg_addr: SocketAddr,
@@ -41,6 +53,9 @@ pub struct RunningNode {
     pub audit_path: PathBuf,
     pub metrics: Arc<metrics::Metrics>,
     pub audit: audit::AuditLog,
+    /// Where this node reaches the coordinator API (the embedded member's address, or the
+    /// configured endpoints).
+    pub coordinator: Vec<String>,
     shutdown: watch::Sender<bool>,
     served: tokio::task::JoinHandle<()>,
 }
@@ -138,6 +153,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         )
     })?;
     let verifier = identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
+    let coordination = coordination::start(&config, verifier.clone()).await?;
     let pg_listener = tokio::net::TcpListener::bind(config.postgres.listen)
         .await
         .with_context(|| format!("cannot bind postgres.listen {}", config.postgres.listen))?;
@@ -195,20 +211,26 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         classifier: policy::Classifier::default(),
         masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
         catalogs,
+        approvals: coordination.approvals.clone(),
     });
     let audit_path = audit.path().to_path_buf();
     let audit_handle = audit.clone();
+    let embedded = coordination.member;
     let served = tokio::spawn(async move {
         pg::serve(pg_listener, ctx, wait_for(stop_rx)).await;
         audit.close();
+        if let Some(member) = embedded {
+            member.shutdown().await;
+        }
     });
-    tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), "vigil-node started");
+    tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), coordinator = ?coordination.endpoints, "vigil-node started");
     Ok(RunningNode {
         pg_addr,
         admin_addr,
         audit_path,
         metrics,
         audit: audit_handle,
+        coordinator: coordination.endpoints,
         shutdown,
         served,
     })

@@ -1,7 +1,16 @@
 //! Vigil's contracts with the outside world, free of I/O so that a SIEM-side verifier needs
 //! nothing else: the audit record ([`record`]), the hash chain that links a stream's records
-//! ([`chain`]) and stream verification ([`verify`]).
+//! ([`chain`]), signed checkpoints ([`checkpoint`]) and stream verification ([`verify`]). With the `grpc` feature, also the
+//! coordinator's gRPC services ([`coordinator`]).
 
 pub mod chain;
+pub mod checkpoint;
 pub mod record;
 pub mod verify;
+
+/// The coordinator's gRPC contract (`proto/vigil/coordinator/v1/coordinator.proto`).
+#[cfg(feature = "grpc")]
+pub mod coordinator {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("vigil.coordinator.v1");
+}

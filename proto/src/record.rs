@@ -32,6 +32,11 @@ pub enum Kind {
     Cancel,
     /// The client broke the wire protocol (bad frame, unknown message); the session was closed.
     ProtocolError,
+    /// A statement was held and an approval request created for it (`approval.id`).
+    ApprovalRequested,
+    /// A held statement's request was decided while the gateway waited (approved, denied) or
+    /// the wait ended without a decision (`pending`).
+    ApprovalDecided,
 }
 
 /// How an action ended.
@@ -143,6 +148,19 @@ pub struct PolicyRef {
     pub version: String,
 }
 
+/// The approval (or grant) behind a held statement.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRef {
+    /// The approval request id (`apr-…`) or grant id (`g-…`).
+    pub id: String,
+    /// `pending`, `approved`, `denied`, `expired`, `consumed` (used by this statement) or
+    /// `granted` (a time-windowed grant let it run).
+    pub state: String,
+    /// Who approved or denied (or granted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by: Vec<String>,
+}
+
 /// The part of a record that the node fills in; [`crate::chain::Chain::seal`] adds the chain
 /// fields (`v`, `stream`, `seq`, `prev`) in front of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +194,8 @@ pub struct Body {
     /// Entity kinds masked in this record's copy of the data, and how many values.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub masked: std::collections::BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRef>,
 }
 
 impl Body {
@@ -196,6 +216,7 @@ impl Body {
             policy: None,
             detail: None,
             masked: Default::default(),
+            approval: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use std::path::PathBuf;
-use vigil_node::config::{Config, LogFormat};
+use vigil_node::config::Config;
 
 #[derive(Parser)]
 #[command(version, about = "Vigil gateway node")]
@@ -11,16 +11,6 @@ struct Args {
     /// The node's TOML configuration file.
     #[arg(long, short)]
     config: PathBuf,
-}
-
-fn init_tracing(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 #[tokio::main]
@@ -33,7 +23,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_tracing(&config.log.level, config.log.format);
+    vigil_node::init_tracing(&config.log.level, config.log.format);
     match run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -3,8 +3,10 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vigil_coordinator::client::{Client, Credential};
 use vigil_node::config::Config;
 use vigil_node::replay;
+use vigil_proto::coordinator as pb;
 
 #[derive(Parser)]
 #[command(version, about = "Vigil operator CLI")]
@@ -29,6 +31,114 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Statements held for approval: list, show, approve, deny (with your OIDC token).
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalCommand,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Time-windowed grants: "this principal may use this access class on this connection".
+    Grants {
+        #[command(subcommand)]
+        command: GrantCommand,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Coordinator cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct CoordinatorArgs {
+    /// Coordinator members, `host:port`, comma-separated (the embedded default listens on
+    /// 127.0.0.1:7470).
+    #[arg(
+        long,
+        env = "VIGIL_COORDINATOR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7470",
+        global = true
+    )]
+    coordinator: Vec<String>,
+    /// Your OIDC token (ID token or access token).
+    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Read your OIDC token from this file.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Authenticate with the cluster token held in this environment variable instead (for
+    /// automation such as `cluster init`; it cannot decide approvals).
+    #[arg(long, global = true)]
+    cluster_token_env: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ApprovalCommand {
+    /// Requests, newest first.
+    List {
+        /// Only this state: pending, approved, denied, consumed, expired.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One request in full.
+    Show { id: String },
+    /// Approve a request (recorded under your token's identity).
+    Approve {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny a request.
+    Deny {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Let SUBJECT use CLASS on CONNECTION for a while.
+    Create {
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        connection: String,
+        /// The access class a rule's `grant_class` names (e.g. `write`).
+        #[arg(long = "class")]
+        access_class: String,
+        /// How long, in minutes, from now.
+        #[arg(long)]
+        minutes: u64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make the member at the first --coordinator address a cluster of one.
+    Init,
+    /// Add a member (it catches up as a learner, then votes).
+    Add {
+        id: u64,
+        /// Its `host:port`.
+        address: String,
+    },
+    /// Remove a voting member.
+    Remove { id: u64 },
+    /// Leader, term, log position and members, as the member asked sees them.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -70,8 +180,268 @@ fn main() -> ExitCode {
     }
 }
 
+impl CoordinatorArgs {
+    fn client(&self) -> Result<Client, String> {
+        let credential = if let Some(var) = &self.cluster_token_env {
+            let token = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+            Credential::Cluster(token.into())
+        } else if let Some(t) = &self.token {
+            Credential::Bearer(t.trim().to_string())
+        } else if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            Credential::Bearer(t.trim().to_string())
+        } else {
+            return Err("give your OIDC token with --token, VIGIL_TOKEN or --token-file".into());
+        };
+        Client::new(self.coordinator.clone(), credential).map_err(|s| s.message().to_string())
+    }
+}
+
+fn time(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > max {
+        format!("{}…", flat.chars().take(max).collect::<String>())
+    } else {
+        flat
+    }
+}
+
+fn show_approval(a: &pb::Approval) -> String {
+    let requester = a.requester.clone().unwrap_or_default();
+    let mut out = format!(
+        "id          {}\nstate       {}\nrequester   {}\nconnection  {}\nrule        {}\nnode        {}\nstatement   {}\nhash        {}\n",
+        a.id, a.state, requester.subject, a.connection, a.rule, a.node, a.statement, a.statement_hash
+    );
+    if !a.reason.is_empty() {
+        out += &format!("reason      {}\n", a.reason);
+    }
+    let approvals = a.votes.iter().filter(|v| v.approve).count();
+    out += &format!(
+        "created     {}\nexpires     {}\napprovals   {approvals} of {} (group {})\n",
+        time(a.created_at_ms),
+        time(a.expires_at_ms),
+        a.approvals_required,
+        a.approver_group
+    );
+    for v in &a.votes {
+        out += &format!(
+            "vote        {} {} at {}{}\n",
+            v.approver,
+            if v.approve { "approved" } else { "denied" },
+            time(v.at_ms),
+            if v.comment.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", v.comment)
+            }
+        );
+    }
+    if a.consumed_at_ms != 0 {
+        out += &format!("consumed    {}\n", time(a.consumed_at_ms));
+    }
+    out
+}
+
+fn show_grant(g: &pb::Grant) -> String {
+    format!(
+        "{}  {}  {}  {}  {} .. {}  by {}{}{}",
+        g.id,
+        g.subject,
+        g.connection,
+        g.access_class,
+        time(g.not_before_ms),
+        time(g.not_after_ms),
+        g.granted_by,
+        if g.revoked_at_ms != 0 {
+            format!("  revoked {}", time(g.revoked_at_ms))
+        } else {
+            String::new()
+        },
+        if g.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", g.reason)
+        }
+    )
+}
+
+fn show_status(s: &pb::ClusterStatus) -> String {
+    let members = |m: &[pb::Member]| {
+        m.iter()
+            .map(|m| format!("{}={}", m.id, m.address))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "member      {} ({})\nleader      {} {}\nterm        {}\nlog         last {} applied {}\nvoters      {}\nlearners    {}\n",
+        s.id,
+        s.role,
+        s.leader,
+        s.leader_address,
+        s.term,
+        s.last_log_index,
+        s.last_applied,
+        members(&s.voters),
+        members(&s.learners)
+    )
+}
+
+/// What `vigil` asks the coordinator.
+enum CoordinatorCommand {
+    Approvals(ApprovalCommand),
+    Grants(GrantCommand),
+    Cluster(ClusterCommand),
+}
+
+async fn decide(
+    client: &Client,
+    id: String,
+    approve: bool,
+    comment: Option<String>,
+) -> Result<String, tonic::Status> {
+    let decided = client
+        .decide_approval(pb::DecideApprovalRequest {
+            id,
+            approve,
+            comment: comment.unwrap_or_default(),
+        })
+        .await?;
+    Ok(show_approval(&decided))
+}
+
+async fn coordinator_command(
+    client: Client,
+    command: CoordinatorCommand,
+) -> Result<String, tonic::Status> {
+    Ok(match command {
+        CoordinatorCommand::Approvals(command) => match command {
+            ApprovalCommand::List { state } => {
+                let list = client
+                    .list_approvals(pb::ListApprovalsRequest {
+                        state: state.unwrap_or_default(),
+                    })
+                    .await?;
+                let mut out = String::new();
+                for a in &list.approvals {
+                    out += &format!(
+                        "{}  {:<8}  {}  {}  {}  {}  {}\n",
+                        a.id,
+                        a.state,
+                        a.requester.clone().unwrap_or_default().subject,
+                        a.connection,
+                        a.rule,
+                        time(a.created_at_ms),
+                        one_line(&a.statement, 60)
+                    );
+                }
+                if list.approvals.is_empty() {
+                    out = "no approval requests\n".into();
+                }
+                out
+            }
+            ApprovalCommand::Show { id } => {
+                show_approval(&client.get_approval(pb::ApprovalId { id }).await?)
+            }
+            ApprovalCommand::Approve { id, comment } => decide(&client, id, true, comment).await?,
+            ApprovalCommand::Deny { id, comment } => decide(&client, id, false, comment).await?,
+        },
+        CoordinatorCommand::Grants(command) => match command {
+            GrantCommand::Create {
+                subject,
+                connection,
+                access_class,
+                minutes,
+                reason,
+            } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let g = client
+                    .create_grant(pb::CreateGrantRequest {
+                        subject,
+                        connection,
+                        access_class,
+                        not_before_ms: now,
+                        not_after_ms: now + minutes * 60_000,
+                        reason: reason.unwrap_or_default(),
+                    })
+                    .await?;
+                format!("{}\n", show_grant(&g))
+            }
+            GrantCommand::List => {
+                let list = client.list_grants(pb::ListGrantsRequest {}).await?;
+                list.grants
+                    .iter()
+                    .map(|g| format!("{}\n", show_grant(g)))
+                    .collect()
+            }
+            GrantCommand::Revoke { id } => {
+                format!(
+                    "{}\n",
+                    show_grant(&client.revoke_grant(pb::GrantId { id }).await?)
+                )
+            }
+        },
+        CoordinatorCommand::Cluster(command) => show_status(&match command {
+            ClusterCommand::Init => client.init(pb::InitRequest {}).await?,
+            ClusterCommand::Add { id, address } => {
+                client.add_member(pb::Member { id, address }).await?
+            }
+            ClusterCommand::Remove { id } => client.remove_member(pb::MemberId { id }).await?,
+            ClusterCommand::Status => client.status(pb::StatusRequest {}).await?,
+        }),
+    })
+}
+
+fn run_coordinator(
+    args: &CoordinatorArgs,
+    command: CoordinatorCommand,
+) -> Result<ExitCode, String> {
+    let client = args.client()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    match runtime.block_on(coordinator_command(client, command)) {
+        Ok(out) => {
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => {
+            eprintln!("vigil: {:?}: {}", status.code(), status.message());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn run(args: Args) -> Result<ExitCode, String> {
     match args.command {
+        Command::Approvals {
+            command,
+            coordinator,
+        } => run_coordinator(&coordinator, CoordinatorCommand::Approvals(command)),
+        Command::Grants {
+            command,
+            coordinator,
+        } => run_coordinator(&coordinator, CoordinatorCommand::Grants(command)),
+        Command::Cluster {
+            command,
+            coordinator,
+        } => run_coordinator(&coordinator, CoordinatorCommand::Cluster(command)),
         Command::Audit {
             command: AuditCommand::Verify(log),
         } => {

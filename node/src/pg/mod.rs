@@ -35,6 +35,8 @@ pub struct PgContext {
     pub masker: crate::policy::masking::Masker,
     /// Table names behind result columns, per connection name (for column masking rules).
     pub catalogs: std::collections::HashMap<String, Arc<catalog::Catalog>>,
+    /// Where statements that need approval are held and decided.
+    pub approvals: Arc<crate::coordination::Approvals>,
 }
 
 /// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.

@@ -14,6 +14,7 @@ use super::messages::{self, display_value};
 use super::session::outcome_label;
 use super::PgContext;
 use crate::audit::AuditLog;
+use crate::coordination::{Hold, Step, Verdict};
 use crate::policy::classify::StatementInfo;
 use crate::policy::masking::{ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
@@ -29,8 +30,84 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use vigil_proto::record::{
-    Body, Connection, ErrorInfo, Kind, Outcome, PolicyRef, Principal, Request, Response,
+    ApprovalRef, Body, Connection, ErrorInfo, Kind, Outcome, PolicyRef, Principal, Request,
+    Response,
 };
+
+/// Holds a statement that needs approval until the coordinator's answer (see
+/// [`crate::coordination::Approvals::settle`]); each step is recorded under the statement
+/// number `stmt` its request will get.
+async fn hold(
+    ctx: &PgContext,
+    session: &Session,
+    stmt: u64,
+    request: &Request,
+    decision: &Decision,
+    exact: &[&[u8]],
+) -> Verdict {
+    let Some(spec) = decision.approval.as_deref() else {
+        return Verdict::Refuse {
+            sqlstate: "42501",
+            message: format!(
+                "statement requires approval (Vigil policy rule {}) but the rule has no approval settings",
+                decision.rule
+            ),
+            outcome: Outcome::Blocked,
+            approval: None,
+        };
+    };
+    let mut shown = request.clone();
+    let masked = mask_request(ctx, &mut shown);
+    let policy = ctx.policy.reference(decision);
+    let audit = &ctx.audit;
+    let mut record = |step: Step| {
+        let kind = if step.requested {
+            Kind::ApprovalRequested
+        } else {
+            Kind::ApprovalDecided
+        };
+        let mut rec = session.body(audit, kind);
+        rec.stmt = Some(stmt);
+        if step.requested {
+            rec.request = Some(shown.clone());
+            rec.masked = masked.clone();
+        }
+        rec.outcome = Some(step.outcome);
+        rec.policy = Some(policy.clone());
+        rec.approval = Some(step.approval);
+        rec.detail = Some(step.detail);
+        audit.record(rec);
+    };
+    let hold = Hold {
+        principal: &session.principal,
+        connection: session.conn.name.as_deref().unwrap_or(""),
+        exact,
+        shown: &shown.text,
+        rule: &decision.rule,
+        reason: decision.reason.as_deref(),
+        spec,
+    };
+    ctx.approvals.settle(hold, &mut record).await
+}
+
+/// Masks the audit copy of a request (statement text and bind parameters) with the
+/// detectors; the target still gets the original.
+fn mask_request(ctx: &PgContext, request: &mut Request) -> Counts {
+    let mut counts = Counts::new();
+    let masker = &ctx.masker;
+    if !masker.is_active() {
+        return counts;
+    }
+    if let Cow::Owned(t) = masker.mask(&request.text, None, false, Some(&mut counts)) {
+        request.text = t;
+    }
+    for p in request.params.iter_mut().flatten().flatten() {
+        if let Cow::Owned(t) = masker.mask(p, None, false, Some(&mut counts)) {
+            *p = t;
+        }
+    }
+    counts
+}
 
 /// What dry-run rules would have done, for the record.
 fn dry_run_note(d: &Decision) -> Option<String> {
@@ -72,6 +149,8 @@ struct Prepared {
     class: Arc<Classification>,
     policy: PolicyRef,
     note: Option<String>,
+    /// Set when running it needs approval: the decision that says how (held at Execute).
+    hold: Option<Arc<Decision>>,
 }
 
 /// A bound portal: its statement, its parameters (for the record) and result formats.
@@ -300,10 +379,28 @@ impl ClientHalf {
                     ..Request::default()
                 };
                 let (decision, class) = self.check(text);
-                if decision.blocks() {
+                let approval = if decision.action == Action::RequireApproval {
+                    if self.flush(out).await.is_err() {
+                        return Ok(Some(End::TargetClosed));
+                    }
+                    let stmt = self.stmts.load(Ordering::Relaxed) + 1;
+                    let exact = [text.as_bytes()];
+                    let (ctx, session) = (&self.ctx, &self.session);
+                    match hold(ctx, session, stmt, &request, &decision, &exact).await {
+                        Verdict::Run(a) => Some(a),
+                        refusal => {
+                            self.refuse_held(request, &decision, refusal, true, out);
+                            return Ok(None);
+                        }
+                    }
+                } else if decision.blocks() {
                     // If one statement of the message is blocked, none runs.
                     self.block(request, &decision, true, out);
-                } else if let Some(unit) = self.audit_request(request, &decision) {
+                    return Ok(None);
+                } else {
+                    None
+                };
+                if let Some(unit) = self.audit_request(request, &decision, approval) {
                     self.track_sql_prepares(text, &class, &decision);
                     self.expect(Pending::Query(unit));
                     out.extend_from_slice(&frame.raw);
@@ -314,7 +411,7 @@ impl ClientHalf {
             b'P' => {
                 let (name, query) = messages::parse_parse(&body).map_err(m)?;
                 let (decision, class) = self.check(query);
-                if decision.blocks() {
+                if decision.blocks() && decision.action != Action::RequireApproval {
                     // A blocked statement is never prepared.
                     let request = Request {
                         protocol: "extended".into(),
@@ -334,6 +431,9 @@ impl ClientHalf {
                         class,
                         policy: self.ctx.policy.reference(&decision),
                         note: dry_run_note(&decision),
+                        // Preparing runs nothing; each Execute of it is held.
+                        hold: (decision.action == Action::RequireApproval)
+                            .then(|| Arc::new(decision.clone())),
                     },
                 );
                 self.expect(Pending::Parse {
@@ -369,6 +469,7 @@ impl ClientHalf {
                 let text = prepared.map(|p| p.text.to_string()).unwrap_or_default();
                 // The decision was made when the statement was prepared.
                 let decision = prepared.map(|p| (p.policy.clone(), p.note.clone()));
+                let held = prepared.and_then(|p| p.hold.clone());
                 let request = Request {
                     protocol: "extended".into(),
                     text,
@@ -376,7 +477,27 @@ impl ClientHalf {
                     portal: Some(portal.to_string()),
                     params: Some(params),
                 };
-                if let Some(mut unit) = self.audit_request_decided(request, decision) {
+                let approval = match held {
+                    Some(d) => {
+                        if self.flush(out).await.is_err() {
+                            return Ok(Some(End::TargetClosed));
+                        }
+                        let params = serde_json::to_vec(&request.params).unwrap_or_default();
+                        let exact = [request.text.as_bytes(), params.as_slice()];
+                        let stmt = self.stmts.load(Ordering::Relaxed) + 1;
+                        let (ctx, session) = (&self.ctx, &self.session);
+                        match hold(ctx, session, stmt, &request, &d, &exact).await {
+                            Verdict::Run(a) => Some(a),
+                            refusal => {
+                                self.refuse_held(request, &d, refusal, false, out);
+                                self.skip_until_sync = true;
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(mut unit) = self.audit_request_decided(request, decision, approval) {
                     unit.statement = Some(statement);
                     unit.portal = Some(portal.to_string());
                     unit.result_formats = result_formats;
@@ -503,6 +624,8 @@ impl ClientHalf {
                         class: Arc::new(Ok(vec![s.clone()])),
                         policy: self.ctx.policy.reference(decision),
                         note: dry_run_note(decision),
+                        // SQL EXECUTE is decided (and held) on what it runs.
+                        hold: None,
                     },
                 );
             }
@@ -518,62 +641,87 @@ impl ClientHalf {
 
     /// Refuses a statement the policy blocks: a `blocked` record, then ErrorResponse 42501
     /// (and ReadyForQuery if `ready`). The session continues.
-    /// Masks the audit copy of a request (statement text and bind parameters) with the
-    /// detectors; the target still gets the original.
     fn mask_request(&self, request: &mut Request) -> Counts {
-        let mut counts = Counts::new();
-        let masker = &self.ctx.masker;
-        if !masker.is_active() {
-            return counts;
-        }
-        if let Cow::Owned(t) = masker.mask(&request.text, None, false, Some(&mut counts)) {
-            request.text = t;
-        }
-        for p in request.params.iter_mut().flatten().flatten() {
-            if let Cow::Owned(t) = masker.mask(p, None, false, Some(&mut counts)) {
-                *p = t;
-            }
-        }
-        counts
+        mask_request(&self.ctx, request)
     }
 
-    fn block(
-        &mut self,
-        mut request: Request,
-        decision: &Decision,
-        simple: bool,
-        out: &mut BytesMut,
-    ) {
-        let stmt = self.next_stmt();
-        let masked = self.mask_request(&mut request);
+    fn block(&mut self, request: Request, decision: &Decision, simple: bool, out: &mut BytesMut) {
         let reason = decision
             .reason
             .clone()
             .unwrap_or_else(|| "the policy does not allow this statement".into());
+        let detail = match dry_run_note(decision) {
+            Some(note) => format!("{reason}; {note}"),
+            None => reason.clone(),
+        };
+        let message = format!("blocked by Vigil policy (rule {}): {reason}", decision.rule);
+        let refusal = Verdict::Refuse {
+            sqlstate: "42501",
+            message,
+            outcome: Outcome::Blocked,
+            approval: None,
+        };
+        self.refuse_recorded(request, decision, refusal, detail, simple, out);
+    }
+
+    /// Refuses a held statement the approval flow did not let run.
+    fn refuse_held(
+        &mut self,
+        request: Request,
+        decision: &Decision,
+        refusal: Verdict,
+        simple: bool,
+        out: &mut BytesMut,
+    ) {
+        let detail = match &refusal {
+            Verdict::Refuse { message, .. } => message.clone(),
+            Verdict::Run(_) => String::new(),
+        };
+        self.refuse_recorded(request, decision, refusal, detail, simple, out);
+    }
+
+    /// A `blocked` record, then the refusal (ErrorResponse, and ReadyForQuery if `simple`).
+    /// The session continues.
+    fn refuse_recorded(
+        &mut self,
+        mut request: Request,
+        decision: &Decision,
+        refusal: Verdict,
+        detail: String,
+        simple: bool,
+        out: &mut BytesMut,
+    ) {
+        let Verdict::Refuse {
+            sqlstate,
+            message,
+            outcome,
+            approval,
+        } = refusal
+        else {
+            return;
+        };
+        let stmt = self.next_stmt();
+        let masked = self.mask_request(&mut request);
         let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
         rec.stmt = Some(stmt);
         rec.request = Some(request);
-        rec.outcome = Some(Outcome::Blocked);
+        rec.outcome = Some(outcome);
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
-        rec.detail = Some(match dry_run_note(decision) {
-            Some(note) => format!("{reason}; {note}"),
-            None => reason.clone(),
-        });
+        rec.detail = Some(detail);
+        rec.approval = approval;
         self.ctx.audit.record(rec);
-        let message = match decision.action {
-            Action::RequireApproval => format!(
-                "statement requires approval (Vigil policy rule {}): {reason}; approvals are not available on this gateway yet, so nothing was run",
-                decision.rule
-            ),
-            _ => format!("blocked by Vigil policy (rule {}): {reason}", decision.rule),
-        };
-        self.refuse(Outcome::Blocked, "42501", &message, simple, out);
+        self.refuse(outcome, sqlstate, &message, simple, out);
     }
 
-    fn audit_request(&mut self, request: Request, decision: &Decision) -> Option<Unit> {
+    fn audit_request(
+        &mut self,
+        request: Request,
+        decision: &Decision,
+        approval: Option<ApprovalRef>,
+    ) -> Option<Unit> {
         let decided = (self.ctx.policy.reference(decision), dry_run_note(decision));
-        self.audit_request_decided(request, Some(decided))
+        self.audit_request_decided(request, Some(decided), approval)
     }
 
     /// Writes a request record and waits until it is in the log. `None` means it could not be
@@ -582,12 +730,14 @@ impl ClientHalf {
         &mut self,
         mut request: Request,
         decided: Option<(PolicyRef, Option<String>)>,
+        approval: Option<ApprovalRef>,
     ) -> Option<Unit> {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
         rec.stmt = Some(stmt);
         rec.masked = self.mask_request(&mut request);
         rec.request = Some(request);
+        rec.approval = approval;
         if let Some((policy, note)) = decided {
             rec.policy = Some(policy);
             rec.detail = note;

@@ -9,8 +9,9 @@
 //! evaluation continues. A message with several statements is blocked whole when any of them
 //! is.
 //!
-//! `require_approval` behaves as a block with its own reason until the coordinator holds
-//! approvals.
+//! `require_approval` holds the statement for a decision in the coordinator (see
+//! [`ApprovalSpec`] and docs/policy.md): who may approve, how many approvals, how long a
+//! request lives, how long the client waits, and which grant class lets it run without one.
 
 pub mod classify;
 pub mod masking;
@@ -73,6 +74,42 @@ pub struct Rule {
     /// Told to the client and recorded.
     #[serde(default)]
     pub reason: Option<String>,
+    /// For `require_approval`: overrides `[policy.approval]`.
+    #[serde(default)]
+    pub approval: Option<ApprovalSpec>,
+}
+
+/// How a statement that needs approval is handled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSpec {
+    /// Members of this group (token `groups` claim) may approve or deny.
+    pub approvers: String,
+    /// Distinct approvals needed; one denial decides.
+    #[serde(default = "one")]
+    pub required: u32,
+    /// How long a request can be decided and, once approved, used.
+    #[serde(default = "default_approval_ttl")]
+    pub ttl_secs: u64,
+    /// How long the client's statement is held while the gateway waits for a decision; after
+    /// that the client gets an error naming the request, and runs the statement again once it
+    /// is approved.
+    #[serde(default = "default_approval_wait")]
+    pub wait_secs: u64,
+    /// An active grant of this access class for the principal on the connection lets the
+    /// statement run without a request (`vigil grants create … --class CLASS`).
+    #[serde(default)]
+    pub grant_class: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_approval_ttl() -> u64 {
+    3600
+}
+fn default_approval_wait() -> u64 {
+    30
 }
 
 /// The `[policy]` section.
@@ -93,6 +130,9 @@ pub struct PolicyConfig {
     /// `<data_dir>/masking.key`. Not part of the policy version.
     #[serde(default, skip_serializing)]
     pub masking_key: Option<crate::secret::SecretRef>,
+    /// The approval settings of `require_approval` rules that do not name their own.
+    #[serde(default)]
+    pub approval: Option<ApprovalSpec>,
 }
 
 /// The outcome for one message.
@@ -105,6 +145,8 @@ pub struct Decision {
     pub reason: Option<String>,
     /// Dry-run rules that matched, as `rule-id:action`.
     pub dry_run: Vec<String>,
+    /// For `require_approval`: how.
+    pub approval: Option<Arc<ApprovalSpec>>,
 }
 
 impl Decision {
@@ -195,6 +237,7 @@ impl Policy {
                     rule: "parse-error".into(),
                     reason: Some(e.to_string()),
                     dry_run: Vec::new(),
+                    approval: None,
                 }
             }
         };
@@ -218,6 +261,7 @@ impl Policy {
             reason: (self.config.default != Action::Allow)
                 .then(|| "no rule allows this statement".to_string()),
             dry_run: Vec::new(),
+            approval: self.approval_for(None, self.config.default),
         }
     }
 
@@ -238,6 +282,7 @@ impl Policy {
                     kind_name(s.kind())
                 )),
                 dry_run: Vec::new(),
+                approval: None,
             };
         }
         for rule in &self.config.rules {
@@ -253,9 +298,21 @@ impl Policy {
                 rule: rule.id.clone(),
                 reason: rule.reason.clone(),
                 dry_run: Vec::new(),
+                approval: self.approval_for(Some(rule), rule.action),
             };
         }
         self.default_decision()
+    }
+
+    /// The approval settings for a `require_approval` decision: the rule's own, else the
+    /// policy's (config validation makes sure one exists).
+    fn approval_for(&self, rule: Option<&Rule>, action: Action) -> Option<Arc<ApprovalSpec>> {
+        if action != Action::RequireApproval {
+            return None;
+        }
+        rule.and_then(|r| r.approval.clone())
+            .or_else(|| self.config.approval.clone())
+            .map(Arc::new)
     }
 }
 

@@ -1,0 +1,172 @@
+//! One coordinator member: its Raft node, its store and its gRPC listener.
+
+use crate::network::Network;
+use crate::service::{
+    first_member, ClusterService, CoordinatorService, OperatorAuth, RaftService, Shared,
+};
+use crate::store::{self, NodeId, Raft};
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use vigil_proto::coordinator::cluster_server::ClusterServer;
+use vigil_proto::coordinator::coordinator_server::CoordinatorServer;
+use vigil_proto::coordinator::raft_server::RaftServer;
+
+/// Largest gRPC message a member accepts (Raft batches and snapshot chunks, JSON-encoded).
+const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+
+/// How one member runs (the file format lives with the binary).
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    /// Unique, non-zero, stable for the life of the member.
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    /// The address other members and clients use (`host:port`); `listen` when empty.
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub cluster_token: Arc<str>,
+    /// Operators in this group may change membership and manage grants.
+    pub admin_group: String,
+    pub heartbeat: Duration,
+    pub election_timeout: (Duration, Duration),
+    /// Take a snapshot (and purge the log behind it) every this many entries.
+    pub snapshot_after: u64,
+    /// On first start, make this member a cluster of one (the embedded default).
+    pub bootstrap: bool,
+}
+
+impl MemberConfig {
+    /// The defaults for everything but identity, address, storage and token.
+    pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf, cluster_token: Arc<str>) -> Self {
+        Self {
+            id,
+            listen,
+            advertise: String::new(),
+            data_dir,
+            cluster_token,
+            admin_group: "vigil-admins".into(),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            snapshot_after: 5_000,
+            bootstrap: false,
+        }
+    }
+}
+
+/// A running member.
+pub struct Member {
+    pub shared: Arc<Shared>,
+    /// Where it listens (the bound address when the configured port was 0).
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Member {
+    pub async fn start(
+        cfg: MemberConfig,
+        operators: Option<Arc<dyn OperatorAuth>>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(cfg.id != 0, "member ids start at 1");
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("listen on {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let advertise = if cfg.advertise.is_empty() {
+            addr.to_string()
+        } else {
+            cfg.advertise.clone()
+        };
+        let raft_config = openraft::Config {
+            cluster_name: "vigil".into(),
+            heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+            election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
+            election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_after),
+            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .context("Raft settings")?;
+        let (log, sm) = store::open(&cfg.data_dir)
+            .await
+            .with_context(|| format!("open the store in {}", cfg.data_dir.display()))?;
+        let raft = Raft::new(
+            cfg.id,
+            Arc::new(raft_config),
+            Network::new(cfg.cluster_token.clone()),
+            log,
+            sm.clone(),
+        )
+        .await
+        .context("start Raft")?;
+        if cfg.bootstrap && !raft.is_initialized().await? {
+            raft.initialize(first_member(cfg.id, &advertise))
+                .await
+                .context("initialise a one-member cluster")?;
+        }
+        let shared = Arc::new(Shared {
+            id: cfg.id,
+            advertise,
+            raft,
+            sm,
+            cluster_token: cfg.cluster_token,
+            operators,
+            admin_group: cfg.admin_group,
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                CoordinatorServer::new(CoordinatorService(shared.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE),
+            )
+            .add_service(ClusterServer::new(ClusterService(shared.clone())))
+            .add_service(
+                RaftServer::new(RaftService(shared.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            );
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        tracing::info!(id = cfg.id, %addr, "coordinator member listening");
+        Ok(Self {
+            shared,
+            addr,
+            stop: Some(stop),
+            server,
+        })
+    }
+
+    /// Waits until this member knows a leader (itself, for a cluster of one).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<NodeId> {
+        let m = self
+            .shared
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .context("no leader")?;
+        Ok(m.current_leader.unwrap_or_default())
+    }
+
+    /// Stops serving and shuts Raft down.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+        let _ = self.shared.raft.shutdown().await;
+    }
+}

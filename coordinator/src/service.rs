@@ -1,0 +1,760 @@
+//! The gRPC services of one coordinator member: `Coordinator` (nodes and operators), `Cluster`
+//! (membership) and `Raft` (members), with their authentication.
+//!
+//! Who may call what:
+//! - gateway nodes and members present the cluster token (`x-vigil-cluster-token`);
+//! - operators present an OIDC token (`authorization: Bearer …`), verified by the
+//!   [`OperatorAuth`] the member was started with; decisions are recorded under the identity
+//!   the token proves, never one the request names;
+//! - membership changes and grants need an operator in the admin group (or the cluster token,
+//!   for automation).
+//!
+//! Writes go through Raft (`client_write`); reads that authorise an action first confirm
+//! leadership with `ensure_linearizable`. A member that is not the leader answers `UNAVAILABLE`
+//! with the leader's address in `x-vigil-leader`.
+
+use crate::approvals::{
+    Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis, NewRequest,
+};
+use crate::store::{NodeId, Raft, StateMachine};
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::{BasicNode, ServerState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use vigil_proto::coordinator as pb;
+
+/// Metadata key carrying the cluster token (nodes and members).
+pub const CLUSTER_TOKEN_HEADER: &str = "x-vigil-cluster-token";
+/// Metadata key naming the leader's address on an `UNAVAILABLE` answer.
+pub const LEADER_HEADER: &str = "x-vigil-leader";
+/// How long a write may wait for its commit before the caller hears "outcome unknown".
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Verifies an operator's bearer token and says who it names.
+pub trait OperatorAuth: Send + Sync + 'static {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Actor, String>>;
+}
+
+/// Who is calling.
+enum Caller {
+    /// A gateway node or a member: holds the cluster token.
+    Member,
+    Operator(Actor),
+}
+
+/// What every service of one member shares.
+pub struct Shared {
+    pub id: NodeId,
+    /// The address other members and clients reach this member at.
+    pub advertise: String,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub cluster_token: Arc<str>,
+    pub operators: Option<Arc<dyn OperatorAuth>>,
+    pub admin_group: String,
+}
+
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Compares secrets without an early exit.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Shared {
+    async fn caller(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        if let Some(token) = md.get(CLUSTER_TOKEN_HEADER) {
+            return if same_secret(token.as_bytes(), self.cluster_token.as_bytes()) {
+                Ok(Caller::Member)
+            } else {
+                Err(Status::unauthenticated(
+                    "the cluster token is not this cluster's",
+                ))
+            };
+        }
+        if let Some(auth) = md.get("authorization") {
+            let bearer = auth
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+            let verifier = self.operators.as_ref().ok_or_else(|| {
+                Status::unauthenticated(
+                    "this coordinator accepts no operator tokens (no [identity])",
+                )
+            })?;
+            return verifier
+                .authenticate(bearer.trim())
+                .await
+                .map(Caller::Operator)
+                .map_err(|why| Status::unauthenticated(format!("operator token refused: {why}")));
+        }
+        Err(Status::unauthenticated(
+            "no credentials: nodes send x-vigil-cluster-token, operators authorization: Bearer <OIDC token>",
+        ))
+    }
+
+    async fn member(&self, md: &MetadataMap) -> Result<(), Status> {
+        match self.caller(md).await? {
+            Caller::Member => Ok(()),
+            Caller::Operator(_) => Err(Status::permission_denied(
+                "only gateway nodes (cluster token) may call this",
+            )),
+        }
+    }
+
+    async fn operator(&self, md: &MetadataMap) -> Result<Actor, Status> {
+        match self.caller(md).await? {
+            Caller::Operator(a) => Ok(a),
+            Caller::Member => Err(Status::permission_denied(
+                "this call needs an operator's OIDC token: the decision is recorded under it",
+            )),
+        }
+    }
+
+    /// The cluster token, or an operator in the admin group; answers who, for the record.
+    async fn admin(&self, md: &MetadataMap) -> Result<String, Status> {
+        match self.caller(md).await? {
+            Caller::Member => Ok("cluster-token".into()),
+            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
+            Caller::Operator(a) => Err(Status::permission_denied(format!(
+                "{} is not in the admin group {}",
+                a.subject, self.admin_group
+            ))),
+        }
+    }
+
+    async fn write(&self, cmd: Command) -> Result<Applied, Status> {
+        let committed = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(
+                    "the write was not committed in time (no quorum?); its outcome is unknown",
+                )
+            })?;
+        match committed {
+            Ok(resp) => match resp.data.0 {
+                Some(Ok(applied)) => Ok(applied),
+                Some(Err(e)) => Err(domain_status(e)),
+                None => Err(Status::internal("the command produced no reply")),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f)),
+            Err(e) => Err(Status::unavailable(format!("cannot commit: {e}"))),
+        }
+    }
+
+    /// Confirms, with a quorum, that this member leads and has applied everything committed
+    /// before the call: what it then reads is not stale.
+    async fn linearizable(&self) -> Result<(), Status> {
+        let checked = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| Status::unavailable("leadership could not be confirmed in time"))?;
+        match checked {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(f)),
+            Err(e) => Err(Status::unavailable(format!(
+                "cannot confirm leadership: {e}"
+            ))),
+        }
+    }
+
+    fn request_view(&self, id: &str) -> Result<pb::Approval, Status> {
+        self.sm
+            .read(|s| s.requests.get(id).map(|r| approval_pb(r, now_ms())))
+            .ok_or_else(|| Status::not_found(format!("no approval request {id}")))
+    }
+}
+
+fn not_leader(f: ForwardToLeader<NodeId, BasicNode>) -> Status {
+    let addr = f.leader_node.map(|n| n.addr);
+    let mut status = Status::unavailable(match &addr {
+        Some(a) => format!("not the leader; the leader is {a}"),
+        None => "not the leader; no leader is known yet".to_string(),
+    });
+    if let Some(v) = addr.and_then(|a| a.parse().ok()) {
+        status.metadata_mut().insert(LEADER_HEADER, v);
+    }
+    status
+}
+
+fn domain_status(e: DomainError) -> Status {
+    let msg = e.to_string();
+    match e {
+        DomainError::NotFound(_) => Status::not_found(msg),
+        DomainError::Duplicate(_) => Status::already_exists(msg),
+        DomainError::SelfApproval | DomainError::NotApprover(_) => Status::permission_denied(msg),
+        DomainError::Invalid(_) => Status::invalid_argument(msg),
+        DomainError::AlreadyDecided
+        | DomainError::AlreadyVoted(_)
+        | DomainError::Expired
+        | DomainError::NothingToConsume
+        | DomainError::CheckpointRegression { .. }
+        | DomainError::CheckpointConflict { .. }
+        | DomainError::CheckpointKey(_) => Status::failed_precondition(msg),
+    }
+}
+
+fn opt(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn actor_pb(a: &Actor) -> pb::Actor {
+    pb::Actor {
+        subject: a.subject.clone(),
+        groups: a.groups.clone(),
+    }
+}
+
+pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
+    let a = &r.asked;
+    pb::Approval {
+        id: a.id.clone(),
+        requester: Some(actor_pb(&a.requester)),
+        connection: a.connection.clone(),
+        statement_hash: a.statement_hash.clone(),
+        statement: a.statement.clone(),
+        reason: a.reason.clone().unwrap_or_default(),
+        created_at_ms: r.created_at,
+        expires_at_ms: r.expires_at,
+        approver_group: a.approver_group.clone(),
+        approvals_required: a.approvals_required,
+        votes: r
+            .votes
+            .iter()
+            .map(|v| pb::Vote {
+                approver: v.approver.clone(),
+                approve: v.approve,
+                comment: v.comment.clone().unwrap_or_default(),
+                at_ms: v.at,
+            })
+            .collect(),
+        state: r.state_at(now).to_string(),
+        consumed_at_ms: r.consumed_at.unwrap_or(0),
+        node: a.node.clone(),
+        rule: a.rule.clone(),
+    }
+}
+
+fn grant_pb(g: &Grant) -> pb::Grant {
+    pb::Grant {
+        id: g.id.clone(),
+        subject: g.subject.clone(),
+        connection: g.connection.clone(),
+        access_class: g.access_class.clone(),
+        not_before_ms: g.not_before,
+        not_after_ms: g.not_after,
+        granted_by: g.granted_by.clone(),
+        revoked_at_ms: g.revoked_at.unwrap_or(0),
+        reason: g.reason.clone().unwrap_or_default(),
+    }
+}
+
+fn checkpoint_pb(c: &Checkpoint) -> pb::Checkpoint {
+    pb::Checkpoint {
+        stream: c.stream.clone(),
+        seq: c.seq,
+        hash: c.hash.clone(),
+        time_ms: c.time_ms,
+        signature: c.signature.clone(),
+        public_key: c.public_key.clone(),
+    }
+}
+
+fn expect_request(applied: Applied, now: Millis) -> Result<pb::Approval, Status> {
+    match applied {
+        Applied::Request(r) => Ok(approval_pb(&r, now)),
+        _ => Err(Status::internal("unexpected reply")),
+    }
+}
+
+fn expect_grant(applied: Applied) -> Result<pb::Grant, Status> {
+    match applied {
+        Applied::Grant(g) => Ok(grant_pb(&g)),
+        _ => Err(Status::internal("unexpected reply")),
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
+}
+
+/// A fresh random id with a readable prefix (`g-…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+pub struct CoordinatorService(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn create_approval(
+        &self,
+        req: Request<pb::CreateApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        self.0.member(req.metadata()).await?;
+        let r = req.into_inner();
+        required("id", &r.id)?;
+        required("connection", &r.connection)?;
+        required("statement_hash", &r.statement_hash)?;
+        let requester = r
+            .requester
+            .filter(|a| !a.subject.is_empty())
+            .ok_or_else(|| Status::invalid_argument("requester.subject is required"))?;
+        let now = now_ms();
+        let cmd = Command::CreateRequest {
+            request: NewRequest {
+                id: r.id,
+                requester: Actor {
+                    subject: requester.subject,
+                    groups: requester.groups,
+                },
+                connection: r.connection,
+                statement_hash: r.statement_hash,
+                statement: r.statement,
+                reason: opt(r.reason),
+                ttl: r.ttl_ms,
+                approver_group: r.approver_group,
+                approvals_required: r.approvals_required,
+                node: r.node,
+                rule: r.rule,
+            },
+            now,
+        };
+        Ok(Response::new(expect_request(
+            self.0.write(cmd).await?,
+            now,
+        )?))
+    }
+
+    async fn consume_approval(
+        &self,
+        req: Request<pb::ConsumeApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        self.0.member(req.metadata()).await?;
+        let r = req.into_inner();
+        required("subject", &r.subject)?;
+        required("connection", &r.connection)?;
+        required("statement_hash", &r.statement_hash)?;
+        required("attempt", &r.attempt)?;
+        let now = now_ms();
+        let cmd = Command::Consume {
+            subject: r.subject,
+            connection: r.connection,
+            statement_hash: r.statement_hash,
+            attempt: r.attempt,
+            now,
+        };
+        Ok(Response::new(expect_request(
+            self.0.write(cmd).await?,
+            now,
+        )?))
+    }
+
+    type WatchApprovalStream = ReceiverStream<Result<pb::Approval, Status>>;
+
+    async fn watch_approval(
+        &self,
+        req: Request<pb::ApprovalId>,
+    ) -> Result<Response<Self::WatchApprovalStream>, Status> {
+        self.0.caller(req.metadata()).await?;
+        let id = req.into_inner().id;
+        let first = self.0.request_view(&id)?;
+        let shared = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut applied = shared.sm.subscribe();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                let now = now_ms();
+                if !matches!(last.state.as_str(), "pending" | "approved") {
+                    return; // settled: nothing will change any more
+                }
+                let until_expiry = last.expires_at_ms.saturating_sub(now).max(1);
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_millis(until_expiry)) => {}
+                    _ = tx.closed() => return,
+                }
+                let Ok(view) = shared.request_view(&id) else {
+                    return;
+                };
+                if view != last {
+                    last = view;
+                    if tx.send(Ok(last.clone())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_approval(
+        &self,
+        req: Request<pb::ApprovalId>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        self.0.caller(req.metadata()).await?;
+        self.0.linearizable().await?;
+        Ok(Response::new(self.0.request_view(&req.into_inner().id)?))
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ApprovalList>, Status> {
+        self.0.caller(req.metadata()).await?;
+        self.0.linearizable().await?;
+        let want = req.into_inner().state;
+        let now = now_ms();
+        let mut approvals: Vec<pb::Approval> = self.0.sm.read(|s| {
+            s.requests
+                .values()
+                .filter(|r| want.is_empty() || r.state_at(now) == want)
+                .map(|r| approval_pb(r, now))
+                .collect()
+        });
+        approvals.sort_by(|a, b| (b.created_at_ms, &b.id).cmp(&(a.created_at_ms, &a.id)));
+        Ok(Response::new(pb::ApprovalList { approvals }))
+    }
+
+    async fn decide_approval(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let approver = self.0.operator(req.metadata()).await?;
+        let r = req.into_inner();
+        required("id", &r.id)?;
+        let now = now_ms();
+        let cmd = Command::Decide {
+            id: r.id,
+            approver,
+            approve: r.approve,
+            comment: opt(r.comment),
+            now,
+        };
+        Ok(Response::new(expect_request(
+            self.0.write(cmd).await?,
+            now,
+        )?))
+    }
+
+    async fn create_grant(
+        &self,
+        req: Request<pb::CreateGrantRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let by = self.0.admin(req.metadata()).await?;
+        let r = req.into_inner();
+        required("subject", &r.subject)?;
+        required("connection", &r.connection)?;
+        required("access_class", &r.access_class)?;
+        let grant = Grant {
+            id: new_id("g"),
+            subject: r.subject,
+            connection: r.connection,
+            access_class: r.access_class,
+            not_before: if r.not_before_ms == 0 {
+                now_ms()
+            } else {
+                r.not_before_ms
+            },
+            not_after: r.not_after_ms,
+            granted_by: by,
+            revoked_at: None,
+            reason: opt(r.reason),
+        };
+        let applied = self.0.write(Command::CreateGrant { grant }).await?;
+        Ok(Response::new(expect_grant(applied)?))
+    }
+
+    async fn revoke_grant(&self, req: Request<pb::GrantId>) -> Result<Response<pb::Grant>, Status> {
+        self.0.admin(req.metadata()).await?;
+        let id = req.into_inner().id;
+        required("id", &id)?;
+        let applied = self
+            .0
+            .write(Command::RevokeGrant { id, now: now_ms() })
+            .await?;
+        Ok(Response::new(expect_grant(applied)?))
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::GrantList>, Status> {
+        self.0.caller(req.metadata()).await?;
+        self.0.linearizable().await?;
+        let grants = self
+            .0
+            .sm
+            .read(|s| s.grants.values().map(grant_pb).collect());
+        Ok(Response::new(pb::GrantList { grants }))
+    }
+
+    async fn check_grant(
+        &self,
+        req: Request<pb::CheckGrantRequest>,
+    ) -> Result<Response<pb::CheckGrantResponse>, Status> {
+        self.0.member(req.metadata()).await?;
+        self.0.linearizable().await?;
+        let r = req.into_inner();
+        let now = now_ms();
+        let grant = self.0.sm.read(|s| {
+            s.active_grant(&r.subject, &r.connection, &r.access_class, now)
+                .map(grant_pb)
+        });
+        Ok(Response::new(pb::CheckGrantResponse { grant }))
+    }
+
+    async fn put_checkpoint(
+        &self,
+        req: Request<pb::Checkpoint>,
+    ) -> Result<Response<pb::Checkpoint>, Status> {
+        self.0.member(req.metadata()).await?;
+        let c = req.into_inner();
+        let checkpoint = Checkpoint {
+            stream: c.stream,
+            seq: c.seq,
+            hash: c.hash,
+            time_ms: c.time_ms,
+            public_key: c.public_key,
+            signature: c.signature,
+        };
+        required("stream", &checkpoint.stream)?;
+        checkpoint
+            .verify()
+            .map_err(|e| Status::invalid_argument(format!("checkpoint refused: {e}")))?;
+        match self.0.write(Command::PutCheckpoint { checkpoint }).await? {
+            Applied::Checkpoint(c) => Ok(Response::new(checkpoint_pb(&c))),
+            _ => Err(Status::internal("unexpected reply")),
+        }
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::CheckpointList>, Status> {
+        self.0.caller(req.metadata()).await?;
+        self.0.linearizable().await?;
+        let checkpoints = self
+            .0
+            .sm
+            .read(|s| s.checkpoints.values().map(checkpoint_pb).collect());
+        Ok(Response::new(pb::CheckpointList { checkpoints }))
+    }
+}
+
+pub struct ClusterService(pub Arc<Shared>);
+
+impl ClusterService {
+    fn status(&self) -> pb::ClusterStatus {
+        let m = self.0.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let member = |id: &NodeId| pb::Member {
+            id: *id,
+            address: membership
+                .get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+        };
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let leader = m.current_leader.unwrap_or(0);
+        pb::ClusterStatus {
+            id: m.id,
+            leader,
+            leader_address: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
+                .unwrap_or_default(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            voters: voters.iter().map(member).collect(),
+            learners: membership.learner_ids().map(|id| member(&id)).collect(),
+            role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+        }
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.0
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+}
+
+fn membership_status(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        e => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn init(
+        &self,
+        req: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.0.admin(req.metadata()).await?;
+        match self
+            .0
+            .raft
+            .initialize(first_member(self.0.id, &self.0.advertise))
+            .await
+        {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                return Err(Status::failed_precondition(format!(
+                    "this member is initialised already: {e}"
+                )))
+            }
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
+        // A one-member cluster elects itself within an election timeout.
+        let _ = self
+            .0
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .current_leader(self.0.id, "init")
+            .await;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<pb::Member>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.0.admin(req.metadata()).await?;
+        let m = req.into_inner();
+        required("address", &m.address)?;
+        if m.id == 0 {
+            return Err(Status::invalid_argument("member ids start at 1"));
+        }
+        self.0
+            .raft
+            .add_learner(m.id, BasicNode::new(&m.address), true)
+            .await
+            .map_err(membership_status)?;
+        let mut voters = self.voters();
+        voters.insert(m.id);
+        self.0
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::MemberId>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.0.admin(req.metadata()).await?;
+        let id = req.into_inner().id;
+        let mut voters = self.voters();
+        if !voters.remove(&id) {
+            return Err(Status::not_found(format!("{id} is not a voting member")));
+        }
+        if voters.is_empty() {
+            return Err(Status::failed_precondition("cannot remove the last member"));
+        }
+        self.0
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.0.caller(req.metadata()).await?;
+        Ok(Response::new(self.status()))
+    }
+}
+
+pub struct RaftService(pub Arc<Shared>);
+
+fn decode<T: serde::de::DeserializeOwned>(msg: pb::RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&msg.json)
+        .map_err(|e| Status::invalid_argument(format!("malformed Raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    serde_json::to_vec(value)
+        .map(|json| Response::new(pb::RaftMessage { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        self.0.member(req.metadata()).await?;
+        let rpc = decode(req.into_inner())?;
+        encode(&self.0.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        self.0.member(req.metadata()).await?;
+        let rpc = decode(req.into_inner())?;
+        encode(&self.0.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        self.0.member(req.metadata()).await?;
+        let rpc = decode(req.into_inner())?;
+        encode(&self.0.raft.install_snapshot(rpc).await)
+    }
+}
+
+/// The single-member membership a fresh cluster starts from.
+pub fn first_member(id: NodeId, addr: &str) -> BTreeMap<NodeId, BasicNode> {
+    BTreeMap::from([(id, BasicNode::new(addr))])
+}

@@ -1,0 +1,349 @@
+//! The node's link to the coordinator, and the approval flow of a held statement.
+//!
+//! With `[coordinator] endpoints`, the node is a client of a remote cluster (cluster token).
+//! Without, it starts a one-member coordinator in-process, from the same code, listening on
+//! `[coordinator] listen` so that operators can decide with `vigil approvals`; the node then
+//! talks to it over gRPC exactly as it would to a remote cluster.
+//!
+//! The flow of a statement that needs approval ([`Approvals::settle`]): an active grant of the
+//! rule's class lets it run; else an approved request for the same principal, connection and
+//! statement is consumed (exactly once, cluster-wide) and it runs; else a request is created
+//! and the statement is held while the node watches the request, up to the rule's wait. Every
+//! step the client can observe is reported to the caller for the audit log. When the
+//! coordinator cannot be reached the statement is refused (fail closed).
+
+use crate::config::Config;
+use crate::identity::TokenVerifier;
+use crate::policy::ApprovalSpec;
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+use vigil_coordinator::approvals::Actor;
+use vigil_coordinator::client::{Client, Credential};
+use vigil_coordinator::server::{Member, MemberConfig};
+use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
+use vigil_proto::coordinator as pb;
+use vigil_proto::record::{ApprovalRef, Outcome, Principal};
+
+/// Operators are verified like any other principal: an OIDC token checked against the
+/// configured provider; the approver's identity is the token's subject and groups.
+pub struct OidcOperators(pub Arc<TokenVerifier>);
+
+impl OperatorAuth for OidcOperators {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Actor, String>> {
+        Box::pin(async move {
+            let p = self.0.verify(token).await.map_err(|e| e.to_string())?;
+            Ok(Actor {
+                subject: p.subject,
+                groups: p.groups,
+            })
+        })
+    }
+}
+
+/// The node's coordinator: a client, and the embedded member when there is one.
+pub struct Coordination {
+    pub approvals: Arc<Approvals>,
+    /// The embedded member (none with a remote cluster).
+    pub member: Option<Member>,
+    /// Where the coordinator API is reachable from this node.
+    pub endpoints: Vec<String>,
+}
+
+pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Result<Coordination> {
+    let co = &config.coordinator;
+    let timeout = Duration::from_secs(co.timeout_secs);
+    if !co.endpoints.is_empty() {
+        let token = co
+            .cluster_token
+            .as_ref()
+            .context("coordinator.cluster_token")?
+            .resolve()
+            .context("coordinator.cluster_token")?;
+        let client = Client::new(
+            co.endpoints.clone(),
+            Credential::Cluster(token.expose().as_str().into()),
+        )
+        .map_err(|s| anyhow::anyhow!("coordinator.endpoints: {}", s.message()))?
+        .retry_for(timeout);
+        return Ok(Coordination {
+            approvals: Arc::new(Approvals::new(client, &config.node.id)),
+            member: None,
+            endpoints: co.endpoints.clone(),
+        });
+    }
+    // Embedded: a cluster of one, its token known only to this process.
+    let token: Arc<str> = hex::encode(rand::random::<[u8; 32]>()).into();
+    let mut member = MemberConfig::new(1, co.listen, config.coordinator_dir(), token.clone());
+    member.admin_group = co.admin_group.clone();
+    member.bootstrap = true;
+    let member = Member::start(member, Some(Arc::new(OidcOperators(verifier))))
+        .await
+        .with_context(|| format!("embedded coordinator on coordinator.listen {}", co.listen))?;
+    member
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .context("embedded coordinator")?;
+    let addr: SocketAddr = member.addr;
+    let endpoints = vec![addr.to_string()];
+    let client = Client::new(endpoints.clone(), Credential::Cluster(token))
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .retry_for(timeout);
+    Ok(Coordination {
+        approvals: Arc::new(Approvals::new(client, &config.node.id)),
+        member: Some(member),
+        endpoints,
+    })
+}
+
+/// A statement held for approval.
+pub struct Hold<'a> {
+    pub principal: &'a Principal,
+    pub connection: &'a str,
+    /// What is bound: the exact statement (and its parameters, for the extended protocol).
+    pub exact: &'a [&'a [u8]],
+    /// What the approver reads (the audited, masked text).
+    pub shown: &'a str,
+    pub rule: &'a str,
+    pub reason: Option<&'a str>,
+    pub spec: &'a ApprovalSpec,
+}
+
+/// A step worth an audit record.
+pub struct Step {
+    pub outcome: Outcome,
+    pub approval: ApprovalRef,
+    pub detail: String,
+    /// `true`: the request was created; `false`: it was decided, or the wait ended.
+    pub requested: bool,
+}
+
+/// How a hold ended.
+pub enum Verdict {
+    /// Run it; this approval (or grant) allowed it.
+    Run(ApprovalRef),
+    /// Refuse it with this SQLSTATE and message.
+    Refuse {
+        sqlstate: &'static str,
+        message: String,
+        outcome: Outcome,
+        approval: Option<ApprovalRef>,
+    },
+}
+
+pub struct Approvals {
+    client: Client,
+    node: String,
+}
+
+/// The hash a request is bound to: SHA-256 over the length-prefixed parts.
+pub fn statement_hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
+fn reference(a: &pb::Approval, state: &str) -> ApprovalRef {
+    ApprovalRef {
+        id: a.id.clone(),
+        state: state.to_string(),
+        by: a.votes.iter().map(|v| v.approver.clone()).collect(),
+    }
+}
+
+fn unavailable(e: &tonic::Status) -> Verdict {
+    Verdict::Refuse {
+        sqlstate: "58000",
+        message: format!(
+            "statement refused: the approval service is unavailable ({}); nothing was run",
+            e.message()
+        ),
+        outcome: Outcome::Error,
+        approval: None,
+    }
+}
+
+impl Approvals {
+    pub fn new(client: Client, node: &str) -> Self {
+        Self {
+            client,
+            node: node.to_string(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Decides what happens to a held statement; `record` is told every step on the way.
+    pub async fn settle(&self, hold: Hold<'_>, record: &mut (dyn FnMut(Step) + Send)) -> Verdict {
+        let subject = hold.principal.subject.clone();
+        if let Some(class) = &hold.spec.grant_class {
+            let check = pb::CheckGrantRequest {
+                subject: subject.clone(),
+                connection: hold.connection.to_string(),
+                access_class: class.clone(),
+            };
+            match self.client.check_grant(check).await {
+                Ok(pb::CheckGrantResponse { grant: Some(g) }) => {
+                    return Verdict::Run(ApprovalRef {
+                        id: g.id,
+                        state: "granted".into(),
+                        by: vec![g.granted_by],
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => return unavailable(&e),
+            }
+        }
+        let hash = statement_hash(hold.exact);
+        let attempt = new_id(&format!("{}-try", self.node));
+        let consume = pb::ConsumeApprovalRequest {
+            subject: subject.clone(),
+            connection: hold.connection.to_string(),
+            statement_hash: hash.clone(),
+            attempt: attempt.clone(),
+        };
+        match self.client.consume_approval(consume.clone()).await {
+            Ok(a) => return Verdict::Run(reference(&a, "consumed")),
+            Err(e) if e.code() == Code::FailedPrecondition => {}
+            Err(e) => return unavailable(&e),
+        }
+        let create = pb::CreateApprovalRequest {
+            id: new_id("apr"),
+            requester: Some(pb::Actor {
+                subject,
+                groups: hold.principal.groups.clone(),
+            }),
+            connection: hold.connection.to_string(),
+            statement_hash: hash,
+            statement: hold.shown.to_string(),
+            reason: hold.reason.unwrap_or_default().to_string(),
+            ttl_ms: hold.spec.ttl_secs.saturating_mul(1000),
+            approver_group: hold.spec.approvers.clone(),
+            approvals_required: hold.spec.required,
+            node: self.node.clone(),
+            rule: hold.rule.to_string(),
+        };
+        let id = create.id.clone();
+        let created = match self.client.create_approval(create).await {
+            Ok(a) => a,
+            Err(e) => return unavailable(&e),
+        };
+        record(Step {
+            outcome: Outcome::Pending,
+            approval: reference(&created, "pending"),
+            detail: format!(
+                "held for approval by {} ({} needed)",
+                hold.spec.approvers, hold.spec.required
+            ),
+            requested: true,
+        });
+        let waited = tokio::time::timeout(
+            Duration::from_secs(hold.spec.wait_secs),
+            self.await_decision(&id),
+        )
+        .await;
+        let decided = match waited {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => return unavailable(&e),
+            Err(_) => {
+                let pending = ApprovalRef {
+                    id: id.clone(),
+                    state: "pending".into(),
+                    by: Vec::new(),
+                };
+                record(Step {
+                    outcome: Outcome::Pending,
+                    approval: pending.clone(),
+                    detail: format!("no decision within {} s", hold.spec.wait_secs),
+                    requested: false,
+                });
+                return Verdict::Refuse {
+                    sqlstate: "42501",
+                    message: format!(
+                        "statement needs approval (Vigil policy rule {}): request {id} is pending with {}; run the statement again once it is approved",
+                        hold.rule, hold.spec.approvers
+                    ),
+                    outcome: Outcome::Pending,
+                    approval: Some(pending),
+                };
+            }
+        };
+        match decided.state.as_str() {
+            "approved" => {
+                record(Step {
+                    outcome: Outcome::Success,
+                    approval: reference(&decided, "approved"),
+                    detail: "approved while held".into(),
+                    requested: false,
+                });
+                match self.client.consume_approval(consume).await {
+                    Ok(a) => Verdict::Run(reference(&a, "consumed")),
+                    Err(e) if e.code() == Code::FailedPrecondition => Verdict::Refuse {
+                        sqlstate: "42501",
+                        message: format!(
+                            "statement refused: approval {id} was used by another run of the same statement"
+                        ),
+                        outcome: Outcome::Denied,
+                        approval: Some(reference(&decided, "consumed")),
+                    },
+                    Err(e) => unavailable(&e),
+                }
+            }
+            state => {
+                let by = decided
+                    .votes
+                    .iter()
+                    .filter(|v| !v.approve)
+                    .map(|v| match v.comment.as_str() {
+                        "" => v.approver.clone(),
+                        c => format!("{} ({c})", v.approver),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let r = reference(&decided, state);
+                record(Step {
+                    outcome: Outcome::Denied,
+                    approval: r.clone(),
+                    detail: format!("request {state}"),
+                    requested: false,
+                });
+                Verdict::Refuse {
+                    sqlstate: "42501",
+                    message: if state == "denied" {
+                        format!("statement denied: approval request {id} was denied by {by}; nothing was run")
+                    } else {
+                        format!(
+                            "statement refused: approval request {id} is {state}; nothing was run"
+                        )
+                    },
+                    outcome: Outcome::Denied,
+                    approval: Some(r),
+                }
+            }
+        }
+    }
+
+    /// Watches a request until it is decided (approved, denied, consumed, expired). A broken
+    /// stream (a leader change) is opened again.
+    async fn await_decision(&self, id: &str) -> Result<pb::Approval, tonic::Status> {
+        loop {
+            let mut stream = self.client.watch_approval(id).await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(a)) if a.state != "pending" => return Ok(a),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
