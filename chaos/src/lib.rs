@@ -236,6 +236,11 @@ pub struct NodeOptions {
     pub extra: &'static str,
     /// The `[coordinator]` section; default: the embedded member on an ephemeral port.
     pub coordinator: Option<String>,
+    /// Publish the audit stream to this topic of the dev broker.
+    pub kafka_topic: Option<String>,
+    /// More `[audit.kafka]` keys.
+    pub kafka_extra: &'static str,
+    pub checkpoint_interval_secs: u64,
 }
 
 impl Default for NodeOptions {
@@ -253,6 +258,9 @@ impl Default for NodeOptions {
             connection_extra: "",
             extra: "",
             coordinator: None,
+            kafka_topic: None,
+            kafka_extra: "",
+            checkpoint_interval_secs: 5,
         }
     }
 }
@@ -315,6 +323,7 @@ jwks_refresh_cooldown_secs = {cooldown}
 [audit]
 dir = "{audit}"
 max_result_bytes = {max_result}
+checkpoint_interval_secs = {checkpoint_every}
 
 [postgres]
 listen = "127.0.0.1:{pg_port}"
@@ -334,6 +343,8 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 {connection_extra}
 
 {coordinator}
+
+{kafka}
 
 {extra}
 "#,
@@ -358,6 +369,15 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
                 .clone()
                 .unwrap_or_else(|| "[coordinator]\nlisten = \"127.0.0.1:0\"".into()),
             extra = opts.extra,
+            checkpoint_every = opts.checkpoint_interval_secs,
+            kafka = match &opts.kafka_topic {
+                Some(topic) => format!(
+                    "[audit.kafka]\nbrokers = [\"{}\"]\ntopic = \"{topic}\"\n{}",
+                    e.get("VIGIL_KAFKA_BROKERS"),
+                    opts.kafka_extra
+                ),
+                None => String::new(),
+            },
         );
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -503,6 +523,76 @@ pub fn metric(text: &str, name: &str) -> f64 {
 /// Records of one kind.
 pub fn of_kind(records: &[Record], kind: Kind) -> Vec<&Record> {
     records.iter().filter(|r| r.body.kind == kind).collect()
+}
+
+/// Starts `vigil-node` as a child process (so a test can kill it) and waits until its
+/// `/readyz` on `admin_port` answers.
+pub async fn spawn_node(files: &NodeFiles, admin_port: u16) -> std::process::Child {
+    let mut child = std::process::Command::new(bin("vigil-node"))
+        .arg("--config")
+        .arg(&files.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("vigil-node starts");
+    let url = format!("http://127.0.0.1:{admin_port}/readyz");
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(&url).await {
+            if r.status().is_success() {
+                return child;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("vigil-node did not become ready");
+}
+
+/// A fresh topic on the dev broker.
+pub fn create_topic(partitions: u32) -> String {
+    let name = format!("audit-{}", random_suffix());
+    let out = std::process::Command::new(env().get("VIGIL_TANSU"))
+        .args([
+            "topic",
+            "create",
+            &name,
+            "--partitions",
+            &partitions.to_string(),
+        ])
+        .args(["--broker", env().get("VIGIL_KAFKA_URL")])
+        .output()
+        .expect("run tansu");
+    assert!(
+        out.status.success(),
+        "tansu topic create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    name
+}
+
+/// Pauses (`-STOP`) or resumes (`-CONT`) the dev broker.
+pub fn signal_broker(signal: &str) {
+    let pid = std::fs::read_to_string(env().get("VIGIL_KAFKA_PID_FILE")).expect("broker pid");
+    let ok = std::process::Command::new("kill")
+        .args([signal, pid.trim()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {signal} broker");
+}
+
+/// Everything in a topic of the dev broker.
+pub fn topic_messages(topic: &str) -> Vec<vigil_node::kafka::TopicMessage> {
+    let mut out = Vec::new();
+    vigil_node::kafka::read_topic(
+        env().get("VIGIL_KAFKA_BROKERS"),
+        topic,
+        Duration::from_secs(10),
+        |m| out.push(m),
+    )
+    .expect("read the topic");
+    out
 }
 
 /// Runs `vigil` with arguments; returns (exit code, stdout).

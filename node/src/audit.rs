@@ -37,6 +37,35 @@ pub enum AuditError {
     Write(String),
     #[error("the audit log is closed")]
     Closed,
+    #[error(
+        "the audit spool is full: {unacked} bytes are waiting for the broker's acknowledgement"
+    )]
+    SpoolFull { unacked: u64 },
+}
+
+/// What the Kafka shipper shares with the writer: how far the broker has acknowledged this
+/// stream's file, and how much may wait unacknowledged.
+#[derive(Debug, Default)]
+pub struct Spool {
+    /// Bytes of this stream's file the broker has acknowledged.
+    pub acked: std::sync::atomic::AtomicU64,
+    /// Unacknowledged bytes of earlier streams still being drained.
+    pub earlier: std::sync::atomic::AtomicU64,
+    /// The most that may wait; `append` refuses beyond it.
+    pub limit: u64,
+    /// Records written to this stream's file so far.
+    pub written_records: std::sync::atomic::AtomicU64,
+    /// Woken after every write (the shipper tails the file).
+    pub notify: tokio::sync::Notify,
+}
+
+impl Spool {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
 }
 
 /// A handle to the node's audit stream. Cheap to clone.
@@ -53,6 +82,7 @@ struct Inner {
     /// False while the last write failed (the node is not ready: it refuses statements).
     healthy: AtomicBool,
     metrics: Arc<Metrics>,
+    spool: Option<Arc<Spool>>,
 }
 
 /// Now, as RFC 3339 UTC with nanoseconds.
@@ -73,6 +103,7 @@ impl AuditLog {
         node: &str,
         sync: SyncMode,
         metrics: Arc<Metrics>,
+        spool: Option<Arc<Spool>>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let epoch = SystemTime::now()
@@ -101,6 +132,7 @@ impl AuditLog {
                 }),
                 healthy: AtomicBool::new(true),
                 metrics,
+                spool,
             }),
         };
         let mut start = log.body(None, Kind::StreamStart);
@@ -144,13 +176,29 @@ impl AuditLog {
         )
     }
 
-    /// Writes the record now; an error means it is not in the log.
+    /// Writes the record now; an error means it is not in the log. With a Kafka sink, a
+    /// spool past its limit refuses too (the refusal itself goes in with [`AuditLog::record`]).
     pub fn append(&self, body: &Body) -> Result<(), AuditError> {
         let mut w = self.inner.lock();
         if w.closed {
             return Err(AuditError::Closed);
         }
+        if let Some(spool) = &self.inner.spool {
+            let unacked = w.len.saturating_sub(spool.acked.load(Ordering::Relaxed))
+                + spool.earlier.load(Ordering::Relaxed);
+            if unacked > spool.limit {
+                return Err(AuditError::SpoolFull { unacked });
+            }
+        }
         self.inner.write(&mut w, Some(body))
+    }
+
+    /// The seq and hex hash of the last record written, and the file's length up to it
+    /// (`None` before the first record).
+    pub fn head(&self) -> Option<(u64, String, u64)> {
+        let w = self.inner.lock();
+        let next = w.chain.next_seq();
+        (next > 0).then(|| (next - 1, w.chain.head_hash(), w.len))
     }
 
     /// Writes the record now, or keeps it until a write succeeds.
@@ -220,6 +268,12 @@ impl Inner {
                 m.audit_bytes.inc_by(w.buf.len() as u64);
                 m.audit_batches.inc();
                 self.healthy.store(true, Ordering::Relaxed);
+                if let Some(spool) = &self.spool {
+                    spool
+                        .written_records
+                        .store(w.chain.next_seq(), Ordering::Relaxed);
+                    spool.notify.notify_one();
+                }
                 Ok(())
             }
             Err(e) => {

@@ -276,6 +276,13 @@ pub struct AuditConfig {
     /// Result rows recorded per statement, in bytes of row data; beyond it a digest.
     #[serde(default = "default_max_result_bytes")]
     pub max_result_bytes: usize,
+    /// How often the node signs a checkpoint of its stream and hands it to the coordinator
+    /// (and the topic); one more is signed at stream end.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_secs: u64,
+    /// Publish the stream to Kafka; the local log becomes the spool.
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
 }
 
 impl Default for AuditConfig {
@@ -284,9 +291,87 @@ impl Default for AuditConfig {
             dir: None,
             sync: SyncMode::default(),
             max_result_bytes: default_max_result_bytes(),
+            checkpoint_interval_secs: default_checkpoint_interval(),
+            kafka: None,
         }
     }
 }
+
+fn default_checkpoint_interval() -> u64 {
+    5
+}
+
+/// Compression of record batches. (Snappy is left out: Tansu, the broker the project tests
+/// with, cannot read snappy batches.)
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Lz4,
+    Zstd,
+}
+
+/// `[audit.kafka]`: the audit topic.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port` of bootstrap brokers.
+    pub brokers: Vec<String>,
+    pub topic: String,
+    /// Unacknowledged bytes the spool may hold; past it, statements are refused before the
+    /// target (fail closed) until the broker catches up.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long the producer waits to fill a batch.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Records read from the spool and handed to the producer, not yet acknowledged.
+    #[serde(default = "default_max_in_flight_records")]
+    pub max_in_flight_records: usize,
+    /// Raw librdkafka settings (e.g. `security.protocol`, `ssl.ca.location`). Settings that
+    /// would break idempotence, ordering or the record bytes are refused at start.
+    #[serde(default)]
+    pub overrides: std::collections::BTreeMap<String, String>,
+}
+
+fn default_spool_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_linger_ms() -> u64 {
+    5
+}
+fn default_max_in_flight_records() -> usize {
+    50_000
+}
+
+/// librdkafka settings Vigil owns: overriding them would break idempotence, per-stream order,
+/// delivery until acknowledged, or the bytes of a record.
+pub const KAFKA_RESERVED: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "retries",
+    "message.send.max.retries",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "enable.gapless.guarantee",
+    "partitioner",
+    "partitioner_cb",
+    "transactional.id",
+    "compression.codec",
+    "compression.type",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "message.max.bytes",
+];
 
 fn default_max_result_bytes() -> usize {
     64 * 1024
@@ -577,6 +662,43 @@ impl Config {
             ));
         }
         check_identity("identity", &self.identity)?;
+        if self.audit.checkpoint_interval_secs == 0 {
+            return Err(invalid(
+                "audit.checkpoint_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if let Some(k) = &self.audit.kafka {
+            if k.brokers.is_empty() {
+                return Err(invalid(
+                    "audit.kafka.brokers",
+                    "must name at least one broker",
+                ));
+            }
+            if k.topic.is_empty() {
+                return Err(invalid("audit.kafka.topic", "must not be empty"));
+            }
+            if k.spool_max_bytes < 1024 * 1024 {
+                return Err(invalid(
+                    "audit.kafka.spool_max_bytes",
+                    "must be at least 1 MiB",
+                ));
+            }
+            if k.max_in_flight_records == 0 {
+                return Err(invalid(
+                    "audit.kafka.max_in_flight_records",
+                    "must be at least 1",
+                ));
+            }
+            for key in k.overrides.keys() {
+                if KAFKA_RESERVED.contains(&key.as_str()) {
+                    return Err(invalid(
+                        format!("audit.kafka.overrides.{key:?}"),
+                        "is set by Vigil (idempotence, ordering, delivery until acknowledged); use the typed setting or leave it",
+                    ));
+                }
+            }
+        }
         if self.postgres.startup_timeout_secs == 0 {
             return Err(invalid(
                 "postgres.startup_timeout_secs",
@@ -848,6 +970,30 @@ allow = { groups = ["dba"] }
             .contains("policy.rules[0].connections"));
         let flag = format!("{GOOD}\n[[policy.rules]]\nid = \"a\"\naction = \"block\"\nflags = [\"delete_everything\"]\n");
         assert!(parse(&flag).unwrap_err().contains("delete_everything"));
+    }
+
+    #[test]
+    fn kafka_overrides_that_break_the_guarantees_are_refused() {
+        let ok = format!("{GOOD}\n[audit.kafka]\nbrokers = [\"127.0.0.1:9092\"]\ntopic = \"audit\"\ncompression = \"zstd\"\noverrides = {{ \"socket.keepalive.enable\" = \"true\" }}\n");
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.audit.kafka.unwrap().compression, Compression::Zstd);
+        for key in [
+            "enable.idempotence",
+            "acks",
+            "max.in.flight.requests.per.connection",
+            "message.timeout.ms",
+        ] {
+            let bad = format!("{GOOD}\n[audit.kafka]\nbrokers = [\"b:1\"]\ntopic = \"t\"\noverrides = {{ \"{key}\" = \"1\" }}\n");
+            let e = parse(&bad).unwrap_err();
+            assert!(
+                e.contains(&format!("audit.kafka.overrides.\"{key}\"")),
+                "{e}"
+            );
+        }
+        let snappy = format!(
+            "{GOOD}\n[audit.kafka]\nbrokers = [\"b:1\"]\ntopic = \"t\"\ncompression = \"snappy\"\n"
+        );
+        assert!(parse(&snappy).unwrap_err().contains("snappy"));
     }
 
     #[test]

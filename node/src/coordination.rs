@@ -12,10 +12,13 @@
 //! step the client can observe is reported to the caller for the audit log. When the
 //! coordinator cannot be reached the statement is refused (fail closed).
 
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::identity::TokenVerifier;
+use crate::metrics::Metrics;
 use crate::policy::ApprovalSpec;
 use anyhow::Context as _;
+use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,8 +28,86 @@ use vigil_coordinator::approvals::Actor;
 use vigil_coordinator::client::{Client, Credential};
 use vigil_coordinator::server::{Member, MemberConfig};
 use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
+use vigil_proto::checkpoint::Checkpoint;
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{ApprovalRef, Outcome, Principal};
+
+/// Signs checkpoints of this node's stream and hands them to the coordinator (the witness):
+/// every interval while records are written, and once more at stream end.
+#[derive(Clone)]
+pub struct Witness {
+    audit: AuditLog,
+    approvals: Arc<Approvals>,
+    key: Arc<SigningKey>,
+    metrics: Arc<Metrics>,
+    last: Arc<tokio::sync::Mutex<Option<u64>>>,
+}
+
+impl Witness {
+    pub fn new(
+        audit: AuditLog,
+        approvals: Arc<Approvals>,
+        key: Arc<SigningKey>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            audit,
+            approvals,
+            key,
+            metrics,
+            last: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    pub async fn run(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return;
+            }
+            self.checkpoint().await;
+        }
+    }
+
+    /// Signs the stream's head, if it moved, and puts it to the coordinator.
+    pub async fn checkpoint(&self) {
+        let Some((seq, hash, _)) = self.audit.head() else {
+            return;
+        };
+        let mut last = self.last.lock().await;
+        if *last == Some(seq) {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let cp = Checkpoint::sign(&self.key, self.audit.stream(), seq, &hash, now);
+        let put = pb::Checkpoint {
+            stream: cp.stream,
+            seq: cp.seq,
+            hash: cp.hash,
+            time_ms: cp.time_ms,
+            signature: cp.signature,
+            public_key: cp.public_key,
+        };
+        match self.approvals.client.put_checkpoint(put).await {
+            Ok(_) => {
+                *last = Some(seq);
+                self.metrics.checkpoints.inc();
+            }
+            Err(e) => {
+                self.metrics.checkpoint_errors.inc();
+                tracing::warn!(error = %e.message(), "the coordinator did not take the checkpoint; retrying at the next tick");
+            }
+        }
+    }
+}
 
 /// Operators are verified like any other principal: an OIDC token checked against the
 /// configured provider; the approver's identity is the token's subject and groups.
@@ -139,6 +220,19 @@ pub struct Approvals {
     node: String,
 }
 
+/// The statement as the approver reads it, capped (the hash binds the whole statement).
+fn shown_to_approver(text: &str) -> String {
+    const MAX: usize = 16 * 1024;
+    if text.len() <= MAX {
+        return text.to_string();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
+
 /// The hash a request is bound to: SHA-256 over the length-prefixed parts.
 pub fn statement_hash(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
@@ -210,7 +304,7 @@ impl Approvals {
             statement_hash: hash.clone(),
             attempt: attempt.clone(),
         };
-        match self.client.consume_approval(consume.clone()).await {
+        match self.consume(&consume).await {
             Ok(a) => return Verdict::Run(reference(&a, "consumed")),
             Err(e) if e.code() == Code::FailedPrecondition => {}
             Err(e) => return unavailable(&e),
@@ -223,7 +317,7 @@ impl Approvals {
             }),
             connection: hold.connection.to_string(),
             statement_hash: hash,
-            statement: hold.shown.to_string(),
+            statement: shown_to_approver(hold.shown),
             reason: hold.reason.unwrap_or_default().to_string(),
             ttl_ms: hold.spec.ttl_secs.saturating_mul(1000),
             approver_group: hold.spec.approvers.clone(),
@@ -284,7 +378,7 @@ impl Approvals {
                     detail: "approved while held".into(),
                     requested: false,
                 });
-                match self.client.consume_approval(consume).await {
+                match self.consume(&consume).await {
                     Ok(a) => Verdict::Run(reference(&a, "consumed")),
                     Err(e) if e.code() == Code::FailedPrecondition => Verdict::Refuse {
                         sqlstate: "42501",
@@ -327,6 +421,22 @@ impl Approvals {
                     outcome: Outcome::Denied,
                     approval: Some(r),
                 }
+            }
+        }
+    }
+
+    /// Consumes, retrying the same attempt while the outcome is unknown (a commit that timed
+    /// out may have happened: the same attempt then answers with what it consumed), so an
+    /// approval is never used up without its statement running.
+    async fn consume(
+        &self,
+        req: &pb::ConsumeApprovalRequest,
+    ) -> Result<pb::Approval, tonic::Status> {
+        let mut tries = 0;
+        loop {
+            match self.client.consume_approval(req.clone()).await {
+                Err(e) if e.code() == Code::DeadlineExceeded && tries < 3 => tries += 1,
+                other => return other,
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod config;
 pub mod coordination;
 pub mod identity;
+pub mod kafka;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
@@ -140,11 +141,18 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         &config.node.data_dir.join("tls"),
     )
     .context("postgres TLS certificate")?;
+    let spool = config
+        .audit
+        .kafka
+        .as_ref()
+        .map(|k| Arc::new(audit::Spool::new(k.spool_max_bytes)));
+    let node_key = Arc::new(kafka::node_key(&config.node.data_dir)?);
     let audit = audit::AuditLog::open(
         &config.audit_dir(),
         &config.node.id,
         config.audit.sync,
         metrics.clone(),
+        spool.clone(),
     )
     .with_context(|| {
         format!(
@@ -216,9 +224,42 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     let audit_path = audit.path().to_path_buf();
     let audit_handle = audit.clone();
     let embedded = coordination.member;
+    let checkpoint_every = Duration::from_secs(config.audit.checkpoint_interval_secs);
+    let witness = coordination::Witness::new(
+        audit.clone(),
+        coordination.approvals.clone(),
+        node_key.clone(),
+        metrics.clone(),
+    );
+    tokio::spawn(witness.clone().run(checkpoint_every, stop_rx.clone()));
+    let (ship_stop, ship_stop_rx) = watch::channel(false);
+    let shipper = match (&config.audit.kafka, spool) {
+        (Some(k), Some(spool)) => {
+            let shipper = kafka::Shipper::new(
+                k.clone(),
+                metrics.clone(),
+                spool,
+                node_key.clone(),
+                checkpoint_every,
+            )
+            .context("audit.kafka: the producer")?;
+            Some(tokio::spawn(shipper.run(
+                config.audit_dir(),
+                audit_path.clone(),
+                ship_stop_rx,
+                Duration::from_secs(10),
+            )))
+        }
+        _ => None,
+    };
     let served = tokio::spawn(async move {
         pg::serve(pg_listener, ctx, wait_for(stop_rx)).await;
         audit.close();
+        witness.checkpoint().await;
+        let _ = ship_stop.send(true);
+        if let Some(shipper) = shipper {
+            let _ = shipper.await;
+        }
         if let Some(member) = embedded {
             member.shutdown().await;
         }

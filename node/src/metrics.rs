@@ -33,6 +33,20 @@ pub struct Metrics {
     pub audit_dropped_records: Counter,
     /// Statements refused because their record could not be written.
     pub audit_refused_statements: Counter,
+    /// Bytes of audit records written locally and not yet acknowledged by the broker.
+    pub spool_bytes: Gauge,
+    /// Records written locally and not yet acknowledged by the broker.
+    pub spool_records: Gauge,
+    /// Seconds the oldest unacknowledged record has waited.
+    pub spool_age_seconds: Gauge,
+    /// Records the broker acknowledged.
+    pub kafka_acked_records: Counter,
+    /// Deliveries that failed (the records are sent again from the spool).
+    pub kafka_delivery_errors: Counter,
+    /// Checkpoints signed and accepted by the coordinator.
+    pub checkpoints: Counter,
+    /// Checkpoints the coordinator or the broker did not take (retried at the next tick).
+    pub checkpoint_errors: Counter,
     /// Token rejections by reason.
     pub token_rejections: Family<ReasonLabel, Counter>,
     pub jwks_fetches: Counter,
@@ -91,6 +105,41 @@ impl Metrics {
             "audit_refused_statements",
             "Statements refused because their audit record could not be written",
             self.audit_refused_statements.clone(),
+        );
+        registry.register(
+            "audit_spool_bytes",
+            "Bytes of audit records not yet acknowledged by the broker",
+            self.spool_bytes.clone(),
+        );
+        registry.register(
+            "audit_spool_records",
+            "Audit records not yet acknowledged by the broker",
+            self.spool_records.clone(),
+        );
+        registry.register(
+            "audit_spool_age_seconds",
+            "Age of the oldest audit record not yet acknowledged by the broker",
+            self.spool_age_seconds.clone(),
+        );
+        registry.register(
+            "kafka_acked_records",
+            "Audit records acknowledged by the broker",
+            self.kafka_acked_records.clone(),
+        );
+        registry.register(
+            "kafka_delivery_errors",
+            "Failed deliveries to the broker (sent again from the spool)",
+            self.kafka_delivery_errors.clone(),
+        );
+        registry.register(
+            "checkpoints",
+            "Signed checkpoints accepted by the coordinator",
+            self.checkpoints.clone(),
+        );
+        registry.register(
+            "checkpoint_errors",
+            "Checkpoints not accepted (retried at the next tick)",
+            self.checkpoint_errors.clone(),
         );
         registry.register(
             "token_rejections",

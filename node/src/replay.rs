@@ -13,7 +13,7 @@ fn outcome(o: Option<Outcome>) -> String {
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| "-".into())
 }
-use vigil_proto::verify::{Report, Verifier};
+use vigil_proto::verify::Verifier;
 
 /// Calls `f(file, line number, bytes)` for every line of every stream file under `path`.
 fn each_line(path: &Path, mut f: impl FnMut(&Path, usize, &[u8])) -> std::io::Result<Vec<PathBuf>> {
@@ -36,7 +36,7 @@ fn each_line(path: &Path, mut f: impl FnMut(&Path, usize, &[u8])) -> std::io::Re
 }
 
 /// Verifies every stream file under `path`: each file must hold exactly one stream, whole.
-pub fn verify_path(path: &Path) -> std::io::Result<(Report, usize)> {
+pub fn verify_path(path: &Path) -> std::io::Result<(Verifier, usize)> {
     let mut verifier = Verifier::new();
     let mut expected: Option<(PathBuf, String)> = None;
     let files = each_line(path, |file, n, bytes| {
@@ -51,7 +51,7 @@ pub fn verify_path(path: &Path) -> std::io::Result<(Report, usize)> {
         let stream = expected.as_ref().map(|(_, s)| s.as_str());
         verifier.push(&format!("{}:{n}", file.display()), bytes, stream);
     })?;
-    Ok((verifier.report(), files.len()))
+    Ok((verifier, files.len()))
 }
 
 /// All records of sessions whose id starts with `prefix`, in log order.

@@ -44,6 +44,16 @@ pub enum Problem {
     /// `prev` is not the hash of the previous record: the previous record (or this one) was
     /// altered, or a record in between was removed.
     HashMismatch { expected_prev: String },
+    /// A witnessed checkpoint vouches for records up to `checkpoint_seq`, but the stream stops
+    /// earlier: its tail was truncated (or rolled back).
+    TruncatedBeforeCheckpoint { checkpoint_seq: u64 },
+    /// The record at the checkpoint's seq is not the one the node signed for.
+    CheckpointMismatch,
+    /// A checkpoint whose signature does not verify.
+    BadCheckpointSignature(String),
+    /// A checkpoint signed by a key that is not the stream's (per the witness or the
+    /// stream's other checkpoints).
+    UnknownCheckpointKey,
 }
 
 impl fmt::Display for Problem {
@@ -65,6 +75,17 @@ impl fmt::Display for Problem {
                 f,
                 "hash mismatch: prev does not match the previous record (expected {expected_prev})"
             ),
+            Problem::TruncatedBeforeCheckpoint { checkpoint_seq } => write!(
+                f,
+                "truncated: a checkpoint vouches for records up to seq {checkpoint_seq}, which are missing"
+            ),
+            Problem::CheckpointMismatch => {
+                write!(f, "the record at the checkpoint's seq is not the one signed for")
+            }
+            Problem::BadCheckpointSignature(e) => write!(f, "bad checkpoint signature: {e}"),
+            Problem::UnknownCheckpointKey => {
+                write!(f, "checkpoint signed by a key that is not the stream's")
+            }
         }
     }
 }
@@ -108,6 +129,11 @@ pub struct StreamSummary {
     pub head: String,
     /// Whether the stream's last record is a `stream_end`.
     pub ended: bool,
+    /// The highest seq a valid checkpoint vouches for (after [`Verifier::witness`]).
+    pub anchored_seq: Option<u64>,
+    /// Records after the last checkpoint: present and chained, but nothing proves that more
+    /// did not follow them (normal for the last seconds of an open stream).
+    pub unanchored: u64,
 }
 
 #[derive(Debug)]
@@ -226,6 +252,64 @@ impl Verifier {
         };
         if let Some(problem) = problem {
             self.fail(location, &env.stream, Some(env.seq), problem);
+        }
+    }
+
+    /// Checks signed checkpoints against the records fed so far (call after the last
+    /// [`Verifier::push`]). `keys`, when given, is the witness's public key for each stream
+    /// (from the coordinator): a checkpoint signed by any other key fails. Without it, all the
+    /// checkpoints of a stream must share one key. The latest valid checkpoint of each stream
+    /// anchors it: its records up to that seq must be present and the record at that seq must
+    /// be the one signed for; records after it are counted as unanchored.
+    pub fn witness(
+        &mut self,
+        checkpoints: &[(String, crate::checkpoint::Checkpoint)],
+        keys: Option<&BTreeMap<String, String>>,
+    ) {
+        let mut latest: BTreeMap<&str, &crate::checkpoint::Checkpoint> = BTreeMap::new();
+        let mut first_key: BTreeMap<&str, &str> = BTreeMap::new();
+        for (location, cp) in checkpoints {
+            let fail = |v: &mut Self, p| v.fail(location, &cp.stream, Some(cp.seq), p);
+            if let Err(e) = cp.verify() {
+                fail(self, Problem::BadCheckpointSignature(e.to_string()));
+                continue;
+            }
+            let key = match keys {
+                Some(keys) => keys.get(&cp.stream).map(String::as_str),
+                None => Some(*first_key.entry(&cp.stream).or_insert(&cp.public_key)),
+            };
+            if key != Some(cp.public_key.as_str()) {
+                fail(self, Problem::UnknownCheckpointKey);
+                continue;
+            }
+            let held = latest.entry(&cp.stream).or_insert(cp);
+            if cp.seq > held.seq {
+                *held = cp;
+            }
+        }
+        for (stream, cp) in latest {
+            let state = self
+                .streams
+                .entry(stream.to_string())
+                .or_insert_with(StreamState::new);
+            let problem = match state.seen.get(&cp.seq) {
+                None => Some(Problem::TruncatedBeforeCheckpoint {
+                    checkpoint_seq: cp.seq,
+                }),
+                Some(h) if hex::encode(h) != cp.hash => Some(Problem::CheckpointMismatch),
+                Some(_) => None,
+            };
+            let last = state.summary.last_seq;
+            state.summary.anchored_seq = Some(cp.seq);
+            state.summary.unanchored = last.map_or(0, |l| l.saturating_sub(cp.seq));
+            if let Some(p) = problem {
+                self.fail("checkpoint", stream, Some(cp.seq), p);
+            }
+        }
+        for state in self.streams.values_mut() {
+            if state.summary.anchored_seq.is_none() {
+                state.summary.unanchored = state.summary.last_seq.map_or(0, |l| l + 1);
+            }
         }
     }
 
@@ -420,5 +504,68 @@ mod tests {
         let r = verify(&recs, Some("a"));
         assert!(r.ok());
         assert!(!r.streams["a"].ended);
+    }
+
+    fn signed(
+        key: &ed25519_dalek::SigningKey,
+        stream: &str,
+        records: &[Vec<u8>],
+        seq: usize,
+    ) -> (String, crate::checkpoint::Checkpoint) {
+        let hash = hex::encode(record_hash(&records[seq]));
+        (
+            "cp".to_string(),
+            crate::checkpoint::Checkpoint::sign(key, stream, seq as u64, &hash, 1),
+        )
+    }
+
+    #[test]
+    fn checkpoints_anchor_a_stream_and_catch_its_truncation() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let records = stream("a", 10);
+        let cp = signed(&key, "a", &records, 7);
+        // Intact: anchored at 7, two records after it.
+        let mut v = Verifier::new();
+        for r in &records {
+            v.push("x", r, None);
+        }
+        v.witness(std::slice::from_ref(&cp), None);
+        let r = v.report();
+        assert!(r.ok(), "{:?}", r.failures);
+        assert_eq!(r.streams["a"].anchored_seq, Some(7));
+        assert_eq!(r.streams["a"].unanchored, 2);
+        // The tail dropped back to seq 5: the chain alone looks fine, the checkpoint does not.
+        let mut v = Verifier::new();
+        for r in &records[..6] {
+            v.push("x", r, None);
+        }
+        v.witness(std::slice::from_ref(&cp), None);
+        let r = v.report();
+        assert_eq!(
+            r.failures[0].problem,
+            Problem::TruncatedBeforeCheckpoint { checkpoint_seq: 7 }
+        );
+        // A forged checkpoint (another key) is refused against the witness's keys.
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let forged = signed(&forger, "a", &records, 9);
+        let keys = BTreeMap::from([("a".to_string(), hex::encode(key.verifying_key().as_bytes()))]);
+        let mut v = Verifier::new();
+        for r in &records {
+            v.push("x", r, None);
+        }
+        v.witness(&[cp.clone(), forged], Some(&keys));
+        let r = v.report();
+        assert_eq!(r.failures.len(), 1);
+        assert_eq!(r.failures[0].problem, Problem::UnknownCheckpointKey);
+        assert_eq!(r.streams["a"].anchored_seq, Some(7));
+        // A checkpoint whose hash is not the record's.
+        let mut wrong = cp;
+        wrong.1 = crate::checkpoint::Checkpoint::sign(&key, "a", 7, &"00".repeat(32), 1);
+        let mut v = Verifier::new();
+        for r in &records {
+            v.push("x", r, None);
+        }
+        v.witness(&[wrong], None);
+        assert_eq!(v.report().failures[0].problem, Problem::CheckpointMismatch);
     }
 }

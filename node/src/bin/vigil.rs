@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use vigil_coordinator::client::{Client, Credential};
 use vigil_node::config::Config;
 use vigil_node::replay;
+use vigil_proto::checkpoint::Checkpoint;
 use vigil_proto::coordinator as pb;
+use vigil_proto::verify::Verifier;
 
 #[derive(Parser)]
 #[command(version, about = "Vigil operator CLI")]
@@ -143,8 +145,29 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify the hash chains of a local audit log; exit 1 on any failure.
-    Verify(LogArgs),
+    /// Verify audit streams: a local log (--log/--config) or a Kafka topic (--kafka, --topic);
+    /// with --witness, against the checkpoints the coordinator holds. Exit 1 on any failure.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    /// Read the audit topic from these bootstrap brokers (`host:port,…`) instead of a log.
+    #[arg(long, requires = "topic")]
+    kafka: Option<String>,
+    #[arg(long)]
+    topic: Option<String>,
+    /// Coordinator members (`host:port,…`) whose witnessed checkpoints anchor each stream.
+    #[arg(long, value_delimiter = ',')]
+    witness: Vec<String>,
+    /// Authenticate to the witness with this OIDC token.
+    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// …or with the cluster token held in this environment variable.
+    #[arg(long)]
+    cluster_token_env: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -180,20 +203,165 @@ fn main() -> ExitCode {
     }
 }
 
+/// The credential for the coordinator: the cluster token from a variable, else an OIDC
+/// token given inline or in a file.
+fn credential(
+    cluster_token_env: Option<&str>,
+    token: Option<&str>,
+    token_file: Option<&PathBuf>,
+) -> Result<Credential, String> {
+    if let Some(var) = cluster_token_env {
+        let token = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+        Ok(Credential::Cluster(token.into()))
+    } else if let Some(f) = token_file {
+        let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        Ok(Credential::Bearer(t.trim().to_string()))
+    } else if let Some(t) = token {
+        Ok(Credential::Bearer(t.trim().to_string()))
+    } else {
+        Err("give your OIDC token with --token, VIGIL_TOKEN or --token-file".into())
+    }
+}
+
 impl CoordinatorArgs {
     fn client(&self) -> Result<Client, String> {
-        let credential = if let Some(var) = &self.cluster_token_env {
-            let token = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
-            Credential::Cluster(token.into())
-        } else if let Some(t) = &self.token {
-            Credential::Bearer(t.trim().to_string())
-        } else if let Some(f) = &self.token_file {
-            let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            Credential::Bearer(t.trim().to_string())
-        } else {
-            return Err("give your OIDC token with --token, VIGIL_TOKEN or --token-file".into());
-        };
+        let credential = credential(
+            self.cluster_token_env.as_deref(),
+            self.token.as_deref(),
+            self.token_file.as_ref(),
+        )?;
         Client::new(self.coordinator.clone(), credential).map_err(|s| s.message().to_string())
+    }
+}
+
+/// The witness's checkpoints and the key pinned for each stream.
+fn witnessed(args: &VerifyArgs) -> Result<Vec<(String, Checkpoint)>, String> {
+    let credential = credential(
+        args.cluster_token_env.as_deref(),
+        args.token.as_deref(),
+        None,
+    )?;
+    let client =
+        Client::new(args.witness.clone(), credential).map_err(|s| s.message().to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let list = runtime
+        .block_on(client.list_checkpoints(pb::ListCheckpointsRequest {}))
+        .map_err(|s| format!("the witness: {:?}: {}", s.code(), s.message()))?;
+    Ok(list
+        .checkpoints
+        .into_iter()
+        .map(|c| {
+            (
+                "witness".to_string(),
+                Checkpoint {
+                    stream: c.stream,
+                    seq: c.seq,
+                    hash: c.hash,
+                    time_ms: c.time_ms,
+                    public_key: c.public_key,
+                    signature: c.signature,
+                },
+            )
+        })
+        .collect())
+}
+
+fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
+    let started = std::time::Instant::now();
+    let mut checkpoints = Vec::new();
+    let mut malformed_checkpoints = Vec::new();
+    let (mut verifier, source, sources) = match (&args.kafka, &args.topic) {
+        (Some(brokers), Some(topic)) => {
+            let mut verifier = Verifier::new();
+            let n = vigil_node::kafka::read_topic(
+                brokers,
+                topic,
+                std::time::Duration::from_secs(10),
+                |m| {
+                    if m.checkpoint {
+                        match serde_json::from_slice::<Checkpoint>(&m.value) {
+                            Ok(cp) => checkpoints.push((m.location, cp)),
+                            Err(e) => malformed_checkpoints.push(format!("{}: {e}", m.location)),
+                        }
+                    } else {
+                        verifier.push(&m.location, &m.value, m.key.as_deref());
+                    }
+                },
+            )
+            .map_err(|e| format!("reading {topic} from {brokers}: {e}"))?;
+            (verifier, format!("topic {topic}"), n as usize)
+        }
+        _ => {
+            let path = args.log.path()?;
+            let (verifier, files) =
+                replay::verify_path(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if files == 0 {
+                println!("no audit log files under {}", path.display());
+                return Ok(ExitCode::FAILURE);
+            }
+            (verifier, path.display().to_string(), files)
+        }
+    };
+    let keys = if args.witness.is_empty() {
+        None
+    } else {
+        let held = witnessed(args)?;
+        let keys = held
+            .iter()
+            .map(|(_, c)| (c.stream.clone(), c.public_key.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>();
+        checkpoints.extend(held);
+        Some(keys)
+    };
+    verifier.witness(&checkpoints, keys.as_ref());
+    let report = verifier.report();
+    for (stream, s) in &report.streams {
+        println!(
+            "stream {stream}: {} records verified, last seq {}, {}, {}{}",
+            s.verified,
+            s.last_seq.map(|s| s.to_string()).unwrap_or("-".into()),
+            if s.ended {
+                "ended"
+            } else {
+                "open (no stream_end record)"
+            },
+            match s.anchored_seq {
+                Some(a) => format!("anchored at seq {a}, {} unanchored", s.unanchored),
+                None => format!("no checkpoint, {} unanchored", s.unanchored),
+            },
+            if s.identical_duplicates > 0 {
+                format!(", {} identical duplicates", s.identical_duplicates)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for f in &report.failures {
+        println!("FAIL {f}");
+    }
+    for bad in &malformed_checkpoints {
+        println!("FAIL malformed checkpoint at {bad}");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rate = report.verified() as f64 / secs.max(1e-9);
+    if report.ok() && malformed_checkpoints.is_empty() {
+        println!(
+            "OK: {} records in {} streams verified from {source} ({sources} sources), {} checkpoints, {:.0} records/s",
+            report.verified(),
+            report.streams.len(),
+            checkpoints.len(),
+            rate
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "FAILED: {} problem(s)",
+            report.failures.len() + malformed_checkpoints.len()
+        );
+        Ok(ExitCode::FAILURE)
     }
 }
 
@@ -443,47 +611,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
             coordinator,
         } => run_coordinator(&coordinator, CoordinatorCommand::Cluster(command)),
         Command::Audit {
-            command: AuditCommand::Verify(log),
-        } => {
-            let path = log.path()?;
-            let (report, files) =
-                replay::verify_path(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for (stream, s) in &report.streams {
-                println!(
-                    "stream {stream}: {} records verified, last seq {}, {}{}",
-                    s.verified,
-                    s.last_seq.map(|s| s.to_string()).unwrap_or("-".into()),
-                    if s.ended {
-                        "ended"
-                    } else {
-                        "open (no stream_end record)"
-                    },
-                    if s.identical_duplicates > 0 {
-                        format!(", {} identical duplicates", s.identical_duplicates)
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-            for f in &report.failures {
-                println!("FAIL {f}");
-            }
-            if files == 0 {
-                println!("no audit log files under {}", path.display());
-                return Ok(ExitCode::FAILURE);
-            }
-            if report.ok() {
-                println!(
-                    "OK: {} records in {} streams verified",
-                    report.verified(),
-                    report.streams.len()
-                );
-                Ok(ExitCode::SUCCESS)
-            } else {
-                println!("FAILED: {} problem(s)", report.failures.len());
-                Ok(ExitCode::FAILURE)
-            }
-        }
+            command: AuditCommand::Verify(args),
+        } => verify(&args),
         Command::Sessions(log) => {
             let path = log.path()?;
             print!(

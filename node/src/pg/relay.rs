@@ -13,7 +13,7 @@ use super::codec::{split_frame, Frame};
 use super::messages::{self, display_value};
 use super::session::outcome_label;
 use super::PgContext;
-use crate::audit::AuditLog;
+use crate::audit::{AuditError, AuditLog};
 use crate::coordination::{Hold, Step, Verdict};
 use crate::policy::classify::StatementInfo;
 use crate::policy::masking::{ColumnRule, Counts};
@@ -400,12 +400,13 @@ impl ClientHalf {
                 } else {
                     None
                 };
-                if let Some(unit) = self.audit_request(request, &decision, approval) {
-                    self.track_sql_prepares(text, &class, &decision);
-                    self.expect(Pending::Query(unit));
-                    out.extend_from_slice(&frame.raw);
-                } else {
-                    self.refuse_unrecorded(true, out);
+                match self.audit_request(request, &decision, approval) {
+                    Ok(unit) => {
+                        self.track_sql_prepares(text, &class, &decision);
+                        self.expect(Pending::Query(unit));
+                        out.extend_from_slice(&frame.raw);
+                    }
+                    Err(e) => self.refuse_unrecorded(&e, true, out),
                 }
             }
             b'P' => {
@@ -497,15 +498,18 @@ impl ClientHalf {
                     }
                     None => None,
                 };
-                if let Some(mut unit) = self.audit_request_decided(request, decision, approval) {
-                    unit.statement = Some(statement);
-                    unit.portal = Some(portal.to_string());
-                    unit.result_formats = result_formats;
-                    self.expect(Pending::Execute(unit));
-                    out.extend_from_slice(&frame.raw);
-                } else {
-                    self.refuse_unrecorded(false, out);
-                    self.skip_until_sync = true;
+                match self.audit_request_decided(request, decision, approval) {
+                    Ok(mut unit) => {
+                        unit.statement = Some(statement);
+                        unit.portal = Some(portal.to_string());
+                        unit.result_formats = result_formats;
+                        self.expect(Pending::Execute(unit));
+                        out.extend_from_slice(&frame.raw);
+                    }
+                    Err(e) => {
+                        self.refuse_unrecorded(&e, false, out);
+                        self.skip_until_sync = true;
+                    }
                 }
             }
             b'D' => {
@@ -719,19 +723,19 @@ impl ClientHalf {
         request: Request,
         decision: &Decision,
         approval: Option<ApprovalRef>,
-    ) -> Option<Unit> {
+    ) -> Result<Unit, AuditError> {
         let decided = (self.ctx.policy.reference(decision), dry_run_note(decision));
         self.audit_request_decided(request, Some(decided), approval)
     }
 
-    /// Writes a request record and waits until it is in the log. `None` means it could not be
-    /// written and the statement must not reach the target.
+    /// Writes a request record and waits until it is in the log. An error means it could not
+    /// be written (or the spool is full) and the statement must not reach the target.
     fn audit_request_decided(
         &mut self,
         mut request: Request,
         decided: Option<(PolicyRef, Option<String>)>,
         approval: Option<ApprovalRef>,
-    ) -> Option<Unit> {
+    ) -> Result<Unit, AuditError> {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
         rec.stmt = Some(stmt);
@@ -743,7 +747,7 @@ impl ClientHalf {
             rec.detail = note;
         }
         match self.ctx.audit.append(&rec) {
-            Ok(()) => Some(Unit {
+            Ok(()) => Ok(Unit {
                 stmt,
                 request: None,
                 started: Instant::now(),
@@ -760,19 +764,19 @@ impl ClientHalf {
                 rec.outcome = Some(Outcome::Error);
                 rec.detail = Some(format!("refused before the target: {e}"));
                 self.ctx.audit.record(rec);
-                None
+                Err(e)
             }
         }
     }
 
-    fn refuse_unrecorded(&self, simple: bool, out: &mut BytesMut) {
-        self.refuse(
-            Outcome::Error,
-            "58030",
-            "statement refused: the gateway cannot write its audit record; nothing was sent to the database",
-            simple,
-            out,
-        );
+    fn refuse_unrecorded(&self, e: &AuditError, simple: bool, out: &mut BytesMut) {
+        let message = match e {
+            AuditError::SpoolFull { .. } => format!(
+                "statement refused: {e}; nothing was sent to the database (retry once the audit pipeline catches up)"
+            ),
+            _ => "statement refused: the gateway cannot write its audit record; nothing was sent to the database".to_string(),
+        };
+        self.refuse(Outcome::Error, "58030", &message, simple, out);
     }
 
     /// Counts a refused statement and sends the target a stand-in that fails, whose error the

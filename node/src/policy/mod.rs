@@ -242,15 +242,23 @@ impl Policy {
             }
         };
         let mut first: Option<Decision> = None;
+        let mut held: Option<Decision> = None;
         let mut dry_run = Vec::new();
         for s in statements {
             let d = self.decide_one(s, principal, connection, read_only, &mut dry_run);
-            if d.blocks() {
-                return Decision { dry_run, ..d };
+            match d.action {
+                // A block anywhere in the message wins, even after a statement that only
+                // needs approval (an approval must never carry a blocked statement along).
+                Action::Block => return Decision { dry_run, ..d },
+                Action::RequireApproval => {
+                    held.get_or_insert(d);
+                }
+                Action::Allow => {
+                    first.get_or_insert(d);
+                }
             }
-            first.get_or_insert(d);
         }
-        let d = first.unwrap_or_else(|| self.default_decision());
+        let d = held.or(first).unwrap_or_else(|| self.default_decision());
         Decision { dry_run, ..d }
     }
 
@@ -586,6 +594,18 @@ tables = ["public.customers"]
         assert_eq!(d.rule, "no-destruction");
         assert!(decide(&p, "SELEC 1", false).blocks());
         assert_eq!(decide(&p, "SELEC 1", false).rule, "parse-error");
+        // A statement that needs approval does not shield a blocked one after it.
+        let d = decide(
+            &p,
+            "UPDATE customers SET name = 'x' WHERE id = 1; DROP TABLE customers",
+            false,
+        );
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Block, "no-destruction")
+        );
+        let d = decide(&p, "SELECT 1; DELETE FROM customers WHERE id = 1", false);
+        assert_eq!(d.action, Action::RequireApproval);
     }
 
     #[test]

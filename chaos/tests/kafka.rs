@@ -1,0 +1,449 @@
+//! t9x: the audit stream in Kafka, against a real Kafka-protocol broker (Tansu, started by
+//! deploy/dev/servers.sh). Judged by invariants: every record of the local log arrives in the
+//! topic byte for byte, only identical duplicates appear, the spool refuses before the target
+//! when full, and `vigil audit verify` catches every kind of tampering, tail truncation
+//! included (through the witnessed checkpoints).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use vigil_chaos::*;
+use vigil_node::kafka::TopicMessage;
+use vigil_proto::record::Kind;
+
+/// Every line of every stream file in `dir`.
+fn local_lines(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for file in vigil_node::audit::log_files(dir).unwrap() {
+        for line in std::fs::read(&file).unwrap().split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                out.push(line.to_vec());
+            }
+        }
+    }
+    out
+}
+
+fn records(msgs: &[TopicMessage]) -> Vec<&TopicMessage> {
+    msgs.iter().filter(|m| !m.checkpoint).collect()
+}
+
+/// Waits until the topic holds every local record (as a set).
+async fn until_shipped(topic: &str, dir: &std::path::Path) -> Vec<TopicMessage> {
+    for _ in 0..300 {
+        let want: BTreeSet<Vec<u8>> = local_lines(dir).into_iter().collect();
+        let msgs = topic_messages(topic);
+        let have: BTreeSet<Vec<u8>> = records(&msgs).iter().map(|m| m.value.clone()).collect();
+        if want.is_subset(&have) {
+            return msgs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the topic never caught up with the local log");
+}
+
+fn verify_topic(topic: &str, witness: &[String]) -> (i32, String) {
+    let mut args = vec![
+        "audit".to_string(),
+        "verify".into(),
+        "--kafka".into(),
+        env().get("VIGIL_KAFKA_BROKERS").into(),
+        "--topic".into(),
+        topic.into(),
+    ];
+    if !witness.is_empty() {
+        args.push("--witness".into());
+        args.push(witness.join(","));
+        args.push("--token".into());
+        args.push(id_token("alice"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    vigil(&args)
+}
+
+async fn some_statements(node: &TestNode, n: usize) {
+    let (client, _task) = node.client(&agent_token().await).await.unwrap();
+    for i in 0..n {
+        client
+            .simple_query(&format!(
+                "SELECT name FROM customers WHERE id = {}",
+                i % 50 + 1
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t90_the_topic_holds_the_local_log_byte_for_byte_and_verifies() {
+    let topic = create_topic(3);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    some_statements(&node, 40).await;
+    some_statements(&node, 10).await;
+    let dir = node.files.audit_dir.clone();
+    until_shipped(&topic, &dir).await;
+    let metrics_before_stop = node.metrics().await;
+    let TestNode {
+        files,
+        node: running,
+    } = node;
+    running.shutdown().await;
+    let msgs = until_shipped(&topic, &dir).await;
+    // The same bytes, in the same order, keyed by the stream.
+    let local = local_lines(&dir);
+    let shipped: Vec<Vec<u8>> = records(&msgs).iter().map(|m| m.value.clone()).collect();
+    assert_eq!(shipped, local, "the topic is the local log, byte for byte");
+    let stream = files.records()[0].stream.clone();
+    assert!(records(&msgs)
+        .iter()
+        .all(|m| m.key.as_deref() == Some(stream.as_str())));
+    // Checkpoints were published, and the last one covers stream_end.
+    let cps: Vec<_> = msgs.iter().filter(|m| m.checkpoint).collect();
+    assert!(!cps.is_empty());
+    assert!(metric(&metrics_before_stop, "vigil_kafka_acked_records_total") > 0.0);
+    let (code, out) = verify_topic(&topic, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ended"), "{out}");
+    assert!(
+        out.contains("0 unanchored"),
+        "the final checkpoint anchors the end: {out}"
+    );
+    // The local log verifies too.
+    let (code, out) = vigil(&["audit", "verify", "--log", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t91_a_broker_outage_under_load_loses_nothing() {
+    let topic = create_topic(1);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    let load = async {
+        for _ in 0..6 {
+            some_statements(&node, 25).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        signal_broker("-STOP");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let during = node.metrics().await;
+        signal_broker("-CONT");
+        during
+    };
+    let ((), during) = tokio::join!(load, outage);
+    assert!(
+        metric(&during, "vigil_audit_spool_records") > 0.0,
+        "statements kept flowing into the spool while the broker was away"
+    );
+    let dir = node.files.audit_dir.clone();
+    let msgs = until_shipped(&topic, &dir).await;
+    let (code, out) = verify_topic(&topic, &[]);
+    assert_eq!(code, 0, "{out}");
+    // Nothing lost; anything seen twice is the same bytes.
+    let mut by_seq: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for m in records(&msgs) {
+        let r = vigil_proto::record::Record::parse(&m.value).unwrap();
+        if let Some(prev) = by_seq.insert(r.seq, m.value.clone()) {
+            assert_eq!(prev, m.value, "a conflicting duplicate at seq {}", r.seq);
+        }
+    }
+    assert_eq!(by_seq.len(), local_lines(&dir).len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t92_a_gateway_killed_while_the_broker_is_away_drains_its_spool_after_restart() {
+    let topic = create_topic(1);
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let opts = NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        checkpoint_interval_secs: 1,
+        pg_port,
+        admin_port,
+        ..NodeOptions::default()
+    };
+    let files = NodeFiles::new(&opts).await;
+    let mut child = spawn_node(&files, admin_port).await;
+    let token = agent_token().await;
+    let conn = format!(
+        "host=127.0.0.1 port={pg_port} user=agent dbname=app password={token} application_name=t92"
+    );
+    let run = |n: usize| {
+        let conn = conn.clone();
+        async move {
+            let (client, _task) = connect_tls(&conn).await.unwrap();
+            for i in 0..n {
+                client
+                    .simple_query(&format!("SELECT {i} AS spooled"))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    run(20).await;
+    signal_broker("-STOP");
+    run(30).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut child = spawn_node(&files, admin_port).await;
+    run(10).await;
+    signal_broker("-CONT");
+    let msgs = until_shipped(&topic, &files.audit_dir).await;
+    let streams: BTreeSet<_> = records(&msgs)
+        .iter()
+        .filter_map(|m| m.key.clone())
+        .collect();
+    assert_eq!(streams.len(), 2, "both processes' streams arrived");
+    let (code, out) = verify_topic(&topic, &[]);
+    assert_eq!(code, 0, "{out}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t93_a_full_spool_refuses_statements_before_the_target() {
+    let topic = create_topic(1);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        kafka_extra: "spool_max_bytes = 1048576\n",
+        ..NodeOptions::default()
+    })
+    .await;
+    let (client, _task) = node.client(&agent_token().await).await.unwrap();
+    signal_broker("-STOP");
+    let padding = "x".repeat(30_000);
+    let log_start = pg_log_len();
+    let mut refused = None;
+    for i in 0..100 {
+        match client
+            .simple_query(&format!("SELECT '{padding}' AS pad, {i} AS n -- spool-{i}"))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, err) = refused.expect("the spool filled up");
+    let db = err.as_db_error().expect("an error from the gateway");
+    assert_eq!(db.code().code(), "58030");
+    assert!(db.message().contains("spool is full"), "{}", db.message());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !pg_log_lines(&node.files.db, log_start)
+            .iter()
+            .any(|l| l.contains(&format!("spool-{i}"))),
+        "the refused statement reached the target"
+    );
+    signal_broker("-CONT");
+    // Once the broker catches up the same session works again.
+    let mut ok = false;
+    for _ in 0..100 {
+        if client.simple_query("SELECT 1").await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the session was usable after the spool drained");
+    let refusal = node
+        .records()
+        .await
+        .into_iter()
+        .find(|r| r.body.kind == Kind::Blocked)
+        .expect("the refusal is on record");
+    assert!(refusal
+        .body
+        .detail
+        .as_deref()
+        .is_some_and(|d| d.contains("spool is full")));
+}
+
+/// Re-publishes `msgs` (after `edit`) into a fresh topic and runs the verifier on it.
+fn tampered(
+    msgs: &[TopicMessage],
+    edit: impl FnOnce(&mut Vec<(Option<String>, bool, Vec<u8>)>),
+    witness: &[String],
+) -> (i32, String) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let mut copy: Vec<(Option<String>, bool, Vec<u8>)> = msgs
+        .iter()
+        .map(|m| (m.key.clone(), m.checkpoint, m.value.clone()))
+        .collect();
+    edit(&mut copy);
+    let topic = create_topic(1);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", env().get("VIGIL_KAFKA_BROKERS"))
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for (key, checkpoint, value) in &copy {
+        let mut r = BaseRecord::<str, [u8]>::to(&topic).payload(value.as_slice());
+        if let Some(k) = key {
+            r = r.key(k.as_str());
+        }
+        if *checkpoint {
+            r = r.headers(OwnedHeaders::new().insert(Header {
+                key: vigil_node::kafka::KIND_HEADER,
+                value: Some("checkpoint"),
+            }));
+        }
+        producer.send(r).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    verify_topic(&topic, witness)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t94_tampering_with_the_topic_is_caught() {
+    // A real stream, shipped and witnessed; the node keeps running (an open stream).
+    let topic = create_topic(1);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    let other_topic = create_topic(1);
+    let other = TestNode::start(NodeOptions {
+        kafka_topic: Some(other_topic.clone()),
+        ..NodeOptions::default()
+    })
+    .await;
+    some_statements(&node, 20).await;
+    some_statements(&other, 2).await;
+    let witness = node.node.coordinator.clone();
+    // Wait until the witness holds a checkpoint of (nearly) everything.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let msgs = until_shipped(&topic, &node.files.audit_dir).await;
+    let foreign = until_shipped(&other_topic, &other.files.audit_dir).await;
+    let (code, out) = tampered(&msgs, |_| {}, &witness);
+    assert_eq!(code, 0, "an untouched copy verifies: {out}");
+    let n_records = msgs.iter().filter(|m| !m.checkpoint).count();
+    assert!(n_records > 40);
+    let record_index = |copy: &Vec<(Option<String>, bool, Vec<u8>)>, nth: usize| {
+        copy.iter()
+            .enumerate()
+            .filter(|(_, m)| !m.1)
+            .nth(nth)
+            .map(|(i, _)| i)
+            .unwrap()
+    };
+
+    // A changed byte.
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let i = record_index(c, 10);
+            let v =
+                String::from_utf8(c[i].2.clone())
+                    .unwrap()
+                    .replacen("customers", "customerz", 1);
+            c[i].2 = v.into_bytes();
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("hash mismatch"), "{out}");
+    // A record dropped.
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let i = record_index(c, 12);
+            c.remove(i);
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("gap"), "{out}");
+    // Two records swapped.
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let (a, b) = (record_index(c, 14), record_index(c, 15));
+            c.swap(a, b);
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    // Another stream's record replayed into this one (under this stream's key).
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let alien = foreign.iter().find(|m| !m.checkpoint).unwrap();
+            let key = c[0].0.clone();
+            c.insert(5, (key, false, alien.value.clone()));
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("another stream"), "{out}");
+    // The tail dropped: the chain alone cannot tell, the witnessed checkpoint does.
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let keep = record_index(c, 5);
+            c.truncate(keep);
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("truncated"), "{out}");
+    // A forged checkpoint (signed by a key that is not the node's).
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+            let last = c.iter().rev().find(|m| !m.1).unwrap().clone();
+            let r = vigil_proto::record::Record::parse(&last.2).unwrap();
+            let hash = hex::encode(vigil_proto::chain::record_hash(&last.2));
+            let cp = vigil_proto::checkpoint::Checkpoint::sign(&key, &r.stream, r.seq, &hash, 1);
+            c.push((last.0, true, serde_json::to_vec(&cp).unwrap()));
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not the stream's"), "{out}");
+    // A checkpoint with a bad signature.
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let i = c
+                .iter()
+                .position(|m| m.1)
+                .expect("a checkpoint in the topic");
+            let mut cp: vigil_proto::checkpoint::Checkpoint =
+                serde_json::from_slice(&c[i].2).unwrap();
+            cp.seq += 1;
+            c[i].2 = serde_json::to_vec(&cp).unwrap();
+        },
+        &witness,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("bad checkpoint signature"), "{out}");
+    // An identical duplicate is harmless and counted.
+    let (code, out) = tampered(
+        &msgs,
+        |c| {
+            let i = record_index(c, 3);
+            let dup = c[i].clone();
+            c.insert(i + 1, dup);
+        },
+        &witness,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 identical duplicates"), "{out}");
+}

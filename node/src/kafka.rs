@@ -1,0 +1,551 @@
+//! The Kafka sink: ships the local log to the audit topic. The local log is the spool.
+//!
+//! - One idempotent producer (`enable.idempotence`, `acks=all`), messages retried until the
+//!   broker acknowledges them (`message.timeout.ms=0`); the key is the stream id, so one
+//!   stream's records stay in order in one partition; the value is the record's exact bytes
+//!   (the same bytes as the line in the local log, the bytes that were hashed).
+//! - A record leaves the spool only when the broker acknowledged it: the shipper keeps, next to
+//!   each stream file, a cursor (`<file>.acked`: byte offset and record count acknowledged).
+//!   On start it sends every unacknowledged tail again, oldest stream first, in order; the
+//!   broker may then hold a record twice, byte for byte the same (verifiers count those).
+//! - While the broker is away the gateway keeps serving and the spool grows; past
+//!   `spool_max_bytes` statements are refused before the target ([`crate::audit::Spool`]).
+//! - Every checkpoint interval the shipper publishes a signed checkpoint of how far the broker
+//!   has acknowledged (header `vigil-kind: checkpoint`, same key, value the checkpoint JSON).
+
+use crate::audit::{log_files, Spool, LOG_SUFFIX};
+use crate::config::{Compression, KafkaConfig};
+use crate::metrics::Metrics;
+use ed25519_dalek::SigningKey;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
+use vigil_proto::checkpoint::Checkpoint;
+
+/// The header that marks a checkpoint message (records have none).
+pub const KIND_HEADER: &str = "vigil-kind";
+
+/// The producer, with Vigil's settings over the operator's overrides.
+pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    let mut c = ClientConfig::new();
+    for (k, v) in &cfg.overrides {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", cfg.brokers.join(","))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "5")
+        // Deliver until acknowledged: the spool, not a timeout, bounds what waits.
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set(
+            "compression.type",
+            match cfg.compression {
+                Compression::None => "none",
+                Compression::Gzip => "gzip",
+                Compression::Lz4 => "lz4",
+                Compression::Zstd => "zstd",
+            },
+        )
+        .set(
+            "queue.buffering.max.messages",
+            (cfg.max_in_flight_records + 1000).to_string(),
+        )
+        .set("queue.buffering.max.kbytes", "2097151");
+    c.create()
+}
+
+/// `<file>.acked`: how far the broker has acknowledged a stream file.
+fn cursor_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".acked");
+    PathBuf::from(name)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cursor {
+    offset: u64,
+    records: u64,
+}
+
+fn read_cursor(file: &Path) -> Cursor {
+    let text = std::fs::read_to_string(cursor_path(file)).unwrap_or_default();
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(offset), Some(records)) => Cursor { offset, records },
+        _ => Cursor::default(),
+    }
+}
+
+/// Written to a temporary file and renamed, so a crash leaves the old cursor or the new one.
+fn write_cursor(file: &Path, c: Cursor) -> std::io::Result<()> {
+    let path = cursor_path(file);
+    let tmp = path.with_extension("acked.tmp");
+    std::fs::write(&tmp, format!("{} {}\n", c.offset, c.records))?;
+    std::fs::rename(tmp, path)
+}
+
+/// `node-epoch.jsonl` → `node:epoch`.
+fn stream_of(file: &Path) -> Option<String> {
+    let name = file.file_name()?.to_str()?.strip_suffix(LOG_SUFFIX)?;
+    let (node, epoch) = name.rsplit_once('-')?;
+    Some(format!("{node}:{epoch}"))
+}
+
+pub struct Shipper {
+    cfg: KafkaConfig,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+    spool: Arc<Spool>,
+    key: Arc<SigningKey>,
+    checkpoint_every: Duration,
+}
+
+impl Shipper {
+    pub fn new(
+        cfg: KafkaConfig,
+        metrics: Arc<Metrics>,
+        spool: Arc<Spool>,
+        key: Arc<SigningKey>,
+        checkpoint_every: Duration,
+    ) -> Result<Self, KafkaError> {
+        Ok(Self {
+            producer: producer(&cfg)?,
+            cfg,
+            metrics,
+            spool,
+            key,
+            checkpoint_every,
+        })
+    }
+
+    /// Ships every stream file in `dir`: earlier ones (left by previous processes) until
+    /// their end, then `current` until `stop` turns true and everything written has been
+    /// acknowledged (or `drain` has passed after the stop).
+    pub async fn run(
+        self,
+        dir: PathBuf,
+        current: PathBuf,
+        stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let earlier: Vec<PathBuf> = log_files(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| *f != current)
+            .filter(|f| {
+                let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+                read_cursor(f).offset < len
+            })
+            .collect();
+        let unacked = |f: &PathBuf| {
+            std::fs::metadata(f)
+                .map(|m| m.len())
+                .unwrap_or(0)
+                .saturating_sub(read_cursor(f).offset)
+        };
+        let mut rest: u64 = earlier.iter().map(unacked).sum();
+        for file in &earlier {
+            rest -= unacked(file);
+            tracing::info!(file = %file.display(), "sending the unacknowledged tail of an earlier stream");
+            self.ship(file, Some(rest), stop.clone(), drain).await;
+        }
+        self.spool.earlier.store(0, Ordering::Relaxed);
+        self.ship(&current, None, stop, drain).await;
+        let _ = self.producer.flush(Duration::from_secs(5));
+    }
+
+    fn send(&self, stream: &str, line: &[u8]) -> Result<DeliveryFuture, KafkaError> {
+        let record = FutureRecord::to(&self.cfg.topic).key(stream).payload(line);
+        self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    fn publish_checkpoint(&self, stream: &str, seq: u64, hash: &str) -> Option<DeliveryFuture> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let cp = Checkpoint::sign(&self.key, stream, seq, hash, now);
+        let value = serde_json::to_vec(&cp).ok()?;
+        let headers = OwnedHeaders::new().insert(Header {
+            key: KIND_HEADER,
+            value: Some("checkpoint"),
+        });
+        let record = FutureRecord::to(&self.cfg.topic)
+            .key(stream)
+            .payload(&value)
+            .headers(headers);
+        self.producer.send_result(record).ok()
+    }
+
+    /// Ships one stream file. `earlier`: `None` for this process's own (live) stream, which is
+    /// tailed; for an earlier stream, the unacknowledged bytes of the earlier streams still
+    /// after it (for the spool accounting).
+    async fn ship(
+        &self,
+        file: &Path,
+        earlier: Option<u64>,
+        mut stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let live = earlier.is_none();
+        let Some(stream) = stream_of(file) else {
+            tracing::warn!(file = %file.display(), "not a stream file; not shipped");
+            return;
+        };
+        let mut acked = read_cursor(file);
+        let mut persisted = acked;
+        let mut last_hash: Option<String> = None;
+        let mut checkpointed: Option<u64> = None;
+        let mut next_checkpoint = Instant::now() + self.checkpoint_every;
+        let mut stopping_since: Option<Instant> = None;
+        'reopen: loop {
+            let mut f = match tokio::fs::File::open(file).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "cannot open the spool file");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if f.seek(std::io::SeekFrom::Start(acked.offset))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let mut read_to = acked;
+            let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+            let mut chunk = vec![0u8; 256 * 1024];
+            // (end cursor, the line's hash, delivery, when handed over)
+            let mut inflight: VecDeque<(Cursor, [u8; 32], DeliveryFuture, Instant)> =
+                VecDeque::new();
+            loop {
+                // Hand complete lines to the producer while there is room.
+                let mut eof = false;
+                while inflight.len() < self.cfg.max_in_flight_records {
+                    if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                        match self.send(&stream, &buf[..pos]) {
+                            Ok(delivery) => {
+                                read_to.offset += pos as u64 + 1;
+                                read_to.records += 1;
+                                let hash: [u8; 32] = Sha256::digest(&buf[..pos]).into();
+                                inflight.push_back((read_to, hash, delivery, Instant::now()));
+                                buf.drain(..=pos);
+                            }
+                            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                                break
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot hand a record to the producer");
+                                self.metrics.kafka_delivery_errors.inc();
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                    match f.read(&mut chunk).await {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the spool file");
+                            eof = true;
+                            break;
+                        }
+                    }
+                }
+                // Collect acknowledgements, in order.
+                let mut failed = false;
+                // Block briefly on the oldest delivery only when there is nothing else to do.
+                let wait = eof || inflight.len() >= self.cfg.max_in_flight_records;
+                while let Some((end, hash, delivery, _)) = inflight.front_mut() {
+                    let waited = if wait {
+                        tokio::time::timeout(Duration::from_millis(100), delivery)
+                            .await
+                            .ok()
+                    } else {
+                        futures_now(delivery)
+                    };
+                    match waited {
+                        None => break,
+                        Some(Ok(Ok(_))) => {
+                            acked = *end;
+                            last_hash = Some(hex::encode(hash));
+                            inflight.pop_front();
+                            self.metrics.kafka_acked_records.inc();
+                        }
+                        Some(Ok(Err((e, _)))) => {
+                            tracing::warn!(error = %e, "delivery failed; sending again from the spool");
+                            self.metrics.kafka_delivery_errors.inc();
+                            failed = true;
+                            break;
+                        }
+                        Some(Err(_)) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                self.account(
+                    file,
+                    earlier,
+                    acked,
+                    &mut persisted,
+                    inflight.front().map(|i| i.3),
+                );
+                if let (Some(hash), true) = (&last_hash, Instant::now() >= next_checkpoint) {
+                    let seq = acked.records.saturating_sub(1);
+                    if checkpointed != Some(seq) && acked.records > 0 {
+                        if self.publish_checkpoint(&stream, seq, hash).is_some() {
+                            checkpointed = Some(seq);
+                        } else {
+                            self.metrics.checkpoint_errors.inc();
+                        }
+                    }
+                    next_checkpoint = Instant::now() + self.checkpoint_every;
+                }
+                if failed {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'reopen;
+                }
+                let drained = eof && inflight.is_empty() && buf.is_empty();
+                if drained && !live {
+                    break 'reopen;
+                }
+                if *stop.borrow() {
+                    let since = *stopping_since.get_or_insert_with(Instant::now);
+                    let written = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+                    if (drained && acked.offset >= written) || since.elapsed() > drain {
+                        break 'reopen;
+                    }
+                }
+                if eof && inflight.is_empty() {
+                    tokio::select! {
+                        _ = self.spool.notify.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+        // The last checkpoint of this stream, for what the broker holds.
+        if let (Some(hash), true) = (&last_hash, acked.records > 0) {
+            let seq = acked.records - 1;
+            if checkpointed != Some(seq) {
+                if let Some(d) = self.publish_checkpoint(&stream, seq, hash) {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
+                }
+            }
+        }
+        self.account(file, earlier, acked, &mut persisted, None);
+    }
+
+    /// Moves the cursor on disk and updates the spool accounting and metrics.
+    fn account(
+        &self,
+        file: &Path,
+        earlier: Option<u64>,
+        acked: Cursor,
+        persisted: &mut Cursor,
+        oldest: Option<Instant>,
+    ) {
+        if acked != *persisted {
+            match write_cursor(file, acked) {
+                Ok(()) => *persisted = acked,
+                Err(e) => tracing::warn!(error = %e, "cannot write the spool cursor"),
+            }
+        }
+        let written = std::fs::metadata(file)
+            .map(|m| m.len())
+            .unwrap_or(acked.offset);
+        let unacked = written.saturating_sub(acked.offset);
+        match earlier {
+            None => {
+                self.spool.acked.store(acked.offset, Ordering::Relaxed);
+                self.metrics.spool_records.set(
+                    self.spool
+                        .written_records
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(acked.records) as i64,
+                );
+            }
+            Some(rest) => self.spool.earlier.store(unacked + rest, Ordering::Relaxed),
+        }
+        let own = if earlier.is_none() { unacked } else { 0 };
+        self.metrics
+            .spool_bytes
+            .set((own + self.spool.earlier.load(Ordering::Relaxed)) as i64);
+        let age = oldest.map_or(0, |t| t.elapsed().as_secs_f64().ceil() as i64);
+        self.metrics.spool_age_seconds.set(age);
+    }
+}
+
+/// One message of the audit topic.
+pub struct TopicMessage {
+    /// `topic/partition/offset`.
+    pub location: String,
+    pub key: Option<String>,
+    /// A checkpoint (header `vigil-kind: checkpoint`) rather than a record.
+    pub checkpoint: bool,
+    pub value: Vec<u8>,
+}
+
+/// Reads every partition of `topic` from its beginning to its end as of now (no consumer
+/// group, nothing committed) and hands each message to `each`, in offset order within each
+/// partition. Returns the number of messages read.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    mut each: impl FnMut(TopicMessage),
+) -> Result<u64, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "vigil-audit-verify")
+        .set("enable.auto.commit", "false")
+        .set("fetch.max.bytes", "52428800")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    let mut ends = std::collections::HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            assignment.add_partition_offset(topic, p, Offset::Offset(low))?;
+            ends.insert(p, high);
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut n = 0;
+    // Some brokers (Tansu 0.6) report the high watermark as the last batch's base offset + 1;
+    // so past the watermark, keep reading until the partitions stay quiet for a moment.
+    let quiet = Duration::from_millis(500);
+    loop {
+        let wait = if ends.is_empty() { quiet } else { timeout };
+        let m = match consumer.poll(wait) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e),
+            None if ends.is_empty() => break,
+            None => {
+                return Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::OperationTimedOut,
+                ))
+            }
+        };
+        let checkpoint = m.headers().is_some_and(|h| {
+            h.iter()
+                .any(|h| h.key == KIND_HEADER && h.value == Some(b"checkpoint".as_slice()))
+        });
+        each(TopicMessage {
+            location: format!("{topic}/{}/{}", m.partition(), m.offset()),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            checkpoint,
+            value: m.payload().unwrap_or_default().to_vec(),
+        });
+        n += 1;
+        if ends
+            .get(&m.partition())
+            .is_some_and(|&end| m.offset() + 1 >= end)
+        {
+            ends.remove(&m.partition());
+        }
+    }
+    Ok(n)
+}
+
+/// The delivery's result if it is already there.
+fn futures_now(
+    delivery: &mut DeliveryFuture,
+) -> Option<<DeliveryFuture as std::future::Future>::Output> {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    match std::pin::Pin::new(delivery).poll(&mut cx) {
+        Poll::Ready(r) => Some(r),
+        Poll::Pending => None,
+    }
+}
+
+/// The node's checkpoint signing key: `<data_dir>/node.key` (hex seed, created once).
+pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
+    use anyhow::Context as _;
+    let path = data_dir.join("node.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let seed: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .with_context(|| format!("{} is not a hex Ed25519 seed", path.display()))?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let seed = rand::random::<[u8; 32]>();
+            std::fs::create_dir_all(data_dir)?;
+            std::fs::write(&path, hex::encode(seed))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            }
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_come_from_file_names() {
+        assert_eq!(
+            stream_of(Path::new("/x/gw-1-1700000000000000000.jsonl")).as_deref(),
+            Some("gw-1:1700000000000000000")
+        );
+        assert_eq!(stream_of(Path::new("/x/notes.txt")), None);
+    }
+
+    #[test]
+    fn cursors_survive_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("n-1.jsonl");
+        assert_eq!(read_cursor(&file), Cursor::default());
+        let c = Cursor {
+            offset: 1234,
+            records: 7,
+        };
+        write_cursor(&file, c).unwrap();
+        assert_eq!(read_cursor(&file), c);
+    }
+}
