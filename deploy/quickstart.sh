@@ -65,6 +65,16 @@ connections = ["app"]
 flags = ["drop", "truncate", "delete_without_where", "update_without_where"]
 reason = "destructive statements need a human"
 
+# Agents' writes on "app" are held until a member of "approvers" approves them
+# (vigil approvals …); the embedded coordinator holds the requests.
+[[policy.rules]]
+id = "writes-need-approval"
+action = "require_approval"
+connections = ["app"]
+kinds = ["write"]
+reason = "agents' writes need an approver"
+approval = { approvers = "approvers", wait_secs = 60 }
+
 [[policy.masking.detectors]]
 kind = "email"
 method = "keep_last"
@@ -100,7 +110,15 @@ password is an OIDC access token (valid 10 minutes):
   (new token: $TOKEN_CMD)
 
 Try "DELETE FROM customers" (refused by the guardrail) and "SELECT * FROM customers" (the
-e-mail addresses are masked in the audit copy). Then, in another shell:
+e-mail addresses are masked in the audit copy). Try "UPDATE customers SET name = 'renamed'
+WHERE id = 1": it is held for approval (up to 60 s). Approve it as the person "alice" (group
+approvers) from another shell:
+
+  ALICE=\$($VIGIL_NODE $VIGIL_OIDC_DIR/id-token.mjs --issuer $VIGIL_OIDC_ISSUER --user alice)
+  $BIN/vigil approvals list --token "\$ALICE"
+  $BIN/vigil approvals approve apr-… --token "\$ALICE" --comment "ticket 42"
+
+Then, in another shell:
 
   $BIN/vigil audit verify --config $DIR/vigil-node.toml
   $BIN/vigil sessions --config $DIR/vigil-node.toml

@@ -67,6 +67,7 @@ async fn t80_a_follower_names_the_leader_and_clients_follow_it() {
     assert_eq!(created.state, "pending");
     let status = cluster.client().status(pb::StatusRequest {}).await.unwrap();
     assert_eq!(status.voters.len(), 3, "{status:?}");
+
     // The CLI sees the same cluster.
     let (code, out) = vigil(&[
         "cluster",
@@ -98,6 +99,20 @@ async fn t80_a_follower_names_the_leader_and_clients_follow_it() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("leader      {leader} ")), "{text}");
+    // Membership changes go through the leader too: remove a follower, and the rest go on.
+    let removed = cluster
+        .client_for(&[follower])
+        .remove_member(pb::MemberId { id: follower })
+        .await
+        .expect("remove a member");
+    assert_eq!(removed.voters.len(), 2, "{removed:?}");
+    assert!(removed.voters.iter().all(|m| m.id != follower));
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != follower).collect();
+    cluster
+        .client_for(&rest)
+        .create_approval(new_request("r-after-remove", "h2"))
+        .await
+        .expect("two members still commit");
 }
 
 /// Decisions keep flowing while the leader is killed (SIGKILL) and restarted, cycle after
@@ -236,6 +251,7 @@ async fn t83_a_paused_old_leader_serves_no_stale_authorisation() {
             not_before_ms: now,
             not_after_ms: now + 3_600_000,
             reason: "t83".into(),
+            duration_ms: 0,
         })
         .await
         .expect("grant");
@@ -315,6 +331,7 @@ async fn t84_a_full_cluster_restart_keeps_everything() {
             not_before_ms: now,
             not_after_ms: now + 3_600_000,
             reason: String::new(),
+            duration_ms: 0,
         })
         .await
         .unwrap();
@@ -400,9 +417,31 @@ async fn t86_unauthenticated_and_malformed_calls_are_refused() {
     nodes.create_approval(new_request("r2", "h")).await.unwrap();
     let e = nodes.decide_approval(decide("r2", true)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    // bob is not an approver; agent-ops cannot approve its own request; alice can.
+    // bob is not an approver: he can neither decide nor even see the request.
     let bob = cluster.operator(&id_token("bob"));
     let e = bob.decide_approval(decide("r2", true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let seen = bob
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap();
+    assert!(seen.approvals.is_empty(), "{seen:?}");
+    let e = bob
+        .get_approval(pb::ApprovalId { id: "r2".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Grants are for the admin group (or the cluster token), not for approvers.
+    let e = alice
+        .create_grant(pb::CreateGrantRequest {
+            subject: "agent-ops".into(),
+            connection: "app".into(),
+            access_class: "write".into(),
+            duration_ms: 60_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     // Malformed requests.
     let e = nodes
@@ -476,13 +515,14 @@ reason = "writes need an approver"
 approval = { approvers = "approvers", wait_secs = 2, ttl_secs = 600 }
 "#;
 
-/// The same rule, held long enough for an approver to act while the client waits.
+/// The same rule, held long enough for an approver to act while the client waits; a grant of
+/// class `write` lets writes through without a request.
 const PATIENT_POLICY: &str = r#"
 [[policy.rules]]
 id = "writes-need-approval"
 action = "require_approval"
 kinds = ["write"]
-approval = { approvers = "approvers", wait_secs = 20, ttl_secs = 600 }
+approval = { approvers = "approvers", wait_secs = 20, ttl_secs = 600, grant_class = "write" }
 "#;
 
 fn pending_id(err: &tokio_postgres::Error) -> String {
@@ -722,6 +762,45 @@ async fn t87_the_embedded_coordinator_holds_and_releases_statements() {
     alice_denies.await.unwrap();
     let msg = err.as_db_error().unwrap().message().to_string();
     assert!(msg.contains("denied by alice (not today)"), "{msg}");
+    // An admin grants agent-ops writes on app for a while: writes run at once, with the grant
+    // on record (then the grant is revoked).
+    let carol = id_token("carol");
+    let (code, out) = vigil(&[
+        "grants",
+        "create",
+        "--subject",
+        "agent-ops",
+        "--connection",
+        "app",
+        "--class",
+        "write",
+        "--minutes",
+        "5",
+        "--reason",
+        "migration",
+        "--coordinator",
+        &coord,
+        "--token",
+        &carol,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let grant = out.split_whitespace().next().unwrap().to_string();
+    assert!(grant.starts_with("g-"), "{out}");
+    client
+        .simple_query("UPDATE customers SET name = 'granted' WHERE id = 900")
+        .await
+        .expect("a grant lets the write through");
+    let (code, out) = vigil(&[
+        "grants",
+        "revoke",
+        &grant,
+        "--coordinator",
+        &coord,
+        "--token",
+        &carol,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("revoked"), "{out}");
     drop(client);
     let records = node.records_after_sessions(1).await;
     let decided = of_kind(&records, Kind::ApprovalDecided);

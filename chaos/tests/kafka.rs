@@ -446,4 +446,41 @@ async fn t94_tampering_with_the_topic_is_caught() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("1 identical duplicates"), "{out}");
+
+    // The local log against the same witness: intact, then with its tail cut off.
+    let alice = id_token("alice");
+    let dir = node.files.audit_dir.to_str().unwrap().to_string();
+    let coord = witness.join(",");
+    let (code, out) = vigil(&[
+        "audit",
+        "verify",
+        "--log",
+        &dir,
+        "--witness",
+        &coord,
+        "--token",
+        &alice,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("anchored at seq"), "{out}");
+    let cut = tempfile::tempdir().unwrap();
+    let file = vigil_node::audit::log_files(&node.files.audit_dir)
+        .unwrap()
+        .remove(0);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = lines[..lines.len() - 8].join("\n") + "\n";
+    std::fs::write(cut.path().join(file.file_name().unwrap()), kept).unwrap();
+    let (code, out) = vigil(&[
+        "audit",
+        "verify",
+        "--log",
+        cut.path().to_str().unwrap(),
+        "--witness",
+        &coord,
+        "--token",
+        &alice,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("truncated"), "{out}");
 }

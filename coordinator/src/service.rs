@@ -173,6 +173,31 @@ impl Shared {
         }
     }
 
+    /// Whether `caller` may read this request: nodes and admins read all; an operator reads
+    /// the requests they asked for or may decide.
+    fn may_read(&self, caller: &Caller, r: &ApprovalRequest) -> bool {
+        match caller {
+            Caller::Member => true,
+            Caller::Operator(a) => {
+                a.groups.contains(&self.admin_group)
+                    || a.groups.contains(&r.asked.approver_group)
+                    || a.subject == r.asked.requester.subject
+            }
+        }
+    }
+
+    /// One request as `caller` may see it (not found when they may not).
+    fn visible_request(&self, caller: &Caller, id: &str) -> Result<pb::Approval, Status> {
+        self.sm
+            .read(|s| {
+                s.requests
+                    .get(id)
+                    .filter(|r| self.may_read(caller, r))
+                    .map(|r| approval_pb(r, now_ms()))
+            })
+            .ok_or_else(|| Status::not_found(format!("no approval request {id}")))
+    }
+
     fn request_view(&self, id: &str) -> Result<pb::Approval, Status> {
         self.sm
             .read(|s| s.requests.get(id).map(|r| approval_pb(r, now_ms())))
@@ -375,9 +400,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ApprovalId>,
     ) -> Result<Response<Self::WatchApprovalStream>, Status> {
-        self.0.caller(req.metadata()).await?;
+        let caller = self.0.caller(req.metadata()).await?;
         let id = req.into_inner().id;
-        let first = self.0.request_view(&id)?;
+        let first = self.0.visible_request(&caller, &id)?;
         let shared = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut applied = shared.sm.subscribe();
@@ -415,16 +440,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ApprovalId>,
     ) -> Result<Response<pb::Approval>, Status> {
-        self.0.caller(req.metadata()).await?;
+        let caller = self.0.caller(req.metadata()).await?;
         self.0.linearizable().await?;
-        Ok(Response::new(self.0.request_view(&req.into_inner().id)?))
+        Ok(Response::new(
+            self.0.visible_request(&caller, &req.into_inner().id)?,
+        ))
     }
 
     async fn list_approvals(
         &self,
         req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ApprovalList>, Status> {
-        self.0.caller(req.metadata()).await?;
+        let caller = self.0.caller(req.metadata()).await?;
         self.0.linearizable().await?;
         let want = req.into_inner().state;
         let now = now_ms();
@@ -432,6 +459,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             s.requests
                 .values()
                 .filter(|r| want.is_empty() || r.state_at(now) == want)
+                .filter(|r| self.0.may_read(&caller, r))
                 .map(|r| approval_pb(r, now))
                 .collect()
         });
@@ -469,17 +497,22 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         required("subject", &r.subject)?;
         required("connection", &r.connection)?;
         required("access_class", &r.access_class)?;
+        let now = now_ms();
         let grant = Grant {
             id: new_id("g"),
             subject: r.subject,
             connection: r.connection,
             access_class: r.access_class,
             not_before: if r.not_before_ms == 0 {
-                now_ms()
+                now
             } else {
                 r.not_before_ms
             },
-            not_after: r.not_after_ms,
+            not_after: if r.duration_ms > 0 {
+                now.saturating_add(r.duration_ms)
+            } else {
+                r.not_after_ms
+            },
             granted_by: by,
             revoked_at: None,
             reason: opt(r.reason),
@@ -503,12 +536,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::GrantList>, Status> {
-        self.0.caller(req.metadata()).await?;
+        let caller = self.0.caller(req.metadata()).await?;
         self.0.linearizable().await?;
-        let grants = self
-            .0
-            .sm
-            .read(|s| s.grants.values().map(grant_pb).collect());
+        // Nodes and admins see every grant; an operator sees their own.
+        let grants = self.0.sm.read(|s| {
+            s.grants
+                .values()
+                .filter(|g| match &caller {
+                    Caller::Member => true,
+                    Caller::Operator(a) => {
+                        a.groups.contains(&self.0.admin_group) || a.subject == g.subject
+                    }
+                })
+                .map(grant_pb)
+                .collect()
+        });
         Ok(Response::new(pb::GrantList { grants }))
     }
 

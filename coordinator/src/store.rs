@@ -15,6 +15,7 @@ use openraft::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -71,7 +72,10 @@ pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Read, e))?
     .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Read, e))?;
     let db = Arc::new(db);
-    let log = LogStore { db: db.clone() };
+    let log = LogStore {
+        db: db.clone(),
+        recent: Default::default(),
+    };
     let sm = StateMachine::load(db).await?;
     Ok((log, sm))
 }
@@ -131,6 +135,18 @@ fn write_meta<T: Serialize>(
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The newest entries, as appended: the leader replicates from here instead of reading
+    /// back and decoding what it has just written.
+    recent: Arc<std::sync::Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+}
+
+/// Entries kept in [`LogStore::recent`].
+const RECENT: usize = 20_000;
+
+impl LogStore {
+    fn recent(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -138,6 +154,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        {
+            // Served from memory when the whole range is there (the common case: replication
+            // of what was just appended).
+            let recent = self.recent();
+            let first = match range.start_bound() {
+                Bound::Included(&i) => Some(i),
+                Bound::Excluded(&i) => Some(i + 1),
+                Bound::Unbounded => None,
+            };
+            if let (Some(first), Some((&oldest, _))) = (first, recent.first_key_value()) {
+                if first >= oldest {
+                    return Ok(recent
+                        .range(range.clone())
+                        .map(|(_, e)| e.clone())
+                        .collect());
+                }
+            }
+        }
         let start = match range.start_bound() {
             Bound::Included(&i) => Bound::Included(i),
             Bound::Excluded(&i) => Bound::Excluded(i),
@@ -230,10 +264,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut rows = Vec::new();
+        let mut appended = Vec::new();
         for e in entries {
             let bytes = serde_json::to_vec(&e)
                 .map_err(|err| io_error(ErrorSubject::Log(e.log_id), ErrorVerb::Write, err))?;
             rows.push((e.log_id.index, bytes));
+            appended.push(e);
         }
         let result = blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Write, move |db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
@@ -248,6 +284,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             tx.commit().map_err(|e| e.to_string())
         })
         .await;
+        if result.is_ok() {
+            let mut recent = self.recent();
+            for e in appended {
+                recent.insert(e.log_id.index, e);
+            }
+            while recent.len() > RECENT {
+                recent.pop_first();
+            }
+        }
         callback.log_io_completed(
             result
                 .as_ref()
@@ -258,6 +303,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Memory first: a reader must never see an entry the disk no longer holds.
+        self.recent().retain(|&i, _| i < log_id.index);
         blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
@@ -272,6 +319,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.recent().retain(|&i, _| i > log_id.index);
         blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
             let bytes = serde_json::to_vec(&Some(log_id)).map_err(|e| e.to_string())?;
             let tx = db.begin_write().map_err(|e| e.to_string())?;

@@ -58,6 +58,11 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the audit log cannot be written\n",
         )
+    } else if state.audit.spool_full() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the audit spool is full (the broker is behind)\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

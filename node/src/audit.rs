@@ -193,6 +193,17 @@ impl AuditLog {
         self.inner.write(&mut w, Some(body))
     }
 
+    /// Whether the spool holds more unacknowledged bytes than it may (statements are refused).
+    pub fn spool_full(&self) -> bool {
+        let Some(spool) = &self.inner.spool else {
+            return false;
+        };
+        let len = self.inner.lock().len;
+        len.saturating_sub(spool.acked.load(Ordering::Relaxed))
+            + spool.earlier.load(Ordering::Relaxed)
+            > spool.limit
+    }
+
     /// The seq and hex hash of the last record written, and the file's length up to it
     /// (`None` before the first record).
     pub fn head(&self) -> Option<(u64, String, u64)> {

@@ -370,6 +370,8 @@ pub const KAFKA_RESERVED: &[&str] = &[
     "compression.type",
     "linger.ms",
     "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
     "message.max.bytes",
 ];
 

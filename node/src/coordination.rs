@@ -144,6 +144,10 @@ pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Res
             .context("coordinator.cluster_token")?
             .resolve()
             .context("coordinator.cluster_token")?;
+        anyhow::ensure!(
+            token.expose().len() >= 16,
+            "coordinator.cluster_token: must be at least 16 characters"
+        );
         let client = Client::new(
             co.endpoints.clone(),
             Credential::Cluster(token.expose().as_str().into()),

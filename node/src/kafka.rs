@@ -31,6 +31,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 use vigil_proto::checkpoint::Checkpoint;
 
+/// The largest message the producer sends (librdkafka's own ceiling is 1,000,000,000).
+pub const MAX_RECORD_BYTES: usize = 128 * 1024 * 1024;
+
 /// The header that marks a checkpoint message (records have none).
 pub const KIND_HEADER: &str = "vigil-kind";
 
@@ -60,7 +63,10 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
             "queue.buffering.max.messages",
             (cfg.max_in_flight_records + 1000).to_string(),
         )
-        .set("queue.buffering.max.kbytes", "2097151");
+        .set("queue.buffering.max.kbytes", "2097151")
+        // A record is as large as its statement and recorded rows; the topic's
+        // max.message.bytes must allow as much (docs/operations.md).
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string());
     c.create()
 }
 
@@ -323,7 +329,12 @@ impl Shipper {
                     continue 'reopen;
                 }
                 let drained = eof && inflight.is_empty() && buf.is_empty();
-                if drained && !live {
+                if eof && inflight.is_empty() && !live {
+                    if !buf.is_empty() {
+                        // An earlier process died mid-write (power loss with sync = "write"):
+                        // the torn bytes were never a record; everything before them is sent.
+                        tracing::warn!(file = %file.display(), bytes = buf.len(), "ignoring a torn last line of an earlier stream");
+                    }
                     break 'reopen;
                 }
                 if *stop.borrow() {
@@ -448,7 +459,15 @@ pub fn read_topic(
     // Some brokers (Tansu 0.6) report the high watermark as the last batch's base offset + 1;
     // so past the watermark, keep reading until the partitions stay quiet for a moment.
     let quiet = Duration::from_millis(500);
+    let mut past_watermarks: Option<Instant> = None;
     loop {
+        if ends.is_empty() {
+            // …but not forever on a topic that is being written to.
+            let since = *past_watermarks.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+        }
         let wait = if ends.is_empty() { quiet } else { timeout };
         let m = match consumer.poll(wait) {
             Some(Ok(m)) => m,
@@ -508,15 +527,19 @@ pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
             let seed = rand::random::<[u8; 32]>();
             std::fs::create_dir_all(data_dir)?;
-            std::fs::write(&path, hex::encode(seed))
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            f.write_all(hex::encode(seed).as_bytes())
+                .and_then(|()| f.sync_all())
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-            }
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),

@@ -89,6 +89,7 @@ const agents = [
 const peopleGroups = {
   alice: ['dba', 'approvers'],
   bob: ['analysts'],
+  carol: ['vigil-admins'],
 };
 
 const clients = [

@@ -157,11 +157,16 @@ struct VerifyArgs {
     /// Read the audit topic from these bootstrap brokers (`host:port,…`) instead of a log.
     #[arg(long, requires = "topic")]
     kafka: Option<String>,
-    #[arg(long)]
+    #[arg(long, requires = "kafka")]
     topic: Option<String>,
-    /// Coordinator members (`host:port,…`) whose witnessed checkpoints anchor each stream.
+    /// Coordinator members (`host:port,…`) whose witnessed checkpoints anchor each stream
+    /// found in the log or topic.
     #[arg(long, value_delimiter = ',')]
     witness: Vec<String>,
+    /// With --witness: also fail for each witnessed stream that is missing from the log or
+    /// topic altogether (verifying everything a cluster's nodes wrote).
+    #[arg(long, requires = "witness")]
+    require_witnessed: bool,
     /// Authenticate to the witness with this OIDC token.
     #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -271,6 +276,13 @@ fn witnessed(args: &VerifyArgs) -> Result<Vec<(String, Checkpoint)>, String> {
 
 fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     let started = std::time::Instant::now();
+    // The witness first: whatever it vouches for was written before the source is read, so a
+    // stream that is still being written is not reported truncated.
+    let held = if args.witness.is_empty() {
+        None
+    } else {
+        Some(witnessed(args)?)
+    };
     let mut checkpoints = Vec::new();
     let mut malformed_checkpoints = Vec::new();
     let (mut verifier, source, sources) = match (&args.kafka, &args.topic) {
@@ -305,18 +317,29 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
             (verifier, path.display().to_string(), files)
         }
     };
-    let keys = if args.witness.is_empty() {
-        None
-    } else {
-        let held = witnessed(args)?;
+    let mut absent = Vec::new();
+    let keys = held.map(|held| {
+        let present = verifier.report().streams;
         let keys = held
             .iter()
             .map(|(_, c)| (c.stream.clone(), c.public_key.clone()))
             .collect::<std::collections::BTreeMap<_, _>>();
-        checkpoints.extend(held);
-        Some(keys)
-    };
+        for (location, cp) in held {
+            if present.contains_key(&cp.stream) || args.require_witnessed {
+                checkpoints.push((location, cp));
+            } else {
+                absent.push(cp.stream);
+            }
+        }
+        keys
+    });
     verifier.witness(&checkpoints, keys.as_ref());
+    if !absent.is_empty() {
+        println!(
+            "note: {} witnessed stream(s) are not in this source (not judged; --require-witnessed judges them)",
+            absent.len()
+        );
+    }
     let report = verifier.report();
     for (stream, s) in &report.streams {
         println!(
@@ -534,18 +557,14 @@ async fn coordinator_command(
                 minutes,
                 reason,
             } => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
                 let g = client
                     .create_grant(pb::CreateGrantRequest {
                         subject,
                         connection,
                         access_class,
-                        not_before_ms: now,
-                        not_after_ms: now + minutes * 60_000,
+                        duration_ms: minutes.saturating_mul(60_000),
                         reason: reason.unwrap_or_default(),
+                        ..Default::default()
                     })
                     .await?;
                 format!("{}\n", show_grant(&g))

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Benchmarks of the distributed parts, against real processes and the dev servers.
+#
+#   loadtest/bench.sh coordinator       # approvals on a real 3-member coordinator cluster
+#   loadtest/bench.sh audit-pipeline    # audit records through the real Kafka pipeline
+#
+# coordinator: starts MEMBERS `vigil-coordinator` processes (release build, fsync'd redb
+#   stores in a temporary directory), forms a cluster, then measures two phases over gRPC:
+#   creating approval requests (what gateway nodes do) and deciding them with an approver's
+#   OIDC token (what approvers do). Prints calls/s and p50/p99/max commit latency of
+#   acknowledged calls and the goal (>= 5,000 decisions/s, p99 <= 10 ms on three members).
+#   Settings: MEMBERS=3 CONCURRENCY=64 DURATION=10
+# audit-pipeline: one node's audit log with the Kafka sink, in process, against the dev
+#   broker: ~1 KB records appended by WRITERS tasks until RECORDS are acknowledged (records/s,
+#   gateway CPU per record; goals >= 50,000/s and <= 10 us), then SAMPLES records one at a
+#   time (append -> broker acknowledgement p50/p99), then the topic is read back and verified.
+#   Settings: RECORDS=200000 WRITERS=4 SAMPLES=2000
+#
+# Goals are reported, never enforced. It reuses running dev servers (deploy/dev/servers.sh),
+# or starts them and stops them at the end.
+# Common settings: VIGIL_DEV_DIR=/tmp/vigil-dev CARGO_TARGET_DIR=/var/cache/vigil/target
+#   SKIP_BUILD=1 (use the binaries already built)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
+target_dir="${CARGO_TARGET_DIR:-/var/cache/vigil/target}"
+log() { printf 'bench.sh: %s\n' "$*" >&2; }
+die() { printf 'bench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+
+case "${1:-}" in
+  coordinator) bench=coordinator-bench build=(-p vigil-node --bin vigil-coordinator -p vigil-chaos --bin coordinator-bench)
+               export MEMBERS="${MEMBERS:-3}" CONCURRENCY="${CONCURRENCY:-64}" DURATION="${DURATION:-10}" ;;
+  audit-pipeline) bench=audit-pipeline-bench build=(-p vigil-chaos --bin audit-pipeline-bench)
+                  export RECORDS="${RECORDS:-200000}" WRITERS="${WRITERS:-4}" SAMPLES="${SAMPLES:-2000}" ;;
+  *) die "usage: loadtest/bench.sh coordinator|audit-pipeline" ;;
+esac
+
+started_servers=0
+cleanup() {
+  if ((started_servers)); then
+    VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" stop || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+status_out="$(VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" status 2>/dev/null || true)"
+if grep -q '^oidc        running' <<<"$status_out" && grep -q '^kafka       running' <<<"$status_out"; then
+  log "reusing the dev servers in $dev_dir"
+else
+  grep -q 'running' <<<"$status_out" &&
+    die "some dev servers in $dev_dir run, not all; fix that with deploy/dev/servers.sh start"
+  log "starting the dev servers in $dev_dir (stopped again at the end)"
+  started_servers=1
+  VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" start
+fi
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  log "building the release binaries (CARGO_TARGET_DIR=$target_dir)"
+  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release -q "${build[@]}")
+fi
+[[ -x "$target_dir/release/$bench" ]] || die "no $target_dir/release/$bench"
+
+log "machine: $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+VIGIL_DEV_DIR="$dev_dir" "$target_dir/release/$bench"
