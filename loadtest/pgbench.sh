@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Side-by-side pgbench: direct PostgreSQL, PgBouncer and the Vigil gateway (audit on).
+# Side-by-side pgbench: direct PostgreSQL, PgBouncer and the Vigil gateway (audit on), also with
+# its audit stream published to Kafka.
 #
 #   loadtest/pgbench.sh            # defaults: 3 rounds x 10 s per target and mode
 #   DURATION=5 ROUNDS=2 loadtest/pgbench.sh
 #
 # Run as root on the dev machine (see loadtest/README.md). It reuses the dev servers of
 # deploy/dev/servers.sh when they run, otherwise starts them and stops them at the end; it
-# builds the release gateway, starts it and a PgBouncer in a temporary directory, runs
-# `pgbench -S` (select-only, held connections) interleaved over the targets, prints a table
-# and checks the gateway's audit log with `vigil audit verify`. Everything it started is
-# stopped on exit. It reports only: the goals never change the exit status; a failed audit
-# verification or a failed pgbench run does (exit 1).
+# builds the release gateway, starts it and a PgBouncer in a temporary directory (and, for the
+# target vigil-kafka, a second gateway whose audit log is the spool of a Kafka sink, on a fresh
+# topic of the dev broker), runs `pgbench -S` (select-only, held connections) interleaved over
+# the targets, prints a table and checks the gateway's audit log (and the Kafka node's topic)
+# with `vigil audit verify`. Everything it started is stopped on exit. It reports only: the
+# goals never change the exit status; a failed audit verification or a failed pgbench run does
+# (exit 1).
 #
 # Settings (environment):
 #   DURATION=10          seconds per pgbench run
@@ -18,11 +21,12 @@
 #   CLIENTS=8 THREADS=2  pgbench -c / -j
 #   WARMUP=3             seconds of unlogged warm-up per target before round 1 (0: none)
 #   MODES="simple prepared"
-#   TARGETS="direct-plain direct-tls pgbouncer vigil vigil-guarded"
+#   TARGETS="direct-plain direct-tls pgbouncer vigil vigil-kafka vigil-guarded"
 #   VIGIL_PORT=16433 VIGIL_ADMIN_PORT=19188 PGBOUNCER_PORT=16434   (127.0.0.1)
+#   VIGIL_KAFKA_NODE_PORT=16435 VIGIL_KAFKA_ADMIN_PORT=19189      the Kafka node's (vigil-kafka)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
-#   KEEP_WORKDIR=1       keep the temporary directory (logs, pgbench logs, audit log)
+#   KEEP_WORKDIR=1       keep the temporary directory (logs, pgbench logs, audit log) and the topic
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,10 +38,12 @@ CLIENTS="${CLIENTS:-8}"
 THREADS="${THREADS:-2}"
 WARMUP="${WARMUP:-3}"
 read -r -a MODES <<<"${MODES:-simple prepared}"
-read -r -a TARGETS <<<"${TARGETS:-direct-plain direct-tls pgbouncer vigil vigil-guarded}"
+read -r -a TARGETS <<<"${TARGETS:-direct-plain direct-tls pgbouncer vigil vigil-kafka vigil-guarded}"
 VIGIL_PORT="${VIGIL_PORT:-16433}"
 VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19188}"
 PGBOUNCER_PORT="${PGBOUNCER_PORT:-16434}"
+VIGIL_KAFKA_NODE_PORT="${VIGIL_KAFKA_NODE_PORT:-16435}"
+VIGIL_KAFKA_ADMIN_PORT="${VIGIL_KAFKA_ADMIN_PORT:-19189}"
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
 target_dir="${CARGO_TARGET_DIR:-/var/cache/vigil/target}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
@@ -47,6 +53,7 @@ KEEP_WORKDIR="${KEEP_WORKDIR:-0}"
 GOAL_VS_DIRECT=0.75
 GOAL_VS_PGBOUNCER=1.0
 GOAL_CPU_US=25
+GOAL_KAFKA_VS_LOCAL=0.9
 
 log() { printf 'pgbench.sh: %s\n' "$*" >&2; }
 die() { printf 'pgbench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -57,13 +64,16 @@ show_log() {
   fi
 }
 
-for v in DURATION ROUNDS CLIENTS THREADS WARMUP VIGIL_PORT VIGIL_ADMIN_PORT PGBOUNCER_PORT; do
+for v in DURATION ROUNDS CLIENTS THREADS WARMUP VIGIL_PORT VIGIL_ADMIN_PORT PGBOUNCER_PORT \
+         VIGIL_KAFKA_NODE_PORT VIGIL_KAFKA_ADMIN_PORT; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
 done
 ((DURATION > 0 && ROUNDS > 0 && CLIENTS > 0 && THREADS > 0)) || die "DURATION, ROUNDS, CLIENTS, THREADS must be > 0"
 for t in "${TARGETS[@]}"; do
-  case "$t" in direct-plain | direct-tls | pgbouncer | vigil | vigil-guarded) ;; *) die "unknown target '$t'" ;; esac
+  case "$t" in direct-plain | direct-tls | pgbouncer | vigil | vigil-kafka | vigil-guarded) ;; *) die "unknown target '$t'" ;; esac
 done
+with_kafka=0
+[[ " ${TARGETS[*]} " == *" vigil-kafka "* ]] && with_kafka=1
 for m in "${MODES[@]}"; do
   case "$m" in simple | prepared | extended) ;; *) die "unknown mode '$m'" ;; esac
 done
@@ -72,7 +82,9 @@ done
 # ---------------------------------------------------------------------------- cleanup
 work=""
 vigil_pid=""
+vigil_kafka_pid=""
 bouncer_pid=""
+topic=""
 started_servers=0
 
 proc_alive() {
@@ -81,12 +93,12 @@ proc_alive() {
   [[ -n "$state" && "$state" != Z && "$state" != X ]]
 }
 
-stop_pid() { # pid name
+stop_pid() { # pid name [seconds to wait for the exit before SIGKILL, default 15]
   local pid="$1" i
   [[ -n "$pid" ]] && proc_alive "$pid" || return 0
   log "stopping $2 (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 150); do proc_alive "$pid" || return 0; sleep 0.1; done
+  for i in $(seq 1 "$((${3:-15} * 10))"); do proc_alive "$pid" || return 0; sleep 0.1; done
   log "$2 did not exit on SIGTERM; sending SIGKILL"
   kill -KILL "$pid" 2>/dev/null || true
 }
@@ -95,7 +107,15 @@ cleanup() {
   local rc=$?
   set +e
   stop_pid "$vigil_pid" vigil-node
+  stop_pid "$vigil_kafka_pid" "vigil-node (Kafka)"
   stop_pid "$bouncer_pid" pgbouncer
+  if [[ -n "$topic" && "$KEEP_WORKDIR" != 1 ]]; then
+    # the broker is memory-only: a topic left behind holds the run's records until it restarts
+    timeout 30 "$VIGIL_TANSU" topic delete "$topic" --broker "$VIGIL_KAFKA_URL" >/dev/null 2>&1 \
+      || log "could not delete the topic $topic"
+  elif [[ -n "$topic" ]]; then
+    log "kept the topic $topic"
+  fi
   if ((started_servers)); then
     log "stopping the dev servers this script started"
     VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" stop
@@ -121,23 +141,31 @@ if [[ ! -x "$pg_bin/pgbench" || ! -x /usr/sbin/pgbouncer || ! -d "$repo/deploy/d
 fi
 
 port_free() { ! ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
-for p in VIGIL_PORT VIGIL_ADMIN_PORT PGBOUNCER_PORT; do
+ports=(VIGIL_PORT VIGIL_ADMIN_PORT PGBOUNCER_PORT)
+((with_kafka)) && ports+=(VIGIL_KAFKA_NODE_PORT VIGIL_KAFKA_ADMIN_PORT)
+for p in "${ports[@]}"; do
   port_free "${!p}" || die "port ${!p} ($p) is in use on this machine; choose another with $p=..."
 done
 
 # ---------------------------------------------------------------------------- dev servers
 status_out="$(VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" status 2>/dev/null || true)"
-pg_up=0 oidc_up=0
+pg_up=0 oidc_up=0 kafka_up=0
 grep -q '^postgresql  running' <<<"$status_out" && pg_up=1
 grep -q '^oidc        running' <<<"$status_out" && oidc_up=1
-if ((pg_up && oidc_up)); then
+grep -q '^kafka       running' <<<"$status_out" && kafka_up=1
+if ((with_kafka)); then
+  grep -q '^kafka       paused' <<<"$status_out" && die "the dev Kafka broker is paused: $(grep '^kafka' <<<"$status_out")"
+else
+  kafka_up=$((pg_up && oidc_up)) # only the target vigil-kafka needs the broker
+fi
+if ((pg_up && oidc_up && kafka_up)); then
   log "reusing the dev servers in $dev_dir"
-elif ((!pg_up && !oidc_up)); then
+elif ((!pg_up && !oidc_up && !kafka_up)); then
   log "starting the dev servers in $dev_dir (stopped again at the end)"
   started_servers=1
   VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" start
 else
-  die "only one of the dev servers in $dev_dir runs; fix that with deploy/dev/servers.sh start (it is not ours to stop), or use another VIGIL_DEV_DIR and ports"
+  die "only some of the dev servers in $dev_dir run; fix that with deploy/dev/servers.sh start (they are not ours to stop), or use another VIGIL_DEV_DIR and ports"
 fi
 # This also provisions the bench database when servers run but it is missing (idempotent).
 [[ -f "$dev_dir/env" ]] || VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" start
@@ -146,6 +174,10 @@ source "$dev_dir/env"
 pg_bin="${VIGIL_PG_BIN:-$pg_bin}"
 node_bin="${VIGIL_NODE:-$(command -v node || true)}"
 [[ -x "$node_bin" ]] || die "Node.js not found (VIGIL_NODE); run deploy/dev/setup.sh"
+if ((with_kafka)); then
+  [[ -n "${VIGIL_KAFKA_BROKERS:-}" && -n "${VIGIL_KAFKA_URL:-}" && -x "${VIGIL_TANSU:-}" ]] \
+    || die "$dev_dir/env has no Kafka broker (VIGIL_KAFKA_*, VIGIL_TANSU): restart the dev servers with this checkout's deploy/dev/servers.sh"
+fi
 
 # ---------------------------------------------------------------------------- build
 if [[ "$SKIP_BUILD" != 1 ]]; then
@@ -166,12 +198,15 @@ results="$work/results.tsv" # round target mode tps lat_avg_ms txns cpu_ticks au
 
 # ---------------------------------------------------------------------------- Vigil
 (umask 077; printf '%s' "$VIGIL_PG_GATEWAY_PASSWORD" >"$work/vigil/pg-password")
-cat >"$work/vigil/vigil.toml" <<EOF
+# vigil_config ID DIR PORT ADMIN_PORT: a node's config file on stdout. Every node runs an
+# embedded coordinator; its gRPC port is picked free, so two nodes do not collide on 7470.
+vigil_config() {
+  cat <<EOF
 [node]
-id = "bench-1"
-data_dir = "$work/vigil/data"
+id = "$1"
+data_dir = "$2/data"
 [admin]
-listen = "127.0.0.1:$VIGIL_ADMIN_PORT"
+listen = "127.0.0.1:$4"
 [log]
 level = "info"
 [identity]
@@ -179,8 +214,10 @@ issuer = "$VIGIL_OIDC_ISSUER"
 audiences = ["${VIGIL_OIDC_AUDIENCE:-urn:vigil:gateway}"]
 [audit]
 max_result_bytes = 65536
+[coordinator]
+listen = "127.0.0.1:0"
 [postgres]
-listen = "127.0.0.1:$VIGIL_PORT"
+listen = "127.0.0.1:$3"
 [[postgres.connections]]
 name = "bench"
 host = "$VIGIL_PG_HOST"
@@ -223,20 +260,51 @@ table = "pgbench_accounts"
 column = "abalance"
 method = "token"
 EOF
+}
 
-log "starting vigil-node on 127.0.0.1:$VIGIL_PORT (admin $VIGIL_ADMIN_PORT)"
-"$vigil_node" --config "$work/vigil/vigil.toml" </dev/null >"$work/vigil/vigil.log" 2>&1 &
-vigil_pid=$!
-ready=0
-for _ in $(seq 1 150); do
-  proc_alive "$vigil_pid" || break
-  if curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$VIGIL_ADMIN_PORT/readyz" 2>/dev/null \
-     && "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$VIGIL_PORT" -t 1; then
-    ready=1; break
-  fi
-  sleep 0.1
-done
-((ready)) || { show_log "$work/vigil/vigil.log"; die "vigil-node did not become ready"; }
+# start_vigil NAME DIR PORT ADMIN_PORT PIDVAR: starts vigil-node on DIR/vigil.toml, sets PIDVAR
+# (at once, so the cleanup trap stops it) and waits until it is ready
+start_vigil() {
+  local name="$1" dir="$2" port="$3" admin="$4" pid ready=0
+  log "starting $name on 127.0.0.1:$port (admin $admin)"
+  "$vigil_node" --config "$dir/vigil.toml" </dev/null >"$dir/vigil.log" 2>&1 &
+  pid=$!
+  printf -v "$5" '%s' "$pid"
+  for _ in $(seq 1 150); do
+    proc_alive "$pid" || break
+    if curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null \
+       && "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$port" -t 1; then
+      ready=1; break
+    fi
+    sleep 0.1
+  done
+  ((ready)) || { show_log "$dir/vigil.log"; die "$name did not become ready"; }
+}
+
+vigil_config bench-1 "$work/vigil" "$VIGIL_PORT" "$VIGIL_ADMIN_PORT" >"$work/vigil/vigil.toml"
+start_vigil vigil-node "$work/vigil" "$VIGIL_PORT" "$VIGIL_ADMIN_PORT" vigil_pid
+
+# The same gateway with a Kafka sink (target vigil-kafka): its local log is the spool, shipped
+# to a topic of its own on the dev broker by an idempotent producer.
+if ((with_kafka)); then
+  mkdir -p "$work/vigil-kafka/data"
+  new_topic="vigil-pgbench-$(date -u +%Y%m%d%H%M%S)-$$" # a fresh topic per run: create fails on an existing one
+  # tansu retries forever when the broker does not answer, hence the timeout
+  timeout 30 "$VIGIL_TANSU" topic create "$new_topic" --partitions 1 --broker "$VIGIL_KAFKA_URL" \
+    >"$work/vigil-kafka/topic.log" 2>&1 \
+    || { show_log "$work/vigil-kafka/topic.log"; die "cannot create the topic $new_topic on $VIGIL_KAFKA_URL"; }
+  topic="$new_topic" # from here on the cleanup trap deletes it
+  {
+    vigil_config bench-2 "$work/vigil-kafka" "$VIGIL_KAFKA_NODE_PORT" "$VIGIL_KAFKA_ADMIN_PORT"
+    cat <<EOF
+
+[audit.kafka]
+brokers = ["$VIGIL_KAFKA_BROKERS"]
+topic = "$topic"
+EOF
+  } >"$work/vigil-kafka/vigil.toml"
+  start_vigil "vigil-node (Kafka, topic $topic)" "$work/vigil-kafka" "$VIGIL_KAFKA_NODE_PORT" "$VIGIL_KAFKA_ADMIN_PORT" vigil_kafka_pid
+fi
 
 # ---------------------------------------------------------------------------- PgBouncer
 bdir="$work/pgbouncer"
@@ -306,6 +374,10 @@ target_env() {
            conn_env=(PGHOST=127.0.0.1 PGPORT="$VIGIL_PORT" PGSSLMODE=require
                      PGUSER=bench-agent PGPASSWORD="$token")
            proxy_pid="$vigil_pid" ;;
+    vigil-kafka) fresh_token
+           conn_env=(PGHOST=127.0.0.1 PGPORT="$VIGIL_KAFKA_NODE_PORT" PGSSLMODE=require
+                     PGUSER=bench-agent PGPASSWORD="$token")
+           proxy_pid="$vigil_kafka_pid" ;;
   esac
   local db=bench
   [[ "$1" == vigil-guarded ]] && db=bench_guarded
@@ -354,10 +426,17 @@ run_one() {
         -T "$secs" "${args[@]}" >"$prefix.out" 2>&1); then
     show_log "$prefix.out"
     [[ "$t" == vigil ]] && show_log "$work/vigil/vigil.log"
+    [[ "$t" == vigil-kafka ]] && show_log "$work/vigil-kafka/vigil.log"
     die "pgbench failed against $t ($mode)"
   fi
   [[ -n "$proxy_pid" ]] && read -r a_cpu a_audit a_csw < <(proc_sample "$proxy_pid")
-  local tps lat txns failed
+  local tps lat txns failed spool=""
+  # the Kafka node's backlog right after the run: records written but not yet acknowledged
+  if [[ "$t" == vigil-kafka ]]; then
+    spool="$(curl -fsS -m 2 "http://127.0.0.1:$VIGIL_KAFKA_ADMIN_PORT/metrics" 2>/dev/null \
+      | awk '$1 == "vigil_audit_spool_records" { print $2; exit }' || true)"
+    spool_max="$(awk -v a="${spool:-0}" -v b="$spool_max" 'BEGIN { print (a + 0 > b + 0) ? a + 0 : b + 0 }')"
+  fi
   tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$prefix.out")"
   lat="$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$prefix.out")"
   txns="$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$prefix.out")"
@@ -367,10 +446,11 @@ run_one() {
   if [[ "$round" != w ]]; then
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$mode" "$tps" "$lat" "$txns" \
       "$((a_cpu - b_cpu))" "$((a_audit - b_audit))" "$((a_csw - b_csw))" >>"$results"
-    log "round $round  $(printf '%-12s %-8s' "$t" "$mode") tps $tps  lat avg $lat ms"
+    log "round $round  $(printf '%-12s %-8s' "$t" "$mode") tps $tps  lat avg $lat ms${spool:+  spool $spool records}"
   fi
 }
 
+spool_max=0 # the largest backlog of the Kafka node seen right after a run
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 total_runs=$((ROUNDS * ${#TARGETS[@]} * ${#MODES[@]}))
 log "scale $scale; log_statement on the target: $target_log_statement"
@@ -391,7 +471,7 @@ done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---------------------------------------------------------------------------- audit log
-metric() { awk -v m="$1" '$1 == m { print $2; exit }' "$work/vigil/metrics.txt"; }
+metric() { awk -v m="$1" '$1 == m { print $2; exit }' "${2:-$work/vigil/metrics.txt}"; } # name [file]
 audit_rc=0
 audit_summary="(vigil not in TARGETS)"
 if [[ " ${TARGETS[*]} " == *" vigil "* ]]; then
@@ -402,13 +482,40 @@ if [[ " ${TARGETS[*]} " == *" vigil "* ]]; then
   "$vigil_cli" audit verify --log "$work/vigil/data/audit" >"$work/vigil/verify.txt" 2>&1
   audit_rc=$?
   set -e
-  verify_line="$(grep -E '^(OK|FAILED)' "$work/vigil/verify.txt" | tail -n 1)"
+  verify_line="$(grep -E '^(OK|FAILED)' "$work/vigil/verify.txt" | tail -n 1 || true)"
   audit_summary="exit $audit_rc: ${verify_line:-$(tail -n 1 "$work/vigil/verify.txt")}"
   audit_bytes="$(metric vigil_audit_bytes_total)"
   audit_records="$(metric vigil_audit_records_total)"
   audit_batches="$(metric vigil_audit_batches_total)"
   statements="$(metric 'vigil_statements_total{outcome="success"}')"
   audit_files_bytes="$(du -sb "$work/vigil/data/audit" | cut -f1)"
+fi
+
+# ---------------------------------------------------------------------------- Kafka topic
+kafka_rc=0
+kafka_summary="(vigil-kafka not in TARGETS)"
+if ((with_kafka)); then
+  kmetrics="$work/vigil-kafka/metrics.txt"
+  curl -fsS -m 5 "http://127.0.0.1:$VIGIL_KAFKA_ADMIN_PORT/metrics" >"$kmetrics" || : >"$kmetrics"
+  # A clean stop writes the stream_end record and ships the rest of the spool (the node waits
+  # up to 10 s for the broker's acknowledgements), so the topic ends like the local log.
+  stop_pid "$vigil_kafka_pid" "vigil-node (Kafka)" 60
+  vigil_kafka_pid=""
+  set +e
+  "$vigil_cli" audit verify --kafka "$VIGIL_KAFKA_BROKERS" --topic "$topic" >"$work/vigil-kafka/verify.txt" 2>&1
+  kafka_rc=$?
+  set -e
+  verify_line="$(grep -E '^(OK|FAILED)' "$work/vigil-kafka/verify.txt" | tail -n 1 || true)"
+  kafka_summary="exit $kafka_rc: ${verify_line:-$(tail -n 1 "$work/vigil-kafka/verify.txt")}"
+  kafka_streams="$(grep -E '^(stream|FAIL) ' "$work/vigil-kafka/verify.txt" | head -n 5 | sed 's/^/  /' || true)"
+  kafka_verified="$(sed -n 's/^OK: \([0-9]*\) records .*/\1/p' "$work/vigil-kafka/verify.txt")"
+  kafka_local="$(cat "$work/vigil-kafka/data/audit"/*.jsonl 2>/dev/null | wc -l || true)"
+  # Verify passes on a topic that stops short (an open stream); after a clean stop it must hold
+  # every record of the node's local log, stream_end included.
+  if ((kafka_rc == 0)) && [[ "${kafka_verified:-0}" != "$kafka_local" ]]; then
+    kafka_rc=1
+    kafka_summary="$kafka_summary; but the local log holds $kafka_local records: the topic is incomplete"
+  fi
 fi
 
 # ---------------------------------------------------------------------------- report
@@ -468,6 +575,7 @@ echo "   lat avg = pgbench's average (median of rounds), p50/p99 over every tran
 echo "   CPU = utime+stime of the proxy process / transactions (audit us: Vigil's vigil-audit thread alone); csw/tx = its context switches per transaction."
 echo "   direct-tls, pgbouncer and vigil: client leg TLS (sslmode=require); proxy->PostgreSQL leg plain; target log_statement=$target_log_statement"
 echo "   vigil $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n "$(git -C "$repo" status --porcelain -- node proto 2>/dev/null)" ]] && echo ' + local changes'), audit on (sync=write); $("$pg_bin/postgres" --version); $(/usr/sbin/pgbouncer --version | head -n 1) pool_mode=session"
+((with_kafka)) && echo "   vigil-kafka: a second node, the same config plus [audit.kafka] (the local log is the spool) to $("$VIGIL_TANSU" --version | head -n 1), memory-only, topic $topic (1 partition)"
 echo
 cat "$table"
 echo
@@ -489,6 +597,13 @@ if [[ " ${TARGETS[*]} " == *" vigil "* ]]; then
         "$(verdict "$vg" '>=' 0.8)" "${CPU[vigil-guarded.$mode]:--}" "${CPU[vigil.$mode]:--}"
     fi
   done
+  for mode in "${MODES[@]}"; do
+    if [[ -n "${TPS[vigil-kafka.$mode]:-}" ]]; then
+      vk="$(ratio "${TPS[vigil-kafka.$mode]}" "${TPS[vigil.$mode]:-}")"
+      printf '  %-9s Kafka sink on / local log only: %s (goal >= %s: %s)   CPU %s vs %s us/tx\n' "$mode" "$vk" \
+        "$GOAL_KAFKA_VS_LOCAL" "$(verdict "$vk" '>=' "$GOAL_KAFKA_VS_LOCAL")" "${CPU[vigil-kafka.$mode]:--}" "${CPU[vigil.$mode]:--}"
+    fi
+  done
   echo
   echo "Audit log: vigil audit verify $audit_summary"
   awk -v r="${audit_records:-}" -v b="${audit_batches:-}" -v by="${audit_bytes:-}" -v s="${statements:-}" -v f="${audit_files_bytes:-}" 'BEGIN {
@@ -496,6 +611,16 @@ if [[ " ${TARGETS[*]} " == *" vigil "* ]]; then
     printf "  metrics: %d statements, %d records in %d group-commit batches (%.1f records/batch), %.0f bytes/record, %.1f MB on disk\n",
       s, r, b, (b > 0 ? r / b : 0), by / r, f / 1e6 }'
 fi
+if ((with_kafka)); then
+  echo
+  echo "Kafka topic $topic: vigil audit verify --kafka $kafka_summary"
+  [[ -n "$kafka_streams" ]] && printf '%s\n' "$kafka_streams"
+  awk -v v="${kafka_verified:-0}" -v l="$kafka_local" -v s="$(metric vigil_audit_spool_records "$kmetrics")" -v m="$spool_max" \
+      -v a="$(metric vigil_kafka_acked_records_total "$kmetrics")" -v e="$(metric vigil_kafka_delivery_errors_total "$kmetrics")" 'BEGIN {
+    printf "  %d of the %d records of the Kafka node'"'"'s local log verified on the topic; spool after the runs: %s records (largest after a run: %d), %s acknowledged, %s delivery errors\n",
+      v, l, (s == "" ? "?" : s), m, (a == "" ? "?" : a), (e == "" ? "?" : e) }'
+fi
 [[ "$KEEP_WORKDIR" == 1 ]] && echo "Work dir (kept): $work"
 
 ((audit_rc == 0)) || die "the audit log does not verify (see above)"
+((kafka_rc == 0)) || die "the Kafka topic does not verify, or does not hold the whole stream (see above)"

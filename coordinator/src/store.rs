@@ -13,7 +13,7 @@ use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -72,9 +72,18 @@ pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Read, e))?
     .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Read, e))?;
     let db = Arc::new(db);
+    let (writer, ops) = std::sync::mpsc::channel();
+    {
+        let db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_log(db, ops))
+            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+    }
     let log = LogStore {
-        db: db.clone(),
         recent: Default::default(),
+        committed: Default::default(),
+        writer,
     };
     let sm = StateMachine::load(db).await?;
     Ok((log, sm))
@@ -110,18 +119,10 @@ fn read_meta<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<O
     }
 }
 
-fn write_meta<T: Serialize>(
-    db: &Database,
-    key: &str,
-    value: &T,
-    durable: bool,
-) -> Result<(), String> {
+/// Writes one metadata value durably (the commit returns after fsync).
+fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> Result<(), String> {
     let bytes = serde_json::to_vec(value).map_err(|e| e.to_string())?;
-    let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-    if !durable {
-        tx.set_durability(Durability::None)
-            .map_err(|e| e.to_string())?;
-    }
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = tx.open_table(META).map_err(|e| e.to_string())?;
         table
@@ -134,10 +135,77 @@ fn write_meta<T: Serialize>(
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
     /// The newest entries, as appended: the leader replicates from here instead of reading
     /// back and decoding what it has just written.
     recent: Arc<std::sync::Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    /// The committed index as last told; written to disk with the next append.
+    committed: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
+    /// The log writer thread (see [`write_log`]).
+    writer: std::sync::mpsc::Sender<Op>,
+}
+
+/// Entries to write (index, encoded entry), the committed index to record with them, and who
+/// to tell once they are on disk.
+struct Append {
+    rows: Vec<(u64, Vec<u8>)>,
+    committed: Vec<u8>,
+    flushed: LogFlushed<TypeConfig>,
+}
+
+/// Work for the log writer thread, done in the order it was queued.
+enum Op {
+    Append(Append),
+    /// Anything else (vote, truncate, purge, reads that must see every append before them).
+    Run(Box<dyn FnOnce(&Database) + Send>),
+}
+
+/// The log writer: a thread that takes every append queued while the previous commit was in
+/// progress into the next one (group commit: one fsync for many appends), and runs the other
+/// operations in order between them.
+fn write_log(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Op>) {
+    let mut appends: Vec<Append> = Vec::new();
+    while let Ok(first) = ops.recv() {
+        let mut next = Some(first);
+        while let Some(op) = next.take().or_else(|| ops.try_recv().ok()) {
+            match op {
+                Op::Append(a) => appends.push(a),
+                Op::Run(f) => {
+                    commit_appends(&db, &mut appends);
+                    f(&db);
+                }
+            }
+        }
+        commit_appends(&db, &mut appends);
+    }
+}
+
+fn commit_appends(db: &Database, appends: &mut Vec<Append>) {
+    if appends.is_empty() {
+        return;
+    }
+    let result = (|| -> Result<(), String> {
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+            for a in appends.iter() {
+                for (index, bytes) in &a.rows {
+                    table
+                        .insert(index, bytes.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            if let Some(last) = appends.last() {
+                let mut meta = tx.open_table(META).map_err(|e| e.to_string())?;
+                meta.insert(COMMITTED, last.committed.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())
+    })();
+    for a in appends.drain(..) {
+        a.flushed
+            .log_io_completed(result.clone().map_err(std::io::Error::other));
+    }
 }
 
 /// Entries kept in [`LogStore::recent`].
@@ -146,6 +214,30 @@ const RECENT: usize = 20_000;
 impl LogStore {
     fn recent(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the log writer thread, after every append queued before it.
+    async fn run<T, F>(
+        &self,
+        subject: ErrorSubject<NodeId>,
+        verb: ErrorVerb,
+        f: F,
+    ) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, String> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stopped =
+            |s: &ErrorSubject<NodeId>| io_error(s.clone(), verb, "the log writer stopped");
+        self.writer
+            .send(Op::Run(Box::new(move |db| {
+                let _ = tx.send(f(db));
+            })))
+            .map_err(|_| stopped(&subject))?;
+        rx.await
+            .map_err(|_| stopped(&subject))?
+            .map_err(|e| io_error(subject, verb, e))
     }
 }
 
@@ -182,7 +274,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => Bound::Excluded(i),
             Bound::Unbounded => Bound::Unbounded,
         };
-        blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Read, move |db| {
+        self.run(ErrorSubject::Logs, ErrorVerb::Read, move |db| {
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             let table = tx.open_table(LOG).map_err(|e| e.to_string())?;
             let mut out = Vec::new();
@@ -203,7 +295,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Read, |db| {
+        self.run(ErrorSubject::Logs, ErrorVerb::Read, |db| {
             let purged: Option<LogId<NodeId>> = read_meta(db, PURGED)?;
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             let table = tx.open_table(LOG).map_err(|e| e.to_string())?;
@@ -229,30 +321,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         let vote = *vote;
-        blocking(&self.db, ErrorSubject::Vote, ErrorVerb::Write, move |db| {
-            write_meta(db, VOTE, &vote, true)
+        self.run(ErrorSubject::Vote, ErrorVerb::Write, move |db| {
+            write_meta(db, VOTE, &vote)
         })
         .await
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        blocking(&self.db, ErrorSubject::Vote, ErrorVerb::Read, |db| {
+        self.run(ErrorSubject::Vote, ErrorVerb::Read, |db| {
             read_meta(db, VOTE)
         })
         .await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        // Not fsync'd on its own: a lost committed index is learnt again from the leader, and
-        // the next durable commit (an append or a vote) carries it to disk.
-        blocking(&self.db, ErrorSubject::Store, ErrorVerb::Write, move |db| {
-            write_meta(db, COMMITTED, &committed, false)
-        })
-        .await
+        // Kept in memory and written with the next append: it only speeds up recovery (a
+        // lost committed index is learnt again from the leader), and a write transaction of
+        // its own would queue behind the fsync of the append in progress on every commit.
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        blocking(&self.db, ErrorSubject::Store, ErrorVerb::Read, |db| {
+        if let Some(c) = *self.committed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(Some(c));
+        }
+        self.run(ErrorSubject::Store, ErrorVerb::Read, |db| {
             Ok(read_meta::<Option<LogId<NodeId>>>(db, COMMITTED)?.flatten())
         })
         .await
@@ -271,20 +365,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             rows.push((e.log_id.index, bytes));
             appended.push(e);
         }
-        let result = blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Write, move |db| {
-            let tx = db.begin_write().map_err(|e| e.to_string())?;
-            {
-                let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
-                for (index, bytes) in &rows {
-                    table
-                        .insert(index, bytes.as_slice())
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            tx.commit().map_err(|e| e.to_string())
-        })
-        .await;
-        if result.is_ok() {
+        let committed =
+            serde_json::to_vec(&*self.committed.lock().unwrap_or_else(|p| p.into_inner()))
+                .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        {
+            // Readable at once (replication reads what was just appended); durable when the
+            // writer tells `callback`.
             let mut recent = self.recent();
             for e in appended {
                 recent.insert(e.log_id.index, e);
@@ -293,19 +379,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 recent.pop_first();
             }
         }
-        callback.log_io_completed(
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
-        result
+        self.writer
+            .send(Op::Append(Append {
+                rows,
+                committed,
+                flushed: callback,
+            }))
+            .map_err(|_| {
+                io_error(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    "the log writer stopped",
+                )
+            })
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         // Memory first: a reader must never see an entry the disk no longer holds.
         self.recent().retain(|&i, _| i < log_id.index);
-        blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+        self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
                 let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
@@ -320,7 +412,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         self.recent().retain(|&i, _| i > log_id.index);
-        blocking(&self.db, ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+        self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
             let bytes = serde_json::to_vec(&Some(log_id)).map_err(|e| e.to_string())?;
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
@@ -416,7 +508,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             &self.db,
             ErrorSubject::Snapshot(None),
             ErrorVerb::Write,
-            move |db| write_meta(db, SNAPSHOT, &stored, true),
+            move |db| write_meta(db, SNAPSHOT, &stored),
         )
         .await?;
         Ok(Snapshot {
@@ -495,7 +587,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             &self.db,
             ErrorSubject::Snapshot(Some(meta.signature())),
             ErrorVerb::Write,
-            move |db| write_meta(db, SNAPSHOT, &stored, true),
+            move |db| write_meta(db, SNAPSHOT, &stored),
         )
         .await?;
         let last = meta.last_log_id.map(|l| l.index).unwrap_or(0);
@@ -555,7 +647,19 @@ mod tests {
             sm.apply([entry.clone()]).await.unwrap();
             sm.build_snapshot().await.unwrap();
         }
-        let (mut log, mut sm) = open(dir.path()).await.unwrap();
+        // The log writer thread lets go of the file once the store is dropped.
+        let mut tries = 0;
+        let (mut log, mut sm) = loop {
+            match open(dir.path()).await {
+                Ok(opened) => break opened,
+                Err(e) if tries < 40 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(1));

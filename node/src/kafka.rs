@@ -209,8 +209,10 @@ impl Shipper {
             return;
         };
         let mut acked = read_cursor(file);
-        let mut persisted = acked;
-        let mut last_hash: Option<String> = None;
+        let mut persisted = (acked, Instant::now());
+        // Where the last acknowledged record starts (its hash is computed only when a
+        // checkpoint needs it).
+        let mut last_start: Option<u64> = None;
         let mut checkpointed: Option<u64> = None;
         let mut next_checkpoint = Instant::now() + self.checkpoint_every;
         let mut stopping_since: Option<Instant> = None;
@@ -232,22 +234,23 @@ impl Shipper {
             }
             let mut read_to = acked;
             let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+            // Bytes of `buf` already handed to the producer (dropped once per round).
+            let mut used = 0;
             let mut chunk = vec![0u8; 256 * 1024];
-            // (end cursor, the line's hash, delivery, when handed over)
-            let mut inflight: VecDeque<(Cursor, [u8; 32], DeliveryFuture, Instant)> =
-                VecDeque::new();
+            // (start offset, end cursor, delivery, when handed over)
+            let mut inflight: VecDeque<(u64, Cursor, DeliveryFuture, Instant)> = VecDeque::new();
             loop {
                 // Hand complete lines to the producer while there is room.
                 let mut eof = false;
                 while inflight.len() < self.cfg.max_in_flight_records {
-                    if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                        match self.send(&stream, &buf[..pos]) {
+                    if let Some(pos) = buf[used..].iter().position(|&b| b == b'\n') {
+                        match self.send(&stream, &buf[used..used + pos]) {
                             Ok(delivery) => {
+                                let start = read_to.offset;
                                 read_to.offset += pos as u64 + 1;
                                 read_to.records += 1;
-                                let hash: [u8; 32] = Sha256::digest(&buf[..pos]).into();
-                                inflight.push_back((read_to, hash, delivery, Instant::now()));
-                                buf.drain(..=pos);
+                                inflight.push_back((start, read_to, delivery, Instant::now()));
+                                used += pos + 1;
                             }
                             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                                 break
@@ -261,6 +264,8 @@ impl Shipper {
                         }
                         continue;
                     }
+                    buf.drain(..used);
+                    used = 0;
                     match f.read(&mut chunk).await {
                         Ok(0) => {
                             eof = true;
@@ -278,7 +283,7 @@ impl Shipper {
                 let mut failed = false;
                 // Block briefly on the oldest delivery only when there is nothing else to do.
                 let wait = eof || inflight.len() >= self.cfg.max_in_flight_records;
-                while let Some((end, hash, delivery, _)) = inflight.front_mut() {
+                while let Some((start, end, delivery, _)) = inflight.front_mut() {
                     let waited = if wait {
                         tokio::time::timeout(Duration::from_millis(100), delivery)
                             .await
@@ -290,7 +295,7 @@ impl Shipper {
                         None => break,
                         Some(Ok(Ok(_))) => {
                             acked = *end;
-                            last_hash = Some(hex::encode(hash));
+                            last_start = Some(*start);
                             inflight.pop_front();
                             self.metrics.kafka_acked_records.inc();
                         }
@@ -313,10 +318,12 @@ impl Shipper {
                     &mut persisted,
                     inflight.front().map(|i| i.3),
                 );
-                if let (Some(hash), true) = (&last_hash, Instant::now() >= next_checkpoint) {
+                if let (Some(start), true) = (last_start, Instant::now() >= next_checkpoint) {
                     let seq = acked.records.saturating_sub(1);
                     if checkpointed != Some(seq) && acked.records > 0 {
-                        if self.publish_checkpoint(&stream, seq, hash).is_some() {
+                        let published = line_hash(file, start, acked.offset)
+                            .and_then(|hash| self.publish_checkpoint(&stream, seq, &hash));
+                        if published.is_some() {
                             checkpointed = Some(seq);
                         } else {
                             self.metrics.checkpoint_errors.inc();
@@ -328,12 +335,12 @@ impl Shipper {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue 'reopen;
                 }
-                let drained = eof && inflight.is_empty() && buf.is_empty();
+                let drained = eof && inflight.is_empty() && buf.len() == used;
                 if eof && inflight.is_empty() && !live {
-                    if !buf.is_empty() {
+                    if buf.len() > used {
                         // An earlier process died mid-write (power loss with sync = "write"):
                         // the torn bytes were never a record; everything before them is sent.
-                        tracing::warn!(file = %file.display(), bytes = buf.len(), "ignoring a torn last line of an earlier stream");
+                        tracing::warn!(file = %file.display(), bytes = buf.len() - used, "ignoring a torn last line of an earlier stream");
                     }
                     break 'reopen;
                 }
@@ -354,14 +361,17 @@ impl Shipper {
             }
         }
         // The last checkpoint of this stream, for what the broker holds.
-        if let (Some(hash), true) = (&last_hash, acked.records > 0) {
+        if let (Some(start), true) = (last_start, acked.records > 0) {
             let seq = acked.records - 1;
             if checkpointed != Some(seq) {
-                if let Some(d) = self.publish_checkpoint(&stream, seq, hash) {
+                let published = line_hash(file, start, acked.offset)
+                    .and_then(|hash| self.publish_checkpoint(&stream, seq, &hash));
+                if let Some(d) = published {
                     let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
                 }
             }
         }
+        persisted.1 = Instant::now() - Duration::from_secs(1);
         self.account(file, earlier, acked, &mut persisted, None);
     }
 
@@ -371,12 +381,13 @@ impl Shipper {
         file: &Path,
         earlier: Option<u64>,
         acked: Cursor,
-        persisted: &mut Cursor,
+        persisted: &mut (Cursor, Instant),
         oldest: Option<Instant>,
     ) {
-        if acked != *persisted {
+        // At most every 100 ms: a crash then resends at most that much (identical duplicates).
+        if acked != persisted.0 && persisted.1.elapsed() >= Duration::from_millis(100) {
             match write_cursor(file, acked) {
-                Ok(()) => *persisted = acked,
+                Ok(()) => *persisted = (acked, Instant::now()),
                 Err(e) => tracing::warn!(error = %e, "cannot write the spool cursor"),
             }
         }
@@ -498,6 +509,16 @@ pub fn read_topic(
         }
     }
     Ok(n)
+}
+
+/// Hex SHA-256 of the record at `start..end` of `file` (`end` past its newline).
+fn line_hash(file: &Path, start: u64, end: u64) -> Option<String> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(file).ok()?;
+    f.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut line = vec![0u8; end.checked_sub(start + 1)? as usize];
+    f.read_exact(&mut line).ok()?;
+    Some(hex::encode(Sha256::digest(&line)))
 }
 
 /// The delivery's result if it is already there.
