@@ -26,7 +26,13 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `n` members and forms a cluster: `init` on the first, then `add` for the rest.
+    /// Members snapshot every 200 entries, so that tests go through snapshots and purges.
     pub async fn start(n: u64) -> Self {
+        Self::start_with(n, 200).await
+    }
+
+    /// [`Cluster::start`] with members that snapshot every `snapshot_after` entries.
+    pub async fn start_with(n: u64, snapshot_after: u64) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = format!("cluster-{}", crate::random_suffix());
         let e = env();
@@ -47,7 +53,7 @@ cluster_token = {{ file = "{token_file}" }}
 heartbeat_ms = 50
 election_timeout_min_ms = 300
 election_timeout_max_ms = 600
-snapshot_after = 200
+snapshot_after = {snapshot_after}
 
 [identity]
 issuer = "{issuer}"

@@ -164,6 +164,9 @@ pub enum Command {
     PutCheckpoint {
         checkpoint: Checkpoint,
     },
+    /// Several commands proposed together (one Raft entry), applied in order, each with its
+    /// own result. Batches do not nest.
+    Batch(Vec<Command>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -199,6 +202,8 @@ pub enum Applied {
     Request(ApprovalRequest),
     Grant(Grant),
     Checkpoint(Checkpoint),
+    /// The results of a [`Command::Batch`], in order.
+    Batch(Vec<Result<Applied, DomainError>>),
 }
 
 /// The whole replicated state.
@@ -213,6 +218,14 @@ impl State {
     /// Applies one command. A refused command changes nothing.
     pub fn apply(&mut self, cmd: Command) -> Result<Applied, DomainError> {
         match cmd {
+            Command::Batch(cmds) => {
+                if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
+                    return Err(DomainError::Invalid("batches do not nest".into()));
+                }
+                Ok(Applied::Batch(
+                    cmds.into_iter().map(|c| self.apply(c)).collect(),
+                ))
+            }
             Command::CreateRequest { request, now } => {
                 if let Some(held) = self.requests.get(&request.id) {
                     return if held.asked == request {
@@ -450,6 +463,32 @@ mod tests {
         assert!(
             matches!(s.apply(consume(3)), Ok(Applied::Request(r)) if r.consumed_by.as_deref() == Some("try-3"))
         );
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_one_result_each() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        s.apply(decide("r1", "alice", true, 1)).unwrap();
+        let got = s
+            .apply(Command::Batch(vec![
+                consume(2),
+                consume(3),
+                create("r2", 1, 3),
+            ]))
+            .unwrap();
+        let Applied::Batch(results) = got else {
+            panic!("a batch answers with a batch")
+        };
+        assert!(
+            matches!(&results[0], Ok(Applied::Request(r)) if r.state == RequestState::Consumed)
+        );
+        assert_eq!(results[1], Err(DomainError::NothingToConsume));
+        assert!(results[2].is_ok());
+        assert!(matches!(
+            s.apply(Command::Batch(vec![Command::Batch(vec![])])),
+            Err(DomainError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use crate::network::Network;
 use crate::service::{
-    first_member, ClusterService, CoordinatorService, OperatorAuth, RaftService, Shared,
+    first_member, ClusterService, CoordinatorService, OperatorAuth, Proposer, RaftService, Shared,
 };
 use crate::store::{self, NodeId, Raft};
 use anyhow::Context as _;
@@ -113,6 +113,7 @@ impl Member {
                 .context("initialise a one-member cluster")?;
         }
         let shared = Arc::new(Shared {
+            proposer: Proposer::start(raft.clone()),
             id: cfg.id,
             advertise,
             raft,

@@ -54,6 +54,7 @@ enum Caller {
 
 /// What every service of one member shares.
 pub struct Shared {
+    pub proposer: Proposer,
     pub id: NodeId,
     /// The address other members and clients reach this member at.
     pub advertise: String,
@@ -140,22 +141,7 @@ impl Shared {
     }
 
     async fn write(&self, cmd: Command) -> Result<Applied, Status> {
-        let committed = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd))
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(
-                    "the write was not committed in time (no quorum?); its outcome is unknown",
-                )
-            })?;
-        match committed {
-            Ok(resp) => match resp.data.0 {
-                Some(Ok(applied)) => Ok(applied),
-                Some(Err(e)) => Err(domain_status(e)),
-                None => Err(Status::internal("the command produced no reply")),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f)),
-            Err(e) => Err(Status::unavailable(format!("cannot commit: {e}"))),
-        }
+        self.proposer.propose(cmd).await
     }
 
     /// Confirms, with a quorum, that this member leads and has applied everything committed
@@ -202,6 +188,112 @@ impl Shared {
         self.sm
             .read(|s| s.requests.get(id).map(|r| approval_pb(r, now_ms())))
             .ok_or_else(|| Status::not_found(format!("no approval request {id}")))
+    }
+}
+
+type Waiting = (
+    Command,
+    tokio::sync::oneshot::Sender<Result<Applied, Status>>,
+);
+
+/// Proposes commands to Raft in batches: the commands that arrive while earlier batches are
+/// being committed go into one entry (a [`Command::Batch`]), so the per-entry cost of Raft is
+/// shared. A few batches are in flight at once.
+pub struct Proposer {
+    queue: tokio::sync::mpsc::Sender<Waiting>,
+}
+
+/// Commands in one entry, at most.
+const MAX_BATCH: usize = 512;
+/// Batches committing at once.
+const IN_FLIGHT: usize = 4;
+
+impl Proposer {
+    pub fn start(raft: Raft) -> Self {
+        let (queue, mut waiting) = tokio::sync::mpsc::channel::<Waiting>(8 * MAX_BATCH);
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(first) = waiting.recv().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match waiting.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    commit(&raft, batch).await;
+                    drop(slot);
+                });
+            }
+        });
+        Self { queue }
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Applied, Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue
+            .send((cmd, tx))
+            .await
+            .map_err(|_| Status::unavailable("this member is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("this member is shutting down"))?
+    }
+}
+
+/// Commits one batch and answers each of its callers.
+async fn commit(raft: &Raft, mut batch: Vec<Waiting>) {
+    let (entry, single) = if batch.len() == 1 {
+        (batch[0].0.clone(), true)
+    } else {
+        (
+            Command::Batch(batch.iter().map(|(c, _)| c.clone()).collect()),
+            false,
+        )
+    };
+    let committed = tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(entry)).await;
+    let failure = |status: &Status| Status::new(status.code(), status.message().to_string());
+    let answer: Result<Vec<Result<Applied, DomainError>>, Status> = match committed {
+        Err(_) => Err(Status::deadline_exceeded(
+            "the write was not committed in time (no quorum?); its outcome is unknown",
+        )),
+        Ok(Ok(resp)) => match resp.data.0 {
+            Some(Ok(Applied::Batch(results))) if !single => Ok(results),
+            Some(result) if single => Ok(vec![result]),
+            _ => Err(Status::internal("the command produced no reply")),
+        },
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(not_leader(f)),
+        Ok(Err(e)) => Err(Status::unavailable(format!("cannot commit: {e}"))),
+    };
+    match answer {
+        Ok(results) if results.len() == batch.len() => {
+            for ((_, tx), result) in batch.drain(..).zip(results) {
+                let _ = tx.send(result.map_err(domain_status));
+            }
+        }
+        Ok(_) => {
+            for (_, tx) in batch.drain(..) {
+                let _ = tx.send(Err(Status::internal(
+                    "a batch answered with the wrong count",
+                )));
+            }
+        }
+        Err(status) => {
+            for (_, tx) in batch.drain(..) {
+                let mut s = failure(&status);
+                if let Some(leader) = status.metadata().get(LEADER_HEADER) {
+                    s.metadata_mut().insert(LEADER_HEADER, leader.clone());
+                }
+                let _ = tx.send(Err(s));
+            }
+        }
     }
 }
 

@@ -132,7 +132,8 @@ async fn main() {
         "coordinator-bench: {members} members (fsync on), {concurrency} concurrent callers, {} s per phase",
         duration.as_secs()
     );
-    let cluster = Cluster::start(members).await;
+    // Snapshots as a production member takes them (every 5,000 entries, the default).
+    let cluster = Cluster::start_with(members, 5_000).await;
     let leader = cluster.leader(&(1..=members).collect::<Vec<_>>()).await;
     println!("leader: member {leader}");
     let nodes: Arc<Client> = Arc::new(cluster.client());
