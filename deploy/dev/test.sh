@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Vigil's test suite against real servers on this machine: installs what is missing,
-# starts the dev PostgreSQL and OIDC provider, builds the binaries, runs every test of the
-# workspace, and stops the servers again.
+# starts the dev PostgreSQL, OIDC provider and Kafka-protocol broker (Tansu), builds the
+# binaries, runs every test of the workspace, and stops the servers again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

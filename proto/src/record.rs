@@ -238,3 +238,172 @@ impl Record {
         serde_json::from_slice(bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    const SCHEMA: &str = include_str!("../../docs/audit-record.schema.json");
+
+    /// Every key of `value` is declared in `schema` (recursively), and every enum value is
+    /// allowed.
+    fn conforms(path: &str, value: &Value, schema: &Value) {
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+            assert!(
+                allowed.contains(value),
+                "{path}: {value} not in the schema's enum"
+            );
+        }
+        match value {
+            Value::Object(map) => {
+                let props = schema.get("properties").and_then(Value::as_object);
+                for (k, v) in map {
+                    let sub = match props.and_then(|p| p.get(k)) {
+                        Some(sub) => sub,
+                        None => schema
+                            .get("additionalProperties")
+                            .filter(|a| a.is_object())
+                            .unwrap_or_else(|| {
+                                panic!("{path}.{k} is not in docs/audit-record.schema.json")
+                            }),
+                    };
+                    conforms(&format!("{path}.{k}"), v, sub);
+                }
+                for req in schema
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(
+                        map.contains_key(req.as_str().unwrap()),
+                        "{path}: {req} required"
+                    );
+                }
+            }
+            Value::Array(items) => {
+                if let Some(item) = schema.get("items") {
+                    for (i, v) in items.iter().enumerate() {
+                        conforms(&format!("{path}[{i}]"), v, item);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn every_kind() -> Vec<Kind> {
+        // A new kind fails to compile here until it is listed (and the schema test sees it).
+        let listed = |k: Kind| match k {
+            Kind::StreamStart
+            | Kind::StreamEnd
+            | Kind::SessionStart
+            | Kind::SessionEnd
+            | Kind::Request
+            | Kind::Response
+            | Kind::Blocked
+            | Kind::Cancel
+            | Kind::ProtocolError
+            | Kind::ApprovalRequested
+            | Kind::ApprovalDecided => k,
+        };
+        [
+            Kind::StreamStart,
+            Kind::StreamEnd,
+            Kind::SessionStart,
+            Kind::SessionEnd,
+            Kind::Request,
+            Kind::Response,
+            Kind::Blocked,
+            Kind::Cancel,
+            Kind::ProtocolError,
+            Kind::ApprovalRequested,
+            Kind::ApprovalDecided,
+        ]
+        .into_iter()
+        .map(listed)
+        .collect()
+    }
+
+    /// The published JSON Schema describes every field a node writes, with every value set.
+    #[test]
+    fn the_json_schema_in_docs_covers_every_field() {
+        let schema: Value = serde_json::from_str(SCHEMA).expect("the schema is JSON");
+        let mut body = Body::new(
+            "2026-11-27T12:00:00.000000000Z".into(),
+            "n1".into(),
+            Some("s1".into()),
+            Kind::Request,
+        );
+        body.principal = Some(Arc::new(Principal {
+            subject: "agent".into(),
+            client_id: Some("c".into()),
+            model: Some("m".into()),
+            model_version: Some("1".into()),
+            groups: vec!["g".into()],
+            intent: Some("i".into()),
+            issuer: "https://idp".into(),
+            token_type: "access_token".into(),
+        }));
+        body.connection = Some(Arc::new(Connection {
+            protocol: "postgres".into(),
+            client_addr: "127.0.0.1:1".into(),
+            client_tls: true,
+            name: Some("app".into()),
+            target: Some("db:5432/app".into()),
+            application: Some("psql".into()),
+        }));
+        body.stmt = Some(1);
+        body.request = Some(Request {
+            protocol: "extended".into(),
+            text: "SELECT $1".into(),
+            statement: Some("s".into()),
+            portal: Some("p".into()),
+            params: Some(vec![Some("1".into()), None]),
+        });
+        body.response = Some(Response {
+            tags: vec!["SELECT 1".into()],
+            rows: 1,
+            bytes: 1,
+            columns: vec!["c".into()],
+            result: vec![vec![Some("1".into()), None]],
+            truncated: true,
+            digest: Some("ab".repeat(32)),
+            error: Some(ErrorInfo {
+                sqlstate: "42501".into(),
+                message: "m".into(),
+            }),
+        });
+        body.outcome = Some(Outcome::Denied);
+        body.duration_us = Some(7);
+        body.policy = Some(PolicyRef {
+            rule: "r".into(),
+            version: "cd".repeat(32),
+        });
+        body.detail = Some("d".into());
+        body.masked.insert("email".into(), 2);
+        body.approval = Some(ApprovalRef {
+            id: "apr-1".into(),
+            state: "consumed".into(),
+            by: vec!["alice".into()],
+        });
+        let mut chain = crate::chain::Chain::new("n1:1");
+        let record: Value = serde_json::from_slice(&chain.seal(&body)).unwrap();
+        conforms("record", &record, &schema);
+        for kind in every_kind() {
+            let v = serde_json::to_value(kind).unwrap();
+            conforms("kind", &v, &schema["properties"]["kind"]);
+        }
+        for outcome in [
+            Outcome::Success,
+            Outcome::Error,
+            Outcome::Blocked,
+            Outcome::Pending,
+            Outcome::Denied,
+        ] {
+            let v = serde_json::to_value(outcome).unwrap();
+            conforms("outcome", &v, &schema["properties"]["outcome"]);
+        }
+    }
+}
