@@ -381,17 +381,6 @@ fn grant_pb(g: &Grant) -> pb::Grant {
     }
 }
 
-fn checkpoint_pb(c: &Checkpoint) -> pb::Checkpoint {
-    pb::Checkpoint {
-        stream: c.stream.clone(),
-        seq: c.seq,
-        hash: c.hash.clone(),
-        time_ms: c.time_ms,
-        signature: c.signature.clone(),
-        public_key: c.public_key.clone(),
-    }
-}
-
 fn expect_request(applied: Applied, now: Millis) -> Result<pb::Approval, Status> {
     match applied {
         Applied::Request(r) => Ok(approval_pb(&r, now)),
@@ -666,21 +655,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         req: Request<pb::Checkpoint>,
     ) -> Result<Response<pb::Checkpoint>, Status> {
         self.0.member(req.metadata()).await?;
-        let c = req.into_inner();
-        let checkpoint = Checkpoint {
-            stream: c.stream,
-            seq: c.seq,
-            hash: c.hash,
-            time_ms: c.time_ms,
-            public_key: c.public_key,
-            signature: c.signature,
-        };
+        let checkpoint = Checkpoint::from(req.into_inner());
         required("stream", &checkpoint.stream)?;
         checkpoint
             .verify()
             .map_err(|e| Status::invalid_argument(format!("checkpoint refused: {e}")))?;
         match self.0.write(Command::PutCheckpoint { checkpoint }).await? {
-            Applied::Checkpoint(c) => Ok(Response::new(checkpoint_pb(&c))),
+            Applied::Checkpoint(c) => Ok(Response::new(c.into())),
             _ => Err(Status::internal("unexpected reply")),
         }
     }
@@ -694,7 +675,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let checkpoints = self
             .0
             .sm
-            .read(|s| s.checkpoints.values().map(checkpoint_pb).collect());
+            .read(|s| s.checkpoints.values().cloned().map(Into::into).collect());
         Ok(Response::new(pb::CheckpointList { checkpoints }))
     }
 }

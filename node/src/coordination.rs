@@ -88,15 +88,7 @@ impl Witness {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let cp = Checkpoint::sign(&self.key, self.audit.stream(), seq, &hash, now);
-        let put = pb::Checkpoint {
-            stream: cp.stream,
-            seq: cp.seq,
-            hash: cp.hash,
-            time_ms: cp.time_ms,
-            signature: cp.signature,
-            public_key: cp.public_key,
-        };
-        match self.approvals.client.put_checkpoint(put).await {
+        match self.approvals.client.put_checkpoint(cp.into()).await {
             Ok(_) => {
                 *last = Some(seq);
                 self.metrics.checkpoints.inc();

@@ -13,4 +13,30 @@ pub mod verify;
 pub mod coordinator {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("vigil.coordinator.v1");
+
+    impl From<crate::checkpoint::Checkpoint> for Checkpoint {
+        fn from(c: crate::checkpoint::Checkpoint) -> Self {
+            Self {
+                stream: c.stream,
+                seq: c.seq,
+                hash: c.hash,
+                time_ms: c.time_ms,
+                signature: c.signature,
+                public_key: c.public_key,
+            }
+        }
+    }
+
+    impl From<Checkpoint> for crate::checkpoint::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            Self {
+                stream: c.stream,
+                seq: c.seq,
+                hash: c.hash,
+                time_ms: c.time_ms,
+                public_key: c.public_key,
+                signature: c.signature,
+            }
+        }
+    }
 }

@@ -258,19 +258,7 @@ fn witnessed(args: &VerifyArgs) -> Result<Vec<(String, Checkpoint)>, String> {
     Ok(list
         .checkpoints
         .into_iter()
-        .map(|c| {
-            (
-                "witness".to_string(),
-                Checkpoint {
-                    stream: c.stream,
-                    seq: c.seq,
-                    hash: c.hash,
-                    time_ms: c.time_ms,
-                    public_key: c.public_key,
-                    signature: c.signature,
-                },
-            )
-        })
+        .map(|c| ("witness".to_string(), Checkpoint::from(c)))
         .collect())
 }
 
