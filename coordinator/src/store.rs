@@ -65,6 +65,7 @@ pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         tx.open_table(LOG).map_err(|e| e.to_string())?;
         tx.open_table(META).map_err(|e| e.to_string())?;
+        tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())?;
         Ok(db)
     })
@@ -438,10 +439,43 @@ pub struct MachineData {
     pub state: State,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A snapshot as stored: its metadata (JSON, in the metadata table) and its bytes (as they are,
+/// in a table of their own), written in one transaction.
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Vec<u8>,
+}
+
+const SNAPSHOT_DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
+
+fn write_snapshot(db: &Database, s: &StoredSnapshot) -> Result<(), String> {
+    let meta = serde_json::to_vec(&s.meta).map_err(|e| e.to_string())?;
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = tx.open_table(META).map_err(|e| e.to_string())?;
+        table
+            .insert(SNAPSHOT, meta.as_slice())
+            .map_err(|e| e.to_string())?;
+        let mut data = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
+        data.insert(SNAPSHOT, s.data.as_slice())
+            .map_err(|e| e.to_string())?;
+    }
+    tx.commit().map_err(|e| e.to_string())
+}
+
+fn read_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, String> {
+    let Some(meta) = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)? else {
+        return Ok(None);
+    };
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    let table = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
+    let data = table
+        .get(SNAPSHOT)
+        .map_err(|e| e.to_string())?
+        .ok_or("the snapshot's data is missing")?
+        .value()
+        .to_vec();
+    Ok(Some(StoredSnapshot { meta, data }))
 }
 
 /// The replicated state machine. Readers (the gRPC services) share `data`; every apply bumps
@@ -455,11 +489,13 @@ pub struct StateMachine {
 
 impl StateMachine {
     async fn load(db: Arc<Database>) -> StorageResult<Self> {
-        let stored: Option<StoredSnapshot> =
-            blocking(&db, ErrorSubject::Snapshot(None), ErrorVerb::Read, |db| {
-                read_meta(db, SNAPSHOT)
-            })
-            .await?;
+        let stored: Option<StoredSnapshot> = blocking(
+            &db,
+            ErrorSubject::Snapshot(None),
+            ErrorVerb::Read,
+            read_snapshot,
+        )
+        .await?;
         let data = match stored {
             Some(s) => serde_json::from_slice(&s.data)
                 .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?,
@@ -485,21 +521,27 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (bytes, meta) = {
-            let data = self.data.read().unwrap_or_else(|p| p.into_inner());
-            let bytes = serde_json::to_vec(&*data)
-                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            let id = match data.last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, bytes.len()),
-                None => format!("0-0-{}", bytes.len()),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: data.last_applied,
-                last_membership: data.membership.clone(),
-                snapshot_id: id,
-            };
-            (bytes, meta)
-        };
+        // A copy under the lock (applies wait only for the copy); serialised off the runtime.
+        let copy = self.data.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (bytes, meta) = blocking(
+            &self.db,
+            ErrorSubject::StateMachine,
+            ErrorVerb::Read,
+            move |_| {
+                let bytes = serde_json::to_vec(&copy).map_err(|e| e.to_string())?;
+                let id = match copy.last_applied {
+                    Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, bytes.len()),
+                    None => format!("0-0-{}", bytes.len()),
+                };
+                let meta = SnapshotMeta {
+                    last_log_id: copy.last_applied,
+                    last_membership: copy.membership,
+                    snapshot_id: id,
+                };
+                Ok((bytes, meta))
+            },
+        )
+        .await?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: bytes.clone(),
@@ -508,7 +550,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             &self.db,
             ErrorSubject::Snapshot(None),
             ErrorVerb::Write,
-            move |db| write_meta(db, SNAPSHOT, &stored),
+            move |db| write_snapshot(db, &stored),
         )
         .await?;
         Ok(Snapshot {
@@ -587,7 +629,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             &self.db,
             ErrorSubject::Snapshot(Some(meta.signature())),
             ErrorVerb::Write,
-            move |db| write_meta(db, SNAPSHOT, &stored),
+            move |db| write_snapshot(db, &stored),
         )
         .await?;
         let last = meta.last_log_id.map(|l| l.index).unwrap_or(0);
@@ -601,7 +643,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             &self.db,
             ErrorSubject::Snapshot(None),
             ErrorVerb::Read,
-            |db| read_meta(db, SNAPSHOT),
+            read_snapshot,
         )
         .await?;
         Ok(stored.map(|s| Snapshot {
