@@ -396,11 +396,20 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 }
 
 pub fn read_records(dir: &Path) -> Vec<Record> {
+    log_lines(dir)
+        .iter()
+        .map(|line| Record::parse(line).expect("a record"))
+        .collect()
+}
+
+/// Every record of every stream file in `dir`, as the exact bytes of its line.
+pub fn log_lines(dir: &Path) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for file in vigil_node::audit::log_files(dir).expect("audit dir") {
-        let text = std::fs::read_to_string(&file).unwrap();
-        for line in text.lines() {
-            out.push(Record::parse(line.as_bytes()).expect("a record"));
+        for line in std::fs::read(&file).unwrap().split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                out.push(line.to_vec());
+            }
         }
     }
     out

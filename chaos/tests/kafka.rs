@@ -10,19 +10,6 @@ use vigil_chaos::*;
 use vigil_node::kafka::TopicMessage;
 use vigil_proto::record::Kind;
 
-/// Every line of every stream file in `dir`.
-fn local_lines(dir: &std::path::Path) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for file in vigil_node::audit::log_files(dir).unwrap() {
-        for line in std::fs::read(&file).unwrap().split(|&b| b == b'\n') {
-            if !line.is_empty() {
-                out.push(line.to_vec());
-            }
-        }
-    }
-    out
-}
-
 fn records(msgs: &[TopicMessage]) -> Vec<&TopicMessage> {
     msgs.iter().filter(|m| !m.checkpoint).collect()
 }
@@ -30,7 +17,7 @@ fn records(msgs: &[TopicMessage]) -> Vec<&TopicMessage> {
 /// Waits until the topic holds every local record (as a set).
 async fn until_shipped(topic: &str, dir: &std::path::Path) -> Vec<TopicMessage> {
     for _ in 0..300 {
-        let want: BTreeSet<Vec<u8>> = local_lines(dir).into_iter().collect();
+        let want: BTreeSet<Vec<u8>> = log_lines(dir).into_iter().collect();
         let msgs = topic_messages(topic);
         let have: BTreeSet<Vec<u8>> = records(&msgs).iter().map(|m| m.value.clone()).collect();
         if want.is_subset(&have) {
@@ -94,7 +81,7 @@ async fn t90_the_topic_holds_the_local_log_byte_for_byte_and_verifies() {
     running.shutdown().await;
     let msgs = until_shipped(&topic, &dir).await;
     // The same bytes, in the same order, keyed by the stream.
-    let local = local_lines(&dir);
+    let local = log_lines(&dir);
     let shipped: Vec<Vec<u8>> = records(&msgs).iter().map(|m| m.value.clone()).collect();
     assert_eq!(shipped, local, "the topic is the local log, byte for byte");
     let stream = files.records()[0].stream.clone();
@@ -157,7 +144,7 @@ async fn t91_a_broker_outage_under_load_loses_nothing() {
             assert_eq!(prev, m.value, "a conflicting duplicate at seq {}", r.seq);
         }
     }
-    assert_eq!(by_seq.len(), local_lines(&dir).len());
+    assert_eq!(by_seq.len(), log_lines(&dir).len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

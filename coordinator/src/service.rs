@@ -259,7 +259,6 @@ async fn commit(raft: &Raft, mut batch: Vec<Waiting>) {
         )
     };
     let committed = tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(entry)).await;
-    let failure = |status: &Status| Status::new(status.code(), status.message().to_string());
     let answer: Result<Vec<Result<Applied, DomainError>>, Status> = match committed {
         Err(_) => Err(Status::deadline_exceeded(
             "the write was not committed in time (no quorum?); its outcome is unknown",
@@ -286,12 +285,9 @@ async fn commit(raft: &Raft, mut batch: Vec<Waiting>) {
             }
         }
         Err(status) => {
+            // The same answer for every caller, the leader's address included.
             for (_, tx) in batch.drain(..) {
-                let mut s = failure(&status);
-                if let Some(leader) = status.metadata().get(LEADER_HEADER) {
-                    s.metadata_mut().insert(LEADER_HEADER, leader.clone());
-                }
-                let _ = tx.send(Err(s));
+                let _ = tx.send(Err(status.clone()));
             }
         }
     }

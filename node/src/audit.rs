@@ -55,6 +55,8 @@ pub struct Spool {
     pub limit: u64,
     /// Records written to this stream's file so far.
     pub written_records: std::sync::atomic::AtomicU64,
+    /// Bytes of this stream's file holding whole records so far.
+    pub written_bytes: std::sync::atomic::AtomicU64,
     /// Woken after every write (the shipper tails the file).
     pub notify: tokio::sync::Notify,
 }
@@ -65,6 +67,13 @@ impl Spool {
             limit,
             ..Self::default()
         }
+    }
+
+    /// Bytes written (this stream's `len`, and earlier streams') the broker has not
+    /// acknowledged.
+    fn unacked(&self, len: u64) -> u64 {
+        len.saturating_sub(self.acked.load(Ordering::Relaxed))
+            + self.earlier.load(Ordering::Relaxed)
     }
 }
 
@@ -184,8 +193,7 @@ impl AuditLog {
             return Err(AuditError::Closed);
         }
         if let Some(spool) = &self.inner.spool {
-            let unacked = w.len.saturating_sub(spool.acked.load(Ordering::Relaxed))
-                + spool.earlier.load(Ordering::Relaxed);
+            let unacked = spool.unacked(w.len);
             if unacked > spool.limit {
                 return Err(AuditError::SpoolFull { unacked });
             }
@@ -198,10 +206,7 @@ impl AuditLog {
         let Some(spool) = &self.inner.spool else {
             return false;
         };
-        let len = self.inner.lock().len;
-        len.saturating_sub(spool.acked.load(Ordering::Relaxed))
-            + spool.earlier.load(Ordering::Relaxed)
-            > spool.limit
+        spool.unacked(self.inner.lock().len) > spool.limit
     }
 
     /// The seq and hex hash of the last record written, and the file's length up to it
@@ -283,6 +288,7 @@ impl Inner {
                     spool
                         .written_records
                         .store(w.chain.next_seq(), Ordering::Relaxed);
+                    spool.written_bytes.store(w.len, Ordering::Relaxed);
                     spool.notify.notify_one();
                 }
                 Ok(())

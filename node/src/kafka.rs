@@ -144,24 +144,21 @@ impl Shipper {
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let earlier: Vec<PathBuf> = log_files(&dir)
+        // Earlier streams with an unacknowledged tail, and how much of it each has.
+        let earlier: Vec<(PathBuf, u64)> = log_files(&dir)
             .unwrap_or_default()
             .into_iter()
             .filter(|f| *f != current)
-            .filter(|f| {
-                let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-                read_cursor(f).offset < len
+            .map(|f| {
+                let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+                let unacked = len.saturating_sub(read_cursor(&f).offset);
+                (f, unacked)
             })
+            .filter(|(_, unacked)| *unacked > 0)
             .collect();
-        let unacked = |f: &PathBuf| {
-            std::fs::metadata(f)
-                .map(|m| m.len())
-                .unwrap_or(0)
-                .saturating_sub(read_cursor(f).offset)
-        };
-        let mut rest: u64 = earlier.iter().map(unacked).sum();
-        for file in &earlier {
-            rest -= unacked(file);
+        let mut rest: u64 = earlier.iter().map(|(_, u)| u).sum();
+        for (file, unacked) in &earlier {
+            rest -= unacked;
             tracing::info!(file = %file.display(), "sending the unacknowledged tail of an earlier stream");
             self.ship(file, Some(rest), stop.clone(), drain).await;
         }
@@ -204,6 +201,11 @@ impl Shipper {
         drain: Duration,
     ) {
         let live = earlier.is_none();
+        // How far the file holds whole records: the writer says so for the live stream; an
+        // earlier stream's file no longer changes.
+        let fixed_len = (!live).then(|| std::fs::metadata(file).map(|m| m.len()).unwrap_or(0));
+        let written =
+            || fixed_len.unwrap_or_else(|| self.spool.written_bytes.load(Ordering::Relaxed));
         let Some(stream) = stream_of(file) else {
             tracing::warn!(file = %file.display(), "not a stream file; not shipped");
             return;
@@ -314,6 +316,7 @@ impl Shipper {
                 self.account(
                     file,
                     earlier,
+                    written(),
                     acked,
                     &mut persisted,
                     inflight.front().map(|i| i.3),
@@ -346,8 +349,7 @@ impl Shipper {
                 }
                 if *stop.borrow() {
                     let since = *stopping_since.get_or_insert_with(Instant::now);
-                    let written = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-                    if (drained && acked.offset >= written) || since.elapsed() > drain {
+                    if (drained && acked.offset >= written()) || since.elapsed() > drain {
                         break 'reopen;
                     }
                 }
@@ -372,7 +374,7 @@ impl Shipper {
             }
         }
         persisted.1 = Instant::now() - Duration::from_secs(1);
-        self.account(file, earlier, acked, &mut persisted, None);
+        self.account(file, earlier, written(), acked, &mut persisted, None);
     }
 
     /// Moves the cursor on disk and updates the spool accounting and metrics.
@@ -380,6 +382,7 @@ impl Shipper {
         &self,
         file: &Path,
         earlier: Option<u64>,
+        written: u64,
         acked: Cursor,
         persisted: &mut (Cursor, Instant),
         oldest: Option<Instant>,
@@ -391,9 +394,6 @@ impl Shipper {
                 Err(e) => tracing::warn!(error = %e, "cannot write the spool cursor"),
             }
         }
-        let written = std::fs::metadata(file)
-            .map(|m| m.len())
-            .unwrap_or(acked.offset);
         let unacked = written.saturating_sub(acked.offset);
         match earlier {
             None => {
