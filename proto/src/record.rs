@@ -103,6 +103,18 @@ pub struct Request {
     /// null.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Vec<Option<String>>>,
+    /// The prepared statements the request runs by name (SQL `EXECUTE`, `EXPLAIN ANALYZE
+    /// EXECUTE`, `CREATE TABLE … AS EXECUTE`), with the text the target holds under each name
+    /// at that moment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prepared: Vec<PreparedText>,
+}
+
+/// A prepared statement named by a request, resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedText {
+    pub name: String,
+    pub text: String,
 }
 
 /// An error reported by the target (or by the gateway).

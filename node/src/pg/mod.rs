@@ -9,6 +9,7 @@ pub mod codec;
 pub mod messages;
 mod relay;
 mod session;
+mod state;
 
 use crate::audit::AuditLog;
 use crate::identity::TokenVerifier;

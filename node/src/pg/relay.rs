@@ -12,10 +12,11 @@ use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
 use super::messages::{self, display_value};
 use super::session::outcome_label;
+use super::state::{Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
 use crate::coordination::{Hold, Step, Verdict};
-use crate::policy::classify::StatementInfo;
+use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
 use crate::tls::BoxStream;
@@ -25,13 +26,13 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use vigil_proto::record::{
-    ApprovalRef, Body, Connection, ErrorInfo, Kind, Outcome, PolicyRef, Principal, Request,
-    Response,
+    ApprovalRef, Body, Connection, ErrorInfo, Kind, Outcome, PolicyRef, PreparedText, Principal,
+    Request, Response,
 };
 
 /// Holds a statement that needs approval until the coordinator's answer (see
@@ -141,26 +142,6 @@ pub struct Established {
     pub _cancel_guard: CancelGuard,
 }
 
-/// A prepared statement (protocol Parse or SQL PREPARE; they share one namespace): its text,
-/// what it does, and the decision that let it be prepared.
-#[derive(Clone)]
-struct Prepared {
-    text: Arc<str>,
-    class: Arc<Classification>,
-    policy: PolicyRef,
-    note: Option<String>,
-    /// Set when running it needs approval: the decision that says how (held at Execute).
-    hold: Option<Arc<Decision>>,
-}
-
-/// A bound portal: its statement, its parameters (for the record) and result formats.
-#[derive(Clone, Default)]
-struct Portal {
-    statement: String,
-    params: Vec<Option<String>>,
-    result_formats: Vec<i16>,
-}
-
 /// A statement in flight: what the target half needs to write its response record.
 struct Unit {
     stmt: u64,
@@ -168,26 +149,44 @@ struct Unit {
     /// request record was written because nothing was executed).
     request: Option<Request>,
     started: Instant,
-    statement: Option<String>,
-    portal: Option<String>,
-    /// The Bind's result formats (Execute only).
-    result_formats: Vec<i16>,
+    /// The portal an Execute runs (for the columns of its rows).
+    portal: Option<Arc<Portal>>,
+    /// What it does to the statement and portal tables: `always` whatever its outcome, then
+    /// `per_statement[i]` once the target completed its i-th statement.
+    always: Vec<Op>,
+    per_statement: Vec<Vec<Op>>,
+}
+
+impl Unit {
+    fn new(stmt: u64) -> Self {
+        Unit {
+            stmt,
+            request: None,
+            started: Instant::now(),
+            portal: None,
+            always: Vec::new(),
+            per_statement: Vec::new(),
+        }
+    }
+}
+
+/// What a Describe asked about, as resolved when it was sent.
+enum Described {
+    Statement(Arc<Stmt>),
+    Portal(Arc<Portal>),
 }
 
 /// What the target half expects next, in protocol order.
 enum Pending {
+    /// Parse, Bind and Close: their changes to the tables, applied as the target answers.
     Parse {
         name: String,
         text: Arc<str>,
+        ops: Vec<Op>,
     },
-    Bind {
-        portal: String,
-    },
-    Close,
-    Describe {
-        kind: u8,
-        name: String,
-    },
+    Bind(Vec<Op>),
+    Close(Vec<Op>),
+    Describe(Option<Described>),
     Execute(Unit),
     Query(Unit),
     Sync,
@@ -207,6 +206,36 @@ enum Pending {
 /// What the target is sent in place of a refused statement: it never parses.
 const STAND_IN: &str = "vigil_refused_this_statement";
 
+/// Why the client half stops handling messages.
+enum Halt {
+    End(End),
+    /// The client broke the protocol.
+    Violation(String),
+}
+
+impl From<messages::Malformed> for Halt {
+    fn from(e: messages::Malformed) -> Self {
+        Halt::Violation(e.to_string())
+    }
+}
+
+/// A statement prepared earlier in the same text: its text and what it does.
+type Earlier = (Arc<str>, Vec<StatementInfo>);
+
+/// A statement text with its `EXECUTE name`s resolved to what the target holds.
+#[derive(Default)]
+struct Resolved {
+    /// The statements to decide, each `EXECUTE name` joined by what `name` runs (`None`: the
+    /// text runs no prepared statement by name; decide it as written).
+    decided: Option<Vec<StatementInfo>>,
+    /// The prepared statements it runs by name, for the record.
+    prepared: Vec<PreparedText>,
+    /// Their texts, in order (what an approval binds).
+    runs: Vec<Arc<str>>,
+    /// A name the target does not hold (or the gateway cannot be sure what it holds).
+    unknown: Option<String>,
+}
+
 pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let Established {
         session,
@@ -220,6 +249,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let (tx, rx) = mpsc::unbounded_channel();
     let copy_in = Arc::new(AtomicU64::new(0));
     let stmts = Arc::new(AtomicU64::new(0));
+    let confirmed = Confirmed::new();
     let mut client_half = ClientHalf {
         ctx: ctx.clone(),
         session: session.clone(),
@@ -227,8 +257,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         write: target_write,
         buf: client_buf,
         tx,
-        statements: HashMap::new(),
-        portals: HashMap::new(),
+        tables: Projection::new(confirmed.clone()),
         skip_until_sync: false,
         copy_in: copy_in.clone(),
         stmts: stmts.clone(),
@@ -242,7 +271,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         rx,
         queue: VecDeque::new(),
         acc: Acc::default(),
-        described: HashMap::new(),
+        tables: confirmed,
         status: b'I',
         copy_in,
         stmts: stmts.clone(),
@@ -304,10 +333,8 @@ struct ClientHalf {
     write: WriteHalf<BoxStream>,
     buf: BytesMut,
     tx: mpsc::UnboundedSender<Pending>,
-    /// Prepared statements by name (`""` is the unnamed one).
-    statements: HashMap<String, Prepared>,
-    /// Portals by name → (statement name, bind parameters for the record).
-    portals: HashMap<String, Portal>,
+    /// The target's prepared statements and portals, as confirmed plus this batch's changes.
+    tables: Projection,
     /// After a refused Execute the target never sees the rest of the batch up to Sync, the
     /// way PostgreSQL itself discards messages after an error.
     skip_until_sync: bool,
@@ -326,12 +353,12 @@ impl ClientHalf {
                     Err(e) => return self.protocol_error(e.to_string()).await,
                 };
                 match self.handle(frame, &mut out).await {
-                    Ok(None) => {}
-                    Ok(Some(end)) => {
+                    Ok(()) => {}
+                    Err(Halt::End(end)) => {
                         let _ = self.flush(&mut out).await;
                         return end;
                     }
-                    Err(msg) => return self.protocol_error(msg).await,
+                    Err(Halt::Violation(msg)) => return self.protocol_error(msg).await,
                 }
             }
             if self.flush(&mut out).await.is_err() {
@@ -363,284 +390,542 @@ impl ClientHalf {
         self.stmts.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Handles one client message. `Ok(Some)` ends the session; `Err` is a protocol violation.
-    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<Option<End>, String> {
+    /// Handles one client message.
+    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), Halt> {
         let body = frame.body();
-        let m = |e: messages::Malformed| e.to_string();
         if self.skip_until_sync && frame.tag != b'S' && frame.tag != b'X' {
-            return Ok(None);
+            return Ok(());
         }
         match frame.tag {
-            b'Q' => {
-                let text = messages::parse_query(&body).map_err(m)?;
-                let request = Request {
-                    protocol: "simple".into(),
-                    text: text.to_string(),
-                    ..Request::default()
-                };
-                let (decision, class) = self.check(text);
-                let approval = if decision.action == Action::RequireApproval {
-                    if self.flush(out).await.is_err() {
-                        return Ok(Some(End::TargetClosed));
-                    }
-                    let stmt = self.stmts.load(Ordering::Relaxed) + 1;
-                    let exact = [text.as_bytes()];
-                    let (ctx, session) = (&self.ctx, &self.session);
-                    match hold(ctx, session, stmt, &request, &decision, &exact).await {
-                        Verdict::Run(a) => Some(a),
-                        refusal => {
-                            self.refuse_held(request, &decision, refusal, true, out);
-                            return Ok(None);
-                        }
-                    }
-                } else if decision.blocks() {
-                    // If one statement of the message is blocked, none runs.
-                    self.block(request, &decision, true, out);
-                    return Ok(None);
-                } else {
-                    None
-                };
-                match self.audit_request(request, &decision, approval) {
-                    Ok(unit) => {
-                        self.track_sql_prepares(text, &class, &decision);
-                        self.expect(Pending::Query(unit));
-                        out.extend_from_slice(&frame.raw);
-                    }
-                    Err(e) => self.refuse_unrecorded(&e, true, out),
-                }
-            }
-            b'P' => {
-                let (name, query) = messages::parse_parse(&body).map_err(m)?;
-                let (decision, class) = self.check(query);
-                if decision.blocks() && decision.action != Action::RequireApproval {
-                    // A blocked statement is never prepared.
-                    let request = Request {
-                        protocol: "extended".into(),
-                        text: query.to_string(),
-                        statement: Some(name.to_string()),
-                        ..Request::default()
-                    };
-                    self.block(request, &decision, false, out);
-                    self.skip_until_sync = true;
-                    return Ok(None);
-                }
-                let text: Arc<str> = query.into();
-                self.statements.insert(
-                    name.to_string(),
-                    Prepared {
-                        text: text.clone(),
-                        class,
-                        policy: self.ctx.policy.reference(&decision),
-                        note: dry_run_note(&decision),
-                        // Preparing runs nothing; each Execute of it is held.
-                        hold: (decision.action == Action::RequireApproval)
-                            .then(|| Arc::new(decision.clone())),
-                    },
-                );
-                self.expect(Pending::Parse {
-                    name: name.to_string(),
-                    text,
-                });
-                out.extend_from_slice(&frame.raw);
-            }
-            b'B' => {
-                let bind = messages::parse_bind(&body).map_err(m)?;
-                let params = bind.params.iter().map(|v| v.map(display_value)).collect();
-                self.portals.insert(
-                    bind.portal.to_string(),
-                    Portal {
-                        statement: bind.statement.to_string(),
-                        params,
-                        result_formats: bind.result_formats,
-                    },
-                );
-                self.expect(Pending::Bind {
-                    portal: bind.portal.to_string(),
-                });
-                out.extend_from_slice(&frame.raw);
-            }
-            b'E' => {
-                let (portal, _max_rows) = messages::parse_execute(&body).map_err(m)?;
-                let Portal {
-                    statement,
-                    params,
-                    result_formats,
-                } = self.portals.get(portal).cloned().unwrap_or_default();
-                let prepared = self.statements.get(&statement);
-                let text = prepared.map(|p| p.text.to_string()).unwrap_or_default();
-                // The decision was made when the statement was prepared.
-                let decision = prepared.map(|p| (p.policy.clone(), p.note.clone()));
-                let held = prepared.and_then(|p| p.hold.clone());
-                let request = Request {
-                    protocol: "extended".into(),
-                    text,
-                    statement: Some(statement.clone()),
-                    portal: Some(portal.to_string()),
-                    params: Some(params),
-                };
-                let approval = match held {
-                    Some(d) => {
-                        if self.flush(out).await.is_err() {
-                            return Ok(Some(End::TargetClosed));
-                        }
-                        let params = serde_json::to_vec(&request.params).unwrap_or_default();
-                        let exact = [request.text.as_bytes(), params.as_slice()];
-                        let stmt = self.stmts.load(Ordering::Relaxed) + 1;
-                        let (ctx, session) = (&self.ctx, &self.session);
-                        match hold(ctx, session, stmt, &request, &d, &exact).await {
-                            Verdict::Run(a) => Some(a),
-                            refusal => {
-                                self.refuse_held(request, &d, refusal, false, out);
-                                self.skip_until_sync = true;
-                                return Ok(None);
-                            }
-                        }
-                    }
-                    None => None,
-                };
-                match self.audit_request_decided(request, decision, approval) {
-                    Ok(mut unit) => {
-                        unit.statement = Some(statement);
-                        unit.portal = Some(portal.to_string());
-                        unit.result_formats = result_formats;
-                        self.expect(Pending::Execute(unit));
-                        out.extend_from_slice(&frame.raw);
-                    }
-                    Err(e) => {
-                        self.refuse_unrecorded(&e, false, out);
-                        self.skip_until_sync = true;
-                    }
-                }
-            }
+            b'Q' => self.on_query(&frame, &body, out).await,
+            b'P' => self.on_parse(&frame, &body, out),
+            b'B' => self.on_bind(&frame, &body, out).await,
+            b'E' => self.on_execute(&frame, &body, out).await,
             b'D' => {
-                let (kind, name) = messages::parse_target(&body, "Describe").map_err(m)?;
-                self.expect(Pending::Describe {
-                    kind,
-                    name: name.to_string(),
-                });
+                let (kind, name) = messages::parse_target(&body, "Describe")?;
+                let described = if kind == b'S' {
+                    self.statement(name, out).await?.map(Described::Statement)
+                } else {
+                    self.portal(name, out).await?.map(Described::Portal)
+                };
+                self.expect(Pending::Describe(described));
                 out.extend_from_slice(&frame.raw);
+                Ok(())
             }
             b'C' => {
-                let (kind, name) = messages::parse_target(&body, "Close").map_err(m)?;
+                let (kind, name) = messages::parse_target(&body, "Close")?;
                 // (Closing a statement also forgets it for SQL-level EXECUTE.)
-                if kind == b'S' {
-                    self.statements.remove(name);
+                let ops = vec![if kind == b'S' {
+                    Op::DropStatement(Some(name.to_string()))
                 } else {
-                    self.portals.remove(name);
-                }
-                self.expect(Pending::Close);
+                    Op::DropPortal(Some(name.to_string()))
+                }];
+                self.tables.record(&ops);
+                self.expect(Pending::Close(ops));
                 out.extend_from_slice(&frame.raw);
+                Ok(())
             }
             b'S' => {
                 self.skip_until_sync = false;
+                self.tables.sync_point();
                 self.expect(Pending::Sync);
                 out.extend_from_slice(&frame.raw);
+                Ok(())
             }
-            b'H' => out.extend_from_slice(&frame.raw),
+            b'H' => {
+                out.extend_from_slice(&frame.raw);
+                Ok(())
+            }
             b'd' => {
                 self.copy_in.fetch_add(body.len() as u64, Ordering::Relaxed);
                 out.extend_from_slice(&frame.raw);
+                Ok(())
             }
             b'c' | b'f' => {
+                self.tables.copy_end();
                 self.expect(Pending::CopyEnd);
                 out.extend_from_slice(&frame.raw);
+                Ok(())
             }
             b'X' => {
                 out.extend_from_slice(&frame.raw);
-                return Ok(Some(End::ClientTerminated));
+                Err(Halt::End(End::ClientTerminated))
             }
             b'F' => {
-                let stmt = self.next_stmt();
-                let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
-                rec.stmt = Some(stmt);
-                rec.request = Some(Request {
-                    protocol: "function_call".into(),
-                    text: format!("function call, {} bytes", body.len()),
-                    ..Request::default()
-                });
-                rec.outcome = Some(Outcome::Blocked);
-                rec.policy = Some(PolicyRef {
-                    rule: "function-call".into(),
-                    version: self.ctx.policy.version().to_string(),
-                });
-                rec.detail = Some("the FunctionCall message is not allowed".into());
-                self.ctx.audit.record(rec);
-                self.refuse(
-                    Outcome::Blocked,
-                    "42501",
-                    "the FunctionCall message is not allowed through the Vigil gateway; use SELECT instead",
-                    true,
-                    out,
-                );
+                self.function_call(&body, out);
+                Ok(())
             }
-            other => return Err(format!("unexpected message type {:?}", other as char)),
+            other => Err(Halt::Violation(format!(
+                "unexpected message type {:?}",
+                other as char
+            ))),
         }
-        Ok(None)
     }
 
-    /// Classifies and decides a statement text. `EXECUTE name` is decided on what `name` was
-    /// prepared as.
-    fn check(&self, text: &str) -> (Decision, Arc<Classification>) {
-        let connection = self.session.conn.name.as_deref().unwrap_or("");
-        if !self.ctx.policy.governs(connection, self.session.read_only) {
-            return (self.ctx.policy.ungoverned(), Arc::new(Ok(Vec::new())));
-        }
-        let class = self.ctx.classifier.classify(text);
-        let resolved: Option<Vec<StatementInfo>> = match class.as_ref() {
-            Ok(stmts) if stmts.iter().any(|s| s.executes.is_some()) => Some(
-                stmts
-                    .iter()
-                    .flat_map(|s| {
-                        let body = s
-                            .executes
-                            .as_ref()
-                            .and_then(|n| self.statements.get(n))
-                            .and_then(|p| p.class.as_ref().as_ref().ok());
-                        body.cloned().unwrap_or_else(|| vec![s.clone()])
-                    })
-                    .collect(),
-            ),
-            _ => None,
+    async fn on_query(
+        &mut self,
+        frame: &Frame,
+        body: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Halt> {
+        let text = messages::parse_query(body)?;
+        let class = self.classify(text);
+        let resolved = self.resolve(text, &class, out).await?;
+        let decision = self.decide(&class, &resolved);
+        let request = Request {
+            protocol: "simple".into(),
+            text: text.to_string(),
+            prepared: resolved.prepared,
+            ..Request::default()
         };
-        let input = match (&resolved, class.as_ref()) {
-            (Some(v), _) => Ok(v.as_slice()),
+        let approval = if decision.action == Action::RequireApproval {
+            if self.flush(out).await.is_err() {
+                return Err(Halt::End(End::TargetClosed));
+            }
+            let stmt = self.stmts.load(Ordering::Relaxed) + 1;
+            let mut exact = vec![text.as_bytes()];
+            exact.extend(resolved.runs.iter().map(|t| t.as_bytes()));
+            let (ctx, session) = (&self.ctx, &self.session);
+            match hold(ctx, session, stmt, &request, &decision, &exact).await {
+                Verdict::Run(a) => Some(a),
+                refusal => {
+                    self.refuse_held(request, &decision, refusal, true, out);
+                    return Ok(());
+                }
+            }
+        } else if decision.blocks() {
+            // If one statement of the message is blocked, none runs.
+            self.block(request, &decision, true, out);
+            return Ok(());
+        } else {
+            None
+        };
+        let policy = self.ctx.policy.reference(&decision);
+        let note = dry_run_note(&decision);
+        let per_statement = self.statement_effects(text, &class, &policy, &note);
+        match self.audit_request(request, Some((policy, note)), approval) {
+            Ok(mut unit) => {
+                // A Query drops the unnamed statement and portal before it runs anything.
+                unit.always = vec![
+                    Op::DropStatement(Some(String::new())),
+                    Op::DropPortal(Some(String::new())),
+                ];
+                unit.per_statement = per_statement;
+                self.tables.sync_point();
+                self.expect(Pending::Query(unit));
+                out.extend_from_slice(&frame.raw);
+            }
+            Err(e) => self.refuse_unrecorded(&e, true, out),
+        }
+        Ok(())
+    }
+
+    fn on_parse(&mut self, frame: &Frame, body: &[u8], out: &mut BytesMut) -> Result<(), Halt> {
+        let (name, query) = messages::parse_parse(body)?;
+        let class = self.classify(query);
+        // Decided as written; a statement that runs others by name (`EXECUTE name`) is
+        // decided again at each Execute, on what the names hold then.
+        let decision = self.decide(&class, &Resolved::default());
+        if decision.blocks() && decision.action != Action::RequireApproval {
+            // A blocked statement is never prepared.
+            let request = Request {
+                protocol: "extended".into(),
+                text: query.to_string(),
+                statement: Some(name.to_string()),
+                ..Request::default()
+            };
+            self.block(request, &decision, false, out);
+            self.skip_until_sync = true;
+            return Ok(());
+        }
+        let text: Arc<str> = query.into();
+        let stmt = Arc::new(Stmt {
+            text: text.clone(),
+            class,
+            policy: self.ctx.policy.reference(&decision),
+            note: dry_run_note(&decision),
+            // Preparing runs nothing; each Execute of it is held.
+            hold: (decision.action == Action::RequireApproval).then(|| Arc::new(decision)),
+            described: OnceLock::new(),
+        });
+        // A Parse of the unnamed statement drops the old one first, whatever its outcome.
+        let mut ops = Vec::with_capacity(2);
+        if name.is_empty() {
+            ops.push(Op::DropStatement(Some(String::new())));
+        }
+        ops.push(Op::AddStatement(name.to_string(), stmt));
+        self.tables.record(&ops);
+        self.expect(Pending::Parse {
+            name: name.to_string(),
+            text,
+            ops,
+        });
+        out.extend_from_slice(&frame.raw);
+        Ok(())
+    }
+
+    async fn on_bind(
+        &mut self,
+        frame: &Frame,
+        body: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Halt> {
+        let bind = messages::parse_bind(body)?;
+        let Some(stmt) = self.statement(bind.statement, out).await? else {
+            let request = Request {
+                protocol: "extended".into(),
+                statement: Some(bind.statement.to_string()),
+                portal: Some(bind.portal.to_string()),
+                ..Request::default()
+            };
+            self.refuse_unknown("prepared statement", bind.statement, request, out);
+            return Ok(());
+        };
+        let portal = Arc::new(Portal {
+            statement: bind.statement.to_string(),
+            stmt,
+            params: bind.params.iter().map(|v| v.map(display_value)).collect(),
+            result_formats: bind.result_formats,
+            described: OnceLock::new(),
+        });
+        // A failed Bind may leave an older portal of that name: forget it either way.
+        let name = bind.portal.to_string();
+        let ops = vec![
+            Op::DropPortal(Some(name.clone())),
+            Op::AddPortal(name, portal),
+        ];
+        self.tables.record(&ops);
+        self.expect(Pending::Bind(ops));
+        out.extend_from_slice(&frame.raw);
+        Ok(())
+    }
+
+    async fn on_execute(
+        &mut self,
+        frame: &Frame,
+        body: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Halt> {
+        let (name, _max_rows) = messages::parse_execute(body)?;
+        let Some(portal) = self.portal(name, out).await? else {
+            let request = Request {
+                protocol: "extended".into(),
+                portal: Some(name.to_string()),
+                ..Request::default()
+            };
+            self.refuse_unknown("portal", name, request, out);
+            return Ok(());
+        };
+        let stmt = portal.stmt.clone();
+        let mut request = Request {
+            protocol: "extended".into(),
+            text: stmt.text.to_string(),
+            statement: Some(portal.statement.clone()),
+            portal: Some(name.to_string()),
+            params: Some(portal.params.clone()),
+            ..Request::default()
+        };
+        let resolved = self.resolve(&stmt.text, &stmt.class, out).await?;
+        // A statement that runs others by name is decided now, on what they hold now; any
+        // other was decided when it was prepared.
+        let (held, decided) = if resolved.decided.is_none() {
+            (stmt.hold.clone(), (stmt.policy.clone(), stmt.note.clone()))
+        } else {
+            let decision = self.decide(&stmt.class, &resolved);
+            if decision.blocks() && decision.action != Action::RequireApproval {
+                request.prepared = resolved.prepared;
+                self.block(request, &decision, false, out);
+                self.skip_until_sync = true;
+                return Ok(());
+            }
+            let decided = (
+                self.ctx.policy.reference(&decision),
+                dry_run_note(&decision),
+            );
+            let held = (decision.action == Action::RequireApproval).then(|| Arc::new(decision));
+            (held, decided)
+        };
+        request.prepared = resolved.prepared;
+        let approval = match held {
+            Some(d) => {
+                if self.flush(out).await.is_err() {
+                    return Err(Halt::End(End::TargetClosed));
+                }
+                let params = serde_json::to_vec(&request.params).unwrap_or_default();
+                let mut exact = vec![request.text.as_bytes(), params.as_slice()];
+                exact.extend(resolved.runs.iter().map(|t| t.as_bytes()));
+                let stmt_no = self.stmts.load(Ordering::Relaxed) + 1;
+                let (ctx, session) = (&self.ctx, &self.session);
+                match hold(ctx, session, stmt_no, &request, &d, &exact).await {
+                    Verdict::Run(a) => Some(a),
+                    refusal => {
+                        self.refuse_held(request, &d, refusal, false, out);
+                        self.skip_until_sync = true;
+                        return Ok(());
+                    }
+                }
+            }
+            None => None,
+        };
+        let per_statement = self.statement_effects(&stmt.text, &stmt.class, &decided.0, &decided.1);
+        match self.audit_request(request, Some(decided), approval) {
+            Ok(mut unit) => {
+                for ops in &per_statement {
+                    self.tables.record(ops);
+                }
+                unit.portal = Some(portal);
+                unit.per_statement = per_statement;
+                self.expect(Pending::Execute(unit));
+                out.extend_from_slice(&frame.raw);
+            }
+            Err(e) => {
+                self.refuse_unrecorded(&e, false, out);
+                self.skip_until_sync = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The FunctionCall message runs a function by OID with no statement to decide: refused.
+    fn function_call(&mut self, body: &[u8], out: &mut BytesMut) {
+        let stmt = self.next_stmt();
+        let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
+        rec.stmt = Some(stmt);
+        rec.request = Some(Request {
+            protocol: "function_call".into(),
+            text: format!("function call, {} bytes", body.len()),
+            ..Request::default()
+        });
+        rec.outcome = Some(Outcome::Blocked);
+        rec.policy = Some(PolicyRef {
+            rule: "function-call".into(),
+            version: self.ctx.policy.version().to_string(),
+        });
+        rec.detail = Some("the FunctionCall message is not allowed".into());
+        self.ctx.audit.record(rec);
+        self.refuse(
+            Outcome::Blocked,
+            "42501",
+            "the FunctionCall message is not allowed through the Vigil gateway; use SELECT instead",
+            true,
+            out,
+        );
+    }
+
+    /// Waits until the target has answered every earlier sync point, so the confirmed tables
+    /// are current. Keeps reading the client meanwhile (bounded), to notice it going away.
+    async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), Halt> {
+        if self.flush(out).await.is_err() {
+            return Err(Halt::End(End::TargetClosed));
+        }
+        let limit = self.ctx.config.max_frame_bytes.saturating_add(64 * 1024);
+        while self.tables.behind() {
+            if self.tables.in_copy_in() {
+                return Err(Halt::Violation(
+                    "a message that depends on an earlier batch arrived during COPY FROM STDIN"
+                        .into(),
+                ));
+            }
+            tokio::select! {
+                alive = self.tables.changed() => if !alive {
+                    return Err(Halt::End(End::TargetClosed));
+                },
+                read = self.read.read_buf(&mut self.buf), if self.buf.len() < limit => match read {
+                    Ok(0) | Err(_) => return Err(Halt::End(End::ClientClosed)),
+                    Ok(_) => {}
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The prepared statement `name` as the target holds it when this message runs.
+    async fn statement(
+        &mut self,
+        name: &str,
+        out: &mut BytesMut,
+    ) -> Result<Option<Arc<Stmt>>, Halt> {
+        loop {
+            match self.tables.statement(name) {
+                Lookup::Found(s) => return Ok(Some(s)),
+                Lookup::Unknown => return Ok(None),
+                Lookup::Unsettled => self.catch_up(out).await?,
+            }
+        }
+    }
+
+    /// The portal `name` as the target holds it when this message runs.
+    async fn portal(
+        &mut self,
+        name: &str,
+        out: &mut BytesMut,
+    ) -> Result<Option<Arc<Portal>>, Halt> {
+        loop {
+            match self.tables.portal(name) {
+                Lookup::Found(p) => return Ok(Some(p)),
+                Lookup::Unknown => return Ok(None),
+                Lookup::Unsettled => self.catch_up(out).await?,
+            }
+        }
+    }
+
+    fn classify(&self, text: &str) -> Arc<Classification> {
+        // Classified on every connection, governed or not: what a statement does to the
+        // prepared statements and portals is what keeps the record true.
+        self.ctx.classifier.classify(text)
+    }
+
+    /// Resolves every `EXECUTE name` of a statement text to what the target holds under
+    /// `name` when it runs: the statements before it in the same text first (a Query runs
+    /// them in order and stops at the first error), then the tables.
+    async fn resolve(
+        &mut self,
+        text: &str,
+        class: &Classification,
+        out: &mut BytesMut,
+    ) -> Result<Resolved, Halt> {
+        let mut r = Resolved::default();
+        let Ok(stmts) = class else { return Ok(r) };
+        if stmts.iter().all(|s| s.executes.is_none()) {
+            return Ok(r);
+        }
+        let texts = statement_texts(text, stmts);
+        // Names this text prepares or deallocates before a later statement uses them
+        // (`None` name: DEALLOCATE ALL).
+        let mut local: Vec<(Option<&str>, Option<Earlier>)> = Vec::new();
+        let mut decided = Vec::with_capacity(stmts.len());
+        for (s, own) in stmts.iter().zip(&texts) {
+            if let Some(name) = &s.executes {
+                let earlier = local
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n.is_none_or(|n| n == name));
+                let held: Option<Earlier> = match earlier {
+                    Some((_, held)) => held.clone(),
+                    None => self.statement(name, out).await?.and_then(|p| {
+                        let body = p.class.as_ref().as_ref().ok()?.clone();
+                        Some((p.text.clone(), body))
+                    }),
+                };
+                match held {
+                    Some((text, body)) => {
+                        r.prepared.push(PreparedText {
+                            name: name.clone(),
+                            text: text.to_string(),
+                        });
+                        r.runs.push(text);
+                        decided.extend(body);
+                    }
+                    None => {
+                        r.unknown.get_or_insert_with(|| name.clone());
+                    }
+                }
+            }
+            // A plain `EXECUTE name` is what it runs; EXPLAIN ANALYZE EXECUTE and CREATE TABLE
+            // AS EXECUTE are what they wrap, and themselves.
+            if s.executes.is_none() || s.kind != Some(StatementKind::Utility) {
+                decided.push(s.clone());
+            }
+            if let Some(name) = &s.prepares {
+                local.push((Some(name), Some(((*own).into(), vec![s.clone()]))));
+            }
+            if let Some(name) = &s.deallocates {
+                local.push((name.as_deref(), None));
+            }
+        }
+        r.decided = Some(decided);
+        Ok(r)
+    }
+
+    /// The policy's decision on a statement text whose names were resolved.
+    fn decide(&self, class: &Classification, resolved: &Resolved) -> Decision {
+        let connection = self.session.conn.name.as_deref().unwrap_or("");
+        if let Some(name) = &resolved.unknown {
+            return Decision {
+                action: Action::Block,
+                rule: "unknown-prepared-statement".into(),
+                reason: Some(format!(
+                    "the gateway cannot tell what prepared statement {name:?} holds, so it does not run it"
+                )),
+                dry_run: Vec::new(),
+                approval: None,
+            };
+        }
+        if !self.ctx.policy.governs(connection, self.session.read_only) {
+            return self.ctx.policy.ungoverned();
+        }
+        let input = match (&resolved.decided, class) {
+            (Some(d), _) => Ok(d.as_slice()),
             (None, Ok(v)) => Ok(v.as_slice()),
             (None, Err(e)) => Err(e),
         };
-        let decision = self.ctx.policy.decide(
+        self.ctx.policy.decide(
             input,
             &self.session.principal,
             connection,
             self.session.read_only,
-        );
-        (decision, class)
+        )
     }
 
-    /// Remembers `PREPARE name AS …` (and forgets `DEALLOCATE`d names) from an allowed message.
-    fn track_sql_prepares(&mut self, text: &str, class: &Classification, decision: &Decision) {
-        let Ok(stmts) = class else { return };
-        for s in stmts {
-            if let Some(name) = &s.prepares {
-                self.statements.insert(
-                    name.clone(),
-                    Prepared {
-                        text: text.into(),
-                        class: Arc::new(Ok(vec![s.clone()])),
-                        policy: self.ctx.policy.reference(decision),
-                        note: dry_run_note(decision),
-                        // SQL EXECUTE is decided (and held) on what it runs.
-                        hold: None,
-                    },
-                );
-            }
-            match &s.deallocates {
-                Some(Some(name)) => {
-                    self.statements.remove(name);
+    /// What each statement of a text does to the statement and portal tables once the target
+    /// completed it.
+    fn statement_effects(
+        &self,
+        text: &str,
+        class: &Classification,
+        policy: &PolicyRef,
+        note: &Option<String>,
+    ) -> Vec<Vec<Op>> {
+        let Ok(stmts) = class else { return Vec::new() };
+        let texts = if stmts.iter().any(|s| s.prepares.is_some()) {
+            statement_texts(text, stmts)
+        } else {
+            Vec::new()
+        };
+        stmts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut ops = Vec::new();
+                if let Some(name) = &s.prepares {
+                    let own = texts.get(i).copied().unwrap_or(text);
+                    ops.push(Op::AddStatement(
+                        name.clone(),
+                        Arc::new(Stmt {
+                            text: own.into(),
+                            class: Arc::new(Ok(vec![s.clone()])),
+                            policy: policy.clone(),
+                            note: note.clone(),
+                            // SQL EXECUTE is decided (and held) on what it runs.
+                            hold: None,
+                            described: OnceLock::new(),
+                        }),
+                    ));
                 }
-                Some(None) => self.statements.clear(),
-                None => {}
-            }
-        }
+                if let Some(name) = &s.deallocates {
+                    ops.push(Op::DropStatement(name.clone()));
+                }
+                if let Some(name) = &s.ends_portals {
+                    ops.push(Op::DropPortal(name.clone()));
+                }
+                ops
+            })
+            .collect()
+    }
+
+    /// Refuses a message that names a statement or portal the gateway cannot vouch for.
+    fn refuse_unknown(&mut self, what: &str, name: &str, request: Request, out: &mut BytesMut) {
+        let decision = Decision {
+            action: Action::Block,
+            rule: "unknown-prepared-statement".into(),
+            reason: Some(format!(
+                "the gateway cannot tell what {what} {name:?} holds, so it does not run it"
+            )),
+            dry_run: Vec::new(),
+            approval: None,
+        };
+        self.block(request, &decision, false, out);
+        self.skip_until_sync = true;
     }
 
     /// Refuses a statement the policy blocks: a `blocked` record, then ErrorResponse 42501
@@ -718,19 +1003,9 @@ impl ClientHalf {
         self.refuse(outcome, sqlstate, &message, simple, out);
     }
 
-    fn audit_request(
-        &mut self,
-        request: Request,
-        decision: &Decision,
-        approval: Option<ApprovalRef>,
-    ) -> Result<Unit, AuditError> {
-        let decided = (self.ctx.policy.reference(decision), dry_run_note(decision));
-        self.audit_request_decided(request, Some(decided), approval)
-    }
-
     /// Writes a request record and waits until it is in the log. An error means it could not
     /// be written (or the spool is full) and the statement must not reach the target.
-    fn audit_request_decided(
+    fn audit_request(
         &mut self,
         mut request: Request,
         decided: Option<(PolicyRef, Option<String>)>,
@@ -747,14 +1022,7 @@ impl ClientHalf {
             rec.detail = note;
         }
         match self.ctx.audit.append(&rec) {
-            Ok(()) => Ok(Unit {
-                stmt,
-                request: None,
-                started: Instant::now(),
-                statement: None,
-                portal: None,
-                result_formats: Vec::new(),
-            }),
+            Ok(()) => Ok(Unit::new(stmt)),
             Err(e) => {
                 self.ctx.metrics.audit_refused_statements.inc();
                 tracing::warn!(error = %e, "statement refused: its audit record cannot be written");
@@ -848,8 +1116,8 @@ struct TargetHalf {
     rx: mpsc::UnboundedReceiver<Pending>,
     queue: VecDeque<Pending>,
     acc: Acc,
-    /// Columns learned from Describe, by (kind, name).
-    described: HashMap<(u8, String), Vec<Field>>,
+    /// The statements and portals the target confirmed (shared with the client half).
+    tables: Arc<Confirmed>,
     /// Transaction status of the last ReadyForQuery.
     status: u8,
     copy_in: Arc<AtomicU64>,
@@ -887,7 +1155,12 @@ impl TargetHalf {
                         }
                         loop {
                             match split_frame(&mut self.buf, MAX_BACKEND_FRAME) {
-                                Ok(Some(frame)) => self.handle(frame, &mut out).await,
+                                Ok(Some(frame)) => {
+                                    if let Some(end) = self.handle(frame, &mut out).await {
+                                        let _ = self.write.write_all(&out).await;
+                                        return end;
+                                    }
+                                }
                                 Ok(None) => break,
                                 Err(e) => {
                                     let msg = e.to_string();
@@ -917,7 +1190,11 @@ impl TargetHalf {
     fn push(&mut self, p: Pending) {
         if self.drop_syncs_until_copy_end {
             match p {
-                Pending::Sync => return,
+                Pending::Sync => {
+                    // Ignored by the target: a sync point it will not answer.
+                    self.tables.sync_resolved();
+                    return;
+                }
                 Pending::CopyEnd => {
                     self.drop_syncs_until_copy_end = false;
                     return;
@@ -940,17 +1217,24 @@ impl TargetHalf {
             .position(|p| matches!(p, Pending::CopyEnd));
         let limit = end.unwrap_or(self.queue.len());
         let mut i = 0;
+        let mut ignored = 0;
         // Keep the head (the COPY itself) and everything after the marker; drop the Syncs
         // before it and the marker.
         self.queue.retain(|p| {
             let keep = i == 0 || i > limit || (i < limit && !matches!(p, Pending::Sync));
+            ignored += u64::from(!keep && matches!(p, Pending::Sync));
             i += 1;
             keep
         });
+        // The target ignored those Syncs: sync points it will not answer.
+        for _ in 0..ignored {
+            self.tables.sync_resolved();
+        }
         self.drop_syncs_until_copy_end = end.is_none();
     }
 
-    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) {
+    /// Handles one target message; `Some` ends the session.
+    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Option<End> {
         let mut raw = frame.raw.clone();
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
         while matches!(self.queue.front(), Some(Pending::CopyEnd)) {
@@ -958,32 +1242,37 @@ impl TargetHalf {
         }
         let body = frame.body();
         match frame.tag {
-            b'G' => self.in_copy_in = true,
-            b'1' | b'2' | b'3' => {
-                // A statement parsed again, or a portal bound again, is described anew: an
-                // old description must not pick the columns that get masked.
-                match self.queue.pop_front() {
-                    Some(Pending::Parse { name, .. }) => {
-                        self.described.remove(&(b'S', name));
-                    }
-                    Some(Pending::Bind { portal }) => {
-                        self.described.remove(&(b'P', portal));
-                    }
-                    _ => {}
-                }
+            b'G' => {
+                self.in_copy_in = true;
+                self.tables.copy_in_started();
             }
+            b'1' | b'2' | b'3' => match self.queue.pop_front() {
+                Some(Pending::Parse { ops, .. } | Pending::Bind(ops) | Pending::Close(ops)) => {
+                    self.tables.settle(&ops, true);
+                }
+                other => return Some(self.out_of_step(other, frame.tag)),
+            },
             b'n' => {
-                if let Some(Pending::Describe { .. }) = self.queue.front() {
+                if let Some(Pending::Describe(_)) = self.queue.front() {
                     self.queue.pop_front();
                 }
             }
             b'T' => {
                 let fields = messages::parse_row_description(&body).unwrap_or_default();
                 match self.queue.front() {
-                    Some(Pending::Describe { kind, name }) => {
-                        let key = (*kind, name.clone());
+                    Some(Pending::Describe(described)) => {
+                        // The description belongs to the statement or portal the Describe
+                        // named when it was sent, never to a later one of the same name.
+                        match described {
+                            Some(Described::Statement(s)) => {
+                                let _ = s.described.set(fields);
+                            }
+                            Some(Described::Portal(p)) => {
+                                let _ = p.described.set(fields);
+                            }
+                            None => {}
+                        }
                         self.queue.pop_front();
-                        self.described.insert(key, fields);
                     }
                     _ => {
                         self.acc.masks = self.masks_for(&fields).await;
@@ -996,26 +1285,11 @@ impl TargetHalf {
                     // An Execute's rows: the columns were described before.
                     let fields = match self.queue.front() {
                         Some(Pending::Execute(unit)) => {
+                            let fields = unit.portal.as_ref().and_then(|p| p.fields());
                             // Rows of an Execute nobody described: the columns are unknown, so
                             // column rules cannot be matched; fail closed.
-                            self.acc.unknown_columns = self.described_fields(unit).is_none();
-                            self.described_fields(unit).map(|fields| {
-                                // A statement's Describe does not know the formats; the Bind
-                                // chose them.
-                                let f = &unit.result_formats;
-                                fields
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(i, field)| Field {
-                                        format: match f.len() {
-                                            0 => 0,
-                                            1 => f[0],
-                                            _ => f.get(i).copied().unwrap_or(0),
-                                        },
-                                        ..field.clone()
-                                    })
-                                    .collect::<Vec<_>>()
-                            })
+                            self.acc.unknown_columns = fields.is_none();
+                            fields
                         }
                         _ => None,
                     };
@@ -1037,7 +1311,8 @@ impl TargetHalf {
                 }
                 if let Some(Pending::Execute(_)) = self.queue.front() {
                     if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
-                        self.complete(unit);
+                        // A suspended portal has not completed its statement yet.
+                        self.complete(unit, frame.tag != b's');
                     }
                 }
             }
@@ -1062,62 +1337,89 @@ impl TargetHalf {
                         self.acc.response.error = Some(error);
                     }
                     Some(Pending::Query(_)) => {}
-                    Some(_) => {
-                        // Extended protocol: the target discards everything up to Sync. The
-                        // first statement in that range carries the error; the others never ran.
-                        let mut error = Some(error);
-                        if let Some(Pending::Parse { name, text }) = self.queue.front() {
-                            // A statement that does not parse never runs; its attempt is
-                            // recorded with the error.
-                            let unit = Unit {
-                                stmt: self.stmts.fetch_add(1, Ordering::Relaxed) + 1,
-                                request: Some(Request {
-                                    protocol: "extended".into(),
-                                    text: text.to_string(),
-                                    statement: Some(name.clone()),
-                                    ..Request::default()
-                                }),
-                                started: Instant::now(),
-                                statement: None,
-                                portal: None,
-                                result_formats: Vec::new(),
-                            };
-                            self.queue.pop_front();
-                            self.acc.response.error = error.take();
-                            self.complete(unit);
-                        }
-                        while !matches!(self.queue.front(), Some(Pending::Sync) | None) {
-                            if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
-                                self.acc.response.error = Some(error.take().unwrap_or_else(|| {
-                                    ErrorInfo {
-                                        sqlstate: String::new(),
-                                        message:
-                                            "not executed: an earlier message of the batch failed"
-                                                .into(),
-                                    }
-                                }));
-                                self.complete(unit);
-                            }
-                        }
-                        self.acc = Acc::default();
-                    }
+                    Some(_) => self.batch_failed(error),
                     None => {}
                 }
             }
             b'Z' => {
                 self.status = body.first().copied().unwrap_or(b'I');
                 match self.queue.pop_front() {
-                    Some(Pending::Query(unit)) => self.complete(unit),
-                    Some(Pending::Sync) | Some(Pending::StandIn { .. }) | None => {}
-                    Some(other) => {
-                        // Out of step: keep the entry for the next response rather than guess.
-                        self.queue.push_front(other);
+                    Some(Pending::Query(unit)) => {
+                        self.complete(unit, true);
+                        self.tables.sync_resolved();
                     }
+                    Some(Pending::Sync) | Some(Pending::StandIn { simple: true, .. }) => {
+                        self.tables.sync_resolved();
+                    }
+                    other => return Some(self.out_of_step(other, frame.tag)),
+                }
+                // Outside a transaction block every portal is gone.
+                if self.status == b'I' {
+                    self.tables.end_portals();
                 }
             }
             _ => {}
         }
         out.extend_from_slice(&raw);
+        None
+    }
+
+    /// An extended-protocol message failed: the target discards everything up to Sync. The
+    /// first statement in that range carries the error; the others never ran. Whatever they
+    /// would have added to the tables is not there; whatever they would have removed is
+    /// forgotten anyway.
+    fn batch_failed(&mut self, error: ErrorInfo) {
+        let mut error = Some(error);
+        if let Some(Pending::Parse { name, text, ops }) = self.queue.front() {
+            // A statement that does not parse never runs; its attempt is recorded with the
+            // error.
+            self.tables.settle(ops, false);
+            let mut unit = Unit::new(self.stmts.fetch_add(1, Ordering::Relaxed) + 1);
+            unit.request = Some(Request {
+                protocol: "extended".into(),
+                text: text.to_string(),
+                statement: Some(name.clone()),
+                ..Request::default()
+            });
+            self.queue.pop_front();
+            self.acc.response.error = error.take();
+            self.complete(unit, false);
+        }
+        while !matches!(self.queue.front(), Some(Pending::Sync) | None) {
+            match self.queue.pop_front() {
+                Some(Pending::Parse { ops, .. } | Pending::Bind(ops) | Pending::Close(ops)) => {
+                    self.tables.settle(&ops, false);
+                }
+                Some(Pending::Execute(unit) | Pending::Query(unit)) => {
+                    self.acc.response.error = Some(error.take().unwrap_or_else(|| ErrorInfo {
+                        sqlstate: String::new(),
+                        message: "not executed: an earlier message of the batch failed".into(),
+                    }));
+                    let query = unit.portal.is_none();
+                    self.complete(unit, false);
+                    if query {
+                        // A Query skipped by the target is a sync point it will not answer.
+                        self.tables.sync_resolved();
+                    }
+                }
+                Some(Pending::StandIn { simple: true, .. }) => self.tables.sync_resolved(),
+                _ => {}
+            }
+        }
+        self.acc = Acc::default();
+    }
+
+    /// The target answered something the gateway did not expect at this point: it can no
+    /// longer tell which statement a response belongs to, so the session ends.
+    fn out_of_step(&mut self, expected: Option<Pending>, tag: u8) -> End {
+        if let Some(p) = expected {
+            self.queue.push_front(p);
+        }
+        self.tables.forget_all();
+        End::TargetProtocol(format!(
+            "the target's {:?} message does not answer what the gateway sent",
+            tag as char
+        ))
     }
 
     fn masks_for(
@@ -1128,15 +1430,6 @@ impl TargetHalf {
         let conn = self.session.conn.name.clone().unwrap_or_default();
         let fields = fields.to_vec();
         async move { Self::masks(&ctx, &conn, &fields).await }
-    }
-
-    /// The Describe result that covers an Execute: its portal's, else its statement's.
-    fn described_fields(&self, unit: &Unit) -> Option<&Vec<Field>> {
-        let portal = unit.portal.as_ref().map(|p| (b'P', p.clone()));
-        let stmt = unit.statement.as_ref().map(|s| (b'S', s.clone()));
-        portal
-            .and_then(|k| self.described.get(&k))
-            .or_else(|| stmt.and_then(|k| self.described.get(&k)))
     }
 
     /// Column masks for a result set, resolving the tables behind its columns. (Takes the
@@ -1295,14 +1588,22 @@ impl TargetHalf {
     }
 
     /// Writes the response record of a finished statement.
-    fn complete(&mut self, unit: Unit) {
+    /// `ran`: the target answered it (each of its statements with a command tag, up to the
+    /// first error), rather than skipping it or leaving it suspended.
+    fn complete(&mut self, unit: Unit, ran: bool) {
         let mut acc = std::mem::take(&mut self.acc);
         let copy_in = self.copy_in.swap(0, Ordering::Relaxed);
         acc.response.bytes += acc.copy_out + copy_in;
         acc.response.digest = acc.hasher.map(|h| hex::encode(h.finalize()));
-        if acc.response.columns.is_empty() {
-            if let Some(fields) = self.described_fields(&unit) {
-                acc.response.columns = fields.iter().map(|f| f.name.clone()).collect();
+        // What it changed in the tables: each statement the target completed.
+        let completed = if ran { acc.response.tags.len() } else { 0 };
+        self.tables.settle(&unit.always, true);
+        for (i, ops) in unit.per_statement.iter().enumerate() {
+            self.tables.settle(ops, i < completed);
+        }
+        if acc.response.columns.is_empty() && acc.response.error.is_none() {
+            if let Some(fields) = unit.portal.as_ref().and_then(|p| p.fields()) {
+                acc.response.columns = fields.into_iter().map(|f| f.name).collect();
             }
         }
         // Values echoed in errors and in a failed Parse's text are masked like results.
@@ -1351,8 +1652,21 @@ impl TargetHalf {
                     sqlstate: String::new(),
                     message: "no answer: the session ended first".into(),
                 });
-                self.complete(unit);
+                self.complete(unit, false);
             }
         }
     }
+}
+
+/// The text of each statement of a message (one text when it holds one statement, or when the
+/// split disagrees with the classification).
+fn statement_texts<'a>(text: &'a str, stmts: &[StatementInfo]) -> Vec<&'a str> {
+    if stmts.len() > 1 {
+        if let Ok(parts) = pg_query::split_with_parser(text) {
+            if parts.len() == stmts.len() {
+                return parts.into_iter().map(str::trim).collect();
+            }
+        }
+    }
+    vec![text; stmts.len()]
 }

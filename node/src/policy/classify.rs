@@ -97,8 +97,12 @@ pub struct StatementInfo {
     pub prepares: Option<String>,
     /// For `EXECUTE name`: the name (the prepared body is what counts).
     pub executes: Option<String>,
-    /// For `DEALLOCATE name` (`None` inside means ALL).
+    /// For `DEALLOCATE name` (`None` inside means ALL; `DISCARD ALL` too).
     pub deallocates: Option<Option<String>>,
+    /// Portals (cursors share their namespace) the statement may close or replace:
+    /// `DECLARE name`, `CLOSE name` (`None` inside means all: `CLOSE ALL`, `DISCARD ALL`, and
+    /// the end of a transaction, which closes every portal that is not held).
+    pub ends_portals: Option<Option<String>>,
     /// An INSERT, UPDATE, DELETE or MERGE appears anywhere in the tree.
     pub writes: bool,
 }
@@ -287,13 +291,40 @@ fn top_kind(name: &str, body: &Value, info: &mut StatementInfo) -> StatementKind
             K::Session
         }
         "VariableShowStmt" => K::Read,
-        "DiscardStmt" | "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt" => K::Session,
+        "DiscardStmt" => {
+            let all = pg_query::protobuf::DiscardMode::DiscardAll as i64;
+            if body.get("target").and_then(Value::as_i64) == Some(all) {
+                info.deallocates = Some(None);
+                info.ends_portals = Some(None);
+            }
+            K::Session
+        }
+        "ClosePortalStmt" => {
+            let n = str_field(body, "portalname");
+            info.ends_portals = Some((!n.is_empty()).then(|| n.to_string()));
+            K::Session
+        }
+        "ListenStmt" | "UnlistenStmt" => K::Session,
         "DeallocateStmt" => {
             let n = str_field(body, "name");
             info.deallocates = Some((!n.is_empty()).then(|| n.to_string()));
             K::Session
         }
-        "TransactionStmt" => K::Transaction,
+        "TransactionStmt" => {
+            use pg_query::protobuf::TransactionStmtKind as T;
+            // Ending a transaction (or rolling back to a savepoint) closes its portals.
+            let keeps = [
+                T::TransStmtBegin,
+                T::TransStmtStart,
+                T::TransStmtSavepoint,
+                T::TransStmtRelease,
+            ];
+            let kind = body.get("kind").and_then(Value::as_i64);
+            if !keeps.iter().any(|k| Some(*k as i64) == kind) {
+                info.ends_portals = Some(None);
+            }
+            K::Transaction
+        }
         "PrepareStmt" => {
             info.prepares = Some(str_field(body, "name").to_string());
             let inner = body.pointer("/query/node");
@@ -306,10 +337,20 @@ fn top_kind(name: &str, body: &Value, info: &mut StatementInfo) -> StatementKind
             info.executes = Some(str_field(body, "name").to_string());
             K::Utility
         }
-        "DeclareCursorStmt" => match body.pointer("/query/node").and_then(single) {
-            Some((n, b)) => top_kind(n, b, info),
-            None => K::Read,
-        },
+        "DeclareCursorStmt" => {
+            info.ends_portals = Some(Some(str_field(body, "portalname").to_string()));
+            match body.pointer("/query/node").and_then(single) {
+                Some((n, b)) => top_kind(n, b, info),
+                None => K::Read,
+            }
+        }
+        "CreateTableAsStmt" => {
+            // `CREATE TABLE … AS EXECUTE name` runs the prepared statement.
+            if let Some(("ExecuteStmt", b)) = body.pointer("/query/node").and_then(single) {
+                info.executes = Some(str_field(b, "name").to_string());
+            }
+            K::Ddl
+        }
         "FetchStmt" => K::Read,
         "LoadStmt" => {
             info.flags.insert(Flag::ServerFile);
