@@ -13,6 +13,7 @@ use tempfile::TempDir;
 use vigil_proto::record::{Kind, Record};
 
 pub mod cluster;
+pub mod wire;
 
 /// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.
 pub struct DevEnv {

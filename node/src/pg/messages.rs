@@ -197,6 +197,15 @@ pub fn parse_query(body: &[u8]) -> Result<&str, Malformed> {
     Ok(q)
 }
 
+/// A ParameterStatus message's name and value.
+pub fn parse_parameter_status(body: &[u8]) -> Result<(&str, &str), Malformed> {
+    let mut r = Reader::new(body, "ParameterStatus");
+    let name = r.cstr()?;
+    let value = r.cstr()?;
+    r.finish()?;
+    Ok((name, value))
+}
+
 /// The fields of an ErrorResponse or NoticeResponse.
 pub fn parse_error_fields(body: &[u8]) -> (String, String) {
     let mut r = Reader::new(body, "ErrorResponse");

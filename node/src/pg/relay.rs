@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -118,19 +118,41 @@ fn dry_run_note(d: &Decision) -> Option<String> {
 /// Who is on the other end, stamped on every record of the session.
 pub struct Session {
     pub id: String,
+    /// Who authenticated: what every decision is made for.
     pub principal: Arc<Principal>,
     pub conn: Arc<Connection>,
     pub started: Instant,
     /// The connection's `read_only` setting.
     pub read_only: bool,
+    /// The principal and connection as recorded since the target reported a new
+    /// `application_name` (drivers such as pgjdbc set it after startup): the declared
+    /// application and intent change, the identity does not.
+    pub reported: RwLock<Option<(Arc<Principal>, Arc<Connection>)>>,
 }
 
 impl Session {
     pub fn body(&self, audit: &AuditLog, kind: Kind) -> Body {
         let mut b = audit.body(Some(&self.id), kind);
-        b.principal = Some(self.principal.clone());
-        b.connection = Some(self.conn.clone());
+        let reported = self.reported.read().unwrap_or_else(|e| e.into_inner());
+        let (principal, conn) = match reported.as_ref() {
+            Some((p, c)) => (p.clone(), c.clone()),
+            None => (self.principal.clone(), self.conn.clone()),
+        };
+        b.principal = Some(principal);
+        b.connection = Some(conn);
         b
+    }
+
+    /// The target confirmed a new `application_name`: records name it from now on, as the
+    /// application and the declared intent (never trusted for a decision).
+    fn application_reported(&self, name: &str) {
+        let name = (!name.is_empty()).then(|| name.to_string());
+        let mut principal = (*self.principal).clone();
+        principal.intent = name.clone();
+        let mut conn = (*self.conn).clone();
+        conn.application = name;
+        *self.reported.write().unwrap_or_else(|e| e.into_inner()) =
+            Some((Arc::new(principal), Arc::new(conn)));
     }
 }
 
@@ -282,10 +304,15 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         end = client_half.run() => end,
         end = target_half.run() => end,
     };
-    if let End::ClientProtocol(message) = &end {
+    let goodbye = match &end {
+        End::ClientProtocol(message) => Some(message.clone()),
+        End::EncodingChanged(_) => Some(end.to_string()),
+        _ => None,
+    };
+    if let Some(message) = goodbye {
         let _ = target_half
             .write
-            .write_all(&messages::error_response(true, "08P01", message))
+            .write_all(&messages::error_response(true, "08P01", &message))
             .await;
     }
     target_half.abandon_pending();
@@ -298,7 +325,10 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     ));
     body.outcome = Some(match end {
         End::ClientTerminated | End::ClientClosed => Outcome::Success,
-        End::TargetClosed | End::ClientProtocol(_) | End::TargetProtocol(_) => Outcome::Error,
+        End::TargetClosed
+        | End::ClientProtocol(_)
+        | End::TargetProtocol(_)
+        | End::EncodingChanged(_) => Outcome::Error,
     });
     ctx.audit.record(body);
     tracing::info!(%end, "session ended");
@@ -312,6 +342,8 @@ enum End {
     TargetClosed,
     ClientProtocol(String),
     TargetProtocol(String),
+    /// The target switched the session to a client encoding other than UTF-8.
+    EncodingChanged(String),
 }
 
 impl std::fmt::Display for End {
@@ -322,6 +354,10 @@ impl std::fmt::Display for End {
             End::TargetClosed => f.write_str("target closed the connection"),
             End::ClientProtocol(e) => write!(f, "client protocol violation: {e}"),
             End::TargetProtocol(e) => write!(f, "target protocol violation: {e}"),
+            End::EncodingChanged(e) => write!(
+                f,
+                "the target switched client_encoding to {e:?}; the gateway only reads UTF-8"
+            ),
         }
     }
 }
@@ -1339,6 +1375,19 @@ impl TargetHalf {
                     Some(Pending::Query(_)) => {}
                     Some(_) => self.batch_failed(error),
                     None => {}
+                }
+            }
+            b'S' => {
+                if let Ok((name, value)) = messages::parse_parameter_status(&body) {
+                    match name {
+                        "application_name" => self.session.application_reported(value),
+                        // The gateway reads every client message as UTF-8; once the target
+                        // reads them otherwise, it can no longer tell what runs.
+                        "client_encoding" if !super::encoding_is_utf8(value) => {
+                            return Some(End::EncodingChanged(value.to_string()));
+                        }
+                        _ => {}
+                    }
                 }
             }
             b'Z' => {

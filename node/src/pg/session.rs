@@ -352,6 +352,7 @@ async fn handshake(
         conn: conn.clone(),
         started: Instant::now(),
         read_only: target.config.config.read_only,
+        reported: Default::default(),
     };
     // The session is on record before the client may send its first statement.
     let mut body = session.body(&ctx.audit, Kind::SessionStart);

@@ -1,0 +1,206 @@
+//! A raw PostgreSQL v3 client for scenarios that need exact message sequences — pipelines,
+//! errors in the middle of a batch, names reused across batches — that drivers do not send.
+
+use bytes::{BufMut, BytesMut};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A StartupMessage for protocol 3.0.
+pub fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_i32(196_608);
+    for (k, v) in params {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut out = BytesMut::new();
+    out.put_i32(body.len() as i32 + 4);
+    out.put_slice(&body);
+    out.to_vec()
+}
+
+/// A typed message: tag, length, body.
+pub fn typed(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, sql);
+    typed(b'Q', &b)
+}
+
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, name);
+    cstr(&mut b, sql);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    typed(b'P', &b)
+}
+
+/// A Bind with text parameters (`None`: NULL) and text results.
+pub fn bind(portal: &str, statement: &str, params: &[Option<&str>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    cstr(&mut b, statement);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        match p {
+            Some(v) => {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v.as_bytes());
+            }
+            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    typed(b'B', &b)
+}
+
+pub fn execute(portal: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    b.extend_from_slice(&0i32.to_be_bytes());
+    typed(b'E', &b)
+}
+
+/// Describe (`kind` b'S' or b'P').
+pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    cstr(&mut b, name);
+    typed(b'D', &b)
+}
+
+/// Close (`kind` b'S' or b'P').
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    cstr(&mut b, name);
+    typed(b'C', &b)
+}
+
+pub fn sync() -> Vec<u8> {
+    typed(b'S', &[])
+}
+
+/// One backend message.
+#[derive(Clone, Debug)]
+pub struct Msg {
+    pub tag: u8,
+    pub body: Vec<u8>,
+}
+
+impl Msg {
+    /// An ErrorResponse's SQLSTATE and message.
+    pub fn error(&self) -> Option<(String, String)> {
+        if self.tag != b'E' {
+            return None;
+        }
+        let (mut code, mut message) = (String::new(), String::new());
+        for field in self.body.split(|&b| b == 0) {
+            match field.first() {
+                Some(b'C') => code = String::from_utf8_lossy(&field[1..]).into_owned(),
+                Some(b'M') => message = String::from_utf8_lossy(&field[1..]).into_owned(),
+                _ => {}
+            }
+        }
+        Some((code, message))
+    }
+
+    /// A RowDescription's column names.
+    pub fn columns(&self) -> Vec<String> {
+        if self.tag != b'T' {
+            return Vec::new();
+        }
+        let n = i16::from_be_bytes([self.body[0], self.body[1]]) as usize;
+        let mut rest = &self.body[2..];
+        let mut names = Vec::with_capacity(n);
+        for _ in 0..n {
+            let end = rest.iter().position(|&b| b == 0).expect("column name");
+            names.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            rest = &rest[end + 1 + 18..];
+        }
+        names
+    }
+}
+
+/// A session over cleartext (the node must allow a cleartext token).
+pub struct Wire {
+    stream: TcpStream,
+}
+
+impl Wire {
+    /// Starts a session with `params` (user, database …) and the token as the password; returns
+    /// it after the first ReadyForQuery, or the refusal.
+    pub async fn connect(port: u16, params: &[(&str, &str)], token: &str) -> Result<Self, Msg> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream.write_all(&startup(params)).await.unwrap();
+        let mut w = Wire { stream };
+        let first = w.read().await;
+        if first.tag != b'R' {
+            return Err(first);
+        }
+        let mut pw = Vec::new();
+        cstr(&mut pw, token);
+        w.send(&typed(b'p', &pw)).await;
+        let msgs = w.until_ready().await;
+        match msgs.iter().find(|m| m.tag == b'E') {
+            Some(e) => Err(e.clone()),
+            None => Ok(w),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one message; panics after 30 s of silence or when the server closes.
+    pub async fn read(&mut self) -> Msg {
+        let read = async {
+            let tag = self.stream.read_u8().await?;
+            let len = self.stream.read_i32().await?;
+            let mut body = vec![0; len as usize - 4];
+            self.stream.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>(Msg { tag, body })
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the gateway answers within 30 s")
+            .expect("the gateway keeps the session open")
+    }
+
+    /// Reads messages up to and including the next ReadyForQuery.
+    pub async fn until_ready(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.read().await;
+            let done = m.tag == b'Z';
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection; returns what came before.
+    pub async fn until_closed(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), self.stream.read_to_end(&mut out))
+            .await
+            .expect("the gateway closes within 30 s")
+            .ok();
+        out
+    }
+}
