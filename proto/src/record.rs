@@ -69,6 +69,9 @@ pub struct Principal {
     pub issuer: String,
     /// `id_token` or `access_token`.
     pub token_type: String,
+    /// The token's `exp` claim, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_exp: Option<u64>,
 }
 
 /// The client connection and the target it reaches.

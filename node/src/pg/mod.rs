@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cancel;
 pub mod catalog;
 pub mod codec;
+pub mod encoding;
 pub mod messages;
 mod relay;
 mod session;

@@ -138,6 +138,8 @@ pub struct Established {
     /// Client bytes read past the password message.
     pub client_buf: BytesMut,
     pub backend: Backend,
+    /// When the session must end because its token expires (`identity.session_expiry`).
+    pub expires: Option<tokio::time::Instant>,
     pub _cancel_guard: CancelGuard,
 }
 
@@ -212,6 +214,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         session,
         client_buf,
         backend,
+        expires,
         _cancel_guard,
     } = est;
     let session = Arc::new(session);
@@ -252,12 +255,19 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let end = tokio::select! {
         end = client_half.run() => end,
         end = target_half.run() => end,
+        () = token_expiry(expires) => End::TokenExpired,
     };
-    if let End::ClientProtocol(message) = &end {
-        let _ = target_half
-            .write
-            .write_all(&messages::error_response(true, "08P01", message))
-            .await;
+    match &end {
+        End::ClientProtocol(message) => {
+            let _ = target_half
+                .write
+                .write_all(&messages::error_response(true, "08P01", message))
+                .await;
+        }
+        End::TokenExpired => {
+            end_expired(ctx, &session, &_cancel_guard, &mut target_half.write).await;
+        }
+        _ => {}
     }
     target_half.abandon_pending();
     let mut body = session.body(&ctx.audit, Kind::SessionEnd);
@@ -270,6 +280,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     body.outcome = Some(match end {
         End::ClientTerminated | End::ClientClosed => Outcome::Success,
         End::TargetClosed | End::ClientProtocol(_) | End::TargetProtocol(_) => Outcome::Error,
+        End::TokenExpired => Outcome::Denied,
     });
     ctx.audit.record(body);
     tracing::info!(%end, "session ended");
@@ -283,6 +294,8 @@ enum End {
     TargetClosed,
     ClientProtocol(String),
     TargetProtocol(String),
+    /// The session's token expired (`identity.session_expiry = "token"`).
+    TokenExpired,
 }
 
 impl std::fmt::Display for End {
@@ -293,6 +306,7 @@ impl std::fmt::Display for End {
             End::TargetClosed => f.write_str("target closed the connection"),
             End::ClientProtocol(e) => write!(f, "client protocol violation: {e}"),
             End::TargetProtocol(e) => write!(f, "target protocol violation: {e}"),
+            End::TokenExpired => f.write_str("token expired"),
         }
     }
 }
@@ -1355,4 +1369,34 @@ impl TargetHalf {
             }
         }
     }
+}
+
+/// Resolves when the session's token expires; never for a session without a deadline.
+async fn token_expiry(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The message a client gets when its session ends because its token expired.
+const EXPIRED: &str =
+    "terminating connection: the access token expired; reconnect with a fresh token";
+
+/// Ends a session whose token expired. Both halves have stopped, so nothing the client sends
+/// from now on reaches the target. Whatever the target is still running for this session is
+/// cancelled the way a client's CancelRequest is (on record first), and the client is told why
+/// its connection ends (`57P01`, as for `pg_terminate_backend`). Dropping the target connection
+/// afterwards rolls back an open transaction.
+async fn end_expired(
+    ctx: &PgContext,
+    session: &Session,
+    cancel_guard: &CancelGuard,
+    client: &mut WriteHalf<BoxStream>,
+) {
+    let (pid, secret) = cancel_guard.key();
+    super::session::cancel(ctx, &session.conn, pid, secret).await;
+    let _ = client
+        .write_all(&messages::error_response(true, "57P01", EXPIRED))
+        .await;
 }
