@@ -348,6 +348,7 @@ mod tests {
             intent: Some("i".into()),
             issuer: "https://idp".into(),
             token_type: "access_token".into(),
+            token_exp: Some(1_795_766_700),
         }));
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),
