@@ -215,7 +215,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         client_buf,
         backend,
         expires,
-        _cancel_guard,
+        _cancel_guard: cancel_guard,
     } = est;
     let session = Arc::new(session);
     let (client_read, client_write) = tokio::io::split(client);
@@ -265,7 +265,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
                 .await;
         }
         End::TokenExpired => {
-            end_expired(ctx, &session, &_cancel_guard, &mut target_half.write).await;
+            end_expired(ctx, &session, &cancel_guard, &mut target_half.write).await;
         }
         _ => {}
     }
