@@ -200,7 +200,8 @@ pub struct IdentityConfig {
 /// What bounds a session authenticated with a token.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 pub enum SessionExpiry {
-    /// The session ends when its token expires (`exp` plus `leeway_secs`).
+    /// The session ends when its token expires: when it would be refused at login (`exp`
+    /// plus `leeway_secs` has passed).
     #[default]
     #[serde(rename = "token")]
     Token,

@@ -268,8 +268,8 @@ impl TokenVerifier {
         self.keys.get(kid).await.ok_or(TokenError::UnknownKey)
     }
 
-    /// How much longer a session of `principal` may run: until its token's `exp` plus the
-    /// leeway, the instant from which the same token is refused at login. `None` when sessions
+    /// How much longer a session of `principal` may run: until the instant from which the same
+    /// token is refused at login ([`refused_from`]). `None` when sessions
     /// outlive their token (`identity.session_expiry = "none"`). A principal without `exp`
     /// (never one from [`Self::verify`], which requires it) has no time left.
     pub fn session_remaining(&self, principal: &Principal) -> Option<Duration> {
@@ -371,10 +371,17 @@ fn session_remaining(
     }
     let end = principal
         .token_exp
-        .map(|exp| UNIX_EPOCH + Duration::from_secs(exp.saturating_add(config.leeway_secs)));
+        .map(|exp| refused_from(exp, config.leeway_secs));
     Some(end.map_or(Duration::ZERO, |end| {
         end.duration_since(now).unwrap_or_default()
     }))
+}
+
+/// The first instant at which [`TokenVerifier::verify`] refuses a token with this `exp`: the
+/// check compares whole seconds (`exp < now - leeway` is expired), so the token is still good
+/// throughout the second `exp + leeway`.
+fn refused_from(exp: u64, leeway_secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(exp.saturating_add(leeway_secs).saturating_add(1))
 }
 
 /// Decodes the JOSE header without trusting anything in it.
@@ -474,7 +481,7 @@ mod tests {
     }
 
     #[test]
-    fn sessions_end_at_exp_plus_leeway_unless_configured_otherwise() {
+    fn sessions_end_when_their_token_is_refused_unless_configured_otherwise() {
         let mut config: IdentityConfig = toml::from_str(
             r#"
 issuer = "https://idp.example"
@@ -489,8 +496,9 @@ leeway_secs = 5
         assert_eq!(p.token_exp, Some(1000));
         let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
         let left = |p: &Principal, now| session_remaining(&config, p, at(now));
-        assert_eq!(left(&p, 990), Some(Duration::from_secs(15)));
-        assert_eq!(left(&p, 1004), Some(Duration::from_secs(1)));
+        assert_eq!(left(&p, 990), Some(Duration::from_secs(16)));
+        assert_eq!(left(&p, 1005), Some(Duration::from_secs(1)));
+        assert_eq!(left(&p, 1006), Some(Duration::ZERO));
         assert_eq!(left(&p, 2000), Some(Duration::ZERO));
         // No exp, no time: fail closed.
         assert_eq!(left(&Principal::default(), 0), Some(Duration::ZERO));
