@@ -227,6 +227,8 @@ pub struct NodeOptions {
     /// Put the audit log here instead of under the data directory.
     pub audit_dir: Option<PathBuf>,
     pub jwks_refresh_cooldown_secs: u64,
+    /// More `[identity]` keys (`session_expiry = "none"` …).
+    pub identity_extra: &'static str,
     pub admin_port: u16,
     pub pg_port: u16,
     /// `tls` of the target connection (`disable`, `require`, `verify-full`).
@@ -253,6 +255,7 @@ impl Default for NodeOptions {
             max_frame_bytes: 1 << 20,
             audit_dir: None,
             jwks_refresh_cooldown_secs: 30,
+            identity_extra: "",
             admin_port: 0,
             pg_port: 0,
             target_tls: "disable",
@@ -320,6 +323,7 @@ issuer = "{issuer}"
 audiences = ["{audience}", "vigil-cli"]
 leeway_secs = 5
 jwks_refresh_cooldown_secs = {cooldown}
+{identity_extra}
 
 [audit]
 dir = "{audit}"
@@ -355,6 +359,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             issuer = e.get("VIGIL_OIDC_ISSUER"),
             audience = e.get("VIGIL_OIDC_AUDIENCE"),
             cooldown = opts.jwks_refresh_cooldown_secs,
+            identity_extra = opts.identity_extra,
             audit = audit_dir.display(),
             max_result = opts.max_result_bytes,
             pg_port = opts.pg_port,

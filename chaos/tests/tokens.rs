@@ -303,3 +303,132 @@ async fn t22_a_new_key_is_picked_up_after_the_cooldown() {
     assert_eq!(after - before, 2.0, "one refetch per cooldown window");
     node.client(&agent_token().await).await.unwrap();
 }
+
+/// The harness's `identity.leeway_secs`: a token is good through the second `exp` plus this.
+const LEEWAY: i64 = 5;
+
+/// Whether the target logged a statement containing `needle` for `db` since `offset`.
+fn pg_ran(db: &str, offset: u64, needle: &str) -> bool {
+    pg_log_lines(db, offset)
+        .iter()
+        .any(|l| l.contains("statement: ") && l.contains(needle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23_a_session_ends_when_its_token_expires() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let db = node.files.db.clone();
+    let exp = now_secs() + 2;
+    let token = forge(
+        &with(base_claims(), "exp", json!(exp)),
+        env().get("VIGIL_OIDC_KID"),
+        None,
+    );
+    let offset = pg_log_len();
+    let (client, _conn) = node.client(&token).await.expect("the token is valid now");
+    client.simple_query("SELECT 'before expiry'").await.unwrap();
+
+    // A statement still running when the token expires is cancelled, and the client is told
+    // why its connection ends.
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.simple_query("SELECT 'in flight', pg_sleep(60)"),
+    )
+    .await
+    .expect("the session ends at the expiry, not after the statement")
+    .expect_err("the statement does not complete");
+    let ended = now_secs();
+    let db_err = err.as_db_error().expect("an error from the gateway");
+    assert_eq!(db_err.code().code(), "57P01", "{}", db_err.message());
+    assert!(db_err.message().contains("token expired"), "{db_err:?}");
+    assert!(
+        ended > exp + LEEWAY && ended <= exp + LEEWAY + 2,
+        "ended at {ended}, the token was good through {}",
+        exp + LEEWAY
+    );
+    // Nothing reaches the target any more.
+    assert!(client.simple_query("SELECT 'after expiry'").await.is_err());
+    let records = node.records_after_sessions(1).await;
+    eventually("the target logs the cancel", Duration::from_secs(5), || {
+        pg_log_lines(&db, offset)
+            .iter()
+            .any(|l| l.contains("canceling statement due to user request"))
+    })
+    .await;
+    assert!(pg_ran(&db, offset, "before expiry"));
+    assert!(pg_ran(&db, offset, "in flight"));
+    assert!(!pg_ran(&db, offset, "after expiry"));
+
+    let start = of_kind(&records, Kind::SessionStart);
+    let principal = start[0].body.principal.as_ref().unwrap();
+    assert_eq!(principal.token_exp, Some(exp as u64));
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].body.outcome, Some(Outcome::Denied));
+    assert_eq!(
+        end[0].body.detail.as_deref(),
+        Some("token expired; 2 statements")
+    );
+    let cancels = of_kind(&records, Kind::Cancel);
+    assert_eq!(cancels.len(), 1, "the running statement was cancelled");
+    assert_eq!(cancels[0].body.session, start[0].body.session);
+    assert_eq!(cancels[0].body.outcome, Some(Outcome::Success));
+    assert!(cancels[0].seq < end[0].seq);
+    let requests = of_kind(&records, Kind::Request);
+    assert_eq!(requests.len(), 2);
+    assert!(requests.iter().all(|r| !r
+        .body
+        .request
+        .as_ref()
+        .unwrap()
+        .text
+        .contains("after expiry")));
+    // Every statement has its response record; the cancelled one says it got no answer.
+    assert_eq!(of_kind(&records, Kind::Response).len(), 2);
+    // The client reconnects with a fresh token; the old one is refused.
+    let Err(refused) = node.client(&token).await else {
+        panic!("the old token is accepted");
+    };
+    assert!(refused.as_db_error().unwrap().message().contains("expired"));
+    let (fresh, _conn) = node.client(&agent_token().await).await.unwrap();
+    fresh.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t24_with_session_expiry_none_a_session_outlives_its_token() {
+    let node = TestNode::start(NodeOptions {
+        identity_extra: r#"session_expiry = "none""#,
+        ..NodeOptions::default()
+    })
+    .await;
+    let db = node.files.db.clone();
+    let exp = now_secs() + 1;
+    let token = forge(
+        &with(base_claims(), "exp", json!(exp)),
+        env().get("VIGIL_OIDC_KID"),
+        None,
+    );
+    let offset = pg_log_len();
+    let (client, _conn) = node.client(&token).await.expect("the token is valid now");
+    client.simple_query("SELECT 'before expiry'").await.unwrap();
+    let wait = (exp + LEEWAY + 2 - now_secs()).max(0) as u64;
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    client
+        .simple_query("SELECT 'after expiry'")
+        .await
+        .expect("the session outlives its token");
+    eventually("the target ran it", Duration::from_secs(5), || {
+        pg_ran(&db, offset, "after expiry")
+    })
+    .await;
+    // A new login with the same token is still refused.
+    let Err(refused) = node.client(&token).await else {
+        panic!("the expired token is accepted");
+    };
+    assert!(refused.as_db_error().unwrap().message().contains("expired"));
+    drop(client);
+    let records = node.records_after_sessions(1).await;
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(end[0].body.outcome, Some(Outcome::Success));
+    assert!(of_kind(&records, Kind::Cancel).is_empty());
+}

@@ -184,6 +184,9 @@ pub struct IdentityConfig {
     /// Clock skew tolerated on `exp`, `nbf` and `iat`.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    /// Whether a session ends when its token expires.
+    #[serde(default)]
+    pub session_expiry: SessionExpiry,
     /// Minimum time between two JWKS fetches caused by unknown key ids.
     #[serde(default = "default_jwks_cooldown")]
     pub jwks_refresh_cooldown_secs: u64,
@@ -192,6 +195,19 @@ pub struct IdentityConfig {
     pub http_timeout_secs: u64,
     #[serde(default)]
     pub claims: ClaimNames,
+}
+
+/// What bounds a session authenticated with a token.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum SessionExpiry {
+    /// The session ends when its token expires: when it would be refused at login (`exp`
+    /// plus `leeway_secs` has passed).
+    #[default]
+    #[serde(rename = "token")]
+    Token,
+    /// The token is checked at login only; the session lasts until either side ends it.
+    #[serde(rename = "none")]
+    Unbounded,
 }
 
 fn default_algorithms() -> Vec<Algorithm> {

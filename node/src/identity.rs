@@ -6,7 +6,7 @@
 //! access tokens). Header fields that would let a token pick its own key (`jku`, `x5u`, `jwk`)
 //! are ignored: keys come from the issuer's JWKS only.
 
-use crate::config::{Algorithm, ClaimNames, IdentityConfig, TokenType};
+use crate::config::{Algorithm, ClaimNames, IdentityConfig, SessionExpiry, TokenType};
 use crate::metrics::{Metrics, ReasonLabel};
 use base64::Engine as _;
 use jsonwebtoken::{jwk::JwkSet, DecodingKey, Validation};
@@ -268,6 +268,14 @@ impl TokenVerifier {
         self.keys.get(kid).await.ok_or(TokenError::UnknownKey)
     }
 
+    /// How much longer a session of `principal` may run: until the instant from which the same
+    /// token is refused at login ([`refused_from`]). `None` when sessions
+    /// outlive their token (`identity.session_expiry = "none"`). A principal without `exp`
+    /// (never one from [`Self::verify`], which requires it) has no time left.
+    pub fn session_remaining(&self, principal: &Principal) -> Option<Duration> {
+        session_remaining(&self.config, principal, SystemTime::now())
+    }
+
     /// Verifies a token and maps its claims to a principal.
     pub async fn verify(&self, token: &str) -> Result<Principal, TokenError> {
         let result = self.verify_inner(token.trim()).await;
@@ -352,6 +360,30 @@ impl TokenVerifier {
     }
 }
 
+/// [`TokenVerifier::session_remaining`] at `now`.
+fn session_remaining(
+    config: &IdentityConfig,
+    principal: &Principal,
+    now: SystemTime,
+) -> Option<Duration> {
+    if config.session_expiry == SessionExpiry::Unbounded {
+        return None;
+    }
+    let end = principal
+        .token_exp
+        .map(|exp| refused_from(exp, config.leeway_secs));
+    Some(end.map_or(Duration::ZERO, |end| {
+        end.duration_since(now).unwrap_or_default()
+    }))
+}
+
+/// The first instant at which [`TokenVerifier::verify`] refuses a token with this `exp`: the
+/// check compares whole seconds (`exp < now - leeway` is expired), so the token is still good
+/// throughout the second `exp + leeway`.
+fn refused_from(exp: u64, leeway_secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(exp.saturating_add(leeway_secs).saturating_add(1))
+}
+
 /// Decodes the JOSE header without trusting anything in it.
 fn parse_header(token: &str) -> Result<Map<String, Value>, TokenError> {
     let mut parts = token.split('.');
@@ -405,6 +437,7 @@ pub fn principal_from_claims(
             TokenType::AccessToken => "access_token",
         }
         .to_string(),
+        token_exp: claims.get("exp").and_then(Value::as_u64),
     })
 }
 
@@ -439,10 +472,46 @@ mod tests {
         assert_eq!(p.model.as_deref(), Some("gpt-5"));
         assert_eq!(p.groups, vec!["a", "b"]);
         assert_eq!(p.token_type, "access_token");
+        assert_eq!(p.token_exp, None);
         let none: Map<String, Value> = serde_json::from_str(r#"{"sub":""}"#).unwrap();
         assert!(matches!(
             principal_from_claims(&none, &ClaimNames::default(), "iss", TokenType::IdToken),
             Err(TokenError::MissingClaim(_))
         ));
+    }
+
+    #[test]
+    fn sessions_end_when_their_token_is_refused_unless_configured_otherwise() {
+        let mut config: IdentityConfig = toml::from_str(
+            r#"
+issuer = "https://idp.example"
+audiences = ["a"]
+leeway_secs = 5
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.session_expiry, SessionExpiry::Token);
+        let claims: Map<String, Value> = serde_json::from_str(r#"{"sub":"a","exp":1000}"#).unwrap();
+        let p = principal_from_claims(&claims, &config.claims, "iss", TokenType::IdToken).unwrap();
+        assert_eq!(p.token_exp, Some(1000));
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        let left = |p: &Principal, now| session_remaining(&config, p, at(now));
+        assert_eq!(left(&p, 990), Some(Duration::from_secs(16)));
+        assert_eq!(left(&p, 1005), Some(Duration::from_secs(1)));
+        assert_eq!(left(&p, 1006), Some(Duration::ZERO));
+        assert_eq!(left(&p, 2000), Some(Duration::ZERO));
+        // No exp, no time: fail closed.
+        assert_eq!(left(&Principal::default(), 0), Some(Duration::ZERO));
+        config.session_expiry = SessionExpiry::Unbounded;
+        assert_eq!(session_remaining(&config, &p, at(2000)), None);
+        let none: IdentityConfig = toml::from_str(
+            r#"
+issuer = "https://idp.example"
+audiences = ["a"]
+session_expiry = "none"
+"#,
+        )
+        .unwrap();
+        assert_eq!(none.session_expiry, SessionExpiry::Unbounded);
     }
 }

@@ -69,6 +69,9 @@ pub struct Principal {
     pub issuer: String,
     /// `id_token` or `access_token`.
     pub token_type: String,
+    /// The token's `exp` claim, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_exp: Option<u64>,
 }
 
 /// The client connection and the target it reaches.
@@ -357,6 +360,7 @@ mod tests {
             intent: Some("i".into()),
             issuer: "https://idp".into(),
             token_type: "access_token".into(),
+            token_exp: Some(1_795_766_700),
         }));
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),
@@ -373,6 +377,10 @@ mod tests {
             statement: Some("s".into()),
             portal: Some("p".into()),
             params: Some(vec![Some("1".into()), None]),
+            prepared: vec![PreparedText {
+                name: "x".into(),
+                text: "PREPARE x AS SELECT 1".into(),
+            }],
         });
         body.response = Some(Response {
             tags: vec!["SELECT 1".into()],

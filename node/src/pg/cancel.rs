@@ -28,6 +28,13 @@ pub struct CancelGuard {
     key: (i32, i32),
 }
 
+impl CancelGuard {
+    /// The key pair the client holds.
+    pub fn key(&self) -> (i32, i32) {
+        self.key
+    }
+}
+
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         self.registry

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cancel;
 pub mod catalog;
 pub mod codec;
+pub mod encoding;
 pub mod messages;
 mod relay;
 mod session;
@@ -20,17 +21,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-
-/// Whether a PostgreSQL encoding name means UTF-8 (PostgreSQL compares encoding names
-/// ignoring case and anything but letters and digits).
-pub fn encoding_is_utf8(name: &str) -> bool {
-    let norm: String = name
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    matches!(norm.as_str(), "utf8" | "unicode")
-}
 
 /// Everything a session needs, shared by all sessions of the listener.
 pub struct PgContext {

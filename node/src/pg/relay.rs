@@ -10,6 +10,7 @@
 use super::backend::{Backend, MAX_BACKEND_FRAME};
 use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
+use super::encoding::EncodingError;
 use super::messages::{self, display_value};
 use super::session::outcome_label;
 use super::state::{Confirmed, Lookup, Op, Portal, Projection, Stmt};
@@ -161,6 +162,8 @@ pub struct Established {
     /// Client bytes read past the password message.
     pub client_buf: BytesMut,
     pub backend: Backend,
+    /// When the session must end because its token expires (`identity.session_expiry`).
+    pub expires: Option<tokio::time::Instant>,
     pub _cancel_guard: CancelGuard,
 }
 
@@ -263,7 +266,8 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         session,
         client_buf,
         backend,
-        _cancel_guard,
+        expires,
+        _cancel_guard: cancel_guard,
     } = est;
     let session = Arc::new(session);
     let (client_read, client_write) = tokio::io::split(client);
@@ -303,17 +307,23 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let end = tokio::select! {
         end = client_half.run() => end,
         end = target_half.run() => end,
+        () = token_expiry(expires) => End::TokenExpired,
     };
-    let goodbye = match &end {
-        End::ClientProtocol(message) => Some(message.clone()),
-        End::EncodingChanged(_) => Some(end.to_string()),
-        _ => None,
-    };
-    if let Some(message) = goodbye {
-        let _ = target_half
-            .write
-            .write_all(&messages::error_response(true, "08P01", &message))
-            .await;
+    match &end {
+        End::ClientProtocol(_) | End::EncodingChanged(_) => {
+            let message = match &end {
+                End::ClientProtocol(m) => m.clone(),
+                other => other.to_string(),
+            };
+            let _ = target_half
+                .write
+                .write_all(&messages::error_response(true, "08P01", &message))
+                .await;
+        }
+        End::TokenExpired => {
+            end_expired(ctx, &session, &cancel_guard, &mut target_half.write).await;
+        }
+        _ => {}
     }
     target_half.abandon_pending();
     let mut body = session.body(&ctx.audit, Kind::SessionEnd);
@@ -329,6 +339,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         | End::ClientProtocol(_)
         | End::TargetProtocol(_)
         | End::EncodingChanged(_) => Outcome::Error,
+        End::TokenExpired => Outcome::Denied,
     });
     ctx.audit.record(body);
     tracing::info!(%end, "session ended");
@@ -344,6 +355,8 @@ enum End {
     TargetProtocol(String),
     /// The target switched the session to a client encoding other than UTF-8.
     EncodingChanged(String),
+    /// The session's token expired (`identity.session_expiry = "token"`).
+    TokenExpired,
 }
 
 impl std::fmt::Display for End {
@@ -358,6 +371,7 @@ impl std::fmt::Display for End {
                 f,
                 "the target switched client_encoding to {e:?}; the gateway only reads UTF-8"
             ),
+            End::TokenExpired => f.write_str("token expired"),
         }
     }
 }
@@ -1378,16 +1392,15 @@ impl TargetHalf {
                 }
             }
             b'S' => {
-                if let Ok((name, value)) = messages::parse_parameter_status(&body) {
-                    match name {
-                        "application_name" => self.session.application_reported(value),
-                        // The gateway reads every client message as UTF-8; once the target
-                        // reads them otherwise, it can no longer tell what runs.
-                        "client_encoding" if !super::encoding_is_utf8(value) => {
-                            return Some(End::EncodingChanged(value.to_string()));
-                        }
-                        _ => {}
-                    }
+                // The gateway reads every client message as UTF-8; once the target reads them
+                // otherwise, it can no longer tell what runs.
+                match super::encoding::check_parameter_status(&body) {
+                    Ok(()) => {}
+                    Err(EncodingError::TargetNotUtf8(e)) => return Some(End::EncodingChanged(e)),
+                    Err(e) => return Some(End::TargetProtocol(e.to_string())),
+                }
+                if let Ok(("application_name", value)) = messages::parse_parameter_status(&body) {
+                    self.session.application_reported(value);
                 }
             }
             b'Z' => {
@@ -1718,4 +1731,34 @@ fn statement_texts<'a>(text: &'a str, stmts: &[StatementInfo]) -> Vec<&'a str> {
         }
     }
     vec![text; stmts.len()]
+}
+
+/// Resolves when the session's token expires; never for a session without a deadline.
+async fn token_expiry(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The message a client gets when its session ends because its token expired.
+const EXPIRED: &str =
+    "terminating connection: the access token expired; reconnect with a fresh token";
+
+/// Ends a session whose token expired. Both halves have stopped, so nothing the client sends
+/// from now on reaches the target. Whatever the target is still running for this session is
+/// cancelled the way a client's CancelRequest is (on record first), and the client is told why
+/// its connection ends (`57P01`, as for `pg_terminate_backend`). Dropping the target connection
+/// afterwards rolls back an open transaction.
+async fn end_expired(
+    ctx: &PgContext,
+    session: &Session,
+    cancel_guard: &CancelGuard,
+    client: &mut WriteHalf<BoxStream>,
+) {
+    let (pid, secret) = cancel_guard.key();
+    super::session::cancel(ctx, &session.conn, pid, secret).await;
+    let _ = client
+        .write_all(&messages::error_response(true, "57P01", EXPIRED))
+        .await;
 }

@@ -3,6 +3,7 @@
 
 use super::cancel::CancelEntry;
 use super::codec::{split_frame, split_startup, FrameError};
+use super::encoding;
 use super::messages::{self, Reader, Startup};
 use super::relay::{self, Session};
 use super::PgContext;
@@ -17,10 +18,9 @@ use tracing::Instrument;
 use vigil_proto::record::{Connection, Kind, Outcome, Principal};
 
 /// Client startup parameters passed on to the target; anything else is dropped, except the
-/// ones refused outright below.
+/// ones refused outright below. `client_encoding` is the gateway's own (see [`encoding`]).
 const PASSED_PARAMS: &[&str] = &[
     "application_name",
-    "client_encoding",
     "DateStyle",
     "TimeZone",
     "extra_float_digits",
@@ -296,13 +296,14 @@ async fn handshake(
     }
     // Startup options can change how the target behaves for the whole session (`-c role=…`):
     // only settings on the policy's allow-list pass.
-    let options =
-        crate::policy::startup_settings(startup.get("options").unwrap_or("")).map_err(|e| {
+    let mut options = crate::policy::startup_settings(startup.get("options").unwrap_or(""))
+        .map_err(|e| {
             denied(
                 "42501",
                 format!("blocked by Vigil policy (rule startup-options): {e}"),
             )
         })?;
+    take_client_encoding(&startup, &mut options).map_err(|e| denied("22023", e.to_string()))?;
     if let Some((name, _)) = options
         .iter()
         .find(|(name, _)| !ctx.policy.allowed_startup_setting(name))
@@ -332,6 +333,7 @@ async fn handshake(
         .filter(|(k, _)| PASSED_PARAMS.contains(&k.as_str()))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    params.push(("client_encoding", encoding::TARGET_ENCODING));
     if !options.is_empty() {
         params.push(("options", &options));
     }
@@ -345,6 +347,15 @@ async fn handshake(
             principal: Some(principal.clone()),
         }
     })?;
+    // The target must confirm the encoding the gateway asked for.
+    for status in &backend.parameters {
+        encoding::check_parameter_status(&status[5..]).map_err(|e| Refusal::Deny {
+            sqlstate: "08001",
+            message: e.to_string(),
+            outcome: Outcome::Error,
+            principal: Some(principal.clone()),
+        })?;
+    }
     let conn = Arc::new(conn.clone());
     let session = Session {
         id: id.to_string(),
@@ -383,12 +394,35 @@ async fn handshake(
         session,
         client_buf: buf,
         backend,
+        expires: ctx
+            .verifier
+            .session_remaining(&principal)
+            .map(|left| tokio::time::Instant::now() + left),
         _cancel_guard: cancel_guard,
     })
 }
 
+/// Checks every `client_encoding` the client asked for: startup parameters (whatever the case of
+/// the name: PostgreSQL reads them as setting names) and settings in `options`, which are
+/// taken out of `options`. None of them reaches the target, which always gets
+/// [`encoding::TARGET_ENCODING`].
+fn take_client_encoding(
+    startup: &Startup,
+    options: &mut Vec<(String, String)>,
+) -> Result<(), encoding::EncodingError> {
+    let is_encoding = |name: &str| name.eq_ignore_ascii_case("client_encoding");
+    startup
+        .params
+        .iter()
+        .chain(options.iter())
+        .filter(|(name, _)| is_encoding(name))
+        .try_for_each(|(_, value)| encoding::check_client_request(value))?;
+    options.retain(|(name, _)| !is_encoding(name));
+    Ok(())
+}
+
 /// Routes a CancelRequest. Like every request, it is on record before the target sees it.
-async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
+pub(super) async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
     let mut body = ctx.audit.body(None, Kind::Cancel);
     body.connection = Some(Arc::new(conn.clone()));
     let Some(entry) = ctx.cancels.lookup(pid, secret) else {
