@@ -632,7 +632,7 @@ const BINDINGS: &[(&str, &[(&str, Binding)])] = &[
     ("CreateFunctionStmt", &[("options", Binding::Options)]),
     ("CreateOpClassStmt", &[("items", Binding::OpClassItems)]),
     (
-        "CreatePLangStmt",
+        "CreatePlangStmt",
         &[
             ("plhandler", Binding::Name),
             ("plinline", Binding::Name),
@@ -773,7 +773,7 @@ impl Walk {
                 info.flags.insert(Flag::Procedural);
                 K::Ddl
             }
-            "CreateFunctionStmt" | "CreatePLangStmt" => {
+            "CreateFunctionStmt" | "CreatePlangStmt" => {
                 info.flags.insert(Flag::Procedural);
                 if name == "CreateFunctionStmt" {
                     self.sql_function_body(body);
@@ -1126,6 +1126,272 @@ mod tests {
         assert_eq!(one("EXECUTE p(1)").executes.as_deref(), Some("p"));
         assert_eq!(one("BEGIN").kind(), K::Transaction);
         assert_eq!(one("CREATE TABLE x (a int)").kind(), K::Ddl);
+    }
+
+    fn has(sql: &str, flag: Flag) -> bool {
+        one(sql).flags.contains(&flag)
+    }
+
+    #[test]
+    fn ddl_that_binds_functions_is_classified_by_the_function() {
+        for sql in [
+            "CREATE OPERATOR === (function = public.pg_read_file, leftarg = text, rightarg = text)",
+            "CREATE CAST (text AS int) WITH FUNCTION pg_read_file(text)",
+            "CREATE AGGREGATE a(text) (sfunc = pg_read_file, stype = text)",
+            "CREATE TYPE t (input = pg_read_file, output = textout)",
+            "CREATE EVENT TRIGGER e ON ddl_command_start EXECUTE FUNCTION pg_read_file()",
+            "CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION pg_read_file()",
+            "CREATE OPERATOR CLASS c FOR TYPE int USING btree AS OPERATOR 1 <, FUNCTION 1 pg_read_file(text)",
+            "CREATE DEFAULT CONVERSION c FOR 'LATIN1' TO 'UTF8' FROM pg_read_file",
+            "CREATE LANGUAGE l HANDLER pg_read_file",
+            "CREATE ACCESS METHOD m TYPE TABLE HANDLER pg_read_file",
+            "CREATE FOREIGN DATA WRAPPER w HANDLER pg_read_file",
+            "CREATE TYPE r AS RANGE (subtype = int, subtype_diff = pg_read_file)",
+            "ALTER OPERATOR === (text, text) SET (restrict = pg_read_file)",
+            "CREATE TEXT SEARCH PARSER p (start = pg_read_file, gettoken = a, end = b, lextypes = c)",
+        ] {
+            let c = one(sql);
+            assert!(c.functions.contains("pg_read_file"), "{sql}: {c:?}");
+            assert!(c.flags.contains(&F::Procedural), "{sql}");
+            assert!(c.flags.contains(&F::DangerousFunction), "{sql}");
+            assert!(c.flags.contains(&F::ServerFile), "{sql}");
+        }
+        // A harmless bound function is named, but not dangerous.
+        let op = one("CREATE OPERATOR <<< (function = textlt, leftarg = text, rightarg = text)");
+        assert!(op.functions.contains("textlt") && op.flags.contains(&F::Procedural));
+        assert!(!op.flags.contains(&F::DangerousFunction));
+        // DDL that binds no function is not procedural.
+        assert!(!has("CREATE COLLATION c (locale = 'C')", F::Procedural));
+        assert!(has("CREATE EXTENSION dblink", F::Procedural));
+    }
+
+    #[test]
+    fn foreign_data_with_programs_and_files() {
+        let program = one("CREATE FOREIGN TABLE f (a text) SERVER s OPTIONS (program 'id')");
+        assert!(program.flags.contains(&F::CopyProgram) && program.flags.contains(&F::ForeignData));
+        assert!(has(
+            "ALTER FOREIGN TABLE f OPTIONS (SET filename '/etc/passwd')",
+            F::ServerFile
+        ));
+        assert!(has(
+            "ALTER FOREIGN TABLE f OPTIONS (ADD program 'id')",
+            F::CopyProgram
+        ));
+        assert!(has(
+            "CREATE SERVER s FOREIGN DATA WRAPPER file_fdw",
+            F::ForeignData
+        ));
+        assert!(has(
+            "CREATE USER MAPPING FOR public SERVER s OPTIONS (user 'postgres')",
+            F::ForeignData
+        ));
+        assert!(has(
+            "IMPORT FOREIGN SCHEMA x FROM SERVER s INTO public",
+            F::ForeignData
+        ));
+    }
+
+    #[test]
+    fn sql_given_as_text_is_classified() {
+        let q = one("SELECT query_to_xml('DELETE FROM payroll RETURNING 1', true, false, '')");
+        assert!(q.flags.contains(&F::ExecutesSqlText));
+        assert!(q.flags.contains(&F::DeleteWithoutWhere) && q.flags.contains(&F::NestedWrite));
+        assert!(q.tables.contains("payroll"));
+        assert_eq!(q.kind(), K::Write);
+        // Named arguments, casts, schema qualification, nesting.
+        let n = one(
+            "SELECT pg_catalog.query_to_xml(query => $$SELECT query_to_xml('select pg_read_file(''/etc/passwd'')', true, false, '')$$::text, nulls => true, tableforest => false, targetns => '')",
+        );
+        assert!(n.flags.contains(&F::DangerousFunction), "{n:?}");
+        // A dblink connection string is not SQL; the statement is.
+        let d = one("SELECT * FROM dblink('dbname=postgres', 'DROP TABLE customers') AS t(x text)");
+        assert!(d.flags.contains(&F::Drop) && d.flags.contains(&F::DangerousFunction));
+        assert_eq!(d.kind(), K::Ddl);
+        // Table names given as strings are tables; a query built at run time is only flagged.
+        assert!(one("SELECT table_to_xml('payroll', true, false, '')")
+            .tables
+            .contains("payroll"));
+        assert!(has(
+            "SELECT query_to_xml('select ' || 'x', true, false, '')",
+            F::ExecutesSqlText
+        ));
+        assert!(has(
+            "SELECT database_to_xml(true, false, '')",
+            F::ExecutesSqlText
+        ));
+        assert!(has(
+            "SELECT ts_rewrite('a'::tsquery, 'SELECT 1')",
+            F::ExecutesSqlText
+        ));
+        // A plain EXPLAIN runs nothing: flags, but not the kind.
+        assert_eq!(
+            one("EXPLAIN SELECT query_to_xml('DELETE FROM t RETURNING 1', true, false, '')").kind(),
+            K::Read
+        );
+        // The body of a LANGUAGE sql function runs whenever it is called.
+        let f = one("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'DELETE FROM t RETURNING 1'");
+        assert!(f.flags.contains(&F::DeleteWithoutWhere) && f.tables.contains("t"));
+        let atomic = one(
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC UPDATE t SET a = 1; END",
+        );
+        assert!(atomic.flags.contains(&F::UpdateWithoutWhere));
+        // Too many texts inside one message: refused, not guessed.
+        let many = vec!["query_to_xml('select 1', true, false, '')"; MAX_SQL_TEXTS + 1].join(", ");
+        assert!(matches!(
+            classify(&format!("SELECT {many}")),
+            Err(ClassifyError::TooComplex(_))
+        ));
+    }
+
+    #[test]
+    fn statements_inside_statements() {
+        let schema = one("CREATE SCHEMA s CREATE TABLE t (a int) GRANT ALL ON t TO public");
+        assert_eq!(schema.kind(), K::Privilege);
+        assert!(schema.tables.contains("t"));
+        let rule = one("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM customers");
+        assert_eq!(rule.kind(), K::Ddl);
+        assert!(
+            rule.flags.contains(&F::DeleteWithoutWhere) && rule.flags.contains(&F::NestedWrite)
+        );
+        assert!(rule.tables.contains("customers"));
+        let merge = one("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE");
+        assert!(merge.flags.contains(&F::DeleteWithoutWhere));
+        assert!(has(
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = 1",
+            F::UpdateWithoutWhere
+        ));
+        let conditional = one(
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.gone THEN DELETE WHEN MATCHED AND s.x THEN UPDATE SET a = 1 WHEN NOT MATCHED THEN INSERT VALUES (1)",
+        );
+        assert!(!conditional.flags.contains(&F::DeleteWithoutWhere));
+        assert!(!conditional.flags.contains(&F::UpdateWithoutWhere));
+        let system = one("ALTER SYSTEM SET shared_preload_libraries = 'x'");
+        assert!(system.flags.contains(&F::AlterSystem) && system.flags.contains(&F::Alter));
+        assert_eq!(system.kind(), K::Ddl);
+        // Top-level-only effects do not leak from a statement's inner statements.
+        assert_eq!(
+            one("EXPLAIN ANALYZE EXECUTE p").executes.as_deref(),
+            Some("p")
+        );
+        assert_eq!(
+            one("CREATE SCHEMA s CREATE VIEW v AS SELECT 1").prepares,
+            None
+        );
+    }
+
+    #[test]
+    fn client_encoding_changes() {
+        let enc = |sql: &str| one(sql).client_encoding;
+        let to = |v: &str| Some(EncodingChange::To(v.into()));
+        assert_eq!(enc("SET client_encoding = 'SJIS'"), to("SJIS"));
+        assert_eq!(enc("SET NAMES 'big5'"), to("big5"));
+        assert_eq!(enc("SET LOCAL client_encoding TO gbk"), to("gbk"));
+        assert_eq!(
+            enc("SELECT set_config('CLIENT_ENCODING', 'SJIS', false)"),
+            to("SJIS")
+        );
+        assert_eq!(enc("RESET client_encoding"), Some(EncodingChange::Reset));
+        assert_eq!(
+            enc("SET client_encoding TO DEFAULT"),
+            Some(EncodingChange::Reset)
+        );
+        assert_eq!(enc("RESET ALL"), Some(EncodingChange::Reset));
+        assert_eq!(enc("SET search_path = public"), None);
+        assert_eq!(enc("SELECT set_config('search_path', 'x', false)"), None);
+        for sql in [
+            "SELECT set_config(name, 'SJIS', false) FROM (VALUES ('client_encoding')) v(name)",
+            "SELECT set_config('client_encoding', current_setting('x'), false)",
+        ] {
+            assert_eq!(enc(sql), Some(EncodingChange::NotConstant), "{sql}");
+            assert!(one(sql).leaves_utf8(), "{sql}");
+        }
+        for sql in ["SET client_encoding = 'SJIS'", "SET NAMES 'BIG5'"] {
+            let c = one(sql);
+            assert!(
+                c.leaves_utf8() && c.flags.contains(&F::ClientEncodingChange),
+                "{sql}"
+            );
+        }
+        for sql in [
+            "SET client_encoding = 'UTF8'",
+            "SET NAMES 'utf-8'",
+            "SET client_encoding = 'Unicode'",
+            "RESET client_encoding",
+        ] {
+            assert!(!one(sql).leaves_utf8(), "{sql}");
+        }
+        assert!(!has("RESET client_encoding", F::ClientEncodingChange));
+        // Inside SQL text it changes this session too; a non-UTF-8 change wins over others.
+        assert!(one(
+            "SELECT query_to_xml('select set_config(''client_encoding'', ''SJIS'', false)', true, false, ''), set_config('client_encoding', 'UTF8', false)"
+        )
+        .leaves_utf8());
+        // A role's or a database's setting is for later sessions, not this one.
+        assert_eq!(enc("ALTER ROLE r SET client_encoding = 'SJIS'"), None);
+    }
+
+    #[test]
+    fn long_operator_chains_and_deep_nesting_are_classified() {
+        // What PostgreSQL 15 runs with its default 2 MB stack (chains of ~4,000 operators,
+        // ~2,100 nested subqueries) and beyond: classified, not refused as a parse error.
+        for sql in [
+            format!("SELECT {}", vec!["1"; 4000].join(" + ")),
+            format!("SELECT {}", vec!["'a'"; 4000].join(" || ")),
+            format!("SELECT {}1{}", "abs(".repeat(4000), ")".repeat(4000)),
+            format!("SELECT {}1{}", "(SELECT ".repeat(1500), ")".repeat(1500)),
+            format!("SELECT {}1{}", "(".repeat(9000), ")".repeat(9000)),
+        ] {
+            assert_eq!(one(&sql).kind(), K::Read, "{}", &sql[..40]);
+        }
+        // Found at the bottom of a long chain.
+        let deep = format!(
+            "SELECT {} + pg_read_file('/etc/passwd')",
+            vec!["1"; 3000].join(" + ")
+        );
+        assert!(has(&deep, F::DangerousFunction));
+        // Deeper than the parser serialises: refused (fail closed), never a crash.
+        for sql in [
+            format!("SELECT {}", vec!["1"; 20_000].join(" + ")),
+            format!("SELECT {}1{}", "(SELECT ".repeat(3000), ")".repeat(3000)),
+            format!("SELECT {}1{}", "(".repeat(20_000), ")".repeat(20_000)),
+        ] {
+            assert!(matches!(classify(&sql), Err(ClassifyError::Syntax(_))));
+        }
+    }
+
+    #[test]
+    fn the_dangerous_list_is_sorted_and_derived() {
+        assert!(DANGEROUS_FUNCTIONS.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(SQL_TEXT_FUNCTIONS.windows(2).all(|w| w[0].0 < w[1].0));
+        for (name, area) in [
+            ("pg_read_file", FunctionArea::ServerFiles),
+            ("pg_ls_dir", FunctionArea::ServerFiles),
+            ("lo_import", FunctionArea::ServerFiles),
+            ("pg_file_write", FunctionArea::ServerFiles),
+            ("lo_from_bytea", FunctionArea::LargeObjects),
+            ("pg_terminate_backend", FunctionArea::OtherSessions),
+            ("set_config", FunctionArea::Configuration),
+            ("pg_reload_conf", FunctionArea::Configuration),
+            ("pg_switch_wal", FunctionArea::Replication),
+            (
+                "pg_create_logical_replication_slot",
+                FunctionArea::Replication,
+            ),
+            ("pg_advisory_lock", FunctionArea::AdvisoryLocks),
+            ("dblink_exec", FunctionArea::OtherServers),
+            ("pg_stat_reset", FunctionArea::Privileged),
+        ] {
+            assert_eq!(dangerous_function(name), Some(area), "{name}");
+        }
+        for harmless in [
+            "now",
+            "lower",
+            "pg_sleep",
+            "current_setting",
+            "pg_is_wal_replay_paused",
+        ] {
+            assert_eq!(dangerous_function(harmless), None, "{harmless}");
+        }
     }
 
     #[test]

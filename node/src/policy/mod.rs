@@ -628,6 +628,8 @@ tables = ["public.customers"]
             "SELECT pg_read_file('/etc/passwd')",
             "CREATE TABLE x (a int)",
             "DO $$ BEGIN END $$",
+            "SELECT query_to_xml('select 1', true, false, '')",
+            "CREATE SCHEMA s CREATE TABLE t (a int)",
         ] {
             assert_eq!(decide(&p, sql, true).rule, "read-only", "{sql}");
         }
