@@ -19,7 +19,7 @@ reason = "destructive statements need a human"
 [[policy.rules]]
 id = "no-escape"
 action = "block"
-flags = ["copy_program", "server_file", "dangerous_function", "role_change", "procedural", "explain_analyze_write", "nested_write"]
+flags = ["copy_program", "server_file", "dangerous_function", "role_change", "procedural", "explain_analyze_write", "nested_write", "executes_sql_text", "foreign_data", "alter_system", "client_encoding_change"]
 reason = "statements that reach outside the data are not allowed"
 
 [[policy.rules]]
@@ -102,7 +102,88 @@ const BASE: &[(&str, Option<&str>)] = &[
     ("UPDATE customers SET name = name WHERE id = 1", None),
     ("EXPLAIN SELECT * FROM customers", None),
     ("SET statement_timeout = '5s'", None),
+    // Code reached without a function call in the tree: what a statement installs for later.
+    (
+        "CREATE OPERATOR === (function = pg_read_file, leftarg = text, rightarg = text)",
+        Some("no-escape"),
+    ),
+    (
+        "CREATE CAST (text AS point) WITH FUNCTION pg_read_file(text)",
+        Some("no-escape"),
+    ),
+    (
+        "CREATE AGGREGATE evil_agg(text) (sfunc = pg_catalog.pg_read_file, stype = text)",
+        Some("no-escape"),
+    ),
+    (
+        "CREATE FOREIGN TABLE evil_ft (a text) SERVER evil_srv OPTIONS (program 'id')",
+        Some("no-escape"),
+    ),
+    ("CREATE EXTENSION IF NOT EXISTS dblink", Some("no-escape")),
+    (
+        "SELECT query_to_xml('DELETE FROM customers RETURNING 1', true, false, '')",
+        Some("no-destruction"),
+    ),
+    (
+        "SELECT query_to_xml('select name from customers', true, false, '')",
+        Some("no-escape"),
+    ),
+    (
+        "CREATE FUNCTION evil_f() RETURNS int LANGUAGE sql AS 'DELETE FROM customers RETURNING 1'",
+        Some("no-destruction"),
+    ),
+    // Statements inside statements.
+    (
+        "CREATE SCHEMA evil_s CREATE TABLE evil3 (a int) GRANT ALL ON evil3 TO PUBLIC",
+        Some("no-privilege"),
+    ),
+    (
+        "CREATE RULE evil_r AS ON INSERT TO payroll DO INSTEAD DELETE FROM customers",
+        Some("no-destruction"),
+    ),
+    (
+        "MERGE INTO customers c USING (VALUES (1)) v(id) ON true WHEN MATCHED THEN DELETE",
+        Some("no-destruction"),
+    ),
+    ("ALTER SYSTEM SET work_mem = '77MB'", Some("no-destruction")),
+    // The session's encoding: the gateway parses UTF-8 only.
+    ("SET NAMES 'SJIS'", Some("no-escape")),
+    (
+        "SELECT set_config('client_encoding', 'BIG5', false)",
+        Some("no-escape"),
+    ),
+    ("RESET client_encoding", None),
 ];
+
+/// The corpus: [`BASE`] and statements too long to write out, with what must happen to them.
+fn corpus() -> Vec<(String, Option<&'static str>)> {
+    let mut cases: Vec<_> = BASE.iter().map(|(s, r)| (s.to_string(), *r)).collect();
+    // The parser's limits are not the gateway's: what PostgreSQL 15 runs passes (it accepts
+    // about 4,000 chained operators and 10,000 nested parentheses) …
+    cases.push((format!("SELECT {} AS n", vec!["1"; 300].join(" + ")), None));
+    cases.push((
+        format!("SELECT {} AS s", vec!["name"; 200].join(" || ")) + " FROM customers WHERE id = 1",
+        None,
+    ));
+    cases.push((
+        format!("SELECT {}1{}", "(".repeat(500), ")".repeat(500)),
+        None,
+    ));
+    // … with its guardrails intact at the bottom of a long chain …
+    cases.push((
+        format!(
+            "SELECT {} + length(pg_read_file('/etc/hostname'))",
+            vec!["1"; 1000].join(" + ")
+        ),
+        Some("no-escape"),
+    ));
+    // … and what neither PostgreSQL nor the parser accepts stays blocked.
+    cases.push((
+        format!("SELECT {}", vec!["1"; 20_000].join(" + ")),
+        Some("parse-error"),
+    ));
+    cases
+}
 
 /// Rewritings that change nothing for PostgreSQL.
 fn transforms(sql: &str) -> Vec<(&'static str, String)> {
@@ -153,7 +234,8 @@ async fn t70_evasion_corpus_on_both_protocols() {
     let log_offset = pg_log_len();
     let mut expected_blocks: BTreeMap<String, usize> = BTreeMap::new();
     let mut cases = 0;
-    for (i, (base, rule)) in BASE.iter().enumerate() {
+    let corpus = corpus();
+    for (i, (base, rule)) in corpus.iter().enumerate() {
         // One session per statement: every rewriting of it, on both protocols. A blocked
         // statement must leave the session usable for the next case.
         let (client, _c) = node.client(&token).await.unwrap();
@@ -220,6 +302,21 @@ async fn t70_evasion_corpus_on_both_protocols() {
         .unwrap()
         .get(0);
     assert_eq!(evil, 0);
+    // Nothing the blocked DDL would have installed exists.
+    let installed: i64 = su
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_operator WHERE oprname = '===')
+                  + (SELECT count(*) FROM pg_namespace WHERE nspname = 'evil_s')
+                  + (SELECT count(*) FROM pg_rewrite WHERE rulename = 'evil_r')
+                  + (SELECT count(*) FROM pg_proc WHERE proname IN ('evil_f', 'evil_agg'))
+                  + (SELECT count(*) FROM pg_extension WHERE extname = 'dblink')
+                  + (SELECT count(*) FROM pg_class WHERE relname = 'evil_ft')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(installed, 0);
     let payroll: i64 = su
         .query_one("SELECT count(*) FROM payroll", &[])
         .await
@@ -228,7 +325,7 @@ async fn t70_evasion_corpus_on_both_protocols() {
     assert_eq!(payroll, 0);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let log = pg_log_lines(&node.files.db, log_offset).join("\n");
-    for (i, (_, rule)) in BASE.iter().enumerate() {
+    for (i, (_, rule)) in corpus.iter().enumerate() {
         if rule.is_some() {
             assert!(
                 !log.contains(&format!("case-{i}-")),
@@ -528,6 +625,12 @@ const DIFFERENTIAL: &[&str] = &[
     "CREATE VIEW v AS SELECT * FROM customers",
     "COMMENT ON TABLE customers IS 'x'",
     "GRANT SELECT ON customers TO PUBLIC",
+    "SELECT query_to_xml('select name from customers where id < 3', true, false, '')",
+    "MERGE INTO customers c USING (VALUES (7)) v(id) ON c.id = v.id WHEN MATCHED THEN DELETE",
+    "CREATE SCHEMA scratch_s CREATE TABLE scratch_t (a int) CREATE VIEW scratch_v AS SELECT * FROM scratch_t",
+    "CREATE RULE scratch_r AS ON INSERT TO customers DO ALSO NOTIFY scratch_changed",
+    "CREATE FUNCTION scratch_f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "SELECT 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

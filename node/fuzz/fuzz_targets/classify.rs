@@ -1,5 +1,5 @@
 //! Arbitrary text through the PostgreSQL parser, the classifier and a decision: errors are
-//! fine, panics are not.
+//! fine, panics (and stack overflows, however deep the tree) are not.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,7 +11,15 @@ fuzz_target!(|data: &[u8]| {
     let class = classify::classify(sql);
     let policy = Policy::new(PolicyConfig::default());
     let d = policy.decide(class.as_deref(), &Principal::default(), "app", true);
-    if class.is_err() {
-        assert!(d.blocks(), "a statement that does not parse is blocked");
+    match &class {
+        Err(_) => assert!(d.blocks(), "a statement that does not parse is blocked"),
+        Ok(statements) => {
+            for s in statements {
+                // A possible switch away from UTF-8 is always flagged.
+                if s.leaves_utf8() {
+                    assert!(s.flags.contains(&classify::Flag::ClientEncodingChange));
+                }
+            }
+        }
     }
 });

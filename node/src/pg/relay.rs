@@ -891,15 +891,17 @@ impl ClientHalf {
     fn decide(&self, class: &Classification, resolved: &Resolved) -> Decision {
         let connection = self.session.conn.name.as_deref().unwrap_or("");
         if let Some(name) = &resolved.unknown {
-            return Decision {
-                action: Action::Block,
-                rule: "unknown-prepared-statement".into(),
-                reason: Some(format!(
+            return gateway_block("unknown-prepared-statement", format!(
                     "the gateway cannot tell what prepared statement {name:?} holds, so it does not run it"
-                )),
-                dry_run: Vec::new(),
-                approval: None,
-            };
+                ));
+        }
+        // Whatever the policy: the gateway reads every message as UTF-8, so a statement that
+        // may switch the session to another encoding never runs.
+        if class
+            .as_ref()
+            .is_ok_and(|stmts| stmts.iter().any(StatementInfo::leaves_utf8))
+        {
+            return gateway_block("client-encoding", "this gateway relays UTF8 sessions only; client_encoding cannot be changed to another encoding");
         }
         if !self.ctx.policy.governs(connection, self.session.read_only) {
             return self.ctx.policy.ungoverned();
@@ -965,15 +967,10 @@ impl ClientHalf {
 
     /// Refuses a message that names a statement or portal the gateway cannot vouch for.
     fn refuse_unknown(&mut self, what: &str, name: &str, request: Request, out: &mut BytesMut) {
-        let decision = Decision {
-            action: Action::Block,
-            rule: "unknown-prepared-statement".into(),
-            reason: Some(format!(
-                "the gateway cannot tell what {what} {name:?} holds, so it does not run it"
-            )),
-            dry_run: Vec::new(),
-            approval: None,
-        };
+        let decision = gateway_block(
+            "unknown-prepared-statement",
+            format!("the gateway cannot tell what {what} {name:?} holds, so it does not run it"),
+        );
         self.block(request, &decision, false, out);
         self.skip_until_sync = true;
     }
@@ -1761,4 +1758,15 @@ async fn end_expired(
     let _ = client
         .write_all(&messages::error_response(true, "57P01", EXPIRED))
         .await;
+}
+
+/// A refusal decided by the gateway itself, whatever the policy says.
+fn gateway_block(rule: &str, reason: impl Into<String>) -> Decision {
+    Decision {
+        action: Action::Block,
+        rule: rule.into(),
+        reason: Some(reason.into()),
+        dry_run: Vec::new(),
+        approval: None,
+    }
 }
