@@ -342,6 +342,9 @@ fn kill_during_a_write(mut child: Child, file: &std::path::Path, after: Duration
             if len > 0 && f.read_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
                 break;
             }
+            // A record of ~400 KB takes far longer than this to write; the pause keeps the
+            // hunt from taking a core from the node and the other tests.
+            std::thread::sleep(Duration::from_micros(50));
         } else {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -419,6 +422,8 @@ async fn t52_repeated_kill_9_with_large_results_every_stream_verifies() {
         "judge: {KILLS} killed streams, {} ending in a torn record",
         torn.len()
     ));
+    // The hunted kills land inside a write nearly every time (6 or 7 of 7 here).
+    assert!(!torn.is_empty(), "no kill landed inside a record's write");
     let token_file = files.dir.path().join("operator-token");
     std::fs::write(&token_file, id_token("alice")).unwrap();
     let (code, report) = verify_witnessed(&files.audit_dir, &cluster, &token_file, &[]);

@@ -587,13 +587,33 @@ async fn t96_node_keys_are_published_by_the_witness_and_pinned_by_the_verifier()
     // The witness publishes it, bound to the node id, to any authenticated caller.
     let alice = id_token("alice");
     let coord = cluster.endpoints().join(",");
-    let (code, keys) = vigil(&["witness", "keys", "--coordinator", &coord, "--token", &alice]);
+    let (code, keys) = vigil(&[
+        "witness",
+        "keys",
+        "--coordinator",
+        &coord,
+        "--token",
+        &alice,
+    ]);
     assert_eq!(code, 0, "{keys}");
-    assert!(keys.contains(&format!("\n{node_id} {public_key}\n")), "{keys}");
+    assert!(
+        keys.contains(&format!("\n{node_id} {public_key}\n")),
+        "{keys}"
+    );
     assert!(keys.contains(fingerprint), "{keys}");
-    let (code, list) = vigil(&["witness", "list", "--coordinator", &coord, "--token", &alice]);
+    let (code, list) = vigil(&[
+        "witness",
+        "list",
+        "--coordinator",
+        &coord,
+        "--token",
+        &alice,
+    ]);
     assert_eq!(code, 0, "{list}");
-    assert!(list.contains(&stream) && list.contains(fingerprint), "{list}");
+    assert!(
+        list.contains(&stream) && list.contains(fingerprint),
+        "{list}"
+    );
     let listed = cluster
         .operator(&alice)
         .list_node_keys(vigil_proto::coordinator::ListNodeKeysRequest {})
@@ -612,7 +632,11 @@ async fn t96_node_keys_are_published_by_the_witness_and_pinned_by_the_verifier()
         &"00".repeat(32),
         1,
     );
-    let e = cluster.client().put_checkpoint(forged.into()).await.unwrap_err();
+    let e = cluster
+        .client()
+        .put_checkpoint(forged.into())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("registered key"), "{}", e.message());
 
@@ -652,7 +676,9 @@ async fn t96_node_keys_are_published_by_the_witness_and_pinned_by_the_verifier()
     let (code, out) = with_keys(&resigned);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains(&format!("checkpoint signed by a key not pinned for node {node_id}")),
+        out.contains(&format!(
+            "checkpoint signed by a key not pinned for node {node_id}"
+        )),
         "{out}"
     );
     node.node.shutdown().await;

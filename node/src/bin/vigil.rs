@@ -190,9 +190,10 @@ struct VerifyArgs {
     /// witness's streams of other nodes are left out.
     #[arg(long, value_delimiter = ',', requires = "witness")]
     nodes: Vec<String>,
-    /// With --witness: report witnessed streams that have no record in the source without
-    /// failing them (a deleted stream file then passes; prefer --nodes).
-    #[arg(long, requires = "witness")]
+    /// Report streams that a checkpoint names (the witness's or the topic's) but of which the
+    /// source holds no record, without failing them (a deleted stream file then passes;
+    /// prefer --nodes).
+    #[arg(long)]
     allow_missing_streams: bool,
     /// Trust only these checkpoint keys: a file of `<node id> <public key>` lines, as
     /// `vigil witness keys` prints. A checkpoint signed by any other key fails.
