@@ -139,3 +139,70 @@ async fn t30_verify_catches_every_kind_of_tampering() {
     let (code, _) = vigil(&["audit", "verify", "--log", empty.path().to_str().unwrap()]);
     assert_eq!(code, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t31_a_torn_last_record_is_reported_as_such_and_nothing_else_is() {
+    let (dir, a, b) = real_log().await;
+    let original = lines(&b);
+    let n = original.len();
+    let end = &original[n - 1];
+    assert!(end.contains("\"kind\":\"stream_end\""));
+    // What a kill inside the write of the stream's last record leaves: its first bytes, and
+    // no newline.
+    let torn_at = |cut: &str| {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(&a, copy.path().join(a.file_name().unwrap())).unwrap();
+        let path = copy.path().join(b.file_name().unwrap());
+        std::fs::write(&path, original[..n - 1].join("\n") + "\n" + cut).unwrap();
+        let out = vigil(&["audit", "verify", "--log", copy.path().to_str().unwrap()]);
+        (copy, path, out)
+    };
+    let (copy, path, (code, report)) = torn_at(&end[..end.len() / 2]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains(&format!(
+            "torn tail of {} bytes at {}:{n}",
+            end.len() / 2,
+            path.display()
+        )),
+        "{report}"
+    );
+    assert!(report.contains("open (no stream_end record)"), "{report}");
+    assert!(report.contains("2 streams verified"), "{report}");
+    assert!(report.contains(", 1 torn tails"), "{report}");
+
+    // A node started on that directory counts it, keeps it, and its own stream verifies.
+    let node = TestNode::start(NodeOptions {
+        audit_dir: Some(copy.path().to_path_buf()),
+        ..NodeOptions::default()
+    })
+    .await;
+    assert_eq!(metric(&node.metrics().await, "vigil_audit_torn_tails"), 1.0);
+    node.node.shutdown().await;
+    let (code, report) = vigil(&["audit", "verify", "--log", copy.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("in 3 streams verified"), "{report}");
+    assert!(report.contains(", 1 torn tails"), "{report}");
+
+    // Anything else at the end of a file is not a torn record: junk, an earlier record's
+    // beginning (another seq and prev), a record's middle.
+    let earlier = &original[n - 3];
+    for cut in [
+        "garbage".to_string(),
+        earlier[..earlier.len() / 2].to_string(),
+        end[10..end.len() / 2].to_string(),
+    ] {
+        let (_copy, _, (code, report)) = torn_at(&cut);
+        assert_eq!(code, 1, "{cut}: {report}");
+        assert!(
+            report.contains("malformed record: the file ends in an unterminated line"),
+            "{report}"
+        );
+    }
+    // A whole last record without its newline is a record.
+    let (_copy, _, (code, report)) = torn_at(end);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("ended"), "{report}");
+    assert!(report.contains(", 0 torn tails"), "{report}");
+    drop(dir);
+}

@@ -1,10 +1,13 @@
 //! t5x: faults. Nothing unaudited reaches the target, even when the gateway is killed with
 //! SIGKILL in the middle of a stream of statements; a full disk refuses statements before the
-//! target and loses no record.
+//! target and loses no record; repeated kills while large results are recorded leave streams
+//! that verify against the witness, torn tails reported as such; a deleted stream file fails
+//! `verify --witness`; a young stream killed early is anchored close to its end.
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
 use std::time::Duration;
+use vigil_chaos::cluster::Cluster;
 use vigil_chaos::*;
 use vigil_proto::record::{Kind, Record};
 
@@ -297,4 +300,248 @@ async fn t51_full_disk_refuses_before_the_target_and_loses_nothing() {
     assert_eq!(code, 0, "no torn record: {report}");
     drop(client);
     node.node.shutdown().await;
+}
+
+/// `vigil audit verify --log DIR --witness …` with an operator token read from a file, plus
+/// `extra` arguments.
+fn verify_witnessed(
+    dir: &std::path::Path,
+    cluster: &Cluster,
+    token_file: &std::path::Path,
+    extra: &[&str],
+) -> (i32, String) {
+    let witness = cluster.endpoints().join(",");
+    let mut args = vec![
+        "audit",
+        "verify",
+        "--log",
+        dir.to_str().unwrap(),
+        "--witness",
+        &witness,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    vigil(&args)
+}
+
+fn newest_stream_file(dir: &std::path::Path) -> std::path::PathBuf {
+    vigil_node::audit::log_files(dir).unwrap().pop().unwrap()
+}
+
+/// SIGKILLs `child` after `after`; when `hunt`, from half of that on, as soon as `file` ends
+/// inside a line (the node is inside a record's write), falling back to `after`.
+fn kill_during_a_write(mut child: Child, file: &std::path::Path, after: Duration, hunt: bool) {
+    use std::os::unix::fs::FileExt;
+    let started = std::time::Instant::now();
+    let f = std::fs::File::open(file).unwrap();
+    let mut last = [0u8; 1];
+    while started.elapsed() < after {
+        if hunt && started.elapsed() > after / 2 {
+            let len = f.metadata().unwrap().len();
+            if len > 0 && f.read_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
+                break;
+            }
+            // A record of ~400 KB takes far longer than this to write; the pause keeps the
+            // hunt from taking a core from the node and the other tests.
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Stream files whose last byte is not a newline.
+fn unterminated_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    vigil_node::audit::log_files(dir)
+        .unwrap()
+        .into_iter()
+        .filter(|f| std::fs::read(f).unwrap().last() != Some(&b'\n'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_repeated_kill_9_with_large_results_every_stream_verifies() {
+    // The witness runs apart from the gateway, so that it survives the kills.
+    let cluster = Cluster::start(1).await;
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        // Responses of ~400 KB: each record is a write(2) of a hundred pages.
+        max_result_bytes: 1 << 20,
+        coordinator: Some(cluster.node_section()),
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let conn = format!("host=127.0.0.1 port={pg_port} user=agent dbname=app password={token}");
+    const KILLS: u64 = 14;
+    for round in 0..KILLS {
+        let child = spawn_node(&files, admin_port).await;
+        let mut clients = Vec::new();
+        for c in 0..3u64 {
+            let conn = conn.clone();
+            clients.push(tokio::spawn(async move {
+                let Ok((client, _task)) = connect_tls(&conn).await else {
+                    return 0;
+                };
+                let mut done = 0u64;
+                // Distinct sizes, so that records end at every offset within a page.
+                while client
+                    .simple_query(&format!(
+                        "SELECT repeat(md5(g::text), {}) FROM generate_series(1, 4) g",
+                        3000 + 17 * (round * 3 + c) + done
+                    ))
+                    .await
+                    .is_ok()
+                {
+                    done += 1;
+                }
+                done
+            }));
+        }
+        // Even rounds kill at a moment chosen by the clock; odd rounds hunt for a write in
+        // progress (the file's last byte is not a newline) and kill right then.
+        let file = newest_stream_file(&files.audit_dir);
+        let until = Duration::from_millis(250 + 37 * round);
+        let hunt = round % 2 == 1;
+        tokio::task::spawn_blocking(move || kill_during_a_write(child, &file, until, hunt))
+            .await
+            .unwrap();
+        let mut done = 0;
+        for c in clients {
+            done += c.await.unwrap();
+        }
+        eprintln!("--- kill {round}: {done} large results before it");
+    }
+    let torn = unterminated_files(&files.audit_dir);
+    phase(&format!(
+        "judge: {KILLS} killed streams, {} ending in a torn record",
+        torn.len()
+    ));
+    // The hunted kills land inside a write nearly every time (6 or 7 of 7 here).
+    assert!(!torn.is_empty(), "no kill landed inside a record's write");
+    let token_file = files.dir.path().join("operator-token");
+    std::fs::write(&token_file, id_token("alice")).unwrap();
+    let (code, report) = verify_witnessed(&files.audit_dir, &cluster, &token_file, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains(&format!("{KILLS} streams verified")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("{} torn tails", torn.len())),
+        "{report}"
+    );
+    for file in &torn {
+        let at = format!(" bytes at {}:", file.display());
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains(", torn tail of ") && l.contains(&at)),
+            "{} is reported torn: {report}",
+            file.display()
+        );
+    }
+    assert_eq!(
+        report.matches("anchored at seq").count() as u64,
+        KILLS,
+        "the witness anchors every stream: {report}"
+    );
+
+    phase("a restarted node counts the torn tails it finds, and its stream verifies too");
+    let child = spawn_node(&files, admin_port).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&metrics, "vigil_audit_torn_tails"),
+        torn.len() as f64
+    );
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(wait_exit(child).await.success());
+    let (code, report) = verify_witnessed(&files.audit_dir, &cluster, &token_file, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report.matches("ended").count(), 1, "{report}");
+
+    phase("deleting a stream file fails verify --witness");
+    let copy = tempfile::tempdir().unwrap();
+    let all = vigil_node::audit::log_files(&files.audit_dir).unwrap();
+    for f in &all[1..] {
+        std::fs::copy(f, copy.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let gone = vigil_node::audit::stream_of(&all[0]).unwrap();
+    let (code, report) = verify_witnessed(copy.path(), &cluster, &token_file, &[]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains(&format!("stream {gone} seq"))
+            && report.contains("missing stream: a checkpoint vouches"),
+        "{report}"
+    );
+    // Only by name: the opt-out reports it, and scoping to another node expects nothing of it.
+    let (code, report) = verify_witnessed(
+        copy.path(),
+        &cluster,
+        &token_file,
+        &["--allow-missing-streams"],
+    );
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains(&format!("stream {gone}: missing from the source")),
+        "{report}"
+    );
+    let (code, report) = verify_witnessed(
+        copy.path(),
+        &cluster,
+        &token_file,
+        &["--nodes", "another-node"],
+    );
+    assert_eq!(code, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t53_a_young_stream_killed_early_is_anchored_near_its_end() {
+    let cluster = Cluster::start(1).await;
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        // A long interval: only the early checkpoints of a new stream can anchor its tail.
+        checkpoint_interval_secs: 60,
+        coordinator: Some(cluster.node_section()),
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let mut child = spawn_node(&files, admin_port).await;
+    let conn = format!("host=127.0.0.1 port={pg_port} user=agent dbname=app password={token}");
+    let (client, _task) = connect_tls(&conn).await.unwrap();
+    for i in 0..20 {
+        client.simple_query(&format!("SELECT {i}")).await.unwrap();
+    }
+    // Less than half the interval later, the node dies.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let token_file = files.dir.path().join("operator-token");
+    std::fs::write(&token_file, id_token("alice")).unwrap();
+    let (code, report) = verify_witnessed(&files.audit_dir, &cluster, &token_file, &[]);
+    assert_eq!(code, 0, "{report}");
+    let last = files.records().last().unwrap().seq;
+    assert!(last > 40, "{report}");
+    assert!(
+        report.contains(&format!("anchored at seq {last}, 0 unanchored")),
+        "every record is anchored: {report}"
+    );
 }

@@ -257,16 +257,14 @@ async fn t93_a_full_spool_refuses_statements_before_the_target() {
         .is_some_and(|d| d.contains("spool is full")));
 }
 
-/// Re-publishes `msgs` (after `edit`) into a fresh topic and runs the verifier on it.
-fn tampered(
-    msgs: &[TopicMessage],
-    edit: impl FnOnce(&mut Vec<(Option<String>, bool, Vec<u8>)>),
-    witness: &[String],
-) -> (i32, String) {
+type Message = (Option<String>, bool, Vec<u8>);
+
+/// Publishes `msgs` (after `edit`) into a fresh topic, whose name it returns.
+fn republish(msgs: &[TopicMessage], edit: impl FnOnce(&mut Vec<Message>)) -> String {
     use rdkafka::config::ClientConfig;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let mut copy: Vec<(Option<String>, bool, Vec<u8>)> = msgs
+    let mut copy: Vec<Message> = msgs
         .iter()
         .map(|m| (m.key.clone(), m.checkpoint, m.value.clone()))
         .collect();
@@ -291,7 +289,16 @@ fn tampered(
         producer.send(r).map_err(|(e, _)| e).unwrap();
     }
     producer.flush(Duration::from_secs(10)).unwrap();
-    verify_topic(&topic, witness)
+    topic
+}
+
+/// Re-publishes `msgs` (after `edit`) into a fresh topic and runs the verifier on it.
+fn tampered(
+    msgs: &[TopicMessage],
+    edit: impl FnOnce(&mut Vec<Message>),
+    witness: &[String],
+) -> (i32, String) {
+    verify_topic(&republish(msgs, edit), witness)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +328,7 @@ async fn t94_tampering_with_the_topic_is_caught() {
     assert_eq!(code, 0, "an untouched copy verifies: {out}");
     let n_records = msgs.iter().filter(|m| !m.checkpoint).count();
     assert!(n_records > 40);
-    let record_index = |copy: &Vec<(Option<String>, bool, Vec<u8>)>, nth: usize| {
+    let record_index = |copy: &Vec<Message>, nth: usize| {
         copy.iter()
             .enumerate()
             .filter(|(_, m)| !m.1)
@@ -470,4 +477,209 @@ async fn t94_tampering_with_the_topic_is_caught() {
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("truncated"), "{out}");
+}
+
+/// The dev broker paused (SIGSTOP) until dropped, even when the test fails.
+struct PausedBroker;
+
+impl PausedBroker {
+    fn pause() -> Self {
+        signal_broker("-STOP");
+        Self
+    }
+}
+
+impl Drop for PausedBroker {
+    fn drop(&mut self) {
+        signal_broker("-CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t95_a_restarted_node_counts_its_unacknowledged_tail_at_once() {
+    let topic = create_topic(1);
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        kafka_topic: Some(topic),
+        ..NodeOptions::default()
+    })
+    .await;
+    let mut child = spawn_node(&files, admin_port).await;
+    let broker = PausedBroker::pause();
+    let conn = format!(
+        "host=127.0.0.1 port={pg_port} user=agent dbname=app password={}",
+        agent_token().await
+    );
+    let (client, _task) = connect_tls(&conn).await.unwrap();
+    for i in 0..10 {
+        client.simple_query(&format!("SELECT {i}")).await.unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Restarted while the broker is still away: from its very first answer, /metrics counts
+    // the earlier stream's unacknowledged tail.
+    let mut child = std::process::Command::new(bin("vigil-node"))
+        .arg("--config")
+        .arg(&files.config_path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{admin_port}/metrics");
+    let mut first = None;
+    for _ in 0..2000 {
+        if let Ok(r) = reqwest::get(&url).await {
+            first = Some(r.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = first.expect("the restarted node answers /metrics");
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(broker);
+    assert!(
+        metric(&first, "vigil_audit_spool_bytes") > 0.0,
+        "{}",
+        first
+            .lines()
+            .filter(|l| l.contains("spool"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The value of `label` in a Prometheus line.
+fn label<'a>(line: &'a str, label: &str) -> &'a str {
+    let start = line.find(&format!("{label}=\"")).expect(label) + label.len() + 2;
+    let len = line[start..].find('"').unwrap();
+    &line[start..start + len]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t96_node_keys_are_published_by_the_witness_and_pinned_by_the_verifier() {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let topic = create_topic(1);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        coordinator: Some(cluster.node_section()),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    some_statements(&node, 5).await;
+    let node_id = node.records().await[0].body.node.clone();
+    let stream = node.records().await[0].stream.clone();
+
+    // The node shows its key.
+    let metrics = node.metrics().await;
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("vigil_node_key_info{"))
+        .expect("the key's info metric");
+    let (public_key, fingerprint) = (label(info, "public_key"), label(info, "fingerprint"));
+    assert_eq!(
+        vigil_proto::checkpoint::fingerprint(public_key).as_deref(),
+        Some(fingerprint)
+    );
+
+    // The witness publishes it, bound to the node id, to any authenticated caller.
+    let alice = id_token("alice");
+    let coord = cluster.endpoints().join(",");
+    let (code, keys) = vigil(&[
+        "witness",
+        "keys",
+        "--coordinator",
+        &coord,
+        "--token",
+        &alice,
+    ]);
+    assert_eq!(code, 0, "{keys}");
+    assert!(
+        keys.contains(&format!("\n{node_id} {public_key}\n")),
+        "{keys}"
+    );
+    assert!(keys.contains(fingerprint), "{keys}");
+    let (code, list) = vigil(&[
+        "witness",
+        "list",
+        "--coordinator",
+        &coord,
+        "--token",
+        &alice,
+    ]);
+    assert_eq!(code, 0, "{list}");
+    assert!(
+        list.contains(&stream) && list.contains(fingerprint),
+        "{list}"
+    );
+    let listed = cluster
+        .operator(&alice)
+        .list_node_keys(vigil_proto::coordinator::ListNodeKeysRequest {})
+        .await
+        .unwrap();
+    assert_eq!(listed.keys.len(), 1);
+    assert_eq!(listed.keys[0].public_key, public_key);
+    assert_eq!(listed.keys[0].first_stream, stream);
+
+    // …and refuses another key for a new stream of the same node.
+    let intruder = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let forged = vigil_proto::checkpoint::Checkpoint::sign(
+        &intruder,
+        &format!("{node_id}:1"),
+        0,
+        &"00".repeat(32),
+        1,
+    );
+    let e = cluster
+        .client()
+        .put_checkpoint(forged.into())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("registered key"), "{}", e.message());
+
+    // A verifier pins the published keys: the topic as written verifies…
+    let keys_file = node.files.dir.path().join("keys");
+    std::fs::write(&keys_file, &keys).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let msgs = until_shipped(&topic, &node.files.audit_dir).await;
+    let with_keys = |topic: &str| {
+        vigil(&[
+            "audit",
+            "verify",
+            "--kafka",
+            env().get("VIGIL_KAFKA_BROKERS"),
+            "--topic",
+            topic,
+            "--keys",
+            keys_file.to_str().unwrap(),
+        ])
+    };
+    let (code, out) = with_keys(&topic);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("anchored at seq"), "{out}");
+    // …while the topic rewritten with every checkpoint re-signed by another key passes a
+    // verifier that trusts the checkpoints' own keys, and fails one with pinned keys.
+    let resigned = republish(&msgs, |c| {
+        for m in c.iter_mut().filter(|m| m.1) {
+            let cp: vigil_proto::checkpoint::Checkpoint = serde_json::from_slice(&m.2).unwrap();
+            let again = vigil_proto::checkpoint::Checkpoint::sign(
+                &intruder, &cp.stream, cp.seq, &cp.hash, cp.time_ms,
+            );
+            m.2 = serde_json::to_vec(&again).unwrap();
+        }
+    });
+    let (code, out) = verify_topic(&resigned, &[]);
+    assert_eq!(code, 0, "only pinned keys tell: {out}");
+    let (code, out) = with_keys(&resigned);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "checkpoint signed by a key not pinned for node {node_id}"
+        )),
+        "{out}"
+    );
+    node.node.shutdown().await;
 }

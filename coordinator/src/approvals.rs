@@ -161,8 +161,13 @@ pub enum Command {
         id: String,
         now: Millis,
     },
+    /// Hold a stream's latest checkpoint; the first checkpoint of a node registers its key.
     PutCheckpoint {
         checkpoint: Checkpoint,
+        /// When the command was proposed (the leader's clock): the registration time of a
+        /// node's key.
+        #[serde(default)]
+        now: Millis,
     },
     /// Several commands proposed together (one Raft entry), applied in order, each with its
     /// own result. Batches do not nest.
@@ -195,6 +200,10 @@ pub enum DomainError {
     CheckpointConflict { stream: String, seq: u64 },
     #[error("checkpoint for stream {0} is signed by another key than the stream's")]
     CheckpointKey(String),
+    #[error(
+        "checkpoint for stream {stream} is signed by another key than node {node}'s registered key"
+    )]
+    NodeKey { stream: String, node: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,12 +215,27 @@ pub enum Applied {
     Batch(Vec<Result<Applied, DomainError>>),
 }
 
+/// The key a node signs its checkpoints with, as the witness first saw it: trust on first use,
+/// bound to the node id. Every later checkpoint of any stream of that node must be signed by
+/// it; it never changes (a node with a new key needs a new node id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeKey {
+    /// Hex Ed25519 public key.
+    pub public_key: String,
+    /// The stream whose checkpoint registered it.
+    pub first_stream: String,
+    pub registered_at: Millis,
+}
+
 /// The whole replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub requests: BTreeMap<String, ApprovalRequest>,
     pub grants: BTreeMap<String, Grant>,
     pub checkpoints: BTreeMap<String, Checkpoint>,
+    /// Node id → its checkpoint key.
+    #[serde(default)]
+    pub node_keys: BTreeMap<String, NodeKey>,
 }
 
 impl State {
@@ -349,7 +373,12 @@ impl State {
                 g.revoked_at.get_or_insert(now);
                 Ok(Applied::Grant(g.clone()))
             }
-            Command::PutCheckpoint { checkpoint } => {
+            Command::PutCheckpoint { checkpoint, now } => {
+                let node = vigil_proto::chain::node_of(&checkpoint.stream)
+                    .ok_or_else(|| {
+                        DomainError::Invalid("a stream id is `<node id>:<epoch>`".into())
+                    })?
+                    .to_string();
                 if let Some(have) = self.checkpoints.get(&checkpoint.stream) {
                     if checkpoint.public_key != have.public_key {
                         return Err(DomainError::CheckpointKey(checkpoint.stream));
@@ -366,6 +395,25 @@ impl State {
                             stream: checkpoint.stream,
                             seq: checkpoint.seq,
                         });
+                    }
+                }
+                match self.node_keys.get(&node) {
+                    Some(k) if k.public_key != checkpoint.public_key => {
+                        return Err(DomainError::NodeKey {
+                            stream: checkpoint.stream,
+                            node,
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.node_keys.insert(
+                            node,
+                            NodeKey {
+                                public_key: checkpoint.public_key.clone(),
+                                first_stream: checkpoint.stream.clone(),
+                                registered_at: now,
+                            },
+                        );
                     }
                 }
                 self.checkpoints
@@ -611,6 +659,7 @@ mod tests {
                 signature: "sig".into(),
                 public_key: "key".into(),
             },
+            now: 7,
         };
         s.apply(cp(10, "a")).unwrap();
         s.apply(cp(10, "a")).unwrap();
@@ -625,12 +674,54 @@ mod tests {
         s.apply(cp(20, "d")).unwrap();
         assert_eq!(s.checkpoints["n1:1"].seq, 20);
         let mut foreign = cp(30, "e");
-        if let Command::PutCheckpoint { checkpoint } = &mut foreign {
+        if let Command::PutCheckpoint { checkpoint, .. } = &mut foreign {
             checkpoint.public_key = "another key".into();
         }
         assert!(matches!(
             s.apply(foreign),
             Err(DomainError::CheckpointKey(_))
+        ));
+    }
+
+    #[test]
+    fn a_nodes_first_key_is_its_key_for_good() {
+        let mut s = State::default();
+        let cp = |stream: &str, key: &str| Command::PutCheckpoint {
+            checkpoint: Checkpoint {
+                stream: stream.into(),
+                seq: 0,
+                hash: "h".into(),
+                time_ms: 1,
+                signature: "sig".into(),
+                public_key: key.into(),
+            },
+            now: 42,
+        };
+        s.apply(cp("gw-1:100", "k1")).unwrap();
+        assert_eq!(
+            s.node_keys["gw-1"],
+            NodeKey {
+                public_key: "k1".into(),
+                first_stream: "gw-1:100".into(),
+                registered_at: 42,
+            }
+        );
+        // A new stream of the same node with another key: refused, nothing changes.
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(cp("gw-1:200", "k2")),
+            Err(DomainError::NodeKey { .. })
+        ));
+        assert_eq!(s, before);
+        // With its key: taken. Another node registers its own.
+        s.apply(cp("gw-1:200", "k1")).unwrap();
+        s.apply(cp("gw-2:100", "k2")).unwrap();
+        assert_eq!(s.node_keys["gw-2"].public_key, "k2");
+        assert_eq!(s.node_keys["gw-1"].first_stream, "gw-1:100");
+        // A stream id that names no node.
+        assert!(matches!(
+            s.apply(cp("no-epoch", "k1")),
+            Err(DomainError::Invalid(_))
         ));
     }
 

@@ -182,6 +182,7 @@ impl Client {
     unary!(check_grant, CoordinatorClient, pb::CheckGrantRequest => pb::CheckGrantResponse);
     unary!(put_checkpoint, CoordinatorClient, pb::Checkpoint => pb::Checkpoint);
     unary!(list_checkpoints, CoordinatorClient, pb::ListCheckpointsRequest => pb::CheckpointList);
+    unary!(list_node_keys, CoordinatorClient, pb::ListNodeKeysRequest => pb::NodeKeyList);
     unary!(init, ClusterClient, pb::InitRequest => pb::ClusterStatus);
     unary!(add_member, ClusterClient, pb::Member => pb::ClusterStatus);
     unary!(remove_member, ClusterClient, pb::MemberId => pb::ClusterStatus);

@@ -318,7 +318,8 @@ fn domain_status(e: DomainError) -> Status {
         | DomainError::NothingToConsume
         | DomainError::CheckpointRegression { .. }
         | DomainError::CheckpointConflict { .. }
-        | DomainError::CheckpointKey(_) => Status::failed_precondition(msg),
+        | DomainError::CheckpointKey(_)
+        | DomainError::NodeKey { .. } => Status::failed_precondition(msg),
     }
 }
 
@@ -656,7 +657,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         checkpoint
             .verify()
             .map_err(|e| Status::invalid_argument(format!("checkpoint refused: {e}")))?;
-        match self.0.write(Command::PutCheckpoint { checkpoint }).await? {
+        let now = now_ms();
+        match self
+            .0
+            .write(Command::PutCheckpoint { checkpoint, now })
+            .await?
+        {
             Applied::Checkpoint(c) => Ok(Response::new(c.into())),
             _ => Err(Status::internal("unexpected reply")),
         }
@@ -673,6 +679,28 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .sm
             .read(|s| s.checkpoints.values().cloned().map(Into::into).collect());
         Ok(Response::new(pb::CheckpointList { checkpoints }))
+    }
+
+    async fn list_node_keys(
+        &self,
+        req: Request<pb::ListNodeKeysRequest>,
+    ) -> Result<Response<pb::NodeKeyList>, Status> {
+        self.0.caller(req.metadata()).await?;
+        self.0.linearizable().await?;
+        let keys = self.0.sm.read(|s| {
+            s.node_keys
+                .iter()
+                .map(|(node, k)| pb::NodeKey {
+                    node: node.clone(),
+                    fingerprint: vigil_proto::checkpoint::fingerprint(&k.public_key)
+                        .unwrap_or_default(),
+                    public_key: k.public_key.clone(),
+                    first_stream: k.first_stream.clone(),
+                    registered_at_ms: k.registered_at,
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::NodeKeyList { keys }))
     }
 }
 

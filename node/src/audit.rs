@@ -10,7 +10,17 @@
 //!   write that succeeds (a background task retries every 100 ms).
 //!
 //! A failed write is rolled back (file truncated to its last good length, chain state restored),
-//! so the file never holds a torn record and seq stays contiguous.
+//! so an I/O error never leaves a torn record and seq stays contiguous.
+//!
+//! What this cannot guarantee: that a record's `write(2)` is all-or-nothing when the process
+//! dies inside it. Linux copies a buffered write into the page cache page by page and stops
+//! between pages when a fatal signal (SIGKILL) arrives, so a process killed while writing a
+//! record longer than what is left of its page leaves the first part of the record at the end
+//! of the file, without its newline (no signal can be blocked against SIGKILL, and
+//! `RWF_ATOMIC` does not apply to buffered appends). Such a statement was never forwarded (its
+//! write never returned). At start the node therefore checks the last line of every earlier
+//! stream ([`check_earlier_streams`]): a torn record is counted and logged, and left in place
+//! for the verifier, which reports it as a torn tail (`vigil_proto::verify`), never as a record.
 
 use crate::config::SyncMode;
 use crate::metrics::Metrics;
@@ -23,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vigil_proto::chain::Chain;
 use vigil_proto::record::{Body, Kind};
+use vigil_proto::verify::is_record;
 
 /// File name suffix of stream files.
 pub const LOG_SUFFIX: &str = ".jsonl";
@@ -335,6 +346,80 @@ impl Writer {
     }
 }
 
+/// The stream a stream file holds, from its name: `node-epoch.jsonl` → `node:epoch`.
+pub fn stream_of(file: &Path) -> Option<String> {
+    let name = file.file_name()?.to_str()?.strip_suffix(LOG_SUFFIX)?;
+    let (node, epoch) = name.rsplit_once('-')?;
+    Some(format!("{node}:{epoch}"))
+}
+
+/// The bytes after the last newline of `file` (empty when it ends with one, or is empty).
+pub fn unterminated_tail(file: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(file)?;
+    let len = f.metadata()?.len();
+    let mut tail: Vec<u8> = Vec::new();
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(64 * 1024);
+        let mut chunk = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut chunk)?;
+        if let Some(nl) = chunk.iter().rposition(|&b| b == b'\n') {
+            chunk.drain(..=nl);
+            chunk.extend_from_slice(&tail);
+            return Ok(chunk);
+        }
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        end = start;
+    }
+    Ok(tail)
+}
+
+/// Checks the end of every stream file in `dir`; call before this process opens its own, so
+/// that every file found belongs to a process that is gone. A last line without its newline
+/// is either a whole record (the process died between the record and its newline: the
+/// newline is added, the record's bytes stay as they are) or a torn record, which is logged,
+/// counted in `vigil_audit_torn_tails` and left in place as evidence: the verifier reports it
+/// as a torn tail and the shipper does not send it. Returns the torn files.
+pub fn check_earlier_streams(dir: &Path, metrics: &Metrics) -> Vec<PathBuf> {
+    let mut torn = Vec::new();
+    for file in log_files(dir).unwrap_or_default() {
+        let tail = match unterminated_tail(&file) {
+            Ok(tail) if tail.is_empty() => continue,
+            Ok(tail) => tail,
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read the end of an earlier audit stream");
+                continue;
+            }
+        };
+        if is_record(&tail) {
+            let done = OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(b"\n"));
+            match done {
+                Ok(()) => {
+                    tracing::warn!(file = %file.display(), "an earlier stream's last record lacked its newline; added")
+                }
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "cannot end an earlier stream's last line")
+                }
+            }
+        } else {
+            tracing::warn!(
+                file = %file.display(),
+                bytes = tail.len(),
+                "an earlier stream ends in a torn record (its process was killed while writing it; the statement never ran); kept for the verifier, not sent"
+            );
+            torn.push(file);
+        }
+    }
+    metrics.audit_torn_tails.set(torn.len() as i64);
+    torn
+}
+
 /// Every stream file under `path` (a file or a directory), oldest first.
 pub fn log_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if path.is_file() {
@@ -346,4 +431,58 @@ pub fn log_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_proto::chain::Chain;
+
+    #[test]
+    fn earlier_streams_are_checked_for_torn_records_and_kept_as_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chain = Chain::new("n:1");
+        let a = chain.seal_serialized(br#"{"kind":"stream_start"}"#);
+        let b = chain.seal_serialized(br#"{"kind":"request","text":"x"}"#);
+        let whole = [&a[..], b"\n", &b[..]].concat();
+        let torn = [&a[..], b"\n", &b[..b.len() / 2]].concat();
+        let clean = [&a[..], b"\n"].concat();
+        let big = [&a[..], b"\n"].concat().repeat(3000);
+        for (name, bytes) in [
+            ("n-1.jsonl", &clean),
+            ("n-2.jsonl", &whole),
+            ("n-3.jsonl", &torn),
+            ("n-4.jsonl", &[big.as_slice(), &b[..100]].concat()),
+        ] {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        assert_eq!(
+            unterminated_tail(&dir.path().join("n-4.jsonl")).unwrap(),
+            &b[..100]
+        );
+        let metrics = Metrics::default();
+        let found = check_earlier_streams(dir.path(), &metrics);
+        assert_eq!(
+            found,
+            vec![dir.path().join("n-3.jsonl"), dir.path().join("n-4.jsonl")]
+        );
+        assert_eq!(metrics.audit_torn_tails.get(), 2);
+        let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+        assert_eq!(read("n-1.jsonl"), clean, "a clean file is left alone");
+        assert_eq!(
+            read("n-2.jsonl"),
+            [&whole[..], b"\n"].concat(),
+            "a whole last record gets its newline, its bytes unchanged"
+        );
+        assert_eq!(read("n-3.jsonl"), torn, "a torn record stays as evidence");
+    }
+
+    #[test]
+    fn stream_ids_come_from_file_names() {
+        assert_eq!(
+            stream_of(Path::new("/x/gw-1-1700000000000000000.jsonl")).as_deref(),
+            Some("gw-1:1700000000000000000")
+        );
+        assert_eq!(stream_of(Path::new("/x/notes.txt")), None);
+    }
 }

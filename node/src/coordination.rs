@@ -33,7 +33,8 @@ use vigil_proto::coordinator as pb;
 use vigil_proto::record::{ApprovalRef, Outcome, Principal};
 
 /// Signs checkpoints of this node's stream and hands them to the coordinator (the witness):
-/// every interval while records are written, and once more at stream end.
+/// at once (covering `stream_start`), then soon after the stream grows, at spacings that
+/// double from [`FIRST_SPACING`] up to the interval, and once more at stream end.
 #[derive(Clone)]
 pub struct Witness {
     audit: AuditLog,
@@ -42,6 +43,12 @@ pub struct Witness {
     metrics: Arc<Metrics>,
     last: Arc<tokio::sync::Mutex<Option<u64>>>,
 }
+
+/// How soon the stream's second checkpoint may follow its first. A process killed before its
+/// stream's first interval ends would otherwise leave everything after `stream_start`
+/// unanchored; with spacings of 0.25, 0.5, 1, 2, 4 s … a young stream's unanchored tail is as
+/// short as its age allows.
+pub const FIRST_SPACING: Duration = Duration::from_millis(250);
 
 impl Witness {
     pub fn new(
@@ -60,28 +67,33 @@ impl Witness {
     }
 
     pub async fn run(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The stream is polled at the current spacing (a lock, nothing more, while it does not
+        // grow); each checkpoint offered doubles the spacing, up to `every` (a coordinator that
+        // refuses is not asked more often than that either).
+        let mut spacing = Duration::ZERO;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(spacing) => {}
                 _ = stop.changed() => {}
             }
             if *stop.borrow() {
                 return;
             }
-            self.checkpoint().await;
+            if self.checkpoint().await {
+                spacing = (spacing * 2).max(FIRST_SPACING).min(every);
+            }
         }
     }
 
-    /// Signs the stream's head, if it moved, and puts it to the coordinator.
-    pub async fn checkpoint(&self) {
+    /// Signs the stream's head, if it moved, and puts it to the coordinator. Returns whether
+    /// it moved (a checkpoint was offered, taken or not).
+    pub async fn checkpoint(&self) -> bool {
         let Some((seq, hash, _)) = self.audit.head() else {
-            return;
+            return false;
         };
         let mut last = self.last.lock().await;
         if *last == Some(seq) {
-            return;
+            return false;
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -98,6 +110,7 @@ impl Witness {
                 tracing::warn!(error = %e.message(), "the coordinator did not take the checkpoint; retrying at the next tick");
             }
         }
+        true
     }
 }
 

@@ -13,7 +13,7 @@
 //! - Every checkpoint interval the shipper publishes a signed checkpoint of how far the broker
 //!   has acknowledged (header `vigil-kind: checkpoint`, same key, value the checkpoint JSON).
 
-use crate::audit::{log_files, Spool, LOG_SUFFIX};
+use crate::audit::{log_files, stream_of, Spool};
 use crate::config::{Compression, KafkaConfig};
 use crate::metrics::Metrics;
 use ed25519_dalek::SigningKey;
@@ -100,11 +100,19 @@ fn write_cursor(file: &Path, c: Cursor) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// `node-epoch.jsonl` → `node:epoch`.
-fn stream_of(file: &Path) -> Option<String> {
-    let name = file.file_name()?.to_str()?.strip_suffix(LOG_SUFFIX)?;
-    let (node, epoch) = name.rsplit_once('-')?;
-    Some(format!("{node}:{epoch}"))
+/// The stream files in `dir` with a tail the broker has not acknowledged, oldest first, and how
+/// many bytes each has. Call before this process opens its own stream file.
+pub fn unacknowledged_tails(dir: &Path) -> Vec<(PathBuf, u64)> {
+    log_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+            let unacked = len.saturating_sub(read_cursor(&f).offset);
+            (f, unacked)
+        })
+        .filter(|(_, unacked)| *unacked > 0)
+        .collect()
 }
 
 pub struct Shipper {
@@ -114,16 +122,25 @@ pub struct Shipper {
     spool: Arc<Spool>,
     key: Arc<SigningKey>,
     checkpoint_every: Duration,
+    /// Earlier streams' unacknowledged tails ([`unacknowledged_tails`]), sent first.
+    earlier: Vec<(PathBuf, u64)>,
 }
 
 impl Shipper {
+    /// The spool accounting and its gauge count `earlier` from here on, before the first
+    /// statement (so a restarted node neither shows an empty spool nor accepts more than
+    /// `spool_max_bytes` while it resends a tail).
     pub fn new(
         cfg: KafkaConfig,
         metrics: Arc<Metrics>,
         spool: Arc<Spool>,
         key: Arc<SigningKey>,
         checkpoint_every: Duration,
+        earlier: Vec<(PathBuf, u64)>,
     ) -> Result<Self, KafkaError> {
+        let waiting: u64 = earlier.iter().map(|(_, u)| u).sum();
+        spool.earlier.store(waiting, Ordering::Relaxed);
+        metrics.spool_bytes.set(waiting as i64);
         Ok(Self {
             producer: producer(&cfg)?,
             cfg,
@@ -131,33 +148,16 @@ impl Shipper {
             spool,
             key,
             checkpoint_every,
+            earlier,
         })
     }
 
-    /// Ships every stream file in `dir`: earlier ones (left by previous processes) until
-    /// their end, then `current` until `stop` turns true and everything written has been
-    /// acknowledged (or `drain` has passed after the stop).
-    pub async fn run(
-        self,
-        dir: PathBuf,
-        current: PathBuf,
-        stop: watch::Receiver<bool>,
-        drain: Duration,
-    ) {
-        // Earlier streams with an unacknowledged tail, and how much of it each has.
-        let earlier: Vec<(PathBuf, u64)> = log_files(&dir)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|f| *f != current)
-            .map(|f| {
-                let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
-                let unacked = len.saturating_sub(read_cursor(&f).offset);
-                (f, unacked)
-            })
-            .filter(|(_, unacked)| *unacked > 0)
-            .collect();
-        let mut rest: u64 = earlier.iter().map(|(_, u)| u).sum();
-        for (file, unacked) in &earlier {
+    /// Ships the earlier streams' tails until their end, then `current` until `stop` turns
+    /// true and everything written has been acknowledged (or `drain` has passed after the
+    /// stop).
+    pub async fn run(self, current: PathBuf, stop: watch::Receiver<bool>, drain: Duration) {
+        let mut rest: u64 = self.earlier.iter().map(|(_, u)| u).sum();
+        for (file, unacked) in &self.earlier {
             rest -= unacked;
             tracing::info!(file = %file.display(), "sending the unacknowledged tail of an earlier stream");
             self.ship(file, Some(rest), stop.clone(), drain).await;
@@ -341,9 +341,9 @@ impl Shipper {
                 let drained = eof && inflight.is_empty() && buf.len() == used;
                 if eof && inflight.is_empty() && !live {
                     if buf.len() > used {
-                        // An earlier process died mid-write (power loss with sync = "write"):
-                        // the torn bytes were never a record; everything before them is sent.
-                        tracing::warn!(file = %file.display(), bytes = buf.len() - used, "ignoring a torn last line of an earlier stream");
+                        // A torn record (see `audit::check_earlier_streams`): never a record,
+                        // not sent; everything before it is.
+                        tracing::warn!(file = %file.display(), bytes = buf.len() - used, "not sending the torn last line of an earlier stream");
                     }
                     break 'reopen;
                 }
@@ -570,15 +570,6 @@ pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stream_ids_come_from_file_names() {
-        assert_eq!(
-            stream_of(Path::new("/x/gw-1-1700000000000000000.jsonl")).as_deref(),
-            Some("gw-1:1700000000000000000")
-        );
-        assert_eq!(stream_of(Path::new("/x/notes.txt")), None);
-    }
 
     #[test]
     fn cursors_survive_a_rewrite() {

@@ -147,6 +147,22 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         .as_ref()
         .map(|k| Arc::new(audit::Spool::new(k.spool_max_bytes)));
     let node_key = Arc::new(kafka::node_key(&config.node.data_dir)?);
+    let public_key = hex::encode(node_key.verifying_key().as_bytes());
+    let fingerprint = vigil_proto::checkpoint::fingerprint(&public_key).unwrap_or_default();
+    metrics
+        .node_key
+        .get_or_create(&metrics::NodeKeyLabel {
+            public_key: public_key.clone(),
+            fingerprint: fingerprint.clone(),
+        })
+        .set(1);
+    // Every stream file there now is an earlier process's: check how each ends, and what of
+    // them the broker has not acknowledged, before this process's own file exists.
+    audit::check_earlier_streams(&config.audit_dir(), &metrics);
+    let unacknowledged = spool
+        .as_ref()
+        .map(|_| kafka::unacknowledged_tails(&config.audit_dir()))
+        .unwrap_or_default();
     let audit = audit::AuditLog::open(
         &config.audit_dir(),
         &config.node.id,
@@ -241,10 +257,10 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
                 spool,
                 node_key.clone(),
                 checkpoint_every,
+                unacknowledged,
             )
             .context("audit.kafka: the producer")?;
             Some(tokio::spawn(shipper.run(
-                config.audit_dir(),
                 audit_path.clone(),
                 ship_stop_rx,
                 Duration::from_secs(10),
@@ -264,7 +280,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
             member.shutdown().await;
         }
     });
-    tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), coordinator = ?coordination.endpoints, "vigil-node started");
+    tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), coordinator = ?coordination.endpoints, %public_key, %fingerprint, "vigil-node started");
     Ok(RunningNode {
         pg_addr,
         admin_addr,

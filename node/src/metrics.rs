@@ -17,6 +17,12 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeKeyLabel {
+    pub public_key: String,
+    pub fingerprint: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Client sessions by outcome (`success`, `denied`, `error`).
@@ -31,6 +37,10 @@ pub struct Metrics {
     pub audit_write_errors: Counter,
     /// Records dropped from an overfull retry queue (a loss: must stay zero).
     pub audit_dropped_records: Counter,
+    /// Earlier stream files that ended in a torn record when this process started.
+    pub audit_torn_tails: Gauge,
+    /// The node's checkpoint key (labels `public_key`, `fingerprint`; value 1).
+    pub node_key: Family<NodeKeyLabel, Gauge>,
     /// Statements refused because their record could not be written.
     pub audit_refused_statements: Counter,
     /// Bytes of audit records written locally and not yet acknowledged by the broker.
@@ -100,6 +110,16 @@ impl Metrics {
             "audit_dropped_records",
             "Audit records dropped from an overfull retry queue (must stay zero)",
             self.audit_dropped_records.clone(),
+        );
+        registry.register(
+            "audit_torn_tails",
+            "Earlier audit stream files that ended in a torn record when the node started",
+            self.audit_torn_tails.clone(),
+        );
+        registry.register(
+            "node_key_info",
+            "The node's checkpoint signing key (public key and fingerprint)",
+            self.node_key.clone(),
         );
         registry.register(
             "audit_refused_statements",

@@ -1,7 +1,7 @@
 //! Reading the local log back: verification of every stream, the list of sessions, and the
 //! replay of one session as a readable transcript.
 
-use crate::audit::log_files;
+use crate::audit::{log_files, stream_of};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,8 +15,12 @@ fn outcome(o: Option<Outcome>) -> String {
 }
 use vigil_proto::verify::Verifier;
 
-/// Calls `f(file, line number, bytes)` for every line of every stream file under `path`.
-fn each_line(path: &Path, mut f: impl FnMut(&Path, usize, &[u8])) -> std::io::Result<Vec<PathBuf>> {
+/// Calls `f(file, line number, bytes, terminated)` for every line of every stream file under
+/// `path`; `terminated` is false only for a last line without its newline.
+fn each_line(
+    path: &Path,
+    mut f: impl FnMut(&Path, usize, &[u8], bool),
+) -> std::io::Result<Vec<PathBuf>> {
     let files = log_files(path)?;
     for file in &files {
         let mut reader = BufReader::new(std::fs::File::open(file)?);
@@ -28,28 +32,39 @@ fn each_line(path: &Path, mut f: impl FnMut(&Path, usize, &[u8])) -> std::io::Re
                 break;
             }
             n += 1;
-            let bytes = line.strip_suffix(b"\n").unwrap_or(&line);
-            f(file, n, bytes);
+            match line.strip_suffix(b"\n") {
+                Some(bytes) => f(file, n, bytes, true),
+                None => f(file, n, &line, false),
+            }
         }
     }
     Ok(files)
 }
 
-/// Verifies every stream file under `path`: each file must hold exactly one stream, whole.
+/// Verifies every stream file under `path`: each file must hold exactly one stream, whole. A
+/// last line without its newline is judged by [`Verifier::push_unterminated`] (a torn tail is
+/// reported, not failed).
 pub fn verify_path(path: &Path) -> std::io::Result<(Verifier, usize)> {
     let mut verifier = Verifier::new();
     let mut expected: Option<(PathBuf, String)> = None;
-    let files = each_line(path, |file, n, bytes| {
-        // The first record of a file names the stream the whole file must hold.
+    let files = each_line(path, |file, n, bytes, terminated| {
+        // The first record of a file names the stream the whole file must hold (the file's
+        // name when that record cannot be read).
         if expected.as_ref().is_none_or(|(f, _)| f != file) {
             let stream = serde_json::from_slice::<serde_json::Value>(bytes)
                 .ok()
                 .and_then(|v| v.get("stream").and_then(|s| s.as_str()).map(str::to_string))
+                .or_else(|| stream_of(file))
                 .unwrap_or_default();
             expected = Some((file.to_path_buf(), stream));
         }
-        let stream = expected.as_ref().map(|(_, s)| s.as_str());
-        verifier.push(&format!("{}:{n}", file.display()), bytes, stream);
+        let stream = expected.as_ref().map_or("", |(_, s)| s.as_str());
+        let location = format!("{}:{n}", file.display());
+        if terminated {
+            verifier.push(&location, bytes, Some(stream));
+        } else {
+            verifier.push_unterminated(&location, bytes, stream);
+        }
     })?;
     Ok((verifier, files.len()))
 }
@@ -57,7 +72,7 @@ pub fn verify_path(path: &Path) -> std::io::Result<(Verifier, usize)> {
 /// All records of sessions whose id starts with `prefix`, in log order.
 pub fn session_records(path: &Path, prefix: &str) -> std::io::Result<Vec<Record>> {
     let mut out = Vec::new();
-    each_line(path, |_, _, bytes| {
+    each_line(path, |_, _, bytes, _| {
         if let Ok(r) = Record::parse(bytes) {
             if r.body
                 .session
@@ -74,7 +89,7 @@ pub fn session_records(path: &Path, prefix: &str) -> std::io::Result<Vec<Record>
 /// One line per session: id, start time, subject, model, connection, outcome.
 pub fn list_sessions(path: &Path) -> std::io::Result<String> {
     let mut out = String::new();
-    each_line(path, |_, _, bytes| {
+    each_line(path, |_, _, bytes, _| {
         let Ok(r) = Record::parse(bytes) else { return };
         let b = &r.body;
         if b.kind != Kind::SessionStart {

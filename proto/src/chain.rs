@@ -6,7 +6,6 @@
 
 use crate::record::{Body, SCHEMA_VERSION};
 use sha2::{Digest, Sha256};
-use std::fmt::Write as _;
 
 /// `prev` of the first record of every stream.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -14,6 +13,26 @@ pub const GENESIS_PREV: &str = "000000000000000000000000000000000000000000000000
 /// SHA-256 of a record's exact bytes.
 pub fn record_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
+}
+
+/// The node id of a stream id (`<node id>:<epoch>`): everything before the last `:`.
+pub fn node_of(stream: &str) -> Option<&str> {
+    stream
+        .rsplit_once(':')
+        .map(|(node, _)| node)
+        .filter(|n| !n.is_empty())
+}
+
+/// The exact bytes every record of `stream` at `seq` after a record hashing to `prev` starts
+/// with: the chain fields as [`Chain::seal`] writes them, up to and including the comma that
+/// precedes the body.
+pub fn record_prefix(stream: &str, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
+    let stream = serde_json::to_string(stream).expect("a string serialises");
+    format!(
+        "{{\"v\":{SCHEMA_VERSION},\"stream\":{stream},\"seq\":{seq},\"prev\":\"{}\",",
+        hex::encode(prev)
+    )
+    .into_bytes()
 }
 
 /// The writer's side of one stream: it assigns `seq` and `prev` and remembers the last hash.
@@ -58,20 +77,13 @@ impl Chain {
     /// that need to craft records.
     pub fn seal_serialized(&mut self, body: &[u8]) -> Vec<u8> {
         debug_assert!(body.first() == Some(&b'{') && body.last() == Some(&b'}'));
-        let mut head = String::with_capacity(160);
-        let stream = serde_json::to_string(&self.stream).expect("a string serialises");
-        let _ = write!(
-            head,
-            "{{\"v\":{SCHEMA_VERSION},\"stream\":{stream},\"seq\":{},\"prev\":\"{}\"",
-            self.next_seq,
-            hex::encode(self.prev)
-        );
-        let mut out = Vec::with_capacity(head.len() + body.len() + 1);
-        out.extend_from_slice(head.as_bytes());
+        let mut out = record_prefix(&self.stream, self.next_seq, &self.prev);
         let rest = &body[1..];
-        if rest != b"}" {
-            out.push(b',');
+        if rest == b"}" {
+            // An empty body: the prefix's comma closes the object instead.
+            out.pop();
         }
+        out.reserve(rest.len());
         out.extend_from_slice(rest);
         self.prev = record_hash(&out);
         self.next_seq += 1;
@@ -105,6 +117,14 @@ mod tests {
         assert_eq!(rb.prev, hex::encode(record_hash(&a)));
         assert_eq!(chain.head_hash(), hex::encode(record_hash(&b)));
         assert_eq!(rb.body, body(Kind::StreamEnd));
+    }
+
+    #[test]
+    fn stream_ids_name_their_node() {
+        assert_eq!(node_of("gw-1:1795766400123456789"), Some("gw-1"));
+        assert_eq!(node_of("a:b:7"), Some("a:b"));
+        assert_eq!(node_of("no-epoch"), None);
+        assert_eq!(node_of(":7"), None);
     }
 
     #[test]

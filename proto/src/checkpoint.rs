@@ -6,9 +6,14 @@
 //! What is signed is fixed here, byte for byte: the ASCII text
 //! `vigil-checkpoint-v1\n{stream}\n{seq}\n{hash}\n{time_ms}`, signed with Ed25519. Keys and
 //! signatures travel as lowercase hex.
+//!
+//! A signature proves only that the key it names signed; which key is a node's is published by
+//! the witness (trust on first use per node id) and can be pinned by a verifier ([`PinnedKeys`]).
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A signed checkpoint as published (in the topic, and held by the coordinator).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +89,62 @@ impl Checkpoint {
     }
 }
 
+/// A public key's fingerprint, for people comparing keys: `SHA256:` and the first 16 hex digits
+/// of the SHA-256 of the key's 32 raw bytes. `None` when `public_key` is not 64 hex digits.
+pub fn fingerprint(public_key: &str) -> Option<String> {
+    let raw: [u8; 32] = hex::decode(public_key).ok()?.try_into().ok()?;
+    Some(format!(
+        "SHA256:{}",
+        &hex::encode(Sha256::digest(raw))[..16]
+    ))
+}
+
+/// Public keys a verifier trusts, per node id (the `--keys` file).
+///
+/// The text form, one key a line: `<node id> <64 hex digits>`, blank lines and lines starting
+/// with `#` ignored. A node may have several keys (one line each). `vigil witness keys` prints
+/// the witness's registry in this form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinnedKeys(BTreeMap<String, BTreeSet<String>>);
+
+impl PinnedKeys {
+    /// Parses the text form; the error names the first bad line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut keys = Self::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(node), Some(key), None) = (words.next(), words.next(), words.next()) else {
+                return Err(format!("line {}: expected `<node id> <public key>`", n + 1));
+            };
+            let key = key.to_ascii_lowercase();
+            if fingerprint(&key).is_none() {
+                return Err(format!(
+                    "line {}: the public key is not 64 hex digits",
+                    n + 1
+                ));
+            }
+            keys.insert(node, &key);
+        }
+        Ok(keys)
+    }
+
+    pub fn insert(&mut self, node: &str, public_key: &str) {
+        self.0
+            .entry(node.to_string())
+            .or_default()
+            .insert(public_key.to_string());
+    }
+
+    /// Whether `public_key` is pinned for `node`.
+    pub fn trusts(&self, node: &str, public_key: &str) -> bool {
+        self.0.get(node).is_some_and(|k| k.contains(public_key))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +171,37 @@ mod tests {
         let mut garbage = cp;
         garbage.signature = "zz".into();
         assert_eq!(garbage.verify(), Err(CheckpointError::BadSignatureEncoding));
+    }
+
+    #[test]
+    fn pinned_keys_parse_and_refuse_junk() {
+        let a = "ab".repeat(32);
+        let text = format!(
+            "# keys\n\ngw-1 {a}\ngw-1 {}\n  gw-2   {}  \n",
+            "CD".repeat(32),
+            "ef".repeat(32)
+        );
+        let keys = PinnedKeys::parse(&text).unwrap();
+        assert!(keys.trusts("gw-1", &a));
+        assert!(keys.trusts("gw-1", &"cd".repeat(32)));
+        assert!(keys.trusts("gw-2", &"ef".repeat(32)));
+        assert!(!keys.trusts("gw-2", &a));
+        assert!(!keys.trusts("gw-3", &a));
+        assert!(PinnedKeys::parse("gw-1").unwrap_err().starts_with("line 1"));
+        assert!(PinnedKeys::parse("gw-1 abc").is_err());
+        assert!(PinnedKeys::parse(&format!("gw-1 {a} extra")).is_err());
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_stable() {
+        let key = hex::encode(
+            SigningKey::from_bytes(&[7u8; 32])
+                .verifying_key()
+                .as_bytes(),
+        );
+        let f = fingerprint(&key).unwrap();
+        assert!(f.starts_with("SHA256:") && f.len() == 23, "{f}");
+        assert_eq!(fingerprint(&key), Some(f));
+        assert_eq!(fingerprint("zz"), None);
     }
 }

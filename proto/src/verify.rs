@@ -6,8 +6,13 @@
 //! after the last one seen never existed (tail truncation). A graceful stream ends with a
 //! `stream_end` record, and a stream without one is reported as open; signed checkpoints held by
 //! a witness close that gap for streams that end abruptly.
+//!
+//! A torn tail (a process killed inside the `write(2)` of its last record) is reported as such,
+//! never as a record and never silently: see [`Verifier::push_unterminated`] for exactly what
+//! qualifies, and why it cannot hide tampering.
 
-use crate::chain::{record_hash, GENESIS_PREV};
+use crate::chain::{node_of, record_hash, record_prefix, GENESIS_PREV};
+use crate::checkpoint::{Checkpoint, PinnedKeys};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,7 +30,13 @@ struct Envelope<'a> {
     kind: std::borrow::Cow<'a, str>,
 }
 
-/// What is wrong with one record.
+/// Whether `bytes` are a whole record: a JSON object with the chain fields (whatever their
+/// values). The last line of a stream file that is not is torn or malformed.
+pub fn is_record(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Envelope<'_>>(bytes).is_ok()
+}
+
+/// What is wrong with one record or checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {
     /// Not a JSON record with the chain fields.
@@ -47,6 +58,9 @@ pub enum Problem {
     /// A witnessed checkpoint vouches for records up to `checkpoint_seq`, but the stream stops
     /// earlier: its tail was truncated (or rolled back).
     TruncatedBeforeCheckpoint { checkpoint_seq: u64 },
+    /// A checkpoint vouches for records up to `checkpoint_seq` of a stream of which the source
+    /// holds no record at all: the stream (its file, its messages) is missing.
+    MissingStream { checkpoint_seq: u64 },
     /// The record at the checkpoint's seq is not the one the node signed for.
     CheckpointMismatch,
     /// A checkpoint whose signature does not verify.
@@ -54,6 +68,12 @@ pub enum Problem {
     /// A checkpoint signed by a key that is not the stream's (per the witness or the
     /// stream's other checkpoints).
     UnknownCheckpointKey,
+    /// A checkpoint signed by a key not pinned for the stream's node (`--keys`).
+    UnpinnedKey { node: String },
+    /// A checkpoint message that is not a checkpoint.
+    MalformedCheckpoint(String),
+    /// A checkpoint message whose key is not the stream the checkpoint covers.
+    MisfiledCheckpoint { key: Option<String> },
 }
 
 impl fmt::Display for Problem {
@@ -79,6 +99,10 @@ impl fmt::Display for Problem {
                 f,
                 "truncated: a checkpoint vouches for records up to seq {checkpoint_seq}, which are missing"
             ),
+            Problem::MissingStream { checkpoint_seq } => write!(
+                f,
+                "missing stream: a checkpoint vouches for records up to seq {checkpoint_seq}, and the source holds none of them"
+            ),
             Problem::CheckpointMismatch => {
                 write!(f, "the record at the checkpoint's seq is not the one signed for")
             }
@@ -86,6 +110,14 @@ impl fmt::Display for Problem {
             Problem::UnknownCheckpointKey => {
                 write!(f, "checkpoint signed by a key that is not the stream's")
             }
+            Problem::UnpinnedKey { node } => {
+                write!(f, "checkpoint signed by a key not pinned for node {node}")
+            }
+            Problem::MalformedCheckpoint(e) => write!(f, "malformed checkpoint: {e}"),
+            Problem::MisfiledCheckpoint { key } => match key {
+                Some(key) => write!(f, "checkpoint published under the key of stream {key}"),
+                None => write!(f, "checkpoint published without a message key"),
+            },
         }
     }
 }
@@ -118,22 +150,33 @@ impl fmt::Display for Failure {
     }
 }
 
+/// The torn last line of a stream file: the beginning of a record whose write never finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// File and line.
+    pub location: String,
+    /// How many bytes of the record were written.
+    pub bytes: u64,
+}
+
 /// Per-stream result.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StreamSummary {
     pub verified: u64,
     pub identical_duplicates: u64,
-    /// Highest seq accepted in order.
+    /// Highest seq accepted in order (`None`: no record of the stream was read).
     pub last_seq: Option<u64>,
     /// Hex hash of the last record accepted in order.
     pub head: String,
     /// Whether the stream's last record is a `stream_end`.
     pub ended: bool,
-    /// The highest seq a valid checkpoint vouches for (after [`Verifier::witness`]).
+    /// The highest seq a valid checkpoint vouches for (after [`Verifier::check_checkpoints`]).
     pub anchored_seq: Option<u64>,
     /// Records after the last checkpoint: present and chained, but nothing proves that more
     /// did not follow them (normal for the last seconds of an open stream).
     pub unanchored: u64,
+    /// The stream's file ends in a torn record (not a failure, never a record).
+    pub torn_tail: Option<TornTail>,
 }
 
 #[derive(Debug)]
@@ -156,10 +199,26 @@ impl StreamState {
     }
 }
 
+/// What a verifier trusts besides the source itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Trust<'a> {
+    /// The witness's checkpoints (one per stream, from the coordinator). They anchor their
+    /// streams, their keys are the streams' keys, and every stream they name must be in the
+    /// source.
+    pub witness: Option<&'a [Checkpoint]>,
+    /// Keys pinned per node id: a checkpoint signed by any other key is refused.
+    pub pinned: Option<&'a PinnedKeys>,
+    /// Report streams that have a checkpoint but no record in the source without failing
+    /// them (a source that holds only some nodes' streams on purpose).
+    pub allow_missing_streams: bool,
+}
+
 /// Verifies any number of streams from records fed in the order they were stored.
 #[derive(Debug, Default)]
 pub struct Verifier {
     streams: BTreeMap<String, StreamState>,
+    /// Checkpoints read from the source, checked by [`Verifier::check_checkpoints`].
+    checkpoints: Vec<(String, Checkpoint)>,
     failures: Vec<Failure>,
 }
 
@@ -255,55 +314,157 @@ impl Verifier {
         }
     }
 
-    /// Checks signed checkpoints against the records fed so far (call after the last
-    /// [`Verifier::push`]). `keys`, when given, is the witness's public key for each stream
-    /// (from the coordinator): a checkpoint signed by any other key fails. Without it, all the
-    /// checkpoints of a stream must share one key. The latest valid checkpoint of each stream
-    /// anchors it: its records up to that seq must be present and the record at that seq must
-    /// be the one signed for; records after it are counted as unanchored.
-    pub fn witness(
-        &mut self,
-        checkpoints: &[(String, crate::checkpoint::Checkpoint)],
-        keys: Option<&BTreeMap<String, String>>,
-    ) {
-        let mut latest: BTreeMap<&str, &crate::checkpoint::Checkpoint> = BTreeMap::new();
-        let mut first_key: BTreeMap<&str, &str> = BTreeMap::new();
-        for (location, cp) in checkpoints {
-            let fail = |v: &mut Self, p| v.fail(location, &cp.stream, Some(cp.seq), p);
-            if let Err(e) = cp.verify() {
-                fail(self, Problem::BadCheckpointSignature(e.to_string()));
-                continue;
-            }
-            let key = match keys {
-                Some(keys) => keys.get(&cp.stream).map(String::as_str),
-                None => Some(*first_key.entry(&cp.stream).or_insert(&cp.public_key)),
+    /// Feeds the last line of a file of `stream` that has no line terminator (the file ends
+    /// inside it). A whole record is taken as any other. Otherwise the line is a **torn tail**
+    /// if, and only if, it is a beginning of the exact bytes the stream's next record must
+    /// start with (its chain fields: this stream, the next seq, the hash of the last record
+    /// read) and the stream has not ended; a torn tail is reported in the stream's summary, not
+    /// as a failure. Anything else is malformed.
+    ///
+    /// Why this cannot hide tampering: the torn bytes are never a record, so they satisfy no
+    /// checkpoint (a stream cut back to a torn tail is still reported truncated against a
+    /// checkpoint past it), and they can hold nothing but a prefix of chain fields the verifier
+    /// computes itself: turning the last record into a torn tail is the same as deleting it,
+    /// which only checkpoints can detect in any case. Only the local log can hold one: a node
+    /// publishes whole lines only.
+    pub fn push_unterminated(&mut self, location: &str, bytes: &[u8], stream: &str) {
+        if is_record(bytes) {
+            self.push(location, bytes, Some(stream));
+            return;
+        }
+        let state = self
+            .streams
+            .entry(stream.to_string())
+            .or_insert_with(StreamState::new);
+        let prefix = record_prefix(stream, state.next_seq, &state.prev);
+        let n = bytes.len().min(prefix.len());
+        if !bytes.is_empty() && !state.summary.ended && bytes[..n] == prefix[..n] {
+            state.summary.torn_tail = Some(TornTail {
+                location: location.to_string(),
+                bytes: bytes.len() as u64,
+            });
+        } else {
+            self.fail(
+                location,
+                stream,
+                None,
+                Problem::Malformed(
+                    "the file ends in an unterminated line that is not the beginning of the stream's next record"
+                        .into(),
+                ),
+            );
+        }
+    }
+
+    /// Feeds one checkpoint message of the source (checked by
+    /// [`Verifier::check_checkpoints`]). Its message key must be the stream it covers.
+    pub fn push_checkpoint(&mut self, location: &str, bytes: &[u8], message_key: Option<&str>) {
+        match serde_json::from_slice::<Checkpoint>(bytes) {
+            Err(e) => self.fail(
+                location,
+                message_key.unwrap_or("?"),
+                None,
+                Problem::MalformedCheckpoint(e.to_string()),
+            ),
+            Ok(cp) if message_key != Some(cp.stream.as_str()) => self.fail(
+                location,
+                &cp.stream,
+                Some(cp.seq),
+                Problem::MisfiledCheckpoint {
+                    key: message_key.map(str::to_string),
+                },
+            ),
+            Ok(cp) => self.checkpoints.push((location.to_string(), cp)),
+        }
+    }
+
+    /// Checks the checkpoints of the source and of the witness against the records fed so far
+    /// (call after the last push).
+    ///
+    /// A checkpoint counts if its signature verifies and its key is the stream's: with a
+    /// witness, the key of the witness's checkpoint of that stream; without one, the key of
+    /// the first checkpoint of that stream; with pinned keys, also one pinned for the stream's
+    /// node. Every checkpoint that counts is compared with the record at its seq when that
+    /// record was read (its hash must be the checkpoint's); the highest seq among them
+    /// anchors the stream: that record must have been read (else the stream is truncated, or
+    /// missing when no record of it was read), and records after it are unanchored.
+    pub fn check_checkpoints(&mut self, trust: &Trust<'_>) {
+        let witness = trust.witness.unwrap_or_default();
+        let witness_keys: BTreeMap<&str, &str> = witness
+            .iter()
+            .map(|c| (c.stream.as_str(), c.public_key.as_str()))
+            .collect();
+        let read = std::mem::take(&mut self.checkpoints);
+        let mut first_key: BTreeMap<String, String> = BTreeMap::new();
+        let mut counted: Vec<(String, Checkpoint)> = Vec::new();
+        let all = read
+            .into_iter()
+            .chain(witness.iter().map(|c| ("witness".to_string(), c.clone())));
+        for (location, cp) in all {
+            let problem = if let Err(e) = cp.verify() {
+                Some(Problem::BadCheckpointSignature(e.to_string()))
+            } else if !match trust.witness {
+                Some(_) => witness_keys.get(cp.stream.as_str()) == Some(&cp.public_key.as_str()),
+                None if trust.pinned.is_some() => true,
+                None => {
+                    *first_key
+                        .entry(cp.stream.clone())
+                        .or_insert_with(|| cp.public_key.clone())
+                        == cp.public_key
+                }
+            } {
+                Some(Problem::UnknownCheckpointKey)
+            } else {
+                trust.pinned.and_then(|pinned| {
+                    let node = node_of(&cp.stream).unwrap_or_default();
+                    (!pinned.trusts(node, &cp.public_key)).then(|| Problem::UnpinnedKey {
+                        node: node.to_string(),
+                    })
+                })
             };
-            if key != Some(cp.public_key.as_str()) {
-                fail(self, Problem::UnknownCheckpointKey);
-                continue;
-            }
-            let held = latest.entry(&cp.stream).or_insert(cp);
-            if cp.seq > held.seq {
-                *held = cp;
+            match problem {
+                Some(p) => self.fail(&location, &cp.stream, Some(cp.seq), p),
+                None => counted.push((location, cp)),
             }
         }
-        for (stream, cp) in latest {
+        let mut anchors: BTreeMap<String, u64> = BTreeMap::new();
+        for (location, cp) in &counted {
+            let read = self
+                .streams
+                .get(&cp.stream)
+                .and_then(|s| s.seen.get(&cp.seq));
+            if read.is_some_and(|h| hex::encode(h) != cp.hash) {
+                self.fail(
+                    location,
+                    &cp.stream,
+                    Some(cp.seq),
+                    Problem::CheckpointMismatch,
+                );
+            }
+            let anchor = anchors.entry(cp.stream.clone()).or_insert(cp.seq);
+            *anchor = (*anchor).max(cp.seq);
+        }
+        for (stream, seq) in anchors {
             let state = self
                 .streams
-                .entry(stream.to_string())
+                .entry(stream.clone())
                 .or_insert_with(StreamState::new);
-            let problem = match state.seen.get(&cp.seq) {
-                None => Some(Problem::TruncatedBeforeCheckpoint {
-                    checkpoint_seq: cp.seq,
+            let last = state.summary.last_seq;
+            let problem = match last {
+                None => (!trust.allow_missing_streams).then_some(Problem::MissingStream {
+                    checkpoint_seq: seq,
                 }),
-                Some(h) if hex::encode(h) != cp.hash => Some(Problem::CheckpointMismatch),
+                Some(_) if !state.seen.contains_key(&seq) => {
+                    Some(Problem::TruncatedBeforeCheckpoint {
+                        checkpoint_seq: seq,
+                    })
+                }
                 Some(_) => None,
             };
-            let last = state.summary.last_seq;
-            state.summary.anchored_seq = Some(cp.seq);
-            state.summary.unanchored = last.map_or(0, |l| l.saturating_sub(cp.seq));
+            state.summary.anchored_seq = Some(seq);
+            state.summary.unanchored = last.map_or(0, |l| l.saturating_sub(seq));
             if let Some(p) = problem {
-                self.fail("checkpoint", stream, Some(cp.seq), p);
+                self.fail("checkpoint", &stream, Some(seq), p);
             }
         }
         for state in self.streams.values_mut() {
@@ -353,6 +514,14 @@ impl Report {
 
     pub fn identical_duplicates(&self) -> u64 {
         self.streams.values().map(|s| s.identical_duplicates).sum()
+    }
+
+    /// Streams whose file ends in a torn record.
+    pub fn torn_tails(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| s.torn_tail.is_some())
+            .count()
     }
 }
 
@@ -511,12 +680,28 @@ mod tests {
         stream: &str,
         records: &[Vec<u8>],
         seq: usize,
-    ) -> (String, crate::checkpoint::Checkpoint) {
+    ) -> (String, Checkpoint) {
         let hash = hex::encode(record_hash(&records[seq]));
         (
             "cp".to_string(),
-            crate::checkpoint::Checkpoint::sign(key, stream, seq as u64, &hash, 1),
+            Checkpoint::sign(key, stream, seq as u64, &hash, 1),
         )
+    }
+
+    fn verify_with(
+        records: &[Vec<u8>],
+        checkpoints: &[(String, Checkpoint)],
+        trust: &Trust<'_>,
+    ) -> Report {
+        let mut v = Verifier::new();
+        for r in records {
+            v.push("x", r, None);
+        }
+        for (location, cp) in checkpoints {
+            v.push_checkpoint(location, &serde_json::to_vec(cp).unwrap(), Some(&cp.stream));
+        }
+        v.check_checkpoints(trust);
+        v.report()
     }
 
     #[test]
@@ -524,23 +709,14 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let records = stream("a", 10);
         let cp = signed(&key, "a", &records, 7);
+        let none = Trust::default();
         // Intact: anchored at 7, two records after it.
-        let mut v = Verifier::new();
-        for r in &records {
-            v.push("x", r, None);
-        }
-        v.witness(std::slice::from_ref(&cp), None);
-        let r = v.report();
+        let r = verify_with(&records, std::slice::from_ref(&cp), &none);
         assert!(r.ok(), "{:?}", r.failures);
         assert_eq!(r.streams["a"].anchored_seq, Some(7));
         assert_eq!(r.streams["a"].unanchored, 2);
         // The tail dropped back to seq 5: the chain alone looks fine, the checkpoint does not.
-        let mut v = Verifier::new();
-        for r in &records[..6] {
-            v.push("x", r, None);
-        }
-        v.witness(std::slice::from_ref(&cp), None);
-        let r = v.report();
+        let r = verify_with(&records[..6], std::slice::from_ref(&cp), &none);
         assert_eq!(
             r.failures[0].problem,
             Problem::TruncatedBeforeCheckpoint { checkpoint_seq: 7 }
@@ -548,24 +724,237 @@ mod tests {
         // A forged checkpoint (another key) is refused against the witness's keys.
         let forger = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
         let forged = signed(&forger, "a", &records, 9);
-        let keys = BTreeMap::from([("a".to_string(), hex::encode(key.verifying_key().as_bytes()))]);
-        let mut v = Verifier::new();
-        for r in &records {
-            v.push("x", r, None);
-        }
-        v.witness(&[cp.clone(), forged], Some(&keys));
-        let r = v.report();
-        assert_eq!(r.failures.len(), 1);
+        let witness = [cp.1.clone()];
+        let trust = Trust {
+            witness: Some(&witness),
+            ..Trust::default()
+        };
+        let r = verify_with(&records, &[cp.clone(), forged], &trust);
+        assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
         assert_eq!(r.failures[0].problem, Problem::UnknownCheckpointKey);
         assert_eq!(r.streams["a"].anchored_seq, Some(7));
         // A checkpoint whose hash is not the record's.
-        let mut wrong = cp;
-        wrong.1 = crate::checkpoint::Checkpoint::sign(&key, "a", 7, &"00".repeat(32), 1);
+        let wrong = (
+            "cp".to_string(),
+            Checkpoint::sign(&key, "a", 7, &"00".repeat(32), 1),
+        );
+        let r = verify_with(&records, &[wrong], &none);
+        assert_eq!(r.failures[0].problem, Problem::CheckpointMismatch);
+    }
+
+    #[test]
+    fn every_checkpoint_is_compared_not_only_the_anchor() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let records = stream("a", 10);
+        let earlier_wrong = (
+            "cp".to_string(),
+            Checkpoint::sign(&key, "a", 3, &"11".repeat(32), 1),
+        );
+        let r = verify_with(
+            &records,
+            &[earlier_wrong, signed(&key, "a", &records, 9)],
+            &Trust::default(),
+        );
+        assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+        assert_eq!(r.failures[0].problem, Problem::CheckpointMismatch);
+        assert_eq!(r.failures[0].seq, Some(3));
+        assert_eq!(r.streams["a"].anchored_seq, Some(9));
+        // Two checkpoints at the highest seq: both are compared, either one anchors.
+        let twin = (
+            "cp".to_string(),
+            Checkpoint::sign(&key, "a", 9, &"22".repeat(32), 2),
+        );
+        let r = verify_with(
+            &records,
+            &[signed(&key, "a", &records, 9), twin],
+            &Trust::default(),
+        );
+        assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+        assert_eq!(r.failures[0].problem, Problem::CheckpointMismatch);
+    }
+
+    #[test]
+    fn a_witnessed_stream_missing_from_the_source_fails_unless_allowed() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let a = stream("a", 4);
+        let b = stream("b", 4);
+        let witness = [signed(&key, "a", &a, 3).1, signed(&key, "b", &b, 3).1];
+        let trust = Trust {
+            witness: Some(&witness),
+            ..Trust::default()
+        };
+        let r = verify_with(&a, &[], &trust);
+        assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+        assert_eq!(r.failures[0].stream, "b");
+        assert_eq!(
+            r.failures[0].problem,
+            Problem::MissingStream { checkpoint_seq: 3 }
+        );
+        let r = verify_with(
+            &a,
+            &[],
+            &Trust {
+                allow_missing_streams: true,
+                ..trust
+            },
+        );
+        assert!(r.ok(), "{:?}", r.failures);
+        assert_eq!(r.streams["b"].last_seq, None);
+        assert_eq!(r.streams["b"].anchored_seq, Some(3));
+    }
+
+    #[test]
+    fn pinned_keys_refuse_every_other_key() {
+        let node = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let records = stream("gw-1:5", 6);
+        let mut pinned = PinnedKeys::default();
+        pinned.insert("gw-1", &hex::encode(node.verifying_key().as_bytes()));
+        let trust = Trust {
+            pinned: Some(&pinned),
+            ..Trust::default()
+        };
+        let r = verify_with(&records, &[signed(&node, "gw-1:5", &records, 5)], &trust);
+        assert!(r.ok(), "{:?}", r.failures);
+        // A source rewritten and re-signed whole with another key: every checkpoint agrees
+        // with the records and with each other, and none counts.
+        let r = verify_with(&records, &[signed(&other, "gw-1:5", &records, 5)], &trust);
+        assert_eq!(
+            r.failures[0].problem,
+            Problem::UnpinnedKey {
+                node: "gw-1".into()
+            }
+        );
+        assert_eq!(r.streams["gw-1:5"].anchored_seq, None);
+    }
+
+    #[test]
+    fn a_checkpoint_must_travel_under_its_streams_key() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let records = stream("a", 3);
+        let (_, cp) = signed(&key, "a", &records, 2);
+        let bytes = serde_json::to_vec(&cp).unwrap();
+        let mut v = Verifier::new();
+        v.push_checkpoint("t/0/9", &bytes, Some("b"));
+        v.push_checkpoint("t/0/10", &bytes, None);
+        v.push_checkpoint("t/0/11", b"{}", Some("a"));
+        let r = v.report();
+        assert_eq!(
+            r.failures[0].problem,
+            Problem::MisfiledCheckpoint {
+                key: Some("b".into())
+            }
+        );
+        assert_eq!(
+            r.failures[1].problem,
+            Problem::MisfiledCheckpoint { key: None }
+        );
+        assert!(matches!(
+            r.failures[2].problem,
+            Problem::MalformedCheckpoint(_)
+        ));
+    }
+
+    /// `n` whole records of an open stream and the record that would follow them.
+    fn open_stream(name: &str, n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut chain = Chain::new(name);
+        let mut records: Vec<Vec<u8>> = (0..=n)
+            .map(|i| {
+                chain.seal_serialized(format!("{{\"kind\":\"request\",\"i\":{i}}}").as_bytes())
+            })
+            .collect();
+        let next = records.pop().unwrap();
+        (records, next)
+    }
+
+    fn with_tail(records: &[Vec<u8>], stream: &str, tail: &[u8]) -> Report {
+        let mut v = Verifier::new();
+        for (i, r) in records.iter().enumerate() {
+            v.push(&format!("f:{}", i + 1), r, Some(stream));
+        }
+        v.push_unterminated(&format!("f:{}", records.len() + 1), tail, stream);
+        v.report()
+    }
+
+    #[test]
+    fn a_torn_last_record_is_reported_as_such_at_any_cut() {
+        let (records, next) = open_stream("a", 4);
+        for cut in [1, 10, 40, next.len() / 2, next.len() - 1] {
+            let r = with_tail(&records, "a", &next[..cut]);
+            assert!(r.ok(), "cut {cut}: {:?}", r.failures);
+            assert_eq!(r.torn_tails(), 1);
+            let s = &r.streams["a"];
+            assert_eq!(s.verified, 4, "a torn record is never a record");
+            assert_eq!(
+                s.torn_tail,
+                Some(TornTail {
+                    location: "f:5".into(),
+                    bytes: cut as u64
+                })
+            );
+        }
+        // Cut right before its newline: a whole record.
+        let r = with_tail(&records, "a", &next);
+        assert!(r.ok() && r.torn_tails() == 0 && r.verified() == 5, "{r:?}");
+        // A file whose first record was torn.
+        let r = with_tail(&[], "a", &records[0][..30]);
+        assert!(r.ok() && r.torn_tails() == 1, "{r:?}");
+    }
+
+    #[test]
+    fn a_torn_tail_cannot_hide_anything() {
+        let (records, next) = open_stream("a", 4);
+        // Anything that is not the beginning of the next record is malformed: junk, another
+        // seq, another prev (an older record's tail), another stream.
+        let mut wrong_seq = next.clone();
+        let at = wrong_seq
+            .windows(7)
+            .position(|w| w == b"\"seq\":4")
+            .unwrap();
+        wrong_seq[at + 6] = b'3';
+        for tail in [
+            b"garbage".to_vec(),
+            wrong_seq[..80].to_vec(),
+            records[2][..90].to_vec(),
+            open_stream("b", 4).1[..60].to_vec(),
+        ] {
+            let r = with_tail(&records, "a", &tail);
+            assert!(
+                matches!(
+                    r.failures[..],
+                    [Failure {
+                        problem: Problem::Malformed(_),
+                        ..
+                    }]
+                ),
+                "{:?}",
+                String::from_utf8_lossy(&tail)
+            );
+            assert_eq!(r.torn_tails(), 0);
+        }
+        // Nothing follows a stream_end.
+        let ended = stream("a", 3);
+        let tail = record_prefix("a", 3, &record_hash(&ended[2]));
+        let r = with_tail(&ended, "a", &tail[..20]);
+        assert!(!r.ok(), "{r:?}");
+        // A torn record satisfies no checkpoint: cut back to a torn tail, a stream whose
+        // checkpoint covers the torn record is truncated.
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let mut all = records.clone();
+        all.push(next.clone());
+        let cp = signed(&key, "a", &all, 4).1;
         let mut v = Verifier::new();
         for r in &records {
-            v.push("x", r, None);
+            v.push("x", r, Some("a"));
         }
-        v.witness(&[wrong], None);
-        assert_eq!(v.report().failures[0].problem, Problem::CheckpointMismatch);
+        v.push_unterminated("x", &next[..next.len() - 3], "a");
+        v.check_checkpoints(&Trust {
+            witness: Some(&[cp]),
+            ..Trust::default()
+        });
+        assert_eq!(
+            v.report().failures[0].problem,
+            Problem::TruncatedBeforeCheckpoint { checkpoint_seq: 4 }
+        );
     }
 }

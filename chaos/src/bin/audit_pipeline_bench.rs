@@ -76,15 +76,12 @@ async fn main() {
         spool.clone(),
         key,
         Duration::from_secs(5),
+        Vec::new(),
     )
     .expect("producer");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let shipping = tokio::spawn(shipper.run(
-        dir.path().to_path_buf(),
-        audit.path().to_path_buf(),
-        stop_rx,
-        Duration::from_secs(30),
-    ));
+    let shipping =
+        tokio::spawn(shipper.run(audit.path().to_path_buf(), stop_rx, Duration::from_secs(30)));
     println!(
         "audit-pipeline-bench: topic {topic}, {records} records of ~1 KB from {writers} writers, then {samples} latency samples"
     );

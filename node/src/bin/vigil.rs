@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use vigil_coordinator::client::{Client, Credential};
 use vigil_node::config::Config;
 use vigil_node::replay;
-use vigil_proto::checkpoint::Checkpoint;
+use vigil_proto::checkpoint::{Checkpoint, PinnedKeys};
 use vigil_proto::coordinator as pb;
-use vigil_proto::verify::Verifier;
+use vigil_proto::verify::{Trust, Verifier};
 
 #[derive(Parser)]
 #[command(version, about = "Vigil operator CLI")]
@@ -54,6 +54,22 @@ enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
+    /// What the coordinator witnesses: the latest checkpoint of every audit stream, and every
+    /// node's checkpoint key.
+    Witness {
+        #[command(subcommand)]
+        command: WitnessCommand,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum WitnessCommand {
+    /// The latest checkpoint of every stream: stream, seq, time, key fingerprint, hash.
+    List,
+    /// Every node's registered checkpoint key, in the form `vigil audit verify --keys` reads.
+    Keys,
 }
 
 #[derive(clap::Args)]
@@ -68,6 +84,13 @@ struct CoordinatorArgs {
         global = true
     )]
     coordinator: Vec<String>,
+    #[command(flatten)]
+    credential: CredentialArgs,
+}
+
+/// How `vigil` authenticates to the coordinator.
+#[derive(clap::Args)]
+struct CredentialArgs {
     /// Your OIDC token (ID token or access token).
     #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -159,20 +182,25 @@ struct VerifyArgs {
     kafka: Option<String>,
     #[arg(long, requires = "kafka")]
     topic: Option<String>,
-    /// Coordinator members (`host:port,…`) whose witnessed checkpoints anchor each stream
-    /// found in the log or topic.
+    /// Coordinator members (`host:port,…`) whose witnessed checkpoints anchor their streams:
+    /// every stream the witness holds must be in the log or topic.
     #[arg(long, value_delimiter = ',')]
     witness: Vec<String>,
-    /// With --witness: also fail for each witnessed stream that is missing from the log or
-    /// topic altogether (verifying everything a cluster's nodes wrote).
-    #[arg(long, requires = "witness")]
-    require_witnessed: bool,
-    /// Authenticate to the witness with this OIDC token.
-    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// …or with the cluster token held in this environment variable.
+    /// With --witness: expect only the streams of these node ids (`id,…`) in the source; the
+    /// witness's streams of other nodes are left out.
+    #[arg(long, value_delimiter = ',', requires = "witness")]
+    nodes: Vec<String>,
+    /// Report streams that a checkpoint names (the witness's or the topic's) but of which the
+    /// source holds no record, without failing them (a deleted stream file then passes;
+    /// prefer --nodes).
     #[arg(long)]
-    cluster_token_env: Option<String>,
+    allow_missing_streams: bool,
+    /// Trust only these checkpoint keys: a file of `<node id> <public key>` lines, as
+    /// `vigil witness keys` prints. A checkpoint signed by any other key fails.
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    #[command(flatten)]
+    credential: CredentialArgs,
 }
 
 #[derive(clap::Args)]
@@ -208,46 +236,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// The credential for the coordinator: the cluster token from a variable, else an OIDC
-/// token given inline or in a file.
-fn credential(
-    cluster_token_env: Option<&str>,
-    token: Option<&str>,
-    token_file: Option<&PathBuf>,
-) -> Result<Credential, String> {
-    if let Some(var) = cluster_token_env {
-        let token = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
-        Ok(Credential::Cluster(token.into()))
-    } else if let Some(f) = token_file {
-        let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        Ok(Credential::Bearer(t.trim().to_string()))
-    } else if let Some(t) = token {
-        Ok(Credential::Bearer(t.trim().to_string()))
-    } else {
-        Err("give your OIDC token with --token, VIGIL_TOKEN or --token-file".into())
+impl CredentialArgs {
+    /// The credential for the coordinator: the cluster token from a variable, else an OIDC
+    /// token given in a file or inline.
+    fn credential(&self) -> Result<Credential, String> {
+        if let Some(var) = &self.cluster_token_env {
+            let token = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+            Ok(Credential::Cluster(token.into()))
+        } else if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            Ok(Credential::Bearer(t.trim().to_string()))
+        } else if let Some(t) = &self.token {
+            Ok(Credential::Bearer(t.trim().to_string()))
+        } else {
+            Err("give your OIDC token with --token, VIGIL_TOKEN or --token-file".into())
+        }
+    }
+
+    fn client(&self, endpoints: Vec<String>) -> Result<Client, String> {
+        Client::new(endpoints, self.credential()?).map_err(|s| s.message().to_string())
     }
 }
 
 impl CoordinatorArgs {
     fn client(&self) -> Result<Client, String> {
-        let credential = credential(
-            self.cluster_token_env.as_deref(),
-            self.token.as_deref(),
-            self.token_file.as_ref(),
-        )?;
-        Client::new(self.coordinator.clone(), credential).map_err(|s| s.message().to_string())
+        self.credential.client(self.coordinator.clone())
     }
 }
 
-/// The witness's checkpoints and the key pinned for each stream.
-fn witnessed(args: &VerifyArgs) -> Result<Vec<(String, Checkpoint)>, String> {
-    let credential = credential(
-        args.cluster_token_env.as_deref(),
-        args.token.as_deref(),
-        None,
-    )?;
-    let client =
-        Client::new(args.witness.clone(), credential).map_err(|s| s.message().to_string())?;
+/// The witness's checkpoints, one per stream (of the `--nodes` only, when given).
+fn witnessed(args: &VerifyArgs) -> Result<Vec<Checkpoint>, String> {
+    let client = args.credential.client(args.witness.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -258,21 +277,34 @@ fn witnessed(args: &VerifyArgs) -> Result<Vec<(String, Checkpoint)>, String> {
     Ok(list
         .checkpoints
         .into_iter()
-        .map(|c| ("witness".to_string(), Checkpoint::from(c)))
+        .map(Checkpoint::from)
+        .filter(|c| {
+            args.nodes.is_empty()
+                || vigil_proto::chain::node_of(&c.stream)
+                    .is_some_and(|n| args.nodes.iter().any(|w| w == n))
+        })
         .collect())
 }
 
 fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     let started = std::time::Instant::now();
+    let pinned = match &args.keys {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| e.to_string())
+                .and_then(|text| PinnedKeys::parse(&text))
+                .map_err(|e| format!("{}: {e}", f.display()))?,
+        ),
+        None => None,
+    };
     // The witness first: whatever it vouches for was written before the source is read, so a
     // stream that is still being written is not reported truncated.
-    let held = if args.witness.is_empty() {
+    let witness = if args.witness.is_empty() {
         None
     } else {
         Some(witnessed(args)?)
     };
-    let mut checkpoints = Vec::new();
-    let mut malformed_checkpoints = Vec::new();
+    let mut checkpoints = 0usize;
     let (mut verifier, source, sources) = match (&args.kafka, &args.topic) {
         (Some(brokers), Some(topic)) => {
             let mut verifier = Verifier::new();
@@ -282,10 +314,8 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
                 std::time::Duration::from_secs(10),
                 |m| {
                     if m.checkpoint {
-                        match serde_json::from_slice::<Checkpoint>(&m.value) {
-                            Ok(cp) => checkpoints.push((m.location, cp)),
-                            Err(e) => malformed_checkpoints.push(format!("{}: {e}", m.location)),
-                        }
+                        checkpoints += 1;
+                        verifier.push_checkpoint(&m.location, &m.value, m.key.as_deref());
                     } else {
                         verifier.push(&m.location, &m.value, m.key.as_deref());
                     }
@@ -305,35 +335,31 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
             (verifier, path.display().to_string(), files)
         }
     };
-    let mut absent = Vec::new();
-    let keys = held.map(|held| {
-        let present = verifier.report().streams;
-        let keys = held
-            .iter()
-            .map(|(_, c)| (c.stream.clone(), c.public_key.clone()))
-            .collect::<std::collections::BTreeMap<_, _>>();
-        for (location, cp) in held {
-            if present.contains_key(&cp.stream) || args.require_witnessed {
-                checkpoints.push((location, cp));
-            } else {
-                absent.push(cp.stream);
-            }
-        }
-        keys
+    checkpoints += witness.as_ref().map_or(0, Vec::len);
+    verifier.check_checkpoints(&Trust {
+        witness: witness.as_deref(),
+        pinned: pinned.as_ref(),
+        allow_missing_streams: args.allow_missing_streams,
     });
-    verifier.witness(&checkpoints, keys.as_ref());
-    if !absent.is_empty() {
-        println!(
-            "note: {} witnessed stream(s) are not in this source (not judged; --require-witnessed judges them)",
-            absent.len()
-        );
-    }
     let report = verifier.report();
     for (stream, s) in &report.streams {
+        let Some(last) = s.last_seq else {
+            println!(
+                "stream {stream}: missing from the source (no record read){}{}",
+                match s.anchored_seq {
+                    Some(a) => format!(", a checkpoint vouches for seq 0 to {a}"),
+                    None => String::new(),
+                },
+                match &s.torn_tail {
+                    Some(t) => format!(", torn tail of {} bytes at {}", t.bytes, t.location),
+                    None => String::new(),
+                }
+            );
+            continue;
+        };
         println!(
-            "stream {stream}: {} records verified, last seq {}, {}, {}{}",
+            "stream {stream}: {} records verified, last seq {last}, {}, {}{}{}",
             s.verified,
-            s.last_seq.map(|s| s.to_string()).unwrap_or("-".into()),
             if s.ended {
                 "ended"
             } else {
@@ -347,31 +373,29 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
                 format!(", {} identical duplicates", s.identical_duplicates)
             } else {
                 String::new()
+            },
+            match &s.torn_tail {
+                Some(t) => format!(", torn tail of {} bytes at {}", t.bytes, t.location),
+                None => String::new(),
             }
         );
     }
     for f in &report.failures {
         println!("FAIL {f}");
     }
-    for bad in &malformed_checkpoints {
-        println!("FAIL malformed checkpoint at {bad}");
-    }
     let secs = started.elapsed().as_secs_f64();
     let rate = report.verified() as f64 / secs.max(1e-9);
-    if report.ok() && malformed_checkpoints.is_empty() {
+    if report.ok() {
         println!(
-            "OK: {} records in {} streams verified from {source} ({sources} sources), {} checkpoints, {:.0} records/s",
+            "OK: {} records in {} streams verified from {source} ({sources} sources), {checkpoints} checkpoints, {} torn tails, {:.0} records/s",
             report.verified(),
             report.streams.len(),
-            checkpoints.len(),
+            report.torn_tails(),
             rate
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
-            "FAILED: {} problem(s)",
-            report.failures.len() + malformed_checkpoints.len()
-        );
+        println!("FAILED: {} problem(s)", report.failures.len());
         Ok(ExitCode::FAILURE)
     }
 }
@@ -483,6 +507,18 @@ enum CoordinatorCommand {
     Approvals(ApprovalCommand),
     Grants(GrantCommand),
     Cluster(ClusterCommand),
+    Witness(WitnessCommand),
+}
+
+fn show_checkpoint(c: &pb::Checkpoint) -> String {
+    format!(
+        "{}  seq {}  {}  {}  {}\n",
+        c.stream,
+        c.seq,
+        time(c.time_ms),
+        vigil_proto::checkpoint::fingerprint(&c.public_key).unwrap_or_else(|| "?".into()),
+        c.hash
+    )
 }
 
 async fn decide(
@@ -571,6 +607,32 @@ async fn coordinator_command(
                 )
             }
         },
+        CoordinatorCommand::Witness(WitnessCommand::List) => {
+            let list = client
+                .list_checkpoints(pb::ListCheckpointsRequest {})
+                .await?;
+            if list.checkpoints.is_empty() {
+                "no checkpoints\n".into()
+            } else {
+                list.checkpoints.iter().map(show_checkpoint).collect()
+            }
+        }
+        CoordinatorCommand::Witness(WitnessCommand::Keys) => {
+            let list = client.list_node_keys(pb::ListNodeKeysRequest {}).await?;
+            let mut out = String::from("# node id, public key (as registered by the witness)\n");
+            for k in &list.keys {
+                out += &format!(
+                    "# {}: {}, registered {} by stream {}\n{} {}\n",
+                    k.node,
+                    k.fingerprint,
+                    time(k.registered_at_ms),
+                    k.first_stream,
+                    k.node,
+                    k.public_key
+                );
+            }
+            out
+        }
         CoordinatorCommand::Cluster(command) => show_status(&match command {
             ClusterCommand::Init => client.init(pb::InitRequest {}).await?,
             ClusterCommand::Add { id, address } => {
@@ -617,6 +679,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
             command,
             coordinator,
         } => run_coordinator(&coordinator, CoordinatorCommand::Cluster(command)),
+        Command::Witness {
+            command,
+            coordinator,
+        } => run_coordinator(&coordinator, CoordinatorCommand::Witness(command)),
         Command::Audit {
             command: AuditCommand::Verify(args),
         } => verify(&args),
