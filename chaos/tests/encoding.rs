@@ -212,3 +212,45 @@ async fn t7c_utf8_and_sql_ascii_sessions_run_exactly_what_is_recorded() {
         .iter()
         .all(|r| r.body.outcome == Some(Outcome::Success)));
 }
+
+/// The backstop: code the server runs on its own account (here a function that calls
+/// `set_config`) can still switch the encoding. The target reports the change, and the
+/// gateway ends the session rather than read the next message differently from PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7d_an_encoding_switched_by_server_side_code_ends_the_session() {
+    let node = TestNode::start(NodeOptions {
+        extra: POLICY,
+        ..NodeOptions::default()
+    })
+    .await;
+    let db = node.files.db.clone();
+    direct_superuser(&db)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION switch_encoding() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'switched'; END $$",
+        )
+        .await
+        .unwrap();
+    let token = agent_token().await;
+    let offset = pg_log_len();
+    let (client, conn) = node.client(&token).await.unwrap();
+    let _ = client.simple_query("SELECT switch_encoding()").await;
+    let after = client.simple_query(SWALLOW_SJIS).await;
+    assert!(after.is_err(), "the session is over: {after:?}");
+    conn.await.ok();
+    let logged = logged_statements(&db, offset);
+    assert!(
+        !logged.iter().any(|s| s.contains("DELETE")),
+        "nothing after the switch reached PostgreSQL: {logged:#?}"
+    );
+    assert_eq!(customers(&db).await, 50);
+    let records = node.records_after_sessions(1).await;
+    let end = of_kind(&records, Kind::SessionEnd)
+        .into_iter()
+        .last()
+        .expect("a session_end record");
+    assert_eq!(end.body.outcome, Some(Outcome::Error));
+    let detail = end.body.detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("client_encoding"), "{detail}");
+}

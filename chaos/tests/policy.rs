@@ -146,13 +146,24 @@ const BASE: &[(&str, Option<&str>)] = &[
         Some("no-destruction"),
     ),
     ("ALTER SYSTEM SET work_mem = '77MB'", Some("no-destruction")),
-    // The session's encoding: the gateway parses UTF-8 only.
-    ("SET NAMES 'SJIS'", Some("no-escape")),
+    // The session's encoding: the gateway parses UTF-8 only, whatever the policy says.
+    ("SET NAMES 'SJIS'", Some("client-encoding")),
+    ("SET client_encoding TO 'GBK'", Some("client-encoding")),
+    (
+        "SET LOCAL client_encoding = 'LATIN1'",
+        Some("client-encoding"),
+    ),
     (
         "SELECT set_config('client_encoding', 'BIG5', false)",
-        Some("no-escape"),
+        Some("client-encoding"),
+    ),
+    (
+        "SELECT set_config(name, 'SJIS', false) FROM (VALUES ('client_encoding')) v(name)",
+        Some("client-encoding"),
     ),
     ("RESET client_encoding", None),
+    // Not refused by the gateway itself; this test's policy flags every encoding change.
+    ("SET client_encoding = 'UTF-8'", Some("no-escape")),
 ];
 
 /// The corpus: [`BASE`] and statements too long to write out, with what must happen to them.
