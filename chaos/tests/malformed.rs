@@ -5,30 +5,12 @@ use bytes::{BufMut, BytesMut};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use vigil_chaos::wire::{self, typed};
 use vigil_chaos::*;
 use vigil_proto::record::Kind;
 
 fn startup(db: &str) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    body.put_i32(196_608);
-    for (k, v) in [("user", "agent"), ("database", db)] {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut out = BytesMut::new();
-    out.put_i32(body.len() as i32 + 4);
-    out.put_slice(&body);
-    out.to_vec()
-}
-
-fn typed(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    out
+    wire::startup(&[("user", "agent"), ("database", db)])
 }
 
 /// Sends `bytes`, closes the sending side and reads until the server closes; returns what came

@@ -1,4 +1,4 @@
-//! t76–t7b: the gateway's picture of a session — prepared statements, portals, their
+//! t76–t7a, t7e: the gateway's picture of a session — prepared statements, portals, their
 //! descriptions, the settings the target reports — follows what PostgreSQL confirmed, never
 //! what the client asked for. PostgreSQL's own statement log (`log_statement=all`) is the
 //! ground truth: every statement it ran is named exactly by the audit record of that
@@ -439,6 +439,40 @@ async fn t79_settings_the_target_reports_are_recorded() {
     assert_eq!(conn.application.as_deref(), Some("jdbc-reporting"));
     let principal = after.body.principal.as_ref().unwrap();
     assert_eq!(principal.intent.as_deref(), Some("jdbc-reporting"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7e_refusals_keep_the_gateway_in_step_with_the_target() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    let r = s
+        .batch(&mut w, &[wire::parse("s9", "SELECT 'old'"), wire::sync()])
+        .await;
+    assert!(errors(&r).is_empty());
+    for _ in 0..3 {
+        // The gateway answers these itself (a stand-in reaches the target): they must not
+        // count as answers to anything else.
+        let r = s.batch(&mut w, &[wire::query("EXECUTE nowhere")]).await;
+        assert_eq!(errors(&r).len(), 1);
+        // Two batches at once: the second runs what the first left under `s9`.
+        w.send(
+            &[
+                wire::close(b'S', "s9"),
+                wire::parse("s9", "SELECT 'new'"),
+                wire::sync(),
+                wire::bind("", "s9", &[]),
+                wire::execute(""),
+                wire::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        for _ in 0..2 {
+            let r = w.until_ready().await;
+            assert!(errors(&r).is_empty(), "{:?}", errors(&r));
+        }
+    }
+    assert_records_name_what_ran(&s.ran(), &s.node.records().await, "t7e");
 }
 
 /// One random client message (or a Query), drawing names from small sets so they collide.

@@ -1084,7 +1084,7 @@ impl ClientHalf {
         }
     }
 
-    fn refuse_unrecorded(&self, e: &AuditError, simple: bool, out: &mut BytesMut) {
+    fn refuse_unrecorded(&mut self, e: &AuditError, simple: bool, out: &mut BytesMut) {
         let message = match e {
             AuditError::SpoolFull { .. } => format!(
                 "statement refused: {e}; nothing was sent to the database (retry once the audit pipeline catches up)"
@@ -1097,7 +1097,7 @@ impl ClientHalf {
     /// Counts a refused statement and sends the target a stand-in that fails, whose error the
     /// client sees as `message` (see [`Pending::StandIn`]).
     fn refuse(
-        &self,
+        &mut self,
         outcome: Outcome,
         sqlstate: &str,
         message: &str,
@@ -1110,6 +1110,8 @@ impl ClientHalf {
             .get_or_create(&outcome_label(outcome))
             .inc();
         out.extend_from_slice(&if simple {
+            // A Query stand-in is a sync point the target answers like any Query.
+            self.tables.sync_point();
             messages::query(STAND_IN)
         } else {
             messages::parse(STAND_IN)
