@@ -1,7 +1,9 @@
-//! t6x: the binaries' edges: a bad config is refused before anything is bound, naming the key.
+//! t6x: the binaries' edges: a bad config is refused before anything is bound, naming the key;
+//! what `vigil` prints from records cannot forge its output.
 
 use std::process::Command;
 use vigil_chaos::*;
+use vigil_proto::record::Kind;
 
 fn node_with(config: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -61,4 +63,67 @@ async fn t60_bad_configs_are_refused_naming_the_key() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/vigil.toml"));
+}
+
+/// Statement text, application name and a result value full of carriage returns, newlines,
+/// ANSI sequences and a right-to-left override: `vigil replay` prints none of them raw, and
+/// none of the forged lines starts a line of its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t61_replay_escapes_what_records_hold() {
+    const FORGED: &str = "\r\nstatus: approved by alice\x1b[1A\x1b[2K\u{202e}devorppa\u{202c}";
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let mut config: tokio_postgres::Config = node.conn_str(&token, "app").parse().unwrap();
+    config
+        .application_name(format!("report{FORGED}"))
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, conn) = config.connect(tls_connector()).await.expect("connects");
+    let conn = tokio::spawn(conn);
+    let sql = format!("SELECT 'value{FORGED}' AS v /*\r\n  -> #1 REFUSED (rule x): forged */");
+    let rows = client.simple_query(&sql).await.expect("the statement runs");
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value, Some(format!("value{FORGED}")));
+    drop(client);
+    let _ = conn.await;
+
+    let records = node.records_after_sessions(1).await;
+    let start = of_kind(&records, Kind::SessionStart);
+    let connection = start[0].body.connection.as_ref().unwrap();
+    assert_eq!(
+        connection.application.as_deref(),
+        Some(format!("report{FORGED}").as_str()),
+        "the record holds the name as declared"
+    );
+    let session = start[0].body.session.clone().unwrap();
+    let dir = node.files.audit_dir.to_str().unwrap().to_string();
+    let (code, replay) = vigil(&["replay", &session[..8], "--log", &dir]);
+    assert_eq!(code, 0, "{replay}");
+    for raw in ['\r', '\x1b', '\u{202e}', '\u{202c}'] {
+        assert!(!replay.contains(raw), "raw {raw:?} in:\n{replay}");
+    }
+    for line in replay.lines() {
+        assert!(
+            !line.starts_with("status:") && !line.starts_with("  -> #1 REFUSED"),
+            "a forged line: {line:?}\n{replay}"
+        );
+    }
+    // What was escaped is still there to read: the application, the statement with its
+    // continuation line, the value.
+    for needle in [
+        "application report\\r\\nstatus: approved by alice\\x1b[1A\\x1b[2K\\u{202e}devorppa\\u{202c}",
+        "AS v /*\\r\n",
+        "↳   -> #1 REFUSED (rule x): forged",
+        // The recorder writes a value that is not printable UTF-8 as `\x` hex; its backslash
+        // is doubled like every other.
+        "| \\\\x76616c75650d0a",
+    ] {
+        assert!(replay.contains(needle), "replay lacks {needle:?}:\n{replay}");
+    }
+    let (code, list) = vigil(&["sessions", "--log", &dir]);
+    assert_eq!(code, 0, "{list}");
+    assert!(!list.contains('\x1b') && !list.contains('\r'), "{list}");
+    node.node.shutdown().await;
 }

@@ -1,7 +1,11 @@
 //! Reading the local log back: verification of every stream, the list of sessions, and the
 //! replay of one session as a readable transcript.
+//!
+//! Every text taken from a record is printed through [`crate::display`], so nothing a client
+//! or a record controls can move the cursor, recolour, reorder or forge a line of the output.
 
 use crate::audit::{log_files, stream_of};
+use crate::display::{escape as esc, escape_lines};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -99,18 +103,37 @@ pub fn list_sessions(path: &Path) -> std::io::Result<String> {
         let _ = writeln!(
             out,
             "{}  {}  {:<24} {:<20} {:<12} {}",
-            b.session.as_deref().unwrap_or("-"),
-            b.time,
-            p.map(|p| p.subject.as_str()).unwrap_or("(unauthenticated)"),
-            p.and_then(|p| p.model.as_deref()).unwrap_or("-"),
-            b.connection
+            esc(b.session.as_deref().unwrap_or("-")),
+            esc(&b.time),
+            esc(p.map(|p| p.subject.as_str()).unwrap_or("(unauthenticated)")),
+            esc(p.and_then(|p| p.model.as_deref()).unwrap_or("-")),
+            esc(b
+                .connection
                 .as_ref()
                 .and_then(|c| c.name.as_deref())
-                .unwrap_or("-"),
+                .unwrap_or("-")),
             outcome(b.outcome),
         );
     })?;
     Ok(out)
+}
+
+/// A statement's text as the transcript prints it: escaped, its lines kept as lines, each
+/// continuation line behind [`crate::display::CONTINUATION`].
+fn statement(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_lines(text, "  ")
+}
+
+/// Bind parameters as `["value", NULL, …]`, each value escaped.
+fn params_list(params: &[Option<String>]) -> String {
+    let items: Vec<String> = params
+        .iter()
+        .map(|p| match p {
+            Some(v) => format!("\"{}\"", esc(v)),
+            None => "NULL".into(),
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
 }
 
 /// A readable transcript of a session.
@@ -123,50 +146,65 @@ pub fn render(records: &[Record]) -> String {
                 let _ = writeln!(
                     out,
                     "session {}  {}",
-                    b.session.as_deref().unwrap_or("-"),
-                    b.time
+                    esc(b.session.as_deref().unwrap_or("-")),
+                    esc(&b.time)
                 );
                 if let Some(p) = &b.principal {
-                    let _ = writeln!(out, "  principal   {}", p.subject);
+                    let _ = writeln!(out, "  principal   {}", esc(&p.subject));
                     if let Some(c) = &p.client_id {
-                        let _ = writeln!(out, "  client      {c}");
+                        let _ = writeln!(out, "  client      {}", esc(c));
                     }
                     if p.model.is_some() || p.model_version.is_some() {
                         let _ = writeln!(
                             out,
                             "  model       {} {}",
-                            p.model.as_deref().unwrap_or("-"),
-                            p.model_version.as_deref().unwrap_or("")
+                            esc(p.model.as_deref().unwrap_or("-")),
+                            esc(p.model_version.as_deref().unwrap_or(""))
                         );
                     }
                     if !p.groups.is_empty() {
-                        let _ = writeln!(out, "  groups      {}", p.groups.join(", "));
+                        let groups: Vec<_> = p.groups.iter().map(|g| esc(g)).collect();
+                        let _ = writeln!(out, "  groups      {}", groups.join(", "));
                     }
                     if let Some(i) = &p.intent {
-                        let _ = writeln!(out, "  intent      {i}");
+                        let _ = writeln!(out, "  intent      {}", esc(i));
                     }
-                    let _ = writeln!(out, "  token       {} from {}", p.token_type, p.issuer);
+                    let _ = writeln!(
+                        out,
+                        "  token       {} from {}",
+                        esc(&p.token_type),
+                        esc(&p.issuer)
+                    );
                 }
                 if let Some(c) = &b.connection {
                     let _ = writeln!(
                         out,
                         "  connection  {} -> {} (client {}, tls {})",
-                        c.name.as_deref().unwrap_or("-"),
-                        c.target.as_deref().unwrap_or("-"),
-                        c.client_addr,
+                        esc(c.name.as_deref().unwrap_or("-")),
+                        esc(c.target.as_deref().unwrap_or("-")),
+                        esc(&c.client_addr),
                         c.client_tls
                     );
+                    if let Some(a) = &c.application {
+                        let _ = writeln!(out, "  application {}", esc(a));
+                    }
                 }
                 let _ = writeln!(out, "  outcome     {}", outcome(b.outcome));
                 if let Some(d) = &b.detail {
-                    let _ = writeln!(out, "  detail      {d}");
+                    let _ = writeln!(out, "  detail      {}", esc(d));
                 }
             }
             Kind::Request => {
                 if let Some(q) = &b.request {
-                    let _ = writeln!(out, "\n[{}] #{} {}", b.time, b.stmt.unwrap_or(0), q.text);
+                    let _ = writeln!(
+                        out,
+                        "\n[{}] #{} {}",
+                        esc(&b.time),
+                        b.stmt.unwrap_or(0),
+                        statement(&q.text)
+                    );
                     if let Some(params) = q.params.as_ref().filter(|p| !p.is_empty()) {
-                        let _ = writeln!(out, "  params {params:?}");
+                        let _ = writeln!(out, "  params {}", params_list(params));
                     }
                 }
             }
@@ -183,25 +221,30 @@ pub fn render(records: &[Record]) -> String {
                         if resp.tags.is_empty() {
                             String::new()
                         } else {
-                            format!(" [{}]", resp.tags.join(", "))
+                            let tags: Vec<_> = resp.tags.iter().map(|t| esc(t)).collect();
+                            format!(" [{}]", tags.join(", "))
                         }
                     );
                     if let Some(e) = &resp.error {
-                        let _ = writeln!(out, "     error {} {}", e.sqlstate, e.message);
+                        let _ =
+                            writeln!(out, "     error {} {}", esc(&e.sqlstate), esc(&e.message));
                     }
                     if !resp.columns.is_empty() {
-                        let _ = writeln!(out, "     | {}", resp.columns.join(" | "));
+                        let columns: Vec<_> = resp.columns.iter().map(|c| esc(c)).collect();
+                        let _ = writeln!(out, "     | {}", columns.join(" | "));
                     }
                     for row in &resp.result {
-                        let cells: Vec<&str> =
-                            row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
+                        let cells: Vec<_> = row
+                            .iter()
+                            .map(|v| esc(v.as_deref().unwrap_or("NULL")))
+                            .collect();
                         let _ = writeln!(out, "     | {}", cells.join(" | "));
                     }
                     if resp.truncated {
                         let _ = writeln!(
                             out,
                             "     … truncated; sha256 of the remaining rows {}",
-                            resp.digest.as_deref().unwrap_or("-")
+                            esc(resp.digest.as_deref().unwrap_or("-"))
                         );
                     }
                 }
@@ -210,8 +253,8 @@ pub fn render(records: &[Record]) -> String {
                 let _ = writeln!(
                     out,
                     "\nsession end {}  {} ({} us)",
-                    b.time,
-                    b.detail.as_deref().unwrap_or(""),
+                    esc(&b.time),
+                    esc(b.detail.as_deref().unwrap_or("")),
                     b.duration_us.unwrap_or(0)
                 );
             }
@@ -219,32 +262,150 @@ pub fn render(records: &[Record]) -> String {
                 let rule = b
                     .policy
                     .as_ref()
-                    .map(|p| format!(" (rule {})", p.rule))
+                    .map(|p| format!(" (rule {})", esc(&p.rule)))
                     .unwrap_or_default();
                 let text = b.request.as_ref().map(|q| q.text.as_str()).unwrap_or("");
                 let _ = writeln!(
                     out,
-                    "\n[{}] #{} {text}\n  -> #{} REFUSED{rule}: {}",
-                    b.time,
+                    "\n[{}] #{} {}\n  -> #{} REFUSED{rule}: {}",
+                    esc(&b.time),
                     b.stmt.unwrap_or(0),
+                    statement(text),
                     b.stmt.unwrap_or(0),
-                    b.detail.as_deref().unwrap_or("")
+                    esc(b.detail.as_deref().unwrap_or(""))
                 );
             }
             _ => {
                 let _ = writeln!(
                     out,
                     "\n[{}] {:?} {} {}",
-                    b.time,
+                    esc(&b.time),
                     b.kind,
                     outcome(b.outcome),
-                    b.detail.as_deref().unwrap_or("")
+                    esc(b.detail.as_deref().unwrap_or(""))
                 );
                 if let Some(q) = &b.request {
-                    let _ = writeln!(out, "  request {}", q.text);
+                    let _ = writeln!(out, "  request {}", statement(&q.text));
                 }
             }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use vigil_proto::record::{Body, Connection, ErrorInfo, Principal, Request, Response};
+
+    const EVIL: &str = "x\r\n  -> #1 REFUSED: no\x1b[1A\x1b[2K\u{202e}devorppa\u{2066}\u{9b}2J";
+
+    fn record(kind: Kind, f: impl FnOnce(&mut Body)) -> Record {
+        let mut body = Body::new(EVIL.into(), EVIL.into(), Some("s1".into()), kind);
+        body.stmt = Some(1);
+        body.detail = Some(EVIL.into());
+        f(&mut body);
+        Record {
+            v: 1,
+            stream: "n1".into(),
+            seq: 0,
+            prev: String::new(),
+            body,
+        }
+    }
+
+    /// A transcript of records whose every text field is hostile: nothing a terminal acts on
+    /// or hides is printed, and every line is one the transcript writes (or a statement's
+    /// continuation behind the marker).
+    #[test]
+    fn a_hostile_session_cannot_forge_or_hide_a_line() {
+        let evil = || EVIL.to_string();
+        let records = [
+            record(Kind::SessionStart, |b| {
+                b.principal = Some(Arc::new(Principal {
+                    subject: evil(),
+                    client_id: Some(evil()),
+                    model: Some(evil()),
+                    model_version: Some(evil()),
+                    groups: vec![evil(), evil()],
+                    intent: Some(evil()),
+                    issuer: evil(),
+                    token_type: evil(),
+                    token_exp: None,
+                }));
+                b.connection = Some(Arc::new(Connection {
+                    protocol: "postgres".into(),
+                    client_addr: evil(),
+                    client_tls: true,
+                    name: Some(evil()),
+                    target: Some(evil()),
+                    application: Some(evil()),
+                }));
+            }),
+            record(Kind::Request, |b| {
+                b.request = Some(Request {
+                    text: evil(),
+                    params: Some(vec![Some(evil()), None]),
+                    ..Default::default()
+                });
+            }),
+            record(Kind::Response, |b| {
+                b.response = Some(Response {
+                    tags: vec![evil()],
+                    columns: vec![evil()],
+                    result: vec![vec![Some(evil()), None]],
+                    truncated: true,
+                    digest: Some(evil()),
+                    error: Some(ErrorInfo {
+                        sqlstate: evil(),
+                        message: evil(),
+                    }),
+                    ..Default::default()
+                });
+            }),
+            record(Kind::Blocked, |b| {
+                b.request = Some(Request {
+                    text: evil(),
+                    ..Default::default()
+                });
+            }),
+            record(Kind::SessionEnd, |_| {}),
+        ];
+        let out = render(&records);
+        let hidden = |c: char| {
+            c != '\n'
+                && (c.is_control()
+                    || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+        };
+        assert!(!out.chars().any(hidden), "{out}");
+        let continuation = format!("  {}", crate::display::CONTINUATION);
+        let ours = [
+            "session ",
+            "  principal ",
+            "  client ",
+            "  model ",
+            "  groups ",
+            "  intent ",
+            "  token ",
+            "  connection ",
+            "  application ",
+            "  outcome ",
+            "  detail ",
+            "  params ",
+            "  -> #1 ",
+            "     error ",
+            "     | ",
+            "     … truncated",
+            "[",
+        ];
+        for line in out.lines().filter(|l| !l.is_empty()) {
+            assert!(
+                line.starts_with(&continuation) || ours.iter().any(|p| line.starts_with(p)),
+                "a line the transcript did not write: {line:?}\n{out}"
+            );
+        }
+        // The forged refusal is on a continuation line, never at the start of one.
+        assert_eq!(out.matches("\n  -> #1 REFUSED").count(), 1, "{out}");
+    }
 }

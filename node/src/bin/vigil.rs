@@ -1,10 +1,15 @@
 //! `vigil`: the operator CLI.
+//!
+//! Every text that comes from a record, a client or the coordinator is printed through
+//! [`vigil_node::display`] (escaped; statement text keeps its lines behind a continuation
+//! marker), so none of it can move the cursor, recolour or forge a line of the output.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vigil_coordinator::client::{Client, Credential};
 use vigil_node::config::Config;
+use vigil_node::display::{escape as esc, escape_lines};
 use vigil_node::replay;
 use vigil_proto::checkpoint::{Checkpoint, PinnedKeys};
 use vigil_proto::coordinator as pb;
@@ -230,7 +235,8 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vigil: {e}");
+            // Errors carry the coordinator's and the broker's messages: escaped once, here.
+            eprintln!("vigil: {}", esc(&e));
             ExitCode::from(2)
         }
     }
@@ -343,6 +349,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     });
     let report = verifier.report();
     for (stream, s) in &report.streams {
+        let stream = esc(stream);
         let Some(last) = s.last_seq else {
             println!(
                 "stream {stream}: missing from the source (no record read){}{}",
@@ -351,7 +358,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
                     None => String::new(),
                 },
                 match &s.torn_tail {
-                    Some(t) => format!(", torn tail of {} bytes at {}", t.bytes, t.location),
+                    Some(t) => format!(", torn tail of {} bytes at {}", t.bytes, esc(&t.location)),
                     None => String::new(),
                 }
             );
@@ -375,21 +382,22 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
                 String::new()
             },
             match &s.torn_tail {
-                Some(t) => format!(", torn tail of {} bytes at {}", t.bytes, t.location),
+                Some(t) => format!(", torn tail of {} bytes at {}", t.bytes, esc(&t.location)),
                 None => String::new(),
             }
         );
     }
     for f in &report.failures {
-        println!("FAIL {f}");
+        println!("FAIL {}", esc(&f.to_string()));
     }
     let secs = started.elapsed().as_secs_f64();
     let rate = report.verified() as f64 / secs.max(1e-9);
     if report.ok() {
         println!(
-            "OK: {} records in {} streams verified from {source} ({sources} sources), {checkpoints} checkpoints, {} torn tails, {:.0} records/s",
+            "OK: {} records in {} streams verified from {} ({sources} sources), {checkpoints} checkpoints, {} torn tails, {:.0} records/s",
             report.verified(),
             report.streams.len(),
+            esc(&source),
             report.torn_tails(),
             rate
         );
@@ -426,10 +434,17 @@ fn show_approval(a: &pb::Approval) -> String {
     let requester = a.requester.clone().unwrap_or_default();
     let mut out = format!(
         "id          {}\nstate       {}\nrequester   {}\nconnection  {}\nrule        {}\nnode        {}\nstatement   {}\nhash        {}\n",
-        a.id, a.state, requester.subject, a.connection, a.rule, a.node, a.statement, a.statement_hash
+        esc(&a.id),
+        esc(&a.state),
+        esc(&requester.subject),
+        esc(&a.connection),
+        esc(&a.rule),
+        esc(&a.node),
+        escape_lines(&a.statement, ""),
+        esc(&a.statement_hash)
     );
     if !a.reason.is_empty() {
-        out += &format!("reason      {}\n", a.reason);
+        out += &format!("reason      {}\n", esc(&a.reason));
     }
     let approvals = a.votes.iter().filter(|v| v.approve).count();
     out += &format!(
@@ -437,18 +452,18 @@ fn show_approval(a: &pb::Approval) -> String {
         time(a.created_at_ms),
         time(a.expires_at_ms),
         a.approvals_required,
-        a.approver_group
+        esc(&a.approver_group)
     );
     for v in &a.votes {
         out += &format!(
             "vote        {} {} at {}{}\n",
-            v.approver,
+            esc(&v.approver),
             if v.approve { "approved" } else { "denied" },
             time(v.at_ms),
             if v.comment.is_empty() {
                 String::new()
             } else {
-                format!(": {}", v.comment)
+                format!(": {}", esc(&v.comment))
             }
         );
     }
@@ -461,13 +476,13 @@ fn show_approval(a: &pb::Approval) -> String {
 fn show_grant(g: &pb::Grant) -> String {
     format!(
         "{}  {}  {}  {}  {} .. {}  by {}{}{}",
-        g.id,
-        g.subject,
-        g.connection,
-        g.access_class,
+        esc(&g.id),
+        esc(&g.subject),
+        esc(&g.connection),
+        esc(&g.access_class),
         time(g.not_before_ms),
         time(g.not_after_ms),
-        g.granted_by,
+        esc(&g.granted_by),
         if g.revoked_at_ms != 0 {
             format!("  revoked {}", time(g.revoked_at_ms))
         } else {
@@ -476,7 +491,7 @@ fn show_grant(g: &pb::Grant) -> String {
         if g.reason.is_empty() {
             String::new()
         } else {
-            format!("  ({})", g.reason)
+            format!("  ({})", esc(&g.reason))
         }
     )
 }
@@ -484,16 +499,16 @@ fn show_grant(g: &pb::Grant) -> String {
 fn show_status(s: &pb::ClusterStatus) -> String {
     let members = |m: &[pb::Member]| {
         m.iter()
-            .map(|m| format!("{}={}", m.id, m.address))
+            .map(|m| format!("{}={}", m.id, esc(&m.address)))
             .collect::<Vec<_>>()
             .join(" ")
     };
     format!(
         "member      {} ({})\nleader      {} {}\nterm        {}\nlog         last {} applied {}\nvoters      {}\nlearners    {}\n",
         s.id,
-        s.role,
+        esc(&s.role),
         s.leader,
-        s.leader_address,
+        esc(&s.leader_address),
         s.term,
         s.last_log_index,
         s.last_applied,
@@ -513,11 +528,11 @@ enum CoordinatorCommand {
 fn show_checkpoint(c: &pb::Checkpoint) -> String {
     format!(
         "{}  seq {}  {}  {}  {}\n",
-        c.stream,
+        esc(&c.stream),
         c.seq,
         time(c.time_ms),
         vigil_proto::checkpoint::fingerprint(&c.public_key).unwrap_or_else(|| "?".into()),
-        c.hash
+        esc(&c.hash)
     )
 }
 
@@ -553,13 +568,13 @@ async fn coordinator_command(
                 for a in &list.approvals {
                     out += &format!(
                         "{}  {:<8}  {}  {}  {}  {}  {}\n",
-                        a.id,
-                        a.state,
-                        a.requester.clone().unwrap_or_default().subject,
-                        a.connection,
-                        a.rule,
+                        esc(&a.id),
+                        esc(&a.state),
+                        esc(&a.requester.clone().unwrap_or_default().subject),
+                        esc(&a.connection),
+                        esc(&a.rule),
                         time(a.created_at_ms),
-                        one_line(&a.statement, 60)
+                        esc(&one_line(&a.statement, 60))
                     );
                 }
                 if list.approvals.is_empty() {
@@ -623,12 +638,12 @@ async fn coordinator_command(
             for k in &list.keys {
                 out += &format!(
                     "# {}: {}, registered {} by stream {}\n{} {}\n",
-                    k.node,
-                    k.fingerprint,
+                    esc(&k.node),
+                    esc(&k.fingerprint),
                     time(k.registered_at_ms),
-                    k.first_stream,
-                    k.node,
-                    k.public_key
+                    esc(&k.first_stream),
+                    esc(&k.node),
+                    esc(&k.public_key)
                 );
             }
             out
@@ -659,7 +674,7 @@ fn run_coordinator(
             Ok(ExitCode::SUCCESS)
         }
         Err(status) => {
-            eprintln!("vigil: {:?}: {}", status.code(), status.message());
+            eprintln!("vigil: {:?}: {}", status.code(), esc(status.message()));
             Ok(ExitCode::FAILURE)
         }
     }
