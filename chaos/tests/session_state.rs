@@ -337,6 +337,24 @@ async fn t77_sql_prepare_and_deallocate_follow_the_target() {
         .expect("the EXECUTE z record");
     assert_eq!(z.prepared[0].name, "z");
     assert_eq!(z.prepared[0].text, "PREPARE z AS SELECT 'kept'");
+    // The replay shows what EXECUTE ran.
+    let session = records
+        .iter()
+        .find(|r| {
+            r.body
+                .request
+                .as_ref()
+                .is_some_and(|q| q.text == "EXECUTE z")
+        })
+        .and_then(|r| r.body.session.clone())
+        .unwrap();
+    let dir = s.node.files.audit_dir.to_string_lossy().into_owned();
+    let (code, replay) = vigil(&["replay", &session, "--log", &dir]);
+    assert_eq!(code, 0, "{replay}");
+    assert!(
+        replay.contains("runs z = PREPARE z AS SELECT 'kept'"),
+        "{replay}"
+    );
     let q = records
         .iter()
         .filter_map(|r| r.body.request.as_ref())

@@ -206,6 +206,10 @@ pub fn render(records: &[Record]) -> String {
                     if let Some(params) = q.params.as_ref().filter(|p| !p.is_empty()) {
                         let _ = writeln!(out, "  params {}", params_list(params));
                     }
+                    // What `EXECUTE name` ran: the text the target held under the name.
+                    for p in &q.prepared {
+                        let _ = writeln!(out, "  runs {} = {}", esc(&p.name), statement(&p.text));
+                    }
                 }
             }
             Kind::Response => {
