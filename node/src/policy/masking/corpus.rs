@@ -41,6 +41,9 @@ impl Rng {
     }
 }
 
+/// Makes one value of a kind.
+type Generator = fn(&mut Rng) -> String;
+
 /// Where a value is embedded: `{}` is the value.
 const SURROUNDINGS: &[&str] = &[
     "{}",
@@ -296,7 +299,7 @@ fn corpus_masker() -> Masker {
 fn recall_and_look_alikes_on_a_generated_corpus() {
     let masker = corpus_masker();
     let mut rng = Rng(0x5eed_0010);
-    let generators: [(EntityKind, fn(&mut Rng) -> String, f64); 5] = [
+    let generators: [(EntityKind, Generator, f64); 5] = [
         (EntityKind::Email, email, 0.999),
         (EntityKind::Card, card, 0.999),
         (EntityKind::Iban, iban, 0.999),
