@@ -479,7 +479,6 @@ impl Masker {
             };
             let before = claimed.len();
             for region in det.re.find_iter(value) {
-                finds.clear();
                 (det.find)(region.as_str(), &mut finds);
                 for f in finds.drain(..) {
                     let f = region.start() + f.start..region.start() + f.end;
