@@ -102,7 +102,8 @@ cat <<MSG
 
 Vigil is running: PostgreSQL gateway on 127.0.0.1:$PG_LISTEN, admin on 127.0.0.1:$ADMIN_LISTEN,
 audit log in $DIR/data/audit. Connect as the agent "agent-reporting" (model gpt-5), whose
-password is an OIDC access token (valid 10 minutes):
+password is an OIDC access token (valid 10 minutes; the session ends when the token expires, so
+reconnect with a new one):
 
   PGPASSWORD='$TOKEN' PGSSLMODE=require PGAPPNAME=my-intent \\
     psql -h 127.0.0.1 -p $PG_LISTEN -U agent app
