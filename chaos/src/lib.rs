@@ -543,11 +543,32 @@ pub fn of_kind(records: &[Record], kind: Kind) -> Vec<&Record> {
 /// Starts `vigil-node` as a child process (so a test can kill it) and waits until its
 /// `/readyz` on `admin_port` answers.
 pub async fn spawn_node(files: &NodeFiles, admin_port: u16) -> std::process::Child {
-    let mut child = std::process::Command::new(bin("vigil-node"))
+    let mut cmd = std::process::Command::new(bin("vigil-node"));
+    cmd.stderr(std::process::Stdio::inherit());
+    start_node_process(cmd, files, admin_port).await
+}
+
+/// Starts `vigil-node` logging everything (`RUST_LOG=debug`) to `log`.
+pub async fn spawn_node_logging(
+    files: &NodeFiles,
+    admin_port: u16,
+    log: &Path,
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new(bin("vigil-node"));
+    cmd.env("RUST_LOG", "debug")
+        .stderr(std::fs::File::create(log).expect("the node's log file"));
+    start_node_process(cmd, files, admin_port).await
+}
+
+async fn start_node_process(
+    mut cmd: std::process::Command,
+    files: &NodeFiles,
+    admin_port: u16,
+) -> std::process::Child {
+    let mut child = cmd
         .arg("--config")
         .arg(&files.config_path)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("vigil-node starts");
     let url = format!("http://127.0.0.1:{admin_port}/readyz");

@@ -501,6 +501,112 @@ method = "redact"
 client = true
 "#;
 
+/// Values a client chooses outside statements and rows — the database it names, its
+/// application name (recorded as the declared intent), startup options, a later
+/// `SET application_name` — pass the detectors before the node writes them anywhere: the audit
+/// log, its other files, its own log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t75_values_outside_rows_are_masked_everywhere_the_node_writes() {
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        extra: MASKING,
+        pg_port,
+        admin_port,
+        ..NodeOptions::default()
+    })
+    .await;
+    let log = files.dir.path().join("node.log");
+    let mut child = spawn_node_logging(&files, admin_port, &log).await;
+    let token = agent_token().await;
+    const PII: &[&str] = &[
+        "alice.smith@example.com",
+        "4111111111111111",
+        "bob.jones@example.org",
+        "5555 5555 5555 4444",
+        "carol@example.net",
+    ];
+    let base = format!("host=127.0.0.1 port={pg_port} user=agent password={token}");
+    // Refused: an unknown database named with a card number, an e-mail as application name.
+    let refused = connect_tls(&format!(
+        "{base} dbname=db-{} application_name='for {}'",
+        PII[1], PII[0]
+    ))
+    .await;
+    assert!(refused.is_err());
+    // Refused: a startup option named with an e-mail.
+    let refused = connect_tls(&format!("{base} dbname=app options='-c {}=1'", PII[4])).await;
+    assert!(refused.is_err());
+    // Accepted: an e-mail as application name, then a card number set after startup.
+    let (client, _conn) = connect_tls(&format!(
+        "{base} dbname=app application_name='report for {}'",
+        PII[2]
+    ))
+    .await
+    .unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    client
+        .simple_query(&format!("SET application_name = 'card {}'", PII[3]))
+        .await
+        .unwrap();
+    client.simple_query("SELECT 2").await.unwrap();
+    drop(client);
+    let dir = files.audit_dir.to_str().unwrap().to_string();
+    eventually(
+        "the session ends",
+        std::time::Duration::from_secs(10),
+        || !of_kind(&read_records(&files.audit_dir), Kind::SessionEnd).is_empty(),
+    )
+    .await;
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+
+    let records = read_records(&files.audit_dir);
+    let intents: Vec<_> = records
+        .iter()
+        .filter_map(|r| r.body.principal.as_ref()?.intent.clone())
+        .collect();
+    assert!(
+        intents
+            .iter()
+            .any(|i| i.starts_with("report for ") && i.ends_with(".org")),
+        "the intent is recorded, masked: {intents:?}"
+    );
+    let mut written = Vec::new();
+    for entry in walk(files.dir.path()) {
+        written.push((entry.clone(), std::fs::read(&entry).unwrap_or_default()));
+    }
+    assert!(
+        written.iter().any(|(p, _)| p == &log),
+        "the node's log was read"
+    );
+    for (path, bytes) in &written {
+        let text = String::from_utf8_lossy(bytes);
+        for pii in PII {
+            assert!(
+                !text.contains(pii),
+                "{pii} in clear in {} (audit log: {dir})",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 fn rows(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
     messages
         .into_iter()

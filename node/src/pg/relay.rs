@@ -1399,7 +1399,8 @@ impl TargetHalf {
                     Err(e) => return Some(End::TargetProtocol(e.to_string())),
                 }
                 if let Ok(("application_name", value)) = messages::parse_parameter_status(&body) {
-                    self.session.application_reported(value);
+                    let value = super::session::scrub(&self.ctx, value);
+                    self.session.application_reported(&value);
                 }
             }
             b'Z' => {

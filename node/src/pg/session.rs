@@ -111,6 +111,12 @@ pub fn outcome_label(o: Outcome) -> crate::metrics::OutcomeLabel {
     }
 }
 
+/// A value the client chose, as the gateway may write it anywhere (records, its log): masked by
+/// the detectors (column rules do not apply outside results).
+pub(super) fn scrub(ctx: &PgContext, value: &str) -> String {
+    ctx.masker.mask(value, None, false, None).into_owned()
+}
+
 async fn refuse(
     ctx: &PgContext,
     id: &str,
@@ -118,6 +124,10 @@ async fn refuse(
     conn: Connection,
     refusal: Refusal,
 ) {
+    // What a refused client sent (the database it named, its options) reaches the record, the
+    // node's log and the answer only through the detectors.
+    let mut conn = conn;
+    conn.name = conn.name.map(|n| scrub(ctx, &n));
     let conn = Some(Arc::new(conn));
     match refusal {
         Refusal::Deny {
@@ -126,6 +136,7 @@ async fn refuse(
             outcome,
             principal,
         } => {
+            let message = scrub(ctx, &message);
             tracing::info!(%sqlstate, %message, "session refused");
             ctx.metrics
                 .sessions
@@ -142,6 +153,7 @@ async fn refuse(
                 .await;
         }
         Refusal::Protocol(message) => {
+            let message = scrub(ctx, &message);
             tracing::info!(%message, "protocol violation");
             ctx.metrics.protocol_errors.inc();
             let mut body = ctx.audit.body(Some(id), Kind::ProtocolError);
@@ -223,10 +235,11 @@ async fn handshake(
         .or(startup.get("user"))
         .unwrap_or("");
     conn.name = Some(database.to_string());
+    // Recorded as the application and the declared intent: through the detectors.
     conn.application = startup
         .get("application_name")
         .filter(|a| !a.is_empty())
-        .map(str::to_string);
+        .map(|a| scrub(ctx, a));
 
     // The token is a bearer credential: never ask for it over cleartext unless allowed.
     if !conn.client_tls && !ctx.config.allow_cleartext_token {
