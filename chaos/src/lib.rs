@@ -408,15 +408,22 @@ pub fn read_records(dir: &Path) -> Vec<Record> {
         .collect()
 }
 
-/// Every record of every stream file in `dir`, as the exact bytes of its line.
+/// Every record of every stream file in `dir`, as the exact bytes of its line. Only complete
+/// lines count: a final line without its newline is the torn tail a `kill -9` can leave inside
+/// a write (its statement never reached the target; `vigil audit verify` reports it as such).
 pub fn log_lines(dir: &Path) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for file in vigil_node::audit::log_files(dir).expect("audit dir") {
-        for line in std::fs::read(&file).unwrap().split(|&b| b == b'\n') {
-            if !line.is_empty() {
-                out.push(line.to_vec());
-            }
-        }
+        let bytes = std::fs::read(&file).unwrap();
+        let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+        // What follows the last newline: nothing, or a torn tail.
+        lines.pop();
+        out.extend(
+            lines
+                .into_iter()
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec),
+        );
     }
     out
 }
