@@ -662,6 +662,45 @@ pub fn pg_log_lines(db: &str, offset: u64) -> Vec<String> {
         .collect()
 }
 
+/// A statement PostgreSQL ran, from its log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ran {
+    /// A simple Query (`statement:`) rather than an extended-protocol `execute`.
+    pub simple: bool,
+    pub text: String,
+    /// For `EXECUTE name`: the text of the prepared statement (the log's `prepare:` detail).
+    pub prepared: Option<String>,
+}
+
+/// What PostgreSQL ran in database `db` since `offset`, in order, on both protocols (the
+/// gateway's stand-in for refused statements left out).
+pub fn pg_executed(db: &str, offset: u64) -> Vec<Ran> {
+    let mut out: Vec<Ran> = Vec::new();
+    for line in pg_log_lines(db, offset) {
+        if let Some((_, text)) = line.split_once("LOG:  statement: ") {
+            if text != "vigil_refused_this_statement" {
+                out.push(Ran {
+                    simple: true,
+                    text: text.to_string(),
+                    prepared: None,
+                });
+            }
+        } else if let Some((_, rest)) = line.split_once("LOG:  execute ") {
+            let (_, text) = rest.split_once(": ").expect("execute NAME: TEXT");
+            out.push(Ran {
+                simple: false,
+                text: text.to_string(),
+                prepared: None,
+            });
+        } else if let Some((_, text)) = line.split_once("DETAIL:  prepare: ") {
+            if let Some(last) = out.last_mut() {
+                last.prepared = Some(text.to_string());
+            }
+        }
+    }
+    out
+}
+
 pub fn pg_log_len() -> u64 {
     std::fs::metadata(env().get("VIGIL_PG_LOG"))
         .map(|m| m.len())

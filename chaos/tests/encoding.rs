@@ -38,15 +38,9 @@ fn psql(node: &TestNode, token: &str, env: (&str, &str), args: &[&str]) -> std::
 
 /// The statements PostgreSQL logged for `db` since `offset`, simple and extended protocol.
 fn logged_statements(db: &str, offset: u64) -> Vec<String> {
-    pg_log_lines(db, offset)
-        .iter()
-        .filter_map(|l| {
-            if let Some((_, text)) = l.split_once("LOG:  statement: ") {
-                return Some(text.to_string());
-            }
-            let (_, rest) = l.split_once("LOG:  execute ")?;
-            rest.split_once(": ").map(|(_, text)| text.to_string())
-        })
+    pg_executed(db, offset)
+        .into_iter()
+        .map(|r| r.text)
         .collect()
 }
 

@@ -66,50 +66,12 @@ impl Setup {
     }
 
     fn ran(&self) -> Vec<Ran> {
-        executed(&self.node.files.db, self.log_offset)
+        pg_executed(&self.node.files.db, self.log_offset)
     }
 }
 
 fn errors(msgs: &[Msg]) -> Vec<(String, String)> {
     msgs.iter().filter_map(Msg::error).collect()
-}
-
-/// A statement PostgreSQL ran, from its log.
-#[derive(Debug, Clone, PartialEq)]
-struct Ran {
-    simple: bool,
-    text: String,
-    /// For `EXECUTE name`: the text of the prepared statement (the log's `prepare:` detail).
-    prepared: Option<String>,
-}
-
-/// What PostgreSQL ran in database `db` since `offset`, in order (the gateway's stand-in
-/// for refused statements left out).
-fn executed(db: &str, offset: u64) -> Vec<Ran> {
-    let mut out: Vec<Ran> = Vec::new();
-    for line in pg_log_lines(db, offset) {
-        if let Some((_, text)) = line.split_once("LOG:  statement: ") {
-            if text != "vigil_refused_this_statement" {
-                out.push(Ran {
-                    simple: true,
-                    text: text.to_string(),
-                    prepared: None,
-                });
-            }
-        } else if let Some((_, rest)) = line.split_once("LOG:  execute ") {
-            let (_, text) = rest.split_once(": ").expect("execute NAME: TEXT");
-            out.push(Ran {
-                simple: false,
-                text: text.to_string(),
-                prepared: None,
-            });
-        } else if let Some((_, text)) = line.split_once("DETAIL:  prepare: ") {
-            if let Some(last) = out.last_mut() {
-                last.prepared = Some(text.to_string());
-            }
-        }
-    }
-    out
 }
 
 /// A request record with whether its statement failed or never ran (its response has an

@@ -3,7 +3,7 @@
 //! and compare runs, not single numbers).
 
 use std::time::Instant;
-use vigil_node::policy::masking::{DetectorRule, EntityKind, Masker, MaskingConfig, Method};
+use vigil_node::policy::masking::{DetectorRule, Masker, MaskingConfig, Method};
 use vigil_node::policy::{classify, Classifier, Policy, PolicyConfig};
 use vigil_proto::record::Principal;
 
@@ -76,15 +76,7 @@ tables = ["payroll"]
 
 /// Detector masking over realistic row text (mostly clean values, some entities).
 fn masking_throughput() {
-    let detectors = EntityKind::DETECTED
-        .into_iter()
-        .map(|kind| DetectorRule {
-            kind,
-            method: Method::Token,
-            keep: 0,
-            client: false,
-        })
-        .collect();
+    let detectors = DetectorRule::every_kind(Method::Token, false);
     let masker = Masker::new(
         MaskingConfig {
             columns: vec![],

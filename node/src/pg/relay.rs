@@ -929,6 +929,13 @@ impl ClientHalf {
         note: &Option<String>,
     ) -> Vec<Vec<Op>> {
         let Ok(stmts) = class else { return Vec::new() };
+        // Most statements change nothing: no work on the hot path for them.
+        if stmts
+            .iter()
+            .all(|s| s.prepares.is_none() && s.deallocates.is_none() && s.ends_portals.is_none())
+        {
+            return Vec::new();
+        }
         let texts = if stmts.iter().any(|s| s.prepares.is_some()) {
             statement_texts(text, stmts)
         } else {

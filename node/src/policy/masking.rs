@@ -119,6 +119,21 @@ pub struct MaskingConfig {
     pub detectors: Vec<DetectorRule>,
 }
 
+impl DetectorRule {
+    /// One rule per detected kind, all with `method` (tests and benchmarks).
+    pub fn every_kind(method: Method, client: bool) -> Vec<DetectorRule> {
+        EntityKind::DETECTED
+            .into_iter()
+            .map(|kind| DetectorRule {
+                kind,
+                method,
+                keep: 0,
+                client,
+            })
+            .collect()
+    }
+}
+
 /// Entity kinds masked and how many times, for the record.
 pub type Counts = BTreeMap<String, u64>;
 
@@ -523,15 +538,7 @@ mod tests {
     use super::*;
 
     fn masker(client: bool) -> Masker {
-        let detectors = EntityKind::DETECTED
-            .into_iter()
-            .map(|kind| DetectorRule {
-                kind,
-                method: Method::Redact,
-                keep: 0,
-                client,
-            })
-            .collect();
+        let detectors = DetectorRule::every_kind(Method::Redact, client);
         Masker::new(
             MaskingConfig {
                 columns: vec![ColumnRule {

@@ -276,16 +276,8 @@ fn look_alike(rng: &mut Rng, kind: EntityKind) -> String {
 }
 
 fn corpus_masker() -> Masker {
-    let detectors = EntityKind::DETECTED
-        .into_iter()
-        .map(|kind| DetectorRule {
-            kind,
-            // Tokens hold no structure characters, so any change of structure is masking's.
-            method: Method::Token,
-            keep: 0,
-            client: false,
-        })
-        .collect();
+    // Tokens hold no structure characters, so any change of structure is masking's.
+    let detectors = DetectorRule::every_kind(Method::Token, false);
     Masker::new(
         MaskingConfig {
             columns: vec![],
