@@ -168,6 +168,13 @@ impl Wire {
 
     /// Reads one message; panics after 30 s of silence or when the server closes.
     pub async fn read(&mut self) -> Msg {
+        self.try_read()
+            .await
+            .expect("the gateway keeps the session open")
+    }
+
+    /// Reads one message, or the error that ended the session; panics after 30 s of silence.
+    pub async fn try_read(&mut self) -> std::io::Result<Msg> {
         let read = async {
             let tag = self.stream.read_u8().await?;
             let len = self.stream.read_i32().await?;
@@ -178,18 +185,25 @@ impl Wire {
         tokio::time::timeout(Duration::from_secs(30), read)
             .await
             .expect("the gateway answers within 30 s")
-            .expect("the gateway keeps the session open")
     }
 
     /// Reads messages up to and including the next ReadyForQuery.
     pub async fn until_ready(&mut self) -> Vec<Msg> {
+        self.try_until_ready()
+            .await
+            .expect("the gateway keeps the session open")
+    }
+
+    /// Reads messages up to and including the next ReadyForQuery, or the error that ended the
+    /// session.
+    pub async fn try_until_ready(&mut self) -> std::io::Result<Vec<Msg>> {
         let mut out = Vec::new();
         loop {
-            let m = self.read().await;
+            let m = self.try_read().await?;
             let done = m.tag == b'Z';
             out.push(m);
             if done {
-                return out;
+                return Ok(out);
             }
         }
     }

@@ -455,6 +455,56 @@ async fn t7e_refusals_keep_the_gateway_in_step_with_the_target() {
     assert_records_name_what_ran(&s.ran(), &s.node.records().await, "t7e");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7f_a_batch_sent_in_parts_after_its_error_came_back() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    let r = s
+        .batch(&mut w, &[wire::parse("s1", "SELECT 'first'"), wire::sync()])
+        .await;
+    assert!(errors(&r).is_empty());
+    // The batch's first message fails (s1 exists); PostgreSQL sends that error at once, and
+    // discards what follows up to Sync, including what the client sends after the error.
+    w.send(&wire::parse("s1", "SELECT 'again'")).await;
+    let first = w.read().await;
+    assert_eq!(first.tag, b'E', "the duplicate Parse fails at once");
+    w.send(
+        &[
+            wire::parse("s2", "SELECT 'part two'"),
+            wire::bind("", "s1", &[]),
+            wire::execute(""),
+            wire::query("SELECT 'also skipped'"),
+            wire::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let rest = w.until_ready().await;
+    assert!(
+        errors(&rest).is_empty(),
+        "the rest of the batch was discarded without a word: {rest:?}"
+    );
+    // The session is in step: s1 still holds the first text, s2 was never created.
+    let r = s
+        .batch(
+            &mut w,
+            &[wire::bind("", "s1", &[]), wire::execute(""), wire::sync()],
+        )
+        .await;
+    assert!(errors(&r).is_empty(), "{:?}", errors(&r));
+    let r = s
+        .batch(
+            &mut w,
+            &[wire::bind("", "s2", &[]), wire::execute(""), wire::sync()],
+        )
+        .await;
+    assert_eq!(errors(&r).len(), 1, "s2 does not exist: {r:?}");
+    let ran = s.ran();
+    assert!(!ran_text(&ran, "part two") && !ran_text(&ran, "also skipped"));
+    assert!(ran_text(&ran, "first"));
+    assert_records_name_what_ran(&ran, &s.node.records().await, "t7f");
+}
+
 /// One random client message (or a Query), drawing names from small sets so they collide.
 fn random_batch(rng: &mut StdRng, k: &mut u32) -> Vec<Vec<u8>> {
     const STMTS: &[&str] = &["", "s1", "s2"];
@@ -531,14 +581,52 @@ async fn t7a_random_sequences_name_exactly_what_postgres_ran() {
     let mut k = 0;
     for _ in 0..6 {
         let mut w = s.session().await;
+        let mut sent = Vec::new();
         for _ in 0..40 {
             // Sometimes two batches before reading: the second depends on the first's outcome.
             let pipelined = if rng.random_bool(0.25) { 2 } else { 1 };
             for _ in 0..pipelined {
-                w.send(&random_batch(&mut rng, &mut k).concat()).await;
+                let b = random_batch(&mut rng, &mut k);
+                sent.push(
+                    b.iter()
+                        .map(|m| {
+                            format!(
+                                "{}:{}",
+                                m[0] as char,
+                                String::from_utf8_lossy(&m[5..]).replace('\0', "|")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+                w.send(&b.concat()).await;
             }
             for _ in 0..pipelined {
-                w.until_ready().await;
+                if let Err(e) = w.try_until_ready().await {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    let records = s.node.records().await;
+                    let sess = records.last().and_then(|r| r.body.session.clone());
+                    let last: Vec<_> = records
+                        .iter()
+                        .filter(|r| r.body.session == sess)
+                        .map(|r| {
+                            format!(
+                                "{:?} {:?} {:?} {:?} {:?}",
+                                r.body.kind,
+                                r.body.stmt,
+                                r.body
+                                    .request
+                                    .as_ref()
+                                    .map(|q| (&q.text, &q.statement, &q.portal)),
+                                r.body.outcome,
+                                r.body.detail
+                            )
+                        })
+                        .collect();
+                    panic!(
+                        "seed {seed}: the gateway ended the session ({e}): {sent:#?}\n{last:#?}"
+                    );
+                }
             }
         }
         w.send(&wire::typed(b'X', &[])).await;

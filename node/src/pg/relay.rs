@@ -303,6 +303,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         stmts: stmts.clone(),
         in_copy_in: false,
         drop_syncs_until_copy_end: false,
+        discarding: None,
     };
     let end = tokio::select! {
         end = client_half.run() => end,
@@ -1182,6 +1183,10 @@ struct TargetHalf {
     in_copy_in: bool,
     /// Copy-in ended before the client's CopyEnd marker arrived: drop Syncs until it does.
     drop_syncs_until_copy_end: bool,
+    /// An extended-protocol batch failed and its Sync has not been queued yet: what the
+    /// client half queues until then never runs. Holds the batch's error until a statement
+    /// carries it.
+    discarding: Option<Option<ErrorInfo>>,
 }
 
 impl TargetHalf {
@@ -1259,6 +1264,7 @@ impl TargetHalf {
             }
         }
         self.queue.push_back(p);
+        self.discard_skipped();
     }
 
     /// The target ignores Sync messages received during copy-in. When a copy-in ends, forget
@@ -1454,7 +1460,28 @@ impl TargetHalf {
             self.acc.response.error = error.take();
             self.complete(unit, false);
         }
-        while !matches!(self.queue.front(), Some(Pending::Sync) | None) {
+        self.discarding = Some(error);
+        self.discard_skipped();
+        self.acc = Acc::default();
+    }
+
+    /// After an error the target discards every message up to Sync, including those the
+    /// client half sends after the error came back (it may flush a batch in parts). Settles
+    /// each as not run; the first statement among them carries the batch's error if no
+    /// earlier one did.
+    fn discard_skipped(&mut self) {
+        let Some(mut error) = self.discarding.take() else {
+            return;
+        };
+        loop {
+            match self.queue.front() {
+                None => {
+                    self.discarding = Some(error);
+                    return;
+                }
+                Some(Pending::Sync) => return,
+                Some(_) => {}
+            }
             match self.queue.pop_front() {
                 Some(Pending::Parse { ops, .. } | Pending::Bind(ops) | Pending::Close(ops)) => {
                     self.tables.settle(&ops, false);
@@ -1475,7 +1502,6 @@ impl TargetHalf {
                 _ => {}
             }
         }
-        self.acc = Acc::default();
     }
 
     /// The target answered something the gateway did not expect at this point: it can no
