@@ -21,6 +21,7 @@ use crate::config::AccessRule;
 use classify::{Flag, StatementInfo, StatementKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use vigil_proto::record::{PolicyRef, Principal};
 
@@ -243,7 +244,7 @@ impl Policy {
             }
         };
         let mut first: Option<Decision> = None;
-        let mut held: Option<Decision> = None;
+        let mut held: Vec<Decision> = Vec::new();
         let mut dry_run = Vec::new();
         for s in statements {
             let d = self.decide_one(s, principal, connection, read_only, &mut dry_run);
@@ -251,15 +252,16 @@ impl Policy {
                 // A block anywhere in the message wins, even after a statement that only
                 // needs approval (an approval must never carry a blocked statement along).
                 Action::Block => return Decision { dry_run, ..d },
-                Action::RequireApproval => {
-                    held.get_or_insert(d);
-                }
+                Action::RequireApproval => held.push(d),
                 Action::Allow => {
                     first.get_or_insert(d);
                 }
             }
         }
-        let d = held.or(first).unwrap_or_else(|| self.default_decision());
+        let d = match held.len() {
+            0 => first.unwrap_or_else(|| self.default_decision()),
+            _ => strictest(held),
+        };
         Decision { dry_run, ..d }
     }
 
@@ -322,6 +324,61 @@ impl Policy {
         rule.and_then(|r| r.approval.clone())
             .or_else(|| self.config.approval.clone())
             .map(Arc::new)
+    }
+}
+
+/// One approval for a message whose statements each need one: it must meet every
+/// statement's requirement. With one approver group that is the most approvals any of them
+/// needs, within the shortest lifetime and wait, and a grant only when all name the same
+/// class. Requirements of different groups cannot be met by one approval: the message is
+/// refused (its statements can be sent one by one).
+fn strictest(held: Vec<Decision>) -> Decision {
+    let specs: Vec<&ApprovalSpec> = held.iter().filter_map(|d| d.approval.as_deref()).collect();
+    let rules: BTreeSet<&str> = held.iter().map(|d| d.rule.as_str()).collect();
+    let rules = rules.into_iter().collect::<Vec<_>>().join(", ");
+    if let Some(unset) = held.iter().find(|d| d.approval.is_none()) {
+        // Refused when held (config validation keeps this from happening).
+        return unset.clone();
+    }
+    let groups: BTreeSet<&str> = specs.iter().map(|s| s.approvers.as_str()).collect();
+    if groups.len() > 1 {
+        return Decision {
+            action: Action::Block,
+            rule: "approval-conflict".into(),
+            reason: Some(format!(
+                "the statements of this message need approvals that one request cannot carry (rules {rules}; approvers {}); send them one at a time",
+                groups.into_iter().collect::<Vec<_>>().join(", ")
+            )),
+            dry_run: Vec::new(),
+            approval: None,
+        };
+    }
+    let strictest = held
+        .iter()
+        .max_by_key(|d| d.approval.as_ref().map_or(0, |a| a.required))
+        .cloned()
+        .unwrap_or_else(|| held[0].clone());
+    let grant_class = specs[0].grant_class.clone().filter(|class| {
+        specs
+            .iter()
+            .all(|s| s.grant_class.as_ref() == Some(class))
+    });
+    let spec = ApprovalSpec {
+        approvers: specs[0].approvers.clone(),
+        required: specs.iter().map(|s| s.required).max().unwrap_or(1),
+        ttl_secs: specs.iter().map(|s| s.ttl_secs).min().unwrap_or_default(),
+        wait_secs: specs.iter().map(|s| s.wait_secs).min().unwrap_or_default(),
+        grant_class,
+    };
+    Decision {
+        approval: Some(Arc::new(spec)),
+        reason: if rules.contains(',') {
+            let why = strictest.reason.as_deref().unwrap_or("approval required");
+            Some(format!("{why} (this message needs the approvals of rules {rules})"))
+        } else {
+            strictest.reason.clone()
+        },
+        ..strictest
     }
 }
 
@@ -650,5 +707,56 @@ tables = ["public.customers"]
         assert!(table_matches("Public.Customers", "public.customers"));
         assert!(!table_matches("other.customers", "public.customers"));
         assert!(!table_matches("customers", "customers_archive"));
+    }
+
+    #[test]
+    fn a_message_takes_the_strictest_approval_of_its_statements() {
+        let p = policy(
+            r#"
+[[rules]]
+id = "payroll-two"
+action = "require_approval"
+tables = ["payroll"]
+kinds = ["write"]
+approval = { approvers = "dba", required = 2, ttl_secs = 600, wait_secs = 5, grant_class = "payroll" }
+
+[[rules]]
+id = "writes-one"
+action = "require_approval"
+kinds = ["write"]
+approval = { approvers = "dba", required = 1, ttl_secs = 60, wait_secs = 30, grant_class = "write" }
+
+[[rules]]
+id = "ddl-ops"
+action = "require_approval"
+kinds = ["ddl"]
+approval = { approvers = "ops" }
+"#,
+        );
+        // Whichever statement comes first, the message needs what the strictest needs.
+        for sql in [
+            "UPDATE t SET a = 1 WHERE id = 1; UPDATE payroll SET amount = 0 WHERE id = 1",
+            "UPDATE payroll SET amount = 0 WHERE id = 1; UPDATE t SET a = 1 WHERE id = 1",
+        ] {
+            let d = decide(&p, sql, false);
+            assert_eq!(d.action, Action::RequireApproval, "{sql}");
+            assert_eq!(d.rule, "payroll-two", "{sql}");
+            let a = d.approval.as_deref().unwrap();
+            assert_eq!((a.approvers.as_str(), a.required), ("dba", 2), "{sql}");
+            assert_eq!((a.ttl_secs, a.wait_secs), (60, 5), "{sql}");
+            assert_eq!(a.grant_class, None, "a grant of one class cannot carry the other");
+            assert!(d.reason.unwrap().contains("payroll-two, writes-one"));
+        }
+        // One statement alone keeps its own settings.
+        let d = decide(&p, "UPDATE payroll SET amount = 0 WHERE id = 1", false);
+        assert_eq!(d.approval.unwrap().grant_class.as_deref(), Some("payroll"));
+        // Different approver groups: no single request can carry both.
+        let d = decide(
+            &p,
+            "UPDATE t SET a = 1 WHERE id = 1; CREATE TABLE x (a int)",
+            false,
+        );
+        assert_eq!((d.action, d.rule.as_str()), (Action::Block, "approval-conflict"));
+        assert!(d.reason.unwrap().contains("dba, ops"));
     }
 }
