@@ -686,7 +686,11 @@ pub fn pg_executed(db: &str, offset: u64) -> Vec<Ran> {
                 });
             }
         } else if let Some((_, rest)) = line.split_once("LOG:  execute ") {
-            let (_, text) = rest.split_once(": ").expect("execute NAME: TEXT");
+            let (name, text) = rest.split_once(": ").expect("execute NAME: TEXT");
+            if name.starts_with("vigil_probe_") && text == vigil_node::pg::SETTINGS_PROBE {
+                // The gateway's own read of a session's settings, before a held statement.
+                continue;
+            }
             out.push(Ran {
                 simple: false,
                 text: text.to_string(),

@@ -27,6 +27,7 @@ fn new_request(id: &str, hash: &str) -> pb::CreateApprovalRequest {
         approvals_required: 1,
         node: "test".into(),
         rule: "writes".into(),
+        binding: None,
     }
 }
 

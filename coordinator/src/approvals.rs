@@ -59,6 +59,30 @@ pub struct NewRequest {
     pub node: String,
     /// The policy rule that asked for approval.
     pub rule: String,
+    /// Everything the hash binds, as the approver reads it (values masked).
+    #[serde(default)]
+    pub binding: Option<ShownBinding>,
+}
+
+/// What an approval binds, as the approver reads it (see `StatementBinding` in the API).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShownBinding {
+    pub protocol: String,
+    pub text: String,
+    /// Prepared statements the text runs by name: (name, text).
+    pub runs: Vec<(String, String)>,
+    pub params: Vec<ShownParam>,
+    pub database: String,
+    pub role: String,
+    pub search_path: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShownParam {
+    /// `None`: NULL.
+    pub value: Option<String>,
+    pub binary: bool,
+    pub type_oid: u32,
 }
 
 /// A statement held for approval, bound to who asked, where, and the exact statement.
@@ -472,6 +496,7 @@ mod tests {
                 approvals_required: required,
                 node: "n1".into(),
                 rule: "deletes".into(),
+                binding: None,
             },
             now,
         }

@@ -15,6 +15,7 @@
 
 use crate::approvals::{
     Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis, NewRequest,
+    ShownBinding, ShownParam,
 };
 use crate::store::{NodeId, Raft, StateMachine};
 use openraft::error::{
@@ -334,6 +335,54 @@ fn actor_pb(a: &Actor) -> pb::Actor {
     }
 }
 
+fn binding_from_pb(b: pb::StatementBinding) -> ShownBinding {
+    ShownBinding {
+        protocol: b.protocol,
+        text: b.text,
+        runs: b.runs.into_iter().map(|r| (r.name, r.text)).collect(),
+        params: b
+            .params
+            .into_iter()
+            .map(|p| ShownParam {
+                value: (!p.null).then_some(p.value),
+                binary: p.binary,
+                type_oid: p.type_oid,
+            })
+            .collect(),
+        database: b.database,
+        role: b.role,
+        search_path: b.search_path,
+    }
+}
+
+fn binding_pb(b: &ShownBinding) -> pb::StatementBinding {
+    pb::StatementBinding {
+        protocol: b.protocol.clone(),
+        text: b.text.clone(),
+        runs: b
+            .runs
+            .iter()
+            .map(|(name, text)| pb::PreparedStatement {
+                name: name.clone(),
+                text: text.clone(),
+            })
+            .collect(),
+        params: b
+            .params
+            .iter()
+            .map(|p| pb::Parameter {
+                null: p.value.is_none(),
+                value: p.value.clone().unwrap_or_default(),
+                binary: p.binary,
+                type_oid: p.type_oid,
+            })
+            .collect(),
+        database: b.database.clone(),
+        role: b.role.clone(),
+        search_path: b.search_path.clone(),
+    }
+}
+
 pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
     let a = &r.asked;
     pb::Approval {
@@ -342,6 +391,7 @@ pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
         connection: a.connection.clone(),
         statement_hash: a.statement_hash.clone(),
         statement: a.statement.clone(),
+        binding: a.binding.as_ref().map(binding_pb),
         reason: a.reason.clone().unwrap_or_default(),
         created_at_ms: r.created_at,
         expires_at_ms: r.expires_at,
@@ -439,6 +489,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 approvals_required: r.approvals_required,
                 node: r.node,
                 rule: r.rule,
+                binding: r.binding.map(binding_from_pb),
             },
             now,
         };

@@ -19,7 +19,6 @@ use crate::metrics::Metrics;
 use crate::policy::ApprovalSpec;
 use anyhow::Context as _;
 use ed25519_dalek::SigningKey;
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,10 +192,10 @@ pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Res
 pub struct Hold<'a> {
     pub principal: &'a Principal,
     pub connection: &'a str,
-    /// What is bound: the exact statement (and its parameters, for the extended protocol).
-    pub exact: &'a [&'a [u8]],
-    /// What the approver reads (the audited, masked text).
-    pub shown: &'a str,
+    /// The statement hash: everything the approval binds (see `pg::binding`).
+    pub hash: &'a str,
+    /// What the approver reads: all of it, masked.
+    pub shown: &'a pb::StatementBinding,
     pub rule: &'a str,
     pub reason: Option<&'a str>,
     pub spec: &'a ApprovalSpec,
@@ -227,29 +226,6 @@ pub enum Verdict {
 pub struct Approvals {
     client: Client,
     node: String,
-}
-
-/// The statement as the approver reads it, capped (the hash binds the whole statement).
-fn shown_to_approver(text: &str) -> String {
-    const MAX: usize = 16 * 1024;
-    if text.len() <= MAX {
-        return text.to_string();
-    }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes in all)", &text[..end], text.len())
-}
-
-/// The hash a request is bound to: SHA-256 over the length-prefixed parts.
-pub fn statement_hash(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_be_bytes());
-        h.update(p);
-    }
-    hex::encode(h.finalize())
 }
 
 fn reference(a: &pb::Approval, state: &str) -> ApprovalRef {
@@ -305,7 +281,7 @@ impl Approvals {
                 Err(e) => return unavailable(&e),
             }
         }
-        let hash = statement_hash(hold.exact);
+        let hash = hold.hash.to_string();
         let attempt = new_id(&format!("{}-try", self.node));
         let consume = pb::ConsumeApprovalRequest {
             subject: subject.clone(),
@@ -326,7 +302,8 @@ impl Approvals {
             }),
             connection: hold.connection.to_string(),
             statement_hash: hash,
-            statement: shown_to_approver(hold.shown),
+            statement: hold.shown.text.clone(),
+            binding: Some(hold.shown.clone()),
             reason: hold.reason.unwrap_or_default().to_string(),
             ttl_ms: hold.spec.ttl_secs.saturating_mul(1000),
             approver_group: hold.spec.approvers.clone(),

@@ -111,6 +111,35 @@ pub struct Request {
     /// at that moment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prepared: Vec<PreparedText>,
+    /// On a statement held for approval (and one that ran under an approval): what else the
+    /// approval is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<Binding>,
+}
+
+/// What an approval binds beyond the statement's text, its prepared statements and its
+/// parameter values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The session's database, role (`current_user`) and `search_path`, as the target
+    /// reported them just before the statement.
+    pub database: String,
+    pub role: String,
+    pub search_path: String,
+    /// Each bind parameter's format and declared type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<ParamType>,
+    /// Hex SHA-256 over everything bound: the approval's `statement_hash`.
+    pub hash: String,
+}
+
+/// How a bind parameter was sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamType {
+    /// `text` or `binary`.
+    pub format: String,
+    /// The type OID the client declared at Parse; 0 leaves it to the server.
+    pub type_oid: u32,
 }
 
 /// A prepared statement named by a request, resolved.

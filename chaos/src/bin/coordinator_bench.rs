@@ -120,6 +120,7 @@ fn request(i: u64) -> pb::CreateApprovalRequest {
         approvals_required: 1,
         node: "bench".into(),
         rule: "writes".into(),
+        binding: None,
     }
 }
 

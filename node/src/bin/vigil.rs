@@ -443,6 +443,9 @@ fn show_approval(a: &pb::Approval) -> String {
         escape_lines(&a.statement, ""),
         esc(&a.statement_hash)
     );
+    if let Some(b) = &a.binding {
+        out += &show_binding(b);
+    }
     if !a.reason.is_empty() {
         out += &format!("reason      {}\n", esc(&a.reason));
     }
@@ -470,6 +473,39 @@ fn show_approval(a: &pb::Approval) -> String {
     if a.consumed_at_ms != 0 {
         out += &format!("consumed    {}\n", time(a.consumed_at_ms));
     }
+    out
+}
+
+/// Everything an approval binds besides the statement text: what runs by name, each
+/// parameter (value, format, declared type), and the session's settings.
+fn show_binding(b: &pb::StatementBinding) -> String {
+    let mut out = format!("protocol    {}\n", esc(&b.protocol));
+    for r in &b.runs {
+        out += &format!(
+            "runs        {} = {}\n",
+            esc(&r.name),
+            escape_lines(&r.text, "")
+        );
+    }
+    for (i, p) in b.params.iter().enumerate() {
+        let value = if p.null {
+            "NULL".to_string()
+        } else {
+            format!("'{}'", escape_lines(&p.value, ""))
+        };
+        let format = if p.binary { "binary" } else { "text" };
+        let declared = match p.type_oid {
+            0 => "type from the statement".to_string(),
+            oid => format!("declared type oid {oid}"),
+        };
+        out += &format!("param ${}    {value} ({format}, {declared})\n", i + 1);
+    }
+    out += &format!(
+        "database    {}\nrole        {}\nsearch_path {}\n",
+        esc(&b.database),
+        esc(&b.role),
+        esc(&b.search_path)
+    );
     out
 }
 

@@ -120,14 +120,19 @@ impl Startup {
 }
 
 /// Parse: statement name, query text (parameter type OIDs are not needed).
-pub fn parse_parse(body: &[u8]) -> Result<(&str, &str), Malformed> {
+/// Parse: statement name, text, and the parameter types the client declared (OIDs; 0 leaves
+/// a parameter's type to the server).
+pub fn parse_parse(body: &[u8]) -> Result<(&str, &str, Vec<u32>), Malformed> {
     let mut r = Reader::new(body, "Parse");
     let name = r.cstr()?;
     let query = r.cstr()?;
     let n = r.count16()?;
-    r.take(n * 4)?;
+    let mut types = Vec::with_capacity(n);
+    for _ in 0..n {
+        types.push(r.i32()? as u32);
+    }
     r.finish()?;
-    Ok((name, query))
+    Ok((name, query, types))
 }
 
 /// Bind, reduced to what the audit needs.
@@ -136,6 +141,8 @@ pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
     pub params: Vec<Option<&'a [u8]>>,
+    /// Each parameter's format (0 text, 1 binary), one per parameter.
+    pub param_formats: Vec<i16>,
     /// Result column formats: none (all text), one (for all columns) or one per column.
     pub result_formats: Vec<i16>,
 }
@@ -145,11 +152,18 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
     let portal = r.cstr()?;
     let statement = r.cstr()?;
     let nfmt = r.count16()?;
-    r.take(nfmt * 2)?;
+    let mut formats = Vec::with_capacity(nfmt);
+    for _ in 0..nfmt {
+        formats.push(r.i16()?);
+    }
     let nparams = r.count16()?;
     if nfmt > 1 && nfmt != nparams {
         return Err(Malformed("Bind"));
     }
+    // None: all text; one: for every parameter.
+    let param_formats = (0..nparams)
+        .map(|i| formats.get(i).or(formats.first()).copied().unwrap_or(0))
+        .collect();
     let mut params = Vec::with_capacity(nparams);
     for _ in 0..nparams {
         params.push(r.value()?);
@@ -165,6 +179,7 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
         portal,
         statement,
         params,
+        param_formats,
     })
 }
 
@@ -390,6 +405,36 @@ pub fn parse(sql: &str) -> Bytes {
     })
 }
 
+/// The gateway's own read of the session, as one batch: Parse and Bind of `sql` under `name`
+/// (statement and portal), Execute, Close of both, Sync.
+pub fn settings_probe(name: &str, sql: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&typed(b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, sql);
+        b.put_i16(0);
+    }));
+    b.extend_from_slice(&typed(b'B', |b| {
+        put_cstr(b, name);
+        put_cstr(b, name);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    }));
+    b.extend_from_slice(&typed(b'E', |b| {
+        put_cstr(b, name);
+        b.put_i32(0);
+    }));
+    for kind in [b'P', b'S'] {
+        b.extend_from_slice(&typed(b'C', |b| {
+            b.put_u8(kind);
+            put_cstr(b, name);
+        }));
+    }
+    b.extend_from_slice(&typed(b'S', |_| {}));
+    b.freeze()
+}
+
 pub fn terminate() -> Bytes {
     typed(b'X', |_| {})
 }
@@ -467,6 +512,11 @@ mod tests {
         let bind = parse_bind(&b).unwrap();
         assert_eq!(bind.statement, "s1");
         assert_eq!(bind.params, vec![Some(&b"\x00\x01"[..]), None]);
+        assert_eq!(
+            bind.param_formats,
+            vec![1, 1],
+            "one format counts for every parameter"
+        );
         let mut lie = b.clone();
         lie[10] = 0x7f; // parameter length far beyond the body
         assert!(parse_bind(&lie).is_err());

@@ -3,11 +3,14 @@
 //! the target sees it, and relays to the target over the gateway's own login.
 
 pub mod backend;
+mod binding;
 pub mod cancel;
 pub mod catalog;
 pub mod codec;
 pub mod encoding;
 pub mod messages;
+/// The statement the gateway runs in a session right before a held statement.
+pub use binding::PROBE as SETTINGS_PROBE;
 mod relay;
 mod session;
 mod state;

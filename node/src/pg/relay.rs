@@ -8,6 +8,7 @@
 //! right place in the stream.
 
 use super::backend::{Backend, MAX_BACKEND_FRAME};
+use super::binding::{self, Binding, Settings};
 use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
 use super::encoding::EncodingError;
@@ -38,14 +39,17 @@ use vigil_proto::record::{
 
 /// Holds a statement that needs approval until the coordinator's answer (see
 /// [`crate::coordination::Approvals::settle`]); each step is recorded under the statement
-/// number `stmt` its request will get.
+/// number `stmt` its request will get. The approval is bound to `binding` (its `hash`), and
+/// the approver is shown all of it, masked without changing how it reads; what cannot be
+/// shown that way is not held.
 async fn hold(
     ctx: &PgContext,
     session: &Session,
     stmt: u64,
     request: &Request,
     decision: &Decision,
-    exact: &[&[u8]],
+    binding: &Binding<'_>,
+    hash: &str,
 ) -> Verdict {
     let Some(spec) = decision.approval.as_deref() else {
         return Verdict::Refuse {
@@ -58,8 +62,38 @@ async fn hold(
             approval: None,
         };
     };
+    let mut masked = Counts::new();
+    let shown_binding = match binding.shown(&ctx.masker, &mut masked) {
+        Ok(b) => b,
+        Err(why) => {
+            return Verdict::Refuse {
+                sqlstate: "42501",
+                message: format!(
+                    "statement refused: it needs approval (Vigil policy rule {}), but {why}; nothing was run",
+                    decision.rule
+                ),
+                outcome: Outcome::Blocked,
+                approval: None,
+            }
+        }
+    };
+    // The audit copy is the approver's copy.
     let mut shown = request.clone();
-    let masked = mask_request(ctx, &mut shown);
+    shown.text = shown_binding.text.clone();
+    for (p, s) in shown.prepared.iter_mut().zip(&shown_binding.runs) {
+        p.text = s.text.clone();
+    }
+    if let Some(params) = shown.params.as_mut() {
+        for (p, s) in params.iter_mut().zip(&shown_binding.params) {
+            *p = (!s.null).then(|| s.value.clone());
+        }
+    }
+    shown.binding = Some(binding.record(hash));
+    if let Some(b) = shown.binding.as_mut() {
+        b.database = shown_binding.database.clone();
+        b.role = shown_binding.role.clone();
+        b.search_path = shown_binding.search_path.clone();
+    }
     let policy = ctx.policy.reference(decision);
     let audit = &ctx.audit;
     let mut record = |step: Step| {
@@ -83,13 +117,23 @@ async fn hold(
     let hold = Hold {
         principal: &session.principal,
         connection: session.conn.name.as_deref().unwrap_or(""),
-        exact,
-        shown: &shown.text,
+        hash,
+        shown: &shown_binding,
         rule: &decision.rule,
         reason: decision.reason.as_deref(),
         spec,
     };
     ctx.approvals.settle(hold, &mut record).await
+}
+
+/// A held statement whose binding the gateway could not establish: refused, nothing runs.
+fn unbound(why: String) -> Verdict {
+    Verdict::Refuse {
+        sqlstate: "42501",
+        message: format!("statement refused: it needs approval, but {why}; nothing was run"),
+        outcome: Outcome::Blocked,
+        approval: None,
+    }
 }
 
 /// Masks the audit copy of a request (statement text and bind parameters) with the
@@ -103,9 +147,15 @@ fn mask_request(ctx: &PgContext, request: &mut Request) -> Counts {
     if let Cow::Owned(t) = masker.mask(&request.text, None, false, Some(&mut counts)) {
         request.text = t;
     }
-    for p in request.params.iter_mut().flatten().flatten() {
-        if let Cow::Owned(t) = masker.mask(p, None, false, Some(&mut counts)) {
-            *p = t;
+    let values = request.params.iter_mut().flatten().flatten();
+    let prepared = request.prepared.iter_mut().map(|p| &mut p.text);
+    let settings = request
+        .binding
+        .iter_mut()
+        .flat_map(|b| [&mut b.database, &mut b.role, &mut b.search_path]);
+    for v in values.chain(prepared).chain(settings) {
+        if let Cow::Owned(t) = masker.mask(v, None, false, Some(&mut counts)) {
+            *v = t;
         }
     }
     counts
@@ -218,6 +268,9 @@ enum Pending {
     /// The client ended a COPY FROM STDIN (CopyDone or CopyFail). No response of its own; it
     /// marks which Syncs the target ignored because they arrived during copy-in.
     CopyEnd,
+    /// The gateway's settings probe (see [`ClientHalf::settings`]): its answers up to its
+    /// ReadyForQuery go to no one; the row found so far.
+    Probe(Option<Settings>),
     /// A refused statement. In its place the target got a statement that fails to parse, so
     /// the target fails exactly as PostgreSQL fails on an error (an open transaction is
     /// aborted; the rest of an extended-protocol batch is discarded up to Sync). The target's
@@ -287,6 +340,10 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         skip_until_sync: false,
         copy_in: copy_in.clone(),
         stmts: stmts.clone(),
+        pending: Vec::new(),
+        batch: Batch::Empty,
+        ran_in_batch: false,
+        probe_name: format!("vigil_probe_{}", hex::encode(rand::random::<[u8; 8]>())),
     };
     let mut target_half = TargetHalf {
         ctx: ctx.clone(),
@@ -391,6 +448,25 @@ struct ClientHalf {
     skip_until_sync: bool,
     copy_in: Arc<AtomicU64>,
     stmts: Arc<AtomicU64>,
+    /// What the target half expects for the bytes in `out`, handed over when they are sent.
+    pending: Vec<Pending>,
+    /// Where the batch in flight (the messages since the last sync point) starts.
+    batch: Batch,
+    /// A statement of the batch in flight was forwarded to run.
+    ran_in_batch: bool,
+    /// This session's name for the settings probe's statement and portal.
+    probe_name: String,
+}
+
+/// Where the batch in flight starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// No message since the last sync point.
+    Empty,
+    /// Its first message is at these offsets of `out` and `pending`: not sent yet.
+    Buffered { out: usize, pending: usize },
+    /// Part of it was sent already.
+    Sent,
 }
 
 impl ClientHalf {
@@ -409,7 +485,11 @@ impl ClientHalf {
                         let _ = self.flush(&mut out).await;
                         return end;
                     }
-                    Err(Halt::Violation(msg)) => return self.protocol_error(msg).await,
+                    Err(Halt::Violation(msg)) => {
+                        // Nothing more is sent; what was recorded gets its response record.
+                        self.release(self.pending.len());
+                        return self.protocol_error(msg).await;
+                    }
                 }
             }
             if self.flush(&mut out).await.is_err() {
@@ -422,7 +502,12 @@ impl ClientHalf {
         }
     }
 
+    /// Sends everything in `out`; the target half learns what to expect first.
     async fn flush(&mut self, out: &mut BytesMut) -> std::io::Result<()> {
+        self.release(self.pending.len());
+        if let Batch::Buffered { .. } = self.batch {
+            self.batch = Batch::Sent;
+        }
         if out.is_empty() {
             return Ok(());
         }
@@ -432,9 +517,43 @@ impl ClientHalf {
         r
     }
 
-    fn expect(&self, p: Pending) {
-        // The target half lives as long as this half; a send error means the session is over.
-        let _ = self.tx.send(p);
+    /// Sends what precedes the batch in flight, keeping the batch itself buffered (a message
+    /// that waits for earlier batches' answers does not need its own batch sent).
+    async fn flush_earlier(&mut self, out: &mut BytesMut) -> std::io::Result<()> {
+        let Batch::Buffered {
+            out: at,
+            pending: count,
+        } = self.batch
+        else {
+            return self.flush(out).await;
+        };
+        self.release(count);
+        self.batch = Batch::Buffered { out: 0, pending: 0 };
+        let mut earlier = out.split_to(at);
+        if earlier.is_empty() {
+            return Ok(());
+        }
+        self.ctx
+            .metrics
+            .bytes_to_target
+            .inc_by(earlier.len() as u64);
+        let r = self.write.write_all(&earlier).await;
+        earlier.clear();
+        r
+    }
+
+    /// Hands the first `count` expectations to the target half.
+    fn release(&mut self, count: usize) {
+        for p in self.pending.drain(..count) {
+            // The target half lives as long as this half; a send error means the session is
+            // over.
+            let _ = self.tx.send(p);
+        }
+    }
+
+    /// What the target will answer to the message just put in `out`.
+    fn expect(&mut self, p: Pending) {
+        self.pending.push(p);
     }
 
     fn next_stmt(&self) -> u64 {
@@ -443,10 +562,25 @@ impl ClientHalf {
 
     /// Handles one client message.
     async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), Halt> {
-        let body = frame.body();
         if self.skip_until_sync && frame.tag != b'S' && frame.tag != b'X' {
             return Ok(());
         }
+        if self.batch == Batch::Empty && b"QPBEDCHS".contains(&frame.tag) {
+            self.batch = Batch::Buffered {
+                out: out.len(),
+                pending: self.pending.len(),
+            };
+        }
+        let r = self.dispatch(&frame, out).await;
+        if frame.tag == b'S' || frame.tag == b'Q' {
+            self.batch = Batch::Empty;
+            self.ran_in_batch = false;
+        }
+        r
+    }
+
+    async fn dispatch(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), Halt> {
+        let body = frame.body();
         match frame.tag {
             b'Q' => self.on_query(&frame, &body, out).await,
             b'P' => self.on_parse(&frame, &body, out),
@@ -529,15 +663,37 @@ impl ClientHalf {
             prepared: resolved.prepared,
             ..Request::default()
         };
+        let mut request = request;
         let approval = if decision.action == Action::RequireApproval {
-            if self.flush(out).await.is_err() {
-                return Err(Halt::End(End::TargetClosed));
-            }
-            let stmt = self.stmts.load(Ordering::Relaxed) + 1;
-            let mut exact = vec![text.as_bytes()];
-            exact.extend(resolved.runs.iter().map(|t| t.as_bytes()));
-            let (ctx, session) = (&self.ctx, &self.session);
-            match hold(ctx, session, stmt, &request, &decision, &exact).await {
+            let verdict = match self.settings(out).await? {
+                Ok(settings) => {
+                    let runs = request.prepared.clone();
+                    let binding = Binding {
+                        protocol: "simple",
+                        text,
+                        runs: &runs,
+                        params: Vec::new(),
+                        params_digest: None,
+                        settings,
+                    };
+                    let stmt = self.stmts.load(Ordering::Relaxed) + 1;
+                    let hash = binding.hash();
+                    let verdict = hold(
+                        &self.ctx,
+                        &self.session,
+                        stmt,
+                        &request,
+                        &decision,
+                        &binding,
+                        &hash,
+                    )
+                    .await;
+                    request.binding = Some(binding.record(&hash));
+                    verdict
+                }
+                Err(why) => unbound(why),
+            };
+            match verdict {
                 Verdict::Run(a) => Some(a),
                 refusal => {
                     self.refuse_held(request, &decision, refusal, true, out);
@@ -572,7 +728,7 @@ impl ClientHalf {
     }
 
     fn on_parse(&mut self, frame: &Frame, body: &[u8], out: &mut BytesMut) -> Result<(), Halt> {
-        let (name, query) = messages::parse_parse(body)?;
+        let (name, query, param_types) = messages::parse_parse(body)?;
         let class = self.classify(query);
         // Decided as written; a statement that runs others by name (`EXECUTE name`) is
         // decided again at each Execute, on what the names hold then.
@@ -598,6 +754,7 @@ impl ClientHalf {
             // Preparing runs nothing; each Execute of it is held.
             hold: (decision.action == Action::RequireApproval).then(|| Arc::new(decision)),
             described: OnceLock::new(),
+            param_types,
         });
         // A Parse of the unnamed statement drops the old one first, whatever its outcome.
         let mut ops = Vec::with_capacity(2);
@@ -632,10 +789,23 @@ impl ClientHalf {
             self.refuse_unknown("prepared statement", bind.statement, request, out);
             return Ok(());
         };
+        let bound: Vec<binding::Param<'_>> = bind
+            .params
+            .iter()
+            .zip(&bind.param_formats)
+            .enumerate()
+            .map(|(i, (value, format))| binding::Param {
+                value: *value,
+                binary: *format != 0,
+                type_oid: stmt.param_type(i),
+            })
+            .collect();
         let portal = Arc::new(Portal {
             statement: bind.statement.to_string(),
+            params_digest: binding::params_digest(&bound),
             stmt,
             params: bind.params.iter().map(|v| v.map(display_value)).collect(),
+            param_formats: bind.param_formats,
             result_formats: bind.result_formats,
             described: OnceLock::new(),
         });
@@ -699,15 +869,34 @@ impl ClientHalf {
         request.prepared = resolved.prepared;
         let approval = match held {
             Some(d) => {
-                if self.flush(out).await.is_err() {
-                    return Err(Halt::End(End::TargetClosed));
-                }
-                let params = serde_json::to_vec(&request.params).unwrap_or_default();
-                let mut exact = vec![request.text.as_bytes(), params.as_slice()];
-                exact.extend(resolved.runs.iter().map(|t| t.as_bytes()));
-                let stmt_no = self.stmts.load(Ordering::Relaxed) + 1;
-                let (ctx, session) = (&self.ctx, &self.session);
-                match hold(ctx, session, stmt_no, &request, &d, &exact).await {
+                let verdict = match self.settings(out).await? {
+                    Ok(settings) => {
+                        let runs = request.prepared.clone();
+                        let binding = Binding {
+                            protocol: "extended",
+                            text: &stmt.text,
+                            runs: &runs,
+                            params: portal
+                                .params
+                                .iter()
+                                .zip(&portal.param_formats)
+                                .enumerate()
+                                .map(|(i, (v, f))| (v.clone(), *f != 0, stmt.param_type(i)))
+                                .collect(),
+                            params_digest: Some(portal.params_digest),
+                            settings,
+                        };
+                        let stmt_no = self.stmts.load(Ordering::Relaxed) + 1;
+                        let (ctx, session) = (&self.ctx, &self.session);
+                        let hash = binding.hash();
+                        let verdict =
+                            hold(ctx, session, stmt_no, &request, &d, &binding, &hash).await;
+                        request.binding = Some(binding.record(&hash));
+                        verdict
+                    }
+                    Err(why) => unbound(why),
+                };
+                match verdict {
                     Verdict::Run(a) => Some(a),
                     refusal => {
                         self.refuse_held(request, &d, refusal, false, out);
@@ -727,6 +916,7 @@ impl ClientHalf {
                 unit.portal = Some(portal);
                 unit.per_statement = per_statement;
                 self.expect(Pending::Execute(unit));
+                self.ran_in_batch = true;
                 out.extend_from_slice(&frame.raw);
             }
             Err(e) => {
@@ -765,8 +955,43 @@ impl ClientHalf {
 
     /// Waits until the target has answered every earlier sync point, so the confirmed tables
     /// are current. Keeps reading the client meanwhile (bounded), to notice it going away.
-    async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), Halt> {
+    /// The session's settings as the statement in hand will run under them, reported by the
+    /// target: a probe is put before the batch in flight (which must not have been sent, nor
+    /// run anything before this statement) and its answer awaited. `Ok(Err(why))`: the
+    /// gateway cannot be sure.
+    async fn settings(&mut self, out: &mut BytesMut) -> Result<Result<Settings, String>, Halt> {
+        if self.ran_in_batch {
+            return Ok(Err(
+                "another statement runs before it in the same batch, so the gateway cannot tell the settings it runs under (end that batch with a Sync first)"
+                    .into(),
+            ));
+        }
+        let (at, count) = match self.batch {
+            Batch::Buffered { out, pending } => (out, pending),
+            Batch::Empty => (out.len(), self.pending.len()),
+            Batch::Sent => {
+                return Ok(Err(
+                    "its batch reached the gateway in parts, so the gateway cannot put its settings check before it (send the batch in one piece)"
+                        .into(),
+                ))
+            }
+        };
+        let tail = out.split_off(at);
+        out.extend_from_slice(&messages::settings_probe(&self.probe_name, binding::PROBE));
+        out.unsplit(tail);
+        self.pending.insert(count, Pending::Probe(None));
+        self.tables.sync_before_batch();
         if self.flush(out).await.is_err() {
+            return Err(Halt::End(End::TargetClosed));
+        }
+        self.catch_up(out).await?;
+        Ok(self.tables.confirmed().settings().ok_or_else(|| {
+            "the target did not report the session's database, role and search_path (an aborted transaction?)".to_string()
+        }))
+    }
+
+    async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), Halt> {
+        if self.flush_earlier(out).await.is_err() {
             return Err(Halt::End(End::TargetClosed));
         }
         let limit = self.ctx.config.max_frame_bytes.saturating_add(64 * 1024);
@@ -959,6 +1184,8 @@ impl ClientHalf {
                             // SQL EXECUTE is decided (and held) on what it runs.
                             hold: None,
                             described: OnceLock::new(),
+                            // Types and values are in the texts of PREPARE and EXECUTE.
+                            param_types: Vec::new(),
                         }),
                     ));
                 }
@@ -1297,6 +1524,28 @@ impl TargetHalf {
 
     /// Handles one target message; `Some` ends the session.
     async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Option<End> {
+        if let Some(Pending::Probe(found)) = self.queue.front_mut() {
+            match frame.tag {
+                b'1' | b'2' | b'3' | b'C' | b'E' => return None,
+                b'D' => {
+                    let body = frame.body();
+                    *found = messages::parse_data_row(&body)
+                        .ok()
+                        .and_then(|row| Settings::from_row(&row));
+                    return None;
+                }
+                b'Z' => {
+                    let found = found.take();
+                    self.queue.pop_front();
+                    self.tables.set_settings(found);
+                    self.status = frame.body().first().copied().unwrap_or(b'I');
+                    self.tables.sync_resolved();
+                    return None;
+                }
+                // Notices and parameter changes are the session's, as at any time.
+                _ => {}
+            }
+        }
         let mut raw = frame.raw.clone();
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
         while matches!(self.queue.front(), Some(Pending::CopyEnd)) {

@@ -17,6 +17,7 @@
 //! Portals end with their transaction: a ReadyForQuery outside a transaction block, and any
 //! statement that ends a transaction or closes a cursor, forget portals.
 
+use super::binding::Settings;
 use super::messages::Field;
 use crate::policy::{Classification, Decision};
 use std::collections::HashMap;
@@ -36,6 +37,15 @@ pub struct Stmt {
     pub hold: Option<Arc<Decision>>,
     /// Columns from a Describe of this statement (formats not yet chosen).
     pub described: OnceLock<Vec<Field>>,
+    /// Parameter types the client declared at Parse (0: left to the server).
+    pub param_types: Vec<u32>,
+}
+
+impl Stmt {
+    /// The declared type of parameter `i`.
+    pub fn param_type(&self, i: usize) -> u32 {
+        self.param_types.get(i).copied().unwrap_or(0)
+    }
 }
 
 /// A bound portal: the statement it runs, its parameters (for the record) and result formats.
@@ -44,6 +54,10 @@ pub struct Portal {
     pub statement: String,
     pub stmt: Arc<Stmt>,
     pub params: Vec<Option<String>>,
+    /// Each parameter's format (0 text, 1 binary).
+    pub param_formats: Vec<i16>,
+    /// Digest of the exact parameters (an approval binds them; see `binding::params_digest`).
+    pub params_digest: [u8; 32],
     pub result_formats: Vec<i16>,
     /// Columns from a Describe of this portal.
     pub described: OnceLock<Vec<Field>>,
@@ -133,6 +147,8 @@ pub struct Progress {
 pub struct Confirmed {
     tables: Mutex<Tables>,
     progress: watch::Sender<Progress>,
+    /// What the last settings probe found (`None`: it failed, or none ran).
+    settings: Mutex<Option<Settings>>,
 }
 
 impl Confirmed {
@@ -140,7 +156,21 @@ impl Confirmed {
         Arc::new(Self {
             tables: Mutex::new(Tables::default()),
             progress: watch::Sender::new(Progress::default()),
+            settings: Mutex::new(None),
         })
+    }
+
+    /// The answer of a settings probe.
+    pub fn set_settings(&self, s: Option<Settings>) {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// What the last settings probe found.
+    pub fn settings(&self) -> Option<Settings> {
+        self.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -229,6 +259,17 @@ impl Projection {
         self.sent_syncs += 1;
     }
 
+    /// A sync point of the gateway's own was put before the batch in flight (a settings
+    /// probe): the target answers it before anything of this batch.
+    pub fn sync_before_batch(&mut self) {
+        self.sent_syncs += 1;
+    }
+
+    /// The tables as the target confirmed them (shared with the target half).
+    pub fn confirmed(&self) -> &Confirmed {
+        &self.confirmed
+    }
+
     pub fn copy_end(&mut self) {
         self.copy_ends += 1;
     }
@@ -298,6 +339,7 @@ mod tests {
             note: None,
             hold: None,
             described: OnceLock::new(),
+            param_types: Vec::new(),
         })
     }
 

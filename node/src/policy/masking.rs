@@ -532,6 +532,8 @@ fn connects(r: &ColumnRule, connection: &str) -> bool {
 
 #[cfg(test)]
 mod corpus;
+mod statement;
+pub use statement::{mask_statement, Unfaithful};
 
 #[cfg(test)]
 mod tests {

@@ -358,11 +358,10 @@ fn strictest(held: Vec<Decision>) -> Decision {
         .max_by_key(|d| d.approval.as_ref().map_or(0, |a| a.required))
         .cloned()
         .unwrap_or_else(|| held[0].clone());
-    let grant_class = specs[0].grant_class.clone().filter(|class| {
-        specs
-            .iter()
-            .all(|s| s.grant_class.as_ref() == Some(class))
-    });
+    let grant_class = specs[0]
+        .grant_class
+        .clone()
+        .filter(|class| specs.iter().all(|s| s.grant_class.as_ref() == Some(class)));
     let spec = ApprovalSpec {
         approvers: specs[0].approvers.clone(),
         required: specs.iter().map(|s| s.required).max().unwrap_or(1),
@@ -374,7 +373,9 @@ fn strictest(held: Vec<Decision>) -> Decision {
         approval: Some(Arc::new(spec)),
         reason: if rules.contains(',') {
             let why = strictest.reason.as_deref().unwrap_or("approval required");
-            Some(format!("{why} (this message needs the approvals of rules {rules})"))
+            Some(format!(
+                "{why} (this message needs the approvals of rules {rules})"
+            ))
         } else {
             strictest.reason.clone()
         },
@@ -744,7 +745,10 @@ approval = { approvers = "ops" }
             let a = d.approval.as_deref().unwrap();
             assert_eq!((a.approvers.as_str(), a.required), ("dba", 2), "{sql}");
             assert_eq!((a.ttl_secs, a.wait_secs), (60, 5), "{sql}");
-            assert_eq!(a.grant_class, None, "a grant of one class cannot carry the other");
+            assert_eq!(
+                a.grant_class, None,
+                "a grant of one class cannot carry the other"
+            );
             assert!(d.reason.unwrap().contains("payroll-two, writes-one"));
         }
         // One statement alone keeps its own settings.
@@ -756,7 +760,10 @@ approval = { approvers = "ops" }
             "UPDATE t SET a = 1 WHERE id = 1; CREATE TABLE x (a int)",
             false,
         );
-        assert_eq!((d.action, d.rule.as_str()), (Action::Block, "approval-conflict"));
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Block, "approval-conflict")
+        );
         assert!(d.reason.unwrap().contains("dba, ops"));
     }
 }

@@ -1,0 +1,278 @@
+//! What an approval is bound to, and what the approver is shown.
+//!
+//! An approval lets one statement run: the statement that will actually execute, resolved at
+//! the moment it is held, with everything that changes what it does. The binding covers:
+//!
+//! - the protocol (`simple` or `extended`) and the exact text;
+//! - for each prepared statement the text runs by name (SQL `EXECUTE name`), that name and the
+//!   text the target holds under it;
+//! - for each bind parameter: NULL or its exact bytes, its format (text or binary) and the type
+//!   the client declared at Parse (0 when the server infers it from the text);
+//! - the session's database, role (`current_user`) and `search_path`, as the target reports
+//!   them just before the statement runs ([`PROBE`]).
+//!
+//! The statement hash is SHA-256 over all of it; an approval is consumed only by a statement
+//! whose hash is equal. The approver is shown every part, values masked so that the statement
+//! reads as it will run ([`crate::policy::masking::mask_statement`]).
+
+use crate::policy::masking::{mask_statement, Counts, Masker, Unfaithful};
+use sha2::{Digest, Sha256};
+use vigil_proto::coordinator as pb;
+use vigil_proto::record::{self, PreparedText};
+
+/// What the gateway asks the target, in the session, right before a held statement: the
+/// settings that decide what its names mean and what it may do.
+pub const PROBE: &str = "SELECT current_database(), current_user, current_setting('search_path')";
+
+/// The approver's copy may be at most this large (text, prepared texts and parameters).
+pub const MAX_SHOWN: usize = 2 * 1024 * 1024;
+
+/// The session settings an approval binds, as the target reported them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub database: String,
+    pub role: String,
+    pub search_path: String,
+}
+
+impl Settings {
+    /// From the probe's row (three text values).
+    pub fn from_row(values: &[Option<&[u8]>]) -> Option<Self> {
+        let text = |i: usize| -> Option<String> {
+            let v = (*values.get(i)?)?;
+            std::str::from_utf8(v).ok().map(str::to_string)
+        };
+        (values.len() == 3).then_some(())?;
+        Some(Self {
+            database: text(0)?,
+            role: text(1)?,
+            search_path: text(2)?,
+        })
+    }
+}
+
+/// A bind parameter as bound: NULL or its bytes, its format and declared type.
+pub struct Param<'a> {
+    pub value: Option<&'a [u8]>,
+    pub binary: bool,
+    pub type_oid: u32,
+}
+
+/// A digest over bind parameters, for a portal to carry until its Execute.
+pub fn params_digest(params: &[Param<'_>]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((params.len() as u64).to_be_bytes());
+    for p in params {
+        h.update([u8::from(p.binary)]);
+        h.update(p.type_oid.to_be_bytes());
+        match p.value {
+            None => h.update([0]),
+            Some(v) => {
+                h.update([1]);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(v);
+            }
+        }
+    }
+    h.finalize().into()
+}
+
+/// A held statement's binding.
+pub struct Binding<'a> {
+    pub protocol: &'a str,
+    pub text: &'a str,
+    pub runs: &'a [PreparedText],
+    /// Display values (as the audit record renders them), formats and declared types.
+    pub params: Vec<(Option<String>, bool, u32)>,
+    /// [`params_digest`] over the exact bytes (extended protocol only).
+    pub params_digest: Option<[u8; 32]>,
+    pub settings: Settings,
+}
+
+impl Binding<'_> {
+    /// The statement hash an approval carries.
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        let mut part = |p: &[u8]| {
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p);
+        };
+        part(b"vigil approval binding v2");
+        part(self.protocol.as_bytes());
+        part(self.text.as_bytes());
+        part(&(self.runs.len() as u64).to_be_bytes());
+        for r in self.runs {
+            part(r.name.as_bytes());
+            part(r.text.as_bytes());
+        }
+        part(self.params_digest.as_ref().map_or(&[][..], |d| &d[..]));
+        part(self.settings.database.as_bytes());
+        part(self.settings.role.as_bytes());
+        part(self.settings.search_path.as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    /// What the audit record says the approval binds.
+    pub fn record(&self, hash: &str) -> record::Binding {
+        record::Binding {
+            database: self.settings.database.clone(),
+            role: self.settings.role.clone(),
+            search_path: self.settings.search_path.clone(),
+            params: self
+                .params
+                .iter()
+                .map(|(_, binary, type_oid)| record::ParamType {
+                    format: if *binary { "binary" } else { "text" }.into(),
+                    type_oid: *type_oid,
+                })
+                .collect(),
+            hash: hash.to_string(),
+        }
+    }
+
+    /// The approver's copy: every part, values masked without changing how the statement
+    /// reads; an error when that cannot be done or the copy is too large to send.
+    pub fn shown(
+        &self,
+        masker: &Masker,
+        counts: &mut Counts,
+    ) -> Result<pb::StatementBinding, Unfaithful> {
+        let text = mask_statement(masker, self.text, counts)?;
+        let runs = self
+            .runs
+            .iter()
+            .map(|r| {
+                Ok(pb::PreparedStatement {
+                    name: masker.mask(&r.name, None, false, Some(counts)).into_owned(),
+                    text: mask_statement(masker, &r.text, counts)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Unfaithful>>()?;
+        let params: Vec<pb::Parameter> = self
+            .params
+            .iter()
+            .map(|(value, binary, type_oid)| pb::Parameter {
+                null: value.is_none(),
+                value: value
+                    .as_deref()
+                    .map(|v| masker.mask(v, None, false, Some(counts)).into_owned())
+                    .unwrap_or_default(),
+                binary: *binary,
+                type_oid: *type_oid,
+            })
+            .collect();
+        let size = text.len()
+            + runs.iter().map(|r| r.text.len()).sum::<usize>()
+            + params.iter().map(|p| p.value.len()).sum::<usize>();
+        if size > MAX_SHOWN {
+            return Err(Unfaithful(format!(
+                "the statement and its parameters ({size} bytes) are too large to show an approver (at most {MAX_SHOWN})"
+            )));
+        }
+        let mut mask = |v: &str| masker.mask(v, None, false, Some(counts)).into_owned();
+        Ok(pb::StatementBinding {
+            protocol: self.protocol.to_string(),
+            text,
+            runs,
+            params,
+            database: mask(&self.settings.database),
+            role: mask(&self.settings.role),
+            search_path: mask(&self.settings.search_path),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding<'a>(params: &'a [Param<'a>], settings: Settings) -> Binding<'a> {
+        Binding {
+            protocol: "extended",
+            text: "UPDATE t SET a = $1 WHERE id = 1",
+            runs: &[],
+            params: Vec::new(),
+            params_digest: Some(params_digest(params)),
+            settings,
+        }
+    }
+
+    fn settings(search_path: &str) -> Settings {
+        Settings {
+            database: "app".into(),
+            role: "gw".into(),
+            search_path: search_path.into(),
+        }
+    }
+
+    #[test]
+    fn every_part_changes_the_hash() {
+        let text = Param {
+            value: Some(b"1234"),
+            binary: false,
+            type_oid: 0,
+        };
+        let base = binding(std::slice::from_ref(&text), settings("public")).hash();
+        let variants = [
+            // The same digits, sent as binary int4: another value.
+            binding(
+                &[Param {
+                    value: Some(&1234i32.to_be_bytes()),
+                    binary: true,
+                    type_oid: 23,
+                }],
+                settings("public"),
+            )
+            .hash(),
+            binding(
+                &[Param {
+                    value: Some(b"1234"),
+                    binary: false,
+                    type_oid: 25,
+                }],
+                settings("public"),
+            )
+            .hash(),
+            binding(
+                &[Param {
+                    value: None,
+                    binary: false,
+                    type_oid: 0,
+                }],
+                settings("public"),
+            )
+            .hash(),
+            binding(std::slice::from_ref(&text), settings("other, public")).hash(),
+            binding(
+                std::slice::from_ref(&text),
+                Settings {
+                    role: "admin".into(),
+                    ..settings("public")
+                },
+            )
+            .hash(),
+        ];
+        for v in &variants {
+            assert_ne!(v, &base);
+        }
+        assert_eq!(
+            binding(std::slice::from_ref(&text), settings("public")).hash(),
+            base
+        );
+    }
+
+    #[test]
+    fn settings_come_from_a_three_column_row() {
+        let row: [Option<&[u8]>; 3] = [Some(b"app"), Some(b"gw"), Some(b"\"$user\", public")];
+        assert_eq!(
+            Settings::from_row(&row),
+            Some(Settings {
+                database: "app".into(),
+                role: "gw".into(),
+                search_path: "\"$user\", public".into(),
+            })
+        );
+        assert_eq!(Settings::from_row(&row[..2]), None);
+        assert_eq!(Settings::from_row(&[None, Some(b"gw"), Some(b"x")]), None);
+    }
+}
