@@ -43,25 +43,49 @@ pub fn query(sql: &str) -> Vec<u8> {
 }
 
 pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    parse_typed(name, sql, &[])
+}
+
+/// A Parse declaring parameter types (OIDs).
+pub fn parse_typed(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, name);
     cstr(&mut b, sql);
-    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+    for t in types {
+        b.extend_from_slice(&t.to_be_bytes());
+    }
     typed(b'P', &b)
 }
 
 /// A Bind with text parameters (`None`: NULL) and text results.
 pub fn bind(portal: &str, statement: &str, params: &[Option<&str>]) -> Vec<u8> {
+    let params: Vec<Option<&[u8]>> = params.iter().map(|p| p.map(str::as_bytes)).collect();
+    bind_formats(portal, statement, &params, false)
+}
+
+/// A Bind whose parameters are all text or all `binary`, with text results.
+pub fn bind_formats(
+    portal: &str,
+    statement: &str,
+    params: &[Option<&[u8]>],
+    binary: bool,
+) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, portal);
     cstr(&mut b, statement);
-    b.extend_from_slice(&0i16.to_be_bytes());
+    if binary {
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+    } else {
+        b.extend_from_slice(&0i16.to_be_bytes());
+    }
     b.extend_from_slice(&(params.len() as i16).to_be_bytes());
     for p in params {
         match p {
             Some(v) => {
                 b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                b.extend_from_slice(v.as_bytes());
+                b.extend_from_slice(v);
             }
             None => b.extend_from_slice(&(-1i32).to_be_bytes()),
         }

@@ -61,7 +61,7 @@ pub struct NewRequest {
     pub rule: String,
     /// Everything the hash binds, as the approver reads it (values masked).
     #[serde(default)]
-    pub binding: Option<ShownBinding>,
+    pub binding: Option<Box<ShownBinding>>,
 }
 
 /// What an approval binds, as the approver reads it (see `StatementBinding` in the API).

@@ -391,7 +391,7 @@ pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
         connection: a.connection.clone(),
         statement_hash: a.statement_hash.clone(),
         statement: a.statement.clone(),
-        binding: a.binding.as_ref().map(binding_pb),
+        binding: a.binding.as_deref().map(binding_pb),
         reason: a.reason.clone().unwrap_or_default(),
         created_at_ms: r.created_at,
         expires_at_ms: r.expires_at,
@@ -489,7 +489,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 approvals_required: r.approvals_required,
                 node: r.node,
                 rule: r.rule,
-                binding: r.binding.map(binding_from_pb),
+                binding: r.binding.map(|b| Box::new(binding_from_pb(b))),
             },
             now,
         };

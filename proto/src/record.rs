@@ -410,6 +410,16 @@ mod tests {
                 name: "x".into(),
                 text: "PREPARE x AS SELECT 1".into(),
             }],
+            binding: Some(Binding {
+                database: "app".into(),
+                role: "gw".into(),
+                search_path: "public".into(),
+                params: vec![ParamType {
+                    format: "binary".into(),
+                    type_oid: 23,
+                }],
+                hash: "ab".into(),
+            }),
         });
         body.response = Some(Response {
             tags: vec!["SELECT 1".into()],

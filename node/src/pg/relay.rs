@@ -281,6 +281,9 @@ enum Pending {
     },
 }
 
+/// How much of a batch that has run nothing yet the gateway keeps until the rest arrives.
+const BATCH_BUFFER: usize = 1 << 20;
+
 /// What the target is sent in place of a refused statement: it never parses.
 const STAND_IN: &str = "vigil_refused_this_statement";
 
@@ -343,6 +346,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         pending: Vec::new(),
         batch: Batch::Empty,
         ran_in_batch: false,
+        flush_asked: false,
         probe_name: format!("vigil_probe_{}", hex::encode(rand::random::<[u8; 8]>())),
     };
     let mut target_half = TargetHalf {
@@ -454,6 +458,8 @@ struct ClientHalf {
     batch: Batch,
     /// A statement of the batch in flight was forwarded to run.
     ran_in_batch: bool,
+    /// The client sent Flush: what is buffered goes now.
+    flush_asked: bool,
     /// This session's name for the settings probe's statement and portal.
     probe_name: String,
 }
@@ -492,7 +498,15 @@ impl ClientHalf {
                     }
                 }
             }
-            if self.flush(&mut out).await.is_err() {
+            // A batch that has run nothing yet waits for the rest of it: the target answers
+            // none of it before a Sync or Flush anyway, and a statement in it that needs
+            // approval gets its settings probe in front of the whole batch.
+            let sent = if self.batch_waits(&out) {
+                self.flush_earlier(&mut out).await
+            } else {
+                self.flush(&mut out).await
+            };
+            if sent.is_err() {
                 return End::TargetClosed;
             }
             match self.read.read_buf(&mut self.buf).await {
@@ -505,6 +519,7 @@ impl ClientHalf {
     /// Sends everything in `out`; the target half learns what to expect first.
     async fn flush(&mut self, out: &mut BytesMut) -> std::io::Result<()> {
         self.release(self.pending.len());
+        self.flush_asked = false;
         if let Batch::Buffered { .. } = self.batch {
             self.batch = Batch::Sent;
         }
@@ -515,6 +530,15 @@ impl ClientHalf {
         let r = self.write.write_all(out).await;
         out.clear();
         r
+    }
+
+    /// Whether the batch in flight may stay buffered: it has run nothing, the client asked
+    /// for no Flush, and it is small.
+    fn batch_waits(&self, out: &BytesMut) -> bool {
+        matches!(self.batch, Batch::Buffered { .. })
+            && !self.ran_in_batch
+            && !self.flush_asked
+            && out.len() <= BATCH_BUFFER
     }
 
     /// Sends what precedes the batch in flight, keeping the batch itself buffered (a message
@@ -582,10 +606,10 @@ impl ClientHalf {
     async fn dispatch(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), Halt> {
         let body = frame.body();
         match frame.tag {
-            b'Q' => self.on_query(&frame, &body, out).await,
-            b'P' => self.on_parse(&frame, &body, out),
-            b'B' => self.on_bind(&frame, &body, out).await,
-            b'E' => self.on_execute(&frame, &body, out).await,
+            b'Q' => self.on_query(frame, &body, out).await,
+            b'P' => self.on_parse(frame, &body, out),
+            b'B' => self.on_bind(frame, &body, out).await,
+            b'E' => self.on_execute(frame, &body, out).await,
             b'D' => {
                 let (kind, name) = messages::parse_target(&body, "Describe")?;
                 let described = if kind == b'S' {
@@ -618,6 +642,7 @@ impl ClientHalf {
                 Ok(())
             }
             b'H' => {
+                self.flush_asked = true;
                 out.extend_from_slice(&frame.raw);
                 Ok(())
             }

@@ -1,0 +1,319 @@
+//! An approval lets run exactly the statement the approver was shown: the same resolved text,
+//! parameters (bytes, formats, declared types), database, role and search_path. Ground truth:
+//! PostgreSQL's `log_statement=all`, the tables' contents, and the audit files.
+
+use vigil_chaos::wire::{self, Msg, Wire};
+use vigil_chaos::*;
+use vigil_proto::record::Kind;
+
+const POLICY: &str = r#"
+[[policy.rules]]
+id = "writes-need-approval"
+action = "require_approval"
+kinds = ["write"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+
+[[policy.rules]]
+id = "ddl-needs-ops"
+action = "require_approval"
+kinds = ["ddl"]
+approval = { approvers = "ops", wait_secs = 0, ttl_secs = 600 }
+
+[policy.masking]
+detectors = [
+  { kind = "email", method = "redact" },
+  { kind = "phone", method = "redact" },
+]
+"#;
+
+struct Setup {
+    node: TestNode,
+    token: String,
+    coord: String,
+    log_offset: u64,
+}
+
+async fn setup() -> Setup {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: POLICY,
+        ..NodeOptions::default()
+    })
+    .await;
+    let gw = env().get("VIGIL_PG_GATEWAY_USER");
+    let su = direct_superuser(&node.files.db).await;
+    let other = format!("vt_other_{}", &node.files.db[3..]);
+    su.batch_execute(&format!(
+        "CREATE SCHEMA a; CREATE SCHEMA b;
+         CREATE TABLE a.t (id int, v int); INSERT INTO a.t VALUES (1, 0);
+         CREATE TABLE b.t (id int, v int); INSERT INTO b.t VALUES (1, 0);
+         ALTER SCHEMA a OWNER TO {gw}; ALTER SCHEMA b OWNER TO {gw};
+         ALTER TABLE a.t OWNER TO {gw}; ALTER TABLE b.t OWNER TO {gw};
+         CREATE ROLE {other}; GRANT {other} TO {gw};
+         GRANT USAGE ON SCHEMA a, b TO {other}; GRANT ALL ON a.t, b.t TO {other}"
+    ))
+    .await
+    .unwrap();
+    let coord = node.node.coordinator.join(",");
+    Setup {
+        token: token_for("agent-ops", "agent-ops-secret").await,
+        log_offset: pg_log_len(),
+        coord,
+        node,
+    }
+}
+
+impl Setup {
+    async fn session(&self) -> Wire {
+        Wire::connect(
+            self.node.port(),
+            &[("user", "agent"), ("database", "app")],
+            &self.token,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect: {:?}", e.error()))
+    }
+
+    async fn batch(&self, w: &mut Wire, msgs: &[Vec<u8>]) -> Vec<Msg> {
+        w.send(&msgs.concat()).await;
+        w.until_ready().await
+    }
+
+    /// Runs `msgs`; returns the request id of the approval it is pending on, if any.
+    async fn pending(&self, w: &mut Wire, msgs: &[Vec<u8>]) -> Option<String> {
+        let r = self.batch(w, msgs).await;
+        let (_, message) = r.iter().find_map(Msg::error)?;
+        let at = message
+            .find("apr-")
+            .unwrap_or_else(|| panic!("refused, not held: {message}"));
+        Some(message[at..].split_whitespace().next()?.to_string())
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let alice = id_token("alice");
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--coordinator", &self.coord, "--token", &alice]);
+        let (code, out) = vigil(&all);
+        assert_eq!(code, 0, "vigil {args:?}: {out}");
+        out
+    }
+
+    fn approve(&self, id: &str) -> String {
+        self.cli(&["approvals", "approve", id]);
+        self.cli(&["approvals", "show", id])
+    }
+
+    /// A `PREPARE` of a statement that needs approval is held like the statement: approve it
+    /// and run it again.
+    async fn prepare(&self, w: &mut Wire, sql: &str) {
+        let id = self.pending(w, &q(sql)).await.expect("PREPARE held");
+        self.approve(&id);
+        assert_eq!(
+            self.pending(w, &q(sql)).await,
+            None,
+            "approved PREPARE runs"
+        );
+    }
+
+    /// How many statements PostgreSQL ran whose text contains `needle`.
+    fn ran(&self, needle: &str) -> usize {
+        pg_executed(&self.node.files.db, self.log_offset)
+            .iter()
+            .filter(|r| {
+                r.text.contains(needle) || r.prepared.as_deref().is_some_and(|p| p.contains(needle))
+            })
+            .count()
+    }
+
+    async fn value(&self, table: &str) -> i32 {
+        let su = direct_superuser(&self.node.files.db).await;
+        su.query_one(&format!("SELECT v FROM {table} WHERE id = 1"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+fn q(sql: &str) -> Vec<Vec<u8>> {
+    vec![wire::query(sql)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t88_search_path_and_role_are_bound() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    let id = s.pending(&mut w, &q(update)).await.expect("held");
+    let shown = s.approve(&id);
+    assert!(shown.contains("search_path a\n"), "{shown}");
+    assert!(
+        shown.contains(&format!("statement   {update}\n")),
+        "{shown}"
+    );
+    // Another schema's `t`: a different statement, held again; the approval stays unused.
+    s.batch(&mut w, &q("SET search_path = b")).await;
+    let other = s.pending(&mut w, &q(update)).await.expect("held again");
+    assert_ne!(other, id);
+    // Another role: the same.
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    let role = format!("vt_other_{}", &s.node.files.db[3..]);
+    s.batch(&mut w, &q(&format!("SET ROLE {role}"))).await;
+    let third = s
+        .pending(&mut w, &q(update))
+        .await
+        .expect("held under another role");
+    assert_ne!(third, id);
+    // Back to what was approved: it runs, once.
+    s.batch(&mut w, &q("RESET ROLE")).await;
+    assert_eq!(s.pending(&mut w, &q(update)).await, None, "approved: runs");
+    assert!(s.pending(&mut w, &q(update)).await.is_some(), "used up");
+    assert_eq!(s.ran(update), 1, "PostgreSQL ran the update once");
+    assert_eq!((s.value("a.t").await, s.value("b.t").await), (1, 0));
+    let state = s.cli(&["approvals", "show", &id]);
+    assert!(state.contains("state       consumed"), "{state}");
+    // The records say what was bound.
+    let records = s.node.records().await;
+    let ran = records
+        .iter()
+        .find(|r| {
+            r.body.kind == Kind::Request && r.body.approval.as_ref().is_some_and(|a| a.id == id)
+        })
+        .expect("the request that ran under the approval");
+    let b = ran.body.request.as_ref().unwrap().binding.as_ref().unwrap();
+    assert_eq!(
+        (b.search_path.as_str(), b.role.as_str()),
+        ("a", env().get("VIGIL_PG_GATEWAY_USER"))
+    );
+}
+
+/// 1234 as PostgreSQL's binary int4.
+const BINARY_1234: [u8; 4] = 1234i32.to_be_bytes();
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t89_parameters_are_bound_with_format_and_type_and_shown() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    let sql = "UPDATE t SET v = $1 WHERE id = 1";
+    let text_run = |value: &[u8], binary: bool| {
+        vec![
+            wire::parse_typed("", sql, &[23]),
+            wire::bind_formats("", "", &[Some(value)], binary),
+            wire::execute(""),
+            wire::sync(),
+        ]
+    };
+    let id = s
+        .pending(&mut w, &text_run(b"1234", false))
+        .await
+        .expect("held");
+    let shown = s.approve(&id);
+    assert!(
+        shown.contains("param $1    '1234' (text, declared type oid 23)"),
+        "{shown}"
+    );
+    // The same number as binary int4 bytes: another request.
+    let binary = s
+        .pending(&mut w, &text_run(&BINARY_1234, true))
+        .await
+        .expect("held");
+    assert_ne!(binary, id);
+    let shown = s.cli(&["approvals", "show", &binary]);
+    // (The CLI escapes the backslash of the hex form.)
+    assert!(shown.contains(r"'\\x000004d2' (binary"), "{shown}");
+    assert_eq!(s.ran("UPDATE t SET v = $1"), 0);
+    assert_eq!(s.pending(&mut w, &text_run(b"1234", false)).await, None);
+    assert_eq!(s.value("a.t").await, 1234);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8a_execute_name_binds_the_prepared_text() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    s.prepare(&mut w, "PREPARE p AS UPDATE t SET v = 7 WHERE id = 1")
+        .await;
+    let id = s.pending(&mut w, &q("EXECUTE p")).await.expect("held");
+    let shown = s.approve(&id);
+    assert!(
+        shown.contains("runs        p = PREPARE p AS UPDATE t SET v = 7 WHERE id = 1"),
+        "{shown}"
+    );
+    // Another session prepares `p` as something else: the approval does not cover it.
+    let mut other = s.session().await;
+    s.batch(&mut other, &q("SET search_path = a")).await;
+    s.prepare(&mut other, "PREPARE p AS UPDATE t SET v = 666 WHERE id = 1")
+        .await;
+    assert!(s.pending(&mut other, &q("EXECUTE p")).await.is_some());
+    assert_eq!(s.value("a.t").await, 0);
+    assert_eq!(s.pending(&mut w, &q("EXECUTE p")).await, None);
+    assert_eq!(s.value("a.t").await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    // Long: past the old 16 KiB cap, the end of the statement is what matters.
+    let long = format!(
+        "UPDATE t SET v = 1 /* {} */ WHERE id = 1 OR true",
+        "x".repeat(20_000)
+    );
+    let id = s.pending(&mut w, &q(&long)).await.expect("held");
+    let shown = s.cli(&["approvals", "show", &id]);
+    assert!(
+        shown.contains("*/ WHERE id = 1 OR true"),
+        "the whole text is shown"
+    );
+    // A phone number that runs across a line end, after a comment marker: masking it whole
+    // would swallow the line break and show `+ 2671 WHERE id = 1` as part of the comment.
+    let sneaky = "UPDATE t SET v = 2 -- ticket of alice@example.com, 415 555\n+ 2671 WHERE id = 1";
+    let id = s.pending(&mut w, &q(sneaky)).await.expect("held");
+    let shown = s.cli(&["approvals", "show", &id]);
+    assert!(!shown.contains("alice@example.com"), "{shown}");
+    let statement: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| !l.starts_with("statement"))
+        .take(2)
+        .collect();
+    assert!(statement[0].contains("-- ticket of [redacted]"), "{shown}");
+    assert!(
+        statement[1].ends_with("+ 2671 WHERE id = 1"),
+        "the second line is shown as a line: {shown}"
+    );
+    // Nothing a detector covers is in clear in any file the node wrote.
+    for f in files_under(s.node.files.dir.path()) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("alice@example.com"),
+            "{} holds the address in clear",
+            f.display()
+        );
+    }
+    assert_eq!(s.ran("UPDATE t SET v ="), 0, "nothing ran unapproved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8c_a_message_needs_every_statements_approval() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    // A write (approvers) and DDL (ops) in one message: no one request can carry both.
+    let r = s
+        .batch(
+            &mut w,
+            &q("UPDATE t SET v = 5 WHERE id = 1; CREATE TABLE t2 (a int)"),
+        )
+        .await;
+    let (_, message) = r.iter().find_map(Msg::error).expect("refused");
+    assert!(message.contains("one request cannot carry"), "{message}");
+    assert_eq!(s.ran("UPDATE t SET v = 5"), 0);
+    let records = s.node.records().await;
+    assert!(records.iter().any(|r| r.body.kind == Kind::Blocked
+        && r.body
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.rule == "approval-conflict")));
+}
