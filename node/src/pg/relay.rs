@@ -1304,7 +1304,8 @@ impl ClientHalf {
         rec.outcome = Some(outcome);
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
-        rec.detail = Some(detail);
+        // A parser's message quotes the text near its error: through the detectors, like it.
+        rec.detail = Some(super::session::scrub(&self.ctx, &detail));
         rec.approval = approval;
         self.ctx.audit.record(rec);
         self.refuse(outcome, sqlstate, &message, simple, out);
