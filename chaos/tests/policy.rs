@@ -574,7 +574,7 @@ async fn t75_values_outside_rows_are_masked_everywhere_the_node_writes() {
         "the intent is recorded, masked: {intents:?}"
     );
     let mut written = Vec::new();
-    for entry in walk(files.dir.path()) {
+    for entry in files_under(files.dir.path()) {
         written.push((entry.clone(), std::fs::read(&entry).unwrap_or_default()));
     }
     assert!(
@@ -591,20 +591,6 @@ async fn t75_values_outside_rows_are_masked_everywhere_the_node_writes() {
             );
         }
     }
-}
-
-/// Every file below `dir`.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 fn rows(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
