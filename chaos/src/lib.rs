@@ -13,6 +13,7 @@ use tempfile::TempDir;
 use vigil_proto::record::{Kind, Record};
 
 pub mod cluster;
+pub mod tamper;
 pub mod wire;
 
 /// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.
@@ -233,6 +234,9 @@ pub struct NodeOptions {
     pub pg_port: u16,
     /// `tls` of the target connection (`disable`, `require`, `verify-full`).
     pub target_tls: &'static str,
+    /// Connect the `app` connection to this port of the target's host instead of PostgreSQL's
+    /// (a `tamper::TamperProxy` in front of it).
+    pub target_port: Option<u16>,
     /// Keys for the `app` connection, added after its `allow` line (`read_only = true` …).
     pub connection_extra: &'static str,
     /// TOML appended to the config (a `[policy]` section …).
@@ -259,6 +263,7 @@ impl Default for NodeOptions {
             admin_port: 0,
             pg_port: 0,
             target_tls: "disable",
+            target_port: None,
             connection_extra: "",
             extra: "",
             coordinator: None,
@@ -366,7 +371,9 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             cleartext = opts.allow_cleartext_token,
             max_frame = opts.max_frame_bytes,
             host = e.get("VIGIL_PG_HOST"),
-            port = e.get("VIGIL_PG_PORT"),
+            port = opts
+                .target_port
+                .map_or_else(|| e.get("VIGIL_PG_PORT").to_string(), |p| p.to_string()),
             pw = pw.display(),
             target_tls = opts.target_tls,
             connection_extra = opts.connection_extra,
@@ -424,6 +431,20 @@ pub fn log_lines(dir: &Path) -> Vec<Vec<u8>> {
                 .filter(|l| !l.is_empty())
                 .map(<[u8]>::to_vec),
         );
+    }
+    out
+}
+
+/// Every file below `dir`, in its subdirectories too.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
     }
     out
 }

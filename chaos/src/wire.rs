@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A StartupMessage for protocol 3.0.
@@ -127,6 +127,26 @@ pub struct Msg {
 }
 
 impl Msg {
+    /// Reads one message: tag, length, body.
+    pub async fn read_from(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Msg> {
+        let tag = r.read_u8().await?;
+        let len = r.read_i32().await?;
+        let len = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_sub(4))
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "a length below 4")
+            })?;
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await?;
+        Ok(Msg { tag, body })
+    }
+
+    /// The message as it goes on the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        typed(self.tag, &self.body)
+    }
+
     /// An ErrorResponse's SQLSTATE and message.
     pub fn error(&self) -> Option<(String, String)> {
         if self.tag != b'E' {
@@ -157,6 +177,25 @@ impl Msg {
             rest = &rest[end + 1 + 18..];
         }
         names
+    }
+
+    /// A DataRow's values as text (`None`: NULL).
+    pub fn values(&self) -> Vec<Option<String>> {
+        if self.tag != b'D' {
+            return Vec::new();
+        }
+        let n = i16::from_be_bytes([self.body[0], self.body[1]]);
+        let mut rest = &self.body[2..];
+        (0..n)
+            .map(|_| {
+                let len = i32::from_be_bytes(rest[..4].try_into().expect("a value length"));
+                rest = &rest[4..];
+                let len = usize::try_from(len).ok()?;
+                let (value, tail) = rest.split_at(len);
+                rest = tail;
+                Some(String::from_utf8_lossy(value).into_owned())
+            })
+            .collect()
     }
 }
 
@@ -199,14 +238,7 @@ impl Wire {
 
     /// Reads one message, or the error that ended the session; panics after 30 s of silence.
     pub async fn try_read(&mut self) -> std::io::Result<Msg> {
-        let read = async {
-            let tag = self.stream.read_u8().await?;
-            let len = self.stream.read_i32().await?;
-            let mut body = vec![0; len as usize - 4];
-            self.stream.read_exact(&mut body).await?;
-            Ok::<_, std::io::Error>(Msg { tag, body })
-        };
-        tokio::time::timeout(Duration::from_secs(30), read)
+        tokio::time::timeout(Duration::from_secs(30), Msg::read_from(&mut self.stream))
             .await
             .expect("the gateway answers within 30 s")
     }

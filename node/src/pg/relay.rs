@@ -372,9 +372,11 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         () = token_expiry(expires) => End::TokenExpired,
     };
     match &end {
-        End::ClientProtocol(_) | End::EncodingChanged(_) => {
+        End::ClientProtocol(_) | End::TargetProtocol(_) | End::EncodingChanged(_) => {
             let message = match &end {
                 End::ClientProtocol(m) => m.clone(),
+                // What was wrong is in the session_end record and the node's log.
+                End::TargetProtocol(_) => "the target sent an invalid message".into(),
                 other => other.to_string(),
             };
             let _ = target_half
@@ -1411,10 +1413,25 @@ struct Acc {
     copy_out: u64,
     /// Column masks of the current result set (`None` while masking is off or not yet known).
     masks: Option<Arc<Vec<ColMask>>>,
-    /// Rows arrive with no column description while column rules exist: every value is
-    /// treated as unresolved.
-    unknown_columns: bool,
+    /// What describes the rows of the current result set.
+    columns: Columns,
     masked: Counts,
+}
+
+/// What describes the rows of the current result set. Column rules are matched by position,
+/// so a row that does not carry exactly the columns described cannot be masked: the session
+/// ends rather than pass it (PostgreSQL never sends one).
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Columns {
+    /// No RowDescription and no row yet.
+    #[default]
+    Unseen,
+    /// A RowDescription of this many columns: the result's own, or for an Execute the one an
+    /// earlier Describe of its portal or statement returned.
+    Described(usize),
+    /// Rows of an Execute nobody described: when column rules exist, every value is treated
+    /// as unresolved.
+    Unknown,
 }
 
 struct TargetHalf {
@@ -1477,14 +1494,8 @@ impl TargetHalf {
                                 }
                                 Ok(None) => break,
                                 Err(e) => {
-                                    let msg = e.to_string();
-                                    out.extend_from_slice(&messages::error_response(
-                                        true,
-                                        "08P01",
-                                        "the target sent an invalid message",
-                                    ));
                                     let _ = self.write.write_all(&out).await;
-                                    return End::TargetProtocol(msg);
+                                    return End::TargetProtocol(e.to_string());
                                 }
                             }
                         }
@@ -1595,7 +1606,12 @@ impl TargetHalf {
                 }
             }
             b'T' => {
-                let fields = messages::parse_row_description(&body).unwrap_or_default();
+                // Column rules are matched against the description: one the gateway cannot
+                // read would leave every column unmasked.
+                let fields = match messages::parse_row_description(&body) {
+                    Ok(fields) => fields,
+                    Err(e) => return Some(End::TargetProtocol(e.to_string())),
+                };
                 match self.queue.front() {
                     Some(Pending::Describe(described)) => {
                         // The description belongs to the statement or portal the Describe
@@ -1613,27 +1629,38 @@ impl TargetHalf {
                     }
                     _ => {
                         self.acc.masks = self.masks_for(&fields).await;
+                        self.acc.columns = Columns::Described(fields.len());
                         self.acc.response.columns = fields.into_iter().map(|f| f.name).collect();
                     }
                 }
             }
             b'D' => {
-                if self.acc.masks.is_none() && self.ctx.masker.is_active() {
-                    // An Execute's rows: the columns were described before.
-                    let fields = match self.queue.front() {
-                        Some(Pending::Execute(unit)) => {
-                            let fields = unit.portal.as_ref().and_then(|p| p.fields());
-                            // Rows of an Execute nobody described: the columns are unknown, so
-                            // column rules cannot be matched; fail closed.
-                            self.acc.unknown_columns = fields.is_none();
-                            fields
-                        }
-                        _ => None,
+                if self.acc.columns == Columns::Unseen {
+                    // Rows with no RowDescription of their own are an Execute's: the columns
+                    // were described before. A Query's rows always follow their description.
+                    let Some(Pending::Execute(unit)) = self.queue.front() else {
+                        return Some(End::TargetProtocol(
+                            "a DataRow without a RowDescription".into(),
+                        ));
                     };
-                    self.acc.masks = self.masks_for(&fields.unwrap_or_default()).await;
+                    let portal = unit.portal.as_deref();
+                    // Rows of an Execute nobody described: the columns are unknown, so column
+                    // rules cannot be matched; fail closed.
+                    self.acc.columns = match portal.and_then(Portal::width) {
+                        Some(n) => Columns::Described(n),
+                        None => Columns::Unknown,
+                    };
+                    if self.ctx.masker.is_active() {
+                        let fields = portal.and_then(Portal::fields).unwrap_or_default();
+                        self.acc.masks = self.masks_for(&fields).await;
+                    }
                 }
-                if let Some(masked) = self.add_row(&body) {
-                    raw = masked;
+                match self.add_row(&body) {
+                    Ok(Some(masked)) => raw = masked,
+                    Ok(None) => {}
+                    // Values the gateway cannot match to their columns would reach the client
+                    // unmasked; the row is not forwarded.
+                    Err(e) => return Some(End::TargetProtocol(e)),
                 }
             }
             b'd' => self.acc.copy_out += body.len() as u64,
@@ -1852,61 +1879,67 @@ impl TargetHalf {
         ))
     }
 
-    /// Accounts a DataRow; returns the row to send instead when the client copy is masked.
-    fn add_row(&mut self, body: &Bytes) -> Option<Bytes> {
+    /// Accounts a DataRow; returns the row to send instead when the client copy is masked, or
+    /// why the row cannot be matched to its columns (then nothing is accounted).
+    fn add_row(&mut self, body: &Bytes) -> Result<Option<Bytes>, String> {
         let masker = &self.ctx.masker;
         let acc = &mut self.acc;
-        acc.response.rows += 1;
-        acc.response.bytes += body.len() as u64;
-        let values = messages::parse_data_row(body).ok();
-        let masks = acc.masks.clone();
-        let unknown = acc.unknown_columns && masker.has_column_rules();
-        let limit = self.ctx.max_result_bytes;
-        match &values {
-            Some(values) if !acc.response.truncated && acc.result_bytes + body.len() <= limit => {
-                acc.result_bytes += body.len();
-                let row = values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        v.map(|v| {
-                            let text = display_value(v);
-                            let Some(masks) = &masks else { return text };
-                            match masks.get(i) {
-                                _ if unknown => {
-                                    *acc.masked.entry("unresolved".into()).or_default() += 1;
-                                    "[redacted]".to_string()
-                                }
-                                Some(m) if m.unresolved => {
-                                    *acc.masked.entry("unresolved".into()).or_default() += 1;
-                                    "[redacted]".to_string()
-                                }
-                                m => masker
-                                    .mask(
-                                        &text,
-                                        m.and_then(|m| m.rule.as_ref()),
-                                        false,
-                                        Some(&mut acc.masked),
-                                    )
-                                    .into_owned(),
-                            }
-                        })
-                    })
-                    .collect();
-                acc.response.result.push(row);
-            }
-            _ => {
-                // Rows past the limit are not recorded one by one; their digest is.
-                acc.response.truncated = true;
-                acc.hasher.get_or_insert_with(Sha256::new).update(&body[..]);
+        let values = messages::parse_data_row(body).map_err(|e| e.to_string())?;
+        if let Columns::Described(n) = acc.columns {
+            if values.len() != n {
+                return Err(format!(
+                    "a DataRow of {} values in a result of {n} columns",
+                    values.len()
+                ));
             }
         }
+        acc.response.rows += 1;
+        acc.response.bytes += body.len() as u64;
+        let masks = acc.masks.clone();
+        let unknown = acc.columns == Columns::Unknown && masker.has_column_rules();
+        let limit = self.ctx.max_result_bytes;
+        if !acc.response.truncated && acc.result_bytes + body.len() <= limit {
+            acc.result_bytes += body.len();
+            let row = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.map(|v| {
+                        let text = display_value(v);
+                        let Some(masks) = &masks else { return text };
+                        match masks.get(i) {
+                            _ if unknown => {
+                                *acc.masked.entry("unresolved".into()).or_default() += 1;
+                                "[redacted]".to_string()
+                            }
+                            Some(m) if m.unresolved => {
+                                *acc.masked.entry("unresolved".into()).or_default() += 1;
+                                "[redacted]".to_string()
+                            }
+                            m => masker
+                                .mask(
+                                    &text,
+                                    m.and_then(|m| m.rule.as_ref()),
+                                    false,
+                                    Some(&mut acc.masked),
+                                )
+                                .into_owned(),
+                        }
+                    })
+                })
+                .collect();
+            acc.response.result.push(row);
+        } else {
+            // Rows past the limit are not recorded one by one; their digest is.
+            acc.response.truncated = true;
+            acc.hasher.get_or_insert_with(Sha256::new).update(&body[..]);
+        }
         let conn = self.session.conn.name.as_deref().unwrap_or("");
-        let (Some(masks), Some(values)) = (masks, values) else {
-            return None;
+        let Some(masks) = masks else {
+            return Ok(None);
         };
         if !masker.masks_clients(conn) {
-            return None;
+            return Ok(None);
         }
         let mut changed = false;
         let client: Vec<Option<Cow<'_, [u8]>>> = values
@@ -1951,10 +1984,10 @@ impl TargetHalf {
                 })
             })
             .collect();
-        changed.then(|| {
+        Ok(changed.then(|| {
             let refs: Vec<Option<&[u8]>> = client.iter().map(|v| v.as_deref()).collect();
             messages::data_row(&refs)
-        })
+        }))
     }
 
     /// Writes the response record of a finished statement.

@@ -87,6 +87,15 @@ impl Portal {
                 .collect(),
         )
     }
+
+    /// How many columns this portal's rows have, if a Describe told them (as `fields`, without
+    /// copying them).
+    pub fn width(&self) -> Option<usize> {
+        self.described
+            .get()
+            .or_else(|| self.stmt.described.get())
+            .map(Vec::len)
+    }
 }
 
 /// One change to the tables. Additions count only when the target confirmed the message that
