@@ -484,6 +484,13 @@ async fn t72_read_only_connections_and_startup_options() {
 }
 
 const MASKING: &str = r#"
+# A rule makes the connection governed: statements are parsed, and refused when they do not.
+[[policy.rules]]
+id = "watch-nothing"
+action = "block"
+dry_run = true
+tables = ["no_such_table"]
+
 [[policy.masking.columns]]
 table = "public.customers"
 column = "name"
@@ -524,6 +531,8 @@ async fn t75_values_outside_rows_are_masked_everywhere_the_node_writes() {
         "bob.jones@example.org",
         "5555 5555 5555 4444",
         "carol@example.net",
+        "dave@example.com",
+        "erin@example.com",
     ];
     let base = format!("host=127.0.0.1 port={pg_port} user=agent password={token}");
     // Refused: an unknown database named with a card number, an e-mail as application name.
@@ -549,6 +558,19 @@ async fn t75_values_outside_rows_are_masked_everywhere_the_node_writes() {
         .await
         .unwrap();
     client.simple_query("SELECT 2").await.unwrap();
+    // A column named with an e-mail; a statement that does not parse, quoted in the refusal.
+    client
+        .simple_query(&format!("SELECT 3 AS \"{}\"", PII[5]))
+        .await
+        .unwrap();
+    let refused = client
+        .simple_query(&format!("SELEC '{}'", PII[6]))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:?}").contains("parse-error"),
+        "{refused:?}"
+    );
     drop(client);
     let dir = files.audit_dir.to_str().unwrap().to_string();
     eventually(

@@ -2018,6 +2018,12 @@ impl TargetHalf {
                     e.message = m;
                 }
             }
+            // A column's name is the client's to choose (`SELECT 1 AS "…"`).
+            for c in acc.response.columns.iter_mut() {
+                if let Cow::Owned(m) = masker.mask(c, None, false, Some(&mut acc.masked)) {
+                    *c = m;
+                }
+            }
             if let Some(r) = request.as_mut() {
                 if let Cow::Owned(m) = masker.mask(&r.text, None, false, Some(&mut acc.masked)) {
                     r.text = m;
