@@ -548,18 +548,8 @@ pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt;
             let seed = rand::random::<[u8; 32]>();
-            std::fs::create_dir_all(data_dir)?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            f.write_all(hex::encode(seed).as_bytes())
-                .and_then(|()| f.sync_all())
+            crate::secret::write_private_file(&path, hex::encode(seed).as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(SigningKey::from_bytes(&seed))
         }

@@ -106,14 +106,8 @@ fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
         Ok(key) => Ok(key.trim_end_matches(['\r', '\n']).as_bytes().to_vec()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
-            std::fs::create_dir_all(&config.node.data_dir)?;
-            std::fs::write(&path, &key)
+            secret::write_private_file(&path, &key)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-            }
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),

@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use std::fmt;
+use std::path::Path;
 
 /// A value whose `Debug` and `Display` print nothing of it.
 #[derive(Clone, PartialEq, Eq)]
@@ -83,5 +84,57 @@ mod tests {
             SecretRef::Env("VIGIL_TEST_SURELY_UNSET".into()).resolve(),
             Err(SecretError::MissingEnv(_))
         ));
+    }
+}
+
+/// Writes a key file readable by its owner only, all at once: the contents go to a temporary
+/// file in the same directory, created with mode 0600, synced, then renamed over `path`, so no
+/// one ever sees the file partly written or with wider permissions. Creates the directory.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.{}.tmp",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn key_files_are_private_from_the_start_and_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("k.key");
+        write_private_file(&path, b"one").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        write_private_file(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        // No temporary file is left behind.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 }

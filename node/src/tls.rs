@@ -113,12 +113,12 @@ fn generate_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), TlsErro
             source,
         })
     };
-    write(key_path, cert.key_pair.serialize_pem())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(key_path, std::fs::Permissions::from_mode(0o600));
-    }
+    crate::secret::write_private_file(key_path, cert.key_pair.serialize_pem().as_bytes()).map_err(
+        |source| TlsError::Read {
+            path: key_path.to_path_buf(),
+            source,
+        },
+    )?;
     write(cert_path, cert.cert.pem())
 }
 
