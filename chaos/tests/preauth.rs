@@ -54,7 +54,11 @@ fn rss_bytes(pid: u32) -> u64 {
 fn error_of(reply: &[u8]) -> Option<(String, String)> {
     let len = i32::from_be_bytes(reply.get(1..5)?.try_into().ok()?);
     let body = reply.get(5..(len as usize + 1))?.to_vec();
-    wire::Msg { tag: reply[0], body }.error()
+    wire::Msg {
+        tag: reply[0],
+        body,
+    }
+    .error()
 }
 
 /// Sends `header`, then `BURST` bytes of the message it declares, then a byte every 200 ms,
@@ -218,7 +222,9 @@ async fn t44_unauthenticated_clients_cannot_exhaust_the_gateway() {
             ("08P01", "startup did not finish in time")
         );
     }
-    let (after, _task) = connect_tls(&conn_str).await.expect("connects after the flood");
+    let (after, _task) = connect_tls(&conn_str)
+        .await
+        .expect("connects after the flood");
     query_works(&after, "a new session after the flood").await;
     query_works(&before, "the first session after the flood").await;
 
