@@ -234,6 +234,8 @@ pub struct NodeOptions {
     pub pg_port: u16,
     /// `tls` of the target connection (`disable`, `require`, `verify-full`).
     pub target_tls: &'static str,
+    /// More `[postgres]` keys (`startup_timeout_secs = 2` …).
+    pub postgres_extra: &'static str,
     /// Connect the `app` connection to this port of the target's host instead of PostgreSQL's
     /// (a `tamper::TamperProxy` in front of it).
     pub target_port: Option<u16>,
@@ -263,6 +265,7 @@ impl Default for NodeOptions {
             admin_port: 0,
             pg_port: 0,
             target_tls: "disable",
+            postgres_extra: "",
             target_port: None,
             connection_extra: "",
             extra: "",
@@ -339,6 +342,7 @@ checkpoint_interval_secs = {checkpoint_every}
 listen = "127.0.0.1:{pg_port}"
 allow_cleartext_token = {cleartext}
 max_frame_bytes = {max_frame}
+{postgres_extra}
 
 [[postgres.connections]]
 name = "app"
@@ -370,6 +374,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             pg_port = opts.pg_port,
             cleartext = opts.allow_cleartext_token,
             max_frame = opts.max_frame_bytes,
+            postgres_extra = opts.postgres_extra,
             host = e.get("VIGIL_PG_HOST"),
             port = opts
                 .target_port

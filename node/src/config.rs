@@ -403,6 +403,15 @@ pub struct PostgresConfig {
     /// PostgreSQL's own limit).
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
+    /// Largest message accepted before the client is authenticated (startup packets, the
+    /// password message): an unauthenticated client cannot make the gateway buffer more. Read
+    /// it with [`PostgresConfig::preauth_message_limit`].
+    #[serde(default)]
+    pub max_preauth_message_bytes: Option<usize>,
+    /// Connections not yet authenticated that the listener holds at once; more are refused
+    /// with `53300` as they arrive.
+    #[serde(default = "default_max_unauthenticated_connections")]
+    pub max_unauthenticated_connections: usize,
     /// PEM certificate chain and key for client TLS; generated in `<data_dir>/tls` when absent.
     #[serde(default)]
     pub tls_cert: Option<PathBuf>,
@@ -422,8 +431,21 @@ pub struct PostgresConfig {
 fn default_max_frame() -> usize {
     64 * 1024 * 1024
 }
+/// PostgreSQL caps startup packets at 10,000 bytes; a token takes a few KiB.
+const DEFAULT_MAX_PREAUTH_MESSAGE: usize = 16 * 1024;
+fn default_max_unauthenticated_connections() -> usize {
+    256
+}
 fn default_startup_timeout() -> u64 {
     15
+}
+
+impl PostgresConfig {
+    /// `max_preauth_message_bytes`; by default 16 KiB, or `max_frame_bytes` if that is smaller.
+    pub fn preauth_message_limit(&self) -> usize {
+        self.max_preauth_message_bytes
+            .unwrap_or(DEFAULT_MAX_PREAUTH_MESSAGE.min(self.max_frame_bytes))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -730,6 +752,21 @@ impl Config {
         if pg.max_frame_bytes < 1024 {
             return Err(invalid("postgres.max_frame_bytes", "must be at least 1024"));
         }
+        if pg
+            .max_preauth_message_bytes
+            .is_some_and(|max| max < 1024 || max > pg.max_frame_bytes)
+        {
+            return Err(invalid(
+                "postgres.max_preauth_message_bytes",
+                "must be at least 1024 and at most postgres.max_frame_bytes",
+            ));
+        }
+        if pg.max_unauthenticated_connections == 0 {
+            return Err(invalid(
+                "postgres.max_unauthenticated_connections",
+                "must be at least 1",
+            ));
+        }
         if pg.tls_cert.is_some() != pg.tls_key.is_some() {
             return Err(invalid(
                 "postgres.tls_cert",
@@ -947,6 +984,24 @@ allow = { groups = ["dba"] }
         )
         .unwrap_err();
         assert!(e.contains("HS256"), "{e}");
+        let preauth = |keys: &str| {
+            parse(&GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:0\"\n{keys}"),
+            ))
+        };
+        let e = preauth("max_frame_bytes = 4096\nmax_preauth_message_bytes = 8192").unwrap_err();
+        assert!(e.contains("postgres.max_preauth_message_bytes"), "{e}");
+        let e = preauth("max_unauthenticated_connections = 0").unwrap_err();
+        assert!(
+            e.contains("postgres.max_unauthenticated_connections"),
+            "{e}"
+        );
+        let c = preauth("").unwrap();
+        assert_eq!(c.postgres.preauth_message_limit(), 16384);
+        let c = preauth("max_frame_bytes = 4096").unwrap();
+        assert_eq!(c.postgres.preauth_message_limit(), 4096);
+        assert_eq!(c.postgres.max_unauthenticated_connections, 256);
     }
 
     #[test]

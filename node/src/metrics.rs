@@ -62,6 +62,8 @@ pub struct Metrics {
     pub jwks_fetches: Counter,
     pub jwks_fetch_errors: Counter,
     pub protocol_errors: Counter,
+    /// Connections turned away because `max_unauthenticated_connections` were authenticating.
+    pub preauth_refused: Counter,
     pub cancel_requests: Counter,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
@@ -180,6 +182,11 @@ impl Metrics {
             "protocol_errors",
             "Sessions closed for a wire protocol violation",
             self.protocol_errors.clone(),
+        );
+        registry.register(
+            "preauth_refused",
+            "Connections refused at once because too many were authenticating",
+            self.preauth_refused.clone(),
         );
         registry.register(
             "cancel_requests",

@@ -107,6 +107,14 @@ mod tests {
             split_frame(&mut long, 1024),
             Err(FrameError::TooLong { .. })
         ));
+        // A declared length over the maximum reserves nothing (a client could declare 1 GiB).
+        let mut declared = BytesMut::with_capacity(16);
+        declared.extend_from_slice(b"p\x03\xc0\0\0");
+        assert!(matches!(
+            split_frame(&mut declared, 1024),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(declared.capacity() < 1024);
         let mut startup = BytesMut::from(&b"\0\0\0\x04"[..]);
         assert_eq!(
             split_startup(&mut startup, 1024),

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// Everything a session needs, shared by all sessions of the listener.
 pub struct PgContext {
@@ -45,8 +46,13 @@ pub struct PgContext {
 }
 
 /// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.
+///
+/// A client holds one of `max_unauthenticated_connections` permits from its accept until it is
+/// authenticated or refused (within `startup_timeout_secs`); a client that finds none free is
+/// refused at once, so clients that never authenticate cannot pile up.
 pub async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future<Output = ()>) {
     let active = Arc::new(AtomicUsize::new(0));
+    let preauth = Arc::new(Semaphore::new(ctx.config.max_unauthenticated_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -54,11 +60,16 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Fu
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
+                    let Ok(permit) = preauth.clone().try_acquire_owned() else {
+                        ctx.metrics.preauth_refused.inc();
+                        tokio::spawn(session::turn_away(tcp, peer));
+                        continue;
+                    };
                     let ctx = ctx.clone();
                     let active = active.clone();
                     active.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
-                        session::run(ctx, tcp, peer).await;
+                        session::run(ctx, tcp, peer, permit).await;
                         active.fetch_sub(1, Ordering::SeqCst);
                     });
                 }

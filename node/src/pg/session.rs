@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 use vigil_proto::record::{Connection, Kind, Outcome, Principal};
 
@@ -68,7 +69,31 @@ pub fn new_session_id() -> String {
     hex::encode(rand::random::<[u8; 12]>())
 }
 
-pub async fn run(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketAddr) {
+/// Answers a client that arrived while every pre-authentication permit was taken, and closes.
+/// Nothing is recorded: a flood of these must not fill the audit log (the metric counts them).
+pub async fn turn_away(mut tcp: TcpStream, peer: SocketAddr) {
+    tracing::debug!(client = %peer, "refused: too many connections are authenticating");
+    let answer = messages::error_response(
+        true,
+        "53300",
+        "too many connections are authenticating on this gateway; try again later",
+    );
+    // A client that does not read cannot hold the task.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tcp.write_all(&answer).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
+
+/// Runs one session; `preauth` is the listener's pre-authentication permit, released once the
+/// client is authenticated.
+pub async fn run(
+    ctx: Arc<PgContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    preauth: OwnedSemaphorePermit,
+) {
     let id = new_session_id();
     let span = tracing::info_span!("pg_session", session = %id, client = %peer);
     async move {
@@ -79,7 +104,8 @@ pub async fn run(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketAddr) {
         };
         let mut stream: BoxStream = Box::new(tcp);
         let timeout = Duration::from_secs(ctx.config.startup_timeout_secs);
-        let started = tokio::time::timeout(timeout, handshake(&ctx, &id, &mut stream, &mut conn))
+        let handshake = handshake(&ctx, &id, &mut stream, &mut conn, preauth);
+        let started = tokio::time::timeout(timeout, handshake)
             .await
             .unwrap_or_else(|_| Err(Refusal::Protocol("startup did not finish in time".into())));
         match started {
@@ -170,13 +196,21 @@ async fn refuse(
     let _ = stream.shutdown().await;
 }
 
+/// A message longer than the pre-authentication limit: said as such to the client.
+fn preauth_frame_error(e: FrameError) -> Refusal {
+    match e {
+        FrameError::TooLong { .. } => Refusal::Protocol(format!("{e} before authentication")),
+        e => e.into(),
+    }
+}
+
 async fn read_startup(
     stream: &mut BoxStream,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Bytes, Refusal> {
     loop {
-        if let Some(p) = split_startup(buf, max)? {
+        if let Some(p) = split_startup(buf, max).map_err(preauth_frame_error)? {
             return Ok(p);
         }
         match stream.read_buf(buf).await {
@@ -186,17 +220,17 @@ async fn read_startup(
     }
 }
 
-async fn handshake(
-    ctx: &Arc<PgContext>,
-    id: &str,
+/// Reads startup packets — SSLRequest, GSSENCRequest, CancelRequest — up to the
+/// StartupMessage, answering each (TLS is set up on `stream`).
+async fn read_startup_message(
+    ctx: &PgContext,
     stream: &mut BoxStream,
+    buf: &mut BytesMut,
     conn: &mut Connection,
-) -> Result<relay::Established, Refusal> {
-    let max = ctx.config.max_frame_bytes;
-    let mut buf = BytesMut::with_capacity(1024);
-    // Startup packets: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage.
-    let startup = loop {
-        let packet = read_startup(stream, &mut buf, max).await?;
+    max: usize,
+) -> Result<Startup, Refusal> {
+    loop {
+        let packet = read_startup(stream, buf, max).await?;
         let mut r = Reader::new(&packet, "startup packet");
         match r.i32()? {
             messages::SSL_REQUEST if !conn.client_tls => {
@@ -222,14 +256,56 @@ async fn handshake(
                 cancel(ctx, conn, pid, secret).await;
                 return Err(Refusal::Quiet);
             }
-            messages::PROTOCOL_3_0 => break Startup::parse(&packet[4..])?,
+            messages::PROTOCOL_3_0 => return Ok(Startup::parse(&packet[4..])?),
             other => {
                 return Err(Refusal::Protocol(format!(
                     "unsupported protocol version or request code {other}"
                 )))
             }
         }
-    };
+    }
+}
+
+/// Reads the PasswordMessage that answers the cleartext password request: the token.
+async fn read_password(
+    stream: &mut BoxStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<String, Refusal> {
+    loop {
+        match split_frame(buf, max).map_err(preauth_frame_error)? {
+            Some(f) if f.tag == b'p' => {
+                let body = f.body();
+                let mut r = Reader::new(&body, "PasswordMessage");
+                return Ok(r.cstr()?.to_string());
+            }
+            Some(f) => {
+                return Err(Refusal::Protocol(format!(
+                    "expected a password message, got {:?}",
+                    f.tag as char
+                )))
+            }
+            None => match stream.read_buf(buf).await {
+                // psql hangs up here to prompt for a password, then reconnects.
+                Ok(0) | Err(_) => return Err(Refusal::Quiet),
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+async fn handshake(
+    ctx: &Arc<PgContext>,
+    id: &str,
+    stream: &mut BoxStream,
+    conn: &mut Connection,
+    preauth: OwnedSemaphorePermit,
+) -> Result<relay::Established, Refusal> {
+    // Until the token is verified, the client is anyone: it may not make the gateway buffer
+    // more than this (checked on the declared length, before anything is reserved).
+    let max = ctx.config.preauth_message_limit();
+    let mut buf = BytesMut::with_capacity(1024);
+    let startup = read_startup_message(ctx, stream, &mut buf, conn, max).await?;
     let database = startup
         .get("database")
         .or(startup.get("user"))
@@ -252,26 +328,7 @@ async fn handshake(
         .write_all(&messages::auth_request(3, &[]))
         .await
         .map_err(|_| Refusal::Quiet)?;
-    let token = loop {
-        match split_frame(&mut buf, max)? {
-            Some(f) if f.tag == b'p' => {
-                let body = f.body();
-                let mut r = Reader::new(&body, "PasswordMessage");
-                break r.cstr()?.to_string();
-            }
-            Some(f) => {
-                return Err(Refusal::Protocol(format!(
-                    "expected a password message, got {:?}",
-                    f.tag as char
-                )))
-            }
-            None => match stream.read_buf(&mut buf).await {
-                // psql hangs up here to prompt for a password, then reconnects.
-                Ok(0) | Err(_) => return Err(Refusal::Quiet),
-                Ok(_) => {}
-            },
-        }
-    };
+    let token = read_password(stream, &mut buf, max).await?;
     let mut principal = match ctx.verifier.verify(&token).await {
         Ok(p) => p,
         Err(e) => {
@@ -283,6 +340,7 @@ async fn handshake(
             return Err(deny(code, format!("authentication failed: {e}")));
         }
     };
+    drop(preauth);
     principal.intent = conn.application.clone();
     let principal = Arc::new(principal);
     let denied = |sqlstate, message: String| Refusal::Deny {
