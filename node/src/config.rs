@@ -481,7 +481,8 @@ pub struct PgConnectionConfig {
     /// Only reads, transaction control and harmless settings pass (rule `read-only`).
     #[serde(default)]
     pub read_only: bool,
-    pub allow: AccessRule,
+    /// Who may use it (a principal on any list).
+    pub allow: crate::principals::PrincipalMatch,
 }
 
 fn default_pg_port() -> u16 {
@@ -489,33 +490,6 @@ fn default_pg_port() -> u16 {
 }
 fn default_connect_timeout() -> u64 {
     10
-}
-
-/// Who may use a connection: a principal matching any list is allowed.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AccessRule {
-    #[serde(default)]
-    pub subjects: Vec<String>,
-    #[serde(default)]
-    pub client_ids: Vec<String>,
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Every verified principal may connect.
-    #[serde(default)]
-    pub any_authenticated: bool,
-}
-
-impl AccessRule {
-    /// Whether the principal matches any list (or the rule admits every verified principal).
-    pub fn allows(&self, p: &vigil_proto::record::Principal) -> bool {
-        self.any_authenticated
-            || self.subjects.contains(&p.subject)
-            || p.client_id
-                .as_ref()
-                .is_some_and(|c| self.client_ids.contains(c))
-            || p.groups.iter().any(|g| self.groups.contains(g))
-    }
 }
 
 /// A connection with its secret resolved, ready for use.
@@ -850,15 +824,10 @@ impl Config {
             if c.name.is_empty() || !names.insert(c.name.as_str()) {
                 return Err(invalid(key("name"), "must be non-empty and unique"));
             }
-            let a = &c.allow;
-            if !a.any_authenticated
-                && a.subjects.is_empty()
-                && a.client_ids.is_empty()
-                && a.groups.is_empty()
-            {
+            if c.allow.is_empty() {
                 return Err(invalid(
                     key("allow"),
-                    "allows no one: list subjects, client_ids or groups, or set any_authenticated = true",
+                    "allows no one: list subjects, client_ids, groups or models, or set any_authenticated = true",
                 ));
             }
             if c.connect_timeout_secs == 0 || c.connect_timeout_secs >= pg.startup_timeout_secs {
@@ -1008,27 +977,6 @@ allow = { groups = ["dba"] }
     fn the_commented_example_in_deploy_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vigil-node.toml");
         Config::load(&path).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
-    }
-
-    #[test]
-    fn access_rules_match_subject_client_or_group() {
-        let p = vigil_proto::record::Principal {
-            subject: "s".into(),
-            client_id: Some("c".into()),
-            groups: vec!["g".into()],
-            ..Default::default()
-        };
-        let rule = |f: fn(&mut AccessRule)| {
-            let mut r = AccessRule::default();
-            f(&mut r);
-            r
-        };
-        assert!(!AccessRule::default().allows(&p));
-        assert!(rule(|r| r.subjects = vec!["s".into()]).allows(&p));
-        assert!(rule(|r| r.client_ids = vec!["c".into()]).allows(&p));
-        assert!(rule(|r| r.groups = vec!["x".into(), "g".into()]).allows(&p));
-        assert!(!rule(|r| r.groups = vec!["x".into()]).allows(&p));
-        assert!(rule(|r| r.any_authenticated = true).allows(&p));
     }
 
     #[test]

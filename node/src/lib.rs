@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
+pub mod principals;
 pub mod replay;
 pub mod secret;
 pub mod tls;

@@ -12,6 +12,22 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+impl OutcomeLabel {
+    /// The label of a record's outcome.
+    pub fn of(o: vigil_proto::record::Outcome) -> Self {
+        use vigil_proto::record::Outcome;
+        Self {
+            outcome: match o {
+                Outcome::Success => "success",
+                Outcome::Error => "error",
+                Outcome::Blocked => "blocked",
+                Outcome::Pending => "pending",
+                Outcome::Denied => "denied",
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,

@@ -3,8 +3,10 @@
 //! The target's key never reaches the client.
 
 use super::backend::Target;
+use super::PgContext;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use vigil_proto::record::{Connection, Kind, Outcome};
 
 pub struct CancelEntry {
     pub target: Arc<Target>,
@@ -72,5 +74,37 @@ impl CancelRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .get(&(pid, secret))
             .cloned()
+    }
+}
+
+/// Routes a CancelRequest (a client's, or the gateway's own for a session whose token expired).
+/// Like every request, it is on record before the target sees it; an unknown key is refused on
+/// record.
+pub async fn forward(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
+    let mut body = ctx.audit.body(None, Kind::Cancel);
+    body.connection = Some(Arc::new(conn.clone()));
+    let Some(entry) = ctx.cancels.lookup(pid, secret) else {
+        body.outcome = Some(Outcome::Denied);
+        body.detail = Some("no session holds this cancel key".into());
+        ctx.audit.record(body);
+        return;
+    };
+    body.session = Some(entry.session.clone());
+    body.outcome = Some(Outcome::Success);
+    body.detail = Some("forwarded to the target".into());
+    if let Err(e) = ctx.audit.append(&body) {
+        tracing::warn!(error = %e, "cancel not forwarded: its audit record cannot be written");
+        return;
+    }
+    ctx.metrics.cancel_requests.inc();
+    if let Err(e) = entry
+        .target
+        .cancel(entry.backend_pid, entry.backend_secret)
+        .await
+    {
+        body.time = crate::audit::now_rfc3339();
+        body.outcome = Some(Outcome::Error);
+        body.detail = Some(format!("forwarding failed: {e}"));
+        ctx.audit.record(body);
     }
 }

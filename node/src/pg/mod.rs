@@ -45,6 +45,14 @@ pub struct PgContext {
     pub approvals: Arc<crate::coordination::Approvals>,
 }
 
+impl PgContext {
+    /// A value the client chose, as the gateway may write it anywhere (records, its log):
+    /// masked by the detectors (column rules do not apply outside results).
+    pub fn scrub(&self, value: &str) -> String {
+        self.masker.mask(value, None, false, None).into_owned()
+    }
+}
+
 /// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.
 ///
 /// A client holds one of `max_unauthenticated_connections` permits from its accept until it is

@@ -13,11 +13,11 @@ use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
 use super::encoding::EncodingError;
 use super::messages::{self, display_value};
-use super::session::outcome_label;
 use super::state::{Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
 use crate::coordination::{Hold, Step, Verdict};
+use crate::metrics::OutcomeLabel;
 use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
@@ -1307,7 +1307,7 @@ impl ClientHalf {
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
         // A parser's message quotes the text near its error: through the detectors, like it.
-        rec.detail = Some(super::session::scrub(&self.ctx, &detail));
+        rec.detail = Some(self.ctx.scrub(&detail));
         rec.approval = approval;
         self.ctx.audit.record(rec);
         self.refuse(outcome, sqlstate, &message, simple, out);
@@ -1370,7 +1370,7 @@ impl ClientHalf {
         self.ctx
             .metrics
             .statements
-            .get_or_create(&outcome_label(outcome))
+            .get_or_create(&OutcomeLabel::of(outcome))
             .inc();
         out.extend_from_slice(&if simple {
             // A Query stand-in is a sync point the target answers like any Query.
@@ -1714,7 +1714,7 @@ impl TargetHalf {
                     Err(e) => return Some(End::TargetProtocol(e.to_string())),
                 }
                 if let Ok(("application_name", value)) = messages::parse_parameter_status(&body) {
-                    let value = super::session::scrub(&self.ctx, value);
+                    let value = self.ctx.scrub(value);
                     self.session.application_reported(&value);
                 }
             }
@@ -2038,7 +2038,7 @@ impl TargetHalf {
         self.ctx
             .metrics
             .statements
-            .get_or_create(&outcome_label(outcome))
+            .get_or_create(&OutcomeLabel::of(outcome))
             .inc();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
         rec.stmt = Some(unit.stmt);
@@ -2104,7 +2104,7 @@ async fn end_expired(
     client: &mut WriteHalf<BoxStream>,
 ) {
     let (pid, secret) = cancel_guard.key();
-    super::session::cancel(ctx, &session.conn, pid, secret).await;
+    super::cancel::forward(ctx, &session.conn, pid, secret).await;
     let _ = client
         .write_all(&messages::error_response(true, "57P01", EXPIRED))
         .await;

@@ -7,6 +7,7 @@ use super::encoding;
 use super::messages::{self, Reader, Startup};
 use super::relay::{self, Session};
 use super::PgContext;
+use crate::metrics::OutcomeLabel;
 use crate::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -112,7 +113,7 @@ pub async fn run(
             Ok(established) => {
                 ctx.metrics
                     .sessions
-                    .get_or_create(&outcome_label(Outcome::Success))
+                    .get_or_create(&OutcomeLabel::of(Outcome::Success))
                     .inc();
                 ctx.metrics.active_sessions.inc();
                 relay::run(&ctx, established, stream).await;
@@ -125,24 +126,6 @@ pub async fn run(
     .await
 }
 
-pub fn outcome_label(o: Outcome) -> crate::metrics::OutcomeLabel {
-    crate::metrics::OutcomeLabel {
-        outcome: match o {
-            Outcome::Success => "success",
-            Outcome::Error => "error",
-            Outcome::Blocked => "blocked",
-            Outcome::Pending => "pending",
-            Outcome::Denied => "denied",
-        },
-    }
-}
-
-/// A value the client chose, as the gateway may write it anywhere (records, its log): masked by
-/// the detectors (column rules do not apply outside results).
-pub(super) fn scrub(ctx: &PgContext, value: &str) -> String {
-    ctx.masker.mask(value, None, false, None).into_owned()
-}
-
 async fn refuse(
     ctx: &PgContext,
     id: &str,
@@ -153,7 +136,7 @@ async fn refuse(
     // What a refused client sent (the database it named, its options) reaches the record, the
     // node's log and the answer only through the detectors.
     let mut conn = conn;
-    conn.name = conn.name.map(|n| scrub(ctx, &n));
+    conn.name = conn.name.map(|n| ctx.scrub(&n));
     let conn = Some(Arc::new(conn));
     match refusal {
         Refusal::Deny {
@@ -162,11 +145,11 @@ async fn refuse(
             outcome,
             principal,
         } => {
-            let message = scrub(ctx, &message);
+            let message = ctx.scrub(&message);
             tracing::info!(%sqlstate, %message, "session refused");
             ctx.metrics
                 .sessions
-                .get_or_create(&outcome_label(outcome))
+                .get_or_create(&OutcomeLabel::of(outcome))
                 .inc();
             let mut body = ctx.audit.body(Some(id), Kind::SessionStart);
             body.outcome = Some(outcome);
@@ -179,7 +162,7 @@ async fn refuse(
                 .await;
         }
         Refusal::Protocol(message) => {
-            let message = scrub(ctx, &message);
+            let message = ctx.scrub(&message);
             tracing::info!(%message, "protocol violation");
             ctx.metrics.protocol_errors.inc();
             let mut body = ctx.audit.body(Some(id), Kind::ProtocolError);
@@ -253,7 +236,7 @@ async fn read_startup_message(
             }
             messages::CANCEL_REQUEST => {
                 let (pid, secret) = (r.i32()?, r.i32()?);
-                cancel(ctx, conn, pid, secret).await;
+                super::cancel::forward(ctx, conn, pid, secret).await;
                 return Err(Refusal::Quiet);
             }
             messages::PROTOCOL_3_0 => return Ok(Startup::parse(&packet[4..])?),
@@ -315,7 +298,7 @@ async fn handshake(
     conn.application = startup
         .get("application_name")
         .filter(|a| !a.is_empty())
-        .map(|a| scrub(ctx, a));
+        .map(|a| ctx.scrub(a));
 
     // The token is a bearer credential: never ask for it over cleartext unless allowed.
     if !conn.client_tls && !ctx.config.allow_cleartext_token {
@@ -356,7 +339,7 @@ async fn handshake(
         ));
     };
     conn.target = Some(target.display.clone());
-    if !target.config.config.allow.allows(&principal) {
+    if !target.config.config.allow.admits(&principal) {
         return Err(denied(
             "28000",
             format!(
@@ -490,34 +473,4 @@ fn take_client_encoding(
         .try_for_each(|(_, value)| encoding::check_client_request(value))?;
     options.retain(|(name, _)| !is_encoding(name));
     Ok(())
-}
-
-/// Routes a CancelRequest. Like every request, it is on record before the target sees it.
-pub(super) async fn cancel(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
-    let mut body = ctx.audit.body(None, Kind::Cancel);
-    body.connection = Some(Arc::new(conn.clone()));
-    let Some(entry) = ctx.cancels.lookup(pid, secret) else {
-        body.outcome = Some(Outcome::Denied);
-        body.detail = Some("no session holds this cancel key".into());
-        ctx.audit.record(body);
-        return;
-    };
-    body.session = Some(entry.session.clone());
-    body.outcome = Some(Outcome::Success);
-    body.detail = Some("forwarded to the target".into());
-    if let Err(e) = ctx.audit.append(&body) {
-        tracing::warn!(error = %e, "cancel not forwarded: its audit record cannot be written");
-        return;
-    }
-    ctx.metrics.cancel_requests.inc();
-    if let Err(e) = entry
-        .target
-        .cancel(entry.backend_pid, entry.backend_secret)
-        .await
-    {
-        body.time = crate::audit::now_rfc3339();
-        body.outcome = Some(Outcome::Error);
-        body.detail = Some(format!("forwarding failed: {e}"));
-        ctx.audit.record(body);
-    }
 }

@@ -17,7 +17,7 @@ pub mod classify;
 mod dangerous_functions;
 pub mod masking;
 
-use crate::config::AccessRule;
+pub use crate::principals::PrincipalMatch;
 use classify::{Flag, StatementInfo, StatementKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -32,21 +32,6 @@ pub enum Action {
     Allow,
     Block,
     RequireApproval,
-}
-
-/// Who a rule applies to: a principal matching any list (or every principal when all lists are
-/// empty).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrincipalMatch {
-    #[serde(default)]
-    pub subjects: Vec<String>,
-    #[serde(default)]
-    pub client_ids: Vec<String>,
-    #[serde(default)]
-    pub groups: Vec<String>,
-    #[serde(default)]
-    pub models: Vec<String>,
 }
 
 /// One rule. Every condition given must hold; inside a list any entry may match.
@@ -413,24 +398,9 @@ pub fn action_name(a: Action) -> String {
         .unwrap_or_default()
 }
 
+/// A rule's `principals`: empty lists match every principal.
 fn principal_matches(m: &PrincipalMatch, p: &Principal) -> bool {
-    if m.subjects.is_empty()
-        && m.client_ids.is_empty()
-        && m.groups.is_empty()
-        && m.models.is_empty()
-    {
-        return true;
-    }
-    let access = AccessRule {
-        subjects: m.subjects.clone(),
-        client_ids: m.client_ids.clone(),
-        groups: m.groups.clone(),
-        any_authenticated: false,
-    };
-    access.allows(p)
-        || p.model
-            .as_ref()
-            .is_some_and(|model| m.models.contains(model))
+    m.is_empty() || m.admits(p)
 }
 
 fn table_matches(pattern: &str, table: &str) -> bool {
