@@ -1561,27 +1561,8 @@ impl TargetHalf {
 
     /// Handles one target message; `Some` ends the session.
     async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Option<End> {
-        if let Some(Pending::Probe(found)) = self.queue.front_mut() {
-            match frame.tag {
-                b'1' | b'2' | b'3' | b'C' | b'E' => return None,
-                b'D' => {
-                    let body = frame.body();
-                    *found = messages::parse_data_row(&body)
-                        .ok()
-                        .and_then(|row| Settings::from_row(&row));
-                    return None;
-                }
-                b'Z' => {
-                    let found = found.take();
-                    self.queue.pop_front();
-                    self.tables.set_settings(found);
-                    self.status = frame.body().first().copied().unwrap_or(b'I');
-                    self.tables.sync_resolved();
-                    return None;
-                }
-                // Notices and parameter changes are the session's, as at any time.
-                _ => {}
-            }
+        if self.probe_answer(&frame) {
+            return None;
         }
         let mut raw = frame.raw.clone();
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
@@ -1589,156 +1570,216 @@ impl TargetHalf {
             self.queue.pop_front();
         }
         let body = frame.body();
-        match frame.tag {
+        let handled = match frame.tag {
             b'G' => {
                 self.in_copy_in = true;
                 self.tables.copy_in_started();
+                Ok(())
             }
             b'1' | b'2' | b'3' => match self.queue.pop_front() {
                 Some(Pending::Parse { ops, .. } | Pending::Bind(ops) | Pending::Close(ops)) => {
                     self.tables.settle(&ops, true);
+                    Ok(())
                 }
-                other => return Some(self.out_of_step(other, frame.tag)),
+                other => Err(self.out_of_step(other, frame.tag)),
             },
             b'n' => {
                 if let Some(Pending::Describe(_)) = self.queue.front() {
                     self.queue.pop_front();
                 }
+                Ok(())
             }
-            b'T' => {
-                // Column rules are matched against the description: one the gateway cannot
-                // read would leave every column unmasked.
-                let fields = match messages::parse_row_description(&body) {
-                    Ok(fields) => fields,
-                    Err(e) => return Some(End::TargetProtocol(e.to_string())),
-                };
-                match self.queue.front() {
-                    Some(Pending::Describe(described)) => {
-                        // The description belongs to the statement or portal the Describe
-                        // named when it was sent, never to a later one of the same name.
-                        match described {
-                            Some(Described::Statement(s)) => {
-                                let _ = s.described.set(fields);
-                            }
-                            Some(Described::Portal(p)) => {
-                                let _ = p.described.set(fields);
-                            }
-                            None => {}
-                        }
-                        self.queue.pop_front();
-                    }
-                    _ => {
-                        self.acc.masks = self.masks_for(&fields).await;
-                        self.acc.columns = Columns::Described(fields.len());
-                        self.acc.response.columns = fields.into_iter().map(|f| f.name).collect();
-                    }
+            b'T' => self.on_row_description(&body).await,
+            b'D' => self.on_data_row(&body).await.map(|masked| {
+                if let Some(masked) = masked {
+                    raw = masked;
                 }
+            }),
+            b'd' => {
+                self.acc.copy_out += body.len() as u64;
+                Ok(())
             }
-            b'D' => {
-                if self.acc.columns == Columns::Unseen {
-                    // Rows with no RowDescription of their own are an Execute's: the columns
-                    // were described before. A Query's rows always follow their description.
-                    let Some(Pending::Execute(unit)) = self.queue.front() else {
-                        return Some(End::TargetProtocol(
-                            "a DataRow without a RowDescription".into(),
-                        ));
-                    };
-                    let portal = unit.portal.as_deref();
-                    // Rows of an Execute nobody described: the columns are unknown, so column
-                    // rules cannot be matched; fail closed.
-                    self.acc.columns = match portal.and_then(Portal::width) {
-                        Some(n) => Columns::Described(n),
-                        None => Columns::Unknown,
-                    };
-                    if self.ctx.masker.is_active() {
-                        let fields = portal.and_then(Portal::fields).unwrap_or_default();
-                        self.acc.masks = self.masks_for(&fields).await;
-                    }
-                }
-                match self.add_row(&body) {
-                    Ok(Some(masked)) => raw = masked,
-                    Ok(None) => {}
-                    // Values the gateway cannot match to their columns would reach the client
-                    // unmasked; the row is not forwarded.
-                    Err(e) => return Some(End::TargetProtocol(e)),
-                }
-            }
-            b'd' => self.acc.copy_out += body.len() as u64,
             b'C' | b'I' | b's' => {
-                self.end_copy_in();
-                if frame.tag == b'C' {
-                    let tag = body.strip_suffix(b"\0").unwrap_or(&body);
-                    self.acc
-                        .response
-                        .tags
-                        .push(String::from_utf8_lossy(tag).into_owned());
-                }
-                if let Some(Pending::Execute(_)) = self.queue.front() {
-                    if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
-                        // A suspended portal has not completed its statement yet.
-                        self.complete(unit, frame.tag != b's');
-                    }
-                }
+                self.on_complete(frame.tag, &body);
+                Ok(())
             }
             b'E' => {
-                self.end_copy_in();
-                let (code, message) = messages::parse_error_fields(&body);
-                let error = ErrorInfo {
-                    sqlstate: code,
-                    message,
-                };
-                match self.queue.front() {
-                    // The stand-in failed as intended: the client sees the gateway's error.
-                    Some(Pending::StandIn { error, simple }) => {
-                        raw = error.clone();
-                        if !*simple {
-                            // The target now discards everything up to Sync, as after any
-                            // error; nothing was queued behind the stand-in but that Sync.
-                            self.queue.pop_front();
-                        }
-                    }
-                    Some(Pending::Query(_)) if self.acc.response.error.is_none() => {
-                        self.acc.response.error = Some(error);
-                    }
-                    Some(Pending::Query(_)) => {}
-                    Some(_) => self.batch_failed(error),
-                    None => {}
+                if let Some(instead) = self.on_error(&body) {
+                    raw = instead;
                 }
+                Ok(())
             }
-            b'S' => {
-                // The gateway reads every client message as UTF-8; once the target reads them
-                // otherwise, it can no longer tell what runs.
-                match super::encoding::check_parameter_status(&body) {
-                    Ok(()) => {}
-                    Err(EncodingError::TargetNotUtf8(e)) => return Some(End::EncodingChanged(e)),
-                    Err(e) => return Some(End::TargetProtocol(e.to_string())),
-                }
-                if let Ok(("application_name", value)) = messages::parse_parameter_status(&body) {
-                    let value = self.ctx.scrub(value);
-                    self.session.application_reported(&value);
-                }
-            }
-            b'Z' => {
-                self.status = body.first().copied().unwrap_or(b'I');
-                match self.queue.pop_front() {
-                    Some(Pending::Query(unit)) => {
-                        self.complete(unit, true);
-                        self.tables.sync_resolved();
-                    }
-                    Some(Pending::Sync) | Some(Pending::StandIn { simple: true, .. }) => {
-                        self.tables.sync_resolved();
-                    }
-                    other => return Some(self.out_of_step(other, frame.tag)),
-                }
-                // Outside a transaction block every portal is gone.
-                if self.status == b'I' {
-                    self.tables.end_portals();
-                }
-            }
-            _ => {}
+            b'S' => self.on_parameter_status(&body),
+            b'Z' => self.on_ready(&body),
+            _ => Ok(()),
+        };
+        if let Err(end) = handled {
+            return Some(end);
         }
         out.extend_from_slice(&raw);
         None
+    }
+
+    /// The answers to the gateway's settings probe go to no one; `true` when `frame` was one.
+    fn probe_answer(&mut self, frame: &Frame) -> bool {
+        let Some(Pending::Probe(found)) = self.queue.front_mut() else {
+            return false;
+        };
+        match frame.tag {
+            b'1' | b'2' | b'3' | b'C' | b'E' => true,
+            b'D' => {
+                *found = messages::parse_data_row(&frame.body())
+                    .ok()
+                    .and_then(|row| Settings::from_row(&row));
+                true
+            }
+            b'Z' => {
+                let found = found.take();
+                self.queue.pop_front();
+                self.tables.set_settings(found);
+                self.status = frame.body().first().copied().unwrap_or(b'I');
+                self.tables.sync_resolved();
+                true
+            }
+            // Notices and parameter changes are the session's, as at any time.
+            _ => false,
+        }
+    }
+
+    async fn on_row_description(&mut self, body: &[u8]) -> Result<(), End> {
+        // Column rules are matched against the description: one the gateway cannot read would
+        // leave every column unmasked.
+        let fields = messages::parse_row_description(body)
+            .map_err(|e| End::TargetProtocol(e.to_string()))?;
+        match self.queue.front() {
+            Some(Pending::Describe(described)) => {
+                // The description belongs to the statement or portal the Describe named when
+                // it was sent, never to a later one of the same name.
+                match described {
+                    Some(Described::Statement(s)) => {
+                        let _ = s.described.set(fields);
+                    }
+                    Some(Described::Portal(p)) => {
+                        let _ = p.described.set(fields);
+                    }
+                    None => {}
+                }
+                self.queue.pop_front();
+            }
+            _ => {
+                self.acc.masks = self.masks_for(&fields).await;
+                self.acc.columns = Columns::Described(fields.len());
+                self.acc.response.columns = fields.into_iter().map(|f| f.name).collect();
+            }
+        }
+        Ok(())
+    }
+
+    /// A row: accounted, and masked for the client where a rule says so (`Some`: send this
+    /// instead).
+    async fn on_data_row(&mut self, body: &Bytes) -> Result<Option<Bytes>, End> {
+        if self.acc.columns == Columns::Unseen {
+            // Rows with no RowDescription of their own are an Execute's: the columns were
+            // described before. A Query's rows always follow their description.
+            let Some(Pending::Execute(unit)) = self.queue.front() else {
+                return Err(End::TargetProtocol(
+                    "a DataRow without a RowDescription".into(),
+                ));
+            };
+            let portal = unit.portal.as_deref();
+            // Rows of an Execute nobody described: the columns are unknown, so column rules
+            // cannot be matched; fail closed.
+            self.acc.columns = match portal.and_then(Portal::width) {
+                Some(n) => Columns::Described(n),
+                None => Columns::Unknown,
+            };
+            if self.ctx.masker.is_active() {
+                let fields = portal.and_then(Portal::fields).unwrap_or_default();
+                self.acc.masks = self.masks_for(&fields).await;
+            }
+        }
+        // Values the gateway cannot match to their columns would reach the client unmasked:
+        // the row is not forwarded.
+        self.add_row(body).map_err(End::TargetProtocol)
+    }
+
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
+    fn on_complete(&mut self, tag: u8, body: &[u8]) {
+        self.end_copy_in();
+        if tag == b'C' {
+            let text = body.strip_suffix(b"\0").unwrap_or(body);
+            self.acc
+                .response
+                .tags
+                .push(String::from_utf8_lossy(text).into_owned());
+        }
+        if let Some(Pending::Execute(_)) = self.queue.front() {
+            if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
+                // A suspended portal has not completed its statement yet.
+                self.complete(unit, tag != b's');
+            }
+        }
+    }
+
+    /// An ErrorResponse; `Some`: the client gets this instead (a refusal's own error).
+    fn on_error(&mut self, body: &[u8]) -> Option<Bytes> {
+        self.end_copy_in();
+        let (sqlstate, message) = messages::parse_error_fields(body);
+        let error = ErrorInfo { sqlstate, message };
+        match self.queue.front() {
+            // The stand-in failed as intended: the client sees the gateway's error.
+            Some(Pending::StandIn { error, simple }) => {
+                let instead = error.clone();
+                if !*simple {
+                    // The target now discards everything up to Sync, as after any error;
+                    // nothing was queued behind the stand-in but that Sync.
+                    self.queue.pop_front();
+                }
+                return Some(instead);
+            }
+            Some(Pending::Query(_)) if self.acc.response.error.is_none() => {
+                self.acc.response.error = Some(error);
+            }
+            Some(Pending::Query(_)) => {}
+            Some(_) => self.batch_failed(error),
+            None => {}
+        }
+        None
+    }
+
+    fn on_parameter_status(&mut self, body: &[u8]) -> Result<(), End> {
+        // The gateway reads every client message as UTF-8; once the target reads them
+        // otherwise, it can no longer tell what runs.
+        match super::encoding::check_parameter_status(body) {
+            Ok(()) => {}
+            Err(EncodingError::TargetNotUtf8(e)) => return Err(End::EncodingChanged(e)),
+            Err(e) => return Err(End::TargetProtocol(e.to_string())),
+        }
+        if let Ok(("application_name", value)) = messages::parse_parameter_status(body) {
+            let value = self.ctx.scrub(value);
+            self.session.application_reported(&value);
+        }
+        Ok(())
+    }
+
+    /// ReadyForQuery: a sync point answered.
+    fn on_ready(&mut self, body: &[u8]) -> Result<(), End> {
+        self.status = body.first().copied().unwrap_or(b'I');
+        match self.queue.pop_front() {
+            Some(Pending::Query(unit)) => {
+                self.complete(unit, true);
+                self.tables.sync_resolved();
+            }
+            Some(Pending::Sync) | Some(Pending::StandIn { simple: true, .. }) => {
+                self.tables.sync_resolved();
+            }
+            other => return Err(self.out_of_step(other, b'Z')),
+        }
+        // Outside a transaction block every portal is gone.
+        if self.status == b'I' {
+            self.tables.end_portals();
+        }
+        Ok(())
     }
 
     /// An extended-protocol message failed: the target discards everything up to Sync. The

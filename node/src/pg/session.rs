@@ -1,6 +1,7 @@
 //! One client session up to the relay: TLS negotiation, startup, token authentication, access
 //! check and the gateway's own login to the target.
 
+use super::backend::{Backend, Target};
 use super::cancel::CancelEntry;
 use super::codec::{split_frame, split_startup, FrameError};
 use super::encoding;
@@ -312,17 +313,7 @@ async fn handshake(
         .await
         .map_err(|_| Refusal::Quiet)?;
     let token = read_password(stream, &mut buf, max).await?;
-    let mut principal = match ctx.verifier.verify(&token).await {
-        Ok(p) => p,
-        Err(e) => {
-            let code = if e == crate::identity::TokenError::ProviderUnavailable {
-                "28000"
-            } else {
-                "28P01"
-            };
-            return Err(deny(code, format!("authentication failed: {e}")));
-        }
-    };
+    let mut principal = authenticate(ctx, &token).await?;
     drop(preauth);
     principal.intent = conn.application.clone();
     let principal = Arc::new(principal);
@@ -348,68 +339,8 @@ async fn handshake(
             ),
         ));
     }
-    // Startup options can change how the target behaves for the whole session (`-c role=…`):
-    // only settings on the policy's allow-list pass.
-    let mut options = crate::policy::startup_settings(startup.get("options").unwrap_or(""))
-        .map_err(|e| {
-            denied(
-                "42501",
-                format!("blocked by Vigil policy (rule startup-options): {e}"),
-            )
-        })?;
-    take_client_encoding(&startup, &mut options).map_err(|e| denied("22023", e.to_string()))?;
-    if let Some((name, _)) = options
-        .iter()
-        .find(|(name, _)| !ctx.policy.allowed_startup_setting(name))
-    {
-        return Err(denied(
-            "42501",
-            format!("blocked by Vigil policy (rule startup-options): the startup setting {name:?} is not allowed"),
-        ));
-    }
-    let options = options
-        .iter()
-        .map(|(n, v)| format!("-c {n}={v}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    if startup
-        .get("replication")
-        .is_some_and(|r| r != "false" && r != "0" && r != "off")
-    {
-        return Err(denied(
-            "42501",
-            "replication connections are not accepted by this gateway".into(),
-        ));
-    }
-    let mut params: Vec<(&str, &str)> = startup
-        .params
-        .iter()
-        .filter(|(k, _)| PASSED_PARAMS.contains(&k.as_str()))
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    params.push(("client_encoding", encoding::TARGET_ENCODING));
-    if !options.is_empty() {
-        params.push(("options", &options));
-    }
-    let backend = target.connect(&params).await.map_err(|e| {
-        tracing::warn!(target = %target.display, error = %crate::error_chain(&e), "cannot open the target connection");
-        Refusal::Deny {
-            sqlstate: "08001",
-            // The cause (which may name the gateway's own login) goes to the node's log only.
-            message: format!("the gateway cannot open connection {database:?}; see the gateway log"),
-            outcome: Outcome::Error,
-            principal: Some(principal.clone()),
-        }
-    })?;
-    // The target must confirm the encoding the gateway asked for.
-    for status in &backend.parameters {
-        encoding::check_parameter_status(&status[5..]).map_err(|e| Refusal::Deny {
-            sqlstate: "08001",
-            message: e.to_string(),
-            outcome: Outcome::Error,
-            principal: Some(principal.clone()),
-        })?;
-    }
+    let options = target_options(ctx, &startup).map_err(|(sqlstate, m)| denied(sqlstate, m))?;
+    let backend = open_target(&target, &startup, &options, database, &principal).await?;
     let conn = Arc::new(conn.clone());
     let session = Session {
         id: id.to_string(),
@@ -436,14 +367,10 @@ async fn handshake(
         backend_secret,
         session: id.to_string(),
     });
-    let mut hello = BytesMut::new();
-    hello.extend_from_slice(&messages::auth_request(0, &[]));
-    for p in &backend.parameters {
-        hello.extend_from_slice(p);
-    }
-    hello.extend_from_slice(&messages::backend_key_data(key.0, key.1));
-    hello.extend_from_slice(&messages::ready_for_query(b'I'));
-    stream.write_all(&hello).await.map_err(|_| Refusal::Quiet)?;
+    stream
+        .write_all(&welcome(&backend.parameters, key))
+        .await
+        .map_err(|_| Refusal::Quiet)?;
     Ok(relay::Established {
         session,
         client_buf: buf,
@@ -454,6 +381,106 @@ async fn handshake(
             .map(|left| tokio::time::Instant::now() + left),
         _cancel_guard: cancel_guard,
     })
+}
+
+/// The token's principal; a token that does not verify is refused (`28000` when the provider
+/// cannot be reached, else `28P01`).
+async fn authenticate(ctx: &PgContext, token: &str) -> Result<Principal, Refusal> {
+    ctx.verifier.verify(token).await.map_err(|e| {
+        let code = if e == crate::identity::TokenError::ProviderUnavailable {
+            "28000"
+        } else {
+            "28P01"
+        };
+        deny(code, format!("authentication failed: {e}"))
+    })
+}
+
+/// What an authenticated client is told: authentication ok, the target's parameters, the
+/// gateway's cancel key, ready.
+fn welcome(parameters: &[Bytes], key: (i32, i32)) -> BytesMut {
+    let mut hello = BytesMut::new();
+    hello.extend_from_slice(&messages::auth_request(0, &[]));
+    for p in parameters {
+        hello.extend_from_slice(p);
+    }
+    hello.extend_from_slice(&messages::backend_key_data(key.0, key.1));
+    hello.extend_from_slice(&messages::ready_for_query(b'I'));
+    hello
+}
+
+/// What the target is told at startup besides the gateway's own parameters: `options` with
+/// only the settings on the policy's allow-list (they can change how the target behaves for the
+/// whole session, `-c role=…`), never a client encoding (the gateway fixes it). A replication
+/// connection is refused. `Err`: the SQLSTATE and message of the refusal.
+fn target_options(ctx: &PgContext, startup: &Startup) -> Result<String, (&'static str, String)> {
+    let blocked = |e: String| {
+        (
+            "42501",
+            format!("blocked by Vigil policy (rule startup-options): {e}"),
+        )
+    };
+    let mut options = crate::policy::startup_settings(startup.get("options").unwrap_or(""))
+        .map_err(|e| blocked(e.to_string()))?;
+    take_client_encoding(startup, &mut options).map_err(|e| ("22023", e.to_string()))?;
+    if let Some((name, _)) = options
+        .iter()
+        .find(|(name, _)| !ctx.policy.allowed_startup_setting(name))
+    {
+        return Err(blocked(format!(
+            "the startup setting {name:?} is not allowed"
+        )));
+    }
+    if startup
+        .get("replication")
+        .is_some_and(|r| r != "false" && r != "0" && r != "off")
+    {
+        return Err((
+            "42501",
+            "replication connections are not accepted by this gateway".into(),
+        ));
+    }
+    Ok(options
+        .iter()
+        .map(|(n, v)| format!("-c {n}={v}"))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// The gateway's own login to the target for this session; the target must confirm the
+/// encoding the gateway asks for.
+async fn open_target(
+    target: &Target,
+    startup: &Startup,
+    options: &str,
+    database: &str,
+    principal: &Arc<Principal>,
+) -> Result<Backend, Refusal> {
+    let failed = |message: String| Refusal::Deny {
+        sqlstate: "08001",
+        message,
+        outcome: Outcome::Error,
+        principal: Some(principal.clone()),
+    };
+    let mut params: Vec<(&str, &str)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| PASSED_PARAMS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    params.push(("client_encoding", encoding::TARGET_ENCODING));
+    if !options.is_empty() {
+        params.push(("options", options));
+    }
+    let backend = target.connect(&params).await.map_err(|e| {
+        tracing::warn!(target = %target.display, error = %crate::error_chain(&e), "cannot open the target connection");
+        // The cause (which may name the gateway's own login) goes to the node's log only.
+        failed(format!("the gateway cannot open connection {database:?}; see the gateway log"))
+    })?;
+    for status in &backend.parameters {
+        encoding::check_parameter_status(&status[5..]).map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(backend)
 }
 
 /// Checks every `client_encoding` the client asked for: startup parameters (whatever the case of
