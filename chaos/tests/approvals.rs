@@ -295,6 +295,78 @@ async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
     assert_eq!(s.ran("UPDATE t SET v ="), 0, "nothing ran unapproved");
 }
 
+/// Where the gateway cannot be sure of the settings a held statement runs under, it refuses to
+/// hold it, and nothing of it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8d_no_hold_where_the_settings_are_not_known() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    let refusal = |r: &[Msg]| {
+        r.iter()
+            .find_map(Msg::error)
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    };
+    // Another statement runs before it in the same batch (it could change the settings).
+    let r = s
+        .batch(
+            &mut w,
+            &[
+                wire::parse("", "SELECT set_config('search_path', 'b', false)"),
+                wire::bind("", "", &[]),
+                wire::execute(""),
+                wire::parse("", "UPDATE t SET v = 41 WHERE id = 1"),
+                wire::bind("", "", &[]),
+                wire::execute(""),
+                wire::sync(),
+            ],
+        )
+        .await;
+    assert!(
+        refusal(&r).contains("another statement runs before it"),
+        "{r:?}"
+    );
+    // Part of its batch went out before it: the client flushed and read the answers first.
+    s.batch(&mut w, &q("SET search_path = a")).await;
+    w.send(
+        &[
+            wire::parse("", "UPDATE t SET v = 42 WHERE id = 1"),
+            wire::bind("", "", &[]),
+            wire::typed(b'H', &[]),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(w.read().await.tag, b'1');
+    assert_eq!(w.read().await.tag, b'2');
+    let r = s.batch(&mut w, &[wire::execute(""), wire::sync()]).await;
+    assert!(refusal(&r).contains("in parts"), "{r:?}");
+    // An aborted transaction: the target does not answer the gateway's question.
+    s.batch(&mut w, &q("BEGIN")).await;
+    s.batch(&mut w, &q("SELECT 1/0")).await;
+    let r = s
+        .batch(&mut w, &q("UPDATE t SET v = 43 WHERE id = 1"))
+        .await;
+    assert!(refusal(&r).contains("did not report"), "{r:?}");
+    s.batch(&mut w, &q("ROLLBACK")).await;
+    assert_eq!(s.ran("UPDATE t SET v = 4"), 0, "nothing held ran");
+    assert_eq!(s.value("a.t").await, 0);
+    let records = s.node.records().await;
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.body.kind == Kind::Blocked
+                && r.body.detail.as_deref().is_some_and(|d| d
+                    .contains("it needs approval (Vigil policy rule writes-need-approval), but")))
+            .count(),
+        3
+    );
+    assert!(!records
+        .iter()
+        .any(|r| r.body.kind == Kind::ApprovalRequested));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8c_a_message_needs_every_statements_approval() {
     let s = setup().await;

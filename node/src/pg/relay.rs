@@ -65,17 +65,7 @@ async fn hold(
     let mut masked = Counts::new();
     let shown_binding = match binding.shown(&ctx.masker, &mut masked) {
         Ok(b) => b,
-        Err(why) => {
-            return Verdict::Refuse {
-                sqlstate: "42501",
-                message: format!(
-                    "statement refused: it needs approval (Vigil policy rule {}), but {why}; nothing was run",
-                    decision.rule
-                ),
-                outcome: Outcome::Blocked,
-                approval: None,
-            }
-        }
+        Err(why) => return unbound(&decision.rule, why),
     };
     // The audit copy is the approver's copy.
     let mut shown = request.clone();
@@ -126,11 +116,14 @@ async fn hold(
     ctx.approvals.settle(hold, &mut record).await
 }
 
-/// A held statement whose binding the gateway could not establish: refused, nothing runs.
-fn unbound(why: String) -> Verdict {
+/// A statement that needs approval but cannot be held: its binding could not be established
+/// or it cannot be shown faithfully. Refused; nothing runs.
+fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
     Verdict::Refuse {
         sqlstate: "42501",
-        message: format!("statement refused: it needs approval, but {why}; nothing was run"),
+        message: format!(
+            "statement refused: it needs approval (Vigil policy rule {rule}), but {why}; nothing was run"
+        ),
         outcome: Outcome::Blocked,
         approval: None,
     }
@@ -718,7 +711,7 @@ impl ClientHalf {
                     request.binding = Some(binding.record(&hash));
                     verdict
                 }
-                Err(why) => unbound(why),
+                Err(why) => unbound(&decision.rule, why),
             };
             match verdict {
                 Verdict::Run(a) => Some(a),
@@ -921,7 +914,7 @@ impl ClientHalf {
                         request.binding = Some(binding.record(&hash));
                         verdict
                     }
-                    Err(why) => unbound(why),
+                    Err(why) => unbound(&d.rule, why),
                 };
                 match verdict {
                     Verdict::Run(a) => Some(a),
