@@ -183,6 +183,7 @@ async fn t42_rows_the_gateway_cannot_match_to_their_columns_end_the_session() {
     let mut child = spawn_node_logging(&files, admin_port, &log).await;
     let token = agent_token().await;
     let mut sessions = 0;
+    let mut faults = 0;
 
     // Control: untouched, the proxy passes PostgreSQL's answer and the rule masks the value (so
     // the faults below are what ends their sessions). Again at the end: the node serves on.
@@ -221,6 +222,7 @@ async fn t42_rows_the_gateway_cannot_match_to_their_columns_end_the_session() {
             assert_eq!(outcome, Some(Outcome::Error), "{what}");
             let expected = format!("target protocol violation: {}; ", fault.violation());
             assert!(detail.starts_with(&expected), "{detail:?}: {what}");
+            faults += 1;
             proxy.pass();
         }
     }
@@ -229,6 +231,17 @@ async fn t42_rows_the_gateway_cannot_match_to_their_columns_end_the_session() {
     control(pg_port, &token, "control after the faults").await;
     sessions += 1;
     nth_session_end(&files, sessions).await;
+    // Operators see each of them counted.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&metrics, "vigil_target_protocol_errors_total"),
+        f64::from(faults)
+    );
     let _ = std::process::Command::new("kill")
         .arg(child.id().to_string())
         .status();

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub jwks_fetches: Counter,
     pub jwks_fetch_errors: Counter,
     pub protocol_errors: Counter,
+    /// Sessions ended because the target's answers could not be read or matched.
+    pub target_protocol_errors: Counter,
     /// Connections turned away because `max_unauthenticated_connections` were authenticating.
     pub preauth_refused: Counter,
     pub cancel_requests: Counter,
@@ -198,6 +200,11 @@ impl Metrics {
             "protocol_errors",
             "Sessions closed for a wire protocol violation",
             self.protocol_errors.clone(),
+        );
+        registry.register(
+            "target_protocol_errors",
+            "Sessions ended because the target sent a message the gateway could not read or match to what it sent",
+            self.target_protocol_errors.clone(),
         );
         registry.register(
             "preauth_refused",

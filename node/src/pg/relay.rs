@@ -369,7 +369,10 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
             let message = match &end {
                 End::ClientProtocol(m) => m.clone(),
                 // What was wrong is in the session_end record and the node's log.
-                End::TargetProtocol(_) => "the target sent an invalid message".into(),
+                End::TargetProtocol(_) => {
+                    ctx.metrics.target_protocol_errors.inc();
+                    "the target sent an invalid message".into()
+                }
                 other => other.to_string(),
             };
             let _ = target_half
