@@ -556,6 +556,16 @@ pub async fn connect_tls(
     Ok((client, tokio::spawn(conn)))
 }
 
+/// The Prometheus text of the node whose admin endpoint listens on `admin_port`.
+pub async fn node_metrics(admin_port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A metric's value from Prometheus text (sum over label sets when `name` has none).
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -225,6 +225,19 @@ impl Wire {
         }
     }
 
+    /// A session as `agent` on the gateway's `app` connection; panics when refused.
+    pub async fn app_session(port: u16, token: &str) -> Wire {
+        Wire::connect(port, &[("user", "agent"), ("database", "app")], token)
+            .await
+            .unwrap_or_else(|e| panic!("session refused: {:?}", e.error()))
+    }
+
+    /// Sends messages and reads the answers up to ReadyForQuery.
+    pub async fn batch(&mut self, msgs: &[Vec<u8>]) -> Vec<Msg> {
+        self.send(&msgs.concat()).await;
+        self.until_ready().await
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }

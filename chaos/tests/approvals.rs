@@ -64,24 +64,9 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    async fn session(&self) -> Wire {
-        Wire::connect(
-            self.node.port(),
-            &[("user", "agent"), ("database", "app")],
-            &self.token,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("connect: {:?}", e.error()))
-    }
-
-    async fn batch(&self, w: &mut Wire, msgs: &[Vec<u8>]) -> Vec<Msg> {
-        w.send(&msgs.concat()).await;
-        w.until_ready().await
-    }
-
     /// Runs `msgs`; returns the request id of the approval it is pending on, if any.
     async fn pending(&self, w: &mut Wire, msgs: &[Vec<u8>]) -> Option<String> {
-        let r = self.batch(w, msgs).await;
+        let r = w.batch(msgs).await;
         let (_, message) = r.iter().find_map(Msg::error)?;
         let at = message
             .find("apr-")
@@ -141,9 +126,9 @@ fn q(sql: &str) -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t88_search_path_and_role_are_bound() {
     let s = setup().await;
-    let mut w = s.session().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
     let update = "UPDATE t SET v = v + 1 WHERE id = 1";
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    w.batch(&q("SET search_path = a")).await;
     let id = s.pending(&mut w, &q(update)).await.expect("held");
     let shown = s.approve(&id);
     assert!(shown.contains("search_path a\n"), "{shown}");
@@ -152,20 +137,20 @@ async fn t88_search_path_and_role_are_bound() {
         "{shown}"
     );
     // Another schema's `t`: a different statement, held again; the approval stays unused.
-    s.batch(&mut w, &q("SET search_path = b")).await;
+    w.batch(&q("SET search_path = b")).await;
     let other = s.pending(&mut w, &q(update)).await.expect("held again");
     assert_ne!(other, id);
     // Another role: the same.
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    w.batch(&q("SET search_path = a")).await;
     let role = format!("vt_other_{}", &s.node.files.db[3..]);
-    s.batch(&mut w, &q(&format!("SET ROLE {role}"))).await;
+    w.batch(&q(&format!("SET ROLE {role}"))).await;
     let third = s
         .pending(&mut w, &q(update))
         .await
         .expect("held under another role");
     assert_ne!(third, id);
     // Back to what was approved: it runs, once.
-    s.batch(&mut w, &q("RESET ROLE")).await;
+    w.batch(&q("RESET ROLE")).await;
     assert_eq!(s.pending(&mut w, &q(update)).await, None, "approved: runs");
     assert!(s.pending(&mut w, &q(update)).await.is_some(), "used up");
     assert_eq!(s.ran(update), 1, "PostgreSQL ran the update once");
@@ -193,8 +178,8 @@ const BINARY_1234: [u8; 4] = 1234i32.to_be_bytes();
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t89_parameters_are_bound_with_format_and_type_and_shown() {
     let s = setup().await;
-    let mut w = s.session().await;
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
     let sql = "UPDATE t SET v = $1 WHERE id = 1";
     let text_run = |value: &[u8], binary: bool| {
         vec![
@@ -230,8 +215,8 @@ async fn t89_parameters_are_bound_with_format_and_type_and_shown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8a_execute_name_binds_the_prepared_text() {
     let s = setup().await;
-    let mut w = s.session().await;
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
     s.prepare(&mut w, "PREPARE p AS UPDATE t SET v = 7 WHERE id = 1")
         .await;
     let id = s.pending(&mut w, &q("EXECUTE p")).await.expect("held");
@@ -241,8 +226,8 @@ async fn t8a_execute_name_binds_the_prepared_text() {
         "{shown}"
     );
     // Another session prepares `p` as something else: the approval does not cover it.
-    let mut other = s.session().await;
-    s.batch(&mut other, &q("SET search_path = a")).await;
+    let mut other = Wire::app_session(s.node.port(), &s.token).await;
+    other.batch(&q("SET search_path = a")).await;
     s.prepare(&mut other, "PREPARE p AS UPDATE t SET v = 666 WHERE id = 1")
         .await;
     assert!(s.pending(&mut other, &q("EXECUTE p")).await.is_some());
@@ -254,8 +239,8 @@ async fn t8a_execute_name_binds_the_prepared_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
     let s = setup().await;
-    let mut w = s.session().await;
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
     // Long: past the old 16 KiB cap, the end of the statement is what matters.
     let long = format!(
         "UPDATE t SET v = 1 /* {} */ WHERE id = 1 OR true",
@@ -300,8 +285,8 @@ async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8d_no_hold_where_the_settings_are_not_known() {
     let s = setup().await;
-    let mut w = s.session().await;
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
     let refusal = |r: &[Msg]| {
         r.iter()
             .find_map(Msg::error)
@@ -309,26 +294,23 @@ async fn t8d_no_hold_where_the_settings_are_not_known() {
             .unwrap_or_default()
     };
     // Another statement runs before it in the same batch (it could change the settings).
-    let r = s
-        .batch(
-            &mut w,
-            &[
-                wire::parse("", "SELECT set_config('search_path', 'b', false)"),
-                wire::bind("", "", &[]),
-                wire::execute(""),
-                wire::parse("", "UPDATE t SET v = 41 WHERE id = 1"),
-                wire::bind("", "", &[]),
-                wire::execute(""),
-                wire::sync(),
-            ],
-        )
+    let r = w
+        .batch(&[
+            wire::parse("", "SELECT set_config('search_path', 'b', false)"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::parse("", "UPDATE t SET v = 41 WHERE id = 1"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
         .await;
     assert!(
         refusal(&r).contains("another statement runs before it"),
         "{r:?}"
     );
     // Part of its batch went out before it: the client flushed and read the answers first.
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    w.batch(&q("SET search_path = a")).await;
     w.send(
         &[
             wire::parse("", "UPDATE t SET v = 42 WHERE id = 1"),
@@ -340,16 +322,14 @@ async fn t8d_no_hold_where_the_settings_are_not_known() {
     .await;
     assert_eq!(w.read().await.tag, b'1');
     assert_eq!(w.read().await.tag, b'2');
-    let r = s.batch(&mut w, &[wire::execute(""), wire::sync()]).await;
+    let r = w.batch(&[wire::execute(""), wire::sync()]).await;
     assert!(refusal(&r).contains("in parts"), "{r:?}");
     // An aborted transaction: the target does not answer the gateway's question.
-    s.batch(&mut w, &q("BEGIN")).await;
-    s.batch(&mut w, &q("SELECT 1/0")).await;
-    let r = s
-        .batch(&mut w, &q("UPDATE t SET v = 43 WHERE id = 1"))
-        .await;
+    w.batch(&q("BEGIN")).await;
+    w.batch(&q("SELECT 1/0")).await;
+    let r = w.batch(&q("UPDATE t SET v = 43 WHERE id = 1")).await;
     assert!(refusal(&r).contains("did not report"), "{r:?}");
-    s.batch(&mut w, &q("ROLLBACK")).await;
+    w.batch(&q("ROLLBACK")).await;
     assert_eq!(s.ran("UPDATE t SET v = 4"), 0, "nothing held ran");
     assert_eq!(s.value("a.t").await, 0);
     let records = s.node.records().await;
@@ -370,14 +350,13 @@ async fn t8d_no_hold_where_the_settings_are_not_known() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8c_a_message_needs_every_statements_approval() {
     let s = setup().await;
-    let mut w = s.session().await;
-    s.batch(&mut w, &q("SET search_path = a")).await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
     // A write (approvers) and DDL (ops) in one message: no one request can carry both.
-    let r = s
-        .batch(
-            &mut w,
-            &q("UPDATE t SET v = 5 WHERE id = 1; CREATE TABLE t2 (a int)"),
-        )
+    let r = w
+        .batch(&q(
+            "UPDATE t SET v = 5 WHERE id = 1; CREATE TABLE t2 (a int)",
+        ))
         .await;
     let (_, message) = r.iter().find_map(Msg::error).expect("refused");
     assert!(message.contains("one request cannot carry"), "{message}");

@@ -454,12 +454,7 @@ async fn t52_repeated_kill_9_with_large_results_every_stream_verifies() {
 
     phase("a restarted node counts the torn tails it finds, and its stream verifies too");
     let child = spawn_node(&files, admin_port).await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node_metrics(admin_port).await;
     assert_eq!(
         metric(&metrics, "vigil_audit_torn_tails"),
         torn.len() as f64

@@ -232,12 +232,7 @@ async fn t42_rows_the_gateway_cannot_match_to_their_columns_end_the_session() {
     sessions += 1;
     nth_session_end(&files, sessions).await;
     // Operators see each of them counted.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node_metrics(admin_port).await;
     assert_eq!(
         metric(&metrics, "vigil_target_protocol_errors_total"),
         f64::from(faults)

@@ -201,12 +201,7 @@ async fn t44_unauthenticated_clients_cannot_exhaust_the_gateway() {
         assert!(message.contains("too many connections are authenticating"));
     }
     query_works(&before, "while every place is taken").await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node_metrics(admin_port).await;
     assert_eq!(metric(&metrics, "vigil_preauth_refused_total"), 20.0);
 
     phase("the startup timeout gives the places back");

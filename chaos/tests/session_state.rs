@@ -48,23 +48,6 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    async fn session(&self) -> Wire {
-        // `app` is the gateway's connection name for this test's database.
-        Wire::connect(
-            self.node.port(),
-            &[("user", "agent"), ("database", "app")],
-            &self.token,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("session refused: {:?}", e.error()))
-    }
-
-    /// Sends messages and reads the answers up to ReadyForQuery.
-    async fn batch(&self, w: &mut Wire, msgs: &[Vec<u8>]) -> Vec<Msg> {
-        w.send(&msgs.concat()).await;
-        w.until_ready().await
-    }
-
     fn ran(&self) -> Vec<Ran> {
         pg_executed(&self.node.files.db, self.log_offset)
     }
@@ -162,75 +145,55 @@ fn ran_text(ran: &[Ran], needle: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t76_a_failed_reparse_or_skipped_close_cannot_rename_what_runs() {
     let s = setup().await;
-    let mut w = s.session().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
 
     // A re-Parse of an existing name fails at the target: the old statement still runs, and
     // the record says so.
-    let r = s
-        .batch(
-            &mut w,
-            &[
-                wire::parse("s1", "DELETE FROM customers WHERE id = 7"),
-                wire::sync(),
-            ],
-        )
+    let r = w
+        .batch(&[
+            wire::parse("s1", "DELETE FROM customers WHERE id = 7"),
+            wire::sync(),
+        ])
         .await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::parse("s1", "SELECT 'harmless'"), wire::sync()],
-        )
+    let r = w
+        .batch(&[wire::parse("s1", "SELECT 'harmless'"), wire::sync()])
         .await;
     assert_eq!(errors(&r)[0].0, "42P05", "the name exists at the target");
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::bind("", "s1", &[]), wire::execute(""), wire::sync()],
-        )
+    let r = w
+        .batch(&[wire::bind("", "s1", &[]), wire::execute(""), wire::sync()])
         .await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
 
     // A statement that needs approval, then a Close the target skips after an error, then a
     // re-Parse that fails: the gateway must not believe the name now holds the harmless text.
     let update = "UPDATE payroll SET amount = amount + 1 WHERE id = 1";
-    let r = s
-        .batch(&mut w, &[wire::parse("s2", update), wire::sync()])
-        .await;
+    let r = w.batch(&[wire::parse("s2", update), wire::sync()]).await;
     assert!(
         errors(&r).is_empty(),
         "preparing runs nothing: {:?}",
         errors(&r)
     );
-    let r = s
-        .batch(
-            &mut w,
-            &[
-                // One parameter too many: the target fails the Bind and skips the Close.
-                wire::bind("", "s2", &[Some("x")]),
-                wire::close(b'S', "s2"),
-                wire::sync(),
-            ],
-        )
+    let r = w
+        .batch(&[
+            // One parameter too many: the target fails the Bind and skips the Close.
+            wire::bind("", "s2", &[Some("x")]),
+            wire::close(b'S', "s2"),
+            wire::sync(),
+        ])
         .await;
     assert_eq!(errors(&r).len(), 1);
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::parse("s2", "SELECT 'harmless'"), wire::sync()],
-        )
+    let r = w
+        .batch(&[wire::parse("s2", "SELECT 'harmless'"), wire::sync()])
         .await;
     assert_eq!(errors(&r)[0].0, "42P05");
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::bind("", "s2", &[]), wire::execute(""), wire::sync()],
-        )
+    let r = w
+        .batch(&[wire::bind("", "s2", &[]), wire::execute(""), wire::sync()])
         .await;
     let errs = errors(&r);
     assert_eq!(errs.len(), 1, "the Execute is refused: {errs:?}");
     // The session is still usable.
-    let r = s.batch(&mut w, &[wire::query("SELECT 1")]).await;
+    let r = w.batch(&[wire::query("SELECT 1")]).await;
     assert!(errors(&r).is_empty());
 
     let ran = s.ran();
@@ -245,36 +208,31 @@ async fn t76_a_failed_reparse_or_skipped_close_cannot_rename_what_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t77_sql_prepare_and_deallocate_follow_the_target() {
     let s = setup().await;
-    let mut w = s.session().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
     // A protocol-prepared statement that needs approval at each Execute.
     let update = "UPDATE payroll SET amount = 0 WHERE id = 1";
-    let r = s
-        .batch(&mut w, &[wire::parse("x", update), wire::sync()])
-        .await;
+    let r = w.batch(&[wire::parse("x", update), wire::sync()]).await;
     assert!(errors(&r).is_empty());
     // DEALLOCATE inside a failed transaction fails: the target still holds `x`.
     for sql in ["BEGIN", "SELECT 1/0", "DEALLOCATE x", "ROLLBACK"] {
-        s.batch(&mut w, &[wire::query(sql)]).await;
+        w.batch(&[wire::query(sql)]).await;
     }
     // PREPARE of a name the target holds fails: `x` is still the UPDATE.
-    let r = s
-        .batch(&mut w, &[wire::query("PREPARE x AS SELECT 'harmless'")])
+    let r = w
+        .batch(&[wire::query("PREPARE x AS SELECT 'harmless'")])
         .await;
     assert_eq!(errors(&r)[0].0, "42P05");
     // EXECUTE x: the gateway cannot vouch for `x` any more, so it refuses.
-    let r = s.batch(&mut w, &[wire::query("EXECUTE x")]).await;
+    let r = w.batch(&[wire::query("EXECUTE x")]).await;
     assert_eq!(errors(&r).len(), 1, "refused: {:?}", errors(&r));
     // A PREPARE that fails leaves no name behind.
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::query(
-                "PREPARE y AS SELECT no_such_column FROM customers",
-            )],
-        )
+    let r = w
+        .batch(&[wire::query(
+            "PREPARE y AS SELECT no_such_column FROM customers",
+        )])
         .await;
     assert_eq!(errors(&r).len(), 1);
-    let r = s.batch(&mut w, &[wire::query("EXECUTE y")]).await;
+    let r = w.batch(&[wire::query("EXECUTE y")]).await;
     assert_eq!(errors(&r).len(), 1);
     // A PREPARE that survives a failed transaction (prepared statements are not
     // transactional) is named by the EXECUTE's record with the text it ran.
@@ -284,18 +242,15 @@ async fn t77_sql_prepare_and_deallocate_follow_the_target() {
         "SELECT 1/0",
         "ROLLBACK",
     ] {
-        s.batch(&mut w, &[wire::query(sql)]).await;
+        w.batch(&[wire::query(sql)]).await;
     }
-    let r = s.batch(&mut w, &[wire::query("EXECUTE z")]).await;
+    let r = w.batch(&[wire::query("EXECUTE z")]).await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
     // Several statements in one Query: the PREPARE's own text is what EXECUTE names.
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::query(
-                "PREPARE q AS SELECT 'first'; EXECUTE q; DEALLOCATE q",
-            )],
-        )
+    let r = w
+        .batch(&[wire::query(
+            "PREPARE q AS SELECT 'first'; EXECUTE q; DEALLOCATE q",
+        )])
         .await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
 
@@ -343,45 +298,36 @@ async fn t77_sql_prepare_and_deallocate_follow_the_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t78_descriptions_belong_to_what_was_described() {
     let s = setup().await;
-    let mut w = s.session().await;
-    let r = s
-        .batch(
-            &mut w,
-            &[
-                wire::parse("", "SELECT 1 AS first_col"),
-                wire::bind("", "", &[]),
-                wire::describe(b'P', ""),
-                wire::execute(""),
-                wire::sync(),
-            ],
-        )
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    let r = w
+        .batch(&[
+            wire::parse("", "SELECT 1 AS first_col"),
+            wire::bind("", "", &[]),
+            wire::describe(b'P', ""),
+            wire::execute(""),
+            wire::sync(),
+        ])
         .await;
     assert!(errors(&r).is_empty());
     // The Bind fails: the Execute after it is skipped, and its record must not borrow the
     // columns of the portal before it.
-    let r = s
-        .batch(
-            &mut w,
-            &[
-                wire::parse("", "SELECT 2 AS second_col"),
-                wire::bind("", "", &[Some("extra")]),
-                wire::execute(""),
-                wire::sync(),
-            ],
-        )
+    let r = w
+        .batch(&[
+            wire::parse("", "SELECT 2 AS second_col"),
+            wire::bind("", "", &[Some("extra")]),
+            wire::execute(""),
+            wire::sync(),
+        ])
         .await;
     assert_eq!(errors(&r).len(), 1);
     // A cursor takes the name of a portal: the gateway no longer vouches for that name.
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::query(
-                "DECLARE p1 CURSOR WITH HOLD FOR SELECT 'cursor row'",
-            )],
-        )
+    let r = w
+        .batch(&[wire::query(
+            "DECLARE p1 CURSOR WITH HOLD FOR SELECT 'cursor row'",
+        )])
         .await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
-    let r = s.batch(&mut w, &[wire::execute("p1"), wire::sync()]).await;
+    let r = w.batch(&[wire::execute("p1"), wire::sync()]).await;
     assert_eq!(errors(&r).len(), 1, "refused: {:?}", errors(&r));
 
     let records = s.node.records().await;
@@ -409,16 +355,13 @@ async fn t78_descriptions_belong_to_what_was_described() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t79_settings_the_target_reports_are_recorded() {
     let s = setup().await;
-    let mut w = s.session().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
     // pgjdbc names its application with SET after startup.
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::query("SET application_name = 'jdbc-reporting'")],
-        )
+    let r = w
+        .batch(&[wire::query("SET application_name = 'jdbc-reporting'")])
         .await;
     assert!(errors(&r).is_empty());
-    s.batch(&mut w, &[wire::query("SELECT 'after set'")]).await;
+    w.batch(&[wire::query("SELECT 'after set'")]).await;
     let records = s.node.records().await;
     let after = records
         .iter()
@@ -439,15 +382,15 @@ async fn t79_settings_the_target_reports_are_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7e_refusals_keep_the_gateway_in_step_with_the_target() {
     let s = setup().await;
-    let mut w = s.session().await;
-    let r = s
-        .batch(&mut w, &[wire::parse("s9", "SELECT 'old'"), wire::sync()])
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    let r = w
+        .batch(&[wire::parse("s9", "SELECT 'old'"), wire::sync()])
         .await;
     assert!(errors(&r).is_empty());
     for _ in 0..3 {
         // The gateway answers these itself (a stand-in reaches the target): they must not
         // count as answers to anything else.
-        let r = s.batch(&mut w, &[wire::query("EXECUTE nowhere")]).await;
+        let r = w.batch(&[wire::query("EXECUTE nowhere")]).await;
         assert_eq!(errors(&r).len(), 1);
         // Two batches at once: the second runs what the first left under `s9`.
         w.send(
@@ -473,16 +416,13 @@ async fn t7e_refusals_keep_the_gateway_in_step_with_the_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7f_a_batch_sent_in_parts_after_its_error_came_back() {
     let s = setup().await;
-    let mut w = s.session().await;
-    let r = s
-        .batch(
-            &mut w,
-            &[
-                wire::parse("s1", "SELECT 'first'"),
-                wire::parse("div", "SELECT 1/0"),
-                wire::sync(),
-            ],
-        )
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    let r = w
+        .batch(&[
+            wire::parse("s1", "SELECT 'first'"),
+            wire::parse("div", "SELECT 1/0"),
+            wire::sync(),
+        ])
         .await;
     assert!(errors(&r).is_empty());
     // The batch's first statement fails when it runs; PostgreSQL sends that error at once,
@@ -511,18 +451,12 @@ async fn t7f_a_batch_sent_in_parts_after_its_error_came_back() {
         "the rest of the batch was discarded without a word: {rest:?}"
     );
     // The session is in step: s1 still holds the first text, s2 was never created.
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::bind("", "s1", &[]), wire::execute(""), wire::sync()],
-        )
+    let r = w
+        .batch(&[wire::bind("", "s1", &[]), wire::execute(""), wire::sync()])
         .await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
-    let r = s
-        .batch(
-            &mut w,
-            &[wire::bind("", "s2", &[]), wire::execute(""), wire::sync()],
-        )
+    let r = w
+        .batch(&[wire::bind("", "s2", &[]), wire::execute(""), wire::sync()])
         .await;
     assert_eq!(errors(&r).len(), 1, "s2 does not exist: {r:?}");
     let ran = s.ran();
@@ -606,7 +540,7 @@ async fn t7a_random_sequences_name_exactly_what_postgres_ran() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut k = 0;
     for _ in 0..6 {
-        let mut w = s.session().await;
+        let mut w = Wire::app_session(s.node.port(), &s.token).await;
         let mut sent = Vec::new();
         for _ in 0..40 {
             // Sometimes two batches before reading: the second depends on the first's outcome.

@@ -13,7 +13,7 @@ use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
 use super::encoding::EncodingError;
 use super::messages::{self, display_value};
-use super::state::{Confirmed, Lookup, Op, Portal, Projection, Stmt};
+use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
 use crate::coordination::{Hold, Step, Verdict};
@@ -812,20 +812,24 @@ impl ClientHalf {
             self.refuse_unknown("prepared statement", bind.statement, request, out);
             return Ok(());
         };
-        let bound: Vec<binding::Param<'_>> = bind
-            .params
-            .iter()
-            .zip(&bind.param_formats)
-            .enumerate()
-            .map(|(i, (value, format))| binding::Param {
-                value: *value,
-                binary: *format != 0,
-                type_oid: stmt.param_type(i),
-            })
-            .collect();
+        // Only an Execute that may be held needs the parameters' digest.
+        let params_digest = stmt.may_hold().then(|| {
+            let bound: Vec<binding::Param<'_>> = bind
+                .params
+                .iter()
+                .zip(&bind.param_formats)
+                .enumerate()
+                .map(|(i, (value, format))| binding::Param {
+                    value: *value,
+                    binary: *format != 0,
+                    type_oid: stmt.param_type(i),
+                })
+                .collect();
+            binding::params_digest(&bound)
+        });
         let portal = Arc::new(Portal {
             statement: bind.statement.to_string(),
-            params_digest: binding::params_digest(&bound),
+            params_digest,
             stmt,
             params: bind.params.iter().map(|v| v.map(display_value)).collect(),
             param_formats: bind.param_formats,
@@ -906,7 +910,7 @@ impl ClientHalf {
                                 .enumerate()
                                 .map(|(i, (v, f))| (v.clone(), *f != 0, stmt.param_type(i)))
                                 .collect(),
-                            params_digest: Some(portal.params_digest),
+                            params_digest: portal.params_digest,
                             settings,
                         };
                         let stmt_no = self.stmts.load(Ordering::Relaxed) + 1;
@@ -1085,7 +1089,7 @@ impl ClientHalf {
     ) -> Result<Resolved, Halt> {
         let mut r = Resolved::default();
         let Ok(stmts) = class else { return Ok(r) };
-        if stmts.iter().all(|s| s.executes.is_none()) {
+        if !runs_by_name(class) {
             return Ok(r);
         }
         let texts = statement_texts(text, stmts);

@@ -42,6 +42,12 @@ pub struct Stmt {
 }
 
 impl Stmt {
+    /// Whether an Execute of it may be held for approval: its own decision says so, or it
+    /// runs prepared statements by name and is decided again at each Execute.
+    pub fn may_hold(&self) -> bool {
+        self.hold.is_some() || runs_by_name(&self.class)
+    }
+
     /// The declared type of parameter `i`.
     pub fn param_type(&self, i: usize) -> u32 {
         self.param_types.get(i).copied().unwrap_or(0)
@@ -56,8 +62,9 @@ pub struct Portal {
     pub params: Vec<Option<String>>,
     /// Each parameter's format (0 text, 1 binary).
     pub param_formats: Vec<i16>,
-    /// Digest of the exact parameters (an approval binds them; see `binding::params_digest`).
-    pub params_digest: [u8; 32],
+    /// Digest of the exact parameters, when an Execute of it may be held (an approval binds
+    /// them; see `binding::params_digest`).
+    pub params_digest: Option<[u8; 32]>,
     pub result_formats: Vec<i16>,
     /// Columns from a Describe of this portal.
     pub described: OnceLock<Vec<Field>>,
@@ -96,6 +103,14 @@ impl Portal {
             .or_else(|| self.stmt.described.get())
             .map(Vec::len)
     }
+}
+
+/// Whether a statement text runs prepared statements by name (SQL `EXECUTE name`, also inside
+/// `EXPLAIN ANALYZE` or `CREATE TABLE … AS`).
+pub fn runs_by_name(class: &Classification) -> bool {
+    class
+        .as_ref()
+        .is_ok_and(|stmts| stmts.iter().any(|s| s.executes.is_some()))
 }
 
 /// One change to the tables. Additions count only when the target confirmed the message that
