@@ -165,7 +165,7 @@ async fn t88_search_path_and_role_are_bound() {
             r.body.kind == Kind::Request && r.body.approval.as_ref().is_some_and(|a| a.id == id)
         })
         .expect("the request that ran under the approval");
-    let b = ran.body.request.as_ref().unwrap().binding.as_ref().unwrap();
+    let b = ran.body.pg_request().unwrap().binding.as_ref().unwrap();
     assert_eq!(
         (b.search_path.as_str(), b.role.as_str()),
         ("a", env().get("VIGIL_PG_GATEWAY_USER"))

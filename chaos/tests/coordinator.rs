@@ -642,7 +642,7 @@ async fn t85_approved_on_one_node_runs_once_on_another() {
     let rb = b.records_after_sessions(1).await;
     let ran_with = of_kind(&rb, Kind::Request)
         .into_iter()
-        .find(|r| r.body.request.as_ref().is_some_and(|q| q.text == stmt))
+        .find(|r| r.body.pg_request().is_some_and(|q| q.text == stmt))
         .expect("the request record on B");
     let approval = ran_with.body.approval.as_ref().unwrap();
     assert_eq!(

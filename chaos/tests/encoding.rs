@@ -187,7 +187,7 @@ async fn t7c_utf8_and_sql_ascii_sessions_run_exactly_what_is_recorded() {
     let records = node.records_after_sessions(cases.len() + 1).await;
     let recorded: Vec<String> = of_kind(&records, Kind::Request)
         .iter()
-        .map(|r| r.body.request.as_ref().unwrap().text.clone())
+        .map(|r| r.body.pg_request().unwrap().text.clone())
         .collect();
     let logged = logged_statements(&db, offset);
     assert_eq!(

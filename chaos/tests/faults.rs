@@ -32,7 +32,7 @@ fn audited(records: &[Record], prefix: &str) -> BTreeSet<String> {
     records
         .iter()
         .filter(|r| matches!(r.body.kind, Kind::Request | Kind::Response))
-        .filter_map(|r| r.body.request.as_ref())
+        .filter_map(|r| r.body.pg_request())
         .flat_map(|q| markers(&q.text, prefix))
         .collect()
 }
@@ -282,7 +282,7 @@ async fn t51_full_disk_refuses_before_the_target_and_loses_nothing() {
     assert!(missing.is_empty(), "executed without a record: {missing:?}");
     let on_record: Vec<String> = of_kind(&records, Kind::Blocked)
         .iter()
-        .filter_map(|r| r.body.request.as_ref())
+        .filter_map(|r| r.body.pg_request())
         .flat_map(|q| markers(&q.text, &prefix))
         .collect();
     assert_eq!(

@@ -73,11 +73,11 @@ async fn t10_psql_session_is_audited_verified_and_replayable() {
         assert!(req.seq < resp.seq);
         assert!(req.body.principal.is_some() && req.body.connection.is_some());
     }
-    let r0 = responses[0].body.response.as_ref().unwrap();
+    let r0 = responses[0].body.pg_response().unwrap();
     assert_eq!(r0.tags, vec!["SELECT 2"]);
     assert_eq!(r0.columns, vec!["name"]);
     assert_eq!(r0.result[1][0].as_deref(), Some("customer 2"));
-    let r1 = responses[1].body.response.as_ref().unwrap();
+    let r1 = responses[1].body.pg_response().unwrap();
     assert_eq!(responses[1].body.outcome, Some(Outcome::Error));
     assert_eq!(r1.error.as_ref().unwrap().sqlstate, "22012");
     assert_eq!(of_kind(&records, Kind::SessionEnd).len(), 1);
@@ -117,8 +117,7 @@ fn response_with_error<'a>(
 ) -> Option<&'a vigil_proto::record::Record> {
     responses.iter().copied().find(|r| {
         r.body
-            .response
-            .as_ref()
+            .pg_response()
             .and_then(|x| x.error.as_ref())
             .is_some_and(|e| e.sqlstate == sqlstate)
     })
@@ -199,25 +198,30 @@ async fn t11_extended_protocol_prepared_statements_transactions() {
         .iter()
         .filter(|r| {
             r.body
-                .request
-                .as_ref()
+                .pg_request()
                 .unwrap()
                 .text
                 .starts_with("INSERT INTO t")
         })
         .collect();
     assert_eq!(inserts.len(), 200, "one request record per execution");
-    let q = inserts[7].body.request.as_ref().unwrap();
-    assert_eq!(q.protocol, "extended");
+    let q = inserts[7].body.pg_request().unwrap();
+    assert_eq!(q.mode, "extended");
+    // The record names its protocol, in the form a SIEM reads it.
+    let raw: serde_json::Value = serde_json::to_value(&inserts[7]).unwrap();
+    assert_eq!(raw["v"], vigil_proto::record::SCHEMA_VERSION);
+    assert_eq!(raw["request"]["protocol"], "postgres", "{raw}");
+    assert_eq!(raw["request"]["mode"], "extended", "{raw}");
+    assert_eq!(raw["connection"]["protocol"], "postgres", "{raw}");
     assert_eq!(q.params.as_ref().unwrap()[1].as_deref(), Some("value 7"));
     let multi =
         response_with_error(&responses, "22012").expect("the multi-statement error is recorded");
-    assert_eq!(multi.body.response.as_ref().unwrap().tags, vec!["SELECT 1"]);
+    assert_eq!(multi.body.pg_response().unwrap().tags, vec!["SELECT 1"]);
     let missing =
         response_with_error(&responses, "42P01").expect("the extended-protocol error is recorded");
     assert_eq!(missing.body.outcome, Some(Outcome::Error));
     assert_eq!(
-        missing.body.request.as_ref().unwrap().text,
+        missing.body.pg_request().unwrap().text,
         "SELECT * FROM missing_table",
         "a statement that failed to parse is recorded with its text"
     );
@@ -264,8 +268,7 @@ async fn t12_copy_in_and_out() {
         .into_iter()
         .filter(|r| {
             r.body
-                .response
-                .as_ref()
+                .pg_response()
                 .unwrap()
                 .tags
                 .iter()
@@ -278,7 +281,7 @@ async fn t12_copy_in_and_out() {
         "COPY in and COPY out are both recorded: {records:#?}"
     );
     for c in copies {
-        assert!(c.body.response.as_ref().unwrap().bytes >= data.len() as u64);
+        assert!(c.body.pg_response().unwrap().bytes >= data.len() as u64);
     }
 }
 
@@ -306,7 +309,7 @@ async fn t13_cancel_reaches_the_right_backend() {
     let session = cancels[0].body.session.clone();
     let sleep_req = of_kind(&records, Kind::Request)
         .into_iter()
-        .find(|r| r.body.request.as_ref().unwrap().text.contains("pg_sleep"))
+        .find(|r| r.body.pg_request().unwrap().text.contains("pg_sleep"))
         .unwrap();
     assert_eq!(sleep_req.body.session, session);
 }
@@ -355,8 +358,7 @@ async fn t14_pgbench_init_and_all_query_modes() {
         .into_iter()
         .filter(|r| {
             r.body
-                .request
-                .as_ref()
+                .pg_request()
                 .unwrap()
                 .text
                 .contains("UPDATE pgbench_accounts")
@@ -556,11 +558,11 @@ async fn t1a_large_results_are_truncated_with_a_digest_of_the_rest() {
     let records = node.records().await;
     let resp = of_kind(&records, Kind::Response)
         .into_iter()
-        .find(|r| r.body.response.as_ref().unwrap().rows == 50)
+        .find(|r| r.body.pg_response().unwrap().rows == 50)
         .expect("the response record")
         .body
-        .response
-        .clone()
+        .pg_response()
+        .cloned()
         .unwrap();
     assert!(resp.truncated);
     let kept = resp.result.len();

@@ -369,8 +369,7 @@ async fn t70_evasion_corpus_on_both_protocols() {
         .into_iter()
         .filter(|r| {
             r.body
-                .request
-                .as_ref()
+                .pg_request()
                 .unwrap()
                 .text
                 .contains("DELETE FROM customers WHERE id = 99999")
@@ -422,7 +421,7 @@ tables = ["customers"]
     let records = node.records().await;
     let exec = of_kind(&records, Kind::Request)
         .into_iter()
-        .find(|r| r.body.request.as_ref().unwrap().text == "EXECUTE s(1)")
+        .find(|r| r.body.pg_request().unwrap().text == "EXECUTE s(1)")
         .unwrap();
     assert_eq!(exec.body.policy.as_ref().unwrap().rule, "default");
     assert_eq!(of_kind(&records, Kind::Blocked).len(), 2);
@@ -674,9 +673,9 @@ async fn t73_masking_of_results_audit_and_client_copies() {
     let records = node.records().await;
     let resp = of_kind(&records, Kind::Response)
         .into_iter()
-        .find(|r| r.body.response.as_ref().unwrap().columns == vec!["id", "name", "email", "card"])
+        .find(|r| r.body.pg_response().unwrap().columns == vec!["id", "name", "email", "card"])
         .unwrap();
-    let result = &resp.body.response.as_ref().unwrap().result;
+    let result = &resp.body.pg_response().unwrap().result;
     assert_eq!(result[0][1].as_deref(), Some(name_token.as_str()));
     let email = result[0][2].clone().unwrap();
     assert!(

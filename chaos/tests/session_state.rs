@@ -67,8 +67,7 @@ struct Recorded<'a> {
 fn requests(records: &[Record]) -> Vec<Recorded<'_>> {
     let error = |r: &&Record| {
         r.body
-            .response
-            .as_ref()
+            .pg_response()
             .and_then(|x| x.error.as_ref())
             .map(|e| e.message.clone())
     };
@@ -112,9 +111,9 @@ fn assert_records_name_what_ran(ran: &[Ran], records: &[Record], context: &str) 
                 panic!("{context}: PostgreSQL ran {r:?}, but no audit record names it");
             };
             i += 1;
-            let req = q.record.body.request.as_ref().expect("request");
+            let req = q.record.body.pg_request().expect("request");
             let prepared = req.prepared.first().map(|p| p.text.as_str());
-            if (req.protocol == "simple") == r.simple
+            if (req.mode == "simple") == r.simple
                 && req.text == r.text
                 && (r.prepared.is_none() || prepared == r.prepared.as_deref())
             {
@@ -131,7 +130,7 @@ fn assert_records_name_what_ran(ran: &[Ran], records: &[Record], context: &str) 
         assert!(
             q.failed,
             "{context}: the audit says {:?} ran, PostgreSQL did not run it",
-            q.record.body.request.as_ref().map(|r| &r.text)
+            q.record.body.pg_request().map(|r| &r.text)
         );
     }
 }
@@ -264,7 +263,7 @@ async fn t77_sql_prepare_and_deallocate_follow_the_target() {
     let z = records
         .iter()
         .filter(|r| r.body.kind == Kind::Request)
-        .filter_map(|r| r.body.request.as_ref())
+        .filter_map(|r| r.body.pg_request())
         .find(|r| r.text == "EXECUTE z")
         .expect("the EXECUTE z record");
     assert_eq!(z.prepared[0].name, "z");
@@ -272,12 +271,7 @@ async fn t77_sql_prepare_and_deallocate_follow_the_target() {
     // The replay shows what EXECUTE ran.
     let session = records
         .iter()
-        .find(|r| {
-            r.body
-                .request
-                .as_ref()
-                .is_some_and(|q| q.text == "EXECUTE z")
-        })
+        .find(|r| r.body.pg_request().is_some_and(|q| q.text == "EXECUTE z"))
         .and_then(|r| r.body.session.clone())
         .unwrap();
     let dir = s.node.files.audit_dir.to_string_lossy().into_owned();
@@ -289,7 +283,7 @@ async fn t77_sql_prepare_and_deallocate_follow_the_target() {
     );
     let q = records
         .iter()
-        .filter_map(|r| r.body.request.as_ref())
+        .filter_map(|r| r.body.pg_request())
         .find(|r| r.text.starts_with("PREPARE q AS SELECT 'first'; EXECUTE q"))
         .expect("the multi-statement record");
     assert_eq!(q.prepared[0].text, "PREPARE q AS SELECT 'first'");
@@ -334,7 +328,7 @@ async fn t78_descriptions_belong_to_what_was_described() {
     let responses: Vec<_> = records
         .iter()
         .filter(|r| r.body.kind == Kind::Response)
-        .filter_map(|r| r.body.response.as_ref())
+        .filter_map(|r| r.body.pg_response())
         .collect();
     assert!(responses.iter().any(|r| r.columns == ["first_col"]));
     for r in responses.iter().filter(|r| r.error.is_some()) {
@@ -368,8 +362,7 @@ async fn t79_settings_the_target_reports_are_recorded() {
         .find(|r| {
             r.body.kind == Kind::Request
                 && r.body
-                    .request
-                    .as_ref()
+                    .pg_request()
                     .is_some_and(|q| q.text == "SELECT 'after set'")
         })
         .expect("the request record");
@@ -575,8 +568,7 @@ async fn t7a_random_sequences_name_exactly_what_postgres_ran() {
                                 r.body.kind,
                                 r.body.stmt,
                                 r.body
-                                    .request
-                                    .as_ref()
+                                    .pg_request()
                                     .map(|q| (&q.text, &q.statement, &q.portal)),
                                 r.body.outcome,
                                 r.body.detail

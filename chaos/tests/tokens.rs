@@ -376,13 +376,9 @@ async fn t23_a_session_ends_when_its_token_expires() {
     assert!(cancels[0].seq < end[0].seq);
     let requests = of_kind(&records, Kind::Request);
     assert_eq!(requests.len(), 2);
-    assert!(requests.iter().all(|r| !r
-        .body
-        .request
-        .as_ref()
-        .unwrap()
-        .text
-        .contains("after expiry")));
+    assert!(requests
+        .iter()
+        .all(|r| !r.body.pg_request().unwrap().text.contains("after expiry")));
     // Every statement has its response record; the cancelled one says it got no answer.
     assert_eq!(of_kind(&records, Kind::Response).len(), 2);
     // The client reconnects with a fresh token; the old one is refused.

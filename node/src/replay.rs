@@ -9,7 +9,7 @@ use crate::display::{escape as esc, escape_lines};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use vigil_proto::record::{Kind, Outcome, Record};
+use vigil_proto::record::{Kind, Outcome, Record, Request, Response};
 
 /// An outcome as written in records (`success`, `denied` …), `-` when absent.
 fn outcome(o: Option<Outcome>) -> String {
@@ -201,56 +201,36 @@ pub fn render(records: &[Record]) -> String {
                         "\n[{}] #{} {}",
                         esc(&b.time),
                         b.stmt.unwrap_or(0),
-                        statement(&q.text)
+                        request_text(q)
                     );
-                    if let Some(params) = q.params.as_ref().filter(|p| !p.is_empty()) {
-                        let _ = writeln!(out, "  params {}", params_list(params));
-                    }
-                    // What `EXECUTE name` ran: the text the target held under the name.
-                    for p in &q.prepared {
-                        let _ = writeln!(out, "  runs {} = {}", esc(&p.name), statement(&p.text));
+                    if let Request::Postgres(q) = q {
+                        if let Some(params) = q.params.as_ref().filter(|p| !p.is_empty()) {
+                            let _ = writeln!(out, "  params {}", params_list(params));
+                        }
+                        // What `EXECUTE name` ran: the text the target held under the name.
+                        for p in &q.prepared {
+                            let _ =
+                                writeln!(out, "  runs {} = {}", esc(&p.name), statement(&p.text));
+                        }
                     }
                 }
             }
             Kind::Response => {
                 if let Some(resp) = &b.response {
+                    response(&mut out, b, resp);
+                }
+            }
+            Kind::Recording => {
+                if let Some(r) = &b.recording {
                     let _ = writeln!(
                         out,
-                        "  -> #{} {} {} rows, {} bytes, {} us{}",
-                        b.stmt.unwrap_or(0),
-                        outcome(b.outcome),
-                        resp.rows,
-                        resp.bytes,
-                        b.duration_us.unwrap_or(0),
-                        if resp.tags.is_empty() {
-                            String::new()
-                        } else {
-                            let tags: Vec<_> = resp.tags.iter().map(|t| esc(t)).collect();
-                            format!(" [{}]", tags.join(", "))
-                        }
+                        "  ~ channel {} {} bytes {}..{} sha256 {}",
+                        esc(&r.channel),
+                        esc(&r.direction),
+                        r.offset,
+                        r.offset.saturating_add(r.length),
+                        esc(&r.sha256)
                     );
-                    if let Some(e) = &resp.error {
-                        let _ =
-                            writeln!(out, "     error {} {}", esc(&e.sqlstate), esc(&e.message));
-                    }
-                    if !resp.columns.is_empty() {
-                        let columns: Vec<_> = resp.columns.iter().map(|c| esc(c)).collect();
-                        let _ = writeln!(out, "     | {}", columns.join(" | "));
-                    }
-                    for row in &resp.result {
-                        let cells: Vec<_> = row
-                            .iter()
-                            .map(|v| esc(v.as_deref().unwrap_or("NULL")))
-                            .collect();
-                        let _ = writeln!(out, "     | {}", cells.join(" | "));
-                    }
-                    if resp.truncated {
-                        let _ = writeln!(
-                            out,
-                            "     … truncated; sha256 of the remaining rows {}",
-                            esc(resp.digest.as_deref().unwrap_or("-"))
-                        );
-                    }
                 }
             }
             Kind::SessionEnd => {
@@ -268,13 +248,13 @@ pub fn render(records: &[Record]) -> String {
                     .as_ref()
                     .map(|p| format!(" (rule {})", esc(&p.rule)))
                     .unwrap_or_default();
-                let text = b.request.as_ref().map(|q| q.text.as_str()).unwrap_or("");
+                let text = b.request.as_ref().map(request_text).unwrap_or_default();
                 let _ = writeln!(
                     out,
                     "\n[{}] #{} {}\n  -> #{} REFUSED{rule}: {}",
                     esc(&b.time),
                     b.stmt.unwrap_or(0),
-                    statement(text),
+                    text,
                     b.stmt.unwrap_or(0),
                     esc(b.detail.as_deref().unwrap_or(""))
                 );
@@ -289,7 +269,7 @@ pub fn render(records: &[Record]) -> String {
                     esc(b.detail.as_deref().unwrap_or(""))
                 );
                 if let Some(q) = &b.request {
-                    let _ = writeln!(out, "  request {}", statement(&q.text));
+                    let _ = writeln!(out, "  request {}", request_text(q));
                 }
             }
         }
@@ -297,11 +277,114 @@ pub fn render(records: &[Record]) -> String {
     out
 }
 
+/// A request on one line, in its protocol's terms (safe to print).
+fn request_text(q: &Request) -> String {
+    match q {
+        Request::Postgres(q) => statement(&q.text).to_string(),
+        Request::Ssh(q) => format!(
+            "ssh channel {} {}{}",
+            q.channel,
+            esc(&q.request_type),
+            q.command
+                .as_deref()
+                .map(|c| format!(": {}", statement(c)))
+                .unwrap_or_default()
+        ),
+        Request::Kubernetes(q) => {
+            let mut what = esc(&q.verb).into_owned();
+            for part in [&q.resource, &q.subresource, &q.namespace, &q.name]
+                .into_iter()
+                .flatten()
+            {
+                what.push(' ');
+                what.push_str(&esc(part));
+            }
+            if !q.command.is_empty() {
+                what.push_str(": ");
+                what.push_str(&statement(&q.command.join(" ")));
+            }
+            format!("{what} ({} {})", esc(&q.method), esc(&q.path))
+        }
+    }
+}
+
+/// What came back for a request (safe to print).
+fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
+    let head = |out: &mut String, what: String| {
+        let _ = writeln!(
+            out,
+            "  -> #{} {} {what}, {} us",
+            b.stmt.unwrap_or(0),
+            outcome(b.outcome),
+            b.duration_us.unwrap_or(0),
+        );
+    };
+    match resp {
+        Response::Postgres(resp) => {
+            head(
+                out,
+                format!(
+                    "{} rows, {} bytes{}",
+                    resp.rows,
+                    resp.bytes,
+                    if resp.tags.is_empty() {
+                        String::new()
+                    } else {
+                        let tags: Vec<_> = resp.tags.iter().map(|t| esc(t)).collect();
+                        format!(" [{}]", tags.join(", "))
+                    }
+                ),
+            );
+            if let Some(e) = &resp.error {
+                let _ = writeln!(out, "     error {} {}", esc(&e.sqlstate), esc(&e.message));
+            }
+            if !resp.columns.is_empty() {
+                let columns: Vec<_> = resp.columns.iter().map(|c| esc(c)).collect();
+                let _ = writeln!(out, "     | {}", columns.join(" | "));
+            }
+            for row in &resp.result {
+                let cells: Vec<_> = row
+                    .iter()
+                    .map(|v| esc(v.as_deref().unwrap_or("NULL")))
+                    .collect();
+                let _ = writeln!(out, "     | {}", cells.join(" | "));
+            }
+            if resp.truncated {
+                let _ = writeln!(
+                    out,
+                    "     … truncated; sha256 of the remaining rows {}",
+                    esc(resp.digest.as_deref().unwrap_or("-"))
+                );
+            }
+        }
+        Response::Ssh(resp) => {
+            let exit = match (&resp.exit_status, &resp.exit_signal) {
+                (Some(s), _) => format!("exit {s}"),
+                (None, Some(sig)) => format!("signal {}", esc(sig)),
+                (None, None) => "no exit status".into(),
+            };
+            head(
+                out,
+                format!("{exit}, {} bytes in, {} out", resp.bytes_in, resp.bytes_out),
+            );
+            if let Some(e) = &resp.error {
+                let _ = writeln!(out, "     error {}", esc(&e.message));
+            }
+        }
+        Response::Kubernetes(resp) => {
+            head(out, format!("HTTP {}, {} bytes", resp.status, resp.bytes));
+            if let Some(e) = &resp.error {
+                let _ = writeln!(out, "     error {} {}", esc(&e.reason), esc(&e.message));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use vigil_proto::record::{Body, Connection, ErrorInfo, Principal, Request, Response};
+    use vigil_proto::record::{Body, Connection, PgError, PgRequest, PgResponse, Principal};
 
     const EVIL: &str = "x\r\n  -> #1 REFUSED: no\x1b[1A\x1b[2K\u{202e}devorppa\u{2066}\u{9b}2J";
 
@@ -311,7 +394,7 @@ mod tests {
         body.detail = Some(EVIL.into());
         f(&mut body);
         Record {
-            v: 1,
+            v: vigil_proto::record::SCHEMA_VERSION,
             stream: "n1".into(),
             seq: 0,
             prev: String::new(),
@@ -348,29 +431,76 @@ mod tests {
                 }));
             }),
             record(Kind::Request, |b| {
-                b.request = Some(Request {
+                b.request = Some(Request::Postgres(PgRequest {
                     text: evil(),
                     params: Some(vec![Some(evil()), None]),
                     ..Default::default()
-                });
+                }));
             }),
             record(Kind::Response, |b| {
-                b.response = Some(Response {
+                b.response = Some(Response::Postgres(PgResponse {
                     tags: vec![evil()],
                     columns: vec![evil()],
                     result: vec![vec![Some(evil()), None]],
                     truncated: true,
                     digest: Some(evil()),
-                    error: Some(ErrorInfo {
+                    error: Some(PgError {
                         sqlstate: evil(),
                         message: evil(),
                     }),
                     ..Default::default()
-                });
+                }));
             }),
             record(Kind::Blocked, |b| {
-                b.request = Some(Request {
+                b.request = Some(Request::Postgres(PgRequest {
                     text: evil(),
+                    ..Default::default()
+                }));
+            }),
+            record(Kind::Request, |b| {
+                b.request = Some(Request::Ssh(vigil_proto::record::SshRequest {
+                    request_type: evil(),
+                    command: Some(evil()),
+                    ..Default::default()
+                }));
+            }),
+            record(Kind::Response, |b| {
+                b.response = Some(Response::Ssh(vigil_proto::record::SshResponse {
+                    exit_signal: Some(evil()),
+                    error: Some(vigil_proto::record::SshError {
+                        reason_code: None,
+                        message: evil(),
+                    }),
+                    ..Default::default()
+                }));
+            }),
+            record(Kind::Request, |b| {
+                b.request = Some(Request::Kubernetes(vigil_proto::record::KubeRequest {
+                    verb: evil(),
+                    method: evil(),
+                    path: evil(),
+                    resource: Some(evil()),
+                    namespace: Some(evil()),
+                    name: Some(evil()),
+                    command: vec![evil(), evil()],
+                    ..Default::default()
+                }));
+            }),
+            record(Kind::Response, |b| {
+                b.response = Some(Response::Kubernetes(vigil_proto::record::KubeResponse {
+                    status: 403,
+                    bytes: 0,
+                    error: Some(vigil_proto::record::KubeError {
+                        reason: evil(),
+                        message: evil(),
+                    }),
+                }));
+            }),
+            record(Kind::Recording, |b| {
+                b.recording = Some(vigil_proto::record::Recording {
+                    channel: evil(),
+                    direction: evil(),
+                    sha256: evil(),
                     ..Default::default()
                 });
             }),
@@ -401,6 +531,7 @@ mod tests {
             "     error ",
             "     | ",
             "     … truncated",
+            "  ~ channel ",
             "[",
         ];
         for line in out.lines().filter(|l| !l.is_empty()) {

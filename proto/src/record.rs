@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// The version of the record schema written by this code (`v` in every record).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What a record describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,8 @@ pub enum Kind {
     Request,
     /// What the target answered to a request (same `stmt`).
     Response,
+    /// A chunk of a recorded terminal or exec stream (`recording`).
+    Recording,
     /// A request the gateway refused on its own (never reached the target).
     Blocked,
     /// A CancelRequest forwarded to the target.
@@ -77,7 +79,7 @@ pub struct Principal {
 /// The client connection and the target it reaches.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
-    /// `postgres` today; `ssh`, `kubernetes` later.
+    /// `postgres`, `ssh` or `kubernetes`: the protocol of every request of the session.
     pub protocol: String,
     pub client_addr: String,
     pub client_tls: bool,
@@ -92,11 +94,49 @@ pub struct Connection {
     pub application: Option<String>,
 }
 
-/// A statement or command as the client sent it.
+/// A request as the client sent it, in its protocol's own terms (`protocol` names which).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum Request {
+    Postgres(PgRequest),
+    Ssh(SshRequest),
+    Kubernetes(KubeRequest),
+}
+
+/// What came back for one request, in its protocol's own terms (`protocol` names which).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum Response {
+    Postgres(PgResponse),
+    Ssh(SshResponse),
+    Kubernetes(KubeResponse),
+}
+
+impl Request {
+    /// The PostgreSQL request, if this is one.
+    pub fn postgres(&self) -> Option<&PgRequest> {
+        match self {
+            Request::Postgres(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl Response {
+    /// The PostgreSQL response, if this is one.
+    pub fn postgres(&self) -> Option<&PgResponse> {
+        match self {
+            Response::Postgres(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// A PostgreSQL statement as the client sent it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
+pub struct PgRequest {
     /// `simple` (Query message), `extended` (Execute of a bound portal), `function_call`.
-    pub protocol: String,
+    pub mode: String,
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement: Option<String>,
@@ -149,16 +189,16 @@ pub struct PreparedText {
     pub text: String,
 }
 
-/// An error reported by the target (or by the gateway).
+/// An error reported by a PostgreSQL target (or by the gateway in its place).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorInfo {
+pub struct PgError {
     pub sqlstate: String,
     pub message: String,
 }
 
-/// What came back for one request.
+/// What came back for one PostgreSQL request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response {
+pub struct PgResponse {
     /// Command tags in order (`SELECT 1`, `INSERT 0 3` …), one per completed statement.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -180,7 +220,139 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorInfo>,
+    pub error: Option<PgError>,
+}
+
+/// An SSH channel request (exec, shell, subsystem, forward …) as the client sent it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshRequest {
+    /// The channel number the client chose.
+    pub channel: u32,
+    /// The channel or request type: `exec`, `shell`, `subsystem`, `pty-req`, `env`,
+    /// `direct-tcpip`, `x11-req` …
+    pub request_type: String,
+    /// The command line of an `exec`, the subsystem name of a `subsystem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The login on the target host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    /// `host:port` of a forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
+}
+
+/// How an SSH channel request ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshResponse {
+    pub channel: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_signal: Option<String>,
+    /// Bytes that went to the target and came back on the channel.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<SshError>,
+}
+
+/// Why an SSH request failed (channel open failure, refused request, broken connection).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshError {
+    /// The channel-open failure reason code (RFC 4254 §5.1), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<u32>,
+    pub message: String,
+}
+
+/// A Kubernetes API request, as the gateway resolved it from the HTTP request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeRequest {
+    /// The Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection …
+    pub verb: String,
+    pub method: String,
+    pub path: String,
+    /// Empty for the core group.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_group: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subresource: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The command of an exec, as its argument vector.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Hex SHA-256 of the request body, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
+}
+
+/// What the API server answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<KubeError>,
+}
+
+/// A failed Kubernetes request: the `Status` object's reason and message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeError {
+    pub reason: String,
+    pub message: String,
+}
+
+/// A chunk of a recorded stream (a terminal, an exec stream): the bytes themselves are kept
+/// apart, and the record proves them: a replay whose bytes hash to `sha256` at `offset` is what
+/// crossed the wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recording {
+    /// The SSH channel number or the Kubernetes exec stream the bytes crossed on.
+    pub channel: String,
+    /// `input` (client to target), `output` or `error` (target to client).
+    pub direction: String,
+    /// Bytes of this channel and direction before this chunk.
+    pub offset: u64,
+    pub length: u64,
+    /// Hex SHA-256 of the chunk's bytes.
+    pub sha256: String,
+    /// Where the bytes are kept.
+    pub store: ChunkStore,
+}
+
+/// Where a recorded chunk's bytes are kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChunkStore {
+    /// In the record itself, base64 (standard alphabet, padded).
+    Inline { data: String },
+    /// In a file next to the stream, at this byte offset.
+    File { path: String, offset: u64 },
+}
+
+impl Default for ChunkStore {
+    fn default() -> Self {
+        ChunkStore::Inline {
+            data: String::new(),
+        }
+    }
+}
+
+impl Recording {
+    /// Whether `bytes` are the chunk this record describes.
+    pub fn proves(&self, bytes: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        bytes.len() as u64 == self.length && hex::encode(Sha256::digest(bytes)) == self.sha256
+    }
 }
 
 /// The policy that decided.
@@ -240,6 +412,8 @@ pub struct Body {
     pub masked: std::collections::BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<Recording>,
 }
 
 impl Body {
@@ -261,7 +435,18 @@ impl Body {
             detail: None,
             masked: Default::default(),
             approval: None,
+            recording: None,
         }
+    }
+
+    /// The PostgreSQL request of this record, if it has one.
+    pub fn pg_request(&self) -> Option<&PgRequest> {
+        self.request.as_ref().and_then(Request::postgres)
+    }
+
+    /// The PostgreSQL response of this record, if it has one.
+    pub fn pg_response(&self) -> Option<&PgResponse> {
+        self.response.as_ref().and_then(Response::postgres)
     }
 }
 
@@ -293,6 +478,22 @@ mod tests {
     /// Every key of `value` is declared in `schema` (recursively), and every enum value is
     /// allowed.
     fn conforms(path: &str, value: &Value, schema: &Value) {
+        if let Some(branches) = schema.get("oneOf").and_then(Value::as_array) {
+            // Tagged by `protocol` (requests, responses) or `kind` (chunk stores): the branch
+            // whose tag allows the value's tag.
+            let branch = branches
+                .iter()
+                .find(|b| {
+                    ["protocol", "kind"].iter().any(|tag| {
+                        let allowed = &b["properties"][tag]["enum"];
+                        value
+                            .get(tag)
+                            .is_some_and(|t| allowed.as_array().is_some_and(|a| a.contains(t)))
+                    })
+                })
+                .unwrap_or_else(|| panic!("{path}: {value} matches no branch of oneOf"));
+            return conforms(path, value, branch);
+        }
         if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
             assert!(
                 allowed.contains(value),
@@ -346,6 +547,7 @@ mod tests {
             | Kind::SessionEnd
             | Kind::Request
             | Kind::Response
+            | Kind::Recording
             | Kind::Blocked
             | Kind::Cancel
             | Kind::ProtocolError
@@ -359,6 +561,7 @@ mod tests {
             Kind::SessionEnd,
             Kind::Request,
             Kind::Response,
+            Kind::Recording,
             Kind::Blocked,
             Kind::Cancel,
             Kind::ProtocolError,
@@ -368,6 +571,23 @@ mod tests {
         .into_iter()
         .map(listed)
         .collect()
+    }
+
+    #[test]
+    fn a_chunk_record_proves_its_bytes() {
+        use sha2::{Digest, Sha256};
+        let bytes = b"$ uptime\r\n";
+        let r = Recording {
+            channel: "0".into(),
+            direction: "output".into(),
+            offset: 0,
+            length: bytes.len() as u64,
+            sha256: hex::encode(Sha256::digest(bytes)),
+            store: ChunkStore::default(),
+        };
+        assert!(r.proves(bytes));
+        assert!(!r.proves(b"$ uptime\r\r"));
+        assert!(!r.proves(&bytes[1..]));
     }
 
     /// The published JSON Schema describes every field a node writes, with every value set.
@@ -400,8 +620,8 @@ mod tests {
             application: Some("psql".into()),
         }));
         body.stmt = Some(1);
-        body.request = Some(Request {
-            protocol: "extended".into(),
+        body.request = Some(Request::Postgres(PgRequest {
+            mode: "extended".into(),
             text: "SELECT $1".into(),
             statement: Some("s".into()),
             portal: Some("p".into()),
@@ -418,10 +638,10 @@ mod tests {
                     format: "binary".into(),
                     type_oid: 23,
                 }],
-                hash: "ab".into(),
+                hash: "ab".repeat(32),
             }),
-        });
-        body.response = Some(Response {
+        }));
+        body.response = Some(Response::Postgres(PgResponse {
             tags: vec!["SELECT 1".into()],
             rows: 1,
             bytes: 1,
@@ -429,11 +649,11 @@ mod tests {
             result: vec![vec![Some("1".into()), None]],
             truncated: true,
             digest: Some("ab".repeat(32)),
-            error: Some(ErrorInfo {
+            error: Some(PgError {
                 sqlstate: "42501".into(),
                 message: "m".into(),
             }),
-        });
+        }));
         body.outcome = Some(Outcome::Denied);
         body.duration_us = Some(7);
         body.policy = Some(PolicyRef {
@@ -447,9 +667,74 @@ mod tests {
             state: "consumed".into(),
             by: vec!["alice".into()],
         });
+        body.recording = Some(Recording {
+            channel: "0".into(),
+            direction: "output".into(),
+            offset: 0,
+            length: 2,
+            sha256: "ab".repeat(32),
+            store: ChunkStore::File {
+                path: "n1-1.rec".into(),
+                offset: 0,
+            },
+        });
         let mut chain = crate::chain::Chain::new("n1:1");
-        let record: Value = serde_json::from_slice(&chain.seal(&body)).unwrap();
+        let sealed = chain.seal(&body);
+        let record: Value = serde_json::from_slice(&sealed).unwrap();
         conforms("record", &record, &schema);
+        assert_eq!(Record::parse(&sealed).unwrap().body, body, "reads back");
+        // The other protocols' requests and responses, and an inline chunk.
+        body.request = Some(Request::Ssh(SshRequest {
+            channel: 0,
+            request_type: "exec".into(),
+            command: Some("uptime".into()),
+            login: Some("ubuntu".into()),
+            forward: Some("db:5432".into()),
+        }));
+        body.response = Some(Response::Ssh(SshResponse {
+            channel: 0,
+            exit_status: Some(0),
+            exit_signal: Some("KILL".into()),
+            bytes_in: 1,
+            bytes_out: 2,
+            error: Some(SshError {
+                reason_code: Some(1),
+                message: "m".into(),
+            }),
+        }));
+        body.recording = Some(Recording {
+            store: ChunkStore::Inline {
+                data: "aGk=".into(),
+            },
+            ..body.recording.take().unwrap()
+        });
+        let sealed = chain.seal(&body);
+        conforms("record", &serde_json::from_slice(&sealed).unwrap(), &schema);
+        assert_eq!(Record::parse(&sealed).unwrap().body, body, "reads back");
+        body.request = Some(Request::Kubernetes(KubeRequest {
+            verb: "create".into(),
+            method: "POST".into(),
+            path: "/api/v1/namespaces/a/pods/p/exec".into(),
+            api_group: "apps".into(),
+            api_version: "v1".into(),
+            resource: Some("pods".into()),
+            subresource: Some("exec".into()),
+            namespace: Some("a".into()),
+            name: Some("p".into()),
+            command: vec!["sh".into()],
+            body_sha256: Some("ab".repeat(32)),
+        }));
+        body.response = Some(Response::Kubernetes(KubeResponse {
+            status: 403,
+            bytes: 3,
+            error: Some(KubeError {
+                reason: "Forbidden".into(),
+                message: "m".into(),
+            }),
+        }));
+        let sealed = chain.seal(&body);
+        conforms("record", &serde_json::from_slice(&sealed).unwrap(), &schema);
+        assert_eq!(Record::parse(&sealed).unwrap().body, body, "reads back");
         for kind in every_kind() {
             let v = serde_json::to_value(kind).unwrap();
             conforms("kind", &v, &schema["properties"]["kind"]);

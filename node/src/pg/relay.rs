@@ -33,8 +33,8 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use vigil_proto::record::{
-    ApprovalRef, Body, Connection, ErrorInfo, Kind, Outcome, PolicyRef, PreparedText, Principal,
-    Request, Response,
+    ApprovalRef, Body, Connection, Kind, Outcome, PgError, PgRequest, PgResponse, PolicyRef,
+    PreparedText, Principal, Request, Response,
 };
 
 /// Holds a statement that needs approval until the coordinator's answer (see
@@ -46,7 +46,7 @@ async fn hold(
     ctx: &PgContext,
     session: &Session,
     stmt: u64,
-    request: &Request,
+    request: &PgRequest,
     decision: &Decision,
     binding: &Binding<'_>,
     hash: &str,
@@ -95,7 +95,7 @@ async fn hold(
         let mut rec = session.body(audit, kind);
         rec.stmt = Some(stmt);
         if step.requested {
-            rec.request = Some(shown.clone());
+            rec.request = Some(Request::Postgres(shown.clone()));
             rec.masked = masked.clone();
         }
         rec.outcome = Some(step.outcome);
@@ -131,7 +131,7 @@ fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
 
 /// Masks the audit copy of a request (statement text and bind parameters) with the
 /// detectors; the target still gets the original.
-fn mask_request(ctx: &PgContext, request: &mut Request) -> Counts {
+fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
     let mut counts = Counts::new();
     let masker = &ctx.masker;
     if !masker.is_active() {
@@ -215,7 +215,7 @@ struct Unit {
     stmt: u64,
     /// Set when the response record must carry the request itself (a Parse that failed: no
     /// request record was written because nothing was executed).
-    request: Option<Request>,
+    request: Option<PgRequest>,
     started: Instant,
     /// The portal an Execute runs (for the columns of its rows).
     portal: Option<Arc<Portal>>,
@@ -680,11 +680,11 @@ impl ClientHalf {
         let class = self.classify(text);
         let resolved = self.resolve(text, &class, out).await?;
         let decision = self.decide(&class, &resolved);
-        let request = Request {
-            protocol: "simple".into(),
+        let request = PgRequest {
+            mode: "simple".into(),
             text: text.to_string(),
             prepared: resolved.prepared,
-            ..Request::default()
+            ..PgRequest::default()
         };
         let mut request = request;
         let approval = if decision.action == Action::RequireApproval {
@@ -758,11 +758,11 @@ impl ClientHalf {
         let decision = self.decide(&class, &Resolved::default());
         if decision.blocks() && decision.action != Action::RequireApproval {
             // A blocked statement is never prepared.
-            let request = Request {
-                protocol: "extended".into(),
+            let request = PgRequest {
+                mode: "extended".into(),
                 text: query.to_string(),
                 statement: Some(name.to_string()),
-                ..Request::default()
+                ..PgRequest::default()
             };
             self.block(request, &decision, false, out);
             self.skip_until_sync = true;
@@ -803,11 +803,11 @@ impl ClientHalf {
     ) -> Result<(), Halt> {
         let bind = messages::parse_bind(body)?;
         let Some(stmt) = self.statement(bind.statement, out).await? else {
-            let request = Request {
-                protocol: "extended".into(),
+            let request = PgRequest {
+                mode: "extended".into(),
                 statement: Some(bind.statement.to_string()),
                 portal: Some(bind.portal.to_string()),
-                ..Request::default()
+                ..PgRequest::default()
             };
             self.refuse_unknown("prepared statement", bind.statement, request, out);
             return Ok(());
@@ -856,22 +856,22 @@ impl ClientHalf {
     ) -> Result<(), Halt> {
         let (name, _max_rows) = messages::parse_execute(body)?;
         let Some(portal) = self.portal(name, out).await? else {
-            let request = Request {
-                protocol: "extended".into(),
+            let request = PgRequest {
+                mode: "extended".into(),
                 portal: Some(name.to_string()),
-                ..Request::default()
+                ..PgRequest::default()
             };
             self.refuse_unknown("portal", name, request, out);
             return Ok(());
         };
         let stmt = portal.stmt.clone();
-        let mut request = Request {
-            protocol: "extended".into(),
+        let mut request = PgRequest {
+            mode: "extended".into(),
             text: stmt.text.to_string(),
             statement: Some(portal.statement.clone()),
             portal: Some(name.to_string()),
             params: Some(portal.params.clone()),
-            ..Request::default()
+            ..PgRequest::default()
         };
         let resolved = self.resolve(&stmt.text, &stmt.class, out).await?;
         // A statement that runs others by name is decided now, on what they hold now; any
@@ -959,11 +959,11 @@ impl ClientHalf {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
         rec.stmt = Some(stmt);
-        rec.request = Some(Request {
-            protocol: "function_call".into(),
+        rec.request = Some(Request::Postgres(PgRequest {
+            mode: "function_call".into(),
             text: format!("function call, {} bytes", body.len()),
-            ..Request::default()
-        });
+            ..PgRequest::default()
+        }));
         rec.outcome = Some(Outcome::Blocked);
         rec.policy = Some(PolicyRef {
             rule: "function-call".into(),
@@ -1228,7 +1228,7 @@ impl ClientHalf {
     }
 
     /// Refuses a message that names a statement or portal the gateway cannot vouch for.
-    fn refuse_unknown(&mut self, what: &str, name: &str, request: Request, out: &mut BytesMut) {
+    fn refuse_unknown(&mut self, what: &str, name: &str, request: PgRequest, out: &mut BytesMut) {
         let decision = gateway_block(
             "unknown-prepared-statement",
             format!("the gateway cannot tell what {what} {name:?} holds, so it does not run it"),
@@ -1239,11 +1239,11 @@ impl ClientHalf {
 
     /// Refuses a statement the policy blocks: a `blocked` record, then ErrorResponse 42501
     /// (and ReadyForQuery if `ready`). The session continues.
-    fn mask_request(&self, request: &mut Request) -> Counts {
+    fn mask_request(&self, request: &mut PgRequest) -> Counts {
         mask_request(&self.ctx, request)
     }
 
-    fn block(&mut self, request: Request, decision: &Decision, simple: bool, out: &mut BytesMut) {
+    fn block(&mut self, request: PgRequest, decision: &Decision, simple: bool, out: &mut BytesMut) {
         let reason = decision
             .reason
             .clone()
@@ -1265,7 +1265,7 @@ impl ClientHalf {
     /// Refuses a held statement the approval flow did not let run.
     fn refuse_held(
         &mut self,
-        request: Request,
+        request: PgRequest,
         decision: &Decision,
         refusal: Verdict,
         simple: bool,
@@ -1282,7 +1282,7 @@ impl ClientHalf {
     /// The session continues.
     fn refuse_recorded(
         &mut self,
-        mut request: Request,
+        mut request: PgRequest,
         decision: &Decision,
         refusal: Verdict,
         detail: String,
@@ -1302,7 +1302,7 @@ impl ClientHalf {
         let masked = self.mask_request(&mut request);
         let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
         rec.stmt = Some(stmt);
-        rec.request = Some(request);
+        rec.request = Some(Request::Postgres(request));
         rec.outcome = Some(outcome);
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
@@ -1317,7 +1317,7 @@ impl ClientHalf {
     /// be written (or the spool is full) and the statement must not reach the target.
     fn audit_request(
         &mut self,
-        mut request: Request,
+        mut request: PgRequest,
         decided: Option<(PolicyRef, Option<String>)>,
         approval: Option<ApprovalRef>,
     ) -> Result<Unit, AuditError> {
@@ -1325,7 +1325,7 @@ impl ClientHalf {
         let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
         rec.stmt = Some(stmt);
         rec.masked = self.mask_request(&mut request);
-        rec.request = Some(request);
+        rec.request = Some(Request::Postgres(request));
         rec.approval = approval;
         if let Some((policy, note)) = decided {
             rec.policy = Some(policy);
@@ -1407,7 +1407,7 @@ struct ColMask {
 /// What came back so far for the statement at the head of the queue.
 #[derive(Default)]
 struct Acc {
-    response: Response,
+    response: PgResponse,
     result_bytes: usize,
     hasher: Option<Sha256>,
     copy_out: u64,
@@ -1456,7 +1456,7 @@ struct TargetHalf {
     /// An extended-protocol batch failed and its Sync has not been queued yet: what the
     /// client half queues until then never runs. Holds the batch's error until a statement
     /// carries it.
-    discarding: Option<Option<ErrorInfo>>,
+    discarding: Option<Option<PgError>>,
 }
 
 impl TargetHalf {
@@ -1725,7 +1725,7 @@ impl TargetHalf {
     fn on_error(&mut self, body: &[u8]) -> Option<Bytes> {
         self.end_copy_in();
         let (sqlstate, message) = messages::parse_error_fields(body);
-        let error = ErrorInfo { sqlstate, message };
+        let error = PgError { sqlstate, message };
         match self.queue.front() {
             // The stand-in failed as intended: the client sees the gateway's error.
             Some(Pending::StandIn { error, simple }) => {
@@ -1786,18 +1786,18 @@ impl TargetHalf {
     /// first statement in that range carries the error; the others never ran. Whatever they
     /// would have added to the tables is not there; whatever they would have removed is
     /// forgotten anyway.
-    fn batch_failed(&mut self, error: ErrorInfo) {
+    fn batch_failed(&mut self, error: PgError) {
         let mut error = Some(error);
         if let Some(Pending::Parse { name, text, ops }) = self.queue.front() {
             // A statement that does not parse never runs; its attempt is recorded with the
             // error.
             self.tables.settle(ops, false);
             let mut unit = Unit::new(self.stmts.fetch_add(1, Ordering::Relaxed) + 1);
-            unit.request = Some(Request {
-                protocol: "extended".into(),
+            unit.request = Some(PgRequest {
+                mode: "extended".into(),
                 text: text.to_string(),
                 statement: Some(name.clone()),
-                ..Request::default()
+                ..PgRequest::default()
             });
             self.queue.pop_front();
             self.acc.response.error = error.take();
@@ -1830,7 +1830,7 @@ impl TargetHalf {
                     self.tables.settle(&ops, false);
                 }
                 Some(Pending::Execute(unit) | Pending::Query(unit)) => {
-                    self.acc.response.error = Some(error.take().unwrap_or_else(|| ErrorInfo {
+                    self.acc.response.error = Some(error.take().unwrap_or_else(|| PgError {
                         sqlstate: String::new(),
                         message: "not executed: an earlier message of the batch failed".into(),
                     }));
@@ -2083,9 +2083,9 @@ impl TargetHalf {
             .inc();
         let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
         rec.stmt = Some(unit.stmt);
-        rec.request = request;
+        rec.request = request.map(Request::Postgres);
         rec.masked = acc.masked;
-        rec.response = Some(acc.response);
+        rec.response = Some(Response::Postgres(acc.response));
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
         self.ctx.audit.record(rec);
@@ -2098,7 +2098,7 @@ impl TargetHalf {
         }
         while let Some(p) = self.queue.pop_front() {
             if let Pending::Execute(unit) | Pending::Query(unit) = p {
-                self.acc.response.error = Some(ErrorInfo {
+                self.acc.response.error = Some(PgError {
                     sqlstate: String::new(),
                     message: "no answer: the session ended first".into(),
                 });
