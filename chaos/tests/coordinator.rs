@@ -18,16 +18,25 @@ fn new_request(id: &str, hash: &str) -> pb::CreateApprovalRequest {
             subject: "agent-ops".into(),
             groups: vec!["ops".into()],
         }),
-        connection: "app".into(),
-        statement_hash: hash.into(),
-        statement: format!("DELETE FROM customers WHERE id = {id}"),
+        key: Some(pb::ActionKey {
+            scope: Some(pg_scope("app")),
+            hash: hash.into(),
+        }),
+        action: format!("DELETE FROM customers WHERE id = {id}"),
         reason: "cleanup".into(),
         ttl_ms: 600_000,
         approver_group: "approvers".into(),
         approvals_required: 1,
         node: "test".into(),
         rule: "writes".into(),
-        binding: None,
+        shown: None,
+    }
+}
+
+fn pg_scope(target: &str) -> pb::Scope {
+    pb::Scope {
+        protocol: "postgres".into(),
+        target: target.into(),
     }
 }
 
@@ -247,7 +256,7 @@ async fn t83_a_paused_old_leader_serves_no_stale_authorisation() {
     let grant = nodes
         .create_grant(pb::CreateGrantRequest {
             subject: "agent-ops".into(),
-            connection: "app".into(),
+            scope: Some(pg_scope("app")),
             access_class: "write".into(),
             not_before_ms: now,
             not_after_ms: now + 3_600_000,
@@ -258,7 +267,7 @@ async fn t83_a_paused_old_leader_serves_no_stale_authorisation() {
         .expect("grant");
     let check = pb::CheckGrantRequest {
         subject: "agent-ops".into(),
-        connection: "app".into(),
+        scope: Some(pg_scope("app")),
         access_class: "write".into(),
     };
     assert!(nodes
@@ -327,7 +336,7 @@ async fn t84_a_full_cluster_restart_keeps_everything() {
     let grant = nodes
         .create_grant(pb::CreateGrantRequest {
             subject: "agent-ops".into(),
-            connection: "app".into(),
+            scope: Some(pg_scope("app")),
             access_class: "write".into(),
             not_before_ms: now,
             not_after_ms: now + 3_600_000,
@@ -436,7 +445,7 @@ async fn t86_unauthenticated_and_malformed_calls_are_refused() {
     let e = alice
         .create_grant(pb::CreateGrantRequest {
             subject: "agent-ops".into(),
-            connection: "app".into(),
+            scope: Some(pg_scope("app")),
             access_class: "write".into(),
             duration_ms: 60_000,
             ..Default::default()

@@ -45,7 +45,7 @@ enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
-    /// Time-windowed grants: "this principal may use this access class on this connection".
+    /// Time-windowed grants: "this principal may use this access class on this target".
     Grants {
         #[command(subcommand)]
         command: GrantCommand,
@@ -134,12 +134,16 @@ enum ApprovalCommand {
 
 #[derive(Subcommand)]
 enum GrantCommand {
-    /// Let SUBJECT use CLASS on CONNECTION for a while.
+    /// Let SUBJECT use CLASS on TARGET (of PROTOCOL) for a while.
     Create {
         #[arg(long)]
         subject: String,
-        #[arg(long)]
-        connection: String,
+        /// The protocol of the target: postgres, ssh or kubernetes.
+        #[arg(long, default_value = "postgres")]
+        protocol: String,
+        /// The target's configured name (for PostgreSQL, the connection name).
+        #[arg(long, alias = "connection")]
+        target: String,
         /// The access class a rule's `grant_class` names (e.g. `write`).
         #[arg(long = "class")]
         access_class: String,
@@ -430,21 +434,34 @@ fn one_line(s: &str, max: usize) -> String {
     }
 }
 
+/// `protocol/target`, printable.
+fn scope(s: Option<&pb::Scope>) -> String {
+    let s = s.cloned().unwrap_or_default();
+    format!("{}/{}", esc(&s.protocol), esc(&s.target))
+}
+
 fn show_approval(a: &pb::Approval) -> String {
     let requester = a.requester.clone().unwrap_or_default();
+    let key = a.key.clone().unwrap_or_default();
+    // PostgreSQL users read "statement"; other protocols' actions are commands or requests.
+    let what = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
+        Some(pb::shown_action::Protocol::Postgres(_)) => "statement",
+        None => "action   ",
+    };
     let mut out = format!(
-        "id          {}\nstate       {}\nrequester   {}\nconnection  {}\nrule        {}\nnode        {}\nstatement   {}\nhash        {}\n",
+        "id          {}\nstate       {}\nrequester   {}\ntarget      {}\nrule        {}\nnode        {}\n{what}   {}\nhash        {}\n",
         esc(&a.id),
         esc(&a.state),
         esc(&requester.subject),
-        esc(&a.connection),
+        scope(key.scope.as_ref()),
         esc(&a.rule),
         esc(&a.node),
-        escape_lines(&a.statement, ""),
-        esc(&a.statement_hash)
+        escape_lines(&a.action, ""),
+        esc(&key.hash)
     );
-    if let Some(b) = &a.binding {
-        out += &show_binding(b);
+    match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
+        Some(pb::shown_action::Protocol::Postgres(b)) => out += &show_binding(b),
+        None => {}
     }
     if !a.reason.is_empty() {
         out += &format!("reason      {}\n", esc(&a.reason));
@@ -479,7 +496,7 @@ fn show_approval(a: &pb::Approval) -> String {
 /// Everything an approval binds besides the statement text: what runs by name, each
 /// parameter (value, format, declared type), and the session's settings.
 fn show_binding(b: &pb::StatementBinding) -> String {
-    let mut out = format!("protocol    {}\n", esc(&b.protocol));
+    let mut out = format!("mode        {}\n", esc(&b.mode));
     for r in &b.runs {
         out += &format!(
             "runs        {} = {}\n",
@@ -514,7 +531,7 @@ fn show_grant(g: &pb::Grant) -> String {
         "{}  {}  {}  {}  {} .. {}  by {}{}{}",
         esc(&g.id),
         esc(&g.subject),
-        esc(&g.connection),
+        scope(g.scope.as_ref()),
         esc(&g.access_class),
         time(g.not_before_ms),
         time(g.not_after_ms),
@@ -607,10 +624,10 @@ async fn coordinator_command(
                         esc(&a.id),
                         esc(&a.state),
                         esc(&a.requester.clone().unwrap_or_default().subject),
-                        esc(&a.connection),
+                        scope(a.key.as_ref().and_then(|k| k.scope.as_ref())),
                         esc(&a.rule),
                         time(a.created_at_ms),
-                        esc(&one_line(&a.statement, 60))
+                        esc(&one_line(&a.action, 60))
                     );
                 }
                 if list.approvals.is_empty() {
@@ -627,7 +644,8 @@ async fn coordinator_command(
         CoordinatorCommand::Grants(command) => match command {
             GrantCommand::Create {
                 subject,
-                connection,
+                protocol,
+                target,
                 access_class,
                 minutes,
                 reason,
@@ -635,7 +653,7 @@ async fn coordinator_command(
                 let g = client
                     .create_grant(pb::CreateGrantRequest {
                         subject,
-                        connection,
+                        scope: Some(pb::Scope { protocol, target }),
                         access_class,
                         duration_ms: minutes.saturating_mul(60_000),
                         reason: reason.unwrap_or_default(),

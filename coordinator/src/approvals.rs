@@ -38,17 +38,68 @@ pub struct Vote {
     pub at: Millis,
 }
 
-/// What a gateway node asks for when it holds a statement.
+/// The protocols whose actions are approved and granted.
+pub const PROTOCOLS: [&str; 3] = ["postgres", "ssh", "kubernetes"];
+
+/// Where an approval or a grant applies: one target of one protocol. A PostgreSQL connection
+/// and an SSH target of the same name are different scopes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Scope {
+    /// One of [`PROTOCOLS`].
+    pub protocol: String,
+    /// The configured name of the target (a PostgreSQL connection, an SSH target, a cluster).
+    pub target: String,
+}
+
+impl Scope {
+    pub fn new(protocol: &str, target: &str) -> Self {
+        Self {
+            protocol: protocol.into(),
+            target: target.into(),
+        }
+    }
+
+    /// Why this scope cannot be stored, if it cannot.
+    pub fn invalid(&self) -> Option<String> {
+        if !PROTOCOLS.contains(&self.protocol.as_str()) {
+            return Some(format!(
+                "unknown protocol {:?} (one of {})",
+                self.protocol,
+                PROTOCOLS.join(", ")
+            ));
+        }
+        self.target
+            .is_empty()
+            .then(|| "a scope needs a target".to_string())
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.protocol, self.target)
+    }
+}
+
+/// One exact action on one scope: what an approval is for. `hash` covers what would run (SQL
+/// text and bind parameters, an SSH command line, an HTTP method, path and body), as the
+/// protocol defines it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ActionKey {
+    #[serde(flatten)]
+    pub scope: Scope,
+    /// Hex SHA-256.
+    pub hash: String,
+}
+
+/// What a gateway node asks for when it holds an action.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewRequest {
     /// Chosen by the node; unique.
     pub id: String,
     pub requester: Actor,
-    pub connection: String,
-    /// Hex SHA-256 of the exact statement text.
-    pub statement_hash: String,
-    /// The statement as audited (masked), for the approver to read.
-    pub statement: String,
+    pub key: ActionKey,
+    /// The action as audited (masked), for the approver to read.
+    pub action: String,
     pub reason: Option<String>,
     /// Lifetime in milliseconds from creation.
     pub ttl: Millis,
@@ -61,13 +112,22 @@ pub struct NewRequest {
     pub rule: String,
     /// Everything the hash binds, as the approver reads it (values masked).
     #[serde(default)]
-    pub binding: Option<Box<ShownBinding>>,
+    pub shown: Option<Box<Shown>>,
 }
 
-/// What an approval binds, as the approver reads it (see `StatementBinding` in the API).
+/// Everything an action's hash binds, in its protocol's terms, as the approver reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum Shown {
+    Postgres(ShownBinding),
+}
+
+/// What a PostgreSQL approval binds, as the approver reads it (see `StatementBinding` in the
+/// API).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShownBinding {
-    pub protocol: String,
+    /// `simple` or `extended`.
+    pub mode: String,
     pub text: String,
     /// Prepared statements the text runs by name: (name, text).
     pub runs: Vec<(String, String)>,
@@ -127,12 +187,12 @@ impl ApprovalRequest {
     }
 }
 
-/// "This principal may use this access class on this connection in this window."
+/// "This principal may use this access class on this target in this window."
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub id: String,
     pub subject: String,
-    pub connection: String,
+    pub scope: Scope,
     /// What the grant covers, e.g. `write`.
     pub access_class: String,
     pub not_before: Millis,
@@ -168,13 +228,12 @@ pub enum Command {
         comment: Option<String>,
         now: Millis,
     },
-    /// Use an approved request for this principal, connection and statement: succeeds once.
-    /// `attempt` names the try (unique per statement run); repeating a consume with the same
-    /// attempt answers with the request it consumed, so a node may retry after a lost reply.
+    /// Use an approved request for this principal and exact action: succeeds once. `attempt`
+    /// names the try (unique per run of the action); repeating a consume with the same attempt
+    /// answers with the request it consumed, so a node may retry after a lost reply.
     Consume {
         subject: String,
-        connection: String,
-        statement_hash: String,
+        key: ActionKey,
         attempt: String,
         now: Millis,
     },
@@ -282,13 +341,17 @@ impl State {
                         Err(DomainError::Duplicate(request.id))
                     };
                 }
+                if let Some(why) = request.key.scope.invalid() {
+                    return Err(DomainError::Invalid(why));
+                }
                 if request.id.is_empty()
+                    || request.key.hash.is_empty()
                     || request.approvals_required == 0
                     || request.ttl == 0
                     || request.approver_group.is_empty()
                 {
                     return Err(DomainError::Invalid(
-                        "a request needs an id, an approver group, at least one approval and a lifetime"
+                        "a request needs an id, an action hash, an approver group, at least one approval and a lifetime"
                             .into(),
                     ));
                 }
@@ -348,8 +411,7 @@ impl State {
             }
             Command::Consume {
                 subject,
-                connection,
-                statement_hash,
+                key,
                 attempt,
                 now,
             } => {
@@ -368,8 +430,7 @@ impl State {
                     .filter(|r| {
                         r.state == RequestState::Approved
                             && r.asked.requester.subject == subject
-                            && r.asked.connection == connection
-                            && r.asked.statement_hash == statement_hash
+                            && r.asked.key == key
                             && !r.expired(now)
                     })
                     .min_by_key(|r| (r.created_at, r.asked.id.clone()))
@@ -382,6 +443,9 @@ impl State {
             Command::CreateGrant { grant } => {
                 if self.grants.contains_key(&grant.id) {
                     return Err(DomainError::Duplicate(grant.id));
+                }
+                if let Some(why) = grant.scope.invalid() {
+                    return Err(DomainError::Invalid(why));
                 }
                 if grant.not_after <= grant.not_before {
                     return Err(DomainError::Invalid("a grant's window is empty".into()));
@@ -447,17 +511,17 @@ impl State {
         }
     }
 
-    /// An active grant for this principal, connection and access class at `now`.
+    /// An active grant for this principal, scope and access class at `now`.
     pub fn active_grant(
         &self,
         subject: &str,
-        connection: &str,
+        scope: &Scope,
         access_class: &str,
         now: Millis,
     ) -> Option<&Grant> {
         self.grants.values().find(|g| {
             g.subject == subject
-                && g.connection == connection
+                && g.scope == *scope
                 && g.access_class == access_class
                 && g.active(now)
         })
@@ -487,18 +551,24 @@ mod tests {
             request: NewRequest {
                 id: id.into(),
                 requester: actor("agent", &["approvers"]),
-                connection: "app".into(),
-                statement_hash: "h1".into(),
-                statement: "DELETE FROM t".into(),
+                key: key("postgres", "app"),
+                action: "DELETE FROM t".into(),
                 reason: Some("monthly cleanup".into()),
                 ttl: 60_000,
                 approver_group: "approvers".into(),
                 approvals_required: required,
                 node: "n1".into(),
                 rule: "deletes".into(),
-                binding: None,
+                shown: None,
             },
             now,
+        }
+    }
+
+    fn key(protocol: &str, target: &str) -> ActionKey {
+        ActionKey {
+            scope: Scope::new(protocol, target),
+            hash: "h1".into(),
         }
     }
 
@@ -513,13 +583,64 @@ mod tests {
     }
 
     fn consume(now: Millis) -> Command {
+        consume_key(key("postgres", "app"), now)
+    }
+
+    fn consume_key(key: ActionKey, now: Millis) -> Command {
         Command::Consume {
             subject: "agent".into(),
-            connection: "app".into(),
-            statement_hash: "h1".into(),
+            key,
             attempt: format!("try-{now}"),
             now,
         }
+    }
+
+    /// An approval for a PostgreSQL connection does not let another protocol's action run on a
+    /// target of the same name, nor the same action on another target; a grant neither.
+    #[test]
+    fn approvals_and_grants_are_bound_to_protocol_and_target() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        s.apply(decide("r1", "alice", true, 1)).unwrap();
+        for other in [
+            key("ssh", "app"),
+            key("kubernetes", "app"),
+            key("postgres", "app2"),
+        ] {
+            assert_eq!(
+                s.apply(consume_key(other, 2)),
+                Err(DomainError::NothingToConsume)
+            );
+        }
+        assert!(s.apply(consume_key(key("postgres", "app"), 3)).is_ok());
+        s.apply(Command::CreateGrant {
+            grant: Grant {
+                id: "g1".into(),
+                subject: "agent".into(),
+                scope: Scope::new("postgres", "prod"),
+                access_class: "write".into(),
+                not_before: 0,
+                not_after: 100,
+                granted_by: "admin".into(),
+                revoked_at: None,
+                reason: None,
+            },
+        })
+        .unwrap();
+        let prod = |protocol| Scope::new(protocol, "prod");
+        assert!(s
+            .active_grant("agent", &prod("postgres"), "write", 5)
+            .is_some());
+        assert!(s.active_grant("agent", &prod("ssh"), "write", 5).is_none());
+        assert!(s
+            .active_grant("agent", &prod("kubernetes"), "write", 5)
+            .is_none());
+        // A scope must name a known protocol and a target.
+        let mut bad = create("r2", 1, 5);
+        if let Command::CreateRequest { request, .. } = &mut bad {
+            request.key.scope.protocol = "telnet".into();
+        }
+        assert!(matches!(s.apply(bad), Err(DomainError::Invalid(_))));
     }
 
     #[test]
@@ -636,10 +757,11 @@ mod tests {
     #[test]
     fn grants_cover_their_window_until_revoked() {
         let mut s = State::default();
+        let app = Scope::new("postgres", "app");
         let grant = Grant {
             id: "g1".into(),
             subject: "agent".into(),
-            connection: "app".into(),
+            scope: Scope::new("postgres", "app"),
             access_class: "write".into(),
             not_before: 100,
             not_after: 200,
@@ -651,16 +773,16 @@ mod tests {
             grant: grant.clone(),
         })
         .unwrap();
-        assert!(s.active_grant("agent", "app", "write", 99).is_none());
-        assert!(s.active_grant("agent", "app", "write", 150).is_some());
-        assert!(s.active_grant("agent", "app", "read", 150).is_none());
-        assert!(s.active_grant("agent", "app", "write", 200).is_none());
+        assert!(s.active_grant("agent", &app, "write", 99).is_none());
+        assert!(s.active_grant("agent", &app, "write", 150).is_some());
+        assert!(s.active_grant("agent", &app, "read", 150).is_none());
+        assert!(s.active_grant("agent", &app, "write", 200).is_none());
         s.apply(Command::RevokeGrant {
             id: "g1".into(),
             now: 160,
         })
         .unwrap();
-        assert!(s.active_grant("agent", "app", "write", 170).is_none());
+        assert!(s.active_grant("agent", &app, "write", 170).is_none());
         let empty = Grant {
             id: "g2".into(),
             not_after: 100,

@@ -39,6 +39,9 @@ pub struct MemberConfig {
     pub snapshot_after: u64,
     /// On first start, make this member a cluster of one (the embedded default).
     pub bootstrap: bool,
+    /// Delete a store of an older format instead of refusing to start (the embedded default,
+    /// whose held approvals do not outlive an upgrade). A cluster member refuses.
+    pub discard_other_format: bool,
 }
 
 impl MemberConfig {
@@ -55,6 +58,7 @@ impl MemberConfig {
             election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
             snapshot_after: 5_000,
             bootstrap: false,
+            discard_other_format: false,
         }
     }
 }
@@ -95,6 +99,7 @@ impl Member {
         }
         .validate()
         .context("Raft settings")?;
+        store::check_format(&cfg.data_dir, cfg.discard_other_format)?;
         let (log, sm) = store::open(&cfg.data_dir)
             .await
             .with_context(|| format!("open the store in {}", cfg.data_dir.display()))?;

@@ -14,8 +14,8 @@
 //! with the leader's address in `x-vigil-leader`.
 
 use crate::approvals::{
-    Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis, NewRequest,
-    ShownBinding, ShownParam,
+    ActionKey, Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis,
+    NewRequest, Scope, Shown, ShownBinding, ShownParam,
 };
 use crate::store::{NodeId, Raft, StateMachine};
 use openraft::error::{
@@ -335,9 +335,59 @@ fn actor_pb(a: &Actor) -> pb::Actor {
     }
 }
 
+fn scope_from_pb(s: Option<pb::Scope>) -> Result<Scope, Status> {
+    let s = s.ok_or_else(|| Status::invalid_argument("scope is required"))?;
+    let scope = Scope {
+        protocol: s.protocol,
+        target: s.target,
+    };
+    match scope.invalid() {
+        Some(why) => Err(Status::invalid_argument(format!("scope: {why}"))),
+        None => Ok(scope),
+    }
+}
+
+fn scope_pb(s: &Scope) -> pb::Scope {
+    pb::Scope {
+        protocol: s.protocol.clone(),
+        target: s.target.clone(),
+    }
+}
+
+fn key_from_pb(k: Option<pb::ActionKey>) -> Result<ActionKey, Status> {
+    let k = k.ok_or_else(|| Status::invalid_argument("key is required"))?;
+    required("key.hash", &k.hash)?;
+    Ok(ActionKey {
+        scope: scope_from_pb(k.scope)?,
+        hash: k.hash,
+    })
+}
+
+fn key_pb(k: &ActionKey) -> pb::ActionKey {
+    pb::ActionKey {
+        scope: Some(scope_pb(&k.scope)),
+        hash: k.hash.clone(),
+    }
+}
+
+fn shown_from_pb(s: pb::ShownAction) -> Option<Shown> {
+    match s.protocol? {
+        pb::shown_action::Protocol::Postgres(b) => Some(Shown::Postgres(binding_from_pb(b))),
+    }
+}
+
+fn shown_pb(s: &Shown) -> pb::ShownAction {
+    let protocol = match s {
+        Shown::Postgres(b) => pb::shown_action::Protocol::Postgres(binding_pb(b)),
+    };
+    pb::ShownAction {
+        protocol: Some(protocol),
+    }
+}
+
 fn binding_from_pb(b: pb::StatementBinding) -> ShownBinding {
     ShownBinding {
-        protocol: b.protocol,
+        mode: b.mode,
         text: b.text,
         runs: b.runs.into_iter().map(|r| (r.name, r.text)).collect(),
         params: b
@@ -357,7 +407,7 @@ fn binding_from_pb(b: pb::StatementBinding) -> ShownBinding {
 
 fn binding_pb(b: &ShownBinding) -> pb::StatementBinding {
     pb::StatementBinding {
-        protocol: b.protocol.clone(),
+        mode: b.mode.clone(),
         text: b.text.clone(),
         runs: b
             .runs
@@ -388,10 +438,9 @@ pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
     pb::Approval {
         id: a.id.clone(),
         requester: Some(actor_pb(&a.requester)),
-        connection: a.connection.clone(),
-        statement_hash: a.statement_hash.clone(),
-        statement: a.statement.clone(),
-        binding: a.binding.as_deref().map(binding_pb),
+        key: Some(key_pb(&a.key)),
+        action: a.action.clone(),
+        shown: a.shown.as_deref().map(shown_pb),
         reason: a.reason.clone().unwrap_or_default(),
         created_at_ms: r.created_at,
         expires_at_ms: r.expires_at,
@@ -418,7 +467,7 @@ fn grant_pb(g: &Grant) -> pb::Grant {
     pb::Grant {
         id: g.id.clone(),
         subject: g.subject.clone(),
-        connection: g.connection.clone(),
+        scope: Some(scope_pb(&g.scope)),
         access_class: g.access_class.clone(),
         not_before_ms: g.not_before,
         not_after_ms: g.not_after,
@@ -466,8 +515,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.0.member(req.metadata()).await?;
         let r = req.into_inner();
         required("id", &r.id)?;
-        required("connection", &r.connection)?;
-        required("statement_hash", &r.statement_hash)?;
+        let key = key_from_pb(r.key)?;
         let requester = r
             .requester
             .filter(|a| !a.subject.is_empty())
@@ -480,16 +528,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     subject: requester.subject,
                     groups: requester.groups,
                 },
-                connection: r.connection,
-                statement_hash: r.statement_hash,
-                statement: r.statement,
+                key,
+                action: r.action,
                 reason: opt(r.reason),
                 ttl: r.ttl_ms,
                 approver_group: r.approver_group,
                 approvals_required: r.approvals_required,
                 node: r.node,
                 rule: r.rule,
-                binding: r.binding.map(|b| Box::new(binding_from_pb(b))),
+                shown: r.shown.and_then(shown_from_pb).map(Box::new),
             },
             now,
         };
@@ -506,14 +553,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.0.member(req.metadata()).await?;
         let r = req.into_inner();
         required("subject", &r.subject)?;
-        required("connection", &r.connection)?;
-        required("statement_hash", &r.statement_hash)?;
+        let key = key_from_pb(r.key)?;
         required("attempt", &r.attempt)?;
         let now = now_ms();
         let cmd = Command::Consume {
             subject: r.subject,
-            connection: r.connection,
-            statement_hash: r.statement_hash,
+            key,
             attempt: r.attempt,
             now,
         };
@@ -624,13 +669,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let by = self.0.admin(req.metadata()).await?;
         let r = req.into_inner();
         required("subject", &r.subject)?;
-        required("connection", &r.connection)?;
+        let scope = scope_from_pb(r.scope)?;
         required("access_class", &r.access_class)?;
         let now = now_ms();
         let grant = Grant {
             id: new_id("g"),
             subject: r.subject,
-            connection: r.connection,
+            scope,
             access_class: r.access_class,
             not_before: if r.not_before_ms == 0 {
                 now
@@ -690,9 +735,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.0.member(req.metadata()).await?;
         self.0.linearizable().await?;
         let r = req.into_inner();
+        let scope = scope_from_pb(r.scope)?;
         let now = now_ms();
         let grant = self.0.sm.read(|s| {
-            s.active_grant(&r.subject, &r.connection, &r.access_class, now)
+            s.active_grant(&r.subject, &scope, &r.access_class, now)
                 .map(grant_pb)
         });
         Ok(Response::new(pb::CheckGrantResponse { grant }))

@@ -56,7 +56,67 @@ fn io_error(
     StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
 }
 
+/// The shape of what this version stores (commands in the log, the state in snapshots), kept
+/// in the store: 2 = approvals and grants keyed by protocol and target. A store without the
+/// mark but with state was written by format 1.
+pub const STORE_FORMAT: u32 = 2;
+const FORMAT: &str = "format";
+
+/// The store holds state of another format than this version reads.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the coordinator store {path} holds format {found} state, and this coordinator reads format \
+     {STORE_FORMAT} only (approvals and grants are keyed by protocol and target since format 2); \
+     it will not read it as something else. Stop every member, move their data directories \
+     away and form the cluster again (docs/operations.md, \"Upgrading the coordinator store\")"
+)]
+pub struct OtherFormat {
+    pub path: std::path::PathBuf,
+    pub found: u32,
+}
+
+/// Checks the store in `dir` (if any) was written in [`STORE_FORMAT`], and marks a new one.
+/// `discard`: a store of another format is deleted instead (the embedded single member, whose
+/// pending approvals do not outlive an upgrade).
+pub fn check_format(dir: &Path, discard: bool) -> anyhow::Result<()> {
+    let path = dir.join("raft.redb");
+    if !path.exists() {
+        return Ok(());
+    }
+    let found = {
+        let db = Database::create(&path)?;
+        let tx = db.begin_read()?;
+        let meta = match tx.open_table(META) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mark = match &meta {
+            Some(t) => t
+                .get(FORMAT)?
+                .map(|v| serde_json::from_slice::<u32>(v.value())),
+            None => None,
+        };
+        match mark {
+            Some(v) => v?,
+            None if meta.is_some_and(|t| t.first().ok().flatten().is_some()) => 1,
+            None => STORE_FORMAT,
+        }
+    };
+    if found == STORE_FORMAT {
+        return Ok(());
+    }
+    let err = OtherFormat { path, found };
+    if !discard {
+        return Err(err.into());
+    }
+    tracing::warn!(error = %err, "discarding the embedded coordinator's store");
+    std::fs::remove_file(&err.path)?;
+    Ok(())
+}
+
 /// Opens (or creates) the store in `dir`: the log store and the state machine share one file.
+/// Call [`check_format`] first.
 pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     let dir = dir.to_path_buf();
     let db = tokio::task::spawn_blocking(move || -> Result<Database, String> {
@@ -67,6 +127,7 @@ pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
         tx.open_table(META).map_err(|e| e.to_string())?;
         tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())?;
+        write_meta(&db, FORMAT, &STORE_FORMAT)?;
         Ok(db)
     })
     .await
@@ -706,5 +767,37 @@ mod tests {
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(1));
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
+    }
+
+    /// A store written before approvals were keyed by protocol (no format mark, but state) is
+    /// refused by a cluster member with a message saying so, and discarded by the embedded
+    /// one; a store of this format opens.
+    #[tokio::test]
+    async fn a_store_of_an_older_format_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("raft.redb")).unwrap();
+            write_meta(&db, VOTE, &Vote::<NodeId>::new(1, 1)).unwrap();
+        }
+        let err = check_format(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("holds format 1 state"), "{err}");
+        assert!(err.contains("Upgrading the coordinator store"), "{err}");
+        assert!(
+            dir.path().join("raft.redb").exists(),
+            "a refused store is kept"
+        );
+        check_format(dir.path(), true).unwrap();
+        assert!(!dir.path().join("raft.redb").exists(), "discarded");
+        {
+            let (mut log, _sm) = open(dir.path()).await.unwrap();
+            assert_eq!(log.read_vote().await.unwrap(), None);
+        }
+        // The log writer thread lets go of the file once the store is dropped.
+        let mut tries = 0;
+        while let Err(e) = check_format(dir.path(), false) {
+            tries += 1;
+            assert!(tries < 40, "{e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }

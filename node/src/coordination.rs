@@ -14,6 +14,7 @@
 
 use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::core::Refusal;
 use crate::identity::TokenVerifier;
 use crate::metrics::Metrics;
 use crate::policy::ApprovalSpec;
@@ -23,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
-use vigil_coordinator::approvals::Actor;
+use vigil_coordinator::approvals::{ActionKey, Actor, Scope};
 use vigil_coordinator::client::{Client, Credential};
 use vigil_coordinator::server::{Member, MemberConfig};
 use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
@@ -169,6 +170,7 @@ pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Res
     let mut member = MemberConfig::new(1, co.listen, config.coordinator_dir(), token.clone());
     member.admin_group = co.admin_group.clone();
     member.bootstrap = true;
+    member.discard_other_format = true;
     let member = Member::start(member, Some(Arc::new(OidcOperators(verifier))))
         .await
         .with_context(|| format!("embedded coordinator on coordinator.listen {}", co.listen))?;
@@ -188,14 +190,14 @@ pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Res
     })
 }
 
-/// A statement held for approval.
+/// An action held for approval.
 pub struct Hold<'a> {
     pub principal: &'a Principal,
-    pub connection: &'a str,
-    /// The statement hash: everything the approval binds (see `pg::binding`).
-    pub hash: &'a str,
+    /// The protocol, the target and the hash of everything the approval binds.
+    pub key: ActionKey,
     /// What the approver reads: all of it, masked.
-    pub shown: &'a pb::StatementBinding,
+    pub action: &'a str,
+    pub shown: pb::ShownAction,
     pub rule: &'a str,
     pub reason: Option<&'a str>,
     pub spec: &'a ApprovalSpec,
@@ -214,13 +216,24 @@ pub struct Step {
 pub enum Verdict {
     /// Run it; this approval (or grant) allowed it.
     Run(ApprovalRef),
-    /// Refuse it with this SQLSTATE and message.
+    /// Refuse it (the protocol says why in its terms).
     Refuse {
-        sqlstate: &'static str,
-        message: String,
-        outcome: Outcome,
+        refusal: Refusal,
         approval: Option<ApprovalRef>,
     },
+}
+
+impl Verdict {
+    fn refuse(refusal: Refusal, approval: Option<ApprovalRef>) -> Self {
+        Verdict::Refuse { refusal, approval }
+    }
+}
+
+fn scope_pb(s: &Scope) -> pb::Scope {
+    pb::Scope {
+        protocol: s.protocol.clone(),
+        target: s.target.clone(),
+    }
 }
 
 pub struct Approvals {
@@ -237,15 +250,12 @@ fn reference(a: &pb::Approval, state: &str) -> ApprovalRef {
 }
 
 fn unavailable(e: &tonic::Status) -> Verdict {
-    Verdict::Refuse {
-        sqlstate: "58000",
-        message: format!(
-            "statement refused: the approval service is unavailable ({}); nothing was run",
-            e.message()
-        ),
-        outcome: Outcome::Error,
-        approval: None,
-    }
+    Verdict::refuse(
+        Refusal::CoordinatorUnavailable {
+            why: e.message().to_string(),
+        },
+        None,
+    )
 }
 
 impl Approvals {
@@ -266,7 +276,7 @@ impl Approvals {
         if let Some(class) = &hold.spec.grant_class {
             let check = pb::CheckGrantRequest {
                 subject: subject.clone(),
-                connection: hold.connection.to_string(),
+                scope: Some(scope_pb(&hold.key.scope)),
                 access_class: class.clone(),
             };
             match self.client.check_grant(check).await {
@@ -281,12 +291,14 @@ impl Approvals {
                 Err(e) => return unavailable(&e),
             }
         }
-        let hash = hold.hash.to_string();
+        let key = pb::ActionKey {
+            scope: Some(scope_pb(&hold.key.scope)),
+            hash: hold.key.hash.clone(),
+        };
         let attempt = new_id(&format!("{}-try", self.node));
         let consume = pb::ConsumeApprovalRequest {
             subject: subject.clone(),
-            connection: hold.connection.to_string(),
-            statement_hash: hash.clone(),
+            key: Some(key.clone()),
             attempt: attempt.clone(),
         };
         match self.consume(&consume).await {
@@ -300,10 +312,9 @@ impl Approvals {
                 subject,
                 groups: hold.principal.groups.clone(),
             }),
-            connection: hold.connection.to_string(),
-            statement_hash: hash,
-            statement: hold.shown.text.clone(),
-            binding: Some(hold.shown.clone()),
+            key: Some(key),
+            action: hold.action.to_string(),
+            shown: Some(hold.shown),
             reason: hold.reason.unwrap_or_default().to_string(),
             ttl_ms: hold.spec.ttl_secs.saturating_mul(1000),
             approver_group: hold.spec.approvers.clone(),
@@ -345,15 +356,14 @@ impl Approvals {
                     detail: format!("no decision within {} s", hold.spec.wait_secs),
                     requested: false,
                 });
-                return Verdict::Refuse {
-                    sqlstate: "42501",
-                    message: format!(
-                        "statement needs approval (Vigil policy rule {}): request {id} is pending with {}; run the statement again once it is approved",
-                        hold.rule, hold.spec.approvers
-                    ),
-                    outcome: Outcome::Pending,
-                    approval: Some(pending),
-                };
+                return Verdict::refuse(
+                    Refusal::Pending {
+                        rule: hold.rule.to_string(),
+                        request: id,
+                        approvers: hold.spec.approvers.clone(),
+                    },
+                    Some(pending),
+                );
             }
         };
         match decided.state.as_str() {
@@ -366,14 +376,10 @@ impl Approvals {
                 });
                 match self.consume(&consume).await {
                     Ok(a) => Verdict::Run(reference(&a, "consumed")),
-                    Err(e) if e.code() == Code::FailedPrecondition => Verdict::Refuse {
-                        sqlstate: "42501",
-                        message: format!(
-                            "statement refused: approval {id} was used by another run of the same statement"
-                        ),
-                        outcome: Outcome::Denied,
-                        approval: Some(reference(&decided, "consumed")),
-                    },
+                    Err(e) if e.code() == Code::FailedPrecondition => Verdict::refuse(
+                        Refusal::UsedElsewhere { request: id },
+                        Some(reference(&decided, "consumed")),
+                    ),
                     Err(e) => unavailable(&e),
                 }
             }
@@ -395,18 +401,15 @@ impl Approvals {
                     detail: format!("request {state}"),
                     requested: false,
                 });
-                Verdict::Refuse {
-                    sqlstate: "42501",
-                    message: if state == "denied" {
-                        format!("statement denied: approval request {id} was denied by {by}; nothing was run")
-                    } else {
-                        format!(
-                            "statement refused: approval request {id} is {state}; nothing was run"
-                        )
-                    },
-                    outcome: Outcome::Denied,
-                    approval: Some(r),
-                }
+                let refusal = if state == "denied" {
+                    Refusal::Denied { request: id, by }
+                } else {
+                    Refusal::Ended {
+                        request: id,
+                        state: state.to_string(),
+                    }
+                };
+                Verdict::refuse(refusal, Some(r))
             }
         }
     }

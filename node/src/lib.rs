@@ -7,6 +7,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod coordination;
+pub mod core;
 pub mod display;
 pub mod identity;
 pub mod kafka;

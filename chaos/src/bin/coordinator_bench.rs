@@ -111,16 +111,21 @@ fn request(i: u64) -> pb::CreateApprovalRequest {
             subject: "agent-ops".into(),
             groups: vec!["ops".into()],
         }),
-        connection: "app".into(),
-        statement_hash: format!("{i:064x}"),
-        statement: format!("DELETE FROM orders WHERE id = {i}"),
+        key: Some(pb::ActionKey {
+            scope: Some(pb::Scope {
+                protocol: "postgres".into(),
+                target: "app".into(),
+            }),
+            hash: format!("{i:064x}"),
+        }),
+        action: format!("DELETE FROM orders WHERE id = {i}"),
         reason: "bench".into(),
         ttl_ms: 3_600_000,
         approver_group: "approvers".into(),
         approvals_required: 1,
         node: "bench".into(),
         rule: "writes".into(),
-        binding: None,
+        shown: None,
     }
 }
 

@@ -79,7 +79,7 @@ pub fn params_digest(params: &[Param<'_>]) -> [u8; 32] {
 
 /// A held statement's binding.
 pub struct Binding<'a> {
-    pub protocol: &'a str,
+    pub mode: &'a str,
     pub text: &'a str,
     pub runs: &'a [PreparedText],
     /// Display values (as the audit record renders them), formats and declared types.
@@ -98,7 +98,7 @@ impl Binding<'_> {
             h.update(p);
         };
         part(b"vigil approval binding v2");
-        part(self.protocol.as_bytes());
+        part(self.mode.as_bytes());
         part(self.text.as_bytes());
         part(&(self.runs.len() as u64).to_be_bytes());
         for r in self.runs {
@@ -171,7 +171,7 @@ impl Binding<'_> {
         }
         let mut mask = |v: &str| masker.mask(v, None, false, Some(counts)).into_owned();
         Ok(pb::StatementBinding {
-            protocol: self.protocol.to_string(),
+            mode: self.mode.to_string(),
             text,
             runs,
             params,
@@ -188,7 +188,7 @@ mod tests {
 
     fn binding<'a>(params: &'a [Param<'a>], settings: Settings) -> Binding<'a> {
         Binding {
-            protocol: "extended",
+            mode: "extended",
             text: "UPDATE t SET a = $1 WHERE id = 1",
             runs: &[],
             params: Vec::new(),

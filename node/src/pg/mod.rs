@@ -11,6 +11,7 @@ pub mod encoding;
 pub mod messages;
 /// The statement the gateway runs in a session right before a held statement.
 pub use binding::PROBE as SETTINGS_PROBE;
+mod refusal;
 mod relay;
 mod session;
 mod state;
@@ -25,6 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// The protocol's name in audit records, approval scopes and grants.
+pub const PROTOCOL: &str = "postgres";
 
 /// Everything a session needs, shared by all sessions of the listener.
 pub struct PgContext {

@@ -13,10 +13,12 @@ use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
 use super::encoding::EncodingError;
 use super::messages::{self, display_value};
+use super::refusal::sql_error;
 use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
 use crate::coordination::{Hold, Step, Verdict};
+use crate::core::Refusal;
 use crate::metrics::OutcomeLabel;
 use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{ColumnRule, Counts};
@@ -32,6 +34,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
+use vigil_coordinator::approvals::{ActionKey, Scope};
+use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
     ApprovalRef, Body, Connection, Kind, Outcome, PgError, PgRequest, PgResponse, PolicyRef,
     PreparedText, Principal, Request, Response,
@@ -53,12 +57,9 @@ async fn hold(
 ) -> Verdict {
     let Some(spec) = decision.approval.as_deref() else {
         return Verdict::Refuse {
-            sqlstate: "42501",
-            message: format!(
-                "statement requires approval (Vigil policy rule {}) but the rule has no approval settings",
-                decision.rule
-            ),
-            outcome: Outcome::Blocked,
+            refusal: Refusal::NoApprovalSettings {
+                rule: decision.rule.clone(),
+            },
             approval: None,
         };
     };
@@ -104,11 +105,17 @@ async fn hold(
         rec.detail = Some(step.detail);
         audit.record(rec);
     };
+    let target = session.conn.name.as_deref().unwrap_or("");
     let hold = Hold {
         principal: &session.principal,
-        connection: session.conn.name.as_deref().unwrap_or(""),
-        hash,
-        shown: &shown_binding,
+        key: ActionKey {
+            scope: Scope::new(super::PROTOCOL, target),
+            hash: hash.to_string(),
+        },
+        action: &shown_binding.text,
+        shown: pb::ShownAction {
+            protocol: Some(pb::shown_action::Protocol::Postgres(shown_binding.clone())),
+        },
         rule: &decision.rule,
         reason: decision.reason.as_deref(),
         spec,
@@ -120,11 +127,10 @@ async fn hold(
 /// or it cannot be shown faithfully. Refused; nothing runs.
 fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
     Verdict::Refuse {
-        sqlstate: "42501",
-        message: format!(
-            "statement refused: it needs approval (Vigil policy rule {rule}), but {why}; nothing was run"
-        ),
-        outcome: Outcome::Blocked,
+        refusal: Refusal::Unbound {
+            rule: rule.to_string(),
+            why: why.to_string(),
+        },
         approval: None,
     }
 }
@@ -692,7 +698,7 @@ impl ClientHalf {
                 Ok(settings) => {
                     let runs = request.prepared.clone();
                     let binding = Binding {
-                        protocol: "simple",
+                        mode: "simple",
                         text,
                         runs: &runs,
                         params: Vec::new(),
@@ -718,8 +724,8 @@ impl ClientHalf {
             };
             match verdict {
                 Verdict::Run(a) => Some(a),
-                refusal => {
-                    self.refuse_held(request, &decision, refusal, true, out);
+                Verdict::Refuse { refusal, approval } => {
+                    self.refuse_held(request, &decision, refusal, approval, true, out);
                     return Ok(());
                 }
             }
@@ -900,7 +906,7 @@ impl ClientHalf {
                     Ok(settings) => {
                         let runs = request.prepared.clone();
                         let binding = Binding {
-                            protocol: "extended",
+                            mode: "extended",
                             text: &stmt.text,
                             runs: &runs,
                             params: portal
@@ -925,8 +931,8 @@ impl ClientHalf {
                 };
                 match verdict {
                     Verdict::Run(a) => Some(a),
-                    refusal => {
-                        self.refuse_held(request, &d, refusal, false, out);
+                    Verdict::Refuse { refusal, approval } => {
+                        self.refuse_held(request, &d, refusal, approval, false, out);
                         self.skip_until_sync = true;
                         return Ok(());
                     }
@@ -1252,14 +1258,11 @@ impl ClientHalf {
             Some(note) => format!("{reason}; {note}"),
             None => reason.clone(),
         };
-        let message = format!("blocked by Vigil policy (rule {}): {reason}", decision.rule);
-        let refusal = Verdict::Refuse {
-            sqlstate: "42501",
-            message,
-            outcome: Outcome::Blocked,
-            approval: None,
+        let refusal = Refusal::Blocked {
+            rule: decision.rule.clone(),
+            reason,
         };
-        self.refuse_recorded(request, decision, refusal, detail, simple, out);
+        self.refuse_recorded(request, decision, refusal, None, detail, simple, out);
     }
 
     /// Refuses a held statement the approval flow did not let run.
@@ -1267,15 +1270,13 @@ impl ClientHalf {
         &mut self,
         request: PgRequest,
         decision: &Decision,
-        refusal: Verdict,
+        refusal: Refusal,
+        approval: Option<ApprovalRef>,
         simple: bool,
         out: &mut BytesMut,
     ) {
-        let detail = match &refusal {
-            Verdict::Refuse { message, .. } => message.clone(),
-            Verdict::Run(_) => String::new(),
-        };
-        self.refuse_recorded(request, decision, refusal, detail, simple, out);
+        let detail = sql_error(&refusal).1;
+        self.refuse_recorded(request, decision, refusal, approval, detail, simple, out);
     }
 
     /// A `blocked` record, then the refusal (ErrorResponse, and ReadyForQuery if `simple`).
@@ -1284,20 +1285,14 @@ impl ClientHalf {
         &mut self,
         mut request: PgRequest,
         decision: &Decision,
-        refusal: Verdict,
+        refusal: Refusal,
+        approval: Option<ApprovalRef>,
         detail: String,
         simple: bool,
         out: &mut BytesMut,
     ) {
-        let Verdict::Refuse {
-            sqlstate,
-            message,
-            outcome,
-            approval,
-        } = refusal
-        else {
-            return;
-        };
+        let (sqlstate, message) = sql_error(&refusal);
+        let outcome = refusal.outcome();
         let stmt = self.next_stmt();
         let masked = self.mask_request(&mut request);
         let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
@@ -1348,13 +1343,12 @@ impl ClientHalf {
     }
 
     fn refuse_unrecorded(&mut self, e: &AuditError, simple: bool, out: &mut BytesMut) {
-        let message = match e {
-            AuditError::SpoolFull { .. } => format!(
-                "statement refused: {e}; nothing was sent to the database (retry once the audit pipeline catches up)"
-            ),
-            _ => "statement refused: the gateway cannot write its audit record; nothing was sent to the database".to_string(),
+        let refusal = Refusal::AuditUnwritable {
+            spool_full: matches!(e, AuditError::SpoolFull { .. }),
+            why: e.to_string(),
         };
-        self.refuse(Outcome::Error, "58030", &message, simple, out);
+        let (sqlstate, message) = sql_error(&refusal);
+        self.refuse(refusal.outcome(), sqlstate, &message, simple, out);
     }
 
     /// Counts a refused statement and sends the target a stand-in that fails, whose error the

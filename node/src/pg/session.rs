@@ -100,7 +100,7 @@ pub async fn run(
     let span = tracing::info_span!("pg_session", session = %id, client = %peer);
     async move {
         let mut conn = Connection {
-            protocol: "postgres".into(),
+            protocol: super::PROTOCOL.into(),
             client_addr: peer.to_string(),
             ..Connection::default()
         };
