@@ -488,7 +488,10 @@ impl TestNode {
     }
 
     pub fn port(&self) -> u16 {
-        self.node.pg_addr.port()
+        self.node
+            .addr("postgres")
+            .expect("a PostgreSQL listener")
+            .port()
     }
 
     /// A connection string through the gateway.
@@ -516,8 +519,11 @@ impl TestNode {
             .unwrap()
     }
 
-    /// Every record so far (records are written before the client sees what they describe).
+    /// Every record so far. A request's record is written before the target sees the
+    /// request; a response's is handed to the writer before the client sees the answer and
+    /// written with the next batch, so this waits for what was handed over.
     pub async fn records(&self) -> Vec<Record> {
+        self.node.audit.flush().await;
         self.files.records()
     }
 
@@ -544,7 +550,7 @@ pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 
 pub fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
     tokio_postgres_rustls::MakeRustlsConnect::new(
-        (*vigil_node::tls::unverified_client_config()).clone(),
+        (*vigil_node::core::tls::unverified_client_config()).clone(),
     )
 }
 
@@ -662,9 +668,9 @@ pub fn signal_broker(signal: &str) {
 }
 
 /// Everything in a topic of the dev broker.
-pub fn topic_messages(topic: &str) -> Vec<vigil_node::kafka::TopicMessage> {
+pub fn topic_messages(topic: &str) -> Vec<vigil_node::audit::kafka::TopicMessage> {
     let mut out = Vec::new();
-    vigil_node::kafka::read_topic(
+    vigil_node::audit::kafka::read_topic(
         env().get("VIGIL_KAFKA_BROKERS"),
         topic,
         Duration::from_secs(10),

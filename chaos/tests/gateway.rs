@@ -208,7 +208,7 @@ async fn t11_extended_protocol_prepared_statements_transactions() {
     let q = inserts[7].body.pg_request().unwrap();
     assert_eq!(q.mode, "extended");
     // The record names its protocol, in the form a SIEM reads it.
-    let raw: serde_json::Value = serde_json::to_value(&inserts[7]).unwrap();
+    let raw: serde_json::Value = serde_json::to_value(inserts[7]).unwrap();
     assert_eq!(raw["v"], vigil_proto::record::SCHEMA_VERSION);
     assert_eq!(raw["request"]["protocol"], "postgres", "{raw}");
     assert_eq!(raw["request"]["mode"], "extended", "{raw}");

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use vigil_chaos::*;
-use vigil_node::kafka::TopicMessage;
+use vigil_node::audit::kafka::TopicMessage;
 use vigil_proto::record::Kind;
 
 fn records(msgs: &[TopicMessage]) -> Vec<&TopicMessage> {
@@ -282,7 +282,7 @@ fn republish(msgs: &[TopicMessage], edit: impl FnOnce(&mut Vec<Message>)) -> Str
         }
         if *checkpoint {
             r = r.headers(OwnedHeaders::new().insert(Header {
-                key: vigil_node::kafka::KIND_HEADER,
+                key: vigil_node::audit::kafka::KIND_HEADER,
                 value: Some("checkpoint"),
             }));
         }

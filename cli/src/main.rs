@@ -1,16 +1,18 @@
 //! `vigil`: the operator CLI.
 //!
 //! Every text that comes from a record, a client or the coordinator is printed through
-//! [`vigil_node::display`] (escaped; statement text keeps its lines behind a continuation
+//! [`crate::display`] (escaped; statement text keeps its lines behind a continuation
 //! marker), so none of it can move the cursor, recolour or forge a line of the output.
 
+mod display;
+mod replay;
+
 use clap::{Parser, Subcommand};
+use display::{escape as esc, escape_lines};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vigil_coordinator::client::{Client, Credential};
 use vigil_node::config::Config;
-use vigil_node::display::{escape as esc, escape_lines};
-use vigil_node::replay;
 use vigil_proto::checkpoint::{Checkpoint, PinnedKeys};
 use vigil_proto::coordinator as pb;
 use vigil_proto::verify::{Trust, Verifier};
@@ -318,7 +320,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     let (mut verifier, source, sources) = match (&args.kafka, &args.topic) {
         (Some(brokers), Some(topic)) => {
             let mut verifier = Verifier::new();
-            let n = vigil_node::kafka::read_topic(
+            let n = vigil_node::audit::kafka::read_topic(
                 brokers,
                 topic,
                 std::time::Duration::from_secs(10),

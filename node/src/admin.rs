@@ -2,8 +2,8 @@
 //! `/readyz` (the node can authenticate clients and record what they do).
 
 use crate::audit::AuditLog;
-use crate::identity::TokenVerifier;
-use crate::metrics::Metrics;
+use crate::core::identity::TokenVerifier;
+use crate::core::metrics::Metrics;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;

@@ -4,7 +4,7 @@
 //! Loading is strict: unknown keys, missing required keys and values that make no sense are
 //! refused with a message that names the key, before anything is bound.
 
-use crate::secret::{Secret, SecretRef};
+use crate::core::secret::{Secret, SecretRef};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -482,7 +482,7 @@ pub struct PgConnectionConfig {
     #[serde(default)]
     pub read_only: bool,
     /// Who may use it (a principal on any list).
-    pub allow: crate::principals::PrincipalMatch,
+    pub allow: crate::core::principals::PrincipalMatch,
 }
 
 fn default_pg_port() -> u16 {
@@ -768,7 +768,7 @@ impl Config {
                     "must be non-empty, unique and not a reserved rule name",
                 ));
             }
-            for c in &rule.connections {
+            for c in &rule.targets {
                 if !pg.connections.iter().any(|x| &x.name == c) {
                     return Err(invalid(
                         format!("policy.rules[{i}].connections"),

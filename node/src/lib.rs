@@ -1,23 +1,21 @@
-//! The Vigil gateway node: identity, audit, the PostgreSQL listener and the admin endpoints.
+//! The Vigil gateway node.
 //!
-//! [`start`] builds a node from a validated [`config::Config`], binds its listeners (port 0
-//! works, for tests) and returns a handle that reports the bound addresses and shuts it down.
+//! - [`core`]: what every protocol shares (token verification, the approvals client, metrics,
+//!   secrets, TLS, the refusal model) and the [`core::ProtocolServer`] trait;
+//! - [`audit`]: the audit I/O (the writer and its chain, the spool, the witness, the sinks);
+//! - [`policy`]: guardrail decisions and masking;
+//! - one module per protocol: [`pg`] (PostgreSQL).
+//!
+//! [`start`] builds a node from a validated [`config::Config`], starts the protocol servers the
+//! config names and the admin endpoints (port 0 works, for tests) and returns a handle that
+//! reports the bound addresses and shuts it down.
 
 pub mod admin;
 pub mod audit;
 pub mod config;
-pub mod coordination;
 pub mod core;
-pub mod display;
-pub mod identity;
-pub mod kafka;
-pub mod metrics;
 pub mod pg;
 pub mod policy;
-pub mod principals;
-pub mod replay;
-pub mod secret;
-pub mod tls;
 
 use anyhow::Context as _;
 use std::net::SocketAddr;
@@ -51,11 +49,12 @@ pub fn init_tracing(level: &str, format: config::LogFormat) {
 
 /// A started node.
 pub struct RunningNode {
-    pub pg_addr: SocketAddr,
+    /// Where each protocol server listens, by protocol name.
+    pub listeners: Vec<(&'static str, SocketAddr)>,
     pub admin_addr: SocketAddr,
     /// The file of this process's audit stream.
     pub audit_path: PathBuf,
-    pub metrics: Arc<metrics::Metrics>,
+    pub metrics: Arc<core::metrics::Metrics>,
     pub audit: audit::AuditLog,
     /// Where this node reaches the coordinator API (the embedded member's address, or the
     /// configured endpoints).
@@ -65,6 +64,14 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
+    /// Where the server of `protocol` listens, if the node runs one.
+    pub fn addr(&self, protocol: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(p, _)| *p == protocol)
+            .map(|(_, a)| *a)
+    }
+
     /// Stops accepting, lets open sessions finish (bounded), writes `stream_end` and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -108,7 +115,7 @@ fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
         Ok(key) => Ok(key.trim_end_matches(['\r', '\n']).as_bytes().to_vec()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
-            secret::write_private_file(&path, &key)
+            core::secret::write_private_file(&path, &key)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(key)
         }
@@ -116,39 +123,32 @@ fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// The protocol servers the config names, built and bound.
+async fn protocol_servers(
+    config: &config::Config,
+    core: &Arc<core::Core>,
+) -> anyhow::Result<Vec<Box<dyn core::ProtocolServer>>> {
+    let servers: Vec<Box<dyn core::ProtocolServer>> =
+        vec![Box::new(pg::PgServer::bind(config, core.clone()).await?)];
+    Ok(servers)
+}
+
 /// Builds and starts a node. Everything that can fail on bad configuration fails here, before
 /// any listener accepts a client.
 pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
-    let metrics = Arc::new(metrics::Metrics::default());
-    let mut targets = std::collections::HashMap::new();
-    for target in config.pg_targets()? {
-        let name = target.config.name.clone();
-        let target = pg::backend::Target::new(target)
-            .with_context(|| format!("TLS settings of connection {name:?}"))?;
-        targets.insert(name, Arc::new(target));
-    }
-    let catalogs = targets
-        .iter()
-        .map(|(name, t)| (name.clone(), Arc::new(pg::catalog::Catalog::new(t.clone()))))
-        .collect();
+    let metrics = Arc::new(core::metrics::Metrics::default());
     let masking_key = masking_key(&config)?;
-    let tls = tls::server_config(
-        config.postgres.tls_cert.as_deref(),
-        config.postgres.tls_key.as_deref(),
-        &config.node.data_dir.join("tls"),
-    )
-    .context("postgres TLS certificate")?;
     let spool = config
         .audit
         .kafka
         .as_ref()
         .map(|k| Arc::new(audit::Spool::new(k.spool_max_bytes)));
-    let node_key = Arc::new(kafka::node_key(&config.node.data_dir)?);
+    let node_key = Arc::new(audit::kafka::node_key(&config.node.data_dir)?);
     let public_key = hex::encode(node_key.verifying_key().as_bytes());
     let fingerprint = vigil_proto::checkpoint::fingerprint(&public_key).unwrap_or_default();
     metrics
         .node_key
-        .get_or_create(&metrics::NodeKeyLabel {
+        .get_or_create(&core::metrics::NodeKeyLabel {
             public_key: public_key.clone(),
             fingerprint: fingerprint.clone(),
         })
@@ -158,7 +158,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     audit::check_earlier_streams(&config.audit_dir(), &metrics);
     let unacknowledged = spool
         .as_ref()
-        .map(|_| kafka::unacknowledged_tails(&config.audit_dir()))
+        .map(|_| audit::kafka::unacknowledged_tails(&config.audit_dir()))
         .unwrap_or_default();
     let audit = audit::AuditLog::open(
         &config.audit_dir(),
@@ -173,16 +173,35 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
             config.audit_dir().display()
         )
     })?;
-    let verifier = identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
-    let coordination = coordination::start(&config, verifier.clone()).await?;
-    let pg_listener = tokio::net::TcpListener::bind(config.postgres.listen)
-        .await
-        .with_context(|| format!("cannot bind postgres.listen {}", config.postgres.listen))?;
+    let verifier = core::identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
+    let coordination = core::approvals::start(&config, verifier.clone()).await?;
+    let core = Arc::new(core::Core {
+        verifier: verifier.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        approvals: coordination.approvals.clone(),
+        masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
+        data_dir: config.node.data_dir.clone(),
+    });
+    let servers = protocol_servers(&config, &core).await?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("cannot bind admin.listen {}", config.admin.listen))?;
-    let pg_addr = pg_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let sink: Option<Box<dyn audit::sink::AuditSink>> = match (&config.audit.kafka, spool) {
+        (Some(k), Some(spool)) => Some(Box::new(
+            audit::kafka::Shipper::new(
+                k.clone(),
+                metrics.clone(),
+                spool,
+                node_key.clone(),
+                Duration::from_secs(config.audit.checkpoint_interval_secs),
+                unacknowledged,
+            )
+            .context("audit.kafka: the producer")?,
+        )),
+        _ => None,
+    };
 
     // Keys are loaded in the background: until they are, tokens are refused (fail closed) and
     // /readyz says why.
@@ -202,7 +221,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     let (shutdown, stop_rx) = watch::channel(false);
     let admin_state = admin::AdminState {
         metrics: metrics.clone(),
-        verifier: verifier.clone(),
+        verifier,
         audit: audit.clone(),
     };
     tokio::spawn(admin::serve(
@@ -210,76 +229,46 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         admin_state,
         wait_for(stop_rx.clone()),
     ));
-    let ctx = Arc::new(pg::PgContext {
-        config: config.postgres.clone(),
-        tls,
-        targets: Arc::new(targets),
-        verifier,
-        audit: audit.clone(),
-        metrics: metrics.clone(),
-        cancels: pg::cancel::CancelRegistry::default(),
-        max_result_bytes: config.audit.max_result_bytes,
-        policy: policy::Policy::for_node(
-            config.policy.clone(),
-            config
-                .postgres
-                .connections
-                .iter()
-                .filter(|c| c.read_only)
-                .map(|c| c.name.clone())
-                .collect(),
-        ),
-        classifier: policy::Classifier::default(),
-        masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
-        catalogs,
-        approvals: coordination.approvals.clone(),
-    });
     let audit_path = audit.path().to_path_buf();
-    let audit_handle = audit.clone();
-    let embedded = coordination.member;
     let checkpoint_every = Duration::from_secs(config.audit.checkpoint_interval_secs);
-    let witness = coordination::Witness::new(
+    let witness = audit::witness::Witness::new(
         audit.clone(),
         coordination.approvals.clone(),
-        node_key.clone(),
+        node_key,
         metrics.clone(),
     );
     tokio::spawn(witness.clone().run(checkpoint_every, stop_rx.clone()));
     let (ship_stop, ship_stop_rx) = watch::channel(false);
-    let shipper = match (&config.audit.kafka, spool) {
-        (Some(k), Some(spool)) => {
-            let shipper = kafka::Shipper::new(
-                k.clone(),
-                metrics.clone(),
-                spool,
-                node_key.clone(),
-                checkpoint_every,
-                unacknowledged,
-            )
-            .context("audit.kafka: the producer")?;
-            Some(tokio::spawn(shipper.run(
-                audit_path.clone(),
-                ship_stop_rx,
-                Duration::from_secs(10),
-            )))
-        }
-        _ => None,
-    };
+    let shipping = sink.map(|sink| {
+        tokio::spawn(sink.run(audit_path.clone(), ship_stop_rx, Duration::from_secs(10)))
+    });
+    let listeners: Vec<_> = servers
+        .iter()
+        .map(|s| (s.protocol(), s.local_addr()))
+        .collect();
+    let serving: Vec<_> = servers
+        .into_iter()
+        .map(|s| tokio::spawn(s.serve(Box::pin(wait_for(stop_rx.clone())))))
+        .collect();
+    let embedded = coordination.member;
+    let audit_handle = audit.clone();
     let served = tokio::spawn(async move {
-        pg::serve(pg_listener, ctx, wait_for(stop_rx)).await;
-        audit.close();
+        for s in serving {
+            let _ = s.await;
+        }
+        audit.close().await;
         witness.checkpoint().await;
         let _ = ship_stop.send(true);
-        if let Some(shipper) = shipper {
-            let _ = shipper.await;
+        if let Some(shipping) = shipping {
+            let _ = shipping.await;
         }
         if let Some(member) = embedded {
             member.shutdown().await;
         }
     });
-    tracing::info!(%pg_addr, %admin_addr, audit = %audit_path.display(), coordinator = ?coordination.endpoints, %public_key, %fingerprint, "vigil-node started");
+    tracing::info!(listeners = ?listeners, %admin_addr, audit = %audit_path.display(), coordinator = ?coordination.endpoints, %public_key, %fingerprint, "vigil-node started");
     Ok(RunningNode {
-        pg_addr,
+        listeners,
         admin_addr,
         audit_path,
         metrics,

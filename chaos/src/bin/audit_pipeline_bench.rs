@@ -10,10 +10,10 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vigil_node::audit::kafka::Shipper;
 use vigil_node::audit::{AuditLog, Spool};
 use vigil_node::config::{Compression, KafkaConfig, SyncMode};
-use vigil_node::kafka::Shipper;
-use vigil_node::metrics::Metrics;
+use vigil_node::core::metrics::Metrics;
 use vigil_proto::record::Kind;
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -98,9 +98,9 @@ async fn main() {
     let mut tasks = Vec::new();
     for _ in 0..writers {
         let (audit, body) = (audit.clone(), body.clone());
-        tasks.push(tokio::task::spawn_blocking(move || {
+        tasks.push(tokio::spawn(async move {
             for _ in 0..per {
-                audit.append(&body).expect("append");
+                audit.append(&body).await.expect("append");
             }
         }));
     }
@@ -131,7 +131,7 @@ async fn main() {
     let mut lat = Vec::with_capacity(samples as usize);
     for _ in 0..samples {
         let t = Instant::now();
-        audit.append(&body).expect("append");
+        audit.append(&body).await.expect("append");
         while !acked(&spool, &audit) {
             tokio::task::yield_now().await;
         }
@@ -145,13 +145,13 @@ async fn main() {
         pct(0.99),
         lat[lat.len() - 1] as f64 / 1000.0
     );
-    audit.close();
+    audit.close().await;
     let _ = stop.send(true);
     let _ = shipping.await;
     // Everything arrived, chained and identical.
     let mut verifier = vigil_proto::verify::Verifier::new();
     let t = Instant::now();
-    let read = vigil_node::kafka::read_topic(
+    let read = vigil_node::audit::kafka::read_topic(
         vigil_chaos::env().get("VIGIL_KAFKA_BROKERS"),
         &topic,
         Duration::from_secs(10),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use vigil_coordinator::server::Member;
 use vigil_coordinator::service::OperatorAuth;
 use vigil_node::config::CoordinatorFile;
-use vigil_node::coordination::OidcOperators;
-use vigil_node::identity::TokenVerifier;
+use vigil_node::core::approvals::OidcOperators;
+use vigil_node::core::identity::TokenVerifier;
 
 #[derive(Parser)]
 #[command(version, about = "Vigil coordinator member")]
@@ -51,7 +51,8 @@ async fn run(
     member: vigil_coordinator::server::MemberConfig,
 ) -> anyhow::Result<()> {
     let operators: Option<Arc<dyn OperatorAuth>> = file.identity.map(|id| {
-        let verifier = TokenVerifier::new(id, Arc::new(vigil_node::metrics::Metrics::default()));
+        let verifier =
+            TokenVerifier::new(id, Arc::new(vigil_node::core::metrics::Metrics::default()));
         Arc::new(OidcOperators(verifier)) as Arc<dyn OperatorAuth>
     });
     let member = Member::start(member, operators).await?;

@@ -1,6 +1,44 @@
-//! What every protocol server shares: the refusal model (and, as protocols arrive, the
-//! services a protocol server is given).
+//! The protocol-independent core: the services every protocol server is given ([`Core`]:
+//! token verification, the audit writer, metrics, masking, the approvals client), the
+//! [`ProtocolServer`] trait a protocol implements, and the refusal model each protocol maps to
+//! its own error form.
 
+pub mod approvals;
+pub mod identity;
+pub mod metrics;
+pub mod principals;
 pub mod refusal;
+pub mod secret;
+pub mod server;
+pub mod tls;
 
 pub use refusal::Refusal;
+pub use server::{ProtocolServer, Shutdown};
+
+use crate::audit::AuditLog;
+use crate::policy::masking::Masker;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The shared services a protocol server is built with.
+pub struct Core {
+    /// Verifies every caller's token (OIDC), whatever the protocol.
+    pub verifier: Arc<identity::TokenVerifier>,
+    /// This node's audit stream: a request is forwarded only once its record is in it.
+    pub audit: AuditLog,
+    pub metrics: Arc<metrics::Metrics>,
+    /// Where actions that need approval are held and decided.
+    pub approvals: Arc<approvals::Approvals>,
+    /// Masks values in records (detectors and column rules).
+    pub masker: Masker,
+    /// Where the node keeps its state (a protocol's generated TLS material, for example).
+    pub data_dir: PathBuf,
+}
+
+impl Core {
+    /// A value a client chose, as the gateway may write it anywhere (records, its log): masked
+    /// by the detectors (column rules do not apply outside results).
+    pub fn scrub(&self, value: &str) -> String {
+        self.masker.mask(value, None, false, None).into_owned()
+    }
+}

@@ -5,7 +5,7 @@
 use super::codec::{split_frame, Frame, FrameError};
 use super::messages::{self, Reader};
 use crate::config::{PgTarget, TargetTls};
-use crate::tls::BoxStream;
+use crate::core::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use rustls::pki_types::ServerName;
@@ -59,18 +59,18 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(config: PgTarget) -> Result<Self, crate::tls::TlsError> {
+    pub fn new(config: PgTarget) -> Result<Self, crate::core::tls::TlsError> {
         let c = &config.config;
         let tls = match c.tls {
             TargetTls::Disable => None,
             TargetTls::Require | TargetTls::VerifyFull => {
                 let client = if c.tls == TargetTls::Require {
-                    crate::tls::unverified_client_config()
+                    crate::core::tls::unverified_client_config()
                 } else {
-                    crate::tls::verifying_client_config(c.ca_file.as_deref())?
+                    crate::core::tls::verifying_client_config(c.ca_file.as_deref())?
                 };
                 let name = ServerName::try_from(c.host.clone()).map_err(|_| {
-                    crate::tls::TlsError::Rustls(rustls::Error::General(format!(
+                    crate::core::tls::TlsError::Rustls(rustls::Error::General(format!(
                         "invalid server name {}",
                         c.host
                     )))

@@ -81,22 +81,22 @@ impl CancelRegistry {
 /// Like every request, it is on record before the target sees it; an unknown key is refused on
 /// record.
 pub async fn forward(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
-    let mut body = ctx.audit.body(None, Kind::Cancel);
+    let mut body = ctx.core.audit.body(None, Kind::Cancel);
     body.connection = Some(Arc::new(conn.clone()));
     let Some(entry) = ctx.cancels.lookup(pid, secret) else {
         body.outcome = Some(Outcome::Denied);
         body.detail = Some("no session holds this cancel key".into());
-        ctx.audit.record(body);
+        ctx.core.audit.record(body);
         return;
     };
     body.session = Some(entry.session.clone());
     body.outcome = Some(Outcome::Success);
     body.detail = Some("forwarded to the target".into());
-    if let Err(e) = ctx.audit.append(&body) {
+    if let Err(e) = ctx.core.audit.append(&body).await {
         tracing::warn!(error = %e, "cancel not forwarded: its audit record cannot be written");
         return;
     }
-    ctx.metrics.cancel_requests.inc();
+    ctx.core.metrics.cancel_requests.inc();
     if let Err(e) = entry
         .target
         .cancel(entry.backend_pid, entry.backend_secret)
@@ -105,6 +105,6 @@ pub async fn forward(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) 
         body.time = crate::audit::now_rfc3339();
         body.outcome = Some(Outcome::Error);
         body.detail = Some(format!("forwarding failed: {e}"));
-        ctx.audit.record(body);
+        ctx.core.audit.record(body);
     }
 }

@@ -16,11 +16,14 @@ mod relay;
 mod session;
 mod state;
 
-use crate::audit::AuditLog;
-use crate::identity::TokenVerifier;
-use crate::metrics::Metrics;
+use crate::config::{Config, PostgresConfig};
+use crate::core::{Core, ProtocolServer, Shutdown};
+use anyhow::Context as _;
 use backend::Targets;
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,28 +35,83 @@ pub const PROTOCOL: &str = "postgres";
 
 /// Everything a session needs, shared by all sessions of the listener.
 pub struct PgContext {
-    pub config: crate::config::PostgresConfig,
+    pub core: Arc<Core>,
+    pub config: PostgresConfig,
     pub tls: Arc<rustls::ServerConfig>,
     pub targets: Targets,
-    pub verifier: Arc<TokenVerifier>,
-    pub audit: AuditLog,
-    pub metrics: Arc<Metrics>,
     pub cancels: cancel::CancelRegistry,
     pub max_result_bytes: usize,
     pub policy: Arc<crate::policy::Policy>,
     pub classifier: crate::policy::Classifier,
-    pub masker: crate::policy::masking::Masker,
     /// Table names behind result columns, per connection name (for column masking rules).
-    pub catalogs: std::collections::HashMap<String, Arc<catalog::Catalog>>,
-    /// Where statements that need approval are held and decided.
-    pub approvals: Arc<crate::coordination::Approvals>,
+    pub catalogs: HashMap<String, Arc<catalog::Catalog>>,
 }
 
-impl PgContext {
-    /// A value the client chose, as the gateway may write it anywhere (records, its log):
-    /// masked by the detectors (column rules do not apply outside results).
-    pub fn scrub(&self, value: &str) -> String {
-        self.masker.mask(value, None, false, None).into_owned()
+/// The PostgreSQL listener, bound.
+pub struct PgServer {
+    listener: TcpListener,
+    ctx: Arc<PgContext>,
+}
+
+impl PgServer {
+    /// Builds the server from its config section (targets, TLS, policy) and binds its
+    /// listener; everything that can fail on bad configuration fails here.
+    pub async fn bind(config: &Config, core: Arc<Core>) -> anyhow::Result<Self> {
+        let mut targets = HashMap::new();
+        for target in config.pg_targets()? {
+            let name = target.config.name.clone();
+            let target = backend::Target::new(target)
+                .with_context(|| format!("TLS settings of connection {name:?}"))?;
+            targets.insert(name, Arc::new(target));
+        }
+        let catalogs = targets
+            .iter()
+            .map(|(name, t)| (name.clone(), Arc::new(catalog::Catalog::new(t.clone()))))
+            .collect();
+        let pg = &config.postgres;
+        let tls = crate::core::tls::server_config(
+            pg.tls_cert.as_deref(),
+            pg.tls_key.as_deref(),
+            &core.data_dir.join("tls"),
+        )
+        .context("postgres TLS certificate")?;
+        let listener = TcpListener::bind(pg.listen)
+            .await
+            .with_context(|| format!("cannot bind postgres.listen {}", pg.listen))?;
+        let read_only = pg
+            .connections
+            .iter()
+            .filter(|c| c.read_only)
+            .map(|c| c.name.clone())
+            .collect();
+        let ctx = Arc::new(PgContext {
+            core,
+            config: pg.clone(),
+            tls,
+            targets: Arc::new(targets),
+            cancels: cancel::CancelRegistry::default(),
+            max_result_bytes: config.audit.max_result_bytes,
+            policy: crate::policy::Policy::for_node(config.policy.clone(), read_only),
+            classifier: crate::policy::Classifier::default(),
+            catalogs,
+        });
+        Ok(Self { listener, ctx })
+    }
+}
+
+impl ProtocolServer for PgServer {
+    fn protocol(&self) -> &'static str {
+        PROTOCOL
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    fn serve(self: Box<Self>, shutdown: Shutdown) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(serve(self.listener, self.ctx, shutdown))
     }
 }
 
@@ -62,7 +120,7 @@ impl PgContext {
 /// A client holds one of `max_unauthenticated_connections` permits from its accept until it is
 /// authenticated or refused (within `startup_timeout_secs`); a client that finds none free is
 /// refused at once, so clients that never authenticate cannot pile up.
-pub async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future<Output = ()>) {
+async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future<Output = ()>) {
     let active = Arc::new(AtomicUsize::new(0));
     let preauth = Arc::new(Semaphore::new(ctx.config.max_unauthenticated_connections));
     tokio::pin!(shutdown);
@@ -73,7 +131,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Fu
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let Ok(permit) = preauth.clone().try_acquire_owned() else {
-                        ctx.metrics.preauth_refused.inc();
+                        ctx.core.metrics.preauth_refused.inc();
                         tokio::spawn(session::turn_away(tcp, peer));
                         continue;
                     };

@@ -17,13 +17,13 @@ use super::refusal::sql_error;
 use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
-use crate::coordination::{Hold, Step, Verdict};
+use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::metrics::OutcomeLabel;
+use crate::core::tls::BoxStream;
 use crate::core::Refusal;
-use crate::metrics::OutcomeLabel;
 use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
-use crate::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use messages::Field;
 use sha2::{Digest, Sha256};
@@ -42,7 +42,7 @@ use vigil_proto::record::{
 };
 
 /// Holds a statement that needs approval until the coordinator's answer (see
-/// [`crate::coordination::Approvals::settle`]); each step is recorded under the statement
+/// [`crate::core::approvals::Approvals::settle`]); each step is recorded under the statement
 /// number `stmt` its request will get. The approval is bound to `binding` (its `hash`), and
 /// the approver is shown all of it, masked without changing how it reads; what cannot be
 /// shown that way is not held.
@@ -64,7 +64,7 @@ async fn hold(
         };
     };
     let mut masked = Counts::new();
-    let shown_binding = match binding.shown(&ctx.masker, &mut masked) {
+    let shown_binding = match binding.shown(&ctx.core.masker, &mut masked) {
         Ok(b) => b,
         Err(why) => return unbound(&decision.rule, why),
     };
@@ -86,7 +86,7 @@ async fn hold(
         b.search_path = shown_binding.search_path.clone();
     }
     let policy = ctx.policy.reference(decision);
-    let audit = &ctx.audit;
+    let audit = &ctx.core.audit;
     let mut record = |step: Step| {
         let kind = if step.requested {
             Kind::ApprovalRequested
@@ -120,7 +120,7 @@ async fn hold(
         reason: decision.reason.as_deref(),
         spec,
     };
-    ctx.approvals.settle(hold, &mut record).await
+    ctx.core.approvals.settle(hold, &mut record).await
 }
 
 /// A statement that needs approval but cannot be held: its binding could not be established
@@ -139,7 +139,7 @@ fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
 /// detectors; the target still gets the original.
 fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
     let mut counts = Counts::new();
-    let masker = &ctx.masker;
+    let masker = &ctx.core.masker;
     if !masker.is_active() {
         return counts;
     }
@@ -376,7 +376,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
                 End::ClientProtocol(m) => m.clone(),
                 // What was wrong is in the session_end record and the node's log.
                 End::TargetProtocol(_) => {
-                    ctx.metrics.target_protocol_errors.inc();
+                    ctx.core.metrics.target_protocol_errors.inc();
                     "the target sent an invalid message".into()
                 }
                 other => other.to_string(),
@@ -392,7 +392,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         _ => {}
     }
     target_half.abandon_pending();
-    let mut body = session.body(&ctx.audit, Kind::SessionEnd);
+    let mut body = session.body(&ctx.core.audit, Kind::SessionEnd);
     body.duration_us = Some(session.started.elapsed().as_micros() as u64);
     body.detail = Some(format!(
         "{}; {} statements",
@@ -407,7 +407,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         | End::EncodingChanged(_) => Outcome::Error,
         End::TokenExpired => Outcome::Denied,
     });
-    ctx.audit.record(body);
+    ctx.core.audit.record(body);
     tracing::info!(%end, "session ended");
 }
 
@@ -530,7 +530,11 @@ impl ClientHalf {
         if out.is_empty() {
             return Ok(());
         }
-        self.ctx.metrics.bytes_to_target.inc_by(out.len() as u64);
+        self.ctx
+            .core
+            .metrics
+            .bytes_to_target
+            .inc_by(out.len() as u64);
         let r = self.write.write_all(out).await;
         out.clear();
         r
@@ -562,6 +566,7 @@ impl ClientHalf {
             return Ok(());
         }
         self.ctx
+            .core
             .metrics
             .bytes_to_target
             .inc_by(earlier.len() as u64);
@@ -739,7 +744,10 @@ impl ClientHalf {
         let policy = self.ctx.policy.reference(&decision);
         let note = dry_run_note(&decision);
         let per_statement = self.statement_effects(text, &class, &policy, &note);
-        match self.audit_request(request, Some((policy, note)), approval) {
+        match self
+            .audit_request(request, Some((policy, note)), approval)
+            .await
+        {
             Ok(mut unit) => {
                 // A Query drops the unnamed statement and portal before it runs anything.
                 unit.always = vec![
@@ -941,7 +949,7 @@ impl ClientHalf {
             None => None,
         };
         let per_statement = self.statement_effects(&stmt.text, &stmt.class, &decided.0, &decided.1);
-        match self.audit_request(request, Some(decided), approval) {
+        match self.audit_request(request, Some(decided), approval).await {
             Ok(mut unit) => {
                 for ops in &per_statement {
                     self.tables.record(ops);
@@ -963,7 +971,7 @@ impl ClientHalf {
     /// The FunctionCall message runs a function by OID with no statement to decide: refused.
     fn function_call(&mut self, body: &[u8], out: &mut BytesMut) {
         let stmt = self.next_stmt();
-        let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::Blocked);
         rec.stmt = Some(stmt);
         rec.request = Some(Request::Postgres(PgRequest {
             mode: "function_call".into(),
@@ -976,7 +984,7 @@ impl ClientHalf {
             version: self.ctx.policy.version().to_string(),
         });
         rec.detail = Some("the FunctionCall message is not allowed".into());
-        self.ctx.audit.record(rec);
+        self.ctx.core.audit.record(rec);
         self.refuse(
             Outcome::Blocked,
             "42501",
@@ -1254,70 +1262,59 @@ impl ClientHalf {
             .reason
             .clone()
             .unwrap_or_else(|| "the policy does not allow this statement".into());
-        let detail = match dry_run_note(decision) {
-            Some(note) => format!("{reason}; {note}"),
-            None => reason.clone(),
-        };
         let refusal = Refusal::Blocked {
             rule: decision.rule.clone(),
             reason,
         };
-        self.refuse_recorded(request, decision, refusal, None, detail, simple, out);
+        self.refuse_held(request, decision, refusal, None, simple, out);
     }
 
-    /// Refuses a held statement the approval flow did not let run.
+    /// Refuses a statement the policy blocks or the approval flow did not let run: a
+    /// `blocked` record, then the refusal (ErrorResponse, and ReadyForQuery if `simple`). The
+    /// session continues.
     fn refuse_held(
-        &mut self,
-        request: PgRequest,
-        decision: &Decision,
-        refusal: Refusal,
-        approval: Option<ApprovalRef>,
-        simple: bool,
-        out: &mut BytesMut,
-    ) {
-        let detail = sql_error(&refusal).1;
-        self.refuse_recorded(request, decision, refusal, approval, detail, simple, out);
-    }
-
-    /// A `blocked` record, then the refusal (ErrorResponse, and ReadyForQuery if `simple`).
-    /// The session continues.
-    fn refuse_recorded(
         &mut self,
         mut request: PgRequest,
         decision: &Decision,
         refusal: Refusal,
         approval: Option<ApprovalRef>,
-        detail: String,
         simple: bool,
         out: &mut BytesMut,
     ) {
         let (sqlstate, message) = sql_error(&refusal);
         let outcome = refusal.outcome();
+        // The record says why in the policy's words (and what dry-run rules would have done);
+        // an approval's refusal, as the client hears it.
+        let detail = match (&refusal, dry_run_note(decision)) {
+            (Refusal::Blocked { reason, .. }, Some(note)) => format!("{reason}; {note}"),
+            (Refusal::Blocked { reason, .. }, None) => reason.clone(),
+            _ => message.clone(),
+        };
         let stmt = self.next_stmt();
         let masked = self.mask_request(&mut request);
-        let mut rec = self.session.body(&self.ctx.audit, Kind::Blocked);
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::Blocked);
         rec.stmt = Some(stmt);
         rec.request = Some(Request::Postgres(request));
         rec.outcome = Some(outcome);
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
         // A parser's message quotes the text near its error: through the detectors, like it.
-        rec.detail = Some(self.ctx.scrub(&detail));
+        rec.detail = Some(self.ctx.core.scrub(&detail));
         rec.approval = approval;
-        self.ctx.audit.record(rec);
+        self.ctx.core.audit.record(rec);
         self.refuse(outcome, sqlstate, &message, simple, out);
     }
 
     /// Writes a request record and waits until it is in the log. An error means it could not
     /// be written (or the spool is full) and the statement must not reach the target.
-    fn audit_request(
+    async fn audit_request(
         &mut self,
         mut request: PgRequest,
         decided: Option<(PolicyRef, Option<String>)>,
         approval: Option<ApprovalRef>,
     ) -> Result<Unit, AuditError> {
         let stmt = self.next_stmt();
-        let mut rec = self.session.body(&self.ctx.audit, Kind::Request);
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::Request);
         rec.stmt = Some(stmt);
         rec.masked = self.mask_request(&mut request);
         rec.request = Some(Request::Postgres(request));
@@ -1326,17 +1323,17 @@ impl ClientHalf {
             rec.policy = Some(policy);
             rec.detail = note;
         }
-        match self.ctx.audit.append(&rec) {
+        match self.ctx.core.audit.append(&rec).await {
             Ok(()) => Ok(Unit::new(stmt)),
             Err(e) => {
-                self.ctx.metrics.audit_refused_statements.inc();
+                self.ctx.core.metrics.audit_refused_statements.inc();
                 tracing::warn!(error = %e, "statement refused: its audit record cannot be written");
                 // The refusal is recorded too; the log keeps it until it can be written.
                 rec.kind = Kind::Blocked;
                 rec.time = crate::audit::now_rfc3339();
                 rec.outcome = Some(Outcome::Error);
                 rec.detail = Some(format!("refused before the target: {e}"));
-                self.ctx.audit.record(rec);
+                self.ctx.core.audit.record(rec);
                 Err(e)
             }
         }
@@ -1362,6 +1359,7 @@ impl ClientHalf {
         out: &mut BytesMut,
     ) {
         self.ctx
+            .core
             .metrics
             .statements
             .get_or_create(&OutcomeLabel::of(outcome))
@@ -1380,11 +1378,11 @@ impl ClientHalf {
     }
 
     async fn protocol_error(&mut self, message: String) -> End {
-        self.ctx.metrics.protocol_errors.inc();
-        let mut rec = self.session.body(&self.ctx.audit, Kind::ProtocolError);
+        self.ctx.core.metrics.protocol_errors.inc();
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::ProtocolError);
         rec.outcome = Some(Outcome::Error);
         rec.detail = Some(message.clone());
-        self.ctx.audit.record(rec);
+        self.ctx.core.audit.record(rec);
         End::ClientProtocol(message)
     }
 }
@@ -1497,7 +1495,11 @@ impl TargetHalf {
                 },
             }
             if !out.is_empty() {
-                self.ctx.metrics.bytes_from_target.inc_by(out.len() as u64);
+                self.ctx
+                    .core
+                    .metrics
+                    .bytes_from_target
+                    .inc_by(out.len() as u64);
                 if self.write.write_all(&out).await.is_err() {
                     return End::ClientClosed;
                 }
@@ -1687,7 +1689,7 @@ impl TargetHalf {
                 Some(n) => Columns::Described(n),
                 None => Columns::Unknown,
             };
-            if self.ctx.masker.is_active() {
+            if self.ctx.core.masker.is_active() {
                 let fields = portal.and_then(Portal::fields).unwrap_or_default();
                 self.acc.masks = self.masks_for(&fields).await;
             }
@@ -1750,7 +1752,7 @@ impl TargetHalf {
             Err(e) => return Err(End::TargetProtocol(e.to_string())),
         }
         if let Ok(("application_name", value)) = messages::parse_parameter_status(body) {
-            let value = self.ctx.scrub(value);
+            let value = self.ctx.core.scrub(value);
             self.session.application_reported(&value);
         }
         Ok(())
@@ -1867,7 +1869,7 @@ impl TargetHalf {
     /// Column masks for a result set, resolving the tables behind its columns. (Takes the
     /// context rather than `self`: the half's streams are not `Sync`.)
     async fn masks(ctx: &PgContext, conn: &str, fields: &[Field]) -> Option<Arc<Vec<ColMask>>> {
-        let masker = &ctx.masker;
+        let masker = &ctx.core.masker;
         if !masker.is_active() {
             return None;
         }
@@ -1917,7 +1919,7 @@ impl TargetHalf {
     /// Accounts a DataRow; returns the row to send instead when the client copy is masked, or
     /// why the row cannot be matched to its columns (then nothing is accounted).
     fn add_row(&mut self, body: &Bytes) -> Result<Option<Bytes>, String> {
-        let masker = &self.ctx.masker;
+        let masker = &self.ctx.core.masker;
         let acc = &mut self.acc;
         let values = messages::parse_data_row(body).map_err(|e| e.to_string())?;
         if let Columns::Described(n) = acc.columns {
@@ -2045,7 +2047,7 @@ impl TargetHalf {
             }
         }
         // Values echoed in errors and in a failed Parse's text are masked like results.
-        let masker = &self.ctx.masker;
+        let masker = &self.ctx.core.masker;
         let mut request = unit.request;
         if masker.is_active() {
             if let Some(e) = acc.response.error.as_mut() {
@@ -2071,18 +2073,19 @@ impl TargetHalf {
             Outcome::Success
         };
         self.ctx
+            .core
             .metrics
             .statements
             .get_or_create(&OutcomeLabel::of(outcome))
             .inc();
-        let mut rec = self.session.body(&self.ctx.audit, Kind::Response);
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::Response);
         rec.stmt = Some(unit.stmt);
         rec.request = request.map(Request::Postgres);
         rec.masked = acc.masked;
         rec.response = Some(Response::Postgres(acc.response));
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
-        self.ctx.audit.record(rec);
+        self.ctx.core.audit.record(rec);
     }
 
     /// Statements still in flight when the session ends get a response record too.

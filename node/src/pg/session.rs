@@ -8,8 +8,8 @@ use super::encoding;
 use super::messages::{self, Reader, Startup};
 use super::relay::{self, Session};
 use super::PgContext;
-use crate::metrics::OutcomeLabel;
-use crate::tls::BoxStream;
+use crate::core::metrics::OutcomeLabel;
+use crate::core::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,13 +112,14 @@ pub async fn run(
             .unwrap_or_else(|_| Err(Refusal::Protocol("startup did not finish in time".into())));
         match started {
             Ok(established) => {
-                ctx.metrics
+                ctx.core
+                    .metrics
                     .sessions
                     .get_or_create(&OutcomeLabel::of(Outcome::Success))
                     .inc();
-                ctx.metrics.active_sessions.inc();
+                ctx.core.metrics.active_sessions.inc();
                 relay::run(&ctx, established, stream).await;
-                ctx.metrics.active_sessions.dec();
+                ctx.core.metrics.active_sessions.dec();
             }
             Err(refusal) => refuse(&ctx, &id, &mut stream, conn, refusal).await,
         }
@@ -137,7 +138,7 @@ async fn refuse(
     // What a refused client sent (the database it named, its options) reaches the record, the
     // node's log and the answer only through the detectors.
     let mut conn = conn;
-    conn.name = conn.name.map(|n| ctx.scrub(&n));
+    conn.name = conn.name.map(|n| ctx.core.scrub(&n));
     let conn = Some(Arc::new(conn));
     match refusal {
         Refusal::Deny {
@@ -146,31 +147,32 @@ async fn refuse(
             outcome,
             principal,
         } => {
-            let message = ctx.scrub(&message);
+            let message = ctx.core.scrub(&message);
             tracing::info!(%sqlstate, %message, "session refused");
-            ctx.metrics
+            ctx.core
+                .metrics
                 .sessions
                 .get_or_create(&OutcomeLabel::of(outcome))
                 .inc();
-            let mut body = ctx.audit.body(Some(id), Kind::SessionStart);
+            let mut body = ctx.core.audit.body(Some(id), Kind::SessionStart);
             body.outcome = Some(outcome);
             body.principal = principal;
             body.connection = conn;
             body.detail = Some(message.clone());
-            ctx.audit.record(body);
+            ctx.core.audit.record(body);
             let _ = stream
                 .write_all(&messages::error_response(true, sqlstate, &message))
                 .await;
         }
         Refusal::Protocol(message) => {
-            let message = ctx.scrub(&message);
+            let message = ctx.core.scrub(&message);
             tracing::info!(%message, "protocol violation");
-            ctx.metrics.protocol_errors.inc();
-            let mut body = ctx.audit.body(Some(id), Kind::ProtocolError);
+            ctx.core.metrics.protocol_errors.inc();
+            let mut body = ctx.core.audit.body(Some(id), Kind::ProtocolError);
             body.outcome = Some(Outcome::Error);
             body.connection = conn;
             body.detail = Some(message.clone());
-            ctx.audit.record(body);
+            ctx.core.audit.record(body);
             let _ = stream
                 .write_all(&messages::error_response(true, "08P01", &message))
                 .await;
@@ -299,7 +301,7 @@ async fn handshake(
     conn.application = startup
         .get("application_name")
         .filter(|a| !a.is_empty())
-        .map(|a| ctx.scrub(a));
+        .map(|a| ctx.core.scrub(a));
 
     // The token is a bearer credential: never ask for it over cleartext unless allowed.
     if !conn.client_tls && !ctx.config.allow_cleartext_token {
@@ -351,14 +353,18 @@ async fn handshake(
         reported: Default::default(),
     };
     // The session is on record before the client may send its first statement.
-    let mut body = session.body(&ctx.audit, Kind::SessionStart);
+    let mut body = session.body(&ctx.core.audit, Kind::SessionStart);
     body.outcome = Some(Outcome::Success);
-    ctx.audit.append(&body).map_err(|e| Refusal::Deny {
-        sqlstate: "58030",
-        message: format!("the gateway cannot record this session: {e}"),
-        outcome: Outcome::Error,
-        principal: Some(principal.clone()),
-    })?;
+    ctx.core
+        .audit
+        .append(&body)
+        .await
+        .map_err(|e| Refusal::Deny {
+            sqlstate: "58030",
+            message: format!("the gateway cannot record this session: {e}"),
+            outcome: Outcome::Error,
+            principal: Some(principal.clone()),
+        })?;
     tracing::info!(subject = %principal.subject, connection = %database, "session started");
     let (backend_pid, backend_secret) = backend.key.unwrap_or((0, 0));
     let (key, cancel_guard) = ctx.cancels.register(CancelEntry {
@@ -376,6 +382,7 @@ async fn handshake(
         client_buf: buf,
         backend,
         expires: ctx
+            .core
             .verifier
             .session_remaining(&principal)
             .map(|left| tokio::time::Instant::now() + left),
@@ -386,8 +393,8 @@ async fn handshake(
 /// The token's principal; a token that does not verify is refused (`28000` when the provider
 /// cannot be reached, else `28P01`).
 async fn authenticate(ctx: &PgContext, token: &str) -> Result<Principal, Refusal> {
-    ctx.verifier.verify(token).await.map_err(|e| {
-        let code = if e == crate::identity::TokenError::ProviderUnavailable {
+    ctx.core.verifier.verify(token).await.map_err(|e| {
+        let code = if e == crate::core::identity::TokenError::ProviderUnavailable {
             "28000"
         } else {
             "28P01"

@@ -17,7 +17,7 @@ pub mod classify;
 mod dangerous_functions;
 pub mod masking;
 
-pub use crate::principals::PrincipalMatch;
+pub use crate::core::principals::PrincipalMatch;
 use classify::{Flag, StatementInfo, StatementKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -34,36 +34,118 @@ pub enum Action {
     RequireApproval,
 }
 
-/// One rule. Every condition given must hold; inside a list any entry may match.
+/// One rule: a shared part (which action, for whom, on which targets, how approvals go) and
+/// the matcher of its protocol (PostgreSQL: [`SqlMatch`]). Every condition given must hold;
+/// inside a list any entry may match. In the config a rule is one flat table ([`RuleTable`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RuleTable", into = "RuleTable")]
 pub struct Rule {
     pub id: String,
     pub action: Action,
-    /// Connection names; empty: every connection.
-    #[serde(default)]
-    pub connections: Vec<String>,
-    #[serde(default)]
+    /// Target names (PostgreSQL connection names); empty: every target.
+    pub targets: Vec<String>,
     pub principals: PrincipalMatch,
-    #[serde(default)]
-    pub kinds: Vec<StatementKind>,
-    /// `table` or `schema.table`; `table` also matches it in any schema.
-    #[serde(default)]
-    pub tables: Vec<String>,
-    /// Function names (last component, lower case).
-    #[serde(default)]
-    pub functions: Vec<String>,
-    #[serde(default)]
-    pub flags: Vec<Flag>,
     /// Only record what the rule would have done.
-    #[serde(default)]
     pub dry_run: bool,
     /// Told to the client and recorded.
-    #[serde(default)]
     pub reason: Option<String>,
     /// For `require_approval`: overrides `[policy.approval]`.
-    #[serde(default)]
     pub approval: Option<ApprovalSpec>,
+    /// What the rule matches in a PostgreSQL statement.
+    pub sql: SqlMatch,
+}
+
+/// The PostgreSQL matcher of a rule: what a statement is (its classification).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SqlMatch {
+    pub kinds: Vec<StatementKind>,
+    /// `table` or `schema.table`; `table` also matches it in any schema.
+    pub tables: Vec<String>,
+    /// Function names (last component, lower case).
+    pub functions: Vec<String>,
+    pub flags: Vec<Flag>,
+}
+
+impl SqlMatch {
+    pub fn matches(&self, s: &StatementInfo) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&s.kind()))
+            && (self.tables.is_empty()
+                || self
+                    .tables
+                    .iter()
+                    .any(|t| s.tables.iter().any(|x| table_matches(t, x))))
+            && (self.functions.is_empty()
+                || self
+                    .functions
+                    .iter()
+                    .any(|f| s.functions.contains(&f.to_ascii_lowercase())))
+            && (self.flags.is_empty() || self.flags.iter().any(|f| s.flags.contains(f)))
+    }
+}
+
+/// A rule as written in the config (`[[policy.rules]]`), and as hashed into the policy
+/// version: one flat table, unknown keys refused.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleTable {
+    id: String,
+    action: Action,
+    #[serde(default)]
+    connections: Vec<String>,
+    #[serde(default)]
+    principals: PrincipalMatch,
+    #[serde(default)]
+    kinds: Vec<StatementKind>,
+    #[serde(default)]
+    tables: Vec<String>,
+    #[serde(default)]
+    functions: Vec<String>,
+    #[serde(default)]
+    flags: Vec<Flag>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    approval: Option<ApprovalSpec>,
+}
+
+impl From<RuleTable> for Rule {
+    fn from(t: RuleTable) -> Self {
+        Rule {
+            id: t.id,
+            action: t.action,
+            targets: t.connections,
+            principals: t.principals,
+            dry_run: t.dry_run,
+            reason: t.reason,
+            approval: t.approval,
+            sql: SqlMatch {
+                kinds: t.kinds,
+                tables: t.tables,
+                functions: t.functions,
+                flags: t.flags,
+            },
+        }
+    }
+}
+
+impl From<Rule> for RuleTable {
+    fn from(r: Rule) -> Self {
+        RuleTable {
+            id: r.id,
+            action: r.action,
+            connections: r.targets,
+            principals: r.principals,
+            kinds: r.sql.kinds,
+            tables: r.sql.tables,
+            functions: r.sql.functions,
+            flags: r.sql.flags,
+            dry_run: r.dry_run,
+            reason: r.reason,
+            approval: r.approval,
+        }
+    }
 }
 
 /// How a statement that needs approval is handled.
@@ -116,7 +198,7 @@ pub struct PolicyConfig {
     /// The key of deterministic masking tokens; default: generated once into
     /// `<data_dir>/masking.key`. Not part of the policy version.
     #[serde(default, skip_serializing)]
-    pub masking_key: Option<crate::secret::SecretRef>,
+    pub masking_key: Option<crate::core::secret::SecretRef>,
     /// The approval settings of `require_approval` rules that do not name their own.
     #[serde(default)]
     pub approval: Option<ApprovalSpec>,
@@ -193,7 +275,7 @@ impl Policy {
                 .config
                 .rules
                 .iter()
-                .any(|r| r.connections.is_empty() || r.connections.iter().any(|c| c == connection))
+                .any(|r| r.targets.is_empty() || r.targets.iter().any(|c| c == connection))
     }
 
     /// The decision on a connection nothing governs.
@@ -415,21 +497,16 @@ fn table_matches(pattern: &str, table: &str) -> bool {
     (!pattern.contains('.') || !table.contains('.')) && rel(&pattern) == rel(&table)
 }
 
+impl Rule {
+    /// Whether the shared part applies: the target and the principal.
+    fn applies(&self, target: &str, p: &Principal) -> bool {
+        (self.targets.is_empty() || self.targets.iter().any(|t| t == target))
+            && principal_matches(&self.principals, p)
+    }
+}
+
 fn rule_matches(rule: &Rule, s: &StatementInfo, p: &Principal, connection: &str) -> bool {
-    (rule.connections.is_empty() || rule.connections.iter().any(|c| c == connection))
-        && principal_matches(&rule.principals, p)
-        && (rule.kinds.is_empty() || rule.kinds.contains(&s.kind()))
-        && (rule.tables.is_empty()
-            || rule
-                .tables
-                .iter()
-                .any(|t| s.tables.iter().any(|x| table_matches(t, x))))
-        && (rule.functions.is_empty()
-            || rule
-                .functions
-                .iter()
-                .any(|f| s.functions.contains(&f.to_ascii_lowercase())))
-        && (rule.flags.is_empty() || rule.flags.iter().any(|f| s.flags.contains(f)))
+    rule.applies(connection, p) && rule.sql.matches(s)
 }
 
 /// The classification of one message: its statements, or why it does not parse.
@@ -669,6 +746,39 @@ tables = ["public.customers"]
         assert_eq!(policy(RULES).version(), policy(RULES).version());
         let ro = Policy::for_node(PolicyConfig::default(), vec!["app".into()]);
         assert_ne!(ro.version(), policy("").version());
+    }
+
+    /// A rule is hashed into the version as it is written (one flat table): splitting it into
+    /// a shared part and a protocol matcher changes no version.
+    #[test]
+    fn a_rule_is_hashed_as_written() {
+        let config: PolicyConfig = toml::from_str(
+            r#"
+            [[rules]]
+            id = "r"
+            action = "block"
+            connections = ["app"]
+            kinds = ["ddl"]
+            tables = ["t"]
+            "#,
+        )
+        .unwrap();
+        let rule = &config.rules[0];
+        assert_eq!(
+            (rule.targets.as_slice(), rule.sql.tables.as_slice()),
+            (&["app".to_string()][..], &["t".to_string()][..])
+        );
+        let json = serde_json::to_value(rule).unwrap();
+        assert_eq!(json["connections"], serde_json::json!(["app"]));
+        assert_eq!(json["kinds"], serde_json::json!(["ddl"]));
+        assert!(
+            json.get("sql").is_none() && json.get("targets").is_none(),
+            "{json}"
+        );
+        let unknown = toml::from_str::<PolicyConfig>(
+            "[[rules]]\nid = \"r\"\naction = \"block\"\ntabels = [\"t\"]\n",
+        );
+        assert!(unknown.unwrap_err().to_string().contains("tabels"));
     }
 
     #[test]

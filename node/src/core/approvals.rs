@@ -12,14 +12,11 @@
 //! step the client can observe is reported to the caller for the audit log. When the
 //! coordinator cannot be reached the statement is refused (fail closed).
 
-use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::core::identity::TokenVerifier;
 use crate::core::Refusal;
-use crate::identity::TokenVerifier;
-use crate::metrics::Metrics;
 use crate::policy::ApprovalSpec;
 use anyhow::Context as _;
-use ed25519_dalek::SigningKey;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,91 +25,8 @@ use vigil_coordinator::approvals::{ActionKey, Actor, Scope};
 use vigil_coordinator::client::{Client, Credential};
 use vigil_coordinator::server::{Member, MemberConfig};
 use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
-use vigil_proto::checkpoint::Checkpoint;
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{ApprovalRef, Outcome, Principal};
-
-/// Signs checkpoints of this node's stream and hands them to the coordinator (the witness):
-/// at once (covering `stream_start`), then soon after the stream grows, at spacings that
-/// double from [`FIRST_SPACING`] up to the interval, and once more at stream end.
-#[derive(Clone)]
-pub struct Witness {
-    audit: AuditLog,
-    approvals: Arc<Approvals>,
-    key: Arc<SigningKey>,
-    metrics: Arc<Metrics>,
-    last: Arc<tokio::sync::Mutex<Option<u64>>>,
-}
-
-/// How soon the stream's second checkpoint may follow its first. A process killed before its
-/// stream's first interval ends would otherwise leave everything after `stream_start`
-/// unanchored; with spacings of 0.25, 0.5, 1, 2, 4 s … a young stream's unanchored tail is as
-/// short as its age allows.
-pub const FIRST_SPACING: Duration = Duration::from_millis(250);
-
-impl Witness {
-    pub fn new(
-        audit: AuditLog,
-        approvals: Arc<Approvals>,
-        key: Arc<SigningKey>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            audit,
-            approvals,
-            key,
-            metrics,
-            last: Arc::new(tokio::sync::Mutex::new(None)),
-        }
-    }
-
-    pub async fn run(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        // The stream is polled at the current spacing (a lock, nothing more, while it does not
-        // grow); each checkpoint offered doubles the spacing, up to `every` (a coordinator that
-        // refuses is not asked more often than that either).
-        let mut spacing = Duration::ZERO;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(spacing) => {}
-                _ = stop.changed() => {}
-            }
-            if *stop.borrow() {
-                return;
-            }
-            if self.checkpoint().await {
-                spacing = (spacing * 2).max(FIRST_SPACING).min(every);
-            }
-        }
-    }
-
-    /// Signs the stream's head, if it moved, and puts it to the coordinator. Returns whether
-    /// it moved (a checkpoint was offered, taken or not).
-    pub async fn checkpoint(&self) -> bool {
-        let Some((seq, hash, _)) = self.audit.head() else {
-            return false;
-        };
-        let mut last = self.last.lock().await;
-        if *last == Some(seq) {
-            return false;
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let cp = Checkpoint::sign(&self.key, self.audit.stream(), seq, &hash, now);
-        match self.approvals.client.put_checkpoint(cp.into()).await {
-            Ok(_) => {
-                *last = Some(seq);
-                self.metrics.checkpoints.inc();
-            }
-            Err(e) => {
-                self.metrics.checkpoint_errors.inc();
-                tracing::warn!(error = %e.message(), "the coordinator did not take the checkpoint; retrying at the next tick");
-            }
-        }
-        true
-    }
-}
 
 /// Operators are verified like any other principal: an OIDC token checked against the
 /// configured provider; the approver's identity is the token's subject and groups.

@@ -113,12 +113,11 @@ fn generate_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), TlsErro
             source,
         })
     };
-    crate::secret::write_private_file(key_path, cert.key_pair.serialize_pem().as_bytes()).map_err(
-        |source| TlsError::Read {
+    crate::core::secret::write_private_file(key_path, cert.key_pair.serialize_pem().as_bytes())
+        .map_err(|source| TlsError::Read {
             path: key_path.to_path_buf(),
             source,
-        },
-    )?;
+        })?;
     write(cert_path, cert.cert.pem())
 }
 

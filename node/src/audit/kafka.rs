@@ -15,7 +15,7 @@
 
 use crate::audit::{log_files, stream_of, Spool};
 use crate::config::{Compression, KafkaConfig};
-use crate::metrics::Metrics;
+use crate::core::metrics::Metrics;
 use ed25519_dalek::SigningKey;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -124,6 +124,21 @@ pub struct Shipper {
     checkpoint_every: Duration,
     /// Earlier streams' unacknowledged tails ([`unacknowledged_tails`]), sent first.
     earlier: Vec<(PathBuf, u64)>,
+}
+
+impl super::sink::AuditSink for Shipper {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn run(
+        self: Box<Self>,
+        current: PathBuf,
+        stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin((*self).run(current, stop, drain))
+    }
 }
 
 impl Shipper {
@@ -549,7 +564,7 @@ pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let seed = rand::random::<[u8; 32]>();
-            crate::secret::write_private_file(&path, hex::encode(seed).as_bytes())
+            crate::core::secret::write_private_file(&path, hex::encode(seed).as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(SigningKey::from_bytes(&seed))
         }

@@ -7,7 +7,7 @@
 //! are ignored: keys come from the issuer's JWKS only.
 
 use crate::config::{Algorithm, ClaimNames, IdentityConfig, SessionExpiry, TokenType};
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::core::metrics::{Metrics, ReasonLabel};
 use base64::Engine as _;
 use jsonwebtoken::{jwk::JwkSet, DecodingKey, Validation};
 use serde_json::{Map, Value};

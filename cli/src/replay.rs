@@ -4,11 +4,11 @@
 //! Every text taken from a record is printed through [`crate::display`], so nothing a client
 //! or a record controls can move the cursor, recolour, reorder or forge a line of the output.
 
-use crate::audit::{log_files, stream_of};
 use crate::display::{escape as esc, escape_lines};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use vigil_node::audit::{log_files, stream_of};
 use vigil_proto::record::{Kind, Outcome, Record, Request, Response};
 
 /// An outcome as written in records (`success`, `denied` …), `-` when absent.

@@ -1,0 +1,630 @@
+//! The local audit log: one append-only file per stream (one gateway process lifetime).
+//!
+//! Sessions serialise their records on their own task and hand them to one writer thread,
+//! which seals them into the chain in the order handed over and writes everything queued in
+//! one `write(2)` (group commit: under load, many sessions' records share a write and a
+//! `sync_data`). No file I/O and no lock held across I/O runs on the async runtime. Two ways in:
+//! - [`AuditLog::append`] resolves once the record is in the file, or with the reason it is
+//!   not: requests use it, and a statement whose record cannot be written is refused before it
+//!   reaches the target (the session awaits its record before forwarding).
+//! - [`AuditLog::record`] cannot fail (responses, session ends, refusals): such a record is
+//!   never dropped; when a write fails it stays queued, in order, and goes out with the next
+//!   write that succeeds (the writer retries every 100 ms).
+//!
+//! A failed write is rolled back (file truncated to its last good length, chain state restored),
+//! so an I/O error never leaves a torn record and seq stays contiguous.
+//!
+//! What this cannot guarantee: that a record's `write(2)` is all-or-nothing when the process
+//! dies inside it. Linux copies a buffered write into the page cache page by page and stops
+//! between pages when a fatal signal (SIGKILL) arrives, so a process killed while writing a
+//! record longer than what is left of its page leaves the first part of the record at the end
+//! of the file, without its newline (no signal can be blocked against SIGKILL, and
+//! `RWF_ATOMIC` does not apply to buffered appends). Such a statement was never forwarded (its
+//! write never returned). At start the node therefore checks the last line of every earlier
+//! stream ([`check_earlier_streams`]): a torn record is counted and logged, and left in place
+//! for the verifier, which reports it as a torn tail (`vigil_proto::verify`), never as a record.
+
+pub mod kafka;
+pub mod sink;
+mod spool;
+pub mod witness;
+
+pub use spool::Spool;
+
+use crate::config::SyncMode;
+use crate::core::metrics::Metrics;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+use vigil_proto::chain::Chain;
+use vigil_proto::record::{Body, Kind};
+use vigil_proto::verify::is_record;
+
+/// File name suffix of stream files.
+pub const LOG_SUFFIX: &str = ".jsonl";
+
+/// Records queued for retry are bounded; past this the oldest are dropped, which is counted
+/// and logged (the drop path the tests keep at zero).
+const MAX_BACKLOG: usize = 1_000_000;
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("the audit log cannot be written: {0}")]
+    Write(String),
+    #[error("the audit log is closed")]
+    Closed,
+    #[error(
+        "the audit spool is full: {unacked} bytes are waiting for the broker's acknowledgement"
+    )]
+    SpoolFull { unacked: u64 },
+}
+
+/// A handle to the node's audit stream. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    stream: String,
+    node: String,
+    path: PathBuf,
+    /// Records waiting for the writer thread, in the order they were handed over.
+    queue: Mutex<Queue>,
+    /// Wakes the writer thread.
+    wake: Condvar,
+    /// The last record written: seq, hex hash, and the file's length up to it.
+    head: Mutex<Option<(u64, String, u64)>>,
+    /// False while the last write failed (the node is not ready: it refuses statements).
+    healthy: AtomicBool,
+    metrics: Arc<Metrics>,
+    spool: Option<Arc<Spool>>,
+}
+
+/// What the writer thread is handed: a serialised body, and for an append the waiter to tell.
+/// An empty body is a flush: nothing is written for it, its waiter is told once everything
+/// handed over before it is written.
+struct Entry {
+    body: Vec<u8>,
+    reply: Option<oneshot::Sender<Result<(), AuditError>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    entries: Vec<Entry>,
+    /// `close` asked; answered once everything queued is written and the file synced.
+    closing: Option<oneshot::Sender<()>>,
+    closed: bool,
+}
+
+/// Now, as RFC 3339 UTC with nanoseconds.
+pub fn now_rfc3339() -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000000000Z".into())
+}
+
+fn serialize(body: &Body) -> Vec<u8> {
+    serde_json::to_vec(body).expect("a record body always serialises")
+}
+
+impl AuditLog {
+    /// Opens a new stream file in `dir`, writes `stream_start` and starts the writer thread.
+    pub fn open(
+        dir: &Path,
+        node: &str,
+        sync: SyncMode,
+        metrics: Arc<Metrics>,
+        spool: Option<Arc<Spool>>,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let stream = format!("{node}:{epoch}");
+        let path = dir.join(format!("{node}-{epoch}{LOG_SUFFIX}"));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        let inner = Arc::new(Inner {
+            stream: stream.clone(),
+            node: node.into(),
+            path,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            head: Mutex::new(None),
+            healthy: AtomicBool::new(true),
+            metrics,
+            spool,
+        });
+        let writer = Writer {
+            file,
+            len: 0,
+            chain: Chain::new(stream),
+            sync,
+            backlog: VecDeque::new(),
+            buf: Vec::with_capacity(64 * 1024),
+        };
+        {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("audit-writer".into())
+                .spawn(move || writer.run(&inner))?;
+        }
+        let log = Self { inner };
+        let mut start = log.body(None, Kind::StreamStart);
+        start.detail = Some(format!("vigil-node {}", env!("CARGO_PKG_VERSION")));
+        log.record(start);
+        Ok(log)
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.inner.stream
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether the last write succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// A body stamped with the time, this node and the session.
+    pub fn body(&self, session: Option<&str>, kind: Kind) -> Body {
+        Body::new(
+            now_rfc3339(),
+            self.inner.node.clone(),
+            session.map(str::to_string),
+            kind,
+        )
+    }
+
+    /// Resolves once the record is in the log (`write(2)` returned, and `sync_data` in
+    /// `sync = "fsync"` mode); an error means it is not. With a Kafka sink, a spool past its
+    /// limit refuses too (the refusal itself goes in with [`AuditLog::record`]).
+    pub async fn append(&self, body: &Body) -> Result<(), AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.push(Entry {
+            body: serialize(body),
+            reply: Some(tx),
+        })?;
+        rx.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Resolves once every record handed over before the call is written (or kept for retry
+    /// after a failed write).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        let flush = Entry {
+            body: Vec::new(),
+            reply: Some(tx),
+        };
+        if self.inner.push(flush).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Whether the spool holds more unacknowledged bytes than it may (statements are refused).
+    pub fn spool_full(&self) -> bool {
+        let Some(spool) = &self.inner.spool else {
+            return false;
+        };
+        spool.unacked(spool.written_bytes.load(Ordering::Relaxed)) > spool.limit
+    }
+
+    /// The seq and hex hash of the last record written, and the file's length up to it
+    /// (`None` before the first record).
+    pub fn head(&self) -> Option<(u64, String, u64)> {
+        self.inner
+            .head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Hands the record to the writer, which writes it with the next batch, or keeps it until a
+    /// write succeeds.
+    pub fn record(&self, body: Body) {
+        let entry = Entry {
+            body: serialize(&body),
+            reply: None,
+        };
+        if self.inner.push(entry).is_err() {
+            tracing::error!(kind = ?body.kind, "audit record after the log was closed");
+            self.inner.metrics.audit_dropped_records.inc();
+        }
+    }
+
+    /// Writes the `stream_end` record, syncs the file and refuses further records; returns
+    /// once that is done.
+    pub async fn close(&self) {
+        self.record(self.body(None, Kind::StreamEnd));
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.inner.lock();
+            if q.closed || q.closing.is_some() {
+                return;
+            }
+            q.closing = Some(tx);
+        }
+        self.inner.wake.notify_one();
+        let _ = rx.await;
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // The queue is a list of owned entries: a panic elsewhere cannot leave it inconsistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, entry: Entry) -> Result<(), AuditError> {
+        {
+            let mut q = self.lock();
+            if q.closed || q.closing.is_some() {
+                return Err(AuditError::Closed);
+            }
+            q.entries.push(entry);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+struct Writer {
+    file: File,
+    /// Length of the file up to the last good record.
+    len: u64,
+    chain: Chain,
+    sync: SyncMode,
+    /// Records that do not report failure, kept across failed writes.
+    backlog: VecDeque<Entry>,
+    /// Reused output buffer.
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// The writer thread: takes everything queued, writes it in one `write(2)` (group commit),
+    /// then tells each waiting append. While a write fails, records that cannot report failure
+    /// are kept and retried every 100 ms.
+    fn run(mut self, inner: &Inner) {
+        loop {
+            let (batch, closing) = {
+                let mut q = inner.lock();
+                while q.entries.is_empty() && q.closing.is_none() {
+                    if self.backlog.is_empty() {
+                        q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    } else {
+                        let (g, timeout) = inner
+                            .wake
+                            .wait_timeout(q, Duration::from_millis(100))
+                            .unwrap_or_else(|e| e.into_inner());
+                        q = g;
+                        if timeout.timed_out() {
+                            break;
+                        }
+                    }
+                }
+                (std::mem::take(&mut q.entries), q.closing.take())
+            };
+            self.write(inner, batch);
+            if let Some(done) = closing {
+                if !self.backlog.is_empty() {
+                    tracing::error!(
+                        records = self.backlog.len(),
+                        "audit log closed with unwritten records"
+                    );
+                    inner
+                        .metrics
+                        .audit_dropped_records
+                        .inc_by(self.backlog.len() as u64);
+                }
+                let _ = self.file.sync_all();
+                inner.lock().closed = true;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// Writes the backlog, then `batch`, in one `write(2)`. On failure everything is rolled
+    /// back: no append of the batch is in the log (each caller refuses its statement), the
+    /// records that cannot fail are kept in order.
+    fn write(&mut self, inner: &Inner, batch: Vec<Entry>) {
+        let before = self.chain.clone();
+        self.buf.clear();
+        let mut entries = std::mem::take(&mut self.backlog);
+        let mut written = Vec::with_capacity(entries.len() + batch.len());
+        for e in entries.drain(..).chain(batch) {
+            if e.body.is_empty() {
+                written.push(e);
+                continue;
+            }
+            if e.reply.is_some() {
+                if let Some(spool) = &inner.spool {
+                    let unacked = spool.unacked(self.len + self.buf.len() as u64);
+                    if unacked > spool.limit {
+                        if let Some(reply) = e.reply {
+                            let _ = reply.send(Err(AuditError::SpoolFull { unacked }));
+                        }
+                        continue;
+                    }
+                }
+            }
+            self.buf
+                .extend_from_slice(&self.chain.seal_serialized(&e.body));
+            self.buf.push(b'\n');
+            written.push(e);
+        }
+        if self.buf.is_empty() {
+            for e in written {
+                if let Some(reply) = e.reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            return;
+        }
+        let records = written.iter().filter(|e| !e.body.is_empty()).count() as u64;
+        match self.write_buf() {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                let m = &inner.metrics;
+                m.audit_records.inc_by(records);
+                m.audit_bytes.inc_by(self.buf.len() as u64);
+                m.audit_batches.inc();
+                inner.healthy.store(true, Ordering::Relaxed);
+                let seq = self.chain.next_seq() - 1;
+                *inner.head.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((seq, self.chain.head_hash(), self.len));
+                if let Some(spool) = &inner.spool {
+                    spool
+                        .written_records
+                        .store(self.chain.next_seq(), Ordering::Relaxed);
+                    spool.written_bytes.store(self.len, Ordering::Relaxed);
+                    spool.notify.notify_one();
+                }
+                for e in written {
+                    if let Some(reply) = e.reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+            Err(e) => {
+                inner.metrics.audit_write_errors.inc();
+                if inner.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(path = %inner.path.display(), error = %e, "audit write failed; refusing statements until it succeeds");
+                }
+                if let Err(e) = self.file.set_len(self.len) {
+                    tracing::error!(error = %e, "cannot truncate the audit log after a failed write");
+                }
+                self.chain = before;
+                let error = AuditError::Write(e.to_string());
+                for entry in written {
+                    match entry.reply {
+                        Some(reply) if entry.body.is_empty() => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        Some(reply) => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                        None => self.backlog.push_back(entry),
+                    }
+                }
+                while self.backlog.len() > MAX_BACKLOG {
+                    self.backlog.pop_front();
+                    inner.metrics.audit_dropped_records.inc();
+                }
+            }
+        }
+    }
+
+    fn write_buf(&mut self) -> std::io::Result<()> {
+        self.file.write_all(&self.buf)?;
+        if self.sync == SyncMode::Fsync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// The stream a stream file holds, from its name: `node-epoch.jsonl` → `node:epoch`.
+pub fn stream_of(file: &Path) -> Option<String> {
+    let name = file.file_name()?.to_str()?.strip_suffix(LOG_SUFFIX)?;
+    let (node, epoch) = name.rsplit_once('-')?;
+    Some(format!("{node}:{epoch}"))
+}
+
+/// The bytes after the last newline of `file` (empty when it ends with one, or is empty).
+pub fn unterminated_tail(file: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(file)?;
+    let len = f.metadata()?.len();
+    let mut tail: Vec<u8> = Vec::new();
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(64 * 1024);
+        let mut chunk = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut chunk)?;
+        if let Some(nl) = chunk.iter().rposition(|&b| b == b'\n') {
+            chunk.drain(..=nl);
+            chunk.extend_from_slice(&tail);
+            return Ok(chunk);
+        }
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        end = start;
+    }
+    Ok(tail)
+}
+
+/// Checks the end of every stream file in `dir`; call before this process opens its own, so
+/// that every file found belongs to a process that is gone. A last line without its newline
+/// is either a whole record (the process died between the record and its newline: the
+/// newline is added, the record's bytes stay as they are) or a torn record, which is logged,
+/// counted in `vigil_audit_torn_tails` and left in place as evidence: the verifier reports it
+/// as a torn tail and the shipper does not send it. Returns the torn files.
+pub fn check_earlier_streams(dir: &Path, metrics: &Metrics) -> Vec<PathBuf> {
+    let mut torn = Vec::new();
+    for file in log_files(dir).unwrap_or_default() {
+        let tail = match unterminated_tail(&file) {
+            Ok(tail) if tail.is_empty() => continue,
+            Ok(tail) => tail,
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read the end of an earlier audit stream");
+                continue;
+            }
+        };
+        if is_record(&tail) {
+            let done = OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(b"\n"));
+            match done {
+                Ok(()) => {
+                    tracing::warn!(file = %file.display(), "an earlier stream's last record lacked its newline; added")
+                }
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "cannot end an earlier stream's last line")
+                }
+            }
+        } else {
+            tracing::warn!(
+                file = %file.display(),
+                bytes = tail.len(),
+                "an earlier stream ends in a torn record (its process was killed while writing it; the statement never ran); kept for the verifier, not sent"
+            );
+            torn.push(file);
+        }
+    }
+    metrics.audit_torn_tails.set(torn.len() as i64);
+    torn
+}
+
+/// Every stream file under `path` (a file or a directory), oldest first.
+pub fn log_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(LOG_SUFFIX))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_proto::chain::Chain;
+
+    #[test]
+    fn earlier_streams_are_checked_for_torn_records_and_kept_as_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chain = Chain::new("n:1");
+        let a = chain.seal_serialized(br#"{"kind":"stream_start"}"#);
+        let b = chain.seal_serialized(br#"{"kind":"request","text":"x"}"#);
+        let whole = [&a[..], b"\n", &b[..]].concat();
+        let torn = [&a[..], b"\n", &b[..b.len() / 2]].concat();
+        let clean = [&a[..], b"\n"].concat();
+        let big = [&a[..], b"\n"].concat().repeat(3000);
+        for (name, bytes) in [
+            ("n-1.jsonl", &clean),
+            ("n-2.jsonl", &whole),
+            ("n-3.jsonl", &torn),
+            ("n-4.jsonl", &[big.as_slice(), &b[..100]].concat()),
+        ] {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        assert_eq!(
+            unterminated_tail(&dir.path().join("n-4.jsonl")).unwrap(),
+            &b[..100]
+        );
+        let metrics = Metrics::default();
+        let found = check_earlier_streams(dir.path(), &metrics);
+        assert_eq!(
+            found,
+            vec![dir.path().join("n-3.jsonl"), dir.path().join("n-4.jsonl")]
+        );
+        assert_eq!(metrics.audit_torn_tails.get(), 2);
+        let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+        assert_eq!(read("n-1.jsonl"), clean, "a clean file is left alone");
+        assert_eq!(
+            read("n-2.jsonl"),
+            [&whole[..], b"\n"].concat(),
+            "a whole last record gets its newline, its bytes unchanged"
+        );
+        assert_eq!(read("n-3.jsonl"), torn, "a torn record stays as evidence");
+    }
+
+    /// Concurrent appends share writes (group commit); each resolves only once its record is
+    /// in the file; the records chain in the order handed over, and `close` ends the stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_are_group_committed_and_resolve_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let log = AuditLog::open(dir.path(), "n1", SyncMode::Fsync, metrics.clone(), None).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    let mut b = log.body(Some("s"), Kind::Request);
+                    b.detail = Some(format!("{t}-{i}"));
+                    log.append(&b).await.unwrap();
+                    let text = std::fs::read_to_string(log.path()).unwrap();
+                    assert!(text.contains(&format!("\"detail\":\"{t}-{i}\"")));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        log.close().await;
+        assert!(log.append(&log.body(None, Kind::Request)).await.is_err());
+        let records = 1 + 8 * 50 + 1;
+        assert_eq!(metrics.audit_records.get(), records);
+        assert!(
+            metrics.audit_batches.get() < records,
+            "{} writes for {records} records",
+            metrics.audit_batches.get()
+        );
+        let bytes = std::fs::read(log.path()).unwrap();
+        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
+        for (seq, line) in bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .enumerate()
+        {
+            let r = vigil_proto::record::Record::parse(line).unwrap();
+            assert_eq!((r.seq, &r.prev), (seq as u64, &prev));
+            prev = hex::encode(vigil_proto::chain::record_hash(line));
+        }
+        assert_eq!(
+            log.head().map(|(seq, hash, _)| (seq, hash)),
+            Some((records - 1, prev))
+        );
+    }
+
+    #[test]
+    fn stream_ids_come_from_file_names() {
+        assert_eq!(
+            stream_of(Path::new("/x/gw-1-1700000000000000000.jsonl")).as_deref(),
+            Some("gw-1:1700000000000000000")
+        );
+        assert_eq!(stream_of(Path::new("/x/notes.txt")), None);
+    }
+}
