@@ -13,7 +13,7 @@ deploy/dev/servers.sh start
 . "${VIGIL_DEV_DIR:-/tmp/vigil-dev}/env"
 
 echo "quickstart: building vigil (release)…"
-cargo build --release -p vigil-node -p vigil-cli --bins
+cargo build --release -p vigil-node -p vigil-cli -p vigil-coordinator-server --bins
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
 DIR="${VIGIL_QUICKSTART_DIR:-/tmp/vigil-quickstart}"

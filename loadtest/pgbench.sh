@@ -182,7 +182,7 @@ fi
 # ---------------------------------------------------------------------------- build
 if [[ "$SKIP_BUILD" != 1 ]]; then
   log "building the release gateway (CARGO_TARGET_DIR=$target_dir; may wait for another build's lock)"
-  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release -p vigil-node -p vigil-cli --bins) \
+  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release -p vigil-node -p vigil-cli -p vigil-coordinator-server --bins) \
     || die "cargo build failed"
 fi
 vigil_node="$target_dir/release/vigil-node"

@@ -676,83 +676,14 @@ impl Config {
             ));
         }
         check_identity("identity", &self.identity)?;
-        if self.audit.checkpoint_interval_secs == 0 {
-            return Err(invalid(
-                "audit.checkpoint_interval_secs",
-                "must be at least 1",
-            ));
-        }
-        if let Some(k) = &self.audit.kafka {
-            if k.brokers.is_empty() {
-                return Err(invalid(
-                    "audit.kafka.brokers",
-                    "must name at least one broker",
-                ));
-            }
-            if k.topic.is_empty() {
-                return Err(invalid("audit.kafka.topic", "must not be empty"));
-            }
-            if k.spool_max_bytes < 1024 * 1024 {
-                return Err(invalid(
-                    "audit.kafka.spool_max_bytes",
-                    "must be at least 1 MiB",
-                ));
-            }
-            if k.max_in_flight_records == 0 {
-                return Err(invalid(
-                    "audit.kafka.max_in_flight_records",
-                    "must be at least 1",
-                ));
-            }
-            for key in k.overrides.keys() {
-                if KAFKA_RESERVED.contains(&key.as_str()) {
-                    return Err(invalid(
-                        format!("audit.kafka.overrides.{key:?}"),
-                        "is set by Vigil (idempotence, ordering, delivery until acknowledged); use the typed setting or leave it",
-                    ));
-                }
-            }
-        }
-        if self.postgres.startup_timeout_secs == 0 {
-            return Err(invalid(
-                "postgres.startup_timeout_secs",
-                "must be at least 1",
-            ));
-        }
-        if self.audit.max_result_bytes > 64 * 1024 * 1024 {
-            return Err(invalid("audit.max_result_bytes", "must be at most 64 MiB"));
-        }
-        let pg = &self.postgres;
-        if pg.max_frame_bytes < 1024 {
-            return Err(invalid("postgres.max_frame_bytes", "must be at least 1024"));
-        }
-        if pg
-            .max_preauth_message_bytes
-            .is_some_and(|max| max < 1024 || max > pg.max_frame_bytes)
-        {
-            return Err(invalid(
-                "postgres.max_preauth_message_bytes",
-                "must be at least 1024 and at most postgres.max_frame_bytes",
-            ));
-        }
-        if pg.max_unauthenticated_connections == 0 {
-            return Err(invalid(
-                "postgres.max_unauthenticated_connections",
-                "must be at least 1",
-            ));
-        }
-        if pg.tls_cert.is_some() != pg.tls_key.is_some() {
-            return Err(invalid(
-                "postgres.tls_cert",
-                "tls_cert and tls_key must be given together",
-            ));
-        }
-        if pg.connections.is_empty() {
-            return Err(invalid(
-                "postgres.connections",
-                "at least one connection is needed",
-            ));
-        }
+        self.audit.validate()?;
+        self.postgres.validate()?;
+        self.validate_policy()?;
+        self.coordinator.validate()
+    }
+
+    /// `[policy]`: rule ids, the targets rules name, approval settings, detectors.
+    fn validate_policy(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::HashSet::new();
         for (i, rule) in self.policy.rules.iter().enumerate() {
             let reserved = [
@@ -769,7 +700,7 @@ impl Config {
                 ));
             }
             for c in &rule.targets {
-                if !pg.connections.iter().any(|x| &x.name == c) {
+                if !self.postgres.connections.iter().any(|x| &x.name == c) {
                     return Err(invalid(
                         format!("policy.rules[{i}].connections"),
                         format!("no connection named {c:?}"),
@@ -800,46 +731,11 @@ impl Config {
                 "default = \"require_approval\" needs [policy.approval]",
             ));
         }
-        let co = &self.coordinator;
-        if !co.endpoints.is_empty() && co.cluster_token.is_none() {
-            return Err(invalid(
-                "coordinator.cluster_token",
-                "is required when coordinator.endpoints are given",
-            ));
-        }
-        if co.timeout_secs == 0 {
-            return Err(invalid("coordinator.timeout_secs", "must be at least 1"));
-        }
         for (i, d) in self.policy.masking.detectors.iter().enumerate() {
             if d.kind == crate::policy::masking::EntityKind::Column {
                 return Err(invalid(
                     format!("policy.masking.detectors[{i}].kind"),
                     "`column` is not a detector; use [[policy.masking.columns]]",
-                ));
-            }
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, c) in pg.connections.iter().enumerate() {
-            let key = |k: &str| format!("postgres.connections[{i}].{k}");
-            if c.name.is_empty() || !names.insert(c.name.as_str()) {
-                return Err(invalid(key("name"), "must be non-empty and unique"));
-            }
-            if c.allow.is_empty() {
-                return Err(invalid(
-                    key("allow"),
-                    "allows no one: list subjects, client_ids, groups or models, or set any_authenticated = true",
-                ));
-            }
-            if c.connect_timeout_secs == 0 || c.connect_timeout_secs >= pg.startup_timeout_secs {
-                return Err(invalid(
-                    key("connect_timeout_secs"),
-                    "must be at least 1 and below postgres.startup_timeout_secs",
-                ));
-            }
-            if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
-                return Err(invalid(
-                    key("ca_file"),
-                    "only used with tls = \"verify-full\"",
                 ));
             }
         }
@@ -898,6 +794,135 @@ fn check_approval(key: &str, spec: &crate::policy::ApprovalSpec) -> Result<(), C
         ));
     }
     Ok(())
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.checkpoint_interval_secs == 0 {
+            return Err(invalid(
+                "audit.checkpoint_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.max_result_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("audit.max_result_bytes", "must be at most 64 MiB"));
+        }
+        let Some(k) = &self.kafka else {
+            return Ok(());
+        };
+        if k.brokers.is_empty() {
+            return Err(invalid(
+                "audit.kafka.brokers",
+                "must name at least one broker",
+            ));
+        }
+        if k.topic.is_empty() {
+            return Err(invalid("audit.kafka.topic", "must not be empty"));
+        }
+        if k.spool_max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "audit.kafka.spool_max_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        if k.max_in_flight_records == 0 {
+            return Err(invalid(
+                "audit.kafka.max_in_flight_records",
+                "must be at least 1",
+            ));
+        }
+        for key in k.overrides.keys() {
+            if KAFKA_RESERVED.contains(&key.as_str()) {
+                return Err(invalid(
+                    format!("audit.kafka.overrides.{key:?}"),
+                    "is set by Vigil (idempotence, ordering, delivery until acknowledged); use the typed setting or leave it",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PostgresConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.startup_timeout_secs == 0 {
+            return Err(invalid(
+                "postgres.startup_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(invalid("postgres.max_frame_bytes", "must be at least 1024"));
+        }
+        if self
+            .max_preauth_message_bytes
+            .is_some_and(|max| max < 1024 || max > self.max_frame_bytes)
+        {
+            return Err(invalid(
+                "postgres.max_preauth_message_bytes",
+                "must be at least 1024 and at most postgres.max_frame_bytes",
+            ));
+        }
+        if self.max_unauthenticated_connections == 0 {
+            return Err(invalid(
+                "postgres.max_unauthenticated_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid(
+                "postgres.tls_cert",
+                "tls_cert and tls_key must be given together",
+            ));
+        }
+        if self.connections.is_empty() {
+            return Err(invalid(
+                "postgres.connections",
+                "at least one connection is needed",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.connections.iter().enumerate() {
+            let key = |k: &str| format!("postgres.connections[{i}].{k}");
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                return Err(invalid(key("name"), "must be non-empty and unique"));
+            }
+            if c.allow.is_empty() {
+                return Err(invalid(
+                    key("allow"),
+                    "allows no one: list subjects, client_ids, groups or models, or set any_authenticated = true",
+                ));
+            }
+            if c.connect_timeout_secs == 0 || c.connect_timeout_secs >= self.startup_timeout_secs {
+                return Err(invalid(
+                    key("connect_timeout_secs"),
+                    "must be at least 1 and below postgres.startup_timeout_secs",
+                ));
+            }
+            if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
+                return Err(invalid(
+                    key("ca_file"),
+                    "only used with tls = \"verify-full\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CoordinatorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.endpoints.is_empty() && self.cluster_token.is_none() {
+            return Err(invalid(
+                "coordinator.cluster_token",
+                "is required when coordinator.endpoints are given",
+            ));
+        }
+        if self.timeout_secs == 0 {
+            return Err(invalid("coordinator.timeout_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

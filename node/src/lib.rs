@@ -133,6 +133,29 @@ async fn protocol_servers(
     Ok(servers)
 }
 
+/// The sink the config names for the audit stream beyond the local file (Kafka), if any.
+fn audit_sink(
+    config: &config::Config,
+    metrics: &Arc<core::metrics::Metrics>,
+    spool: Option<Arc<audit::Spool>>,
+    node_key: &Arc<ed25519_dalek::SigningKey>,
+    unacknowledged: Vec<(PathBuf, u64)>,
+) -> anyhow::Result<Option<Box<dyn audit::sink::AuditSink>>> {
+    let (Some(k), Some(spool)) = (&config.audit.kafka, spool) else {
+        return Ok(None);
+    };
+    let shipper = audit::kafka::Shipper::new(
+        k.clone(),
+        metrics.clone(),
+        spool,
+        node_key.clone(),
+        Duration::from_secs(config.audit.checkpoint_interval_secs),
+        unacknowledged,
+    )
+    .context("audit.kafka: the producer")?;
+    Ok(Some(Box::new(shipper)))
+}
+
 /// Builds and starts a node. Everything that can fail on bad configuration fails here, before
 /// any listener accepts a client.
 pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
@@ -188,35 +211,10 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         .await
         .with_context(|| format!("cannot bind admin.listen {}", config.admin.listen))?;
     let admin_addr = admin_listener.local_addr()?;
-    let sink: Option<Box<dyn audit::sink::AuditSink>> = match (&config.audit.kafka, spool) {
-        (Some(k), Some(spool)) => Some(Box::new(
-            audit::kafka::Shipper::new(
-                k.clone(),
-                metrics.clone(),
-                spool,
-                node_key.clone(),
-                Duration::from_secs(config.audit.checkpoint_interval_secs),
-                unacknowledged,
-            )
-            .context("audit.kafka: the producer")?,
-        )),
-        _ => None,
-    };
-
+    let sink = audit_sink(&config, &metrics, spool, &node_key, unacknowledged)?;
     // Keys are loaded in the background: until they are, tokens are refused (fail closed) and
     // /readyz says why.
-    {
-        let verifier = verifier.clone();
-        tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            while let Err(e) = verifier.refresh().await {
-                tracing::warn!(error = %error_chain(&e), "identity provider not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            tracing::info!("identity provider keys loaded");
-        });
-    }
+    tokio::spawn(verifier.clone().load_keys());
 
     let (shutdown, stop_rx) = watch::channel(false);
     let admin_state = admin::AdminState {

@@ -126,6 +126,61 @@ pub struct Shipper {
     earlier: Vec<(PathBuf, u64)>,
 }
 
+/// How far one stream file is shipped: acknowledged, persisted, checkpointed.
+struct Tail {
+    acked: Cursor,
+    /// The cursor last written to disk, and when.
+    persisted: (Cursor, Instant),
+    /// Where the last acknowledged record starts (its hash is computed only when a checkpoint
+    /// needs it).
+    last_start: Option<u64>,
+    checkpointed: Option<u64>,
+    next_checkpoint: Instant,
+}
+
+impl Tail {
+    fn new(acked: Cursor, checkpoint_every: Duration) -> Self {
+        Self {
+            acked,
+            persisted: (acked, Instant::now()),
+            last_start: None,
+            checkpointed: None,
+            next_checkpoint: Instant::now() + checkpoint_every,
+        }
+    }
+}
+
+/// One read of a stream file from the acknowledged cursor: what was read, and what is handed
+/// to the producer and not yet acknowledged.
+struct Reading {
+    f: tokio::fs::File,
+    read_to: Cursor,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already handed to the producer (dropped once per round).
+    used: usize,
+    chunk: Vec<u8>,
+    /// (start offset, end cursor, delivery, when handed over)
+    inflight: VecDeque<(u64, Cursor, DeliveryFuture, Instant)>,
+}
+
+impl Reading {
+    async fn open(file: &Path, at: Cursor) -> Option<Self> {
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| tracing::error!(file = %file.display(), error = %e, "cannot open the spool file"))
+            .ok()?;
+        f.seek(std::io::SeekFrom::Start(at.offset)).await.ok()?;
+        Some(Self {
+            f,
+            read_to: at,
+            buf: Vec::with_capacity(256 * 1024),
+            used: 0,
+            chunk: vec![0u8; 256 * 1024],
+            inflight: VecDeque::new(),
+        })
+    }
+}
+
 impl super::sink::AuditSink for Shipper {
     fn name(&self) -> &'static str {
         "kafka"
@@ -225,150 +280,53 @@ impl Shipper {
             tracing::warn!(file = %file.display(), "not a stream file; not shipped");
             return;
         };
-        let mut acked = read_cursor(file);
-        let mut persisted = (acked, Instant::now());
-        // Where the last acknowledged record starts (its hash is computed only when a
-        // checkpoint needs it).
-        let mut last_start: Option<u64> = None;
-        let mut checkpointed: Option<u64> = None;
-        let mut next_checkpoint = Instant::now() + self.checkpoint_every;
+        let mut tail = Tail::new(read_cursor(file), self.checkpoint_every);
         let mut stopping_since: Option<Instant> = None;
         'reopen: loop {
-            let mut f = match tokio::fs::File::open(file).await {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(file = %file.display(), error = %e, "cannot open the spool file");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if f.seek(std::io::SeekFrom::Start(acked.offset))
-                .await
-                .is_err()
-            {
+            let Some(mut r) = Reading::open(file, tail.acked).await else {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
-            }
-            let mut read_to = acked;
-            let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
-            // Bytes of `buf` already handed to the producer (dropped once per round).
-            let mut used = 0;
-            let mut chunk = vec![0u8; 256 * 1024];
-            // (start offset, end cursor, delivery, when handed over)
-            let mut inflight: VecDeque<(u64, Cursor, DeliveryFuture, Instant)> = VecDeque::new();
+            };
             loop {
-                // Hand complete lines to the producer while there is room.
-                let mut eof = false;
-                while inflight.len() < self.cfg.max_in_flight_records {
-                    if let Some(pos) = buf[used..].iter().position(|&b| b == b'\n') {
-                        match self.send(&stream, &buf[used..used + pos]) {
-                            Ok(delivery) => {
-                                let start = read_to.offset;
-                                read_to.offset += pos as u64 + 1;
-                                read_to.records += 1;
-                                inflight.push_back((start, read_to, delivery, Instant::now()));
-                                used += pos + 1;
-                            }
-                            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                                break
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot hand a record to the producer");
-                                self.metrics.kafka_delivery_errors.inc();
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                                break;
-                            }
-                        }
-                        continue;
-                    }
-                    buf.drain(..used);
-                    used = 0;
-                    match f.read(&mut chunk).await {
-                        Ok(0) => {
-                            eof = true;
-                            break;
-                        }
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot read the spool file");
-                            eof = true;
-                            break;
-                        }
-                    }
-                }
-                // Collect acknowledgements, in order.
-                let mut failed = false;
+                let eof = self.hand_over(&stream, &mut r).await;
                 // Block briefly on the oldest delivery only when there is nothing else to do.
-                let wait = eof || inflight.len() >= self.cfg.max_in_flight_records;
-                while let Some((start, end, delivery, _)) = inflight.front_mut() {
-                    let waited = if wait {
-                        tokio::time::timeout(Duration::from_millis(100), delivery)
-                            .await
-                            .ok()
-                    } else {
-                        futures_now(delivery)
-                    };
-                    match waited {
-                        None => break,
-                        Some(Ok(Ok(_))) => {
-                            acked = *end;
-                            last_start = Some(*start);
-                            inflight.pop_front();
-                            self.metrics.kafka_acked_records.inc();
-                        }
-                        Some(Ok(Err((e, _)))) => {
-                            tracing::warn!(error = %e, "delivery failed; sending again from the spool");
-                            self.metrics.kafka_delivery_errors.inc();
-                            failed = true;
-                            break;
-                        }
-                        Some(Err(_)) => {
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
+                let wait = eof || r.inflight.len() >= self.cfg.max_in_flight_records;
+                let failed = self.collect(&mut r, &mut tail, wait).await;
                 self.account(
                     file,
                     earlier,
                     written(),
-                    acked,
-                    &mut persisted,
-                    inflight.front().map(|i| i.3),
+                    tail.acked,
+                    &mut tail.persisted,
+                    r.inflight.front().map(|i| i.3),
                 );
-                if let (Some(start), true) = (last_start, Instant::now() >= next_checkpoint) {
-                    let seq = acked.records.saturating_sub(1);
-                    if checkpointed != Some(seq) && acked.records > 0 {
-                        let published = line_hash(file, start, acked.offset)
-                            .and_then(|hash| self.publish_checkpoint(&stream, seq, &hash));
-                        if published.is_some() {
-                            checkpointed = Some(seq);
-                        } else {
-                            self.metrics.checkpoint_errors.inc();
-                        }
+                if tail.last_start.is_some() && Instant::now() >= tail.next_checkpoint {
+                    if self.checkpoint(file, &stream, &mut tail).is_none() {
+                        self.metrics.checkpoint_errors.inc();
                     }
-                    next_checkpoint = Instant::now() + self.checkpoint_every;
+                    tail.next_checkpoint = Instant::now() + self.checkpoint_every;
                 }
                 if failed {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue 'reopen;
                 }
-                let drained = eof && inflight.is_empty() && buf.len() == used;
-                if eof && inflight.is_empty() && !live {
-                    if buf.len() > used {
+                let idle = eof && r.inflight.is_empty();
+                if idle && !live {
+                    if r.buf.len() > r.used {
                         // A torn record (see `audit::check_earlier_streams`): never a record,
                         // not sent; everything before it is.
-                        tracing::warn!(file = %file.display(), bytes = buf.len() - used, "not sending the torn last line of an earlier stream");
+                        tracing::warn!(file = %file.display(), bytes = r.buf.len() - r.used, "not sending the torn last line of an earlier stream");
                     }
                     break 'reopen;
                 }
                 if *stop.borrow() {
                     let since = *stopping_since.get_or_insert_with(Instant::now);
-                    if (drained && acked.offset >= written()) || since.elapsed() > drain {
+                    let drained = idle && r.buf.len() == r.used;
+                    if (drained && tail.acked.offset >= written()) || since.elapsed() > drain {
                         break 'reopen;
                     }
                 }
-                if eof && inflight.is_empty() {
+                if idle {
                     tokio::select! {
                         _ = self.spool.notify.notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -378,18 +336,110 @@ impl Shipper {
             }
         }
         // The last checkpoint of this stream, for what the broker holds.
-        if let (Some(start), true) = (last_start, acked.records > 0) {
-            let seq = acked.records - 1;
-            if checkpointed != Some(seq) {
-                let published = line_hash(file, start, acked.offset)
-                    .and_then(|hash| self.publish_checkpoint(&stream, seq, &hash));
-                if let Some(d) = published {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
+        if let Some(Some(d)) = self.checkpoint(file, &stream, &mut tail) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
+        }
+        tail.persisted.1 = Instant::now() - Duration::from_secs(1);
+        self.account(
+            file,
+            earlier,
+            written(),
+            tail.acked,
+            &mut tail.persisted,
+            None,
+        );
+    }
+
+    /// Hands complete lines to the producer while there is room, reading more of the file as
+    /// needed. Returns whether the end of the file was reached.
+    async fn hand_over(&self, stream: &str, r: &mut Reading) -> bool {
+        while r.inflight.len() < self.cfg.max_in_flight_records {
+            if let Some(pos) = r.buf[r.used..].iter().position(|&b| b == b'\n') {
+                match self.send(stream, &r.buf[r.used..r.used + pos]) {
+                    Ok(delivery) => {
+                        let start = r.read_to.offset;
+                        r.read_to.offset += pos as u64 + 1;
+                        r.read_to.records += 1;
+                        r.inflight
+                            .push_back((start, r.read_to, delivery, Instant::now()));
+                        r.used += pos + 1;
+                    }
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                        return false
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot hand a record to the producer");
+                        self.metrics.kafka_delivery_errors.inc();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return false;
+                    }
+                }
+                continue;
+            }
+            r.buf.drain(..r.used);
+            r.used = 0;
+            match r.f.read(&mut r.chunk).await {
+                Ok(0) => return true,
+                Ok(n) => r.buf.extend_from_slice(&r.chunk[..n]),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the spool file");
+                    return true;
                 }
             }
         }
-        persisted.1 = Instant::now() - Duration::from_secs(1);
-        self.account(file, earlier, written(), acked, &mut persisted, None);
+        false
+    }
+
+    /// Collects acknowledgements, in order; `wait`: block briefly on the oldest delivery.
+    /// Returns whether a delivery failed (everything from the acknowledged cursor is sent
+    /// again).
+    async fn collect(&self, r: &mut Reading, tail: &mut Tail, wait: bool) -> bool {
+        while let Some((start, end, delivery, _)) = r.inflight.front_mut() {
+            let waited = if wait {
+                tokio::time::timeout(Duration::from_millis(100), delivery)
+                    .await
+                    .ok()
+            } else {
+                futures_now(delivery)
+            };
+            match waited {
+                None => return false,
+                Some(Ok(Ok(_))) => {
+                    tail.acked = *end;
+                    tail.last_start = Some(*start);
+                    r.inflight.pop_front();
+                    self.metrics.kafka_acked_records.inc();
+                }
+                Some(Ok(Err((e, _)))) => {
+                    tracing::warn!(error = %e, "delivery failed; sending again from the spool");
+                    self.metrics.kafka_delivery_errors.inc();
+                    return true;
+                }
+                Some(Err(_)) => return true,
+            }
+        }
+        false
+    }
+
+    /// Publishes a checkpoint of the last acknowledged record, unless it has one already.
+    /// `None`: it could not be published; `Some(None)`: nothing new to checkpoint.
+    fn checkpoint(
+        &self,
+        file: &Path,
+        stream: &str,
+        tail: &mut Tail,
+    ) -> Option<Option<DeliveryFuture>> {
+        let (Some(start), true) = (tail.last_start, tail.acked.records > 0) else {
+            return Some(None);
+        };
+        let seq = tail.acked.records - 1;
+        if tail.checkpointed == Some(seq) {
+            return Some(None);
+        }
+        let published = line_hash(file, start, tail.acked.offset)
+            .and_then(|hash| self.publish_checkpoint(stream, seq, &hash))?;
+        tail.checkpointed = Some(seq);
+        Some(Some(published))
     }
 
     /// Moves the cursor on disk and updates the spool accounting and metrics.

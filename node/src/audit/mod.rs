@@ -158,7 +158,7 @@ impl AuditLog {
         {
             let inner = inner.clone();
             std::thread::Builder::new()
-                .name("audit-writer".into())
+                .name("vigil-audit".into())
                 .spawn(move || writer.run(&inner))?;
         }
         let log = Self { inner };

@@ -186,44 +186,90 @@ impl Approvals {
 
     /// Decides what happens to a held statement; `record` is told every step on the way.
     pub async fn settle(&self, hold: Hold<'_>, record: &mut (dyn FnMut(Step) + Send)) -> Verdict {
-        let subject = hold.principal.subject.clone();
-        if let Some(class) = &hold.spec.grant_class {
-            let check = pb::CheckGrantRequest {
-                subject: subject.clone(),
-                scope: Some(scope_pb(&hold.key.scope)),
-                access_class: class.clone(),
-            };
-            match self.client.check_grant(check).await {
-                Ok(pb::CheckGrantResponse { grant: Some(g) }) => {
-                    return Verdict::Run(ApprovalRef {
-                        id: g.id,
-                        state: "granted".into(),
-                        by: vec![g.granted_by],
-                    })
-                }
-                Ok(_) => {}
-                Err(e) => return unavailable(&e),
-            }
+        if let Some(verdict) = self.granted(&hold).await {
+            return verdict;
         }
         let key = pb::ActionKey {
             scope: Some(scope_pb(&hold.key.scope)),
             hash: hold.key.hash.clone(),
         };
-        let attempt = new_id(&format!("{}-try", self.node));
         let consume = pb::ConsumeApprovalRequest {
-            subject: subject.clone(),
+            subject: hold.principal.subject.clone(),
             key: Some(key.clone()),
-            attempt: attempt.clone(),
+            attempt: new_id(&format!("{}-try", self.node)),
         };
         match self.consume(&consume).await {
             Ok(a) => return Verdict::Run(reference(&a, "consumed")),
             Err(e) if e.code() == Code::FailedPrecondition => {}
             Err(e) => return unavailable(&e),
         }
+        let (spec, rule) = (hold.spec, hold.rule.to_string());
+        let id = match self.request(hold, key, record).await {
+            Ok(id) => id,
+            Err(e) => return unavailable(&e),
+        };
+        let waited = tokio::time::timeout(
+            Duration::from_secs(spec.wait_secs),
+            self.await_decision(&id),
+        )
+        .await;
+        match waited {
+            Ok(Ok(decided)) => self.decided(decided, &consume, record).await,
+            Ok(Err(e)) => unavailable(&e),
+            Err(_) => {
+                let pending = ApprovalRef {
+                    id: id.clone(),
+                    state: "pending".into(),
+                    by: Vec::new(),
+                };
+                record(Step {
+                    outcome: Outcome::Pending,
+                    approval: pending.clone(),
+                    detail: format!("no decision within {} s", spec.wait_secs),
+                    requested: false,
+                });
+                Verdict::refuse(
+                    Refusal::Pending {
+                        rule,
+                        request: id,
+                        approvers: spec.approvers.clone(),
+                    },
+                    Some(pending),
+                )
+            }
+        }
+    }
+
+    /// An active grant of the rule's class for the principal on the target lets it run.
+    async fn granted(&self, hold: &Hold<'_>) -> Option<Verdict> {
+        let class = hold.spec.grant_class.as_ref()?;
+        let check = pb::CheckGrantRequest {
+            subject: hold.principal.subject.clone(),
+            scope: Some(scope_pb(&hold.key.scope)),
+            access_class: class.clone(),
+        };
+        match self.client.check_grant(check).await {
+            Ok(pb::CheckGrantResponse { grant: Some(g) }) => Some(Verdict::Run(ApprovalRef {
+                id: g.id,
+                state: "granted".into(),
+                by: vec![g.granted_by],
+            })),
+            Ok(_) => None,
+            Err(e) => Some(unavailable(&e)),
+        }
+    }
+
+    /// Creates the approval request (recorded as `approval_requested`); returns its id.
+    async fn request(
+        &self,
+        hold: Hold<'_>,
+        key: pb::ActionKey,
+        record: &mut (dyn FnMut(Step) + Send),
+    ) -> Result<String, tonic::Status> {
         let create = pb::CreateApprovalRequest {
             id: new_id("apr"),
             requester: Some(pb::Actor {
-                subject,
+                subject: hold.principal.subject.clone(),
                 groups: hold.principal.groups.clone(),
             }),
             key: Some(key),
@@ -236,11 +282,7 @@ impl Approvals {
             node: self.node.clone(),
             rule: hold.rule.to_string(),
         };
-        let id = create.id.clone();
-        let created = match self.client.create_approval(create).await {
-            Ok(a) => a,
-            Err(e) => return unavailable(&e),
-        };
+        let created = self.client.create_approval(create).await?;
         record(Step {
             outcome: Outcome::Pending,
             approval: reference(&created, "pending"),
@@ -250,82 +292,61 @@ impl Approvals {
             ),
             requested: true,
         });
-        let waited = tokio::time::timeout(
-            Duration::from_secs(hold.spec.wait_secs),
-            self.await_decision(&id),
-        )
-        .await;
-        let decided = match waited {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => return unavailable(&e),
-            Err(_) => {
-                let pending = ApprovalRef {
-                    id: id.clone(),
-                    state: "pending".into(),
-                    by: Vec::new(),
-                };
-                record(Step {
-                    outcome: Outcome::Pending,
-                    approval: pending.clone(),
-                    detail: format!("no decision within {} s", hold.spec.wait_secs),
-                    requested: false,
-                });
-                return Verdict::refuse(
-                    Refusal::Pending {
-                        rule: hold.rule.to_string(),
-                        request: id,
-                        approvers: hold.spec.approvers.clone(),
-                    },
-                    Some(pending),
-                );
+        Ok(created.id)
+    }
+
+    /// What a decision made while the action was held means for it: approved, it runs once
+    /// its approval is consumed; otherwise it is refused with who denied it and why.
+    async fn decided(
+        &self,
+        decided: pb::Approval,
+        consume: &pb::ConsumeApprovalRequest,
+        record: &mut (dyn FnMut(Step) + Send),
+    ) -> Verdict {
+        let id = decided.id.clone();
+        if decided.state == "approved" {
+            record(Step {
+                outcome: Outcome::Success,
+                approval: reference(&decided, "approved"),
+                detail: "approved while held".into(),
+                requested: false,
+            });
+            return match self.consume(consume).await {
+                Ok(a) => Verdict::Run(reference(&a, "consumed")),
+                Err(e) if e.code() == Code::FailedPrecondition => Verdict::refuse(
+                    Refusal::UsedElsewhere { request: id },
+                    Some(reference(&decided, "consumed")),
+                ),
+                Err(e) => unavailable(&e),
+            };
+        }
+        let state = decided.state.as_str();
+        let by = decided
+            .votes
+            .iter()
+            .filter(|v| !v.approve)
+            .map(|v| match v.comment.as_str() {
+                "" => v.approver.clone(),
+                c => format!("{} ({c})", v.approver),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let r = reference(&decided, state);
+        record(Step {
+            outcome: Outcome::Denied,
+            approval: r.clone(),
+            detail: format!("request {state}"),
+            requested: false,
+        });
+        let refusal = if state == "denied" {
+            Refusal::Denied { request: id, by }
+        } else {
+            Refusal::Ended {
+                request: id,
+                state: state.to_string(),
             }
         };
-        match decided.state.as_str() {
-            "approved" => {
-                record(Step {
-                    outcome: Outcome::Success,
-                    approval: reference(&decided, "approved"),
-                    detail: "approved while held".into(),
-                    requested: false,
-                });
-                match self.consume(&consume).await {
-                    Ok(a) => Verdict::Run(reference(&a, "consumed")),
-                    Err(e) if e.code() == Code::FailedPrecondition => Verdict::refuse(
-                        Refusal::UsedElsewhere { request: id },
-                        Some(reference(&decided, "consumed")),
-                    ),
-                    Err(e) => unavailable(&e),
-                }
-            }
-            state => {
-                let by = decided
-                    .votes
-                    .iter()
-                    .filter(|v| !v.approve)
-                    .map(|v| match v.comment.as_str() {
-                        "" => v.approver.clone(),
-                        c => format!("{} ({c})", v.approver),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let r = reference(&decided, state);
-                record(Step {
-                    outcome: Outcome::Denied,
-                    approval: r.clone(),
-                    detail: format!("request {state}"),
-                    requested: false,
-                });
-                let refusal = if state == "denied" {
-                    Refusal::Denied { request: id, by }
-                } else {
-                    Refusal::Ended {
-                        request: id,
-                        state: state.to_string(),
-                    }
-                };
-                Verdict::refuse(refusal, Some(r))
-            }
-        }
+        Verdict::refuse(refusal, Some(r))
     }
 
     /// Consumes, retrying the same attempt while the outcome is unknown (a commit that timed

@@ -276,6 +276,18 @@ impl TokenVerifier {
         session_remaining(&self.config, principal, SystemTime::now())
     }
 
+    /// Loads the provider's keys, retrying with backoff until it answers; until then every
+    /// token is refused (fail closed).
+    pub async fn load_keys(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = self.refresh().await {
+            tracing::warn!(error = %crate::error_chain(&e), "identity provider not reachable yet");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        tracing::info!("identity provider keys loaded");
+    }
+
     /// Verifies a token and maps its claims to a principal.
     pub async fn verify(&self, token: &str) -> Result<Principal, TokenError> {
         let result = self.verify_inner(token.trim()).await;

@@ -131,76 +131,37 @@ impl Target {
             .await
             .map_err(BackendError::Connect)?;
         let mut buf = BytesMut::with_capacity(8192);
+        self.authenticate(&mut stream, &mut buf).await?;
+        let (parameters, key) = welcome(&mut stream, &mut buf).await?;
+        Ok(Backend {
+            stream,
+            parameters,
+            key,
+            leftover: buf,
+        })
+    }
+
+    /// Answers the target's authentication requests with the gateway's own login until the
+    /// target accepts it.
+    async fn authenticate(
+        &self,
+        stream: &mut BoxStream,
+        buf: &mut BytesMut,
+    ) -> Result<(), BackendError> {
         let mut scram: Option<ScramSha256> = None;
-        let password = || {
-            self.config
-                .password
-                .as_ref()
-                .map(|p| p.expose().as_bytes())
-                .ok_or(BackendError::NoPassword)
-        };
-        // Authentication.
         loop {
-            let frame = read_frame(&mut stream, &mut buf).await?;
+            let frame = read_frame(stream, buf).await?;
             match frame.tag {
                 b'R' => {
                     let body = frame.body();
-                    let mut r = Reader::new(&body, "Authentication");
-                    let code = r.i32()?;
-                    let rest = &body[4..];
-                    let reply: Option<Bytes> = match code {
-                        0 => break,
-                        3 => Some(messages::password_message(password()?)),
-                        5 => {
-                            let salt: [u8; 4] = rest
-                                .try_into()
-                                .map_err(|_| BackendError::Protocol("bad md5 salt".into()))?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                c.user.as_bytes(),
-                                password()?,
-                                salt,
-                            );
-                            Some(messages::password_message(hash.as_bytes()))
-                        }
-                        10 => {
-                            let offers_scram = rest
-                                .split(|&b| b == 0)
-                                .any(|m| m == SCRAM_SHA_256.as_bytes());
-                            if !offers_scram {
-                                return Err(BackendError::UnsupportedAuth(
-                                    String::from_utf8_lossy(rest).replace('\0', " "),
-                                ));
-                            }
-                            let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                            let msg = messages::sasl_initial_response(SCRAM_SHA_256, s.message());
-                            scram = Some(s);
-                            Some(msg)
-                        }
-                        11 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                BackendError::Protocol("SASL continue without SASL".into())
-                            })?;
-                            s.update(rest)
-                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
-                            Some(messages::sasl_response(s.message()))
-                        }
-                        12 => {
-                            let mut s = scram.take().ok_or_else(|| {
-                                BackendError::Protocol("SASL final without SASL".into())
-                            })?;
-                            s.finish(rest)
-                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
-                            None
-                        }
-                        other => {
-                            return Err(BackendError::UnsupportedAuth(format!("code {other}")))
-                        }
-                    };
-                    if let Some(reply) = reply {
-                        stream
+                    let code = Reader::new(&body, "Authentication").i32()?;
+                    match self.auth_reply(code, &body[4..], &mut scram)? {
+                        AuthStep::Done => return Ok(()),
+                        AuthStep::Reply(reply) => stream
                             .write_all(&reply)
                             .await
-                            .map_err(BackendError::Connect)?;
+                            .map_err(BackendError::Connect)?,
+                        AuthStep::Wait => {}
                     }
                 }
                 b'E' => {
@@ -216,37 +177,68 @@ impl Target {
                 }
             }
         }
-        // Parameters and key data until the first ReadyForQuery.
-        let mut parameters = Vec::new();
-        let mut key = None;
-        loop {
-            let frame = read_frame(&mut stream, &mut buf).await?;
-            match frame.tag {
-                b'S' => parameters.push(frame.raw),
-                b'K' => {
-                    let body = frame.body();
-                    let mut r = Reader::new(&body, "BackendKeyData");
-                    key = Some((r.i32()?, r.i32()?));
-                }
-                b'Z' => break,
-                b'N' => {}
-                b'E' => {
-                    let (code, message) = messages::parse_error_fields(&frame.body());
-                    return Err(BackendError::Refused { code, message });
-                }
-                other => {
-                    return Err(BackendError::Protocol(format!(
-                        "unexpected message {:?} during startup",
-                        other as char
-                    )))
-                }
+    }
+
+    /// What to answer an Authentication request (`code`, the rest of its body `rest`):
+    /// cleartext, MD5 or SCRAM-SHA-256 with the gateway's own password.
+    fn auth_reply(
+        &self,
+        code: i32,
+        rest: &[u8],
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<AuthStep, BackendError> {
+        let password = || {
+            self.config
+                .password
+                .as_ref()
+                .map(|p| p.expose().as_bytes())
+                .ok_or(BackendError::NoPassword)
+        };
+        Ok(match code {
+            0 => AuthStep::Done,
+            3 => AuthStep::Reply(messages::password_message(password()?)),
+            5 => {
+                let salt: [u8; 4] = rest
+                    .try_into()
+                    .map_err(|_| BackendError::Protocol("bad md5 salt".into()))?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    self.config.config.user.as_bytes(),
+                    password()?,
+                    salt,
+                );
+                AuthStep::Reply(messages::password_message(hash.as_bytes()))
             }
-        }
-        Ok(Backend {
-            stream,
-            parameters,
-            key,
-            leftover: buf,
+            10 => {
+                let offers_scram = rest
+                    .split(|&b| b == 0)
+                    .any(|m| m == SCRAM_SHA_256.as_bytes());
+                if !offers_scram {
+                    return Err(BackendError::UnsupportedAuth(
+                        String::from_utf8_lossy(rest).replace('\0', " "),
+                    ));
+                }
+                let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
+                let msg = messages::sasl_initial_response(SCRAM_SHA_256, s.message());
+                *scram = Some(s);
+                AuthStep::Reply(msg)
+            }
+            11 => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Protocol("SASL continue without SASL".into()))?;
+                s.update(rest)
+                    .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                AuthStep::Reply(messages::sasl_response(s.message()))
+            }
+            12 => {
+                let mut s = scram
+                    .take()
+                    .ok_or_else(|| BackendError::Protocol("SASL final without SASL".into()))?;
+                s.finish(rest)
+                    .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                AuthStep::Wait
+            }
+            other => return Err(BackendError::UnsupportedAuth(format!("code {other}"))),
         })
     }
 
@@ -274,6 +266,48 @@ pub struct Backend {
     pub key: Option<(i32, i32)>,
     /// Bytes read past the first ReadyForQuery.
     pub leftover: BytesMut,
+}
+
+/// The next step of the target login.
+enum AuthStep {
+    /// Authenticated (AuthenticationOk).
+    Done,
+    /// Send this and wait for the next request.
+    Reply(Bytes),
+    /// Nothing to send; the next message follows.
+    Wait,
+}
+
+/// Parameters and key data the target sends after login, up to its first ReadyForQuery.
+async fn welcome(
+    stream: &mut BoxStream,
+    buf: &mut BytesMut,
+) -> Result<(Vec<Bytes>, Option<(i32, i32)>), BackendError> {
+    let mut parameters = Vec::new();
+    let mut key = None;
+    loop {
+        let frame = read_frame(stream, buf).await?;
+        match frame.tag {
+            b'S' => parameters.push(frame.raw),
+            b'K' => {
+                let body = frame.body();
+                let mut r = Reader::new(&body, "BackendKeyData");
+                key = Some((r.i32()?, r.i32()?));
+            }
+            b'Z' => return Ok((parameters, key)),
+            b'N' => {}
+            b'E' => {
+                let (code, message) = messages::parse_error_fields(&frame.body());
+                return Err(BackendError::Refused { code, message });
+            }
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "unexpected message {:?} during startup",
+                    other as char
+                )))
+            }
+        }
+    }
 }
 
 async fn read_frame(stream: &mut BoxStream, buf: &mut BytesMut) -> Result<Frame, BackendError> {
