@@ -4,31 +4,13 @@
 //! Loading is strict: unknown keys, missing required keys and values that make no sense are
 //! refused with a message that names the key, before anything is bound.
 
-use crate::core::secret::{Secret, SecretRef};
+use crate::core::config_error::invalid;
+pub use crate::core::config_error::ConfigError;
+use crate::core::secret::SecretRef;
+use crate::pg::config::PostgresConfig;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config key `{key}`: {message}")]
-    Invalid { key: String, message: String },
-}
-
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
-}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,7 +23,10 @@ pub struct Config {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub audit: AuditConfig,
-    pub postgres: PostgresConfig,
+    /// The PostgreSQL server (see [`crate::pg::config`]); absent: the node serves no
+    /// PostgreSQL clients.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
     /// Guardrails (docs/policy.md).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
@@ -395,110 +380,6 @@ fn default_max_result_bytes() -> usize {
     64 * 1024
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresConfig {
-    pub listen: SocketAddr,
-    /// Largest message accepted from a client, in bytes (target messages may be up to 1 GiB,
-    /// PostgreSQL's own limit).
-    #[serde(default = "default_max_frame")]
-    pub max_frame_bytes: usize,
-    /// Largest message accepted before the client is authenticated (startup packets, the
-    /// password message): an unauthenticated client cannot make the gateway buffer more. Read
-    /// it with [`PostgresConfig::preauth_message_limit`].
-    #[serde(default)]
-    pub max_preauth_message_bytes: Option<usize>,
-    /// Connections not yet authenticated that the listener holds at once; more are refused
-    /// with `53300` as they arrive.
-    #[serde(default = "default_max_unauthenticated_connections")]
-    pub max_unauthenticated_connections: usize,
-    /// PEM certificate chain and key for client TLS; generated in `<data_dir>/tls` when absent.
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
-    /// Accept a token over a connection without TLS. Off by default: the token is a bearer
-    /// credential.
-    #[serde(default)]
-    pub allow_cleartext_token: bool,
-    /// Time a client has to finish TLS, startup and authentication.
-    #[serde(default = "default_startup_timeout")]
-    pub startup_timeout_secs: u64,
-    #[serde(default)]
-    pub connections: Vec<PgConnectionConfig>,
-}
-
-fn default_max_frame() -> usize {
-    64 * 1024 * 1024
-}
-/// PostgreSQL caps startup packets at 10,000 bytes; a token takes a few KiB.
-const DEFAULT_MAX_PREAUTH_MESSAGE: usize = 16 * 1024;
-fn default_max_unauthenticated_connections() -> usize {
-    256
-}
-fn default_startup_timeout() -> u64 {
-    15
-}
-
-impl PostgresConfig {
-    /// `max_preauth_message_bytes`; by default 16 KiB, or `max_frame_bytes` if that is smaller.
-    pub fn preauth_message_limit(&self) -> usize {
-        self.max_preauth_message_bytes
-            .unwrap_or(DEFAULT_MAX_PREAUTH_MESSAGE.min(self.max_frame_bytes))
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum TargetTls {
-    #[default]
-    Disable,
-    /// TLS without verifying the certificate (like libpq's `sslmode=require`).
-    Require,
-    /// TLS, certificate verified against `ca_file` (or the web PKI) and the host name.
-    VerifyFull,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PgConnectionConfig {
-    /// What clients put in `dbname` to reach this target.
-    pub name: String,
-    pub host: String,
-    #[serde(default = "default_pg_port")]
-    pub port: u16,
-    pub database: String,
-    /// The gateway's own login on the target.
-    pub user: String,
-    #[serde(default)]
-    pub password: Option<SecretRef>,
-    #[serde(default)]
-    pub tls: TargetTls,
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_secs: u64,
-    /// Only reads, transaction control and harmless settings pass (rule `read-only`).
-    #[serde(default)]
-    pub read_only: bool,
-    /// Who may use it (a principal on any list).
-    pub allow: crate::core::principals::PrincipalMatch,
-}
-
-fn default_pg_port() -> u16 {
-    5432
-}
-fn default_connect_timeout() -> u64 {
-    10
-}
-
-/// A connection with its secret resolved, ready for use.
-#[derive(Clone, Debug)]
-pub struct PgTarget {
-    pub config: PgConnectionConfig,
-    pub password: Option<Secret<String>>,
-}
-
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -677,7 +558,15 @@ impl Config {
         }
         check_identity("identity", &self.identity)?;
         self.audit.validate()?;
-        self.postgres.validate()?;
+        match &self.postgres {
+            Some(pg) => pg.validate()?,
+            None => {
+                return Err(invalid(
+                    "postgres",
+                    "no protocol server is configured: add a [postgres] section",
+                ))
+            }
+        }
         self.validate_policy()?;
         self.coordinator.validate()
     }
@@ -700,7 +589,8 @@ impl Config {
                 ));
             }
             for c in &rule.targets {
-                if !self.postgres.connections.iter().any(|x| &x.name == c) {
+                let pg = self.postgres.iter().flat_map(|pg| &pg.connections);
+                if !pg.clone().any(|x| &x.name == c) {
                     return Err(invalid(
                         format!("policy.rules[{i}].connections"),
                         format!("no connection named {c:?}"),
@@ -740,29 +630,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    /// Resolves every secret reference; a missing one is an error naming its key.
-    pub fn pg_targets(&self) -> Result<Vec<PgTarget>, ConfigError> {
-        self.postgres
-            .connections
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let password = c
-                    .password
-                    .as_ref()
-                    .map(|r| r.resolve())
-                    .transpose()
-                    .map_err(|e| {
-                        invalid(format!("postgres.connections[{i}].password"), e.to_string())
-                    })?;
-                Ok(PgTarget {
-                    config: c.clone(),
-                    password,
-                })
-            })
-            .collect()
     }
 
     pub fn coordinator_dir(&self) -> PathBuf {
@@ -843,73 +710,6 @@ impl AuditConfig {
     }
 }
 
-impl PostgresConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.startup_timeout_secs == 0 {
-            return Err(invalid(
-                "postgres.startup_timeout_secs",
-                "must be at least 1",
-            ));
-        }
-        if self.max_frame_bytes < 1024 {
-            return Err(invalid("postgres.max_frame_bytes", "must be at least 1024"));
-        }
-        if self
-            .max_preauth_message_bytes
-            .is_some_and(|max| max < 1024 || max > self.max_frame_bytes)
-        {
-            return Err(invalid(
-                "postgres.max_preauth_message_bytes",
-                "must be at least 1024 and at most postgres.max_frame_bytes",
-            ));
-        }
-        if self.max_unauthenticated_connections == 0 {
-            return Err(invalid(
-                "postgres.max_unauthenticated_connections",
-                "must be at least 1",
-            ));
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(invalid(
-                "postgres.tls_cert",
-                "tls_cert and tls_key must be given together",
-            ));
-        }
-        if self.connections.is_empty() {
-            return Err(invalid(
-                "postgres.connections",
-                "at least one connection is needed",
-            ));
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, c) in self.connections.iter().enumerate() {
-            let key = |k: &str| format!("postgres.connections[{i}].{k}");
-            if c.name.is_empty() || !names.insert(c.name.as_str()) {
-                return Err(invalid(key("name"), "must be non-empty and unique"));
-            }
-            if c.allow.is_empty() {
-                return Err(invalid(
-                    key("allow"),
-                    "allows no one: list subjects, client_ids, groups or models, or set any_authenticated = true",
-                ));
-            }
-            if c.connect_timeout_secs == 0 || c.connect_timeout_secs >= self.startup_timeout_secs {
-                return Err(invalid(
-                    key("connect_timeout_secs"),
-                    "must be at least 1 and below postgres.startup_timeout_secs",
-                ));
-            }
-            if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
-                return Err(invalid(
-                    key("ca_file"),
-                    "only used with tls = \"verify-full\"",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 impl CoordinatorConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.endpoints.is_empty() && self.cluster_token.is_none() {
@@ -953,11 +753,20 @@ allow = { groups = ["dba"] }
         Ok(c)
     }
 
+    /// A node serves the protocols whose sections are present; with none there is nothing
+    /// to serve, and it says so.
+    #[test]
+    fn a_node_without_a_protocol_section_is_refused() {
+        let none = &GOOD[..GOOD.find("[postgres]").unwrap()];
+        let e = parse(none).unwrap_err();
+        assert!(e.contains("no protocol server is configured"), "{e}");
+    }
+
     #[test]
     fn a_good_config_loads_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.identity.leeway_secs, 30);
-        assert_eq!(c.postgres.connections[0].port, 5432);
+        assert_eq!(c.postgres.as_ref().unwrap().connections[0].port, 5432);
         assert_eq!(c.audit_dir(), PathBuf::from("/tmp/x/audit"));
     }
 
@@ -992,10 +801,13 @@ allow = { groups = ["dba"] }
             "{e}"
         );
         let c = preauth("").unwrap();
-        assert_eq!(c.postgres.preauth_message_limit(), 16384);
+        assert_eq!(c.postgres.as_ref().unwrap().preauth_message_limit(), 16384);
         let c = preauth("max_frame_bytes = 4096").unwrap();
-        assert_eq!(c.postgres.preauth_message_limit(), 4096);
-        assert_eq!(c.postgres.max_unauthenticated_connections, 256);
+        assert_eq!(c.postgres.as_ref().unwrap().preauth_message_limit(), 4096);
+        assert_eq!(
+            c.postgres.as_ref().unwrap().max_unauthenticated_connections,
+            256
+        );
     }
 
     #[test]
@@ -1068,8 +880,15 @@ allow = { groups = ["dba"] }
     #[test]
     fn a_missing_secret_names_its_key() {
         let mut c = parse(GOOD).unwrap();
-        c.postgres.connections[0].password = Some(SecretRef::Env("VIGIL_TEST_UNSET_PW".into()));
-        let e = c.pg_targets().unwrap_err().to_string();
+        c.postgres.as_mut().unwrap().connections[0].password =
+            Some(SecretRef::Env("VIGIL_TEST_UNSET_PW".into()));
+        let e = c
+            .postgres
+            .as_ref()
+            .unwrap()
+            .targets()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("postgres.connections[0].password"), "{e}");
     }
 }

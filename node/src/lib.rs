@@ -128,8 +128,18 @@ async fn protocol_servers(
     config: &config::Config,
     core: &Arc<core::Core>,
 ) -> anyhow::Result<Vec<Box<dyn core::ProtocolServer>>> {
-    let servers: Vec<Box<dyn core::ProtocolServer>> =
-        vec![Box::new(pg::PgServer::bind(config, core.clone()).await?)];
+    let mut servers: Vec<Box<dyn core::ProtocolServer>> = Vec::new();
+    if let Some(section) = &config.postgres {
+        servers.push(Box::new(
+            pg::PgServer::bind(
+                section,
+                &config.policy,
+                config.audit.max_result_bytes,
+                core.clone(),
+            )
+            .await?,
+        ));
+    }
     Ok(servers)
 }
 

@@ -100,6 +100,9 @@ struct Queue {
     /// `close` asked; answered once everything queued is written and the file synced.
     closing: Option<oneshot::Sender<()>>,
     closed: bool,
+    /// The writer is waiting and nobody has woken it yet: the next push wakes it, the ones
+    /// after ride along (one wake-up per batch, not per record).
+    idle: bool,
 }
 
 /// Now, as RFC 3339 UTC with nanoseconds.
@@ -271,14 +274,17 @@ impl Inner {
     }
 
     fn push(&self, entry: Entry) -> Result<(), AuditError> {
-        {
+        let wake = {
             let mut q = self.lock();
             if q.closed || q.closing.is_some() {
                 return Err(AuditError::Closed);
             }
             q.entries.push(entry);
+            std::mem::take(&mut q.idle)
+        };
+        if wake {
+            self.wake.notify_one();
         }
-        self.wake.notify_one();
         Ok(())
     }
 }
@@ -304,6 +310,7 @@ impl Writer {
             let (batch, closing) = {
                 let mut q = inner.lock();
                 while q.entries.is_empty() && q.closing.is_none() {
+                    q.idle = true;
                     if self.backlog.is_empty() {
                         q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                     } else {
@@ -317,6 +324,7 @@ impl Writer {
                         }
                     }
                 }
+                q.idle = false;
                 (std::mem::take(&mut q.entries), q.closing.take())
             };
             self.write(inner, batch);

@@ -1,7 +1,7 @@
 //! Where a node's audit stream goes beyond its local file. The local file is the spool: a sink
 //! tails it and ships every record, and reports how far its destination has acknowledged it
 //! (the [`Spool`](super::Spool)), so that the writer refuses new requests when the sink falls
-//! too far behind. The Kafka sink ([`super::kafka::Shipper`]) is the one there is today.
+//! too far behind. The Kafka sink (`kafka::Shipper`) is the one there is today.
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -4,6 +4,7 @@
 //! its own error form.
 
 pub mod approvals;
+pub mod config_error;
 pub mod identity;
 pub mod metrics;
 pub mod principals;

@@ -3,8 +3,8 @@
 //! never sees these credentials.
 
 use super::codec::{split_frame, Frame, FrameError};
+use super::config::{PgTarget, TargetTls};
 use super::messages::{self, Reader};
-use crate::config::{PgTarget, TargetTls};
 use crate::core::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};

@@ -7,6 +7,7 @@ mod binding;
 pub mod cancel;
 pub mod catalog;
 pub mod codec;
+pub mod config;
 pub mod encoding;
 pub mod messages;
 /// The statement the gateway runs in a session right before a held statement.
@@ -16,10 +17,10 @@ mod relay;
 mod session;
 mod state;
 
-use crate::config::{Config, PostgresConfig};
 use crate::core::{Core, ProtocolServer, Shutdown};
 use anyhow::Context as _;
 use backend::Targets;
+use config::PostgresConfig;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,11 +55,17 @@ pub struct PgServer {
 }
 
 impl PgServer {
-    /// Builds the server from its config section (targets, TLS, policy) and binds its
-    /// listener; everything that can fail on bad configuration fails here.
-    pub async fn bind(config: &Config, core: Arc<Core>) -> anyhow::Result<Self> {
+    /// Builds the server from its config section `pg` (targets, TLS), the node's policy and
+    /// the most result data a record keeps, and binds its listener; everything that can fail
+    /// on bad configuration fails here.
+    pub async fn bind(
+        pg: &PostgresConfig,
+        policy: &crate::policy::PolicyConfig,
+        max_result_bytes: usize,
+        core: Arc<Core>,
+    ) -> anyhow::Result<Self> {
         let mut targets = HashMap::new();
-        for target in config.pg_targets()? {
+        for target in pg.targets()? {
             let name = target.config.name.clone();
             let target = backend::Target::new(target)
                 .with_context(|| format!("TLS settings of connection {name:?}"))?;
@@ -68,7 +75,6 @@ impl PgServer {
             .iter()
             .map(|(name, t)| (name.clone(), Arc::new(catalog::Catalog::new(t.clone()))))
             .collect();
-        let pg = &config.postgres;
         let tls = crate::core::tls::server_config(
             pg.tls_cert.as_deref(),
             pg.tls_key.as_deref(),
@@ -90,8 +96,8 @@ impl PgServer {
             tls,
             targets: Arc::new(targets),
             cancels: cancel::CancelRegistry::default(),
-            max_result_bytes: config.audit.max_result_bytes,
-            policy: crate::policy::Policy::for_node(config.policy.clone(), read_only),
+            max_result_bytes,
+            policy: crate::policy::Policy::for_node(policy.clone(), read_only),
             classifier: crate::policy::Classifier::default(),
             catalogs,
         });

@@ -1,0 +1,201 @@
+//! The `[postgres]` section: the listener, its limits, and the connections (targets) clients
+//! may reach through it.
+
+use crate::core::config_error::{invalid, ConfigError};
+use crate::core::secret::{Secret, SecretRef};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub listen: SocketAddr,
+    /// Largest message accepted from a client, in bytes (target messages may be up to 1 GiB,
+    /// PostgreSQL's own limit).
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Largest message accepted before the client is authenticated (startup packets, the
+    /// password message): an unauthenticated client cannot make the gateway buffer more. Read
+    /// it with [`PostgresConfig::preauth_message_limit`].
+    #[serde(default)]
+    pub max_preauth_message_bytes: Option<usize>,
+    /// Connections not yet authenticated that the listener holds at once; more are refused
+    /// with `53300` as they arrive.
+    #[serde(default = "default_max_unauthenticated_connections")]
+    pub max_unauthenticated_connections: usize,
+    /// PEM certificate chain and key for client TLS; generated in `<data_dir>/tls` when absent.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Accept a token over a connection without TLS. Off by default: the token is a bearer
+    /// credential.
+    #[serde(default)]
+    pub allow_cleartext_token: bool,
+    /// Time a client has to finish TLS, startup and authentication.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout_secs: u64,
+    #[serde(default)]
+    pub connections: Vec<PgConnectionConfig>,
+}
+
+fn default_max_frame() -> usize {
+    64 * 1024 * 1024
+}
+/// PostgreSQL caps startup packets at 10,000 bytes; a token takes a few KiB.
+const DEFAULT_MAX_PREAUTH_MESSAGE: usize = 16 * 1024;
+fn default_max_unauthenticated_connections() -> usize {
+    256
+}
+fn default_startup_timeout() -> u64 {
+    15
+}
+
+impl PostgresConfig {
+    /// `max_preauth_message_bytes`; by default 16 KiB, or `max_frame_bytes` if that is smaller.
+    pub fn preauth_message_limit(&self) -> usize {
+        self.max_preauth_message_bytes
+            .unwrap_or(DEFAULT_MAX_PREAUTH_MESSAGE.min(self.max_frame_bytes))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetTls {
+    #[default]
+    Disable,
+    /// TLS without verifying the certificate (like libpq's `sslmode=require`).
+    Require,
+    /// TLS, certificate verified against `ca_file` (or the web PKI) and the host name.
+    VerifyFull,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConnectionConfig {
+    /// What clients put in `dbname` to reach this target.
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub database: String,
+    /// The gateway's own login on the target.
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<SecretRef>,
+    #[serde(default)]
+    pub tls: TargetTls,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Only reads, transaction control and harmless settings pass (rule `read-only`).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Who may use it (a principal on any list).
+    pub allow: crate::core::principals::PrincipalMatch,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+/// A connection with its secret resolved, ready for use.
+#[derive(Clone, Debug)]
+pub struct PgTarget {
+    pub config: PgConnectionConfig,
+    pub password: Option<Secret<String>>,
+}
+
+impl PostgresConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.startup_timeout_secs == 0 {
+            return Err(invalid(
+                "postgres.startup_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(invalid("postgres.max_frame_bytes", "must be at least 1024"));
+        }
+        if self
+            .max_preauth_message_bytes
+            .is_some_and(|max| max < 1024 || max > self.max_frame_bytes)
+        {
+            return Err(invalid(
+                "postgres.max_preauth_message_bytes",
+                "must be at least 1024 and at most postgres.max_frame_bytes",
+            ));
+        }
+        if self.max_unauthenticated_connections == 0 {
+            return Err(invalid(
+                "postgres.max_unauthenticated_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid(
+                "postgres.tls_cert",
+                "tls_cert and tls_key must be given together",
+            ));
+        }
+        if self.connections.is_empty() {
+            return Err(invalid(
+                "postgres.connections",
+                "at least one connection is needed",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.connections.iter().enumerate() {
+            let key = |k: &str| format!("postgres.connections[{i}].{k}");
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                return Err(invalid(key("name"), "must be non-empty and unique"));
+            }
+            if c.allow.is_empty() {
+                return Err(invalid(
+                    key("allow"),
+                    "allows no one: list subjects, client_ids, groups or models, or set any_authenticated = true",
+                ));
+            }
+            if c.connect_timeout_secs == 0 || c.connect_timeout_secs >= self.startup_timeout_secs {
+                return Err(invalid(
+                    key("connect_timeout_secs"),
+                    "must be at least 1 and below postgres.startup_timeout_secs",
+                ));
+            }
+            if c.ca_file.is_some() && c.tls != TargetTls::VerifyFull {
+                return Err(invalid(
+                    key("ca_file"),
+                    "only used with tls = \"verify-full\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every secret reference; a missing one is an error naming its key.
+    pub fn targets(&self) -> Result<Vec<PgTarget>, ConfigError> {
+        self.connections
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let password = c
+                    .password
+                    .as_ref()
+                    .map(|r| r.resolve())
+                    .transpose()
+                    .map_err(|e| {
+                        invalid(format!("postgres.connections[{i}].password"), e.to_string())
+                    })?;
+                Ok(PgTarget {
+                    config: c.clone(),
+                    password,
+                })
+            })
+            .collect()
+    }
+}
