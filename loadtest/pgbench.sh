@@ -27,6 +27,8 @@
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, pgbench logs, audit log) and the topic
+#   AUDIT_SYNC=write     the gateways' audit.sync: write, or fsync (every batch synced before
+#                        its requests are forwarded)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,6 +50,7 @@ dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
 target_dir="${CARGO_TARGET_DIR:-/var/cache/vigil/target}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 KEEP_WORKDIR="${KEEP_WORKDIR:-0}"
+AUDIT_SYNC="${AUDIT_SYNC:-write}"
 
 # The issue's goals (reported, never enforced).
 GOAL_VS_DIRECT=0.75
@@ -74,6 +77,7 @@ for t in "${TARGETS[@]}"; do
 done
 with_kafka=0
 [[ " ${TARGETS[*]} " == *" vigil-kafka "* ]] && with_kafka=1
+case "$AUDIT_SYNC" in write | fsync) ;; *) die "AUDIT_SYNC must be write or fsync (got '$AUDIT_SYNC')" ;; esac
 for m in "${MODES[@]}"; do
   case "$m" in simple | prepared | extended) ;; *) die "unknown mode '$m'" ;; esac
 done
@@ -214,6 +218,7 @@ issuer = "$VIGIL_OIDC_ISSUER"
 audiences = ["${VIGIL_OIDC_AUDIENCE:-urn:vigil:gateway}"]
 [audit]
 max_result_bytes = 65536
+sync = "$AUDIT_SYNC"
 [coordinator]
 listen = "127.0.0.1:0"
 [postgres]
@@ -574,7 +579,7 @@ echo "   pgbench -n -S -c $CLIENTS -j $THREADS -T $DURATION, $ROUNDS rounds inte
 echo "   lat avg = pgbench's average (median of rounds), p50/p99 over every transaction of every round (pgbench --log), in ms;"
 echo "   CPU = utime+stime of the proxy process / transactions (audit us: Vigil's vigil-audit thread alone); csw/tx = its context switches per transaction."
 echo "   direct-tls, pgbouncer and vigil: client leg TLS (sslmode=require); proxy->PostgreSQL leg plain; target log_statement=$target_log_statement"
-echo "   vigil $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n "$(git -C "$repo" status --porcelain -- node proto 2>/dev/null)" ]] && echo ' + local changes'), audit on (sync=write); $("$pg_bin/postgres" --version); $(/usr/sbin/pgbouncer --version | head -n 1) pool_mode=session"
+echo "   vigil $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n "$(git -C "$repo" status --porcelain -- node proto 2>/dev/null)" ]] && echo ' + local changes'), audit on (sync=$AUDIT_SYNC); $("$pg_bin/postgres" --version); $(/usr/sbin/pgbouncer --version | head -n 1) pool_mode=session"
 ((with_kafka)) && echo "   vigil-kafka: a second node, the same config plus [audit.kafka] (the local log is the spool) to $("$VIGIL_TANSU" --version | head -n 1), memory-only, topic $topic (1 partition)"
 echo
 cat "$table"

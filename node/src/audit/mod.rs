@@ -100,10 +100,23 @@ struct Queue {
     /// `close` asked; answered once everything queued is written and the file synced.
     closing: Option<oneshot::Sender<()>>,
     closed: bool,
-    /// The writer is waiting and nobody has woken it yet: the next push wakes it, the ones
+    /// The writer is waiting and nobody has woken it yet: the next append wakes it, the ones
     /// after ride along (one wake-up per batch, not per record).
     idle: bool,
+    /// Entries someone waits for (appends, flushes). Records nobody waits for do not wake the
+    /// writer: they go out with the next append's batch, or after [`RECORD_DELAY`].
+    waited: usize,
+    /// The writer sleeps until woken (nothing was written for [`QUIET_POLLS`] polls): a record
+    /// wakes it too.
+    deep: bool,
 }
+
+/// How long a record nobody waits for (a response, a session end) may wait for an append to
+/// share its write with. A request's record is never delayed: its append wakes the writer.
+const RECORD_DELAY: Duration = Duration::from_millis(2);
+
+/// Polls for records nobody waits for before the writer sleeps until woken (about a second).
+const QUIET_POLLS: u32 = 500;
 
 /// Now, as RFC 3339 UTC with nanoseconds.
 pub fn now_rfc3339() -> String {
@@ -279,8 +292,15 @@ impl Inner {
             if q.closed || q.closing.is_some() {
                 return Err(AuditError::Closed);
             }
+            let waited = entry.reply.is_some();
             q.entries.push(entry);
-            std::mem::take(&mut q.idle)
+            q.waited += usize::from(waited);
+            let wake = if waited { q.idle } else { q.deep };
+            if wake {
+                q.idle = false;
+                q.deep = false;
+            }
+            wake
         };
         if wake {
             self.wake.notify_one();
@@ -306,25 +326,42 @@ impl Writer {
     /// then tells each waiting append. While a write fails, records that cannot report failure
     /// are kept and retried every 100 ms.
     fn run(mut self, inner: &Inner) {
+        let mut quiet = 0;
         loop {
             let (batch, closing) = {
                 let mut q = inner.lock();
-                while q.entries.is_empty() && q.closing.is_none() {
+                while q.waited == 0 && q.closing.is_none() {
                     q.idle = true;
-                    if self.backlog.is_empty() {
-                        q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    // Records only: they wait a little for an append to share a write with.
+                    // A backlog of failed writes is retried every 100 ms. Nothing: poll for
+                    // records a while, then sleep until woken.
+                    let delay = if !q.entries.is_empty() {
+                        RECORD_DELAY
+                    } else if !self.backlog.is_empty() {
+                        Duration::from_millis(100)
+                    } else if quiet < QUIET_POLLS {
+                        quiet += 1;
+                        RECORD_DELAY
                     } else {
-                        let (g, timeout) = inner
-                            .wake
-                            .wait_timeout(q, Duration::from_millis(100))
-                            .unwrap_or_else(|e| e.into_inner());
-                        q = g;
-                        if timeout.timed_out() {
-                            break;
-                        }
+                        q.deep = true;
+                        q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    };
+                    let (g, timeout) = inner
+                        .wake
+                        .wait_timeout(q, delay)
+                        .unwrap_or_else(|e| e.into_inner());
+                    q = g;
+                    if timeout.timed_out() && (!q.entries.is_empty() || !self.backlog.is_empty()) {
+                        break;
                     }
                 }
+                if !q.entries.is_empty() {
+                    quiet = 0;
+                }
                 q.idle = false;
+                q.deep = false;
+                q.waited = 0;
                 (std::mem::take(&mut q.entries), q.closing.take())
             };
             self.write(inner, batch);
