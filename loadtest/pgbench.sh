@@ -194,6 +194,15 @@ vigil_cli="$target_dir/release/vigil"
 [[ -x "$vigil_node" && -x "$vigil_cli" ]] || die "$vigil_node or $vigil_cli missing (build first, or unset SKIP_BUILD)"
 
 # ---------------------------------------------------------------------------- work dir
+# Disk: each Vigil target writes its audit log (~2 records of ~850 bytes per transaction, at up
+# to ~25k transactions/s here) and the target logs every statement. Refuse to start rather than
+# fill the disk halfway through (the dev servers and the build cache share it).
+vigil_targets=0
+for t in "${TARGETS[@]}"; do [[ "$t" == vigil* ]] && vigil_targets=$((vigil_targets + 1)); done
+need_mb=$(( (DURATION * ROUNDS * ${#MODES[@]} * (vigil_targets * 45 + ${#TARGETS[@]} * 6)) + 2048 ))
+free_mb="$(df -Pm /tmp | awk 'NR == 2 { print $4 }')"
+((free_mb >= need_mb)) || die "about ${need_mb} MB of disk needed in /tmp (audit logs, the target's statement log), ${free_mb} MB free; free some, or lower DURATION/ROUNDS/TARGETS"
+
 work="$(mktemp -d /tmp/vigil-pgbench.XXXXXX)"
 chmod 755 "$work"
 mkdir -p "$work/runs" "$work/vigil/data"

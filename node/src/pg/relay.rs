@@ -1387,6 +1387,64 @@ impl ClientHalf {
     }
 }
 
+/// A DataRow as the client gets it when masking rules apply to clients; `None` when no value
+/// changes. `unknown`: the columns could not be resolved to tables (text is redacted, anything
+/// else withheld).
+fn client_row(
+    masker: &crate::policy::masking::Masker,
+    masks: &[ColMask],
+    values: &[Option<&[u8]>],
+    unknown: bool,
+) -> Option<Bytes> {
+    let mut changed = false;
+    let client: Vec<Option<Cow<'_, [u8]>>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let m = masks.get(i);
+            if unknown {
+                // Unknown columns: text is redacted, anything else withheld.
+                changed |= v.is_some();
+                return v.and_then(|v| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .map(|_| Cow::Owned(b"[redacted]".to_vec()))
+                });
+            }
+            // A binary value of another type cannot be rewritten: when a client-side rule
+            // covers it, it is withheld (NULL) rather than leaked.
+            if m.is_some_and(|m| {
+                !m.text && (m.unresolved || m.rule.as_ref().is_some_and(|r| r.client))
+            }) {
+                changed |= v.is_some();
+                return None;
+            }
+            v.map(|v| {
+                let text = match std::str::from_utf8(v) {
+                    Ok(t) if m.is_none_or(|m| m.text) => t,
+                    _ => return Cow::Borrowed(v),
+                };
+                let out = if m.is_some_and(|m| m.unresolved) {
+                    Cow::Owned("[redacted]".to_string())
+                } else {
+                    masker.mask(text, m.and_then(|m| m.rule.as_ref()), true, None)
+                };
+                match out {
+                    Cow::Owned(o) => {
+                        changed = true;
+                        Cow::Owned(o.into_bytes())
+                    }
+                    Cow::Borrowed(_) => Cow::Borrowed(v),
+                }
+            })
+        })
+        .collect();
+    changed.then(|| {
+        let refs: Vec<Option<&[u8]>> = client.iter().map(|v| v.as_deref()).collect();
+        messages::data_row(&refs)
+    })
+}
+
 /// How one result column is masked.
 struct ColMask {
     rule: Option<ColumnRule>,
@@ -1978,53 +2036,7 @@ impl TargetHalf {
         if !masker.masks_clients(conn) {
             return Ok(None);
         }
-        let mut changed = false;
-        let client: Vec<Option<Cow<'_, [u8]>>> = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let m = masks.get(i);
-                if unknown {
-                    // Unknown columns: text is redacted, anything else withheld.
-                    changed |= v.is_some();
-                    return v.and_then(|v| {
-                        std::str::from_utf8(v)
-                            .ok()
-                            .map(|_| Cow::Owned(b"[redacted]".to_vec()))
-                    });
-                }
-                // A binary value of another type cannot be rewritten: when a client-side rule
-                // covers it, it is withheld (NULL) rather than leaked.
-                if m.is_some_and(|m| {
-                    !m.text && (m.unresolved || m.rule.as_ref().is_some_and(|r| r.client))
-                }) {
-                    changed |= v.is_some();
-                    return None;
-                }
-                v.map(|v| {
-                    let text = match std::str::from_utf8(v) {
-                        Ok(t) if m.is_none_or(|m| m.text) => t,
-                        _ => return Cow::Borrowed(v),
-                    };
-                    let out = if m.is_some_and(|m| m.unresolved) {
-                        Cow::Owned("[redacted]".to_string())
-                    } else {
-                        masker.mask(text, m.and_then(|m| m.rule.as_ref()), true, None)
-                    };
-                    match out {
-                        Cow::Owned(o) => {
-                            changed = true;
-                            Cow::Owned(o.into_bytes())
-                        }
-                        Cow::Borrowed(_) => Cow::Borrowed(v),
-                    }
-                })
-            })
-            .collect();
-        Ok(changed.then(|| {
-            let refs: Vec<Option<&[u8]>> = client.iter().map(|v| v.as_deref()).collect();
-            messages::data_row(&refs)
-        }))
+        Ok(client_row(masker, &masks, &values, unknown))
     }
 
     /// Writes the response record of a finished statement.
