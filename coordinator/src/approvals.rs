@@ -91,6 +91,24 @@ pub struct ActionKey {
     pub hash: String,
 }
 
+impl From<&Scope> for vigil_proto::coordinator::Scope {
+    fn from(s: &Scope) -> Self {
+        Self {
+            protocol: s.protocol.clone(),
+            target: s.target.clone(),
+        }
+    }
+}
+
+impl From<&ActionKey> for vigil_proto::coordinator::ActionKey {
+    fn from(k: &ActionKey) -> Self {
+        Self {
+            scope: Some((&k.scope).into()),
+            hash: k.hash.clone(),
+        }
+    }
+}
+
 /// What a gateway node asks for when it holds an action.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewRequest {

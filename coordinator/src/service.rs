@@ -347,13 +347,6 @@ fn scope_from_pb(s: Option<pb::Scope>) -> Result<Scope, Status> {
     }
 }
 
-fn scope_pb(s: &Scope) -> pb::Scope {
-    pb::Scope {
-        protocol: s.protocol.clone(),
-        target: s.target.clone(),
-    }
-}
-
 fn key_from_pb(k: Option<pb::ActionKey>) -> Result<ActionKey, Status> {
     let k = k.ok_or_else(|| Status::invalid_argument("key is required"))?;
     required("key.hash", &k.hash)?;
@@ -361,13 +354,6 @@ fn key_from_pb(k: Option<pb::ActionKey>) -> Result<ActionKey, Status> {
         scope: scope_from_pb(k.scope)?,
         hash: k.hash,
     })
-}
-
-fn key_pb(k: &ActionKey) -> pb::ActionKey {
-    pb::ActionKey {
-        scope: Some(scope_pb(&k.scope)),
-        hash: k.hash.clone(),
-    }
 }
 
 fn shown_from_pb(s: pb::ShownAction) -> Option<Shown> {
@@ -438,7 +424,7 @@ pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
     pb::Approval {
         id: a.id.clone(),
         requester: Some(actor_pb(&a.requester)),
-        key: Some(key_pb(&a.key)),
+        key: Some(pb::ActionKey::from(&a.key)),
         action: a.action.clone(),
         shown: a.shown.as_deref().map(shown_pb),
         reason: a.reason.clone().unwrap_or_default(),
@@ -467,7 +453,7 @@ fn grant_pb(g: &Grant) -> pb::Grant {
     pb::Grant {
         id: g.id.clone(),
         subject: g.subject.clone(),
-        scope: Some(scope_pb(&g.scope)),
+        scope: Some(pb::Scope::from(&g.scope)),
         access_class: g.access_class.clone(),
         not_before_ms: g.not_before,
         not_after_ms: g.not_after,

@@ -296,8 +296,7 @@ impl Shipper {
                     file,
                     earlier,
                     written(),
-                    tail.acked,
-                    &mut tail.persisted,
+                    &mut tail,
                     r.inflight.front().map(|i| i.3),
                 );
                 if tail.last_start.is_some() && Instant::now() >= tail.next_checkpoint {
@@ -340,14 +339,7 @@ impl Shipper {
             let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
         }
         tail.persisted.1 = Instant::now() - Duration::from_secs(1);
-        self.account(
-            file,
-            earlier,
-            written(),
-            tail.acked,
-            &mut tail.persisted,
-            None,
-        );
+        self.account(file, earlier, written(), &mut tail, None);
     }
 
     /// Hands complete lines to the producer while there is room, reading more of the file as
@@ -448,14 +440,14 @@ impl Shipper {
         file: &Path,
         earlier: Option<u64>,
         written: u64,
-        acked: Cursor,
-        persisted: &mut (Cursor, Instant),
+        tail: &mut Tail,
         oldest: Option<Instant>,
     ) {
+        let acked = tail.acked;
         // At most every 100 ms: a crash then resends at most that much (identical duplicates).
-        if acked != persisted.0 && persisted.1.elapsed() >= Duration::from_millis(100) {
+        if acked != tail.persisted.0 && tail.persisted.1.elapsed() >= Duration::from_millis(100) {
             match write_cursor(file, acked) {
-                Ok(()) => *persisted = (acked, Instant::now()),
+                Ok(()) => tail.persisted = (acked, Instant::now()),
                 Err(e) => tracing::warn!(error = %e, "cannot write the spool cursor"),
             }
         }

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
-use vigil_coordinator::approvals::{ActionKey, Actor, Scope};
+use vigil_coordinator::approvals::{ActionKey, Actor};
 use vigil_coordinator::client::{Client, Credential};
 use vigil_coordinator::server::{Member, MemberConfig};
 use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
@@ -143,13 +143,6 @@ impl Verdict {
     }
 }
 
-fn scope_pb(s: &Scope) -> pb::Scope {
-    pb::Scope {
-        protocol: s.protocol.clone(),
-        target: s.target.clone(),
-    }
-}
-
 pub struct Approvals {
     client: Client,
     node: String,
@@ -189,10 +182,7 @@ impl Approvals {
         if let Some(verdict) = self.granted(&hold).await {
             return verdict;
         }
-        let key = pb::ActionKey {
-            scope: Some(scope_pb(&hold.key.scope)),
-            hash: hold.key.hash.clone(),
-        };
+        let key = pb::ActionKey::from(&hold.key);
         let consume = pb::ConsumeApprovalRequest {
             subject: hold.principal.subject.clone(),
             key: Some(key.clone()),
@@ -245,7 +235,7 @@ impl Approvals {
         let class = hold.spec.grant_class.as_ref()?;
         let check = pb::CheckGrantRequest {
             subject: hold.principal.subject.clone(),
-            scope: Some(scope_pb(&hold.key.scope)),
+            scope: Some(pb::Scope::from(&hold.key.scope)),
             access_class: class.clone(),
         };
         match self.client.check_grant(check).await {
