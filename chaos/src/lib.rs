@@ -48,7 +48,8 @@ pub fn env() -> &'static DevEnv {
             .map(|(k, v)| {
                 (
                     k.to_string(),
-                    v.trim_matches('\'').trim_matches('"').to_string(),
+                    // `export K=a\ b` is how the shell's printf %q writes a space.
+                    v.trim_matches('\'').trim_matches('"').replace("\\ ", " "),
                 )
             })
             .collect();
@@ -250,6 +251,8 @@ pub struct NodeOptions {
     /// More `[audit.kafka]` keys.
     pub kafka_extra: &'static str,
     pub checkpoint_interval_secs: u64,
+    /// An `[ssh]` section (with its targets), appended to the config.
+    pub ssh: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -273,6 +276,7 @@ impl Default for NodeOptions {
             kafka_topic: None,
             kafka_extra: "",
             checkpoint_interval_secs: 5,
+            ssh: None,
         }
     }
 }
@@ -360,6 +364,8 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 
 {kafka}
 
+{ssh}
+
 {extra}
 "#,
             suffix = random_suffix(),
@@ -387,6 +393,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
                 .clone()
                 .unwrap_or_else(|| "[coordinator]\nlisten = \"127.0.0.1:0\"".into()),
             extra = opts.extra,
+            ssh = opts.ssh.clone().unwrap_or_default(),
             checkpoint_every = opts.checkpoint_interval_secs,
             kafka = match &opts.kafka_topic {
                 Some(topic) => format!(

@@ -448,6 +448,7 @@ fn show_approval(a: &pb::Approval) -> String {
     // PostgreSQL users read "statement"; other protocols' actions are commands or requests.
     let what = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
         Some(pb::shown_action::Protocol::Postgres(_)) => "statement",
+        Some(pb::shown_action::Protocol::Ssh(_)) => "command  ",
         None => "action   ",
     };
     let mut out = format!(
@@ -463,6 +464,15 @@ fn show_approval(a: &pb::Approval) -> String {
     );
     match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
         Some(pb::shown_action::Protocol::Postgres(b)) => out += &show_binding(b),
+        Some(pb::shown_action::Protocol::Ssh(c)) => {
+            out += &format!(
+                "login       {}
+request     {}
+",
+                esc(&c.login),
+                esc(&c.request_type)
+            )
+        }
         None => {}
     }
     if !a.reason.is_empty() {

@@ -138,6 +138,15 @@ pub struct NewRequest {
 #[serde(tag = "protocol", rename_all = "snake_case")]
 pub enum Shown {
     Postgres(ShownBinding),
+    Ssh(ShownCommand),
+}
+
+/// What an SSH approval binds, as the approver reads it (see `SshCommand` in the API).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShownCommand {
+    pub login: String,
+    pub request_type: String,
+    pub command: String,
 }
 
 /// What a PostgreSQL approval binds, as the approver reads it (see `StatementBinding` in the

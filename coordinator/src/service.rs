@@ -15,7 +15,7 @@
 
 use crate::approvals::{
     ActionKey, Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis,
-    NewRequest, Scope, Shown, ShownBinding, ShownParam,
+    NewRequest, Scope, Shown, ShownBinding, ShownCommand, ShownParam,
 };
 use crate::store::{NodeId, Raft, StateMachine};
 use openraft::error::{
@@ -359,12 +359,22 @@ fn key_from_pb(k: Option<pb::ActionKey>) -> Result<ActionKey, Status> {
 fn shown_from_pb(s: pb::ShownAction) -> Option<Shown> {
     match s.protocol? {
         pb::shown_action::Protocol::Postgres(b) => Some(Shown::Postgres(binding_from_pb(b))),
+        pb::shown_action::Protocol::Ssh(c) => Some(Shown::Ssh(ShownCommand {
+            login: c.login,
+            request_type: c.request_type,
+            command: c.command,
+        })),
     }
 }
 
 fn shown_pb(s: &Shown) -> pb::ShownAction {
     let protocol = match s {
         Shown::Postgres(b) => pb::shown_action::Protocol::Postgres(binding_pb(b)),
+        Shown::Ssh(c) => pb::shown_action::Protocol::Ssh(pb::SshCommand {
+            login: c.login.clone(),
+            request_type: c.request_type.clone(),
+            command: c.command.clone(),
+        }),
     };
     pb::ShownAction {
         protocol: Some(protocol),

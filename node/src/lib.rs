@@ -16,6 +16,7 @@ pub mod config;
 pub mod core;
 pub mod pg;
 pub mod policy;
+pub mod ssh;
 
 use anyhow::Context as _;
 use std::net::SocketAddr;
@@ -138,6 +139,11 @@ async fn protocol_servers(
                 core.clone(),
             )
             .await?,
+        ));
+    }
+    if let Some(section) = &config.ssh {
+        servers.push(Box::new(
+            ssh::SshServer::bind(section, &config.policy, core.clone()).await?,
         ));
     }
     Ok(servers)

@@ -92,6 +92,37 @@ struct Inner {
 struct Entry {
     body: Vec<u8>,
     reply: Option<oneshot::Sender<Result<(), AuditError>>>,
+    /// A recorded chunk: written into its recording file at this offset before the record.
+    chunk: Option<(Arc<RecordingFile>, Vec<u8>, u64)>,
+}
+
+/// Where a session's recorded stream bytes go: `recordings/SESSION.bin` next to the stream
+/// files. Records of kind `recording` name each chunk's offset, length and SHA-256; the writer
+/// thread writes a chunk before the record that proves it.
+pub struct RecordingFile {
+    file: File,
+    /// Relative to the audit directory (what records name).
+    path: PathBuf,
+    /// Bytes handed to the writer so far: the offset of the next chunk.
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Which stream a chunk belongs to: the channel, the direction (`input`, `output`, `error`)
+/// and the bytes of that channel and direction before it.
+pub struct ChunkOf<'a> {
+    pub channel: String,
+    pub direction: &'a str,
+    pub offset: u64,
+}
+
+/// The directory of recording files, inside the audit directory.
+pub const RECORDINGS_DIR: &str = "recordings";
+
+impl RecordingFile {
+    /// The path records name, relative to the audit directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 #[derive(Default)]
@@ -215,6 +246,7 @@ impl AuditLog {
         self.inner.push(Entry {
             body: serialize(body),
             reply: Some(tx),
+            chunk: None,
         })?;
         rx.await.unwrap_or(Err(AuditError::Closed))
     }
@@ -226,6 +258,7 @@ impl AuditLog {
         let flush = Entry {
             body: Vec::new(),
             reply: Some(tx),
+            chunk: None,
         };
         if self.inner.push(flush).is_ok() {
             let _ = rx.await;
@@ -256,11 +289,71 @@ impl AuditLog {
         let entry = Entry {
             body: serialize(&body),
             reply: None,
+            chunk: None,
         };
         if self.inner.push(entry).is_err() {
             tracing::error!(kind = ?body.kind, "audit record after the log was closed");
             self.inner.metrics.audit_dropped_records.inc();
         }
+    }
+
+    /// Creates the recording file of `session` (off the runtime).
+    pub async fn recording_file(&self, session: &str) -> std::io::Result<Arc<RecordingFile>> {
+        let dir = self
+            .inner
+            .path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(RECORDINGS_DIR);
+        let rel = Path::new(RECORDINGS_DIR).join(format!("{session}.bin"));
+        let path = dir.join(format!("{session}.bin"));
+        let file = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            OpenOptions::new().append(true).create_new(true).open(&path)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(Arc::new(RecordingFile {
+            file,
+            path: rel,
+            next: Default::default(),
+        }))
+    }
+
+    /// Hands over a chunk of a recorded stream with its record: `body.recording` is filled in
+    /// here (offset in `file`, length, SHA-256). With `wait`, resolves once both are written
+    /// (input to a target is recorded before the target sees it); else at once.
+    pub async fn chunk(
+        &self,
+        mut body: Body,
+        file: &Arc<RecordingFile>,
+        of: ChunkOf<'_>,
+        bytes: Vec<u8>,
+        wait: bool,
+    ) -> Result<(), AuditError> {
+        use sha2::{Digest, Sha256};
+        let offset = file.next.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        body.recording = Some(vigil_proto::record::Recording {
+            channel: of.channel,
+            direction: of.direction.into(),
+            offset: of.offset,
+            length: bytes.len() as u64,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            store: vigil_proto::record::ChunkStore::File {
+                path: file.path.to_string_lossy().into_owned(),
+                offset,
+            },
+        });
+        let (tx, rx) = oneshot::channel();
+        self.inner.push(Entry {
+            body: serialize(&body),
+            reply: wait.then_some(tx),
+            chunk: Some((file.clone(), bytes, offset)),
+        })?;
+        if !wait {
+            return Ok(());
+        }
+        rx.await.unwrap_or(Err(AuditError::Closed))
     }
 
     /// Writes the `stream_end` record, syncs the file and refuses further records; returns
@@ -384,94 +477,121 @@ impl Writer {
         }
     }
 
-    /// Writes the backlog, then `batch`, in one `write(2)`. On failure everything is rolled
-    /// back: no append of the batch is in the log (each caller refuses its statement), the
-    /// records that cannot fail are kept in order.
+    /// Writes the backlog, then `batch`: each recorded chunk into its recording file, then
+    /// every record in one `write(2)`. On failure everything is rolled back (recording files
+    /// and the log truncated, the chain restored): no append of the batch is in the log (each
+    /// caller refuses its action), the records that cannot fail are kept in order.
     fn write(&mut self, inner: &Inner, batch: Vec<Entry>) {
         let before = self.chain.clone();
         self.buf.clear();
         let mut entries = std::mem::take(&mut self.backlog);
-        let mut written = Vec::with_capacity(entries.len() + batch.len());
-        for e in entries.drain(..).chain(batch) {
-            if e.body.is_empty() {
-                written.push(e);
+        entries.extend(batch);
+        let mut written = Vec::with_capacity(entries.len());
+        let mut touched: Vec<(Arc<RecordingFile>, u64)> = Vec::new();
+        let mut failed = None;
+        while let Some(e) = entries.pop_front() {
+            if let Some(reply) = self.spool_refusal(inner, &e) {
+                let _ = e.reply.map(|r| r.send(Err(reply)));
                 continue;
             }
-            if e.reply.is_some() {
-                if let Some(spool) = &inner.spool {
-                    let unacked = spool.unacked(self.len + self.buf.len() as u64);
-                    if unacked > spool.limit {
-                        if let Some(reply) = e.reply {
-                            let _ = reply.send(Err(AuditError::SpoolFull { unacked }));
-                        }
-                        continue;
-                    }
+            if let Some((file, bytes, offset)) = &e.chunk {
+                if !touched.iter().any(|(f, _)| Arc::ptr_eq(f, file)) {
+                    touched.push((file.clone(), *offset));
+                }
+                if let Err(err) = (&file.file).write_all(bytes) {
+                    written.push(e);
+                    written.extend(entries.drain(..));
+                    failed = Some(err);
+                    break;
                 }
             }
-            self.buf
-                .extend_from_slice(&self.chain.seal_serialized(&e.body));
-            self.buf.push(b'\n');
+            if !e.body.is_empty() {
+                self.buf
+                    .extend_from_slice(&self.chain.seal_serialized(&e.body));
+                self.buf.push(b'\n');
+            }
             written.push(e);
         }
-        if self.buf.is_empty() {
-            for e in written {
-                if let Some(reply) = e.reply {
-                    let _ = reply.send(Ok(()));
-                }
-            }
-            return;
-        }
-        let records = written.iter().filter(|e| !e.body.is_empty()).count() as u64;
-        match self.write_buf() {
-            Ok(()) => {
-                self.len += self.buf.len() as u64;
-                let m = &inner.metrics;
-                m.audit_records.inc_by(records);
-                m.audit_bytes.inc_by(self.buf.len() as u64);
-                m.audit_batches.inc();
-                inner.healthy.store(true, Ordering::Relaxed);
-                let seq = self.chain.next_seq() - 1;
-                *inner.head.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((seq, self.chain.head_hash(), self.len));
-                if let Some(spool) = &inner.spool {
-                    spool
-                        .written_records
-                        .store(self.chain.next_seq(), Ordering::Relaxed);
-                    spool.written_bytes.store(self.len, Ordering::Relaxed);
-                    spool.notify.notify_one();
-                }
-                for e in written {
-                    if let Some(reply) = e.reply {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            }
+        let result = match failed {
+            Some(err) => Err(err),
+            None if self.buf.is_empty() => Ok(()),
+            None => self.write_buf(),
+        };
+        match result {
+            Ok(()) => self.written(inner, written),
             Err(e) => {
-                inner.metrics.audit_write_errors.inc();
-                if inner.healthy.swap(false, Ordering::Relaxed) {
-                    tracing::error!(path = %inner.path.display(), error = %e, "audit write failed; refusing statements until it succeeds");
-                }
-                if let Err(e) = self.file.set_len(self.len) {
-                    tracing::error!(error = %e, "cannot truncate the audit log after a failed write");
+                for (file, len) in touched {
+                    if let Err(e) = file.file.set_len(len) {
+                        tracing::error!(path = %file.path.display(), error = %e, "cannot truncate a recording file after a failed write");
+                    }
                 }
                 self.chain = before;
-                let error = AuditError::Write(e.to_string());
-                for entry in written {
-                    match entry.reply {
-                        Some(reply) if entry.body.is_empty() => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        Some(reply) => {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                        None => self.backlog.push_back(entry),
-                    }
-                }
-                while self.backlog.len() > MAX_BACKLOG {
-                    self.backlog.pop_front();
-                    inner.metrics.audit_dropped_records.inc();
-                }
+                self.failed(inner, written, e)
             }
+        }
+    }
+
+    /// With a Kafka sink: the refusal of an append while the spool holds more than it may.
+    fn spool_refusal(&self, inner: &Inner, e: &Entry) -> Option<AuditError> {
+        let spool = inner.spool.as_ref()?;
+        e.reply.as_ref()?;
+        let unacked = spool.unacked(self.len + self.buf.len() as u64);
+        (unacked > spool.limit).then_some(AuditError::SpoolFull { unacked })
+    }
+
+    /// After a good write: the head, the metrics and the spool move on; every waiter is told.
+    fn written(&mut self, inner: &Inner, written: Vec<Entry>) {
+        if !self.buf.is_empty() {
+            self.len += self.buf.len() as u64;
+            let records = written.iter().filter(|e| !e.body.is_empty()).count() as u64;
+            let m = &inner.metrics;
+            m.audit_records.inc_by(records);
+            m.audit_bytes.inc_by(self.buf.len() as u64);
+            m.audit_batches.inc();
+            inner.healthy.store(true, Ordering::Relaxed);
+            let seq = self.chain.next_seq() - 1;
+            *inner.head.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((seq, self.chain.head_hash(), self.len));
+            if let Some(spool) = &inner.spool {
+                spool
+                    .written_records
+                    .store(self.chain.next_seq(), Ordering::Relaxed);
+                spool.written_bytes.store(self.len, Ordering::Relaxed);
+                spool.notify.notify_one();
+            }
+        }
+        for e in written {
+            if let Some(reply) = e.reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// After a failed write: the log is cut back to its last good record, appends are told
+    /// why, records that cannot fail wait for the next write.
+    fn failed(&mut self, inner: &Inner, written: Vec<Entry>, e: std::io::Error) {
+        inner.metrics.audit_write_errors.inc();
+        if inner.healthy.swap(false, Ordering::Relaxed) {
+            tracing::error!(path = %inner.path.display(), error = %e, "audit write failed; refusing statements until it succeeds");
+        }
+        if let Err(e) = self.file.set_len(self.len) {
+            tracing::error!(error = %e, "cannot truncate the audit log after a failed write");
+        }
+        let error = AuditError::Write(e.to_string());
+        for entry in written {
+            match entry.reply {
+                Some(reply) if entry.body.is_empty() => {
+                    let _ = reply.send(Ok(()));
+                }
+                Some(reply) => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                None => self.backlog.push_back(entry),
+            }
+        }
+        while self.backlog.len() > MAX_BACKLOG {
+            self.backlog.pop_front();
+            inner.metrics.audit_dropped_records.inc();
         }
     }
 

@@ -36,6 +36,11 @@ pub struct Core {
     pub data_dir: PathBuf,
 }
 
+/// A new session id: 96 random bits, hex (every protocol's sessions share the form).
+pub fn new_session_id() -> String {
+    hex::encode(rand::random::<[u8; 12]>())
+}
+
 impl Core {
     /// A value a client chose, as the gateway may write it anywhere (records, its log): masked
     /// by the detectors (column rules do not apply outside results).

@@ -67,10 +67,6 @@ fn deny(sqlstate: &'static str, message: impl Into<String>) -> Refusal {
     }
 }
 
-pub fn new_session_id() -> String {
-    hex::encode(rand::random::<[u8; 12]>())
-}
-
 /// Answers a client that arrived while every pre-authentication permit was taken, and closes.
 /// Nothing is recorded: a flood of these must not fill the audit log (the metric counts them).
 pub async fn turn_away(mut tcp: TcpStream, peer: SocketAddr) {
@@ -96,7 +92,7 @@ pub async fn run(
     peer: SocketAddr,
     preauth: OwnedSemaphorePermit,
 ) {
-    let id = new_session_id();
+    let id = crate::core::new_session_id();
     let span = tracing::info_span!("pg_session", session = %id, client = %peer);
     async move {
         let mut conn = Connection {

@@ -16,6 +16,7 @@
 pub mod classify;
 mod dangerous_functions;
 pub mod masking;
+pub mod ssh;
 
 pub use crate::core::principals::PrincipalMatch;
 use classify::{Flag, StatementInfo, StatementKind};
@@ -38,11 +39,12 @@ pub enum Action {
 /// the matcher of its protocol (PostgreSQL: [`SqlMatch`]). Every condition given must hold;
 /// inside a list any entry may match. In the config a rule is one flat table ([`RuleTable`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "RuleTable", into = "RuleTable")]
+#[serde(try_from = "RuleTable", into = "RuleTable")]
 pub struct Rule {
     pub id: String,
     pub action: Action,
-    /// Target names (PostgreSQL connection names); empty: every target.
+    /// Target names (PostgreSQL connection names, SSH target names); empty: every target of
+    /// the rule's protocol.
     pub targets: Vec<String>,
     pub principals: PrincipalMatch,
     /// Only record what the rule would have done.
@@ -51,8 +53,32 @@ pub struct Rule {
     pub reason: Option<String>,
     /// For `require_approval`: overrides `[policy.approval]`.
     pub approval: Option<ApprovalSpec>,
-    /// What the rule matches in a PostgreSQL statement.
-    pub sql: SqlMatch,
+    /// The protocol the rule is for, and what it matches there.
+    pub matcher: Matcher,
+}
+
+/// The per-protocol part of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Matcher {
+    /// A PostgreSQL statement (the default protocol of a rule).
+    Sql(SqlMatch),
+    /// An SSH channel request.
+    Ssh(ssh::SshMatch),
+}
+
+/// The protocol a rule is written for (`protocol = "ssh"`; PostgreSQL by default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleProtocol {
+    #[default]
+    Postgres,
+    Ssh,
+}
+
+impl RuleProtocol {
+    fn is_postgres(&self) -> bool {
+        *self == RuleProtocol::Postgres
+    }
 }
 
 /// The PostgreSQL matcher of a rule: what a statement is (its classification).
@@ -84,13 +110,17 @@ impl SqlMatch {
 }
 
 /// A rule as written in the config (`[[policy.rules]]`), and as hashed into the policy
-/// version: one flat table, unknown keys refused.
+/// version: one flat table, unknown keys refused. Fields of another protocol than the rule's
+/// are refused too. The SSH fields are left out of the hashed form when empty, so the version
+/// of a PostgreSQL-only policy does not change with them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleTable {
     id: String,
     action: Action,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "RuleProtocol::is_postgres")]
+    protocol: RuleProtocol,
+    #[serde(default, alias = "targets")]
     connections: Vec<String>,
     #[serde(default)]
     principals: PrincipalMatch,
@@ -102,6 +132,18 @@ pub struct RuleTable {
     functions: Vec<String>,
     #[serde(default)]
     flags: Vec<Flag>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    requests: Vec<ssh::SshRequestKind>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    programs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    command_flags: Vec<crate::ssh::command::CommandFlag>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    logins: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    paths: Vec<String>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -110,9 +152,37 @@ pub struct RuleTable {
     approval: Option<ApprovalSpec>,
 }
 
-impl From<RuleTable> for Rule {
-    fn from(t: RuleTable) -> Self {
-        Rule {
+impl TryFrom<RuleTable> for Rule {
+    type Error = String;
+
+    fn try_from(t: RuleTable) -> Result<Self, String> {
+        let sql = SqlMatch {
+            kinds: t.kinds,
+            tables: t.tables,
+            functions: t.functions,
+            flags: t.flags,
+        };
+        let ssh = ssh::SshMatch {
+            requests: t.requests,
+            programs: t.programs,
+            args: t.args,
+            flags: t.command_flags,
+            logins: t.logins,
+            paths: t.paths,
+        };
+        let matcher = match t.protocol {
+            RuleProtocol::Postgres if ssh.is_empty() => Matcher::Sql(sql),
+            RuleProtocol::Ssh if sql == SqlMatch::default() => Matcher::Ssh(ssh),
+            RuleProtocol::Postgres => return Err(format!(
+                "rule {:?}: requests, programs, args, command_flags, logins and paths are SSH conditions: add protocol = \"ssh\"",
+                t.id
+            )),
+            RuleProtocol::Ssh => return Err(format!(
+                "rule {:?}: kinds, tables, functions and flags are PostgreSQL conditions, not for protocol = \"ssh\"",
+                t.id
+            )),
+        };
+        Ok(Rule {
             id: t.id,
             action: t.action,
             targets: t.connections,
@@ -120,27 +190,33 @@ impl From<RuleTable> for Rule {
             dry_run: t.dry_run,
             reason: t.reason,
             approval: t.approval,
-            sql: SqlMatch {
-                kinds: t.kinds,
-                tables: t.tables,
-                functions: t.functions,
-                flags: t.flags,
-            },
-        }
+            matcher,
+        })
     }
 }
 
 impl From<Rule> for RuleTable {
     fn from(r: Rule) -> Self {
+        let (protocol, sql, ssh) = match r.matcher {
+            Matcher::Sql(m) => (RuleProtocol::Postgres, m, ssh::SshMatch::default()),
+            Matcher::Ssh(m) => (RuleProtocol::Ssh, SqlMatch::default(), m),
+        };
         RuleTable {
             id: r.id,
             action: r.action,
+            protocol,
             connections: r.targets,
             principals: r.principals,
-            kinds: r.sql.kinds,
-            tables: r.sql.tables,
-            functions: r.sql.functions,
-            flags: r.sql.flags,
+            kinds: sql.kinds,
+            tables: sql.tables,
+            functions: sql.functions,
+            flags: sql.flags,
+            requests: ssh.requests,
+            programs: ssh.programs,
+            args: ssh.args,
+            command_flags: ssh.flags,
+            logins: ssh.logins,
+            paths: ssh.paths,
             dry_run: r.dry_run,
             reason: r.reason,
             approval: r.approval,
@@ -310,14 +386,57 @@ impl Policy {
                 }
             }
         };
+        self.combine(statements, |s, dry_run| {
+            self.decide_one(s, principal, connection, read_only, dry_run)
+        })
+    }
+
+    /// The decision for an SSH request: each of `actions` (the commands of an exec line, the
+    /// paths of a transfer …) is decided on its own, and they combine like the statements of a
+    /// message. A command line that does not parse is blocked (rule `parse-error`).
+    pub fn decide_ssh(
+        &self,
+        actions: Result<&[ssh::SshAction<'_>], String>,
+        principal: &Principal,
+        target: &str,
+    ) -> Decision {
+        let actions = match actions {
+            Ok(a) => a,
+            Err(why) => {
+                return Decision {
+                    action: Action::Block,
+                    rule: "parse-error".into(),
+                    reason: Some(why),
+                    dry_run: Vec::new(),
+                    approval: None,
+                }
+            }
+        };
+        self.combine(actions, |a, dry_run| {
+            self.first_rule(
+                |rule| {
+                    rule.applies(target, principal)
+                        && matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(a))
+                },
+                dry_run,
+            )
+        })
+    }
+
+    /// One decision from those of the parts of an action: a block anywhere wins, even after a
+    /// part that only needs approval (an approval must never carry a blocked part along); then
+    /// the strictest approval; then the first allow; with no parts, the default.
+    fn combine<'a, T>(
+        &self,
+        parts: &'a [T],
+        mut decide: impl FnMut(&'a T, &mut Vec<String>) -> Decision,
+    ) -> Decision {
+        let mut dry_run = Vec::new();
         let mut first: Option<Decision> = None;
         let mut held: Vec<Decision> = Vec::new();
-        let mut dry_run = Vec::new();
-        for s in statements {
-            let d = self.decide_one(s, principal, connection, read_only, &mut dry_run);
+        for part in parts {
+            let d = decide(part, &mut dry_run);
             match d.action {
-                // A block anywhere in the message wins, even after a statement that only
-                // needs approval (an approval must never carry a blocked statement along).
                 Action::Block => return Decision { dry_run, ..d },
                 Action::RequireApproval => held.push(d),
                 Action::Allow => {
@@ -330,6 +449,25 @@ impl Policy {
             _ => strictest(held),
         };
         Decision { dry_run, ..d }
+    }
+
+    /// The first rule that matches and is not a dry run decides; dry runs that match are
+    /// noted; with none, the default.
+    fn first_rule(&self, matches: impl Fn(&Rule) -> bool, dry_run: &mut Vec<String>) -> Decision {
+        for rule in self.config.rules.iter().filter(|r| matches(r)) {
+            if rule.dry_run {
+                dry_run.push(format!("{}:{}", rule.id, action_name(rule.action)));
+                continue;
+            }
+            return Decision {
+                action: rule.action,
+                rule: rule.id.clone(),
+                reason: rule.reason.clone(),
+                dry_run: Vec::new(),
+                approval: self.approval_for(Some(rule), rule.action),
+            };
+        }
+        self.default_decision()
     }
 
     fn default_decision(&self) -> Decision {
@@ -363,23 +501,7 @@ impl Policy {
                 approval: None,
             };
         }
-        for rule in &self.config.rules {
-            if !rule_matches(rule, s, principal, connection) {
-                continue;
-            }
-            if rule.dry_run {
-                dry_run.push(format!("{}:{}", rule.id, action_name(rule.action)));
-                continue;
-            }
-            return Decision {
-                action: rule.action,
-                rule: rule.id.clone(),
-                reason: rule.reason.clone(),
-                dry_run: Vec::new(),
-                approval: self.approval_for(Some(rule), rule.action),
-            };
-        }
-        self.default_decision()
+        self.first_rule(|rule| rule_matches(rule, s, principal, connection), dry_run)
     }
 
     /// The approval settings for a `require_approval` decision: the rule's own, else the
@@ -506,7 +628,7 @@ impl Rule {
 }
 
 fn rule_matches(rule: &Rule, s: &StatementInfo, p: &Principal, connection: &str) -> bool {
-    rule.applies(connection, p) && rule.sql.matches(s)
+    rule.applies(connection, p) && matches!(&rule.matcher, Matcher::Sql(m) if m.matches(s))
 }
 
 /// The classification of one message: its statements, or why it does not parse.
@@ -765,7 +887,13 @@ tables = ["public.customers"]
         .unwrap();
         let rule = &config.rules[0];
         assert_eq!(
-            (rule.targets.as_slice(), rule.sql.tables.as_slice()),
+            (
+                rule.targets.as_slice(),
+                match &rule.matcher {
+                    Matcher::Sql(m) => m.tables.as_slice(),
+                    Matcher::Ssh(_) => &[],
+                }
+            ),
             (&["app".to_string()][..], &["t".to_string()][..])
         );
         let json = serde_json::to_value(rule).unwrap();

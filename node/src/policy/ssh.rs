@@ -1,0 +1,73 @@
+//! The SSH matcher of a rule: what a channel request is (an exec's parsed command line, a
+//! shell, a file transfer, a forward) and what it touches.
+
+use crate::ssh::command::{glob_match, CommandFlag, CommandLine, SimpleCommand};
+use serde::{Deserialize, Serialize};
+
+/// What a client asks a host to do on a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SshRequestKind {
+    /// A command (`ssh host CMD`), decided on its parsed command line.
+    Exec,
+    /// An interactive shell. Commands typed in it are recorded, not decided: a shell is not a
+    /// boundary, deny it where that matters.
+    Shell,
+    /// The SFTP subsystem.
+    Sftp,
+    /// `scp` (an exec of `scp -t` / `scp -f`), decided on its paths too.
+    Scp,
+    /// A forward (`direct-tcpip`, `tcpip-forward`): refused unless a rule allows it.
+    Forward,
+    /// Another subsystem.
+    Subsystem,
+}
+
+/// The SSH part of a rule. Every condition given must hold; inside a list any entry may match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SshMatch {
+    pub requests: Vec<SshRequestKind>,
+    /// Globs on a command's program, as written (`/usr/bin/rm`) or its last component (`rm`).
+    pub programs: Vec<String>,
+    /// Globs on any argument of the command.
+    pub args: Vec<String>,
+    /// Any of these is set on the command line.
+    pub flags: Vec<CommandFlag>,
+    /// Globs on the login on the host.
+    pub logins: Vec<String>,
+    /// Globs on the path a file transfer touches, or `host:port` of a forward.
+    pub paths: Vec<String>,
+}
+
+/// One thing to decide: a command of an exec (each command of a line is decided on its own,
+/// with the line's flags), a shell, a transfer path, a forward.
+#[derive(Clone, Copy, Debug)]
+pub struct SshAction<'a> {
+    pub kind: SshRequestKind,
+    pub login: &'a str,
+    pub command: Option<(&'a SimpleCommand, &'a CommandLine)>,
+    pub path: Option<&'a str>,
+}
+
+impl SshMatch {
+    pub fn matches(&self, a: &SshAction<'_>) -> bool {
+        let any = |globs: &[String], text: &str| globs.iter().any(|g| glob_match(g, text));
+        (self.requests.is_empty() || self.requests.contains(&a.kind))
+            && (self.logins.is_empty() || any(&self.logins, a.login))
+            && (self.programs.is_empty()
+                || a.command.is_some_and(|(c, _)| {
+                    any(&self.programs, &c.program) || any(&self.programs, c.program_name())
+                }))
+            && (self.args.is_empty()
+                || a.command
+                    .is_some_and(|(c, _)| c.args.iter().any(|x| any(&self.args, x))))
+            && (self.flags.is_empty()
+                || a.command
+                    .is_some_and(|(_, line)| self.flags.iter().any(|f| line.flags.contains(f))))
+            && (self.paths.is_empty() || a.path.is_some_and(|p| any(&self.paths, p)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}

@@ -1,0 +1,900 @@
+//! Channels: requests decided by policy and forwarded to the host one at a time (so each
+//! reply the client gets is the host's own, in order), then, once something runs, two tasks
+//! per channel: input (client → host) recorded before the host sees it, output (host → client)
+//! recorded before the client sees it.
+
+use super::command::{self, CommandLine};
+use super::session::Conn;
+use crate::audit::{AuditLog, ChunkOf, RecordingFile};
+use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::Refusal;
+use crate::policy::ssh::{SshAction, SshRequestKind};
+use crate::policy::{Action, Decision};
+use russh::server::{Msg, Session};
+use russh::{client, ChannelId, ChannelMsg, Sig};
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use vigil_coordinator::approvals::{ActionKey, Scope};
+use vigil_proto::coordinator as pb;
+use vigil_proto::record::{
+    Body, Connection, Kind, Outcome, PolicyRef, Principal, Request, Response, SshError, SshRequest,
+    SshResponse,
+};
+
+/// Exit status of a command the gateway refused (as a shell's "cannot execute").
+pub const REFUSED_EXIT_STATUS: u32 = 126;
+
+/// Input messages a running channel may queue before the client is slowed down.
+const INPUT_QUEUE: usize = 64;
+
+/// A client channel, as far as it got.
+#[derive(Default)]
+pub enum Chan {
+    /// Opened; nothing asked of the host yet.
+    #[default]
+    Idle,
+    /// The host's channel is open; requests that set it up (pty, env) went to it.
+    Setup(russh::Channel<client::Msg>),
+    /// Something runs: input goes to the channel's input task.
+    Running(mpsc::Sender<Input>),
+    /// Refused or ended: further input is dropped.
+    Done,
+}
+
+/// What a client sends on a running channel, in order.
+pub enum Input {
+    Data(Vec<u8>),
+    Resize {
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+    },
+    Signal(Sig),
+    Eof,
+    Close,
+}
+
+pub struct Pty {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+    pub pix_width: u32,
+    pub pix_height: u32,
+    pub modes: Vec<(russh::Pty, u32)>,
+}
+
+/// The host channel behind client channel `id`, opened on first use; `None` when the channel
+/// already runs something or the host refused to open one.
+async fn host_channel(conn: &mut Conn, id: ChannelId) -> Option<&mut russh::Channel<client::Msg>> {
+    let host = conn.host.clone()?;
+    let slot = conn.channels.get_mut(&id)?;
+    if matches!(slot, Chan::Idle) {
+        match host.channel_open_session().await {
+            Ok(c) => *slot = Chan::Setup(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "the host refused a session channel");
+                *slot = Chan::Done;
+                return None;
+            }
+        }
+    }
+    match slot {
+        Chan::Setup(c) => Some(c),
+        _ => None,
+    }
+}
+
+/// Waits for the host's answer to the request just sent on `host`.
+async fn host_reply(host: &mut russh::Channel<client::Msg>) -> bool {
+    loop {
+        match host.wait().await {
+            Some(ChannelMsg::Success) => return true,
+            Some(ChannelMsg::Failure) | Some(ChannelMsg::Close) | None => return false,
+            Some(_) => continue,
+        }
+    }
+}
+
+/// `pty-req`: forwarded; the host's answer is the client's. On record, so a replay knows the
+/// terminal's size.
+pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session) {
+    let mut body = conn.body(Kind::Request);
+    body.request = Some(ssh_request(
+        conn,
+        id,
+        "pty-req",
+        Some(format!("{} {}x{}", pty.term, pty.cols, pty.rows)),
+    ));
+    let audit = conn.ctx.core.audit.clone();
+    let ok = match host_channel(conn, id).await {
+        Some(host) => {
+            let sent = host
+                .request_pty(
+                    true,
+                    &pty.term,
+                    pty.cols,
+                    pty.rows,
+                    pty.pix_width,
+                    pty.pix_height,
+                    &pty.modes,
+                )
+                .await;
+            sent.is_ok() && host_reply(host).await
+        }
+        None => false,
+    };
+    body.outcome = Some(if ok { Outcome::Success } else { Outcome::Error });
+    audit.record(body);
+    reply(session, id, ok);
+}
+
+/// `env`: a variable on the allow-list is passed to the host; others are refused and
+/// recorded (by name only: values may be secrets). No reply either way: OpenSSH asks for none,
+/// and a reply nobody waits for would be taken as the answer to a later request.
+pub async fn env(conn: &mut Conn, id: ChannelId, name: &str, value: &str) {
+    let allowed = conn
+        .ctx
+        .config
+        .allowed_env
+        .iter()
+        .any(|g| command::glob_match(g, name));
+    if !allowed {
+        refuse_request(
+            conn,
+            Some(id),
+            "env",
+            &format!("environment variable {name:?} is not on ssh.allowed_env"),
+        );
+        return;
+    }
+    if let Some(host) = host_channel(conn, id).await {
+        let _ = host.set_env(false, name, value).await;
+    }
+}
+
+/// `exec`: the command line is parsed and each command decided; `scp -t`/`-f` is decided on
+/// its paths too.
+pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Session) {
+    let Ok(line) = std::str::from_utf8(data) else {
+        let why = "the command line is not UTF-8: it cannot be decided or shown faithfully";
+        refuse_run(conn, id, "exec", None, why, session);
+        return;
+    };
+    let parsed = command::parse(line);
+    let login = conn.login.clone();
+    let decision = {
+        let actions = parsed
+            .as_ref()
+            .map(|p| exec_actions(p, &login))
+            .map_err(|e| format!("the command line does not parse: {e}"));
+        decide(conn, actions.as_deref().map_err(Clone::clone))
+    };
+    let kind = match &parsed {
+        Ok(p) if scp_paths(p).is_some() => "scp",
+        _ => "exec",
+    };
+    run(conn, id, Run::new(kind, Some(line), decision), session).await;
+}
+
+/// The actions of an exec line: each command with the line's flags; for `scp`, each path.
+fn exec_actions<'a>(line: &'a CommandLine, login: &'a str) -> Vec<SshAction<'a>> {
+    let mut actions: Vec<SshAction<'a>> = Vec::new();
+    let scp = scp_paths(line);
+    for c in &line.commands {
+        let kind = if scp.is_some() {
+            SshRequestKind::Scp
+        } else {
+            SshRequestKind::Exec
+        };
+        actions.push(SshAction {
+            kind,
+            login,
+            command: Some((c, line)),
+            path: None,
+        });
+    }
+    for p in scp.unwrap_or_default() {
+        actions.push(SshAction {
+            kind: SshRequestKind::Scp,
+            login,
+            command: line.commands.first().map(|c| (c, line)),
+            path: Some(p),
+        });
+    }
+    if actions.is_empty() {
+        // An empty command line: sshd runs the login shell.
+        actions.push(SshAction {
+            kind: SshRequestKind::Shell,
+            login,
+            command: None,
+            path: None,
+        });
+    }
+    actions
+}
+
+/// The paths of an `scp -t` (upload) or `scp -f` (download) that sshd would run: a line that
+/// is exactly one `scp` command in server mode.
+fn scp_paths(line: &CommandLine) -> Option<Vec<&str>> {
+    let [c] = line.commands.as_slice() else {
+        return None;
+    };
+    if c.program_name() != "scp" || !c.args.iter().any(|a| a == "-t" || a == "-f") {
+        return None;
+    }
+    Some(
+        c.args
+            .iter()
+            .filter(|a| !a.starts_with('-'))
+            .map(String::as_str)
+            .collect(),
+    )
+}
+
+/// `shell`: allowed or refused as a whole (commands typed in it are recorded, not decided).
+pub async fn shell(conn: &mut Conn, id: ChannelId, session: &mut Session) {
+    let login = conn.login.clone();
+    let action = SshAction {
+        kind: SshRequestKind::Shell,
+        login: &login,
+        command: None,
+        path: None,
+    };
+    let decision = decide(conn, Ok(&[action]));
+    run(conn, id, Run::new("shell", None, decision), session).await;
+}
+
+/// `subsystem`: `sftp`, or another subsystem, allowed or refused as a whole.
+pub async fn subsystem(conn: &mut Conn, id: ChannelId, name: &str, session: &mut Session) {
+    let login = conn.login.clone();
+    let kind = if name == "sftp" {
+        SshRequestKind::Sftp
+    } else {
+        SshRequestKind::Subsystem
+    };
+    let action = SshAction {
+        kind,
+        login: &login,
+        command: None,
+        path: None,
+    };
+    let decision = decide(conn, Ok(&[action]));
+    run(
+        conn,
+        id,
+        Run::new("subsystem", Some(name), decision),
+        session,
+    )
+    .await;
+}
+
+fn decide(conn: &Conn, actions: Result<&[SshAction<'_>], String>) -> Decision {
+    let principal = conn.principal.clone().unwrap_or_default();
+    let target = target_name(conn);
+    conn.ctx.policy.decide_ssh(actions, &principal, &target)
+}
+
+/// The configured name of the host of this session.
+fn target_name(conn: &Conn) -> String {
+    conn.conn
+        .name
+        .as_deref()
+        .and_then(super::config::split_user)
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_default()
+}
+
+/// A request that runs something on a channel, with its decision.
+struct Run<'a> {
+    request_type: &'a str,
+    command: Option<&'a str>,
+    decision: Decision,
+}
+
+impl<'a> Run<'a> {
+    fn new(request_type: &'a str, command: Option<&'a str>, decision: Decision) -> Self {
+        Self {
+            request_type,
+            command,
+            decision,
+        }
+    }
+}
+
+fn ssh_request(conn: &Conn, id: ChannelId, request_type: &str, command: Option<String>) -> Request {
+    Request::Ssh(SshRequest {
+        channel: id.number(),
+        request_type: request_type.into(),
+        command: command.map(|c| conn.ctx.core.scrub(&c)),
+        login: Some(conn.login.clone()),
+        forward: None,
+    })
+}
+
+/// Decides, holds for approval, records and forwards a request that runs something; on
+/// success the channel runs.
+async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session) {
+    conn.stmt += 1;
+    let stmt = conn.stmt;
+    let policy = conn.ctx.policy.reference(&run.decision);
+    let mut body = conn.body(Kind::Request);
+    body.stmt = Some(stmt);
+    body.request = Some(ssh_request(
+        conn,
+        id,
+        run.request_type,
+        run.command.map(str::to_string),
+    ));
+    body.policy = Some(policy.clone());
+    match run.decision.action {
+        Action::Allow => {}
+        Action::Block => {
+            let why = run
+                .decision
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("blocked by rule {}", run.decision.rule));
+            let refusal = Refusal::Blocked {
+                rule: run.decision.rule.clone(),
+                reason: why,
+            };
+            refuse(conn, id, body, &refusal, session);
+            return;
+        }
+        Action::RequireApproval => match hold(conn, id, &run, stmt, &policy).await {
+            Verdict::Run(approval) => body.approval = Some(approval),
+            Verdict::Refuse { refusal, approval } => {
+                body.approval = approval;
+                refuse(conn, id, body, &refusal, session);
+                return;
+            }
+        },
+    }
+    if let Err(e) = conn.ctx.core.audit.append(&body).await {
+        let refusal = Refusal::AuditUnwritable {
+            spool_full: matches!(e, crate::audit::AuditError::SpoolFull { .. }),
+            why: e.to_string(),
+        };
+        body.kind = Kind::Blocked;
+        refuse(conn, id, body, &refusal, session);
+        return;
+    }
+    start(conn, id, &run, stmt, session).await;
+}
+
+/// Sends the request to the host; with the host's yes the channel runs, with its no the client
+/// gets the host's refusal.
+async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: u64, session: &mut Session) {
+    let started = Instant::now();
+    let accepted = match host_channel(conn, id).await {
+        Some(host) => {
+            let sent = match (run.request_type, run.command) {
+                ("exec" | "scp", Some(c)) => host.exec(true, c.as_bytes()).await,
+                ("subsystem", Some(name)) => host.request_subsystem(true, name).await,
+                _ => host.request_shell(true).await,
+            };
+            sent.is_ok() && host_reply(host).await
+        }
+        None => false,
+    };
+    let recorder = Recorder::new(conn, id, stmt);
+    if !accepted {
+        conn.channels.insert(id, Chan::Done);
+        reply(session, id, false);
+        recorder.response(
+            SshResponse {
+                channel: id.number(),
+                error: Some(SshError {
+                    reason_code: None,
+                    message: "the host refused the request".into(),
+                }),
+                ..SshResponse::default()
+            },
+            Outcome::Error,
+            started,
+        );
+        return;
+    }
+    let Some(Chan::Setup(host)) = conn.channels.insert(id, Chan::Done) else {
+        return;
+    };
+    reply(session, id, true);
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    conn.channels.insert(id, Chan::Running(tx));
+    let (read, write) = host.split();
+    let counters = Arc::new(Counters::default());
+    let client = session.handle();
+    tokio::spawn(input_task(
+        recorder.clone(),
+        rx,
+        write,
+        counters.clone(),
+        client.clone(),
+    ));
+    tokio::spawn(output_task(recorder, read, client, counters, started));
+}
+
+fn reply(session: &mut Session, id: ChannelId, ok: bool) {
+    let _ = if ok {
+        session.channel_success(id)
+    } else {
+        session.channel_failure(id)
+    };
+}
+
+/// Holds the request for approval: bound to the protocol, the host, the login and the exact
+/// request.
+async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &PolicyRef) -> Verdict {
+    let Some(spec) = run.decision.approval.as_deref() else {
+        return Verdict::Refuse {
+            refusal: Refusal::NoApprovalSettings {
+                rule: run.decision.rule.clone(),
+            },
+            approval: None,
+        };
+    };
+    let command = run.command.unwrap_or("");
+    let shown_command = conn.ctx.core.scrub(command);
+    if shown_command != command {
+        return Verdict::Refuse {
+            refusal: Refusal::Unbound {
+                rule: run.decision.rule.clone(),
+                why: "the command holds values the approver may not see; it cannot be shown faithfully".into(),
+            },
+            approval: None,
+        };
+    }
+    let hash = action_hash(&conn.login, run.request_type, command);
+    let audit = conn.ctx.core.audit.clone();
+    let request = ssh_request(conn, id, run.request_type, run.command.map(str::to_string));
+    let base = conn.body(Kind::ApprovalRequested);
+    let mut record = |step: Step| {
+        let kind = if step.requested {
+            Kind::ApprovalRequested
+        } else {
+            Kind::ApprovalDecided
+        };
+        let mut rec = audit.body(base.session.as_deref(), kind);
+        rec.principal = base.principal.clone();
+        rec.connection = base.connection.clone();
+        rec.stmt = Some(stmt);
+        if step.requested {
+            rec.request = Some(request.clone());
+        }
+        rec.outcome = Some(step.outcome);
+        rec.policy = Some(policy.clone());
+        rec.approval = Some(step.approval);
+        rec.detail = Some(step.detail);
+        audit.record(rec);
+    };
+    let principal = conn.principal.clone().unwrap_or_default();
+    let hold = Hold {
+        principal: &principal,
+        key: ActionKey {
+            scope: Scope::new(super::PROTOCOL, &target_name(conn)),
+            hash,
+        },
+        action: command,
+        shown: pb::ShownAction {
+            protocol: Some(pb::shown_action::Protocol::Ssh(pb::SshCommand {
+                login: conn.login.clone(),
+                request_type: run.request_type.into(),
+                command: command.into(),
+            })),
+        },
+        rule: &run.decision.rule,
+        reason: run.decision.reason.as_deref(),
+        spec,
+    };
+    conn.ctx.core.approvals.settle(hold, &mut record).await
+}
+
+/// Hex SHA-256 over the login, the request type and the command line, each length-prefixed:
+/// what an SSH approval binds (with the protocol and the host in its scope).
+pub fn action_hash(login: &str, request_type: &str, command: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [login, request_type, command] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// What the client is told about a refusal, in SSH's terms: a line on stderr.
+fn refusal_message(r: &Refusal) -> String {
+    match r {
+        Refusal::Blocked { rule, reason } => format!("blocked by rule {rule}: {reason}"),
+        Refusal::NoApprovalSettings { rule } => {
+            format!("rule {rule} requires approval but has no approval settings")
+        }
+        Refusal::Unbound { rule, why } => format!("rule {rule} requires approval: {why}"),
+        Refusal::Pending {
+            rule,
+            request,
+            approvers,
+        } => format!(
+            "held for approval by rule {rule}: request {request} is pending with {approvers}; run it again once it is approved"
+        ),
+        Refusal::Denied { request, by } => format!("approval request {request} was denied: {by}"),
+        Refusal::Ended { request, state } => format!("approval request {request} is {state}"),
+        Refusal::UsedElsewhere { request } => {
+            format!("approval request {request} was used by another run of this command")
+        }
+        Refusal::CoordinatorUnavailable { why } => {
+            format!("the approval service is unavailable: {why}")
+        }
+        Refusal::AuditUnwritable { why, .. } => {
+            format!("the gateway cannot record this request: {why}")
+        }
+    }
+}
+
+/// Records a refused run and tells the client: the request "succeeds" so that the client
+/// reads the reason on stderr and the exit status, then the channel closes. Nothing reaches
+/// the host.
+fn refuse(
+    conn: &mut Conn,
+    id: ChannelId,
+    mut body: Body,
+    refusal: &Refusal,
+    session: &mut Session,
+) {
+    let message = conn.ctx.core.scrub(&refusal_message(refusal));
+    tracing::info!(reason = %message, "ssh request refused");
+    if body.kind == Kind::Request {
+        body.kind = Kind::Blocked;
+    }
+    body.outcome = Some(refusal.outcome());
+    body.detail = Some(message.clone());
+    conn.ctx.core.audit.record(body);
+    conn.channels.insert(id, Chan::Done);
+    let _ = session.channel_success(id);
+    let _ = session.extended_data(id, 1, format!("vigil: {message}\r\n").into_bytes());
+    let _ = session.exit_status_request(id, REFUSED_EXIT_STATUS);
+    let _ = session.eof(id);
+    let _ = session.close(id);
+}
+
+/// A refused run that has no decision (it could not be decided at all).
+fn refuse_run(
+    conn: &mut Conn,
+    id: ChannelId,
+    request_type: &str,
+    command: Option<&str>,
+    why: &str,
+    session: &mut Session,
+) {
+    conn.stmt += 1;
+    let mut body = conn.body(Kind::Blocked);
+    body.stmt = Some(conn.stmt);
+    body.request = Some(ssh_request(
+        conn,
+        id,
+        request_type,
+        command.map(str::to_string),
+    ));
+    let refusal = Refusal::Blocked {
+        rule: "parse-error".into(),
+        reason: why.into(),
+    };
+    refuse(conn, id, body, &refusal, session);
+}
+
+/// Records a refused request that has no channel to end (env, agent and X11 forwarding,
+/// remote forwards).
+pub fn refuse_request(conn: &Conn, id: Option<ChannelId>, request_type: &str, why: &str) {
+    let mut body = conn.body(Kind::Blocked);
+    body.request = Some(Request::Ssh(SshRequest {
+        channel: id.map(|c| c.number()).unwrap_or(0),
+        request_type: request_type.into(),
+        login: Some(conn.login.clone()),
+        ..SshRequest::default()
+    }));
+    body.outcome = Some(Outcome::Blocked);
+    body.detail = Some(conn.ctx.core.scrub(why));
+    conn.ctx.core.audit.record(body);
+}
+
+/// Input on client channel `id`: queued for its input task when it runs, dropped otherwise
+/// (nothing runs that could read it).
+pub async fn input(conn: &mut Conn, id: ChannelId, input: Input) {
+    match conn.channels.get_mut(&id) {
+        Some(Chan::Running(tx)) => {
+            let _ = tx.send(input).await;
+        }
+        Some(slot @ Chan::Setup(_)) if matches!(input, Input::Close) => *slot = Chan::Done,
+        _ => {}
+    }
+}
+
+/// `direct-tcpip` (a local forward): decided like any request, with `host:port` as its path;
+/// when allowed, the bytes are counted and the forward recorded, not its content.
+pub async fn direct_tcpip(
+    conn: &mut Conn,
+    channel: russh::Channel<Msg>,
+    to: &str,
+    reply: russh::server::ChannelOpenHandle,
+    session: &mut Session,
+) {
+    let id = channel.id();
+    drop(channel);
+    let login = conn.login.clone();
+    let action = SshAction {
+        kind: SshRequestKind::Forward,
+        login: &login,
+        command: None,
+        path: Some(to),
+    };
+    let decision = decide(conn, Ok(&[action]));
+    conn.stmt += 1;
+    let mut body = conn.body(Kind::Request);
+    body.stmt = Some(conn.stmt);
+    body.request = Some(Request::Ssh(SshRequest {
+        channel: id.number(),
+        request_type: "direct-tcpip".into(),
+        login: Some(login.clone()),
+        forward: Some(to.to_string()),
+        ..SshRequest::default()
+    }));
+    body.policy = Some(conn.ctx.policy.reference(&decision));
+    let (host_name, port) = to.rsplit_once(':').unwrap_or((to, "0"));
+    let port: u32 = port.parse().unwrap_or(0);
+    let opened = match (decision.action, conn.host.clone()) {
+        (Action::Allow, Some(host)) => {
+            if conn.ctx.core.audit.append(&body).await.is_err() {
+                None
+            } else {
+                host.channel_open_direct_tcpip(host_name, port, "127.0.0.1", 0)
+                    .await
+                    .ok()
+            }
+        }
+        _ => None,
+    };
+    let Some(host) = opened else {
+        if decision.action != Action::Allow {
+            body.kind = Kind::Blocked;
+            body.outcome = Some(Outcome::Blocked);
+            body.detail = Some(
+                decision
+                    .reason
+                    .unwrap_or_else(|| format!("forwarding to {to} is not allowed")),
+            );
+            conn.ctx.core.audit.record(body);
+        }
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        return;
+    };
+    reply.accept().await;
+    let stmt = conn.stmt;
+    let mut recorder = Recorder::new(conn, id, stmt);
+    recorder.file = None;
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    conn.channels.insert(id, Chan::Running(tx));
+    let (read, write) = host.split();
+    let counters = Arc::new(Counters::default());
+    let client = session.handle();
+    tokio::spawn(input_task(
+        recorder.clone(),
+        rx,
+        write,
+        counters.clone(),
+        client.clone(),
+    ));
+    tokio::spawn(output_task(
+        recorder,
+        read,
+        client,
+        counters,
+        Instant::now(),
+    ));
+}
+
+#[derive(Default)]
+struct Counters {
+    input: AtomicU64,
+    output: AtomicU64,
+}
+
+/// Writes a channel's records: its chunks (when the channel is recorded) and its end.
+#[derive(Clone)]
+struct Recorder {
+    audit: AuditLog,
+    file: Option<Arc<RecordingFile>>,
+    session: String,
+    principal: Option<Arc<Principal>>,
+    connection: Option<Arc<Connection>>,
+    stmt: u64,
+    channel: ChannelId,
+}
+
+impl Recorder {
+    fn new(conn: &Conn, channel: ChannelId, stmt: u64) -> Self {
+        Self {
+            audit: conn.ctx.core.audit.clone(),
+            file: conn.recording.clone(),
+            session: conn.id.clone(),
+            principal: conn.principal.clone(),
+            connection: Some(Arc::new(conn.conn.clone())),
+            stmt,
+            channel,
+        }
+    }
+
+    fn body(&self, kind: Kind) -> Body {
+        let mut body = self.audit.body(Some(&self.session), kind);
+        body.principal = self.principal.clone();
+        body.connection = self.connection.clone();
+        body.stmt = Some(self.stmt);
+        body
+    }
+
+    /// Records a chunk; with `wait`, returns once it is written (input is recorded before
+    /// the host sees it).
+    async fn chunk(&self, direction: &str, offset: u64, bytes: &[u8], wait: bool) -> bool {
+        let Some(file) = &self.file else {
+            return true;
+        };
+        let of = ChunkOf {
+            channel: self.channel.number().to_string(),
+            direction,
+            offset,
+        };
+        let body = self.body(Kind::Recording);
+        self.audit
+            .chunk(body, file, of, bytes.to_vec(), wait)
+            .await
+            .is_ok()
+    }
+
+    fn response(&self, response: SshResponse, outcome: Outcome, started: Instant) {
+        let mut body = self.body(Kind::Response);
+        body.response = Some(Response::Ssh(response));
+        body.outcome = Some(outcome);
+        body.duration_us = Some(started.elapsed().as_micros() as u64);
+        self.audit.record(body);
+    }
+
+    /// A request on a running channel (resize, signal), on record before the host sees it.
+    async fn request(&self, request_type: &str, detail: String) -> bool {
+        let mut body = self.body(Kind::Request);
+        body.request = Some(Request::Ssh(SshRequest {
+            channel: self.channel.number(),
+            request_type: request_type.into(),
+            command: Some(detail),
+            ..SshRequest::default()
+        }));
+        self.audit.append(&body).await.is_ok()
+    }
+}
+
+/// Client → host: each chunk on record before the host gets it. When a chunk cannot be
+/// recorded the channel is closed: nothing unrecorded reaches the host.
+async fn input_task(
+    rec: Recorder,
+    mut rx: mpsc::Receiver<Input>,
+    write: russh::ChannelWriteHalf<client::Msg>,
+    counters: Arc<Counters>,
+    client: russh::server::Handle,
+) {
+    let id = rec.channel;
+    while let Some(input) = rx.recv().await {
+        let sent = match input {
+            Input::Data(bytes) => {
+                let offset = counters
+                    .input
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if !rec.chunk("input", offset, &bytes, true).await {
+                    let message = b"vigil: the gateway cannot record this channel; closing\r\n";
+                    let _ = client.extended_data(id, 1, message.to_vec()).await;
+                    let _ = write.close().await;
+                    let _ = client.close(id).await;
+                    break;
+                }
+                write.data_bytes(bytes).await
+            }
+            Input::Resize {
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+            } => {
+                if !rec.request("window-change", format!("{cols}x{rows}")).await {
+                    continue;
+                }
+                write.window_change(cols, rows, pix_width, pix_height).await
+            }
+            Input::Signal(sig) => {
+                if !rec.request("signal", sig_name(&sig)).await {
+                    continue;
+                }
+                write.signal(sig).await
+            }
+            Input::Eof => write.eof().await,
+            Input::Close => {
+                let _ = write.close().await;
+                break;
+            }
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+}
+
+/// Host → client: each chunk on record (not awaited: the order of the stream is kept by the
+/// writer) before the client gets it; exit status and signal passed on as the host sent them.
+async fn output_task(
+    rec: Recorder,
+    mut read: russh::ChannelReadHalf,
+    client: russh::server::Handle,
+    counters: Arc<Counters>,
+    started: Instant,
+) {
+    let id = rec.channel;
+    let mut response = SshResponse {
+        channel: id.number(),
+        ..SshResponse::default()
+    };
+    let mut error_offset = 0u64;
+    while let Some(msg) = read.wait().await {
+        let delivered = match msg {
+            ChannelMsg::Data { data } => {
+                let offset = counters
+                    .output
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                rec.chunk("output", offset, &data, false).await;
+                client.data(id, data).await.is_ok()
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                rec.chunk("error", error_offset, &data, false).await;
+                error_offset += data.len() as u64;
+                client.extended_data(id, ext, data).await.is_ok()
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                response.exit_status = Some(exit_status);
+                client.exit_status_request(id, exit_status).await.is_ok()
+            }
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => {
+                response.exit_signal = Some(sig_name(&signal_name));
+                client
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await
+                    .is_ok()
+            }
+            ChannelMsg::Eof => client.eof(id).await.is_ok(),
+            ChannelMsg::Close => break,
+            _ => true,
+        };
+        if !delivered {
+            break;
+        }
+    }
+    let _ = client.close(id).await;
+    response.bytes_in = counters.input.load(Ordering::Relaxed);
+    response.bytes_out = counters.output.load(Ordering::Relaxed) + error_offset;
+    let outcome = match (response.exit_status, &response.exit_signal) {
+        (Some(0), None) | (None, None) => Outcome::Success,
+        _ => Outcome::Error,
+    };
+    rec.response(response, outcome, started);
+}
+
+/// A signal's name as SSH writes it (`INT`, `KILL` …).
+fn sig_name(sig: &Sig) -> String {
+    match sig {
+        Sig::Custom(name) => name.clone(),
+        other => format!("{other:?}"),
+    }
+}

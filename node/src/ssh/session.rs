@@ -1,0 +1,542 @@
+//! One client connection: authentication (a Vigil certificate or an OIDC token), the login to
+//! the host, and the channel requests, each decided and recorded before the host sees it.
+
+use super::channel::{self, Chan};
+use super::config::split_user;
+use super::target::{Pinned, Target};
+use super::SshContext;
+use crate::audit::RecordingFile;
+use crate::core::identity::TokenError;
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::Certificate;
+use russh::server::{Auth, Msg, Session};
+use russh::{client, Channel, ChannelId, MethodKind, MethodSet};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use vigil_proto::record::{Body, Connection, Kind, Outcome, Principal};
+
+/// The certificate extension that carries the principal (JSON of the audit record's
+/// `principal`), set by the certificate endpoint and trusted because the CA signed it.
+pub const PRINCIPAL_EXTENSION: &str = "principal@vigil";
+
+/// Runs one client connection until it ends.
+pub async fn run(
+    ctx: Arc<SshContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    preauth: OwnedSemaphorePermit,
+) {
+    let id = crate::core::new_session_id();
+    let span = tracing::info_span!("ssh_session", session = %id, client = %peer);
+    let _enter = span.enter();
+    let auth_timeout = Duration::from_secs(ctx.config.auth_timeout_secs);
+    let conn = Conn {
+        ctx: ctx.clone(),
+        id,
+        conn: Connection {
+            protocol: super::PROTOCOL.into(),
+            client_addr: peer.to_string(),
+            ..Connection::default()
+        },
+        principal: None,
+        login: String::new(),
+        host: None,
+        preauth: Some(preauth),
+        recording: None,
+        channels: HashMap::new(),
+        stmt: 0,
+        started: None,
+        authenticated: Arc::new(AtomicBool::new(false)),
+        tried: false,
+        refusals: 0,
+    };
+    let authenticated = conn.authenticated.clone();
+    let running = match russh::server::run_stream(ctx.russh.clone(), tcp, conn).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "ssh handshake failed");
+            return;
+        }
+    };
+    let handle = running.handle();
+    // A client that has not authenticated in time is cut off (it holds a pre-auth permit).
+    let watchdog = tokio::spawn(async move {
+        tokio::time::sleep(auth_timeout).await;
+        if !authenticated.load(Ordering::SeqCst) {
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "authentication did not finish in time".into(),
+                    String::new(),
+                )
+                .await;
+        }
+    });
+    if let Err(e) = running.await {
+        tracing::debug!(error = %e, "ssh session ended with an error");
+    }
+    watchdog.abort();
+}
+
+/// The state of one client connection (russh's handler).
+pub(super) struct Conn {
+    pub ctx: Arc<SshContext>,
+    pub id: String,
+    pub conn: Connection,
+    pub principal: Option<Arc<Principal>>,
+    /// The login on the host.
+    pub login: String,
+    pub host: Option<Arc<client::Handle<Pinned>>>,
+    preauth: Option<OwnedSemaphorePermit>,
+    pub recording: Option<Arc<RecordingFile>>,
+    pub channels: HashMap<ChannelId, Chan>,
+    /// Requests so far: each channel request that runs something gets the next number.
+    pub stmt: u64,
+    /// When the session started (authenticated, host logged in, on record).
+    started: Option<Instant>,
+    /// Set once the client is in (the authentication watchdog stands down).
+    authenticated: Arc<AtomicBool>,
+    /// The client asked to authenticate (a connection that only exchanged keys, like
+    /// `ssh-keyscan`, leaves no record).
+    tried: bool,
+    /// Refused logins on record.
+    refusals: u32,
+}
+
+impl Conn {
+    /// A record of this session, with its principal and connection.
+    pub fn body(&self, kind: Kind) -> Body {
+        let mut body = self.ctx.core.audit.body(Some(&self.id), kind);
+        body.principal = self.principal.clone();
+        body.connection = Some(Arc::new(self.conn.clone()));
+        body
+    }
+
+    /// Records a refused login and answers it.
+    fn deny(&mut self, principal: Option<Arc<Principal>>, outcome: Outcome, why: String) -> Auth {
+        let why = self.ctx.core.scrub(&why);
+        tracing::info!(reason = %why, "ssh login refused");
+        self.ctx
+            .core
+            .metrics
+            .sessions
+            .get_or_create(&crate::core::metrics::OutcomeLabel::of(outcome))
+            .inc();
+        let mut body = self.body(Kind::SessionStart);
+        body.principal = principal;
+        body.outcome = Some(outcome);
+        body.detail = Some(why);
+        self.ctx.core.audit.record(body);
+        self.refusals += 1;
+        Auth::reject()
+    }
+
+    /// The principal a certificate carries, if Vigil's CA signed it for a user, it is valid
+    /// now, and it has no critical option (none is issued; an unknown one must refuse).
+    fn certificate_principal(&self, cert: &Certificate) -> Result<Principal, String> {
+        let ca = self
+            .ctx
+            .user_ca
+            .as_ref()
+            .ok_or("this gateway accepts no certificates")?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let signer = cert.signature_key().fingerprint(Default::default());
+        if &signer != ca {
+            return Err(format!(
+                "certificate refused: signed by {signer}, not by this gateway's user CA"
+            ));
+        }
+        cert.validate_at(now, [ca])
+            .map_err(|e| format!("certificate refused: {e}"))?;
+        if cert.cert_type() != CertType::User {
+            return Err("certificate refused: not a user certificate".into());
+        }
+        if let Some((name, _)) = cert.critical_options().iter().next() {
+            return Err(format!(
+                "certificate refused: unknown critical option {name:?}"
+            ));
+        }
+        let json = cert
+            .extensions()
+            .get(PRINCIPAL_EXTENSION)
+            .ok_or("certificate refused: it names no Vigil principal")?;
+        let principal: Principal = serde_json::from_str(json)
+            .map_err(|e| format!("certificate refused: bad principal extension: {e}"))?;
+        if !cert.valid_principals().contains(&principal.subject) {
+            return Err("certificate refused: its principals do not name its subject".into());
+        }
+        Ok(principal)
+    }
+
+    /// A verified principal asks for `user` (`LOGIN+TARGET`): the host must exist and admit
+    /// them and the login, and the gateway must log in to it and put the session on record.
+    async fn admit(&mut self, user: &str, principal: Principal) -> Auth {
+        let principal = Arc::new(principal);
+        self.conn.name = Some(self.ctx.core.scrub(user));
+        let p = Some(principal.clone());
+        let Some((login, name)) = split_user(user) else {
+            return self.deny(
+                p,
+                Outcome::Denied,
+                format!("the user name must be LOGIN+TARGET (got {user:?})"),
+            );
+        };
+        let Some(target) = self.ctx.targets.get(name).cloned() else {
+            return self.deny(
+                p,
+                Outcome::Denied,
+                format!("no host named {name:?} on this gateway"),
+            );
+        };
+        self.conn.target = Some(target.config.address.clone());
+        if !target.config.allow.admits(&principal) {
+            let why = format!("{} may not use host {name:?}", principal.subject);
+            return self.deny(p, Outcome::Denied, why);
+        }
+        if !target.config.allows_login(login) {
+            let why = format!("login {login:?} on host {name:?} is not allowed");
+            return self.deny(p, Outcome::Denied, why);
+        }
+        self.log_in(&target, login, principal).await
+    }
+
+    async fn log_in(&mut self, target: &Target, login: &str, principal: Arc<Principal>) -> Auth {
+        let p = Some(principal.clone());
+        let host = match target.connect(login).await {
+            Ok(h) => h,
+            Err(e) => return self.deny(p, Outcome::Error, e.to_string()),
+        };
+        let recording = match self.ctx.core.audit.recording_file(&self.id).await {
+            Ok(f) => f,
+            Err(e) => {
+                return self.deny(
+                    p,
+                    Outcome::Error,
+                    format!("the gateway cannot record this session: {e}"),
+                )
+            }
+        };
+        self.principal = Some(principal.clone());
+        self.login = login.to_string();
+        let mut body = self.body(Kind::SessionStart);
+        body.outcome = Some(Outcome::Success);
+        if let Err(e) = self.ctx.core.audit.append(&body).await {
+            self.principal = None;
+            return self.deny(
+                p,
+                Outcome::Error,
+                format!("the gateway cannot record this session: {e}"),
+            );
+        }
+        tracing::info!(subject = %principal.subject, target = ?self.conn.name, "ssh session started");
+        self.ctx
+            .core
+            .metrics
+            .sessions
+            .get_or_create(&crate::core::metrics::OutcomeLabel::of(Outcome::Success))
+            .inc();
+        self.ctx.core.metrics.active_sessions.inc();
+        self.host = Some(Arc::new(host));
+        self.recording = Some(recording);
+        self.started = Some(Instant::now());
+        self.authenticated.store(true, Ordering::SeqCst);
+        Auth::Accept
+    }
+
+    async fn verify_token(&mut self, user: &str, token: &str) -> Auth {
+        match self.ctx.core.verifier.verify(token).await {
+            Ok(principal) => self.admit(user, principal).await,
+            Err(e) => {
+                let outcome = if e == TokenError::ProviderUnavailable {
+                    Outcome::Error
+                } else {
+                    Outcome::Denied
+                };
+                self.conn.name = Some(self.ctx.core.scrub(user));
+                self.deny(None, outcome, format!("authentication failed: {e}"))
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(started) = self.started {
+            self.ctx.core.metrics.active_sessions.dec();
+            let mut body = self.body(Kind::SessionEnd);
+            body.duration_us = Some(started.elapsed().as_micros() as u64);
+            self.ctx.core.audit.record(body);
+        } else if self.tried && self.refusals == 0 {
+            // russh refuses some credentials before the gateway sees them: an expired or
+            // not yet valid certificate, a certificate or key whose signature does not verify.
+            self.deny(
+                None,
+                Outcome::Denied,
+                "authentication failed: the client offered no credential the gateway accepts (an expired or not yet valid certificate, or a bad signature, is refused before it is read)".into(),
+            );
+        }
+    }
+}
+
+fn methods() -> MethodSet {
+    let mut m = MethodSet::empty();
+    m.push(MethodKind::KeyboardInteractive);
+    m.push(MethodKind::PublicKey);
+    m
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.tried = true;
+        self.conn.name = Some(self.ctx.core.scrub(user));
+        Ok(Auth::Reject {
+            proceed_with_methods: Some(methods()),
+            partial_success: false,
+        })
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(mut answers) = response else {
+            return Ok(Auth::Partial {
+                name: "Vigil".into(),
+                instructions: "Answer with a Vigil access token (OIDC).".into(),
+                prompts: vec![("Token: ".into(), false)].into(),
+            });
+        };
+        let token = answers.next().unwrap_or_default();
+        let Ok(token) = std::str::from_utf8(&token) else {
+            return Ok(self.deny(None, Outcome::Denied, "the token is not UTF-8".into()));
+        };
+        let token = token.trim().to_string();
+        Ok(self.verify_token(user, &token).await)
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        match self.certificate_principal(certificate) {
+            Ok(principal) => Ok(self.admit(user, principal).await),
+            Err(why) => {
+                self.conn.name = Some(self.ctx.core.scrub(user));
+                Ok(self.deny(None, Outcome::Denied, why))
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.preauth = None;
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), Chan::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let pty = channel::Pty {
+            term: term.to_string(),
+            cols: col_width,
+            rows: row_height,
+            pix_width,
+            pix_height,
+            modes: modes.to_vec(),
+        };
+        channel::pty(self, channel, pty, session).await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::env(self, channel, name, value).await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::exec(self, channel, data, session).await;
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::shell(self, channel, session).await;
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::subsystem(self, channel, name, session).await;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::input(self, channel, channel::Input::Data(data.to_vec())).await;
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let resize = channel::Input::Resize {
+            cols: col_width,
+            rows: row_height,
+            pix_width,
+            pix_height,
+        };
+        channel::input(self, channel, resize).await;
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: russh::Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::input(self, channel, channel::Input::Signal(signal)).await;
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::input(self, channel, channel::Input::Eof).await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::input(self, channel, channel::Input::Close).await;
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        channel::refuse_request(
+            self,
+            Some(channel),
+            "x11-req",
+            "X11 forwarding is not allowed",
+        );
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        channel::refuse_request(
+            self,
+            Some(channel),
+            "auth-agent-req@openssh.com",
+            "agent forwarding is not allowed",
+        );
+        Ok(false)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let to = format!("{host_to_connect}:{port_to_connect}");
+        channel::direct_tcpip(self, channel, &to, reply, session).await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        channel::refuse_request(
+            self,
+            None,
+            "tcpip-forward",
+            &format!("remote forwarding ({address}:{port}) is not offered by this gateway"),
+        );
+        Ok(false)
+    }
+}
