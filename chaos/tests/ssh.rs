@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use vigil_chaos::{agent_token, env, of_kind, token_for, NodeOptions, TestNode};
+use vigil_chaos::{agent_token, env, of_kind, token_for, vigil, NodeOptions, TestNode};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
 
 /// Keys and a node whose `[ssh]` section reaches the dev sshd as host `web`.
@@ -81,8 +81,9 @@ impl Gateway {
     async fn start_with(host_key: &str, login_key: &str) -> Self {
         let keys = tempfile::tempdir().unwrap();
         let ca = keygen(keys.path(), "ca");
+        let section = ssh_section(&ca, host_key, login_key, POLICY);
         let opts = NodeOptions {
-            ssh: Some(ssh_section(&ca, host_key, login_key, POLICY)),
+            ssh: Some(format!("{section}\n[api]\nlisten = \"127.0.0.1:0\"\n")),
             ..NodeOptions::default()
         };
         let node = TestNode::start(opts).await;
@@ -444,4 +445,114 @@ async fn a_host_whose_key_is_not_pinned_is_refused() {
     let detail = start[0].body.detail.clone().unwrap_or_default();
     assert!(detail.contains("not pinned"), "{detail}");
     assert_eq!(start[0].body.outcome, Some(Outcome::Error));
+}
+
+impl Gateway {
+    /// `vigil ARGS --gateway URL --gateway-ca CERT --home HOME` (a child process; the node runs
+    /// on this test's other worker).
+    fn vigil_cli(&self, home: &Path, args: &[&str]) -> (i32, String) {
+        let url = format!(
+            "https://{}",
+            self.node.node.api_addr.expect("an API listener")
+        );
+        let ca = self.node.files.dir.path().join("tls-api").join("cert.pem");
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend([
+            "--gateway".into(),
+            url,
+            "--gateway-ca".into(),
+            ca.display().to_string(),
+            "--home".into(),
+            home.display().to_string(),
+        ]);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        vigil(&all)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vigil_login_issues_a_certificate_that_stock_ssh_uses_through_ssh_config() {
+    let g = Gateway::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+
+    // Bad tokens get no certificate, and each refusal is on record.
+    let (code, out) = g.vigil_cli(home.path(), &["login", "--token", "not-a-token"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("401") && out.contains("authentication failed"),
+        "{out}"
+    );
+    let mut claims = vigil_chaos::base_claims();
+    claims["exp"] = serde_json::json!(vigil_chaos::now_secs() - 3600);
+    let expired = vigil_chaos::forge(&claims, "dev-key-1", None);
+    let (code, out) = g.vigil_cli(home.path(), &["login", "--token", &expired]);
+    assert_eq!(code, 2, "{out}");
+
+    let (code, out) = g.vigil_cli(home.path(), &["login", "--token", &ops]);
+    assert_eq!(code, 0, "{out}");
+    let key = home.path().join("ssh").join("id_ed25519");
+    let cert =
+        std::fs::read_to_string(home.path().join("ssh").join("id_ed25519-cert.pub")).unwrap();
+    assert!(
+        cert.starts_with("ssh-ed25519-cert-v01@openssh.com "),
+        "{cert}"
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let shown = Command::new("ssh-keygen")
+        .arg("-Lf")
+        .arg(home.path().join("ssh/id_ed25519-cert.pub"))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("agent-ops") && shown.contains("principal@vigil"),
+        "{shown}"
+    );
+
+    let (code, config) = g.vigil_cli(home.path(), &["ssh-config", "--token", &ops]);
+    assert_eq!(code, 0, "{config}");
+    assert!(
+        config.contains("Host web") && config.contains("User vigil-ops+web"),
+        "{config}"
+    );
+    let config_file = home.path().join("ssh_config");
+    std::fs::write(&config_file, &config).unwrap();
+    let before = host_command_count();
+    let out = tokio::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&config_file)
+        .args(["-o", "BatchMode=yes", "web", "echo through-vigil"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "through-vigil\n",
+        "{out:?}"
+    );
+    assert_eq!(host_ran(before), ["echo through-vigil"]);
+
+    // A principal the host does not admit gets a certificate but no hosts, and no login.
+    let reporting = agent_token().await;
+    let (code, config) = g.vigil_cli(home.path(), &["ssh-config", "--token", &reporting]);
+    assert_eq!(code, 0);
+    assert!(!config.contains("Host web"), "{config}");
+
+    let records = g.node.records().await;
+    let certs: Vec<_> = ssh_requests(&records)
+        .into_iter()
+        .filter(|(_, t, _)| t == "certificate")
+        .collect();
+    assert_eq!(certs.len(), 3, "two refused, one issued: {certs:?}");
+    let issued: Vec<_> = records
+        .iter()
+        .filter(
+            |r| matches!(&r.body.request, Some(Request::Ssh(s)) if s.request_type == "certificate"),
+        )
+        .filter(|r| r.body.outcome == Some(Outcome::Success))
+        .collect();
+    assert_eq!(issued.len(), 1);
 }

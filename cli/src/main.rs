@@ -6,6 +6,7 @@
 
 mod display;
 mod replay;
+mod ssh;
 
 use clap::{Parser, Subcommand};
 use display::{escape as esc, escape_lines};
@@ -61,6 +62,12 @@ enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
+    /// Log in for SSH: a short-lived certificate from the gateway for a key held locally
+    /// (in ~/.vigil/ssh), valid no longer than the token.
+    Login(ssh::LoginArgs),
+    /// OpenSSH `Host` blocks for the hosts the token's principal may use, and a known-hosts
+    /// file that pins the gateway's host key: append them to ~/.ssh/config.
+    SshConfig(ssh::SshConfigArgs),
     /// What the coordinator witnesses: the latest checkpoint of every audit stream, and every
     /// node's checkpoint key.
     Witness {
@@ -748,6 +755,14 @@ fn run_coordinator(
 
 fn run(args: Args) -> Result<ExitCode, String> {
     match args.command {
+        Command::Login(a) => ssh::login(&a).map(|out| {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }),
+        Command::SshConfig(a) => ssh::ssh_config(&a).map(|out| {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }),
         Command::Approvals {
             command,
             coordinator,

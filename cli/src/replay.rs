@@ -420,6 +420,7 @@ mod tests {
                     issuer: evil(),
                     token_type: evil(),
                     token_exp: None,
+                    token_id: None,
                 }));
                 b.connection = Some(Arc::new(Connection {
                     protocol: "postgres".into(),

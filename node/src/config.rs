@@ -30,6 +30,9 @@ pub struct Config {
     /// The SSH server (see [`crate::ssh::config`]); absent: the node serves no SSH clients.
     #[serde(default)]
     pub ssh: Option<crate::ssh::config::SshConfig>,
+    /// The node's HTTPS API (SSH certificates, `vigil ssh-config`); absent: none.
+    #[serde(default)]
+    pub api: Option<crate::api::ApiConfig>,
     /// Guardrails (docs/policy.md).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,

@@ -11,6 +11,7 @@
 //! reports the bound addresses and shuts it down.
 
 pub mod admin;
+pub mod api;
 pub mod audit;
 pub mod config;
 pub mod core;
@@ -53,6 +54,8 @@ pub struct RunningNode {
     /// Where each protocol server listens, by protocol name.
     pub listeners: Vec<(&'static str, SocketAddr)>,
     pub admin_addr: SocketAddr,
+    /// The HTTPS API's address, when `[api]` is configured.
+    pub api_addr: Option<SocketAddr>,
     /// The file of this process's audit stream.
     pub audit_path: PathBuf,
     pub metrics: Arc<core::metrics::Metrics>,
@@ -125,11 +128,13 @@ fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The protocol servers the config names, built and bound.
+/// With the SSH listener's part of the API, when it has a CA.
 async fn protocol_servers(
     config: &config::Config,
     core: &Arc<core::Core>,
-) -> anyhow::Result<Vec<Box<dyn core::ProtocolServer>>> {
+) -> anyhow::Result<(Vec<Box<dyn core::ProtocolServer>>, Option<Arc<api::SshApi>>)> {
     let mut servers: Vec<Box<dyn core::ProtocolServer>> = Vec::new();
+    let mut ssh_api = None;
     if let Some(section) = &config.postgres {
         servers.push(Box::new(
             pg::PgServer::bind(
@@ -142,11 +147,13 @@ async fn protocol_servers(
         ));
     }
     if let Some(section) = &config.ssh {
-        servers.push(Box::new(
-            ssh::SshServer::bind(section, &config.policy, core.clone()).await?,
-        ));
+        let ca = ssh::ca::UserCa::load(section)?.map(Arc::new);
+        let server =
+            ssh::SshServer::bind(section, &config.policy, ca.as_deref(), core.clone()).await?;
+        ssh_api = ca.map(|ca| Arc::new(server.api(ca)));
+        servers.push(Box::new(server));
     }
-    Ok(servers)
+    Ok((servers, ssh_api))
 }
 
 /// The sink the config names for the audit stream beyond the local file (Kafka), if any.
@@ -222,7 +229,11 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
         data_dir: config.node.data_dir.clone(),
     });
-    let servers = protocol_servers(&config, &core).await?;
+    let (servers, ssh_api) = protocol_servers(&config, &core).await?;
+    let api = match &config.api {
+        Some(section) => Some(api::bind(section, &core).await?),
+        None => None,
+    };
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("cannot bind admin.listen {}", config.admin.listen))?;
@@ -243,6 +254,15 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         admin_state,
         wait_for(stop_rx.clone()),
     ));
+    let api_addr = api.map(|(listener, addr)| {
+        tokio::spawn(api::serve(
+            listener,
+            core.clone(),
+            ssh_api,
+            wait_for(stop_rx.clone()),
+        ));
+        addr
+    });
     let audit_path = audit.path().to_path_buf();
     let checkpoint_every = Duration::from_secs(config.audit.checkpoint_interval_secs);
     let witness = audit::witness::Witness::new(
@@ -284,6 +304,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     Ok(RunningNode {
         listeners,
         admin_addr,
+        api_addr,
         audit_path,
         metrics,
         audit: audit_handle,

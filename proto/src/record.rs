@@ -74,6 +74,10 @@ pub struct Principal {
     /// The token's `exp` claim, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_exp: Option<u64>,
+    /// The token's `jti` claim, when it has one: ties a record to the token (and an SSH
+    /// certificate to the token it was issued for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
 }
 
 /// The client connection and the target it reaches.
@@ -610,6 +614,7 @@ mod tests {
             issuer: "https://idp".into(),
             token_type: "access_token".into(),
             token_exp: Some(1_795_766_700),
+            token_id: Some("jti-1".into()),
         }));
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),

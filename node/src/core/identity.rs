@@ -450,6 +450,7 @@ pub fn principal_from_claims(
         }
         .to_string(),
         token_exp: claims.get("exp").and_then(Value::as_u64),
+        token_id: claim_string(claims, "jti"),
     })
 }
 

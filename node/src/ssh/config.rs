@@ -22,6 +22,10 @@ pub struct SshConfig {
     /// tokens (keyboard-interactive) only.
     #[serde(default)]
     pub user_ca_key: Option<SecretRef>,
+    /// The longest validity of a certificate the endpoint issues; a token that expires sooner
+    /// ends it sooner.
+    #[serde(default = "default_max_certificate_validity")]
+    pub max_certificate_validity_secs: u64,
     /// Time a client has to finish key exchange and authentication.
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout_secs: u64,
@@ -40,6 +44,9 @@ pub struct SshConfig {
     pub targets: Vec<SshTargetConfig>,
 }
 
+fn default_max_certificate_validity() -> u64 {
+    8 * 3600
+}
 fn default_auth_timeout() -> u64 {
     30
 }

@@ -10,6 +10,7 @@
 //! chunk before the host sees it, and its output through one that records each chunk before
 //! the client sees it (see [`channel`]).
 
+pub mod ca;
 mod channel;
 pub mod command;
 pub mod config;
@@ -51,6 +52,8 @@ pub struct SshContext {
 pub struct SshServer {
     listener: TcpListener,
     ctx: Arc<SshContext>,
+    /// The host key's public half, one OpenSSH line.
+    host_key: String,
 }
 
 impl SshServer {
@@ -59,6 +62,7 @@ impl SshServer {
     pub async fn bind(
         section: &SshConfig,
         policy: &crate::policy::PolicyConfig,
+        ca: Option<&ca::UserCa>,
         core: Arc<Core>,
     ) -> anyhow::Result<Self> {
         let mut targets = HashMap::new();
@@ -68,14 +72,11 @@ impl SshServer {
             targets.insert(t.name.clone(), Arc::new(target));
         }
         let host_key = host_key(section.host_key.as_deref(), &core.data_dir)?;
-        let user_ca = match &section.user_ca_key {
-            Some(r) => {
-                let ca = PrivateKey::from_openssh(r.resolve()?.expose())
-                    .context("ssh.user_ca_key is not an OpenSSH private key")?;
-                Some(ca.public_key().fingerprint(Default::default()))
-            }
-            None => None,
-        };
+        let user_ca = ca.map(|ca| *ca.fingerprint());
+        let host_key_line = host_key
+            .public_key()
+            .to_openssh()
+            .context("encoding the SSH host key")?;
         let mut methods = russh::MethodSet::empty();
         methods.push(russh::MethodKind::KeyboardInteractive);
         if user_ca.is_some() {
@@ -102,7 +103,21 @@ impl SshServer {
             user_ca,
             russh,
         });
-        Ok(Self { listener, ctx })
+        Ok(Self {
+            listener,
+            ctx,
+            host_key: host_key_line,
+        })
+    }
+
+    /// What the node's API tells clients about this listener (`vigil ssh-config`).
+    pub fn api(&self, ca: Arc<ca::UserCa>) -> crate::api::SshApi {
+        crate::api::SshApi {
+            ca,
+            host_key: self.host_key.clone(),
+            port: self.local_addr().port(),
+            targets: self.ctx.config.targets.clone(),
+        }
     }
 }
 

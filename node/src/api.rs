@@ -1,0 +1,298 @@
+//! The node's HTTPS API (`[api]`): what clients ask of Vigil itself rather than of a target.
+//! Today: SSH user certificates for a verified token, and the SSH hosts a principal may use
+//! (what `vigil login` and `vigil ssh-config` call). Every call is authenticated with the
+//! caller's token (`Authorization: Bearer`), like every protocol, and every certificate issued
+//! or refused is on record before the answer leaves.
+
+use crate::core::Core;
+use crate::ssh::ca::UserCa;
+use crate::ssh::config::SshTargetConfig;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use vigil_proto::record::{Connection, Kind, Outcome, Principal, Request, SshRequest};
+
+/// The `[api]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key; generated in `<data_dir>/tls-api` when absent.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// What the API knows of the SSH listener.
+pub struct SshApi {
+    pub ca: Arc<UserCa>,
+    /// The gateway's host key, one OpenSSH line (for the client's known_hosts).
+    pub host_key: String,
+    pub port: u16,
+    pub targets: Vec<SshTargetConfig>,
+}
+
+#[derive(Clone)]
+struct ApiState {
+    core: Arc<Core>,
+    ssh: Option<Arc<SshApi>>,
+}
+
+/// Largest request body (a public key, a few hundred bytes).
+const MAX_BODY: usize = 16 * 1024;
+
+/// Time a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the API listener; serve it with [`serve`].
+pub async fn bind(config: &ApiConfig, core: &Core) -> anyhow::Result<(TlsListener, SocketAddr)> {
+    use anyhow::Context as _;
+    let tls = crate::core::tls::server_config(
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        &core.data_dir.join("tls-api"),
+    )
+    .context("api TLS certificate")?;
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind api.listen {}", config.listen))?;
+    let addr = tcp.local_addr()?;
+    Ok((TlsListener::new(tcp, TlsAcceptor::from(tls)), addr))
+}
+
+pub async fn serve(
+    listener: TlsListener,
+    core: Arc<Core>,
+    ssh: Option<Arc<SshApi>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = Router::new()
+        .route("/v1/ssh/certificate", post(certificate))
+        .route("/v1/ssh/hosts", get(hosts))
+        .with_state(ApiState { core, ssh });
+    let service = app.into_make_service_with_connect_info::<ClientAddr>();
+    if let Err(e) = axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "api server failed");
+    }
+}
+
+/// A JSON error answer: `{"error": "..."}`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, json_body(&json!({ "error": message.into() }))).into_response()
+}
+
+fn json_body(v: &serde_json::Value) -> ([(header::HeaderName, &'static str); 1], String) {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string())
+}
+
+/// The caller's principal, from `Authorization: Bearer TOKEN`.
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Principal, (StatusCode, String)> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or((
+            StatusCode::UNAUTHORIZED,
+            "send the token as Authorization: Bearer TOKEN".to_string(),
+        ))?;
+    state.core.verifier.verify(token).await.map_err(|e| {
+        let status = if e == crate::core::identity::TokenError::ProviderUnavailable {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        (status, format!("authentication failed: {e}"))
+    })
+}
+
+/// `POST /v1/ssh/certificate` `{"public_key": "ssh-ed25519 AAAA…"}`: a user certificate for
+/// the key, valid no longer than the token. On record (issued or refused) before the answer.
+async fn certificate(
+    State(state): State<ApiState>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(ssh) = state.ssh.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this gateway issues no SSH certificates (no [ssh] user_ca_key)",
+        );
+    };
+    let core = &state.core;
+    let mut rec = core.audit.body(None, Kind::Request);
+    rec.connection = Some(Arc::new(Connection {
+        protocol: crate::ssh::PROTOCOL.into(),
+        client_addr: peer.to_string(),
+        client_tls: true,
+        name: Some("certificate".into()),
+        ..Connection::default()
+    }));
+    let mut request = SshRequest {
+        request_type: "certificate".into(),
+        ..SshRequest::default()
+    };
+    let issued = match caller(&state, &headers).await {
+        Err((status, why)) => Err((status, why)),
+        Ok(principal) => {
+            rec.principal = Some(Arc::new(principal.clone()));
+            let key = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["public_key"].as_str().map(str::to_string));
+            match key {
+                None if body.len() > MAX_BODY => Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the body is too large".into(),
+                )),
+                None => Err((
+                    StatusCode::BAD_REQUEST,
+                    "send {\"public_key\": \"ssh-ed25519 AAAA…\"}".into(),
+                )),
+                Some(key) => ssh
+                    .ca
+                    .issue(&key, &principal)
+                    .map_err(|why| (StatusCode::BAD_REQUEST, why)),
+            }
+        }
+    };
+    match &issued {
+        Ok(i) => {
+            request.command = Some(i.key_fingerprint.clone());
+            rec.outcome = Some(Outcome::Success);
+            rec.detail = Some(format!(
+                "certificate serial {} valid until {}",
+                i.serial, i.valid_before
+            ));
+        }
+        Err((_, why)) => {
+            rec.outcome = Some(Outcome::Denied);
+            rec.detail = Some(core.scrub(why));
+        }
+    }
+    rec.request = Some(Request::Ssh(request));
+    if let Err(e) = core.audit.append(&rec).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the gateway cannot record this: {e}"),
+        );
+    }
+    match issued {
+        Ok(i) => json_body(&json!({
+            "certificate": i.certificate,
+            "serial": i.serial,
+            "valid_before": i.valid_before,
+        }))
+        .into_response(),
+        Err((status, why)) => error(status, why),
+    }
+}
+
+/// `GET /v1/ssh/hosts`: the gateway's SSH port and host key, and the hosts (with their
+/// logins) the caller may use.
+async fn hosts(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let Some(ssh) = state.ssh.clone() else {
+        return error(StatusCode::NOT_FOUND, "this gateway has no SSH listener");
+    };
+    let principal = match caller(&state, &headers).await {
+        Ok(p) => p,
+        Err((status, why)) => return error(status, why),
+    };
+    let hosts: Vec<_> = ssh
+        .targets
+        .iter()
+        .filter(|t| t.allow.admits(&principal))
+        .map(|t| json!({ "name": t.name, "logins": t.logins }))
+        .collect();
+    json_body(&json!({
+        "port": ssh.port,
+        "host_key": ssh.host_key,
+        "separator": crate::ssh::config::USER_SEPARATOR.to_string(),
+        "hosts": hosts,
+    }))
+    .into_response()
+}
+
+/// The TLS side of the API listener: TCP connections are accepted and their handshakes run
+/// in their own tasks (a slow client holds up no one), finished streams are handed to axum.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+impl TlsListener {
+    fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> Self {
+        let addr = tcp.local_addr().expect("a bound listener has an address");
+        let (tx, ready) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "api accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    if let Ok(Ok(tls)) = handshake.await {
+                        let _ = ready.send((tls, peer)).await;
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Self { ready, addr }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(s) => s,
+            // The accept task is gone (the runtime is shutting down): never yield again.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+/// The client's address, for records.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
