@@ -66,6 +66,34 @@ id = "no-pipe-to-shell"
 protocol = "ssh"
 action = "block"
 command_flags = ["pipe_to_shell"]
+
+[[policy.rules]]
+id = "agents-exec-only"
+protocol = "ssh"
+action = "block"
+requests = ["shell"]
+principals = { client_ids = ["agent-ops"] }
+reason = "agents may run commands, not shells"
+
+[[policy.rules]]
+id = "no-scp-into-etc"
+protocol = "ssh"
+action = "block"
+requests = ["scp"]
+paths = ["/etc/*"]
+
+[[policy.rules]]
+id = "forward-to-postgres-only"
+protocol = "ssh"
+action = "allow"
+requests = ["forward"]
+paths = ["127.0.0.1:25432"]
+
+[[policy.rules]]
+id = "no-other-forwards"
+protocol = "ssh"
+action = "block"
+requests = ["forward"]
 "#;
 
 impl Gateway {
@@ -116,6 +144,24 @@ impl Gateway {
             .unwrap();
         assert!(st.success(), "ssh-keygen -s");
         key
+    }
+
+    /// An OpenSSH client config for host alias `web` through this gateway with `key` and its
+    /// certificate (for scp, sftp and rsync, which take no -i of their own in every version).
+    fn client_config(&self, key: &Path) -> PathBuf {
+        let path = key.with_extension("config");
+        let cert = format!("{}-cert.pub", key.display());
+        std::fs::write(
+            &path,
+            format!(
+                "Host web\n  HostName 127.0.0.1\n  Port {}\n  User {}\n  IdentityFile {}\n  CertificateFile {cert}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+                self.port(),
+                self.user(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        path
     }
 
     /// Stock OpenSSH, BatchMode, with `key` and its certificate (a child process: the node
@@ -241,6 +287,7 @@ async fn exec(
 /// checked against its record.
 fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
     let mut bytes = Vec::new();
+    let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     for r in of_kind(records, Kind::Recording) {
         let rec = r.body.recording.as_ref().unwrap();
         if rec.direction != direction {
@@ -249,7 +296,9 @@ fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
         let ChunkStore::File { path, offset } = &rec.store else {
             panic!("chunks are kept in files");
         };
-        let data = std::fs::read(g.node.files.audit_dir.join(path)).unwrap();
+        let data = files
+            .entry(path.clone())
+            .or_insert_with(|| std::fs::read(g.node.files.audit_dir.join(path)).unwrap());
         let chunk = &data[*offset as usize..(*offset + rec.length) as usize];
         assert!(rec.proves(chunk), "the chunk matches its digest");
         assert_eq!(rec.offset, bytes.len() as u64, "chunks are contiguous");
@@ -555,4 +604,284 @@ async fn vigil_login_issues_a_certificate_that_stock_ssh_uses_through_ssh_config
         .filter(|r| r.body.outcome == Some(Outcome::Success))
         .collect();
     assert_eq!(issued.len(), 1);
+}
+
+/// Runs a program to completion (a child process; the node runs on this test's runtime).
+async fn run(program: &str, args: &[&str], stdin: Option<&Path>) -> std::process::Output {
+    let mut c = tokio::process::Command::new(program);
+    c.args(args);
+    if let Some(f) = stdin {
+        c.stdin(std::fs::File::open(f).unwrap());
+    }
+    c.output().await.expect("runs")
+}
+
+fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A scratch directory on the host that its logins can write to.
+fn host_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("vigil-ssh-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    d
+}
+
+#[tokio::test]
+async fn transfers_keep_every_byte_scp_sftp_and_rsync_work() {
+    let g = Gateway::start().await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let remote = host_dir();
+    let r = remote.path().display().to_string();
+
+    // 100 MiB up through stdin, checked by the host; 10 MiB down, counted here.
+    let big = local.path().join("big");
+    let mut f = std::fs::File::create(&big).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..100u32 {
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = (j as u32).wrapping_mul(2_654_435_761).wrapping_add(i) as u8 ^ (j >> 9) as u8;
+        }
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+    drop(f);
+    let up = run("ssh", &["-F", cfg, "web", "sha256sum"], Some(&big)).await;
+    assert_eq!(
+        String::from_utf8_lossy(&up.stdout)
+            .split_whitespace()
+            .next(),
+        Some(sha256_file(&big).as_str()),
+        "{up:?}"
+    );
+    let down = run(
+        "ssh",
+        &["-F", cfg, "web", "head -c 10485760 /dev/zero"],
+        None,
+    )
+    .await;
+    assert_eq!(down.stdout.len(), 10_485_760);
+    assert_eq!(down.status.code(), Some(0));
+
+    // scp both ways, in both protocols (-O: the classic scp -t/-f exec; default: SFTP).
+    let small = local.path().join("small");
+    std::fs::write(&small, b"scp payload\n").unwrap();
+    for (mode, name) in [("-O", "classic"), ("-s", "sftp")] {
+        let to = format!("web:{r}/{name}");
+        let out = run(
+            "scp",
+            &["-F", cfg, mode, small.to_str().unwrap(), &to],
+            None,
+        )
+        .await;
+        assert!(out.status.success(), "{name} upload: {out:?}");
+        assert_eq!(
+            std::fs::read(remote.path().join(name)).unwrap(),
+            b"scp payload\n"
+        );
+        let back = local.path().join(format!("{name}.back"));
+        let out = run("scp", &["-F", cfg, mode, &to, back.to_str().unwrap()], None).await;
+        assert!(out.status.success(), "{name} download: {out:?}");
+        assert_eq!(std::fs::read(&back).unwrap(), b"scp payload\n");
+    }
+
+    // sftp batch: put, list, get, remove.
+    let batch = local.path().join("batch");
+    let got = local.path().join("got");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {r}/put\nls {r}\nget {r}/put {}\nrm {r}/put\n",
+            small.display(),
+            got.display()
+        ),
+    )
+    .unwrap();
+    let out = run(
+        "sftp",
+        &["-F", cfg, "-b", batch.to_str().unwrap(), "web"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&got).unwrap(), b"scp payload\n");
+    assert!(!remote.path().join("put").exists());
+
+    // rsync over ssh, both ways (a file of 1 MiB).
+    let mid = local.path().join("mid");
+    std::fs::write(&mid, &std::fs::read(&big).unwrap()[..1 << 20]).unwrap();
+    let big = mid;
+    let ssh_cmd = format!("ssh -F {cfg}");
+    let out = run(
+        "rsync",
+        &[
+            "-a",
+            "-e",
+            &ssh_cmd,
+            big.to_str().unwrap(),
+            &format!("web:{r}/rsynced"),
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        sha256_file(&remote.path().join("rsynced")),
+        sha256_file(&big)
+    );
+    let back = local.path().join("rsynced.back");
+    let out = run(
+        "rsync",
+        &[
+            "-a",
+            "-e",
+            &ssh_cmd,
+            &format!("web:{r}/rsynced"),
+            back.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(sha256_file(&back), sha256_file(&big));
+
+    let records = g.node.records().await;
+    let requests = ssh_requests(&records);
+    assert!(requests
+        .iter()
+        .any(|(k, t, c)| *k == Kind::Request && t == "subsystem" && c.as_deref() == Some("sftp")));
+    assert!(requests.iter().any(|(k, t, c)| *k == Kind::Request
+        && t == "scp"
+        && c.as_deref().is_some_and(|c| c.starts_with("scp -t"))));
+    // Every byte the host got on the stdin of `sha256sum` is in the recording.
+    let sha_stmt = records
+        .iter()
+        .find(|r| matches!(&r.body.request, Some(Request::Ssh(s)) if s.command.as_deref() == Some("sha256sum")))
+        .and_then(|r| r.body.stmt)
+        .unwrap();
+    let of_stmt: Vec<Record> = records
+        .iter()
+        .filter(|r| {
+            r.body.stmt == Some(sha_stmt)
+                && r.body.session
+                    == records
+                        .iter()
+                        .find(|x| x.body.stmt == Some(sha_stmt))
+                        .unwrap()
+                        .body
+                        .session
+        })
+        .cloned()
+        .collect();
+    let input = recorded(&g, &of_stmt, "input");
+    assert_eq!(input.len(), 104_857_600);
+}
+
+#[tokio::test]
+async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
+    let g = Gateway::start().await;
+    let ca = g.keys.path().join("ca");
+    let key = g.certificate(&ca, "agent", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let before = host_command_count();
+
+    // An agent's shell.
+    let shell = run("ssh", &["-F", cfg, "-tt", "web"], None).await;
+    assert_eq!(shell.status.code(), Some(126), "{shell:?}");
+    let text = String::from_utf8_lossy(&shell.stdout).to_string()
+        + &String::from_utf8_lossy(&shell.stderr);
+    assert!(
+        text.contains("agents may run commands, not shells"),
+        "{text}"
+    );
+
+    // A forward no rule allows; and one a rule allows.
+    let refused = run("ssh", &["-F", cfg, "-W", "127.0.0.1:22", "web"], None).await;
+    assert_ne!(refused.status.code(), Some(0));
+    let pg_port = env().get("VIGIL_PG_PORT");
+    assert_eq!(
+        pg_port, "25432",
+        "the allow rule names the dev PostgreSQL port"
+    );
+    let mut allowed = tokio::process::Command::new("ssh")
+        .args(["-F", cfg, "-W", "127.0.0.1:25432", "web"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // An SSLRequest: PostgreSQL answers one byte ('S' or 'N') through the forward.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stdin = allowed.stdin.take().unwrap();
+    stdin
+        .write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    let mut stdout = allowed.stdout.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stdout.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer[0] == b'S' || answer[0] == b'N');
+    drop(stdin);
+    let _ = allowed.kill().await;
+
+    // scp -t into a refused path (the classic protocol: an exec decided on its paths).
+    let local = tempfile::tempdir().unwrap();
+    let small = local.path().join("small");
+    std::fs::write(&small, b"x").unwrap();
+    let out = run(
+        "scp",
+        &[
+            "-F",
+            cfg,
+            "-O",
+            small.to_str().unwrap(),
+            "web:/etc/vigil-never",
+        ],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(!Path::new("/etc/vigil-never").exists());
+    assert!(host_ran(before).is_empty(), "{:?}", host_ran(before));
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = g.node.records().await;
+    let blocked: Vec<_> = ssh_requests(&records)
+        .into_iter()
+        .filter(|(k, _, _)| *k == Kind::Blocked)
+        .collect();
+    assert!(blocked.iter().any(|(_, t, _)| t == "shell"), "{blocked:?}");
+    assert!(
+        blocked.iter().any(|(_, t, _)| t == "direct-tcpip"),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked
+            .iter()
+            .any(|(_, t, c)| t == "scp"
+                && c.as_deref().is_some_and(|c| c.contains("/etc/vigil-never"))),
+        "{blocked:?}"
+    );
+    let forwards: Vec<_> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Request)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "direct-tcpip" => s.forward.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forwards, ["127.0.0.1:25432"]);
 }

@@ -16,6 +16,10 @@
 //!   soft hyphen, tag characters …), the line and paragraph separators U+2028 and U+2029, and
 //!   the invisible Hangul fillers are printed `\u{…}`.
 //!
+//! - In terminal output (bytes, meant to be UTF-8), a byte that is no part of a UTF-8 character
+//!   is printed `\xHH` by [`push_invalid`]: such a byte is 80–FF, so it never reads back as one
+//!   of the control escapes above, which are all below 80.
+//!
 //! [`escape_lines`] is the same rule except for a newline: it is kept as a line break, and the
 //! next line starts with [`CONTINUATION`], a marker no line of the CLI's own begins with. So a
 //! statement of several lines stays readable, and none of its lines can pass for a line `vigil`
@@ -54,6 +58,13 @@ pub fn escape_lines<'a>(s: &'a str, indent: &str) -> Cow<'a, str> {
     let mut out = String::with_capacity(s.len() + 8);
     push_escaped(&mut out, s, &format!("\n{indent}{CONTINUATION}"));
     Cow::Owned(out)
+}
+
+/// Appends bytes of terminal output that are no part of a UTF-8 character, each as `\xHH`.
+pub fn push_invalid(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        let _ = write!(out, "\\x{b:02x}");
+    }
 }
 
 /// The one implementation of the rule: appends `s` to `out`, escaped, with `newline` in place

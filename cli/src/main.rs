@@ -4,9 +4,12 @@
 //! [`crate::display`] (escaped; statement text keeps its lines behind a continuation
 //! marker), so none of it can move the cursor, recolour or forge a line of the output.
 
+mod asciicast;
 mod display;
+mod recording;
 mod replay;
 mod ssh;
+mod terminal;
 
 use clap::{Parser, Subcommand};
 use display::{escape as esc, escape_lines};
@@ -34,12 +37,14 @@ enum Command {
     },
     /// List the sessions in the audit log.
     Sessions(LogArgs),
-    /// Print a session: who, which model, when, each statement, its outcome and its rows.
-    Replay {
-        /// The session id (a unique prefix is enough).
-        session: String,
-        #[command(flatten)]
-        log: LogArgs,
+    /// Print a session: who, which model, when, each statement, its outcome and its rows; for
+    /// SSH, each channel's requests, decisions, exit and terminal output (every recorded chunk
+    /// verified first).
+    Replay(ReplayArgs),
+    /// Recorded terminal and exec streams.
+    Recording {
+        #[command(subcommand)]
+        command: RecordingCommand,
     },
     /// Statements held for approval: list, show, approve, deny (with your OIDC token).
     Approvals {
@@ -75,6 +80,45 @@ enum Command {
         command: WitnessCommand,
         #[command(flatten)]
         coordinator: CoordinatorArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The session id (a unique prefix is enough).
+    session: String,
+    #[command(flatten)]
+    log: LogArgs,
+    /// SSH: print the terminal output escaped, so that its control sequences are shown, not
+    /// run (the default).
+    #[arg(long, conflicts_with = "play")]
+    dump: bool,
+    /// SSH: write the recorded output raw to this terminal, at the pace it was recorded.
+    #[arg(long)]
+    play: bool,
+    /// With --play: this many times faster than recorded.
+    #[arg(long, default_value_t = 1.0, requires = "play")]
+    speed: f64,
+    /// With --play: wait at most this many seconds between two chunks of output.
+    #[arg(long, requires = "play")]
+    max_idle: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum RecordingCommand {
+    /// One channel of an SSH session as an asciicast v2 file (asciinema), every recorded chunk
+    /// verified first.
+    Export {
+        /// The session id (a unique prefix is enough).
+        session: String,
+        /// The channel number, as `vigil replay` shows it.
+        #[arg(long)]
+        channel: String,
+        /// Write the cast here instead of to stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
     },
 }
 
@@ -327,6 +371,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     let (mut verifier, source, sources) = match (&args.kafka, &args.topic) {
         (Some(brokers), Some(topic)) => {
             let mut verifier = Verifier::new();
+            let mut chunks = recording::ChunkReader::new(None);
             let n = vigil_node::audit::kafka::read_topic(
                 brokers,
                 topic,
@@ -337,6 +382,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
                         verifier.push_checkpoint(&m.location, &m.value, m.key.as_deref());
                     } else {
                         verifier.push(&m.location, &m.value, m.key.as_deref());
+                        chunks.check_line(&mut verifier, &m.location, &m.value);
                     }
                 },
             )
@@ -403,6 +449,9 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     for f in &report.failures {
         println!("FAIL {}", esc(&f.to_string()));
     }
+    if let Some(line) = chunks_line(&report.chunks) {
+        println!("{line}");
+    }
     let secs = started.elapsed().as_secs_f64();
     let rate = report.verified() as f64 / secs.max(1e-9);
     if report.ok() {
@@ -419,6 +468,121 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
         println!("FAILED: {} problem(s)", report.failures.len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// How many recorded chunks were checked against their stores: `None` when no record names one.
+fn chunks_line(c: &vigil_proto::verify::ChunkCounts) -> Option<String> {
+    if c.verified + c.unchecked + c.failed == 0 {
+        return None;
+    }
+    let mut line = format!("recorded chunks: {} verified", c.verified);
+    if c.failed > 0 {
+        line += &format!(", {} failed", c.failed);
+    }
+    if c.unchecked > 0 {
+        line += &format!(", {} not checked (bytes stay on the node)", c.unchecked);
+    }
+    Some(line)
+}
+
+/// The records of the one session whose id starts with `prefix`.
+fn one_session(
+    path: &std::path::Path,
+    prefix: &str,
+) -> Result<Vec<vigil_proto::record::Record>, String> {
+    let records =
+        replay::session_records(path, prefix).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ids: std::collections::BTreeSet<_> = records
+        .iter()
+        .filter_map(|r| r.body.session.as_deref())
+        .collect();
+    match ids.len() {
+        0 => Err(format!("no session {prefix:?} in {}", path.display())),
+        1 => Ok(records),
+        n => Err(format!(
+            "{n} sessions start with {prefix:?}; give more of the id"
+        )),
+    }
+}
+
+/// A chunk that does not verify: the replay or export is refused (exit 1), with which chunk.
+fn refused(what: &str, session: &str, why: &str) -> ExitCode {
+    eprintln!(
+        "vigil: refusing to {what} session {}: {}",
+        esc(session),
+        esc(why)
+    );
+    ExitCode::FAILURE
+}
+
+/// `vigil replay`: an SSH session channel by channel (dumped escaped, or played raw when asked),
+/// any other session as a transcript.
+fn replay_session(args: &ReplayArgs) -> Result<ExitCode, String> {
+    let path = args.log.path()?;
+    let records = one_session(&path, &args.session)?;
+    if !terminal::is_ssh(&records) {
+        if args.play || args.dump {
+            return Err("--play and --dump are for SSH sessions".into());
+        }
+        print!("{}", replay::render(&records));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut chunks = recording::ChunkReader::new(Some(replay::log_dir(&path)));
+    let session = match terminal::read(&records, &mut chunks) {
+        Ok(s) => s,
+        Err(why) => return Ok(refused("replay", &args.session, &why)),
+    };
+    if !args.play {
+        print!("{}", terminal::dump(&session));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !(args.speed.is_finite() && args.speed > 0.0) {
+        return Err("--speed must be a positive number".into());
+    }
+    if args.max_idle.is_some_and(|m| !(m >= 0.0)) {
+        return Err("--max-idle must be a number of seconds, 0 or more".into());
+    }
+    let pace = terminal::Pace {
+        speed: args.speed,
+        max_idle: args.max_idle,
+    };
+    terminal::play(&session, &pace, &mut std::io::stdout().lock()).map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vigil recording export`: channel `channel` of an SSH session as an asciicast v2 file.
+fn export(
+    session: &str,
+    channel: &str,
+    output: Option<&std::path::Path>,
+    log: &LogArgs,
+) -> Result<ExitCode, String> {
+    let path = log.path()?;
+    let records = one_session(&path, session)?;
+    if !terminal::is_ssh(&records) {
+        return Err(format!(
+            "session {session:?} is not an SSH session: it has no recording"
+        ));
+    }
+    let mut chunks = recording::ChunkReader::new(Some(replay::log_dir(&path)));
+    let s = match terminal::read(&records, &mut chunks) {
+        Ok(s) => s,
+        Err(why) => return Ok(refused("export", session, &why)),
+    };
+    let Some(c) = s.channel(channel) else {
+        let numbers: Vec<&str> = s.channels.iter().map(|c| c.number.as_str()).collect();
+        return Err(format!(
+            "session {} has no channel {channel:?} (its channels: {})",
+            s.id,
+            numbers.join(", ")
+        ));
+    };
+    let cast = asciicast::cast(&s.id, c);
+    match output {
+        Some(file) => std::fs::write(file, cast).map_err(|e| format!("{}: {e}", file.display()))?,
+        None => print!("{cast}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn time(ms: u64) -> String {
@@ -790,24 +954,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replay { session, log } => {
-            let path = log.path()?;
-            let records = replay::session_records(&path, &session)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            let ids: std::collections::BTreeSet<_> = records
-                .iter()
-                .filter_map(|r| r.body.session.clone())
-                .collect();
-            match ids.len() {
-                0 => Err(format!("no session {session:?} in {}", path.display())),
-                1 => {
-                    print!("{}", replay::render(&records));
-                    Ok(ExitCode::SUCCESS)
-                }
-                n => Err(format!(
-                    "{n} sessions start with {session:?}; give more of the id"
-                )),
-            }
-        }
+        Command::Replay(args) => replay_session(&args),
+        Command::Recording {
+            command:
+                RecordingCommand::Export {
+                    session,
+                    channel,
+                    output,
+                    log,
+                },
+        } => export(&session, &channel, output.as_deref(), &log),
     }
 }

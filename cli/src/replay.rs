@@ -5,6 +5,7 @@
 //! or a record controls can move the cursor, recolour, reorder or forge a line of the output.
 
 use crate::display::{escape as esc, escape_lines};
+use crate::recording::ChunkReader;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -45,11 +46,22 @@ fn each_line(
     Ok(files)
 }
 
+/// The directory of the log at `path` (a stream file or a directory of them): recording files
+/// are named relative to it.
+pub fn log_dir(path: &Path) -> PathBuf {
+    if path.is_file() {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// Verifies every stream file under `path`: each file must hold exactly one stream, whole. A
 /// last line without its newline is judged by [`Verifier::push_unterminated`] (a torn tail is
-/// reported, not failed).
+/// reported, not failed). The chunk of every `recording` record is checked against its file.
 pub fn verify_path(path: &Path) -> std::io::Result<(Verifier, usize)> {
     let mut verifier = Verifier::new();
+    let mut chunks = ChunkReader::new(Some(log_dir(path)));
     let mut expected: Option<(PathBuf, String)> = None;
     let files = each_line(path, |file, n, bytes, terminated| {
         // The first record of a file names the stream the whole file must hold (the file's
@@ -69,6 +81,7 @@ pub fn verify_path(path: &Path) -> std::io::Result<(Verifier, usize)> {
         } else {
             verifier.push_unterminated(&location, bytes, stream);
         }
+        chunks.check_line(&mut verifier, &location, bytes);
     })?;
     Ok((verifier, files.len()))
 }

@@ -74,6 +74,9 @@ pub enum Problem {
     MalformedCheckpoint(String),
     /// A checkpoint message whose key is not the stream the checkpoint covers.
     MisfiledCheckpoint { key: Option<String> },
+    /// The bytes of a recorded chunk, read from its store, are not the ones its `recording`
+    /// record proves (or cannot be read): which chunk, and what is wrong.
+    BadChunk(String),
 }
 
 impl fmt::Display for Problem {
@@ -118,6 +121,7 @@ impl fmt::Display for Problem {
                 Some(key) => write!(f, "checkpoint published under the key of stream {key}"),
                 None => write!(f, "checkpoint published without a message key"),
             },
+            Problem::BadChunk(e) => write!(f, "recorded chunk does not verify: {e}"),
         }
     }
 }
@@ -213,6 +217,27 @@ pub struct Trust<'a> {
     pub allow_missing_streams: bool,
 }
 
+/// What became of one recorded chunk: the verifier holds no store, its reader checks the
+/// bytes ([`crate::record::Recording::proves`]) and reports here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkCheck {
+    /// Read from its store, and they are the bytes the record proves.
+    Verified,
+    /// Not read: the source has no store to read it from (a topic, for chunks kept in files
+    /// on the node).
+    Unchecked,
+    /// Missing, short or altered: why.
+    Failed(String),
+}
+
+/// How many recorded chunks were verified, and how many could not be checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkCounts {
+    pub verified: u64,
+    pub unchecked: u64,
+    pub failed: u64,
+}
+
 /// Verifies any number of streams from records fed in the order they were stored.
 #[derive(Debug, Default)]
 pub struct Verifier {
@@ -220,6 +245,7 @@ pub struct Verifier {
     /// Checkpoints read from the source, checked by [`Verifier::check_checkpoints`].
     checkpoints: Vec<(String, Checkpoint)>,
     failures: Vec<Failure>,
+    chunks: ChunkCounts,
 }
 
 impl Verifier {
@@ -474,6 +500,19 @@ impl Verifier {
         }
     }
 
+    /// Reports the check of the chunk of the `recording` record at `seq` of `stream` (fed
+    /// with [`Verifier::push`] too): a failed one is a failure of that record.
+    pub fn push_chunk(&mut self, location: &str, stream: &str, seq: u64, check: ChunkCheck) {
+        match check {
+            ChunkCheck::Verified => self.chunks.verified += 1,
+            ChunkCheck::Unchecked => self.chunks.unchecked += 1,
+            ChunkCheck::Failed(why) => {
+                self.chunks.failed += 1;
+                self.fail(location, stream, Some(seq), Problem::BadChunk(why));
+            }
+        }
+    }
+
     fn fail(&mut self, location: &str, stream: &str, seq: Option<u64>, problem: Problem) {
         self.failures.push(Failure {
             location: location.to_string(),
@@ -492,6 +531,7 @@ impl Verifier {
                 .map(|(k, v)| (k.clone(), v.summary.clone()))
                 .collect(),
             failures: self.failures.clone(),
+            chunks: self.chunks,
         }
     }
 }
@@ -501,6 +541,8 @@ impl Verifier {
 pub struct Report {
     pub streams: BTreeMap<String, StreamSummary>,
     pub failures: Vec<Failure>,
+    /// The recorded chunks reported with [`Verifier::push_chunk`].
+    pub chunks: ChunkCounts,
 }
 
 impl Report {
@@ -568,6 +610,27 @@ mod tests {
             r.failures[0].problem,
             Problem::HashMismatch { .. }
         ));
+    }
+
+    #[test]
+    fn chunks_are_counted_and_a_bad_one_fails_its_record() {
+        let mut v = Verifier::new();
+        v.push_chunk("f:2", "a", 1, ChunkCheck::Verified);
+        v.push_chunk("t/0/7", "a", 2, ChunkCheck::Unchecked);
+        v.push_chunk("f:4", "a", 3, ChunkCheck::Failed("f.bin is missing".into()));
+        let r = v.report();
+        assert_eq!(
+            r.chunks,
+            ChunkCounts {
+                verified: 1,
+                unchecked: 1,
+                failed: 1
+            }
+        );
+        assert_eq!(
+            r.failures[0].to_string(),
+            "f:4: stream a seq 3: recorded chunk does not verify: f.bin is missing"
+        );
     }
 
     #[test]
