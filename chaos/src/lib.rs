@@ -13,6 +13,7 @@ use tempfile::TempDir;
 use vigil_proto::record::{Kind, Record};
 
 pub mod cluster;
+pub mod ssh;
 pub mod tamper;
 pub mod wire;
 

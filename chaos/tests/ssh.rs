@@ -3,55 +3,12 @@
 //! OpenSSH in BatchMode), commands decided before the host sees them, every channel recorded.
 //! Ground truth: the host's own log of the command lines its login shell ran, and sshd's log.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
-use vigil_chaos::{agent_token, env, of_kind, token_for, vigil, NodeOptions, TestNode};
+use vigil_chaos::ssh::{exec, keygen, token_login, Gateway};
+use vigil_chaos::{agent_token, env, of_kind, token_for};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
-
-/// Keys and a node whose `[ssh]` section reaches the dev sshd as host `web`.
-struct Gateway {
-    node: TestNode,
-    keys: tempfile::TempDir,
-}
-
-/// Generates an ed25519 key pair with ssh-keygen.
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&path)
-        .status()
-        .expect("ssh-keygen runs");
-    assert!(st.success());
-    path
-}
-
-fn ssh_section(ca: &Path, host_key: &str, login_key: &str, policy: &str) -> String {
-    let e = env();
-    format!(
-        r#"
-[ssh]
-listen = "127.0.0.1:0"
-user_ca_key = {{ file = "{ca}" }}
-
-[[ssh.targets]]
-name = "web"
-address = "{addr}"
-host_keys = ["{host_key}"]
-login_key = {{ file = "{key}" }}
-logins = ["{login}"]
-allow = {{ client_ids = ["agent-ops"], groups = ["dba"] }}
-
-{policy}
-"#,
-        ca = ca.display(),
-        addr = e.get("VIGIL_DEV_SSHD_ADDR"),
-        key = login_key,
-        login = e.get("VIGIL_DEV_SSH_LOGIN"),
-    )
-}
 
 const POLICY: &str = r#"
 [[policy.rules]]
@@ -66,6 +23,12 @@ id = "no-pipe-to-shell"
 protocol = "ssh"
 action = "block"
 command_flags = ["pipe_to_shell"]
+
+[[policy.rules]]
+id = "no-authorized-keys"
+protocol = "ssh"
+action = "block"
+command_flags = ["authorized_keys"]
 
 [[policy.rules]]
 id = "agents-exec-only"
@@ -83,6 +46,15 @@ requests = ["scp"]
 paths = ["/etc/*"]
 
 [[policy.rules]]
+id = "protected-files"
+protocol = "ssh"
+action = "block"
+requests = ["sftp"]
+operations = ["modify"]
+paths = ["/tmp/vigil-protected-*"]
+reason = "files under /tmp/vigil-protected-* are read-only through Vigil"
+
+[[policy.rules]]
 id = "forward-to-postgres-only"
 protocol = "ssh"
 action = "allow"
@@ -95,99 +67,6 @@ protocol = "ssh"
 action = "block"
 requests = ["forward"]
 "#;
-
-impl Gateway {
-    async fn start() -> Self {
-        Self::start_with(
-            env().get("VIGIL_DEV_SSHD_HOST_KEY"),
-            env().get("VIGIL_DEV_SSH_GATEWAY_KEY"),
-        )
-        .await
-    }
-
-    /// A gateway that pins `host_key` and logs in with `login_key`.
-    async fn start_with(host_key: &str, login_key: &str) -> Self {
-        let keys = tempfile::tempdir().unwrap();
-        let ca = keygen(keys.path(), "ca");
-        let section = ssh_section(&ca, host_key, login_key, POLICY);
-        let opts = NodeOptions {
-            ssh: Some(format!("{section}\n[api]\nlisten = \"127.0.0.1:0\"\n")),
-            ..NodeOptions::default()
-        };
-        let node = TestNode::start(opts).await;
-        Self { node, keys }
-    }
-
-    fn port(&self) -> u16 {
-        self.node.node.addr("ssh").expect("an SSH listener").port()
-    }
-
-    fn user(&self) -> String {
-        format!("{}+web", env().get("VIGIL_DEV_SSH_LOGIN"))
-    }
-
-    /// A user key with a certificate from `ca` for the principal of `principal_json`, valid
-    /// for `validity` (ssh-keygen's -V syntax).
-    fn certificate(&self, ca: &Path, name: &str, principal_json: &str, validity: &str) -> PathBuf {
-        let key = keygen(self.keys.path(), name);
-        let subject: serde_json::Value = serde_json::from_str(principal_json).unwrap();
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-s"])
-            .arg(ca)
-            .args(["-I", "test-cert", "-n"])
-            .arg(subject["subject"].as_str().unwrap())
-            .args(["-V", validity, "-O", "clear", "-O", "permit-pty"])
-            .arg("-O")
-            .arg(format!("extension:principal@vigil={principal_json}"))
-            .arg(key.with_extension("pub"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "ssh-keygen -s");
-        key
-    }
-
-    /// An OpenSSH client config for host alias `web` through this gateway with `key` and its
-    /// certificate (for scp, sftp and rsync, which take no -i of their own in every version).
-    fn client_config(&self, key: &Path) -> PathBuf {
-        let path = key.with_extension("config");
-        let cert = format!("{}-cert.pub", key.display());
-        std::fs::write(
-            &path,
-            format!(
-                "Host web\n  HostName 127.0.0.1\n  Port {}\n  User {}\n  IdentityFile {}\n  CertificateFile {cert}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-                self.port(),
-                self.user(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        path
-    }
-
-    /// Stock OpenSSH, BatchMode, with `key` and its certificate (a child process: the node
-    /// runs on this test's runtime).
-    async fn ssh(&self, key: &Path, args: &[&str]) -> std::process::Output {
-        tokio::process::Command::new("ssh")
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
-            .args(["-o", "IdentitiesOnly=yes", "-i"])
-            .arg(key)
-            .arg("-o")
-            .arg(format!(
-                "CertificateFile={}",
-                key.with_extension("pub")
-                    .display()
-                    .to_string()
-                    .replace(".pub", "-cert.pub")
-            ))
-            .args(["-p", &self.port().to_string()])
-            .arg(format!("{}@127.0.0.1", self.user()))
-            .args(args)
-            .output()
-            .await
-            .expect("ssh runs")
-    }
-}
 
 const OPS_PRINCIPAL: &str = r#"{"subject":"agent-ops","client_id":"agent-ops","model":"gpt-5","groups":["ops","dba"],"issuer":"test","token_type":"access_token"}"#;
 
@@ -222,67 +101,6 @@ fn ssh_requests(records: &[Record]) -> Vec<(Kind, String, Option<String>)> {
         .collect()
 }
 
-/// A russh client that logs in with the token as the keyboard-interactive answer.
-struct TokenClient;
-
-impl russh::client::Handler for TokenClient {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
-async fn token_login(
-    port: u16,
-    user: &str,
-    token: &str,
-) -> Option<russh::client::Handle<TokenClient>> {
-    let config = Arc::new(russh::client::Config::default());
-    let mut h = russh::client::connect(config, ("127.0.0.1", port), TokenClient)
-        .await
-        .expect("connects");
-    let r = h
-        .authenticate_keyboard_interactive_start(user, None)
-        .await
-        .unwrap();
-    let russh::client::KeyboardInteractiveAuthResponse::InfoRequest { prompts, .. } = r else {
-        panic!("expected a prompt, got {r:?}");
-    };
-    assert_eq!(prompts.len(), 1);
-    let r = h
-        .authenticate_keyboard_interactive_respond(vec![token.to_string()])
-        .await
-        .unwrap();
-    match r {
-        russh::client::KeyboardInteractiveAuthResponse::Success => Some(h),
-        _ => None,
-    }
-}
-
-/// Runs `command` on a new channel; returns stdout, stderr and the exit status.
-async fn exec(
-    h: &russh::client::Handle<TokenClient>,
-    command: &str,
-) -> (Vec<u8>, Vec<u8>, Option<u32>) {
-    let mut ch = h.channel_open_session().await.unwrap();
-    ch.exec(true, command).await.unwrap();
-    let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
-    while let Some(msg) = ch.wait().await {
-        match msg {
-            russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
-            russh::ChannelMsg::ExtendedData { data, .. } => err.extend_from_slice(&data),
-            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-            russh::ChannelMsg::Close => break,
-            _ => {}
-        }
-    }
-    (out, err, status)
-}
-
 /// Every recorded chunk of a channel and direction, read back from its recording file and
 /// checked against its record.
 fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
@@ -309,7 +127,7 @@ fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_token_login_runs_an_exec_with_its_streams_and_exit_status_recorded() {
-    let g = Gateway::start().await;
+    let g = Gateway::start(POLICY).await;
     let token = token_for("agent-ops", "agent-ops-secret").await;
     let before = host_command_count();
     let h = token_login(g.port(), &g.user(), &token)
@@ -356,7 +174,7 @@ async fn a_token_login_runs_an_exec_with_its_streams_and_exit_status_recorded() 
 #[tokio::test]
 async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_never_reach_the_host(
 ) {
-    let g = Gateway::start().await;
+    let g = Gateway::start(POLICY).await;
     let ca = g.keys.path().join("ca");
     let key = g.certificate(&ca, "user", OPS_PRINCIPAL, "-5m:+1h");
     let before = host_command_count();
@@ -380,6 +198,7 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
         "\\rm -rf /tmp/x",
         "/bin/rm -rf /tmp/x",
         "env rm -rf /tmp/x",
+        "> ~/.ssh/authorized_keys",
     ] {
         let out = g.ssh(&key, &[evasion]).await;
         assert_eq!(out.status.code(), Some(126), "{evasion}: {out:?}");
@@ -390,19 +209,19 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
         "only the allowed command ran"
     );
 
-    let records = g.node.records_after_sessions(7).await;
+    let records = g.node.records_after_sessions(8).await;
     let blocked: Vec<_> = ssh_requests(&records)
         .into_iter()
         .filter(|(k, _, _)| *k == Kind::Blocked)
         .collect();
-    assert_eq!(blocked.len(), 6, "{blocked:?}");
+    assert_eq!(blocked.len(), 7, "{blocked:?}");
 }
 
 #[tokio::test]
 async fn bad_credentials_are_refused_recorded_and_never_reach_the_host() {
     // Its own login key, so that sshd's log tells this gateway's logins from other tests'.
     let login_key = env().get("VIGIL_DEV_SSH_DIRECT_KEY");
-    let g = Gateway::start_with(env().get("VIGIL_DEV_SSHD_HOST_KEY"), login_key).await;
+    let g = Gateway::start_with(env().get("VIGIL_DEV_SSHD_HOST_KEY"), login_key, POLICY).await;
     let fingerprint = {
         let out = Command::new("ssh-keygen")
             .args(["-lf", &format!("{login_key}.pub")])
@@ -486,7 +305,12 @@ async fn a_host_whose_key_is_not_pinned_is_refused() {
     let wrong = keygen(keys.path(), "not-the-host");
     let pub_line = std::fs::read_to_string(wrong.with_extension("pub")).unwrap();
     let pin: Vec<&str> = pub_line.split_whitespace().take(2).collect();
-    let g = Gateway::start_with(&pin.join(" "), env().get("VIGIL_DEV_SSH_GATEWAY_KEY")).await;
+    let g = Gateway::start_with(
+        &pin.join(" "),
+        env().get("VIGIL_DEV_SSH_GATEWAY_KEY"),
+        POLICY,
+    )
+    .await;
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     assert!(token_login(g.port(), &g.user(), &ops).await.is_none());
     let records = g.node.records().await;
@@ -496,32 +320,9 @@ async fn a_host_whose_key_is_not_pinned_is_refused() {
     assert_eq!(start[0].body.outcome, Some(Outcome::Error));
 }
 
-impl Gateway {
-    /// `vigil ARGS --gateway URL --gateway-ca CERT --home HOME` (a child process; the node runs
-    /// on this test's other worker).
-    fn vigil_cli(&self, home: &Path, args: &[&str]) -> (i32, String) {
-        let url = format!(
-            "https://{}",
-            self.node.node.api_addr.expect("an API listener")
-        );
-        let ca = self.node.files.dir.path().join("tls-api").join("cert.pem");
-        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        all.extend([
-            "--gateway".into(),
-            url,
-            "--gateway-ca".into(),
-            ca.display().to_string(),
-            "--home".into(),
-            home.display().to_string(),
-        ]);
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        vigil(&all)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vigil_login_issues_a_certificate_that_stock_ssh_uses_through_ssh_config() {
-    let g = Gateway::start().await;
+    let g = Gateway::start(POLICY).await;
     let home = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
 
@@ -637,7 +438,7 @@ fn host_dir() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn transfers_keep_every_byte_scp_sftp_and_rsync_work() {
-    let g = Gateway::start().await;
+    let g = Gateway::start(POLICY).await;
     let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
     let config = g.client_config(&key);
     let cfg = config.to_str().unwrap();
@@ -789,7 +590,7 @@ async fn transfers_keep_every_byte_scp_sftp_and_rsync_work() {
 
 #[tokio::test]
 async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
-    let g = Gateway::start().await;
+    let g = Gateway::start(POLICY).await;
     let ca = g.keys.path().join("ca");
     let key = g.certificate(&ca, "agent", OPS_PRINCIPAL, "-5m:+1h");
     let config = g.client_config(&key);
@@ -884,4 +685,102 @@ async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
         })
         .collect();
     assert_eq!(forwards, ["127.0.0.1:25432"]);
+}
+
+#[tokio::test]
+async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recorded() {
+    let g = Gateway::start(POLICY).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let p = protected.path().display().to_string();
+    std::fs::write(protected.path().join("keep"), b"protected content\n").unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let upload = local.path().join("upload");
+    std::fs::write(&upload, b"new\n").unwrap();
+    let got = local.path().join("got");
+    let batch = local.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "-rm {p}/keep\n-put {} {p}/new\n-rename {p}/keep {p}/moved\n-mkdir {p}/dir\nget {p}/keep {}\n",
+            upload.display(),
+            got.display()
+        ),
+    )
+    .unwrap();
+    let out = run(
+        "sftp",
+        &["-F", cfg, "-b", batch.to_str().unwrap(), "web"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ermission denied"), "{stderr}");
+    assert_eq!(
+        std::fs::read(protected.path().join("keep")).unwrap(),
+        b"protected content\n"
+    );
+    assert!(!protected.path().join("new").exists());
+    assert!(!protected.path().join("moved").exists());
+    assert!(!protected.path().join("dir").exists());
+    assert_eq!(
+        std::fs::read(&got).unwrap(),
+        b"protected content\n",
+        "reads are allowed"
+    );
+    // scp in its default (SFTP) mode is refused the same way.
+    let to = format!("web:{p}/scp");
+    let out = run("scp", &["-F", cfg, upload.to_str().unwrap(), &to], None).await;
+    assert!(!out.status.success());
+    assert!(!protected.path().join("scp").exists());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = g.node.records().await;
+    let ops: Vec<(Kind, String, Option<String>, Option<Outcome>)> = records
+        .iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "sftp" => Some((
+                r.body.kind,
+                s.operation.clone().unwrap_or_default(),
+                s.path.clone(),
+                r.body.outcome,
+            )),
+            _ => None,
+        })
+        .collect();
+    let keep = Some(format!("{p}/keep"));
+    for op in ["remove", "rename"] {
+        assert!(
+            ops.iter().any(|(k, o, path, out)| *k == Kind::Blocked
+                && o == op
+                && *path == keep
+                && *out == Some(Outcome::Blocked)),
+            "{op}: {ops:#?}"
+        );
+    }
+    assert!(ops.iter().any(|(k, o, path, _)| *k == Kind::Blocked
+        && o == "mkdir"
+        && *path == Some(format!("{p}/dir"))));
+    assert!(ops.iter().any(|(k, o, path, _)| *k == Kind::Blocked
+        && o == "open"
+        && *path == Some(format!("{p}/new"))));
+    let read = records.iter().find(|r| {
+        matches!(&r.body.request, Some(Request::Ssh(s)) if s.operation.as_deref() == Some("open") && s.path == keep)
+            && r.body.kind == Kind::Response
+    });
+    let Some(Response::Ssh(resp)) = read.and_then(|r| r.body.response.clone()) else {
+        panic!("the read of keep is recorded: {ops:#?}");
+    };
+    assert_eq!(resp.bytes_out, 18, "bytes read");
 }

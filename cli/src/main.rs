@@ -518,6 +518,12 @@ fn refused(what: &str, session: &str, why: &str) -> ExitCode {
 /// `vigil replay`: an SSH session channel by channel (dumped escaped, or played raw when asked),
 /// any other session as a transcript.
 fn replay_session(args: &ReplayArgs) -> Result<ExitCode, String> {
+    if !(args.speed.is_finite() && args.speed > 0.0) {
+        return Err("--speed must be a positive number".into());
+    }
+    if args.max_idle.is_some_and(|m| m.is_nan() || m < 0.0) {
+        return Err("--max-idle must be a number of seconds, 0 or more".into());
+    }
     let path = args.log.path()?;
     let records = one_session(&path, &args.session)?;
     if !terminal::is_ssh(&records) {
@@ -535,12 +541,6 @@ fn replay_session(args: &ReplayArgs) -> Result<ExitCode, String> {
     if !args.play {
         print!("{}", terminal::dump(&session));
         return Ok(ExitCode::SUCCESS);
-    }
-    if !(args.speed.is_finite() && args.speed > 0.0) {
-        return Err("--speed must be a positive number".into());
-    }
-    if args.max_idle.is_some_and(|m| !(m >= 0.0)) {
-        return Err("--max-idle must be a number of seconds, 0 or more".into());
     }
     let pace = terminal::Pace {
         speed: args.speed,

@@ -198,6 +198,8 @@ pub fn ssh_config(args: &SshConfigArgs) -> Result<String, String> {
             .into_iter()
             .flatten()
             .filter_map(|l| l.as_str())
+            // A pattern (`*`, `app-*`) admits logins; it is not one to log in as.
+            .filter(|l| !l.contains(['*', '?', '[']))
             .collect();
         // The block logs in as the first login; `ssh -l LOGIN+NAME NAME` picks another.
         if logins.len() > 1 {

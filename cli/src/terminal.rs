@@ -534,7 +534,7 @@ pub mod tests {
             request_type: request_type.into(),
             command: command.map(str::to_string),
             login: Some("ops".into()),
-            forward: None,
+            ..Default::default()
         })
     }
 
@@ -655,7 +655,7 @@ pub mod tests {
                 s.exit_status = None;
             }
         }
-        records.push(chunk(12, 3200, "output", 26, EVIL.as_bytes()));
+        records.push(chunk(12, 3200, "output", 20, EVIL.as_bytes()));
         let s = read(&records, &mut ChunkReader::new(None)).unwrap();
         let out = dump(&s);
         let hidden =
@@ -691,6 +691,27 @@ pub mod tests {
             );
         }
         assert_eq!(out.matches("\nchannel ").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn play_writes_the_output_raw_and_paces_it_by_the_records_time() {
+        let records = session();
+        let s = read(&records, &mut ChunkReader::new(None)).unwrap();
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        let pace = Pace {
+            speed: 10.0,
+            max_idle: Some(0.5),
+        };
+        play(&s, &pace, &mut out).unwrap();
+        // Waits of 1.1, 0.1 and 1.4 recorded seconds, each at most 0.5, ten times faster.
+        assert!(started.elapsed() >= Duration::from_millis(110));
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("session s1  ssh\n"), "{out}");
+        assert!(
+            out.ends_with("--- channel 1: exec: printf 'caf\\\\xc3\\\\xa9' ---\r\ncaf\u{e9} \x1b[31mred\x1b[0m\r\noops\n\r\n--- exit 3 ---\r\n"),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -135,11 +135,18 @@ async fn protocol_servers(
 ) -> anyhow::Result<(Vec<Box<dyn core::ProtocolServer>>, Option<Arc<api::SshApi>>)> {
     let mut servers: Vec<Box<dyn core::ProtocolServer>> = Vec::new();
     let mut ssh_api = None;
+    // One policy, one version, for every protocol's records.
+    let read_only = config
+        .postgres
+        .as_ref()
+        .map(|pg| pg.read_only_connections())
+        .unwrap_or_default();
+    let policy = policy::Policy::for_node(config.policy.clone(), read_only);
     if let Some(section) = &config.postgres {
         servers.push(Box::new(
             pg::PgServer::bind(
                 section,
-                &config.policy,
+                policy.clone(),
                 config.audit.max_result_bytes,
                 core.clone(),
             )
@@ -149,7 +156,7 @@ async fn protocol_servers(
     if let Some(section) = &config.ssh {
         let ca = ssh::ca::UserCa::load(section)?.map(Arc::new);
         let server =
-            ssh::SshServer::bind(section, &config.policy, ca.as_deref(), core.clone()).await?;
+            ssh::SshServer::bind(section, policy.clone(), ca.as_deref(), core.clone()).await?;
         ssh_api = ca.map(|ca| Arc::new(server.api(ca)));
         servers.push(Box::new(server));
     }

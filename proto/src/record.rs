@@ -244,6 +244,15 @@ pub struct SshRequest {
     /// `host:port` of a forward.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<String>,
+    /// An SFTP operation (`open`, `remove`, `rename` …: `SftpOp::name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// The path an SFTP operation touches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The path an SFTP rename, link or copy creates or writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_path: Option<String>,
 }
 
 /// How an SSH channel request ended.
@@ -693,6 +702,9 @@ mod tests {
             channel: 0,
             request_type: "exec".into(),
             command: Some("uptime".into()),
+            operation: Some("rename".into()),
+            path: Some("/a".into()),
+            to_path: Some("/b".into()),
             login: Some("ubuntu".into()),
             forward: Some("db:5432".into()),
         }));

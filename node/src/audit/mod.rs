@@ -98,7 +98,10 @@ struct Entry {
 
 /// Where a session's recorded stream bytes go: `recordings/SESSION.bin` next to the stream
 /// files. Records of kind `recording` name each chunk's offset, length and SHA-256; the writer
-/// thread writes a chunk before the record that proves it.
+/// thread writes a chunk, at the offset its record names, before the record that proves it.
+/// Writes are positional, so chunks handed over by different tasks in any order land where
+/// their records say, and a chunk whose record is never written (a failed or refused append)
+/// leaves bytes no record names, never a shift.
 pub struct RecordingFile {
     file: File,
     /// Relative to the audit directory (what records name).
@@ -309,7 +312,12 @@ impl AuditLog {
         let path = dir.join(format!("{session}.bin"));
         let file = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir)?;
-            OpenOptions::new().append(true).create_new(true).open(&path)
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
         })
         .await
         .map_err(std::io::Error::other)??;
@@ -478,16 +486,17 @@ impl Writer {
     }
 
     /// Writes the backlog, then `batch`: each recorded chunk into its recording file, then
-    /// every record in one `write(2)`. On failure everything is rolled back (recording files
-    /// and the log truncated, the chain restored): no append of the batch is in the log (each
-    /// caller refuses its action), the records that cannot fail are kept in order.
+    /// every record in one `write(2)`. On failure the log is rolled back (truncated, the chain
+    /// restored): no append of the batch is in the log (each caller refuses its action), the
+    /// records that cannot fail are kept in order. With `sync = "fsync"` the recording files
+    /// are synced before the records that prove their chunks.
     fn write(&mut self, inner: &Inner, batch: Vec<Entry>) {
         let before = self.chain.clone();
         self.buf.clear();
         let mut entries = std::mem::take(&mut self.backlog);
         entries.extend(batch);
         let mut written = Vec::with_capacity(entries.len());
-        let mut touched: Vec<(Arc<RecordingFile>, u64)> = Vec::new();
+        let mut touched: Vec<Arc<RecordingFile>> = Vec::new();
         let mut failed = None;
         while let Some(e) = entries.pop_front() {
             if let Some(reply) = self.spool_refusal(inner, &e) {
@@ -495,10 +504,11 @@ impl Writer {
                 continue;
             }
             if let Some((file, bytes, offset)) = &e.chunk {
-                if !touched.iter().any(|(f, _)| Arc::ptr_eq(f, file)) {
-                    touched.push((file.clone(), *offset));
+                if !touched.iter().any(|f| Arc::ptr_eq(f, file)) {
+                    touched.push(file.clone());
                 }
-                if let Err(err) = (&file.file).write_all(bytes) {
+                use std::os::unix::fs::FileExt;
+                if let Err(err) = file.file.write_all_at(bytes, *offset) {
                     written.push(e);
                     written.extend(entries.drain(..));
                     failed = Some(err);
@@ -512,6 +522,9 @@ impl Writer {
             }
             written.push(e);
         }
+        if failed.is_none() && self.sync == SyncMode::Fsync {
+            failed = touched.iter().find_map(|f| f.file.sync_data().err());
+        }
         let result = match failed {
             Some(err) => Err(err),
             None if self.buf.is_empty() => Ok(()),
@@ -520,11 +533,8 @@ impl Writer {
         match result {
             Ok(()) => self.written(inner, written),
             Err(e) => {
-                for (file, len) in touched {
-                    if let Err(e) = file.file.set_len(len) {
-                        tracing::error!(path = %file.path.display(), error = %e, "cannot truncate a recording file after a failed write");
-                    }
-                }
+                // Chunks already written stay: no record names them (their records are
+                // rolled back), and a retry writes them again at the same offsets.
                 self.chain = before;
                 self.failed(inner, written, e)
             }

@@ -53,6 +53,16 @@ fn default_startup_timeout() -> u64 {
 }
 
 impl PostgresConfig {
+    /// The connections marked `read_only`: the node's policy decides on them too (rule
+    /// `read-only`), so they are part of its version.
+    pub fn read_only_connections(&self) -> Vec<String> {
+        self.connections
+            .iter()
+            .filter(|c| c.read_only)
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
     /// `max_preauth_message_bytes`; by default 16 KiB, or `max_frame_bytes` if that is smaller.
     pub fn preauth_message_limit(&self) -> usize {
         self.max_preauth_message_bytes

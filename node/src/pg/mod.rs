@@ -55,12 +55,13 @@ pub struct PgServer {
 }
 
 impl PgServer {
-    /// Builds the server from its config section `pg` (targets, TLS), the node's policy and
+    /// Builds the server from its config section `pg` (targets, TLS), the node's policy (see
+    /// [`config::PostgresConfig::read_only_connections`]) and
     /// the most result data a record keeps, and binds its listener; everything that can fail
     /// on bad configuration fails here.
     pub async fn bind(
         pg: &PostgresConfig,
-        policy: &crate::policy::PolicyConfig,
+        policy: Arc<crate::policy::Policy>,
         max_result_bytes: usize,
         core: Arc<Core>,
     ) -> anyhow::Result<Self> {
@@ -84,12 +85,6 @@ impl PgServer {
         let listener = TcpListener::bind(pg.listen)
             .await
             .with_context(|| format!("cannot bind postgres.listen {}", pg.listen))?;
-        let read_only = pg
-            .connections
-            .iter()
-            .filter(|c| c.read_only)
-            .map(|c| c.name.clone())
-            .collect();
         let ctx = Arc::new(PgContext {
             core,
             config: pg.clone(),
@@ -97,7 +92,7 @@ impl PgServer {
             targets: Arc::new(targets),
             cancels: cancel::CancelRegistry::default(),
             max_result_bytes,
-            policy: crate::policy::Policy::for_node(policy.clone(), read_only),
+            policy,
             classifier: crate::policy::Classifier::default(),
             catalogs,
         });

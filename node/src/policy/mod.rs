@@ -144,6 +144,8 @@ pub struct RuleTable {
     logins: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    operations: Vec<String>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -169,12 +171,13 @@ impl TryFrom<RuleTable> for Rule {
             flags: t.command_flags,
             logins: t.logins,
             paths: t.paths,
+            operations: t.operations,
         };
         let matcher = match t.protocol {
             RuleProtocol::Postgres if ssh.is_empty() => Matcher::Sql(sql),
             RuleProtocol::Ssh if sql == SqlMatch::default() => Matcher::Ssh(ssh),
             RuleProtocol::Postgres => return Err(format!(
-                "rule {:?}: requests, programs, args, command_flags, logins and paths are SSH conditions: add protocol = \"ssh\"",
+                "rule {:?}: requests, programs, args, command_flags, logins, paths and operations are SSH conditions: add protocol = \"ssh\"",
                 t.id
             )),
             RuleProtocol::Ssh => return Err(format!(
@@ -217,6 +220,7 @@ impl From<Rule> for RuleTable {
             command_flags: ssh.flags,
             logins: ssh.logins,
             paths: ssh.paths,
+            operations: ssh.operations,
             dry_run: r.dry_run,
             reason: r.reason,
             approval: r.approval,
@@ -351,6 +355,7 @@ impl Policy {
                 .config
                 .rules
                 .iter()
+                .filter(|r| matches!(r.matcher, Matcher::Sql(_)))
                 .any(|r| r.targets.is_empty() || r.targets.iter().any(|c| c == connection))
     }
 

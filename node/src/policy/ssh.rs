@@ -2,6 +2,7 @@
 //! shell, a file transfer, a forward) and what it touches.
 
 use crate::ssh::command::{glob_match, CommandFlag, CommandLine, SimpleCommand};
+use crate::ssh::sftp::SftpOp;
 use serde::{Deserialize, Serialize};
 
 /// What a client asks a host to do on a channel.
@@ -37,6 +38,10 @@ pub struct SshMatch {
     pub logins: Vec<String>,
     /// Globs on the path a file transfer touches, or `host:port` of a forward.
     pub paths: Vec<String>,
+    /// SFTP operations (`open`, `remove`, `rename`, `mkdir`, `set_stat` …), or `modify`: any
+    /// operation that may change the file system (writes, removals, renames, attribute
+    /// changes, links, and anything unknown).
+    pub operations: Vec<String>,
 }
 
 /// One thing to decide: a command of an exec (each command of a line is decided on its own,
@@ -45,8 +50,13 @@ pub struct SshMatch {
 pub struct SshAction<'a> {
     pub kind: SshRequestKind,
     pub login: &'a str,
-    pub command: Option<(&'a SimpleCommand, &'a CommandLine)>,
+    /// One command of an exec line.
+    pub command: Option<&'a SimpleCommand>,
+    /// The exec line the command is part of (its flags).
+    pub line: Option<&'a CommandLine>,
     pub path: Option<&'a str>,
+    /// An SFTP request's operation.
+    pub operation: Option<&'a SftpOp>,
 }
 
 impl SshMatch {
@@ -55,16 +65,22 @@ impl SshMatch {
         (self.requests.is_empty() || self.requests.contains(&a.kind))
             && (self.logins.is_empty() || any(&self.logins, a.login))
             && (self.programs.is_empty()
-                || a.command.is_some_and(|(c, _)| {
+                || a.command.is_some_and(|c| {
                     any(&self.programs, &c.program) || any(&self.programs, c.program_name())
                 }))
             && (self.args.is_empty()
                 || a.command
-                    .is_some_and(|(c, _)| c.args.iter().any(|x| any(&self.args, x))))
+                    .is_some_and(|c| c.args.iter().any(|x| any(&self.args, x))))
             && (self.flags.is_empty()
-                || a.command
-                    .is_some_and(|(_, line)| self.flags.iter().any(|f| line.flags.contains(f))))
+                || a.line
+                    .is_some_and(|line| self.flags.iter().any(|f| line.flags.contains(f))))
             && (self.paths.is_empty() || a.path.is_some_and(|p| any(&self.paths, p)))
+            && (self.operations.is_empty()
+                || a.operation.is_some_and(|op| {
+                    self.operations
+                        .iter()
+                        .any(|o| o == op.name() || (o == "modify" && op.is_write()))
+                }))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -5,6 +5,8 @@
 
 use super::command::{self, CommandLine};
 use super::session::Conn;
+use super::sftp::SftpOperation;
+use super::sftp_guard::SftpGuard;
 use crate::audit::{AuditLog, ChunkOf, RecordingFile};
 use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::Refusal;
@@ -99,8 +101,8 @@ async fn host_reply(host: &mut russh::Channel<client::Msg>) -> bool {
     }
 }
 
-/// `pty-req`: forwarded; the host's answer is the client's. On record, so a replay knows the
-/// terminal's size.
+/// `pty-req`: on record (a replay needs the terminal's size), then forwarded; the host's
+/// answer is the client's.
 pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session) {
     let mut body = conn.body(Kind::Request);
     body.request = Some(ssh_request(
@@ -110,6 +112,10 @@ pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session
         Some(format!("{} {}x{}", pty.term, pty.cols, pty.rows)),
     ));
     let audit = conn.ctx.core.audit.clone();
+    if audit.append(&body).await.is_err() {
+        reply(session, id, false);
+        return;
+    }
     let ok = match host_channel(conn, id).await {
         Some(host) => {
             let sent = host
@@ -127,13 +133,11 @@ pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session
         }
         None => false,
     };
-    body.outcome = Some(if ok { Outcome::Success } else { Outcome::Error });
-    audit.record(body);
     reply(session, id, ok);
 }
 
-/// `env`: a variable on the allow-list is passed to the host; others are refused and
-/// recorded (by name only: values may be secrets). No reply either way: OpenSSH asks for none,
+/// `env`: a variable on the allow-list is recorded (by name only: values may be secrets) and
+/// passed to the host; others are refused and recorded. No reply either way: OpenSSH asks for none,
 /// and a reply nobody waits for would be taken as the answer to a later request.
 pub async fn env(conn: &mut Conn, id: ChannelId, name: &str, value: &str) {
     let allowed = conn
@@ -149,6 +153,11 @@ pub async fn env(conn: &mut Conn, id: ChannelId, name: &str, value: &str) {
             "env",
             &format!("environment variable {name:?} is not on ssh.allowed_env"),
         );
+        return;
+    }
+    let mut body = conn.body(Kind::Request);
+    body.request = Some(ssh_request(conn, id, "env", Some(name.to_string())));
+    if conn.ctx.core.audit.append(&body).await.is_err() {
         return;
     }
     if let Some(host) = host_channel(conn, id).await {
@@ -169,7 +178,7 @@ pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Ses
     let decision = {
         let actions = parsed
             .as_ref()
-            .map(|p| exec_actions(p, &login))
+            .map(|p| exec_actions(p, &login, line.trim().is_empty()))
             .map_err(|e| format!("the command line does not parse: {e}"));
         decide(conn, actions.as_deref().map_err(Clone::clone))
     };
@@ -181,7 +190,11 @@ pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Ses
 }
 
 /// The actions of an exec line: each command with the line's flags; for `scp`, each path.
-fn exec_actions<'a>(line: &'a CommandLine, login: &'a str) -> Vec<SshAction<'a>> {
+fn exec_actions<'a>(
+    line: &'a CommandLine,
+    login: &'a str,
+    text_is_empty: bool,
+) -> Vec<SshAction<'a>> {
     let mut actions: Vec<SshAction<'a>> = Vec::new();
     let scp = scp_paths(line);
     for c in &line.commands {
@@ -193,25 +206,37 @@ fn exec_actions<'a>(line: &'a CommandLine, login: &'a str) -> Vec<SshAction<'a>>
         actions.push(SshAction {
             kind,
             login,
-            command: Some((c, line)),
+            command: Some(c),
+            line: Some(line),
             path: None,
+            operation: None,
         });
     }
     for p in scp.unwrap_or_default() {
         actions.push(SshAction {
             kind: SshRequestKind::Scp,
             login,
-            command: line.commands.first().map(|c| (c, line)),
+            command: line.commands.first(),
+            line: Some(line),
             path: Some(p),
+            operation: None,
         });
     }
     if actions.is_empty() {
-        // An empty command line: sshd runs the login shell.
+        // No command: an empty line runs the login shell; a line of redirections and
+        // assignments only (`> ~/.ssh/authorized_keys`) is an exec decided on its flags.
+        let kind = if text_is_empty {
+            SshRequestKind::Shell
+        } else {
+            SshRequestKind::Exec
+        };
         actions.push(SshAction {
-            kind: SshRequestKind::Shell,
+            kind,
             login,
             command: None,
+            line: Some(line),
             path: None,
+            operation: None,
         });
     }
     actions
@@ -242,7 +267,9 @@ pub async fn shell(conn: &mut Conn, id: ChannelId, session: &mut Session) {
         kind: SshRequestKind::Shell,
         login: &login,
         command: None,
+        line: None,
         path: None,
+        operation: None,
     };
     let decision = decide(conn, Ok(&[action]));
     run(conn, id, Run::new("shell", None, decision), session).await;
@@ -260,7 +287,9 @@ pub async fn subsystem(conn: &mut Conn, id: ChannelId, name: &str, session: &mut
         kind,
         login: &login,
         command: None,
+        line: None,
         path: None,
+        operation: None,
     };
     let decision = decide(conn, Ok(&[action]));
     run(
@@ -274,18 +303,8 @@ pub async fn subsystem(conn: &mut Conn, id: ChannelId, name: &str, session: &mut
 
 fn decide(conn: &Conn, actions: Result<&[SshAction<'_>], String>) -> Decision {
     let principal = conn.principal.clone().unwrap_or_default();
-    let target = target_name(conn);
-    conn.ctx.policy.decide_ssh(actions, &principal, &target)
-}
-
-/// The configured name of the host of this session.
-fn target_name(conn: &Conn) -> String {
-    conn.conn
-        .name
-        .as_deref()
-        .and_then(super::config::split_user)
-        .map(|(_, t)| t.to_string())
-        .unwrap_or_default()
+    let target = &conn.target;
+    conn.ctx.policy.decide_ssh(actions, &principal, target)
 }
 
 /// A request that runs something on a channel, with its decision.
@@ -311,7 +330,7 @@ fn ssh_request(conn: &Conn, id: ChannelId, request_type: &str, command: Option<S
         request_type: request_type.into(),
         command: command.map(|c| conn.ctx.core.scrub(&c)),
         login: Some(conn.login.clone()),
-        forward: None,
+        ..SshRequest::default()
     })
 }
 
@@ -337,7 +356,7 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
                 .decision
                 .reason
                 .clone()
-                .unwrap_or_else(|| format!("blocked by rule {}", run.decision.rule));
+                .unwrap_or_else(|| "the policy does not allow it".into());
             let refusal = Refusal::Blocked {
                 rule: run.decision.rule.clone(),
                 reason: why,
@@ -403,19 +422,56 @@ async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: u64, session
         return;
     };
     reply(session, id, true);
-    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    conn.channels.insert(id, Chan::Running(tx));
-    let (read, write) = host.split();
-    let counters = Arc::new(Counters::default());
-    let client = session.handle();
-    tokio::spawn(input_task(
-        recorder.clone(),
-        rx,
-        write,
-        counters.clone(),
-        client.clone(),
-    ));
-    tokio::spawn(output_task(recorder, read, client, counters, started));
+    let sftp = (run.request_type == "subsystem" && run.command == Some("sftp")).then(|| {
+        Arc::new(SftpGuard::new(
+            conn.ctx.policy.clone(),
+            conn.principal.clone().unwrap_or_default(),
+            conn.target.clone(),
+            conn.login.clone(),
+        ))
+    });
+    let pumps = Pumps::new(recorder, session.handle(), sftp);
+    pumps.spawn(conn, id, host, started);
+}
+
+/// The two tasks of a running channel and what they share.
+struct Pumps {
+    rec: Recorder,
+    client: russh::server::Handle,
+    counters: Arc<Counters>,
+    sftp: Option<Arc<SftpGuard>>,
+}
+
+impl Pumps {
+    fn new(rec: Recorder, client: russh::server::Handle, sftp: Option<Arc<SftpGuard>>) -> Self {
+        Self {
+            rec,
+            client,
+            counters: Arc::new(Counters::default()),
+            sftp,
+        }
+    }
+
+    fn spawn(
+        self,
+        conn: &mut Conn,
+        id: ChannelId,
+        host: russh::Channel<client::Msg>,
+        started: Instant,
+    ) {
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        conn.channels.insert(id, Chan::Running(tx));
+        let (read, write) = host.split();
+        let (inject, injected) = mpsc::unbounded_channel();
+        let input = Pumps {
+            rec: self.rec.clone(),
+            client: self.client.clone(),
+            counters: self.counters.clone(),
+            sftp: self.sftp.clone(),
+        };
+        tokio::spawn(input_task(input, rx, write, inject));
+        tokio::spawn(output_task(self, read, injected, started));
+    }
 }
 
 fn reply(session: &mut Session, id: ChannelId, ok: bool) {
@@ -475,7 +531,7 @@ async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &Pol
     let hold = Hold {
         principal: &principal,
         key: ActionKey {
-            scope: Scope::new(super::PROTOCOL, &target_name(conn)),
+            scope: Scope::new(super::PROTOCOL, &conn.target.clone()),
             hash,
         },
         action: command,
@@ -627,9 +683,16 @@ pub async fn direct_tcpip(
         kind: SshRequestKind::Forward,
         login: &login,
         command: None,
+        line: None,
         path: Some(to),
+        operation: None,
     };
-    let decision = decide(conn, Ok(&[action]));
+    let mut decision = decide(conn, Ok(&[action]));
+    if decision.rule == "default" {
+        // Forwards are refused unless a rule allows them, whatever the default.
+        decision.action = Action::Block;
+        decision.reason = Some(format!("no rule allows forwarding to {to}"));
+    }
     conn.stmt += 1;
     let mut body = conn.body(Kind::Request);
     body.stmt = Some(conn.stmt);
@@ -675,25 +738,7 @@ pub async fn direct_tcpip(
     let stmt = conn.stmt;
     let mut recorder = Recorder::new(conn, id, stmt);
     recorder.file = None;
-    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    conn.channels.insert(id, Chan::Running(tx));
-    let (read, write) = host.split();
-    let counters = Arc::new(Counters::default());
-    let client = session.handle();
-    tokio::spawn(input_task(
-        recorder.clone(),
-        rx,
-        write,
-        counters.clone(),
-        client.clone(),
-    ));
-    tokio::spawn(output_task(
-        recorder,
-        read,
-        client,
-        counters,
-        Instant::now(),
-    ));
+    Pumps::new(recorder, session.handle(), None).spawn(conn, id, host, Instant::now());
 }
 
 #[derive(Default)]
@@ -761,6 +806,56 @@ impl Recorder {
         self.audit.record(body);
     }
 
+    /// One SFTP operation: finished (`decided` is `None`; its outcome is the host's status)
+    /// or refused by the gateway.
+    fn sftp(&self, op: &SftpOperation, decided: Option<(&Decision, &SftpGuard)>) {
+        let kind = if decided.is_some() {
+            Kind::Blocked
+        } else {
+            Kind::Response
+        };
+        let mut body = self.body(kind);
+        let r = &op.request;
+        body.request = Some(Request::Ssh(SshRequest {
+            channel: self.channel.number(),
+            request_type: "sftp".into(),
+            operation: Some(r.op.name().into()),
+            path: r.path.clone(),
+            to_path: r.target.clone(),
+            ..SshRequest::default()
+        }));
+        let failed = op.status.filter(|s| *s != super::sftp::SSH_FX_OK);
+        body.response = Some(Response::Ssh(SshResponse {
+            channel: self.channel.number(),
+            bytes_in: op.bytes_written,
+            bytes_out: op.bytes_read,
+            error: failed.map(|code| SshError {
+                reason_code: Some(code),
+                message: op.message.clone().unwrap_or_default(),
+            }),
+            ..SshResponse::default()
+        }));
+        body.outcome = Some(match (decided, failed) {
+            (Some(_), _) => Outcome::Blocked,
+            (None, Some(_)) => Outcome::Error,
+            (None, None) => Outcome::Success,
+        });
+        if let Some((d, guard)) = decided {
+            body.policy = Some(guard.reference(d));
+            body.detail = op.message.clone();
+        }
+        self.audit.record(body);
+    }
+
+    /// The channel's stream broke the protocol the gateway follows: on record; the channel
+    /// ends (fail closed: what the gateway cannot follow, it cannot decide).
+    fn protocol_error(&self, why: &str) {
+        let mut body = self.body(Kind::ProtocolError);
+        body.outcome = Some(Outcome::Error);
+        body.detail = Some(why.to_string());
+        self.audit.record(body);
+    }
+
     /// A request on a running channel (resize, signal), on record before the host sees it.
     async fn request(&self, request_type: &str, detail: String) -> bool {
         let mut body = self.body(Kind::Request);
@@ -775,18 +870,39 @@ impl Recorder {
 }
 
 /// Client → host: each chunk on record before the host gets it. When a chunk cannot be
-/// recorded the channel is closed: nothing unrecorded reaches the host.
+/// recorded the channel is closed: nothing unrecorded reaches the host. On an SFTP channel,
+/// refused requests are taken out (their replies go to the output task).
 async fn input_task(
-    rec: Recorder,
+    p: Pumps,
     mut rx: mpsc::Receiver<Input>,
     write: russh::ChannelWriteHalf<client::Msg>,
-    counters: Arc<Counters>,
-    client: russh::server::Handle,
+    inject: mpsc::UnboundedSender<Vec<u8>>,
 ) {
+    let (rec, client, counters) = (&p.rec, &p.client, &p.counters);
     let id = rec.channel;
     while let Some(input) = rx.recv().await {
         let sent = match input {
-            Input::Data(bytes) => {
+            Input::Data(mut bytes) => {
+                if let Some(sftp) = &p.sftp {
+                    match sftp.client(&bytes) {
+                        Ok((forward, refused)) => {
+                            for r in refused {
+                                rec.sftp(&r.operation, Some((&r.decision, sftp)));
+                                let _ = inject.send(r.reply);
+                            }
+                            bytes = forward;
+                        }
+                        Err(e) => {
+                            rec.protocol_error(&format!("the client's SFTP stream: {e}"));
+                            let _ = write.close().await;
+                            let _ = client.close(id).await;
+                            break;
+                        }
+                    }
+                    if bytes.is_empty() {
+                        continue;
+                    }
+                }
                 let offset = counters
                     .input
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -830,23 +946,47 @@ async fn input_task(
 
 /// Host → client: each chunk on record (not awaited: the order of the stream is kept by the
 /// writer) before the client gets it; exit status and signal passed on as the host sent them.
+/// The gateway's own SFTP replies go out between the host's packets.
 async fn output_task(
-    rec: Recorder,
+    p: Pumps,
     mut read: russh::ChannelReadHalf,
-    client: russh::server::Handle,
-    counters: Arc<Counters>,
+    mut injected: mpsc::UnboundedReceiver<Vec<u8>>,
     started: Instant,
 ) {
+    let (rec, client) = (&p.rec, &p.client);
     let id = rec.channel;
     let mut response = SshResponse {
         channel: id.number(),
         ..SshResponse::default()
     };
     let mut error_offset = 0u64;
-    while let Some(msg) = read.wait().await {
+    loop {
+        let at_boundary = p.sftp.as_ref().is_some_and(|s| s.at_boundary());
+        let msg = tokio::select! {
+            m = read.wait() => m,
+            Some(reply) = injected.recv(), if at_boundary => {
+                let offset = p.counters.output.fetch_add(reply.len() as u64, Ordering::Relaxed);
+                rec.chunk("output", offset, &reply, false).await;
+                if client.data(id, reply).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
         let delivered = match msg {
             ChannelMsg::Data { data } => {
-                let offset = counters
+                if let Some(sftp) = &p.sftp {
+                    match sftp.server(&data) {
+                        Ok(ops) => ops.iter().for_each(|op| rec.sftp(op, None)),
+                        Err(e) => {
+                            rec.protocol_error(&format!("the host's SFTP stream: {e}"));
+                            break;
+                        }
+                    }
+                }
+                let offset = p
+                    .counters
                     .output
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 rec.chunk("output", offset, &data, false).await;
@@ -882,8 +1022,11 @@ async fn output_task(
         }
     }
     let _ = client.close(id).await;
-    response.bytes_in = counters.input.load(Ordering::Relaxed);
-    response.bytes_out = counters.output.load(Ordering::Relaxed) + error_offset;
+    if let Some(sftp) = &p.sftp {
+        sftp.finish().iter().for_each(|op| rec.sftp(op, None));
+    }
+    response.bytes_in = p.counters.input.load(Ordering::Relaxed);
+    response.bytes_out = p.counters.output.load(Ordering::Relaxed) + error_offset;
     let outcome = match (response.exit_status, &response.exit_signal) {
         (Some(0), None) | (None, None) => Outcome::Success,
         _ => Outcome::Error,

@@ -16,6 +16,7 @@ pub mod command;
 pub mod config;
 mod session;
 pub mod sftp;
+mod sftp_guard;
 
 pub mod target;
 
@@ -61,7 +62,7 @@ impl SshServer {
     /// its listener; bad key material fails here.
     pub async fn bind(
         section: &SshConfig,
-        policy: &crate::policy::PolicyConfig,
+        policy: Arc<crate::policy::Policy>,
         ca: Option<&ca::UserCa>,
         core: Arc<Core>,
     ) -> anyhow::Result<Self> {
@@ -77,13 +78,8 @@ impl SshServer {
             .public_key()
             .to_openssh()
             .context("encoding the SSH host key")?;
-        let mut methods = russh::MethodSet::empty();
-        methods.push(russh::MethodKind::KeyboardInteractive);
-        if user_ca.is_some() {
-            methods.push(russh::MethodKind::PublicKey);
-        }
         let russh = Arc::new(russh::server::Config {
-            methods,
+            methods: session::methods(user_ca.is_some()),
             keys: vec![host_key],
             auth_rejection_time: Duration::from_millis(300),
             auth_rejection_time_initial: Some(Duration::ZERO),
@@ -98,7 +94,7 @@ impl SshServer {
         let ctx = Arc::new(SshContext {
             core,
             config: section.clone(),
-            policy: crate::policy::Policy::new(policy.clone()),
+            policy,
             targets,
             user_ca,
             russh,

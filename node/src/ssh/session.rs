@@ -45,6 +45,7 @@ pub async fn run(
         },
         principal: None,
         login: String::new(),
+        target: String::new(),
         host: None,
         preauth: Some(preauth),
         recording: None,
@@ -56,17 +57,28 @@ pub async fn run(
         refusals: 0,
     };
     let authenticated = conn.authenticated.clone();
-    let running = match russh::server::run_stream(ctx.russh.clone(), tcp, conn).await {
-        Ok(r) => r,
-        Err(e) => {
+    // The identification exchange counts against the authentication time too: a client that
+    // connects and says nothing must not hold a pre-authentication permit.
+    let deadline = tokio::time::Instant::now() + auth_timeout;
+    let started = tokio::time::timeout_at(
+        deadline,
+        russh::server::run_stream(ctx.russh.clone(), tcp, conn),
+    );
+    let running = match started.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "ssh handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("ssh client sent no identification in time");
             return;
         }
     };
     let handle = running.handle();
     // A client that has not authenticated in time is cut off (it holds a pre-auth permit).
     let watchdog = tokio::spawn(async move {
-        tokio::time::sleep(auth_timeout).await;
+        tokio::time::sleep_until(deadline).await;
         if !authenticated.load(Ordering::SeqCst) {
             let _ = handle
                 .disconnect(
@@ -91,6 +103,8 @@ pub(super) struct Conn {
     pub principal: Option<Arc<Principal>>,
     /// The login on the host.
     pub login: String,
+    /// The configured name of the host (rules' `connections`, approval scopes).
+    pub target: String,
     pub host: Option<Arc<client::Handle<Pinned>>>,
     preauth: Option<OwnedSemaphorePermit>,
     pub recording: Option<Arc<RecordingFile>>,
@@ -226,6 +240,7 @@ impl Conn {
         };
         self.principal = Some(principal.clone());
         self.login = login.to_string();
+        self.target = target.config.name.clone();
         let mut body = self.body(Kind::SessionStart);
         body.outcome = Some(Outcome::Success);
         if let Err(e) = self.ctx.core.audit.append(&body).await {
@@ -286,10 +301,13 @@ impl Drop for Conn {
     }
 }
 
-fn methods() -> MethodSet {
+/// Keyboard-interactive (a token), and public keys (certificates) when there is a CA.
+pub(super) fn methods(certificates: bool) -> MethodSet {
     let mut m = MethodSet::empty();
     m.push(MethodKind::KeyboardInteractive);
-    m.push(MethodKind::PublicKey);
+    if certificates {
+        m.push(MethodKind::PublicKey);
+    }
     m
 }
 
@@ -300,7 +318,7 @@ impl russh::server::Handler for Conn {
         self.tried = true;
         self.conn.name = Some(self.ctx.core.scrub(user));
         Ok(Auth::Reject {
-            proceed_with_methods: Some(methods()),
+            proceed_with_methods: Some(methods(self.ctx.user_ca.is_some())),
             partial_success: false,
         })
     }

@@ -302,7 +302,7 @@ pub struct SftpOperation {
 }
 
 impl SftpOperation {
-    fn new(request: SftpRequest) -> Self {
+    pub(super) fn new(request: SftpRequest) -> Self {
         SftpOperation {
             request,
             status: None,
@@ -593,6 +593,12 @@ impl SftpTracker {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the host's stream is between packets: a reply the gateway writes to the
+    /// client can only go there, or it would split a packet of the host's.
+    pub fn server_at_boundary(&self) -> bool {
+        self.server.partial.is_empty()
     }
 
     /// The gateway answered request `id` itself (with [`status_reply`] and `code`): the

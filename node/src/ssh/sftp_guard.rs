@@ -1,0 +1,123 @@
+//! Policy inside an SFTP channel: every client request is decided before the host sees it (on
+//! its operation and its paths); a refused request never reaches the host, the client gets
+//! `SSH_FX_PERMISSION_DENIED` from the gateway, and the refusal is on record. Each finished
+//! operation becomes one record (a file transfer from open to close, a removal, a rename …).
+
+use super::sftp::{status_reply, SftpError, SftpOperation, SftpTracker, SSH_FX_PERMISSION_DENIED};
+use crate::policy::ssh::{SshAction, SshRequestKind};
+use crate::policy::{Action, Decision, Policy};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vigil_proto::record::Principal;
+
+pub struct SftpGuard {
+    tracker: Mutex<SftpTracker>,
+    policy: Arc<Policy>,
+    principal: Arc<Principal>,
+    target: String,
+    login: String,
+}
+
+/// A request the gateway refused: the reply the client gets instead of the host's, and the
+/// operation with the decision, for the record.
+pub struct Refused {
+    pub reply: Vec<u8>,
+    pub operation: SftpOperation,
+    pub decision: Decision,
+}
+
+impl SftpGuard {
+    pub fn new(
+        policy: Arc<Policy>,
+        principal: Arc<Principal>,
+        target: String,
+        login: String,
+    ) -> Self {
+        Self {
+            tracker: Mutex::new(SftpTracker::new()),
+            policy,
+            principal,
+            target,
+            login,
+        }
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, SftpTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Client bytes: the bytes of the allowed requests (to forward), and the refused ones.
+    pub fn client(&self, data: &[u8]) -> Result<(Vec<u8>, Vec<Refused>), SftpError> {
+        let packets = self.tracker().client_bytes(data)?;
+        let mut forward = Vec::with_capacity(data.len());
+        let mut refused = Vec::new();
+        for p in packets {
+            let decision = self.decide(&p.request);
+            match (decision.action, p.request.id) {
+                (Action::Allow, _) | (_, None) => forward.extend_from_slice(&p.raw),
+                (action, Some(id)) => {
+                    let why = match (action, &decision.reason) {
+                        (Action::RequireApproval, _) => format!(
+                            "rule {} requires approval, which an SFTP request cannot wait for; run the change as an exec",
+                            decision.rule
+                        ),
+                        (_, Some(reason)) => format!("blocked by rule {}: {reason}", decision.rule),
+                        (_, None) => format!("blocked by rule {}", decision.rule),
+                    };
+                    let operation = self
+                        .tracker()
+                        .refused(id, SSH_FX_PERMISSION_DENIED, &why)
+                        .unwrap_or_else(|| SftpOperation::new(p.request.clone()));
+                    refused.push(Refused {
+                        reply: status_reply(id, SSH_FX_PERMISSION_DENIED, &format!("vigil: {why}")),
+                        operation,
+                        decision,
+                    });
+                }
+            }
+        }
+        Ok((forward, refused))
+    }
+
+    /// A request's decision: its path and, for a rename or link, the path it creates, each
+    /// decided (a block of either refuses it).
+    fn decide(&self, request: &super::sftp::SftpRequest) -> Decision {
+        let paths = std::iter::once(request.path.as_deref()).chain(
+            request
+                .target
+                .is_some()
+                .then_some(request.target.as_deref()),
+        );
+        let actions: Vec<SshAction<'_>> = paths
+            .map(|path| SshAction {
+                kind: SshRequestKind::Sftp,
+                login: &self.login,
+                command: None,
+                line: None,
+                path,
+                operation: Some(&request.op),
+            })
+            .collect();
+        self.policy
+            .decide_ssh(Ok(&actions), &self.principal, &self.target)
+    }
+
+    /// Host bytes: the operations they finish.
+    pub fn server(&self, data: &[u8]) -> Result<Vec<SftpOperation>, SftpError> {
+        self.tracker().server_bytes(data)
+    }
+
+    /// Whether a reply of the gateway's may go to the client now (between the host's packets).
+    pub fn at_boundary(&self) -> bool {
+        self.tracker().server_at_boundary()
+    }
+
+    /// The policy reference of a decision, for its record.
+    pub fn reference(&self, d: &Decision) -> vigil_proto::record::PolicyRef {
+        self.policy.reference(d)
+    }
+
+    /// The channel closed: transfers still open.
+    pub fn finish(&self) -> Vec<SftpOperation> {
+        self.tracker().finish()
+    }
+}
