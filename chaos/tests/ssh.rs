@@ -784,3 +784,105 @@ async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recor
     };
     assert_eq!(resp.bytes_out, 18, "bytes read");
 }
+
+/// A tmux pane's text.
+fn pane(name: &str) -> String {
+    let out = Command::new("tmux").args(["capture-pane", "-p", "-t", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the pane shows `text`.
+async fn wait_for_pane(name: &str, text: &str) {
+    for _ in 0..200 {
+        if pane(name).contains(text) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the pane never showed {text:?}:\n{}", pane(name));
+}
+
+fn keys(name: &str, keys: &[&str]) {
+    let st = Command::new("tmux").args(["send-keys", "-t", name]).args(keys).status().unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_shell_under_tmux_is_recorded_and_replays_what_the_screen_showed() {
+    let g = Gateway::start(POLICY).await;
+    let person = r#"{"subject":"alice","groups":["dba"],"issuer":"test","token_type":"id_token"}"#;
+    let key = g.certificate(&g.keys.path().join("ca"), "alice", person, "-5m:+1h");
+    let config = g.client_config(&key);
+    let name = format!("vigil-{}", vigil_chaos::random_suffix());
+    let status = g.keys.path().join("status");
+    let before = host_command_count();
+    let cmd = format!(
+        "ssh -F {} -tt web; echo $? > {}",
+        config.display(),
+        status.display()
+    );
+    let st = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &name, "-x", "100", "-y", "30", &cmd])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_for_pane(&name, ":~$").await;
+    keys(&name, &["echo hello-vigil", "Enter"]);
+    wait_for_pane(&name, "hello-vigil\n").await;
+    let st = Command::new("tmux").args(["resize-window", "-t", &name, "-x", "120", "-y", "40"]).status().unwrap();
+    assert!(st.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    keys(&name, &["stty size", "Enter"]);
+    wait_for_pane(&name, "40 120").await;
+    keys(&name, &["sleep 30", "Enter"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    keys(&name, &["C-c"]);
+    keys(&name, &["echo after-interrupt", "Enter"]);
+    wait_for_pane(&name, "after-interrupt\n").await;
+    keys(&name, &["exit 3", "Enter"]);
+    for _ in 0..100 {
+        if status.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = Command::new("tmux").args(["kill-session", "-t", &name]).status();
+    assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "3");
+
+    // The host's own log of what its shell ran, and Vigil's reading of the keystrokes.
+    let typed_on_host: Vec<String> = host_commands(before)
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(5, '\t').collect();
+            (f.len() == 5 && f[3] == "typed").then(|| f[4].to_string())
+        })
+        .collect();
+    let expected = ["echo hello-vigil", "stty size", "sleep 30", "echo after-interrupt", "exit 3"];
+    assert_eq!(typed_on_host, expected);
+    let records = g.node.records_after_sessions(1).await;
+    let requests = ssh_requests(&records);
+    let typed: Vec<String> = requests
+        .iter()
+        .filter(|(_, t, _)| t == "typed")
+        .filter_map(|(_, _, c)| c.clone())
+        .collect();
+    assert_eq!(typed, expected);
+    assert!(requests.iter().any(|(_, t, c)| t == "window-change" && c.as_deref() == Some("120x40")), "{requests:?}");
+    let Some(Response::Ssh(r)) = of_kind(&records, Kind::Response)[0].body.response.clone() else {
+        panic!("a response");
+    };
+    assert_eq!(r.exit_status, Some(3));
+
+    // The replay shows what the screen showed.
+    let session = records[1].body.session.clone().unwrap();
+    let log = g.node.files.audit_dir.display().to_string();
+    let dump = tokio::task::spawn_blocking(move || {
+        vigil_chaos::vigil(&["replay", &session, "--log", &log, "--dump"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(dump.0, 0, "{}", dump.1);
+    for shown in ["hello-vigil", "40 120", "after-interrupt", "alice"] {
+        assert!(dump.1.contains(shown), "{shown} in:\n{}", dump.1);
+    }
+}

@@ -7,7 +7,8 @@ use super::command::{self, CommandLine};
 use super::session::Conn;
 use super::sftp::SftpOperation;
 use super::sftp_guard::SftpGuard;
-use crate::audit::{AuditLog, ChunkOf, RecordingFile};
+use super::typed::{Typed, TypedLines};
+use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::Refusal;
 use crate::policy::ssh::{SshAction, SshRequestKind};
@@ -133,6 +134,9 @@ pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session
         }
         None => false,
     };
+    if ok {
+        conn.ptys.insert(id);
+    }
     reply(session, id, ok);
 }
 
@@ -430,7 +434,8 @@ async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: u64, session
             conn.login.clone(),
         ))
     });
-    let pumps = Pumps::new(recorder, session.handle(), sftp);
+    let mut pumps = Pumps::new(recorder, session.handle(), sftp);
+    pumps.typed = run.request_type == "shell" && conn.ptys.contains(&id);
     pumps.spawn(conn, id, host, started);
 }
 
@@ -440,6 +445,8 @@ struct Pumps {
     client: russh::server::Handle,
     counters: Arc<Counters>,
     sftp: Option<Arc<SftpGuard>>,
+    /// An interactive shell on a terminal: lines typed are recorded (see [`super::typed`]).
+    typed: bool,
 }
 
 impl Pumps {
@@ -449,6 +456,7 @@ impl Pumps {
             client,
             counters: Arc::new(Counters::default()),
             sftp,
+            typed: false,
         }
     }
 
@@ -468,6 +476,7 @@ impl Pumps {
             client: self.client.clone(),
             counters: self.counters.clone(),
             sftp: self.sftp.clone(),
+            typed: self.typed,
         };
         tokio::spawn(input_task(input, rx, write, inject));
         tokio::spawn(output_task(self, read, injected, started));
@@ -750,7 +759,7 @@ struct Counters {
 /// Writes a channel's records: its chunks (when the channel is recorded) and its end.
 #[derive(Clone)]
 struct Recorder {
-    audit: AuditLog,
+    core: Arc<crate::core::Core>,
     file: Option<Arc<RecordingFile>>,
     session: String,
     principal: Option<Arc<Principal>>,
@@ -762,7 +771,7 @@ struct Recorder {
 impl Recorder {
     fn new(conn: &Conn, channel: ChannelId, stmt: u64) -> Self {
         Self {
-            audit: conn.ctx.core.audit.clone(),
+            core: conn.ctx.core.clone(),
             file: conn.recording.clone(),
             session: conn.id.clone(),
             principal: conn.principal.clone(),
@@ -773,7 +782,7 @@ impl Recorder {
     }
 
     fn body(&self, kind: Kind) -> Body {
-        let mut body = self.audit.body(Some(&self.session), kind);
+        let mut body = self.core.audit.body(Some(&self.session), kind);
         body.principal = self.principal.clone();
         body.connection = self.connection.clone();
         body.stmt = Some(self.stmt);
@@ -792,7 +801,7 @@ impl Recorder {
             offset,
         };
         let body = self.body(Kind::Recording);
-        self.audit
+        self.core.audit
             .chunk(body, file, of, bytes.to_vec(), wait)
             .await
             .is_ok()
@@ -803,7 +812,7 @@ impl Recorder {
         body.response = Some(Response::Ssh(response));
         body.outcome = Some(outcome);
         body.duration_us = Some(started.elapsed().as_micros() as u64);
-        self.audit.record(body);
+        self.core.audit.record(body);
     }
 
     /// One SFTP operation: finished (`decided` is `None`; its outcome is the host's status)
@@ -844,7 +853,7 @@ impl Recorder {
             body.policy = Some(guard.reference(d));
             body.detail = op.message.clone();
         }
-        self.audit.record(body);
+        self.core.audit.record(body);
     }
 
     /// The channel's stream broke the protocol the gateway follows: on record; the channel
@@ -853,7 +862,25 @@ impl Recorder {
         let mut body = self.body(Kind::ProtocolError);
         body.outcome = Some(Outcome::Error);
         body.detail = Some(why.to_string());
-        self.audit.record(body);
+        self.core.audit.record(body);
+    }
+
+    /// A line typed into a shell: an index into the recording (not a decision; see
+    /// [`super::typed`]).
+    fn typed(&self, typed: Typed) {
+        let mut body = self.body(Kind::Request);
+        body.request = Some(Request::Ssh(SshRequest {
+            channel: self.channel.number(),
+            request_type: "typed".into(),
+            command: Some(self.core.scrub(&typed.line)),
+            ..SshRequest::default()
+        }));
+        if typed.inexact {
+            body.detail = Some(
+                "edited with cursor keys, completion or a long paste: the shell may have run another line (see the recording)".into(),
+            );
+        }
+        self.core.audit.record(body);
     }
 
     /// A request on a running channel (resize, signal), on record before the host sees it.
@@ -865,7 +892,7 @@ impl Recorder {
             command: Some(detail),
             ..SshRequest::default()
         }));
-        self.audit.append(&body).await.is_ok()
+        self.core.audit.append(&body).await.is_ok()
     }
 }
 
@@ -880,6 +907,7 @@ async fn input_task(
 ) {
     let (rec, client, counters) = (&p.rec, &p.client, &p.counters);
     let id = rec.channel;
+    let mut typed = p.typed.then(TypedLines::default);
     while let Some(input) = rx.recv().await {
         let sent = match input {
             Input::Data(mut bytes) => {
@@ -912,6 +940,9 @@ async fn input_task(
                     let _ = write.close().await;
                     let _ = client.close(id).await;
                     break;
+                }
+                for line in typed.iter_mut().flat_map(|t| t.feed(&bytes)) {
+                    rec.typed(line);
                 }
                 write.data_bytes(bytes).await
             }

@@ -19,6 +19,7 @@ pub mod sftp;
 mod sftp_guard;
 
 pub mod target;
+mod typed;
 
 use crate::core::{Core, ProtocolServer, Shutdown};
 use anyhow::Context as _;

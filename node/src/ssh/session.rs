@@ -50,6 +50,7 @@ pub async fn run(
         preauth: Some(preauth),
         recording: None,
         channels: HashMap::new(),
+        ptys: Default::default(),
         stmt: 0,
         started: None,
         authenticated: Arc::new(AtomicBool::new(false)),
@@ -109,6 +110,8 @@ pub(super) struct Conn {
     preauth: Option<OwnedSemaphorePermit>,
     pub recording: Option<Arc<RecordingFile>>,
     pub channels: HashMap<ChannelId, Chan>,
+    /// Channels with a terminal (the host granted `pty-req`).
+    pub ptys: std::collections::HashSet<ChannelId>,
     /// Requests so far: each channel request that runs something gets the next number.
     pub stmt: u64,
     /// When the session started (authenticated, host logged in, on record).
