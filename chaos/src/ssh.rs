@@ -52,6 +52,49 @@ allow = {{ client_ids = ["agent-ops"], groups = ["dba"] }}
     )
 }
 
+/// A user key in `dir` with a certificate from `ca` for the principal of `principal_json`,
+/// valid for `validity` (ssh-keygen's -V syntax).
+pub fn certificate(
+    dir: &Path,
+    ca: &Path,
+    name: &str,
+    principal_json: &str,
+    validity: &str,
+) -> PathBuf {
+    let key = keygen(dir, name);
+    let subject: serde_json::Value = serde_json::from_str(principal_json).unwrap();
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(ca)
+        .args(["-I", "test-cert", "-n"])
+        .arg(subject["subject"].as_str().unwrap())
+        .args(["-V", validity, "-O", "clear", "-O", "permit-pty"])
+        .arg("-O")
+        .arg(format!("extension:principal@vigil={principal_json}"))
+        .arg(key.with_extension("pub"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "ssh-keygen -s");
+    key
+}
+
+/// An OpenSSH client config for host alias `web` through a gateway on `port` as `user`, with
+/// `key` and its certificate (for scp, sftp and rsync, which take no -i of their own in every
+/// version).
+pub fn client_config(key: &Path, port: u16, user: &str) -> PathBuf {
+    let path = key.with_extension("config");
+    let cert = format!("{}-cert.pub", key.display());
+    std::fs::write(
+        &path,
+        format!(
+            "Host web\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {}\n  CertificateFile {cert}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 impl Gateway {
     /// A gateway with `policy` (TOML `[[policy.rules]]`) in front of the dev sshd.
     pub async fn start(policy: &str) -> Self {
@@ -94,39 +137,13 @@ impl Gateway {
         principal_json: &str,
         validity: &str,
     ) -> PathBuf {
-        let key = keygen(self.keys.path(), name);
-        let subject: serde_json::Value = serde_json::from_str(principal_json).unwrap();
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-s"])
-            .arg(ca)
-            .args(["-I", "test-cert", "-n"])
-            .arg(subject["subject"].as_str().unwrap())
-            .args(["-V", validity, "-O", "clear", "-O", "permit-pty"])
-            .arg("-O")
-            .arg(format!("extension:principal@vigil={principal_json}"))
-            .arg(key.with_extension("pub"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "ssh-keygen -s");
-        key
+        certificate(self.keys.path(), ca, name, principal_json, validity)
     }
 
     /// An OpenSSH client config for host alias `web` through this gateway with `key` and its
     /// certificate (for scp, sftp and rsync, which take no -i of their own in every version).
     pub fn client_config(&self, key: &Path) -> PathBuf {
-        let path = key.with_extension("config");
-        let cert = format!("{}-cert.pub", key.display());
-        std::fs::write(
-            &path,
-            format!(
-                "Host web\n  HostName 127.0.0.1\n  Port {}\n  User {}\n  IdentityFile {}\n  CertificateFile {cert}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-                self.port(),
-                self.user(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        path
+        client_config(key, self.port(), &self.user())
     }
 
     /// Stock OpenSSH, BatchMode, with `key` and its certificate (a child process: the node

@@ -801,7 +801,8 @@ impl Recorder {
             offset,
         };
         let body = self.body(Kind::Recording);
-        self.core.audit
+        self.core
+            .audit
             .chunk(body, file, of, bytes.to_vec(), wait)
             .await
             .is_ok()
@@ -975,9 +976,10 @@ async fn input_task(
     }
 }
 
-/// Host → client: each chunk on record (not awaited: the order of the stream is kept by the
-/// writer) before the client gets it; exit status and signal passed on as the host sent them.
-/// The gateway's own SFTP replies go out between the host's packets.
+/// Host → client: each chunk in the log before the client gets it (a chunk that cannot be
+/// recorded ends the channel: the client never sees unrecorded output); exit status and
+/// signal passed on as the host sent them. The gateway's own SFTP replies go out between the
+/// host's packets.
 async fn output_task(
     p: Pumps,
     mut read: russh::ChannelReadHalf,
@@ -997,8 +999,9 @@ async fn output_task(
             m = read.wait() => m,
             Some(reply) = injected.recv(), if at_boundary => {
                 let offset = p.counters.output.fetch_add(reply.len() as u64, Ordering::Relaxed);
-                rec.chunk("output", offset, &reply, false).await;
-                if client.data(id, reply).await.is_err() {
+                if !rec.chunk("output", offset, &reply, true).await
+                    || client.data(id, reply).await.is_err()
+                {
                     break;
                 }
                 continue;
@@ -1020,13 +1023,13 @@ async fn output_task(
                     .counters
                     .output
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                rec.chunk("output", offset, &data, false).await;
-                client.data(id, data).await.is_ok()
+                rec.chunk("output", offset, &data, true).await
+                    && client.data(id, data).await.is_ok()
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                rec.chunk("error", error_offset, &data, false).await;
+                let recorded = rec.chunk("error", error_offset, &data, true).await;
                 error_offset += data.len() as u64;
-                client.extended_data(id, ext, data).await.is_ok()
+                recorded && client.extended_data(id, ext, data).await.is_ok()
             }
             ChannelMsg::ExitStatus { exit_status } => {
                 response.exit_status = Some(exit_status);

@@ -129,12 +129,25 @@ mod tests {
     fn editing_keys_are_applied_or_flagged() {
         assert_eq!(lines(b"lsx\x7f -a\r"), [("ls -a".into(), false)]);
         assert_eq!(lines(b"rm -rf /\x03echo hi\r"), [("echo hi".into(), false)]);
-        assert_eq!(lines(b"echo one two\x17three\r"), [("echo one three".into(), false)]);
-        assert_eq!(lines("caf\u{e9}\x7fe\r".as_bytes()), [("cafe".into(), false)]);
+        assert_eq!(
+            lines(b"echo one two\x17three\r"),
+            [("echo one three".into(), false)]
+        );
+        assert_eq!(
+            lines("caf\u{e9}\x7fe\r".as_bytes()),
+            [("cafe".into(), false)]
+        );
         // Cursor keys and completion: the shell's line may differ.
         assert_eq!(lines(b"\x1b[Als\r"), [("ls".into(), true)]);
-        assert_eq!(lines(b"cat /et\tpasswd\r"), [("cat /etpasswd".into(), true)]);
-        assert_eq!(lines(b"ok\r"), [("ok".into(), false)], "the next line starts exact");
+        assert_eq!(
+            lines(b"cat /et\tpasswd\r"),
+            [("cat /etpasswd".into(), true)]
+        );
+        assert_eq!(
+            lines(b"ok\r"),
+            [("ok".into(), false)],
+            "the next line starts exact"
+        );
     }
 
     #[test]
