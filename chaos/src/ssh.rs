@@ -108,11 +108,31 @@ impl Gateway {
 
     /// A gateway that pins `host_key` and logs in with `login_key`.
     pub async fn start_with(host_key: &str, login_key: &str, policy: &str) -> Self {
+        Self::start_full(host_key, login_key, policy, None).await
+    }
+
+    /// A gateway of a cluster: its `[coordinator]` section (`Cluster::node_section`).
+    pub async fn start_in(policy: &str, coordinator: String) -> Self {
+        let e = env();
+        let (host_key, login_key) = (
+            e.get("VIGIL_DEV_SSHD_HOST_KEY"),
+            e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
+        );
+        Self::start_full(host_key, login_key, policy, Some(coordinator)).await
+    }
+
+    async fn start_full(
+        host_key: &str,
+        login_key: &str,
+        policy: &str,
+        coordinator: Option<String>,
+    ) -> Self {
         let keys = tempfile::tempdir().unwrap();
         let ca = keygen(keys.path(), "ca");
         let section = ssh_section(&ca, host_key, login_key, policy);
         let opts = NodeOptions {
             ssh: Some(format!("{section}\n[api]\nlisten = \"127.0.0.1:0\"\n")),
+            coordinator,
             ..NodeOptions::default()
         };
         let node = TestNode::start(opts).await;

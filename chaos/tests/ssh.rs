@@ -1028,3 +1028,100 @@ async fn kill_9_in_a_long_exec_leaves_what_reached_the_host_on_record_and_everyt
         "what the client saw is recorded: {text}"
     );
 }
+
+const APPROVAL_POLICY: &str = r#"
+[[policy.rules]]
+id = "restarts-need-approval"
+protocol = "ssh"
+action = "require_approval"
+programs = ["echo"]
+args = ["restart-*"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_held_on_one_node_runs_once_on_another_after_approval() {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let a = Gateway::start_in(APPROVAL_POLICY, cluster.node_section()).await;
+    let b = Gateway::start_in(APPROVAL_POLICY, cluster.node_section()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let command = format!("echo restart-{}", vigil_chaos::random_suffix());
+    let before = host_command_count();
+
+    let on_a = token_login(a.port(), &a.user(), &token).await.unwrap();
+    let (out, err, status) = exec(&on_a, &command).await;
+    assert_eq!(status, Some(126));
+    assert!(out.is_empty());
+    let err = String::from_utf8_lossy(&err).to_string();
+    let at = err.find("apr-").unwrap_or_else(|| panic!("held: {err}"));
+    let id = err[at..]
+        .split(|c: char| c.is_whitespace() || c == ':' || c == ';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(!host_ran(before).contains(&command), "held, not run");
+
+    // An approver decides; the client runs it again, through the other node.
+    let coord = cluster.endpoints().join(",");
+    let alice = vigil_chaos::id_token("alice");
+    let (show_id, coord2, alice2) = (id.clone(), coord.clone(), alice.clone());
+    let shown = tokio::task::spawn_blocking(move || {
+        let (code, out) = vigil_chaos::vigil(&[
+            "approvals",
+            "approve",
+            &show_id,
+            "--coordinator",
+            &coord2,
+            "--token",
+            &alice2,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        vigil_chaos::vigil(&[
+            "approvals",
+            "show",
+            &show_id,
+            "--coordinator",
+            &coord2,
+            "--token",
+            &alice2,
+        ])
+        .1
+    })
+    .await
+    .unwrap();
+    assert!(
+        shown.contains("target      ssh/web") && shown.contains("login       vigil-ops"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&command),
+        "the approver sees the exact command: {shown}"
+    );
+
+    let on_b = token_login(b.port(), &b.user(), &token).await.unwrap();
+    let (out, _, status) = exec(&on_b, &command).await;
+    assert_eq!(status, Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        command.trim_start_matches("echo ")
+    );
+    // Once: a second run needs a new approval.
+    let (_, err, status) = exec(&on_b, &command).await;
+    assert_eq!(status, Some(126), "{}", String::from_utf8_lossy(&err));
+    let ran: Vec<_> = host_ran(before)
+        .into_iter()
+        .filter(|c| *c == command)
+        .collect();
+    assert_eq!(ran.len(), 1, "the approved command ran exactly once");
+
+    let records = b.node.records().await;
+    let approved = records
+        .iter()
+        .find(|r| r.body.kind == Kind::Request && matches!(&r.body.request, Some(Request::Ssh(s)) if s.command.as_deref() == Some(command.as_str())))
+        .expect("the approved run is on record");
+    assert_eq!(
+        approved.body.approval.as_ref().map(|a| a.id.as_str()),
+        Some(id.as_str())
+    );
+    assert!(of_kind(&a.node.records().await, Kind::ApprovalRequested).len() == 1);
+}
