@@ -10,7 +10,7 @@ use vigil_chaos::ssh::{exec, keygen, token_login, Gateway};
 use vigil_chaos::{agent_token, env, of_kind, token_for};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
 
-const POLICY: &str = r#"
+const POLICY_TEMPLATE: &str = r#"
 [[policy.rules]]
 id = "no-rm"
 protocol = "ssh"
@@ -59,7 +59,7 @@ id = "forward-to-postgres-only"
 protocol = "ssh"
 action = "allow"
 requests = ["forward"]
-paths = ["127.0.0.1:25432"]
+paths = ["PG_ADDR"]
 
 [[policy.rules]]
 id = "no-other-forwards"
@@ -67,6 +67,15 @@ protocol = "ssh"
 action = "block"
 requests = ["forward"]
 "#;
+
+/// The test policy, with the dev PostgreSQL's address as the one forward it allows.
+fn policy() -> String {
+    POLICY_TEMPLATE.replace("PG_ADDR", &pg_addr())
+}
+
+fn pg_addr() -> String {
+    format!("127.0.0.1:{}", env().get("VIGIL_PG_PORT"))
+}
 
 const OPS_PRINCIPAL: &str = r#"{"subject":"agent-ops","client_id":"agent-ops","model":"gpt-5","groups":["ops","dba"],"issuer":"test","token_type":"access_token"}"#;
 
@@ -127,7 +136,7 @@ fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_token_login_runs_an_exec_with_its_streams_and_exit_status_recorded() {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let token = token_for("agent-ops", "agent-ops-secret").await;
     let before = host_command_count();
     let h = token_login(g.port(), &g.user(), &token)
@@ -174,7 +183,7 @@ async fn a_token_login_runs_an_exec_with_its_streams_and_exit_status_recorded() 
 #[tokio::test]
 async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_never_reach_the_host(
 ) {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let ca = g.keys.path().join("ca");
     let key = g.certificate(&ca, "user", OPS_PRINCIPAL, "-5m:+1h");
     let before = host_command_count();
@@ -223,7 +232,7 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
 async fn bad_credentials_are_refused_recorded_and_never_reach_the_host() {
     // Its own login key, so that sshd's log tells this gateway's logins from other tests'.
     let login_key = env().get("VIGIL_DEV_SSH_DIRECT_KEY");
-    let g = Gateway::start_with(env().get("VIGIL_DEV_SSHD_HOST_KEY"), login_key, POLICY).await;
+    let g = Gateway::start_with(env().get("VIGIL_DEV_SSHD_HOST_KEY"), login_key, &policy()).await;
     let fingerprint = {
         let out = Command::new("ssh-keygen")
             .args(["-lf", &format!("{login_key}.pub")])
@@ -310,7 +319,7 @@ async fn a_host_whose_key_is_not_pinned_is_refused() {
     let g = Gateway::start_with(
         &pin.join(" "),
         env().get("VIGIL_DEV_SSH_GATEWAY_KEY"),
-        POLICY,
+        &policy(),
     )
     .await;
     let ops = token_for("agent-ops", "agent-ops-secret").await;
@@ -324,7 +333,7 @@ async fn a_host_whose_key_is_not_pinned_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vigil_login_issues_a_certificate_that_stock_ssh_uses_through_ssh_config() {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let home = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
 
@@ -440,7 +449,7 @@ fn host_dir() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn transfers_keep_every_byte_scp_sftp_and_rsync_work() {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
     let config = g.client_config(&key);
     let cfg = config.to_str().unwrap();
@@ -592,7 +601,7 @@ async fn transfers_keep_every_byte_scp_sftp_and_rsync_work() {
 
 #[tokio::test]
 async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let ca = g.keys.path().join("ca");
     let key = g.certificate(&ca, "agent", OPS_PRINCIPAL, "-5m:+1h");
     let config = g.client_config(&key);
@@ -612,13 +621,8 @@ async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
     // A forward no rule allows; and one a rule allows.
     let refused = run("ssh", &["-F", cfg, "-W", "127.0.0.1:22", "web"], None).await;
     assert_ne!(refused.status.code(), Some(0));
-    let pg_port = env().get("VIGIL_PG_PORT");
-    assert_eq!(
-        pg_port, "25432",
-        "the allow rule names the dev PostgreSQL port"
-    );
     let mut allowed = tokio::process::Command::new("ssh")
-        .args(["-F", cfg, "-W", "127.0.0.1:25432", "web"])
+        .args(["-F", cfg, "-W", &pg_addr(), "web"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -690,12 +694,12 @@ async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
             _ => None,
         })
         .collect();
-    assert_eq!(forwards, ["127.0.0.1:25432"]);
+    assert_eq!(forwards, [pg_addr()]);
 }
 
 #[tokio::test]
 async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recorded() {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
     let config = g.client_config(&key);
     let cfg = config.to_str().unwrap();
@@ -822,7 +826,7 @@ fn keys(name: &str, keys: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interactive_shell_under_tmux_is_recorded_and_replays_what_the_screen_showed() {
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(&policy()).await;
     let person = r#"{"subject":"alice","groups":["dba"],"issuer":"test","token_type":"id_token"}"#;
     let key = g.certificate(&g.keys.path().join("ca"), "alice", person, "-5m:+1h");
     let config = g.client_config(&key);
@@ -935,7 +939,7 @@ async fn kill_9_in_a_long_exec_leaves_what_reached_the_host_on_record_and_everyt
         &ca,
         env().get("VIGIL_DEV_SSHD_HOST_KEY"),
         env().get("VIGIL_DEV_SSH_GATEWAY_KEY"),
-        POLICY,
+        &policy(),
     )
     .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
     let opts = vigil_chaos::NodeOptions {
