@@ -1129,3 +1129,28 @@ async fn an_exec_held_on_one_node_runs_once_on_another_after_approval() {
     );
     assert!(of_kind(&a.node.records().await, Kind::ApprovalRequested).len() == 1);
 }
+
+#[tokio::test]
+async fn a_session_ends_when_its_token_expires() {
+    let g = Gateway::start(&policy()).await;
+    // The test config's leeway is 5 s: a token that expires in 1 s ends the session in ~6 s.
+    let exp = vigil_chaos::now_secs() + 1;
+    let principal = format!(
+        r#"{{"subject":"agent-ops","client_id":"agent-ops","groups":["ops","dba"],"issuer":"test","token_type":"access_token","token_exp":{exp}}}"#
+    );
+    let key = g.certificate(&g.keys.path().join("ca"), "short", &principal, "-5m:+1h");
+    let started = std::time::Instant::now();
+    let out = g.ssh(&key, &["sleep 30; echo never"]).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "ended at expiry, not after the command: {took:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));
+    let records = g.node.records_after_sessions(1).await;
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(
+        end[0].body.detail.as_deref(),
+        Some("the session's token expired")
+    );
+}

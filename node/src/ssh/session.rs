@@ -56,6 +56,9 @@ pub async fn run(
         authenticated: Arc::new(AtomicBool::new(false)),
         tried: false,
         refusals: 0,
+        expires: None,
+        expired: Arc::new(AtomicBool::new(false)),
+        expiry: None,
     };
     let authenticated = conn.authenticated.clone();
     // The identification exchange counts against the authentication time too: a client that
@@ -121,6 +124,12 @@ pub(super) struct Conn {
     /// The client asked to authenticate (a connection that only exchanged keys, like
     /// `ssh-keyscan`, leaves no record).
     tried: bool,
+    /// Time left before the session must end with its token (`identity.session_expiry`).
+    expires: Option<Duration>,
+    /// Set when the session was ended because its token expired.
+    expired: Arc<AtomicBool>,
+    /// The timer that ends the session when its token expires.
+    expiry: Option<tokio::task::JoinHandle<()>>,
     /// Refused logins on record.
     refusals: u32,
 }
@@ -265,6 +274,7 @@ impl Conn {
         self.host = Some(Arc::new(host));
         self.recording = Some(recording);
         self.started = Some(Instant::now());
+        self.expires = self.ctx.core.verifier.session_remaining(&principal);
         self.authenticated.store(true, Ordering::SeqCst);
         Auth::Accept
     }
@@ -287,10 +297,16 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        if let Some(timer) = self.expiry.take() {
+            timer.abort();
+        }
         if let Some(started) = self.started {
             self.ctx.core.metrics.active_sessions.dec();
             let mut body = self.body(Kind::SessionEnd);
             body.duration_us = Some(started.elapsed().as_micros() as u64);
+            if self.expired.load(Ordering::SeqCst) {
+                body.detail = Some("the session's token expired".into());
+            }
             self.ctx.core.audit.record(body);
         } else if self.tried && self.refusals == 0 {
             // russh refuses some credentials before the gateway sees them: an expired or
@@ -361,8 +377,24 @@ impl russh::server::Handler for Conn {
         }
     }
 
-    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+    /// The client is in: its pre-authentication permit goes back, and a session whose token
+    /// expires is ended then (`identity.session_expiry`), like a PostgreSQL session.
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.preauth = None;
+        if let Some(left) = self.expires {
+            let (handle, expired) = (session.handle(), self.expired.clone());
+            self.expiry = Some(tokio::spawn(async move {
+                tokio::time::sleep(left).await;
+                expired.store(true, Ordering::SeqCst);
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "vigil: the session's token expired; log in again".into(),
+                        String::new(),
+                    )
+                    .await;
+            }));
+        }
         Ok(())
     }
 
