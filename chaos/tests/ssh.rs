@@ -230,8 +230,9 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
 
 #[tokio::test]
 async fn bad_credentials_are_refused_recorded_and_never_reach_the_host() {
-    // Its own login key, so that sshd's log tells this gateway's logins from other tests'.
-    let login_key = env().get("VIGIL_DEV_SSH_DIRECT_KEY");
+    // Its own login key, so that sshd's log tells this gateway's logins from other tests' (and
+    // from the benchmarks', which use the direct key).
+    let login_key = env().get("VIGIL_DEV_SSH_PROBE_KEY");
     let g = Gateway::start_with(env().get("VIGIL_DEV_SSHD_HOST_KEY"), login_key, &policy()).await;
     let fingerprint = {
         let out = Command::new("ssh-keygen")
@@ -265,7 +266,32 @@ async fn bad_credentials_are_refused_recorded_and_never_reach_the_host() {
         assert!(st.success());
         key
     };
-    for key in [&expired, &foreign, &mismatched] {
+    // A tampered certificate (one byte of its signed body changed), and a certificate
+    // presented with another key than the one it certifies.
+    let tampered = g.certificate(&ca, "tampered", OPS_PRINCIPAL, "-5m:+1h");
+    {
+        use base64::Engine as _;
+        let path = format!("{}-cert.pub", tampered.display());
+        let line = std::fs::read_to_string(&path).unwrap();
+        let mut parts: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut blob = engine.decode(&parts[1]).unwrap();
+        let at = blob.len() / 2;
+        blob[at] ^= 0x01;
+        parts[1] = engine.encode(&blob);
+        std::fs::write(&path, parts.join(" ") + "\n").unwrap();
+    }
+    let wrong_key = {
+        let other = keygen(g.keys.path(), "other-key");
+        let good = g.certificate(&ca, "good", OPS_PRINCIPAL, "-5m:+1h");
+        std::fs::copy(
+            format!("{}-cert.pub", good.display()),
+            format!("{}-cert.pub", other.display()),
+        )
+        .unwrap();
+        other
+    };
+    for key in [&expired, &foreign, &mismatched, &tampered, &wrong_key] {
         let out = g.ssh(key, &["echo should-not-run"]).await;
         assert_eq!(out.status.code(), Some(255), "{}: {out:?}", key.display());
     }
@@ -292,7 +318,7 @@ async fn bad_credentials_are_refused_recorded_and_never_reach_the_host() {
         .filter(|r| r.body.outcome != Some(Outcome::Success))
         .map(|r| r.body.detail.clone().unwrap_or_default())
         .collect();
-    assert!(refused.len() >= 8, "{refused:#?}");
+    assert!(refused.len() >= 10, "{refused:#?}");
     assert!(
         of_kind(&records, Kind::SessionStart)
             .iter()

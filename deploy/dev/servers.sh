@@ -74,6 +74,9 @@ ssh_command_log="$sshd_dir/commands.log"       # written by the logging shell
 ssh_keys_dir="$dev_dir/ssh-keys"  # client keys (not under $secrets: that is a file)
 ssh_gateway_key="$ssh_keys_dir/ssh-gateway-key"
 ssh_direct_key="$ssh_keys_dir/ssh-direct-key"
+# A third authorized key, for tests that must tell their gateway's logins from everyone else's
+# in sshd's log (the direct key is the benchmarks').
+ssh_probe_key="$ssh_keys_dir/ssh-probe-key"
 ssh_login=vigil-ops
 ssh_other_login=vigil-other
 ssh_shell=/usr/local/bin/vigil-logging-shell  # shared by every state dir: it logs to the file
@@ -654,12 +657,13 @@ sshd_provision() {
   ensure_ssh_key "$sshd_host_key" "vigil-dev-sshd"
   ensure_ssh_key "$ssh_gateway_key" "vigil-dev ssh-gateway-key"
   ensure_ssh_key "$ssh_direct_key" "vigil-dev ssh-direct-key"
+  ensure_ssh_key "$ssh_probe_key" "vigil-dev ssh-probe-key"
 
-  # both client keys for both users; sshd reads these as the user, hence 755/644
+  # the client keys for both users; sshd reads these as the user, hence 755/644
   install -d -m 755 "$sshd_authkeys_dir"
   local u
   for u in "$ssh_login" "$ssh_other_login"; do
-    cat "$ssh_gateway_key.pub" "$ssh_direct_key.pub" >"$sshd_authkeys_dir/$u.tmp"
+    cat "$ssh_gateway_key.pub" "$ssh_direct_key.pub" "$ssh_probe_key.pub" >"$sshd_authkeys_dir/$u.tmp"
     chmod 644 "$sshd_authkeys_dir/$u.tmp"
     mv -f "$sshd_authkeys_dir/$u.tmp" "$sshd_authkeys_dir/$u"
   done
@@ -794,7 +798,7 @@ write_env() {
        '# (also: topic list, topic delete NAME). A consumer-group join waits about half of the' \
        '# session timeout (23 s with librdkafka'"'"'s default 45000 ms): set session.timeout.ms=6000 in tests.' \
        '# SSH (VIGIL_DEV_SSH*): OpenSSH on 127.0.0.1, keys only, users $VIGIL_DEV_SSH_LOGIN and' \
-       '# $VIGIL_DEV_SSH_OTHER_LOGIN, both accepting the gateway and the direct key. Their login shell' \
+       '# $VIGIL_DEV_SSH_OTHER_LOGIN, accepting the gateway, the direct and the probe key. Their login shell' \
        '# appends "TIME<TAB>USER<TAB>PID<TAB>MODE<TAB>COMMAND" to $VIGIL_DEV_SSH_COMMAND_LOG before' \
        '# running anything; MODE: exec (ssh host CMD), login, typed (a line typed with a pty), stdin' \
        '# (a line sent to a shell without pty); in COMMAND \\ \n \t \r are escaped. sshd logs at VERBOSE.'
@@ -836,6 +840,7 @@ write_env() {
        VIGIL_DEV_SSH_COMMAND_LOG "$ssh_command_log" \
        VIGIL_DEV_SSH_GATEWAY_KEY "$ssh_gateway_key" \
        VIGIL_DEV_SSH_DIRECT_KEY "$ssh_direct_key" \
+       VIGIL_DEV_SSH_PROBE_KEY "$ssh_probe_key" \
        VIGIL_DEV_SSH_LOGIN "$ssh_login" \
        VIGIL_DEV_SSH_OTHER_LOGIN "$ssh_other_login"
    } >"$tmp")
