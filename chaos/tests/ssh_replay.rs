@@ -140,15 +140,18 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
         .into_iter()
         .find_map(|r| {
             let rec = r.body.recording.as_ref()?;
-            matches!(rec.store, ChunkStore::File { offset: 0, .. }).then_some((rec, r.seq))
+            // The file starts with its salt; the first chunk follows it.
+            let first = vigil_proto::record::SALT_LEN as u64;
+            matches!(rec.store, ChunkStore::File { offset, .. } if offset == first)
+                .then_some((rec, r.seq))
         })
-        .expect("a chunk at the start of the file");
+        .expect("a chunk right after the file's salt");
     let ChunkStore::File { path, .. } = &rec.store else {
         unreachable!()
     };
     let file = g.node.files.audit_dir.join(path);
     let mut bytes = std::fs::read(&file).unwrap();
-    bytes[0] ^= 0x20;
+    bytes[vigil_proto::record::SALT_LEN] ^= 0x20;
     std::fs::write(&file, bytes).unwrap();
     let named = format!(
         "record seq {seq} of stream {} (channel {} {} at offset 0)",

@@ -34,14 +34,22 @@ impl ChunkReader {
 
     /// The bytes of the chunk `rec` describes, once `rec` proves them; else why not.
     pub fn read(&mut self, rec: &Recording) -> Result<Vec<u8>, String> {
-        let bytes =
-            match &rec.store {
-                ChunkStore::Inline { data } => base64::engine::general_purpose::STANDARD
+        let (salt, bytes) = match &rec.store {
+            ChunkStore::Inline { data } => (
+                Vec::new(),
+                base64::engine::general_purpose::STANDARD
                     .decode(data)
                     .map_err(|e| format!("its inline data is not base64: {e}"))?,
-                ChunkStore::File { path, offset } => self.read_file(path, *offset, rec.length)?,
-            };
-        if rec.proves(&bytes) {
+            ),
+            ChunkStore::File { path, offset } => {
+                let salt = match rec.salted {
+                    true => self.read_file(path, 0, vigil_proto::record::SALT_LEN as u64)?,
+                    false => Vec::new(),
+                };
+                (salt, self.read_file(path, *offset, rec.length)?)
+            }
+        };
+        if rec.proves(&salt, &bytes) {
             return Ok(bytes);
         }
         Err(match &rec.store {
@@ -231,6 +239,7 @@ mod tests {
             offset,
             length: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(bytes)),
+            salted: false,
             store,
         }
     }

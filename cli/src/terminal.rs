@@ -548,6 +548,7 @@ pub mod tests {
                 offset,
                 length: bytes.len() as u64,
                 sha256: hex::encode(Sha256::digest(bytes)),
+                salted: false,
                 store: ChunkStore::Inline {
                     data: base64::engine::general_purpose::STANDARD.encode(bytes),
                 },

@@ -336,11 +336,20 @@ pub struct Recording {
     /// Bytes of this channel and direction before this chunk.
     pub offset: u64,
     pub length: u64,
-    /// Hex SHA-256 of the chunk's bytes.
+    /// Hex SHA-256 of the chunk's bytes; with `salted`, of the recording file's salt (its
+    /// first [`SALT_LEN`] bytes) followed by the chunk's bytes.
     pub sha256: String,
+    /// Whether the digest is salted. A digest of a short chunk alone gives the chunk away (one
+    /// keystroke has 256 possible values): whoever reads the records (a SIEM on the topic)
+    /// must not read what was typed. The salt stays with the bytes, in the recording file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub salted: bool,
     /// Where the bytes are kept.
     pub store: ChunkStore,
 }
+
+/// Length of the random salt at the start of a recording file.
+pub const SALT_LEN: usize = 32;
 
 /// Where a recorded chunk's bytes are kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,11 +370,23 @@ impl Default for ChunkStore {
 }
 
 impl Recording {
-    /// Whether `bytes` are the chunk this record describes.
-    pub fn proves(&self, bytes: &[u8]) -> bool {
-        use sha2::{Digest, Sha256};
-        bytes.len() as u64 == self.length && hex::encode(Sha256::digest(bytes)) == self.sha256
+    /// Whether `bytes` are the chunk this record describes; `salt` is the recording file's
+    /// (read only when the digest is salted).
+    pub fn proves(&self, salt: &[u8], bytes: &[u8]) -> bool {
+        bytes.len() as u64 == self.length
+            && chunk_digest(self.salted.then_some(salt), bytes) == self.sha256
     }
+}
+
+/// Hex SHA-256 of a chunk, salted or not (see [`Recording::salted`]).
+pub fn chunk_digest(salt: Option<&[u8]>, bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    if let Some(salt) = salt {
+        h.update(salt);
+    }
+    h.update(bytes);
+    hex::encode(h.finalize())
 }
 
 /// The policy that decided.
@@ -588,19 +609,33 @@ mod tests {
 
     #[test]
     fn a_chunk_record_proves_its_bytes() {
-        use sha2::{Digest, Sha256};
         let bytes = b"$ uptime\r\n";
-        let r = Recording {
+        let salt = [7u8; SALT_LEN];
+        let mut r = Recording {
             channel: "0".into(),
             direction: "output".into(),
             offset: 0,
             length: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(bytes)),
+            sha256: chunk_digest(None, bytes),
+            salted: false,
             store: ChunkStore::default(),
         };
-        assert!(r.proves(bytes));
-        assert!(!r.proves(b"$ uptime\r\r"));
-        assert!(!r.proves(&bytes[1..]));
+        assert!(r.proves(&salt, bytes));
+        assert!(!r.proves(&salt, b"$ uptime\r\r"));
+        assert!(!r.proves(&salt, &bytes[1..]));
+        // Salted: the digest alone does not give a short chunk away.
+        r.sha256 = chunk_digest(Some(&salt), bytes);
+        r.salted = true;
+        assert!(r.proves(&salt, bytes));
+        assert!(!r.proves(&[8u8; SALT_LEN], bytes), "another salt");
+        let keystroke = Recording {
+            length: 1,
+            sha256: chunk_digest(Some(&salt), b"x"),
+            salted: true,
+            ..r.clone()
+        };
+        let guessed = (0..=255u8).find(|b| chunk_digest(None, &[*b]) == keystroke.sha256);
+        assert_eq!(guessed, None, "no unsalted guess finds the keystroke");
     }
 
     /// The published JSON Schema describes every field a node writes, with every value set.
@@ -687,6 +722,7 @@ mod tests {
             offset: 0,
             length: 2,
             sha256: "ab".repeat(32),
+            salted: true,
             store: ChunkStore::File {
                 path: "n1-1.rec".into(),
                 offset: 0,

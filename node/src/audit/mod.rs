@@ -97,13 +97,16 @@ struct Entry {
 }
 
 /// Where a session's recorded stream bytes go: `recordings/SESSION.bin` next to the stream
-/// files. Records of kind `recording` name each chunk's offset, length and SHA-256; the writer
+/// files, after a random salt (its first `SALT_LEN` bytes). Records of kind `recording` name each chunk's offset, length and SHA-256; the writer
 /// thread writes a chunk, at the offset its record names, before the record that proves it.
 /// Writes are positional, so chunks handed over by different tasks in any order land where
 /// their records say, and a chunk whose record is never written (a failed or refused append)
 /// leaves bytes no record names, never a shift.
 pub struct RecordingFile {
     file: File,
+    /// Random bytes at the start of the file, hashed before each chunk (see
+    /// `Recording::salted`): a record's digest does not give a short chunk away.
+    salt: [u8; vigil_proto::record::SALT_LEN],
     /// Relative to the audit directory (what records name).
     path: PathBuf,
     /// Bytes handed to the writer so far: the offset of the next chunk.
@@ -310,21 +313,25 @@ impl AuditLog {
             .join(RECORDINGS_DIR);
         let rel = Path::new(RECORDINGS_DIR).join(format!("{session}.bin"));
         let path = dir.join(format!("{session}.bin"));
+        let salt: [u8; vigil_proto::record::SALT_LEN] = rand::random();
         let file = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir)?;
             use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
+            let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(&path)?;
+            file.write_all(&salt)?;
+            Ok::<_, std::io::Error>(file)
         })
         .await
         .map_err(std::io::Error::other)??;
         Ok(Arc::new(RecordingFile {
             file,
+            salt,
             path: rel,
-            next: Default::default(),
+            next: std::sync::atomic::AtomicU64::new(vigil_proto::record::SALT_LEN as u64),
         }))
     }
 
@@ -339,14 +346,14 @@ impl AuditLog {
         bytes: Vec<u8>,
         wait: bool,
     ) -> Result<(), AuditError> {
-        use sha2::{Digest, Sha256};
         let offset = file.next.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         body.recording = Some(vigil_proto::record::Recording {
             channel: of.channel,
             direction: of.direction.into(),
             offset: of.offset,
             length: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
+            sha256: vigil_proto::record::chunk_digest(Some(&file.salt), &bytes),
+            salted: true,
             store: vigil_proto::record::ChunkStore::File {
                 path: file.path.to_string_lossy().into_owned(),
                 offset,

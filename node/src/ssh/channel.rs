@@ -30,6 +30,13 @@ use vigil_proto::record::{
 /// Exit status of a command the gateway refused (as a shell's "cannot execute").
 pub const REFUSED_EXIT_STATUS: u32 = 126;
 
+/// How long the host's EOF is held back waiting for the exit status. sshd often sends EOF
+/// (the command's output closed) just before the exit status; an OpenSSH client that has sent
+/// its own EOF closes the channel as soon as it sees ours, and the exit status relayed a moment
+/// later would be lost (the client's `ssh` then exits 255). Passing the exit status first is
+/// what sshd itself does when the timing falls that way.
+const EOF_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Input messages a running channel may queue before the client is slowed down.
 const INPUT_QUEUE: usize = 64;
 
@@ -993,10 +1000,20 @@ async fn output_task(
         ..SshResponse::default()
     };
     let mut error_offset = 0u64;
+    // The host's EOF, held back briefly (see [`EOF_HOLD`]).
+    let mut eof_at: Option<tokio::time::Instant> = None;
     loop {
         let at_boundary = p.sftp.as_ref().is_some_and(|s| s.at_boundary());
+        let held = eof_at.unwrap_or_else(tokio::time::Instant::now);
         let msg = tokio::select! {
             m = read.wait() => m,
+            () = tokio::time::sleep_until(held), if eof_at.is_some() => {
+                eof_at = None;
+                if client.eof(id).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             Some(reply) = injected.recv(), if at_boundary => {
                 let offset = p.counters.output.fetch_add(reply.len() as u64, Ordering::Relaxed);
                 if !rec.chunk("output", offset, &reply, true).await
@@ -1034,6 +1051,7 @@ async fn output_task(
             ChannelMsg::ExitStatus { exit_status } => {
                 response.exit_status = Some(exit_status);
                 client.exit_status_request(id, exit_status).await.is_ok()
+                    && (eof_at.take().is_none() || client.eof(id).await.is_ok())
             }
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -1046,9 +1064,18 @@ async fn output_task(
                     .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                     .await
                     .is_ok()
+                    && (eof_at.take().is_none() || client.eof(id).await.is_ok())
             }
-            ChannelMsg::Eof => client.eof(id).await.is_ok(),
-            ChannelMsg::Close => break,
+            ChannelMsg::Eof => {
+                eof_at = Some(tokio::time::Instant::now() + EOF_HOLD);
+                true
+            }
+            ChannelMsg::Close => {
+                if eof_at.take().is_some() {
+                    let _ = client.eof(id).await;
+                }
+                break;
+            }
             _ => true,
         };
         if !delivered {

@@ -194,8 +194,17 @@ impl Conn {
             .extensions()
             .get(PRINCIPAL_EXTENSION)
             .ok_or("certificate refused: it names no Vigil principal")?;
-        let principal: Principal = serde_json::from_str(json)
+        let mut principal: Principal = serde_json::from_str(json)
             .map_err(|e| format!("certificate refused: bad principal extension: {e}"))?;
+        // The session lasts no longer than the certificate, nor than the token it names.
+        let cert_end = (cert.valid_before() != u64::MAX).then_some(cert.valid_before());
+        principal.token_exp = match (principal.token_exp, cert_end) {
+            (Some(t), Some(c)) => Some(t.min(c)),
+            (t, c) => t.or(c),
+        };
+        if principal.token_exp.is_none() {
+            return Err("certificate refused: it never expires and names no token expiry".into());
+        }
         if !cert.valid_principals().contains(&principal.subject) {
             return Err("certificate refused: its principals do not name its subject".into());
         }

@@ -54,8 +54,11 @@ impl Target {
             pins: self.pins.clone(),
             presented: presented.clone(),
         };
+        // No Nagle on the host side either: a small request (an exec, a keystroke) must not
+        // wait for the host's delayed ACK (~40 ms on Linux).
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
+            nodelay: true,
             ..Default::default()
         });
         let timeout = Duration::from_secs(self.config.connect_timeout_secs);
