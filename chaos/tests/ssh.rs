@@ -112,7 +112,7 @@ fn ssh_requests(records: &[Record]) -> Vec<(Kind, String, Option<String>)> {
 
 /// Every recorded chunk of a channel and direction, read back from its recording file and
 /// checked against its record.
-fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
+fn recorded(audit_dir: &Path, records: &[Record], direction: &str) -> Vec<u8> {
     let mut bytes = Vec::new();
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     for r in of_kind(records, Kind::Recording) {
@@ -125,7 +125,7 @@ fn recorded(g: &Gateway, records: &[Record], direction: &str) -> Vec<u8> {
         };
         let data = files
             .entry(path.clone())
-            .or_insert_with(|| std::fs::read(g.node.files.audit_dir.join(path)).unwrap());
+            .or_insert_with(|| std::fs::read(audit_dir.join(path)).unwrap());
         let chunk = &data[*offset as usize..(*offset + rec.length) as usize];
         let salt = &data[..vigil_proto::record::SALT_LEN];
         assert!(rec.salted, "digests of recorded chunks are salted");
@@ -178,8 +178,14 @@ async fn a_token_login_runs_an_exec_with_its_streams_and_exit_status_recorded() 
         panic!("an SSH response");
     };
     assert_eq!(r.exit_status, Some(3));
-    assert_eq!(recorded(&g, &records, "output"), b"hello\n");
-    assert_eq!(recorded(&g, &records, "error"), b"oops\n");
+    assert_eq!(
+        recorded(&g.node.files.audit_dir, &records, "output"),
+        b"hello\n"
+    );
+    assert_eq!(
+        recorded(&g.node.files.audit_dir, &records, "error"),
+        b"oops\n"
+    );
 }
 
 #[tokio::test]
@@ -623,7 +629,7 @@ async fn transfers_keep_every_byte_scp_sftp_and_rsync_work() {
         })
         .cloned()
         .collect();
-    let input = recorded(&g, &of_stmt, "input");
+    let input = recorded(&g.node.files.audit_dir, &of_stmt, "input");
     assert_eq!(input.len(), 104_857_600);
 }
 
@@ -958,8 +964,16 @@ async fn an_interactive_shell_under_tmux_is_recorded_and_replays_what_the_screen
     }
 }
 
-#[tokio::test]
-async fn kill_9_in_a_long_exec_leaves_what_reached_the_host_on_record_and_everything_verifies() {
+/// A gateway in its own process (so that it can be killed), with a certificate for
+/// `principal` and an ssh config for host `web` through it.
+struct Spawned {
+    _keys: tempfile::TempDir,
+    files: vigil_chaos::NodeFiles,
+    node: std::process::Child,
+    config: std::path::PathBuf,
+}
+
+async fn spawned_gateway(principal: &str) -> Spawned {
     let keys = tempfile::tempdir().unwrap();
     let ca = keygen(keys.path(), "ca");
     let (port, admin_port) = (vigil_chaos::free_port(), vigil_chaos::free_port());
@@ -976,15 +990,47 @@ async fn kill_9_in_a_long_exec_leaves_what_reached_the_host_on_record_and_everyt
         ..Default::default()
     };
     let files = vigil_chaos::NodeFiles::new(&opts).await;
-    let mut node = vigil_chaos::spawn_node(&files, admin_port).await;
-    let key = vigil_chaos::ssh::certificate(keys.path(), &ca, "user", OPS_PRINCIPAL, "-5m:+1h");
+    let node = vigil_chaos::spawn_node(&files, admin_port).await;
+    let key = vigil_chaos::ssh::certificate(keys.path(), &ca, "user", principal, "-5m:+1h");
     let user = format!("{}+web", env().get("VIGIL_DEV_SSH_LOGIN"));
     let config = vigil_chaos::ssh::client_config(&key, port, &user);
+    Spawned {
+        _keys: keys,
+        files,
+        node,
+        config,
+    }
+}
+
+impl Spawned {
+    /// SIGKILL, then: the stream verifies (a torn last record allowed for), every recorded
+    /// chunk verifies against its file; returns the records.
+    async fn kill_and_verify(&mut self) -> Vec<Record> {
+        self.node.kill().unwrap();
+        self.node.wait().unwrap();
+        let dir = self.files.audit_dir.to_str().unwrap().to_string();
+        let (code, report) = tokio::task::spawn_blocking(move || {
+            vigil_chaos::vigil(&["audit", "verify", "--log", &dir])
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{report}");
+        assert!(
+            report.contains("recorded chunks:") && !report.contains("failed"),
+            "{report}"
+        );
+        self.files.records()
+    }
+}
+
+#[tokio::test]
+async fn kill_9_in_a_long_exec_leaves_what_reached_the_host_on_record_and_everything_verifies() {
+    let mut s = spawned_gateway(OPS_PRINCIPAL).await;
     let before = host_command_count();
     let long = "for i in $(seq 1 400); do echo line-$i; sleep 0.02; done; echo never";
     let mut client = tokio::process::Command::new("ssh")
         .arg("-F")
-        .arg(&config)
+        .arg(&s.config)
         .args(["web", long])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -999,65 +1045,94 @@ async fn kill_9_in_a_long_exec_leaves_what_reached_the_host_on_record_and_everyt
         }
     }
     assert_eq!(seen, 40);
-    node.kill().unwrap();
-    node.wait().unwrap();
+    let records = s.kill_and_verify().await;
     let _ = client.wait().await;
     assert!(
         host_ran(before).contains(&long.to_string()),
         "the host ran the command"
     );
-
-    // Everything on record verifies: the stream (a torn last record is allowed for), and every
-    // recorded chunk against the recording file.
-    let dir = files.audit_dir.to_str().unwrap().to_string();
-    let (code, report) = tokio::task::spawn_blocking(move || {
-        vigil_chaos::vigil(&["audit", "verify", "--log", &dir])
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0, "{report}");
-    assert!(
-        report.contains("recorded chunks:") && !report.contains("failed"),
-        "{report}"
-    );
-    let records = files.records();
     assert!(
         records.iter().any(|r| matches!(&r.body.request, Some(Request::Ssh(s)) if s.command.as_deref() == Some(long))),
         "the command that reached the host is on record"
     );
-    let output: Vec<u8> = {
-        let mut bytes = Vec::new();
-        let data = std::fs::read(
-            files.audit_dir.join(
-                match &of_kind(&records, Kind::Recording)[0]
-                    .body
-                    .recording
-                    .as_ref()
-                    .unwrap()
-                    .store
-                {
-                    ChunkStore::File { path, .. } => path.clone(),
-                    ChunkStore::Inline { .. } => panic!("file chunks"),
-                },
-            ),
-        )
-        .unwrap();
-        for r in of_kind(&records, Kind::Recording) {
-            let rec = r.body.recording.as_ref().unwrap();
-            let ChunkStore::File { offset, .. } = &rec.store else {
-                panic!()
-            };
-            let chunk = &data[*offset as usize..(*offset + rec.length) as usize];
-            assert!(rec.proves(&data[..vigil_proto::record::SALT_LEN], chunk));
-            bytes.extend_from_slice(chunk);
-        }
-        bytes
-    };
+    let output = recorded(&s.files.audit_dir, &records, "output");
     let text = String::from_utf8_lossy(&output);
     assert!(text.starts_with("line-1\nline-2\n"), "{text}");
     assert!(
         text.contains("line-40\n"),
         "what the client saw is recorded: {text}"
+    );
+}
+
+#[tokio::test]
+async fn kill_9_in_a_shell_leaves_what_was_typed_and_shown_on_record() {
+    let person = r#"{"subject":"alice","groups":["dba"],"issuer":"test","token_type":"id_token"}"#;
+    let mut s = spawned_gateway(person).await;
+    let before = host_command_count();
+    let marker = format!("kill-shell-{}", vigil_chaos::random_suffix());
+    let mut client = tokio::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args(["-tt", "web"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The prompt, then the typed line and what it printed.
+    let read_until = |shown: &Vec<u8>, text: &str, n: usize| {
+        String::from_utf8_lossy(shown).matches(text).count() >= n
+    };
+    while !read_until(&shown, ":~$", 1) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&shown));
+        shown.extend_from_slice(&buf[..n]);
+    }
+    stdin
+        .write_all(format!("echo {marker}\r").as_bytes())
+        .await
+        .unwrap();
+    while !read_until(&shown, &marker, 2) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        shown.extend_from_slice(&buf[..n]);
+    }
+    let records = s.kill_and_verify().await;
+    drop(stdin);
+    let _ = client.wait().await;
+    let typed = format!("echo {marker}");
+    assert!(
+        host_commands(before)
+            .iter()
+            .any(|l| l.ends_with(&format!("typed\t{typed}"))),
+        "the host's shell ran the typed line"
+    );
+    assert!(
+        ssh_requests(&records)
+            .iter()
+            .any(|(_, t, c)| t == "typed" && c.as_deref() == Some(typed.as_str())),
+        "the typed line is on record"
+    );
+    let output =
+        String::from_utf8_lossy(&recorded(&s.files.audit_dir, &records, "output")).to_string();
+    assert!(
+        output.matches(&marker).count() >= 2,
+        "what the screen showed is recorded: {output}"
+    );
+    let input = recorded(&s.files.audit_dir, &records, "input");
+    assert!(
+        String::from_utf8_lossy(&input).contains(&typed),
+        "the keystrokes are recorded"
     );
 }
 
@@ -1219,4 +1294,109 @@ async fn exit_statuses_reach_clients_on_a_multiplexed_connection() {
         assert_eq!(out.status.code(), Some(7), "run {i}: {out:?}");
     }
     let _ = run("ssh", &["-F", cfg, "-S", ctl, "-O", "exit", "web"], None).await;
+}
+
+#[tokio::test]
+async fn the_keyboard_interactive_path_refuses_every_bad_token_and_records_why() {
+    let g = Gateway::start(&policy()).await;
+    let kid = "dev-key-1";
+    let ops = || {
+        let mut c = vigil_chaos::base_claims();
+        c["sub"] = serde_json::json!("agent-ops");
+        c["client_id"] = serde_json::json!("agent-ops");
+        c["groups"] = serde_json::json!(["dba"]);
+        c
+    };
+    let with = |key: &str, value: serde_json::Value| {
+        let mut c = ops();
+        c[key] = value;
+        vigil_chaos::forge(&c, kid, None)
+    };
+    let now = vigil_chaos::now_secs();
+    let other_key = {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let st = Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        std::fs::read(path).unwrap()
+    };
+    let good = vigil_chaos::forge(&ops(), kid, None);
+    let tampered = {
+        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+        let mut payload = parts[1].clone().into_bytes();
+        payload[5] = if payload[5] == b'A' { b'B' } else { b'A' };
+        parts[1] = String::from_utf8(payload).unwrap();
+        parts.join(".")
+    };
+    let without_exp = {
+        let mut c = ops();
+        c.as_object_mut().unwrap().remove("exp");
+        vigil_chaos::forge(&c, kid, None)
+    };
+    let matrix = [
+        (
+            "expired",
+            with("exp", serde_json::json!(now - 3600)),
+            "expired",
+        ),
+        (
+            "wrong issuer",
+            with("iss", serde_json::json!("http://evil.example")),
+            "issuer",
+        ),
+        (
+            "wrong audience",
+            with("aud", serde_json::json!("urn:someone:else")),
+            "audience",
+        ),
+        (
+            "unknown kid",
+            vigil_chaos::forge(&ops(), "no-such-key", None),
+            "unknown key",
+        ),
+        (
+            "another key",
+            vigil_chaos::forge(&ops(), kid, Some(&other_key)),
+            "signature",
+        ),
+        ("tampered payload", tampered, "signature"),
+        ("missing exp", without_exp, "exp"),
+        ("empty", String::new(), "well-formed"),
+    ];
+    for (name, token, _) in &matrix {
+        assert!(
+            token_login(g.port(), &g.user(), token).await.is_none(),
+            "{name} must be refused"
+        );
+    }
+    // The same claims, well signed, get in: each refusal above is the defect named.
+    let h = token_login(g.port(), &g.user(), &good)
+        .await
+        .expect("a good token logs in");
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = g.node.records().await;
+    let refused: Vec<String> = of_kind(&records, Kind::SessionStart)
+        .iter()
+        .filter(|r| r.body.outcome != Some(Outcome::Success))
+        .map(|r| r.body.detail.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(refused.len(), matrix.len(), "{refused:#?}");
+    for ((name, _, reason), detail) in matrix.iter().zip(&refused) {
+        assert!(
+            detail.contains(reason),
+            "{name}: {detail:?} should say {reason:?}"
+        );
+    }
 }
