@@ -1400,3 +1400,34 @@ async fn the_keyboard_interactive_path_refuses_every_bad_token_and_records_why()
         );
     }
 }
+
+#[tokio::test]
+async fn the_detectors_mask_the_audit_copy_of_commands_and_streams_not_what_crosses() {
+    let masking = format!(
+        "{}\n[policy.masking]\ndetectors = [{{ kind = \"email\", method = \"redact\" }}]\n",
+        policy()
+    );
+    let g = Gateway::start(&masking).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let email = "alice.secret@example.com";
+    let out = g.ssh(&key, &[&format!("echo {email}; echo done")]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{email}\ndone\n"),
+        "the client gets the original"
+    );
+    let records = g.node.records_after_sessions(1).await;
+    let all = records
+        .iter()
+        .map(|r| serde_json::to_string(&r.body).unwrap())
+        .collect::<String>();
+    assert!(!all.contains(email), "no record carries the value");
+    let shown = recorded(&g.node.files.audit_dir, &records, "output");
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(!shown.contains(email) && shown.contains("done"), "{shown}");
+    let masked = of_kind(&records, Kind::Recording)
+        .iter()
+        .filter(|r| r.body.masked.contains_key("email"))
+        .count();
+    assert!(masked >= 1, "the chunk's record counts what was masked");
+}

@@ -768,6 +768,9 @@ struct Counters {
 struct Recorder {
     core: Arc<crate::core::Core>,
     file: Option<Arc<RecordingFile>>,
+    /// Bytes recorded so far per direction (`input`, `output`, `error`), as stored: a masked
+    /// chunk's audit copy can be shorter or longer than what crossed.
+    stored: Arc<[AtomicU64; 3]>,
     session: String,
     principal: Option<Arc<Principal>>,
     connection: Option<Arc<Connection>>,
@@ -780,6 +783,7 @@ impl Recorder {
         Self {
             core: conn.ctx.core.clone(),
             file: conn.recording.clone(),
+            stored: Arc::new(Default::default()),
             session: conn.id.clone(),
             principal: conn.principal.clone(),
             connection: Some(Arc::new(conn.conn.clone())),
@@ -796,23 +800,46 @@ impl Recorder {
         body
     }
 
-    /// Records a chunk; with `wait`, returns once it is written (input is recorded before
-    /// the host sees it).
-    async fn chunk(&self, direction: &str, offset: u64, bytes: &[u8], wait: bool) -> bool {
+    /// Records a chunk's audit copy; with `wait`, returns once it is written (a chunk is on
+    /// record before the other side sees it).
+    async fn chunk(&self, direction: &'static str, bytes: &[u8], wait: bool) -> bool {
         let Some(file) = &self.file else {
             return true;
         };
+        let mut body = self.body(Kind::Recording);
+        let copy = self.audit_copy(bytes, &mut body.masked);
+        let at = match direction {
+            "input" => 0,
+            "output" => 1,
+            _ => 2,
+        };
+        let offset = self.stored[at].fetch_add(copy.len() as u64, Ordering::Relaxed);
         let of = ChunkOf {
             channel: self.channel.number().to_string(),
             direction,
             offset,
         };
-        let body = self.body(Kind::Recording);
         self.core
             .audit
-            .chunk(body, file, of, bytes.to_vec(), wait)
+            .chunk(body, file, of, copy, wait)
             .await
             .is_ok()
+    }
+
+    /// What a chunk's record keeps: the bytes, with the value detectors applied when the chunk
+    /// is UTF-8 text (the client and the host get the original). A value split between two
+    /// chunks, or a chunk that splits a character, is not seen by the detectors: see
+    /// docs/ssh.md.
+    fn audit_copy(&self, bytes: &[u8], counts: &mut crate::policy::masking::Counts) -> Vec<u8> {
+        let masker = &self.core.masker;
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) if masker.is_active() => text,
+            _ => return bytes.to_vec(),
+        };
+        masker
+            .mask(text, None, false, Some(counts))
+            .into_owned()
+            .into_bytes()
     }
 
     fn response(&self, response: SshResponse, outcome: Outcome, started: Instant) {
@@ -939,10 +966,10 @@ async fn input_task(
                         continue;
                     }
                 }
-                let offset = counters
+                counters
                     .input
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                if !rec.chunk("input", offset, &bytes, true).await {
+                if !rec.chunk("input", &bytes, true).await {
                     let message = b"vigil: the gateway cannot record this channel; closing\r\n";
                     let _ = client.extended_data(id, 1, message.to_vec()).await;
                     let _ = write.close().await;
@@ -1015,8 +1042,8 @@ async fn output_task(
                 continue;
             }
             Some(reply) = injected.recv(), if at_boundary => {
-                let offset = p.counters.output.fetch_add(reply.len() as u64, Ordering::Relaxed);
-                if !rec.chunk("output", offset, &reply, true).await
+                p.counters.output.fetch_add(reply.len() as u64, Ordering::Relaxed);
+                if !rec.chunk("output", &reply, true).await
                     || client.data(id, reply).await.is_err()
                 {
                     break;
@@ -1036,15 +1063,13 @@ async fn output_task(
                         }
                     }
                 }
-                let offset = p
-                    .counters
+                p.counters
                     .output
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                rec.chunk("output", offset, &data, true).await
-                    && client.data(id, data).await.is_ok()
+                rec.chunk("output", &data, true).await && client.data(id, data).await.is_ok()
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                let recorded = rec.chunk("error", error_offset, &data, true).await;
+                let recorded = rec.chunk("error", &data, true).await;
                 error_offset += data.len() as u64;
                 recorded && client.extended_data(id, ext, data).await.is_ok()
             }
