@@ -131,7 +131,9 @@ impl Gateway {
         let ca = keygen(keys.path(), "ca");
         let section = ssh_section(&ca, host_key, login_key, policy);
         let opts = NodeOptions {
-            ssh: Some(format!("{section}\n[api]\nlisten = \"127.0.0.1:0\"\n")),
+            ssh: Some(format!(
+                "{section}\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n"
+            )),
             coordinator,
             ..NodeOptions::default()
         };
@@ -193,22 +195,28 @@ impl Gateway {
     /// `vigil ARGS --gateway URL --gateway-ca CERT --home HOME` (a child process; the node runs
     /// on this test's other worker).
     pub fn vigil_cli(&self, home: &Path, args: &[&str]) -> (i32, String) {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(self.cli_args(home));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        vigil(&all)
+    }
+
+    /// `--gateway URL --gateway-ca CERT --home HOME`: what a `vigil` command needs to reach
+    /// this gateway's API.
+    pub fn cli_args(&self, home: &Path) -> Vec<String> {
         let url = format!(
             "https://{}",
             self.node.node.api_addr.expect("an API listener")
         );
         let ca = self.node.files.dir.path().join("tls-api").join("cert.pem");
-        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        all.extend([
+        vec![
             "--gateway".into(),
             url,
             "--gateway-ca".into(),
             ca.display().to_string(),
             "--home".into(),
             home.display().to_string(),
-        ]);
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        vigil(&all)
+        ]
     }
 }
 

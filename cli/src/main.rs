@@ -6,6 +6,7 @@
 
 mod asciicast;
 mod display;
+mod login;
 mod recording;
 mod replay;
 mod ssh;
@@ -67,9 +68,17 @@ enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
-    /// Log in for SSH: a short-lived certificate from the gateway for a key held locally
-    /// (in ~/.vigil/ssh), valid no longer than the token.
+    /// Log in: as a person at the organisation's identity provider (a browser, or --device),
+    /// or with an agent's token (--token). The token is kept in ~/.vigil (0600), and a
+    /// short-lived SSH certificate is fetched for a key held there, valid no longer than it.
     Login(ssh::LoginArgs),
+    /// Print the token of the last `vigil login` while it is valid (for example as the
+    /// PostgreSQL password: PGPASSWORD=$(vigil token)).
+    Token {
+        /// Where `vigil login` kept it.
+        #[arg(long, env = "VIGIL_HOME")]
+        home: Option<PathBuf>,
+    },
     /// OpenSSH `Host` blocks for the hosts the token's principal may use, and a known-hosts
     /// file that pins the gateway's host key: append them to ~/.ssh/config.
     SshConfig(ssh::SshConfigArgs),
@@ -921,6 +930,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
     match args.command {
         Command::Login(a) => ssh::login(&a).map(|out| {
             print!("{out}");
+            ExitCode::SUCCESS
+        }),
+        Command::Token { home } => ssh::cached_token(&ssh::vigil_home(home.as_deref())?).map(|t| {
+            println!("{t}");
             ExitCode::SUCCESS
         }),
         Command::SshConfig(a) => ssh::ssh_config(&a).map(|out| {

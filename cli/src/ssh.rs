@@ -25,8 +25,30 @@ pub struct GatewayArgs {
 pub struct LoginArgs {
     #[command(flatten)]
     pub gateway: GatewayArgs,
-    /// The access token to log in with (an agent's client-credentials token). Prefer
-    /// VIGIL_TOKEN or --token-file: a command line is visible to other users.
+    /// Log in with this token (an agent's client-credentials token) instead of as a person.
+    /// Prefer VIGIL_TOKEN or --token-file: a command line is visible to other users.
+    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// A person on a box with no browser: a URL and a code to enter on any other device
+    /// (the OAuth device authorization grant).
+    #[arg(long, conflicts_with_all = ["token", "token_file", "no_browser"])]
+    pub device: bool,
+    /// Print the login URL instead of opening a browser (open it on this machine: the
+    /// provider sends the browser back to a port on 127.0.0.1).
+    #[arg(long)]
+    pub no_browser: bool,
+    /// The loopback port the browser is sent back to (0: any free port; the provider must
+    /// register the client as a native app, RFC 8252, or this exact port).
+    #[arg(long, default_value_t = 0)]
+    pub callback_port: u16,
+}
+
+/// Where a command finds the caller's token: given, or the one `vigil login` kept.
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    /// The token (default: the one the last `vigil login` kept).
     #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     #[arg(long)]
@@ -37,31 +59,52 @@ pub struct LoginArgs {
 pub struct SshConfigArgs {
     #[command(flatten)]
     pub gateway: GatewayArgs,
-    /// The token whose hosts to list (the one `vigil login` used).
-    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub token: TokenArgs,
 }
 
-fn token(inline: &Option<String>, file: &Option<PathBuf>) -> Result<String, String> {
-    match (file, inline) {
-        (Some(f), _) => std::fs::read_to_string(f)
-            .map(|t| t.trim().to_string())
-            .map_err(|e| format!("{}: {e}", f.display())),
-        (None, Some(t)) => Ok(t.trim().to_string()),
-        (None, None) => Err("give the token with --token, VIGIL_TOKEN or --token-file".into()),
+impl TokenArgs {
+    fn get(&self, gateway: &GatewayArgs) -> Result<String, String> {
+        match (&self.token_file, &self.token) {
+            (Some(f), _) => std::fs::read_to_string(f)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("{}: {e}", f.display())),
+            (None, Some(t)) => Ok(t.trim().to_string()),
+            (None, None) => cached_token(&gateway.home()?),
+        }
+    }
+}
+
+/// The Vigil home: given, or `~/.vigil`.
+pub fn vigil_home(given: Option<&Path>) -> Result<PathBuf, String> {
+    match given {
+        Some(h) => Ok(h.to_path_buf()),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".vigil"))
+            .ok_or_else(|| "HOME is not set: give --home".into()),
+    }
+}
+
+/// The token the last `vigil login` kept, while it is valid.
+pub fn cached_token(home: &Path) -> Result<String, String> {
+    let path = crate::login::token_path(home.to_path_buf());
+    let token = std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .map_err(|_| "no token: run vigil login (or give --token)".to_string())?;
+    let exp = crate::login::unverified_claims(&token)?["exp"].as_u64();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    match exp {
+        Some(exp) if exp > now => Ok(token),
+        _ => Err("the token of the last login has expired: run vigil login again".into()),
     }
 }
 
 impl GatewayArgs {
-    fn home(&self) -> Result<PathBuf, String> {
-        match &self.home {
-            Some(h) => Ok(h.clone()),
-            None => std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".vigil"))
-                .ok_or_else(|| "HOME is not set: give --home".into()),
-        }
+    pub fn home(&self) -> Result<PathBuf, String> {
+        vigil_home(self.home.as_deref())
     }
 
     fn key_path(&self) -> Result<PathBuf, String> {
@@ -84,42 +127,54 @@ impl GatewayArgs {
     }
 }
 
-/// Calls the gateway's API; its JSON answer, or its error message.
-fn call(
+/// Calls the gateway's API (as the token's principal, when there is one); its JSON answer,
+/// or its status and error message.
+async fn request(
     gateway: &GatewayArgs,
-    token: &str,
+    token: Option<&str>,
     path: &str,
     body: Option<serde_json::Value>,
-) -> Result<serde_json::Value, String> {
-    let client = gateway.client()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+) -> Result<serde_json::Value, (reqwest::StatusCode, String)> {
+    let client = gateway
+        .client()
+        .map_err(|e| (reqwest::StatusCode::BAD_REQUEST, e))?;
+    let mut request = match body {
+        Some(b) => client.post(gateway.url(path)).json(&b),
+        None => client.get(gateway.url(path)),
+    };
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let unreachable = reqwest::StatusCode::SERVICE_UNAVAILABLE;
+    let resp = request.send().await.map_err(|e| {
+        (
+            unreachable,
+            format!("the gateway at {}: {e}", gateway.gateway),
+        )
+    })?;
+    let status = resp.status();
+    let json: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| (status, format!("the gateway's answer ({status}): {e}")))?;
+    if status.is_success() {
+        Ok(json)
+    } else {
+        let why = json["error"].as_str().unwrap_or("no reason given");
+        Err((status, format!("the gateway refused ({status}): {why}")))
+    }
+}
+
+/// An unauthenticated call (what the gateway tells anyone).
+pub async fn get(gateway: &GatewayArgs, path: &str) -> Result<serde_json::Value, String> {
+    request(gateway, None, path, None).await.map_err(|(_, e)| e)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let request = match body {
-            Some(b) => client.post(gateway.url(path)).json(&b),
-            None => client.get(gateway.url(path)),
-        };
-        let resp = request
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| format!("the gateway at {}: {e}", gateway.gateway))?;
-        let status = resp.status();
-        let json: serde_json::Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("the gateway's answer ({status}): {e}"))?;
-        if status.is_success() {
-            Ok(json)
-        } else {
-            Err(format!(
-                "the gateway refused ({status}): {}",
-                json["error"].as_str().unwrap_or("no reason given")
-            ))
-        }
-    })
+        .map_err(|e| e.to_string())
 }
 
 /// The local key pair, created once (mode 0600).
@@ -146,36 +201,82 @@ fn cert_path(key: &Path) -> PathBuf {
     key.with_file_name(name)
 }
 
-/// `vigil login --token`: a certificate for the local key, valid no longer than the token.
+/// `vigil login`: a token (the agent's own, or a person's from the provider), kept in the
+/// Vigil home, and a certificate for the local key valid no longer than the token when the
+/// gateway has an SSH listener.
 pub fn login(args: &LoginArgs) -> Result<String, String> {
-    let token = token(&args.token, &args.token_file)?;
-    let path = args.gateway.key_path()?;
-    let key = key_pair(&path)?;
-    let public = key.public_key().to_openssh().map_err(|e| e.to_string())?;
-    let answer = call(
-        &args.gateway,
-        &token,
-        "/v1/ssh/certificate",
-        Some(serde_json::json!({ "public_key": public })),
-    )?;
-    let cert = answer["certificate"]
-        .as_str()
-        .ok_or("the gateway's answer has no certificate")?;
-    std::fs::write(cert_path(&path), format!("{cert}\n")).map_err(|e| e.to_string())?;
-    let until = answer["valid_before"].as_u64().unwrap_or(0);
-    Ok(format!(
-        "certificate {} for key {} valid until {}\n",
-        cert_path(&path).display(),
-        path.display(),
-        crate::time(until.saturating_mul(1000))
-    ))
+    let home = args.gateway.home()?;
+    runtime()?.block_on(async {
+        let token = match (&args.token_file, &args.token) {
+            (None, None) => {
+                let flow = if args.device {
+                    crate::login::Flow::Device
+                } else {
+                    crate::login::Flow::Browser {
+                        open_browser: !args.no_browser,
+                        callback_port: args.callback_port,
+                    }
+                };
+                crate::login::person(&args.gateway, flow).await?
+            }
+            _ => TokenArgs {
+                token: args.token.clone(),
+                token_file: args.token_file.clone(),
+            }
+            .get(&args.gateway)?,
+        };
+        let claims = crate::login::unverified_claims(&token).unwrap_or_default();
+        let who = claims["sub"].as_str().unwrap_or("?").to_string();
+        let mut out = format!(
+            "logged in as {} until {}\n",
+            crate::display::escape(&who),
+            crate::time(claims["exp"].as_u64().unwrap_or(0).saturating_mul(1000))
+        );
+        let path = args.gateway.key_path()?;
+        let key = key_pair(&path)?;
+        let public = key.public_key().to_openssh().map_err(|e| e.to_string())?;
+        let body = serde_json::json!({ "public_key": public });
+        match request(
+            &args.gateway,
+            Some(&token),
+            "/v1/ssh/certificate",
+            Some(body),
+        )
+        .await
+        {
+            Ok(answer) => {
+                let cert = answer["certificate"]
+                    .as_str()
+                    .ok_or("the gateway's answer has no certificate")?;
+                std::fs::write(cert_path(&path), format!("{cert}\n")).map_err(|e| e.to_string())?;
+                let until = answer["valid_before"].as_u64().unwrap_or(0);
+                out += &format!(
+                    "certificate {} for key {} valid until {}\n",
+                    cert_path(&path).display(),
+                    path.display(),
+                    crate::time(until.saturating_mul(1000))
+                );
+            }
+            // No SSH on this gateway: the token is all there is to keep.
+            Err((reqwest::StatusCode::NOT_FOUND, _)) => {}
+            Err((_, why)) => return Err(why),
+        }
+        vigil_node::core::secret::write_private_file(
+            &crate::login::token_path(home),
+            format!("{token}\n").as_bytes(),
+        )
+        .map_err(|e| format!("cannot keep the token: {e}"))?;
+        Ok(out)
+    })
 }
 
 /// `vigil ssh-config`: a `Host` block per host and login the token's principal may use, and
 /// a known-hosts file that pins the gateway's host key.
 pub fn ssh_config(args: &SshConfigArgs) -> Result<String, String> {
-    let token = token(&args.token, &args.token_file)?;
-    let answer = call(&args.gateway, &token, "/v1/ssh/hosts", None)?;
+    let token = args.token.get(&args.gateway)?;
+    let answer = runtime()?
+        .block_on(request(&args.gateway, Some(&token), "/v1/ssh/hosts", None))
+        .map_err(|(_, e)| e)?;
     let key = args.gateway.key_path()?;
     let known_hosts = key.with_file_name("known_hosts");
     let host = reqwest::Url::parse(&args.gateway.gateway)

@@ -1,9 +1,12 @@
 //! The node's HTTPS API (`[api]`): what clients ask of Vigil itself rather than of a target.
-//! Today: SSH user certificates for a verified token, and the SSH hosts a principal may use
-//! (what `vigil login` and `vigil ssh-config` call). Every call is authenticated with the
+//! Today: how a person logs in (the provider and client `vigil login` uses), SSH user
+//! certificates for a verified token, and the SSH hosts a principal may use (what
+//! `vigil login` and `vigil ssh-config` call). Every call is authenticated with the
 //! caller's token (`Authorization: Bearer`), like every protocol, and every certificate issued
 //! or refused is on record before the answer leaves.
 
+use crate::config::{IdentityConfig, TokenType};
+use crate::core::config_error::{invalid, ConfigError};
 use crate::core::Core;
 use crate::ssh::ca::UserCa;
 use crate::ssh::config::SshTargetConfig;
@@ -36,6 +39,80 @@ pub struct ApiConfig {
     pub tls_cert: Option<PathBuf>,
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// How `vigil login` logs a person in; absent: only `vigil login --token`.
+    #[serde(default)]
+    pub login: Option<LoginConfig>,
+}
+
+/// `[api.login]`: the OIDC client people log in with (`vigil login` runs the authorization
+/// code flow with PKCE, or the device authorization grant, against the node's issuer).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    /// The public (native) client registered at the provider for `vigil login`.
+    pub client_id: String,
+    #[serde(default = "default_login_scopes")]
+    pub scopes: Vec<String>,
+    /// Which token of the provider's answer Vigil is then given.
+    #[serde(default = "default_login_token")]
+    pub token: TokenType,
+}
+
+fn default_login_scopes() -> Vec<String> {
+    ["openid", "profile", "groups"].map(String::from).to_vec()
+}
+
+fn default_login_token() -> TokenType {
+    TokenType::IdToken
+}
+
+impl ApiConfig {
+    /// A login whose token the node would refuse is a configuration error, not a puzzle for
+    /// the first person who tries it.
+    pub fn validate(&self, identity: &IdentityConfig) -> Result<(), ConfigError> {
+        let Some(login) = &self.login else {
+            return Ok(());
+        };
+        if login.client_id.is_empty() {
+            return Err(invalid("api.login.client_id", "must not be empty"));
+        }
+        if !identity.token_types.contains(&login.token) {
+            return Err(invalid(
+                "api.login.token",
+                "names a token kind identity.token_types does not accept",
+            ));
+        }
+        if login.token == TokenType::IdToken {
+            if !identity.audiences.contains(&login.client_id) {
+                return Err(invalid(
+                    "api.login.client_id",
+                    "an ID token's audience is its client: add the client id to identity.audiences",
+                ));
+            }
+            if !login.scopes.iter().any(|s| s == "openid") {
+                return Err(invalid(
+                    "api.login.scopes",
+                    "an ID token needs the openid scope",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What `GET /v1/login` answers: enough for `vigil login` to run the flow.
+    pub fn login_answer(&self, identity: &IdentityConfig) -> Option<serde_json::Value> {
+        self.login.as_ref().map(|l| {
+            json!({
+                "issuer": identity.issuer,
+                "client_id": l.client_id,
+                "scopes": l.scopes,
+                "token": match l.token {
+                    TokenType::IdToken => "id_token",
+                    TokenType::AccessToken => "access_token",
+                },
+            })
+        })
+    }
 }
 
 /// What the API knows of the SSH listener.
@@ -51,6 +128,8 @@ pub struct SshApi {
 struct ApiState {
     core: Arc<Core>,
     ssh: Option<Arc<SshApi>>,
+    /// `GET /v1/login`'s answer, when people may log in.
+    login: Option<Arc<serde_json::Value>>,
 }
 
 /// Largest request body (a public key, a few hundred bytes).
@@ -79,12 +158,18 @@ pub async fn serve(
     listener: TlsListener,
     core: Arc<Core>,
     ssh: Option<Arc<SshApi>>,
+    login: Option<serde_json::Value>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let app = Router::new()
+        .route("/v1/login", get(login_info))
         .route("/v1/ssh/certificate", post(certificate))
         .route("/v1/ssh/hosts", get(hosts))
-        .with_state(ApiState { core, ssh });
+        .with_state(ApiState {
+            core,
+            ssh,
+            login: login.map(Arc::new),
+        });
     let service = app.into_make_service_with_connect_info::<ClientAddr>();
     if let Err(e) = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
@@ -101,6 +186,19 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 fn json_body(v: &serde_json::Value) -> ([(header::HeaderName, &'static str); 1], String) {
     ([(header::CONTENT_TYPE, "application/json")], v.to_string())
+}
+
+/// `GET /v1/login`: the issuer, client and scopes `vigil login` uses, and which token of
+/// the provider's answer to keep. Public: it is what the provider's discovery document and
+/// the client registration already tell anyone.
+async fn login_info(State(state): State<ApiState>) -> Response {
+    match &state.login {
+        Some(answer) => json_body(answer).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "this gateway offers no login for people (no [api.login]); use vigil login --token",
+        ),
+    }
 }
 
 /// The caller's principal, from `Authorization: Bearer TOKEN`.

@@ -570,6 +570,9 @@ impl Config {
         if let Some(ssh) = &self.ssh {
             ssh.validate()?;
         }
+        if let Some(api) = &self.api {
+            api.validate(&self.identity)?;
+        }
         if self.postgres.is_none() && self.ssh.is_none() {
             return Err(invalid(
                 "postgres",
@@ -780,6 +783,41 @@ allow = { groups = ["dba"] }
         let none = &GOOD[..GOOD.find("[postgres]").unwrap()];
         let e = parse(none).unwrap_err();
         assert!(e.contains("no protocol server is configured"), "{e}");
+    }
+
+    /// A people's login whose token the node would refuse is caught at load, naming the key.
+    #[test]
+    fn a_login_for_people_must_yield_a_token_the_node_accepts() {
+        let with = |login: &str| format!("{GOOD}\n[api]\nlisten = \"127.0.0.1:0\"\n{login}");
+        let e = parse(&with("[api.login]\nclient_id = \"vigil-cli\"")).unwrap_err();
+        assert!(
+            e.contains("api.login.client_id") && e.contains("audiences"),
+            "{e}"
+        );
+        let ok = GOOD.replace(
+            "\"urn:vigil:gateway\"]",
+            "\"urn:vigil:gateway\", \"vigil-cli\"]",
+        );
+        let login = "[api.login]\nclient_id = \"vigil-cli\"";
+        let c = parse(&format!("{ok}\n[api]\nlisten = \"127.0.0.1:0\"\n{login}")).unwrap();
+        let answer = c.api.as_ref().unwrap().login_answer(&c.identity).unwrap();
+        assert_eq!(answer["token"], "id_token");
+        assert_eq!(answer["issuer"], "http://127.0.0.1:1");
+        let e = parse(&format!(
+            "{ok}\n[api]\nlisten = \"127.0.0.1:0\"\n{login}\nscopes = [\"profile\"]"
+        ))
+        .unwrap_err();
+        assert!(e.contains("openid"), "{e}");
+        let e = parse(
+            &with("[api.login]\nclient_id = \"vigil-cli\"\ntoken = \"access_token\"")
+                .replace("[identity]", "[identity]\ntoken_types = [\"id_token\"]"),
+        )
+        .unwrap_err();
+        assert!(e.contains("api.login.token"), "{e}");
+        parse(&with(
+            "[api.login]\nclient_id = \"vigil-cli\"\ntoken = \"access_token\"",
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -266,6 +266,10 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
             listener,
             core.clone(),
             ssh_api,
+            config
+                .api
+                .as_ref()
+                .and_then(|a| a.login_answer(&config.identity)),
             wait_for(stop_rx.clone()),
         ));
         addr

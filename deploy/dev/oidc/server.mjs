@@ -8,9 +8,9 @@
 // - Agents: confidential clients using the client_credentials grant. Every token
 //   request gets a JWT access token (RFC 9068, typ at+jwt, RS256) for the default
 //   resource urn:vigil:gateway, carrying client_id, model, model_version, groups.
-// - People: public client vigil-cli (authorization code + PKCE S256). The dev
-//   interactions accept any login name and any password; the ID token carries
-//   sub = login name and groups.
+// - People: public native client vigil-cli (authorization code + PKCE S256 on any
+//   loopback port, or the device authorization grant). The dev interactions accept any
+//   login name and any password; the ID token carries sub = login name and groups.
 // - GET /__dev/jwks-hits returns how many HTTP requests reached the JWKS endpoint.
 
 import * as crypto from 'node:crypto';
@@ -102,8 +102,11 @@ const clients = [
   })),
   {
     client_id: 'vigil-cli',
+    // A native app (RFC 8252): a loopback redirect URI matches on any port, so `vigil login`
+    // listens on an ephemeral one.
+    application_type: 'native',
     token_endpoint_auth_method: 'none',
-    grant_types: ['authorization_code'],
+    grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
     redirect_uris: ['http://127.0.0.1:8765/callback'],
     scope: 'openid profile groups',
@@ -162,6 +165,7 @@ const configuration = {
 
   features: {
     devInteractions: { enabled: true },
+    deviceFlow: { enabled: true },
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,
@@ -191,6 +195,7 @@ const configuration = {
     ClientCredentials: ACCESS_TOKEN_TTL,
     AuthorizationCode: 60,
     IdToken: 3600,
+    DeviceCode: 600,
     Interaction: 600,
     Session: 3600,
     Grant: 3600,
