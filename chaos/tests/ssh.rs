@@ -1431,3 +1431,423 @@ async fn the_detectors_mask_the_audit_copy_of_commands_and_streams_not_what_cros
         .count();
     assert!(masked >= 1, "the chunk's record counts what was masked");
 }
+
+/// Remote forwards (`ssh -R`) allowed for the host's `localhost`, and a local forward rule that
+/// must not stand in for one.
+const REMOTE_FORWARD_POLICY: &str = r#"
+[[policy.rules]]
+id = "remote-forwards-on-localhost"
+protocol = "ssh"
+action = "allow"
+requests = ["remote_forward"]
+paths = ["localhost:*"]
+"#;
+
+/// A local forward rule only: remote forwards are left to the default (allow), which does not
+/// apply to forwards.
+const LOCAL_FORWARD_POLICY: &str = r#"
+[[policy.rules]]
+id = "local-forwards-to-localhost"
+protocol = "ssh"
+action = "allow"
+requests = ["forward"]
+paths = ["localhost:*"]
+"#;
+
+/// A port nothing listens on right now (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The client's side of a remote forward: a TCP service on 127.0.0.1 that reads a connection
+/// to its end, then answers `echo:` and what it read.
+async fn echo_service() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got).await.unwrap();
+                conn.write_all(b"echo:").await.unwrap();
+                conn.write_all(&got).await.unwrap();
+                conn.shutdown().await.unwrap();
+            });
+        }
+    });
+    port
+}
+
+/// Connects to `port` on the host (this machine), sends `payload` and reads the answer to its
+/// end; returns the answer and the connection's local port (the originator the host reports).
+async fn through_host_port(port: u32, payload: &[u8]) -> (Vec<u8>, u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .unwrap();
+    let local = conn.local_addr().unwrap().port();
+    conn.write_all(payload).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .expect("the answer comes back through the forward")
+        .unwrap();
+    (answer, local)
+}
+
+/// Whether anything accepts connections on 127.0.0.1:`port`.
+async fn listening(port: u32) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .is_ok()
+}
+
+/// sshd's log from byte `offset` on.
+fn sshd_log_since(offset: usize) -> String {
+    let log = std::fs::read_to_string(env().get("VIGIL_DEV_SSHD_LOG")).unwrap_or_default();
+    log[offset.min(log.len())..].to_string()
+}
+
+fn sshd_log_len() -> usize {
+    std::fs::read_to_string(env().get("VIGIL_DEV_SSHD_LOG"))
+        .unwrap_or_default()
+        .len()
+}
+
+/// The SSH request of a record of `kind` whose request type is `request_type`.
+fn ssh_request_of<'a>(
+    records: &'a [Record],
+    kind: Kind,
+    request_type: &str,
+) -> Vec<(&'a Record, &'a vigil_proto::record::SshRequest)> {
+    records
+        .iter()
+        .filter(|r| r.body.kind == kind)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == request_type => Some((r, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The SSH responses of request `stmt`.
+fn ssh_responses(
+    records: &[Record],
+    stmt: u64,
+) -> Vec<(&Record, &vigil_proto::record::SshResponse)> {
+    records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Response && r.body.stmt == Some(stmt))
+        .filter_map(|r| match &r.body.response {
+            Some(Response::Ssh(s)) => Some((r, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Records once `done` holds for them (a forward's end is written when its channel closes).
+async fn records_when(g: &Gateway, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = g.node.records().await;
+        if done(&records) || tokio::time::Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_remote_forward_a_rule_allows_relays_both_ways_and_is_recorded() {
+    use tokio::io::AsyncBufReadExt;
+    let g = Gateway::start(REMOTE_FORWARD_POLICY).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let echo = echo_service().await;
+    let log_before = sshd_log_len();
+
+    // Phase 1: `ssh -R 0:…`: the host chooses the port, and the client learns it.
+    let mut client = tokio::process::Command::new("ssh")
+        .args(["-F", cfg, "-N", "-o", "ExitOnForwardFailure=yes"])
+        .args([
+            "-o",
+            "LogLevel=INFO",
+            "-R",
+            &format!("0:127.0.0.1:{echo}"),
+            "web",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(client.stderr.take().unwrap()).lines();
+    let allocated = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("Allocated port ") {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap();
+            }
+        }
+        panic!("ssh ended without a remote forward");
+    })
+    .await
+    .expect("ssh reports the port the host allocated");
+
+    // A connection on the host's side reaches the service on the client's side, and the
+    // answer (longer than the question, so the directions can be told apart) comes back.
+    let payload = vec![b'x'; 1000];
+    let (answer, originator) = through_host_port(allocated, &payload).await;
+    assert_eq!(answer.len(), 1005);
+    assert!(answer.starts_with(b"echo:") && answer[5..] == payload[..]);
+
+    let records = records_when(&g, |r| {
+        ssh_request_of(r, Kind::Request, "forwarded-tcpip")
+            .iter()
+            .any(|(rec, _)| ssh_responses(r, rec.body.stmt.unwrap()).len() >= 2)
+    })
+    .await;
+    let forwards = ssh_request_of(&records, Kind::Request, "tcpip-forward");
+    let [(forward, asked)] = forwards.as_slice() else {
+        panic!("one tcpip-forward request: {forwards:?}");
+    };
+    assert_eq!(asked.forward.as_deref(), Some("localhost:0"));
+    assert_eq!(asked.channel, 0);
+    let policy = forward.body.policy.as_ref().unwrap();
+    assert_eq!(policy.rule, "remote-forwards-on-localhost");
+    let stmt = forward.body.stmt.unwrap();
+    let responses = ssh_responses(&records, stmt);
+    let listened: Vec<_> = responses
+        .iter()
+        .filter(|(_, s)| s.listen_port.is_some())
+        .collect();
+    assert_eq!(listened.len(), 1, "{responses:?}");
+    assert_eq!(
+        listened[0].1.listen_port,
+        Some(allocated),
+        "the host's port"
+    );
+    assert_eq!(listened[0].0.body.outcome, Some(Outcome::Success));
+
+    let connections = ssh_request_of(&records, Kind::Request, "forwarded-tcpip");
+    let [(connection, relayed)] = connections.as_slice() else {
+        panic!("one connection: {connections:?}");
+    };
+    assert_eq!(
+        connection.body.stmt,
+        Some(stmt),
+        "under its forward's request"
+    );
+    assert_eq!(
+        connection.body.policy.as_ref().map(|p| p.rule.as_str()),
+        Some("remote-forwards-on-localhost")
+    );
+    assert_eq!(
+        relayed.forward.as_deref(),
+        Some(format!("localhost:{allocated}").as_str())
+    );
+    assert_eq!(
+        relayed.originator.as_deref(),
+        Some(format!("127.0.0.1:{originator}").as_str())
+    );
+    let ended: Vec<_> = responses
+        .iter()
+        .filter(|(_, s)| s.channel == relayed.channel && s.listen_port.is_none())
+        .collect();
+    assert_eq!(ended.len(), 1, "{responses:?}");
+    let (end, counted) = ended[0];
+    assert_eq!(counted.bytes_out, 1000, "from the host's side");
+    assert_eq!(counted.bytes_in, 1005, "to the host's side");
+    assert_eq!(end.body.outcome, Some(Outcome::Success));
+    assert!(end.body.duration_us.is_some_and(|d| d > 0));
+    assert!(
+        of_kind(&records, Kind::Recording)
+            .iter()
+            .all(|r| r.body.stmt != Some(stmt)),
+        "a forward's bytes are counted, not recorded"
+    );
+
+    // Ground truth: the host listened where the record says and took the connection.
+    let log = sshd_log_since(log_before);
+    assert!(
+        log.contains("tcpip-forward listen localhost port 0"),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l
+            .trim_end()
+            .ends_with(&format!("Allocated listen port {allocated}"))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("Connection to port {allocated} forwarding to")),
+        "{log}"
+    );
+
+    // The forward goes with the session.
+    client.kill().await.unwrap();
+    let _ = client.wait().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listening(allocated).await && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!listening(allocated).await, "the host stopped listening");
+
+    // Phase 2: a fixed port on a kept connection, then cancelled (`ssh -O cancel`).
+    let port = free_port() as u32;
+    let control = g.keys.path().join("control");
+    let control = control.to_str().unwrap();
+    let forward_spec = format!("{port}:127.0.0.1:{echo}");
+    let mut master = tokio::process::Command::new("ssh")
+        .args(["-F", cfg, "-N", "-M", "-S", control])
+        .args(["-o", "ExitOnForwardFailure=yes", "-R", &forward_spec, "web"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let records = records_when(&g, |r| {
+        r.iter().any(|rec| {
+            matches!(&rec.body.response, Some(Response::Ssh(s)) if s.listen_port == Some(port))
+        })
+    })
+    .await;
+    let fixed = ssh_request_of(&records, Kind::Request, "tcpip-forward");
+    let asked = format!("localhost:{port}");
+    let (fixed, _) = fixed
+        .iter()
+        .find(|(_, s)| s.forward.as_deref() == Some(asked.as_str()))
+        .expect("the fixed port's request");
+    let fixed_stmt = fixed.body.stmt.unwrap();
+    let (answer, _) = through_host_port(port, b"ping").await;
+    assert_eq!(answer, b"echo:ping");
+
+    let cancel = run(
+        "ssh",
+        &[
+            "-F",
+            cfg,
+            "-S",
+            control,
+            "-O",
+            "cancel",
+            "-R",
+            &forward_spec,
+            "web",
+        ],
+        None,
+    )
+    .await;
+    assert!(cancel.status.success(), "{cancel:?}");
+    // OpenSSH sends the cancel without waiting for an answer; the gateway waits for the
+    // host's, and records it (the connection's end, the other response, has its bytes).
+    let cancelled_by_host = |r: &[Record]| {
+        ssh_responses(r, fixed_stmt).iter().any(|(rec, s)| {
+            s.listen_port.is_none()
+                && s.bytes_in + s.bytes_out == 0
+                && rec.body.outcome == Some(Outcome::Success)
+        })
+    };
+    let records = records_when(&g, cancelled_by_host).await;
+    assert!(
+        cancelled_by_host(&records),
+        "the host's answer to the cancel"
+    );
+    assert!(!listening(port).await, "cancelled on the host");
+    let cancels = ssh_request_of(&records, Kind::Request, "cancel-tcpip-forward");
+    let [(cancelled, what)] = cancels.as_slice() else {
+        panic!("one cancel: {cancels:?}");
+    };
+    assert_eq!(what.forward.as_deref(), Some(asked.as_str()));
+    assert_eq!(
+        cancelled.body.stmt,
+        Some(fixed_stmt),
+        "names the forward it cancels"
+    );
+    let log = sshd_log_since(log_before);
+    assert!(
+        log.contains(&format!("cancel-tcpip-forward addr localhost port {port}")),
+        "{log}"
+    );
+    let _ = run(
+        "ssh",
+        &["-F", cfg, "-S", control, "-O", "exit", "web"],
+        None,
+    )
+    .await;
+    let _ = master.kill().await;
+}
+
+#[tokio::test]
+async fn a_remote_forward_no_rule_allows_is_refused_and_never_reaches_the_host() {
+    let g = Gateway::start(LOCAL_FORWARD_POLICY).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let echo = echo_service().await;
+    let port = free_port() as u32;
+    let log_before = sshd_log_len();
+
+    let out = run(
+        "ssh",
+        &[
+            "-F",
+            cfg,
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("{port}:127.0.0.1:{echo}"),
+            "web",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "remote port forwarding failed for listen port {port}"
+        )),
+        "{stderr}"
+    );
+    assert!(!listening(port).await, "nothing listens on the host");
+
+    let records = g.node.records_after_sessions(1).await;
+    let blocked = ssh_request_of(&records, Kind::Blocked, "tcpip-forward");
+    let [(record, asked)] = blocked.as_slice() else {
+        panic!("one refused remote forward: {blocked:?}");
+    };
+    let asked_for = format!("localhost:{port}");
+    assert_eq!(asked.forward.as_deref(), Some(asked_for.as_str()));
+    assert_eq!(record.body.outcome, Some(Outcome::Blocked));
+    assert_eq!(
+        record.body.policy.as_ref().map(|p| p.rule.as_str()),
+        Some("default"),
+        "the local forward rule does not apply"
+    );
+    assert_eq!(
+        record.body.detail.as_deref(),
+        Some(format!("no rule allows remote forwarding from {asked_for}").as_str())
+    );
+    assert!(ssh_request_of(&records, Kind::Request, "tcpip-forward").is_empty());
+
+    // Ground truth: the host never got the request (sshd logs every tcpip-forward it gets).
+    let log = sshd_log_since(log_before);
+    assert!(
+        !log.contains(&format!("tcpip-forward listen localhost port {port}")),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("Allocated listen port {port}")),
+        "{log}"
+    );
+}

@@ -24,7 +24,8 @@
 # asked to run to $VIGIL_DEV_SSH_COMMAND_LOG before running it with bash (format: see
 # write_logging_shell). Ground truth for tests: that file and sshd's own VERBOSE log.
 #
-# `start` is idempotent: servers that are already up are left alone and only the env
+# `start` is idempotent: servers that are already up are left alone (a running sshd whose config
+# this script now writes differently rereads it, keeping its connections) and only the env
 # file $VIGIL_DEV_DIR/env (`export NAME=value` lines, for `source`) is rewritten.
 # `stop` stops all of them by PID and is safe when nothing runs. `clean` stops and deletes the
 # state dir (only if it was created by this script).
@@ -673,8 +674,9 @@ sshd_provision() {
   chmod 666 "$ssh_command_log"
 }
 
-write_sshd_config() {
-  cat >"$sshd_config.tmp" <<EOF
+# the sshd_config this script wants, on stdout
+sshd_config_text() {
+  cat <<EOF
 # Written by deploy/dev/servers.sh start (rewritten before every start of this sshd)
 Port $sshd_port
 ListenAddress 127.0.0.1
@@ -698,6 +700,11 @@ AcceptEnv LANG LC_* VIGIL_TEST_*
 # (not in AcceptEnv)
 SetEnv VIGIL_SSH_COMMAND_LOG=$ssh_command_log
 AllowTcpForwarding yes
+# remote forwards leave nothing in the log at VERBOSE: these functions log at debug level the
+# global requests sshd receives ("tcpip-forward listen ADDRESS port N", "cancel-tcpip-forward
+# addr ADDRESS port N"), each listener it sets up ("Allocated listen port N") and each connection
+# it accepts on one ("Connection to port N forwarding to ..."), with the session's pid
+LogVerbose *:server_input_global_request():*,*:channel_setup_fwd_listener_tcpip():*,*:channel_post_port_listener():*
 X11Forwarding no
 # in-process SFTP: no extra binary and no shell. sshd logs each SFTP session ("Starting session:
 # subsystem 'sftp'"); internal-sftp's own file-operation log goes to syslog only, absent here.
@@ -708,12 +715,35 @@ PrintLastLog no
 MaxStartups 100:30:200
 MaxSessions 50
 EOF
+}
+
+write_sshd_config() {
+  sshd_config_text >"$sshd_config.tmp"
   mv -f "$sshd_config.tmp" "$sshd_config"
+}
+
+# A running sshd whose config differs from what this script writes now (started by an older
+# checkout) is told to reread it: on SIGHUP sshd re-executes itself with the same pid and command
+# line; open connections stay up.
+sshd_reload_if_changed() {
+  sshd_config_text | cmp -s - "$sshd_config" && return 0
+  sshd_config_text >"$sshd_config.tmp"
+  if ! "$sshd_bin" -t -f "$sshd_config.tmp" >"$sshd_dir/sshd-t.log" 2>&1; then
+    show_log "$sshd_dir/sshd-t.log"
+    die "sshd -t rejects the new $sshd_config (left $sshd_config.tmp; the running sshd keeps the old one)"
+  fi
+  rm -f "$sshd_dir/sshd-t.log"
+  mv -f "$sshd_config.tmp" "$sshd_config"
+  log "sshd_config changed; reloading sshd (pid $(sshd_pid))"
+  kill -HUP "$(sshd_pid)"
+  # the old listener may still answer for a moment before the re-exec
+  sleep 0.5
 }
 
 sshd_start() {
   sshd_provision
   if sshd_alive; then
+    sshd_reload_if_changed
     local _
     for _ in $(seq 1 50); do sshd_ready && break; sleep 0.1; done
     sshd_ready || { show_log "$sshd_log"; die "sshd (pid $(sshd_pid)) runs but does not answer on port $(sshd_actual_port)"; }

@@ -233,7 +233,7 @@ pub struct SshRequest {
     /// The channel number the client chose.
     pub channel: u32,
     /// The channel or request type: `exec`, `shell`, `subsystem`, `pty-req`, `env`,
-    /// `direct-tcpip`, `x11-req` …
+    /// `direct-tcpip`, `tcpip-forward`, `forwarded-tcpip`, `x11-req` …
     pub request_type: String,
     /// The command line of an `exec`, the subsystem name of a `subsystem`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -241,9 +241,14 @@ pub struct SshRequest {
     /// The login on the target host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login: Option<String>,
-    /// `host:port` of a forward.
+    /// `host:port` of a forward: where a local forward connects, where a remote forward
+    /// listens on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<String>,
+    /// `address:port` of whoever connected to a remote forward on the host
+    /// (`forwarded-tcpip`), as the host reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originator: Option<String>,
     /// An SFTP operation (`open`, `remove`, `rename` …: `SftpOp::name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
@@ -266,6 +271,10 @@ pub struct SshResponse {
     /// Bytes that went to the target and came back on the channel.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The port the host listens on for a remote forward (`tcpip-forward`): the one it
+    /// allocated when the client asked for port 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<SshError>,
 }
@@ -743,6 +752,7 @@ mod tests {
             to_path: Some("/b".into()),
             login: Some("ubuntu".into()),
             forward: Some("db:5432".into()),
+            originator: Some("127.0.0.1:40112".into()),
         }));
         body.response = Some(Response::Ssh(SshResponse {
             channel: 0,
@@ -750,6 +760,7 @@ mod tests {
             exit_signal: Some("KILL".into()),
             bytes_in: 1,
             bytes_out: 2,
+            listen_port: Some(40000),
             error: Some(SshError {
                 reason_code: Some(1),
                 message: "m".into(),

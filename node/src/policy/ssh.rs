@@ -18,8 +18,14 @@ pub enum SshRequestKind {
     Sftp,
     /// `scp` (an exec of `scp -t` / `scp -f`), decided on its paths too.
     Scp,
-    /// A forward (`direct-tcpip`, `tcpip-forward`): refused unless a rule allows it.
+    /// A local forward (`direct-tcpip`: the host connects to `host:port` for the client):
+    /// refused unless a rule allows it.
     Forward,
+    /// A remote forward (`tcpip-forward`: the host listens on `address:port`, and whoever
+    /// connects there reaches the client's side): refused unless a rule allows it. A kind of
+    /// its own, so that a rule written for local forwards (`localhost:5432`, the host's own
+    /// database) never lets a client take over that port on the host.
+    RemoteForward,
     /// Another subsystem.
     Subsystem,
 }
@@ -36,7 +42,8 @@ pub struct SshMatch {
     pub flags: Vec<CommandFlag>,
     /// Globs on the login on the host.
     pub logins: Vec<String>,
-    /// Globs on the path a file transfer touches, or `host:port` of a forward.
+    /// Globs on the path a file transfer touches, or `host:port` of a forward (for a remote
+    /// forward, the address and port the host listens on).
     pub paths: Vec<String>,
     /// SFTP operations (`open`, `remove`, `rename`, `mkdir`, `set_stat` …), or `modify`: any
     /// operation that may change the file system (writes, removals, renames, attribute

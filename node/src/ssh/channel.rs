@@ -13,13 +13,13 @@ use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::Refusal;
 use crate::policy::ssh::{SshAction, SshRequestKind};
 use crate::policy::{Action, Decision};
-use russh::server::{Msg, Session};
+use russh::server::Session;
 use russh::{client, ChannelId, ChannelMsg, Sig};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
@@ -38,7 +38,7 @@ pub const REFUSED_EXIT_STATUS: u32 = 126;
 const EOF_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Input messages a running channel may queue before the client is slowed down.
-const INPUT_QUEUE: usize = 64;
+pub(super) const INPUT_QUEUE: usize = 64;
 
 /// A client channel, as far as it got.
 #[derive(Default)]
@@ -312,7 +312,7 @@ pub async fn subsystem(conn: &mut Conn, id: ChannelId, name: &str, session: &mut
     .await;
 }
 
-fn decide(conn: &Conn, actions: Result<&[SshAction<'_>], String>) -> Decision {
+pub(super) fn decide(conn: &Conn, actions: Result<&[SshAction<'_>], String>) -> Decision {
     let principal = conn.principal.clone().unwrap_or_default();
     let target = &conn.target;
     conn.ctx.policy.decide_ssh(actions, &principal, target)
@@ -447,27 +447,33 @@ async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: u64, session
 }
 
 /// The two tasks of a running channel and what they share.
-struct Pumps {
+pub(super) struct Pumps {
     rec: Recorder,
     client: russh::server::Handle,
     counters: Arc<Counters>,
+    /// Set when either side has closed the channel. russh forgets a channel once it has sent
+    /// its own close, and drops everything that arrives on it later, the peer's answering
+    /// close included: a task waiting for the other side's close would wait for ever.
+    ended: Arc<watch::Sender<bool>>,
     sftp: Option<Arc<SftpGuard>>,
     /// An interactive shell on a terminal: lines typed are recorded (see [`super::typed`]).
     typed: bool,
 }
 
 impl Pumps {
-    fn new(rec: Recorder, client: russh::server::Handle, sftp: Option<Arc<SftpGuard>>) -> Self {
+    pub fn new(rec: Recorder, client: russh::server::Handle, sftp: Option<Arc<SftpGuard>>) -> Self {
         Self {
             rec,
             client,
             counters: Arc::new(Counters::default()),
+            ended: Arc::new(watch::channel(false).0),
             sftp,
             typed: false,
         }
     }
 
-    fn spawn(
+    /// Runs client channel `id` (whose input arrives through the connection's handler).
+    pub fn spawn(
         self,
         conn: &mut Conn,
         id: ChannelId,
@@ -476,12 +482,23 @@ impl Pumps {
     ) {
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         conn.channels.insert(id, Chan::Running(tx));
+        self.run(rx, host, started);
+    }
+
+    /// Runs the channel with its client input from `rx`.
+    pub fn run(
+        self,
+        rx: mpsc::Receiver<Input>,
+        host: russh::Channel<client::Msg>,
+        started: Instant,
+    ) {
         let (read, write) = host.split();
         let (inject, injected) = mpsc::unbounded_channel();
         let input = Pumps {
             rec: self.rec.clone(),
             client: self.client.clone(),
             counters: self.counters.clone(),
+            ended: self.ended.clone(),
             sftp: self.sftp.clone(),
             typed: self.typed,
         };
@@ -656,8 +673,7 @@ fn refuse_run(
     refuse(conn, id, body, &refusal, session);
 }
 
-/// Records a refused request that has no channel to end (env, agent and X11 forwarding,
-/// remote forwards).
+/// Records a refused request that has no channel to end (env, agent and X11 forwarding).
 pub fn refuse_request(conn: &Conn, id: Option<ChannelId>, request_type: &str, why: &str) {
     let mut body = conn.body(Kind::Blocked);
     body.request = Some(Request::Ssh(SshRequest {
@@ -683,119 +699,81 @@ pub async fn input(conn: &mut Conn, id: ChannelId, input: Input) {
     }
 }
 
-/// `direct-tcpip` (a local forward): decided like any request, with `host:port` as its path;
-/// when allowed, the bytes are counted and the forward recorded, not its content.
-pub async fn direct_tcpip(
-    conn: &mut Conn,
-    channel: russh::Channel<Msg>,
-    to: &str,
-    reply: russh::server::ChannelOpenHandle,
-    session: &mut Session,
-) {
-    let id = channel.id();
-    drop(channel);
-    let login = conn.login.clone();
-    let action = SshAction {
-        kind: SshRequestKind::Forward,
-        login: &login,
-        command: None,
-        line: None,
-        path: Some(to),
-        operation: None,
-    };
-    let mut decision = decide(conn, Ok(&[action]));
-    if decision.rule == "default" {
-        // Forwards are refused unless a rule allows them, whatever the default.
-        decision.action = Action::Block;
-        decision.reason = Some(format!("no rule allows forwarding to {to}"));
-    }
-    conn.stmt += 1;
-    let mut body = conn.body(Kind::Request);
-    body.stmt = Some(conn.stmt);
-    body.request = Some(Request::Ssh(SshRequest {
-        channel: id.number(),
-        request_type: "direct-tcpip".into(),
-        login: Some(login.clone()),
-        forward: Some(to.to_string()),
-        ..SshRequest::default()
-    }));
-    body.policy = Some(conn.ctx.policy.reference(&decision));
-    let (host_name, port) = to.rsplit_once(':').unwrap_or((to, "0"));
-    let port: u32 = port.parse().unwrap_or(0);
-    let opened = match (decision.action, conn.host.clone()) {
-        (Action::Allow, Some(host)) => {
-            if conn.ctx.core.audit.append(&body).await.is_err() {
-                None
-            } else {
-                host.channel_open_direct_tcpip(host_name, port, "127.0.0.1", 0)
-                    .await
-                    .ok()
-            }
-        }
-        _ => None,
-    };
-    let Some(host) = opened else {
-        if decision.action != Action::Allow {
-            body.kind = Kind::Blocked;
-            body.outcome = Some(Outcome::Blocked);
-            body.detail = Some(
-                decision
-                    .reason
-                    .unwrap_or_else(|| format!("forwarding to {to} is not allowed")),
-            );
-            conn.ctx.core.audit.record(body);
-        }
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        return;
-    };
-    reply.accept().await;
-    let stmt = conn.stmt;
-    let mut recorder = Recorder::new(conn, id, stmt);
-    recorder.file = None;
-    Pumps::new(recorder, session.handle(), None).spawn(conn, id, host, Instant::now());
-}
-
 #[derive(Default)]
 struct Counters {
     input: AtomicU64,
     output: AtomicU64,
 }
 
+/// What every record of a session carries (its id, principal and connection), for records
+/// written away from the connection's handler: by a channel's tasks, by the relay of a remote
+/// forward.
+#[derive(Clone)]
+pub(super) struct SessionScope {
+    pub core: Arc<crate::core::Core>,
+    session: String,
+    principal: Option<Arc<Principal>>,
+    connection: Option<Arc<Connection>>,
+}
+
+impl SessionScope {
+    pub fn of(conn: &Conn) -> Self {
+        Self {
+            core: conn.ctx.core.clone(),
+            session: conn.id.clone(),
+            principal: conn.principal.clone(),
+            connection: Some(Arc::new(conn.conn.clone())),
+        }
+    }
+
+    pub fn body(&self, kind: Kind) -> Body {
+        let mut body = self.core.audit.body(Some(&self.session), kind);
+        body.principal = self.principal.clone();
+        body.connection = self.connection.clone();
+        body
+    }
+}
+
 /// Writes a channel's records: its chunks (when the channel is recorded) and its end.
 #[derive(Clone)]
-struct Recorder {
-    core: Arc<crate::core::Core>,
+pub(super) struct Recorder {
+    scope: SessionScope,
+    /// Where the channel's chunks go; `None` for a forward, whose bytes are counted only.
     file: Option<Arc<RecordingFile>>,
     /// Bytes recorded so far per direction (`input`, `output`, `error`), as stored: a masked
     /// chunk's audit copy can be shorter or longer than what crossed.
     stored: Arc<[AtomicU64; 3]>,
-    session: String,
-    principal: Option<Arc<Principal>>,
-    connection: Option<Arc<Connection>>,
     stmt: u64,
     channel: ChannelId,
 }
 
 impl Recorder {
     fn new(conn: &Conn, channel: ChannelId, stmt: u64) -> Self {
+        Self::of(
+            SessionScope::of(conn),
+            conn.recording.clone(),
+            channel,
+            stmt,
+        )
+    }
+
+    pub fn of(
+        scope: SessionScope,
+        file: Option<Arc<RecordingFile>>,
+        channel: ChannelId,
+        stmt: u64,
+    ) -> Self {
         Self {
-            core: conn.ctx.core.clone(),
-            file: conn.recording.clone(),
+            scope,
+            file,
             stored: Arc::new(Default::default()),
-            session: conn.id.clone(),
-            principal: conn.principal.clone(),
-            connection: Some(Arc::new(conn.conn.clone())),
             stmt,
             channel,
         }
     }
 
     fn body(&self, kind: Kind) -> Body {
-        let mut body = self.core.audit.body(Some(&self.session), kind);
-        body.principal = self.principal.clone();
-        body.connection = self.connection.clone();
+        let mut body = self.scope.body(kind);
         body.stmt = Some(self.stmt);
         body
     }
@@ -819,7 +797,8 @@ impl Recorder {
             direction,
             offset,
         };
-        self.core
+        self.scope
+            .core
             .audit
             .chunk(body, file, of, copy, wait)
             .await
@@ -831,7 +810,7 @@ impl Recorder {
     /// chunks, or a chunk that splits a character, is not seen by the detectors: see
     /// docs/ssh.md.
     fn audit_copy(&self, bytes: &[u8], counts: &mut crate::policy::masking::Counts) -> Vec<u8> {
-        let masker = &self.core.masker;
+        let masker = &self.scope.core.masker;
         let text = match std::str::from_utf8(bytes) {
             Ok(text) if masker.is_active() => text,
             _ => return bytes.to_vec(),
@@ -847,7 +826,7 @@ impl Recorder {
         body.response = Some(Response::Ssh(response));
         body.outcome = Some(outcome);
         body.duration_us = Some(started.elapsed().as_micros() as u64);
-        self.core.audit.record(body);
+        self.scope.core.audit.record(body);
     }
 
     /// One SFTP operation: finished (`decided` is `None`; its outcome is the host's status)
@@ -888,7 +867,7 @@ impl Recorder {
             body.policy = Some(guard.reference(d));
             body.detail = op.message.clone();
         }
-        self.core.audit.record(body);
+        self.scope.core.audit.record(body);
     }
 
     /// The channel's stream broke the protocol the gateway follows: on record; the channel
@@ -897,7 +876,7 @@ impl Recorder {
         let mut body = self.body(Kind::ProtocolError);
         body.outcome = Some(Outcome::Error);
         body.detail = Some(why.to_string());
-        self.core.audit.record(body);
+        self.scope.core.audit.record(body);
     }
 
     /// A line typed into a shell: an index into the recording (not a decision; see
@@ -907,7 +886,7 @@ impl Recorder {
         body.request = Some(Request::Ssh(SshRequest {
             channel: self.channel.number(),
             request_type: "typed".into(),
-            command: Some(self.core.scrub(&typed.line)),
+            command: Some(self.scope.core.scrub(&typed.line)),
             ..SshRequest::default()
         }));
         if typed.inexact {
@@ -915,7 +894,7 @@ impl Recorder {
                 "edited with cursor keys, completion or a long paste: the shell may have run another line (see the recording)".into(),
             );
         }
-        self.core.audit.record(body);
+        self.scope.core.audit.record(body);
     }
 
     /// A request on a running channel (resize, signal), on record before the host sees it.
@@ -927,7 +906,7 @@ impl Recorder {
             command: Some(detail),
             ..SshRequest::default()
         }));
-        self.core.audit.append(&body).await.is_ok()
+        self.scope.core.audit.append(&body).await.is_ok()
     }
 }
 
@@ -943,7 +922,13 @@ async fn input_task(
     let (rec, client, counters) = (&p.rec, &p.client, &p.counters);
     let id = rec.channel;
     let mut typed = p.typed.then(TypedLines::default);
-    while let Some(input) = rx.recv().await {
+    let mut ended = p.ended.subscribe();
+    loop {
+        let input = tokio::select! {
+            input = rx.recv() => input,
+            () = closed(&mut ended) => None,
+        };
+        let Some(input) = input else { break };
         let sent = match input {
             Input::Data(mut bytes) => {
                 if let Some(sftp) = &p.sftp {
@@ -1008,6 +993,7 @@ async fn input_task(
             break;
         }
     }
+    p.ended.send_replace(true);
 }
 
 /// Host → client: each chunk in the log before the client gets it (a chunk that cannot be
@@ -1029,11 +1015,14 @@ async fn output_task(
     let mut error_offset = 0u64;
     // The host's EOF, held back briefly (see [`EOF_HOLD`]).
     let mut eof_at: Option<tokio::time::Instant> = None;
+    let mut ended = p.ended.subscribe();
     loop {
         let at_boundary = p.sftp.as_ref().is_some_and(|s| s.at_boundary());
         let held = eof_at.unwrap_or_else(tokio::time::Instant::now);
         let msg = tokio::select! {
             m = read.wait() => m,
+            // The client closed the channel: nothing the host sends now reaches the gateway.
+            () = closed(&mut ended) => None,
             () = tokio::time::sleep_until(held), if eof_at.is_some() => {
                 eof_at = None;
                 if client.eof(id).await.is_err() {
@@ -1107,6 +1096,7 @@ async fn output_task(
             break;
         }
     }
+    p.ended.send_replace(true);
     let _ = client.close(id).await;
     if let Some(sftp) = &p.sftp {
         sftp.finish().iter().for_each(|op| rec.sftp(op, None));
@@ -1118,6 +1108,11 @@ async fn output_task(
         _ => Outcome::Error,
     };
     rec.response(response, outcome, started);
+}
+
+/// Resolves once either side has closed the channel (see [`Pumps::ended`]).
+async fn closed(ended: &mut watch::Receiver<bool>) {
+    let _ = ended.wait_for(|e| *e).await;
 }
 
 /// A signal's name as SSH writes it (`INT`, `KILL` …).

@@ -14,6 +14,7 @@ pub mod ca;
 mod channel;
 pub mod command;
 pub mod config;
+mod forward;
 mod session;
 pub mod sftp;
 mod sftp_guard;

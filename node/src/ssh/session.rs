@@ -1,8 +1,9 @@
 //! One client connection: authentication (a Vigil certificate or an OIDC token), the login to
 //! the host, and the channel requests, each decided and recorded before the host sees it.
 
-use super::channel::{self, Chan};
+use super::channel::{self, Chan, SessionScope};
 use super::config::split_user;
+use super::forward::{self, RemoteForwards};
 use super::target::{Pinned, Target};
 use super::SshContext;
 use crate::audit::RecordingFile;
@@ -49,6 +50,7 @@ pub async fn run(
         host: None,
         preauth: Some(preauth),
         recording: None,
+        forwards: Arc::default(),
         channels: HashMap::new(),
         ptys: Default::default(),
         stmt: 0,
@@ -112,6 +114,8 @@ pub(super) struct Conn {
     pub host: Option<Arc<client::Handle<Pinned>>>,
     preauth: Option<OwnedSemaphorePermit>,
     pub recording: Option<Arc<RecordingFile>>,
+    /// The remote forwards the host listens on for this client.
+    pub forwards: Arc<RemoteForwards>,
     pub channels: HashMap<ChannelId, Chan>,
     /// Channels with a terminal (the host granted `pty-req`).
     pub ptys: std::collections::HashSet<ChannelId>,
@@ -137,10 +141,7 @@ pub(super) struct Conn {
 impl Conn {
     /// A record of this session, with its principal and connection.
     pub fn body(&self, kind: Kind) -> Body {
-        let mut body = self.ctx.core.audit.body(Some(&self.id), kind);
-        body.principal = self.principal.clone();
-        body.connection = Some(Arc::new(self.conn.clone()));
-        body
+        SessionScope::of(self).body(kind)
     }
 
     /// Records a refused login and answers it.
@@ -245,7 +246,7 @@ impl Conn {
 
     async fn log_in(&mut self, target: &Target, login: &str, principal: Arc<Principal>) -> Auth {
         let p = Some(principal.clone());
-        let host = match target.connect(login).await {
+        let host = match target.connect(login, self.forwards.clone()).await {
             Ok(h) => h,
             Err(e) => return self.deny(p, Outcome::Error, e.to_string()),
         };
@@ -386,10 +387,14 @@ impl russh::server::Handler for Conn {
         }
     }
 
-    /// The client is in: its pre-authentication permit goes back, and a session whose token
-    /// expires is ended then (`identity.session_expiry`), like a PostgreSQL session.
+    /// The client is in: its pre-authentication permit goes back, connections on its remote
+    /// forwards can reach it, and a session whose token expires is ended then
+    /// (`identity.session_expiry`), like a PostgreSQL session.
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.preauth = None;
+        let scope = SessionScope::of(self);
+        self.forwards
+            .begin(scope, session.handle(), self.login.clone());
         if let Some(left) = self.expires {
             let (handle, expired) = (session.handle(), self.expired.clone());
             self.expiry = Some(tokio::spawn(async move {
@@ -582,8 +587,8 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let to = format!("{host_to_connect}:{port_to_connect}");
-        channel::direct_tcpip(self, channel, &to, reply, session).await;
+        let (host, port) = (host_to_connect, port_to_connect);
+        forward::direct_tcpip(self, channel, host, port, reply, session).await;
         Ok(())
     }
 
@@ -593,12 +598,15 @@ impl russh::server::Handler for Conn {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        channel::refuse_request(
-            self,
-            None,
-            "tcpip-forward",
-            &format!("remote forwarding ({address}:{port}) is not offered by this gateway"),
-        );
-        Ok(false)
+        Ok(forward::tcpip_forward(self, address, port).await)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(forward::cancel_tcpip_forward(self, address, port).await)
     }
 }

@@ -2,6 +2,7 @@
 //! gateway's own key, to a host whose key is one of the pinned ones.
 
 use super::config::SshTargetConfig;
+use super::forward::{Endpoint, RemoteForwards};
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use std::sync::{Arc, Mutex};
@@ -46,13 +47,19 @@ impl Target {
         })
     }
 
-    /// Connects, checks the host key against the pins, and logs in as `login`.
-    pub async fn connect(&self, login: &str) -> Result<client::Handle<Pinned>, TargetError> {
+    /// Connects, checks the host key against the pins, and logs in as `login`. Connections
+    /// the host accepts on remote forwards go to `forwards`.
+    pub async fn connect(
+        &self,
+        login: &str,
+        forwards: Arc<RemoteForwards>,
+    ) -> Result<client::Handle<Pinned>, TargetError> {
         let name = &self.config.name;
         let presented = Arc::new(Mutex::new(None));
         let handler = Pinned {
             pins: self.pins.clone(),
             presented: presented.clone(),
+            forwards,
         };
         // No Nagle on the host side either: a small request (an exec, a keystroke) must not
         // wait for the host's delayed ACK (~40 ms on Linux).
@@ -103,10 +110,12 @@ impl Target {
 }
 
 /// The client handler of a host connection: accepts only a pinned host key, and remembers a
-/// key it refused so the refusal can name it.
+/// key it refused so the refusal can name it; hands the channels the host opens for remote
+/// forwards to the client connection's [`RemoteForwards`].
 pub struct Pinned {
     pins: Vec<PublicKey>,
     presented: Arc<Mutex<Option<String>>>,
+    forwards: Arc<RemoteForwards>,
 }
 
 impl client::Handler for Pinned {
@@ -129,5 +138,27 @@ impl client::Handler for Pinned {
             );
         }
         Ok(ok)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let connected = Endpoint {
+            address: connected_address.into(),
+            port: connected_port,
+        };
+        let originator = Endpoint {
+            address: originator_address.into(),
+            port: originator_port,
+        };
+        self.forwards.opened(channel, reply, connected, originator);
+        Ok(())
     }
 }
