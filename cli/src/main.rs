@@ -4,15 +4,11 @@
 //! [`crate::display`] (escaped; statement text keeps its lines behind a continuation
 //! marker), so none of it can move the cursor, recolour or forge a line of the output.
 
-mod asciicast;
-mod display;
 mod login;
-mod recording;
-mod replay;
 mod ssh;
-mod terminal;
 
 use clap::{Parser, Subcommand};
+use vigil_cli::{asciicast, display, recording, replay, terminal};
 use display::{escape as esc, escape_lines};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -33,6 +33,9 @@ pub struct Config {
     /// The node's HTTPS API (SSH certificates, `vigil ssh-config`); absent: none.
     #[serde(default)]
     pub api: Option<crate::api::ApiConfig>,
+    /// The Kubernetes API gateway (docs/kubernetes.md).
+    #[serde(default)]
+    pub kubernetes: Option<crate::kube::config::KubeConfig>,
     /// Guardrails (docs/policy.md).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
@@ -573,10 +576,13 @@ impl Config {
         if let Some(api) = &self.api {
             api.validate(&self.identity)?;
         }
-        if self.postgres.is_none() && self.ssh.is_none() {
+        if let Some(kube) = &self.kubernetes {
+            kube.validate()?;
+        }
+        if self.postgres.is_none() && self.ssh.is_none() && self.kubernetes.is_none() {
             return Err(invalid(
                 "postgres",
-                "no protocol server is configured: add a [postgres] or an [ssh] section",
+                "no protocol server is configured: add a [postgres], an [ssh] or a [kubernetes] section",
             ));
         }
         self.validate_policy()?;
@@ -611,6 +617,11 @@ impl Config {
                         .ssh
                         .iter()
                         .flat_map(|s| &s.targets)
+                        .any(|x| &x.name == c),
+                    crate::policy::Matcher::Kube(_) => self
+                        .kubernetes
+                        .iter()
+                        .flat_map(|k| &k.clusters)
                         .any(|x| &x.name == c),
                 };
                 if !known {

@@ -15,6 +15,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod core;
+pub mod kube;
 pub mod pg;
 pub mod policy;
 pub mod ssh;

@@ -15,6 +15,7 @@
 
 pub mod classify;
 mod dangerous_functions;
+pub mod kube;
 pub mod masking;
 pub mod ssh;
 
@@ -64,6 +65,8 @@ pub enum Matcher {
     Sql(SqlMatch),
     /// An SSH channel request.
     Ssh(ssh::SshMatch),
+    /// A Kubernetes API request.
+    Kube(kube::KubeMatch),
 }
 
 /// The protocol a rule is written for (`protocol = "ssh"`; PostgreSQL by default).
@@ -73,6 +76,7 @@ pub enum RuleProtocol {
     #[default]
     Postgres,
     Ssh,
+    Kubernetes,
 }
 
 impl RuleProtocol {
@@ -146,6 +150,16 @@ pub struct RuleTable {
     paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     operations: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    verbs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    resources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    subresources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    names: Vec<String>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -164,6 +178,14 @@ impl TryFrom<RuleTable> for Rule {
             functions: t.functions,
             flags: t.flags,
         };
+        let kube_only = kube::KubeMatch {
+            verbs: t.verbs,
+            resources: t.resources,
+            subresources: t.subresources,
+            namespaces: t.namespaces,
+            names: t.names,
+            ..kube::KubeMatch::default()
+        };
         let ssh = ssh::SshMatch {
             requests: t.requests,
             programs: t.programs,
@@ -173,16 +195,30 @@ impl TryFrom<RuleTable> for Rule {
             paths: t.paths,
             operations: t.operations,
         };
+        // The command conditions (programs, args, command_flags) are shared by SSH exec and
+        // Kubernetes exec; the rest belongs to one protocol.
+        let ssh_only = ssh::SshMatch {
+            programs: Vec::new(),
+            args: Vec::new(),
+            flags: Vec::new(),
+            ..ssh.clone()
+        };
+        let id = &t.id;
+        let sql_empty = sql == SqlMatch::default();
         let matcher = match t.protocol {
-            RuleProtocol::Postgres if ssh.is_empty() => Matcher::Sql(sql),
-            RuleProtocol::Ssh if sql == SqlMatch::default() => Matcher::Ssh(ssh),
-            RuleProtocol::Postgres => return Err(format!(
-                "rule {:?}: requests, programs, args, command_flags, logins, paths and operations are SSH conditions: add protocol = \"ssh\"",
-                t.id
-            )),
-            RuleProtocol::Ssh => return Err(format!(
-                "rule {:?}: kinds, tables, functions and flags are PostgreSQL conditions, not for protocol = \"ssh\"",
-                t.id
+            RuleProtocol::Postgres if ssh.is_empty() && kube_only.is_empty() => Matcher::Sql(sql),
+            RuleProtocol::Ssh if sql_empty && kube_only.is_empty() => Matcher::Ssh(ssh),
+            RuleProtocol::Kubernetes if sql_empty && ssh_only.is_empty() => {
+                Matcher::Kube(kube::KubeMatch {
+                    programs: ssh.programs,
+                    args: ssh.args,
+                    flags: ssh.flags,
+                    ..kube_only
+                })
+            }
+            protocol => return Err(format!(
+                "rule {id:?}: kinds, tables, functions and flags are PostgreSQL conditions; requests, logins, paths and operations SSH ones (add protocol = \"ssh\"); verbs, resources, subresources, namespaces and names Kubernetes ones (add protocol = \"kubernetes\"); programs, args and command_flags are for SSH and Kubernetes; this rule is for {}",
+                protocol_name(protocol)
             )),
         };
         Ok(Rule {
@@ -200,9 +236,30 @@ impl TryFrom<RuleTable> for Rule {
 
 impl From<Rule> for RuleTable {
     fn from(r: Rule) -> Self {
-        let (protocol, sql, ssh) = match r.matcher {
-            Matcher::Sql(m) => (RuleProtocol::Postgres, m, ssh::SshMatch::default()),
-            Matcher::Ssh(m) => (RuleProtocol::Ssh, SqlMatch::default(), m),
+        let (protocol, sql, ssh, kube) = match r.matcher {
+            Matcher::Sql(m) => (
+                RuleProtocol::Postgres,
+                m,
+                ssh::SshMatch::default(),
+                kube::KubeMatch::default(),
+            ),
+            Matcher::Ssh(m) => (
+                RuleProtocol::Ssh,
+                SqlMatch::default(),
+                m,
+                kube::KubeMatch::default(),
+            ),
+            Matcher::Kube(m) => (
+                RuleProtocol::Kubernetes,
+                SqlMatch::default(),
+                ssh::SshMatch {
+                    programs: m.programs.clone(),
+                    args: m.args.clone(),
+                    flags: m.flags.clone(),
+                    ..ssh::SshMatch::default()
+                },
+                m,
+            ),
         };
         RuleTable {
             id: r.id,
@@ -221,6 +278,11 @@ impl From<Rule> for RuleTable {
             logins: ssh.logins,
             paths: ssh.paths,
             operations: ssh.operations,
+            verbs: kube.verbs,
+            resources: kube.resources,
+            subresources: kube.subresources,
+            namespaces: kube.namespaces,
+            names: kube.names,
             dry_run: r.dry_run,
             reason: r.reason,
             approval: r.approval,
@@ -381,15 +443,7 @@ impl Policy {
     ) -> Decision {
         let statements = match statements {
             Ok(s) => s,
-            Err(e) => {
-                return Decision {
-                    action: Action::Block,
-                    rule: "parse-error".into(),
-                    reason: Some(e.to_string()),
-                    dry_run: Vec::new(),
-                    approval: None,
-                }
-            }
+            Err(e) => return parse_error(e.to_string()),
         };
         self.combine(statements, |s, dry_run| {
             self.decide_one(s, principal, connection, read_only, dry_run)
@@ -407,21 +461,38 @@ impl Policy {
     ) -> Decision {
         let actions = match actions {
             Ok(a) => a,
-            Err(why) => {
-                return Decision {
-                    action: Action::Block,
-                    rule: "parse-error".into(),
-                    reason: Some(why),
-                    dry_run: Vec::new(),
-                    approval: None,
-                }
-            }
+            Err(why) => return parse_error(why),
         };
         self.combine(actions, |a, dry_run| {
             self.first_rule(
                 |rule| {
                     rule.applies(target, principal)
                         && matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(a))
+                },
+                dry_run,
+            )
+        })
+    }
+
+    /// The decision for a Kubernetes request: each of `actions` (the request, or each command
+    /// of an exec's command line) is decided on its own, and they combine like the statements
+    /// of a message. A request that cannot be classified, or an exec command line that does
+    /// not parse, is blocked (rule `parse-error`).
+    pub fn decide_kube(
+        &self,
+        actions: Result<&[kube::KubeAction<'_>], String>,
+        principal: &Principal,
+        cluster: &str,
+    ) -> Decision {
+        let actions = match actions {
+            Ok(a) => a,
+            Err(why) => return parse_error(why),
+        };
+        self.combine(actions, |a, dry_run| {
+            self.first_rule(
+                |rule| {
+                    rule.applies(cluster, principal)
+                        && matches!(&rule.matcher, Matcher::Kube(m) if m.matches(a))
                 },
                 dry_run,
             )
@@ -518,6 +589,25 @@ impl Policy {
         rule.and_then(|r| r.approval.clone())
             .or_else(|| self.config.approval.clone())
             .map(Arc::new)
+    }
+}
+
+/// The decision on what cannot be classified or parsed: refused, saying why.
+fn parse_error(why: String) -> Decision {
+    Decision {
+        action: Action::Block,
+        rule: "parse-error".into(),
+        reason: Some(why),
+        dry_run: Vec::new(),
+        approval: None,
+    }
+}
+
+fn protocol_name(p: RuleProtocol) -> &'static str {
+    match p {
+        RuleProtocol::Postgres => "postgres (the default)",
+        RuleProtocol::Ssh => "ssh",
+        RuleProtocol::Kubernetes => "kubernetes",
     }
 }
 
@@ -826,6 +916,110 @@ tables = ["public.customers"]
         assert_eq!(d.dry_run, vec!["audit-only:block"]);
     }
 
+    /// Kubernetes rules: agents read-only except scaling in staging; nobody deletes
+    /// namespaces; exec decided on its command like an SSH exec.
+    #[test]
+    fn kubernetes_rules_decide_requests_and_exec_commands() {
+        let p = policy(
+            r#"
+default = "allow"
+[[rules]]
+id = "no-namespace-deletes"
+action = "block"
+protocol = "kubernetes"
+verbs = ["delete", "deletecollection"]
+resources = ["namespaces"]
+
+[[rules]]
+id = "agents-scale-staging"
+action = "allow"
+protocol = "kubernetes"
+principals = { models = ["gpt-5"] }
+verbs = ["patch", "update"]
+resources = ["apps/deployments/scale"]
+namespaces = ["staging"]
+
+[[rules]]
+id = "agents-read-only"
+action = "block"
+protocol = "kubernetes"
+principals = { models = ["gpt-5"] }
+verbs = ["create", "update", "patch", "delete", "deletecollection"]
+
+[[rules]]
+id = "no-rm-in-pods"
+action = "block"
+protocol = "kubernetes"
+programs = ["rm"]
+"#,
+        );
+        let decide = |verb: &str, group: &str, resource: &str, sub: &str, ns: &str| {
+            let a = kube::KubeAction {
+                verb,
+                api_group: group,
+                resource,
+                subresource: sub,
+                namespace: ns,
+                name: "x",
+                command: None,
+                line: None,
+            };
+            let d = p.decide_kube(Ok(&[a]), &agent(), "dev");
+            (d.action, d.rule)
+        };
+        let blocked = |rule: &str| (Action::Block, rule.to_string());
+        assert_eq!(decide("delete", "", "namespaces", "", ""), blocked("no-namespace-deletes"));
+        assert_eq!(
+            decide("patch", "apps", "deployments", "scale", "staging"),
+            (Action::Allow, "agents-scale-staging".into())
+        );
+        assert_eq!(
+            decide("patch", "apps", "deployments", "scale", "prod"),
+            blocked("agents-read-only")
+        );
+        assert_eq!(decide("list", "", "pods", "", "prod").0, Action::Allow);
+        let line = crate::ssh::command::parse("sh -c 'cd /tmp && rm -rf x'").unwrap();
+        let actions: Vec<_> = line
+            .commands
+            .iter()
+            .map(|c| kube::KubeAction {
+                verb: "get",
+                api_group: "",
+                resource: "pods",
+                subresource: "exec",
+                namespace: "prod",
+                name: "web",
+                command: Some(c),
+                line: Some(&line),
+            })
+            .collect();
+        let d = p.decide_kube(Ok(&actions), &agent(), "dev");
+        assert_eq!((d.action, d.rule.as_str()), (Action::Block, "no-rm-in-pods"));
+        let d = p.decide_kube(Err("unclassifiable".into()), &agent(), "dev");
+        assert_eq!((d.action, d.rule.as_str()), (Action::Block, "parse-error"));
+    }
+
+    #[test]
+    fn a_rule_with_another_protocols_conditions_is_refused() {
+        let e = toml::from_str::<PolicyConfig>(
+            "[[rules]]\nid = \"r\"\naction = \"block\"\nverbs = [\"delete\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("protocol = \"kubernetes\""), "{e}");
+        let e = toml::from_str::<PolicyConfig>(
+            "[[rules]]\nid = \"r\"\naction = \"block\"\nprotocol = \"kubernetes\"\nlogins = [\"root\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("this rule is for kubernetes"), "{e}");
+        let ok = toml::from_str::<PolicyConfig>(
+            "[[rules]]\nid = \"r\"\naction = \"block\"\nprotocol = \"kubernetes\"\nprograms = [\"rm\"]",
+        )
+        .unwrap();
+        assert!(matches!(&ok.rules[0].matcher, Matcher::Kube(m) if m.programs == ["rm"]));
+    }
+
     #[test]
     fn one_blocked_statement_blocks_the_message() {
         let p = policy(RULES);
@@ -896,7 +1090,7 @@ tables = ["public.customers"]
                 rule.targets.as_slice(),
                 match &rule.matcher {
                     Matcher::Sql(m) => m.tables.as_slice(),
-                    Matcher::Ssh(_) => &[],
+                    Matcher::Ssh(_) | Matcher::Kube(_) => &[],
                 }
             ),
             (&["app".to_string()][..], &["t".to_string()][..])
