@@ -66,6 +66,13 @@ id = "no-other-forwards"
 protocol = "ssh"
 action = "block"
 requests = ["forward"]
+
+[[policy.rules]]
+id = "would-block-echo"
+protocol = "ssh"
+action = "block"
+dry_run = true
+programs = ["echo"]
 "#;
 
 /// The test policy, with the dev PostgreSQL's address as the one forward it allows.
@@ -450,6 +457,37 @@ async fn vigil_login_issues_a_certificate_that_stock_ssh_uses_through_ssh_config
         .filter(|r| r.body.outcome == Some(Outcome::Success))
         .collect();
     assert_eq!(issued.len(), 1);
+
+    // The session names the certificate it logged in with (its serial, as issued), and the
+    // exec records what the dry-run rule would have done.
+    let serial = issued[0]
+        .body
+        .detail
+        .as_deref()
+        .and_then(|d| d.strip_prefix("certificate serial "))
+        .and_then(|d| d.split(' ').next())
+        .expect("the issue record names the serial")
+        .to_string();
+    let started = of_kind(&records, Kind::SessionStart)
+        .into_iter()
+        .filter(|r| r.body.outcome == Some(Outcome::Success))
+        .find_map(|r| r.body.detail.clone())
+        .expect("the certificate session's start");
+    assert!(
+        started.starts_with(&format!("certificate serial {serial} key id ")),
+        "{started}"
+    );
+    let echo = records
+        .iter()
+        .find(|r| {
+            matches!(&r.body.request, Some(Request::Ssh(s)) if s.command.as_deref() == Some("echo through-vigil"))
+        })
+        .expect("the exec's record");
+    assert_eq!(echo.body.kind, Kind::Request);
+    assert_eq!(
+        echo.body.detail.as_deref(),
+        Some("dry-run: would-block-echo:block")
+    );
 }
 
 /// Runs a program to completion (a child process; the node runs on this test's runtime).

@@ -8,10 +8,10 @@ mod login;
 mod ssh;
 
 use clap::{Parser, Subcommand};
-use vigil_cli::{asciicast, display, recording, replay, terminal};
 use display::{escape as esc, escape_lines};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vigil_cli::{asciicast, display, recording, replay, terminal};
 use vigil_coordinator::client::{Client, Credential};
 use vigil_node::config::Config;
 use vigil_proto::checkpoint::{Checkpoint, PinnedKeys};

@@ -95,8 +95,7 @@ impl KubeConfig {
         for (i, c) in self.clusters.iter().enumerate() {
             let at = |field: &str| format!("kubernetes.clusters[{i}].{field}");
             let name_ok = !c.name.is_empty()
-                && c
-                    .name
+                && c.name
                     .chars()
                     .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.');
             if !name_ok {

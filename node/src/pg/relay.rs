@@ -160,11 +160,6 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
     counts
 }
 
-/// What dry-run rules would have done, for the record.
-fn dry_run_note(d: &Decision) -> Option<String> {
-    (!d.dry_run.is_empty()).then(|| format!("dry-run: {}", d.dry_run.join(", ")))
-}
-
 /// Who is on the other end, stamped on every record of the session.
 pub struct Session {
     pub id: String,
@@ -742,7 +737,7 @@ impl ClientHalf {
             None
         };
         let policy = self.ctx.policy.reference(&decision);
-        let note = dry_run_note(&decision);
+        let note = decision.dry_run_note();
         let per_statement = self.statement_effects(text, &class, &policy, &note);
         match self
             .audit_request(request, Some((policy, note)), approval)
@@ -787,7 +782,7 @@ impl ClientHalf {
             text: text.clone(),
             class,
             policy: self.ctx.policy.reference(&decision),
-            note: dry_run_note(&decision),
+            note: decision.dry_run_note(),
             // Preparing runs nothing; each Execute of it is held.
             hold: (decision.action == Action::RequireApproval).then(|| Arc::new(decision)),
             described: OnceLock::new(),
@@ -902,7 +897,7 @@ impl ClientHalf {
             }
             let decided = (
                 self.ctx.policy.reference(&decision),
-                dry_run_note(&decision),
+                decision.dry_run_note(),
             );
             let held = (decision.action == Action::RequireApproval).then(|| Arc::new(decision));
             (held, decided)
@@ -1285,7 +1280,7 @@ impl ClientHalf {
         let outcome = refusal.outcome();
         // The record says why in the policy's words (and what dry-run rules would have done);
         // an approval's refusal, as the client hears it.
-        let detail = match (&refusal, dry_run_note(decision)) {
+        let detail = match (&refusal, decision.dry_run_note()) {
             (Refusal::Blocked { reason, .. }, Some(note)) => format!("{reason}; {note}"),
             (Refusal::Blocked { reason, .. }, None) => reason.clone(),
             _ => message.clone(),

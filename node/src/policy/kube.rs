@@ -94,7 +94,12 @@ fn resource_matches(pattern: &str, a: &KubeAction<'_>) -> bool {
 mod tests {
     use super::*;
 
-    fn action<'a>(verb: &'a str, group: &'a str, resource: &'a str, sub: &'a str) -> KubeAction<'a> {
+    fn action<'a>(
+        verb: &'a str,
+        group: &'a str,
+        resource: &'a str,
+        sub: &'a str,
+    ) -> KubeAction<'a> {
         KubeAction {
             verb,
             api_group: group,
@@ -125,7 +130,10 @@ mod tests {
         assert!(!m("pods/log").matches(&exec));
         assert!(m("*").matches(&exec));
         let discovery = action("get", "", "", "");
-        assert!(!m("*").matches(&discovery), "a non-resource URL is no resource");
+        assert!(
+            !m("*").matches(&discovery),
+            "a non-resource URL is no resource"
+        );
     }
 
     #[test]

@@ -364,6 +364,12 @@ impl Decision {
     pub fn blocks(&self) -> bool {
         self.action != Action::Allow
     }
+
+    /// What the dry-run rules that matched would have done (`dry-run: rule:action, …`), for
+    /// the record's detail.
+    pub fn dry_run_note(&self) -> Option<String> {
+        (!self.dry_run.is_empty()).then(|| format!("dry-run: {}", self.dry_run.join(", ")))
+    }
 }
 
 /// A policy in force, with its version.
@@ -968,7 +974,10 @@ programs = ["rm"]
             (d.action, d.rule)
         };
         let blocked = |rule: &str| (Action::Block, rule.to_string());
-        assert_eq!(decide("delete", "", "namespaces", "", ""), blocked("no-namespace-deletes"));
+        assert_eq!(
+            decide("delete", "", "namespaces", "", ""),
+            blocked("no-namespace-deletes")
+        );
         assert_eq!(
             decide("patch", "apps", "deployments", "scale", "staging"),
             (Action::Allow, "agents-scale-staging".into())
@@ -994,7 +1003,10 @@ programs = ["rm"]
             })
             .collect();
         let d = p.decide_kube(Ok(&actions), &agent(), "dev");
-        assert_eq!((d.action, d.rule.as_str()), (Action::Block, "no-rm-in-pods"));
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Block, "no-rm-in-pods")
+        );
         let d = p.decide_kube(Err("unclassifiable".into()), &agent(), "dev");
         assert_eq!((d.action, d.rule.as_str()), (Action::Block, "parse-error"));
     }

@@ -360,6 +360,7 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
         run.command.map(str::to_string),
     ));
     body.policy = Some(policy.clone());
+    body.detail = run.decision.dry_run_note();
     match run.decision.action {
         Action::Allow => {}
         Action::Block => {
@@ -638,7 +639,11 @@ fn refuse(
         body.kind = Kind::Blocked;
     }
     body.outcome = Some(refusal.outcome());
-    body.detail = Some(message.clone());
+    // What dry-run rules would have done stays on record next to the refusal.
+    body.detail = Some(match body.detail.take() {
+        Some(note) => format!("{message}; {note}"),
+        None => message.clone(),
+    });
     conn.ctx.core.audit.record(body);
     conn.channels.insert(id, Chan::Done);
     let _ = session.channel_success(id);

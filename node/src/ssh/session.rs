@@ -61,6 +61,7 @@ pub async fn run(
         expires: None,
         expired: Arc::new(AtomicBool::new(false)),
         expiry: None,
+        credential: None,
     };
     let authenticated = conn.authenticated.clone();
     // The identification exchange counts against the authentication time too: a client that
@@ -136,6 +137,9 @@ pub(super) struct Conn {
     expiry: Option<tokio::task::JoinHandle<()>>,
     /// Refused logins on record.
     refusals: u32,
+    /// The certificate of the login being tried (serial, key id, key), for its
+    /// `session_start`: an auditor can tie the session to the certificate's issue record.
+    credential: Option<String>,
 }
 
 impl Conn {
@@ -157,7 +161,10 @@ impl Conn {
         let mut body = self.body(Kind::SessionStart);
         body.principal = principal;
         body.outcome = Some(outcome);
-        body.detail = Some(why);
+        body.detail = Some(match self.credential.take() {
+            Some(c) => format!("{why} ({c})"),
+            None => why,
+        });
         self.ctx.core.audit.record(body);
         self.refusals += 1;
         Auth::reject()
@@ -265,6 +272,7 @@ impl Conn {
         self.target = target.config.name.clone();
         let mut body = self.body(Kind::SessionStart);
         body.outcome = Some(Outcome::Success);
+        body.detail = self.credential.take();
         if let Err(e) = self.ctx.core.audit.append(&body).await {
             self.principal = None;
             return self.deny(
@@ -378,6 +386,12 @@ impl russh::server::Handler for Conn {
         user: &str,
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
+        let key = certificate.public_key().fingerprint(Default::default());
+        self.credential = Some(self.ctx.core.scrub(&format!(
+            "certificate serial {} key id {:?} key {key}",
+            certificate.serial(),
+            certificate.key_id()
+        )));
         match self.certificate_principal(certificate) {
             Ok(principal) => Ok(self.admit(user, principal).await),
             Err(why) => {
