@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Development/test servers for Vigil: a PostgreSQL 15 target, a dev OIDC provider, a
-# Kafka-protocol broker (Tansu) and an OpenSSH server as the SSH target host.
+# Kafka-protocol broker (Tansu), an OpenSSH server as the SSH target host, and a Kubernetes
+# control plane (etcd, kube-apiserver, kube-controller-manager and a test kubelet, owned by
+# deploy/dev/kube.sh: this script only calls its start|stop|status|clean).
 #
 #   deploy/dev/servers.sh start|stop|status|clean
 #
@@ -10,6 +12,15 @@
 #   VIGIL_DEV_OIDC_PORT   OIDC provider port on 127.0.0.1 (default 25480)
 #   VIGIL_DEV_KAFKA_PORT  Kafka broker port on 127.0.0.1 (default 25492)
 #   VIGIL_DEV_SSHD_PORT   OpenSSH server port on 127.0.0.1 (default 25422)
+#   VIGIL_DEV_KUBE_PORT, VIGIL_DEV_ETCD_PORT, VIGIL_DEV_ETCD_PEER_PORT, VIGIL_DEV_KUBELET_PORT
+#                         kube-apiserver, etcd (clients, peers) and test kubelet ports (defaults
+#                         25443, 25379, 25380, 25250; read by kube.sh, see its header)
+# A second set of servers can run beside the first (a CI clone beside a developer's servers):
+# give it its own VIGIL_DEV_DIR and all eight ports, e.g. VIGIL_DEV_DIR=/tmp/vigil-ci
+# VIGIL_DEV_PG_PORT=35432 VIGIL_DEV_OIDC_PORT=35480 VIGIL_DEV_KAFKA_PORT=35492
+# VIGIL_DEV_SSHD_PORT=35422 VIGIL_DEV_KUBE_PORT=35443 VIGIL_DEV_ETCD_PORT=35379
+# VIGIL_DEV_ETCD_PEER_PORT=35380 VIGIL_DEV_KUBELET_PORT=35250. Every process is told apart by its
+# state dir (PID files and command lines), so start, stop and clean touch only their own set.
 #   VIGIL_TANSU           tansu binary (default: $VIGIL_TANSU_DIR/bin/tansu, installed by setup.sh;
 #                         VIGIL_TANSU_DIR defaults to /var/cache/vigil/tools/tansu)
 #
@@ -24,11 +35,15 @@
 # asked to run to $VIGIL_DEV_SSH_COMMAND_LOG before running it with bash (format: see
 # write_logging_shell). Ground truth for tests: that file and sshd's own VERBOSE log.
 #
+# The Kubernetes servers live in $VIGIL_DEV_DIR/kube; kube.sh writes their coordinates to
+# $VIGIL_DEV_DIR/kube/env, and this script copies those lines (VIGIL_DEV_KUBE_URL and the rest)
+# into its own env file, so one file names every server.
+#
 # `start` is idempotent: servers that are already up are left alone (a running sshd whose config
 # this script now writes differently rereads it, keeping its connections) and only the env
 # file $VIGIL_DEV_DIR/env (`export NAME=value` lines, for `source`) is rewritten.
 # `stop` stops all of them by PID and is safe when nothing runs. `clean` stops and deletes the
-# state dir (only if it was created by this script).
+# state dir (only if it was created by this script; kube.sh deletes its own kube/ the same way).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,6 +97,10 @@ ssh_login=vigil-ops
 ssh_other_login=vigil-other
 ssh_shell=/usr/local/bin/vigil-logging-shell  # shared by every state dir: it logs to the file
                                               # its sshd names (SetEnv), not to a fixed path
+
+# kube.sh owns the Kubernetes servers; it reads the same VIGIL_DEV_DIR and its own port variables
+kube_sh="$here/kube.sh"
+kube_env="$dev_dir/kube/env"
 
 secrets="$dev_dir/secrets"
 env_file="$dev_dir/env"
@@ -322,8 +341,8 @@ EOF
 
 pg_start() {
   if pg_running; then
-    local i
-    for i in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+    local _
+    for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
     pg_ready || { show_log "$pg_log"; die "PostgreSQL (pid $(pg_pid)) runs but does not answer on port $(pg_actual_port)"; }
     log "PostgreSQL already running (pid $(pg_pid), port $(pg_actual_port))"
     return 0
@@ -340,8 +359,8 @@ pg_start() {
     show_log "$pg_log"
     die "PostgreSQL failed to start (port $pg_port in use?)"
   fi
-  local i
-  for i in $(seq 1 100); do pg_ready && break; sleep 0.1; done
+  local _
+  for _ in $(seq 1 100); do pg_ready && break; sleep 0.1; done
   pg_ready || { show_log "$pg_log"; die "PostgreSQL started but pg_isready fails on port $pg_port"; }
   log "PostgreSQL ready (pid $(pg_pid))"
 }
@@ -395,8 +414,8 @@ pg_stop() {
 # ---------------------------------------------------------------------------- OIDC
 oidc_start() {
   if oidc_alive; then
-    local i
-    for i in $(seq 1 50); do oidc_ready && break; sleep 0.1; done
+    local _
+    for _ in $(seq 1 50); do oidc_ready && break; sleep 0.1; done
     oidc_ready || { show_log "$oidc_log"; die "OIDC provider (pid $(oidc_pid)) runs but does not answer on port $(oidc_actual_port)"; }
     log "OIDC provider already running (pid $(oidc_pid), port $(oidc_actual_port))"
     return 0
@@ -424,8 +443,8 @@ oidc_start() {
   printf '%s\n' "$oidc_port" >"$oidc_portfile"
 
   # ready = our process logged "ready" and discovery answers
-  local i up=0
-  for i in $(seq 1 150); do
+  local _ up=0
+  for _ in $(seq 1 150); do
     proc_alive "$pid" || break
     if grep -qx ready "$oidc_log" 2>/dev/null && oidc_ready; then up=1; break; fi
     sleep 0.1
@@ -441,11 +460,11 @@ oidc_start() {
 
 oidc_stop() {
   if oidc_alive; then
-    local pid i
+    local pid _
     pid="$(oidc_pid)"
     log "stopping OIDC provider (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do proc_alive "$pid" || break; sleep 0.1; done
+    for _ in $(seq 1 50); do proc_alive "$pid" || break; sleep 0.1; done
     if proc_alive "$pid"; then
       log "OIDC provider did not exit on SIGTERM; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
@@ -812,6 +831,16 @@ sshd_stop() {
   rm -f "$sshd_pidfile" "$sshd_portfile"
 }
 
+# ---------------------------------------------------------------------------- Kubernetes
+# VIGIL_DEV_DIR is passed explicitly: the default is the same in both scripts, but a caller's
+# unexported variable would otherwise reach only this one.
+kube() { VIGIL_DEV_DIR="$dev_dir" "$kube_sh" "$@"; }
+
+kube_start() {
+  kube start || die "deploy/dev/kube.sh start failed (the other servers keep running; '$0 stop' stops them)"
+  [[ -f "$kube_env" ]] || die "deploy/dev/kube.sh start wrote no $kube_env"
+}
+
 # ---------------------------------------------------------------------------- env file
 write_env() {
   local node=""
@@ -873,6 +902,9 @@ write_env() {
        VIGIL_DEV_SSH_PROBE_KEY "$ssh_probe_key" \
        VIGIL_DEV_SSH_LOGIN "$ssh_login" \
        VIGIL_DEV_SSH_OTHER_LOGIN "$ssh_other_login"
+     # the Kubernetes servers' lines (comments and exports) as kube.sh wrote them just now
+     printf '# From %s:\n' "$kube_env"
+     grep -v '^# Written by ' "$kube_env"
    } >"$tmp")
   mv "$tmp" "$env_file"
   log "env written to $env_file"
@@ -886,8 +918,10 @@ prepare_dirs() {
   command -v curl >/dev/null || die "curl not found: run deploy/dev/setup.sh first"
   id postgres >/dev/null 2>&1 || die "system user postgres missing: run deploy/dev/setup.sh first"
   [[ -x "$sshd_bin" ]] || die "$sshd_bin not found (package openssh-server): run deploy/dev/setup.sh first"
-  command -v ssh-keygen >/dev/null && command -v ssh-keyscan >/dev/null \
-    || die "ssh-keygen/ssh-keyscan not found (package openssh-client): run deploy/dev/setup.sh first"
+  [[ -x "$kube_sh" ]] || die "$kube_sh missing or not executable"
+  if ! command -v ssh-keygen >/dev/null || ! command -v ssh-keyscan >/dev/null; then
+    die "ssh-keygen/ssh-keyscan not found (package openssh-client): run deploy/dev/setup.sh first"
+  fi
 
   # mark the state dir as ours only when we create it (or it is empty), so `clean` never
   # deletes a directory someone else owns
@@ -915,16 +949,24 @@ cmd_start() {
   oidc_start
   kafka_start
   sshd_start
+  kube_start
   write_env
   log "all servers up; use: . $env_file"
 }
 
-cmd_stop() {
-  [[ "$(id -u)" == 0 ]] || die "run as root"
+# the servers this script runs itself
+stop_own() {
   sshd_stop
   kafka_stop
   oidc_stop
   pg_stop
+}
+
+cmd_stop() {
+  [[ "$(id -u)" == 0 ]] || die "run as root"
+  # the cluster first (the reverse of start); stop on with the others if that fails
+  kube stop || log "deploy/dev/kube.sh stop failed"
+  stop_own
 }
 
 cmd_status() {
@@ -952,12 +994,19 @@ cmd_status() {
   else
     printf 'sshd        stopped\n'; rc=3
   fi
+  # kube.sh's own lines, but for the env file it names (its lines are in $env_file too)
+  local kube_status
+  kube_status="$(kube status)" || rc=3
+  printf '%s\n' "$kube_status" | grep -v '^env '
   [[ -f "$env_file" ]] && printf 'env         %s\n' "$env_file"
   return "$rc"
 }
 
 cmd_clean() {
-  cmd_stop
+  [[ "$(id -u)" == 0 ]] || die "run as root"
+  # kube.sh stops its servers and deletes $VIGIL_DEV_DIR/kube (it refuses one it did not make)
+  kube clean
+  stop_own
   if [[ -d "$dev_dir" ]]; then
     [[ -f "$marker" ]] || die "$dev_dir was not created by servers.sh (no $marker); not deleting it"
     log "removing $dev_dir"

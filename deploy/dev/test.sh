@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs Vigil's test suite against real servers on this machine: installs what is missing,
-# starts the dev PostgreSQL, OIDC provider and Kafka-protocol broker (Tansu), builds the
-# binaries, runs every test of the workspace, and stops the servers again.
+# starts the dev PostgreSQL, OIDC provider, Kafka-protocol broker (Tansu), OpenSSH server and
+# Kubernetes control plane (deploy/dev/servers.sh, which runs deploy/dev/kube.sh), builds the
+# binaries, runs every test of the workspace, and stops the servers again. The servers' ports
+# come from VIGIL_DEV_*_PORT (see deploy/dev/servers.sh) when the defaults are taken.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
