@@ -13,6 +13,7 @@ use tempfile::TempDir;
 use vigil_proto::record::{Kind, Record};
 
 pub mod cluster;
+pub mod kube;
 pub mod ssh;
 pub mod tamper;
 pub mod wire;
@@ -252,8 +253,9 @@ pub struct NodeOptions {
     /// More `[audit.kafka]` keys.
     pub kafka_extra: &'static str,
     pub checkpoint_interval_secs: u64,
-    /// An `[ssh]` section (with its targets), appended to the config.
-    pub ssh: Option<String>,
+    /// Protocol sections beyond `[postgres]` (`[ssh]` with its targets, `[kubernetes]` with
+    /// its clusters, `[api]`), appended to the config.
+    pub protocols: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -277,7 +279,7 @@ impl Default for NodeOptions {
             kafka_topic: None,
             kafka_extra: "",
             checkpoint_interval_secs: 5,
-            ssh: None,
+            protocols: None,
         }
     }
 }
@@ -365,7 +367,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 
 {kafka}
 
-{ssh}
+{protocols}
 
 {extra}
 "#,
@@ -394,7 +396,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
                 .clone()
                 .unwrap_or_else(|| "[coordinator]\nlisten = \"127.0.0.1:0\"".into()),
             extra = opts.extra,
-            ssh = opts.ssh.clone().unwrap_or_default(),
+            protocols = opts.protocols.clone().unwrap_or_default(),
             checkpoint_every = opts.checkpoint_interval_secs,
             kafka = match &opts.kafka_topic {
                 Some(topic) => format!(

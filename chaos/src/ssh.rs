@@ -131,7 +131,7 @@ impl Gateway {
         let ca = keygen(keys.path(), "ca");
         let section = ssh_section(&ca, host_key, login_key, policy);
         let opts = NodeOptions {
-            ssh: Some(format!(
+            protocols: Some(format!(
                 "{section}\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n"
             )),
             coordinator,

@@ -1023,7 +1023,7 @@ async fn spawned_gateway(principal: &str) -> Spawned {
     )
     .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
     let opts = vigil_chaos::NodeOptions {
-        ssh: Some(section),
+        protocols: Some(section),
         admin_port,
         ..Default::default()
     };

@@ -625,6 +625,7 @@ fn show_approval(a: &pb::Approval) -> String {
     let what = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
         Some(pb::shown_action::Protocol::Postgres(_)) => "statement",
         Some(pb::shown_action::Protocol::Ssh(_)) => "command  ",
+        Some(pb::shown_action::Protocol::Kubernetes(_)) => "request  ",
         None => "action   ",
     };
     let mut out = format!(
@@ -647,6 +648,15 @@ request     {}
 ",
                 esc(&c.login),
                 esc(&c.request_type)
+            )
+        }
+        Some(pb::shown_action::Protocol::Kubernetes(r)) => {
+            out += &format!(
+                "method      {}\npath        {}\nbody        {}\nbody sha256 {}\n",
+                esc(&r.method),
+                esc(&r.path),
+                escape_lines(&r.body, ""),
+                esc(&r.body_sha256)
             )
         }
         None => {}

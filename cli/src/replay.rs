@@ -316,7 +316,16 @@ fn request_text(q: &Request) -> String {
                 what.push_str(": ");
                 what.push_str(&statement(&q.command.join(" ")));
             }
-            format!("{what} ({} {})", esc(&q.method), esc(&q.path))
+            let query = q
+                .query
+                .as_deref()
+                .map(|x| format!("?{}", esc(x)))
+                .unwrap_or_default();
+            let mut line = format!("{what} ({} {}{query})", esc(&q.method), esc(&q.path));
+            if let Some(body) = &q.body {
+                line.push_str(&format!(", body {} bytes: {}", q.body_bytes, statement(body)));
+            }
+            line
         }
     }
 }
@@ -388,6 +397,9 @@ fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
             head(out, format!("HTTP {}, {} bytes", resp.status, resp.bytes));
             if let Some(e) = &resp.error {
                 let _ = writeln!(out, "     error {} {}", esc(&e.reason), esc(&e.message));
+            }
+            if let Some(body) = &resp.body {
+                let _ = writeln!(out, "     body {}", statement(body));
             }
         }
     }
@@ -497,6 +509,8 @@ mod tests {
                     namespace: Some(evil()),
                     name: Some(evil()),
                     command: vec![evil(), evil()],
+                    query: Some(evil()),
+                    body: Some(evil()),
                     ..Default::default()
                 }));
             }),
@@ -508,6 +522,7 @@ mod tests {
                         reason: evil(),
                         message: evil(),
                     }),
+                    body: Some(evil()),
                 }));
             }),
             record(Kind::Recording, |b| {
@@ -543,6 +558,7 @@ mod tests {
             "  params ",
             "  -> #1 ",
             "     error ",
+            "     body ",
             "     | ",
             "     … truncated",
             "  ~ channel ",

@@ -139,6 +139,16 @@ pub struct NewRequest {
 pub enum Shown {
     Postgres(ShownBinding),
     Ssh(ShownCommand),
+    Kubernetes(ShownRequest),
+}
+
+/// What a Kubernetes approval binds, as the approver reads it (see `KubeRequest` in the API).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShownRequest {
+    pub method: String,
+    pub path: String,
+    pub body: String,
+    pub body_sha256: String,
 }
 
 /// What an SSH approval binds, as the approver reads it (see `SshCommand` in the API).

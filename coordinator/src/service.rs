@@ -15,7 +15,7 @@
 
 use crate::approvals::{
     ActionKey, Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis,
-    NewRequest, Scope, Shown, ShownBinding, ShownCommand, ShownParam,
+    NewRequest, Scope, Shown, ShownBinding, ShownCommand, ShownParam, ShownRequest,
 };
 use crate::store::{NodeId, Raft, StateMachine};
 use openraft::error::{
@@ -364,6 +364,12 @@ fn shown_from_pb(s: pb::ShownAction) -> Option<Shown> {
             request_type: c.request_type,
             command: c.command,
         })),
+        pb::shown_action::Protocol::Kubernetes(r) => Some(Shown::Kubernetes(ShownRequest {
+            method: r.method,
+            path: r.path,
+            body: r.body,
+            body_sha256: r.body_sha256,
+        })),
     }
 }
 
@@ -374,6 +380,12 @@ fn shown_pb(s: &Shown) -> pb::ShownAction {
             login: c.login.clone(),
             request_type: c.request_type.clone(),
             command: c.command.clone(),
+        }),
+        Shown::Kubernetes(r) => pb::shown_action::Protocol::Kubernetes(pb::KubeRequest {
+            method: r.method.clone(),
+            path: r.path.clone(),
+            body: r.body.clone(),
+            body_sha256: r.body_sha256.clone(),
         }),
     };
     pb::ShownAction {

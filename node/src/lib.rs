@@ -161,6 +161,11 @@ async fn protocol_servers(
         ssh_api = ca.map(|ca| Arc::new(server.api(ca)));
         servers.push(Box::new(server));
     }
+    if let Some(section) = &config.kubernetes {
+        servers.push(Box::new(
+            kube::KubeServer::bind(section, policy.clone(), core.clone()).await?,
+        ));
+    }
     Ok((servers, ssh_api))
 }
 

@@ -314,6 +314,19 @@ pub struct KubeRequest {
     /// Hex SHA-256 of the request body, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_sha256: Option<String>,
+    /// The query string as sent (without `?`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The request body as recorded: Secret values redacted, masking detectors applied, cut
+    /// at the configured size (`body_bytes` is the whole length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub body_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What the API server answered.
@@ -324,6 +337,9 @@ pub struct KubeResponse {
     pub bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<KubeError>,
+    /// The response body as recorded (as for the request's `body`; a stream's first bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 /// A failed Kubernetes request: the `Status` object's reason and message.
@@ -787,6 +803,9 @@ mod tests {
             name: Some("p".into()),
             command: vec!["sh".into()],
             body_sha256: Some("ab".repeat(32)),
+            query: Some("command=sh".into()),
+            body: Some("{}".into()),
+            body_bytes: 2,
         }));
         body.response = Some(Response::Kubernetes(KubeResponse {
             status: 403,
@@ -795,6 +814,7 @@ mod tests {
                 reason: "Forbidden".into(),
                 message: "m".into(),
             }),
+            body: Some("{\"kind\":\"Status\"}".into()),
         }));
         let sealed = chain.seal(&body);
         conforms("record", &serde_json::from_slice(&sealed).unwrap(), &schema);

@@ -48,3 +48,36 @@ impl Refusal {
         }
     }
 }
+
+/// The refusal in words the client can act on, for protocols whose answer is free text (an
+/// SSH stderr line, a Kubernetes `Status` message). PostgreSQL words its own (SQLSTATE texts).
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = match self {
+        Refusal::Blocked { rule, reason } => format!("blocked by rule {rule}: {reason}"),
+        Refusal::NoApprovalSettings { rule } => {
+            format!("rule {rule} requires approval but has no approval settings")
+        }
+        Refusal::Unbound { rule, why } => format!("rule {rule} requires approval: {why}"),
+        Refusal::Pending {
+            rule,
+            request,
+            approvers,
+        } => format!(
+            "held for approval by rule {rule}: request {request} is pending with {approvers}; run it again once it is approved"
+        ),
+        Refusal::Denied { request, by } => format!("approval request {request} was denied: {by}"),
+        Refusal::Ended { request, state } => format!("approval request {request} is {state}"),
+        Refusal::UsedElsewhere { request } => {
+            format!("approval request {request} was used by another run of this action")
+        }
+        Refusal::CoordinatorUnavailable { why } => {
+            format!("the approval service is unavailable: {why}")
+        }
+        Refusal::AuditUnwritable { why, .. } => {
+            format!("the gateway cannot record this request: {why}")
+        }
+            };
+        f.write_str(&text)
+    }
+}

@@ -2,5 +2,164 @@
 //! request is classified as the API server would (verb, resource, namespace, name), decided by
 //! policy, recorded, and forwarded to the real API server under the gateway's own credential
 //! with the caller impersonated.
+//!
+//! A TLS connection from a client is a session: its first authenticated request starts it
+//! (`session_start`), every later request on it must carry a token of the same principal, and
+//! it ends when the connection closes (`session_end`).
 
 pub mod config;
+mod proxy;
+mod redact;
+pub mod request_info;
+
+use crate::core::server::{ProtocolServer, Shutdown};
+use crate::core::Core;
+use crate::policy::Policy;
+use anyhow::Context as _;
+use config::{KubeClusterConfig, KubeConfig};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+pub const PROTOCOL: &str = "kubernetes";
+
+/// Time a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Upstream = Client<hyper_rustls::HttpsConnector<HttpConnector>, proxy::OutBody>;
+
+/// A cluster and the client the gateway reaches its API server with.
+pub struct Cluster {
+    pub config: KubeClusterConfig,
+    /// The gateway's own bearer token for this API server.
+    token: crate::core::secret::Secret<String>,
+    client: Upstream,
+}
+
+/// What every connection of the listener shares.
+pub struct KubeContext {
+    pub core: Arc<Core>,
+    pub policy: Arc<Policy>,
+    pub config: KubeConfig,
+    clusters: HashMap<String, Arc<Cluster>>,
+}
+
+pub struct KubeServer {
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    ctx: Arc<KubeContext>,
+}
+
+impl KubeServer {
+    pub async fn bind(
+        config: &KubeConfig,
+        policy: Arc<Policy>,
+        core: Arc<Core>,
+    ) -> anyhow::Result<Self> {
+        let mut tls = (*crate::core::tls::server_config(
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+            &core.data_dir.join("tls-kubernetes"),
+        )
+        .context("kubernetes TLS certificate")?)
+        .clone();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut clusters = HashMap::new();
+        for c in &config.clusters {
+            let token = c
+                .token
+                .resolve()
+                .with_context(|| format!("kubernetes.clusters {:?}: token", c.name))?;
+            let client_tls = crate::core::tls::verifying_client_config(c.ca_file.as_deref())
+                .with_context(|| format!("kubernetes.clusters {:?}: ca_file", c.name))?;
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(Duration::from_secs(c.connect_timeout_secs)));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*client_tls).clone())
+                .https_only()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http);
+            let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+            clusters.insert(
+                c.name.clone(),
+                Arc::new(Cluster {
+                    config: c.clone(),
+                    token,
+                    client,
+                }),
+            );
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot bind kubernetes.listen {}", config.listen))?;
+        Ok(Self {
+            listener,
+            tls: TlsAcceptor::from(Arc::new(tls)),
+            ctx: Arc::new(KubeContext {
+                core,
+                policy,
+                config: config.clone(),
+                clusters,
+            }),
+        })
+    }
+}
+
+impl ProtocolServer for KubeServer {
+    fn protocol(&self) -> &'static str {
+        PROTOCOL
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    fn serve(self: Box<Self>, shutdown: Shutdown) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(serve(self.listener, self.tls, self.ctx, shutdown))
+    }
+}
+
+/// Accepts clients until `shutdown` resolves; each connection is served in its own task.
+async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    ctx: Arc<KubeContext>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let (tls, ctx) = (tls.clone(), ctx.clone());
+                    tokio::spawn(async move {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
+                        else {
+                            return;
+                        };
+                        proxy::connection(ctx, stream, peer).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kubernetes accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}

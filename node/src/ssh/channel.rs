@@ -594,35 +594,6 @@ pub fn action_hash(login: &str, request_type: &str, command: &str) -> String {
     hex::encode(h.finalize())
 }
 
-/// What the client is told about a refusal, in SSH's terms: a line on stderr.
-fn refusal_message(r: &Refusal) -> String {
-    match r {
-        Refusal::Blocked { rule, reason } => format!("blocked by rule {rule}: {reason}"),
-        Refusal::NoApprovalSettings { rule } => {
-            format!("rule {rule} requires approval but has no approval settings")
-        }
-        Refusal::Unbound { rule, why } => format!("rule {rule} requires approval: {why}"),
-        Refusal::Pending {
-            rule,
-            request,
-            approvers,
-        } => format!(
-            "held for approval by rule {rule}: request {request} is pending with {approvers}; run it again once it is approved"
-        ),
-        Refusal::Denied { request, by } => format!("approval request {request} was denied: {by}"),
-        Refusal::Ended { request, state } => format!("approval request {request} is {state}"),
-        Refusal::UsedElsewhere { request } => {
-            format!("approval request {request} was used by another run of this command")
-        }
-        Refusal::CoordinatorUnavailable { why } => {
-            format!("the approval service is unavailable: {why}")
-        }
-        Refusal::AuditUnwritable { why, .. } => {
-            format!("the gateway cannot record this request: {why}")
-        }
-    }
-}
-
 /// Records a refused run and tells the client: the request "succeeds" so that the client
 /// reads the reason on stderr and the exit status, then the channel closes. Nothing reaches
 /// the host.
@@ -633,7 +604,7 @@ fn refuse(
     refusal: &Refusal,
     session: &mut Session,
 ) {
-    let message = conn.ctx.core.scrub(&refusal_message(refusal));
+    let message = conn.ctx.core.scrub(&refusal.to_string());
     tracing::info!(reason = %message, "ssh request refused");
     if body.kind == Kind::Request {
         body.kind = Kind::Blocked;

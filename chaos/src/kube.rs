@@ -1,0 +1,127 @@
+//! The Kubernetes gateway in front of the dev API server (deploy/dev/kube.sh): a node whose
+//! `[kubernetes]` section reaches it as cluster `dev`, kubectl through it with a Vigil token,
+//! and the API server's own audit log (ground truth).
+
+use crate::{env, NodeOptions, TestNode};
+use std::path::{Path, PathBuf};
+
+/// A node with the cluster `dev` (the dev API server, the gateway's own token), then `policy`.
+pub struct Gateway {
+    pub node: TestNode,
+}
+
+/// The `[kubernetes]` section for the dev API server as cluster `dev`, then `policy`.
+pub fn kube_section(policy: &str) -> String {
+    let e = env();
+    format!(
+        r#"
+[kubernetes]
+listen = "127.0.0.1:0"
+
+[[kubernetes.clusters]]
+name = "dev"
+server = "{url}"
+ca_file = "{ca}"
+token = {{ file = "{token}" }}
+group_prefix = "vigil:"
+allow = {{ client_ids = ["agent-ops", "agent-reporting"], groups = ["dba"] }}
+
+{policy}
+"#,
+        url = e.get("VIGIL_DEV_KUBE_URL"),
+        ca = e.get("VIGIL_DEV_KUBE_CA"),
+        token = e.get("VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE"),
+    )
+}
+
+impl Gateway {
+    pub async fn start(policy: &str) -> Self {
+        Self::start_in(policy, None).await
+    }
+
+    /// A gateway of a cluster of nodes: its `[coordinator]` section.
+    pub async fn start_in(policy: &str, coordinator: Option<String>) -> Self {
+        let opts = NodeOptions {
+            protocols: Some(kube_section(policy)),
+            coordinator,
+            ..NodeOptions::default()
+        };
+        Self {
+            node: TestNode::start(opts).await,
+        }
+    }
+
+    pub fn server(&self) -> String {
+        format!(
+            "https://{}/clusters/dev",
+            self.node
+                .node
+                .addr("kubernetes")
+                .expect("a Kubernetes listener")
+        )
+    }
+
+    /// The certificate the listener presents (generated into the data directory).
+    pub fn ca(&self) -> PathBuf {
+        self.node
+            .files
+            .dir
+            .path()
+            .join("tls-kubernetes")
+            .join("cert.pem")
+    }
+
+    /// A kubeconfig for this gateway with a static `token`, in `dir`.
+    pub fn kubeconfig(&self, dir: &Path, token: &str) -> PathBuf {
+        let path = dir.join(format!("kubeconfig-{}", crate::random_suffix()));
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "vigil", "cluster": {
+                "server": self.server(),
+                "certificate-authority": self.ca(),
+            }}],
+            "users": [{"name": "vigil", "user": {"token": token}}],
+            "contexts": [{"name": "vigil", "context": {"cluster": "vigil", "user": "vigil"}}],
+            "current-context": "vigil",
+        });
+        std::fs::write(&path, config.to_string()).unwrap();
+        path
+    }
+}
+
+/// `kubectl --kubeconfig CONFIG ARGS` (a child process; the node runs on this test's runtime).
+pub async fn kubectl(config: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(config)
+        .args(["--request-timeout", "30s"])
+        .args(args)
+        .output()
+        .await
+        .expect("kubectl runs")
+}
+
+/// `kubectl` as the cluster's admin, directly (set-up and checks, never through Vigil).
+pub async fn admin(args: &[&str]) -> std::process::Output {
+    kubectl(
+        Path::new(env().get("VIGIL_DEV_KUBE_ADMIN_KUBECONFIG")),
+        args,
+    )
+    .await
+}
+
+/// The API server's audit events from line `offset` on.
+pub fn audit_events(offset: usize) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(env().get("VIGIL_DEV_KUBE_AUDIT_LOG")).unwrap_or_default();
+    text.lines()
+        .skip(offset)
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+pub fn audit_len() -> usize {
+    std::fs::read_to_string(env().get("VIGIL_DEV_KUBE_AUDIT_LOG"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}

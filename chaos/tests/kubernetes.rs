@@ -1,0 +1,301 @@
+//! The Kubernetes gateway against the real dev API server (deploy/dev/kube.sh): stock kubectl
+//! with a Vigil token as its bearer token. Ground truth is the API server's own audit log:
+//! every request it saw from the gateway is impersonated and has its Vigil record, and
+//! nothing Vigil refused is in it.
+
+use std::collections::HashSet;
+use vigil_chaos::kube::{admin, audit_events, audit_len, kubectl, Gateway};
+use vigil_chaos::{of_kind, token_for};
+use vigil_proto::record::{Kind, Outcome, Record, Request};
+
+const POLICY: &str = r#"
+[[policy.rules]]
+id = "no-namespace-deletes"
+protocol = "kubernetes"
+action = "block"
+verbs = ["delete", "deletecollection"]
+resources = ["namespaces"]
+reason = "namespaces are deleted by people, not agents"
+"#;
+
+/// Lets the principals of the tests act in the dev cluster: the gateway impersonates them with
+/// their groups prefixed `vigil:`.
+async fn grant_dba() {
+    let out = admin(&["get", "clusterrolebinding", "vigil-test-dba"]).await;
+    if !out.status.success() {
+        let out = admin(&[
+            "create",
+            "clusterrolebinding",
+            "vigil-test-dba",
+            "--clusterrole=cluster-admin",
+            "--group=vigil:dba",
+        ])
+        .await;
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
+            "{out:?}"
+        );
+    }
+}
+
+fn text(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// (verb, resource, namespace, name) of each Kubernetes request record.
+fn recorded(records: &[Record]) -> Vec<(String, String, String, String)> {
+    records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Request)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Kubernetes(k)) => Some((
+                k.verb.clone(),
+                k.resource.clone().unwrap_or_else(|| k.path.clone()),
+                k.namespace.clone().unwrap_or_default(),
+                k.name.clone().unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
+    grant_dba().await;
+    let g = Gateway::start(POLICY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let ns = format!("vt-{}", vigil_chaos::random_suffix());
+    let offset = audit_len();
+
+    let out = kubectl(&config, &["create", "namespace", &ns]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl(
+        &config,
+        &[
+            "-n",
+            &ns,
+            "create",
+            "configmap",
+            "settings",
+            "--from-literal=mode=fast",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl(
+        &config,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "jsonpath={.data.mode}",
+        ],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "fast",
+        "{}",
+        text(&out)
+    );
+    let out = kubectl(
+        &config,
+        &[
+            "-n",
+            &ns,
+            "create",
+            "secret",
+            "generic",
+            "db",
+            "--from-literal=password=Sup3rS3cretValue",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl(
+        &config,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "secret",
+            "db",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let encoded = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!encoded.is_empty());
+    let out = kubectl(&config, &["get", "pods", "-n", "default"]).await;
+    assert!(text(&out).contains("shell"), "{}", text(&out));
+
+    // Refused by rule: never reaches the API server.
+    let out = kubectl(&config, &["delete", "namespace", &ns]).await;
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("no-namespace-deletes") && said.contains("Forbidden"),
+        "{said}"
+    );
+
+    // A client may not pick whom the gateway impersonates.
+    let out = kubectl(&config, &["--as", "system:admin", "get", "pods"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("may not impersonate"), "{}", text(&out));
+
+    // A bad token gets nothing.
+    let bad = g.kubeconfig(dir.path(), "not-a-token");
+    let out = kubectl(&bad, &["get", "pods"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("vigil: authentication failed"),
+        "{}",
+        text(&out)
+    );
+
+    // Ground truth: what the API server saw from the gateway since the start.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let records = g.node.records().await;
+    let vigil: HashSet<_> = recorded(&records).into_iter().collect();
+    let sessions: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.body.session.as_deref())
+        .collect();
+    let events: Vec<_> = audit_events(offset)
+        .into_iter()
+        .filter(|e| e["user"]["username"] == "vigil-gateway" && e["stage"] == "ResponseComplete")
+        // This gateway's sessions (other tests' gateways use the same API server).
+        .filter(|e| {
+            e["impersonatedUser"]["extra"]["session-id"][0]
+                .as_str()
+                .is_some_and(|s| sessions.contains(s))
+        })
+        .collect();
+    assert!(!events.is_empty());
+    for e in &events {
+        assert_eq!(e["impersonatedUser"]["username"], "agent-ops", "{e}");
+        let groups = e["impersonatedUser"]["groups"].to_string();
+        assert!(groups.contains("vigil:dba"), "{e}");
+        let obj = &e["objectRef"];
+        let key = match obj["resource"].as_str() {
+            Some(resource) => (
+                e["verb"].as_str().unwrap().to_string(),
+                resource.to_string(),
+                obj["namespace"].as_str().unwrap_or_default().to_string(),
+                obj["name"].as_str().unwrap_or_default().to_string(),
+            ),
+            None => (
+                e["verb"].as_str().unwrap().to_string(),
+                e["requestURI"]
+                    .as_str()
+                    .unwrap()
+                    .split('?')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                String::new(),
+                String::new(),
+            ),
+        };
+        assert!(
+            vigil.contains(&key),
+            "the API server saw {key:?} without a Vigil record"
+        );
+        assert!(
+            !(key.0 == "delete" && key.1 == "namespaces"),
+            "the refused delete reached the API server"
+        );
+    }
+    let blocked = of_kind(&records, Kind::Blocked);
+    assert!(blocked.iter().any(|r| r
+        .body
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.rule == "no-namespace-deletes")));
+    assert!(blocked.iter().any(|r| r
+        .body
+        .detail
+        .as_deref()
+        .unwrap_or_default()
+        .contains("may not impersonate")));
+    let refused_logins: Vec<_> = of_kind(&records, Kind::SessionStart)
+        .into_iter()
+        .filter(|r| r.body.outcome == Some(Outcome::Denied))
+        .collect();
+    assert!(!refused_logins.is_empty(), "the bad token is on record");
+    // The Secret's value is in no record, neither as sent nor as returned.
+    let log = std::fs::read_to_string(vigil_chaos::files_under(&g.node.files.audit_dir)[0].clone())
+        .unwrap();
+    assert!(
+        !log.contains("Sup3rS3cretValue") && !log.contains(&encoded),
+        "a Secret value reached the audit log"
+    );
+    // Every request has its response record, with the status the API server gave.
+    let responses = of_kind(&records, Kind::Response).len();
+    let requests = of_kind(&records, Kind::Request).len();
+    assert_eq!(responses, requests);
+
+    let out = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_streams_events_as_they_happen() {
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let ns = format!("vt-{}", vigil_chaos::random_suffix());
+    assert!(admin(&["create", "namespace", &ns]).await.status.success());
+    let mut watch = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["-n", &ns, "get", "configmaps", "--watch", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let created = std::time::Instant::now();
+    assert!(admin(&["-n", &ns, "create", "configmap", "live"])
+        .await
+        .status
+        .success());
+    let line = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let l = lines.next_line().await.unwrap().expect("the watch goes on");
+            if l.contains("live") {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("the event arrives while the watch is open");
+    assert_eq!(line, "configmap/live");
+    assert!(created.elapsed() < std::time::Duration::from_secs(5));
+    let _ = watch.kill().await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let watches: Vec<_> = records
+        .iter()
+        .filter(|r| matches!(&r.body.request, Some(Request::Kubernetes(k)) if k.verb == "watch"))
+        .collect();
+    assert_eq!(watches.len(), 1, "one watch request on record");
+    let stmt = watches[0].body.stmt;
+    let end = records
+        .iter()
+        .find(|r| r.body.kind == Kind::Response && r.body.stmt == stmt)
+        .expect("the watch's end is recorded when the client leaves");
+    assert!(end.body.detail.is_none());
+    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
