@@ -4,6 +4,7 @@
 //! [`crate::display`] (escaped; statement text keeps its lines behind a continuation
 //! marker), so none of it can move the cursor, recolour or forge a line of the output.
 
+mod kube;
 mod login;
 mod ssh;
 
@@ -78,6 +79,19 @@ enum Command {
     /// OpenSSH `Host` blocks for the hosts the token's principal may use, and a known-hosts
     /// file that pins the gateway's host key: append them to ~/.ssh/config.
     SshConfig(ssh::SshConfigArgs),
+    /// A kubeconfig entry (cluster, user and context `vigil-CLUSTER`) for a cluster behind the
+    /// gateway's Kubernetes listener: printed as JSON, or merged into a JSON kubeconfig with
+    /// --output. Its user runs `vigil kube-credential` (people, after `vigil login`), or
+    /// carries the token itself with --static-token (agents).
+    Kubeconfig(kube::KubeconfigArgs),
+    /// The client-go exec credential plugin that `vigil kubeconfig` writes: prints an
+    /// ExecCredential with the token of the last `vigil login` and its expiry; fails (run
+    /// vigil login) when that token is missing or has expired.
+    KubeCredential {
+        /// Where `vigil login` kept the token.
+        #[arg(long, env = "VIGIL_HOME")]
+        home: Option<PathBuf>,
+    },
     /// What the coordinator witnesses: the latest checkpoint of every audit stream, and every
     /// node's checkpoint key.
     Witness {
@@ -946,6 +960,18 @@ fn run(args: Args) -> Result<ExitCode, String> {
             print!("{out}");
             ExitCode::SUCCESS
         }),
+        Command::Kubeconfig(a) => kube::run_kubeconfig(&a)
+            .map(|out| {
+                print!("{out}");
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
+        Command::KubeCredential { home } => kube::run_kube_credential(home.as_deref())
+            .map(|out| {
+                print!("{out}");
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
         Command::Approvals {
             command,
             coordinator,

@@ -65,12 +65,18 @@ pub struct SshConfigArgs {
 
 impl TokenArgs {
     fn get(&self, gateway: &GatewayArgs) -> Result<String, String> {
+        self.get_in(gateway.home.as_deref())
+    }
+
+    /// The token given, else the one `vigil login` kept in the Vigil home (`home`, or the
+    /// default one).
+    pub fn get_in(&self, home: Option<&Path>) -> Result<String, String> {
         match (&self.token_file, &self.token) {
             (Some(f), _) => std::fs::read_to_string(f)
                 .map(|t| t.trim().to_string())
                 .map_err(|e| format!("{}: {e}", f.display())),
             (None, Some(t)) => Ok(t.trim().to_string()),
-            (None, None) => cached_token(&gateway.home()?),
+            (None, None) => cached_token(&vigil_home(home)?),
         }
     }
 }
