@@ -246,6 +246,34 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// The RBAC the project ships for the gateway applies to a real API server as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_gateway_rbac_applies() {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/gateway-rbac.yaml");
+    let out = admin(&["apply", "-f", manifest]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = admin(&[
+        "auth",
+        "can-i",
+        "impersonate",
+        "users",
+        "--as",
+        "system:serviceaccount:vigil:vigil-gateway",
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes", "{}", text(&out));
+    let out = admin(&[
+        "auth",
+        "can-i",
+        "list",
+        "pods",
+        "--as",
+        "system:serviceaccount:vigil:vigil-gateway",
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no", "nothing but impersonation");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_streams_events_as_they_happen() {
     grant_dba().await;
