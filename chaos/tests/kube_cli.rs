@@ -1,16 +1,25 @@
-//! `vigil kubeconfig` and `vigil kube-credential` with the real kubectl, before the gateway's
-//! Kubernetes listener exists to talk to: kubectl (client-go) parses the kubeconfigs the CLI
-//! writes, runs the exec plugin they name and takes its ExecCredential (a closed port
-//! shows it got as far as dialing: client-go checks the credential first), and refuses to go on
-//! when the plugin says the kept token has expired. Tokens are real ones from the dev OIDC
-//! provider; an existing kubeconfig is the dev cluster's own admin kubeconfig (deploy/dev/kube.sh,
-//! through servers.sh's env file), which still reaches the real API server after the merge.
-//! Requests through the gateway are the gateway's end-to-end tests.
+//! `vigil kubeconfig` and `vigil kube-credential` with the real kubectl (client-go).
+//!
+//! - t10: kubectl parses the kubeconfig the CLI writes, runs the exec plugin it names and takes
+//!   its ExecCredential (against a closed port: getting as far as dialing shows client-go
+//!   accepted the credential, which it checks first), and stops when the plugin says the kept
+//!   token has expired or is missing.
+//! - t11: an agent's static token merged into an existing JSON kubeconfig (the dev cluster's
+//!   admin kubeconfig, deploy/dev/kube.sh), whose own entries still reach the real API server;
+//!   a YAML kubeconfig refused and left as it was.
+//! - t20: a person's kubectl through the gateway's Kubernetes listener with the plugin: the API
+//!   server's audit log shows the gateway acting as the person the kept token names, and so do
+//!   Vigil's records; with the token expired nothing reaches the API server as them.
+//!
+//! Tokens are real ones from the dev OIDC provider. The rest of kubectl through the gateway is
+//! kubernetes.rs.
 
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
+use vigil_chaos::kube::{audit_events, audit_len, Gateway};
 use vigil_chaos::{agent_token, base_claims, bin, env, forge, free_port, id_token, now_secs};
+use vigil_proto::record::Request;
 
 /// Runs a command; (exit code, stdout, stderr).
 fn run(command: &mut Command) -> (i32, String, String) {
@@ -65,16 +74,20 @@ fn kubectl_runs_v1_plugins() -> bool {
     minor >= 22
 }
 
-fn exp_of(token: &str) -> i64 {
+/// A JWT's claims, unverified (what the test compares).
+fn claims(token: &str) -> Value {
     use base64::Engine as _;
     let payload = token.split('.').nth(1).expect("a JWT");
-    let claims: Value = serde_json::from_slice(
+    serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload)
             .unwrap(),
     )
-    .unwrap();
-    claims["exp"].as_i64().expect("exp")
+    .unwrap()
+}
+
+fn exp_of(token: &str) -> i64 {
+    claims(token)["exp"].as_i64().expect("exp")
 }
 
 /// Keeps `token` where `vigil login` keeps it.
@@ -313,4 +326,113 @@ fn t11_an_agents_static_token_merges_into_an_existing_kubeconfig() {
     assert_ne!(code, 0);
     assert_eq!(out, "");
     assert!(err.contains("expired"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_a_person_runs_kubectl_through_the_gateway_with_the_plugin() {
+    if !kubectl_runs_v1_plugins() {
+        println!("skipped: this kubectl predates the exec credential API v1 (1.22)");
+        return;
+    }
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("vigil-home");
+    let file = dir.path().join("kubeconfig.json");
+    let server = g.server();
+    let listener = server
+        .strip_suffix("/clusters/dev")
+        .expect("the cluster's URL");
+
+    println!("phase 1: alice logged in; vigil kubeconfig for the gateway's cluster dev");
+    let token = id_token("alice");
+    keep(&home, &token);
+    let (code, out, err) = vigil(&[
+        "kubeconfig",
+        "dev",
+        "--server",
+        listener,
+        "--ca",
+        &g.ca().display().to_string(),
+        "--home",
+        &home.display().to_string(),
+        "--output",
+        &file.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        named(&view(&file), "clusters", "vigil-dev")["cluster"]["server"],
+        server
+    );
+
+    println!("phase 2: kubectl through the gateway; the API server sees alice");
+    let offset = audit_len();
+    let out = vigil_chaos::kube::kubectl(&file, &["version", "-o", "json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        version["serverVersion"]["gitVersion"],
+        env().get("VIGIL_DEV_KUBE_VERSION")
+    );
+    // `get --raw PATH` drops the server URL's path (client-go's RequestURI): the cluster's
+    // prefix is written out.
+    let out = vigil_chaos::kube::kubectl(&file, &["get", "--raw", "/clusters/dev/version"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let claims = claims(&token);
+    let seen: Vec<Value> = audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            e["requestURI"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("/version")
+        })
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| e["impersonatedUser"]["username"] == claims["sub"])
+        .collect();
+    assert!(
+        seen.len() >= 2,
+        "not both /version requests as {} in the API server's audit log: {seen:?}",
+        claims["sub"]
+    );
+    for e in &seen {
+        assert_eq!(
+            e["user"]["username"],
+            env().get("VIGIL_DEV_KUBE_GATEWAY_USER"),
+            "{e}"
+        );
+    }
+
+    // And Vigil's own records name her, with the token kind a person's login gives.
+    let records = g.node.records().await;
+    let requests: Vec<_> = records
+        .iter()
+        .filter(|r| matches!(r.body.request, Some(Request::Kubernetes(_))))
+        .collect();
+    assert!(requests.len() >= 2, "{requests:?}");
+    for r in &requests {
+        let principal = r.body.principal.as_ref().expect("a principal");
+        assert_eq!(principal.subject, claims["sub"].as_str().unwrap(), "{r:?}");
+    }
+
+    println!("phase 3: the kept token expires: kubectl stops before the gateway");
+    keep(&home, &expired_token());
+    let offset = audit_len();
+    let out = vigil_chaos::kube::kubectl(&file, &["version", "-o", "json"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run vigil login"), "{err}");
+    assert!(
+        !audit_events(offset)
+            .iter()
+            .any(|e| e["impersonatedUser"]["username"] == claims["sub"]),
+        "nothing reaches the API server as that person"
+    );
 }
