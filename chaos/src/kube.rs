@@ -2,7 +2,7 @@
 //! `[kubernetes]` section reaches it as cluster `dev`, kubectl through it with a Vigil token,
 //! and the API server's own audit log (ground truth).
 
-use crate::{env, NodeOptions, TestNode};
+use crate::{env, NodeFiles, NodeOptions, TestNode};
 use std::path::{Path, PathBuf};
 
 /// A node with the cluster `dev` (the dev API server, the gateway's own token), then `policy`.
@@ -73,20 +73,59 @@ impl Gateway {
 
     /// A kubeconfig for this gateway with a static `token`, in `dir`.
     pub fn kubeconfig(&self, dir: &Path, token: &str) -> PathBuf {
-        let path = dir.join(format!("kubeconfig-{}", crate::random_suffix()));
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "vigil", "cluster": {
-                "server": self.server(),
-                "certificate-authority": self.ca(),
-            }}],
-            "users": [{"name": "vigil", "user": {"token": token}}],
-            "contexts": [{"name": "vigil", "context": {"cluster": "vigil", "user": "vigil"}}],
-            "current-context": "vigil",
-        });
-        std::fs::write(&path, config.to_string()).unwrap();
-        path
+        kubeconfig(dir, &self.server(), &self.ca(), token)
+    }
+}
+
+/// A kubeconfig for the gateway at `server` (its listener's certificate `ca`) with a static
+/// `token`, in `dir`.
+pub fn kubeconfig(dir: &Path, server: &str, ca: &Path, token: &str) -> PathBuf {
+    let path = dir.join(format!("kubeconfig-{}", crate::random_suffix()));
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "vigil", "cluster": {
+            "server": server,
+            "certificate-authority": ca,
+        }}],
+        "users": [{"name": "vigil", "user": {"token": token}}],
+        "contexts": [{"name": "vigil", "context": {"cluster": "vigil", "user": "vigil"}}],
+        "current-context": "vigil",
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// A gateway in a process of its own (for `kill -9`).
+pub struct Spawned {
+    pub files: NodeFiles,
+    pub node: std::process::Child,
+    pub port: u16,
+}
+
+impl Spawned {
+    pub async fn start(policy: &str) -> Self {
+        let (port, admin_port) = (crate::free_port(), crate::free_port());
+        let section = kube_section(policy).replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+        let opts = NodeOptions {
+            protocols: Some(section),
+            admin_port,
+            ..NodeOptions::default()
+        };
+        let files = NodeFiles::new(&opts).await;
+        let node = crate::spawn_node(&files, admin_port).await;
+        Self { files, node, port }
+    }
+
+    pub fn kubeconfig(&self, dir: &Path, token: &str) -> PathBuf {
+        let server = format!("https://127.0.0.1:{}/clusters/dev", self.port);
+        let ca = self
+            .files
+            .dir
+            .path()
+            .join("tls-kubernetes")
+            .join("cert.pem");
+        kubeconfig(dir, &server, &ca, token)
     }
 }
 

@@ -607,6 +607,24 @@ pub async fn spawn_node(files: &NodeFiles, admin_port: u16) -> std::process::Chi
     start_node_process(cmd, files, admin_port).await
 }
 
+/// SIGKILLs a spawned node, then checks its audit stream with `vigil audit verify` (a torn
+/// last record allowed for, as after a crash); the report and the records.
+pub async fn kill_9_and_verify(
+    node: &mut std::process::Child,
+    files: &NodeFiles,
+) -> (String, Vec<Record>) {
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let dir = files.audit_dir.to_str().unwrap().to_string();
+    let (code, report) =
+        tokio::task::spawn_blocking(move || vigil(&["audit", "verify", "--log", &dir]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{report}");
+    assert!(!report.contains("failed"), "{report}");
+    (report, files.records())
+}
+
 /// Starts `vigil-node` logging everything (`RUST_LOG=debug`) to `log`.
 pub async fn spawn_node_logging(
     files: &NodeFiles,

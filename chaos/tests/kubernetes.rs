@@ -59,6 +59,33 @@ fn recorded(records: &[Record]) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// (verb, resource or path, namespace, name) of an API server audit event, as [`recorded`]
+/// gives them for Vigil's records.
+fn api_key(e: &serde_json::Value) -> (String, String, String, String) {
+    let obj = &e["objectRef"];
+    let verb = e["verb"].as_str().unwrap().to_string();
+    match obj["resource"].as_str() {
+        Some(resource) => (
+            verb,
+            resource.to_string(),
+            obj["namespace"].as_str().unwrap_or_default().to_string(),
+            obj["name"].as_str().unwrap_or_default().to_string(),
+        ),
+        None => (
+            verb,
+            e["requestURI"]
+                .as_str()
+                .unwrap()
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string(),
+            String::new(),
+            String::new(),
+        ),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
     grant_dba().await;
@@ -183,27 +210,7 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
         assert_eq!(e["impersonatedUser"]["username"], "agent-ops", "{e}");
         let groups = e["impersonatedUser"]["groups"].to_string();
         assert!(groups.contains("vigil:dba"), "{e}");
-        let obj = &e["objectRef"];
-        let key = match obj["resource"].as_str() {
-            Some(resource) => (
-                e["verb"].as_str().unwrap().to_string(),
-                resource.to_string(),
-                obj["namespace"].as_str().unwrap_or_default().to_string(),
-                obj["name"].as_str().unwrap_or_default().to_string(),
-            ),
-            None => (
-                e["verb"].as_str().unwrap().to_string(),
-                e["requestURI"]
-                    .as_str()
-                    .unwrap()
-                    .split('?')
-                    .next()
-                    .unwrap()
-                    .to_string(),
-                String::new(),
-                String::new(),
-            ),
-        };
+        let key = api_key(e);
         assert!(
             vigil.contains(&key),
             "the API server saw {key:?} without a Vigil record"
@@ -249,7 +256,10 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
 /// The RBAC the project ships for the gateway applies to a real API server as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_gateway_rbac_applies() {
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/gateway-rbac.yaml");
+    let manifest = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/gateway-rbac.yaml"
+    );
     let out = admin(&["apply", "-f", manifest]).await;
     assert!(out.status.success(), "{}", text(&out));
     let out = admin(&[
@@ -261,7 +271,12 @@ async fn the_shipped_gateway_rbac_applies() {
         "system:serviceaccount:vigil:vigil-gateway",
     ])
     .await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "yes",
+        "{}",
+        text(&out)
+    );
     let out = admin(&[
         "auth",
         "can-i",
@@ -271,7 +286,11 @@ async fn the_shipped_gateway_rbac_applies() {
         "system:serviceaccount:vigil:vigil-gateway",
     ])
     .await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no", "nothing but impersonation");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "no",
+        "nothing but impersonation"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,5 +344,197 @@ async fn a_watch_streams_events_as_they_happen() {
         .find(|r| r.body.kind == Kind::Response && r.body.stmt == stmt)
         .expect("the watch's end is recorded when the client leaves");
     assert!(end.body.detail.is_none());
+    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
+const APPROVAL_POLICY: &str = r#"
+[[policy.rules]]
+id = "scaling-needs-approval"
+protocol = "kubernetes"
+action = "require_approval"
+verbs = ["patch", "update"]
+resources = ["apps/deployments/scale"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
+    grant_dba().await;
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let a = Gateway::start_in(APPROVAL_POLICY, Some(cluster.node_section())).await;
+    let b = Gateway::start_in(APPROVAL_POLICY, Some(cluster.node_section())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let (on_a, on_b) = (
+        a.kubeconfig(dir.path(), &ops),
+        b.kubeconfig(dir.path(), &ops),
+    );
+    let ns = format!("vt-{}", vigil_chaos::random_suffix());
+    assert!(admin(&["create", "namespace", &ns]).await.status.success());
+    let out = admin(&[
+        "-n",
+        &ns,
+        "create",
+        "deployment",
+        "web",
+        "--image=vigil/none",
+        "--replicas=1",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let offset = audit_len();
+    let scale = [
+        "-n",
+        ns.as_str(),
+        "scale",
+        "deployment",
+        "web",
+        "--replicas=3",
+    ];
+
+    let out = kubectl(&on_a, &scale).await;
+    assert!(!out.status.success());
+    let said = text(&out);
+    let at = said.find("apr-").unwrap_or_else(|| panic!("held: {said}"));
+    let id: String = said[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let replicas = || async {
+        let out = admin(&[
+            "-n",
+            &ns,
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ])
+        .await;
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(replicas().await, "1", "held, not run");
+
+    let coord = cluster.endpoints().join(",");
+    let alice = vigil_chaos::id_token("alice");
+    let (show_id, coord2) = (id.clone(), coord.clone());
+    let shown = tokio::task::spawn_blocking(move || {
+        let (code, out) = vigil_chaos::vigil(&[
+            "approvals",
+            "approve",
+            &show_id,
+            "--coordinator",
+            &coord2,
+            "--token",
+            &alice,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        vigil_chaos::vigil(&[
+            "approvals",
+            "show",
+            &show_id,
+            "--coordinator",
+            &coord2,
+            "--token",
+            &alice,
+        ])
+        .1
+    })
+    .await
+    .unwrap();
+    assert!(shown.contains("target      kubernetes/dev"), "{shown}");
+    assert!(
+        shown.contains("method      PATCH") && shown.contains("/deployments/web/scale"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("replicas"),
+        "the approver sees the body: {shown}"
+    );
+
+    // Run again through the other node: it runs, once.
+    let out = kubectl(&on_b, &scale).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(replicas().await, "3");
+    let out = kubectl(&on_b, &scale).await;
+    assert!(!out.status.success(), "a second run needs a new approval");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let patches = audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            e["user"]["username"] == "vigil-gateway"
+                && e["stage"] == "ResponseComplete"
+                && e["objectRef"]["subresource"] == "scale"
+                && e["objectRef"]["namespace"] == ns.as_str()
+        })
+        .count();
+    assert_eq!(patches, 1, "the API server saw the scale exactly once");
+    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
+    grant_dba().await;
+    let mut g = vigil_chaos::kube::Spawned::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let ns = format!("vt-{}", vigil_chaos::random_suffix());
+    assert!(admin(&["create", "namespace", &ns]).await.status.success());
+    let offset = audit_len();
+    let mut watch = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["-n", &ns, "get", "configmaps", "--watch", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(admin(&["-n", &ns, "create", "configmap", "before-kill"])
+        .await
+        .status
+        .success());
+    // (The namespace's own kube-root-ca.crt may come first.)
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if l == "configmap/before-kill" {
+                return;
+            }
+        }
+        panic!("the watch ended before the event");
+    })
+    .await
+    .expect("the event arrives");
+
+    let (_, records) = vigil_chaos::kill_9_and_verify(&mut g.node, &g.files).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), watch.wait()).await;
+    let vigil: HashSet<_> = recorded(&records).into_iter().collect();
+    let sessions: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.body.session.as_deref())
+        .collect();
+    let seen: Vec<_> = audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            e["user"]["username"] == "vigil-gateway"
+                && e["impersonatedUser"]["extra"]["session-id"][0]
+                    .as_str()
+                    .is_some_and(|s| sessions.contains(s))
+        })
+        .collect();
+    assert!(
+        seen.iter().any(|e| e["verb"] == "watch"),
+        "the watch reached the API server"
+    );
+    for e in &seen {
+        let key = api_key(e);
+        assert!(
+            vigil.contains(&key),
+            "the API server saw {key:?} without a Vigil record"
+        );
+    }
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }

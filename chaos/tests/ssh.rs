@@ -1044,20 +1044,9 @@ impl Spawned {
     /// SIGKILL, then: the stream verifies (a torn last record allowed for), every recorded
     /// chunk verifies against its file; returns the records.
     async fn kill_and_verify(&mut self) -> Vec<Record> {
-        self.node.kill().unwrap();
-        self.node.wait().unwrap();
-        let dir = self.files.audit_dir.to_str().unwrap().to_string();
-        let (code, report) = tokio::task::spawn_blocking(move || {
-            vigil_chaos::vigil(&["audit", "verify", "--log", &dir])
-        })
-        .await
-        .unwrap();
-        assert_eq!(code, 0, "{report}");
-        assert!(
-            report.contains("recorded chunks:") && !report.contains("failed"),
-            "{report}"
-        );
-        self.files.records()
+        let (report, records) = vigil_chaos::kill_9_and_verify(&mut self.node, &self.files).await;
+        assert!(report.contains("recorded chunks:"), "{report}");
+        records
     }
 }
 

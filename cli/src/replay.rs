@@ -323,7 +323,11 @@ fn request_text(q: &Request) -> String {
                 .unwrap_or_default();
             let mut line = format!("{what} ({} {}{query})", esc(&q.method), esc(&q.path));
             if let Some(body) = &q.body {
-                line.push_str(&format!(", body {} bytes: {}", q.body_bytes, statement(body)));
+                line.push_str(&format!(
+                    ", body {} bytes: {}",
+                    q.body_bytes,
+                    statement(body)
+                ));
             }
             line
         }

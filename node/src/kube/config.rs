@@ -95,13 +95,15 @@ impl KubeConfig {
         for (i, c) in self.clusters.iter().enumerate() {
             let at = |field: &str| format!("kubernetes.clusters[{i}].{field}");
             let name_ok = !c.name.is_empty()
+                && c.name != "."
+                && c.name != ".."
                 && c.name
                     .chars()
                     .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.');
             if !name_ok {
                 return Err(invalid(
                     at("name"),
-                    "must be non-empty and use only letters, digits, '-', '_' and '.' (it is a path segment)",
+                    "must be non-empty, not . or .., and use only letters, digits, '-', '_' and '.' (it is a path segment)",
                 ));
             }
             if !names.insert(&c.name) {
