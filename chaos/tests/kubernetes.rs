@@ -160,6 +160,55 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
     assert!(out.status.success(), "{}", text(&out));
     let encoded = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!encoded.is_empty());
+    // apply (client side: get, then create or patch), patch, delete.
+    let manifest = dir.path().join("cm.json");
+    let applied = |mode: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "applied", "namespace": ns},
+            "data": {"mode": mode},
+        })
+        .to_string()
+    };
+    for mode in ["first", "second"] {
+        std::fs::write(&manifest, applied(mode)).unwrap();
+        let out = kubectl(&config, &["apply", "-f", manifest.to_str().unwrap()]).await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let patch = r#"{"data":{"patched":"yes"}}"#;
+    let out = kubectl(
+        &config,
+        &[
+            "-n",
+            &ns,
+            "patch",
+            "configmap",
+            "applied",
+            "--type=merge",
+            "-p",
+            patch,
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = admin(&[
+        "-n",
+        &ns,
+        "get",
+        "configmap",
+        "applied",
+        "-o",
+        "jsonpath={.data.mode}/{.data.patched}",
+    ])
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "second/yes",
+        "{}",
+        text(&out)
+    );
+    let out = kubectl(&config, &["-n", &ns, "delete", "configmap", "settings"]).await;
+    assert!(out.status.success(), "{}", text(&out));
     let out = kubectl(&config, &["get", "pods", "-n", "default"]).await;
     assert!(text(&out).contains("shell"), "{}", text(&out));
 
