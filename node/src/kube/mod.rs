@@ -11,6 +11,7 @@ pub mod config;
 mod proxy;
 mod redact;
 pub mod request_info;
+pub mod spdy;
 pub mod websocket;
 
 use crate::core::server::{ProtocolServer, Shutdown};
