@@ -294,9 +294,22 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
         "a Secret value reached the audit log"
     );
     // Every request has its response record, with the status the API server gave.
-    let responses = of_kind(&records, Kind::Response).len();
+    let responses = of_kind(&records, Kind::Response);
     let requests = of_kind(&records, Kind::Request).len();
-    assert_eq!(responses, requests);
+    assert_eq!(responses.len(), requests);
+    // Each answer ended as the API server sent it (none cut short), with its status.
+    let cut = |r: &&&Record| {
+        matches!(&r.body.response, Some(vigil_proto::record::Response::Kubernetes(k))
+            if k.error.as_ref().is_some_and(|e| e.reason == "StreamError"))
+    };
+    assert!(
+        responses.iter().find(cut).is_none(),
+        "{:?}",
+        responses.iter().find(cut)
+    );
+    assert!(responses
+        .iter()
+        .any(|r| r.body.outcome == Some(Outcome::Success)));
 
     let out = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -586,4 +599,104 @@ async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
         );
     }
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
+const EXEC_POLICY: &str = r#"
+[[policy.rules]]
+id = "no-rm-in-pods"
+protocol = "kubernetes"
+action = "block"
+programs = ["rm"]
+reason = "nothing is deleted inside pods"
+"#;
+
+/// kubectl exec (it tries WebSocket first, is refused, and falls back to SPDY/3.1): decided on
+/// its command, run with its streams and exit code, every byte recorded; a blocked command
+/// never reaches the kubelet (its exec log is the ground truth).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
+    grant_dba().await;
+    let g = Gateway::start(EXEC_POLICY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let marker = format!("exec-{}", vigil_chaos::random_suffix());
+    let script = format!("echo out-{marker}; echo err-{marker} >&2; exit 3");
+    let out = kubectl(
+        &config,
+        &["exec", "-n", "default", "shell", "--", "sh", "-c", &script],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("out-{marker}\n")
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("err-{marker}")));
+    let exec_log =
+        std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG")).unwrap();
+    assert!(
+        exec_log.contains(&format!("out-{marker}")),
+        "the kubelet ran it"
+    );
+
+    let doomed = format!("/tmp/{marker}");
+    let out = kubectl(
+        &config,
+        &["exec", "-n", "default", "shell", "--", "rm", "-rf", &doomed],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no-rm-in-pods"), "{}", text(&out));
+    let exec_log =
+        std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG")).unwrap();
+    assert!(
+        !exec_log.contains(&doomed),
+        "the blocked exec never reached the kubelet"
+    );
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let exec = records
+        .iter()
+        .find(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if k.command.iter().any(|c| c.contains(&marker)))
+        })
+        .expect("the exec's request record, with its command");
+    let (stmt, session) = (exec.body.stmt, exec.body.session.clone());
+    let same = |r: &&Record| r.body.stmt == stmt && r.body.session == session;
+    let chunks: Vec<_> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Recording)
+        .filter(same)
+        .filter_map(|r| r.body.recording.as_ref())
+        .collect();
+    assert!(
+        chunks.iter().any(|c| c.direction == "output"),
+        "stdout recorded"
+    );
+    assert!(
+        chunks.iter().any(|c| c.direction == "error"),
+        "stderr recorded"
+    );
+    let end = records
+        .iter()
+        .filter(same)
+        .find(|r| r.body.kind == Kind::Response)
+        .expect("the exec's response");
+    assert_eq!(
+        end.body.detail.as_deref(),
+        Some("exit code 3"),
+        "{:?}",
+        end.body
+    );
+    let dir = g.node.files.audit_dir.to_str().unwrap().to_string();
+    let (code, report) = tokio::task::spawn_blocking(move || {
+        vigil_chaos::vigil(&["audit", "verify", "--log", &dir])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("recorded chunks:"), "{report}");
 }

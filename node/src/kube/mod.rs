@@ -12,6 +12,7 @@ mod proxy;
 mod redact;
 pub mod request_info;
 pub mod spdy;
+mod stream;
 pub mod websocket;
 
 use crate::core::server::{ProtocolServer, Shutdown};
@@ -43,6 +44,8 @@ pub struct Cluster {
     /// The gateway's own bearer token for this API server.
     token: crate::core::secret::Secret<String>,
     client: Upstream,
+    /// HTTP/1.1 only: exec and attach switch protocols, which HTTP/2 cannot.
+    upgrade_client: Upstream,
 }
 
 /// What every connection of the listener shares.
@@ -90,14 +93,21 @@ impl KubeServer {
                 .https_only()
                 .enable_http1()
                 .enable_http2()
-                .wrap_connector(http);
+                .wrap_connector(http.clone());
             let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+            let http1 = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*client_tls).clone())
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            let upgrade_client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(http1);
             clusters.insert(
                 c.name.clone(),
                 Arc::new(Cluster {
                     config: c.clone(),
                     token,
                     client,
+                    upgrade_client,
                 }),
             );
         }

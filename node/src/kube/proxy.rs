@@ -45,6 +45,8 @@ struct Conn {
     principal: Mutex<Option<Arc<Principal>>>,
     stmt: AtomicU64,
     started: Instant,
+    /// The session's recording file (exec and attach streams), made at the first one.
+    recording: tokio::sync::OnceCell<Arc<crate::audit::RecordingFile>>,
 }
 
 /// Serves one TLS connection (HTTP/1.1 or HTTP/2) until it closes; then ends its session.
@@ -56,6 +58,7 @@ pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, pee
         principal: Mutex::new(None),
         stmt: AtomicU64::new(0),
         started: Instant::now(),
+        recording: tokio::sync::OnceCell::new(),
     });
     let service = {
         let conn = conn.clone();
@@ -73,7 +76,7 @@ pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, pee
         .http2()
         .max_header_list_size(ctx.config.max_header_bytes as u32);
     let io = hyper_util::rt::TokioIo::new(stream);
-    if let Err(e) = builder.serve_connection(io, service).await {
+    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(error = %e, "kubernetes connection ended with an error");
     }
     conn.end();
@@ -136,6 +139,8 @@ struct Routed {
     path: String,
     query: Option<String>,
     command: Vec<String>,
+    /// exec or attach: the client's side of the switched connection, once switched.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 impl Conn {
@@ -164,14 +169,18 @@ impl Conn {
         b
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<ClientBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ClientBody> {
         let started = Instant::now();
+        let upgrade = spdy_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let principal = match self.authenticate(req.headers()).await {
             Ok(p) => p,
             Err(r) => return self.refuse_unauthenticated(&req, r),
         };
         let routed = match self.route(&req, &principal) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                r.upgrade = upgrade;
+                r
+            }
             Err((cluster, r)) => {
                 let request = kube_request(&req, None, &[], None);
                 return self.refuse(&principal, cluster.as_deref(), request, None, r);
@@ -330,17 +339,19 @@ impl Conn {
                     Refused::new(StatusCode::BAD_REQUEST, "BadRequest", format!("vigil: {e}")),
                 )
             })?;
-        if matches!(info.subresource.as_str(), "exec" | "attach" | "portforward")
-            || req.headers().contains_key(header::UPGRADE)
-        {
-            return Err((
-                named,
-                Refused::new(
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    "vigil: exec, attach, port-forward and other upgraded streams do not go through this gateway yet",
-                ),
-            ));
+        let streams = matches!(info.subresource.as_str(), "exec" | "attach");
+        let upgrading = req.headers().contains_key(header::UPGRADE);
+        let refused = if info.subresource == "portforward" {
+            Some("vigil: port-forward does not go through this gateway yet")
+        } else if streams && !spdy_upgrade(req.headers()) {
+            Some("vigil: exec and attach go through this gateway over SPDY/3.1 only (kubectl falls back to it)")
+        } else if upgrading && !streams {
+            Some("vigil: only exec and attach may switch protocols")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            return Err((named, Refused::new(StatusCode::FORBIDDEN, "Forbidden", why)));
         }
         let command = query
             .as_deref()
@@ -357,6 +368,7 @@ impl Conn {
             path: path.to_string(),
             query,
             command,
+            upgrade: None,
         })
     }
 
@@ -400,10 +412,29 @@ impl Conn {
             command: None,
             line: None,
         };
-        let decision = self
-            .ctx
-            .policy
-            .decide_kube(Ok(&[action]), &principal, &cluster_name);
+        // An exec's command is decided like an SSH exec line: each command of it on its own.
+        let line = (!routed.command.is_empty()).then(|| {
+            let quoted: Vec<String> = routed.command.iter().map(|a| shell_quote(a)).collect();
+            crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
+        });
+        let actions: Result<Vec<KubeAction>, String> = match &line {
+            None => Ok(vec![action]),
+            Some(Err(e)) => Err(format!("the exec command cannot be read: {e}")),
+            Some(Ok(l)) => Ok(l
+                .commands
+                .iter()
+                .map(|c| KubeAction {
+                    command: Some(c),
+                    line: Some(l),
+                    ..action
+                })
+                .collect()),
+        };
+        let decision = self.ctx.policy.decide_kube(
+            actions.as_deref().map_err(Clone::clone),
+            &principal,
+            &cluster_name,
+        );
         let mut request = kube_request_parts(&parts, &routed, Some(&body));
         let secrets = info.resource == "secrets";
         let limit = self.ctx.config.max_record_body_bytes;
@@ -462,12 +493,28 @@ impl Conn {
             };
             return self.refuse_record(rec, request, refusal_status(&refusal));
         }
-        let upstream = match self.upstream_request(&routed, &principal, parts, body) {
-            Ok(u) => u,
-            Err(why) => {
-                return self.respond_error(&principal, &cluster_name, stmt, started, why);
-            }
-        };
+        let mut routed = routed;
+        let client_side = routed.upgrade.take();
+        let upstream =
+            match self.upstream_request(&routed, &principal, parts, body, client_side.is_some()) {
+                Ok(u) => u,
+                Err(why) => {
+                    return self.respond_error(&principal, &cluster_name, stmt, started, why);
+                }
+            };
+        if let Some(client_side) = client_side {
+            return self
+                .switch(
+                    &routed,
+                    upstream,
+                    client_side,
+                    &principal,
+                    &cluster_name,
+                    stmt,
+                    started,
+                )
+                .await;
+        }
         match routed.cluster.client.request(upstream).await {
             Ok(resp) => self.relay(resp, &principal, &cluster_name, stmt, secrets, started),
             Err(e) => self.respond_error(
@@ -575,6 +622,7 @@ impl Conn {
         principal: &Principal,
         parts: http::request::Parts,
         body: Bytes,
+        upgrade: bool,
     ) -> Result<Request<OutBody>, String> {
         let c = &routed.cluster.config;
         let uri = match &routed.query {
@@ -588,7 +636,8 @@ impl Conn {
             .map_err(|e| format!("vigil: cannot build the request: {e}"))?;
         let headers = out.headers_mut();
         for (name, value) in parts.headers.iter() {
-            if !hop_by_hop(name)
+            let switching = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+            if (switching || !hop_by_hop(name))
                 && name != header::AUTHORIZATION
                 && name != header::HOST
                 && !name.as_str().starts_with("x-vigil-")
@@ -619,6 +668,63 @@ impl Conn {
         Ok(out)
     }
 
+    /// exec and attach: the request goes to the API server over HTTP/1.1; when it switches
+    /// protocols, so does the client, and the SPDY streams are relayed and recorded
+    /// ([`super::stream`]). Any other answer goes back as it is.
+    #[allow(clippy::too_many_arguments)]
+    async fn switch(
+        &self,
+        routed: &Routed,
+        upstream: Request<OutBody>,
+        client_side: hyper::upgrade::OnUpgrade,
+        principal: &Arc<Principal>,
+        cluster: &str,
+        stmt: u64,
+        started: Instant,
+    ) -> Response<ClientBody> {
+        let audit = &self.ctx.core.audit;
+        let file = match self
+            .recording
+            .get_or_try_init(|| audit.recording_file(&self.session))
+            .await
+        {
+            Ok(f) => f.clone(),
+            Err(e) => {
+                let why = format!("vigil: the gateway cannot record this stream: {e}");
+                return self.respond_error(principal, cluster, stmt, started, why);
+            }
+        };
+        let mut resp = match routed.cluster.upgrade_client.request(upstream).await {
+            Ok(r) => r,
+            Err(e) => {
+                let why =
+                    format!("vigil: the API server of cluster {cluster:?} cannot be reached: {e}");
+                return self.respond_error(principal, cluster, stmt, started, why);
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return self.relay(resp, principal, cluster, stmt, false, started);
+        }
+        let server_side = hyper::upgrade::on(&mut resp);
+        let exec = super::stream::Exec {
+            ctx: self.ctx.clone(),
+            base: self.body(Kind::Response, Some(principal), Some(cluster)),
+            stmt,
+            file,
+            started,
+        };
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, server_side) {
+                Ok((client, server)) => super::stream::relay(exec, client, server).await,
+                Err(e) => tracing::warn!(error = %e, "kubernetes stream did not switch"),
+            }
+        });
+        let mut answer = Response::new(full(Bytes::new()));
+        *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *answer.headers_mut() = resp.headers().clone();
+        answer
+    }
+
     /// Streams the API server's answer back; its record is written when the body ends.
     fn relay(
         &self,
@@ -641,7 +747,7 @@ impl Conn {
         }
         let mut rec = self.body(Kind::Response, Some(principal), Some(cluster));
         rec.stmt = Some(stmt);
-        let tap = Tap {
+        let mut tap = Tap {
             inner: incoming,
             seen: Vec::new(),
             bytes: 0,
@@ -654,6 +760,10 @@ impl Conn {
                 started,
             }),
         };
+        // An empty body (304, 204, HEAD) is never polled.
+        if tap.inner.is_end_stream() {
+            tap.finish(None);
+        }
         Response::from_parts(parts, tap.boxed())
     }
 
@@ -794,6 +904,31 @@ pub fn action_hash(method: &str, path: &str, body_sha256: &str) -> String {
         h.update(part.as_bytes());
     }
     hex::encode(h.finalize())
+}
+
+/// Whether a request asks to switch to SPDY/3.1 (what kubectl's exec and attach fall back to).
+fn spdy_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("SPDY/3.1"))
+        })
+}
+
+/// One argument as a POSIX shell word (single-quoted where needed): an exec's argument vector
+/// becomes a line the command parser reads back as the same words.
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -1054,6 +1189,10 @@ impl Body for Tap {
                     this.bytes += data.len() as u64;
                     let room = (this.limit + 1).saturating_sub(this.seen.len());
                     this.seen.extend_from_slice(&data[..data.len().min(room)]);
+                }
+                // A body of known length is not polled past its last frame.
+                if this.inner.is_end_stream() {
+                    this.finish(None);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

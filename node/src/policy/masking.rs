@@ -398,6 +398,20 @@ impl Masker {
         !self.config.columns.is_empty() || !self.config.detectors.is_empty()
     }
 
+    /// What a recorded chunk's record keeps: the bytes, with the value detectors applied when
+    /// the chunk is UTF-8 text (the client and the target get the original). A value split
+    /// between two chunks, or a chunk that splits a character, is not seen by the detectors
+    /// (docs/ssh.md).
+    pub fn chunk_copy(&self, bytes: &[u8], counts: &mut Counts) -> Vec<u8> {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) if self.is_active() => text,
+            _ => return bytes.to_vec(),
+        };
+        self.mask(text, None, false, Some(counts))
+            .into_owned()
+            .into_bytes()
+    }
+
     /// Whether any rule masks what clients receive on `connection`.
     pub fn masks_clients(&self, connection: &str) -> bool {
         self.config.detectors.iter().any(|d| d.client)

@@ -761,7 +761,7 @@ impl Recorder {
             return true;
         };
         let mut body = self.body(Kind::Recording);
-        let copy = self.audit_copy(bytes, &mut body.masked);
+        let copy = self.scope.core.masker.chunk_copy(bytes, &mut body.masked);
         let at = match direction {
             "input" => 0,
             "output" => 1,
@@ -779,22 +779,6 @@ impl Recorder {
             .chunk(body, file, of, copy, wait)
             .await
             .is_ok()
-    }
-
-    /// What a chunk's record keeps: the bytes, with the value detectors applied when the chunk
-    /// is UTF-8 text (the client and the host get the original). A value split between two
-    /// chunks, or a chunk that splits a character, is not seen by the detectors: see
-    /// docs/ssh.md.
-    fn audit_copy(&self, bytes: &[u8], counts: &mut crate::policy::masking::Counts) -> Vec<u8> {
-        let masker = &self.scope.core.masker;
-        let text = match std::str::from_utf8(bytes) {
-            Ok(text) if masker.is_active() => text,
-            _ => return bytes.to_vec(),
-        };
-        masker
-            .mask(text, None, false, Some(counts))
-            .into_owned()
-            .into_bytes()
     }
 
     fn response(&self, response: SshResponse, outcome: Outcome, started: Instant) {
