@@ -26,7 +26,7 @@ use vigil_coordinator::client::{Client, Credential};
 use vigil_coordinator::server::{Member, MemberConfig};
 use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
 use vigil_proto::coordinator as pb;
-use vigil_proto::record::{ApprovalRef, Outcome, Principal};
+use vigil_proto::record::{ApprovalRef, Body, Kind, Outcome, PolicyRef, Principal, Request};
 
 /// Operators are verified like any other principal: an OIDC token checked against the
 /// configured provider; the approver's identity is the token's subject and groups.
@@ -124,6 +124,39 @@ pub struct Step {
     pub detail: String,
     /// `true`: the request was created; `false`: it was decided, or the wait ended.
     pub requested: bool,
+}
+
+impl Step {
+    /// A recorder of a hold's steps: each becomes an `approval_requested` (with the held
+    /// `request`) or `approval_decided` record of `base`'s session, principal and connection,
+    /// under statement `stmt` and the deciding `policy`.
+    pub fn recorder(
+        audit: crate::audit::AuditLog,
+        base: Body,
+        stmt: u64,
+        request: Request,
+        policy: PolicyRef,
+    ) -> impl FnMut(Step) + Send {
+        move |step: Step| {
+            let kind = if step.requested {
+                Kind::ApprovalRequested
+            } else {
+                Kind::ApprovalDecided
+            };
+            let mut rec = audit.body(base.session.as_deref(), kind);
+            rec.principal = base.principal.clone();
+            rec.connection = base.connection.clone();
+            rec.stmt = Some(stmt);
+            if step.requested {
+                rec.request = Some(request.clone());
+            }
+            rec.outcome = Some(step.outcome);
+            rec.policy = Some(policy.clone());
+            rec.approval = Some(step.approval);
+            rec.detail = Some(step.detail);
+            audit.record(rec);
+        }
+    }
 }
 
 /// How a hold ended.

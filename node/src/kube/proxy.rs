@@ -430,7 +430,7 @@ impl Conn {
                 })
                 .collect()),
         };
-        let decision = self.ctx.policy.decide_kube(
+        let decision = self.ctx.policy.decide_actions(
             actions.as_deref().map_err(Clone::clone),
             &principal,
             &cluster_name,
@@ -568,29 +568,13 @@ impl Conn {
         }
         let digest = hex::encode(Sha256::digest(body));
         let hash = action_hash(parts.method.as_str(), &path, &digest);
-        let audit = self.ctx.core.audit.clone();
-        let base = self.body(Kind::ApprovalRequested, Some(principal), Some(cluster));
-        let shown_request = RecordRequest::Kubernetes(request.clone());
-        let policy = self.ctx.policy.reference(decision);
-        let mut record = |step: Step| {
-            let kind = if step.requested {
-                Kind::ApprovalRequested
-            } else {
-                Kind::ApprovalDecided
-            };
-            let mut rec = audit.body(base.session.as_deref(), kind);
-            rec.principal = base.principal.clone();
-            rec.connection = base.connection.clone();
-            rec.stmt = Some(stmt);
-            if step.requested {
-                rec.request = Some(shown_request.clone());
-            }
-            rec.outcome = Some(step.outcome);
-            rec.policy = Some(policy.clone());
-            rec.approval = Some(step.approval);
-            rec.detail = Some(step.detail);
-            audit.record(rec);
-        };
+        let mut record = Step::recorder(
+            self.ctx.core.audit.clone(),
+            self.body(Kind::ApprovalRequested, Some(principal), Some(cluster)),
+            stmt,
+            RecordRequest::Kubernetes(request.clone()),
+            self.ctx.policy.reference(decision),
+        );
         let action = format!("{} {path}", parts.method);
         let hold = Hold {
             principal,

@@ -456,12 +456,13 @@ impl Policy {
         })
     }
 
-    /// The decision for an SSH request: each of `actions` (the commands of an exec line, the
-    /// paths of a transfer …) is decided on its own, and they combine like the statements of a
-    /// message. A command line that does not parse is blocked (rule `parse-error`).
-    pub fn decide_ssh(
+    /// The decision for an SSH or Kubernetes request: each of `actions` (the commands of an
+    /// exec line, the paths of a transfer, a Kubernetes request …) is decided on its own, and
+    /// they combine like the statements of a message. What cannot be read (a command line that
+    /// does not parse, a request that cannot be classified) is blocked (rule `parse-error`).
+    pub fn decide_actions<A: ProtocolAction>(
         &self,
-        actions: Result<&[ssh::SshAction<'_>], String>,
+        actions: Result<&[A], String>,
         principal: &Principal,
         target: &str,
     ) -> Decision {
@@ -471,35 +472,7 @@ impl Policy {
         };
         self.combine(actions, |a, dry_run| {
             self.first_rule(
-                |rule| {
-                    rule.applies(target, principal)
-                        && matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(a))
-                },
-                dry_run,
-            )
-        })
-    }
-
-    /// The decision for a Kubernetes request: each of `actions` (the request, or each command
-    /// of an exec's command line) is decided on its own, and they combine like the statements
-    /// of a message. A request that cannot be classified, or an exec command line that does
-    /// not parse, is blocked (rule `parse-error`).
-    pub fn decide_kube(
-        &self,
-        actions: Result<&[kube::KubeAction<'_>], String>,
-        principal: &Principal,
-        cluster: &str,
-    ) -> Decision {
-        let actions = match actions {
-            Ok(a) => a,
-            Err(why) => return parse_error(why),
-        };
-        self.combine(actions, |a, dry_run| {
-            self.first_rule(
-                |rule| {
-                    rule.applies(cluster, principal)
-                        && matches!(&rule.matcher, Matcher::Kube(m) if m.matches(a))
-                },
+                |rule| rule.applies(target, principal) && a.matched_by(&rule.matcher),
                 dry_run,
             )
         })
@@ -595,6 +568,24 @@ impl Policy {
         rule.and_then(|r| r.approval.clone())
             .or_else(|| self.config.approval.clone())
             .map(Arc::new)
+    }
+}
+
+/// An action of a protocol whose rules have their own matcher (SSH, Kubernetes).
+pub trait ProtocolAction {
+    /// Whether `matcher` is this protocol's and matches the action.
+    fn matched_by(&self, matcher: &Matcher) -> bool;
+}
+
+impl ProtocolAction for ssh::SshAction<'_> {
+    fn matched_by(&self, matcher: &Matcher) -> bool {
+        matches!(matcher, Matcher::Ssh(m) if m.matches(self))
+    }
+}
+
+impl ProtocolAction for kube::KubeAction<'_> {
+    fn matched_by(&self, matcher: &Matcher) -> bool {
+        matches!(matcher, Matcher::Kube(m) if m.matches(self))
     }
 }
 
@@ -970,7 +961,7 @@ programs = ["rm"]
                 command: None,
                 line: None,
             };
-            let d = p.decide_kube(Ok(&[a]), &agent(), "dev");
+            let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
             (d.action, d.rule)
         };
         let blocked = |rule: &str| (Action::Block, rule.to_string());
@@ -1002,12 +993,12 @@ programs = ["rm"]
                 line: Some(&line),
             })
             .collect();
-        let d = p.decide_kube(Ok(&actions), &agent(), "dev");
+        let d = p.decide_actions(Ok(&actions), &agent(), "dev");
         assert_eq!(
             (d.action, d.rule.as_str()),
             (Action::Block, "no-rm-in-pods")
         );
-        let d = p.decide_kube(Err("unclassifiable".into()), &agent(), "dev");
+        let d = p.decide_actions::<kube::KubeAction>(Err("unclassifiable".into()), &agent(), "dev");
         assert_eq!((d.action, d.rule.as_str()), (Action::Block, "parse-error"));
     }
 

@@ -315,7 +315,7 @@ pub async fn subsystem(conn: &mut Conn, id: ChannelId, name: &str, session: &mut
 pub(super) fn decide(conn: &Conn, actions: Result<&[SshAction<'_>], String>) -> Decision {
     let principal = conn.principal.clone().unwrap_or_default();
     let target = &conn.target;
-    conn.ctx.policy.decide_ssh(actions, &principal, target)
+    conn.ctx.policy.decide_actions(actions, &principal, target)
 }
 
 /// A request that runs something on a channel, with its decision.
@@ -539,28 +539,14 @@ async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &Pol
         };
     }
     let hash = action_hash(&conn.login, run.request_type, command);
-    let audit = conn.ctx.core.audit.clone();
     let request = ssh_request(conn, id, run.request_type, run.command.map(str::to_string));
-    let base = conn.body(Kind::ApprovalRequested);
-    let mut record = |step: Step| {
-        let kind = if step.requested {
-            Kind::ApprovalRequested
-        } else {
-            Kind::ApprovalDecided
-        };
-        let mut rec = audit.body(base.session.as_deref(), kind);
-        rec.principal = base.principal.clone();
-        rec.connection = base.connection.clone();
-        rec.stmt = Some(stmt);
-        if step.requested {
-            rec.request = Some(request.clone());
-        }
-        rec.outcome = Some(step.outcome);
-        rec.policy = Some(policy.clone());
-        rec.approval = Some(step.approval);
-        rec.detail = Some(step.detail);
-        audit.record(rec);
-    };
+    let mut record = Step::recorder(
+        conn.ctx.core.audit.clone(),
+        conn.body(Kind::ApprovalRequested),
+        stmt,
+        request,
+        policy.clone(),
+    );
     let principal = conn.principal.clone().unwrap_or_default();
     let hold = Hold {
         principal: &principal,

@@ -98,7 +98,7 @@ impl SftpGuard {
             })
             .collect();
         self.policy
-            .decide_ssh(Ok(&actions), &self.principal, &self.target)
+            .decide_actions(Ok(&actions), &self.principal, &self.target)
     }
 
     /// Host bytes: the operations they finish.
