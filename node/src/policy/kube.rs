@@ -2,7 +2,8 @@
 //! namespace and name, as the API server classifies it) and, for `exec` and `attach`, the
 //! command it runs, matched like an SSH exec.
 
-use crate::ssh::command::{glob_match, CommandFlag, CommandLine, SimpleCommand};
+use super::ssh::CommandMatch;
+use crate::ssh::command::{glob_match, CommandLine, SimpleCommand};
 
 /// The Kubernetes part of a rule. Every condition given must hold; inside a list any entry
 /// may match.
@@ -20,12 +21,8 @@ pub struct KubeMatch {
     pub namespaces: Vec<String>,
     /// Globs on the object's name.
     pub names: Vec<String>,
-    /// For exec and attach: globs on a command's program, as for SSH.
-    pub programs: Vec<String>,
-    /// Globs on any argument of the command.
-    pub args: Vec<String>,
-    /// Any of these is set on the command line.
-    pub flags: Vec<CommandFlag>,
+    /// What an exec's command is, as for an SSH exec.
+    pub command: CommandMatch,
 }
 
 /// One thing to decide: a request, or (exec) one command of its command line.
@@ -50,16 +47,7 @@ impl KubeMatch {
             && (self.namespaces.is_empty()
                 || (!a.namespace.is_empty() && any(&self.namespaces, a.namespace)))
             && (self.names.is_empty() || (!a.name.is_empty() && any(&self.names, a.name)))
-            && (self.programs.is_empty()
-                || a.command.is_some_and(|c| {
-                    any(&self.programs, &c.program) || any(&self.programs, c.program_name())
-                }))
-            && (self.args.is_empty()
-                || a.command
-                    .is_some_and(|c| c.args.iter().any(|x| any(&self.args, x))))
-            && (self.flags.is_empty()
-                || a.line
-                    .is_some_and(|line| self.flags.iter().any(|f| line.flags.contains(f))))
+            && self.command.matches(a.command, a.line)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -186,35 +186,33 @@ impl TryFrom<RuleTable> for Rule {
             names: t.names,
             ..kube::KubeMatch::default()
         };
-        let ssh = ssh::SshMatch {
-            requests: t.requests,
+        let command = ssh::CommandMatch {
             programs: t.programs,
             args: t.args,
             flags: t.command_flags,
+        };
+        let ssh_only = ssh::SshMatch {
+            requests: t.requests,
             logins: t.logins,
             paths: t.paths,
             operations: t.operations,
-        };
-        // The command conditions (programs, args, command_flags) are shared by SSH exec and
-        // Kubernetes exec; the rest belongs to one protocol.
-        let ssh_only = ssh::SshMatch {
-            programs: Vec::new(),
-            args: Vec::new(),
-            flags: Vec::new(),
-            ..ssh.clone()
+            ..ssh::SshMatch::default()
         };
         let id = &t.id;
         let sql_empty = sql == SqlMatch::default();
+        // The command conditions (programs, args, command_flags) are shared by SSH exec and
+        // Kubernetes exec; the rest belongs to one protocol.
         let matcher = match t.protocol {
-            RuleProtocol::Postgres if ssh.is_empty() && kube_only.is_empty() => Matcher::Sql(sql),
-            RuleProtocol::Ssh if sql_empty && kube_only.is_empty() => Matcher::Ssh(ssh),
+            RuleProtocol::Postgres
+                if ssh_only.is_empty() && command.is_empty() && kube_only.is_empty() =>
+            {
+                Matcher::Sql(sql)
+            }
+            RuleProtocol::Ssh if sql_empty && kube_only.is_empty() => {
+                Matcher::Ssh(ssh::SshMatch { command, ..ssh_only })
+            }
             RuleProtocol::Kubernetes if sql_empty && ssh_only.is_empty() => {
-                Matcher::Kube(kube::KubeMatch {
-                    programs: ssh.programs,
-                    args: ssh.args,
-                    flags: ssh.flags,
-                    ..kube_only
-                })
+                Matcher::Kube(kube::KubeMatch { command, ..kube_only })
             }
             protocol => return Err(format!(
                 "rule {id:?}: kinds, tables, functions and flags are PostgreSQL conditions; requests, logins, paths and operations SSH ones (add protocol = \"ssh\"); verbs, resources, subresources, namespaces and names Kubernetes ones (add protocol = \"kubernetes\"); programs, args and command_flags are for SSH and Kubernetes; this rule is for {}",
@@ -253,9 +251,7 @@ impl From<Rule> for RuleTable {
                 RuleProtocol::Kubernetes,
                 SqlMatch::default(),
                 ssh::SshMatch {
-                    programs: m.programs.clone(),
-                    args: m.args.clone(),
-                    flags: m.flags.clone(),
+                    command: m.command.clone(),
                     ..ssh::SshMatch::default()
                 },
                 m,
@@ -272,9 +268,9 @@ impl From<Rule> for RuleTable {
             functions: sql.functions,
             flags: sql.flags,
             requests: ssh.requests,
-            programs: ssh.programs,
-            args: ssh.args,
-            command_flags: ssh.flags,
+            programs: ssh.command.programs,
+            args: ssh.command.args,
+            command_flags: ssh.command.flags,
             logins: ssh.logins,
             paths: ssh.paths,
             operations: ssh.operations,
@@ -1020,7 +1016,7 @@ programs = ["rm"]
             "[[rules]]\nid = \"r\"\naction = \"block\"\nprotocol = \"kubernetes\"\nprograms = [\"rm\"]",
         )
         .unwrap();
-        assert!(matches!(&ok.rules[0].matcher, Matcher::Kube(m) if m.programs == ["rm"]));
+        assert!(matches!(&ok.rules[0].matcher, Matcher::Kube(m) if m.command.programs == ["rm"]));
     }
 
     #[test]

@@ -34,12 +34,8 @@ pub enum SshRequestKind {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SshMatch {
     pub requests: Vec<SshRequestKind>,
-    /// Globs on a command's program, as written (`/usr/bin/rm`) or its last component (`rm`).
-    pub programs: Vec<String>,
-    /// Globs on any argument of the command.
-    pub args: Vec<String>,
-    /// Any of these is set on the command line.
-    pub flags: Vec<CommandFlag>,
+    /// What an exec's command is.
+    pub command: CommandMatch,
     /// Globs on the login on the host.
     pub logins: Vec<String>,
     /// Globs on the path a file transfer touches, or `host:port` of a forward (for a remote
@@ -49,6 +45,37 @@ pub struct SshMatch {
     /// operation that may change the file system (writes, removals, renames, attribute
     /// changes, links, and anything unknown).
     pub operations: Vec<String>,
+}
+
+/// The conditions on a command of an exec line, shared by SSH and Kubernetes exec rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandMatch {
+    /// Globs on a command's program, as written (`/usr/bin/rm`) or its last component (`rm`).
+    pub programs: Vec<String>,
+    /// Globs on any argument of the command.
+    pub args: Vec<String>,
+    /// Any of these is set on the command line.
+    pub flags: Vec<CommandFlag>,
+}
+
+impl CommandMatch {
+    /// Whether `command` (one command of `line`) meets every condition given; with
+    /// conditions, no command meets them.
+    pub fn matches(&self, command: Option<&SimpleCommand>, line: Option<&CommandLine>) -> bool {
+        let any = |globs: &[String], text: &str| globs.iter().any(|g| glob_match(g, text));
+        (self.programs.is_empty()
+            || command.is_some_and(|c| {
+                any(&self.programs, &c.program) || any(&self.programs, c.program_name())
+            }))
+            && (self.args.is_empty()
+                || command.is_some_and(|c| c.args.iter().any(|x| any(&self.args, x))))
+            && (self.flags.is_empty()
+                || line.is_some_and(|line| self.flags.iter().any(|f| line.flags.contains(f))))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// One thing to decide: a command of an exec (each command of a line is decided on its own,
@@ -71,16 +98,7 @@ impl SshMatch {
         let any = |globs: &[String], text: &str| globs.iter().any(|g| glob_match(g, text));
         (self.requests.is_empty() || self.requests.contains(&a.kind))
             && (self.logins.is_empty() || any(&self.logins, a.login))
-            && (self.programs.is_empty()
-                || a.command.is_some_and(|c| {
-                    any(&self.programs, &c.program) || any(&self.programs, c.program_name())
-                }))
-            && (self.args.is_empty()
-                || a.command
-                    .is_some_and(|c| c.args.iter().any(|x| any(&self.args, x))))
-            && (self.flags.is_empty()
-                || a.line
-                    .is_some_and(|line| self.flags.iter().any(|f| line.flags.contains(f))))
+            && self.command.matches(a.command, a.line)
             && (self.paths.is_empty() || a.path.is_some_and(|p| any(&self.paths, p)))
             && (self.operations.is_empty()
                 || a.operation.is_some_and(|op| {
