@@ -84,16 +84,7 @@ pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, pee
 
 /// What the client is told about a refusal: a Kubernetes `Status`.
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<ClientBody> {
-    let body = serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code.as_u16(),
-    })
-    .to_string();
+    let body = super::websocket::failure_status(message, reason, code.as_u16());
     let mut resp = Response::new(full(Bytes::from(body)));
     *resp.status_mut() = code;
     resp.headers_mut().insert(

@@ -28,6 +28,17 @@ pub struct Exec {
     pub started: Instant,
 }
 
+impl Exec {
+    /// A record of this exec: its session, principal, connection and statement number.
+    fn record(&self, kind: Kind) -> Body {
+        let mut body = self.ctx.core.audit.body(self.base.session.as_deref(), kind);
+        body.principal = self.base.principal.clone();
+        body.connection = self.base.connection.clone();
+        body.stmt = Some(self.stmt);
+        body
+    }
+}
+
 /// What both directions share.
 struct Shared {
     exec: Exec,
@@ -139,14 +150,7 @@ async fn record(shared: &Shared, stream: StreamType, payload: &[u8]) -> bool {
         StreamType::Data => return false,
     };
     let e = &shared.exec;
-    let mut body = e
-        .ctx
-        .core
-        .audit
-        .body(e.base.session.as_deref(), Kind::Recording);
-    body.principal = e.base.principal.clone();
-    body.connection = e.base.connection.clone();
-    body.stmt = Some(e.stmt);
+    let mut body = e.record(Kind::Recording);
     let copy = e.ctx.core.masker.chunk_copy(payload, &mut body.masked);
     let offset = shared.offsets[at].fetch_add(copy.len() as u64, Ordering::Relaxed);
     let of = ChunkOf {
@@ -170,14 +174,7 @@ fn finish(shared: &Shared, error: Option<String>) {
         serde_json::from_slice(&bytes).unwrap_or_default()
     };
     let exit = exit_code(&status);
-    let mut rec = e
-        .ctx
-        .core
-        .audit
-        .body(e.base.session.as_deref(), Kind::Response);
-    rec.principal = e.base.principal.clone();
-    rec.connection = e.base.connection.clone();
-    rec.stmt = Some(e.stmt);
+    let mut rec = e.record(Kind::Response);
     rec.duration_us = Some(e.started.elapsed().as_micros() as u64);
     rec.detail = exit.map(|c| format!("exit code {c}"));
     rec.outcome = Some(if error.is_none() && exit == Some(0) {
