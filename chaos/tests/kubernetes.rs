@@ -610,7 +610,8 @@ programs = ["rm"]
 reason = "nothing is deleted inside pods"
 "#;
 
-/// kubectl exec (it tries WebSocket first, is refused, and falls back to SPDY/3.1): decided on
+/// kubectl exec (it tries WebSocket v5 first, which the 1.20 API server's kubelet refuses, and
+/// falls back to SPDY/3.1): decided on
 /// its command, run with its streams and exit code, every byte recorded; a blocked command
 /// never reaches the kubelet (its exec log is the ground truth).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -657,9 +658,11 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
 
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let records = g.node.records().await;
+    // kubectl offers WebSocket (v5) first; this API server's kubelet speaks at most v4 and
+    // refuses, kubectl falls back to SPDY: the exec that ran is the last one on record.
     let exec = records
         .iter()
-        .find(|r| {
+        .rfind(|r| {
             r.body.kind == Kind::Request
                 && matches!(&r.body.request, Some(Request::Kubernetes(k)) if k.command.iter().any(|c| c.contains(&marker)))
         })

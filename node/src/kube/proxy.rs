@@ -3,6 +3,8 @@
 //! (watches and `logs -f` without buffering) and recorded when it ends.
 
 use super::request_info::{self, RequestInfo};
+use super::stream::{Framing, Purpose};
+use super::websocket::{self, StreamKind};
 use super::{Cluster, KubeContext, PROTOCOL};
 use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::Refusal;
@@ -130,8 +132,24 @@ struct Routed {
     path: String,
     query: Option<String>,
     command: Vec<String>,
-    /// exec or attach: the client's side of the switched connection, once switched.
+    /// exec, attach and port-forward: how the request asks to switch protocols.
+    switch: Option<Switch>,
+    /// port-forward: the ports its query names.
+    ports: Vec<u16>,
+    /// The client's side of the switched connection, once switched.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// How an exec, attach or port-forward asks to switch protocols.
+enum Switch {
+    Spdy,
+    WebSocket {
+        kind: StreamKind,
+        key: String,
+        /// The subprotocols the client offered that Vigil reads, in the client's order: the
+        /// only ones the API server is offered.
+        offered: Vec<String>,
+    },
 }
 
 impl Conn {
@@ -162,7 +180,10 @@ impl Conn {
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ClientBody> {
         let started = Instant::now();
-        let upgrade = spdy_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let upgrade = req
+            .headers()
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
         let principal = match self.authenticate(req.headers()).await {
             Ok(p) => p,
             Err(r) => return self.refuse_unauthenticated(&req, r),
@@ -330,19 +351,43 @@ impl Conn {
                     Refused::new(StatusCode::BAD_REQUEST, "BadRequest", format!("vigil: {e}")),
                 )
             })?;
-        let streams = matches!(info.subresource.as_str(), "exec" | "attach");
-        let upgrading = req.headers().contains_key(header::UPGRADE);
-        let refused = if info.subresource == "portforward" {
-            Some("vigil: port-forward does not go through this gateway yet")
-        } else if streams && !spdy_upgrade(req.headers()) {
-            Some("vigil: exec and attach go through this gateway over SPDY/3.1 only (kubectl falls back to it)")
-        } else if upgrading && !streams {
-            Some("vigil: only exec and attach may switch protocols")
-        } else {
-            None
+        let switch = stream_switch(&info, req.headers())
+            .map_err(|(code, reason, why)| (named.clone(), Refused::new(code, reason, why)))?;
+        let ports = match info.subresource.as_str() {
+            "portforward" => query_ports(query.as_deref()).map_err(|why| {
+                (
+                    named.clone(),
+                    Refused::new(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        format!("vigil: {why}"),
+                    ),
+                )
+            })?,
+            _ => Vec::new(),
         };
-        if let Some(why) = refused {
-            return Err((named, Refused::new(StatusCode::FORBIDDEN, "Forbidden", why)));
+        let mut switch = switch;
+        if let Some(Switch::WebSocket {
+            kind: StreamKind::PortForward,
+            offered,
+            ..
+        }) = &mut switch
+        {
+            // Over channels, the ports are those of the query; SPDY tunnelled through
+            // WebSocket names them per stream.
+            if ports.is_empty() {
+                offered.retain(|p| p == websocket::SPDY_TUNNEL);
+                if offered.is_empty() {
+                    return Err((
+                        named,
+                        Refused::new(
+                            StatusCode::BAD_REQUEST,
+                            "BadRequest",
+                            "vigil: a port-forward over WebSocket channels names its ports in the query (ports=N)",
+                        ),
+                    ));
+                }
+            }
         }
         let command = query
             .as_deref()
@@ -359,6 +404,8 @@ impl Conn {
             path: path.to_string(),
             query,
             command,
+            switch,
+            ports,
             upgrade: None,
         })
     }
@@ -392,40 +439,8 @@ impl Conn {
                 }
             }
         }
+        let decision = self.decide(&principal, &routed);
         let info = &routed.info;
-        let action = KubeAction {
-            verb: &info.verb,
-            api_group: &info.api_group,
-            resource: &info.resource,
-            subresource: &info.subresource,
-            namespace: &info.namespace,
-            name: &info.name,
-            command: None,
-            line: None,
-        };
-        // An exec's command is decided like an SSH exec line: each command of it on its own.
-        let line = (!routed.command.is_empty()).then(|| {
-            let quoted: Vec<String> = routed.command.iter().map(|a| shell_quote(a)).collect();
-            crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
-        });
-        let actions: Result<Vec<KubeAction>, String> = match &line {
-            None => Ok(vec![action]),
-            Some(Err(e)) => Err(format!("the exec command cannot be read: {e}")),
-            Some(Ok(l)) => Ok(l
-                .commands
-                .iter()
-                .map(|c| KubeAction {
-                    command: Some(c),
-                    line: Some(l),
-                    ..action
-                })
-                .collect()),
-        };
-        let decision = self.ctx.policy.decide_actions(
-            actions.as_deref().map_err(Clone::clone),
-            &principal,
-            &cluster_name,
-        );
         let mut request = kube_request_parts(&parts, &routed, Some(&body));
         let secrets = info.resource == "secrets";
         let limit = self.ctx.config.max_record_body_bytes;
@@ -486,13 +501,12 @@ impl Conn {
         }
         let mut routed = routed;
         let client_side = routed.upgrade.take();
-        let upstream =
-            match self.upstream_request(&routed, &principal, parts, body, client_side.is_some()) {
-                Ok(u) => u,
-                Err(why) => {
-                    return self.respond_error(&principal, &cluster_name, stmt, started, why);
-                }
-            };
+        let upstream = match self.upstream_request(&routed, &principal, parts, body) {
+            Ok(u) => u,
+            Err(why) => {
+                return self.respond_error(&principal, &cluster_name, stmt, started, why);
+            }
+        };
         if let Some(client_side) = client_side {
             return self
                 .switch(
@@ -516,6 +530,51 @@ impl Conn {
                 format!("vigil: the API server of cluster {cluster_name:?} cannot be reached: {e}"),
             ),
         }
+    }
+
+    /// The policy's decision on a request: its actions are the request itself, or one per
+    /// command of an exec's command line (decided like an SSH exec line). A port-forward is
+    /// refused unless a rule allows it, whatever the default.
+    fn decide(&self, principal: &Principal, routed: &Routed) -> Decision {
+        let info = &routed.info;
+        let action = KubeAction {
+            verb: &info.verb,
+            api_group: &info.api_group,
+            resource: &info.resource,
+            subresource: &info.subresource,
+            namespace: &info.namespace,
+            name: &info.name,
+            command: None,
+            line: None,
+        };
+        // An exec's command is decided like an SSH exec line: each command of it on its own.
+        let line = (!routed.command.is_empty()).then(|| {
+            let quoted: Vec<String> = routed.command.iter().map(|a| shell_quote(a)).collect();
+            crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
+        });
+        let actions: Result<Vec<KubeAction>, String> = match &line {
+            None => Ok(vec![action]),
+            Some(Err(e)) => Err(format!("the exec command cannot be read: {e}")),
+            Some(Ok(l)) => Ok(l
+                .commands
+                .iter()
+                .map(|c| KubeAction {
+                    command: Some(c),
+                    line: Some(l),
+                    ..action
+                })
+                .collect()),
+        };
+        let mut decision = self.ctx.policy.decide_actions(
+            actions.as_deref().map_err(Clone::clone),
+            principal,
+            &routed.cluster.config.name,
+        );
+        if routed.info.subresource == "portforward" && decision.rule == "default" {
+            decision.action = Action::Block;
+            decision.reason = Some("no rule allows port-forward".into());
+        }
+        decision
     }
 
     /// Holds a request for approval: bound to the cluster, the method, the path with its query
@@ -597,7 +656,6 @@ impl Conn {
         principal: &Principal,
         parts: http::request::Parts,
         body: Bytes,
-        upgrade: bool,
     ) -> Result<Request<OutBody>, String> {
         let c = &routed.cluster.config;
         let uri = match &routed.query {
@@ -610,11 +668,14 @@ impl Conn {
             .body(Full::new(body))
             .map_err(|e| format!("vigil: cannot build the request: {e}"))?;
         let headers = out.headers_mut();
+        let upgrade = routed.switch.is_some();
         for (name, value) in parts.headers.iter() {
             let switching = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
             if (switching || !hop_by_hop(name))
                 && name != header::AUTHORIZATION
                 && name != header::HOST
+                && name != header::SEC_WEBSOCKET_PROTOCOL
+                && name != header::SEC_WEBSOCKET_EXTENSIONS
                 && !name.as_str().starts_with("x-vigil-")
             {
                 headers.append(name.clone(), value.clone());
@@ -623,6 +684,12 @@ impl Conn {
         let value = |v: &str| {
             HeaderValue::from_str(v).map_err(|_| format!("vigil: {v:?} cannot be sent in a header"))
         };
+        // The API server may only choose a subprotocol Vigil reads, and no extension.
+        if let Some(Switch::WebSocket { offered, .. }) = &routed.switch {
+            if !offered.is_empty() {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value(&offered.join(", "))?);
+            }
+        }
         headers.insert(
             header::AUTHORIZATION,
             value(&format!("Bearer {}", routed.cluster.token.expose()))?,
@@ -643,8 +710,9 @@ impl Conn {
         Ok(out)
     }
 
-    /// exec and attach: the request goes to the API server over HTTP/1.1; when it switches
-    /// protocols, so does the client, and the SPDY streams are relayed and recorded
+    /// exec, attach and port-forward: the request goes to the API server over HTTP/1.1; when
+    /// it switches protocols to one Vigil reads (SPDY/3.1, or WebSocket with a subprotocol
+    /// that was offered), so does the client, and the streams are relayed and recorded
     /// ([`super::stream`]). Any other answer goes back as it is.
     #[allow(clippy::too_many_arguments)]
     async fn switch(
@@ -680,17 +748,40 @@ impl Conn {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return self.relay(resp, principal, cluster, stmt, false, started);
         }
+        let framing = match &routed.switch {
+            Some(Switch::WebSocket { kind, key, offered }) => {
+                websocket::check_server_upgrade(*kind, resp.status(), resp.headers(), key, offered)
+                    .map(Framing::WebSocket)
+                    .map_err(|e| e.to_string())
+            }
+            _ if spdy_upgrade(resp.headers()) => Ok(Framing::Spdy),
+            _ => Err("the API server switched to something other than SPDY/3.1".into()),
+        };
+        let framing = match framing {
+            Ok(f) => f,
+            Err(e) => {
+                let why = format!("vigil: the API server's switch cannot be followed: {e}");
+                return self.respond_error(principal, cluster, stmt, started, why);
+            }
+        };
         let server_side = hyper::upgrade::on(&mut resp);
-        let exec = super::stream::Exec {
+        let streams = super::stream::Streams {
             ctx: self.ctx.clone(),
             base: self.body(Kind::Response, Some(principal), Some(cluster)),
             stmt,
             file,
             started,
+            framing,
+            purpose: match routed.info.subresource.as_str() {
+                "portforward" => Purpose::PortForward {
+                    ports: routed.ports.clone(),
+                },
+                _ => Purpose::Exec,
+            },
         };
         tokio::spawn(async move {
             match tokio::try_join!(client_side, server_side) {
-                Ok((client, server)) => super::stream::relay(exec, client, server).await,
+                Ok((client, server)) => super::stream::relay(streams, client, server).await,
                 Err(e) => tracing::warn!(error = %e, "kubernetes stream did not switch"),
             }
         });
@@ -890,6 +981,86 @@ fn spdy_upgrade(headers: &HeaderMap) -> bool {
             v.split(',')
                 .any(|p| p.trim().eq_ignore_ascii_case("SPDY/3.1"))
         })
+}
+
+/// How a request switches protocols, checked against what it is: exec, attach and
+/// port-forward must switch (to SPDY/3.1, or to WebSocket with a subprotocol Vigil reads),
+/// nothing else may.
+fn stream_switch(
+    info: &RequestInfo,
+    headers: &HeaderMap,
+) -> Result<Option<Switch>, (StatusCode, &'static str, String)> {
+    let kind = match info.subresource.as_str() {
+        "exec" | "attach" => Some(StreamKind::Exec),
+        "portforward" => Some(StreamKind::PortForward),
+        _ => None,
+    };
+    let upgrading = headers.contains_key(header::UPGRADE);
+    let bad = |why: String| {
+        Err((
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("vigil: {why}"),
+        ))
+    };
+    let kind = match (kind, upgrading) {
+        (None, false) => return Ok(None),
+        (None, true) => {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "vigil: only exec, attach and port-forward may switch protocols".into(),
+            ))
+        }
+        (Some(_), false) => {
+            return bad(format!(
+                "{} switches protocols (SPDY/3.1 or WebSocket); this request does not ask to",
+                info.subresource
+            ))
+        }
+        (Some(kind), true) => kind,
+    };
+    if spdy_upgrade(headers) {
+        return Ok(Some(Switch::Spdy));
+    }
+    let upgrade = websocket::check_client_upgrade(headers).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("vigil: switch to SPDY/3.1 or WebSocket: {e}"),
+        )
+    })?;
+    let offered: Vec<String> = upgrade
+        .protocols
+        .iter()
+        .filter(|p| websocket::select_subprotocol(kind, [p.as_str()]).is_some())
+        .cloned()
+        .collect();
+    if offered.is_empty() && !upgrade.protocols.is_empty() {
+        return bad(format!(
+            "none of the WebSocket subprotocols offered ({}) is one Vigil reads",
+            upgrade.protocols.join(", ")
+        ));
+    }
+    Ok(Some(Switch::WebSocket {
+        kind,
+        key: upgrade.key,
+        offered,
+    }))
+}
+
+/// The ports of a port-forward's query, in order (`ports=8080&ports=9090`): each must be a
+/// port number, as the API server reads them.
+fn query_ports(query: Option<&str>) -> Result<Vec<u16>, String> {
+    url_pairs(query.unwrap_or_default())
+        .filter(|(k, _)| k == "ports")
+        .map(|(_, v)| {
+            v.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("port-forward port {v:?} is not a port number"))
+        })
+        .collect()
 }
 
 /// One argument as a POSIX shell word (single-quoted where needed): an exec's argument vector

@@ -1,15 +1,27 @@
-//! exec and attach over SPDY/3.1: once the API server has switched protocols, every frame is
-//! read whole in each direction (see [`super::spdy`]), the payload of each stdin, stdout,
-//! stderr and resize DATA frame is recorded (a `recording` record, its bytes in the session's
-//! recording file) before the frame is forwarded, and the exec's outcome (the `Status` on its
-//! error stream) goes into the `response` record when the streams end. A frame the codec
-//! refuses ends the connection: nothing Vigil could not read crosses.
+//! exec, attach and port-forward once the API server has switched protocols: SPDY/3.1 (see
+//! [`super::spdy`]) or WebSocket with a Kubernetes channel protocol (see
+//! [`super::websocket`]), whichever the client and the API server agreed on; Vigil relays the
+//! protocol they chose and never translates. Every frame is read whole in each direction
+//! before it is forwarded, exactly as it arrived.
+//!
+//! - exec and attach: the payload of each stdin, stdout, stderr and resize message is recorded
+//!   (a `recording` record, its bytes in the session's recording file) before the frame is
+//!   forwarded, and the outcome (the `Status` on the error channel) goes into the `response`
+//!   record when the streams end.
+//! - port-forward: the bytes are counted per port, not recorded (they are whatever protocol
+//!   runs through the port); the `response` record names each port with its connections, its
+//!   bytes each way and any error the kubelet reported.
+//!
+//! A frame the codec refuses ends the connection: nothing Vigil could not read crosses.
 
-use super::spdy::{FrameKind, Limits, Observed, Side, SpdyReader, StreamTable, StreamType};
+use super::spdy::{self, FrameKind, Observed, Side, SpdyReader, StreamTable, StreamType};
+use super::websocket::{self, ChannelProtocol, Direction, WsMessage, WsReader};
 use super::KubeContext;
 use crate::audit::{ChunkOf, RecordingFile};
+use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,18 +30,37 @@ use vigil_proto::record::{
     Body, Kind, KubeError, KubeResponse, Outcome, Response as RecordResponse,
 };
 
-/// One upgraded exec or attach: where its records go.
-pub struct Exec {
+/// How the switched connection frames its streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Spdy,
+    WebSocket(ChannelProtocol),
+}
+
+/// What the streams are for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// exec or attach: recorded byte for byte.
+    Exec,
+    /// port-forward: counted per port. Over WebSocket channels the ports are those of the
+    /// request's `ports` query, in order; over SPDY each stream names its port.
+    PortForward { ports: Vec<u16> },
+}
+
+/// One switched exec, attach or port-forward: where its records go.
+pub struct Streams {
     pub ctx: Arc<KubeContext>,
     /// A record of the request's session (principal, connection), to copy.
     pub base: Body,
     pub stmt: u64,
     pub file: Arc<RecordingFile>,
     pub started: Instant,
+    pub framing: Framing,
+    pub purpose: Purpose,
 }
 
-impl Exec {
-    /// A record of this exec: its session, principal, connection and statement number.
+impl Streams {
+    /// A record of these streams: their session, principal, connection and statement number.
     fn record(&self, kind: Kind) -> Body {
         let mut body = self.ctx.core.audit.body(self.base.session.as_deref(), kind);
         body.principal = self.base.principal.clone();
@@ -39,31 +70,355 @@ impl Exec {
     }
 }
 
+/// Bytes and connections of one forwarded port.
+#[derive(Debug, Default)]
+struct PortStats {
+    connections: u64,
+    /// From the client to the pod.
+    bytes_in: u64,
+    bytes_out: u64,
+    /// What the kubelet reported on the port's error stream (the first KiB).
+    errors: String,
+}
+
 /// What both directions share.
 struct Shared {
-    exec: Exec,
+    streams: Streams,
+    /// The SPDY streams of the connection (SPDY, and SPDY tunnelled through WebSocket).
     table: Mutex<StreamTable>,
     /// Bytes recorded so far per direction (input, output, error, resize).
     offsets: [AtomicU64; 4],
     bytes: AtomicU64,
-    /// The exec's outcome, as the error stream said it.
+    /// The exec's outcome, as the error channel said it.
     status: Mutex<Vec<u8>>,
+    ports: Mutex<BTreeMap<u16, PortStats>>,
 }
 
-/// Relays the two upgraded connections until both directions end, then writes the
+/// An exec stream whose bytes are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    Stdin,
+    Stdout,
+    Stderr,
+    Resize,
+}
+
+/// What a piece of a stream means for the records.
+#[derive(Debug)]
+enum Meaning {
+    /// exec bytes, recorded before they are forwarded.
+    Chunk(Recorded, Bytes),
+    /// The exec's error channel (its `Status`).
+    Status(Bytes),
+    /// A port-forward connection opened to `port`.
+    PortOpened(u16),
+    PortBytes(u16, u64),
+    PortError(u16, Bytes),
+}
+
+/// Bytes to forward once what they mean is on record.
+struct Step {
+    raw: Bytes,
+    meanings: Vec<Meaning>,
+}
+
+/// Reads one direction of the connection.
+enum Decoder {
+    Spdy(SpdyReader),
+    WebSocket(WsReader),
+    /// `SPDY/3.1+portforward.k8s.io`: SPDY in the payloads of WebSocket messages.
+    Tunnel(WsReader, Box<SpdyReader>),
+}
+
+impl Decoder {
+    fn new(framing: Framing, purpose: &Purpose, from: Side) -> Result<Self, String> {
+        let direction = match from {
+            Side::Client => Direction::ClientToServer,
+            Side::Server => Direction::ServerToClient,
+        };
+        let spdy = || SpdyReader::new(spdy::Limits::default());
+        Ok(match (framing, purpose) {
+            (Framing::Spdy, _) => Self::Spdy(spdy()),
+            (Framing::WebSocket(ChannelProtocol::SpdyTunnel), _) => Self::Tunnel(
+                WsReader::new(direction, ChannelProtocol::SpdyTunnel),
+                Box::new(spdy()),
+            ),
+            (Framing::WebSocket(p), Purpose::Exec) => Self::WebSocket(WsReader::new(direction, p)),
+            (Framing::WebSocket(p), Purpose::PortForward { ports }) => Self::WebSocket(
+                WsReader::port_forward(direction, p, ports).map_err(|e| e.to_string())?,
+            ),
+        })
+    }
+
+    /// What `bytes` (the next read of this direction) complete: the steps to take, in order.
+    fn decode(&mut self, shared: &Shared, from: Side, bytes: &[u8]) -> Result<Vec<Step>, String> {
+        match self {
+            Self::Spdy(reader) => {
+                reader.push(bytes);
+                let mut steps = Vec::new();
+                while let Some(frame) = next_frame(reader)? {
+                    let meanings = shared.observe(from, frame.kind())?;
+                    steps.push(Step {
+                        raw: frame.raw().clone(),
+                        meanings,
+                    });
+                }
+                Ok(steps)
+            }
+            Self::WebSocket(reader) => {
+                let events = reader
+                    .push(bytes)
+                    .map_err(|e| format!("a WebSocket frame Vigil cannot read: {e}"))?;
+                Ok(events
+                    .into_iter()
+                    .map(|ev| Step {
+                        meanings: ws_meaning(&ev.message).into_iter().collect(),
+                        raw: forwarded(ev.raw, &ev.message),
+                    })
+                    .collect())
+            }
+            Self::Tunnel(ws, inner) => {
+                let events = ws
+                    .push(bytes)
+                    .map_err(|e| format!("a WebSocket frame Vigil cannot read: {e}"))?;
+                let mut steps = Vec::new();
+                for ev in events {
+                    let mut meanings = Vec::new();
+                    if let WsMessage::Tunnel { payload } = &ev.message {
+                        inner.push(payload);
+                        while let Some(frame) = next_frame(inner)? {
+                            meanings.extend(shared.observe(from, frame.kind())?);
+                        }
+                    }
+                    steps.push(Step {
+                        raw: forwarded(ev.raw, &ev.message),
+                        meanings,
+                    });
+                }
+                Ok(steps)
+            }
+        }
+    }
+}
+
+fn next_frame(reader: &mut SpdyReader) -> Result<Option<spdy::Frame>, String> {
+    reader
+        .next_frame()
+        .map_err(|e| format!("a SPDY frame Vigil cannot read: {e}"))
+}
+
+/// The bytes of a WebSocket event to forward: a message a close cut short is not (its
+/// receiver drops it too, and it was never decoded, so never recorded).
+fn forwarded(raw: Bytes, message: &WsMessage) -> Bytes {
+    match message {
+        WsMessage::Partial { .. } => Bytes::new(),
+        _ => raw,
+    }
+}
+
+/// What a WebSocket message means for the records.
+fn ws_meaning(message: &WsMessage) -> Option<Meaning> {
+    Some(match message {
+        WsMessage::Data { channel, payload } => {
+            let stream = match *channel {
+                websocket::STDIN => Recorded::Stdin,
+                websocket::STDOUT => Recorded::Stdout,
+                _ => Recorded::Stderr,
+            };
+            Meaning::Chunk(stream, payload.clone())
+        }
+        WsMessage::Resize { width, height } => Meaning::Chunk(
+            Recorded::Resize,
+            Bytes::from(format!("{{\"Width\":{width},\"Height\":{height}}}")),
+        ),
+        WsMessage::Error { payload, .. } => Meaning::Status(payload.clone()),
+        WsMessage::PortData { port, payload, .. } => {
+            Meaning::PortBytes(*port, payload.len() as u64)
+        }
+        WsMessage::PortError { port, payload, .. } => Meaning::PortError(*port, payload.clone()),
+        _ => return None,
+    })
+}
+
+impl Shared {
+    /// Takes note of a SPDY frame `from` sent: what it means for these streams, or why it
+    /// does not fit them.
+    fn observe(&self, from: Side, frame: &FrameKind) -> Result<Vec<Meaning>, String> {
+        let observed = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(from, frame)
+            .map_err(|e| format!("a SPDY stream Vigil cannot follow: {e}"))?;
+        let port_forward = matches!(self.streams.purpose, Purpose::PortForward { .. });
+        let wrong = |t: StreamType| {
+            Err(format!(
+                "a SPDY {t} stream does not belong to {}",
+                if port_forward {
+                    "a port-forward"
+                } else {
+                    "an exec"
+                }
+            ))
+        };
+        let meaning = match observed {
+            Observed::Opened(info) => match (port_forward, info.stream_type, info.port) {
+                (true, StreamType::Data, Some(port)) => Meaning::PortOpened(port),
+                (true, StreamType::Data, None) => {
+                    return Err("a SPDY port-forward stream names no port".into())
+                }
+                (true, StreamType::Error, _) => return Ok(Vec::new()),
+                (false, StreamType::Data, _) => return wrong(StreamType::Data),
+                (false, _, _) => return Ok(Vec::new()),
+                (true, t, _) => return wrong(t),
+            },
+            Observed::Data {
+                stream_type, port, ..
+            } => {
+                let FrameKind::Data { payload, .. } = frame else {
+                    return Ok(Vec::new());
+                };
+                match (port_forward, stream_type, port) {
+                    (false, StreamType::Stdin, _) => {
+                        Meaning::Chunk(Recorded::Stdin, payload.clone())
+                    }
+                    (false, StreamType::Stdout, _) => {
+                        Meaning::Chunk(Recorded::Stdout, payload.clone())
+                    }
+                    (false, StreamType::Stderr, _) => {
+                        Meaning::Chunk(Recorded::Stderr, payload.clone())
+                    }
+                    (false, StreamType::Resize, _) => {
+                        Meaning::Chunk(Recorded::Resize, payload.clone())
+                    }
+                    (false, StreamType::Error, _) => Meaning::Status(payload.clone()),
+                    (true, StreamType::Data, Some(port)) => {
+                        Meaning::PortBytes(port, payload.len() as u64)
+                    }
+                    (true, StreamType::Error, Some(port)) => {
+                        Meaning::PortError(port, payload.clone())
+                    }
+                    (_, t, _) => return wrong(t),
+                }
+            }
+            _ => return Ok(Vec::new()),
+        };
+        Ok(vec![meaning])
+    }
+
+    /// Puts what a step means on record; false when it cannot be recorded.
+    async fn take(&self, from: Side, meaning: Meaning) -> bool {
+        let port = |p: u16, f: &mut dyn FnMut(&mut PortStats)| {
+            f(self
+                .ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(p)
+                .or_default())
+        };
+        match meaning {
+            Meaning::Chunk(stream, payload) => {
+                return payload.is_empty() || self.record(stream, &payload).await
+            }
+            Meaning::Status(payload) => {
+                let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                if status.len() < 64 * 1024 {
+                    status.extend_from_slice(&payload);
+                }
+            }
+            Meaning::PortOpened(p) => port(p, &mut |s| s.connections += 1),
+            Meaning::PortBytes(p, n) => port(p, &mut |s| match from {
+                Side::Client => s.bytes_in += n,
+                Side::Server => s.bytes_out += n,
+            }),
+            Meaning::PortError(p, text) => port(p, &mut |s| {
+                if s.errors.len() < 1024 {
+                    s.errors.push_str(&String::from_utf8_lossy(&text));
+                }
+            }),
+        }
+        true
+    }
+
+    /// Records an exec payload before it is forwarded; false when it cannot be recorded.
+    async fn record(&self, stream: Recorded, payload: &[u8]) -> bool {
+        let stmt = self.streams.stmt;
+        let (at, channel, direction) = match stream {
+            Recorded::Stdin => (0, stmt.to_string(), "input"),
+            Recorded::Stdout => (1, stmt.to_string(), "output"),
+            Recorded::Stderr => (2, stmt.to_string(), "error"),
+            Recorded::Resize => (3, format!("{stmt}.resize"), "input"),
+        };
+        let s = &self.streams;
+        let mut body = s.record(Kind::Recording);
+        let copy = s.ctx.core.masker.chunk_copy(payload, &mut body.masked);
+        let offset = self.offsets[at].fetch_add(copy.len() as u64, Ordering::Relaxed);
+        let of = ChunkOf {
+            channel,
+            direction,
+            offset,
+        };
+        s.ctx
+            .core
+            .audit
+            .chunk(body, &s.file, of, copy, true)
+            .await
+            .is_ok()
+    }
+}
+
+/// Relays the two switched connections until both directions end, then writes the
 /// `response` record.
-pub async fn relay(exec: Exec, client: Upgraded, server: Upgraded) {
+pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
+    let decoders = Decoder::new(streams.framing, &streams.purpose, Side::Client).and_then(|c| {
+        Ok((
+            c,
+            Decoder::new(streams.framing, &streams.purpose, Side::Server)?,
+        ))
+    });
+    let mut ports = BTreeMap::new();
+    if let (Framing::WebSocket(_), Purpose::PortForward { ports: p }) =
+        (streams.framing, &streams.purpose)
+    {
+        // Over channels, each port is one connection for the life of the WebSocket.
+        for port in p {
+            ports.insert(
+                *port,
+                PortStats {
+                    connections: 1,
+                    ..PortStats::default()
+                },
+            );
+        }
+    }
     let shared = Arc::new(Shared {
-        exec,
+        streams,
         table: Mutex::new(StreamTable::default()),
         offsets: Default::default(),
         bytes: AtomicU64::new(0),
         status: Mutex::new(Vec::new()),
+        ports: Mutex::new(ports),
     });
+    let (up_decoder, down_decoder) = match decoders {
+        Ok(d) => d,
+        Err(why) => return finish(&shared, Some(why)),
+    };
     let (client_rd, client_wr) = tokio::io::split(TokioIo::new(client));
     let (server_rd, server_wr) = tokio::io::split(TokioIo::new(server));
-    let up = tokio::spawn(pump(shared.clone(), Side::Client, client_rd, server_wr));
-    let down = pump(shared.clone(), Side::Server, server_rd, client_wr);
+    let up = tokio::spawn(pump(
+        shared.clone(),
+        Side::Client,
+        up_decoder,
+        client_rd,
+        server_wr,
+    ));
+    let down = pump(
+        shared.clone(),
+        Side::Server,
+        down_decoder,
+        server_rd,
+        client_wr,
+    );
     let (down, up) = tokio::join!(down, up);
     let error = [down, up.unwrap_or_else(|e| Err(e.to_string()))]
         .into_iter()
@@ -74,127 +429,68 @@ pub async fn relay(exec: Exec, client: Upgraded, server: Upgraded) {
 async fn pump(
     shared: Arc<Shared>,
     from: Side,
+    mut decoder: Decoder,
     mut rd: impl tokio::io::AsyncRead + Unpin,
     mut wr: impl tokio::io::AsyncWrite + Unpin,
 ) -> Result<(), String> {
-    let mut reader = SpdyReader::new(Limits::default());
     let mut buf = vec![0u8; 64 * 1024];
-    let result = loop {
+    let result = 'read: loop {
         let n = match rd.read(&mut buf).await {
             Ok(0) => break Ok(()),
             Ok(n) => n,
+            // How a client usually goes: kubectl exits without closing TLS, or resets. What
+            // it sent whole was forwarded; a frame it left unfinished never is.
+            Err(e) if gone(&e) => break Ok(()),
             Err(e) => break Err(e.to_string()),
         };
-        reader.push(&buf[..n]);
-        let mut failed = None;
-        loop {
-            let frame = match reader.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    failed = Some(format!("a SPDY frame Vigil cannot read: {e}"));
-                    break;
-                }
-            };
-            let observed = shared
-                .table
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .observe(from, frame.kind());
-            match observed {
-                Ok(Observed::Data { stream_type, .. }) => {
-                    if let FrameKind::Data { payload, .. } = frame.kind() {
-                        if !payload.is_empty() && !record(&shared, stream_type, payload).await {
-                            failed = Some("the gateway cannot record this stream".into());
-                            break;
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    failed = Some(format!("a SPDY stream Vigil cannot follow: {e}"));
-                    break;
+        let steps = match decoder.decode(&shared, from, &buf[..n]) {
+            Ok(s) => s,
+            Err(why) => break Err(why),
+        };
+        for step in steps {
+            for meaning in step.meanings {
+                if !shared.take(from, meaning).await {
+                    break 'read Err("the gateway cannot record this stream".into());
                 }
             }
             shared
                 .bytes
-                .fetch_add(frame.raw().len() as u64, Ordering::Relaxed);
-            if let Err(e) = wr.write_all(frame.raw()).await {
-                failed = Some(e.to_string());
-                break;
+                .fetch_add(step.raw.len() as u64, Ordering::Relaxed);
+            if let Err(e) = wr.write_all(&step.raw).await {
+                break 'read Err(e.to_string());
             }
-        }
-        if let Some(why) = failed {
-            break Err(why);
         }
     };
     let _ = wr.shutdown().await;
     result
 }
 
-/// Records a DATA payload before it is forwarded; false when it cannot be recorded.
-async fn record(shared: &Shared, stream: StreamType, payload: &[u8]) -> bool {
-    let (at, channel, direction) = match stream {
-        StreamType::Stdin => (0, shared.exec.stmt.to_string(), "input"),
-        StreamType::Stdout => (1, shared.exec.stmt.to_string(), "output"),
-        StreamType::Stderr => (2, shared.exec.stmt.to_string(), "error"),
-        StreamType::Resize => (3, format!("{}.resize", shared.exec.stmt), "input"),
-        StreamType::Error => {
-            let mut status = shared.status.lock().unwrap_or_else(|e| e.into_inner());
-            if status.len() < 64 * 1024 {
-                status.extend_from_slice(payload);
-            }
-            return true;
-        }
-        // Port-forward streams do not reach this relay.
-        StreamType::Data => return false,
-    };
-    let e = &shared.exec;
-    let mut body = e.record(Kind::Recording);
-    let copy = e.ctx.core.masker.chunk_copy(payload, &mut body.masked);
-    let offset = shared.offsets[at].fetch_add(copy.len() as u64, Ordering::Relaxed);
-    let of = ChunkOf {
-        channel,
-        direction,
-        offset,
-    };
-    e.ctx
-        .core
-        .audit
-        .chunk(body, &e.file, of, copy, true)
-        .await
-        .is_ok()
+/// Whether a read error is the peer going away rather than a failure of the stream.
+fn gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
-/// The `response` record: the bytes relayed and the exec's outcome.
+/// The `response` record: the bytes relayed and the outcome (an exec's exit status, a
+/// port-forward's ports).
 fn finish(shared: &Shared, error: Option<String>) {
-    let e = &shared.exec;
-    let status: serde_json::Value = {
-        let bytes = shared.status.lock().unwrap_or_else(|e| e.into_inner());
-        serde_json::from_slice(&bytes).unwrap_or_default()
-    };
-    let exit = exit_code(&status);
-    let mut rec = e.record(Kind::Response);
-    rec.duration_us = Some(e.started.elapsed().as_micros() as u64);
-    rec.detail = exit.map(|c| format!("exit code {c}"));
-    rec.outcome = Some(if error.is_none() && exit == Some(0) {
-        Outcome::Success
-    } else {
-        Outcome::Error
-    });
-    let failure = match (&error, exit) {
-        (Some(why), _) => Some(KubeError {
-            reason: "StreamError".into(),
-            message: e.ctx.core.scrub(why),
-        }),
-        (None, Some(0)) => None,
-        (None, _) => Some(KubeError {
-            reason: status["reason"].as_str().unwrap_or_default().to_string(),
-            message: e
-                .ctx
-                .core
-                .scrub(status["message"].as_str().unwrap_or_default()),
-        }),
+    let s = &shared.streams;
+    let mut rec = s.record(Kind::Response);
+    rec.duration_us = Some(s.started.elapsed().as_micros() as u64);
+    let failure = match s.purpose {
+        Purpose::Exec => exec_outcome(shared, &mut rec, &error),
+        Purpose::PortForward { .. } => {
+            let ports = shared.ports.lock().unwrap_or_else(|e| e.into_inner());
+            rec.detail = Some(s.ctx.core.scrub(&port_summary(&ports)));
+            rec.outcome = Some(match error {
+                None => Outcome::Success,
+                Some(_) => Outcome::Error,
+            });
+            error.as_ref().map(|why| stream_error(s, why))
+        }
     };
     rec.response = Some(RecordResponse::Kubernetes(KubeResponse {
         status: 101,
@@ -202,7 +498,73 @@ fn finish(shared: &Shared, error: Option<String>) {
         error: failure,
         body: None,
     }));
-    e.ctx.core.audit.record(rec);
+    s.ctx.core.audit.record(rec);
+}
+
+fn stream_error(s: &Streams, why: &str) -> KubeError {
+    KubeError {
+        reason: "StreamError".into(),
+        message: s.ctx.core.scrub(why),
+    }
+}
+
+/// An exec's outcome from its error channel: the record's detail (`exit code N`) and
+/// outcome, and the failure to name.
+fn exec_outcome(shared: &Shared, rec: &mut Body, error: &Option<String>) -> Option<KubeError> {
+    let s = &shared.streams;
+    let bytes = shared
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let exit = exit_code(&status);
+    rec.detail = exit.map(|c| format!("exit code {c}"));
+    rec.outcome = Some(if error.is_none() && exit == Some(0) {
+        Outcome::Success
+    } else {
+        Outcome::Error
+    });
+    match (error, exit) {
+        (Some(why), _) => Some(stream_error(s, why)),
+        (None, Some(0)) => None,
+        // The channel protocol of v1 carries the error as text, not a `Status`.
+        (None, _) if status.is_null() && !bytes.is_empty() => Some(KubeError {
+            reason: String::new(),
+            message: s.ctx.core.scrub(&String::from_utf8_lossy(&bytes)),
+        }),
+        (None, _) => Some(KubeError {
+            reason: status["reason"].as_str().unwrap_or_default().to_string(),
+            message: s
+                .ctx
+                .core
+                .scrub(status["message"].as_str().unwrap_or_default()),
+        }),
+    }
+}
+
+/// `port 8080: 2 connections, 120 bytes in, 3400 bytes out` for each port, in order.
+fn port_summary(ports: &BTreeMap<u16, PortStats>) -> String {
+    if ports.is_empty() {
+        return "no port was forwarded".into();
+    }
+    ports
+        .iter()
+        .map(|(port, s)| {
+            let mut line = format!(
+                "port {port}: {} connection{}, {} bytes in, {} bytes out",
+                s.connections,
+                if s.connections == 1 { "" } else { "s" },
+                s.bytes_in,
+                s.bytes_out
+            );
+            if !s.errors.is_empty() {
+                line.push_str(&format!(" (error: {})", s.errors.trim()));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The exit code a `Status` on the error stream reports: 0 for `Success`, the `ExitCode`

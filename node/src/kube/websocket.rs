@@ -112,12 +112,12 @@ const EXEC_SUBPROTOCOLS: &[&str] = &[
     "base64.channel.k8s.io",
 ];
 
+/// The subprotocol of SPDY port-forward tunnelled through WebSocket (kubectl 1.30 and later).
+pub const SPDY_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
+
 /// The subprotocols Vigil reads for port-forward.
-const PORT_FORWARD_SUBPROTOCOLS: &[&str] = &[
-    "SPDY/3.1+portforward.k8s.io",
-    "v4.channel.k8s.io",
-    "v4.base64.channel.k8s.io",
-];
+const PORT_FORWARD_SUBPROTOCOLS: &[&str] =
+    &[SPDY_TUNNEL, "v4.channel.k8s.io", "v4.base64.channel.k8s.io"];
 
 /// Which end wrote the bytes a reader reads. Frames from the client are masked, frames from
 /// the server are not (RFC 6455, 5.1).
@@ -193,7 +193,7 @@ impl ChannelProtocol {
             (StreamKind::Exec, "v5.channel.k8s.io") => Self::V5,
             (StreamKind::PortForward, "" | "v4.channel.k8s.io") => Self::PortForward,
             (StreamKind::PortForward, "v4.base64.channel.k8s.io") => Self::PortForwardBase64,
-            (StreamKind::PortForward, "SPDY/3.1+portforward.k8s.io") => Self::SpdyTunnel,
+            (StreamKind::PortForward, SPDY_TUNNEL) => Self::SpdyTunnel,
             _ => return None,
         })
     }
@@ -206,7 +206,7 @@ impl ChannelProtocol {
             Self::V4 | Self::PortForward => "v4.channel.k8s.io",
             Self::V4Base64 | Self::PortForwardBase64 => "v4.base64.channel.k8s.io",
             Self::V5 => "v5.channel.k8s.io",
-            Self::SpdyTunnel => "SPDY/3.1+portforward.k8s.io",
+            Self::SpdyTunnel => SPDY_TUNNEL,
         }
     }
 
