@@ -695,6 +695,12 @@ impl Conn {
             value(&format!("Bearer {}", routed.cluster.token.expose()))?,
         );
         headers.insert("impersonate-user", value(&principal.subject)?);
+        // The identity the user name stands for: the issuer's subject (API servers from 1.22
+        // on record it; earlier ones ignore the header).
+        headers.insert(
+            "impersonate-uid",
+            value(&format!("{}#{}", principal.issuer, principal.subject))?,
+        );
         for g in principal
             .groups
             .iter()
