@@ -176,6 +176,19 @@ impl Verdict {
     }
 }
 
+/// How a `require_approval` decision is to be held; a decision without approval settings is
+/// refused (its verdict).
+pub fn spec_of(decision: &crate::policy::Decision) -> Result<&ApprovalSpec, Box<Verdict>> {
+    decision.approval.as_deref().ok_or_else(|| {
+        Box::new(Verdict::refuse(
+            Refusal::NoApprovalSettings {
+                rule: decision.rule.clone(),
+            },
+            None,
+        ))
+    })
+}
+
 pub struct Approvals {
     client: Client,
     node: String,

@@ -591,13 +591,9 @@ impl Conn {
         request: &KubeRequest,
         stmt: u64,
     ) -> Verdict {
-        let Some(spec) = decision.approval.as_deref() else {
-            return Verdict::Refuse {
-                refusal: Refusal::NoApprovalSettings {
-                    rule: decision.rule.clone(),
-                },
-                approval: None,
-            };
+        let spec = match crate::core::approvals::spec_of(decision) {
+            Ok(s) => s,
+            Err(refused) => return *refused,
         };
         let path = match &routed.query {
             Some(q) => format!("{}?{q}", routed.path),

@@ -55,13 +55,9 @@ async fn hold(
     binding: &Binding<'_>,
     hash: &str,
 ) -> Verdict {
-    let Some(spec) = decision.approval.as_deref() else {
-        return Verdict::Refuse {
-            refusal: Refusal::NoApprovalSettings {
-                rule: decision.rule.clone(),
-            },
-            approval: None,
-        };
+    let spec = match crate::core::approvals::spec_of(decision) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     let mut masked = Counts::new();
     let shown_binding = match binding.shown(&ctx.core.masker, &mut masked) {

@@ -519,13 +519,9 @@ fn reply(session: &mut Session, id: ChannelId, ok: bool) {
 /// Holds the request for approval: bound to the protocol, the host, the login and the exact
 /// request.
 async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &PolicyRef) -> Verdict {
-    let Some(spec) = run.decision.approval.as_deref() else {
-        return Verdict::Refuse {
-            refusal: Refusal::NoApprovalSettings {
-                rule: run.decision.rule.clone(),
-            },
-            approval: None,
-        };
+    let spec = match crate::core::approvals::spec_of(&run.decision) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     let command = run.command.unwrap_or("");
     let shown_command = conn.ctx.core.scrub(command);
