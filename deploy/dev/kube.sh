@@ -3,13 +3,19 @@
 # kube-controller-manager 1.20.2 (built from Debian 12's kubernetes source package), and a
 # test-only kubelet (deploy/dev/kube/kubelet) that serves exec/attach/port-forward for one pod.
 #
-#   deploy/dev/kube.sh install|start|stop|status|clean
+#   deploy/dev/kube.sh install|start|stop|status|clean|prune
 #
 #   install  (root) apt packages, then builds kube-apiserver, kube-controller-manager and
 #            vigil-test-kubelet from Debian's kubernetes source (about 8 minutes and 1.5 GB of
 #            RAM cold; the tree and Go's build cache stay in $VIGIL_KUBE_BUILD_DIR, about 2 GB)
-#            and installs them into $VIGIL_KUBE_BIN with a stamp file. A no-op (well under a
-#            second) when the stamped binaries are there.
+#            and installs them into $VIGIL_KUBE_BIN, each with a stamp file ($VIGIL_KUBE_BIN/NAME.stamp:
+#            the Kubernetes version and build recipe, and for the test kubelet the sha256 of its
+#            source). Only the binaries whose stamp is not the expected one are built: a changed
+#            kube/kubelet/*.go rebuilds the test kubelet alone (a few minutes when the tree must be
+#            fetched again, seconds with the kept build cache). A no-op (well under a second)
+#            when every stamp is current.
+#   prune    deletes $VIGIL_KUBE_BUILD_DIR (the source tree and Go's build cache): the installed
+#            binaries do not need it; the next install that must build fetches it again.
 #   start    starts what is not running, (re)applies the dev RBAC, the Node and the Pod, waits
 #            until ready and writes $VIGIL_DEV_DIR/kube/env (`export NAME=value` lines).
 #            Idempotent: running servers are left alone. About 14 s the first time (PKI, empty
@@ -44,7 +50,10 @@
 #   - vigil-test-kubelet, registered as Node vigil-dev-node with the Pod default/shell
 #     (container "shell") bound to it and patched to Running: exec/attach on that pod run on
 #     this host (see kube/kubelet/main.go), port-forward reaches 127.0.0.1:PORT here, and each
-#     one is logged as a JSON line in kubelet-exec.log: the ground truth of what ran.
+#     one is logged as a JSON line in kubelet-exec.log: the ground truth of what ran. The
+#     container's log (pods/log) is the file container.log: `kubectl logs -f` follows it, so a
+#     test appends a line and sees it arrive; each log request is a JSON line in kubelet-exec.log
+#     too, written when it ends, with the bytes it sent.
 # kube-apiserver 1.20 knows no Impersonate-Uid header (from 1.22 on), and it answers kubectl
 # 1.30+'s WebSocket exec with 403, after which kubectl falls back to SPDY.
 # Deleting the pod needs --force --grace-period=0 (no kubelet confirms the deletion).
@@ -68,7 +77,8 @@ kube_version="v1.20.2"                              # what it really is
 # bump when the build recipe changes, so `install` rebuilds on machines that have old binaries
 build_recipe=1
 binaries=(kube-apiserver kube-controller-manager vigil-test-kubelet)
-stamp_file="$kube_bin/VERSION"
+# before the per-binary stamps ($kube_bin/NAME.stamp): one stamp for all three
+old_stamp_file="$kube_bin/VERSION"
 runtime_pkgs=(etcd-server openssl curl ca-certificates)
 build_pkgs=(golang-go golang-github-modern-go-reflect2-dev rsync build-essential dpkg-dev xz-utils)
 
@@ -88,6 +98,7 @@ gateway_kubeconfig="$kube_dir/gateway.kubeconfig"
 kcm_kubeconfig="$pki/controller-manager.kubeconfig"
 audit_log="$kube_dir/audit.log"
 exec_log="$kube_dir/kubelet-exec.log"
+container_log="$kube_dir/container.log"
 env_file="$kube_dir/env"
 
 admin_user=vigil-admin
@@ -126,17 +137,40 @@ apt_install() { # packages... (only the missing ones)
 }
 
 # ============================================================================ install
-expected_stamp() {
-  local kubelet_sum
-  kubelet_sum="$(cat "$kube_src_dir"/kubelet/*.go | sha256sum | cut -d' ' -f1)"
-  printf 'kubernetes %s (debian source %s), build recipe %s, test kubelet source sha256 %s\n' \
-    "$kube_version" "$deb_kube_version" "$build_recipe" "$kubelet_sum"
+server_stamp() {
+  printf 'kubernetes %s (debian source %s), build recipe %s' "$kube_version" "$deb_kube_version" "$build_recipe"
 }
 
-binaries_current() {
+# what the stamp of binary NAME must say: the test kubelet's also names its source
+expected_stamp() { # name
+  if [[ "$1" == vigil-test-kubelet ]]; then
+    local kubelet_sum
+    kubelet_sum="$(cat "$kube_src_dir"/kubelet/*.go | sha256sum | cut -d' ' -f1)"
+    printf '%s, test kubelet source sha256 %s\n' "$(server_stamp)" "$kubelet_sum"
+  else
+    printf '%s\n' "$(server_stamp)"
+  fi
+}
+
+installed_stamp() { # name
+  if [[ -f "$kube_bin/$1.stamp" ]]; then
+    cat "$kube_bin/$1.stamp"
+  elif [[ -f "$old_stamp_file" ]]; then
+    # the one stamp of an older install: the servers' part of it, or all of it for the kubelet
+    local old
+    old="$(cat "$old_stamp_file")"
+    if [[ "$1" == vigil-test-kubelet ]]; then printf '%s\n' "$old"; else printf '%s\n' "${old%%, test kubelet source sha256 *}"; fi
+  fi
+}
+
+binary_current() { # name
+  [[ -x "$kube_bin/$1" && "$(installed_stamp "$1")" == "$(expected_stamp "$1")" ]]
+}
+
+# the binaries whose stamp is not the expected one
+stale_binaries() {
   local b
-  for b in "${binaries[@]}"; do [[ -x "$kube_bin/$b" ]] || return 1; done
-  [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$(expected_stamp)" ]]
+  for b in "${binaries[@]}"; do binary_current "$b" || printf '%s\n' "$b"; done
 }
 
 # The private apt state: a deb-src list of its own, so the system's apt configuration, lists and
@@ -188,8 +222,10 @@ cmd_install() {
   # kubectl: the machine's own if any (e.g. 1.32), else Debian's, the same 1.20 as the server
   command -v kubectl >/dev/null || apt_install kubernetes-client
 
-  if binaries_current; then
-    log "kube binaries already installed in $kube_bin ($(head -c 60 "$stamp_file")...)"
+  local stale=()
+  mapfile -t stale < <(stale_binaries)
+  if ((!${#stale[@]})); then
+    log "kube binaries already installed in $kube_bin ($(server_stamp))"
     return 0
   fi
 
@@ -221,32 +257,49 @@ cmd_install() {
   mkdir -p "$tree/cmd/vigil-test-kubelet"
   cp "$kube_src_dir"/kubelet/*.go "$tree/cmd/vigil-test-kubelet/"
 
-  log "make WHAT='cmd/kube-apiserver cmd/kube-controller-manager cmd/vigil-test-kubelet' (about 8 minutes cold, 1-2 with the kept build cache; log $build_dir/build.log)"
+  local what="${stale[*]/#/cmd/}"
+  log "make WHAT='$what' (kube-apiserver: about 8 minutes cold, 1-2 with the kept build cache; log $build_dir/build.log)"
   # GOPATH mode (the tree's own hack/ scripts set GOPATH to _output/local/go), static binaries
   # as Debian builds them; HOME for Go's own settings
   if ! (cd "$tree" && env GO111MODULE=off CGO_ENABLED=0 HOME="$build_dir" GOFLAGS= \
-        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/vigil-test-kubelet") \
-        >"$build_dir/build.log" 2>&1; then
+        make WHAT="$what") >"$build_dir/build.log" 2>&1; then
     show_log "$build_dir/build.log" 60
     die "the kubernetes build failed"
   fi
 
   local out="$tree/_output/local/bin/linux/amd64" b
   mkdir -p "$kube_bin"
-  for b in "${binaries[@]}"; do
+  for b in "${stale[@]}"; do
     [[ -x "$out/$b" ]] || die "the build made no $out/$b"
     install -m 755 "$out/$b" "$kube_bin/$b.new"
     mv -f "$kube_bin/$b.new" "$kube_bin/$b"
   done
   "$kube_bin/kube-apiserver" --version | grep -qF "Kubernetes $kube_version" \
     || die "$kube_bin/kube-apiserver --version does not say $kube_version"
-  expected_stamp >"$stamp_file"
+  # every binary gets its own stamp (those not rebuilt keep what the old one said of them)
+  local stamp
+  for b in "${binaries[@]}"; do
+    if [[ " ${stale[*]} " == *" $b "* ]]; then
+      stamp="$(expected_stamp "$b")"
+    else
+      stamp="$(installed_stamp "$b")"
+    fi
+    printf '%s\n' "$stamp" >"$kube_bin/$b.stamp.new"
+    mv -f "$kube_bin/$b.stamp.new" "$kube_bin/$b.stamp"
+  done
+  rm -f "$old_stamp_file"
 
   # the binaries are installed: drop the build's own binaries (about 270 MB), keep the source
   # tree and Go's build cache (_output/local/go/cache) so a changed test kubelet rebuilds in
   # seconds
   rm -rf "$tree/_output/local/bin" "$tree/_output/bin"
-  log "installed ${binaries[*]} into $kube_bin in $((SECONDS - started)) s"
+  log "installed ${stale[*]} into $kube_bin in $((SECONDS - started)) s ('$0 prune' deletes the build tree, $(du -sh "$build_dir" 2>/dev/null | cut -f1))"
+}
+
+cmd_prune() {
+  [[ -d "$build_dir" ]] || { log "no build tree in $build_dir"; return 0; }
+  log "removing $build_dir ($(du -sh "$build_dir" | cut -f1))"
+  rm -rf -- "$build_dir"
 }
 
 # ============================================================================ helpers
@@ -551,12 +604,15 @@ kubelet_start() {
   fi
   [[ -f "$exec_log" ]] || : >"$exec_log"
   chmod 644 "$exec_log"
+  [[ -f "$container_log" ]] \
+    || printf 'vigil-test-kubelet: the log of container %s of pod %s/%s is %s\n' "$container_name" "$pod_namespace" "$pod_name" "$container_log" >"$container_log"
+  chmod 644 "$container_log"
 
   log "starting vigil-test-kubelet on https://127.0.0.1:$kubelet_port (exec runs as ${exec_user:-$(id -un)})"
   spawn kubelet "$bin" --listen "127.0.0.1:$kubelet_port" \
     --tls-cert "$pki/kubelet.crt" --tls-key "$pki/kubelet.key" --client-ca "$pki/ca.crt" \
     --namespace "$pod_namespace" --pod "$pod_name" --container "$container_name" \
-    --exec-log "$exec_log" --workdir "$shell_home" --shell "$shell" "${run_as[@]}"
+    --exec-log "$exec_log" --log-file "$container_log" --workdir "$shell_home" --shell "$shell" "${run_as[@]}"
   printf '%s\n' "$kubelet_port" >"$(portfile kubelet)"
   local pid
   pid="$(svc_pid kubelet)"
@@ -669,7 +725,9 @@ write_env() {
        '# $VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE (user vigil-gateway, allowed nothing but impersonate on users,' \
        '# groups, serviceaccounts, userextras/session-id and userextras/model). No Impersonate-Uid in 1.20.' \
        '# Ground truth: $VIGIL_DEV_KUBE_AUDIT_LOG (JSON lines, level Metadata; "user" and "impersonatedUser")' \
-       '# and $VIGIL_DEV_KUBE_EXEC_LOG (one JSON line per exec/attach/portforward the kubelet ran).' \
+       '# and $VIGIL_DEV_KUBE_EXEC_LOG (one JSON line per exec/attach/portforward the kubelet ran, and' \
+       '# per log request it answered, with its bytes). The container'"'"'s log is $VIGIL_DEV_KUBE_CONTAINER_LOG:' \
+       '# `kubectl logs -f` follows it (append a line, it arrives).' \
        '# Pod $VIGIL_DEV_KUBE_NAMESPACE/$VIGIL_DEV_KUBE_POD (container $VIGIL_DEV_KUBE_CONTAINER) on node' \
        '# $VIGIL_DEV_KUBE_NODE: exec runs on this host; port-forward reaches 127.0.0.1:PORT of this host.'
      printf 'export %s=%q\n' \
@@ -684,6 +742,7 @@ write_env() {
        VIGIL_DEV_KUBE_GATEWAY_USER "$gateway_user" \
        VIGIL_DEV_KUBE_AUDIT_LOG "$audit_log" \
        VIGIL_DEV_KUBE_EXEC_LOG "$exec_log" \
+       VIGIL_DEV_KUBE_CONTAINER_LOG "$container_log" \
        VIGIL_DEV_KUBE_NODE "$node_name" \
        VIGIL_DEV_KUBE_NAMESPACE "$pod_namespace" \
        VIGIL_DEV_KUBE_POD "$pod_name" \
@@ -706,8 +765,8 @@ prepare_dirs() {
   for b in "${binaries[@]}"; do
     [[ -x "$kube_bin/$b" ]] || die "$kube_bin/$b not found: run '$0 install' first"
   done
-  [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$(expected_stamp)" ]] \
-    || log "WARNING: the binaries in $kube_bin are not those this checkout builds (test kubelet changed?): run '$0 install'"
+  [[ -z "$(stale_binaries)" ]] \
+    || log "WARNING: $(stale_binaries | tr '\n' ' ')in $kube_bin are not those this checkout builds (test kubelet changed?): run '$0 install'"
   kubectl="$(resolve_kubectl)"
   # a state dir that we create is marked as the dev scripts' (servers.sh uses the same marker)
   if [[ ! -d "$dev_dir" ]] || [[ -z "$(ls -A "$dev_dir")" ]]; then
@@ -788,5 +847,6 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   clean) cmd_clean ;;
-  *) printf 'usage: %s install|start|stop|status|clean\n' "$0" >&2; exit 2 ;;
+  prune) cmd_prune ;;
+  *) printf 'usage: %s install|start|stop|status|clean|prune\n' "$0" >&2; exit 2 ;;
 esac

@@ -5,7 +5,7 @@
 //	/exec/{namespace}/{pod}[/{uid}]/{container}?command=...   (the apiserver's pods/exec)
 //	/attach/{namespace}/{pod}[/{uid}]/{container}             (pods/attach)
 //	/portForward/{namespace}/{pod}[/{uid}]                     (pods/portforward)
-//	/containerLogs/{namespace}/{pod}/{container}              (pods/log: one fixed line)
+//	/containerLogs/{namespace}/{pod}/{container}              (pods/log: the --log-file)
 //	/healthz
 //
 // The streaming protocols (SPDY remotecommand v1..v4 with the exit-code status, port-forward,
@@ -21,6 +21,10 @@
 //   - attach starts a new shell (--shell, "-i" added with a tty) rather than attaching to a
 //     long-running process.
 //   - port-forward connects to 127.0.0.1:PORT on this host.
+//   - the container's log is the file --log-file: `kubectl logs` gets what it holds, and
+//     `kubectl logs -f` (follow=true) gets that and then every byte appended to it, as it is
+//     appended (polled every 50 ms, flushed at once), until the client goes away: a test
+//     appends a line and sees when it arrives. A file cut shorter is read again from its start.
 //
 // Every exec and attach, and every connection a port-forward carries, appends one JSON line to
 // --exec-log before it starts (once the client's streams are set up: a failed handshake runs
@@ -31,7 +35,12 @@
 //	{"time":"...","kind":"attach",...same fields; command is the shell attach started...}
 //	{"time":"...","kind":"portforward","namespace":"default","pod":"shell","port":8080}
 //
-// That file is the ground truth of what ran.
+// and every request for the log one line when its answer ends, with the bytes it sent:
+//
+//	{"time":"...","kind":"logs","namespace":"default","pod":"shell","container":"shell",
+//	 "follow":true,"bytes":123}
+//
+// That file is the ground truth of what ran and what was served.
 //
 // Only the apiserver may call it: clients must present a certificate signed by --client-ca
 // (kube.sh gives the apiserver one with --kubelet-client-certificate).
@@ -104,8 +113,20 @@ type portForwardEntry struct {
 	Port      int32  `json:"port"`
 }
 
+// one line of the exec log, for a request for the container's log (written when it ends)
+type logsEntry struct {
+	Time      string `json:"time"`
+	Kind      string `json:"kind"` // logs
+	Namespace string `json:"namespace"`
+	Pod       string `json:"pod"`
+	Container string `json:"container"`
+	Follow    bool   `json:"follow"`
+	Bytes     int64  `json:"bytes"`
+}
+
 type host struct {
 	namespace, pod, container string
+	containerLog              string
 	workdir                   string
 	shell                     string
 	cred                      *syscall.Credential
@@ -501,6 +522,63 @@ func (h *host) runTTY(argv []string, in io.Reader, out io.WriteCloser, resize <-
 	return exitError(waitErr)
 }
 
+// how often a followed log looks for appended bytes
+const followPoll = 50 * time.Millisecond
+
+// serveLogs answers with the container's log (the --log-file); with follow=true it goes on
+// with every byte appended to the file, flushed as it is read, until the client goes away.
+func (h *host) serveLogs(w http.ResponseWriter, r *http.Request, container string) {
+	follow := r.URL.Query().Get("follow") == "true"
+	f, err := os.Open(h.containerLog)
+	if err != nil {
+		http.Error(w, fmt.Sprintf("the container's log: %v", err), http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	var sent, offset int64
+	defer func() {
+		h.record(logsEntry{Time: now(), Kind: "logs", Namespace: h.namespace, Pod: h.pod, Container: container, Follow: follow, Bytes: sent})
+	}()
+	w.Header().Set("Content-Type", "text/plain")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	buf := make([]byte, 32*1024)
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			written, werr := w.Write(buf[:n])
+			sent += int64(written)
+			offset += int64(n)
+			if werr != nil {
+				return
+			}
+			continue
+		}
+		if err != nil && err != io.EOF {
+			log.Printf("container log: %v", err)
+			return
+		}
+		if !follow {
+			return
+		}
+		// at the end of what the file holds: everything read so far goes out now
+		if flusher != nil {
+			flusher.Flush()
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-time.After(followPoll):
+		}
+		if st, err := f.Stat(); err == nil && st.Size() < offset {
+			if _, err := f.Seek(0, io.SeekStart); err != nil {
+				return
+			}
+			offset = 0
+		}
+	}
+}
+
 type server struct {
 	h *host
 }
@@ -607,8 +685,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if !s.knownContainer(w, segs[0], segs[1], segs[2]) {
 			return
 		}
-		w.Header().Set("Content-Type", "text/plain")
-		fmt.Fprintf(w, "vigil-test-kubelet: container %s of pod %s/%s runs no process of its own; this line is its whole log\n", segs[2], segs[0], segs[1])
+		s.h.serveLogs(w, r, segs[2])
 	default:
 		http.NotFound(w, r)
 	}
@@ -622,22 +699,23 @@ func main() {
 	namespace := flag.String("namespace", "default", "namespace of the one pod served")
 	pod := flag.String("pod", "shell", "name of the one pod served")
 	container := flag.String("container", "shell", "name of its one container")
-	execLog := flag.String("exec-log", "", "JSON-lines log of every exec, attach and port-forward")
+	execLog := flag.String("exec-log", "", "JSON-lines log of every exec, attach, port-forward and log request")
+	containerLog := flag.String("log-file", "", "the container's log: what pods/log serves (follow=true tails it)")
 	workdir := flag.String("workdir", "/", "working directory (and HOME) of the commands")
 	shell := flag.String("shell", "/bin/sh", "shell that attach starts")
 	runAs := flag.String("run-as", "", "run commands as this user (default: the kubelet's own user)")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 
-	if *certFile == "" || *keyFile == "" || *clientCA == "" || *execLog == "" {
-		log.Fatal("--tls-cert, --tls-key, --client-ca and --exec-log are required")
+	if *certFile == "" || *keyFile == "" || *clientCA == "" || *execLog == "" || *containerLog == "" {
+		log.Fatal("--tls-cert, --tls-key, --client-ca, --exec-log and --log-file are required")
 	}
 	lf, err := os.OpenFile(*execLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0644)
 	if err != nil {
 		log.Fatal(err)
 	}
-	h := &host{namespace: *namespace, pod: *pod, container: *container, workdir: *workdir,
-		shell: *shell, logFile: lf, procs: map[int]struct{}{}}
+	h := &host{namespace: *namespace, pod: *pod, container: *container, containerLog: *containerLog,
+		workdir: *workdir, shell: *shell, logFile: lf, procs: map[int]struct{}{}}
 	if *runAs != "" {
 		u, err := user.Lookup(*runAs)
 		if err != nil {
