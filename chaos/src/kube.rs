@@ -164,3 +164,87 @@ pub fn audit_len() -> usize {
         .map(|t| t.lines().count())
         .unwrap_or(0)
 }
+
+/// Lets the principals of the tests act in the dev cluster: the gateway impersonates them with
+/// their groups prefixed `vigil:`, and `vigil:dba` is bound to cluster-admin.
+pub async fn grant_dba() {
+    if admin(&["get", "clusterrolebinding", "vigil-test-dba"])
+        .await
+        .status
+        .success()
+    {
+        return;
+    }
+    let out = admin(&[
+        "create",
+        "clusterrolebinding",
+        "vigil-test-dba",
+        "--clusterrole=cluster-admin",
+        "--group=vigil:dba",
+    ])
+    .await;
+    assert!(
+        out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{out:?}"
+    );
+}
+
+/// What a request is, as both sides name it: verb, resource (or the path of a non-resource
+/// URL), namespace, name; empty where there is none.
+pub type RequestKey = (String, String, String, String);
+
+/// The key of a Vigil Kubernetes `request` record.
+pub fn record_key(record: &vigil_proto::record::Record) -> Option<RequestKey> {
+    use vigil_proto::record::{Kind, Request};
+    match (&record.body.kind, &record.body.request) {
+        (Kind::Request, Some(Request::Kubernetes(k))) => Some((
+            k.verb.clone(),
+            k.resource.clone().unwrap_or_else(|| k.path.clone()),
+            k.namespace.clone().unwrap_or_default(),
+            k.name.clone().unwrap_or_default(),
+        )),
+        _ => None,
+    }
+}
+
+/// The key of an API server audit event, as [`record_key`] gives it for Vigil's records.
+pub fn event_key(e: &serde_json::Value) -> RequestKey {
+    let obj = &e["objectRef"];
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let verb = text(&e["verb"]);
+    match obj["resource"].as_str() {
+        Some(resource) => (
+            verb,
+            resource.to_string(),
+            text(&obj["namespace"]),
+            text(&obj["name"]),
+        ),
+        None => {
+            let uri = text(&e["requestURI"]);
+            let path = uri.split('?').next().unwrap_or_default().to_string();
+            (verb, path, String::new(), String::new())
+        }
+    }
+}
+
+/// The API server's audit events from line `offset` on that came from the gateway acting in
+/// one of the sessions of `records` (other tests' gateways use the same API server).
+pub fn gateway_events(
+    offset: usize,
+    records: &[vigil_proto::record::Record],
+) -> Vec<serde_json::Value> {
+    let sessions: std::collections::HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.body.session.as_deref())
+        .collect();
+    let gateway = env().get("VIGIL_DEV_KUBE_GATEWAY_USER");
+    audit_events(offset)
+        .into_iter()
+        .filter(|e| e["user"]["username"] == gateway)
+        .filter(|e| {
+            e["impersonatedUser"]["extra"]["session-id"][0]
+                .as_str()
+                .is_some_and(|s| sessions.contains(s))
+        })
+        .collect()
+}
