@@ -46,11 +46,6 @@ VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19188}"
 PGBOUNCER_PORT="${PGBOUNCER_PORT:-16434}"
 VIGIL_KAFKA_NODE_PORT="${VIGIL_KAFKA_NODE_PORT:-16435}"
 VIGIL_KAFKA_ADMIN_PORT="${VIGIL_KAFKA_ADMIN_PORT:-19189}"
-dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
-target_dir="${CARGO_TARGET_DIR:-/var/cache/vigil/target}"
-SKIP_BUILD="${SKIP_BUILD:-0}"
-KEEP_WORKDIR="${KEEP_WORKDIR:-0}"
-AUDIT_SYNC="${AUDIT_SYNC:-write}"
 
 # The issue's goals (reported, never enforced).
 GOAL_VS_DIRECT=0.75
@@ -58,14 +53,9 @@ GOAL_VS_PGBOUNCER=1.0
 GOAL_CPU_US=25
 GOAL_KAFKA_VS_LOCAL=0.9
 
-log() { printf 'pgbench.sh: %s\n' "$*" >&2; }
-die() { printf 'pgbench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
-show_log() {
-  if [[ -f "$1" ]]; then
-    printf -- '----- last lines of %s -----\n' "$1" >&2
-    tail -n "${2:-30}" "$1" >&2 || true
-  fi
-}
+script=pgbench.sh
+# shellcheck source=loadtest/lib.sh
+source "$here/lib.sh" # the common settings (dev_dir, target_dir, SKIP_BUILD, KEEP_WORKDIR, AUDIT_SYNC); log, die, stop_pid, ratio …
 
 for v in DURATION ROUNDS CLIENTS THREADS WARMUP VIGIL_PORT VIGIL_ADMIN_PORT PGBOUNCER_PORT \
          VIGIL_KAFKA_NODE_PORT VIGIL_KAFKA_ADMIN_PORT; do
@@ -77,7 +67,6 @@ for t in "${TARGETS[@]}"; do
 done
 with_kafka=0
 [[ " ${TARGETS[*]} " == *" vigil-kafka "* ]] && with_kafka=1
-case "$AUDIT_SYNC" in write | fsync) ;; *) die "AUDIT_SYNC must be write or fsync (got '$AUDIT_SYNC')" ;; esac
 for m in "${MODES[@]}"; do
   case "$m" in simple | prepared | extended) ;; *) die "unknown mode '$m'" ;; esac
 done
@@ -90,22 +79,6 @@ vigil_kafka_pid=""
 bouncer_pid=""
 topic=""
 started_servers=0
-
-proc_alive() {
-  local state
-  state="$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" || return 1
-  [[ -n "$state" && "$state" != Z && "$state" != X ]]
-}
-
-stop_pid() { # pid name [seconds to wait for the exit before SIGKILL, default 15]
-  local pid="$1" i
-  [[ -n "$pid" ]] && proc_alive "$pid" || return 0
-  log "stopping $2 (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 "$((${3:-15} * 10))"); do proc_alive "$pid" || return 0; sleep 0.1; done
-  log "$2 did not exit on SIGTERM; sending SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
-}
 
 cleanup() {
   local rc=$?
@@ -120,22 +93,9 @@ cleanup() {
   elif [[ -n "$topic" ]]; then
     log "kept the topic $topic"
   fi
-  if ((started_servers)); then
-    log "stopping the dev servers this script started"
-    VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" stop
-  fi
-  if [[ -n "$work" && -d "$work" ]]; then
-    if [[ "$KEEP_WORKDIR" == 1 ]]; then
-      log "kept $work"
-    else
-      rm -rf -- "$work"
-    fi
-  fi
-  exit "$rc"
+  finish "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
 # ---------------------------------------------------------------------------- prerequisites
 pg_bin=/usr/lib/postgresql/15/bin
@@ -144,12 +104,9 @@ if [[ ! -x "$pg_bin/pgbench" || ! -x /usr/sbin/pgbouncer || ! -d "$repo/deploy/d
   "$repo/deploy/dev/setup.sh"
 fi
 
-port_free() { ! ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
 ports=(VIGIL_PORT VIGIL_ADMIN_PORT PGBOUNCER_PORT)
 ((with_kafka)) && ports+=(VIGIL_KAFKA_NODE_PORT VIGIL_KAFKA_ADMIN_PORT)
-for p in "${ports[@]}"; do
-  port_free "${!p}" || die "port ${!p} ($p) is in use on this machine; choose another with $p=..."
-done
+ports_free "${ports[@]}"
 
 # ---------------------------------------------------------------------------- dev servers
 status_out="$(VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" status 2>/dev/null || true)"
@@ -214,22 +171,8 @@ results="$work/results.tsv" # round target mode tps lat_avg_ms txns cpu_ticks au
 # vigil_config ID DIR PORT ADMIN_PORT: a node's config file on stdout. Every node runs an
 # embedded coordinator; its gRPC port is picked free, so two nodes do not collide on 7470.
 vigil_config() {
+  node_config "$2" "$1" "$4" "max_result_bytes = 65536"
   cat <<EOF
-[node]
-id = "$1"
-data_dir = "$2/data"
-[admin]
-listen = "127.0.0.1:$4"
-[log]
-level = "info"
-[identity]
-issuer = "$VIGIL_OIDC_ISSUER"
-audiences = ["${VIGIL_OIDC_AUDIENCE:-urn:vigil:gateway}"]
-[audit]
-max_result_bytes = 65536
-sync = "$AUDIT_SYNC"
-[coordinator]
-listen = "127.0.0.1:0"
 [postgres]
 listen = "127.0.0.1:$3"
 [[postgres.connections]]
@@ -398,13 +341,6 @@ target_env() {
   conn_env+=(PGDATABASE="$db" PGCONNECT_TIMEOUT=10)
 }
 
-# utime + stime (clock ticks) from a /proc stat file: of a process (all its threads) or one task
-cpu_ticks() {
-  local stat
-  stat="$(cat "$1")" || die "$1 is gone"
-  stat="${stat##*) }" # fields from 3 on: state is $1, utime is $12, stime is $13
-  awk '{ print $12 + $13 }' <<<"$stat"
-}
 
 # "process_ticks audit_thread_ticks context_switches" of a proxy process. The audit thread is
 # Vigil's `vigil-audit`; context switches are summed over the live threads.
@@ -533,7 +469,6 @@ if ((with_kafka)); then
 fi
 
 # ---------------------------------------------------------------------------- report
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 field() { # target mode column -> values, one per line
   awk -F'\t' -v t="$1" -v m="$2" -v c="$3" '$2 == t && $3 == m { print $c }' "$results"
 }
@@ -544,7 +479,6 @@ percentiles() {
              i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++; i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++;
              printf "%.3f %.3f\n", v[i50] / 1000, v[i99] / 1000 }'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 clk_tck="$(getconf CLK_TCK)"
 
 declare -A TPS CPU
@@ -577,10 +511,6 @@ table="$work/table.txt"
   done
 } >"$table"
 
-verdict() { # value op goal -> met / NOT met
-  awk -v v="$1" -v g="$3" -v op="$2" 'BEGIN { if (v == "-" || v == "") { print "n/a"; exit }
-    ok = (op == ">=") ? (v + 0 >= g + 0) : (v + 0 <= g + 0); print ok ? "met" : "NOT met" }'
-}
 
 echo
 echo "== Vigil pgbench -S: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), load before $load_before, after $load_after"

@@ -59,11 +59,6 @@ EOF_N="${EOF_N:-20}"
 read -r -a MEASURES <<<"${MEASURES:-download upload scp scp-sftp exec echo}"
 VIGIL_SSH_PORT="${VIGIL_SSH_PORT:-16422}"
 VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19190}"
-dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
-target_dir="${CARGO_TARGET_DIR:-/var/cache/vigil/target}"
-SKIP_BUILD="${SKIP_BUILD:-0}"
-KEEP_WORKDIR="${KEEP_WORKDIR:-0}"
-AUDIT_SYNC="${AUDIT_SYNC:-write}"
 PROFILE="${PROFILE:-0}"
 
 # The issue's goals (reported, never enforced).
@@ -71,14 +66,9 @@ GOAL_DOWNLOAD_RATIO=0.45 # vigil / direct MiB/s
 GOAL_EXEC_P50_MS=1       # added exec round trip, vigil - direct
 GOAL_EXEC_P99_MS=3
 
-log() { printf 'ssh.sh: %s\n' "$*" >&2; }
-die() { printf 'ssh.sh: ERROR: %s\n' "$*" >&2; exit 1; }
-show_log() {
-  if [[ -f "$1" ]]; then
-    printf -- '----- last lines of %s -----\n' "$1" >&2
-    tail -n "${2:-30}" "$1" >&2 || true
-  fi
-}
+script=ssh.sh
+# shellcheck source=loadtest/lib.sh
+source "$here/lib.sh" # the common settings (dev_dir, target_dir, SKIP_BUILD, KEEP_WORKDIR, AUDIT_SYNC); log, die, stop_pid, ratio …
 
 for v in BULK_MB ROUNDS EXEC_N ECHO_N EOF_N VIGIL_SSH_PORT VIGIL_ADMIN_PORT; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
@@ -87,7 +77,6 @@ done
 for m in "${MEASURES[@]}"; do
   case "$m" in download | upload | scp | scp-sftp | exec | echo) ;; *) die "unknown measure '$m'" ;; esac
 done
-case "$AUDIT_SYNC" in write | fsync) ;; *) die "AUDIT_SYNC must be write or fsync (got '$AUDIT_SYNC')" ;; esac
 [[ "$(id -u)" == 0 ]] || die "run as root (like the dev servers)"
 has_measure() { [[ " ${MEASURES[*]} " == *" $1 "* ]]; }
 for tool in ssh scp ssh-keygen curl; do
@@ -115,22 +104,6 @@ perf_pid=""
 started_servers=0
 declare -A MASTER_PID # target -> pid of its ControlMaster
 
-proc_alive() {
-  local state
-  state="$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" || return 1
-  [[ -n "$state" && "$state" != Z && "$state" != X ]]
-}
-
-stop_pid() { # pid name [seconds to wait for the exit before SIGKILL, default 15]
-  local pid="$1" i
-  [[ -n "$pid" ]] && proc_alive "$pid" || return 0
-  log "stopping $2 (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 "$((${3:-15} * 10))"); do proc_alive "$pid" || return 0; sleep 0.1; done
-  log "$2 did not exit on SIGTERM; sending SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
 stop_masters() {
   local t
   for t in "${!MASTER_PID[@]}"; do
@@ -147,28 +120,12 @@ cleanup() {
   [[ -n "$work" ]] && stop_masters
   [[ -n "$keep_pid" ]] && kill "$keep_pid" 2>/dev/null
   stop_pid "$vigil_pid" vigil-node
-  if ((started_servers)); then
-    log "stopping the dev servers this script started"
-    VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" stop
-  fi
-  if [[ -n "$work" && -d "$work" ]]; then
-    if [[ "$KEEP_WORKDIR" == 1 ]]; then
-      log "kept $work"
-    else
-      rm -rf -- "$work"
-    fi
-  fi
-  exit "$rc"
+  finish "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
 # ---------------------------------------------------------------------------- prerequisites
-port_free() { ! ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
-for p in VIGIL_SSH_PORT VIGIL_ADMIN_PORT; do
-  port_free "${!p}" || die "port ${!p} ($p) is in use on this machine; choose another with $p=..."
-done
+ports_free VIGIL_SSH_PORT VIGIL_ADMIN_PORT
 
 # ---------------------------------------------------------------------------- dev servers
 # The gateway needs the OIDC provider (its [identity] issuer) and the sshd (its target).
@@ -264,21 +221,8 @@ TARGETS=(direct vigil)
 
 # ---------------------------------------------------------------------------- Vigil
 vigil_config() { # DIR
+  node_config "$1" ssh-bench
   cat <<EOF
-[node]
-id = "ssh-bench"
-data_dir = "$1/data"
-[admin]
-listen = "127.0.0.1:$VIGIL_ADMIN_PORT"
-[log]
-level = "info"
-[identity]
-issuer = "$VIGIL_OIDC_ISSUER"
-audiences = ["${VIGIL_OIDC_AUDIENCE:-urn:vigil:gateway}"]
-[audit]
-sync = "$AUDIT_SYNC"
-[coordinator]
-listen = "127.0.0.1:0"
 
 [ssh]
 listen = "127.0.0.1:$VIGIL_SSH_PORT"
@@ -297,31 +241,11 @@ EOF
 # start_vigil DIR: a fresh gateway on DIR/vigil.toml; sets vigil_pid at once (so the cleanup
 # trap stops it) and waits until it is ready and lets the certificate in.
 start_vigil() {
-  local dir="$1" ready=0
-  mkdir -p "$dir/data"
-  vigil_config "$dir" >"$dir/vigil.toml"
-  "$vigil_node" --config "$dir/vigil.toml" </dev/null >"$dir/vigil.log" 2>&1 &
-  vigil_pid=$!
-  for _ in $(seq 1 150); do
-    proc_alive "$vigil_pid" || break
-    if curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$VIGIL_ADMIN_PORT/readyz" 2>/dev/null \
-       && ! port_free "$VIGIL_SSH_PORT"; then
-      ready=1; break
-    fi
-    sleep 0.1
-  done
-  ((ready)) || { show_log "$dir/vigil.log"; die "vigil-node did not become ready"; }
+  start_gateway "$1" "$VIGIL_SSH_PORT"
   log "vigil-node ready (pid $vigil_pid, ssh 127.0.0.1:$VIGIL_SSH_PORT, admin $VIGIL_ADMIN_PORT)"
 }
 
 # ---------------------------------------------------------------------------- measuring
-# utime + stime (clock ticks) from a /proc stat file: of a process (all its threads) or one task
-cpu_ticks() {
-  local stat
-  stat="$(cat "$1")" || die "$1 is gone"
-  stat="${stat##*) }" # fields from 3 on: state is $1, utime is $12, stime is $13
-  awk '{ print $12 + $13 }' <<<"$stat"
-}
 # "process_ticks audit_thread_ticks" of the gateway (its `vigil-audit` thread writes records
 # and recordings)
 proc_sample() {
@@ -332,7 +256,6 @@ proc_sample() {
   done
   printf '%s %s\n' "$total" "$audit"
 }
-now_us() { local t="$EPOCHREALTIME"; printf '%s\n' "${t/./}"; } # no fork: bash's clock
 
 # before_run TARGET / after_run TARGET: the gateway's CPU around a vigil run (0 0 for direct)
 b_cpu=0 b_audit=0 d_cpu=0 d_audit=0
@@ -380,12 +303,6 @@ start_master() {
   pid="$(ssh -F "$cfg" -S "$work/ctl-$t" -O check "$t" 2>&1 | sed -n 's/.*pid=\([0-9]*\).*/\1/p')"
   [[ -n "$pid" ]] || die "the ControlMaster to $t does not answer"
   MASTER_PID[$t]="$pid"
-}
-
-# percentile P < FILE of numbers (nearest rank)
-percentile() {
-  sort -n | awk -v p="$1" '{ v[NR] = $1 } END { if (NR == 0) { print ""; exit }
-    i = int(NR * p); if (i < NR * p) i++; if (i < 1) i = 1; print v[i] }'
 }
 
 # The execs' stdin: a pipe that stays open (no EOF reaches the host before the command ends, as
@@ -506,7 +423,6 @@ echo_run() {
 }
 
 # ---------------------------------------------------------------------------- rounds
-metric() { awk -v m="$1" '$1 == m { print $2; exit }' "$2"; } # name file
 audit_rc=0
 verify_lines=()
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -556,32 +472,22 @@ for ((r = 1; r <= ROUNDS; r++)); do
     esac
   done
   # The round's audit log: metrics, a clean stop (stream_end), verify, then drop the recordings.
-  curl -fsS -m 5 "http://127.0.0.1:$VIGIL_ADMIN_PORT/metrics" >"$rdir/metrics.txt" 2>/dev/null || : >"$rdir/metrics.txt"
-  stop_pid "$vigil_pid" vigil-node
-  vigil_pid=""
+  verify_round "$rdir"
   audit="$rdir/data/audit"
-  set +e
-  "$vigil_cli" audit verify --log "$audit" >"$rdir/verify.txt" 2>&1
-  rc=$?
-  set -e
-  ((rc == 0)) || audit_rc=1
-  vline="$(grep -E '^(OK|FAILED)' "$rdir/verify.txt" | tail -n 1 || true)"
+  ((verify_rc == 0)) || audit_rc=1
   rec_bytes="$(du -sb "$audit/recordings" 2>/dev/null | cut -f1 || echo 0)"
-  records="$(metric vigil_audit_records_total "$rdir/metrics.txt")"
-  verify_lines+=("$(printf 'round %d: exit %d: %s; %s records, recordings %.1f MiB' "$r" "$rc" \
-    "${vline:-$(tail -n 1 "$rdir/verify.txt")}" "${records:-?}" "$(awk -v b="${rec_bytes:-0}" 'BEGIN { print b / 1048576 }')")")
+  verify_lines+=("$(printf 'round %d: exit %d: %s; %s records, recordings %.1f MiB' "$r" "$verify_rc" \
+    "$verify_summary" "${verify_records:-?}" "$(awk -v b="${rec_bytes:-0}" 'BEGIN { print b / 1048576 }')")")
   log "${verify_lines[-1]}"
-  ((rc == 0)) || show_log "$rdir/verify.txt"
+  ((verify_rc == 0)) || show_log "$rdir/verify.txt"
   [[ "$KEEP_WORKDIR" == 1 ]] || rm -rf -- "$audit/recordings"
 done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 rm -f -- "$src"
 
 # ---------------------------------------------------------------------------- report
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 field() { awk -F'\t' -v m="$1" -v t="$2" -v c="$3" '$2 == m && $3 == t { print $c }' "$results"; } # measure target column
 per_round() { awk -F'\t' -v m="$1" -v t="$2" '$2 == m && $3 == t { printf "%s%s", sep, $4; sep = " " }' "$results"; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 clk_tck="$(getconf CLK_TCK)"
 # the gateway's CPU over all rounds of a measure: "ms per unit, audit thread ms per unit"
 gw_cpu() {
@@ -591,11 +497,6 @@ gw_cpu() {
 # p50 / p99 (ms) over every sample of every round
 pooled() { # measure target p
   cat "$work/samples/$1.$2".r[0-9]* 2>/dev/null | percentile "$3" | awk '{ if ($1 != "") printf "%.2f", $1 / 1000 }'
-}
-diff_ms() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "") print "-"; else printf "%.2f", a - b }'; }
-verdict() { # value op goal -> met / NOT met
-  awk -v v="$1" -v g="$3" -v op="$2" 'BEGIN { if (v == "-" || v == "") { print "n/a"; exit }
-    ok = (op == ">=") ? (v + 0 >= g + 0) : (v + 0 <= g + 0); print ok ? "met" : "NOT met" }'
 }
 
 declare -A MED
