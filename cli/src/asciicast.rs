@@ -1,9 +1,11 @@
-//! `vigil recording export`: one channel of an SSH session as an asciicast v2 file
+//! `vigil recording export`: one channel of an SSH session, or one request of a Kubernetes
+//! session (an exec or attach with its streams), as an asciicast v2 file
 //! (<https://docs.asciinema.org/manual/asciicast/v2/>), for asciinema's player and tools.
 //!
-//! The header's size and `TERM` come from the channel's `pty-req` (80x24 without one), its
-//! timestamp from the channel's first record. Events: `o` for output and error chunks, `i` for
-//! input, `r` for each `window-change`, `m` (markers) for the command the channel ran, each
+//! The header's size and `TERM` come from the channel's `pty-req`, or else the first terminal
+//! size its client sent (a Kubernetes resize; no `TERM`), 80x24 without either; its timestamp
+//! from the channel's first record. Events: `o` for output and error chunks, `i` for input,
+//! `r` for each `window-change` or resize, `m` (markers) for the command the channel ran, each
 //! refused request, each signal sent and the exit. Times are the records' `time`, from the
 //! channel's first record, never decreasing (log order is not strictly time order).
 //!
@@ -12,12 +14,12 @@
 //! reader gets the exact text back.
 
 use crate::recording::Utf8Stream;
-use crate::terminal::{exit_label, request_label, secs, size_of, Channel, Event};
+use crate::terminal::{secs, Channel, Event, Role, Session};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
-/// The cast of channel `c` of session `session`: the header line, then one line per event.
-pub fn cast(session: &str, c: &Channel<'_>) -> String {
+/// The cast of channel `c` of session `s`: the header line, then one line per event.
+pub fn cast(s: &Session<'_>, c: &Channel<'_>) -> String {
     let (term, width, height) = c.pty().unwrap_or(("", 80, 24));
     let start = c
         .events
@@ -28,14 +30,14 @@ pub fn cast(session: &str, c: &Channel<'_>) -> String {
     if !term.is_empty() {
         env.insert("TERM".into(), term.into());
     }
-    let command = c.run().map(request_label).unwrap_or_else(|| "-".into());
+    let command = c.run().map_or("-", |step| step.label.as_str());
     let header = json!({
         "version": 2,
         "width": width,
         "height": height,
         "timestamp": start.floor() as u64,
         "env": env,
-        "title": format!("vigil {session} channel {}: {command}", c.number),
+        "title": format!("vigil {} {} {}: {command}", s.id, s.protocol.noun(), c.number),
     });
     let mut out = ascii_json(&header);
     out.push('\n');
@@ -72,17 +74,13 @@ fn events(c: &Channel<'_>, start: f64) -> Vec<(f64, &'static str, String)> {
                     events.push((clock, code(direction), text));
                 }
             }
-            Event::Request(_, q) => match q.request_type.as_str() {
-                "window-change" => {
-                    if let Some((cols, rows)) = q.command.as_deref().and_then(size_of) {
-                        events.push((clock, "r", format!("{cols}x{rows}")));
-                    }
-                }
-                "pty-req" => {}
-                _ => events.push((clock, "m", request_label(q))),
+            Event::Request(_, step) => match step.role {
+                Role::Resize { cols, rows } => events.push((clock, "r", format!("{cols}x{rows}"))),
+                Role::Pty { .. } => {}
+                Role::Runs | Role::Other => events.push((clock, "m", step.label.clone())),
             },
-            Event::Blocked(r, q) => {
-                let mut label = format!("refused {}", request_label(q));
+            Event::Blocked(r, step) => {
+                let mut label = format!("refused {}", step.label);
                 if let Some(d) = &r.body.detail {
                     let _ = write!(label, ": {d}");
                 }
@@ -90,7 +88,7 @@ fn events(c: &Channel<'_>, start: f64) -> Vec<(f64, &'static str, String)> {
             }
             Event::End(_, end) => {
                 finish(&mut streams, clock, &mut events);
-                events.push((clock, "m", exit_label(end)));
+                events.push((clock, "m", end.label.clone()));
             }
         }
     }
@@ -141,7 +139,8 @@ fn ascii_json(value: &Value) -> String {
 mod tests {
     use super::*;
     use crate::recording::ChunkReader;
-    use crate::terminal::tests::session;
+    use crate::terminal::tests::{kube_session, session};
+    use crate::terminal::Protocol;
 
     fn lines(cast: &str) -> Vec<Value> {
         cast.lines()
@@ -152,8 +151,9 @@ mod tests {
     #[test]
     fn a_channel_is_a_cast_with_its_size_markers_resizes_and_exact_text() {
         let records = session();
-        let s = crate::terminal::read(&records, &mut ChunkReader::new(None)).unwrap();
-        let cast = cast("s1", s.channel("1").unwrap());
+        let s =
+            crate::terminal::read(Protocol::Ssh, &records, &mut ChunkReader::new(None)).unwrap();
+        let cast = cast(&s, s.channel("1").unwrap());
         assert!(cast.is_ascii(), "{cast}");
         assert!(
             !cast.contains('\x1b'),
@@ -205,8 +205,9 @@ mod tests {
             // Written later, stamped earlier.
             chunk(4, 400, "output", 2, b"x"),
         ];
-        let s = crate::terminal::read(&records, &mut ChunkReader::new(None)).unwrap();
-        let lines = lines(&cast("s1", s.channel("1").unwrap()));
+        let s =
+            crate::terminal::read(Protocol::Ssh, &records, &mut ChunkReader::new(None)).unwrap();
+        let lines = lines(&cast(&s, s.channel("1").unwrap()));
         assert_eq!(
             lines[0],
             json!({"version": 2, "width": 80, "height": 24, "timestamp": 1_795_780_800u64, "env": {}, "title": "vigil s1 channel 1: shell"})
@@ -219,6 +220,41 @@ mod tests {
                 // The output's incomplete euro sign is cut short by "x".
                 json!([0.2, "o", "\u{fffd}x"]),
                 json!([0.2, "o", "\u{fffd}"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_kubernetes_exec_is_a_cast_sized_by_its_first_resize() {
+        let records = kube_session();
+        let s = crate::terminal::read(Protocol::Kubernetes, &records, &mut ChunkReader::new(None))
+            .unwrap();
+        let lines = lines(&cast(&s, s.channel("2").unwrap()));
+        assert_eq!(
+            lines[0],
+            json!({
+                "version": 2,
+                "width": 100,
+                "height": 30,
+                "timestamp": 1_795_780_800u64,
+                "env": {},
+                "title": "vigil s1 request 2: exec default/shell: sh",
+            })
+        );
+        assert_eq!(
+            lines[1..],
+            [
+                json!([0.0, "m", "exec default/shell: sh"]),
+                json!([0.1, "r", "100x30"]),
+                json!([0.2, "i", "stty size\r"]),
+                json!([0.3, "o", "30 100\r\n\u{1b}[1m$\u{1b}[0m "]),
+                json!([0.4, "r", "120x40"]),
+                json!([0.5, "o", "bye\r\n"]),
+                json!([
+                    0.6,
+                    "m",
+                    "exit 3: NonZeroExitCode: command terminated with non-zero exit code"
+                ]),
             ]
         );
     }

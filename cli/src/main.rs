@@ -108,11 +108,12 @@ struct ReplayArgs {
     session: String,
     #[command(flatten)]
     log: LogArgs,
-    /// SSH: print the terminal output escaped, so that its control sequences are shown, not
-    /// run (the default).
+    /// SSH and Kubernetes: print the terminal output escaped, so that its control sequences are
+    /// shown, not run (the default).
     #[arg(long, conflicts_with = "play")]
     dump: bool,
-    /// SSH: write the recorded output raw to this terminal, at the pace it was recorded.
+    /// SSH and Kubernetes: write the recorded output raw to this terminal, at the pace it was
+    /// recorded.
     #[arg(long)]
     play: bool,
     /// With --play: this many times faster than recorded.
@@ -125,12 +126,12 @@ struct ReplayArgs {
 
 #[derive(Subcommand)]
 enum RecordingCommand {
-    /// One channel of an SSH session as an asciicast v2 file (asciinema), every recorded chunk
-    /// verified first.
+    /// One channel of an SSH session, or one exec or attach of a Kubernetes session, as an
+    /// asciicast v2 file (asciinema), every recorded chunk verified first.
     Export {
         /// The session id (a unique prefix is enough).
         session: String,
-        /// The channel number, as `vigil replay` shows it.
+        /// The channel number (SSH) or request number (Kubernetes), as `vigil replay` shows it.
         #[arg(long)]
         channel: String,
         /// Write the cast here instead of to stdout.
@@ -534,8 +535,9 @@ fn refused(what: &str, session: &str, why: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `vigil replay`: an SSH session channel by channel (dumped escaped, or played raw when asked),
-/// any other session as a transcript.
+/// `vigil replay`: an SSH session channel by channel, a Kubernetes session request by request
+/// with its exec and attach streams (dumped escaped, or played raw when asked), any other
+/// session as a transcript.
 fn replay_session(args: &ReplayArgs) -> Result<ExitCode, String> {
     if !(args.speed.is_finite() && args.speed > 0.0) {
         return Err("--speed must be a positive number".into());
@@ -545,15 +547,15 @@ fn replay_session(args: &ReplayArgs) -> Result<ExitCode, String> {
     }
     let path = args.log.path()?;
     let records = one_session(&path, &args.session)?;
-    if !terminal::is_ssh(&records) {
+    let Some(protocol) = terminal::protocol(&records) else {
         if args.play || args.dump {
-            return Err("--play and --dump are for SSH sessions".into());
+            return Err("--play and --dump are for SSH and Kubernetes sessions".into());
         }
         print!("{}", replay::render(&records));
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     let mut chunks = recording::ChunkReader::new(Some(replay::log_dir(&path)));
-    let session = match terminal::read(&records, &mut chunks) {
+    let session = match terminal::read(protocol, &records, &mut chunks) {
         Ok(s) => s,
         Err(why) => return Ok(refused("replay", &args.session, &why)),
     };
@@ -569,7 +571,8 @@ fn replay_session(args: &ReplayArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `vigil recording export`: channel `channel` of an SSH session as an asciicast v2 file.
+/// `vigil recording export`: channel `channel` of an SSH session, or request `channel` of a
+/// Kubernetes session, as an asciicast v2 file.
 fn export(
     session: &str,
     channel: &str,
@@ -578,25 +581,26 @@ fn export(
 ) -> Result<ExitCode, String> {
     let path = log.path()?;
     let records = one_session(&path, session)?;
-    if !terminal::is_ssh(&records) {
+    let Some(protocol) = terminal::protocol(&records) else {
         return Err(format!(
-            "session {session:?} is not an SSH session: it has no recording"
+            "session {session:?} is neither an SSH nor a Kubernetes session: it has no recording"
         ));
-    }
+    };
     let mut chunks = recording::ChunkReader::new(Some(replay::log_dir(&path)));
-    let s = match terminal::read(&records, &mut chunks) {
+    let s = match terminal::read(protocol, &records, &mut chunks) {
         Ok(s) => s,
         Err(why) => return Ok(refused("export", session, &why)),
     };
     let Some(c) = s.channel(channel) else {
         let numbers: Vec<&str> = s.channels.iter().map(|c| c.number.as_str()).collect();
+        let noun = s.protocol.noun();
         return Err(format!(
-            "session {} has no channel {channel:?} (its channels: {})",
+            "session {} has no {noun} {channel:?} (its {noun}s: {})",
             s.id,
             numbers.join(", ")
         ));
     };
-    let cast = asciicast::cast(&s.id, c);
+    let cast = asciicast::cast(&s, c);
     match output {
         Some(file) => std::fs::write(file, cast).map_err(|e| format!("{}: {e}", file.display()))?,
         None => print!("{cast}"),

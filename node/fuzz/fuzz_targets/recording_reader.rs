@@ -4,11 +4,13 @@
 //! export is JSON.
 //!
 //! Input: with a first byte 0, JSON lines of records (the audit log's own format). Otherwise a
-//! program that builds an SSH session: each step an opcode byte and its operands: a chunk of
+//! program that builds a session: each step an opcode byte and its operands: a chunk of
 //! output, error or input on one of three channels (its bytes are the fuzzer's, its digest
 //! right, its offset right unless the opcode's top bit asks for a gap), a `pty-req`, a
-//! `window-change`, an `exec` with the fuzzer's command line, an exit status. Times advance by
-//! the operand bytes, or are garbage.
+//! `window-change`, an `exec` with the fuzzer's command line, an exit status, a chunk of a
+//! Kubernetes resize channel (`N.resize`, the fuzzer's bytes where JSON sizes belong). Times
+//! advance by the operand bytes, or are garbage. Every session is read both as SSH and as
+//! Kubernetes.
 #![no_main]
 
 use base64::Engine as _;
@@ -16,6 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use vigil_cli::recording::ChunkReader;
+use vigil_cli::terminal::Protocol;
 use vigil_cli::{asciicast, terminal};
 use vigil_proto::record::{chunk_digest, Record};
 
@@ -56,16 +59,21 @@ fn build(mut data: &[u8]) -> Vec<Record> {
         let at = time(ms, op == 0xff);
         let channel = arg % 3;
         let extra = match op & 0x7 {
-            0..=2 => {
+            0..=2 | 7 => {
                 let len = usize::from(arg).min(data.len());
                 let (bytes, tail) = data.split_at(len);
                 data = tail;
-                let direction = usize::from(op & 0x7).min(2);
+                let resize = op & 0x7 == 7;
+                let direction = if resize { 3 } else { usize::from(op & 0x7) };
                 let offset = offsets.entry((channel, direction)).or_default();
                 let at_offset = *offset + u64::from(op & 0x80 != 0);
                 *offset += len as u64;
+                let name = match resize {
+                    true => format!("{channel}.resize"),
+                    false => channel.to_string(),
+                };
                 json!({"recording": {
-                    "channel": channel.to_string(), "direction": DIRECTIONS[direction],
+                    "channel": name, "direction": DIRECTIONS[direction.min(2)],
                     "offset": at_offset, "length": len,
                     "sha256": chunk_digest(None, bytes),
                     "store": {"kind": "inline",
@@ -91,7 +99,7 @@ fn build(mut data: &[u8]) -> Vec<Record> {
                                      "exit_status": arg, "bytes_in": 0, "bytes_out": 0}}),
         };
         let kind = match op & 0x7 {
-            0..=2 => "recording",
+            0..=2 | 7 => "recording",
             3..=5 => "request",
             _ => "response",
         };
@@ -109,21 +117,23 @@ fuzz_target!(|data: &[u8]| {
             .collect(),
         _ => build(data),
     };
-    let mut reader = ChunkReader::new(None);
-    let Ok(session) = terminal::read(&records, &mut reader) else {
-        return;
-    };
-    let dump = terminal::dump(&session);
-    assert!(
-        !dump.chars().any(|c| c.is_control() && c != '\n'),
-        "the dump carries a control character: {dump:?}"
-    );
-    for channel in &session.channels {
-        let cast = asciicast::cast(&session.id, channel);
-        for line in cast.lines() {
-            serde_json::from_str::<Value>(line).expect("each asciicast line is JSON");
+    for protocol in [Protocol::Ssh, Protocol::Kubernetes] {
+        let mut reader = ChunkReader::new(None);
+        let Ok(session) = terminal::read(protocol, &records, &mut reader) else {
+            continue;
+        };
+        let dump = terminal::dump(&session);
+        assert!(
+            !dump.chars().any(|c| c.is_control() && c != '\n'),
+            "the dump carries a control character: {dump:?}"
+        );
+        for channel in &session.channels {
+            let cast = asciicast::cast(&session, channel);
+            for line in cast.lines() {
+                serde_json::from_str::<Value>(line).expect("each asciicast line is JSON");
+            }
         }
+        let pace = terminal::Pace { speed: 1e9, max_idle: Some(0.0) };
+        terminal::play(&session, &pace, &mut std::io::sink()).expect("a sink takes everything");
     }
-    let pace = terminal::Pace { speed: 1e9, max_idle: Some(0.0) };
-    terminal::play(&session, &pace, &mut std::io::sink()).expect("a sink takes everything");
 });
