@@ -14,8 +14,11 @@ use vigil_proto::record::{Kind, Record};
 
 pub mod cluster;
 pub mod kube;
+pub mod kubelet;
+pub mod recording;
 pub mod ssh;
 pub mod tamper;
+pub mod tmux;
 pub mod wire;
 
 /// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.
@@ -718,6 +721,17 @@ pub fn vigil(args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+/// [`vigil`] off the async runtime (for tests whose node runs in the same process).
+pub async fn vigil_async(args: &[&str]) -> (i32, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        vigil(&args)
+    })
+    .await
+    .expect("vigil ran")
 }
 
 /// The target's statement log from `offset` on, only lines of database `db`.

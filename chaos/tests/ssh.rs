@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use vigil_chaos::ssh::{exec, keygen, token_login, Gateway};
+use vigil_chaos::tmux::Tmux;
 use vigil_chaos::{agent_token, env, of_kind, token_for};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
 
@@ -867,42 +868,12 @@ async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recor
     assert_eq!(resp.bytes_out, 18, "bytes read");
 }
 
-/// A tmux pane's text.
-fn pane(name: &str) -> String {
-    let out = Command::new("tmux")
-        .args(["capture-pane", "-p", "-t", name])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Waits until the pane shows `text`.
-async fn wait_for_pane(name: &str, text: &str) {
-    for _ in 0..200 {
-        if pane(name).contains(text) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the pane never showed {text:?}:\n{}", pane(name));
-}
-
-fn keys(name: &str, keys: &[&str]) {
-    let st = Command::new("tmux")
-        .args(["send-keys", "-t", name])
-        .args(keys)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interactive_shell_under_tmux_is_recorded_and_replays_what_the_screen_showed() {
     let g = Gateway::start(&policy()).await;
     let person = r#"{"subject":"alice","groups":["dba"],"issuer":"test","token_type":"id_token"}"#;
     let key = g.certificate(&g.keys.path().join("ca"), "alice", person, "-5m:+1h");
     let config = g.client_config(&key);
-    let name = format!("vigil-{}", vigil_chaos::random_suffix());
     let status = g.keys.path().join("status");
     let before = host_command_count();
     let cmd = format!(
@@ -910,47 +881,27 @@ async fn an_interactive_shell_under_tmux_is_recorded_and_replays_what_the_screen
         config.display(),
         status.display()
     );
-    let st = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &name,
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &cmd,
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    wait_for_pane(&name, ":~$").await;
-    keys(&name, &["echo hello-vigil", "Enter"]);
-    wait_for_pane(&name, "hello-vigil\n").await;
-    let st = Command::new("tmux")
-        .args(["resize-window", "-t", &name, "-x", "120", "-y", "40"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let term = Tmux::start(&cmd, 100, 30);
+    term.wait_for(":~$").await;
+    term.keys(&["echo hello-vigil", "Enter"]);
+    term.wait_for("hello-vigil\n").await;
+    term.resize(120, 40);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    keys(&name, &["stty size", "Enter"]);
-    wait_for_pane(&name, "40 120").await;
-    keys(&name, &["sleep 30", "Enter"]);
+    term.keys(&["stty size", "Enter"]);
+    term.wait_for("40 120").await;
+    term.keys(&["sleep 30", "Enter"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    keys(&name, &["C-c"]);
-    keys(&name, &["echo after-interrupt", "Enter"]);
-    wait_for_pane(&name, "after-interrupt\n").await;
-    keys(&name, &["exit 3", "Enter"]);
+    term.keys(&["C-c"]);
+    term.keys(&["echo after-interrupt", "Enter"]);
+    term.wait_for("after-interrupt\n").await;
+    term.keys(&["exit 3", "Enter"]);
     for _ in 0..100 {
         if status.exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = Command::new("tmux")
-        .args(["kill-session", "-t", &name])
-        .status();
+    drop(term);
     assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "3");
 
     // The host's own log of what its shell ran, and Vigil's reading of the keystrokes.

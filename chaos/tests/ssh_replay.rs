@@ -3,9 +3,10 @@
 //! asciicast v2 file with the exact text, and once one byte of the recording file is flipped,
 //! replay and export refuse and `vigil audit verify` fails, each naming the chunk.
 
+use vigil_chaos::recording::{flip_first_chunk, Flipped};
 use vigil_chaos::ssh::{exec, token_login, Gateway};
-use vigil_chaos::{of_kind, token_for, vigil};
-use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request};
+use vigil_chaos::{of_kind, token_for, vigil_async};
+use vigil_proto::record::{Kind, Outcome, Record, Request};
 
 const POLICY: &str = r#"
 [[policy.rules]]
@@ -19,20 +20,6 @@ reason = "deleting files on hosts is not allowed"
 /// What the exec prints: a character of two bytes and a colour escape sequence.
 const PRINTF: &str = r"printf 'caf\303\251 \033[31mred\033[0m\n'";
 const PRINTED: &str = "caf\u{e9} \x1b[31mred\x1b[0m\n";
-
-/// Runs `vigil ARGS` off the runtime (the node runs in this process).
-async fn run_vigil(args: Vec<String>) -> (i32, String) {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        vigil(&args)
-    })
-    .await
-    .unwrap()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|a| a.to_string()).collect()
-}
 
 /// The channel number the exec of `command` ran on.
 fn channel_of(records: &[Record], command: &str) -> u32 {
@@ -78,7 +65,7 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
     let dir = g.node.files.audit_dir.display().to_string();
 
     // The dump: the text, its escape sequence shown and not run, the refusal, the exits.
-    let (code, dump) = run_vigil(args(&["replay", &session, "--log", &dir, "--dump"])).await;
+    let (code, dump) = vigil_async(&["replay", &session, "--log", &dir, "--dump"]).await;
     assert_eq!(code, 0, "{dump}");
     for expected in [
         "  principal   agent-ops\n",
@@ -99,7 +86,7 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
     // The cast: asciicast v2, the exact output text, the command and exit as markers.
     let cast_file = g.keys.path().join("exec.cast");
     let cast_path = cast_file.display().to_string();
-    let export = args(&[
+    let export = [
         "recording",
         "export",
         &session,
@@ -109,8 +96,8 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
         &dir,
         "-o",
         &cast_path,
-    ]);
-    let (code, out) = run_vigil(export.clone()).await;
+    ];
+    let (code, out) = vigil_async(&export).await;
     assert_eq!(code, 0, "{out}");
     let cast = std::fs::read_to_string(&cast_file).unwrap();
     let header: serde_json::Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
@@ -127,7 +114,7 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
     assert_eq!(cast_events(&cast, "o"), PRINTED);
     assert_eq!(cast_events(&cast, "m"), format!("exec: {PRINTF}|exit 0"));
 
-    let (code, report) = run_vigil(args(&["audit", "verify", "--log", &dir])).await;
+    let (code, report) = vigil_async(&["audit", "verify", "--log", &dir]).await;
     assert_eq!(code, 0, "{report}");
     let chunks = of_kind(&records, Kind::Recording).len();
     assert!(
@@ -136,29 +123,13 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
     );
 
     // One byte of the recording file flipped: the chunk that holds it is named everywhere.
-    let (rec, seq) = of_kind(&records, Kind::Recording)
-        .into_iter()
-        .find_map(|r| {
-            let rec = r.body.recording.as_ref()?;
-            // The file starts with its salt; the first chunk follows it.
-            let first = vigil_proto::record::SALT_LEN as u64;
-            matches!(rec.store, ChunkStore::File { offset, .. } if offset == first)
-                .then_some((rec, r.seq))
-        })
-        .expect("a chunk right after the file's salt");
-    let ChunkStore::File { path, .. } = &rec.store else {
-        unreachable!()
-    };
-    let file = g.node.files.audit_dir.join(path);
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[vigil_proto::record::SALT_LEN] ^= 0x20;
-    std::fs::write(&file, bytes).unwrap();
-    let named = format!(
-        "record seq {seq} of stream {} (channel {} {} at offset 0)",
-        records[0].stream, rec.channel, rec.direction
-    );
+    let Flipped {
+        seq,
+        chunk: rec,
+        named,
+    } = flip_first_chunk(&g.node.files.audit_dir, &records, &session);
 
-    let (code, out) = run_vigil(args(&["replay", &session, "--log", &dir, "--dump"])).await;
+    let (code, out) = vigil_async(&["replay", &session, "--log", &dir, "--dump"]).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("refusing to replay session") && out.contains(&named),
@@ -168,13 +139,13 @@ async fn an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused
         !out.contains("principal"),
         "nothing of the session is shown: {out}"
     );
-    let (code, out) = run_vigil(export).await;
+    let (code, out) = vigil_async(&export).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("refusing to export session") && out.contains(&named),
         "{out}"
     );
-    let (code, report) = run_vigil(args(&["audit", "verify", "--log", &dir])).await;
+    let (code, report) = vigil_async(&["audit", "verify", "--log", &dir]).await;
     assert_eq!(code, 1, "{report}");
     let fail = report
         .lines()
