@@ -248,3 +248,15 @@ pub fn gateway_events(
         })
         .collect()
 }
+
+/// A kube-rs client from a kubeconfig file, as `kube::Client::try_default` would make one from
+/// `$KUBECONFIG`.
+pub async fn client(kubeconfig: &Path) -> ::kube::Client {
+    let file =
+        ::kube::config::Kubeconfig::read_from(kubeconfig).expect("kube-rs reads the kubeconfig");
+    let options = ::kube::config::KubeConfigOptions::default();
+    let config = ::kube::Config::from_custom_kubeconfig(file, &options)
+        .await
+        .expect("kube-rs takes the kubeconfig");
+    ::kube::Client::try_from(config).expect("a kube-rs client")
+}

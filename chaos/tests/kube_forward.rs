@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use vigil_chaos::kube::{grant_dba, Gateway};
+use vigil_chaos::kubelet::exec_log_since;
 use vigil_chaos::token_for;
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
@@ -126,10 +127,8 @@ async fn exchange(local: u16, line: &str) -> String {
 
 /// The kubelet's log lines of port-forward connections to `port`.
 fn kubelet_forwards(port: u16) -> usize {
-    let log = std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG"))
-        .unwrap_or_default();
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    exec_log_since(0)
+        .iter()
         .filter(|e| e["kind"] == "portforward" && e["port"] == port)
         .count()
 }

@@ -21,12 +21,10 @@ use kube::api::{
     Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
     WatchParams,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use std::path::Path;
 use std::time::{Duration, Instant};
 use vigil_chaos::kube::{
-    admin, audit_events, audit_len, event_key, gateway_events, grant_dba, record_key, Gateway,
-    RequestKey,
+    admin, audit_events, audit_len, client, event_key, gateway_events, grant_dba, record_key,
+    Gateway, RequestKey,
 };
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Record, Response};
@@ -40,16 +38,6 @@ verbs = ["delete", "deletecollection"]
 resources = ["apps/deployments"]
 reason = "deployments are removed by their owners, not by agents"
 "#;
-
-/// A kube-rs client from a kubeconfig file, as `kube::Client::try_default` would make one from
-/// `$KUBECONFIG`.
-async fn client(kubeconfig: &Path) -> kube::Client {
-    let file = Kubeconfig::read_from(kubeconfig).expect("kube-rs reads the kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-        .await
-        .expect("kube-rs takes the kubeconfig");
-    kube::Client::try_from(config).expect("a kube-rs client")
-}
 
 fn key(verb: &str, resource: &str, namespace: &str, name: &str) -> RequestKey {
     (verb.into(), resource.into(), namespace.into(), name.into())

@@ -1,0 +1,315 @@
+//! exec and port-forward over WebSocket through the Kubernetes gateway, with kube-rs (which
+//! speaks only WebSocket: it offers `v5.channel.k8s.io` and `v4.channel.k8s.io`, and the dev
+//! API server's kubelet, 1.20, picks v4). Ground truth is the test kubelet's log of what it
+//! ran and which ports it connected; the streams are in Vigil's records.
+
+use futures_util::SinkExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, AttachParams, TerminalSize};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use vigil_chaos::kube::{client, grant_dba, Gateway};
+use vigil_chaos::kubelet::exec_log_since;
+use vigil_chaos::token_for;
+use vigil_proto::record::{Kind, Outcome, Record, Request};
+
+const POLICY: &str = r#"
+[[policy.rules]]
+id = "no-rm-in-pods"
+protocol = "kubernetes"
+action = "block"
+programs = ["rm"]
+reason = "nothing is deleted inside pods"
+
+[[policy.rules]]
+id = "ops-forward-to-shell"
+protocol = "kubernetes"
+action = "allow"
+principals = { client_ids = ["agent-ops"] }
+subresources = ["portforward"]
+namespaces = ["default"]
+names = ["shell"]
+"#;
+
+/// The request record whose exec command mentions `marker`, and the records of its `stmt`.
+fn exec_records<'a>(records: &'a [Record], marker: &str) -> (&'a Record, Vec<&'a Record>) {
+    let request = records
+        .iter()
+        .find(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Kubernetes(k))
+                    if k.command.iter().any(|c| c.contains(marker)))
+        })
+        .unwrap_or_else(|| panic!("a request record of the exec {marker}"));
+    let same = records
+        .iter()
+        .filter(|r| r.body.stmt == request.body.stmt && r.body.session == request.body.session)
+        .collect();
+    (request, same)
+}
+
+/// The bytes recorded for a stream of an exec, in order.
+fn recorded(
+    records: &[&Record],
+    reader: &mut vigil_cli::recording::ChunkReader,
+    channel: &str,
+    direction: &str,
+) -> Vec<u8> {
+    records
+        .iter()
+        .filter_map(|r| r.body.recording.as_ref())
+        .filter(|c| c.channel == channel && c.direction == direction)
+        .flat_map(|c| reader.read(c).expect("the chunk verifies"))
+        .collect()
+}
+
+/// The response record of a stream, once the relay has written it.
+async fn response(g: &Gateway, marker: &str) -> (Vec<Record>, Record) {
+    for _ in 0..50 {
+        let records = g.node.records().await;
+        let (_, same) = exec_records(&records, marker);
+        if let Some(end) = same.iter().find(|r| r.body.kind == Kind::Response) {
+            let end = (*end).clone();
+            return (records, end);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no response record of the exec {marker}")
+}
+
+/// kube-rs exec over WebSocket: stdin, stdout and stderr each on its channel, the exit code
+/// from the error channel's Status, each recorded before it was forwarded; a tty exec's resize
+/// reaches the process and is recorded; an exec a rule blocks is a 403 Status to kube-rs and
+/// never reaches the kubelet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_exec_over_websocket_is_decided_recorded_and_passes_streams() {
+    grant_dba().await;
+    let g = Gateway::start(POLICY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
+    let marker = format!("ws-{}", vigil_chaos::random_suffix());
+
+    // Streams apart, and the exit code.
+    let script = format!("head -n 1; echo err-{marker} >&2; exit 3");
+    let params = AttachParams::default().stdin(true);
+    let mut p = pods
+        .exec("shell", ["sh", "-c", script.as_str()], &params)
+        .await
+        .expect("kube-rs execs through the gateway over WebSocket");
+    let mut stdin = p.stdin().unwrap();
+    let (mut out, mut err) = (p.stdout().unwrap(), p.stderr().unwrap());
+    let status = p.take_status().unwrap();
+    stdin
+        .write_all(format!("in-{marker}\n").as_bytes())
+        .await
+        .unwrap();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let read = async {
+        tokio::try_join!(
+            out.read_to_string(&mut stdout),
+            err.read_to_string(&mut stderr)
+        )
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the exec ends")
+        .unwrap();
+    let status = status.await.expect("the error channel's Status");
+    drop(stdin);
+    p.join().await.unwrap();
+    assert_eq!(stdout, format!("in-{marker}\n"));
+    assert_eq!(stderr, format!("err-{marker}\n"));
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("NonZeroExitCode"),
+        "{status:?}"
+    );
+    let code = status
+        .details
+        .and_then(|d| d.causes)
+        .and_then(|c| {
+            c.into_iter()
+                .find(|c| c.reason.as_deref() == Some("ExitCode"))
+        })
+        .and_then(|c| c.message);
+    assert_eq!(code.as_deref(), Some("3"));
+    assert!(
+        exec_log_since(0)
+            .iter()
+            .any(|e| e["kind"] == "exec" && e["command"][2] == script.as_str()),
+        "the kubelet ran it"
+    );
+
+    let (records, end) = response(&g, &marker).await;
+    assert_eq!(
+        end.body.detail.as_deref(),
+        Some("exit code 3"),
+        "{:?}",
+        end.body
+    );
+    let (request, same) = exec_records(&records, &marker);
+    let channel = request.body.stmt.unwrap().to_string();
+    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.node.files.audit_dir.clone()));
+    assert_eq!(
+        recorded(&same, &mut reader, &channel, "input"),
+        format!("in-{marker}\n").as_bytes()
+    );
+    assert_eq!(
+        recorded(&same, &mut reader, &channel, "output"),
+        format!("in-{marker}\n").as_bytes()
+    );
+    assert_eq!(
+        recorded(&same, &mut reader, &channel, "error"),
+        format!("err-{marker}\n").as_bytes()
+    );
+
+    // A terminal: the resize reaches the shell, and is recorded.
+    let tty_marker = format!("{marker}-tty");
+    let script = format!("read x; stty size; echo {tty_marker}");
+    let params = AttachParams::interactive_tty();
+    let mut p = pods
+        .exec("shell", ["sh", "-c", script.as_str()], &params)
+        .await
+        .expect("a tty exec over WebSocket");
+    let mut sizes = p.terminal_size().unwrap();
+    sizes
+        .send(TerminalSize {
+            width: 123,
+            height: 45,
+        })
+        .await
+        .unwrap();
+    let mut stdin = p.stdin().unwrap();
+    let mut out = p.stdout().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stdin.write_all(b"go\r").await.unwrap();
+    let mut screen = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut lines = BufReader::new(&mut out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            screen.push_str(&line);
+            screen.push('\n');
+            if line.contains(&tty_marker) && !line.contains("echo") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the tty exec answers: {screen:?}");
+    assert!(screen.contains("45 123"), "stty saw the resize: {screen:?}");
+    drop((stdin, sizes));
+    p.abort();
+    let (records, _) = response(&g, &tty_marker).await;
+    let (request, same) = exec_records(&records, &tty_marker);
+    let resize = format!("{}.resize", request.body.stmt.unwrap());
+    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.node.files.audit_dir.clone()));
+    let resizes = String::from_utf8(recorded(&same, &mut reader, &resize, "input")).unwrap();
+    assert!(
+        resizes.contains(r#"{"Width":123,"Height":45}"#),
+        "{resizes}"
+    );
+
+    // Blocked by rule: a 403 Status to kube-rs, nothing at the kubelet.
+    let doomed = format!("/tmp/{marker}-doomed");
+    let refused = pods
+        .exec(
+            "shell",
+            ["rm", "-rf", doomed.as_str()],
+            &AttachParams::default(),
+        )
+        .await;
+    let Err(e) = refused else {
+        panic!("a blocked exec was let through")
+    };
+    assert!(e.to_string().contains("no-rm-in-pods"), "{e}");
+    assert!(!exec_log_since(0)
+        .iter()
+        .any(|e| e["command"].to_string().contains(&doomed)));
+
+    let dir = g.node.files.audit_dir.to_str().unwrap().to_string();
+    let (code, report) = tokio::task::spawn_blocking(move || {
+        vigil_chaos::vigil(&["audit", "verify", "--log", &dir])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{report}");
+}
+
+/// kube-rs port-forward over WebSocket channels (`ports` in the query): the bytes reach the
+/// pod's port and come back; the response record counts them, and holds none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_port_forward_over_websocket_is_recorded_as_metadata() {
+    grant_dba().await;
+    let g = Gateway::start(POLICY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut line = String::new();
+        let (rd, mut wr) = stream.split();
+        BufReader::new(rd).read_line(&mut line).await.unwrap();
+        wr.write_all(format!("echo: {line}").as_bytes())
+            .await
+            .unwrap();
+    });
+    let marker = format!("pf-{}", vigil_chaos::random_suffix());
+    let mut forwarder = pods
+        .portforward("shell", &[port])
+        .await
+        .expect("kube-rs port-forwards through the gateway over WebSocket");
+    let mut stream = forwarder.take_stream(port).unwrap();
+    stream
+        .write_all(format!("{marker}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        BufReader::new(&mut stream).read_line(&mut answer),
+    )
+    .await
+    .expect("the forwarded port answers")
+    .unwrap();
+    assert_eq!(answer, format!("echo: {marker}\n"));
+    drop(stream);
+    forwarder.abort();
+    assert_eq!(
+        exec_log_since(0)
+            .iter()
+            .filter(|e| e["kind"] == "portforward" && e["port"] == port)
+            .count(),
+        1
+    );
+
+    let sent = marker.len() as u64 + 1;
+    let want = format!(
+        "port {port}: 1 connection, {sent} bytes in, {} bytes out",
+        sent + "echo: ".len() as u64
+    );
+    let mut records = Vec::new();
+    for _ in 0..50 {
+        records = g.node.records().await;
+        if records
+            .iter()
+            .any(|r| r.body.detail.as_deref() == Some(want.as_str()))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let end = records
+        .iter()
+        .find(|r| r.body.kind == Kind::Response && r.body.detail.as_deref() == Some(want.as_str()))
+        .unwrap_or_else(|| panic!("a response record {want:?}"));
+    assert_eq!(end.body.outcome, Some(Outcome::Success), "{:?}", end.body);
+    let text = serde_json::to_string(&records).unwrap();
+    assert!(
+        !text.contains(&marker),
+        "no content of the connection is on record"
+    );
+}
