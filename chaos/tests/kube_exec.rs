@@ -1,0 +1,609 @@
+//! Kubernetes streams through the gateway, against the dev cluster's test kubelet, whose own log
+//! (`VIGIL_DEV_KUBE_EXEC_LOG`) is the ground truth of what ran and what it served:
+//!
+//! - `kubectl logs -f`: a line appended to the container's log reaches kubectl at once, while
+//!   the stream is open; the request is on record from the start, its end only once kubectl
+//!   leaves, with every byte kubectl got (as many as the kubelet sent);
+//! - `kubectl exec -it` and `kubectl attach -it` typed into under tmux: the command's output on
+//!   the pane, a window resize seen by the process (`stty size`) and recorded as resize chunks,
+//!   the exit status at kubectl and in the response record; each once as kubectl chooses (it
+//!   tries WebSocket first) and once with SPDY forced;
+//! - `vigil replay` and `vigil recording export` of a real exec: its requests and streams,
+//!   escape sequences shown and not run, an asciicast with the exact text, and a recording
+//!   with one byte flipped refused.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use vigil_chaos::kube::{grant_dba, Gateway};
+use vigil_chaos::kubelet::{append_container_log, exec_log_len, exec_log_since};
+use vigil_chaos::recording::{flip_first_chunk, Flipped};
+use vigil_chaos::tmux::Tmux;
+use vigil_chaos::{random_suffix, token_for, vigil_async, TestNode};
+use vigil_proto::record::{Kind, KubeRequest, KubeResponse, Record, Request, Response};
+
+/// A gateway to the dev cluster (every request allowed) and a kubeconfig for agent-ops.
+async fn gateway(dir: &Path) -> (Gateway, PathBuf) {
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir, &ops);
+    (g, config)
+}
+
+/// The Kubernetes request record that `pick` chooses.
+fn request_record(records: &[Record], pick: impl Fn(&KubeRequest) -> bool) -> &Record {
+    records
+        .iter()
+        .find(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if pick(k))
+        })
+        .expect("the request is on record")
+}
+
+/// The records of the same request (session and number) as `request`.
+fn same_request<'a>(records: &'a [Record], request: &Record) -> Vec<&'a Record> {
+    records
+        .iter()
+        .filter(|r| r.body.session == request.body.session && r.body.stmt == request.body.stmt)
+        .collect()
+}
+
+/// The response record of `request` and what it says.
+fn end_of<'a>(records: &'a [Record], request: &Record) -> Option<(&'a Record, &'a KubeResponse)> {
+    same_request(records, request).into_iter().find_map(|r| {
+        match (&r.body.kind, &r.body.response) {
+            (Kind::Response, Some(Response::Kubernetes(k))) => Some((r, k)),
+            _ => None,
+        }
+    })
+}
+
+/// Waits (up to 10 s) for the response record of `request`.
+async fn wait_for_end(node: &TestNode, request: &Record) -> (Record, KubeResponse) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = node.records().await;
+        if let Some((r, k)) = end_of(&records, request) {
+            return (r.clone(), k.clone());
+        }
+        assert!(Instant::now() < deadline, "no response record: {request:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads lines until one is `line`; returns the bytes read (newlines included).
+async fn read_through(
+    out: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &str,
+    within: Duration,
+) -> u64 {
+    let mut bytes = 0;
+    let mut seen = Vec::new();
+    tokio::time::timeout(within, async {
+        loop {
+            let mut l = String::new();
+            let n = out.read_line(&mut l).await.expect("kubectl's output");
+            assert!(n > 0, "the stream ended before {line:?}: {seen:?}");
+            bytes += n as u64;
+            if l.trim_end_matches('\n') == line {
+                return;
+            }
+            seen.push(l);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{line:?} did not arrive within {within:?}"));
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_logs_follow_streams_an_appended_line_at_once_and_records_start_and_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, config) = gateway(dir.path()).await;
+    let marker = random_suffix();
+    let (before, after) = (format!("before-{marker}"), format!("after-{marker}"));
+    let kubelet_offset = exec_log_len();
+    append_container_log(&before);
+    let mut follow = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["logs", "-f", "-n", "default", "shell", "-c", "shell"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(follow.stdout.take().unwrap());
+    let mut received = read_through(&mut out, &before, Duration::from_secs(20)).await;
+
+    // The stream is open: its request is on record, its end is not.
+    let records = g.node.records().await;
+    let request = request_record(&records, |k| {
+        k.subresource.as_deref() == Some("log")
+            && k.query
+                .as_deref()
+                .is_some_and(|q| q.contains("follow=true"))
+    })
+    .clone();
+    assert!(
+        end_of(&records, &request).is_none(),
+        "no end while it is open"
+    );
+
+    let appended = Instant::now();
+    append_container_log(&after);
+    received += read_through(&mut out, &after, Duration::from_secs(10)).await;
+    let latency = appended.elapsed();
+    // The kubelet looks every 50 ms; a buffered stream would hold the line until it ends.
+    assert!(
+        latency < Duration::from_secs(2),
+        "the line took {latency:?}"
+    );
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "kubectl still follows"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        end_of(&g.node.records().await, &request).is_none(),
+        "still no end while it is open"
+    );
+    let held = appended.elapsed();
+
+    follow.start_kill().unwrap();
+    let _ = follow.wait().await;
+    let (end, response) = wait_for_end(&g.node, &request).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.bytes, received, "every byte kubectl got, no other");
+    assert_eq!(
+        response.error.as_ref().map(|e| e.reason.as_str()),
+        Some("StreamError"),
+        "ended by the client: {response:?}"
+    );
+    assert!(end.body.duration_us.unwrap() >= held.as_micros() as u64);
+    // The kubelet sent exactly what the gateway counted.
+    vigil_chaos::eventually(
+        "the kubelet's record of the follow",
+        Duration::from_secs(10),
+        || {
+            exec_log_since(kubelet_offset)
+                .iter()
+                .any(|e| e["kind"] == "logs" && e["follow"] == true && e["bytes"] == received)
+        },
+    )
+    .await;
+}
+
+/// `env -u …` or `env KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`: kubectl as it chooses (1.30 and
+/// later try WebSocket first, and fall back to SPDY when refused), or SPDY only. Part of the
+/// command, since a tmux server started earlier passes its own environment, not this test's.
+fn kubectl_env(spdy: bool) -> &'static str {
+    if spdy {
+        "env KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false"
+    } else {
+        "env -u KUBECTL_REMOTE_COMMAND_WEBSOCKETS"
+    }
+}
+
+/// kubectl typed into under tmux (a 100x30 window), through a gateway of its own.
+struct Interactive {
+    dir: tempfile::TempDir,
+    g: Gateway,
+    /// Where the kubelet's exec log stood before kubectl started.
+    kubelet_offset: u64,
+    term: Tmux,
+}
+
+impl Interactive {
+    /// `kubectl ARGS` as kubectl chooses, or with SPDY forced; its exit status goes to a file.
+    async fn start(spdy: bool, args: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, config) = gateway(dir.path()).await;
+        let kubelet_offset = exec_log_len();
+        let cmd = format!(
+            "{} kubectl --kubeconfig {} {args}; echo $? > {}; sleep 60",
+            kubectl_env(spdy),
+            config.display(),
+            dir.path().join("status").display()
+        );
+        let term = Tmux::start(&cmd, 100, 30);
+        Self {
+            dir,
+            g,
+            kubelet_offset,
+            term,
+        }
+    }
+
+    /// Waits (up to 20 s) for kubectl's exit status.
+    async fn exit_status(&self) -> String {
+        let file = self.dir.path().join("status");
+        for _ in 0..400 {
+            if let Ok(s) = std::fs::read_to_string(&file) {
+                if s.ends_with('\n') {
+                    return s.trim().to_string();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("kubectl did not exit:\n{}", self.term.pane());
+    }
+}
+
+/// In the pane: a command's output, the terminal's size before and after the window is
+/// resized. `prompt` is shown once the shell is ready. The command also writes its output to a
+/// file (the shell runs on this host): the process itself ran what was typed.
+async fn type_and_resize(session: &Interactive, prompt: &str, marker: &str) {
+    let term = &session.term;
+    let proof = session.dir.path().join("typed");
+    // (A pane's lines are captured without their trailing blanks.)
+    term.wait_for(prompt.trim_end()).await;
+    // The output differs from what was typed (the shell computes 42).
+    let typed = format!("echo typed-$((6*7))-{marker} | tee {}", proof.display());
+    term.keys(&[typed.as_str(), "Enter"]);
+    term.wait_for(&format!("\ntyped-42-{marker}")).await;
+    assert_eq!(
+        std::fs::read_to_string(&proof).unwrap(),
+        format!("typed-42-{marker}\n"),
+        "the process in the pod ran it"
+    );
+    term.keys(&["stty size", "Enter"]);
+    term.wait_for("\n30 100").await;
+    term.resize(120, 40);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    term.keys(&["stty size", "Enter"]);
+    term.wait_for("\n40 120").await;
+}
+
+/// The stream of `request`: its chunks (channel, direction) and their bytes' total.
+fn chunks_of<'a>(records: &'a [Record], request: &Record) -> Vec<(&'a str, &'a str, u64)> {
+    same_request(records, request)
+        .into_iter()
+        .filter_map(|r| r.body.recording.as_ref())
+        .map(|c| (c.channel.as_str(), c.direction.as_str(), c.length))
+        .collect()
+}
+
+/// What a tty stream of request `stmt` must have on record: stdin, stdout and at least two
+/// sizes (the first, and the one after the resize) on `STMT.resize`.
+fn assert_tty_stream(chunks: &[(&str, &str, u64)], stmt: u64) {
+    let (main, resize) = (stmt.to_string(), format!("{stmt}.resize"));
+    for direction in ["input", "output"] {
+        assert!(
+            chunks.iter().any(|(c, d, _)| *c == main && *d == direction),
+            "{direction} recorded: {chunks:?}"
+        );
+    }
+    let sizes = chunks
+        .iter()
+        .filter(|(c, d, _)| *c == resize && *d == "input");
+    assert!(sizes.count() >= 2, "both sizes recorded: {chunks:?}");
+}
+
+/// `vigil recording export` of request `stmt` of `session` in the log `log`, to `file` or to
+/// stdout.
+async fn export(session: &str, stmt: u64, log: &str, file: Option<&Path>) -> (i32, String) {
+    let stmt = stmt.to_string();
+    let mut args = vec![
+        "recording",
+        "export",
+        session,
+        "--channel",
+        &stmt,
+        "--log",
+        log,
+    ];
+    let path = file.map(|f| f.display().to_string());
+    if let Some(path) = &path {
+        args.extend(["-o", path]);
+    }
+    vigil_async(&args).await
+}
+
+/// `vigil replay --dump` of the session of `request` (exit 0), and the cast of its stream.
+async fn replay_and_cast(g: &Gateway, request: &Record, cast_file: &Path) -> (String, String) {
+    let session = request.body.session.clone().unwrap();
+    let log = g.node.files.audit_dir.display().to_string();
+    let (code, dump) = vigil_async(&["replay", &session, "--log", &log, "--dump"]).await;
+    assert_eq!(code, 0, "{dump}");
+    assert!(!dump.contains('\x1b'), "nothing reaches the terminal raw");
+    let (code, out) = export(&session, request.body.stmt.unwrap(), &log, Some(cast_file)).await;
+    assert_eq!(code, 0, "{out}");
+    (dump, std::fs::read_to_string(cast_file).unwrap())
+}
+
+/// The header and events of a cast.
+fn cast_lines(cast: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut lines = cast
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a cast line is JSON"));
+    let header = lines.next().expect("a header");
+    (header, lines.collect())
+}
+
+/// The data of the events of `code`: output and input as one text, markers and resizes
+/// separated by `|`.
+fn cast_events(events: &[serde_json::Value], code: &str) -> String {
+    let data: Vec<&str> = events
+        .iter()
+        .filter(|e| e[1] == code)
+        .map(|e| e[2].as_str().expect("event data is a string"))
+        .collect();
+    data.join(if matches!(code, "o" | "i") { "" } else { "|" })
+}
+
+/// Of the requests `pick` chooses, the one that switched protocols (its stream), with its
+/// response, and how many attempts did not (kubectl 1.30 and later try WebSocket first and
+/// fall back to SPDY when Vigil or the API server refuses it); waits up to 10 s for the end.
+async fn switched(
+    node: &TestNode,
+    pick: impl Fn(&KubeRequest) -> bool,
+) -> (Record, Record, KubeResponse, usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = node.records().await;
+        let tried: Vec<&Record> = records
+            .iter()
+            .filter(|r| {
+                matches!(r.body.kind, Kind::Request | Kind::Blocked)
+                    && matches!(&r.body.request, Some(Request::Kubernetes(k)) if pick(k))
+            })
+            .collect();
+        let stream = tried.iter().find_map(|r| {
+            let (end, response) = end_of(&records, r)?;
+            (response.status == 101).then(|| ((*r).clone(), end.clone(), response.clone()))
+        });
+        if let Some((request, end, response)) = stream {
+            return (request, end, response, tried.len() - 1);
+        }
+        assert!(Instant::now() < deadline, "no stream switched: {tried:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn exec_it_under_tmux(spdy: bool) {
+    let marker = random_suffix();
+    let prompt = format!("kx-{marker}> ");
+    let args = format!("exec -it -n default shell -c shell -- env 'PS1={prompt}' sh -i");
+    let session = Interactive::start(spdy, &args).await;
+    type_and_resize(&session, &prompt, &marker).await;
+    session.term.keys(&["exit 7", "Enter"]);
+    assert_eq!(session.exit_status().await, "7", "kubectl's exit status");
+    let Interactive {
+        dir,
+        g,
+        kubelet_offset,
+        term,
+    } = session;
+    drop(term);
+
+    // The kubelet ran it once, with a terminal and stdin.
+    let command = [
+        "env".to_string(),
+        format!("PS1={prompt}"),
+        "sh".into(),
+        "-i".into(),
+    ];
+    let ran: Vec<_> = exec_log_since(kubelet_offset)
+        .into_iter()
+        .filter(|e| e["kind"] == "exec" && e["command"] == serde_json::json!(command))
+        .collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert_eq!(
+        (&ran[0]["tty"], &ran[0]["stdin"]),
+        (&true.into(), &true.into())
+    );
+
+    let (request, end, response, others) = switched(&g.node, |k| k.command == command).await;
+    if spdy {
+        assert_eq!(others, 0, "SPDY only: no WebSocket attempt before it");
+    }
+    let records = g.node.records().await;
+    assert_eq!(
+        end.body.detail.as_deref(),
+        Some("exit code 7"),
+        "{response:?}"
+    );
+    let stmt = request.body.stmt.unwrap();
+    assert_tty_stream(&chunks_of(&records, &request), stmt);
+
+    // The replay shows the stream as the screen showed it, and its sizes.
+    let (dump, cast) = replay_and_cast(&g, &request, &dir.path().join("exec.cast")).await;
+    for shown in [
+        format!("\nrequest {stmt}\n"),
+        format!("] exec default/shell: env PS1={prompt} sh -i\n"),
+        "] resize: 100x30\n".into(),
+        "] resize: 120x40\n".into(),
+        format!("typed-42-{marker}"),
+        "40 120\\r\\n".into(),
+        "] exit 7".into(),
+    ] {
+        assert!(dump.contains(&shown), "{shown:?} in:\n{dump}");
+    }
+    let (header, events) = cast_lines(&cast);
+    assert_eq!(
+        (&header["width"], &header["height"]),
+        (&100.into(), &30.into())
+    );
+    assert!(cast_events(&events, "r").contains("120x40"), "{cast}");
+    assert!(cast_events(&events, "i").contains("stty size\r"), "{cast}");
+    assert!(cast_events(&events, "o").contains("40 120\r\n"), "{cast}");
+    let markers = cast_events(&events, "m");
+    assert!(
+        markers.rsplit('|').next().unwrap().starts_with("exit 7"),
+        "{cast}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_exec_it_under_tmux_resizes_exits_and_is_recorded() {
+    exec_it_under_tmux(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t21_exec_it_under_tmux_over_spdy() {
+    exec_it_under_tmux(true).await;
+}
+
+/// `kubectl attach -it`: the test kubelet starts a new shell for it. The kubelet's attach
+/// (Kubernetes' own streaming server) reports a non-zero exit as an internal error, not an
+/// exit code: kubectl exits 1, and the response record keeps the Status.
+async fn attach_it_under_tmux(spdy: bool) {
+    let marker = random_suffix();
+    let session = Interactive::start(spdy, "attach -it -n default shell -c shell").await;
+    session
+        .term
+        .wait_for("If you don't see a command prompt")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ps1 = format!("PS1=\"ka-$((6*7))-{marker}> \"");
+    session.term.keys(&[ps1.as_str(), "Enter"]);
+    let prompt = format!("ka-42-{marker}> ");
+    type_and_resize(&session, &prompt, &marker).await;
+    session.term.keys(&["exit 5", "Enter"]);
+    assert_eq!(session.exit_status().await, "1", "kubectl's exit status");
+    let pane = session.term.pane();
+    assert!(pane.contains("exit status 5"), "{pane}");
+    let Interactive {
+        dir,
+        g,
+        kubelet_offset,
+        term,
+    } = session;
+    drop(term);
+
+    // (Other tests attach too: what this shell ran is proved by the file it wrote.)
+    let attached = exec_log_since(kubelet_offset)
+        .into_iter()
+        .filter(|e| e["kind"] == "attach" && e["tty"] == true && e["stdin"] == true);
+    assert!(attached.count() >= 1, "the kubelet started a shell for it");
+
+    let attach = |k: &KubeRequest| k.subresource.as_deref() == Some("attach");
+    let (request, end, response, others) = switched(&g.node, attach).await;
+    if spdy {
+        assert_eq!(others, 0, "SPDY only: no WebSocket attempt before it");
+    }
+    let error = response.error.expect("the kubelet's Status");
+    assert!(error.message.contains("exit status 5"), "{error:?}");
+    assert_eq!(end.body.detail, None, "no exit code was reported");
+    let records = g.node.records().await;
+    let stmt = request.body.stmt.unwrap();
+    assert_tty_stream(&chunks_of(&records, &request), stmt);
+
+    let (dump, cast) = replay_and_cast(&g, &request, &dir.path().join("attach.cast")).await;
+    for shown in [
+        format!("\nrequest {stmt}\n"),
+        "] attach default/shell\n".into(),
+        "] resize: 120x40\n".into(),
+        format!("typed-42-{marker}"),
+        "40 120\\r\\n".into(),
+    ] {
+        assert!(dump.contains(&shown), "{shown:?} in:\n{dump}");
+    }
+    // kubectl attach first sends the size one larger, then the real one, so that the shell
+    // redraws: the cast starts at the first size sent.
+    let (header, events) = cast_lines(&cast);
+    assert_eq!(
+        (&header["width"], &header["height"]),
+        (&101.into(), &31.into())
+    );
+    assert!(
+        cast_events(&events, "r").contains("100x30|120x40"),
+        "{cast}"
+    );
+    assert!(
+        cast_events(&events, "o").contains(&format!("typed-42-{marker}")),
+        "{cast}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_attach_it_under_tmux_resizes_and_is_recorded() {
+    attach_it_under_tmux(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t31_attach_it_under_tmux_over_spdy() {
+    attach_it_under_tmux(true).await;
+}
+
+/// What the exec prints: a character of two bytes and a colour escape sequence.
+const PRINTF: &str = r"caf\303\251 \033[31mred\033[0m\n";
+const PRINTED: &str = "caf\u{e9} \x1b[31mred\x1b[0m\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, config) = gateway(dir.path()).await;
+    let out = vigil_chaos::kube::kubectl(
+        &config,
+        &["exec", "-n", "default", "shell", "--", "printf", PRINTF],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), PRINTED);
+
+    let (request, ..) = switched(&g.node, |k| k.command == ["printf", PRINTF]).await;
+    let records = g.node.records().await;
+    let session = request.body.session.clone().unwrap();
+    let stmt = request.body.stmt.unwrap();
+    let log = g.node.files.audit_dir.display().to_string();
+
+    // The dump: the session's requests, the exec's output escaped, its exit.
+    let (dump, cast) = replay_and_cast(&g, &request, &dir.path().join("exec.cast")).await;
+    let label = format!(
+        "exec default/shell: printf {}",
+        PRINTF.replace('\\', "\\\\")
+    );
+    for expected in [
+        format!("session {session}  kubernetes\n  principal   agent-ops\n"),
+        "  cluster     dev (https://127.0.0.1:".into(),
+        format!("\nrequest {stmt}\n"),
+        format!("] {label}\n    -> allowed by rule default"),
+        "  output\n".into(),
+        "caf\u{e9} \\x1b[31mred\\x1b[0m\\n\n".into(),
+        "] exit 0 (success), HTTP 101".into(),
+    ] {
+        assert!(dump.contains(&expected), "{expected:?} in:\n{dump}");
+    }
+
+    // The cast: the exact text, the command and exit as markers, 80x24 without a terminal.
+    let (header, events) = cast_lines(&cast);
+    assert_eq!(header["version"], 2);
+    assert_eq!(
+        (&header["width"], &header["height"]),
+        (&80.into(), &24.into())
+    );
+    assert_eq!(
+        header["title"],
+        format!("vigil {session} request {stmt}: exec default/shell: printf {PRINTF}")
+    );
+    assert_eq!(cast_events(&events, "o"), PRINTED);
+    assert_eq!(
+        cast_events(&events, "m"),
+        format!("exec default/shell: printf {PRINTF}|exit 0")
+    );
+
+    // One byte of the recording file flipped: replay, export and verify name the chunk.
+    let Flipped { seq, named, .. } = flip_first_chunk(&g.node.files.audit_dir, &records, &session);
+    let (code, out) = vigil_async(&["replay", &session, "--log", &log, "--dump"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refusing to replay session") && out.contains(&named),
+        "{out}"
+    );
+    assert!(!out.contains("principal"), "nothing of it is shown: {out}");
+    let (code, out) = export(&session, stmt, &log, None).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refusing to export session") && out.contains(&named),
+        "{out}"
+    );
+    let (code, report) = vigil_async(&["audit", "verify", "--log", &log]).await;
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains(&format!("seq {seq}: recorded chunk does not verify")),
+        "{report}"
+    );
+}
