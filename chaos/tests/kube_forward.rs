@@ -47,14 +47,6 @@ async fn echo_server() -> u16 {
     port
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `kubectl port-forward` through the gateway, once it listens (or its output when it ends
 /// first). `env` forces a protocol.
 async fn port_forward(
@@ -178,7 +170,7 @@ async fn port_forward_is_refused_unless_a_rule_allows_it_and_recorded_as_metadat
         .enumerate()
     {
         let remote = echo_server().await;
-        let local = free_port();
+        let local = vigil_chaos::free_port();
         let ops = token_for("agent-ops", "agent-ops-secret").await;
         let config = g.kubeconfig(dir.path(), &ops);
         let child = port_forward(&config, local, remote, &env)
@@ -229,7 +221,7 @@ async fn port_forward_is_refused_unless_a_rule_allows_it_and_recorded_as_metadat
     let remote = echo_server().await;
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let config = g.kubeconfig(dir.path(), &ops);
-    let refused = port_forward(&config, free_port(), remote, &[]).await;
+    let refused = port_forward(&config, vigil_chaos::free_port(), remote, &[]).await;
     let Err(out) = refused else {
         panic!("a port-forward no rule allows was let through")
     };

@@ -703,3 +703,72 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     assert_eq!(code, 0, "{report}");
     assert!(report.contains("recorded chunks:"), "{report}");
 }
+
+/// `kill -9` of the gateway (its own process) while an exec streams output: the audit log
+/// verifies, chunks included, and every byte kubectl received is among the recorded bytes
+/// (recorded before it was forwarded), in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_exec_stream_leaves_every_byte_the_client_got_on_record() {
+    use tokio::io::AsyncReadExt;
+    grant_dba().await;
+    let mut g = vigil_chaos::kube::Spawned::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let marker = format!("tick-{}", vigil_chaos::random_suffix());
+    let script =
+        format!("i=0; while [ $i -lt 2000 ]; do echo {marker}-$i; i=$((i+1)); sleep 0.01; done");
+    let mut exec = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["exec", "-n", "default", "shell", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = exec.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let enough = format!("{marker}-50\n");
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !String::from_utf8_lossy(&got).contains(&enough) {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the exec ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the exec streams");
+
+    let (_, records) = vigil_chaos::kill_9_and_verify(&mut g.node, &g.files).await;
+    // What kubectl still reads after the kill came before it.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stdout.read_to_end(&mut got),
+    )
+    .await;
+    let _ = exec.kill().await;
+    let request = records
+        .iter()
+        .rfind(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if k.command.iter().any(|c| c.contains(&marker)))
+        })
+        .expect("the exec's request record");
+    let channel = request.body.stmt.unwrap().to_string();
+    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.files.audit_dir.clone()));
+    let recorded: Vec<u8> = records
+        .iter()
+        .filter(|r| r.body.session == request.body.session)
+        .filter_map(|r| r.body.recording.as_ref())
+        .filter(|c| c.channel == channel && c.direction == "output")
+        .flat_map(|c| reader.read(c).expect("the chunk verifies"))
+        .collect();
+    assert!(got.len() > enough.len());
+    assert!(
+        recorded.starts_with(&got),
+        "kubectl got {} bytes, {} recorded, and they differ",
+        got.len(),
+        recorded.len()
+    );
+}
