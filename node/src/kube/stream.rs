@@ -456,8 +456,11 @@ async fn pump(
             shared
                 .bytes
                 .fetch_add(step.raw.len() as u64, Ordering::Relaxed);
-            if let Err(e) = wr.write_all(&step.raw).await {
-                break 'read Err(e.to_string());
+            match wr.write_all(&step.raw).await {
+                Ok(()) => {}
+                // The other end went first (kubectl ends a port-forward by leaving).
+                Err(e) if gone(&e) => break 'read Ok(()),
+                Err(e) => break 'read Err(e.to_string()),
             }
         }
     };
@@ -465,7 +468,7 @@ async fn pump(
     result
 }
 
-/// Whether a read error is the peer going away rather than a failure of the stream.
+/// Whether an I/O error is a peer going away rather than a failure of the stream.
 fn gone(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
