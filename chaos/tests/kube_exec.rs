@@ -73,12 +73,12 @@ async fn wait_for_end(node: &TestNode, request: &Record) -> (Record, KubeRespons
     }
 }
 
-/// Reads lines until one is `line`; returns the bytes read (newlines included).
+/// Reads lines until one is `line`; returns the bytes (newlines included) and lines read.
 async fn read_through(
     out: &mut (impl tokio::io::AsyncBufRead + Unpin),
     line: &str,
     within: Duration,
-) -> u64 {
+) -> (u64, u64) {
     let mut bytes = 0;
     let mut seen = Vec::new();
     tokio::time::timeout(within, async {
@@ -95,7 +95,7 @@ async fn read_through(
     })
     .await
     .unwrap_or_else(|_| panic!("{line:?} did not arrive within {within:?}"));
-    bytes
+    (bytes, seen.len() as u64 + 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +115,7 @@ async fn t10_logs_follow_streams_an_appended_line_at_once_and_records_start_and_
         .spawn()
         .unwrap();
     let mut out = tokio::io::BufReader::new(follow.stdout.take().unwrap());
-    let mut received = read_through(&mut out, &before, Duration::from_secs(20)).await;
+    let (mut received, mut lines) = read_through(&mut out, &before, Duration::from_secs(20)).await;
 
     // The stream is open: its request is on record, its end is not.
     let records = g.node.records().await;
@@ -133,7 +133,8 @@ async fn t10_logs_follow_streams_an_appended_line_at_once_and_records_start_and_
 
     let appended = Instant::now();
     append_container_log(&after);
-    received += read_through(&mut out, &after, Duration::from_secs(10)).await;
+    let (bytes, more) = read_through(&mut out, &after, Duration::from_secs(10)).await;
+    (received, lines) = (received + bytes, lines + more);
     let latency = appended.elapsed();
     // The kubelet looks every 50 ms; a buffered stream would hold the line until it ends.
     assert!(
@@ -156,6 +157,7 @@ async fn t10_logs_follow_streams_an_appended_line_at_once_and_records_start_and_
     let (end, response) = wait_for_end(&g.node, &request).await;
     assert_eq!(response.status, 200);
     assert_eq!(response.bytes, received, "every byte kubectl got, no other");
+    assert_eq!(response.lines, Some(lines), "every line kubectl got");
     assert_eq!(
         response.error.as_ref().map(|e| e.reason.as_str()),
         Some("StreamError"),

@@ -406,6 +406,15 @@ async fn a_watch_streams_events_as_they_happen() {
         .find(|r| r.body.kind == Kind::Response && r.body.stmt == stmt)
         .expect("the watch's end is recorded when the client leaves");
     assert!(end.body.detail.is_none());
+    // kubectl watches with JSON: the event of `live`, after those of what was there (the
+    // namespace's own kube-root-ca.crt, when the controller made it before the watch began).
+    let Some(vigil_proto::record::Response::Kubernetes(k)) = &end.body.response else {
+        panic!("a Kubernetes response: {:?}", end.body)
+    };
+    assert!(
+        matches!(k.events, Some(1..=2)),
+        "the watch's events are counted: {k:?}"
+    );
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 

@@ -398,7 +398,11 @@ fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
             }
         }
         Response::Kubernetes(resp) => {
-            head(out, format!("HTTP {}, {} bytes", resp.status, resp.bytes));
+            let counts = stream_counts(resp);
+            head(
+                out,
+                format!("HTTP {}, {} bytes{counts}", resp.status, resp.bytes),
+            );
             if let Some(e) = &resp.error {
                 let _ = writeln!(out, "     error {} {}", esc(&e.reason), esc(&e.message));
             }
@@ -407,6 +411,13 @@ fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
             }
         }
     }
+}
+
+/// `, N events` of a watch or `, N lines` of a log; empty for other answers.
+pub fn stream_counts(k: &vigil_proto::record::KubeResponse) -> String {
+    let events = k.events.map(|n| format!(", {n} events"));
+    let lines = k.lines.map(|n| format!(", {n} lines"));
+    events.into_iter().chain(lines).collect()
 }
 
 #[cfg(test)]
@@ -527,6 +538,7 @@ mod tests {
                         message: evil(),
                     }),
                     body: Some(evil()),
+                    ..Default::default()
                 }));
             }),
             record(Kind::Recording, |b| {

@@ -457,9 +457,10 @@ fn kube_ending(b: &Body, k: &KubeResponse) -> Ending {
             label += &e.message;
         }
     }
+    let streamed = crate::replay::stream_counts(k);
     let counts = match exit {
         Some(_) => format!("HTTP {}, {} bytes", k.status, k.bytes),
-        None => format!("{} bytes", k.bytes),
+        None => format!("{} bytes{streamed}", k.bytes),
     };
     let notes = k.body.iter().map(|body| ("body", body.clone())).collect();
     Ending {

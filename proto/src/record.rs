@@ -335,6 +335,12 @@ pub struct KubeResponse {
     /// The HTTP status code.
     pub status: u16,
     pub bytes: u64,
+    /// A watch: the events it carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    /// A log (`logs`, `logs -f`): the lines it carried (complete ones, ending in a newline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<KubeError>,
     /// The response body as recorded (as for the request's `body`; a stream's first bytes).
@@ -810,6 +816,8 @@ mod tests {
         body.response = Some(Response::Kubernetes(KubeResponse {
             status: 403,
             bytes: 3,
+            events: Some(2),
+            lines: Some(1),
             error: Some(KubeError {
                 reason: "Forbidden".into(),
                 message: "m".into(),

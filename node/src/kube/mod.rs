@@ -7,6 +7,7 @@
 //! (`session_start`), every later request on it must carry a token of the same principal, and
 //! it ends when the connection closes (`session_end`).
 
+mod answer;
 pub mod config;
 mod proxy;
 mod redact;

@@ -2,6 +2,7 @@
 //! decided, recorded, and forwarded with the caller impersonated; the answer streamed back
 //! (watches and `logs -f` without buffering) and recorded when it ends.
 
+use super::answer::{Count, Done, Tap};
 use super::request_info::{self, RequestInfo};
 use super::stream::{Framing, Purpose};
 use super::websocket::{self, StreamKind};
@@ -15,14 +16,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -521,7 +520,7 @@ impl Conn {
                 .await;
         }
         match routed.cluster.client.request(upstream).await {
-            Ok(resp) => self.relay(resp, &principal, &cluster_name, stmt, secrets, started),
+            Ok(resp) => self.relay(resp, &principal, &cluster_name, stmt, &routed.info, started),
             Err(e) => self.respond_error(
                 &principal,
                 &cluster_name,
@@ -748,7 +747,7 @@ impl Conn {
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return self.relay(resp, principal, cluster, stmt, false, started);
+            return self.relay(resp, principal, cluster, stmt, &routed.info, started);
         }
         let framing = match &routed.switch {
             Some(Switch::WebSocket { kind, key, offered }) => {
@@ -800,7 +799,7 @@ impl Conn {
         principal: &Arc<Principal>,
         cluster: &str,
         stmt: u64,
-        secrets: bool,
+        info: &RequestInfo,
         started: Instant,
     ) -> Response<ClientBody> {
         let (mut parts, incoming) = resp.into_parts();
@@ -815,23 +814,15 @@ impl Conn {
         }
         let mut rec = self.body(Kind::Response, Some(principal), Some(cluster));
         rec.stmt = Some(stmt);
-        let mut tap = Tap {
-            inner: incoming,
-            seen: Vec::new(),
-            bytes: 0,
-            limit: self.ctx.config.max_record_body_bytes,
-            done: Some(Done {
-                ctx: self.ctx.clone(),
-                rec,
-                status: parts.status,
-                secrets,
-                started,
-            }),
+        let count = Count::of(info, &parts.headers);
+        let done = Done {
+            ctx: self.ctx.clone(),
+            rec,
+            status: parts.status,
+            secrets: info.resource == "secrets",
+            started,
         };
-        // An empty body (304, 204, HEAD) is never polled.
-        if tap.inner.is_end_stream() {
-            tap.finish(None);
-        }
+        let tap = Tap::new(incoming, self.ctx.config.max_record_body_bytes, count, done);
         Response::from_parts(parts, tap.boxed())
     }
 
@@ -1252,126 +1243,6 @@ fn fill(r: &mut KubeRequest, i: &RequestInfo) {
     r.subresource = some(&i.subresource);
     r.namespace = some(&i.namespace);
     r.name = some(&i.name);
-}
-
-/// The response record, written once the body has ended (or the client went away).
-struct Done {
-    ctx: Arc<KubeContext>,
-    rec: RecordBody,
-    status: StatusCode,
-    secrets: bool,
-    started: Instant,
-}
-
-/// The API server's body on its way to the client: counted, its first bytes kept for the
-/// record.
-struct Tap {
-    inner: Incoming,
-    seen: Vec<u8>,
-    bytes: u64,
-    limit: usize,
-    done: Option<Done>,
-}
-
-impl Tap {
-    fn finish(&mut self, error: Option<String>) {
-        let Some(mut d) = self.done.take() else {
-            return;
-        };
-        let text = super::redact::audit_copy(&self.seen, d.secrets, self.limit);
-        let mut counts = crate::policy::masking::Counts::new();
-        let body = text.map(|t| {
-            d.ctx
-                .core
-                .masker
-                .mask(&t, None, false, Some(&mut counts))
-                .into_owned()
-        });
-        let error = error
-            .map(|m| KubeError {
-                reason: "StreamError".into(),
-                message: m,
-            })
-            .or_else(|| (d.status.as_u16() >= 400).then(|| status_error(&self.seen, d.status)));
-        d.rec.masked = counts;
-        d.rec.outcome = Some(if d.status.is_success() && error.is_none() {
-            Outcome::Success
-        } else {
-            Outcome::Error
-        });
-        d.rec.duration_us = Some(d.started.elapsed().as_micros() as u64);
-        d.rec.response = Some(RecordResponse::Kubernetes(KubeResponse {
-            status: d.status.as_u16(),
-            bytes: self.bytes,
-            error,
-            body,
-        }));
-        d.ctx.core.audit.record(d.rec);
-    }
-}
-
-/// The reason and message of a `Status` body (else the HTTP reason).
-fn status_error(body: &[u8], code: StatusCode) -> KubeError {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    KubeError {
-        reason: v["reason"]
-            .as_str()
-            .unwrap_or(code.canonical_reason().unwrap_or(""))
-            .to_string(),
-        message: v["message"].as_str().unwrap_or_default().to_string(),
-    }
-}
-
-impl Body for Tap {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                    let room = (this.limit + 1).saturating_sub(this.seen.len());
-                    this.seen.extend_from_slice(&data[..data.len().min(room)]);
-                }
-                // A body of known length is not polled past its last frame.
-                if this.inner.is_end_stream() {
-                    this.finish(None);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.finish(Some(e.to_string()));
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.finish(None);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tap {
-    /// The client went away before the end (a watch closed by the client): still recorded.
-    fn drop(&mut self) {
-        if self.done.is_some() {
-            self.finish(Some("the client closed the stream before its end".into()));
-        }
-    }
 }
 
 #[cfg(test)]

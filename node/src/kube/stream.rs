@@ -499,7 +499,7 @@ fn finish(shared: &Shared, error: Option<String>) {
         status: 101,
         bytes: shared.bytes.load(Ordering::Relaxed),
         error: failure,
-        body: None,
+        ..KubeResponse::default()
     }));
     s.ctx.core.audit.record(rec);
 }
