@@ -162,8 +162,20 @@ async fn seed(client: &kube::Client, namespace: &str, count: usize) -> anyhow::R
         },
         ..Namespace::default()
     };
-    created(namespaces.create(&PostParams::default(), &ns).await)
-        .with_context(|| format!("create namespace {namespace}"))?;
+    // A namespace deleted by the previous run may still be terminating: it takes no new Pods,
+    // and is gone a moment later.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match namespaces.get_opt(namespace).await? {
+            Some(n) if n.metadata.deletion_timestamp.is_none() => break,
+            Some(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Some(_) => bail!("namespace {namespace} is still being deleted"),
+            None => created(namespaces.create(&PostParams::default(), &ns).await)
+                .with_context(|| format!("create namespace {namespace}"))?,
+        }
+    }
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     for i in 0..count {
         let pod = pod(&format!("pod-{i:03}"));
