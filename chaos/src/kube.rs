@@ -10,9 +10,34 @@ pub struct Gateway {
     pub node: TestNode,
 }
 
+/// The gateway's own credential towards the dev API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// The bearer token of user vigil-gateway.
+    Token,
+    /// The client certificate of user vigil-gateway-cert.
+    ClientCert,
+}
+
 /// The `[kubernetes]` section for the dev API server as cluster `dev`, then `policy`.
 pub fn kube_section(policy: &str) -> String {
+    kube_section_as(Credential::Token, policy)
+}
+
+/// [`kube_section`] with the gateway presenting `credential`.
+pub fn kube_section_as(credential: Credential, policy: &str) -> String {
     let e = env();
+    let credential = match credential {
+        Credential::Token => format!(
+            r#"token = {{ file = "{}" }}"#,
+            e.get("VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE")
+        ),
+        Credential::ClientCert => format!(
+            "client_cert = \"{}\"\nclient_key = {{ file = \"{}\" }}",
+            e.get("VIGIL_DEV_KUBE_GATEWAY_CLIENT_CERT"),
+            e.get("VIGIL_DEV_KUBE_GATEWAY_CLIENT_KEY")
+        ),
+    };
     format!(
         r#"
 [kubernetes]
@@ -22,7 +47,7 @@ listen = "127.0.0.1:0"
 name = "dev"
 server = "{url}"
 ca_file = "{ca}"
-token = {{ file = "{token}" }}
+{credential}
 group_prefix = "vigil:"
 allow = {{ client_ids = ["agent-ops", "agent-reporting"], groups = ["dba"] }}
 
@@ -30,7 +55,6 @@ allow = {{ client_ids = ["agent-ops", "agent-reporting"], groups = ["dba"] }}
 "#,
         url = e.get("VIGIL_DEV_KUBE_URL"),
         ca = e.get("VIGIL_DEV_KUBE_CA"),
-        token = e.get("VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE"),
     )
 }
 
@@ -39,10 +63,19 @@ impl Gateway {
         Self::start_in(policy, None).await
     }
 
+    /// A gateway that presents `credential` to the API server.
+    pub async fn start_as(credential: Credential, policy: &str) -> Self {
+        Self::start_with(kube_section_as(credential, policy), None).await
+    }
+
     /// A gateway of a cluster of nodes: its `[coordinator]` section.
     pub async fn start_in(policy: &str, coordinator: Option<String>) -> Self {
+        Self::start_with(kube_section(policy), coordinator).await
+    }
+
+    async fn start_with(section: String, coordinator: Option<String>) -> Self {
         let opts = NodeOptions {
-            protocols: Some(kube_section(policy)),
+            protocols: Some(section),
             coordinator,
             ..NodeOptions::default()
         };

@@ -781,3 +781,40 @@ async fn kill_9_during_an_exec_stream_leaves_every_byte_the_client_got_on_record
         recorded.len()
     );
 }
+
+/// The gateway's credential can be a client certificate instead of a token: the API server
+/// sees the certificate's user (vigil-gateway-cert) impersonating the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_the_gateways_credential_where_configured() {
+    grant_dba().await;
+    let g = Gateway::start_as(vigil_chaos::kube::Credential::ClientCert, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let offset = audit_len();
+    let out = kubectl(
+        &config,
+        &["get", "configmaps", "-n", "default", "-o", "name"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let records = g.node.records().await;
+    let sessions: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.body.session.as_deref())
+        .collect();
+    let user = vigil_chaos::env().get("VIGIL_DEV_KUBE_GATEWAY_CERT_USER");
+    let seen: Vec<_> = audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            e["impersonatedUser"]["extra"]["session-id"][0]
+                .as_str()
+                .is_some_and(|s| sessions.contains(s))
+        })
+        .collect();
+    assert!(!seen.is_empty(), "the list reached the API server");
+    for e in &seen {
+        assert_eq!(e["user"]["username"], user, "{e}");
+        assert_eq!(e["impersonatedUser"]["username"], "agent-ops", "{e}");
+    }
+}

@@ -103,6 +103,7 @@ env_file="$kube_dir/env"
 
 admin_user=vigil-admin
 gateway_user=vigil-gateway
+gateway_cert_user=vigil-gateway-cert
 node_name=vigil-dev-node
 pod_namespace=default
 pod_name=shell
@@ -424,6 +425,19 @@ subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:$node_name"
   touch "$pki/.complete"
 }
 
+# The gateway's other kind of credential: a client certificate (user vigil-gateway-cert, the
+# same impersonation grant). Made apart from make_pki so that a PKI made before it gains it.
+make_gateway_client_cert() {
+  [[ -s "$pki/gateway-client.crt" && -s "$pki/gateway-client.key" ]] && return 0
+  (
+    umask 077
+    leaf_cert gateway-client "/CN=$gateway_cert_user" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+  )
+  rm -f "$pki/openssl.log"
+}
+
 make_tokens() {
   local f
   for f in "$admin_token_file" "$gateway_token_file" "$kcm_token_file"; do
@@ -723,7 +737,9 @@ write_env() {
        '# kube-apiserver v1.20.2 on $VIGIL_DEV_KUBE_URL (CA $VIGIL_DEV_KUBE_CA). Admin: $VIGIL_DEV_KUBE_ADMIN_KUBECONFIG' \
        '# (user vigil-admin, group system:masters). The gateway'"'"'s own credential: the bearer token in' \
        '# $VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE (user vigil-gateway, allowed nothing but impersonate on users,' \
-       '# groups, serviceaccounts, userextras/session-id and userextras/model). No Impersonate-Uid in 1.20.' \
+       '# groups, serviceaccounts, userextras/session-id and userextras/model), or the client certificate' \
+       '# $VIGIL_DEV_KUBE_GATEWAY_CLIENT_CERT with its key (user vigil-gateway-cert, the same grant).' \
+       '# No Impersonate-Uid in 1.20.' \
        '# Ground truth: $VIGIL_DEV_KUBE_AUDIT_LOG (JSON lines, level Metadata; "user" and "impersonatedUser")' \
        '# and $VIGIL_DEV_KUBE_EXEC_LOG (one JSON line per exec/attach/portforward the kubelet ran, and' \
        '# per log request it answered, with its bytes). The container'"'"'s log is $VIGIL_DEV_KUBE_CONTAINER_LOG:' \
@@ -740,6 +756,9 @@ write_env() {
        VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE "$gateway_token_file" \
        VIGIL_DEV_KUBE_GATEWAY_KUBECONFIG "$gateway_kubeconfig" \
        VIGIL_DEV_KUBE_GATEWAY_USER "$gateway_user" \
+       VIGIL_DEV_KUBE_GATEWAY_CLIENT_CERT "$pki/gateway-client.crt" \
+       VIGIL_DEV_KUBE_GATEWAY_CLIENT_KEY "$pki/gateway-client.key" \
+       VIGIL_DEV_KUBE_GATEWAY_CERT_USER "$gateway_cert_user" \
        VIGIL_DEV_KUBE_AUDIT_LOG "$audit_log" \
        VIGIL_DEV_KUBE_EXEC_LOG "$exec_log" \
        VIGIL_DEV_KUBE_CONTAINER_LOG "$container_log" \
@@ -784,6 +803,7 @@ cmd_start() {
   local started=$SECONDS
   prepare_dirs
   make_pki
+  make_gateway_client_cert
   make_tokens
   write_kubeconfig "$admin_kubeconfig" "$admin_user" "$admin_token_file"
   write_kubeconfig "$gateway_kubeconfig" "$gateway_user" "$gateway_token_file"

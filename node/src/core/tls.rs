@@ -123,6 +123,15 @@ fn generate_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), TlsErro
 
 /// A client configuration that verifies the target against `ca_file` (or the web PKI roots).
 pub fn verifying_client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    verifying_client_config_as(ca_file, None)
+}
+
+/// [`verifying_client_config`] that presents a client certificate: the PEM chain in
+/// `identity.0` and the private key whose PEM is `identity.1`.
+pub fn verifying_client_config_as(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &str)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -135,8 +144,22 @@ pub fn verifying_client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfi
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Rustls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some((cert, key_pem)) => {
+            let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+                .ok()
+                .flatten()
+                .ok_or_else(|| TlsError::Empty {
+                    path: cert.to_path_buf(),
+                    what: "private key (of this certificate)",
+                })?;
+            config
+                .with_client_auth_cert(load_certs(cert)?, key)
+                .map_err(TlsError::Rustls)?
+        }
+    };
     Ok(Arc::new(config))
 }
 

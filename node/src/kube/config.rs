@@ -57,9 +57,17 @@ pub struct KubeClusterConfig {
     /// PEM file of the CA the API server's certificate chains to; default: the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// The gateway's own bearer token (a ServiceAccount token), by reference. The caller never
-    /// sees it; the API server sees the caller only through impersonation.
-    pub token: SecretRef,
+    /// The gateway's own credential, one of two kinds. A bearer token (a ServiceAccount
+    /// token), by reference. The caller never sees it; the API server sees the caller only
+    /// through impersonation.
+    #[serde(default)]
+    pub token: Option<SecretRef>,
+    /// Or a client certificate: its PEM chain (public) and its private key (PEM, by
+    /// reference).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<SecretRef>,
     /// Prepended to each of the principal's groups in `Impersonate-Group` (`vigil:` makes
     /// `dba` the Kubernetes group `vigil:dba`), so RBAC can tell Vigil's groups from the
     /// cluster's own.
@@ -118,6 +126,15 @@ impl KubeConfig {
                     at("server"),
                     "must be an https:// URL with a host (the API server's address)",
                 ));
+            }
+            match (&c.token, &c.client_cert, &c.client_key) {
+                (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+                _ => {
+                    return Err(invalid(
+                        at("token"),
+                        "the gateway's credential is either `token` or both `client_cert` and `client_key`",
+                    ))
+                }
             }
             if c.allow.is_empty() {
                 return Err(invalid(at("allow"), "admits nobody: name who may use it"));

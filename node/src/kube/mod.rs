@@ -42,8 +42,9 @@ type Upstream = Client<hyper_rustls::HttpsConnector<HttpConnector>, proxy::OutBo
 /// A cluster and the client the gateway reaches its API server with.
 pub struct Cluster {
     pub config: KubeClusterConfig,
-    /// The gateway's own bearer token for this API server.
-    token: crate::core::secret::Secret<String>,
+    /// The gateway's own bearer token for this API server (none: it presents a client
+    /// certificate).
+    token: Option<crate::core::secret::Secret<String>>,
     client: Upstream,
     /// HTTP/1.1 only: exec and attach switch protocols, which HTTP/2 cannot.
     upgrade_client: Upstream,
@@ -81,10 +82,25 @@ impl KubeServer {
         for c in &config.clusters {
             let token = c
                 .token
-                .resolve()
+                .as_ref()
+                .map(|t| t.resolve())
+                .transpose()
                 .with_context(|| format!("kubernetes.clusters {:?}: token", c.name))?;
-            let client_tls = crate::core::tls::verifying_client_config(c.ca_file.as_deref())
-                .with_context(|| format!("kubernetes.clusters {:?}: ca_file", c.name))?;
+            let key = c
+                .client_key
+                .as_ref()
+                .map(|k| k.resolve())
+                .transpose()
+                .with_context(|| format!("kubernetes.clusters {:?}: client_key", c.name))?;
+            let identity = c
+                .client_cert
+                .as_deref()
+                .zip(key.as_ref().map(|k| k.expose().as_str()));
+            let client_tls =
+                crate::core::tls::verifying_client_config_as(c.ca_file.as_deref(), identity)
+                    .with_context(|| {
+                        format!("kubernetes.clusters {:?}: ca_file, client_cert", c.name)
+                    })?;
             let mut http = HttpConnector::new();
             http.enforce_http(false);
             http.set_nodelay(true);

@@ -685,10 +685,12 @@ impl Conn {
                 headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value(&offered.join(", "))?);
             }
         }
-        headers.insert(
-            header::AUTHORIZATION,
-            value(&format!("Bearer {}", routed.cluster.token.expose()))?,
-        );
+        if let Some(token) = &routed.cluster.token {
+            headers.insert(
+                header::AUTHORIZATION,
+                value(&format!("Bearer {}", token.expose()))?,
+            );
+        }
         headers.insert("impersonate-user", value(&principal.subject)?);
         // The identity the user name stands for: the issuer's subject (API servers from 1.22
         // on record it; earlier ones ignore the header).
