@@ -818,3 +818,62 @@ async fn a_client_certificate_is_the_gateways_credential_where_configured() {
         assert_eq!(e["impersonatedUser"]["username"], "agent-ops", "{e}");
     }
 }
+
+/// Every request is verified on its own: a token the gateway has verified (and may remember)
+/// is refused as soon as it expires, with a 401 naming why, and its requests never reach the
+/// API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_verified_before_is_refused_once_it_expires() {
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = vigil_chaos::env();
+    let mut claims = vigil_chaos::base_claims();
+    let exp = vigil_chaos::now_secs() + 3;
+    claims["sub"] = "agent-ops".into();
+    claims["client_id"] = "agent-ops".into();
+    claims["groups"] = serde_json::json!(["dba"]);
+    claims["exp"] = exp.into();
+    let token = vigil_chaos::forge(&claims, e.get("VIGIL_OIDC_KID"), None);
+    let config = g.kubeconfig(dir.path(), &token);
+    for _ in 0..3 {
+        let out = kubectl(
+            &config,
+            &["get", "configmaps", "-n", "default", "-o", "name"],
+        )
+        .await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // The dev node's leeway is 5 s: refused from the second after exp + 5.
+    let refused_from = exp + 6;
+    while vigil_chaos::now_secs() < refused_from {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let offset = audit_len();
+    let out = kubectl(
+        &config,
+        &["get", "configmaps", "-n", "default", "-o", "name"],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("the token has expired"), "{}", text(&out));
+    let records = g.node.records().await;
+    let refused = records
+        .iter()
+        .filter(|r| r.body.outcome == Some(Outcome::Denied))
+        .filter_map(|r| r.body.detail.as_deref())
+        .any(|d| d.contains("the token has expired"));
+    assert!(refused, "the refusal is on record, naming the expiry");
+    let sessions: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.body.session.as_deref())
+        .collect();
+    assert!(
+        !audit_events(offset)
+            .iter()
+            .any(|e| e["impersonatedUser"]["extra"]["session-id"][0]
+                .as_str()
+                .is_some_and(|s| sessions.contains(s))),
+        "nothing of the expired token reached the API server"
+    );
+}

@@ -9,6 +9,7 @@
 use crate::config::{Algorithm, ClaimNames, IdentityConfig, SessionExpiry, TokenType};
 use crate::core::metrics::{Metrics, ReasonLabel};
 use base64::Engine as _;
+use sha2::Digest as _;
 use jsonwebtoken::{jwk::JwkSet, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -120,11 +121,20 @@ pub struct TokenVerifier {
     config: IdentityConfig,
     http: reqwest::Client,
     keys: moka::future::Cache<String, Arc<KeyEntry>>,
+    /// Tokens verified lately (by SHA-256 of the token), with their principal and key id: a
+    /// client that sends the same token with every request (the Kubernetes gateway's callers)
+    /// pays for its signature once. An entry is used only while its token has not expired and
+    /// its key is still one of the provider's; all are dropped when the keys are fetched again.
+    verified: moka::sync::Cache<[u8; 32], Arc<(Principal, String)>>,
     /// Serialises fetches (single flight) and remembers when the last one happened.
     fetch: Mutex<FetchState>,
     ready: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
 }
+
+/// How long a verification is reused at most, and how many are kept.
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+const VERIFIED_CAPACITY: u64 = 10_000;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -148,6 +158,10 @@ impl TokenVerifier {
                 // Keys expire so that a key removed at the provider stops verifying; the next
                 // token signed with it triggers a (cooldown-limited) refetch.
                 .time_to_live(Duration::from_secs(3600))
+                .build(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
                 .build(),
             fetch: Mutex::new(FetchState {
                 jwks_uri: None,
@@ -199,8 +213,10 @@ impl TokenVerifier {
         };
         self.metrics.jwks_fetches.inc();
         let set: JwkSet = self.get_json(&jwks_uri).await?;
-        // The fetched set replaces the cache: a key the provider no longer publishes is gone.
+        // The fetched set replaces the cache: a key the provider no longer publishes is gone,
+        // and so is every verification made with the old set.
         self.keys.invalidate_all();
+        self.verified.invalidate_all();
         for jwk in &set.keys {
             let Some(kid) = jwk.common.key_id.clone() else {
                 continue;
@@ -290,7 +306,24 @@ impl TokenVerifier {
 
     /// Verifies a token and maps its claims to a principal.
     pub async fn verify(&self, token: &str) -> Result<Principal, TokenError> {
-        let result = self.verify_inner(token.trim()).await;
+        let token = token.trim();
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.verified.get(&digest) {
+            let (principal, kid) = &*hit;
+            let live = principal
+                .token_exp
+                .is_some_and(|exp| SystemTime::now() < refused_from(exp, self.config.leeway_secs));
+            if live && self.keys.contains_key(kid) {
+                return Ok(principal.clone());
+            }
+            self.verified.invalidate(&digest);
+        }
+        let result = self.verify_inner(token).await;
+        if let Ok((principal, kid)) = &result {
+            self.verified
+                .insert(digest, Arc::new((principal.clone(), kid.clone())));
+        }
+        let result = result.map(|(principal, _)| principal);
         if let Err(e) = &result {
             self.metrics
                 .token_rejections
@@ -300,7 +333,8 @@ impl TokenVerifier {
         result
     }
 
-    async fn verify_inner(&self, token: &str) -> Result<Principal, TokenError> {
+    /// Verifies a token: its principal and the key id that verified it.
+    async fn verify_inner(&self, token: &str) -> Result<(Principal, String), TokenError> {
         let header = parse_header(token)?;
         let alg_name = header
             .get("alg")
@@ -363,12 +397,13 @@ impl TokenVerifier {
         if iat > now_secs() + self.config.leeway_secs {
             return Err(TokenError::IssuedInFuture);
         }
-        principal_from_claims(
+        let principal = principal_from_claims(
             &claims,
             &self.config.claims,
             &self.config.issuer,
             token_type,
-        )
+        )?;
+        Ok((principal, kid.to_string()))
     }
 }
 
