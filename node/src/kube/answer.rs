@@ -141,7 +141,12 @@ impl Tap {
         let Some(mut d) = self.done.take() else {
             return;
         };
-        let text = super::redact::audit_copy(&self.seen, d.secrets, self.limit);
+        // The first bytes of a longer body are never JSON whole: not worth parsing.
+        let text = if self.bytes > self.seen.len() as u64 {
+            super::redact::audit_copy_of_start(&self.seen, d.secrets, self.limit)
+        } else {
+            super::redact::audit_copy(&self.seen, d.secrets, self.limit)
+        };
         let mut counts = crate::policy::masking::Counts::new();
         let body = text.map(|t| {
             d.ctx

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-/// What a record keeps of a body: `None` when nothing may be kept.
+/// What a record keeps of a whole body: `None` when nothing may be kept.
 pub fn audit_copy(bytes: &[u8], secrets: bool, limit: usize) -> Option<String> {
     if bytes.is_empty() {
         return None;
@@ -25,13 +25,25 @@ pub fn audit_copy(bytes: &[u8], secrets: bool, limit: usize) -> Option<String> {
             };
             Some(cut(text, limit))
         }
-        // Not JSON: only what cannot hold a Secret's values is kept.
-        None if secrets || mentions_secret(bytes) => None,
-        None => Some(match whole {
-            Some(t) => cut(t.to_string(), limit),
-            None => format!("<{} bytes, not UTF-8>", bytes.len()),
-        }),
+        None => audit_copy_of_start(bytes, secrets, limit),
     }
+}
+
+/// What a record keeps of a body that is not JSON, or of the first bytes of a longer one
+/// (never JSON whole, so not parsed): only what cannot hold a Secret's values.
+pub fn audit_copy_of_start(bytes: &[u8], secrets: bool, limit: usize) -> Option<String> {
+    if bytes.is_empty() || secrets || mentions_secret(bytes) {
+        return None;
+    }
+    Some(match std::str::from_utf8(bytes) {
+        Ok(t) => cut(t.to_string(), limit),
+        // Cut in the middle of a character, or not text.
+        Err(e) if e.error_len().is_none() => cut(
+            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
+            limit,
+        ),
+        Err(_) => format!("<{} bytes, not UTF-8>", bytes.len()),
+    })
 }
 
 /// Redacts every Secret in `v` (at any depth); whether anything changed.
@@ -131,6 +143,19 @@ mod tests {
     #[test]
     fn a_secrets_body_that_cannot_be_read_whole_is_not_kept() {
         let secret = r#"{"kind":"Secret","data":{"k":"dmFsdWU="}}"#;
+        assert_eq!(
+            audit_copy_of_start(b"{\"kind\":\"Secret\",\"da", false, 1 << 20),
+            None
+        );
+        assert_eq!(
+            audit_copy_of_start("{\"kind\":\"Pod\",\"é".as_bytes(), false, 1 << 20).as_deref(),
+            Some("{\"kind\":\"Pod\",\"é")
+        );
+        let cut_in_char = &"{\"a\":\"é".as_bytes()[..7];
+        assert_eq!(
+            audit_copy_of_start(cut_in_char, false, 1 << 20).as_deref(),
+            Some("{\"a\":\"")
+        );
         assert_eq!(audit_copy(&secret.as_bytes()[..20], true, 1 << 20), None);
         assert_eq!(audit_copy(b"\x0a\x02k8s\x00Secret", false, 1 << 20), None);
         // Other bodies are kept, cut at the limit on a character boundary.
