@@ -19,6 +19,7 @@ pub mod recording;
 pub mod ssh;
 pub mod tamper;
 pub mod tmux;
+pub mod tokens;
 pub mod wire;
 
 /// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.

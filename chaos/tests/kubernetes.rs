@@ -4,7 +4,10 @@
 //! nothing Vigil refused is in it.
 
 use std::collections::HashSet;
-use vigil_chaos::kube::{admin, audit_events, audit_len, kubectl, Gateway};
+use vigil_chaos::kube::{
+    admin, audit_events, audit_len, event_key, gateway_events, grant_dba, kubectl, record_key,
+    Gateway,
+};
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
@@ -18,72 +21,8 @@ resources = ["namespaces"]
 reason = "namespaces are deleted by people, not agents"
 "#;
 
-/// Lets the principals of the tests act in the dev cluster: the gateway impersonates them with
-/// their groups prefixed `vigil:`.
-async fn grant_dba() {
-    let out = admin(&["get", "clusterrolebinding", "vigil-test-dba"]).await;
-    if !out.status.success() {
-        let out = admin(&[
-            "create",
-            "clusterrolebinding",
-            "vigil-test-dba",
-            "--clusterrole=cluster-admin",
-            "--group=vigil:dba",
-        ])
-        .await;
-        assert!(
-            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
-            "{out:?}"
-        );
-    }
-}
-
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-/// (verb, resource, namespace, name) of each Kubernetes request record.
-fn recorded(records: &[Record]) -> Vec<(String, String, String, String)> {
-    records
-        .iter()
-        .filter(|r| r.body.kind == Kind::Request)
-        .filter_map(|r| match &r.body.request {
-            Some(Request::Kubernetes(k)) => Some((
-                k.verb.clone(),
-                k.resource.clone().unwrap_or_else(|| k.path.clone()),
-                k.namespace.clone().unwrap_or_default(),
-                k.name.clone().unwrap_or_default(),
-            )),
-            _ => None,
-        })
-        .collect()
-}
-
-/// (verb, resource or path, namespace, name) of an API server audit event, as [`recorded`]
-/// gives them for Vigil's records.
-fn api_key(e: &serde_json::Value) -> (String, String, String, String) {
-    let obj = &e["objectRef"];
-    let verb = e["verb"].as_str().unwrap().to_string();
-    match obj["resource"].as_str() {
-        Some(resource) => (
-            verb,
-            resource.to_string(),
-            obj["namespace"].as_str().unwrap_or_default().to_string(),
-            obj["name"].as_str().unwrap_or_default().to_string(),
-        ),
-        None => (
-            verb,
-            e["requestURI"]
-                .as_str()
-                .unwrap()
-                .split('?')
-                .next()
-                .unwrap()
-                .to_string(),
-            String::new(),
-            String::new(),
-        ),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,27 +178,18 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
     // Ground truth: what the API server saw from the gateway since the start.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let records = g.node.records().await;
-    let vigil: HashSet<_> = recorded(&records).into_iter().collect();
-    let sessions: HashSet<&str> = records
-        .iter()
-        .filter_map(|r| r.body.session.as_deref())
-        .collect();
-    let events: Vec<_> = audit_events(offset)
+    let vigil: HashSet<_> = records.iter().filter_map(record_key).collect();
+    // This gateway's sessions (other tests' gateways use the same API server).
+    let events: Vec<_> = gateway_events(offset, &records)
         .into_iter()
-        .filter(|e| e["user"]["username"] == "vigil-gateway" && e["stage"] == "ResponseComplete")
-        // This gateway's sessions (other tests' gateways use the same API server).
-        .filter(|e| {
-            e["impersonatedUser"]["extra"]["session-id"][0]
-                .as_str()
-                .is_some_and(|s| sessions.contains(s))
-        })
+        .filter(|e| e["stage"] == "ResponseComplete")
         .collect();
     assert!(!events.is_empty());
     for e in &events {
         assert_eq!(e["impersonatedUser"]["username"], "agent-ops", "{e}");
         let groups = e["impersonatedUser"]["groups"].to_string();
         assert!(groups.contains("vigil:dba"), "{e}");
-        let key = api_key(e);
+        let key = event_key(e);
         assert!(
             vigil.contains(&key),
             "the API server saw {key:?} without a Vigil record"
@@ -582,26 +512,14 @@ async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
 
     let (_, records) = vigil_chaos::kill_9_and_verify(&mut g.node, &g.files).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), watch.wait()).await;
-    let vigil: HashSet<_> = recorded(&records).into_iter().collect();
-    let sessions: HashSet<&str> = records
-        .iter()
-        .filter_map(|r| r.body.session.as_deref())
-        .collect();
-    let seen: Vec<_> = audit_events(offset)
-        .into_iter()
-        .filter(|e| {
-            e["user"]["username"] == "vigil-gateway"
-                && e["impersonatedUser"]["extra"]["session-id"][0]
-                    .as_str()
-                    .is_some_and(|s| sessions.contains(s))
-        })
-        .collect();
+    let vigil: HashSet<_> = records.iter().filter_map(record_key).collect();
+    let seen = gateway_events(offset, &records);
     assert!(
         seen.iter().any(|e| e["verb"] == "watch"),
         "the watch reached the API server"
     );
     for e in &seen {
-        let key = api_key(e);
+        let key = event_key(e);
         assert!(
             vigil.contains(&key),
             "the API server saw {key:?} without a Vigil record"
@@ -828,11 +746,8 @@ async fn a_token_verified_before_is_refused_once_it_expires() {
     let g = Gateway::start("").await;
     let dir = tempfile::tempdir().unwrap();
     let e = vigil_chaos::env();
-    let mut claims = vigil_chaos::base_claims();
+    let mut claims = vigil_chaos::tokens::agent_ops_claims();
     let exp = vigil_chaos::now_secs() + 3;
-    claims["sub"] = "agent-ops".into();
-    claims["client_id"] = "agent-ops".into();
-    claims["groups"] = serde_json::json!(["dba"]);
     claims["exp"] = exp.into();
     let token = vigil_chaos::forge(&claims, e.get("VIGIL_OIDC_KID"), None);
     let config = g.kubeconfig(dir.path(), &token);
@@ -856,7 +771,11 @@ async fn a_token_verified_before_is_refused_once_it_expires() {
     )
     .await;
     assert!(!out.status.success());
-    assert!(text(&out).contains("the token has expired"), "{}", text(&out));
+    assert!(
+        text(&out).contains("the token has expired"),
+        "{}",
+        text(&out)
+    );
     let records = g.node.records().await;
     let refused = records
         .iter()
@@ -864,16 +783,112 @@ async fn a_token_verified_before_is_refused_once_it_expires() {
         .filter_map(|r| r.body.detail.as_deref())
         .any(|d| d.contains("the token has expired"));
     assert!(refused, "the refusal is on record, naming the expiry");
-    let sessions: HashSet<&str> = records
-        .iter()
-        .filter_map(|r| r.body.session.as_deref())
-        .collect();
     assert!(
-        !audit_events(offset)
-            .iter()
-            .any(|e| e["impersonatedUser"]["extra"]["session-id"][0]
-                .as_str()
-                .is_some_and(|s| sessions.contains(s))),
+        gateway_events(offset, &records).is_empty(),
         "nothing of the expired token reached the API server"
     );
+}
+
+/// The bad-token matrix on the Kubernetes path: each defective bearer token (and none at all)
+/// gets 401 with the verifier's reason and a refusal on record; a principal with a good token
+/// whom the cluster's `allow` does not admit gets 403; nothing of any of them reaches the API
+/// server, while the same claims well signed do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_token_and_every_outsider_is_refused_before_the_api_server() {
+    use vigil_chaos::tokens::{agent_ops_claims, bad_tokens, with};
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kid = vigil_chaos::env().get("VIGIL_OIDC_KID");
+    let offset = audit_len();
+    let get = ["get", "configmaps", "-n", "default", "-o", "name"];
+    let control = vigil_chaos::forge(&agent_ops_claims(), kid, None);
+    let out = kubectl(&g.kubeconfig(dir.path(), &control), &get).await;
+    assert!(
+        out.status.success(),
+        "the control token works: {}",
+        text(&out)
+    );
+    let control_sessions: HashSet<String> = g
+        .node
+        .records()
+        .await
+        .iter()
+        .filter_map(|r| r.body.session.clone())
+        .collect();
+
+    let mut cases: Vec<(&str, String, &str)> = bad_tokens(&agent_ops_claims())
+        .into_iter()
+        .map(|b| (b.name, b.token, b.reason))
+        .collect();
+    for (name, token, reason) in &cases {
+        let out = kubectl(&g.kubeconfig(dir.path(), token), &get).await;
+        assert!(!out.status.success(), "{name}: accepted");
+        let said = text(&out);
+        assert!(said.contains("must be logged in"), "{name}: {said}");
+        assert!(said.contains(reason), "{name}: {said} lacks {reason:?}");
+    }
+    // No credential at all (kubectl would ask for a user name instead of sending nothing).
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(g.ca())
+        .arg(format!(
+            "{}/api/v1/namespaces/default/configmaps",
+            g.server()
+        ))
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.ends_with("\n401"), "{said}");
+    assert!(said.contains("send a Vigil token"), "{said}");
+    cases.push(("no token", String::new(), "send a Vigil token"));
+    // Well signed, but the cluster's allow names other clients and groups.
+    let outsider = with(
+        &with(&agent_ops_claims(), "client_id", "agent-outsider".into()),
+        "groups",
+        serde_json::json!(["visitors"]),
+    );
+    let outsider = with(&outsider, "sub", "agent-outsider".into());
+    let token = vigil_chaos::forge(&outsider, kid, None);
+    let out = kubectl(&g.kubeconfig(dir.path(), &token), &get).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("may not use cluster"), "{}", text(&out));
+
+    let records = g.node.records().await;
+    let refusals: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::SessionStart && r.body.outcome == Some(Outcome::Denied))
+        .collect();
+    assert!(
+        refusals.iter().all(|r| r.body.principal.is_none()),
+        "no identity from a bad token"
+    );
+    let denied: Vec<&str> = refusals
+        .iter()
+        .filter_map(|r| r.body.detail.as_deref())
+        .collect();
+    for (name, _, reason) in &cases {
+        assert!(
+            denied.iter().any(|d| d.contains(reason)),
+            "{name}: no refusal on record saying {reason:?}: {denied:#?}"
+        );
+    }
+    assert!(
+        records.iter().any(|r| r.body.kind == Kind::Blocked
+            && r.body
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("may not use cluster"))),
+        "the outsider's refusal is on record"
+    );
+    for e in gateway_events(offset, &records) {
+        let session = e["impersonatedUser"]["extra"]["session-id"][0]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            control_sessions.contains(session),
+            "only the control reached the API server: {e}"
+        );
+    }
 }

@@ -1278,84 +1278,19 @@ async fn exit_statuses_reach_clients_on_a_multiplexed_connection() {
 async fn the_keyboard_interactive_path_refuses_every_bad_token_and_records_why() {
     let g = Gateway::start(&policy()).await;
     let kid = "dev-key-1";
-    let ops = || {
-        let mut c = vigil_chaos::base_claims();
-        c["sub"] = serde_json::json!("agent-ops");
-        c["client_id"] = serde_json::json!("agent-ops");
-        c["groups"] = serde_json::json!(["dba"]);
-        c
-    };
-    let with = |key: &str, value: serde_json::Value| {
-        let mut c = ops();
-        c[key] = value;
-        vigil_chaos::forge(&c, kid, None)
-    };
-    let now = vigil_chaos::now_secs();
-    let other_key = {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.pem");
-        let st = Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(st.status.success());
-        std::fs::read(path).unwrap()
-    };
-    let good = vigil_chaos::forge(&ops(), kid, None);
-    let tampered = {
-        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
-        let mut payload = parts[1].clone().into_bytes();
-        payload[5] = if payload[5] == b'A' { b'B' } else { b'A' };
-        parts[1] = String::from_utf8(payload).unwrap();
-        parts.join(".")
-    };
-    let without_exp = {
-        let mut c = ops();
-        c.as_object_mut().unwrap().remove("exp");
-        vigil_chaos::forge(&c, kid, None)
-    };
-    let matrix = [
-        (
-            "expired",
-            with("exp", serde_json::json!(now - 3600)),
-            "expired",
-        ),
-        (
-            "wrong issuer",
-            with("iss", serde_json::json!("http://evil.example")),
-            "issuer",
-        ),
-        (
-            "wrong audience",
-            with("aud", serde_json::json!("urn:someone:else")),
-            "audience",
-        ),
-        (
-            "unknown kid",
-            vigil_chaos::forge(&ops(), "no-such-key", None),
-            "unknown key",
-        ),
-        (
-            "another key",
-            vigil_chaos::forge(&ops(), kid, Some(&other_key)),
-            "signature",
-        ),
-        ("tampered payload", tampered, "signature"),
-        ("missing exp", without_exp, "exp"),
-        ("empty", String::new(), "well-formed"),
-    ];
-    for (name, token, _) in &matrix {
+    let ops = vigil_chaos::tokens::agent_ops_claims();
+    let good = vigil_chaos::forge(&ops, kid, None);
+    let mut matrix = vigil_chaos::tokens::bad_tokens(&ops);
+    matrix.push(vigil_chaos::tokens::BadToken {
+        name: "empty",
+        token: String::new(),
+        reason: "well-formed",
+    });
+    for bad in &matrix {
         assert!(
-            token_login(g.port(), &g.user(), token).await.is_none(),
-            "{name} must be refused"
+            token_login(g.port(), &g.user(), &bad.token).await.is_none(),
+            "{} must be refused",
+            bad.name
         );
     }
     // The same claims, well signed, get in: each refusal above is the defect named.
@@ -1371,10 +1306,12 @@ async fn the_keyboard_interactive_path_refuses_every_bad_token_and_records_why()
         .map(|r| r.body.detail.clone().unwrap_or_default())
         .collect();
     assert_eq!(refused.len(), matrix.len(), "{refused:#?}");
-    for ((name, _, reason), detail) in matrix.iter().zip(&refused) {
+    for (bad, detail) in matrix.iter().zip(&refused) {
         assert!(
-            detail.contains(reason),
-            "{name}: {detail:?} should say {reason:?}"
+            detail.contains(bad.reason),
+            "{}: {detail:?} should say {:?}",
+            bad.name,
+            bad.reason
         );
     }
 }
