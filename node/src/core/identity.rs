@@ -9,9 +9,9 @@
 use crate::config::{Algorithm, ClaimNames, IdentityConfig, SessionExpiry, TokenType};
 use crate::core::metrics::{Metrics, ReasonLabel};
 use base64::Engine as _;
-use sha2::Digest as _;
 use jsonwebtoken::{jwk::JwkSet, DecodingKey, Validation};
 use serde_json::{Map, Value};
+use sha2::Digest as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Mutex;
