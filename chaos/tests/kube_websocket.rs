@@ -5,7 +5,7 @@
 
 use futures_util::SinkExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, AttachParams, TerminalSize};
+use kube::api::{Api, AttachParams, LogParams, TerminalSize};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -311,5 +311,101 @@ async fn kube_rs_port_forward_over_websocket_is_recorded_as_metadata() {
     assert!(
         !text.contains(&marker),
         "no content of the connection is on record"
+    );
+}
+
+/// kube-rs attach over WebSocket (the test kubelet starts a shell to attach to) and a followed
+/// log: what is typed runs and its output comes back, a line appended to the container's log
+/// arrives while the log stream is open; the attach's streams are recorded, the log's end
+/// record counts its lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_attach_and_a_followed_log_go_through_the_gateway() {
+    use futures_util::AsyncBufReadExt as _;
+    grant_dba().await;
+    let g = Gateway::start(POLICY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
+    let marker = format!("att-{}", vigil_chaos::random_suffix());
+
+    let params = AttachParams::default().stdin(true).stderr(false);
+    let mut p = pods
+        .attach("shell", &params)
+        .await
+        .expect("kube-rs attaches through the gateway over WebSocket");
+    let mut stdin = p.stdin().unwrap();
+    let mut out = p.stdout().unwrap();
+    stdin
+        .write_all(format!("echo {marker}-ran; exit 0\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(30), out.read_to_string(&mut got))
+        .await
+        .expect("the attached shell ends")
+        .unwrap();
+    assert!(got.contains(&format!("{marker}-ran")), "{got:?}");
+    drop(stdin);
+    let _ = p.join().await;
+    assert!(exec_log_since(0).iter().any(|e| e["kind"] == "attach"));
+    let records = g.node.records().await;
+    let attach = records
+        .iter()
+        .rfind(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Kubernetes(k))
+                    if k.subresource.as_deref() == Some("attach"))
+        })
+        .expect("the attach's request record");
+    let same: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.body.session == attach.body.session && r.body.stmt == attach.body.stmt)
+        .collect();
+    let channel = attach.body.stmt.unwrap().to_string();
+    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.node.files.audit_dir.clone()));
+    let typed = String::from_utf8(recorded(&same, &mut reader, &channel, "input")).unwrap();
+    assert!(typed.contains(&format!("echo {marker}-ran")), "{typed:?}");
+
+    // A followed log: a line appended while it is open arrives.
+    let line = format!("{marker}-logged");
+    let lp = LogParams {
+        follow: true,
+        container: Some("shell".into()),
+        ..LogParams::default()
+    };
+    let logs = pods.log_stream("shell", &lp).await.expect("a log stream");
+    let mut lines = logs.lines();
+    vigil_chaos::kubelet::append_container_log(&line);
+    let arrived = tokio::time::timeout(Duration::from_secs(10), async {
+        use futures_util::StreamExt as _;
+        while let Some(l) = lines.next().await {
+            if l.unwrap() == line {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        arrived,
+        Ok(true),
+        "the appended line arrives while the log is open"
+    );
+    drop(lines);
+    let mut lines_counted = None;
+    for _ in 0..50 {
+        let records = g.node.records().await;
+        lines_counted = records.iter().rev().find_map(|r| match &r.body.response {
+            Some(vigil_proto::record::Response::Kubernetes(k)) if k.lines.is_some() => k.lines,
+            _ => None,
+        });
+        if lines_counted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        lines_counted.is_some_and(|n| n >= 1),
+        "the log's end is recorded with its lines: {lines_counted:?}"
     );
 }
