@@ -80,6 +80,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The repository's root directory (the parent of `chaos/`), for its scripts under `deploy/`.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("chaos/ is inside the repository")
+        .to_path_buf()
+}
+
+/// A finished command's stdout and stderr, one after the other (for assertion messages).
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A port nothing listens on right now (bound and released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

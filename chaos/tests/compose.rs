@@ -13,21 +13,13 @@
 //! starts one): without it the test fails, it never skips.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use vigil_chaos::{bin, free_port, random_suffix};
+use vigil_chaos::{bin, free_port, output_text, random_suffix, repo_root};
 use vigil_proto::record::{Kind, Record};
 
 const MEMBERS: &str = "coordinator-1:7470,coordinator-2:7470,coordinator-3:7470";
 const UPDATE: &str = "update customers set tier = 'gold' where id = 2";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("chaos/ is inside the repository")
-        .to_path_buf()
-}
 
 /// One stack under its own project name and host ports, taken down (volumes too) on drop.
 struct Stack {
@@ -56,7 +48,7 @@ impl Stack {
         assert!(
             out.status.success(),
             "deploy/compose/stack.sh up failed (is a Docker engine running? deploy/compose/engine.sh start):\n{}",
-            text(&out)
+            output_text(&out)
         );
         eprintln!("phase: stack up in {:?}", started.elapsed());
         stack
@@ -92,7 +84,7 @@ impl Stack {
         assert!(
             out.status.success(),
             "stack.sh {args:?} failed:\n{}",
-            text(&out)
+            output_text(&out)
         );
         String::from_utf8(out.stdout).expect("UTF-8 output")
     }
@@ -146,18 +138,10 @@ impl Drop for Stack {
         eprintln!("phase: stack.sh down, project {}", self.project);
         let out = self.run(&["down"]);
         if !out.status.success() {
-            eprintln!("stack.sh down failed:\n{}", text(&out));
+            eprintln!("stack.sh down failed:\n{}", output_text(&out));
         }
         let _ = Command::new("docker").args(["rmi", &self.image()]).output();
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -219,7 +203,7 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
         .psql(&agent, "select count(*) from customers")
         .output()
         .unwrap();
-    assert!(out.status.success(), "psql failed: {}", text(&out));
+    assert!(out.status.success(), "psql failed: {}", output_text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 
     eprintln!("phase: a write held for approval");
@@ -271,12 +255,12 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
     assert!(
         out.status.success(),
         "the held write failed: {}",
-        text(&out)
+        output_text(&out)
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("UPDATE 1"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 
     eprintln!("phase: ground truth in the target");
@@ -284,7 +268,7 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
         stack.target("select tier from customers where id = 2"),
         "gold"
     );
-    let pg_log = text(&stack.run(&["compose", "logs", "--no-color", "postgres"]));
+    let pg_log = output_text(&stack.run(&["compose", "logs", "--no-color", "postgres"]));
     let ran = pg_log
         .lines()
         .filter(|l| l.contains(&format!("statement: {UPDATE}")))
@@ -340,7 +324,7 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
                 "VIGIL_CLUSTER_TOKEN",
             ]);
             if !out.status.success() {
-                eprintln!("verify: {}", text(&out));
+                eprintln!("verify: {}", output_text(&out));
                 return None;
             }
             let topic = verified_streams(&String::from_utf8_lossy(&out.stdout));

@@ -18,22 +18,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use vigil_chaos::{env, random_suffix};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("chaos/ is inside the repository")
-        .to_path_buf()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use vigil_chaos::{env, output_text, random_suffix, repo_root};
 
 /// A template rendered by vigil-entrypoint with these variables, into `dir/name`.
 fn render(template: &Path, vars: &[(&str, &str)], dir: &Path, name: &str) -> PathBuf {
@@ -50,7 +35,7 @@ fn render(template: &Path, vars: &[(&str, &str)], dir: &Path, name: &str) -> Pat
         out.status.success(),
         "rendering {} failed: {}",
         template.display(),
-        text(&out)
+        output_text(&out)
     );
     out_path
 }
@@ -62,7 +47,22 @@ fn t10_config_templates_render_to_valid_files() {
     for (template, vars) in [
         (
             "deploy/compose/vigil-node.toml",
-            vec![("VIGIL_NODE_ID", "gw-1")],
+            vec![
+                ("VIGIL_NODE_ID", "gw-1"),
+                ("VIGIL_DATA_DIR", "/var/lib/vigil"),
+                ("VIGIL_ADMIN_LISTEN", "0.0.0.0:9187"),
+                ("VIGIL_OIDC_ISSUER", "http://oidc:8080"),
+                ("VIGIL_KAFKA_BROKERS", "kafka:9092"),
+                ("VIGIL_KAFKA_TOPIC", "vigil-audit"),
+                ("VIGIL_PG_LISTEN", "0.0.0.0:5432"),
+                ("VIGIL_PG_HOST", "postgres"),
+                ("VIGIL_PG_PORT", "5432"),
+                ("VIGIL_PG_DATABASE", "app"),
+                (
+                    "VIGIL_COORDINATOR_ENDPOINTS",
+                    r#""coordinator-1:7470", "coordinator-2:7470""#,
+                ),
+            ],
         ),
         (
             "deploy/kubernetes/config/vigil-node.toml",
@@ -94,7 +94,12 @@ fn t10_config_templates_render_to_valid_files() {
             ("VIGIL_ADVERTISE", "coordinator-3:7470"),
         ];
         if template.starts_with("deploy/compose") {
-            vars.push(("VIGIL_MEMBER_ID", "3"));
+            vars.extend([
+                ("VIGIL_MEMBER_ID", "3"),
+                ("VIGIL_MEMBER_LISTEN", "0.0.0.0:7470"),
+                ("VIGIL_DATA_DIR", "/var/lib/vigil-coordinator"),
+                ("VIGIL_OIDC_ISSUER", "http://oidc:8080"),
+            ]);
         }
         let path = render(&root.join(template), &vars, dir.path(), "member.toml");
         vigil_node::config::CoordinatorFile::load(&path)
@@ -114,8 +119,12 @@ fn t10_config_templates_render_to_valid_files() {
         .env_remove("VIGIL_NODE_ID")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("VIGIL_NODE_ID"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("VIGIL_NODE_ID"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 /// kubectl against the dev cluster as its admin.
@@ -160,7 +169,11 @@ fn overlay(dir: &Path, namespace: &str, old_cluster: bool) -> PathBuf {
 
 fn kustomize(dir: &Path) -> String {
     let out = kubectl(&["kustomize", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "kubectl kustomize: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        output_text(&out)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -212,19 +225,23 @@ fn t20_kubernetes_manifests_accepted_by_the_api_server_in_dry_run() {
         "phase: the base alone is refused by this 1.20 server (no policy/v1, autoscaling/v2)"
     );
     let out = kubectl(&["create", "namespace", &ns.0]);
-    assert!(out.status.success(), "create namespace: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "create namespace: {}",
+        output_text(&out)
+    );
     let out = kubectl(&[
         "apply",
         "-k",
         base_dir.path().to_str().unwrap(),
         "--dry-run=server",
     ]);
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     assert!(
-        text(&out).contains("PodDisruptionBudget")
-            || text(&out).contains("HorizontalPodAutoscaler"),
+        output_text(&out).contains("PodDisruptionBudget")
+            || output_text(&out).contains("HorizontalPodAutoscaler"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 
     eprintln!("phase: kubectl apply -k --dry-run=server with components/kube-1.20");
@@ -239,7 +256,7 @@ fn t20_kubernetes_manifests_accepted_by_the_api_server_in_dry_run() {
     assert!(
         out.status.success(),
         "dry-run apply refused: {}",
-        text(&out)
+        output_text(&out)
     );
     let list: Value = serde_json::from_slice(&out.stdout).expect("a JSON List");
     let items = list["items"].as_array().expect("items").clone();

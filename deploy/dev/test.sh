@@ -3,7 +3,9 @@
 # starts the dev PostgreSQL, OIDC provider, Kafka-protocol broker (Tansu), OpenSSH server and
 # Kubernetes control plane (deploy/dev/servers.sh, which runs deploy/dev/kube.sh), builds the
 # binaries, runs every test of the workspace, and stops the servers again. The servers' ports
-# come from VIGIL_DEV_*_PORT (see deploy/dev/servers.sh) when the defaults are taken.
+# come from VIGIL_DEV_*_PORT (see deploy/dev/servers.sh) when the defaults are taken. The local
+# cluster's test (chaos/tests/cluster.rs) runs deploy/cluster.sh against these servers itself,
+# on free ports and in a directory of its own.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
