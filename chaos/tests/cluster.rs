@@ -42,7 +42,8 @@ struct LocalCluster {
 }
 
 impl LocalCluster {
-    async fn up() -> Self {
+    /// Starts the cluster; with the psql command line `up` printed.
+    async fn up() -> (Self, String) {
         // One block of free ports: HAProxy's two, then three per kind of member and node port.
         let base = free_ports(2 + 3 + 2 * NODES as u16);
         let cluster = LocalCluster {
@@ -69,13 +70,24 @@ impl LocalCluster {
             "deploy/cluster.sh up failed:\n{}",
             output_text(&out)
         );
-        let printed = output_text(&out);
+        let psql = Self::printed_psql(&out);
         assert!(
-            printed.contains(&format!("psql \"host=127.0.0.1 port={} ", cluster.pg_port)),
-            "up prints the psql command through HAProxy:\n{printed}"
+            psql.contains(&format!(" port={} ", cluster.pg_port)),
+            "{psql}"
         );
         eprintln!("phase: cluster up in {:?}", started.elapsed());
-        cluster
+        (cluster, psql)
+    }
+
+    /// The psql command line `up` prints (through HAProxy, with a token from the dev provider).
+    fn printed_psql(out: &Output) -> String {
+        let printed = String::from_utf8_lossy(&out.stdout);
+        printed
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("psql \"host=127.0.0.1 "))
+            .unwrap_or_else(|| panic!("up prints no psql command:\n{}", output_text(out)))
+            .to_string()
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -209,8 +221,24 @@ fn audited_statements<'a>(records: impl Iterator<Item = &'a Record>) -> BTreeSet
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
-    let cluster = LocalCluster::up().await;
+    let (cluster, psql) = LocalCluster::up().await;
     let log_start = pg_log_len();
+
+    eprintln!("phase: the psql command `up` printed, through HAProxy");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{psql} -X -At -c \"SELECT 'printed psql command'\""
+        ))
+        .env("VIGIL_DEV_DIR", env().get("VIGIL_DEV_DIR"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{psql}: {}", output_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "printed psql command"
+    );
     let token = agent_token().await;
 
     const CLIENTS: usize = 6;
