@@ -45,7 +45,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 # ---- apt packages ----------------------------------------------------------------------
 want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates
       python3 python3-venv openssh-server openssh-client tmux rsync
-      docker.io docker-compose debootstrap binutils haproxy)
+      docker.io docker-compose debootstrap binutils haproxy prometheus)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 
