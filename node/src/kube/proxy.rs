@@ -564,16 +564,15 @@ impl Conn {
                 })
                 .collect()),
         };
-        let mut decision = self.ctx.policy.decide_actions(
+        let decision = self.ctx.policy.decide_actions(
             actions.as_deref().map_err(Clone::clone),
             principal,
             &routed.cluster.config.name,
         );
-        if routed.info.subresource == "portforward" && decision.rule == "default" {
-            decision.action = Action::Block;
-            decision.reason = Some("no rule allows port-forward".into());
+        match routed.info.subresource.as_str() {
+            "portforward" => decision.only_by_rule(|| "no rule allows port-forward".into()),
+            _ => decision,
         }
-        decision
     }
 
     /// Holds a request for approval: bound to the cluster, the method, the path with its query

@@ -308,14 +308,6 @@ impl Shared {
 
     /// Puts what a step means on record; false when it cannot be recorded.
     async fn take(&self, from: Side, meaning: Meaning) -> bool {
-        let port = |p: u16, f: &mut dyn FnMut(&mut PortStats)| {
-            f(self
-                .ports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(p)
-                .or_default())
-        };
         match meaning {
             Meaning::Chunk(stream, payload) => {
                 return payload.is_empty() || self.record(stream, &payload).await
@@ -326,18 +318,23 @@ impl Shared {
                     status.extend_from_slice(&payload);
                 }
             }
-            Meaning::PortOpened(p) => port(p, &mut |s| s.connections += 1),
-            Meaning::PortBytes(p, n) => port(p, &mut |s| match from {
+            Meaning::PortOpened(p) => self.port(p, |s| s.connections += 1),
+            Meaning::PortBytes(p, n) => self.port(p, |s| match from {
                 Side::Client => s.bytes_in += n,
                 Side::Server => s.bytes_out += n,
             }),
-            Meaning::PortError(p, text) => port(p, &mut |s| {
+            Meaning::PortError(p, text) => self.port(p, |s| {
                 if s.errors.len() < 1024 {
                     s.errors.push_str(&String::from_utf8_lossy(&text));
                 }
             }),
         }
         true
+    }
+
+    fn port(&self, port: u16, change: impl FnOnce(&mut PortStats)) {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        change(ports.entry(port).or_default());
     }
 
     /// Records an exec payload before it is forwarded; false when it cannot be recorded.

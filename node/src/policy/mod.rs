@@ -361,6 +361,16 @@ impl Decision {
         self.action != Action::Allow
     }
 
+    /// The decision on something only a rule may allow (a forward, a port-forward), whatever
+    /// the policy's `default`: decided by the default, it is blocked for `reason`.
+    pub fn only_by_rule(mut self, reason: impl FnOnce() -> String) -> Self {
+        if self.rule == "default" {
+            self.action = Action::Block;
+            self.reason = Some(reason());
+        }
+        self
+    }
+
     /// What the dry-run rules that matched would have done (`dry-run: rule:action, …`), for
     /// the record's detail.
     pub fn dry_run_note(&self) -> Option<String> {

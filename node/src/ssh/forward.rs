@@ -58,12 +58,8 @@ async fn admit(conn: &mut Conn, ask: &Ask<'_>) -> Option<(Arc<client::Handle<Pin
         path: Some(ask.to),
         operation: None,
     };
-    let mut decision = channel::decide(conn, Ok(&[action]));
-    if decision.rule == "default" {
-        // Forwards are refused unless a rule allows them, whatever the default.
-        decision.action = Action::Block;
-        decision.reason = Some(format!("no rule allows {}", ask.what()));
-    }
+    let decision = channel::decide(conn, Ok(&[action]))
+        .only_by_rule(|| format!("no rule allows {}", ask.what()));
     conn.stmt += 1;
     let mut body = conn.body(Kind::Request);
     body.stmt = Some(conn.stmt);
