@@ -4,6 +4,8 @@
 
 use crate::{env, NodeFiles, NodeOptions, TestNode};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vigil_proto::record::{Kind, KubeRequest, KubeResponse, Record, Request, Response};
 
 /// A node with the cluster `dev` (the dev API server, the gateway's own token), then `policy`.
 pub struct Gateway {
@@ -18,6 +20,28 @@ pub enum Credential {
     /// The client certificate of user vigil-gateway-cert.
     ClientCert,
 }
+
+/// A rule: no `rm` in any exec (also `sh -c 'rm …'`).
+pub const NO_RM_IN_PODS: &str = r#"
+[[policy.rules]]
+id = "no-rm-in-pods"
+protocol = "kubernetes"
+action = "block"
+programs = ["rm"]
+reason = "nothing is deleted inside pods"
+"#;
+
+/// A rule: `agent-ops` may port-forward to the dev pod default/shell.
+pub const OPS_FORWARD_TO_SHELL: &str = r#"
+[[policy.rules]]
+id = "ops-forward-to-shell"
+protocol = "kubernetes"
+action = "allow"
+principals = { client_ids = ["agent-ops"] }
+subresources = ["portforward"]
+namespaces = ["default"]
+names = ["shell"]
+"#;
 
 /// The `[kubernetes]` section for the dev API server as cluster `dev`, then `policy`.
 pub fn kube_section(policy: &str) -> String {
@@ -292,4 +316,71 @@ pub async fn client(kubeconfig: &Path) -> ::kube::Client {
         .await
         .expect("kube-rs takes the kubeconfig");
     ::kube::Client::try_from(config).expect("a kube-rs client")
+}
+
+/// The Kubernetes request records `pick` chooses, in log order.
+pub fn requests(records: &[Record], pick: impl Fn(&KubeRequest) -> bool) -> Vec<&Record> {
+    records
+        .iter()
+        .filter(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if pick(k))
+        })
+        .collect()
+}
+
+/// The records of the same request (session and number) as `request`.
+pub fn same_request<'a>(records: &'a [Record], request: &Record) -> Vec<&'a Record> {
+    records
+        .iter()
+        .filter(|r| r.body.session == request.body.session && r.body.stmt == request.body.stmt)
+        .collect()
+}
+
+/// The response record of `request` and what it says.
+pub fn end_of<'a>(
+    records: &'a [Record],
+    request: &Record,
+) -> Option<(&'a Record, &'a KubeResponse)> {
+    same_request(records, request).into_iter().find_map(|r| {
+        match (&r.body.kind, &r.body.response) {
+            (Kind::Response, Some(Response::Kubernetes(k))) => Some((r, k)),
+            _ => None,
+        }
+    })
+}
+
+/// Waits (up to 10 s) for the response record of `request`: the node's records then, the
+/// response record and what it says.
+pub async fn wait_for_end(
+    node: &TestNode,
+    request: &Record,
+) -> (Vec<Record>, Record, KubeResponse) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = node.records().await;
+        if let Some((r, k)) = end_of(&records, request) {
+            let (r, k) = (r.clone(), k.clone());
+            return (records, r, k);
+        }
+        assert!(Instant::now() < deadline, "no response record: {request:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The bytes recorded for one stream (`channel`, `direction`) among `records`, in order, each
+/// chunk read from the log directory `audit_dir` and proved by its record.
+pub fn recorded_bytes(
+    records: &[&Record],
+    audit_dir: &Path,
+    channel: &str,
+    direction: &str,
+) -> Vec<u8> {
+    let mut reader = vigil_cli::recording::ChunkReader::new(Some(audit_dir.to_path_buf()));
+    records
+        .iter()
+        .filter_map(|r| r.body.recording.as_ref())
+        .filter(|c| c.channel == channel && c.direction == direction)
+        .flat_map(|c| reader.read(c).expect("the chunk verifies"))
+        .collect()
 }

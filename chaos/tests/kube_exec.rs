@@ -15,12 +15,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
-use vigil_chaos::kube::{grant_dba, Gateway};
+use vigil_chaos::kube::{end_of, grant_dba, requests, same_request, wait_for_end, Gateway};
 use vigil_chaos::kubelet::{append_container_log, exec_log_len, exec_log_since};
 use vigil_chaos::recording::{flip_first_chunk, Flipped};
 use vigil_chaos::tmux::Tmux;
 use vigil_chaos::{random_suffix, token_for, vigil_async, TestNode};
-use vigil_proto::record::{Kind, KubeRequest, KubeResponse, Record, Request, Response};
+use vigil_proto::record::{Kind, KubeRequest, KubeResponse, Record, Request};
 
 /// A gateway to the dev cluster (every request allowed) and a kubeconfig for agent-ops.
 async fn gateway(dir: &Path) -> (Gateway, PathBuf) {
@@ -33,44 +33,9 @@ async fn gateway(dir: &Path) -> (Gateway, PathBuf) {
 
 /// The Kubernetes request record that `pick` chooses.
 fn request_record(records: &[Record], pick: impl Fn(&KubeRequest) -> bool) -> &Record {
-    records
-        .iter()
-        .find(|r| {
-            r.body.kind == Kind::Request
-                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if pick(k))
-        })
+    requests(records, pick)
+        .first()
         .expect("the request is on record")
-}
-
-/// The records of the same request (session and number) as `request`.
-fn same_request<'a>(records: &'a [Record], request: &Record) -> Vec<&'a Record> {
-    records
-        .iter()
-        .filter(|r| r.body.session == request.body.session && r.body.stmt == request.body.stmt)
-        .collect()
-}
-
-/// The response record of `request` and what it says.
-fn end_of<'a>(records: &'a [Record], request: &Record) -> Option<(&'a Record, &'a KubeResponse)> {
-    same_request(records, request).into_iter().find_map(|r| {
-        match (&r.body.kind, &r.body.response) {
-            (Kind::Response, Some(Response::Kubernetes(k))) => Some((r, k)),
-            _ => None,
-        }
-    })
-}
-
-/// Waits (up to 10 s) for the response record of `request`.
-async fn wait_for_end(node: &TestNode, request: &Record) -> (Record, KubeResponse) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let records = node.records().await;
-        if let Some((r, k)) = end_of(&records, request) {
-            return (r.clone(), k.clone());
-        }
-        assert!(Instant::now() < deadline, "no response record: {request:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Reads lines until one is `line`; returns the bytes (newlines included) and lines read.
@@ -154,7 +119,7 @@ async fn t10_logs_follow_streams_an_appended_line_at_once_and_records_start_and_
 
     follow.start_kill().unwrap();
     let _ = follow.wait().await;
-    let (end, response) = wait_for_end(&g.node, &request).await;
+    let (_, end, response) = wait_for_end(&g.node, &request).await;
     assert_eq!(response.status, 200);
     assert_eq!(response.bytes, received, "every byte kubectl got, no other");
     assert_eq!(response.lines, Some(lines), "every line kubectl got");

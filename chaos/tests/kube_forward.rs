@@ -6,21 +6,10 @@
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use vigil_chaos::kube::{grant_dba, Gateway};
+use vigil_chaos::kube::{grant_dba, Gateway, OPS_FORWARD_TO_SHELL};
 use vigil_chaos::kubelet::exec_log_since;
 use vigil_chaos::token_for;
 use vigil_proto::record::{Kind, Outcome, Record, Request};
-
-const POLICY: &str = r#"
-[[policy.rules]]
-id = "ops-forward-to-shell"
-protocol = "kubernetes"
-action = "allow"
-principals = { client_ids = ["agent-ops"] }
-subresources = ["portforward"]
-namespaces = ["default"]
-names = ["shell"]
-"#;
 
 /// A server on 127.0.0.1 (where the test kubelet forwards to) that answers each line with
 /// `echo: LINE`.
@@ -161,7 +150,7 @@ fn forward_response<'a>(records: &'a [Record], want: &str) -> Option<(&'a Record
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_is_refused_unless_a_rule_allows_it_and_recorded_as_metadata() {
     grant_dba().await;
-    let g = Gateway::start(POLICY).await;
+    let g = Gateway::start(OPS_FORWARD_TO_SHELL).await;
     let dir = tempfile::tempdir().unwrap();
     let marker = format!("fwd-{}", vigil_chaos::random_suffix());
 

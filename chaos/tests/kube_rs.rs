@@ -11,8 +11,7 @@
 //!   blocked by a rule reaches kube-rs as a 403 `Status` with Vigil's reason, and never
 //!   reaches the API server.
 //!
-//! exec, attach and logs through kube-rs are not here (they need its `ws` feature and the
-//! gateway's WebSocket relay).
+//! exec, attach, logs and port-forward through kube-rs are in kube_websocket.rs.
 
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;

@@ -9,73 +9,34 @@ use kube::api::{Api, AttachParams, LogParams, TerminalSize};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use vigil_chaos::kube::{client, grant_dba, Gateway};
+use vigil_chaos::kube::{
+    client, grant_dba, recorded_bytes, requests, same_request, wait_for_end, Gateway,
+    NO_RM_IN_PODS, OPS_FORWARD_TO_SHELL,
+};
 use vigil_chaos::kubelet::exec_log_since;
 use vigil_chaos::token_for;
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
-const POLICY: &str = r#"
-[[policy.rules]]
-id = "no-rm-in-pods"
-protocol = "kubernetes"
-action = "block"
-programs = ["rm"]
-reason = "nothing is deleted inside pods"
-
-[[policy.rules]]
-id = "ops-forward-to-shell"
-protocol = "kubernetes"
-action = "allow"
-principals = { client_ids = ["agent-ops"] }
-subresources = ["portforward"]
-namespaces = ["default"]
-names = ["shell"]
-"#;
-
-/// The request record whose exec command mentions `marker`, and the records of its `stmt`.
+/// The request record of the exec whose command mentions `marker`, and the records of it.
 fn exec_records<'a>(records: &'a [Record], marker: &str) -> (&'a Record, Vec<&'a Record>) {
-    let request = records
-        .iter()
-        .find(|r| {
-            r.body.kind == Kind::Request
-                && matches!(&r.body.request, Some(Request::Kubernetes(k))
-                    if k.command.iter().any(|c| c.contains(marker)))
-        })
+    let request = *requests(records, |k| k.command.iter().any(|c| c.contains(marker)))
+        .first()
         .unwrap_or_else(|| panic!("a request record of the exec {marker}"));
-    let same = records
-        .iter()
-        .filter(|r| r.body.stmt == request.body.stmt && r.body.session == request.body.session)
-        .collect();
-    (request, same)
+    (request, same_request(records, request))
 }
 
-/// The bytes recorded for a stream of an exec, in order.
-fn recorded(
-    records: &[&Record],
-    reader: &mut vigil_cli::recording::ChunkReader,
-    channel: &str,
-    direction: &str,
-) -> Vec<u8> {
-    records
-        .iter()
-        .filter_map(|r| r.body.recording.as_ref())
-        .filter(|c| c.channel == channel && c.direction == direction)
-        .flat_map(|c| reader.read(c).expect("the chunk verifies"))
-        .collect()
-}
-
-/// The response record of a stream, once the relay has written it.
+/// The node's records once the exec whose command mentions `marker` has its response record,
+/// and that record.
 async fn response(g: &Gateway, marker: &str) -> (Vec<Record>, Record) {
-    for _ in 0..50 {
-        let records = g.node.records().await;
-        let (_, same) = exec_records(&records, marker);
-        if let Some(end) = same.iter().find(|r| r.body.kind == Kind::Response) {
-            let end = (*end).clone();
-            return (records, end);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("no response record of the exec {marker}")
+    let records = g.node.records().await;
+    let (request, _) = exec_records(&records, marker);
+    let (records, end, _) = wait_for_end(&g.node, request).await;
+    (records, end)
+}
+
+/// A gateway with the rules of these tests.
+async fn gateway() -> Gateway {
+    Gateway::start(&format!("{NO_RM_IN_PODS}{OPS_FORWARD_TO_SHELL}")).await
 }
 
 /// kube-rs exec over WebSocket: stdin, stdout and stderr each on its channel, the exit code
@@ -85,7 +46,7 @@ async fn response(g: &Gateway, marker: &str) -> (Vec<Record>, Record) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_exec_over_websocket_is_decided_recorded_and_passes_streams() {
     grant_dba().await;
-    let g = Gateway::start(POLICY).await;
+    let g = gateway().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
@@ -151,17 +112,16 @@ async fn kube_rs_exec_over_websocket_is_decided_recorded_and_passes_streams() {
     );
     let (request, same) = exec_records(&records, &marker);
     let channel = request.body.stmt.unwrap().to_string();
-    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.node.files.audit_dir.clone()));
     assert_eq!(
-        recorded(&same, &mut reader, &channel, "input"),
+        recorded_bytes(&same, &g.node.files.audit_dir, &channel, "input"),
         format!("in-{marker}\n").as_bytes()
     );
     assert_eq!(
-        recorded(&same, &mut reader, &channel, "output"),
+        recorded_bytes(&same, &g.node.files.audit_dir, &channel, "output"),
         format!("in-{marker}\n").as_bytes()
     );
     assert_eq!(
-        recorded(&same, &mut reader, &channel, "error"),
+        recorded_bytes(&same, &g.node.files.audit_dir, &channel, "error"),
         format!("err-{marker}\n").as_bytes()
     );
 
@@ -204,8 +164,13 @@ async fn kube_rs_exec_over_websocket_is_decided_recorded_and_passes_streams() {
     let (records, _) = response(&g, &tty_marker).await;
     let (request, same) = exec_records(&records, &tty_marker);
     let resize = format!("{}.resize", request.body.stmt.unwrap());
-    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.node.files.audit_dir.clone()));
-    let resizes = String::from_utf8(recorded(&same, &mut reader, &resize, "input")).unwrap();
+    let resizes = String::from_utf8(recorded_bytes(
+        &same,
+        &g.node.files.audit_dir,
+        &resize,
+        "input",
+    ))
+    .unwrap();
     assert!(
         resizes.contains(r#"{"Width":123,"Height":45}"#),
         "{resizes}"
@@ -242,7 +207,7 @@ async fn kube_rs_exec_over_websocket_is_decided_recorded_and_passes_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_port_forward_over_websocket_is_recorded_as_metadata() {
     grant_dba().await;
-    let g = Gateway::start(POLICY).await;
+    let g = gateway().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
@@ -322,7 +287,7 @@ async fn kube_rs_port_forward_over_websocket_is_recorded_as_metadata() {
 async fn kube_rs_attach_and_a_followed_log_go_through_the_gateway() {
     use futures_util::AsyncBufReadExt as _;
     grant_dba().await;
-    let g = Gateway::start(POLICY).await;
+    let g = gateway().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
@@ -362,8 +327,13 @@ async fn kube_rs_attach_and_a_followed_log_go_through_the_gateway() {
         .filter(|r| r.body.session == attach.body.session && r.body.stmt == attach.body.stmt)
         .collect();
     let channel = attach.body.stmt.unwrap().to_string();
-    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.node.files.audit_dir.clone()));
-    let typed = String::from_utf8(recorded(&same, &mut reader, &channel, "input")).unwrap();
+    let typed = String::from_utf8(recorded_bytes(
+        &same,
+        &g.node.files.audit_dir,
+        &channel,
+        "input",
+    ))
+    .unwrap();
     assert!(typed.contains(&format!("echo {marker}-ran")), "{typed:?}");
 
     // A followed log: a line appended while it is open arrives.

@@ -5,8 +5,8 @@
 
 use std::collections::HashSet;
 use vigil_chaos::kube::{
-    admin, audit_events, audit_len, event_key, gateway_events, grant_dba, kubectl, record_key,
-    Gateway,
+    admin, audit_events, audit_len, end_of, event_key, gateway_events, grant_dba, kubectl,
+    record_key, recorded_bytes, requests, same_request, Gateway, NO_RM_IN_PODS,
 };
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
@@ -528,15 +528,6 @@ async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
-const EXEC_POLICY: &str = r#"
-[[policy.rules]]
-id = "no-rm-in-pods"
-protocol = "kubernetes"
-action = "block"
-programs = ["rm"]
-reason = "nothing is deleted inside pods"
-"#;
-
 /// kubectl exec (it tries WebSocket v5 first, which the 1.20 API server's kubelet refuses, and
 /// falls back to SPDY/3.1): decided on
 /// its command, run with its streams and exit code, every byte recorded; a blocked command
@@ -544,7 +535,7 @@ reason = "nothing is deleted inside pods"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     grant_dba().await;
-    let g = Gateway::start(EXEC_POLICY).await;
+    let g = Gateway::start(NO_RM_IN_PODS).await;
     let dir = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let config = g.kubeconfig(dir.path(), &ops);
@@ -587,19 +578,12 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     let records = g.node.records().await;
     // kubectl offers WebSocket (v5) first; this API server's kubelet speaks at most v4 and
     // refuses, kubectl falls back to SPDY: the exec that ran is the last one on record.
-    let exec = records
-        .iter()
-        .rfind(|r| {
-            r.body.kind == Kind::Request
-                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if k.command.iter().any(|c| c.contains(&marker)))
-        })
+    let exec = *requests(&records, |k| k.command.iter().any(|c| c.contains(&marker)))
+        .last()
         .expect("the exec's request record, with its command");
-    let (stmt, session) = (exec.body.stmt, exec.body.session.clone());
-    let same = |r: &&Record| r.body.stmt == stmt && r.body.session == session;
-    let chunks: Vec<_> = records
+    let same = same_request(&records, exec);
+    let chunks: Vec<_> = same
         .iter()
-        .filter(|r| r.body.kind == Kind::Recording)
-        .filter(same)
         .filter_map(|r| r.body.recording.as_ref())
         .collect();
     assert!(
@@ -610,11 +594,7 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
         chunks.iter().any(|c| c.direction == "error"),
         "stderr recorded"
     );
-    let end = records
-        .iter()
-        .filter(same)
-        .find(|r| r.body.kind == Kind::Response)
-        .expect("the exec's response");
+    let (end, _) = end_of(&records, exec).expect("the exec's response");
     assert_eq!(
         end.body.detail.as_deref(),
         Some("exit code 3"),
@@ -675,22 +655,16 @@ async fn kill_9_during_an_exec_stream_leaves_every_byte_the_client_got_on_record
     )
     .await;
     let _ = exec.kill().await;
-    let request = records
-        .iter()
-        .rfind(|r| {
-            r.body.kind == Kind::Request
-                && matches!(&r.body.request, Some(Request::Kubernetes(k)) if k.command.iter().any(|c| c.contains(&marker)))
-        })
+    let request = *requests(&records, |k| k.command.iter().any(|c| c.contains(&marker)))
+        .last()
         .expect("the exec's request record");
     let channel = request.body.stmt.unwrap().to_string();
-    let mut reader = vigil_cli::recording::ChunkReader::new(Some(g.files.audit_dir.clone()));
-    let recorded: Vec<u8> = records
-        .iter()
-        .filter(|r| r.body.session == request.body.session)
-        .filter_map(|r| r.body.recording.as_ref())
-        .filter(|c| c.channel == channel && c.direction == "output")
-        .flat_map(|c| reader.read(c).expect("the chunk verifies"))
-        .collect();
+    let recorded = recorded_bytes(
+        &same_request(&records, request),
+        &g.files.audit_dir,
+        &channel,
+        "output",
+    );
     assert!(got.len() > enough.len());
     assert!(
         recorded.starts_with(&got),
