@@ -183,11 +183,20 @@ struct CredentialArgs {
 
 #[derive(Subcommand)]
 enum ApprovalCommand {
-    /// Requests, newest first.
+    /// Requests, newest first, a page at a time.
     List {
         /// Only this state: pending, approved, denied, consumed, expired.
         #[arg(long)]
         state: Option<String>,
+        /// At most this many (the coordinator caps a page at 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this page token (printed under a page that has more after it).
+        #[arg(long, value_name = "TOKEN")]
+        after: Option<String>,
+        /// Every page, not one.
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
     },
     /// One request in full.
     Show { id: String },
@@ -827,14 +836,30 @@ async fn coordinator_command(
 ) -> Result<String, tonic::Status> {
     Ok(match command {
         CoordinatorCommand::Approvals(command) => match command {
-            ApprovalCommand::List { state } => {
-                let list = client
-                    .list_approvals(pb::ListApprovalsRequest {
-                        state: state.unwrap_or_default(),
-                    })
-                    .await?;
+            ApprovalCommand::List {
+                state,
+                limit,
+                after,
+                all,
+            } => {
+                let mut approvals = Vec::new();
+                let mut page_token = after.unwrap_or_default();
+                loop {
+                    let page = client
+                        .list_approvals(pb::ListApprovalsRequest {
+                            state: state.clone().unwrap_or_default(),
+                            limit: if all { 0 } else { limit },
+                            page_token,
+                        })
+                        .await?;
+                    approvals.extend(page.approvals);
+                    page_token = page.next_page_token;
+                    if !all || page_token.is_empty() {
+                        break;
+                    }
+                }
                 let mut out = String::new();
-                for a in &list.approvals {
+                for a in &approvals {
                     out += &format!(
                         "{}  {:<8}  {}  {}  {}  {}  {}\n",
                         esc(&a.id),
@@ -846,8 +871,11 @@ async fn coordinator_command(
                         esc(&one_line(&a.action, 60))
                     );
                 }
-                if list.approvals.is_empty() {
+                if approvals.is_empty() {
                     out = "no approval requests\n".into();
+                }
+                if !page_token.is_empty() {
+                    out += &format!("more: --after {}\n", esc(&page_token));
                 }
                 out
             }

@@ -222,6 +222,18 @@ impl ApprovalRequest {
     pub fn settled(&self, now: Millis) -> bool {
         !matches!(self.state_at(now), "pending" | "approved")
     }
+
+    /// When it settled, if it has by `now`: used, denied, or past its lifetime undecided or
+    /// unused. Every time here came from a command, so replicas agree.
+    pub fn settled_at(&self, now: Millis) -> Option<Millis> {
+        match self.state {
+            RequestState::Consumed => self.consumed_at,
+            RequestState::Denied => self.votes.last().map(|v| v.at),
+            RequestState::Pending | RequestState::Approved => {
+                self.expired(now).then_some(self.expires_at)
+            }
+        }
+    }
 }
 
 /// "This principal may use this access class on this target in this window."
@@ -243,6 +255,13 @@ pub struct Grant {
 impl Grant {
     fn active(&self, now: Millis) -> bool {
         self.revoked_at.is_none() && self.not_before <= now && now < self.not_after
+    }
+
+    /// When it stopped covering anything: revoked, or its window over.
+    pub fn ended_at(&self) -> Millis {
+        self.revoked_at
+            .unwrap_or(self.not_after)
+            .min(self.not_after)
     }
 }
 
@@ -292,6 +311,12 @@ pub enum Command {
     /// Several commands proposed together (one Raft entry), applied in order, each with its
     /// own result. Batches do not nest.
     Batch(Vec<Command>),
+    /// Forget the requests that settled at or before `cutoff` and the grants that ended at or
+    /// before it (retention: the leader proposes its clock minus the retention period). The
+    /// audit records of what they decided stay in the audit stream.
+    Purge {
+        cutoff: Millis,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -331,6 +356,11 @@ pub enum Applied {
     Request(ApprovalRequest),
     Grant(Grant),
     Checkpoint(Checkpoint),
+    /// What a [`Command::Purge`] removed.
+    Purged {
+        requests: u64,
+        grants: u64,
+    },
     /// The results of a [`Command::Batch`], in order.
     Batch(Vec<Result<Applied, DomainError>>),
 }
@@ -498,6 +528,16 @@ impl State {
                 g.revoked_at.get_or_insert(now);
                 Ok(Applied::Grant(g.clone()))
             }
+            Command::Purge { cutoff } => {
+                let (requests, grants) = (self.requests.len(), self.grants.len());
+                self.requests
+                    .retain(|_, r| r.settled_at(cutoff).is_none_or(|at| at > cutoff));
+                self.grants.retain(|_, g| g.ended_at() > cutoff);
+                Ok(Applied::Purged {
+                    requests: (requests - self.requests.len()) as u64,
+                    grants: (grants - self.grants.len()) as u64,
+                })
+            }
             Command::PutCheckpoint { checkpoint, now } => {
                 let node = vigil_proto::chain::node_of(&checkpoint.stream)
                     .ok_or_else(|| {
@@ -562,6 +602,15 @@ impl State {
                 && g.access_class == access_class
                 && g.active(now)
         })
+    }
+
+    /// Whether a [`Command::Purge`] with this cutoff would remove anything (the leader
+    /// proposes one only then).
+    pub fn purgeable(&self, cutoff: Millis) -> bool {
+        self.requests
+            .values()
+            .any(|r| r.settled_at(cutoff).is_some_and(|at| at <= cutoff))
+            || self.grants.values().any(|g| g.ended_at() <= cutoff)
     }
 
     /// Requests still waiting for a decision at `now`.
@@ -789,6 +838,72 @@ mod tests {
         assert_eq!(s.apply(consume(60_001)), Err(DomainError::NothingToConsume));
         assert_eq!(s.pending(59_999).count(), 1);
         assert_eq!(s.pending(60_000).count(), 0);
+    }
+
+    /// Retention: a purge forgets what settled at or before its cutoff (used, denied,
+    /// expired undecided or unused; grants that ended) and keeps everything that can still
+    /// change or was settled later. Replicas applying it agree.
+    #[test]
+    fn a_purge_forgets_only_what_settled_before_its_cutoff() {
+        let mut s = State::default();
+        s.apply(create("used", 1, 0)).unwrap();
+        s.apply(decide("used", "alice", true, 10)).unwrap();
+        s.apply(consume(20)).unwrap();
+        s.apply(create("denied", 1, 0)).unwrap();
+        s.apply(decide("denied", "alice", false, 30)).unwrap();
+        s.apply(create("expired", 1, 0)).unwrap(); // expires at 60_000
+        s.apply(create("approved", 1, 100)).unwrap(); // expires at 60_100
+        s.apply(decide("approved", "bob", true, 110)).unwrap();
+        s.apply(create("pending", 1, 1_000)).unwrap();
+        s.apply(create("late", 1, 50_000)).unwrap();
+        s.apply(decide("late", "alice", false, 70_000)).unwrap();
+        let grant = |id: &str, not_after, revoked_at| Command::CreateGrant {
+            grant: Grant {
+                id: id.into(),
+                subject: "agent".into(),
+                scope: Scope::new("postgres", "app"),
+                access_class: "write".into(),
+                not_before: 0,
+                not_after,
+                granted_by: "alice".into(),
+                revoked_at,
+                reason: None,
+            },
+        };
+        s.apply(grant("g-over", 50_000, None)).unwrap();
+        s.apply(grant("g-revoked", 900_000, Some(40))).unwrap();
+        s.apply(grant("g-live", 900_000, None)).unwrap();
+
+        let mut replica = s.clone();
+        assert!(!s.purgeable(10));
+        assert_eq!(
+            s.apply(Command::Purge { cutoff: 10 }).unwrap(),
+            Applied::Purged {
+                requests: 0,
+                grants: 0
+            }
+        );
+        assert!(s.purgeable(60_000));
+        let purge = Command::Purge { cutoff: 60_000 };
+        let purged = s.apply(purge.clone()).unwrap();
+        assert_eq!(replica.apply(purge), Ok(purged.clone()));
+        assert_eq!(s, replica);
+        assert_eq!(
+            purged,
+            Applied::Purged {
+                requests: 3,
+                grants: 2
+            }
+        );
+        let left: Vec<&str> = s.requests.keys().map(String::as_str).collect();
+        // "pending" expires at 61_000, "approved" at 60_100: both still live at the cutoff.
+        assert_eq!(left, ["approved", "late", "pending"]);
+        assert_eq!(s.grants.keys().collect::<Vec<_>>(), ["g-live"]);
+        assert!(!s.purgeable(60_000));
+        s.apply(Command::Purge { cutoff: 69_999 }).unwrap();
+        assert_eq!(s.requests.keys().collect::<Vec<_>>(), ["late"]);
+        s.apply(Command::Purge { cutoff: 70_000 }).unwrap();
+        assert!(s.requests.is_empty());
     }
 
     #[test]

@@ -6,12 +6,16 @@
 //! - [`network`]: Raft RPCs between members over gRPC;
 //! - [`service`]: the gRPC services (nodes, operators, members) and their authentication;
 //! - [`server`]: one member, started from its configuration;
+//! - [`retention`]: forgetting settled requests, by a purge the leader proposes;
+//! - [`metrics`]: the member's `/metrics`, `/healthz` and `/readyz`;
 //! - [`client`]: what gateway nodes and the `vigil` CLI use to reach the cluster, following the
 //!   leader.
 
 pub mod approvals;
 pub mod client;
+pub mod metrics;
 pub mod network;
+pub mod retention;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -7,6 +7,7 @@
 // openraft's RaftNetwork trait fixes the (large) error type of every RPC.
 #![allow(clippy::result_large_err)]
 
+use crate::metrics::{KindLabel, Metrics};
 use crate::service::CLUSTER_TOKEN_HEADER;
 use crate::store::{NodeId, TypeConfig};
 use openraft::error::{
@@ -31,11 +32,12 @@ use vigil_proto::coordinator::RaftMessage;
 #[derive(Clone)]
 pub struct Network {
     token: Arc<str>,
+    metrics: Arc<Metrics>,
 }
 
 impl Network {
-    pub fn new(token: Arc<str>) -> Self {
-        Self { token }
+    pub fn new(token: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        Self { token, metrics }
     }
 }
 
@@ -60,6 +62,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .map(RaftClient::new)
                 .map_err(|e| e.to_string()),
             token: self.token.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -69,6 +72,7 @@ pub struct Peer {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
     token: Arc<str>,
+    metrics: Arc<Metrics>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -95,16 +99,28 @@ impl Peer {
 
     fn response<T, E>(
         &self,
+        kind: &'static str,
         reply: Result<tonic::Response<RaftMessage>, tonic::Status>,
     ) -> RpcResult<T, E>
     where
         T: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let msg = reply.map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
+        let failed = || {
+            self.metrics
+                .peer_rpc_errors
+                .get_or_create(&KindLabel { kind })
+                .inc();
+        };
+        let msg = reply.map_err(|status| {
+            failed();
+            RPCError::Unreachable(Unreachable::new(&status))
+        })?;
         let result: Result<T, RaftError<NodeId, E>> =
-            serde_json::from_slice(&msg.into_inner().json)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(&msg.into_inner().json).map_err(|e| {
+                failed();
+                RPCError::Network(NetworkError::new(&e))
+            })?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -117,7 +133,7 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let (mut client, req) = self.request(&rpc, &option)?;
         let reply = client.append_entries(req).await;
-        self.response(reply)
+        self.response("append_entries", reply)
     }
 
     async fn install_snapshot(
@@ -127,7 +143,7 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
         let (mut client, req) = self.request(&rpc, &option)?;
         let reply = client.install_snapshot(req).await;
-        self.response(reply)
+        self.response("install_snapshot", reply)
     }
 
     async fn vote(
@@ -137,6 +153,6 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> RpcResult<VoteResponse<NodeId>> {
         let (mut client, req) = self.request(&rpc, &option)?;
         let reply = client.vote(req).await;
-        self.response(reply)
+        self.response("vote", reply)
     }
 }

@@ -1,5 +1,6 @@
 //! One coordinator member: its Raft node, its store and its gRPC listener.
 
+use crate::metrics::Metrics;
 use crate::network::Network;
 use crate::service::{
     first_member, ClusterService, CoordinatorService, OperatorAuth, Proposer, RaftService, Shared,
@@ -42,7 +43,14 @@ pub struct MemberConfig {
     /// Delete a store of an older format instead of refusing to start (the embedded default,
     /// whose held approvals do not outlive an upgrade). A cluster member refuses.
     pub discard_other_format: bool,
+    /// Settled requests and ended grants are forgotten this long after they settled.
+    pub retention: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; none: not at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// Three days: long enough to look at last weekend's decisions with `vigil approvals`.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
 
 impl MemberConfig {
     /// The defaults for everything but identity, address, storage and token.
@@ -59,6 +67,8 @@ impl MemberConfig {
             snapshot_after: 5_000,
             bootstrap: false,
             discard_other_format: false,
+            retention: DEFAULT_RETENTION,
+            metrics_listen: None,
         }
     }
 }
@@ -68,8 +78,12 @@ pub struct Member {
     pub shared: Arc<Shared>,
     /// Where it listens (the bound address when the configured port was 0).
     pub addr: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (the bound address).
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The retention loop, the leader watcher and the metrics server.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Member {
@@ -82,6 +96,14 @@ impl Member {
             .await
             .with_context(|| format!("listen on {}", cfg.listen))?;
         let addr = listener.local_addr()?;
+        let metrics_listener = match cfg.metrics_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("metrics: listen on {a}"))?,
+            ),
+            None => None,
+        };
         let advertise = if cfg.advertise.is_empty() {
             addr.to_string()
         } else {
@@ -103,10 +125,11 @@ impl Member {
         let (log, sm) = store::open(&cfg.data_dir)
             .await
             .with_context(|| format!("open the store in {}", cfg.data_dir.display()))?;
+        let metrics = Arc::new(Metrics::default());
         let raft = Raft::new(
             cfg.id,
             Arc::new(raft_config),
-            Network::new(cfg.cluster_token.clone()),
+            Network::new(cfg.cluster_token.clone(), metrics.clone()),
             log,
             sm.clone(),
         )
@@ -118,7 +141,7 @@ impl Member {
                 .context("initialise a one-member cluster")?;
         }
         let shared = Arc::new(Shared {
-            proposer: Proposer::start(raft.clone()),
+            proposer: Proposer::start(raft.clone(), metrics.clone()),
             id: cfg.id,
             advertise,
             raft,
@@ -126,7 +149,23 @@ impl Member {
             cluster_token: cfg.cluster_token,
             operators,
             admin_group: cfg.admin_group,
+            metrics: metrics.clone(),
         });
+        let mut tasks = vec![
+            metrics.watch_leader(&shared.raft),
+            crate::retention::start(shared.clone(), cfg.retention),
+        ];
+        let mut metrics_addr = None;
+        if let Some(l) = metrics_listener {
+            metrics_addr = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                l,
+                metrics,
+                shared.raft.clone(),
+                shared.sm.clone(),
+                std::future::pending(),
+            )));
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -150,8 +189,10 @@ impl Member {
         Ok(Self {
             shared,
             addr,
+            metrics_addr,
             stop: Some(stop),
             server,
+            tasks,
         })
     }
 
@@ -173,6 +214,9 @@ impl Member {
             let _ = stop.send(());
         }
         let _ = (&mut self.server).await;
+        for t in &self.tasks {
+            t.abort();
+        }
         let _ = self.shared.raft.shutdown().await;
     }
 }

@@ -17,6 +17,7 @@ use crate::approvals::{
     ActionKey, Actor, Applied, ApprovalRequest, Checkpoint, Command, DomainError, Grant, Millis,
     NewRequest, Scope, Shown, ShownBinding, ShownCommand, ShownParam, ShownRequest,
 };
+use crate::metrics::Metrics;
 use crate::store::{NodeId, Raft, StateMachine};
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
@@ -64,6 +65,7 @@ pub struct Shared {
     pub cluster_token: Arc<str>,
     pub operators: Option<Arc<dyn OperatorAuth>>,
     pub admin_group: String,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn now_ms() -> Millis {
@@ -210,7 +212,7 @@ const MAX_BATCH: usize = 512;
 const IN_FLIGHT: usize = 4;
 
 impl Proposer {
-    pub fn start(raft: Raft) -> Self {
+    pub fn start(raft: Raft, metrics: Arc<Metrics>) -> Self {
         let (queue, mut waiting) = tokio::sync::mpsc::channel::<Waiting>(8 * MAX_BATCH);
         let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         tokio::spawn(async move {
@@ -229,8 +231,9 @@ impl Proposer {
                     }
                 }
                 let raft = raft.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    commit(&raft, batch).await;
+                    commit(&raft, batch, &metrics).await;
                     drop(slot);
                 });
             }
@@ -238,7 +241,7 @@ impl Proposer {
         Self { queue }
     }
 
-    async fn propose(&self, cmd: Command) -> Result<Applied, Status> {
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Applied, Status> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.queue
             .send((cmd, tx))
@@ -250,7 +253,7 @@ impl Proposer {
 }
 
 /// Commits one batch and answers each of its callers.
-async fn commit(raft: &Raft, mut batch: Vec<Waiting>) {
+async fn commit(raft: &Raft, mut batch: Vec<Waiting>, metrics: &Metrics) {
     let (entry, single) = if batch.len() == 1 {
         (batch[0].0.clone(), true)
     } else {
@@ -259,7 +262,15 @@ async fn commit(raft: &Raft, mut batch: Vec<Waiting>) {
             false,
         )
     };
+    let started = std::time::Instant::now();
     let committed = tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(entry)).await;
+    if matches!(committed, Ok(Ok(_))) {
+        metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+    } else {
+        metrics.commit_errors.inc();
+    }
     let answer: Result<Vec<Result<Applied, DomainError>>, Status> = match committed {
         Err(_) => Err(Status::deadline_exceeded(
             "the write was not committed in time (no quorum?); its outcome is unknown",
@@ -507,6 +518,18 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
+/// Requests in one page of `ListApprovals`, at most (and when the caller names no limit).
+pub const PAGE_SIZE: usize = 1000;
+
+/// Where a page token (`<created ms>.<id>`, the last request of the previous page) points.
+fn page_position(token: &str) -> Result<(Millis, String), Status> {
+    token
+        .split_once('.')
+        .and_then(|(t, id)| Some((t.parse().ok()?, id.to_string())))
+        .filter(|(_, id)| !id.is_empty())
+        .ok_or_else(|| Status::invalid_argument(format!("not a page token: {token:?}")))
+}
+
 /// A fresh random id with a readable prefix (`g-…`).
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
@@ -634,19 +657,44 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ApprovalList>, Status> {
         let caller = self.0.caller(req.metadata()).await?;
+        let r = req.into_inner();
+        let after = match r.page_token.as_str() {
+            "" => None,
+            t => Some(page_position(t)?),
+        };
+        let limit = match r.limit {
+            0 => PAGE_SIZE,
+            n => (n as usize).min(PAGE_SIZE),
+        };
         self.0.linearizable().await?;
-        let want = req.into_inner().state;
         let now = now_ms();
-        let mut approvals: Vec<pb::Approval> = self.0.sm.read(|s| {
-            s.requests
+        let (approvals, more) = self.0.sm.read(|s| {
+            // Newest first: (created, id) descending; a page starts below the token's position.
+            let mut found: Vec<&ApprovalRequest> = s
+                .requests
                 .values()
-                .filter(|r| want.is_empty() || r.state_at(now) == want)
-                .filter(|r| self.0.may_read(&caller, r))
-                .map(|r| approval_pb(r, now))
-                .collect()
+                .filter(|q| r.state.is_empty() || q.state_at(now) == r.state)
+                .filter(|q| self.0.may_read(&caller, q))
+                .filter(|q| {
+                    after
+                        .as_ref()
+                        .is_none_or(|(t, id)| (q.created_at, q.id()) < (*t, id.as_str()))
+                })
+                .collect();
+            found.sort_by(|a, b| (b.created_at, b.id()).cmp(&(a.created_at, a.id())));
+            let more = found.len() > limit;
+            found.truncate(limit);
+            let page: Vec<pb::Approval> = found.iter().map(|q| approval_pb(q, now)).collect();
+            (page, more)
         });
-        approvals.sort_by(|a, b| (b.created_at_ms, &b.id).cmp(&(a.created_at_ms, &a.id)));
-        Ok(Response::new(pb::ApprovalList { approvals }))
+        let next_page_token = match approvals.last() {
+            Some(last) if more => format!("{}.{}", last.created_at_ms, last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ApprovalList {
+            approvals,
+            next_page_token,
+        }))
     }
 
     async fn decide_approval(

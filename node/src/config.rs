@@ -503,6 +503,16 @@ impl CoordinatorFile {
                 "member.election_timeout_max_ms",
                 "must be longer than member.election_timeout_min_ms",
             ));
+    /// Settled requests and ended grants are forgotten this long after they settled.
+    #[serde(default = "default_retention_secs")]
+    pub retention_secs: u64,
+    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_retention_secs() -> u64 {
+    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
         }
         if m.snapshot_after == 0 {
             return Err(invalid("member.snapshot_after", "must be at least 1"));
@@ -545,6 +555,9 @@ impl CoordinatorFile {
 }
 
 impl Config {
+        if m.retention_secs == 0 {
+            return Err(invalid("member.retention_secs", "must be at least 1"));
+        }
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let config: Config = read_toml(path)?;
         config.validate()?;
@@ -578,6 +591,8 @@ impl Config {
         }
         if let Some(kube) = &self.kubernetes {
             kube.validate()?;
+        c.retention = std::time::Duration::from_secs(m.retention_secs);
+        c.metrics_listen = m.metrics_listen;
         }
         if self.postgres.is_none() && self.ssh.is_none() && self.kubernetes.is_none() {
             return Err(invalid(
