@@ -2,7 +2,11 @@
 # Vigil as a cluster on this machine, without containers: three coordinator members (formed
 # into a cluster on first start), three gateway nodes publishing their audit streams to the dev
 # Kafka-protocol broker, and HAProxy in front of the nodes' PostgreSQL listeners, each node
-# taken out of rotation while its /readyz does not answer 200. The target PostgreSQL, the OIDC
+# taken out of rotation while its /readyz does not answer 200. HAProxy connects to the nodes
+# from its own loopback address (VIGIL_CLUSTER_LB_SOURCE) and tells them each client's address
+# in a PROXY protocol v2 header; the nodes believe such a header from that address only
+# (node.proxy_protocol_from), so a client connecting to a node directly from 127.0.0.1 is
+# recorded with its own address and refused if it sends a header. The target PostgreSQL, the OIDC
 # provider and the broker are the dev servers of deploy/dev/servers.sh (started if not running).
 #
 #   deploy/cluster.sh up       start what is not running (the first time: init the cluster),
@@ -21,6 +25,9 @@
 # `down` for a new one).
 #
 # Everything listens on 127.0.0.1. Settings (environment):
+#   VIGIL_CLUSTER_LB_SOURCE         the address HAProxy connects to the nodes from, the one the
+#                                   nodes take PROXY headers from (default 127.0.0.2; Linux
+#                                   routes all of 127.0.0.0/8 to loopback)
 #   VIGIL_CLUSTER_DIR               state: configs, data, logs, PIDs (default /tmp/vigil-cluster)
 #   VIGIL_CLUSTER_PG_PORT           HAProxy, PostgreSQL clients (default 27432)
 #   VIGIL_CLUSTER_STATS_PORT        HAProxy's statistics page (default 27404)
@@ -60,6 +67,9 @@ coord_port="$(port_setting VIGIL_CLUSTER_COORDINATOR_PORT 27471)"
 node_pg_port="$(port_setting VIGIL_CLUSTER_NODE_PG_PORT 27441)"
 node_admin_port="$(port_setting VIGIL_CLUSTER_NODE_ADMIN_PORT 27481)"
 topic="${VIGIL_CLUSTER_TOPIC:-vigil-audit}"
+lb_source="${VIGIL_CLUSTER_LB_SOURCE:-127.0.0.2}"
+[[ "$lb_source" =~ ^127(\.[0-9]{1,3}){3}$ && "$lb_source" != 127.0.0.1 ]] \
+  || die "VIGIL_CLUSTER_LB_SOURCE=$lb_source is not a loopback address other than 127.0.0.1"
 database="${VIGIL_CLUSTER_DATABASE:-app}"
 bin_dir="${VIGIL_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}"
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
@@ -212,6 +222,7 @@ node_start() {
     VIGIL_KAFKA_BROKERS="$VIGIL_KAFKA_BROKERS" VIGIL_KAFKA_TOPIC="$topic" \
     VIGIL_PG_LISTEN="$(node_pg_addr "$i")" VIGIL_PG_HOST="$VIGIL_PG_HOST" \
     VIGIL_PG_PORT="$VIGIL_PG_PORT" VIGIL_PG_DATABASE="$database" \
+    VIGIL_PROXY_PROTOCOL_FROM="\"$lb_source\"" \
     VIGIL_COORDINATOR_ENDPOINTS="${endpoints%, }" || die "rendering $part's config failed"
   log "starting $part (gw-$i) on $(node_pg_addr "$i"), admin $(node_admin_addr "$i")"
   VIGIL_CLUSTER_TOKEN="$(cat "$token_file")" VIGIL_PG_GATEWAY_PASSWORD="$VIGIL_PG_GATEWAY_PASSWORD" \
@@ -239,7 +250,10 @@ haproxy_config() {
 # Written by deploy/cluster.sh up: TCP (L4) to every gateway node's PostgreSQL listener; a
 # node is out of rotation while its /readyz does not answer 200. A connection refused by a
 # node that just died is sent to another one (redispatch), so a client reconnecting at once
-# is not refused by the balancer during the checks' interval.
+# is not refused by the balancer during the checks' interval. Each connection to a node comes
+# from $lb_source and starts with a PROXY protocol v2 header naming the client (send-proxy-v2),
+# which the nodes believe from that address only (node.proxy_protocol_from); the checks go to
+# the admin port without one.
 global
     maxconn 4096
     pidfile $haproxy_dir/haproxy.pid
@@ -267,7 +281,8 @@ backend gateways-postgres
     default-server inter 500ms fall 2 rise 2
 EOF
   for i in "${nodes[@]}"; do
-    printf '    server node-%s %s check port %s\n' "$i" "$(node_pg_addr "$i")" $((node_admin_port + i - 1))
+    printf '    server node-%s %s check port %s send-proxy-v2 source %s\n' \
+      "$i" "$(node_pg_addr "$i")" $((node_admin_port + i - 1)) "$lb_source"
   done
   cat <<EOF
 
@@ -327,6 +342,7 @@ write_env() {
      printf 'export %s=%q\n' \
        VIGIL_CLUSTER_DIR "$dir" \
        VIGIL_CLUSTER_PG_ADDR "127.0.0.1:$lb_port" \
+       VIGIL_CLUSTER_LB_SOURCE "$lb_source" \
        VIGIL_CLUSTER_STATS_URL "http://127.0.0.1:$stats_port/" \
        VIGIL_CLUSTER_TOPIC "$topic" \
        VIGIL_CLUSTER_DATABASE "$database" \

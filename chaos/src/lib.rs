@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tempfile::TempDir;
 use vigil_proto::record::{Kind, Record};
 
+pub mod balancer;
 pub mod cluster;
 pub mod kube;
 pub mod kubelet;
@@ -244,6 +245,8 @@ pub fn forge(claims: &serde_json::Value, kid: &str, key_pem: Option<&[u8]>) -> S
 /// Knobs of a test node.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
+    /// More `[node]` keys (`proxy_protocol_from = […]` …).
+    pub node_extra: &'static str,
     pub allow_cleartext_token: bool,
     /// Log in to the target with the md5 user instead of the SCRAM one.
     pub md5_target: bool,
@@ -282,6 +285,7 @@ pub struct NodeOptions {
 impl Default for NodeOptions {
     fn default() -> Self {
         Self {
+            node_extra: "",
             allow_cleartext_token: false,
             md5_target: false,
             max_result_bytes: 65536,
@@ -347,6 +351,7 @@ impl NodeFiles {
 [node]
 id = "test-{suffix}"
 data_dir = "{data}"
+{node_extra}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -394,6 +399,7 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
 "#,
             suffix = random_suffix(),
             data = dir.path().display(),
+            node_extra = opts.node_extra,
             admin_port = opts.admin_port,
             issuer = e.get("VIGIL_OIDC_ISSUER"),
             audience = e.get("VIGIL_OIDC_AUDIENCE"),

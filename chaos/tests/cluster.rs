@@ -219,6 +219,138 @@ fn audited_statements<'a>(records: impl Iterator<Item = &'a Record>) -> BTreeSet
         .collect()
 }
 
+/// A session over `stream` (a connection made by the test), TLS as `connect_tls`, as the dev
+/// agent `agent-reporting` with `token`.
+async fn session_over(stream: tokio::net::TcpStream, token: &str) -> tokio_postgres::Client {
+    use tokio_postgres::tls::MakeTlsConnect;
+    let config: tokio_postgres::Config =
+        format!("user=agent dbname=app password={token} sslmode=require")
+            .parse()
+            .unwrap();
+    let tls = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut tls_connector(),
+        "127.0.0.1",
+    )
+    .unwrap();
+    let (client, conn) = config.connect_raw(stream, tls).await.expect("connects");
+    tokio::spawn(conn);
+    client
+}
+
+/// Every node's records, once one of them is the request of `statement`; with that one.
+async fn request_of(cluster: &LocalCluster, statement: &str) -> (Vec<Record>, Record) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<Record> = (1..=NODES)
+            .flat_map(|i| read_records(&cluster.audit_dir(i)))
+            .collect();
+        let found = records.iter().find(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(Request::Postgres(pg)) if pg.text == statement)
+        });
+        if let Some(r) = found.cloned() {
+            return (records, r);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{statement:?} is on no node's record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// t11: HAProxy tells the nodes who each client is, and nobody else can. A client bound to
+/// 127.0.0.3 reaches a node through HAProxy: its records name 127.0.0.3 and its port as the
+/// client and HAProxy's 127.0.0.2 apart (the PROXY protocol v2, believed from 127.0.0.2 only).
+/// A client connecting to a node directly from 127.0.0.1 that sends a header of its own is
+/// refused with a clear error and a record, and the address it claimed is on no record; a
+/// direct client without one is recorded with its own address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_haproxy_names_the_client_and_nobody_else_can() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cluster, _psql) = LocalCluster::up().await;
+    let token = agent_token().await;
+
+    eprintln!("phase: a client from 127.0.0.3 through HAProxy");
+    let haproxy = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.pg_port));
+    let stream = balancer::connect_from([127, 0, 0, 3].into(), haproxy)
+        .await
+        .unwrap();
+    let me = stream.local_addr().unwrap();
+    let session = session_over(stream, &token).await;
+    let statement = "SELECT 'through HAProxy' AS t11";
+    session.simple_query(statement).await.unwrap();
+    let (_, request) = request_of(&cluster, statement).await;
+    let conn = request.body.connection.as_deref().expect("a connection");
+    assert_eq!(conn.client_addr, me.to_string(), "the client, not HAProxy");
+    assert!(
+        conn.balancer_addr
+            .as_deref()
+            .is_some_and(|b| b.starts_with("127.0.0.2:")),
+        "HAProxy apart: {:?}",
+        conn.balancer_addr
+    );
+    drop(session);
+
+    eprintln!("phase: a PROXY header sent to node 1 directly from 127.0.0.1");
+    let node1 = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node_pg_port));
+    let mut s = tokio::net::TcpStream::connect(node1).await.unwrap();
+    let me = s.local_addr().unwrap();
+    let claimed = "192.0.2.66:4242".parse().unwrap();
+    s.write_all(&balancer::v2_header(claimed, node1))
+        .await
+        .unwrap();
+    // An SSLRequest, as psql would send next.
+    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the node answers and closes")
+        .ok();
+    let said = format!(
+        "refused: a PROXY protocol v2 header from {me}, which is not a configured load balancer (node.proxy_protocol_from)"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with('E') && answer.contains("C08P01") && answer.contains(&said),
+        "an ErrorResponse says why: {answer:?}"
+    );
+
+    eprintln!("phase: a direct client without a header");
+    let stream = tokio::net::TcpStream::connect(node1).await.unwrap();
+    let direct = stream.local_addr().unwrap();
+    let session = session_over(stream, &token).await;
+    let statement = "SELECT 'directly' AS t11";
+    session.simple_query(statement).await.unwrap();
+    let (records, request) = request_of(&cluster, statement).await;
+    let conn = request.body.connection.as_deref().expect("a connection");
+    assert_eq!(
+        (conn.client_addr.as_str(), conn.balancer_addr.as_deref()),
+        (direct.to_string().as_str(), None)
+    );
+
+    eprintln!("phase: judge: the refusal is on node 1's record, the claimed address on none");
+    let node1 = read_records(&cluster.audit_dir(1));
+    let refused: Vec<&Record> = node1
+        .iter()
+        .filter(|r| r.body.detail.as_deref() == Some(said.as_str()))
+        .collect();
+    assert_eq!(refused.len(), 1, "one record of the refusal");
+    assert_eq!(refused[0].body.kind, Kind::ProtocolError);
+    let conn = refused[0].body.connection.as_deref().unwrap();
+    assert_eq!(
+        (conn.client_addr.as_str(), conn.balancer_addr.as_deref()),
+        (me.to_string().as_str(), None)
+    );
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.body.connection.as_deref())
+            .all(|c| !c.client_addr.starts_with("192.0.2.66")),
+        "the claimed address is on no record"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     let (cluster, psql) = LocalCluster::up().await;

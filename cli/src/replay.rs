@@ -201,6 +201,9 @@ pub fn render(records: &[Record]) -> String {
                     if let Some(a) = &c.application {
                         let _ = writeln!(out, "  application {}", esc(a));
                     }
+                    if let Some(a) = &c.balancer_addr {
+                        let _ = writeln!(out, "  balancer    {}", esc(a));
+                    }
                 }
                 let _ = writeln!(out, "  outcome     {}", outcome(b.outcome));
                 if let Some(d) = &b.detail {
@@ -465,6 +468,7 @@ mod tests {
                 b.connection = Some(Arc::new(Connection {
                     protocol: "postgres".into(),
                     client_addr: evil(),
+                    balancer_addr: Some(evil()),
                     client_tls: true,
                     name: Some(evil()),
                     target: Some(evil()),

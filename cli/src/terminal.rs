@@ -537,6 +537,9 @@ fn header(s: &Session<'_>) -> String {
     }
     if let Some(c) = connection {
         let _ = writeln!(out, "  client addr {}", esc(&c.client_addr));
+        if let Some(a) = &c.balancer_addr {
+            let _ = writeln!(out, "  balancer    {}", esc(a));
+        }
     }
     if let Some(b) = start {
         let _ = writeln!(

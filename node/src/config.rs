@@ -96,6 +96,11 @@ pub struct NodeConfig {
     pub id: String,
     /// Where the node keeps its audit log, its generated TLS certificate and keys.
     pub data_dir: PathBuf,
+    /// The load balancers (addresses, CIDR blocks) whose PROXY protocol v2 header names the
+    /// client of each connection they open; from them the header is required, from anyone
+    /// else refused. Empty: off.
+    #[serde(default)]
+    pub proxy_protocol_from: crate::core::proxy_protocol::Balancers,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -465,6 +470,16 @@ pub struct MemberSection {
     /// A snapshot (and log purge) every this many entries.
     #[serde(default = "default_snapshot_after")]
     pub snapshot_after: u64,
+    /// Settled requests and ended grants are forgotten this long after they settled.
+    #[serde(default = "default_retention_secs")]
+    pub retention_secs: u64,
+    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_retention_secs() -> u64 {
+    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -503,19 +518,12 @@ impl CoordinatorFile {
                 "member.election_timeout_max_ms",
                 "must be longer than member.election_timeout_min_ms",
             ));
-    /// Settled requests and ended grants are forgotten this long after they settled.
-    #[serde(default = "default_retention_secs")]
-    pub retention_secs: u64,
-    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
-    #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-fn default_retention_secs() -> u64 {
-    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
         }
         if m.snapshot_after == 0 {
             return Err(invalid("member.snapshot_after", "must be at least 1"));
+        }
+        if m.retention_secs == 0 {
+            return Err(invalid("member.retention_secs", "must be at least 1"));
         }
         if let Some(id) = &self.identity {
             check_identity("identity", id)?;
@@ -550,14 +558,13 @@ fn default_retention_secs() -> u64 {
             std::time::Duration::from_millis(m.election_timeout_max_ms),
         );
         c.snapshot_after = m.snapshot_after;
+        c.retention = std::time::Duration::from_secs(m.retention_secs);
+        c.metrics_listen = m.metrics_listen;
         Ok(c)
     }
 }
 
 impl Config {
-        if m.retention_secs == 0 {
-            return Err(invalid("member.retention_secs", "must be at least 1"));
-        }
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let config: Config = read_toml(path)?;
         config.validate()?;
@@ -591,8 +598,6 @@ impl Config {
         }
         if let Some(kube) = &self.kubernetes {
             kube.validate()?;
-        c.retention = std::time::Duration::from_secs(m.retention_secs);
-        c.metrics_listen = m.metrics_listen;
         }
         if self.postgres.is_none() && self.ssh.is_none() && self.kubernetes.is_none() {
             return Err(invalid(

@@ -240,6 +240,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         metrics: metrics.clone(),
         approvals: coordination.approvals.clone(),
         masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
+        balancers: config.node.proxy_protocol_from.clone(),
         data_dir: config.node.data_dir.clone(),
     });
     let (servers, ssh_api) = protocol_servers(&config, &core).await?;

@@ -85,7 +85,13 @@ pub struct Principal {
 pub struct Connection {
     /// `postgres`, `ssh` or `kubernetes`: the protocol of every request of the session.
     pub protocol: String,
+    /// The client's `IP:port`: the connection's peer, or, behind a load balancer that sends
+    /// the PROXY protocol, the client address the balancer reported.
     pub client_addr: String,
+    /// The load balancer's `IP:port` (the connection's peer), when the client came through a
+    /// configured one that reported `client_addr` in a PROXY protocol header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer_addr: Option<String>,
     pub client_tls: bool,
     /// The configured connection name the client asked for (`database` for PostgreSQL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -694,6 +700,7 @@ mod tests {
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),
             client_addr: "127.0.0.1:1".into(),
+            balancer_addr: Some("10.0.0.2:40000".into()),
             client_tls: true,
             name: Some("app".into()),
             target: Some("db:5432/app".into()),

@@ -8,6 +8,7 @@ pub mod config_error;
 pub mod identity;
 pub mod metrics;
 pub mod principals;
+pub mod proxy_protocol;
 pub mod refusal;
 pub mod secret;
 pub mod server;
@@ -32,6 +33,8 @@ pub struct Core {
     pub approvals: Arc<approvals::Approvals>,
     /// Masks values in records (detectors and column rules).
     pub masker: Masker,
+    /// The load balancers whose PROXY protocol headers name the client (`node.proxy_protocol_from`).
+    pub balancers: proxy_protocol::Balancers,
     /// Where the node keeps its state (a protocol's generated TLS material, for example).
     pub data_dir: PathBuf,
 }

@@ -16,6 +16,7 @@ pub mod spdy;
 mod stream;
 pub mod websocket;
 
+use crate::core::proxy_protocol::{self, FirstWord};
 use crate::core::server::{ProtocolServer, Shutdown};
 use crate::core::Core;
 use crate::policy::Policy;
@@ -172,16 +173,22 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
+                Ok((mut tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let (tls, ctx) = (tls.clone(), ctx.clone());
                     tokio::spawn(async move {
+                        // Refused (recorded) before TLS: nothing the client could read.
+                        let admitted =
+                            proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Client);
+                        let Ok(origin) = admitted.await else {
+                            return;
+                        };
                         let Ok(Ok(stream)) =
                             tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
                         else {
                             return;
                         };
-                        proxy::connection(ctx, stream, peer).await;
+                        proxy::connection(ctx, stream, origin).await;
                     });
                 }
                 Err(e) => {

@@ -8,6 +8,7 @@ use super::stream::{Framing, Purpose};
 use super::websocket::{self, StreamKind};
 use super::{Cluster, KubeContext, PROTOCOL};
 use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::proxy_protocol::Origin;
 use crate::core::Refusal;
 use crate::policy::kube::KubeAction;
 use crate::policy::{Action, Decision};
@@ -19,7 +20,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -41,7 +41,8 @@ type ClientBody = BoxBody<Bytes, hyper::Error>;
 struct Conn {
     ctx: Arc<KubeContext>,
     session: String,
-    peer: SocketAddr,
+    /// Who the client is (the peer, or the client behind a load balancer).
+    origin: Origin,
     /// The principal of the session (its first authenticated request).
     principal: Mutex<Option<Arc<Principal>>>,
     stmt: AtomicU64,
@@ -51,11 +52,11 @@ struct Conn {
 }
 
 /// Serves one TLS connection (HTTP/1.1 or HTTP/2) until it closes; then ends its session.
-pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, peer: SocketAddr) {
+pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, origin: Origin) {
     let conn = Arc::new(Conn {
         session: crate::core::new_session_id(),
         ctx: ctx.clone(),
-        peer,
+        origin,
         principal: Mutex::new(None),
         stmt: AtomicU64::new(0),
         started: Instant::now(),
@@ -154,14 +155,12 @@ enum Switch {
 impl Conn {
     fn connection(&self, cluster: Option<&str>) -> Arc<Connection> {
         Arc::new(Connection {
-            protocol: PROTOCOL.into(),
-            client_addr: self.peer.to_string(),
             client_tls: true,
             name: cluster.map(str::to_string),
             target: cluster
                 .and_then(|c| self.ctx.clusters.get(c))
                 .map(|c| c.config.server.clone()),
-            ..Connection::default()
+            ..self.origin.connection(PROTOCOL)
         })
     }
 

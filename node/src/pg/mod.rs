@@ -17,6 +17,7 @@ mod relay;
 mod session;
 mod state;
 
+use crate::core::proxy_protocol::{self, FirstWord, Origin, Refused};
 use crate::core::{Core, ProtocolServer, Shutdown};
 use anyhow::Context as _;
 use backend::Targets;
@@ -28,7 +29,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 /// The protocol's name in audit records, approval scopes and grants.
@@ -116,6 +118,26 @@ impl ProtocolServer for PgServer {
     }
 }
 
+/// Who the client of a new connection is ([`proxy_protocol::admit`]); `None` when the
+/// connection was refused (recorded), after an ErrorResponse that says why.
+async fn admit(ctx: &PgContext, tcp: &mut TcpStream, peer: SocketAddr) -> Option<Origin> {
+    match proxy_protocol::admit(&ctx.core, PROTOCOL, tcp, peer, FirstWord::Client).await {
+        Ok(origin) => Some(origin),
+        Err(refused) => {
+            if let Refused::Said(message) = refused {
+                let answer = messages::error_response(true, "08P01", &message);
+                // A client that does not read cannot hold the task.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = tcp.write_all(&answer).await;
+                    let _ = tcp.shutdown().await;
+                })
+                .await;
+            }
+            None
+        }
+    }
+}
+
 /// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.
 ///
 /// A client holds one of `max_unauthenticated_connections` permits from its accept until it is
@@ -129,7 +151,7 @@ async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
+                Ok((mut tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let Ok(permit) = preauth.clone().try_acquire_owned() else {
                         ctx.core.metrics.preauth_refused.inc();
@@ -140,7 +162,9 @@ async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future
                     let active = active.clone();
                     active.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
-                        session::run(ctx, tcp, peer, permit).await;
+                        if let Some(origin) = admit(&ctx, &mut tcp, peer).await {
+                            session::run(ctx, tcp, origin, permit).await;
+                        }
                         active.fetch_sub(1, Ordering::SeqCst);
                     });
                 }

@@ -9,6 +9,7 @@ use super::messages::{self, Reader, Startup};
 use super::relay::{self, Session};
 use super::PgContext;
 use crate::core::metrics::OutcomeLabel;
+use crate::core::proxy_protocol::Origin;
 use crate::core::tls::BoxStream;
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -89,17 +90,13 @@ pub async fn turn_away(mut tcp: TcpStream, peer: SocketAddr) {
 pub async fn run(
     ctx: Arc<PgContext>,
     tcp: TcpStream,
-    peer: SocketAddr,
+    origin: Origin,
     preauth: OwnedSemaphorePermit,
 ) {
     let id = crate::core::new_session_id();
-    let span = tracing::info_span!("pg_session", session = %id, client = %peer);
+    let span = tracing::info_span!("pg_session", session = %id, client = %origin.client);
     async move {
-        let mut conn = Connection {
-            protocol: super::PROTOCOL.into(),
-            client_addr: peer.to_string(),
-            ..Connection::default()
-        };
+        let mut conn = origin.connection(super::PROTOCOL);
         let mut stream: BoxStream = Box::new(tcp);
         let timeout = Duration::from_secs(ctx.config.startup_timeout_secs);
         let handshake = handshake(&ctx, &id, &mut stream, &mut conn, preauth);

@@ -22,6 +22,7 @@ mod sftp_guard;
 pub mod target;
 mod typed;
 
+use crate::core::proxy_protocol::{self, FirstWord};
 use crate::core::{Core, ProtocolServer, Shutdown};
 use anyhow::Context as _;
 use config::SshConfig;
@@ -169,7 +170,7 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
+                Ok((mut tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let Ok(permit) = preauth.clone().try_acquire_owned() else {
                         ctx.core.metrics.preauth_refused.inc();
@@ -179,7 +180,11 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
                     let active = active.clone();
                     active.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
-                        session::run(ctx, tcp, peer, permit).await;
+                        let admitted =
+                            proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Server);
+                        if let Ok(origin) = admitted.await {
+                            session::run(ctx, tcp, origin, permit).await;
+                        }
                         active.fetch_sub(1, Ordering::SeqCst);
                     });
                 }

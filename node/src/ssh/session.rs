@@ -8,12 +8,12 @@ use super::target::{Pinned, Target};
 use super::SshContext;
 use crate::audit::RecordingFile;
 use crate::core::identity::TokenError;
+use crate::core::proxy_protocol::{self, Guarded, Origin};
 use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::Certificate;
 use russh::server::{Auth, Msg, Session};
 use russh::{client, Channel, ChannelId, MethodKind, MethodSet};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,21 +29,17 @@ pub const PRINCIPAL_EXTENSION: &str = "principal@vigil";
 pub async fn run(
     ctx: Arc<SshContext>,
     tcp: TcpStream,
-    peer: SocketAddr,
+    origin: Origin,
     preauth: OwnedSemaphorePermit,
 ) {
     let id = crate::core::new_session_id();
-    let span = tracing::info_span!("ssh_session", session = %id, client = %peer);
+    let span = tracing::info_span!("ssh_session", session = %id, client = %origin.client);
     let _enter = span.enter();
     let auth_timeout = Duration::from_secs(ctx.config.auth_timeout_secs);
     let conn = Conn {
         ctx: ctx.clone(),
         id,
-        conn: Connection {
-            protocol: super::PROTOCOL.into(),
-            client_addr: peer.to_string(),
-            ..Connection::default()
-        },
+        conn: origin.connection(super::PROTOCOL),
         principal: None,
         login: String::new(),
         target: String::new(),
@@ -67,14 +63,24 @@ pub async fn run(
     // The identification exchange counts against the authentication time too: a client that
     // connects and says nothing must not hold a pre-authentication permit.
     let deadline = tokio::time::Instant::now() + auth_timeout;
+    // The server speaks first in SSH: a PROXY header at the client's start is found as russh
+    // reads it.
+    let stream = Guarded::new(tcp);
+    let proxy_header = stream.found();
     let started = tokio::time::timeout_at(
         deadline,
-        russh::server::run_stream(ctx.russh.clone(), tcp, conn),
+        russh::server::run_stream(ctx.russh.clone(), stream, conn),
     );
     let running = match started.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "ssh handshake failed");
+            match proxy_header.get() {
+                Some(&version) => {
+                    let message = proxy_protocol::refusal(version, &origin);
+                    proxy_protocol::refuse(&ctx.core, super::PROTOCOL, origin, message);
+                }
+                None => tracing::debug!(error = %e, "ssh handshake failed"),
+            }
             return;
         }
         Err(_) => {
