@@ -1,18 +1,22 @@
 //! Real coordinator clusters for the scenarios: `vigil-coordinator` child processes on loopback,
-//! each with its own data directory, which a test can kill (SIGKILL), pause (SIGSTOP), resume
-//! and restart.
+//! each with its own data directory and its HTTP endpoints (`/metrics`, `/readyz`), which a test
+//! can kill (SIGKILL), pause (SIGSTOP), resume and restart; in plaintext, or with TLS (mutual
+//! between members) from certificates made by `deploy/coordinator-tls.sh`.
 
-use crate::{bin, env, free_port};
+use crate::{bin, env, free_port, repo_root};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tempfile::TempDir;
 use vigil_coordinator::client::{Client, Credential};
+use vigil_coordinator::tls::ClientTls;
 use vigil_proto::coordinator as pb;
 
 pub struct Member {
     pub id: u64,
     pub addr: String,
+    /// `host:port` of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics: String,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -22,6 +26,8 @@ pub struct Cluster {
     pub dir: TempDir,
     pub token: String,
     pub members: Vec<Member>,
+    /// With TLS: the directory of `ca.pem` and `member-N.pem`/`.key`.
+    pub tls: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -33,7 +39,25 @@ impl Cluster {
 
     /// [`Cluster::start`] with members that snapshot every `snapshot_after` entries.
     pub async fn start_with(n: u64, snapshot_after: u64) -> Self {
+        Self::start_opts(n, snapshot_after, false).await
+    }
+
+    /// [`Cluster::start`] with TLS on every member's gRPC port: mutual between members, and
+    /// every client here verifies the members against the cluster's CA.
+    pub async fn start_tls(n: u64) -> Self {
+        Self::start_opts(n, 200, true).await
+    }
+
+    async fn start_opts(n: u64, snapshot_after: u64, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tls = tls.then(|| {
+            let tls_dir = dir.path().join("tls");
+            let names: Vec<String> = (1..=n)
+                .map(|id| format!("member-{id}=IP:127.0.0.1,DNS:localhost"))
+                .collect();
+            make_certificates(&tls_dir, &names);
+            tls_dir
+        });
         let token = format!("cluster-{}", crate::random_suffix());
         let e = env();
         let token_file = dir.path().join("cluster-token");
@@ -41,6 +65,14 @@ impl Cluster {
         let mut members = Vec::new();
         for id in 1..=n {
             let addr = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let tls_section = match &tls {
+                Some(d) => format!(
+                    "\n[member.tls]\ncert_file = \"{0}/member-{id}.pem\"\nkey_file = \"{0}/member-{id}.key\"\nca_file = \"{0}/ca.pem\"\n",
+                    d.display()
+                ),
+                None => String::new(),
+            };
             let config = dir.path().join(format!("member-{id}.toml"));
             std::fs::write(
                 &config,
@@ -54,7 +86,8 @@ heartbeat_ms = 50
 election_timeout_min_ms = 300
 election_timeout_max_ms = 600
 snapshot_after = {snapshot_after}
-
+metrics_listen = "{metrics}"
+{tls_section}
 [identity]
 issuer = "{issuer}"
 audiences = ["vigil-cli"]
@@ -73,6 +106,7 @@ level = "warn"
                 id,
                 log: dir.path().join(format!("member-{id}.log")),
                 addr,
+                metrics,
                 config,
                 child: None,
             });
@@ -81,6 +115,7 @@ level = "warn"
             dir,
             token,
             members,
+            tls,
         };
         for id in 1..=n {
             cluster.spawn(id);
@@ -116,34 +151,53 @@ level = "warn"
         self.members.iter().map(|m| m.addr.clone()).collect()
     }
 
+    /// The cluster's CA certificate, with TLS.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|d| d.join("ca.pem"))
+    }
+
+    /// A client of `endpoints` presenting `credential`, over TLS when the cluster has it.
+    fn client_of(&self, endpoints: Vec<String>, credential: Credential) -> Client {
+        let client = Client::new(endpoints, credential)
+            .unwrap()
+            .retry_for(Duration::from_secs(15));
+        match self.ca_file() {
+            Some(ca) => client.tls(ClientTls::verify_with(&ca).expect("the cluster's CA")),
+            None => client,
+        }
+    }
+
     /// A node-side client (cluster token) over every member.
     pub fn client(&self) -> Client {
-        Client::new(
+        self.client_of(
             self.endpoints(),
             Credential::Cluster(self.token.clone().into()),
         )
-        .unwrap()
-        .retry_for(Duration::from_secs(15))
     }
 
     /// A client that only talks to the given members.
     pub fn client_for(&self, ids: &[u64]) -> Client {
         let endpoints = ids.iter().map(|&id| self.member(id).addr.clone()).collect();
-        Client::new(endpoints, Credential::Cluster(self.token.clone().into()))
-            .unwrap()
-            .retry_for(Duration::from_secs(15))
+        self.client_of(endpoints, Credential::Cluster(self.token.clone().into()))
     }
 
     /// An operator's client (an OIDC token) over every member.
     pub fn operator(&self, token: &str) -> Client {
-        Client::new(self.endpoints(), Credential::Bearer(token.to_string()))
-            .unwrap()
-            .retry_for(Duration::from_secs(15))
+        self.client_of(self.endpoints(), Credential::Bearer(token.to_string()))
+    }
+
+    /// The `vigil` options that reach this cluster (`--coordinator`, and `--ca` with TLS).
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut args = vec!["--coordinator".to_string(), self.endpoints().join(",")];
+        if let Some(ca) = self.ca_file() {
+            args.extend(["--ca".to_string(), ca.display().to_string()]);
+        }
+        args
     }
 
     /// The `[coordinator]` section of a gateway node using this cluster.
     pub fn node_section(&self) -> String {
-        format!(
+        let mut section = format!(
             "[coordinator]\nendpoints = [{}]\ncluster_token = {{ file = \"{}\" }}\ntimeout_secs = 15\n",
             self.endpoints()
                 .iter()
@@ -151,7 +205,20 @@ level = "warn"
                 .collect::<Vec<_>>()
                 .join(", "),
             self.dir.path().join("cluster-token").display()
-        )
+        );
+        if let Some(ca) = self.ca_file() {
+            section += &format!("ca_file = \"{}\"\n", ca.display());
+        }
+        section
+    }
+
+    /// `GET path` on member `id`'s HTTP endpoints: (status code, body).
+    pub async fn http_get(&self, id: u64, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.member(id).metrics);
+        match reqwest::get(&url).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
     }
 
     pub fn spawn(&mut self, id: u64) {
@@ -246,4 +313,15 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Runs `deploy/coordinator-tls.sh DIR NAME=SANS…`: a CA in `dir` (kept when present) and a
+/// certificate and key per name.
+pub fn make_certificates(dir: &std::path::Path, names: &[String]) {
+    let status = Command::new(repo_root().join("deploy/coordinator-tls.sh"))
+        .arg(dir)
+        .args(names)
+        .status()
+        .expect("run deploy/coordinator-tls.sh");
+    assert!(status.success(), "deploy/coordinator-tls.sh failed");
 }

@@ -409,7 +409,7 @@ async fn t86_unauthenticated_and_malformed_calls_are_refused() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // No credential at all: a raw gRPC call.
-    let raw = vigil_coordinator::network::channel(&endpoints[0]).unwrap();
+    let raw = vigil_coordinator::network::channel(&endpoints[0], None).unwrap();
     let e = pb::coordinator_client::CoordinatorClient::new(raw.clone())
         .list_approvals(pb::ListApprovalsRequest::default())
         .await
@@ -485,7 +485,7 @@ async fn t86_unauthenticated_and_malformed_calls_are_refused() {
         vigil_coordinator::service::CLUSTER_TOKEN_HEADER,
         cluster.token.parse().unwrap(),
     );
-    let ch = vigil_coordinator::network::channel(&cluster.member(leader).addr).unwrap();
+    let ch = vigil_coordinator::network::channel(&cluster.member(leader).addr, None).unwrap();
     let e = pb::raft_client::RaftClient::new(ch)
         .append_entries(req)
         .await
@@ -549,7 +549,18 @@ fn pending_id(err: &tokio_postgres::Error) -> String {
 /// Held on node A, approved with the CLI, run on node B once; a second run is held again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t85_approved_on_one_node_runs_once_on_another() {
-    let cluster = Cluster::start(3).await;
+    approved_on_one_node_runs_once_on_another(&Cluster::start(3).await).await;
+}
+
+/// t85's flow against `cluster`: the nodes and the CLI reach it as its [`Cluster::node_section`]
+/// and [`Cluster::cli_args`] say (over TLS when it has TLS).
+async fn approved_on_one_node_runs_once_on_another(cluster: &Cluster) {
+    let cli_args = cluster.cli_args();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(cli_args.iter().map(String::as_str));
+        vigil(&all)
+    };
     let opts = NodeOptions {
         extra: APPROVAL_POLICY,
         coordinator: Some(cluster.node_section()),
@@ -576,27 +587,16 @@ async fn t85_approved_on_one_node_runs_once_on_another() {
 
     // The approver approves with the CLI and her own token.
     let alice = id_token("alice");
-    let coord = cluster.endpoints().join(",");
-    let (code, shown) = vigil(&[
-        "approvals",
-        "show",
-        &id,
-        "--coordinator",
-        &coord,
-        "--token",
-        &alice,
-    ]);
+    let (code, shown) = cli(&["approvals", "show", &id, "--token", &alice]);
     assert_eq!(code, 0, "{shown}");
     assert!(shown.contains(stmt), "{shown}");
     assert!(shown.contains("requester   agent-ops"), "{shown}");
-    let (code, out) = vigil(&[
+    let (code, out) = cli(&[
         "approvals",
         "approve",
         &id,
         "--comment",
         "ticket 42",
-        "--coordinator",
-        &coord,
         "--token",
         &alice,
     ]);
@@ -627,15 +627,7 @@ async fn t85_approved_on_one_node_runs_once_on_another() {
         1,
         "the approved statement ran exactly once: {ran:#?}"
     );
-    let (code, out) = vigil(&[
-        "approvals",
-        "show",
-        &id,
-        "--coordinator",
-        &coord,
-        "--token",
-        &alice,
-    ]);
+    let (code, out) = cli(&["approvals", "show", &id, "--token", &alice]);
     assert_eq!(code, 0);
     assert!(out.contains("state       consumed"), "{out}");
 
@@ -659,6 +651,123 @@ async fn t85_approved_on_one_node_runs_once_on_another() {
         (id.as_str(), "consumed")
     );
     assert_eq!(approval.by, vec!["alice".to_string()]);
+}
+
+/// TLS on every member's gRPC port. The members form the cluster over mutual TLS; gateway
+/// nodes verifying them against the CA hold a statement, the CLI (`--ca`) approves it, another
+/// node runs it once (t85's flow, over TLS). A caller without a member's certificate cannot
+/// speak Raft even with the cluster token, one with another CA's certificate does not get
+/// through the handshake, a plaintext caller gets nowhere, and a client trusting another CA
+/// refuses the members. The members' /readyz and /metrics agree on one leader; a member left
+/// without a majority stops being ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t88_members_use_mutual_tls_and_nodes_and_operators_verify_them() {
+    use vigil_coordinator::network::channel;
+    use vigil_coordinator::tls::{ClientTls, MemberTls};
+    use vigil_proto::coordinator::raft_client::RaftClient;
+
+    let mut cluster = Cluster::start_tls(3).await;
+    eprintln!("== t88: a held statement approved and run over TLS");
+    approved_on_one_node_runs_once_on_another(&cluster).await;
+
+    eprintln!("== t88: who may speak Raft");
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let addr = cluster.member(leader).addr.clone();
+    let tls_dir = cluster.tls.clone().unwrap();
+    let ca = tls_dir.join("ca.pem");
+    let token = cluster.token.clone();
+    let vote = |ch| {
+        let token = token.clone();
+        async move {
+            let mut req = tonic::Request::new(pb::RaftMessage {
+                json: b"{}".to_vec(),
+            });
+            req.metadata_mut().insert(
+                vigil_coordinator::service::CLUSTER_TOKEN_HEADER,
+                token.parse().unwrap(),
+            );
+            RaftClient::new(ch).vote(req).await.unwrap_err()
+        }
+    };
+    // TLS, the right CA and the cluster token, but no client certificate: refused.
+    let err = vote(channel(&addr, Some(&ClientTls::verify_with(&ca).unwrap())).unwrap()).await;
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("client certificate"), "{err:?}");
+    // A member's certificate gets through to Raft (which then refuses the empty message).
+    let member = |dir: &std::path::Path, name: &str| MemberTls {
+        cert_file: dir.join(format!("{name}.pem")),
+        key_file: dir.join(format!("{name}.key")),
+        ca_file: ca.clone(),
+    };
+    let as_member = member(&tls_dir, "member-1").peer_client().unwrap();
+    let err = vote(channel(&addr, Some(&as_member)).unwrap()).await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A certificate from another CA, for the same address: the handshake fails.
+    let other = cluster.dir.path().join("other-ca");
+    vigil_chaos::cluster::make_certificates(&other, &["impostor=IP:127.0.0.1".to_string()]);
+    let impostor = member(&other, "impostor").peer_client().unwrap();
+    let err = vote(channel(&addr, Some(&impostor)).unwrap()).await;
+    assert!(
+        !matches!(err.code(), Code::InvalidArgument | Code::Unauthenticated),
+        "a foreign certificate reached the service: {err:?}"
+    );
+    eprintln!("foreign certificate: {err:?}");
+    // Plaintext.
+    let err = vote(channel(&addr, None).unwrap()).await;
+    assert!(
+        !matches!(err.code(), Code::InvalidArgument | Code::Unauthenticated),
+        "a plaintext call reached the service: {err:?}"
+    );
+    // A node that trusts another CA does not talk to these members.
+    let misled = vigil_coordinator::client::Client::new(
+        vec![addr.clone()],
+        vigil_coordinator::client::Credential::Cluster(cluster.token.clone().into()),
+    )
+    .unwrap()
+    .retry_for(Duration::from_millis(300))
+    .tls(ClientTls::verify_with(&other.join("ca.pem")).unwrap());
+    let err = misled.status(pb::StatusRequest {}).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("certificate"),
+        "untrusted member: {err:?}"
+    );
+    // The members still agree: nothing above disturbed Raft.
+    cluster
+        .client()
+        .create_approval(new_request("r-after-probes", "h-probes"))
+        .await
+        .expect("the cluster still commits");
+
+    eprintln!("== t88: health and metrics");
+    let mut leaders = 0.0;
+    for id in 1..=3 {
+        let (code, body) = cluster.http_get(id, "/readyz").await;
+        assert_eq!(code, 200, "member {id}: {body}");
+        let (code, text) = cluster.http_get(id, "/metrics").await;
+        assert_eq!(code, 200);
+        leaders += metric(&text, "vigil_coordinator_is_leader");
+        assert!(metric(&text, "vigil_coordinator_leader_changes_total") >= 1.0);
+        assert!(metric(&text, "vigil_coordinator_last_applied_index") > 0.0);
+        if id == leader {
+            assert!(metric(&text, "vigil_coordinator_commit_seconds_count") > 0.0);
+            assert_eq!(metric(&text, "vigil_coordinator_commit_errors_total"), 0.0);
+        }
+    }
+    assert_eq!(leaders, 1.0, "one leader");
+    let alone = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    for id in [1, 2, 3].into_iter().filter(|&i| i != alone) {
+        cluster.kill(id);
+    }
+    eventually_async("a member without a majority reports not ready", || {
+        let cluster = &cluster;
+        async move { cluster.http_get(alone, "/readyz").await.0 == 503 }
+    })
+    .await;
+    let (_, body) = cluster.http_get(alone, "/readyz").await;
+    assert!(body.contains("no leader"), "{body}");
+    let (_, text) = cluster.http_get(alone, "/metrics").await;
+    assert!(metric(&text, "vigil_coordinator_peer_rpc_errors_total") > 0.0);
+    assert_eq!(cluster.http_get(alone, "/healthz").await.0, 200);
 }
 
 /// Three gateway nodes race to consume one approval: exactly one runs the statement.

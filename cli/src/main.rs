@@ -10,10 +10,11 @@ mod ssh;
 
 use clap::{Parser, Subcommand};
 use display::{escape as esc, escape_lines};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vigil_cli::{asciicast, display, recording, replay, terminal};
 use vigil_coordinator::client::{Client, Credential};
+use vigil_coordinator::tls::ClientTls;
 use vigil_node::config::Config;
 use vigil_proto::checkpoint::{Checkpoint, PinnedKeys};
 use vigil_proto::coordinator as pb;
@@ -162,6 +163,9 @@ struct CoordinatorArgs {
         global = true
     )]
     coordinator: Vec<String>,
+    /// Reach the members over TLS, verifying their certificates against this CA (PEM).
+    #[arg(long, env = "VIGIL_COORDINATOR_CA", global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
     #[command(flatten)]
     credential: CredentialArgs,
 }
@@ -277,6 +281,9 @@ struct VerifyArgs {
     /// every stream the witness holds must be in the log or topic.
     #[arg(long, value_delimiter = ',')]
     witness: Vec<String>,
+    /// Reach the --witness members over TLS, verifying them against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    witness_ca: Option<PathBuf>,
     /// With --witness: expect only the streams of these node ids (`id,…`) in the source; the
     /// witness's streams of other nodes are left out.
     #[arg(long, value_delimiter = ',', requires = "witness")]
@@ -345,20 +352,31 @@ impl CredentialArgs {
         }
     }
 
-    fn client(&self, endpoints: Vec<String>) -> Result<Client, String> {
-        Client::new(endpoints, self.credential()?).map_err(|s| s.message().to_string())
+    fn client(&self, endpoints: Vec<String>, ca: Option<&Path>) -> Result<Client, String> {
+        let client =
+            Client::new(endpoints, self.credential()?).map_err(|s| s.message().to_string())?;
+        match ca {
+            None => Ok(client),
+            Some(ca) => Ok(client.tls(
+                ClientTls::verify_with(ca)
+                    .map_err(|e| format!("--ca: {}", vigil_node::error_chain(&e)))?,
+            )),
+        }
     }
 }
 
 impl CoordinatorArgs {
     fn client(&self) -> Result<Client, String> {
-        self.credential.client(self.coordinator.clone())
+        self.credential
+            .client(self.coordinator.clone(), self.ca.as_deref())
     }
 }
 
 /// The witness's checkpoints, one per stream (of the `--nodes` only, when given).
 fn witnessed(args: &VerifyArgs) -> Result<Vec<Checkpoint>, String> {
-    let client = args.credential.client(args.witness.clone())?;
+    let client = args
+        .credential
+        .client(args.witness.clone(), args.witness_ca.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

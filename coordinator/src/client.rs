@@ -9,6 +9,7 @@
 
 use crate::network::channel;
 use crate::service::{CLUSTER_TOKEN_HEADER, LEADER_HEADER};
+use crate::tls::ClientTls;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,7 @@ pub struct Client {
     next: AtomicUsize,
     channels: Mutex<HashMap<String, Channel>>,
     retry_for: Duration,
+    tls: Option<ClientTls>,
 }
 
 /// Worth another try elsewhere: the member is not the leader or cannot be reached, or the
@@ -97,7 +99,14 @@ impl Client {
             next: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             retry_for: Duration::from_secs(10),
+            tls: None,
         })
+    }
+
+    /// Reach the members over TLS, verifying them as `tls` says (before the first call).
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// How long to keep trying (following leaders, skipping dead members) before giving up.
@@ -124,7 +133,7 @@ impl Client {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = channel(addr)
+        let ch = channel(addr, self.tls.as_ref())
             .map_err(|e| Status::invalid_argument(format!("coordinator address {addr}: {e}")))?;
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)

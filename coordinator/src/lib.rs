@@ -8,6 +8,7 @@
 //! - [`server`]: one member, started from its configuration;
 //! - [`retention`]: forgetting settled requests, by a purge the leader proposes;
 //! - [`metrics`]: the member's `/metrics`, `/healthz` and `/readyz`;
+//! - [`tls`]: TLS on the gRPC port, mutual between members;
 //! - [`client`]: what gateway nodes and the `vigil` CLI use to reach the cluster, following the
 //!   leader.
 
@@ -19,3 +20,4 @@ pub mod retention;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

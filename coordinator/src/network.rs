@@ -10,6 +10,7 @@
 use crate::metrics::{KindLabel, Metrics};
 use crate::service::CLUSTER_TOKEN_HEADER;
 use crate::store::{NodeId, TypeConfig};
+use crate::tls::ClientTls;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -33,18 +34,28 @@ use vigil_proto::coordinator::RaftMessage;
 pub struct Network {
     token: Arc<str>,
     metrics: Arc<Metrics>,
+    /// With TLS: the cluster's CA and this member's certificate, presented to its peers.
+    tls: Option<ClientTls>,
 }
 
 impl Network {
-    pub fn new(token: Arc<str>, metrics: Arc<Metrics>) -> Self {
-        Self { token, metrics }
+    pub fn new(token: Arc<str>, metrics: Arc<Metrics>, tls: Option<ClientTls>) -> Self {
+        Self {
+            token,
+            metrics,
+            tls,
+        }
     }
 }
 
-/// A lazily connected channel to `addr` (`host:port`), with connect and keep-alive limits so
-/// that a dead peer is noticed quickly.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// A lazily connected channel to `addr` (`host:port`), over TLS when `tls` is given, with
+/// connect and keep-alive limits so that a dead peer is noticed quickly.
+pub fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = match tls {
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.config())?,
+    };
+    Ok(endpoint
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -58,7 +69,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             target,
-            client: channel(&node.addr)
+            client: channel(&node.addr, self.tls.as_ref())
                 .map(RaftClient::new)
                 .map_err(|e| e.to_string()),
             token: self.token.clone(),

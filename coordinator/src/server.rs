@@ -6,6 +6,7 @@ use crate::service::{
     first_member, ClusterService, CoordinatorService, OperatorAuth, Proposer, RaftService, Shared,
 };
 use crate::store::{self, NodeId, Raft};
+use crate::tls::MemberTls;
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct MemberConfig {
     pub retention: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; none: not at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the gRPC port (mutual between members); none: plaintext.
+    pub tls: Option<MemberTls>,
 }
 
 /// Three days: long enough to look at last weekend's decisions with `vigil approvals`.
@@ -69,6 +72,7 @@ impl MemberConfig {
             discard_other_format: false,
             retention: DEFAULT_RETENTION,
             metrics_listen: None,
+            tls: None,
         }
     }
 }
@@ -92,6 +96,10 @@ impl Member {
         operators: Option<Arc<dyn OperatorAuth>>,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(cfg.id != 0, "member ids start at 1");
+        let (server_tls, peer_tls) = match &cfg.tls {
+            Some(t) => (Some(t.server()?), Some(t.peer_client()?)),
+            None => (None, None),
+        };
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("listen on {}", cfg.listen))?;
@@ -129,7 +137,7 @@ impl Member {
         let raft = Raft::new(
             cfg.id,
             Arc::new(raft_config),
-            Network::new(cfg.cluster_token.clone(), metrics.clone()),
+            Network::new(cfg.cluster_token.clone(), metrics.clone(), peer_tls),
             log,
             sm.clone(),
         )
@@ -150,6 +158,7 @@ impl Member {
             operators,
             admin_group: cfg.admin_group,
             metrics: metrics.clone(),
+            tls: server_tls.is_some(),
         });
         let mut tasks = vec![
             metrics.watch_leader(&shared.raft),
@@ -167,8 +176,11 @@ impl Member {
             )));
         }
         let (stop, stopped) = oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = server_tls {
+            builder = builder.tls_config(tls).context("TLS")?;
+        }
+        let router = builder
             .add_service(
                 CoordinatorServer::new(CoordinatorService(shared.clone()))
                     .max_decoding_message_size(MAX_MESSAGE),
@@ -185,7 +197,7 @@ impl Member {
                 let _ = stopped.await;
             },
         ));
-        tracing::info!(id = cfg.id, %addr, "coordinator member listening");
+        tracing::info!(id = cfg.id, %addr, tls = cfg.tls.is_some(), "coordinator member listening");
         Ok(Self {
             shared,
             addr,

@@ -66,6 +66,8 @@ pub struct Shared {
     pub operators: Option<Arc<dyn OperatorAuth>>,
     pub admin_group: String,
     pub metrics: Arc<Metrics>,
+    /// TLS on the gRPC port: `Raft` RPCs then need a member's client certificate.
+    pub tls: bool,
 }
 
 pub fn now_ms() -> Millis {
@@ -1022,6 +1024,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        crate::tls::require_member_certificate(self.0.tls, &req)?;
         self.0.member(req.metadata()).await?;
         let rpc = decode(req.into_inner())?;
         encode(&self.0.raft.append_entries(rpc).await)
@@ -1031,6 +1034,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        crate::tls::require_member_certificate(self.0.tls, &req)?;
         self.0.member(req.metadata()).await?;
         let rpc = decode(req.into_inner())?;
         encode(&self.0.raft.vote(rpc).await)
@@ -1040,6 +1044,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        crate::tls::require_member_certificate(self.0.tls, &req)?;
         self.0.member(req.metadata()).await?;
         let rpc = decode(req.into_inner())?;
         encode(&self.0.raft.install_snapshot(rpc).await)

@@ -65,6 +65,9 @@ pub struct CoordinatorConfig {
     /// the statement is refused.
     #[serde(default = "default_coordinator_timeout")]
     pub timeout_secs: u64,
+    /// With `endpoints`: reach the members over TLS, verifying them against this CA (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -75,6 +78,7 @@ impl Default for CoordinatorConfig {
             listen: default_embedded_listen(),
             admin_group: default_admin_group(),
             timeout_secs: default_coordinator_timeout(),
+            ca_file: None,
         }
     }
 }
@@ -96,11 +100,6 @@ pub struct NodeConfig {
     pub id: String,
     /// Where the node keeps its audit log, its generated TLS certificate and keys.
     pub data_dir: PathBuf,
-    /// The load balancers (addresses, CIDR blocks) whose PROXY protocol v2 header names the
-    /// client of each connection they open; from them the header is required, from anyone
-    /// else refused. Empty: off.
-    #[serde(default)]
-    pub proxy_protocol_from: crate::core::proxy_protocol::Balancers,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -470,16 +469,6 @@ pub struct MemberSection {
     /// A snapshot (and log purge) every this many entries.
     #[serde(default = "default_snapshot_after")]
     pub snapshot_after: u64,
-    /// Settled requests and ended grants are forgotten this long after they settled.
-    #[serde(default = "default_retention_secs")]
-    pub retention_secs: u64,
-    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
-    #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-fn default_retention_secs() -> u64 {
-    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -518,6 +507,19 @@ impl CoordinatorFile {
                 "member.election_timeout_max_ms",
                 "must be longer than member.election_timeout_min_ms",
             ));
+    /// Settled requests and ended grants are forgotten this long after they settled.
+    #[serde(default = "default_retention_secs")]
+    pub retention_secs: u64,
+    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the gRPC port, mutual between members; absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<vigil_coordinator::tls::MemberTls>,
+}
+
+fn default_retention_secs() -> u64 {
+    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
         }
         if m.snapshot_after == 0 {
             return Err(invalid("member.snapshot_after", "must be at least 1"));
@@ -560,6 +562,7 @@ impl CoordinatorFile {
         c.snapshot_after = m.snapshot_after;
         c.retention = std::time::Duration::from_secs(m.retention_secs);
         c.metrics_listen = m.metrics_listen;
+        c.tls = m.tls.clone();
         Ok(c)
     }
 }
@@ -774,6 +777,12 @@ impl CoordinatorConfig {
         }
         if self.timeout_secs == 0 {
             return Err(invalid("coordinator.timeout_secs", "must be at least 1"));
+        }
+        if self.ca_file.is_some() && self.endpoints.is_empty() {
+            return Err(invalid(
+                "coordinator.ca_file",
+                "applies to coordinator.endpoints only (the embedded member serves plaintext)",
+            ));
         }
         Ok(())
     }

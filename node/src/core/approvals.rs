@@ -25,6 +25,7 @@ use vigil_coordinator::approvals::{ActionKey, Actor};
 use vigil_coordinator::client::{Client, Credential};
 use vigil_coordinator::server::{Member, MemberConfig};
 use vigil_coordinator::service::{new_id, BoxFuture, OperatorAuth};
+use vigil_coordinator::tls::ClientTls;
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{ApprovalRef, Body, Kind, Outcome, PolicyRef, Principal, Request};
 
@@ -67,12 +68,15 @@ pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Res
             token.expose().len() >= 16,
             "coordinator.cluster_token: must be at least 16 characters"
         );
-        let client = Client::new(
+        let mut client = Client::new(
             co.endpoints.clone(),
             Credential::Cluster(token.expose().as_str().into()),
         )
         .map_err(|s| anyhow::anyhow!("coordinator.endpoints: {}", s.message()))?
         .retry_for(timeout);
+        if let Some(ca) = &co.ca_file {
+            client = client.tls(ClientTls::verify_with(ca).context("coordinator.ca_file")?);
+        }
         return Ok(Coordination {
             approvals: Arc::new(Approvals::new(client, &config.node.id)),
             member: None,
