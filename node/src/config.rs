@@ -100,6 +100,11 @@ pub struct NodeConfig {
     pub id: String,
     /// Where the node keeps its audit log, its generated TLS certificate and keys.
     pub data_dir: PathBuf,
+    /// The load balancers (addresses, CIDR blocks) whose PROXY protocol v2 header names the
+    /// client of each connection they open; from them the header is required, from anyone
+    /// else refused. Empty: off.
+    #[serde(default)]
+    pub proxy_protocol_from: crate::core::proxy_protocol::Balancers,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -469,6 +474,19 @@ pub struct MemberSection {
     /// A snapshot (and log purge) every this many entries.
     #[serde(default = "default_snapshot_after")]
     pub snapshot_after: u64,
+    /// Settled requests and ended grants are forgotten this long after they settled.
+    #[serde(default = "default_retention_secs")]
+    pub retention_secs: u64,
+    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the gRPC port, mutual between members; absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<vigil_coordinator::tls::MemberTls>,
+}
+
+fn default_retention_secs() -> u64 {
+    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -507,19 +525,6 @@ impl CoordinatorFile {
                 "member.election_timeout_max_ms",
                 "must be longer than member.election_timeout_min_ms",
             ));
-    /// Settled requests and ended grants are forgotten this long after they settled.
-    #[serde(default = "default_retention_secs")]
-    pub retention_secs: u64,
-    /// `/metrics`, `/healthz` and `/readyz` over HTTP; absent: not served.
-    #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
-    /// TLS on the gRPC port, mutual between members; absent: plaintext.
-    #[serde(default)]
-    pub tls: Option<vigil_coordinator::tls::MemberTls>,
-}
-
-fn default_retention_secs() -> u64 {
-    vigil_coordinator::server::DEFAULT_RETENTION.as_secs()
         }
         if m.snapshot_after == 0 {
             return Err(invalid("member.snapshot_after", "must be at least 1"));
