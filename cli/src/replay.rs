@@ -573,6 +573,7 @@ mod tests {
             "  token ",
             "  connection ",
             "  application ",
+            "  balancer ",
             "  outcome ",
             "  detail ",
             "  params ",
