@@ -21,11 +21,14 @@ use vigil_proto::record::{Kind, Record};
 const MEMBERS: &str = "coordinator-1:7470,coordinator-2:7470,coordinator-3:7470";
 const UPDATE: &str = "update customers set tier = 'gold' where id = 2";
 
-/// One stack under its own project name and host ports, taken down (volumes too) on drop.
+/// One stack under its own project name, host ports and subnet, taken down (volumes too) on
+/// drop.
 struct Stack {
     project: String,
     pg_port: u16,
     stats_port: u16,
+    /// The first three numbers of the stack's /24 (`VIGIL_COMPOSE_NET`): HAProxy is `NET.10`.
+    net: String,
 }
 
 impl Stack {
@@ -34,6 +37,7 @@ impl Stack {
             project: format!("vigil-test-{}", random_suffix()),
             pg_port: free_port(),
             stats_port: free_port(),
+            net: format!("172.30.{}", 100 + rand::random::<u8>() % 150),
         };
         let bins = bin("vigil-node")
             .parent()
@@ -66,6 +70,7 @@ impl Stack {
             .env("VIGIL_COMPOSE_PG_PORT", self.pg_port.to_string())
             .env("VIGIL_COMPOSE_STATS_PORT", self.stats_port.to_string())
             .env("VIGIL_COMPOSE_BIND", "127.0.0.1")
+            .env("VIGIL_COMPOSE_NET", &self.net)
             .env("VIGIL_IMAGE", self.image())
             .env_remove("VIGIL_TOKEN")
             .stdin(Stdio::null());
@@ -300,6 +305,30 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
         steps.contains(&(Kind::ApprovalDecided, "approved")),
         "{steps:?}"
     );
+    // HAProxy named the client in a PROXY protocol header: the records carry both.
+    let haproxy = format!("{}.10:", stack.net);
+    let updates: Vec<&Record> = records
+        .iter()
+        .filter(|r| {
+            r.body.kind == Kind::Request
+                && r.body
+                    .request
+                    .as_ref()
+                    .and_then(|q| q.postgres())
+                    .is_some_and(|q| q.text == UPDATE)
+        })
+        .collect();
+    assert!(!updates.is_empty(), "the update's request record");
+    for r in updates {
+        let conn = r.body.connection.as_deref().expect("a connection");
+        assert!(
+            conn.balancer_addr
+                .as_deref()
+                .is_some_and(|b| b.starts_with(&haproxy))
+                && !conn.client_addr.starts_with(&haproxy),
+            "the client apart from HAProxy ({haproxy}…): {conn:?}"
+        );
+    }
 
     eprintln!("phase: every node's stream in the audit topic, verified against the witness");
     let streams = wait_for(

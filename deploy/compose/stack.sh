@@ -18,8 +18,8 @@
 #
 #   VIGIL_COMPOSE_PROJECT     the Compose project name (default vigil): several stacks with
 #                             different names and ports run side by side
-#   VIGIL_COMPOSE_PG_PORT, VIGIL_COMPOSE_STATS_PORT, VIGIL_COMPOSE_BIND, VIGIL_IMAGE and the
-#   secrets: see docker-compose.yml
+#   VIGIL_COMPOSE_PG_PORT, VIGIL_COMPOSE_STATS_PORT, VIGIL_COMPOSE_BIND, VIGIL_COMPOSE_NET,
+#   VIGIL_IMAGE and the secrets: see docker-compose.yml
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
