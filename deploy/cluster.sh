@@ -18,7 +18,10 @@
 # The node and member configurations are the Compose stack's templates
 # (deploy/compose/vigil-node.toml, vigil-coordinator.toml), rendered by the image's
 # vigil-entrypoint with loopback addresses; the cluster is formed by the image's
-# vigil-cluster-init. `up` on a running cluster starts only the parts that are down (a node
+# vigil-cluster-init. The members speak TLS (mutual between them): the first `up` makes a CA
+# and their certificates with deploy/coordinator-tls.sh in $VIGIL_CLUSTER_DIR/tls, the nodes
+# verify the members against it, and the env file sets VIGIL_COORDINATOR_CA for the vigil CLI.
+# `up` on a running cluster starts only the parts that are down (a node
 # killed by a test comes back with its data directory, and ships what its spool kept).
 # `down` leaves the dev servers running (stop them with deploy/dev/servers.sh stop) and the
 # state directory in place (the next `up` finds the same cluster; remove the directory after
@@ -37,6 +40,8 @@
 #   VIGIL_CLUSTER_TOPIC             the audit topic on the dev broker (default vigil-audit,
 #                                   created with 3 partitions if missing)
 #   VIGIL_CLUSTER_DATABASE          the target database behind the connection "app" (default app)
+#   VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS  how long a node given SIGTERM lets its sessions go on
+#                                   before it ends them (node.drain_timeout_secs; default 20)
 #   VIGIL_BIN_DIR                   vigil, vigil-node, vigil-coordinator
 #                                   (default ${CARGO_TARGET_DIR:-target}/debug)
 #   VIGIL_DEV_DIR and VIGIL_DEV_*_PORT: the dev servers (deploy/dev/servers.sh)
@@ -71,6 +76,8 @@ lb_source="${VIGIL_CLUSTER_LB_SOURCE:-127.0.0.2}"
 [[ "$lb_source" =~ ^127(\.[0-9]{1,3}){3}$ && "$lb_source" != 127.0.0.1 ]] \
   || die "VIGIL_CLUSTER_LB_SOURCE=$lb_source is not a loopback address other than 127.0.0.1"
 database="${VIGIL_CLUSTER_DATABASE:-app}"
+drain_timeout="${VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS:-20}"
+[[ "$drain_timeout" =~ ^[0-9]{1,5}$ ]] || die "VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS=$drain_timeout is not a number of seconds"
 bin_dir="${VIGIL_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}"
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
 servers_sh="$here/dev/servers.sh"
@@ -79,6 +86,8 @@ nodes=(1 2 3)
 
 marker="$dir/.vigil-cluster"
 token_file="$dir/cluster-token"
+tls_dir="$dir/tls"
+peer_secret_file="$dir/peer-secret"
 env_file="$dir/env"
 haproxy_dir="$dir/haproxy"
 haproxy_cfg="$haproxy_dir/haproxy.cfg"
@@ -118,8 +127,9 @@ start_part() { # part, command...
   printf '%s\n' "$!" >"$dir/$part/pid"
 }
 
-# Stops parts by their PIDs, all at once: SIGTERM to each (a node drains its sessions and
-# ships its spool), then SIGKILL to any still running after 10 s.
+# Stops parts by their PIDs, all at once: SIGTERM to each (a node drains its sessions, up to
+# the drain timeout, and ships its spool, up to 10 s), then SIGKILL to any still running
+# after the drain timeout and 15 s more.
 stop_parts() { # part...
   local part pid pids=() _ alive
   for part in "$@"; do
@@ -129,7 +139,7 @@ stop_parts() { # part...
       pids+=("$pid")
     fi
   done
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 $(((drain_timeout + 15) * 10))); do
     alive=0
     for pid in "${pids[@]}"; do proc_alive "$pid" && alive=1; done
     ((alive)) || break
@@ -197,6 +207,10 @@ member_start() {
     VIGIL_MEMBER_ID="$i" VIGIL_MEMBER_LISTEN="$(member_addr "$i")" \
     VIGIL_ADVERTISE="$(member_addr "$i")" VIGIL_DATA_DIR="$dir/$part/data" \
     VIGIL_OIDC_ISSUER="$VIGIL_OIDC_ISSUER" || die "rendering $part's config failed"
+  # The Compose template has no TLS (its members talk on the stack's own network); here they do.
+  printf '\n[member.tls]\ncert_file = "%s"\nkey_file = "%s"\nca_file = "%s"\n' \
+    "$tls_dir/coordinator-$i.pem" "$tls_dir/coordinator-$i.key" "$tls_dir/ca.pem" \
+    >>"$dir/$part/config.toml"
   log "starting $part on $(member_addr "$i")"
   VIGIL_CLUSTER_TOKEN="$(cat "$token_file")" \
     start_part "$part" "$bin_dir/vigil-coordinator" --config "$dir/$part/config.toml"
@@ -205,16 +219,17 @@ member_start() {
 cluster_init() {
   local spec="" i
   for i in "${members[@]}"; do spec+="$i=$(member_addr "$i") "; done
-  PATH="$bin_dir:$PATH" VIGIL_CLUSTER_MEMBERS="${spec% }" VIGIL_CLUSTER_TOKEN="$(cat "$token_file")" \
+  PATH="$bin_dir:$PATH" VIGIL_COORDINATOR_CA="$tls_dir/ca.pem" VIGIL_CLUSTER_MEMBERS="${spec% }" VIGIL_CLUSTER_TOKEN="$(cat "$token_file")" \
     VIGIL_CLUSTER_INIT_TIMEOUT=60 "$root/deploy/docker/vigil-cluster-init" >"$dir/cluster-init.log" 2>&1 \
     || { show_log "$dir/cluster-init.log"; die "forming the coordinator cluster failed"; }
 }
 
 # ---------------------------------------------------------------------------- nodes
 node_start() {
-  local i="$1" part="node-$1" endpoints="" m
+  local i="$1" part="node-$1" endpoints="" peers="" m
   if part_pid "$part" >/dev/null; then return 0; fi
   for m in "${members[@]}"; do endpoints+="\"$(member_addr "$m")\", "; done
+  for m in "${nodes[@]}"; do peers+="{ id = \"gw-$m\", url = \"http://$(node_admin_addr "$m")\" }, "; done
   mkdir -p "$dir/$part"
   render vigil-node.toml "$dir/$part/config.toml" \
     VIGIL_NODE_ID="gw-$i" VIGIL_DATA_DIR="$dir/$part/data" \
@@ -223,9 +238,16 @@ node_start() {
     VIGIL_PG_LISTEN="$(node_pg_addr "$i")" VIGIL_PG_HOST="$VIGIL_PG_HOST" \
     VIGIL_PG_PORT="$VIGIL_PG_PORT" VIGIL_PG_DATABASE="$database" \
     VIGIL_PROXY_PROTOCOL_FROM="\"$lb_source\"" \
-    VIGIL_COORDINATOR_ENDPOINTS="${endpoints%, }" || die "rendering $part's config failed"
+    VIGIL_COORDINATOR_ENDPOINTS="${endpoints%, }" VIGIL_NODE_PEERS="${peers%, }" \
+    VIGIL_DRAIN_TIMEOUT_SECS="$drain_timeout" \
+    || die "rendering $part's config failed"
+  # The node reaches the members over TLS: coordinator.ca_file, after the token in [coordinator].
+  sed -i "/^cluster_token = { env = \"VIGIL_CLUSTER_TOKEN\" }\$/a ca_file = \"$tls_dir/ca.pem\"" \
+    "$dir/$part/config.toml"
+  grep -q '^ca_file = ' "$dir/$part/config.toml" || die "$part's config has no [coordinator] cluster_token line to add ca_file after"
   log "starting $part (gw-$i) on $(node_pg_addr "$i"), admin $(node_admin_addr "$i")"
   VIGIL_CLUSTER_TOKEN="$(cat "$token_file")" VIGIL_PG_GATEWAY_PASSWORD="$VIGIL_PG_GATEWAY_PASSWORD" \
+    VIGIL_PEER_SECRET="$(cat "$peer_secret_file")" \
     start_part "$part" "$bin_dir/vigil-node" --config "$dir/$part/config.toml"
 }
 
@@ -348,6 +370,7 @@ write_env() {
        VIGIL_CLUSTER_DATABASE "$database" \
        VIGIL_CLUSTER_KAFKA_BROKERS "$VIGIL_KAFKA_BROKERS" \
        VIGIL_CLUSTER_TOKEN_FILE "$token_file" \
+       VIGIL_COORDINATOR_CA "$tls_dir/ca.pem" \
        VIGIL_COORDINATOR "$(for i in "${members[@]}"; do printf '%s,' "$(member_addr "$i")"; done | sed 's/,$//')"
      for i in "${nodes[@]}"; do
        printf 'export VIGIL_CLUSTER_NODE%s_PID_FILE=%q\n' "$i" "$dir/node-$i/pid"
@@ -370,6 +393,12 @@ cmd_up() {
   fi
   [[ -f "$marker" ]] || die "$dir was not created by cluster.sh (no $marker); choose another VIGIL_CLUSTER_DIR"
   [[ -f "$token_file" ]] || (umask 077; openssl rand -hex 32 >"$token_file")
+  if [[ ! -f "$tls_dir/ca.pem" ]]; then
+    local certs=() m
+    for m in "${members[@]}"; do certs+=("coordinator-$m=IP:127.0.0.1,DNS:localhost"); done
+    "$here/coordinator-tls.sh" "$tls_dir" "${certs[@]}" || die "deploy/coordinator-tls.sh failed"
+  fi
+  [[ -f "$peer_secret_file" ]] || (umask 077; openssl rand -hex 32 >"$peer_secret_file")
 
   ensure_dev_servers
   ensure_topic

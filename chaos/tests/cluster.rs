@@ -39,11 +39,17 @@ struct LocalCluster {
     node_admin_port: u16,
     topic: String,
     db: String,
+    drain_timeout_secs: u64,
 }
 
 impl LocalCluster {
     /// Starts the cluster; with the psql command line `up` printed.
     async fn up() -> (Self, String) {
+        Self::up_draining_for(20).await
+    }
+
+    /// Starts the cluster with nodes that drain for `drain_timeout_secs` on SIGTERM.
+    async fn up_draining_for(drain_timeout_secs: u64) -> (Self, String) {
         // One block of free ports: HAProxy's two, then three per kind of member and node port.
         let base = free_ports(2 + 3 + 2 * NODES as u16);
         let cluster = LocalCluster {
@@ -55,6 +61,7 @@ impl LocalCluster {
             node_admin_port: base + 5 + NODES as u16,
             topic: format!("cluster-{}", random_suffix()),
             db: create_database().await,
+            drain_timeout_secs,
         };
         eprintln!(
             "phase: cluster.sh up in {}, HAProxy on 127.0.0.1:{}, database {}, topic {}",
@@ -111,6 +118,10 @@ impl LocalCluster {
             )
             .env("VIGIL_CLUSTER_TOPIC", &self.topic)
             .env("VIGIL_CLUSTER_DATABASE", &self.db)
+            .env(
+                "VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS",
+                self.drain_timeout_secs.to_string(),
+            )
             .env("VIGIL_BIN_DIR", bins)
             .stdin(Stdio::null())
             .output()
@@ -124,6 +135,15 @@ impl LocalCluster {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .trim()
             .to_string()
+    }
+
+    /// Node `i`'s own PostgreSQL listener and admin endpoint (not through the balancer).
+    fn node_pg(&self, i: usize) -> u16 {
+        self.node_pg_port + i as u16 - 1
+    }
+
+    fn node_admin(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.node_admin_port + i as u16 - 1)
     }
 
     fn audit_dir(&self, i: usize) -> PathBuf {
@@ -164,6 +184,17 @@ impl Drop for LocalCluster {
 struct Seen {
     answered: usize,
     back_after: Vec<Duration>,
+    /// How each failed statement failed: its SQLSTATE, or `closed` (the connection went).
+    failures: Vec<String>,
+}
+
+/// How a statement failed: its SQLSTATE, or `closed` when the connection went.
+fn failure(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None if e.is_closed() => "closed".into(),
+        None => e.to_string(),
+    }
 }
 
 /// A client of the balancer: statements one after the other on one session, a new session
@@ -197,7 +228,8 @@ async fn client(
                         seen.back_after.push(from.elapsed());
                     }
                 }
-                Err(_) => {
+                Err(e) => {
+                    seen.failures.push(failure(&e));
                     broken_since.get_or_insert_with(Instant::now);
                     break;
                 }
@@ -206,6 +238,45 @@ async fn client(
         }
     }
     seen
+}
+
+/// Clients of the balancer, each running statements until stopped ([`client`]).
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// When a fault broke sessions on purpose (the clients measure their way back from it).
+    broken_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    workers: Vec<tokio::task::JoinHandle<Seen>>,
+}
+
+impl Load {
+    fn start(cluster: &LocalCluster, token: &str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let broken_at = Arc::new(std::sync::Mutex::new(None));
+        let workers = (0..clients)
+            .map(|w| {
+                let conn = format!(
+                    "host=127.0.0.1 port={} user=agent dbname=app password={token} application_name=cluster-w{w} connect_timeout=2",
+                    cluster.pg_port
+                );
+                tokio::spawn(client(w, conn, stop.clone(), broken_at.clone()))
+            })
+            .collect();
+        Load {
+            stop,
+            broken_at,
+            workers,
+        }
+    }
+
+    /// What each client saw.
+    async fn stop(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut seen = Vec::new();
+        for w in self.workers {
+            seen.push(w.await.unwrap());
+        }
+        seen
+    }
 }
 
 /// The PostgreSQL statements of the audit records in a set of record values.
@@ -375,17 +446,7 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
 
     const CLIENTS: usize = 6;
     eprintln!("phase: {CLIENTS} clients through HAProxy");
-    let stop = Arc::new(AtomicBool::new(false));
-    let killed_at = Arc::new(std::sync::Mutex::new(None));
-    let workers: Vec<_> = (0..CLIENTS)
-        .map(|w| {
-            let conn = format!(
-                "host=127.0.0.1 port={} user=agent dbname=app password={token} application_name=cluster-w{w} connect_timeout=2",
-                cluster.pg_port
-            );
-            tokio::spawn(client(w, conn, stop.clone(), killed_at.clone()))
-        })
-        .collect();
+    let load = Load::start(&cluster, &token, CLIENTS);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The node with the most sessions, so that the kill breaks some and leaves others.
@@ -397,18 +458,14 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
         "sessions spread over the nodes: {sessions:?}"
     );
     eprintln!("phase: kill -9 node-{victim} ({on_victim} sessions; all: {sessions:?})");
-    *killed_at.lock().unwrap() = Some(Instant::now());
+    *load.broken_at.lock().unwrap() = Some(Instant::now());
     let status = Command::new("kill")
         .args(["-9", &cluster.node_pid(victim)])
         .status()
         .unwrap();
     assert!(status.success());
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut seen = Vec::new();
-    for w in workers {
-        seen.push(w.await.unwrap());
-    }
+    let seen = load.stop().await;
 
     eprintln!("phase: the clients got back in through the balancer");
     let back: Vec<Duration> = seen.iter().flat_map(|s| s.back_after.clone()).collect();
@@ -446,19 +503,39 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     assert!(out.status.success(), "{}", output_text(&out));
 
     eprintln!("phase: every statement PostgreSQL ran is in the audit topic");
-    let ran: BTreeSet<String> = pg_executed(&cluster.db, log_start)
-        .into_iter()
-        .map(|r| r.text)
+    // The restarted node ships what its spool kept; each process is a stream of its own, so
+    // two for the killed node.
+    let want: Vec<usize> = (1..=NODES)
+        .map(|i| if i == victim { 2 } else { 1 })
         .collect();
+    let (ran, records) = wait_for_topic(&cluster, log_start, &want).await;
     let answered: usize = seen.iter().map(|s| s.answered).sum();
     assert!(
         ran.len() >= answered,
         "PostgreSQL logged {} statements, the clients had {answered} answered",
         ran.len()
     );
-    // Until the topic holds every statement PostgreSQL ran and every one the nodes' local logs
-    // recorded (the restarted node ships what its spool kept), and each node's streams: one
-    // per process, so two for the killed node.
+    eprintln!(
+        "  {} statements ran, all in the topic ({} records)",
+        ran.len(),
+        records.len()
+    );
+
+    eprintln!("phase: vigil audit verify over the topic and every node's local log");
+    verify_everything(&cluster).await;
+}
+
+/// Every statement PostgreSQL ran since `log_start` is in the cluster's topic, and the topic
+/// holds `streams[i-1]` streams of node i; waits (up to 60 s) for the nodes to ship.
+async fn wait_for_topic(
+    cluster: &LocalCluster,
+    log_start: u64,
+    streams: &[usize],
+) -> (BTreeSet<String>, Vec<Record>) {
+    let ran: BTreeSet<String> = pg_executed(&cluster.db, log_start)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let records: Vec<Record> = topic_messages(&cluster.topic)
@@ -467,35 +544,28 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
             .map(|m| Record::parse(&m.value).expect("a record in the topic"))
             .collect();
         let in_topic = audited_statements(records.iter());
+        let not_audited: Vec<&String> = ran.difference(&in_topic).collect();
+        // What the nodes' local logs recorded is shipped too.
         let local: Vec<Record> = (1..=NODES)
             .flat_map(|i| read_records(&cluster.audit_dir(i)))
             .collect();
-        let not_audited: Vec<&String> = ran.difference(&in_topic).collect();
         let local = audited_statements(local.iter());
         let not_shipped: Vec<&String> = local.difference(&in_topic).collect();
-        let streams: BTreeSet<&str> = records.iter().map(|r| r.stream.as_str()).collect();
+        let ids: BTreeSet<&str> = records.iter().map(|r| r.stream.as_str()).collect();
         let per_node: Vec<usize> = (1..=NODES)
             .map(|i| {
                 let prefix = format!("gw-{i}:");
-                streams.iter().filter(|s| s.starts_with(&prefix)).count()
+                ids.iter().filter(|s| s.starts_with(&prefix)).count()
             })
             .collect();
-        let want: Vec<usize> = (1..=NODES)
-            .map(|i| if i == victim { 2 } else { 1 })
-            .collect();
-        if not_audited.is_empty() && not_shipped.is_empty() && per_node == want {
-            eprintln!(
-                "  {} statements ran, all in the topic ({} records)",
-                ran.len(),
-                records.len()
-            );
-            break;
+        if not_audited.is_empty() && not_shipped.is_empty() && per_node == streams {
+            return (ran, records);
         }
         assert!(
             Instant::now() < deadline,
             "after 60 s: {} of {} statements PostgreSQL ran are not in the topic (e.g. {:?}); \
              {} recorded locally are not either (e.g. {:?}); streams per node {per_node:?}, \
-             want {want:?}",
+             want {streams:?}",
             not_audited.len(),
             ran.len(),
             &not_audited[..not_audited.len().min(5)],
@@ -504,8 +574,10 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
 
-    eprintln!("phase: vigil audit verify over the topic and every node's local log");
+/// `vigil audit verify` passes over the topic and over every node's local log.
+async fn verify_everything(cluster: &LocalCluster) {
     let brokers = env().get("VIGIL_KAFKA_BROKERS");
     let (code, report) = vigil_async(&[
         "audit",
@@ -517,11 +589,304 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     ])
     .await;
     assert_eq!(code, 0, "{report}");
-    eprintln!("{report}");
     for i in 1..=NODES {
         let dir = cluster.audit_dir(i);
         let (code, report) =
             vigil_async(&["audit", "verify", "--log", dir.to_str().unwrap()]).await;
         assert_eq!(code, 0, "node-{i}: {report}");
     }
+}
+
+/// The Cancel records in node `i`'s local log.
+fn cancels(cluster: &LocalCluster, i: usize) -> Vec<Record> {
+    read_records(&cluster.audit_dir(i))
+        .into_iter()
+        .filter(|r| r.body.kind == Kind::Cancel)
+        .collect()
+}
+
+fn direct(cluster: &LocalCluster, i: usize, token: &str, app: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=agent dbname=app password={token} application_name={app} connect_timeout=3",
+        cluster.node_pg(i)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t51_a_cancel_the_balancer_hands_to_another_node_cancels_on_the_session_s_node() {
+    let (cluster, _psql) = LocalCluster::up().await;
+    let token = agent_token().await;
+
+    eprintln!("phase: a long statement on gw-1; its cancel key sent to gw-2's listener");
+    let (client, _task) = connect_tls(&direct(&cluster, 1, &token, "cancel-test"))
+        .await
+        .expect("a session on gw-1");
+    let cancel = client.cancel_token();
+    let started = Instant::now();
+    let running = tokio::spawn(async move {
+        let result = client.simple_query("SELECT pg_sleep(60)").await;
+        (result.map(|_| ()).map_err(|e| failure(&e)), client)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let to_gw2 = tokio::net::TcpStream::connect(("127.0.0.1", cluster.node_pg(2)))
+        .await
+        .unwrap();
+    cancel
+        .cancel_query_raw(to_gw2, {
+            use tokio_postgres::tls::MakeTlsConnect;
+            MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+                &mut tls_connector(),
+                "localhost",
+            )
+            .unwrap()
+        })
+        .await
+        .expect("the cancel is accepted (PostgreSQL answers it with nothing)");
+    let (result, client) = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the statement ended within 10 s of the cancel")
+        .unwrap();
+    let err = result.expect_err("pg_sleep(60) was cancelled");
+    assert!(err.starts_with("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The session goes on.
+    let rows = client.simple_query("SELECT 'still here'").await.unwrap();
+    assert!(!rows.is_empty());
+
+    eprintln!("phase: on record on both nodes: passed on by gw-2, forwarded by gw-1");
+    let session = read_records(&cluster.audit_dir(1))
+        .into_iter()
+        .find(|r| {
+            r.body.kind == Kind::SessionStart
+                && r.body.outcome == Some(vigil_proto::record::Outcome::Success)
+        })
+        .and_then(|r| r.body.session.clone())
+        .expect("gw-1 recorded the session");
+    let passed = cancels(&cluster, 2);
+    assert_eq!(passed.len(), 1, "{passed:?}");
+    let detail = passed[0].body.detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("passed to node gw-1, which holds the session"),
+        "{detail}"
+    );
+    let forwarded = cancels(&cluster, 1);
+    assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+    assert_eq!(forwarded[0].body.session.as_deref(), Some(session.as_str()));
+    let detail = forwarded[0].body.detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("forwarded to the target (passed on by node gw-2)"),
+        "{detail}"
+    );
+    // Both name the client's address, not a node's.
+    for r in [&passed[0], &forwarded[0]] {
+        let conn = r.body.connection.as_ref().expect("the client's connection");
+        assert!(conn.client_addr.starts_with("127.0.0.1:"), "{conn:?}");
+    }
+
+    eprintln!("phase: a key of gw-1's making that no session holds: nothing happens, on record");
+    let forged = tokio::net::TcpStream::connect(("127.0.0.1", cluster.node_pg(3)))
+        .await
+        .unwrap();
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&16i32.to_be_bytes());
+    packet.extend_from_slice(&80877102i32.to_be_bytes());
+    let gw1_pid = (i32::from(vigil_node::core::peers::tag_of("gw-1")) << 15) | 0x1234;
+    packet.extend_from_slice(&gw1_pid.to_be_bytes());
+    packet.extend_from_slice(&0x0bad_cafei32.to_be_bytes());
+    send_and_close(forged, &packet).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        if let Some(r) = cancels(&cluster, 3).pop() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "gw-3 recorded no cancel");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let detail = refused.body.detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("passed to node gw-1: no session there holds this cancel key"),
+        "{detail}"
+    );
+    assert_eq!(
+        cancels(&cluster, 1).len(),
+        1,
+        "gw-1 recorded the unknown key"
+    );
+    let rows = client.simple_query("SELECT 'unharmed'").await.unwrap();
+    assert!(!rows.is_empty());
+
+    eprintln!("phase: a peer call not signed with the cluster's secret is refused");
+    let call = serde_json::json!({
+        "from": "gw-2", "pid": 1, "secret": 2, "issued_ms": 0,
+        "connection": {"protocol": "postgres", "client_addr": "192.0.2.1:1", "client_tls": false},
+    });
+    let http = reqwest::Client::new();
+    for signature in [None, Some("00".repeat(32))] {
+        let mut req = http
+            .post(format!(
+                "{}{}",
+                cluster.node_admin(1),
+                vigil_node::core::peers::PG_CANCEL_PATH
+            ))
+            .body(call.to_string());
+        if let Some(s) = &signature {
+            req = req.header(vigil_node::core::peers::SIGNATURE_HEADER, s);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{signature:?}");
+    }
+    assert_eq!(cancels(&cluster, 1).len(), 1);
+    verify_everything(&cluster).await;
+}
+
+async fn send_and_close(mut stream: tokio::net::TcpStream, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await.unwrap();
+    let _ = stream.shutdown().await;
+}
+
+/// Whether the process `pid` still runs.
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && (l.contains("Z") || l.contains("X")))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_a_rolling_restart_under_load_loses_no_statement_and_no_record() {
+    const DRAIN: u64 = 4;
+    let (cluster, _psql) = LocalCluster::up_draining_for(DRAIN).await;
+    let log_start = pg_log_len();
+    let token = agent_token().await;
+
+    const CLIENTS: usize = 6;
+    eprintln!("phase: {CLIENTS} clients through HAProxy");
+    let load = Load::start(&cluster, &token, CLIENTS);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let http = reqwest::Client::new();
+    for i in 1..=NODES {
+        eprintln!("phase: node-{i}: a session of its own, then SIGTERM");
+        let (held, _task) = connect_tls(&direct(&cluster, i, &token, "drain-test"))
+            .await
+            .expect("a session on the node");
+        let pid = cluster.node_pid(i);
+        let termed = Instant::now();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        // Draining: not ready, no new clients, the open session goes on.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let resp = http
+                .get(format!("{}/readyz", cluster.node_admin(i)))
+                .send()
+                .await
+                .unwrap();
+            if resp.status() == 503 {
+                let why = resp.text().await.unwrap();
+                assert!(why.contains("draining"), "{why}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node-{i} still ready 2 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let refused = connect_tls(&direct(&cluster, i, &token, "too-late")).await;
+        assert!(
+            refused.is_err(),
+            "node-{i} took a new client while draining"
+        );
+        let rows = held.simple_query("SELECT 'during the drain'").await;
+        assert!(rows.is_ok(), "node-{i}: {:?}", rows.err());
+        // At the drain deadline the node ends the session, saying why.
+        let ended = tokio::time::timeout(Duration::from_secs(DRAIN + 10), async {
+            loop {
+                if let Err(e) = held.simple_query("SELECT 'waiting for the end'").await {
+                    break failure(&e);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("the session was ended at the drain deadline");
+        assert!(
+            ended.starts_with("57P01") && ended.contains("shutting down") || ended == "closed",
+            "node-{i}: {ended}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running(&pid) {
+            assert!(
+                Instant::now() < deadline,
+                "node-{i} did not exit 30 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = termed.elapsed();
+        assert!(
+            took >= Duration::from_secs(DRAIN),
+            "node-{i} exited after {took:?}, before its drain deadline"
+        );
+        eprintln!("  node-{i} drained and exited in {took:?}; cluster.sh up starts it again");
+        let out = cluster.run(&["up"]);
+        assert!(
+            out.status.success(),
+            "cluster.sh up:\n{}",
+            output_text(&out)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = load.stop().await;
+
+    eprintln!("phase: no statement failed other than by a clean disconnect");
+    let failures: Vec<&String> = seen.iter().flat_map(|s| &s.failures).collect();
+    eprintln!(
+        "  statements answered per client: {:?}; failures: {failures:?}",
+        seen.iter().map(|s| s.answered).collect::<Vec<_>>()
+    );
+    for f in &failures {
+        assert!(
+            f.starts_with("57P01") || *f == "closed",
+            "a statement failed otherwise: {f}"
+        );
+    }
+    assert!(seen.iter().all(|s| s.answered > 0));
+
+    eprintln!("phase: every node's first stream ended cleanly, every statement is in the topic");
+    for i in 1..=NODES {
+        let records = read_records(&cluster.audit_dir(i));
+        let ends = records
+            .iter()
+            .filter(|r| r.body.kind == Kind::StreamEnd)
+            .count();
+        assert_eq!(ends, 1, "node-{i}: the drained process wrote stream_end");
+        let ended: Vec<&Record> = records
+            .iter()
+            .filter(|r| {
+                r.body.kind == Kind::SessionEnd
+                    && r.body
+                        .detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("shut down"))
+            })
+            .collect();
+        assert!(
+            !ended.is_empty(),
+            "node-{i}: no session_end says the node shut down"
+        );
+    }
+    let (ran, records) = wait_for_topic(&cluster, log_start, &[2, 2, 2]).await;
+    eprintln!(
+        "  {} statements ran, all in the topic ({} records)",
+        ran.len(),
+        records.len()
+    );
+    verify_everything(&cluster).await;
 }

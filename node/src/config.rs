@@ -42,6 +42,31 @@ pub struct Config {
     /// Where approvals, grants and checkpoints live (docs/configuration.md).
     #[serde(default)]
     pub coordinator: CoordinatorConfig,
+    /// The other gateway nodes (docs/configuration.md, `[cluster]`).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// The `[cluster]` section: the gateway nodes behind the same load balancer, for what must reach
+/// the node that serves a session (a PostgreSQL CancelRequest). Every node may be given the
+/// same list: a node skips its own entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Shared by every node of the cluster: signs the calls between nodes.
+    #[serde(default)]
+    pub peer_secret: Option<SecretRef>,
+}
+
+/// Another gateway node: its `node.id` and the URL of its admin listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: String,
+    /// `http://host:port` of the peer's `[admin]` listener.
+    pub url: String,
 }
 
 /// The `[coordinator]` section of a node.
@@ -105,6 +130,14 @@ pub struct NodeConfig {
     /// else refused. Empty: off.
     #[serde(default)]
     pub proxy_protocol_from: crate::core::proxy_protocol::Balancers,
+    /// On SIGTERM, how long open sessions may go on before the node ends them (see
+    /// docs/operations.md, "Draining a node"). Keep it below the orchestrator's grace period.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
+}
+
+fn default_drain_timeout() -> u64 {
+    20
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -595,6 +628,17 @@ impl Config {
         }
         check_identity("identity", &self.identity)?;
         self.audit.validate()?;
+        for peer in &self.cluster.peers {
+            if !(peer.url.starts_with("http://") || peer.url.starts_with("https://")) {
+                return Err(invalid(
+                    "cluster.peers",
+                    format!(
+                        "the url of peer {:?} must start with http:// or https://",
+                        peer.id
+                    ),
+                ));
+            }
+        }
         if let Some(pg) = &self.postgres {
             pg.validate()?;
         }

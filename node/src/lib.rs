@@ -64,6 +64,7 @@ pub struct RunningNode {
     /// Where this node reaches the coordinator API (the embedded member's address, or the
     /// configured endpoints).
     pub coordinator: Vec<String>,
+    lifecycle: Arc<core::lifecycle::Lifecycle>,
     shutdown: watch::Sender<bool>,
     served: tokio::task::JoinHandle<()>,
 }
@@ -77,9 +78,10 @@ impl RunningNode {
             .map(|(_, a)| *a)
     }
 
-    /// Stops accepting, lets open sessions finish (bounded), writes `stream_end` and returns.
+    /// Drains: reports not ready, stops accepting, lets open sessions finish up to
+    /// `node.drain_timeout_secs`, ends the rest, writes `stream_end`, ships the spool, returns.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.stop();
         let _ = self.served.await;
     }
 
@@ -88,8 +90,13 @@ impl RunningNode {
         let _ = (&mut self.served).await;
     }
 
-    /// Asks the node to stop without waiting.
+    /// Asks the node to drain and stop, without waiting. Asked again while draining, it ends
+    /// the open sessions at once.
     pub fn stop(&self) {
+        if self.lifecycle.is_draining() {
+            self.lifecycle.end_sessions();
+        }
+        self.lifecycle.begin_drain();
         let _ = self.shutdown.send(true);
     }
 }
@@ -129,13 +136,21 @@ fn masking_key(config: &config::Config) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The protocol servers the config names, built and bound.
-/// With the SSH listener's part of the API, when it has a CA.
+struct Servers {
+    servers: Vec<Box<dyn core::ProtocolServer>>,
+    /// The SSH listener's part of the API, when it has a CA.
+    ssh_api: Option<Arc<api::SshApi>>,
+    /// Where cancels other nodes pass on reach the PostgreSQL sessions.
+    pg_cancels: Option<pg::cancel::PassedCancels>,
+}
+
 async fn protocol_servers(
     config: &config::Config,
     core: &Arc<core::Core>,
-) -> anyhow::Result<(Vec<Box<dyn core::ProtocolServer>>, Option<Arc<api::SshApi>>)> {
+) -> anyhow::Result<Servers> {
     let mut servers: Vec<Box<dyn core::ProtocolServer>> = Vec::new();
     let mut ssh_api = None;
+    let mut pg_cancels = None;
     // One policy, one version, for every protocol's records.
     let read_only = config
         .postgres
@@ -144,15 +159,15 @@ async fn protocol_servers(
         .unwrap_or_default();
     let policy = policy::Policy::for_node(config.policy.clone(), read_only);
     if let Some(section) = &config.postgres {
-        servers.push(Box::new(
-            pg::PgServer::bind(
-                section,
-                policy.clone(),
-                config.audit.max_result_bytes,
-                core.clone(),
-            )
-            .await?,
-        ));
+        let server = pg::PgServer::bind(
+            section,
+            policy.clone(),
+            config.audit.max_result_bytes,
+            core.clone(),
+        )
+        .await?;
+        pg_cancels = Some(server.passed_cancels());
+        servers.push(Box::new(server));
     }
     if let Some(section) = &config.ssh {
         let ca = ssh::ca::UserCa::load(section)?.map(Arc::new);
@@ -166,7 +181,11 @@ async fn protocol_servers(
             kube::KubeServer::bind(section, policy.clone(), core.clone()).await?,
         ));
     }
-    Ok((servers, ssh_api))
+    Ok(Servers {
+        servers,
+        ssh_api,
+        pg_cancels,
+    })
 }
 
 /// The sink the config names for the audit stream beyond the local file (Kafka), if any.
@@ -234,6 +253,9 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     })?;
     let verifier = core::identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
     let coordination = core::approvals::start(&config, verifier.clone()).await?;
+    let lifecycle = Arc::new(core::lifecycle::Lifecycle::new(Duration::from_secs(
+        config.node.drain_timeout_secs,
+    )));
     let core = Arc::new(core::Core {
         verifier: verifier.clone(),
         audit: audit.clone(),
@@ -242,8 +264,14 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         masker: policy::masking::Masker::new(config.policy.masking.clone(), masking_key),
         balancers: config.node.proxy_protocol_from.clone(),
         data_dir: config.node.data_dir.clone(),
+        lifecycle: lifecycle.clone(),
+        peers: Arc::new(core::peers::Peers::new(&config.node.id, &config.cluster)?),
     });
-    let (servers, ssh_api) = protocol_servers(&config, &core).await?;
+    let Servers {
+        servers,
+        ssh_api,
+        pg_cancels,
+    } = protocol_servers(&config, &core).await?;
     let api = match &config.api {
         Some(section) => Some(api::bind(section, &core).await?),
         None => None,
@@ -258,15 +286,27 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     tokio::spawn(verifier.clone().load_keys());
 
     let (shutdown, stop_rx) = watch::channel(false);
+    let reachability = core::reachability::Reachability::new(metrics.clone());
+    tokio::spawn(
+        reachability
+            .clone()
+            .run(coordination.approvals.clone(), stop_rx.clone()),
+    );
     let admin_state = admin::AdminState {
         metrics: metrics.clone(),
         verifier,
         audit: audit.clone(),
+        lifecycle: lifecycle.clone(),
+        pg_cancels,
+        coordinator: reachability.clone(),
     };
+    // The admin endpoints answer until the node has stopped: while it drains, /readyz says so
+    // and /metrics shows the sessions left.
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     tokio::spawn(admin::serve(
         admin_listener,
         admin_state,
-        wait_for(stop_rx.clone()),
+        wait_for(admin_stop_rx),
     ));
     let api_addr = api.map(|(listener, addr)| {
         tokio::spawn(api::serve(
@@ -317,6 +357,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         if let Some(member) = embedded {
             member.shutdown().await;
         }
+        let _ = admin_stop.send(true);
     });
     tracing::info!(listeners = ?listeners, %admin_addr, audit = %audit_path.display(), coordinator = ?coordination.endpoints, %public_key, %fingerprint, "vigil-node started");
     Ok(RunningNode {
@@ -327,6 +368,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         metrics,
         audit: audit_handle,
         coordinator: coordination.endpoints,
+        lifecycle,
         shutdown,
         served,
     })

@@ -37,13 +37,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut node = vigil_node::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        _ = node.wait() => return Ok(()),
+    // The first signal drains, a second one ends the open sessions at once.
+    for signal in 0u32.. {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = node.wait() => return Ok(()),
+        }
+        match signal {
+            0 => tracing::info!(
+                "draining: not ready, no new clients; a second signal ends open sessions now"
+            ),
+            _ => tracing::info!("ending open sessions now"),
+        }
+        node.stop();
     }
-    tracing::info!("shutting down");
-    node.stop();
-    node.wait().await;
     Ok(())
 }

@@ -83,6 +83,12 @@ pub struct Metrics {
     /// Connections turned away because `max_unauthenticated_connections` were authenticating.
     pub preauth_refused: Counter,
     pub cancel_requests: Counter,
+    /// 1 while the last probe of the coordinator was answered (with a leader), else 0.
+    pub coordinator_reachable: Gauge,
+    /// Cancel requests for another node's session, passed on to that node.
+    pub cancels_passed: Counter,
+    /// Calls from other nodes that did not verify (signature, age, form).
+    pub peer_calls_refused: Counter,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
 }
@@ -215,6 +221,21 @@ impl Metrics {
             "cancel_requests",
             "Cancel requests forwarded to a target",
             self.cancel_requests.clone(),
+        );
+        registry.register(
+            "coordinator_reachable",
+            "1 while the coordinator answers this node's probes with a leader, else 0",
+            self.coordinator_reachable.clone(),
+        );
+        registry.register(
+            "cancels_passed",
+            "Cancel requests for another node's session, passed on to that node",
+            self.cancels_passed.clone(),
+        );
+        registry.register(
+            "peer_calls_refused",
+            "Calls from other gateway nodes refused (unsigned, bad signature, stale, malformed)",
+            self.peer_calls_refused.clone(),
         );
         registry.register(
             "bytes_to_target",

@@ -6,9 +6,12 @@
 pub mod approvals;
 pub mod config_error;
 pub mod identity;
+pub mod lifecycle;
 pub mod metrics;
+pub mod peers;
 pub mod principals;
 pub mod proxy_protocol;
+pub mod reachability;
 pub mod refusal;
 pub mod secret;
 pub mod server;
@@ -37,6 +40,10 @@ pub struct Core {
     pub balancers: proxy_protocol::Balancers,
     /// Where the node keeps its state (a protocol's generated TLS material, for example).
     pub data_dir: PathBuf,
+    /// Serving, draining or ending: when sessions must end.
+    pub lifecycle: Arc<lifecycle::Lifecycle>,
+    /// The other gateway nodes, and the calls between them.
+    pub peers: Arc<peers::Peers>,
 }
 
 /// A new session id: 96 random bits, hex (every protocol's sessions share the form).

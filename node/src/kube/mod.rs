@@ -16,6 +16,7 @@ pub mod spdy;
 mod stream;
 pub mod websocket;
 
+use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::{self, FirstWord};
 use crate::core::server::{ProtocolServer, Shutdown};
 use crate::core::Core;
@@ -161,13 +162,15 @@ impl ProtocolServer for KubeServer {
     }
 }
 
-/// Accepts clients until `shutdown` resolves; each connection is served in its own task.
+/// Accepts clients until `shutdown` resolves, each connection in its own task, then drains
+/// ([`Sessions::drain`]); a switched stream counts as a session of its own.
 async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
     ctx: Arc<KubeContext>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let sessions = Sessions::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -175,8 +178,10 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((mut tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    let (tls, ctx) = (tls.clone(), ctx.clone());
+                    let (tls, ctx, sessions) = (tls.clone(), ctx.clone(), sessions.clone());
+                    let open = sessions.enter();
                     tokio::spawn(async move {
+                        let _open = open;
                         // Refused (recorded) before TLS: nothing the client could read.
                         let admitted =
                             proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Client);
@@ -188,7 +193,7 @@ async fn serve(
                         else {
                             return;
                         };
-                        proxy::connection(ctx, stream, origin).await;
+                        proxy::connection(ctx, stream, origin, sessions).await;
                     });
                 }
                 Err(e) => {
@@ -198,4 +203,6 @@ async fn serve(
             }
         }
     }
+    drop(listener);
+    sessions.drain(&ctx.core.lifecycle).await;
 }

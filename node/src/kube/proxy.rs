@@ -8,6 +8,7 @@ use super::stream::{Framing, Purpose};
 use super::websocket::{self, StreamKind};
 use super::{Cluster, KubeContext, PROTOCOL};
 use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::Origin;
 use crate::core::Refusal;
 use crate::policy::kube::KubeAction;
@@ -49,10 +50,17 @@ struct Conn {
     started: Instant,
     /// The session's recording file (exec and attach streams), made at the first one.
     recording: tokio::sync::OnceCell<Arc<crate::audit::RecordingFile>>,
+    /// The listener's sessions: a switched stream outlives its connection and counts too.
+    sessions: Sessions,
 }
 
 /// Serves one TLS connection (HTTP/1.1 or HTTP/2) until it closes; then ends its session.
-pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, origin: Origin) {
+pub async fn connection(
+    ctx: Arc<KubeContext>,
+    stream: TlsStream<TcpStream>,
+    origin: Origin,
+    sessions: Sessions,
+) {
     let conn = Arc::new(Conn {
         session: crate::core::new_session_id(),
         ctx: ctx.clone(),
@@ -61,6 +69,7 @@ pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, ori
         stmt: AtomicU64::new(0),
         started: Instant::now(),
         recording: tokio::sync::OnceCell::new(),
+        sessions,
     });
     let service = {
         let conn = conn.clone();
@@ -78,7 +87,22 @@ pub async fn connection(ctx: Arc<KubeContext>, stream: TlsStream<TcpStream>, ori
         .http2()
         .max_header_list_size(ctx.config.max_header_bytes as u32);
     let io = hyper_util::rt::TokioIo::new(stream);
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+    let serving = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(serving);
+    // Draining: the request in flight finishes (HTTP/2 gets GOAWAY), then the connection
+    // closes; a watch or log stream still open at the drain deadline is cut.
+    let lifecycle = &ctx.core.lifecycle;
+    let served = tokio::select! {
+        served = serving.as_mut() => served,
+        () = lifecycle.draining() => {
+            serving.as_mut().graceful_shutdown();
+            tokio::select! {
+                served = serving.as_mut() => served,
+                () = lifecycle.ended() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = served {
         tracing::debug!(error = %e, "kubernetes connection ended with an error");
     }
     conn.end();
@@ -780,7 +804,9 @@ impl Conn {
                 _ => Purpose::Exec,
             },
         };
+        let open = self.sessions.enter();
         tokio::spawn(async move {
+            let _open = open;
             match tokio::try_join!(client_side, server_side) {
                 Ok((client, server)) => super::stream::relay(streams, client, server).await,
                 Err(e) => tracing::warn!(error = %e, "kubernetes stream did not switch"),

@@ -18,6 +18,7 @@ use super::spdy::{self, FrameKind, Observed, Side, SpdyReader, StreamTable, Stre
 use super::websocket::{self, ChannelProtocol, Direction, WsMessage, WsReader};
 use super::KubeContext;
 use crate::audit::{ChunkOf, RecordingFile};
+use crate::core::lifecycle::SHUTTING_DOWN;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -416,10 +417,18 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
         server_rd,
         client_wr,
     );
-    let (down, up) = tokio::join!(down, up);
-    let error = [down, up.unwrap_or_else(|e| Err(e.to_string()))]
-        .into_iter()
-        .find_map(Result::err);
+    let abort = up.abort_handle();
+    let error = tokio::select! {
+        (down, up) = async { tokio::join!(down, up) } => {
+            [down, up.unwrap_or_else(|e| Err(e.to_string()))]
+                .into_iter()
+                .find_map(Result::err)
+        }
+        () = shared.streams.ctx.core.lifecycle.ended() => {
+            abort.abort();
+            Some(SHUTTING_DOWN.to_string())
+        }
+    };
     finish(&shared, error);
 }
 

@@ -1,6 +1,11 @@
 //! Routing of CancelRequests. Each session hands its client a key pair of the gateway's own
 //! making; a cancel carrying that pair is forwarded to the target with the target's real key.
 //! The target's key never reaches the client.
+//!
+//! The pair names the node that made it: bits 15–30 of the pid are the node's tag
+//! ([`crate::core::peers::tag_of`] its id), the rest of the pid and all of the secret are
+//! random (47 bits to guess). A cancel for another node's tag, which the load balancer sent
+//! here, is passed to that node ([`crate::core::peers`]), which records and forwards it.
 
 use super::backend::Target;
 use super::PgContext;
@@ -19,9 +24,16 @@ pub struct CancelEntry {
 /// The (pid, secret) pair a client holds.
 type Key = (i32, i32);
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CancelRegistry {
     inner: Arc<Mutex<HashMap<Key, Arc<CancelEntry>>>>,
+    /// This node's tag, in every pid it gives out.
+    tag: u16,
+}
+
+/// The node tag a client's cancel pid carries.
+pub fn tag_of_pid(pid: i32) -> u16 {
+    ((pid >> 15) & 0xffff) as u16
 }
 
 /// Removes its key from the registry when the session ends.
@@ -48,13 +60,21 @@ impl Drop for CancelGuard {
 }
 
 impl CancelRegistry {
+    pub fn new(tag: u16) -> Self {
+        Self {
+            inner: Default::default(),
+            tag,
+        }
+    }
+
     /// Registers a session and returns the key pair to give its client.
     pub fn register(&self, entry: CancelEntry) -> ((i32, i32), CancelGuard) {
         let entry = Arc::new(entry);
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             // Positive pids look like real ones to clients that print them.
-            let key = (rand::random::<i32>() & i32::MAX, rand::random::<i32>());
+            let pid = (i32::from(self.tag) << 15) | (rand::random::<i32>() & 0x7fff);
+            let key = (pid, rand::random::<i32>());
             if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
                 v.insert(entry);
                 return (
@@ -78,23 +98,72 @@ impl CancelRegistry {
 }
 
 /// Routes a CancelRequest (a client's, or the gateway's own for a session whose token expired).
-/// Like every request, it is on record before the target sees it; an unknown key is refused on
-/// record.
+/// Like every request, it is on record before the target sees it. A key of another node's
+/// making goes to that node; the client is told nothing either way (PostgreSQL answers a
+/// cancel with nothing), the record says what happened.
 pub async fn forward(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) {
+    let tag = tag_of_pid(pid);
+    let peers = &ctx.core.peers;
+    let peer = (tag != peers.tag()).then(|| peers.by_tag(tag)).flatten();
+    let Some(peer) = peer else {
+        cancel_here(ctx, conn, pid, secret, None).await;
+        return;
+    };
     let mut body = ctx.core.audit.body(None, Kind::Cancel);
     body.connection = Some(Arc::new(conn.clone()));
+    ctx.core.metrics.cancels_passed.inc();
+    match peers.pass_pg_cancel(peer, pid, secret, conn).await {
+        Ok(true) => {
+            body.outcome = Some(Outcome::Success);
+            body.detail = Some(format!(
+                "passed to node {}, which holds the session",
+                peer.id
+            ));
+        }
+        Ok(false) => {
+            body.outcome = Some(Outcome::Denied);
+            body.detail = Some(format!(
+                "passed to node {}: no session there holds this cancel key",
+                peer.id
+            ));
+        }
+        Err(e) => {
+            body.outcome = Some(Outcome::Error);
+            body.detail = Some(format!("not passed on: {e:#}"));
+        }
+    }
+    ctx.core.audit.record(body);
+}
+
+/// Cancels on this node's target, if a session here holds the key: whether one did. `from`:
+/// the node that passed the cancel on. An unknown key is on record only when this node
+/// received it (the node that passes one on records the answer itself).
+pub async fn cancel_here(
+    ctx: &PgContext,
+    conn: &Connection,
+    pid: i32,
+    secret: i32,
+    from: Option<&str>,
+) -> bool {
+    let mut body = ctx.core.audit.body(None, Kind::Cancel);
+    body.connection = Some(Arc::new(conn.clone()));
+    let routed = from
+        .map(|n| format!(" (passed on by node {n})"))
+        .unwrap_or_default();
     let Some(entry) = ctx.cancels.lookup(pid, secret) else {
-        body.outcome = Some(Outcome::Denied);
-        body.detail = Some("no session holds this cancel key".into());
-        ctx.core.audit.record(body);
-        return;
+        if from.is_none() {
+            body.outcome = Some(Outcome::Denied);
+            body.detail = Some("no session holds this cancel key".into());
+            ctx.core.audit.record(body);
+        }
+        return false;
     };
     body.session = Some(entry.session.clone());
     body.outcome = Some(Outcome::Success);
-    body.detail = Some("forwarded to the target".into());
+    body.detail = Some(format!("forwarded to the target{routed}"));
     if let Err(e) = ctx.core.audit.append(&body).await {
         tracing::warn!(error = %e, "cancel not forwarded: its audit record cannot be written");
-        return;
+        return true;
     }
     ctx.core.metrics.cancel_requests.inc();
     if let Err(e) = entry
@@ -104,7 +173,30 @@ pub async fn forward(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) 
     {
         body.time = crate::audit::now_rfc3339();
         body.outcome = Some(Outcome::Error);
-        body.detail = Some(format!("forwarding failed: {e}"));
+        body.detail = Some(format!("forwarding failed{routed}: {e}"));
         ctx.core.audit.record(body);
+    }
+    true
+}
+
+/// A node's PostgreSQL sessions, as its admin endpoint reaches them for a cancel another node
+/// passes on.
+#[derive(Clone)]
+pub struct PassedCancels(pub(super) Arc<PgContext>);
+
+impl PassedCancels {
+    /// Checks the call (signature, age) and cancels here: whether a session held the key.
+    pub async fn handle(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> Result<bool, crate::core::peers::CallError> {
+        let ctx = &self.0;
+        let call = ctx.core.peers.verify_pg_cancel(body, signature)?;
+        let conn = Connection {
+            protocol: super::PROTOCOL.into(),
+            ..call.connection
+        };
+        Ok(cancel_here(ctx, &conn, call.pid, call.secret, Some(&call.from)).await)
     }
 }

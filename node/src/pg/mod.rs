@@ -17,6 +17,7 @@ mod relay;
 mod session;
 mod state;
 
+use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::{self, FirstWord, Origin, Refused};
 use crate::core::{Core, ProtocolServer, Shutdown};
 use anyhow::Context as _;
@@ -26,7 +27,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -88,17 +88,22 @@ impl PgServer {
             .await
             .with_context(|| format!("cannot bind postgres.listen {}", pg.listen))?;
         let ctx = Arc::new(PgContext {
-            core,
             config: pg.clone(),
             tls,
             targets: Arc::new(targets),
-            cancels: cancel::CancelRegistry::default(),
+            cancels: cancel::CancelRegistry::new(core.peers.tag()),
+            core,
             max_result_bytes,
             policy,
             classifier: crate::policy::Classifier::default(),
             catalogs,
         });
         Ok(Self { listener, ctx })
+    }
+
+    /// Where another node's passed-on cancels reach this server's sessions.
+    pub fn passed_cancels(&self) -> cancel::PassedCancels {
+        cancel::PassedCancels(self.ctx.clone())
     }
 }
 
@@ -138,13 +143,13 @@ async fn admit(ctx: &PgContext, tcp: &mut TcpStream, peer: SocketAddr) -> Option
     }
 }
 
-/// Accepts clients until `shutdown` resolves, then waits (bounded) for open sessions to end.
+/// Accepts clients until `shutdown` resolves, then drains ([`Sessions::drain`]).
 ///
 /// A client holds one of `max_unauthenticated_connections` permits from its accept until it is
 /// authenticated or refused (within `startup_timeout_secs`); a client that finds none free is
 /// refused at once, so clients that never authenticate cannot pile up.
 async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future<Output = ()>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let sessions = Sessions::default();
     let preauth = Arc::new(Semaphore::new(ctx.config.max_unauthenticated_connections));
     tokio::pin!(shutdown);
     loop {
@@ -159,13 +164,12 @@ async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future
                         continue;
                     };
                     let ctx = ctx.clone();
-                    let active = active.clone();
-                    active.fetch_add(1, Ordering::SeqCst);
+                    let open = sessions.enter();
                     tokio::spawn(async move {
                         if let Some(origin) = admit(&ctx, &mut tcp, peer).await {
                             session::run(ctx, tcp, origin, permit).await;
                         }
-                        active.fetch_sub(1, Ordering::SeqCst);
+                        drop(open);
                     });
                 }
                 Err(e) => {
@@ -177,8 +181,5 @@ async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future
         }
     }
     drop(listener);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sessions.drain(&ctx.core.lifecycle).await;
 }

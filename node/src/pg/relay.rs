@@ -18,6 +18,7 @@ use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
 use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::BoxStream;
 use crate::core::Refusal;
@@ -359,7 +360,8 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let end = tokio::select! {
         end = client_half.run() => end,
         end = target_half.run() => end,
-        () = token_expiry(expires) => End::TokenExpired,
+        () = until(expires) => End::TokenExpired,
+        () = ctx.core.lifecycle.ended() => End::NodeShutdown,
     };
     match &end {
         End::ClientProtocol(_) | End::TargetProtocol(_) | End::EncodingChanged(_) => {
@@ -378,7 +380,18 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
                 .await;
         }
         End::TokenExpired => {
-            end_expired(ctx, &session, &cancel_guard, &mut target_half.write).await;
+            end_by_gateway(
+                ctx,
+                &session,
+                &cancel_guard,
+                &mut target_half.write,
+                EXPIRED,
+            )
+            .await;
+        }
+        End::NodeShutdown => {
+            let why = crate::core::lifecycle::SHUTTING_DOWN;
+            end_by_gateway(ctx, &session, &cancel_guard, &mut target_half.write, why).await;
         }
         _ => {}
     }
@@ -395,7 +408,8 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         End::TargetClosed
         | End::ClientProtocol(_)
         | End::TargetProtocol(_)
-        | End::EncodingChanged(_) => Outcome::Error,
+        | End::EncodingChanged(_)
+        | End::NodeShutdown => Outcome::Error,
         End::TokenExpired => Outcome::Denied,
     });
     ctx.core.audit.record(body);
@@ -414,6 +428,8 @@ enum End {
     EncodingChanged(String),
     /// The session's token expired (`identity.session_expiry = "token"`).
     TokenExpired,
+    /// The node drained and the drain deadline passed.
+    NodeShutdown,
 }
 
 impl std::fmt::Display for End {
@@ -429,6 +445,7 @@ impl std::fmt::Display for End {
                 "the target switched client_encoding to {e:?}; the gateway only reads UTF-8"
             ),
             End::TokenExpired => f.write_str("token expired"),
+            End::NodeShutdown => f.write_str("the gateway node shut down (drain deadline)"),
         }
     }
 }
@@ -2121,33 +2138,27 @@ fn statement_texts<'a>(text: &'a str, stmts: &[StatementInfo]) -> Vec<&'a str> {
     vec![text; stmts.len()]
 }
 
-/// Resolves when the session's token expires; never for a session without a deadline.
-async fn token_expiry(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The message a client gets when its session ends because its token expired.
 const EXPIRED: &str =
     "terminating connection: the access token expired; reconnect with a fresh token";
 
-/// Ends a session whose token expired. Both halves have stopped, so nothing the client sends
-/// from now on reaches the target. Whatever the target is still running for this session is
-/// cancelled the way a client's CancelRequest is (on record first), and the client is told why
-/// its connection ends (`57P01`, as for `pg_terminate_backend`). Dropping the target connection
-/// afterwards rolls back an open transaction.
-async fn end_expired(
+/// Ends a session the gateway itself ends (its token expired, the node shuts down). Both
+/// halves have stopped, so nothing the client sends from now on reaches the target. Whatever
+/// the target is still running for this session is cancelled the way a client's CancelRequest
+/// is (on record first), and the client is told `why` its connection ends (`57P01`, as for
+/// `pg_terminate_backend`). Dropping the target connection afterwards rolls back an open
+/// transaction.
+async fn end_by_gateway(
     ctx: &PgContext,
     session: &Session,
     cancel_guard: &CancelGuard,
     client: &mut WriteHalf<BoxStream>,
+    why: &str,
 ) {
     let (pid, secret) = cancel_guard.key();
     super::cancel::forward(ctx, &session.conn, pid, secret).await;
     let _ = client
-        .write_all(&messages::error_response(true, "57P01", EXPIRED))
+        .write_all(&messages::error_response(true, "57P01", why))
         .await;
 }
 

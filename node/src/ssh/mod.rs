@@ -22,6 +22,7 @@ mod sftp_guard;
 pub mod target;
 mod typed;
 
+use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::{self, FirstWord};
 use crate::core::{Core, ProtocolServer, Shutdown};
 use anyhow::Context as _;
@@ -32,7 +33,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -164,7 +164,7 @@ impl ProtocolServer for SshServer {
 /// `auth_timeout_secs`); a client that finds none free is closed at once.
 async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Future<Output = ()>) {
     let preauth = Arc::new(Semaphore::new(ctx.config.max_unauthenticated_connections));
-    let active = Arc::new(AtomicUsize::new(0));
+    let sessions = Sessions::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -177,15 +177,14 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
                         continue;
                     };
                     let ctx = ctx.clone();
-                    let active = active.clone();
-                    active.fetch_add(1, Ordering::SeqCst);
+                    let open = sessions.enter();
                     tokio::spawn(async move {
                         let admitted =
                             proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Server);
                         if let Ok(origin) = admitted.await {
                             session::run(ctx, tcp, origin, permit).await;
                         }
-                        active.fetch_sub(1, Ordering::SeqCst);
+                        drop(open);
                     });
                 }
                 Err(e) => {
@@ -196,8 +195,5 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
         }
     }
     drop(listener);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sessions.drain(&ctx.core.lifecycle).await;
 }

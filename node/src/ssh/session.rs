@@ -8,6 +8,7 @@ use super::target::{Pinned, Target};
 use super::SshContext;
 use crate::audit::RecordingFile;
 use crate::core::identity::TokenError;
+use crate::core::lifecycle::until;
 use crate::core::proxy_protocol::{self, Guarded, Origin};
 use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::Certificate;
@@ -15,7 +16,7 @@ use russh::server::{Auth, Msg, Session};
 use russh::{client, Channel, ChannelId, MethodKind, MethodSet};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -55,8 +56,8 @@ pub async fn run(
         tried: false,
         refusals: 0,
         expires: None,
-        expired: Arc::new(AtomicBool::new(false)),
-        expiry: None,
+        ended_by: Arc::new(OnceLock::new()),
+        ender: None,
         credential: None,
     };
     let authenticated = conn.authenticated.clone();
@@ -137,10 +138,10 @@ pub(super) struct Conn {
     tried: bool,
     /// Time left before the session must end with its token (`identity.session_expiry`).
     expires: Option<Duration>,
-    /// Set when the session was ended because its token expired.
-    expired: Arc<AtomicBool>,
-    /// The timer that ends the session when its token expires.
-    expiry: Option<tokio::task::JoinHandle<()>>,
+    /// Why the gateway ended the session (its token expired, the node shut down), if it did.
+    ended_by: Arc<OnceLock<&'static str>>,
+    /// Ends the session when its token expires or the node's drain deadline passes.
+    ender: Option<tokio::task::JoinHandle<()>>,
     /// Refused logins on record.
     refusals: u32,
     /// The certificate of the login being tried (serial, key id, key), for its
@@ -321,15 +322,15 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let Some(timer) = self.expiry.take() {
-            timer.abort();
+        if let Some(ender) = self.ender.take() {
+            ender.abort();
         }
         if let Some(started) = self.started {
             self.ctx.core.metrics.active_sessions.dec();
             let mut body = self.body(Kind::SessionEnd);
             body.duration_us = Some(started.elapsed().as_micros() as u64);
-            if self.expired.load(Ordering::SeqCst) {
-                body.detail = Some("the session's token expired".into());
+            if let Some(why) = self.ended_by.get() {
+                body.detail = Some((*why).into());
             }
             self.ctx.core.audit.record(body);
         } else if self.tried && self.refusals == 0 {
@@ -408,27 +409,36 @@ impl russh::server::Handler for Conn {
     }
 
     /// The client is in: its pre-authentication permit goes back, connections on its remote
-    /// forwards can reach it, and a session whose token expires is ended then
-    /// (`identity.session_expiry`), like a PostgreSQL session.
+    /// forwards can reach it, and the session is ended when its token expires
+    /// (`identity.session_expiry`) or at the node's drain deadline, like a PostgreSQL session.
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.preauth = None;
         let scope = SessionScope::of(self);
         self.forwards
             .begin(scope, session.handle(), self.login.clone());
-        if let Some(left) = self.expires {
-            let (handle, expired) = (session.handle(), self.expired.clone());
-            self.expiry = Some(tokio::spawn(async move {
-                tokio::time::sleep(left).await;
-                expired.store(true, Ordering::SeqCst);
-                let _ = handle
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "vigil: the session's token expired; log in again".into(),
-                        String::new(),
-                    )
-                    .await;
-            }));
-        }
+        let (handle, ended_by) = (session.handle(), self.ended_by.clone());
+        let lifecycle = self.ctx.core.lifecycle.clone();
+        let expires = self.expires.map(|left| tokio::time::Instant::now() + left);
+        self.ender = Some(tokio::spawn(async move {
+            let (why, message) = tokio::select! {
+                () = until(expires) => (
+                    "the session's token expired",
+                    "vigil: the session's token expired; log in again",
+                ),
+                () = lifecycle.ended() => (
+                    "the gateway node shut down (drain deadline)",
+                    "vigil: this gateway node is shutting down; reconnect to continue",
+                ),
+            };
+            let _ = ended_by.set(why);
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    message.into(),
+                    String::new(),
+                )
+                .await;
+        }));
         Ok(())
     }
 
