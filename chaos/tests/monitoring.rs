@@ -1,6 +1,7 @@
 //! What an SRE loads into Prometheus and Grafana (deploy/monitoring): the alerting rules pass
 //! `promtool check rules` and their unit tests (`promtool test rules`), and the rules and the
-//! dashboard name only metrics a real node exports, and the dashboard shows every one of them.
+//! dashboard name only metrics a real node or a real coordinator member exports, and the
+//! dashboard shows every one of them.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -49,9 +50,13 @@ fn the_alerting_rules_load_and_fire_as_their_tests_say() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rules_and_the_dashboard_name_only_exported_metrics_and_the_dashboard_shows_all() {
     let node = TestNode::start(NodeOptions::default()).await;
-    let exposition = node.metrics().await;
-    // Sample names, and for each family its name (counters are sampled as NAME_total; a
-    // family with labels has no sample until it is used).
+    let coordinator = vigil_chaos::cluster::Cluster::start(1).await;
+    let (status, member) = coordinator.http_get(1, "/metrics").await;
+    assert_eq!(status, 200, "{member}");
+    let exposition = node.metrics().await + &member;
+    // Sample names, and for each family its name (counters are sampled as NAME_total, a
+    // histogram as NAME_bucket, NAME_sum and NAME_count; a family with labels has no sample
+    // until it is used).
     let mut exported = BTreeSet::new();
     for line in exposition.lines() {
         if let Some(decl) = line.strip_prefix("# TYPE ") {
@@ -59,6 +64,7 @@ async fn the_rules_and_the_dashboard_name_only_exported_metrics_and_the_dashboar
             let (name, kind) = (words.next().unwrap(), words.next().unwrap_or(""));
             exported.insert(match kind {
                 "counter" => format!("{name}_total"),
+                "histogram" => format!("{name}_bucket"),
                 "info" => format!("{name}_info"),
                 _ => name.to_string(),
             });
@@ -67,10 +73,14 @@ async fn the_rules_and_the_dashboard_name_only_exported_metrics_and_the_dashboar
             exported.insert(line[..end].to_string());
         }
     }
-    assert!(
-        exported.contains("vigil_audit_spool_age_seconds"),
-        "{exported:?}"
-    );
+    for expected in [
+        "vigil_audit_spool_age_seconds",
+        "vigil_coordinator_leader_changes_total",
+        "vigil_coordinator_commit_seconds_bucket",
+        "vigil_coordinator_requests",
+    ] {
+        assert!(exported.contains(expected), "{expected}: {exported:?}");
+    }
 
     let rules = std::fs::read_to_string(monitoring().join("vigil-alerts.yml")).unwrap();
     let dashboard_text =
@@ -96,7 +106,7 @@ async fn the_rules_and_the_dashboard_name_only_exported_metrics_and_the_dashboar
         let unknown: Vec<_> = named(text).difference(&exported).cloned().collect();
         assert!(
             unknown.is_empty(),
-            "{what} name metrics no node exports: {unknown:?}"
+            "{what} name metrics neither a node nor a coordinator member exports: {unknown:?}"
         );
     }
     let shown = named(&exprs);
