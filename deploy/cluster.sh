@@ -40,6 +40,10 @@
 #   VIGIL_CLUSTER_TOPIC             the audit topic on the dev broker (default vigil-audit,
 #                                   created with 3 partitions if missing)
 #   VIGIL_CLUSTER_DATABASE          the target database behind the connection "app" (default app)
+#   VIGIL_CLUSTER_CGROUP            a cgroup v2 directory (default: none): each part runs in a
+#                                   child cgroup named after it (coordinator-1, node-2, haproxy),
+#                                   so a test can cut one part's traffic with iptables' cgroup
+#                                   match (chaos/src/partition.rs)
 #   VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS  how long a node given SIGTERM lets its sessions go on
 #                                   before it ends them (node.drain_timeout_secs; default 20)
 #   VIGIL_BIN_DIR                   vigil, vigil-node, vigil-coordinator
@@ -77,6 +81,7 @@ lb_source="${VIGIL_CLUSTER_LB_SOURCE:-127.0.0.2}"
   || die "VIGIL_CLUSTER_LB_SOURCE=$lb_source is not a loopback address other than 127.0.0.1"
 database="${VIGIL_CLUSTER_DATABASE:-app}"
 drain_timeout="${VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS:-20}"
+cgroup="${VIGIL_CLUSTER_CGROUP:-}"
 [[ "$drain_timeout" =~ ^[0-9]{1,5}$ ]] || die "VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS=$drain_timeout is not a number of seconds"
 bin_dir="${VIGIL_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}"
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
@@ -120,10 +125,19 @@ part_pid() {
   [[ -n "$pid" ]] && proc_alive "$pid" && printf '%s\n' "$pid"
 }
 
-# Starts a part in its own session, stdout and stderr appended to $dir/PART/log.
+# Starts a part in its own session, stdout and stderr appended to $dir/PART/log; with
+# VIGIL_CLUSTER_CGROUP, in the cgroup $VIGIL_CLUSTER_CGROUP/PART from its first instruction (so
+# every socket it opens belongs to that cgroup).
 start_part() { # part, command...
   local part="$1"; shift
-  setsid "$@" </dev/null >>"$dir/$part/log" 2>&1 &
+  if [[ -n "$cgroup" ]]; then
+    mkdir -p "$cgroup/$part" || die "cannot make the cgroup $cgroup/$part"
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    setsid bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cgroup/$part" "$@" \
+      </dev/null >>"$dir/$part/log" 2>&1 &
+  else
+    setsid "$@" </dev/null >>"$dir/$part/log" 2>&1 &
+  fi
   printf '%s\n' "$!" >"$dir/$part/pid"
 }
 
