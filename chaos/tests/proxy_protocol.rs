@@ -1,4 +1,4 @@
-//! t13: the PROXY protocol on the SSH and Kubernetes listeners, without HAProxy (the
+//! t13: the PROXY protocol on the SSH, Kubernetes and API listeners, without HAProxy (the
 //! PostgreSQL listener behind the real HAProxy: cluster.rs t11). A balancer written in the test
 //! (`vigil_chaos::balancer`) relays clients from 127.0.0.2 with a v2 header naming each, as
 //! HAProxy's `send-proxy-v2` does; the node lists 127.0.0.2 in `node.proxy_protocol_from`. Judged
@@ -92,7 +92,7 @@ async fn refusal_on_record(node: &TestNode, protocol: &str, me: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t13_ssh_and_kubernetes_clients_behind_a_proxy_protocol_balancer() {
+async fn t13_ssh_kubernetes_and_api_clients_behind_a_proxy_protocol_balancer() {
     let e = env();
     let keys = tempfile::tempdir().unwrap();
     let ca = ssh::keygen(keys.path(), "ca");
@@ -104,7 +104,10 @@ async fn t13_ssh_and_kubernetes_clients_behind_a_proxy_protocol_balancer() {
     );
     let node = TestNode::start(NodeOptions {
         node_extra: r#"proxy_protocol_from = ["127.0.0.2"]"#,
-        protocols: Some(format!("{ssh_section}\n{}", kube::kube_section(""))),
+        protocols: Some(format!(
+            "{ssh_section}\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n{}",
+            kube::kube_section("")
+        )),
         ..NodeOptions::default()
     })
     .await;
@@ -205,11 +208,57 @@ async fn t13_ssh_and_kubernetes_clients_behind_a_proxy_protocol_balancer() {
         "every Kubernetes record names a client the balancer relayed"
     );
 
-    phase("a header sent directly from 127.0.0.1 is refused on both listeners");
+    phase("vigil login through the balancer: the certificate endpoint's record");
+    let api_addr = node.node.api_addr.expect("an API listener");
+    let lb = Balancer::start(api_addr).await;
+    let home = tempfile::tempdir().unwrap();
+    let api_ca = node.files.dir.path().join("tls-api/cert.pem");
+    let (code, out) = vigil_async(&[
+        "login",
+        "--token",
+        &token,
+        "--gateway",
+        &format!("https://127.0.0.1:{}", lb.port),
+        "--gateway-ca",
+        api_ca.to_str().unwrap(),
+        "--home",
+        home.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let clients = lb.clients();
+    let records = node.records().await;
+    let issued: Vec<&Record> = clients
+        .iter()
+        .flat_map(|c| of_client(&records, "ssh", *c))
+        .filter(|r| {
+            r.body
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.name.as_deref() == Some("certificate"))
+        })
+        .collect();
+    assert_eq!(issued.len(), 1, "the certificate's record names the client");
+    let balancer = issued[0]
+        .body
+        .connection
+        .as_ref()
+        .unwrap()
+        .balancer_addr
+        .as_deref();
+    assert!(
+        balancer.is_some_and(|b| b.starts_with("127.0.0.2:")),
+        "{balancer:?}"
+    );
+
+    phase("a header sent directly from 127.0.0.1 is refused on every listener");
     let me = claim_directly(ssh_addr).await;
     refusal_on_record(&node, "ssh", me).await;
     let me = claim_directly(kube_addr).await;
     refusal_on_record(&node, "kubernetes", me).await;
+    // The API's records are the SSH certificate endpoint's.
+    let me = claim_directly(api_addr).await;
+    refusal_on_record(&node, "ssh", me).await;
     let records = node.records().await;
     assert!(
         records.iter().all(|r| r
@@ -220,5 +269,5 @@ async fn t13_ssh_and_kubernetes_clients_behind_a_proxy_protocol_balancer() {
         "the claimed address is on no record"
     );
     let metrics = node.metrics().await;
-    assert!(metric(&metrics, "vigil_protocol_errors_total") >= 2.0);
+    assert!(metric(&metrics, "vigil_protocol_errors_total") >= 3.0);
 }

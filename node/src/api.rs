@@ -7,6 +7,7 @@
 
 use crate::config::{IdentityConfig, TokenType};
 use crate::core::config_error::{invalid, ConfigError};
+use crate::core::proxy_protocol::{self, FirstWord, Origin};
 use crate::core::Core;
 use crate::ssh::ca::UserCa;
 use crate::ssh::config::SshTargetConfig;
@@ -139,7 +140,10 @@ const MAX_BODY: usize = 16 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the API listener; serve it with [`serve`].
-pub async fn bind(config: &ApiConfig, core: &Core) -> anyhow::Result<(TlsListener, SocketAddr)> {
+pub async fn bind(
+    config: &ApiConfig,
+    core: &Arc<Core>,
+) -> anyhow::Result<(TlsListener, SocketAddr)> {
     use anyhow::Context as _;
     let tls = crate::core::tls::server_config(
         config.tls_cert.as_deref(),
@@ -151,7 +155,10 @@ pub async fn bind(config: &ApiConfig, core: &Core) -> anyhow::Result<(TlsListene
         .await
         .with_context(|| format!("cannot bind api.listen {}", config.listen))?;
     let addr = tcp.local_addr()?;
-    Ok((TlsListener::new(tcp, TlsAcceptor::from(tls)), addr))
+    Ok((
+        TlsListener::new(tcp, TlsAcceptor::from(tls), core.clone()),
+        addr,
+    ))
 }
 
 pub async fn serve(
@@ -225,7 +232,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Principal, (Sta
 /// the key, valid no longer than the token. On record (issued or refused) before the answer.
 async fn certificate(
     State(state): State<ApiState>,
-    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    ConnectInfo(ClientAddr(origin)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -238,11 +245,9 @@ async fn certificate(
     let core = &state.core;
     let mut rec = core.audit.body(None, Kind::Request);
     rec.connection = Some(Arc::new(Connection {
-        protocol: crate::ssh::PROTOCOL.into(),
-        client_addr: peer.to_string(),
         client_tls: true,
         name: Some("certificate".into()),
-        ..Connection::default()
+        ..origin.connection(crate::ssh::PROTOCOL)
     }));
     let mut request = SshRequest {
         request_type: "certificate".into(),
@@ -328,20 +333,21 @@ async fn hosts(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-/// The TLS side of the API listener: TCP connections are accepted and their handshakes run
-/// in their own tasks (a slow client holds up no one), finished streams are handed to axum.
+/// The TLS side of the API listener: TCP connections are accepted and their first steps (the
+/// PROXY protocol, [`proxy_protocol::admit`], and the handshake) run in their own tasks (a slow
+/// client holds up no one), finished streams are handed to axum.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, Origin)>,
     addr: SocketAddr,
 }
 
 impl TlsListener {
-    fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> Self {
+    fn new(tcp: TcpListener, acceptor: TlsAcceptor, core: Arc<Core>) -> Self {
         let addr = tcp.local_addr().expect("a bound listener has an address");
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let (stream, peer) = match tcp.accept().await {
+                let (mut stream, peer) = match tcp.accept().await {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "api accept failed");
@@ -349,12 +355,23 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                let (acceptor, ready, core) = (acceptor.clone(), tx.clone(), core.clone());
                 tokio::spawn(async move {
+                    // The API's records are the SSH certificate endpoint's: a refusal is one.
+                    let admitted = proxy_protocol::admit(
+                        &core,
+                        crate::ssh::PROTOCOL,
+                        &mut stream,
+                        peer,
+                        FirstWord::Client,
+                    );
+                    let Ok(origin) = admitted.await else {
+                        return;
+                    };
                     let handshake =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
                     if let Ok(Ok(tls)) = handshake.await {
-                        let _ = ready.send((tls, peer)).await;
+                        let _ = ready.send((tls, origin)).await;
                     }
                 });
                 if tx.is_closed() {
@@ -368,7 +385,7 @@ impl TlsListener {
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = Origin;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
@@ -379,13 +396,13 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
+        Ok(Origin::direct(self.addr))
     }
 }
 
-/// The client's address, for records.
+/// Who the client is (behind a load balancer: the client it named), for records.
 #[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+pub struct ClientAddr(pub Origin);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
     for ClientAddr
