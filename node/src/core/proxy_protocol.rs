@@ -764,6 +764,12 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
         assert_eq!(found.get(), Some(&Version::V1));
         assert!(out.is_empty(), "nothing of the header reaches the protocol");
+        let mut v2 = SIGNATURE.to_vec();
+        v2.extend([0x21, 0x11, 0, 12]);
+        let mut guarded = Guarded::new(tokio_test_reader(&v2));
+        let found = guarded.found();
+        assert!(guarded.read_to_end(&mut Vec::new()).await.is_err());
+        assert_eq!(found.get(), Some(&Version::V2));
 
         for bytes in [&b"SSH-2.0-OpenSSH_9.2\r\n"[..], b"PRO", b"\r\n\r\nX", b""] {
             let mut guarded = Guarded::new(tokio_test_reader(bytes));
