@@ -62,6 +62,7 @@ fn t10_config_templates_render_to_valid_files() {
                     "VIGIL_COORDINATOR_ENDPOINTS",
                     r#""coordinator-1:7470", "coordinator-2:7470""#,
                 ),
+                ("VIGIL_PROXY_PROTOCOL_FROM", r#""172.30.57.10""#),
             ],
         ),
         (
@@ -76,6 +77,13 @@ fn t10_config_templates_render_to_valid_files() {
         let config = vigil_node::config::Config::load(&path)
             .unwrap_or_else(|e| panic!("{template} renders to an invalid node file: {e}"));
         assert_eq!(config.node.id, vars[0].1, "{template}");
+        // Compose's HAProxy is the one balancer whose PROXY headers its nodes believe.
+        let haproxy = "172.30.57.10".parse().unwrap();
+        assert_eq!(
+            config.node.proxy_protocol_from.contains(haproxy),
+            template.starts_with("deploy/compose"),
+            "{template}"
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("${"), "{template}: left unrendered:\n{text}");
     }
