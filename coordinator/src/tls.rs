@@ -150,3 +150,56 @@ pub fn require_member_certificate<T>(tls: bool, req: &tonic::Request<T>) -> Resu
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and two member certificates, made by deploy/coordinator-tls.sh (openssl).
+    fn certificates() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator-tls.sh");
+        let status = std::process::Command::new(script)
+            .arg(dir.path())
+            .args(["m1=IP:127.0.0.1", "m2=IP:127.0.0.1"])
+            .status()
+            .expect("deploy/coordinator-tls.sh runs (openssl)");
+        assert!(status.success());
+        dir
+    }
+
+    fn member(dir: &Path, cert: &str, key: &str, ca: &str) -> MemberTls {
+        MemberTls {
+            cert_file: dir.join(cert),
+            key_file: dir.join(key),
+            ca_file: dir.join(ca),
+        }
+    }
+
+    /// What the script makes is taken; a missing file, a CA file without a certificate and a
+    /// key that is not the certificate's stop the member at start, naming the files.
+    #[test]
+    fn bad_tls_files_are_refused_at_start_with_their_names() {
+        let dir = certificates();
+        let d = dir.path();
+        let good = member(d, "m1.pem", "m1.key", "ca.pem");
+        good.server().unwrap();
+        good.peer_client().unwrap();
+        ClientTls::verify_with(&d.join("ca.pem")).unwrap();
+
+        let e = member(d, "m1.pem", "m1.key", "nope.pem")
+            .server()
+            .unwrap_err();
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+        let e = ClientTls::verify_with(&d.join("m1.key")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{} holds no PEM certificate", d.join("m1.key").display())
+        );
+        let e = member(d, "m1.pem", "m2.key", "ca.pem")
+            .server()
+            .unwrap_err();
+        assert!(matches!(e, TlsError::Invalid { .. }), "{e}");
+        assert!(e.to_string().contains("m2.key"), "{e}");
+    }
+}

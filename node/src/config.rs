@@ -1022,6 +1022,33 @@ allow = { groups = ["dba"] }
         assert!(parse(&remote)
             .unwrap_err()
             .contains("coordinator.cluster_token"));
+        let embedded_tls = format!("{GOOD}\n[coordinator]\nca_file = \"/etc/vigil/ca.pem\"\n");
+        assert!(parse(&embedded_tls)
+            .unwrap_err()
+            .contains("coordinator.ca_file"));
+    }
+
+    /// A member file: `[member.tls]` needs its three files; retention is at least a second.
+    #[test]
+    fn a_member_file_takes_tls_retention_and_metrics() {
+        let base = "[member]\nid = 1\nlisten = \"127.0.0.1:7470\"\ndata_dir = \"/tmp/m\"\n\
+                    cluster_token = { env = \"T\" }\nretention_secs = 60\n\
+                    metrics_listen = \"127.0.0.1:9470\"\n";
+        let tls =
+            "[member.tls]\ncert_file = \"m.pem\"\nkey_file = \"m.key\"\nca_file = \"ca.pem\"\n";
+        let f: CoordinatorFile = toml::from_str(&format!("{base}{tls}")).unwrap();
+        f.validate().unwrap();
+        assert_eq!(f.member.retention_secs, 60);
+        assert_eq!(f.member.tls.unwrap().ca_file, PathBuf::from("ca.pem"));
+        let partial = format!("{base}[member.tls]\ncert_file = \"m.pem\"\n");
+        assert!(toml::from_str::<CoordinatorFile>(&partial).is_err());
+        let f: CoordinatorFile =
+            toml::from_str(&base.replace("retention_secs = 60", "retention_secs = 0")).unwrap();
+        assert!(f
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("member.retention_secs"));
     }
 
     #[test]
