@@ -670,6 +670,61 @@ async fn t88_members_use_mutual_tls_and_nodes_and_operators_verify_them() {
     eprintln!("== t88: a held statement approved and run over TLS");
     approved_on_one_node_runs_once_on_another(&cluster).await;
 
+    eprintln!("== t88: vigil approvals list, a page at a time");
+    let client = cluster.client();
+    for i in 0..5 {
+        client
+            .create_approval(new_request(&format!("r-page-{i}"), &format!("h-page-{i}")))
+            .await
+            .unwrap();
+    }
+    let list = |extra: &[&str]| {
+        let out = std::process::Command::new(bin("vigil"))
+            .args([
+                "approvals",
+                "list",
+                "--cluster-token-env",
+                "VIGIL_T88_TOKEN",
+            ])
+            .args(extra)
+            .args(cluster.cli_args())
+            .env("VIGIL_T88_TOKEN", &cluster.token)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}{}", output_text(&out));
+        let ids: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with("more: "))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect();
+        let after = text
+            .lines()
+            .find_map(|l| l.strip_prefix("more: --after "))
+            .map(str::to_string);
+        (ids, after)
+    };
+    let (all, more) = list(&["--all"]);
+    assert_eq!(all.len(), 7, "t85's two requests and five more: {all:?}");
+    assert_eq!(more, None);
+    assert_eq!(all[0], "r-page-4", "newest first: {all:?}");
+    let (mut paged, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let mut args = vec!["--limit", "3"];
+        if let Some(a) = &after {
+            args.extend(["--after", a.as_str()]);
+        }
+        let (ids, next) = list(&args);
+        assert!(ids.len() <= 3);
+        paged.extend(ids);
+        pages += 1;
+        after = next;
+        if after.is_none() {
+            break;
+        }
+    }
+    assert_eq!((pages, &paged), (3, &all));
+
     eprintln!("== t88: who may speak Raft");
     let leader = cluster.leader(&[1, 2, 3]).await;
     let addr = cluster.member(leader).addr.clone();
