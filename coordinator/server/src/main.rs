@@ -57,6 +57,9 @@ async fn run(
     });
     let member = Member::start(member, operators).await?;
     println!("vigil-coordinator: member listening on {}", member.addr);
+    if let Some(m) = member.metrics_addr {
+        println!("vigil-coordinator: metrics on http://{m}/metrics");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     tokio::select! {
