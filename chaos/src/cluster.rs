@@ -39,16 +39,22 @@ impl Cluster {
 
     /// [`Cluster::start`] with members that snapshot every `snapshot_after` entries.
     pub async fn start_with(n: u64, snapshot_after: u64) -> Self {
-        Self::start_opts(n, snapshot_after, false).await
+        Self::start_opts(n, snapshot_after, false, 3 * 24 * 3600).await
+    }
+
+    /// [`Cluster::start`] with members that forget settled requests `retention_secs` after they
+    /// settled.
+    pub async fn start_with_retention(n: u64, retention_secs: u64) -> Self {
+        Self::start_opts(n, 200, false, retention_secs).await
     }
 
     /// [`Cluster::start`] with TLS on every member's gRPC port: mutual between members, and
     /// every client here verifies the members against the cluster's CA.
     pub async fn start_tls(n: u64) -> Self {
-        Self::start_opts(n, 200, true).await
+        Self::start_opts(n, 200, true, 3 * 24 * 3600).await
     }
 
-    async fn start_opts(n: u64, snapshot_after: u64, tls: bool) -> Self {
+    async fn start_opts(n: u64, snapshot_after: u64, tls: bool, retention_secs: u64) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let tls = tls.then(|| {
             let tls_dir = dir.path().join("tls");
@@ -86,6 +92,7 @@ heartbeat_ms = 50
 election_timeout_min_ms = 300
 election_timeout_max_ms = 600
 snapshot_after = {snapshot_after}
+retention_secs = {retention_secs}
 metrics_listen = "{metrics}"
 {tls_section}
 [identity]

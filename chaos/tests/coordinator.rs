@@ -825,6 +825,78 @@ async fn t88_members_use_mutual_tls_and_nodes_and_operators_verify_them() {
     assert_eq!(cluster.http_get(alone, "/healthz").await.0, 200);
 }
 
+/// The requests member `id` holds, by its /metrics (none while it does not answer).
+async fn requests_held(cluster: &Cluster, id: u64) -> Option<f64> {
+    let (code, text) = cluster.http_get(id, "/metrics").await;
+    (code == 200).then(|| metric(&text, "vigil_coordinator_requests"))
+}
+
+/// Retention on three real members: a flow of requests that expire (the snapshot every 200
+/// entries goes through them) is forgotten by the leader's purge on every member alike, a
+/// member that was down meanwhile catches up to the same state, and what is still live is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8e_settled_requests_are_forgotten_on_every_member() {
+    let mut cluster = Cluster::start_with_retention(3, 1).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let away = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    eprintln!("== t8e: member {away} down while 300 short-lived requests come and go");
+    cluster.kill(away);
+    let client = cluster.client();
+    for i in 0..300 {
+        let mut r = new_request(&format!("r-short-{i}"), &format!("h-short-{i}"));
+        r.ttl_ms = 200;
+        client.create_approval(r).await.unwrap();
+    }
+    client
+        .create_approval(new_request("r-live", "h-live"))
+        .await
+        .unwrap();
+    let up: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != away).collect();
+    for &id in &up {
+        eventually_async("the short-lived requests are forgotten", || async {
+            requests_held(&cluster, id).await == Some(1.0)
+        })
+        .await;
+    }
+    let (_, text) = cluster.http_get(leader, "/metrics").await;
+    assert_eq!(
+        metric(&text, "vigil_coordinator_purged_total"),
+        300.0,
+        "purged on the leader: {text}"
+    );
+    eprintln!("== t8e: member {away} back: it catches up to the same state");
+    cluster.spawn(away);
+    cluster.wait_up(away).await;
+    let applied = |text: &str| metric(text, "vigil_coordinator_last_applied_index");
+    eventually_async(
+        "the returning member has applied the leader's log, purge included",
+        || async {
+            let (_, l) = cluster.http_get(leader, "/metrics").await;
+            let (_, a) = cluster.http_get(away, "/metrics").await;
+            applied(&a) > 300.0
+                && applied(&a) == applied(&l)
+                && requests_held(&cluster, away).await == Some(1.0)
+        },
+    )
+    .await;
+    let live = cluster
+        .client()
+        .get_approval(pb::ApprovalId {
+            id: "r-live".into(),
+        })
+        .await
+        .expect("a live request is kept");
+    assert_eq!(live.state, "pending");
+    let gone = cluster
+        .client()
+        .get_approval(pb::ApprovalId {
+            id: "r-short-7".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+}
+
 /// Three gateway nodes race to consume one approval: exactly one runs the statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t82_three_nodes_race_for_one_approval_and_one_wins() {
