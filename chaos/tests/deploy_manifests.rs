@@ -63,6 +63,11 @@ fn t10_config_templates_render_to_valid_files() {
                     r#""coordinator-1:7470", "coordinator-2:7470""#,
                 ),
                 ("VIGIL_PROXY_PROTOCOL_FROM", r#""172.30.57.10""#),
+                ("VIGIL_DRAIN_TIMEOUT_SECS", "20"),
+                (
+                    "VIGIL_NODE_PEERS",
+                    r#"{ id = "gw-1", url = "http://node-1:9187" }, { id = "gw-2", url = "http://node-2:9187" }"#,
+                ),
             ],
         ),
         (
