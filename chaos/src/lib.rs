@@ -16,6 +16,7 @@ pub mod balancer;
 pub mod cluster;
 pub mod kube;
 pub mod kubelet;
+pub mod partition;
 pub mod recording;
 pub mod ssh;
 pub mod tamper;

@@ -6,13 +6,17 @@
 //! topic verifies.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+use vigil_chaos::partition::{CgroupRoot, Cut};
 use vigil_chaos::*;
+use vigil_coordinator::client::{Client, Credential};
+use vigil_coordinator::tls::ClientTls;
+use vigil_proto::coordinator as pb;
 use vigil_proto::record::{Kind, Record, Request};
 
 const NODES: usize = 3;
@@ -40,16 +44,19 @@ struct LocalCluster {
     topic: String,
     db: String,
     drain_timeout_secs: u64,
+    /// Each part in a cgroup of its own, for partitions.
+    cgroups: Option<CgroupRoot>,
 }
 
 impl LocalCluster {
     /// Starts the cluster; with the psql command line `up` printed.
     async fn up() -> (Self, String) {
-        Self::up_draining_for(20).await
+        Self::up_with(20, false).await
     }
 
-    /// Starts the cluster with nodes that drain for `drain_timeout_secs` on SIGTERM.
-    async fn up_draining_for(drain_timeout_secs: u64) -> (Self, String) {
+    /// Starts the cluster with nodes that drain for `drain_timeout_secs` on SIGTERM; with
+    /// `cgroups`, every part in a cgroup of its own (see [`vigil_chaos::partition`]).
+    async fn up_with(drain_timeout_secs: u64, cgroups: bool) -> (Self, String) {
         // One block of free ports: HAProxy's two, then three per kind of member and node port.
         let base = free_ports(2 + 3 + 2 * NODES as u16);
         let cluster = LocalCluster {
@@ -62,6 +69,7 @@ impl LocalCluster {
             topic: format!("cluster-{}", random_suffix()),
             db: create_database().await,
             drain_timeout_secs,
+            cgroups: cgroups.then(CgroupRoot::new),
         };
         eprintln!(
             "phase: cluster.sh up in {}, HAProxy on 127.0.0.1:{}, database {}, topic {}",
@@ -122,6 +130,13 @@ impl LocalCluster {
                 "VIGIL_CLUSTER_DRAIN_TIMEOUT_SECS",
                 self.drain_timeout_secs.to_string(),
             )
+            .env(
+                "VIGIL_CLUSTER_CGROUP",
+                self.cgroups
+                    .as_ref()
+                    .map(|c| c.dir())
+                    .unwrap_or(Path::new("")),
+            )
             .env("VIGIL_BIN_DIR", bins)
             .stdin(Stdio::null())
             .output()
@@ -130,7 +145,12 @@ impl LocalCluster {
 
     /// The PID cluster.sh recorded for node `i` (1-based).
     fn node_pid(&self, i: usize) -> String {
-        let path = self.dir.path().join(format!("node-{i}/pid"));
+        self.pid(&format!("node-{i}"))
+    }
+
+    /// The PID cluster.sh recorded for a part (`node-2`, `coordinator-1` …).
+    fn pid(&self, part: &str) -> String {
+        let path = self.dir.path().join(format!("{part}/pid"));
         std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .trim()
@@ -144,6 +164,74 @@ impl LocalCluster {
 
     fn node_admin(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}", self.node_admin_port + i as u16 - 1)
+    }
+
+    /// The last lines of the logs of the parts whose names start with `kind`.
+    fn logs(&self, kind: &str) -> String {
+        let mut out = String::new();
+        for i in 1..=NODES {
+            let path = self.dir.path().join(format!("{kind}-{i}/log"));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!("----- {}\n", path.display());
+            out += &lines[lines.len().saturating_sub(40)..].join("\n");
+            out += "\n";
+        }
+        out
+    }
+
+    /// Coordinator member `i`'s gRPC port.
+    fn member_port(&self, i: usize) -> u16 {
+        self.coordinator_port + i as u16 - 1
+    }
+
+    /// A client of the coordinator members `members` (over TLS, verified against the cluster's
+    /// CA) with an operator's token, giving up after `retry`.
+    fn operator(&self, token: &str, members: &[usize], retry: Duration) -> Client {
+        let endpoints = members
+            .iter()
+            .map(|&i| format!("127.0.0.1:{}", self.member_port(i)))
+            .collect();
+        let ca = self.dir.path().join("tls/ca.pem");
+        Client::new(endpoints, Credential::Bearer(token.to_string()))
+            .unwrap()
+            .retry_for(retry)
+            .tls(ClientTls::verify_with(&ca).expect("the cluster's CA (cluster.sh makes it)"))
+    }
+
+    /// The members' leader, once every member in `among` names the same one.
+    async fn leader(&self, among: &[usize]) -> usize {
+        let alice = id_token("alice");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut seen = Vec::new();
+            for &i in among {
+                let client = self.operator(&alice, &[i], Duration::from_millis(200));
+                if let Ok(s) = client.status(pb::StatusRequest {}).await {
+                    seen.push(s.leader as usize);
+                }
+            }
+            if seen.len() == among.len()
+                && among.contains(&seen[0])
+                && seen.iter().all(|&l| l == seen[0])
+            {
+                return seen[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members {among:?} name no common leader: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client session through the balancer.
+    async fn session(&self, token: &str, app: &str) -> (tokio_postgres::Client, ConnTask) {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=agent dbname=app password={token} application_name={app} connect_timeout=3",
+            self.pg_port
+        );
+        connect_tls(&conn).await.expect("a session through HAProxy")
     }
 
     fn audit_dir(&self, i: usize) -> PathBuf {
@@ -371,8 +459,8 @@ async fn t11_haproxy_names_the_client_and_nobody_else_can() {
     s.write_all(&balancer::v2_header(claimed, node1))
         .await
         .unwrap();
-    // An SSLRequest, as psql would send next.
-    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+    // An SSLRequest, as psql would send next (the node may have refused and closed already).
+    let _ = s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
         .await
@@ -605,6 +693,24 @@ fn cancels(cluster: &LocalCluster, i: usize) -> Vec<Record> {
         .collect()
 }
 
+/// Node `i`'s Cancel records, once there are `n` (records of answers are written in the
+/// background: within 10 s).
+async fn wait_cancels(cluster: &LocalCluster, i: usize, n: usize) -> Vec<Record> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = cancels(cluster, i);
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gw-{i} recorded {} cancels, not {n}: {found:?}",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn direct(cluster: &LocalCluster, i: usize, token: &str, app: &str) -> String {
     format!(
         "host=127.0.0.1 port={} user=agent dbname=app password={token} application_name={app} connect_timeout=3",
@@ -662,14 +768,14 @@ async fn t51_a_cancel_the_balancer_hands_to_another_node_cancels_on_the_session_
         })
         .and_then(|r| r.body.session.clone())
         .expect("gw-1 recorded the session");
-    let passed = cancels(&cluster, 2);
+    let passed = wait_cancels(&cluster, 2, 1).await;
     assert_eq!(passed.len(), 1, "{passed:?}");
     let detail = passed[0].body.detail.clone().unwrap_or_default();
     assert!(
         detail.contains("passed to node gw-1, which holds the session"),
         "{detail}"
     );
-    let forwarded = cancels(&cluster, 1);
+    let forwarded = wait_cancels(&cluster, 1, 1).await;
     assert_eq!(forwarded.len(), 1, "{forwarded:?}");
     assert_eq!(forwarded[0].body.session.as_deref(), Some(session.as_str()));
     let detail = forwarded[0].body.detail.clone().unwrap_or_default();
@@ -694,14 +800,7 @@ async fn t51_a_cancel_the_balancer_hands_to_another_node_cancels_on_the_session_
     packet.extend_from_slice(&gw1_pid.to_be_bytes());
     packet.extend_from_slice(&0x0bad_cafei32.to_be_bytes());
     send_and_close(forged, &packet).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let refused = loop {
-        if let Some(r) = cancels(&cluster, 3).pop() {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "gw-3 recorded no cancel");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let refused = wait_cancels(&cluster, 3, 1).await.remove(0);
     let detail = refused.body.detail.clone().unwrap_or_default();
     assert!(
         detail.contains("passed to node gw-1: no session there holds this cancel key"),
@@ -758,7 +857,7 @@ fn running(pid: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t52_a_rolling_restart_under_load_loses_no_statement_and_no_record() {
     const DRAIN: u64 = 4;
-    let (cluster, _psql) = LocalCluster::up_draining_for(DRAIN).await;
+    let (cluster, _psql) = LocalCluster::up_with(DRAIN, false).await;
     let log_start = pg_log_len();
     let token = agent_token().await;
 
@@ -888,5 +987,402 @@ async fn t52_a_rolling_restart_under_load_loses_no_statement_and_no_record() {
         ran.len(),
         records.len()
     );
+    verify_everything(&cluster).await;
+}
+
+/// The requests waiting for a decision, once there are at least `n` (within 20 s).
+async fn wait_pending(operator: &Client, n: usize) -> Vec<pb::Approval> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = operator
+            .list_approvals(pb::ListApprovalsRequest {
+                state: "pending".into(),
+                ..Default::default()
+            })
+            .await;
+        let seen = match list {
+            Ok(list) if list.approvals.len() >= n => return list.approvals,
+            Ok(list) => format!("{} pending", list.approvals.len()),
+            Err(e) => format!("{e:?}"),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} requests pending after 20 s: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn approve(id: &str) -> pb::DecideApprovalRequest {
+    pb::DecideApprovalRequest {
+        id: id.into(),
+        approve: true,
+        comment: "chaos".into(),
+    }
+}
+
+/// How many times PostgreSQL logged `stmt` since `log_start`.
+fn times_ran(db: &str, log_start: u64, stmt: &str) -> usize {
+    pg_executed(db, log_start)
+        .iter()
+        .filter(|r| r.text == stmt)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t53_a_statement_held_on_a_killed_node_runs_once_through_another() {
+    let (cluster, _psql) = LocalCluster::up().await;
+    let log_start = pg_log_len();
+    let agent = token_for("agent-ops", "agent-ops-secret").await;
+    let operator = cluster.operator(&id_token("alice"), &[1, 2, 3], Duration::from_secs(10));
+    let stmt = "DELETE FROM customers WHERE id = 7";
+
+    eprintln!("phase: a write to customers, held for approval on the node the balancer chose");
+    let (client, _task) = cluster.session(&agent, "held").await;
+    let waiting =
+        tokio::spawn(async move { client.simple_query(stmt).await.map_err(|e| failure(&e)) });
+    let request = wait_pending(&operator, 1).await.remove(0);
+    let victim: usize = request
+        .node
+        .strip_prefix("gw-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the request names its node: {request:?}"));
+    eprintln!("phase: kill -9 node-{victim}, which holds {}", request.id);
+    assert!(Command::new("kill")
+        .args(["-9", &cluster.node_pid(victim)])
+        .status()
+        .unwrap()
+        .success());
+    let broken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the held client notices its node died")
+        .unwrap();
+    assert_eq!(broken.err().as_deref(), Some("closed"));
+
+    eprintln!(
+        "phase: approved meanwhile; the client reconnects through the balancer and sends it again"
+    );
+    let decided = operator
+        .decide_approval(approve(&request.id))
+        .await
+        .unwrap();
+    assert_eq!(decided.state, "approved");
+    let reconnected = Instant::now();
+    let (client, _task) = cluster.session(&agent, "held-again").await;
+    assert!(
+        reconnected.elapsed() < Duration::from_secs(3),
+        "back in after {:?}",
+        reconnected.elapsed()
+    );
+    let rows = client
+        .simple_query(stmt)
+        .await
+        .expect("runs with the approval");
+    assert!(rows
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(1))));
+    drop(client);
+    let shown = operator
+        .get_approval(pb::ApprovalId {
+            id: request.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(shown.state, "consumed");
+    assert_eq!(
+        times_ran(&cluster.db, log_start, stmt),
+        1,
+        "the approved statement ran once"
+    );
+
+    eprintln!(
+        "phase: node-{victim} back; the topic has the run, on another node, with its approval"
+    );
+    let out = cluster.run(&["up"]);
+    assert!(
+        out.status.success(),
+        "cluster.sh up:\n{}",
+        output_text(&out)
+    );
+    let want: Vec<usize> = (1..=NODES)
+        .map(|i| if i == victim { 2 } else { 1 })
+        .collect();
+    let (_, records) = wait_for_topic(&cluster, log_start, &want).await;
+    let runs: Vec<&Record> = records
+        .iter()
+        .filter(|r| {
+            r.body.kind == Kind::Request && r.body.pg_request().is_some_and(|q| q.text == stmt)
+        })
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_ne!(runs[0].body.node, format!("gw-{victim}"));
+    let approval = runs[0]
+        .body
+        .approval
+        .as_ref()
+        .expect("the run names its approval");
+    assert_eq!(
+        (approval.id.as_str(), approval.state.as_str()),
+        (request.id.as_str(), "consumed")
+    );
+    verify_everything(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t54_a_node_cut_off_from_the_coordinator_fails_closed_and_serves_the_rest() {
+    let (cluster, _psql) = LocalCluster::up_with(20, true).await;
+    let cgroups = cluster.cgroups.as_ref().unwrap();
+    let log_start = pg_log_len();
+    let agent = token_for("agent-ops", "agent-ops-secret").await;
+    let operator = cluster.operator(&id_token("alice"), &[1, 2, 3], Duration::from_secs(10));
+    let http = reqwest::Client::new();
+    let readyz = |i: usize| {
+        let http = http.clone();
+        let url = format!("{}/readyz", cluster.node_admin(i));
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (code, body) = readyz(3).await;
+    assert_eq!(code, 200, "{body}");
+
+    eprintln!("phase: node-3 cut off from every coordinator member (its packets to them dropped)");
+    let members: Vec<u16> = (1..=3).map(|i| cluster.member_port(i)).collect();
+    let mut cut = Cut::default();
+    cut.drop_from(cgroups, "node-3", &members);
+    let (on3, _task) = connect_tls(&direct(&cluster, 3, &agent, "cut-off"))
+        .await
+        .unwrap();
+    let held = "DELETE FROM customers WHERE id = 11";
+    let started = Instant::now();
+    let err = on3
+        .simple_query(held)
+        .await
+        .expect_err("a held statement cannot be held");
+    let err = failure(&err);
+    assert!(err.starts_with("58000"), "{err}");
+    eprintln!("  refused after {:?}: {err}", started.elapsed());
+    // Everything else on node-3 flows, and is recorded.
+    let rows = on3.simple_query("SELECT 'still served'").await.unwrap();
+    assert!(!rows.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = readyz(3).await;
+        assert_eq!(
+            code, 200,
+            "the coordinator does not decide readiness: {body}"
+        );
+        if body.contains("coordinator: unreachable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-3 still says: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = http
+        .get(format!("{}/metrics", cluster.node_admin(3)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vigil_coordinator_reachable 0"),
+        "{metrics}"
+    );
+
+    eprintln!("phase: the other nodes hold and release as before");
+    let (on1, _task1) = connect_tls(&direct(&cluster, 1, &agent, "not-cut"))
+        .await
+        .unwrap();
+    let other = "DELETE FROM customers WHERE id = 12";
+    let waiting =
+        tokio::spawn(async move { on1.simple_query(other).await.map_err(|e| failure(&e)) });
+    let request = wait_pending(&operator, 1).await.remove(0);
+    assert_eq!(request.node, "gw-1");
+    operator
+        .decide_approval(approve(&request.id))
+        .await
+        .unwrap();
+    waiting.await.unwrap().expect("runs on gw-1 once approved");
+
+    eprintln!("phase: healed: node-3 reaches the coordinator again and holds statements");
+    cut.heal();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = readyz(3).await;
+        if body.contains("coordinator: reachable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-3 still says: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let waiting =
+        tokio::spawn(async move { on3.simple_query(held).await.map_err(|e| failure(&e)) });
+    let request = wait_pending(&operator, 1).await.remove(0);
+    assert_eq!(request.node, "gw-3");
+    operator
+        .decide_approval(approve(&request.id))
+        .await
+        .unwrap();
+    waiting.await.unwrap().expect("runs on gw-3 once approved");
+    assert_eq!(times_ran(&cluster.db, log_start, held), 1);
+    assert_eq!(times_ran(&cluster.db, log_start, other), 1);
+    wait_for_topic(&cluster, log_start, &[1, 1, 1]).await;
+    verify_everything(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t55_approvals_survive_a_leader_kill_and_a_cut_off_member_decides_nothing() {
+    let (cluster, _psql) = LocalCluster::up_with(20, true).await;
+    let cgroups = cluster.cgroups.as_ref().unwrap();
+    let log_start = pg_log_len();
+    let agent = token_for("agent-ops", "agent-ops-secret").await;
+    let alice = id_token("alice");
+
+    eprintln!("phase: a stream of held statements through HAProxy, each approved as it comes");
+    const WRITERS: usize = 3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (stop, agent) = (stop.clone(), agent.clone());
+            let cluster_port = cluster.pg_port;
+            tokio::spawn(async move {
+                let conn = format!(
+                    "host=127.0.0.1 port={cluster_port} user=agent dbname=app password={agent} application_name=writer-{w} connect_timeout=3"
+                );
+                let mut ran = Vec::new();
+                let (client, _task) = connect_tls(&conn).await.unwrap();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let stmt = format!("UPDATE customers SET name = 'w{w}-{n}' WHERE id = {}", 20 + w);
+                    match client.simple_query(&stmt).await {
+                        Ok(_) => ran.push(stmt),
+                        Err(e) => return Err(format!("writer {w}: {stmt}: {}", failure(&e))),
+                    }
+                }
+                Ok(ran)
+            })
+        })
+        .collect();
+    // (asked, answered) of every approval given.
+    let decided_at = Arc::new(std::sync::Mutex::new(Vec::<(Instant, Instant)>::new()));
+    // The approver goes on until every writer is done: the writers' last statements are held.
+    let approving = Arc::new(AtomicBool::new(true));
+    let approver = {
+        let (stop, decided_at) = (approving.clone(), decided_at.clone());
+        let operator = cluster.operator(&alice, &[1, 2, 3], Duration::from_secs(10));
+        tokio::spawn(async move {
+            while stop.load(Ordering::Relaxed) {
+                let list = operator
+                    .list_approvals(pb::ListApprovalsRequest {
+                        state: "pending".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                for a in list.map(|l| l.approvals).unwrap_or_default() {
+                    let asked = Instant::now();
+                    if operator.decide_approval(approve(&a.id)).await.is_ok() {
+                        decided_at.lock().unwrap().push((asked, Instant::now()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let before = decided_at.lock().unwrap().len();
+    assert!(before > 0, "no approval in 3 s");
+    eprintln!("phase: kill -9 the leader, coordinator-{leader}, after {before} approvals");
+    let killed = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-9", &cluster.pid(&format!("coordinator-{leader}"))])
+        .status()
+        .unwrap()
+        .success());
+    let rest: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
+    let elected = cluster.leader(&rest).await;
+    eprintln!(
+        "  coordinator-{elected} leads {:?} after the kill",
+        killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first_after = decided_at
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(asked, _)| *asked > killed)
+        .map(|(_, answered)| *answered - killed);
+    eprintln!("  the first approval asked for after the kill was given {first_after:?} after it");
+    let gap = first_after.expect("approvals came back after the leader kill");
+    assert!(
+        gap < Duration::from_secs(2),
+        "approvals were back only after {gap:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut ran = Vec::new();
+    for w in writers {
+        match w.await.unwrap() {
+            Ok(stmts) => ran.extend(stmts),
+            Err(e) => panic!("{e}\nthe nodes' logs:\n{}", cluster.logs("node")),
+        }
+    }
+    approving.store(false, Ordering::Relaxed);
+    approver.await.unwrap();
+    eprintln!("  {} held statements approved and run", ran.len());
+    for stmt in &ran {
+        assert_eq!(times_ran(&cluster.db, log_start, stmt), 1, "{stmt}");
+    }
+    let out = cluster.run(&["up"]);
+    assert!(
+        out.status.success(),
+        "cluster.sh up:\n{}",
+        output_text(&out)
+    );
+
+    eprintln!("phase: the leader cut off from the other members decides nothing; they go on");
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let rest: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
+    let mut cut = Cut::default();
+    cut.between(
+        cgroups,
+        (
+            &[&format!("coordinator-{leader}")],
+            &[cluster.member_port(leader)],
+        ),
+        (
+            &[
+                &format!("coordinator-{}", rest[0]),
+                &format!("coordinator-{}", rest[1]),
+            ],
+            &[cluster.member_port(rest[0]), cluster.member_port(rest[1])],
+        ),
+    );
+    let (client, _task) = cluster.session(&agent, "minority").await;
+    let stmt = "DELETE FROM customers WHERE id = 30";
+    let waiting =
+        tokio::spawn(async move { client.simple_query(stmt).await.map_err(|e| failure(&e)) });
+    let request = wait_pending(&cluster.operator(&alice, &rest, Duration::from_secs(10)), 1)
+        .await
+        .remove(0);
+    let alone = cluster.operator(&alice, &[leader], Duration::from_secs(3));
+    let refused = alone.decide_approval(approve(&request.id)).await;
+    assert!(refused.is_err(), "the cut-off member decided: {refused:?}");
+    assert_eq!(times_ran(&cluster.db, log_start, stmt), 0);
+    let majority = cluster.operator(&alice, &rest, Duration::from_secs(10));
+    let decided = majority
+        .decide_approval(approve(&request.id))
+        .await
+        .unwrap();
+    assert_eq!(decided.state, "approved");
+    waiting
+        .await
+        .unwrap()
+        .expect("runs once the majority approved");
+    cut.heal();
+    assert_eq!(times_ran(&cluster.db, log_start, stmt), 1);
     verify_everything(&cluster).await;
 }

@@ -41,6 +41,11 @@ pub struct Client {
     tls: Option<ClientTls>,
 }
 
+/// How long one attempt of a call may take before the call tries another member. Above the
+/// time a healthy leader needs to commit (milliseconds), below the members' own commit
+/// timeout (5 s), after which a leader that lost its majority would answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Worth another try elsewhere: the member is not the leader or cannot be reached, or the
 /// connection broke mid-call (the member died; the call may or may not have taken effect,
 /// which the idempotent calls absorb).
@@ -140,7 +145,7 @@ impl Client {
     }
 
     /// Runs one call, following the leader and skipping unreachable members until
-    /// `retry_for` has passed.
+    /// `retry_for` has passed (an attempt under way then may take up to [`ATTEMPT_TIMEOUT`]).
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Channel, MetadataMap) -> Fut,
@@ -150,7 +155,16 @@ impl Client {
         let mut pause = Duration::from_millis(20);
         loop {
             let addr = self.target();
-            let answer = f(self.channel(&addr)?, self.metadata.clone()).await;
+            // A member cut off from the others may still take the call and never commit it;
+            // bounded, the call moves on to another member (calls are idempotent by their ids).
+            let attempt = f(self.channel(&addr)?, self.metadata.clone());
+            let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::unavailable(format!(
+                        "coordinator member {addr} did not answer within {ATTEMPT_TIMEOUT:?}"
+                    )))
+                });
             let status = match answer {
                 Ok(r) => {
                     *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
@@ -171,7 +185,9 @@ impl Client {
             }
             if hint.is_none() {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
+                // Capped low: after a leader dies, the next attempt comes soon after the
+                // election (hundreds of milliseconds), not half a second later.
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
         }
     }

@@ -66,7 +66,7 @@ impl MemberConfig {
             cluster_token,
             admin_group: "vigil-admins".into(),
             heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            election_timeout: (Duration::from_millis(300), Duration::from_millis(500)),
             snapshot_after: 5_000,
             bootstrap: false,
             discard_other_format: false,

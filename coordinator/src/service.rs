@@ -608,6 +608,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         req: Request<pb::ApprovalId>,
     ) -> Result<Response<Self::WatchApprovalStream>, Status> {
         let caller = self.0.caller(req.metadata()).await?;
+        // From the leader, up to date: a member that has not applied the request yet (a new
+        // leader just after an election, a lagging follower) would call it unknown.
+        self.0.linearizable().await?;
         let id = req.into_inner().id;
         let first = self.0.visible_request(&caller, &id)?;
         let shared = self.0.clone();

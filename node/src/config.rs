@@ -526,10 +526,10 @@ fn default_heartbeat_ms() -> u64 {
     100
 }
 fn default_election_min_ms() -> u64 {
-    400
+    300
 }
 fn default_election_max_ms() -> u64 {
-    800
+    500
 }
 fn default_snapshot_after() -> u64 {
     5000
