@@ -23,6 +23,9 @@
 # verify the members against it, and the env file sets VIGIL_COORDINATOR_CA for the vigil CLI.
 # `up` on a running cluster starts only the parts that are down (a node
 # killed by a test comes back with its data directory, and ships what its spool kept).
+# `up` with another VIGIL_CLUSTER_NODES than the running cluster's starts the nodes missing,
+# restarts the running ones whose configuration changed (their list of peers), gives HAProxy the
+# new list of servers and stops the nodes beyond the count (their data directories stay).
 # `down` leaves the dev servers running (stop them with deploy/dev/servers.sh stop) and the
 # state directory in place (the next `up` finds the same cluster; remove the directory after
 # `down` for a new one).
@@ -32,11 +35,12 @@
 #                                   nodes take PROXY headers from (default 127.0.0.2; Linux
 #                                   routes all of 127.0.0.0/8 to loopback)
 #   VIGIL_CLUSTER_DIR               state: configs, data, logs, PIDs (default /tmp/vigil-cluster)
+#   VIGIL_CLUSTER_NODES             how many gateway nodes, 1 to 9 (default 3)
 #   VIGIL_CLUSTER_PG_PORT           HAProxy, PostgreSQL clients (default 27432)
 #   VIGIL_CLUSTER_STATS_PORT        HAProxy's statistics page (default 27404)
 #   VIGIL_CLUSTER_COORDINATOR_PORT  member 1's gRPC port; members 2, 3 the next ones (27471)
-#   VIGIL_CLUSTER_NODE_PG_PORT      node 1's PostgreSQL listener; nodes 2, 3 the next (27441)
-#   VIGIL_CLUSTER_NODE_ADMIN_PORT   node 1's admin port (/readyz, /metrics); 2, 3 next (27481)
+#   VIGIL_CLUSTER_NODE_PG_PORT      node 1's PostgreSQL listener; nodes 2, 3 … the next (27441)
+#   VIGIL_CLUSTER_NODE_ADMIN_PORT   node 1's admin port (/readyz, /metrics); 2, 3 … next (27481)
 #   VIGIL_CLUSTER_TOPIC             the audit topic on the dev broker (default vigil-audit,
 #                                   created with 3 partitions if missing)
 #   VIGIL_CLUSTER_DATABASE          the target database behind the connection "app" (default app)
@@ -87,7 +91,11 @@ bin_dir="${VIGIL_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}"
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
 servers_sh="$here/dev/servers.sh"
 members=(1 2 3)
-nodes=(1 2 3)
+node_count="${VIGIL_CLUSTER_NODES:-3}"
+[[ "$node_count" =~ ^[1-9]$ ]] || die "VIGIL_CLUSTER_NODES=$node_count is not a number of nodes from 1 to 9"
+((node_pg_port + node_count <= 65536 && node_admin_port + node_count <= 65536)) \
+  || die "VIGIL_CLUSTER_NODE_PG_PORT or VIGIL_CLUSTER_NODE_ADMIN_PORT leaves no room for $node_count nodes"
+mapfile -t nodes < <(seq 1 "$node_count")
 
 marker="$dir/.vigil-cluster"
 token_file="$dir/cluster-token"
@@ -240,12 +248,11 @@ cluster_init() {
 
 # ---------------------------------------------------------------------------- nodes
 node_start() {
-  local i="$1" part="node-$1" endpoints="" peers="" m
-  if part_pid "$part" >/dev/null; then return 0; fi
+  local i="$1" part="node-$1" config="$dir/node-$1/config.toml" endpoints="" peers="" m
   for m in "${members[@]}"; do endpoints+="\"$(member_addr "$m")\", "; done
   for m in "${nodes[@]}"; do peers+="{ id = \"gw-$m\", url = \"http://$(node_admin_addr "$m")\" }, "; done
   mkdir -p "$dir/$part"
-  render vigil-node.toml "$dir/$part/config.toml" \
+  render vigil-node.toml "$config.new" \
     VIGIL_NODE_ID="gw-$i" VIGIL_DATA_DIR="$dir/$part/data" \
     VIGIL_ADMIN_LISTEN="$(node_admin_addr "$i")" VIGIL_OIDC_ISSUER="$VIGIL_OIDC_ISSUER" \
     VIGIL_KAFKA_BROKERS="$VIGIL_KAFKA_BROKERS" VIGIL_KAFKA_TOPIC="$topic" \
@@ -257,12 +264,28 @@ node_start() {
     || die "rendering $part's config failed"
   # The node reaches the members over TLS: coordinator.ca_file, after the token in [coordinator].
   sed -i "/^cluster_token = { env = \"VIGIL_CLUSTER_TOKEN\" }\$/a ca_file = \"$tls_dir/ca.pem\"" \
-    "$dir/$part/config.toml"
-  grep -q '^ca_file = ' "$dir/$part/config.toml" || die "$part's config has no [coordinator] cluster_token line to add ca_file after"
+    "$config.new"
+  grep -q '^ca_file = ' "$config.new" || die "$part's config has no [coordinator] cluster_token line to add ca_file after"
+  if part_pid "$part" >/dev/null; then
+    if cmp -s "$config.new" "$config"; then rm -f "$config.new"; return 0; fi
+    stop_parts "$part" # another node count: its peers changed
+  fi
+  mv -f "$config.new" "$config"
   log "starting $part (gw-$i) on $(node_pg_addr "$i"), admin $(node_admin_addr "$i")"
   VIGIL_CLUSTER_TOKEN="$(cat "$token_file")" VIGIL_PG_GATEWAY_PASSWORD="$VIGIL_PG_GATEWAY_PASSWORD" \
     VIGIL_PEER_SECRET="$(cat "$peer_secret_file")" \
-    start_part "$part" "$bin_dir/vigil-node" --config "$dir/$part/config.toml"
+    start_part "$part" "$bin_dir/vigil-node" --config "$config"
+}
+
+# The nodes this script started that run and are not among the first VIGIL_CLUSTER_NODES (a
+# cluster brought up with more nodes before), by part name.
+surplus_nodes() {
+  local d i
+  for d in "$dir"/node-*/; do
+    i="${d%/}"; i="${i##*/node-}"
+    [[ "$i" =~ ^[0-9]+$ ]] && ((i > node_count)) && part_pid "node-$i" >/dev/null && printf 'node-%s\n' "$i"
+  done
+  return 0
 }
 
 node_ready() { http_ok "http://$(node_admin_addr "$1")/readyz"; }
@@ -382,6 +405,7 @@ write_env() {
        VIGIL_CLUSTER_STATS_URL "http://127.0.0.1:$stats_port/" \
        VIGIL_CLUSTER_TOPIC "$topic" \
        VIGIL_CLUSTER_DATABASE "$database" \
+       VIGIL_CLUSTER_NODES "$node_count" \
        VIGIL_CLUSTER_KAFKA_BROKERS "$VIGIL_KAFKA_BROKERS" \
        VIGIL_CLUSTER_TOKEN_FILE "$token_file" \
        VIGIL_COORDINATOR_CA "$tls_dir/ca.pem" \
@@ -423,6 +447,9 @@ cmd_up() {
   wait_nodes_ready
   haproxy_start
   wait_haproxy_up
+  local surplus
+  mapfile -t surplus < <(surplus_nodes)
+  ((${#surplus[@]} == 0)) || stop_parts "${surplus[@]}"
   write_env
   log "cluster up; coordinates in $env_file"
   cat <<EOF
@@ -439,6 +466,7 @@ cmd_down() {
   local i parts=()
   stop_parts haproxy
   for i in "${nodes[@]}"; do parts+=("node-$i"); done
+  mapfile -t -O "${#parts[@]}" parts < <(surplus_nodes)
   stop_parts "${parts[@]}"
   parts=()
   for i in "${members[@]}"; do parts+=("coordinator-$i"); done
