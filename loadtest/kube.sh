@@ -138,19 +138,7 @@ ports_free VIGIL_KUBE_PORT VIGIL_ADMIN_PORT
 # ---------------------------------------------------------------------------- dev servers
 # The gateway needs the OIDC provider (its [identity] issuer) and the API server (its cluster);
 # exec needs the test kubelet.
-status_out="$(VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" status 2>/dev/null || true)"
-up() { grep -Eq "^$1 +running" <<<"$status_out"; }
-if up oidc && up kube-apiserver && up vigil-test-kubelet; then
-  log "reusing the dev servers in $dev_dir"
-elif ! grep -Eq '^[a-z-]+ +(running|paused)' <<<"$status_out"; then
-  log "starting the dev servers in $dev_dir (stopped again at the end)"
-  started_servers=1
-  VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" start
-else
-  die "the OIDC provider, the kube-apiserver or the test kubelet in $dev_dir does not run while other dev servers do; fix that with deploy/dev/servers.sh start (they are not ours to stop), or use another VIGIL_DEV_DIR and ports"
-fi
-# shellcheck disable=SC1091
-source "$dev_dir/env"
+use_dev_servers oidc kube-apiserver vigil-test-kubelet
 for v in VIGIL_OIDC_ISSUER VIGIL_OIDC_DIR VIGIL_DEV_KUBE_URL VIGIL_DEV_KUBE_CA VIGIL_DEV_KUBE_ADMIN_KUBECONFIG \
          VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE VIGIL_DEV_KUBE_DIR VIGIL_DEV_KUBE_NAMESPACE VIGIL_DEV_KUBE_POD \
          VIGIL_DEV_KUBE_CONTAINER VIGIL_DEV_KUBE_AUDIT_LOG; do

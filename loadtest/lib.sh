@@ -1,4 +1,4 @@
-# Shell helpers of the load test scripts (pgbench.sh, ssh.sh, kube.sh): sourced, never run.
+# Shell helpers of the load test scripts (pgbench.sh, cluster.sh, ssh.sh, kube.sh): sourced, never run.
 # The script sets `script` (its name: the prefix of its messages) before sourcing this file.
 # shellcheck shell=bash disable=SC2034 # the settings and results here are read by the script
 : "${script:?set script (the name in messages) before sourcing lib.sh}"
@@ -122,6 +122,94 @@ verify_round() {
   verify_summary="$(grep -E '^(OK|FAILED)' "$dir/verify.txt" | tail -n 1 || true)"
   [[ -n "$verify_summary" ]] || verify_summary="$(tail -n 1 "$dir/verify.txt")"
   verify_records="$(awk '$1 == "vigil_audit_records_total" { print $2; exit }' "$dir/metrics.txt")"
+}
+
+# use_dev_servers NAME...: reuse the dev servers of deploy/dev/servers.sh when those NAMEd (its
+# `status` lines: postgresql, oidc, kafka …) run, or start them all when none runs (then
+# started_servers=1 and `finish` stops them); any other mix stops the script (they are not ours
+# to stop). Then sources their env file.
+# shellcheck disable=SC2154 # repo: the script's
+use_dev_servers() {
+  local status_out name missing=0
+  status_out="$(VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" status 2>/dev/null || true)"
+  for name in "$@"; do grep -Eq "^$name +running" <<<"$status_out" || missing=1; done
+  if ((!missing)); then
+    log "reusing the dev servers in $dev_dir"
+  elif ! grep -Eq '^[a-z-]+ +(running|paused)' <<<"$status_out"; then
+    log "starting the dev servers in $dev_dir (stopped again at the end)"
+    started_servers=1
+    VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" start
+  else
+    die "not all of $* run in $dev_dir while other dev servers do (or one is paused); fix that with deploy/dev/servers.sh start (they are not ours to stop), or use another VIGIL_DEV_DIR and ports"
+  fi
+  # shellcheck disable=SC1091
+  source "$dev_dir/env"
+}
+
+# fresh_token: sets token to an access token of the dev agent agent-reporting, a new one when
+# the last is older than 240 s (the dev provider's tokens live 600 s; a gateway checks them at
+# login).
+token=""
+token_at=0
+# shellcheck disable=SC2154 # node_bin: the script's; VIGIL_OIDC_*: the dev env's
+fresh_token() {
+  if ((SECONDS - token_at > 240)) || [[ -z "$token" ]]; then
+    token="$("$node_bin" "$VIGIL_OIDC_DIR/token.mjs" --issuer "$VIGIL_OIDC_ISSUER" \
+      --client agent-reporting --secret agent-reporting-secret)" || die "could not get an access token"
+    token_at=$SECONDS
+  fi
+}
+
+# pgbench_result FILE WHAT: reads pgbench's report in FILE into tps, lat (average, ms) and txns;
+# stops the script (showing FILE) when it cannot, or when a transaction failed (WHAT names the
+# run in the message).
+pgbench_result() {
+  local failed
+  tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1")"
+  lat="$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1")"
+  txns="$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1")"
+  failed="$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$1")"
+  [[ -n "$tps" && -n "$lat" && -n "$txns" ]] || { show_log "$1"; die "cannot read pgbench's report ($2)"; }
+  [[ -z "$failed" || "$failed" == 0 ]] || { show_log "$1"; die "$failed failed transactions ($2)"; }
+}
+
+# verify_topic TOPIC OUT AUDIT_DIR...: `vigil audit verify --kafka` ($vigil_cli) on TOPIC of the
+# dev broker, output in OUT, once the nodes whose local logs are the AUDIT_DIRs have stopped
+# cleanly (stream_end written, spool shipped). Sets kafka_rc (0: verified and complete),
+# kafka_summary, kafka_streams (the first lines naming streams), kafka_verified, kafka_local.
+# Verify passes on a topic that stops short (an open stream); after a clean stop the topic must
+# hold every record of the local logs, stream_end included, or kafka_rc is 1.
+# shellcheck disable=SC2154 # vigil_cli: the script's; VIGIL_KAFKA_BROKERS: the dev env's
+verify_topic() {
+  local topic="$1" out="$2" line d; shift 2
+  kafka_rc=0
+  "$vigil_cli" audit verify --kafka "$VIGIL_KAFKA_BROKERS" --topic "$topic" >"$out" 2>&1 || kafka_rc=$?
+  line="$(grep -E '^(OK|FAILED)' "$out" | tail -n 1 || true)"
+  kafka_summary="exit $kafka_rc: ${line:-$(tail -n 1 "$out")}"
+  kafka_streams="$(grep -E '^(stream|FAIL) ' "$out" | head -n 5 | sed 's/^/  /' || true)"
+  kafka_verified="$(sed -n 's/^OK: \([0-9]*\) records .*/\1/p' "$out")"
+  kafka_local=0
+  for d in "$@"; do
+    kafka_local=$((kafka_local + $(cat "$d"/*.jsonl 2>/dev/null | wc -l || true)))
+  done
+  if ((kafka_rc == 0)) && [[ "${kafka_verified:-0}" != "$kafka_local" ]]; then
+    kafka_rc=1
+    kafka_summary="$kafka_summary; but the local logs hold $kafka_local records: the topic is incomplete"
+  fi
+}
+
+# delete_topic TOPIC: deletes the run's topic from the dev broker, unless KEEP_WORKDIR=1 (or TOPIC
+# is empty: none was made). The broker is memory-only: a topic left behind holds the run's
+# records until it restarts.
+# shellcheck disable=SC2154 # VIGIL_TANSU, VIGIL_KAFKA_URL: the dev env's
+delete_topic() {
+  [[ -n "$1" ]] || return 0
+  if [[ "$KEEP_WORKDIR" == 1 ]]; then
+    log "kept the topic $1"
+  else
+    timeout 30 "$VIGIL_TANSU" topic delete "$1" --broker "$VIGIL_KAFKA_URL" >/dev/null 2>&1 \
+      || log "could not delete the topic $1"
+  fi
 }
 
 # The end of a script's EXIT trap (`cleanup`, which stops what the script started first): stops

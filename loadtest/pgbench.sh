@@ -86,13 +86,7 @@ cleanup() {
   stop_pid "$vigil_pid" vigil-node
   stop_pid "$vigil_kafka_pid" "vigil-node (Kafka)"
   stop_pid "$bouncer_pid" pgbouncer
-  if [[ -n "$topic" && "$KEEP_WORKDIR" != 1 ]]; then
-    # the broker is memory-only: a topic left behind holds the run's records until it restarts
-    timeout 30 "$VIGIL_TANSU" topic delete "$topic" --broker "$VIGIL_KAFKA_URL" >/dev/null 2>&1 \
-      || log "could not delete the topic $topic"
-  elif [[ -n "$topic" ]]; then
-    log "kept the topic $topic"
-  fi
+  delete_topic "$topic"
   finish "$rc"
 }
 trap_cleanup
@@ -306,16 +300,6 @@ bouncer_pid="$(cat "$bdir/pgbouncer.pid" 2>/dev/null || true)"
 for _ in $(seq 1 50); do "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$PGBOUNCER_PORT" -t 1 && break; sleep 0.1; done
 
 # ---------------------------------------------------------------------------- targets
-token=""
-token_at=0
-fresh_token() { # the dev provider's tokens live 600 s; the gateway checks them at login
-  if ((SECONDS - token_at > 240)) || [[ -z "$token" ]]; then
-    token="$("$node_bin" "$VIGIL_OIDC_DIR/token.mjs" --issuer "$VIGIL_OIDC_ISSUER" \
-      --client agent-reporting --secret agent-reporting-secret)" || die "could not get an access token"
-    token_at=$SECONDS
-  fi
-}
-
 # Sets conn_env (array of NAME=value) and proxy_pid for a target.
 target_env() {
   proxy_pid=""
@@ -380,19 +364,14 @@ run_one() {
     die "pgbench failed against $t ($mode)"
   fi
   [[ -n "$proxy_pid" ]] && read -r a_cpu a_audit a_csw < <(proc_sample "$proxy_pid")
-  local tps lat txns failed spool=""
+  local tps lat txns spool=""
   # the Kafka node's backlog right after the run: records written but not yet acknowledged
   if [[ "$t" == vigil-kafka ]]; then
     spool="$(curl -fsS -m 2 "http://127.0.0.1:$VIGIL_KAFKA_ADMIN_PORT/metrics" 2>/dev/null \
       | awk '$1 == "vigil_audit_spool_records" { print $2; exit }' || true)"
     spool_max="$(awk -v a="${spool:-0}" -v b="$spool_max" 'BEGIN { print (a + 0 > b + 0) ? a + 0 : b + 0 }')"
   fi
-  tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$prefix.out")"
-  lat="$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$prefix.out")"
-  txns="$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$prefix.out")"
-  failed="$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$prefix.out")"
-  [[ -n "$tps" && -n "$lat" && -n "$txns" ]] || { show_log "$prefix.out"; die "cannot read pgbench's report ($t, $mode)"; }
-  [[ -z "$failed" || "$failed" == 0 ]] || { show_log "$prefix.out"; die "$failed failed transactions against $t ($mode)"; }
+  pgbench_result "$prefix.out" "$t, $mode"
   if [[ "$round" != w ]]; then
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$mode" "$tps" "$lat" "$txns" \
       "$((a_cpu - b_cpu))" "$((a_audit - b_audit))" "$((a_csw - b_csw))" >>"$results"
@@ -451,21 +430,7 @@ if ((with_kafka)); then
   # up to 10 s for the broker's acknowledgements), so the topic ends like the local log.
   stop_pid "$vigil_kafka_pid" "vigil-node (Kafka)" 60
   vigil_kafka_pid=""
-  set +e
-  "$vigil_cli" audit verify --kafka "$VIGIL_KAFKA_BROKERS" --topic "$topic" >"$work/vigil-kafka/verify.txt" 2>&1
-  kafka_rc=$?
-  set -e
-  verify_line="$(grep -E '^(OK|FAILED)' "$work/vigil-kafka/verify.txt" | tail -n 1 || true)"
-  kafka_summary="exit $kafka_rc: ${verify_line:-$(tail -n 1 "$work/vigil-kafka/verify.txt")}"
-  kafka_streams="$(grep -E '^(stream|FAIL) ' "$work/vigil-kafka/verify.txt" | head -n 5 | sed 's/^/  /' || true)"
-  kafka_verified="$(sed -n 's/^OK: \([0-9]*\) records .*/\1/p' "$work/vigil-kafka/verify.txt")"
-  kafka_local="$(cat "$work/vigil-kafka/data/audit"/*.jsonl 2>/dev/null | wc -l || true)"
-  # Verify passes on a topic that stops short (an open stream); after a clean stop it must hold
-  # every record of the node's local log, stream_end included.
-  if ((kafka_rc == 0)) && [[ "${kafka_verified:-0}" != "$kafka_local" ]]; then
-    kafka_rc=1
-    kafka_summary="$kafka_summary; but the local log holds $kafka_local records: the topic is incomplete"
-  fi
+  verify_topic "$topic" "$work/vigil-kafka/verify.txt" "$work/vigil-kafka/data/audit"
 fi
 
 # ---------------------------------------------------------------------------- report
