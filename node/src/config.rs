@@ -45,6 +45,9 @@ pub struct Config {
     /// The other gateway nodes (docs/configuration.md, `[cluster]`).
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Traces exported over OTLP (docs/operations.md); absent: none are.
+    #[serde(default)]
+    pub tracing: Option<crate::core::trace::TracingConfig>,
 }
 
 /// The `[cluster]` section: the gateway nodes behind the same load balancer, for what must reach
@@ -656,6 +659,9 @@ impl Config {
                 "postgres",
                 "no protocol server is configured: add a [postgres], an [ssh] or a [kubernetes] section",
             ));
+        }
+        if let Some(t) = &self.tracing {
+            t.validate()?;
         }
         self.validate_policy()?;
         self.coordinator.validate()

@@ -41,13 +41,30 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Logging for the binaries: `RUST_LOG` wins over the configured level.
 pub fn init_tracing(level: &str, format: config::LogFormat) {
+    init_subscriber(level, format, None);
+}
+
+/// The node's logging, and its traces exported over OTLP when `[tracing]` is configured (the
+/// log filter does not apply to them). Runs inside the Tokio runtime.
+pub fn init_node_tracing(config: &config::Config) -> anyhow::Result<()> {
+    let otlp = match &config.tracing {
+        Some(t) => Some(core::trace::otlp_layer(t, &config.node.id)?),
+        None => None,
+    };
+    init_subscriber(&config.log.level, config.log.format, otlp);
+    Ok(())
+}
+
+fn init_subscriber(level: &str, format: config::LogFormat, otlp: Option<core::trace::BoxedLayer>) {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        config::LogFormat::Json => builder.json().init(),
-        config::LogFormat::Text => builder.init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer();
+    let fmt = match format {
+        config::LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        config::LogFormat::Text => fmt.with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry().with(otlp).with(fmt).init();
 }
 
 /// A started node.

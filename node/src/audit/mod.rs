@@ -229,6 +229,11 @@ impl AuditLog {
         &self.inner.path
     }
 
+    /// The node that writes this stream (`node.id`).
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
     /// Whether the last write succeeded.
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed)

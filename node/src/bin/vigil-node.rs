@@ -23,7 +23,10 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    vigil_node::init_tracing(&config.log.level, config.log.format);
+    if let Err(e) = vigil_node::init_node_tracing(&config) {
+        eprintln!("vigil-node: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     match run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -247,6 +247,11 @@ impl Metrics {
             "Bytes relayed from targets to clients",
             self.bytes_from_target.clone(),
         );
+        registry.register(
+            "trace_spans_dropped",
+            "Trace spans not exported, by reason (queue_full, export_failed)",
+            crate::core::trace::spans_dropped(),
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");

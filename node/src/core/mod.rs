@@ -16,6 +16,7 @@ pub mod refusal;
 pub mod secret;
 pub mod server;
 pub mod tls;
+pub mod trace;
 
 pub use refusal::Refusal;
 pub use server::{ProtocolServer, Shutdown};

@@ -211,6 +211,8 @@ pub struct Established {
 /// A statement in flight: what the target half needs to write its response record.
 struct Unit {
     stmt: u64,
+    /// Its trace span (core/trace.rs), ended with the unit.
+    span: tracing::Span,
     /// Set when the response record must carry the request itself (a Parse that failed: no
     /// request record was written because nothing was executed).
     request: Option<PgRequest>,
@@ -224,9 +226,10 @@ struct Unit {
 }
 
 impl Unit {
-    fn new(stmt: u64) -> Self {
+    fn new(session: &str, stmt: u64) -> Self {
         Unit {
             stmt,
+            span: crate::core::trace::statement(super::PROTOCOL, session, stmt),
             request: None,
             started: Instant::now(),
             portal: None,
@@ -992,6 +995,7 @@ impl ClientHalf {
             version: self.ctx.policy.version().to_string(),
         });
         rec.detail = Some("the FunctionCall message is not allowed".into());
+        crate::core::trace::refused(super::PROTOCOL, &rec);
         self.ctx.core.audit.record(rec);
         self.refuse(
             Outcome::Blocked,
@@ -1309,6 +1313,7 @@ impl ClientHalf {
         // A parser's message quotes the text near its error: through the detectors, like it.
         rec.detail = Some(self.ctx.core.scrub(&detail));
         rec.approval = approval;
+        crate::core::trace::refused(super::PROTOCOL, &rec);
         self.ctx.core.audit.record(rec);
         self.refuse(outcome, sqlstate, &message, simple, out);
     }
@@ -1332,7 +1337,11 @@ impl ClientHalf {
             rec.detail = note;
         }
         match self.ctx.core.audit.append(&rec).await {
-            Ok(()) => Ok(Unit::new(stmt)),
+            Ok(()) => {
+                let unit = Unit::new(&self.session.id, stmt);
+                crate::core::trace::from_record(&unit.span, &rec);
+                Ok(unit)
+            }
             Err(e) => {
                 self.ctx.core.metrics.audit_refused_statements.inc();
                 tracing::warn!(error = %e, "statement refused: its audit record cannot be written");
@@ -1341,6 +1350,7 @@ impl ClientHalf {
                 rec.time = crate::audit::now_rfc3339();
                 rec.outcome = Some(Outcome::Error);
                 rec.detail = Some(format!("refused before the target: {e}"));
+                crate::core::trace::refused(super::PROTOCOL, &rec);
                 self.ctx.core.audit.record(rec);
                 Err(e)
             }
@@ -1854,7 +1864,8 @@ impl TargetHalf {
             // A statement that does not parse never runs; its attempt is recorded with the
             // error.
             self.tables.settle(ops, false);
-            let mut unit = Unit::new(self.stmts.fetch_add(1, Ordering::Relaxed) + 1);
+            let stmt = self.stmts.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut unit = Unit::new(&self.session.id, stmt);
             unit.request = Some(PgRequest {
                 mode: "extended".into(),
                 text: text.to_string(),
@@ -2105,6 +2116,7 @@ impl TargetHalf {
         rec.response = Some(Response::Postgres(acc.response));
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
+        crate::core::trace::from_record(&unit.span, &rec);
         self.ctx.core.audit.record(rec);
     }
 

@@ -94,7 +94,8 @@ pub async fn run(
     preauth: OwnedSemaphorePermit,
 ) {
     let id = crate::core::new_session_id();
-    let span = tracing::info_span!("pg_session", session = %id, client = %origin.client);
+    let span =
+        crate::core::trace::session(super::PROTOCOL, &id, ctx.core.audit.node(), &origin.client);
     async move {
         let mut conn = origin.connection(super::PROTOCOL);
         let mut stream: BoxStream = Box::new(tcp);
@@ -105,6 +106,11 @@ pub async fn run(
             .unwrap_or_else(|_| Err(Refusal::Protocol("startup did not finish in time".into())));
         match started {
             Ok(established) => {
+                crate::core::trace::authenticated(
+                    &tracing::Span::current(),
+                    &established.session.principal.subject,
+                    established.session.conn.name.as_deref(),
+                );
                 ctx.core
                     .metrics
                     .sessions
