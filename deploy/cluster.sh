@@ -41,6 +41,13 @@
 #   VIGIL_CLUSTER_COORDINATOR_PORT  member 1's gRPC port; members 2, 3 the next ones (27471)
 #   VIGIL_CLUSTER_NODE_PG_PORT      node 1's PostgreSQL listener; nodes 2, 3 … the next (27441)
 #   VIGIL_CLUSTER_NODE_ADMIN_PORT   node 1's admin port (/readyz, /metrics); 2, 3 … next (27481)
+#   VIGIL_CLUSTER_SSH_PORT          HAProxy, SSH clients (default 27422): the nodes' [ssh]
+#                                   listeners in front of the dev sshd as host "web"
+#   VIGIL_CLUSTER_NODE_SSH_PORT     node 1's SSH listener; nodes 2, 3 the next (27451)
+#   VIGIL_CLUSTER_KUBE_PORT         HAProxy, kubectl (default 27443): the nodes' [kubernetes]
+#                                   listeners in front of the dev kube-apiserver as cluster
+#                                   "dev", when the dev servers include it (kube.sh install)
+#   VIGIL_CLUSTER_NODE_KUBE_PORT    node 1's Kubernetes listener; nodes 2, 3 the next (27461)
 #   VIGIL_CLUSTER_TOPIC             the audit topic on the dev broker (default vigil-audit,
 #                                   created with 3 partitions if missing)
 #   VIGIL_CLUSTER_DATABASE          the target database behind the connection "app" (default app)
@@ -79,6 +86,10 @@ stats_port="$(port_setting VIGIL_CLUSTER_STATS_PORT 27404)"
 coord_port="$(port_setting VIGIL_CLUSTER_COORDINATOR_PORT 27471)"
 node_pg_port="$(port_setting VIGIL_CLUSTER_NODE_PG_PORT 27441)"
 node_admin_port="$(port_setting VIGIL_CLUSTER_NODE_ADMIN_PORT 27481)"
+ssh_lb_port="$(port_setting VIGIL_CLUSTER_SSH_PORT 27422)"
+node_ssh_port="$(port_setting VIGIL_CLUSTER_NODE_SSH_PORT 27451)"
+kube_lb_port="$(port_setting VIGIL_CLUSTER_KUBE_PORT 27443)"
+node_kube_port="$(port_setting VIGIL_CLUSTER_NODE_KUBE_PORT 27461)"
 topic="${VIGIL_CLUSTER_TOPIC:-vigil-audit}"
 lb_source="${VIGIL_CLUSTER_LB_SOURCE:-127.0.0.2}"
 [[ "$lb_source" =~ ^127(\.[0-9]{1,3}){3}$ && "$lb_source" != 127.0.0.1 ]] \
@@ -104,6 +115,10 @@ peer_secret_file="$dir/peer-secret"
 env_file="$dir/env"
 haproxy_dir="$dir/haproxy"
 haproxy_cfg="$haproxy_dir/haproxy.cfg"
+# Shared by every node, so that a client the balancer moves sees one host key, one certificate.
+ssh_host_key="$dir/ssh/host_ed25519_key"
+kube_tls_dir="$dir/kube-tls"
+kubeconfig="$dir/kubeconfig"
 
 show_log() {
   if [[ -f "$1" ]]; then
@@ -115,6 +130,61 @@ show_log() {
 member_addr() { printf '127.0.0.1:%s' $((coord_port + $1 - 1)); }
 node_pg_addr() { printf '127.0.0.1:%s' $((node_pg_port + $1 - 1)); }
 node_admin_addr() { printf '127.0.0.1:%s' $((node_admin_port + $1 - 1)); }
+node_ssh_addr() { printf '127.0.0.1:%s' $((node_ssh_port + $1 - 1)); }
+node_kube_addr() { printf '127.0.0.1:%s' $((node_kube_port + $1 - 1)); }
+
+# Whether the dev servers include the Kubernetes control plane (deploy/dev/kube.sh install).
+kube_on() { [[ -n "${VIGIL_DEV_KUBE_URL:-}" ]]; }
+
+# What every node shares (made once): the SSH host key clients see, and the Kubernetes
+# listener's certificate, for 127.0.0.1 and localhost, which the printed kubeconfig trusts.
+shared_material() {
+  if [[ ! -f "$ssh_host_key" ]]; then
+    mkdir -p "$(dirname "$ssh_host_key")"
+    ssh-keygen -q -t ed25519 -N '' -C vigil-cluster -f "$ssh_host_key" || die "ssh-keygen failed"
+  fi
+  if kube_on && [[ ! -f "$kube_tls_dir/cert.pem" ]]; then
+    mkdir -p "$kube_tls_dir"
+    (umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -subj /CN=vigil-cluster -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      -keyout "$kube_tls_dir/key.pem" -out "$kube_tls_dir/cert.pem" 2>"$kube_tls_dir/openssl.log") \
+      || { show_log "$kube_tls_dir/openssl.log"; die "openssl could not make the Kubernetes listener's certificate"; }
+  fi
+}
+
+# The [ssh] and [kubernetes] sections of node $1 (the Compose template has PostgreSQL only).
+protocol_sections() {
+  cat <<EOF
+
+[ssh]
+listen = "$(node_ssh_addr "$1")"
+host_key = "$ssh_host_key"
+
+[[ssh.targets]]
+name = "web"
+address = "$VIGIL_DEV_SSHD_ADDR"
+host_keys = ["$VIGIL_DEV_SSHD_HOST_KEY"]
+login_key = { file = "$VIGIL_DEV_SSH_GATEWAY_KEY" }
+logins = ["$VIGIL_DEV_SSH_LOGIN"]
+allow = { client_ids = ["agent-ops"], groups = ["dba"] }
+EOF
+  kube_on || return 0
+  cat <<EOF
+
+[kubernetes]
+listen = "$(node_kube_addr "$1")"
+tls_cert = "$kube_tls_dir/cert.pem"
+tls_key = "$kube_tls_dir/key.pem"
+
+[[kubernetes.clusters]]
+name = "dev"
+server = "$VIGIL_DEV_KUBE_URL"
+ca_file = "$VIGIL_DEV_KUBE_CA"
+token = { file = "$VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE" }
+group_prefix = "vigil:"
+allow = { client_ids = ["agent-ops", "agent-reporting"], groups = ["dba"] }
+EOF
+}
 
 # alive = exists, is not a zombie, and its command line names this cluster's directory (a
 # recycled PID is someone else's)
@@ -266,6 +336,7 @@ node_start() {
   sed -i "/^cluster_token = { env = \"VIGIL_CLUSTER_TOKEN\" }\$/a ca_file = \"$tls_dir/ca.pem\"" \
     "$config.new"
   grep -q '^ca_file = ' "$config.new" || die "$part's config has no [coordinator] cluster_token line to add ca_file after"
+  protocol_sections "$i" >>"$config.new"
   if part_pid "$part" >/dev/null; then
     if cmp -s "$config.new" "$config"; then rm -f "$config.new"; return 0; fi
     stop_parts "$part" # another node count: its peers changed
@@ -303,11 +374,33 @@ wait_nodes_ready() {
 }
 
 # ---------------------------------------------------------------------------- HAProxy
-haproxy_config() {
+# A frontend on 127.0.0.1:$2 and its backend: every node's listener (address from function
+# $3), each checked on its admin port's /readyz, sent a PROXY v2 header from $lb_source.
+haproxy_frontend() { # name, port, address function
   local i
   cat <<EOF
-# Written by deploy/cluster.sh up: TCP (L4) to every gateway node's PostgreSQL listener; a
-# node is out of rotation while its /readyz does not answer 200. A connection refused by a
+
+frontend $1
+    bind 127.0.0.1:$2
+    default_backend gateways-$1
+
+backend gateways-$1
+    balance leastconn
+    option httpchk
+    http-check send meth GET uri /readyz
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 2
+EOF
+  for i in "${nodes[@]}"; do
+    printf '    server node-%s %s check port %s send-proxy-v2 source %s\n' \
+      "$i" "$("$3" "$i")" $((node_admin_port + i - 1)) "$lb_source"
+  done
+}
+
+haproxy_config() {
+  cat <<EOF
+# Written by deploy/cluster.sh up: TCP (L4) to every gateway node's PostgreSQL, SSH and
+# Kubernetes listeners (one frontend each); a node is out of rotation while its /readyz does not answer 200. A connection refused by a
 # node that just died is sent to another one (redispatch), so a client reconnecting at once
 # is not refused by the balancer during the checks' interval. Each connection to a node comes
 # from $lb_source and starts with a PROXY protocol v2 header naming the client (send-proxy-v2),
@@ -328,21 +421,10 @@ defaults
     retries 2
     option redispatch 1
 
-frontend postgres
-    bind 127.0.0.1:$lb_port
-    default_backend gateways-postgres
-
-backend gateways-postgres
-    balance leastconn
-    option httpchk
-    http-check send meth GET uri /readyz
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 2
 EOF
-  for i in "${nodes[@]}"; do
-    printf '    server node-%s %s check port %s send-proxy-v2 source %s\n' \
-      "$i" "$(node_pg_addr "$i")" $((node_admin_port + i - 1)) "$lb_source"
-  done
+  haproxy_frontend postgres "$lb_port" node_pg_addr
+  haproxy_frontend ssh "$ssh_lb_port" node_ssh_addr
+  if kube_on; then haproxy_frontend kubernetes "$kube_lb_port" node_kube_addr; fi
   cat <<EOF
 
 listen stats
@@ -393,6 +475,27 @@ token() { # client id
   "$VIGIL_NODE" "$VIGIL_OIDC_DIR/token.mjs" --issuer "$VIGIL_OIDC_ISSUER" --client "$1" --secret "$1-secret"
 }
 
+# What the printed ssh and kubectl commands use: the nodes' shared SSH host key as known for
+# the balancer's port, and a kubeconfig for the balancer trusting the shared certificate.
+write_client_files() {
+  printf '[127.0.0.1]:%s %s\n' "$ssh_lb_port" "$(cut -d' ' -f1,2 "$ssh_host_key.pub")" \
+    >"$dir/ssh/known_hosts"
+  kube_on || return 0
+  cat >"$kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: vigil-cluster
+  cluster:
+    server: https://127.0.0.1:$kube_lb_port/clusters/dev
+    certificate-authority: $kube_tls_dir/cert.pem
+contexts:
+- name: vigil-cluster
+  context: {cluster: vigil-cluster}
+current-context: vigil-cluster
+EOF
+}
+
 write_env() {
   local i
   (umask 077
@@ -401,6 +504,8 @@ write_env() {
      printf 'export %s=%q\n' \
        VIGIL_CLUSTER_DIR "$dir" \
        VIGIL_CLUSTER_PG_ADDR "127.0.0.1:$lb_port" \
+       VIGIL_CLUSTER_SSH_ADDR "127.0.0.1:$ssh_lb_port" \
+       VIGIL_CLUSTER_SSH_KNOWN_HOSTS "$dir/ssh/known_hosts" \
        VIGIL_CLUSTER_LB_SOURCE "$lb_source" \
        VIGIL_CLUSTER_STATS_URL "http://127.0.0.1:$stats_port/" \
        VIGIL_CLUSTER_TOPIC "$topic" \
@@ -415,6 +520,10 @@ write_env() {
        printf 'export VIGIL_CLUSTER_NODE%s_AUDIT_DIR=%q\n' "$i" "$dir/node-$i/data/audit"
        printf 'export VIGIL_CLUSTER_NODE%s_ADMIN=%q\n' "$i" "$(node_admin_addr "$i")"
      done
+     if kube_on; then
+       printf 'export %s=%q\n' VIGIL_CLUSTER_KUBE_ADDR "127.0.0.1:$kube_lb_port" \
+         VIGIL_CLUSTER_KUBECONFIG "$kubeconfig"
+     fi
    } >"$env_file.tmp")
   mv -f "$env_file.tmp" "$env_file"
 }
@@ -443,6 +552,8 @@ cmd_up() {
   local i
   for i in "${members[@]}"; do member_start "$i"; done
   cluster_init
+  shared_material
+  write_client_files
   for i in "${nodes[@]}"; do node_start "$i"; done
   wait_nodes_ready
   haproxy_start
@@ -458,7 +569,16 @@ psql through HAProxy (an agent's access token from the dev provider as the passw
 held writes (to customers), approved as agent-ops (group dba) against the coordinator cluster:
   . $env_file; export VIGIL_TOKEN=\$($0 token agent-ops)
   $bin_dir/vigil approvals list --state pending
+ssh through HAProxy to host "web" (the dev sshd) as $VIGIL_DEV_SSH_LOGIN; answer the prompt with
+the token of \`$0 token agent-ops\`:
+  ssh -p $ssh_lb_port -o PreferredAuthentications=keyboard-interactive -o UserKnownHostsFile=$dir/ssh/known_hosts $VIGIL_DEV_SSH_LOGIN+web@127.0.0.1 hostname
 EOF
+  if kube_on; then
+    cat <<EOF
+kubectl through HAProxy to cluster "dev" (the dev kube-apiserver), as agent-ops:
+  kubectl --kubeconfig $kubeconfig --token "\$($0 token agent-ops)" get pods -A
+EOF
+  fi
 }
 
 cmd_down() {

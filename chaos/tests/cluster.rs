@@ -38,9 +38,14 @@ struct LocalCluster {
     dir: TempDir,
     pg_port: u16,
     stats_port: u16,
+    /// HAProxy's SSH and Kubernetes frontends.
+    ssh_port: u16,
+    kube_port: u16,
     coordinator_port: u16,
     node_pg_port: u16,
     node_admin_port: u16,
+    node_ssh_port: u16,
+    node_kube_port: u16,
     topic: String,
     db: String,
     drain_timeout_secs: u64,
@@ -57,15 +62,21 @@ impl LocalCluster {
     /// Starts the cluster with nodes that drain for `drain_timeout_secs` on SIGTERM; with
     /// `cgroups`, every part in a cgroup of its own (see [`vigil_chaos::partition`]).
     async fn up_with(drain_timeout_secs: u64, cgroups: bool) -> (Self, String) {
-        // One block of free ports: HAProxy's two, then three per kind of member and node port.
-        let base = free_ports(2 + 3 + 2 * NODES as u16);
+        // One block of free ports: HAProxy's four, three members, then three per kind of node
+        // port (PostgreSQL, admin, SSH, Kubernetes).
+        let n = NODES as u16;
+        let base = free_ports(4 + 3 + 4 * n);
         let cluster = LocalCluster {
             dir: tempfile::tempdir().unwrap(),
             pg_port: base,
             stats_port: base + 1,
-            coordinator_port: base + 2,
-            node_pg_port: base + 5,
-            node_admin_port: base + 5 + NODES as u16,
+            ssh_port: base + 2,
+            kube_port: base + 3,
+            coordinator_port: base + 4,
+            node_pg_port: base + 7,
+            node_admin_port: base + 7 + n,
+            node_ssh_port: base + 7 + 2 * n,
+            node_kube_port: base + 7 + 3 * n,
             topic: format!("cluster-{}", random_suffix()),
             db: create_database().await,
             drain_timeout_secs,
@@ -123,6 +134,16 @@ impl LocalCluster {
             .env(
                 "VIGIL_CLUSTER_NODE_ADMIN_PORT",
                 self.node_admin_port.to_string(),
+            )
+            .env("VIGIL_CLUSTER_SSH_PORT", self.ssh_port.to_string())
+            .env("VIGIL_CLUSTER_KUBE_PORT", self.kube_port.to_string())
+            .env(
+                "VIGIL_CLUSTER_NODE_SSH_PORT",
+                self.node_ssh_port.to_string(),
+            )
+            .env(
+                "VIGIL_CLUSTER_NODE_KUBE_PORT",
+                self.node_kube_port.to_string(),
             )
             .env("VIGIL_CLUSTER_TOPIC", &self.topic)
             .env("VIGIL_CLUSTER_DATABASE", &self.db)
@@ -1384,5 +1405,102 @@ async fn t55_approvals_survive_a_leader_kill_and_a_cut_off_member_decides_nothin
         .expect("runs once the majority approved");
     cut.heal();
     assert_eq!(times_ran(&cluster.db, log_start, stmt), 1);
+    verify_everything(&cluster).await;
+}
+
+/// The records of every node's local log.
+fn all_records(cluster: &LocalCluster) -> Vec<Record> {
+    (1..=NODES)
+        .flat_map(|i| read_records(&cluster.audit_dir(i)))
+        .collect()
+}
+
+/// SSH and kubectl through HAProxy, as `cluster.sh up` prints them: each reaches its target
+/// (the sshd's login shell ran the command; the API server answered as the agent), and each is
+/// on record with the client's own address and HAProxy's apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t56_ssh_and_kubectl_through_haproxy_reach_their_targets_on_record() {
+    let (cluster, _psql) = LocalCluster::up().await;
+    let out = cluster.run(&["up"]);
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        printed.contains(&format!("ssh -p {} ", cluster.ssh_port)),
+        "{printed}"
+    );
+    assert!(printed.contains("kubectl --kubeconfig "), "{printed}");
+    let agent = token_for("agent-ops", "agent-ops-secret").await;
+
+    eprintln!("phase: ssh through HAProxy runs a command on host web");
+    let commands_before = std::fs::read_to_string(env().get("VIGIL_DEV_SSH_COMMAND_LOG"))
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let user = format!("{}+web", env().get("VIGIL_DEV_SSH_LOGIN"));
+    let marker = format!("echo through-haproxy-{}", random_suffix());
+    let session = vigil_chaos::ssh::token_login(cluster.ssh_port, &user, &agent)
+        .await
+        .expect("the token logs in through HAProxy");
+    let (stdout, _, status) = vigil_chaos::ssh::exec(&session, &marker).await;
+    assert_eq!(status, Some(0));
+    assert!(String::from_utf8_lossy(&stdout).starts_with("through-haproxy-"));
+    let ran = std::fs::read_to_string(env().get("VIGIL_DEV_SSH_COMMAND_LOG")).unwrap();
+    assert!(
+        ran.lines()
+            .skip(commands_before)
+            .any(|l| l.ends_with(&format!("\texec\t{marker}"))),
+        "the host's login shell did not run {marker:?}"
+    );
+
+    eprintln!("phase: kubectl through HAProxy, with the printed kubeconfig");
+    let kube_before = vigil_chaos::kube::audit_len();
+    let kubeconfig = cluster.dir.path().join("kubeconfig");
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--token", &agent, "--request-timeout", "30s"])
+        .args(["get", "namespaces", "-o", "name"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("namespace/default"));
+    let seen = vigil_chaos::kube::audit_events(kube_before);
+    assert!(
+        seen.iter()
+            .any(|e| e["impersonatedUser"]["username"] == "agent-ops"
+                && e["objectRef"]["resource"] == "namespaces"),
+        "the API server saw no namespaces request as agent-ops"
+    );
+
+    eprintln!("phase: both on record with the client's address, HAProxy's apart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = all_records(&cluster);
+        let by_protocol = |protocol: &str| {
+            records
+                .iter()
+                .filter(|r| r.body.kind == Kind::Request)
+                .filter_map(|r| r.body.connection.as_deref())
+                .find(|c| c.protocol == protocol)
+                .cloned()
+        };
+        if let (Some(ssh), Some(kube)) = (by_protocol("ssh"), by_protocol("kubernetes")) {
+            for conn in [ssh, kube] {
+                assert!(conn.client_addr.starts_with("127.0.0.1:"), "{conn:?}");
+                assert!(
+                    conn.balancer_addr
+                        .as_deref()
+                        .is_some_and(|b| b.starts_with("127.0.0.2:")),
+                    "{conn:?}"
+                );
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ssh and kubernetes requests on record"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     verify_everything(&cluster).await;
 }
