@@ -1,0 +1,349 @@
+//! Traces over OTLP (`[tracing]`): a real `vigil-node` process exports to an OTLP/gRPC
+//! receiver built here on the `opentelemetry-proto` crate's generated tonic server (the
+//! protocol's own service definition; no OpenTelemetry Collector can be installed on these
+//! machines). Judged against the audit records: one session span, one child span per
+//! statement with the records' `session` and `stmt`, the blocked statement marked with its
+//! rule, and no statement text or value anywhere in a span. A collector that is down, or
+//! accepts and never answers, changes nothing for sessions and is counted as dropped spans.
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vigil_chaos::{
+    agent_token, connect_tls, eventually, free_port, metric, node_metrics, of_kind, random_suffix,
+    spawn_node, NodeFiles, NodeOptions,
+};
+use vigil_proto::record::{Kind, Outcome, Record};
+
+const POLICY: &str = r#"
+[[policy.rules]]
+id = "no-drop"
+action = "block"
+flags = ["drop"]
+reason = "dropping needs a human"
+"#;
+
+/// What the receiver was sent: each export's `x-vigil-key` metadata, resource attributes and
+/// spans.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<Export>>>);
+
+struct Export {
+    key: Option<String>,
+    resource: BTreeMap<String, String>,
+    spans: Vec<Span>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Received {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let key = request
+            .metadata()
+            .get("x-vigil-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        for rs in request.into_inner().resource_spans {
+            let resource = rs
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            let spans = rs.scope_spans.into_iter().flat_map(|s| s.spans).collect();
+            self.0.lock().unwrap().push(Export {
+                key: key.clone(),
+                resource,
+                spans,
+            });
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Received {
+    /// An OTLP/gRPC receiver on an ephemeral port: its endpoint URL.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        let exports = self.0.lock().unwrap();
+        exports.iter().flat_map(|e| e.spans.clone()).collect()
+    }
+}
+
+/// Attributes as text (ints and strings are all a span here carries).
+fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .filter_map(|kv| {
+            let v = match kv.value.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => s.clone(),
+                any_value::Value::IntValue(i) => i.to_string(),
+                any_value::Value::BoolValue(b) => b.to_string(),
+                any_value::Value::DoubleValue(d) => d.to_string(),
+                other => format!("{other:?}"),
+            };
+            Some((kv.key.clone(), v))
+        })
+        .collect()
+}
+
+fn append_config(files: &NodeFiles, toml: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&files.config_path)
+        .unwrap();
+    f.write_all(toml.as_bytes()).unwrap();
+}
+
+fn conn_str(pg_port: u16, token: &str) -> String {
+    format!("host=127.0.0.1 port={pg_port} user=agent dbname=app password={token}")
+}
+
+/// The audit records of the session that ran statements, once it ended.
+async fn session_records(files: &NodeFiles) -> Vec<Record> {
+    let mut records = Vec::new();
+    eventually("the session ended", Duration::from_secs(10), || {
+        records = files.records();
+        !of_kind(&records, Kind::SessionEnd).is_empty()
+    })
+    .await;
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_per_session_and_statement_join_the_audit_records() {
+    let received = Received::default();
+    let endpoint = received.start().await;
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        extra: POLICY,
+        ..NodeOptions::default()
+    })
+    .await;
+    let key_file = files.dir.path().join("otlp-key");
+    std::fs::write(&key_file, "k-123\n").unwrap();
+    append_config(
+        &files,
+        &format!(
+            "\n[tracing]\nendpoint = \"{endpoint}\"\nservice_name = \"vigil-test\"\n\
+             headers = {{ x-vigil-key = {{ file = \"{}\" }} }}\n",
+            key_file.display()
+        ),
+    );
+    let mut child = spawn_node(&files, admin_port).await;
+
+    let run = random_suffix();
+    let secret = format!("sekrit-{run}");
+    let token = agent_token().await;
+    let (client, conn) = connect_tls(&conn_str(pg_port, &token)).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    client
+        .simple_query(&format!("SELECT '{secret}-literal'"))
+        .await
+        .unwrap();
+    let refused = client
+        .simple_query(&format!("DROP TABLE IF EXISTS t_{run}"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    let param = format!("{secret}-param");
+    let row = client
+        .query_one("SELECT $1::text", &[&param])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), param);
+    drop(client);
+    let _ = conn.await;
+    let records = session_records(&files).await;
+
+    // The statements as the records tell them: stmt → (outcome, rule).
+    let session = of_kind(&records, Kind::SessionEnd)[0]
+        .body
+        .session
+        .clone()
+        .unwrap();
+    let principal = records
+        .iter()
+        .find_map(|r| r.body.principal.as_ref())
+        .unwrap()
+        .subject
+        .clone();
+    let mut statements = BTreeMap::new();
+    for r in &records {
+        if r.body.session.as_deref() != Some(&session) {
+            continue;
+        }
+        if let (Some(stmt), Kind::Response | Kind::Blocked) = (r.body.stmt, r.body.kind) {
+            let rule = (r.body.kind == Kind::Blocked)
+                .then(|| r.body.policy.as_ref().unwrap().rule.clone());
+            statements.insert(stmt, (r.body.outcome.unwrap(), rule));
+        }
+    }
+    assert_eq!(statements.len(), 4, "{records:?}");
+    assert!(statements.values().any(|(o, _)| *o == Outcome::Blocked));
+
+    // The session span ends with the session; every span is exported once it ends.
+    let spans = {
+        let mut spans = Vec::new();
+        eventually("the spans arrive", Duration::from_secs(10), || {
+            spans = received.spans();
+            spans.len() > statements.len()
+        })
+        .await;
+        spans
+    };
+    let sessions: Vec<_> = spans.iter().filter(|s| s.name == "session").collect();
+    assert_eq!(sessions.len(), 1, "{spans:?}");
+    let root = sessions[0];
+    let attrs = attributes(&root.attributes);
+    assert_eq!(attrs["session"], session);
+    assert_eq!(attrs["protocol"], "postgres");
+    assert_eq!(attrs["principal"], principal);
+    assert_eq!(attrs["node"], records[0].body.node);
+    assert_eq!(attrs["target"], "app");
+    assert!(attrs["client"].starts_with("127.0.0.1:"), "{attrs:?}");
+    assert!(root.parent_span_id.is_empty(), "the session span is a root");
+
+    let mut traced = BTreeMap::new();
+    for s in spans.iter().filter(|s| s.name == "statement") {
+        let a = attributes(&s.attributes);
+        assert_eq!(a["session"], session, "{a:?}");
+        assert_eq!(s.trace_id, root.trace_id, "one trace per session");
+        assert_eq!(
+            s.parent_span_id, root.span_id,
+            "a child of the session span"
+        );
+        let stmt: u64 = a["stmt"].parse().unwrap();
+        assert!(traced.insert(stmt, a).is_none(), "stmt {stmt} twice");
+    }
+    assert_eq!(
+        traced.keys().collect::<Vec<_>>(),
+        statements.keys().collect::<Vec<_>>(),
+        "a span for every statement the records tell"
+    );
+    for (stmt, (outcome, rule)) in &statements {
+        let a = &traced[stmt];
+        let expected = serde_json::to_value(outcome).unwrap();
+        assert_eq!(
+            a["outcome"],
+            expected.as_str().unwrap(),
+            "stmt {stmt}: {a:?}"
+        );
+        if let Some(rule) = rule {
+            assert_eq!(&a["rule"], rule, "stmt {stmt}");
+        }
+    }
+
+    // No text, no value: not in any attribute, name or event of any span.
+    let everything = format!("{spans:?}");
+    assert!(!everything.contains(&secret), "{everything}");
+    assert!(!everything.contains("DROP"), "{everything}");
+    assert!(spans.iter().all(|s| s.events.is_empty()), "{spans:?}");
+
+    for e in received.0.lock().unwrap().iter() {
+        assert_eq!(e.key.as_deref(), Some("k-123"), "the configured header");
+        assert_eq!(e.resource["service.name"], "vigil-test");
+        assert_eq!(e.resource["service.instance.id"], records[0].body.node);
+    }
+    let text = node_metrics(admin_port).await;
+    assert_eq!(metric(&text, "vigil_trace_spans_dropped_total"), 0.0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A collector that refuses connections, then one that accepts and never answers: statements
+/// run and are recorded as without tracing, and the spans that could not go are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_collector_changes_nothing_for_sessions() {
+    // Accepts and holds every connection, reading nothing.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    // Refused at once: every batch fails (export_failed). Never answered: the batch in flight
+    // waits out timeout_secs while the statements fill the queue (queue_full).
+    for (endpoint, reason) in [
+        (refused, "export_failed"),
+        (format!("http://{hung_addr}"), "queue_full"),
+    ] {
+        let (pg_port, admin_port) = (free_port(), free_port());
+        let files = NodeFiles::new(&NodeOptions {
+            pg_port,
+            admin_port,
+            ..NodeOptions::default()
+        })
+        .await;
+        append_config(
+            &files,
+            &format!("\n[tracing]\nendpoint = \"{endpoint}\"\nqueue_spans = 4\ntimeout_secs = 1\n"),
+        );
+        let mut child = spawn_node(&files, admin_port).await;
+        let token = agent_token().await;
+        let (client, conn) = connect_tls(&conn_str(pg_port, &token)).await.unwrap();
+        let started = Instant::now();
+        const N: i32 = 50;
+        for i in 0..N {
+            let row = client.query_one("SELECT $1::int4", &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i);
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "{endpoint}: {N} statements took {took:?}"
+        );
+        drop(client);
+        let _ = conn.await;
+        let records = session_records(&files).await;
+        let responses = of_kind(&records, Kind::Response);
+        assert_eq!(responses.len(), N as usize, "{endpoint}");
+        assert!(responses
+            .iter()
+            .all(|r| r.body.outcome == Some(Outcome::Success)));
+        assert_eq!(of_kind(&records, Kind::Request).len(), N as usize);
+        // 51 spans at least (the statements and the session) through a queue of 4, to a
+        // collector that takes none: all of them counted, by the time the exports time out.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metric(
+            &node_metrics(admin_port).await,
+            "vigil_trace_spans_dropped_total",
+        ) < f64::from(N + 1)
+        {
+            assert!(Instant::now() < deadline, "{endpoint}: spans not counted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = node_metrics(admin_port).await;
+        let by_reason = format!("vigil_trace_spans_dropped_total{{reason=\"{reason}\"}}");
+        assert!(metric(&text, &by_reason) > 0.0, "{endpoint}: {text}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
