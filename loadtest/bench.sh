@@ -30,7 +30,7 @@ log() { printf 'bench.sh: %s\n' "$*" >&2; }
 die() { printf 'bench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 case "${1:-}" in
-  coordinator) bench=coordinator-bench build=(-p vigil-node --bin vigil-coordinator -p vigil-chaos --bin coordinator-bench)
+  coordinator) bench=coordinator-bench build=(-p vigil-coordinator-server --bin vigil-coordinator -p vigil-chaos --bin coordinator-bench)
                export MEMBERS="${MEMBERS:-3}" CONCURRENCY="${CONCURRENCY:-64}" DURATION="${DURATION:-10}" ;;
   audit-pipeline) bench=audit-pipeline-bench build=(-p vigil-chaos --bin audit-pipeline-bench)
                   export RECORDS="${RECORDS:-200000}" WRITERS="${WRITERS:-4}" SAMPLES="${SAMPLES:-2000}" ;;
