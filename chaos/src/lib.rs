@@ -22,6 +22,7 @@ pub mod ssh;
 pub mod tamper;
 pub mod tmux;
 pub mod tokens;
+pub mod webdriver;
 pub mod wire;
 
 /// The dev servers' coordinates, from `$VIGIL_DEV_DIR/env`.
@@ -362,7 +363,7 @@ level = "warn"
 
 [identity]
 issuer = "{issuer}"
-audiences = ["{audience}", "vigil-cli"]
+audiences = ["{audience}", "vigil-cli", "vigil-console"]
 leeway_secs = 5
 jwks_refresh_cooldown_secs = {cooldown}
 {identity_extra}

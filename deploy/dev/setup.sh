@@ -16,6 +16,8 @@
 #   - haproxy, the load balancer of the local cluster (deploy/cluster.sh, run by
 #     chaos/tests/cluster.rs; on a systemd host the package's own service runs with Debian's
 #     default configuration, which listens on nothing);
+#   - chromium and chromium-driver: the real browser of the web console's tests
+#     (chaos/tests/console.rs drives headless Chromium through chromedriver);
 #   - iptables, with which the cluster's chaos tests cut one process's traffic to others
 #     (chaos/src/partition.rs: iptables' cgroup match);
 #   - Docker for the Compose stack's test (chaos/tests/compose.rs): docker.io (dockerd 20.10),
@@ -47,7 +49,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 # ---- apt packages ----------------------------------------------------------------------
 want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates
       python3 python3-venv openssh-server openssh-client tmux rsync
-      docker.io docker-compose debootstrap binutils haproxy prometheus iptables)
+      docker.io docker-compose debootstrap binutils haproxy prometheus iptables
+      chromium chromium-driver)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 

@@ -144,21 +144,47 @@ pub async fn bind(
     config: &ApiConfig,
     core: &Arc<Core>,
 ) -> anyhow::Result<(TlsListener, SocketAddr)> {
-    use anyhow::Context as _;
-    let tls = crate::core::tls::server_config(
-        config.tls_cert.as_deref(),
-        config.tls_key.as_deref(),
-        &core.data_dir.join("tls-api"),
-    )
-    .context("api TLS certificate")?;
-    let tcp = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot bind api.listen {}", config.listen))?;
-    let addr = tcp.local_addr()?;
-    Ok((
-        TlsListener::new(tcp, TlsAcceptor::from(tls), core.clone()),
-        addr,
-    ))
+    let https = Https {
+        section: "api",
+        listen: config.listen,
+        tls_cert: config.tls_cert.as_deref(),
+        tls_key: config.tls_key.as_deref(),
+        // The API's records are the SSH certificate endpoint's: a refusal is one.
+        protocol: crate::ssh::PROTOCOL,
+    };
+    https.bind(core).await
+}
+
+/// One of the node's own HTTPS listeners (`[api]`, `[console]`).
+pub(crate) struct Https<'a> {
+    /// The config section, for messages and the generated certificate's directory
+    /// (`<data_dir>/tls-<section>`).
+    pub section: &'static str,
+    pub listen: SocketAddr,
+    pub tls_cert: Option<&'a std::path::Path>,
+    pub tls_key: Option<&'a std::path::Path>,
+    /// The protocol of the records of clients refused before TLS.
+    pub protocol: &'static str,
+}
+
+impl Https<'_> {
+    pub(crate) async fn bind(self, core: &Arc<Core>) -> anyhow::Result<(TlsListener, SocketAddr)> {
+        use anyhow::Context as _;
+        let section = self.section;
+        let tls = crate::core::tls::server_config(
+            self.tls_cert,
+            self.tls_key,
+            &core.data_dir.join(format!("tls-{section}")),
+        )
+        .with_context(|| format!("{section} TLS certificate"))?;
+        let tcp = TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("cannot bind {section}.listen {}", self.listen))?;
+        let addr = tcp.local_addr()?;
+        let acceptor = TlsAcceptor::from(tls);
+        let listener = TlsListener::new(tcp, acceptor, core.clone(), self.protocol);
+        Ok((listener, addr))
+    }
 }
 
 pub async fn serve(
@@ -342,7 +368,14 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    fn new(tcp: TcpListener, acceptor: TlsAcceptor, core: Arc<Core>) -> Self {
+    /// Accepts on `tcp`; a client refused before TLS (a bad PROXY protocol header) is on
+    /// record as a session of `protocol`.
+    fn new(
+        tcp: TcpListener,
+        acceptor: TlsAcceptor,
+        core: Arc<Core>,
+        protocol: &'static str,
+    ) -> Self {
         let addr = tcp.local_addr().expect("a bound listener has an address");
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -357,10 +390,9 @@ impl TlsListener {
                 };
                 let (acceptor, ready, core) = (acceptor.clone(), tx.clone(), core.clone());
                 tokio::spawn(async move {
-                    // The API's records are the SSH certificate endpoint's: a refusal is one.
                     let admitted = proxy_protocol::admit(
                         &core,
-                        crate::ssh::PROTOCOL,
+                        protocol,
                         &mut stream,
                         peer,
                         FirstWord::Client,

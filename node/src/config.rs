@@ -33,6 +33,9 @@ pub struct Config {
     /// The node's HTTPS API (SSH certificates, `vigil ssh-config`); absent: none.
     #[serde(default)]
     pub api: Option<crate::api::ApiConfig>,
+    /// The web console (docs/console.md); absent: none.
+    #[serde(default)]
+    pub console: Option<crate::console::ConsoleConfig>,
     /// The Kubernetes API gateway (docs/kubernetes.md).
     #[serde(default)]
     pub kubernetes: Option<crate::kube::config::KubeConfig>,
@@ -647,6 +650,9 @@ impl Config {
         }
         if let Some(ssh) = &self.ssh {
             ssh.validate()?;
+        }
+        if let Some(console) = &self.console {
+            console.validate(&self.identity)?;
         }
         if let Some(api) = &self.api {
             api.validate(&self.identity)?;

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod kube;
 pub mod pg;
@@ -74,6 +75,8 @@ pub struct RunningNode {
     pub admin_addr: SocketAddr,
     /// The HTTPS API's address, when `[api]` is configured.
     pub api_addr: Option<SocketAddr>,
+    /// The web console's address, when `[console]` is configured.
+    pub console_addr: Option<SocketAddr>,
     /// The file of this process's audit stream.
     pub audit_path: PathBuf,
     pub metrics: Arc<core::metrics::Metrics>,
@@ -293,6 +296,21 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         Some(section) => Some(api::bind(section, &core).await?),
         None => None,
     };
+    let console = match &config.console {
+        Some(section) => {
+            let app = console::Setup {
+                config: section.clone(),
+                issuer: config.identity.issuer.clone(),
+                http_timeout: Duration::from_secs(config.identity.http_timeout_secs),
+                coordinator: coordination.endpoints.clone(),
+                coordinator_ca: config.coordinator.ca_file.clone(),
+            }
+            .prepare()?;
+            let (listener, addr) = console::bind(section, &core).await?;
+            Some((listener, addr, app(core.clone())))
+        }
+        None => None,
+    };
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("cannot bind admin.listen {}", config.admin.listen))?;
@@ -338,6 +356,10 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         ));
         addr
     });
+    let console_addr = console.map(|(listener, addr, app)| {
+        tokio::spawn(console::serve(listener, app, wait_for(stop_rx.clone())));
+        addr
+    });
     let audit_path = audit.path().to_path_buf();
     let checkpoint_every = Duration::from_secs(config.audit.checkpoint_interval_secs);
     let witness = audit::witness::Witness::new(
@@ -381,6 +403,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         listeners,
         admin_addr,
         api_addr,
+        console_addr,
         audit_path,
         metrics,
         audit: audit_handle,

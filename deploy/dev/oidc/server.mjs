@@ -14,6 +14,11 @@
 // - People: public native client vigil-cli (authorization code + PKCE S256 on any
 //   loopback port, or the device authorization grant). The dev interactions accept any
 //   login name and any password; the ID token carries sub = login name and groups.
+// - The web console: confidential web client vigil-console (secret vigil-console-secret,
+//   authorization code + PKCE S256). Its redirect URI is https://127.0.0.1:PORT/auth/callback on
+//   any port (tests start nodes on ephemeral ports), as RFC 8252 allows native apps on the
+//   loopback; a dev-only relaxation. More redirect URIs (a Compose or cluster host name):
+//   OIDC_CONSOLE_REDIRECT_URIS, space-separated.
 // - GET /__dev/jwks-hits returns how many HTTP requests reached the JWKS endpoint.
 
 import * as crypto from 'node:crypto';
@@ -69,6 +74,9 @@ if (!/^https?:\/\/[^/]+$/.test(issuer)) {
   process.exit(2);
 }
 
+const CONSOLE_CLIENT = 'vigil-console';
+const CONSOLE_LOOPBACK = 'https://127.0.0.1/auth/callback';
+
 // Agents (client_credentials) and their custom metadata.
 const agents = [
   {
@@ -118,6 +126,19 @@ const clients = [
     grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
     redirect_uris: ['http://127.0.0.1:8765/callback'],
+    scope: 'openid profile groups',
+  },
+  {
+    client_id: CONSOLE_CLIENT,
+    client_secret: 'vigil-console-secret',
+    application_type: 'web',
+    token_endpoint_auth_method: 'client_secret_basic',
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+    redirect_uris: [
+      CONSOLE_LOOPBACK,
+      ...(process.env.OIDC_CONSOLE_REDIRECT_URIS ?? '').split(/\s+/).filter(Boolean),
+    ],
     scope: 'openid profile groups',
   },
 ];
@@ -221,6 +242,20 @@ const configuration = {
 
 const provider = new Provider(issuer, configuration);
 provider.on('server_error', (ctx, err) => console.error('server_error', err));
+
+// The console's loopback redirect URI matches on any port (see the header).
+const redirectUriAllowed = provider.Client.prototype.redirectUriAllowed;
+provider.Client.prototype.redirectUriAllowed = function allowed(value) {
+  if (redirectUriAllowed.call(this, value)) return true;
+  if (this.clientId !== CONSOLE_CLIENT) return false;
+  try {
+    const url = new URL(value);
+    url.port = '';
+    return url.href === CONSOLE_LOOPBACK;
+  } catch {
+    return false;
+  }
+};
 
 const jwksPath = new URL(provider.urlFor('jwks')).pathname;
 const callback = provider.callback();

@@ -1,0 +1,490 @@
+//! The web console in a real browser (headless Chromium through chromedriver), logging in
+//! through the dev OIDC provider: an agent's statement held for approval appears in alice's
+//! inbox without a reload, shown as text; she approves it with a comment and the agent's
+//! statement completes. And what the console must refuse: anything without a login, a
+//! decision by someone the coordinator does not let decide, a change without the CSRF token.
+//!
+//! Screenshots: `<target dir>/test-artefacts/console/<test>/*.png` (or under
+//! `$VIGIL_TEST_ARTEFACTS`).
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vigil_chaos::webdriver::{artefact_dir, Browser, Driver};
+use vigil_chaos::*;
+use vigil_proto::record::{Kind, Outcome};
+
+const POLICY: &str = r#"
+[[policy.rules]]
+id = "writes-need-approval"
+action = "require_approval"
+kinds = ["write"]
+reason = "writes to app need an approver"
+approval = { approvers = "approvers", wait_secs = 60, ttl_secs = 600 }
+"#;
+
+/// A statement whose text is markup: the inbox must show it as text.
+const STATEMENT: &str =
+    "UPDATE notes SET v = v + 1 WHERE note <> '<img src=x onerror=alert(1)><b id=\"injected\">bold</b>'";
+
+struct Setup {
+    node: TestNode,
+    console: String,
+    _secret_dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("console-secret");
+    std::fs::write(&secret, "vigil-console-secret\n").unwrap();
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: POLICY,
+        protocols: Some(format!(
+            "[console]\nlisten = \"127.0.0.1:0\"\nclient_id = \"vigil-console\"\n\
+             client_secret = {{ file = \"{}\" }}\nadmin_group = \"vigil-admins\"\n",
+            secret.display()
+        )),
+        ..NodeOptions::default()
+    })
+    .await;
+    let gw = env().get("VIGIL_PG_GATEWAY_USER");
+    let su = direct_superuser(&node.files.db).await;
+    su.batch_execute(&format!(
+        "CREATE TABLE notes (id int, v int, note text); INSERT INTO notes VALUES (1, 0, 'n');
+         ALTER TABLE notes OWNER TO {gw}"
+    ))
+    .await
+    .unwrap();
+    let addr = node.node.console_addr.expect("a console listener");
+    Setup {
+        console: format!("https://127.0.0.1:{}", addr.port()),
+        node,
+        _secret_dir: secret_dir,
+    }
+}
+
+impl Setup {
+    async fn value(&self) -> i32 {
+        let su = direct_superuser(&self.node.files.db).await;
+        su.query_one("SELECT v FROM notes WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Holds the agent's statement: its task ends when the statement has run.
+    async fn hold(&self) -> tokio::task::JoinHandle<(Result<u64, tokio_postgres::Error>, Instant)> {
+        let token = token_for("agent-ops", "agent-ops-secret").await;
+        let (client, task) = self.node.client(&token).await.unwrap();
+        tokio::spawn(async move {
+            let _task = task;
+            let r = client.simple_query(STATEMENT).await.map(|m| {
+                m.iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                        _ => None,
+                    })
+                    .sum()
+            });
+            (r, Instant::now())
+        })
+    }
+
+    /// The id of the one pending request, once it exists.
+    async fn pending_id(&self) -> String {
+        let alice = id_token("alice");
+        let coord = self.node.node.coordinator.join(",");
+        for _ in 0..100 {
+            let (code, out) = vigil_async(&[
+                "approvals",
+                "list",
+                "--coordinator",
+                &coord,
+                "--token",
+                &alice,
+            ])
+            .await;
+            assert_eq!(code, 0, "{out}");
+            if let Some(at) = out.find("apr-") {
+                return out[at..].split_whitespace().next().unwrap().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no request was created");
+    }
+
+    fn show(&self, id: &str) -> String {
+        let alice = id_token("alice");
+        let coord = self.node.node.coordinator.join(",");
+        let (code, out) = vigil(&[
+            "approvals",
+            "show",
+            id,
+            "--coordinator",
+            &coord,
+            "--token",
+            &alice,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        out
+    }
+}
+
+/// Logs `user` in through the dev provider's pages, as a person would.
+async fn log_in(browser: &Browser, console: &str, user: &str, shots: &Path) {
+    browser.goto(&format!("{console}/")).await;
+    let login = browser
+        .wait_for("input[name=login]", Duration::from_secs(20))
+        .await;
+    browser
+        .screenshot(&shots.join("01-provider-login.png"))
+        .await;
+    browser.type_into(&login, user).await;
+    let password = browser
+        .wait_for("input[name=password]", Duration::from_secs(5))
+        .await;
+    browser.type_into(&password, "dev").await;
+    let submit = browser
+        .wait_for("button[type=submit]", Duration::from_secs(5))
+        .await;
+    browser.click(&submit).await;
+    // The provider asks for consent once per client and person.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let url = browser.url().await;
+        if url.starts_with(console) {
+            break;
+        }
+        let found = browser
+            .try_execute(
+                "const b = document.querySelector('button[type=submit]');\
+                 if (b && b.textContent.includes('Continue')) { b.click(); return true; }\
+                 return false;",
+                json!([]),
+            )
+            .await;
+        assert!(Instant::now() < deadline, "login did not come back: {url}");
+        if found != Ok(json!(true)) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let who = browser.wait_for("#who", Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while browser.text(&who).await != user {
+        assert!(
+            Instant::now() < deadline,
+            "the console does not name {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The console's session cookie and the CSRF token, as the logged-in page holds them.
+async fn credentials(browser: &Browser, console: &str) -> (String, String) {
+    let cookie = browser
+        .cookies()
+        .await
+        .into_iter()
+        .find(|c| c["name"] == json!("__Host-vigil-session"))
+        .expect("a session cookie");
+    assert_eq!(cookie["httpOnly"], json!(true), "{cookie}");
+    assert_eq!(cookie["secure"], json!(true), "{cookie}");
+    assert_eq!(cookie["sameSite"], json!("Lax"), "{cookie}");
+    let cookie = format!("__Host-vigil-session={}", cookie["value"].as_str().unwrap());
+    let me: Value = http()
+        .get(format!("{console}/api/me"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        cookie,
+        me["csrf"].as_str().expect("a CSRF token").to_string(),
+    )
+}
+
+/// The console's certificate is the node's generated one.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t10_approver_approves_a_held_statement_in_the_browser() {
+    let s = setup().await;
+    let shots = artefact_dir("console/t10");
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+
+    log_in(&browser, &s.console, "alice", &shots).await;
+    browser
+        .wait_for("#empty:not([hidden])", Duration::from_secs(10))
+        .await;
+    browser.screenshot(&shots.join("02-inbox-empty.png")).await;
+    // A mark on the loaded page: still there later means the page was never reloaded.
+    browser
+        .execute("window.vigilTestMark = 42;", json!([]))
+        .await;
+
+    // The agent's statement is held; the inbox shows it live.
+    let held = s.hold().await;
+    let item = browser
+        .wait_for("li.request", Duration::from_secs(15))
+        .await;
+    let id = s.pending_id().await;
+    assert_eq!(
+        browser
+            .execute("return window.vigilTestMark;", json!([]))
+            .await,
+        json!(42),
+        "the page was reloaded"
+    );
+    let shown = browser
+        .execute(
+            "const li = document.querySelector('li.request');\
+             const f = (n) => li.querySelector('[data-f=\"' + n + '\"]').textContent;\
+             return { action: f('action'), requester: f('requester'), protocol: f('protocol'),\
+                      target: f('target'), rule: f('rule'), reason: f('reason'), id: f('id'),\
+                      approvals: f('approvals'), age: f('age'), expires: f('expires'),\
+                      injected: document.querySelectorAll('#injected, li.request img').length };",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown["action"], json!(STATEMENT), "{shown}");
+    assert_eq!(
+        shown["injected"],
+        json!(0),
+        "markup in a statement became elements"
+    );
+    assert_eq!(shown["id"], json!(id), "{shown}");
+    assert_eq!(shown["protocol"], json!("postgres"), "{shown}");
+    assert_eq!(shown["rule"], json!("writes-need-approval"), "{shown}");
+    assert_eq!(
+        shown["reason"],
+        json!("writes to app need an approver"),
+        "{shown}"
+    );
+    assert!(
+        shown["requester"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent-ops"),
+        "{shown}"
+    );
+    assert_eq!(shown["target"], json!("app"), "{shown}");
+    assert!(
+        shown["approvals"]
+            .as_str()
+            .unwrap()
+            .starts_with("0 of 1 (group approvers)"),
+        "{shown}"
+    );
+    assert!(shown["age"].as_str().unwrap().ends_with("ago"), "{shown}");
+    assert!(
+        shown["expires"].as_str().unwrap().starts_with("in "),
+        "{shown}"
+    );
+    assert!(!held.is_finished(), "the statement waits for a decision");
+    assert_eq!(s.value().await, 0, "nothing ran before the decision");
+    browser.screenshot(&shots.join("03-inbox-held.png")).await;
+
+    // Approve with a comment: the waiting client proceeds.
+    let comment = browser
+        .wait_for("li.request input[name=comment]", Duration::from_secs(5))
+        .await;
+    browser.type_into(&comment, "ticket <42> ok").await;
+    let approve = browser
+        .wait_for("li.request button[name=approve]", Duration::from_secs(5))
+        .await;
+    let clicked = Instant::now();
+    browser.click(&approve).await;
+    let (ran, at) = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the statement completes once approved")
+        .unwrap();
+    assert_eq!(ran.expect("the statement runs"), 1);
+    let waited = at.duration_since(clicked);
+    println!("the client proceeded {waited:?} after the click");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    assert_eq!(s.value().await, 1, "the approved statement ran once");
+    let _ = item;
+    let shown = s.show(&id);
+    assert!(shown.contains("vote        alice approved"), "{shown}");
+    assert!(shown.contains("ticket <42> ok"), "{shown}");
+    browser
+        .wait_for("#empty:not([hidden])", Duration::from_secs(10))
+        .await;
+    browser
+        .screenshot(&shots.join("04-inbox-decided.png"))
+        .await;
+
+    // Log out: the session is gone, the console asks for a login again.
+    let (cookie, _) = credentials(&browser, &s.console).await;
+    let logout = browser.wait_for("#logout", Duration::from_secs(5)).await;
+    browser.click(&logout).await;
+    browser
+        .wait_for("a[href='/']", Duration::from_secs(10))
+        .await;
+    browser.screenshot(&shots.join("05-logged-out.png")).await;
+    let after = http()
+        .get(format!("{}/api/me", s.console))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401, "the session ended with the logout");
+    browser.close().await;
+
+    // On record: the login and the logout, alice's, on the console.
+    let records = s.node.records().await;
+    let start = records
+        .iter()
+        .find(|r| {
+            r.body.kind == Kind::SessionStart
+                && r.body
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.protocol == "console")
+        })
+        .expect("the console login is on record");
+    assert_eq!(start.body.outcome, Some(Outcome::Success));
+    assert_eq!(start.body.principal.as_ref().unwrap().subject, "alice");
+    let end = records
+        .iter()
+        .find(|r| r.body.kind == Kind::SessionEnd && r.body.session == start.body.session)
+        .expect("the logout is on record");
+    assert_eq!(end.body.detail.as_deref(), Some("logged out"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t20_refusals_without_login_permission_or_csrf() {
+    let s = setup().await;
+    let shots = artefact_dir("console/t20");
+    let http = http();
+    let console = &s.console;
+
+    // Nothing answers without a login.
+    let res = http.get(format!("{console}/")).send().await.unwrap();
+    assert!(res.status().is_redirection(), "{}", res.status());
+    assert_eq!(res.headers()["location"], "/auth/login");
+    let csp = res.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(res.headers()["x-frame-options"], "DENY");
+    for path in ["/api/me", "/api/approvals/events", "/static/console.js"] {
+        let res = http.get(format!("{console}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{path}");
+    }
+    let res = http
+        .post(format!("{console}/api/approvals/apr-x/decision"))
+        .header("content-type", "application/json")
+        .body(r#"{"approve":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = http
+        .post(format!("{console}/auth/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    // A callback no login started here is refused, and on record.
+    let res = http
+        .get(format!("{console}/auth/callback?code=x&state=y"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    let held = s.hold().await;
+    let id = s.pending_id().await;
+    let decide = |cookie: String, csrf: Option<String>, kind: &'static str| {
+        let mut req = http
+            .post(format!("{console}/api/approvals/{id}/decision"))
+            .header("cookie", cookie)
+            .header("content-type", kind)
+            .body(r#"{"approve":true,"comment":"crafted"}"#);
+        if let Some(csrf) = csrf {
+            req = req.header("x-csrf-token", csrf);
+        }
+        req.send()
+    };
+
+    // bob is no approver: his inbox stays empty, and a crafted decision is refused.
+    let driver = Driver::start().await;
+    let bob = driver.browser().await;
+    log_in(&bob, console, "bob", &shots).await;
+    bob.wait_for("#empty:not([hidden])", Duration::from_secs(10))
+        .await;
+    bob.screenshot(&shots.join("02-bob-inbox.png")).await;
+    let (bob_cookie, bob_csrf) = credentials(&bob, console).await;
+    let res = decide(bob_cookie, Some(bob_csrf), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "{}", res.text().await.unwrap());
+    bob.close().await;
+
+    // alice may decide, but not without her CSRF token, nor with a wrong one, nor as a form.
+    let alice = driver.browser().await;
+    log_in(&alice, console, "alice", &shots).await;
+    alice.wait_for("li.request", Duration::from_secs(15)).await;
+    let (cookie, csrf) = credentials(&alice, console).await;
+    let res = decide(cookie.clone(), None, "application/json")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = decide(
+        cookie.clone(),
+        Some("x".repeat(csrf.len())),
+        "application/json",
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = decide(
+        cookie.clone(),
+        Some(csrf.clone()),
+        "application/x-www-form-urlencoded",
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 415);
+    let res = http
+        .post(format!("{console}/auth/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "a logout without the CSRF token");
+    alice.close().await;
+
+    // None of it decided anything: the request is still pending, the statement still waits.
+    let shown = s.show(&id);
+    assert!(shown.contains("state       pending"), "{shown}");
+    assert!(!shown.contains("crafted"), "{shown}");
+    assert!(!held.is_finished());
+    assert_eq!(s.value().await, 0);
+    held.abort();
+
+    // The refused login is on record.
+    let records = s.node.records().await;
+    assert!(
+        records.iter().any(|r| r.body.kind == Kind::SessionStart
+            && r.body.outcome == Some(Outcome::Denied)
+            && r.body
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.protocol == "console")),
+        "the refused callback is on record"
+    );
+}

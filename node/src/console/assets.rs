@@ -1,0 +1,46 @@
+//! The console's pages, style and script: plain files embedded in the binary (no build step).
+//! The page is a shell; everything person-specific arrives through the JSON API and is put in
+//! the page as text (`textContent`), never as markup.
+
+use super::Console;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use std::sync::Arc;
+
+const INDEX: &str = include_str!("assets/index.html");
+const FILES: &[(&str, &str, &str)] = &[
+    (
+        "console.css",
+        "text/css; charset=utf-8",
+        include_str!("assets/console.css"),
+    ),
+    (
+        "console.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/console.js"),
+    ),
+];
+
+/// `GET /`: the inbox; without a login, off to log in.
+pub async fn index(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if console.person(&headers).await.is_none() {
+        return Redirect::to("/auth/login").into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response()
+}
+
+/// `GET /static/{file}`: the style and script, for logged-in people only (like every page).
+pub async fn file(
+    State(console): State<Arc<Console>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if console.person(&headers).await.is_none() {
+        return super::auth::refuse(StatusCode::UNAUTHORIZED, "log in first");
+    }
+    match FILES.iter().find(|(n, _, _)| *n == name) {
+        Some((_, kind, body)) => ([(header::CONTENT_TYPE, *kind)], *body).into_response(),
+        None => super::auth::refuse(StatusCode::NOT_FOUND, "no such file"),
+    }
+}

@@ -1,0 +1,197 @@
+//! The approvers' inbox: the pending requests the coordinator shows this person (its own
+//! visibility rules, asked with the person's token), live, and their decisions.
+//!
+//! The coordinator watches one request at a time (`WatchApproval`) and has no watch of the
+//! list, so the event stream polls `ListApprovals` every [`POLL`] and sends the list whenever it
+//! changed. A decision is the coordinator's `DecideApproval` as this person: who may decide is
+//! the coordinator's to enforce, never the page's.
+
+use super::auth::{refuse, LoginSession};
+use super::Console;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tonic::Code;
+use vigil_proto::coordinator as pb;
+
+/// How often the inbox asks the coordinator for the list.
+const POLL: Duration = Duration::from_millis(500);
+/// At most this many requests in the inbox (the newest).
+const MAX_SHOWN: u32 = 200;
+/// Longest comment sent with a decision.
+const MAX_COMMENT: usize = 2000;
+
+/// What the page shows of a request. Values go into the page as text, never as markup.
+fn view(a: &pb::Approval) -> Value {
+    let scope = a.key.as_ref().and_then(|k| k.scope.as_ref());
+    let shown = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
+        Some(pb::shown_action::Protocol::Postgres(b)) => json!({
+            "database": b.database,
+            "role": b.role,
+            "search_path": b.search_path,
+            "mode": b.mode,
+            "params": b.params.iter().map(|p| if p.null { Value::Null } else { json!(p.value) }).collect::<Vec<_>>(),
+        }),
+        Some(pb::shown_action::Protocol::Ssh(s)) => json!({
+            "login": s.login,
+            "request_type": s.request_type,
+        }),
+        Some(pb::shown_action::Protocol::Kubernetes(k)) => json!({
+            "method": k.method,
+            "path": k.path,
+            "body_sha256": k.body_sha256,
+        }),
+        None => Value::Null,
+    };
+    json!({
+        "id": a.id,
+        "requester": a.requester.as_ref().map(|r| json!({ "subject": r.subject, "groups": r.groups })),
+        "protocol": scope.map(|s| s.protocol.as_str()),
+        "target": scope.map(|s| s.target.as_str()),
+        "action": a.action,
+        "shown": shown,
+        "rule": a.rule,
+        "reason": a.reason,
+        "created_at_ms": a.created_at_ms,
+        "expires_at_ms": a.expires_at_ms,
+        "approver_group": a.approver_group,
+        "approvals_required": a.approvals_required,
+        "votes": a.votes.iter().map(|v| json!({
+            "approver": v.approver, "approve": v.approve, "comment": v.comment, "at_ms": v.at_ms,
+        })).collect::<Vec<_>>(),
+        "state": a.state,
+        "node": a.node,
+    })
+}
+
+async fn pending(person: &LoginSession) -> Result<Value, tonic::Status> {
+    let list = person
+        .coordinator
+        .list_approvals(pb::ListApprovalsRequest {
+            state: "pending".into(),
+            limit: MAX_SHOWN,
+            page_token: String::new(),
+        })
+        .await?;
+    Ok(Value::Array(list.approvals.iter().map(view).collect()))
+}
+
+/// `GET /api/approvals/events`: server-sent events. `approvals` carries the whole pending list
+/// (a JSON array) whenever it changed; `problem` a message while the coordinator cannot
+/// answer. The stream ends with the login.
+pub async fn events(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let Some(person) = console.person(&headers).await else {
+        return refuse(StatusCode::UNAUTHORIZED, "log in first");
+    };
+    let state = (person, None::<String>, true);
+    let stream = futures_util::stream::unfold(state, |(person, mut last, first)| async move {
+        if !first {
+            tokio::time::sleep(POLL).await;
+        }
+        loop {
+            // The login ended: so does the stream (the page then finds itself logged out).
+            if person.expires <= SystemTime::now() {
+                return None;
+            }
+            let event = match pending(&person).await {
+                Ok(list) => {
+                    let text = list.to_string();
+                    (last.as_deref() != Some(text.as_str())).then(|| {
+                        let event = Event::default().event("approvals").data(&text);
+                        last = Some(text);
+                        event
+                    })
+                }
+                Err(s) => {
+                    last = None;
+                    let why = format!("the coordinator cannot answer: {}", s.message());
+                    Some(Event::default().event("problem").data(why))
+                }
+            };
+            if let Some(event) = event {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(event),
+                    (person, last, false),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    approve: bool,
+    #[serde(default)]
+    comment: String,
+}
+
+/// `POST /api/approvals/{id}/decision` `{"approve": true, "comment": "…"}` (JSON, with the
+/// CSRF token): the person's vote, as the coordinator records and counts it.
+pub async fn decide(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let person = match console.person_for_change(&headers).await {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json_body {
+        return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send JSON");
+    }
+    let decision: Decision = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "send {\"approve\": true|false, \"comment\": \"…\"}",
+            )
+        }
+    };
+    if decision.comment.len() > MAX_COMMENT {
+        return refuse(StatusCode::BAD_REQUEST, "the comment is too long");
+    }
+    let decided = person
+        .coordinator
+        .decide_approval(pb::DecideApprovalRequest {
+            id,
+            approve: decision.approve,
+            comment: decision.comment,
+        })
+        .await;
+    match decided {
+        Ok(a) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            view(&a).to_string(),
+        )
+            .into_response(),
+        Err(s) => {
+            let status = match s.code() {
+                Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
+                Code::NotFound => StatusCode::NOT_FOUND,
+                Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
+                    StatusCode::CONFLICT
+                }
+                Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            refuse(status, s.message())
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The web console (`[console]`, docs/console.md): people log in with the organisation's OIDC
+//! provider and act through the browser. This slice serves the approvers' inbox: the requests
+//! the coordinator lets the person see, live, and their decisions.
+//!
+//! Layout: [`auth`] is the login (authorization code + PKCE), the login sessions and the CSRF
+//! check every state change passes; [`inbox`] is the approvals API the page uses; the pages and
+//! their script are static files embedded in the binary ([`assets`]). The auditor's pages
+//! (sessions from the audit topic, replay, verification) come as their own module beside
+//! `inbox`, under `/sessions` and `/api/sessions`, behind the same login.
+//!
+//! Every answer carries a strict Content-Security-Policy (scripts and styles only from the
+//! console itself, no inline script, no framing), so a value that slipped through escaping
+//! still could not run.
+
+mod assets;
+mod auth;
+mod inbox;
+
+use crate::api::TlsListener;
+use crate::config::{IdentityConfig, TokenType};
+use crate::core::config_error::{invalid, ConfigError};
+use crate::core::secret::{Secret, SecretRef};
+use crate::core::Core;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vigil_coordinator::tls::ClientTls;
+
+/// The protocol name of the console's audit records (logins, logouts, refusals).
+pub const PROTOCOL: &str = "console";
+
+/// The `[console]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key; generated in `<data_dir>/tls-console` when absent.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The console's client at the provider (a web application: authorization code + PKCE).
+    pub client_id: String,
+    /// The client's secret, by reference; absent: a public client (PKCE alone).
+    #[serde(default)]
+    pub client_secret: Option<SecretRef>,
+    /// `https://HOST[:PORT]` people reach the console at (behind a balancer: the balancer's
+    /// name); the redirect URI is this plus `/auth/callback`. Absent: the `Host` the browser
+    /// asked for, which the provider checks against the client's registered redirect URIs.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// People of this group will see the recorded sessions (the auditor's pages).
+    #[serde(default)]
+    pub auditor_group: Option<String>,
+    /// People of this group will manage grants.
+    #[serde(default)]
+    pub admin_group: Option<String>,
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "profile", "groups"].map(String::from).to_vec()
+}
+
+impl ConsoleConfig {
+    /// The console logs in with an ID token, verified like every other token: a client the
+    /// node's verifier would refuse is a configuration error.
+    pub fn validate(&self, identity: &IdentityConfig) -> Result<(), ConfigError> {
+        if self.client_id.is_empty() {
+            return Err(invalid("console.client_id", "must not be empty"));
+        }
+        if !identity.token_types.contains(&TokenType::IdToken) {
+            return Err(invalid(
+                "console.client_id",
+                "the console logs in with ID tokens: add id_token to identity.token_types",
+            ));
+        }
+        if !identity.audiences.contains(&self.client_id) {
+            return Err(invalid(
+                "console.client_id",
+                "an ID token's audience is its client: add the client id to identity.audiences",
+            ));
+        }
+        if !self.scopes.iter().any(|s| s == "openid") {
+            return Err(invalid(
+                "console.scopes",
+                "an ID token needs the openid scope",
+            ));
+        }
+        if let Some(url) = &self.public_url {
+            let host = url.strip_prefix("https://").unwrap_or("");
+            if host.is_empty() || host.contains('/') {
+                return Err(invalid(
+                    "console.public_url",
+                    "must be https://HOST[:PORT], without a path",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the console needs of the rest of the node.
+struct Console {
+    core: Arc<Core>,
+    config: ConsoleConfig,
+    issuer: String,
+    secret: Option<Secret<String>>,
+    /// The coordinator API, reached with the person's own token.
+    coordinator: Vec<String>,
+    coordinator_tls: Option<ClientTls>,
+    /// To the provider (discovery, token endpoint).
+    http: reqwest::Client,
+    sessions: auth::Sessions,
+}
+
+/// Binds the console's listener; serve it with [`serve`].
+pub async fn bind(
+    config: &ConsoleConfig,
+    core: &Arc<Core>,
+) -> anyhow::Result<(TlsListener, SocketAddr)> {
+    let https = crate::api::Https {
+        section: "console",
+        listen: config.listen,
+        tls_cert: config.tls_cert.as_deref(),
+        tls_key: config.tls_key.as_deref(),
+        protocol: PROTOCOL,
+    };
+    https.bind(core).await
+}
+
+/// Everything [`serve`] takes from the node's configuration.
+pub struct Setup {
+    pub config: ConsoleConfig,
+    pub issuer: String,
+    pub http_timeout: std::time::Duration,
+    pub coordinator: Vec<String>,
+    pub coordinator_ca: Option<PathBuf>,
+}
+
+impl Setup {
+    /// Resolves the secrets and reads the CA before anything is served (bad config: no start).
+    pub fn prepare(self) -> anyhow::Result<impl FnOnce(Arc<Core>) -> Router> {
+        use anyhow::Context as _;
+        let secret = match &self.config.client_secret {
+            Some(r) => Some(r.resolve().context("console.client_secret")?),
+            None => None,
+        };
+        let coordinator_tls = match &self.coordinator_ca {
+            Some(ca) => Some(ClientTls::verify_with(ca).context("coordinator.ca_file")?),
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(self.http_timeout)
+            // The token endpoint answers; a redirect there is not followed with the code.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("console HTTP client")?;
+        Ok(move |core: Arc<Core>| {
+            router(Arc::new(Console {
+                core,
+                config: self.config,
+                issuer: self.issuer,
+                secret,
+                coordinator: self.coordinator,
+                coordinator_tls,
+                http,
+                sessions: auth::Sessions::default(),
+            }))
+        })
+    }
+}
+
+fn router(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/", get(assets::index))
+        .route("/static/{file}", get(assets::file))
+        .route("/auth/login", get(auth::login))
+        .route("/auth/callback", get(auth::callback))
+        .route("/auth/logout", post(auth::logout))
+        .route("/api/me", get(auth::me))
+        .route("/api/approvals/events", get(inbox::events))
+        .route("/api/approvals/{id}/decision", post(inbox::decide))
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(console)
+}
+
+pub async fn serve(
+    listener: TlsListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let service = app.into_make_service_with_connect_info::<crate::api::ClientAddr>();
+    if let Err(e) = axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "console server failed");
+    }
+}
+
+/// Scripts, styles and connections only from the console itself, never inline; no framing
+/// (clickjacking an approve button); nothing cached (pages show live, per-person data).
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    let set = |h: &mut axum::http::HeaderMap, name, value: &'static str| {
+        h.insert(name, HeaderValue::from_static(value));
+    };
+    set(
+        h,
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+         connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    );
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(
+        h,
+        header::STRICT_TRANSPORT_SECURITY,
+        "max-age=31536000; includeSubDomains",
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        set(h, header::CACHE_CONTROL, "no-store");
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::IdentityConfig;
+
+    fn identity(extra: &str) -> IdentityConfig {
+        toml::from_str(&format!(
+            "issuer = \"http://127.0.0.1:1\"\naudiences = [\"urn:vigil:gateway\", \"vigil-console\"]\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    fn check(console: &str, identity: &IdentityConfig) -> Result<(), String> {
+        let c: super::ConsoleConfig = toml::from_str(&format!(
+            "listen = \"127.0.0.1:0\"\nclient_id = \"vigil-console\"\n{console}"
+        ))
+        .map_err(|e| e.to_string())?;
+        c.validate(identity).map_err(|e| e.to_string())
+    }
+
+    /// A console whose ID tokens the node's verifier would refuse is caught at load, naming
+    /// the key.
+    #[test]
+    fn a_console_the_verifier_would_refuse_is_a_config_error() {
+        let good = identity("");
+        check("", &good).unwrap();
+        check(
+            "client_secret = { env = \"S\" }\npublic_url = \"https://v.example.com:9443\"",
+            &good,
+        )
+        .unwrap();
+
+        let without = IdentityConfig {
+            audiences: vec!["urn:vigil:gateway".into()],
+            ..identity("")
+        };
+        let e = check("", &without).unwrap_err();
+        assert!(
+            e.contains("console.client_id") && e.contains("audiences"),
+            "{e}"
+        );
+        let e = check("", &identity("token_types = [\"access_token\"]")).unwrap_err();
+        assert!(e.contains("id_token"), "{e}");
+        let e = check("scopes = [\"profile\"]", &good).unwrap_err();
+        assert!(e.contains("console.scopes"), "{e}");
+        for url in [
+            "http://v.example.com",
+            "https://v.example.com/console",
+            "https://",
+        ] {
+            let e = check(&format!("public_url = \"{url}\""), &good).unwrap_err();
+            assert!(e.contains("console.public_url"), "{url}: {e}");
+        }
+        let e = check("listen_on = \"x\"", &good).unwrap_err();
+        assert!(e.contains("listen_on"), "{e}");
+    }
+}
