@@ -7,8 +7,11 @@
 //! without them fails the tests, it does not skip them.
 
 use serde_json::{json, Value};
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -17,15 +20,35 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The W3C element reference key.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// A running chromedriver, killed on drop.
+/// A running chromedriver. On drop its browsers are closed (a test that panicked never
+/// reached [`Browser::close`]; killing chromedriver alone leaves them running), then it is
+/// killed.
 pub struct Driver {
     child: Child,
+    port: u16,
     url: String,
     http: reqwest::Client,
+    sessions: Mutex<Vec<String>>,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let sessions =
+            std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|p| p.into_inner()));
+        for id in sessions {
+            // Blocking, in drop: a plain HTTP/1.1 DELETE, chromedriver answers once the
+            // browser has quit.
+            let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)) else {
+                break;
+            };
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+            let request = format!(
+                "DELETE /session/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            if tcp.write_all(request.as_bytes()).is_ok() {
+                let _ = tcp.read_to_end(&mut Vec::new());
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -48,6 +71,8 @@ impl Driver {
             .expect("chromedriver starts");
         let driver = Self {
             child,
+            port,
+            sessions: Mutex::new(Vec::new()),
             url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
         };
@@ -91,6 +116,10 @@ impl Driver {
             .as_str()
             .unwrap_or_else(|| panic!("no session: {v}"))
             .to_string();
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.clone());
         Browser {
             http: self.http.clone(),
             base: format!("{}/session/{id}", self.url),
