@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vigil_chaos::{
@@ -33,9 +34,10 @@ reason = "dropping needs a human"
 "#;
 
 /// What the receiver was sent: each export's `x-vigil-key` metadata, resource attributes and
-/// spans.
+/// spans. With `slow` set it answers each export after 500 ms, and keeps what it was sent
+/// only then (a collector under load).
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<Export>>>);
+struct Received(Arc<Mutex<Vec<Export>>>, Arc<AtomicBool>);
 
 struct Export {
     key: Option<String>,
@@ -49,6 +51,9 @@ impl TraceService for Received {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.1.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         let key = request
             .metadata()
             .get("x-vigil-key")
@@ -137,6 +142,7 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
     let files = NodeFiles::new(&NodeOptions {
         pg_port,
         admin_port,
+        node_extra: "drain_timeout_secs = 1",
         extra: POLICY,
         ..NodeOptions::default()
     })
@@ -271,8 +277,36 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
     }
     let text = node_metrics(admin_port).await;
     assert_eq!(metric(&text, "vigil_trace_spans_dropped_total"), 0.0);
-    child.kill().unwrap();
-    child.wait().unwrap();
+
+    // A session still open when the node is stopped (SIGTERM, drained for 1 s, then ended),
+    // with a slow collector: its spans end as the node stops, and are sent before it exits
+    // (its session span after its statement's, whose export is still under way).
+    received.1.store(true, Ordering::Relaxed);
+    let (client, _conn) = connect_tls(&conn_str(pg_port, &token)).await.unwrap();
+    client.simple_query("SELECT 2").await.unwrap();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+    let last = files
+        .records()
+        .into_iter()
+        .filter(|r| r.body.kind == Kind::SessionEnd)
+        .filter_map(|r| r.body.session)
+        .find(|s| *s != session)
+        .expect("the second session ended");
+    let spans = received.spans();
+    let last_spans: Vec<_> = spans
+        .iter()
+        .filter(|s| attributes(&s.attributes).get("session") == Some(&last))
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(last_spans, ["statement", "session"], "{spans:?}");
 }
 
 /// A collector that refuses connections, then one that accepts and never answers: statements

@@ -27,7 +27,11 @@ async fn main() -> std::process::ExitCode {
         eprintln!("vigil-node: {e:#}");
         return std::process::ExitCode::FAILURE;
     }
-    match run(config).await {
+    let ran = run(config).await;
+    // The last sessions' spans (with `[tracing]`); bounded, so a dead collector cannot hold
+    // the exit.
+    vigil_node::core::trace::finish(std::time::Duration::from_secs(5)).await;
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vigil-node: {e:#}");

@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
@@ -181,20 +181,28 @@ pub fn otlp_layer(config: &TracingConfig, node: &str) -> anyhow::Result<BoxedLay
         .build();
     exporter.set_resource(&resource);
     let (tx, mut rx) = mpsc::channel::<SpanData>(config.queue_spans);
-    tokio::spawn(async move {
+    let finishing = Arc::new(tokio::sync::Notify::new());
+    let finish = finishing.clone();
+    let task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    export(&exporter, std::mem::take(&mut batch), timeout).await;
+                }
+                () = finish.notified() => break,
+            }
+        }
+        // What was queued before the node stopped still goes.
+        rx.close();
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let n = batch.len();
-            let export = exporter.export(std::mem::take(&mut batch));
-            let failed = match tokio::time::timeout(timeout, export).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer in {}s", timeout.as_secs()),
-            };
-            drop_spans("export_failed", n);
-            tracing::debug!(error = %failed, spans = n, "the trace collector did not take spans");
+            export(&exporter, std::mem::take(&mut batch), timeout).await;
         }
     });
+    let _ = EXPORT.set((finishing, std::sync::Mutex::new(Some(task))));
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_span_processor(Queue { tx })
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -215,6 +223,41 @@ pub fn otlp_layer(config: &TracingConfig, node: &str) -> anyhow::Result<BoxedLay
         }))
         .boxed();
     Ok(layer)
+}
+
+/// The export task, and how to tell it the node stopped ([`finish`]).
+type ExportTask = (
+    Arc<tokio::sync::Notify>,
+    std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+);
+static EXPORT: OnceLock<ExportTask> = OnceLock::new();
+
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: Vec<SpanData>,
+    timeout: Duration,
+) {
+    let n = batch.len();
+    let failed = match tokio::time::timeout(timeout, exporter.export(batch)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer in {}s", timeout.as_secs()),
+    };
+    drop_spans("export_failed", n);
+    tracing::debug!(error = %failed, spans = n, "the trace collector did not take spans");
+}
+
+/// Sends the spans still queued when the node has stopped (its last sessions' among them), for
+/// at most `limit`; what is left then is lost. Nothing to do without `[tracing]`.
+pub async fn finish(limit: Duration) {
+    let Some((finishing, task)) = EXPORT.get() else {
+        return;
+    };
+    let task = task.lock().unwrap_or_else(|e| e.into_inner()).take();
+    finishing.notify_one();
+    if let Some(task) = task {
+        let _ = tokio::time::timeout(limit, task).await;
+    }
 }
 
 /// Hands finished spans to the export task without waiting.
