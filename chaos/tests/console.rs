@@ -23,6 +23,10 @@ reason = "writes to app need an approver"
 approval = { approvers = "approvers", wait_secs = 60, ttl_secs = 600 }
 "#;
 
+/// The tests run one at a time: two browsers beside the node would slow each other down,
+/// and t10 measures how soon the client proceeds.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A statement whose text is markup: the inbox must show it as text.
 const STATEMENT: &str =
     "UPDATE notes SET v = v + 1 WHERE note <> '<img src=x onerror=alert(1)><b id=\"injected\">bold</b>'";
@@ -218,6 +222,7 @@ fn http() -> reqwest::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t10_approver_approves_a_held_statement_in_the_browser() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let s = setup().await;
     let shots = artefact_dir("console/t10");
     let driver = Driver::start().await;
@@ -365,6 +370,7 @@ async fn t10_approver_approves_a_held_statement_in_the_browser() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t20_refusals_without_login_permission_or_csrf() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let s = setup().await;
     let shots = artefact_dir("console/t20");
     let http = http();
