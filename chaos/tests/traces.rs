@@ -31,6 +31,12 @@ id = "no-drop"
 action = "block"
 flags = ["drop"]
 reason = "dropping needs a human"
+
+[[policy.rules]]
+id = "writes-need-approval"
+action = "require_approval"
+kinds = ["write"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
 "#;
 
 /// What the receiver was sent: each export's `x-vigil-key` metadata, resource attributes and
@@ -176,6 +182,15 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
         refused.code(),
         Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
     );
+    // Held, and refused at once (wait_secs = 0) naming its approval request.
+    let held = client
+        .simple_query(&format!("UPDATE t_{run} SET a = 1 WHERE a = 2"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        held.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
     let param = format!("{secret}-param");
     let row = client
         .query_one("SELECT $1::text", &[&param])
@@ -206,11 +221,13 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
         if let (Some(stmt), Kind::Response | Kind::Blocked) = (r.body.stmt, r.body.kind) {
             let rule = (r.body.kind == Kind::Blocked)
                 .then(|| r.body.policy.as_ref().unwrap().rule.clone());
-            statements.insert(stmt, (r.body.outcome.unwrap(), rule));
+            let approval = r.body.approval.as_ref().map(|a| a.id.clone());
+            statements.insert(stmt, (r.body.outcome.unwrap(), rule, approval));
         }
     }
-    assert_eq!(statements.len(), 4, "{records:?}");
-    assert!(statements.values().any(|(o, _)| *o == Outcome::Blocked));
+    assert_eq!(statements.len(), 5, "{records:?}");
+    assert!(statements.values().any(|(o, ..)| *o == Outcome::Blocked));
+    assert!(statements.values().any(|(_, _, a)| a.is_some()));
 
     // The session span ends with the session; every span is exported once it ends.
     let spans = {
@@ -251,7 +268,7 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
         statements.keys().collect::<Vec<_>>(),
         "a span for every statement the records tell"
     );
-    for (stmt, (outcome, rule)) in &statements {
+    for (stmt, (outcome, rule, approval)) in &statements {
         let a = &traced[stmt];
         let expected = serde_json::to_value(outcome).unwrap();
         assert_eq!(
@@ -262,12 +279,14 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
         if let Some(rule) = rule {
             assert_eq!(&a["rule"], rule, "stmt {stmt}");
         }
+        assert_eq!(a.get("approval"), approval.as_ref(), "stmt {stmt}");
     }
 
     // No text, no value: not in any attribute, name or event of any span.
     let everything = format!("{spans:?}");
     assert!(!everything.contains(&secret), "{everything}");
     assert!(!everything.contains("DROP"), "{everything}");
+    assert!(!everything.contains("UPDATE"), "{everything}");
     assert!(spans.iter().all(|s| s.events.is_empty()), "{spans:?}");
 
     for e in received.0.lock().unwrap().iter() {
