@@ -152,22 +152,9 @@ shared_material() {
   fi
 }
 
-# The [ssh] and [kubernetes] sections of node $1 (the Compose template has PostgreSQL only).
-protocol_sections() {
-  cat <<EOF
-
-[ssh]
-listen = "$(node_ssh_addr "$1")"
-host_key = "$ssh_host_key"
-
-[[ssh.targets]]
-name = "web"
-address = "$VIGIL_DEV_SSHD_ADDR"
-host_keys = ["$VIGIL_DEV_SSHD_HOST_KEY"]
-login_key = { file = "$VIGIL_DEV_SSH_GATEWAY_KEY" }
-logins = ["$VIGIL_DEV_SSH_LOGIN"]
-allow = { client_ids = ["agent-ops"], groups = ["dba"] }
-EOF
+# The [kubernetes] section of node $1, with the dev control plane (the Compose template has
+# none: the stack has no API server).
+kube_section() {
   kube_on || return 0
   cat <<EOF
 
@@ -331,12 +318,15 @@ node_start() {
     VIGIL_PROXY_PROTOCOL_FROM="\"$lb_source\"" \
     VIGIL_COORDINATOR_ENDPOINTS="${endpoints%, }" VIGIL_NODE_PEERS="${peers%, }" \
     VIGIL_DRAIN_TIMEOUT_SECS="$drain_timeout" \
+    VIGIL_SSH_LISTEN="$(node_ssh_addr "$i")" VIGIL_SSH_HOST_KEY_FILE="$ssh_host_key" \
+    VIGIL_SSHD_ADDR="$VIGIL_DEV_SSHD_ADDR" VIGIL_SSHD_HOST_KEY="$VIGIL_DEV_SSHD_HOST_KEY" \
+    VIGIL_SSH_LOGIN="$VIGIL_DEV_SSH_LOGIN" VIGIL_SSH_GATEWAY_KEY_FILE="$VIGIL_DEV_SSH_GATEWAY_KEY" \
     || die "rendering $part's config failed"
   # The node reaches the members over TLS: coordinator.ca_file, after the token in [coordinator].
   sed -i "/^cluster_token = { env = \"VIGIL_CLUSTER_TOKEN\" }\$/a ca_file = \"$tls_dir/ca.pem\"" \
     "$config.new"
   grep -q '^ca_file = ' "$config.new" || die "$part's config has no [coordinator] cluster_token line to add ca_file after"
-  protocol_sections "$i" >>"$config.new"
+  kube_section "$i" >>"$config.new"
   if part_pid "$part" >/dev/null; then
     if cmp -s "$config.new" "$config"; then rm -f "$config.new"; return 0; fi
     stop_parts "$part" # another node count: its peers changed

@@ -26,6 +26,7 @@ const UPDATE: &str = "update customers set tier = 'gold' where id = 2";
 struct Stack {
     project: String,
     pg_port: u16,
+    ssh_port: u16,
     stats_port: u16,
     /// The first three numbers of the stack's /24 (`VIGIL_COMPOSE_NET`): HAProxy is `NET.10`.
     net: String,
@@ -36,6 +37,7 @@ impl Stack {
         let stack = Stack {
             project: format!("vigil-test-{}", random_suffix()),
             pg_port: free_port(),
+            ssh_port: free_port(),
             stats_port: free_port(),
             net: format!("172.30.{}", 100 + rand::random::<u8>() % 150),
         };
@@ -69,6 +71,7 @@ impl Stack {
             .env("VIGIL_COMPOSE_PROJECT", &self.project)
             .env("VIGIL_COMPOSE_PG_PORT", self.pg_port.to_string())
             .env("VIGIL_COMPOSE_STATS_PORT", self.stats_port.to_string())
+            .env("VIGIL_COMPOSE_SSH_PORT", self.ssh_port.to_string())
             .env("VIGIL_COMPOSE_BIND", "127.0.0.1")
             .env("VIGIL_COMPOSE_NET", &self.net)
             .env("VIGIL_IMAGE", self.image())
@@ -211,6 +214,20 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
     assert!(out.status.success(), "psql failed: {}", output_text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 
+    eprintln!("phase: ssh through HAProxy to host web (the stack's sshd) with a token");
+    let ops = stack.token("agent-ops");
+    let marker = format!("compose-ssh-{}", random_suffix());
+    let command = format!("echo {marker}");
+    let (stdout, status) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let session = vigil_chaos::ssh::token_login(stack.ssh_port, "vigil-ops+web", &ops)
+            .await
+            .expect("agent-ops logs in through HAProxy");
+        let (out, _, status) = vigil_chaos::ssh::exec(&session, &command).await;
+        (out, status)
+    });
+    assert_eq!(status, Some(0));
+    assert_eq!(String::from_utf8_lossy(&stdout).trim(), marker);
+
     eprintln!("phase: a write held for approval");
     let mut held = stack
         .psql(&agent, UPDATE)
@@ -329,6 +346,28 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
             "the client apart from HAProxy ({haproxy}…): {conn:?}"
         );
     }
+
+    // The SSH command, on one node's record, with HAProxy apart too.
+    let ssh_runs: Vec<Record> = ["node-1", "node-2"]
+        .iter()
+        .flat_map(|n| stack.local_records(n))
+        .filter(|r| {
+            r.body.kind == Kind::Request
+                && matches!(&r.body.request, Some(vigil_proto::record::Request::Ssh(q)) if q.command.as_deref() == Some(command.as_str()))
+        })
+        .collect();
+    assert_eq!(ssh_runs.len(), 1, "the ssh command's request record");
+    let conn = ssh_runs[0]
+        .body
+        .connection
+        .as_deref()
+        .expect("a connection");
+    assert!(
+        conn.balancer_addr
+            .as_deref()
+            .is_some_and(|b| b.starts_with(&haproxy)),
+        "{conn:?}"
+    );
 
     eprintln!("phase: every node's stream in the audit topic, verified against the witness");
     let streams = wait_for(

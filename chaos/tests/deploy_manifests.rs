@@ -64,6 +64,18 @@ fn t10_config_templates_render_to_valid_files() {
                 ),
                 ("VIGIL_PROXY_PROTOCOL_FROM", r#""172.30.57.10""#),
                 ("VIGIL_DRAIN_TIMEOUT_SECS", "20"),
+                ("VIGIL_SSH_LISTEN", "0.0.0.0:2222"),
+                (
+                    "VIGIL_SSH_HOST_KEY_FILE",
+                    "/run/vigil-ssh/gateway_host_ed25519_key",
+                ),
+                ("VIGIL_SSHD_ADDR", "sshd:22"),
+                (
+                    "VIGIL_SSHD_HOST_KEY",
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP5OShICtsnEWFf7xpBegORkz7/x61Gd3RGK1hycbW6l",
+                ),
+                ("VIGIL_SSH_LOGIN", "vigil-ops"),
+                ("VIGIL_SSH_GATEWAY_KEY_FILE", "/run/vigil-ssh/gateway_login_key"),
                 (
                     "VIGIL_NODE_PEERS",
                     r#"{ id = "gw-1", url = "http://node-1:9187" }, { id = "gw-2", url = "http://node-2:9187" }"#,

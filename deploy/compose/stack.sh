@@ -18,7 +18,9 @@
 #
 #   VIGIL_COMPOSE_PROJECT     the Compose project name (default vigil): several stacks with
 #                             different names and ports run side by side
-#   VIGIL_COMPOSE_PG_PORT, VIGIL_COMPOSE_STATS_PORT, VIGIL_COMPOSE_BIND, VIGIL_COMPOSE_NET,
+#   VIGIL_COMPOSE_SSH_DIR     where the stack's SSH keys are made (default
+#                             ~/.local/state/vigil-compose/PROJECT/ssh; removed by down)
+#   VIGIL_COMPOSE_PG_PORT, VIGIL_COMPOSE_SSH_PORT, VIGIL_COMPOSE_STATS_PORT, VIGIL_COMPOSE_BIND, VIGIL_COMPOSE_NET,
 #   VIGIL_IMAGE and the secrets: see docker-compose.yml
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,13 +28,39 @@ root="$(cd "$here/../.." && pwd)"
 project="${VIGIL_COMPOSE_PROJECT:-vigil}"
 pg_port="${VIGIL_COMPOSE_PG_PORT:-15432}"
 stats_port="${VIGIL_COMPOSE_STATS_PORT:-18404}"
+ssh_port="${VIGIL_COMPOSE_SSH_PORT:-12222}"
 bind="${VIGIL_COMPOSE_BIND:-127.0.0.1}"
 [[ "$bind" == 0.0.0.0 ]] && host=127.0.0.1 || host="$bind"
 
 log() { printf 'stack.sh: %s\n' "$*" >&2; }
 die() { printf 'stack.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
-compose() { docker-compose -f "$here/docker-compose.yml" -p "$project" "$@"; }
+compose() { ssh_keys; docker-compose -f "$here/docker-compose.yml" -p "$project" "$@"; }
+
+# The stack's SSH keys, made once per project in $ssh_dir (removed by `down`): the sshd's host
+# key and the gateway's login key (sshd/: the host key, the login key's public half as
+# authorized_keys), the gateway's own host key and its login key (node/: read by the nodes, who
+# run as uid 10001). Exported for docker-compose.yml: where they are, the sshd's public host key.
+ssh_dir="${VIGIL_COMPOSE_SSH_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/vigil-compose/$project/ssh}"
+ssh_keys() {
+  if [[ ! -s "$ssh_dir/sshd/authorized_keys" ]]; then
+    command -v ssh-keygen >/dev/null || die "ssh-keygen not found (Debian's openssh-client)"
+    rm -rf "$ssh_dir"
+    mkdir -p "$ssh_dir/sshd" "$ssh_dir/node"
+    ssh-keygen -q -t ed25519 -N '' -C vigil-compose-sshd -f "$ssh_dir/sshd/host_ed25519_key"
+    ssh-keygen -q -t ed25519 -N '' -C vigil-compose-gateway -f "$ssh_dir/node/gateway_login_key"
+    ssh-keygen -q -t ed25519 -N '' -C vigil-compose-gateway-host -f "$ssh_dir/node/gateway_host_ed25519_key"
+    cp "$ssh_dir/node/gateway_login_key.pub" "$ssh_dir/sshd/authorized_keys"
+    if [[ "$(id -u)" == 0 ]]; then
+      chown 10001:10001 "$ssh_dir/node/gateway_login_key" "$ssh_dir/node/gateway_host_ed25519_key"
+    else
+      chmod 0644 "$ssh_dir/node/gateway_login_key" "$ssh_dir/node/gateway_host_ed25519_key"
+    fi
+  fi
+  export VIGIL_COMPOSE_SSH_DIR="$ssh_dir"
+  VIGIL_COMPOSE_SSHD_HOST_KEY="$(cut -d' ' -f1,2 "$ssh_dir/sshd/host_ed25519_key.pub")"
+  export VIGIL_COMPOSE_SSHD_HOST_KEY
+}
 
 need_engine() {
   command -v docker-compose >/dev/null || die "docker-compose not found (apt-get install docker-compose; deploy/dev/setup.sh installs it)"
@@ -61,7 +89,7 @@ cmd_build() {
     "$root/deploy/docker/build.sh" "${bins[@]}" --tag "${VIGIL_IMAGE:-vigil:latest}"
   fi
   log "building the stack's other images (cached after the first time)"
-  compose build -q postgres oidc kafka haproxy || die "docker-compose build failed"
+  compose build -q postgres oidc kafka sshd haproxy || die "docker-compose build failed"
 }
 
 # Every gateway node UP in HAProxy's view (its /readyz answered 200).
@@ -95,11 +123,18 @@ cmd_up() {
   c="deploy/compose/stack.sh"
   cat <<TEXT
 
-Vigil is up: 3 coordinator members, 2 gateway nodes behind HAProxy, audit stream to Kafka.
+Vigil is up: 3 coordinator members, 2 gateway nodes behind HAProxy (PostgreSQL and SSH),
+audit stream to Kafka. (Kubernetes: the stack has no API server of its own; deploy/cluster.sh
+puts the nodes in front of the dev kube-apiserver, docs/kubernetes.md shows the [kubernetes]
+section for yours.)
 
   # an agent's token, then psql through HAProxy (any user name; dbname = the connection)
   TOKEN=\$(${p}$c token agent-reporting)
   psql "host=$host port=$pg_port dbname=app user=agent sslmode=require password=\$TOKEN"
+
+  # ssh through HAProxy to host web as vigil-ops; answer the prompt with an agent-ops token
+  # (${p}$c token agent-ops); the gateway's host key is $ssh_dir/node/gateway_host_ed25519_key.pub
+  ssh -p $ssh_port -o PreferredAuthentications=keyboard-interactive vigil-ops+web@$host hostname
 
   # writes to customers wait for approval (up to 2 minutes); approve as agent-ops (group dba)
   ${p}$c vigil approvals list --state pending
@@ -117,7 +152,7 @@ TEXT
 case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   build) shift; cmd_build "$@" ;;
-  down) need_engine; compose down -v --remove-orphans ;;
+  down) need_engine; compose down -v --remove-orphans; rm -rf "$ssh_dir" ;;
   token)
     [[ -n "${2:-}" ]] || die "usage: $0 token CLIENT_ID (agent-reporting, agent-ops, agent-denied)"
     need_engine; compose exec -T oidc token "$2" ;;
