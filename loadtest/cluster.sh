@@ -37,8 +37,9 @@
 #   IDLE=5               seconds without load at each step, after the warm-up: every process's
 #                        CPU then is its fixed cost (timers, checks, checkpoints, the producer)
 #   MODES="simple"       pgbench -M: simple, extended, prepared
-#   CLUSTER_PORT_BASE=28400  the cluster's ports: HAProxy +32, its statistics +4, members
-#                        +71.., nodes' PostgreSQL +41.., admin +81.. (deploy/cluster.sh's layout)
+#   CLUSTER_PORT_BASE=28400  the cluster's ports: HAProxy +32 (SSH +22, Kubernetes +33), its
+#                        statistics +4, members +71.., nodes' PostgreSQL +41.., SSH +51..,
+#                        Kubernetes +61.., admin +81.. (deploy/cluster.sh's layout)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the release binaries there
 #   KEEP_WORKDIR=1       keep the temporary directory (cluster state, logs, audit logs) and topic
@@ -76,16 +77,21 @@ done
 export VIGIL_CLUSTER_PG_PORT=$((CLUSTER_PORT_BASE + 32)) VIGIL_CLUSTER_STATS_PORT=$((CLUSTER_PORT_BASE + 4))
 export VIGIL_CLUSTER_COORDINATOR_PORT=$((CLUSTER_PORT_BASE + 71)) VIGIL_CLUSTER_NODE_PG_PORT=$((CLUSTER_PORT_BASE + 41))
 export VIGIL_CLUSTER_NODE_ADMIN_PORT=$((CLUSTER_PORT_BASE + 81)) VIGIL_DEV_DIR="$dev_dir"
+# The nodes' SSH and Kubernetes listeners and HAProxy's frontends for them: not measured, but
+# deploy/cluster.sh starts them; kept off its default ports.
+export VIGIL_CLUSTER_SSH_PORT=$((CLUSTER_PORT_BASE + 22)) VIGIL_CLUSTER_NODE_SSH_PORT=$((CLUSTER_PORT_BASE + 51))
+export VIGIL_CLUSTER_KUBE_PORT=$((CLUSTER_PORT_BASE + 33)) VIGIL_CLUSTER_NODE_KUBE_PORT=$((CLUSTER_PORT_BASE + 61))
 export VIGIL_CLUSTER_DATABASE=bench # the connection "app" of the nodes: the dev server's pgbench database
 cluster_sh="$repo/deploy/cluster.sh"
 max_nodes="$(printf '%s\n' "${NODES[@]}" | sort -n | tail -n 1)"
-ports=(VIGIL_CLUSTER_PG_PORT VIGIL_CLUSTER_STATS_PORT)
+ports=(VIGIL_CLUSTER_PG_PORT VIGIL_CLUSTER_STATS_PORT VIGIL_CLUSTER_SSH_PORT VIGIL_CLUSTER_KUBE_PORT)
 for ((i = 0; i < 3; i++)); do
   declare "member_port_$i=$((VIGIL_CLUSTER_COORDINATOR_PORT + i))"; ports+=("member_port_$i")
 done
 for ((i = 0; i < max_nodes; i++)); do
-  declare "node_port_$i=$((VIGIL_CLUSTER_NODE_PG_PORT + i))" "admin_port_$i=$((VIGIL_CLUSTER_NODE_ADMIN_PORT + i))"
-  ports+=("node_port_$i" "admin_port_$i")
+  declare "node_port_$i=$((VIGIL_CLUSTER_NODE_PG_PORT + i))" "admin_port_$i=$((VIGIL_CLUSTER_NODE_ADMIN_PORT + i))" \
+    "ssh_port_$i=$((VIGIL_CLUSTER_NODE_SSH_PORT + i))" "kube_port_$i=$((VIGIL_CLUSTER_NODE_KUBE_PORT + i))"
+  ports+=("node_port_$i" "admin_port_$i" "ssh_port_$i" "kube_port_$i")
 done
 
 # ---------------------------------------------------------------------------- cleanup
@@ -109,7 +115,7 @@ if [[ ! -x "$pg_bin/pgbench" ]] || ! command -v haproxy >/dev/null; then
   die "pgbench or haproxy missing: run deploy/dev/setup.sh"
 fi
 ports_free "${ports[@]}"
-use_dev_servers postgresql oidc kafka
+use_dev_servers postgresql oidc kafka sshd # cluster.sh's nodes front the dev sshd too
 pg_bin="${VIGIL_PG_BIN:-$pg_bin}"
 node_bin="${VIGIL_NODE:-$(command -v node || true)}"
 [[ -x "$node_bin" ]] || die "Node.js not found (VIGIL_NODE); run deploy/dev/setup.sh"
