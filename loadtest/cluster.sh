@@ -37,7 +37,7 @@
 #   IDLE=5               seconds without load at each step, after the warm-up: every process's
 #                        CPU then is its fixed cost (timers, checks, checkpoints, the producer)
 #   MODES="simple"       pgbench -M: simple, extended, prepared
-#   CLUSTER_PORT_BASE=28400  the cluster's ports: HAProxy +32 (SSH +22, Kubernetes +33), its
+#   CLUSTER_PORT_BASE=33400  the cluster's ports: HAProxy +32 (SSH +22, Kubernetes +33), its
 #                        statistics +4, members +71.., nodes' PostgreSQL +41.., SSH +51..,
 #                        Kubernetes +61.., admin +81.. (deploy/cluster.sh's layout)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
@@ -56,7 +56,7 @@ THREADS="${THREADS:-2}"
 WARMUP="${WARMUP:-3}"
 IDLE="${IDLE:-5}"
 read -r -a MODES <<<"${MODES:-simple}"
-CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-28400}"
+CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-33400}"
 
 script=cluster.sh
 # shellcheck source=loadtest/lib.sh
