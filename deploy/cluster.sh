@@ -44,7 +44,7 @@
 #   VIGIL_CLUSTER_SSH_PORT          HAProxy, SSH clients (default 27422): the nodes' [ssh]
 #                                   listeners in front of the dev sshd as host "web"
 #   VIGIL_CLUSTER_NODE_SSH_PORT     node 1's SSH listener; nodes 2, 3 the next (27451)
-#   VIGIL_CLUSTER_KUBE_PORT         HAProxy, kubectl (default 27443): the nodes' [kubernetes]
+#   VIGIL_CLUSTER_KUBE_PORT         HAProxy, kubectl (default 27433): the nodes' [kubernetes]
 #                                   listeners in front of the dev kube-apiserver as cluster
 #                                   "dev", when the dev servers include it (kube.sh install)
 #   VIGIL_CLUSTER_NODE_KUBE_PORT    node 1's Kubernetes listener; nodes 2, 3 the next (27461)
@@ -88,7 +88,7 @@ node_pg_port="$(port_setting VIGIL_CLUSTER_NODE_PG_PORT 27441)"
 node_admin_port="$(port_setting VIGIL_CLUSTER_NODE_ADMIN_PORT 27481)"
 ssh_lb_port="$(port_setting VIGIL_CLUSTER_SSH_PORT 27422)"
 node_ssh_port="$(port_setting VIGIL_CLUSTER_NODE_SSH_PORT 27451)"
-kube_lb_port="$(port_setting VIGIL_CLUSTER_KUBE_PORT 27443)"
+kube_lb_port="$(port_setting VIGIL_CLUSTER_KUBE_PORT 27433)"
 node_kube_port="$(port_setting VIGIL_CLUSTER_NODE_KUBE_PORT 27461)"
 topic="${VIGIL_CLUSTER_TOPIC:-vigil-audit}"
 lb_source="${VIGIL_CLUSTER_LB_SOURCE:-127.0.0.2}"
@@ -104,9 +104,17 @@ servers_sh="$here/dev/servers.sh"
 members=(1 2 3)
 node_count="${VIGIL_CLUSTER_NODES:-3}"
 [[ "$node_count" =~ ^[1-9]$ ]] || die "VIGIL_CLUSTER_NODES=$node_count is not a number of nodes from 1 to 9"
-((node_pg_port + node_count <= 65536 && node_admin_port + node_count <= 65536)) \
-  || die "VIGIL_CLUSTER_NODE_PG_PORT or VIGIL_CLUSTER_NODE_ADMIN_PORT leaves no room for $node_count nodes"
 mapfile -t nodes < <(seq 1 "$node_count")
+# Every port the cluster listens on, each once: ranges that run into each other (node 3's
+# PostgreSQL port on HAProxy's Kubernetes port, say) would stop HAProxy or a node at start.
+all_ports="$(printf '%s\n' "$lb_port" "$stats_port" "$ssh_lb_port" "$kube_lb_port" \
+  $((coord_port)) $((coord_port + 1)) $((coord_port + 2))
+  for ((i = 0; i < node_count; i++)); do
+    printf '%s\n' $((node_pg_port + i)) $((node_admin_port + i)) $((node_ssh_port + i)) $((node_kube_port + i))
+  done)"
+[[ "$(sort -n <<<"$all_ports" | tail -n 1)" -le 65535 ]] || die "the node port settings leave no room for $node_count nodes"
+overlap="$(sort -n <<<"$all_ports" | uniq -d | tr '\n' ' ')"
+[[ -z "$overlap" ]] || die "the port settings overlap for $node_count nodes (each of these is set twice): $overlap"
 
 marker="$dir/.vigil-cluster"
 token_file="$dir/cluster-token"
