@@ -1452,6 +1452,8 @@ async fn t56_ssh_and_kubectl_through_haproxy_reach_their_targets_on_record() {
     );
 
     eprintln!("phase: kubectl through HAProxy, with the printed kubeconfig");
+    // agent-ops is impersonated with its groups prefixed vigil:, and vigil:dba may act.
+    vigil_chaos::kube::grant_dba().await;
     let kube_before = vigil_chaos::kube::audit_len();
     let kubeconfig = cluster.dir.path().join("kubeconfig");
     let out = tokio::process::Command::new("kubectl")
