@@ -13,6 +13,9 @@ pub struct Gateway {
     pub keys: tempfile::TempDir,
 }
 
+/// The principal JSON of `agent-ops` (groups `ops`, `dba`), for a certificate's extension.
+pub const OPS_PRINCIPAL: &str = r#"{"subject":"agent-ops","client_id":"agent-ops","model":"gpt-5","groups":["ops","dba"],"issuer":"test","token_type":"access_token"}"#;
+
 /// Generates an ed25519 key pair with ssh-keygen.
 pub fn keygen(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);

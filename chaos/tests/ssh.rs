@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use vigil_chaos::ssh::{exec, keygen, token_login, Gateway};
+use vigil_chaos::ssh::{exec, keygen, token_login, Gateway, OPS_PRINCIPAL};
 use vigil_chaos::tmux::Tmux;
 use vigil_chaos::{agent_token, env, of_kind, token_for};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
@@ -84,8 +84,6 @@ fn policy() -> String {
 fn pg_addr() -> String {
     format!("127.0.0.1:{}", env().get("VIGIL_PG_PORT"))
 }
-
-const OPS_PRINCIPAL: &str = r#"{"subject":"agent-ops","client_id":"agent-ops","model":"gpt-5","groups":["ops","dba"],"issuer":"test","token_type":"access_token"}"#;
 
 /// Lines of the host's command log (the logging login shell) from `offset` on.
 fn host_commands(offset: usize) -> Vec<String> {

@@ -140,6 +140,80 @@ async fn session_records(files: &NodeFiles) -> Vec<Record> {
     records
 }
 
+/// What a statement's records say: its outcome, the rule of a refusal, its approval.
+type Told = (Outcome, Option<String>, Option<String>);
+
+/// The statements of `session` as its records tell them, by `stmt`.
+fn statements_of(records: &[Record], session: &str) -> BTreeMap<u64, Told> {
+    let mut statements = BTreeMap::new();
+    for r in records {
+        if r.body.session.as_deref() != Some(session) {
+            continue;
+        }
+        if let (Some(stmt), Kind::Response | Kind::Blocked) = (r.body.stmt, r.body.kind) {
+            let rule = (r.body.kind == Kind::Blocked)
+                .then(|| r.body.policy.as_ref().map(|p| p.rule.clone()))
+                .flatten();
+            let approval = r.body.approval.as_ref().map(|a| a.id.clone());
+            statements.insert(stmt, (r.body.outcome.unwrap(), rule, approval));
+        }
+    }
+    statements
+}
+
+/// One root span for `session`, and one child span of it for every statement the records tell,
+/// saying what they say (outcome, rule, approval); the session span's attributes.
+fn assert_joined(
+    spans: &[Span],
+    session: &str,
+    statements: &BTreeMap<u64, Told>,
+) -> BTreeMap<String, String> {
+    let of_session =
+        |s: &&Span| attributes(&s.attributes).get("session").map(String::as_str) == Some(session);
+    let roots: Vec<_> = spans
+        .iter()
+        .filter(of_session)
+        .filter(|s| s.name == "session")
+        .collect();
+    assert_eq!(roots.len(), 1, "{session}: {spans:?}");
+    let root = roots[0];
+    assert!(root.parent_span_id.is_empty(), "the session span is a root");
+    let mut traced = BTreeMap::new();
+    for s in spans
+        .iter()
+        .filter(of_session)
+        .filter(|s| s.name == "statement")
+    {
+        let a = attributes(&s.attributes);
+        assert_eq!(s.trace_id, root.trace_id, "one trace per session");
+        assert_eq!(
+            s.parent_span_id, root.span_id,
+            "a child of the session span"
+        );
+        let stmt: u64 = a["stmt"].parse().unwrap();
+        assert!(traced.insert(stmt, a).is_none(), "stmt {stmt} twice");
+    }
+    assert_eq!(
+        traced.keys().collect::<Vec<_>>(),
+        statements.keys().collect::<Vec<_>>(),
+        "{session}: a span for every statement the records tell"
+    );
+    for (stmt, (outcome, rule, approval)) in statements {
+        let a = &traced[stmt];
+        let expected = serde_json::to_value(outcome).unwrap();
+        assert_eq!(
+            a["outcome"],
+            expected.as_str().unwrap(),
+            "stmt {stmt}: {a:?}"
+        );
+        if let Some(rule) = rule {
+            assert_eq!(&a["rule"], rule, "stmt {stmt}");
+        }
+        assert_eq!(a.get("approval"), approval.as_ref(), "stmt {stmt}");
+    }
+    attributes(&root.attributes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_per_session_and_statement_join_the_audit_records() {
     let received = Received::default();
@@ -201,7 +275,6 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
     let _ = conn.await;
     let records = session_records(&files).await;
 
-    // The statements as the records tell them: stmt → (outcome, rule).
     let session = of_kind(&records, Kind::SessionEnd)[0]
         .body
         .session
@@ -213,18 +286,7 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
         .unwrap()
         .subject
         .clone();
-    let mut statements = BTreeMap::new();
-    for r in &records {
-        if r.body.session.as_deref() != Some(&session) {
-            continue;
-        }
-        if let (Some(stmt), Kind::Response | Kind::Blocked) = (r.body.stmt, r.body.kind) {
-            let rule = (r.body.kind == Kind::Blocked)
-                .then(|| r.body.policy.as_ref().unwrap().rule.clone());
-            let approval = r.body.approval.as_ref().map(|a| a.id.clone());
-            statements.insert(stmt, (r.body.outcome.unwrap(), rule, approval));
-        }
-    }
+    let statements = statements_of(&records, &session);
     assert_eq!(statements.len(), 5, "{records:?}");
     assert!(statements.values().any(|(o, ..)| *o == Outcome::Blocked));
     assert!(statements.values().any(|(_, _, a)| a.is_some()));
@@ -239,48 +301,12 @@ async fn spans_per_session_and_statement_join_the_audit_records() {
         .await;
         spans
     };
-    let sessions: Vec<_> = spans.iter().filter(|s| s.name == "session").collect();
-    assert_eq!(sessions.len(), 1, "{spans:?}");
-    let root = sessions[0];
-    let attrs = attributes(&root.attributes);
-    assert_eq!(attrs["session"], session);
+    let attrs = assert_joined(&spans, &session, &statements);
     assert_eq!(attrs["protocol"], "postgres");
     assert_eq!(attrs["principal"], principal);
     assert_eq!(attrs["node"], records[0].body.node);
     assert_eq!(attrs["target"], "app");
     assert!(attrs["client"].starts_with("127.0.0.1:"), "{attrs:?}");
-    assert!(root.parent_span_id.is_empty(), "the session span is a root");
-
-    let mut traced = BTreeMap::new();
-    for s in spans.iter().filter(|s| s.name == "statement") {
-        let a = attributes(&s.attributes);
-        assert_eq!(a["session"], session, "{a:?}");
-        assert_eq!(s.trace_id, root.trace_id, "one trace per session");
-        assert_eq!(
-            s.parent_span_id, root.span_id,
-            "a child of the session span"
-        );
-        let stmt: u64 = a["stmt"].parse().unwrap();
-        assert!(traced.insert(stmt, a).is_none(), "stmt {stmt} twice");
-    }
-    assert_eq!(
-        traced.keys().collect::<Vec<_>>(),
-        statements.keys().collect::<Vec<_>>(),
-        "a span for every statement the records tell"
-    );
-    for (stmt, (outcome, rule, approval)) in &statements {
-        let a = &traced[stmt];
-        let expected = serde_json::to_value(outcome).unwrap();
-        assert_eq!(
-            a["outcome"],
-            expected.as_str().unwrap(),
-            "stmt {stmt}: {a:?}"
-        );
-        if let Some(rule) = rule {
-            assert_eq!(&a["rule"], rule, "stmt {stmt}");
-        }
-        assert_eq!(a.get("approval"), approval.as_ref(), "stmt {stmt}");
-    }
 
     // No text, no value: not in any attribute, name or event of any span.
     let everything = format!("{spans:?}");
@@ -399,4 +425,171 @@ async fn a_dead_collector_changes_nothing_for_sessions() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+/// The SSH rule of [`ssh_and_kubernetes_sessions_have_spans_too`]: no `rm` on the host; and
+/// its Kubernetes rule: no namespace is deleted.
+const OTHER_PROTOCOLS_POLICY: &str = r#"
+[[policy.rules]]
+id = "no-rm"
+protocol = "ssh"
+action = "block"
+programs = ["rm"]
+reason = "nothing is deleted on hosts"
+
+[[policy.rules]]
+id = "keep-namespaces"
+protocol = "kubernetes"
+action = "block"
+verbs = ["delete"]
+resources = ["namespaces"]
+reason = "namespaces stay"
+"#;
+
+/// The same joins for the other protocols: an SSH session (commands run and refused) and the
+/// Kubernetes sessions of kubectl (requests relayed and refused), each a root span with a
+/// child per request that its records tell, through the real sshd and kube-apiserver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_and_kubernetes_sessions_have_spans_too() {
+    use vigil_chaos::{env, kube, ssh};
+    kube::grant_dba().await;
+    let received = Received::default();
+    let endpoint = received.start().await;
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let (ssh_port, kube_port) = (free_port(), free_port());
+    let keys = tempfile::tempdir().unwrap();
+    let ca = ssh::keygen(keys.path(), "ca");
+    let e = env();
+    let ssh_section = ssh::ssh_section(
+        &ca,
+        e.get("VIGIL_DEV_SSHD_HOST_KEY"),
+        e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
+        "",
+    )
+    .replacen("127.0.0.1:0", &format!("127.0.0.1:{ssh_port}"), 1);
+    let kube_section = kube::kube_section(OTHER_PROTOCOLS_POLICY).replacen(
+        "127.0.0.1:0",
+        &format!("127.0.0.1:{kube_port}"),
+        1,
+    );
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        protocols: Some(format!("{ssh_section}\n{kube_section}")),
+        ..NodeOptions::default()
+    })
+    .await;
+    append_config(&files, &format!("\n[tracing]\nendpoint = \"{endpoint}\"\n"));
+    let mut child = spawn_node(&files, admin_port).await;
+
+    // SSH: a command that runs, one the policy refuses.
+    let key = ssh::certificate(keys.path(), &ca, "user", ssh::OPS_PRINCIPAL, "-5m:+1h");
+    let user = format!("{}+web@127.0.0.1", e.get("VIGIL_DEV_SSH_LOGIN"));
+    let run = random_suffix();
+    let ssh_run = |command: String| {
+        let mut c = tokio::process::Command::new("ssh");
+        c.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .args(["-o", "IdentitiesOnly=yes", "-i"])
+            .arg(&key)
+            .arg("-o")
+            .arg(format!("CertificateFile={}-cert.pub", key.display()))
+            .args(["-p", &ssh_port.to_string(), &user, &command]);
+        c
+    };
+    let out = ssh_run(format!("echo ran-{run}")).output().await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ran-{run}")
+    );
+    let out = ssh_run(format!("rm -f /tmp/nothing-{run}"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+
+    // Kubernetes: kubectl lists pods (discovery and a list), then deletes a namespace, refused.
+    let ca_file = files.dir.path().join("tls-kubernetes").join("cert.pem");
+    let server = format!("https://127.0.0.1:{kube_port}/clusters/dev");
+    let token = vigil_chaos::token_for("agent-ops", "agent-ops-secret").await;
+    let config = kube::kubeconfig(keys.path(), &server, &ca_file, &token);
+    let out = kube::kubectl(&config, &["get", "pods", "-n", "default"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = kube::kubectl(&config, &["delete", "namespace", &format!("ns-{run}")]).await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("namespaces stay"),
+        "{out:?}"
+    );
+
+    // Every session's records, once each ended: their spans join them.
+    let mut records = Vec::new();
+    eventually("the sessions ended", Duration::from_secs(20), || {
+        records = files.records();
+        let ended = |protocol: &str| {
+            records
+                .iter()
+                .filter(|r| r.body.kind == Kind::SessionEnd)
+                .filter(|r| {
+                    r.body.connection.as_ref().map(|c| c.protocol.as_str()) == Some(protocol)
+                })
+                .count()
+        };
+        ended("ssh") == 2 && ended("kubernetes") >= 2
+    })
+    .await;
+    let sessions: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::SessionEnd)
+        .map(|r| {
+            let protocol = r.body.connection.as_ref().unwrap().protocol.clone();
+            (r.body.session.clone().unwrap(), protocol)
+        })
+        .collect();
+    let told: Vec<_> = sessions
+        .iter()
+        .map(|(s, _)| statements_of(&records, s))
+        .collect();
+    let want = sessions.len() + told.iter().map(BTreeMap::len).sum::<usize>();
+    let mut spans = Vec::new();
+    eventually("the spans arrive", Duration::from_secs(10), || {
+        spans = received.spans();
+        spans.len() >= want
+    })
+    .await;
+    let mut refused = BTreeMap::new();
+    for ((session, protocol), statements) in sessions.iter().zip(&told) {
+        assert!(!statements.is_empty(), "{session}: {records:?}");
+        let attrs = assert_joined(&spans, session, statements);
+        assert_eq!(&attrs["protocol"], protocol);
+        assert_eq!(attrs["principal"], "agent-ops", "{attrs:?}");
+        assert_eq!(attrs["node"], records[0].body.node);
+        if protocol == "ssh" {
+            assert_eq!(attrs["target"], "web");
+        }
+        for (outcome, rule, _) in statements.values() {
+            if *outcome == Outcome::Blocked {
+                refused.insert(protocol.clone(), rule.clone());
+            }
+        }
+    }
+    assert_eq!(refused["ssh"].as_deref(), Some("no-rm"));
+    assert_eq!(refused["kubernetes"].as_deref(), Some("keep-namespaces"));
+    // Nothing the sessions sent or got is in a span: not the command, not the output.
+    let everything = format!("{spans:?}");
+    for sent in [
+        format!("ran-{run}"),
+        format!("nothing-{run}"),
+        format!("ns-{run}"),
+    ] {
+        assert!(!everything.contains(&sent), "{sent}: {everything}");
+    }
+    // And no statement outside those sessions.
+    for s in spans.iter().filter(|s| s.name == "statement") {
+        let session = &attributes(&s.attributes)["session"];
+        assert!(sessions.iter().any(|(id, _)| id == session), "{s:?}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

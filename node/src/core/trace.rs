@@ -288,8 +288,9 @@ impl SpanProcessor for Queue {
     }
 }
 
-/// The span of one session, current while the session runs; [`authenticated`] adds who and
-/// what to once known.
+/// The span of one session (a root: one trace per session), the parent of its statements'
+/// spans; [`authenticated`] adds who and what to once known. It ends when the session's last
+/// handle on it (and its last statement's span) is dropped.
 pub fn session(
     protocol: &'static str,
     session: &str,
@@ -298,6 +299,7 @@ pub fn session(
 ) -> tracing::Span {
     tracing::info_span!(
         target: TARGET,
+        parent: None,
         "session",
         protocol,
         session,
@@ -316,11 +318,18 @@ pub fn authenticated(span: &tracing::Span, principal: &str, target: Option<&str>
     }
 }
 
-/// The span of one statement (`stmt` in `session`), a child of the current (session) span.
-/// What its records say is set on it with [`from_record`].
-pub fn statement(protocol: &'static str, session: &str, stmt: u64) -> tracing::Span {
+/// The span of one statement (`stmt` in `session`: a PostgreSQL statement, an SSH channel
+/// request or forward, a Kubernetes API request), a child of the session's span. It ends when
+/// dropped; what its records say is set on it with [`from_record`].
+pub fn statement(
+    session_span: &tracing::Span,
+    protocol: &'static str,
+    session: &str,
+    stmt: u64,
+) -> tracing::Span {
     tracing::info_span!(
         target: TARGET,
+        parent: session_span,
         "statement",
         protocol,
         session,
@@ -329,6 +338,14 @@ pub fn statement(protocol: &'static str, session: &str, stmt: u64) -> tracing::S
         rule = tracing::field::Empty,
         approval = tracing::field::Empty,
     )
+}
+
+/// A statement's number in its session (its records' `stmt`) and its span, for the code that
+/// writes its later records.
+#[derive(Clone, Debug)]
+pub struct Stmt {
+    pub n: u64,
+    pub span: tracing::Span,
 }
 
 /// Sets what a statement's record says on the statement's span: the outcome (of its response
@@ -350,9 +367,9 @@ pub fn from_record(span: &tracing::Span, record: &Body) {
 
 /// A statement that ends with the record that opens it (refused before it reached the target):
 /// its span, opened and closed at once.
-pub fn refused(protocol: &'static str, record: &Body) {
+pub fn refused(session_span: &tracing::Span, protocol: &'static str, record: &Body) {
     if let (Some(session), Some(stmt)) = (&record.session, record.stmt) {
-        from_record(&statement(protocol, session, stmt), record);
+        from_record(&statement(session_span, protocol, session, stmt), record);
     }
 }
 

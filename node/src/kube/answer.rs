@@ -106,6 +106,8 @@ pub struct Done {
     pub status: StatusCode,
     pub secrets: bool,
     pub started: Instant,
+    /// The request's trace span, ended with its record.
+    pub span: tracing::Span,
 }
 
 /// The API server's body on its way to the client: counted, its first bytes kept for the
@@ -177,6 +179,7 @@ impl Tap {
             error,
             body,
         }));
+        crate::core::trace::from_record(&d.span, &d.rec);
         d.ctx.core.audit.record(d.rec);
     }
 }

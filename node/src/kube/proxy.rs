@@ -10,6 +10,7 @@ use super::{Cluster, KubeContext, PROTOCOL};
 use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::Origin;
+use crate::core::trace::Stmt;
 use crate::core::Refusal;
 use crate::policy::kube::KubeAction;
 use crate::policy::{Action, Decision};
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+use tracing::Instrument as _;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
@@ -52,6 +54,8 @@ struct Conn {
     recording: tokio::sync::OnceCell<Arc<crate::audit::RecordingFile>>,
     /// The listener's sessions: a switched stream outlives its connection and counts too.
     sessions: Sessions,
+    /// The session's trace span (core/trace.rs), the parent of its requests' spans.
+    trace: tracing::Span,
 }
 
 /// Serves one TLS connection (HTTP/1.1 or HTTP/2) until it closes; then ends its session.
@@ -61,8 +65,12 @@ pub async fn connection(
     origin: Origin,
     sessions: Sessions,
 ) {
+    let session = crate::core::new_session_id();
+    let trace =
+        crate::core::trace::session(PROTOCOL, &session, ctx.core.audit.node(), &origin.client);
     let conn = Arc::new(Conn {
-        session: crate::core::new_session_id(),
+        session,
+        trace,
         ctx: ctx.clone(),
         origin,
         principal: Mutex::new(None),
@@ -75,7 +83,9 @@ pub async fn connection(
         let conn = conn.clone();
         hyper::service::service_fn(move |req| {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+            // Requests run on hyper's tasks: their log events name the session.
+            let span = conn.trace.clone();
+            async move { Ok::<_, Infallible>(conn.handle(req).await) }.instrument(span)
         })
     };
     let mut builder =
@@ -304,6 +314,7 @@ impl Conn {
                 let p = Arc::new(principal);
                 *session = Some(p.clone());
                 drop(session);
+                crate::core::trace::authenticated(&self.trace, &p.subject, None);
                 let mut start = self.body(Kind::SessionStart, Some(&p), None);
                 start.outcome = Some(Outcome::Success);
                 self.ctx.core.audit.record(start);
@@ -468,9 +479,9 @@ impl Conn {
         let limit = self.ctx.config.max_record_body_bytes;
         let (recorded_body, masked) = self.masked(super::redact::audit_copy(&body, secrets, limit));
         request.body = recorded_body;
-        let stmt = self.stmt.fetch_add(1, Ordering::SeqCst) + 1;
+        let stmt = self.next_stmt();
         let mut rec = self.body(Kind::Request, Some(&principal), Some(&cluster_name));
-        rec.stmt = Some(stmt);
+        rec.stmt = Some(stmt.n);
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(&decision));
         rec.detail = decision.dry_run_note();
@@ -485,7 +496,7 @@ impl Conn {
                     rule: decision.rule.clone(),
                     reason: why,
                 };
-                return self.refuse_record(rec, request, refusal_status(&refusal));
+                return self.refuse_record(rec, request, refusal_status(&refusal), &stmt);
             }
             Action::RequireApproval => {
                 match self
@@ -497,14 +508,14 @@ impl Conn {
                         &routed,
                         &body,
                         &request,
-                        stmt,
+                        stmt.n,
                     )
                     .await
                 {
                     Verdict::Run(approval) => rec.approval = Some(approval),
                     Verdict::Refuse { refusal, approval } => {
                         rec.approval = approval;
-                        return self.refuse_record(rec, request, refusal_status(&refusal));
+                        return self.refuse_record(rec, request, refusal_status(&refusal), &stmt);
                     }
                 }
             }
@@ -519,14 +530,14 @@ impl Conn {
             let Some(RecordRequest::Kubernetes(request)) = rec.request.take() else {
                 unreachable!("set above")
             };
-            return self.refuse_record(rec, request, refusal_status(&refusal));
+            return self.refuse_record(rec, request, refusal_status(&refusal), &stmt);
         }
         let mut routed = routed;
         let client_side = routed.upgrade.take();
         let upstream = match self.upstream_request(&routed, &principal, parts, body) {
             Ok(u) => u,
             Err(why) => {
-                return self.respond_error(&principal, &cluster_name, stmt, started, why);
+                return self.respond_error(&principal, &cluster_name, &stmt, started, why);
             }
         };
         if let Some(client_side) = client_side {
@@ -547,7 +558,7 @@ impl Conn {
             Err(e) => self.respond_error(
                 &principal,
                 &cluster_name,
-                stmt,
+                &stmt,
                 started,
                 format!("vigil: the API server of cluster {cluster_name:?} cannot be reached: {e}"),
             ),
@@ -747,7 +758,7 @@ impl Conn {
         client_side: hyper::upgrade::OnUpgrade,
         principal: &Arc<Principal>,
         cluster: &str,
-        stmt: u64,
+        stmt: Stmt,
         started: Instant,
     ) -> Response<ClientBody> {
         let audit = &self.ctx.core.audit;
@@ -759,7 +770,7 @@ impl Conn {
             Ok(f) => f.clone(),
             Err(e) => {
                 let why = format!("vigil: the gateway cannot record this stream: {e}");
-                return self.respond_error(principal, cluster, stmt, started, why);
+                return self.respond_error(principal, cluster, &stmt, started, why);
             }
         };
         let mut resp = match routed.cluster.upgrade_client.request(upstream).await {
@@ -767,7 +778,7 @@ impl Conn {
             Err(e) => {
                 let why =
                     format!("vigil: the API server of cluster {cluster:?} cannot be reached: {e}");
-                return self.respond_error(principal, cluster, stmt, started, why);
+                return self.respond_error(principal, cluster, &stmt, started, why);
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -786,7 +797,7 @@ impl Conn {
             Ok(f) => f,
             Err(e) => {
                 let why = format!("vigil: the API server's switch cannot be followed: {e}");
-                return self.respond_error(principal, cluster, stmt, started, why);
+                return self.respond_error(principal, cluster, &stmt, started, why);
             }
         };
         let server_side = hyper::upgrade::on(&mut resp);
@@ -824,7 +835,7 @@ impl Conn {
         resp: Response<Incoming>,
         principal: &Arc<Principal>,
         cluster: &str,
-        stmt: u64,
+        stmt: Stmt,
         info: &RequestInfo,
         started: Instant,
     ) -> Response<ClientBody> {
@@ -839,7 +850,7 @@ impl Conn {
             parts.headers.remove(h);
         }
         let mut rec = self.body(Kind::Response, Some(principal), Some(cluster));
-        rec.stmt = Some(stmt);
+        rec.stmt = Some(stmt.n);
         let count = Count::of(info, &parts.headers);
         let done = Done {
             ctx: self.ctx.clone(),
@@ -847,6 +858,7 @@ impl Conn {
             status: parts.status,
             secrets: info.resource == "secrets",
             started,
+            span: stmt.span,
         };
         let tap = Tap::new(incoming, self.ctx.config.max_record_body_bytes, count, done);
         Response::from_parts(parts, tap.boxed())
@@ -856,12 +868,12 @@ impl Conn {
         &self,
         principal: &Arc<Principal>,
         cluster: &str,
-        stmt: u64,
+        stmt: &Stmt,
         started: Instant,
         why: String,
     ) -> Response<ClientBody> {
         let mut rec = self.body(Kind::Response, Some(principal), Some(cluster));
-        rec.stmt = Some(stmt);
+        rec.stmt = Some(stmt.n);
         rec.outcome = Some(Outcome::Error);
         rec.duration_us = Some(started.elapsed().as_micros() as u64);
         rec.response = Some(RecordResponse::Kubernetes(KubeResponse {
@@ -872,6 +884,7 @@ impl Conn {
             }),
             ..KubeResponse::default()
         }));
+        crate::core::trace::from_record(&stmt.span, &rec);
         self.ctx.core.audit.record(rec);
         status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &why)
     }
@@ -908,10 +921,20 @@ impl Conn {
         policy: Option<vigil_proto::record::PolicyRef>,
         r: Refused,
     ) -> Response<ClientBody> {
+        let stmt = self.next_stmt();
         let mut rec = self.body(Kind::Blocked, Some(principal), cluster);
-        rec.stmt = Some(self.stmt.fetch_add(1, Ordering::SeqCst) + 1);
+        rec.stmt = Some(stmt.n);
         rec.policy = policy;
-        self.refuse_record(rec, request, r)
+        self.refuse_record(rec, request, r, &stmt)
+    }
+
+    /// The session's next request number, and the request's trace span.
+    fn next_stmt(&self) -> Stmt {
+        let n = self.stmt.fetch_add(1, Ordering::SeqCst) + 1;
+        Stmt {
+            n,
+            span: crate::core::trace::statement(&self.trace, PROTOCOL, &self.session, n),
+        }
     }
 
     /// Writes the refusal's record (what dry-run rules would have done after the reason) and
@@ -921,6 +944,7 @@ impl Conn {
         mut rec: RecordBody,
         request: KubeRequest,
         r: Refused,
+        stmt: &Stmt,
     ) -> Response<ClientBody> {
         rec.kind = Kind::Blocked;
         rec.request = Some(RecordRequest::Kubernetes(request));
@@ -931,6 +955,7 @@ impl Conn {
             None => message,
         });
         tracing::info!(reason = %r.message, "kubernetes request refused");
+        crate::core::trace::from_record(&stmt.span, &rec);
         self.ctx.core.audit.record(rec);
         status(r.code, r.reason, &r.message)
     }

@@ -19,6 +19,7 @@ use super::websocket::{self, ChannelProtocol, Direction, WsMessage, WsReader};
 use super::KubeContext;
 use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::lifecycle::SHUTTING_DOWN;
+use crate::core::trace::Stmt;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -53,7 +54,7 @@ pub struct Streams {
     pub ctx: Arc<KubeContext>,
     /// A record of the request's session (principal, connection), to copy.
     pub base: Body,
-    pub stmt: u64,
+    pub stmt: Stmt,
     pub file: Arc<RecordingFile>,
     pub started: Instant,
     pub framing: Framing,
@@ -66,7 +67,7 @@ impl Streams {
         let mut body = self.ctx.core.audit.body(self.base.session.as_deref(), kind);
         body.principal = self.base.principal.clone();
         body.connection = self.base.connection.clone();
-        body.stmt = Some(self.stmt);
+        body.stmt = Some(self.stmt.n);
         body
     }
 }
@@ -340,7 +341,7 @@ impl Shared {
 
     /// Records an exec payload before it is forwarded; false when it cannot be recorded.
     async fn record(&self, stream: Recorded, payload: &[u8]) -> bool {
-        let stmt = self.streams.stmt;
+        let stmt = self.streams.stmt.n;
         let (at, channel, direction) = match stream {
             Recorded::Stdin => (0, stmt.to_string(), "input"),
             Recorded::Stdout => (1, stmt.to_string(), "output"),
@@ -507,6 +508,7 @@ fn finish(shared: &Shared, error: Option<String>) {
         error: failure,
         ..KubeResponse::default()
     }));
+    crate::core::trace::from_record(&s.stmt.span, &rec);
     s.ctx.core.audit.record(rec);
 }
 

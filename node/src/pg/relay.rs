@@ -170,6 +170,8 @@ pub struct Session {
     /// `application_name` (drivers such as pgjdbc set it after startup): the declared
     /// application and intent change, the identity does not.
     pub reported: RwLock<Option<(Arc<Principal>, Arc<Connection>)>>,
+    /// The session's trace span (core/trace.rs), the parent of its statements' spans.
+    pub trace: tracing::Span,
 }
 
 impl Session {
@@ -226,10 +228,10 @@ struct Unit {
 }
 
 impl Unit {
-    fn new(session: &str, stmt: u64) -> Self {
+    fn new(session: &Session, stmt: u64) -> Self {
         Unit {
             stmt,
-            span: crate::core::trace::statement(super::PROTOCOL, session, stmt),
+            span: crate::core::trace::statement(&session.trace, super::PROTOCOL, &session.id, stmt),
             request: None,
             started: Instant::now(),
             portal: None,
@@ -995,7 +997,7 @@ impl ClientHalf {
             version: self.ctx.policy.version().to_string(),
         });
         rec.detail = Some("the FunctionCall message is not allowed".into());
-        crate::core::trace::refused(super::PROTOCOL, &rec);
+        crate::core::trace::refused(&self.session.trace, super::PROTOCOL, &rec);
         self.ctx.core.audit.record(rec);
         self.refuse(
             Outcome::Blocked,
@@ -1313,7 +1315,7 @@ impl ClientHalf {
         // A parser's message quotes the text near its error: through the detectors, like it.
         rec.detail = Some(self.ctx.core.scrub(&detail));
         rec.approval = approval;
-        crate::core::trace::refused(super::PROTOCOL, &rec);
+        crate::core::trace::refused(&self.session.trace, super::PROTOCOL, &rec);
         self.ctx.core.audit.record(rec);
         self.refuse(outcome, sqlstate, &message, simple, out);
     }
@@ -1338,7 +1340,7 @@ impl ClientHalf {
         }
         match self.ctx.core.audit.append(&rec).await {
             Ok(()) => {
-                let unit = Unit::new(&self.session.id, stmt);
+                let unit = Unit::new(&self.session, stmt);
                 crate::core::trace::from_record(&unit.span, &rec);
                 Ok(unit)
             }
@@ -1350,7 +1352,7 @@ impl ClientHalf {
                 rec.time = crate::audit::now_rfc3339();
                 rec.outcome = Some(Outcome::Error);
                 rec.detail = Some(format!("refused before the target: {e}"));
-                crate::core::trace::refused(super::PROTOCOL, &rec);
+                crate::core::trace::refused(&self.session.trace, super::PROTOCOL, &rec);
                 self.ctx.core.audit.record(rec);
                 Err(e)
             }
@@ -1865,7 +1867,7 @@ impl TargetHalf {
             // error.
             self.tables.settle(ops, false);
             let stmt = self.stmts.fetch_add(1, Ordering::Relaxed) + 1;
-            let mut unit = Unit::new(&self.session.id, stmt);
+            let mut unit = Unit::new(&self.session, stmt);
             unit.request = Some(PgRequest {
                 mode: "extended".into(),
                 text: text.to_string(),

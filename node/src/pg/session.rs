@@ -350,6 +350,7 @@ async fn handshake(
         started: Instant::now(),
         read_only: target.config.config.read_only,
         reported: Default::default(),
+        trace: tracing::Span::current(),
     };
     // The session is on record before the client may send its first statement.
     let mut body = session.body(&ctx.core.audit, Kind::SessionStart);

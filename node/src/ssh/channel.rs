@@ -10,6 +10,7 @@ use super::sftp_guard::SftpGuard;
 use super::typed::{Typed, TypedLines};
 use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::trace::Stmt;
 use crate::core::Refusal;
 use crate::policy::ssh::{SshAction, SshRequestKind};
 use crate::policy::{Action, Decision};
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
@@ -350,6 +352,7 @@ fn ssh_request(conn: &Conn, id: ChannelId, request_type: &str, command: Option<S
 async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session) {
     conn.stmt += 1;
     let stmt = conn.stmt;
+    let span = conn.statement_span(stmt);
     let policy = conn.ctx.policy.reference(&run.decision);
     let mut body = conn.body(Kind::Request);
     body.stmt = Some(stmt);
@@ -373,14 +376,14 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
                 rule: run.decision.rule.clone(),
                 reason: why,
             };
-            refuse(conn, id, body, &refusal, session);
+            refuse(conn, id, body, &refusal, &span, session);
             return;
         }
         Action::RequireApproval => match hold(conn, id, &run, stmt, &policy).await {
             Verdict::Run(approval) => body.approval = Some(approval),
             Verdict::Refuse { refusal, approval } => {
                 body.approval = approval;
-                refuse(conn, id, body, &refusal, session);
+                refuse(conn, id, body, &refusal, &span, session);
                 return;
             }
         },
@@ -391,15 +394,15 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
             why: e.to_string(),
         };
         body.kind = Kind::Blocked;
-        refuse(conn, id, body, &refusal, session);
+        refuse(conn, id, body, &refusal, &span, session);
         return;
     }
-    start(conn, id, &run, stmt, session).await;
+    start(conn, id, &run, Stmt { n: stmt, span }, session).await;
 }
 
 /// Sends the request to the host; with the host's yes the channel runs, with its no the client
 /// gets the host's refusal.
-async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: u64, session: &mut Session) {
+async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: Stmt, session: &mut Session) {
     let started = Instant::now();
     let accepted = match host_channel(conn, id).await {
         Some(host) => {
@@ -503,8 +506,10 @@ impl Pumps {
             sftp: self.sftp.clone(),
             typed: self.typed,
         };
-        tokio::spawn(input_task(input, rx, write, inject));
-        tokio::spawn(output_task(self, read, injected, started));
+        // The channel's log events name its request (and session).
+        let span = self.rec.span.clone();
+        tokio::spawn(input_task(input, rx, write, inject).instrument(span.clone()));
+        tokio::spawn(output_task(self, read, injected, started).instrument(span));
     }
 }
 
@@ -584,6 +589,7 @@ fn refuse(
     id: ChannelId,
     mut body: Body,
     refusal: &Refusal,
+    span: &tracing::Span,
     session: &mut Session,
 ) {
     let message = conn.ctx.core.scrub(&refusal.to_string());
@@ -597,6 +603,7 @@ fn refuse(
         Some(note) => format!("{message}; {note}"),
         None => message.clone(),
     });
+    crate::core::trace::from_record(span, &body);
     conn.ctx.core.audit.record(body);
     conn.channels.insert(id, Chan::Done);
     let _ = session.channel_success(id);
@@ -628,7 +635,8 @@ fn refuse_run(
         rule: "parse-error".into(),
         reason: why.into(),
     };
-    refuse(conn, id, body, &refusal, session);
+    let span = conn.statement_span(conn.stmt);
+    refuse(conn, id, body, &refusal, &span, session);
 }
 
 /// Records a refused request that has no channel to end (env, agent and X11 forwarding).
@@ -672,6 +680,7 @@ pub(super) struct SessionScope {
     session: String,
     principal: Option<Arc<Principal>>,
     connection: Option<Arc<Connection>>,
+    trace: tracing::Span,
 }
 
 impl SessionScope {
@@ -681,7 +690,13 @@ impl SessionScope {
             session: conn.id.clone(),
             principal: conn.principal.clone(),
             connection: Some(Arc::new(conn.conn.clone())),
+            trace: conn.trace.clone(),
         }
+    }
+
+    /// The trace span of request `stmt` of the session.
+    pub fn statement_span(&self, stmt: u64) -> tracing::Span {
+        crate::core::trace::statement(&self.trace, super::PROTOCOL, &self.session, stmt)
     }
 
     pub fn body(&self, kind: Kind) -> Body {
@@ -703,10 +718,12 @@ pub(super) struct Recorder {
     stored: Arc<[AtomicU64; 3]>,
     stmt: u64,
     channel: ChannelId,
+    /// The request's trace span, ended with the channel (its last recorder).
+    span: tracing::Span,
 }
 
 impl Recorder {
-    fn new(conn: &Conn, channel: ChannelId, stmt: u64) -> Self {
+    fn new(conn: &Conn, channel: ChannelId, stmt: Stmt) -> Self {
         Self::of(
             SessionScope::of(conn),
             conn.recording.clone(),
@@ -715,18 +732,20 @@ impl Recorder {
         )
     }
 
+    /// The recorder of `channel`, which runs request `stmt`.
     pub fn of(
         scope: SessionScope,
         file: Option<Arc<RecordingFile>>,
         channel: ChannelId,
-        stmt: u64,
+        stmt: Stmt,
     ) -> Self {
         Self {
             scope,
             file,
             stored: Arc::new(Default::default()),
-            stmt,
+            stmt: stmt.n,
             channel,
+            span: stmt.span,
         }
     }
 
@@ -768,6 +787,7 @@ impl Recorder {
         body.response = Some(Response::Ssh(response));
         body.outcome = Some(outcome);
         body.duration_us = Some(started.elapsed().as_micros() as u64);
+        crate::core::trace::from_record(&self.span, &body);
         self.scope.core.audit.record(body);
     }
 

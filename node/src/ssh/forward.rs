@@ -9,6 +9,7 @@
 use super::channel::{self, Input, Pumps, Recorder, SessionScope, INPUT_QUEUE};
 use super::session::Conn;
 use super::target::Pinned;
+use crate::core::trace::Stmt;
 use crate::policy::ssh::{SshAction, SshRequestKind};
 use crate::policy::Action;
 use russh::{client, server, ChannelMsg, ChannelOpenFailure};
@@ -47,8 +48,11 @@ impl Ask<'_> {
 /// Decides a forward and puts it on record (under the next `stmt`, which the forward's later
 /// records share). It is refused unless a rule allows it (a `blocked` record says why, and
 /// `None` is returned); allowed, its `request` record is written and waited for, and the host
-/// connection comes back with the policy that allowed it.
-async fn admit(conn: &mut Conn, ask: &Ask<'_>) -> Option<(Arc<client::Handle<Pinned>>, PolicyRef)> {
+/// connection comes back with the policy that allowed it and the forward's trace span.
+async fn admit(
+    conn: &mut Conn,
+    ask: &Ask<'_>,
+) -> Option<(Arc<client::Handle<Pinned>>, PolicyRef, tracing::Span)> {
     let login = conn.login.clone();
     let action = SshAction {
         kind: ask.kind,
@@ -61,6 +65,7 @@ async fn admit(conn: &mut Conn, ask: &Ask<'_>) -> Option<(Arc<client::Handle<Pin
     let decision = channel::decide(conn, Ok(&[action]))
         .only_by_rule(|| format!("no rule allows {}", ask.what()));
     conn.stmt += 1;
+    let span = conn.statement_span(conn.stmt);
     let mut body = conn.body(Kind::Request);
     body.stmt = Some(conn.stmt);
     body.request = Some(forward_request(
@@ -80,12 +85,13 @@ async fn admit(conn: &mut Conn, ask: &Ask<'_>) -> Option<(Arc<client::Handle<Pin
                 .reason
                 .unwrap_or_else(|| format!("{} is not allowed", ask.what())),
         );
+        crate::core::trace::from_record(&span, &body);
         conn.ctx.core.audit.record(body);
         return None;
     }
     let host = conn.host.clone()?;
     conn.ctx.core.audit.append(&body).await.ok()?;
-    Some((host, policy))
+    Some((host, policy, span))
 }
 
 fn forward_request(
@@ -184,7 +190,7 @@ pub async fn direct_tcpip(
         to: &to,
         channel: id.number(),
     };
-    let Some((host, _)) = admit(conn, &ask).await else {
+    let Some((host, _, span)) = admit(conn, &ask).await else {
         reply
             .reject(ChannelOpenFailure::AdministrativelyProhibited)
             .await;
@@ -200,13 +206,15 @@ pub async fn direct_tcpip(
             let (reason, error) = open_refused("the host", &e);
             let body = response_body(conn, Some(conn.stmt));
             let record = answered(body, id.number(), None, Some(error), started);
+            crate::core::trace::from_record(&span, &record);
             conn.ctx.core.audit.record(record);
             reply.reject(reason).await;
             return;
         }
     };
     reply.accept().await;
-    let rec = Recorder::of(SessionScope::of(conn), None, id, conn.stmt);
+    let stmt = Stmt { n: conn.stmt, span };
+    let rec = Recorder::of(SessionScope::of(conn), None, id, stmt);
     Pumps::new(rec, session.handle(), None).spawn(conn, id, host, started);
 }
 
@@ -221,7 +229,7 @@ pub async fn tcpip_forward(conn: &mut Conn, address: &str, port: &mut u32) -> bo
         to: &to,
         channel: 0,
     };
-    let Some((host, policy)) = admit(conn, &ask).await else {
+    let Some((host, policy, span)) = admit(conn, &ask).await else {
         return false;
     };
     let stmt = conn.stmt;
@@ -243,6 +251,7 @@ pub async fn tcpip_forward(conn: &mut Conn, address: &str, port: &mut u32) -> bo
     conn.forwards.settle(stmt, bound);
     let error = answer.err().map(|e| host_refused(&e));
     let record = answered(response_body(conn, Some(stmt)), 0, bound, error, started);
+    crate::core::trace::from_record(&span, &record);
     conn.ctx.core.audit.record(record);
     match bound {
         Some(p) => {
@@ -461,6 +470,8 @@ impl RemoteForwards {
         };
         let mut body = client.scope.body(Kind::Request);
         body.stmt = Some(forward.stmt);
+        // Each connection the forward carries is a span of the forward's request.
+        let span = client.scope.statement_span(forward.stmt);
         let started = Instant::now();
         let opened = client
             .handle
@@ -477,7 +488,9 @@ impl RemoteForwards {
                 // No channel: the record names the connection it would have carried.
                 let (reason, error) = open_refused("the client", &e);
                 body.request = Some(request(0));
-                audit.record(answered(body, 0, None, Some(error), started));
+                let record = answered(body, 0, None, Some(error), started);
+                crate::core::trace::from_record(&span, &record);
+                audit.record(record);
                 reply.reject(reason).await;
                 return;
             }
@@ -495,7 +508,11 @@ impl RemoteForwards {
         reply.accept().await;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         tokio::spawn(client_input(channel, tx));
-        let rec = Recorder::of(client.scope.clone(), None, id, forward.stmt);
+        let stmt = Stmt {
+            n: forward.stmt,
+            span,
+        };
+        let rec = Recorder::of(client.scope.clone(), None, id, stmt);
         Pumps::new(rec, client.handle.clone(), None).run(rx, host, started);
     }
 }

@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument as _;
 use vigil_proto::record::{Body, Connection, Kind, Outcome, Principal};
 
 /// The certificate extension that carries the principal (JSON of the audit record's
@@ -34,8 +35,22 @@ pub async fn run(
     preauth: OwnedSemaphorePermit,
 ) {
     let id = crate::core::new_session_id();
-    let span = tracing::info_span!("ssh_session", session = %id, client = %origin.client);
-    let _enter = span.enter();
+    let span =
+        crate::core::trace::session(super::PROTOCOL, &id, ctx.core.audit.node(), &origin.client);
+    serve(ctx, tcp, origin, preauth, id, span.clone())
+        .instrument(span)
+        .await;
+}
+
+/// [`run`] inside the session's span (`trace`).
+async fn serve(
+    ctx: Arc<SshContext>,
+    tcp: TcpStream,
+    origin: Origin,
+    preauth: OwnedSemaphorePermit,
+    id: String,
+    trace: tracing::Span,
+) {
     let auth_timeout = Duration::from_secs(ctx.config.auth_timeout_secs);
     let conn = Conn {
         ctx: ctx.clone(),
@@ -59,6 +74,7 @@ pub async fn run(
         ended_by: Arc::new(OnceLock::new()),
         ender: None,
         credential: None,
+        trace,
     };
     let authenticated = conn.authenticated.clone();
     // The identification exchange counts against the authentication time too: a client that
@@ -147,12 +163,20 @@ pub(super) struct Conn {
     /// The certificate of the login being tried (serial, key id, key), for its
     /// `session_start`: an auditor can tie the session to the certificate's issue record.
     credential: Option<String>,
+    /// The session's trace span (core/trace.rs): russh runs the handler on its own task, so
+    /// statements' spans name it as their parent explicitly.
+    pub trace: tracing::Span,
 }
 
 impl Conn {
     /// A record of this session, with its principal and connection.
     pub fn body(&self, kind: Kind) -> Body {
         SessionScope::of(self).body(kind)
+    }
+
+    /// The trace span of request `stmt` of this session.
+    pub fn statement_span(&self, stmt: u64) -> tracing::Span {
+        crate::core::trace::statement(&self.trace, super::PROTOCOL, &self.id, stmt)
     }
 
     /// Records a refused login and answers it.
@@ -289,6 +313,7 @@ impl Conn {
             );
         }
         tracing::info!(subject = %principal.subject, target = ?self.conn.name, "ssh session started");
+        crate::core::trace::authenticated(&self.trace, &principal.subject, Some(&self.target));
         self.ctx
             .core
             .metrics
