@@ -4,6 +4,6 @@
 
 pub mod asciicast;
 pub mod display;
-pub mod recording;
+pub use vigil_node::audit::recording;
 pub mod replay;
 pub mod terminal;
