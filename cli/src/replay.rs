@@ -249,6 +249,7 @@ fn request_text(q: &Request) -> String {
             }
             line
         }
+        Request::Console(q) => format!("console {} of session {}", esc(&q.action), esc(&q.session)),
     }
 }
 

@@ -304,6 +304,8 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
                 http_timeout: Duration::from_secs(config.identity.http_timeout_secs),
                 coordinator: coordination.endpoints.clone(),
                 coordinator_ca: config.coordinator.ca_file.clone(),
+                audit_dir: config.audit_dir(),
+                index_path: config.node.data_dir.join("console").join("index.redb"),
             }
             .prepare()?;
             let (listener, addr) = console::bind(section, &core).await?;

@@ -111,6 +111,17 @@ pub enum Request {
     Postgres(PgRequest),
     Ssh(SshRequest),
     Kubernetes(KubeRequest),
+    Console(ConsoleRequest),
+}
+
+/// What a person did in the web console that the audit must show: looking at a recorded
+/// session's content (its page, a download). Written before the content is sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleRequest {
+    /// `view_session` (the session's page), `download_records` (its records as JSON lines).
+    pub action: String,
+    /// The session looked at.
+    pub session: String,
 }
 
 /// What came back for one request, in its protocol's own terms (`protocol` names which).

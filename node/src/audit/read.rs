@@ -91,4 +91,3 @@ pub fn session_records(path: &Path, prefix: &str) -> std::io::Result<Vec<Record>
     })?;
     Ok(out)
 }
-

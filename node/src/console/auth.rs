@@ -44,6 +44,8 @@ pub struct LoginSession {
     connection: Arc<Connection>,
     /// The coordinator, as this person (their ID token as an operator's bearer token).
     pub coordinator: Client,
+    /// Looks at recorded sessions so far (the `stmt` of their records).
+    looks: std::sync::atomic::AtomicU64,
 }
 
 /// A login under way at the provider.
@@ -164,6 +166,45 @@ impl Console {
         rec.detail = Some(self.core.scrub(f.detail));
         if let Err(e) = self.core.audit.append(&rec).await {
             tracing::error!(error = %e, "console record could not be written");
+        }
+    }
+
+    /// Puts `person`'s look at recorded session `session` on record (`action`: what they
+    /// look at it with); the content is sent only once this is written.
+    pub(super) async fn record_look(
+        &self,
+        person: &LoginSession,
+        action: &str,
+        session: &str,
+    ) -> Result<(), Response> {
+        let mut rec = self
+            .core
+            .audit
+            .body(Some(person.id.as_str()), Kind::Request);
+        rec.principal = Some(Arc::new(person.principal.clone()));
+        rec.connection = Some(person.connection.clone());
+        rec.stmt = Some(
+            person
+                .looks
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1,
+        );
+        rec.request = Some(vigil_proto::record::Request::Console(
+            vigil_proto::record::ConsoleRequest {
+                action: action.into(),
+                session: session.into(),
+            },
+        ));
+        rec.outcome = Some(Outcome::Success);
+        match self.core.audit.append(&rec).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "console record could not be written");
+                Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this look at the session cannot be put on record, so it is not shown",
+                ))
+            }
         }
     }
 
@@ -355,6 +396,7 @@ pub async fn callback(
                     csrf: random_token(),
                     expires,
                     connection: connection(origin),
+                    looks: Default::default(),
                     coordinator,
                 }),
             );

@@ -15,6 +15,8 @@
 mod assets;
 mod auth;
 mod inbox;
+pub mod index;
+mod sessions;
 
 use crate::api::TlsListener;
 use crate::config::{IdentityConfig, TokenType};
@@ -121,6 +123,8 @@ struct Console {
     /// To the provider (discovery, token endpoint).
     http: reqwest::Client,
     sessions: auth::Sessions,
+    /// The recorded sessions, for the auditors' pages.
+    index: Arc<index::Index>,
 }
 
 /// Binds the console's listener; serve it with [`serve`].
@@ -145,6 +149,9 @@ pub struct Setup {
     pub http_timeout: std::time::Duration,
     pub coordinator: Vec<String>,
     pub coordinator_ca: Option<PathBuf>,
+    /// The local audit log the session index follows, and where the index is kept.
+    pub audit_dir: PathBuf,
+    pub index_path: PathBuf,
 }
 
 impl Setup {
@@ -165,7 +172,12 @@ impl Setup {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("console HTTP client")?;
+        let index = Arc::new(
+            index::Index::open(&self.index_path, &self.audit_dir)
+                .with_context(|| format!("console index {}", self.index_path.display()))?,
+        );
         Ok(move |core: Arc<Core>| {
+            tokio::spawn(sessions::follow(index.clone(), core.clone()));
             router(Arc::new(Console {
                 core,
                 config: self.config,
@@ -175,6 +187,7 @@ impl Setup {
                 coordinator_tls,
                 http,
                 sessions: auth::Sessions::default(),
+                index,
             }))
         })
     }
@@ -190,6 +203,13 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
         .route("/api/approvals/{id}/decision", post(inbox::decide))
+        .route("/api/sessions", get(sessions::list))
+        .route("/api/sessions/{id}", get(sessions::show))
+        .route("/api/sessions/{id}/records.jsonl", get(sessions::download))
+        .route(
+            "/api/sessions/{id}/verification",
+            get(sessions::verification),
+        )
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }

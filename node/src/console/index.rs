@@ -1,0 +1,621 @@
+//! The auditor's index of sessions: every session of the node's local audit log, summarised
+//! for the session list and its search, with the records of each session for its page.
+//!
+//! A redb file under the data directory (`console/index.redb`). The index follows the log: it
+//! reads each stream file from where it stopped (the offset of the last whole line it took,
+//! kept in the same transaction as what that line added), so it survives restarts and catches
+//! up with what was written while it was down, and never takes a line twice or half a line.
+//!
+//! The index is a reader's copy, never evidence: a session page's verification badge is
+//! computed from the log itself ([`crate::audit::read::verify_path`]), so altering the log after
+//! it was indexed shows as a broken chain.
+
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase as _, ReadableTable as _,
+    ReadableTableMetadata as _, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use vigil_proto::record::{Kind, Outcome, Record, Request};
+
+/// session → [`Summary`] (JSON).
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// (start in ms since the epoch, session): the list, newest first.
+const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("by_time");
+/// A word of a session's statements, commands or requests (lowercase) → the sessions.
+const WORDS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("words");
+/// (session, n): the session's records in log order, as written.
+const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
+/// Stream file name → bytes of it taken (up to the end of its last whole line).
+const CURSOR: TableDefinition<&str, u64> = TableDefinition::new("cursor");
+
+/// Lines taken per transaction at most.
+const BATCH_LINES: usize = 20_000;
+/// Longest word indexed; longer runs of letters are cut here.
+const MAX_WORD: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("the console's session index: {0}")]
+    Db(String),
+    #[error("reading the audit log: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+macro_rules! db_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for IndexError {
+            fn from(e: $t) -> Self {
+                IndexError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// One session as the list shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Summary {
+    pub session: String,
+    pub node: String,
+    pub stream: String,
+    pub protocol: String,
+    pub subject: Option<String>,
+    pub client_id: Option<String>,
+    pub model: Option<String>,
+    pub intent: Option<String>,
+    /// The connection's name (PostgreSQL), host (SSH) or cluster (Kubernetes).
+    pub target: Option<String>,
+    pub client_addr: Option<String>,
+    /// The time of its first record, as written, and in ms since the epoch.
+    pub started: String,
+    pub started_ms: u64,
+    pub ended: Option<String>,
+    /// The outcome of its `session_start` (`denied`: a refused login).
+    pub outcome: Option<Outcome>,
+    /// Requests (statements, commands, API requests) answered or refused.
+    pub statements: u64,
+    pub blocked: u64,
+    pub held: u64,
+    pub errors: u64,
+    pub records: u64,
+    /// The seq of its first and last record in `stream`.
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+impl Summary {
+    fn outcomes(&self) -> impl Iterator<Item = Outcome> + '_ {
+        let answered = [
+            (self.blocked > 0).then_some(Outcome::Blocked),
+            (self.errors > 0).then_some(Outcome::Error),
+            (self.held > 0).then_some(Outcome::Pending),
+        ];
+        self.outcome
+            .into_iter()
+            .chain(answered.into_iter().flatten())
+    }
+}
+
+/// What to look for; every field given must match.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Query {
+    /// In the subject or the client id (case-insensitive).
+    pub principal: Option<String>,
+    /// The client id, exactly.
+    pub client: Option<String>,
+    /// In the model name (case-insensitive).
+    pub model: Option<String>,
+    pub protocol: Option<String>,
+    /// The target, exactly.
+    pub target: Option<String>,
+    /// The session's login outcome, or that of any of its requests (`blocked`, `error`;
+    /// `pending` for a held one).
+    pub outcome: Option<Outcome>,
+    /// Started at or after / before, ms since the epoch.
+    pub from_ms: Option<u64>,
+    pub to_ms: Option<u64>,
+    /// Words of its statements, commands or requests: every word must begin a word there.
+    pub text: Option<String>,
+    /// Sessions started before this one (the next page): its `started_ms` and id.
+    pub before_ms: Option<u64>,
+    pub before: Option<String>,
+    /// At most this many (default 50, at most 500).
+    pub limit: Option<usize>,
+}
+
+/// A filter's value, unless absent or empty.
+fn given(f: &Option<String>) -> Option<&str> {
+    f.as_deref().filter(|v| !v.is_empty())
+}
+
+fn contains(haystack: Option<&str>, needle: &str) -> bool {
+    haystack.is_some_and(|h| h.to_lowercase().contains(&needle.to_lowercase()))
+}
+
+impl Query {
+    fn matches(&self, s: &Summary) -> bool {
+        if let Some(p) = given(&self.principal) {
+            if !contains(s.subject.as_deref(), p) && !contains(s.client_id.as_deref(), p) {
+                return false;
+            }
+        }
+        if given(&self.client).is_some_and(|c| s.client_id.as_deref() != Some(c))
+            || given(&self.model).is_some_and(|m| !contains(s.model.as_deref(), m))
+            || given(&self.protocol).is_some_and(|p| s.protocol != p)
+            || given(&self.target).is_some_and(|t| s.target.as_deref() != Some(t))
+            || self.outcome.is_some_and(|o| !s.outcomes().any(|x| x == o))
+            || self.from_ms.is_some_and(|f| s.started_ms < f)
+            || self.to_ms.is_some_and(|t| s.started_ms >= t)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// The words of `text` as indexed: runs of letters, digits and `_`, lowercased, of two
+/// characters or more, cut at [`MAX_WORD`].
+pub fn words(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| w.chars().count() >= 2)
+        .map(|w| w.chars().take(MAX_WORD).collect::<String>().to_lowercase())
+        .collect()
+}
+
+/// The searchable text of a record: its statement, command line or API request.
+fn text_of(record: &Record) -> Option<String> {
+    match record.body.request.as_ref()? {
+        Request::Postgres(r) => Some(r.text.clone()),
+        Request::Ssh(r) => {
+            let parts = [&r.command, &r.path, &r.to_path, &r.forward];
+            let mut text = r.request_type.clone();
+            for p in parts.into_iter().flatten() {
+                text.push(' ');
+                text.push_str(p);
+            }
+            Some(text)
+        }
+        Request::Kubernetes(r) => {
+            let mut text = format!("{} {}", r.verb, r.path);
+            for p in [&r.namespace, &r.name].into_iter().flatten() {
+                text.push(' ');
+                text.push_str(p);
+            }
+            for c in &r.command {
+                text.push(' ');
+                text.push_str(c);
+            }
+            Some(text)
+        }
+        Request::Console(_) => None,
+    }
+}
+
+/// Milliseconds since the epoch of a record's RFC 3339 time (0 when it does not parse).
+pub fn time_ms(time: &str) -> u64 {
+    time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+        .unwrap_or(0)
+}
+
+/// A session's summary and its records as written, in log order.
+pub type Session = (Summary, Vec<Vec<u8>>);
+
+pub struct Index {
+    db: Database,
+    log_dir: PathBuf,
+}
+
+/// What one catch-up took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Index {
+    /// Opens (or creates) the index at `path`, following the log in `log_dir`.
+    pub fn open(path: &Path, log_dir: &Path) -> Result<Self, IndexError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let db = Database::create(path)?;
+        let w = db.begin_write()?;
+        w.open_table(SESSIONS)?;
+        w.open_table(BY_TIME)?;
+        w.open_multimap_table(WORDS)?;
+        w.open_table(RECORDS)?;
+        w.open_table(CURSOR)?;
+        w.commit()?;
+        Ok(Self {
+            db,
+            log_dir: log_dir.to_path_buf(),
+        })
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    /// Takes every whole line written to the log since the last call (or since the index was
+    /// made). Blocking: run it on a blocking thread.
+    pub fn catch_up(&self) -> Result<Taken, IndexError> {
+        let mut taken = Taken::default();
+        for file in crate::audit::log_files(&self.log_dir)? {
+            let Some(name) = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            loop {
+                let done = {
+                    let r = self.db.begin_read()?;
+                    let cursor = r.open_table(CURSOR)?;
+                    cursor.get(name.as_str())?.map_or(0, |v| v.value())
+                };
+                let (lines, consumed) = read_lines(&file, done, BATCH_LINES)?;
+                if consumed == 0 {
+                    break;
+                }
+                taken.records += self.take(&name, done + consumed, &lines)?;
+                taken.bytes += consumed;
+                if lines.len() < BATCH_LINES {
+                    break;
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Adds `lines` and moves the file's cursor to `offset`, in one transaction.
+    fn take(&self, file: &str, offset: u64, lines: &[Vec<u8>]) -> Result<u64, IndexError> {
+        let w = self.db.begin_write()?;
+        let mut n = 0;
+        {
+            let mut sessions = w.open_table(SESSIONS)?;
+            let mut by_time = w.open_table(BY_TIME)?;
+            let mut words_table = w.open_multimap_table(WORDS)?;
+            let mut records = w.open_table(RECORDS)?;
+            let mut changed: HashMap<String, Summary> = HashMap::new();
+            for line in lines {
+                // A line that is not a record (torn, malformed) is the verifier's to report.
+                let Ok(record) = Record::parse(line) else {
+                    continue;
+                };
+                let Some(id) = record.body.session.clone() else {
+                    continue;
+                };
+                let summary = match changed.entry(id.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let known = sessions
+                            .get(id.as_str())?
+                            .and_then(|v| serde_json::from_slice::<Summary>(v.value()).ok());
+                        let s = match known {
+                            Some(s) => s,
+                            None => {
+                                let started_ms = time_ms(&record.body.time);
+                                by_time.insert((started_ms, id.as_str()), ())?;
+                                Summary {
+                                    session: id.clone(),
+                                    node: record.body.node.clone(),
+                                    stream: record.stream.clone(),
+                                    started: record.body.time.clone(),
+                                    started_ms,
+                                    first_seq: record.seq,
+                                    ..Summary::default()
+                                }
+                            }
+                        };
+                        e.insert(s)
+                    }
+                };
+                records.insert((id.as_str(), summary.records), line.as_slice())?;
+                add(summary, &record);
+                if let Some(text) = text_of(&record) {
+                    for word in words(&text) {
+                        words_table.insert(word.as_str(), id.as_str())?;
+                    }
+                }
+                n += 1;
+            }
+            for (id, s) in &changed {
+                let bytes = serde_json::to_vec(s).expect("a summary serialises");
+                sessions.insert(id.as_str(), bytes.as_slice())?;
+            }
+            w.open_table(CURSOR)?.insert(file, offset)?;
+        }
+        w.commit()?;
+        Ok(n)
+    }
+
+    /// The sessions that match `q`, newest first.
+    pub fn search(&self, q: &Query) -> Result<Vec<Summary>, IndexError> {
+        let limit = q.limit.unwrap_or(50).clamp(1, 500);
+        let r = self.db.begin_read()?;
+        let sessions = r.open_table(SESSIONS)?;
+        let before = q
+            .before_ms
+            .map(|ms| (ms, q.before.clone().unwrap_or_default()));
+        let older = |s: &Summary| {
+            before
+                .as_ref()
+                .is_none_or(|(ms, id)| (s.started_ms, s.session.as_str()) < (*ms, id.as_str()))
+        };
+        let text = q.text.as_deref().map(words).unwrap_or_default();
+        if !text.is_empty() {
+            // The sessions that have a word beginning with each word asked for.
+            let index = r.open_multimap_table(WORDS)?;
+            let mut candidates: Option<BTreeSet<String>> = None;
+            for word in &text {
+                let mut found = BTreeSet::new();
+                for entry in index.range(word.as_str()..)? {
+                    let (w, ids) = entry?;
+                    if !w.value().starts_with(word.as_str()) {
+                        break;
+                    }
+                    for id in ids {
+                        let id = id?;
+                        let id = id.value();
+                        if candidates.as_ref().is_none_or(|c| c.contains(id)) {
+                            found.insert(id.to_string());
+                        }
+                    }
+                }
+                candidates = Some(found);
+            }
+            let mut out = Vec::new();
+            for id in candidates.unwrap_or_default() {
+                if let Some(s) = summary(&sessions, &id)? {
+                    if q.matches(&s) && older(&s) {
+                        out.push(s);
+                    }
+                }
+            }
+            out.sort_by(|a, b| (b.started_ms, &b.session).cmp(&(a.started_ms, &a.session)));
+            out.truncate(limit);
+            return Ok(out);
+        }
+        let by_time = r.open_table(BY_TIME)?;
+        let upper = before.as_ref().map_or(u64::MAX, |(ms, _)| *ms);
+        let lower = q.from_ms.unwrap_or(0);
+        let mut out = Vec::new();
+        for entry in by_time.range((lower, "")..=(upper, "\u{10FFFF}"))?.rev() {
+            let (key, _) = entry?;
+            let (_, id) = key.value();
+            if let Some(s) = summary(&sessions, id)? {
+                if q.matches(&s) && older(&s) {
+                    out.push(s);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One session: its summary and its records as written, in log order.
+    pub fn session(&self, id: &str) -> Result<Option<Session>, IndexError> {
+        let r = self.db.begin_read()?;
+        let Some(s) = summary(&r.open_table(SESSIONS)?, id)? else {
+            return Ok(None);
+        };
+        let records = r.open_table(RECORDS)?;
+        let mut out = Vec::with_capacity(s.records as usize);
+        for entry in records.range((id, 0)..(id, u64::MAX))? {
+            let (_, v) = entry?;
+            out.push(v.value().to_vec());
+        }
+        Ok(Some((s, out)))
+    }
+
+    /// How many sessions the index holds.
+    pub fn sessions(&self) -> Result<u64, IndexError> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(SESSIONS)?.len()?)
+    }
+}
+
+fn summary(
+    sessions: &impl redb::ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<Summary>, IndexError> {
+    Ok(sessions
+        .get(id)?
+        .and_then(|v| serde_json::from_slice(v.value()).ok()))
+}
+
+/// What one record adds to its session's summary.
+fn add(s: &mut Summary, record: &Record) {
+    let b = &record.body;
+    s.records += 1;
+    s.last_seq = record.seq;
+    if let Some(p) = &b.principal {
+        s.subject.get_or_insert_with(|| p.subject.clone());
+        if s.client_id.is_none() {
+            s.client_id = p.client_id.clone();
+        }
+        if s.model.is_none() {
+            s.model = p.model.clone();
+        }
+        if p.intent.is_some() {
+            s.intent = p.intent.clone();
+        }
+    }
+    if let Some(c) = &b.connection {
+        if s.protocol.is_empty() {
+            s.protocol = c.protocol.clone();
+        }
+        if s.target.is_none() {
+            s.target = c.name.clone();
+        }
+        s.client_addr.get_or_insert_with(|| c.client_addr.clone());
+    }
+    match b.kind {
+        Kind::SessionStart => s.outcome = b.outcome.or(s.outcome),
+        Kind::SessionEnd => s.ended = Some(b.time.clone()),
+        Kind::Response => {
+            s.statements += 1;
+            if b.outcome == Some(Outcome::Error) {
+                s.errors += 1;
+            }
+        }
+        Kind::Blocked => {
+            s.statements += 1;
+            s.blocked += 1;
+        }
+        Kind::ApprovalRequested => s.held += 1,
+        _ => {}
+    }
+}
+
+/// The whole lines of `file` from byte `from`, at most `max` of them (without their
+/// newlines), and how many bytes they took.
+fn read_lines(file: &Path, from: u64, max: usize) -> std::io::Result<(Vec<Vec<u8>>, u64)> {
+    let mut f = std::fs::File::open(file)?;
+    let len = f.metadata()?.len();
+    if len <= from {
+        return Ok((Vec::new(), 0));
+    }
+    f.seek(SeekFrom::Start(from))?;
+    // At most 64 MiB per call: a batch ends at a line boundary within it.
+    let mut buf = Vec::new();
+    f.take((len - from).min(64 << 20)).read_to_end(&mut buf)?;
+    let mut lines = Vec::new();
+    let mut consumed = 0usize;
+    while lines.len() < max {
+        let Some(nl) = buf[consumed..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        lines.push(buf[consumed..consumed + nl].to_vec());
+        consumed += nl + 1;
+    }
+    Ok((lines, consumed as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(stream: &str, seq: u64, session: &str, kind: &str, extra: &str) -> String {
+        format!(
+            r#"{{"v":1,"stream":"{stream}","seq":{seq},"prev":"x","time":"2026-12-03T10:00:{:02}.000000000Z","node":"n1","session":"{session}","kind":"{kind}","principal":{{"subject":"alice","client_id":"agent-ops","model":"gpt-5","groups":[],"issuer":"i","token_type":"access_token"}},"connection":{{"protocol":"postgres","client_addr":"127.0.0.1:1","client_tls":true,"name":"app"}}{extra}}}"#,
+            seq % 60
+        )
+    }
+
+    fn statement(stream: &str, seq: u64, session: &str, text: &str) -> String {
+        record(
+            stream,
+            seq,
+            session,
+            "request",
+            &format!(
+                r#","stmt":1,"request":{{"protocol":"postgres","mode":"simple","text":"{text}"}}"#
+            ),
+        )
+    }
+
+    fn by_text(index: &Index, text: &str) -> Vec<String> {
+        let q = Query {
+            text: Some(text.into()),
+            ..Query::default()
+        };
+        let found = index.search(&q).unwrap();
+        found.into_iter().map(|s| s.session).collect()
+    }
+
+    #[test]
+    fn sessions_are_indexed_once_searched_and_caught_up_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::create_dir_all(&log).unwrap();
+        let file = log.join("n1-1.jsonl");
+        let mut text = String::new();
+        text += &record("n1:1", 1, "s-a", "session_start", r#","outcome":"success""#);
+        text += "\n";
+        text += &statement("n1:1", 2, "s-a", "SELECT * FROM orders_2026");
+        text += "\n";
+        // A torn last line: not taken until it is whole.
+        let torn = record("n1:1", 3, "s-b", "session_start", r#","outcome":"denied""#);
+        text += &torn[..40];
+        std::fs::write(&file, &text).unwrap();
+        let path = dir.path().join("index.redb");
+        let index = Index::open(&path, &log).unwrap();
+        assert_eq!(index.catch_up().unwrap().records, 2);
+        assert_eq!(index.catch_up().unwrap(), Taken::default());
+        let (s, records) = index.session("s-a").unwrap().unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            (s.subject.as_deref(), s.target.as_deref()),
+            (Some("alice"), Some("app"))
+        );
+        assert_eq!(s.outcome, Some(Outcome::Success));
+        assert_eq!(by_text(&index, "orders"), ["s-a"]);
+        assert_eq!(by_text(&index, "ORDERS_2026 select"), ["s-a"]);
+        assert!(by_text(&index, "customers").is_empty());
+        drop(index);
+
+        // The rest of the line, and more, written while the index was closed.
+        let mut rest = torn[40..].to_string();
+        rest += "\n";
+        rest += &statement("n1:1", 4, "s-a", "DELETE FROM customers");
+        rest += "\n";
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, rest.as_bytes()).unwrap();
+        let index = Index::open(&path, &log).unwrap();
+        assert_eq!(index.catch_up().unwrap().records, 2);
+        assert_eq!(index.sessions().unwrap(), 2);
+        assert_eq!(by_text(&index, "customers"), ["s-a"]);
+        let denied = index
+            .search(&Query {
+                outcome: Some(Outcome::Denied),
+                ..Query::default()
+            })
+            .unwrap();
+        assert_eq!(denied.len(), 1);
+        assert_eq!(denied[0].session, "s-b");
+        let all = index.search(&Query::default()).unwrap();
+        assert_eq!(all.len(), 2);
+        let page = index
+            .search(&Query {
+                before_ms: Some(all[0].started_ms),
+                before: Some(all[0].session.clone()),
+                ..Query::default()
+            })
+            .unwrap();
+        assert_eq!(page, all[1..]);
+        let by_principal = index
+            .search(&Query {
+                principal: Some("ALI".into()),
+                protocol: Some("postgres".into()),
+                ..Query::default()
+            })
+            .unwrap();
+        assert_eq!(by_principal.len(), 2);
+        assert_eq!(index.session("s-a").unwrap().unwrap().1.len(), 3);
+    }
+
+    #[test]
+    fn words_are_what_a_search_can_find() {
+        let w = words("SELECT o.id, \"Total\" FROM public.orders WHERE x='a'");
+        assert!(w.contains("select") && w.contains("orders") && w.contains("total"));
+        assert!(!w.contains("a") && !w.contains("x"));
+    }
+}
