@@ -3,6 +3,9 @@
 //! inbox without a reload, shown as text; she approves it with a comment and the agent's
 //! statement completes. And what the console must refuse: anything without a login, a
 //! decision by someone the coordinator does not let decide, a change without the CSRF token.
+//! An auditor (dave) finds the agent's session by a word of its statement, opens it, reads the
+//! statement and its rows (markup shown as text) and a verified badge; altering one byte of the
+//! log turns the badge into a failure naming where the chain breaks. Every look is on record.
 //!
 //! Screenshots: `<target dir>/test-artefacts/console/<test>/*.png` (or under
 //! `$VIGIL_TEST_ARTEFACTS`).
@@ -46,7 +49,8 @@ async fn setup() -> Setup {
         extra: POLICY,
         protocols: Some(format!(
             "[console]\nlisten = \"127.0.0.1:0\"\nclient_id = \"vigil-console\"\n\
-             client_secret = {{ file = \"{}\" }}\nadmin_group = \"vigil-admins\"\n",
+             client_secret = {{ file = \"{}\" }}\nadmin_group = \"vigil-admins\"\n\
+             auditor_group = \"auditors\"\n",
             secret.display()
         )),
         ..NodeOptions::default()
@@ -493,4 +497,250 @@ async fn t20_refusals_without_login_permission_or_csrf() {
                 .is_some_and(|c| c.protocol == "console")),
         "the refused callback is on record"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t30_auditor_finds_opens_and_verifies_a_session() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = setup().await;
+    let shots = artefact_dir("console/t30");
+    let console = &s.console;
+    let run = random_suffix();
+    let marker = format!("marker_{run}");
+    let su = direct_superuser(&s.node.files.db).await;
+    su.batch_execute(
+        "INSERT INTO notes VALUES (2, 7, '<img src=x onerror=alert(2)><b id=\"rowinjected\">x</b>')",
+    )
+    .await
+    .unwrap();
+
+    // The agent's session: a query whose rows hold markup.
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let (client, task) = s.node.client(&token).await.unwrap();
+    let statement = format!("SELECT id, note FROM notes WHERE note <> '{marker}' ORDER BY id");
+    let rows = client.simple_query(&statement).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count(),
+        2
+    );
+    drop(client);
+    let _ = task.await;
+    let records = s.node.records().await;
+    let session = records
+        .iter()
+        .find(|r| {
+            r.body
+                .request
+                .as_ref()
+                .and_then(|q| q.postgres())
+                .is_some_and(|q| q.text.contains(&marker))
+        })
+        .and_then(|r| r.body.session.clone())
+        .expect("the statement is on record");
+
+    // Nothing of it without a login, nor for someone outside the auditor group.
+    let http = http();
+    for path in [
+        "/api/sessions".to_string(),
+        format!("/api/sessions/{session}"),
+        format!("/api/sessions/{session}/records.jsonl"),
+        format!("/api/sessions/{session}/verification"),
+    ] {
+        let res = http.get(format!("{console}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{path}");
+    }
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    log_in(&alice, console, "alice", &shots).await;
+    let (cookie, _) = credentials(&alice, console).await;
+    for path in [
+        "/api/sessions".to_string(),
+        format!("/api/sessions/{session}"),
+    ] {
+        let res = http
+            .get(format!("{console}{path}"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403, "{path}: alice is no auditor");
+    }
+    let hidden = alice
+        .execute(
+            "return document.getElementById('nav-sessions').hidden;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(hidden, json!(true), "no Sessions link for alice");
+    alice.close().await;
+
+    // dave searches by a word of the statement, and opens the session.
+    let dave = driver.browser().await;
+    log_in(&dave, console, "dave", &shots).await;
+    let nav = dave
+        .wait_for("#nav-sessions:not([hidden])", Duration::from_secs(10))
+        .await;
+    dave.click(&nav).await;
+    let text = dave.wait_for("#q-text", Duration::from_secs(10)).await;
+    dave.type_into(&text, &marker).await;
+    let go = dave.wait_for("#search-go", Duration::from_secs(5)).await;
+    // The index follows the log every 500 ms: search until the session is in.
+    let link = format!("#sessions a[href='#session/{session}']");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        dave.click(&go).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let found = dave
+            .execute(
+                "return document.querySelectorAll('#sessions tbody tr').length;",
+                json!([]),
+            )
+            .await;
+        if found == json!(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the search never found the session: {found}"
+        );
+    }
+    dave.wait_for(&link, Duration::from_secs(5)).await;
+    let row = dave
+        .execute(
+            "return Array.from(document.querySelectorAll('#sessions tbody td')).map((td) => td.textContent);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(row[1], json!("agent-ops"), "{row}");
+    assert_eq!(row[3], json!("postgres"), "{row}");
+    assert_eq!(row[4], json!("app"), "{row}");
+    dave.screenshot(&shots.join("06-sessions-found.png")).await;
+    let open = dave.wait_for(&link, Duration::from_secs(5)).await;
+    dave.click(&open).await;
+    dave.wait_for("#badge.verified", Duration::from_secs(15))
+        .await;
+    dave.wait_for("#timeline table.rows", Duration::from_secs(10))
+        .await;
+    let page = dave
+        .execute(
+            "return { statements: Array.from(document.querySelectorAll('#timeline pre.statement')).map((p) => p.textContent),\
+                      cells: Array.from(document.querySelectorAll('#timeline table.rows td')).map((td) => td.textContent),\
+                      injected: document.querySelectorAll('#rowinjected, #timeline img').length,\
+                      badge: document.getElementById('badge').textContent };",
+            json!([]),
+        )
+        .await;
+    assert!(
+        page["statements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == &json!(statement)),
+        "{page}"
+    );
+    assert!(
+        page["cells"].as_array().unwrap().contains(&json!(
+            "<img src=x onerror=alert(2)><b id=\"rowinjected\">x</b>"
+        )),
+        "{page}"
+    );
+    assert_eq!(
+        page["injected"],
+        json!(0),
+        "markup in a row became elements"
+    );
+    let badge = page["badge"].as_str().unwrap();
+    assert!(
+        badge.starts_with("Verified: every record of stream"),
+        "{badge}"
+    );
+    dave.screenshot(&shots.join("07-session-verified.png"))
+        .await;
+
+    // The download is the session's records, as written.
+    let (dave_cookie, _) = credentials(&dave, console).await;
+    let res = http
+        .get(format!("{console}/api/sessions/{session}/records.jsonl"))
+        .header("cookie", &dave_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let lines = res.text().await.unwrap();
+    let downloaded: Vec<_> = lines
+        .lines()
+        .map(|l| vigil_proto::record::Record::parse(l.as_bytes()).unwrap())
+        .collect();
+    let of_session: Vec<_> = s
+        .node
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.body.session.as_deref() == Some(session.as_str()))
+        .collect();
+    assert_eq!(downloaded, of_session);
+
+    // One byte of the statement's request record altered in the log: the badge says where the
+    // chain breaks.
+    let file = std::fs::read_dir(&s.node.files.audit_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".jsonl"))
+        .unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+        .expect("the marker is in the log");
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.seek(std::io::SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(b"M").unwrap();
+    }
+    let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+    dave.execute("window.location.reload();", json!([])).await;
+    dave.wait_for("#badge.broken", Duration::from_secs(15))
+        .await;
+    let broken = dave
+        .execute(
+            "return document.getElementById('badge').textContent;",
+            json!([]),
+        )
+        .await;
+    let name = file.file_name().unwrap().to_string_lossy().to_string();
+    let broken = broken.as_str().unwrap();
+    assert!(
+        broken.starts_with(&format!("Chain broken at {name}:{}", line + 1)),
+        "the record after the altered one no longer chains to it: {broken} (altered line {line})"
+    );
+    dave.screenshot(&shots.join("08-session-broken.png")).await;
+    dave.close().await;
+
+    // Every look is on record, as dave's, before it was shown.
+    let looks: Vec<_> = s
+        .node
+        .records()
+        .await
+        .into_iter()
+        .filter_map(|r| match r.body.request {
+            Some(vigil_proto::record::Request::Console(q)) => Some((
+                r.body.principal.as_ref().unwrap().subject.clone(),
+                q.action,
+                q.session,
+            )),
+            _ => None,
+        })
+        .collect();
+    let dave_looks = |action: &str| {
+        looks
+            .iter()
+            .filter(|(who, a, id)| who == "dave" && a == action && *id == session)
+            .count()
+    };
+    assert_eq!(dave_looks("view_session"), 2, "{looks:?}");
+    assert_eq!(dave_looks("download_records"), 1, "{looks:?}");
+    assert!(looks.iter().all(|(who, ..)| who == "dave"), "{looks:?}");
 }

@@ -107,6 +107,7 @@ const peopleGroups = {
   alice: ['dba', 'approvers'],
   bob: ['analysts'],
   carol: ['vigil-admins'],
+  dave: ['auditors'],
 };
 
 const clients = [

@@ -1,5 +1,6 @@
-// The approvers' inbox. Everything from the server is put into the page with textContent,
-// never as markup: a statement containing HTML shows as text.
+// The console: the approvers' inbox and the auditors' sessions. Everything from the server is
+// put into the page with textContent, never as markup: a statement containing HTML shows as
+// text.
 'use strict';
 
 let csrf = '';
@@ -117,6 +118,214 @@ async function logout() {
   document.body.appendChild(again);
 }
 
+// ---- The auditors' pages ----
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function utc(time) {
+  return (time || '').replace('T', ' ').replace(/\.\d+Z$/, '').replace(/Z$/, '');
+}
+
+let older = null;
+
+function searchParams() {
+  const form = $('search');
+  const params = new URLSearchParams();
+  for (const [k, v] of new FormData(form)) {
+    if (v === '') continue;
+    if (k === 'from' || k === 'to') {
+      params.set(k + '_ms', String(Date.parse(v + 'Z')));
+    } else {
+      params.set(k, v);
+    }
+  }
+  return params;
+}
+
+async function search(more) {
+  const params = searchParams();
+  if (more && older) {
+    params.set('before_ms', String(older.started_ms));
+    params.set('before', older.session);
+  }
+  $('found').textContent = 'Searching…';
+  const res = await fetch('/api/sessions?' + params.toString(), { credentials: 'same-origin' });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) { $('found').textContent = 'Refused: ' + (body.error || res.status); return; }
+  const tbody = $('sessions').querySelector('tbody');
+  if (!more) tbody.textContent = '';
+  for (const s of body.sessions) {
+    const tr = document.createElement('tr');
+    const cells = [
+      utc(s.started),
+      s.subject || '(not logged in)',
+      [s.client_id, s.model].filter(Boolean).join(', ') || '—',
+      s.protocol,
+      s.target || '—',
+      s.statements,
+      s.blocked,
+      s.held,
+      s.outcome || '—',
+    ];
+    for (const c of cells) tr.appendChild(el('td', c));
+    const open = el('a', s.session);
+    open.href = '#session/' + encodeURIComponent(s.session);
+    open.setAttribute('aria-label', 'Open session ' + s.session);
+    const td = el('td');
+    td.appendChild(open);
+    tr.appendChild(td);
+    tbody.appendChild(tr);
+  }
+  const shown = tbody.children.length;
+  older = body.sessions.length ? body.sessions[body.sessions.length - 1] : null;
+  $('older').hidden = body.sessions.length < 50;
+  $('found').textContent = shown + ' session' + (shown === 1 ? '' : 's') + ' shown (' + Math.round(body.took_ms) + ' ms)';
+}
+
+// What a record's request says, on one line.
+function requestText(q) {
+  if (!q) return '';
+  switch (q.protocol) {
+    case 'postgres': return q.text;
+    case 'ssh': return q.request_type + (q.command ? ': ' + q.command : '') + (q.path ? ' ' + q.path : '') + (q.forward ? ' ' + q.forward : '');
+    case 'kubernetes': return q.method + ' ' + q.path + (q.command && q.command.length ? ' — ' + q.command.join(' ') : '');
+    case 'console': return q.action + ' of session ' + q.session;
+    default: return JSON.stringify(q);
+  }
+}
+
+function rowsTable(r) {
+  const wrap = el('div', null, 'scroll');
+  const table = el('table', null, 'rows');
+  const head = document.createElement('tr');
+  for (const c of r.columns) { const th = el('th', c); th.scope = 'col'; head.appendChild(th); }
+  const thead = document.createElement('thead');
+  thead.appendChild(head);
+  table.appendChild(thead);
+  const tbody = document.createElement('tbody');
+  for (const row of r.result) {
+    const tr = document.createElement('tr');
+    for (const v of row) tr.appendChild(el('td', v === null ? 'NULL' : v, v === null ? 'null' : ''));
+    tbody.appendChild(tr);
+  }
+  table.appendChild(tbody);
+  wrap.appendChild(table);
+  return wrap;
+}
+
+function timelineItem(rec) {
+  const li = el('li', null, 'rec ' + rec.kind);
+  const head = el('p', null, 'rec-head');
+  head.appendChild(el('span', utc(rec.time), 'time'));
+  head.appendChild(el('span', rec.kind.replace('_', ' '), 'kind'));
+  if (rec.stmt !== undefined) head.appendChild(el('span', '#' + rec.stmt, 'stmt'));
+  if (rec.outcome) head.appendChild(el('span', rec.outcome, 'outcome ' + rec.outcome));
+  li.appendChild(head);
+  const text = requestText(rec.request);
+  if (text) li.appendChild(el('pre', text, 'statement'));
+  if (rec.policy && rec.kind !== 'response') li.appendChild(el('p', 'rule ' + rec.policy.rule + ' (policy ' + rec.policy.version + ')', 'rule'));
+  if (rec.approval) li.appendChild(el('p', 'approval ' + rec.approval.id + (rec.approval.state ? ': ' + rec.approval.state : ''), 'approval'));
+  const r = rec.response;
+  if (r) {
+    if (r.protocol === 'postgres') {
+      li.appendChild(el('p', (r.tags || []).join(', ') + ' — ' + r.rows + ' row' + (r.rows === 1 ? '' : 's') + (r.truncated ? ' (first ones recorded)' : '')));
+      if (r.columns && r.columns.length && r.result) li.appendChild(rowsTable(r));
+      if (r.error) li.appendChild(el('p', r.error.code + ': ' + r.error.message, 'error'));
+    } else if (r.protocol === 'ssh') {
+      li.appendChild(el('p', (r.exit_status !== undefined ? 'exit ' + r.exit_status : 'no exit status') + ', ' + r.bytes_in + ' bytes in, ' + r.bytes_out + ' out'));
+      if (r.error) li.appendChild(el('p', r.error.message, 'error'));
+    } else if (r.protocol === 'kubernetes') {
+      li.appendChild(el('p', 'HTTP ' + r.status + ', ' + r.bytes + ' bytes'));
+      if (r.error) li.appendChild(el('p', r.error.reason + ': ' + r.error.message, 'error'));
+      if (r.body) li.appendChild(el('pre', r.body, 'body'));
+    }
+  }
+  if (rec.detail) li.appendChild(el('p', rec.detail, 'detail'));
+  return li;
+}
+
+function summaryList(s) {
+  const dl = $('s-summary');
+  dl.textContent = '';
+  const rows = [
+    ['Principal', s.subject || '(not logged in)'],
+    ['Client', s.client_id || '—'],
+    ['Model', s.model || '—'],
+    ['Declared intent', s.intent || '—'],
+    ['Protocol', s.protocol],
+    ['Target', s.target || '—'],
+    ['From', s.client_addr || '—'],
+    ['Node', s.node],
+    ['Started (UTC)', utc(s.started)],
+    ['Ended (UTC)', s.ended ? utc(s.ended) : 'not ended (yet)'],
+    ['Requests', s.statements + ' (' + s.blocked + ' blocked, ' + s.held + ' held, ' + s.errors + ' failed)'],
+  ];
+  for (const [k, v] of rows) { dl.appendChild(el('dt', k)); dl.appendChild(el('dd', v)); }
+}
+
+async function showBadge(id) {
+  const badge = $('badge');
+  badge.className = 'badge';
+  badge.textContent = 'Verifying…';
+  const res = await fetch('/api/sessions/' + encodeURIComponent(id) + '/verification', { credentials: 'same-origin' });
+  const b = await res.json().catch(() => ({}));
+  if (!res.ok) { badge.classList.add('broken'); badge.textContent = 'Cannot verify: ' + (b.error || res.status); return; }
+  if (b.state === 'verified') {
+    badge.classList.add('verified');
+    let text = 'Verified: every record of stream ' + b.stream + ' through seq ' + b.through_seq + ' is present, in order and unaltered';
+    if (b.anchored && b.checkpoint) {
+      text += '; anchored by the witnessed checkpoint at seq ' + b.checkpoint.seq + ' (' + new Date(b.checkpoint.time_ms).toISOString() + ')';
+    } else {
+      text += '; not yet anchored by a witnessed checkpoint' + (b.anchored_seq !== null && b.anchored_seq !== undefined ? ' (the last one covers seq ' + b.anchored_seq + ')' : '');
+    }
+    badge.textContent = text + '.';
+  } else if (b.state === 'broken') {
+    badge.classList.add('broken');
+    badge.textContent = 'Chain broken at ' + b.failure.location + (b.failure.seq !== null ? ' (seq ' + b.failure.seq + ')' : '') + ': ' + b.failure.problem;
+  } else {
+    badge.classList.add('broken');
+    badge.textContent = 'Cannot verify: ' + (b.detail || b.state);
+  }
+}
+
+async function showSession(id) {
+  $('s-id').textContent = id;
+  $('timeline').textContent = '';
+  $('s-summary').textContent = '';
+  $('s-download').href = '/api/sessions/' + encodeURIComponent(id) + '/records.jsonl';
+  const res = await fetch('/api/sessions/' + encodeURIComponent(id), { credentials: 'same-origin' });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) { $('badge').textContent = 'Refused: ' + (body.error || res.status); return; }
+  summaryList(body.session);
+  let chunks = 0;
+  for (const rec of body.records) {
+    if (rec.kind === 'recording') { chunks += 1; continue; }
+    $('timeline').appendChild(timelineItem(rec));
+  }
+  if (chunks) $('timeline').appendChild(el('li', chunks + ' recorded terminal or stream chunks (vigil replay shows them)', 'rec'));
+  showBadge(id);
+}
+
+// ---- Pages ----
+
+let inboxStarted = false;
+
+function route() {
+  const hash = decodeURIComponent(window.location.hash.slice(1));
+  const page = hash.startsWith('session/') ? 'session' : (hash === 'sessions' ? 'sessions' : 'approvals');
+  for (const p of ['approvals', 'sessions', 'session']) $('page-' + p).hidden = p !== page;
+  if (page === 'approvals' && !inboxStarted) { inboxStarted = true; listen(); }
+  if (page === 'sessions' && !$('sessions').querySelector('tbody').children.length) search(false);
+  if (page === 'session') showSession(hash.slice('session/'.length));
+  const h = $('page-' + page).querySelector('h2');
+  if (h) { h.tabIndex = -1; h.focus(); }
+}
+
 async function start() {
   const res = await fetch('/api/me', { credentials: 'same-origin' });
   if (!res.ok) { window.location.assign('/'); return; }
@@ -124,7 +333,11 @@ async function start() {
   csrf = me.csrf;
   $('who').textContent = me.subject;
   $('logout').addEventListener('click', logout);
-  listen();
+  $('nav-sessions').hidden = !me.auditor;
+  $('search').addEventListener('submit', (e) => { e.preventDefault(); search(false); });
+  $('older').addEventListener('click', () => search(true));
+  window.addEventListener('hashchange', route);
+  route();
   // Ages and expiries move on between updates.
   setInterval(() => render(latest), 5000);
 }
