@@ -845,6 +845,14 @@ mod tests {
         let sealed = chain.seal(&body);
         conforms("record", &serde_json::from_slice(&sealed).unwrap(), &schema);
         assert_eq!(Record::parse(&sealed).unwrap().body, body, "reads back");
+        body.request = Some(Request::Console(ConsoleRequest {
+            action: "view_session".into(),
+            session: "s-1".into(),
+        }));
+        body.response = None;
+        let sealed = chain.seal(&body);
+        conforms("record", &serde_json::from_slice(&sealed).unwrap(), &schema);
+        assert_eq!(Record::parse(&sealed).unwrap().body, body, "reads back");
         for kind in every_kind() {
             let v = serde_json::to_value(kind).unwrap();
             conforms("kind", &v, &schema["properties"]["kind"]);
