@@ -3,6 +3,7 @@
 #
 #   loadtest/bench.sh coordinator       # approvals on a real 3-member coordinator cluster
 #   loadtest/bench.sh audit-pipeline    # audit records through the real Kafka pipeline
+#   loadtest/bench.sh console-index     # the console's session index at 100,000 sessions
 #
 # coordinator: starts MEMBERS `vigil-coordinator` processes (release build, fsync'd redb
 #   stores in a temporary directory), forms a cluster, then measures two phases over gRPC:
@@ -15,6 +16,10 @@
 #   gateway CPU per record; goals >= 50,000/s and <= 10 us), then SAMPLES records one at a
 #   time (append -> broker acknowledgement p50/p99), then the topic is read back and verified.
 #   Settings: RECORDS=200000 WRITERS=4 SAMPLES=2000
+# console-index: a local audit log of SESSIONS sessions (four records each), taken by an empty
+#   index (records/s; goal >= 20,000/s), then the list and the searches an auditor runs, REPEAT
+#   times each (median and worst; goal <= 200 ms), then 1,000 more sessions followed. Needs no
+#   dev server. Settings: SESSIONS=100000 REPEAT=20
 #
 # Goals are reported, never enforced. It reuses running dev servers (deploy/dev/servers.sh),
 # or starts them and stops them at the end.
@@ -34,7 +39,9 @@ case "${1:-}" in
                export MEMBERS="${MEMBERS:-3}" CONCURRENCY="${CONCURRENCY:-64}" DURATION="${DURATION:-10}" ;;
   audit-pipeline) bench=audit-pipeline-bench build=(-p vigil-chaos --bin audit-pipeline-bench)
                   export RECORDS="${RECORDS:-200000}" WRITERS="${WRITERS:-4}" SAMPLES="${SAMPLES:-2000}" ;;
-  *) die "usage: loadtest/bench.sh coordinator|audit-pipeline" ;;
+  console-index) bench=console-index-bench build=(-p vigil-chaos --bin console-index-bench) servers=0
+                 export SESSIONS="${SESSIONS:-100000}" REPEAT="${REPEAT:-20}" ;;
+  *) die "usage: loadtest/bench.sh coordinator|audit-pipeline|console-index" ;;
 esac
 
 started_servers=0
@@ -48,7 +55,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 status_out="$(VIGIL_DEV_DIR="$dev_dir" "$repo/deploy/dev/servers.sh" status 2>/dev/null || true)"
-if grep -q '^oidc        running' <<<"$status_out" && grep -q '^kafka       running' <<<"$status_out"; then
+if [[ "${servers:-1}" == 0 ]]; then
+  :
+elif grep -q '^oidc        running' <<<"$status_out" && grep -q '^kafka       running' <<<"$status_out"; then
   log "reusing the dev servers in $dev_dir"
 else
   grep -q 'running' <<<"$status_out" &&

@@ -41,6 +41,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_in(NodeOptions::default()).await
+}
+
+/// [`setup`] with more options (a cluster's coordinator, the audit topic).
+async fn setup_in(more: NodeOptions) -> Setup {
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = secret_dir.path().join("console-secret");
     std::fs::write(&secret, "vigil-console-secret\n").unwrap();
@@ -53,7 +58,7 @@ async fn setup() -> Setup {
              auditor_group = \"auditors\"\n",
             secret.display()
         )),
-        ..NodeOptions::default()
+        ..more
     })
     .await;
     let gw = env().get("VIGIL_PG_GATEWAY_USER");
@@ -743,4 +748,116 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
     assert_eq!(dave_looks("view_session"), 2, "{looks:?}");
     assert_eq!(dave_looks("download_records"), 1, "{looks:?}");
     assert!(looks.iter().all(|(who, ..)| who == "dave"), "{looks:?}");
+}
+
+/// In a cluster the index follows the audit topic: a session an agent ran on node A is found,
+/// opened and verified (from the topic, anchored by A's witnessed checkpoint) in node B's
+/// console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t40_any_nodes_console_shows_every_nodes_sessions_from_the_topic() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let topic = create_topic(2);
+    let a = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        coordinator: Some(cluster.node_section()),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    let b = setup_in(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        coordinator: Some(cluster.node_section()),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    let shots = artefact_dir("console/t40");
+    let marker = format!("marker_{}", random_suffix());
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let (client, task) = a.client(&token).await.unwrap();
+    client
+        .simple_query(&format!("SELECT '{marker}' AS m"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = task.await;
+    let a_node = a.records().await[0].body.node.clone();
+
+    let driver = Driver::start().await;
+    let dave = driver.browser().await;
+    log_in(&dave, &b.console, "dave", &shots).await;
+    let (cookie, _) = credentials(&dave, &b.console).await;
+    let http = http();
+    let get = |path: String| {
+        http.get(format!("{}{path}", b.console))
+            .header("cookie", &cookie)
+            .send()
+    };
+    // B's index takes A's records from the topic.
+    let mut found = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let res: Value = get(format!("/api/sessions?text={marker}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(s) = res["sessions"].as_array().and_then(|s| s.first()) {
+            found = s.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        found["node"],
+        json!(a_node),
+        "A's session in B's index: {found}"
+    );
+    assert_eq!(found["subject"], json!("agent-ops"), "{found}");
+    let session = found["session"].as_str().unwrap().to_string();
+    // Verified from the topic, and anchored once A's next checkpoint covers the session.
+    let mut badge = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        badge = get(format!("/api/sessions/{session}/verification"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if badge["anchored"] == json!(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(badge["state"], json!("verified"), "{badge}");
+    assert_eq!(badge["source"], json!("topic"), "{badge}");
+    assert_eq!(badge["anchored"], json!(true), "{badge}");
+    dave.goto(&format!("{}/#session/{session}", b.console))
+        .await;
+    dave.wait_for("#badge.verified", Duration::from_secs(15))
+        .await;
+    let statement = dave
+        .wait_for("#timeline pre.statement", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        dave.text(&statement).await,
+        format!("SELECT '{marker}' AS m")
+    );
+    dave.screenshot(&shots.join("09-other-nodes-session.png"))
+        .await;
+    dave.close().await;
+    // The look is on record in B's stream.
+    let looks = b
+        .node
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.body.request, Some(vigil_proto::record::Request::Console(q)) if q.session == session)
+        })
+        .count();
+    assert_eq!(looks, 1);
 }

@@ -183,10 +183,42 @@ pub struct StreamSummary {
     pub torn_tail: Option<TornTail>,
 }
 
+/// Where one stream's chain stands: the seq its next record must have, and the hash of the
+/// record before it. A reader that sees a stream's records in order (a topic partition, a
+/// stream file) follows the chain with it, one record at a time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChainHead {
+    pub next_seq: u64,
+    pub prev: [u8; 32],
+}
+
+impl ChainHead {
+    /// Moves the head onto the record `seq` (at or past `next_seq`), whose `prev` field is
+    /// `prev` and whose hash is `hash`. What is wrong if it does not continue the chain:
+    /// records missing before it, or a `prev` that is not the last record's hash. The head
+    /// moves onto it either way, so that one fault is reported once.
+    pub fn follow(&mut self, seq: u64, prev: &str, hash: [u8; 32]) -> Option<Problem> {
+        let problem = if seq > self.next_seq {
+            Some(Problem::Gap {
+                expected: self.next_seq,
+            })
+        } else {
+            let expected_prev = if seq == 0 {
+                GENESIS_PREV.to_string()
+            } else {
+                hex::encode(self.prev)
+            };
+            (prev != expected_prev).then_some(Problem::HashMismatch { expected_prev })
+        };
+        self.next_seq = seq + 1;
+        self.prev = hash;
+        problem
+    }
+}
+
 #[derive(Debug)]
 struct StreamState {
-    next_seq: u64,
-    prev: [u8; 32],
+    head: ChainHead,
     /// Hash of every accepted record by seq, to tell identical from conflicting duplicates.
     seen: HashMap<u64, [u8; 32]>,
     summary: StreamSummary,
@@ -195,8 +227,7 @@ struct StreamState {
 impl StreamState {
     fn new() -> Self {
         Self {
-            next_seq: 0,
-            prev: [0; 32],
+            head: ChainHead::default(),
             seen: HashMap::new(),
             summary: StreamSummary::default(),
         }
@@ -295,7 +326,7 @@ impl Verifier {
             .streams
             .entry(env.stream.to_string())
             .or_insert_with(StreamState::new);
-        let problem = if env.seq < state.next_seq {
+        let problem = if env.seq < state.head.next_seq {
             match state.seen.get(&env.seq) {
                 Some(h) if *h == hash => {
                     state.summary.identical_duplicates += 1;
@@ -303,29 +334,11 @@ impl Verifier {
                 }
                 Some(_) => Some(Problem::ConflictingDuplicate),
                 None => Some(Problem::OutOfOrder {
-                    expected: state.next_seq,
+                    expected: state.head.next_seq,
                 }),
             }
         } else {
-            let mut problem = None;
-            if env.seq > state.next_seq {
-                problem = Some(Problem::Gap {
-                    expected: state.next_seq,
-                });
-            } else {
-                let expected_prev = if env.seq == 0 {
-                    GENESIS_PREV.to_string()
-                } else {
-                    hex::encode(state.prev)
-                };
-                if env.prev != expected_prev {
-                    problem = Some(Problem::HashMismatch { expected_prev });
-                }
-            }
-            // Resynchronise on this record so one fault is reported once, not for every
-            // record after it.
-            state.next_seq = env.seq + 1;
-            state.prev = hash;
+            let problem = state.head.follow(env.seq, &env.prev, hash);
             state.seen.insert(env.seq, hash);
             state.summary.last_seq = Some(env.seq);
             state.summary.head = hex::encode(hash);
@@ -362,7 +375,7 @@ impl Verifier {
             .streams
             .entry(stream.to_string())
             .or_insert_with(StreamState::new);
-        let prefix = record_prefix(stream, state.next_seq, &state.prev);
+        let prefix = record_prefix(stream, state.head.next_seq, &state.head.prev);
         let n = bytes.len().min(prefix.len());
         if !bytes.is_empty() && !state.summary.ended && bytes[..n] == prefix[..n] {
             state.summary.torn_tail = Some(TornTail {

@@ -15,7 +15,7 @@ use redb::{
     ReadableTableMetadata as _, TableDefinition,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
@@ -28,11 +28,30 @@ const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("by_time"
 const WORDS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("words");
 /// (session, n): the session's records in log order, as written.
 const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
-/// Stream file name → bytes of it taken (up to the end of its last whole line).
+/// A field a session is found by (`p:` protocol, `t:` target, `c:` client id, `s:` subject
+/// or client id lowercased, `m:` model lowercased, `o:` an outcome) → the sessions.
+const FIELDS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("fields");
+/// Where the index stands in its source: a stream file's name → bytes of it taken (up to the
+/// end of its last whole line); `topic/PARTITION` → the next offset to take.
 const CURSOR: TableDefinition<&str, u64> = TableDefinition::new("cursor");
+/// Stream → [`StreamChain`] (JSON): the chain as the index followed it.
+const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+/// (stream, seq) → the record's hash (32 bytes), for checkpoints to be checked against.
+const HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("hashes");
+
+/// How long the topic follower gathers messages for one transaction at most.
+const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The cursor of a topic partition.
+fn topic_cursor(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
 
 /// Lines taken per transaction at most.
 const BATCH_LINES: usize = 20_000;
+/// A search whose words leave at most this many sessions looks at each of them; with more,
+/// it walks the list newest first.
+const DIRECT_CANDIDATES: usize = 2_000;
 /// Longest word indexed; longer runs of letters are cut here.
 const MAX_WORD: usize = 64;
 
@@ -60,6 +79,33 @@ db_errors!(
     redb::StorageError,
     redb::CommitError
 );
+
+/// One stream's chain as the index followed it from its source, record by record.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamChain {
+    pub next_seq: u64,
+    /// Hex hash of the last record taken.
+    pub prev: String,
+    /// Records taken in order.
+    pub records: u64,
+    /// Records taken again (a source that delivered them twice): not indexed twice.
+    pub duplicates: u64,
+    /// The first record that did not continue the chain.
+    pub failure: Option<ChainFailure>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChainFailure {
+    pub seq: u64,
+    pub location: String,
+    pub problem: String,
+}
+
+/// One line of the source, with where it came from (`file:line`, `topic/partition/offset`).
+pub struct Line {
+    pub location: String,
+    pub bytes: Vec<u8>,
+}
 
 /// One session as the list shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -109,11 +155,11 @@ impl Summary {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Query {
-    /// In the subject or the client id (case-insensitive).
+    /// The beginning of the subject or the client id (case-insensitive).
     pub principal: Option<String>,
     /// The client id, exactly.
     pub client: Option<String>,
-    /// In the model name (case-insensitive).
+    /// The beginning of the model name (case-insensitive).
     pub model: Option<String>,
     pub protocol: Option<String>,
     /// The target, exactly.
@@ -138,19 +184,63 @@ fn given(f: &Option<String>) -> Option<&str> {
     f.as_deref().filter(|v| !v.is_empty())
 }
 
-fn contains(haystack: Option<&str>, needle: &str) -> bool {
-    haystack.is_some_and(|h| h.to_lowercase().contains(&needle.to_lowercase()))
+fn begins(haystack: Option<&str>, needle: &str) -> bool {
+    haystack.is_some_and(|h| h.to_lowercase().starts_with(&needle.to_lowercase()))
+}
+
+fn outcome_name(o: Outcome) -> String {
+    serde_json::to_value(o)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The [`FIELDS`] keys of a session.
+fn field_keys(s: &Summary) -> Vec<String> {
+    let mut keys = vec![format!("p:{}", s.protocol)];
+    keys.extend(s.target.as_ref().map(|t| format!("t:{t}")));
+    keys.extend(s.client_id.as_ref().map(|c| format!("c:{c}")));
+    for who in [&s.subject, &s.client_id].into_iter().flatten() {
+        keys.push(format!("s:{}", who.to_lowercase()));
+    }
+    keys.extend(s.model.as_ref().map(|m| format!("m:{}", m.to_lowercase())));
+    keys.extend(s.outcomes().map(|o| format!("o:{}", outcome_name(o))));
+    keys
 }
 
 impl Query {
+    /// The [`FIELDS`] lookups its filters make: a key, and whether it is a beginning.
+    fn lookups(&self) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        if let Some(p) = given(&self.principal) {
+            out.push((format!("s:{}", p.to_lowercase()), true));
+        }
+        if let Some(m) = given(&self.model) {
+            out.push((format!("m:{}", m.to_lowercase()), true));
+        }
+        for (prefix, value) in [
+            ("c", given(&self.client)),
+            ("p", given(&self.protocol)),
+            ("t", given(&self.target)),
+        ] {
+            if let Some(v) = value {
+                out.push((format!("{prefix}:{v}"), false));
+            }
+        }
+        if let Some(o) = self.outcome {
+            out.push((format!("o:{}", outcome_name(o)), false));
+        }
+        out
+    }
+
     fn matches(&self, s: &Summary) -> bool {
         if let Some(p) = given(&self.principal) {
-            if !contains(s.subject.as_deref(), p) && !contains(s.client_id.as_deref(), p) {
+            if !begins(s.subject.as_deref(), p) && !begins(s.client_id.as_deref(), p) {
                 return false;
             }
         }
         if given(&self.client).is_some_and(|c| s.client_id.as_deref() != Some(c))
-            || given(&self.model).is_some_and(|m| !contains(s.model.as_deref(), m))
+            || given(&self.model).is_some_and(|m| !begins(s.model.as_deref(), m))
             || given(&self.protocol).is_some_and(|p| s.protocol != p)
             || given(&self.target).is_some_and(|t| s.target.as_deref() != Some(t))
             || self.outcome.is_some_and(|o| !s.outcomes().any(|x| x == o))
@@ -234,8 +324,11 @@ impl Index {
         w.open_table(SESSIONS)?;
         w.open_table(BY_TIME)?;
         w.open_multimap_table(WORDS)?;
+        w.open_multimap_table(FIELDS)?;
         w.open_table(RECORDS)?;
         w.open_table(CURSOR)?;
+        w.open_table(STREAMS)?;
+        w.open_table(HASHES)?;
         w.commit()?;
         Ok(Self {
             db,
@@ -265,11 +358,11 @@ impl Index {
                     let cursor = r.open_table(CURSOR)?;
                     cursor.get(name.as_str())?.map_or(0, |v| v.value())
                 };
-                let (lines, consumed) = read_lines(&file, done, BATCH_LINES)?;
+                let (lines, consumed) = read_lines(&file, &name, done, BATCH_LINES)?;
                 if consumed == 0 {
                     break;
                 }
-                taken.records += self.take(&name, done + consumed, &lines)?;
+                taken.records += self.take(&[(name.clone(), done + consumed)], &lines)?;
                 taken.bytes += consumed;
                 if lines.len() < BATCH_LINES {
                     break;
@@ -279,8 +372,90 @@ impl Index {
         Ok(taken)
     }
 
-    /// Adds `lines` and moves the file's cursor to `offset`, in one transaction.
-    fn take(&self, file: &str, offset: u64, lines: &[Vec<u8>]) -> Result<u64, IndexError> {
+    /// Follows the audit topic of `cfg` (every partition, from where the index stopped) until
+    /// `stop` is set. Blocking: run it on a thread of its own.
+    pub fn follow_topic(
+        &self,
+        cfg: &crate::config::KafkaConfig,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), IndexError> {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use rdkafka::message::{Headers as _, Message as _};
+        use rdkafka::{Offset, TopicPartitionList};
+        let kafka = |e: rdkafka::error::KafkaError| IndexError::Db(format!("the audit topic: {e}"));
+        let mut config = rdkafka::ClientConfig::new();
+        for (k, v) in &cfg.overrides {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer = config
+            .set("bootstrap.servers", cfg.brokers.join(","))
+            .set("group.id", "vigil-console-index")
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "52428800")
+            .create()
+            .map_err(kafka)?;
+        let timeout = std::time::Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(&cfg.topic), timeout)
+            .map_err(kafka)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == cfg.topic)
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        let mut assignment = TopicPartitionList::new();
+        for p in &partitions {
+            let at = self.cursor(&topic_cursor(&cfg.topic, *p))?;
+            assignment
+                .add_partition_offset(&cfg.topic, *p, Offset::Offset(at as i64))
+                .map_err(kafka)?;
+        }
+        consumer.assign(&assignment).map_err(kafka)?;
+        let mut lines = Vec::new();
+        let mut cursors: HashMap<String, u64> = HashMap::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // A batch: what arrives within FOLLOW_WAIT, up to BATCH_LINES.
+            let started = std::time::Instant::now();
+            while lines.len() < BATCH_LINES && started.elapsed() < FOLLOW_WAIT {
+                let Some(m) = consumer.poll(FOLLOW_WAIT) else {
+                    break;
+                };
+                let m = m.map_err(kafka)?;
+                cursors.insert(
+                    topic_cursor(&cfg.topic, m.partition()),
+                    (m.offset() + 1) as u64,
+                );
+                let checkpoint = m
+                    .headers()
+                    .is_some_and(|h| h.iter().any(|h| h.key == crate::audit::kafka::KIND_HEADER));
+                if checkpoint {
+                    continue;
+                }
+                lines.push(Line {
+                    location: format!("{}/{}/{}", cfg.topic, m.partition(), m.offset()),
+                    bytes: m.payload().unwrap_or_default().to_vec(),
+                });
+            }
+            if !cursors.is_empty() {
+                let moved: Vec<(String, u64)> = cursors.drain().collect();
+                self.take(&moved, &lines)?;
+                lines.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the index stands in its source at `key` (0: nothing taken).
+    pub fn cursor(&self, key: &str) -> Result<u64, IndexError> {
+        let r = self.db.begin_read()?;
+        let cursor = r.open_table(CURSOR)?;
+        Ok(cursor.get(key)?.map_or(0, |v| v.value()))
+    }
+
+    /// Adds `lines` and moves the `cursors`, in one transaction. A record the chain of its
+    /// stream already holds (delivered twice) is not added again. Returns the records added.
+    pub fn take(&self, cursors: &[(String, u64)], lines: &[Line]) -> Result<u64, IndexError> {
         let w = self.db.begin_write()?;
         let mut n = 0;
         {
@@ -288,12 +463,33 @@ impl Index {
             let mut by_time = w.open_table(BY_TIME)?;
             let mut words_table = w.open_multimap_table(WORDS)?;
             let mut records = w.open_table(RECORDS)?;
+            let mut streams = w.open_table(STREAMS)?;
+            let mut hashes = w.open_table(HASHES)?;
+            let mut chains: HashMap<String, StreamChain> = HashMap::new();
             let mut changed: HashMap<String, Summary> = HashMap::new();
-            for line in lines {
+            for Line {
+                location,
+                bytes: line,
+            } in lines
+            {
                 // A line that is not a record (torn, malformed) is the verifier's to report.
                 let Ok(record) = Record::parse(line) else {
                     continue;
                 };
+                let chain = match chains.entry(record.stream.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        streams
+                            .get(record.stream.as_str())?
+                            .and_then(|v| serde_json::from_slice(v.value()).ok())
+                            .unwrap_or_default(),
+                    ),
+                };
+                if !follow(chain, &record, line, location) {
+                    continue;
+                }
+                let hash = vigil_proto::chain::record_hash(line);
+                hashes.insert((record.stream.as_str(), record.seq), hash.as_slice())?;
                 let Some(id) = record.body.session.clone() else {
                     continue;
                 };
@@ -331,11 +527,22 @@ impl Index {
                 }
                 n += 1;
             }
+            let mut fields = w.open_multimap_table(FIELDS)?;
             for (id, s) in &changed {
                 let bytes = serde_json::to_vec(s).expect("a summary serialises");
                 sessions.insert(id.as_str(), bytes.as_slice())?;
+                for key in field_keys(s) {
+                    fields.insert(key.as_str(), id.as_str())?;
+                }
             }
-            w.open_table(CURSOR)?.insert(file, offset)?;
+            for (stream, chain) in &chains {
+                let bytes = serde_json::to_vec(chain).expect("a chain serialises");
+                streams.insert(stream.as_str(), bytes.as_slice())?;
+            }
+            let mut table = w.open_table(CURSOR)?;
+            for (key, at) in cursors {
+                table.insert(key.as_str(), *at)?;
+            }
         }
         w.commit()?;
         Ok(n)
@@ -354,31 +561,22 @@ impl Index {
                 .as_ref()
                 .is_none_or(|(ms, id)| (s.started_ms, s.session.as_str()) < (*ms, id.as_str()))
         };
+        // The sessions the words and the other filters leave, from their tables (none: any).
         let text = q.text.as_deref().map(words).unwrap_or_default();
-        if !text.is_empty() {
-            // The sessions that have a word beginning with each word asked for.
-            let index = r.open_multimap_table(WORDS)?;
-            let mut candidates: Option<BTreeSet<String>> = None;
-            for word in &text {
-                let mut found = BTreeSet::new();
-                for entry in index.range(word.as_str()..)? {
-                    let (w, ids) = entry?;
-                    if !w.value().starts_with(word.as_str()) {
-                        break;
-                    }
-                    for id in ids {
-                        let id = id?;
-                        let id = id.value();
-                        if candidates.as_ref().is_none_or(|c| c.contains(id)) {
-                            found.insert(id.to_string());
-                        }
-                    }
-                }
-                candidates = Some(found);
-            }
+        let mut lookups: Vec<(&MultimapTableDefinition<&str, &str>, String, bool)> =
+            text.into_iter().map(|w| (&WORDS, w, true)).collect();
+        lookups.extend(q.lookups().into_iter().map(|(k, p)| (&FIELDS, k, p)));
+        let mut candidates: Option<HashSet<String>> = None;
+        for (table, key, by_prefix) in lookups {
+            let table = r.open_multimap_table(*table)?;
+            candidates = Some(found(&table, &key, by_prefix, candidates.as_ref())?);
+        }
+        // Few sessions have the words: look at each. Many do: walk the list newest first and
+        // stop at a page, as without words.
+        if let Some(ids) = candidates.as_ref().filter(|c| c.len() <= DIRECT_CANDIDATES) {
             let mut out = Vec::new();
-            for id in candidates.unwrap_or_default() {
-                if let Some(s) = summary(&sessions, &id)? {
+            for id in ids {
+                if let Some(s) = summary(&sessions, id)? {
                     if q.matches(&s) && older(&s) {
                         out.push(s);
                     }
@@ -389,12 +587,18 @@ impl Index {
             return Ok(out);
         }
         let by_time = r.open_table(BY_TIME)?;
-        let upper = before.as_ref().map_or(u64::MAX, |(ms, _)| *ms);
+        let upper = before
+            .as_ref()
+            .map_or(u64::MAX, |(ms, _)| *ms)
+            .min(q.to_ms.unwrap_or(u64::MAX));
         let lower = q.from_ms.unwrap_or(0);
         let mut out = Vec::new();
         for entry in by_time.range((lower, "")..=(upper, "\u{10FFFF}"))?.rev() {
             let (key, _) = entry?;
             let (_, id) = key.value();
+            if candidates.as_ref().is_some_and(|c| !c.contains(id)) {
+                continue;
+            }
             if let Some(s) = summary(&sessions, id)? {
                 if q.matches(&s) && older(&s) {
                     out.push(s);
@@ -422,11 +626,58 @@ impl Index {
         Ok(Some((s, out)))
     }
 
+    /// The chain of `stream` as the index followed it, and the hash of its record `seq`.
+    pub fn chain(
+        &self,
+        stream: &str,
+        seq: Option<u64>,
+    ) -> Result<(Option<StreamChain>, Option<[u8; 32]>), IndexError> {
+        let r = self.db.begin_read()?;
+        let chain = r
+            .open_table(STREAMS)?
+            .get(stream)?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        let hash = match seq {
+            Some(seq) => r
+                .open_table(HASHES)?
+                .get((stream, seq))?
+                .and_then(|v| v.value().try_into().ok()),
+            None => None,
+        };
+        Ok((chain, hash))
+    }
+
     /// How many sessions the index holds.
     pub fn sessions(&self) -> Result<u64, IndexError> {
         let r = self.db.begin_read()?;
         Ok(r.open_table(SESSIONS)?.len()?)
     }
+}
+
+/// The sessions under `key` in `table` (under every key beginning with it, `by_prefix`),
+/// among `within` when given.
+fn found(
+    table: &redb::ReadOnlyMultimapTable<&'static str, &'static str>,
+    key: &str,
+    by_prefix: bool,
+    within: Option<&HashSet<String>>,
+) -> Result<HashSet<String>, IndexError> {
+    let mut out = HashSet::new();
+    for entry in table.range(key..)? {
+        let (k, ids) = entry?;
+        let k = k.value();
+        if !(k == key || (by_prefix && k.starts_with(key))) {
+            break;
+        }
+        for id in ids {
+            let id = id?;
+            let id = id.value();
+            if within.is_none_or(|c| c.contains(id)) {
+                out.insert(id.to_string());
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn summary(
@@ -436,6 +687,34 @@ fn summary(
     Ok(sessions
         .get(id)?
         .and_then(|v| serde_json::from_slice(v.value()).ok()))
+}
+
+/// Follows `chain` onto `record`: false for a record it already holds (not to be added
+/// again); a record that does not continue the chain is noted (the first one) and taken.
+fn follow(chain: &mut StreamChain, record: &Record, bytes: &[u8], location: &str) -> bool {
+    if record.seq < chain.next_seq && chain.records > 0 {
+        chain.duplicates += 1;
+        return false;
+    }
+    let mut head = vigil_proto::verify::ChainHead {
+        next_seq: chain.next_seq,
+        prev: hex::decode(&chain.prev)
+            .ok()
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or([0; 32]),
+    };
+    let hash = vigil_proto::chain::record_hash(bytes);
+    if let Some(problem) = head.follow(record.seq, &record.prev, hash) {
+        chain.failure.get_or_insert(ChainFailure {
+            seq: record.seq,
+            location: location.to_string(),
+            problem: problem.to_string(),
+        });
+    }
+    chain.next_seq = head.next_seq;
+    chain.prev = hex::encode(head.prev);
+    chain.records += 1;
+    true
 }
 
 /// What one record adds to its session's summary.
@@ -482,9 +761,9 @@ fn add(s: &mut Summary, record: &Record) {
     }
 }
 
-/// The whole lines of `file` from byte `from`, at most `max` of them (without their
-/// newlines), and how many bytes they took.
-fn read_lines(file: &Path, from: u64, max: usize) -> std::io::Result<(Vec<Vec<u8>>, u64)> {
+/// The whole lines of `file` (named `name`) from byte `from`, at most `max` of them (without
+/// their newlines), and how many bytes they took.
+fn read_lines(file: &Path, name: &str, from: u64, max: usize) -> std::io::Result<(Vec<Line>, u64)> {
     let mut f = std::fs::File::open(file)?;
     let len = f.metadata()?.len();
     if len <= from {
@@ -500,7 +779,10 @@ fn read_lines(file: &Path, from: u64, max: usize) -> std::io::Result<(Vec<Vec<u8
         let Some(nl) = buf[consumed..].iter().position(|&b| b == b'\n') else {
             break;
         };
-        lines.push(buf[consumed..consumed + nl].to_vec());
+        lines.push(Line {
+            location: format!("{name}@{}", from + consumed as u64),
+            bytes: buf[consumed..consumed + nl].to_vec(),
+        });
         consumed += nl + 1;
     }
     Ok((lines, consumed as u64))

@@ -152,6 +152,8 @@ pub struct Setup {
     /// The local audit log the session index follows, and where the index is kept.
     pub audit_dir: PathBuf,
     pub index_path: PathBuf,
+    /// The audit topic, when there is one: the index follows it instead of the local log.
+    pub kafka: Option<crate::config::KafkaConfig>,
 }
 
 impl Setup {
@@ -177,7 +179,7 @@ impl Setup {
                 .with_context(|| format!("console index {}", self.index_path.display()))?,
         );
         Ok(move |core: Arc<Core>| {
-            tokio::spawn(sessions::follow(index.clone(), core.clone()));
+            tokio::spawn(sessions::follow(index.clone(), core.clone(), self.kafka));
             router(Arc::new(Console {
                 core,
                 config: self.config,

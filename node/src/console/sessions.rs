@@ -20,8 +20,16 @@ use vigil_proto::verify::Trust;
 /// How often the index looks for new lines in the log.
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 
-/// Keeps the index up with the log until the node stops.
-pub async fn follow(index: Arc<Index>, core: Arc<crate::core::Core>) {
+/// Keeps the index up with its source until the node stops: the audit topic when `kafka` is
+/// set (every node's sessions), else the local log.
+pub async fn follow(
+    index: Arc<Index>,
+    core: Arc<crate::core::Core>,
+    kafka: Option<crate::config::KafkaConfig>,
+) {
+    if let Some(cfg) = kafka {
+        return follow_topic(index, core, cfg).await;
+    }
     let ended = core.lifecycle.ended();
     tokio::pin!(ended);
     loop {
@@ -41,6 +49,39 @@ pub async fn follow(index: Arc<Index>, core: Arc<crate::core::Core>) {
         }
         tokio::select! {
             () = tokio::time::sleep(FOLLOW_EVERY) => {}
+            () = &mut ended => return,
+        }
+    }
+}
+
+/// The topic follower on a thread of its own, started again (after a pause) when it fails
+/// (the broker down, the topic missing).
+async fn follow_topic(
+    index: Arc<Index>,
+    core: Arc<crate::core::Core>,
+    cfg: crate::config::KafkaConfig,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = core.lifecycle.ended();
+    tokio::pin!(ended);
+    loop {
+        let (index, cfg, flag) = (index.clone(), cfg.clone(), stop.clone());
+        let running = tokio::task::spawn_blocking(move || index.follow_topic(&cfg, &flag));
+        tokio::pin!(running);
+        tokio::select! {
+            done = &mut running => match done {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => tracing::warn!(error = %e, "the console's session index cannot follow the audit topic; trying again"),
+                Err(e) => tracing::error!(error = %e, "the console's index task failed"),
+            },
+            () = &mut ended => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = running.await;
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
             () = &mut ended => return,
         }
     }
@@ -217,8 +258,8 @@ pub async fn verification(
             None
         }
     };
-    let log_dir = console.index.log_dir().to_path_buf();
-    let badge = tokio::task::spawn_blocking(move || badge(&log_dir, &summary, witness)).await;
+    let index = console.index.clone();
+    let badge = tokio::task::spawn_blocking(move || badge(&index, &summary, witness)).await;
     match badge {
         Ok(b) => json_response(b),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
@@ -228,18 +269,15 @@ pub async fn verification(
 /// The badge of `s`: `verified` (every record of its stream up to its last one is present,
 /// in order and unaltered; `anchored_seq` says which witnessed checkpoint covers it, if one
 /// does yet), `broken` (the first failure at or before its last record, located), or
-/// `missing` (its stream's file is not in the log).
-fn badge(log_dir: &std::path::Path, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
-    let file = crate::audit::log_files(log_dir)
+/// `missing`. A stream this node wrote is verified from its file in the local log; another
+/// node's, from the chain as the index followed it on the audit topic.
+fn badge(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
+    let file = crate::audit::log_files(index.log_dir())
         .unwrap_or_default()
         .into_iter()
         .find(|f| crate::audit::stream_of(f).as_deref() == Some(s.stream.as_str()));
     let Some(file) = file else {
-        return json!({
-            "state": "missing",
-            "stream": s.stream,
-            "detail": "the stream's file is not in this node's log (removed by retention, or moved)",
-        });
+        return badge_from_topic(index, s, witness);
     };
     let mut verifier = match crate::audit::read::verify_path(&file) {
         Ok((v, _)) => v,
@@ -270,14 +308,82 @@ fn badge(log_dir: &std::path::Path, s: &Summary, witness: Option<Vec<Checkpoint>
                 "problem": f.problem.to_string(),
             },
         }),
-        None => json!({
-            "state": "verified",
-            "stream": s.stream,
-            "through_seq": s.last_seq,
-            "anchored": stream.anchored_seq.is_some_and(|a| a >= s.last_seq),
-            "anchored_seq": stream.anchored_seq,
-            "checkpoint": checkpoint,
-            "witness": witness.is_some(),
-        }),
+        None => verified(s, stream.anchored_seq, checkpoint, "log", witness.is_some()),
     }
+}
+
+fn verified(
+    s: &Summary,
+    anchored_seq: Option<u64>,
+    checkpoint: Option<Value>,
+    source: &str,
+    witness: bool,
+) -> Value {
+    json!({
+        "state": "verified",
+        "source": source,
+        "stream": s.stream,
+        "through_seq": s.last_seq,
+        "anchored": anchored_seq.is_some_and(|a| a >= s.last_seq),
+        "anchored_seq": anchored_seq,
+        "checkpoint": checkpoint,
+        "witness": witness,
+    })
+}
+
+/// The badge of a stream not in the local log: the chain as the index followed it on the
+/// audit topic, and the witness's checkpoint of that stream (its signature, and its hash
+/// against the record the index took at its seq).
+fn badge_from_topic(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
+    let cp = witness.as_ref().and_then(|w| w.first().cloned());
+    let (chain, hash) = match index.chain(&s.stream, cp.as_ref().map(|c| c.seq)) {
+        Ok(found) => found,
+        Err(e) => return json!({ "state": "missing", "stream": s.stream, "detail": e.to_string() }),
+    };
+    let Some(chain) = chain else {
+        return json!({
+            "state": "missing",
+            "stream": s.stream,
+            "detail": "the stream is neither in this node's log nor in what the index read from the audit topic",
+        });
+    };
+    let broken = |location: &str, seq: Option<u64>, problem: String| {
+        json!({
+            "state": "broken",
+            "stream": s.stream,
+            "failure": { "location": location, "seq": seq, "problem": problem },
+        })
+    };
+    if let Some(f) = chain.failure.as_ref().filter(|f| f.seq <= s.last_seq) {
+        return broken(&f.location, Some(f.seq), f.problem.clone());
+    }
+    if chain.next_seq <= s.last_seq {
+        return broken(
+            &s.stream,
+            Some(chain.next_seq),
+            "the index has not read the stream this far".into(),
+        );
+    }
+    let mut anchored_seq = None;
+    let mut checkpoint = None;
+    // A checkpoint past what the index has read cannot be checked yet: not anchored.
+    if let (Some(cp), Some(hash)) = (cp, hash) {
+        if let Err(e) = cp.verify() {
+            return broken(
+                &s.stream,
+                Some(cp.seq),
+                format!("the witnessed checkpoint: {e}"),
+            );
+        }
+        if hex::encode(hash) != cp.hash {
+            return broken(
+                &s.stream,
+                Some(cp.seq),
+                "the record at the witnessed checkpoint is not the one the node signed for".into(),
+            );
+        }
+        anchored_seq = Some(cp.seq);
+        checkpoint = Some(json!({ "seq": cp.seq, "time_ms": cp.time_ms, "hash": cp.hash }));
+    }
+    verified(s, anchored_seq, checkpoint, "topic", witness.is_some())
 }
