@@ -97,7 +97,7 @@ metrics_listen = "{metrics}"
 {tls_section}
 [identity]
 issuer = "{issuer}"
-audiences = ["vigil-cli"]
+audiences = ["vigil-cli", "vigil-console"]
 leeway_secs = 5
 
 [log]

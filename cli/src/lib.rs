@@ -2,8 +2,5 @@
 //! them safely. It is a library so that the fuzz targets (node/fuzz) can drive the same
 //! readers an operator runs on logs and recordings they did not write.
 
-pub mod asciicast;
-pub mod display;
-pub use vigil_node::audit::recording;
 pub mod replay;
-pub mod terminal;
+pub use vigil_node::audit::{asciicast, display, recording, terminal};

@@ -317,7 +317,7 @@ fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
             }
         }
         Response::Kubernetes(resp) => {
-            let counts = stream_counts(resp);
+            let counts = vigil_node::audit::terminal::stream_counts(resp);
             head(
                 out,
                 format!("HTTP {}, {} bytes{counts}", resp.status, resp.bytes),
@@ -330,13 +330,6 @@ fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
             }
         }
     }
-}
-
-/// `, N events` of a watch or `, N lines` of a log; empty for other answers.
-pub fn stream_counts(k: &vigil_proto::record::KubeResponse) -> String {
-    let events = k.events.map(|n| format!(", {n} events"));
-    let lines = k.lines.map(|n| format!(", {n} lines"));
-    events.into_iter().chain(lines).collect()
 }
 
 #[cfg(test)]

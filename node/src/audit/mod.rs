@@ -24,11 +24,14 @@
 //! stream ([`check_earlier_streams`]): a torn record is counted and logged, and left in place
 //! for the verifier, which reports it as a torn tail (`vigil_proto::verify`), never as a record.
 
+pub mod asciicast;
+pub mod display;
 pub mod kafka;
 pub mod read;
 pub mod recording;
 pub mod sink;
 mod spool;
+pub mod terminal;
 pub mod witness;
 
 pub use spool::Spool;

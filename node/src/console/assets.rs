@@ -1,4 +1,6 @@
-//! The console's pages, style and script: plain files embedded in the binary (no build step).
+//! The console's pages, style and script: plain files embedded in the binary (no build step),
+//! and the terminal player, asciinema-player, vendored as its prebuilt bundle with its licence
+//! (`assets/vendor/`, fetched by `fetch-asciinema-player.sh`).
 //! The page is a shell; everything person-specific arrives through the JSON API and is put in
 //! the page as text (`textContent`), never as markup.
 
@@ -19,6 +21,21 @@ const FILES: &[(&str, &str, &str)] = &[
         "console.js",
         "text/javascript; charset=utf-8",
         include_str!("assets/console.js"),
+    ),
+    (
+        "asciinema-player.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/vendor/asciinema-player.min.js"),
+    ),
+    (
+        "asciinema-player.css",
+        "text/css; charset=utf-8",
+        include_str!("assets/vendor/asciinema-player.css"),
+    ),
+    (
+        "asciinema-player.LICENSE",
+        "text/plain; charset=utf-8",
+        include_str!("assets/vendor/asciinema-player.LICENSE"),
     ),
 ];
 

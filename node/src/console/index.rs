@@ -373,11 +373,11 @@ impl Index {
     }
 
     /// Follows the audit topic of `cfg` (every partition, from where the index stopped) until
-    /// `stop` is set. Blocking: run it on a thread of its own.
+    /// `stop` says so. Blocking: run it on a thread of its own.
     pub fn follow_topic(
         &self,
         cfg: &crate::config::KafkaConfig,
-        stop: &std::sync::atomic::AtomicBool,
+        stop: &dyn Fn() -> bool,
     ) -> Result<(), IndexError> {
         use rdkafka::consumer::{BaseConsumer, Consumer as _};
         use rdkafka::message::{Headers as _, Message as _};
@@ -414,7 +414,7 @@ impl Index {
         consumer.assign(&assignment).map_err(kafka)?;
         let mut lines = Vec::new();
         let mut cursors: HashMap<String, u64> = HashMap::new();
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        while !stop() {
             // A batch: what arrives within FOLLOW_WAIT, up to BATCH_LINES.
             let started = std::time::Instant::now();
             while lines.len() < BATCH_LINES && started.elapsed() < FOLLOW_WAIT {

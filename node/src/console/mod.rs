@@ -212,6 +212,10 @@ fn router(console: Arc<Console>) -> Router {
             "/api/sessions/{id}/verification",
             get(sessions::verification),
         )
+        .route(
+            "/api/sessions/{id}/asciicast/{channel}",
+            get(sessions::asciicast),
+        )
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }
@@ -230,7 +234,8 @@ pub async fn serve(
     }
 }
 
-/// Scripts, styles and connections only from the console itself, never inline; no framing
+/// Scripts, styles and connections only from the console itself, never inline (WebAssembly may
+/// be compiled: the terminal player's emulator is one); no framing
 /// (clickjacking an approve button); nothing cached (pages show live, per-person data).
 async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
@@ -241,7 +246,7 @@ async fn security_headers(req: Request, next: Next) -> Response {
     set(
         h,
         header::CONTENT_SECURITY_POLICY,
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+        "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self'; \
          connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     );
     set(h, header::X_FRAME_OPTIONS, "DENY");

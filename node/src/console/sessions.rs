@@ -54,31 +54,36 @@ pub async fn follow(
     }
 }
 
-/// The topic follower on a thread of its own, started again (after a pause) when it fails
-/// (the broker down, the topic missing).
+/// The topic follower on a thread of its own (not the runtime's blocking pool, which a
+/// runtime waits for when it stops), started again after a pause when it fails (the broker
+/// down, the topic missing). It stops when the node does, or when nothing awaits it any more.
 async fn follow_topic(
     index: Arc<Index>,
     core: Arc<crate::core::Core>,
     cfg: crate::config::KafkaConfig,
 ) {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ended = core.lifecycle.ended();
     tokio::pin!(ended);
     loop {
-        let (index, cfg, flag) = (index.clone(), cfg.clone(), stop.clone());
-        let running = tokio::task::spawn_blocking(move || index.follow_topic(&cfg, &flag));
-        tokio::pin!(running);
+        let (index, cfg) = (index.clone(), cfg.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("console-index".into())
+            .spawn(move || {
+                let done = index.follow_topic(&cfg, &|| tx.is_closed());
+                let _ = tx.send(done);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "the console's index thread cannot start");
+            return;
+        }
         tokio::select! {
-            done = &mut running => match done {
-                Ok(Ok(())) => return,
+            done = rx => match done {
+                Ok(Ok(())) | Err(_) => return,
                 Ok(Err(e)) => tracing::warn!(error = %e, "the console's session index cannot follow the audit topic; trying again"),
-                Err(e) => tracing::error!(error = %e, "the console's index task failed"),
             },
-            () = &mut ended => {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                let _ = running.await;
-                return;
-            }
+            // Dropping `rx` tells the thread to stop.
+            () = &mut ended => return,
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -217,6 +222,49 @@ pub async fn download(
                 .into_response()
         }
         Err(r) => r,
+    }
+}
+
+/// `GET /api/sessions/{id}/asciicast/{channel}`: channel `channel` of an SSH session (a
+/// Kubernetes exec: its request's `stmt`) as an asciicast v2 file for the player, every chunk
+/// read from its store and proved by its record first (on record first, as a look).
+pub async fn asciicast(
+    State(console): State<Arc<Console>>,
+    Path((id, channel)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    use crate::audit::{asciicast, recording::ChunkReader, terminal};
+    let (_, lines) = match console.looked_at(&headers, id, "play_recording").await {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    let log_dir = console.index.log_dir().to_path_buf();
+    let cast = tokio::task::spawn_blocking(move || {
+        let records: Vec<_> = lines
+            .iter()
+            .filter_map(|l| vigil_proto::record::Record::parse(l).ok())
+            .collect();
+        let protocol = terminal::protocol(&records).ok_or((
+            StatusCode::NOT_FOUND,
+            "this session has no recording".to_string(),
+        ))?;
+        let mut chunks = ChunkReader::new(Some(log_dir));
+        let s = terminal::read(protocol, &records, &mut chunks).map_err(|why| {
+            (
+                StatusCode::CONFLICT,
+                format!("the recording cannot be shown as it was recorded: {why}"),
+            )
+        })?;
+        let c = s
+            .channel(&channel)
+            .ok_or((StatusCode::NOT_FOUND, format!("no channel {channel:?}")))?;
+        Ok::<_, (StatusCode, String)>(asciicast::cast(&s, c))
+    })
+    .await;
+    match cast {
+        Ok(Ok(cast)) => ([(header::CONTENT_TYPE, "application/x-asciicast")], cast).into_response(),
+        Ok(Err((status, why))) => refuse(status, &why),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

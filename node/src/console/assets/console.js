@@ -303,12 +303,52 @@ async function showSession(id) {
   if (!res.ok) { $('badge').textContent = 'Refused: ' + (body.error || res.status); return; }
   summaryList(body.session);
   let chunks = 0;
+  const channels = new Set();
   for (const rec of body.records) {
-    if (rec.kind === 'recording') { chunks += 1; continue; }
+    if (rec.kind === 'recording') {
+      chunks += 1;
+      if (rec.recording) channels.add(rec.recording.channel.replace(/\.resize$/, ''));
+      continue;
+    }
     $('timeline').appendChild(timelineItem(rec));
   }
-  if (chunks) $('timeline').appendChild(el('li', chunks + ' recorded terminal or stream chunks (vigil replay shows them)', 'rec'));
+  if (chunks) $('timeline').appendChild(el('li', chunks + ' recorded terminal or stream chunks: play them above', 'rec'));
+  recordings(id, body.session.protocol, [...channels]);
   showBadge(id);
+}
+
+let player = null;
+
+// A button per recorded channel (SSH) or exec (Kubernetes); the player plays the one chosen.
+function recordings(id, protocol, channels) {
+  const list = $('s-channels');
+  list.textContent = '';
+  $('player').textContent = '';
+  if (player) { player.dispose(); player = null; }
+  $('s-recordings').hidden = channels.length === 0;
+  const noun = protocol === 'kubernetes' ? 'request' : 'channel';
+  for (const c of channels) {
+    const b = el('button', 'Play ' + noun + ' ' + c);
+    b.type = 'button';
+    b.className = 'play';
+    b.addEventListener('click', () => play(id, c));
+    list.appendChild(b);
+  }
+}
+
+async function play(id, channel) {
+  const url = '/api/sessions/' + encodeURIComponent(id) + '/asciicast/' + encodeURIComponent(channel);
+  const res = await fetch(url, { credentials: 'same-origin' });
+  const box = $('player');
+  box.textContent = '';
+  if (player) { player.dispose(); player = null; }
+  if (!res.ok) {
+    const b = await res.json().catch(() => ({}));
+    box.appendChild(el('p', 'Cannot play: ' + (b.error || res.status), 'error'));
+    return;
+  }
+  const cast = await res.text();
+  player = AsciinemaPlayer.create({ data: cast }, box, { autoPlay: true, fit: 'width', idleTimeLimit: 2 });
 }
 
 // ---- Pages ----

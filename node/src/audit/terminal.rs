@@ -14,12 +14,12 @@
 //! session with one chunk that does not verify is refused as a whole.
 //!
 //! The dump ([`dump`]) prints the output escaped, like every text `vigil` did not write
-//! ([`crate::display`]): an escape sequence is shown, never run, and each line of output shows
+//! ([`crate::audit::display`]): an escape sequence is shown, never run, and each line of output shows
 //! its own terminator (`\r\n`, `\n`) and sits behind the continuation marker. Only [`play`],
 //! which the operator asks for by name, writes the recorded bytes to the terminal as they are.
 
-use crate::display::{escape as esc, escape_lines, push_invalid, CONTINUATION};
-use crate::recording::{chunk_name, ChunkReader, Continuity, Utf8Stream};
+use crate::audit::display::{escape as esc, escape_lines, push_invalid, CONTINUATION};
+use crate::audit::recording::{chunk_name, ChunkReader, Continuity, Utf8Stream};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -457,7 +457,7 @@ fn kube_ending(b: &Body, k: &KubeResponse) -> Ending {
             label += &e.message;
         }
     }
-    let streamed = crate::replay::stream_counts(k);
+    let streamed = stream_counts(k);
     let counts = match exit {
         Some(_) => format!("HTTP {}, {} bytes", k.status, k.bytes),
         None => format!("{} bytes{streamed}", k.bytes),
@@ -505,8 +505,7 @@ fn header(s: &Session<'_>) -> String {
             if let Some(c) = connection {
                 // The client logs in as LOGIN+TARGET.
                 let name = c.name.as_deref().unwrap_or("-");
-                let (login, host) =
-                    vigil_node::ssh::config::split_user(name).unwrap_or(("-", name));
+                let (login, host) = crate::ssh::config::split_user(name).unwrap_or(("-", name));
                 let _ = writeln!(
                     out,
                     "  target      {} ({})\n  login       {}",
@@ -804,6 +803,13 @@ pub fn play(s: &Session<'_>, pace: &Pace, out: &mut impl std::io::Write) -> std:
         }
     }
     out.flush()
+}
+
+/// `, N events` of a watch or `, N lines` of a log; empty for other answers.
+pub fn stream_counts(k: &vigil_proto::record::KubeResponse) -> String {
+    let events = k.events.map(|n| format!(", {n} events"));
+    let lines = k.lines.map(|n| format!(", {n} lines"));
+    events.into_iter().chain(lines).collect()
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@
 //! printing the file shows the recorded escape sequences instead of running them, while a JSON
 //! reader gets the exact text back.
 
-use crate::recording::Utf8Stream;
-use crate::terminal::{secs, Channel, Event, Role, Session};
+use crate::audit::recording::Utf8Stream;
+use crate::audit::terminal::{secs, Channel, Event, Role, Session};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
@@ -138,9 +138,9 @@ fn ascii_json(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recording::ChunkReader;
-    use crate::terminal::tests::{kube_session, session};
-    use crate::terminal::Protocol;
+    use crate::audit::recording::ChunkReader;
+    use crate::audit::terminal::tests::{kube_session, session};
+    use crate::audit::terminal::Protocol;
 
     fn lines(cast: &str) -> Vec<Value> {
         cast.lines()
@@ -151,8 +151,8 @@ mod tests {
     #[test]
     fn a_channel_is_a_cast_with_its_size_markers_resizes_and_exact_text() {
         let records = session();
-        let s =
-            crate::terminal::read(Protocol::Ssh, &records, &mut ChunkReader::new(None)).unwrap();
+        let s = crate::audit::terminal::read(Protocol::Ssh, &records, &mut ChunkReader::new(None))
+            .unwrap();
         let cast = cast(&s, s.channel("1").unwrap());
         assert!(cast.is_ascii(), "{cast}");
         assert!(
@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn what_can_never_complete_is_replaced_and_time_never_goes_back() {
-        use crate::terminal::tests::{chunk, record, request};
+        use crate::audit::terminal::tests::{chunk, record, request};
         use vigil_proto::record::Kind;
         let records = vec![
             record(1, 500, Kind::Request, |b| {
@@ -205,8 +205,8 @@ mod tests {
             // Written later, stamped earlier.
             chunk(4, 400, "output", 2, b"x"),
         ];
-        let s =
-            crate::terminal::read(Protocol::Ssh, &records, &mut ChunkReader::new(None)).unwrap();
+        let s = crate::audit::terminal::read(Protocol::Ssh, &records, &mut ChunkReader::new(None))
+            .unwrap();
         let lines = lines(&cast(&s, s.channel("1").unwrap()));
         assert_eq!(
             lines[0],
@@ -227,8 +227,12 @@ mod tests {
     #[test]
     fn a_kubernetes_exec_is_a_cast_sized_by_its_first_resize() {
         let records = kube_session();
-        let s = crate::terminal::read(Protocol::Kubernetes, &records, &mut ChunkReader::new(None))
-            .unwrap();
+        let s = crate::audit::terminal::read(
+            Protocol::Kubernetes,
+            &records,
+            &mut ChunkReader::new(None),
+        )
+        .unwrap();
         let lines = lines(&cast(&s, s.channel("2").unwrap()));
         assert_eq!(
             lines[0],
