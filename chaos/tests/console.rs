@@ -55,8 +55,9 @@ async fn setup_in(more: NodeOptions) -> Setup {
         protocols: Some(format!(
             "[console]\nlisten = \"127.0.0.1:0\"\nclient_id = \"vigil-console\"\n\
              client_secret = {{ file = \"{}\" }}\nadmin_group = \"vigil-admins\"\n\
-             auditor_group = \"auditors\"\n",
-            secret.display()
+             auditor_group = \"auditors\"\n{}",
+            secret.display(),
+            more.protocols.clone().unwrap_or_default()
         )),
         ..more
     })
@@ -860,4 +861,116 @@ async fn t40_any_nodes_console_shows_every_nodes_sessions_from_the_topic() {
         })
         .count();
     assert_eq!(looks, 1);
+}
+
+/// An SSH session's terminal recording plays in the browser: the exec's output, as the host
+/// sent it, in the player (asciinema-player), from the asciicast the node builds out of the
+/// recorded chunks it proves first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t50_an_ssh_recording_plays_in_the_browser() {
+    use vigil_chaos::ssh;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ca = ssh::keygen(keys.path(), "ca");
+    let e = env();
+    let section = ssh::ssh_section(
+        &ca,
+        e.get("VIGIL_DEV_SSHD_HOST_KEY"),
+        e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
+        "",
+    );
+    let s = setup_in(NodeOptions {
+        protocols: Some(section),
+        ..NodeOptions::default()
+    })
+    .await;
+    let shots = artefact_dir("console/t50");
+    let port = s.node.node.addr("ssh").expect("an SSH listener").port();
+    let key = ssh::certificate(keys.path(), &ca, "user", ssh::OPS_PRINCIPAL, "-5m:+1h");
+    let marker = format!("hello-{}", random_suffix());
+    let out = tokio::process::Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .args(["-o", "IdentitiesOnly=yes", "-i"])
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("CertificateFile={}-cert.pub", key.display()))
+        .args(["-p", &port.to_string()])
+        .arg(format!("{}+web@127.0.0.1", e.get("VIGIL_DEV_SSH_LOGIN")))
+        .arg(format!("printf '%s\\n' {marker}"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let session = s
+        .node
+        .records()
+        .await
+        .into_iter()
+        .find(|r| {
+            r.body.kind == Kind::SessionStart
+                && r.body
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.protocol == "ssh")
+        })
+        .and_then(|r| r.body.session)
+        .expect("the SSH session is on record");
+
+    let driver = Driver::start().await;
+    let dave = driver.browser().await;
+    log_in(&dave, &s.console, "dave", &shots).await;
+    // The index follows the log every 500 ms.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        dave.goto(&format!("{}/#session/{session}", s.console))
+            .await;
+        let found = dave
+            .wait_for("#badge.verified, #badge.broken", Duration::from_secs(10))
+            .await;
+        let _ = found;
+        let play = dave
+            .execute(
+                "return document.querySelectorAll('button.play').length;",
+                json!([]),
+            )
+            .await;
+        if play != json!(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recording to play");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let play = dave.wait_for("button.play", Duration::from_secs(5)).await;
+    dave.click(&play).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let shown = dave
+            .execute(
+                "return document.getElementById('player').textContent;",
+                json!([]),
+            )
+            .await;
+        if shown.as_str().is_some_and(|t| t.contains(&marker)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the player never showed the output: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    dave.screenshot(&shots.join("10-recording-played.png"))
+        .await;
+    dave.close().await;
+    let played = s
+        .node
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.body.request, Some(vigil_proto::record::Request::Console(q)) if q.session == session && q.action == "play_recording")
+        })
+        .count();
+    assert_eq!(played, 1, "the play is on record");
 }

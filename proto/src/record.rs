@@ -118,7 +118,8 @@ pub enum Request {
 /// session's content (its page, a download). Written before the content is sent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleRequest {
-    /// `view_session` (the session's page), `download_records` (its records as JSON lines).
+    /// `view_session` (the session's page), `download_records` (its records as JSON lines),
+    /// `play_recording` (a terminal recording of it, for the player).
     pub action: String,
     /// The session looked at.
     pub session: String,
