@@ -293,6 +293,28 @@ async fn t10_approver_approves_a_held_statement_in_the_browser() {
             .starts_with("agent-ops"),
         "{shown}"
     );
+    // What the agent's records say of it (client, model and version, declared intent) joins
+    // the request once the index has its approval_requested record.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let requester = browser
+            .execute(
+                "return document.querySelector('li.request [data-f=\"requester\"]').textContent;",
+                json!([]),
+            )
+            .await;
+        let text = requester.as_str().unwrap_or_default().to_string();
+        if text.contains("client agent-ops") {
+            assert!(text.contains("model claude-opus"), "{text}");
+            assert!(text.contains("intent: vigil-tests"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client and model shown: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(shown["target"], json!("app"), "{shown}");
     assert!(
         shown["approvals"]

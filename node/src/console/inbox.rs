@@ -27,8 +27,11 @@ const MAX_SHOWN: u32 = 200;
 /// Longest comment sent with a decision.
 const MAX_COMMENT: usize = 2000;
 
-/// What the page shows of a request. Values go into the page as text, never as markup.
-fn view(a: &pb::Approval) -> Value {
+/// What the page shows of a request, with what its `approval_requested` record says of the
+/// requester (client, model and version, declared intent: the coordinator's request carries
+/// the subject and groups only), once the index holds it. Values go into the page as text,
+/// never as markup.
+fn view(a: &pb::Approval, requester: Option<&vigil_proto::record::Principal>) -> Value {
     let scope = a.key.as_ref().and_then(|k| k.scope.as_ref());
     let shown = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
         Some(pb::shown_action::Protocol::Postgres(b)) => json!({
@@ -52,6 +55,12 @@ fn view(a: &pb::Approval) -> Value {
     json!({
         "id": a.id,
         "requester": a.requester.as_ref().map(|r| json!({ "subject": r.subject, "groups": r.groups })),
+        "requested_by": requester.map(|p| json!({
+            "client_id": p.client_id,
+            "model": p.model,
+            "model_version": p.model_version,
+            "intent": p.intent,
+        })),
         "protocol": scope.map(|s| s.protocol.as_str()),
         "target": scope.map(|s| s.target.as_str()),
         "action": a.action,
@@ -70,7 +79,7 @@ fn view(a: &pb::Approval) -> Value {
     })
 }
 
-async fn pending(person: &LoginSession) -> Result<Value, tonic::Status> {
+async fn pending(console: &Console, person: &LoginSession) -> Result<Value, tonic::Status> {
     let list = person
         .coordinator
         .list_approvals(pb::ListApprovalsRequest {
@@ -79,7 +88,22 @@ async fn pending(person: &LoginSession) -> Result<Value, tonic::Status> {
             page_token: String::new(),
         })
         .await?;
-    Ok(Value::Array(list.approvals.iter().map(view).collect()))
+    let index = console.index.clone();
+    let ids: Vec<String> = list.approvals.iter().map(|a| a.id.clone()).collect();
+    let requesters = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|id| index.requester(id).ok().flatten())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    Ok(Value::Array(
+        list.approvals
+            .iter()
+            .enumerate()
+            .map(|(i, a)| view(a, requesters.get(i).and_then(Option::as_ref)))
+            .collect(),
+    ))
 }
 
 /// `GET /api/approvals/events`: server-sent events. `approvals` carries the whole pending list
@@ -89,40 +113,41 @@ pub async fn events(State(console): State<Arc<Console>>, headers: HeaderMap) -> 
     let Some(person) = console.person(&headers).await else {
         return refuse(StatusCode::UNAUTHORIZED, "log in first");
     };
-    let state = (person, None::<String>, true);
-    let stream = futures_util::stream::unfold(state, |(person, mut last, first)| async move {
-        if !first {
-            tokio::time::sleep(POLL).await;
-        }
-        loop {
-            // The login ended: so does the stream (the page then finds itself logged out).
-            if person.expires <= SystemTime::now() {
-                return None;
+    let state = (console, person, None::<String>, true);
+    let stream =
+        futures_util::stream::unfold(state, |(console, person, mut last, first)| async move {
+            if !first {
+                tokio::time::sleep(POLL).await;
             }
-            let event = match pending(&person).await {
-                Ok(list) => {
-                    let text = list.to_string();
-                    (last.as_deref() != Some(text.as_str())).then(|| {
-                        let event = Event::default().event("approvals").data(&text);
-                        last = Some(text);
-                        event
-                    })
+            loop {
+                // The login ended: so does the stream (the page then finds itself logged out).
+                if person.expires <= SystemTime::now() {
+                    return None;
                 }
-                Err(s) => {
-                    last = None;
-                    let why = format!("the coordinator cannot answer: {}", s.message());
-                    Some(Event::default().event("problem").data(why))
+                let event = match pending(&console, &person).await {
+                    Ok(list) => {
+                        let text = list.to_string();
+                        (last.as_deref() != Some(text.as_str())).then(|| {
+                            let event = Event::default().event("approvals").data(&text);
+                            last = Some(text);
+                            event
+                        })
+                    }
+                    Err(s) => {
+                        last = None;
+                        let why = format!("the coordinator cannot answer: {}", s.message());
+                        Some(Event::default().event("problem").data(why))
+                    }
+                };
+                if let Some(event) = event {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (console, person, last, false),
+                    ));
                 }
-            };
-            if let Some(event) = event {
-                return Some((
-                    Ok::<_, std::convert::Infallible>(event),
-                    (person, last, false),
-                ));
+                tokio::time::sleep(POLL).await;
             }
-            tokio::time::sleep(POLL).await;
-        }
-    });
+        });
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
@@ -178,7 +203,7 @@ pub async fn decide(
     match decided {
         Ok(a) => (
             [(header::CONTENT_TYPE, "application/json")],
-            view(&a).to_string(),
+            view(&a, None).to_string(),
         )
             .into_response(),
         Err(s) => {

@@ -36,6 +36,9 @@ const FIELDS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new
 const CURSOR: TableDefinition<&str, u64> = TableDefinition::new("cursor");
 /// Stream → [`StreamChain`] (JSON): the chain as the index followed it.
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+/// Approval request id → the principal of the `approval_requested` record (JSON): who asked,
+/// as the inbox shows it.
+const REQUESTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("requesters");
 /// (stream, seq) → the record's hash (32 bytes), for checkpoints to be checked against.
 const HASHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("hashes");
 
@@ -329,6 +332,7 @@ impl Index {
         w.open_table(CURSOR)?;
         w.open_table(STREAMS)?;
         w.open_table(HASHES)?;
+        w.open_table(REQUESTERS)?;
         w.commit()?;
         Ok(Self {
             db,
@@ -465,6 +469,7 @@ impl Index {
             let mut records = w.open_table(RECORDS)?;
             let mut streams = w.open_table(STREAMS)?;
             let mut hashes = w.open_table(HASHES)?;
+            let mut requesters = w.open_table(REQUESTERS)?;
             let mut chains: HashMap<String, StreamChain> = HashMap::new();
             let mut changed: HashMap<String, Summary> = HashMap::new();
             for Line {
@@ -490,6 +495,14 @@ impl Index {
                 }
                 let hash = vigil_proto::chain::record_hash(line);
                 hashes.insert((record.stream.as_str(), record.seq), hash.as_slice())?;
+                if let (Kind::ApprovalRequested, Some(a), Some(p)) = (
+                    record.body.kind,
+                    &record.body.approval,
+                    &record.body.principal,
+                ) {
+                    let who = serde_json::to_vec(p).expect("a principal serialises");
+                    requesters.insert(a.id.as_str(), who.as_slice())?;
+                }
                 let Some(id) = record.body.session.clone() else {
                     continue;
                 };
@@ -645,6 +658,17 @@ impl Index {
             None => None,
         };
         Ok((chain, hash))
+    }
+
+    /// Who asked for approval request `id` (the principal of its `approval_requested`
+    /// record), once the index has taken that record.
+    pub fn requester(
+        &self,
+        id: &str,
+    ) -> Result<Option<vigil_proto::record::Principal>, IndexError> {
+        let r = self.db.begin_read()?;
+        let found = r.open_table(REQUESTERS)?.get(id)?;
+        Ok(found.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
     /// How many sessions the index holds.

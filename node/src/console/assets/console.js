@@ -53,7 +53,10 @@ function render(list) {
     f('protocol', a.protocol || '?');
     f('target', a.target || '?');
     f('action', a.action);
-    f('requester', r.subject + (r.groups.length ? ' (groups: ' + r.groups.join(', ') + ')' : ''));
+    const by = a.requested_by || {};
+    const model = [by.model, by.model_version].filter(Boolean).join(' ');
+    const who = [by.client_id && 'client ' + by.client_id, model && 'model ' + model, by.intent && 'intent: ' + by.intent].filter(Boolean);
+    f('requester', r.subject + (who.length ? ' (' + who.join(', ') + ')' : '') + (r.groups.length ? '; groups: ' + r.groups.join(', ') : ''));
     f('rule', a.rule);
     f('reason', a.reason || '—');
     f('details', details(a) || '—');
