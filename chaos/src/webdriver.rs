@@ -238,6 +238,12 @@ impl Browser {
             .unwrap_or_default()
     }
 
+    /// Resizes the window (the page then lays out at `width` CSS pixels, less scrollbars).
+    pub async fn resize(&self, width: u32, height: u32) {
+        self.post("/window/rect", json!({ "width": width, "height": height }))
+            .await;
+    }
+
     /// A PNG of the window, written to `path`.
     pub async fn screenshot(&self, path: &Path) {
         use base64::Engine as _;

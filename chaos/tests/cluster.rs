@@ -534,6 +534,8 @@ async fn t11_haproxy_names_the_client_and_nobody_else_can() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     let (cluster, psql) = LocalCluster::up().await;
+    // pgbench's tables are made directly, before the log the test judges by.
+    Pgbench::init(&cluster).await;
     let log_start = pg_log_len();
 
     eprintln!("phase: the psql command `up` printed, through HAProxy");
@@ -554,7 +556,8 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     let token = agent_token().await;
 
     const CLIENTS: usize = 6;
-    eprintln!("phase: {CLIENTS} clients through HAProxy");
+    eprintln!("phase: {CLIENTS} clients and pgbench through HAProxy");
+    let pgbench = Pgbench::start(&cluster, &token);
     let load = Load::start(&cluster, &token, CLIENTS);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -563,7 +566,7 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     let (victim, on_victim) = *sessions.iter().max_by_key(|(_, n)| *n).unwrap();
     assert_eq!(sessions.len(), NODES, "{sessions:?}");
     assert!(
-        on_victim > 0 && on_victim < CLIENTS as u64,
+        on_victim > 0 && on_victim < (CLIENTS + PGBENCH_CLIENTS) as u64,
         "sessions spread over the nodes: {sessions:?}"
     );
     eprintln!("phase: kill -9 node-{victim} ({on_victim} sessions; all: {sessions:?})");
@@ -575,6 +578,7 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
     assert!(status.success());
     tokio::time::sleep(Duration::from_secs(4)).await;
     let seen = load.stop().await;
+    let pgbench = pgbench.finish().await;
 
     eprintln!("phase: the clients got back in through the balancer");
     let back: Vec<Duration> = seen.iter().flat_map(|s| s.back_after.clone()).collect();
@@ -624,14 +628,83 @@ async fn t50_a_node_killed_under_load_behind_haproxy_loses_no_statement() {
         "PostgreSQL logged {} statements, the clients had {answered} answered",
         ran.len()
     );
+    let by_pgbench = ran
+        .iter()
+        .filter(|t| t.starts_with("SELECT abalance FROM pgbench_accounts"))
+        .count();
+    assert!(
+        by_pgbench > 0,
+        "pgbench's statements ran and are among them ({pgbench} transactions)"
+    );
     eprintln!(
-        "  {} statements ran, all in the topic ({} records)",
+        "  {} statements ran ({by_pgbench} distinct ones of pgbench's {pgbench} transactions), all in the topic ({} records)",
         ran.len(),
         records.len()
     );
 
     eprintln!("phase: vigil audit verify over the topic and every node's local log");
     verify_everything(&cluster).await;
+}
+
+/// pgbench (select-only, 4 clients, each on one connection) through HAProxy for 7 s, beside
+/// the test's own clients: a client whose node is killed aborts (pgbench does not reconnect);
+/// the others carry on.
+struct Pgbench(tokio::process::Child);
+
+const PGBENCH_CLIENTS: usize = 4;
+
+impl Pgbench {
+    /// Its tables, made directly (as the superuser), readable by the gateway's login.
+    async fn init(cluster: &LocalCluster) {
+        let e = env();
+        let out = Command::new("pgbench")
+            .args(["-i", "-s", "1", "-q", "-h", e.get("VIGIL_PG_HOST"), "-p"])
+            .arg(e.get("VIGIL_PG_PORT"))
+            .args(["-U", e.get("VIGIL_PG_SUPERUSER"), &cluster.db])
+            .env("PGPASSWORD", e.get("VIGIL_PG_SUPERPASS"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pgbench -i: {}", output_text(&out));
+        let gw = e.get("VIGIL_PG_GATEWAY_USER");
+        direct_superuser(&cluster.db)
+            .await
+            .batch_execute(&format!(
+                "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {gw}"
+            ))
+            .await
+            .unwrap();
+    }
+
+    fn start(cluster: &LocalCluster, token: &str) -> Self {
+        let child = tokio::process::Command::new("pgbench")
+            .args(["-n", "-S", "-T", "7", "-h", "127.0.0.1", "-p"])
+            .arg(cluster.pg_port.to_string())
+            .arg("-c")
+            .arg(PGBENCH_CLIENTS.to_string())
+            .args(["-U", "agent", "app"])
+            .env("PGPASSWORD", token)
+            .env("PGSSLMODE", "require")
+            .env("PGAPPNAME", "pgbench")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// The transactions pgbench completed (it ran to its end: exit 0, or 2 when the kill
+    /// aborted some of its clients).
+    async fn finish(self) -> u64 {
+        let out = self.0.wait_with_output().await.unwrap();
+        let text = output_text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "pgbench: {text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|n| n.split('/').next())
+            .and_then(|n| n.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("pgbench processed nothing: {text}"))
+    }
 }
 
 /// Every statement PostgreSQL ran since `log_start` is in the cluster's topic, and the topic

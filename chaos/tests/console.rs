@@ -686,6 +686,34 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
     );
     dave.screenshot(&shots.join("07-session-verified.png"))
         .await;
+    // Readable on a narrow screen: at 400 px nothing but the tables' own boxes scrolls
+    // sideways, on the session page and on the list.
+    dave.resize(400, 900).await;
+    let overflow =
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth;";
+    assert_eq!(
+        dave.execute(overflow, json!([])).await,
+        json!(0),
+        "the session page is wider than 400 px"
+    );
+    dave.screenshot(&shots.join("07b-session-400px.png")).await;
+    dave.execute("window.location.hash = '#sessions';", json!([]))
+        .await;
+    dave.wait_for("#search", Duration::from_secs(5)).await;
+    assert_eq!(
+        dave.execute(overflow, json!([])).await,
+        json!(0),
+        "the session list is wider than 400 px"
+    );
+    dave.screenshot(&shots.join("07c-sessions-400px.png")).await;
+    dave.resize(1280, 1000).await;
+    dave.execute(
+        &format!("window.location.hash = '#session/{session}';"),
+        json!([]),
+    )
+    .await;
+    dave.wait_for("#badge.verified", Duration::from_secs(15))
+        .await;
 
     // The download is the session's records, as written.
     let (dave_cookie, _) = credentials(&dave, console).await;
@@ -744,6 +772,13 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
         broken.starts_with(&format!("Chain broken at {name}:{}", line + 1)),
         "the record after the altered one no longer chains to it: {broken} (altered line {line})"
     );
+    assert!(
+        broken.contains(&format!(
+            "Altered since it was written: this session's record at seq {} ({name}:{line})",
+            line - 1
+        )),
+        "the altered record is named: {broken}"
+    );
     dave.screenshot(&shots.join("08-session-broken.png")).await;
     dave.close().await;
 
@@ -768,7 +803,8 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
             .filter(|(who, a, id)| who == "dave" && a == action && *id == session)
             .count()
     };
-    assert_eq!(dave_looks("view_session"), 2, "{looks:?}");
+    // Opened, opened again after the 400 px check, reloaded after the alteration.
+    assert_eq!(dave_looks("view_session"), 3, "{looks:?}");
     assert_eq!(dave_looks("download_records"), 1, "{looks:?}");
     assert!(looks.iter().all(|(who, ..)| who == "dave"), "{looks:?}");
 }

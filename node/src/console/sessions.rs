@@ -355,9 +355,42 @@ fn badge(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value 
                 "seq": f.seq,
                 "problem": f.problem.to_string(),
             },
+            "changed": changed_since_indexed(index, s, &file),
         }),
         None => verified(s, stream.anchored_seq, checkpoint, "log", witness.is_some()),
     }
+}
+
+/// The session's records whose bytes in the log file are not the ones the index took when they
+/// were written (`{"seq", "location"}`): which record was altered, where the chain only says
+/// that the one after it no longer follows.
+fn changed_since_indexed(index: &Index, s: &Summary, file: &std::path::Path) -> Vec<Value> {
+    let Ok(Some((_, indexed))) = index.session(&s.session) else {
+        return Vec::new();
+    };
+    let seq_of = |bytes: &[u8]| {
+        vigil_proto::record::Record::parse(bytes)
+            .ok()
+            .map(|r| r.seq)
+    };
+    let indexed: std::collections::HashMap<u64, &Vec<u8>> = indexed
+        .iter()
+        .filter_map(|b| seq_of(b).map(|seq| (seq, b)))
+        .collect();
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut changed = Vec::new();
+    let _ = crate::audit::read::each_line(file, |_, n, bytes, _| {
+        let Some(seq) = seq_of(bytes) else {
+            return;
+        };
+        if indexed.get(&seq).is_some_and(|b| b.as_slice() != bytes) {
+            changed.push(json!({ "seq": seq, "location": format!("{name}:{n}") }));
+        }
+    });
+    changed
 }
 
 fn verified(

@@ -289,7 +289,11 @@ async function showBadge(id) {
     badge.textContent = text + '.';
   } else if (b.state === 'broken') {
     badge.classList.add('broken');
-    badge.textContent = 'Chain broken at ' + b.failure.location + (b.failure.seq !== null ? ' (seq ' + b.failure.seq + ')' : '') + ': ' + b.failure.problem;
+    let text = 'Chain broken at ' + b.failure.location + (b.failure.seq !== null ? ' (seq ' + b.failure.seq + ')' : '') + ': ' + b.failure.problem;
+    for (const c of b.changed || []) {
+      text += '. Altered since it was written: this session\'s record at seq ' + c.seq + ' (' + c.location + '); the page shows it as it was indexed';
+    }
+    badge.textContent = text + '.';
   } else {
     badge.classList.add('broken');
     badge.textContent = 'Cannot verify: ' + (b.detail || b.state);
