@@ -1032,3 +1032,141 @@ async fn t50_an_ssh_recording_plays_in_the_browser() {
         .count();
     assert_eq!(played, 1, "the play is on record");
 }
+
+/// Grants for admins: carol (vigil-admins) grants agent-ops write on `app` for 60 minutes in
+/// the browser, the coordinator holds it (as the CLI shows), she revokes it; bob's crafted
+/// grant is refused by the coordinator; without a login nothing answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t60_an_admin_grants_and_revokes_in_the_browser() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = setup().await;
+    let shots = artefact_dir("console/t60");
+    let console = &s.console;
+    let http = http();
+    let res = http
+        .get(format!("{console}/api/grants"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = http
+        .post(format!("{console}/api/grants"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    let driver = Driver::start().await;
+    let carol = driver.browser().await;
+    log_in(&carol, console, "carol", &shots).await;
+    let nav = carol
+        .wait_for("#nav-grants:not([hidden])", Duration::from_secs(10))
+        .await;
+    carol.click(&nav).await;
+    let reason = format!("ticket <{}>", random_suffix());
+    for (field, value) in [
+        ("subject", "agent-ops"),
+        ("target", "app"),
+        ("access_class", "write"),
+        ("reason", reason.as_str()),
+    ] {
+        let input = carol
+            .wait_for(
+                &format!("#grant-new [name={field}]"),
+                Duration::from_secs(5),
+            )
+            .await;
+        carol.type_into(&input, value).await;
+    }
+    // Minutes: the form's 60.
+    let go = carol
+        .wait_for("#grant-create", Duration::from_secs(5))
+        .await;
+    carol.click(&go).await;
+    carol
+        .wait_for("#grants tbody button.revoke", Duration::from_secs(10))
+        .await;
+    let row = carol
+        .execute(
+            "return Array.from(document.querySelectorAll('#grants tbody tr td')).map((td) => td.textContent);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(row[0], json!("agent-ops"), "{row}");
+    assert_eq!(row[3], json!("write"), "{row}");
+    assert_eq!(row[6], json!("carol"), "{row}");
+    assert_eq!(row[7], json!(reason), "the reason as text: {row}");
+    assert_eq!(row[8], json!("active"), "{row}");
+    carol.screenshot(&shots.join("11-grant-active.png")).await;
+
+    // The coordinator holds it, as the CLI shows.
+    let coord = s.node.node.coordinator.join(",");
+    let carol_token = id_token("carol");
+    let (code, out) = vigil_async(&[
+        "grants",
+        "list",
+        "--coordinator",
+        &coord,
+        "--token",
+        &carol_token,
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("agent-ops") && out.contains("write"), "{out}");
+
+    let revoke = carol
+        .wait_for("#grants tbody button.revoke", Duration::from_secs(5))
+        .await;
+    carol.click(&revoke).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = carol
+            .execute(
+                "const td = document.querySelectorAll('#grants tbody tr td'); return td.length ? td[8].textContent : '';",
+                json!([]),
+            )
+            .await;
+        if state == json!("revoked") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not revoked: {state}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    carol.screenshot(&shots.join("12-grant-revoked.png")).await;
+    carol.close().await;
+
+    // bob is no admin: no Grants link, and the coordinator refuses his crafted grant.
+    let bob = driver.browser().await;
+    log_in(&bob, console, "bob", &shots).await;
+    let hidden = bob
+        .execute(
+            "return document.getElementById('nav-grants').hidden;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(hidden, json!(true));
+    let (cookie, csrf) = credentials(&bob, console).await;
+    let res = http
+        .post(format!("{console}/api/grants"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .header("content-type", "application/json")
+        .body(r#"{"subject":"bob","protocol":"postgres","target":"app","access_class":"write","minutes":30}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "{}", res.text().await.unwrap());
+    // Nor anything without the CSRF token.
+    let res = http
+        .post(format!("{console}/api/grants"))
+        .header("cookie", &cookie)
+        .header("content-type", "application/json")
+        .body(r#"{"subject":"bob","protocol":"postgres","target":"app","access_class":"write","minutes":30}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    bob.close().await;
+}

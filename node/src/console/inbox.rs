@@ -17,7 +17,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tonic::Code;
 use vigil_proto::coordinator as pb;
 
 /// How often the inbox asks the coordinator for the list.
@@ -173,21 +172,13 @@ pub async fn decide(
         Ok(p) => p,
         Err(res) => return res,
     };
-    let json_body = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json_body {
-        return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send JSON");
-    }
-    let decision: Decision = match serde_json::from_slice(&body) {
+    let decision: Decision = match super::json_body(
+        &headers,
+        &body,
+        "send {\"approve\": true|false, \"comment\": \"…\"}",
+    ) {
         Ok(d) => d,
-        Err(_) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "send {\"approve\": true|false, \"comment\": \"…\"}",
-            )
-        }
+        Err((status, why)) => return refuse(status, why),
     };
     if decision.comment.len() > MAX_COMMENT {
         return refuse(StatusCode::BAD_REQUEST, "the comment is too long");
@@ -206,17 +197,6 @@ pub async fn decide(
             view(&a, None).to_string(),
         )
             .into_response(),
-        Err(s) => {
-            let status = match s.code() {
-                Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
-                Code::NotFound => StatusCode::NOT_FOUND,
-                Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
-                    StatusCode::CONFLICT
-                }
-                Code::InvalidArgument => StatusCode::BAD_REQUEST,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            refuse(status, s.message())
-        }
+        Err(s) => super::coordinator_refusal(&s),
     }
 }

@@ -14,6 +14,7 @@
 
 mod assets;
 mod auth;
+mod grants;
 mod inbox;
 pub mod index;
 mod sessions;
@@ -205,6 +206,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
         .route("/api/approvals/{id}/decision", post(inbox::decide))
+        .route("/api/grants", get(grants::list).post(grants::create))
+        .route("/api/grants/{id}/revoke", post(grants::revoke))
         .route("/api/sessions", get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::show))
         .route("/api/sessions/{id}/records.jsonl", get(sessions::download))
@@ -232,6 +235,37 @@ pub async fn serve(
     {
         tracing::error!(error = %e, "console server failed");
     }
+}
+
+/// The body of a change: JSON only (a cross-site form cannot send it), read as `T`; else the
+/// refusal's status and what to send (`hint`).
+fn json_body<'a, T: serde::de::DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    hint: &'a str,
+) -> Result<T, (axum::http::StatusCode, &'a str)> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err((axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE, "send JSON"));
+    }
+    serde_json::from_slice(body).map_err(|_| (axum::http::StatusCode::BAD_REQUEST, hint))
+}
+
+/// The coordinator's refusal of a call made as the person, as the console's answer.
+fn coordinator_refusal(s: &tonic::Status) -> Response {
+    use axum::http::StatusCode;
+    use tonic::Code;
+    let status = match s.code() {
+        Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    auth::refuse(status, s.message())
 }
 
 /// Scripts, styles and connections only from the console itself, never inline (WebAssembly may

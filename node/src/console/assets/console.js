@@ -358,14 +358,72 @@ async function play(id, channel) {
   player = AsciinemaPlayer.create({ data: cast }, box, { autoPlay: true, fit: 'width', idleTimeLimit: 2 });
 }
 
+// ---- Grants (admins) ----
+
+function msUtc(ms) {
+  return ms ? new Date(ms).toISOString().replace('T', ' ').replace(/\.\d+Z$/, '') : '—';
+}
+
+async function grants() {
+  const res = await fetch('/api/grants', { credentials: 'same-origin' });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) { $('grants-status').textContent = 'Refused: ' + (body.error || res.status); return; }
+  const tbody = $('grants').querySelector('tbody');
+  tbody.textContent = '';
+  const now = Date.now();
+  for (const g of body) {
+    const tr = document.createElement('tr');
+    tr.dataset.id = g.id;
+    const state = g.revoked_at_ms ? 'revoked' : (g.not_after_ms <= now ? 'expired' : 'active');
+    for (const c of [g.subject, g.protocol, g.target, g.access_class, msUtc(g.not_before_ms), msUtc(g.not_after_ms), g.granted_by, g.reason || '—', state]) {
+      tr.appendChild(el('td', c));
+    }
+    const td = el('td');
+    if (state === 'active') {
+      const b = el('button', 'Revoke');
+      b.type = 'button';
+      b.className = 'revoke';
+      b.setAttribute('aria-label', 'Revoke the grant of ' + g.subject + ' on ' + g.target);
+      b.addEventListener('click', () => revoke(g.id));
+      td.appendChild(b);
+    }
+    tr.appendChild(td);
+    tbody.appendChild(tr);
+  }
+}
+
+async function change(url, body) {
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-csrf-token': csrf },
+    body: JSON.stringify(body),
+    credentials: 'same-origin',
+  });
+  const answer = await res.json().catch(() => ({}));
+  $('grants-status').textContent = res.ok ? 'Done.' : 'Refused: ' + (answer.error || res.status);
+  grants();
+}
+
+async function createGrant(e) {
+  e.preventDefault();
+  const f = Object.fromEntries(new FormData($('grant-new')));
+  f.minutes = Number(f.minutes);
+  await change('/api/grants', f);
+}
+
+async function revoke(id) {
+  await change('/api/grants/' + encodeURIComponent(id) + '/revoke', {});
+}
+
 // ---- Pages ----
 
 let inboxStarted = false;
 
 function route() {
   const hash = decodeURIComponent(window.location.hash.slice(1));
-  const page = hash.startsWith('session/') ? 'session' : (hash === 'sessions' ? 'sessions' : 'approvals');
-  for (const p of ['approvals', 'sessions', 'session']) $('page-' + p).hidden = p !== page;
+  const page = hash.startsWith('session/') ? 'session' : (['sessions', 'grants'].includes(hash) ? hash : 'approvals');
+  for (const p of ['approvals', 'sessions', 'session', 'grants']) $('page-' + p).hidden = p !== page;
+  if (page === 'grants') grants();
   if (page === 'approvals' && !inboxStarted) { inboxStarted = true; listen(); }
   if (page === 'sessions' && !$('sessions').querySelector('tbody').children.length) search(false);
   if (page === 'session') showSession(hash.slice('session/'.length));
@@ -381,6 +439,8 @@ async function start() {
   $('who').textContent = me.subject;
   $('logout').addEventListener('click', logout);
   $('nav-sessions').hidden = !me.auditor;
+  $('nav-grants').hidden = !me.admin;
+  $('grant-new').addEventListener('submit', createGrant);
   $('search').addEventListener('submit', (e) => { e.preventDefault(); search(false); });
   $('older').addEventListener('click', () => search(true));
   window.addEventListener('hashchange', route);

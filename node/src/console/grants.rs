@@ -1,0 +1,139 @@
+//! The grants page: time-windowed grants ("this principal may use this access class on this
+//! target"), listed, created and revoked as the person. Who may do what is the coordinator's
+//! to enforce (`coordinator.admin_group` creates and revokes; anyone sees their own grants);
+//! the console shows the page to `console.admin_group` and adds nothing of its own.
+
+use super::auth::refuse;
+use super::Console;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use vigil_proto::coordinator as pb;
+
+/// Longest reason sent with a grant.
+const MAX_REASON: usize = 2000;
+/// Longest window a grant may be made for here: a week.
+const MAX_MINUTES: u64 = 7 * 24 * 60;
+
+/// What the page shows of a grant, as text.
+fn view(g: &pb::Grant) -> Value {
+    let scope = g.scope.as_ref();
+    json!({
+        "id": g.id,
+        "subject": g.subject,
+        "protocol": scope.map(|s| s.protocol.as_str()),
+        "target": scope.map(|s| s.target.as_str()),
+        "access_class": g.access_class,
+        "not_before_ms": g.not_before_ms,
+        "not_after_ms": g.not_after_ms,
+        "granted_by": g.granted_by,
+        "revoked_at_ms": g.revoked_at_ms,
+        "reason": g.reason,
+    })
+}
+
+fn grant_response(g: &pb::Grant) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        view(g).to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /api/grants`: the grants the coordinator shows this person.
+pub async fn list(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let Some(person) = console.person(&headers).await else {
+        return refuse(StatusCode::UNAUTHORIZED, "log in first");
+    };
+    match person
+        .coordinator
+        .list_grants(pb::ListGrantsRequest {})
+        .await
+    {
+        Ok(list) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Value::Array(list.grants.iter().map(view).collect()).to_string(),
+        )
+            .into_response(),
+        Err(s) => super::coordinator_refusal(&s),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGrant {
+    subject: String,
+    protocol: String,
+    target: String,
+    access_class: String,
+    minutes: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /api/grants` (JSON, with the CSRF token): a grant from now for `minutes`.
+pub async fn create(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let person = match console.person_for_change(&headers).await {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    let new: NewGrant = match super::json_body(
+        &headers,
+        &body,
+        "send {\"subject\", \"protocol\", \"target\", \"access_class\", \"minutes\", \"reason\"}",
+    ) {
+        Ok(g) => g,
+        Err((status, why)) => return refuse(status, why),
+    };
+    if new.reason.len() > MAX_REASON {
+        return refuse(StatusCode::BAD_REQUEST, "the reason is too long");
+    }
+    if !(1..=MAX_MINUTES).contains(&new.minutes) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a grant lasts from 1 minute to a week",
+        );
+    }
+    let created = person
+        .coordinator
+        .create_grant(pb::CreateGrantRequest {
+            subject: new.subject,
+            scope: Some(pb::Scope {
+                protocol: new.protocol,
+                target: new.target,
+            }),
+            access_class: new.access_class,
+            duration_ms: new.minutes * 60_000,
+            reason: new.reason,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(g) => grant_response(&g),
+        Err(s) => super::coordinator_refusal(&s),
+    }
+}
+
+/// `POST /api/grants/{id}/revoke` (with the CSRF token).
+pub async fn revoke(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let person = match console.person_for_change(&headers).await {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    match person.coordinator.revoke_grant(pb::GrantId { id }).await {
+        Ok(g) => grant_response(&g),
+        Err(s) => super::coordinator_refusal(&s),
+    }
+}
