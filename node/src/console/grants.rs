@@ -81,17 +81,11 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let person = match console.person_for_change(&headers).await {
-        Ok(p) => p,
+    let hint =
+        "send {\"subject\", \"protocol\", \"target\", \"access_class\", \"minutes\", \"reason\"}";
+    let (person, new): (_, NewGrant) = match console.change(&headers, &body, hint).await {
+        Ok(found) => found,
         Err(res) => return res,
-    };
-    let new: NewGrant = match super::json_body(
-        &headers,
-        &body,
-        "send {\"subject\", \"protocol\", \"target\", \"access_class\", \"minutes\", \"reason\"}",
-    ) {
-        Ok(g) => g,
-        Err((status, why)) => return refuse(status, why),
     };
     if new.reason.len() > MAX_REASON {
         return refuse(StatusCode::BAD_REQUEST, "the reason is too long");

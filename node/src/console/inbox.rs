@@ -168,17 +168,10 @@ pub async fn decide(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let person = match console.person_for_change(&headers).await {
-        Ok(p) => p,
+    let hint = "send {\"approve\": true|false, \"comment\": \"…\"}";
+    let (person, decision): (_, Decision) = match console.change(&headers, &body, hint).await {
+        Ok(found) => found,
         Err(res) => return res,
-    };
-    let decision: Decision = match super::json_body(
-        &headers,
-        &body,
-        "send {\"approve\": true|false, \"comment\": \"…\"}",
-    ) {
-        Ok(d) => d,
-        Err((status, why)) => return refuse(status, why),
     };
     if decision.comment.len() > MAX_COMMENT {
         return refuse(StatusCode::BAD_REQUEST, "the comment is too long");

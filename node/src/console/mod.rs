@@ -254,6 +254,22 @@ fn json_body<'a, T: serde::de::DeserializeOwned>(
     serde_json::from_slice(body).map_err(|_| (axum::http::StatusCode::BAD_REQUEST, hint))
 }
 
+impl Console {
+    /// A change: the person (who must have sent their CSRF token) and the JSON body as `T`;
+    /// else the refusal, with `hint` saying what to send.
+    async fn change<T: serde::de::DeserializeOwned>(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: &[u8],
+        hint: &str,
+    ) -> Result<(Arc<auth::LoginSession>, T), Response> {
+        let person = self.person_for_change(headers).await?;
+        let value =
+            json_body(headers, body, hint).map_err(|(status, why)| auth::refuse(status, why))?;
+        Ok((person, value))
+    }
+}
+
 /// The coordinator's refusal of a call made as the person, as the console's answer.
 fn coordinator_refusal(s: &tonic::Status) -> Response {
     use axum::http::StatusCode;
