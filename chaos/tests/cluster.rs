@@ -24,9 +24,19 @@ const NODES: usize = 3;
 /// The first of `n` consecutive loopback ports that are all free now (cluster.sh numbers its
 /// members' and nodes' ports from a base), away from the dev (25xxx) and CI (35xxx) servers.
 fn free_ports(n: u16) -> u16 {
+    // The tests of this file run side by side: each block is taken from a cursor, so that two
+    // clusters never get overlapping blocks (a check that a port is free is not a claim on
+    // it until the cluster's processes bind it).
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        let base = 28_000 + rand::random::<u16>() % 4_000;
-        if (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        let base = next.unwrap_or_else(|| 28_000 + rand::random::<u16>() % 2_000);
+        let end = if base + n > 32_000 { 28_000 } else { base + n };
+        *next = Some(end);
+        if end == 28_000 {
+            continue;
+        }
+        if (base..end).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
     }
