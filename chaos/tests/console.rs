@@ -41,11 +41,12 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    setup_in(NodeOptions::default()).await
+    setup_in(NodeOptions::default(), 0, "").await
 }
 
-/// [`setup`] with more options (a cluster's coordinator, the audit topic).
-async fn setup_in(more: NodeOptions) -> Setup {
+/// [`setup`] with more options (a cluster's coordinator, the audit topic), the console's port
+/// (0: any) and more of its section.
+async fn setup_in(more: NodeOptions, port: u16, console: &str) -> Setup {
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = secret_dir.path().join("console-secret");
     std::fs::write(&secret, "vigil-console-secret\n").unwrap();
@@ -53,9 +54,9 @@ async fn setup_in(more: NodeOptions) -> Setup {
         allow_cleartext_token: true,
         extra: POLICY,
         protocols: Some(format!(
-            "[console]\nlisten = \"127.0.0.1:0\"\nclient_id = \"vigil-console\"\n\
+            "[console]\nlisten = \"127.0.0.1:{port}\"\nclient_id = \"vigil-console\"\n\
              client_secret = {{ file = \"{}\" }}\nadmin_group = \"vigil-admins\"\n\
-             auditor_group = \"auditors\"\n{}",
+             auditor_group = \"auditors\"\n{console}{}",
             secret.display(),
             more.protocols.clone().unwrap_or_default()
         )),
@@ -147,6 +148,11 @@ impl Setup {
 
 /// Logs `user` in through the dev provider's pages, as a person would.
 async fn log_in(browser: &Browser, console: &str, user: &str, shots: &Path) {
+    log_in_at(browser, console, console, user, shots).await;
+}
+
+/// [`log_in`], started at `console`, landing at `lands` (the console's public URL).
+async fn log_in_at(browser: &Browser, console: &str, lands: &str, user: &str, shots: &Path) {
     browser.goto(&format!("{console}/")).await;
     let login = browser
         .wait_for("input[name=login]", Duration::from_secs(20))
@@ -167,7 +173,7 @@ async fn log_in(browser: &Browser, console: &str, user: &str, shots: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let url = browser.url().await;
-        if url.starts_with(console) {
+        if url.starts_with(lands) {
             break;
         }
         let found = browser
@@ -824,12 +830,16 @@ async fn t40_any_nodes_console_shows_every_nodes_sessions_from_the_topic() {
         ..NodeOptions::default()
     })
     .await;
-    let b = setup_in(NodeOptions {
-        kafka_topic: Some(topic.clone()),
-        coordinator: Some(cluster.node_section()),
-        checkpoint_interval_secs: 1,
-        ..NodeOptions::default()
-    })
+    let b = setup_in(
+        NodeOptions {
+            kafka_topic: Some(topic.clone()),
+            coordinator: Some(cluster.node_section()),
+            checkpoint_interval_secs: 1,
+            ..NodeOptions::default()
+        },
+        0,
+        "",
+    )
     .await;
     let shots = artefact_dir("console/t40");
     let marker = format!("marker_{}", random_suffix());
@@ -937,10 +947,14 @@ async fn t50_an_ssh_recording_plays_in_the_browser() {
         e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
         "",
     );
-    let s = setup_in(NodeOptions {
-        protocols: Some(section),
-        ..NodeOptions::default()
-    })
+    let s = setup_in(
+        NodeOptions {
+            protocols: Some(section),
+            ..NodeOptions::default()
+        },
+        0,
+        "",
+    )
     .await;
     let shots = artefact_dir("console/t50");
     let port = s.node.node.addr("ssh").expect("an SSH listener").port();
@@ -1169,4 +1183,156 @@ async fn t60_an_admin_grants_and_revokes_in_the_browser() {
         .unwrap();
     assert_eq!(res.status(), 403);
     bob.close().await;
+}
+
+/// A login holds on every node of a cluster that shares the cookie key: started at node A,
+/// completed at node B (A's public URL names B, as a balancer's name would), used at both
+/// with one cookie and one CSRF token. A changed cookie opens nothing. While the coordinator
+/// cannot say whether the login was ended, neither node answers; a logout at A ends it at B
+/// too, at once. Each node records the login as a session of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t70_a_login_holds_on_every_node_and_a_logout_ends_it_everywhere() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let key_dir = tempfile::tempdir().unwrap();
+    let key = key_dir.path().join("cookie-key");
+    std::fs::write(&key, "the cookie key both nodes of this cluster share\n").unwrap();
+    let shared = format!("cookie_key = {{ file = \"{}\" }}\n", key.display());
+    let in_cluster = || NodeOptions {
+        coordinator: Some(cluster.node_section()),
+        ..NodeOptions::default()
+    };
+    let b_port = free_port();
+    let b = setup_in(in_cluster(), b_port, &shared).await;
+    let public = format!("public_url = \"https://127.0.0.1:{b_port}\"\n");
+    let a = setup_in(in_cluster(), 0, &format!("{shared}{public}")).await;
+    let shots = artefact_dir("console/t70");
+
+    let driver = Driver::start().await;
+    let dave = driver.browser().await;
+    log_in_at(&dave, &a.console, &b.console, "dave", &shots).await;
+    dave.screenshot(&shots.join("02-logged-in-at-b.png")).await;
+    let (cookie, csrf) = credentials(&dave, &b.console).await;
+    let http = http();
+    let me = |console: &str, cookie: &str| {
+        http.get(format!("{console}/api/me"))
+            .header("cookie", cookie)
+            .send()
+    };
+    let res = me(&a.console, &cookie).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let who: Value = res.json().await.unwrap();
+    assert_eq!(who["subject"], json!("dave"), "{who}");
+    assert_eq!(who["csrf"], json!(csrf), "one CSRF token on every node");
+    // The browser, at A's page, is logged in without a second login.
+    dave.goto(&format!("{}/#sessions", a.console)).await;
+    let name = dave.wait_for("#who", Duration::from_secs(10)).await;
+    assert_eq!(dave.text(&name).await, "dave");
+    dave.screenshot(&shots.join("03-same-login-at-a.png")).await;
+
+    // A cookie changed anywhere opens nothing.
+    let (name, value) = cookie.split_once('=').unwrap();
+    for at in [0, value.len() / 2, value.len() - 1] {
+        let mut bytes = value.as_bytes().to_vec();
+        bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+        let changed = format!("{name}={}", String::from_utf8(bytes).unwrap());
+        for console in [&a.console, &b.console] {
+            let res = me(console, &changed).await.unwrap();
+            assert_eq!(res.status(), 401, "byte {at} changed");
+        }
+    }
+
+    // Without the coordinator, whether the login was ended is unknown: no answer.
+    cluster.kill(1);
+    for console in [&a.console, &b.console] {
+        let res = me(console, &cookie).await.unwrap();
+        assert_eq!(res.status(), 503);
+        let why: Value = res.json().await.unwrap();
+        assert!(
+            why["error"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be confirmed"),
+            "{why}"
+        );
+    }
+    cluster.spawn(1);
+    cluster.wait_up(1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while me(&b.console, &cookie).await.unwrap().status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the login is back with the coordinator"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A logout at A, with the token B handed out, ends the login at B as well.
+    let res = http
+        .post(format!("{}/auth/logout", a.console))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    for console in [&b.console, &a.console] {
+        let res = me(console, &cookie).await.unwrap();
+        assert_eq!(res.status(), 401, "{console}");
+    }
+    let res = http
+        .get(format!("{}/", b.console))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["location"], "/auth/login");
+    dave.close().await;
+
+    // Each node's record of the login: B's from the login to the logout it learned of, A's
+    // from its continuation to the logout made there.
+    let console_records = |records: Vec<vigil_proto::record::Record>| {
+        records
+            .into_iter()
+            .filter(|r| {
+                r.body
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.protocol == "console")
+                    && r.body
+                        .principal
+                        .as_ref()
+                        .is_some_and(|p| p.subject == "dave")
+                    && matches!(r.body.kind, Kind::SessionStart | Kind::SessionEnd)
+            })
+            .map(|r| {
+                let detail = r.body.detail.unwrap_or_default();
+                (r.body.kind, detail, r.body.session.unwrap_or_default())
+            })
+            .collect::<Vec<_>>()
+    };
+    let at_b = console_records(b.node.records().await);
+    let login = &at_b[0].2;
+    let b_session = |kind, detail: &str| (kind, detail.to_string(), login.clone());
+    assert_eq!(
+        at_b,
+        [
+            b_session(Kind::SessionStart, "logged in to the console"),
+            b_session(Kind::SessionEnd, "logged out (on another node)"),
+        ]
+    );
+    let at_a = console_records(a.node.records().await);
+    let continued = &at_a[0].2;
+    assert_ne!(continued, login, "A's own session of the login");
+    let a_session = |kind, detail: &str| (kind, detail.to_string(), continued.clone());
+    assert_eq!(
+        at_a,
+        [
+            a_session(
+                Kind::SessionStart,
+                &format!("the console login {login} continues on this node")
+            ),
+            a_session(Kind::SessionEnd, "logged out"),
+        ]
+    );
 }

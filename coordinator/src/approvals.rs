@@ -308,6 +308,13 @@ pub enum Command {
         #[serde(default)]
         now: Millis,
     },
+    /// End a login (the console's logout): `login` is the SHA-256 (hex) of its token; the
+    /// mark is kept until `until`, the token's own expiry. Ending it again keeps the first time.
+    EndLogin {
+        login: String,
+        until: Millis,
+        now: Millis,
+    },
     /// Several commands proposed together (one Raft entry), applied in order, each with its
     /// own result. Batches do not nest.
     Batch(Vec<Command>),
@@ -356,6 +363,8 @@ pub enum Applied {
     Request(ApprovalRequest),
     Grant(Grant),
     Checkpoint(Checkpoint),
+    /// When the login was ended.
+    LoginEnded(Millis),
     /// What a [`Command::Purge`] removed.
     Purged {
         requests: u64,
@@ -386,6 +395,17 @@ pub struct State {
     /// Node id → its checkpoint key.
     #[serde(default)]
     pub node_keys: BTreeMap<String, NodeKey>,
+    /// Ended logins (the SHA-256 of their token) → when they were ended and until when that
+    /// is kept.
+    #[serde(default)]
+    pub ended_logins: BTreeMap<String, EndedLogin>,
+}
+
+/// A login ended before its token expired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedLogin {
+    pub at: Millis,
+    pub until: Millis,
 }
 
 impl State {
@@ -533,10 +553,24 @@ impl State {
                 self.requests
                     .retain(|_, r| r.settled_at(cutoff).is_none_or(|at| at > cutoff));
                 self.grants.retain(|_, g| g.ended_at() > cutoff);
+                self.ended_logins.retain(|_, l| l.until > cutoff);
                 Ok(Applied::Purged {
                     requests: (requests - self.requests.len()) as u64,
                     grants: (grants - self.grants.len()) as u64,
                 })
+            }
+            Command::EndLogin { login, until, now } => {
+                if login.len() != 64 || !login.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(DomainError::Invalid(
+                        "a login is named by the SHA-256 of its token".into(),
+                    ));
+                }
+                let ended = self
+                    .ended_logins
+                    .entry(login)
+                    .or_insert(EndedLogin { at: now, until });
+                ended.until = ended.until.max(until);
+                Ok(Applied::LoginEnded(ended.at))
             }
             Command::PutCheckpoint { checkpoint, now } => {
                 let node = vigil_proto::chain::node_of(&checkpoint.stream)
@@ -611,6 +645,7 @@ impl State {
             .values()
             .any(|r| r.settled_at(cutoff).is_some_and(|at| at <= cutoff))
             || self.grants.values().any(|g| g.ended_at() <= cutoff)
+            || self.ended_logins.values().any(|l| l.until <= cutoff)
     }
 
     /// Requests still waiting for a decision at `now`.
@@ -838,6 +873,39 @@ mod tests {
         assert_eq!(s.apply(consume(60_001)), Err(DomainError::NothingToConsume));
         assert_eq!(s.pending(59_999).count(), 1);
         assert_eq!(s.pending(60_000).count(), 0);
+    }
+
+    /// A logout is kept until the token would have expired anyway, by the first time it was
+    /// ended; then a purge forgets it.
+    #[test]
+    fn an_ended_login_is_kept_until_its_token_expires() {
+        let mut s = State::default();
+        let login = "ab".repeat(32);
+        let end = |until, now| Command::EndLogin {
+            login: login.clone(),
+            until,
+            now,
+        };
+        assert_eq!(s.apply(end(5_000, 100)), Ok(Applied::LoginEnded(100)));
+        assert_eq!(s.apply(end(9_000, 200)), Ok(Applied::LoginEnded(100)));
+        assert_eq!(s.ended_logins[&login].until, 9_000);
+        for bad in ["", "not hex", &"g".repeat(64)] {
+            let cmd = Command::EndLogin {
+                login: bad.into(),
+                until: 1,
+                now: 1,
+            };
+            assert!(
+                matches!(s.apply(cmd), Err(DomainError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        assert!(!s.purgeable(8_999));
+        s.apply(Command::Purge { cutoff: 8_999 }).unwrap();
+        assert!(s.ended_logins.contains_key(&login));
+        assert!(s.purgeable(9_000));
+        s.apply(Command::Purge { cutoff: 9_000 }).unwrap();
+        assert!(s.ended_logins.is_empty());
     }
 
     /// Retention: a purge forgets what settled at or before its cutoff (used, denied,

@@ -208,6 +208,8 @@ impl Client {
     unary!(put_checkpoint, CoordinatorClient, pb::Checkpoint => pb::Checkpoint);
     unary!(list_checkpoints, CoordinatorClient, pb::ListCheckpointsRequest => pb::CheckpointList);
     unary!(list_node_keys, CoordinatorClient, pb::ListNodeKeysRequest => pb::NodeKeyList);
+    unary!(end_login, CoordinatorClient, pb::EndLoginRequest => pb::LoginState);
+    unary!(get_login_state, CoordinatorClient, pb::LoginStateRequest => pb::LoginState);
     unary!(init, ClusterClient, pb::InitRequest => pb::ClusterStatus);
     unary!(add_member, ClusterClient, pb::Member => pb::ClusterStatus);
     unary!(remove_member, ClusterClient, pb::MemberId => pb::ClusterStatus);

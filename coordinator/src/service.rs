@@ -39,6 +39,8 @@ pub const CLUSTER_TOKEN_HEADER: &str = "x-vigil-cluster-token";
 pub const LEADER_HEADER: &str = "x-vigil-leader";
 /// How long a write may wait for its commit before the caller hears "outcome unknown".
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest an ended login is remembered (a login lasts no longer than its token).
+const MAX_LOGIN_MARK: Millis = 7 * 24 * 3600 * 1000;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -143,6 +145,19 @@ impl Shared {
                 a.subject, self.admin_group
             ))),
         }
+    }
+
+    /// The operator's login: their verified bearer token, named by its SHA-256 (hex).
+    async fn login(&self, md: &MetadataMap) -> Result<String, Status> {
+        use sha2::Digest as _;
+        self.operator(md).await?;
+        let token = md
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or_default();
+        Ok(hex::encode(sha2::Sha256::digest(token.as_bytes())))
     }
 
     async fn write(&self, cmd: Command) -> Result<Applied, Status> {
@@ -837,6 +852,39 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .sm
             .read(|s| s.checkpoints.values().cloned().map(Into::into).collect());
         Ok(Response::new(pb::CheckpointList { checkpoints }))
+    }
+
+    async fn end_login(
+        &self,
+        req: Request<pb::EndLoginRequest>,
+    ) -> Result<Response<pb::LoginState>, Status> {
+        let login = self.0.login(req.metadata()).await?;
+        let now = now_ms();
+        let until = req.into_inner().until_ms.clamp(now, now + MAX_LOGIN_MARK);
+        match self
+            .0
+            .write(Command::EndLogin { login, until, now })
+            .await?
+        {
+            Applied::LoginEnded(at) => Ok(Response::new(pb::LoginState {
+                ended: true,
+                ended_at_ms: at,
+            })),
+            _ => Err(Status::internal("unexpected reply")),
+        }
+    }
+
+    async fn get_login_state(
+        &self,
+        req: Request<pb::LoginStateRequest>,
+    ) -> Result<Response<pb::LoginState>, Status> {
+        let login = self.0.login(req.metadata()).await?;
+        self.0.linearizable().await?;
+        let at = self.0.sm.read(|s| s.ended_logins.get(&login).map(|l| l.at));
+        Ok(Response::new(pb::LoginState {
+            ended: at.is_some(),
+            ended_at_ms: at.unwrap_or(0),
+        }))
     }
 
     async fn list_node_keys(

@@ -306,6 +306,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
                 coordinator_ca: config.coordinator.ca_file.clone(),
                 audit_dir: config.audit_dir(),
                 index_path: config.node.data_dir.join("console").join("index.redb"),
+                cookie_key_path: config.node.data_dir.join("console").join("cookie.key"),
                 kafka: config.audit.kafka.clone(),
             }
             .prepare()?;

@@ -4,9 +4,10 @@
 //! The page is a shell; everything person-specific arrives through the JSON API and is put in
 //! the page as text (`textContent`), never as markup.
 
+use super::auth::Visit;
 use super::Console;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use std::sync::Arc;
 
@@ -40,21 +41,24 @@ const FILES: &[(&str, &str, &str)] = &[
 ];
 
 /// `GET /`: the inbox; without a login, off to log in.
-pub async fn index(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if console.person(&headers).await.is_none() {
-        return Redirect::to("/auth/login").into_response();
+pub async fn index(State(console): State<Arc<Console>>, visit: Visit) -> Response {
+    match console.person(&visit).await {
+        Ok(_) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response(),
+        Err(res) if res.status() == StatusCode::UNAUTHORIZED => {
+            Redirect::to("/auth/login").into_response()
+        }
+        Err(res) => res,
     }
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response()
 }
 
 /// `GET /static/{file}`: the style and script, for logged-in people only (like every page).
 pub async fn file(
     State(console): State<Arc<Console>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    visit: Visit,
 ) -> Response {
-    if console.person(&headers).await.is_none() {
-        return super::auth::refuse(StatusCode::UNAUTHORIZED, "log in first");
+    if let Err(res) = console.person(&visit).await {
+        return res;
     }
     match FILES.iter().find(|(n, _, _)| *n == name) {
         Some((_, kind, body)) => ([(header::CONTENT_TYPE, *kind)], *body).into_response(),

@@ -3,27 +3,35 @@
 //! by the node's own [`TokenVerifier`](crate::core::identity::TokenVerifier), as any token on
 //! any protocol is; the login lasts no longer than the token.
 //!
-//! Login sessions live in this node's memory: a login is per node (behind a balancer, sticky
-//! sessions, or a second login on another node). The session cookie is a 256-bit random handle,
-//! `__Host-` prefixed (Secure, path `/`, no domain), HttpOnly, SameSite=Lax; the token never
-//! reaches the browser. Every state change must carry the session's CSRF token in a header
-//! (`X-CSRF-Token`) that only the console's own script, which reads it from `/api/me`, can send.
+//! A login is good on every node: the session cookie carries it, sealed with the cluster's
+//! cookie key ([`cookies`](super::cookies)): the login's id, the person's ID token (which the
+//! browser cannot read), the CSRF token and the end of the login. A node that sees a login for
+//! the first time checks the token with its verifier again and records the login continuing
+//! there as an audit session of its own. A logout is kept by the coordinator (the SHA-256 of
+//! the token, until it expires), and every request asks it whether the login was ended: a
+//! logout on one node ends the login on all of them at once, and when the coordinator cannot
+//! answer, the console does not either. The cookie is `__Host-` prefixed (Secure, path `/`,
+//! no domain), HttpOnly, SameSite=Lax. Every state change must carry the session's CSRF token
+//! in a header (`X-CSRF-Token`) that only the console's own script, which reads it from
+//! `/api/me`, can send.
 
+use super::cookies::MAX_SEALED_LEN;
 use super::{Console, PROTOCOL};
 use crate::api::ClientAddr;
-use crate::core::secret::Secret;
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{ConnectInfo, FromRequestParts, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vigil_coordinator::client::{Client, Credential};
+use vigil_proto::coordinator as pb;
 use vigil_proto::record::{Connection, Kind, Outcome, Principal};
 
 const SESSION_COOKIE: &str = "__Host-vigil-session";
@@ -33,10 +41,13 @@ const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// How long a coordinator call of the console may keep trying.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(5);
 
-/// A logged-in person.
+/// A logged-in person, as this node knows them.
 pub struct LoginSession {
-    /// The audit session id of the login (never the cookie's value).
+    /// This node's audit session of the login (never the cookie's value): the login's own id
+    /// on the node it was made on, a fresh one on every other node it continues on.
     pub id: String,
+    /// The login's id: the audit session of the login itself.
+    login: String,
     pub principal: Principal,
     pub csrf: String,
     pub expires: SystemTime,
@@ -48,49 +59,67 @@ pub struct LoginSession {
     looks: std::sync::atomic::AtomicU64,
 }
 
-/// A login under way at the provider.
-struct Pending {
+/// The session cookie's sealed contents.
+#[derive(Serialize, Deserialize)]
+struct SessionCookie {
+    login: String,
+    token: String,
+    csrf: String,
+    expires_ms: u64,
+}
+
+/// The login cookie's sealed contents: a login under way at the provider.
+#[derive(Serialize, Deserialize)]
+struct LoginCookie {
     state: String,
     nonce: String,
-    verifier: Secret<String>,
+    verifier: String,
     redirect_uri: String,
-    started: SystemTime,
+    started_ms: u64,
 }
 
+/// The logins this node has seen, by login id.
 #[derive(Default)]
 pub struct Sessions {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    /// By cookie value.
-    sessions: HashMap<String, Arc<LoginSession>>,
-    /// By login cookie value.
-    pending: HashMap<String, Pending>,
+    inner: Mutex<HashMap<String, Arc<LoginSession>>>,
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LoginSession>>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Removes what has expired; returns the logins that ended, to be recorded.
+    /// Forgets the logins that expired; returns them, to be recorded.
     fn prune(&self, now: SystemTime) -> Vec<Arc<LoginSession>> {
         let mut inner = self.lock();
-        inner
-            .pending
-            .retain(|_, p| now.duration_since(p.started).unwrap_or_default() < LOGIN_TTL);
         let expired: Vec<String> = inner
-            .sessions
             .iter()
             .filter(|(_, s)| s.expires <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        expired
-            .iter()
-            .filter_map(|k| inner.sessions.remove(k))
-            .collect()
+        expired.iter().filter_map(|k| inner.remove(k)).collect()
+    }
+}
+
+/// Who sends a console request: their cookies and their address.
+pub struct Visit {
+    pub headers: HeaderMap,
+    origin: ClientAddr,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Visit {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let origin = parts
+            .extensions
+            .get::<ConnectInfo<ClientAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| refuse(StatusCode::INTERNAL_SERVER_ERROR, "no peer address"))?;
+        Ok(Self {
+            headers: parts.headers.clone(),
+            origin,
+        })
     }
 }
 
@@ -122,6 +151,10 @@ fn ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
 /// Equal without telling how much of it was (the CSRF token).
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -132,23 +165,138 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 impl Console {
-    /// The person behind the request's session cookie, if the login is live. An expired login
-    /// is ended (and recorded) here.
-    pub(super) async fn person(&self, headers: &HeaderMap) -> Option<Arc<LoginSession>> {
+    /// The person behind the request's session cookie, if the login is live: sealed by this
+    /// cluster, not expired, and not ended at the coordinator (asked on every request; when it
+    /// cannot answer, neither does the console). An expired login is ended (and recorded) here.
+    pub(super) async fn person(&self, visit: &Visit) -> Result<Arc<LoginSession>, Response> {
         self.expire().await;
-        let key = cookie(headers, SESSION_COOKIE)?;
-        self.sessions.lock().sessions.get(key).cloned()
+        let first = || refuse(StatusCode::UNAUTHORIZED, "log in first");
+        let sealed: SessionCookie = cookie(&visit.headers, SESSION_COOKIE)
+            .and_then(|v| self.cookies.open(SESSION_COOKIE, v))
+            .ok_or_else(first)?;
+        if from_ms(sealed.expires_ms) <= SystemTime::now() {
+            return Err(first());
+        }
+        let known = self.sessions.lock().get(&sealed.login).cloned();
+        let (person, first_here) = match known {
+            Some(p) => (p, false),
+            None => (Arc::new(self.verified(visit.origin, sealed).await?), true),
+        };
+        let state = person
+            .coordinator
+            .get_login_state(pb::LoginStateRequest {})
+            .await;
+        match state {
+            Ok(state) if !state.ended => {
+                if first_here {
+                    return Ok(self.continued(visit.origin, person).await);
+                }
+                Ok(person)
+            }
+            Ok(_) => {
+                let forgot = self.sessions.lock().remove(&person.login);
+                if forgot.is_some() {
+                    self.record_end(&person, "logged out (on another node)")
+                        .await;
+                }
+                Err(refuse(StatusCode::UNAUTHORIZED, "logged out: log in again"))
+            }
+            Err(e) => Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "whether this login is still live cannot be confirmed (the coordinator: {})",
+                    e.message()
+                ),
+            )),
+        }
+    }
+
+    /// A login made on another node (or before this node restarted), first seen here: its
+    /// token is verified again.
+    async fn verified(
+        &self,
+        origin: ClientAddr,
+        sealed: SessionCookie,
+    ) -> Result<LoginSession, Response> {
+        let principal = self
+            .core
+            .verifier
+            .verify(&sealed.token)
+            .await
+            .map_err(|e| {
+                refuse(
+                    StatusCode::UNAUTHORIZED,
+                    &format!("log in again: the login's token was refused: {e}"),
+                )
+            })?;
+        self.login_session(crate::core::new_session_id(), principal, sealed, origin)
+            .map_err(|s| refuse(StatusCode::INTERNAL_SERVER_ERROR, s.message()))
+    }
+
+    /// A live login, first seen here, continues as an audit session of this node (unless a
+    /// request beside this one got there first).
+    async fn continued(&self, origin: ClientAddr, person: Arc<LoginSession>) -> Arc<LoginSession> {
+        let kept = self
+            .sessions
+            .lock()
+            .entry(person.login.clone())
+            .or_insert_with(|| person.clone())
+            .clone();
+        if Arc::ptr_eq(&kept, &person) {
+            let detail = format!("the console login {} continues on this node", person.login);
+            let recorded = Recorded {
+                session: &person.id,
+                principal: Some(&person.principal),
+                detail: &detail,
+            };
+            self.record(origin, Kind::SessionStart, Outcome::Success, recorded)
+                .await;
+        }
+        kept
+    }
+
+    /// A login as this node keeps it, with a coordinator client acting as the person.
+    fn login_session(
+        &self,
+        id: String,
+        principal: Principal,
+        sealed: SessionCookie,
+        origin: ClientAddr,
+    ) -> Result<LoginSession, tonic::Status> {
+        let SessionCookie {
+            login,
+            token,
+            csrf,
+            expires_ms,
+        } = sealed;
+        let expires = from_ms(expires_ms);
+        let mut coordinator = Client::new(self.coordinator.clone(), Credential::Bearer(token))?
+            .retry_for(COORDINATOR_RETRY);
+        if let Some(tls) = &self.coordinator_tls {
+            coordinator = coordinator.tls(tls.clone());
+        }
+        Ok(LoginSession {
+            id,
+            login,
+            principal,
+            csrf,
+            expires,
+            connection: connection(origin),
+            coordinator,
+            looks: Default::default(),
+        })
     }
 
     /// The person, if the request also carries their CSRF token.
     pub(super) async fn person_for_change(
         &self,
-        headers: &HeaderMap,
+        visit: &Visit,
     ) -> Result<Arc<LoginSession>, Response> {
-        let Some(person) = self.person(headers).await else {
-            return Err(refuse(StatusCode::UNAUTHORIZED, "log in first"));
-        };
-        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+        let person = self.person(visit).await?;
+        let sent = visit
+            .headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok());
         if !sent.is_some_and(|t| same(t, &person.csrf)) {
             return Err(refuse(
                 StatusCode::FORBIDDEN,
@@ -208,7 +356,25 @@ impl Console {
         }
     }
 
-    /// Ends (and records) the logins that expired, forgets logins abandoned at the provider.
+    /// A login that failed, on record, and the answer saying why.
+    async fn refused_login(
+        &self,
+        origin: ClientAddr,
+        session: &str,
+        principal: Option<&Principal>,
+        why: &str,
+    ) -> Response {
+        let recorded = Recorded {
+            session,
+            principal,
+            detail: why,
+        };
+        self.record(origin, Kind::SessionStart, Outcome::Denied, recorded)
+            .await;
+        refuse(StatusCode::UNAUTHORIZED, &format!("login failed: {why}"))
+    }
+
+    /// Ends (and records) the logins that expired.
     async fn expire(&self) {
         for ended in self.sessions.prune(SystemTime::now()) {
             self.record_end(&ended, "the login expired with its token")
@@ -309,7 +475,7 @@ pub async fn login(State(console): State<Arc<Console>>, headers: HeaderMap) -> R
     };
     let verifier = random_token();
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
-    let (state, nonce, login_id) = (random_token(), random_token(), random_token());
+    let (state, nonce) = (random_token(), random_token());
     let scopes = console.config.scopes.join(" ");
     let url = reqwest::Url::parse_with_params(
         &doc.authorization_endpoint,
@@ -330,27 +496,25 @@ pub async fn login(State(console): State<Arc<Console>>, headers: HeaderMap) -> R
             "the provider's authorization endpoint is not a URL",
         );
     };
-    console.expire().await;
-    console.sessions.lock().pending.insert(
-        login_id.clone(),
-        Pending {
-            state,
-            nonce,
-            verifier: Secret::new(verifier),
-            redirect_uri,
-            started: SystemTime::now(),
-        },
-    );
+    let started = LoginCookie {
+        state,
+        nonce,
+        verifier,
+        redirect_uri,
+        started_ms: ms(SystemTime::now()),
+    };
+    let sealed = console.cookies.seal(LOGIN_COOKIE, &started);
     let mut res = Redirect::to(url.as_str()).into_response();
     res.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, &login_id, LOGIN_TTL),
+        set_cookie(LOGIN_COOKIE, &sealed, LOGIN_TTL),
     );
     res
 }
 
-/// `GET /auth/callback?code=…&state=…`: the provider's answer. The login it completes must
-/// have been started by this browser (the login cookie) with this `state`.
+/// `GET /auth/callback?code=…&state=…`: the provider's answer, on any node. The login it
+/// completes must have been started by this browser (the login cookie, sealed by this
+/// cluster) with this `state`.
 pub async fn callback(
     State(console): State<Arc<Console>>,
     ConnectInfo(origin): ConnectInfo<ClientAddr>,
@@ -358,72 +522,69 @@ pub async fn callback(
     RawQuery(query): RawQuery,
 ) -> Response {
     let session = crate::core::new_session_id();
-    match complete(&console, &headers, query.as_deref().unwrap_or("")).await {
-        Ok((principal, token)) => {
-            let expires = principal
-                .token_exp
-                .map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
-            let expires = match console.core.verifier.session_remaining(&principal) {
-                Some(left) => expires.min(SystemTime::now() + left),
-                None => expires,
-            };
-            let mut coordinator =
-                match Client::new(console.coordinator.clone(), Credential::Bearer(token)) {
-                    Ok(c) => c.retry_for(COORDINATOR_RETRY),
-                    Err(s) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, s.message()),
-                };
-            if let Some(tls) = &console.coordinator_tls {
-                coordinator = coordinator.tls(tls.clone());
+    let (principal, token) =
+        match complete(&console, &headers, query.as_deref().unwrap_or("")).await {
+            Ok(verified) => verified,
+            Err((principal, why)) => {
+                return console
+                    .refused_login(origin, &session, principal.as_ref(), &why)
+                    .await
             }
-            let detail = "logged in to the console";
-            let recorded = Recorded {
-                session: &session,
-                principal: Some(&principal),
-                detail,
-            };
-            console
-                .record(origin, Kind::SessionStart, Outcome::Success, recorded)
-                .await;
-            let cookie = random_token();
-            let left = expires
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            console.sessions.lock().sessions.insert(
-                cookie.clone(),
-                Arc::new(LoginSession {
-                    id: session,
-                    principal,
-                    csrf: random_token(),
-                    expires,
-                    connection: connection(origin),
-                    looks: Default::default(),
-                    coordinator,
-                }),
-            );
-            let mut res = Redirect::to("/").into_response();
-            let h = res.headers_mut();
-            h.append(
-                header::SET_COOKIE,
-                set_cookie(SESSION_COOKIE, &cookie, left),
-            );
-            h.append(
-                header::SET_COOKIE,
-                set_cookie(LOGIN_COOKIE, "", Duration::ZERO),
-            );
-            res
-        }
-        Err((principal, why)) => {
-            let recorded = Recorded {
-                session: &session,
-                principal: principal.as_ref(),
-                detail: &why,
-            };
-            console
-                .record(origin, Kind::SessionStart, Outcome::Denied, recorded)
-                .await;
-            refuse(StatusCode::UNAUTHORIZED, &format!("login failed: {why}"))
-        }
+        };
+    let expires = principal
+        .token_exp
+        .map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
+    let expires = match console.core.verifier.session_remaining(&principal) {
+        Some(left) => expires.min(SystemTime::now() + left),
+        None => expires,
+    };
+    let contents = SessionCookie {
+        login: session.clone(),
+        token,
+        csrf: random_token(),
+        expires_ms: ms(expires),
+    };
+    let sealed = console.cookies.seal(SESSION_COOKIE, &contents);
+    if sealed.len() > MAX_SEALED_LEN {
+        let why = format!(
+            "the ID token ({} bytes) is too large for the login cookie: ask the provider for \
+             fewer claims in it (for example fewer groups)",
+            contents.token.len()
+        );
+        return console
+            .refused_login(origin, &session, Some(&principal), &why)
+            .await;
     }
+    let person = match console.login_session(session.clone(), principal, contents, origin) {
+        Ok(p) => p,
+        Err(s) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, s.message()),
+    };
+    let recorded = Recorded {
+        session: &session,
+        principal: Some(&person.principal),
+        detail: "logged in to the console",
+    };
+    console
+        .record(origin, Kind::SessionStart, Outcome::Success, recorded)
+        .await;
+    console
+        .sessions
+        .lock()
+        .insert(session.clone(), Arc::new(person));
+    let left = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let mut res = Redirect::to("/").into_response();
+    let h = res.headers_mut();
+    h.append(
+        header::SET_COOKIE,
+        set_cookie(SESSION_COOKIE, &sealed, left),
+    );
+    h.append(
+        header::SET_COOKIE,
+        set_cookie(LOGIN_COOKIE, "", Duration::ZERO),
+    );
+    res
 }
 
 type Refusal = (Option<Principal>, String);
@@ -439,7 +600,12 @@ async fn complete(
         .map_err(|_| plain("the callback's query is not valid"))?;
     let params: HashMap<String, String> = url.query_pairs().into_owned().collect();
     let pending = cookie(headers, LOGIN_COOKIE)
-        .and_then(|id| console.sessions.lock().pending.remove(id))
+        .and_then(|v| console.cookies.open::<LoginCookie>(LOGIN_COOKIE, v))
+        .filter(|p| {
+            SystemTime::now()
+                .duration_since(from_ms(p.started_ms))
+                .is_ok_and(|d| d < LOGIN_TTL)
+        })
         .ok_or_else(|| plain("no login was started in this browser, or it took too long"))?;
     if !params.get("state").is_some_and(|s| same(s, &pending.state)) {
         return Err(plain("the provider's answer is not for this login (state)"));
@@ -458,7 +624,7 @@ async fn complete(
         ("grant_type", "authorization_code"),
         ("code", code.as_str()),
         ("redirect_uri", pending.redirect_uri.as_str()),
-        ("code_verifier", pending.verifier.expose().as_str()),
+        ("code_verifier", pending.verifier.as_str()),
     ];
     let mut req = console.http.post(&doc.token_endpoint);
     match &console.secret {
@@ -517,15 +683,30 @@ async fn complete(
     Ok((principal, token))
 }
 
-/// `POST /auth/logout` (CSRF-checked): the login ends here and on record.
-pub async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let person = match console.person_for_change(&headers).await {
+/// `POST /auth/logout` (CSRF-checked): the login ends on every node (the coordinator keeps
+/// the logout) and on record. When the coordinator cannot keep it, the logout fails and says
+/// so: the login would still hold on the other nodes.
+pub async fn logout(State(console): State<Arc<Console>>, visit: Visit) -> Response {
+    let person = match console.person_for_change(&visit).await {
         Ok(p) => p,
         Err(res) => return res,
     };
-    if let Some(key) = cookie(&headers, SESSION_COOKIE) {
-        console.sessions.lock().sessions.remove(key);
+    let until_ms = ms(person.expires);
+    if let Err(e) = person
+        .coordinator
+        .end_login(pb::EndLoginRequest { until_ms })
+        .await
+    {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "the logout could not be kept at the coordinator, so the login would still hold \
+                 on other nodes: try again ({})",
+                e.message()
+            ),
+        );
     }
+    console.sessions.lock().remove(&person.login);
     console.record_end(&person, "logged out").await;
     let mut res = (
         [(header::CONTENT_TYPE, "application/json")],
@@ -541,9 +722,10 @@ pub async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap) -> 
 
 /// `GET /api/me`: who is logged in, until when, what the config lets them see, and the CSRF
 /// token the page sends with every change.
-pub async fn me(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let Some(person) = console.person(&headers).await else {
-        return refuse(StatusCode::UNAUTHORIZED, "log in first");
+pub async fn me(State(console): State<Arc<Console>>, visit: Visit) -> Response {
+    let person = match console.person(&visit).await {
+        Ok(p) => p,
+        Err(res) => return res,
     };
     let p = &person.principal;
     let member = |g: &Option<String>| g.as_ref().is_some_and(|g| p.groups.contains(g));

@@ -3,11 +3,11 @@
 //! to enforce (`coordinator.admin_group` creates and revokes; anyone sees their own grants);
 //! the console shows the page to `console.admin_group` and adds nothing of its own.
 
-use super::auth::refuse;
+use super::auth::{refuse, Visit};
 use super::Console;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -45,9 +45,10 @@ fn grant_response(g: &pb::Grant) -> Response {
 }
 
 /// `GET /api/grants`: the grants the coordinator shows this person.
-pub async fn list(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let Some(person) = console.person(&headers).await else {
-        return refuse(StatusCode::UNAUTHORIZED, "log in first");
+pub async fn list(State(console): State<Arc<Console>>, visit: Visit) -> Response {
+    let person = match console.person(&visit).await {
+        Ok(p) => p,
+        Err(res) => return res,
     };
     match person
         .coordinator
@@ -76,14 +77,10 @@ struct NewGrant {
 }
 
 /// `POST /api/grants` (JSON, with the CSRF token): a grant from now for `minutes`.
-pub async fn create(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub async fn create(State(console): State<Arc<Console>>, visit: Visit, body: Bytes) -> Response {
     let hint =
         "send {\"subject\", \"protocol\", \"target\", \"access_class\", \"minutes\", \"reason\"}";
-    let (person, new): (_, NewGrant) = match console.change(&headers, &body, hint).await {
+    let (person, new): (_, NewGrant) = match console.change(&visit, &body, hint).await {
         Ok(found) => found,
         Err(res) => return res,
     };
@@ -120,9 +117,9 @@ pub async fn create(
 pub async fn revoke(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    visit: Visit,
 ) -> Response {
-    let person = match console.person_for_change(&headers).await {
+    let person = match console.person_for_change(&visit).await {
         Ok(p) => p,
         Err(res) => return res,
     };

@@ -6,11 +6,11 @@
 //! changed. A decision is the coordinator's `DecideApproval` as this person: who may decide is
 //! the coordinator's to enforce, never the page's.
 
-use super::auth::{refuse, LoginSession};
+use super::auth::{refuse, LoginSession, Visit};
 use super::Console;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -108,9 +108,10 @@ async fn pending(console: &Console, person: &LoginSession) -> Result<Value, toni
 /// `GET /api/approvals/events`: server-sent events. `approvals` carries the whole pending list
 /// (a JSON array) whenever it changed; `problem` a message while the coordinator cannot
 /// answer. The stream ends with the login.
-pub async fn events(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let Some(person) = console.person(&headers).await else {
-        return refuse(StatusCode::UNAUTHORIZED, "log in first");
+pub async fn events(State(console): State<Arc<Console>>, visit: Visit) -> Response {
+    let person = match console.person(&visit).await {
+        Ok(p) => p,
+        Err(res) => return res,
     };
     let state = (console, person, None::<String>, true);
     let stream =
@@ -165,11 +166,11 @@ struct Decision {
 pub async fn decide(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    visit: Visit,
     body: Bytes,
 ) -> Response {
     let hint = "send {\"approve\": true|false, \"comment\": \"…\"}";
-    let (person, decision): (_, Decision) = match console.change(&headers, &body, hint).await {
+    let (person, decision): (_, Decision) = match console.change(&visit, &body, hint).await {
         Ok(found) => found,
         Err(res) => return res,
     };

@@ -14,6 +14,7 @@
 
 mod assets;
 mod auth;
+mod cookies;
 mod grants;
 mod inbox;
 pub mod index;
@@ -68,6 +69,11 @@ pub struct ConsoleConfig {
     /// People of this group will manage grants.
     #[serde(default)]
     pub admin_group: Option<String>,
+    /// The key the console's cookies are sealed with, by reference: at least 32 bytes, the
+    /// same on every node of a cluster (a login is then good on every node). Absent: a key
+    /// generated in `<data_dir>/console/cookie.key`, this node's own.
+    #[serde(default)]
+    pub cookie_key: Option<SecretRef>,
 }
 
 fn default_scopes() -> Vec<String> {
@@ -124,6 +130,7 @@ struct Console {
     /// To the provider (discovery, token endpoint).
     http: reqwest::Client,
     sessions: auth::Sessions,
+    cookies: cookies::Sealer,
     /// The recorded sessions, for the auditors' pages.
     index: Arc<index::Index>,
 }
@@ -153,6 +160,8 @@ pub struct Setup {
     /// The local audit log the session index follows, and where the index is kept.
     pub audit_dir: PathBuf,
     pub index_path: PathBuf,
+    /// Where the cookie key is generated when none is configured.
+    pub cookie_key_path: PathBuf,
     /// The audit topic, when there is one: the index follows it instead of the local log.
     pub kafka: Option<crate::config::KafkaConfig>,
 }
@@ -175,6 +184,8 @@ impl Setup {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("console HTTP client")?;
+        let cookies =
+            cookies::Sealer::load(self.config.cookie_key.as_ref(), &self.cookie_key_path)?;
         let index = Arc::new(
             index::Index::open(&self.index_path, &self.audit_dir)
                 .with_context(|| format!("console index {}", self.index_path.display()))?,
@@ -190,6 +201,7 @@ impl Setup {
                 coordinator_tls,
                 http,
                 sessions: auth::Sessions::default(),
+                cookies,
                 index,
             }))
         })
@@ -259,13 +271,13 @@ impl Console {
     /// else the refusal, with `hint` saying what to send.
     async fn change<T: serde::de::DeserializeOwned>(
         &self,
-        headers: &axum::http::HeaderMap,
+        visit: &auth::Visit,
         body: &[u8],
         hint: &str,
     ) -> Result<(Arc<auth::LoginSession>, T), Response> {
-        let person = self.person_for_change(headers).await?;
-        let value =
-            json_body(headers, body, hint).map_err(|(status, why)| auth::refuse(status, why))?;
+        let person = self.person_for_change(visit).await?;
+        let value = json_body(&visit.headers, body, hint)
+            .map_err(|(status, why)| auth::refuse(status, why))?;
         Ok((person, value))
     }
 }

@@ -4,11 +4,11 @@
 //! protocol `console` in the person's own console session) before the content is sent: if it
 //! cannot be recorded, it is not shown.
 
-use super::auth::{refuse, LoginSession};
+use super::auth::{refuse, LoginSession, Visit};
 use super::index::{Index, Query, Summary};
 use super::Console;
 use axum::extract::{Path, Query as Params, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -94,10 +94,8 @@ async fn follow_topic(
 
 impl Console {
     /// The person, if they are an auditor.
-    async fn auditor(&self, headers: &HeaderMap) -> Result<Arc<LoginSession>, Response> {
-        let Some(person) = self.person(headers).await else {
-            return Err(refuse(StatusCode::UNAUTHORIZED, "log in first"));
-        };
+    async fn auditor(&self, visit: &Visit) -> Result<Arc<LoginSession>, Response> {
+        let person = self.person(visit).await?;
         let group = self.config.auditor_group.as_ref();
         if !group.is_some_and(|g| person.principal.groups.contains(g)) {
             return Err(refuse(
@@ -127,11 +125,11 @@ impl Console {
     /// The session `id` (summary and records), once this look at it is on record.
     async fn looked_at(
         &self,
-        headers: &HeaderMap,
+        visit: &Visit,
         id: String,
         action: &str,
     ) -> Result<(Summary, Vec<Vec<u8>>), Response> {
-        let person = self.auditor(headers).await?;
+        let person = self.auditor(visit).await?;
         let found = self.with_index(move |i| i.session(&id)).await?;
         let Some((summary, records)) = found else {
             return Err(refuse(StatusCode::NOT_FOUND, "no such session"));
@@ -152,10 +150,10 @@ fn json_response(value: Value) -> Response {
 /// `GET /api/sessions?…`: the sessions that match, newest first ([`Query`]'s fields).
 pub async fn list(
     State(console): State<Arc<Console>>,
-    headers: HeaderMap,
+    visit: Visit,
     params: Result<Params<Query>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = console.auditor(&headers).await {
+    if let Err(r) = console.auditor(&visit).await {
         return r;
     }
     let q = match params {
@@ -176,9 +174,9 @@ pub async fn list(
 pub async fn show(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    visit: Visit,
 ) -> Response {
-    match console.looked_at(&headers, id, "view_session").await {
+    match console.looked_at(&visit, id, "view_session").await {
         Ok((summary, records)) => {
             let records: Vec<Value> = records
                 .iter()
@@ -195,9 +193,9 @@ pub async fn show(
 pub async fn download(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    visit: Visit,
 ) -> Response {
-    match console.looked_at(&headers, id, "download_records").await {
+    match console.looked_at(&visit, id, "download_records").await {
         Ok((summary, records)) => {
             let mut body = Vec::new();
             for r in records {
@@ -231,10 +229,10 @@ pub async fn download(
 pub async fn asciicast(
     State(console): State<Arc<Console>>,
     Path((id, channel)): Path<(String, String)>,
-    headers: HeaderMap,
+    visit: Visit,
 ) -> Response {
     use crate::audit::{asciicast, recording::ChunkReader, terminal};
-    let (_, lines) = match console.looked_at(&headers, id, "play_recording").await {
+    let (_, lines) = match console.looked_at(&visit, id, "play_recording").await {
         Ok(found) => found,
         Err(r) => return r,
     };
@@ -274,9 +272,9 @@ pub async fn asciicast(
 pub async fn verification(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    visit: Visit,
 ) -> Response {
-    let person = match console.auditor(&headers).await {
+    let person = match console.auditor(&visit).await {
         Ok(p) => p,
         Err(r) => return r,
     };
