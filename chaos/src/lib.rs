@@ -18,6 +18,7 @@ pub mod kube;
 pub mod kubelet;
 pub mod partition;
 pub mod recording;
+pub mod saml;
 pub mod ssh;
 pub mod tamper;
 pub mod tmux;

@@ -373,6 +373,7 @@ mod tests {
                     token_type: evil(),
                     token_exp: None,
                     token_id: None,
+                    saml: None,
                 }));
                 b.connection = Some(Arc::new(Connection {
                     protocol: "postgres".into(),

@@ -308,10 +308,11 @@ pub enum Command {
         #[serde(default)]
         now: Millis,
     },
-    /// End a login (the console's logout): `login` is the SHA-256 (hex) of its token; the
-    /// mark is kept until `until`, the token's own expiry. Ending it again keeps the first time.
-    EndLogin {
-        login: String,
+    /// Put a mark on something that may happen once (`key`: its kind and name, such as
+    /// `logout:<SHA-256 of a token>` or `saml:<IdP>|<assertion id>`), kept until `until`
+    /// (when what it names expires anyway). Marking it again keeps the first time and says so.
+    Mark {
+        key: String,
         until: Millis,
         now: Millis,
     },
@@ -363,8 +364,11 @@ pub enum Applied {
     Request(ApprovalRequest),
     Grant(Grant),
     Checkpoint(Checkpoint),
-    /// When the login was ended.
-    LoginEnded(Millis),
+    /// When the mark was first made, and whether it was this command that made it.
+    Marked {
+        at: Millis,
+        first: bool,
+    },
     /// What a [`Command::Purge`] removed.
     Purged {
         requests: u64,
@@ -386,6 +390,9 @@ pub struct NodeKey {
     pub registered_at: Millis,
 }
 
+/// The longest key of a [`Command::Mark`].
+pub const MAX_MARK_KEY: usize = 1024;
+
 /// The whole replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -395,15 +402,15 @@ pub struct State {
     /// Node id → its checkpoint key.
     #[serde(default)]
     pub node_keys: BTreeMap<String, NodeKey>,
-    /// Ended logins (the SHA-256 of their token) → when they were ended and until when that
-    /// is kept.
+    /// Things that may happen once (see [`Command::Mark`]) → when they happened and until
+    /// when that is kept.
     #[serde(default)]
-    pub ended_logins: BTreeMap<String, EndedLogin>,
+    pub marks: BTreeMap<String, Mark>,
 }
 
-/// A login ended before its token expired.
+/// Something that happened once (a logout, a SAML assertion used).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EndedLogin {
+pub struct Mark {
     pub at: Millis,
     pub until: Millis,
 }
@@ -553,24 +560,25 @@ impl State {
                 self.requests
                     .retain(|_, r| r.settled_at(cutoff).is_none_or(|at| at > cutoff));
                 self.grants.retain(|_, g| g.ended_at() > cutoff);
-                self.ended_logins.retain(|_, l| l.until > cutoff);
+                self.marks.retain(|_, m| m.until > cutoff);
                 Ok(Applied::Purged {
                     requests: (requests - self.requests.len()) as u64,
                     grants: (grants - self.grants.len()) as u64,
                 })
             }
-            Command::EndLogin { login, until, now } => {
-                if login.len() != 64 || !login.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(DomainError::Invalid(
-                        "a login is named by the SHA-256 of its token".into(),
-                    ));
+            Command::Mark { key, until, now } => {
+                let named = key
+                    .split_once(':')
+                    .is_some_and(|(kind, name)| !kind.is_empty() && !name.is_empty());
+                if !named || key.len() > MAX_MARK_KEY {
+                    return Err(DomainError::Invalid(format!(
+                        "a mark is `kind:name`, at most {MAX_MARK_KEY} bytes"
+                    )));
                 }
-                let ended = self
-                    .ended_logins
-                    .entry(login)
-                    .or_insert(EndedLogin { at: now, until });
-                ended.until = ended.until.max(until);
-                Ok(Applied::LoginEnded(ended.at))
+                let first = !self.marks.contains_key(&key);
+                let mark = self.marks.entry(key).or_insert(Mark { at: now, until });
+                mark.until = mark.until.max(until);
+                Ok(Applied::Marked { at: mark.at, first })
             }
             Command::PutCheckpoint { checkpoint, now } => {
                 let node = vigil_proto::chain::node_of(&checkpoint.stream)
@@ -645,7 +653,7 @@ impl State {
             .values()
             .any(|r| r.settled_at(cutoff).is_some_and(|at| at <= cutoff))
             || self.grants.values().any(|g| g.ended_at() <= cutoff)
-            || self.ended_logins.values().any(|l| l.until <= cutoff)
+            || self.marks.values().any(|m| m.until <= cutoff)
     }
 
     /// Requests still waiting for a decision at `now`.
@@ -875,23 +883,32 @@ mod tests {
         assert_eq!(s.pending(60_000).count(), 0);
     }
 
-    /// A logout is kept until the token would have expired anyway, by the first time it was
-    /// ended; then a purge forgets it.
+    /// A mark is made once: marking it again keeps the first time and says it was not the
+    /// first; it is kept until what it names expires, then a purge forgets it.
     #[test]
-    fn an_ended_login_is_kept_until_its_token_expires() {
+    fn a_mark_is_made_once_and_kept_until_it_expires() {
         let mut s = State::default();
-        let login = "ab".repeat(32);
-        let end = |until, now| Command::EndLogin {
-            login: login.clone(),
+        let key = "logout:abc".to_string();
+        let mark = |until, now| Command::Mark {
+            key: key.clone(),
             until,
             now,
         };
-        assert_eq!(s.apply(end(5_000, 100)), Ok(Applied::LoginEnded(100)));
-        assert_eq!(s.apply(end(9_000, 200)), Ok(Applied::LoginEnded(100)));
-        assert_eq!(s.ended_logins[&login].until, 9_000);
-        for bad in ["", "not hex", &"g".repeat(64)] {
-            let cmd = Command::EndLogin {
-                login: bad.into(),
+        let first = Applied::Marked {
+            at: 100,
+            first: true,
+        };
+        assert_eq!(s.apply(mark(5_000, 100)), Ok(first));
+        let again = Applied::Marked {
+            at: 100,
+            first: false,
+        };
+        assert_eq!(s.apply(mark(9_000, 200)), Ok(again));
+        assert_eq!(s.marks[&key].until, 9_000);
+        let long = format!("x:{}", "y".repeat(MAX_MARK_KEY));
+        for bad in ["", "no kind", ":name", "kind:", long.as_str()] {
+            let cmd = Command::Mark {
+                key: bad.into(),
                 until: 1,
                 now: 1,
             };
@@ -902,15 +919,12 @@ mod tests {
         }
         assert!(!s.purgeable(8_999));
         s.apply(Command::Purge { cutoff: 8_999 }).unwrap();
-        assert!(s.ended_logins.contains_key(&login));
+        assert!(s.marks.contains_key(&key));
         assert!(s.purgeable(9_000));
         s.apply(Command::Purge { cutoff: 9_000 }).unwrap();
-        assert!(s.ended_logins.is_empty());
+        assert!(s.marks.is_empty());
     }
 
-    /// Retention: a purge forgets what settled at or before its cutoff (used, denied,
-    /// expired undecided or unused; grants that ended) and keeps everything that can still
-    /// change or was settled later. Replicas applying it agree.
     #[test]
     fn a_purge_forgets_only_what_settled_before_its_cutoff() {
         let mut s = State::default();

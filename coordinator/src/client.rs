@@ -210,6 +210,7 @@ impl Client {
     unary!(list_node_keys, CoordinatorClient, pb::ListNodeKeysRequest => pb::NodeKeyList);
     unary!(end_login, CoordinatorClient, pb::EndLoginRequest => pb::LoginState);
     unary!(get_login_state, CoordinatorClient, pb::LoginStateRequest => pb::LoginState);
+    unary!(mark, CoordinatorClient, pb::MarkRequest => pb::MarkResult);
     unary!(init, ClusterClient, pb::InitRequest => pb::ClusterStatus);
     unary!(add_member, ClusterClient, pb::Member => pb::ClusterStatus);
     unary!(remove_member, ClusterClient, pb::MemberId => pb::ClusterStatus);

@@ -39,8 +39,9 @@ pub const CLUSTER_TOKEN_HEADER: &str = "x-vigil-cluster-token";
 pub const LEADER_HEADER: &str = "x-vigil-leader";
 /// How long a write may wait for its commit before the caller hears "outcome unknown".
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest an ended login is remembered (a login lasts no longer than its token).
-const MAX_LOGIN_MARK: Millis = 7 * 24 * 3600 * 1000;
+/// The longest a mark is kept (a login lasts no longer than its token, an assertion no longer
+/// than its conditions).
+const MAX_MARK_AGE: Millis = 7 * 24 * 3600 * 1000;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -147,7 +148,8 @@ impl Shared {
         }
     }
 
-    /// The operator's login: their verified bearer token, named by its SHA-256 (hex).
+    /// The operator's login: the mark of their verified bearer token (`logout:` and its
+    /// SHA-256).
     async fn login(&self, md: &MetadataMap) -> Result<String, Status> {
         use sha2::Digest as _;
         self.operator(md).await?;
@@ -157,7 +159,10 @@ impl Shared {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or_default();
-        Ok(hex::encode(sha2::Sha256::digest(token.as_bytes())))
+        Ok(format!(
+            "logout:{}",
+            hex::encode(sha2::Sha256::digest(token.as_bytes()))
+        ))
     }
 
     async fn write(&self, cmd: Command) -> Result<Applied, Status> {
@@ -860,16 +865,41 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::LoginState>, Status> {
         let login = self.0.login(req.metadata()).await?;
         let now = now_ms();
-        let until = req.into_inner().until_ms.clamp(now, now + MAX_LOGIN_MARK);
-        match self
-            .0
-            .write(Command::EndLogin { login, until, now })
-            .await?
-        {
-            Applied::LoginEnded(at) => Ok(Response::new(pb::LoginState {
+        let until = req.into_inner().until_ms.clamp(now, now + MAX_MARK_AGE);
+        let mark = Command::Mark {
+            key: login,
+            until,
+            now,
+        };
+        match self.0.write(mark).await? {
+            Applied::Marked { at, .. } => Ok(Response::new(pb::LoginState {
                 ended: true,
                 ended_at_ms: at,
             })),
+            _ => Err(Status::internal("unexpected reply")),
+        }
+    }
+
+    async fn mark(
+        &self,
+        req: Request<pb::MarkRequest>,
+    ) -> Result<Response<pb::MarkResult>, Status> {
+        self.0.member(req.metadata()).await?;
+        let r = req.into_inner();
+        if r.key.starts_with("logout:") {
+            return Err(Status::invalid_argument(
+                "logout marks are made by EndLogin, as the person",
+            ));
+        }
+        let now = now_ms();
+        let until = r.until_ms.clamp(now, now + MAX_MARK_AGE);
+        let mark = Command::Mark {
+            key: r.key,
+            until,
+            now,
+        };
+        match self.0.write(mark).await? {
+            Applied::Marked { at, first } => Ok(Response::new(pb::MarkResult { first, at_ms: at })),
             _ => Err(Status::internal("unexpected reply")),
         }
     }
@@ -880,7 +910,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::LoginState>, Status> {
         let login = self.0.login(req.metadata()).await?;
         self.0.linearizable().await?;
-        let at = self.0.sm.read(|s| s.ended_logins.get(&login).map(|l| l.at));
+        let at = self.0.sm.read(|s| s.marks.get(&login).map(|m| m.at));
         Ok(Response::new(pb::LoginState {
             ended: at.is_some(),
             ended_at_ms: at.unwrap_or(0),

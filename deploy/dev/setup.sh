@@ -2,7 +2,8 @@
 # Install what Vigil's tests and quick start need on a bare Debian 12 machine (run as root).
 # Idempotent and fast when everything is already there:
 #   - apt packages: PostgreSQL 15 (server + client, pgbench), PgBouncer, libclang-dev
-#     (bindgen for pg_query), openssl, curl; OpenSSH server + client, tmux and rsync (the dev
+#     (bindgen for pg_query and samael), libxmlsec1-dev, libxml2-dev, libssl-dev and pkg-config
+#     (samael's XML signatures through the system xmlsec1), openssl, curl; OpenSSH server + client, tmux and rsync (the dev
 #     sshd that SSH-gateway tests use as their target host, and the tools that drive it);
 #     nodejs + npm only if `node` is missing;
 #   - Node >= 20 for the dev OIDC provider: Debian 12's own nodejs is 18, so when the
@@ -27,7 +28,9 @@
 #     (etcd-server and kubectl from apt; kube-apiserver, kube-controller-manager and the test
 #     kubelet built from Debian's kubernetes source package into $VIGIL_KUBE_BIN, default
 #     /var/cache/vigil/kube/bin, outside the repository: about 8 minutes and 5 GB of free disk
-#     the first time on a machine, a no-op under a second once the stamped binaries are there).
+#     the first time on a machine, a no-op under a second once the stamped binaries are there);
+#   - the SAML tests' identity provider: `deploy/dev/saml/idp.sh install` (SimpleSAMLphp and
+#     PHP from apt; the tests start it on loopback themselves).
 # Nothing is downloaded from outside the package registries (Debian's source package included).
 set -euo pipefail
 
@@ -48,6 +51,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 
 # ---- apt packages ----------------------------------------------------------------------
 want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-certificates
+      libxmlsec1-dev libxml2-dev libssl-dev pkg-config
       python3 python3-venv openssh-server openssh-client tmux rsync
       docker.io docker-compose debootstrap binutils haproxy prometheus iptables
       chromium chromium-driver)
@@ -141,5 +145,8 @@ fi
 
 # ---- Kubernetes control plane (kube.sh owns the recipe and its cache) ---------------------
 "$here/kube.sh" install || die "deploy/dev/kube.sh install failed"
+
+# ---- SAML identity provider (SimpleSAMLphp; idp.sh owns the recipe) ------------------------
+"$here/saml/idp.sh" install || die "deploy/dev/saml/idp.sh install failed"
 
 log "done"

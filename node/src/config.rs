@@ -237,6 +237,12 @@ pub struct IdentityConfig {
     pub http_timeout_secs: u64,
     #[serde(default)]
     pub claims: ClaimNames,
+    /// Tokens the cluster issues itself (for SAML identities); absent: none.
+    #[serde(default)]
+    pub tokens: Option<crate::core::issued::TokensConfig>,
+    /// SAML 2.0 sign-in (the console's, `vigil login --saml`); absent: none.
+    #[serde(default)]
+    pub saml: Option<crate::core::saml::SamlConfig>,
 }
 
 /// What bounds a session authenticated with a token.
@@ -653,6 +659,18 @@ impl Config {
         }
         if let Some(console) = &self.console {
             console.validate(&self.identity)?;
+        }
+        if let Some(tokens) = &self.identity.tokens {
+            tokens.validate(&self.identity.issuer)?;
+            if !self.identity.token_types.contains(&TokenType::AccessToken) {
+                return Err(invalid(
+                    "identity.tokens",
+                    "the cluster's tokens are access tokens: add access_token to identity.token_types",
+                ));
+            }
+        }
+        if let Some(saml) = &self.identity.saml {
+            saml.validate(&self.identity, self.console.as_ref())?;
         }
         if let Some(api) = &self.api {
             api.validate(&self.identity)?;

@@ -271,7 +271,8 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
             config.audit_dir().display()
         )
     })?;
-    let verifier = core::identity::TokenVerifier::new(config.identity.clone(), metrics.clone());
+    let verifier = core::identity::TokenVerifier::new(config.identity.clone(), metrics.clone())
+        .context("identity.tokens")?;
     let coordination = core::approvals::start(&config, verifier.clone()).await?;
     let lifecycle = Arc::new(core::lifecycle::Lifecycle::new(Duration::from_secs(
         config.node.drain_timeout_secs,
@@ -308,6 +309,12 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
                 index_path: config.node.data_dir.join("console").join("index.redb"),
                 cookie_key_path: config.node.data_dir.join("console").join("cookie.key"),
                 kafka: config.audit.kafka.clone(),
+                saml: match (&config.identity.saml, &section.public_url) {
+                    (Some(saml), Some(url)) => Some(Arc::new(
+                        core::saml::Sp::load(saml, &config.identity, url).await?,
+                    )),
+                    _ => None,
+                },
             }
             .prepare()?;
             let (listener, addr) = console::bind(section, &core).await?;

@@ -78,6 +78,18 @@ pub struct Principal {
     /// certificate to the token it was issued for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_id: Option<String>,
+    /// The SAML sign-in behind a Vigil-issued token: ties the record to the IdP's own log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saml: Option<SamlOrigin>,
+}
+
+/// Where a SAML identity came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamlOrigin {
+    /// The IdP's entity id.
+    pub idp: String,
+    /// The `ID` of the assertion the person or workload signed in with.
+    pub assertion_id: String,
 }
 
 /// The client connection and the target it reaches.
@@ -708,6 +720,7 @@ mod tests {
             token_type: "access_token".into(),
             token_exp: Some(1_795_766_700),
             token_id: Some("jti-1".into()),
+            saml: None,
         }));
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),

@@ -50,11 +50,14 @@ async fn run(
     file: CoordinatorFile,
     member: vigil_coordinator::server::MemberConfig,
 ) -> anyhow::Result<()> {
-    let operators: Option<Arc<dyn OperatorAuth>> = file.identity.map(|id| {
-        let verifier =
-            TokenVerifier::new(id, Arc::new(vigil_node::core::metrics::Metrics::default()));
-        Arc::new(OidcOperators(verifier)) as Arc<dyn OperatorAuth>
-    });
+    let operators: Option<Arc<dyn OperatorAuth>> = match file.identity {
+        Some(id) => {
+            let metrics = Arc::new(vigil_node::core::metrics::Metrics::default());
+            let verifier = TokenVerifier::new(id, metrics).context("identity.tokens")?;
+            Some(Arc::new(OidcOperators(verifier)) as Arc<dyn OperatorAuth>)
+        }
+        None => None,
+    };
     let member = Member::start(member, operators).await?;
     println!("vigil-coordinator: member listening on {}", member.addr);
     if let Some(m) = member.metrics_addr {

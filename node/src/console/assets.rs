@@ -45,7 +45,11 @@ pub async fn index(State(console): State<Arc<Console>>, visit: Visit) -> Respons
     match console.person(&visit).await {
         Ok(_) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response(),
         Err(res) if res.status() == StatusCode::UNAUTHORIZED => {
-            Redirect::to("/auth/login").into_response()
+            let to = match console.config.login {
+                super::LoginWith::Oidc => "/auth/login",
+                super::LoginWith::Saml => "/auth/saml/login",
+            };
+            Redirect::to(to).into_response()
         }
         Err(res) => res,
     }

@@ -37,7 +37,7 @@ use vigil_proto::record::{Connection, Kind, Outcome, Principal};
 const SESSION_COOKIE: &str = "__Host-vigil-session";
 const LOGIN_COOKIE: &str = "__Host-vigil-login";
 /// How long a started login may take at the provider.
-const LOGIN_TTL: Duration = Duration::from_secs(600);
+pub(super) const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// How long a coordinator call of the console may keep trying.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(5);
 
@@ -104,7 +104,7 @@ impl Sessions {
 /// Who sends a console request: their cookies and their address.
 pub struct Visit {
     pub headers: HeaderMap,
-    origin: ClientAddr,
+    pub origin: ClientAddr,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Visit {
@@ -123,11 +123,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Visit {
     }
 }
 
-fn random_token() -> String {
+pub(super) fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -138,20 +138,31 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn set_cookie(name: &str, value: &str, max_age: Duration) -> HeaderValue {
+pub(super) fn set_cookie(name: &str, value: &str, max_age: Duration) -> HeaderValue {
+    set_cookie_for(name, value, max_age, "Lax")
+}
+
+/// A cookie sent `same_site` (`Lax`; `None` for the SAML login, which the IdP's page posts
+/// back from another site).
+pub(super) fn set_cookie_for(
+    name: &str,
+    value: &str,
+    max_age: Duration,
+    same_site: &str,
+) -> HeaderValue {
     HeaderValue::try_from(format!(
-        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite={same_site}; Max-Age={}",
         max_age.as_secs()
     ))
     .expect("cookie values are base64url")
 }
 
-fn ms(t: SystemTime) -> u64 {
+pub(super) fn ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn from_ms(ms: u64) -> SystemTime {
+pub(super) fn from_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
@@ -357,7 +368,7 @@ impl Console {
     }
 
     /// A login that failed, on record, and the answer saying why.
-    async fn refused_login(
+    pub(super) async fn refused_login(
         &self,
         origin: ClientAddr,
         session: &str,
@@ -531,60 +542,73 @@ pub async fn callback(
                     .await
             }
         };
-    let expires = principal
-        .token_exp
-        .map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
-    let expires = match console.core.verifier.session_remaining(&principal) {
-        Some(left) => expires.min(SystemTime::now() + left),
-        None => expires,
-    };
-    let contents = SessionCookie {
-        login: session.clone(),
-        token,
-        csrf: random_token(),
-        expires_ms: ms(expires),
-    };
-    let sealed = console.cookies.seal(SESSION_COOKIE, &contents);
-    if sealed.len() > MAX_SEALED_LEN {
-        let why = format!(
-            "the ID token ({} bytes) is too large for the login cookie: ask the provider for \
-             fewer claims in it (for example fewer groups)",
-            contents.token.len()
-        );
-        return console
-            .refused_login(origin, &session, Some(&principal), &why)
+    console
+        .logged_in(origin, session, principal, token, LOGIN_COOKIE)
+        .await
+}
+
+impl Console {
+    /// A verified person (their token verified by the node's verifier) is logged in: the
+    /// login is recorded, kept, and its sealed cookie set; `started` (the cookie of the
+    /// login under way) is cleared.
+    pub(super) async fn logged_in(
+        &self,
+        origin: ClientAddr,
+        session: String,
+        principal: Principal,
+        token: String,
+        started: &str,
+    ) -> Response {
+        let expires = principal
+            .token_exp
+            .map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
+        let expires = match self.core.verifier.session_remaining(&principal) {
+            Some(left) => expires.min(SystemTime::now() + left),
+            None => expires,
+        };
+        let contents = SessionCookie {
+            login: session.clone(),
+            token,
+            csrf: random_token(),
+            expires_ms: ms(expires),
+        };
+        let sealed = self.cookies.seal(SESSION_COOKIE, &contents);
+        if sealed.len() > MAX_SEALED_LEN {
+            let why = format!(
+                "the token ({} bytes) is too large for the login cookie: ask the provider for \
+                 fewer claims in it (for example fewer groups)",
+                contents.token.len()
+            );
+            return self
+                .refused_login(origin, &session, Some(&principal), &why)
+                .await;
+        }
+        let person = match self.login_session(session.clone(), principal, contents, origin) {
+            Ok(p) => p,
+            Err(s) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, s.message()),
+        };
+        let recorded = Recorded {
+            session: &session,
+            principal: Some(&person.principal),
+            detail: "logged in to the console",
+        };
+        self.record(origin, Kind::SessionStart, Outcome::Success, recorded)
             .await;
+        self.sessions
+            .lock()
+            .insert(session.clone(), Arc::new(person));
+        let left = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let mut res = Redirect::to("/").into_response();
+        let h = res.headers_mut();
+        h.append(
+            header::SET_COOKIE,
+            set_cookie(SESSION_COOKIE, &sealed, left),
+        );
+        h.append(header::SET_COOKIE, set_cookie(started, "", Duration::ZERO));
+        res
     }
-    let person = match console.login_session(session.clone(), principal, contents, origin) {
-        Ok(p) => p,
-        Err(s) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, s.message()),
-    };
-    let recorded = Recorded {
-        session: &session,
-        principal: Some(&person.principal),
-        detail: "logged in to the console",
-    };
-    console
-        .record(origin, Kind::SessionStart, Outcome::Success, recorded)
-        .await;
-    console
-        .sessions
-        .lock()
-        .insert(session.clone(), Arc::new(person));
-    let left = expires
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    let mut res = Redirect::to("/").into_response();
-    let h = res.headers_mut();
-    h.append(
-        header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, &sealed, left),
-    );
-    h.append(
-        header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, "", Duration::ZERO),
-    );
-    res
 }
 
 type Refusal = (Option<Principal>, String);

@@ -18,6 +18,7 @@ mod cookies;
 mod grants;
 mod inbox;
 pub mod index;
+mod saml;
 mod sessions;
 
 use crate::api::TlsListener;
@@ -69,11 +70,25 @@ pub struct ConsoleConfig {
     /// People of this group will manage grants.
     #[serde(default)]
     pub admin_group: Option<String>,
+    /// Where `/` sends a person without a login: `oidc` (the OIDC provider) or `saml` (the
+    /// SAML IdP of `[identity.saml]`). Both sign-ins stay available (`/auth/login`,
+    /// `/auth/saml/login`).
+    #[serde(default)]
+    pub login: LoginWith,
     /// The key the console's cookies are sealed with, by reference: at least 32 bytes, the
     /// same on every node of a cluster (a login is then good on every node). Absent: a key
     /// generated in `<data_dir>/console/cookie.key`, this node's own.
     #[serde(default)]
     pub cookie_key: Option<SecretRef>,
+}
+
+/// The sign-in `/` starts.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginWith {
+    #[default]
+    Oidc,
+    Saml,
 }
 
 fn default_scopes() -> Vec<String> {
@@ -105,6 +120,9 @@ impl ConsoleConfig {
                 "an ID token needs the openid scope",
             ));
         }
+        if self.login == LoginWith::Saml && identity.saml.is_none() {
+            return Err(invalid("console.login", "saml needs [identity.saml]"));
+        }
         if let Some(url) = &self.public_url {
             let host = url.strip_prefix("https://").unwrap_or("");
             if host.is_empty() || host.contains('/') {
@@ -131,6 +149,8 @@ struct Console {
     http: reqwest::Client,
     sessions: auth::Sessions,
     cookies: cookies::Sealer,
+    /// The SAML service provider, when `[identity.saml]` is set.
+    saml: Option<Arc<crate::core::saml::Sp>>,
     /// The recorded sessions, for the auditors' pages.
     index: Arc<index::Index>,
 }
@@ -164,6 +184,8 @@ pub struct Setup {
     pub cookie_key_path: PathBuf,
     /// The audit topic, when there is one: the index follows it instead of the local log.
     pub kafka: Option<crate::config::KafkaConfig>,
+    /// The SAML service provider, loaded (its IdP's metadata read) by the caller.
+    pub saml: Option<Arc<crate::core::saml::Sp>>,
 }
 
 impl Setup {
@@ -202,6 +224,7 @@ impl Setup {
                 http,
                 sessions: auth::Sessions::default(),
                 cookies,
+                saml: self.saml,
                 index,
             }))
         })
@@ -215,6 +238,9 @@ fn router(console: Arc<Console>) -> Router {
         .route("/auth/login", get(auth::login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
+        .route("/saml/metadata", get(saml::metadata))
+        .route("/auth/saml/login", get(saml::login))
+        .route("/auth/saml/acs", post(saml::acs))
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
         .route("/api/approvals/{id}/decision", post(inbox::decide))

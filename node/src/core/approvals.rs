@@ -223,6 +223,13 @@ impl Approvals {
         }
     }
 
+    /// Marks `key` (`kind:name`) as used in the whole cluster until `until_ms`: whether this
+    /// call was the first use (a SAML assertion seen on any node before is not).
+    pub async fn mark_once(&self, key: String, until_ms: u64) -> Result<bool, tonic::Status> {
+        let r = self.client.mark(pb::MarkRequest { key, until_ms }).await?;
+        Ok(r.first)
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

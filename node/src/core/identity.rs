@@ -5,8 +5,13 @@
 //! key set, so one verifier serves both; they differ only in their `typ` header (`at+jwt` for
 //! access tokens). Header fields that would let a token pick its own key (`jku`, `x5u`, `jwk`)
 //! are ignored: keys come from the issuer's JWKS only.
+//!
+//! Tokens the cluster issued itself (`[identity.tokens]`, [`issued`](super::issued)) take the
+//! same path: when a token's (still unverified) `iss` is the cluster's issuer, its key comes
+//! from the cluster's own key set instead of the provider's JWKS, and every check is the same.
 
 use crate::config::{Algorithm, ClaimNames, IdentityConfig, SessionExpiry, TokenType};
+use crate::core::issued::IssuedKeys;
 use crate::core::metrics::{Metrics, ReasonLabel};
 use base64::Engine as _;
 use jsonwebtoken::{jwk::JwkSet, DecodingKey, Validation};
@@ -15,7 +20,7 @@ use sha2::Digest as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Mutex;
-use vigil_proto::record::Principal;
+use vigil_proto::record::{Principal, SamlOrigin};
 
 /// Why a token was refused. The text is what the client is told: precise enough to fix a
 /// misconfigured agent, nothing that helps forge a token.
@@ -130,6 +135,8 @@ pub struct TokenVerifier {
     fetch: Mutex<FetchState>,
     ready: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
+    /// The cluster's own token keys (`[identity.tokens]`).
+    issued: Option<IssuedKeys>,
 }
 
 /// How long a verification is reused at most, and how many are kept.
@@ -144,13 +151,15 @@ fn now_secs() -> u64 {
 }
 
 impl TokenVerifier {
-    pub fn new(config: IdentityConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A verifier for `config`; its `[identity.tokens]` keys are read here (a bad key: no start).
+    pub fn new(config: IdentityConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let issued = config.tokens.as_ref().map(IssuedKeys::load).transpose()?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.http_timeout_secs))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("the HTTP client builds with static settings");
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             config,
             http,
             keys: moka::future::Cache::builder()
@@ -169,7 +178,21 @@ impl TokenVerifier {
             }),
             ready: std::sync::atomic::AtomicBool::new(false),
             metrics,
-        })
+            issued,
+        }))
+    }
+
+    /// The cluster's own token keys, when it issues tokens.
+    pub fn issued(&self) -> Option<&IssuedKeys> {
+        self.issued.as_ref()
+    }
+
+    /// Whether the key `kid` of the issuer that signed `principal`'s token still verifies.
+    fn key_current(&self, principal: &Principal, kid: &str) -> bool {
+        match &self.issued {
+            Some(k) if principal.issuer == k.issuer => k.key(kid).is_some(),
+            _ => self.keys.contains_key(kid),
+        }
     }
 
     /// Whether keys have been loaded at least once.
@@ -313,7 +336,7 @@ impl TokenVerifier {
             let live = principal
                 .token_exp
                 .is_some_and(|exp| SystemTime::now() < refused_from(exp, self.config.leeway_secs));
-            if live && self.keys.contains_key(kid) {
+            if live && self.key_current(principal, kid) {
                 return Ok(principal.clone());
             }
             self.verified.invalidate(&digest);
@@ -360,11 +383,33 @@ impl TokenVerifier {
             .get("kid")
             .and_then(Value::as_str)
             .ok_or(TokenError::MissingKid)?;
-        let entry = self.key(kid).await?;
-        if entry.family != family_of(alg) || entry.alg.as_deref().is_some_and(|a| a != alg_name) {
-            // The key exists but is not a key for this algorithm: the classic confusion attack.
-            return Err(TokenError::BadSignature);
-        }
+        let ours = self
+            .issued
+            .as_ref()
+            .filter(|k| unverified_issuer(token).as_deref() == Some(k.issuer.as_str()));
+        let default_names = ClaimNames::default();
+        let provider_key;
+        let (key, issuer, names) = match ours {
+            Some(k) => {
+                if alg != Algorithm::EdDSA {
+                    return Err(TokenError::BadSignature);
+                }
+                let key = k.key(kid).ok_or(TokenError::UnknownKey)?;
+                (key, k.issuer.as_str(), &default_names)
+            }
+            None => {
+                provider_key = self.key(kid).await?;
+                let entry = &provider_key;
+                if entry.family != family_of(alg)
+                    || entry.alg.as_deref().is_some_and(|a| a != alg_name)
+                {
+                    // The key exists but is not a key for this algorithm: the classic
+                    // confusion attack.
+                    return Err(TokenError::BadSignature);
+                }
+                (&entry.key, self.config.issuer.as_str(), &self.config.claims)
+            }
+        };
         let jwt_alg = match alg {
             Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
             Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
@@ -373,11 +418,11 @@ impl TokenVerifier {
         let mut validation = Validation::new(jwt_alg);
         validation.leeway = self.config.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_issuer(&[self.config.issuer.as_str()]);
+        validation.set_issuer(&[issuer]);
         validation.set_audience(&self.config.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &entry.key, &validation)
-            .map_err(|e| {
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation).map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind as K;
                 match e.kind() {
                     K::InvalidSignature => TokenError::BadSignature,
@@ -397,12 +442,12 @@ impl TokenVerifier {
         if iat > now_secs() + self.config.leeway_secs {
             return Err(TokenError::IssuedInFuture);
         }
-        let principal = principal_from_claims(
-            &claims,
-            &self.config.claims,
-            &self.config.issuer,
-            token_type,
-        )?;
+        let mut principal = principal_from_claims(&claims, names, issuer, token_type)?;
+        if ours.is_some() {
+            principal.saml = claim_string(&claims, "saml_idp")
+                .zip(claim_string(&claims, "saml_assertion"))
+                .map(|(idp, assertion_id)| SamlOrigin { idp, assertion_id });
+        }
         Ok((principal, kid.to_string()))
     }
 }
@@ -443,6 +488,16 @@ fn parse_header(token: &str) -> Result<Map<String, Value>, TokenError> {
         .decode(h)
         .map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+/// The `iss` claim of a token not yet verified: only to choose which keys verify it.
+fn unverified_issuer(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: Map<String, Value> = serde_json::from_slice(&bytes).ok()?;
+    claim_string(&claims, "iss")
 }
 
 fn claim_string(claims: &Map<String, Value>, name: &str) -> Option<String> {
@@ -486,6 +541,7 @@ pub fn principal_from_claims(
         .to_string(),
         token_exp: claims.get("exp").and_then(Value::as_u64),
         token_id: claim_string(claims, "jti"),
+        saml: None,
     })
 }
 

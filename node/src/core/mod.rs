@@ -6,6 +6,7 @@
 pub mod approvals;
 pub mod config_error;
 pub mod identity;
+pub mod issued;
 pub mod lifecycle;
 pub mod metrics;
 pub mod peers;
@@ -13,6 +14,7 @@ pub mod principals;
 pub mod proxy_protocol;
 pub mod reachability;
 pub mod refusal;
+pub mod saml;
 pub mod secret;
 pub mod server;
 pub mod tls;

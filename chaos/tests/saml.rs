@@ -1,0 +1,621 @@
+//! SAML identities against a real IdP (SimpleSAMLphp, started by deploy/dev/saml/idp.sh):
+//! a person signs in at the IdP in a real browser and lands in the console, their login on
+//! record with the IdP's entity id and the assertion id; and what an attacker or a broken IdP
+//! sends is refused and on record: unsigned, tampered, signed by another key (its certificate
+//! in the document), every signature-wrapping shape, a comment in the NameID, a DTD, expired,
+//! not yet valid, another audience, another recipient, unsolicited, answering another request,
+//! replayed on this node or on another, oversized.
+//!
+//! Screenshots: `<target dir>/test-artefacts/saml/<test>/`.
+
+use std::time::Duration;
+use vigil_chaos::saml::{self, Idp};
+use vigil_chaos::webdriver::{artefact_dir, Driver};
+use vigil_chaos::*;
+use vigil_proto::record::{Kind, Outcome};
+
+/// One test at a time: the IdP (PHP's built-in server) answers one request at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TOKEN_ISSUER: &str = "https://vigil.test/tokens";
+
+/// A node whose console signs people in at `idp`, and the console's URL.
+struct Sp {
+    node: TestNode,
+    console: String,
+}
+
+/// What the IdP is told before the node runs (the node's own metadata replaces it).
+fn first_sp_metadata(console: &str) -> String {
+    format!(
+        r#"<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata" entityID="{console}/saml/metadata">
+  <md:SPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol">
+    <md:AssertionConsumerService Binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST" Location="{console}/auth/saml/acs" index="0"/>
+  </md:SPSSODescriptor>
+</md:EntityDescriptor>"#
+    )
+}
+
+/// Shared by the nodes of one test: the cookie key, the token key.
+struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cookie-key"),
+            "the cookie key the nodes of this test share\n",
+        )
+        .unwrap();
+        saml::token_key(&dir.path().join("token-key.pem"));
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A node listening on `port` whose public URL (its ACS, its entity id) is `public`.
+async fn start_sp(
+    idp: &Idp,
+    keys: &Keys,
+    port: u16,
+    public: &str,
+    coordinator: Option<String>,
+) -> Sp {
+    let console = format!("https://127.0.0.1:{port}");
+    let section = format!(
+        r#"[console]
+listen = "127.0.0.1:{port}"
+client_id = "vigil-console"
+public_url = "{public}"
+login = "saml"
+auditor_group = "auditors"
+cookie_key = {{ file = "{cookie}" }}
+
+[identity.tokens]
+issuer = "{TOKEN_ISSUER}"
+signing_key = {{ file = "{token}" }}
+key_id = "t1"
+
+[identity.saml]
+idp_metadata = "{metadata}"
+model_attribute = "model"
+"#,
+        cookie = keys.path("cookie-key").display(),
+        token = keys.path("token-key.pem").display(),
+        metadata = idp.metadata_url,
+    );
+    let node = TestNode::start(NodeOptions {
+        protocols: Some(section),
+        coordinator,
+        ..NodeOptions::default()
+    })
+    .await;
+    Sp { node, console }
+}
+
+/// The IdP, and a node it knows (by the node's own metadata).
+async fn setup(keys: &Keys) -> (Idp, Sp) {
+    let port = free_port();
+    let console = format!("https://127.0.0.1:{port}");
+    let idp = Idp::start(&first_sp_metadata(&console));
+    let sp = start_sp(&idp, keys, port, &console, None).await;
+    let metadata = http()
+        .get(format!("{console}/saml/metadata"))
+        .send()
+        .await
+        .unwrap();
+    let status = metadata.status();
+    let metadata = metadata.text().await.unwrap();
+    assert_eq!(status, 200, "{metadata}");
+    idp.register(&metadata);
+    (idp, sp)
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A sign-in started at the node: the browser's SAML cookie and where it is sent.
+async fn start_sign_in(console: &str) -> (String, String) {
+    let res = http()
+        .get(format!("{console}/auth/saml/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303, "{:?}", res.text().await);
+    let cookie = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .find(|v| v.starts_with("__Host-vigil-saml="))
+        .expect("the SAML cookie");
+    assert!(
+        cookie.contains("SameSite=None") && cookie.contains("Secure"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let to = res.headers()["location"].to_str().unwrap().to_string();
+    (cookie, to)
+}
+
+/// A whole sign-in at the IdP as `user`: the SAML cookie and the response's XML.
+async fn response_for(console: &str, user: &str) -> (String, String) {
+    let (cookie, to) = start_sign_in(console).await;
+    let response = saml::sign_in(&to, user).await;
+    (cookie, saml::decode(&response))
+}
+
+/// Posts a response to the node's ACS: the status and the body (the refusal says why).
+async fn post(console: &str, cookie: Option<&str>, xml: &str) -> (u16, String) {
+    let mut req = http().post(format!("{console}/auth/saml/acs")).form(&[
+        ("SAMLResponse", saml::encode(xml)),
+        ("RelayState", String::new()),
+    ]);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let logged_in = res.headers().get_all("set-cookie").iter().any(|v| {
+        v.to_str().unwrap().starts_with("__Host-vigil-session=")
+            && !v.to_str().unwrap().contains("Max-Age=0")
+    });
+    let body = res.text().await.unwrap();
+    assert_eq!(logged_in, status == 303, "{status} {body}");
+    (status, body)
+}
+
+/// The node's records of console logins, as (outcome, detail, subject).
+async fn logins(sp: &Sp) -> Vec<(Outcome, String, Option<String>)> {
+    sp.node
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.body.kind == Kind::SessionStart
+                && r.body
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.protocol == "console")
+        })
+        .map(|r| {
+            (
+                r.body.outcome.unwrap(),
+                r.body.detail.unwrap_or_default(),
+                r.body.principal.map(|p| p.subject.clone()),
+            )
+        })
+        .collect()
+}
+
+/// A person signs in at the IdP in the browser and lands in the console; the login is on
+/// record with the cluster's issuer, the IdP and the assertion id, and the groups the IdP
+/// asserted decide what the console shows (dave: an auditor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t10_a_person_signs_in_at_the_idp_and_lands_in_the_console() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = Keys::new();
+    let (idp, sp) = setup(&keys).await;
+    let shots = artefact_dir("saml/t10");
+    let driver = Driver::start().await;
+    let dave = driver.browser().await;
+    dave.goto(&format!("{}/", sp.console)).await;
+    let user = dave
+        .wait_for("input[name=username]", Duration::from_secs(20))
+        .await;
+    assert!(dave
+        .url()
+        .await
+        .starts_with(&format!("http://127.0.0.1:{}/", idp.port)));
+    dave.screenshot(&shots.join("01-idp-login.png")).await;
+    dave.type_into(&user, "dave").await;
+    let password = dave
+        .wait_for("input[name=password]", Duration::from_secs(5))
+        .await;
+    dave.type_into(&password, "dev").await;
+    dave.try_execute(
+        "document.querySelector('form').submit(); return true;",
+        serde_json::json!([]),
+    )
+    .await
+    .unwrap();
+    let who = dave.wait_for("#who", Duration::from_secs(20)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dave.text(&who).await != "dave" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console does not name dave"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dave.url().await.starts_with(&sp.console));
+    dave.goto(&format!("{}/#sessions", sp.console)).await;
+    dave.wait_for("#sessions", Duration::from_secs(10)).await;
+    dave.screenshot(&shots.join("02-console-as-dave.png")).await;
+    dave.close().await;
+
+    let record = sp
+        .node
+        .records()
+        .await
+        .into_iter()
+        .find(|r| {
+            r.body.kind == Kind::SessionStart
+                && r.body.outcome == Some(Outcome::Success)
+                && r.body
+                    .principal
+                    .as_ref()
+                    .is_some_and(|p| p.subject == "dave")
+        })
+        .expect("dave's login on record");
+    let p = record.body.principal.unwrap();
+    assert_eq!(p.issuer, TOKEN_ISSUER);
+    assert_eq!(p.groups, ["auditors"]);
+    let origin = p.saml.clone().expect("the SAML origin");
+    assert_eq!(origin.idp, idp.metadata_url);
+    assert!(origin.assertion_id.starts_with('_'), "{origin:?}");
+}
+
+/// Replace the first `from` by `to`, which must be there.
+fn swap(xml: &str, from: &str, to: &str) -> String {
+    assert!(xml.contains(from), "{from} not in the response");
+    xml.replacen(from, to, 1)
+}
+
+/// Every ` NAME="…"` attribute set to `value`.
+fn set_attr(xml: &str, name: &str, value: &str) -> String {
+    let key = format!(" {name}=\"");
+    let mut out = String::new();
+    let mut rest = xml;
+    while let Some(at) = rest.find(&key) {
+        let start = at + key.len();
+        let end = rest[start..].find('"').unwrap() + start;
+        out.push_str(&rest[..start]);
+        out.push_str(value);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The response without its `ds:Signature` elements.
+fn unsigned(xml: &str) -> String {
+    let mut out = xml.to_string();
+    while let Some(start) = out.find("<ds:Signature") {
+        let end = out[start..].find("</ds:Signature>").unwrap() + start + "</ds:Signature>".len();
+        out.replace_range(start..end, "");
+    }
+    out
+}
+
+/// The `(start, end)` byte range of the first element named `tag` (with its prefix).
+fn element(xml: &str, tag: &str) -> (usize, usize) {
+    let start = xml
+        .find(&format!("<{tag} "))
+        .or_else(|| xml.find(&format!("<{tag}>")))
+        .unwrap();
+    let close = format!("</{tag}>");
+    let end = xml[start..].find(&close).unwrap() + start + close.len();
+    (start, end)
+}
+
+/// The eight signature-wrapping shapes (Somorovsky et al.), each a signed original and an
+/// evil copy (NameID `alice`, another ID) placed so that a parser reading "the" assertion or
+/// response might read the copy while the signature check finds the original.
+fn wrapped(xml: &str) -> Vec<(&'static str, String)> {
+    let (a0, a1) = element(xml, "saml:Assertion");
+    let assertion = &xml[a0..a1];
+    let evil_assertion = unsigned(assertion)
+        .replacen(" ID=\"", " ID=\"_evil", 1)
+        .replacen(">dave<", ">alice<", 1);
+    let (r0, _) = element(xml, "samlp:Response");
+    let response = &xml[r0..];
+    let evil_response = xml
+        .replacen(" ID=\"", " ID=\"_evil", 1)
+        .replacen(">dave<", ">alice<", 1);
+    let evil_response = unsigned(&evil_response);
+    let (s0, s1) = element(xml, "ds:Signature"); // the response's own signature
+    let signature = &xml[s0..s1];
+    let resp_open_end = xml[r0..].find('>').unwrap() + r0 + 1;
+    let mut shapes = Vec::new();
+    // XSW1: an evil response whose Signature holds the original response.
+    let sig_with_original =
+        signature.replacen("</ds:Signature>", &format!("{response}</ds:Signature>"), 1);
+    let er_open_end = evil_response.find('>').unwrap() + 1;
+    shapes.push((
+        "XSW1",
+        format!(
+            "{}{}{}",
+            &evil_response[..er_open_end],
+            sig_with_original,
+            &evil_response[er_open_end..]
+        ),
+    ));
+    // XSW2: the same, the original response beside the signature instead of in it.
+    shapes.push((
+        "XSW2",
+        format!(
+            "{}{}{}{}",
+            &evil_response[..er_open_end],
+            signature,
+            response,
+            &evil_response[er_open_end..]
+        ),
+    ));
+    // XSW3: an evil assertion before the original one.
+    shapes.push((
+        "XSW3",
+        format!("{}{}{}", &xml[..a0], evil_assertion, &xml[a0..]),
+    ));
+    // XSW4: an evil assertion holding the original one.
+    let inner = evil_assertion.replacen(
+        "</saml:Assertion>",
+        &format!("{assertion}</saml:Assertion>"),
+        1,
+    );
+    shapes.push(("XSW4", format!("{}{}{}", &xml[..a0], inner, &xml[a1..])));
+    // XSW5: the evil assertion carries the original's signature; the original moves after it.
+    let (as0, as1) = element(assertion, "ds:Signature");
+    let assertion_sig = &assertion[as0..as1];
+    let evil_signed = evil_assertion.replacen(
+        "</saml:Issuer>",
+        &format!("</saml:Issuer>{assertion_sig}"),
+        1,
+    );
+    shapes.push((
+        "XSW5",
+        format!(
+            "{}{}{}{}",
+            &xml[..a0],
+            evil_signed,
+            unsigned(assertion),
+            &xml[a1..]
+        ),
+    ));
+    // XSW6: the original assertion inside the evil assertion's signature.
+    let sig_holding =
+        assertion_sig.replacen("</ds:Signature>", &format!("{assertion}</ds:Signature>"), 1);
+    let evil6 =
+        evil_assertion.replacen("</saml:Issuer>", &format!("</saml:Issuer>{sig_holding}"), 1);
+    shapes.push(("XSW6", format!("{}{}{}", &xml[..a0], evil6, &xml[a1..])));
+    // XSW7: the original inside an Extensions element, the evil assertion in its place.
+    let ext = format!("<samlp:Extensions>{assertion}</samlp:Extensions>");
+    shapes.push((
+        "XSW7",
+        format!(
+            "{}{}{}{}{}",
+            &xml[..resp_open_end],
+            ext,
+            &xml[resp_open_end..a0],
+            evil_assertion,
+            &xml[a1..]
+        ),
+    ));
+    // XSW8: the original inside an Object of the evil assertion's signature.
+    let object = assertion_sig.replacen(
+        "</ds:Signature>",
+        &format!(
+            "<ds:Object>{}</ds:Object></ds:Signature>",
+            unsigned(assertion)
+        ),
+        1,
+    );
+    let evil8 = evil_assertion.replacen("</saml:Issuer>", &format!("</saml:Issuer>{object}"), 1);
+    shapes.push(("XSW8", format!("{}{}{}", &xml[..a0], evil8, &xml[a1..])));
+    shapes
+}
+
+/// Every way a response can be wrong is refused at the ACS, with the reason, and on record
+/// (`session_start`, outcome `denied`); the same content signed again by the IdP's own key
+/// passes, so each refusal is for what was changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t20_what_an_attacker_or_a_broken_idp_sends_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = Keys::new();
+    let (idp, sp) = setup(&keys).await;
+    let console = sp.console.as_str();
+    let (idp_key, idp_cert) = idp.key();
+    let other = tempfile::tempdir().unwrap();
+    let (other_key, other_cert) = saml::other_key(other.path());
+    let resigned = |xml: &str| saml::resign(xml, &idp_key, &idp_cert);
+    let by_idp = |changed: &str| -> String {
+        let (k, c) = idp.key();
+        saml::resign(changed, &k, &c)
+    };
+
+    // The control: a fresh response, signed again by the IdP's key unchanged, passes; the
+    // same response again (on this node) is a replay.
+    let (cookie, xml) = response_for(console, "dave").await;
+    let (status, body) = post(console, Some(&cookie), &resigned(&xml)).await;
+    assert_eq!(status, 303, "{body}");
+    let (status, body) = post(console, Some(&cookie), &resigned(&xml)).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("used before"), "{body}");
+
+    let mut refused = 1;
+    let mut expect = |name: &str, status: u16, body: &str, why: &str| {
+        assert_eq!(status, 401, "{name}: {body}");
+        assert!(
+            body.to_lowercase().contains(&why.to_lowercase()),
+            "{name}: {body}"
+        );
+        refused += 1;
+    };
+    let later = |secs: i64| {
+        (time::OffsetDateTime::now_utc() + time::Duration::seconds(secs))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    type Change<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let cases: Vec<(&str, Change<'_>, &str)> = vec![
+        ("unsigned", Box::new(unsigned), "must be signed"),
+        (
+            "tampered",
+            Box::new(|x: &str| swap(x, ">dave<", ">alice<")),
+            "must be signed",
+        ),
+        (
+            "another key, its certificate in the document",
+            Box::new(move |x: &str| {
+                saml::resign(&swap(x, ">dave<", ">alice<"), &other_key, &other_cert)
+            }),
+            "must be signed",
+        ),
+        (
+            "comment in the NameID",
+            Box::new(|x: &str| swap(x, ">dave<", ">dave<!---->.evil<")),
+            "comment",
+        ),
+        (
+            "a DTD",
+            Box::new(|x: &str| {
+                let dtd = "<!DOCTYPE r [<!ENTITY e SYSTEM \"file:///etc/passwd\">]>";
+                match x.find("?>") {
+                    Some(at) => format!("{}{dtd}{}", &x[..at + 2], &x[at + 2..]),
+                    None => format!("{dtd}{x}"),
+                }
+            }),
+            "DTD",
+        ),
+        (
+            "expired",
+            Box::new(move |x: &str| by_idp(&set_attr(x, "NotOnOrAfter", &later(-3600)))),
+            "expired",
+        ),
+        (
+            "another audience",
+            Box::new(move |x: &str| {
+                let aud = x.find("<saml:Audience>").unwrap() + "<saml:Audience>".len();
+                let end = x[aud..].find('<').unwrap() + aud;
+                by_idp(&format!(
+                    "{}https://other.example/sp{}",
+                    &x[..aud],
+                    &x[end..]
+                ))
+            }),
+            "audience",
+        ),
+        (
+            "another recipient",
+            Box::new(move |x: &str| {
+                by_idp(&swap(
+                    x,
+                    "Recipient=\"https://",
+                    "Recipient=\"https://other.example/",
+                ))
+            }),
+            "recipient",
+        ),
+        (
+            "oversized",
+            Box::new(|x: &str| {
+                swap(
+                    x,
+                    "<saml:Issuer>",
+                    &format!("{}<saml:Issuer>", " ".repeat(300 * 1024)),
+                )
+            }),
+            "larger",
+        ),
+    ];
+    for (name, change, why) in &cases {
+        let (cookie, xml) = response_for(console, "dave").await;
+        let (status, body) = post(console, Some(&cookie), &change(&xml)).await;
+        expect(name, status, &body, why);
+    }
+    // Not yet valid: NotBefore an hour ahead, signed by the IdP.
+    let (cookie, xml) = response_for(console, "dave").await;
+    let changed = set_attr(&xml, "NotBefore", &later(3600));
+    let (status, body) = post(console, Some(&cookie), &resigned(&changed)).await;
+    expect("not yet valid", status, &body, "not valid until");
+
+    // Wrapping: every shape refused before samael chooses a copy.
+    for (shape, xml) in wrapped(&response_for(console, "dave").await.1) {
+        let (cookie, _) = start_sign_in(console).await;
+        let (status, body) = post(console, Some(&cookie), &xml).await;
+        expect(shape, status, &body, "wrapped signature");
+    }
+
+    // Unsolicited (no sign-in started in this browser), and an answer to another request.
+    let (_, xml) = response_for(console, "dave").await;
+    let (status, body) = post(console, None, &xml).await;
+    expect("unsolicited", status, &body, "unsolicited");
+    let (other_cookie, _) = start_sign_in(console).await;
+    let (status, body) = post(console, Some(&other_cookie), &xml).await;
+    expect("another request's answer", status, &body, "InResponseTo");
+
+    // Each refusal is on record, with why.
+    let denied = logins(&sp)
+        .await
+        .into_iter()
+        .filter(|(o, _, _)| *o == Outcome::Denied)
+        .count();
+    assert_eq!(denied, refused, "every refusal on record");
+}
+
+/// An assertion one node accepted is refused by another node of the cluster (the replay
+/// cache is the coordinator's), even with the browser's own cookie: two nodes behind one
+/// public URL (a balancer's), the copied response posted to each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t30_an_assertion_is_used_once_in_the_whole_cluster() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let keys = Keys::new();
+    let (port_a, port_b) = (free_port(), free_port());
+    let public = format!("https://127.0.0.1:{port_a}");
+    let idp = Idp::start(&first_sp_metadata(&public));
+    let a = start_sp(&idp, &keys, port_a, &public, Some(cluster.node_section())).await;
+    let b = start_sp(&idp, &keys, port_b, &public, Some(cluster.node_section())).await;
+    let metadata = http()
+        .get(format!("{public}/saml/metadata"))
+        .send()
+        .await
+        .unwrap();
+    idp.register(&metadata.text().await.unwrap());
+
+    // Used at A, then replayed at B.
+    let (cookie, xml) = response_for(&a.console, "alice").await;
+    let (status, body) = post(&a.console, Some(&cookie), &xml).await;
+    assert_eq!(status, 303, "A: {body}");
+    let (status, body) = post(&b.console, Some(&cookie), &xml).await;
+    assert_eq!(status, 401, "B: {body}");
+    assert!(body.contains("used before"), "{body}");
+    // Started at A, used at B (any node completes a sign-in), then replayed at A.
+    let (cookie, xml) = response_for(&a.console, "bob").await;
+    let (status, body) = post(&b.console, Some(&cookie), &xml).await;
+    assert_eq!(status, 303, "B: {body}");
+    let (status, body) = post(&a.console, Some(&cookie), &xml).await;
+    assert_eq!(status, 401, "A: {body}");
+    assert!(body.contains("used before"), "{body}");
+
+    let subjects = |logins: Vec<(Outcome, String, Option<String>)>| {
+        logins
+            .into_iter()
+            .map(|(o, _, s)| (o, s.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        subjects(logins(&a).await),
+        [
+            (Outcome::Success, "alice".into()),
+            (Outcome::Denied, String::new())
+        ]
+    );
+    assert_eq!(
+        subjects(logins(&b).await),
+        [
+            (Outcome::Denied, String::new()),
+            (Outcome::Success, "bob".into())
+        ]
+    );
+}

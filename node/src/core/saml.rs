@@ -1,0 +1,516 @@
+//! SAML 2.0 sign-in (`[identity.saml]`): Vigil as a service provider of one identity provider.
+//!
+//! Parsing and XML signatures are samael's, on the system's xmlsec1 (never canonicalised or
+//! verified here by hand). samael verifies every signature against the IdP's metadata keys
+//! only and keeps nothing of the document but what a verified signature covers (so a wrapped,
+//! unsigned copy of an assertion is gone before anything is read), then checks the issuer,
+//! the time conditions, the audience, the destination, the bearer subject confirmation (its
+//! recipient and `InResponseTo`). Before it sees a byte, this module refuses what no IdP needs
+//! to send: more than `max_response_bytes`, a DTD or entity declaration, a comment (comments
+//! are outside what a signature covers: `admin@example.com<!---->.evil` must never read as
+//! `admin@example.com`), a processing instruction. After it, this module insists on what samael
+//! leaves optional: an audience restriction naming this SP, a `NotOnOrAfter`, the subject.
+//! Replays are the caller's: the assertion id is marked once in the coordinator.
+
+use crate::config::IdentityConfig;
+use crate::console::ConsoleConfig;
+use crate::core::config_error::{invalid, ConfigError};
+use anyhow::Context as _;
+use base64::Engine as _;
+use samael::crypto::AllowedSignatureAlgorithm;
+use samael::metadata::EntityDescriptor;
+use samael::schema::Assertion;
+use samael::service_provider::{ServiceProvider, ServiceProviderBuilder};
+use serde::Deserialize;
+use vigil_proto::record::{Principal, SamlOrigin};
+
+/// The SAML 2.0 binding the IdP is sent the AuthnRequest with.
+const REDIRECT_BINDING: &str = "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect";
+
+/// The `[identity.saml]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamlConfig {
+    /// The IdP's metadata: a file, or an `https://` URL read at start.
+    pub idp_metadata: String,
+    /// This service provider's entity id; default `<console.public_url>/saml/metadata`.
+    #[serde(default)]
+    pub entity_id: Option<String>,
+    /// Where the principal's subject comes from: `nameid`, or the name of an attribute.
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// The attribute whose values are the principal's groups.
+    #[serde(default = "default_groups")]
+    pub groups_attribute: String,
+    /// The attribute naming the model, for agents whose IdP carries one.
+    #[serde(default)]
+    pub model_attribute: Option<String>,
+    /// Clock skew tolerated on the assertion's times.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// The largest response accepted (decoded XML).
+    #[serde(default = "default_max_bytes")]
+    pub max_response_bytes: usize,
+    /// The audience of the tokens issued to SAML identities; default the first of
+    /// `identity.audiences`.
+    #[serde(default)]
+    pub token_audience: Option<String>,
+}
+
+fn default_subject() -> String {
+    "nameid".into()
+}
+fn default_groups() -> String {
+    "groups".into()
+}
+fn default_leeway() -> u64 {
+    60
+}
+fn default_max_bytes() -> usize {
+    256 * 1024
+}
+
+impl SamlConfig {
+    pub fn validate(
+        &self,
+        identity: &IdentityConfig,
+        console: Option<&ConsoleConfig>,
+    ) -> Result<(), ConfigError> {
+        if identity.tokens.is_none() {
+            return Err(invalid(
+                "identity.saml",
+                "SAML identities get tokens the cluster issues: configure [identity.tokens]",
+            ));
+        }
+        if console.is_none_or(|c| c.public_url.is_none()) {
+            return Err(invalid(
+                "identity.saml",
+                "the SAML endpoints are the console's: configure [console] with public_url \
+                 (the IdP posts to <public_url>/auth/saml/acs)",
+            ));
+        }
+        if self.idp_metadata.is_empty() {
+            return Err(invalid("identity.saml.idp_metadata", "must not be empty"));
+        }
+        if self.leeway_secs > 300 {
+            return Err(invalid("identity.saml.leeway_secs", "at most 300"));
+        }
+        if !(4096..=4 * 1024 * 1024).contains(&self.max_response_bytes) {
+            return Err(invalid(
+                "identity.saml.max_response_bytes",
+                "between 4096 and 4194304",
+            ));
+        }
+        if let Some(aud) = &self.token_audience {
+            if !identity.audiences.contains(aud) {
+                return Err(invalid(
+                    "identity.saml.token_audience",
+                    "must be one of identity.audiences (the nodes verify the tokens)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a SAML response was refused: what the person is told and what is recorded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn refused(why: impl Into<String>) -> Refused {
+    Refused(why.into())
+}
+
+/// A verified sign-in.
+pub struct SignIn {
+    /// Subject, groups and model from the assertion; `issuer` and the token fields are the
+    /// issued token's, set when it is issued.
+    pub principal: Principal,
+    /// When the assertion stops being valid (seconds since the epoch): how long its id is
+    /// remembered against replays.
+    pub not_on_or_after: u64,
+    /// When the IdP's session ends (`SessionNotOnOrAfter`), if it says.
+    pub session_ends: Option<u64>,
+}
+
+/// Vigil as the service provider of one IdP.
+pub struct Sp {
+    sp: ServiceProvider,
+    config: SamlConfig,
+    entity_id: String,
+    idp_entity_id: String,
+    sso_url: String,
+    pub acs_url: String,
+    pub token_audience: String,
+}
+
+impl Sp {
+    /// Reads the IdP's metadata (a file or a URL) and builds the service provider. An IdP
+    /// without a signing key in its metadata is refused: nothing it sends could be verified.
+    pub async fn load(
+        config: &SamlConfig,
+        identity: &IdentityConfig,
+        public_url: &str,
+    ) -> anyhow::Result<Self> {
+        let xml = if config.idp_metadata.starts_with("https://")
+            || config.idp_metadata.starts_with("http://")
+        {
+            reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(identity.http_timeout_secs))
+                .build()?
+                .get(&config.idp_metadata)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .context("identity.saml.idp_metadata")?
+                .text()
+                .await
+                .context("identity.saml.idp_metadata")?
+        } else {
+            std::fs::read_to_string(&config.idp_metadata)
+                .with_context(|| format!("identity.saml.idp_metadata {}", config.idp_metadata))?
+        };
+        refuse_dtd(&xml.to_ascii_lowercase())
+            .map_err(|e| anyhow::anyhow!("the IdP's metadata: {e}"))?;
+        let metadata: EntityDescriptor = xml
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the IdP's metadata does not parse: {e}"))?;
+        Self::new(config, identity, public_url, metadata)
+    }
+
+    fn new(
+        config: &SamlConfig,
+        identity: &IdentityConfig,
+        public_url: &str,
+        metadata: EntityDescriptor,
+    ) -> anyhow::Result<Self> {
+        let idp_entity_id = metadata
+            .entity_id
+            .clone()
+            .context("the IdP's metadata names no entityID")?;
+        let sso_url = metadata
+            .idp_sso_descriptors
+            .iter()
+            .flatten()
+            .flat_map(|d| &d.single_sign_on_services)
+            .find(|s| s.binding == REDIRECT_BINDING)
+            .map(|s| s.location.clone())
+            .context("the IdP's metadata has no HTTP-Redirect SingleSignOnService")?;
+        let entity_id = config
+            .entity_id
+            .clone()
+            .unwrap_or_else(|| format!("{public_url}/saml/metadata"));
+        let acs_url = format!("{public_url}/auth/saml/acs");
+        let skew = chrono::Duration::seconds(config.leeway_secs as i64);
+        let sp = ServiceProviderBuilder::default()
+            .entity_id(entity_id.clone())
+            .metadata_url(Some(format!("{public_url}/saml/metadata")))
+            .acs_url(Some(acs_url.clone()))
+            .slo_url(None::<String>)
+            .idp_metadata(metadata)
+            .allow_idp_initiated(false)
+            .max_clock_skew(skew)
+            .max_issue_delay(chrono::Duration::seconds(300) + skew)
+            .allowed_signature_algorithms(Some(vec![
+                AllowedSignatureAlgorithm::RsaSha256,
+                AllowedSignatureAlgorithm::RsaSha384,
+                AllowedSignatureAlgorithm::RsaSha512,
+                AllowedSignatureAlgorithm::EcdsaSha256,
+                AllowedSignatureAlgorithm::EcdsaSha384,
+                AllowedSignatureAlgorithm::EcdsaSha512,
+            ]))
+            .build()
+            .context("the SAML service provider")?;
+        let keys = sp
+            .idp_signing_certs()
+            .map_err(|e| anyhow::anyhow!("the IdP's signing certificates: {e}"))?;
+        anyhow::ensure!(
+            keys.is_some_and(|k| !k.is_empty()),
+            "the IdP's metadata has no signing certificate: nothing it sends could be verified"
+        );
+        let token_audience = config
+            .token_audience
+            .clone()
+            .or_else(|| identity.audiences.first().cloned())
+            .context("identity.audiences is empty")?;
+        Ok(Self {
+            sp,
+            config: config.clone(),
+            entity_id,
+            idp_entity_id,
+            sso_url,
+            acs_url,
+            token_audience,
+        })
+    }
+
+    pub fn idp(&self) -> &str {
+        &self.idp_entity_id
+    }
+
+    /// This SP's metadata, to register at the IdP: its entity id and its one assertion
+    /// consumer service (HTTP-POST); signed assertions wanted, requests unsigned; no logout
+    /// service (a console logout ends the console's login, not the IdP's session).
+    pub fn metadata_xml(&self) -> String {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <md:EntityDescriptor xmlns:md=\"urn:oasis:names:tc:SAML:2.0:metadata\" entityID=\"{}\">\n\
+             <md:SPSSODescriptor AuthnRequestsSigned=\"false\" WantAssertionsSigned=\"true\" \
+             protocolSupportEnumeration=\"urn:oasis:names:tc:SAML:2.0:protocol\">\n\
+             <md:AssertionConsumerService Binding=\"urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST\" \
+             Location=\"{}\" index=\"0\" isDefault=\"true\"/>\n\
+             </md:SPSSODescriptor>\n\
+             </md:EntityDescriptor>\n",
+            xml_attr(&self.entity_id),
+            xml_attr(&self.acs_url)
+        )
+    }
+
+    /// A new AuthnRequest: its id (128 random bits) and the URL that sends it to the IdP
+    /// (HTTP-Redirect binding).
+    pub fn authn_request(&self) -> anyhow::Result<(String, String)> {
+        let mut req = self
+            .sp
+            .make_authentication_request(&self.sso_url)
+            .map_err(|e| anyhow::anyhow!("AuthnRequest: {e}"))?;
+        req.id = format!("_{}", hex::encode(rand::random::<[u8; 16]>()));
+        let url = req
+            .redirect("")
+            .map_err(|e| anyhow::anyhow!("AuthnRequest: {e}"))?
+            .context("the AuthnRequest has no destination")?;
+        Ok((req.id, url.to_string()))
+    }
+
+    /// Verifies a `SAMLResponse` (base64, as the HTTP-POST binding carries it) answering the
+    /// request `request_id`.
+    pub fn verify(&self, encoded: &str, request_id: &str) -> Result<SignIn, Refused> {
+        let compact: String = encoded.split_ascii_whitespace().collect();
+        if compact.len() > self.config.max_response_bytes / 3 * 4 + 4 {
+            return Err(refused(format!(
+                "the response is larger than {} bytes",
+                self.config.max_response_bytes
+            )));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .map_err(|_| refused("the response is not base64"))?;
+        if bytes.len() > self.config.max_response_bytes {
+            return Err(refused(format!(
+                "the response is larger than {} bytes",
+                self.config.max_response_bytes
+            )));
+        }
+        let xml = String::from_utf8(bytes).map_err(|_| refused("the response is not UTF-8"))?;
+        refuse_declarations(&xml)?;
+        refuse_wrapping(&xml)?;
+        let assertion = self
+            .sp
+            .parse_xml_response(&xml, Some(&[request_id]))
+            .map_err(|e| refused(format!("the response was refused: {e}")))?;
+        self.sign_in(&assertion)
+    }
+
+    /// What samael leaves optional and Vigil requires, and the principal.
+    fn sign_in(&self, a: &Assertion) -> Result<SignIn, Refused> {
+        let conditions = a
+            .conditions
+            .as_ref()
+            .ok_or_else(|| refused("the assertion has no Conditions"))?;
+        let ours = conditions
+            .audience_restrictions
+            .iter()
+            .flatten()
+            .any(|r| r.audience.contains(&self.entity_id));
+        if !ours {
+            return Err(refused(format!(
+                "the assertion is not for this service provider (no Audience {})",
+                self.entity_id
+            )));
+        }
+        let not_on_or_after = conditions
+            .not_on_or_after
+            .ok_or_else(|| refused("the assertion's Conditions have no NotOnOrAfter"))?
+            .timestamp()
+            .max(0) as u64;
+        if a.id.is_empty() {
+            return Err(refused("the assertion has no ID"));
+        }
+        let attribute = |name: &str| -> Vec<String> {
+            a.attribute_statements
+                .iter()
+                .flatten()
+                .flat_map(|s| &s.attributes)
+                .filter(|at| at.name.as_deref() == Some(name))
+                .flat_map(|at| &at.values)
+                .filter_map(|v| v.value.clone())
+                .collect()
+        };
+        let subject = if self.config.subject == "nameid" {
+            a.subject
+                .as_ref()
+                .and_then(|s| s.name_id.as_ref())
+                .map(|n| n.value.trim().to_string())
+        } else {
+            attribute(&self.config.subject).into_iter().next()
+        }
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| refused(format!("the assertion has no {}", self.config.subject)))?;
+        let session_ends = a
+            .authn_statements
+            .iter()
+            .flatten()
+            .filter_map(|s| s.session_not_on_or_after)
+            .map(|t| t.timestamp().max(0) as u64)
+            .min();
+        let principal = Principal {
+            subject,
+            groups: attribute(&self.config.groups_attribute),
+            model: self
+                .config
+                .model_attribute
+                .as_deref()
+                .and_then(|m| attribute(m).into_iter().next()),
+            saml: Some(SamlOrigin {
+                idp: self.idp_entity_id.clone(),
+                assertion_id: a.id.clone(),
+            }),
+            ..Principal::default()
+        };
+        Ok(SignIn {
+            principal,
+            not_on_or_after,
+            session_ends,
+        })
+    }
+}
+
+/// `s` as an XML attribute value.
+fn xml_attr(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Refuses what no SAML message needs and what parsers have been fooled by: a DTD or entity
+/// declaration (entity expansion, external entities), a comment (text the signature does not
+/// cover), a processing instruction (other than the XML declaration).
+pub fn refuse_declarations(xml: &str) -> Result<(), Refused> {
+    let lower = xml.to_ascii_lowercase();
+    refuse_dtd(&lower)?;
+    if lower.contains("<!--") {
+        return Err(refused("a comment is refused (no signature covers it)"));
+    }
+    let body = lower
+        .trim_start_matches('\u{feff}')
+        .trim_start()
+        .strip_prefix("<?xml")
+        .map_or(lower.as_str(), |rest| {
+            rest.split_once("?>").map_or("", |(_, b)| b)
+        });
+    if body.contains("<?") {
+        return Err(refused("a processing instruction is refused"));
+    }
+    Ok(())
+}
+
+/// Refuses any shape but one `Response` (the root) holding one `Assertion`: every signature
+/// wrapping attack (XSW1–XSW8) adds a second copy of the signed element somewhere, so none
+/// gets as far as choosing which copy to read.
+pub fn refuse_wrapping(xml: &str) -> Result<(), Refused> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let (mut responses, mut assertions, mut depth) = (0, 0, 0usize);
+    let mut root_is_response = false;
+    loop {
+        let (start, empty) = match reader.read_event() {
+            Ok(Event::Start(e)) => (e, false),
+            Ok(Event::Empty(e)) => (e, true),
+            Ok(Event::End(_)) => {
+                depth = depth.saturating_sub(1);
+                continue;
+            }
+            Ok(Event::Eof) => break,
+            Ok(_) => continue,
+            Err(e) => return Err(refused(format!("the response is not well-formed XML: {e}"))),
+        };
+        match start.local_name().as_ref() {
+            b"Response" => {
+                responses += 1;
+                root_is_response |= depth == 0;
+            }
+            b"Assertion" => assertions += 1,
+            b"EncryptedAssertion" => {
+                return Err(refused("encrypted assertions are not accepted"));
+            }
+            _ => {}
+        }
+        if !empty {
+            depth += 1;
+        }
+    }
+    if depth != 0 {
+        return Err(refused(
+            "the response is not well-formed XML: unclosed elements",
+        ));
+    }
+    if !root_is_response || responses != 1 || assertions != 1 {
+        return Err(refused(format!(
+            "the response must be one Response holding one Assertion (found {responses} \
+             Response and {assertions} Assertion elements): a wrapped signature is refused"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a DTD or entity declaration (in lowercased XML).
+fn refuse_dtd(lower: &str) -> Result<(), Refused> {
+    if lower.contains("<!doctype") || lower.contains("<!entity") {
+        return Err(refused("a DTD or an entity declaration is refused"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declarations_comments_and_instructions_are_refused_before_parsing() {
+        let ok = r#"<?xml version="1.0" encoding="UTF-8"?><samlp:Response/>"#;
+        refuse_declarations(ok).unwrap();
+        refuse_declarations("<samlp:Response/>").unwrap();
+        for bad in [
+            r#"<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]><r>&x;</r>"#,
+            "<!doctype r><r/>",
+            "<r><!ENTITY a 'b'></r>",
+            "<r><NameID>admin@example.com<!---->.evil</NameID></r>",
+            r#"<?xml version="1.0"?><r><?php echo 1 ?></r>"#,
+            "<r/><?xml-stylesheet href='x'?>",
+        ] {
+            assert!(refuse_declarations(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_one_response_with_one_assertion_passes() {
+        let p = r#"xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion""#;
+        refuse_wrapping(&format!(
+            "<samlp:Response {p}><saml:Assertion ID=\"a\"><saml:Subject/></saml:Assertion></samlp:Response>"
+        ))
+        .unwrap();
+        for bad in [
+            format!("<samlp:Response {p}/>"),
+            format!("<samlp:Response {p}><saml:Assertion/><saml:Assertion/></samlp:Response>"),
+            format!("<samlp:Response {p}><saml:Assertion><saml:Assertion/></saml:Assertion></samlp:Response>"),
+            format!("<samlp:Response {p}><samlp:Response><saml:Assertion/></samlp:Response></samlp:Response>"),
+            format!("<x {p}><samlp:Response><saml:Assertion/></samlp:Response></x>"),
+            format!("<saml:Assertion {p}/>"),
+            format!("<samlp:Response {p}><saml:EncryptedAssertion/></samlp:Response>"),
+            format!("<samlp:Response {p}><saml:Assertion>"),
+        ] {
+            assert!(refuse_wrapping(&bad).is_err(), "{bad}");
+        }
+    }
+}
