@@ -618,4 +618,87 @@ session_expiry = "none"
         .unwrap();
         assert_eq!(none.session_expiry, SessionExpiry::Unbounded);
     }
+
+    /// An Ed25519 PKCS#8 PEM of the seed `[n; 32]`.
+    fn pem(n: u8) -> String {
+        let der = [&crate::core::issued::PKCS8_ED25519_PREFIX[..], &[n; 32][..]].concat();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+    }
+
+    /// The cluster's own tokens take the verifier's one path: a token it issued verifies (its
+    /// SAML origin mapped back), an expired one or one for another audience does not, a
+    /// retired key verifies until its end and not after, an unknown key never, and a token
+    /// naming the cluster's issuer with another algorithm is refused.
+    #[tokio::test]
+    async fn the_clusters_own_tokens_verify_until_they_or_their_key_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("old.pem"), dir.path().join("new.pem"));
+        std::fs::write(&old, pem(1)).unwrap();
+        std::fs::write(&new, pem(2)).unwrap();
+        let verifier = |current: &std::path::Path, id: &str, retired: Option<u64>| {
+            let retired = retired
+                .map(|until| {
+                    format!(
+                        "[[tokens.retired]]\nkey_id = \"old\"\nsigning_key = {{ file = \"{}\" }}\nuntil = {until}\n",
+                        old.display()
+                    )
+                })
+                .unwrap_or_default();
+            let config: IdentityConfig = toml::from_str(&format!(
+                "issuer = \"https://idp.example\"\naudiences = [\"gw\"]\nleeway_secs = 0\n\
+                 [tokens]\nissuer = \"https://vigil.example/tokens\"\n\
+                 signing_key = {{ file = \"{}\" }}\nkey_id = \"{id}\"\n{retired}",
+                current.display()
+            ))
+            .unwrap();
+            TokenVerifier::new(config, Arc::new(Metrics::default())).unwrap()
+        };
+        let now = now_secs();
+        let person = Principal {
+            subject: "dave".into(),
+            groups: vec!["auditors".into()],
+            saml: Some(SamlOrigin {
+                idp: "https://idp.example/saml".into(),
+                assertion_id: "_a1".into(),
+            }),
+            ..Principal::default()
+        };
+        let v_old = verifier(&old, "old", None);
+        let issue = |aud: &str, until: u64| v_old.issued().unwrap().issue(&person, aud, until);
+        let token = issue("gw", now + 600);
+        let p = v_old.verify(&token).await.unwrap();
+        assert_eq!(p.subject, "dave");
+        assert_eq!(p.issuer, "https://vigil.example/tokens");
+        assert_eq!(p.token_type, "access_token");
+        assert_eq!(p.groups, ["auditors"]);
+        assert_eq!(p.saml, person.saml);
+        assert!(p.token_exp.is_some_and(|e| e <= now + 600));
+        assert_eq!(
+            v_old.verify(&issue("gw", now - 10)).await,
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            v_old.verify(&issue("other", now + 600)).await,
+            Err(TokenError::WrongAudience)
+        );
+        // Rotation: the old key, retired, verifies until its end.
+        let overlap = verifier(&new, "new", Some(now + 600));
+        assert_eq!(overlap.verify(&token).await.unwrap().subject, "dave");
+        let over = verifier(&new, "new", Some(now.saturating_sub(1)));
+        assert_eq!(over.verify(&token).await, Err(TokenError::UnknownKey));
+        let forgotten = verifier(&new, "new", None);
+        assert_eq!(forgotten.verify(&token).await, Err(TokenError::UnknownKey));
+        // The cluster's issuer with an RSA header: no RSA key of the cluster is asked for.
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let forged = format!(
+            "{}.{}.c2ln",
+            b64(r#"{"alg":"RS256","kid":"old","typ":"at+jwt"}"#),
+            b64(&format!(
+                r#"{{"iss":"https://vigil.example/tokens","sub":"x","aud":"gw","exp":{},"iat":{now}}}"#,
+                now + 60
+            ))
+        );
+        assert_eq!(v_old.verify(&forged).await, Err(TokenError::BadSignature));
+    }
 }

@@ -99,7 +99,7 @@ pub struct IssuedKeys {
 }
 
 /// What every Ed25519 PKCS#8 (RFC 8410) private key's DER starts with, before its seed.
-const PKCS8_ED25519_PREFIX: [u8; 16] = [
+pub(crate) const PKCS8_ED25519_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 
