@@ -160,6 +160,40 @@ pub async fn sign_in(sso_url: &str, user: &str) -> String {
     form_field(&page, "SAMLResponse").unwrap_or_else(|| panic!("no SAMLResponse: {page}"))
 }
 
+/// An AuthnRequest from the SP `issuer` whose assertion consumer is `acs` (here: another SP
+/// the IdP knows, such as a token endpoint), sent by HTTP-Redirect to the IdP's SSO service:
+/// the URL to follow.
+pub fn authn_request_url(sso: &str, issuer: &str, acs: &str) -> String {
+    use std::io::Write as _;
+    let id = format!("_{}", crate::random_suffix());
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let xml = format!(
+        r#"<samlp:AuthnRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="{id}" Version="2.0" IssueInstant="{now}" Destination="{sso}" AssertionConsumerServiceURL="{acs}" ProtocolBinding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST"><saml:Issuer>{issuer}</saml:Issuer></samlp:AuthnRequest>"#
+    );
+    let mut deflate =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    deflate.write_all(xml.as_bytes()).unwrap();
+    let request = base64::engine::general_purpose::STANDARD.encode(deflate.finish().unwrap());
+    let mut url = reqwest::Url::parse(sso).unwrap();
+    url.query_pairs_mut().append_pair("SAMLRequest", &request);
+    url.to_string()
+}
+
+/// The signed `saml:Assertion` of a response's XML, standing alone (the namespace its prefix
+/// was declared with on the response, declared on it: exclusive canonicalisation, which the
+/// signature uses, renders it the same).
+pub fn assertion_of(response_xml: &str) -> String {
+    let start = response_xml.find("<saml:Assertion").unwrap();
+    let end = response_xml.find("</saml:Assertion>").unwrap() + "</saml:Assertion>".len();
+    response_xml[start..end].replacen(
+        "<saml:Assertion",
+        r#"<saml:Assertion xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion""#,
+        1,
+    )
+}
+
 /// The XML of a base64 `SAMLResponse`, and back.
 pub fn decode(response: &str) -> String {
     let bytes = base64::engine::general_purpose::STANDARD

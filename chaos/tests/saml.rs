@@ -25,6 +25,24 @@ struct Sp {
     console: String,
 }
 
+/// The metadata of the token endpoint as an SP of its own (RFC 7522: a workload's assertion is
+/// for the token endpoint), beside the console's in one document.
+fn with_token_endpoint(console_metadata: &str, public: &str) -> String {
+    let body = console_metadata
+        .split_once("?>")
+        .map_or(console_metadata, |(_, rest)| rest);
+    let token = format!("{public}/auth/saml/token");
+    format!(
+        r#"<md:EntitiesDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata">{body}
+<md:EntityDescriptor entityID="{token}">
+  <md:SPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol">
+    <md:AssertionConsumerService Binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST" Location="{token}" index="0"/>
+  </md:SPSSODescriptor>
+</md:EntityDescriptor>
+</md:EntitiesDescriptor>"#
+    )
+}
+
 /// What the IdP is told before the node runs (the node's own metadata replaces it).
 fn first_sp_metadata(console: &str) -> String {
     format!(
@@ -618,4 +636,119 @@ async fn t30_an_assertion_is_used_once_in_the_whole_cluster() {
             (Outcome::Success, "bob".into())
         ]
     );
+}
+
+/// A workload holding a SAML bearer assertion (signed by the IdP for the token endpoint)
+/// exchanges it for a token the cluster issues (RFC 7522), and connects to PostgreSQL with it:
+/// the session's records name the SAML subject, the IdP and the assertion id. The assertion
+/// does not work twice, nor does one meant for the console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = Keys::new();
+    let (idp, sp) = setup(&keys).await;
+    let console = sp.console.as_str();
+    let metadata = http()
+        .get(format!("{console}/saml/metadata"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    idp.register(&with_token_endpoint(&metadata, console));
+    let token_url = format!("{console}/auth/saml/token");
+    let sso = idp.metadata_url.replace("metadata.php", "SSOService.php");
+    let response = saml::sign_in(
+        &saml::authn_request_url(&sso, &token_url, &token_url),
+        "agent-saml",
+    )
+    .await;
+    let assertion = saml::assertion_of(&saml::decode(&response));
+    let assertion_id = assertion
+        .split(" ID=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let b64url = |xml: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(xml)
+    };
+    let exchange = |assertion: String| {
+        http()
+            .post(&token_url)
+            .form(&[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:saml2-bearer".to_string(),
+                ),
+                ("assertion", assertion),
+            ])
+            .send()
+    };
+    let res = exchange(b64url(&assertion)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["token_type"], "Bearer");
+    let token = answer["access_token"].as_str().unwrap().to_string();
+
+    let (client, task) = sp
+        .node
+        .client(&token)
+        .await
+        .expect("psql with the issued token");
+    let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    drop(client);
+    let _ = task.await;
+    let records = sp.node.records().await;
+    let statement = records
+        .iter()
+        .find(|r| {
+            matches!(&r.body.request, Some(vigil_proto::record::Request::Postgres(q)) if q.text.contains("41 + 1"))
+        })
+        .expect("the statement on record");
+    let p = statement.body.principal.as_ref().unwrap();
+    assert_eq!(p.subject, "agent-saml");
+    assert_eq!(p.issuer, TOKEN_ISSUER);
+    assert_eq!(p.model.as_deref(), Some("gpt-5"));
+    let origin = p.saml.as_ref().expect("the SAML origin");
+    assert_eq!(origin.idp, idp.metadata_url);
+    assert_eq!(origin.assertion_id, assertion_id);
+
+    // Not twice, and not an assertion meant for the console.
+    let res = exchange(b64url(&assertion)).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["error"], "invalid_grant");
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("used before"),
+        "{answer}"
+    );
+    let (_, web) = response_for(console, "agent-saml").await;
+    let res = exchange(b64url(&saml::assertion_of(&web))).await.unwrap();
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("Recipient")
+            || answer["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("Audience"),
+        "{answer}"
+    );
+    let res = http()
+        .post(&token_url)
+        .form(&[("grant_type", "password"), ("username", "x")])
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["error"], "unsupported_grant_type");
 }

@@ -267,7 +267,7 @@ $config = [
         'agent-saml:dev' => [
             'uid' => ['agent-saml'],
             'mail' => ['agent-saml@example.com'],
-            'groups' => ['agents'],
+            'groups' => ['agents', 'dba'],
             'model' => ['gpt-5'],
             'agent' => ['true'],
         ],

@@ -375,14 +375,27 @@ impl Console {
         principal: Option<&Principal>,
         why: &str,
     ) -> Response {
+        self.record_sign_in(origin, session, principal, Outcome::Denied, why)
+            .await;
+        refuse(StatusCode::UNAUTHORIZED, &format!("login failed: {why}"))
+    }
+
+    /// A sign-in (a login, or a token issued), with its outcome, on record.
+    pub(super) async fn record_sign_in(
+        &self,
+        origin: ClientAddr,
+        session: &str,
+        principal: Option<&Principal>,
+        outcome: Outcome,
+        detail: &str,
+    ) {
         let recorded = Recorded {
             session,
             principal,
-            detail: why,
+            detail,
         };
-        self.record(origin, Kind::SessionStart, Outcome::Denied, recorded)
+        self.record(origin, Kind::SessionStart, outcome, recorded)
             .await;
-        refuse(StatusCode::UNAUTHORIZED, &format!("login failed: {why}"))
     }
 
     /// Ends (and records) the logins that expired.

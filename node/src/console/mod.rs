@@ -241,6 +241,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/saml/metadata", get(saml::metadata))
         .route("/auth/saml/login", get(saml::login))
         .route("/auth/saml/acs", post(saml::acs))
+        .route("/auth/saml/token", post(saml::token))
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
         .route("/api/approvals/{id}/decision", post(inbox::decide))

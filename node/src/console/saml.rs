@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::SystemTime;
+use vigil_proto::record::{Outcome, Principal};
 
 const SAML_COOKIE: &str = "__Host-vigil-saml";
 
@@ -79,29 +80,16 @@ pub async fn acs(
     let Some(sp) = &console.saml else {
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
-    let sign_in = match verified(&console, sp, &visit, &posted.response).await {
-        Ok(s) => s,
+    let done = match verified(&console, sp, &visit, &posted.response).await {
+        Ok(sign_in) => issued(&console, sp, &sign_in).await,
+        Err(why) => Err(why),
+    };
+    let (token, principal) = match done {
+        Ok(t) => t,
         Err(why) => {
             return console
                 .refused_login(visit.origin, &session, None, &why)
                 .await
-        }
-    };
-    let Some(keys) = console.core.verifier.issued() else {
-        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "no [identity.tokens]");
-    };
-    let until = sign_in.session_ends.unwrap_or(u64::MAX);
-    let token = keys.issue(&sign_in.principal, &sp.token_audience, until);
-    // The token is verified like any other: what the console keeps is what every node and
-    // the coordinator will accept.
-    let principal = match console.core.verifier.verify(&token).await {
-        Ok(p) => p,
-        Err(e) => {
-            let why = format!("the token issued for the assertion was refused: {e}");
-            let principal = Some(&sign_in.principal);
-            return console
-                .refused_login(visit.origin, &session, principal, &why)
-                .await;
         }
     };
     console
@@ -126,9 +114,15 @@ async fn verified(
         })
         .ok_or(
             "no SAML sign-in was started in this browser, or it took too long (an \
-                unsolicited response is refused)",
+             unsolicited response is refused)",
         )?;
     let sign_in = sp.verify(response, &started.request_id).map_err(|e| e.0)?;
+    used_once(console, sign_in).await
+}
+
+/// The sign-in, if its assertion was not used before anywhere in the cluster: its id is
+/// marked in the coordinator until the assertion expires (and five minutes of skew).
+async fn used_once(console: &Console, sign_in: SignIn) -> Result<SignIn, String> {
     let saml = sign_in
         .principal
         .saml
@@ -147,4 +141,118 @@ async fn verified(
             e.message()
         )),
     }
+}
+
+/// The token the cluster issues for a sign-in, verified like any other token (what the
+/// console keeps or hands out is what every node and the coordinator accept).
+async fn issued(
+    console: &Console,
+    sp: &Sp,
+    sign_in: &SignIn,
+) -> Result<(String, Principal), String> {
+    let keys = console
+        .core
+        .verifier
+        .issued()
+        .ok_or("the cluster issues no tokens ([identity.tokens])")?;
+    let until = sign_in.session_ends.unwrap_or(u64::MAX);
+    let token = keys.issue(&sign_in.principal, &sp.token_audience, until);
+    let principal = console
+        .core
+        .verifier
+        .verify(&token)
+        .await
+        .map_err(|e| format!("the token issued for the assertion was refused: {e}"))?;
+    Ok((token, principal))
+}
+
+/// The grant of RFC 7522.
+const SAML2_BEARER: &str = "urn:ietf:params:oauth:grant-type:saml2-bearer";
+
+#[derive(Deserialize)]
+pub struct TokenRequest {
+    grant_type: String,
+    #[serde(default)]
+    assertion: Option<String>,
+}
+
+/// An OAuth 2.0 error answer (RFC 6749 §5.2).
+fn oauth_error(error: &str, description: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        serde_json::json!({ "error": error, "error_description": description }).to_string(),
+    )
+        .into_response()
+}
+
+/// `POST /auth/saml/token` (RFC 7522): a workload's SAML bearer assertion, signed by the IdP
+/// for this token endpoint, exchanged for a token the cluster issues. Issued and refused
+/// exchanges are on record like logins.
+pub async fn token(
+    State(console): State<Arc<Console>>,
+    visit: Visit,
+    axum::Form(req): axum::Form<TokenRequest>,
+) -> Response {
+    let session = crate::core::new_session_id();
+    let Some(sp) = &console.saml else {
+        return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
+    };
+    if req.grant_type != SAML2_BEARER {
+        return oauth_error(
+            "unsupported_grant_type",
+            &format!("only {SAML2_BEARER} is accepted here"),
+        );
+    }
+    let Some(assertion) = req.assertion else {
+        return oauth_error("invalid_request", "no assertion");
+    };
+    let checked = match sp.verify_bearer(&assertion) {
+        Ok(sign_in) => used_once(&console, sign_in).await,
+        Err(e) => Err(e.0),
+    };
+    let done = match checked {
+        Ok(sign_in) => issued(&console, sp, &sign_in).await,
+        Err(why) => Err(why),
+    };
+    let (token, principal) = match done {
+        Ok(t) => t,
+        Err(why) => {
+            console
+                .record_sign_in(visit.origin, &session, None, Outcome::Denied, &why)
+                .await;
+            return oauth_error("invalid_grant", &why);
+        }
+    };
+    let detail = "a token was issued for a SAML bearer assertion (RFC 7522)";
+    console
+        .record_sign_in(
+            visit.origin,
+            &session,
+            Some(&principal),
+            Outcome::Success,
+            detail,
+        )
+        .await;
+    let expires_in = principal
+        .token_exp
+        .unwrap_or(0)
+        .saturating_sub(ms(SystemTime::now()) / 1000);
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        serde_json::json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "expires_in": expires_in,
+        })
+        .to_string(),
+    )
+        .into_response()
 }

@@ -16,7 +16,6 @@ use crate::config::IdentityConfig;
 use crate::console::ConsoleConfig;
 use crate::core::config_error::{invalid, ConfigError};
 use anyhow::Context as _;
-use base64::Engine as _;
 use samael::crypto::AllowedSignatureAlgorithm;
 use samael::metadata::EntityDescriptor;
 use samael::schema::Assertion;
@@ -137,6 +136,10 @@ pub struct SignIn {
 /// Vigil as the service provider of one IdP.
 pub struct Sp {
     sp: ServiceProvider,
+    /// The same IdP, for assertions exchanged at the token endpoint (RFC 7522).
+    bearer: ServiceProvider,
+    /// `<public_url>/auth/saml/token`: the bearer assertions' audience and recipient.
+    pub token_url: String,
     config: SamlConfig,
     entity_id: String,
     idp_entity_id: String,
@@ -202,26 +205,33 @@ impl Sp {
             .clone()
             .unwrap_or_else(|| format!("{public_url}/saml/metadata"));
         let acs_url = format!("{public_url}/auth/saml/acs");
-        let skew = chrono::Duration::seconds(config.leeway_secs as i64);
-        let sp = ServiceProviderBuilder::default()
-            .entity_id(entity_id.clone())
-            .metadata_url(Some(format!("{public_url}/saml/metadata")))
-            .acs_url(Some(acs_url.clone()))
-            .slo_url(None::<String>)
-            .idp_metadata(metadata)
-            .allow_idp_initiated(false)
-            .max_clock_skew(skew)
-            .max_issue_delay(chrono::Duration::seconds(300) + skew)
-            .allowed_signature_algorithms(Some(vec![
-                AllowedSignatureAlgorithm::RsaSha256,
-                AllowedSignatureAlgorithm::RsaSha384,
-                AllowedSignatureAlgorithm::RsaSha512,
-                AllowedSignatureAlgorithm::EcdsaSha256,
-                AllowedSignatureAlgorithm::EcdsaSha384,
-                AllowedSignatureAlgorithm::EcdsaSha512,
-            ]))
-            .build()
-            .context("the SAML service provider")?;
+        let token_url = format!("{public_url}/auth/saml/token");
+        let provider = |entity_id: &str, acs_url: &str, unsolicited: bool| {
+            let skew = chrono::Duration::seconds(config.leeway_secs as i64);
+            ServiceProviderBuilder::default()
+                .entity_id(entity_id.to_string())
+                .metadata_url(Some(format!("{public_url}/saml/metadata")))
+                .acs_url(Some(acs_url.to_string()))
+                .slo_url(None::<String>)
+                .idp_metadata(metadata.clone())
+                .allow_idp_initiated(unsolicited)
+                .max_clock_skew(skew)
+                .max_issue_delay(chrono::Duration::seconds(300) + skew)
+                .allowed_signature_algorithms(Some(vec![
+                    AllowedSignatureAlgorithm::RsaSha256,
+                    AllowedSignatureAlgorithm::RsaSha384,
+                    AllowedSignatureAlgorithm::RsaSha512,
+                    AllowedSignatureAlgorithm::EcdsaSha256,
+                    AllowedSignatureAlgorithm::EcdsaSha384,
+                    AllowedSignatureAlgorithm::EcdsaSha512,
+                ]))
+                .build()
+                .context("the SAML service provider")
+        };
+        let sp = provider(&entity_id, &acs_url, false)?;
+        // RFC 7522: the assertion is for the token endpoint (its Audience and Recipient), and
+        // answers no request of this cluster's.
+        let bearer = provider(&token_url, &token_url, true)?;
         let keys = sp
             .idp_signing_certs()
             .map_err(|e| anyhow::anyhow!("the IdP's signing certificates: {e}"))?;
@@ -236,6 +246,8 @@ impl Sp {
             .context("identity.audiences is empty")?;
         Ok(Self {
             sp,
+            bearer,
+            token_url,
             config: config.clone(),
             entity_id,
             idp_entity_id,
@@ -285,34 +297,57 @@ impl Sp {
     /// Verifies a `SAMLResponse` (base64, as the HTTP-POST binding carries it) answering the
     /// request `request_id`.
     pub fn verify(&self, encoded: &str, request_id: &str) -> Result<SignIn, Refused> {
-        let compact: String = encoded.split_ascii_whitespace().collect();
-        if compact.len() > self.config.max_response_bytes / 3 * 4 + 4 {
-            return Err(refused(format!(
-                "the response is larger than {} bytes",
-                self.config.max_response_bytes
-            )));
-        }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(compact)
-            .map_err(|_| refused("the response is not base64"))?;
-        if bytes.len() > self.config.max_response_bytes {
-            return Err(refused(format!(
-                "the response is larger than {} bytes",
-                self.config.max_response_bytes
-            )));
-        }
-        let xml = String::from_utf8(bytes).map_err(|_| refused("the response is not UTF-8"))?;
-        refuse_declarations(&xml)?;
-        refuse_wrapping(&xml)?;
+        let xml = self.decoded(encoded, &base64::engine::general_purpose::STANDARD)?;
+        refuse_wrapping(&xml, Root::Response)?;
         let assertion = self
             .sp
             .parse_xml_response(&xml, Some(&[request_id]))
             .map_err(|e| refused(format!("the response was refused: {e}")))?;
-        self.sign_in(&assertion)
+        self.sign_in(&assertion, &self.entity_id)
+    }
+
+    /// Verifies a bearer assertion (base64url, RFC 7522) presented at the token endpoint: signed
+    /// by the IdP, for the token endpoint (Audience and bearer Recipient), in its time window.
+    pub fn verify_bearer(&self, encoded: &str) -> Result<SignIn, Refused> {
+        let url_safe = base64::engine::general_purpose::GeneralPurpose::new(
+            &base64::alphabet::URL_SAFE,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        let xml = self.decoded(encoded, &url_safe)?;
+        refuse_wrapping(&xml, Root::Assertion)?;
+        let assertion = self
+            .bearer
+            .parse_xml_response(&xml, None)
+            .map_err(|e| refused(format!("the assertion was refused: {e}")))?;
+        self.sign_in(&assertion, &self.token_url)
+    }
+
+    /// The XML of a base64 message, within the size limit, without what no SAML message needs.
+    fn decoded(&self, encoded: &str, engine: &impl base64::Engine) -> Result<String, Refused> {
+        let compact: String = encoded.split_ascii_whitespace().collect();
+        let too_large = || {
+            refused(format!(
+                "the message is larger than {} bytes",
+                self.config.max_response_bytes
+            ))
+        };
+        if compact.len() > self.config.max_response_bytes / 3 * 4 + 4 {
+            return Err(too_large());
+        }
+        let bytes = engine
+            .decode(compact)
+            .map_err(|_| refused("the message is not base64"))?;
+        if bytes.len() > self.config.max_response_bytes {
+            return Err(too_large());
+        }
+        let xml = String::from_utf8(bytes).map_err(|_| refused("the message is not UTF-8"))?;
+        refuse_declarations(&xml)?;
+        Ok(xml)
     }
 
     /// What samael leaves optional and Vigil requires, and the principal.
-    fn sign_in(&self, a: &Assertion) -> Result<SignIn, Refused> {
+    fn sign_in(&self, a: &Assertion, audience: &str) -> Result<SignIn, Refused> {
         let conditions = a
             .conditions
             .as_ref()
@@ -321,11 +356,10 @@ impl Sp {
             .audience_restrictions
             .iter()
             .flatten()
-            .any(|r| r.audience.contains(&self.entity_id));
+            .any(|r| r.audience.iter().any(|a| a == audience));
         if !ours {
             return Err(refused(format!(
-                "the assertion is not for this service provider (no Audience {})",
-                self.entity_id
+                "the assertion is not for this service provider (no Audience {audience})"
             )));
         }
         let not_on_or_after = conditions
@@ -415,14 +449,21 @@ pub fn refuse_declarations(xml: &str) -> Result<(), Refused> {
     Ok(())
 }
 
-/// Refuses any shape but one `Response` (the root) holding one `Assertion`: every signature
+/// The element a message must be: a `Response` (Web SSO) or a bare `Assertion` (RFC 7522).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Root {
+    Response,
+    Assertion,
+}
+
+/// Refuses any shape but the `root` holding (or being) one `Assertion`: every signature
 /// wrapping attack (XSW1–XSW8) adds a second copy of the signed element somewhere, so none
 /// gets as far as choosing which copy to read.
-pub fn refuse_wrapping(xml: &str) -> Result<(), Refused> {
+pub fn refuse_wrapping(xml: &str, root: Root) -> Result<(), Refused> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(xml);
     let (mut responses, mut assertions, mut depth) = (0, 0, 0usize);
-    let mut root_is_response = false;
+    let mut root_found = None;
     loop {
         let (start, empty) = match reader.read_event() {
             Ok(Event::Start(e)) => (e, false),
@@ -435,11 +476,16 @@ pub fn refuse_wrapping(xml: &str) -> Result<(), Refused> {
             Ok(_) => continue,
             Err(e) => return Err(refused(format!("the response is not well-formed XML: {e}"))),
         };
-        match start.local_name().as_ref() {
-            b"Response" => {
-                responses += 1;
-                root_is_response |= depth == 0;
-            }
+        let name = start.local_name();
+        if depth == 0 {
+            root_found = match name.as_ref() {
+                b"Response" => Some(Root::Response),
+                b"Assertion" => Some(Root::Assertion),
+                _ => None,
+            };
+        }
+        match name.as_ref() {
+            b"Response" => responses += 1,
             b"Assertion" => assertions += 1,
             b"EncryptedAssertion" => {
                 return Err(refused("encrypted assertions are not accepted"));
@@ -455,9 +501,10 @@ pub fn refuse_wrapping(xml: &str) -> Result<(), Refused> {
             "the response is not well-formed XML: unclosed elements",
         ));
     }
-    if !root_is_response || responses != 1 || assertions != 1 {
+    let want_responses = usize::from(root == Root::Response);
+    if root_found != Some(root) || responses != want_responses || assertions != 1 {
         return Err(refused(format!(
-            "the response must be one Response holding one Assertion (found {responses} \
+            "the message must be one {root:?} holding one Assertion (found {responses} \
              Response and {assertions} Assertion elements): a wrapped signature is refused"
         )));
     }
@@ -494,23 +541,33 @@ mod tests {
     }
 
     #[test]
-    fn only_one_response_with_one_assertion_passes() {
+    fn only_one_root_with_one_assertion_passes() {
         let p = r#"xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion""#;
-        refuse_wrapping(&format!(
+        let response = format!(
             "<samlp:Response {p}><saml:Assertion ID=\"a\"><saml:Subject/></saml:Assertion></samlp:Response>"
-        ))
-        .unwrap();
+        );
+        refuse_wrapping(&response, Root::Response).unwrap();
+        assert!(refuse_wrapping(&response, Root::Assertion).is_err());
+        let bare = format!("<saml:Assertion {p} ID=\"a\"><saml:Subject/></saml:Assertion>");
+        refuse_wrapping(&bare, Root::Assertion).unwrap();
+        assert!(refuse_wrapping(&bare, Root::Response).is_err());
         for bad in [
             format!("<samlp:Response {p}/>"),
             format!("<samlp:Response {p}><saml:Assertion/><saml:Assertion/></samlp:Response>"),
             format!("<samlp:Response {p}><saml:Assertion><saml:Assertion/></saml:Assertion></samlp:Response>"),
             format!("<samlp:Response {p}><samlp:Response><saml:Assertion/></samlp:Response></samlp:Response>"),
             format!("<x {p}><samlp:Response><saml:Assertion/></samlp:Response></x>"),
-            format!("<saml:Assertion {p}/>"),
             format!("<samlp:Response {p}><saml:EncryptedAssertion/></samlp:Response>"),
             format!("<samlp:Response {p}><saml:Assertion>"),
         ] {
-            assert!(refuse_wrapping(&bad).is_err(), "{bad}");
+            assert!(refuse_wrapping(&bad, Root::Response).is_err(), "{bad}");
+        }
+        for bad in [
+            format!("<saml:Assertion {p}><saml:Assertion/></saml:Assertion>"),
+            format!("<saml:Assertion {p}><samlp:Response/></saml:Assertion>"),
+            format!("<x {p}><saml:Assertion/></x>"),
+        ] {
+            assert!(refuse_wrapping(&bad, Root::Assertion).is_err(), "{bad}");
         }
     }
 }
