@@ -111,7 +111,17 @@ impl Gateway {
 
     /// A gateway that pins `host_key` and logs in with `login_key`.
     pub async fn start_with(host_key: &str, login_key: &str, policy: &str) -> Self {
-        Self::start_full(host_key, login_key, policy, None).await
+        Self::start_full(host_key, login_key, policy, None, "").await
+    }
+
+    /// A gateway with `more` of the node's configuration (sections of its own).
+    pub async fn start_more(policy: &str, more: &str) -> Self {
+        let e = env();
+        let (host_key, login_key) = (
+            e.get("VIGIL_DEV_SSHD_HOST_KEY"),
+            e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
+        );
+        Self::start_full(host_key, login_key, policy, None, more).await
     }
 
     /// A gateway of a cluster: its `[coordinator]` section (`Cluster::node_section`).
@@ -121,7 +131,7 @@ impl Gateway {
             e.get("VIGIL_DEV_SSHD_HOST_KEY"),
             e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
         );
-        Self::start_full(host_key, login_key, policy, Some(coordinator)).await
+        Self::start_full(host_key, login_key, policy, Some(coordinator), "").await
     }
 
     async fn start_full(
@@ -129,13 +139,14 @@ impl Gateway {
         login_key: &str,
         policy: &str,
         coordinator: Option<String>,
+        more: &str,
     ) -> Self {
         let keys = tempfile::tempdir().unwrap();
         let ca = keygen(keys.path(), "ca");
         let section = ssh_section(&ca, host_key, login_key, policy);
         let opts = NodeOptions {
             protocols: Some(format!(
-                "{section}\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n"
+                "{section}\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n{more}"
             )),
             coordinator,
             ..NodeOptions::default()

@@ -85,7 +85,18 @@ async fn start_sp(
     coordinator: Option<String>,
 ) -> Sp {
     let console = format!("https://127.0.0.1:{port}");
-    let section = format!(
+    let node = TestNode::start(NodeOptions {
+        protocols: Some(sections(idp, keys, port, public)),
+        coordinator,
+        ..NodeOptions::default()
+    })
+    .await;
+    Sp { node, console }
+}
+
+/// The console (listening on `port`, public at `public`), the cluster's tokens and SAML.
+fn sections(idp: &Idp, keys: &Keys, port: u16, public: &str) -> String {
+    format!(
         r#"[console]
 listen = "127.0.0.1:{port}"
 client_id = "vigil-console"
@@ -106,14 +117,7 @@ model_attribute = "model"
         cookie = keys.path("cookie-key").display(),
         token = keys.path("token-key.pem").display(),
         metadata = idp.metadata_url,
-    );
-    let node = TestNode::start(NodeOptions {
-        protocols: Some(section),
-        coordinator,
-        ..NodeOptions::default()
-    })
-    .await;
-    Sp { node, console }
+    )
 }
 
 /// The IdP, and a node it knows (by the node's own metadata).
@@ -751,4 +755,115 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
         .unwrap();
     let answer: serde_json::Value = res.json().await.unwrap();
     assert_eq!(answer["error"], "unsupported_grant_type");
+}
+
+/// `vigil login --saml`: the person signs in at the IdP (through the console), the CLI's
+/// loopback listener gets a sealed code, redeems it at the gateway with its PKCE verifier, keeps
+/// the token and gets an SSH certificate; psql works with the token. The code works only with
+/// the verifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
+    use tokio::io::AsyncBufReadExt as _;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = Keys::new();
+    let port = free_port();
+    let console = format!("https://127.0.0.1:{port}");
+    let idp = Idp::start(&first_sp_metadata(&console));
+    let more = sections(&idp, &keys, port, &console);
+    let g = vigil_chaos::ssh::Gateway::start_more("", &more).await;
+    let metadata = http()
+        .get(format!("{console}/saml/metadata"))
+        .send()
+        .await
+        .unwrap();
+    idp.register(&metadata.text().await.unwrap());
+    let home = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(bin("vigil"))
+        .args(["login", "--saml", "--no-browser"])
+        .args(g.cli_args(home.path()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("the sign-in URL");
+        if let Some(u) = line.trim().strip_prefix("https://") {
+            break format!("https://{u}");
+        }
+    };
+    assert!(
+        url.starts_with(&format!("{console}/auth/saml/login?cli_port=")),
+        "{url}"
+    );
+    // The browser: the console, the IdP, back to the console's ACS, on to the CLI.
+    let res = http().get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    let cookie = res.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let to_idp = res.headers()["location"].to_str().unwrap().to_string();
+    let response = saml::sign_in(&to_idp, "agent-saml").await;
+    let res = http()
+        .post(format!("{console}/auth/saml/acs"))
+        .header("cookie", &cookie)
+        .form(&[("SAMLResponse", response)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    let to_cli = res.headers()["location"].to_str().unwrap().to_string();
+    assert!(to_cli.starts_with("http://127.0.0.1:"), "{to_cli}");
+    let code = reqwest::Url::parse(&to_cli)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    assert_eq!(reqwest::get(&to_cli).await.unwrap().status(), 200);
+    let out = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("logged in as agent-saml"), "{stdout}");
+    assert!(stdout.contains("certificate"), "{stdout}");
+
+    let (status, token) = vigil(&["token", "--home", &home.path().display().to_string()]);
+    assert_eq!(status, 0, "{token}");
+    let (client, task) = g
+        .node
+        .client(token.trim())
+        .await
+        .expect("psql with the token");
+    let row = client.query_one("SELECT 6 * 7", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    drop(client);
+    let _ = task.await;
+    let record = g
+        .node
+        .records()
+        .await
+        .into_iter()
+        .find(|r| {
+            matches!(&r.body.request, Some(vigil_proto::record::Request::Postgres(q)) if q.text.contains("6 * 7"))
+        })
+        .expect("the statement on record");
+    let p = record.body.principal.unwrap();
+    assert_eq!(p.subject, "agent-saml");
+    assert_eq!(p.issuer, TOKEN_ISSUER);
+    assert!(
+        p.saml.as_ref().is_some_and(|s| s.idp == idp.metadata_url),
+        "{p:?}"
+    );
+
+    // The code with another verifier: refused.
+    let api = format!("https://{}", g.node.node.api_addr.unwrap());
+    let res = http()
+        .post(format!("{api}/v1/saml/code"))
+        .json(&serde_json::json!({ "code": code, "code_verifier": "x".repeat(43) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let why: serde_json::Value = res.json().await.unwrap();
+    assert!(why["error"].as_str().unwrap().contains("verifier"), "{why}");
 }

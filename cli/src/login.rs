@@ -200,6 +200,49 @@ fn pick(
     }
 }
 
+/// `vigil login --saml`: the person signs in at the SAML IdP through the gateway's console,
+/// which sends its code to a listener on a loopback port of this machine; the code and the
+/// verifier of the challenge this login started with (PKCE's S256, RFC 7636) buy the token
+/// the gateway issued, once.
+pub async fn saml(
+    gateway: &GatewayArgs,
+    open_browser: bool,
+    callback_port: u16,
+) -> Result<String, String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let info = crate::ssh::get(gateway, "/v1/login").await?;
+    let login = info["saml_login"]
+        .as_str()
+        .ok_or("this gateway offers no SAML login ([identity.saml])")?;
+    let listener = TcpListener::bind(("127.0.0.1", callback_port))
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1:{callback_port}: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let state = b64(&rand::random::<[u8; 32]>());
+    let verifier = b64(&rand::random::<[u8; 32]>());
+    let challenge = b64(&sha2::Sha256::digest(verifier.as_bytes()));
+    let mut url = reqwest::Url::parse(login).map_err(|e| format!("saml_login: {e}"))?;
+    url.query_pairs_mut()
+        .append_pair("cli_port", &port.to_string())
+        .append_pair("cli_state", &state)
+        .append_pair("cli_challenge", &challenge);
+    eprintln!("Sign in at your identity provider. If no browser opens, go to:\n  {url}");
+    if open_browser {
+        open(url.as_str());
+    }
+    let code = tokio::time::timeout(LOGIN_TIMEOUT, callback(&listener, &state, ""))
+        .await
+        .map_err(|_| "no answer from the browser in 5 minutes".to_string())??;
+    let body = serde_json::json!({ "code": code, "code_verifier": verifier });
+    let answer = crate::ssh::post(gateway, "/v1/saml/code", body).await?;
+    answer["token"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "the gateway's answer has no token".into())
+}
+
 /// A JWT's claims, read without checking the signature: for what the CLI shows and compares
 /// with its own values (the gateway verifies every token it is given).
 pub fn unverified_claims(token: &str) -> Result<serde_json::Value, String> {

@@ -43,6 +43,10 @@ pub struct LoginArgs {
     /// register the client as a native app, RFC 8252, or this exact port).
     #[arg(long, default_value_t = 0)]
     pub callback_port: u16,
+    /// Sign in at the organisation's SAML identity provider (through the gateway's console)
+    /// instead of its OIDC provider; the gateway issues the token.
+    #[arg(long, conflicts_with_all = ["token", "token_file", "device"])]
+    pub saml: bool,
 }
 
 /// Where a command finds the caller's token: given, or the one `vigil login` kept.
@@ -176,6 +180,17 @@ pub async fn get(gateway: &GatewayArgs, path: &str) -> Result<serde_json::Value,
     request(gateway, None, path, None).await.map_err(|(_, e)| e)
 }
 
+/// An unauthenticated `POST` of `body`.
+pub async fn post(
+    gateway: &GatewayArgs,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    request(gateway, None, path, Some(body))
+        .await
+        .map_err(|(_, e)| e)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -214,6 +229,9 @@ pub fn login(args: &LoginArgs) -> Result<String, String> {
     let home = args.gateway.home()?;
     runtime()?.block_on(async {
         let token = match (&args.token_file, &args.token) {
+            (None, None) if args.saml => {
+                crate::login::saml(&args.gateway, !args.no_browser, args.callback_port).await?
+            }
             (None, None) => {
                 let flow = if args.device {
                     crate::login::Flow::Device

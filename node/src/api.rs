@@ -131,6 +131,20 @@ struct ApiState {
     ssh: Option<Arc<SshApi>>,
     /// `GET /v1/login`'s answer, when people may log in.
     login: Option<Arc<serde_json::Value>>,
+    saml: Option<Arc<SamlCli>>,
+}
+
+/// How people log in with `vigil login`: the OIDC client (`[api.login]`), SAML (the console's
+/// sign-in, when `[identity.saml]` is set).
+pub struct Logins {
+    pub oidc: Option<serde_json::Value>,
+    pub saml: Option<SamlCli>,
+}
+
+/// `vigil login --saml`: where the browser signs in, and the key its codes are sealed with.
+pub struct SamlCli {
+    pub login_url: String,
+    pub cookies: Arc<crate::console::cookies::Sealer>,
 }
 
 /// Largest request body (a public key, a few hundred bytes).
@@ -191,17 +205,27 @@ pub async fn serve(
     listener: TlsListener,
     core: Arc<Core>,
     ssh: Option<Arc<SshApi>>,
-    login: Option<serde_json::Value>,
+    logins: Logins,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let login = match (logins.oidc, &logins.saml) {
+        (Some(mut answer), Some(saml)) => {
+            answer["saml_login"] = json!(saml.login_url);
+            Some(answer)
+        }
+        (None, Some(saml)) => Some(json!({ "saml_login": saml.login_url })),
+        (answer, None) => answer,
+    };
     let app = Router::new()
         .route("/v1/login", get(login_info))
+        .route("/v1/saml/code", post(saml_code))
         .route("/v1/ssh/certificate", post(certificate))
         .route("/v1/ssh/hosts", get(hosts))
         .with_state(ApiState {
             core,
             ssh,
             login: login.map(Arc::new),
+            saml: logins.saml.map(Arc::new),
         });
     let service = app.into_make_service_with_connect_info::<ClientAddr>();
     if let Err(e) = axum::serve(listener, service)
@@ -231,6 +255,31 @@ async fn login_info(State(state): State<ApiState>) -> Response {
             StatusCode::NOT_FOUND,
             "this gateway offers no login for people (no [api.login]); use vigil login --token",
         ),
+    }
+}
+
+/// `POST /v1/saml/code` `{"code": …, "code_verifier": …}`: the token of a `vigil login --saml`,
+/// for the code the console sent to the CLI's loopback listener (once, within a minute, with
+/// the verifier of the challenge the CLI started with).
+async fn saml_code(State(state): State<ApiState>, body: Bytes) -> Response {
+    let Some(saml) = &state.saml else {
+        return error(StatusCode::NOT_FOUND, "this gateway offers no SAML login");
+    };
+    let asked = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let field = |name: &str| {
+        asked
+            .as_ref()
+            .and_then(|v| v[name].as_str().map(str::to_string))
+    };
+    let (Some(code), Some(verifier)) = (field("code"), field("code_verifier")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "send {\"code\", \"code_verifier\"}",
+        );
+    };
+    match crate::console::saml::redeem(&state.core, &saml.cookies, &code, &verifier).await {
+        Ok(token) => json_body(&json!({ "token": token })).into_response(),
+        Err(why) => error(StatusCode::BAD_REQUEST, why),
     }
 }
 

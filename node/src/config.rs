@@ -662,6 +662,12 @@ impl Config {
         }
         if let Some(tokens) = &self.identity.tokens {
             tokens.validate(&self.identity.issuer)?;
+            if !self.identity.algorithms.contains(&Algorithm::EdDSA) {
+                return Err(invalid(
+                    "identity.tokens",
+                    "the cluster signs its tokens with Ed25519: add EdDSA to identity.algorithms",
+                ));
+            }
             if !self.identity.token_types.contains(&TokenType::AccessToken) {
                 return Err(invalid(
                     "identity.tokens",

@@ -297,6 +297,15 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         Some(section) => Some(api::bind(section, &core).await?),
         None => None,
     };
+    // The console's cookie key seals its cookies and the codes `vigil login --saml` redeems at
+    // the API.
+    let cookies = match &config.console {
+        Some(section) => Some(Arc::new(console::cookies::Sealer::load(
+            section.cookie_key.as_ref(),
+            &config.node.data_dir.join("console").join("cookie.key"),
+        )?)),
+        None => None,
+    };
     let console = match &config.console {
         Some(section) => {
             let app = console::Setup {
@@ -307,7 +316,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
                 coordinator_ca: config.coordinator.ca_file.clone(),
                 audit_dir: config.audit_dir(),
                 index_path: config.node.data_dir.join("console").join("index.redb"),
-                cookie_key_path: config.node.data_dir.join("console").join("cookie.key"),
+                cookies: cookies.clone().expect("sealed cookies with a console"),
                 kafka: config.audit.kafka.clone(),
                 saml: match (&config.identity.saml, &section.public_url) {
                     (Some(saml), Some(url)) => Some(Arc::new(
@@ -354,15 +363,27 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         admin_state,
         wait_for(admin_stop_rx),
     ));
+    let saml_cli = match (&config.identity.saml, &config.console, &cookies) {
+        (Some(_), Some(console), Some(cookies)) => {
+            console.public_url.as_ref().map(|url| api::SamlCli {
+                login_url: format!("{url}/auth/saml/login"),
+                cookies: cookies.clone(),
+            })
+        }
+        _ => None,
+    };
     let api_addr = api.map(|(listener, addr)| {
         tokio::spawn(api::serve(
             listener,
             core.clone(),
             ssh_api,
-            config
-                .api
-                .as_ref()
-                .and_then(|a| a.login_answer(&config.identity)),
+            api::Logins {
+                oidc: config
+                    .api
+                    .as_ref()
+                    .and_then(|a| a.login_answer(&config.identity)),
+                saml: saml_cli,
+            },
             wait_for(stop_rx.clone()),
         ));
         addr

@@ -720,7 +720,10 @@ mod tests {
             token_type: "access_token".into(),
             token_exp: Some(1_795_766_700),
             token_id: Some("jti-1".into()),
-            saml: None,
+            saml: Some(SamlOrigin {
+                idp: "https://idp.example/saml".into(),
+                assertion_id: "_a1".into(),
+            }),
         }));
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),

@@ -14,11 +14,11 @@
 
 mod assets;
 mod auth;
-mod cookies;
+pub mod cookies;
 mod grants;
 mod inbox;
 pub mod index;
-mod saml;
+pub mod saml;
 mod sessions;
 
 use crate::api::TlsListener;
@@ -148,7 +148,7 @@ struct Console {
     /// To the provider (discovery, token endpoint).
     http: reqwest::Client,
     sessions: auth::Sessions,
-    cookies: cookies::Sealer,
+    cookies: Arc<cookies::Sealer>,
     /// The SAML service provider, when `[identity.saml]` is set.
     saml: Option<Arc<crate::core::saml::Sp>>,
     /// The recorded sessions, for the auditors' pages.
@@ -180,8 +180,9 @@ pub struct Setup {
     /// The local audit log the session index follows, and where the index is kept.
     pub audit_dir: PathBuf,
     pub index_path: PathBuf,
-    /// Where the cookie key is generated when none is configured.
-    pub cookie_key_path: PathBuf,
+    /// What the console's cookies are sealed with (shared with the API, which redeems the
+    /// codes of `vigil login --saml`).
+    pub cookies: Arc<cookies::Sealer>,
     /// The audit topic, when there is one: the index follows it instead of the local log.
     pub kafka: Option<crate::config::KafkaConfig>,
     /// The SAML service provider, loaded (its IdP's metadata read) by the caller.
@@ -206,8 +207,6 @@ impl Setup {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("console HTTP client")?;
-        let cookies =
-            cookies::Sealer::load(self.config.cookie_key.as_ref(), &self.cookie_key_path)?;
         let index = Arc::new(
             index::Index::open(&self.index_path, &self.audit_dir)
                 .with_context(|| format!("console index {}", self.index_path.display()))?,
@@ -223,7 +222,7 @@ impl Setup {
                 coordinator_tls,
                 http,
                 sessions: auth::Sessions::default(),
-                cookies,
+                cookies: self.cookies,
                 saml: self.saml,
                 index,
             }))

@@ -27,10 +27,88 @@ const SAML_COOKIE: &str = "__Host-vigil-saml";
 struct Started {
     request_id: String,
     started_ms: u64,
+    /// Set when `vigil login --saml` started it: the token goes to the CLI, not the console.
+    #[serde(default)]
+    cli: Option<Cli>,
+}
+
+/// `vigil login --saml` (RFC 8252 style): where its loopback listener waits, the state it
+/// checks, the S256 challenge of the verifier it redeems the code with.
+#[derive(Clone, Deserialize, Serialize)]
+struct Cli {
+    cli_port: u16,
+    cli_state: String,
+    cli_challenge: String,
+}
+
+/// The query of `/auth/saml/login`: all three of [`Cli`]'s, or none.
+#[derive(Deserialize)]
+pub(super) struct CliParams {
+    cli_port: Option<u16>,
+    cli_state: Option<String>,
+    cli_challenge: Option<String>,
+}
+
+impl Cli {
+    fn valid(&self) -> bool {
+        let b64url = |s: &str| {
+            (16..=128).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        self.cli_port != 0 && b64url(&self.cli_state) && b64url(&self.cli_challenge)
+    }
+}
+
+/// The code the CLI's listener gets: the token, sealed, for the holder of the verifier.
+const CODE: &str = "vigil-saml-code";
+/// How long a code may wait to be redeemed.
+const CODE_TTL_MS: u64 = 60_000;
+
+#[derive(Serialize, Deserialize)]
+struct Code {
+    token: String,
+    challenge: String,
+    expires_ms: u64,
+}
+
+/// The token of a code, once: sealed by this cluster, not expired, the verifier's S256 the
+/// challenge, and not redeemed before anywhere in the cluster.
+pub async fn redeem(
+    core: &crate::core::Core,
+    cookies: &super::cookies::Sealer,
+    code: &str,
+    verifier: &str,
+) -> Result<String, String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let sealed: Code = cookies
+        .open(CODE, code)
+        .ok_or("not a code of this cluster's")?;
+    if sealed.expires_ms <= ms(SystemTime::now()) {
+        return Err("the code has expired: log in again".into());
+    }
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    if challenge != sealed.challenge {
+        return Err("the verifier does not match the login's challenge".into());
+    }
+    let key = format!(
+        "saml-code:{}",
+        hex::encode(sha2::Sha256::digest(code.as_bytes()))
+    );
+    match core.approvals.mark_once(key, sealed.expires_ms).await {
+        Ok(true) => Ok(sealed.token),
+        Ok(false) => Err("the code was used before".into()),
+        Err(e) => Err(format!(
+            "the code cannot be checked against reuse (the coordinator: {})",
+            e.message()
+        )),
+    }
 }
 
 /// `GET /saml/metadata`: this service provider's metadata, to register at the IdP.
-pub async fn metadata(State(console): State<Arc<Console>>) -> Response {
+pub(super) async fn metadata(State(console): State<Arc<Console>>) -> Response {
     let Some(sp) = &console.saml else {
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
@@ -42,8 +120,32 @@ pub async fn metadata(State(console): State<Arc<Console>>) -> Response {
         .into_response()
 }
 
-/// `GET /auth/saml/login`: off to the IdP with a new AuthnRequest.
-pub async fn login(State(console): State<Arc<Console>>) -> Response {
+/// `GET /auth/saml/login`: off to the IdP with a new AuthnRequest; with `cli_port`,
+/// `cli_state` and `cli_challenge`, for `vigil login --saml`.
+pub(super) async fn login(
+    State(console): State<Arc<Console>>,
+    axum::extract::Query(asked): axum::extract::Query<CliParams>,
+) -> Response {
+    let cli = match (asked.cli_port, asked.cli_state, asked.cli_challenge) {
+        (None, None, None) => None,
+        (Some(cli_port), Some(cli_state), Some(cli_challenge)) => Some(Cli {
+            cli_port,
+            cli_state,
+            cli_challenge,
+        }),
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "cli_port, cli_state and cli_challenge go together",
+            )
+        }
+    };
+    if cli.as_ref().is_some_and(|c| !c.valid()) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "cli_port, cli_state and cli_challenge: a port and base64url values of 16 to 128 characters",
+        );
+    }
     let Some(sp) = &console.saml else {
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
@@ -54,6 +156,7 @@ pub async fn login(State(console): State<Arc<Console>>) -> Response {
     let started = Started {
         request_id,
         started_ms: ms(SystemTime::now()),
+        cli,
     };
     let sealed = console.cookies.seal(SAML_COOKIE, &started);
     let mut res = Redirect::to(&url).into_response();
@@ -65,13 +168,13 @@ pub async fn login(State(console): State<Arc<Console>>) -> Response {
 }
 
 #[derive(Deserialize)]
-pub struct Posted {
+pub(super) struct Posted {
     #[serde(rename = "SAMLResponse")]
     response: String,
 }
 
 /// `POST /auth/saml/acs`: the IdP's response, by the browser that asked for it.
-pub async fn acs(
+pub(super) async fn acs(
     State(console): State<Arc<Console>>,
     visit: Visit,
     axum::Form(posted): axum::Form<Posted>,
@@ -81,10 +184,12 @@ pub async fn acs(
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
     let done = match verified(&console, sp, &visit, &posted.response).await {
-        Ok(sign_in) => issued(&console, sp, &sign_in).await,
+        Ok((started, sign_in)) => issued(&console, sp, &sign_in)
+            .await
+            .map(|issued| (started, issued)),
         Err(why) => Err(why),
     };
-    let (token, principal) = match done {
+    let (started, (token, principal)) = match done {
         Ok(t) => t,
         Err(why) => {
             return console
@@ -92,6 +197,34 @@ pub async fn acs(
                 .await
         }
     };
+    if let Some(cli) = started.cli {
+        let detail = "signed in with SAML for vigil login (a token was issued to it)";
+        console
+            .record_sign_in(
+                visit.origin,
+                &session,
+                Some(&principal),
+                Outcome::Success,
+                detail,
+            )
+            .await;
+        let code = Code {
+            token,
+            challenge: cli.cli_challenge,
+            expires_ms: ms(SystemTime::now()) + CODE_TTL_MS,
+        };
+        let code = console.cookies.seal(CODE, &code);
+        let url = format!(
+            "http://127.0.0.1:{}/callback?state={}&code={code}",
+            cli.cli_port, cli.cli_state
+        );
+        let mut res = Redirect::to(&url).into_response();
+        res.headers_mut().insert(
+            header::SET_COOKIE,
+            super::auth::set_cookie_for(SAML_COOKIE, "", std::time::Duration::ZERO, "None"),
+        );
+        return res;
+    }
     console
         .logged_in(visit.origin, session, principal, token, SAML_COOKIE)
         .await
@@ -104,7 +237,7 @@ async fn verified(
     sp: &Sp,
     visit: &Visit,
     response: &str,
-) -> Result<SignIn, String> {
+) -> Result<(Started, SignIn), String> {
     let started: Started = cookie(&visit.headers, SAML_COOKIE)
         .and_then(|v| console.cookies.open(SAML_COOKIE, v))
         .filter(|s: &Started| {
@@ -117,7 +250,7 @@ async fn verified(
              unsolicited response is refused)",
         )?;
     let sign_in = sp.verify(response, &started.request_id).map_err(|e| e.0)?;
-    used_once(console, sign_in).await
+    Ok((started, used_once(console, sign_in).await?))
 }
 
 /// The sign-in, if its assertion was not used before anywhere in the cluster: its id is
@@ -170,7 +303,7 @@ async fn issued(
 const SAML2_BEARER: &str = "urn:ietf:params:oauth:grant-type:saml2-bearer";
 
 #[derive(Deserialize)]
-pub struct TokenRequest {
+pub(super) struct TokenRequest {
     grant_type: String,
     #[serde(default)]
     assertion: Option<String>,
@@ -192,7 +325,7 @@ fn oauth_error(error: &str, description: &str) -> Response {
 /// `POST /auth/saml/token` (RFC 7522): a workload's SAML bearer assertion, signed by the IdP
 /// for this token endpoint, exchanged for a token the cluster issues. Issued and refused
 /// exchanges are on record like logins.
-pub async fn token(
+pub(super) async fn token(
     State(console): State<Arc<Console>>,
     visit: Visit,
     axum::Form(req): axum::Form<TokenRequest>,

@@ -94,10 +94,11 @@ impl SamlConfig {
         if self.leeway_secs > 300 {
             return Err(invalid("identity.saml.leeway_secs", "at most 300"));
         }
-        if !(4096..=4 * 1024 * 1024).contains(&self.max_response_bytes) {
+        // Base64 and form encoding inflate a response; 1 MiB stays under the HTTP body limit.
+        if !(4096..=1024 * 1024).contains(&self.max_response_bytes) {
             return Err(invalid(
                 "identity.saml.max_response_bytes",
-                "between 4096 and 4194304",
+                "between 4096 and 1048576",
             ));
         }
         if let Some(aud) = &self.token_audience {
@@ -161,6 +162,7 @@ impl Sp {
         {
             reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(identity.http_timeout_secs))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()?
                 .get(&config.idp_metadata)
                 .send()
@@ -174,20 +176,21 @@ impl Sp {
             std::fs::read_to_string(&config.idp_metadata)
                 .with_context(|| format!("identity.saml.idp_metadata {}", config.idp_metadata))?
         };
+        Self::from_metadata(config, identity, public_url, &xml)
+    }
+
+    /// The service provider of the IdP whose metadata is `xml`.
+    pub fn from_metadata(
+        config: &SamlConfig,
+        identity: &IdentityConfig,
+        public_url: &str,
+        xml: &str,
+    ) -> anyhow::Result<Self> {
         refuse_dtd(&xml.to_ascii_lowercase())
             .map_err(|e| anyhow::anyhow!("the IdP's metadata: {e}"))?;
         let metadata: EntityDescriptor = xml
             .parse()
             .map_err(|e| anyhow::anyhow!("the IdP's metadata does not parse: {e}"))?;
-        Self::new(config, identity, public_url, metadata)
-    }
-
-    fn new(
-        config: &SamlConfig,
-        identity: &IdentityConfig,
-        public_url: &str,
-        metadata: EntityDescriptor,
-    ) -> anyhow::Result<Self> {
         let idp_entity_id = metadata
             .entity_id
             .clone()
