@@ -269,12 +269,13 @@ async fn used_once(console: &Console, sign_in: SignIn) -> Result<SignIn, String>
             "assertion {} was used before (a replay)",
             saml.assertion_id
         )),
-        Err(e) => Err(format!(
-            "the assertion cannot be checked against replays (the coordinator: {})",
-            e.message()
-        )),
+        Err(e) => Err(format!("{UNCHECKED} (the coordinator: {})", e.message())),
     }
 }
+
+/// Why a sign-in failed when the replay cache could not answer (the assertion is unused: the
+/// same request may succeed later).
+const UNCHECKED: &str = "the assertion cannot be checked against replays";
 
 /// The token the cluster issues for a sign-in, verified like any other token (what the
 /// console keeps or hands out is what every node and the coordinator accept).
@@ -357,6 +358,11 @@ pub(super) async fn token(
             console
                 .record_sign_in(visit.origin, &session, None, Outcome::Denied, &why)
                 .await;
+            if why.starts_with(UNCHECKED) {
+                let mut res = oauth_error("temporarily_unavailable", &why);
+                *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return res;
+            }
             return oauth_error("invalid_grant", &why);
         }
     };
