@@ -97,7 +97,8 @@ impl Gateway {
         Self::start_with(kube_section(policy), coordinator).await
     }
 
-    async fn start_with(section: String, coordinator: Option<String>) -> Self {
+    /// A gateway with this configuration of its own (`section`: the Kubernetes section and more).
+    pub async fn start_with(section: String, coordinator: Option<String>) -> Self {
         let opts = NodeOptions {
             protocols: Some(section),
             coordinator,

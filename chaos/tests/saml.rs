@@ -8,6 +8,7 @@
 //!
 //! Screenshots: `<target dir>/test-artefacts/saml/<test>/`.
 
+use std::path::Path;
 use std::time::Duration;
 use vigil_chaos::saml::{self, Idp};
 use vigil_chaos::webdriver::{artefact_dir, Driver};
@@ -866,4 +867,91 @@ async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
     assert_eq!(res.status(), 400);
     let why: serde_json::Value = res.json().await.unwrap();
     assert!(why["error"].as_str().unwrap().contains("verifier"), "{why}");
+}
+
+/// A token the cluster issued stops working, on every protocol, once it has expired or once
+/// the key that signed it is retired past its `until`; one of the current key works on each
+/// (PostgreSQL, the SSH certificate API, the Kubernetes API). No IdP is involved: the tokens are
+/// what the cluster would have issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t60_an_expired_token_or_one_of_a_retired_key_is_refused_on_every_protocol() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (current, retired) = (dir.path().join("current.pem"), dir.path().join("old.pem"));
+    saml::token_key(&current);
+    saml::token_key(&retired);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let tokens = format!(
+        r#"
+[identity.tokens]
+issuer = "{TOKEN_ISSUER}"
+signing_key = {{ file = "{}" }}
+key_id = "current"
+
+[[identity.tokens.retired]]
+key_id = "old"
+signing_key = {{ file = "{}" }}
+until = {}
+"#,
+        current.display(),
+        retired.display(),
+        now - 1
+    );
+    let sign = |key: &Path, kid: &str, exp: i64| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        header.typ = Some("at+jwt".into());
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": "agent-saml", "aud": env().get("VIGIL_OIDC_AUDIENCE"),
+            "groups": ["dba"], "iat": now - 60, "nbf": now - 60, "exp": exp,
+            "jti": random_suffix(),
+        });
+        let pem = std::fs::read(key).unwrap();
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let good = sign(&current, "current", now + 600);
+    let refused = [
+        ("expired", sign(&current, "current", now - 120)),
+        ("retired key", sign(&retired, "old", now + 600)),
+    ];
+
+    // PostgreSQL and the SSH certificate API (one gateway serves both).
+    let g = vigil_chaos::ssh::Gateway::start_more("", &tokens).await;
+    let (client, task) = g.node.client(&good).await.expect("the current key's token");
+    client.simple_query("SELECT 1").await.unwrap();
+    drop(client);
+    let _ = task.await;
+    let api = format!("https://{}", g.node.node.api_addr.unwrap());
+    let certificate = |token: String| {
+        http()
+            .post(format!("{api}/v1/ssh/certificate"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x" }))
+            .send()
+    };
+    assert_ne!(certificate(good.clone()).await.unwrap().status(), 401);
+    for (name, token) in &refused {
+        let err = g.node.client(token).await.err().expect(name);
+        let why = err.as_db_error().map(|d| d.message().to_string());
+        let why = why.unwrap_or_else(|| err.to_string());
+        assert!(why.contains("token"), "{name}: {why}");
+        let res = certificate(token.clone()).await.unwrap();
+        assert_eq!(res.status(), 401, "{name}");
+    }
+
+    // The Kubernetes API.
+    let section = vigil_chaos::kube::kube_section("") + &tokens;
+    let k = vigil_chaos::kube::Gateway::start_with(section, None).await;
+    let namespaces = |token: String| {
+        http()
+            .get(format!("{}/api/v1/namespaces", k.server()))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_ne!(namespaces(good).await.unwrap().status(), 401);
+    for (name, token) in refused {
+        let res = namespaces(token).await.unwrap();
+        assert_eq!(res.status(), 401, "{name}");
+    }
 }
