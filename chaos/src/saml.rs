@@ -17,17 +17,21 @@ pub struct Idp {
     pub metadata_url: String,
 }
 
-fn idp_sh(args: &[&str]) -> String {
-    let out = Command::new(repo_root().join("deploy/dev/saml/idp.sh"))
-        .args(args)
+/// Runs `command`, which must succeed; its stdout, trimmed.
+fn run(command: &mut Command) -> String {
+    let out = command
         .output()
-        .expect("deploy/dev/saml/idp.sh runs");
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     assert!(
         out.status.success(),
-        "idp.sh {args:?}: {}",
+        "{command:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn idp_sh(args: &[&str]) -> String {
+    run(Command::new(repo_root().join("deploy/dev/saml/idp.sh")).args(args))
 }
 
 impl Idp {
@@ -244,34 +248,20 @@ pub fn resign(xml: &str, key: &Path, cert: &Path) -> String {
 /// A key and self-signed certificate that are not the IdP's.
 pub fn other_key(dir: &Path) -> (PathBuf, PathBuf) {
     let (key, cert) = (dir.join("other.key"), dir.join("other.crt"));
-    let out = Command::new("openssl")
+    run(Command::new("openssl")
         .args([
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
         ])
         .args(["-subj", "/CN=Not the IdP", "-keyout"])
         .arg(&key)
         .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&cert));
     (key, cert)
 }
 
 /// An Ed25519 private key (PKCS#8 PEM) for the cluster's tokens.
 pub fn token_key(path: &Path) {
-    let out = Command::new("openssl")
+    run(Command::new("openssl")
         .args(["genpkey", "-algorithm", "ed25519", "-out"])
-        .arg(path)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(path));
 }

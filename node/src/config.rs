@@ -477,6 +477,21 @@ fn check_identity(key: &str, id: &IdentityConfig) -> Result<(), ConfigError> {
     if id.http_timeout_secs == 0 {
         return Err(invalid(key("http_timeout_secs"), "must be at least 1"));
     }
+    if let Some(tokens) = &id.tokens {
+        tokens.validate(&id.issuer)?;
+        if !id.algorithms.contains(&Algorithm::EdDSA) {
+            return Err(invalid(
+                key("tokens"),
+                "the cluster signs its tokens with Ed25519: add EdDSA to identity.algorithms",
+            ));
+        }
+        if !id.token_types.contains(&TokenType::AccessToken) {
+            return Err(invalid(
+                key("tokens"),
+                "the cluster's tokens are access tokens: add access_token to identity.token_types",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -579,6 +594,13 @@ impl CoordinatorFile {
         }
         if let Some(id) = &self.identity {
             check_identity("identity", id)?;
+            if id.saml.is_some() {
+                return Err(invalid(
+                    "identity.saml",
+                    "a coordinator member serves no SAML sign-in: give it [identity.tokens] only \
+                     (to accept the console calls of SAML people)",
+                ));
+            }
         }
         Ok(())
     }
@@ -659,21 +681,6 @@ impl Config {
         }
         if let Some(console) = &self.console {
             console.validate(&self.identity)?;
-        }
-        if let Some(tokens) = &self.identity.tokens {
-            tokens.validate(&self.identity.issuer)?;
-            if !self.identity.algorithms.contains(&Algorithm::EdDSA) {
-                return Err(invalid(
-                    "identity.tokens",
-                    "the cluster signs its tokens with Ed25519: add EdDSA to identity.algorithms",
-                ));
-            }
-            if !self.identity.token_types.contains(&TokenType::AccessToken) {
-                return Err(invalid(
-                    "identity.tokens",
-                    "the cluster's tokens are access tokens: add access_token to identity.token_types",
-                ));
-            }
         }
         if let Some(saml) = &self.identity.saml {
             saml.validate(&self.identity, self.console.as_ref())?;
@@ -1085,6 +1092,37 @@ allow = { groups = ["dba"] }
             .unwrap_err()
             .to_string()
             .contains("member.retention_secs"));
+    }
+
+    /// The cluster's tokens need EdDSA and access tokens wherever they are verified (a node or
+    /// a coordinator member); a member serves no SAML sign-in.
+    #[test]
+    fn the_clusters_tokens_are_checked_on_nodes_and_members() {
+        let tokens = "[identity.tokens]\nissuer = \"https://vigil.example/tokens\"\n\
+                      signing_key = { env = \"K\" }\nkey_id = \"k1\"\n";
+        let member = "[member]\nid = 1\nlisten = \"127.0.0.1:7470\"\ndata_dir = \"/tmp/m\"\n\
+                      cluster_token = { env = \"T\" }\n\
+                      [identity]\nissuer = \"https://idp.example\"\naudiences = [\"a\"]\n";
+        let f: CoordinatorFile = toml::from_str(&format!("{member}{tokens}")).unwrap();
+        f.validate().unwrap();
+        let rsa_only = member.replace(
+            "audiences = [\"a\"]\n",
+            "audiences = [\"a\"]\nalgorithms = [\"RS256\"]\n",
+        );
+        let f: CoordinatorFile = toml::from_str(&format!("{rsa_only}{tokens}")).unwrap();
+        let e = f.validate().unwrap_err().to_string();
+        assert!(e.contains("identity.tokens") && e.contains("EdDSA"), "{e}");
+        let saml = "[identity.saml]\nidp_metadata = \"idp.xml\"\n";
+        let f: CoordinatorFile = toml::from_str(&format!("{member}{tokens}{saml}")).unwrap();
+        let e = f.validate().unwrap_err().to_string();
+        assert!(e.contains("identity.saml"), "{e}");
+        let f: CoordinatorFile = toml::from_str(&format!(
+            "{member}{}",
+            tokens.replace("https://vigil.example/tokens", "https://idp.example")
+        ))
+        .unwrap();
+        let e = f.validate().unwrap_err().to_string();
+        assert!(e.contains("identity.tokens.issuer"), "{e}");
     }
 
     #[test]

@@ -335,29 +335,35 @@ pub(super) async fn token(
     let Some(sp) = &console.saml else {
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
+    let (console, session) = (&*console, session.as_str());
+    let refused = |why: String| async move {
+        console
+            .record_sign_in(visit.origin, session, None, Outcome::Denied, &why)
+            .await;
+        why
+    };
     if req.grant_type != SAML2_BEARER {
-        return oauth_error(
-            "unsupported_grant_type",
-            &format!("only {SAML2_BEARER} is accepted here"),
+        let why = format!(
+            "grant_type {}: only {SAML2_BEARER} is accepted here",
+            req.grant_type
         );
+        return oauth_error("unsupported_grant_type", &refused(why).await);
     }
     let Some(assertion) = req.assertion else {
-        return oauth_error("invalid_request", "no assertion");
+        return oauth_error("invalid_request", &refused("no assertion".into()).await);
     };
     let checked = match sp.verify_bearer(&assertion) {
-        Ok(sign_in) => used_once(&console, sign_in).await,
+        Ok(sign_in) => used_once(console, sign_in).await,
         Err(e) => Err(e.0),
     };
     let done = match checked {
-        Ok(sign_in) => issued(&console, sp, &sign_in).await,
+        Ok(sign_in) => issued(console, sp, &sign_in).await,
         Err(why) => Err(why),
     };
     let (token, principal) = match done {
         Ok(t) => t,
         Err(why) => {
-            console
-                .record_sign_in(visit.origin, &session, None, Outcome::Denied, &why)
-                .await;
+            let why = refused(why).await;
             if why.starts_with(UNCHECKED) {
                 let mut res = oauth_error("temporarily_unavailable", &why);
                 *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
@@ -370,7 +376,7 @@ pub(super) async fn token(
     console
         .record_sign_in(
             visit.origin,
-            &session,
+            session,
             Some(&principal),
             Outcome::Success,
             detail,
