@@ -127,16 +127,21 @@ async fn setup(keys: &Keys) -> (Idp, Sp) {
     let console = format!("https://127.0.0.1:{port}");
     let idp = Idp::start(&first_sp_metadata(&console));
     let sp = start_sp(&idp, keys, port, &console, None).await;
-    let metadata = http()
+    idp.register(&sp_metadata(&console).await);
+    (idp, sp)
+}
+
+/// The node's own SP metadata (`/saml/metadata` of the console at `console`).
+async fn sp_metadata(console: &str) -> String {
+    let res = http()
         .get(format!("{console}/saml/metadata"))
         .send()
         .await
         .unwrap();
-    let status = metadata.status();
-    let metadata = metadata.text().await.unwrap();
+    let status = res.status();
+    let metadata = res.text().await.unwrap();
     assert_eq!(status, 200, "{metadata}");
-    idp.register(&metadata);
-    (idp, sp)
+    metadata
 }
 
 fn http() -> reqwest::Client {
@@ -599,12 +604,7 @@ async fn t30_an_assertion_is_used_once_in_the_whole_cluster() {
     let idp = Idp::start(&first_sp_metadata(&public));
     let a = start_sp(&idp, &keys, port_a, &public, Some(cluster.node_section())).await;
     let b = start_sp(&idp, &keys, port_b, &public, Some(cluster.node_section())).await;
-    let metadata = http()
-        .get(format!("{public}/saml/metadata"))
-        .send()
-        .await
-        .unwrap();
-    idp.register(&metadata.text().await.unwrap());
+    idp.register(&sp_metadata(&public).await);
 
     // Used at A, then replayed at B.
     let (cookie, xml) = response_for(&a.console, "alice").await;
@@ -653,15 +653,7 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
     let keys = Keys::new();
     let (idp, sp) = setup(&keys).await;
     let console = sp.console.as_str();
-    let metadata = http()
-        .get(format!("{console}/saml/metadata"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    idp.register(&with_token_endpoint(&metadata, console));
+    idp.register(&with_token_endpoint(&sp_metadata(console).await, console));
     let token_url = format!("{console}/auth/saml/token");
     let sso = idp.metadata_url.replace("metadata.php", "SSOService.php");
     let response = saml::sign_in(
@@ -703,6 +695,7 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
         .client(&token)
         .await
         .expect("psql with the issued token");
+    let log_start = pg_log_len();
     let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     drop(client);
@@ -721,6 +714,10 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
     let origin = p.saml.as_ref().expect("the SAML origin");
     assert_eq!(origin.idp, idp.metadata_url);
     assert_eq!(origin.assertion_id, assertion_id);
+    // PostgreSQL's own log: the statement the record names ran, once.
+    let ran = pg_executed(&sp.node.files.db, log_start);
+    let ran = ran.iter().filter(|r| r.text == "SELECT 41 + 1").count();
+    assert_eq!(ran, 1, "PostgreSQL ran the recorded statement once");
 
     // Not twice, and not an assertion meant for the console.
     let res = exchange(b64url(&assertion)).await.unwrap();
@@ -772,12 +769,7 @@ async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
     let idp = Idp::start(&first_sp_metadata(&console));
     let more = sections(&idp, &keys, port, &console);
     let g = vigil_chaos::ssh::Gateway::start_more("", &more).await;
-    let metadata = http()
-        .get(format!("{console}/saml/metadata"))
-        .send()
-        .await
-        .unwrap();
-    idp.register(&metadata.text().await.unwrap());
+    idp.register(&sp_metadata(&console).await);
     let home = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(bin("vigil"))
         .args(["login", "--saml", "--no-browser"])
@@ -835,6 +827,7 @@ async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
         .client(token.trim())
         .await
         .expect("psql with the token");
+    let log_start = pg_log_len();
     let row = client.query_one("SELECT 6 * 7", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     drop(client);
@@ -855,6 +848,9 @@ async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
         p.saml.as_ref().is_some_and(|s| s.idp == idp.metadata_url),
         "{p:?}"
     );
+    let ran = pg_executed(&g.node.files.db, log_start);
+    let ran = ran.iter().filter(|r| r.text == "SELECT 6 * 7").count();
+    assert_eq!(ran, 1, "PostgreSQL ran the recorded statement once");
 
     // The code with another verifier: refused.
     let api = format!("https://{}", g.node.node.api_addr.unwrap());
