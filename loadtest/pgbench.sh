@@ -26,6 +26,10 @@
 #   VIGIL_KAFKA_NODE_PORT=16435 VIGIL_KAFKA_ADMIN_PORT=19189      the Kafka node's (vigil-kafka)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
+#   BUILD_PROFILE=release  the cargo profile built and run (`profiling`: the same code with
+#                        symbols, for perf)
+#   VIGIL_NODE_BIN=PATH  run this vigil-node instead (a build of another commit, for a before and
+#                        after comparison)
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, pgbench logs, audit log) and the topic
 #   AUDIT_SYNC=write     the gateways' audit.sync: write, or fsync (every batch synced before
 #                        its requests are forwarded)
@@ -46,6 +50,7 @@ VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19188}"
 PGBOUNCER_PORT="${PGBOUNCER_PORT:-16434}"
 VIGIL_KAFKA_NODE_PORT="${VIGIL_KAFKA_NODE_PORT:-16435}"
 VIGIL_KAFKA_ADMIN_PORT="${VIGIL_KAFKA_ADMIN_PORT:-19189}"
+BUILD_PROFILE="${BUILD_PROFILE:-release}"
 
 # The issue's goals (reported, never enforced).
 GOAL_VS_DIRECT=0.75
@@ -136,12 +141,12 @@ fi
 
 # ---------------------------------------------------------------------------- build
 if [[ "$SKIP_BUILD" != 1 ]]; then
-  log "building the release gateway (CARGO_TARGET_DIR=$target_dir; may wait for another build's lock)"
-  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release -p vigil-node -p vigil-cli -p vigil-coordinator-server --bins) \
+  log "building the gateway (profile $BUILD_PROFILE, CARGO_TARGET_DIR=$target_dir; may wait for another build's lock)"
+  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --profile "$BUILD_PROFILE" -p vigil-node -p vigil-cli --bins) \
     || die "cargo build failed"
 fi
-vigil_node="$target_dir/release/vigil-node"
-vigil_cli="$target_dir/release/vigil"
+vigil_node="${VIGIL_NODE_BIN:-$target_dir/$BUILD_PROFILE/vigil-node}"
+vigil_cli="$target_dir/$BUILD_PROFILE/vigil"
 [[ -x "$vigil_node" && -x "$vigil_cli" ]] || die "$vigil_node or $vigil_cli missing (build first, or unset SKIP_BUILD)"
 
 # ---------------------------------------------------------------------------- work dir

@@ -27,18 +27,38 @@ pub fn node_of(stream: &str) -> Option<&str> {
 /// with: the chain fields as [`Chain::seal`] writes them, up to and including the comma that
 /// precedes the body.
 pub fn record_prefix(stream: &str, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
-    let stream = serde_json::to_string(stream).expect("a string serialises");
-    format!(
-        "{{\"v\":{SCHEMA_VERSION},\"stream\":{stream},\"seq\":{seq},\"prev\":\"{}\",",
-        hex::encode(prev)
-    )
-    .into_bytes()
+    let mut out = Vec::new();
+    push_prefix(&mut out, &stream_json(stream), seq, prev);
+    out
+}
+
+/// `stream` as a JSON string.
+fn stream_json(stream: &str) -> String {
+    serde_json::to_string(stream).expect("a string serialises")
+}
+
+/// Appends the chain fields (see [`record_prefix`]), `stream` already a JSON string. Written
+/// piece by piece: it runs for every record.
+fn push_prefix(out: &mut Vec<u8>, stream: &str, seq: u64, prev: &[u8; 32]) {
+    let mut hex = [0; 64];
+    hex::encode_to_slice(prev, &mut hex).expect("64 hex digits for 32 bytes");
+    out.extend_from_slice(b"{\"v\":");
+    out.extend_from_slice(SCHEMA_VERSION.to_string().as_bytes());
+    out.extend_from_slice(b",\"stream\":");
+    out.extend_from_slice(stream.as_bytes());
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(&hex);
+    out.extend_from_slice(b"\",");
 }
 
 /// The writer's side of one stream: it assigns `seq` and `prev` and remembers the last hash.
 #[derive(Clone, Debug)]
 pub struct Chain {
     stream: String,
+    /// `stream` as a JSON string, as every record names it.
+    stream_json: String,
     next_seq: u64,
     prev: [u8; 32],
 }
@@ -46,8 +66,10 @@ pub struct Chain {
 impl Chain {
     /// A new stream, starting at seq 0.
     pub fn new(stream: impl Into<String>) -> Self {
+        let stream = stream.into();
         Self {
-            stream: stream.into(),
+            stream_json: stream_json(&stream),
+            stream,
             next_seq: 0,
             prev: [0; 32],
         }
@@ -69,25 +91,32 @@ impl Chain {
 
     /// Serialises `body` behind the chain fields, advances the chain and returns the record bytes.
     pub fn seal(&mut self, body: &Body) -> Vec<u8> {
-        let body = serde_json::to_vec(body).expect("a record body always serialises");
-        self.seal_serialized(&body)
+        self.seal_serialized(&body.to_json())
     }
 
     /// Seals an already serialised body (a JSON object). Used by [`Chain::seal`] and by tests
     /// that need to craft records.
     pub fn seal_serialized(&mut self, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.seal_into(body, &mut out);
+        out
+    }
+
+    /// Seals an already serialised body and appends the record's bytes to `out` (the writer's
+    /// batch: no copy of its own).
+    pub fn seal_into(&mut self, body: &[u8], out: &mut Vec<u8>) {
         debug_assert!(body.first() == Some(&b'{') && body.last() == Some(&b'}'));
-        let mut out = record_prefix(&self.stream, self.next_seq, &self.prev);
+        let start = out.len();
         let rest = &body[1..];
+        out.reserve(self.stream_json.len() + rest.len() + 128);
+        push_prefix(out, &self.stream_json, self.next_seq, &self.prev);
         if rest == b"}" {
             // An empty body: the prefix's comma closes the object instead.
             out.pop();
         }
-        out.reserve(rest.len());
         out.extend_from_slice(rest);
-        self.prev = record_hash(&out);
+        self.prev = record_hash(&out[start..]);
         self.next_seq += 1;
-        out
     }
 }
 

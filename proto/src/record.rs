@@ -482,10 +482,14 @@ pub struct Body {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
     pub kind: Kind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "parties::left_out")]
     pub principal: Option<Arc<Principal>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "parties::left_out")]
     pub connection: Option<Arc<Connection>>,
+    /// `principal` and `connection` serialised once for all the records of a session
+    /// ([`Body::to_json`]); not part of the record.
+    #[serde(skip)]
+    pub parties: PartiesJson,
     /// Statement number inside the session; a request and its response share it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stmt: Option<u64>,
@@ -521,6 +525,7 @@ impl Body {
             kind,
             principal: None,
             connection: None,
+            parties: PartiesJson::default(),
             stmt: None,
             request: None,
             response: None,
@@ -534,6 +539,43 @@ impl Body {
         }
     }
 
+    /// The record body as JSON. The `principal` and `connection` a session gives every one of
+    /// its records come from [`Body::parties`] when it holds those very two (serialised once),
+    /// and are serialised here otherwise.
+    pub fn to_json(&self) -> Vec<u8> {
+        let cached = self.parties.0.as_ref().filter(|p| {
+            self.principal
+                .as_ref()
+                .is_some_and(|x| Arc::ptr_eq(x, &p.principal))
+                && self
+                    .connection
+                    .as_ref()
+                    .is_some_and(|x| Arc::ptr_eq(x, &p.connection))
+        });
+        let Some(parties) = cached else {
+            return serde_json::to_vec(self).expect("a record body always serialises");
+        };
+        // `{` + `"principal":…,"connection":…` + `,` + the rest of the body after its `{`.
+        let mut out = Vec::with_capacity(parties.json.len() + 512);
+        out.push(b'{');
+        out.extend_from_slice(&parties.json);
+        let at = out.len();
+        parties::LEAVE_OUT.with(|leave_out| {
+            leave_out.set(true);
+            let written = serde_json::to_writer(&mut out, self);
+            leave_out.set(false);
+            written.expect("a record body always serialises");
+        });
+        if out.len() == at + 2 {
+            // Nothing else: `{}` becomes the closing brace.
+            out.truncate(at);
+            out.push(b'}');
+        } else {
+            out[at] = b',';
+        }
+        out
+    }
+
     /// The PostgreSQL request of this record, if it has one.
     pub fn pg_request(&self) -> Option<&PgRequest> {
         self.request.as_ref().and_then(Request::postgres)
@@ -542,6 +584,76 @@ impl Body {
     /// The PostgreSQL response of this record, if it has one.
     pub fn pg_response(&self) -> Option<&PgResponse> {
         self.response.as_ref().and_then(Response::postgres)
+    }
+}
+
+/// A session's principal and connection with their JSON (`"principal":{…},"connection":{…}`),
+/// made once: most of a record's bytes, the same in every record of the session.
+#[derive(Debug)]
+pub struct Parties {
+    principal: Arc<Principal>,
+    connection: Arc<Connection>,
+    json: Vec<u8>,
+}
+
+impl Parties {
+    pub fn new(principal: Arc<Principal>, connection: Arc<Connection>) -> Arc<Self> {
+        #[derive(Serialize)]
+        struct Both<'a> {
+            principal: &'a Principal,
+            connection: &'a Connection,
+        }
+        let both = serde_json::to_vec(&Both {
+            principal: &principal,
+            connection: &connection,
+        })
+        .expect("a principal and a connection always serialise");
+        Arc::new(Self {
+            principal,
+            connection,
+            json: both[1..both.len() - 1].to_vec(),
+        })
+    }
+
+    pub fn principal(&self) -> &Arc<Principal> {
+        &self.principal
+    }
+
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
+    /// A body's `principal`, `connection` and [`Body::parties`], from these.
+    pub fn fill(self: &Arc<Self>, body: &mut Body) {
+        body.principal = Some(self.principal.clone());
+        body.connection = Some(self.connection.clone());
+        body.parties = PartiesJson(Some(self.clone()));
+    }
+}
+
+/// [`Body::parties`]: a cache, equal to any other (two bodies are equal by what they record).
+#[derive(Clone, Debug, Default)]
+pub struct PartiesJson(Option<Arc<Parties>>);
+
+impl PartialEq for PartiesJson {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PartiesJson {}
+
+mod parties {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set while [`super::Body::to_json`] serialises a body whose principal and connection
+        /// it splices in from their cached JSON.
+        pub(super) static LEAVE_OUT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(super) fn left_out<T>(v: &Option<T>) -> bool {
+        v.is_none() || LEAVE_OUT.with(Cell::get)
     }
 }
 
@@ -569,6 +681,45 @@ mod tests {
     use serde_json::Value;
 
     const SCHEMA: &str = include_str!("../../docs/audit-record.schema.json");
+
+    #[test]
+    fn a_session_s_parties_are_serialised_once_and_only_for_themselves() {
+        let principal = Arc::new(Principal {
+            subject: "agent \"7\"".into(),
+            groups: vec!["dba".into()],
+            issuer: "https://idp".into(),
+            token_type: "access_token".into(),
+            ..Principal::default()
+        });
+        let connection = Arc::new(Connection {
+            protocol: "postgres".into(),
+            client_addr: "127.0.0.1:5".into(),
+            ..Connection::default()
+        });
+        let parties = Parties::new(principal.clone(), connection.clone());
+        let mut body = Body::new("t".into(), "n".into(), Some("s".into()), Kind::Request);
+        body.stmt = Some(3);
+        parties.fill(&mut body);
+        let spliced = body.to_json();
+        let plain = serde_json::to_vec(&body).unwrap();
+        assert_ne!(spliced, plain, "the cached form is used");
+        let read: Body = serde_json::from_slice(&spliced).unwrap();
+        assert_eq!(read, body);
+        assert_eq!(read.principal.as_deref(), Some(&*principal));
+        assert_eq!(read, serde_json::from_slice::<Body>(&plain).unwrap());
+        // Another principal in the body than the one serialised: the cache is not used.
+        body.principal = Some(Arc::new(Principal {
+            subject: "someone else".into(),
+            ..(*principal).clone()
+        }));
+        let read: Body = serde_json::from_slice(&body.to_json()).unwrap();
+        assert_eq!(read.principal.unwrap().subject, "someone else");
+        // A body with nothing else still makes an object.
+        let mut empty = Body::new("t".into(), "n".into(), None, Kind::StreamStart);
+        parties.fill(&mut empty);
+        let v: Value = serde_json::from_slice(&empty.to_json()).unwrap();
+        assert_eq!(v["connection"]["client_addr"], "127.0.0.1:5");
+    }
 
     /// Every key of `value` is declared in `schema` (recursively), and every enum value is
     /// allowed.

@@ -38,8 +38,8 @@ use tokio::sync::mpsc;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
-    ApprovalRef, Body, Connection, Kind, Outcome, PgError, PgRequest, PgResponse, PolicyRef,
-    PreparedText, Principal, Request, Response,
+    ApprovalRef, Body, Connection, Kind, Outcome, Parties, PgError, PgRequest, PgResponse,
+    PolicyRef, PreparedText, Principal, Request, Response,
 };
 
 /// Holds a statement that needs approval until the coordinator's answer (see
@@ -166,10 +166,10 @@ pub struct Session {
     pub started: Instant,
     /// The connection's `read_only` setting.
     pub read_only: bool,
-    /// The principal and connection as recorded since the target reported a new
-    /// `application_name` (drivers such as pgjdbc set it after startup): the declared
-    /// application and intent change, the identity does not.
-    pub reported: RwLock<Option<(Arc<Principal>, Arc<Connection>)>>,
+    /// The principal and connection as recorded (serialised once): `principal` and `conn`,
+    /// and since the target reported a new `application_name` (drivers such as pgjdbc set it
+    /// after startup) with the declared application and intent changed; the identity does not.
+    pub recorded: RwLock<Arc<Parties>>,
     /// The session's trace span (core/trace.rs), the parent of its statements' spans.
     pub trace: tracing::Span,
 }
@@ -177,13 +177,10 @@ pub struct Session {
 impl Session {
     pub fn body(&self, audit: &AuditLog, kind: Kind) -> Body {
         let mut b = audit.body(Some(&self.id), kind);
-        let reported = self.reported.read().unwrap_or_else(|e| e.into_inner());
-        let (principal, conn) = match reported.as_ref() {
-            Some((p, c)) => (p.clone(), c.clone()),
-            None => (self.principal.clone(), self.conn.clone()),
-        };
-        b.principal = Some(principal);
-        b.connection = Some(conn);
+        self.recorded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .fill(&mut b);
         b
     }
 
@@ -195,8 +192,8 @@ impl Session {
         principal.intent = name.clone();
         let mut conn = (*self.conn).clone();
         conn.application = name;
-        *self.reported.write().unwrap_or_else(|e| e.into_inner()) =
-            Some((Arc::new(principal), Arc::new(conn)));
+        *self.recorded.write().unwrap_or_else(|e| e.into_inner()) =
+            Parties::new(Arc::new(principal), Arc::new(conn));
     }
 }
 

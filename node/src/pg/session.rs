@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
-use vigil_proto::record::{Connection, Kind, Outcome, Principal};
+use vigil_proto::record::{Connection, Kind, Outcome, Parties, Principal};
 
 /// Client startup parameters passed on to the target; anything else is dropped, except the
 /// ones refused outright below. `client_encoding` is the gateway's own (see [`encoding`]).
@@ -349,7 +349,7 @@ async fn handshake(
         conn: conn.clone(),
         started: Instant::now(),
         read_only: target.config.config.read_only,
-        reported: Default::default(),
+        recorded: std::sync::RwLock::new(Parties::new(principal.clone(), conn.clone())),
         trace: tracing::Span::current(),
     };
     // The session is on record before the client may send its first statement.

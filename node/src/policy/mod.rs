@@ -776,6 +776,7 @@ impl Classifier {
 /// The cache key of a statement: its scanner tokens, numeric constants blanked.
 fn shape_key(sql: &str) -> Option<String> {
     use pg_query::protobuf::Token;
+    use std::fmt::Write as _;
     let scan = pg_query::scan(sql).ok()?;
     let mut key = String::with_capacity(sql.len() + 4 * scan.tokens.len());
     for t in &scan.tokens {
@@ -785,7 +786,8 @@ fn shape_key(sql: &str) -> Option<String> {
         } else {
             text
         };
-        key.push_str(&format!("{}:{}:", t.token, text.len()));
+        // (Writing into a String cannot fail.)
+        let _ = write!(key, "{}:{}:", t.token, text.len());
         key.push_str(text);
     }
     Some(key)
