@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use vigil_proto::coordinator::cluster_server::ClusterServer;
 use vigil_proto::coordinator::coordinator_server::CoordinatorServer;
 use vigil_proto::coordinator::raft_server::RaftServer;
@@ -176,7 +176,7 @@ impl Member {
             )));
         }
         let (stop, stopped) = oneshot::channel::<()>();
-        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = server_tls {
             builder = builder.tls_config(tls).context("TLS")?;
         }
@@ -191,8 +191,12 @@ impl Member {
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             );
+        // tonic applies its `tcp_nodelay` only to listeners it binds itself; an accepted
+        // socket with Nagle's algorithm on holds a small reply (a follower's AppendEntries
+        // answer, a committed call's response) until the peer's delayed ACK, 40 ms later.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            incoming,
             async {
                 let _ = stopped.await;
             },
