@@ -195,12 +195,9 @@ impl Member {
         // socket with Nagle's algorithm on holds a small reply (a follower's AppendEntries
         // answer, a committed call's response) until the peer's delayed ACK, 40 ms later.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let server = tokio::spawn(router.serve_with_incoming_shutdown(
-            incoming,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        }));
         tracing::info!(id = cfg.id, %addr, tls = cfg.tls.is_some(), "coordinator member listening");
         Ok(Self {
             shared,
