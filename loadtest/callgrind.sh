@@ -24,6 +24,7 @@
 #   TOLERANCE=3          percent above the baseline that still passes
 #   ANNOTATE=0           1: callgrind_annotate's top functions per mode
 #   VIGIL_PORT=16533 VIGIL_ADMIN_PORT=19288
+#   VIGIL_NODE_BIN=PATH  count this vigil-node instead (another commit's, for before and after)
 #   VIGIL_DEV_DIR, CARGO_TARGET_DIR, SKIP_BUILD, KEEP_WORKDIR: as in pgbench.sh
 set -euo pipefail
 
@@ -76,7 +77,7 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
   (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --profile profiling -p vigil-node --bin vigil-node) \
     || die "cargo build failed"
 fi
-vigil_node="$target_dir/profiling/vigil-node"
+vigil_node="${VIGIL_NODE_BIN:-$target_dir/profiling/vigil-node}"
 [[ -x "$vigil_node" ]] || die "$vigil_node missing (build first, or unset SKIP_BUILD)"
 
 work="$(mktemp -d /tmp/vigil-callgrind.XXXXXX)"
@@ -85,34 +86,15 @@ mkdir -p "$work/data"
 (umask 077; printf '%s' "$VIGIL_PG_GATEWAY_PASSWORD" >"$work/pg-password")
 {
   node_config "$work" callgrind-1 "$VIGIL_ADMIN_PORT"
-  cat <<EOF
-[postgres]
-listen = "127.0.0.1:$VIGIL_PORT"
-[[postgres.connections]]
-name = "bench"
-host = "$VIGIL_PG_HOST"
-port = $VIGIL_PG_PORT
-database = "bench"
-user = "$VIGIL_PG_GATEWAY_USER"
-password = { file = "$work/pg-password" }
-allow = { any_authenticated = true }
-EOF
+  printf '[postgres]\nlisten = "127.0.0.1:%s"\n' "$VIGIL_PORT"
+  bench_connection bench "$work/pg-password"
 } >"$work/vigil.toml"
 
 log "starting vigil-node under callgrind (instrumentation off until it is ready)"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out.%p" \
   "$vigil_node" --config "$work/vigil.toml" </dev/null >"$work/vigil.log" 2>&1 &
 vigil_pid=$!
-ready=0
-for _ in $(seq 1 600); do
-  proc_alive "$vigil_pid" || break
-  if curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$VIGIL_ADMIN_PORT/readyz" 2>/dev/null \
-     && ! port_free "$VIGIL_PORT"; then
-    ready=1; break
-  fi
-  sleep 0.2
-done
-((ready)) || { show_log "$work/vigil.log"; die "vigil-node did not become ready under callgrind"; }
+wait_ready "$vigil_pid" "$VIGIL_ADMIN_PORT" "$VIGIL_PORT" "$work/vigil.log" 120
 callgrind_control -i on "$vigil_pid" >/dev/null || die "callgrind_control -i on failed"
 
 # pgbench_run MODE TRANSACTIONS OUT

@@ -86,25 +86,47 @@ listen = "127.0.0.1:0"
 EOF
 }
 
+# bench_connection NAME PASSWORD_FILE: a `[[postgres.connections]]` entry NAME for the dev
+# server's bench database, open to every authenticated principal.
+# shellcheck disable=SC2154 # VIGIL_PG_*: the dev env's
+bench_connection() {
+  cat <<EOF
+[[postgres.connections]]
+name = "$1"
+host = "$VIGIL_PG_HOST"
+port = $VIGIL_PG_PORT
+database = "bench"
+user = "$VIGIL_PG_GATEWAY_USER"
+password = { file = "$2" }
+allow = { any_authenticated = true }
+EOF
+}
+
+# wait_ready PID ADMIN_PORT PORT LOG SECONDS: waits until the vigil-node PID says ready on its
+# admin endpoint and PORT listens; stops the script (showing LOG) if it exits or SECONDS pass.
+wait_ready() {
+  local deadline=$((SECONDS + $5))
+  while ((SECONDS < deadline)) && proc_alive "$1"; do
+    if curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$2/readyz" 2>/dev/null && ! port_free "$3"; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  show_log "$4"
+  die "vigil-node did not become ready"
+}
+
 # start_gateway DIR PORT: a fresh vigil-node ($vigil_node) on DIR/vigil.toml, which the
 # script's `vigil_config DIR` writes; sets vigil_pid at once (so the cleanup trap stops it) and
 # waits until its admin endpoint ($VIGIL_ADMIN_PORT) says ready and PORT listens.
 # shellcheck disable=SC2154 # vigil_node, VIGIL_ADMIN_PORT: the script's
 start_gateway() {
-  local dir="$1" port="$2" ready=0
+  local dir="$1" port="$2"
   mkdir -p "$dir/data"
   vigil_config "$dir" >"$dir/vigil.toml"
   "$vigil_node" --config "$dir/vigil.toml" </dev/null >"$dir/vigil.log" 2>&1 &
   vigil_pid=$!
-  for _ in $(seq 1 150); do
-    proc_alive "$vigil_pid" || break
-    if curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$VIGIL_ADMIN_PORT/readyz" 2>/dev/null \
-       && ! port_free "$port"; then
-      ready=1; break
-    fi
-    sleep 0.1
-  done
-  ((ready)) || { show_log "$dir/vigil.log"; die "vigil-node did not become ready"; }
+  wait_ready "$vigil_pid" "$VIGIL_ADMIN_PORT" "$port" "$dir/vigil.log" 15
 }
 
 # verify_round DIR: ends a round's gateway (vigil_pid, data in DIR/data): its metrics saved

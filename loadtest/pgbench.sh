@@ -171,27 +171,11 @@ results="$work/results.tsv" # round target mode tps lat_avg_ms txns cpu_ticks au
 # embedded coordinator; its gRPC port is picked free, so two nodes do not collide on 7470.
 vigil_config() {
   node_config "$2" "$1" "$4" "max_result_bytes = 65536"
+  printf '[postgres]\nlisten = "127.0.0.1:%s"\n' "$3"
+  bench_connection bench "$work/vigil/pg-password"
+  # The same database behind guardrails and masking (target vigil-guarded), in the same process.
+  bench_connection bench_guarded "$work/vigil/pg-password"
   cat <<EOF
-[postgres]
-listen = "127.0.0.1:$3"
-[[postgres.connections]]
-name = "bench"
-host = "$VIGIL_PG_HOST"
-port = $VIGIL_PG_PORT
-database = "bench"
-user = "$VIGIL_PG_GATEWAY_USER"
-password = { file = "$work/vigil/pg-password" }
-allow = { any_authenticated = true }
-
-# The same database behind guardrails and masking (target vigil-guarded), in the same process.
-[[postgres.connections]]
-name = "bench_guarded"
-host = "$VIGIL_PG_HOST"
-port = $VIGIL_PG_PORT
-database = "bench"
-user = "$VIGIL_PG_GATEWAY_USER"
-password = { file = "$work/vigil/pg-password" }
-allow = { any_authenticated = true }
 
 [[policy.rules]]
 id = "no-destruction"
@@ -221,20 +205,12 @@ EOF
 # start_vigil NAME DIR PORT ADMIN_PORT PIDVAR: starts vigil-node on DIR/vigil.toml, sets PIDVAR
 # (at once, so the cleanup trap stops it) and waits until it is ready
 start_vigil() {
-  local name="$1" dir="$2" port="$3" admin="$4" pid ready=0
+  local name="$1" dir="$2" port="$3" admin="$4" pid
   log "starting $name on 127.0.0.1:$port (admin $admin)"
   "$vigil_node" --config "$dir/vigil.toml" </dev/null >"$dir/vigil.log" 2>&1 &
   pid=$!
   printf -v "$5" '%s' "$pid"
-  for _ in $(seq 1 150); do
-    proc_alive "$pid" || break
-    if curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null \
-       && "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$port" -t 1; then
-      ready=1; break
-    fi
-    sleep 0.1
-  done
-  ((ready)) || { show_log "$dir/vigil.log"; die "$name did not become ready"; }
+  wait_ready "$pid" "$admin" "$port" "$dir/vigil.log" 15
 }
 
 vigil_config bench-1 "$work/vigil" "$VIGIL_PORT" "$VIGIL_ADMIN_PORT" >"$work/vigil/vigil.toml"

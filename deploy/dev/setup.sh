@@ -29,6 +29,8 @@
 #     kubelet built from Debian's kubernetes source package into $VIGIL_KUBE_BIN, default
 #     /var/cache/vigil/kube/bin, outside the repository: about 8 minutes and 5 GB of free disk
 #     the first time on a machine, a no-op under a second once the stamped binaries are there);
+#   - valgrind, whose callgrind counts the gateway's instructions per transaction for the
+#     hot-path guard of .ci/run (loadtest/callgrind.sh);
 #   - the SAML tests' identity provider: `deploy/dev/saml/idp.sh install` (SimpleSAMLphp and
 #     PHP from apt; the tests start it on loopback themselves).
 # Nothing is downloaded from outside the package registries (Debian's source package included).
@@ -54,7 +56,7 @@ want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-
       libxmlsec1-dev libxml2-dev libssl-dev pkg-config
       python3 python3-venv openssh-server openssh-client tmux rsync
       docker.io docker-compose debootstrap binutils haproxy prometheus iptables
-      chromium chromium-driver)
+      chromium chromium-driver valgrind)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 
