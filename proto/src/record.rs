@@ -555,25 +555,33 @@ impl Body {
         let Some(parties) = cached else {
             return serde_json::to_vec(self).expect("a record body always serialises");
         };
-        // `{` + `"principal":…,"connection":…` + `,` + the rest of the body after its `{`.
-        let mut out = Vec::with_capacity(parties.json.len() + 512);
-        out.push(b'{');
-        out.extend_from_slice(&parties.json);
-        let at = out.len();
-        parties::LEAVE_OUT.with(|leave_out| {
+        let out = parties::LEAVE_OUT.with(|leave_out| {
             leave_out.set(true);
-            let written = serde_json::to_writer(&mut out, self);
+            let rest = serde_json::to_vec(self);
             leave_out.set(false);
-            written.expect("a record body always serialises");
+            rest.expect("a record body always serialises")
         });
-        if out.len() == at + 2 {
-            // Nothing else: `{}` becomes the closing brace.
-            out.truncate(at);
-            out.push(b'}');
-        } else {
-            out[at] = b',';
-        }
-        out
+        // In their place, after `kind` (docs/audit-schema.md lists the fields in order). A
+        // string value cannot hold an unescaped `"`, so the first `,"kind":"` is the key, and a
+        // kind's name has no escapes: the next `"` closes it.
+        const KEY: &[u8] = br#","kind":""#;
+        let after_kind = out
+            .windows(KEY.len())
+            .position(|w| w == KEY)
+            .and_then(|at| {
+                let value = at + KEY.len();
+                out[value..]
+                    .iter()
+                    .position(|&b| b == b'"')
+                    .map(|end| value + end + 1)
+            })
+            .expect("a record body always has a kind");
+        let mut spliced = Vec::with_capacity(out.len() + parties.json.len() + 1);
+        spliced.extend_from_slice(&out[..after_kind]);
+        spliced.push(b',');
+        spliced.extend_from_slice(&parties.json);
+        spliced.extend_from_slice(&out[after_kind..]);
+        spliced
     }
 
     /// The PostgreSQL request of this record, if it has one.
@@ -702,7 +710,16 @@ mod tests {
         parties.fill(&mut body);
         let spliced = body.to_json();
         let plain = serde_json::to_vec(&body).unwrap();
-        assert_ne!(spliced, plain, "the cached form is used");
+        // The same bytes, fields in the documented order, whether cached or not.
+        assert_eq!(spliced, plain);
+        let plain_session = Body {
+            session: Some(r#"s","kind":"x"#.into()),
+            ..body.clone()
+        };
+        assert_eq!(
+            plain_session.to_json(),
+            serde_json::to_vec(&plain_session).unwrap()
+        );
         let read: Body = serde_json::from_slice(&spliced).unwrap();
         assert_eq!(read, body);
         assert_eq!(read.principal.as_deref(), Some(&*principal));
@@ -714,7 +731,7 @@ mod tests {
         }));
         let read: Body = serde_json::from_slice(&body.to_json()).unwrap();
         assert_eq!(read.principal.unwrap().subject, "someone else");
-        // A body with nothing else still makes an object.
+        // A body with nothing after its parties.
         let mut empty = Body::new("t".into(), "n".into(), None, Kind::StreamStart);
         parties.fill(&mut empty);
         let v: Value = serde_json::from_slice(&empty.to_json()).unwrap();
