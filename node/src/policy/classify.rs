@@ -38,10 +38,12 @@
 //!   that of PostgreSQL 15 and its contrib extensions (see `dangerous_functions.rs`).
 
 use super::dangerous_functions::DANGEROUS_FUNCTIONS;
+use super::tree::Tree;
 use pg_query::protobuf::{CmdType, ObjectType, VariableSetKind};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 
 /// What a statement does, coarsely.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -324,18 +326,82 @@ pub const CLASSIFY_STACK: usize = if cfg!(debug_assertions) {
 /// inside `query_to_xml('…')` …); a message with more is refused.
 const MAX_SQL_TEXTS: usize = 64;
 
-/// Classifies every statement of `sql` (one Query message may hold several), on a thread with
-/// a stack large enough for the deepest tree the parser hands over.
+/// The most stack one byte of SQL takes to classify, with room to spare. The deepest trees per
+/// byte are chains of one-character prefix operators (`+-+-+-…1`: one level per byte); they
+/// took 2.3 KB per byte in an optimised build (1.1–1.8 KB for operator chains, nested calls and
+/// arrays), parser, decoding, walking and dropping together.
+const STACK_PER_BYTE: usize = if cfg!(debug_assertions) {
+    64 << 10
+} else {
+    8 << 10
+};
+
+/// Stack left untouched below a classification on the caller's thread: libpg_query's own
+/// margin (512 KB) and more.
+const STACK_RESERVE: usize = 1 << 20;
+
+/// Classifies every statement of `sql` (one Query message may hold several): on the caller's
+/// thread when its stack has room for the deepest tree a text this long can give, otherwise
+/// on a classifier thread, whose stack has room for the deepest tree the parser hands over.
 pub fn classify(sql: &str) -> Result<Vec<StatementInfo>, ClassifyError> {
-    std::thread::scope(|scope| {
+    let need = sql
+        .len()
+        .saturating_mul(STACK_PER_BYTE)
+        .saturating_add(STACK_RESERVE);
+    if stacker::remaining_stack().is_some_and(|left| left >= need) {
+        return classify_here(sql);
+    }
+    let (reply, answer) = mpsc::sync_channel(1);
+    let job = Job {
+        sql: sql.to_owned(),
+        reply,
+    };
+    classifiers()?
+        .send(job)
+        .map_err(|_| ClassifyError::Unavailable("the classifier threads stopped".into()))?;
+    match answer.recv() {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Err(ClassifyError::Unavailable(
+            "the classifier thread stopped".into(),
+        )),
+    }
+}
+
+/// A text to classify and where its answer goes (a panic of the classifier is handed to the
+/// caller, as if it had classified the text itself).
+struct Job {
+    sql: String,
+    reply: mpsc::SyncSender<std::thread::Result<Result<Vec<StatementInfo>, ClassifyError>>>,
+}
+
+/// The classifier threads, one per core, started on first use (a thread costs more to start
+/// than a statement costs to classify), for texts too long to classify on the caller's stack.
+fn classifiers() -> Result<mpsc::Sender<Job>, ClassifyError> {
+    static CLASSIFIERS: Mutex<Option<mpsc::Sender<Job>>> = Mutex::new(None);
+    let mut classifiers = CLASSIFIERS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(jobs) = classifiers.as_ref() {
+        return Ok(jobs.clone());
+    }
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let queue = Arc::new(Mutex::new(queue));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for _ in 0..threads {
+        let queue = queue.clone();
         std::thread::Builder::new()
             .name("vigil-classify".into())
             .stack_size(CLASSIFY_STACK)
-            .spawn_scoped(scope, || classify_here(sql))
-            .map_err(|e| ClassifyError::Unavailable(format!("no classifier thread: {e}")))?
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+            .spawn(move || loop {
+                let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                let Ok(job) = job else { return };
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| classify_here(&job.sql)));
+                // The caller may have given up waiting; nothing to do then.
+                let _ = job.reply.send(result);
+            })
+            .map_err(|e| ClassifyError::Unavailable(format!("no classifier thread: {e}")))?;
+    }
+    *classifiers = Some(jobs.clone());
+    Ok(jobs)
 }
 
 /// SQL a statement hands to the server as text, to be classified after its tree is walked
@@ -376,9 +442,8 @@ fn classify_here(sql: &str) -> Result<Vec<StatementInfo>, ClassifyError> {
 
 fn parse_statements(sql: &str) -> Result<Vec<(StatementInfo, Vec<Pending>)>, ClassifyError> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| ClassifyError::Syntax(e.to_string()))?;
-    let tree =
-        serde_json::to_value(&parsed.protobuf).map_err(|e| ClassifyError::Syntax(e.to_string()))?;
-    let stmts = tree.get("stmts").and_then(Value::as_array);
+    let tree = Tree::of(&parsed.protobuf).map_err(|e| ClassifyError::Syntax(e.to_string()))?;
+    let stmts = tree.get("stmts").and_then(Tree::as_array);
     Ok(stmts
         .into_iter()
         .flatten()
@@ -401,7 +466,7 @@ struct Walk {
     pending: Vec<Pending>,
 }
 
-fn classify_statement(node: &Value) -> (StatementInfo, Vec<Pending>) {
+fn classify_statement(node: &Tree) -> (StatementInfo, Vec<Pending>) {
     let mut w = Walk {
         info: StatementInfo::default(),
         pending: Vec::new(),
@@ -423,7 +488,7 @@ fn classify_statement(node: &Value) -> (StatementInfo, Vec<Pending>) {
 
 /// What only a top-level statement does to the session: prepared names, portals,
 /// `client_encoding`.
-fn top_level(name: &str, body: &Value, info: &mut StatementInfo) {
+fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
     match name {
         "PrepareStmt" => info.prepares = Some(str_field(body, "name").to_string()),
         "DeallocateStmt" => {
@@ -439,7 +504,7 @@ fn top_level(name: &str, body: &Value, info: &mut StatementInfo) {
         }
         "DiscardStmt" => {
             let all = pg_query::protobuf::DiscardMode::DiscardAll as i64;
-            if body.get("target").and_then(Value::as_i64) == Some(all) {
+            if body.get("target").and_then(Tree::as_i64) == Some(all) {
                 info.deallocates = Some(None);
                 info.ends_portals = Some(None);
             }
@@ -461,7 +526,7 @@ fn top_level(name: &str, body: &Value, info: &mut StatementInfo) {
                 T::TransStmtSavepoint,
                 T::TransStmtRelease,
             ];
-            let kind = body.get("kind").and_then(Value::as_i64);
+            let kind = body.get("kind").and_then(Tree::as_i64);
             if !keeps.iter().any(|k| Some(*k as i64) == kind) {
                 info.ends_portals = Some(None);
             }
@@ -476,8 +541,8 @@ fn top_level(name: &str, body: &Value, info: &mut StatementInfo) {
 }
 
 /// What a top-level `SET`/`RESET` does to `client_encoding` (`SET NAMES` is the same node).
-fn encoding_set(body: &Value) -> Option<EncodingChange> {
-    let kind = body.get("kind").and_then(Value::as_i64)?;
+fn encoding_set(body: &Tree) -> Option<EncodingChange> {
+    let kind = body.get("kind").and_then(Tree::as_i64)?;
     let name = str_field(body, "name");
     if kind == VariableSetKind::VarResetAll as i64 {
         return Some(EncodingChange::Reset);
@@ -503,16 +568,16 @@ fn encoding_set(body: &Value) -> Option<EncodingChange> {
     }
 }
 
-fn explain_analyze(body: &Value) -> bool {
+fn explain_analyze(body: &Tree) -> bool {
     body.get("options")
-        .and_then(Value::as_array)
+        .and_then(Tree::as_array)
         .is_some_and(|opts| {
             opts.iter().any(|o| {
                 o.pointer("/node/DefElem").is_some_and(|d| {
                     str_field(d, "defname") == "analyze"
                         && !d
                             .pointer("/arg/node/String/sval")
-                            .and_then(Value::as_str)
+                            .and_then(Tree::as_str)
                             .is_some_and(|s| matches!(s, "false" | "off" | "0"))
                 })
             })
@@ -520,14 +585,16 @@ fn explain_analyze(body: &Value) -> bool {
 }
 
 /// The node type and body of a `{ "TypeName": {...} }` object.
-fn single(v: &Value) -> Option<(&str, &Value)> {
-    let obj = v.as_object()?;
-    if obj.len() != 1 {
-        return None;
+fn single(v: &Tree) -> Option<(&str, &Tree)> {
+    match v {
+        Tree::Object(fields) => match fields.as_slice() {
+            [(k, v)] => k
+                .starts_with(|c: char| c.is_ascii_uppercase())
+                .then_some((*k, v)),
+            _ => None,
+        },
+        _ => None,
     }
-    let (k, v) = obj.iter().next()?;
-    k.starts_with(|c: char| c.is_ascii_uppercase())
-        .then_some((k.as_str(), v))
 }
 
 fn is_statement_node(name: &str) -> bool {
@@ -550,18 +617,18 @@ fn is_transparent(name: &str) -> bool {
     )
 }
 
-fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
+fn str_field<'a>(v: &'a Tree, key: &str) -> &'a str {
+    v.get(key).and_then(Tree::as_str).unwrap_or("")
 }
 
 /// The text of a string constant (`'x'`, `'x'::text`, `name => 'x'`), or of a plain string.
-fn constant_text(v: &Value) -> Option<String> {
+fn constant_text(v: &Tree) -> Option<String> {
     match single(v)? {
         ("AConst", c) => c
             .pointer("/val/Sval/sval")
-            .and_then(Value::as_str)
+            .and_then(Tree::as_str)
             .map(str::to_string),
-        ("String", s) => s.get("sval").and_then(Value::as_str).map(str::to_string),
+        ("String", s) => s.get("sval").and_then(Tree::as_str).map(str::to_string),
         ("TypeCast", c) | ("NamedArgExpr", c) => c.pointer("/arg/node").and_then(constant_text),
         _ => None,
     }
@@ -569,7 +636,7 @@ fn constant_text(v: &Value) -> Option<String> {
 
 /// The last component of a qualified name: a list of `String` nodes, a `TypeName`, an
 /// `ObjectWithArgs`, or a single `String`; lower case.
-fn last_name(v: &Value) -> Option<String> {
+fn last_name(v: &Tree) -> Option<String> {
     let items = if let Some(items) = v.as_array() {
         items
     } else {
@@ -583,7 +650,7 @@ fn last_name(v: &Value) -> Option<String> {
     items
         .last()?
         .pointer("/node/String/sval")
-        .and_then(Value::as_str)
+        .and_then(Tree::as_str)
         .map(str::to_ascii_lowercase)
 }
 
@@ -675,16 +742,16 @@ const BINDINGS: &[(&str, &[(&str, Binding)])] = &[
 ];
 
 /// The functions a statement binds (empty for one that binds none).
-fn bound_functions(name: &str, body: &Value) -> Vec<String> {
+fn bound_functions(name: &str, body: &Tree) -> Vec<String> {
     let Some((_, fields)) = BINDINGS.iter().find(|(n, _)| *n == name) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for (field, binding) in *fields {
-        let Some(v) = body.get(*field).filter(|v| !v.is_null()) else {
+        let Some(v) = body.get(field).filter(|v| !v.is_null()) else {
             continue;
         };
-        let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+        let items = v.as_array().unwrap_or_default();
         match binding {
             Binding::Name | Binding::Signature => out.extend(last_name(v)),
             Binding::Options => out.extend(items.iter().filter_map(|o| {
@@ -696,7 +763,7 @@ fn bound_functions(name: &str, body: &Value) -> Vec<String> {
             Binding::OpClassItems => out.extend(items.iter().filter_map(|o| {
                 let item = o.pointer("/node/CreateOpClassItem")?;
                 // itemtype 2: OPCLASS_ITEM_FUNCTION (1 is an operator, 3 a storage type).
-                (item.get("itemtype").and_then(Value::as_i64) == Some(2))
+                (item.get("itemtype").and_then(Tree::as_i64) == Some(2))
                     .then(|| last_name(item.get("name")?))?
             })),
         }
@@ -704,7 +771,7 @@ fn bound_functions(name: &str, body: &Value) -> Vec<String> {
     out
 }
 
-fn is_foreign_data(name: &str, body: &Value) -> bool {
+fn is_foreign_data(name: &str, body: &Tree) -> bool {
     matches!(
         name,
         "CreateFdwStmt"
@@ -716,13 +783,13 @@ fn is_foreign_data(name: &str, body: &Value) -> bool {
             | "AlterUserMappingStmt"
             | "ImportForeignSchemaStmt"
     ) || (name == "AlterTableStmt"
-        && body.get("objtype").and_then(Value::as_i64)
+        && body.get("objtype").and_then(Tree::as_i64)
             == Some(ObjectType::ObjectForeignTable as i64))
 }
 
 impl Walk {
     /// The kind of one statement node (top-level or nested) and the flags it carries itself.
-    fn statement(&mut self, name: &str, body: &Value) -> StatementKind {
+    fn statement(&mut self, name: &str, body: &Tree) -> StatementKind {
         use StatementKind as K;
         let info = &mut self.info;
         // Every DROP … and ALTER … carries its flag, whatever its object.
@@ -755,12 +822,12 @@ impl Walk {
             "ExplainStmt" | "PrepareStmt" | "DeclareCursorStmt" | "FetchStmt"
             | "VariableShowStmt" => K::Read,
             "CopyStmt" => {
-                if body.get("is_program").and_then(Value::as_bool) == Some(true) {
+                if body.get("is_program").and_then(Tree::as_bool) == Some(true) {
                     info.flags.insert(Flag::CopyProgram);
                 } else if !str_field(body, "filename").is_empty() {
                     info.flags.insert(Flag::ServerFile);
                 }
-                if body.get("is_from").and_then(Value::as_bool) == Some(true) {
+                if body.get("is_from").and_then(Tree::as_bool) == Some(true) {
                     K::Write
                 } else {
                     K::Read
@@ -848,8 +915,8 @@ impl Walk {
     }
 
     /// The body of a `LANGUAGE sql` function given as a string runs whenever it is called.
-    fn sql_function_body(&mut self, body: &Value) {
-        let options = body.get("options").and_then(Value::as_array);
+    fn sql_function_body(&mut self, body: &Tree) {
+        let options = body.get("options").and_then(Tree::as_array);
         let option = |name: &str| {
             options
                 .into_iter()
@@ -866,7 +933,7 @@ impl Walk {
         }
         let texts = option("as")
             .and_then(|a| a.pointer("/List/items"))
-            .and_then(Value::as_array);
+            .and_then(Tree::as_array);
         for t in texts.into_iter().flatten() {
             if let Some(text) = t.pointer("/node").and_then(constant_text) {
                 self.pending.push(Pending { text, runs: true });
@@ -876,7 +943,7 @@ impl Walk {
 
     /// Walks the fields of node `name`; its statement scope opens here unless it is
     /// transparent, and a plain `EXPLAIN` does not run what it explains.
-    fn children(&mut self, name: &str, body: &Value, ctx: Ctx) {
+    fn children(&mut self, name: &str, body: &Tree, ctx: Ctx) {
         let ctx = Ctx {
             depth: if is_statement_node(name) && !is_transparent(name) {
                 ctx.depth + 1
@@ -888,23 +955,23 @@ impl Walk {
         self.walk(body, ctx);
     }
 
-    fn walk(&mut self, v: &Value, ctx: Ctx) {
+    fn walk(&mut self, v: &Tree, ctx: Ctx) {
         match v {
-            Value::Object(obj) => {
+            Tree::Object(fields) => {
                 if let Some((name, body)) = single(v) {
                     self.node(name, body, ctx);
                     self.children(name, body, ctx);
                 } else {
                     // A RangeVar held directly in a field (`relation`) is not wrapped.
-                    if obj.contains_key("relpersistence") {
+                    if v.get("relpersistence").is_some() {
                         add_table(v, &mut self.info);
                     }
-                    for value in obj.values() {
+                    for (_, value) in fields {
                         self.walk(value, ctx);
                     }
                 }
             }
-            Value::Array(items) => {
+            Tree::Array(items) => {
                 for item in items {
                     self.walk(item, ctx);
                 }
@@ -914,7 +981,7 @@ impl Walk {
     }
 
     /// What one node contributes (the top-level statement included).
-    fn node(&mut self, name: &str, body: &Value, ctx: Ctx) {
+    fn node(&mut self, name: &str, body: &Tree, ctx: Ctx) {
         if is_statement_node(name) {
             let kind = self.statement(name, body);
             if ctx.runs {
@@ -931,13 +998,13 @@ impl Walk {
                 if ctx.depth > 0 {
                     info.flags.insert(Flag::NestedWrite);
                 }
-                if body.get("where_clause").is_some_and(Value::is_null) {
+                if body.get("where_clause").is_some_and(Tree::is_null) {
                     without_where(n, info);
                 }
             }
             // A MERGE action without its own condition acts on every matched row.
-            "MergeWhenClause" if body.get("condition").is_some_and(Value::is_null) => {
-                let command = body.get("command_type").and_then(Value::as_i64);
+            "MergeWhenClause" if body.get("condition").is_some_and(Tree::is_null) => {
+                let command = body.get("command_type").and_then(Tree::as_i64);
                 if command == Some(CmdType::CmdDelete as i64) {
                     without_where("DeleteStmt", info);
                 } else if command == Some(CmdType::CmdUpdate as i64) {
@@ -959,11 +1026,11 @@ impl Walk {
         }
     }
 
-    fn call(&mut self, body: &Value, ctx: Ctx) {
+    fn call(&mut self, body: &Tree, ctx: Ctx) {
         let Some(name) = body.get("funcname").and_then(last_name) else {
             return;
         };
-        let args = body.get("args").and_then(Value::as_array);
+        let args = body.get("args").and_then(Tree::as_array);
         let constants = || {
             args.into_iter()
                 .flatten()
@@ -1012,7 +1079,7 @@ fn without_where(write: &str, info: &mut StatementInfo) {
     };
 }
 
-fn add_table(range_var: &Value, info: &mut StatementInfo) {
+fn add_table(range_var: &Tree, info: &mut StatementInfo) {
     let rel = str_field(range_var, "relname");
     let schema = str_field(range_var, "schemaname");
     if !rel.is_empty() {
@@ -1025,7 +1092,7 @@ fn add_table(range_var: &Value, info: &mut StatementInfo) {
 }
 
 /// Names of the relations a `DROP TABLE/VIEW/…` removes (they are name lists, not RangeVars).
-fn dropped_relations(body: &Value, info: &mut StatementInfo) {
+fn dropped_relations(body: &Tree, info: &mut StatementInfo) {
     use ObjectType as O;
     const RELATIONS: &[i64] = &[
         O::ObjectTable as i64,
@@ -1037,23 +1104,23 @@ fn dropped_relations(body: &Value, info: &mut StatementInfo) {
     ];
     let relation = body
         .get("remove_type")
-        .and_then(Value::as_i64)
+        .and_then(Tree::as_i64)
         .is_some_and(|t| RELATIONS.contains(&t));
     if !relation {
         return;
     }
     for object in body
         .get("objects")
-        .and_then(Value::as_array)
+        .and_then(Tree::as_array)
         .into_iter()
         .flatten()
     {
         let parts: Vec<&str> = object
             .pointer("/node/List/items")
-            .and_then(Value::as_array)
+            .and_then(Tree::as_array)
             .into_iter()
             .flatten()
-            .filter_map(|p| p.pointer("/node/String/sval").and_then(Value::as_str))
+            .filter_map(|p| p.pointer("/node/String/sval").and_then(Tree::as_str))
             .collect();
         if !parts.is_empty() {
             info.tables.insert(parts.join("."));
@@ -1423,5 +1490,36 @@ mod tests {
         assert!(matches!(classify("SELEC 1"), Err(ClassifyError::Syntax(_))));
         assert!(classify("SELECT 'unterminated").is_err());
         assert_eq!(classify("").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn the_deepest_texts_that_fit_are_classified_in_place() {
+        // On a thread of 16 MiB, the longest texts of the deepest kinds per byte that the
+        // caller's stack is judged to have room for: classified in place, no overflow.
+        std::thread::Builder::new()
+            .stack_size(16 << 20)
+            .spawn(|| {
+                let left = stacker::remaining_stack().unwrap();
+                let len = (left - STACK_RESERVE) / STACK_PER_BYTE - 8;
+                let n = len / 2 - 8;
+                for sql in [
+                    format!("SELECT {}1", "+-".repeat(n)),
+                    format!("SELECT 1{}", "+1".repeat(n)),
+                    format!("SELECT ARRAY{}1{}", "[".repeat(n), "]".repeat(n)),
+                    format!(
+                        "SELECT {}1{}",
+                        "f(".repeat(n * 2 / 3),
+                        ")".repeat(n * 2 / 3)
+                    ),
+                ] {
+                    assert!(sql.len() <= len, "{}", sql.len());
+                    let need = sql.len() * STACK_PER_BYTE + STACK_RESERVE;
+                    assert!(stacker::remaining_stack().unwrap() >= need);
+                    assert_eq!(one(&sql).kind(), K::Read, "{}", &sql[..20]);
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

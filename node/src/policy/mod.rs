@@ -18,6 +18,7 @@ mod dangerous_functions;
 pub mod kube;
 pub mod masking;
 pub mod ssh;
+mod tree;
 
 pub use crate::core::principals::PrincipalMatch;
 use classify::{Flag, StatementInfo, StatementKind};
