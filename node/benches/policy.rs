@@ -1,6 +1,8 @@
 //! Decision time per statement: parse + classify + decide, uncached and through the cache.
 //! `cargo bench -p vigil-node --bench policy` (a plain timing loop; run it on a quiet machine
-//! and compare runs, not single numbers).
+//! and compare runs, not single numbers). `cargo bench -p vigil-node --bench policy -- masking`
+//! (or the binary with the argument `masking`) runs the masking throughput only, e.g. under
+//! `valgrind --tool=callgrind` for instruction counts.
 
 use std::time::Instant;
 use vigil_node::policy::masking::{DetectorRule, Masker, MaskingConfig, Method};
@@ -21,6 +23,14 @@ const STATEMENTS: &[(&str, &str)] = &[
 ];
 
 fn main() {
+    if !std::env::args().skip(1).any(|a| a == "masking") {
+        statement_timings();
+    }
+    masking_throughput();
+}
+
+/// Parse + classify + decide per statement, uncached, cached and with varying numbers.
+fn statement_timings() {
     let policy = Policy::new(
         toml::from_str::<PolicyConfig>(
             r#"
@@ -71,7 +81,6 @@ tables = ["payroll"]
         let numbers = t.elapsed().as_secs_f64() * 1e6 / n as f64;
         println!("{name:<14} {uncached:>14.2} {cached:>14.2} {numbers:>16.2}");
     }
-    masking_throughput();
 }
 
 /// Detector masking over realistic row text (mostly clean values, some entities).

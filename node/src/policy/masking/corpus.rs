@@ -213,6 +213,35 @@ fn phone(rng: &mut Rng) -> String {
     }
 }
 
+/// A secret of each shape the detector knows (there is no recall goal for secrets).
+fn secret(rng: &mut Rng) -> String {
+    let token = |rng: &mut Rng, n: usize| -> String {
+        let chars = b"ABCXYZabcxyz0189";
+        (0..n).map(|_| char::from(*rng.pick(chars))).collect()
+    };
+    match rng.below(6) {
+        0 => format!(
+            "{} {}",
+            rng.pick(&["Bearer", "bearer", "BEARER"]),
+            token(rng, 20)
+        ),
+        1 => format!("{}-{}", rng.pick(&["sk", "pk", "rk"]), token(rng, 20)),
+        2 => format!(
+            "gh{}_{}",
+            rng.pick(&["p", "o", "u", "s", "r"]),
+            token(rng, 36)
+        ),
+        3 => format!("AKIA{}", rng.letters(16)),
+        4 => format!("xox{}-{}", rng.pick(&["a", "b", "p", "r"]), token(rng, 12)),
+        _ => format!(
+            "eyJ{}.eyJ{}.{}",
+            token(rng, 8),
+            token(rng, 8),
+            token(rng, 8)
+        ),
+    }
+}
+
 /// Look-alikes that a detector must leave alone on their own.
 fn look_alike(rng: &mut Rng, kind: EntityKind) -> String {
     match kind {
@@ -354,5 +383,52 @@ fn values_without_personal_data_are_left_alone() {
         let around = *rng.pick(SURROUNDINGS);
         let text = around.replace("{}", &look_alike(&mut rng, EntityKind::Secret));
         assert_eq!(masker.mask(&text, None, false, None), text);
+    }
+}
+
+/// `hinted` never leaves out a kind whose pattern matches (so skipping that kind's regex never
+/// skips a find): over the corpus's entities and look-alikes in their surroundings, and over
+/// random mixes of the hints' pieces, near misses, separators and non-ASCII characters
+/// (the Kelvin sign and the long s among them, which fold to ASCII letters).
+#[test]
+fn hints_never_miss_a_pattern_match() {
+    // Separated by `|`.
+    const PIECES: &str =
+        "0|4|9|12|123|555|2671|415.555.2671|4111|-|.| |  |+|(|)|@|_|=|A|B|J|K|Z|GB|DE89|\
+        a|b|e|g|h|k|o|p|r|x|y|ey|bear|bearer|BEARER|bEaReR|Bearer abcdefghijklmnop|sk|sk-|pk-|rk-|\
+        gh|ghp_|gho_|ghu_|ghs_|ghr_|ghx_|xox|xoxa-|xoxb-|xoxp-|xoxr-|xoxz-|AKI|AKIA|eyJ|\
+        eyJhbGci.eyJzdWIi.c2ln|abcdefghijklmnopqrstuvwxyz|ABCDEFGHIJKLMNOP|0123456789|é|ß|\
+        \u{212a}|\u{17f}|用户|\u{a0}|\u{2003}|٣|\n|\t|.com|x.y";
+    let pieces: Vec<&str> = PIECES.split('|').collect();
+    let mut rng = Rng(0x5eed_0012);
+    let generators: [Generator; 6] = [email, card, iban, ssn, phone, secret];
+    let mut matched = BTreeMap::<EntityKind, usize>::new();
+    for n in 0..SAMPLES * 2 {
+        let text = match n % 3 {
+            0 => rng
+                .pick(SURROUNDINGS)
+                .replace("{}", &rng.pick(&generators)(&mut rng)),
+            1 => {
+                let kind = *rng.pick(&EntityKind::DETECTED);
+                rng.pick(SURROUNDINGS)
+                    .replace("{}", &look_alike(&mut rng, kind))
+            }
+            _ => (0..1 + rng.below(40)).map(|_| *rng.pick(&pieces)).collect(),
+        };
+        let kinds = hinted(&text);
+        for det in detectors() {
+            if det.re.is_match(&text) {
+                *matched.entry(det.kind).or_default() += 1;
+                assert!(
+                    kinds.contains(det.kind),
+                    "{} matches {text:?} without its hint",
+                    det.kind.label()
+                );
+            }
+        }
+    }
+    // Every pattern was put to the test, the secret's too.
+    for kind in EntityKind::DETECTED {
+        assert!(matched.get(&kind) > Some(&100), "{matched:?}");
     }
 }
