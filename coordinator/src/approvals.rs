@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
 pub type Millis = u64;
@@ -394,18 +395,22 @@ pub struct NodeKey {
 pub const MAX_MARK_KEY: usize = 1024;
 
 /// The whole replicated state.
+///
+/// Keys and values are shared (`Arc`), so that a clone copies the maps' structure, not what
+/// they hold (a snapshot takes one while applies wait): a change replaces or copies the one
+/// value it touches ([`Arc::make_mut`]). Serialised as plain maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    pub requests: BTreeMap<String, ApprovalRequest>,
-    pub grants: BTreeMap<String, Grant>,
-    pub checkpoints: BTreeMap<String, Checkpoint>,
+    pub requests: BTreeMap<Arc<str>, Arc<ApprovalRequest>>,
+    pub grants: BTreeMap<Arc<str>, Arc<Grant>>,
+    pub checkpoints: BTreeMap<Arc<str>, Arc<Checkpoint>>,
     /// Node id → its checkpoint key.
     #[serde(default)]
-    pub node_keys: BTreeMap<String, NodeKey>,
+    pub node_keys: BTreeMap<Arc<str>, Arc<NodeKey>>,
     /// Things that may happen once (see [`Command::Mark`]) → when they happened and until
     /// when that is kept.
     #[serde(default)]
-    pub marks: BTreeMap<String, Mark>,
+    pub marks: BTreeMap<Arc<str>, Mark>,
 }
 
 /// Something that happened once (a logout, a SAML assertion used).
@@ -428,9 +433,9 @@ impl State {
                 ))
             }
             Command::CreateRequest { request, now } => {
-                if let Some(held) = self.requests.get(&request.id) {
+                if let Some(held) = self.requests.get(request.id.as_str()) {
                     return if held.asked == request {
-                        Ok(Applied::Request(held.clone()))
+                        Ok(Applied::Request(ApprovalRequest::clone(held)))
                     } else {
                         Err(DomainError::Duplicate(request.id))
                     };
@@ -458,7 +463,8 @@ impl State {
                     consumed_at: None,
                     consumed_by: None,
                 };
-                self.requests.insert(held.asked.id.clone(), held.clone());
+                self.requests
+                    .insert(held.asked.id.as_str().into(), Arc::new(held.clone()));
                 Ok(Applied::Request(held))
             }
             Command::Decide {
@@ -470,7 +476,7 @@ impl State {
             } => {
                 let r = self
                     .requests
-                    .get_mut(&id)
+                    .get_mut(id.as_str())
                     .ok_or_else(|| DomainError::NotFound(id.clone()))?;
                 if r.state != RequestState::Pending {
                     return Err(DomainError::AlreadyDecided);
@@ -487,6 +493,7 @@ impl State {
                 if r.votes.iter().any(|v| v.approver == approver.subject) {
                     return Err(DomainError::AlreadyVoted(approver.subject));
                 }
+                let r = Arc::make_mut(r);
                 r.votes.push(Vote {
                     approver: approver.subject,
                     approve,
@@ -514,7 +521,7 @@ impl State {
                     .values()
                     .find(|r| r.consumed_by.as_deref() == Some(attempt.as_str()))
                 {
-                    return Ok(Applied::Request(done.clone()));
+                    return Ok(Applied::Request(ApprovalRequest::clone(done)));
                 }
                 // The oldest matching approval is used; the compare (approved, not expired)
                 // and the set (consumed) happen in one apply, so exactly one caller wins.
@@ -529,13 +536,14 @@ impl State {
                     })
                     .min_by_key(|r| (r.created_at, r.asked.id.clone()))
                     .ok_or(DomainError::NothingToConsume)?;
+                let r = Arc::make_mut(r);
                 r.state = RequestState::Consumed;
                 r.consumed_at = Some(now);
                 r.consumed_by = Some(attempt);
                 Ok(Applied::Request(r.clone()))
             }
             Command::CreateGrant { grant } => {
-                if self.grants.contains_key(&grant.id) {
+                if self.grants.contains_key(grant.id.as_str()) {
                     return Err(DomainError::Duplicate(grant.id));
                 }
                 if let Some(why) = grant.scope.invalid() {
@@ -544,16 +552,19 @@ impl State {
                 if grant.not_after <= grant.not_before {
                     return Err(DomainError::Invalid("a grant's window is empty".into()));
                 }
-                self.grants.insert(grant.id.clone(), grant.clone());
+                self.grants
+                    .insert(grant.id.as_str().into(), Arc::new(grant.clone()));
                 Ok(Applied::Grant(grant))
             }
             Command::RevokeGrant { id, now } => {
                 let g = self
                     .grants
-                    .get_mut(&id)
+                    .get_mut(id.as_str())
                     .ok_or_else(|| DomainError::NotFound(id.clone()))?;
-                g.revoked_at.get_or_insert(now);
-                Ok(Applied::Grant(g.clone()))
+                if g.revoked_at.is_none() {
+                    Arc::make_mut(g).revoked_at = Some(now);
+                }
+                Ok(Applied::Grant(Grant::clone(g)))
             }
             Command::Purge { cutoff } => {
                 let (requests, grants) = (self.requests.len(), self.grants.len());
@@ -575,8 +586,11 @@ impl State {
                         "a mark is `kind:name`, at most {MAX_MARK_KEY} bytes"
                     )));
                 }
-                let first = !self.marks.contains_key(&key);
-                let mark = self.marks.entry(key).or_insert(Mark { at: now, until });
+                let first = !self.marks.contains_key(key.as_str());
+                let mark = self
+                    .marks
+                    .entry(key.into())
+                    .or_insert(Mark { at: now, until });
                 mark.until = mark.until.max(until);
                 Ok(Applied::Marked { at: mark.at, first })
             }
@@ -586,7 +600,7 @@ impl State {
                         DomainError::Invalid("a stream id is `<node id>:<epoch>`".into())
                     })?
                     .to_string();
-                if let Some(have) = self.checkpoints.get(&checkpoint.stream) {
+                if let Some(have) = self.checkpoints.get(checkpoint.stream.as_str()) {
                     if checkpoint.public_key != have.public_key {
                         return Err(DomainError::CheckpointKey(checkpoint.stream));
                     }
@@ -604,7 +618,7 @@ impl State {
                         });
                     }
                 }
-                match self.node_keys.get(&node) {
+                match self.node_keys.get(node.as_str()) {
                     Some(k) if k.public_key != checkpoint.public_key => {
                         return Err(DomainError::NodeKey {
                             stream: checkpoint.stream,
@@ -614,17 +628,19 @@ impl State {
                     Some(_) => {}
                     None => {
                         self.node_keys.insert(
-                            node,
-                            NodeKey {
+                            node.into(),
+                            Arc::new(NodeKey {
                                 public_key: checkpoint.public_key.clone(),
                                 first_stream: checkpoint.stream.clone(),
                                 registered_at: now,
-                            },
+                            }),
                         );
                     }
                 }
-                self.checkpoints
-                    .insert(checkpoint.stream.clone(), checkpoint.clone());
+                self.checkpoints.insert(
+                    checkpoint.stream.as_str().into(),
+                    Arc::new(checkpoint.clone()),
+                );
                 Ok(Applied::Checkpoint(checkpoint))
             }
         }
@@ -638,7 +654,7 @@ impl State {
         access_class: &str,
         now: Millis,
     ) -> Option<&Grant> {
-        self.grants.values().find(|g| {
+        self.grants.values().map(Arc::as_ref).find(|g| {
             g.subject == subject
                 && g.scope == *scope
                 && g.access_class == access_class
@@ -660,12 +676,13 @@ impl State {
     pub fn pending(&self, now: Millis) -> impl Iterator<Item = &ApprovalRequest> {
         self.requests
             .values()
+            .map(Arc::as_ref)
             .filter(move |r| r.state == RequestState::Pending && !r.expired(now))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn actor(subject: &str, groups: &[&str]) -> Actor {
@@ -675,7 +692,7 @@ mod tests {
         }
     }
 
-    fn create(id: &str, required: u32, now: Millis) -> Command {
+    pub(crate) fn create(id: &str, required: u32, now: Millis) -> Command {
         Command::CreateRequest {
             request: NewRequest {
                 id: id.into(),
@@ -701,7 +718,7 @@ mod tests {
         }
     }
 
-    fn decide(id: &str, who: &str, approve: bool, now: Millis) -> Command {
+    pub(crate) fn decide(id: &str, who: &str, approve: bool, now: Millis) -> Command {
         Command::Decide {
             id: id.into(),
             approver: actor(who, &["approvers"]),
@@ -904,7 +921,7 @@ mod tests {
             first: false,
         };
         assert_eq!(s.apply(mark(9_000, 200)), Ok(again));
-        assert_eq!(s.marks[&key].until, 9_000);
+        assert_eq!(s.marks[key.as_str()].until, 9_000);
         let long = format!("x:{}", "y".repeat(MAX_MARK_KEY));
         for bad in ["", "no kind", ":name", "kind:", long.as_str()] {
             let cmd = Command::Mark {
@@ -919,7 +936,7 @@ mod tests {
         }
         assert!(!s.purgeable(8_999));
         s.apply(Command::Purge { cutoff: 8_999 }).unwrap();
-        assert!(s.marks.contains_key(&key));
+        assert!(s.marks.contains_key(key.as_str()));
         assert!(s.purgeable(9_000));
         s.apply(Command::Purge { cutoff: 9_000 }).unwrap();
         assert!(s.marks.is_empty());
@@ -977,13 +994,13 @@ mod tests {
                 grants: 2
             }
         );
-        let left: Vec<&str> = s.requests.keys().map(String::as_str).collect();
+        let left: Vec<&str> = s.requests.keys().map(AsRef::as_ref).collect();
         // "pending" expires at 61_000, "approved" at 60_100: both still live at the cutoff.
         assert_eq!(left, ["approved", "late", "pending"]);
-        assert_eq!(s.grants.keys().collect::<Vec<_>>(), ["g-live"]);
+        assert_eq!(s.grants.keys().collect::<Vec<_>>(), [&"g-live".into()]);
         assert!(!s.purgeable(60_000));
         s.apply(Command::Purge { cutoff: 69_999 }).unwrap();
-        assert_eq!(s.requests.keys().collect::<Vec<_>>(), ["late"]);
+        assert_eq!(s.requests.keys().collect::<Vec<_>>(), [&"late".into()]);
         s.apply(Command::Purge { cutoff: 70_000 }).unwrap();
         assert!(s.requests.is_empty());
     }
@@ -1080,7 +1097,7 @@ mod tests {
         };
         s.apply(cp("gw-1:100", "k1")).unwrap();
         assert_eq!(
-            s.node_keys["gw-1"],
+            *s.node_keys["gw-1"],
             NodeKey {
                 public_key: "k1".into(),
                 first_stream: "gw-1:100".into(),

@@ -37,7 +37,8 @@ pub struct MemberConfig {
     pub admin_group: String,
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
-    /// Take a snapshot (and purge the log behind it) every this many entries.
+    /// Take a snapshot (and purge the log behind it) every this many entries (at an index
+    /// of the period that depends on the member's id, see `snapshot_offset`).
     pub snapshot_after: u64,
     /// On first start, make this member a cluster of one (the embedded default).
     pub bootstrap: bool,
@@ -75,6 +76,49 @@ impl MemberConfig {
             tls: None,
         }
     }
+}
+
+/// Where in every `every` entries member `id` takes its snapshot: the fractional part of `id`
+/// times the golden ratio, so that members (whatever their ids) snapshot at indexes spread
+/// over the period instead of all at once (a snapshot costs a member a core for a moment).
+fn snapshot_offset(id: NodeId, every: u64) -> u64 {
+    let fraction = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(fraction) * u128::from(every)) >> 64) as u64
+}
+
+/// The index at which a member whose last snapshot is at `last` takes its next one: the first
+/// index after `last` at `offset` in a period of `every` entries.
+fn next_snapshot(last: u64, every: u64, offset: u64) -> u64 {
+    let at = last - last % every + offset;
+    if at > last {
+        at
+    } else {
+        at + every
+    }
+}
+
+/// Takes a snapshot (and so purges the log behind it) every `every` applied entries, at this
+/// member's offset in the period (see [`snapshot_offset`]).
+fn schedule_snapshots(shared: &Arc<Shared>, every: u64) -> JoinHandle<()> {
+    let every = every.max(1);
+    let offset = snapshot_offset(shared.id, every);
+    let mut applied = shared.sm.subscribe();
+    let raft = shared.raft.clone();
+    tokio::spawn(async move {
+        // (last snapshot, index asked for): asked once, again only once a snapshot is in.
+        let mut asked = None;
+        while applied.changed().await.is_ok() {
+            let index = *applied.borrow_and_update();
+            let last = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
+            let due = next_snapshot(last, every, offset);
+            if index >= due && asked != Some((last, due)) {
+                asked = Some((last, due));
+                if raft.trigger().snapshot().await.is_err() {
+                    return; // Raft stopped.
+                }
+            }
+        }
+    })
 }
 
 /// A running member.
@@ -122,7 +166,8 @@ impl Member {
             heartbeat_interval: cfg.heartbeat.as_millis() as u64,
             election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
             election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_after),
+            // Taken by `schedule_snapshots`, not all members at the same index.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_max_chunk_size: 1024 * 1024,
             ..Default::default()
@@ -163,6 +208,7 @@ impl Member {
         let mut tasks = vec![
             metrics.watch_leader(&shared.raft),
             crate::retention::start(shared.clone(), cfg.retention),
+            schedule_snapshots(&shared, cfg.snapshot_after),
         ];
         let mut metrics_addr = None;
         if let Some(l) = metrics_listener {
@@ -231,5 +277,35 @@ impl Member {
             t.abort();
         }
         let _ = self.shared.raft.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Members 1, 2 and 3 snapshot at indexes at least a fifth of the period apart, each once
+    /// a period, whatever index its last snapshot was taken at.
+    #[test]
+    fn members_snapshot_once_a_period_at_indexes_of_their_own() {
+        let every = 5_000;
+        let offsets: Vec<u64> = (1..=3).map(|id| snapshot_offset(id, every)).collect();
+        for (i, a) in offsets.iter().enumerate() {
+            assert!(*a < every);
+            for b in &offsets[i + 1..] {
+                let gap = a.abs_diff(*b).min(every - a.abs_diff(*b));
+                assert!(gap >= every / 5, "{offsets:?}");
+            }
+        }
+        let offset = offsets[0];
+        assert_eq!(next_snapshot(0, every, offset), offset);
+        assert_eq!(next_snapshot(offset - 1, every, offset), offset);
+        // Taken a little late: the next one keeps the period.
+        assert_eq!(next_snapshot(offset + 40, every, offset), offset + every);
+        assert_eq!(
+            next_snapshot(offset + every, every, offset),
+            offset + 2 * every
+        );
+        assert_eq!(next_snapshot(7, 1, 0), 8);
     }
 }

@@ -702,6 +702,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let mut found: Vec<&ApprovalRequest> = s
                 .requests
                 .values()
+                .map(Arc::as_ref)
                 .filter(|q| r.state.is_empty() || q.state_at(now) == r.state)
                 .filter(|q| self.0.may_read(&caller, q))
                 .filter(|q| {
@@ -801,6 +802,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let grants = self.0.sm.read(|s| {
             s.grants
                 .values()
+                .map(Arc::as_ref)
                 .filter(|g| match &caller {
                     Caller::Member => true,
                     Caller::Operator(a) => {
@@ -856,10 +858,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CheckpointList>, Status> {
         self.0.caller(req.metadata()).await?;
         self.0.linearizable().await?;
-        let checkpoints = self
-            .0
-            .sm
-            .read(|s| s.checkpoints.values().cloned().map(Into::into).collect());
+        let checkpoints = self.0.sm.read(|s| {
+            s.checkpoints
+                .values()
+                .map(|c| c.as_ref().clone().into())
+                .collect()
+        });
         Ok(Response::new(pb::CheckpointList { checkpoints }))
     }
 
@@ -914,7 +918,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::LoginState>, Status> {
         let login = self.0.login(req.metadata()).await?;
         self.0.linearizable().await?;
-        let at = self.0.sm.read(|s| s.marks.get(&login).map(|m| m.at));
+        let at = self
+            .0
+            .sm
+            .read(|s| s.marks.get(login.as_str()).map(|m| m.at));
         Ok(Response::new(pb::LoginState {
             ended: at.is_some(),
             ended_at_ms: at.unwrap_or(0),
@@ -931,7 +938,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             s.node_keys
                 .iter()
                 .map(|(node, k)| pb::NodeKey {
-                    node: node.clone(),
+                    node: node.to_string(),
                     fingerprint: vigil_proto::checkpoint::fingerprint(&k.public_key)
                         .unwrap_or_default(),
                     public_key: k.public_key.clone(),

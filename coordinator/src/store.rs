@@ -1,11 +1,13 @@
-//! The coordinator's durable storage for openraft: the Raft log, the vote and the state-machine
-//! snapshot in one redb file (a pure-Rust embedded store; every commit that Raft relies on is
-//! fsync'd before it is acknowledged).
+//! The coordinator's durable storage for openraft: the Raft log, the vote and the snapshot's
+//! metadata in one redb file (a pure-Rust embedded store; every commit that Raft relies on is
+//! fsync'd before it is acknowledged), the snapshot's bytes in a file beside it.
 //!
 //! The state machine itself ([`State`]) lives in memory and is rebuilt on start from the last
 //! snapshot plus the committed entries after it (openraft re-applies them, since the committed
 //! index is saved too). Snapshots are taken every `snapshot_after` entries and let the log be
-//! purged, so neither the file nor the restart time grows without bound.
+//! purged, so neither the file nor the restart time grows without bound. Taking one stops
+//! applies only for a copy of the state's maps (what they hold is shared), and writes to disk
+//! beside the log, not in its way.
 
 use crate::approvals::{Applied, Command, DomainError, State};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -118,8 +120,9 @@ pub fn check_format(dir: &Path, discard: bool) -> anyhow::Result<()> {
 /// Opens (or creates) the store in `dir`: the log store and the state machine share one file.
 /// Call [`check_format`] first.
 pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
-    let dir = dir.to_path_buf();
+    let path = dir.to_path_buf();
     let db = tokio::task::spawn_blocking(move || -> Result<Database, String> {
+        let dir = path;
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let db = Database::create(dir.join("raft.redb")).map_err(|e| e.to_string())?;
         let tx = db.begin_write().map_err(|e| e.to_string())?;
@@ -147,7 +150,7 @@ pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
         committed: Default::default(),
         writer,
     };
-    let sm = StateMachine::load(db).await?;
+    let sm = StateMachine::load(db, dir).await?;
     Ok((log, sm))
 }
 
@@ -501,42 +504,100 @@ pub struct MachineData {
 }
 
 /// A snapshot as stored: its metadata (JSON, in the metadata table) and its bytes (as they are,
-/// in a table of their own), written in one transaction.
+/// in a file of their own beside the store, see [`Snapshots`]).
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Vec<u8>,
 }
 
+/// Where snapshots were kept before they had files of their own: read still, written no more.
 const SNAPSHOT_DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
 
-fn write_snapshot(db: &Database, s: &StoredSnapshot) -> Result<(), String> {
-    let meta = serde_json::to_vec(&s.meta).map_err(|e| e.to_string())?;
-    let tx = db.begin_write().map_err(|e| e.to_string())?;
-    {
-        let mut table = tx.open_table(META).map_err(|e| e.to_string())?;
-        table
-            .insert(SNAPSHOT, meta.as_slice())
-            .map_err(|e| e.to_string())?;
-        let mut data = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
-        data.insert(SNAPSHOT, s.data.as_slice())
-            .map_err(|e| e.to_string())?;
-    }
-    tx.commit().map_err(|e| e.to_string())
+/// The snapshots of a store: the bytes in `snapshot-<term>-<leader>-<index>` files in its
+/// directory, the metadata of the current one in the store. Not in the store itself: redb has
+/// one write transaction at a time, and one that writes 40 MB holds it for ~0.4 s, while every
+/// log commit of the member waits.
+#[derive(Clone)]
+struct Snapshots {
+    dir: Arc<Path>,
+    /// Writes one at a time (a snapshot built and one installed may finish together).
+    writing: Arc<std::sync::Mutex<()>>,
 }
 
-fn read_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, String> {
-    let Some(meta) = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)? else {
-        return Ok(None);
-    };
-    let tx = db.begin_read().map_err(|e| e.to_string())?;
-    let table = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
-    let data = table
-        .get(SNAPSHOT)
-        .map_err(|e| e.to_string())?
-        .ok_or("the snapshot's data is missing")?
-        .value()
-        .to_vec();
-    Ok(Some(StoredSnapshot { meta, data }))
+impl Snapshots {
+    fn file(&self, meta: &SnapshotMeta<NodeId, BasicNode>) -> std::path::PathBuf {
+        let (term, leader, index) = match meta.last_log_id {
+            Some(l) => (l.leader_id.term, l.leader_id.node_id, l.index),
+            None => (0, 0, 0),
+        };
+        self.dir.join(format!("snapshot-{term}-{leader}-{index}"))
+    }
+
+    /// Stores `s` as the current snapshot, unless a later one is stored already: its bytes
+    /// durably in their file first, then its metadata; then the files of older ones go.
+    fn write(&self, db: &Database, s: &StoredSnapshot) -> Result<(), String> {
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let current = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)?;
+        if current.is_some_and(|c| c.last_log_id > s.meta.last_log_id) {
+            return Ok(());
+        }
+        let path = self.file(&s.meta);
+        let err = |e: std::io::Error| format!("{}: {e}", path.display());
+        let partial = path.with_extension("partial");
+        {
+            let mut f = std::fs::File::create(&partial).map_err(err)?;
+            std::io::Write::write_all(&mut f, &s.data).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&partial, &path).map_err(err)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+        let meta = serde_json::to_vec(&s.meta).map_err(|e| e.to_string())?;
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = tx.open_table(META).map_err(|e| e.to_string())?;
+            table
+                .insert(SNAPSHOT, meta.as_slice())
+                .map_err(|e| e.to_string())?;
+            let mut data = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
+            data.remove(SNAPSHOT).map_err(|e| e.to_string())?;
+        }
+        tx.commit().map_err(|e| e.to_string())?;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| e.to_string())?;
+        for entry in entries.flatten() {
+            let older = entry.file_name().to_string_lossy().starts_with("snapshot-")
+                && entry.path() != path;
+            if older {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!(error = %e, file = %entry.path().display(), "an old snapshot stays");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self, db: &Database) -> Result<Option<StoredSnapshot>, String> {
+        let Some(meta) = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)? else {
+            return Ok(None);
+        };
+        let path = self.file(&meta);
+        let data = match std::fs::read(&path) {
+            Ok(data) => data,
+            // Stored before snapshots had files of their own.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tx = db.begin_read().map_err(|e| e.to_string())?;
+                let table = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
+                let legacy = table.get(SNAPSHOT).map_err(|e| e.to_string())?;
+                legacy
+                    .ok_or_else(|| format!("the snapshot's data is missing: {}", path.display()))?
+                    .value()
+                    .to_vec()
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(Some(StoredSnapshot { meta, data }))
+    }
 }
 
 /// The replicated state machine. Readers (the gRPC services) share `data`; every apply bumps
@@ -544,19 +605,27 @@ fn read_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, String> {
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<Database>,
+    snapshots: Snapshots,
     pub data: Arc<RwLock<MachineData>>,
     applied: Arc<watch::Sender<u64>>,
 }
 
 impl StateMachine {
-    async fn load(db: Arc<Database>) -> StorageResult<Self> {
-        let stored: Option<StoredSnapshot> = blocking(
-            &db,
-            ErrorSubject::Snapshot(None),
-            ErrorVerb::Read,
-            read_snapshot,
-        )
-        .await?;
+    async fn load(db: Arc<Database>, dir: &Path) -> StorageResult<Self> {
+        let snapshots = Snapshots {
+            dir: dir.into(),
+            writing: Default::default(),
+        };
+        let stored = {
+            let snapshots = snapshots.clone();
+            blocking(
+                &db,
+                ErrorSubject::Snapshot(None),
+                ErrorVerb::Read,
+                move |db| snapshots.read(db),
+            )
+            .await?
+        };
         let data = match stored {
             Some(s) => serde_json::from_slice(&s.data)
                 .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?,
@@ -564,6 +633,7 @@ impl StateMachine {
         };
         Ok(Self {
             db,
+            snapshots,
             data: Arc::new(RwLock::new(data)),
             applied: Arc::new(watch::channel(0).0),
         })
@@ -582,36 +652,43 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // A copy under the lock (applies wait only for the copy); serialised off the runtime.
+        // Applies wait only for a copy of the maps' structure (the requests and grants in them
+        // are shared, see `State`): exactly the state at `last_applied`, serialised and stored
+        // off the runtime while applies go on.
+        let started = std::time::Instant::now();
         let copy = self.data.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let (bytes, meta) = blocking(
+        let copied = started.elapsed();
+        let snapshots = self.snapshots.clone();
+        let (meta, bytes) = blocking(
             &self.db,
-            ErrorSubject::StateMachine,
-            ErrorVerb::Read,
-            move |_| {
+            ErrorSubject::Snapshot(None),
+            ErrorVerb::Write,
+            move |db| {
                 let bytes = serde_json::to_vec(&copy).map_err(|e| e.to_string())?;
+                let serialised = started.elapsed();
                 let id = match copy.last_applied {
                     Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, bytes.len()),
                     None => format!("0-0-{}", bytes.len()),
                 };
-                let meta = SnapshotMeta {
-                    last_log_id: copy.last_applied,
-                    last_membership: copy.membership,
-                    snapshot_id: id,
+                let stored = StoredSnapshot {
+                    meta: SnapshotMeta {
+                        last_log_id: copy.last_applied,
+                        last_membership: copy.membership,
+                        snapshot_id: id,
+                    },
+                    data: bytes,
                 };
-                Ok((bytes, meta))
+                snapshots.write(db, &stored)?;
+                tracing::info!(
+                    index = stored.meta.last_log_id.map_or(0, |l| l.index),
+                    bytes = stored.data.len(),
+                    copy_ms = copied.as_secs_f64() * 1e3,
+                    serialise_ms = (serialised - copied).as_secs_f64() * 1e3,
+                    store_ms = (started.elapsed() - serialised).as_secs_f64() * 1e3,
+                    "snapshot built"
+                );
+                Ok((stored.meta, stored.data))
             },
-        )
-        .await?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes.clone(),
-        };
-        blocking(
-            &self.db,
-            ErrorSubject::Snapshot(None),
-            ErrorVerb::Write,
-            move |db| write_snapshot(db, &stored),
         )
         .await?;
         Ok(Snapshot {
@@ -686,11 +763,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: bytes,
         };
+        let snapshots = self.snapshots.clone();
         blocking(
             &self.db,
             ErrorSubject::Snapshot(Some(meta.signature())),
             ErrorVerb::Write,
-            move |db| write_snapshot(db, &stored),
+            move |db| snapshots.write(db, &stored),
         )
         .await?;
         let last = meta.last_log_id.map(|l| l.index).unwrap_or(0);
@@ -700,11 +778,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> = blocking(
+        let snapshots = self.snapshots.clone();
+        let stored = blocking(
             &self.db,
             ErrorSubject::Snapshot(None),
             ErrorVerb::Read,
-            read_snapshot,
+            move |db| snapshots.read(db),
         )
         .await?;
         Ok(stored.map(|s| Snapshot {
@@ -767,6 +846,107 @@ mod tests {
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(1));
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
+    }
+
+    /// A snapshot stored in the store itself (before snapshots had files of their own) is
+    /// read; the next one goes to a file and the old bytes leave the store.
+    #[tokio::test]
+    async fn a_snapshot_stored_the_old_way_is_read_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
+        let mut data = MachineData {
+            last_applied: Some(log_id),
+            ..Default::default()
+        };
+        data.state
+            .apply(crate::approvals::tests::create("r1", 1, 0))
+            .unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "old".into(),
+        };
+        {
+            let db = Database::create(dir.path().join("raft.redb")).unwrap();
+            write_meta(&db, SNAPSHOT, &meta).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(SNAPSHOT_DATA)
+                .unwrap()
+                .insert(SNAPSHOT, serde_json::to_vec(&data).unwrap().as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let (_log, mut sm) = open(dir.path()).await.unwrap();
+        assert_eq!(sm.read(State::clone), data.state);
+        let current = sm.get_current_snapshot().await.unwrap().expect("one");
+        assert_eq!(current.meta, meta);
+        let built = sm.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id));
+        let files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snapshot-"))
+            .collect();
+        assert_eq!(files, ["snapshot-2-1-7"]);
+        let tx = sm.db.begin_read().unwrap();
+        let legacy = tx.open_table(SNAPSHOT_DATA).unwrap();
+        assert!(legacy.get(SNAPSHOT).unwrap().is_none());
+        let current = sm.get_current_snapshot().await.unwrap().expect("one");
+        assert_eq!(current.meta, built.meta);
+        assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
+    }
+
+    /// A snapshot built while applies go on holds exactly the state at its last log id: the
+    /// requests it shares with the live state are copied when an apply changes them, not
+    /// changed under it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_holds_the_state_at_its_index_while_applies_go_on() {
+        use crate::approvals::tests::{create, decide};
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = open(dir.path()).await.unwrap();
+        // Entry i creates request i and decides request i - 1 (a change to a request that a
+        // snapshot taken between them shares).
+        let entry = |i: u64| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(Command::Batch(vec![
+                create(&format!("r{i}"), 1, i),
+                decide(&format!("r{}", i - 1), "alice", i % 2 == 0, i),
+            ])),
+        };
+        let replay = |upto: u64| {
+            let mut state = State::default();
+            for i in 1..=upto {
+                if let EntryPayload::Normal(cmd) = entry(i).payload {
+                    state.apply(cmd).unwrap();
+                }
+            }
+            state
+        };
+        let mut applied = 0;
+        while applied < 500 {
+            applied += 1;
+            sm.apply([entry(applied)]).await.unwrap();
+        }
+        let mut builder = sm.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await.unwrap() });
+        while !build.is_finished() && applied < 5_000 {
+            applied += 1;
+            sm.apply([entry(applied)]).await.unwrap();
+        }
+        let snapshot = build.await.unwrap();
+        let index = snapshot.meta.last_log_id.expect("a log id").index;
+        assert!(
+            applied > index,
+            "applies went on after the snapshot's index"
+        );
+        let held: MachineData = serde_json::from_slice(snapshot.snapshot.get_ref()).unwrap();
+        assert_eq!(held.last_applied, snapshot.meta.last_log_id);
+        assert_eq!(held.state, replay(index), "the state at {index}");
+        assert_eq!(sm.read(State::clone), replay(applied));
+        // What was stored is what was built.
+        let stored = sm.get_current_snapshot().await.unwrap().expect("stored");
+        assert_eq!(stored.meta, snapshot.meta);
+        assert_eq!(stored.snapshot.get_ref(), snapshot.snapshot.get_ref());
     }
 
     /// A store written before approvals were keyed by protocol (no format mark, but state) is
