@@ -457,10 +457,21 @@ haproxy_up_count() {
 }
 
 wait_haproxy_up() {
-  local _
+  local _ pid
   for _ in $(seq 1 200); do
     (($(haproxy_up_count) == ${#nodes[@]})) && return 0
-    part_pid haproxy >/dev/null || { show_log "$dir/haproxy/log"; die "HAProxy exited"; }
+    if ! part_pid haproxy >/dev/null; then
+      # HAProxy has looked gone right after "Loading success", with nothing in its log (CI, t53
+      # and t56). A second look tells a moment's misreading (the master executing itself again,
+      # as HAProxy 2.5 and later does to enter wait mode) from an exit; the message says what
+      # /proc held.
+      sleep 0.5
+      if ! part_pid haproxy >/dev/null; then
+        show_log "$dir/haproxy/log"
+        pid="$(cat "$dir/haproxy/pid" 2>/dev/null)"
+        die "HAProxy exited (pid ${pid:-?}: $(head -c 300 "/proc/$pid/status" 2>/dev/null | tr '\n' ' ' || echo gone); its command line: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))"
+      fi
+    fi
     sleep 0.1
   done
   show_log "$dir/haproxy/log"
