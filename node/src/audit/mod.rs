@@ -1,9 +1,18 @@
 //! The local audit log: one append-only file per stream (one gateway process lifetime).
 //!
-//! Sessions serialise their records on their own task and hand them to one writer thread,
-//! which seals them into the chain in the order handed over and writes everything queued in
-//! one `write(2)` (group commit: under load, many sessions' records share a write and a
-//! `sync_data`). No file I/O and no lock held across I/O runs on the async runtime. Two ways in:
+//! Sessions serialise their records on their own task and queue them; whoever holds the writer
+//! seals everything queued into the chain in the order handed over and writes it in one
+//! `write(2)` (group commit: under load, many sessions' records share a write and a
+//! `sync_data`). Who holds the writer:
+//! - the `vigil-audit` writer thread, always with `sync = "fsync"` (no `fdatasync` runs on the
+//!   async runtime), for records nobody waits for, for retries after a failed write, and for an
+//!   append that finds the writer busy;
+//! - with `sync = "write"`, the appending session itself when nobody else holds the writer
+//!   (`try_lock`: a session never waits for the lock). That write is one `write(2)` into the page
+//!   cache; handing it to the thread and back cost two wake-ups of sleeping threads, more than
+//!   the write (loadtest/README.md, "The audit writer and its hand-offs").
+//!
+//! Two ways in:
 //! - [`AuditLog::append`] resolves once the record is in the file, or with the reason it is
 //!   not: requests use it, and a statement whose record cannot be written is refused before it
 //!   reaches the target (the session awaits its record before forwarding).
@@ -43,7 +52,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 use vigil_proto::chain::Chain;
@@ -79,10 +88,17 @@ struct Inner {
     stream: String,
     node: String,
     path: PathBuf,
-    /// Records waiting for the writer thread, in the order they were handed over.
+    /// Records waiting for the writer, in the order they were handed over. Taken only by the
+    /// holder of `writer` (lock order: `writer`, then `queue`), so the chain follows this order.
     queue: Mutex<Queue>,
     /// Wakes the writer thread.
     wake: Condvar,
+    /// The file and the chain: held by whoever writes.
+    writer: Mutex<Writer>,
+    /// `sync = "write"`: an append may be written by its own session when the writer is free.
+    inline: bool,
+    /// Records of a failed write wait for a retry (the writer thread retries every 100 ms).
+    retrying: AtomicBool,
     /// The last record written: seq, hex hash, and the file's length up to it.
     head: Mutex<Option<(u64, String, u64)>>,
     /// False while the last write failed (the node is not ready: it refuses statements).
@@ -91,14 +107,44 @@ struct Inner {
     spool: Option<Arc<Spool>>,
 }
 
-/// What the writer thread is handed: a serialised body, and for an append the waiter to tell.
+/// What the writer is handed: a serialised body, and for an append the waiter to tell.
 /// An empty body is a flush: nothing is written for it, its waiter is told once everything
 /// handed over before it is written.
 struct Entry {
     body: Vec<u8>,
-    reply: Option<oneshot::Sender<Result<(), AuditError>>>,
+    reply: Reply,
     /// A recorded chunk: written into its recording file at this offset before the record.
-    chunk: Option<(Arc<RecordingFile>, Vec<u8>, u64)>,
+    chunk: Option<Chunk>,
+}
+
+/// A chunk's recording file, its bytes and their offset in the file.
+type Chunk = (Arc<RecordingFile>, Vec<u8>, u64);
+
+/// Who learns how an entry's write went.
+enum Reply {
+    /// A record nobody waits for.
+    None,
+    /// An append or a flush handed to the writer thread.
+    Waiter(oneshot::Sender<Result<(), AuditError>>),
+    /// The append of the session that writes the batch itself: [`Writer::write`] returns it.
+    Caller,
+}
+
+impl Reply {
+    fn waited(&self) -> bool {
+        !matches!(self, Reply::None)
+    }
+
+    /// Tells the waiter, or keeps the caller's own outcome in `own`.
+    fn tell(self, outcome: Result<(), AuditError>, own: &mut Option<Result<(), AuditError>>) {
+        match self {
+            Reply::None => {}
+            Reply::Waiter(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Caller => *own = Some(outcome),
+        }
+    }
 }
 
 /// Where a session's recorded stream bytes go: `recordings/SESSION.bin` next to the stream
@@ -212,30 +258,33 @@ impl AuditLog {
             .append(true)
             .create_new(true)
             .open(&path)?;
+        let writer = Writer {
+            file,
+            len: 0,
+            chain: Chain::new(stream.clone()),
+            sync,
+            backlog: VecDeque::new(),
+            buf: Vec::with_capacity(64 * 1024),
+        };
         let inner = Arc::new(Inner {
-            stream: stream.clone(),
+            stream,
             node: node.into(),
             path,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            writer: Mutex::new(writer),
+            inline: sync == SyncMode::Write,
+            retrying: AtomicBool::new(false),
             head: Mutex::new(None),
             healthy: AtomicBool::new(true),
             metrics,
             spool,
         });
-        let writer = Writer {
-            file,
-            len: 0,
-            chain: Chain::new(stream),
-            sync,
-            backlog: VecDeque::new(),
-            buf: Vec::with_capacity(64 * 1024),
-        };
         {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("vigil-audit".into())
-                .spawn(move || writer.run(&inner))?;
+                .spawn(move || Writer::run(&inner))?;
         }
         let log = Self { inner };
         let mut start = log.body(None, Kind::StreamStart);
@@ -276,13 +325,7 @@ impl AuditLog {
     /// `sync = "fsync"` mode); an error means it is not. With a Kafka sink, a spool past its
     /// limit refuses too (the refusal itself goes in with [`AuditLog::record`]).
     pub async fn append(&self, body: &Body) -> Result<(), AuditError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.push(Entry {
-            body: body.to_json(),
-            reply: Some(tx),
-            chunk: None,
-        })?;
-        rx.await.unwrap_or(Err(AuditError::Closed))
+        self.inner.submit(body.to_json(), None).await
     }
 
     /// Resolves once every record handed over before the call is written (or kept for retry
@@ -291,7 +334,7 @@ impl AuditLog {
         let (tx, rx) = oneshot::channel();
         let flush = Entry {
             body: Vec::new(),
-            reply: Some(tx),
+            reply: Reply::Waiter(tx),
             chunk: None,
         };
         if self.inner.push(flush).is_ok() {
@@ -322,7 +365,7 @@ impl AuditLog {
     pub fn record(&self, body: Body) {
         let entry = Entry {
             body: body.to_json(),
-            reply: None,
+            reply: Reply::None,
             chunk: None,
         };
         if self.inner.push(entry).is_err() {
@@ -387,28 +430,33 @@ impl AuditLog {
                 offset,
             },
         });
-        let (tx, rx) = oneshot::channel();
+        let chunk = Some((file.clone(), bytes, offset));
+        if wait {
+            return self.inner.submit(body.to_json(), chunk).await;
+        }
         self.inner.push(Entry {
             body: body.to_json(),
-            reply: wait.then_some(tx),
-            chunk: Some((file.clone(), bytes, offset)),
-        })?;
-        if !wait {
-            return Ok(());
-        }
-        rx.await.unwrap_or(Err(AuditError::Closed))
+            reply: Reply::None,
+            chunk,
+        })
     }
 
     /// Writes the `stream_end` record, syncs the file and refuses further records; returns
     /// once that is done.
     pub async fn close(&self) {
-        self.record(self.body(None, Kind::StreamEnd));
+        let end = self.body(None, Kind::StreamEnd).to_json();
         let (tx, rx) = oneshot::channel();
         {
+            // One step: no append can be written between `stream_end` and the close.
             let mut q = self.inner.lock();
             if q.closed || q.closing.is_some() {
                 return;
             }
+            q.entries.push(Entry {
+                body: end,
+                reply: Reply::None,
+                chunk: None,
+            });
             q.closing = Some(tx);
         }
         self.inner.wake.notify_one();
@@ -422,13 +470,56 @@ impl Inner {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// An append: written by the caller itself when it may ([`Inner::write_here`]), else
+    /// handed to the writer thread and awaited.
+    async fn submit(&self, body: Vec<u8>, chunk: Option<Chunk>) -> Result<(), AuditError> {
+        let entry = Entry {
+            body,
+            reply: Reply::Caller,
+            chunk,
+        };
+        let mut entry = match self.write_here(entry) {
+            Ok(outcome) => return outcome,
+            Err(entry) => entry,
+        };
+        let (tx, rx) = oneshot::channel();
+        entry.reply = Reply::Waiter(tx);
+        self.push(entry)?;
+        rx.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Writes everything queued and then `entry` on the calling thread, when `sync = "write"`
+    /// and nobody else holds the writer (never waits for it); `Err(entry)` otherwise, for the
+    /// writer thread.
+    fn write_here(&self, entry: Entry) -> Result<Result<(), AuditError>, Entry> {
+        if !self.inline {
+            return Err(entry);
+        }
+        let mut writer = match self.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(TryLockError::WouldBlock) => return Err(entry),
+            // A write panicked: the chain's state is unknown, nothing more is written.
+            Err(TryLockError::Poisoned(_)) => return Ok(Err(AuditError::Closed)),
+        };
+        let mut batch = {
+            let mut q = self.lock();
+            if q.closed || q.closing.is_some() {
+                return Ok(Err(AuditError::Closed));
+            }
+            q.waited = 0;
+            std::mem::take(&mut q.entries)
+        };
+        batch.push(entry);
+        Ok(writer.write(self, batch).unwrap_or(Err(AuditError::Closed)))
+    }
+
     fn push(&self, entry: Entry) -> Result<(), AuditError> {
         let wake = {
             let mut q = self.lock();
             if q.closed || q.closing.is_some() {
                 return Err(AuditError::Closed);
             }
-            let waited = entry.reply.is_some();
+            let waited = entry.reply.waited();
             q.entries.push(entry);
             q.waited += usize::from(waited);
             let wake = if waited { q.idle } else { q.deep };
@@ -461,10 +552,10 @@ impl Writer {
     /// The writer thread: takes everything queued, writes it in one `write(2)` (group commit),
     /// then tells each waiting append. While a write fails, records that cannot report failure
     /// are kept and retried every 100 ms.
-    fn run(mut self, inner: &Inner) {
+    fn run(inner: &Inner) {
         let mut quiet = 0;
         loop {
-            let (batch, closing) = {
+            {
                 let mut q = inner.lock();
                 while q.waited == 0 && q.closing.is_none() {
                     q.idle = true;
@@ -473,7 +564,7 @@ impl Writer {
                     // records a while, then sleep until woken.
                     let delay = if !q.entries.is_empty() {
                         RECORD_DELAY
-                    } else if !self.backlog.is_empty() {
+                    } else if inner.retrying.load(Ordering::Relaxed) {
                         Duration::from_millis(100)
                     } else if quiet < QUIET_POLLS {
                         quiet += 1;
@@ -488,7 +579,9 @@ impl Writer {
                         .wait_timeout(q, delay)
                         .unwrap_or_else(|e| e.into_inner());
                     q = g;
-                    if timeout.timed_out() && (!q.entries.is_empty() || !self.backlog.is_empty()) {
+                    if timeout.timed_out()
+                        && (!q.entries.is_empty() || inner.retrying.load(Ordering::Relaxed))
+                    {
                         break;
                     }
                 }
@@ -497,27 +590,41 @@ impl Writer {
                 }
                 q.idle = false;
                 q.deep = false;
+            }
+            // A write panicked (poisoned): the chain's state is unknown, nothing more is written.
+            let Ok(mut writer) = inner.writer.lock() else {
+                return;
+            };
+            // Taken under the writer: a session writing meanwhile may have taken them already.
+            let (batch, closing) = {
+                let mut q = inner.lock();
                 q.waited = 0;
                 (std::mem::take(&mut q.entries), q.closing.take())
             };
-            self.write(inner, batch);
+            writer.write(inner, batch);
             if let Some(done) = closing {
-                if !self.backlog.is_empty() {
-                    tracing::error!(
-                        records = self.backlog.len(),
-                        "audit log closed with unwritten records"
-                    );
-                    inner
-                        .metrics
-                        .audit_dropped_records
-                        .inc_by(self.backlog.len() as u64);
-                }
-                let _ = self.file.sync_all();
-                inner.lock().closed = true;
+                writer.close(inner);
                 let _ = done.send(());
                 return;
             }
         }
+    }
+
+    /// After the last batch: counts what failed writes left, syncs the file and refuses
+    /// further records (still holding the writer, so no session writes after this).
+    fn close(&mut self, inner: &Inner) {
+        if !self.backlog.is_empty() {
+            tracing::error!(
+                records = self.backlog.len(),
+                "audit log closed with unwritten records"
+            );
+            inner
+                .metrics
+                .audit_dropped_records
+                .inc_by(self.backlog.len() as u64);
+        }
+        let _ = self.file.sync_all();
+        inner.lock().closed = true;
     }
 
     /// Writes the backlog, then `batch`: each recorded chunk into its recording file, then
@@ -525,7 +632,9 @@ impl Writer {
     /// restored): no append of the batch is in the log (each caller refuses its action), the
     /// records that cannot fail are kept in order. With `sync = "fsync"` the recording files
     /// are synced before the records that prove their chunks.
-    fn write(&mut self, inner: &Inner, batch: Vec<Entry>) {
+    /// Returns the outcome of the batch's [`Reply::Caller`] entry, if it has one.
+    fn write(&mut self, inner: &Inner, batch: Vec<Entry>) -> Option<Result<(), AuditError>> {
+        let mut own = None;
         let before = self.chain.clone();
         self.buf.clear();
         let mut entries = std::mem::take(&mut self.backlog);
@@ -534,8 +643,8 @@ impl Writer {
         let mut touched: Vec<Arc<RecordingFile>> = Vec::new();
         let mut failed = None;
         while let Some(e) = entries.pop_front() {
-            if let Some(reply) = self.spool_refusal(inner, &e) {
-                let _ = e.reply.map(|r| r.send(Err(reply)));
+            if let Some(refusal) = self.spool_refusal(inner, &e) {
+                e.reply.tell(Err(refusal), &mut own);
                 continue;
             }
             if let Some((file, bytes, offset)) = &e.chunk {
@@ -565,26 +674,37 @@ impl Writer {
             None => self.write_buf(),
         };
         match result {
-            Ok(()) => self.written(inner, written),
+            Ok(()) => self.written(inner, written, &mut own),
             Err(e) => {
                 // Chunks already written stay: no record names them (their records are
                 // rolled back), and a retry writes them again at the same offsets.
                 self.chain = before;
-                self.failed(inner, written, e)
+                self.failed(inner, written, e, &mut own)
             }
         }
+        inner
+            .retrying
+            .store(!self.backlog.is_empty(), Ordering::Relaxed);
+        own
     }
 
     /// With a Kafka sink: the refusal of an append while the spool holds more than it may.
     fn spool_refusal(&self, inner: &Inner, e: &Entry) -> Option<AuditError> {
         let spool = inner.spool.as_ref()?;
-        e.reply.as_ref()?;
+        if !e.reply.waited() {
+            return None;
+        }
         let unacked = spool.unacked(self.len + self.buf.len() as u64);
         (unacked > spool.limit).then_some(AuditError::SpoolFull { unacked })
     }
 
     /// After a good write: the head, the metrics and the spool move on; every waiter is told.
-    fn written(&mut self, inner: &Inner, written: Vec<Entry>) {
+    fn written(
+        &mut self,
+        inner: &Inner,
+        written: Vec<Entry>,
+        own: &mut Option<Result<(), AuditError>>,
+    ) {
         if !self.buf.is_empty() {
             self.len += self.buf.len() as u64;
             let records = written.iter().filter(|e| !e.body.is_empty()).count() as u64;
@@ -605,15 +725,19 @@ impl Writer {
             }
         }
         for e in written {
-            if let Some(reply) = e.reply {
-                let _ = reply.send(Ok(()));
-            }
+            e.reply.tell(Ok(()), own);
         }
     }
 
     /// After a failed write: the log is cut back to its last good record, appends are told
     /// why, records that cannot fail wait for the next write.
-    fn failed(&mut self, inner: &Inner, written: Vec<Entry>, e: std::io::Error) {
+    fn failed(
+        &mut self,
+        inner: &Inner,
+        written: Vec<Entry>,
+        e: std::io::Error,
+        own: &mut Option<Result<(), AuditError>>,
+    ) {
         inner.metrics.audit_write_errors.inc();
         if inner.healthy.swap(false, Ordering::Relaxed) {
             tracing::error!(path = %inner.path.display(), error = %e, "audit write failed; refusing statements until it succeeds");
@@ -624,13 +748,9 @@ impl Writer {
         let error = AuditError::Write(e.to_string());
         for entry in written {
             match entry.reply {
-                Some(reply) if entry.body.is_empty() => {
-                    let _ = reply.send(Ok(()));
-                }
-                Some(reply) => {
-                    let _ = reply.send(Err(error.clone()));
-                }
-                None => self.backlog.push_back(entry),
+                Reply::None => self.backlog.push_back(entry),
+                reply if entry.body.is_empty() => reply.tell(Ok(()), own),
+                reply => reply.tell(Err(error.clone()), own),
             }
         }
         while self.backlog.len() > MAX_BACKLOG {
@@ -803,52 +923,123 @@ mod tests {
     }
 
     /// Concurrent appends share writes (group commit); each resolves only once its record is
-    /// in the file; the records chain in the order handed over, and `close` ends the stream.
+    /// in the file; the records chain in the order handed over (each task's records in its
+    /// own order, whoever wrote them), and `close` ends the stream. In both sync modes: with
+    /// `sync = "write"` sessions write for each other, and the thread takes what finds the
+    /// writer busy.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_are_group_committed_and_resolve_once_written() {
+        for sync in [SyncMode::Fsync, SyncMode::Write] {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Arc::new(Metrics::default());
+            let log = AuditLog::open(dir.path(), "n1", sync, metrics.clone(), None).unwrap();
+            let mut tasks = Vec::new();
+            for t in 0..8 {
+                let log = log.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..50 {
+                        let mut b = log.body(Some("s"), Kind::Request);
+                        b.detail = Some(format!("{t}-{i}"));
+                        log.append(&b).await.unwrap();
+                        let text = std::fs::read_to_string(log.path()).unwrap();
+                        assert!(text.contains(&format!("\"detail\":\"{t}-{i}\"")));
+                        let mut b = log.body(Some("s"), Kind::Response);
+                        b.detail = Some(format!("{t}-{i}"));
+                        log.record(b);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            log.close().await;
+            assert!(log.append(&log.body(None, Kind::Request)).await.is_err());
+            let records = 1 + 8 * 50 * 2 + 1;
+            assert_eq!(metrics.audit_records.get(), records, "{sync:?}");
+            assert!(
+                metrics.audit_batches.get() < records,
+                "{sync:?}: {} writes for {records} records",
+                metrics.audit_batches.get()
+            );
+            let bytes = std::fs::read(log.path()).unwrap();
+            let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
+            let mut next = [(Kind::Request, 0); 8];
+            let mut kinds = Vec::new();
+            for (seq, line) in bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .enumerate()
+            {
+                let r = vigil_proto::record::Record::parse(line).unwrap();
+                assert_eq!((r.seq, &r.prev), (seq as u64, &prev), "{sync:?}");
+                prev = hex::encode(vigil_proto::chain::record_hash(line));
+                let body = &r.body;
+                kinds.push(body.kind);
+                let numbered = match body.kind {
+                    Kind::Request | Kind::Response => body.detail.as_deref(),
+                    _ => None,
+                };
+                if let Some((t, i)) = numbered.and_then(|d| d.split_once('-')) {
+                    let t: usize = t.parse().unwrap();
+                    assert_eq!(
+                        (body.kind, i.parse().unwrap()),
+                        next[t],
+                        "{sync:?}: task {t}"
+                    );
+                    next[t] = match body.kind {
+                        Kind::Request => (Kind::Response, next[t].1),
+                        _ => (Kind::Request, next[t].1 + 1),
+                    };
+                }
+            }
+            assert_eq!(kinds.first(), Some(&Kind::StreamStart));
+            assert_eq!(kinds.last(), Some(&Kind::StreamEnd));
+            assert_eq!(
+                log.head().map(|(seq, hash, _)| (seq, hash)),
+                Some((records - 1, prev))
+            );
+        }
+    }
+
+    /// With `sync = "write"`, an append that finds the writer held (another session writing,
+    /// here the test) is not written by its session: the writer thread writes it once the
+    /// writer is free, and only then does the append resolve.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_that_finds_the_writer_busy_is_written_by_the_thread() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());
-        let log = AuditLog::open(dir.path(), "n1", SyncMode::Fsync, metrics.clone(), None).unwrap();
-        let mut tasks = Vec::new();
-        for t in 0..8 {
+        let log = AuditLog::open(dir.path(), "n1", SyncMode::Write, metrics, None).unwrap();
+        log.append(&log.body(None, Kind::Request)).await.unwrap();
+        // Another writer: a thread holding the writer until told to let go.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
             let log = log.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..50 {
-                    let mut b = log.body(Some("s"), Kind::Request);
-                    b.detail = Some(format!("{t}-{i}"));
-                    log.append(&b).await.unwrap();
-                    let text = std::fs::read_to_string(log.path()).unwrap();
-                    assert!(text.contains(&format!("\"detail\":\"{t}-{i}\"")));
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
+            move || {
+                let _writer = log.inner.writer.lock().unwrap();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            }
+        });
+        held_rx.recv().unwrap();
+        let append = tokio::spawn({
+            let log = log.clone();
+            async move {
+                let mut b = log.body(Some("s"), Kind::Request);
+                b.detail = Some("while busy".into());
+                log.append(&b).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!append.is_finished(), "resolved while the writer was held");
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(!text.contains("while busy"));
+        drop(release_tx);
+        holder.join().unwrap();
+        append.await.unwrap().unwrap();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.contains("\"detail\":\"while busy\""));
         log.close().await;
-        assert!(log.append(&log.body(None, Kind::Request)).await.is_err());
-        let records = 1 + 8 * 50 + 1;
-        assert_eq!(metrics.audit_records.get(), records);
-        assert!(
-            metrics.audit_batches.get() < records,
-            "{} writes for {records} records",
-            metrics.audit_batches.get()
-        );
-        let bytes = std::fs::read(log.path()).unwrap();
-        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
-        for (seq, line) in bytes
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .enumerate()
-        {
-            let r = vigil_proto::record::Record::parse(line).unwrap();
-            assert_eq!((r.seq, &r.prev), (seq as u64, &prev));
-            prev = hex::encode(vigil_proto::chain::record_hash(line));
-        }
-        assert_eq!(
-            log.head().map(|(seq, hash, _)| (seq, hash)),
-            Some((records - 1, prev))
-        );
     }
 
     #[test]
