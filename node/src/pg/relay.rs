@@ -31,7 +31,9 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
 use std::sync::{Arc, OnceLock, RwLock};
+use std::task::Poll;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -359,11 +361,32 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         drop_syncs_until_copy_end: false,
         discarding: None,
     };
-    let end = tokio::select! {
-        end = client_half.run() => end,
-        end = target_half.run() => end,
-        () = until(expires) => End::TokenExpired,
-        () = ctx.core.lifecycle.ended() => End::NodeShutdown,
+    // Both halves run in this one task, the client half polled first in every turn: what it
+    // hands the target half (a queue the target half polls but never waits on, see `queued`)
+    // is taken up in the same turn. A channel that woke its receiver would wake this task from
+    // inside its own poll, and the runtime reschedules a task that wakes itself as a yield and
+    // wakes an idle worker to steal it: two context switches per statement.
+    let end = {
+        let mut client = std::pin::pin!(client_half.run());
+        let mut target = std::pin::pin!(target_half.run());
+        let mut expiry = std::pin::pin!(until(expires));
+        let mut shutdown = std::pin::pin!(ctx.core.lifecycle.ended());
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = client.as_mut().poll(cx) {
+                return Poll::Ready(end);
+            }
+            if let Poll::Ready(end) = target.as_mut().poll(cx) {
+                return Poll::Ready(end);
+            }
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::TokenExpired);
+            }
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::NodeShutdown);
+            }
+            Poll::Pending
+        })
+        .await
     };
     match &end {
         End::ClientProtocol(_) | End::TargetProtocol(_) | End::EncodingChanged(_) => {
@@ -1526,13 +1549,24 @@ struct TargetHalf {
     discarding: Option<Option<PgError>>,
 }
 
+/// The next expectation the client half has handed over, without registering to be woken for
+/// more: the relay polls the target half right after the client half, the only sender, in the
+/// same turn (see `run`).
+fn queued(rx: &mut mpsc::UnboundedReceiver<Pending>) -> Poll<Option<Pending>> {
+    match rx.try_recv() {
+        Ok(p) => Poll::Ready(Some(p)),
+        Err(mpsc::error::TryRecvError::Empty) => Poll::Pending,
+        Err(mpsc::error::TryRecvError::Disconnected) => Poll::Ready(None),
+    }
+}
+
 impl TargetHalf {
     async fn run(&mut self) -> End {
         let mut out = BytesMut::with_capacity(16 * 1024);
         loop {
             tokio::select! {
                 biased;
-                pending = self.rx.recv() => match pending {
+                pending = std::future::poll_fn(|_| queued(&mut self.rx)) => match pending {
                     Some(p) => {
                         self.push(p);
                         while let Ok(p) = self.rx.try_recv() {
