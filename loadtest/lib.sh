@@ -220,6 +220,26 @@ verify_topic() {
   fi
 }
 
+# create_topic PREFIX LOG: creates a fresh topic of one partition on the dev broker, named
+# PREFIX-<UTC time>-<pid> (create fails on an existing one), and sets topic to it (from then on
+# a cleanup that calls delete_topic "$topic" deletes it); Tansu's output in LOG.
+# shellcheck disable=SC2154 # VIGIL_TANSU, VIGIL_KAFKA_URL: the dev env's
+create_topic() {
+  local name
+  name="$1-$(date -u +%Y%m%d%H%M%S)-$$"
+  # tansu retries forever when the broker does not answer, hence the timeout
+  timeout 30 "$VIGIL_TANSU" topic create "$name" --partitions 1 --broker "$VIGIL_KAFKA_URL" >"$2" 2>&1 \
+    || { show_log "$2"; die "cannot create the topic $name on $VIGIL_KAFKA_URL"; }
+  topic="$name"
+}
+
+# kafka_config TOPIC: the `[audit.kafka]` section of a node whose audit log is the spool of a
+# Kafka sink to TOPIC on the dev broker.
+# shellcheck disable=SC2154 # VIGIL_KAFKA_BROKERS: the dev env's
+kafka_config() {
+  printf '\n[audit.kafka]\nbrokers = ["%s"]\ntopic = "%s"\n' "$VIGIL_KAFKA_BROKERS" "$1"
+}
+
 # delete_topic TOPIC: deletes the run's topic from the dev broker, unless KEEP_WORKDIR=1 (or TOPIC
 # is empty: none was made). The broker is memory-only: a topic left behind holds the run's
 # records until it restarts.

@@ -220,20 +220,10 @@ start_vigil vigil-node "$work/vigil" "$VIGIL_PORT" "$VIGIL_ADMIN_PORT" vigil_pid
 # to a topic of its own on the dev broker by an idempotent producer.
 if ((with_kafka)); then
   mkdir -p "$work/vigil-kafka/data"
-  new_topic="vigil-pgbench-$(date -u +%Y%m%d%H%M%S)-$$" # a fresh topic per run: create fails on an existing one
-  # tansu retries forever when the broker does not answer, hence the timeout
-  timeout 30 "$VIGIL_TANSU" topic create "$new_topic" --partitions 1 --broker "$VIGIL_KAFKA_URL" \
-    >"$work/vigil-kafka/topic.log" 2>&1 \
-    || { show_log "$work/vigil-kafka/topic.log"; die "cannot create the topic $new_topic on $VIGIL_KAFKA_URL"; }
-  topic="$new_topic" # from here on the cleanup trap deletes it
+  create_topic vigil-pgbench "$work/vigil-kafka/topic.log" # from here on the cleanup trap deletes it
   {
     vigil_config bench-2 "$work/vigil-kafka" "$VIGIL_KAFKA_NODE_PORT" "$VIGIL_KAFKA_ADMIN_PORT"
-    cat <<EOF
-
-[audit.kafka]
-brokers = ["$VIGIL_KAFKA_BROKERS"]
-topic = "$topic"
-EOF
+    kafka_config "$topic"
   } >"$work/vigil-kafka/vigil.toml"
   start_vigil "vigil-node (Kafka, topic $topic)" "$work/vigil-kafka" "$VIGIL_KAFKA_NODE_PORT" "$VIGIL_KAFKA_ADMIN_PORT" vigil_kafka_pid
 fi

@@ -683,3 +683,76 @@ async fn t96_node_keys_are_published_by_the_witness_and_pinned_by_the_verifier()
     );
     node.node.shutdown().await;
 }
+
+/// The stream file in `dir` (one process, one file) and its cursor: (bytes, records)
+/// acknowledged, and the file's size.
+fn cursor(dir: &std::path::Path) -> ((u64, u64), u64) {
+    let files = vigil_node::audit::log_files(dir).unwrap();
+    assert_eq!(files.len(), 1, "one stream file");
+    let mut acked = files[0].clone().into_os_string();
+    acked.push(".acked");
+    let text = std::fs::read_to_string(&acked).unwrap_or_default();
+    let mut n = text.split_whitespace().map(|p| p.parse::<u64>().unwrap());
+    let c = (n.next().unwrap_or(0), n.next().unwrap_or(0));
+    (c, std::fs::metadata(&files[0]).unwrap().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t97_the_cursor_moves_only_over_what_the_broker_acknowledged() {
+    let topic = create_topic(1);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        ..NodeOptions::default()
+    })
+    .await;
+    let dir = node.files.audit_dir.clone();
+    some_statements(&node, 10).await;
+    until_shipped(&topic, &dir).await;
+    // The cursor file is rewritten at most every 100 ms, the idle shipper looks every 200 ms.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (shipped, size) = cursor(&dir);
+    assert_eq!(shipped.0, size, "everything shipped before the pause");
+    signal_broker("-STOP");
+    some_statements(&node, 20).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (during, size_during) = cursor(&dir);
+    let metrics = node.metrics().await;
+    signal_broker("-CONT");
+    assert_eq!(
+        during, shipped,
+        "nothing was acknowledged while the broker was paused"
+    );
+    assert!(size_during > during.0);
+    assert!(metric(&metrics, "vigil_audit_spool_records") > 0.0);
+    // Once the broker is back the cursor reaches the end, and every record it has passed over
+    // is on the topic.
+    let mut end = during;
+    for _ in 0..300 {
+        let (c, size) = cursor(&dir);
+        end = c;
+        if c.0 == size {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let file = vigil_node::audit::log_files(&dir).unwrap().remove(0);
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(end.0, bytes.len() as u64, "the cursor reached the end");
+    let msgs = topic_messages(&topic);
+    let on_topic: BTreeSet<&[u8]> = records(&msgs).iter().map(|m| m.value.as_slice()).collect();
+    let passed: Vec<&[u8]> = bytes[..end.0 as usize]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        passed.len() as u64,
+        end.1,
+        "the cursor counts the records it passed over"
+    );
+    for line in passed {
+        assert!(
+            on_topic.contains(line),
+            "a record behind the cursor is on the topic"
+        );
+    }
+}

@@ -8,6 +8,13 @@
 //!   each stream file, a cursor (`<file>.acked`: byte offset and record count acknowledged).
 //!   On start it sends every unacknowledged tail again, oldest stream first, in order; the
 //!   broker may then hold a record twice, byte for byte the same (verifiers count those).
+//! - No future per record: the producer (a `BaseProducer`, no thread of its own) is polled by
+//!   the shipper, and its context ([`Acks`]) keeps how far the run of the stream's acknowledged
+//!   records reaches (one stream, one partition, an idempotent producer: the reports come in
+//!   order). A failed report, or one out of order, sends everything after the cursor again.
+//!   While records are in flight the shipper works in rounds of `linger.ms` (hand over what was
+//!   written meanwhile, take the acknowledgements, move the cursor), however many records that
+//!   is; with nothing in flight it waits for the writer.
 //! - While the broker is away the gateway keeps serving and the spool grows; past
 //!   `spool_max_bytes` statements are refused before the target ([`crate::audit::Spool`]).
 //! - Every checkpoint interval the shipper publishes a signed checkpoint of how far the broker
@@ -20,14 +27,14 @@ use ed25519_dalek::SigningKey;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 use vigil_proto::checkpoint::Checkpoint;
 
@@ -37,8 +44,9 @@ pub const MAX_RECORD_BYTES: usize = 128 * 1024 * 1024;
 /// The header that marks a checkpoint message (records have none).
 pub const KIND_HEADER: &str = "vigil-kind";
 
-/// The producer, with Vigil's settings over the operator's overrides.
-pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+/// The producer, with Vigil's settings over the operator's overrides. It has no thread of its
+/// own for its events: the shipper polls it ([`Acks`] takes the delivery reports).
+pub fn producer(cfg: &KafkaConfig) -> Result<BaseProducer<Acks>, KafkaError> {
     let mut c = ClientConfig::new();
     for (k, v) in &cfg.overrides {
         c.set(k, v);
@@ -67,7 +75,107 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         // A record is as large as its statement and recorded rows; the topic's
         // max.message.bytes must allow as much (docs/operations.md).
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string());
-    c.create()
+    c.create_with_context(Acks::default())
+}
+
+/// The delivery opaque of a checkpoint message; a record's is its [`Acks::opaque`].
+const CHECKPOINT_OPAQUE: usize = 1 << 63;
+/// A record's opaque: the generation in bits 48..62, the record's number in its stream (its
+/// cursor's `records` once acknowledged) below.
+const SEQ_BITS: u32 = 48;
+
+/// The producer's context: takes the delivery reports, which `BaseProducer::poll` hands over on
+/// the shipper's own task, in the order of each partition. A stream's records go, in order, to
+/// one partition of an idempotent producer, so their reports come in order too; the shipper
+/// reads how far the acknowledged run reaches instead of waiting on one future per record.
+#[derive(Default)]
+pub struct Acks(Mutex<AckState>);
+
+#[derive(Default)]
+struct AckState {
+    /// Records handed over before the last `restart` carry another generation: ignored.
+    generation: u16,
+    /// The stream's records acknowledged without a gap: the number of the last one.
+    records: u64,
+    /// The first delivery that failed (or came out of order) since the last `restart`.
+    failed: Option<KafkaError>,
+    /// Checkpoints handed to the producer, and those whose delivery was reported (acknowledged
+    /// or failed).
+    checkpoints_sent: u64,
+    checkpoints_reported: u64,
+}
+
+impl Acks {
+    fn state(&self) -> std::sync::MutexGuard<'_, AckState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on, reports of what was handed over before are ignored; the acknowledged run
+    /// starts after record number `records` (the cursor's). Returns the new generation.
+    fn restart(&self, records: u64) -> u16 {
+        let mut s = self.state();
+        s.generation = (s.generation + 1) & 0x7fff;
+        s.records = records;
+        s.failed = None;
+        s.generation
+    }
+
+    fn opaque(generation: u16, record: u64) -> usize {
+        ((generation as usize) << SEQ_BITS) | (record as usize & ((1 << SEQ_BITS) - 1))
+    }
+
+    /// The number of the last record of the acknowledged run, and the first failure.
+    fn take(&self) -> (u64, Option<KafkaError>) {
+        let mut s = self.state();
+        (s.records, s.failed.take())
+    }
+
+    /// Whether every checkpoint handed over has had its delivery reported.
+    fn checkpoints_reported(&self) -> bool {
+        let s = self.state();
+        s.checkpoints_reported >= s.checkpoints_sent
+    }
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let result = result.as_ref().map(|_| ()).map_err(|(e, _)| e);
+        self.state().report(opaque, result);
+    }
+}
+
+impl AckState {
+    /// One delivery report: a checkpoint's, or a record's (`opaque` from [`Acks::opaque`]).
+    fn report(&mut self, opaque: usize, result: Result<(), &KafkaError>) {
+        if opaque == CHECKPOINT_OPAQUE {
+            self.checkpoints_reported += 1;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "a checkpoint was not delivered");
+            }
+            return;
+        }
+        if (opaque >> SEQ_BITS) as u16 != self.generation || self.failed.is_some() {
+            return;
+        }
+        let record = (opaque & ((1 << SEQ_BITS) - 1)) as u64;
+        match result {
+            Ok(()) if record == self.records + 1 => self.records = record,
+            // Never expected (one partition, in order); sent again from the cursor.
+            Ok(()) => {
+                tracing::warn!(
+                    record,
+                    after = self.records,
+                    "a delivery report out of order"
+                );
+                self.failed = Some(KafkaError::MessageProduction(RDKafkaErrorCode::Fail));
+            }
+            Err(e) => self.failed = Some(e.clone()),
+        }
+    }
 }
 
 /// `<file>.acked`: how far the broker has acknowledged a stream file.
@@ -117,7 +225,7 @@ pub fn unacknowledged_tails(dir: &Path) -> Vec<(PathBuf, u64)> {
 
 pub struct Shipper {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    producer: BaseProducer<Acks>,
     metrics: Arc<Metrics>,
     spool: Arc<Spool>,
     key: Arc<SigningKey>,
@@ -150,34 +258,74 @@ impl Tail {
     }
 }
 
+/// The most the shipper reads of a stream file at once.
+const CHUNK: usize = 256 * 1024;
+
 /// One read of a stream file from the acknowledged cursor: what was read, and what is handed
 /// to the producer and not yet acknowledged.
 struct Reading {
-    f: tokio::fs::File,
+    f: Arc<std::fs::File>,
+    /// The live stream's file, just written and in the page cache, is read on the shipper's
+    /// own task; an earlier stream's, which may have to come from the disk, on a blocking
+    /// thread.
+    live: bool,
+    /// The end of the last record handed over.
     read_to: Cursor,
     buf: Vec<u8>,
     /// Bytes of `buf` already handed to the producer (dropped once per round).
     used: usize,
     chunk: Vec<u8>,
-    /// (start offset, end cursor, delivery, when handed over)
-    inflight: VecDeque<(u64, Cursor, DeliveryFuture, Instant)>,
+    /// The delivery reports of this reading's records carry this generation ([`Acks`]).
+    generation: u16,
+    /// (start offset, end cursor, when handed over), in order
+    inflight: VecDeque<(u64, Cursor, Instant)>,
 }
 
 impl Reading {
-    async fn open(file: &Path, at: Cursor) -> Option<Self> {
-        let mut f = tokio::fs::File::open(file)
-            .await
+    fn open(file: &Path, at: Cursor, live: bool, acks: &Acks) -> Option<Self> {
+        let f = std::fs::File::open(file)
             .map_err(|e| tracing::error!(file = %file.display(), error = %e, "cannot open the spool file"))
             .ok()?;
-        f.seek(std::io::SeekFrom::Start(at.offset)).await.ok()?;
         Some(Self {
-            f,
+            f: Arc::new(f),
+            live,
             read_to: at,
-            buf: Vec::with_capacity(256 * 1024),
+            buf: Vec::with_capacity(CHUNK),
             used: 0,
-            chunk: vec![0u8; 256 * 1024],
+            chunk: vec![0u8; CHUNK],
+            generation: acks.restart(at.records),
             inflight: VecDeque::new(),
         })
+    }
+
+    /// Reads up to `len` bytes at `at` into `chunk`.
+    async fn read(&mut self, at: u64, len: usize) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        if self.live {
+            return self.f.read_at(&mut self.chunk[..len], at);
+        }
+        let f = self.f.clone();
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let joined = tokio::task::spawn_blocking(move || {
+            let n = f.read_at(&mut chunk[..len], at);
+            (chunk, n)
+        })
+        .await;
+        match joined {
+            Ok((chunk, n)) => {
+                self.chunk = chunk;
+                n
+            }
+            Err(e) => {
+                self.chunk = vec![0u8; CHUNK];
+                Err(std::io::Error::other(e))
+            }
+        }
+    }
+
+    /// How far the file has been read.
+    fn file_pos(&self) -> u64 {
+        self.read_to.offset + (self.buf.len() - self.used) as u64
     }
 }
 
@@ -237,27 +385,42 @@ impl Shipper {
         let _ = self.producer.flush(Duration::from_secs(5));
     }
 
-    fn send(&self, stream: &str, line: &[u8]) -> Result<DeliveryFuture, KafkaError> {
-        let record = FutureRecord::to(&self.cfg.topic).key(stream).payload(line);
-        self.producer.send_result(record).map_err(|(e, _)| e)
+    fn send(&self, stream: &str, line: &[u8], opaque: usize) -> Result<(), KafkaError> {
+        let record = BaseRecord::with_opaque_to(&self.cfg.topic, opaque)
+            .key(stream)
+            .payload(line);
+        self.producer.send(record).map_err(|(e, _)| e)
     }
 
-    fn publish_checkpoint(&self, stream: &str, seq: u64, hash: &str) -> Option<DeliveryFuture> {
+    /// Hands a checkpoint to the producer; `false` if it could not.
+    fn publish_checkpoint(&self, stream: &str, seq: u64, hash: &str) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let cp = Checkpoint::sign(&self.key, stream, seq, hash, now);
-        let value = serde_json::to_vec(&cp).ok()?;
+        let Ok(value) = serde_json::to_vec(&cp) else {
+            return false;
+        };
         let headers = OwnedHeaders::new().insert(Header {
             key: KIND_HEADER,
             value: Some("checkpoint"),
         });
-        let record = FutureRecord::to(&self.cfg.topic)
+        let record = BaseRecord::with_opaque_to(&self.cfg.topic, CHECKPOINT_OPAQUE)
             .key(stream)
             .payload(&value)
             .headers(headers);
-        self.producer.send_result(record).ok()
+        let sent = self.producer.send(record).is_ok();
+        if sent {
+            self.producer.context().state().checkpoints_sent += 1;
+        }
+        sent
+    }
+
+    /// How often the shipper looks for acknowledgements and new records while some are in
+    /// flight: the producer's own linger, so a round hands over about one batch.
+    fn tick(&self) -> Duration {
+        Duration::from_millis(self.cfg.linger_ms.clamp(1, 50))
     }
 
     /// Ships one stream file. `earlier`: `None` for this process's own (live) stream, which is
@@ -283,21 +446,19 @@ impl Shipper {
         let mut tail = Tail::new(read_cursor(file), self.checkpoint_every);
         let mut stopping_since: Option<Instant> = None;
         'reopen: loop {
-            let Some(mut r) = Reading::open(file, tail.acked).await else {
+            let Some(mut r) = Reading::open(file, tail.acked, live, self.producer.context()) else {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
             loop {
-                let eof = self.hand_over(&stream, &mut r).await;
-                // Block briefly on the oldest delivery only when there is nothing else to do.
-                let wait = eof || r.inflight.len() >= self.cfg.max_in_flight_records;
-                let failed = self.collect(&mut r, &mut tail, wait).await;
+                let eof = self.hand_over(&stream, &mut r, written()).await;
+                let failed = self.collect(&mut r, &mut tail);
                 self.account(
                     file,
                     earlier,
                     written(),
                     &mut tail,
-                    r.inflight.front().map(|i| i.3),
+                    r.inflight.front().map(|i| i.2),
                 );
                 if tail.last_start.is_some() && Instant::now() >= tail.next_checkpoint {
                     if self.checkpoint(file, &stream, &mut tail).is_none() {
@@ -325,35 +486,51 @@ impl Shipper {
                         break 'reopen;
                     }
                 }
+                // Nothing in flight: wait for the writer. Otherwise a round per tick hands over
+                // what was written meanwhile and takes the acknowledgements, however many
+                // records that is (no wake-up per record).
                 if idle {
                     tokio::select! {
                         _ = self.spool.notify.notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                         _ = stop.changed() => {}
                     }
+                } else {
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.tick()) => {}
+                        _ = stop.changed() => {}
+                    }
                 }
             }
         }
         // The last checkpoint of this stream, for what the broker holds.
-        if let Some(Some(d)) = self.checkpoint(file, &stream, &mut tail) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
+        if let Some(true) = self.checkpoint(file, &stream, &mut tail) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            self.poll();
+            while !self.producer.context().checkpoints_reported() && Instant::now() < deadline {
+                tokio::time::sleep(self.tick()).await;
+                self.poll();
+            }
         }
         tail.persisted.1 = Instant::now() - Duration::from_secs(1);
         self.account(file, earlier, written(), &mut tail, None);
     }
 
-    /// Hands complete lines to the producer while there is room, reading more of the file as
-    /// needed. Returns whether the end of the file was reached.
-    async fn hand_over(&self, stream: &str, r: &mut Reading) -> bool {
+    /// Hands complete lines to the producer while there is room, reading more of the file (up
+    /// to `written`, what holds whole records) as needed. Returns whether everything written
+    /// was handed over.
+    async fn hand_over(&self, stream: &str, r: &mut Reading, written: u64) -> bool {
+        let mut now = None;
         while r.inflight.len() < self.cfg.max_in_flight_records {
-            if let Some(pos) = r.buf[r.used..].iter().position(|&b| b == b'\n') {
-                match self.send(stream, &r.buf[r.used..r.used + pos]) {
-                    Ok(delivery) => {
+            if let Some(pos) = memchr::memchr(b'\n', &r.buf[r.used..]) {
+                let opaque = Acks::opaque(r.generation, r.read_to.records + 1);
+                match self.send(stream, &r.buf[r.used..r.used + pos], opaque) {
+                    Ok(()) => {
                         let start = r.read_to.offset;
                         r.read_to.offset += pos as u64 + 1;
                         r.read_to.records += 1;
-                        r.inflight
-                            .push_back((start, r.read_to, delivery, Instant::now()));
+                        let at = *now.get_or_insert_with(Instant::now);
+                        r.inflight.push_back((start, r.read_to, at));
                         r.used += pos + 1;
                     }
                     Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
@@ -368,9 +545,14 @@ impl Shipper {
                 }
                 continue;
             }
+            let pos = r.file_pos();
+            if pos >= written {
+                return true;
+            }
             r.buf.drain(..r.used);
             r.used = 0;
-            match r.f.read(&mut r.chunk).await {
+            let want = r.chunk.len().min((written - pos) as usize);
+            match r.read(pos, want).await {
                 Ok(0) => return true,
                 Ok(n) => r.buf.extend_from_slice(&r.chunk[..n]),
                 Err(e) => {
@@ -382,56 +564,60 @@ impl Shipper {
         false
     }
 
-    /// Collects acknowledgements, in order; `wait`: block briefly on the oldest delivery.
-    /// Returns whether a delivery failed (everything from the acknowledged cursor is sent
-    /// again).
-    async fn collect(&self, r: &mut Reading, tail: &mut Tail, wait: bool) -> bool {
-        while let Some((start, end, delivery, _)) = r.inflight.front_mut() {
-            let waited = if wait {
-                tokio::time::timeout(Duration::from_millis(100), delivery)
-                    .await
-                    .ok()
-            } else {
-                futures_now(delivery)
-            };
-            match waited {
-                None => return false,
-                Some(Ok(Ok(_))) => {
-                    tail.acked = *end;
-                    tail.last_start = Some(*start);
-                    r.inflight.pop_front();
-                    self.metrics.kafka_acked_records.inc();
-                }
-                Some(Ok(Err((e, _)))) => {
-                    tracing::warn!(error = %e, "delivery failed; sending again from the spool");
-                    self.metrics.kafka_delivery_errors.inc();
-                    return true;
-                }
-                Some(Err(_)) => return true,
+    /// Serves the producer's events: delivery reports go to [`Acks`].
+    fn poll(&self) {
+        // One event (a batch's reports) per call; stop when a call served none.
+        for _ in 0..1000 {
+            let before = self.producer.in_flight_count();
+            self.producer.poll(Duration::ZERO);
+            if self.producer.in_flight_count() == before {
+                break;
             }
         }
-        false
+    }
+
+    /// Takes the acknowledgements, in order. Returns whether a delivery failed (everything
+    /// from the acknowledged cursor is sent again).
+    fn collect(&self, r: &mut Reading, tail: &mut Tail) -> bool {
+        self.poll();
+        let (acked, failed) = self.producer.context().take();
+        let mut n = 0;
+        while let Some(&(start, end, _)) = r.inflight.front() {
+            if end.records > acked {
+                break;
+            }
+            tail.acked = end;
+            tail.last_start = Some(start);
+            r.inflight.pop_front();
+            n += 1;
+        }
+        self.metrics.kafka_acked_records.inc_by(n);
+        match failed {
+            Some(e) => {
+                tracing::warn!(error = %e, "delivery failed; sending again from the spool");
+                self.metrics.kafka_delivery_errors.inc();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Publishes a checkpoint of the last acknowledged record, unless it has one already.
-    /// `None`: it could not be published; `Some(None)`: nothing new to checkpoint.
-    fn checkpoint(
-        &self,
-        file: &Path,
-        stream: &str,
-        tail: &mut Tail,
-    ) -> Option<Option<DeliveryFuture>> {
+    /// `None`: it could not be published; `Some(false)`: nothing new to checkpoint.
+    fn checkpoint(&self, file: &Path, stream: &str, tail: &mut Tail) -> Option<bool> {
         let (Some(start), true) = (tail.last_start, tail.acked.records > 0) else {
-            return Some(None);
+            return Some(false);
         };
         let seq = tail.acked.records - 1;
         if tail.checkpointed == Some(seq) {
-            return Some(None);
+            return Some(false);
         }
-        let published = line_hash(file, start, tail.acked.offset)
-            .and_then(|hash| self.publish_checkpoint(stream, seq, &hash))?;
+        let hash = line_hash(file, start, tail.acked.offset)?;
+        if !self.publish_checkpoint(stream, seq, &hash) {
+            return None;
+        }
         tail.checkpointed = Some(seq);
-        Some(Some(published))
+        Some(true)
     }
 
     /// Moves the cursor on disk and updates the spool accounting and metrics.
@@ -578,20 +764,6 @@ fn line_hash(file: &Path, start: u64, end: u64) -> Option<String> {
     Some(hex::encode(Sha256::digest(&line)))
 }
 
-/// The delivery's result if it is already there.
-fn futures_now(
-    delivery: &mut DeliveryFuture,
-) -> Option<<DeliveryFuture as std::future::Future>::Output> {
-    use std::future::Future;
-    use std::task::{Context, Poll};
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
-    match std::pin::Pin::new(delivery).poll(&mut cx) {
-        Poll::Ready(r) => Some(r),
-        Poll::Pending => None,
-    }
-}
-
 /// The node's checkpoint signing key: `<data_dir>/node.key` (hex seed, created once).
 pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
     use anyhow::Context as _;
@@ -617,6 +789,55 @@ pub fn node_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_acknowledged_run_moves_only_over_records_acknowledged_in_order() {
+        let acks = Acks::default();
+        let g = acks.restart(10);
+        let ok = |acks: &Acks, record: u64| acks.state().report(Acks::opaque(g, record), Ok(()));
+        ok(&acks, 11);
+        ok(&acks, 12);
+        assert_eq!(acks.take().0, 12);
+        // A gap: 14 before 13 is never counted, and everything after the cursor is sent again.
+        ok(&acks, 14);
+        let (records, failed) = acks.take();
+        assert_eq!(records, 12);
+        assert!(failed.is_some());
+        // A failed delivery stops the run there, whatever is acknowledged after it.
+        let g = acks.restart(12);
+        let err = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        acks.state().report(Acks::opaque(g, 13), Err(&err));
+        acks.state().report(Acks::opaque(g, 14), Ok(()));
+        let (records, failed) = acks.take();
+        assert_eq!(records, 12);
+        assert!(failed.is_some());
+        // Reports of what was handed over before the restart are ignored.
+        let old = g;
+        let g = acks.restart(12);
+        acks.state().report(Acks::opaque(old, 13), Ok(()));
+        let (records, failed) = acks.take();
+        assert_eq!(records, 12);
+        assert!(failed.is_none());
+        acks.state().report(Acks::opaque(g, 13), Ok(()));
+        assert_eq!(acks.take().0, 13);
+        // Checkpoints are counted apart.
+        acks.state().checkpoints_sent += 1;
+        assert!(!acks.checkpoints_reported());
+        acks.state().report(CHECKPOINT_OPAQUE, Ok(()));
+        assert!(acks.checkpoints_reported());
+        assert_eq!(acks.take().0, 13);
+    }
+
+    #[test]
+    fn generations_wrap_without_touching_the_checkpoint_bit() {
+        let acks = Acks::default();
+        for _ in 0..0x1_0005 {
+            let g = acks.restart(0);
+            let o = Acks::opaque(g, (1 << SEQ_BITS) - 1);
+            assert_ne!(o & CHECKPOINT_OPAQUE, CHECKPOINT_OPAQUE);
+            assert_eq!((o >> SEQ_BITS) as u16, g);
+        }
+    }
 
     #[test]
     fn cursors_survive_a_rewrite() {
