@@ -6,8 +6,9 @@
 //!   leaves, with every byte kubectl got (as many as the kubelet sent);
 //! - `kubectl exec -it` and `kubectl attach -it` typed into under tmux: the command's output on
 //!   the pane, a window resize seen by the process (`stty size`) and recorded as resize chunks,
-//!   the exit status at kubectl and in the response record; each once as kubectl chooses (it
-//!   tries WebSocket first) and once with SPDY forced;
+//!   the exit status at kubectl and in the response record; each once as kubectl chooses
+//!   (WebSocket, `v5.channel.k8s.io`) and once with SPDY forced, the kubelet's log naming the
+//!   transport it served;
 //! - `vigil replay` and `vigil recording export` of a real exec: its requests and streams,
 //!   escape sequences shown and not run, an asciicast with the exact text, and a recording
 //!   with one byte flipped refused.
@@ -140,6 +141,16 @@ async fn t10_logs_follow_streams_an_appended_line_at_once_and_records_start_and_
         },
     )
     .await;
+}
+
+/// What the test kubelet logs as the transport of a stream kubectl opened as it chooses
+/// (WebSocket, `v5.channel.k8s.io`) or with SPDY forced.
+fn transport(spdy: bool) -> &'static str {
+    if spdy {
+        "spdy"
+    } else {
+        "websocket"
+    }
 }
 
 /// `env -u …` or `env KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`: kubectl as it chooses (1.30 and
@@ -358,14 +369,12 @@ async fn exec_it_under_tmux(spdy: bool) {
         .collect();
     assert_eq!(ran.len(), 1, "{ran:?}");
     assert_eq!(
-        (&ran[0]["tty"], &ran[0]["stdin"]),
-        (&true.into(), &true.into())
+        (&ran[0]["tty"], &ran[0]["stdin"], &ran[0]["transport"]),
+        (&true.into(), &true.into(), &transport(spdy).into())
     );
 
     let (request, end, response, others) = switched(&g.node, |k| k.command == command).await;
-    if spdy {
-        assert_eq!(others, 0, "SPDY only: no WebSocket attempt before it");
-    }
+    assert_eq!(others, 0, "one attempt, no fallback");
     let records = g.node.records().await;
     assert_eq!(
         end.body.detail.as_deref(),
@@ -441,16 +450,17 @@ async fn attach_it_under_tmux(spdy: bool) {
     drop(term);
 
     // (Other tests attach too: what this shell ran is proved by the file it wrote.)
-    let attached = exec_log_since(kubelet_offset)
-        .into_iter()
-        .filter(|e| e["kind"] == "attach" && e["tty"] == true && e["stdin"] == true);
+    let attached = exec_log_since(kubelet_offset).into_iter().filter(|e| {
+        e["kind"] == "attach"
+            && e["tty"] == true
+            && e["stdin"] == true
+            && e["transport"] == transport(spdy)
+    });
     assert!(attached.count() >= 1, "the kubelet started a shell for it");
 
     let attach = |k: &KubeRequest| k.subresource.as_deref() == Some("attach");
     let (request, end, response, others) = switched(&g.node, attach).await;
-    if spdy {
-        assert_eq!(others, 0, "SPDY only: no WebSocket attempt before it");
-    }
+    assert_eq!(others, 0, "one attempt, no fallback");
     let error = response.error.expect("the kubelet's Status");
     assert!(error.message.contains("exit status 5"), "{error:?}");
     assert_eq!(end.body.detail, None, "no exit code was reported");

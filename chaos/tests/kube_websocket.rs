@@ -1,7 +1,8 @@
 //! exec and port-forward over WebSocket through the Kubernetes gateway, with kube-rs (which
-//! speaks only WebSocket: it offers `v5.channel.k8s.io` and `v4.channel.k8s.io`, and the dev
-//! API server's kubelet, 1.20, picks v4). Ground truth is the test kubelet's log of what it
-//! ran and which ports it connected; the streams are in Vigil's records.
+//! speaks only WebSocket: it offers `v5.channel.k8s.io` and `v4.channel.k8s.io`, and the test
+//! kubelet picks v5), and a client that offers only v4 (as the Python client does), which the
+//! kubelet's own 1.20 streaming code serves. Ground truth is the test kubelet's log of what it
+//! ran, on which transport, and which ports it connected; the streams are in Vigil's records.
 
 use futures_util::SinkExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -200,6 +201,100 @@ async fn kube_rs_exec_over_websocket_is_decided_recorded_and_passes_streams() {
     .await
     .unwrap();
     assert_eq!(code, 0, "{report}");
+}
+
+/// `s` as a query value: every byte but ASCII letters and digits percent-encoded.
+fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// An exec from a client that offers only `v4.channel.k8s.io`: the gateway offers the API
+/// server that and nothing else, the answer names it, and the kubelet's own v4 server runs the
+/// command once; stdout on channel 1, the exit code in the error channel's Status, both on
+/// record as over v5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_that_offers_only_v4_is_served_v4() {
+    use futures_util::StreamExt;
+    use http::header;
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+    grant_dba().await;
+    let g = gateway().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let kube = client(&g.kubeconfig(dir.path(), &ops)).await;
+    let marker = format!("v4-{}", vigil_chaos::random_suffix());
+    let script = format!("echo out-{marker}; exit 5");
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    let request = http::Request::get(format!(
+        "/api/v1/namespaces/default/pods/shell/exec?command=sh&command=-c&command={}&stdout=true",
+        query_value(&script)
+    ))
+    .header(header::CONNECTION, "Upgrade")
+    .header(header::UPGRADE, "websocket")
+    .header(header::SEC_WEBSOCKET_VERSION, "13")
+    .header(header::SEC_WEBSOCKET_KEY, &key)
+    .header(header::SEC_WEBSOCKET_PROTOCOL, "v4.channel.k8s.io")
+    .body(kube::client::Body::empty())
+    .unwrap();
+    let answer = kube.send(request).await.expect("the upgrade is answered");
+    assert_eq!(answer.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        answer.headers()[header::SEC_WEBSOCKET_PROTOCOL],
+        "v4.channel.k8s.io"
+    );
+    let upgraded = hyper::upgrade::on(answer).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    let (mut stdout, mut status) = (Vec::new(), Vec::new());
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = ws.next().await {
+            match message.expect("a WebSocket message") {
+                Message::Binary(data) => match data.split_first() {
+                    Some((1, rest)) => stdout.extend_from_slice(rest),
+                    Some((3, rest)) => status.extend_from_slice(rest),
+                    _ => {}
+                },
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the exec ends and the connection closes");
+    // the close handshake's answer, as a client finishes it
+    let _ = ws.close(None).await;
+    drop(ws);
+    assert_eq!(String::from_utf8_lossy(&stdout), format!("out-{marker}\n"));
+    let status: serde_json::Value = serde_json::from_slice(&status).expect("a JSON Status");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "5", "{status}");
+    let ran: Vec<_> = exec_log_since(0)
+        .into_iter()
+        .filter(|e| e["kind"] == "exec" && e["command"][2] == script.as_str())
+        .collect();
+    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
+    assert_eq!(ran[0]["transport"], "websocket", "{ran:?}");
+
+    let (records, end) = response(&g, &marker).await;
+    assert_eq!(end.body.detail.as_deref(), Some("exit code 5"));
+    let (request, same) = exec_records(&records, &marker);
+    let channel = request.body.stmt.unwrap().to_string();
+    assert_eq!(
+        recorded_bytes(&same, &g.node.files.audit_dir, &channel, "output"),
+        format!("out-{marker}\n").as_bytes()
+    );
 }
 
 /// kube-rs port-forward over WebSocket channels (`ports` in the query): the bytes reach the

@@ -6,8 +6,9 @@
 use std::collections::HashSet;
 use vigil_chaos::kube::{
     admin, audit_events, audit_len, end_of, event_key, gateway_events, grant_dba, kubectl,
-    record_key, recorded_bytes, requests, same_request, Gateway, NO_RM_IN_PODS,
+    record_key, recorded_bytes, requests, same_request, wait_for_end, Gateway, NO_RM_IN_PODS,
 };
+use vigil_chaos::kubelet::exec_log_since;
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
@@ -528,10 +529,9 @@ async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
-/// kubectl exec (it tries WebSocket v5 first, which the 1.20 API server's kubelet refuses, and
-/// falls back to SPDY/3.1): decided on
-/// its command, run with its streams and exit code, every byte recorded; a blocked command
-/// never reaches the kubelet (its exec log is the ground truth).
+/// kubectl exec, as kubectl chooses (WebSocket, `v5.channel.k8s.io`, served by the test kubelet):
+/// decided on its command, run once with its streams and exit code, every byte recorded; a
+/// blocked command never reaches the kubelet (its exec log is the ground truth).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     grant_dba().await;
@@ -552,12 +552,12 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
         format!("out-{marker}\n")
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("err-{marker}")));
-    let exec_log =
-        std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG")).unwrap();
-    assert!(
-        exec_log.contains(&format!("out-{marker}")),
-        "the kubelet ran it"
-    );
+    let ran: Vec<_> = exec_log_since(0)
+        .into_iter()
+        .filter(|e| e["kind"] == "exec" && e["command"][2] == script.as_str())
+        .collect();
+    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
+    assert_eq!(ran[0]["transport"], "websocket", "{ran:?}");
 
     let doomed = format!("/tmp/{marker}");
     let out = kubectl(
@@ -576,11 +576,10 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
 
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let records = g.node.records().await;
-    // kubectl offers WebSocket (v5) first; this API server's kubelet speaks at most v4 and
-    // refuses, kubectl falls back to SPDY: the exec that ran is the last one on record.
-    let exec = *requests(&records, |k| k.command.iter().any(|c| c.contains(&marker)))
-        .last()
-        .expect("the exec's request record, with its command");
+    // One attempt, and it switched protocols: no refused WebSocket try, no fallback to SPDY.
+    let tried = requests(&records, |k| k.command.iter().any(|c| c.contains(&marker)));
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    let exec = tried[0];
     let same = same_request(&records, exec);
     let chunks: Vec<_> = same
         .iter()
@@ -609,6 +608,74 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     .unwrap();
     assert_eq!(code, 0, "{report}");
     assert!(report.contains("recorded chunks:"), "{report}");
+}
+
+/// kubectl exec -i over WebSocket v5: the piped stdin reaches the command, and its end — v5's
+/// close signal, which the gateway must pass on — is the command's EOF: `wc -c` finishes and
+/// prints the count, kubectl exits with the command's code, and the input is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_stdin_ends_with_the_v5_close_signal() {
+    use tokio::io::AsyncWriteExt;
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let marker = format!("stdin-{}", vigil_chaos::random_suffix());
+    let script = format!("n=$(wc -c); echo {marker} $n; exit 4");
+    let input = format!("{marker}\n").repeat(1000);
+    let mut exec = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args([
+            "exec", "-i", "-n", "default", "shell", "--", "sh", "-c", &script,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = exec.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), exec.wait_with_output())
+        .await
+        .expect("the command saw the end of its stdin and finished")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{marker} {}\n", input.len())
+    );
+    let ran: Vec<_> = exec_log_since(0)
+        .into_iter()
+        .filter(|e| e["kind"] == "exec" && e["command"][2] == script.as_str())
+        .collect();
+    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
+    assert_eq!(
+        (&ran[0]["transport"], &ran[0]["stdin"]),
+        (&"websocket".into(), &true.into()),
+        "{ran:?}"
+    );
+
+    let records = g.node.records().await;
+    let tried = requests(&records, |k| k.command.iter().any(|c| c.contains(&marker)));
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    let request = tried[0].clone();
+    let (records, end, _) = wait_for_end(&g.node, &request).await;
+    assert_eq!(end.body.detail.as_deref(), Some("exit code 4"));
+    let recorded_input: u64 = same_request(&records, &request)
+        .iter()
+        .filter_map(|r| r.body.recording.as_ref())
+        .filter(|c| c.direction == "input")
+        .map(|c| c.length)
+        .sum();
+    assert_eq!(
+        recorded_input,
+        input.len() as u64,
+        "every byte of stdin on record"
+    );
 }
 
 /// `kill -9` of the gateway (its own process) while an exec streams output: the audit log

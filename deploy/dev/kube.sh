@@ -54,8 +54,8 @@
 #     container's log (pods/log) is the file container.log: `kubectl logs -f` follows it, so a
 #     test appends a line and sees it arrive; each log request is a JSON line in kubelet-exec.log
 #     too, written when it ends, with the bytes it sent.
-# kube-apiserver 1.20 knows no Impersonate-Uid header (from 1.22 on), and it answers kubectl
-# 1.30+'s WebSocket exec with 403, after which kubectl falls back to SPDY.
+# kube-apiserver 1.20 knows no Impersonate-Uid header (from 1.22 on). kubectl 1.30+'s WebSocket
+# exec and attach (v5.channel.k8s.io) work: the test kubelet serves v5 itself.
 # Deleting the pod needs --force --grace-period=0 (no kubelet confirms the deletion).
 set -euo pipefail
 

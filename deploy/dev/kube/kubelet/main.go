@@ -9,9 +9,12 @@
 //	/healthz
 //
 // The streaming protocols (SPDY remotecommand v1..v4 with the exit-code status, port-forward,
-// and the old channel.k8s.io WebSocket protocols) are the real kubelet's own code, the packages
-// k8s.io/kubernetes/pkg/kubelet/cri/streaming/{remotecommand,portforward} of the Kubernetes tree
-// this is built in. Only the "container runtime" below is ours, and it has no container:
+// and the channel.k8s.io WebSocket protocols up to v4) are the real kubelet's own code, the
+// packages k8s.io/kubernetes/pkg/kubelet/cri/streaming/{remotecommand,portforward} of the
+// Kubernetes tree this is built in. That tree (1.20) predates v5.channel.k8s.io, the only
+// WebSocket subprotocol kubectl 1.30 and later offer for exec and attach, so v5 is served here
+// (serveV5: v4's channels and status, plus the close signal), on the tree's own WebSocket
+// connection code. Only that and the "container runtime" below are ours; it has no container:
 //
 //   - exec runs the command ON THIS HOST, as the user the kubelet runs as (root under
 //     kube.sh, which is acceptable for a dev/test harness on a throwaway machine) or, with
@@ -31,9 +34,11 @@
 // and logs nothing):
 //
 //	{"time":"RFC3339Nano","kind":"exec","namespace":"default","pod":"shell","container":"shell",
-//	 "command":["sh","-c","echo hi"],"tty":false,"stdin":true}
+//	 "command":["sh","-c","echo hi"],"tty":false,"stdin":true,"transport":"websocket"}
 //	{"time":"...","kind":"attach",...same fields; command is the shell attach started...}
 //	{"time":"...","kind":"portforward","namespace":"default","pod":"shell","port":8080}
+//
+// ("transport": "spdy" or "websocket", what the exec or attach request came on)
 //
 // and every request for the log one line when its answer ends, with the bytes it sent:
 //
@@ -77,8 +82,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	remotecommandconsts "k8s.io/apimachinery/pkg/util/remotecommand"
+	"k8s.io/apiserver/pkg/util/wsstream"
 	"k8s.io/client-go/tools/remotecommand"
 	"k8s.io/kubernetes/pkg/kubelet/cri/streaming/portforward"
 	remotecommandserver "k8s.io/kubernetes/pkg/kubelet/cri/streaming/remotecommand"
@@ -102,6 +110,7 @@ type logEntry struct {
 	Command   []string `json:"command"`
 	TTY       bool     `json:"tty"`
 	Stdin     bool     `json:"stdin"`
+	Transport string   `json:"transport"` // spdy or websocket
 }
 
 // one line of the exec log, for a connection that a port-forward carries
@@ -172,20 +181,167 @@ func (h *host) env(tty bool) []string {
 	return env
 }
 
+// streamHost is the host as one exec or attach request sees it: its exec log line names the
+// transport the request came on.
+type streamHost struct {
+	*host
+	transport string // spdy or websocket
+}
+
+func transportOf(r *http.Request) string {
+	if wsstream.IsWebSocketRequest(r) {
+		return "websocket"
+	}
+	return "spdy"
+}
+
 // ExecInContainer implements remotecommandserver.Executor.
-// It is called once the client's streams are set up, so a handshake that fails (such as
-// kubectl's first, WebSocket, attempt: 403 from the origin check of the WebSocket code) runs and
-// logs nothing.
-func (h *host) ExecInContainer(name string, uid types.UID, container string, cmd []string, in io.Reader, out, errOut io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize, timeout time.Duration) error {
-	h.record(logEntry{Time: now(), Kind: "exec", Namespace: h.namespace, Pod: name, Container: container, Command: cmd, TTY: tty, Stdin: in != nil})
+// It is called once the client's streams are set up, so a handshake that fails (a WebSocket
+// subprotocol not served: 403 from the WebSocket handshake) runs and logs nothing.
+func (h streamHost) ExecInContainer(name string, uid types.UID, container string, cmd []string, in io.Reader, out, errOut io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize, timeout time.Duration) error {
+	h.record(logEntry{Time: now(), Kind: "exec", Namespace: h.namespace, Pod: name, Container: container, Command: cmd, TTY: tty, Stdin: in != nil, Transport: h.transport})
 	return h.run(cmd, in, out, errOut, tty, resize)
 }
 
 // AttachContainer implements remotecommandserver.Attacher: a new shell, not an existing process.
-func (h *host) AttachContainer(name string, uid types.UID, container string, in io.Reader, out, errOut io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize) error {
+func (h streamHost) AttachContainer(name string, uid types.UID, container string, in io.Reader, out, errOut io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize) error {
 	cmd := h.attachCommand(tty)
-	h.record(logEntry{Time: now(), Kind: "attach", Namespace: h.namespace, Pod: name, Container: container, Command: cmd, TTY: tty, Stdin: in != nil})
+	h.record(logEntry{Time: now(), Kind: "attach", Namespace: h.namespace, Pod: name, Container: container, Command: cmd, TTY: tty, Stdin: in != nil, Transport: h.transport})
 	return h.run(cmd, in, out, errOut, tty, resize)
+}
+
+// The WebSocket subprotocol of Kubernetes 1.30 and later, and its close signal: a message on
+// channel 255 whose one byte names a channel its sender has closed (kubectl's stdin at EOF).
+const (
+	v5Protocol  = "v5.channel.k8s.io"
+	closeSignal = 255
+)
+
+// The channels of channel.k8s.io, as the tree's remotecommand package numbers them.
+const (
+	stdinChannel = iota
+	stdoutChannel
+	stderrChannel
+	errorChannel
+	resizeChannel
+)
+
+// offersV5 tells whether r is a WebSocket request that offers v5.channel.k8s.io.
+func offersV5(r *http.Request) bool {
+	if !wsstream.IsWebSocketRequest(r) {
+		return false
+	}
+	for _, header := range r.Header.Values("Sec-WebSocket-Protocol") {
+		for _, offered := range strings.Split(header, ",") {
+			if strings.TrimSpace(offered) == v5Protocol {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// serveV5 serves an exec or attach (run) over v5.channel.k8s.io as the tree's server serves v4
+// (createWebSocketStreams, ServeExec, ServeAttach): the same channels, the same first empty
+// message, the same Status on the error channel, exit codes as NonZeroExitCode causes when
+// exitCodes is set (exec) and every other error as an internal error (what, e.g. "attaching to
+// container"). What v5 adds is the close signal: the client's stdin ends when it says so, not
+// only when the connection does.
+func serveV5(w http.ResponseWriter, r *http.Request, opts *remotecommandserver.Options, exitCodes bool, what string,
+	run func(in io.Reader, out, errOut io.WriteCloser, resize <-chan remotecommand.TerminalSize) error) {
+	channels := make([]wsstream.ChannelType, closeSignal+1) // IgnoreChannel, but for these:
+	if opts.Stdin {
+		channels[stdinChannel] = wsstream.ReadChannel
+	}
+	if opts.Stdout {
+		channels[stdoutChannel] = wsstream.WriteChannel
+	}
+	if opts.Stderr {
+		channels[stderrChannel] = wsstream.WriteChannel
+	}
+	channels[errorChannel] = wsstream.WriteChannel
+	channels[resizeChannel] = wsstream.ReadChannel
+	channels[closeSignal] = wsstream.ReadChannel
+	conn := wsstream.NewConn(map[string]wsstream.ChannelProtocolConfig{
+		v5Protocol: {Binary: true, Channels: channels},
+	})
+	conn.SetIdleTimeout(streamIdleTimeout)
+	_, streams, err := conn.Open(w, r)
+	if err != nil {
+		log.Printf("v5 WebSocket upgrade: %v", err)
+		return
+	}
+	defer conn.Close()
+
+	// the lowest writable channel's empty message tells the client its streams are set up
+	switch {
+	case opts.Stdout:
+		streams[stdoutChannel].Write([]byte{})
+	case opts.Stderr:
+		streams[stderrChannel].Write([]byte{})
+	default:
+		streams[errorChannel].Write([]byte{})
+	}
+
+	var in io.Reader
+	var out, errOut io.WriteCloser
+	if opts.Stdin {
+		in = streams[stdinChannel]
+	}
+	if opts.Stdout {
+		out = streams[stdoutChannel]
+	}
+	if opts.Stderr {
+		errOut = streams[stderrChannel]
+	}
+	go func() {
+		closed := make([]byte, 1)
+		for {
+			if _, err := io.ReadFull(streams[closeSignal], closed); err != nil {
+				return
+			}
+			if closed[0] == stdinChannel && opts.Stdin {
+				streams[stdinChannel].Close()
+			}
+		}
+	}()
+	resize := make(chan remotecommand.TerminalSize)
+	go func() {
+		defer close(resize)
+		sizes := json.NewDecoder(streams[resizeChannel])
+		for {
+			var size remotecommand.TerminalSize
+			if sizes.Decode(&size) != nil {
+				return
+			}
+			resize <- size
+		}
+	}()
+
+	status := &apierrors.StatusError{ErrStatus: metav1.Status{Status: metav1.StatusSuccess}}
+	if err := run(in, out, errOut, resize); err != nil {
+		var exit utilexec.ExitError
+		if errors.As(err, &exit) && exit.Exited() && exitCodes {
+			status = &apierrors.StatusError{ErrStatus: metav1.Status{
+				Status: metav1.StatusFailure,
+				Reason: remotecommandconsts.NonZeroExitCodeReason,
+				Details: &metav1.StatusDetails{Causes: []metav1.StatusCause{{
+					Type:    remotecommandconsts.ExitCodeCauseType,
+					Message: strconv.Itoa(exit.ExitStatus()),
+				}}},
+				Message: fmt.Sprintf("command terminated with non-zero exit code: %v", exit),
+			}}
+		} else {
+			status = apierrors.NewInternalError(fmt.Errorf("error %s: %v", what, err))
+		}
+	}
+	encoded, err := json.Marshal(status.Status())
+	if err == nil {
+		_, err = streams[errorChannel].Write(encoded)
+	}
+	if err != nil {
+		log.Printf("v5 status: %v", err)
+	}
 }
 
 func (h *host) attachCommand(tty bool) []string {
@@ -642,7 +798,15 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "no command given", http.StatusBadRequest)
 			return
 		}
-		remotecommandserver.ServeExec(w, r, s.h, segs[1], "", segs[2], cmd, opts,
+		h := streamHost{s.h, transportOf(r)}
+		if offersV5(r) {
+			serveV5(w, r, opts, true, "executing command in container",
+				func(in io.Reader, out, errOut io.WriteCloser, resize <-chan remotecommand.TerminalSize) error {
+					return h.ExecInContainer(segs[1], "", segs[2], cmd, in, out, errOut, opts.TTY, resize, 0)
+				})
+			return
+		}
+		remotecommandserver.ServeExec(w, r, h, segs[1], "", segs[2], cmd, opts,
 			streamIdleTimeout, remotecommandconsts.DefaultStreamCreationTimeout, remotecommandconsts.SupportedStreamingProtocols)
 	case strings.HasPrefix(p, "/attach/"):
 		segs, ok := parse(p, "attach", 3)
@@ -658,7 +822,15 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		remotecommandserver.ServeAttach(w, r, s.h, segs[1], "", segs[2], opts,
+		h := streamHost{s.h, transportOf(r)}
+		if offersV5(r) {
+			serveV5(w, r, opts, false, "attaching to container",
+				func(in io.Reader, out, errOut io.WriteCloser, resize <-chan remotecommand.TerminalSize) error {
+					return h.AttachContainer(segs[1], "", segs[2], in, out, errOut, opts.TTY, resize)
+				})
+			return
+		}
+		remotecommandserver.ServeAttach(w, r, h, segs[1], "", segs[2], opts,
 			streamIdleTimeout, remotecommandconsts.DefaultStreamCreationTimeout, remotecommandconsts.SupportedStreamingProtocols)
 	case strings.HasPrefix(p, "/portForward/"):
 		segs, ok := parse(p, "portForward", 2)
