@@ -48,6 +48,8 @@
 #   VIGIL_KUBE_PORT=16443 VIGIL_ADMIN_PORT=19191   the gateway's listen ports (127.0.0.1)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
+#   BUILD_PROFILE=release  the cargo profile built and run (`profiling`: the same code with
+#                        line tables, for perf)
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, samples, audit logs, recordings)
 #   AUDIT_SYNC=write     the gateway's audit.sync: write, or fsync
 #   PROFILE=1            perf record -e cpu-clock -g the gateway during the last round's vigil
@@ -151,15 +153,15 @@ apiserver_pid="$(cat "$VIGIL_DEV_KUBE_DIR/apiserver.pid" 2>/dev/null || true)"
 # Two cargo runs: built together, the load generator's dependencies (kube-rs) would change the
 # features of crates the gateway shares with it, and so the gateway binary other scripts use.
 if [[ "$SKIP_BUILD" != 1 ]]; then
-  log "building the release gateway, CLI and load generator (CARGO_TARGET_DIR=$target_dir; may wait for another build's lock)"
-  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release -p vigil-node -p vigil-cli) \
+  log "building the gateway, CLI and load generator (profile $BUILD_PROFILE, CARGO_TARGET_DIR=$target_dir; may wait for another build's lock)"
+  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --profile "$BUILD_PROFILE" -p vigil-node -p vigil-cli) \
     || die "cargo build failed"
-  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release -p vigil-kube-load) \
+  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --profile "$BUILD_PROFILE" -p vigil-kube-load) \
     || die "cargo build failed"
 fi
-vigil_node="$target_dir/release/vigil-node"
-vigil_cli="$target_dir/release/vigil"
-kube_load="$target_dir/release/kube-load"
+vigil_node="$target_dir/$BUILD_PROFILE/vigil-node"
+vigil_cli="$target_dir/$BUILD_PROFILE/vigil"
+kube_load="$target_dir/$BUILD_PROFILE/kube-load"
 for b in "$vigil_node" "$vigil_cli" "$kube_load"; do
   [[ -x "$b" ]] || die "$b missing (build first, or unset SKIP_BUILD)"
 done

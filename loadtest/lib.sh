@@ -10,6 +10,7 @@ die() { printf '%s: ERROR: %s\n' "$script" "$*" >&2; exit 1; }
 dev_dir="${VIGIL_DEV_DIR:-/tmp/vigil-dev}"
 target_dir="${CARGO_TARGET_DIR:-/var/cache/vigil/target}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
+BUILD_PROFILE="${BUILD_PROFILE:-release}" # pgbench.sh, kube.sh: the cargo profile built and run
 KEEP_WORKDIR="${KEEP_WORKDIR:-0}"
 AUDIT_SYNC="${AUDIT_SYNC:-write}"
 case "$AUDIT_SYNC" in write | fsync) ;; *) die "AUDIT_SYNC must be write or fsync (got '$AUDIT_SYNC')" ;; esac
