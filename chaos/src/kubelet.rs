@@ -23,6 +23,16 @@ pub fn exec_log_since(offset: u64) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The kubelet's one exec entry of `sh -c SCRIPT` (it ran exactly once: asserted).
+pub fn ran_once(script: &str) -> serde_json::Value {
+    let mut ran: Vec<_> = exec_log_since(0)
+        .into_iter()
+        .filter(|e| e["kind"] == "exec" && e["command"][2] == script)
+        .collect();
+    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
+    ran.remove(0)
+}
+
 /// Appends `line` and a newline to the container log (what `kubectl logs -f` follows).
 pub fn append_container_log(line: &str) {
     let mut f = std::fs::OpenOptions::new()

@@ -14,7 +14,7 @@ use vigil_chaos::kube::{
     client, grant_dba, recorded_bytes, requests, same_request, wait_for_end, Gateway,
     NO_RM_IN_PODS, OPS_FORWARD_TO_SHELL,
 };
-use vigil_chaos::kubelet::exec_log_since;
+use vigil_chaos::kubelet::{exec_log_since, ran_once};
 use vigil_chaos::token_for;
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
@@ -280,12 +280,8 @@ async fn an_exec_that_offers_only_v4_is_served_v4() {
     let status: serde_json::Value = serde_json::from_slice(&status).expect("a JSON Status");
     assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
     assert_eq!(status["details"]["causes"][0]["message"], "5", "{status}");
-    let ran: Vec<_> = exec_log_since(0)
-        .into_iter()
-        .filter(|e| e["kind"] == "exec" && e["command"][2] == script.as_str())
-        .collect();
-    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
-    assert_eq!(ran[0]["transport"], "websocket", "{ran:?}");
+    let ran = ran_once(&script);
+    assert_eq!(ran["transport"], "websocket", "{ran}");
 
     let (records, end) = response(&g, &marker).await;
     assert_eq!(end.body.detail.as_deref(), Some("exit code 5"));

@@ -8,7 +8,7 @@ use vigil_chaos::kube::{
     admin, audit_events, audit_len, end_of, event_key, gateway_events, grant_dba, kubectl,
     record_key, recorded_bytes, requests, same_request, wait_for_end, Gateway, NO_RM_IN_PODS,
 };
-use vigil_chaos::kubelet::exec_log_since;
+use vigil_chaos::kubelet::ran_once;
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
@@ -552,12 +552,8 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
         format!("out-{marker}\n")
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("err-{marker}")));
-    let ran: Vec<_> = exec_log_since(0)
-        .into_iter()
-        .filter(|e| e["kind"] == "exec" && e["command"][2] == script.as_str())
-        .collect();
-    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
-    assert_eq!(ran[0]["transport"], "websocket", "{ran:?}");
+    let ran = ran_once(&script);
+    assert_eq!(ran["transport"], "websocket", "{ran}");
 
     let doomed = format!("/tmp/{marker}");
     let out = kubectl(
@@ -648,15 +644,11 @@ async fn kubectl_exec_stdin_ends_with_the_v5_close_signal() {
         String::from_utf8_lossy(&out.stdout),
         format!("{marker} {}\n", input.len())
     );
-    let ran: Vec<_> = exec_log_since(0)
-        .into_iter()
-        .filter(|e| e["kind"] == "exec" && e["command"][2] == script.as_str())
-        .collect();
-    assert_eq!(ran.len(), 1, "the kubelet ran it once: {ran:?}");
+    let ran = ran_once(&script);
     assert_eq!(
-        (&ran[0]["transport"], &ran[0]["stdin"]),
+        (&ran["transport"], &ran["stdin"]),
         (&"websocket".into(), &true.into()),
-        "{ran:?}"
+        "{ran}"
     );
 
     let records = g.node.records().await;
