@@ -1,6 +1,6 @@
 //! exec and port-forward over WebSocket through the Kubernetes gateway, with kube-rs (which
 //! speaks only WebSocket: it offers `v5.channel.k8s.io` and `v4.channel.k8s.io`, and the test
-//! kubelet picks v5), and a client that offers only v4 (as the Python client does), which the
+//! kubelet picks v5), and a client that offers only v4 (as older client libraries do), which the
 //! kubelet's own 1.20 streaming code serves. Ground truth is the test kubelet's log of what it
 //! ran, on which transport, and which ports it connected; the streams are in Vigil's records.
 
