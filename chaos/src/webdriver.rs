@@ -194,6 +194,24 @@ impl Browser {
         }
     }
 
+    /// The element `css` selects once its text is `text` (a page fills some in after it
+    /// loads), waiting up to `timeout` for both.
+    pub async fn wait_for_text(&self, css: &str, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let element = self.wait_for(css, timeout).await;
+        loop {
+            let shown = self.text(&element).await;
+            if shown == text {
+                return element;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} shows {shown:?}, not {text:?}, after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn click(&self, element: &str) {
         self.post(&format!("/element/{element}/click"), json!({}))
             .await;

@@ -189,15 +189,9 @@ async fn log_in_at(browser: &Browser, console: &str, lands: &str, user: &str, sh
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let who = browser.wait_for("#who", Duration::from_secs(10)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while browser.text(&who).await != user {
-        assert!(
-            Instant::now() < deadline,
-            "the console does not name {user}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    browser
+        .wait_for_text("#who", user, Duration::from_secs(10))
+        .await;
 }
 
 /// The console's session cookie and the CSRF token, as the logged-in page holds them.
@@ -1226,8 +1220,8 @@ async fn t70_a_login_holds_on_every_node_and_a_logout_ends_it_everywhere() {
     assert_eq!(who["csrf"], json!(csrf), "one CSRF token on every node");
     // The browser, at A's page, is logged in without a second login.
     dave.goto(&format!("{}/#sessions", a.console)).await;
-    let name = dave.wait_for("#who", Duration::from_secs(10)).await;
-    assert_eq!(dave.text(&name).await, "dave");
+    dave.wait_for_text("#who", "dave", Duration::from_secs(10))
+        .await;
     dave.screenshot(&shots.join("03-same-login-at-a.png")).await;
 
     // A cookie changed anywhere opens nothing.
