@@ -13,6 +13,8 @@ SKIP_BUILD="${SKIP_BUILD:-0}"
 BUILD_PROFILE="${BUILD_PROFILE:-release}" # pgbench.sh, kube.sh: the cargo profile built and run
 KEEP_WORKDIR="${KEEP_WORKDIR:-0}"
 AUDIT_SYNC="${AUDIT_SYNC:-write}"
+SESSION_THREADS="${SESSION_THREADS:-}" # the gateways' node.session_threads (empty: the node's default, one per CPU)
+[[ -z "$SESSION_THREADS" || "$SESSION_THREADS" =~ ^[0-9]+$ ]] || die "SESSION_THREADS must be a whole number (got '$SESSION_THREADS')"
 case "$AUDIT_SYNC" in write | fsync) ;; *) die "AUDIT_SYNC must be write or fsync (got '$AUDIT_SYNC')" ;; esac
 
 show_log() { # FILE [LINES]: the end of a log, on stderr
@@ -72,6 +74,7 @@ node_config() {
 [node]
 id = "$2"
 data_dir = "$1/data"
+${SESSION_THREADS:+session_threads = $SESSION_THREADS}
 [admin]
 listen = "127.0.0.1:${3:-$VIGIL_ADMIN_PORT}"
 [log]

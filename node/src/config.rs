@@ -140,6 +140,10 @@ pub struct NodeConfig {
     /// docs/operations.md, "Draining a node"). Keep it below the orchestrator's grace period.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_secs: u64,
+    /// How many threads run the protocols' sessions (`0`: one per CPU); see
+    /// `core::session_threads`.
+    #[serde(default)]
+    pub session_threads: usize,
 }
 
 fn default_drain_timeout() -> u64 {

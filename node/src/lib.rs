@@ -287,6 +287,8 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         data_dir: config.node.data_dir.clone(),
         lifecycle: lifecycle.clone(),
         peers: Arc::new(core::peers::Peers::new(&config.node.id, &config.cluster)?),
+        threads: core::session_threads::SessionThreads::start(config.node.session_threads)
+            .context("node.session_threads: cannot start the session threads")?,
     });
     let Servers {
         servers,

@@ -13,15 +13,10 @@ struct Args {
     config: PathBuf,
 }
 
-/// The runtime's worker threads' stack: 8 MiB (tokio's default is 2 MiB) lets the classifier
-/// decide a new statement of up to ~800 bytes on the session's own thread, without handing it
-/// to a classifier thread. Only the pages a thread touches are committed.
-const WORKER_STACK: usize = 8 << 20;
-
 fn main() -> std::process::ExitCode {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_stack_size(WORKER_STACK)
+        .thread_stack_size(vigil_node::core::session_threads::STACK)
         .build()
     {
         Ok(runtime) => runtime.block_on(node()),

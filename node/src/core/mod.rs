@@ -17,6 +17,7 @@ pub mod refusal;
 pub mod saml;
 pub mod secret;
 pub mod server;
+pub mod session_threads;
 pub mod tls;
 pub mod trace;
 
@@ -47,6 +48,8 @@ pub struct Core {
     pub lifecycle: Arc<lifecycle::Lifecycle>,
     /// The other gateway nodes, and the calls between them.
     pub peers: Arc<peers::Peers>,
+    /// Where accepted connections run ([`session_threads`]).
+    pub threads: session_threads::SessionThreads,
 }
 
 /// A new session id: 96 random bits, hex (every protocol's sessions share the form).

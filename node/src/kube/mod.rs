@@ -47,9 +47,18 @@ pub struct Cluster {
     /// The gateway's own bearer token for this API server (none: it presents a client
     /// certificate).
     token: Option<crate::core::secret::Secret<String>>,
-    client: Upstream,
+    /// Pooled clients: one per session thread, then one for any other thread.
+    clients: Vec<Upstream>,
     /// HTTP/1.1 only: exec and attach switch protocols, which HTTP/2 cannot.
     upgrade_client: Upstream,
+}
+
+impl Cluster {
+    /// The pooled client of the calling thread.
+    fn client(&self) -> &Upstream {
+        let own = crate::core::session_threads::SessionThreads::current();
+        &self.clients[own.map_or(self.clients.len() - 1, |i| i.min(self.clients.len() - 1))]
+    }
 }
 
 /// What every connection of the listener shares.
@@ -113,7 +122,11 @@ impl KubeServer {
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(http.clone());
-            let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+            // One pool per session thread: a request goes out on its own thread's
+            // connections, whose tasks run there (`core::session_threads`).
+            let clients = (0..=core.threads.count())
+                .map(|_| Client::builder(hyper_util::rt::TokioExecutor::new()).build(https.clone()))
+                .collect();
             let http1 = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config((*client_tls).clone())
                 .https_only()
@@ -125,7 +138,7 @@ impl KubeServer {
                 Arc::new(Cluster {
                     config: c.clone(),
                     token,
-                    client,
+                    clients,
                     upgrade_client,
                 }),
             );
@@ -176,11 +189,12 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((mut tcp, peer)) => {
+                Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
+                    let threads = &ctx.core.threads;
                     let (tls, ctx, sessions) = (tls.clone(), ctx.clone(), sessions.clone());
                     let open = sessions.enter();
-                    tokio::spawn(async move {
+                    let session = move |mut tcp| async move {
                         let _open = open;
                         // Refused (recorded) before TLS: nothing the client could read.
                         let admitted =
@@ -194,7 +208,10 @@ async fn serve(
                             return;
                         };
                         proxy::connection(ctx, stream, origin, sessions).await;
-                    });
+                    };
+                    if let Err(e) = threads.spawn_connection(tcp, session) {
+                        tracing::warn!(error = %e, "cannot hand an accepted connection over");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "kubernetes accept failed");

@@ -553,7 +553,7 @@ impl Conn {
                 )
                 .await;
         }
-        match routed.cluster.client.request(upstream).await {
+        match routed.cluster.client().request(upstream).await {
             Ok(resp) => self.relay(resp, &principal, &cluster_name, stmt, &routed.info, started),
             Err(e) => self.respond_error(
                 &principal,

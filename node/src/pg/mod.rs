@@ -156,21 +156,25 @@ async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((mut tcp, peer)) => {
+                Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let Ok(permit) = preauth.clone().try_acquire_owned() else {
                         ctx.core.metrics.preauth_refused.inc();
                         tokio::spawn(session::turn_away(tcp, peer));
                         continue;
                     };
+                    let threads = &ctx.core.threads;
                     let ctx = ctx.clone();
                     let open = sessions.enter();
-                    tokio::spawn(async move {
+                    let session = move |mut tcp| async move {
                         if let Some(origin) = admit(&ctx, &mut tcp, peer).await {
                             session::run(ctx, tcp, origin, permit).await;
                         }
                         drop(open);
-                    });
+                    };
+                    if let Err(e) = threads.spawn_connection(tcp, session) {
+                        tracing::warn!(error = %e, "cannot hand an accepted connection over");
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

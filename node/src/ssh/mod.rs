@@ -170,22 +170,26 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((mut tcp, peer)) => {
+                Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let Ok(permit) = preauth.clone().try_acquire_owned() else {
                         ctx.core.metrics.preauth_refused.inc();
                         continue;
                     };
+                    let threads = &ctx.core.threads;
                     let ctx = ctx.clone();
                     let open = sessions.enter();
-                    tokio::spawn(async move {
+                    let session = move |mut tcp| async move {
                         let admitted =
                             proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Server);
                         if let Ok(origin) = admitted.await {
                             session::run(ctx, tcp, origin, permit).await;
                         }
                         drop(open);
-                    });
+                    };
+                    if let Err(e) = threads.spawn_connection(tcp, session) {
+                        tracing::warn!(error = %e, "cannot hand an accepted connection over");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
