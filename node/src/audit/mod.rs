@@ -53,7 +53,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 use vigil_proto::chain::Chain;
 use vigil_proto::record::{Body, Kind};
@@ -202,10 +202,6 @@ struct Queue {
 /// How long a record nobody waits for (a response, a session end) may wait for an append to
 /// share its write with. A request's record is never delayed: its append wakes the writer.
 const RECORD_DELAY: Duration = Duration::from_millis(2);
-
-/// How long an append with `sync = "write"` waits for a writer held by someone else before it
-/// hands its entry to the thread.
-const BUSY_WAIT: Duration = Duration::from_micros(20);
 
 /// Polls for records nobody waits for before the writer sleeps until woken (about a second).
 const QUIET_POLLS: u32 = 500;
@@ -499,25 +495,11 @@ impl Inner {
         if !self.inline {
             return Err(entry);
         }
-        let mut busy_since = None;
-        let mut writer = loop {
-            match self.writer.try_lock() {
-                Ok(writer) => break writer,
-                // Another session is writing: one `write(2)` into the page cache, a few
-                // microseconds. Waiting that long costs less than the hand-off to the thread
-                // and the wake-up back; a writer held longer (the thread's batch, a failing
-                // disk) gets the entry.
-                Err(TryLockError::WouldBlock)
-                    if busy_since.get_or_insert_with(Instant::now).elapsed() < BUSY_WAIT =>
-                {
-                    for _ in 0..32 {
-                        std::hint::spin_loop();
-                    }
-                }
-                Err(TryLockError::WouldBlock) => return Err(entry),
-                // A write panicked: the chain's state is unknown, nothing more is written.
-                Err(TryLockError::Poisoned(_)) => return Ok(Err(AuditError::Closed)),
-            }
+        let mut writer = match self.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(TryLockError::WouldBlock) => return Err(entry),
+            // A write panicked: the chain's state is unknown, nothing more is written.
+            Err(TryLockError::Poisoned(_)) => return Ok(Err(AuditError::Closed)),
         };
         let mut batch = {
             let mut q = self.lock();
