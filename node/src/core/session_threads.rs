@@ -165,6 +165,31 @@ mod tests {
         assert!(session.await.unwrap_err().is_cancelled());
     }
 
+    #[tokio::test]
+    async fn an_accepted_connection_is_served_on_a_session_thread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let threads = SessionThreads::start(2).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        threads
+            .spawn_connection(accepted, |mut tcp| async move {
+                let mut word = [0u8; 4];
+                tcp.read_exact(&mut word).await.unwrap();
+                let on = SessionThreads::current().expect("on a session thread");
+                tcp.write_all(format!("{} {on}", String::from_utf8_lossy(&word)).as_bytes())
+                    .await
+                    .unwrap();
+            })
+            .unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert_eq!(answer, "ping 0");
+    }
+
     #[test]
     fn zero_means_one_per_cpu() {
         let threads = SessionThreads::start(0).unwrap();

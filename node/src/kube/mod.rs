@@ -47,10 +47,8 @@ pub struct Cluster {
     /// The gateway's own bearer token for this API server (none: it presents a client
     /// certificate).
     token: Option<crate::core::secret::Secret<String>>,
-    /// Pooled clients: one per session thread, then one for any other thread.
+    /// Pooled HTTP/1.1 clients: one per session thread, then one for any other thread.
     clients: Vec<Upstream>,
-    /// HTTP/1.1 only: exec and attach switch protocols, which HTTP/2 cannot.
-    upgrade_client: Upstream,
 }
 
 impl Cluster {
@@ -116,30 +114,28 @@ impl KubeServer {
             http.enforce_http(false);
             http.set_nodelay(true);
             http.set_connect_timeout(Some(Duration::from_secs(c.connect_timeout_secs)));
+            // HTTP/1.1 only, for every request. Over HTTP/2 each request went through the
+            // connection's task (a hand-off there and back), its framing and HPACK, and the
+            // API server spent more per call too: a GET cost the gateway 180-210 us of CPU
+            // against 125-140 us now (loadtest/README.md, "HTTP/1.1 to the API server"). A
+            // watch or `logs -f` holds a connection of its own while it streams; exec,
+            // attach and port-forward switch protocols, which HTTP/2 cannot.
             let https = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config((*client_tls).clone())
                 .https_only()
                 .enable_http1()
-                .enable_http2()
-                .wrap_connector(http.clone());
+                .wrap_connector(http);
             // One pool per session thread: a request goes out on its own thread's
             // connections, whose tasks run there (`core::session_threads`).
             let clients = (0..=core.threads.count())
                 .map(|_| Client::builder(hyper_util::rt::TokioExecutor::new()).build(https.clone()))
                 .collect();
-            let http1 = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config((*client_tls).clone())
-                .https_only()
-                .enable_http1()
-                .wrap_connector(http);
-            let upgrade_client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(http1);
             clusters.insert(
                 c.name.clone(),
                 Arc::new(Cluster {
                     config: c.clone(),
                     token,
                     clients,
-                    upgrade_client,
                 }),
             );
         }

@@ -773,7 +773,7 @@ impl Conn {
                 return self.respond_error(principal, cluster, &stmt, started, why);
             }
         };
-        let mut resp = match routed.cluster.upgrade_client.request(upstream).await {
+        let mut resp = match routed.cluster.client().request(upstream).await {
             Ok(r) => r,
             Err(e) => {
                 let why =
