@@ -9,8 +9,7 @@
 //!   gateway's sessions is impersonated as the agent, and each of them has a Vigil record with
 //!   the same verb, resource, namespace and name, and the same status. A Deployment delete
 //!   blocked by a rule reaches kube-rs as a 403 `Status` with Vigil's reason, and never
-//!   reaches the API server. Twenty more GETs open at most one new connection to the API
-//!   server: the gateway keeps its connections alive and reuses them.
+//!   reaches the API server.
 //!
 //! exec, attach, logs and port-forward through kube-rs are in kube_websocket.rs.
 
@@ -326,25 +325,6 @@ async fn t10_kube_rs_through_the_gateway_is_impersonated_decided_and_recorded() 
     assert!(
         !audit_events(offset).iter().any(|e| event_key(e) == refused),
         "the blocked delete reached the API server"
-    );
-
-    println!("phase: twenty GETs share the gateway's kept-alive connections to the API server");
-    let opened = || async {
-        vigil_chaos::metric(
-            &g.node.metrics().await,
-            "vigil_kube_upstream_connections_total",
-        )
-    };
-    let before = opened().await;
-    for _ in 0..20 {
-        let shell = pods.get("shell").await.expect("get the dev cluster's pod");
-        assert_eq!(shell.metadata.name.as_deref(), Some("shell"));
-    }
-    // One new connection at most: the API server may close an idle one between two GETs.
-    let new = opened().await - before;
-    assert!(
-        new <= 1.0,
-        "20 GETs opened {new} connections to the API server"
     );
 
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;

@@ -39,11 +39,6 @@ pub struct NodeKeyLabel {
     pub fingerprint: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClusterLabel {
-    pub cluster: String,
-}
-
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Client sessions by outcome (`success`, `denied`, `error`).
@@ -87,8 +82,6 @@ pub struct Metrics {
     pub target_protocol_errors: Counter,
     /// Connections turned away because `max_unauthenticated_connections` were authenticating.
     pub preauth_refused: Counter,
-    /// Connections the Kubernetes gateway opened to a cluster's API server.
-    pub kube_upstream_connections: Family<ClusterLabel, Counter>,
     pub cancel_requests: Counter,
     /// 1 while the last probe of the coordinator was answered (with a leader), else 0.
     pub coordinator_reachable: Gauge,
@@ -223,11 +216,6 @@ impl Metrics {
             "preauth_refused",
             "Connections refused at once because too many were authenticating",
             self.preauth_refused.clone(),
-        );
-        registry.register(
-            "kube_upstream_connections",
-            "Connections the Kubernetes gateway opened to a cluster's API server (kept alive and reused)",
-            self.kube_upstream_connections.clone(),
         );
         registry.register(
             "cancel_requests",

@@ -17,23 +17,19 @@ mod stream;
 pub mod websocket;
 
 use crate::core::lifecycle::Sessions;
-use crate::core::metrics::ClusterLabel;
 use crate::core::proxy_protocol::{self, FirstWord};
 use crate::core::server::{ProtocolServer, Shutdown};
 use crate::core::Core;
 use crate::policy::Policy;
 use anyhow::Context as _;
 use config::{KubeClusterConfig, KubeConfig};
-use http::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -43,7 +39,7 @@ pub const PROTOCOL: &str = "kubernetes";
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Upstream = Client<hyper_rustls::HttpsConnector<Counted>, proxy::OutBody>;
+type Upstream = Client<hyper_rustls::HttpsConnector<HttpConnector>, proxy::OutBody>;
 
 /// A cluster and the client the gateway reaches its API server with.
 pub struct Cluster {
@@ -53,35 +49,6 @@ pub struct Cluster {
     token: Option<crate::core::secret::Secret<String>>,
     /// Pooled HTTP/1.1 clients: one per session thread, then one for any other thread.
     clients: Vec<Upstream>,
-}
-
-/// The TCP connector to an API server, counting the connections it opens
-/// (`vigil_kube_upstream_connections_total`): with the pools working, a handful per session
-/// thread, not one per request.
-#[derive(Clone)]
-struct Counted {
-    inner: HttpConnector,
-    opened: Counter,
-}
-
-impl tower_service::Service<Uri> for Counted {
-    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.inner.call(uri);
-        let opened = self.opened.clone();
-        Box::pin(async move {
-            let connection = connecting.await?;
-            opened.inc();
-            Ok(connection)
-        })
-    }
 }
 
 impl Cluster {
@@ -157,16 +124,7 @@ impl KubeServer {
                 .with_tls_config((*client_tls).clone())
                 .https_only()
                 .enable_http1()
-                .wrap_connector(Counted {
-                    inner: http,
-                    opened: core
-                        .metrics
-                        .kube_upstream_connections
-                        .get_or_create(&ClusterLabel {
-                            cluster: c.name.clone(),
-                        })
-                        .clone(),
-                });
+                .wrap_connector(http);
             // One pool per session thread: a request goes out on its own thread's
             // connections, whose tasks run there (`core::session_threads`).
             let clients = (0..=core.threads.count())
