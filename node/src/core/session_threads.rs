@@ -10,9 +10,10 @@
 //!
 //! Why: in a work-stealing runtime a socket that becomes readable wakes the worker that holds
 //! the I/O driver, which then wakes another (a futex) to run the task, and a task woken by
-//! another task's write goes the same way. Measured on a PostgreSQL statement through the
-//! gateway (`loadtest/README.md`, "Session threads"), those hand-offs were a sixth of the
-//! gateway's CPU; on a Kubernetes GET, a quarter.
+//! another task's write goes the same way. Measured on a 2-core host shared with the target
+//! (`loadtest/README.md`, "Session threads"): one session thread cost 12-14 % less CPU per
+//! PostgreSQL statement than the two workers did; two session threads cost the same as the
+//! two workers (each sleeps in `epoll_wait` between its few sessions' requests instead).
 //!
 //! What it costs: a session does not move to an idle thread when its own is busy, so a long
 //! classification or a burst of one session delays the others on its thread (a statement the
@@ -87,7 +88,7 @@ impl SessionThreads {
     }
 
     /// Runs `session` on the next thread in turn.
-    pub fn spawn<F>(&self, session: F) -> JoinHandle<F::Output>
+    fn spawn<F>(&self, session: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
@@ -99,22 +100,24 @@ impl SessionThreads {
     /// Runs the session of an accepted connection on the next thread in turn, with its socket
     /// registered there: a socket stays with the runtime that registered it, and one accepted
     /// on the main runtime would have every readiness of it found there and passed on (an
-    /// `eventfd` write and a wake-up per read).
-    pub fn spawn_connection<S, F>(&self, tcp: TcpStream, session: S) -> io::Result<()>
+    /// `eventfd` write and a wake-up per read). Moving the socket fails only when the process
+    /// is out of resources (epoll's limits): the connection is then closed unanswered and
+    /// logged, like a failed accept.
+    pub fn spawn_connection<S, F>(&self, tcp: TcpStream, session: S)
     where
         S: FnOnce(TcpStream) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let tcp = tcp.into_std()?;
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => return tracing::warn!(error = %e, "cannot hand an accepted connection over"),
+        };
         self.spawn(async move {
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => session(tcp).await,
-                // Registration fails only when the process is out of resources (epoll's
-                // limits): the connection is closed unanswered, like a failed accept.
                 Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
             }
         });
-        Ok(())
     }
 
     /// The session thread the caller runs on, if it runs on one: what a per-thread resource
@@ -174,16 +177,14 @@ mod tests {
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        threads
-            .spawn_connection(accepted, |mut tcp| async move {
-                let mut word = [0u8; 4];
-                tcp.read_exact(&mut word).await.unwrap();
-                let on = SessionThreads::current().expect("on a session thread");
-                tcp.write_all(format!("{} {on}", String::from_utf8_lossy(&word)).as_bytes())
-                    .await
-                    .unwrap();
-            })
-            .unwrap();
+        threads.spawn_connection(accepted, |mut tcp| async move {
+            let mut word = [0u8; 4];
+            tcp.read_exact(&mut word).await.unwrap();
+            let on = SessionThreads::current().expect("on a session thread");
+            tcp.write_all(format!("{} {on}", String::from_utf8_lossy(&word)).as_bytes())
+                .await
+                .unwrap();
+        });
         client.write_all(b"ping").await.unwrap();
         let mut answer = String::new();
         client.read_to_string(&mut answer).await.unwrap();

@@ -172,9 +172,7 @@ async fn serve(listener: TcpListener, ctx: Arc<PgContext>, shutdown: impl Future
                         }
                         drop(open);
                     };
-                    if let Err(e) = threads.spawn_connection(tcp, session) {
-                        tracing::warn!(error = %e, "cannot hand an accepted connection over");
-                    }
+                    threads.spawn_connection(tcp, session);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -187,9 +187,7 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
                         }
                         drop(open);
                     };
-                    if let Err(e) = threads.spawn_connection(tcp, session) {
-                        tracing::warn!(error = %e, "cannot hand an accepted connection over");
-                    }
+                    threads.spawn_connection(tcp, session);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
