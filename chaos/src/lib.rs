@@ -5,7 +5,7 @@
 //! process or as child processes that can be killed. A missing server is a failure, never a
 //! skip. Each test gets its own database, data directory and ports.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -102,12 +102,24 @@ pub fn output_text(out: &std::process::Output) -> String {
 }
 
 /// A port nothing listens on right now (bound and released).
+/// A port nobody on this machine listens on, for a test's node to bind.
+///
+/// It is drawn below the kernel's ephemeral range (32768–60999 by default), and above the ports
+/// of the Compose stack (1xxxx), clear of the dev servers (25xxx), of `deploy/cluster.sh` (27xxx)
+/// and of the chaos clusters (28000–32000). A port of the ephemeral range can become the source
+/// port of any outgoing connection on the machine in the moment between a node's kill and its
+/// restart on the same ports ("Address already in use"); these cannot. No port is handed out
+/// twice by one test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = rand::random_range(19_000..25_000);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 pub fn random_suffix() -> String {

@@ -1367,15 +1367,6 @@ requests = ["forward"]
 paths = ["localhost:*"]
 "#;
 
-/// A port nothing listens on right now (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The client's side of a remote forward: a TCP service on 127.0.0.1 that reads a connection
 /// to its end, then answers `echo:` and what it read.
 async fn echo_service() -> u16 {
@@ -1617,7 +1608,7 @@ async fn a_remote_forward_a_rule_allows_relays_both_ways_and_is_recorded() {
     assert!(!listening(allocated).await, "the host stopped listening");
 
     // Phase 2: a fixed port on a kept connection, then cancelled (`ssh -O cancel`).
-    let port = free_port() as u32;
+    let port = vigil_chaos::free_port() as u32;
     let control = g.keys.path().join("control");
     let control = control.to_str().unwrap();
     let forward_spec = format!("{port}:127.0.0.1:{echo}");
@@ -1706,7 +1697,7 @@ async fn a_remote_forward_no_rule_allows_is_refused_and_never_reaches_the_host()
     let config = g.client_config(&key);
     let cfg = config.to_str().unwrap();
     let echo = echo_service().await;
-    let port = free_port() as u32;
+    let port = vigil_chaos::free_port() as u32;
     let log_before = sshd_log_len();
 
     let out = run(
