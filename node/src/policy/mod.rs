@@ -742,7 +742,7 @@ pub type Classification = Result<Vec<StatementInfo>, classify::ClassifyError>;
 /// stay in the key (`EXPLAIN (ANALYZE 'off')` differs from `EXPLAIN (ANALYZE 'on')`). Each
 /// token is length-prefixed, so different token streams cannot collide.
 pub struct Classifier {
-    cache: moka::sync::Cache<String, Arc<Classification>>,
+    cache: moka::sync::Cache<Vec<u8>, Arc<Classification>>,
 }
 
 impl Default for Classifier {
@@ -750,7 +750,7 @@ impl Default for Classifier {
         Self {
             cache: moka::sync::Cache::builder()
                 .max_capacity(32 * 1024 * 1024)
-                .weigher(|k: &String, _| k.len().try_into().unwrap_or(u32::MAX))
+                .weigher(|k: &Vec<u8>, _| k.len().try_into().unwrap_or(u32::MAX))
                 .build(),
         }
     }
@@ -774,22 +774,22 @@ impl Classifier {
     }
 }
 
-/// The cache key of a statement: its scanner tokens, numeric constants blanked.
-fn shape_key(sql: &str) -> Option<String> {
+/// The cache key of a statement: its scanner tokens, numeric constants blanked. Each token is
+/// its number and the length of its text (4 bytes each, little-endian), then the text.
+fn shape_key(sql: &str) -> Option<Vec<u8>> {
     use pg_query::protobuf::Token;
-    use std::fmt::Write as _;
-    let scan = pg_query::scan(sql).ok()?;
-    let mut key = String::with_capacity(sql.len() + 4 * scan.tokens.len());
-    for t in &scan.tokens {
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = Vec::with_capacity(sql.len() + 8 * tokens.len());
+    for t in &tokens {
         let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
         let text = if t.token == Token::Iconst as i32 || t.token == Token::Fconst as i32 {
             "#"
         } else {
             text
         };
-        // (Writing into a String cannot fail.)
-        let _ = write!(key, "{}:{}:", t.token, text.len());
-        key.push_str(text);
+        key.extend_from_slice(&t.token.to_le_bytes());
+        key.extend_from_slice(&u32::try_from(text.len()).ok()?.to_le_bytes());
+        key.extend_from_slice(text.as_bytes());
     }
     Some(key)
 }
