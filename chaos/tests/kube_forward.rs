@@ -6,7 +6,7 @@
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use vigil_chaos::kube::{grant_dba, Gateway, OPS_FORWARD_TO_SHELL};
+use vigil_chaos::kube::{audit_len, gateway_events, grant_dba, Gateway, OPS_FORWARD_TO_SHELL};
 use vigil_chaos::kubelet::exec_log_since;
 use vigil_chaos::token_for;
 use vigil_proto::record::{Kind, Outcome, Record, Request};
@@ -143,9 +143,11 @@ fn forward_response<'a>(records: &'a [Record], want: &str) -> Option<(&'a Record
 }
 
 /// A port-forward a rule allows carries two connections (over kubectl's default protocol
-/// choice, and over SPDY forced), each reaching the pod's port exactly as the kubelet logs
-/// it; the response record counts the port's connections and bytes, and no byte of the
-/// content is in any record. Where no rule allows it (even with a default that allows
+/// choice, SPDY tunnelled through WebSocket, which the gateway ends and carries to the API
+/// server (1.20, without the tunnel) as SPDY; and over SPDY forced), each reaching the pod's
+/// port exactly as the kubelet logs it; one request reaches the API server, with the verb of
+/// Vigil's record (kubectl did not fall back); the response record counts the port's
+/// connections and bytes, and no byte of the content is in any record. Where no rule allows it (even with a default that allows
 /// everything else), it is refused before anything reaches the kubelet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_is_refused_unless_a_rule_allows_it_and_recorded_as_metadata() {
@@ -162,6 +164,7 @@ async fn port_forward_is_refused_unless_a_rule_allows_it_and_recorded_as_metadat
         let local = vigil_chaos::free_port();
         let ops = token_for("agent-ops", "agent-ops-secret").await;
         let config = g.kubeconfig(dir.path(), &ops);
+        let audit_offset = audit_len();
         let child = port_forward(&config, local, remote, &env)
             .await
             .unwrap_or_else(|e| panic!("kubectl port-forward ({env:?}) did not start: {e}"));
@@ -202,6 +205,39 @@ async fn port_forward_is_refused_unless_a_rule_allows_it_and_recorded_as_metadat
             !text.contains(&first) && !text.contains(&second),
             "no content of a forwarded connection is on record"
         );
+
+        // The tunnel is a GET (a WebSocket), SPDY a POST; the API server saw one request, and
+        // the verb Vigil recorded and decided.
+        let (method, verb) = if env.is_empty() {
+            ("GET", "get")
+        } else {
+            ("POST", "create")
+        };
+        let Some(Request::Kubernetes(k)) = &request.body.request else {
+            panic!("a Kubernetes request record: {:?}", request.body)
+        };
+        assert_eq!((k.method.as_str(), k.verb.as_str()), (method, verb));
+        assert_eq!(
+            portforward_records(&records, Kind::Request).len(),
+            i + 1,
+            "one port-forward request per run: kubectl did not fall back"
+        );
+        let mut events = Vec::new();
+        for _ in 0..50 {
+            events = gateway_events(audit_offset, std::slice::from_ref(request))
+                .into_iter()
+                .filter(|e| {
+                    e["stage"] == "ResponseComplete"
+                        && e["objectRef"]["subresource"] == "portforward"
+                })
+                .collect();
+            if !events.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(events[0]["verb"], verb, "{:#}", events[0]);
     }
 
     // A gateway whose policy allows everything by default, with no rule on port-forward:

@@ -184,6 +184,12 @@ enum Switch {
         /// only ones the API server is offered.
         offered: Vec<String>,
     },
+    /// A port-forward tunnelling SPDY through WebSocket (`SPDY/3.1+portforward.k8s.io`,
+    /// kubectl 1.30 and later): the gateway ends the WebSocket itself and speaks SPDY/3.1 to
+    /// the API server, which every version serves (API servers before 1.30 have no tunnel).
+    Tunnel {
+        key: String,
+    },
 }
 
 impl Conn {
@@ -403,23 +409,22 @@ impl Conn {
         if let Some(Switch::WebSocket {
             kind: StreamKind::PortForward,
             offered,
-            ..
-        }) = &mut switch
+            key,
+        }) = &switch
         {
-            // Over channels, the ports are those of the query; SPDY tunnelled through
-            // WebSocket names them per stream.
-            if ports.is_empty() {
-                offered.retain(|p| p == websocket::SPDY_TUNNEL);
-                if offered.is_empty() {
-                    return Err((
-                        named,
-                        Refused::new(
-                            StatusCode::BAD_REQUEST,
-                            "BadRequest",
-                            "vigil: a port-forward over WebSocket channels names its ports in the query (ports=N)",
-                        ),
-                    ));
-                }
+            // SPDY tunnelled through WebSocket names the ports per stream; over channels they
+            // are those of the query.
+            if offered.iter().any(|p| p == websocket::SPDY_TUNNEL) {
+                switch = Some(Switch::Tunnel { key: key.clone() });
+            } else if ports.is_empty() {
+                return Err((
+                    named,
+                    Refused::new(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "vigil: a port-forward over WebSocket channels names its ports in the query (ports=N)",
+                    ),
+                ));
             }
         }
         let command = query
@@ -696,7 +701,9 @@ impl Conn {
             .body(Full::new(body))
             .map_err(|e| format!("vigil: cannot build the request: {e}"))?;
         let headers = out.headers_mut();
-        let upgrade = routed.switch.is_some();
+        // The client's own switch goes on, but for a tunnel, which the gateway ends.
+        let tunnel = matches!(routed.switch, Some(Switch::Tunnel { .. }));
+        let upgrade = routed.switch.is_some() && !tunnel;
         for (name, value) in parts.headers.iter() {
             let switching = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
             if (switching || !hop_by_hop(name))
@@ -704,10 +711,21 @@ impl Conn {
                 && name != header::HOST
                 && name != header::SEC_WEBSOCKET_PROTOCOL
                 && name != header::SEC_WEBSOCKET_EXTENSIONS
+                && !(tunnel && name.as_str().starts_with("sec-websocket-"))
                 && !name.as_str().starts_with("x-vigil-")
             {
                 headers.append(name.clone(), value.clone());
             }
+        }
+        if tunnel {
+            // What kubectl sends for a SPDY port-forward; the method stays the client's (GET),
+            // so the API server authorises and audits the verb Vigil decided.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+            headers.insert(
+                "x-stream-protocol-version",
+                HeaderValue::from_static("portforward.k8s.io"),
+            );
         }
         let value = |v: &str| {
             HeaderValue::from_str(v).map_err(|_| format!("vigil: {v:?} cannot be sent in a header"))
@@ -749,7 +767,9 @@ impl Conn {
     /// exec, attach and port-forward: the request goes to the API server over HTTP/1.1; when
     /// it switches protocols to one Vigil reads (SPDY/3.1, or WebSocket with a subprotocol
     /// that was offered), so does the client, and the streams are relayed and recorded
-    /// ([`super::stream`]). Any other answer goes back as it is.
+    /// ([`super::stream`]). A tunnelled port-forward is switched to SPDY/3.1 upstream, and
+    /// the gateway answers the client's WebSocket handshake itself. Any other answer goes back
+    /// as it is.
     #[allow(clippy::too_many_arguments)]
     async fn switch(
         &self,
@@ -790,6 +810,7 @@ impl Conn {
                     .map(Framing::WebSocket)
                     .map_err(|e| e.to_string())
             }
+            Some(Switch::Tunnel { .. }) if spdy_upgrade(resp.headers()) => Ok(Framing::Tunnel),
             _ if spdy_upgrade(resp.headers()) => Ok(Framing::Spdy),
             _ => Err("the API server switched to something other than SPDY/3.1".into()),
         };
@@ -825,7 +846,10 @@ impl Conn {
         });
         let mut answer = Response::new(full(Bytes::new()));
         *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        *answer.headers_mut() = resp.headers().clone();
+        *answer.headers_mut() = match &routed.switch {
+            Some(Switch::Tunnel { key }) => tunnel_handshake(key),
+            _ => resp.headers().clone(),
+        };
         answer
     }
 
@@ -1025,6 +1049,22 @@ fn spdy_upgrade(headers: &HeaderMap) -> bool {
             v.split(',')
                 .any(|p| p.trim().eq_ignore_ascii_case("SPDY/3.1"))
         })
+}
+
+/// The gateway's answer to the WebSocket handshake of a tunnelled port-forward.
+fn tunnel_handshake(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(websocket::SPDY_TUNNEL),
+    );
+    // Base64: always a valid header value.
+    if let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(key)) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    h
 }
 
 /// How a request switches protocols, checked against what it is: exec, attach and

@@ -1,8 +1,15 @@
 //! exec, attach and port-forward once the API server has switched protocols: SPDY/3.1 (see
 //! [`super::spdy`]) or WebSocket with a Kubernetes channel protocol (see
 //! [`super::websocket`]), whichever the client and the API server agreed on; Vigil relays the
-//! protocol they chose and never translates. Every frame is read whole in each direction
-//! before it is forwarded, exactly as it arrived.
+//! protocol they chose. Every frame is read whole in each direction before it is forwarded,
+//! exactly as it arrived.
+//!
+//! The one exception is port-forward's SPDY tunnel (`SPDY/3.1+portforward.k8s.io`, SPDY in
+//! the payloads of WebSocket messages): the gateway ends the client's WebSocket and speaks the
+//! SPDY inside it to the API server, as an API server with the tunnel does to the kubelet.
+//! Each SPDY frame, read whole, crosses unchanged: unwrapped from the client's messages, and
+//! each of the API server's in a binary message of its own. The gateway answers the client's
+//! pings, and closes the WebSocket (1000) when the API server's side ends.
 //!
 //! - exec and attach: the payload of each stdin, stdout, stderr and resize message is recorded
 //!   (a `recording` record, its bytes in the session's recording file) before the frame is
@@ -15,7 +22,7 @@
 //! A frame the codec refuses ends the connection: nothing Vigil could not read crosses.
 
 use super::spdy::{self, FrameKind, Observed, Side, SpdyReader, StreamTable, StreamType};
-use super::websocket::{self, ChannelProtocol, Direction, WsMessage, WsReader};
+use super::websocket::{self, ChannelProtocol, Direction, WsMessage, WsReader, WsWriter};
 use super::KubeContext;
 use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::lifecycle::SHUTTING_DOWN;
@@ -36,7 +43,10 @@ use vigil_proto::record::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     Spdy,
+    /// A channel protocol (never the SPDY tunnel, which is [`Framing::Tunnel`]).
     WebSocket(ChannelProtocol),
+    /// port-forward: the client tunnels SPDY through WebSocket, the API server speaks SPDY.
+    Tunnel,
 }
 
 /// What the streams are for.
@@ -122,14 +132,30 @@ enum Meaning {
 struct Step {
     raw: Bytes,
     meanings: Vec<Meaning>,
+    /// What the gateway answers the sender itself (a pong in a tunnel); empty: nothing.
+    back: Bytes,
+}
+
+impl Step {
+    fn forward(raw: Bytes, meanings: Vec<Meaning>) -> Self {
+        Self {
+            raw,
+            meanings,
+            back: Bytes::new(),
+        }
+    }
 }
 
 /// Reads one direction of the connection.
 enum Decoder {
     Spdy(SpdyReader),
     WebSocket(WsReader),
-    /// `SPDY/3.1+portforward.k8s.io`: SPDY in the payloads of WebSocket messages.
-    Tunnel(WsReader, Box<SpdyReader>),
+    /// The client's SPDY tunnelled in WebSocket messages (`SPDY/3.1+portforward.k8s.io`):
+    /// its frames go on bare, and its pings are answered with the writer.
+    Tunnel(WsReader, Box<SpdyReader>, WsWriter),
+    /// The API server's SPDY for a client that tunnels it: each frame goes on in a binary
+    /// message of the writer's.
+    Wrapped(SpdyReader, WsWriter),
 }
 
 impl Decoder {
@@ -139,12 +165,18 @@ impl Decoder {
             Side::Server => Direction::ServerToClient,
         };
         let spdy = || SpdyReader::new(spdy::Limits::default());
+        let to_client = || WsWriter::new(Direction::ServerToClient, ChannelProtocol::SpdyTunnel);
         Ok(match (framing, purpose) {
             (Framing::Spdy, _) => Self::Spdy(spdy()),
-            (Framing::WebSocket(ChannelProtocol::SpdyTunnel), _) => Self::Tunnel(
+            (Framing::Tunnel, _) if from == Side::Client => Self::Tunnel(
                 WsReader::new(direction, ChannelProtocol::SpdyTunnel),
                 Box::new(spdy()),
+                to_client(),
             ),
+            (Framing::Tunnel, _) => Self::Wrapped(spdy(), to_client()),
+            (Framing::WebSocket(ChannelProtocol::SpdyTunnel), _) => {
+                return Err("the SPDY tunnel is ended at the gateway, never relayed".into())
+            }
             (Framing::WebSocket(p), Purpose::Exec) => Self::WebSocket(WsReader::new(direction, p)),
             (Framing::WebSocket(p), Purpose::PortForward { ports }) => Self::WebSocket(
                 WsReader::port_forward(direction, p, ports).map_err(|e| e.to_string())?,
@@ -152,55 +184,85 @@ impl Decoder {
         })
     }
 
-    /// What `bytes` (the next read of this direction) complete: the steps to take, in order.
-    fn decode(&mut self, shared: &Shared, from: Side, bytes: &[u8]) -> Result<Vec<Step>, String> {
+    /// What `bytes` (the next read of this direction) complete: the steps to take, in order,
+    /// and whether the sender closed its side (a tunnel's client closing its WebSocket).
+    fn decode(
+        &mut self,
+        shared: &Shared,
+        from: Side,
+        bytes: &[u8],
+    ) -> Result<(Vec<Step>, bool), String> {
+        let ws_events = |reader: &mut WsReader| {
+            reader
+                .push(bytes)
+                .map_err(|e| format!("a WebSocket frame Vigil cannot read: {e}"))
+        };
+        let mut steps = Vec::new();
         match self {
             Self::Spdy(reader) => {
                 reader.push(bytes);
-                let mut steps = Vec::new();
-                while let Some(frame) = next_frame(reader)? {
-                    let meanings = shared.observe(from, frame.kind())?;
-                    steps.push(Step {
-                        raw: frame.raw().clone(),
-                        meanings,
-                    });
-                }
-                Ok(steps)
+                spdy_steps(reader, shared, from, |raw| raw.clone(), &mut steps)?;
+            }
+            Self::Wrapped(reader, to_client) => {
+                reader.push(bytes);
+                spdy_steps(
+                    reader,
+                    shared,
+                    from,
+                    |raw| to_client.message(raw),
+                    &mut steps,
+                )?;
             }
             Self::WebSocket(reader) => {
-                let events = reader
-                    .push(bytes)
-                    .map_err(|e| format!("a WebSocket frame Vigil cannot read: {e}"))?;
-                Ok(events
-                    .into_iter()
-                    .map(|ev| Step {
-                        meanings: ws_meaning(&ev.message).into_iter().collect(),
-                        raw: forwarded(ev.raw, &ev.message),
-                    })
-                    .collect())
+                steps.extend(ws_events(reader)?.into_iter().map(|ev| {
+                    Step::forward(
+                        forwarded(ev.raw, &ev.message),
+                        ws_meaning(&ev.message).into_iter().collect(),
+                    )
+                }));
             }
-            Self::Tunnel(ws, inner) => {
-                let events = ws
-                    .push(bytes)
-                    .map_err(|e| format!("a WebSocket frame Vigil cannot read: {e}"))?;
-                let mut steps = Vec::new();
-                for ev in events {
-                    let mut meanings = Vec::new();
-                    if let WsMessage::Tunnel { payload } = &ev.message {
-                        inner.push(payload);
-                        while let Some(frame) = next_frame(inner)? {
-                            meanings.extend(shared.observe(from, frame.kind())?);
+            Self::Tunnel(ws, inner, to_client) => {
+                for ev in ws_events(ws)? {
+                    match ev.message {
+                        WsMessage::Tunnel { payload } => {
+                            inner.push(&payload);
+                            spdy_steps(inner, shared, from, |raw| raw.clone(), &mut steps)?;
                         }
+                        WsMessage::Ping { payload } => steps.push(Step {
+                            back: to_client.pong(&payload).map_err(|e| e.to_string())?,
+                            ..Step::forward(Bytes::new(), Vec::new())
+                        }),
+                        WsMessage::Close { .. } => return Ok((steps, true)),
+                        _ => {}
                     }
-                    steps.push(Step {
-                        raw: forwarded(ev.raw, &ev.message),
-                        meanings,
-                    });
                 }
-                Ok(steps)
             }
         }
+        Ok((steps, false))
     }
+
+    /// What ends this direction for its receiver: a tunnel's client gets a normal close.
+    fn closing(&self) -> Option<Bytes> {
+        match self {
+            Self::Wrapped(_, to_client) => to_client.close(Some(1000), "").ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The steps of the whole SPDY frames `reader` holds: each frame's bytes as `out` makes them.
+fn spdy_steps(
+    reader: &mut SpdyReader,
+    shared: &Shared,
+    from: Side,
+    out: impl Fn(&Bytes) -> Bytes,
+    steps: &mut Vec<Step>,
+) -> Result<(), String> {
+    while let Some(frame) = next_frame(reader)? {
+        let meanings = shared.observe(from, frame.kind())?;
+        steps.push(Step::forward(out(frame.raw()), meanings));
+    }
+    Ok(())
 }
 
 fn next_frame(reader: &mut SpdyReader) -> Result<Option<spdy::Frame>, String> {
@@ -404,12 +466,16 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
     };
     let (client_rd, client_wr) = tokio::io::split(TokioIo::new(client));
     let (server_rd, server_wr) = tokio::io::split(TokioIo::new(server));
+    // The client's side is written by both directions: what the server sends, and what the
+    // gateway answers the client itself (a tunnel's pongs).
+    let client_wr = Arc::new(tokio::sync::Mutex::new(client_wr));
     let up = tokio::spawn(pump(
         shared.clone(),
         Side::Client,
         up_decoder,
         client_rd,
-        server_wr,
+        Arc::new(tokio::sync::Mutex::new(server_wr)),
+        Some(client_wr.clone()),
     ));
     let down = pump(
         shared.clone(),
@@ -417,6 +483,7 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
         down_decoder,
         server_rd,
         client_wr,
+        None,
     );
     let abort = up.abort_handle();
     let error = tokio::select! {
@@ -433,12 +500,18 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
     finish(&shared, error);
 }
 
+/// One side's writing half, shared by the directions that write to it.
+type Writer = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<TokioIo<Upgraded>>>>;
+
+/// Relays what `from` sends: read, decoded, put on record, then written to `wr` (and the
+/// gateway's own answers to `back`, the sender's side).
 async fn pump(
     shared: Arc<Shared>,
     from: Side,
     mut decoder: Decoder,
     mut rd: impl tokio::io::AsyncRead + Unpin,
-    mut wr: impl tokio::io::AsyncWrite + Unpin,
+    wr: Writer,
+    back: Option<Writer>,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; 64 * 1024];
     let result = 'read: loop {
@@ -450,7 +523,7 @@ async fn pump(
             Err(e) if gone(&e) => break Ok(()),
             Err(e) => break Err(e.to_string()),
         };
-        let steps = match decoder.decode(&shared, from, &buf[..n]) {
+        let (steps, closed) = match decoder.decode(&shared, from, &buf[..n]) {
             Ok(s) => s,
             Err(why) => break Err(why),
         };
@@ -460,17 +533,31 @@ async fn pump(
                     break 'read Err("the gateway cannot record this stream".into());
                 }
             }
+            if let (Some(back), false) = (&back, step.back.is_empty()) {
+                // A sender that cannot take the answer is gone: its reads end too.
+                let _ = back.lock().await.write_all(&step.back).await;
+            }
+            if step.raw.is_empty() {
+                continue;
+            }
             shared
                 .bytes
                 .fetch_add(step.raw.len() as u64, Ordering::Relaxed);
-            match wr.write_all(&step.raw).await {
+            match wr.lock().await.write_all(&step.raw).await {
                 Ok(()) => {}
                 // The other end went first (kubectl ends a port-forward by leaving).
                 Err(e) if gone(&e) => break 'read Ok(()),
                 Err(e) => break 'read Err(e.to_string()),
             }
         }
+        if closed {
+            break Ok(());
+        }
     };
+    let mut wr = wr.lock().await;
+    if let Some(close) = decoder.closing() {
+        let _ = wr.write_all(&close).await;
+    }
     let _ = wr.shutdown().await;
     result
 }
