@@ -238,10 +238,12 @@ create_topic() {
 }
 
 # kafka_config TOPIC: the `[audit.kafka]` section of a node whose audit log is the spool of a
-# Kafka sink to TOPIC on the dev broker.
+# Kafka sink to TOPIC on the dev broker, with the lines of KAFKA_EXTRA (for example
+# KAFKA_EXTRA='compression = "lz4"'; docs/configuration.md lists the keys).
 # shellcheck disable=SC2154 # VIGIL_KAFKA_BROKERS: the dev env's
 kafka_config() {
   printf '\n[audit.kafka]\nbrokers = ["%s"]\ntopic = "%s"\n' "$VIGIL_KAFKA_BROKERS" "$1"
+  [[ -z "${KAFKA_EXTRA:-}" ]] || printf '%s\n' "$KAFKA_EXTRA"
 }
 
 # delete_topic TOPIC: deletes the run's topic from the dev broker, unless KEEP_WORKDIR=1 (or TOPIC

@@ -33,6 +33,8 @@
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, pgbench logs, audit log) and the topic
 #   AUDIT_SYNC=write     the gateways' audit.sync: write, or fsync (every batch synced before
 #                        its requests are forwarded)
+#   KAFKA_EXTRA=         more lines for the Kafka node's [audit.kafka] section, as in
+#                        KAFKA_EXTRA='compression = "lz4"'
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -14,6 +14,7 @@ use vigil_proto::record::{Kind, Record};
 
 pub mod balancer;
 pub mod cluster;
+pub mod kafka_tls;
 pub mod kube;
 pub mod kubelet;
 pub mod partition;
@@ -289,8 +290,10 @@ pub struct NodeOptions {
     pub coordinator: Option<String>,
     /// Publish the audit stream to this topic of the dev broker.
     pub kafka_topic: Option<String>,
+    /// The bootstrap broker of that topic; default: the dev broker.
+    pub kafka_brokers: Option<String>,
     /// More `[audit.kafka]` keys.
-    pub kafka_extra: &'static str,
+    pub kafka_extra: String,
     pub checkpoint_interval_secs: u64,
     /// Protocol sections beyond `[postgres]` (`[ssh]` with its targets, `[kubernetes]` with
     /// its clusters, `[api]`), appended to the config.
@@ -317,7 +320,8 @@ impl Default for NodeOptions {
             extra: "",
             coordinator: None,
             kafka_topic: None,
-            kafka_extra: "",
+            kafka_brokers: None,
+            kafka_extra: String::new(),
             checkpoint_interval_secs: 5,
             protocols: None,
         }
@@ -443,7 +447,9 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             kafka = match &opts.kafka_topic {
                 Some(topic) => format!(
                     "[audit.kafka]\nbrokers = [\"{}\"]\ntopic = \"{topic}\"\n{}",
-                    e.get("VIGIL_KAFKA_BROKERS"),
+                    opts.kafka_brokers
+                        .as_deref()
+                        .unwrap_or(e.get("VIGIL_KAFKA_BROKERS")),
                     opts.kafka_extra
                 ),
                 None => String::new(),
@@ -706,6 +712,11 @@ async fn start_node_process(
 
 /// A fresh topic on the dev broker.
 pub fn create_topic(partitions: u32) -> String {
+    create_topic_on(env().get("VIGIL_KAFKA_URL"), partitions)
+}
+
+/// A fresh topic on the Tansu broker at `url` (`tcp://HOST:PORT`).
+pub fn create_topic_on(url: &str, partitions: u32) -> String {
     let name = format!("audit-{}", random_suffix());
     let out = std::process::Command::new(env().get("VIGIL_TANSU"))
         .args([
@@ -715,7 +726,7 @@ pub fn create_topic(partitions: u32) -> String {
             "--partitions",
             &partitions.to_string(),
         ])
-        .args(["--broker", env().get("VIGIL_KAFKA_URL")])
+        .args(["--broker", url])
         .output()
         .expect("run tansu");
     assert!(
@@ -742,6 +753,7 @@ pub fn topic_messages(topic: &str) -> Vec<vigil_node::audit::kafka::TopicMessage
     let mut out = Vec::new();
     vigil_node::audit::kafka::read_topic(
         env().get("VIGIL_KAFKA_BROKERS"),
+        &[],
         topic,
         Duration::from_secs(10),
         |m| out.push(m),

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use vigil_chaos::kafka_tls::{self, TlsBroker};
 use vigil_chaos::*;
 use vigil_node::audit::kafka::TopicMessage;
 use vigil_proto::record::Kind;
@@ -16,9 +17,17 @@ fn records(msgs: &[TopicMessage]) -> Vec<&TopicMessage> {
 
 /// Waits until the topic holds every local record (as a set).
 async fn until_shipped(topic: &str, dir: &std::path::Path) -> Vec<TopicMessage> {
+    until_read_holds(|| topic_messages(topic), dir).await
+}
+
+/// Waits until what `read` reads of a topic holds every local record (as a set).
+async fn until_read_holds(
+    read: impl Fn() -> Vec<TopicMessage>,
+    dir: &std::path::Path,
+) -> Vec<TopicMessage> {
     for _ in 0..300 {
         let want: BTreeSet<Vec<u8>> = log_lines(dir).into_iter().collect();
-        let msgs = topic_messages(topic);
+        let msgs = read();
         let have: BTreeSet<Vec<u8>> = records(&msgs).iter().map(|m| m.value.clone()).collect();
         if want.is_subset(&have) {
             return msgs;
@@ -201,7 +210,7 @@ async fn t93_a_full_spool_refuses_statements_before_the_target() {
     let topic = create_topic(1);
     let node = TestNode::start(NodeOptions {
         kafka_topic: Some(topic.clone()),
-        kafka_extra: "spool_max_bytes = 1048576\n",
+        kafka_extra: "spool_max_bytes = 1048576\n".into(),
         ..NodeOptions::default()
     })
     .await;
@@ -755,4 +764,93 @@ async fn t97_the_cursor_moves_only_over_what_the_broker_acknowledged() {
             "a record behind the cursor is on the topic"
         );
     }
+}
+
+/// `overrides = { … }` of `[audit.kafka]` with these librdkafka settings.
+fn overrides(options: &[(String, String)]) -> String {
+    let pairs: Vec<String> = options
+        .iter()
+        .map(|(k, v)| format!("{k:?} = {v:?}"))
+        .collect();
+    format!("overrides = {{ {} }}\n", pairs.join(", "))
+}
+
+/// Everything in `topic` of the TLS broker, read with `options`.
+fn tls_messages(
+    broker: &TlsBroker,
+    options: &[(String, String)],
+    topic: &str,
+) -> Result<Vec<TopicMessage>, String> {
+    let mut out = Vec::new();
+    vigil_node::audit::kafka::read_topic(
+        &broker.brokers,
+        options,
+        topic,
+        Duration::from_secs(10),
+        |m| out.push(m),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The sink to a broker that requires TLS and a client certificate (`security.protocol`
+/// and `ssl.*` in `overrides`), in zstd batches: every record of the local log arrives, and
+/// `vigil audit verify --kafka` with the same settings (`--kafka-option`) verifies the topic;
+/// without them it cannot read it. A node that does not trust the broker's certificate ships
+/// nothing: its records stay in its local log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t98_the_sink_ships_over_tls_with_a_client_certificate_in_zstd_batches() {
+    let broker = TlsBroker::start().await;
+    let options = broker.client_options(&broker.path("ca.crt"));
+    let topic = broker.create_topic();
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        kafka_brokers: Some(broker.brokers.clone()),
+        kafka_extra: format!("compression = \"zstd\"\n{}", overrides(&options)),
+        ..NodeOptions::default()
+    })
+    .await;
+    some_statements(&node, 20).await;
+    let msgs = until_read_holds(
+        || tls_messages(&broker, &options, &topic).unwrap_or_default(),
+        &node.files.audit_dir,
+    )
+    .await;
+    assert!(records(&msgs).len() >= 40, "{} records", msgs.len());
+
+    let mut args: Vec<String> = [
+        "audit",
+        "verify",
+        "--kafka",
+        &broker.brokers,
+        "--topic",
+        &topic,
+    ]
+    .map(String::from)
+    .into();
+    for (k, v) in &options {
+        args.push("--kafka-option".into());
+        args.push(format!("{k}={v}"));
+    }
+    let (code, out) = vigil(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("OK: ")), "{out}");
+    let (code, out) = vigil(&args[..6].iter().map(String::as_str).collect::<Vec<_>>());
+    assert_ne!(code, 0, "read without TLS: {out}");
+
+    // Another CA: the node refuses the broker's certificate and ships nothing.
+    kafka_tls::ca(broker.dir.path(), "other-ca", "/CN=Not the broker's CA");
+    let untrusted = broker.create_topic();
+    let other = TestNode::start(NodeOptions {
+        kafka_topic: Some(untrusted.clone()),
+        kafka_brokers: Some(broker.brokers.clone()),
+        kafka_extra: overrides(&broker.client_options(&broker.path("other-ca.crt"))),
+        ..NodeOptions::default()
+    })
+    .await;
+    some_statements(&other, 5).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(log_lines(&other.files.audit_dir).len() >= 10);
+    let shipped = tls_messages(&broker, &options, &untrusted).unwrap();
+    assert!(shipped.is_empty(), "{} messages", shipped.len());
 }

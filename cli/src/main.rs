@@ -277,6 +277,11 @@ struct VerifyArgs {
     kafka: Option<String>,
     #[arg(long, requires = "kafka")]
     topic: Option<String>,
+    /// A librdkafka consumer setting for --kafka, `NAME=VALUE` (repeatable): TLS and SASL for
+    /// a broker that requires them, e.g. `--kafka-option security.protocol=ssl
+    /// --kafka-option ssl.ca.location=ca.pem`.
+    #[arg(long = "kafka-option", value_name = "NAME=VALUE", requires = "kafka", value_parser = kafka_option)]
+    kafka_options: Vec<(String, String)>,
     /// Coordinator members (`host:port,…`) whose witnessed checkpoints anchor their streams:
     /// every stream the witness holds must be in the log or topic.
     #[arg(long, value_delimiter = ',')]
@@ -373,6 +378,16 @@ impl CoordinatorArgs {
 }
 
 /// The witness's checkpoints, one per stream (of the `--nodes` only, when given).
+/// `NAME=VALUE` of `--kafka-option`.
+fn kafka_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
 fn witnessed(args: &VerifyArgs) -> Result<Vec<Checkpoint>, String> {
     let client = args
         .credential
@@ -421,6 +436,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
             let mut chunks = recording::ChunkReader::new(None);
             let n = vigil_node::audit::kafka::read_topic(
                 brokers,
+                &args.kafka_options,
                 topic,
                 std::time::Duration::from_secs(10),
                 |m| {

@@ -153,6 +153,7 @@ async fn main() {
     let t = Instant::now();
     let read = vigil_node::audit::kafka::read_topic(
         vigil_chaos::env().get("VIGIL_KAFKA_BROKERS"),
+        &[],
         &topic,
         Duration::from_secs(10),
         |m| {

@@ -671,9 +671,12 @@ pub struct TopicMessage {
 
 /// Reads every partition of `topic` from its beginning to its end as of now (no consumer
 /// group, nothing committed) and hands each message to `each`, in offset order within each
-/// partition. Returns the number of messages read.
+/// partition. `options` are librdkafka consumer settings, applied last (TLS, SASL: the
+/// `security.protocol` and `ssl.*` of a broker that requires them). Returns the number of
+/// messages read.
 pub fn read_topic(
     brokers: &str,
+    options: &[(String, String)],
     topic: &str,
     timeout: Duration,
     mut each: impl FnMut(TopicMessage),
@@ -681,12 +684,16 @@ pub fn read_topic(
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", "vigil-audit-verify")
         .set("enable.auto.commit", "false")
-        .set("fetch.max.bytes", "52428800")
-        .create()?;
+        .set("fetch.max.bytes", "52428800");
+    for (name, value) in options {
+        config.set(name, value);
+    }
+    let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
         .topics()
