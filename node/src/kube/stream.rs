@@ -186,12 +186,8 @@ impl Decoder {
 
     /// What `bytes` (the next read of this direction) complete: the steps to take, in order,
     /// and whether the sender closed its side (a tunnel's client closing its WebSocket).
-    fn decode(
-        &mut self,
-        shared: &Shared,
-        from: Side,
-        bytes: &[u8],
-    ) -> Result<(Vec<Step>, bool), String> {
+    /// `observe` says what each SPDY frame means ([`Shared::observe`]).
+    fn decode(&mut self, observe: Observe<'_>, bytes: &[u8]) -> Result<(Vec<Step>, bool), String> {
         let ws_events = |reader: &mut WsReader| {
             reader
                 .push(bytes)
@@ -201,17 +197,11 @@ impl Decoder {
         match self {
             Self::Spdy(reader) => {
                 reader.push(bytes);
-                spdy_steps(reader, shared, from, |raw| raw.clone(), &mut steps)?;
+                spdy_steps(reader, observe, |raw| raw.clone(), &mut steps)?;
             }
             Self::Wrapped(reader, to_client) => {
                 reader.push(bytes);
-                spdy_steps(
-                    reader,
-                    shared,
-                    from,
-                    |raw| to_client.message(raw),
-                    &mut steps,
-                )?;
+                spdy_steps(reader, observe, |raw| to_client.message(raw), &mut steps)?;
             }
             Self::WebSocket(reader) => {
                 steps.extend(ws_events(reader)?.into_iter().map(|ev| {
@@ -226,7 +216,7 @@ impl Decoder {
                     match ev.message {
                         WsMessage::Tunnel { payload } => {
                             inner.push(&payload);
-                            spdy_steps(inner, shared, from, |raw| raw.clone(), &mut steps)?;
+                            spdy_steps(inner, observe, |raw| raw.clone(), &mut steps)?;
                         }
                         WsMessage::Ping { payload } => steps.push(Step {
                             back: to_client.pong(&payload).map_err(|e| e.to_string())?,
@@ -250,16 +240,18 @@ impl Decoder {
     }
 }
 
+/// What a SPDY frame of one direction means for the records.
+type Observe<'a> = &'a mut dyn FnMut(&FrameKind) -> Result<Vec<Meaning>, String>;
+
 /// The steps of the whole SPDY frames `reader` holds: each frame's bytes as `out` makes them.
 fn spdy_steps(
     reader: &mut SpdyReader,
-    shared: &Shared,
-    from: Side,
+    observe: Observe<'_>,
     out: impl Fn(&Bytes) -> Bytes,
     steps: &mut Vec<Step>,
 ) -> Result<(), String> {
     while let Some(frame) = next_frame(reader)? {
-        let meanings = shared.observe(from, frame.kind())?;
+        let meanings = observe(frame.kind())?;
         steps.push(Step::forward(out(frame.raw()), meanings));
     }
     Ok(())
@@ -523,7 +515,7 @@ async fn pump(
             Err(e) if gone(&e) => break Ok(()),
             Err(e) => break Err(e.to_string()),
         };
-        let (steps, closed) = match decoder.decode(&shared, from, &buf[..n]) {
+        let (steps, closed) = match decoder.decode(&mut |f| shared.observe(from, f), &buf[..n]) {
             Ok(s) => s,
             Err(why) => break Err(why),
         };
@@ -690,5 +682,94 @@ mod tests {
             "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}});
         assert_eq!(exit_code(&three), Some(3));
         assert_eq!(exit_code(&serde_json::Value::Null), None);
+    }
+
+    fn no_meaning(_: &FrameKind) -> Result<Vec<Meaning>, String> {
+        Ok(Vec::new())
+    }
+
+    fn forward() -> Purpose {
+        Purpose::PortForward { ports: Vec::new() }
+    }
+
+    fn to_client() -> WsWriter {
+        WsWriter::new(Direction::ServerToClient, ChannelProtocol::SpdyTunnel)
+    }
+
+    #[test]
+    fn a_tunnels_spdy_goes_on_bare_a_whole_frame_at_a_time_and_its_pings_are_answered() {
+        let mut up = Decoder::new(Framing::Tunnel, &forward(), Side::Client).unwrap();
+        let client = WsWriter::new(Direction::ClientToServer, ChannelProtocol::SpdyTunnel)
+            .with_mask_key([1, 2, 3, 4]);
+        let ping = spdy::ping(7);
+        let data = spdy::data(1, false, b"hello").unwrap();
+        // A SPDY frame split across two messages, a WebSocket ping between them.
+        let bytes = [
+            client.message(&ping[..5]),
+            client.ping(b"are you there").unwrap(),
+            client.message(&[&ping[5..], &data[..]].concat()),
+        ]
+        .concat();
+        let (steps, closed) = up.decode(&mut no_meaning, &bytes).unwrap();
+        assert!(!closed);
+        let raw: Vec<&[u8]> = steps
+            .iter()
+            .filter(|s| !s.raw.is_empty())
+            .map(|s| &s.raw[..])
+            .collect();
+        assert_eq!(raw, [&ping[..], &data[..]]);
+        let back: Vec<&Bytes> = steps
+            .iter()
+            .filter(|s| !s.back.is_empty())
+            .map(|s| &s.back)
+            .collect();
+        assert_eq!(back, [&to_client().pong(b"are you there").unwrap()]);
+        // A close ends the direction; what came before it in the same read still goes on.
+        let bytes = [client.message(&ping), client.close(Some(1000), "").unwrap()].concat();
+        let (steps, closed) = up.decode(&mut no_meaning, &bytes).unwrap();
+        assert!(closed);
+        assert_eq!(steps.len(), 1);
+        assert_eq!(&steps[0].raw[..], &ping[..]);
+        assert_eq!(up.closing(), None);
+        // Text is no part of the tunnel.
+        let text = client.frame(true, websocket::Opcode::Text, b"x");
+        assert!(up.decode(&mut no_meaning, &text).is_err());
+    }
+
+    #[test]
+    fn the_api_servers_spdy_reaches_a_tunnels_client_a_whole_frame_per_message() {
+        let mut down = Decoder::new(Framing::Tunnel, &forward(), Side::Server).unwrap();
+        let ping = spdy::ping(2);
+        let data = spdy::data(2, true, b"world").unwrap();
+        let all = [&ping[..], &data[..]].concat();
+        let (steps, _) = down.decode(&mut no_meaning, &all[..3]).unwrap();
+        assert!(steps.is_empty(), "nothing before a whole frame");
+        let (steps, closed) = down.decode(&mut no_meaning, &all[3..]).unwrap();
+        assert!(!closed);
+        let sent: Vec<Bytes> = steps.iter().map(|s| s.raw.clone()).collect();
+        assert_eq!(
+            sent,
+            [to_client().message(&ping), to_client().message(&data)]
+        );
+        assert_eq!(
+            down.closing(),
+            Some(to_client().close(Some(1000), "").unwrap())
+        );
+        // What the client reads out of those messages is the API server's bytes.
+        let mut client = WsReader::new(Direction::ServerToClient, ChannelProtocol::SpdyTunnel);
+        let mut got = Vec::new();
+        for ev in client.push(&sent.concat()).unwrap() {
+            let WsMessage::Tunnel { payload } = ev.message else {
+                panic!("{:?}", ev.message)
+            };
+            got.extend_from_slice(&payload);
+        }
+        assert_eq!(got, all);
+    }
+
+    #[test]
+    fn the_tunnel_is_never_relayed_as_it_is() {
+        let relayed = Framing::WebSocket(ChannelProtocol::SpdyTunnel);
+        assert!(Decoder::new(relayed, &forward(), Side::Client).is_err());
     }
 }
