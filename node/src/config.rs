@@ -369,14 +369,15 @@ fn default_checkpoint_interval() -> u64 {
     5
 }
 
-/// Compression of record batches. (Snappy is left out: Tansu, the broker the project tests
-/// with, cannot read snappy batches.)
+/// Compression of record batches: lz4 by default, the cheapest for the gateway and the broker
+/// in `loadtest/pgbench.sh` (loadtest/README.md, "Kafka sink"). (Snappy is left out: Tansu,
+/// the broker the project tests with, cannot read snappy batches.)
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
-    #[default]
     None,
     Gzip,
+    #[default]
     Lz4,
     Zstd,
 }
