@@ -22,16 +22,7 @@ pub struct TlsBroker {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::run(Command::new("openssl").current_dir(dir).args(args));
 }
 
 /// A key and a certificate `NAME.key`, `NAME.crt` signed by `ca` (a prefix: `ca.key`,

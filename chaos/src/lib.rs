@@ -710,6 +710,19 @@ async fn start_node_process(
     panic!("vigil-node did not become ready");
 }
 
+/// Runs `command`, which must succeed; its stdout, trimmed.
+pub(crate) fn run(command: &mut std::process::Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A fresh topic on the dev broker.
 pub fn create_topic(partitions: u32) -> String {
     create_topic_on(env().get("VIGIL_KAFKA_URL"), partitions)

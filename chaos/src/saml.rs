@@ -5,7 +5,7 @@
 //! Also what an attacker (or a misbehaving IdP) would do with a response: sign it again with
 //! a key (xmlsec1, the same library family the node verifies with, used here as the IdP would).
 
-use crate::repo_root;
+use crate::{repo_root, run};
 use base64::Engine as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,19 +15,6 @@ pub struct Idp {
     pub port: u16,
     /// `http://127.0.0.1:PORT/simplesaml/saml2/idp/metadata.php` (also its entity id).
     pub metadata_url: String,
-}
-
-/// Runs `command`, which must succeed; its stdout, trimmed.
-fn run(command: &mut Command) -> String {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn idp_sh(args: &[&str]) -> String {
