@@ -8,9 +8,12 @@
 # coordinator: starts MEMBERS `vigil-coordinator` processes (release build, fsync'd redb
 #   stores in a temporary directory), forms a cluster, then measures two phases over gRPC:
 #   creating approval requests (what gateway nodes do) and deciding them with an approver's
-#   OIDC token (what approvers do). Prints calls/s and p50/p99/max commit latency of
-#   acknowledged calls and the goal (>= 5,000 decisions/s, p99 <= 10 ms on three members).
-#   Settings: MEMBERS=3 CONCURRENCY=64 DURATION=10
+#   OIDC token (what approvers do). Both phases run twice: closed-loop (the capacity), then
+#   paced at RATE calls/s in all (the latency at that load, counted from when each call was
+#   due). Prints calls/s and p50/p99/max commit latency of acknowledged calls, the goal
+#   (>= 5,000 decisions/s; p99 <= 10 ms at 5,000/s, on three members) and what each snapshot
+#   cost the members.
+#   Settings: MEMBERS=3 CONCURRENCY=64 DURATION=10 RATE=5000 (0: closed loop only)
 # audit-pipeline: one node's audit log with the Kafka sink, in process, against the dev
 #   broker: ~1 KB records appended by WRITERS tasks until RECORDS are acknowledged (records/s,
 #   gateway CPU per record; goals >= 50,000/s and <= 10 us), then SAMPLES records one at a
@@ -36,7 +39,9 @@ die() { printf 'bench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 case "${1:-}" in
   coordinator) bench=coordinator-bench build=(-p vigil-coordinator-server --bin vigil-coordinator -p vigil-chaos --bin coordinator-bench)
-               export MEMBERS="${MEMBERS:-3}" CONCURRENCY="${CONCURRENCY:-64}" DURATION="${DURATION:-10}" ;;
+               export MEMBERS="${MEMBERS:-3}" CONCURRENCY="${CONCURRENCY:-64}" DURATION="${DURATION:-10}" RATE="${RATE:-5000}"
+               # The members log each snapshot's cost at info; the bench prints those lines.
+               export RUST_LOG="${RUST_LOG:-warn,vigil_coordinator::store=info}" ;;
   audit-pipeline) bench=audit-pipeline-bench build=(-p vigil-chaos --bin audit-pipeline-bench)
                   export RECORDS="${RECORDS:-200000}" WRITERS="${WRITERS:-4}" SAMPLES="${SAMPLES:-2000}" ;;
   console-index) bench=console-index-bench build=(-p vigil-chaos --bin console-index-bench) servers=0

@@ -5,7 +5,7 @@
 
 use crate::{bin, env, free_port, repo_root};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 use tempfile::TempDir;
 use vigil_coordinator::client::{Client, Credential};
@@ -18,8 +18,16 @@ pub struct Member {
     /// `host:port` of `/metrics`, `/healthz` and `/readyz`.
     pub metrics: String,
     config: PathBuf,
+    /// Its stdout (the log) and stderr.
     log: PathBuf,
     child: Option<Child>,
+}
+
+impl Member {
+    /// The member's log (its stderr).
+    pub fn log(&self) -> &std::path::Path {
+        &self.log
+    }
 }
 
 pub struct Cluster {
@@ -239,7 +247,7 @@ level = "warn"
         let child = Command::new(bin("vigil-coordinator"))
             .arg("--config")
             .arg(&m.config)
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("vigil-coordinator starts");

@@ -220,34 +220,86 @@ struct Append {
 /// Work for the log writer thread, done in the order it was queued.
 enum Op {
     Append(Append),
-    /// Anything else (vote, truncate, purge, reads that must see every append before them).
+    /// Record the purge up to this entry (a commit of its own, answered), then delete the
+    /// purged entries a few at a time with the commits that follow (see [`write_log`]).
+    Purge(
+        LogId<NodeId>,
+        tokio::sync::oneshot::Sender<Result<(), String>>,
+    ),
+    /// Anything else (vote, truncate, reads that must see every append before them).
     Run(Box<dyn FnOnce(&Database) + Send>),
 }
+
+/// Purged entries deleted per commit of the log writer.
+const PURGE_CHUNK: u64 = 128;
 
 /// The log writer: a thread that takes every append queued while the previous commit was in
 /// progress into the next one (group commit: one fsync for many appends), and runs the other
 /// operations in order between them.
+///
+/// A purge (after every snapshot: thousands of entries, tens of MB) is recorded at once, and
+/// its entries are deleted [`PURGE_CHUNK`] at a time inside the next commits, or on their own
+/// when no append comes: deleting them all in one transaction held every append behind it for
+/// 10–60 ms, and the leader's Raft core waits for its purge. Entries at or below the recorded
+/// purge are never read, and are deleted after a restart too.
 fn write_log(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Op>) {
     let mut appends: Vec<Append> = Vec::new();
-    while let Ok(first) = ops.recv() {
+    let mut purged = match read_meta::<Option<LogId<NodeId>>>(&db, PURGED) {
+        Ok(p) => p.flatten().map(|l| l.index),
+        Err(e) => {
+            tracing::warn!(error = %e, "the log writer could not read the purged index");
+            None
+        }
+    };
+    let mut deleting = purged.is_some();
+    loop {
+        let first = if deleting {
+            match ops.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(op) => op,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    deleting = commit(&db, &mut appends, purged);
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match ops.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            }
+        };
         let mut next = Some(first);
         while let Some(op) = next.take().or_else(|| ops.try_recv().ok()) {
             match op {
                 Op::Append(a) => appends.push(a),
+                Op::Purge(log_id, reply) => {
+                    deleting = commit(&db, &mut appends, purged);
+                    let recorded = write_meta(&db, PURGED, &Some(log_id));
+                    if recorded.is_ok() {
+                        purged = Some(log_id.index);
+                        deleting = true;
+                    }
+                    let _ = reply.send(recorded);
+                }
                 Op::Run(f) => {
-                    commit_appends(&db, &mut appends);
+                    deleting = commit(&db, &mut appends, purged);
                     f(&db);
                 }
             }
         }
-        commit_appends(&db, &mut appends);
+        if !appends.is_empty() || deleting {
+            deleting = commit(&db, &mut appends, purged);
+        }
     }
 }
 
-fn commit_appends(db: &Database, appends: &mut Vec<Append>) {
-    if appends.is_empty() {
-        return;
+/// Commits `appends` (if any) and deletes up to [`PURGE_CHUNK`] entries at or below
+/// `purged` in the same transaction. Returns whether purged entries are left to delete.
+fn commit(db: &Database, appends: &mut Vec<Append>, purged: Option<u64>) -> bool {
+    if appends.is_empty() && purged.is_none() {
+        return false;
     }
+    let mut left = false;
     let result = (|| -> Result<(), String> {
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         {
@@ -259,6 +311,22 @@ fn commit_appends(db: &Database, appends: &mut Vec<Append>) {
                         .map_err(|e| e.to_string())?;
                 }
             }
+            if let Some(upto) = purged {
+                let first = table
+                    .first()
+                    .map_err(|e| e.to_string())?
+                    .map(|(k, _)| k.value());
+                if let Some(first) = first.filter(|&f| f <= upto) {
+                    let last = upto.min(first + PURGE_CHUNK - 1);
+                    table
+                        .retain_in(first..=last, |_, _| false)
+                        .map_err(|e| e.to_string())?;
+                    left = last < upto;
+                } else if appends.is_empty() {
+                    // Nothing was left to delete: no commit needed.
+                    return Ok(());
+                }
+            }
             if let Some(last) = appends.last() {
                 let mut meta = tx.open_table(META).map_err(|e| e.to_string())?;
                 meta.insert(COMMITTED, last.committed.as_slice())
@@ -267,10 +335,15 @@ fn commit_appends(db: &Database, appends: &mut Vec<Append>) {
         }
         tx.commit().map_err(|e| e.to_string())
     })();
+    if result.is_err() {
+        // Tried again with the next commit.
+        left = purged.is_some();
+    }
     for a in appends.drain(..) {
         a.flushed
             .log_io_completed(result.clone().map_err(std::io::Error::other));
     }
+    left
 }
 
 /// Entries kept in [`LogStore::recent`].
@@ -340,6 +413,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => Bound::Unbounded,
         };
         self.run(ErrorSubject::Logs, ErrorVerb::Read, move |db| {
+            // Purged entries not deleted yet (see `write_log`) are not in the log.
+            let purged = read_meta::<Option<LogId<NodeId>>>(db, PURGED)?
+                .flatten()
+                .map(|l| l.index);
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             let table = tx.open_table(LOG).map_err(|e| e.to_string())?;
             let mut out = Vec::new();
@@ -347,7 +424,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .range::<u64>((start, end))
                 .map_err(|e| e.to_string())?
             {
-                let (_, v) = item.map_err(|e| e.to_string())?;
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if purged.is_some_and(|p| k.value() <= p) {
+                    continue;
+                }
                 out.push(serde_json::from_slice(v.value()).map_err(|e| e.to_string())?);
             }
             Ok(out)
@@ -364,13 +444,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let purged: Option<LogId<NodeId>> = read_meta(db, PURGED)?;
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             let table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+            // Entries at or below the purge that are not deleted yet do not count.
             let last = match table.last().map_err(|e| e.to_string())? {
-                Some((_, v)) => {
+                Some((k, v)) if purged.is_none_or(|p| k.value() > p.index) => {
                     let e: Entry<TypeConfig> =
                         serde_json::from_slice(v.value()).map_err(|e| e.to_string())?;
                     Some(e.log_id)
                 }
-                None => purged,
+                _ => purged,
             };
             Ok(LogState {
                 last_purged_log_id: purged,
@@ -477,21 +558,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         self.recent().retain(|&i, _| i > log_id.index);
-        self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
-            let bytes = serde_json::to_vec(&Some(log_id)).map_err(|e| e.to_string())?;
-            let tx = db.begin_write().map_err(|e| e.to_string())?;
-            {
-                let mut meta = tx.open_table(META).map_err(|e| e.to_string())?;
-                meta.insert(PURGED, bytes.as_slice())
-                    .map_err(|e| e.to_string())?;
-                let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
-                table
-                    .retain_in(..=log_id.index, |_, _| false)
-                    .map_err(|e| e.to_string())?;
-            }
-            tx.commit().map_err(|e| e.to_string())
-        })
-        .await
+        let (reply, recorded) = tokio::sync::oneshot::channel();
+        let stopped = || {
+            io_error(
+                ErrorSubject::Logs,
+                ErrorVerb::Delete,
+                "the log writer stopped",
+            )
+        };
+        self.writer
+            .send(Op::Purge(log_id, reply))
+            .map_err(|_| stopped())?;
+        recorded
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
 
@@ -509,6 +590,9 @@ struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Vec<u8>,
 }
+
+/// How much of a snapshot is written before it is synced (see [`Snapshots::write`]).
+const SNAPSHOT_WRITE_CHUNK: usize = 1 << 20;
 
 /// Where snapshots were kept before they had files of their own: read still, written no more.
 const SNAPSHOT_DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
@@ -546,7 +630,13 @@ impl Snapshots {
         let partial = path.with_extension("partial");
         {
             let mut f = std::fs::File::create(&partial).map_err(err)?;
-            std::io::Write::write_all(&mut f, &s.data).map_err(err)?;
+            // A chunk at a time, each on disk before the next: the log's fsyncs share the disk
+            // (and the file system's journal) with this write, and would otherwise queue
+            // behind tens of MB at once.
+            for chunk in s.data.chunks(SNAPSHOT_WRITE_CHUNK) {
+                std::io::Write::write_all(&mut f, chunk).map_err(err)?;
+                f.sync_data().map_err(err)?;
+            }
             f.sync_all().map_err(err)?;
         }
         std::fs::rename(&partial, &path).map_err(err)?;
@@ -814,6 +904,86 @@ mod tests {
         Suite::test_all(Builder).expect("the store passes openraft's suite");
     }
 
+    /// A purge answers once it is recorded; the purged entries are never read again, are
+    /// deleted a chunk at a time by the log writer, and a purge past the last entry leaves
+    /// the purge as the last log id.
+    #[tokio::test]
+    async fn a_purge_is_recorded_at_once_and_its_entries_deleted_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _sm) = open(dir.path()).await.unwrap();
+        let id = |i: u64| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        async fn rows(log: &LogStore) -> (u64, Option<u64>) {
+            use redb::ReadableTableMetadata;
+            log.run(ErrorSubject::Logs, ErrorVerb::Read, |db| {
+                let tx = db.begin_read().map_err(|e| e.to_string())?;
+                let table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+                let first = table.first().map_err(|e| e.to_string())?;
+                Ok((
+                    table.len().map_err(|e| e.to_string())?,
+                    first.map(|(k, _)| k.value()),
+                ))
+            })
+            .await
+            .unwrap()
+        }
+        // 1,000 entries written as appends write them.
+        log.run(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
+            let tx = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+                for i in 1..=1_000 {
+                    let e = Entry::<TypeConfig> {
+                        log_id: id(i),
+                        payload: EntryPayload::Blank,
+                    };
+                    let bytes = serde_json::to_vec(&e).map_err(|e| e.to_string())?;
+                    table
+                        .insert(i, bytes.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            tx.commit().map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+
+        log.purge(id(900)).await.unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(id(900)));
+        assert_eq!(state.last_log_id, Some(id(1_000)));
+        let read: Vec<u64> = log
+            .try_get_log_entries(0..)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(
+            read,
+            (901..=1_000).collect::<Vec<_>>(),
+            "purged entries are not read"
+        );
+
+        let mut tries = 0;
+        loop {
+            let (len, first) = rows(&log).await;
+            if (len, first) == (100, Some(901)) {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 200, "still {len} rows from {first:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+
+        // A purge past the last entry (after a snapshot was installed): the log is empty,
+        // and its last log id is the purge.
+        log.purge(id(1_500)).await.unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(id(1_500)));
+        assert_eq!(state.last_log_id, Some(id(1_500)));
+        assert!(log.try_get_log_entries(0..).await.unwrap().is_empty());
+    }
+
     /// What was written survives closing and reopening the file.
     #[tokio::test]
     async fn log_vote_and_snapshot_survive_a_reopen() {
@@ -947,6 +1117,26 @@ mod tests {
         let stored = sm.get_current_snapshot().await.unwrap().expect("stored");
         assert_eq!(stored.meta, snapshot.meta);
         assert_eq!(stored.snapshot.get_ref(), snapshot.snapshot.get_ref());
+
+        // The next snapshot reuses the bytes of the requests that did not change since, and
+        // still holds exactly the state at its index, in the bytes serde_json gives it.
+        for _ in 0..100 {
+            applied += 1;
+            sm.apply([entry(applied)]).await.unwrap();
+        }
+        let next = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let held: MachineData = serde_json::from_slice(next.snapshot.get_ref()).unwrap();
+        assert_eq!(
+            held.last_applied,
+            Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), applied))
+        );
+        assert_eq!(held.state, replay(applied));
+        assert_eq!(next.snapshot.get_ref(), &serde_json::to_vec(&held).unwrap());
     }
 
     /// A store written before approvals were keyed by protocol (no format mark, but state) is
