@@ -247,6 +247,8 @@ level = "warn"
         let child = Command::new(bin("vigil-coordinator"))
             .arg("--config")
             .arg(&m.config)
+            // A file, not a terminal: no colour codes between a field's name and its value.
+            .env("NO_COLOR", "1")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
