@@ -24,7 +24,7 @@ pub struct Member {
 }
 
 impl Member {
-    /// The member's log (its stderr).
+    /// The member's log (its stdout and stderr).
     pub fn log(&self) -> &std::path::Path {
         &self.log
     }

@@ -365,14 +365,26 @@ impl LogStore {
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, String> + Send + 'static,
     {
+        self.ask(subject, verb, |tx| {
+            Op::Run(Box::new(move |db| {
+                let _ = tx.send(f(db));
+            }))
+        })
+        .await
+    }
+
+    /// Queues the operation `op` makes of a reply channel on the log writer thread, and waits
+    /// for its reply.
+    async fn ask<T>(
+        &self,
+        subject: ErrorSubject<NodeId>,
+        verb: ErrorVerb,
+        op: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Op,
+    ) -> StorageResult<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let stopped =
             |s: &ErrorSubject<NodeId>| io_error(s.clone(), verb, "the log writer stopped");
-        self.writer
-            .send(Op::Run(Box::new(move |db| {
-                let _ = tx.send(f(db));
-            })))
-            .map_err(|_| stopped(&subject))?;
+        self.writer.send(op(tx)).map_err(|_| stopped(&subject))?;
         rx.await
             .map_err(|_| stopped(&subject))?
             .map_err(|e| io_error(subject, verb, e))
@@ -558,21 +570,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         self.recent().retain(|&i, _| i > log_id.index);
-        let (reply, recorded) = tokio::sync::oneshot::channel();
-        let stopped = || {
-            io_error(
-                ErrorSubject::Logs,
-                ErrorVerb::Delete,
-                "the log writer stopped",
-            )
-        };
-        self.writer
-            .send(Op::Purge(log_id, reply))
-            .map_err(|_| stopped())?;
-        recorded
-            .await
-            .map_err(|_| stopped())?
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        self.ask(ErrorSubject::Logs, ErrorVerb::Delete, |reply| {
+            Op::Purge(log_id, reply)
+        })
+        .await
     }
 }
 
@@ -1118,8 +1119,8 @@ mod tests {
         assert_eq!(stored.meta, snapshot.meta);
         assert_eq!(stored.snapshot.get_ref(), snapshot.snapshot.get_ref());
 
-        // The next snapshot reuses the bytes of the requests that did not change since, and
-        // still holds exactly the state at its index, in the bytes serde_json gives it.
+        // The next snapshot, after more applies, holds exactly the state at its index, in the
+        // bytes serde_json gives it.
         for _ in 0..100 {
             applied += 1;
             sm.apply([entry(applied)]).await.unwrap();

@@ -34,16 +34,15 @@ struct Phase {
     calls: u64,
     errors: u64,
     seconds: f64,
-    latencies_us: Vec<u64>,
-    /// (when the call was due or made, µs into the phase; its latency, µs).
+    /// Each acknowledged call: (when it was due or made, µs into the phase; its latency, µs).
     calls_at: Vec<(u64, u64)>,
-    started_at: std::time::SystemTime,
+    started_at: time::OffsetDateTime,
 }
 
 impl Phase {
     /// Prints the phase; with `goal`, whether it meets it (see [`Goal`]).
     fn report(&self, name: &str, goal: Option<Goal>) {
-        let mut l = self.latencies_us.clone();
+        let mut l: Vec<u64> = self.calls_at.iter().map(|&(_, latency)| latency).collect();
         l.sort_unstable();
         let pct = |p: f64| {
             l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
@@ -81,9 +80,7 @@ impl Phase {
             }
         );
     }
-}
 
-impl Phase {
     /// With `SLOW_MS` set: the 100 ms windows (UTC, to match the members' logs) in which a call
     /// due then took longer than that, with their calls and worst latency.
     fn report_slow_windows(&self, name: &str) {
@@ -102,16 +99,12 @@ impl Phase {
         for (w, (calls, worst)) in windows {
             if worst > slow_ms * 1000 {
                 let at = self.started_at + Duration::from_millis(w * 100);
-                let ms = at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis();
                 println!(
                     "  {name}: slow window at {:02}:{:02}:{:02}.{:03} UTC: {calls} calls, worst {:.1} ms",
-                    ms / 3_600_000 % 24,
-                    ms / 60_000 % 60,
-                    ms / 1000 % 60,
-                    ms % 1000,
+                    at.hour(),
+                    at.minute(),
+                    at.second(),
+                    at.millisecond(),
                     worst as f64 / 1000.0
                 );
             }
@@ -148,7 +141,7 @@ where
     let work = Arc::new(work);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let started_at = std::time::SystemTime::now();
+    let started_at = time::OffsetDateTime::now_utc();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (work, next) = (work.clone(), next.clone());
@@ -188,7 +181,6 @@ where
         calls: 0,
         errors: 0,
         seconds: 0.0,
-        latencies_us: Vec::new(),
         calls_at: Vec::new(),
         started_at,
     };
@@ -196,7 +188,6 @@ where
         let (lat, errors) = t.await.expect("worker");
         out.calls += lat.len() as u64;
         out.errors += errors;
-        out.latencies_us.extend(lat.iter().map(|&(_, l)| l));
         out.calls_at.extend(lat);
     }
     out.seconds = start.elapsed().as_secs_f64();
