@@ -420,16 +420,40 @@ pub struct Mark {
     pub until: Millis,
 }
 
+/// One object of the [`State`], by its map and key: what [`State::apply_noting`] reports as
+/// changed (inserted, changed or removed), so that the store writes just that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    Request(Arc<str>),
+    Grant(Arc<str>),
+    Checkpoint(Arc<str>),
+    NodeKey(Arc<str>),
+    Mark(Arc<str>),
+}
+
 impl State {
     /// Applies one command. A refused command changes nothing.
+    #[cfg(test)]
     pub fn apply(&mut self, cmd: Command) -> Result<Applied, DomainError> {
+        self.apply_noting(cmd, &mut Vec::new())
+    }
+
+    /// Applies one command, and adds what it changed to `changed` (in the order it changed
+    /// them; an object may appear more than once). A refused command changes nothing.
+    pub fn apply_noting(
+        &mut self,
+        cmd: Command,
+        changed: &mut Vec<Changed>,
+    ) -> Result<Applied, DomainError> {
         match cmd {
             Command::Batch(cmds) => {
                 if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
                     return Err(DomainError::Invalid("batches do not nest".into()));
                 }
                 Ok(Applied::Batch(
-                    cmds.into_iter().map(|c| self.apply(c)).collect(),
+                    cmds.into_iter()
+                        .map(|c| self.apply_noting(c, changed))
+                        .collect(),
                 ))
             }
             Command::CreateRequest { request, now } => {
@@ -463,8 +487,9 @@ impl State {
                     consumed_at: None,
                     consumed_by: None,
                 };
-                self.requests
-                    .insert(held.asked.id.as_str().into(), Arc::new(held.clone()));
+                let id: Arc<str> = held.asked.id.as_str().into();
+                self.requests.insert(id.clone(), Arc::new(held.clone()));
+                changed.push(Changed::Request(id));
                 Ok(Applied::Request(held))
             }
             Command::Decide {
@@ -508,6 +533,7 @@ impl State {
                 {
                     r.state = RequestState::Approved;
                 }
+                changed.push(Changed::Request(id.as_str().into()));
                 Ok(Applied::Request(r.clone()))
             }
             Command::Consume {
@@ -540,6 +566,7 @@ impl State {
                 r.state = RequestState::Consumed;
                 r.consumed_at = Some(now);
                 r.consumed_by = Some(attempt);
+                changed.push(Changed::Request(r.asked.id.as_str().into()));
                 Ok(Applied::Request(r.clone()))
             }
             Command::CreateGrant { grant } => {
@@ -552,8 +579,9 @@ impl State {
                 if grant.not_after <= grant.not_before {
                     return Err(DomainError::Invalid("a grant's window is empty".into()));
                 }
-                self.grants
-                    .insert(grant.id.as_str().into(), Arc::new(grant.clone()));
+                let id: Arc<str> = grant.id.as_str().into();
+                self.grants.insert(id.clone(), Arc::new(grant.clone()));
+                changed.push(Changed::Grant(id));
                 Ok(Applied::Grant(grant))
             }
             Command::RevokeGrant { id, now } => {
@@ -563,15 +591,33 @@ impl State {
                     .ok_or_else(|| DomainError::NotFound(id.clone()))?;
                 if g.revoked_at.is_none() {
                     Arc::make_mut(g).revoked_at = Some(now);
+                    changed.push(Changed::Grant(id.as_str().into()));
                 }
                 Ok(Applied::Grant(Grant::clone(g)))
             }
             Command::Purge { cutoff } => {
                 let (requests, grants) = (self.requests.len(), self.grants.len());
-                self.requests
-                    .retain(|_, r| r.settled_at(cutoff).is_none_or(|at| at > cutoff));
-                self.grants.retain(|_, g| g.ended_at() > cutoff);
-                self.marks.retain(|_, m| m.until > cutoff);
+                self.requests.retain(|k, r| {
+                    let keep = r.settled_at(cutoff).is_none_or(|at| at > cutoff);
+                    if !keep {
+                        changed.push(Changed::Request(k.clone()));
+                    }
+                    keep
+                });
+                self.grants.retain(|k, g| {
+                    let keep = g.ended_at() > cutoff;
+                    if !keep {
+                        changed.push(Changed::Grant(k.clone()));
+                    }
+                    keep
+                });
+                self.marks.retain(|k, m| {
+                    let keep = m.until > cutoff;
+                    if !keep {
+                        changed.push(Changed::Mark(k.clone()));
+                    }
+                    keep
+                });
                 Ok(Applied::Purged {
                     requests: (requests - self.requests.len()) as u64,
                     grants: (grants - self.grants.len()) as u64,
@@ -587,12 +633,15 @@ impl State {
                     )));
                 }
                 let first = !self.marks.contains_key(key.as_str());
+                let key: Arc<str> = key.into();
                 let mark = self
                     .marks
-                    .entry(key.into())
+                    .entry(key.clone())
                     .or_insert(Mark { at: now, until });
                 mark.until = mark.until.max(until);
-                Ok(Applied::Marked { at: mark.at, first })
+                let marked = Applied::Marked { at: mark.at, first };
+                changed.push(Changed::Mark(key));
+                Ok(marked)
             }
             Command::PutCheckpoint { checkpoint, now } => {
                 let node = vigil_proto::chain::node_of(&checkpoint.stream)
@@ -627,8 +676,10 @@ impl State {
                     }
                     Some(_) => {}
                     None => {
+                        let node: Arc<str> = node.into();
+                        changed.push(Changed::NodeKey(node.clone()));
                         self.node_keys.insert(
-                            node.into(),
+                            node,
                             Arc::new(NodeKey {
                                 public_key: checkpoint.public_key.clone(),
                                 first_stream: checkpoint.stream.clone(),
@@ -637,10 +688,10 @@ impl State {
                         );
                     }
                 }
-                self.checkpoints.insert(
-                    checkpoint.stream.as_str().into(),
-                    Arc::new(checkpoint.clone()),
-                );
+                let stream: Arc<str> = checkpoint.stream.as_str().into();
+                self.checkpoints
+                    .insert(stream.clone(), Arc::new(checkpoint.clone()));
+                changed.push(Changed::Checkpoint(stream));
                 Ok(Applied::Checkpoint(checkpoint))
             }
         }

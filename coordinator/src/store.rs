@@ -1,21 +1,22 @@
-//! The coordinator's durable storage for openraft: the Raft log, the vote and the snapshot's
-//! metadata in one redb file (a pure-Rust embedded store; every commit that Raft relies on is
-//! fsync'd before it is acknowledged), the snapshot's bytes in a file beside it.
+//! The coordinator's durable storage for openraft, in two redb files (a pure-Rust embedded
+//! store): `raft.redb` holds the Raft log, the vote and the committed index (every commit that
+//! Raft relies on is fsync'd before it is acknowledged); `state.redb` holds the applied state,
+//! a row per object, written behind the applies.
 //!
-//! The state machine itself ([`State`]) lives in memory and is rebuilt on start from the last
-//! snapshot plus the committed entries after it (openraft re-applies them, since the committed
-//! index is saved too). Snapshots are taken every `snapshot_after` entries and let the log be
-//! purged, so neither the file nor the restart time grows without bound. Taking one stops
-//! applies only for a copy of the state's maps (what they hold is shared), and writes to disk
-//! beside the log, not in its way.
+//! The state machine ([`State`]) is served from memory and read from `state.redb` on start;
+//! openraft re-applies the committed entries after the state's last durable commit. A snapshot,
+//! every `snapshot_after` entries, is a mark: a synced commit of the state file naming the
+//! entry it reached, after which the log before it is purged, so neither file nor the restart
+//! time grows without bound. The state's bytes are made only for a member that must install
+//! them.
 
-use crate::approvals::{Applied, Command, DomainError, State};
+use crate::approvals::{Applied, Changed, Command, DomainError, State};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -114,24 +115,45 @@ pub fn check_format(dir: &Path, discard: bool) -> anyhow::Result<()> {
     }
     tracing::warn!(error = %err, "discarding the embedded coordinator's store");
     std::fs::remove_file(&err.path)?;
-    Ok(())
+    match std::fs::remove_file(dir.join(STATE_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// Opens (or creates) the store in `dir`: the log store and the state machine share one file.
 /// Call [`check_format`] first.
 pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     let path = dir.to_path_buf();
-    let db = tokio::task::spawn_blocking(move || -> Result<Database, String> {
+    let (db, sm) = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let dir = path;
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let db = Database::create(dir.join("raft.redb")).map_err(|e| e.to_string())?;
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         tx.open_table(LOG).map_err(|e| e.to_string())?;
         tx.open_table(META).map_err(|e| e.to_string())?;
-        tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())?;
         write_meta(&db, FORMAT, &STORE_FORMAT)?;
-        Ok(db)
+        let sm = StateMachine::open(&dir, &db)?;
+        // The state must reach at least as far as the log was purged: the entries before
+        // that are gone, and could not be applied again.
+        let purged: Option<LogId<NodeId>> = read_meta(&db, PURGED)?;
+        let applied = sm
+            .data
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_applied;
+        if purged.map(|l| l.index) > applied.map(|l| l.index) {
+            return Err(format!(
+                "the state in {} ends at entry {} but the log was purged up to entry {}: the \
+                 state file is missing or older than the log; move this member's data directory \
+                 away and let it rejoin (docs/operations.md)",
+                dir.join(STATE_FILE).display(),
+                applied.map_or(0, |l| l.index),
+                purged.map_or(0, |l| l.index),
+            ));
+        }
+        Ok((db, sm))
     })
     .await
     .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Read, e))?
@@ -150,27 +172,7 @@ pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
         committed: Default::default(),
         writer,
     };
-    let sm = StateMachine::load(db, dir).await?;
     Ok((log, sm))
-}
-
-/// Runs a redb operation off the async runtime (commits fsync).
-async fn blocking<T, F>(
-    db: &Arc<Database>,
-    subject: ErrorSubject<NodeId>,
-    verb: ErrorVerb,
-    f: F,
-) -> StorageResult<T>
-where
-    T: Send + 'static,
-    F: FnOnce(&Database) -> Result<T, String> + Send + 'static,
-{
-    let db = db.clone();
-    let subject2 = subject.clone();
-    tokio::task::spawn_blocking(move || f(&db))
-        .await
-        .map_err(|e| io_error(subject2, verb, e))?
-        .map_err(|e| io_error(subject, verb, e))
 }
 
 fn read_meta<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Option<T>, String> {
@@ -365,30 +367,29 @@ impl LogStore {
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, String> + Send + 'static,
     {
-        self.ask(subject, verb, |tx| {
+        ask(&self.writer, subject, verb, |tx| {
             Op::Run(Box::new(move |db| {
                 let _ = tx.send(f(db));
             }))
         })
         .await
     }
+}
 
-    /// Queues the operation `op` makes of a reply channel on the log writer thread, and waits
-    /// for its reply.
-    async fn ask<T>(
-        &self,
-        subject: ErrorSubject<NodeId>,
-        verb: ErrorVerb,
-        op: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Op,
-    ) -> StorageResult<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let stopped =
-            |s: &ErrorSubject<NodeId>| io_error(s.clone(), verb, "the log writer stopped");
-        self.writer.send(op(tx)).map_err(|_| stopped(&subject))?;
-        rx.await
-            .map_err(|_| stopped(&subject))?
-            .map_err(|e| io_error(subject, verb, e))
-    }
+/// Queues the operation `op` makes of a reply channel on a writer thread (of the log or of the
+/// state), and waits for its reply.
+async fn ask<O, T>(
+    writer: &std::sync::mpsc::Sender<O>,
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    op: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> O,
+) -> StorageResult<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stopped = |s: &ErrorSubject<NodeId>| io_error(s.clone(), verb, "a store writer stopped");
+    writer.send(op(tx)).map_err(|_| stopped(&subject))?;
+    rx.await
+        .map_err(|_| stopped(&subject))?
+        .map_err(|e| io_error(subject, verb, e))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -570,14 +571,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         self.recent().retain(|&i, _| i > log_id.index);
-        self.ask(ErrorSubject::Logs, ErrorVerb::Delete, |reply| {
-            Op::Purge(log_id, reply)
-        })
+        ask(
+            &self.writer,
+            ErrorSubject::Logs,
+            ErrorVerb::Delete,
+            |reply| Op::Purge(log_id, reply),
+        )
         .await
     }
 }
 
-/// The applied state: the approvals domain plus what Raft needs to know about it.
+/// The applied state: the approvals domain plus what Raft needs to know about it. A snapshot
+/// sent to another member is this, as JSON.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MachineData {
     pub last_applied: Option<LogId<NodeId>>,
@@ -585,100 +590,271 @@ pub struct MachineData {
     pub state: State,
 }
 
-/// A snapshot as stored: its metadata (JSON, in the metadata table) and its bytes (as they are,
-/// in a file of their own beside the store, see [`Snapshots`]).
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
-    data: Vec<u8>,
+/// Where the applied state is kept: `state.redb` beside the log's file, a table per map of
+/// [`State`] (a row per object: its key, its JSON) and a metadata table. A file of its own:
+/// redb has one write transaction at a time, and the log's commits must not wait for these.
+const STATE_FILE: &str = "state.redb";
+type StateTable = TableDefinition<'static, &'static str, &'static [u8]>;
+const REQUESTS: StateTable = TableDefinition::new("requests");
+const GRANTS: StateTable = TableDefinition::new("grants");
+const CHECKPOINTS: StateTable = TableDefinition::new("checkpoints");
+const NODE_KEYS: StateTable = TableDefinition::new("node_keys");
+const MARKS: StateTable = TableDefinition::new("marks");
+const STATE_TABLES: [StateTable; 5] = [REQUESTS, GRANTS, CHECKPOINTS, NODE_KEYS, MARKS];
+const STATE_META: StateTable = TableDefinition::new("state_meta");
+/// In [`STATE_META`]: the last applied log id and the membership as of it ([`AppliedPoint`]).
+const APPLIED: &str = "applied";
+// In [`STATE_META`] too, [`SNAPSHOT`]: the last snapshot's metadata (written with the state it
+// names, durably).
+
+/// How far the stored state goes: the last applied log id and the membership then.
+type AppliedPoint = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
+
+/// A row of the state tables to write: the object's JSON, or `None` to delete it.
+struct Row {
+    table: StateTable,
+    key: Arc<str>,
+    value: Option<Vec<u8>>,
 }
 
-/// How much of a snapshot is written before it is synced (see [`Snapshots::write`]).
-const SNAPSHOT_WRITE_CHUNK: usize = 1 << 20;
-
-/// Where snapshots were kept before they had files of their own: read still, written no more.
-const SNAPSHOT_DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
-
-/// The snapshots of a store: the bytes in `snapshot-<term>-<leader>-<index>` files in its
-/// directory, the metadata of the current one in the store. Not in the store itself: redb has
-/// one write transaction at a time, and one that writes 40 MB holds it for ~0.4 s, while every
-/// log commit of the member waits.
-#[derive(Clone)]
-struct Snapshots {
-    dir: Arc<Path>,
-    /// Writes one at a time (a snapshot built and one installed may finish together).
-    writing: Arc<std::sync::Mutex<()>>,
-}
-
-impl Snapshots {
-    fn file(&self, meta: &SnapshotMeta<NodeId, BasicNode>) -> std::path::PathBuf {
-        let (term, leader, index) = match meta.last_log_id {
-            Some(l) => (l.leader_id.term, l.leader_id.node_id, l.index),
-            None => (0, 0, 0),
+impl Row {
+    /// The row of `changed` as `state` holds it now.
+    fn of(state: &State, changed: Changed) -> Result<Self, serde_json::Error> {
+        fn json<T: Serialize>(v: Option<&T>) -> Result<Option<Vec<u8>>, serde_json::Error> {
+            v.map(serde_json::to_vec).transpose()
+        }
+        let (table, value) = match &changed {
+            Changed::Request(k) => (REQUESTS, json(state.requests.get(k))?),
+            Changed::Grant(k) => (GRANTS, json(state.grants.get(k))?),
+            Changed::Checkpoint(k) => (CHECKPOINTS, json(state.checkpoints.get(k))?),
+            Changed::NodeKey(k) => (NODE_KEYS, json(state.node_keys.get(k))?),
+            Changed::Mark(k) => (MARKS, json(state.marks.get(k))?),
         };
-        self.dir.join(format!("snapshot-{term}-{leader}-{index}"))
+        let (Changed::Request(key)
+        | Changed::Grant(key)
+        | Changed::Checkpoint(key)
+        | Changed::NodeKey(key)
+        | Changed::Mark(key)) = changed;
+        Ok(Self { table, key, value })
     }
 
-    /// Stores `s` as the current snapshot, unless a later one is stored already: its bytes
-    /// durably in their file first, then its metadata; then the files of older ones go.
-    fn write(&self, db: &Database, s: &StoredSnapshot) -> Result<(), String> {
-        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let current = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)?;
-        if current.is_some_and(|c| c.last_log_id > s.meta.last_log_id) {
-            return Ok(());
-        }
-        let path = self.file(&s.meta);
-        let err = |e: std::io::Error| format!("{}: {e}", path.display());
-        let partial = path.with_extension("partial");
-        {
-            let mut f = std::fs::File::create(&partial).map_err(err)?;
-            // A chunk at a time, each on disk before the next: the log's fsyncs share the disk
-            // (and the file system's journal) with this write, and would otherwise queue
-            // behind tens of MB at once.
-            for chunk in s.data.chunks(SNAPSHOT_WRITE_CHUNK) {
-                std::io::Write::write_all(&mut f, chunk).map_err(err)?;
-                f.sync_data().map_err(err)?;
+    /// Every row of `state`.
+    fn all(state: &State) -> Result<Vec<Self>, serde_json::Error> {
+        let keys = state.requests.keys().cloned().map(Changed::Request);
+        let keys = keys.chain(state.grants.keys().cloned().map(Changed::Grant));
+        let keys = keys.chain(state.checkpoints.keys().cloned().map(Changed::Checkpoint));
+        let keys = keys.chain(state.node_keys.keys().cloned().map(Changed::NodeKey));
+        let keys = keys.chain(state.marks.keys().cloned().map(Changed::Mark));
+        keys.map(|k| Self::of(state, k)).collect()
+    }
+}
+
+/// Work for the state writer thread, done in the order it was queued.
+enum StateOp {
+    /// What an apply changed, and the applied point after it.
+    Apply(Vec<Row>, AppliedPoint),
+    /// Make everything queued before durable, and mark it as the last snapshot; answers with
+    /// the snapshot's metadata.
+    Snapshot(tokio::sync::oneshot::Sender<Result<SnapshotMeta<NodeId, BasicNode>, String>>),
+    /// Replace the whole state with an installed snapshot's, durably.
+    Install(
+        Vec<Row>,
+        SnapshotMeta<NodeId, BasicNode>,
+        tokio::sync::oneshot::Sender<Result<(), String>>,
+    ),
+}
+
+/// The metadata of a snapshot of the state at `point`: its id names the log id, so that the
+/// same state always has the same id.
+fn snapshot_meta(point: &AppliedPoint) -> SnapshotMeta<NodeId, BasicNode> {
+    let (term, leader, index) = match point.0 {
+        Some(l) => (l.leader_id.term, l.leader_id.node_id, l.index),
+        None => (0, 0, 0),
+    };
+    SnapshotMeta {
+        last_log_id: point.0,
+        last_membership: point.1.clone(),
+        snapshot_id: format!("{term}-{leader}-{index}"),
+    }
+}
+
+/// The state writer: a thread that writes what each apply changed, every apply queued while
+/// the previous commit was in progress in one transaction. These commits are not synced
+/// (redb's `Durability::None`): the log holds every applied entry until a snapshot, and a
+/// restarted member re-applies those after the state's last synced commit. A snapshot is a
+/// synced commit that marks the point it reached, after which the log before it may go.
+///
+/// A failed write stops the writer's use of the file: later applies are dropped, and every
+/// snapshot or install is answered with the error (openraft then stops the member), so a
+/// point is never marked that the file does not hold.
+fn write_state(db: Database, mut point: AppliedPoint, ops: std::sync::mpsc::Receiver<StateOp>) {
+    let mut failed: Option<String> = None;
+    while let Ok(first) = ops.recv() {
+        let batch: Vec<StateOp> = std::iter::once(first).chain(ops.try_iter()).collect();
+        let before = point.clone();
+        let result = match &failed {
+            Some(e) => Err(e.clone()),
+            None => commit_state(&db, &batch, &mut point),
+        };
+        if let Err(e) = &result {
+            if failed.is_none() {
+                tracing::error!(error = %e, "the state could not be written; no snapshot will be taken");
             }
-            f.sync_all().map_err(err)?;
+            failed = Some(e.clone());
+            point = before;
         }
-        std::fs::rename(&partial, &path).map_err(err)?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-        let meta = serde_json::to_vec(&s.meta).map_err(|e| e.to_string())?;
-        let tx = db.begin_write().map_err(|e| e.to_string())?;
-        {
-            let mut table = tx.open_table(META).map_err(|e| e.to_string())?;
-            table
-                .insert(SNAPSHOT, meta.as_slice())
-                .map_err(|e| e.to_string())?;
-            let mut data = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
-            data.remove(SNAPSHOT).map_err(|e| e.to_string())?;
-        }
-        tx.commit().map_err(|e| e.to_string())?;
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| e.to_string())?;
-        for entry in entries.flatten() {
-            let older = entry.file_name().to_string_lossy().starts_with("snapshot-")
-                && entry.path() != path;
-            if older {
-                if let Err(e) = std::fs::remove_file(entry.path()) {
-                    tracing::warn!(error = %e, file = %entry.path().display(), "an old snapshot stays");
+        for op in batch {
+            match op {
+                StateOp::Apply(..) => {}
+                StateOp::Snapshot(reply) => {
+                    let _ = reply.send(result.clone());
+                }
+                StateOp::Install(_, _, reply) => {
+                    let _ = reply.send(result.clone().map(drop));
                 }
             }
         }
-        Ok(())
     }
+}
 
-    fn read(&self, db: &Database) -> Result<Option<StoredSnapshot>, String> {
-        let Some(meta) = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)? else {
-            return Ok(None);
+/// Writes `batch` in one transaction, synced if it holds a snapshot or an install; `point`
+/// follows it. Returns the metadata of the last snapshot marked (or of `point`).
+fn commit_state(
+    db: &Database,
+    batch: &[StateOp],
+    point: &mut AppliedPoint,
+) -> Result<SnapshotMeta<NodeId, BasicNode>, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut tx = db.begin_write().map_err(|x| e(&x))?;
+    let mut synced = false;
+    let mut marked = None;
+    {
+        let mut meta = tx.open_table(STATE_META).map_err(|x| e(&x))?;
+        for op in batch {
+            match op {
+                StateOp::Apply(rows, after) => {
+                    put_rows(&tx, rows)?;
+                    *point = after.clone();
+                }
+                StateOp::Snapshot(_) => {
+                    let m = snapshot_meta(point);
+                    let bytes = serde_json::to_vec(&m).map_err(|x| e(&x))?;
+                    meta.insert(SNAPSHOT, bytes.as_slice()).map_err(|x| e(&x))?;
+                    marked = Some(m);
+                    synced = true;
+                }
+                StateOp::Install(rows, m, _) => {
+                    for table in STATE_TABLES {
+                        tx.delete_table(table).map_err(|x| e(&x))?;
+                    }
+                    put_rows(&tx, rows)?;
+                    *point = (m.last_log_id, m.last_membership.clone());
+                    let bytes = serde_json::to_vec(m).map_err(|x| e(&x))?;
+                    meta.insert(SNAPSHOT, bytes.as_slice()).map_err(|x| e(&x))?;
+                    marked = Some(m.clone());
+                    synced = true;
+                }
+            }
+        }
+        let bytes = serde_json::to_vec(&*point).map_err(|x| e(&x))?;
+        meta.insert(APPLIED, bytes.as_slice()).map_err(|x| e(&x))?;
+    }
+    if !synced {
+        tx.set_durability(redb::Durability::None)
+            .map_err(|x| e(&x))?;
+    }
+    tx.commit().map_err(|x| e(&x))?;
+    Ok(marked.unwrap_or_else(|| snapshot_meta(point)))
+}
+
+fn put_rows(tx: &redb::WriteTransaction, rows: &[Row]) -> Result<(), String> {
+    for same in rows.chunk_by(|a, b| a.table.name() == b.table.name()) {
+        let mut table = tx.open_table(same[0].table).map_err(|e| e.to_string())?;
+        for row in same {
+            match &row.value {
+                Some(v) => table.insert(&*row.key, v.as_slice()).map(drop),
+                None => table.remove(&*row.key).map(drop),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the stored state: the applied data, and whether a snapshot was marked.
+fn read_state(db: &Database) -> Result<(MachineData, bool), String> {
+    fn rows<T: for<'de> Deserialize<'de>>(
+        tx: &redb::ReadTransaction,
+        table: StateTable,
+    ) -> Result<BTreeMap<Arc<str>, T>, String> {
+        let name = table.name();
+        let table = match tx.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(e.to_string()),
         };
-        let path = self.file(&meta);
-        let data = match std::fs::read(&path) {
-            Ok(data) => data,
-            // Stored before snapshots had files of their own.
+        let mut map = BTreeMap::new();
+        for row in table.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            let value = serde_json::from_slice(v.value())
+                .map_err(|e| format!("{} {}: {e}", name, k.value()))?;
+            map.insert(k.value().into(), value);
+        }
+        Ok(map)
+    }
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    let state = State {
+        requests: rows(&tx, REQUESTS)?,
+        grants: rows(&tx, GRANTS)?,
+        checkpoints: rows(&tx, CHECKPOINTS)?,
+        node_keys: rows(&tx, NODE_KEYS)?,
+        marks: rows(&tx, MARKS)?,
+    };
+    let meta: BTreeMap<Arc<str>, serde_json::Value> = rows(&tx, STATE_META)?;
+    let (last_applied, membership) = match meta.get(APPLIED) {
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| e.to_string())?,
+        None => Default::default(),
+    };
+    let data = MachineData {
+        last_applied,
+        membership,
+        state,
+    };
+    Ok((data, meta.contains_key(SNAPSHOT)))
+}
+
+/// A state kept the way earlier versions kept it, only in snapshots (the bytes in a
+/// `snapshot-<term>-<leader>-<index>` file beside the log's file or, before that, in its
+/// `raft_snapshot` table; the metadata in its metadata table), is moved into the state file
+/// once: written and marked there durably, then removed from the old places.
+fn migrate_snapshot(dir: &Path, log_db: &Database, state_db: &Database) -> Result<(), String> {
+    let Some(meta) = read_meta::<SnapshotMeta<NodeId, BasicNode>>(log_db, SNAPSHOT)? else {
+        return Ok(());
+    };
+    let marked = {
+        let tx = state_db.begin_read().map_err(|e| e.to_string())?;
+        match tx.open_table(STATE_META) {
+            Ok(t) => t.get(SNAPSHOT).map_err(|e| e.to_string())?.is_some(),
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let file = match meta.last_log_id {
+        Some(l) => format!(
+            "snapshot-{}-{}-{}",
+            l.leader_id.term, l.leader_id.node_id, l.index
+        ),
+        None => "snapshot-0-0-0".into(),
+    };
+    if !marked {
+        let path = dir.join(&file);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let tx = db.begin_read().map_err(|e| e.to_string())?;
-                let table = tx.open_table(SNAPSHOT_DATA).map_err(|e| e.to_string())?;
+                let tx = log_db.begin_read().map_err(|e| e.to_string())?;
+                let table = tx
+                    .open_table(LEGACY_SNAPSHOT_DATA)
+                    .map_err(|e| e.to_string())?;
                 let legacy = table.get(SNAPSHOT).map_err(|e| e.to_string())?;
                 legacy
                     .ok_or_else(|| format!("the snapshot's data is missing: {}", path.display()))?
@@ -687,46 +863,68 @@ impl Snapshots {
             }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        Ok(Some(StoredSnapshot { meta, data }))
+        let data: MachineData = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let rows = Row::all(&data.state).map_err(|e| e.to_string())?;
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let mut point = AppliedPoint::default();
+        commit_state(state_db, &[StateOp::Install(rows, meta, reply)], &mut point)?;
+        tracing::info!(
+            index = point.0.map_or(0, |l| l.index),
+            "the state of the last snapshot moved into {STATE_FILE}"
+        );
     }
+    let tx = log_db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = tx.open_table(META).map_err(|e| e.to_string())?;
+        table.remove(SNAPSHOT).map_err(|e| e.to_string())?;
+    }
+    tx.delete_table(LEGACY_SNAPSHOT_DATA)
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())?;
+    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("snapshot-") {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(error = %e, file = %entry.path().display(), "an old snapshot stays");
+            }
+        }
+    }
+    Ok(())
 }
 
+/// Where the first snapshots were kept (see [`migrate_snapshot`]).
+const LEGACY_SNAPSHOT_DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
+
 /// The replicated state machine. Readers (the gRPC services) share `data`; every apply bumps
-/// `applied` so that watchers wake up.
+/// `applied` so that watchers wake up, and queues what it changed for the state writer (see
+/// [`write_state`]).
 #[derive(Clone)]
 pub struct StateMachine {
-    db: Arc<Database>,
-    snapshots: Snapshots,
     pub data: Arc<RwLock<MachineData>>,
     applied: Arc<watch::Sender<u64>>,
+    writer: std::sync::mpsc::Sender<StateOp>,
+    /// Whether a snapshot was taken or installed (a new store has none).
+    snapshotted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StateMachine {
-    async fn load(db: Arc<Database>, dir: &Path) -> StorageResult<Self> {
-        let snapshots = Snapshots {
-            dir: dir.into(),
-            writing: Default::default(),
-        };
-        let stored = {
-            let snapshots = snapshots.clone();
-            blocking(
-                &db,
-                ErrorSubject::Snapshot(None),
-                ErrorVerb::Read,
-                move |db| snapshots.read(db),
-            )
-            .await?
-        };
-        let data = match stored {
-            Some(s) => serde_json::from_slice(&s.data)
-                .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?,
-            None => MachineData::default(),
-        };
+    /// Opens the state file in `dir`, moves a state kept the earlier way into it, reads it,
+    /// and starts its writer.
+    fn open(dir: &Path, log_db: &Database) -> Result<Self, String> {
+        let path = dir.join(STATE_FILE);
+        let db = Database::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        migrate_snapshot(dir, log_db, &db)?;
+        let (data, snapshotted) = read_state(&db)?;
+        let point = (data.last_applied, data.membership.clone());
+        let (writer, ops) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("raft-state-writer".into())
+            .spawn(move || write_state(db, point, ops))
+            .map_err(|e| e.to_string())?;
         Ok(Self {
-            db,
-            snapshots,
             data: Arc::new(RwLock::new(data)),
             applied: Arc::new(watch::channel(0).0),
+            writer,
+            snapshotted: Arc::new(snapshotted.into()),
         })
     }
 
@@ -742,49 +940,30 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// A snapshot is a mark: the state is in its file already, and taking one makes it durable
+    /// up to the last apply and marks that point (see [`write_state`]); openraft may then purge
+    /// the log before it. Its bytes are made only when a member needs them
+    /// ([`RaftStateMachine::get_current_snapshot`]); openraft keeps only the metadata of what
+    /// this returns.
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // Applies wait only for a copy of the maps' structure (the requests and grants in them
-        // are shared, see `State`): exactly the state at `last_applied`, serialised and stored
-        // off the runtime while applies go on.
         let started = std::time::Instant::now();
-        let copy = self.data.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let copied = started.elapsed();
-        let snapshots = self.snapshots.clone();
-        let (meta, bytes) = blocking(
-            &self.db,
+        let meta = ask(
+            &self.writer,
             ErrorSubject::Snapshot(None),
             ErrorVerb::Write,
-            move |db| {
-                let bytes = serde_json::to_vec(&copy).map_err(|e| e.to_string())?;
-                let serialised = started.elapsed();
-                let id = match copy.last_applied {
-                    Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, bytes.len()),
-                    None => format!("0-0-{}", bytes.len()),
-                };
-                let stored = StoredSnapshot {
-                    meta: SnapshotMeta {
-                        last_log_id: copy.last_applied,
-                        last_membership: copy.membership,
-                        snapshot_id: id,
-                    },
-                    data: bytes,
-                };
-                snapshots.write(db, &stored)?;
-                tracing::info!(
-                    index = stored.meta.last_log_id.map_or(0, |l| l.index),
-                    bytes = stored.data.len(),
-                    copy_ms = copied.as_secs_f64() * 1e3,
-                    serialise_ms = (serialised - copied).as_secs_f64() * 1e3,
-                    store_ms = (started.elapsed() - serialised).as_secs_f64() * 1e3,
-                    "snapshot built"
-                );
-                Ok((stored.meta, stored.data))
-            },
+            StateOp::Snapshot,
         )
         .await?;
+        self.snapshotted
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot taken"
+        );
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -805,23 +984,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut replies = Vec::new();
+        let mut changed = Vec::new();
         let mut last = 0;
-        {
+        let (rows, point) = {
             let mut data = self.data.write().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
                 data.last_applied = Some(entry.log_id);
                 last = entry.log_id.index;
                 replies.push(match entry.payload {
                     EntryPayload::Blank => Reply(None),
-                    EntryPayload::Normal(cmd) => Reply(Some(data.state.apply(cmd))),
+                    EntryPayload::Normal(cmd) => {
+                        Reply(Some(data.state.apply_noting(cmd, &mut changed)))
+                    }
                     EntryPayload::Membership(m) => {
                         data.membership = StoredMembership::new(Some(entry.log_id), m);
                         Reply(None)
                     }
                 });
             }
-        }
+            let rows = changed
+                .into_iter()
+                .map(|c| Row::of(&data.state, c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            (rows, (data.last_applied, data.membership.clone()))
+        };
         if !replies.is_empty() {
+            self.writer.send(StateOp::Apply(rows, point)).map_err(|_| {
+                io_error(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    "the state writer stopped",
+                )
+            })?;
             self.applied.send_replace(last);
         }
         Ok(replies)
@@ -840,46 +1035,50 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let bytes = snapshot.into_inner();
-        let mut incoming: MachineData = serde_json::from_slice(&bytes).map_err(|e| {
-            io_error(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Read,
-                e,
-            )
-        })?;
-        incoming.last_applied = meta.last_log_id;
-        incoming.membership = meta.last_membership.clone();
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes,
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let read = {
+            let meta = meta.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, serde_json::Error> {
+                let mut incoming: MachineData = serde_json::from_slice(snapshot.get_ref())?;
+                incoming.last_applied = meta.last_log_id;
+                incoming.membership = meta.last_membership;
+                let rows = Row::all(&incoming.state)?;
+                Ok((incoming, rows))
+            })
         };
-        let snapshots = self.snapshots.clone();
-        blocking(
-            &self.db,
-            ErrorSubject::Snapshot(Some(meta.signature())),
-            ErrorVerb::Write,
-            move |db| snapshots.write(db, &stored),
-        )
+        let (incoming, rows) = read
+            .await
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, e))?
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, e))?;
+        let m = meta.clone();
+        ask(&self.writer, subject, ErrorVerb::Write, |reply| {
+            StateOp::Install(rows, m, reply)
+        })
         .await?;
+        self.snapshotted
+            .store(true, std::sync::atomic::Ordering::Release);
         let last = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         *self.data.write().unwrap_or_else(|p| p.into_inner()) = incoming;
         self.applied.send_replace(last);
         Ok(())
     }
 
+    /// The state as it is now (the state machine worker calls this between applies), as the
+    /// JSON of [`MachineData`]: at or after the last snapshot taken, so the log after it is
+    /// still there for the member that installs it.
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let snapshots = self.snapshots.clone();
-        let stored = blocking(
-            &self.db,
-            ErrorSubject::Snapshot(None),
-            ErrorVerb::Read,
-            move |db| snapshots.read(db),
-        )
-        .await?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+        if !self.snapshotted.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(None);
+        }
+        let copy = self.data.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let meta = snapshot_meta(&(copy.last_applied, copy.membership.clone()));
+        let bytes = tokio::task::spawn_blocking(move || serde_json::to_vec(&copy))
+            .await
+            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
         }))
     }
 }
@@ -1000,89 +1199,118 @@ mod tests {
             sm.apply([entry.clone()]).await.unwrap();
             sm.build_snapshot().await.unwrap();
         }
-        // The log writer thread lets go of the file once the store is dropped.
-        let mut tries = 0;
-        let (mut log, mut sm) = loop {
-            match open(dir.path()).await {
-                Ok(opened) => break opened,
-                Err(e) if tries < 40 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        };
+        let (mut log, mut sm) = reopen(dir.path()).await;
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(1));
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
     }
 
-    /// A snapshot stored in the store itself (before snapshots had files of their own) is
-    /// read; the next one goes to a file and the old bytes leave the store.
-    #[tokio::test]
-    async fn a_snapshot_stored_the_old_way_is_read_then_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let log_id = LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
-        let mut data = MachineData {
-            last_applied: Some(log_id),
-            ..Default::default()
-        };
-        data.state
-            .apply(crate::approvals::tests::create("r1", 1, 0))
-            .unwrap();
-        let meta = SnapshotMeta {
-            last_log_id: Some(log_id),
-            last_membership: StoredMembership::default(),
-            snapshot_id: "old".into(),
-        };
-        {
-            let db = Database::create(dir.path().join("raft.redb")).unwrap();
-            write_meta(&db, SNAPSHOT, &meta).unwrap();
-            let tx = db.begin_write().unwrap();
-            tx.open_table(SNAPSHOT_DATA)
-                .unwrap()
-                .insert(SNAPSHOT, serde_json::to_vec(&data).unwrap().as_slice())
-                .unwrap();
-            tx.commit().unwrap();
+    /// Opens the store in `dir` again once the writer threads of the last one let go of its
+    /// files (they stop when it is dropped).
+    async fn reopen(dir: &Path) -> (LogStore, StateMachine) {
+        let mut tries = 0;
+        loop {
+            match open(dir).await {
+                Ok(opened) => return opened,
+                Err(e) if tries < 40 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("reopen {}: {e}", dir.display()),
+            }
         }
-        let (_log, mut sm) = open(dir.path()).await.unwrap();
-        assert_eq!(sm.read(State::clone), data.state);
-        let current = sm.get_current_snapshot().await.unwrap().expect("one");
-        assert_eq!(current.meta, meta);
-        let built = sm.build_snapshot().await.unwrap();
-        assert_eq!(built.meta.last_log_id, Some(log_id));
-        let files: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("snapshot-"))
-            .collect();
-        assert_eq!(files, ["snapshot-2-1-7"]);
-        let tx = sm.db.begin_read().unwrap();
-        let legacy = tx.open_table(SNAPSHOT_DATA).unwrap();
-        assert!(legacy.get(SNAPSHOT).unwrap().is_none());
-        let current = sm.get_current_snapshot().await.unwrap().expect("one");
-        assert_eq!(current.meta, built.meta);
-        assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
     }
 
-    /// A snapshot built while applies go on holds exactly the state at its last log id: the
-    /// requests it shares with the live state are copied when an apply changes them, not
-    /// changed under it.
+    /// A state that earlier versions kept only in a snapshot (the bytes in the log's store,
+    /// then in a file beside it) is moved into the state file on open, and the old copies go.
+    #[tokio::test]
+    async fn a_state_kept_in_a_snapshot_moves_into_the_state_file() {
+        for in_file in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let log_id = LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
+            let mut data = MachineData {
+                last_applied: Some(log_id),
+                ..Default::default()
+            };
+            data.state
+                .apply(crate::approvals::tests::create("r1", 1, 0))
+                .unwrap();
+            let meta = SnapshotMeta::<NodeId, BasicNode> {
+                last_log_id: Some(log_id),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "old".into(),
+            };
+            let bytes = serde_json::to_vec(&data).unwrap();
+            {
+                let db = Database::create(dir.path().join("raft.redb")).unwrap();
+                write_meta(&db, SNAPSHOT, &meta).unwrap();
+                if in_file {
+                    std::fs::write(dir.path().join("snapshot-2-1-7"), &bytes).unwrap();
+                } else {
+                    let tx = db.begin_write().unwrap();
+                    tx.open_table(LEGACY_SNAPSHOT_DATA)
+                        .unwrap()
+                        .insert(SNAPSHOT, bytes.as_slice())
+                        .unwrap();
+                    tx.commit().unwrap();
+                }
+            }
+            for _ in 0..2 {
+                let (_log, mut sm) = reopen(dir.path()).await;
+                assert_eq!(sm.read(State::clone), data.state);
+                assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id));
+                let current = sm.get_current_snapshot().await.unwrap().expect("one");
+                assert_eq!(current.meta.last_log_id, Some(log_id));
+                let held: MachineData = serde_json::from_slice(current.snapshot.get_ref()).unwrap();
+                assert_eq!(held.state, data.state);
+            }
+            let left: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert!(!left.iter().any(|n| n.starts_with("snapshot-")), "{left:?}");
+            let (log, _sm) = reopen(dir.path()).await;
+            let (meta, legacy) = log
+                .run(ErrorSubject::Store, ErrorVerb::Read, |db| {
+                    let meta = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)?;
+                    let tx = db.begin_read().map_err(|e| e.to_string())?;
+                    Ok((meta, tx.open_table(LEGACY_SNAPSHOT_DATA).is_ok()))
+                })
+                .await
+                .unwrap();
+            assert_eq!(meta, None, "the old metadata went");
+            assert!(!legacy, "the old table went");
+        }
+    }
+
+    /// The state file follows the applies (inserted, changed and removed objects), a snapshot
+    /// taken while applies go on marks a point at or after the applies before it and makes
+    /// that durable, and a reopened store holds exactly the state at its last applied entry,
+    /// at or after the last snapshot. A member that installs the state as sent holds it too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_snapshot_holds_the_state_at_its_index_while_applies_go_on() {
+    async fn the_state_file_follows_the_applies_and_a_snapshot_marks_it_durable() {
         use crate::approvals::tests::{create, decide};
-        let dir = tempfile::tempdir().unwrap();
-        let (_log, mut sm) = open(dir.path()).await.unwrap();
-        // Entry i creates request i and decides request i - 1 (a change to a request that a
-        // snapshot taken between them shares).
-        let entry = |i: u64| Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-            payload: EntryPayload::Normal(Command::Batch(vec![
+        // Entry i creates request i, decides request i - 1 (denied when i is odd) and marks
+        // something until i + 20; every 50th also purges what settled or ended 25 before.
+        let entry = |i: u64| {
+            let mut cmds = vec![
                 create(&format!("r{i}"), 1, i),
                 decide(&format!("r{}", i - 1), "alice", i % 2 == 0, i),
-            ])),
+                Command::Mark {
+                    key: format!("logout:{i}"),
+                    until: i + 20,
+                    now: i,
+                },
+            ];
+            if i % 50 == 0 {
+                cmds.push(Command::Purge { cutoff: i - 25 });
+            }
+            Entry::<TypeConfig> {
+                log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+                payload: EntryPayload::Normal(Command::Batch(cmds)),
+            }
         };
         let replay = |upto: u64| {
             let mut state = State::default();
@@ -1093,51 +1321,93 @@ mod tests {
             }
             state
         };
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = open(dir.path()).await.unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
         let mut applied = 0;
-        while applied < 500 {
+        while applied < 300 {
             applied += 1;
             sm.apply([entry(applied)]).await.unwrap();
         }
         let mut builder = sm.get_snapshot_builder().await;
         let build = tokio::spawn(async move { builder.build_snapshot().await.unwrap() });
-        while !build.is_finished() && applied < 5_000 {
+        let before = applied;
+        while !build.is_finished() && applied < 2_000 {
             applied += 1;
             sm.apply([entry(applied)]).await.unwrap();
         }
-        let snapshot = build.await.unwrap();
-        let index = snapshot.meta.last_log_id.expect("a log id").index;
+        let marked = build
+            .await
+            .unwrap()
+            .meta
+            .last_log_id
+            .expect("a log id")
+            .index;
         assert!(
-            applied > index,
-            "applies went on after the snapshot's index"
+            (before..=applied).contains(&marked),
+            "{marked} in {before}..={applied}"
         );
-        let held: MachineData = serde_json::from_slice(snapshot.snapshot.get_ref()).unwrap();
-        assert_eq!(held.last_applied, snapshot.meta.last_log_id);
-        assert_eq!(held.state, replay(index), "the state at {index}");
-        assert_eq!(sm.read(State::clone), replay(applied));
-        // What was stored is what was built.
-        let stored = sm.get_current_snapshot().await.unwrap().expect("stored");
-        assert_eq!(stored.meta, snapshot.meta);
-        assert_eq!(stored.snapshot.get_ref(), snapshot.snapshot.get_ref());
-
-        // The next snapshot, after more applies, holds exactly the state at its index, in the
-        // bytes serde_json gives it.
-        for _ in 0..100 {
+        for _ in 0..120 {
             applied += 1;
             sm.apply([entry(applied)]).await.unwrap();
         }
-        let next = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let held: MachineData = serde_json::from_slice(next.snapshot.get_ref()).unwrap();
-        assert_eq!(
-            held.last_applied,
-            Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), applied))
-        );
+        assert!(replay(applied).requests.len() < applied as usize, "purged");
+        assert_eq!(sm.read(State::clone), replay(applied));
+
+        // What a member that must install it gets: the state now.
+        let sent = sm.get_current_snapshot().await.unwrap().expect("one");
+        assert_eq!(sent.meta.last_log_id.map(|l| l.index), Some(applied));
+        let held: MachineData = serde_json::from_slice(sent.snapshot.get_ref()).unwrap();
         assert_eq!(held.state, replay(applied));
-        assert_eq!(next.snapshot.get_ref(), &serde_json::to_vec(&held).unwrap());
+        let other = tempfile::tempdir().unwrap();
+        {
+            let (_log, mut follower) = open(other.path()).await.unwrap();
+            // Something the installed state replaces.
+            follower.apply([entry(1)]).await.unwrap();
+            follower
+                .install_snapshot(&sent.meta, sent.snapshot)
+                .await
+                .unwrap();
+        }
+        let (_follower_log, mut follower) = reopen(other.path()).await;
+        assert_eq!(follower.read(State::clone), replay(applied));
+        assert_eq!(
+            follower.applied_state().await.unwrap().0,
+            sent.meta.last_log_id
+        );
+
+        // A snapshot, then applies it does not cover; reopened, the state is exactly the one
+        // at its last applied entry, which is at or after the snapshot.
+        sm.build_snapshot().await.unwrap();
+        let marked = applied;
+        for _ in 0..30 {
+            applied += 1;
+            sm.apply([entry(applied)]).await.unwrap();
+        }
+        drop((_log, sm));
+        let (_log, mut sm) = reopen(dir.path()).await;
+        let last = sm.applied_state().await.unwrap().0.expect("a log id").index;
+        assert!((marked..=applied).contains(&last), "{last}");
+        assert_eq!(sm.read(State::clone), replay(last));
+        let current = sm.get_current_snapshot().await.unwrap().expect("one");
+        assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(last));
+    }
+
+    /// A state file that ends before the log's purge (lost, or from another store) cannot be
+    /// brought up to date: the store does not open, and says why.
+    #[tokio::test]
+    async fn a_state_behind_the_purged_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("raft.redb")).unwrap();
+            let purged = LogId::new(openraft::CommittedLeaderId::new(1, 1), 100);
+            write_meta(&db, PURGED, &Some(purged)).unwrap();
+        }
+        let err = open(dir.path()).await.err().expect("refused").to_string();
+        assert!(
+            err.contains("ends at entry 0 but the log was purged up to entry 100"),
+            "{err}"
+        );
     }
 
     /// A store written before approvals were keyed by protocol (no format mark, but state) is
