@@ -480,6 +480,7 @@ async fn t86_unauthenticated_and_malformed_calls_are_refused() {
     let leader = cluster.leader(&[1, 2, 3]).await;
     let mut req = tonic::Request::new(pb::RaftMessage {
         json: b"{not json".to_vec(),
+        ..Default::default()
     });
     req.metadata_mut().insert(
         vigil_coordinator::service::CLUSTER_TOKEN_HEADER,
@@ -495,6 +496,7 @@ async fn t86_unauthenticated_and_malformed_calls_are_refused() {
     let e = pb::raft_client::RaftClient::new(raw)
         .vote(pb::RaftMessage {
             json: b"{}".to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -736,6 +738,7 @@ async fn t88_members_use_mutual_tls_and_nodes_and_operators_verify_them() {
         async move {
             let mut req = tonic::Request::new(pb::RaftMessage {
                 json: b"{}".to_vec(),
+                ..Default::default()
             });
             req.metadata_mut().insert(
                 vigil_coordinator::service::CLUSTER_TOKEN_HEADER,
@@ -895,6 +898,101 @@ async fn t8e_settled_requests_are_forgotten_on_every_member() {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+}
+
+/// A member that was down while the log it needed was purged catches up by installing the
+/// state the leader sends (made from the leader's state when asked: snapshots are marks), and
+/// keeps it through a SIGKILL and restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8f_a_member_behind_the_purged_log_installs_the_state_it_is_sent() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let away = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    let applied = |text: &str| metric(text, "vigil_coordinator_last_applied_index");
+    let (_, text) = cluster.http_get(away, "/metrics").await;
+    let behind = applied(&text);
+    eprintln!("== t8f: member {away} down at entry {behind} while 1,500 requests come");
+    cluster.kill(away);
+    let client = cluster.client();
+    let alice = id_token("alice");
+    let operator = cluster.operator(&alice);
+    for i in 0..1_500 {
+        client
+            .create_approval(new_request(&format!("r{i}"), &format!("h{i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..20 {
+        operator
+            .decide_approval(decide(&format!("r{i}"), i % 2 == 0))
+            .await
+            .unwrap();
+    }
+    // The leader keeps 1,000 entries behind its snapshot: past that, the member's next entry
+    // is gone from its log.
+    let (_, text) = cluster.http_get(leader, "/metrics").await;
+    let snapshot = metric(&text, "vigil_coordinator_snapshot_index");
+    assert!(
+        snapshot > behind + 1_000.0,
+        "the leader's snapshot is at {snapshot}, the member at {behind}"
+    );
+    for (round, late) in [
+        ("after the install", 200),
+        ("after a SIGKILL and restart", 0),
+    ] {
+        eprintln!("== t8f: member {away} back ({round}), {late} more requests meanwhile");
+        cluster.spawn(away);
+        // Requests that keep coming while the member catches up: it installs a state, then
+        // applies the entries after it.
+        let writer = cluster.client();
+        let writes = tokio::spawn(async move {
+            for i in 0..late {
+                writer
+                    .create_approval(new_request(&format!("r-late-{i}"), &format!("hl{i}")))
+                    .await
+                    .unwrap();
+            }
+        });
+        cluster.wait_up(away).await;
+        writes.await.unwrap();
+        eventually_async("the returning member holds the leader's state", || async {
+            let (_, l) = cluster.http_get(leader, "/metrics").await;
+            let (_, a) = cluster.http_get(away, "/metrics").await;
+            applied(&a) == applied(&l) && requests_held(&cluster, away).await == Some(1_700.0)
+        })
+        .await;
+        let (_, text) = cluster.http_get(away, "/metrics").await;
+        assert!(
+            metric(&text, "vigil_coordinator_snapshot_index") > behind + 1_000.0,
+            "{round}: the member holds an installed snapshot: {text}"
+        );
+        cluster.kill(away);
+    }
+    // The returned member and the third one, without the old leader, elect a leader and
+    // answer with the same requests, states and votes.
+    let held = operator
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap();
+    let states = |l: &pb::ApprovalList| {
+        l.approvals
+            .iter()
+            .map(|a| (a.id.clone(), a.state.clone(), a.votes.len()))
+            .collect::<Vec<_>>()
+    };
+    let other = [1, 2, 3]
+        .into_iter()
+        .find(|&i| i != leader && i != away)
+        .unwrap();
+    cluster.spawn(away);
+    cluster.wait_up(away).await;
+    cluster.kill(leader);
+    cluster.leader(&[away, other]).await;
+    let after = operator
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(states(&held), states(&after));
 }
 
 /// Three gateway nodes race to consume one approval: exactly one runs the statement.

@@ -100,7 +100,10 @@ impl Peer {
             .clone()
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
         let json = serde_json::to_vec(msg).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut req = tonic::Request::new(RaftMessage { json });
+        let mut req = tonic::Request::new(RaftMessage {
+            json,
+            snapshot_data: Vec::new(),
+        });
         req.set_timeout(option.hard_ttl());
         let token = MetadataValue::try_from(&*self.token)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -152,7 +155,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let (mut client, req) = self.request(&rpc, &option)?;
+        let mut rpc = rpc;
+        let data = std::mem::take(&mut rpc.data);
+        let (mut client, mut req) = self.request(&rpc, &option)?;
+        req.get_mut().snapshot_data = data;
         let reply = client.install_snapshot(req).await;
         self.response("install_snapshot", reply)
     }

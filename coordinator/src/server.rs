@@ -22,6 +22,8 @@ use vigil_proto::coordinator::raft_server::RaftServer;
 
 /// Largest gRPC message a member accepts (Raft batches and snapshot chunks, JSON-encoded).
 const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+/// How long a member has to take a snapshot chunk (the last: to install the whole state).
+const INSTALL_SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How one member runs (the file format lives with the binary).
 #[derive(Clone, Debug)]
@@ -170,6 +172,11 @@ impl Member {
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_max_chunk_size: 1024 * 1024,
+            // Each chunk's answer, and the last one's (the whole state installed: parsed and
+            // written durably, seconds for a large state), has this long before the leader
+            // gives up and sends the state again from the start. openraft's 200 ms default
+            // let no large state through.
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT.as_millis() as u64,
             ..Default::default()
         }
         .validate()

@@ -1106,7 +1106,12 @@ fn decode<T: serde::de::DeserializeOwned>(msg: pb::RaftMessage) -> Result<T, Sta
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Response<pb::RaftMessage>, Status> {
     serde_json::to_vec(value)
-        .map(|json| Response::new(pb::RaftMessage { json }))
+        .map(|json| {
+            Response::new(pb::RaftMessage {
+                json,
+                snapshot_data: Vec::new(),
+            })
+        })
         .map_err(|e| Status::internal(e.to_string()))
 }
 
@@ -1138,7 +1143,13 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::RaftMessage>, Status> {
         crate::tls::require_member_certificate(self.0.tls, &req)?;
         self.0.member(req.metadata()).await?;
-        let rpc = decode(req.into_inner())?;
+        let mut msg = req.into_inner();
+        let data = std::mem::take(&mut msg.snapshot_data);
+        let mut rpc: openraft::raft::InstallSnapshotRequest<crate::store::TypeConfig> =
+            decode(msg)?;
+        if !data.is_empty() {
+            rpc.data = data;
+        }
         encode(&self.0.raft.install_snapshot(rpc).await)
     }
 }

@@ -607,6 +607,9 @@ const APPLIED: &str = "applied";
 // In [`STATE_META`] too, [`SNAPSHOT`]: the last snapshot's metadata (written with the state it
 // names, durably).
 
+/// A snapshot's metadata.
+type Meta = SnapshotMeta<NodeId, BasicNode>;
+
 /// How far the stored state goes: the last applied log id and the membership then.
 type AppliedPoint = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
@@ -655,18 +658,18 @@ enum StateOp {
     Apply(Vec<Row>, AppliedPoint),
     /// Make everything queued before durable, and mark it as the last snapshot; answers with
     /// the snapshot's metadata.
-    Snapshot(tokio::sync::oneshot::Sender<Result<SnapshotMeta<NodeId, BasicNode>, String>>),
+    Snapshot(tokio::sync::oneshot::Sender<Result<Meta, String>>),
     /// Replace the whole state with an installed snapshot's, durably.
     Install(
         Vec<Row>,
-        SnapshotMeta<NodeId, BasicNode>,
+        Meta,
         tokio::sync::oneshot::Sender<Result<(), String>>,
     ),
 }
 
 /// The metadata of a snapshot of the state at `point`: its id names the log id, so that the
 /// same state always has the same id.
-fn snapshot_meta(point: &AppliedPoint) -> SnapshotMeta<NodeId, BasicNode> {
+fn snapshot_meta(point: &AppliedPoint) -> Meta {
     let (term, leader, index) = match point.0 {
         Some(l) => (l.leader_id.term, l.leader_id.node_id, l.index),
         None => (0, 0, 0),
@@ -723,7 +726,7 @@ fn commit_state(
     db: &Database,
     batch: &[StateOp],
     point: &mut AppliedPoint,
-) -> Result<SnapshotMeta<NodeId, BasicNode>, String> {
+) -> Result<Meta, String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let mut tx = db.begin_write().map_err(|x| e(&x))?;
     let mut synced = false;
@@ -781,8 +784,8 @@ fn put_rows(tx: &redb::WriteTransaction, rows: &[Row]) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads the stored state: the applied data, and whether a snapshot was marked.
-fn read_state(db: &Database) -> Result<(MachineData, bool), String> {
+/// Reads the stored state: the applied data, and the last snapshot marked.
+fn read_state(db: &Database) -> Result<(MachineData, Option<Meta>), String> {
     fn rows<T: for<'de> Deserialize<'de>>(
         tx: &redb::ReadTransaction,
         table: StateTable,
@@ -820,7 +823,12 @@ fn read_state(db: &Database) -> Result<(MachineData, bool), String> {
         membership,
         state,
     };
-    Ok((data, meta.contains_key(SNAPSHOT)))
+    let marked = meta
+        .get(SNAPSHOT)
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok((data, marked))
 }
 
 /// A state kept the way earlier versions kept it, only in snapshots (the bytes in a
@@ -828,7 +836,7 @@ fn read_state(db: &Database) -> Result<(MachineData, bool), String> {
 /// `raft_snapshot` table; the metadata in its metadata table), is moved into the state file
 /// once: written and marked there durably, then removed from the old places.
 fn migrate_snapshot(dir: &Path, log_db: &Database, state_db: &Database) -> Result<(), String> {
-    let Some(meta) = read_meta::<SnapshotMeta<NodeId, BasicNode>>(log_db, SNAPSHOT)? else {
+    let Some(meta) = read_meta::<Meta>(log_db, SNAPSHOT)? else {
         return Ok(());
     };
     let marked = {
@@ -902,8 +910,30 @@ pub struct StateMachine {
     pub data: Arc<RwLock<MachineData>>,
     applied: Arc<watch::Sender<u64>>,
     writer: std::sync::mpsc::Sender<StateOp>,
-    /// Whether a snapshot was taken or installed (a new store has none).
-    snapshotted: Arc<std::sync::atomic::AtomicBool>,
+    snapshots: Arc<std::sync::Mutex<Snapshots>>,
+}
+
+/// A member's snapshots, as [`StateMachine`] keeps track of them.
+#[derive(Default)]
+struct Snapshots {
+    /// The last one marked (taken or installed); none in a new store.
+    marked: Option<Meta>,
+    /// The state as last made for a member that installs it: sent again to the next one that
+    /// asks (openraft asks again for every try) while no later snapshot is marked.
+    made: Option<(Meta, Arc<Vec<u8>>)>,
+}
+
+impl Snapshots {
+    fn mark(&mut self, meta: Meta) {
+        if self
+            .made
+            .as_ref()
+            .is_some_and(|(made, _)| made.last_log_id < meta.last_log_id)
+        {
+            self.made = None;
+        }
+        self.marked = Some(meta);
+    }
 }
 
 impl StateMachine {
@@ -913,7 +943,7 @@ impl StateMachine {
         let path = dir.join(STATE_FILE);
         let db = Database::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         migrate_snapshot(dir, log_db, &db)?;
-        let (data, snapshotted) = read_state(&db)?;
+        let (data, marked) = read_state(&db)?;
         let point = (data.last_applied, data.membership.clone());
         let (writer, ops) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -924,7 +954,7 @@ impl StateMachine {
             data: Arc::new(RwLock::new(data)),
             applied: Arc::new(watch::channel(0).0),
             writer,
-            snapshotted: Arc::new(snapshotted.into()),
+            snapshots: Arc::new(std::sync::Mutex::new(Snapshots { marked, made: None })),
         })
     }
 
@@ -936,6 +966,10 @@ impl StateMachine {
     /// Reads the domain state.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.data.read().unwrap_or_else(|p| p.into_inner()).state)
+    }
+
+    fn snapshots(&self) -> std::sync::MutexGuard<'_, Snapshots> {
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -954,8 +988,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             StateOp::Snapshot,
         )
         .await?;
-        self.snapshotted
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.snapshots().mark(meta.clone());
         tracing::info!(
             index = meta.last_log_id.map_or(0, |l| l.index),
             ms = started.elapsed().as_secs_f64() * 1e3,
@@ -1032,7 +1065,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &Meta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
@@ -1055,30 +1088,46 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             StateOp::Install(rows, m, reply)
         })
         .await?;
-        self.snapshotted
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.snapshots().mark(meta.clone());
         let last = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         *self.data.write().unwrap_or_else(|p| p.into_inner()) = incoming;
         self.applied.send_replace(last);
         Ok(())
     }
 
-    /// The state as it is now (the state machine worker calls this between applies), as the
-    /// JSON of [`MachineData`]: at or after the last snapshot taken, so the log after it is
-    /// still there for the member that installs it.
+    /// The state for a member to install, as the JSON of [`MachineData`]: made from the state
+    /// as it is now (the state machine worker calls this between applies, so they wait while
+    /// it is made), or the one made last if it is not older than the last snapshot marked.
+    /// Either way at or after that snapshot, so the log after it is still there for the member
+    /// that installs it.
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        if !self.snapshotted.load(std::sync::atomic::Ordering::Acquire) {
-            return Ok(None);
-        }
-        let copy = self.data.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let meta = snapshot_meta(&(copy.last_applied, copy.membership.clone()));
-        let bytes = tokio::task::spawn_blocking(move || serde_json::to_vec(&copy))
-            .await
-            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
-            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let made = {
+            let snapshots = self.snapshots();
+            let Some(marked) = &snapshots.marked else {
+                return Ok(None);
+            };
+            snapshots
+                .made
+                .clone()
+                .filter(|(made, _)| made.last_log_id >= marked.last_log_id)
+        };
+        let (meta, bytes) = match made {
+            Some(made) => made,
+            None => {
+                let copy = self.data.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let meta = snapshot_meta(&(copy.last_applied, copy.membership.clone()));
+                let bytes = tokio::task::spawn_blocking(move || serde_json::to_vec(&copy))
+                    .await
+                    .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+                    .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+                let made = (meta, Arc::new(bytes));
+                self.snapshots().made = Some(made.clone());
+                made
+            }
+        };
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(Cursor::new(bytes.to_vec())),
         }))
     }
 }
@@ -1237,7 +1286,7 @@ mod tests {
             data.state
                 .apply(crate::approvals::tests::create("r1", 1, 0))
                 .unwrap();
-            let meta = SnapshotMeta::<NodeId, BasicNode> {
+            let meta = Meta {
                 last_log_id: Some(log_id),
                 last_membership: StoredMembership::default(),
                 snapshot_id: "old".into(),
@@ -1274,7 +1323,7 @@ mod tests {
             let (log, _sm) = reopen(dir.path()).await;
             let (meta, legacy) = log
                 .run(ErrorSubject::Store, ErrorVerb::Read, |db| {
-                    let meta = read_meta::<SnapshotMeta<NodeId, BasicNode>>(db, SNAPSHOT)?;
+                    let meta = read_meta::<Meta>(db, SNAPSHOT)?;
                     let tx = db.begin_read().map_err(|e| e.to_string())?;
                     Ok((meta, tx.open_table(LEGACY_SNAPSHOT_DATA).is_ok()))
                 })
