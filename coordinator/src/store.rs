@@ -59,17 +59,22 @@ fn io_error(
     StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
 }
 
-/// The shape of what this version stores (commands in the log, the state in snapshots), kept
-/// in the store: 2 = approvals and grants keyed by protocol and target. A store without the
-/// mark but with state was written by format 1.
-pub const STORE_FORMAT: u32 = 2;
+/// The shape of what this version stores, kept in the store: 2 = approvals and grants keyed by
+/// protocol and target, the state only in snapshots; 3 = the same, the applied state in a file
+/// of its own (`state.redb`). A store of format 2 is read, and moved to format 3 when it is
+/// opened (an earlier release, which reads format 2 only, then refuses it instead of missing
+/// its state). A store without the mark but with state was written by format 1.
+pub const STORE_FORMAT: u32 = 3;
+/// The earliest format this version reads.
+const OLDEST_FORMAT_READ: u32 = 2;
 const FORMAT: &str = "format";
 
 /// The store holds state of another format than this version reads.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the coordinator store {path} holds format {found} state, and this coordinator reads format \
-     {STORE_FORMAT} only (approvals and grants are keyed by protocol and target since format 2); \
+    "the coordinator store {path} holds format {found} state, and this coordinator reads formats \
+     {OLDEST_FORMAT_READ} to {STORE_FORMAT} only (approvals and grants are keyed by protocol and \
+     target since format 2); \
      it will not read it as something else. Stop every member, move their data directories \
      away and form the cluster again (docs/operations.md, \"Upgrading the coordinator store\")"
 )]
@@ -78,7 +83,8 @@ pub struct OtherFormat {
     pub found: u32,
 }
 
-/// Checks the store in `dir` (if any) was written in [`STORE_FORMAT`], and marks a new one.
+/// Checks the store in `dir` (if any) was written in a format this version reads
+/// ([`OLDEST_FORMAT_READ`] to [`STORE_FORMAT`]); [`open`] marks it with [`STORE_FORMAT`].
 /// `discard`: a store of another format is deleted instead (the embedded single member, whose
 /// pending approvals do not outlive an upgrade).
 pub fn check_format(dir: &Path, discard: bool) -> anyhow::Result<()> {
@@ -106,7 +112,7 @@ pub fn check_format(dir: &Path, discard: bool) -> anyhow::Result<()> {
             None => STORE_FORMAT,
         }
     };
-    if found == STORE_FORMAT {
+    if (OLDEST_FORMAT_READ..=STORE_FORMAT).contains(&found) {
         return Ok(());
     }
     let err = OtherFormat { path, found };
@@ -204,7 +210,7 @@ fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> Result<(), S
 pub struct LogStore {
     /// The newest entries, as appended: the leader replicates from here instead of reading
     /// back and decoding what it has just written.
-    recent: Arc<std::sync::Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    recent: Arc<std::sync::Mutex<Recent>>,
     /// The committed index as last told; written to disk with the next append.
     committed: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
     /// The log writer thread (see [`write_log`]).
@@ -222,12 +228,9 @@ struct Append {
 /// Work for the log writer thread, done in the order it was queued.
 enum Op {
     Append(Append),
-    /// Record the purge up to this entry (a commit of its own, answered), then delete the
-    /// purged entries a few at a time with the commits that follow (see [`write_log`]).
-    Purge(
-        LogId<NodeId>,
-        tokio::sync::oneshot::Sender<Result<(), String>>,
-    ),
+    /// Purge up to this entry: recorded with the next commit, which deletes the first purged
+    /// entries, and the rest a few at a time with the commits that follow (see [`write_log`]).
+    Purge(LogId<NodeId>),
     /// Anything else (vote, truncate, reads that must see every append before them).
     Run(Box<dyn FnOnce(&Database) + Send>),
 }
@@ -239,11 +242,14 @@ const PURGE_CHUNK: u64 = 128;
 /// progress into the next one (group commit: one fsync for many appends), and runs the other
 /// operations in order between them.
 ///
-/// A purge (after every snapshot: thousands of entries, tens of MB) is recorded at once, and
-/// its entries are deleted [`PURGE_CHUNK`] at a time inside the next commits, or on their own
-/// when no append comes: deleting them all in one transaction held every append behind it for
-/// 10–60 ms, and the leader's Raft core waits for its purge. Entries at or below the recorded
-/// purge are never read, and are deleted after a restart too.
+/// A purge (after every snapshot: thousands of entries, tens of MB) is answered at once: the
+/// leader's Raft core waits for its purge, and does nothing else meanwhile. It is recorded in
+/// the next commit, with the first of its entries deleted; the rest go [`PURGE_CHUNK`] at a
+/// time inside the commits that follow, or on their own when no append comes (deleting them
+/// all in one transaction held every append behind it for 10–60 ms). A purge lost in a crash
+/// before its commit leaves entries that are still whole (purged again after the next
+/// snapshot); entries at or below a recorded purge are never read, and are deleted after a
+/// restart too.
 fn write_log(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Op>) {
     let mut appends: Vec<Append> = Vec::new();
     let mut purged = match read_meta::<Option<LogId<NodeId>>>(&db, PURGED) {
@@ -254,12 +260,14 @@ fn write_log(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Op>) {
         }
     };
     let mut deleting = purged.is_some();
+    // A purge not recorded yet (it goes with the next commit).
+    let mut mark: Option<LogId<NodeId>> = None;
     loop {
         let first = if deleting {
             match ops.recv_timeout(std::time::Duration::from_millis(5)) {
                 Ok(op) => op,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    deleting = commit(&db, &mut appends, purged);
+                    deleting = commit(&db, &mut appends, purged, &mut mark);
                     continue;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
@@ -274,30 +282,32 @@ fn write_log(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Op>) {
         while let Some(op) = next.take().or_else(|| ops.try_recv().ok()) {
             match op {
                 Op::Append(a) => appends.push(a),
-                Op::Purge(log_id, reply) => {
-                    deleting = commit(&db, &mut appends, purged);
-                    let recorded = write_meta(&db, PURGED, &Some(log_id));
-                    if recorded.is_ok() {
-                        purged = Some(log_id.index);
-                        deleting = true;
-                    }
-                    let _ = reply.send(recorded);
+                Op::Purge(log_id) => {
+                    purged = Some(log_id.index);
+                    mark = Some(log_id);
+                    deleting = true;
                 }
                 Op::Run(f) => {
-                    deleting = commit(&db, &mut appends, purged);
+                    deleting = commit(&db, &mut appends, purged, &mut mark);
                     f(&db);
                 }
             }
         }
         if !appends.is_empty() || deleting {
-            deleting = commit(&db, &mut appends, purged);
+            deleting = commit(&db, &mut appends, purged, &mut mark);
         }
     }
 }
 
-/// Commits `appends` (if any) and deletes up to [`PURGE_CHUNK`] entries at or below
-/// `purged` in the same transaction. Returns whether purged entries are left to delete.
-fn commit(db: &Database, appends: &mut Vec<Append>, purged: Option<u64>) -> bool {
+/// Commits `appends` (if any) and the purge `mark` not recorded yet (if any), and deletes up to
+/// [`PURGE_CHUNK`] entries at or below `purged` in the same transaction. Returns whether purged
+/// entries are left to delete.
+fn commit(
+    db: &Database,
+    appends: &mut Vec<Append>,
+    purged: Option<u64>,
+    mark: &mut Option<LogId<NodeId>>,
+) -> bool {
     if appends.is_empty() && purged.is_none() {
         return false;
     }
@@ -324,10 +334,16 @@ fn commit(db: &Database, appends: &mut Vec<Append>, purged: Option<u64>) -> bool
                         .retain_in(first..=last, |_, _| false)
                         .map_err(|e| e.to_string())?;
                     left = last < upto;
-                } else if appends.is_empty() {
+                } else if appends.is_empty() && mark.is_none() {
                     // Nothing was left to delete: no commit needed.
                     return Ok(());
                 }
+            }
+            if let Some(m) = mark {
+                let bytes = serde_json::to_vec(&Some(*m)).map_err(|e| e.to_string())?;
+                let mut meta = tx.open_table(META).map_err(|e| e.to_string())?;
+                meta.insert(PURGED, bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
             }
             if let Some(last) = appends.last() {
                 let mut meta = tx.open_table(META).map_err(|e| e.to_string())?;
@@ -340,6 +356,8 @@ fn commit(db: &Database, appends: &mut Vec<Append>, purged: Option<u64>) -> bool
     if result.is_err() {
         // Tried again with the next commit.
         left = purged.is_some();
+    } else {
+        *mark = None;
     }
     for a in appends.drain(..) {
         a.flushed
@@ -348,11 +366,27 @@ fn commit(db: &Database, appends: &mut Vec<Append>, purged: Option<u64>) -> bool
     left
 }
 
+/// The newest entries, as appended (see [`LogStore::recent`]), and purged ones waiting to be
+/// freed.
+#[derive(Default)]
+struct Recent {
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    /// Freed a few at a time by the appends that follow a purge: freeing the
+    /// thousands a purge cuts off (each a batch of commands: ~20 MB of small allocations after
+    /// a snapshot) at once took 50–90 ms, with the lock held, on the Raft core's task, and
+    /// stalled the leader; freeing them on another thread still cost 20–30 ms (the allocator's
+    /// memory is shared with the threads that made them).
+    purged: Vec<Entry<TypeConfig>>,
+}
+
+/// Purged entries freed by each append at least (see [`Recent::purged`]).
+const FREED_PER_APPEND: usize = 8;
+
 /// Entries kept in [`LogStore::recent`].
 const RECENT: usize = 20_000;
 
 impl LogStore {
-    fn recent(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -374,6 +408,11 @@ impl LogStore {
         })
         .await
     }
+}
+
+/// The log writer thread is gone (it stops only when the store is dropped, or on a panic).
+fn writer_stopped(verb: ErrorVerb) -> StorageError<NodeId> {
+    io_error(ErrorSubject::Logs, verb, "the log writer stopped")
 }
 
 /// Queues the operation `op` makes of a reply channel on a writer thread (of the log or of the
@@ -400,7 +439,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         {
             // Served from memory when the whole range is there (the common case: replication
             // of what was just appended).
-            let recent = self.recent();
+            let recent = &self.recent().entries;
             let first = match range.start_bound() {
                 Bound::Included(&i) => Some(i),
                 Bound::Excluded(&i) => Some(i + 1),
@@ -527,35 +566,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let committed =
             serde_json::to_vec(&*self.committed.lock().unwrap_or_else(|p| p.into_inner()))
                 .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        {
+        let freed = {
             // Readable at once (replication reads what was just appended); durable when the
             // writer tells `callback`.
             let mut recent = self.recent();
+            // Twice as many as come in: every entry is purged once, so none pile up.
+            let free = (2 * appended.len()).max(FREED_PER_APPEND);
             for e in appended {
-                recent.insert(e.log_id.index, e);
+                recent.entries.insert(e.log_id.index, e);
             }
-            while recent.len() > RECENT {
-                recent.pop_first();
+            let keep = recent.purged.len().saturating_sub(free);
+            let mut freed = recent.purged.split_off(keep);
+            while recent.entries.len() > RECENT {
+                freed.extend(recent.entries.pop_first().map(|(_, e)| e));
             }
-        }
+            freed
+        };
+        drop(freed);
         self.writer
             .send(Op::Append(Append {
                 rows,
                 committed,
                 flushed: callback,
             }))
-            .map_err(|_| {
-                io_error(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    "the log writer stopped",
-                )
-            })
+            .map_err(|_| writer_stopped(ErrorVerb::Write))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         // Memory first: a reader must never see an entry the disk no longer holds.
-        self.recent().retain(|&i, _| i < log_id.index);
+        self.recent().entries.retain(|&i, _| i < log_id.index);
         self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
@@ -570,14 +609,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.recent().retain(|&i, _| i > log_id.index);
-        ask(
-            &self.writer,
-            ErrorSubject::Logs,
-            ErrorVerb::Delete,
-            |reply| Op::Purge(log_id, reply),
-        )
-        .await
+        // Cut off (a split, not a walk), and freed a few at a time by the next appends.
+        {
+            let mut recent = self.recent();
+            let kept = recent.entries.split_off(&(log_id.index + 1));
+            let cut = std::mem::replace(&mut recent.entries, kept);
+            recent.purged.extend(cut.into_values());
+        }
+        self.writer
+            .send(Op::Purge(log_id))
+            .map_err(|_| writer_stopped(ErrorVerb::Delete))
     }
 }
 
@@ -652,6 +693,11 @@ impl Row {
     }
 }
 
+/// How often the state writer syncs its commits at least (when applies come): the flush of a
+/// snapshot then holds at most this much, not all the writes since the last snapshot (tens of
+/// MB, whose fsync held the log's fsyncs on the same disk for 60–270 ms).
+const STATE_SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Work for the state writer thread, done in the order it was queued.
 enum StateOp {
     /// What an apply changed, and the applied point after it.
@@ -692,13 +738,21 @@ fn snapshot_meta(point: &AppliedPoint) -> Meta {
 /// point is never marked that the file does not hold.
 fn write_state(db: Database, mut point: AppliedPoint, ops: std::sync::mpsc::Receiver<StateOp>) {
     let mut failed: Option<String> = None;
+    let mut synced = std::time::Instant::now();
     while let Ok(first) = ops.recv() {
         let batch: Vec<StateOp> = std::iter::once(first).chain(ops.try_iter()).collect();
         let before = point.clone();
+        let sync = synced.elapsed() >= STATE_SYNC_EVERY;
         let result = match &failed {
             Some(e) => Err(e.clone()),
-            None => commit_state(&db, &batch, &mut point),
+            None => commit_state(&db, &batch, &mut point, sync),
         };
+        let result = result.map(|(meta, did_sync)| {
+            if did_sync {
+                synced = std::time::Instant::now();
+            }
+            meta
+        });
         if let Err(e) = &result {
             if failed.is_none() {
                 tracing::error!(error = %e, "the state could not be written; no snapshot will be taken");
@@ -720,16 +774,18 @@ fn write_state(db: Database, mut point: AppliedPoint, ops: std::sync::mpsc::Rece
     }
 }
 
-/// Writes `batch` in one transaction, synced if it holds a snapshot or an install; `point`
-/// follows it. Returns the metadata of the last snapshot marked (or of `point`).
+/// Writes `batch` in one transaction, synced if `sync` or if it holds a snapshot or an install;
+/// `point` follows it. Returns the metadata of the last snapshot marked (or of `point`), and
+/// whether the commit was synced.
 fn commit_state(
     db: &Database,
     batch: &[StateOp],
     point: &mut AppliedPoint,
-) -> Result<Meta, String> {
+    sync: bool,
+) -> Result<(Meta, bool), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let mut tx = db.begin_write().map_err(|x| e(&x))?;
-    let mut synced = false;
+    let mut synced = sync;
     let mut marked = None;
     {
         let mut meta = tx.open_table(STATE_META).map_err(|x| e(&x))?;
@@ -767,7 +823,7 @@ fn commit_state(
             .map_err(|x| e(&x))?;
     }
     tx.commit().map_err(|x| e(&x))?;
-    Ok(marked.unwrap_or_else(|| snapshot_meta(point)))
+    Ok((marked.unwrap_or_else(|| snapshot_meta(point)), synced))
 }
 
 fn put_rows(tx: &redb::WriteTransaction, rows: &[Row]) -> Result<(), String> {
@@ -875,7 +931,12 @@ fn migrate_snapshot(dir: &Path, log_db: &Database, state_db: &Database) -> Resul
         let rows = Row::all(&data.state).map_err(|e| e.to_string())?;
         let (reply, _) = tokio::sync::oneshot::channel();
         let mut point = AppliedPoint::default();
-        commit_state(state_db, &[StateOp::Install(rows, meta, reply)], &mut point)?;
+        commit_state(
+            state_db,
+            &[StateOp::Install(rows, meta, reply)],
+            &mut point,
+            true,
+        )?;
         tracing::info!(
             index = point.0.map_or(0, |l| l.index),
             "the state of the last snapshot moved into {STATE_FILE}"
@@ -1294,6 +1355,7 @@ mod tests {
             let bytes = serde_json::to_vec(&data).unwrap();
             {
                 let db = Database::create(dir.path().join("raft.redb")).unwrap();
+                write_meta(&db, FORMAT, &2u32).unwrap();
                 write_meta(&db, SNAPSHOT, &meta).unwrap();
                 if in_file {
                     std::fs::write(dir.path().join("snapshot-2-1-7"), &bytes).unwrap();
@@ -1306,6 +1368,7 @@ mod tests {
                     tx.commit().unwrap();
                 }
             }
+            check_format(dir.path(), false).expect("format 2 is read");
             for _ in 0..2 {
                 let (_log, mut sm) = reopen(dir.path()).await;
                 assert_eq!(sm.read(State::clone), data.state);
@@ -1321,14 +1384,16 @@ mod tests {
                 .collect();
             assert!(!left.iter().any(|n| n.starts_with("snapshot-")), "{left:?}");
             let (log, _sm) = reopen(dir.path()).await;
-            let (meta, legacy) = log
+            let (meta, legacy, format) = log
                 .run(ErrorSubject::Store, ErrorVerb::Read, |db| {
                     let meta = read_meta::<Meta>(db, SNAPSHOT)?;
+                    let format = read_meta::<u32>(db, FORMAT)?;
                     let tx = db.begin_read().map_err(|e| e.to_string())?;
-                    Ok((meta, tx.open_table(LEGACY_SNAPSHOT_DATA).is_ok()))
+                    Ok((meta, tx.open_table(LEGACY_SNAPSHOT_DATA).is_ok(), format))
                 })
                 .await
                 .unwrap();
+            assert_eq!(format, Some(3), "marked with this format");
             assert_eq!(meta, None, "the old metadata went");
             assert!(!legacy, "the old table went");
         }
@@ -1471,6 +1536,15 @@ mod tests {
         }
         let err = check_format(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("holds format 1 state"), "{err}");
+        assert!(err.contains("reads formats 2 to 3 only"), "{err}");
+        // One of a later release is refused too.
+        let later = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(later.path().join("raft.redb")).unwrap();
+            write_meta(&db, FORMAT, &(STORE_FORMAT + 1)).unwrap();
+        }
+        let err = check_format(later.path(), false).unwrap_err().to_string();
+        assert!(err.contains("holds format 4 state"), "{err}");
         assert!(err.contains("Upgrading the coordinator store"), "{err}");
         assert!(
             dir.path().join("raft.redb").exists(),

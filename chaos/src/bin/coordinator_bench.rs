@@ -294,9 +294,9 @@ async fn main() {
     // What each snapshot cost, from the members' logs (logged at info by the store).
     for m in &cluster.members {
         let log = std::fs::read_to_string(m.log()).unwrap_or_default();
-        for line in log.lines().filter(|l| l.contains("snapshot built")) {
+        for line in log.lines().filter(|l| l.contains("snapshot taken")) {
             let when = line.split_whitespace().next().unwrap_or_default();
-            let fields = line.rsplit_once("snapshot built").map_or(line, |(_, f)| f);
+            let fields = line.rsplit_once("snapshot taken").map_or(line, |(_, f)| f);
             println!("member {} snapshot at {when}:{fields}", m.id);
         }
     }
