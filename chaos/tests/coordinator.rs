@@ -313,6 +313,28 @@ async fn t83_a_paused_old_leader_serves_no_stale_authorisation() {
 
 /// All three members killed at once and restarted: every request, decision and grant is
 /// still there.
+/// Creates requests `r0`… (`created` of them), then approves and denies the first `decided`
+/// in turn.
+async fn create_and_decide(
+    nodes: &vigil_coordinator::client::Client,
+    operator: &vigil_coordinator::client::Client,
+    created: u32,
+    decided: u32,
+) {
+    for i in 0..created {
+        nodes
+            .create_approval(new_request(&format!("r{i}"), &format!("h{i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..decided {
+        operator
+            .decide_approval(decide(&format!("r{i}"), i % 2 == 0))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t84_a_full_cluster_restart_keeps_everything() {
     let mut cluster = Cluster::start(3).await;
@@ -320,18 +342,7 @@ async fn t84_a_full_cluster_restart_keeps_everything() {
     let alice = id_token("alice");
     let operator = cluster.operator(&alice);
     // Enough entries to take snapshots (every 200) and purge the log behind them.
-    for i in 0..260 {
-        nodes
-            .create_approval(new_request(&format!("r{i}"), &format!("h{i}")))
-            .await
-            .unwrap();
-    }
-    for i in 0..40 {
-        operator
-            .decide_approval(decide(&format!("r{i}"), i % 2 == 0))
-            .await
-            .unwrap();
-    }
+    create_and_decide(&nodes, &operator, 260, 40).await;
     let now = vigil_coordinator::service::now_ms();
     let grant = nodes
         .create_grant(pb::CreateGrantRequest {
@@ -913,21 +924,9 @@ async fn t8f_a_member_behind_the_purged_log_installs_the_state_it_is_sent() {
     let behind = applied(&text);
     eprintln!("== t8f: member {away} down at entry {behind} while 1,500 requests come");
     cluster.kill(away);
-    let client = cluster.client();
     let alice = id_token("alice");
     let operator = cluster.operator(&alice);
-    for i in 0..1_500 {
-        client
-            .create_approval(new_request(&format!("r{i}"), &format!("h{i}")))
-            .await
-            .unwrap();
-    }
-    for i in 0..20 {
-        operator
-            .decide_approval(decide(&format!("r{i}"), i % 2 == 0))
-            .await
-            .unwrap();
-    }
+    create_and_decide(&cluster.client(), &operator, 1_500, 20).await;
     // The leader keeps 1,000 entries behind its snapshot: past that, the member's next entry
     // is gone from its log.
     let (_, text) = cluster.http_get(leader, "/metrics").await;

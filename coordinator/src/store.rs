@@ -127,7 +127,7 @@ pub fn check_format(dir: &Path, discard: bool) -> anyhow::Result<()> {
     }
 }
 
-/// Opens (or creates) the store in `dir`: the log store and the state machine share one file.
+/// Opens (or creates) the store in `dir`: the log in `raft.redb`, the state in `state.redb`.
 /// Call [`check_format`] first.
 pub async fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     let path = dir.to_path_buf();
@@ -1214,9 +1214,9 @@ mod tests {
         Suite::test_all(Builder).expect("the store passes openraft's suite");
     }
 
-    /// A purge answers once it is recorded; the purged entries are never read again, are
-    /// deleted a chunk at a time by the log writer, and a purge past the last entry leaves
-    /// the purge as the last log id.
+    /// A purge answers at once and is what the log's state says from then on; the purged
+    /// entries are never read again, are deleted a chunk at a time by the log writer, and a
+    /// purge past the last entry leaves the purge as the last log id.
     #[tokio::test]
     async fn a_purge_is_recorded_at_once_and_its_entries_deleted_behind_it() {
         let dir = tempfile::tempdir().unwrap();
