@@ -697,6 +697,40 @@ impl State {
         }
     }
 
+    /// The objects that differ between this state and `other` (for checks that
+    /// [`State::apply_noting`] reports every change: the store writes only what it reports).
+    pub fn differences(&self, other: &State) -> Vec<Changed> {
+        fn diff<V: PartialEq>(
+            a: &BTreeMap<Arc<str>, V>,
+            b: &BTreeMap<Arc<str>, V>,
+            kind: fn(Arc<str>) -> Changed,
+            out: &mut Vec<Changed>,
+        ) {
+            for k in a.keys().chain(b.keys()) {
+                if a.get(k) != b.get(k) {
+                    out.push(kind(k.clone()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        diff(&self.requests, &other.requests, Changed::Request, &mut out);
+        diff(&self.grants, &other.grants, Changed::Grant, &mut out);
+        diff(
+            &self.checkpoints,
+            &other.checkpoints,
+            Changed::Checkpoint,
+            &mut out,
+        );
+        diff(
+            &self.node_keys,
+            &other.node_keys,
+            Changed::NodeKey,
+            &mut out,
+        );
+        diff(&self.marks, &other.marks, Changed::Mark, &mut out);
+        out
+    }
+
     /// An active grant for this principal, scope and access class at `now`.
     pub fn active_grant(
         &self,
@@ -1235,5 +1269,84 @@ pub(crate) mod tests {
                 .iter()
                 .all(|v| v.approver != r.asked.requester.subject));
         }
+    }
+
+    /// Every command kind, accepted and refused: what it changes is exactly what it reports
+    /// (the store writes only that), and a refused command reports nothing.
+    #[test]
+    fn every_change_is_reported() {
+        let grant = |id: &str| Command::CreateGrant {
+            grant: Grant {
+                id: id.into(),
+                subject: "agent".into(),
+                scope: Scope::new("postgres", "prod"),
+                access_class: "write".into(),
+                not_before: 0,
+                not_after: 100,
+                granted_by: "admin".into(),
+                revoked_at: None,
+                reason: None,
+            },
+        };
+        let checkpoint = |stream: &str, seq| Command::PutCheckpoint {
+            checkpoint: Checkpoint {
+                stream: stream.into(),
+                seq,
+                hash: format!("h{seq}"),
+                time_ms: seq,
+                signature: "sig".into(),
+                public_key: "key".into(),
+            },
+            now: 7,
+        };
+        let mark = |key: &str, until| Command::Mark {
+            key: key.into(),
+            until,
+            now: 1,
+        };
+        let script = [
+            create("r1", 1, 0),
+            create("r1", 1, 0),
+            create("r2", 2, 0),
+            decide("r1", "alice", true, 1),
+            decide("r1", "bob", true, 2),
+            decide("r2", "alice", true, 2),
+            decide("r2", "bob", false, 3),
+            consume(4),
+            consume(5),
+            grant("g1"),
+            grant("g1"),
+            Command::RevokeGrant {
+                id: "g1".into(),
+                now: 50,
+            },
+            Command::RevokeGrant {
+                id: "g1".into(),
+                now: 60,
+            },
+            checkpoint("n1:1", 10),
+            checkpoint("n1:1", 9),
+            checkpoint("n1:2", 1),
+            mark("logout:a", 10),
+            mark("logout:a", 20),
+            mark("nokind", 20),
+            Command::Batch(vec![create("r3", 1, 30), decide("r3", "alice", false, 31)]),
+            Command::Batch(vec![Command::Batch(vec![])]),
+            Command::Purge { cutoff: 1_000_000 },
+        ];
+        let mut s = State::default();
+        for cmd in script {
+            let before = s.clone();
+            let mut changed = Vec::new();
+            let result = s.apply_noting(cmd.clone(), &mut changed);
+            if result.is_err() {
+                assert!(changed.is_empty(), "{cmd:?} refused, reported {changed:?}");
+            }
+            let differing = before.differences(&s);
+            for d in &differing {
+                assert!(changed.contains(d), "{cmd:?}: {d:?} changed, not reported");
+            }
+        }
+        assert!(s.requests.is_empty() && s.marks.is_empty(), "purged");
     }
 }

@@ -1,7 +1,8 @@
 //! What a coordinator member decodes from the network, from arbitrary bytes: the Raft log
 //! entries members exchange (JSON) and the domain commands inside them, applied to the state
-//! machine (which must never panic, and must refuse without changing anything), and signed
-//! checkpoints (which must not verify unless genuinely signed).
+//! machine (which must never panic, must refuse without changing anything, and must report
+//! every object it changed, since the store writes only those), and signed checkpoints (which
+//! must not verify unless genuinely signed).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -16,8 +17,13 @@ fuzz_target!(|data: &[u8]| {
     for line in data.split(|&b| b == b'\n') {
         if let Ok(cmd) = serde_json::from_slice::<Command>(line) {
             let before = state.clone();
-            if state.apply(cmd).is_err() {
+            let mut changed = Vec::new();
+            if state.apply_noting(cmd, &mut changed).is_err() {
                 assert_eq!(before, state, "a refused command changed the state");
+                assert!(changed.is_empty(), "a refused command reported changes");
+            }
+            for d in before.differences(&state) {
+                assert!(changed.contains(&d), "{d:?} changed unreported");
             }
         }
         if let Ok(cp) = serde_json::from_slice::<Checkpoint>(line) {
