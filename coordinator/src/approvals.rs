@@ -813,6 +813,23 @@ pub(crate) mod tests {
         }
     }
 
+    /// Creates grant `id`: the agent may write to PostgreSQL target `prod` from 0 to 100.
+    fn prod_grant(id: &str) -> Command {
+        Command::CreateGrant {
+            grant: Grant {
+                id: id.into(),
+                subject: "agent".into(),
+                scope: Scope::new("postgres", "prod"),
+                access_class: "write".into(),
+                not_before: 0,
+                not_after: 100,
+                granted_by: "admin".into(),
+                revoked_at: None,
+                reason: None,
+            },
+        }
+    }
+
     fn consume(now: Millis) -> Command {
         consume_key(key("postgres", "app"), now)
     }
@@ -844,20 +861,7 @@ pub(crate) mod tests {
             );
         }
         assert!(s.apply(consume_key(key("postgres", "app"), 3)).is_ok());
-        s.apply(Command::CreateGrant {
-            grant: Grant {
-                id: "g1".into(),
-                subject: "agent".into(),
-                scope: Scope::new("postgres", "prod"),
-                access_class: "write".into(),
-                not_before: 0,
-                not_after: 100,
-                granted_by: "admin".into(),
-                revoked_at: None,
-                reason: None,
-            },
-        })
-        .unwrap();
+        s.apply(prod_grant("g1")).unwrap();
         let prod = |protocol| Scope::new(protocol, "prod");
         assert!(s
             .active_grant("agent", &prod("postgres"), "write", 5)
@@ -1275,19 +1279,7 @@ pub(crate) mod tests {
     /// (the store writes only that), and a refused command reports nothing.
     #[test]
     fn every_change_is_reported() {
-        let grant = |id: &str| Command::CreateGrant {
-            grant: Grant {
-                id: id.into(),
-                subject: "agent".into(),
-                scope: Scope::new("postgres", "prod"),
-                access_class: "write".into(),
-                not_before: 0,
-                not_after: 100,
-                granted_by: "admin".into(),
-                revoked_at: None,
-                reason: None,
-            },
-        };
+        let grant = prod_grant;
         let checkpoint = |stream: &str, seq| Command::PutCheckpoint {
             checkpoint: Checkpoint {
                 stream: stream.into(),
