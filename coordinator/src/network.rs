@@ -152,10 +152,9 @@ impl RaftNetwork<TypeConfig> for Peer {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let mut rpc = rpc;
         let data = std::mem::take(&mut rpc.data);
         let (mut client, mut req) = self.request(&rpc, &option)?;
         req.get_mut().snapshot_data = data;

@@ -667,18 +667,13 @@ impl Row {
         fn json<T: Serialize>(v: Option<&T>) -> Result<Option<Vec<u8>>, serde_json::Error> {
             v.map(serde_json::to_vec).transpose()
         }
-        let (table, value) = match &changed {
-            Changed::Request(k) => (REQUESTS, json(state.requests.get(k))?),
-            Changed::Grant(k) => (GRANTS, json(state.grants.get(k))?),
-            Changed::Checkpoint(k) => (CHECKPOINTS, json(state.checkpoints.get(k))?),
-            Changed::NodeKey(k) => (NODE_KEYS, json(state.node_keys.get(k))?),
-            Changed::Mark(k) => (MARKS, json(state.marks.get(k))?),
+        let (table, value, key) = match changed {
+            Changed::Request(k) => (REQUESTS, json(state.requests.get(&k))?, k),
+            Changed::Grant(k) => (GRANTS, json(state.grants.get(&k))?, k),
+            Changed::Checkpoint(k) => (CHECKPOINTS, json(state.checkpoints.get(&k))?, k),
+            Changed::NodeKey(k) => (NODE_KEYS, json(state.node_keys.get(&k))?, k),
+            Changed::Mark(k) => (MARKS, json(state.marks.get(&k))?, k),
         };
-        let (Changed::Request(key)
-        | Changed::Grant(key)
-        | Changed::Checkpoint(key)
-        | Changed::NodeKey(key)
-        | Changed::Mark(key)) = changed;
         Ok(Self { table, key, value })
     }
 
@@ -728,10 +723,11 @@ fn snapshot_meta(point: &AppliedPoint) -> Meta {
 }
 
 /// The state writer: a thread that writes what each apply changed, every apply queued while
-/// the previous commit was in progress in one transaction. These commits are not synced
-/// (redb's `Durability::None`): the log holds every applied entry until a snapshot, and a
-/// restarted member re-applies those after the state's last synced commit. A snapshot is a
-/// synced commit that marks the point it reached, after which the log before it may go.
+/// the previous commit was in progress in one transaction. Only one commit per
+/// [`STATE_SYNC_EVERY`] is synced; the others use redb's `Durability::None`: the log holds
+/// every applied entry until a snapshot, and a restarted member re-applies those after the
+/// state's last synced commit. A snapshot is a synced commit that marks the point it reached,
+/// after which the log before it may go.
 ///
 /// A failed write stops the writer's use of the file: later applies are dropped, and every
 /// snapshot or install is answered with the error (openraft then stops the member), so a
@@ -741,7 +737,6 @@ fn write_state(db: Database, mut point: AppliedPoint, ops: std::sync::mpsc::Rece
     let mut synced = std::time::Instant::now();
     while let Ok(first) = ops.recv() {
         let batch: Vec<StateOp> = std::iter::once(first).chain(ops.try_iter()).collect();
-        let before = point.clone();
         let sync = synced.elapsed() >= STATE_SYNC_EVERY;
         let result = match &failed {
             Some(e) => Err(e.clone()),
@@ -758,7 +753,6 @@ fn write_state(db: Database, mut point: AppliedPoint, ops: std::sync::mpsc::Rece
                 tracing::error!(error = %e, "the state could not be written; no snapshot will be taken");
             }
             failed = Some(e.clone());
-            point = before;
         }
         for op in batch {
             match op {
@@ -1164,13 +1158,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let made = {
             let snapshots = self.snapshots();
-            let Some(marked) = &snapshots.marked else {
+            if snapshots.marked.is_none() {
                 return Ok(None);
-            };
-            snapshots
-                .made
-                .clone()
-                .filter(|(made, _)| made.last_log_id >= marked.last_log_id)
+            }
+            // Never older than the mark: marking a later snapshot drops it.
+            snapshots.made.clone()
         };
         let (meta, bytes) = match made {
             Some(made) => made,
