@@ -23,14 +23,18 @@
 #              path, without the gateway
 #   vigil      kube-rs/kubectl -> vigil-node (TLS, Vigil token) -> kube-apiserver (the gateway's
 #              token, impersonating the caller)
+#   haproxy    kube-rs/kubectl -> HAProxy (TLS; the Vigil token's RS256 signature, issuer,
+#              audience and expiry checked with jwt_verify, on every request) -> kube-apiserver
+#              (pooled TLS keep-alive, the gateway's token, impersonating as Vigil does): the
+#              reference, a C proxy doing the same hops without Vigil's work (no audit record,
+#              no policy, no masking, no request classification)
 # Measures:
 #   get    kube-rs Api<Pod>::get of one Pod, CONCURRENCY callers on one client     calls/s
 #   list   kube-rs Api<Pod>::list of the PODS Pods of NAMESPACE, the same           calls/s
 #   exec   kubectl exec POD -- head -c ${EXEC_MB}M /dev/zero, stdout counted        MiB/s
 # get and list also report p50/p99 latency (added = vigil - direct, and vigil - direct-as), the
-# gateway's CPU per call
-# (utime+stime of vigil-node from /proc/PID/stat over the measured window, sampled by the load
-# generator itself) and the API server's. At the end of each round the gateway is stopped
+# proxy's CPU per call (utime+stime of vigil-node, or of haproxy, from /proc/PID/stat over the
+# measured window, sampled by the load generator itself) and the API server's. At the end of each round the gateway is stopped
 # cleanly and `vigil audit verify` checks its audit log (records and the exec recordings); the
 # audit dir is then deleted (a LIST's response record keeps 64 KiB of its body, and every exec
 # byte is recorded). The goals are only reported: they never change the exit status; a failed
@@ -43,9 +47,10 @@
 #   CONCURRENCY="1 8"    callers per get/list run (each value is a run)
 #   EXEC_MB=256          MiB per exec stream (0: exec not measured)
 #   MEASURES="get list exec"
-#   TARGETS="direct direct-as vigil"   (direct and vigil at least)
+#   TARGETS="direct direct-as vigil haproxy"   (direct and vigil at least)
 #   NAMESPACE=vigil-load PODS=100   where the Pods are (made once; KEEP_NAMESPACE=1 keeps them)
 #   VIGIL_KUBE_PORT=16443 VIGIL_ADMIN_PORT=19191   the gateway's listen ports (127.0.0.1)
+#   HAPROXY_KUBE_PORT=16444   HAProxy's (the haproxy target)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
 #   BUILD_PROFILE=release  the cargo profile built and run (`profiling`: the same code with
@@ -66,12 +71,13 @@ WARMUP="${WARMUP:-2}"
 read -r -a CONCURRENCY <<<"${CONCURRENCY:-1 8}"
 EXEC_MB="${EXEC_MB:-256}"
 read -r -a MEASURES <<<"${MEASURES:-get list exec}"
-read -r -a TARGETS <<<"${TARGETS:-direct direct-as vigil}"
+read -r -a TARGETS <<<"${TARGETS:-direct direct-as vigil haproxy}"
 NAMESPACE="${NAMESPACE:-vigil-load}"
 PODS="${PODS:-100}"
 KEEP_NAMESPACE="${KEEP_NAMESPACE:-0}"
 VIGIL_KUBE_PORT="${VIGIL_KUBE_PORT:-16443}"
 VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19191}"
+HAPROXY_KUBE_PORT="${HAPROXY_KUBE_PORT:-16444}"
 PROFILE="${PROFILE:-0}"
 PROFILE_MEASURE="${PROFILE_MEASURE:-get}"
 
@@ -83,7 +89,7 @@ script=kube.sh
 # shellcheck source=loadtest/lib.sh
 source "$here/lib.sh" # the common settings (dev_dir, target_dir, SKIP_BUILD, KEEP_WORKDIR, AUDIT_SYNC); log, die, stop_pid, ratio …
 
-for v in ROUNDS DURATION WARMUP EXEC_MB PODS VIGIL_KUBE_PORT VIGIL_ADMIN_PORT; do
+for v in ROUNDS DURATION WARMUP EXEC_MB PODS VIGIL_KUBE_PORT VIGIL_ADMIN_PORT HAPROXY_KUBE_PORT; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
 done
 ((ROUNDS > 0 && DURATION > 0 && PODS > 0)) || die "ROUNDS, DURATION, PODS must be > 0"
@@ -95,7 +101,7 @@ for m in "${MEASURES[@]}"; do
   case "$m" in get | list | exec) ;; *) die "unknown measure '$m'" ;; esac
 done
 for t in "${TARGETS[@]}"; do
-  case "$t" in direct | direct-as | vigil) ;; *) die "unknown target '$t'" ;; esac
+  case "$t" in direct | direct-as | vigil | haproxy) ;; *) die "unknown target '$t'" ;; esac
 done
 [[ " ${TARGETS[*]} " == *" direct "* && " ${TARGETS[*]} " == *" vigil "* ]] || die "TARGETS must hold direct and vigil"
 [[ "$NAMESPACE" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] || die "NAMESPACE '$NAMESPACE' is not a namespace name"
@@ -106,6 +112,8 @@ has_measure exec && ((EXEC_MB == 0)) && MEASURES=("${MEASURES[@]/exec/}")
 for tool in kubectl curl node; do
   command -v "$tool" >/dev/null || die "$tool not found"
 done
+has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
+has_target haproxy && ! command -v haproxy >/dev/null && die "haproxy not found (deploy/dev/setup.sh installs it), or leave it out of TARGETS"
 if [[ "$PROFILE" == 1 ]]; then
   has_measure "$PROFILE_MEASURE" || die "PROFILE=1 profiles the vigil $PROFILE_MEASURE runs: keep it in MEASURES"
   command -v perf >/dev/null || die "PROFILE=1 needs perf"
@@ -114,6 +122,7 @@ fi
 # ---------------------------------------------------------------------------- cleanup
 work=""
 vigil_pid=""
+haproxy_pid=""
 perf_pid=""
 started_servers=0
 made_binding=0
@@ -126,6 +135,7 @@ cleanup() {
   set +e
   [[ -n "$perf_pid" ]] && { kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null; }
   stop_pid "$vigil_pid" vigil-node
+  stop_pid "$haproxy_pid" haproxy
   if ((seeded)) && [[ "$KEEP_NAMESPACE" != 1 ]]; then
     admin_kubectl delete namespace "$NAMESPACE" --wait=false >/dev/null 2>&1 || log "could not delete namespace $NAMESPACE"
   fi
@@ -136,6 +146,7 @@ trap_cleanup
 
 # ---------------------------------------------------------------------------- prerequisites
 ports_free VIGIL_KUBE_PORT VIGIL_ADMIN_PORT
+has_target haproxy && ports_free HAPROXY_KUBE_PORT
 
 # ---------------------------------------------------------------------------- dev servers
 # The gateway needs the OIDC provider (its [identity] issuer) and the API server (its cluster);
@@ -197,12 +208,21 @@ get_bytes="$(admin_kubectl get --raw "/api/v1/namespaces/$NAMESPACE/pods/pod-000
 # provider's live 10; the gateway checks the token of every request), in the kubeconfig.
 token_at=-1000
 vigil_kubeconfig="$work/vigil.kubeconfig"
+haproxy_kubeconfig="$work/haproxy.kubeconfig"
 fresh_kubeconfig() { # DIR (the round's, whose listener certificate is the CA)
   ((SECONDS - token_at < 240)) && [[ -f "$vigil_kubeconfig" ]] && return 0
   local token
   token="$(node "$VIGIL_OIDC_DIR/token.mjs" --issuer "$VIGIL_OIDC_ISSUER" --client agent-ops --secret agent-ops-secret)" \
     || die "could not get an access token"
   token_at=$SECONDS
+  cat >"$haproxy_kubeconfig" <<EOF
+{"apiVersion": "v1", "kind": "Config",
+ "clusters": [{"name": "haproxy", "cluster": {"server": "https://127.0.0.1:$HAPROXY_KUBE_PORT/clusters/dev",
+   "certificate-authority": "$VIGIL_DEV_KUBE_CA"}}],
+ "users": [{"name": "agent-ops", "user": {"token": "$token"}}],
+ "contexts": [{"name": "haproxy", "context": {"cluster": "haproxy", "user": "agent-ops"}}],
+ "current-context": "haproxy"}
+EOF
   cat >"$vigil_kubeconfig" <<EOF
 {"apiVersion": "v1", "kind": "Config",
  "clusters": [{"name": "vigil", "cluster": {"server": "https://127.0.0.1:$VIGIL_KUBE_PORT/clusters/dev",
@@ -227,6 +247,7 @@ EOF
 kubeconfig_of() {
   case "$1" in
     vigil) echo "$vigil_kubeconfig" ;;
+    haproxy) echo "$haproxy_kubeconfig" ;;
     direct-as) echo "$as_kubeconfig" ;;
     *) echo "$VIGIL_DEV_KUBE_ADMIN_KUBECONFIG" ;;
   esac
@@ -252,6 +273,70 @@ allow = { client_ids = ["agent-ops"] }
 EOF
 }
 
+# ---------------------------------------------------------------------------- HAProxy (the reference)
+# What HAProxy does of the gateway's job, per request: the bearer token's signature (RS256, the
+# dev provider's key), issuer, audience and expiry; the cluster's path prefix taken off; the
+# gateway's token and the impersonation headers (the user from the token's `sub`, its model
+# from `model`; the groups and the session id fixed, as the benchmark's caller has them) sent on
+# pooled keep-alive TLS connections to the API server. Its listener uses the API server's
+# certificate (the dev CA's, for 127.0.0.1). No log, like the other targets' own.
+start_haproxy() {
+  local dir="$work/haproxy" jwks
+  mkdir -p "$dir"
+  jwks="$(curl -fsS -m 5 "$VIGIL_OIDC_ISSUER/jwks")" || die "cannot read the dev provider's keys"
+  JWKS="$jwks" node -e '
+    const { createPublicKey } = require("crypto");
+    const keys = JSON.parse(process.env.JWKS).keys.filter((k) => k.kty === "RSA");
+    if (keys.length !== 1) throw new Error(`expected one RSA key, got ${keys.length}`);
+    process.stdout.write(createPublicKey({ key: keys[0], format: "jwk" }).export({ type: "spki", format: "pem" }));
+  ' >"$dir/oidc.pem" || die "cannot make a PEM of the dev provider's key"
+  cat "$VIGIL_DEV_KUBE_DIR/pki/apiserver.crt" "$VIGIL_DEV_KUBE_DIR/pki/apiserver.key" >"$dir/listener.pem"
+  cat >"$dir/haproxy.cfg" <<EOF
+global
+  nbthread $(nproc)
+  maxconn 1000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout tunnel 1h
+  http-reuse always
+frontend kube
+  bind 127.0.0.1:$HAPROXY_KUBE_PORT ssl crt $dir/listener.pem alpn http/1.1
+  http-request set-var(txn.token) http_auth_bearer
+  http-request set-var(txn.now) date
+  http-request set-var(txn.exp) var(txn.token),jwt_payload_query('\$.exp','int')
+  acl signed var(txn.token),jwt_verify("RS256","$dir/oidc.pem") -m int 1
+  acl rs256 var(txn.token),jwt_header_query('\$.alg') -m str RS256
+  acl issuer var(txn.token),jwt_payload_query('\$.iss') -m str $VIGIL_OIDC_ISSUER
+  acl audience var(txn.token),jwt_payload_query('\$.aud') -m str urn:vigil:gateway
+  acl live var(txn.exp),sub(txn.now) -m int gt 0
+  acl cluster path_beg /clusters/dev/
+  http-request deny deny_status 401 unless rs256 signed issuer audience live
+  http-request deny deny_status 404 unless cluster
+  http-request replace-path /clusters/dev(/.*) \1
+  http-request set-header Impersonate-User %[var(txn.token),jwt_payload_query('\$.sub')]
+  http-request set-header Impersonate-Extra-Model %[var(txn.token),jwt_payload_query('\$.model')]
+  http-request set-header Impersonate-Extra-Session-Id haproxy-bench
+  http-request set-header Impersonate-Group vigil:ops
+  http-request add-header Impersonate-Group vigil:dba
+  http-request add-header Impersonate-Group system:authenticated
+  http-request set-header Authorization "Bearer $(tr -d '[:space:]' <"$VIGIL_DEV_KUBE_GATEWAY_TOKEN_FILE")"
+  default_backend apiserver
+backend apiserver
+  server api ${VIGIL_DEV_KUBE_URL#https://} ssl verify required ca-file $VIGIL_DEV_KUBE_CA
+EOF
+  haproxy -c -q -f "$dir/haproxy.cfg" >"$dir/check.log" 2>&1 || { show_log "$dir/check.log"; die "haproxy refuses its configuration"; }
+  haproxy -db -f "$dir/haproxy.cfg" </dev/null >"$dir/haproxy.log" 2>&1 &
+  haproxy_pid=$!
+  for _ in $(seq 1 50); do port_free "$HAPROXY_KUBE_PORT" || break; sleep 0.1; done
+  port_free "$HAPROXY_KUBE_PORT" && { show_log "$dir/haproxy.log"; die "haproxy did not listen on $HAPROXY_KUBE_PORT"; }
+  log "haproxy ready (pid $haproxy_pid, 127.0.0.1:$HAPROXY_KUBE_PORT, $(haproxy -v | sed -n 's/^HAProxy version \([^ ]*\).*/\1/p'))"
+}
+# the proxy process of a target (whose CPU the load generator samples), or vigil-node's
+proxy_pid() { if [[ "$1" == haproxy ]]; then echo "$haproxy_pid"; else echo "$vigil_pid"; fi; }
+
 # start_vigil DIR: a fresh gateway on DIR/vigil.toml; sets vigil_pid at once (so the cleanup
 # trap stops it) and waits until it is ready.
 start_vigil() {
@@ -265,10 +350,10 @@ start_vigil() {
 # calls_run ROUND MEASURE CALLERS TARGET: one kube-load run; appends a line to $results
 calls_run() {
   local round="$1" m="$2" c="$3" t="$4" samples="$work/samples/$2.c$3.$4.r$1" line rc=0
-  [[ "$t" == vigil ]] && fresh_kubeconfig "$rdir"
+  [[ "$t" == vigil || "$t" == haproxy ]] && fresh_kubeconfig "$rdir"
   line="$("$kube_load" run --kubeconfig "$(kubeconfig_of "$t")" --namespace "$NAMESPACE" --op "$m" \
     --concurrency "$c" --seconds "$DURATION" --warmup "$WARMUP" --samples "$samples" --tsv \
-    --pid "vigil=$vigil_pid" --pid "apiserver=$apiserver_pid" 2>"$samples.err")" || rc=$?
+    --pid "proxy=$(proxy_pid "$t")" --pid "apiserver=$apiserver_pid" 2>"$samples.err")" || rc=$?
   local calls errors rate p50 p99 vt at ct
   IFS=$'\t' read -r calls errors _ rate p50 p99 vt at ct <<<"$line" || true
   if ((rc != 0)) || [[ -z "$errors" ]] || ((errors != 0 || calls == 0)); then
@@ -282,9 +367,10 @@ calls_run() {
 
 # exec_run ROUND TARGET: one kubectl exec of EXEC_MB MiB to stdout, counted
 exec_run() {
-  local round="$1" t="$2" out="$work/samples/exec.$2.r$1" t0 t1 b_cpu=0 a_cpu=0 b_api a_api
-  [[ "$t" == vigil ]] && fresh_kubeconfig "$rdir"
-  b_cpu="$(cpu_ticks "/proc/$vigil_pid/stat")" b_api="$(cpu_ticks "/proc/$apiserver_pid/stat")"
+  local round="$1" t="$2" out="$work/samples/exec.$2.r$1" t0 t1 b_cpu=0 a_cpu=0 b_api a_api proxy
+  [[ "$t" == vigil || "$t" == haproxy ]] && fresh_kubeconfig "$rdir"
+  proxy="$(proxy_pid "$t")"
+  b_cpu="$(cpu_ticks "/proc/$proxy/stat")" b_api="$(cpu_ticks "/proc/$apiserver_pid/stat")"
   t0="$(now_us)"
   set +e
   kubectl --kubeconfig "$(kubeconfig_of "$t")" exec -n "$VIGIL_DEV_KUBE_NAMESPACE" "$VIGIL_DEV_KUBE_POD" \
@@ -292,7 +378,7 @@ exec_run() {
   local rcs=("${PIPESTATUS[@]}")
   set -e
   t1="$(now_us)"
-  a_cpu="$(cpu_ticks "/proc/$vigil_pid/stat")" a_api="$(cpu_ticks "/proc/$apiserver_pid/stat")"
+  a_cpu="$(cpu_ticks "/proc/$proxy/stat")" a_api="$(cpu_ticks "/proc/$apiserver_pid/stat")"
   local bytes
   bytes="$(cat "$out.bytes")"
   if ((rcs[0] != 0)) || [[ "$bytes" != "$((EXEC_MB * 1048576))" ]]; then
@@ -313,6 +399,7 @@ verify_lines=()
 max_c="$(printf '%s\n' "${CONCURRENCY[@]}" | sort -n | tail -n 1)"
 audit_lines_before="$(wc -l <"$VIGIL_DEV_KUBE_AUDIT_LOG" 2>/dev/null || echo 0)"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+has_target haproxy && start_haproxy
 log "$ROUNDS rounds of: ${MEASURES[*]} (DURATION=$DURATION s, CONCURRENCY=${CONCURRENCY[*]}, EXEC_MB=$EXEC_MB), ${TARGETS[*]}"
 for ((r = 1; r <= ROUNDS; r++)); do
   rdir="$work/r$r"
@@ -380,7 +467,6 @@ declare -A R
 table="$work/table.txt"
 goals="$work/goals.txt"
 : >"$goals"
-has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 row() { printf '%-4s %3s  %-9s %8s  %-17s %5s %5s  %7s %7s  %7s %7s  %7s %7s  %6s %6s %6s\n' "$@"; }
 exec_row() { printf '%-4s %6s  %-9s %8s  %-17s %5s %5s  %12s\n' "$@"; }
 {
@@ -398,7 +484,7 @@ exec_row() { printf '%-4s %6s  %-9s %8s  %-17s %5s %5s  %12s\n' "$@"; }
           as_cols=("$(ratio "${R[$t]}" "${R[direct-as]}")" "$(diff_ms "${R[$t.p50]}" "${R[direct-as.p50]}")" "$(diff_ms "${R[$t.p99]}" "${R[direct-as.p99]}")")
         fi
         gw=-
-        [[ "$t" == vigil ]] && gw="$(cpu_per "$m" "$c" vigil 7)"
+        [[ "$t" == vigil || "$t" == haproxy ]] && gw="$(cpu_per "$m" "$c" "$t" 7)"
         row "$m" "$c" "$t" "$(printf '%.0f' "${R[$t]}")" "$(per_round "$m" "$c" "$t")" \
           "$(ratio "${R[$t]}" "${R[direct]}")" "${as_cols[0]}" "${R[$t.p50]}" "${R[$t.p99]}" \
           "$(diff_ms "${R[$t.p50]}" "${R[direct.p50]}")" "$(diff_ms "${R[$t.p99]}" "${R[direct.p99]}")" \
@@ -409,6 +495,11 @@ exec_row() { printf '%-4s %6s  %-9s %8s  %-17s %5s %5s  %12s\n' "$@"; }
       printf '  %-4s c=%-3s vigil/direct %s (>= %s: %s)   gateway CPU %s us/call (<= %s: %s)   added p50 %s ms, p99 %s ms\n' "$m" "$c" \
         "$vd" "$GOAL_RATIO" "$(verdict "$vd" '>=' "$GOAL_RATIO")" "$gw" "$GOAL_CPU_US" "$(verdict "$gw" '<=' "$GOAL_CPU_US")" \
         "$(diff_ms "${R[vigil.p50]}" "${R[direct.p50]}")" "$(diff_ms "${R[vigil.p99]}" "${R[direct.p99]}")" >>"$goals"
+      if has_target haproxy; then
+        printf '  %-4s c=%-3s reference: haproxy/direct %s, vigil/haproxy %s; proxy CPU per call: haproxy %s us, vigil %s us (%s x)\n' "$m" "$c" \
+          "$(ratio "${R[haproxy]}" "${R[direct]}")" "$(ratio "${R[vigil]}" "${R[haproxy]}")" "$(cpu_per "$m" "$c" haproxy 7)" "$gw" \
+          "$(ratio "$gw" "$(cpu_per "$m" "$c" haproxy 7)")" >>"$goals"
+      fi
     done
   done
   if has_measure exec; then
@@ -419,7 +510,7 @@ exec_row() { printf '%-4s %6s  %-9s %8s  %-17s %5s %5s  %12s\n' "$@"; }
       xas=-
       has_target direct-as && [[ "$t" != direct ]] && xas="$(ratio "${R[exec.$t]}" "${R[exec.direct-as]}")"
       gw=-
-      [[ "$t" == vigil ]] && gw="$(awk -F'\t' -v hz="$clk_tck" '$2 == "exec" && $4 == "vigil" { s += $7; n += $6 } END { if (n) printf "%.2f ms/MiB", s * 1000 / hz / n; else print "-" }' "$results")"
+      [[ "$t" == vigil || "$t" == haproxy ]] && gw="$(awk -F'\t' -v hz="$clk_tck" -v t="$t" '$2 == "exec" && $4 == t { s += $7; n += $6 } END { if (n) printf "%.2f ms/MiB", s * 1000 / hz / n; else print "-" }' "$results")"
       exec_row exec "$EXEC_MB" "$t" "${R[exec.$t]}" "$(per_round exec - "$t")" \
         "$(ratio "${R[exec.$t]}" "${R[exec.direct]}")" "$xas" "$gw"
     done
@@ -433,9 +524,10 @@ echo "   $ROUNDS rounds, the order of the targets rotating. get/list: kube-rs (k
 echo "   ($get_bytes bytes of JSON) and Api<Pod>::list of $PODS Pods ($list_bytes bytes), c callers on one client, ${DURATION} s measured after ${WARMUP} s of warm-up."
 echo "   calls/s: the median of the rounds, then each round; x dir, x as: calls/s against direct, direct-as."
 echo "   Latency in ms, p50/p99 over every call of every round; +p50/+p99: added against direct; '+p50 as'/'+p99 as': against direct-as."
-echo "   CPU in us per call over all rounds (utime+stime from /proc/PID/stat over the measured window): gw CPU = vigil-node,"
-echo "   API = kube-apiserver, client = kube-load. All share the cores. direct = the admin token (system:masters); direct-as = the"
-echo "   gateway's token impersonating agent-ops as Vigil does, without Vigil; vigil = through the gateway."
+echo "   CPU in us per call over all rounds (utime+stime from /proc/PID/stat over the measured window): gw CPU = the proxy"
+echo "   (vigil-node, haproxy), API = kube-apiserver, client = kube-load. All share the cores. direct = the admin token (system:masters);"
+echo "   direct-as = the gateway's token impersonating agent-ops as Vigil does, without Vigil; vigil = through the gateway;"
+echo "   haproxy = through HAProxy checking the token (jwt_verify) and impersonating the same way, without audit or policy."
 echo "   exec: kubectl exec $VIGIL_DEV_KUBE_NAMESPACE/$VIGIL_DEV_KUBE_POD -- head -c ${EXEC_MB}M /dev/zero, MiB/s (median, then each round); gw CPU per MiB moved."
 echo "   $(kubectl version --client 2>/dev/null | head -n 1); API server $(admin_kubectl version -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\([^"]*\)".*/\1/p' | tail -n 1)"
 echo "   vigil $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n "$(git -C "$repo" status --porcelain -- node proto 2>/dev/null)" ]] && echo ' + local changes'), audit on (sync=$AUDIT_SYNC), a fresh gateway per round"
