@@ -20,10 +20,11 @@ use kube::api::{
     Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
     WatchParams,
 };
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use vigil_chaos::kube::{
-    admin, audit_events, audit_len, client, event_key, gateway_events, grant_dba, record_key,
-    Gateway, RequestKey,
+    admin, audit_events, audit_len, client, end_of, event_key, gateway_events, grant_dba,
+    record_key, requests, Gateway, RequestKey,
 };
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Record, Response};
@@ -328,4 +329,67 @@ async fn t10_kube_rs_through_the_gateway_is_impersonated_decided_and_recorded() 
     );
 
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
+/// One connection serves many requests of its principal, whose declared intent
+/// (`X-Vigil-Intent`) may change from one request to the next: each request's records name the
+/// intent it declared, and none where it declared none. (The gateway serialises a session's
+/// principal once and shares it between records while it stays the same.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_of_a_connection_records_its_own_intent() {
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let client = client(&g.kubeconfig(dir.path(), &ops)).await;
+    let intents = [
+        Some("check the config"),
+        Some("check the config"),
+        Some("rotate a key"),
+        None,
+        Some("check the config"),
+    ];
+    for (i, intent) in intents.iter().enumerate() {
+        let mut req = http::Request::get(format!(
+            "/api/v1/namespaces/default/configmaps?limit={}",
+            i + 1
+        ));
+        if let Some(intent) = intent {
+            req = req.header("x-vigil-intent", *intent);
+        }
+        client
+            .request_text(req.body(Vec::new()).unwrap())
+            .await
+            .expect("the gateway answers");
+    }
+    let records = g.node.records().await;
+    let asked = requests(&records, |k| {
+        k.resource.as_deref() == Some("configmaps")
+            && k.query.as_deref().is_some_and(|q| q.starts_with("limit="))
+    });
+    assert_eq!(asked.len(), intents.len(), "a record per request");
+    let sessions: HashSet<_> = asked.iter().map(|r| &r.body.session).collect();
+    assert_eq!(sessions.len(), 1, "kube-rs sent them on one connection");
+    for (i, intent) in intents.iter().enumerate() {
+        let limit = format!("limit={}", i + 1);
+        let request = asked
+            .iter()
+            .find(|r| {
+                matches!(&r.body.request, Some(vigil_proto::record::Request::Kubernetes(k))
+                    if k.query.as_deref() == Some(limit.as_str()))
+            })
+            .unwrap_or_else(|| panic!("the record of request {}", i + 1));
+        let (response, _) = end_of(&records, request).expect("its response record");
+        for r in [request, response] {
+            let p = r.body.principal.as_ref().expect("a principal");
+            assert_eq!(
+                p.intent.as_deref(),
+                *intent,
+                "request {} ({:?})",
+                i + 1,
+                r.body.kind
+            );
+            assert_eq!(p.subject, "agent-ops");
+        }
+    }
 }

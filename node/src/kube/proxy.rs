@@ -31,8 +31,8 @@ use tracing::Instrument as _;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
-    Body as RecordBody, Connection, Kind, KubeError, KubeRequest, KubeResponse, Outcome, Principal,
-    Request as RecordRequest, Response as RecordResponse,
+    Body as RecordBody, Connection, Kind, KubeError, KubeRequest, KubeResponse, Outcome, Parties,
+    Principal, Request as RecordRequest, Response as RecordResponse,
 };
 
 /// The body sent upstream (a request's whole body, read before it was decided).
@@ -48,6 +48,9 @@ struct Conn {
     origin: Origin,
     /// The principal of the session (its first authenticated request).
     principal: Mutex<Option<Arc<Principal>>>,
+    /// The principal and connection of the last record, serialised once: the next request of
+    /// the same principal to the same cluster shares them.
+    parties: Mutex<Option<Arc<Parties>>>,
     stmt: AtomicU64,
     started: Instant,
     /// The session's recording file (exec and attach streams), made at the first one.
@@ -74,6 +77,7 @@ pub async fn connection(
         ctx: ctx.clone(),
         origin,
         principal: Mutex::new(None),
+        parties: Mutex::new(None),
         stmt: AtomicU64::new(0),
         started: Instant::now(),
         recording: tokio::sync::OnceCell::new(),
@@ -211,9 +215,40 @@ impl Conn {
         cluster: Option<&str>,
     ) -> RecordBody {
         let mut b = self.ctx.core.audit.body(Some(&self.session), kind);
-        b.principal = principal.cloned();
-        b.connection = Some(self.connection(cluster));
+        match principal {
+            Some(p) => self.parties(p, cluster).fill(&mut b),
+            None => b.connection = Some(self.connection(cluster)),
+        }
         b
+    }
+
+    /// `principal` and the connection to `cluster`, serialised: the last ones when they are
+    /// these, else made (and kept for the next record).
+    fn parties(&self, principal: &Arc<Principal>, cluster: Option<&str>) -> Arc<Parties> {
+        let mut last = self.parties.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_ref() {
+            Some(p)
+                if Arc::ptr_eq(p.principal(), principal)
+                    && p.connection().name.as_deref() == cluster =>
+            {
+                p.clone()
+            }
+            _ => {
+                let made = Parties::new(principal.clone(), self.connection(cluster));
+                *last = Some(made.clone());
+                made
+            }
+        }
+    }
+
+    /// `principal`, as the last record's `Arc` when it is the same principal (so that record's
+    /// serialised parties serve again).
+    fn shared(&self, principal: Principal) -> Arc<Principal> {
+        let last = self.parties.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_ref() {
+            Some(p) if **p.principal() == principal => p.principal().clone(),
+            _ => Arc::new(principal),
+        }
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ClientBody> {
@@ -315,7 +350,10 @@ impl Conn {
                     "vigil: one connection serves one principal; open another connection",
                 ))
             }
-            Some(_) => Ok(Arc::new(principal)),
+            Some(_) => {
+                drop(session);
+                Ok(self.shared(principal))
+            }
             None => {
                 let p = Arc::new(principal);
                 *session = Some(p.clone());

@@ -77,6 +77,7 @@ impl Streams {
         let mut body = self.ctx.core.audit.body(self.base.session.as_deref(), kind);
         body.principal = self.base.principal.clone();
         body.connection = self.base.connection.clone();
+        body.parties = self.base.parties.clone();
         body.stmt = Some(self.stmt.n);
         body
     }
