@@ -51,6 +51,7 @@
 #   NAMESPACE=vigil-load PODS=100   where the Pods are (made once; KEEP_NAMESPACE=1 keeps them)
 #   VIGIL_KUBE_PORT=16443 VIGIL_ADMIN_PORT=19191   the gateway's listen ports (127.0.0.1)
 #   HAPROXY_KUBE_PORT=16444   HAProxy's (the haproxy target)
+#   HAPROXY_CHECK=1      0: HAProxy forwards without checking the token (the bare proxy's floor)
 #   VIGIL_DEV_DIR=/tmp/vigil-dev   dev servers' state dir (servers.sh)
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
 #   BUILD_PROFILE=release  the cargo profile built and run (`profiling`: the same code with
@@ -78,6 +79,8 @@ KEEP_NAMESPACE="${KEEP_NAMESPACE:-0}"
 VIGIL_KUBE_PORT="${VIGIL_KUBE_PORT:-16443}"
 VIGIL_ADMIN_PORT="${VIGIL_ADMIN_PORT:-19191}"
 HAPROXY_KUBE_PORT="${HAPROXY_KUBE_PORT:-16444}"
+HAPROXY_CHECK="${HAPROXY_CHECK:-1}"
+[[ "$HAPROXY_CHECK" == 0 || "$HAPROXY_CHECK" == 1 ]] || die "HAPROXY_CHECK must be 0 or 1"
 PROFILE="${PROFILE:-0}"
 PROFILE_MEASURE="${PROFILE_MEASURE:-get}"
 
@@ -281,7 +284,8 @@ EOF
 # pooled keep-alive TLS connections to the API server. Its listener uses the API server's
 # certificate (the dev CA's, for 127.0.0.1). No log, like the other targets' own.
 start_haproxy() {
-  local dir="$work/haproxy" jwks
+  local dir="$work/haproxy" jwks check="rs256 signed issuer audience live"
+  [[ "$HAPROXY_CHECK" == 1 ]] || check="{ var(txn.token) -m found }"
   mkdir -p "$dir"
   jwks="$(curl -fsS -m 5 "$VIGIL_OIDC_ISSUER/jwks")" || die "cannot read the dev provider's keys"
   JWKS="$jwks" node -e '
@@ -313,7 +317,7 @@ frontend kube
   acl audience var(txn.token),jwt_payload_query('\$.aud') -m str urn:vigil:gateway
   acl live var(txn.exp),sub(txn.now) -m int gt 0
   acl cluster path_beg /clusters/dev/
-  http-request deny deny_status 401 unless rs256 signed issuer audience live
+  http-request deny deny_status 401 unless $check
   http-request deny deny_status 404 unless cluster
   http-request replace-path /clusters/dev(/.*) \1
   http-request set-header Impersonate-User %[var(txn.token),jwt_payload_query('\$.sub')]
@@ -332,7 +336,7 @@ EOF
   haproxy_pid=$!
   for _ in $(seq 1 50); do port_free "$HAPROXY_KUBE_PORT" || break; sleep 0.1; done
   port_free "$HAPROXY_KUBE_PORT" && { show_log "$dir/haproxy.log"; die "haproxy did not listen on $HAPROXY_KUBE_PORT"; }
-  log "haproxy ready (pid $haproxy_pid, 127.0.0.1:$HAPROXY_KUBE_PORT, $(haproxy -v | sed -n 's/^HAProxy version \([^ ]*\).*/\1/p'))"
+  log "haproxy ready (pid $haproxy_pid, 127.0.0.1:$HAPROXY_KUBE_PORT, token checked: $HAPROXY_CHECK, $(haproxy -v | sed -n 's/^HAProxy version \([^ ]*\).*/\1/p'))"
 }
 # the proxy process of a target (whose CPU the load generator samples), or vigil-node's
 proxy_pid() { if [[ "$1" == haproxy ]]; then echo "$haproxy_pid"; else echo "$vigil_pid"; fi; }
@@ -527,7 +531,11 @@ echo "   Latency in ms, p50/p99 over every call of every round; +p50/+p99: added
 echo "   CPU in us per call over all rounds (utime+stime from /proc/PID/stat over the measured window): gw CPU = the proxy"
 echo "   (vigil-node, haproxy), API = kube-apiserver, client = kube-load. All share the cores. direct = the admin token (system:masters);"
 echo "   direct-as = the gateway's token impersonating agent-ops as Vigil does, without Vigil; vigil = through the gateway;"
-echo "   haproxy = through HAProxy checking the token (jwt_verify) and impersonating the same way, without audit or policy."
+if [[ "$HAPROXY_CHECK" == 1 ]]; then
+  echo "   haproxy = through HAProxy checking the token (jwt_verify) and impersonating the same way, without audit or policy."
+else
+  echo "   haproxy = through HAProxy impersonating the same way, WITHOUT checking the token (HAPROXY_CHECK=0), audit or policy."
+fi
 echo "   exec: kubectl exec $VIGIL_DEV_KUBE_NAMESPACE/$VIGIL_DEV_KUBE_POD -- head -c ${EXEC_MB}M /dev/zero, MiB/s (median, then each round); gw CPU per MiB moved."
 echo "   $(kubectl version --client 2>/dev/null | head -n 1); API server $(admin_kubectl version -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\([^"]*\)".*/\1/p' | tail -n 1)"
 echo "   vigil $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n "$(git -C "$repo" status --porcelain -- node proto 2>/dev/null)" ]] && echo ' + local changes'), audit on (sync=$AUDIT_SYNC), a fresh gateway per round"
