@@ -10,7 +10,7 @@
 mod answer;
 pub mod config;
 mod proxy;
-mod redact;
+pub mod redact;
 pub mod request_info;
 pub mod spdy;
 mod stream;

@@ -1,12 +1,27 @@
 //! The audit copy of a request or response body: Secret values never in it.
 //!
-//! A body that is (or holds) a Secret — a Secret, a list of them, a watch event about one, a
-//! `kubectl apply` annotation quoting one — keeps its shape in the record but every value of
-//! `data` and `stringData` becomes `"<redacted>"`. A body of the secrets resource that cannot
+//! A body of the secrets resource (a Secret, a list of them, a watch event about one, and any
+//! request body sent to it: a create, an update, a merge, strategic-merge or JSON patch, with
+//! or without `kind`) keeps in the record only what cannot hold a Secret's values: `kind`,
+//! `apiVersion`, `type`, `immutable`, `metadata` (with `kubectl apply`'s copy of the Secret in
+//! it treated the same way), and a JSON patch's `op`, `path` and `from`. Every other field keeps
+//! its name and the names of its keys, and its values become `"<redacted>"` (`data`,
+//! `stringData`, a patch's `value`, and whatever else a client sends). Any other body that
+//! holds a Secret (a watch event, a `kubectl apply` annotation quoting one) has every value of
+//! that Secret's `data` and `stringData` redacted. A body of the secrets resource that cannot
 //! be read as JSON whole (cut at the record's size limit, protobuf, a stream) is not recorded
 //! at all: the gateway cannot prove it holds no value.
+//!
+//! JSON may give a key twice, and then its text holds a value its tree (which keeps the last)
+//! does not show: a body that gives a key twice, or that had anything redacted, is recorded
+//! from its tree; any other is recorded as it was sent.
 
 use serde_json::Value;
+
+const REDACTED: &str = "<redacted>";
+
+/// `kubectl apply`'s copy of the object it applied, as JSON text.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// What a record keeps of a whole body: `None` when nothing may be kept.
 pub fn audit_copy(bytes: &[u8], secrets: bool, limit: usize) -> Option<String> {
@@ -16,7 +31,7 @@ pub fn audit_copy(bytes: &[u8], secrets: bool, limit: usize) -> Option<String> {
     let whole = std::str::from_utf8(bytes).ok();
     // No Secret can be in JSON that neither names one nor escapes a character (a `\u` escape
     // could spell `Secret`): such a body is kept as it is, without building its tree.
-    if !secrets && !mentions_secret(bytes) && !bytes.windows(2).any(|w| w == b"\\u") {
+    if !secrets && !mentions_secret(bytes) && memchr::memmem::find(bytes, b"\\u").is_none() {
         if let Some(text) = whole {
             return Some(cut(text.to_string(), limit));
         }
@@ -24,11 +39,15 @@ pub fn audit_copy(bytes: &[u8], secrets: bool, limit: usize) -> Option<String> {
     let parsed = whole.and_then(|t| serde_json::from_str::<Value>(t).ok());
     match parsed {
         Some(mut v) => {
-            let changed = redact(&mut v);
-            let text = if changed || secrets {
-                v.to_string()
+            let before = (!secrets).then(|| v.clone());
+            if secrets {
+                secrets_body(&mut v);
             } else {
-                whole.unwrap_or_default().to_string()
+                redact(&mut v);
+            }
+            let text = match (before, whole) {
+                (Some(before), Some(text)) if before == v && keys_once(text) => text.to_string(),
+                _ => v.to_string(),
             };
             Some(cut(text, limit))
         }
@@ -53,53 +72,175 @@ pub fn audit_copy_of_start(bytes: &[u8], secrets: bool, limit: usize) -> Option<
     })
 }
 
-/// Redacts every Secret in `v` (at any depth); whether anything changed.
-fn redact(v: &mut Value) -> bool {
-    let mut changed = false;
+/// Redacts every Secret in `v` (at any depth): an object of kind `Secret`, and the items of a
+/// `SecretList` (which name no kind of their own).
+fn redact(v: &mut Value) {
     match v {
         Value::Object(map) => {
-            if map.get("kind").and_then(Value::as_str) == Some("Secret") {
-                for field in ["data", "stringData"] {
-                    if let Some(Value::Object(values)) = map.get_mut(field) {
-                        for value in values.values_mut() {
-                            *value = Value::String("<redacted>".into());
-                            changed = true;
+            match map.get("kind").and_then(Value::as_str) {
+                Some("Secret") => {
+                    for field in ["data", "stringData"] {
+                        if let Some(values) = map.get_mut(field) {
+                            hide(values);
                         }
                     }
                 }
+                Some("SecretList") => {
+                    if let Some(Value::Array(items)) = map.get_mut("items") {
+                        items.iter_mut().for_each(secret_object);
+                    }
+                }
+                _ => {}
             }
             for (key, value) in map.iter_mut() {
                 // `kubectl apply` keeps the whole object it applied, as JSON text, in this
                 // annotation: a Secret inside it is a Secret too.
-                if key == "kubectl.kubernetes.io/last-applied-configuration" {
+                if key == LAST_APPLIED {
                     if let Value::String(text) = value {
-                        if let Ok(mut inner) = serde_json::from_str::<Value>(text) {
-                            if redact(&mut inner) {
+                        match serde_json::from_str::<Value>(text) {
+                            Ok(mut inner) => {
+                                redact(&mut inner);
                                 *text = inner.to_string();
-                                changed = true;
                             }
-                        } else if text.contains("Secret") {
-                            *text = "<redacted>".into();
-                            changed = true;
+                            Err(_) if text.contains("Secret") => *text = REDACTED.into(),
+                            Err(_) => {}
                         }
                     }
                     continue;
                 }
-                changed |= redact(value);
+                redact(value);
             }
         }
-        Value::Array(items) => {
-            for item in items {
-                changed |= redact(item);
-            }
-        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
         _ => {}
     }
-    changed
+}
+
+/// A body of the secrets resource: a JSON patch keeps what each operation does and where,
+/// never its value; anything else is read as a Secret, a list of them or a watch event.
+fn secrets_body(v: &mut Value) {
+    match v {
+        Value::Array(ops) => {
+            for op in ops {
+                match op {
+                    Value::Object(fields) => {
+                        for (key, value) in fields.iter_mut() {
+                            let kept = matches!(key.as_str(), "op" | "path" | "from");
+                            if !(kept && value.is_string()) {
+                                hide(value);
+                            }
+                        }
+                    }
+                    other => hide(other),
+                }
+            }
+        }
+        other => secret_object(other),
+    }
+}
+
+/// A Secret (or a list of them, or a watch event about one, or a patch of one, which may name
+/// no kind): only the fields that cannot hold its values are kept.
+fn secret_object(v: &mut Value) {
+    let Value::Object(map) = v else {
+        return hide(v);
+    };
+    for (key, value) in map.iter_mut() {
+        match key.as_str() {
+            "kind" | "apiVersion" | "type" if value.is_string() => {}
+            "immutable" if value.is_boolean() => {}
+            "metadata" => secret_metadata(value),
+            // A list's items, a watch event's object.
+            "items" => match value {
+                Value::Array(items) => items.iter_mut().for_each(secret_object),
+                other => hide(other),
+            },
+            "object" => secret_object(value),
+            _ => hide(value),
+        }
+    }
+}
+
+/// A Secret's metadata: its own, but for `kubectl apply`'s copy of the Secret.
+fn secret_metadata(v: &mut Value) {
+    let Some(Value::Object(annotations)) = v.get_mut("annotations") else {
+        return;
+    };
+    if let Some(Value::String(text)) = annotations.get_mut(LAST_APPLIED) {
+        *text = match serde_json::from_str::<Value>(text) {
+            Ok(mut inner) => {
+                secret_object(&mut inner);
+                inner.to_string()
+            }
+            Err(_) => REDACTED.into(),
+        };
+    }
+}
+
+/// Keeps the shape (an object's keys), not the values.
+fn hide(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for value in map.values_mut() {
+                *value = Value::String(REDACTED.into());
+            }
+        }
+        _ => *v = Value::String(REDACTED.into()),
+    }
+}
+
+/// Whether no object in the JSON text gives a key twice (keys compared unescaped).
+fn keys_once(text: &str) -> bool {
+    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    struct Unique;
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Unique)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = Unique;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+            let mut keys = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if !keys.insert(key) {
+                    return Err(A::Error::custom("a key given twice"));
+                }
+                map.next_value::<Unique>()?;
+            }
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+            while seq.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+    }
+    serde_json::from_str::<Unique>(text).is_ok()
 }
 
 fn mentions_secret(bytes: &[u8]) -> bool {
-    bytes.windows(6).any(|w| w == b"Secret")
+    memchr::memmem::find(bytes, b"Secret").is_some()
 }
 
 /// Cuts at `limit` bytes, on a character boundary.
@@ -144,6 +285,91 @@ mod tests {
         assert!(
             !copy.contains("t0ps3cret") && !copy.contains("aHVudGVyMg"),
             "{copy}"
+        );
+    }
+
+    /// Bodies of the secrets resource as clients and the API server send them, with no `kind`
+    /// on the object or its items: none of them leaves a value in the copy.
+    #[test]
+    fn a_body_of_the_secrets_resource_keeps_no_value_whatever_its_shape() {
+        let value = "aHVudGVyMg==";
+        let applied = serde_json::json!({
+            "data": {"password": value},
+            "metadata": {"annotations": {
+                LAST_APPLIED: format!(r#"{{"apiVersion":"v1","data":{{"password":"{value}"}}}}"#),
+            }},
+        })
+        .to_string();
+        for body in [
+            // A list (its items name no kind), a merge or strategic-merge patch, a create
+            // without kind, a JSON patch, a kind given twice, a field in another case, an
+            // apply's patch with its annotation, a watch event.
+            format!(
+                r#"{{"kind":"SecretList","apiVersion":"v1","metadata":{{"resourceVersion":"8"}},"items":[{{"metadata":{{"name":"db"}},"data":{{"password":"{value}"}},"type":"Opaque"}}]}}"#
+            ),
+            format!(r#"{{"data":{{"password":"{value}"}}}}"#),
+            format!(r#"{{"metadata":{{"name":"db"}},"stringData":{{"password":"{value}"}}}}"#),
+            format!(r#"[{{"op":"replace","path":"/data/password","value":"{value}"}}]"#),
+            format!(r#"[{{"op":"add","path":"/data","value":{{"password":"{value}"}}}}]"#),
+            format!(r#"{{"kind":"Secret","kind":"Status","data":{{"password":"{value}"}}}}"#),
+            format!(r#"{{"Data":{{"password":"{value}"}}}}"#),
+            applied,
+            format!(
+                r#"{{"type":"MODIFIED","object":{{"kind":"Secret","data":{{"password":"{value}"}}}}}}"#
+            ),
+        ] {
+            let copy = audit_copy(body.as_bytes(), true, 1 << 20).expect("a copy");
+            assert!(!copy.contains(value), "{body}\n-> {copy}");
+            assert!(copy.contains(REDACTED), "{copy}");
+        }
+        // What is kept: the kind, names, type, and where a JSON patch writes.
+        let copy = audit_copy(
+            format!(r#"[{{"op":"replace","path":"/data/password","value":"{value}"}}]"#).as_bytes(),
+            true,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(
+            copy,
+            r#"[{"op":"replace","path":"/data/password","value":"<redacted>"}]"#
+        );
+        let copy = audit_copy(
+            format!(r#"{{"kind":"SecretList","items":[{{"metadata":{{"name":"db"}},"type":"Opaque","data":{{"password":"{value}"}}}}]}}"#).as_bytes(),
+            true,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(
+            copy,
+            r#"{"items":[{"data":{"password":"<redacted>"},"metadata":{"name":"db"},"type":"Opaque"}],"kind":"SecretList"}"#
+        );
+    }
+
+    /// JSON that gives a key twice holds more in its text than in its tree: the copy is the
+    /// tree, so a Secret the tree lost is not in it either.
+    #[test]
+    fn a_key_given_twice_hides_no_secret_from_the_copy() {
+        let body =
+            r#"{"kind":"List","items":[{"kind":"Secret","data":{"k":"c2VjcmV0"}}],"items":[]}"#;
+        let copy = audit_copy(body.as_bytes(), false, 1 << 20).unwrap();
+        assert!(!copy.contains("c2VjcmV0"), "{copy}");
+        let inner =
+            r#"{"kind":"List","items":[{"kind":"Secret","data":{"k":"c2VjcmV0"}}],"items":[]}"#;
+        let applied = serde_json::json!({
+            "kind": "ConfigMap",
+            "metadata": {"annotations": {LAST_APPLIED: inner}},
+        })
+        .to_string();
+        let copy = audit_copy(applied.as_bytes(), false, 1 << 20).unwrap();
+        assert!(!copy.contains("c2VjcmV0"), "{copy}");
+        // A body read (it has an escape) but given each key once, with nothing redacted, is
+        // kept as it was sent; the same keys twice, and it is the tree.
+        let once = r#"{"kind":"ConfigMap","data":{"run":"a \u0026\u0026 b","\u0061":"1","b":"2"}}"#;
+        assert_eq!(audit_copy(once.as_bytes(), false, 1 << 20).as_deref(), Some(once));
+        let twice = r#"{"kind":"ConfigMap","data":{"run":"a \u0026\u0026 b","\u0061":"1","a":"2"}}"#;
+        assert_eq!(
+            audit_copy(twice.as_bytes(), false, 1 << 20).as_deref(),
+            Some(r#"{"data":{"a":"2","run":"a && b"},"kind":"ConfigMap"}"#)
         );
     }
 
