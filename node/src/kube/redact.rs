@@ -6,9 +6,9 @@
 //! `apiVersion`, `type`, `immutable`, `metadata` (with `kubectl apply`'s copy of the Secret in
 //! it treated the same way), and a JSON patch's `op`, `path` and `from`. Every other field keeps
 //! its name and the names of its keys, and its values become `"<redacted>"` (`data`,
-//! `stringData`, a patch's `value`, and whatever else a client sends). Any other body that
-//! holds a Secret (a watch event, a `kubectl apply` annotation quoting one) has every value of
-//! that Secret's `data` and `stringData` redacted. A body of the secrets resource that cannot
+//! `stringData`, a patch's `value`, and whatever else a client sends). In any other body, an
+//! object of kind `Secret` or `SecretList` (in a watch event, in a `kubectl apply` annotation)
+//! is kept the same way. A body of the secrets resource that cannot
 //! be read as JSON whole (cut at the record's size limit, protobuf, a stream) is not recorded
 //! at all: the gateway cannot prove it holds no value.
 //!
@@ -72,25 +72,16 @@ pub fn audit_copy_of_start(bytes: &[u8], secrets: bool, limit: usize) -> Option<
     })
 }
 
-/// Redacts every Secret in `v` (at any depth): an object of kind `Secret`, and the items of a
-/// `SecretList` (which name no kind of their own).
+/// Redacts every Secret in `v` (at any depth): an object of kind `Secret` or `SecretList` (whose
+/// items name no kind of their own) keeps only what a body of the secrets resource keeps.
 fn redact(v: &mut Value) {
     match v {
         Value::Object(map) => {
-            match map.get("kind").and_then(Value::as_str) {
-                Some("Secret") => {
-                    for field in ["data", "stringData"] {
-                        if let Some(values) = map.get_mut(field) {
-                            hide(values);
-                        }
-                    }
-                }
-                Some("SecretList") => {
-                    if let Some(Value::Array(items)) = map.get_mut("items") {
-                        items.iter_mut().for_each(secret_object);
-                    }
-                }
-                _ => {}
+            if matches!(
+                map.get("kind").and_then(Value::as_str),
+                Some("Secret" | "SecretList")
+            ) {
+                return secret_object(v);
             }
             for (key, value) in map.iter_mut() {
                 // `kubectl apply` keeps the whole object it applied, as JSON text, in this
@@ -365,8 +356,12 @@ mod tests {
         // A body read (it has an escape) but given each key once, with nothing redacted, is
         // kept as it was sent; the same keys twice, and it is the tree.
         let once = r#"{"kind":"ConfigMap","data":{"run":"a \u0026\u0026 b","\u0061":"1","b":"2"}}"#;
-        assert_eq!(audit_copy(once.as_bytes(), false, 1 << 20).as_deref(), Some(once));
-        let twice = r#"{"kind":"ConfigMap","data":{"run":"a \u0026\u0026 b","\u0061":"1","a":"2"}}"#;
+        assert_eq!(
+            audit_copy(once.as_bytes(), false, 1 << 20).as_deref(),
+            Some(once)
+        );
+        let twice =
+            r#"{"kind":"ConfigMap","data":{"run":"a \u0026\u0026 b","\u0061":"1","a":"2"}}"#;
         assert_eq!(
             audit_copy(twice.as_bytes(), false, 1 << 20).as_deref(),
             Some(r#"{"data":{"a":"2","run":"a && b"},"kind":"ConfigMap"}"#)
