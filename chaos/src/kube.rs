@@ -247,6 +247,35 @@ pub async fn grant_dba() {
     );
 }
 
+/// The agent `agent-ops` through a fresh gateway with `policy`, and a namespace of its own
+/// made by the admin: what most tests start from.
+pub struct Agent {
+    pub gateway: Gateway,
+    /// The kubeconfig of the agent's Vigil token (kept with its directory).
+    pub config: PathBuf,
+    pub namespace: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub async fn start(policy: &str) -> Self {
+        grant_dba().await;
+        let gateway = Gateway::start(policy).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ops = crate::token_for("agent-ops", "agent-ops-secret").await;
+        let config = gateway.kubeconfig(dir.path(), &ops);
+        let namespace = format!("vt-{}", crate::random_suffix());
+        let out = admin(&["create", "namespace", &namespace]).await;
+        assert!(out.status.success(), "{out:?}");
+        Self {
+            gateway,
+            config,
+            namespace,
+            _dir: dir,
+        }
+    }
+}
+
 /// What a request is, as both sides name it: verb, resource (or the path of a non-resource
 /// URL), namespace, name; empty where there is none.
 pub type RequestKey = (String, String, String, String);

@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 use vigil_chaos::kube::{
     admin, audit_events, audit_len, end_of, event_key, gateway_events, grant_dba, kubectl,
-    record_key, recorded_bytes, requests, same_request, wait_for_end, Gateway, NO_RM_IN_PODS,
+    record_key, recorded_bytes, requests, same_request, wait_for_end, Agent, Gateway,
+    NO_RM_IN_PODS,
 };
 use vigil_chaos::kubelet::ran_once;
 use vigil_chaos::{of_kind, token_for};
@@ -288,13 +289,12 @@ async fn the_shipped_gateway_rbac_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_streams_events_as_they_happen() {
-    grant_dba().await;
-    let g = Gateway::start("").await;
-    let dir = tempfile::tempdir().unwrap();
-    let ops = token_for("agent-ops", "agent-ops-secret").await;
-    let config = g.kubeconfig(dir.path(), &ops);
-    let ns = format!("vt-{}", vigil_chaos::random_suffix());
-    assert!(admin(&["create", "namespace", &ns]).await.status.success());
+    let agent = Agent::start("").await;
+    let (g, config, ns) = (
+        &agent.gateway,
+        agent.config.clone(),
+        agent.namespace.clone(),
+    );
     let mut watch = tokio::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&config)
@@ -936,13 +936,9 @@ async fn every_bad_token_and_every_outsider_is_refused_before_the_api_server() {
 async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
     use base64::Engine as _;
     let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
-    grant_dba().await;
-    let g = Gateway::start("").await;
+    let agent = Agent::start("").await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
     let dir = tempfile::tempdir().unwrap();
-    let ops = token_for("agent-ops", "agent-ops-secret").await;
-    let config = g.kubeconfig(dir.path(), &ops);
-    let ns = format!("vs-{}", vigil_chaos::random_suffix());
-    assert!(admin(&["create", "namespace", &ns]).await.status.success());
     let values = [
         "Cr3atedValue0",
         "Strat3gicValue1",
@@ -1050,5 +1046,5 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
             );
         }
     }
-    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }
