@@ -34,10 +34,10 @@
 #   exec   kubectl exec POD -- head -c ${EXEC_MB}M /dev/zero, stdout counted        MiB/s
 # get and list also report p50/p99 latency (added = vigil - direct, and vigil - direct-as), the
 # proxy's CPU per call (utime+stime of vigil-node, or of haproxy, from /proc/PID/stat over the
-# measured window, sampled by the load generator itself) and the API server's. At the end of each round the gateway is stopped
-# cleanly and `vigil audit verify` checks its audit log (records and the exec recordings); the
-# audit dir is then deleted (a LIST's response record keeps 64 KiB of its body, and every exec
-# byte is recorded). The goals are only reported: they never change the exit status; a failed
+# measured window, sampled by the load generator itself) and the API server's. At the end of
+# each round the gateway is stopped cleanly and `vigil audit verify` checks its audit log
+# (records and the exec recordings); the audit dir is then deleted (a LIST's response record
+# keeps 64 KiB of its body, and every exec byte is recorded). The goals are only reported: they never change the exit status; a failed
 # call or an audit log that does not verify does (exit 1).
 #
 # Settings (environment):
@@ -218,21 +218,19 @@ fresh_kubeconfig() { # DIR (the round's, whose listener certificate is the CA)
   token="$(node "$VIGIL_OIDC_DIR/token.mjs" --issuer "$VIGIL_OIDC_ISSUER" --client agent-ops --secret agent-ops-secret)" \
     || die "could not get an access token"
   token_at=$SECONDS
-  cat >"$haproxy_kubeconfig" <<EOF
+  agent_kubeconfig haproxy "$HAPROXY_KUBE_PORT" "$VIGIL_DEV_KUBE_CA" "$token" >"$haproxy_kubeconfig"
+  agent_kubeconfig vigil "$VIGIL_KUBE_PORT" "$1/data/tls-kubernetes/cert.pem" "$token" >"$vigil_kubeconfig"
+}
+# agent_kubeconfig NAME PORT CA TOKEN: the agent's kubeconfig for a proxy on 127.0.0.1:PORT
+# serving the dev cluster under /clusters/dev
+agent_kubeconfig() {
+  cat <<EOF
 {"apiVersion": "v1", "kind": "Config",
- "clusters": [{"name": "haproxy", "cluster": {"server": "https://127.0.0.1:$HAPROXY_KUBE_PORT/clusters/dev",
-   "certificate-authority": "$VIGIL_DEV_KUBE_CA"}}],
- "users": [{"name": "agent-ops", "user": {"token": "$token"}}],
- "contexts": [{"name": "haproxy", "context": {"cluster": "haproxy", "user": "agent-ops"}}],
- "current-context": "haproxy"}
-EOF
-  cat >"$vigil_kubeconfig" <<EOF
-{"apiVersion": "v1", "kind": "Config",
- "clusters": [{"name": "vigil", "cluster": {"server": "https://127.0.0.1:$VIGIL_KUBE_PORT/clusters/dev",
-   "certificate-authority": "$1/data/tls-kubernetes/cert.pem"}}],
- "users": [{"name": "agent-ops", "user": {"token": "$token"}}],
- "contexts": [{"name": "vigil", "context": {"cluster": "vigil", "user": "agent-ops"}}],
- "current-context": "vigil"}
+ "clusters": [{"name": "$1", "cluster": {"server": "https://127.0.0.1:$2/clusters/dev",
+   "certificate-authority": "$3"}}],
+ "users": [{"name": "agent-ops", "user": {"token": "$4"}}],
+ "contexts": [{"name": "$1", "context": {"cluster": "$1", "user": "agent-ops"}}],
+ "current-context": "$1"}
 EOF
 }
 # direct-as: the gateway's credential, impersonating as the gateway does (kube-rs and kubectl
