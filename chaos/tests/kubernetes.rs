@@ -930,7 +930,7 @@ async fn every_bad_token_and_every_outsider_is_refused_before_the_api_server() {
 /// gateway: created, patched the three ways kubectl patches (strategic merge, merge, JSON
 /// patch: none of those bodies names a kind), applied twice (a create, then a patch carrying
 /// kubectl's copy of the whole Secret in an annotation), listed (the items of a list name no
-/// kind) and got. Each value is checked plain and base64-encoded; the API server's own
+/// kind; and as kubectl's table, whose cells stay on record) and got. Each value is checked plain and base64-encoded; the API server's own
 /// answers show every write took effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
@@ -1026,7 +1026,24 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
     let got = run(on(&["get", "secret", "app", "-o", "yaml"])).await;
     assert!(got.contains(&b64(values[5])), "{got}");
 
+    // kubectl's own table (name, type, keys, age): on record as the API server printed it.
+    let table = run(on(&["get", "secrets"])).await;
+    assert!(table.contains("db") && table.contains("app"), "{table}");
+
     let records = g.node.records().await;
+    let tables: Vec<_> = requests(&records, |k| {
+        k.resource.as_deref() == Some("secrets") && k.verb == "list"
+    })
+    .into_iter()
+    .filter_map(|r| end_of(&records, r)?.1.body.as_deref())
+    .filter(|body| body.contains(r#""kind":"Table""#))
+    .collect();
+    assert!(
+        tables
+            .iter()
+            .any(|b| b.contains(r#""cells":["app","Opaque",1,"#)),
+        "the table's rows are on record: {tables:?}"
+    );
     let writes = requests(&records, |k| {
         k.resource.as_deref() == Some("secrets") && matches!(k.verb.as_str(), "create" | "patch")
     });

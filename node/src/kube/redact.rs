@@ -4,7 +4,8 @@
 //! request body sent to it: a create, an update, a merge, strategic-merge or JSON patch, with
 //! or without `kind`) keeps in the record only what cannot hold a Secret's values: `kind`,
 //! `apiVersion`, `type`, `immutable`, `metadata` (with `kubectl apply`'s copy of the Secret in
-//! it treated the same way), and a JSON patch's `op`, `path` and `from`. Every other field keeps
+//! it treated the same way), a JSON patch's `op`, `path` and `from`, and the columns and cells
+//! of the API server's table of Secrets (`kubectl get secrets`). Every other field keeps
 //! its name and the names of its keys, and its values become `"<redacted>"` (`data`,
 //! `stringData`, a patch's `value`, and whatever else a client sends). In any other body, an
 //! object of kind `Secret` or `SecretList` (in a watch event, in a `kubectl apply` annotation)
@@ -136,19 +137,45 @@ fn secret_object(v: &mut Value) {
     let Value::Object(map) = v else {
         return hide(v);
     };
+    // What `kubectl get secrets` asks for: the API server's table of them (name, type, how
+    // many keys, age), each row with the Secret's metadata or the Secret itself. A body of
+    // another kind is never taken for a Secret by the API server.
+    let table = map.get("kind").and_then(Value::as_str) == Some("Table");
     for (key, value) in map.iter_mut() {
         match key.as_str() {
             "kind" | "apiVersion" | "type" if value.is_string() => {}
             "immutable" if value.is_boolean() => {}
             "metadata" => secret_metadata(value),
             // A list's items, a watch event's object.
-            "items" => match value {
-                Value::Array(items) => items.iter_mut().for_each(secret_object),
-                other => hide(other),
-            },
+            "items" => each(value, secret_object),
+            "object" => secret_object(value),
+            "columnDefinitions" if table => {}
+            "rows" if table => each(value, table_row),
+            _ => hide(value),
+        }
+    }
+}
+
+/// A row of the table of Secrets: its cells (what the API server prints: name, type, how many
+/// keys, age) and the Secret it is about.
+fn table_row(v: &mut Value) {
+    let Value::Object(map) = v else {
+        return hide(v);
+    };
+    for (key, value) in map.iter_mut() {
+        match key.as_str() {
+            "cells" => {}
             "object" => secret_object(value),
             _ => hide(value),
         }
+    }
+}
+
+/// `f` on each element of an array; anything else hidden.
+fn each(v: &mut Value, f: fn(&mut Value)) {
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(f),
+        other => hide(other),
     }
 }
 
@@ -334,6 +361,24 @@ mod tests {
             copy,
             r#"{"items":[{"data":{"password":"<redacted>"},"metadata":{"name":"db"},"type":"Opaque"}],"kind":"SecretList"}"#
         );
+    }
+
+    /// `kubectl get secrets`: the API server's table keeps its columns and cells (no value is
+    /// in them), and a row's object is read as a Secret.
+    #[test]
+    fn the_table_of_secrets_keeps_its_cells_and_no_value() {
+        let table = r#"{"kind":"Table","apiVersion":"meta.k8s.io/v1","metadata":{"resourceVersion":"9"},"columnDefinitions":[{"name":"Name","type":"string"}],"rows":[{"cells":["db","Opaque",1,"5m"],"object":{"kind":"Secret","metadata":{"name":"db"},"data":{"password":"aHVudGVyMg=="}}}]}"#;
+        let copy = audit_copy(table.as_bytes(), true, 1 << 20).unwrap();
+        assert!(copy.contains(r#""cells":["db","Opaque",1,"5m"]"#), "{copy}");
+        assert!(
+            copy.contains(r#""columnDefinitions":[{"name":"Name""#),
+            "{copy}"
+        );
+        assert!(!copy.contains("aHVudGVyMg=="), "{copy}");
+        // Rows in a body of another kind are not a table's.
+        let not = r#"{"rows":[{"cells":["aHVudGVyMg=="]}],"data":{"k":"aHVudGVyMg=="}}"#;
+        let copy = audit_copy(not.as_bytes(), true, 1 << 20).unwrap();
+        assert!(!copy.contains("aHVudGVyMg=="), "{copy}");
     }
 
     /// JSON that gives a key twice holds more in its text than in its tree: the copy is the
