@@ -930,8 +930,8 @@ async fn every_bad_token_and_every_outsider_is_refused_before_the_api_server() {
 /// gateway: created, patched the three ways kubectl patches (strategic merge, merge, JSON
 /// patch: none of those bodies names a kind), applied twice (a create, then a patch carrying
 /// kubectl's copy of the whole Secret in an annotation), listed (the items of a list name no
-/// kind; and as kubectl's table, whose cells stay on record) and got. Each value is checked plain and base64-encoded; the API server's own
-/// answers show every write took effect.
+/// kind; and as kubectl's table, whose cells stay on record) and got. Each value is checked
+/// plain and base64-encoded; the API server's own answers show every write took effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
     use base64::Engine as _;
