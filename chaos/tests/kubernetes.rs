@@ -939,6 +939,7 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
     let agent = Agent::start("").await;
     let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
     let dir = tempfile::tempdir().unwrap();
+    let offset = audit_len();
     let values = [
         "Cr3atedValue0",
         "Strat3gicValue1",
@@ -1043,6 +1044,28 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
             .iter()
             .any(|b| b.contains(r#""cells":["app","Opaque",1,"#)),
         "the table's rows are on record: {tables:?}"
+    );
+    // Ground truth: every request the API server's own audit log shows from this gateway's
+    // sessions (the four patches and the two creates among them) has its Vigil record.
+    let vigil: HashSet<_> = records.iter().filter_map(record_key).collect();
+    let seen: Vec<_> = gateway_events(offset, &records)
+        .into_iter()
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .collect();
+    for e in &seen {
+        let key = event_key(e);
+        assert!(
+            vigil.contains(&key),
+            "the API server saw {key:?} without a Vigil record"
+        );
+    }
+    let patches = seen
+        .iter()
+        .filter(|e| e["verb"] == "patch" && e["objectRef"]["resource"] == "secrets")
+        .count();
+    assert_eq!(
+        patches, 4,
+        "the API server ran the three patches and the second apply"
     );
     let writes = requests(&records, |k| {
         k.resource.as_deref() == Some("secrets") && matches!(k.verb.as_str(), "create" | "patch")
