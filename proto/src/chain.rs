@@ -42,12 +42,13 @@ fn stream_json(stream: &str) -> String {
 fn push_prefix(out: &mut Vec<u8>, stream: &str, seq: u64, prev: &[u8; 32]) {
     let mut hex = [0; 64];
     hex::encode_to_slice(prev, &mut hex).expect("64 hex digits for 32 bytes");
+    let mut digits = itoa::Buffer::new();
     out.extend_from_slice(b"{\"v\":");
-    out.extend_from_slice(SCHEMA_VERSION.to_string().as_bytes());
+    out.extend_from_slice(digits.format(SCHEMA_VERSION).as_bytes());
     out.extend_from_slice(b",\"stream\":");
     out.extend_from_slice(stream.as_bytes());
     out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(digits.format(seq).as_bytes());
     out.extend_from_slice(b",\"prev\":\"");
     out.extend_from_slice(&hex);
     out.extend_from_slice(b"\",");
@@ -84,9 +85,9 @@ impl Chain {
         self.next_seq
     }
 
-    /// Hex hash of the last sealed record (the genesis value before the first).
-    pub fn head_hash(&self) -> String {
-        hex::encode(self.prev)
+    /// Hash of the last sealed record (all zeros, the genesis value, before the first).
+    pub fn head_hash(&self) -> [u8; 32] {
+        self.prev
     }
 
     /// Serialises `body` behind the chain fields, advances the chain and returns the record bytes.
@@ -144,7 +145,7 @@ mod tests {
         assert_eq!((ra.seq, ra.prev.as_str()), (0, GENESIS_PREV));
         assert_eq!(rb.seq, 1);
         assert_eq!(rb.prev, hex::encode(record_hash(&a)));
-        assert_eq!(chain.head_hash(), hex::encode(record_hash(&b)));
+        assert_eq!(chain.head_hash(), record_hash(&b));
         assert_eq!(rb.body, body(Kind::StreamEnd));
     }
 

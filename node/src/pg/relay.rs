@@ -360,6 +360,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         in_copy_in: false,
         drop_syncs_until_copy_end: false,
         discarding: None,
+        completed: Vec::new(),
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
     // hands the target half (a queue the target half polls but never waits on, see `queued`)
@@ -1547,6 +1548,10 @@ struct TargetHalf {
     /// client half queues until then never runs. Holds the batch's error until a statement
     /// carries it.
     discarding: Option<Option<PgError>>,
+    /// Response records of statements completed since the last write to the client: recorded
+    /// right after it (in order, before anything else this half does), so that making them is
+    /// not between the target's answer and the client.
+    completed: Vec<Body>,
 }
 
 /// The next expectation the client half has handed over, without registering to be woken for
@@ -1614,6 +1619,14 @@ impl TargetHalf {
                 }
                 out.clear();
             }
+            self.record_completed();
+        }
+    }
+
+    /// Records the response records held since the last write to the client.
+    fn record_completed(&mut self) {
+        for rec in self.completed.drain(..) {
+            self.ctx.core.audit.record(rec);
         }
     }
 
@@ -2150,11 +2163,13 @@ impl TargetHalf {
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
         crate::core::trace::from_record(&unit.span, &rec);
-        self.ctx.core.audit.record(rec);
+        self.completed.push(rec);
     }
 
-    /// Statements still in flight when the session ends get a response record too.
+    /// Statements still in flight when the session ends get a response record too, after
+    /// those completed and not yet recorded.
     fn abandon_pending(&mut self) {
+        self.record_completed();
         while let Ok(p) = self.rx.try_recv() {
             self.queue.push_back(p);
         }
@@ -2167,6 +2182,7 @@ impl TargetHalf {
                 self.complete(unit, false);
             }
         }
+        self.record_completed();
     }
 }
 
