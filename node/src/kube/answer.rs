@@ -3,6 +3,7 @@
 //! bytes kept for the record, and the `response` record written when the body ends or the
 //! client goes away.
 
+use super::redact::Holds;
 use super::request_info::RequestInfo;
 use super::KubeContext;
 use bytes::Bytes;
@@ -104,7 +105,8 @@ pub struct Done {
     pub ctx: Arc<KubeContext>,
     pub rec: RecordBody,
     pub status: StatusCode,
-    pub secrets: bool,
+    /// What the body may hold that the record may not.
+    pub holds: Holds,
     pub started: Instant,
     /// The request's trace span, ended with its record.
     pub span: tracing::Span,
@@ -145,9 +147,9 @@ impl Tap {
         };
         // The first bytes of a longer body are never JSON whole: not worth parsing.
         let text = if self.bytes > self.seen.len() as u64 {
-            super::redact::audit_copy_of_start(&self.seen, d.secrets, self.limit)
+            super::redact::audit_copy_of_start(&self.seen, d.holds, self.limit)
         } else {
-            super::redact::audit_copy(&self.seen, d.secrets, self.limit)
+            super::redact::audit_copy(&self.seen, d.holds, self.limit)
         };
         let mut counts = crate::policy::masking::Counts::new();
         let body = text.map(|t| {

@@ -3,6 +3,7 @@
 //! (watches and `logs -f` without buffering) and recorded when it ends.
 
 use super::answer::{Count, Done, Tap};
+use super::redact::Holds;
 use super::request_info::{self, RequestInfo};
 use super::stream::{Framing, Purpose};
 use super::websocket::{self, StreamKind};
@@ -518,9 +519,9 @@ impl Conn {
         let decision = self.decide(&principal, &routed);
         let info = &routed.info;
         let mut request = kube_request_parts(&parts, &routed, Some(&body));
-        let secrets = info.resource == "secrets";
+        let holds = Holds::of(&info.resource, &info.subresource);
         let limit = self.ctx.config.max_record_body_bytes;
-        let (recorded_body, masked) = self.masked(super::redact::audit_copy(&body, secrets, limit));
+        let (recorded_body, masked) = self.masked(super::redact::audit_copy(&body, holds, limit));
         request.body = recorded_body;
         let stmt = self.next_stmt();
         let mut rec = self.body(Kind::Request, Some(&principal), Some(&cluster_name));
@@ -918,7 +919,7 @@ impl Conn {
             ctx: self.ctx.clone(),
             rec,
             status: parts.status,
-            secrets: info.resource == "secrets",
+            holds: Holds::of(&info.resource, &info.subresource),
             started,
             span: stmt.span,
         };
