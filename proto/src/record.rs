@@ -347,8 +347,8 @@ pub struct KubeRequest {
     /// The query string as sent (without `?`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
-    /// The request body as recorded: Secret values and tokens redacted, masking detectors applied, cut
-    /// at the configured size (`body_bytes` is the whole length).
+    /// The request body as recorded: Secret values and tokens redacted, masking detectors
+    /// applied, cut at the configured size (`body_bytes` is the whole length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     #[serde(default, skip_serializing_if = "is_zero")]
