@@ -95,6 +95,26 @@ fn host_command_count() -> usize {
     host_commands(0).len()
 }
 
+/// The lines logged as typed since `offset` by the one shell that logged `line` among them
+/// (by its pid: tests run side by side on the one host).
+fn typed_by_shell_of(offset: usize, line: &str) -> Vec<String> {
+    let typed: Vec<(String, String)> = host_commands(offset)
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(5, '\t').collect();
+            (f.len() == 5 && f[3] == "typed").then(|| (f[2].to_string(), f[4].to_string()))
+        })
+        .collect();
+    let Some((pid, _)) = typed.iter().find(|(_, l)| l == line) else {
+        panic!("no shell logged {line:?}: {typed:?}");
+    };
+    typed
+        .iter()
+        .filter(|(p, _)| p == pid)
+        .map(|(_, l)| l.clone())
+        .collect()
+}
+
 /// The command lines the host ran (exec mode) since `offset`.
 fn host_ran(offset: usize) -> Vec<String> {
     host_commands(offset)
@@ -903,13 +923,7 @@ async fn an_interactive_shell_under_tmux_is_recorded_and_replays_what_the_screen
     assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "3");
 
     // The host's own log of what its shell ran, and Vigil's reading of the keystrokes.
-    let typed_on_host: Vec<String> = host_commands(before)
-        .iter()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.splitn(5, '\t').collect();
-            (f.len() == 5 && f[3] == "typed").then(|| f[4].to_string())
-        })
-        .collect();
+    let typed_on_host = typed_by_shell_of(before, "echo hello-vigil");
     let expected = [
         "echo hello-vigil",
         "stty size",
@@ -1753,5 +1767,120 @@ async fn a_remote_forward_no_rule_allows_is_refused_and_never_reaches_the_host()
     assert!(
         !log.contains(&format!("Allocated listen port {port}")),
         "{log}"
+    );
+}
+
+/// A password typed into an interactive shell at a prompt that hides it (`read -s`, as `sudo`
+/// and `passwd` prompt) is in no record of the audit stream: its `typed` record says a line
+/// was typed without echo, and nothing more. The lines the host echoed are on record as
+/// typed, exactly those the host's own shell logged as typed; the password's keystrokes are
+/// in the recording on the node (what the recording is for).
+#[tokio::test]
+async fn a_password_typed_at_a_prompt_that_hides_it_is_in_no_record() {
+    let g = Gateway::start(&policy()).await;
+    let person = r#"{"subject":"alice","groups":["dba"],"issuer":"test","token_type":"id_token"}"#;
+    let key = g.certificate(&g.keys.path().join("ca"), "alice", person, "-5m:+1h");
+    let config = g.client_config(&key);
+    let before = host_command_count();
+    let secret = format!("pw-{}", vigil_chaos::random_suffix());
+    let marker = format!("done-{}", vigil_chaos::random_suffix());
+    let mut client = tokio::process::Command::new("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-tt", "web"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    // Reads the terminal until `text` has appeared `n` times.
+    let mut until = async |text: &str, n: usize| {
+        let mut buf = [0u8; 4096];
+        while String::from_utf8_lossy(&shown).matches(text).count() < n {
+            let got = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
+                .await
+                .expect("the terminal answers")
+                .unwrap();
+            assert!(got > 0, "{}", String::from_utf8_lossy(&shown));
+            shown.extend_from_slice(&buf[..got]);
+        }
+    };
+    let prompt_line = "read -s -p 'Password: ' pw; echo \"length ${#pw}\"";
+    until(":~$", 1).await;
+    stdin
+        .write_all(format!("{prompt_line}\r").as_bytes())
+        .await
+        .unwrap();
+    until("Password: ", 2).await; // the echoed line, then the prompt
+    stdin
+        .write_all(format!("{secret}\r").as_bytes())
+        .await
+        .unwrap();
+    until(&format!("length {}", secret.len()), 1).await;
+    stdin
+        .write_all(format!("echo {marker}\r").as_bytes())
+        .await
+        .unwrap();
+    until(&marker, 2).await;
+    stdin.write_all(b"exit\r").await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), client.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let terminal = String::from_utf8_lossy(&shown).into_owned();
+    assert!(
+        !terminal.contains(&secret),
+        "the host did not echo it: {terminal}"
+    );
+
+    let records = g.node.records_after_sessions(1).await;
+    let typed: Vec<(String, Option<String>)> = records
+        .iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "typed" => {
+                Some((s.command.clone().unwrap_or_default(), r.body.detail.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let lines: Vec<&str> = typed.iter().map(|(c, _)| c.as_str()).collect();
+    let echo_marker = format!("echo {marker}");
+    assert_eq!(
+        lines,
+        [prompt_line, "[not echoed]", echo_marker.as_str(), "exit"]
+    );
+    assert!(
+        typed[1]
+            .1
+            .as_deref()
+            .is_some_and(|d| d.contains("echoed nothing")),
+        "{typed:?}"
+    );
+    // Ground truth: the host's shell ran exactly the lines on record as typed (the password
+    // was read by `read`, not run).
+    let typed_on_host = typed_by_shell_of(before, &echo_marker);
+    assert_eq!(typed_on_host, [prompt_line, echo_marker.as_str(), "exit"]);
+    // In no file of the audit stream; in the recording, as the keystrokes it was.
+    let mut streams = 0;
+    for path in vigil_chaos::files_under(&g.node.files.audit_dir) {
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            streams += 1;
+            let log = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+            assert!(
+                !log.contains(&secret),
+                "the password reached {}",
+                path.display()
+            );
+        }
+    }
+    assert!(streams > 0, "the audit stream was read");
+    let input = recorded(&g.node.files.audit_dir, &records, "input");
+    assert!(
+        String::from_utf8_lossy(&input).contains(&secret),
+        "the keystrokes are in the recording"
     );
 }

@@ -7,7 +7,7 @@ use super::command::{self, CommandLine};
 use super::session::Conn;
 use super::sftp::SftpOperation;
 use super::sftp_guard::SftpGuard;
-use super::typed::{Typed, TypedLines};
+use super::typed::{Decided, Echoes, TypedLines};
 use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::trace::Stmt;
@@ -446,7 +446,9 @@ async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: Stmt, sessio
         ))
     });
     let mut pumps = Pumps::new(recorder, session.handle(), sftp);
-    pumps.typed = run.request_type == "shell" && conn.ptys.contains(&id);
+    if run.request_type == "shell" && conn.ptys.contains(&id) {
+        pumps.typed = Some(Arc::default());
+    }
     pumps.spawn(conn, id, host, started);
 }
 
@@ -460,8 +462,9 @@ pub(super) struct Pumps {
     /// close included: a task waiting for the other side's close would wait for ever.
     ended: Arc<watch::Sender<bool>>,
     sftp: Option<Arc<SftpGuard>>,
-    /// An interactive shell on a terminal: lines typed are recorded (see [`super::typed`]).
-    typed: bool,
+    /// An interactive shell on a terminal: lines typed are recorded (see [`super::typed`]),
+    /// those the host echoed as text; both tasks watch for the echo.
+    typed: Option<Arc<std::sync::Mutex<Echoes>>>,
 }
 
 impl Pumps {
@@ -472,7 +475,7 @@ impl Pumps {
             counters: Arc::new(Counters::default()),
             ended: Arc::new(watch::channel(false).0),
             sftp,
-            typed: false,
+            typed: None,
         }
     }
 
@@ -504,7 +507,7 @@ impl Pumps {
             counters: self.counters.clone(),
             ended: self.ended.clone(),
             sftp: self.sftp.clone(),
-            typed: self.typed,
+            typed: self.typed.clone(),
         };
         // The channel's log events name its request (and session).
         let span = self.rec.span.clone();
@@ -841,22 +844,31 @@ impl Recorder {
         self.scope.core.audit.record(body);
     }
 
-    /// A line typed into a shell: an index into the recording (not a decision; see
-    /// [`super::typed`]).
-    fn typed(&self, typed: Typed) {
-        let mut body = self.body(Kind::Request);
-        body.request = Some(Request::Ssh(SshRequest {
-            channel: self.channel.number(),
-            request_type: "typed".into(),
-            command: Some(self.scope.core.scrub(&typed.line)),
-            ..SshRequest::default()
-        }));
-        if typed.inexact {
-            body.detail = Some(
-                "edited with cursor keys, completion or a long paste: the shell may have run another line (see the recording)".into(),
-            );
+    /// Lines typed into a shell: an index into the recording (not a decision; see
+    /// [`super::typed`]). A line the host did not echo (a password prompt) is on record
+    /// without its text.
+    fn typed(&self, lines: Vec<Decided>) {
+        for Decided { typed, echoed } in lines {
+            let mut body = self.body(Kind::Request);
+            body.request = Some(Request::Ssh(SshRequest {
+                channel: self.channel.number(),
+                request_type: "typed".into(),
+                command: Some(if echoed {
+                    self.scope.core.scrub(&typed.line)
+                } else {
+                    NOT_ECHOED.into()
+                }),
+                ..SshRequest::default()
+            }));
+            body.detail = if !echoed {
+                Some("typed while the host echoed nothing (a password prompt): the line is not on record, its keystrokes are in the recording".into())
+            } else if typed.inexact {
+                Some("edited with cursor keys, completion or a long paste: the shell may have run another line (see the recording)".into())
+            } else {
+                None
+            };
+            self.scope.core.audit.record(body);
         }
-        self.scope.core.audit.record(body);
     }
 
     /// A request on a running channel (resize, signal), on record before the host sees it.
@@ -883,7 +895,10 @@ async fn input_task(
 ) {
     let (rec, client, counters) = (&p.rec, &p.client, &p.counters);
     let id = rec.channel;
-    let mut typed = p.typed.then(TypedLines::default);
+    let mut typed = p
+        .typed
+        .as_ref()
+        .map(|echoes| (TypedLines::default(), echoes));
     let mut ended = p.ended.subscribe();
     loop {
         let input = tokio::select! {
@@ -916,6 +931,9 @@ async fn input_task(
                 counters
                     .input
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if let Some((_, echoes)) = &typed {
+                    rec.typed(lock(echoes).typing());
+                }
                 if !rec.chunk("input", &bytes, true).await {
                     let message = b"vigil: the gateway cannot record this channel; closing\r\n";
                     let _ = client.extended_data(id, 1, message.to_vec()).await;
@@ -923,8 +941,10 @@ async fn input_task(
                     let _ = client.close(id).await;
                     break;
                 }
-                for line in typed.iter_mut().flat_map(|t| t.feed(&bytes)) {
-                    rec.typed(line);
+                if let Some((lines, echoes)) = &mut typed {
+                    for line in lines.feed(&bytes) {
+                        rec.typed(lock(echoes).ended(line));
+                    }
                 }
                 write.data_bytes(bytes).await
             }
@@ -1017,7 +1037,11 @@ async fn output_task(
                 p.counters
                     .output
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                rec.chunk("output", &data, true).await && client.data(id, data).await.is_ok()
+                let recorded = rec.chunk("output", &data, true).await;
+                if let Some(echoes) = &p.typed {
+                    rec.typed(lock(echoes).shown(&data));
+                }
+                recorded && client.data(id, data).await.is_ok()
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 let recorded = rec.chunk("error", &data, true).await;
@@ -1060,6 +1084,9 @@ async fn output_task(
     }
     p.ended.send_replace(true);
     let _ = client.close(id).await;
+    if let Some(echoes) = &p.typed {
+        rec.typed(lock(echoes).end());
+    }
     if let Some(sftp) = &p.sftp {
         sftp.finish().iter().for_each(|op| rec.sftp(op, None));
     }
@@ -1070,6 +1097,14 @@ async fn output_task(
         _ => Outcome::Error,
     };
     rec.response(response, outcome, started);
+}
+
+/// What a typed line the host did not echo is recorded as.
+const NOT_ECHOED: &str = "[not echoed]";
+
+/// The echo watch of a shell (a panic while it was held leaves it usable: it is an index).
+fn lock(echoes: &std::sync::Mutex<Echoes>) -> std::sync::MutexGuard<'_, Echoes> {
+    echoes.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Resolves once either side has closed the channel (see [`Pumps::ended`]).

@@ -20,7 +20,7 @@ pub mod sftp;
 mod sftp_guard;
 
 pub mod target;
-mod typed;
+pub mod typed;
 
 use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::{self, FirstWord};
