@@ -314,6 +314,28 @@ pub fn event_key(e: &serde_json::Value) -> RequestKey {
     }
 }
 
+/// Every request the API server completed for the sessions of `records` since `offset` (its
+/// audit log's `ResponseComplete` events), each checked to have its Vigil record: the ground
+/// truth of a test.
+pub fn every_completed_request_recorded(
+    offset: usize,
+    records: &[vigil_proto::record::Record],
+) -> Vec<serde_json::Value> {
+    let vigil: std::collections::HashSet<_> = records.iter().filter_map(record_key).collect();
+    let seen: Vec<_> = gateway_events(offset, records)
+        .into_iter()
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .collect();
+    for e in &seen {
+        let key = event_key(e);
+        assert!(
+            vigil.contains(&key),
+            "the API server saw {key:?} without a Vigil record"
+        );
+    }
+    seen
+}
+
 /// The API server's audit events from line `offset` on that came from the gateway acting in
 /// one of the sessions of `records` (other tests' gateways use the same API server).
 pub fn gateway_events(

@@ -5,9 +5,9 @@
 
 use std::collections::HashSet;
 use vigil_chaos::kube::{
-    admin, audit_events, audit_len, end_of, event_key, gateway_events, grant_dba, kubectl,
-    record_key, recorded_bytes, requests, same_request, wait_for_end, Agent, Gateway,
-    NO_RM_IN_PODS,
+    admin, audit_events, audit_len, end_of, event_key, every_completed_request_recorded,
+    gateway_events, grant_dba, kubectl, record_key, recorded_bytes, requests, same_request,
+    wait_for_end, Agent, Gateway, NO_RM_IN_PODS,
 };
 use vigil_chaos::kubelet::ran_once;
 use vigil_chaos::{of_kind, token_for};
@@ -25,6 +25,14 @@ reason = "namespaces are deleted by people, not agents"
 
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// kubectl through a gateway, which must succeed: what it printed.
+async fn kubectl_ok(config: &std::path::Path, args: &[String]) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = kubectl(config, &args).await;
+    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -948,15 +956,7 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
         "Appl1edValue4",
         "Appl1edValue5",
     ];
-    let run = |args: Vec<String>| {
-        let config = config.clone();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = kubectl(&config, &args).await;
-            assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
-    };
+    let run = |args: Vec<String>| async move { kubectl_ok(config, &args).await };
     let on = |args: &[&str]| {
         let mut all = vec!["-n".to_string(), ns.clone()];
         all.extend(args.iter().map(|a| a.to_string()));
@@ -1047,18 +1047,7 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
     );
     // Ground truth: every request the API server's own audit log shows from this gateway's
     // sessions (the four patches and the two creates among them) has its Vigil record.
-    let vigil: HashSet<_> = records.iter().filter_map(record_key).collect();
-    let seen: Vec<_> = gateway_events(offset, &records)
-        .into_iter()
-        .filter(|e| e["stage"] == "ResponseComplete")
-        .collect();
-    for e in &seen {
-        let key = event_key(e);
-        assert!(
-            vigil.contains(&key),
-            "the API server saw {key:?} without a Vigil record"
-        );
-    }
+    let seen = every_completed_request_recorded(offset, &records);
     let patches = seen
         .iter()
         .filter(|e| e["verb"] == "patch" && e["objectRef"]["resource"] == "secrets")
@@ -1102,15 +1091,7 @@ async fn tokens_minted_or_reviewed_through_the_gateway_are_in_no_record() {
     let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
     let dir = tempfile::tempdir().unwrap();
     let offset = audit_len();
-    let run = |args: Vec<String>| {
-        let config = config.clone();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = kubectl(&config, &args).await;
-            assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
-    };
+    let run = |args: Vec<String>| async move { kubectl_ok(config, &args).await };
     let args = |a: &[&str]| a.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let file = |name: &str, body: serde_json::Value| {
         let path = dir.path().join(name);
@@ -1208,18 +1189,7 @@ async fn tokens_minted_or_reviewed_through_the_gateway_are_in_no_record() {
         );
     }
 
-    let vigil: HashSet<_> = records.iter().filter_map(record_key).collect();
-    let seen: Vec<_> = gateway_events(offset, &records)
-        .into_iter()
-        .filter(|e| e["stage"] == "ResponseComplete")
-        .collect();
-    for e in &seen {
-        let key = event_key(e);
-        assert!(
-            vigil.contains(&key),
-            "the API server saw {key:?} without a Vigil record"
-        );
-    }
+    let seen = every_completed_request_recorded(offset, &records);
     let ran = |resource: &str, subresource: &str| {
         seen.iter()
             .filter(|e| {

@@ -115,6 +115,58 @@ fn typed_by_shell_of(offset: usize, line: &str) -> Vec<String> {
         .collect()
 }
 
+/// `ssh -tt web` with the terminal's input and output piped: what an agent driving a shell
+/// does.
+struct PipedShell {
+    client: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    /// What the terminal showed so far.
+    shown: Vec<u8>,
+}
+
+impl PipedShell {
+    fn start(config: &Path) -> Self {
+        let mut client = tokio::process::Command::new("ssh")
+            .arg("-F")
+            .arg(config)
+            .args(["-tt", "web"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self {
+            stdin: client.stdin.take().unwrap(),
+            stdout: client.stdout.take().unwrap(),
+            client,
+            shown: Vec::new(),
+        }
+    }
+
+    /// Reads the terminal until `text` has appeared `n` times in all it showed.
+    async fn until(&mut self, text: &str, n: usize) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while String::from_utf8_lossy(&self.shown).matches(text).count() < n {
+            let got = tokio::time::timeout(Duration::from_secs(10), self.stdout.read(&mut buf))
+                .await
+                .expect("the terminal answers")
+                .unwrap();
+            assert!(got > 0, "{}", String::from_utf8_lossy(&self.shown));
+            self.shown.extend_from_slice(&buf[..got]);
+        }
+    }
+
+    /// Types `line` and Enter, all at once.
+    async fn line(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{line}\r").as_bytes())
+            .await
+            .unwrap();
+    }
+}
+
 /// The command lines the host ran (exec mode) since `offset`.
 fn host_ran(offset: usize) -> Vec<String> {
     host_commands(offset)
@@ -1060,46 +1112,14 @@ async fn kill_9_in_a_shell_leaves_what_was_typed_and_shown_on_record() {
     let mut s = spawned_gateway(person).await;
     let before = host_command_count();
     let marker = format!("kill-shell-{}", vigil_chaos::random_suffix());
-    let mut client = tokio::process::Command::new("ssh")
-        .arg("-F")
-        .arg(&s.config)
-        .args(["-tt", "web"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stdin = client.stdin.take().unwrap();
-    let mut stdout = client.stdout.take().unwrap();
-    let mut shown = Vec::new();
-    let mut buf = [0u8; 4096];
+    let mut shell = PipedShell::start(&s.config);
     // The prompt, then the typed line and what it printed.
-    let read_until = |shown: &Vec<u8>, text: &str, n: usize| {
-        String::from_utf8_lossy(shown).matches(text).count() >= n
-    };
-    while !read_until(&shown, ":~$", 1) {
-        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&shown));
-        shown.extend_from_slice(&buf[..n]);
-    }
-    stdin
-        .write_all(format!("echo {marker}\r").as_bytes())
-        .await
-        .unwrap();
-    while !read_until(&shown, &marker, 2) {
-        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        shown.extend_from_slice(&buf[..n]);
-    }
+    shell.until(":~$", 1).await;
+    shell.line(&format!("echo {marker}")).await;
+    shell.until(&marker, 2).await;
     let records = s.kill_and_verify().await;
-    drop(stdin);
-    let _ = client.wait().await;
+    drop(shell.stdin);
+    let _ = shell.client.wait().await;
     let typed = format!("echo {marker}");
     assert!(
         host_commands(before)
@@ -1784,54 +1804,22 @@ async fn a_password_typed_at_a_prompt_that_hides_it_is_in_no_record() {
     let before = host_command_count();
     let secret = format!("pw-{}", vigil_chaos::random_suffix());
     let marker = format!("done-{}", vigil_chaos::random_suffix());
-    let mut client = tokio::process::Command::new("ssh")
-        .arg("-F")
-        .arg(&config)
-        .args(["-tt", "web"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stdin = client.stdin.take().unwrap();
-    let mut stdout = client.stdout.take().unwrap();
-    let mut shown = Vec::new();
-    // Reads the terminal until `text` has appeared `n` times.
-    let mut until = async |text: &str, n: usize| {
-        let mut buf = [0u8; 4096];
-        while String::from_utf8_lossy(&shown).matches(text).count() < n {
-            let got = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
-                .await
-                .expect("the terminal answers")
-                .unwrap();
-            assert!(got > 0, "{}", String::from_utf8_lossy(&shown));
-            shown.extend_from_slice(&buf[..got]);
-        }
-    };
+    let mut shell = PipedShell::start(&config);
     let prompt_line = "read -s -p 'Password: ' pw; echo \"length ${#pw}\"";
-    until(":~$", 1).await;
-    stdin
-        .write_all(format!("{prompt_line}\r").as_bytes())
-        .await
-        .unwrap();
-    until("Password: ", 2).await; // the echoed line, then the prompt
-    stdin
-        .write_all(format!("{secret}\r").as_bytes())
-        .await
-        .unwrap();
-    until(&format!("length {}", secret.len()), 1).await;
-    stdin
-        .write_all(format!("echo {marker}\r").as_bytes())
-        .await
-        .unwrap();
-    until(&marker, 2).await;
-    stdin.write_all(b"exit\r").await.unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), client.wait())
+    shell.until(":~$", 1).await;
+    shell.line(prompt_line).await;
+    shell.until("Password: ", 2).await; // the echoed line, then the prompt
+    shell.line(&secret).await;
+    shell.until(&format!("length {}", secret.len()), 1).await;
+    shell.line(&format!("echo {marker}")).await;
+    shell.until(&marker, 2).await;
+    shell.line("exit").await;
+    let status = tokio::time::timeout(Duration::from_secs(10), shell.client.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    let terminal = String::from_utf8_lossy(&shown).into_owned();
+    let terminal = String::from_utf8_lossy(&shell.shown).into_owned();
     assert!(
         !terminal.contains(&secret),
         "the host did not echo it: {terminal}"
