@@ -585,3 +585,118 @@ async fn t1a_large_results_are_truncated_with_a_digest_of_the_rest() {
         Some(hex::encode(h.finalize()).as_str())
     );
 }
+
+/// A role's password set through the gateway is in no record: `CREATE ROLE … PASSWORD` on the
+/// simple protocol and `ALTER ROLE … ENCRYPTED PASSWORD` on the extended one are recorded with
+/// `'[redacted]'` in its place (counted as a `secret` in `masked`), while the target gets them
+/// as sent: PostgreSQL's own log shows both ran, and the new password logs in.
+#[tokio::test]
+async fn a_password_set_through_the_gateway_is_in_no_record() {
+    let e = env();
+    let su = direct_superuser("app").await;
+    let suffix = random_suffix();
+    let (admin, admin_pw) = (format!("vt_admin_{suffix}"), format!("Adm1n-{suffix}"));
+    su.batch_execute(&format!(
+        "CREATE ROLE {admin} LOGIN CREATEROLE PASSWORD '{admin_pw}'"
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = dir.path().join("admin-password");
+    std::fs::write(&pw_file, &admin_pw).unwrap();
+    // A connection whose login may create roles, beside the usual one.
+    let extra: &'static str = Box::leak(
+        format!(
+            r#"
+[[postgres.connections]]
+name = "roles"
+host = "{host}"
+port = {port}
+database = "app"
+user = "{admin}"
+password = {{ file = "{pw}" }}
+tls = "disable"
+allow = {{ client_ids = ["agent-reporting"] }}
+"#,
+            host = e.get("VIGIL_PG_HOST"),
+            port = e.get("VIGIL_PG_PORT"),
+            pw = pw_file.display(),
+        )
+        .into_boxed_str(),
+    );
+    let node = TestNode::start(NodeOptions {
+        extra,
+        ..NodeOptions::default()
+    })
+    .await;
+    let (client, conn) = connect_tls(&node.conn_str(&agent_token().await, "roles"))
+        .await
+        .unwrap();
+    let offset = pg_log_len();
+    let role = format!("vt_app_{suffix}");
+    let (first, second) = (format!("Fir5t-{suffix}"), format!("S3cond-{suffix}"));
+    client
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{first}'"))
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("ALTER ROLE {role} WITH ENCRYPTED PASSWORD '{second}'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    let _ = conn.await;
+    // The target got them as sent: its log ran both, and the second password logs in.
+    let ran: Vec<String> = pg_executed("app", offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert!(
+        ran.iter().any(|t| t.contains(&first)) && ran.iter().any(|t| t.contains(&second)),
+        "{ran:?}"
+    );
+    let direct = format!(
+        "host={} port={} user={role} password={second} dbname=app",
+        e.get("VIGIL_PG_HOST"),
+        e.get("VIGIL_PG_PORT")
+    );
+    let (logged_in, task) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
+        .await
+        .expect("the password set through the gateway logs in");
+    drop(logged_in);
+    let _ = task.await;
+
+    let records = node.records_after_sessions(1).await;
+    let requests: Vec<_> = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter_map(|r| Some((r.body.pg_request()?.text.clone(), r.body.masked.clone())))
+        .filter(|(text, _)| text.contains(&role))
+        .collect();
+    let secret = std::collections::BTreeMap::from([("secret".to_string(), 1)]);
+    assert_eq!(
+        requests,
+        [
+            (
+                format!("CREATE ROLE {role} LOGIN PASSWORD '[redacted]'"),
+                secret.clone()
+            ),
+            (
+                format!("ALTER ROLE {role} WITH ENCRYPTED PASSWORD '[redacted]'"),
+                secret
+            ),
+        ]
+    );
+    for path in files_under(&node.files.audit_dir) {
+        let log = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+        assert!(
+            !log.contains(&first) && !log.contains(&second),
+            "a password reached {}",
+            path.display()
+        );
+    }
+    su.batch_execute(&format!("DROP ROLE {role}; DROP ROLE {admin}"))
+        .await
+        .unwrap();
+}

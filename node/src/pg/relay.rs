@@ -23,7 +23,7 @@ use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::BoxStream;
 use crate::core::Refusal;
 use crate::policy::classify::{StatementInfo, StatementKind};
-use crate::policy::masking::{ColumnRule, Counts};
+use crate::policy::masking::{without_credentials, ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
 use messages::Field;
@@ -134,10 +134,16 @@ fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
     }
 }
 
-/// Masks the audit copy of a request (statement text and bind parameters) with the
-/// detectors; the target still gets the original.
+/// Masks the audit copy of a request: credentials out of its statements always (see
+/// [`without_credentials`]), then the statement text and bind parameters with the detectors;
+/// the target still gets the original.
 fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
     let mut counts = Counts::new();
+    let texts =
+        std::iter::once(&mut request.text).chain(request.prepared.iter_mut().map(|p| &mut p.text));
+    for text in texts {
+        take_credentials(text, &mut counts);
+    }
     let masker = &ctx.core.masker;
     if !masker.is_active() {
         return counts;
@@ -157,6 +163,13 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
         }
     }
     counts
+}
+
+/// Takes the credentials out of a statement's audit copy (counted as `secret` values).
+fn take_credentials(text: &mut String, counts: &mut Counts) {
+    if let Some(without) = without_credentials(text, counts) {
+        *text = without;
+    }
 }
 
 /// Who is on the other end, stamped on every record of the session.
@@ -360,7 +373,6 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         in_copy_in: false,
         drop_syncs_until_copy_end: false,
         discarding: None,
-        completed: Vec::new(),
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
     // hands the target half (a queue the target half polls but never waits on, see `queued`)
@@ -1548,10 +1560,6 @@ struct TargetHalf {
     /// client half queues until then never runs. Holds the batch's error until a statement
     /// carries it.
     discarding: Option<Option<PgError>>,
-    /// Response records of statements completed since the last write to the client: recorded
-    /// right after it (in order, before anything else this half does), so that making them is
-    /// not between the target's answer and the client.
-    completed: Vec<Body>,
 }
 
 /// The next expectation the client half has handed over, without registering to be woken for
@@ -1619,14 +1627,6 @@ impl TargetHalf {
                 }
                 out.clear();
             }
-            self.record_completed();
-        }
-    }
-
-    /// Records the response records held since the last write to the client.
-    fn record_completed(&mut self) {
-        for rec in self.completed.drain(..) {
-            self.ctx.core.audit.record(rec);
         }
     }
 
@@ -2126,6 +2126,10 @@ impl TargetHalf {
         // Values echoed in errors and in a failed Parse's text are masked like results.
         let masker = &self.ctx.core.masker;
         let mut request = unit.request;
+        // A statement that failed to parse is recorded here, not at `audit_request`.
+        if let Some(r) = request.as_mut() {
+            take_credentials(&mut r.text, &mut acc.masked);
+        }
         if masker.is_active() {
             if let Some(e) = acc.response.error.as_mut() {
                 if let Cow::Owned(m) = masker.mask(&e.message, None, false, Some(&mut acc.masked)) {
@@ -2163,13 +2167,11 @@ impl TargetHalf {
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
         crate::core::trace::from_record(&unit.span, &rec);
-        self.completed.push(rec);
+        self.ctx.core.audit.record(rec);
     }
 
-    /// Statements still in flight when the session ends get a response record too, after
-    /// those completed and not yet recorded.
+    /// Statements still in flight when the session ends get a response record too.
     fn abandon_pending(&mut self) {
-        self.record_completed();
         while let Ok(p) = self.rx.try_recv() {
             self.queue.push_back(p);
         }
@@ -2182,7 +2184,6 @@ impl TargetHalf {
                 self.complete(unit, false);
             }
         }
-        self.record_completed();
     }
 }
 

@@ -641,7 +641,7 @@ fn connects(r: &ColumnRule, connection: &str) -> bool {
 #[cfg(test)]
 mod corpus;
 mod statement;
-pub use statement::{mask_statement, Unfaithful};
+pub use statement::{mask_statement, without_credentials, Unfaithful};
 
 #[cfg(test)]
 mod tests {

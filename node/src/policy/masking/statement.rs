@@ -28,12 +28,26 @@ impl fmt::Display for Unfaithful {
 /// What stands for a token that holds a detected value but has no inside to mask.
 const PLACEHOLDER: &str = "[redacted]";
 
-/// The statement with detected values masked, token by token (see the module docs).
+/// The statement with its credentials taken out (see [`without_credentials`]) and detected
+/// values masked, token by token (see the module docs).
 pub fn mask_statement(
     masker: &Masker,
     sql: &str,
     counts: &mut Counts,
 ) -> Result<String, Unfaithful> {
+    let without = match credentials_out(sql) {
+        Credentials::None => None,
+        Credentials::Taken(text, n) => {
+            count_secrets(counts, n);
+            Some(text)
+        }
+        Credentials::Unreadable => {
+            return Err(Unfaithful(
+                "the statement mentions a password and cannot be read token by token".into(),
+            ))
+        }
+    };
+    let sql = without.as_deref().unwrap_or(sql);
     if !masker.is_active() {
         return Ok(sql.to_string());
     }
@@ -111,6 +125,162 @@ fn delimited(token: i32, text: &str) -> Option<(&str, &str, &str, &'static [&'st
     None
 }
 
+/// The statement with the credentials it carries taken out of its string constants: the
+/// string after `PASSWORD` (`CREATE ROLE … PASSWORD '…'`, `ALTER USER … ENCRYPTED PASSWORD
+/// '…'`, what psql's `\password` sends, a user mapping's or server's `password` option) becomes
+/// `'[redacted]'`, and so does the password inside a connection string (`password=…`,
+/// `postgresql://user:…@host`: a subscription's `CONNECTION`, `dblink`). `None` when there is
+/// nothing to take out, the common case: a statement that mentions neither `password` nor
+/// `://` is not scanned. Each value taken out counts as a `secret` in `counts`. Made for what
+/// the statement was meant to say: a value hidden on purpose (in a comment, under an escaped
+/// keyword, in a string run as SQL later) is not found.
+pub fn without_credentials(sql: &str, counts: &mut Counts) -> Option<String> {
+    let (without, n) = match credentials_out(sql) {
+        Credentials::None => return None,
+        Credentials::Taken(text, n) => (text, n),
+        // Not readable token by token (an unterminated string): nothing after the word
+        // `password` is kept.
+        Credentials::Unreadable => {
+            let at = find_word(sql, false)?;
+            (format!("{}{PLACEHOLDER}", &sql[..at + 8]), 1)
+        }
+    };
+    count_secrets(counts, n);
+    Some(without)
+}
+
+/// What [`credentials_out`] found.
+enum Credentials {
+    None,
+    /// The statement without them, and how many values were taken out.
+    Taken(String, u64),
+    /// The statement mentions a password and cannot be read token by token.
+    Unreadable,
+}
+
+fn count_secrets(counts: &mut Counts, n: u64) {
+    *counts
+        .entry(super::EntityKind::Secret.label().to_string())
+        .or_default() += n;
+}
+
+/// See [`without_credentials`]. A value taken out keeps its line breaks, so the statement
+/// keeps its lines.
+fn credentials_out(sql: &str) -> Credentials {
+    if find_word(sql, false).is_none() && memchr::memmem::find(sql.as_bytes(), b"://").is_none() {
+        return Credentials::None;
+    }
+    let Ok(tokens) = pg_query::scan_tokens(sql) else {
+        return match find_word(sql, false) {
+            Some(_) => Credentials::Unreadable,
+            None => Credentials::None,
+        };
+    };
+    let mut out = String::with_capacity(sql.len());
+    let (mut at, mut count, mut after_password) = (0, 0, false);
+    for t in &tokens {
+        let (start, end) = (t.start as usize, t.end as usize);
+        let (Some(gap), Some(text)) = (sql.get(at..start), sql.get(start..end)) else {
+            return Credentials::Unreadable;
+        };
+        let string = t.token == Token::Sconst as i32 || t.token == Token::Usconst as i32;
+        let taken = match delimited(t.token, text) {
+            Some((open, inner, close, _)) if string && after_password => {
+                Some(format!("{open}{PLACEHOLDER}{}{close}", line_breaks(inner)))
+            }
+            Some((open, inner, close, _)) if string => {
+                connection_string_without_password(inner).map(|i| format!("{open}{i}{close}"))
+            }
+            _ => None,
+        };
+        out.push_str(gap);
+        match taken {
+            Some(taken) => {
+                out.push_str(&taken);
+                count += 1;
+            }
+            None => out.push_str(text),
+        }
+        at = end;
+        after_password = t.token == Token::Password as i32
+            || ((t.token == Token::Ident as i32 || t.token == Token::Uident as i32)
+                && text.trim_matches('"').eq_ignore_ascii_case("password"));
+    }
+    out.push_str(&sql[at..]);
+    if count == 0 {
+        return Credentials::None;
+    }
+    Credentials::Taken(out, count)
+}
+
+/// The line breaks of `text`, in order.
+fn line_breaks(text: &str) -> String {
+    text.chars().filter(|c| matches!(c, '\n' | '\r')).collect()
+}
+
+/// The inside of a string constant with the password of a libpq connection string taken out:
+/// the value of each `password=` key (plain, or quoted in `''` as it is inside an SQL string)
+/// and the password of a URI's user (`scheme://user:password@host`).
+fn connection_string_without_password(inner: &str) -> Option<String> {
+    let mut out = String::with_capacity(inner.len());
+    let mut rest = inner;
+    let mut taken = false;
+    while let Some(at) = find_word(rest, true) {
+        // `password`, spaces, `=`, spaces: the value starts here.
+        let after = &rest[at + 8..];
+        let value_at = after.len() - after.trim_start().len();
+        let Some(value) = after[value_at..].strip_prefix('=') else {
+            out.push_str(&rest[..at + 8]);
+            rest = after;
+            continue;
+        };
+        let value = value.trim_start();
+        let head = rest.len() - value.len();
+        let len = match value.strip_prefix("''") {
+            // A quoted value: up to the next pair of quotes.
+            Some(quoted) => quoted.find("''").map_or(value.len(), |end| end + 4),
+            None => value.find(char::is_whitespace).unwrap_or(value.len()),
+        };
+        out.push_str(&rest[..head]);
+        out.push_str(PLACEHOLDER);
+        out.push_str(&line_breaks(&value[..len]));
+        rest = &value[len..];
+        taken = true;
+    }
+    out.push_str(rest);
+    // A URI's user information: `://user:password@`.
+    if let Some(scheme) = out.find("://") {
+        let authority = &out[scheme + 3..];
+        let end = authority.find(['/', '?', '#']).unwrap_or(authority.len());
+        if let Some(userinfo) = authority[..end].rfind('@').map(|at| &authority[..at]) {
+            if let Some(colon) = userinfo.find(':') {
+                let from = scheme + 3 + colon + 1;
+                let to = scheme + 3 + userinfo.len();
+                if from < to && &out[from..to] != PLACEHOLDER {
+                    let breaks = line_breaks(&out[from..to]);
+                    out.replace_range(from..to, &format!("{PLACEHOLDER}{breaks}"));
+                    taken = true;
+                }
+            }
+        }
+    }
+    taken.then_some(out)
+}
+
+/// Where the word `password` starts in `text`, in any case; with `alone`, only where it is
+/// not the end of another word.
+fn find_word(text: &str, alone: bool) -> Option<usize> {
+    let bytes = text.as_bytes();
+    memchr::memchr2_iter(b'p', b'P', bytes).find(|&at| {
+        bytes
+            .get(at..at + 8)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"password"))
+            && (!alone
+                || at == 0
+                || !bytes[at - 1].is_ascii_alphanumeric() && bytes[at - 1] != b'_')
+    })
+}
+
 /// Masks each line of `text` on its own: no replacement spans a line break.
 fn by_line(masker: &Masker, text: &str, counts: &mut Counts) -> String {
     text.split_inclusive('\n')
@@ -125,6 +295,75 @@ fn by_line(masker: &Masker, text: &str, counts: &mut Counts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_taken_out_of_statements() {
+        let cases = [
+            (
+                "CREATE ROLE app LOGIN PASSWORD 'S3cret!'",
+                "CREATE ROLE app LOGIN PASSWORD '[redacted]'",
+            ),
+            (
+                "alter user \"app\" with encrypted password E'it''s\\x'",
+                "alter user \"app\" with encrypted password E'[redacted]'",
+            ),
+            (
+                "ALTER USER app PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b'",
+                "ALTER USER app PASSWORD '[redacted]'",
+            ),
+            (
+                "ALTER ROLE app PASSWORD $q$dollar pw$q$ VALID UNTIL '2030-01-01'",
+                "ALTER ROLE app PASSWORD $q$[redacted]$q$ VALID UNTIL '2030-01-01'",
+            ),
+            (
+                "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password 'pw1')",
+                "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password '[redacted]')",
+            ),
+            (
+                "ALTER USER MAPPING FOR app SERVER s OPTIONS (SET \"password\" 'pw2')",
+                "ALTER USER MAPPING FOR app SERVER s OPTIONS (SET \"password\" '[redacted]')",
+            ),
+            (
+                "CREATE SUBSCRIPTION s CONNECTION 'host=db user=rep password=pw3 dbname=x' PUBLICATION p",
+                "CREATE SUBSCRIPTION s CONNECTION 'host=db user=rep password=[redacted] dbname=x' PUBLICATION p",
+            ),
+            (
+                "SELECT dblink_connect('c', 'password = ''pw 4'' host=h')",
+                "SELECT dblink_connect('c', 'password = [redacted] host=h')",
+            ),
+            (
+                "SELECT dblink('postgresql://rep:pw5@db:5432/x', 'select 1')",
+                "SELECT dblink('postgresql://rep:[redacted]@db:5432/x', 'select 1')",
+            ),
+        ];
+        for (sql, want) in cases {
+            let mut counts = Counts::new();
+            let got = without_credentials(sql, &mut counts).unwrap_or_else(|| panic!("{sql}"));
+            assert_eq!(got, want);
+            assert_eq!(counts, Counts::from([("secret".to_string(), 1)]), "{sql}");
+        }
+        // A value over several lines keeps its lines.
+        assert_eq!(
+            without_credentials("ALTER ROLE a PASSWORD 'x\ny'\n;", &mut Counts::new()).as_deref(),
+            Some("ALTER ROLE a PASSWORD '[redacted]\n'\n;")
+        );
+        // Nothing to take out: no copy is made.
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "SELECT password_hash FROM users WHERE id = 1",
+            "SELECT 'https://example.com/a'",
+            "UPDATE users SET password_reset = true",
+            "SELECT 'mypassword=x'",
+        ] {
+            assert_eq!(without_credentials(sql, &mut Counts::new()), None, "{sql}");
+        }
+        // What cannot be read token by token keeps nothing after the word.
+        assert_eq!(
+            without_credentials("ALTER ROLE app PASSWORD 'unterminated", &mut Counts::new())
+                .as_deref(),
+            Some("ALTER ROLE app PASSWORD[redacted]")
+        );
+    }
     use crate::policy::masking::{DetectorRule, MaskingConfig, Method};
 
     fn masker(method: Method) -> Masker {
