@@ -43,7 +43,8 @@ pub fn mask_statement(
         }
         Credentials::Unreadable => {
             return Err(Unfaithful(
-                "the statement mentions a password and cannot be read token by token".into(),
+                "the statement mentions a password or a URI and cannot be read token by token"
+                    .into(),
             ))
         }
     };
@@ -138,11 +139,13 @@ pub fn without_credentials(sql: &str, counts: &mut Counts) -> Option<String> {
     let (without, n) = match credentials_out(sql) {
         Credentials::None => return None,
         Credentials::Taken(text, n) => (text, n),
-        // Not readable token by token (an unterminated string): nothing after the word
-        // `password` is kept.
+        // Not readable token by token (an unterminated string): nothing after the first
+        // word `password` or `://` is kept.
         Credentials::Unreadable => {
-            let at = find_word(sql, false)?;
-            (format!("{}{PLACEHOLDER}", &sql[..at + 8]), 1)
+            let word = find_word(sql, false).map(|at| at + 8);
+            let uri = memchr::memmem::find(sql.as_bytes(), b"://").map(|at| at + 3);
+            let at = word.into_iter().chain(uri).min()?;
+            (format!("{}{PLACEHOLDER}", &sql[..at]), 1)
         }
     };
     count_secrets(counts, n);
@@ -154,7 +157,7 @@ enum Credentials {
     None,
     /// The statement without them, and how many values were taken out.
     Taken(String, u64),
-    /// The statement mentions a password and cannot be read token by token.
+    /// The statement mentions a password or a URI and cannot be read token by token.
     Unreadable,
 }
 
@@ -171,10 +174,7 @@ fn credentials_out(sql: &str) -> Credentials {
         return Credentials::None;
     }
     let Ok(tokens) = pg_query::scan_tokens(sql) else {
-        return match find_word(sql, false) {
-            Some(_) => Credentials::Unreadable,
-            None => Credentials::None,
-        };
+        return Credentials::Unreadable;
     };
     let mut out = String::with_capacity(sql.len());
     let (mut at, mut count, mut after_password) = (0, 0, false);
@@ -357,7 +357,15 @@ mod tests {
         ] {
             assert_eq!(without_credentials(sql, &mut Counts::new()), None, "{sql}");
         }
-        // What cannot be read token by token keeps nothing after the word.
+        // What cannot be read token by token keeps nothing after the first word or URI.
+        assert_eq!(
+            without_credentials(
+                "SELECT dblink('postgresql://u:pw@h/d', 'x) PASSWORD y",
+                &mut Counts::new()
+            )
+            .as_deref(),
+            Some("SELECT dblink('postgresql://[redacted]")
+        );
         assert_eq!(
             without_credentials("ALTER ROLE app PASSWORD 'unterminated", &mut Counts::new())
                 .as_deref(),
