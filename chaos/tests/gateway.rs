@@ -589,7 +589,9 @@ async fn t1a_large_results_are_truncated_with_a_digest_of_the_rest() {
 /// A role's password set through the gateway is in no record: `CREATE ROLE … PASSWORD` on the
 /// simple protocol and `ALTER ROLE … ENCRYPTED PASSWORD` on the extended one are recorded with
 /// `'[redacted]'` in its place (counted as a `secret` in `masked`), while the target gets them
-/// as sent: PostgreSQL's own log shows both ran, and the new password logs in.
+/// as sent: PostgreSQL's own log shows both ran, and the new password logs in. A password
+/// given without quotes (a syntax error) is taken out of the statement and of the target's
+/// error, which quotes it.
 #[tokio::test]
 async fn a_password_set_through_the_gateway_is_in_no_record() {
     let e = env();
@@ -646,6 +648,17 @@ allow = {{ client_ids = ["agent-reporting"] }}
         )
         .await
         .unwrap();
+    // Without quotes: a syntax error, whose message quotes the password.
+    let third = format!("th1rd_{suffix}");
+    let refused = client
+        .batch_execute(&format!("ALTER ROLE {role} PASSWORD {third}"))
+        .await
+        .expect_err("a syntax error");
+    let said = refused.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        said.as_deref().is_some_and(|m| m.contains(&third)),
+        "{refused}"
+    );
     drop(client);
     let _ = conn.await;
     // The target got them as sent: its log ran both, and the second password logs in.
@@ -684,14 +697,35 @@ allow = {{ client_ids = ["agent-reporting"] }}
             ),
             (
                 format!("ALTER ROLE {role} WITH ENCRYPTED PASSWORD '[redacted]'"),
-                secret
+                secret.clone()
+            ),
+            (
+                format!("ALTER ROLE {role} PASSWORD [redacted]"),
+                secret.clone()
             ),
         ]
+    );
+    // The target's error about it, on record without it.
+    let errors: Vec<_> = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter_map(|r| {
+            Some((
+                r.body.pg_response()?.error.clone()?.message,
+                r.body.masked.clone(),
+            ))
+        })
+        .collect();
+    assert!(
+        errors.contains(&(
+            r#"syntax error at or near "[redacted]""#.to_string(),
+            secret
+        )),
+        "{errors:?}"
     );
     for path in files_under(&node.files.audit_dir) {
         let log = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
         assert!(
-            !log.contains(&first) && !log.contains(&second),
+            !log.contains(&first) && !log.contains(&second) && !log.contains(&third),
             "a password reached {}",
             path.display()
         );

@@ -23,7 +23,7 @@ use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::BoxStream;
 use crate::core::Refusal;
 use crate::policy::classify::{StatementInfo, StatementKind};
-use crate::policy::masking::{without_credentials, ColumnRule, Counts};
+use crate::policy::masking::{scrub_values, without_credentials, ColumnRule, Counts};
 use crate::policy::{Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
 use messages::Field;
@@ -137,12 +137,13 @@ fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
 /// Masks the audit copy of a request: credentials out of its statements always (see
 /// [`without_credentials`]), then the statement text and bind parameters with the detectors;
 /// the target still gets the original.
-fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
+/// The values taken out go to `secrets` (see [`take_credentials`]).
+fn mask_request(ctx: &PgContext, request: &mut PgRequest, secrets: &mut Vec<String>) -> Counts {
     let mut counts = Counts::new();
     let texts =
         std::iter::once(&mut request.text).chain(request.prepared.iter_mut().map(|p| &mut p.text));
     for text in texts {
-        take_credentials(text, &mut counts);
+        take_credentials(text, &mut counts, secrets);
     }
     let masker = &ctx.core.masker;
     if !masker.is_active() {
@@ -165,10 +166,12 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest) -> Counts {
     counts
 }
 
-/// Takes the credentials out of a statement's audit copy (counted as `secret` values).
-fn take_credentials(text: &mut String, counts: &mut Counts) {
-    if let Some(without) = without_credentials(text, counts) {
-        *text = without;
+/// Takes the credentials out of a statement's audit copy (counted as `secret` values); the
+/// values go to `secrets`, to be taken out of the target's error about the statement too.
+fn take_credentials(text: &mut String, counts: &mut Counts, secrets: &mut Vec<String>) {
+    if let Some(taken) = without_credentials(text, counts) {
+        *text = taken.text;
+        secrets.extend(taken.values);
     }
 }
 
@@ -237,6 +240,8 @@ struct Unit {
     /// `per_statement[i]` once the target completed its i-th statement.
     always: Vec<Op>,
     per_statement: Vec<Vec<Op>>,
+    /// Credentials taken out of its request record, taken out of the target's error too.
+    secrets: Vec<String>,
 }
 
 impl Unit {
@@ -249,6 +254,7 @@ impl Unit {
             portal: None,
             always: Vec::new(),
             per_statement: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 }
@@ -1298,10 +1304,9 @@ impl ClientHalf {
         self.skip_until_sync = true;
     }
 
-    /// Refuses a statement the policy blocks: a `blocked` record, then ErrorResponse 42501
-    /// (and ReadyForQuery if `ready`). The session continues.
-    fn mask_request(&self, request: &mut PgRequest) -> Counts {
-        mask_request(&self.ctx, request)
+    /// The audit copy of a request (see [`mask_request`]).
+    fn mask_request(&self, request: &mut PgRequest, secrets: &mut Vec<String>) -> Counts {
+        mask_request(&self.ctx, request, secrets)
     }
 
     fn block(&mut self, request: PgRequest, decision: &Decision, simple: bool, out: &mut BytesMut) {
@@ -1338,7 +1343,7 @@ impl ClientHalf {
             _ => message.clone(),
         };
         let stmt = self.next_stmt();
-        let masked = self.mask_request(&mut request);
+        let masked = self.mask_request(&mut request, &mut Vec::new());
         let mut rec = self.session.body(&self.ctx.core.audit, Kind::Blocked);
         rec.stmt = Some(stmt);
         rec.request = Some(Request::Postgres(request));
@@ -1364,7 +1369,8 @@ impl ClientHalf {
         let stmt = self.next_stmt();
         let mut rec = self.session.body(&self.ctx.core.audit, Kind::Request);
         rec.stmt = Some(stmt);
-        rec.masked = self.mask_request(&mut request);
+        let mut secrets = Vec::new();
+        rec.masked = self.mask_request(&mut request, &mut secrets);
         rec.request = Some(Request::Postgres(request));
         rec.approval = approval;
         if let Some((policy, note)) = decided {
@@ -1373,7 +1379,8 @@ impl ClientHalf {
         }
         match self.ctx.core.audit.append(&rec).await {
             Ok(()) => {
-                let unit = Unit::new(&self.session, stmt);
+                let mut unit = Unit::new(&self.session, stmt);
+                unit.secrets = secrets;
                 crate::core::trace::from_record(&unit.span, &rec);
                 Ok(unit)
             }
@@ -2126,9 +2133,14 @@ impl TargetHalf {
         // Values echoed in errors and in a failed Parse's text are masked like results.
         let masker = &self.ctx.core.masker;
         let mut request = unit.request;
+        let mut secrets = unit.secrets;
         // A statement that failed to parse is recorded here, not at `audit_request`.
         if let Some(r) = request.as_mut() {
-            take_credentials(&mut r.text, &mut acc.masked);
+            take_credentials(&mut r.text, &mut acc.masked, &mut secrets);
+        }
+        // The target's error may quote the statement (`syntax error at or near "…"`).
+        if let Some(e) = acc.response.error.as_mut() {
+            scrub_values(&mut e.message, &secrets, &mut acc.masked);
         }
         if masker.is_active() {
             if let Some(e) = acc.response.error.as_mut() {

@@ -641,7 +641,7 @@ fn connects(r: &ColumnRule, connection: &str) -> bool {
 #[cfg(test)]
 mod corpus;
 mod statement;
-pub use statement::{mask_statement, without_credentials, Unfaithful};
+pub use statement::{mask_statement, scrub_values, without_credentials, Taken, Unfaithful};
 
 #[cfg(test)]
 mod tests {

@@ -37,9 +37,9 @@ pub fn mask_statement(
 ) -> Result<String, Unfaithful> {
     let without = match credentials_out(sql) {
         Credentials::None => None,
-        Credentials::Taken(text, n) => {
-            count_secrets(counts, n);
-            Some(text)
+        Credentials::Taken(taken) => {
+            count_secrets(counts, taken.values.len() as u64);
+            Some(taken.text)
         }
         Credentials::Unreadable => {
             return Err(Unfaithful(
@@ -135,28 +135,52 @@ fn delimited(token: i32, text: &str) -> Option<(&str, &str, &str, &'static [&'st
 /// `://` is not scanned. Each value taken out counts as a `secret` in `counts`. Made for what
 /// the statement was meant to say: a value hidden on purpose (in a comment, under an escaped
 /// keyword, in a string run as SQL later) is not found.
-pub fn without_credentials(sql: &str, counts: &mut Counts) -> Option<String> {
-    let (without, n) = match credentials_out(sql) {
+pub fn without_credentials(sql: &str, counts: &mut Counts) -> Option<Taken> {
+    let taken = match credentials_out(sql) {
         Credentials::None => return None,
-        Credentials::Taken(text, n) => (text, n),
+        Credentials::Taken(taken) => taken,
         // Not readable token by token (an unterminated string): nothing after the first
         // word `password` or `://` is kept.
         Credentials::Unreadable => {
             let word = find_word(sql, false).map(|at| at + 8);
             let uri = memchr::memmem::find(sql.as_bytes(), b"://").map(|at| at + 3);
             let at = word.into_iter().chain(uri).min()?;
-            (format!("{}{PLACEHOLDER}", &sql[..at]), 1)
+            Taken {
+                text: format!("{}{PLACEHOLDER}", &sql[..at]),
+                values: vec![sql[at..].to_string()],
+            }
         }
     };
-    count_secrets(counts, n);
-    Some(without)
+    count_secrets(counts, taken.values.len() as u64);
+    Some(taken)
+}
+
+/// A statement with its credentials taken out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// The statement without them.
+    pub text: String,
+    /// The values taken out, as written in the statement (to take them out of what the
+    /// target answers too: an error quoting the statement).
+    pub values: Vec<String>,
+}
+
+/// Each of `values` taken out of `text` (an error message that quotes a statement), counted
+/// as `secret` values.
+pub fn scrub_values(text: &mut String, values: &[String], counts: &mut Counts) {
+    for value in values.iter().filter(|v| !v.is_empty()) {
+        let n = text.matches(value.as_str()).count();
+        if n > 0 {
+            *text = text.replace(value.as_str(), PLACEHOLDER);
+            count_secrets(counts, n as u64);
+        }
+    }
 }
 
 /// What [`credentials_out`] found.
 enum Credentials {
     None,
-    /// The statement without them, and how many values were taken out.
-    Taken(String, u64),
+    Taken(Taken),
     /// The statement mentions a password or a URI and cannot be read token by token.
     Unreadable,
 }
@@ -177,40 +201,49 @@ fn credentials_out(sql: &str) -> Credentials {
         return Credentials::Unreadable;
     };
     let mut out = String::with_capacity(sql.len());
-    let (mut at, mut count, mut after_password) = (0, 0, false);
+    let (mut at, mut values, mut after_password) = (0, Vec::new(), false);
     for t in &tokens {
         let (start, end) = (t.start as usize, t.end as usize);
         let (Some(gap), Some(text)) = (sql.get(at..start), sql.get(start..end)) else {
             return Credentials::Unreadable;
         };
         let string = t.token == Token::Sconst as i32 || t.token == Token::Usconst as i32;
+        let comment = t.token == Token::SqlComment as i32 || t.token == Token::CComment as i32;
         let taken = match delimited(t.token, text) {
             Some((open, inner, close, _)) if string && after_password => {
+                values.push(inner.to_string());
                 Some(format!("{open}{PLACEHOLDER}{}{close}", line_breaks(inner)))
             }
             Some((open, inner, close, _)) if string => {
-                connection_string_without_password(inner).map(|i| format!("{open}{i}{close}"))
+                connection_string_without_password(inner, &mut values)
+                    .map(|i| format!("{open}{i}{close}"))
+            }
+            // A password without quotes (a syntax error, which the target's answer quotes):
+            // a name or a number, whole. (A keyword is left: `SELECT password FROM t`.)
+            _ if after_password
+                && [Token::Ident, Token::Uident, Token::Iconst, Token::Fconst]
+                    .iter()
+                    .any(|k| *k as i32 == t.token) =>
+            {
+                values.push(text.to_string());
+                Some(format!("{PLACEHOLDER}{}", line_breaks(text)))
             }
             _ => None,
         };
         out.push_str(gap);
-        match taken {
-            Some(taken) => {
-                out.push_str(&taken);
-                count += 1;
-            }
-            None => out.push_str(text),
-        }
+        out.push_str(taken.as_deref().unwrap_or(text));
         at = end;
-        after_password = t.token == Token::Password as i32
-            || ((t.token == Token::Ident as i32 || t.token == Token::Uident as i32)
-                && text.trim_matches('"').eq_ignore_ascii_case("password"));
+        if !comment {
+            after_password = t.token == Token::Password as i32
+                || ((t.token == Token::Ident as i32 || t.token == Token::Uident as i32)
+                    && text.trim_matches('"').eq_ignore_ascii_case("password"));
+        }
     }
     out.push_str(&sql[at..]);
-    if count == 0 {
+    if values.is_empty() {
         return Credentials::None;
     }
-    Credentials::Taken(out, count)
+    Credentials::Taken(Taken { text: out, values })
 }
 
 /// The line breaks of `text`, in order.
@@ -221,7 +254,7 @@ fn line_breaks(text: &str) -> String {
 /// The inside of a string constant with the password of a libpq connection string taken out:
 /// the value of each `password=` key (plain, or quoted in `''` as it is inside an SQL string)
 /// and the password of a URI's user (`scheme://user:password@host`).
-fn connection_string_without_password(inner: &str) -> Option<String> {
+fn connection_string_without_password(inner: &str, values: &mut Vec<String>) -> Option<String> {
     let mut out = String::with_capacity(inner.len());
     let mut rest = inner;
     let mut taken = false;
@@ -244,6 +277,7 @@ fn connection_string_without_password(inner: &str) -> Option<String> {
         out.push_str(&rest[..head]);
         out.push_str(PLACEHOLDER);
         out.push_str(&line_breaks(&value[..len]));
+        values.push(value[..len].to_string());
         rest = &value[len..];
         taken = true;
     }
@@ -257,6 +291,7 @@ fn connection_string_without_password(inner: &str) -> Option<String> {
                 let from = scheme + 3 + colon + 1;
                 let to = scheme + 3 + userinfo.len();
                 if from < to && &out[from..to] != PLACEHOLDER {
+                    values.push(out[from..to].to_string());
                     let breaks = line_breaks(&out[from..to]);
                     out.replace_range(from..to, &format!("{PLACEHOLDER}{breaks}"));
                     taken = true;
@@ -339,14 +374,32 @@ mod tests {
         for (sql, want) in cases {
             let mut counts = Counts::new();
             let got = without_credentials(sql, &mut counts).unwrap_or_else(|| panic!("{sql}"));
-            assert_eq!(got, want);
+            assert_eq!(got.text, want);
             assert_eq!(counts, Counts::from([("secret".to_string(), 1)]), "{sql}");
         }
         // A value over several lines keeps its lines.
         assert_eq!(
-            without_credentials("ALTER ROLE a PASSWORD 'x\ny'\n;", &mut Counts::new()).as_deref(),
+            without_credentials("ALTER ROLE a PASSWORD 'x\ny'\n;", &mut Counts::new())
+                .map(|t| t.text)
+                .as_deref(),
             Some("ALTER ROLE a PASSWORD '[redacted]\n'\n;")
         );
+        // Without quotes (a syntax error), after a comment, and what the target's error says.
+        let mut counts = Counts::new();
+        let taken =
+            without_credentials("ALTER ROLE a PASSWORD /* c */ hunter2;", &mut counts).unwrap();
+        assert_eq!(taken.text, "ALTER ROLE a PASSWORD /* c */ [redacted];");
+        let mut error = r#"syntax error at or near "hunter2""#.to_string();
+        scrub_values(&mut error, &taken.values, &mut counts);
+        assert_eq!(error, r#"syntax error at or near "[redacted]""#);
+        assert_eq!(counts, Counts::from([("secret".to_string(), 2)]));
+        for sql in [
+            "ALTER ROLE a PASSWORD NULL",
+            "SELECT password FROM users",
+            "SELECT name FROM users WHERE password <> crypt('x', salt)",
+        ] {
+            assert_eq!(without_credentials(sql, &mut Counts::new()), None, "{sql}");
+        }
         // Nothing to take out: no copy is made.
         for sql in [
             "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
@@ -363,11 +416,13 @@ mod tests {
                 "SELECT dblink('postgresql://u:pw@h/d', 'x) PASSWORD y",
                 &mut Counts::new()
             )
+            .map(|t| t.text)
             .as_deref(),
             Some("SELECT dblink('postgresql://[redacted]")
         );
         assert_eq!(
             without_credentials("ALTER ROLE app PASSWORD 'unterminated", &mut Counts::new())
+                .map(|t| t.text)
                 .as_deref(),
             Some("ALTER ROLE app PASSWORD[redacted]")
         );
