@@ -217,15 +217,7 @@ impl Echoes {
         self.line_start = self
             .line_start
             .max(self.shown.len().saturating_sub(ECHO_WINDOW));
-        let mut decided = self.decide();
-        // Too much shown without a line's text: it was not echoed.
-        for w in self.watched.iter_mut() {
-            if w.echoed.is_none() && self.shown.len() - w.start > ECHO_WINDOW {
-                w.echoed = Some(false);
-            }
-        }
-        decided.extend(self.decide());
-        decided
+        self.decide()
     }
 
     /// The user typed on: a line ended before, after which the host showed something but
@@ -248,8 +240,9 @@ impl Echoes {
         self.decide()
     }
 
-    /// Looks for the text of each line still waiting, and hands over the lines decided from
-    /// the front.
+    /// Looks for the text of each line still waiting (one with more than `ECHO_WINDOW` bytes
+    /// shown since it began and not its text was not echoed), and hands over the lines decided
+    /// from the front.
     fn decide(&mut self) -> Vec<Decided> {
         let shown = &self.shown;
         for w in self.watched.iter_mut().filter(|w| w.echoed.is_none()) {
@@ -261,6 +254,9 @@ impl Echoes {
                 .max(w.start);
             if memchr::memmem::find(&shown[from..], text).is_some() {
                 w.echoed = Some(true);
+            } else if shown.len() - w.start > ECHO_WINDOW {
+                // Too much shown without the line's text: it was not echoed.
+                w.echoed = Some(false);
             }
             w.searched = shown.len();
         }
