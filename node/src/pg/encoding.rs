@@ -1,4 +1,5 @@
-//! The client encoding between the gateway and its targets is fixed: UTF-8.
+//! How the target reads statement text is fixed: client encoding UTF-8, standard-conforming
+//! string literals.
 //!
 //! Guardrails and audit records read statement text as UTF-8. A target that read the same
 //! bytes in another client encoding could disagree with the gateway on where a string literal
@@ -18,15 +19,34 @@
 //! Everything else is refused at startup, `auto` included (libpq resolves `auto` from the locale
 //! before it connects; PostgreSQL itself rejects the literal value).
 //!
-//! What this does not guarantee: a statement can change `client_encoding` after startup (`SET`,
-//! `SET NAMES`, `RESET`, `set_config`). Refusing those is the policy's job; the target's
-//! ParameterStatus report ([`check_parameter_status`]) is the backstop that ends the session,
-//! but statements the client pipelined behind the change have already been forwarded by then.
+//! `standard_conforming_strings` is the other setting that decides what a statement is: when
+//! it is off, a backslash in a plain `'…'` literal escapes the next character, so
+//! `SELECT 'a\''; DELETE …; --'` is one string to the gateway's parser (which reads literals as
+//! standard) and a `SELECT` and a `DELETE` to PostgreSQL. The gateway logs in with it `on` (a
+//! startup parameter outranks a role's or a database's setting, and `RESET` returns to it) and
+//! refuses any other value a client asks for.
+//!
+//! A statement can still change either setting after startup: `SET` and `set_config` with
+//! constants are refused by the gateway before they run (`policy::classify`); code the server
+//! runs on its own account (a function, a trigger, a `DO` block) is not visible. The target's
+//! ParameterStatus report ([`check_parameter_status`]) ends the session when either setting
+//! changes; it comes before the ReadyForQuery that ends the statement that changed it. Only a
+//! backslash can make the two readings differ (a trail byte of those encodings is never a
+//! quote, `$`, `-`, `/`, `*` or a line break, and standard strings differ from the others only
+//! in backslashes), so a statement that holds one ([`read_by_settings`]) goes to the target only
+//! once everything before it has been answered, the settings it will be read with reported.
 
 use super::messages::Malformed;
 
 /// What the gateway sends the target as `client_encoding`, and the only value it accepts back.
 pub const TARGET_ENCODING: &str = "UTF8";
+
+/// The settings that decide how the target reads statement text, as every target session is
+/// opened with them and must keep them.
+pub const TARGET_SETTINGS: [(&str, &str); 2] = [
+    ("client_encoding", TARGET_ENCODING),
+    ("standard_conforming_strings", "on"),
+];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EncodingError {
@@ -36,9 +56,21 @@ pub enum EncodingError {
          (connect with client_encoding UTF8)"
     )]
     Refused(String),
+    /// A client asked for string literals that are not standard.
+    #[error(
+        "standard_conforming_strings {0:?} is not supported by this gateway: it reads string \
+         literals as standard (on) only"
+    )]
+    StringsRefused(String),
     /// The target says the session's encoding is no longer UTF-8.
     #[error("the target reports client_encoding {0:?}; this gateway relays UTF8 sessions only")]
     TargetNotUtf8(String),
+    /// The target says string literals are no longer standard.
+    #[error(
+        "the target reports standard_conforming_strings {0:?}; this gateway reads string \
+         literals as standard (on) only"
+    )]
+    TargetNotStandard(String),
     #[error(transparent)]
     Malformed(#[from] Malformed),
 }
@@ -63,6 +95,20 @@ pub fn is_utf8_name(name: &str) -> bool {
     canonical(name).is_some_and(|n| n == "utf8" || n == "unicode")
 }
 
+/// Whether a boolean setting's value means `on` to PostgreSQL (`parse_bool`: `on`, `true`,
+/// `yes`, `1` and the unambiguous prefixes of `true` and `yes`, in any case).
+pub fn is_on(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    v == "on" || v == "1" || (!v.is_empty() && ("true".starts_with(&v) || "yes".starts_with(&v)))
+}
+
+/// Whether `name` is one of [`TARGET_SETTINGS`] (PostgreSQL reads setting names in any case).
+pub fn is_target_setting(name: &str) -> bool {
+    TARGET_SETTINGS
+        .iter()
+        .any(|(setting, _)| name.eq_ignore_ascii_case(setting))
+}
+
 /// Checks the `client_encoding` a client asked for at startup (a startup parameter or a setting
 /// in `options`): UTF-8 or SQL_ASCII. The value is never forwarded: the target always gets
 /// [`TARGET_ENCODING`].
@@ -74,15 +120,38 @@ pub fn check_client_request(name: &str) -> Result<(), EncodingError> {
     }
 }
 
+/// Checks a setting a client asked for at startup: `client_encoding` as
+/// [`check_client_request`] does, `standard_conforming_strings` must be on; others pass. Neither
+/// is forwarded: the target always gets [`TARGET_SETTINGS`].
+pub fn check_client_setting(name: &str, value: &str) -> Result<(), EncodingError> {
+    if name.eq_ignore_ascii_case("client_encoding") {
+        check_client_request(value)
+    } else if name.eq_ignore_ascii_case("standard_conforming_strings") && !is_on(value) {
+        Err(EncodingError::StringsRefused(value.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
 /// Checks the body of a ParameterStatus message from a target: an error when it reports
-/// `client_encoding` as anything but UTF-8 (the session can then no longer be decided
-/// correctly and must end), or when the message is malformed. Other parameters pass.
+/// `client_encoding` as anything but UTF-8 or `standard_conforming_strings` as anything but
+/// `on` (the session can then no longer be decided correctly and must end), or when the
+/// message is malformed. Other parameters pass.
 pub fn check_parameter_status(body: &[u8]) -> Result<(), EncodingError> {
     let (name, value) = super::messages::parse_parameter_status(body)?;
     if name.eq_ignore_ascii_case("client_encoding") && !is_utf8_name(value) {
         return Err(EncodingError::TargetNotUtf8(value.to_string()));
     }
+    if name.eq_ignore_ascii_case("standard_conforming_strings") && value != "on" {
+        return Err(EncodingError::TargetNotStandard(value.to_string()));
+    }
     Ok(())
+}
+
+/// Whether a statement text could be read differently under another client encoding or with
+/// strings that are not standard: whether it holds a backslash.
+pub fn read_by_settings(text: &str) -> bool {
+    memchr::memchr(b'\\', text.as_bytes()).is_some()
 }
 
 #[cfg(test)]
@@ -162,6 +231,53 @@ mod tests {
 
     fn status(name: &str, value: &str) -> Vec<u8> {
         format!("{name}\0{value}\0").into_bytes()
+    }
+
+    #[test]
+    fn string_literals_must_stay_standard() {
+        for on in ["on", "ON", "true", "t", "TRU", "yes", "y", "1"] {
+            assert!(is_on(on), "{on}");
+            assert_eq!(
+                check_client_setting("standard_conforming_strings", on),
+                Ok(())
+            );
+        }
+        for off in [
+            "off", "of", "o", "false", "f", "no", "0", "", "onn", "2", "yess",
+        ] {
+            assert!(!is_on(off), "{off}");
+            assert_eq!(
+                check_client_setting("Standard_Conforming_Strings", off),
+                Err(EncodingError::StringsRefused(off.into())),
+                "{off}"
+            );
+        }
+        assert_eq!(check_client_setting("client_encoding", "UTF8"), Ok(()));
+        assert_eq!(
+            check_client_setting("CLIENT_ENCODING", "GBK"),
+            Err(EncodingError::Refused("GBK".into()))
+        );
+        assert_eq!(check_client_setting("search_path", "off"), Ok(()));
+        assert!(is_target_setting("STANDARD_CONFORMING_STRINGS"));
+        assert!(!is_target_setting("escape_string_warning"));
+        assert_eq!(
+            check_parameter_status(&status("standard_conforming_strings", "on")),
+            Ok(())
+        );
+        for value in ["off", "On", ""] {
+            assert_eq!(
+                check_parameter_status(&status("standard_conforming_strings", value)),
+                Err(EncodingError::TargetNotStandard(value.into())),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_backslashes_depend_on_the_settings() {
+        assert!(read_by_settings(r"SELECT 'a\''; DELETE FROM t; --'"));
+        assert!(read_by_settings(r"SELECT E'丁\''"));
+        assert!(!read_by_settings("SELECT '丁''', $$ x $$ -- é"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::backend::{Backend, MAX_BACKEND_FRAME};
 use super::binding::{self, Binding, Settings};
 use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame};
-use super::encoding::EncodingError;
+use super::encoding::{self, EncodingError};
 use super::messages::{self, display_value};
 use super::refusal::sql_error;
 use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
@@ -408,7 +408,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         .await
     };
     match &end {
-        End::ClientProtocol(_) | End::TargetProtocol(_) | End::EncodingChanged(_) => {
+        End::ClientProtocol(_) | End::TargetProtocol(_) | End::ReadingChanged(_) => {
             let message = match &end {
                 End::ClientProtocol(m) => m.clone(),
                 // What was wrong is in the session_end record and the node's log.
@@ -452,7 +452,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         End::TargetClosed
         | End::ClientProtocol(_)
         | End::TargetProtocol(_)
-        | End::EncodingChanged(_)
+        | End::ReadingChanged(_)
         | End::NodeShutdown => Outcome::Error,
         End::TokenExpired => Outcome::Denied,
     });
@@ -468,8 +468,9 @@ enum End {
     TargetClosed,
     ClientProtocol(String),
     TargetProtocol(String),
-    /// The target switched the session to a client encoding other than UTF-8.
-    EncodingChanged(String),
+    /// The target reports a setting that changes how it reads statements: a client encoding
+    /// other than UTF-8, or strings that are not standard.
+    ReadingChanged(EncodingError),
     /// The session's token expired (`identity.session_expiry = "token"`).
     TokenExpired,
     /// The node drained and the drain deadline passed.
@@ -484,10 +485,7 @@ impl std::fmt::Display for End {
             End::TargetClosed => f.write_str("target closed the connection"),
             End::ClientProtocol(e) => write!(f, "client protocol violation: {e}"),
             End::TargetProtocol(e) => write!(f, "target protocol violation: {e}"),
-            End::EncodingChanged(e) => write!(
-                f,
-                "the target switched client_encoding to {e:?}; the gateway only reads UTF-8"
-            ),
+            End::ReadingChanged(e) => e.fmt(f),
             End::TokenExpired => f.write_str("token expired"),
             End::NodeShutdown => f.write_str("the gateway node shut down (drain deadline)"),
         }
@@ -668,7 +666,7 @@ impl ClientHalf {
         let body = frame.body();
         match frame.tag {
             b'Q' => self.on_query(frame, &body, out).await,
-            b'P' => self.on_parse(frame, &body, out),
+            b'P' => self.on_parse(frame, &body, out).await,
             b'B' => self.on_bind(frame, &body, out).await,
             b'E' => self.on_execute(frame, &body, out).await,
             b'D' => {
@@ -742,7 +740,10 @@ impl ClientHalf {
         let text = messages::parse_query(body)?;
         let class = self.classify(text);
         let resolved = self.resolve(text, &class, out).await?;
-        let decision = self.decide(&class, &resolved);
+        let decision = match self.settle_reading(text, out).await? {
+            Some(refusal) => refusal,
+            None => self.decide(&class, &resolved),
+        };
         let request = PgRequest {
             mode: "simple".into(),
             text: text.to_string(),
@@ -816,12 +817,20 @@ impl ClientHalf {
         Ok(())
     }
 
-    fn on_parse(&mut self, frame: &Frame, body: &[u8], out: &mut BytesMut) -> Result<(), Halt> {
+    async fn on_parse(
+        &mut self,
+        frame: &Frame,
+        body: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Halt> {
         let (name, query, param_types) = messages::parse_parse(body)?;
         let class = self.classify(query);
         // Decided as written; a statement that runs others by name (`EXECUTE name`) is
         // decided again at each Execute, on what the names hold then.
-        let decision = self.decide(&class, &Resolved::default());
+        let decision = match self.settle_reading(query, out).await? {
+            Some(refusal) => refusal,
+            None => self.decide(&class, &Resolved::default()),
+        };
         if decision.blocks() && decision.action != Action::RequireApproval {
             // A blocked statement is never prepared.
             let request = PgRequest {
@@ -1109,6 +1118,29 @@ impl ClientHalf {
         Ok(())
     }
 
+    /// Before a statement the target could read otherwise under other settings
+    /// ([`encoding::read_by_settings`]) goes out: waits until the target has answered every
+    /// earlier sync point, so that a change of those settings by anything before it has been
+    /// reported (and has ended the session). `Some`: the refusal, when a statement of its own
+    /// batch ran before it (the target reports settings only at the batch's Sync).
+    async fn settle_reading(
+        &mut self,
+        text: &str,
+        out: &mut BytesMut,
+    ) -> Result<Option<Decision>, Halt> {
+        if !encoding::read_by_settings(text) {
+            return Ok(None);
+        }
+        if self.ran_in_batch {
+            return Ok(Some(gateway_block(
+                "statement-reading",
+                "a statement with a backslash cannot follow another statement of the same batch: the target may read it under settings that statement changed, and reports them only at Sync (send a Sync before it)",
+            )));
+        }
+        self.catch_up(out).await?;
+        Ok(None)
+    }
+
     /// The prepared statement `name` as the target holds it when this message runs.
     async fn statement(
         &mut self,
@@ -1215,13 +1247,15 @@ impl ClientHalf {
                     "the gateway cannot tell what prepared statement {name:?} holds, so it does not run it"
                 ));
         }
-        // Whatever the policy: the gateway reads every message as UTF-8, so a statement that
-        // may switch the session to another encoding never runs.
-        if class
-            .as_ref()
-            .is_ok_and(|stmts| stmts.iter().any(StatementInfo::leaves_utf8))
-        {
-            return gateway_block("client-encoding", "this gateway relays UTF8 sessions only; client_encoding cannot be changed to another encoding");
+        // Whatever the policy: the gateway reads every message as UTF-8 with standard strings,
+        // so a statement that may make the target read them otherwise never runs.
+        if let Ok(stmts) = class {
+            if stmts.iter().any(StatementInfo::leaves_utf8) {
+                return gateway_block("client-encoding", "this gateway relays UTF8 sessions only; client_encoding cannot be changed to another encoding");
+            }
+            if stmts.iter().any(StatementInfo::leaves_standard_strings) {
+                return gateway_block("standard-conforming-strings", "this gateway reads string literals as standard only; standard_conforming_strings cannot be turned off");
+            }
         }
         if !self.ctx.policy.governs(connection, self.session.read_only) {
             return self.ctx.policy.ungoverned();
@@ -1873,11 +1907,13 @@ impl TargetHalf {
     }
 
     fn on_parameter_status(&mut self, body: &[u8]) -> Result<(), End> {
-        // The gateway reads every client message as UTF-8; once the target reads them
-        // otherwise, it can no longer tell what runs.
+        // The gateway reads every client message as UTF-8 with standard strings; once the
+        // target reads them otherwise, it can no longer tell what runs.
         match super::encoding::check_parameter_status(body) {
             Ok(()) => {}
-            Err(EncodingError::TargetNotUtf8(e)) => return Err(End::EncodingChanged(e)),
+            Err(e @ (EncodingError::TargetNotUtf8(_) | EncodingError::TargetNotStandard(_))) => {
+                return Err(End::ReadingChanged(e))
+            }
             Err(e) => return Err(End::TargetProtocol(e.to_string())),
         }
         if let Ok(("application_name", value)) = messages::parse_parameter_status(body) {

@@ -418,8 +418,9 @@ fn welcome(parameters: &[Bytes], key: (i32, i32)) -> BytesMut {
 
 /// What the target is told at startup besides the gateway's own parameters: `options` with
 /// only the settings on the policy's allow-list (they can change how the target behaves for the
-/// whole session, `-c role=…`), never a client encoding (the gateway fixes it). A replication
-/// connection is refused. `Err`: the SQLSTATE and message of the refusal.
+/// whole session, `-c role=…`), never a client encoding or `standard_conforming_strings` (the
+/// gateway fixes them). A replication connection is refused. `Err`: the SQLSTATE and message of
+/// the refusal.
 fn target_options(ctx: &PgContext, startup: &Startup) -> Result<String, (&'static str, String)> {
     let blocked = |e: String| {
         (
@@ -429,7 +430,7 @@ fn target_options(ctx: &PgContext, startup: &Startup) -> Result<String, (&'stati
     };
     let mut options = crate::policy::startup_settings(startup.get("options").unwrap_or(""))
         .map_err(|e| blocked(e.to_string()))?;
-    take_client_encoding(startup, &mut options).map_err(|e| ("22023", e.to_string()))?;
+    take_target_settings(startup, &mut options).map_err(|e| ("22023", e.to_string()))?;
     if let Some((name, _)) = options
         .iter()
         .find(|(name, _)| !ctx.policy.allowed_startup_setting(name))
@@ -455,7 +456,7 @@ fn target_options(ctx: &PgContext, startup: &Startup) -> Result<String, (&'stati
 }
 
 /// The gateway's own login to the target for this session; the target must confirm the
-/// encoding the gateway asks for.
+/// settings the gateway reads statements with.
 async fn open_target(
     target: &Target,
     startup: &Startup,
@@ -475,7 +476,7 @@ async fn open_target(
         .filter(|(k, _)| PASSED_PARAMS.contains(&k.as_str()))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    params.push(("client_encoding", encoding::TARGET_ENCODING));
+    params.extend(encoding::TARGET_SETTINGS);
     if !options.is_empty() {
         params.push(("options", options));
     }
@@ -490,21 +491,19 @@ async fn open_target(
     Ok(backend)
 }
 
-/// Checks every `client_encoding` the client asked for: startup parameters (whatever the case of
-/// the name: PostgreSQL reads them as setting names) and settings in `options`, which are
-/// taken out of `options`. None of them reaches the target, which always gets
-/// [`encoding::TARGET_ENCODING`].
-fn take_client_encoding(
+/// Checks every `client_encoding` and `standard_conforming_strings` the client asked for:
+/// startup parameters (whatever the case of the name: PostgreSQL reads them as setting names)
+/// and settings in `options`, which are taken out of `options`. None of them reaches the
+/// target, which always gets [`encoding::TARGET_SETTINGS`].
+fn take_target_settings(
     startup: &Startup,
     options: &mut Vec<(String, String)>,
 ) -> Result<(), encoding::EncodingError> {
-    let is_encoding = |name: &str| name.eq_ignore_ascii_case("client_encoding");
     startup
         .params
         .iter()
         .chain(options.iter())
-        .filter(|(name, _)| is_encoding(name))
-        .try_for_each(|(_, value)| encoding::check_client_request(value))?;
-    options.retain(|(name, _)| !is_encoding(name));
+        .try_for_each(|(name, value)| encoding::check_client_setting(name, value))?;
+    options.retain(|(name, _)| !encoding::is_target_setting(name));
     Ok(())
 }

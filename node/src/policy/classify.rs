@@ -193,25 +193,52 @@ fn sql_text_function(name: &str) -> Option<SqlText> {
         .map(|i| SQL_TEXT_FUNCTIONS[i].1)
 }
 
-/// A change of the session's `client_encoding` by a statement.
+/// A setting that decides how the target reads statement text (see `pg::encoding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadingSetting {
+    ClientEncoding,
+    StandardConformingStrings,
+}
+
+impl ReadingSetting {
+    fn named(name: &str) -> Option<Self> {
+        if name.eq_ignore_ascii_case("client_encoding") {
+            Some(Self::ClientEncoding)
+        } else if name.eq_ignore_ascii_case("standard_conforming_strings") {
+            Some(Self::StandardConformingStrings)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the target still reads statements as the gateway does with this value.
+    fn keeps(self, value: &str) -> bool {
+        match self {
+            Self::ClientEncoding => crate::pg::encoding::is_utf8_name(value),
+            Self::StandardConformingStrings => crate::pg::encoding::is_on(value),
+        }
+    }
+}
+
+/// A change of one of the session's [`ReadingSetting`]s by a statement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EncodingChange {
+pub enum SettingChange {
     /// To this constant value, as written.
     To(String),
-    /// `RESET client_encoding`, `RESET ALL`, `SET client_encoding TO DEFAULT`: back to the
-    /// value the session started with.
+    /// `RESET name`, `RESET ALL`, `SET name TO DEFAULT`: back to the value the session started
+    /// with.
     Reset,
     /// `set_config` with a name or value that is not a constant: anything is possible.
     NotConstant,
 }
 
-impl EncodingChange {
-    /// Whether the session may no longer be in UTF-8 afterwards (a reset returns to the
+impl SettingChange {
+    /// Whether the target may read statements otherwise afterwards (a reset returns to the
     /// startup value, which the gateway chose).
-    pub fn leaves_utf8(&self) -> bool {
+    pub fn leaves(&self, setting: ReadingSetting) -> bool {
         match self {
-            Self::To(value) => !crate::pg::encoding::is_utf8_name(value),
+            Self::To(value) => !setting.keeps(value),
             Self::Reset => false,
             Self::NotConstant => true,
         }
@@ -241,7 +268,9 @@ pub struct StatementInfo {
     pub writes: bool,
     /// How the statement changes this session's `client_encoding`, if it does (when several
     /// changes are possible, one that leaves UTF-8 wins).
-    pub client_encoding: Option<EncodingChange>,
+    pub client_encoding: Option<SettingChange>,
+    /// The same for `standard_conforming_strings` (one that turns it off wins).
+    pub standard_conforming_strings: Option<SettingChange>,
 }
 
 impl StatementInfo {
@@ -253,7 +282,14 @@ impl StatementInfo {
     pub fn leaves_utf8(&self) -> bool {
         self.client_encoding
             .as_ref()
-            .is_some_and(EncodingChange::leaves_utf8)
+            .is_some_and(|c| c.leaves(ReadingSetting::ClientEncoding))
+    }
+
+    /// Whether, after this statement, string literals may no longer be standard.
+    pub fn leaves_standard_strings(&self) -> bool {
+        self.standard_conforming_strings
+            .as_ref()
+            .is_some_and(|c| c.leaves(ReadingSetting::StandardConformingStrings))
     }
 
     fn raise(&mut self, kind: StatementKind) {
@@ -262,12 +298,18 @@ impl StatementInfo {
         }
     }
 
-    fn note_encoding(&mut self, change: EncodingChange) {
-        if change != EncodingChange::Reset {
-            self.flags.insert(Flag::ClientEncodingChange);
-        }
-        if !self.leaves_utf8() {
-            self.client_encoding = Some(change);
+    fn note_setting(&mut self, setting: ReadingSetting, change: SettingChange) {
+        let slot = match setting {
+            ReadingSetting::ClientEncoding => {
+                if change != SettingChange::Reset {
+                    self.flags.insert(Flag::ClientEncodingChange);
+                }
+                &mut self.client_encoding
+            }
+            ReadingSetting::StandardConformingStrings => &mut self.standard_conforming_strings,
+        };
+        if !slot.as_ref().is_some_and(|c| c.leaves(setting)) {
+            *slot = Some(change);
         }
     }
 
@@ -294,7 +336,10 @@ impl StatementInfo {
         self.functions.extend(inner.functions);
         self.flags.extend(inner.flags);
         if let Some(change) = inner.client_encoding {
-            self.note_encoding(change);
+            self.note_setting(ReadingSetting::ClientEncoding, change);
+        }
+        if let Some(change) = inner.standard_conforming_strings {
+            self.note_setting(ReadingSetting::StandardConformingStrings, change);
         }
     }
 }
@@ -487,7 +532,7 @@ fn classify_statement(node: &Tree) -> (StatementInfo, Vec<Pending>) {
 }
 
 /// What only a top-level statement does to the session: prepared names, portals,
-/// `client_encoding`.
+/// `client_encoding` and `standard_conforming_strings`.
 fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
     match name {
         "PrepareStmt" => info.prepares = Some(str_field(body, "name").to_string()),
@@ -532,40 +577,45 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
             }
         }
         "VariableSetStmt" => {
-            if let Some(change) = encoding_set(body) {
-                info.note_encoding(change);
+            for (setting, change) in reading_set(body) {
+                info.note_setting(setting, change);
             }
         }
         _ => {}
     }
 }
 
-/// What a top-level `SET`/`RESET` does to `client_encoding` (`SET NAMES` is the same node).
-fn encoding_set(body: &Tree) -> Option<EncodingChange> {
-    let kind = body.get("kind").and_then(Tree::as_i64)?;
-    let name = str_field(body, "name");
+/// What a top-level `SET`/`RESET` does to the [`ReadingSetting`]s (`SET NAMES` is a
+/// `client_encoding` one).
+fn reading_set(body: &Tree) -> Vec<(ReadingSetting, SettingChange)> {
+    let Some(kind) = body.get("kind").and_then(Tree::as_i64) else {
+        return Vec::new();
+    };
     if kind == VariableSetKind::VarResetAll as i64 {
-        return Some(EncodingChange::Reset);
+        return [
+            ReadingSetting::ClientEncoding,
+            ReadingSetting::StandardConformingStrings,
+        ]
+        .map(|s| (s, SettingChange::Reset))
+        .to_vec();
     }
-    if !name.eq_ignore_ascii_case("client_encoding") {
-        return None;
-    }
-    match kind {
-        k if k == VariableSetKind::VarSetValue as i64 => {
-            let value = body
-                .pointer("/args/0/node")
-                .and_then(constant_text)
-                .map_or(EncodingChange::NotConstant, EncodingChange::To);
-            Some(value)
-        }
+    let Some(setting) = ReadingSetting::named(str_field(body, "name")) else {
+        return Vec::new();
+    };
+    let change = match kind {
+        k if k == VariableSetKind::VarSetValue as i64 => body
+            .pointer("/args/0/node")
+            .and_then(constant_text)
+            .map_or(SettingChange::NotConstant, SettingChange::To),
         k if k == VariableSetKind::VarSetDefault as i64
             || k == VariableSetKind::VarReset as i64 =>
         {
-            Some(EncodingChange::Reset)
+            SettingChange::Reset
         }
         // FROM CURRENT keeps the current value.
-        _ => None,
-    }
+        _ => return Vec::new(),
+    };
+    vec![(setting, change)]
 }
 
 fn explain_analyze(body: &Tree) -> bool {
@@ -1060,11 +1110,20 @@ impl Walk {
                     .and_then(constant_text)
             };
             match arg(0) {
-                Some(setting) if !setting.eq_ignore_ascii_case("client_encoding") => {}
-                Some(_) => self
-                    .info
-                    .note_encoding(arg(1).map_or(EncodingChange::NotConstant, EncodingChange::To)),
-                None => self.info.note_encoding(EncodingChange::NotConstant),
+                Some(name) => {
+                    if let Some(setting) = ReadingSetting::named(&name) {
+                        let change = arg(1).map_or(SettingChange::NotConstant, SettingChange::To);
+                        self.info.note_setting(setting, change);
+                    }
+                }
+                None => {
+                    self.info
+                        .note_setting(ReadingSetting::ClientEncoding, SettingChange::NotConstant);
+                    self.info.note_setting(
+                        ReadingSetting::StandardConformingStrings,
+                        SettingChange::NotConstant,
+                    );
+                }
             }
         }
         self.info.note_function(name);
@@ -1372,7 +1431,7 @@ mod tests {
     #[test]
     fn client_encoding_changes() {
         let enc = |sql: &str| one(sql).client_encoding;
-        let to = |v: &str| Some(EncodingChange::To(v.into()));
+        let to = |v: &str| Some(SettingChange::To(v.into()));
         assert_eq!(enc("SET client_encoding = 'SJIS'"), to("SJIS"));
         assert_eq!(enc("SET NAMES 'big5'"), to("big5"));
         assert_eq!(enc("SET LOCAL client_encoding TO gbk"), to("gbk"));
@@ -1380,19 +1439,19 @@ mod tests {
             enc("SELECT set_config('CLIENT_ENCODING', 'SJIS', false)"),
             to("SJIS")
         );
-        assert_eq!(enc("RESET client_encoding"), Some(EncodingChange::Reset));
+        assert_eq!(enc("RESET client_encoding"), Some(SettingChange::Reset));
         assert_eq!(
             enc("SET client_encoding TO DEFAULT"),
-            Some(EncodingChange::Reset)
+            Some(SettingChange::Reset)
         );
-        assert_eq!(enc("RESET ALL"), Some(EncodingChange::Reset));
+        assert_eq!(enc("RESET ALL"), Some(SettingChange::Reset));
         assert_eq!(enc("SET search_path = public"), None);
         assert_eq!(enc("SELECT set_config('search_path', 'x', false)"), None);
         for sql in [
             "SELECT set_config(name, 'SJIS', false) FROM (VALUES ('client_encoding')) v(name)",
             "SELECT set_config('client_encoding', current_setting('x'), false)",
         ] {
-            assert_eq!(enc(sql), Some(EncodingChange::NotConstant), "{sql}");
+            assert_eq!(enc(sql), Some(SettingChange::NotConstant), "{sql}");
             assert!(one(sql).leaves_utf8(), "{sql}");
         }
         for sql in ["SET client_encoding = 'SJIS'", "SET NAMES 'BIG5'"] {
@@ -1418,6 +1477,51 @@ mod tests {
         .leaves_utf8());
         // A role's or a database's setting is for later sessions, not this one.
         assert_eq!(enc("ALTER ROLE r SET client_encoding = 'SJIS'"), None);
+    }
+
+    #[test]
+    fn standard_conforming_strings_changes() {
+        let scs = |sql: &str| one(sql).standard_conforming_strings;
+        let to = |v: &str| Some(SettingChange::To(v.into()));
+        assert_eq!(scs("SET standard_conforming_strings = off"), to("off"));
+        assert_eq!(
+            scs("SET LOCAL STANDARD_CONFORMING_STRINGS TO 'false'"),
+            to("false")
+        );
+        assert_eq!(
+            scs("SELECT set_config('standard_conforming_strings', 'off', true)"),
+            to("off")
+        );
+        assert_eq!(
+            scs("RESET standard_conforming_strings"),
+            Some(SettingChange::Reset)
+        );
+        assert_eq!(scs("RESET ALL"), Some(SettingChange::Reset));
+        assert_eq!(scs("SET client_encoding = 'UTF8'"), None);
+        for sql in [
+            "SET standard_conforming_strings = off",
+            "SET standard_conforming_strings TO 0",
+            "SET standard_conforming_strings = 'no'",
+            "SELECT set_config('standard_conforming_strings', current_setting('x'), false)",
+            "SELECT set_config(name, 'off', false) FROM (VALUES ('standard_conforming_strings')) v(name)",
+            "SELECT query_to_xml('select set_config(''standard_conforming_strings'', ''off'', false)', true, false, '')",
+            "SET standard_conforming_strings = off; SET standard_conforming_strings = on",
+        ] {
+            let info = classify(sql).unwrap();
+            assert!(info.iter().any(StatementInfo::leaves_standard_strings), "{sql}");
+            assert!(!info.iter().any(StatementInfo::leaves_utf8) || sql.contains("name"), "{sql}");
+        }
+        for sql in [
+            "SET standard_conforming_strings = on",
+            "SET standard_conforming_strings TO true",
+            "SET standard_conforming_strings TO DEFAULT",
+            "RESET standard_conforming_strings",
+            "SELECT set_config('standard_conforming_strings', 'on', false)",
+            "SET escape_string_warning = off",
+            "ALTER ROLE r SET standard_conforming_strings = off",
+        ] {
+            assert!(!one(sql).leaves_standard_strings(), "{sql}");
+        }
     }
 
     #[test]
