@@ -314,6 +314,60 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
     assert_eq!(blocked.len(), 7, "{blocked:?}");
 }
 
+/// bash expands a command substitution inside an array subscript whenever it evaluates a word
+/// as arithmetic or as a variable name, quoted or not: `test -v 'x[$(rm …)]'` runs `rm`. Such
+/// commands are decided like the line's own; the host's files and its logging shell are the
+/// ground truth.
+#[tokio::test]
+async fn commands_inside_quoted_array_subscripts_are_decided_like_the_lines_own() {
+    let g = Gateway::start(&policy()).await;
+    let ca = g.keys.path().join("ca");
+    let key = g.certificate(&ca, "user", OPS_PRINCIPAL, "-5m:+1h");
+    let dir = host_dir();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let before = host_command_count();
+
+    let rm = format!("rm -f {}", victim.display());
+    let refused = [
+        format!("test -v 'x[$({rm})]'"),
+        format!("[[ 'x[$({rm})]' -eq 0 ]]"),
+        format!("printf -v 'x[$({rm})]' y"),
+        format!("declare -i n='x[`{rm}`]'"),
+    ];
+    for line in &refused {
+        let out = g.ssh(&key, &[line.as_str()]).await;
+        assert_eq!(out.status.code(), Some(126), "{line}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("blocked by rule no-rm"), "{line}: {stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+
+    // The same shape with an allowed command: the host does run it.
+    let made = dir.path().join("made");
+    let allowed = format!("test -v 'x[$(touch {})]'", made.display());
+    let out = g.ssh(&key, &[allowed.as_str()]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(made.exists(), "the host ran the hidden touch");
+
+    let ran = host_ran(before);
+    assert!(ran.contains(&allowed), "{ran:?}");
+    for line in &refused {
+        assert!(!ran.contains(line), "{line} reached the host: {ran:?}");
+    }
+    let records = g.node.records_after_sessions(refused.len() + 1).await;
+    let requests = ssh_requests(&records);
+    let blocked: Vec<&String> = requests
+        .iter()
+        .filter(|(k, _, _)| *k == Kind::Blocked)
+        .filter_map(|(_, _, c)| c.as_ref())
+        .collect();
+    for line in &refused {
+        assert!(blocked.contains(&line), "{line}: {blocked:?}");
+    }
+}
+
 #[tokio::test]
 async fn bad_credentials_are_refused_recorded_and_never_reach_the_host() {
     // Its own login key, so that sshd's log tells this gateway's logins from other tests' (and

@@ -846,8 +846,12 @@ impl Recorder {
 
     /// Lines typed into a shell: an index into the recording (not a decision; see
     /// [`super::typed`]). A line the host did not echo (a password prompt) is on record
-    /// without its text.
-    fn typed(&self, lines: Vec<Decided>) {
+    /// without its text. Resolves once they are written, so that a line is on record before
+    /// what decided it (its echo, its Enter) goes on to the client or the host.
+    async fn typed(&self, lines: Vec<Decided>) {
+        if lines.is_empty() {
+            return;
+        }
         for Decided { typed, echoed } in lines {
             let mut body = self.body(Kind::Request);
             body.request = Some(Request::Ssh(SshRequest {
@@ -869,6 +873,7 @@ impl Recorder {
             };
             self.scope.core.audit.record(body);
         }
+        self.scope.core.audit.flush().await;
     }
 
     /// A request on a running channel (resize, signal), on record before the host sees it.
@@ -932,7 +937,8 @@ async fn input_task(
                     .input
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 if let Some((_, echoes)) = &typed {
-                    rec.typed(lock(echoes).typing());
+                    let decided = lock(echoes).typing();
+                    rec.typed(decided).await;
                 }
                 if !rec.chunk("input", &bytes, true).await {
                     let message = b"vigil: the gateway cannot record this channel; closing\r\n";
@@ -943,7 +949,8 @@ async fn input_task(
                 }
                 if let Some((lines, echoes)) = &mut typed {
                     for line in lines.feed(&bytes) {
-                        rec.typed(lock(echoes).ended(line));
+                        let decided = lock(echoes).ended(line);
+                        rec.typed(decided).await;
                     }
                 }
                 write.data_bytes(bytes).await
@@ -1039,7 +1046,8 @@ async fn output_task(
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 let recorded = rec.chunk("output", &data, true).await;
                 if let Some(echoes) = &p.typed {
-                    rec.typed(lock(echoes).shown(&data));
+                    let decided = lock(echoes).shown(&data);
+                    rec.typed(decided).await;
                 }
                 recorded && client.data(id, data).await.is_ok()
             }
@@ -1085,7 +1093,8 @@ async fn output_task(
     p.ended.send_replace(true);
     let _ = client.close(id).await;
     if let Some(echoes) = &p.typed {
-        rec.typed(lock(echoes).end());
+        let decided = lock(echoes).end();
+        rec.typed(decided).await;
     }
     if let Some(sftp) = &p.sftp {
         sftp.finish().iter().for_each(|op| rec.sftp(op, None));

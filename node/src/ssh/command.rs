@@ -47,6 +47,12 @@ pub const MAX_DEPTH: usize = 32;
 /// line costs.
 pub const MAX_WORDS: usize = 64 * 1024;
 
+/// The most bytes of nested texts (strings of `sh -c`, `eval`'s arguments, here-documents fed
+/// to a shell, array subscripts) parsed again for one line. A nested text can hold the
+/// substitution the outer parse already went through, so without a bound nesting could make
+/// the work double with each level.
+pub const MAX_NESTED_BYTES: usize = 4 * MAX_LINE_BYTES;
+
 /// A parsed command line: every simple command found, wherever it was found, and what the
 /// parser noticed about the line as a whole.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +159,8 @@ pub enum CommandError {
     TooDeep(usize),
     #[error("command line runs more than {0} words in its commands, nested ones included")]
     TooManyWords(usize),
+    #[error("command line has more than {0} bytes of nested texts to parse")]
+    TooMuchNested(usize),
     #[error("syntax error at offset {offset}: {message}")]
     Syntax { offset: usize, message: String },
 }
@@ -481,6 +489,8 @@ struct PendingHeredoc {
 struct Sink {
     line: CommandLine,
     words: usize,
+    /// Bytes of nested texts parsed so far (see [`MAX_NESTED_BYTES`]).
+    nested: usize,
 }
 
 /// A recursive-descent parser that lexes on demand: the lexer and the grammar share one
@@ -595,18 +605,102 @@ impl<'s, 'o> Parser<'s, 'o> {
             self.flag(CommandFlag::Unparsed);
             return Ok(());
         }
+        self.count_nested(text.len())?;
         let base = self.base + self.pos;
         let piped = self.piped;
         let result = Parser::new(text, base, self.depth + 1, &mut *self.out, piped).run();
         match result {
             Ok(()) => Ok(()),
-            Err(e @ (CommandError::TooDeep(_) | CommandError::TooManyWords(_))) => Err(e),
+            Err(
+                e @ (CommandError::TooDeep(_)
+                | CommandError::TooManyWords(_)
+                | CommandError::TooMuchNested(_)),
+            ) => Err(e),
             Err(e) if strict => Err(e),
             Err(_) => {
                 self.flag(CommandFlag::Unparsed);
                 Ok(())
             }
         }
+    }
+
+    /// Lists the commands hidden in the array subscripts of a quoted word. bash expands a
+    /// subscript, command substitutions included, whenever it evaluates a word as an
+    /// arithmetic expression or a variable name: `test -v 'a[$(rm x)]'`, `[[ 'a[$(rm x)]' -eq 0
+    /// ]]`, `printf -v`, `read`, `let`, `declare`, any assignment to a variable declared
+    /// integer (by this line or by the host's `.bashrc`). Quoting does not stop it, so every
+    /// `NAME[…]` in the quote-removed text of every word is looked into, quotes inside it
+    /// ignored (an unquoted substitution there is listed twice: once as the line's own).
+    fn subscripts(&mut self, text: &[u8]) -> Res<()> {
+        let mut at = 0;
+        while let Some(open) = memchr::memchr(b'[', &text[at..]).map(|i| at + i) {
+            at = open + 1;
+            if open == 0 || !(text[open - 1].is_ascii_alphanumeric() || text[open - 1] == b'_') {
+                continue;
+            }
+            let mut depth = 0usize;
+            let end = text[at..]
+                .iter()
+                .position(|&b| match b {
+                    b'[' => {
+                        depth += 1;
+                        false
+                    }
+                    b']' if depth == 0 => true,
+                    b']' => {
+                        depth -= 1;
+                        false
+                    }
+                    _ => false,
+                })
+                .map_or(text.len(), |i| at + i);
+            let inside = &text[at..end];
+            at = end;
+            if inside.contains(&b'`')
+                || memchr::memmem::find(inside, b"$(").is_some()
+                || memchr::memmem::find(inside, b"${").is_some()
+            {
+                self.count_nested(inside.len())?;
+                self.enter()?;
+                let base = self.base + self.pos;
+                let piped = self.piped;
+                let result =
+                    Parser::new(inside, base, self.depth, &mut *self.out, piped).expansions();
+                self.leave();
+                match result {
+                    Ok(()) => {}
+                    Err(
+                        e @ (CommandError::TooDeep(_)
+                        | CommandError::TooManyWords(_)
+                        | CommandError::TooMuchNested(_)),
+                    ) => return Err(e),
+                    Err(_) => self.flag(CommandFlag::Unparsed),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count_nested(&mut self, len: usize) -> Res<()> {
+        self.out.nested += len;
+        if self.out.nested > MAX_NESTED_BYTES {
+            return Err(CommandError::TooMuchNested(MAX_NESTED_BYTES));
+        }
+        Ok(())
+    }
+
+    /// Parses every expansion of the whole text (a subscript), as if it were unquoted and
+    /// double-quoted at once: quotes do not hide anything from it.
+    fn expansions(&mut self) -> Res<()> {
+        let mut scratch = Word::new();
+        while let Some(c) = self.byte(self.pos) {
+            match c {
+                b'$' => self.dollar(&mut scratch, true)?,
+                b'`' => self.backquoted(&mut scratch, true)?,
+                _ => self.pos += 1,
+            }
+        }
+        Ok(())
     }
 
     // --- lexer --------------------------------------------------------------------------
@@ -807,6 +901,7 @@ impl<'s, 'o> Parser<'s, 'o> {
             }
         }
         self.check_word(&w);
+        self.subscripts(&w.text)?;
         Ok(w)
     }
 
@@ -1262,7 +1357,11 @@ impl<'s, 'o> Parser<'s, 'o> {
             }
         }
         match result {
-            Err(e @ (CommandError::TooDeep(_) | CommandError::TooManyWords(_))) => Err(e),
+            Err(
+                e @ (CommandError::TooDeep(_)
+                | CommandError::TooManyWords(_)
+                | CommandError::TooMuchNested(_)),
+            ) => Err(e),
             Err(_) => {
                 self.flag(CommandFlag::Unparsed);
                 Ok(())
@@ -2824,6 +2923,48 @@ mod tests {
     }
 
     #[test]
+    fn substitutions_in_quoted_subscripts_are_listed() {
+        // bash runs them when it evaluates the word as arithmetic or a variable name.
+        for line in [
+            "test -v 'x[$(rm -rf /)]'",
+            "[[ 'x[$(rm -rf /)]' -eq 0 ]]",
+            "printf -v 'x[$(rm -rf /)]' y",
+            "let 'y=x[$(rm -rf /)]'",
+            "declare -i z='x[$(rm -rf /)]'",
+            "read 'x[$(rm -rf /)]'",
+            "declare 'x[$(rm -rf /)]=1'",
+            "echo ${x['$(rm -rf /)']}",
+            "x='y[$(rm -rf /)]'; [[ $x -eq 0 ]]",
+            "[[ \"x[y[$(rm -rf /)]]\" -eq 0 ]]",
+            "[[ 'x[`rm -rf /`]' -eq 0 ]]",
+            "[[ 'x[${z:=$(rm -rf /)}]' -eq 0 ]]",
+            "test -v x\\[\\$\\(rm\\ -rf\\ /\\)]",
+        ] {
+            let parsed = p(line);
+            let programs: Vec<&str> = parsed.commands.iter().map(|c| c.program_name()).collect();
+            assert!(programs.contains(&"rm"), "{line}: {programs:?}");
+            assert!(parsed.flags.contains(&CommandSubstitution), "{line}");
+        }
+        // Not a subscript, or nothing to run in it.
+        for line in [
+            "echo '$(rm -rf /)'",
+            "echo 'x [$(rm -rf /)]'",
+            "awk '{print $(NF-1)}'",
+            "grep 'a[0-9]' f",
+            "echo '[$(rm)]'",
+        ] {
+            let parsed = p(line);
+            assert!(
+                !parsed.commands.iter().any(|c| c.program_name() == "rm"),
+                "{line}"
+            );
+        }
+        // What does not parse inside is flagged; the outer line stands.
+        let parsed = p("test -v 'x[$(rm \"]'");
+        assert!(parsed.flags.contains(&Unparsed));
+    }
+
+    #[test]
     fn eval_and_friends() {
         check("eval rm", &["eval", "rm"], &[Eval]);
         check("eval 'rm -rf' /", &["eval", "rm"], &[Eval]);
@@ -3226,6 +3367,10 @@ mod tests {
             "echo ".to_string() + &"{a,".repeat(n / 4 - 10),
             "[[ ".to_string() + &"a && ".repeat(n / 5 - 10) + "]]",
             "echo $(".to_string() + &"cat <<a\n".repeat(n / 8 - 10) + ")",
+            "echo ".to_string() + &"x[".repeat(n / 2 - 10),
+            "echo '".to_string() + &"x[$(".repeat(n / 4 - 10) + "'",
+            "echo ".to_string() + &"x[$(echo ".repeat(30) + &")]".repeat(30),
+            "echo ".to_string() + &"'x[$(echo ".repeat(15) + &")]'".repeat(15),
         ];
         for line in lines {
             assert!(line.len() <= MAX_LINE_BYTES, "{}", line.len());
