@@ -626,6 +626,103 @@ fn rows(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<Option<Str
         .collect()
 }
 
+/// An agent that writes back what it read would replace real values with their masks: a
+/// statement that writes a token or the redaction text this connection's clients receive is
+/// refused, in its text and in its parameters. PostgreSQL's log and the table are the ground
+/// truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73b_masked_values_are_not_written_back() {
+    let node = TestNode::start(NodeOptions {
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let db = node.files.db.clone();
+    let token = agent_token().await;
+    let offset = pg_log_len();
+    let (client, _conn) = node.client(&token).await.unwrap();
+    let read = rows(
+        client
+            .simple_query("SELECT name FROM customers WHERE id = 1")
+            .await
+            .unwrap(),
+    );
+    let masked = read[0][0].clone().unwrap();
+    assert!(masked.starts_with("tok_"), "{masked}");
+
+    let update = format!("UPDATE customers SET name = '{masked}' WHERE id = 1");
+    let insert = "INSERT INTO customers VALUES (99, '[redacted]', NULL)";
+    let mut refused = Vec::new();
+    for sql in [update.as_str(), insert] {
+        let err = client.simple_query(sql).await.unwrap_err();
+        let message = err.as_db_error().expect("a refusal").message().to_string();
+        assert!(message.contains("masked-value-write"), "{sql}: {message}");
+        refused.push(sql.to_string());
+    }
+    let bound = "UPDATE customers SET name = $1 WHERE id = 2";
+    let err = client.execute(bound, &[&masked]).await.unwrap_err();
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("masked-value-write")),
+        "{err}"
+    );
+    refused.push(bound.to_string());
+    // Reading with the mask, and writing other values, are not refused.
+    let found = rows(
+        client
+            .simple_query(&format!(
+                "SELECT count(*) FROM customers WHERE name = '{masked}'"
+            ))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(found, [[Some("0".to_string())]]);
+    client
+        .execute(
+            "UPDATE customers SET email = $1 WHERE id = 3",
+            &[&"new@example.com"],
+        )
+        .await
+        .unwrap();
+    drop(client);
+
+    // Ground truth: the real names are still there, and PostgreSQL ran none of the writes.
+    let su = direct_superuser(&db).await;
+    let names: Vec<String> = su
+        .query(
+            "SELECT name FROM customers WHERE id IN (1, 2, 99) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["customer 1", "customer 2"]);
+    let ran: Vec<String> = pg_executed(&db, offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    for sql in &refused {
+        assert!(!ran.contains(sql), "{sql} ran: {ran:#?}");
+    }
+    assert!(ran
+        .iter()
+        .any(|s| s.starts_with("UPDATE customers SET email")));
+    let records = node.records_after_sessions(1).await;
+    let blocked: Vec<String> = of_kind(&records, Kind::Blocked)
+        .iter()
+        .filter(|r| {
+            r.body
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.rule == "masked-value-write")
+        })
+        .map(|r| r.body.pg_request().unwrap().text.clone())
+        .collect();
+    assert_eq!(blocked.len(), 3, "{blocked:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t73_masking_of_results_audit_and_client_copies() {
     let node = TestNode::start(NodeOptions {

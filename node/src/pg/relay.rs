@@ -23,7 +23,9 @@ use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::BoxStream;
 use crate::core::Refusal;
 use crate::policy::classify::{StatementInfo, StatementKind};
-use crate::policy::masking::{scrub_values, without_credentials, ColumnRule, Counts};
+use crate::policy::masking::{
+    produced_mask, scrub_values, without_credentials, ColumnRule, Counts,
+};
 use crate::policy::{Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
 use messages::Field;
@@ -742,7 +744,9 @@ impl ClientHalf {
         let resolved = self.resolve(text, &class, out).await?;
         let decision = match self.settle_reading(text, out).await? {
             Some(refusal) => refusal,
-            None => self.decide(&class, &resolved),
+            None => self
+                .masked_write(writes(&class, &resolved), [text])
+                .unwrap_or_else(|| self.decide(&class, &resolved)),
         };
         let request = PgRequest {
             mode: "simple".into(),
@@ -829,7 +833,9 @@ impl ClientHalf {
         // decided again at each Execute, on what the names hold then.
         let decision = match self.settle_reading(query, out).await? {
             Some(refusal) => refusal,
-            None => self.decide(&class, &Resolved::default()),
+            None => self
+                .masked_write(writes(&class, &Resolved::default()), [query])
+                .unwrap_or_else(|| self.decide(&class, &Resolved::default())),
         };
         if decision.blocks() && decision.action != Action::RequireApproval {
             // A blocked statement is never prepared.
@@ -949,6 +955,13 @@ impl ClientHalf {
             ..PgRequest::default()
         };
         let resolved = self.resolve(&stmt.text, &stmt.class, out).await?;
+        let values = portal.params.iter().flatten().map(String::as_str);
+        if let Some(refusal) = self.masked_write(writes(&stmt.class, &resolved), values) {
+            request.prepared = resolved.prepared;
+            self.block(request, &refusal, false, out);
+            self.skip_until_sync = true;
+            return Ok(());
+        }
         // A statement that runs others by name is decided now, on what they hold now; any
         // other was decided when it was prepared.
         let (held, decided) = if resolved.decided.is_none() {
@@ -1139,6 +1152,26 @@ impl ClientHalf {
         }
         self.catch_up(out).await?;
         Ok(None)
+    }
+
+    /// The refusal of a statement that writes a value this gateway masks in what the
+    /// connection's clients receive (a token or the redaction text, in its text or its
+    /// parameters): an agent that writes back what it read would replace the real value with
+    /// the mask.
+    fn masked_write<'v>(
+        &self,
+        writes: bool,
+        values: impl IntoIterator<Item = &'v str>,
+    ) -> Option<Decision> {
+        let connection = self.session.conn.name.as_deref().unwrap_or("");
+        if !writes || !self.ctx.core.masker.masks_clients(connection) {
+            return None;
+        }
+        let mask = values.into_iter().find_map(produced_mask)?;
+        Some(gateway_block(
+            "masked-value-write",
+            format!("the statement writes {mask:?}, a value this gateway masks for the clients of this connection; it would replace the real value (write the real value, or leave the column out)"),
+        ))
     }
 
     /// The prepared statement `name` as the target holds it when this message runs.
@@ -2273,6 +2306,13 @@ async fn end_by_gateway(
 }
 
 /// A refusal decided by the gateway itself, whatever the policy says.
+/// Whether a statement text writes (an INSERT, UPDATE, DELETE or MERGE anywhere in it, or in
+/// the prepared statements it runs).
+fn writes(class: &Classification, resolved: &Resolved) -> bool {
+    let any = |stmts: &[StatementInfo]| stmts.iter().any(|s| s.writes);
+    class.as_ref().is_ok_and(|s| any(s)) || resolved.decided.as_deref().is_some_and(any)
+}
+
 fn gateway_block(rule: &str, reason: impl Into<String>) -> Decision {
     Decision {
         action: Action::Block,

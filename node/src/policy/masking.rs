@@ -76,6 +76,27 @@ pub enum Method {
     Token,
 }
 
+/// What [`Method::Redact`] puts in place of a value.
+pub const REDACTED: &str = "[redacted]";
+const TOKEN_PREFIX: &str = "tok_";
+
+/// A mask in `text` that a client copy may carry: the redaction text or a token. (A
+/// `keep_last` mask cannot be told apart from data.)
+pub fn produced_mask(text: &str) -> Option<&str> {
+    if let Some(at) = text.find(REDACTED) {
+        return Some(&text[at..at + REDACTED.len()]);
+    }
+    let b = text.as_bytes();
+    let hex = |i: usize| {
+        b.get(i)
+            .is_some_and(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    text.match_indices(TOKEN_PREFIX).find_map(|(at, _)| {
+        let digits = at + TOKEN_PREFIX.len();
+        ((digits..digits + 16).all(hex) && !hex(digits + 16)).then(|| &text[at..digits + 16])
+    })
+}
+
 /// Mask a result column.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -529,7 +550,7 @@ impl Masker {
 
     fn apply(&self, method: Method, keep: usize, kind: EntityKind, value: &str) -> String {
         match method {
-            Method::Redact => "[redacted]".to_string(),
+            Method::Redact => REDACTED.to_string(),
             Method::KeepLast => {
                 let total = value.chars().filter(|c| c.is_alphanumeric()).count();
                 let mut hide = total.saturating_sub(keep);
@@ -554,7 +575,7 @@ impl Masker {
                 let mut hex = [0; 16];
                 hex::encode_to_slice(&tag[..8], &mut hex).expect("8 bytes are 16 hex digits");
                 [
-                    "tok_",
+                    TOKEN_PREFIX,
                     std::str::from_utf8(&hex).expect("hex digits are ASCII"),
                 ]
                 .concat()
@@ -799,6 +820,16 @@ mod tests {
             other.apply(Method::Token, 0, EntityKind::Email, "a@example.com")
         );
         assert!(a.starts_with("tok_") && a.len() == 20);
+        assert_eq!(produced_mask(&format!("SET x = '{a}',")), Some(a.as_str()));
+        assert_eq!(produced_mask("[redacted] x"), Some("[redacted]"));
+        for text in [
+            "tok_0123",
+            "tok_0123456789abcdef0",
+            "tok_0123456789ABCDEF",
+            "****1234",
+        ] {
+            assert_eq!(produced_mask(text), None, "{text}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ impl fmt::Display for Unfaithful {
 }
 
 /// What stands for a token that holds a detected value but has no inside to mask.
-const PLACEHOLDER: &str = "[redacted]";
+const PLACEHOLDER: &str = super::REDACTED;
 
 /// The statement with its credentials taken out (see [`without_credentials`]) and detected
 /// values masked, token by token (see the module docs).
