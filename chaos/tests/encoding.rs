@@ -50,6 +50,51 @@ fn psql(node: &TestNode, token: &str, env: (&str, &str), args: &[&str]) -> std::
         .expect("psql runs")
 }
 
+async fn node_under_policy(allow_cleartext_token: bool) -> TestNode {
+    TestNode::start(NodeOptions {
+        allow_cleartext_token,
+        extra: POLICY,
+        ..NodeOptions::default()
+    })
+    .await
+}
+
+/// A node under `POLICY` whose database has functions that change how the target reads
+/// statements on their own account, as any code on the server can: `switch_strings()` turns
+/// `standard_conforming_strings` off, `switch_encoding()` sets `client_encoding` to SJIS.
+async fn node_with_switches(allow_cleartext_token: bool) -> TestNode {
+    let node = node_under_policy(allow_cleartext_token).await;
+    direct_superuser(&node.files.db)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION switch_strings() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN 'off'; END $$;
+             CREATE FUNCTION switch_encoding() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'SJIS'; END $$",
+        )
+        .await
+        .unwrap();
+    node
+}
+
+/// The SQLSTATE with which a tokio-postgres session asking for `options` is refused at
+/// startup.
+async fn startup_refusal(node: &TestNode, token: &str, options: &str) -> String {
+    let Err(err) = connect_tls(&format!(
+        "{} options='{options}'",
+        node.conn_str(token, "app")
+    ))
+    .await
+    else {
+        panic!("{options}: accepted");
+    };
+    err.as_db_error()
+        .expect("a server error")
+        .code()
+        .code()
+        .to_string()
+}
+
 /// The statements PostgreSQL logged for `db` since `offset`, simple and extended protocol.
 fn logged_statements(db: &str, offset: u64) -> Vec<String> {
     pg_executed(db, offset)
@@ -69,11 +114,7 @@ async fn customers(db: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7b_client_encodings_other_than_utf8_are_refused_at_startup() {
-    let node = TestNode::start(NodeOptions {
-        extra: POLICY,
-        ..NodeOptions::default()
-    })
-    .await;
+    let node = node_under_policy(false).await;
     let db = node.files.db.clone();
     let token = agent_token().await;
     let offset = pg_log_len();
@@ -114,17 +155,8 @@ async fn t7b_client_encodings_other_than_utf8_are_refused_at_startup() {
     }
     // tokio-postgres (extended protocol) through `options`: SQLSTATE 22023.
     for options in ["-c client_encoding=SJIS", "-c client_encoding=auto"] {
-        let Err(err) = connect_tls(&format!(
-            "{} options='{options}'",
-            node.conn_str(&token, "app")
-        ))
-        .await
-        else {
-            panic!("{options}: accepted");
-        };
+        assert_eq!(startup_refusal(&node, &token, options).await, "22023");
         attempts += 1;
-        let db_err = err.as_db_error().expect("a server error");
-        assert_eq!(db_err.code().code(), "22023", "{}", db_err.message());
     }
 
     // Ground truth: nothing of these sessions reached PostgreSQL.
@@ -148,11 +180,7 @@ async fn t7b_client_encodings_other_than_utf8_are_refused_at_startup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7c_utf8_and_sql_ascii_sessions_run_exactly_what_is_recorded() {
-    let node = TestNode::start(NodeOptions {
-        extra: POLICY,
-        ..NodeOptions::default()
-    })
-    .await;
+    let node = node_under_policy(false).await;
     let db = node.files.db.clone();
     let token = agent_token().await;
     let offset = pg_log_len();
@@ -226,20 +254,8 @@ async fn t7c_utf8_and_sql_ascii_sessions_run_exactly_what_is_recorded() {
 /// gateway ends the session rather than read the next message differently from PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7d_an_encoding_switched_by_server_side_code_ends_the_session() {
-    let node = TestNode::start(NodeOptions {
-        extra: POLICY,
-        ..NodeOptions::default()
-    })
-    .await;
+    let node = node_with_switches(false).await;
     let db = node.files.db.clone();
-    direct_superuser(&db)
-        .await
-        .batch_execute(
-            "CREATE FUNCTION switch_encoding() RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'switched'; END $$",
-        )
-        .await
-        .unwrap();
     let token = agent_token().await;
     let offset = pg_log_len();
     let (client, conn) = node.client(&token).await.unwrap();
@@ -268,11 +284,7 @@ async fn t7d_an_encoding_switched_by_server_side_code_ends_the_session() {
 /// sessions, and a statement that turns it off is refused before it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7g_string_literals_stay_standard() {
-    let node = TestNode::start(NodeOptions {
-        extra: POLICY,
-        ..NodeOptions::default()
-    })
-    .await;
+    let node = node_under_policy(false).await;
     let db = node.files.db.clone();
     let su = direct_superuser(&db).await;
     // For the gateway's own login to this database (a test database of its own).
@@ -300,19 +312,9 @@ async fn t7g_string_literals_stay_standard() {
             "{options}: {stderr}"
         );
     }
-    let Err(err) = connect_tls(&format!(
-        "{} options='-c standard_conforming_strings=off'",
-        node.conn_str(&token, "app")
-    ))
-    .await
-    else {
-        panic!("standard_conforming_strings=off accepted at startup");
-    };
+    let options = "-c standard_conforming_strings=off";
+    assert_eq!(startup_refusal(&node, &token, options).await, "22023");
     refused += 1;
-    assert_eq!(
-        err.as_db_error().expect("a server error").code().code(),
-        "22023"
-    );
 
     // The role's setting for this database is off; the gateway's session has it on.
     let out = psql(
@@ -405,6 +407,15 @@ fn blocked_by<'a>(records: &'a [Record], rule: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// Parse, Bind and Execute of `sql` as the unnamed statement and portal.
+fn unnamed(sql: &str) -> Vec<Vec<u8>> {
+    vec![
+        wire::parse("", sql),
+        wire::bind("", "", &[]),
+        wire::execute(""),
+    ]
+}
+
 /// Every message up to the end of the session.
 async fn until_closed(w: &mut Wire) -> Vec<Msg> {
     let mut out = Vec::new();
@@ -425,21 +436,12 @@ fn messages_of(msgs: &[Msg]) -> Vec<String> {
 /// Sync) it is refused. Statements with a backslash behind others that change nothing run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7h_a_statement_sent_behind_a_change_by_server_code_is_not_read_otherwise() {
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        extra: POLICY,
-        ..NodeOptions::default()
-    })
-    .await;
+    let node = node_with_switches(true).await;
     let db = node.files.db.clone();
     direct_superuser(&db)
         .await
         .batch_execute(
-            "CREATE FUNCTION switch_strings() RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN 'off'; END $$;
-             CREATE FUNCTION switch_encoding() RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'SJIS'; END $$;
-             CREATE FUNCTION wipe() RETURNS bigint LANGUAGE sql AS
+            "CREATE FUNCTION wipe() RETURNS bigint LANGUAGE sql AS
              'WITH d AS (DELETE FROM customers RETURNING 1) SELECT count(*) FROM d'",
         )
         .await
@@ -470,19 +472,12 @@ async fn t7h_a_statement_sent_behind_a_change_by_server_code_is_not_read_otherwi
     // Extended protocol, one batch: the statement after the switch is refused, and with that
     // error the batch's transaction rolls the switch back.
     let mut w = Wire::app_session(port, &token).await;
-    w.send(
-        &[
-            wire::parse("", "SELECT switch_strings()"),
-            wire::bind("", "", &[]),
-            wire::execute(""),
-            wire::parse("", SPLIT_CALL),
-            wire::bind("", "", &[]),
-            wire::execute(""),
-            wire::sync(),
-        ]
-        .concat(),
-    )
-    .await;
+    let batch = [
+        unnamed("SELECT switch_strings()"),
+        unnamed(SPLIT_CALL),
+        vec![wire::sync()],
+    ];
+    w.send(&batch.concat().concat()).await;
     let errors = messages_of(&w.until_ready().await);
     assert!(
         errors.len() == 1 && errors[0].contains("statement-reading"),
@@ -506,20 +501,13 @@ async fn t7h_a_statement_sent_behind_a_change_by_server_code_is_not_read_otherwi
         let r = w.until_ready().await;
         assert!(messages_of(&r).is_empty(), "{:?}", messages_of(&r));
     }
-    w.send(
-        &[
-            wire::parse("", "SELECT 2"),
-            wire::bind("", "", &[]),
-            wire::execute(""),
-            wire::sync(),
-            wire::parse("", SPLIT_CALL),
-            wire::bind("", "", &[]),
-            wire::execute(""),
-            wire::sync(),
-        ]
-        .concat(),
-    )
-    .await;
+    let batches = [
+        unnamed("SELECT 2"),
+        vec![wire::sync()],
+        unnamed(SPLIT_CALL),
+        vec![wire::sync()],
+    ];
+    w.send(&batches.concat().concat()).await;
     let first = w.until_ready().await;
     assert!(messages_of(&first).is_empty(), "{:?}", messages_of(&first));
     let second = w.until_ready().await;
@@ -530,13 +518,13 @@ async fn t7h_a_statement_sent_behind_a_change_by_server_code_is_not_read_otherwi
         "{second:?}"
     );
     let r = w
-        .batch(&[
-            wire::parse("", "SELECT 3"),
-            wire::bind("", "", &[]),
-            wire::execute(""),
-            wire::parse("", SPLIT_CALL),
-            wire::sync(),
-        ])
+        .batch(
+            &[
+                unnamed("SELECT 3"),
+                vec![wire::parse("", SPLIT_CALL), wire::sync()],
+            ]
+            .concat(),
+        )
         .await;
     let errors = messages_of(&r);
     assert!(
