@@ -2305,7 +2305,6 @@ async fn end_by_gateway(
         .await;
 }
 
-/// A refusal decided by the gateway itself, whatever the policy says.
 /// Whether a statement text writes (an INSERT, UPDATE, DELETE or MERGE anywhere in it, or in
 /// the prepared statements it runs).
 fn writes(class: &Classification, resolved: &Resolved) -> bool {
@@ -2313,6 +2312,7 @@ fn writes(class: &Classification, resolved: &Resolved) -> bool {
     class.as_ref().is_ok_and(|s| any(s)) || resolved.decided.as_deref().is_some_and(any)
 }
 
+/// A refusal decided by the gateway itself, whatever the policy says.
 fn gateway_block(rule: &str, reason: impl Into<String>) -> Decision {
     Decision {
         action: Action::Block,
