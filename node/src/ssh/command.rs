@@ -598,6 +598,16 @@ impl<'s, 'o> Parser<'s, 'o> {
     /// is valid and the inner shell decides what it does with the text. Limits (depth,
     /// words) still fail the whole line, so they cannot be used to hide a command.
     fn nested(&mut self, text: &[u8], strict: bool) -> Res<()> {
+        self.parse_inner(text, strict, |p| p.run())
+    }
+
+    /// Runs `parse` over a nested text (see [`Parser::nested`]).
+    fn parse_inner(
+        &mut self,
+        text: &[u8],
+        strict: bool,
+        parse: fn(&mut Parser<'_, '_>) -> Res<()>,
+    ) -> Res<()> {
         if self.depth >= MAX_DEPTH {
             return Err(CommandError::TooDeep(MAX_DEPTH));
         }
@@ -608,7 +618,13 @@ impl<'s, 'o> Parser<'s, 'o> {
         self.count_nested(text.len())?;
         let base = self.base + self.pos;
         let piped = self.piped;
-        let result = Parser::new(text, base, self.depth + 1, &mut *self.out, piped).run();
+        let result = parse(&mut Parser::new(
+            text,
+            base,
+            self.depth + 1,
+            &mut *self.out,
+            piped,
+        ));
         match result {
             Ok(()) => Ok(()),
             Err(
@@ -624,7 +640,7 @@ impl<'s, 'o> Parser<'s, 'o> {
         }
     }
 
-    /// Lists the commands hidden in the array subscripts of a quoted word. bash expands a
+    /// Lists the commands hidden in the array subscripts of a word. bash expands a
     /// subscript, command substitutions included, whenever it evaluates a word as an
     /// arithmetic expression or a variable name: `test -v 'a[$(rm x)]'`, `[[ 'a[$(rm x)]' -eq 0
     /// ]]`, `printf -v`, `read`, `let`, `declare`, any assignment to a variable declared
@@ -660,22 +676,7 @@ impl<'s, 'o> Parser<'s, 'o> {
                 || memchr::memmem::find(inside, b"$(").is_some()
                 || memchr::memmem::find(inside, b"${").is_some()
             {
-                self.count_nested(inside.len())?;
-                self.enter()?;
-                let base = self.base + self.pos;
-                let piped = self.piped;
-                let result =
-                    Parser::new(inside, base, self.depth, &mut *self.out, piped).expansions();
-                self.leave();
-                match result {
-                    Ok(()) => {}
-                    Err(
-                        e @ (CommandError::TooDeep(_)
-                        | CommandError::TooManyWords(_)
-                        | CommandError::TooMuchNested(_)),
-                    ) => return Err(e),
-                    Err(_) => self.flag(CommandFlag::Unparsed),
-                }
+                self.parse_inner(inside, false, |p| p.expansions())?;
             }
         }
         Ok(())
