@@ -32,12 +32,12 @@
 //! ParameterStatus report ([`check_parameter_status`]) ends the session when either setting
 //! changes; it comes before the ReadyForQuery that ends the statement that changed it. Only a
 //! backslash can make the two readings end a string, a comment or a statement in different
-//! places (in valid UTF-8, the only text relayed, a trail byte of those encodings is never a quote, `$`, `-`, `/`, `*`, `;`, a
-//! parenthesis, a space or a line break, and standard strings differ from the others only in
-//! backslashes; a letter or operator character a trail byte swallows changes a name that starts
-//! with the non-ASCII character before it), so a statement that holds one
-//! ([`read_by_settings`]) goes to the target only once everything before it has been answered,
-//! the settings it will be read with reported.
+//! places: in valid UTF-8, the only text relayed, a trail byte of those encodings is never a
+//! quote, `$`, `-`, `/`, `*`, `;`, a parenthesis, a space or a line break, and standard strings
+//! differ from the others only in backslashes (a letter or operator character a trail byte
+//! swallows changes a name that starts with the non-ASCII character before it). So a statement
+//! that holds one ([`read_by_settings`]) goes to the target only once everything before it has
+//! been answered, the settings it will be read with reported.
 
 use super::messages::Malformed;
 
