@@ -539,7 +539,8 @@ async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
 
 /// kubectl exec, as kubectl chooses (WebSocket, `v5.channel.k8s.io`, served by the test kubelet):
 /// decided on its command, run once with its streams and exit code, every byte recorded; a
-/// blocked command never reaches the kubelet (its exec log is the ground truth).
+/// blocked command, also one hidden in a `bash -c` string's array subscript, never reaches the
+/// kubelet (its exec log is the ground truth).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     grant_dba().await;
@@ -571,11 +572,22 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     .await;
     assert!(!out.status.success());
     assert!(text(&out).contains("no-rm-in-pods"), "{}", text(&out));
+    // The same command where bash runs it from a quoted array subscript.
+    let hidden = format!("test -v 'x[$(rm -rf {doomed})]'");
+    let out = kubectl(
+        &config,
+        &[
+            "exec", "-n", "default", "shell", "--", "bash", "-c", &hidden,
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no-rm-in-pods"), "{}", text(&out));
     let exec_log =
         std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG")).unwrap();
     assert!(
         !exec_log.contains(&doomed),
-        "the blocked exec never reached the kubelet"
+        "the blocked execs never reached the kubelet"
     );
 
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
