@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tempfile::TempDir;
-use vigil_proto::record::{Kind, Record};
+use vigil_proto::record::{Kind, PgRequest, Record};
 
 pub mod balancer;
 pub mod cluster;
@@ -640,6 +640,15 @@ pub fn metric(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The PostgreSQL requests of the `blocked` records of `rule`.
+pub fn pg_blocked_by<'a>(records: &'a [Record], rule: &str) -> Vec<&'a PgRequest> {
+    of_kind(records, Kind::Blocked)
+        .into_iter()
+        .filter(|r| r.body.policy.as_ref().is_some_and(|p| p.rule == rule))
+        .filter_map(|r| r.body.pg_request())
+        .collect()
 }
 
 /// Records of one kind.

@@ -400,11 +400,8 @@ async fn t7g_string_literals_stay_standard() {
 
 /// The texts of the statements the gateway refused under `rule`.
 fn blocked_by<'a>(records: &'a [Record], rule: &str) -> Vec<&'a str> {
-    of_kind(records, Kind::Blocked)
-        .into_iter()
-        .filter(|r| r.body.policy.as_ref().is_some_and(|p| p.rule == rule))
-        .map(|r| r.body.pg_request().unwrap().text.as_str())
-        .collect()
+    let blocked = pg_blocked_by(records, rule).into_iter();
+    blocked.map(|r| r.text.as_str()).collect()
 }
 
 /// Parse, Bind and Execute of `sql` as the unnamed statement and portal.

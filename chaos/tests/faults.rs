@@ -540,3 +540,58 @@ async fn t53_a_young_stream_killed_early_is_anchored_near_its_end() {
         "every record is anchored: {report}"
     );
 }
+
+/// A session the target ends on its own (here PostgreSQL's `idle_session_timeout`, the way to
+/// give PostgreSQL sessions an idle timeout, see docs/configuration.md): the client hears the
+/// target's FATAL as the target sent it, and the `session_end` record says what the target
+/// said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t54_a_session_the_target_ends_is_on_record_with_the_targets_reason() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let db = node.files.db.clone();
+    direct_superuser("postgres")
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET idle_session_timeout = '1s'"
+        ))
+        .await
+        .unwrap();
+    let offset = pg_log_len();
+    let (client, conn) = node.client(&agent_token().await).await.unwrap();
+    client.simple_query("SELECT 'busy'").await.unwrap();
+
+    // Idle past the target's timeout: the target ends the session.
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("the target ends the idle session")
+        .unwrap();
+    let err = ended.expect_err("the connection ends with the target's error");
+    let db_err = err
+        .as_db_error()
+        .expect("the target's FATAL reaches the client");
+    assert_eq!(db_err.code().code(), "57P05", "{db_err:?}");
+    assert!(client.simple_query("SELECT 'after'").await.is_err());
+
+    let records = node.records_after_sessions(1).await;
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(end.len(), 1);
+    let detail = end[0].body.detail.as_deref().unwrap_or("");
+    assert!(
+        detail.starts_with("target closed the connection (57P05 ")
+            && detail.contains("idle-session timeout")
+            && detail.ends_with("; 1 statements"),
+        "{detail}"
+    );
+    assert_eq!(
+        end[0].body.outcome,
+        Some(vigil_proto::record::Outcome::Error)
+    );
+    // Ground truth: the target ran the one statement and ended the session itself.
+    let log = pg_log_lines(&db, offset);
+    assert!(log.iter().any(|l| l.contains("statement: SELECT 'busy'")));
+    assert!(!log.iter().any(|l| l.contains("SELECT 'after'")));
+    assert!(
+        log.iter().any(|l| l.contains("idle-session timeout")),
+        "{log:#?}"
+    );
+}

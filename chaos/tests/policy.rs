@@ -507,6 +507,147 @@ method = "redact"
 client = true
 "#;
 
+/// A node that masks `customers.name` for its clients, and a client of it that has read the
+/// token in place of customer 1's name (PostgreSQL's log from `offset` on is the client's).
+struct MaskedRead {
+    node: TestNode,
+    token: String,
+    offset: u64,
+    client: tokio_postgres::Client,
+    conn: ConnTask,
+    masked: String,
+}
+
+async fn read_a_mask() -> MaskedRead {
+    let node = TestNode::start(NodeOptions {
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let offset = pg_log_len();
+    let (client, conn) = node.client(&token).await.unwrap();
+    let read = rows(
+        client
+            .simple_query("SELECT name FROM customers WHERE id = 1")
+            .await
+            .unwrap(),
+    );
+    let masked = read[0][0].clone().unwrap();
+    assert!(masked.starts_with("tok_") && masked.len() == 20, "{masked}");
+    MaskedRead {
+        node,
+        token,
+        offset,
+        client,
+        conn,
+        masked,
+    }
+}
+
+/// COPY … FROM STDIN writes what its data carries: on a connection whose clients receive masked
+/// values, a mask in the data (whole, split between two CopyData messages, or the data's last
+/// bytes) fails the COPY on the target, over the extended protocol (tokio-postgres) and the
+/// simple one (psql's `\copy`), and nothing of it is written. Clean data still copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73c_masked_values_are_not_copied_back() {
+    use futures_util::SinkExt;
+    let MaskedRead {
+        node,
+        token,
+        offset,
+        client,
+        conn: _conn,
+        masked,
+    } = read_a_mask().await;
+    let db = node.files.db.clone();
+
+    // Each case: the CopyData messages the client sends.
+    let (head, tail) = masked.split_at(9);
+    let cases: Vec<(i32, Vec<String>)> = vec![
+        (100, vec![format!("100\t{masked}\n")]),
+        (101, vec![format!("101\t{head}"), format!("{tail}\n")]),
+        (102, vec!["102\tplain\n".into(), format!("103\t{masked}")]),
+        (104, vec!["104\t[redac".into(), "ted]\n".into()]),
+    ];
+    for (first, chunks) in &cases {
+        let sink = client
+            .copy_in::<_, bytes::Bytes>("COPY customers (id, name) FROM STDIN")
+            .await
+            .unwrap();
+        let mut sink = std::pin::pin!(sink);
+        let mut sent = Ok(());
+        for chunk in chunks {
+            sent = sink.send(bytes::Bytes::from(chunk.clone())).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        let err = match sent {
+            Ok(()) => sink.finish().await.expect_err("the COPY fails"),
+            Err(e) => e,
+        };
+        let message = err.as_db_error().map(|e| e.message().to_string());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("masked-value-write")),
+            "{first}: {err:?}"
+        );
+    }
+    // The session goes on, and data without a mask copies (a short `tok_` is no token).
+    let sink = client
+        .copy_in::<_, bytes::Bytes>("COPY customers (id, name) FROM STDIN")
+        .await
+        .unwrap();
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes::Bytes::from("110\ttok_0123\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    drop(client);
+
+    // The simple protocol: psql reads the file and sends its lines as COPY data.
+    let file = node.files.dir.path().join("rows.tsv");
+    std::fs::write(&file, format!("120\tfirst\n121\t{masked}\n122\tlast\n")).unwrap();
+    let out = std::process::Command::new("psql")
+        .arg(format!("{} sslmode=require", node.conn_str(&token, "app")))
+        .args(["-X", "-c"])
+        .arg(format!(
+            "\\copy customers (id, name) from '{}'",
+            file.display()
+        ))
+        .output()
+        .expect("psql runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("masked-value-write"),
+        "{stderr}"
+    );
+
+    // Ground truth: PostgreSQL failed every COPY that carried a mask, and wrote none of it.
+    let su = direct_superuser(&db).await;
+    let ids: Vec<i32> = su
+        .query("SELECT id FROM customers WHERE id >= 100 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [110]);
+    let failed = pg_log_lines(&db, offset)
+        .into_iter()
+        .filter(|l| l.contains("ERROR:  COPY from stdin failed: vigil:"))
+        .count();
+    assert_eq!(failed, cases.len() + 1);
+    let records = node.records_after_sessions(2).await;
+    let blocked: Vec<&str> = pg_blocked_by(&records, "masked-value-write")
+        .into_iter()
+        .map(|r| r.mode.as_str())
+        .collect();
+    assert_eq!(blocked, vec!["copy_data"; cases.len() + 1]);
+}
+
 /// Values a client chooses outside statements and rows — the database it names, its
 /// application name (recorded as the declared intent), startup options, a later
 /// `SET application_name` — pass the detectors before the node writes them anywhere: the audit
@@ -632,23 +773,15 @@ fn rows(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<Option<Str
 /// truth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t73b_masked_values_are_not_written_back() {
-    let node = TestNode::start(NodeOptions {
-        extra: MASKING,
-        ..NodeOptions::default()
-    })
-    .await;
+    let MaskedRead {
+        node,
+        offset,
+        client,
+        conn: _conn,
+        masked,
+        ..
+    } = read_a_mask().await;
     let db = node.files.db.clone();
-    let token = agent_token().await;
-    let offset = pg_log_len();
-    let (client, _conn) = node.client(&token).await.unwrap();
-    let read = rows(
-        client
-            .simple_query("SELECT name FROM customers WHERE id = 1")
-            .await
-            .unwrap(),
-    );
-    let masked = read[0][0].clone().unwrap();
-    assert!(masked.starts_with("tok_"), "{masked}");
 
     let update = format!("UPDATE customers SET name = '{masked}' WHERE id = 1");
     let insert = "INSERT INTO customers VALUES (99, '[redacted]', NULL)";
@@ -710,15 +843,9 @@ async fn t73b_masked_values_are_not_written_back() {
         .iter()
         .any(|s| s.starts_with("UPDATE customers SET email")));
     let records = node.records_after_sessions(1).await;
-    let blocked: Vec<String> = of_kind(&records, Kind::Blocked)
-        .iter()
-        .filter(|r| {
-            r.body
-                .policy
-                .as_ref()
-                .is_some_and(|p| p.rule == "masked-value-write")
-        })
-        .map(|r| r.body.pg_request().unwrap().text.clone())
+    let blocked: Vec<&str> = pg_blocked_by(&records, "masked-value-write")
+        .into_iter()
+        .map(|r| r.text.as_str())
         .collect();
     assert_eq!(blocked.len(), 3, "{blocked:#?}");
 }

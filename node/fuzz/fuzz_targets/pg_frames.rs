@@ -1,10 +1,12 @@
 //! Client and target bytes through the frame splitter and every message parser: errors are
-//! fine, panics and unbounded allocations are not.
+//! fine, panics and unbounded allocations are not. The frames' bodies, as COPY data, through
+//! the look for masks: found in the chunks exactly when found in the whole.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use vigil_node::pg::{codec, messages};
+use vigil_node::policy::masking::MaskScan;
 
 const MAX: usize = 1 << 16;
 
@@ -16,8 +18,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut buf = BytesMut::from(data);
+    let (mut chunks, mut whole, mut found) = (MaskScan::default(), Vec::new(), false);
     while let Ok(Some(frame)) = codec::split_frame(&mut buf, MAX) {
         let body = frame.body();
+        found |= chunks.feed(&body).is_some();
+        whole.extend_from_slice(&body);
         let _ = messages::parse_query(&body);
         let _ = messages::parse_parse(&body);
         let _ = messages::parse_bind(&body);
@@ -31,4 +36,8 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = messages::parse_error_fields(&body);
     }
+    found |= chunks.finish().is_some();
+    let mut once = MaskScan::default();
+    let in_whole = once.feed(&whole).is_some() || once.finish().is_some();
+    assert_eq!(found, in_whole, "{whole:?}");
 });

@@ -355,6 +355,11 @@ pub fn error_response(fatal: bool, sqlstate: &str, message: &str) -> Bytes {
     })
 }
 
+/// CopyFail: the frontend abandons COPY FROM STDIN; the target fails the COPY with `message`.
+pub fn copy_fail(message: &str) -> Bytes {
+    typed(b'f', |b| put_cstr(b, message))
+}
+
 pub fn ready_for_query(status: u8) -> Bytes {
     typed(b'Z', |b| b.put_u8(status))
 }

@@ -24,7 +24,7 @@ use crate::core::tls::BoxStream;
 use crate::core::Refusal;
 use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{
-    produced_mask, scrub_values, without_credentials, ColumnRule, Counts,
+    produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
 };
 use crate::policy::{Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
@@ -363,6 +363,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         batch: Batch::Empty,
         ran_in_batch: false,
         flush_asked: false,
+        copy_scan: None,
         probe_name: format!("vigil_probe_{}", hex::encode(rand::random::<[u8; 8]>())),
     };
     let mut target_half = TargetHalf {
@@ -381,6 +382,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         in_copy_in: false,
         drop_syncs_until_copy_end: false,
         discarding: None,
+        unsolicited: None,
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
     // hands the target half (a queue the target half polls but never waits on, see `queued`)
@@ -408,6 +410,13 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
             Poll::Pending
         })
         .await
+    };
+    // An error with nothing in flight is the target ending the session; a client that hangs
+    // up on reading it (as drivers do) does not make the end its own.
+    let said = target_half.unsolicited.take();
+    let end = match end {
+        End::ClientClosed | End::ClientTerminated if said.is_some() => End::TargetClosed,
+        end => end,
     };
     match &end {
         End::ClientProtocol(_) | End::TargetProtocol(_) | End::ReadingChanged(_) => {
@@ -444,9 +453,12 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     target_half.abandon_pending();
     let mut body = session.body(&ctx.core.audit, Kind::SessionEnd);
     body.duration_us = Some(session.started.elapsed().as_micros() as u64);
+    // What the target said as it ended the session, if it said anything.
+    let said = said
+        .map(|e| format!(" ({} {})", e.sqlstate, ctx.core.scrub(&e.message)))
+        .unwrap_or_default();
     body.detail = Some(format!(
-        "{}; {} statements",
-        end,
+        "{end}{said}; {} statements",
         stmts.load(Ordering::Relaxed)
     ));
     body.outcome = Some(match end {
@@ -516,6 +528,10 @@ struct ClientHalf {
     ran_in_batch: bool,
     /// The client sent Flush: what is buffered goes now.
     flush_asked: bool,
+    /// The COPY data of the copy in progress, looked through for masks on a connection whose
+    /// clients receive them (`Some` from its first CopyData until another message); `None`
+    /// inside once the copy was refused.
+    copy_scan: Option<Option<MaskScan>>,
     /// This session's name for the settings probe's statement and portal.
     probe_name: String,
 }
@@ -650,6 +666,10 @@ impl ClientHalf {
         if self.skip_until_sync && frame.tag != b'S' && frame.tag != b'X' {
             return Ok(());
         }
+        // Any message but CopyData, Flush, Sync and the copy's end ends the client's COPY data.
+        if self.copy_scan.is_some() && !b"dHScf".contains(&frame.tag) {
+            self.copy_scan = None;
+        }
         if self.batch == Batch::Empty && b"QPBEDCHS".contains(&frame.tag) {
             self.batch = Batch::Buffered {
                 out: out.len(),
@@ -708,6 +728,12 @@ impl ClientHalf {
                 Ok(())
             }
             b'd' => {
+                if let Some(mask) = self.masked_copy_data(&body) {
+                    // The rest of this copy's data goes on unread: the target drops it.
+                    self.copy_scan = Some(None);
+                    self.refuse_copy(&mask, out);
+                    return Ok(());
+                }
                 self.copy_in.fetch_add(body.len() as u64, Ordering::Relaxed);
                 out.extend_from_slice(&frame.raw);
                 Ok(())
@@ -715,7 +741,13 @@ impl ClientHalf {
             b'c' | b'f' => {
                 self.tables.copy_end();
                 self.expect(Pending::CopyEnd);
-                out.extend_from_slice(&frame.raw);
+                // A token the data ended with: the copy fails instead of completing.
+                let scan = self.copy_scan.take().flatten();
+                let last = scan.filter(|_| frame.tag == b'c');
+                match last.and_then(|mut scan| scan.finish()) {
+                    Some(mask) => self.refuse_copy(&mask, out),
+                    None => out.extend_from_slice(&frame.raw),
+                }
                 Ok(())
             }
             b'X' => {
@@ -742,12 +774,7 @@ impl ClientHalf {
         let text = messages::parse_query(body)?;
         let class = self.classify(text);
         let resolved = self.resolve(text, &class, out).await?;
-        let decision = match self.settle_reading(text, out).await? {
-            Some(refusal) => refusal,
-            None => self
-                .masked_write(writes(&class, &resolved), [text])
-                .unwrap_or_else(|| self.decide(&class, &resolved)),
-        };
+        let decision = self.decide_text(text, &class, &resolved, out).await?;
         let request = PgRequest {
             mode: "simple".into(),
             text: text.to_string(),
@@ -831,12 +858,9 @@ impl ClientHalf {
         let class = self.classify(query);
         // Decided as written; a statement that runs others by name (`EXECUTE name`) is
         // decided again at each Execute, on what the names hold then.
-        let decision = match self.settle_reading(query, out).await? {
-            Some(refusal) => refusal,
-            None => self
-                .masked_write(writes(&class, &Resolved::default()), [query])
-                .unwrap_or_else(|| self.decide(&class, &Resolved::default())),
-        };
+        let decision = self
+            .decide_text(query, &class, &Resolved::default(), out)
+            .await?;
         if decision.blocks() && decision.action != Action::RequireApproval {
             // A blocked statement is never prepared.
             let request = PgRequest {
@@ -1131,6 +1155,23 @@ impl ClientHalf {
         Ok(())
     }
 
+    /// The decision on statement `text` as written (a Query, a Parse): refused if the target
+    /// could read it otherwise ([`Self::settle_reading`]) or if it writes a mask
+    /// ([`Self::masked_write`]), else the policy's.
+    async fn decide_text(
+        &mut self,
+        text: &str,
+        class: &Classification,
+        resolved: &Resolved,
+        out: &mut BytesMut,
+    ) -> Result<Decision, Halt> {
+        if let Some(refusal) = self.settle_reading(text, out).await? {
+            return Ok(refusal);
+        }
+        let masked = self.masked_write(writes(class, resolved), [text]);
+        Ok(masked.unwrap_or_else(|| self.decide(class, resolved)))
+    }
+
     /// Before a statement the target could read otherwise under other settings
     /// ([`encoding::read_by_settings`]) goes out: waits until the target has answered every
     /// earlier sync point, so that a change of those settings by anything before it has been
@@ -1163,15 +1204,53 @@ impl ClientHalf {
         writes: bool,
         values: impl IntoIterator<Item = &'v str>,
     ) -> Option<Decision> {
-        let connection = self.session.conn.name.as_deref().unwrap_or("");
-        if !writes || !self.ctx.core.masker.masks_clients(connection) {
+        if !writes || !self.masks_clients() {
             return None;
         }
         let mask = values.into_iter().find_map(produced_mask)?;
-        Some(gateway_block(
-            "masked-value-write",
-            format!("the statement writes {mask:?}, a value this gateway masks for the clients of this connection; it would replace the real value (write the real value, or leave the column out)"),
-        ))
+        Some(masked_value_write(mask))
+    }
+
+    /// A mask in the client's COPY data (see [`Self::masked_write`]), once its end is known:
+    /// COPY … FROM STDIN writes what it carries like an INSERT.
+    fn masked_copy_data(&mut self, chunk: &[u8]) -> Option<String> {
+        if self.copy_scan.is_none() {
+            let masks = self.masks_clients();
+            self.copy_scan = Some(masks.then(MaskScan::default));
+        }
+        self.copy_scan
+            .as_mut()
+            .and_then(|scan| scan.as_mut()?.feed(chunk))
+    }
+
+    /// COPY data that writes a mask: the target gets a CopyFail in its place, so that the
+    /// COPY writes nothing and the client hears the target's error (the target ignores the
+    /// rest of the client's COPY data); a `blocked` record tells why.
+    fn refuse_copy(&self, mask: &str, out: &mut BytesMut) {
+        let decision = masked_value_write(mask);
+        let reason = decision.reason.clone().unwrap_or_default();
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::Blocked);
+        // The COPY the data belongs to: the last statement on record.
+        rec.stmt = Some(self.stmts.load(Ordering::Relaxed));
+        rec.request = Some(Request::Postgres(PgRequest {
+            mode: "copy_data".into(),
+            text: "COPY data".into(),
+            ..PgRequest::default()
+        }));
+        rec.outcome = Some(Outcome::Blocked);
+        rec.policy = Some(self.ctx.policy.reference(&decision));
+        rec.detail = Some(self.ctx.core.scrub(&reason));
+        crate::core::trace::refused(&self.session.trace, super::PROTOCOL, &rec);
+        self.ctx.core.audit.record(rec);
+        out.extend_from_slice(&messages::copy_fail(&format!(
+            "vigil: {reason} (rule masked-value-write)"
+        )));
+    }
+
+    /// Whether the clients of this connection receive masked values.
+    fn masks_clients(&self) -> bool {
+        let connection = self.session.conn.name.as_deref().unwrap_or("");
+        self.ctx.core.masker.masks_clients(connection)
     }
 
     /// The prepared statement `name` as the target holds it when this message runs.
@@ -1634,6 +1713,10 @@ struct TargetHalf {
     /// client half queues until then never runs. Holds the batch's error until a statement
     /// carries it.
     discarding: Option<Option<PgError>>,
+    /// An error the target sent with nothing in flight: why it ends the session (a FATAL such
+    /// as `57P05` idle-session timeout or `57P01` terminated by an administrator), for the
+    /// `session_end` record.
+    unsolicited: Option<PgError>,
 }
 
 /// The next expectation the client half has handed over, without registering to be woken for
@@ -1934,7 +2017,7 @@ impl TargetHalf {
             }
             Some(Pending::Query(_)) => {}
             Some(_) => self.batch_failed(error),
-            None => {}
+            None => self.unsolicited = Some(error),
         }
         None
     }
@@ -2310,6 +2393,14 @@ async fn end_by_gateway(
 fn writes(class: &Classification, resolved: &Resolved) -> bool {
     let any = |stmts: &[StatementInfo]| stmts.iter().any(|s| s.writes);
     class.as_ref().is_ok_and(|s| any(s)) || resolved.decided.as_deref().is_some_and(any)
+}
+
+/// The refusal of a write of `mask`, a value this gateway masks for the connection's clients.
+fn masked_value_write(mask: &str) -> Decision {
+    gateway_block(
+        "masked-value-write",
+        format!("the statement writes {mask:?}, a value this gateway masks for the clients of this connection; it would replace the real value (write the real value, or leave the column out)"),
+    )
 }
 
 /// A refusal decided by the gateway itself, whatever the policy says.

@@ -83,18 +83,65 @@ const TOKEN_PREFIX: &str = "tok_";
 /// A mask in `text` that a client copy may carry: the redaction text or a token. (A
 /// `keep_last` mask cannot be told apart from data.)
 pub fn produced_mask(text: &str) -> Option<&str> {
-    if let Some(at) = text.find(REDACTED) {
-        return Some(&text[at..at + REDACTED.len()]);
+    let (at, len) = mask_in(text.as_bytes(), true)?;
+    Some(&text[at..at + len])
+}
+
+/// Where the first mask of [`produced_mask`] is in `b`, as (offset, length). With `ended`
+/// false more bytes follow `b`, so a token at its very end is not one yet (a hex digit next
+/// would make it longer than a token).
+fn mask_in(b: &[u8], ended: bool) -> Option<(usize, usize)> {
+    if let Some(at) = memchr::memmem::find(b, REDACTED.as_bytes()) {
+        return Some((at, REDACTED.len()));
     }
-    let b = text.as_bytes();
-    let hex = |i: usize| {
-        b.get(i)
-            .is_some_and(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    text.match_indices(TOKEN_PREFIX).find_map(|(at, _)| {
+    let hex = |c: &u8| matches!(c, b'0'..=b'9' | b'a'..=b'f');
+    memchr::memmem::find_iter(b, TOKEN_PREFIX).find_map(|at| {
         let digits = at + TOKEN_PREFIX.len();
-        ((digits..digits + 16).all(hex) && !hex(digits + 16)).then(|| &text[at..digits + 16])
+        let end = digits + TOKEN_DIGITS;
+        let token = b.get(digits..end).is_some_and(|d| d.iter().all(hex))
+            && b.get(end).map_or(ended, |c| !hex(c));
+        token.then_some((at, end - at))
     })
+}
+
+const TOKEN_DIGITS: usize = 16;
+
+/// [`produced_mask`] over a stream that arrives in chunks (COPY data): a mask split between
+/// two chunks is found, and a token at the end of a chunk waits for the byte after it.
+#[derive(Debug, Default)]
+pub struct MaskScan {
+    /// The stream's last bytes, where a mask may have begun that the next chunk completes.
+    held: Vec<u8>,
+}
+
+impl MaskScan {
+    /// A mask that begins before a chunk's last bytes is decided once that byte follows.
+    const HELD: usize = TOKEN_PREFIX.len() + TOKEN_DIGITS;
+
+    /// The first mask the stream holds once `chunk` is added, if its end is known.
+    pub fn feed(&mut self, chunk: &[u8]) -> Option<String> {
+        // A mask that begins in the held bytes ends within the chunk's first bytes.
+        let mut seam = std::mem::take(&mut self.held);
+        seam.extend_from_slice(&chunk[..chunk.len().min(Self::HELD + 1)]);
+        let found = mask_in(&seam, false)
+            .map(|(at, len)| &seam[at..at + len])
+            .or_else(|| mask_in(chunk, false).map(|(at, len)| &chunk[at..at + len]))
+            .map(|m| String::from_utf8_lossy(m).into_owned());
+        let keep = |b: &[u8]| b[b.len().saturating_sub(Self::HELD)..].to_vec();
+        self.held = if chunk.len() >= Self::HELD {
+            keep(chunk)
+        } else {
+            keep(&seam)
+        };
+        found
+    }
+
+    /// At the stream's end: a token its last bytes held.
+    pub fn finish(&mut self) -> Option<String> {
+        let held = std::mem::take(&mut self.held);
+        mask_in(&held, true)
+            .map(|(at, len)| String::from_utf8_lossy(&held[at..at + len]).into_owned())
+    }
 }
 
 /// Mask a result column.
@@ -829,6 +876,54 @@ mod tests {
             "****1234",
         ] {
             assert_eq!(produced_mask(text), None, "{text}");
+        }
+    }
+
+    /// COPY data arrives in chunks: a mask is found wherever the chunks split it, once its
+    /// end is known, and never where the whole stream holds none.
+    #[test]
+    fn masks_in_a_stream_of_chunks() {
+        let chunked = |stream: &str, cuts: &[usize]| {
+            let mut scan = MaskScan::default();
+            let mut from = 0;
+            for &cut in cuts.iter().chain([stream.len()].iter()) {
+                if let Some(m) = scan.feed(&stream.as_bytes()[from..cut]) {
+                    return Some(m);
+                }
+                from = cut;
+            }
+            scan.finish()
+        };
+        let token = "tok_0123456789abcdef";
+        for stream in [
+            format!("1\t{token}\n2\tb\n"),
+            "1,\"[redacted]\"\n".to_string(),
+            format!("1\t{token}"),
+            format!("x{token}\ty"),
+        ] {
+            let whole = produced_mask(&stream).map(str::to_string);
+            assert!(whole.is_some(), "{stream}");
+            // Every way of cutting the stream in two and in three.
+            for a in 0..=stream.len() {
+                assert_eq!(chunked(&stream, &[a]), whole, "{stream} cut at {a}");
+                for b in a..=stream.len() {
+                    assert_eq!(chunked(&stream, &[a, b]), whole, "{stream} cut at {a}, {b}");
+                }
+            }
+            // One byte at a time.
+            let cuts: Vec<usize> = (1..stream.len()).collect();
+            assert_eq!(chunked(&stream, &cuts), whole, "{stream} byte by byte");
+        }
+        for stream in [
+            format!("1\t{token}0\n"),
+            "1\ttok_0123\n[redacte]\n".to_string(),
+            format!("{token}f"),
+        ] {
+            for a in 0..=stream.len() {
+                assert_eq!(chunked(&stream, &[a]), None, "{stream} cut at {a}");
+            }
+            let cuts: Vec<usize> = (1..stream.len()).collect();
+            assert_eq!(chunked(&stream, &cuts), None, "{stream} byte by byte");
         }
     }
 
