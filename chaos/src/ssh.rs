@@ -31,12 +31,24 @@ pub fn keygen(dir: &Path, name: &str) -> PathBuf {
 /// The `[ssh]` section: user CA `ca`, host `web` (the dev sshd, pinned to `host_key`, logged
 /// in to with `login_key`), then `policy`.
 pub fn ssh_section(ca: &Path, host_key: &str, login_key: &str, policy: &str) -> String {
+    ssh_section_with(ca, host_key, login_key, "", policy)
+}
+
+/// [`ssh_section`] with `settings` (keys of `[ssh]`) added.
+pub fn ssh_section_with(
+    ca: &Path,
+    host_key: &str,
+    login_key: &str,
+    settings: &str,
+    policy: &str,
+) -> String {
     let e = env();
     format!(
         r#"
 [ssh]
 listen = "127.0.0.1:0"
 user_ca_key = {{ file = "{ca}" }}
+{settings}
 
 [[ssh.targets]]
 name = "web"
@@ -111,7 +123,18 @@ impl Gateway {
 
     /// A gateway that pins `host_key` and logs in with `login_key`.
     pub async fn start_with(host_key: &str, login_key: &str, policy: &str) -> Self {
-        Self::start_full(host_key, login_key, policy, None, "").await
+        Self::start_full(host_key, login_key, policy, None, "", "").await
+    }
+
+    /// A gateway with `settings` of its `[ssh]` section besides the test's own (and the
+    /// `[coordinator]` section of a cluster, if given).
+    pub async fn start_settings(policy: &str, settings: &str, coordinator: Option<String>) -> Self {
+        let e = env();
+        let (host_key, login_key) = (
+            e.get("VIGIL_DEV_SSHD_HOST_KEY"),
+            e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
+        );
+        Self::start_full(host_key, login_key, policy, coordinator, settings, "").await
     }
 
     /// A gateway with `more` of the node's configuration (sections of its own).
@@ -121,7 +144,7 @@ impl Gateway {
             e.get("VIGIL_DEV_SSHD_HOST_KEY"),
             e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
         );
-        Self::start_full(host_key, login_key, policy, None, more).await
+        Self::start_full(host_key, login_key, policy, None, "", more).await
     }
 
     /// A gateway of a cluster: its `[coordinator]` section (`Cluster::node_section`).
@@ -131,7 +154,7 @@ impl Gateway {
             e.get("VIGIL_DEV_SSHD_HOST_KEY"),
             e.get("VIGIL_DEV_SSH_GATEWAY_KEY"),
         );
-        Self::start_full(host_key, login_key, policy, Some(coordinator), "").await
+        Self::start_full(host_key, login_key, policy, Some(coordinator), "", "").await
     }
 
     async fn start_full(
@@ -139,11 +162,12 @@ impl Gateway {
         login_key: &str,
         policy: &str,
         coordinator: Option<String>,
+        settings: &str,
         more: &str,
     ) -> Self {
         let keys = tempfile::tempdir().unwrap();
         let ca = keygen(keys.path(), "ca");
-        let section = ssh_section(&ca, host_key, login_key, policy);
+        let section = ssh_section_with(&ca, host_key, login_key, settings, policy);
         let opts = NodeOptions {
             protocols: Some(format!(
                 "{section}\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n{more}"

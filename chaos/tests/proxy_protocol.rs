@@ -53,9 +53,18 @@ fn of_client<'a>(records: &'a [Record], protocol: &str, client: SocketAddr) -> V
         .collect()
 }
 
+/// A connection of [`claim_directly`]: the client's own address, and how many records the node
+/// had before it (an earlier session of the test may have had the same address: the kernel
+/// reuses a source port, at once for another destination).
+struct Claim {
+    me: SocketAddr,
+    after: usize,
+}
+
 /// Sends a header claiming [`CLAIMED`] straight to `listener` (from 127.0.0.1), then waits for
-/// the node to close the connection; returns the client's own address.
-async fn claim_directly(listener: SocketAddr) -> SocketAddr {
+/// the node to close the connection.
+async fn claim_directly(node: &TestNode, listener: SocketAddr) -> Claim {
+    let after = node.records().await.len();
     let mut s = TcpStream::connect(listener).await.unwrap();
     let me = s.local_addr().unwrap();
     s.write_all(&v2_header(CLAIMED.parse().unwrap(), listener))
@@ -66,16 +75,18 @@ async fn claim_directly(listener: SocketAddr) -> SocketAddr {
         .await
         .expect("the node closes the connection")
         .ok();
-    me
+    Claim { me, after }
 }
 
-/// The refusal of [`claim_directly`] from `me` is on record, once, with `me` as the client.
-async fn refusal_on_record(node: &TestNode, protocol: &str, me: SocketAddr) {
+/// The refusal of a [`claim_directly`] is on record, once, with the client's own address.
+async fn refusal_on_record(node: &TestNode, protocol: &str, claim: Claim) {
+    let Claim { me, after } = claim;
+    let since = |r: &[Record]| r.len().min(after);
     let records = records_until(node, &format!("{protocol} refusal"), |r| {
-        !of_client(r, protocol, me).is_empty()
+        !of_client(&r[since(r)..], protocol, me).is_empty()
     })
     .await;
-    let mine = of_client(&records, protocol, me);
+    let mine = of_client(&records[since(&records)..], protocol, me);
     assert_eq!(mine.len(), 1, "one record of the refused connection");
     let r = mine[0];
     assert_eq!(r.body.kind, Kind::ProtocolError);
@@ -252,13 +263,13 @@ async fn t13_ssh_kubernetes_and_api_clients_behind_a_proxy_protocol_balancer() {
     );
 
     phase("a header sent directly from 127.0.0.1 is refused on every listener");
-    let me = claim_directly(ssh_addr).await;
-    refusal_on_record(&node, "ssh", me).await;
-    let me = claim_directly(kube_addr).await;
-    refusal_on_record(&node, "kubernetes", me).await;
+    let claim = claim_directly(&node, ssh_addr).await;
+    refusal_on_record(&node, "ssh", claim).await;
+    let claim = claim_directly(&node, kube_addr).await;
+    refusal_on_record(&node, "kubernetes", claim).await;
     // The API's records are the SSH certificate endpoint's.
-    let me = claim_directly(api_addr).await;
-    refusal_on_record(&node, "ssh", me).await;
+    let claim = claim_directly(&node, api_addr).await;
+    refusal_on_record(&node, "ssh", claim).await;
     let records = node.records().await;
     assert!(
         records.iter().all(|r| r

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 use vigil_chaos::ssh::{exec, keygen, token_login, Gateway, OPS_PRINCIPAL};
 use vigil_chaos::tmux::Tmux;
-use vigil_chaos::{agent_token, env, of_kind, token_for};
+use vigil_chaos::{agent_token, env, of_kind, output_text, token_for};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
 
 const POLICY_TEMPLATE: &str = r#"
@@ -167,15 +167,35 @@ impl PipedShell {
     }
 }
 
-/// The command lines the host ran (exec mode) since `offset`.
+/// The command lines the host ran (exec mode) since `offset`, as it ran them (the log's
+/// escapes of backslash, newline, tab and CR undone).
 fn host_ran(offset: usize) -> Vec<String> {
     host_commands(offset)
         .iter()
         .filter_map(|l| {
             let f: Vec<&str> = l.splitn(5, '\t').collect();
-            (f.len() == 5 && f[3] == "exec").then(|| f[4].to_string())
+            (f.len() == 5 && f[3] == "exec").then(|| unescape_logged(f[4]))
         })
         .collect()
+}
+
+fn unescape_logged(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 fn ssh_requests(records: &[Record]) -> Vec<(Kind, String, Option<String>)> {
@@ -365,6 +385,82 @@ async fn commands_inside_quoted_array_subscripts_are_decided_like_the_lines_own(
         .collect();
     for line in &refused {
         assert!(blocked.contains(&line), "{line}: {blocked:?}");
+    }
+}
+
+/// bash in a locale whose two-byte characters may end in an ASCII byte (BIG5, GBK, GB18030,
+/// Shift JIS) reads `€\;` (UTF-8 `e2 82 ac 5c 3b`) as `[e2 82][ac 5c]` and a separator, where
+/// a byte-wise reading sees an escaped `;`. A client picks the host's locale (sshd accepts
+/// `LANG`), so such a line is refused whatever the policy; this host's own bash, in the
+/// locale servers.sh generates, is the ground truth that the line would run the second command.
+#[tokio::test]
+async fn a_line_whose_reading_depends_on_the_hosts_locale_is_refused() {
+    let dir = host_dir();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let touch = format!("touch {}", dir.path().join("proof").display());
+    let line = |command: &str| format!("echo \u{20ac}\\; {command}");
+    // Ground truth: in the BIG5 locale bash runs what follows the `;`; in UTF-8 it echoes it.
+    let direct = |lang: &str| {
+        let out = Command::new("bash")
+            .env_remove("LC_ALL")
+            .env("LANG", lang)
+            .args(["-c", &line("echo INJECTED")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        direct("zh_TW.BIG5").ends_with("\nINJECTED\n"),
+        "{:?}",
+        direct("zh_TW.BIG5")
+    );
+    assert!(direct("C.UTF-8").ends_with("; echo INJECTED\n"));
+
+    let g = Gateway::start(&policy()).await;
+    let ca = g.keys.path().join("ca");
+    let key = g.certificate(&ca, "user", OPS_PRINCIPAL, "-5m:+1h");
+    let before = host_command_count();
+    let refused = [
+        line(&format!("rm -f {}", victim.display())),
+        line(&touch),
+        format!(
+            "bash -c $'echo \\xe2\\x82\\xac\\\\; rm -f {}'",
+            victim.display()
+        ),
+    ];
+    for (i, refused) in refused.iter().enumerate() {
+        let out = g
+            .ssh(&key, &["-o", "SetEnv=LANG=zh_TW.BIG5", refused.as_str()])
+            .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(126), "{i}: {refused}: {out:?}");
+        assert!(stderr.contains("locale"), "{i}: {stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert!(!dir.path().join("proof").exists());
+    // Non-ASCII text elsewhere in a line runs as ever, in that locale too.
+    let fine = format!("echo '\u{20ac}' \\; && {touch}");
+    let out = g
+        .ssh(&key, &["-o", "SetEnv=LANG=zh_TW.BIG5", fine.as_str()])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(dir.path().join("proof").exists());
+
+    let ran = host_ran(before);
+    assert!(ran.contains(&fine), "{ran:?}");
+    for line in &refused {
+        assert!(!ran.contains(line), "{line} reached the host: {ran:?}");
+    }
+    let records = g.node.records_after_sessions(refused.len() + 1).await;
+    let blocked: Vec<String> = ssh_requests(&records)
+        .into_iter()
+        .filter(|(k, _, _)| *k == Kind::Blocked)
+        .filter_map(|(_, _, c)| c)
+        .collect();
+    for line in &refused {
+        assert!(blocked.contains(line), "{line}: {blocked:?}");
     }
 }
 
@@ -1297,6 +1393,55 @@ async fn an_exec_held_on_one_node_runs_once_on_another_after_approval() {
     assert!(of_kind(&a.node.records().await, Kind::ApprovalRequested).len() == 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_for_an_approval_is_not_idle() {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 60");
+    let g = Gateway::start_settings(
+        &policy,
+        "idle_timeout_secs = 2",
+        Some(cluster.node_section()),
+    )
+    .await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let command = format!("echo restart-{}", vigil_chaos::random_suffix());
+    let before = host_command_count();
+
+    let session = token_login(g.port(), &g.user(), &token).await.unwrap();
+    let held = command.clone();
+    let run = tokio::spawn(async move { exec(&session, &held).await });
+    let held_on_record = |r: &[Record]| !of_kind(r, Kind::ApprovalRequested).is_empty();
+    let records = records_when(&g, held_on_record).await;
+    let requested = of_kind(&records, Kind::ApprovalRequested);
+    let id = requested[0].body.approval.as_ref().unwrap().id.clone();
+    // More than two idle timeouts pass while the approver makes up their mind.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let coord = cluster.endpoints().join(",");
+    let alice = vigil_chaos::id_token("alice");
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        vigil_chaos::vigil(&[
+            "approvals",
+            "approve",
+            &id,
+            "--coordinator",
+            &coord,
+            "--token",
+            &alice,
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+
+    let (out, err, status) = run.await.unwrap();
+    assert_eq!(status, Some(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        command.trim_start_matches("echo ")
+    );
+    assert!(host_ran(before).contains(&command), "the host ran it");
+}
+
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let g = Gateway::start(&policy()).await;
@@ -1320,6 +1465,50 @@ async fn a_session_ends_when_its_token_expires() {
         end[0].body.detail.as_deref(),
         Some("the session's token expired")
     );
+}
+
+#[tokio::test]
+async fn a_session_idle_for_the_timeout_ends_and_a_busy_one_runs_on() {
+    let g = Gateway::start_settings(&policy(), "idle_timeout_secs = 2", None).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "idle", OPS_PRINCIPAL, "-5m:+1h");
+    let before = host_command_count();
+
+    // Output every half second for twice the timeout: never idle, it runs to its end.
+    let busy = "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done";
+    let out = g.ssh(&key, &[busy]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    let ticks = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(ticks, 8, "{}", output_text(&out));
+
+    // Nothing in either direction: ended two seconds in, not at the command's end.
+    let started = std::time::Instant::now();
+    let out = g.ssh(&key, &["sleep 30; echo never"]).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "ended by the idle timeout: {took:?}"
+    );
+    assert_eq!(out.status.code(), Some(255), "{}", output_text(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));
+
+    let records = g.node.records_after_sessions(2).await;
+    let ends: Vec<_> = of_kind(&records, Kind::SessionEnd)
+        .iter()
+        .map(|r| r.body.detail.clone())
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            None,
+            Some("the session was idle for ssh.idle_timeout_secs".to_string())
+        ],
+        "the busy session ended on its own, the idle one by the gateway"
+    );
+    // Ground truth: the host ran both commands (the idle one was cut, not refused).
+    let ran = host_ran(before);
+    for command in [busy, "sleep 30; echo never"] {
+        assert!(ran.iter().any(|c| c == command), "{command}: {ran:?}");
+    }
 }
 
 #[tokio::test]
@@ -1475,27 +1664,51 @@ async fn echo_service() -> u16 {
     port
 }
 
+/// Where a remote forward on `localhost` surely listens. sshd binds such a forward on every
+/// loopback address, `::1` first: for port 0 it takes the port the kernel gives it there and
+/// then binds `127.0.0.1` on the same port, which may fail (another process, say a gateway of a
+/// concurrent test, listens on that IPv4 port) and is then left out, so that a connection to
+/// `127.0.0.1` reaches whatever listens there (a reset in one CI run).
+const HOST_LOOPBACK: &str = "::1";
+
 /// Connects to `port` on the host (this machine), sends `payload` and reads the answer to its
 /// end; returns the answer and the connection's local port (the originator the host reports).
-async fn through_host_port(port: u32, payload: &[u8]) -> (Vec<u8>, u16) {
+async fn through_host_port(port: u32, payload: &[u8]) -> std::io::Result<(Vec<u8>, u16)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
-        .await
-        .unwrap();
-    let local = conn.local_addr().unwrap().port();
-    conn.write_all(payload).await.unwrap();
-    conn.shutdown().await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect((HOST_LOOPBACK, port as u16)).await?;
+    let local = conn.local_addr()?.port();
+    conn.write_all(payload).await?;
+    conn.shutdown().await?;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
         .await
-        .expect("the answer comes back through the forward")
-        .unwrap();
-    (answer, local)
+        .expect("the answer comes back through the forward")?;
+    Ok((answer, local))
 }
 
-/// Whether anything accepts connections on 127.0.0.1:`port`.
+/// Why a connection through a remote forward failed, as far as the host, the client and the
+/// gateway can tell: `error`, what the client said (`said`), sshd's log since `log_before` and
+/// the gateway's records of forwarded connections.
+async fn forward_failed(
+    g: &Gateway,
+    error: std::io::Error,
+    said: &[String],
+    log_before: usize,
+) -> ! {
+    let records = g.node.records().await;
+    let relayed: Vec<_> = records
+        .iter()
+        .filter(|r| r.body.stmt.is_some() && matches!(r.body.kind, Kind::Response | Kind::Blocked))
+        .collect();
+    panic!(
+        "a connection through the forward failed: {error}\nthe client said: {said:#?}\nsshd's log:\n{}\nthe gateway's responses: {relayed:#?}",
+        sshd_log_since(log_before)
+    )
+}
+
+/// Whether anything accepts connections on the host's loopback at `port`.
 async fn listening(port: u32) -> bool {
-    tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+    tokio::net::TcpStream::connect((HOST_LOOPBACK, port as u16))
         .await
         .is_ok()
 }
@@ -1570,7 +1783,7 @@ async fn a_remote_forward_a_rule_allows_relays_both_ways_and_is_recorded() {
         .args(["-F", cfg, "-N", "-o", "ExitOnForwardFailure=yes"])
         .args([
             "-o",
-            "LogLevel=INFO",
+            "LogLevel=VERBOSE",
             "-R",
             &format!("0:127.0.0.1:{echo}"),
             "web",
@@ -1599,7 +1812,19 @@ async fn a_remote_forward_a_rule_allows_relays_both_ways_and_is_recorded() {
     // A connection on the host's side reaches the service on the client's side, and the
     // answer (longer than the question, so the directions can be told apart) comes back.
     let payload = vec![b'x'; 1000];
-    let (answer, originator) = through_host_port(allocated, &payload).await;
+    let (answer, originator) = match through_host_port(allocated, &payload).await {
+        Ok(answered) => answered,
+        Err(e) => {
+            let mut said = Vec::new();
+            let rest = async {
+                while let Ok(Some(line)) = stderr.next_line().await {
+                    said.push(line);
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), rest).await;
+            forward_failed(&g, e, &said, log_before).await
+        }
+    };
     assert_eq!(answer.len(), 1005);
     assert!(answer.starts_with(b"echo:") && answer[5..] == payload[..]);
 
@@ -1650,7 +1875,7 @@ async fn a_remote_forward_a_rule_allows_relays_both_ways_and_is_recorded() {
     );
     assert_eq!(
         relayed.originator.as_deref(),
-        Some(format!("127.0.0.1:{originator}").as_str())
+        Some(format!("{HOST_LOOPBACK}:{originator}").as_str())
     );
     let ended: Vec<_> = responses
         .iter()
@@ -1719,7 +1944,10 @@ async fn a_remote_forward_a_rule_allows_relays_both_ways_and_is_recorded() {
         .find(|(_, s)| s.forward.as_deref() == Some(asked.as_str()))
         .expect("the fixed port's request");
     let fixed_stmt = fixed.body.stmt.unwrap();
-    let (answer, _) = through_host_port(port, b"ping").await;
+    let (answer, _) = match through_host_port(port, b"ping").await {
+        Ok(answered) => answered,
+        Err(e) => forward_failed(&g, e, &[], log_before).await,
+    };
     assert_eq!(answer, b"echo:ping");
 
     let cancel = run(

@@ -672,11 +672,22 @@ ensure_ssh_key() { # path comment
   chmod 600 "$1"
 }
 
+# A locale whose two-byte characters may end in an ASCII byte such as `\` (BIG5): bash in it
+# reads `€\;` as two characters and a separator. The SSH tests prove on it that a command line
+# whose reading depends on the host's locale is refused (sshd accepts LANG from clients).
+ensure_big5_locale() {
+  if ! locale -a 2>/dev/null | grep -qix 'zh_TW.big5'; then
+    log "generating the zh_TW.BIG5 locale"
+    localedef -i zh_TW -f BIG5 zh_TW.BIG5 || die "localedef -i zh_TW -f BIG5 failed (package locales)"
+  fi
+}
+
 sshd_provision() {
   # every sshd config path below is written unquoted
   [[ "$sshd_dir" != *[[:space:]\"\'%#\\]* ]] \
     || die "VIGIL_DEV_DIR ($dev_dir) must not contain spaces, quotes, %, # or backslashes (sshd config paths)"
   install_logging_shell
+  ensure_big5_locale
   ensure_ssh_user "$ssh_login"
   ensure_ssh_user "$ssh_other_login"
 

@@ -29,6 +29,8 @@
 #     kubelet built from Debian's kubernetes source package into $VIGIL_KUBE_BIN, default
 #     /var/cache/vigil/kube/bin, outside the repository: about 8 minutes and 5 GB of free disk
 #     the first time on a machine, a no-op under a second once the stamped binaries are there);
+#   - locales, from which servers.sh generates zh_TW.BIG5 (a locale whose two-byte characters
+#     may end in `\`: the SSH tests prove on it what a host in such a locale would run);
 #   - valgrind, whose callgrind counts the gateway's instructions per transaction for the
 #     hot-path guard of .ci/run (loadtest/callgrind.sh);
 #   - the SAML tests' identity provider: `deploy/dev/saml/idp.sh install` (SimpleSAMLphp and
@@ -56,7 +58,7 @@ want=(postgresql-15 postgresql-client-15 pgbouncer libclang-dev openssl curl ca-
       libxmlsec1-dev libxml2-dev libssl-dev pkg-config
       python3 python3-venv openssh-server openssh-client tmux rsync
       docker.io docker-compose debootstrap binutils haproxy prometheus iptables
-      chromium chromium-driver valgrind)
+      chromium chromium-driver valgrind locales)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 

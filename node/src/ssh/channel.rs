@@ -10,6 +10,7 @@ use super::sftp_guard::SftpGuard;
 use super::typed::{Decided, Echoes, TypedLines};
 use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::idle::Activity;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
 use crate::policy::ssh::{SshAction, SshRequestKind};
@@ -527,6 +528,8 @@ fn reply(session: &mut Session, id: ChannelId, ok: bool) {
 /// Holds the request for approval: bound to the protocol, the host, the login and the exact
 /// request.
 async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &PolicyRef) -> Verdict {
+    // Waiting for an approver is not the session's idleness.
+    let _waiting = conn.activity.waiting();
     let spec = match crate::core::approvals::spec_of(&run.decision) {
         Ok(s) => s,
         Err(refused) => return *refused,
@@ -684,6 +687,8 @@ pub(super) struct SessionScope {
     principal: Option<Arc<Principal>>,
     connection: Option<Arc<Connection>>,
     trace: tracing::Span,
+    /// Touched by the session's channels as they pass bytes on (`ssh.idle_timeout_secs`).
+    activity: Arc<Activity>,
 }
 
 impl SessionScope {
@@ -694,6 +699,7 @@ impl SessionScope {
             principal: conn.principal.clone(),
             connection: Some(Arc::new(conn.conn.clone())),
             trace: conn.trace.clone(),
+            activity: conn.activity.clone(),
         }
     }
 
@@ -849,9 +855,16 @@ impl Recorder {
     /// without its text. Resolves once they are written, so that a line is on record before
     /// what decided it (its echo, its Enter) goes on to the client or the host.
     async fn typed(&self, lines: Vec<Decided>) {
-        if lines.is_empty() {
-            return;
+        if self.typed_records(lines) {
+            self.scope.core.audit.flush().await;
         }
+    }
+
+    /// [`Self::typed`]'s records, handed to the writer without waiting: for a caller whose
+    /// next awaited write (the chunk that decided them) carries them to the log. Whether
+    /// there were any.
+    fn typed_records(&self, lines: Vec<Decided>) -> bool {
+        let any = !lines.is_empty();
         for Decided { typed, echoed } in lines {
             let mut body = self.body(Kind::Request);
             body.request = Some(Request::Ssh(SshRequest {
@@ -873,7 +886,7 @@ impl Recorder {
             };
             self.scope.core.audit.record(body);
         }
-        self.scope.core.audit.flush().await;
+        any
     }
 
     /// A request on a running channel (resize, signal), on record before the host sees it.
@@ -911,6 +924,7 @@ async fn input_task(
             () = closed(&mut ended) => None,
         };
         let Some(input) = input else { break };
+        rec.scope.activity.touch();
         let sent = match input {
             Input::Data(mut bytes) => {
                 if let Some(sftp) = &p.sftp {
@@ -937,8 +951,7 @@ async fn input_task(
                     .input
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 if let Some((_, echoes)) = &typed {
-                    let decided = lock(echoes).typing();
-                    rec.typed(decided).await;
+                    rec.typed_records(lock(echoes).typing());
                 }
                 if !rec.chunk("input", &bytes, true).await {
                     let message = b"vigil: the gateway cannot record this channel; closing\r\n";
@@ -948,10 +961,12 @@ async fn input_task(
                     break;
                 }
                 if let Some((lines, echoes)) = &mut typed {
-                    for line in lines.feed(&bytes) {
-                        let decided = lock(echoes).ended(line);
-                        rec.typed(decided).await;
-                    }
+                    let decided: Vec<Decided> = {
+                        let mut echoes = lock(echoes);
+                        let lines = lines.feed(&bytes).into_iter();
+                        lines.flat_map(|line| echoes.ended(line)).collect()
+                    };
+                    rec.typed(decided).await;
                 }
                 write.data_bytes(bytes).await
             }
@@ -1030,6 +1045,7 @@ async fn output_task(
             }
         };
         let Some(msg) = msg else { break };
+        rec.scope.activity.touch();
         let delivered = match msg {
             ChannelMsg::Data { data } => {
                 if let Some(sftp) = &p.sftp {
@@ -1044,12 +1060,10 @@ async fn output_task(
                 p.counters
                     .output
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                let recorded = rec.chunk("output", &data, true).await;
                 if let Some(echoes) = &p.typed {
-                    let decided = lock(echoes).shown(&data);
-                    rec.typed(decided).await;
+                    rec.typed_records(lock(echoes).shown(&data));
                 }
-                recorded && client.data(id, data).await.is_ok()
+                rec.chunk("output", &data, true).await && client.data(id, data).await.is_ok()
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 let recorded = rec.chunk("error", &data, true).await;

@@ -163,6 +163,19 @@ pub enum CommandError {
     TooMuchNested(usize),
     #[error("syntax error at offset {offset}: {message}")]
     Syntax { offset: usize, message: String },
+    #[error("a non-ASCII byte right before a backslash or backquote at offset {0}: a shell in a locale whose characters may end in an ASCII byte (BIG5, GBK, GB18030, Shift JIS) reads the two as one character, so what runs depends on the host's locale")]
+    LocaleDependent(usize),
+}
+
+/// Where a shell's reading of `text` may depend on its locale: a byte of a non-ASCII
+/// character right before `\` or `` ` ``. UTF-8 never puts an ASCII byte inside a character,
+/// but BIG5, GBK, GB18030 and Shift JIS do, as the second byte of a two-byte character, and
+/// bash in such a locale reads the pair as one character: `€\; rm` (UTF-8 `e2 82 ac 5c`)
+/// is `[e2 82][ac 5c]` there, and the `;` the gateway reads as escaped separates commands.
+/// (Other ASCII bytes that may end such a character make the gateway over-read, not miss:
+/// a `|` it takes for a pipe, a `{` for a brace expansion.)
+fn locale_dependent(text: &[u8]) -> Option<usize> {
+    memchr::memchr2_iter(b'\\', b'`', text).find(|&at| at > 0 && text[at - 1] >= 0x80)
 }
 
 /// Parses an exec command line. An empty line (or one with only blanks and comments) gives
@@ -177,6 +190,9 @@ pub fn parse(line: &str) -> Result<CommandLine, CommandError> {
     }
     if let Some(at) = line.bytes().position(|b| b == 0) {
         return Err(CommandError::NulByte(at));
+    }
+    if let Some(at) = locale_dependent(line.as_bytes()) {
+        return Err(CommandError::LocaleDependent(at));
     }
     let mut out = Sink::default();
     Parser::new(line.as_bytes(), 0, 0, &mut out, false).run()?;
@@ -615,6 +631,9 @@ impl<'s, 'o> Parser<'s, 'o> {
             self.flag(CommandFlag::Unparsed);
             return Ok(());
         }
+        if let Some(at) = locale_dependent(text) {
+            return Err(CommandError::LocaleDependent(self.base + self.pos + at));
+        }
         self.count_nested(text.len())?;
         let base = self.base + self.pos;
         let piped = self.piped;
@@ -630,7 +649,8 @@ impl<'s, 'o> Parser<'s, 'o> {
             Err(
                 e @ (CommandError::TooDeep(_)
                 | CommandError::TooManyWords(_)
-                | CommandError::TooMuchNested(_)),
+                | CommandError::TooMuchNested(_)
+                | CommandError::LocaleDependent(_)),
             ) => Err(e),
             Err(e) if strict => Err(e),
             Err(_) => {
@@ -1361,7 +1381,8 @@ impl<'s, 'o> Parser<'s, 'o> {
             Err(
                 e @ (CommandError::TooDeep(_)
                 | CommandError::TooManyWords(_)
-                | CommandError::TooMuchNested(_)),
+                | CommandError::TooMuchNested(_)
+                | CommandError::LocaleDependent(_)),
             ) => Err(e),
             Err(_) => {
                 self.flag(CommandFlag::Unparsed);
@@ -3272,6 +3293,33 @@ mod tests {
         assert!(matches!(parse("(ls"), Err(CommandError::Syntax { .. })));
         // A backquoted text that does not parse makes the line fail: it is part of it.
         assert!(parse("echo `'`").is_err());
+        // What a shell in a BIG5, GBK or Shift JIS locale reads otherwise (`[e2 82][ac 5c]`).
+        assert_eq!(
+            parse("echo \u{20ac}\\; rm -rf /"),
+            Err(CommandError::LocaleDependent(8))
+        );
+        assert_eq!(
+            parse("echo \u{e9}`id`"),
+            Err(CommandError::LocaleDependent(7))
+        );
+        // In a nested text too, however it was written there; an escaped newline as well.
+        for line in [
+            "sh -c $'\\xe2\\x82\\xac\\\\; rm -rf /'",
+            "bash -c \"echo \u{20ac}\\\\; rm\"",
+            "eval 'echo \u{20ac}\\\n rm'",
+        ] {
+            assert!(
+                matches!(parse(line), Err(CommandError::LocaleDependent(_))),
+                "{line}: {:?}",
+                parse(line)
+            );
+        }
+        // Non-ASCII text elsewhere is read as ever.
+        check(
+            "echo '\u{20ac}' \\; \u{e9}t\u{e9} | wc",
+            &["echo", "wc"],
+            &[],
+        );
         let long = "a".repeat(MAX_LINE_BYTES + 1);
         assert_eq!(
             parse(&long),

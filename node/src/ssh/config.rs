@@ -36,6 +36,10 @@ pub struct SshConfig {
     /// Authentication attempts per connection.
     #[serde(default = "default_max_auth_attempts")]
     pub max_auth_attempts: usize,
+    /// A session in which nothing happens for this long (no byte on any channel in either
+    /// direction, no channel opened) is ended by the gateway; `0`: never.
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
     /// Environment variables a client may pass to the host (`env` requests); others are
     /// refused (and recorded).
     #[serde(default = "default_env_allow")]

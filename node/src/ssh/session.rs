@@ -8,6 +8,7 @@ use super::target::{Pinned, Target};
 use super::SshContext;
 use crate::audit::RecordingFile;
 use crate::core::identity::TokenError;
+use crate::core::idle::Activity;
 use crate::core::lifecycle::until;
 use crate::core::proxy_protocol::{self, Guarded, Origin};
 use russh::keys::ssh_key::certificate::CertType;
@@ -72,6 +73,7 @@ async fn serve(
         refusals: 0,
         expires: None,
         ended_by: Arc::new(OnceLock::new()),
+        activity: Arc::default(),
         ender: None,
         credential: None,
         trace,
@@ -154,9 +156,13 @@ pub(super) struct Conn {
     tried: bool,
     /// Time left before the session must end with its token (`identity.session_expiry`).
     expires: Option<Duration>,
-    /// Why the gateway ended the session (its token expired, the node shut down), if it did.
+    /// Why the gateway ended the session (its token expired, it was idle, the node shut down),
+    /// if it did.
     ended_by: Arc<OnceLock<&'static str>>,
-    /// Ends the session when its token expires or the node's drain deadline passes.
+    /// When something last happened in the session (`ssh.idle_timeout_secs`).
+    pub activity: Arc<Activity>,
+    /// Ends the session when its token expires, when it has been idle for
+    /// `ssh.idle_timeout_secs`, or when the node's drain deadline passes.
     ender: Option<tokio::task::JoinHandle<()>>,
     /// Refused logins on record.
     refusals: u32,
@@ -435,7 +441,8 @@ impl russh::server::Handler for Conn {
 
     /// The client is in: its pre-authentication permit goes back, connections on its remote
     /// forwards can reach it, and the session is ended when its token expires
-    /// (`identity.session_expiry`) or at the node's drain deadline, like a PostgreSQL session.
+    /// (`identity.session_expiry`) or at the node's drain deadline, like a PostgreSQL session,
+    /// or when it has been idle for `ssh.idle_timeout_secs`.
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.preauth = None;
         let scope = SessionScope::of(self);
@@ -444,11 +451,20 @@ impl russh::server::Handler for Conn {
         let (handle, ended_by) = (session.handle(), self.ended_by.clone());
         let lifecycle = self.ctx.core.lifecycle.clone();
         let expires = self.expires.map(|left| tokio::time::Instant::now() + left);
+        let (activity, idle) = (
+            self.activity.clone(),
+            Duration::from_secs(self.ctx.config.idle_timeout_secs),
+        );
+        activity.touch();
         self.ender = Some(tokio::spawn(async move {
             let (why, message) = tokio::select! {
                 () = until(expires) => (
                     "the session's token expired",
                     "vigil: the session's token expired; log in again",
+                ),
+                () = activity.idle_for(idle) => (
+                    "the session was idle for ssh.idle_timeout_secs",
+                    "vigil: the session was idle for too long; reconnect to continue",
                 ),
                 () = lifecycle.ended() => (
                     "the gateway node shut down (drain deadline)",
@@ -473,6 +489,7 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.activity.touch();
         self.channels.insert(channel.id(), Chan::default());
         reply.accept().await;
         Ok(())
@@ -642,6 +659,7 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.activity.touch();
         let (host, port) = (host_to_connect, port_to_connect);
         forward::direct_tcpip(self, channel, host, port, reply, session).await;
         Ok(())
