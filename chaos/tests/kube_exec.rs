@@ -11,7 +11,9 @@
 //!   transport it served;
 //! - `vigil replay` and `vigil recording export` of a real exec: its requests and streams,
 //!   escape sequences shown and not run, an asciicast with the exact text, and a recording
-//!   with one byte flipped refused.
+//!   with one byte flipped refused;
+//! - `kubernetes.idle_timeout_secs`: an exec silent for that long is ended and its record says
+//!   why, one whose output keeps coming runs to its end, the kubelet's log showing both ran.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -583,4 +585,92 @@ async fn t40_an_exec_replays_escaped_exports_as_a_cast_and_a_flipped_byte_is_ref
         report.contains(&format!("seq {seq}: recorded chunk does not verify")),
         "{report}"
     );
+}
+
+/// An exec on whose streams nothing crosses for `kubernetes.idle_timeout_secs` is ended by the
+/// gateway, which tells kubectl why on the exec's error stream (WebSocket and SPDY) and puts it
+/// in the response record; one whose output keeps coming runs to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_an_idle_exec_is_ended_and_told_why_and_a_busy_one_runs_on() {
+    grant_dba().await;
+    let listen = "listen = \"127.0.0.1:0\"\n";
+    let section = vigil_chaos::kube::kube_section("").replacen(
+        listen,
+        &format!("{listen}idle_timeout_secs = 3\n"),
+        1,
+    );
+    let g = Gateway::start_with(section, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = g.kubeconfig(
+        dir.path(),
+        &token_for("agent-ops", "agent-ops-secret").await,
+    );
+    let marker = random_suffix();
+    let exec = |script: String, spdy: bool| {
+        let config = config.clone();
+        async move {
+            let mut kubectl = tokio::process::Command::new("kubectl");
+            kubectl.arg("--kubeconfig").arg(&config);
+            kubectl.args(["--request-timeout", "30s", "exec", "-n", "default", "shell"]);
+            kubectl.args(["--", "sh", "-c", &script]);
+            match spdy {
+                true => kubectl.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"),
+                false => kubectl.env_remove("KUBECTL_REMOTE_COMMAND_WEBSOCKETS"),
+            };
+            kubectl.output().await.expect("kubectl runs")
+        }
+    };
+
+    // Output every half second for twice the timeout: never idle.
+    let busy = format!("for i in $(seq 12); do echo {marker}-$i; sleep 0.5; done");
+    let out = exec(busy.clone(), false).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 12, "{stdout}");
+    let records = g.node.records().await;
+    let request = request_record(&records, |k| k.command.contains(&busy));
+    let (_, _, response) = wait_for_end(&g.node, request).await;
+    assert!(response.error.is_none(), "{response:?}");
+    vigil_chaos::kubelet::ran_once(&busy);
+
+    for spdy in [false, true] {
+        // Nothing either way after the first line: ended three seconds later.
+        let idle = format!("echo {marker}-{spdy}; sleep 30; echo {marker}-never");
+        let started = Instant::now();
+        let out = exec(idle.clone(), spdy).await;
+        let took = started.elapsed();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+            "ended by the idle timeout: {took:?}"
+        );
+        assert!(!out.status.success());
+        assert!(stdout.contains(&format!("{marker}-{spdy}")), "{stdout}");
+        assert!(!stdout.contains("-never"), "{stdout}");
+        assert!(
+            stderr.contains("vigil: the streams were idle for kubernetes.idle_timeout_secs"),
+            "kubectl says why: {stderr}"
+        );
+
+        let records = g.node.records().await;
+        let request = request_record(&records, |k| {
+            k.subresource.as_deref() == Some("exec") && k.command.contains(&idle)
+        });
+        let (_, _, response) = wait_for_end(&g.node, request).await;
+        let error = response.error.expect("the end names why");
+        assert_eq!(
+            error.message,
+            "the streams were idle for kubernetes.idle_timeout_secs"
+        );
+        // Ground truth: the kubelet ran it (cut, not refused), over the transport asked for.
+        let ran = vigil_chaos::kubelet::ran_once(&idle);
+        assert_eq!(ran["transport"], transport(spdy), "{ran}");
+    }
 }

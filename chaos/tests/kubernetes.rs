@@ -583,6 +583,27 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     .await;
     assert!(!out.status.success());
     assert!(text(&out).contains("no-rm-in-pods"), "{}", text(&out));
+    // And where bash in a BIG5 locale would read `\u{20ac}\\` as two characters: the `;` the
+    // gateway would read as escaped separates commands there (chaos/tests/ssh.rs proves it).
+    let hidden = format!("echo \u{20ac}\\; rm -rf {doomed}");
+    let out = kubectl(
+        &config,
+        &[
+            "exec",
+            "-n",
+            "default",
+            "shell",
+            "--",
+            "env",
+            "LANG=zh_TW.BIG5",
+            "bash",
+            "-c",
+            &hidden,
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("locale"), "{}", text(&out));
     let exec_log =
         std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG")).unwrap();
     assert!(

@@ -33,6 +33,10 @@ pub struct KubeConfig {
     /// Largest request head (request line and headers).
     #[serde(default = "default_max_header")]
     pub max_header_bytes: usize,
+    /// An exec, attach or port-forward stream on which no byte crosses either way for this
+    /// long is ended by the gateway; `0`: never.
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
     #[serde(default)]
     pub clusters: Vec<KubeClusterConfig>,
 }

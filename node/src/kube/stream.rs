@@ -25,6 +25,7 @@ use super::spdy::{self, FrameKind, Observed, Side, SpdyReader, StreamTable, Stre
 use super::websocket::{self, ChannelProtocol, Direction, WsMessage, WsReader, WsWriter};
 use super::KubeContext;
 use crate::audit::{ChunkOf, RecordingFile};
+use crate::core::idle::Activity;
 use crate::core::lifecycle::SHUTTING_DOWN;
 use crate::core::trace::Stmt;
 use bytes::Bytes;
@@ -33,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vigil_proto::record::{
     Body, Kind, KubeError, KubeResponse, Outcome, Response as RecordResponse,
@@ -105,6 +106,8 @@ struct Shared {
     /// The exec's outcome, as the error channel said it.
     status: Mutex<Vec<u8>>,
     ports: Mutex<BTreeMap<u16, PortStats>>,
+    /// When a byte last crossed either way (`kubernetes.idle_timeout_secs`).
+    activity: Activity,
 }
 
 /// An exec stream whose bytes are recorded.
@@ -421,8 +424,33 @@ impl Shared {
     }
 }
 
-/// Relays the two switched connections until both directions end, then writes the
-/// `response` record.
+/// Why the gateway itself ended the streams: the record's error, and what the client is told
+/// (an exec's error stream carries it as a `Failure` `Status` with `reason` and `code`).
+struct Ending {
+    why: &'static str,
+    said: &'static str,
+    reason: &'static str,
+    code: u16,
+}
+
+/// Nothing crossed for `kubernetes.idle_timeout_secs`.
+const IDLE: Ending = Ending {
+    why: "the streams were idle for kubernetes.idle_timeout_secs",
+    said: "vigil: the streams were idle for kubernetes.idle_timeout_secs",
+    reason: "Timeout",
+    code: 408,
+};
+
+/// The node's drain deadline passed.
+const DRAINED: Ending = Ending {
+    why: SHUTTING_DOWN,
+    said: SHUTTING_DOWN,
+    reason: "ServiceUnavailable",
+    code: 503,
+};
+
+/// Relays the two switched connections until both directions end (or the node drains, or the
+/// streams are idle for `kubernetes.idle_timeout_secs`), then writes the `response` record.
 pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
     let decoders = Decoder::new(streams.framing, &streams.purpose, Side::Client).and_then(|c| {
         Ok((
@@ -452,49 +480,108 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
         bytes: AtomicU64::new(0),
         status: Mutex::new(Vec::new()),
         ports: Mutex::new(ports),
+        activity: Activity::default(),
     });
     let (up_decoder, down_decoder) = match decoders {
         Ok(d) => d,
         Err(why) => return finish(&shared, Some(why)),
     };
     let (client_rd, client_wr) = tokio::io::split(TokioIo::new(client));
+    let to_client = Half::shared(client_wr);
     let (server_rd, server_wr) = tokio::io::split(TokioIo::new(server));
     // The client's side is written by both directions: what the server sends, and what the
     // gateway answers the client itself (a tunnel's pongs).
-    let client_wr = Arc::new(tokio::sync::Mutex::new(client_wr));
     let up = tokio::spawn(pump(
         shared.clone(),
         Side::Client,
         up_decoder,
         client_rd,
-        Arc::new(tokio::sync::Mutex::new(server_wr)),
-        Some(client_wr.clone()),
+        Half::shared(server_wr),
+        Some(to_client.clone()),
     ));
     let down = pump(
         shared.clone(),
         Side::Server,
         down_decoder,
         server_rd,
-        client_wr,
+        to_client.clone(),
         None,
     );
     let abort = up.abort_handle();
-    let error = tokio::select! {
+    let idle = Duration::from_secs(shared.streams.ctx.config.idle_timeout_secs);
+    let ending = tokio::select! {
         (down, up) = async { tokio::join!(down, up) } => {
-            [down, up.unwrap_or_else(|e| Err(e.to_string()))]
+            let error = [down, up.unwrap_or_else(|e| Err(e.to_string()))]
                 .into_iter()
-                .find_map(Result::err)
+                .find_map(Result::err);
+            return finish(&shared, error);
         }
-        () = shared.streams.ctx.core.lifecycle.ended() => {
-            abort.abort();
-            Some(SHUTTING_DOWN.to_string())
-        }
+        () = shared.streams.ctx.core.lifecycle.ended() => DRAINED,
+        () = shared.activity.idle_for(idle) => IDLE,
     };
-    finish(&shared, error);
+    abort.abort();
+    tell_client(&shared, &to_client, &ending).await;
+    finish(&shared, Some(ending.why.to_string()));
+}
+
+/// The gateway ends the streams: the client is told why where the streams have a place for it
+/// (an exec's error stream), then its connection is closed.
+async fn tell_client(shared: &Shared, to_client: &Writer, ending: &Ending) {
+    let mut w = to_client.lock().await;
+    if let (false, Some(words)) = (w.torn, last_words(shared, ending)) {
+        let _ = w.write(&words).await;
+    }
+    let _ = w.io.shutdown().await;
+}
+
+/// `ending` on an exec's error stream, in the streams' framing (a normal close follows over
+/// WebSocket); nothing for a port-forward, whose error streams are the pod's ports'.
+fn last_words(shared: &Shared, ending: &Ending) -> Option<Vec<u8>> {
+    let s = &shared.streams;
+    if s.purpose != Purpose::Exec {
+        return None;
+    }
+    match s.framing {
+        Framing::WebSocket(protocol) => WsWriter::new(Direction::ServerToClient, protocol)
+            .ending(ending.said, ending.reason, ending.code)
+            .ok()
+            .map(|b| b.to_vec()),
+        Framing::Spdy => {
+            let table = shared.table.lock().unwrap_or_else(|e| e.into_inner());
+            let error = table
+                .open_streams()
+                .find(|st| st.stream_type == StreamType::Error && st.replied && !st.server_fin)?;
+            let status = websocket::failure_status(ending.said, ending.reason, ending.code);
+            spdy::data(error.id, true, status.as_bytes()).ok()
+        }
+        Framing::Tunnel => None,
+    }
 }
 
 /// One side's writing half, shared by the directions that write to it.
-type Writer = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<TokioIo<Upgraded>>>>;
+type Writer = Arc<tokio::sync::Mutex<Half>>;
+
+/// A writing half that knows whether a write to it was cut off (its future dropped when the
+/// gateway ended the streams): after part of a frame, the gateway's own message would be
+/// garbage.
+struct Half {
+    io: tokio::io::WriteHalf<TokioIo<Upgraded>>,
+    torn: bool,
+}
+
+impl Half {
+    fn shared(io: tokio::io::WriteHalf<TokioIo<Upgraded>>) -> Writer {
+        Arc::new(tokio::sync::Mutex::new(Self { io, torn: false }))
+    }
+
+    /// Writes all of `bytes`.
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.torn = true;
+        let written = self.io.write_all(bytes).await;
+        self.torn = false;
+        written
+    }
+}
 
 /// Relays what `from` sends: read, decoded, put on record, then written to `wr` (and the
 /// gateway's own answers to `back`, the sender's side).
@@ -516,6 +603,7 @@ async fn pump(
             Err(e) if gone(&e) => break Ok(()),
             Err(e) => break Err(e.to_string()),
         };
+        shared.activity.touch();
         let (steps, closed) = match decoder.decode(&mut |f| shared.observe(from, f), &buf[..n]) {
             Ok(s) => s,
             Err(why) => break Err(why),
@@ -528,7 +616,7 @@ async fn pump(
             }
             if let (Some(back), false) = (&back, step.back.is_empty()) {
                 // A sender that cannot take the answer is gone: its reads end too.
-                let _ = back.lock().await.write_all(&step.back).await;
+                let _ = back.lock().await.write(&step.back).await;
             }
             if step.raw.is_empty() {
                 continue;
@@ -536,7 +624,7 @@ async fn pump(
             shared
                 .bytes
                 .fetch_add(step.raw.len() as u64, Ordering::Relaxed);
-            match wr.lock().await.write_all(&step.raw).await {
+            match wr.lock().await.write(&step.raw).await {
                 Ok(()) => {}
                 // The other end went first (kubectl ends a port-forward by leaving).
                 Err(e) if gone(&e) => break 'read Ok(()),
@@ -549,9 +637,9 @@ async fn pump(
     };
     let mut wr = wr.lock().await;
     if let Some(close) = decoder.closing() {
-        let _ = wr.write_all(&close).await;
+        let _ = wr.write(&close).await;
     }
-    let _ = wr.shutdown().await;
+    let _ = wr.io.shutdown().await;
     result
 }
 

@@ -14,7 +14,8 @@
 //! held fragments carried, then the close follows).
 //!
 //! [`WsWriter`] produces frames (masked from the client, unmasked from the server) for tests
-//! and for the relay's own messages: a refusal's `Status` on the error channel and a close.
+//! and for the relay's own messages: the `Status` on the error channel that says why the
+//! gateway ended the streams, and a close.
 //! [`accept_key`], [`select_subprotocol`], [`check_client_upgrade`] and
 //! [`check_server_upgrade`] are the handshake pieces.
 //!
@@ -1299,18 +1300,18 @@ impl WsWriter {
         Ok(self.frame(true, opcode, payload))
     }
 
-    /// What the gateway sends the client instead of the server's streams when it refuses an
-    /// exec or attach after the upgrade: `message` on the error channel (a `Failure` `Status`
-    /// with reason `Forbidden` from v4 on, the text before), then a normal close.
-    pub fn refusal(&self, message: &str) -> Result<Bytes, WsError> {
+    /// What the gateway sends the client when it ends an exec or attach itself (idle streams,
+    /// a drained node): `message` on the error channel (a `Failure` `Status` with `reason` and
+    /// `code` from v4 on, the text before), then a normal close.
+    pub fn ending(&self, message: &str, reason: &str, code: u16) -> Result<Bytes, WsError> {
         if self.protocol.kind() != StreamKind::Exec {
             return Err(WsError::Config(format!(
-                "{} has no error channel for a refusal",
+                "{} has no error channel to say why it ends",
                 self.protocol
             )));
         }
         let body = if self.protocol.has_status() {
-            failure_status(message, "Forbidden", 403)
+            failure_status(message, reason, code)
         } else {
             message.to_owned()
         };
@@ -2649,9 +2650,11 @@ mod tests {
     }
 
     #[test]
-    fn refusal_is_a_status_then_a_close() {
+    fn an_ending_is_a_status_then_a_close() {
         for p in [P::V4, P::V5, P::V4Base64, P::V1] {
-            let bytes = server(p).refusal("vigil: blocked by rule r1").unwrap();
+            let bytes = server(p)
+                .ending("vigil: blocked by rule r1", "Forbidden", 403)
+                .unwrap();
             let got = read_every_way(|| WsReader::new(S2C, p), &bytes);
             let WsMessage::Error { payload, status } = &got[0] else {
                 panic!("{got:?}");
@@ -2676,7 +2679,9 @@ mod tests {
                 }
             );
         }
-        assert!(server(P::SpdyTunnel).refusal("no").is_err());
+        assert!(server(P::SpdyTunnel)
+            .ending("no", "Forbidden", 403)
+            .is_err());
     }
 
     #[test]
