@@ -236,6 +236,27 @@ async fn t8a_execute_name_binds_the_prepared_text() {
     assert_eq!(s.value("a.t").await, 7);
 }
 
+/// An approved SQL `PREPARE` lets the name be made, not run: each protocol Bind and Execute
+/// of the name is held again, as `EXECUTE name` is, and runs once per approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8g_a_sql_prepared_body_is_held_at_every_protocol_execute() {
+    let s = setup().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let prepare = "PREPARE p AS UPDATE t SET v = v + 5 WHERE id = 1";
+    s.prepare(&mut w, prepare).await;
+    let run = [wire::bind("", "p", &[]), wire::execute(""), wire::sync()];
+    let id = s.pending(&mut w, &run).await.expect("the Execute is held");
+    assert_eq!(s.value("a.t").await, 0);
+    let shown = s.approve(&id);
+    assert!(shown.contains(prepare), "{shown}");
+    assert_eq!(s.pending(&mut w, &run).await, None, "approved, it runs");
+    assert_eq!(s.value("a.t").await, 5);
+    // Once: the next Execute is held again.
+    assert!(s.pending(&mut w, &run).await.is_some());
+    assert_eq!(s.value("a.t").await, 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
     let s = setup().await;

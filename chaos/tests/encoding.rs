@@ -351,6 +351,16 @@ async fn t7g_string_literals_stay_standard() {
             "{sql}: {message}"
         );
     }
+    // pg_settings' update rule calls set_config: refused too, under the first of the two
+    // rules (it could change either setting).
+    let err = client
+        .simple_query(
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+        )
+        .await
+        .unwrap_err();
+    let message = err.as_db_error().expect("a refusal").message().to_string();
+    assert!(message.contains("rule client-encoding"), "{message}");
     let err = client
         .query(
             "SELECT set_config($1, 'off', false)",

@@ -588,3 +588,95 @@ async fn t7a_random_sequences_name_exactly_what_postgres_ran() {
     assert!(ran.len() > 50, "the run executed statements: {}", ran.len());
     assert_records_name_what_ran(&ran, &s.node.records().await, &format!("seed {seed}"));
 }
+
+/// A statement that runs a prepared statement from inside another (`EXPLAIN ANALYZE`,
+/// `CREATE TABLE … AS EXECUTE`, both at once) is decided, held and recorded on what the name
+/// holds, however deep the wrapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7i_a_prepared_statement_run_from_inside_another_is_held() {
+    let s = setup().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    let update = "UPDATE payroll SET amount = amount + 1 WHERE id = 1";
+    let r = w.batch(&[wire::parse("s", update), wire::sync()]).await;
+    assert!(errors(&r).is_empty(), "preparing runs nothing: {r:?}");
+    let wrappers = [
+        "EXPLAIN ANALYZE CREATE TEMP TABLE x AS EXECUTE s",
+        "CREATE TEMP TABLE y AS EXECUTE s",
+        "EXPLAIN ANALYZE EXECUTE s",
+    ];
+    for sql in wrappers {
+        let r = w.batch(&[wire::query(sql)]).await;
+        let errs = errors(&r);
+        assert_eq!(errs.len(), 1, "{sql}: held, then refused (no approver waits)");
+        assert!(errs[0].1.contains("payroll-needs-approval"), "{sql}: {errs:?}");
+    }
+    let su = direct_superuser(&s.node.files.db).await;
+    let amount: i32 = su
+        .query_one("SELECT amount FROM payroll WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(amount, 100, "the UPDATE never ran");
+    let ran = s.ran();
+    assert!(!wrappers.iter().any(|w| ran_text(&ran, w)), "{ran:#?}");
+    // Each refusal's record names what the name holds.
+    let records = s.node.records().await;
+    for sql in wrappers {
+        let named = records
+            .iter()
+            .filter_map(|r| r.body.pg_request())
+            .find(|r| r.text == sql)
+            .unwrap_or_else(|| panic!("no record of {sql}"));
+        assert_eq!(named.prepared[0].text, update, "{sql}");
+    }
+    assert_records_name_what_ran(&ran, &records, "t7i");
+}
+
+/// SQL the gateway does not see (a `DO` block's dynamic SQL) can replace what a name holds:
+/// after it, the gateway refuses the names it knew until they are made again, so no record
+/// names a statement the target no longer holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7j_names_are_not_trusted_after_sql_the_gateway_did_not_see() {
+    let s = setup().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    let r = w
+        .batch(&[wire::parse("s1", "SELECT 'harmless'"), wire::sync()])
+        .await;
+    assert!(errors(&r).is_empty(), "{r:?}");
+    let swap = "DO $$BEGIN EXECUTE 'DEALLOCATE s1'; \
+                EXECUTE 'PREPARE s1 AS UPDATE payroll SET amount = 0 WHERE id = 1'; END$$";
+    let r = w.batch(&[wire::query(swap)]).await;
+    assert!(errors(&r).is_empty(), "the DO block runs: {r:?}");
+    let r = w
+        .batch(&[wire::bind("", "s1", &[]), wire::execute(""), wire::sync()])
+        .await;
+    let errs = errors(&r);
+    assert_eq!(errs.len(), 1, "refused: {errs:?}");
+    assert!(errs[0].1.contains("unknown-prepared-statement"), "{errs:?}");
+    let r = w.batch(&[wire::query("EXECUTE s1")]).await;
+    assert_eq!(errors(&r).len(), 1, "refused: {r:?}");
+    // Closed and made again, the name is the gateway's to vouch for again.
+    let r = w
+        .batch(&[
+            wire::close(b'S', "s1"),
+            wire::parse("s1", "SELECT 'again'"),
+            wire::bind("", "s1", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
+    assert!(errors(&r).is_empty(), "{:?}", errors(&r));
+    assert!(
+        r.iter().any(|m| m.values() == [Some("again".to_string())]),
+        "{r:?}"
+    );
+    let su = direct_superuser(&s.node.files.db).await;
+    let amount: i32 = su
+        .query_one("SELECT amount FROM payroll WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(amount, 100, "the swapped-in UPDATE never ran");
+    let ran = s.ran();
+    assert_records_name_what_ran(&ran, &s.node.records().await, "t7j");
+}

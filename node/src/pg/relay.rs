@@ -986,9 +986,9 @@ impl ClientHalf {
             self.skip_until_sync = true;
             return Ok(());
         }
-        // A statement that runs others by name is decided now, on what they hold now; any
-        // other was decided when it was prepared.
-        let (held, decided) = if resolved.decided.is_none() {
+        // A statement that runs others by name is decided now, on what they hold now, and so is
+        // a SQL PREPARE's body; any other was decided when it was prepared.
+        let (held, decided) = if resolved.decided.is_none() && !stmt.by_sql_prepare() {
             (stmt.hold.clone(), (stmt.policy.clone(), stmt.note.clone()))
         } else {
             let decision = self.decide(&stmt.class, &resolved);
@@ -1396,10 +1396,12 @@ impl ClientHalf {
     ) -> Vec<Vec<Op>> {
         let Ok(stmts) = class else { return Vec::new() };
         // Most statements change nothing: no work on the hot path for them.
-        if stmts
-            .iter()
-            .all(|s| s.prepares.is_none() && s.deallocates.is_none() && s.ends_portals.is_none())
-        {
+        if stmts.iter().all(|s| {
+            s.prepares.is_none()
+                && s.deallocates.is_none()
+                && s.ends_portals.is_none()
+                && !s.runs_unseen_sql()
+        }) {
             return Vec::new();
         }
         let texts = if stmts.iter().any(|s| s.prepares.is_some()) {
@@ -1434,6 +1436,12 @@ impl ClientHalf {
                 }
                 if let Some(name) = &s.ends_portals {
                     ops.push(Op::DropPortal(name.clone()));
+                }
+                // SQL the gateway did not see may have replaced what any name holds: the
+                // gateway forgets them all, and refuses them until they are made again.
+                if s.runs_unseen_sql() {
+                    ops.push(Op::DropStatement(None));
+                    ops.push(Op::DropPortal(None));
                 }
                 ops
             })

@@ -42,10 +42,18 @@ pub struct Stmt {
 }
 
 impl Stmt {
-    /// Whether an Execute of it may be held for approval: its own decision says so, or it
-    /// runs prepared statements by name and is decided again at each Execute.
+    /// Whether an Execute of it may be held for approval: its own decision says so, or it is
+    /// decided again at each Execute.
     pub fn may_hold(&self) -> bool {
-        self.hold.is_some() || runs_by_name(&self.class)
+        self.hold.is_some() || runs_by_name(&self.class) || self.by_sql_prepare()
+    }
+
+    /// Whether it is a SQL `PREPARE`'s: a protocol Bind and Execute of its name run the body,
+    /// which the `PREPARE`'s own decision let be prepared, not run; so each Execute is
+    /// decided again, as `EXECUTE name` is.
+    pub fn by_sql_prepare(&self) -> bool {
+        let stmts = self.class.as_ref().as_ref();
+        stmts.is_ok_and(|s| s.iter().any(|s| s.prepares.is_some()))
     }
 
     /// The declared type of parameter `i`.

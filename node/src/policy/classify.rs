@@ -285,6 +285,14 @@ impl StatementInfo {
             .is_some_and(|c| c.leaves(ReadingSetting::ClientEncoding))
     }
 
+    /// Whether the statement may run SQL that is not in its text (a `DO` block, `CALL`, a
+    /// function that runs SQL given as text): such SQL can `PREPARE`, `DEALLOCATE`, `CLOSE`
+    /// and `OPEN` cursors under any name, so what the session's names hold afterwards is not
+    /// what the gateway saw them given.
+    pub fn runs_unseen_sql(&self) -> bool {
+        self.flags.contains(&Flag::Procedural) || self.flags.contains(&Flag::ExecutesSqlText)
+    }
+
     /// Whether, after this statement, string literals may no longer be standard.
     pub fn leaves_standard_strings(&self) -> bool {
         self.standard_conforming_strings
@@ -541,10 +549,19 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
             info.deallocates = Some((!n.is_empty()).then(|| n.to_string()));
         }
         "ExecuteStmt" => info.executes = Some(str_field(body, "name").to_string()),
-        // EXPLAIN ANALYZE EXECUTE and CREATE TABLE … AS EXECUTE run the prepared statement.
+        // EXPLAIN ANALYZE EXECUTE, CREATE TABLE … AS EXECUTE and EXPLAIN ANALYZE CREATE
+        // TABLE … AS EXECUTE run the prepared statement they wrap, however deep.
         "ExplainStmt" | "CreateTableAsStmt" => {
-            if let Some(("ExecuteStmt", b)) = body.pointer("/query/node").and_then(single) {
-                info.executes = Some(str_field(b, "name").to_string());
+            let mut wrapped = body;
+            while let Some((inner, b)) = wrapped.pointer("/query/node").and_then(single) {
+                match inner {
+                    "ExecuteStmt" => {
+                        info.executes = Some(str_field(b, "name").to_string());
+                        break;
+                    }
+                    "ExplainStmt" | "CreateTableAsStmt" => wrapped = b,
+                    _ => break,
+                }
             }
         }
         "DiscardStmt" => {
@@ -1045,6 +1062,18 @@ impl Walk {
         match name {
             n if is_write_node(n) => {
                 info.writes = true;
+                // pg_settings' rule makes an UPDATE of it set_config(name, setting) for each
+                // row it matches: any setting, to any value.
+                if n == "UpdateStmt"
+                    && body.pointer("/relation/relname").and_then(Tree::as_str) == Some("pg_settings")
+                {
+                    for setting in [
+                        ReadingSetting::ClientEncoding,
+                        ReadingSetting::StandardConformingStrings,
+                    ] {
+                        info.note_setting(setting, SettingChange::NotConstant);
+                    }
+                }
                 if ctx.depth > 0 {
                     info.flags.insert(Flag::NestedWrite);
                 }
@@ -1225,10 +1254,15 @@ mod tests {
             assert_ne!(c.kind(), K::Read, "{sql}");
             assert!(c.flags.contains(&F::ExplainAnalyzeWrite), "{sql}");
         }
-        assert_eq!(
-            one("EXPLAIN ANALYZE EXECUTE p").executes.as_deref(),
-            Some("p")
-        );
+        // However deep the wrapping: each of these runs p.
+        for sql in [
+            "EXPLAIN ANALYZE EXECUTE p",
+            "CREATE TABLE x AS EXECUTE p",
+            "EXPLAIN ANALYZE CREATE TEMP TABLE x AS EXECUTE p",
+            "EXPLAIN (ANALYZE, BUFFERS) CREATE TABLE x AS EXECUTE p(1)",
+        ] {
+            assert_eq!(one(sql).executes.as_deref(), Some("p"), "{sql}");
+        }
         assert_eq!(
             one("COPY (DELETE FROM t RETURNING *) TO STDOUT").kind(),
             K::Write
@@ -1506,6 +1540,9 @@ mod tests {
             "SELECT set_config(name, 'off', false) FROM (VALUES ('standard_conforming_strings')) v(name)",
             "SELECT query_to_xml('select set_config(''standard_conforming_strings'', ''off'', false)', true, false, '')",
             "SET standard_conforming_strings = off; SET standard_conforming_strings = on",
+            // pg_settings' update rule calls set_config for each row: any setting.
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+            "update pg_catalog.pg_settings set setting = 'SJIS' where name = 'client_encoding'",
         ] {
             let info = classify(sql).unwrap();
             assert!(info.iter().any(StatementInfo::leaves_standard_strings), "{sql}");
@@ -1519,6 +1556,7 @@ mod tests {
             "SELECT set_config('standard_conforming_strings', 'on', false)",
             "SET escape_string_warning = off",
             "ALTER ROLE r SET standard_conforming_strings = off",
+            "SELECT setting FROM pg_settings WHERE name = 'standard_conforming_strings'",
         ] {
             assert!(!one(sql).leaves_standard_strings(), "{sql}");
         }
