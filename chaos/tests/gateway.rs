@@ -314,6 +314,74 @@ async fn t13_cancel_reaches_the_right_backend() {
     assert_eq!(sleep_req.body.session, session);
 }
 
+/// A cancel needs no login: a flood of made-up keys is recorded 20 a second at most, the rest
+/// are counted, and the next one on record says how many were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13b_a_flood_of_made_up_cancels_does_not_fill_the_audit_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(NodeOptions::default()).await;
+    let port = node.port();
+    let send = |pid: i32| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let packet: Vec<u8> = [16, 80_877_102, pid, 7]
+            .iter()
+            .flat_map(|n: &i32| n.to_be_bytes())
+            .collect();
+        s.write_all(&packet).await.unwrap();
+        // The node closes the connection once the cancel is handled.
+        let _ = s.read(&mut [0u8; 1]).await;
+    };
+    let denied = |records: &[vigil_proto::record::Record]| -> Vec<String> {
+        of_kind(records, Kind::Cancel)
+            .into_iter()
+            .filter(|r| r.body.outcome == Some(Outcome::Denied))
+            .map(|r| r.body.detail.clone().unwrap_or_default())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    for pid in 0..200 {
+        send(pid).await;
+    }
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    // Every cancel is on record or counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (recorded, unrecorded) = loop {
+        let recorded = denied(&node.records().await).len();
+        let unrecorded = metric(&node.metrics().await, "vigil_cancels_unrecorded_total") as usize;
+        if recorded + unrecorded == 200 {
+            break (recorded, unrecorded);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{recorded} recorded and {unrecorded} counted of 200"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        recorded <= 20 * seconds,
+        "{recorded} records in {seconds} s"
+    );
+    assert!(unrecorded > 0, "200 cancels in {seconds} s: some only counted");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send(1000).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let details = denied(&node.records().await);
+        if details.len() == recorded + 1 {
+            let last = details.last().unwrap();
+            assert!(
+                last.contains("denied cancels before this one were not recorded one by one"),
+                "{last}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{details:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn pgbench(node: &TestNode, token: &str, args: &[&str]) -> String {
     let out = Command::new("pgbench")
         .env("PGPASSWORD", token)

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub coordinator_reachable: Gauge,
     /// Cancel requests for another node's session, passed on to that node.
     pub cancels_passed: Counter,
+    /// Denied cancel requests beyond the ones recorded one by one each second.
+    pub cancels_unrecorded: Counter,
     /// Calls from other nodes that did not verify (signature, age, form).
     pub peer_calls_refused: Counter,
     pub bytes_to_target: Counter,
@@ -231,6 +233,11 @@ impl Metrics {
             "cancels_passed",
             "Cancel requests for another node's session, passed on to that node",
             self.cancels_passed.clone(),
+        );
+        registry.register(
+            "cancels_unrecorded",
+            "Denied cancel requests not recorded one by one (more than 20 a second)",
+            self.cancels_unrecorded.clone(),
         );
         registry.register(
             "peer_calls_refused",

@@ -11,7 +11,8 @@ use super::backend::Target;
 use super::PgContext;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use vigil_proto::record::{Connection, Kind, Outcome};
+use std::time::{Duration, Instant};
+use vigil_proto::record::{Body, Connection, Kind, Outcome};
 
 pub struct CancelEntry {
     pub target: Arc<Target>,
@@ -29,6 +30,38 @@ pub struct CancelRegistry {
     inner: Arc<Mutex<HashMap<Key, Arc<CancelEntry>>>>,
     /// This node's tag, in every pid it gives out.
     tag: u16,
+    denied: Arc<Mutex<Denied>>,
+}
+
+/// Denied cancels recorded one by one per second, at most. A cancel needs no login: a flood
+/// of made-up keys must not fill the audit log.
+pub const DENIED_ON_RECORD_PER_SEC: u32 = 20;
+
+/// The denied cancels of the current second, and those not recorded since the last that was.
+#[derive(Default)]
+struct Denied {
+    second: Option<Instant>,
+    recorded: u32,
+    unrecorded: u64,
+}
+
+impl Denied {
+    /// Whether a denied cancel at `now` goes on record, with how many before it did not.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .second
+            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
+        {
+            self.second = Some(now);
+            self.recorded = 0;
+        }
+        if self.recorded == DENIED_ON_RECORD_PER_SEC {
+            self.unrecorded += 1;
+            return None;
+        }
+        self.recorded += 1;
+        Some(std::mem::take(&mut self.unrecorded))
+    }
 }
 
 /// The node tag a client's cancel pid carries.
@@ -64,6 +97,7 @@ impl CancelRegistry {
         Self {
             inner: Default::default(),
             tag,
+            denied: Default::default(),
         }
     }
 
@@ -84,6 +118,31 @@ impl CancelRegistry {
                         key,
                     },
                 );
+            }
+        }
+    }
+
+    /// Records a denied cancel's `body`, unless [`DENIED_ON_RECORD_PER_SEC`] were this second:
+    /// then it is only counted (`vigil_cancels_unrecorded_total`), and the next one on record
+    /// says how many were not.
+    fn record_denied(&self, ctx: &PgContext, mut body: Body) {
+        let admitted = self
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(Instant::now());
+        match admitted {
+            None => {
+                ctx.core.metrics.cancels_unrecorded.inc();
+            }
+            Some(before) => {
+                if before > 0 {
+                    let detail = body.detail.get_or_insert_with(String::new);
+                    detail.push_str(&format!(
+                        " ({before} denied cancels before this one were not recorded one by one: more than {DENIED_ON_RECORD_PER_SEC} a second)"
+                    ));
+                }
+                ctx.core.audit.record(body);
             }
         }
     }
@@ -126,6 +185,7 @@ pub async fn forward(ctx: &PgContext, conn: &Connection, pid: i32, secret: i32) 
                 "passed to node {}: no session there holds this cancel key",
                 peer.id
             ));
+            return ctx.cancels.record_denied(ctx, body);
         }
         Err(e) => {
             body.outcome = Some(Outcome::Error);
@@ -154,7 +214,7 @@ pub async fn cancel_here(
         if from.is_none() {
             body.outcome = Some(Outcome::Denied);
             body.detail = Some("no session holds this cancel key".into());
-            ctx.core.audit.record(body);
+            ctx.cancels.record_denied(ctx, body);
         }
         return false;
     };
@@ -198,5 +258,25 @@ impl PassedCancels {
             ..call.connection
         };
         Ok(cancel_here(ctx, &conn, call.pid, call.secret, Some(&call.from)).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_cancels_are_recorded_a_few_a_second_and_the_rest_counted() {
+        let mut d = Denied::default();
+        let t0 = Instant::now();
+        for _ in 0..DENIED_ON_RECORD_PER_SEC {
+            assert_eq!(d.admit(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(d.admit(t0 + Duration::from_millis(900)), None);
+        }
+        // The next second: the first one on record says how many were not.
+        assert_eq!(d.admit(t0 + Duration::from_millis(1000)), Some(5));
+        assert_eq!(d.admit(t0 + Duration::from_millis(1001)), Some(0));
     }
 }
