@@ -545,6 +545,63 @@ async fn read_a_mask() -> MaskedRead {
     }
 }
 
+/// A `FETCH` runs on the cursor its name stands for when it runs: a Describe made before the
+/// cursor was declared again says nothing of its rows, so a client column rule masks them whole
+/// rather than let the new cursor's values through as the old cursor's columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73d_a_fetch_is_masked_whatever_cursor_its_describe_saw() {
+    use vigil_chaos::wire::{self, Wire};
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let su = direct_superuser(&node.files.db).await;
+    let clear: String = su
+        .query_one("SELECT name FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut w = Wire::app_session(node.port(), &token).await;
+    let ok = |r: &[wire::Msg]| {
+        let errors: Vec<_> = r.iter().filter_map(wire::Msg::error).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+    };
+    ok(&w
+        .batch(&[wire::query(
+            "BEGIN; DECLARE c CURSOR FOR SELECT 'harmless'::text AS label",
+        )])
+        .await);
+    ok(&w
+        .batch(&[
+            wire::parse("f", "FETCH ALL FROM c"),
+            wire::describe(b'S', "f"),
+            wire::sync(),
+        ])
+        .await);
+    ok(&w
+        .batch(&[wire::query(
+            "CLOSE c; DECLARE c CURSOR FOR SELECT name FROM customers WHERE id = 1",
+        )])
+        .await);
+    let r = w
+        .batch(&[wire::bind("", "f", &[]), wire::execute(""), wire::sync()])
+        .await;
+    ok(&r);
+    let values: Vec<_> = r
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .flat_map(wire::Msg::values)
+        .collect();
+    assert_eq!(values, [Some("[redacted]".to_string())], "not {clear:?}");
+    for f in files_under(node.files.dir.path()) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&bytes).contains(&clear), "{f:?}");
+    }
+}
+
 /// COPY … FROM STDIN writes what its data carries: on a connection whose clients receive masked
 /// values, a mask in the data (whole, split between two CopyData messages, or the data's last
 /// bytes) fails the COPY on the target, over the extended protocol (tokio-postgres) and the

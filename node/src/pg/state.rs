@@ -80,8 +80,13 @@ pub struct Portal {
 
 impl Portal {
     /// The columns of this portal's rows, if a Describe told them (the portal's own, else its
-    /// statement's with the formats the Bind chose).
+    /// statement's with the formats the Bind chose). Never for a `FETCH`: its rows are those
+    /// of the cursor the name stands for when it runs, which `CLOSE` and `DECLARE` may have
+    /// changed since any Describe.
     pub fn fields(&self) -> Option<Vec<Field>> {
+        if self.fetches() {
+            return None;
+        }
         if let Some(f) = self.described.get() {
             return Some(f.clone());
         }
@@ -106,10 +111,19 @@ impl Portal {
     /// How many columns this portal's rows have, if a Describe told them (as `fields`, without
     /// copying them).
     pub fn width(&self) -> Option<usize> {
+        if self.fetches() {
+            return None;
+        }
         self.described
             .get()
             .or_else(|| self.stmt.described.get())
             .map(Vec::len)
+    }
+
+    /// Whether it runs a `FETCH`.
+    fn fetches(&self) -> bool {
+        let stmts = self.stmt.class.as_ref().as_ref();
+        stmts.is_ok_and(|s| s.iter().any(|s| s.fetches))
     }
 }
 

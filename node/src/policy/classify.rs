@@ -266,6 +266,9 @@ pub struct StatementInfo {
     pub ends_portals: Option<Option<String>>,
     /// An INSERT, UPDATE, DELETE or MERGE appears anywhere in the tree.
     pub writes: bool,
+    /// `FETCH` (not `MOVE`): its rows' columns are those of the cursor it names as it runs,
+    /// which may not be the cursor a Describe of it saw.
+    pub fetches: bool,
     /// How the statement changes this session's `client_encoding`, if it does (when several
     /// changes are possible, one that leaves UTF-8 wins).
     pub client_encoding: Option<SettingChange>,
@@ -571,6 +574,7 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
                 info.ends_portals = Some(None);
             }
         }
+        "FetchStmt" => info.fetches = body.get("ismove").and_then(Tree::as_bool) != Some(true),
         // Cursors share the portals' namespace.
         "ClosePortalStmt" => {
             let n = str_field(body, "portalname");
@@ -1254,7 +1258,10 @@ mod tests {
             assert_ne!(c.kind(), K::Read, "{sql}");
             assert!(c.flags.contains(&F::ExplainAnalyzeWrite), "{sql}");
         }
-        // However deep the wrapping: each of these runs p.
+        assert!(one("FETCH ALL FROM c").fetches);
+        assert!(one("FETCH 10 IN c").fetches);
+        assert!(!one("MOVE ALL IN c").fetches);
+                // However deep the wrapping: each of these runs p.
         for sql in [
             "EXPLAIN ANALYZE EXECUTE p",
             "CREATE TABLE x AS EXECUTE p",
