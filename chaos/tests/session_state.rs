@@ -610,6 +610,8 @@ async fn t7i_a_prepared_statement_run_from_inside_another_is_held() {
         assert_eq!(errs.len(), 1, "{sql}: held, then refused (no approver waits)");
         assert!(errs[0].1.contains("payroll-needs-approval"), "{sql}: {errs:?}");
     }
+    // What PostgreSQL ran before the test's own look at the table.
+    let ran = s.ran();
     let su = direct_superuser(&s.node.files.db).await;
     let amount: i32 = su
         .query_one("SELECT amount FROM payroll WHERE id = 1", &[])
@@ -617,7 +619,6 @@ async fn t7i_a_prepared_statement_run_from_inside_another_is_held() {
         .unwrap()
         .get(0);
     assert_eq!(amount, 100, "the UPDATE never ran");
-    let ran = s.ran();
     assert!(!wrappers.iter().any(|w| ran_text(&ran, w)), "{ran:#?}");
     // Each refusal's record names what the name holds.
     let records = s.node.records().await;
@@ -670,6 +671,7 @@ async fn t7j_names_are_not_trusted_after_sql_the_gateway_did_not_see() {
         r.iter().any(|m| m.values() == [Some("again".to_string())]),
         "{r:?}"
     );
+    let ran = s.ran();
     let su = direct_superuser(&s.node.files.db).await;
     let amount: i32 = su
         .query_one("SELECT amount FROM payroll WHERE id = 1", &[])
@@ -677,6 +679,5 @@ async fn t7j_names_are_not_trusted_after_sql_the_gateway_did_not_see() {
         .unwrap()
         .get(0);
     assert_eq!(amount, 100, "the swapped-in UPDATE never ran");
-    let ran = s.ran();
     assert_records_name_what_ran(&ran, &s.node.records().await, "t7j");
 }
