@@ -8,6 +8,7 @@
 
 use super::auth::{refuse, LoginSession, Visit};
 use super::Console;
+use crate::audit::display;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -29,49 +30,57 @@ const MAX_COMMENT: usize = 2000;
 /// What the page shows of a request, with what its `approval_requested` record says of the
 /// requester (client, model and version, declared intent: the coordinator's request carries
 /// the subject and groups only), once the index holds it. Values go into the page as text,
-/// never as markup.
+/// never as markup, and every text the gateway did not write itself is escaped as the CLI
+/// escapes it ([`display`]): a bidirectional override or isolate, a zero-width character or a
+/// control shows as `\u{…}`, so what the approver reads is what runs (`uptime \u{2067}; rm …
+/// #\u{2069}` cannot be made to look like `uptime # rm …`). Line breaks stay, each following
+/// line marked as a continuation.
 fn view(a: &pb::Approval, requester: Option<&vigil_proto::record::Principal>) -> Value {
+    let t = |s: &str| display::escape_lines(s, "").into_owned();
     let scope = a.key.as_ref().and_then(|k| k.scope.as_ref());
     let shown = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
         Some(pb::shown_action::Protocol::Postgres(b)) => json!({
-            "database": b.database,
-            "role": b.role,
-            "search_path": b.search_path,
+            "database": t(&b.database),
+            "role": t(&b.role),
+            "search_path": t(&b.search_path),
             "mode": b.mode,
-            "params": b.params.iter().map(|p| if p.null { Value::Null } else { json!(p.value) }).collect::<Vec<_>>(),
+            "params": b.params.iter().map(|p| if p.null { Value::Null } else { json!(t(&p.value)) }).collect::<Vec<_>>(),
         }),
         Some(pb::shown_action::Protocol::Ssh(s)) => json!({
-            "login": s.login,
+            "login": t(&s.login),
             "request_type": s.request_type,
         }),
         Some(pb::shown_action::Protocol::Kubernetes(k)) => json!({
             "method": k.method,
-            "path": k.path,
+            "path": t(&k.path),
             "body_sha256": k.body_sha256,
         }),
         None => Value::Null,
     };
     json!({
         "id": a.id,
-        "requester": a.requester.as_ref().map(|r| json!({ "subject": r.subject, "groups": r.groups })),
+        "requester": a.requester.as_ref().map(|r| json!({
+            "subject": t(&r.subject),
+            "groups": r.groups.iter().map(|g| t(g)).collect::<Vec<_>>(),
+        })),
         "requested_by": requester.map(|p| json!({
-            "client_id": p.client_id,
-            "model": p.model,
-            "model_version": p.model_version,
-            "intent": p.intent,
+            "client_id": p.client_id.as_deref().map(t),
+            "model": p.model.as_deref().map(t),
+            "model_version": p.model_version.as_deref().map(t),
+            "intent": p.intent.as_deref().map(t),
         })),
         "protocol": scope.map(|s| s.protocol.as_str()),
-        "target": scope.map(|s| s.target.as_str()),
-        "action": a.action,
+        "target": scope.map(|s| t(&s.target)),
+        "action": t(&a.action),
         "shown": shown,
-        "rule": a.rule,
-        "reason": a.reason,
+        "rule": t(&a.rule),
+        "reason": t(&a.reason),
         "created_at_ms": a.created_at_ms,
         "expires_at_ms": a.expires_at_ms,
-        "approver_group": a.approver_group,
+        "approver_group": t(&a.approver_group),
         "approvals_required": a.approvals_required,
         "votes": a.votes.iter().map(|v| json!({
-            "approver": v.approver, "approve": v.approve, "comment": v.comment, "at_ms": v.at_ms,
+            "approver": t(&v.approver), "approve": v.approve, "comment": t(&v.comment), "at_ms": v.at_ms,
         })).collect::<Vec<_>>(),
         "state": a.state,
         "node": a.node,
@@ -192,5 +201,36 @@ pub async fn decide(
         )
             .into_response(),
         Err(s) => super::coordinator_refusal(&s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bidirectional isolates would make the page show `uptime # rm -rf /srv/data ;`, the `rm`
+    /// seemingly commented out; escaped, the page shows the characters themselves.
+    #[test]
+    fn what_the_approver_reads_is_what_runs() {
+        let a = pb::Approval {
+            action: "uptime \u{2067}; rm -rf /srv/data #\u{2069}".into(),
+            reason: "needs\u{200b} a look\x1b[2J".into(),
+            ..Default::default()
+        };
+        let v = view(&a, None);
+        assert_eq!(
+            v["action"],
+            "uptime \\u{2067}; rm -rf /srv/data #\\u{2069}"
+        );
+        assert_eq!(v["reason"], "needs\\u{200b} a look\\x1b[2J");
+        // A statement of several lines keeps them.
+        let a = pb::Approval {
+            action: "UPDATE t\nSET v = 1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            view(&a, None)["action"],
+            format!("UPDATE t\n{}SET v = 1", display::CONTINUATION)
+        );
     }
 }
