@@ -363,7 +363,10 @@ async fn t13b_a_flood_of_made_up_cancels_does_not_fill_the_audit_log() {
         recorded <= 20 * seconds,
         "{recorded} records in {seconds} s"
     );
-    assert!(unrecorded > 0, "200 cancels in {seconds} s: some only counted");
+    assert!(
+        unrecorded > 0,
+        "200 cancels in {seconds} s: some only counted"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     send(1000).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

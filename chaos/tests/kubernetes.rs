@@ -35,6 +35,45 @@ async fn kubectl_ok(config: &std::path::Path, args: &[String]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One request through the gateway as curl sends it (the headers and body exactly as given,
+/// which kubectl would not send): its status code and what it answered.
+async fn raw(
+    g: &Gateway,
+    token: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut curl = tokio::process::Command::new("curl");
+    curl.args(["-sS", "-w", "\n%{http_code}", "-X", method, "--cacert"])
+        .arg(g.ca())
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"));
+    for (name, value) in headers {
+        curl.arg("-H").arg(format!("{name}: {value}"));
+    }
+    if let Some(body) = body {
+        let file = dir.path().join("body");
+        std::fs::write(&file, body).unwrap();
+        curl.arg("--data-binary")
+            .arg(format!("@{}", file.display()));
+    }
+    let out = curl
+        .arg(format!("{}{path}", g.server()))
+        .output()
+        .await
+        .expect("curl runs");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (answer, code) = said.rsplit_once('\n').unwrap_or(("", &said));
+    let code = code
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl: {said} {}", text(&out)));
+    (code, answer.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
     grant_dba().await;
@@ -160,6 +199,23 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
     assert!(out.status.success(), "{}", text(&out));
     let out = kubectl(&config, &["get", "pods", "-n", "default"]).await;
     assert!(text(&out).contains("shell"), "{}", text(&out));
+    // Headers that would write the API server's own audit event (its id, the client's
+    // address) are not the client's to send: they never reach it.
+    let forged_path = format!("/api/v1/namespaces/{ns}/configmaps/applied?pretty=true");
+    let (code, said) = raw(
+        &g,
+        &ops,
+        "GET",
+        &forged_path,
+        &[
+            ("X-Forwarded-For", "10.9.9.9"),
+            ("X-Real-Ip", "10.9.9.9"),
+            ("Audit-ID", "forged"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{said}");
 
     // Refused by rule: never reaches the API server.
     let out = kubectl(&config, &["delete", "namespace", &ns]).await;
@@ -195,6 +251,22 @@ async fn kubectl_through_the_gateway_is_impersonated_decided_and_recorded() {
         .filter(|e| e["stage"] == "ResponseComplete")
         .collect();
     assert!(!events.is_empty());
+    let forged: Vec<_> = events
+        .iter()
+        .filter(|e| e["requestURI"] == forged_path.as_str())
+        .collect();
+    assert_eq!(
+        forged.len(),
+        1,
+        "the GET with forged headers reached the API server"
+    );
+    for e in &forged {
+        assert_ne!(e["auditID"], "forged", "{e}");
+        assert!(
+            !e["sourceIPs"].to_string().contains("10.9.9.9"),
+            "a client-sent address in the API server's audit: {e}"
+        );
+    }
     for e in &events {
         assert_eq!(e["impersonatedUser"]["username"], "agent-ops", "{e}");
         let groups = e["impersonatedUser"]["groups"].to_string();
@@ -461,6 +533,52 @@ async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
         shown.contains("replicas"),
         "the approver sees the body: {shown}"
     );
+    assert!(
+        shown.contains("(Content-Type: application/merge-patch+json)"),
+        "the approver sees what kind of patch it is: {shown}"
+    );
+
+    // The same method, path and body as another kind of patch (a strategic merge replaces
+    // lists differently) is another request: it does not run under the approval.
+    let held = a
+        .node
+        .records()
+        .await
+        .into_iter()
+        .find_map(|r| match (&r.body.kind, r.body.request) {
+            (Kind::Blocked, Some(Request::Kubernetes(k)))
+                if k.subresource.as_deref() == Some("scale") =>
+            {
+                Some(k)
+            }
+            _ => None,
+        })
+        .expect("the held scale on record");
+    assert_eq!(
+        held.content_type.as_deref(),
+        Some("application/merge-patch+json"),
+        "{held:?}"
+    );
+    let path = match &held.query {
+        Some(q) => format!("{}?{q}", held.path),
+        None => held.path.clone(),
+    };
+    let body = held.body.clone().expect("the scale's body on record");
+    let (code, said) = raw(
+        &b,
+        &ops,
+        "PATCH",
+        &path,
+        &[("Content-Type", "application/strategic-merge-patch+json")],
+        Some(body.as_bytes()),
+    )
+    .await;
+    assert_eq!(code, 403, "{said}");
+    assert!(
+        said.contains("apr-") && !said.contains(&id),
+        "held anew, not run under {id}: {said}"
+    );
+    assert_eq!(replicas().await, "1", "not run");
 
     // Run again through the other node: it runs, once.
     let out = kubectl(&on_b, &scale).await;
@@ -1247,6 +1365,286 @@ async fn tokens_minted_or_reviewed_through_the_gateway_are_in_no_record() {
                 path.display()
             );
         }
+    }
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
+}
+
+/// A create whose name is hidden from a JSON reader that keeps the last of a repeated key (the
+/// API server's merges them: `{"metadata":{"name":"kube-evil"},"metadata":null}` creates
+/// kube-evil), in JSON or in protobuf (ObjectMeta given twice, which the API server merges
+/// too), is refused with 400 and on record, and never reaches the API server; the same create
+/// without the repeated key goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_hides_its_name_in_a_repeated_key_never_reaches_the_api_server() {
+    let agent = Agent::start("").await;
+    let (g, ns) = (&agent.gateway, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let offset = audit_len();
+    let path = format!("/api/v1/namespaces/{ns}/configmaps");
+    let json = [("Content-Type", "application/json")];
+    for body in [
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"kube-evil"},"metadata":null}"#,
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"kube-evil"},"metadata":{"labels":{}}}"#,
+    ] {
+        let (code, said) = raw(g, &ops, "POST", &path, &json, Some(body.as_bytes())).await;
+        assert_eq!(code, 400, "{body}: {said}");
+        assert!(said.contains("gives a key twice"), "{said}");
+    }
+    // runtime.Unknown{typeMeta{v1, ConfigMap}, raw: ConfigMap{ObjectMeta{name}, ObjectMeta{namespace}}}
+    let field = |n: u8, value: &[u8]| [&[n << 3 | 2, value.len() as u8][..], value].concat();
+    let object = [
+        field(1, &field(1, b"kube-evil")),
+        field(1, &field(3, ns.as_bytes())),
+    ]
+    .concat();
+    let type_meta = [field(1, b"v1"), field(2, b"ConfigMap")].concat();
+    let envelope = [&b"k8s\x00"[..], &field(1, &type_meta), &field(2, &object)].concat();
+    let protobuf = [("Content-Type", "application/vnd.kubernetes.protobuf")];
+    let (code, said) = raw(g, &ops, "POST", &path, &protobuf, Some(&envelope)).await;
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains("more than once"), "{said}");
+    // The same create, its metadata once: created.
+    let good =
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"kube-good","labels":{}}}"#;
+    let (code, said) = raw(g, &ops, "POST", &path, &json, Some(good.as_bytes())).await;
+    assert_eq!(code, 201, "{said}");
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused: Vec<_> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.body.request, Some(Request::Kubernetes(k))
+                if k.verb == "create" && k.resource.as_deref() == Some("configmaps"))
+        })
+        .collect();
+    assert_eq!(refused.len(), 3, "each refusal on record: {refused:?}");
+    assert!(refused
+        .iter()
+        .all(|r| r.body.outcome == Some(Outcome::Blocked)));
+    // From the gateway's sessions, the API server saw the good create and no other.
+    let creates: Vec<_> = every_completed_request_recorded(offset, &records)
+        .into_iter()
+        .filter(|e| e["verb"] == "create" && e["objectRef"]["resource"] == "configmaps")
+        .collect();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    assert_eq!(creates[0]["objectRef"]["name"], "kube-good");
+    // From anyone, nothing named kube-evil.
+    let evil: Vec<_> = audit_events(offset)
+        .into_iter()
+        .filter(|e| e["objectRef"]["name"] == "kube-evil")
+        .collect();
+    assert!(evil.is_empty(), "{evil:?}");
+    let out = admin(&["-n", ns, "get", "configmap", "kube-evil"]).await;
+    assert!(!out.status.success(), "kube-evil exists: {}", text(&out));
+    assert!(text(&out).contains("NotFound"), "{}", text(&out));
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
+}
+
+/// `nodes/proxy` reaches the kubelet's own API (`/run`, `/exec`: commands that exec rules never
+/// see): under a policy whose default allows everything it is refused with 403, like
+/// port-forward, and never reaches the API server; the node itself can be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_proxy_is_refused_unless_a_rule_allows_it() {
+    let agent = Agent::start("").await;
+    let g = &agent.gateway;
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let offset = audit_len();
+    let node = "vigil-dev-node";
+    let (code, said) = raw(g, &ops, "GET", &format!("/api/v1/nodes/{node}"), &[], None).await;
+    assert_eq!(code, 200, "the node can be read: {said}");
+    for (method, path) in [
+        ("GET", format!("/api/v1/nodes/{node}/proxy/pods")),
+        ("GET", format!("/api/v1/nodes/{node}/proxy/runningpods/")),
+        (
+            "POST",
+            format!("/api/v1/nodes/{node}/proxy/run/default/shell/shell?cmd=id"),
+        ),
+    ] {
+        let (code, said) = raw(g, &ops, method, &path, &[], None).await;
+        assert_eq!(code, 403, "{method} {path}: {said}");
+        assert!(said.contains("no rule allows nodes/proxy"), "{said}");
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused = requests_refused(&records, "nodes", "proxy");
+    assert_eq!(refused, 3, "each refusal on record");
+    let seen = every_completed_request_recorded(offset, &records);
+    assert!(seen.iter().any(|e| e["objectRef"]["resource"] == "nodes"));
+    let proxied: Vec<_> = gateway_events(offset, &records)
+        .into_iter()
+        .filter(|e| e["objectRef"]["subresource"] == "proxy")
+        .collect();
+    assert!(proxied.is_empty(), "reached the API server: {proxied:?}");
+}
+
+/// The number of `blocked` records of requests for `resource`/`subresource`.
+fn requests_refused(records: &[Record], resource: &str, subresource: &str) -> usize {
+    of_kind(records, Kind::Blocked)
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.body.request, Some(Request::Kubernetes(k))
+                if k.resource.as_deref() == Some(resource)
+                    && k.subresource.as_deref() == Some(subresource))
+        })
+        .count()
+}
+
+const NO_CREATES: &str = r#"
+[[policy.rules]]
+id = "no-creates"
+protocol = "kubernetes"
+action = "block"
+verbs = ["create"]
+resources = ["configmaps", "coordination.k8s.io/leases"]
+reason = "agents create no configmaps or leases"
+"#;
+
+/// Creates that arrive as an update or a patch: a PUT of a Lease that does not exist (leases
+/// create on update) and a server-side apply of a ConfigMap that does not exist (kubectl
+/// apply --server-side) are each authorised by the API server as `create` too, and a rule
+/// blocking `create` refuses them: 403 naming the rule, on record with their own verbs, never
+/// in the API server's audit log, and neither object exists. A merge patch of an existing
+/// ConfigMap (which cannot create) goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_by_update_or_server_side_apply_is_decided_as_a_create() {
+    let agent = Agent::start(NO_CREATES).await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = admin(&["-n", ns, "create", "configmap", "existing"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let offset = audit_len();
+
+    let lease = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "held", "namespace": ns},
+        "spec": {"holderIdentity": "agent-ops"},
+    })
+    .to_string();
+    let (code, said) = raw(
+        g,
+        &ops,
+        "PUT",
+        &format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/held"),
+        &[("Content-Type", "application/json")],
+        Some(lease.as_bytes()),
+    )
+    .await;
+    assert_eq!(code, 403, "{said}");
+    assert!(said.contains("no-creates"), "{said}");
+
+    let manifest = dir.path().join("cm.json");
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "applied", "namespace": ns},
+        "data": {"mode": "server-side"},
+    });
+    std::fs::write(&manifest, cm.to_string()).unwrap();
+    let out = kubectl(
+        config,
+        &["apply", "--server-side", "-f", manifest.to_str().unwrap()],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("no-creates"), "{}", text(&out));
+
+    let out = kubectl(
+        config,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "configmap",
+            "existing",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"patched":"yes"}}"#,
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "a merge patch cannot create: {}",
+        text(&out)
+    );
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused: Vec<_> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Kubernetes(k)) => Some((
+                k.verb.as_str(),
+                k.resource.clone().unwrap_or_default(),
+                k.content_type.clone().unwrap_or_default(),
+                r.body.policy.as_ref().map(|p| p.rule.clone()),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        refused.contains(&(
+            "update",
+            "leases".into(),
+            "application/json".into(),
+            Some("no-creates".into())
+        )),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|(verb, resource, ct, rule)| *verb == "patch"
+                && resource == "configmaps"
+                && ct.starts_with("application/apply-patch")
+                && rule.as_deref() == Some("no-creates")),
+        "{refused:?}"
+    );
+    let seen = every_completed_request_recorded(offset, &records);
+    let touched = |verb: &str, resource: &str, name: &str| {
+        seen.iter()
+            .filter(|e| {
+                (verb.is_empty() || e["verb"] == verb)
+                    && e["objectRef"]["resource"] == resource
+                    && e["objectRef"]["name"] == name
+            })
+            .count()
+    };
+    assert_eq!(
+        touched("update", "leases", "held"),
+        0,
+        "the PUT reached the API server"
+    );
+    assert_eq!(
+        touched("patch", "configmaps", "applied"),
+        0,
+        "the apply reached the API server"
+    );
+    assert_eq!(
+        touched("patch", "configmaps", "existing"),
+        1,
+        "the merge patch ran"
+    );
+    // From anyone: no write of either name in the namespace.
+    let writes: Vec<_> = audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            ["create", "update", "patch"]
+                .iter()
+                .any(|v| e["verb"] == *v)
+                && e["objectRef"]["namespace"] == ns.as_str()
+                && (e["objectRef"]["name"] == "held" || e["objectRef"]["name"] == "applied")
+        })
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    for (kind, name) in [("lease", "held"), ("configmap", "applied")] {
+        let out = admin(&["-n", ns, "get", kind, name]).await;
+        assert!(
+            !out.status.success(),
+            "{kind} {name} exists: {}",
+            text(&out)
+        );
     }
     let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }

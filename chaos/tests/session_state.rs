@@ -607,8 +607,15 @@ async fn t7i_a_prepared_statement_run_from_inside_another_is_held() {
     for sql in wrappers {
         let r = w.batch(&[wire::query(sql)]).await;
         let errs = errors(&r);
-        assert_eq!(errs.len(), 1, "{sql}: held, then refused (no approver waits)");
-        assert!(errs[0].1.contains("payroll-needs-approval"), "{sql}: {errs:?}");
+        assert_eq!(
+            errs.len(),
+            1,
+            "{sql}: held, then refused (no approver waits)"
+        );
+        assert!(
+            errs[0].1.contains("payroll-needs-approval"),
+            "{sql}: {errs:?}"
+        );
     }
     // What PostgreSQL ran before the test's own look at the table.
     let ran = s.ran();

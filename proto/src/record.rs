@@ -353,6 +353,10 @@ pub struct KubeRequest {
     pub body: Option<String>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub body_bytes: u64,
+    /// The request's `Content-Type` as sent, for a request with a body (what a patch is:
+    /// strategic merge, merge, JSON patch or server-side apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -1017,6 +1021,7 @@ mod tests {
             query: Some("command=sh".into()),
             body: Some("{}".into()),
             body_bytes: 2,
+            content_type: Some("application/json".into()),
         }));
         body.response = Some(Response::Kubernetes(KubeResponse {
             status: 403,

@@ -218,10 +218,7 @@ mod tests {
             ..Default::default()
         };
         let v = view(&a, None);
-        assert_eq!(
-            v["action"],
-            "uptime \\u{2067}; rm -rf /srv/data #\\u{2069}"
-        );
+        assert_eq!(v["action"], "uptime \\u{2067}; rm -rf /srv/data #\\u{2069}");
         assert_eq!(v["reason"], "needs\\u{200b} a look\\x1b[2J");
         // A statement of several lines keeps them.
         let a = pb::Approval {

@@ -13,8 +13,8 @@ use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::Origin;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
-use crate::policy::kube::KubeAction;
-use crate::policy::{Action, Decision};
+use crate::policy::kube::{self, KubeAction};
+use crate::policy::{Action, Decision, Policy};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -175,6 +175,9 @@ struct Routed {
     switch: Option<Switch>,
     /// port-forward: the ports its query names.
     ports: Vec<u16>,
+    /// The request's `Content-Type` (given at most once): what a patch is, and part of what an
+    /// approval binds.
+    content_type: Option<String>,
     /// The client's side of the switched connection, once switched.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -421,6 +424,16 @@ impl Conn {
                 ),
             ));
         }
+        let content_type = content_type(req.headers()).map_err(|why| {
+            (
+                named.clone(),
+                Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("vigil: {why}"),
+                ),
+            )
+        })?;
         let query = req.uri().query().map(str::to_string);
         let info =
             request_info::classify(req.method().as_str(), path, query.as_deref()).map_err(|e| {
@@ -483,6 +496,7 @@ impl Conn {
             command,
             switch,
             ports,
+            content_type,
             upgrade: None,
         })
     }
@@ -578,7 +592,7 @@ impl Conn {
         }
         let mut routed = routed;
         let client_side = routed.upgrade.take();
-        let upstream = match self.upstream_request(&routed, &principal, parts, body) {
+        let upstream = match upstream_request(&routed, &principal, &self.session, parts, body) {
             Ok(u) => u,
             Err(why) => {
                 return self.respond_error(&principal, &cluster_name, &stmt, started, why);
@@ -609,48 +623,16 @@ impl Conn {
         }
     }
 
-    /// The policy's decision on a request: its actions are the request itself, or one per
-    /// command of an exec's command line (decided like an SSH exec line). A port-forward is
-    /// refused unless a rule allows it, whatever the default.
+    /// The policy's decision on a request ([`decide`]).
     fn decide(&self, principal: &Principal, routed: &Routed) -> Decision {
-        let info = &routed.info;
-        let action = KubeAction {
-            verb: &info.verb,
-            api_group: &info.api_group,
-            resource: &info.resource,
-            subresource: &info.subresource,
-            namespace: &info.namespace,
-            name: &info.name,
-            command: None,
-            line: None,
-        };
-        // An exec's command is decided like an SSH exec line: each command of it on its own.
-        let line = (!routed.command.is_empty()).then(|| {
-            let quoted: Vec<String> = routed.command.iter().map(|a| shell_quote(a)).collect();
-            crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
-        });
-        let actions: Result<Vec<KubeAction>, String> = match &line {
-            None => Ok(vec![action]),
-            Some(Err(e)) => Err(format!("the exec command cannot be read: {e}")),
-            Some(Ok(l)) => Ok(l
-                .commands
-                .iter()
-                .map(|c| KubeAction {
-                    command: Some(c),
-                    line: Some(l),
-                    ..action
-                })
-                .collect()),
-        };
-        let decision = self.ctx.policy.decide_actions(
-            actions.as_deref().map_err(Clone::clone),
+        decide(
+            &self.ctx.policy,
             principal,
             &routed.cluster.config.name,
-        );
-        match routed.info.subresource.as_str() {
-            "portforward" => decision.only_by_rule(|| "no rule allows port-forward".into()),
-            _ => decision,
-        }
+            &routed.info,
+            &routed.command,
+            routed.content_type.as_deref(),
+        )
     }
 
     /// Holds a request for approval: bound to the cluster, the method, the path with its query
@@ -689,7 +671,8 @@ impl Conn {
             };
         }
         let digest = hex::encode(Sha256::digest(body));
-        let hash = action_hash(parts.method.as_str(), &path, &digest);
+        let content_type = routed.content_type.as_deref().unwrap_or_default();
+        let hash = action_hash(parts.method.as_str(), &path, content_type, &digest);
         let mut record = Step::recorder(
             self.ctx.core.audit.clone(),
             self.body(Kind::ApprovalRequested, Some(principal), Some(cluster)),
@@ -697,7 +680,12 @@ impl Conn {
             RecordRequest::Kubernetes(request.clone()),
             self.ctx.policy.reference(decision),
         );
-        let action = format!("{} {path}", parts.method);
+        // The content type is part of what runs (a strategic-merge patch and a merge patch of
+        // the same body do different things): the approver reads it.
+        let action = match &routed.content_type {
+            Some(t) => format!("{} {path} (Content-Type: {t})", parts.method),
+            None => format!("{} {path}", parts.method),
+        };
         let hold = Hold {
             principal,
             key: ActionKey {
@@ -718,89 +706,6 @@ impl Conn {
             spec,
         };
         self.ctx.core.approvals.settle(hold, &mut record).await
-    }
-
-    /// The request for the API server: the caller's, with the gateway's credential and the
-    /// caller impersonated; hop-by-hop headers and the caller's own credential removed.
-    fn upstream_request(
-        &self,
-        routed: &Routed,
-        principal: &Principal,
-        parts: http::request::Parts,
-        body: Bytes,
-    ) -> Result<Request<OutBody>, String> {
-        let c = &routed.cluster.config;
-        let uri = match &routed.query {
-            Some(q) => format!("{}{}?{q}", c.server.trim_end_matches('/'), routed.path),
-            None => format!("{}{}", c.server.trim_end_matches('/'), routed.path),
-        };
-        let mut out = Request::builder()
-            .method(parts.method.clone())
-            .uri(&uri)
-            .body(Full::new(body))
-            .map_err(|e| format!("vigil: cannot build the request: {e}"))?;
-        let headers = out.headers_mut();
-        // The client's own switch goes on, but for a tunnel, which the gateway ends.
-        let tunnel = matches!(routed.switch, Some(Switch::Tunnel { .. }));
-        let upgrade = routed.switch.is_some() && !tunnel;
-        for (name, value) in parts.headers.iter() {
-            let switching = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
-            if (switching || !hop_by_hop(name))
-                && name != header::AUTHORIZATION
-                && name != header::HOST
-                && name != header::SEC_WEBSOCKET_PROTOCOL
-                && name != header::SEC_WEBSOCKET_EXTENSIONS
-                && !(tunnel && name.as_str().starts_with("sec-websocket-"))
-                && !name.as_str().starts_with("x-vigil-")
-            {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if tunnel {
-            // What kubectl sends for a SPDY port-forward; the method stays the client's (GET),
-            // so the API server authorises and audits the verb Vigil decided.
-            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
-            headers.insert(
-                "x-stream-protocol-version",
-                HeaderValue::from_static("portforward.k8s.io"),
-            );
-        }
-        let value = |v: &str| {
-            HeaderValue::from_str(v).map_err(|_| format!("vigil: {v:?} cannot be sent in a header"))
-        };
-        // The API server may only choose a subprotocol Vigil reads, and no extension.
-        if let Some(Switch::WebSocket { offered, .. }) = &routed.switch {
-            if !offered.is_empty() {
-                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value(&offered.join(", "))?);
-            }
-        }
-        if let Some(token) = &routed.cluster.token {
-            headers.insert(
-                header::AUTHORIZATION,
-                value(&format!("Bearer {}", token.expose()))?,
-            );
-        }
-        headers.insert("impersonate-user", value(&principal.subject)?);
-        // The identity the user name stands for: the issuer's subject (API servers from 1.22
-        // on record it; earlier ones ignore the header).
-        headers.insert(
-            "impersonate-uid",
-            value(&format!("{}#{}", principal.issuer, principal.subject))?,
-        );
-        for g in principal
-            .groups
-            .iter()
-            .map(|g| format!("{}{g}", c.group_prefix))
-            .chain(c.extra_groups.iter().cloned())
-        {
-            headers.append("impersonate-group", value(&g)?);
-        }
-        headers.insert("impersonate-extra-session-id", value(&self.session)?);
-        if let Some(model) = &principal.model {
-            headers.insert("impersonate-extra-model", value(model)?);
-        }
-        Ok(out)
     }
 
     /// exec, attach and port-forward: the request goes to the API server over HTTP/1.1; when
@@ -1056,6 +961,156 @@ impl Conn {
     }
 }
 
+/// The policy's decision on a request. Its actions are the request itself, or one per command
+/// of an exec's command line (decided like an SSH exec line). An update or patch that may
+/// create its object ([`kube::may_create`]: the API server then also authorises it as
+/// `create`) is decided as well as the same request with the verb `create`, and the stricter
+/// of the two decisions applies; the record keeps the API server's verb. A port-forward and a
+/// proxy subresource ([`kube::only_by_rule`]) are refused unless a rule allows them, whatever
+/// the default.
+fn decide(
+    policy: &Policy,
+    principal: &Principal,
+    cluster: &str,
+    info: &RequestInfo,
+    command: &[String],
+    content_type: Option<&str>,
+) -> Decision {
+    let action = KubeAction {
+        verb: &info.verb,
+        api_group: &info.api_group,
+        resource: &info.resource,
+        subresource: &info.subresource,
+        namespace: &info.namespace,
+        name: &info.name,
+        command: None,
+        line: None,
+    };
+    // An exec's command is decided like an SSH exec line: each command of it on its own.
+    let line = (!command.is_empty()).then(|| {
+        let quoted: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
+        crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
+    });
+    let creates = kube::may_create(
+        &info.verb,
+        &info.api_group,
+        &info.resource,
+        &info.subresource,
+        content_type,
+    );
+    let actions: Result<Vec<KubeAction>, String> = match &line {
+        None if creates => Ok(vec![
+            action,
+            KubeAction {
+                verb: "create",
+                ..action
+            },
+        ]),
+        None => Ok(vec![action]),
+        Some(Err(e)) => Err(format!("the exec command cannot be read: {e}")),
+        Some(Ok(l)) => Ok(l
+            .commands
+            .iter()
+            .map(|c| KubeAction {
+                command: Some(c),
+                line: Some(l),
+                ..action
+            })
+            .collect()),
+    };
+    let decision =
+        policy.decide_actions(actions.as_deref().map_err(Clone::clone), principal, cluster);
+    match kube::only_by_rule(&info.verb, &info.resource, &info.subresource) {
+        Some(what) => decision.only_by_rule(|| format!("no rule allows {what}")),
+        None => decision,
+    }
+}
+
+/// The request for the API server: the caller's, with the gateway's credential and the
+/// caller impersonated; hop-by-hop headers, the caller's own credential and the headers
+/// that would forge the API server's audit event ([`forges_audit`]) removed.
+fn upstream_request(
+    routed: &Routed,
+    principal: &Principal,
+    session: &str,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> Result<Request<OutBody>, String> {
+    let c = &routed.cluster.config;
+    let uri = match &routed.query {
+        Some(q) => format!("{}{}?{q}", c.server.trim_end_matches('/'), routed.path),
+        None => format!("{}{}", c.server.trim_end_matches('/'), routed.path),
+    };
+    let mut out = Request::builder()
+        .method(parts.method.clone())
+        .uri(&uri)
+        .body(Full::new(body))
+        .map_err(|e| format!("vigil: cannot build the request: {e}"))?;
+    let headers = out.headers_mut();
+    // The client's own switch goes on, but for a tunnel, which the gateway ends.
+    let tunnel = matches!(routed.switch, Some(Switch::Tunnel { .. }));
+    let upgrade = routed.switch.is_some() && !tunnel;
+    for (name, value) in parts.headers.iter() {
+        let switching = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+        if (switching || !hop_by_hop(name))
+            && name != header::AUTHORIZATION
+            && name != header::HOST
+            && name != header::SEC_WEBSOCKET_PROTOCOL
+            && name != header::SEC_WEBSOCKET_EXTENSIONS
+            && !(tunnel && name.as_str().starts_with("sec-websocket-"))
+            && !name.as_str().starts_with("x-vigil-")
+            && !forges_audit(name)
+        {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if tunnel {
+        // What kubectl sends for a SPDY port-forward; the method stays the client's (GET),
+        // so the API server authorises and audits the verb Vigil decided.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        headers.insert(
+            "x-stream-protocol-version",
+            HeaderValue::from_static("portforward.k8s.io"),
+        );
+    }
+    let value = |v: &str| {
+        HeaderValue::from_str(v).map_err(|_| format!("vigil: {v:?} cannot be sent in a header"))
+    };
+    // The API server may only choose a subprotocol Vigil reads, and no extension.
+    if let Some(Switch::WebSocket { offered, .. }) = &routed.switch {
+        if !offered.is_empty() {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value(&offered.join(", "))?);
+        }
+    }
+    if let Some(token) = &routed.cluster.token {
+        headers.insert(
+            header::AUTHORIZATION,
+            value(&format!("Bearer {}", token.expose()))?,
+        );
+    }
+    headers.insert("impersonate-user", value(&principal.subject)?);
+    // The identity the user name stands for: the issuer's subject (API servers from 1.22
+    // on record it; earlier ones ignore the header).
+    headers.insert(
+        "impersonate-uid",
+        value(&format!("{}#{}", principal.issuer, principal.subject))?,
+    );
+    for g in principal
+        .groups
+        .iter()
+        .map(|g| format!("{}{g}", c.group_prefix))
+        .chain(c.extra_groups.iter().cloned())
+    {
+        headers.append("impersonate-group", value(&g)?);
+    }
+    headers.insert("impersonate-extra-session-id", value(session)?);
+    if let Some(model) = &principal.model {
+        headers.insert("impersonate-extra-model", value(model)?);
+    }
+    Ok(out)
+}
+
 /// How a core refusal reads as a Kubernetes `Status`.
 fn refusal_status(r: &Refusal) -> Refused {
     let message = format!("vigil: {r}");
@@ -1068,15 +1123,35 @@ fn refusal_status(r: &Refusal) -> Refused {
     refused
 }
 
-/// Hex SHA-256 over the method, the path with its query and the body's digest, each
-/// length-prefixed: what a Kubernetes approval binds (with the cluster in its scope).
-pub fn action_hash(method: &str, path: &str, body_sha256: &str) -> String {
+/// Hex SHA-256 over the method, the path with its query, the `Content-Type` (empty when none
+/// was sent) and the body's digest, each length-prefixed: what a Kubernetes approval binds
+/// (with the cluster in its scope). The content type says what a body does: the same patch
+/// body is a strategic merge (lists merged by key) or a merge patch (lists replaced whole), or
+/// a server-side apply, which may create.
+pub fn action_hash(method: &str, path: &str, content_type: &str, body_sha256: &str) -> String {
     let mut h = Sha256::new();
-    for part in [method, path, body_sha256] {
+    for part in [method, path, content_type, body_sha256] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
     hex::encode(h.finalize())
+}
+
+/// The request's `Content-Type`: at most once (the API server reads the first, a record or an
+/// approval must name the one it reads), and plain text.
+fn content_type(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err("the request gives Content-Type more than once".into());
+    }
+    first
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| "the request's Content-Type is not plain ASCII text".to_string())
+        })
+        .transpose()
 }
 
 /// Whether a request asks to switch to SPDY/3.1 (what kubectl's exec and attach fall back to).
@@ -1200,6 +1275,19 @@ fn shell_quote(arg: &str) -> String {
     }
 }
 
+/// Headers the API server takes as facts about the request, which only a hop it trusts may
+/// set, never a client through the gateway: `Audit-ID` becomes its audit event's `auditID`;
+/// `X-Forwarded-For` and `X-Real-Ip` its `sourceIPs` (with `Forwarded` and the other
+/// `X-Forwarded-*` read by proxies and tools in front of or behind it); `X-Remote-User`,
+/// `X-Remote-Group` and `X-Remote-Extra-*` are the request-header authenticator's identity
+/// (all `X-Remote-*` go: the names are configurable, these are the defaults everyone uses).
+fn forges_audit(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(n, "audit-id" | "forwarded" | "x-real-ip")
+        || n.starts_with("x-forwarded-")
+        || n.starts_with("x-remote-")
+}
+
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -1250,41 +1338,68 @@ fn decode(s: &str) -> String {
 
 /// The name a create gives its object (`metadata.name`; empty with only `generateName`, which
 /// the API server completes), from a JSON body or a Kubernetes protobuf envelope (what kubectl
-/// sends for built-in kinds). Vigil decides on what it reads: any other body is refused.
+/// sends for built-in kinds). Vigil decides on what it reads: any other body is refused, and
+/// so is a body the API server could read another name from. Its JSON reader (json-iterator)
+/// *merges* an object key given twice into a struct (`{"metadata":{"name":"a"},"metadata":
+/// {"labels":{}}}` creates `a`) where a JSON tree keeps the last, so a body that gives any key
+/// twice in any object is refused; so is a `metadata` that is present but not an object (the
+/// server leaves its struct alone on `null`). Protobuf (gogo) merges a
+/// repeated message field the same way: a field the name is read through given twice is
+/// refused.
 fn created_name(body: &[u8]) -> Result<String, String> {
     if let Some(envelope) = body.strip_prefix(b"k8s\x00") {
         return protobuf_name(envelope)
-            .ok_or_else(|| "the protobuf body of a create cannot be read".to_string());
+            .map_err(|why| format!("the protobuf body of a create cannot be read: {why}"));
     }
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| "the body of a create must be JSON or Kubernetes protobuf".to_string())?;
-    if !v.is_object() {
+    let not_json = || "the body of a create must be JSON or Kubernetes protobuf".to_string();
+    let text = std::str::from_utf8(body).map_err(|_| not_json())?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|_| not_json())?;
+    let serde_json::Value::Object(object) = &v else {
         return Err("the body of a create must be a JSON object".into());
+    };
+    if !super::redact::keys_once(text) {
+        return Err("the body of a create gives a key twice in one object (the API server merges what a JSON reader takes as the last)".into());
     }
-    match &v["metadata"]["name"] {
-        serde_json::Value::String(n) => Ok(n.clone()),
-        serde_json::Value::Null => Ok(String::new()),
-        _ => Err("metadata.name must be a string".into()),
+    let meta = match object.get("metadata") {
+        None => return Ok(String::new()),
+        Some(serde_json::Value::Object(meta)) => meta,
+        Some(_) => return Err("metadata must be an object".into()),
+    };
+    match meta.get("name") {
+        Some(serde_json::Value::String(n)) => Ok(n.clone()),
+        None | Some(serde_json::Value::Null) => Ok(String::new()),
+        Some(_) => Err("metadata.name must be a string".into()),
     }
 }
 
 /// `metadata.name` of a protobuf-encoded object: the envelope (`runtime.Unknown`) holds the
 /// object in field 2; every built-in kind has its `ObjectMeta` in field 1, whose field 1 is
-/// the name.
-fn protobuf_name(envelope: &[u8]) -> Option<String> {
-    let object = protobuf_field(envelope, 2)?;
-    let Some(meta) = protobuf_field(object, 1) else {
-        return Some(String::new());
+/// the name. Each of the three must be there at most once.
+fn protobuf_name(envelope: &[u8]) -> Result<String, String> {
+    let Some(object) = protobuf_field(envelope, 2, "the envelope's object (field 2)")? else {
+        return Err("the envelope holds no object".into());
     };
-    match protobuf_field(meta, 1) {
-        Some(name) => String::from_utf8(name.to_vec()).ok(),
-        None => Some(String::new()),
+    let Some(meta) = protobuf_field(object, 1, "the object's metadata (field 1)")? else {
+        return Ok(String::new());
+    };
+    match protobuf_field(meta, 1, "metadata.name (field 1)")? {
+        Some(name) => {
+            String::from_utf8(name.to_vec()).map_err(|_| "metadata.name is not UTF-8".to_string())
+        }
+        None => Ok(String::new()),
     }
 }
 
-/// The last length-delimited field `number` of a protobuf message (a repeated scalar takes
-/// its last value, as protobuf does); `None` when the message is malformed.
-fn protobuf_field(mut msg: &[u8], number: u64) -> Option<&[u8]> {
+/// The length-delimited field `number` (`what`) of a protobuf message, if present. Given more
+/// than once it is refused: gogo protobuf merges a repeated message field and keeps the last
+/// of a repeated string, and the name must be the one the API server reads, whichever way.
+/// Given with another wire type it is refused too (the API server refuses the body); so is a
+/// malformed message.
+fn protobuf_field<'a>(
+    mut msg: &'a [u8],
+    number: u64,
+    what: &str,
+) -> Result<Option<&'a [u8]>, String> {
     fn varint(buf: &mut &[u8]) -> Option<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -1297,27 +1412,39 @@ fn protobuf_field(mut msg: &[u8], number: u64) -> Option<&[u8]> {
         }
         None
     }
+    let malformed = || "a malformed protobuf message".to_string();
     let mut found = None;
     while !msg.is_empty() {
-        let key = varint(&mut msg)?;
-        match key & 7 {
+        let key = varint(&mut msg).ok_or_else(malformed)?;
+        let wire = key & 7;
+        if key >> 3 == number && wire != 2 {
+            return Err(format!("{what} is not length-delimited"));
+        }
+        match wire {
             0 => {
-                varint(&mut msg)?;
+                varint(&mut msg).ok_or_else(malformed)?;
             }
-            1 => msg = msg.get(8..)?,
-            5 => msg = msg.get(4..)?,
+            1 => msg = msg.get(8..).ok_or_else(malformed)?,
+            5 => msg = msg.get(4..).ok_or_else(malformed)?,
             2 => {
-                let len = usize::try_from(varint(&mut msg)?).ok()?;
-                let value = msg.get(..len)?;
+                let len = varint(&mut msg)
+                    .and_then(|l| usize::try_from(l).ok())
+                    .ok_or_else(malformed)?;
+                let value = msg.get(..len).ok_or_else(malformed)?;
                 msg = &msg[len..];
                 if key >> 3 == number {
+                    if found.is_some() {
+                        return Err(format!(
+                            "{what} is given more than once (the API server would merge them)"
+                        ));
+                    }
                     found = Some(value);
                 }
             }
-            _ => return None,
+            _ => return Err(malformed()),
         }
     }
-    found
+    Ok(found)
 }
 
 /// The record's view of a request that has not been routed (what the client sent).
@@ -1358,6 +1485,9 @@ fn kube_request_parts(
             .filter(|b| !b.is_empty())
             .map(|b| hex::encode(Sha256::digest(b))),
         body_bytes: body.map_or(0, |b| b.len() as u64),
+        content_type: body
+            .filter(|b| !b.is_empty())
+            .and(routed.content_type.clone()),
         ..KubeRequest::default()
     };
     fill(&mut r, &routed.info);
@@ -1399,6 +1529,78 @@ mod tests {
             created_name(&envelope[..envelope.len() - 2]).is_err(),
             "truncated"
         );
+        assert_eq!(created_name(br#"{"kind":"ConfigMap"}"#).unwrap(), "");
+        assert_eq!(
+            created_name(br#"{"metadata":{"name":null,"generateName":"w-"}}"#).unwrap(),
+            ""
+        );
+    }
+
+    /// The API server's JSON reader merges a key given twice, a JSON tree keeps the last: a
+    /// create's body that gives any key twice, anywhere, is refused, as is a `metadata` that is
+    /// not an object.
+    #[test]
+    fn a_create_whose_name_the_api_server_could_read_otherwise_is_refused() {
+        for body in [
+            // What the API server creates as kube-evil, each of them.
+            r#"{"metadata":{"name":"kube-evil"},"metadata":null}"#,
+            r#"{"metadata":{"name":"kube-evil"},"metadata":{"labels":{}}}"#,
+            r#"{"metadata":{"name":"kube-evil"},"metad\u0061ta":{"labels":{}}}"#,
+            r#"{"metadata":{"name":"a","name":"b"}}"#,
+            r#"{"metadata":{"name":"a"},"data":{"k":"1","k":"2"}}"#,
+            r#"{"metadata":{"name":"a"},"items":[{"x":1,"x":2}]}"#,
+            r#"{"metadata":null}"#,
+            r#"{"metadata":"kube-evil"}"#,
+            r#"{"metadata":["kube-evil"]}"#,
+            r#"{"metadata":{"name":7}}"#,
+            r#"["kube-evil"]"#,
+        ] {
+            assert!(created_name(body.as_bytes()).is_err(), "{body}");
+        }
+        assert_eq!(
+            created_name(br#"{"metadata":{"name":"a","labels":{"name":"b"}},"data":{"name":"c"}}"#)
+                .unwrap(),
+            "a",
+            "the same key in different objects is fine"
+        );
+    }
+
+    /// A protobuf create whose name is read through a field given twice (gogo merges a
+    /// repeated message and keeps the last string) is refused.
+    #[test]
+    fn a_protobuf_create_with_a_repeated_field_on_the_way_to_its_name_is_refused() {
+        let field = |n: u8, value: &[u8]| [&[n << 3 | 2, value.len() as u8][..], value].concat();
+        let envelope = |object: Vec<u8>| [&b"k8s\x00"[..], &object].concat();
+        let name = field(1, b"kube-evil");
+        let meta = field(1, &name);
+        // ObjectMeta{name} then ObjectMeta{labels}: the API server merges them into kube-evil.
+        let labels = field(1, &field(11, &[]));
+        let object = [meta.clone(), labels].concat();
+        assert!(
+            created_name(&envelope(field(2, &object))).is_err(),
+            "meta twice"
+        );
+        let once = field(2, &meta);
+        assert_eq!(created_name(&envelope(once.clone())).unwrap(), "kube-evil");
+        assert!(
+            created_name(&envelope([once.clone(), once.clone()].concat())).is_err(),
+            "object twice"
+        );
+        let two_names = field(1, &[name.clone(), field(1, b"other")].concat());
+        assert!(
+            created_name(&envelope(field(2, &two_names))).is_err(),
+            "name twice"
+        );
+        // The name's field number with another wire type (a varint).
+        let varint_name = field(1, &[&[1 << 3, 5][..], &name].concat());
+        assert!(created_name(&envelope(field(2, &varint_name))).is_err());
+        // Other fields may repeat: the object's data (field 2) and the envelope's type meta.
+        let data = field(2, b"x");
+        let object = [meta.clone(), data.clone(), data].concat();
+        let type_meta = field(1, b"v1");
+        let ok = [type_meta.clone(), type_meta, field(2, &object)].concat();
+        assert_eq!(created_name(&envelope(ok)).unwrap(), "kube-evil");
+        assert!(created_name(b"k8s\x00").is_err(), "no object");
     }
 
     #[test]
@@ -1413,35 +1615,314 @@ mod tests {
     }
 
     #[test]
-    fn an_approval_binds_method_path_and_body() {
-        let a = action_hash(
-            "PATCH",
-            "/apis/apps/v1/namespaces/s/deployments/web/scale",
-            "x",
-        );
+    fn an_approval_binds_method_path_content_type_and_body() {
+        let path = "/apis/apps/v1/namespaces/s/deployments/web";
+        let smp = "application/strategic-merge-patch+json";
+        let a = action_hash("PATCH", path, smp, "x");
+        assert_ne!(a, action_hash("PUT", path, smp, "x"));
+        assert_ne!(a, action_hash("PATCH", &path[..path.len() - 1], smp, "bx"));
+        assert_ne!(a, action_hash("PATCH", path, smp, "y"));
+        // The same body as a merge patch replaces lists whole: another action.
         assert_ne!(
             a,
-            action_hash(
-                "PUT",
-                "/apis/apps/v1/namespaces/s/deployments/web/scale",
-                "x"
+            action_hash("PATCH", path, "application/merge-patch+json", "x")
+        );
+        assert_ne!(a, action_hash("PATCH", path, "", "x"));
+        // Length-prefixed: moving bytes between the parts is another action.
+        assert_ne!(
+            action_hash("PATCH", path, "ab", "c"),
+            action_hash("PATCH", path, "a", "bc")
+        );
+        assert_eq!(a, action_hash("PATCH", path, smp, "x"));
+    }
+
+    #[test]
+    fn a_content_type_is_given_at_most_once_and_as_text() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_type(&h), Ok(None));
+        h.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert_eq!(content_type(&h), Ok(Some("application/json".into())));
+        h.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/apply-patch+yaml"),
+        );
+        assert!(content_type(&h).is_err(), "twice");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_bytes(b"application/json\xff").unwrap(),
+        );
+        assert!(content_type(&h).is_err(), "not text");
+    }
+
+    fn info(method: &str, path: &str) -> RequestInfo {
+        request_info::classify(method, path, None).unwrap()
+    }
+
+    fn decided(
+        policy: &Policy,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+    ) -> (Action, String) {
+        let d = decide(
+            policy,
+            &Principal::default(),
+            "dev",
+            &info(method, path),
+            &[],
+            content_type,
+        );
+        (d.action, d.rule)
+    }
+
+    /// A rule blocking `create` holds for an update or patch that may create (the API server
+    /// authorises those as `create` too); the record keeps the API server's verb.
+    #[test]
+    fn an_update_or_apply_that_may_create_is_decided_as_a_create_too() {
+        let p = Policy::new(
+            toml::from_str(
+                r#"
+default = "allow"
+[[rules]]
+id = "no-creates"
+action = "block"
+protocol = "kubernetes"
+verbs = ["create"]
+resources = ["configmaps", "coordination.k8s.io/leases", "rbac.authorization.k8s.io/rolebindings", "services"]
+"#,
             )
+            .unwrap(),
         );
-        assert_ne!(
-            a,
-            action_hash(
+        let blocked = (Action::Block, "no-creates".to_string());
+        let allowed = (Action::Allow, "default".to_string());
+        let lease = "/apis/coordination.k8s.io/v1/namespaces/a/leases/l";
+        assert_eq!(decided(&p, "PUT", lease, None), blocked);
+        assert_eq!(decided(&p, "GET", lease, None), allowed);
+        let binding = "/apis/rbac.authorization.k8s.io/v1/namespaces/a/rolebindings/b";
+        assert_eq!(decided(&p, "PUT", binding, None), blocked);
+        // A service's status has the service's strategy: a PUT of it may create.
+        assert_eq!(
+            decided(&p, "PUT", "/api/v1/namespaces/a/services/s/status", None),
+            blocked
+        );
+        let cm = "/api/v1/namespaces/a/configmaps/c";
+        // ConfigMaps do not create on update; a patch other than apply never creates.
+        assert_eq!(decided(&p, "PUT", cm, None), allowed);
+        for t in [
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json",
+            "application/json-patch+json",
+        ] {
+            assert_eq!(decided(&p, "PATCH", cm, Some(t)), allowed, "{t}");
+        }
+        // Server-side apply creates whatever is missing, however the type is spelled.
+        for t in [
+            "application/apply-patch+yaml",
+            "Application/Apply-Patch+YAML",
+            "application/apply-patch+yaml; charset=utf-8",
+            " application/apply-patch+cbor",
+        ] {
+            assert_eq!(decided(&p, "PATCH", cm, Some(t)), blocked, "{t}");
+        }
+        let apply = Some("application/apply-patch+yaml");
+        // A status subresource creates only where the strategy does.
+        assert_eq!(
+            decided(&p, "PATCH", "/api/v1/namespaces/a/services/s/status", apply),
+            blocked
+        );
+        assert_eq!(
+            decided(
+                &p,
                 "PATCH",
-                "/apis/apps/v1/namespaces/s/deployments/web/scal",
-                "ex"
-            )
+                "/api/v1/namespaces/a/configmaps/c/status",
+                apply
+            ),
+            allowed
         );
-        assert_ne!(
-            a,
-            action_hash(
-                "PATCH",
-                "/apis/apps/v1/namespaces/s/deployments/web/scale",
-                "y"
+        // A rule on update alone still decides the update (the stricter of the two applies).
+        let p = Policy::new(
+            toml::from_str(
+                r#"
+default = "allow"
+[[rules]]
+id = "creates-need-approval"
+action = "require_approval"
+protocol = "kubernetes"
+verbs = ["create"]
+approval = { approvers = "sre" }
+
+[[rules]]
+id = "no-lease-updates"
+action = "block"
+protocol = "kubernetes"
+verbs = ["update"]
+resources = ["leases"]
+"#,
             )
+            .unwrap(),
+        );
+        assert_eq!(
+            decided(&p, "PUT", lease, None),
+            (Action::Block, "no-lease-updates".into())
+        );
+        assert_eq!(
+            decided(&p, "PUT", binding, None),
+            (Action::RequireApproval, "creates-need-approval".into())
+        );
+        assert_eq!(decided(&p, "PUT", cm, None), allowed);
+    }
+
+    /// `nodes/proxy` reaches the kubelet's own API (`/run`, `/exec`): refused unless a rule
+    /// allows it, like port-forward; so are the proxies to pods and services.
+    #[test]
+    fn a_proxy_is_refused_unless_a_rule_allows_it() {
+        let p = Policy::new(toml::from_str(r#"default = "allow""#).unwrap());
+        for path in [
+            "/api/v1/nodes/node-1/proxy/run/default/shell/c",
+            "/api/v1/nodes/node-1/proxy/exec/default/shell/c",
+            "/api/v1/namespaces/default/pods/web-0/proxy/admin",
+            "/api/v1/namespaces/default/services/https:db:5432/proxy/",
+            "/api/v1/proxy/nodes/node-1/run",
+            "/api/v1/namespaces/default/pods/web-0/portforward",
+        ] {
+            for method in ["GET", "POST"] {
+                let (action, rule) = decided(&p, method, path, None);
+                assert_eq!(
+                    (action, rule.as_str()),
+                    (Action::Block, "default"),
+                    "{path}"
+                );
+            }
+        }
+        let d = decide(
+            &p,
+            &Principal::default(),
+            "dev",
+            &info("POST", "/api/v1/nodes/node-1/proxy/run/default/shell/c"),
+            &[],
+            None,
+        );
+        assert_eq!(d.reason.as_deref(), Some("no rule allows nodes/proxy"));
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/nodes/node-1", None),
+            (Action::Allow, "default".into())
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/default/pods/web-0/log", None),
+            (Action::Allow, "default".into())
+        );
+        let p = Policy::new(
+            toml::from_str(
+                r#"
+[[rules]]
+id = "metrics"
+action = "allow"
+protocol = "kubernetes"
+resources = ["nodes/proxy"]
+verbs = ["get"]
+"#,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/nodes/node-1/proxy/metrics", None),
+            (Action::Allow, "metrics".into())
+        );
+        assert_eq!(
+            decided(&p, "POST", "/api/v1/nodes/node-1/proxy/run/a/b/c", None).0,
+            Action::Block
+        );
+    }
+
+    /// What the API server would take from a client as facts of its own audit event never
+    /// leaves the gateway; the client's other headers do.
+    #[test]
+    fn headers_that_forge_the_api_servers_audit_event_are_not_forwarded() {
+        let config: super::super::config::KubeClusterConfig = toml::from_str(
+            r#"
+name = "dev"
+server = "https://api.example:6443/"
+allow = {}
+"#,
+        )
+        .unwrap();
+        let path = "/api/v1/namespaces/default/configmaps/c";
+        let routed = Routed {
+            cluster: Arc::new(Cluster {
+                config,
+                token: Some(crate::core::secret::Secret::new(
+                    "gateway-token".to_string(),
+                )),
+                clients: Vec::new(),
+            }),
+            info: info("GET", path),
+            path: path.into(),
+            query: Some("pretty=1".into()),
+            command: Vec::new(),
+            switch: None,
+            ports: Vec::new(),
+            content_type: None,
+            upgrade: None,
+        };
+        let mut req = Request::builder().method("GET").uri(path);
+        for (name, value) in [
+            ("audit-id", "forged"),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "http"),
+            ("forwarded", "for=10.9.9.9"),
+            ("x-real-ip", "10.9.9.9"),
+            ("x-remote-user", "system:admin"),
+            ("x-remote-group", "system:masters"),
+            ("x-remote-extra-scopes", "all"),
+            ("authorization", "Bearer client-token"),
+            ("x-vigil-intent", "look"),
+            ("accept", "application/json"),
+            ("user-agent", "kubectl/v1.32"),
+        ] {
+            req = req.header(name, value);
+        }
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        let principal = Principal {
+            subject: "agent-ops".into(),
+            issuer: "https://idp".into(),
+            groups: vec!["dba".into()],
+            ..Principal::default()
+        };
+        let out = upstream_request(&routed, &principal, "s-1", parts, Bytes::new()).unwrap();
+        assert_eq!(
+            out.uri().to_string(),
+            "https://api.example:6443/api/v1/namespaces/default/configmaps/c?pretty=1"
+        );
+        let h = out.headers();
+        for name in [
+            "audit-id",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "forwarded",
+            "x-real-ip",
+            "x-remote-user",
+            "x-remote-group",
+            "x-remote-extra-scopes",
+            "x-vigil-intent",
+        ] {
+            assert!(!h.contains_key(name), "{name} forwarded");
+        }
+        assert_eq!(h["authorization"], "Bearer gateway-token");
+        assert_eq!(h["accept"], "application/json");
+        assert_eq!(h["user-agent"], "kubectl/v1.32");
+        assert_eq!(h["impersonate-user"], "agent-ops");
+        assert_eq!(h["impersonate-extra-session-id"], "s-1");
+        let groups: Vec<_> = h.get_all("impersonate-group").iter().collect();
+        assert_eq!(
+            groups.len(),
+            2,
+            "the prefixed group and system:authenticated"
         );
     }
 }

@@ -306,8 +306,10 @@ fn hide(v: &mut Value) {
     }
 }
 
-/// Whether no object in the JSON text gives a key twice (keys compared unescaped).
-fn keys_once(text: &str) -> bool {
+/// Whether no object in the JSON text gives a key twice (keys compared unescaped). Also what
+/// a create's body must satisfy before its name is read ([`super::proxy`]): the API server's
+/// JSON reader merges a struct key given twice, where a JSON tree keeps the last.
+pub(super) fn keys_once(text: &str) -> bool {
     use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
     struct Unique;
     impl<'de> Deserialize<'de> for Unique {

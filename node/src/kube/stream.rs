@@ -2,7 +2,9 @@
 //! [`super::spdy`]) or WebSocket with a Kubernetes channel protocol (see
 //! [`super::websocket`]), whichever the client and the API server agreed on; Vigil relays the
 //! protocol they chose. Every frame is read whole in each direction before it is forwarded,
-//! exactly as it arrived.
+//! exactly as it arrived, with one exception: a WebSocket message the client sent in
+//! fragments goes to the API server in one frame ([`websocket::one_frame`]), because the
+//! Kubernetes end reads every frame as a message of its own.
 //!
 //! The one exception is port-forward's SPDY tunnel (`SPDY/3.1+portforward.k8s.io`, SPDY in
 //! the payloads of WebSocket messages): the gateway ends the client's WebSocket and speaks the
@@ -208,12 +210,20 @@ impl Decoder {
                 spdy_steps(reader, observe, |raw| to_client.message(raw), &mut steps)?;
             }
             Self::WebSocket(reader) => {
-                steps.extend(ws_events(reader)?.into_iter().map(|ev| {
-                    Step::forward(
-                        forwarded(ev.raw, &ev.message),
+                let to_server = reader.direction() == Direction::ClientToServer;
+                for ev in ws_events(reader)? {
+                    let mut raw = forwarded(ev.raw, &ev.message);
+                    // The server's reader takes each frame for a message: the client's
+                    // fragmented message goes on as the one message Vigil read and recorded.
+                    if to_server {
+                        raw = websocket::one_frame(&raw)
+                            .ok_or("a WebSocket message Vigil cannot pass on whole")?;
+                    }
+                    steps.push(Step::forward(
+                        raw,
                         ws_meaning(&ev.message).into_iter().collect(),
-                    )
-                }));
+                    ));
+                }
             }
             Self::Tunnel(ws, inner, to_client) => {
                 for ev in ws_events(ws)? {
@@ -823,6 +833,49 @@ mod tests {
         // Text is no part of the tunnel.
         let text = client.frame(true, websocket::Opcode::Text, b"x");
         assert!(up.decode(&mut no_meaning, &text).is_err());
+    }
+
+    /// An exec's stdin message the client sent in two fragments reaches the API server (and the
+    /// kubelet, whose reader takes every frame for a message) as the one message recorded; the
+    /// server's fragments reach the client as they came (its reader joins them).
+    #[test]
+    fn a_clients_fragmented_message_reaches_the_server_in_one_frame() {
+        let exec = Framing::WebSocket(ChannelProtocol::V4);
+        let mut up = Decoder::new(exec, &Purpose::Exec, Side::Client).unwrap();
+        let key = [5, 6, 7, 8];
+        let first = websocket::encode_frame(
+            false,
+            websocket::Opcode::Binary,
+            &[websocket::STDIN, b'l', b's'],
+            Some(key),
+        );
+        let rest = websocket::encode_frame(
+            true,
+            websocket::Opcode::Continuation,
+            b"\x04 -la\n",
+            Some(key),
+        );
+        let (steps, _) = up.decode(&mut no_meaning, &[first, rest].concat()).unwrap();
+        assert_eq!(steps.len(), 1);
+        let one = websocket::encode_frame(
+            true,
+            websocket::Opcode::Binary,
+            b"\x00ls\x04 -la\n",
+            Some(key),
+        );
+        assert_eq!(steps[0].raw, one);
+        assert!(
+            matches!(&steps[0].meanings[..], [Meaning::Chunk(Recorded::Stdin, b)] if &b[..] == b"ls\x04 -la\n"),
+            "recorded as read"
+        );
+        let mut down = Decoder::new(exec, &Purpose::Exec, Side::Server).unwrap();
+        let out = [
+            websocket::encode_frame(false, websocket::Opcode::Binary, b"\x01o", None),
+            websocket::encode_frame(true, websocket::Opcode::Continuation, b"ut", None),
+        ]
+        .concat();
+        let (steps, _) = down.decode(&mut no_meaning, &out).unwrap();
+        assert_eq!(steps[0].raw, out, "to the client as it came");
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! frame in the middle of a message ends the message ([`WsMessage::Partial`] reports what the
 //! held fragments carried, then the close follows).
 //!
+//! Fragments are a reading hazard towards Kubernetes: its WebSocket reader
+//! (`golang.org/x/net/websocket`) takes every frame for a whole message, so the relay passes a
+//! client's fragmented message on in one frame ([`one_frame`]), never in the client's frames.
+//!
 //! [`WsWriter`] produces frames (masked from the client, unmasked from the server) for tests
 //! and for the relay's own messages: the `Status` on the error channel that says why the
 //! gateway ended the streams, and a close.
@@ -1183,6 +1187,66 @@ pub fn encode_frame(fin: bool, opcode: Opcode, payload: &[u8], mask: Option<[u8;
     out.freeze()
 }
 
+/// The bytes of one data message as a reader returned them ([`WsEvent::raw`]: its frames,
+/// each already read and checked, with any control frames read between its fragments), with
+/// the message in **one** frame: the control frames first, as they were, then a final frame
+/// of the message's opcode carrying its whole payload, masked with the first fragment's key
+/// when that was masked. A message that came in one frame is returned as it is.
+///
+/// Why: the Kubernetes side of exec, attach and port-forward over WebSocket reads messages
+/// with `golang.org/x/net/websocket` (`wsstream`, in the 1.20 kubelet, and in the API server's
+/// stream translator of later versions), which takes *every frame*, a continuation too, for a
+/// message of its own, its first byte for a channel. Vigil reads a fragmented message joined,
+/// as RFC 6455 says a WebSocket endpoint does; forwarded in fragments, the kubelet would read
+/// what Vigil did not record (`[0, "ls"]` then `[4, …]`: stdin `ls`, then a resize).
+/// `None`: `raw` is not a sequence of whole frames.
+pub fn one_frame(raw: &Bytes) -> Option<Bytes> {
+    if raw.first().is_none_or(|b| b & 0x80 != 0) {
+        // Empty, or the first frame is final: one frame already (control frames between
+        // fragments only come with a fragmented message).
+        return Some(raw.clone());
+    }
+    let mut controls = BytesMut::new();
+    let mut payload = BytesMut::new();
+    let mut first: Option<(Opcode, Option<[u8; 4]>)> = None;
+    let mut rest = &raw[..];
+    while !rest.is_empty() {
+        let opcode = Opcode::from_bits(rest[0] & 0x0f)?;
+        let b1 = *rest.get(1)?;
+        let (len, mut at) = match b1 & 0x7f {
+            126 => (
+                u64::from(u16::from_be_bytes(rest.get(2..4)?.try_into().ok()?)),
+                4,
+            ),
+            127 => (u64::from_be_bytes(rest.get(2..10)?.try_into().ok()?), 10),
+            n => (u64::from(n), 2),
+        };
+        let mask = if b1 & 0x80 != 0 {
+            let key: [u8; 4] = rest.get(at..at + 4)?.try_into().ok()?;
+            at += 4;
+            Some(key)
+        } else {
+            None
+        };
+        let end = at.checked_add(usize::try_from(len).ok()?)?;
+        let frame = rest.get(..end)?;
+        if opcode.is_control() {
+            controls.extend_from_slice(frame);
+        } else {
+            let start = payload.len();
+            payload.extend_from_slice(&frame[at..]);
+            if let Some(key) = mask {
+                apply_mask(&mut payload[start..], key);
+            }
+            first.get_or_insert((opcode, mask));
+        }
+        rest = &rest[end..];
+    }
+    let (opcode, mask) = first?;
+    controls.extend_from_slice(&encode_frame(true, opcode, &payload, mask));
+    Some(controls.freeze())
+}
+
 /// Writes messages of one direction: masked (with a random key per frame) from the client,
 /// unmasked from the server. Each message is one frame.
 #[derive(Debug, Clone)]
@@ -1967,6 +2031,62 @@ mod tests {
         let events = read_chunked(WsReader::new(C2S, P::V5), &input, &[input.len()]);
         assert!(events[2].raw.is_empty() && events[3].raw.is_empty());
         assert_eq!(events[4].raw.len(), 3 * 6 + 301 + 2 * 6 + 2);
+    }
+
+    /// A message the client sent in fragments goes on as one frame (the server's reader takes
+    /// each frame for a message): the control frames between the fragments first, then the
+    /// whole payload under the first fragment's mask key; what the server reads is exactly
+    /// what was read here.
+    #[test]
+    fn a_fragmented_message_goes_on_as_one_frame() {
+        let w = client(P::V5);
+        let whole = w.channel(STDIN, b"echo hi\n").unwrap();
+        assert_eq!(one_frame(&whole), Some(whole.clone()), "one frame as it is");
+        assert_eq!(one_frame(&Bytes::new()), Some(Bytes::new()));
+        // stdin "ls" then, in a continuation, what a frame-by-frame reader takes for a resize.
+        let mut payload = vec![STDIN];
+        payload.extend_from_slice(b"ls");
+        let resize = br#"{"Width":1,"Height":1}"#;
+        let mut tail = vec![RESIZE];
+        tail.extend_from_slice(resize);
+        let key = [9, 8, 7, 6];
+        let mut input = Vec::new();
+        input.extend_from_slice(&encode_frame(false, Opcode::Binary, &payload, Some(key)));
+        input.extend_from_slice(&w.ping(b"hb").unwrap());
+        input.extend_from_slice(&encode_frame(
+            true,
+            Opcode::Continuation,
+            &tail,
+            Some([1, 1, 1, 1]),
+        ));
+        let events = read_chunked(WsReader::new(C2S, P::V5), &input, &[input.len()]);
+        assert_eq!(events.len(), 2);
+        let joined = [payload.clone(), tail.clone()].concat();
+        assert_eq!(events[1].message, data(STDIN, &joined[1..]));
+        let out = one_frame(&events[1].raw).unwrap();
+        let ping = w.ping(b"hb").unwrap();
+        assert_eq!(&out[..ping.len()], &ping[..], "the ping first, as it was");
+        assert_eq!(
+            &out[ping.len()..],
+            &encode_frame(true, Opcode::Binary, &joined, Some(key))[..],
+            "then the message in one final frame, under the first key"
+        );
+        // Read again, as the server will: the same message, in one frame.
+        let again = read_chunked(WsReader::new(C2S, P::V5), &out, &[out.len()]);
+        assert_eq!(messages(&again), messages(&events));
+        assert!(again[1].raw[0] & 0x80 != 0, "final");
+        // Large: the joined frame takes the 16-bit length.
+        let big = vec![b'x'; 200];
+        let mut input = encode_frame(false, Opcode::Binary, &[STDIN], Some(key)).to_vec();
+        input.extend_from_slice(&encode_frame(true, Opcode::Continuation, &big, Some(key)));
+        let out = one_frame(&Bytes::from(input)).unwrap();
+        let again = read_chunked(WsReader::new(C2S, P::V5), &out, &[out.len()]);
+        assert_eq!(messages(&again), vec![data(STDIN, &big)]);
+        assert_eq!(
+            one_frame(&Bytes::from_static(&[0x02, 0x85, 0])),
+            None,
+            "cut short"
+        );
     }
 
     #[test]

@@ -1069,7 +1069,8 @@ impl Walk {
                 // pg_settings' rule makes an UPDATE of it set_config(name, setting) for each
                 // row it matches: any setting, to any value.
                 if n == "UpdateStmt"
-                    && body.pointer("/relation/relname").and_then(Tree::as_str) == Some("pg_settings")
+                    && body.pointer("/relation/relname").and_then(Tree::as_str)
+                        == Some("pg_settings")
                 {
                     for setting in [
                         ReadingSetting::ClientEncoding,
@@ -1261,7 +1262,7 @@ mod tests {
         assert!(one("FETCH ALL FROM c").fetches);
         assert!(one("FETCH 10 IN c").fetches);
         assert!(!one("MOVE ALL IN c").fetches);
-                // However deep the wrapping: each of these runs p.
+        // However deep the wrapping: each of these runs p.
         for sql in [
             "EXPLAIN ANALYZE EXECUTE p",
             "CREATE TABLE x AS EXECUTE p",

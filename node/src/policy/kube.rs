@@ -78,6 +78,71 @@ fn resource_matches(pattern: &str, a: &KubeAction<'_>) -> bool {
     !a.resource.is_empty() && candidates.iter().any(|c| glob_match(pattern, c))
 }
 
+/// The resources whose registry strategy has `AllowCreateOnUpdate() == true` in Kubernetes
+/// 1.20 (`pkg/registry/*/*/strategy.go`), as `(group, resource)`: an update (PUT) of one that
+/// does not exist creates it. Events of `events.k8s.io` are stored by the core group's events
+/// registry. Custom resources do not create on update; what an aggregated API server does is
+/// unknown here.
+const CREATE_ON_UPDATE: &[(&str, &str)] = &[
+    ("", "endpoints"),
+    ("", "events"),
+    ("", "limitranges"),
+    ("", "services"),
+    ("coordination.k8s.io", "leases"),
+    ("events.k8s.io", "events"),
+    ("node.k8s.io", "runtimeclasses"),
+    ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("rbac.authorization.k8s.io", "clusterroles"),
+    ("rbac.authorization.k8s.io", "rolebindings"),
+    ("rbac.authorization.k8s.io", "roles"),
+];
+
+/// Whether an update or patch may create its object, so that the API server authorises it as
+/// `create` too (`handlers/update.go`, `handlers/patch.go`: the create-on-update admission
+/// check runs `create` authorization with the request's resource and subresource):
+/// - an update (PUT) of a resource in [`CREATE_ON_UPDATE`], or of its `status` (the status
+///   strategy shares the resource's), for an object that does not exist;
+/// - a server-side apply (a patch whose media type is `application/apply-patch+…`, compared
+///   without case or parameters), which creates any resource's missing object (`status` only
+///   of those same resources: the status storage does not pass on apply's permission).
+///
+/// Whether the object exists is not known before the request runs: every such request counts.
+pub fn may_create(
+    verb: &str,
+    api_group: &str,
+    resource: &str,
+    subresource: &str,
+    content_type: Option<&str>,
+) -> bool {
+    let creates_on_update = CREATE_ON_UPDATE.contains(&(api_group, resource));
+    let apply = content_type.is_some_and(|t| {
+        let media = t.split(';').next().unwrap_or_default().trim();
+        media
+            .get(..23)
+            .is_some_and(|p| p.eq_ignore_ascii_case("application/apply-patch"))
+    });
+    match (verb, subresource) {
+        ("update", "" | "status") => creates_on_update,
+        ("patch", "") => apply,
+        ("patch", "status") => apply && creates_on_update,
+        _ => false,
+    }
+}
+
+/// What a request reaches through the API server that a rule must allow by name (the policy's
+/// `default` does not apply): a port-forward (any protocol on a pod's port) and the `proxy`
+/// subresource of nodes (the kubelet's own API: `/run`, `/exec`, `/logs`, a command execution
+/// that exec rules never see), pods and services (HTTP to any port behind them), and the
+/// legacy `proxy` verb (`/api/v1/proxy/…`). `None` for anything else.
+pub fn only_by_rule(verb: &str, resource: &str, subresource: &str) -> Option<String> {
+    match (verb, subresource) {
+        (_, "portforward") => Some("port-forward".into()),
+        (_, "proxy") => Some(format!("{resource}/proxy")),
+        ("proxy", _) => Some(format!("proxying to {resource}")),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +187,52 @@ mod tests {
             !m("*").matches(&discovery),
             "a non-resource URL is no resource"
         );
+    }
+
+    #[test]
+    fn creates_by_update_or_apply_and_what_only_a_rule_allows() {
+        let apply = Some("application/apply-patch+yaml");
+        let merge = Some("application/merge-patch+json");
+        assert!(may_create("update", "", "services", "", None));
+        assert!(may_create("update", "", "services", "status", None));
+        assert!(!may_create("update", "", "services", "proxy", None));
+        assert!(may_create(
+            "update",
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "",
+            None
+        ));
+        assert!(
+            !may_create("update", "", "rolebindings", "", None),
+            "by group"
+        );
+        assert!(may_create("update", "events.k8s.io", "events", "", None));
+        assert!(!may_create("update", "", "configmaps", "", None));
+        assert!(!may_create("update", "apps", "deployments", "scale", None));
+        assert!(may_create("patch", "", "configmaps", "", apply));
+        assert!(may_create("patch", "example.com", "widgets", "", apply));
+        assert!(!may_create("patch", "", "configmaps", "", merge));
+        assert!(!may_create("patch", "", "configmaps", "", None));
+        assert!(!may_create("patch", "", "configmaps", "status", apply));
+        assert!(may_create("patch", "", "services", "status", apply));
+        assert!(!may_create("patch", "apps", "deployments", "scale", apply));
+        assert!(!may_create("create", "", "configmaps", "", apply));
+        assert!(!may_create("get", "", "services", "", None));
+        assert_eq!(
+            only_by_rule("create", "pods", "portforward").as_deref(),
+            Some("port-forward")
+        );
+        assert_eq!(
+            only_by_rule("get", "nodes", "proxy").as_deref(),
+            Some("nodes/proxy")
+        );
+        assert_eq!(
+            only_by_rule("proxy", "services", "").as_deref(),
+            Some("proxying to services")
+        );
+        assert_eq!(only_by_rule("get", "pods", "log"), None);
+        assert_eq!(only_by_rule("create", "pods", "exec"), None);
     }
 
     #[test]
