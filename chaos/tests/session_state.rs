@@ -51,6 +51,16 @@ impl Setup {
     fn ran(&self) -> Vec<Ran> {
         pg_executed(&self.node.files.db, self.log_offset)
     }
+
+    /// Payroll row 1's amount, read directly (PostgreSQL logs this statement too: read what
+    /// ran first).
+    async fn amount(&self) -> i32 {
+        let su = direct_superuser(&self.node.files.db).await;
+        su.query_one("SELECT amount FROM payroll WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
 }
 
 fn errors(msgs: &[Msg]) -> Vec<(String, String)> {
@@ -619,13 +629,7 @@ async fn t7i_a_prepared_statement_run_from_inside_another_is_held() {
     }
     // What PostgreSQL ran before the test's own look at the table.
     let ran = s.ran();
-    let su = direct_superuser(&s.node.files.db).await;
-    let amount: i32 = su
-        .query_one("SELECT amount FROM payroll WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(amount, 100, "the UPDATE never ran");
+    assert_eq!(s.amount().await, 100, "the UPDATE never ran");
     assert!(!wrappers.iter().any(|w| ran_text(&ran, w)), "{ran:#?}");
     // Each refusal's record names what the name holds.
     let records = s.node.records().await;
@@ -679,12 +683,6 @@ async fn t7j_names_are_not_trusted_after_sql_the_gateway_did_not_see() {
         "{r:?}"
     );
     let ran = s.ran();
-    let su = direct_superuser(&s.node.files.db).await;
-    let amount: i32 = su
-        .query_one("SELECT amount FROM payroll WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(amount, 100, "the swapped-in UPDATE never ran");
+    assert_eq!(s.amount().await, 100, "the swapped-in UPDATE never ran");
     assert_records_name_what_ran(&ran, &s.node.records().await, "t7j");
 }

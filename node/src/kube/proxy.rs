@@ -1662,6 +1662,10 @@ mod tests {
         request_info::classify(method, path, None).unwrap()
     }
 
+    fn policy(text: &str) -> Arc<Policy> {
+        Policy::new(toml::from_str(text).unwrap())
+    }
+
     fn decided(
         policy: &Policy,
         method: &str,
@@ -1683,9 +1687,8 @@ mod tests {
     /// authorises those as `create` too); the record keeps the API server's verb.
     #[test]
     fn an_update_or_apply_that_may_create_is_decided_as_a_create_too() {
-        let p = Policy::new(
-            toml::from_str(
-                r#"
+        let p = policy(
+            r#"
 default = "allow"
 [[rules]]
 id = "no-creates"
@@ -1694,8 +1697,6 @@ protocol = "kubernetes"
 verbs = ["create"]
 resources = ["configmaps", "coordination.k8s.io/leases", "rbac.authorization.k8s.io/rolebindings", "services"]
 "#,
-            )
-            .unwrap(),
         );
         let blocked = (Action::Block, "no-creates".to_string());
         let allowed = (Action::Allow, "default".to_string());
@@ -1744,9 +1745,8 @@ resources = ["configmaps", "coordination.k8s.io/leases", "rbac.authorization.k8s
             allowed
         );
         // A rule on update alone still decides the update (the stricter of the two applies).
-        let p = Policy::new(
-            toml::from_str(
-                r#"
+        let p = policy(
+            r#"
 default = "allow"
 [[rules]]
 id = "creates-need-approval"
@@ -1762,8 +1762,6 @@ protocol = "kubernetes"
 verbs = ["update"]
 resources = ["leases"]
 "#,
-            )
-            .unwrap(),
         );
         assert_eq!(
             decided(&p, "PUT", lease, None),
@@ -1780,7 +1778,7 @@ resources = ["leases"]
     /// allows it, like port-forward; so are the proxies to pods and services.
     #[test]
     fn a_proxy_is_refused_unless_a_rule_allows_it() {
-        let p = Policy::new(toml::from_str(r#"default = "allow""#).unwrap());
+        let p = policy(r#"default = "allow""#);
         for path in [
             "/api/v1/nodes/node-1/proxy/run/default/shell/c",
             "/api/v1/nodes/node-1/proxy/exec/default/shell/c",
@@ -1815,9 +1813,8 @@ resources = ["leases"]
             decided(&p, "GET", "/api/v1/namespaces/default/pods/web-0/log", None),
             (Action::Allow, "default".into())
         );
-        let p = Policy::new(
-            toml::from_str(
-                r#"
+        let p = policy(
+            r#"
 [[rules]]
 id = "metrics"
 action = "allow"
@@ -1825,8 +1822,6 @@ protocol = "kubernetes"
 resources = ["nodes/proxy"]
 verbs = ["get"]
 "#,
-            )
-            .unwrap(),
         );
         assert_eq!(
             decided(&p, "GET", "/api/v1/nodes/node-1/proxy/metrics", None),
