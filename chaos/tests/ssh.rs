@@ -390,9 +390,12 @@ async fn commands_inside_quoted_array_subscripts_are_decided_like_the_lines_own(
 
 /// bash in a locale whose two-byte characters may end in an ASCII byte (BIG5, GBK, GB18030,
 /// Shift JIS) reads `€\;` (UTF-8 `e2 82 ac 5c 3b`) as `[e2 82][ac 5c]` and a separator, where
-/// a byte-wise reading sees an escaped `;`. A client picks the host's locale (sshd accepts
-/// `LANG`), so such a line is refused whatever the policy; this host's own bash, in the
-/// locale servers.sh generates, is the ground truth that the line would run the second command.
+/// a byte-wise reading sees an escaped `;`; and `"${x:-€}"'$(…)'"}"` as a `${…}` that runs on
+/// over the `'$(…)'` (the `}` of `€}`, `ac 7d`, is swallowed), so its command substitution
+/// runs where a byte-wise reading sees a single-quoted literal. A client picks the host's
+/// locale (sshd accepts `LANG`), so such a line is refused whatever the policy; this host's
+/// own bash, in the locale servers.sh generates, is the ground truth that the line would run
+/// the hidden command.
 #[tokio::test]
 async fn a_line_whose_reading_depends_on_the_hosts_locale_is_refused() {
     let dir = host_dir();
@@ -417,6 +420,23 @@ async fn a_line_whose_reading_depends_on_the_hosts_locale_is_refused() {
         direct("zh_TW.BIG5")
     );
     assert!(direct("C.UTF-8").ends_with("; echo INJECTED\n"));
+    // The same for a swallowed `}`: BIG5 runs the `$(…)`, UTF-8 prints it.
+    let brace = |command: &str| format!("echo \"${{x:-\u{20ac}}}\"'$({command})'\"}}\"");
+    let direct_brace = |lang: &str| {
+        let out = Command::new("bash")
+            .env_remove("LC_ALL")
+            .env("LANG", lang)
+            .args(["-c", &brace("echo INJECTED")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        direct_brace("zh_TW.BIG5").contains("'INJECTED'"),
+        "{:?}",
+        direct_brace("zh_TW.BIG5")
+    );
+    assert!(direct_brace("C.UTF-8").contains("$(echo INJECTED)}"));
 
     let g = Gateway::start(&policy()).await;
     let ca = g.keys.path().join("ca");
@@ -429,6 +449,8 @@ async fn a_line_whose_reading_depends_on_the_hosts_locale_is_refused() {
             "bash -c $'echo \\xe2\\x82\\xac\\\\; rm -f {}'",
             victim.display()
         ),
+        brace(&format!("rm -f {}", victim.display())),
+        brace(&touch),
     ];
     for (i, refused) in refused.iter().enumerate() {
         let out = g
@@ -988,6 +1010,44 @@ async fn refused_shells_forwards_and_scp_paths_never_reach_the_host() {
         })
         .collect();
     assert_eq!(forwards, [pg_addr()]);
+}
+
+/// A server-mode scp is decided on its paths however the line writes it: options in one word
+/// (`-dt`, `-rt`), after a wrapper, or with other commands in the line.
+#[tokio::test]
+async fn an_scp_in_server_mode_is_decided_on_its_paths_however_it_is_written() {
+    let g = Gateway::start(&policy()).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let before = host_command_count();
+    let lines = [
+        "scp -dt /etc/vigil-never-dt",
+        "scp -rt /etc/cron.d",
+        "scp -t /etc/vigil-never-seq; :",
+        "env scp -v -t /etc/vigil-never-env",
+        "true && scp -pf /etc/passwd",
+    ];
+    for line in lines {
+        let out = g.ssh(&key, &[line]).await;
+        assert_eq!(out.status.code(), Some(126), "{line}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no-scp-into-etc"), "{line}: {stderr}");
+    }
+    let ran = host_ran(before);
+    for line in lines {
+        assert!(!ran.contains(&line.to_string()), "{line} ran: {ran:?}");
+    }
+    let records = g.node.records_after_sessions(lines.len()).await;
+    let blocked: Vec<(String, Option<String>)> = ssh_requests(&records)
+        .into_iter()
+        .filter(|(k, _, _)| *k == Kind::Blocked)
+        .map(|(_, t, c)| (t, c))
+        .collect();
+    for line in lines {
+        assert!(
+            blocked.contains(&("scp".to_string(), Some(line.to_string()))),
+            "{line}: {blocked:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -2153,4 +2213,115 @@ async fn a_password_typed_at_a_prompt_that_hides_it_is_in_no_record() {
         String::from_utf8_lossy(&input).contains(&secret),
         "the keystrokes are in the recording"
     );
+}
+
+/// Evasions found by an outside review, each confirmed with the host's bash 5.2, decided
+/// against the real sshd:
+/// - arithmetic evaluates a variable's value as an expression, and an array subscript in
+///   that value runs its command substitutions (`echo $(( a${x:-[}\$(…)] ))`, `test -v`, a
+///   value built in two steps): the gateway cannot see the value, so it flags the line
+///   (`arithmetic_eval`);
+/// - inside `[[ ]]`, `x<(…)` is a word with a process substitution that runs;
+/// - `coproc CMD` runs CMD.
+/// The blocked lines never reach the host's logging shell and leave the file they would
+/// remove; the same shapes with an allowed command do run on the host, the ground truth
+/// that they are no mere text.
+#[tokio::test]
+async fn arithmetic_on_unseen_values_conditional_process_substitutions_and_coprocs_are_decided() {
+    let no_arithmetic = format!(
+        r#"
+[[policy.rules]]
+id = "no-arithmetic-eval"
+protocol = "ssh"
+action = "block"
+command_flags = ["arithmetic_eval"]
+{}"#,
+        policy()
+    );
+    let strict = Gateway::start(&no_arithmetic).await;
+    let ca = strict.keys.path().join("ca");
+    let key = strict.certificate(&ca, "user", OPS_PRINCIPAL, "-5m:+1h");
+    let dir = host_dir();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let before = host_command_count();
+
+    let arithmetic = |command: &str| {
+        [
+            format!("echo $(( a${{x:-[}}\\$({command})] ))"),
+            format!("test -v \"a${{x:-[}}\\$({command})]\""),
+            format!("b='[$({command})]'; c=a$b; echo $((c))"),
+        ]
+    };
+    let others = |command: &str| {
+        [
+            format!("uptime; [[ x<({command}) ]]"),
+            format!("coproc {command}"),
+        ]
+    };
+    let rm = format!("rm -f {}", victim.display());
+    let mut refused: Vec<(String, &str)> = Vec::new();
+    refused.extend(arithmetic(&rm).map(|l| (l, "no-arithmetic-eval")));
+    refused.extend(others(&rm).map(|l| (l, "no-rm")));
+    for (line, rule) in &refused {
+        let out = strict.ssh(&key, &[line.as_str()]).await;
+        assert_eq!(out.status.code(), Some(126), "{line}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("blocked by rule {rule}")),
+            "{line}: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+
+    // Ground truth: with allowed commands, the host runs what each shape hides. The
+    // arithmetic ones through a gateway without the rule on the flag.
+    let made = |i: usize| dir.path().join(format!("made-{i}"));
+    let touch = |i: usize| format!("touch {}", made(i).display());
+    let lenient = Gateway::start(&policy()).await;
+    let lenient_key = lenient.certificate(
+        &lenient.keys.path().join("ca"),
+        "user",
+        OPS_PRINCIPAL,
+        "-5m:+1h",
+    );
+    let mut allowed = Vec::new();
+    for i in 0..3 {
+        let line = arithmetic(&touch(i))[i].clone();
+        let out = lenient.ssh(&lenient_key, &[line.as_str()]).await;
+        assert_ne!(out.status.code(), Some(126), "{line}: {out:?}");
+        allowed.push((line, made(i)));
+    }
+    for (k, i) in [3, 4].into_iter().enumerate() {
+        let line = others(&touch(i))[k].clone();
+        let out = strict.ssh(&key, &[line.as_str()]).await;
+        assert_eq!(out.status.code(), Some(0), "{line}: {out:?}");
+        allowed.push((line, made(i)));
+    }
+    for (line, made) in &allowed {
+        // A coprocess may still be running when its shell exits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !made.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(made.exists(), "the host ran the hidden command of {line}");
+    }
+
+    let ran = host_ran(before);
+    for (line, _) in &allowed {
+        assert!(ran.contains(line), "{line}: {ran:?}");
+    }
+    for (line, _) in &refused {
+        assert!(!ran.contains(line), "{line} reached the host: {ran:?}");
+    }
+    let records = strict.node.records_after_sessions(refused.len() + 2).await;
+    let blocked: Vec<String> = ssh_requests(&records)
+        .into_iter()
+        .filter(|(k, _, _)| *k == Kind::Blocked)
+        .filter_map(|(_, _, c)| c)
+        .collect();
+    for (line, _) in &refused {
+        assert!(blocked.contains(line), "{line}: {blocked:?}");
+    }
 }

@@ -3,7 +3,7 @@
 //! per channel: input (client → host) recorded before the host sees it, output (host → client)
 //! recorded before the client sees it.
 
-use super::command::{self, CommandLine};
+use super::command::{self, CommandLine, SimpleCommand};
 use super::session::Conn;
 use super::sftp::SftpOperation;
 use super::sftp_guard::SftpGuard;
@@ -197,22 +197,23 @@ pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Ses
         decide(conn, actions.as_deref().map_err(Clone::clone))
     };
     let kind = match &parsed {
-        Ok(p) if scp_paths(p).is_some() => "scp",
+        Ok(p) if p.commands.iter().any(scp_server) => "scp",
         _ => "exec",
     };
     run(conn, id, Run::new(kind, Some(line), decision), session).await;
 }
 
-/// The actions of an exec line: each command with the line's flags; for `scp`, each path.
+/// The actions of an exec line: each command with the line's flags; for an `scp` in server
+/// mode, the command and each of its paths as `scp`.
 fn exec_actions<'a>(
     line: &'a CommandLine,
     login: &'a str,
     text_is_empty: bool,
 ) -> Vec<SshAction<'a>> {
     let mut actions: Vec<SshAction<'a>> = Vec::new();
-    let scp = scp_paths(line);
     for c in &line.commands {
-        let kind = if scp.is_some() {
+        let scp = scp_server(c);
+        let kind = if scp {
             SshRequestKind::Scp
         } else {
             SshRequestKind::Exec
@@ -225,16 +226,17 @@ fn exec_actions<'a>(
             path: None,
             operation: None,
         });
-    }
-    for p in scp.unwrap_or_default() {
-        actions.push(SshAction {
+        // The operands (and, read as operands, the values of options such as `-l 100`: a
+        // rule on paths sees more, never less).
+        let paths = c.args.iter().filter(|a| scp && !a.starts_with('-'));
+        actions.extend(paths.map(|p| SshAction {
             kind: SshRequestKind::Scp,
             login,
-            command: line.commands.first(),
+            command: Some(c),
             line: Some(line),
             path: Some(p),
             operation: None,
-        });
+        }));
     }
     if actions.is_empty() {
         // No command: an empty line runs the login shell; a line of redirections and
@@ -256,22 +258,16 @@ fn exec_actions<'a>(
     actions
 }
 
-/// The paths of an `scp -t` (upload) or `scp -f` (download) that sshd would run: a line that
-/// is exactly one `scp` command in server mode.
-fn scp_paths(line: &CommandLine) -> Option<Vec<&str>> {
-    let [c] = line.commands.as_slice() else {
-        return None;
-    };
-    if c.program_name() != "scp" || !c.args.iter().any(|a| a == "-t" || a == "-f") {
-        return None;
-    }
-    Some(
-        c.args
-            .iter()
-            .filter(|a| !a.starts_with('-'))
-            .map(String::as_str)
-            .collect(),
-    )
+/// Whether a command is `scp` in server mode, `-t` (upload) or `-f` (download), anywhere in
+/// a line and however its options are written (`-dt`, `-rtp`, `-v -f`): an option word with a
+/// `t` or `f` among its letters counts (one such as `-oStrictHostKeyChecking=no` too, which
+/// errs on the side of deciding the paths).
+fn scp_server(c: &SimpleCommand) -> bool {
+    c.program_name() == "scp"
+        && c.args.iter().any(|a| {
+            a.strip_prefix('-')
+                .is_some_and(|o| !o.starts_with('-') && o.contains(['t', 'f']))
+        })
 }
 
 /// `shell`: allowed or refused as a whole (commands typed in it are recorded, not decided).

@@ -5,8 +5,8 @@
 //! (in practice bash or dash) makes of LINE. This module follows the token recognition,
 //! quoting, expansion and grammar rules of the POSIX "Shell Command Language" (plus the bash
 //! extensions an attacker is most likely to reach for: `$'…'`, `[[ … ]]`, `function`,
-//! `<(…)`, `&>`, `<<<`, brace expansion) far enough to answer one question: which programs
-//! run, with which arguments.
+//! `<(…)`, `&>`, `<<<`, brace expansion, `coproc`, `$[…]`, bash 5.3's `${ …; }`) far enough
+//! to answer one question: which programs run, with which arguments.
 //!
 //! It is conservative. A shell decides many things only at run time (the value of a
 //! variable, the files a glob matches, the output of a command substitution, what a script
@@ -22,6 +22,9 @@
 //!   system("…") }'`, `git -c core.pager=…`, `vim -c '!…'`, `make`, scripts on disk), and
 //!   wrapper programs beyond the list in [`CommandFlag::Sudo`]'s documentation;
 //! - the arguments that `xargs` appends at run time, or that an expansion produces;
+//! - the value of a variable that arithmetic (or a builtin evaluating a subscript) evaluates:
+//!   an array subscript in it runs command substitutions, so such a line is flagged
+//!   ([`CommandFlag::ArithmeticEval`]) rather than followed;
 //! - the effect of an earlier command on a later one: `cd /dev; echo > sda`, `hash -p`,
 //!   functions and aliases defined by the line (their bodies are parsed and listed, but a call
 //!   of a function is listed under the function's name);
@@ -123,9 +126,21 @@ pub enum CommandFlag {
     /// (`/bin/r?`) or a brace expansion (`{rm,-rf,/}`): a rule on program names cannot be
     /// trusted for this line.
     Expansion,
-    /// Code built from strings runs: `eval`, `source`, `.`, `trap`, `alias`. The strings
-    /// given literally were parsed and their commands are listed; sourced files were not.
+    /// Code built from strings runs: `eval`, `source`, `.`, `trap`, `alias`, the callback of
+    /// `mapfile -C`. The strings given literally were parsed and their commands are listed;
+    /// sourced files were not.
     Eval,
+    /// An arithmetic context, or a builtin that evaluates a subscript (`test -v`, `[[ -v ]]`,
+    /// `unset`, `declare`, `printf -v`, `read` …), evaluates a name or expansion whose value
+    /// the gateway cannot see; bash evaluates that value as an expression, and an array
+    /// subscript in it runs command substitutions (`b='x[$(rm …)]'; echo $((b))`). Set for
+    /// `$((…))`, `((…))`, `for ((…))`, `let`, `$[…]`, an array subscript or substring offset in
+    /// `${…}`, an indirection `${!x}`, a subscript in an assignment (`a=([i]=x)` too),
+    /// `[[ … -eq … ]]` operands and `declare -i`/`-n` values that hold a variable name or an
+    /// expansion, and for a name given to such a builtin that holds an expansion or a
+    /// subscript that does. Numbers, operators and `$#`-like numeric expansions alone do not
+    /// set it.
+    ArithmeticEval,
     /// A redirection writes to a device under /dev (other than null, stdout, stderr, stdin,
     /// tty and fd/N), reads or writes bash's /dev/tcp or /dev/udp sockets, or `dd of=` or
     /// `tee` names such a device.
@@ -163,19 +178,183 @@ pub enum CommandError {
     TooMuchNested(usize),
     #[error("syntax error at offset {offset}: {message}")]
     Syntax { offset: usize, message: String },
-    #[error("a non-ASCII byte right before a backslash or backquote at offset {0}: a shell in a locale whose characters may end in an ASCII byte (BIG5, GBK, GB18030, Shift JIS) reads the two as one character, so what runs depends on the host's locale")]
+    #[error("a non-ASCII byte right before an ASCII punctuation byte (one of @[\\]^`{{|}}~) at offset {0}: a shell in a locale whose characters may end in an ASCII byte (BIG5, GBK, GB18030, Shift JIS) reads the two as one character, so what runs depends on the host's locale")]
     LocaleDependent(usize),
 }
 
 /// Where a shell's reading of `text` may depend on its locale: a byte of a non-ASCII
-/// character right before `\` or `` ` ``. UTF-8 never puts an ASCII byte inside a character,
-/// but BIG5, GBK, GB18030 and Shift JIS do, as the second byte of a two-byte character, and
-/// bash in such a locale reads the pair as one character: `€\; rm` (UTF-8 `e2 82 ac 5c`)
-/// is `[e2 82][ac 5c]` there, and the `;` the gateway reads as escaped separates commands.
-/// (Other ASCII bytes that may end such a character make the gateway over-read, not miss:
-/// a `|` it takes for a pipe, a `{` for a brace expansion.)
+/// character right before an ASCII punctuation byte of 0x40–0x7E (`@`, `[`, `\`, `]`, `^`,
+/// `` ` ``, `{`, `|`, `}`, `~`); the offset is that of the punctuation byte. UTF-8 never puts
+/// an ASCII byte inside a character, but BIG5, GBK, GB18030 and Shift JIS do: the second byte
+/// of a two-byte character may be any byte of 0x40–0x7E, and bash in such a locale reads the
+/// pair as one character. Each of these punctuation bytes changes the structure of a line when
+/// it is swallowed, so the host runs what the gateway did not read: `€\; rm` (UTF-8
+/// `e2 82 ac 5c`) is `[e2 82][ac 5c]` there, and the `;` the gateway reads as escaped
+/// separates commands; in `"${x:-€}"'$(rm …)'"}"` the `}` of `€}` is swallowed, so the `${…}`
+/// runs on over what the gateway reads as a single-quoted literal, and the `$(…)` in it runs.
+/// Letters, digits and `_` (the other bytes that may end such a character, GB18030's
+/// four-byte characters included) only change the text of a word, never where a word, quote
+/// or expansion ends.
 fn locale_dependent(text: &[u8]) -> Option<usize> {
-    memchr::memchr2_iter(b'\\', b'`', text).find(|&at| at > 0 && text[at - 1] >= 0x80)
+    text.windows(2)
+        .position(|pair| {
+            pair[0] >= 0x80 && matches!(pair[1], b'@' | b'['..=b'^' | b'`' | b'{'..=b'~')
+        })
+        .map(|at| at + 1)
+}
+
+/// Whether an arithmetic expression refers to something whose value the gateway cannot see:
+/// a variable name (bash evaluates its value as an expression in turn) or an expansion.
+/// Numbers (`10`, `0x1f`, `16#ff`, `64#@_`), operators, and the expansions that are always a
+/// number (`$#`, `$?`, `$$`, `$!`, `${#name}`, `${#name[@]}`) do not.
+fn arith_refers(text: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(&c) = text.get(i) {
+        if c == b'$' {
+            if let Some(len) = numeric_expansion(&text[i..]) {
+                i += len;
+                continue;
+            }
+        }
+        if c == b'$' || c == b'`' || c.is_ascii_alphabetic() || c == b'_' {
+            return true;
+        }
+        if c.is_ascii_digit() {
+            // A number with its base and digits, letters included.
+            while text
+                .get(i)
+                .is_some_and(|&b| b.is_ascii_alphanumeric() || matches!(b, b'#' | b'@' | b'_'))
+            {
+                i += 1;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The length of an expansion at the start of `text` (which starts with `$`) whose value is
+/// always a number: `$#`, `$?`, `$$`, `$!`, `${#name}`, `${#name[@]}`, `${#name[*]}`.
+fn numeric_expansion(text: &[u8]) -> Option<usize> {
+    match text.get(1)? {
+        b'#' | b'?' | b'$' | b'!' => Some(2),
+        b'{' if text.get(2) == Some(&b'#') => {
+            let name = text[3..]
+                .iter()
+                .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                .count();
+            let mut end = 3 + name;
+            if text[end..].starts_with(b"[@]") || text[end..].starts_with(b"[*]") {
+                end += 3;
+            }
+            (name > 0 && text.get(end) == Some(&b'}')).then_some(end + 1)
+        }
+        _ => None,
+    }
+}
+
+/// Where the subscript of `NAME[…]` at the start of `text` ends: the index of its `]`.
+fn subscript_end(text: &[u8], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, &b) in text.iter().enumerate().skip(open + 1) {
+        match b {
+            b'[' => depth += 1,
+            b']' if depth == 0 => return Some(i),
+            b']' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether a word that bash takes as a variable name (`test -v`, `unset`, `printf -v`, `read`,
+/// the name of an assignment) makes it evaluate what the gateway cannot see: an expansion in
+/// it (the name, subscript included, is then unknown), or an array subscript that refers to a
+/// variable or an expansion (`a[i]` evaluates `i`, whose value may be `x[$(rm …)]`).
+fn name_evaluates(name: &[u8]) -> bool {
+    if name.contains(&b'$') || name.contains(&b'`') {
+        return true;
+    }
+    let Some(open) = memchr::memchr(b'[', name) else {
+        return false;
+    };
+    let close = subscript_end(name, open).unwrap_or(name.len());
+    let inner = &name[open + 1..close];
+    !matches!(inner, b"@" | b"*") && arith_refers(inner)
+}
+
+/// Whether the value of an assignment evaluates what the gateway cannot see: the subscripts
+/// of a compound array assignment (`a=([i]=x)` evaluates `i`).
+fn value_evaluates(value: &[u8]) -> bool {
+    if value.first() != Some(&b'(') {
+        return false;
+    }
+    memchr::memchr_iter(b'[', value).any(|open| {
+        subscript_end(value, open).is_some_and(|close| {
+            let after = &value[close + 1..];
+            (after.starts_with(b"=") || after.starts_with(b"+="))
+                && arith_refers(&value[open + 1..close])
+        })
+    })
+}
+
+/// The name and value of an assignment word (`a[i]=v`, `a+=v`): the first `=` outside a
+/// subscript splits them.
+fn split_assignment(text: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let mut depth = 0usize;
+    for (i, &b) in text.iter().enumerate() {
+        match b {
+            b'[' => depth += 1,
+            b']' => depth = depth.saturating_sub(1),
+            b'=' if depth == 0 => {
+                let name = &text[..i];
+                return (
+                    name.strip_suffix(b"+").unwrap_or(name),
+                    Some(&text[i + 1..]),
+                );
+            }
+            _ => {}
+        }
+    }
+    (text, None)
+}
+
+/// Whether a parameter expansion (the text between `${` and `}`) makes bash evaluate what the
+/// gateway cannot see: an array subscript (`${a[i]}`) or a substring offset and length
+/// (`${s:i:n}`), both arithmetic, that refer to a variable or an expansion; or an indirection
+/// (`${!x}`), which takes the value of `x` as a name, subscript included.
+fn parameter_evaluates(inner: &[u8]) -> bool {
+    let indirect = inner.len() > 1 && inner[0] == b'!';
+    let mut i = usize::from(inner.len() > 1 && matches!(inner[0], b'!' | b'#'));
+    let name = i;
+    while inner
+        .get(i)
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+    {
+        i += 1;
+    }
+    if i == name && i < inner.len() {
+        i += 1;
+    }
+    let mut all_elements = false;
+    if inner.get(i) == Some(&b'[') {
+        let close = subscript_end(inner, i).unwrap_or(inner.len());
+        let sub = &inner[i + 1..close];
+        all_elements = matches!(sub, b"@" | b"*");
+        if !all_elements && arith_refers(sub) {
+            return true;
+        }
+        i = (close + 1).min(inner.len());
+    }
+    let rest = &inner[i..];
+    // `${!prefix*}`, `${!prefix@}` and `${!a[@]}` list names or keys: nothing is evaluated.
+    if indirect && !matches!(rest, b"*" | b"@") && !(all_elements && rest.is_empty()) {
+        return true;
+    }
+    rest.first() == Some(&b':')
+        && !matches!(rest.get(1), Some(b'-' | b'=' | b'?' | b'+'))
+        && arith_refers(&rest[1..])
 }
 
 /// Parses an exec command line. An empty line (or one with only blanks and comments) gives
@@ -529,6 +708,9 @@ struct Parser<'s, 'o> {
     deferred_scripts: Vec<usize>,
     /// Stdin of the commands being parsed comes from a pipe.
     piped: bool,
+    /// How many bash 5.3 `${ …; }` bodies are open: a `}` that starts a token is a word of
+    /// its own there, so that `"${ cmd; }"` closes.
+    funsub: usize,
 }
 
 type Res<T> = Result<T, CommandError>;
@@ -547,6 +729,7 @@ impl<'s, 'o> Parser<'s, 'o> {
             bodies: Vec::new(),
             deferred_scripts: Vec::new(),
             piped,
+            funsub: 0,
         }
     }
 
@@ -818,6 +1001,14 @@ impl<'s, 'o> Parser<'s, 'o> {
                 Some(b'|') => (Op::Clobber, 2),
                 _ => (Op::Great, 1),
             },
+            b'}' if self.funsub > 0 => {
+                // The `}` that may close a `${ …; }` even when a quote or word follows (the
+                // rest of the word is read after it); as an argument it stays a `}`.
+                self.pos += 1;
+                let mut w = Word::new();
+                w.push_unquoted(b'}');
+                return Ok(Tok::Word(w));
+            }
             _ => {
                 if let Some(n) = self.io_number() {
                     return Ok(Tok::IoNumber(n));
@@ -862,7 +1053,8 @@ impl<'s, 'o> Parser<'s, 'o> {
     }
 
     /// Lexes one word. In `[[ … ]]` (`cond`), `&&`, `||`, `(`, `)`, `<`, `>`, `|` and `!`
-    /// are part of words, as bash treats them there.
+    /// are part of words, as bash treats them there, and a `<(…)` or `>(…)` anywhere in a
+    /// word is a process substitution.
     fn lex_word(&mut self, cond: bool) -> Res<Word> {
         let mut w = Word::new();
         let start = self.pos;
@@ -884,7 +1076,12 @@ impl<'s, 'o> Parser<'s, 'o> {
                         break;
                     }
                 }
-                b'<' | b'>' if self.pos == start && self.byte(self.pos + 1) == Some(b'(') => {
+                // Outside `[[ ]]` a `<` or `>` mid-word ends the word (and the lexer then
+                // reads `<(` as a word of its own); inside, bash reads `x<(…)` and `x>(…)`
+                // as a word with a process substitution in it, which runs.
+                b'<' | b'>'
+                    if (self.pos == start || cond) && self.byte(self.pos + 1) == Some(b'(') =>
+                {
                     self.process_substitution(&mut w)?;
                 }
                 b'<' | b'>' if !cond => break,
@@ -1012,6 +1209,19 @@ impl<'s, 'o> Parser<'s, 'o> {
                 w.push_expansion(&self.src[start..self.pos]);
                 Ok(())
             }
+            Some(b'{') if matches!(self.byte(self.pos + 2), Some(b' ' | b'\t' | b'\n' | b'|')) => {
+                // bash 5.3's `${ cmd; }` and `${| cmd; }`: commands, not a parameter.
+                self.pos += 3;
+                self.funsub_body(start)?;
+                w.push_expansion(&self.src[start..self.pos]);
+                Ok(())
+            }
+            Some(b'[') => {
+                self.pos += 2;
+                self.old_arithmetic(start)?;
+                w.push_expansion(&self.src[start..self.pos]);
+                Ok(())
+            }
             Some(b'{') => {
                 self.pos += 2;
                 self.enter()?;
@@ -1022,6 +1232,9 @@ impl<'s, 'o> Parser<'s, 'o> {
                     };
                     match c {
                         b'}' => {
+                            if parameter_evaluates(&self.src[start + 2..self.pos]) {
+                                self.flag(CommandFlag::ArithmeticEval);
+                            }
                             self.pos += 1;
                             break;
                         }
@@ -1100,6 +1313,7 @@ impl<'s, 'o> Parser<'s, 'o> {
     /// a command, but substitutions inside it run.
     fn arithmetic(&mut self, start: usize, what: &'static str) -> Res<()> {
         self.enter()?;
+        let body = self.pos;
         let mut depth = 0usize;
         let mut scratch = Word::new();
         loop {
@@ -1114,6 +1328,9 @@ impl<'s, 'o> Parser<'s, 'o> {
                 b')' if depth == 0 => {
                     if self.byte(self.pos + 1) != Some(b')') {
                         return Err(self.syntax("expected `))`"));
+                    }
+                    if arith_refers(&self.src[body..self.pos]) {
+                        self.flag(CommandFlag::ArithmeticEval);
                     }
                     self.pos += 2;
                     break;
@@ -1141,6 +1358,49 @@ impl<'s, 'o> Parser<'s, 'o> {
         Ok(())
     }
 
+    /// bash's older form of `$((…))`, `$[…]`, from after `$[` to after the `]`.
+    fn old_arithmetic(&mut self, start: usize) -> Res<()> {
+        self.enter()?;
+        let body = self.pos;
+        let mut depth = 0usize;
+        let mut scratch = Word::new();
+        loop {
+            let Some(c) = self.byte(self.pos) else {
+                return Err(self.unterminated("arithmetic expansion", start));
+            };
+            match c {
+                b'[' => {
+                    depth += 1;
+                    self.pos += 1;
+                }
+                b']' if depth == 0 => break,
+                b']' => {
+                    depth -= 1;
+                    self.pos += 1;
+                }
+                b'$' => self.dollar(&mut scratch, true)?,
+                b'`' => self.backquoted(&mut scratch, true)?,
+                b'"' => self.double_quoted(&mut scratch)?,
+                b'\'' => {
+                    let open = self.pos;
+                    self.pos += 1;
+                    let Some(len) = self.src[self.pos..].iter().position(|&b| b == b'\'') else {
+                        return Err(self.unterminated("single quote", open));
+                    };
+                    self.pos += len + 1;
+                }
+                b'\\' => self.pos = (self.pos + 2).min(self.src.len()),
+                _ => self.pos += 1,
+            }
+        }
+        if arith_refers(&self.src[body..self.pos]) {
+            self.flag(CommandFlag::ArithmeticEval);
+        }
+        self.pos += 1;
+        self.leave();
+        Ok(())
+    }
+
     /// The commands of `$(…)`, `<(…)` or `>(…)`, from after the `(` to after the `)`,
     /// parsed by the grammar on the same cursor.
     fn substitution_body(&mut self, start: usize, what: &'static str) -> Res<()> {
@@ -1156,6 +1416,30 @@ impl<'s, 'o> Parser<'s, 'o> {
             Tok::Eof => return Err(self.unterminated(what, start)),
             tok => return Err(self.unexpected(&tok)),
         }
+        self.level -= 1;
+        self.leave();
+        Ok(())
+    }
+
+    /// The commands of bash 5.3's `${ cmd; }` (the output of commands run in the current
+    /// shell) or `${| cmd; }` (the value they leave in `REPLY`), from after `${ ` or `${|`
+    /// to after the `}` that closes them, a reserved word as for a group. bash before 5.3
+    /// refuses such a text as a bad substitution, so reading it as commands never misses one.
+    fn funsub_body(&mut self, start: usize) -> Res<()> {
+        self.flag(CommandFlag::CommandSubstitution);
+        self.enter()?;
+        self.level += 1;
+        if self.pending.len() <= self.level {
+            self.pending.resize_with(self.level + 1, Vec::new);
+        }
+        self.funsub += 1;
+        self.parse_list()?;
+        match self.next()? {
+            Tok::Word(w) if w.is("}") => {}
+            Tok::Eof => return Err(self.unterminated("command substitution", start)),
+            tok => return Err(self.unexpected(&tok)),
+        }
+        self.funsub -= 1;
         self.level -= 1;
         self.leave();
         Ok(())
@@ -1486,6 +1770,9 @@ impl<'s, 'o> Parser<'s, 'o> {
     }
 
     fn parse_command(&mut self) -> Res<()> {
+        if matches!(self.peek()?, Tok::Word(w) if w.text == b"coproc" && !w.quoted && !w.expanded) {
+            return self.coproc();
+        }
         let reserved = match self.peek()? {
             Tok::Op(Op::LParen) => {
                 self.next()?;
@@ -1523,6 +1810,44 @@ impl<'s, 'o> Parser<'s, 'o> {
                 self.trailing_redirects()
             }
         }
+    }
+
+    /// bash's `coproc [NAME] command`: the command runs asynchronously, its input and output
+    /// connected to the shell. `coproc` is listed as a command of its own (so a rule can name
+    /// it), then the command it runs. A NAME is only taken before a compound command; before
+    /// anything else the word after `coproc` is the program of a simple command
+    /// (`coproc rm x` runs `rm`).
+    fn coproc(&mut self) -> Res<()> {
+        let Tok::Word(coproc) = self.next()? else {
+            unreachable!("parse_command peeked a word");
+        };
+        self.analyze(Vec::new(), std::slice::from_ref(&coproc), &[])?;
+        self.flag(CommandFlag::Background);
+        self.enter()?;
+        let starts_compound = |tok: &Tok| match tok {
+            Tok::Op(Op::LParen) => true,
+            Tok::Word(w) => matches!(
+                w.reserved(),
+                Some("{" | "if" | "while" | "until" | "for" | "select" | "case" | "[[")
+            ),
+            _ => false,
+        };
+        let result = if starts_compound(self.peek()?) {
+            self.parse_command()
+        } else if matches!(self.peek()?, Tok::Word(w) if w.reserved().is_none()) {
+            let Tok::Word(first) = self.next()? else {
+                unreachable!("a word was peeked");
+            };
+            if starts_compound(self.peek()?) {
+                self.parse_command()
+            } else {
+                self.simple_command_from(vec![first])
+            }
+        } else {
+            self.parse_command()
+        };
+        self.leave();
+        result
     }
 
     fn compound(&mut self, word: &'static str) -> Res<()> {
@@ -1664,6 +1989,7 @@ impl<'s, 'o> Parser<'s, 'o> {
     /// `[[ … ]]`: words up to `]]`. It runs no program, but substitutions inside do.
     fn conditional(&mut self) -> Res<()> {
         let start = self.pos;
+        let mut words: Vec<Word> = Vec::new();
         loop {
             while matches!(self.byte(self.pos), Some(b' ' | b'\t' | b'\n')) {
                 self.pos += 1;
@@ -1682,7 +2008,31 @@ impl<'s, 'o> Parser<'s, 'o> {
                 return Err(self.syntax("unexpected character in `[[ ]]`"));
             }
             if w.is("]]") {
+                self.conditional_evaluates(&words);
                 return Ok(());
+            }
+            words.push(w);
+        }
+    }
+
+    /// Operands of `[[ … ]]` that bash evaluates: both sides of an arithmetic comparison, and
+    /// the name after `-v`.
+    fn conditional_evaluates(&mut self, words: &[Word]) {
+        let unquoted = |w: &Word, ops: &[&[u8]]| !w.quoted && ops.contains(&w.text.as_slice());
+        for (k, w) in words.iter().enumerate() {
+            let evaluates = if unquoted(w, &[b"-eq", b"-ne", b"-lt", b"-le", b"-gt", b"-ge"]) {
+                [k.checked_sub(1), Some(k + 1)]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| words.get(i))
+                    .any(|o| arith_refers(&o.text))
+            } else if unquoted(w, &[b"-v"]) {
+                words.get(k + 1).is_some_and(|o| name_evaluates(&o.text))
+            } else {
+                false
+            };
+            if evaluates {
+                self.flag(CommandFlag::ArithmeticEval);
             }
         }
     }
@@ -1772,7 +2122,11 @@ impl<'s, 'o> Parser<'s, 'o> {
     }
 
     fn simple_command(&mut self) -> Res<()> {
-        let mut words: Vec<Word> = Vec::new();
+        self.simple_command_from(Vec::new())
+    }
+
+    /// A simple command whose first words were already read.
+    fn simple_command_from(&mut self, mut words: Vec<Word>) -> Res<()> {
         let mut redirs: Vec<RedirInfo> = Vec::new();
         loop {
             match self.peek()? {
@@ -1809,6 +2163,17 @@ impl<'s, 'o> Parser<'s, 'o> {
         if words.is_empty() && redirs.is_empty() {
             let tok = self.next()?;
             return Err(self.unexpected(&tok));
+        }
+        // `a[i]=x` (which bash reads as an assignment, this parser as a word) evaluates its
+        // subscript.
+        for w in &words {
+            let (name, value) = split_assignment(&w.text);
+            if !(w.assign || value.is_some() && name.contains(&b'[')) {
+                break;
+            }
+            if name_evaluates(name) || value.is_some_and(value_evaluates) {
+                self.flag(CommandFlag::ArithmeticEval);
+            }
         }
         let n_assign = words.iter().take_while(|w| w.assign).count();
         for a in &words[..n_assign] {
@@ -1912,6 +2277,59 @@ impl<'s, 'o> Parser<'s, 'o> {
                 if args.iter().any(|a| sensitive_assignment(&a.string())) {
                     self.flag(CommandFlag::SensitiveVariable);
                 }
+                // `-i` makes values arithmetic, `-n` makes them names.
+                let evaluated = args.iter().any(|a| {
+                    matches!(a.text.first(), Some(b'-' | b'+'))
+                        && a.text[1..].iter().any(|&c| c == b'i' || c == b'n')
+                });
+                let mut operands = args
+                    .iter()
+                    .filter(|a| !matches!(a.text.first(), Some(b'-' | b'+')));
+                if operands.any(|a| {
+                    let (name, value) = split_assignment(&a.text);
+                    name_evaluates(name)
+                        || value.is_some_and(value_evaluates)
+                        || (evaluated && value.is_some_and(arith_refers))
+                }) {
+                    self.flag(CommandFlag::ArithmeticEval);
+                }
+                return Ok(None);
+            }
+            "let" => {
+                if args.iter().any(|a| arith_refers(&a.text)) {
+                    self.flag(CommandFlag::ArithmeticEval);
+                }
+                return Ok(None);
+            }
+            "test" | "[" | "printf" | "wait" => {
+                // `test -v NAME`, `printf -v NAME`, `wait -p NAME`.
+                let opt: &[u8] = if name == "wait" { b"-p" } else { b"-v" };
+                let named = args.iter().enumerate().any(|(k, a)| {
+                    if a.text == opt {
+                        args.get(k + 1).is_some_and(|n| name_evaluates(&n.text))
+                    } else {
+                        name != "test"
+                            && name != "["
+                            && a.text.starts_with(opt)
+                            && name_evaluates(&a.text[2..])
+                    }
+                });
+                if named {
+                    self.flag(CommandFlag::ArithmeticEval);
+                }
+                return Ok(None);
+            }
+            "unset" => {
+                if args
+                    .iter()
+                    .any(|a| !a.text.starts_with(b"-") && name_evaluates(&a.text))
+                {
+                    self.flag(CommandFlag::ArithmeticEval);
+                }
+                return Ok(None);
+            }
+            "read" | "mapfile" | "readarray" => {
+                self.reads_into_names(name, args)?;
                 return Ok(None);
             }
             "dd" => {
@@ -1964,6 +2382,56 @@ impl<'s, 'o> Parser<'s, 'o> {
             return Ok(None);
         }
         self.wrapper(name, args)
+    }
+
+    /// `read`, `mapfile`, `readarray`: the names they assign to (operands, `read -a NAME`)
+    /// evaluate their subscripts; `mapfile -C CALLBACK` evaluates its callback as code.
+    fn reads_into_names(&mut self, name: &str, args: &[Word]) -> Res<()> {
+        let (values, name_opts, code_opts): (&[u8], &[u8], &[u8]) = if name == "read" {
+            (b"adinNptu", b"a", b"")
+        } else {
+            (b"dnOsuCc", b"", b"C")
+        };
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut codes: Vec<Vec<u8>> = Vec::new();
+        let mut i = 0;
+        while let Some(a) = args.get(i) {
+            i += 1;
+            if a.text == b"--" {
+                break;
+            }
+            if a.text.len() < 2 || a.text[0] != b'-' {
+                i -= 1;
+                break;
+            }
+            for (k, &c) in a.text.iter().enumerate().skip(1) {
+                if !values.contains(&c) {
+                    continue;
+                }
+                let value: &[u8] = if k + 1 < a.text.len() {
+                    &a.text[k + 1..]
+                } else {
+                    i += 1;
+                    args.get(i - 1).map_or(b"", |v| v.text.as_slice())
+                };
+                if name_opts.contains(&c) {
+                    names.push(value);
+                }
+                if code_opts.contains(&c) {
+                    codes.push(value.to_vec());
+                }
+                break;
+            }
+        }
+        names.extend(args[i.min(args.len())..].iter().map(|a| a.text.as_slice()));
+        if names.into_iter().any(name_evaluates) {
+            self.flag(CommandFlag::ArithmeticEval);
+        }
+        for code in codes {
+            self.flag(CommandFlag::Eval);
+            self.nested(&code, false)?;
+        }
+        Ok(())
     }
 
     /// A shell: `-c STRING` is parsed as a nested line; a shell that reads its script from
@@ -3025,7 +3493,7 @@ mod tests {
         check(
             "echo $((1 + $(rm)))",
             &["rm", "echo"],
-            &[CommandSubstitution],
+            &[CommandSubstitution, ArithmeticEval],
         );
         check("echo $(( (1+2) * 3 ))", &["echo"], &[]);
         check("echo $( (rm) )", &["rm", "echo"], &[CommandSubstitution]);
@@ -3055,7 +3523,8 @@ mod tests {
         check("a\nrm", &["a", "rm"], &[]);
         check("a &&\n rm", &["a", "rm"], &[]);
         check("(rm)", &["rm"], &[]);
-        check("((rm))", &[], &[]);
+        check("((rm))", &[], &[ArithmeticEval]);
+        check("((1 + 2))", &[], &[]);
         check("( (rm) )", &["rm"], &[]);
         check("{ rm; }", &["rm"], &[]);
         check("{ rm;}", &["rm"], &[]);
@@ -3073,7 +3542,11 @@ mod tests {
             &[CommandSubstitution],
         );
         check("for i\ndo rm; done", &["rm"], &[]);
-        check("for ((i=0;i<3;i++)); do rm; done", &["rm"], &[]);
+        check(
+            "for ((i=0;i<3;i++)); do rm; done",
+            &["rm"],
+            &[ArithmeticEval],
+        );
         check("for i in a b; { rm; }", &["rm"], &[]);
         check("while true; do rm; done", &["true", "rm"], &[]);
         check(
@@ -3524,5 +3997,229 @@ mod tests {
         assert_eq!(c.program_name(), "");
         assert_eq!(names("''"), [""]);
         assert_eq!(flags("''"), []);
+    }
+
+    #[test]
+    fn a_non_ascii_byte_before_any_structural_punctuation_is_refused() {
+        // In BIG5, `€}` (`e2 82 ac 7d`) is `[e2 82][ac 7d]`: the `${…}` runs on over what a
+        // byte-wise reading takes for a single-quoted literal, and its `$(…)` runs.
+        assert_eq!(
+            parse("echo \"${x:-\u{20ac}}\"'$(touch /tmp/p)'\"}\""),
+            Err(CommandError::LocaleDependent(14))
+        );
+        for c in ['@', '[', '\\', ']', '^', '`', '{', '|', '}', '~'] {
+            let line = format!("echo \u{e9}{c} x");
+            assert_eq!(
+                parse(&line),
+                Err(CommandError::LocaleDependent(7)),
+                "{line}"
+            );
+        }
+        assert!(matches!(
+            parse("sh -c $'echo \\xe2\\x82\\xac{ x'"),
+            Err(CommandError::LocaleDependent(_))
+        ));
+        let e = parse("echo \u{e9}|x").unwrap_err().to_string();
+        assert!(e.contains("@[\\]^`{|}~") && e.contains("locale"), "{e}");
+        // Letters, digits, `_` and the other ASCII bytes never end such a character in a way
+        // that changes where a word, quote or expansion ends.
+        check(
+            "echo \u{e9}a \u{e9}_ \u{e9}1 \u{e9}; echo \u{e9}'x' \u{e9}\"y\" \u{e9}$HOME \u{e9}# x",
+            &["echo", "echo"],
+            &[],
+        );
+    }
+
+    #[test]
+    fn arithmetic_on_values_the_gateway_cannot_see_is_flagged() {
+        // bash evaluates a variable's value as an expression, and an array subscript in that
+        // value runs its command substitutions: these all run the touch.
+        for line in [
+            "echo $(( a${x:-[}\\$(touch /tmp/p)] ))",
+            "test -v \"a${x:-[}\\$(touch /tmp/p)]\"",
+            "b='[$(touch /tmp/p)]'; c=a$b; echo $((c))",
+            "((x))",
+            "for ((i = 0; i < n; i++)); do :; done",
+            "echo $[x]",
+            "echo $[ 1 + $y ]",
+            "let i++",
+            "let \"a = $b\"",
+            "echo ${s:i}",
+            "echo ${s:1:$n}",
+            "echo \"${a[i]}\"",
+            "echo ${#a[$k]}",
+            "echo ${!x}",
+            "echo ${!x:-d}",
+            "a[i]=1",
+            "a[$k]=1 true",
+            "declare a[$k]=1",
+            "declare -i n=$x",
+            "local -i n=m",
+            "declare -n r=$x",
+            "a=([i]=1)",
+            "declare -a a=(x [$k]=1)",
+            "a+=([1]=x [j]+=y) true",
+            "[[ $x -eq 0 ]]",
+            "[[ 1 -lt y ]]",
+            "[[ $#x -lt 1 ]]",
+            "[[ ${#x}y -lt 1 ]]",
+            "[[ ${#x[1]} -lt 1 ]]",
+            "[[ -v $n ]]",
+            "[[ -v a[i] ]]",
+            "test -v \"$n\"",
+            "[ -v a[i] ]",
+            "unset \"$n\"",
+            "unset 'a[i]'",
+            "printf -v \"$n\" x",
+            "printf -va[i] x",
+            "read \"$n\"",
+            "read -a \"$n\"",
+            "read -p x 'a[i]'",
+            "mapfile -t \"$n\" < f",
+            "wait -p \"$n\"",
+        ] {
+            assert!(p(line).flags.contains(&ArithmeticEval), "{line}");
+        }
+        check(
+            "echo $(( a${x:-[}\\$(touch /tmp/p)] ))",
+            &["echo"],
+            &[ArithmeticEval],
+        );
+        // Numbers and operators alone, plain names given to builtins, and words bash does not
+        // evaluate.
+        for line in [
+            "echo $((1 + 2 * 0x1f - 16#ff % 64#@_))",
+            "((2 > 1))",
+            "echo $[ 1 + 2 ]",
+            "let 1+1",
+            "echo ${s:1:2} ${s: -1} ${x:-y} ${x:=z} ${a[0]} ${a[@]} ${#a[*]} ${!p*} ${!a[@]}",
+            "echo ${x#a} ${x/b/c} ${#x} ${#} ${x:+w}",
+            "a[0]=1",
+            "declare x=$y",
+            "declare -i n=3",
+            "local a=(1 2)",
+            "a=([0]=x [1]=$y)",
+            "[[ 1 -eq 2 ]]",
+            "[[ $# -eq 0 || $? -ne 1 ]]",
+            "[[ ${#a[@]} -gt ${#x} ]]",
+            "echo $(( $$ % 2 ))",
+            "[[ $x == y ]]",
+            "[[ -v x ]]",
+            "test -v x",
+            "[ \"$x\" -eq 1 ]",
+            "unset x",
+            "printf -v x %s \"$y\"",
+            "read -r -p \"$prompt\" line",
+            "mapfile -t lines",
+            "grep 'x[a-z]' f",
+            "echo a[i] $x",
+        ] {
+            assert!(!p(line).flags.contains(&ArithmeticEval), "{line}");
+        }
+        // `mapfile -C` evaluates its callback.
+        check(
+            "mapfile -C 'rm -rf /srv' -c 1 x < f",
+            &["mapfile", "rm"],
+            &[Eval],
+        );
+        assert_eq!(
+            serde_json::to_string(&ArithmeticEval).unwrap(),
+            "\"arithmetic_eval\""
+        );
+    }
+
+    #[test]
+    fn process_substitutions_anywhere_in_a_conditional_word_run() {
+        check(
+            "uptime; [[ x<(rm -rf /) ]]",
+            &["uptime", "rm"],
+            &[CommandSubstitution],
+        );
+        check("[[ x>(rm) ]]", &["rm"], &[CommandSubstitution]);
+        check("[[ -n a\"b\"<(rm) ]]", &["rm"], &[CommandSubstitution]);
+        check("[[ a == b<(rm) ]]", &["rm"], &[CommandSubstitution]);
+        // Comparisons stay comparisons; quoted text stays text.
+        check("[[ a < b && c>d ]]", &[], &[]);
+        check("[[ 'x<(rm)' == \"y>(rm)\" ]]", &[], &[]);
+    }
+
+    #[test]
+    fn bash_5_3_command_substitutions_in_the_current_shell() {
+        check(
+            "echo ${ rm -rf /; }",
+            &["rm", "echo"],
+            &[CommandSubstitution],
+        );
+        check(
+            "echo ${| rm -rf /; }",
+            &["rm", "echo"],
+            &[CommandSubstitution],
+        );
+        check(
+            "echo \"${\trm; }\"",
+            &["rm", "echo"],
+            &[CommandSubstitution],
+        );
+        check("echo ${\nrm\n}", &["rm", "echo"], &[CommandSubstitution]);
+        check(
+            "echo ${ a; b | c; } d",
+            &["a", "b", "c", "echo"],
+            &[CommandSubstitution],
+        );
+        check(
+            "${ rm; }",
+            &["rm", "${ rm; }"],
+            &[CommandSubstitution, Expansion],
+        );
+        check(
+            "echo ${ a; }x${ b; }",
+            &["a", "b", "echo"],
+            &[CommandSubstitution],
+        );
+        // A `}` that is an argument does not close it.
+        check(
+            "echo ${ echo }; rm; }",
+            &["echo", "rm", "echo"],
+            &[CommandSubstitution],
+        );
+        check("echo ${x} ${x:- y}", &["echo"], &[]);
+        assert!(matches!(
+            parse("echo ${ rm"),
+            Err(CommandError::Unterminated { .. })
+        ));
+    }
+
+    #[test]
+    fn coproc_runs_the_command_that_follows() {
+        check("coproc rm -rf /srv/data", &["coproc", "rm"], &[Background]);
+        check(
+            "coproc { rm -rf /srv/data; }",
+            &["coproc", "rm"],
+            &[Background],
+        );
+        check("coproc NAME { rm x; }", &["coproc", "rm"], &[Background]);
+        check("coproc NAME ( rm x )", &["coproc", "rm"], &[Background]);
+        check(
+            "coproc w while true; do rm; done",
+            &["coproc", "true", "rm"],
+            &[Background],
+        );
+        check(
+            "coproc sudo rm x",
+            &["coproc", "sudo", "rm"],
+            &[Background, Sudo],
+        );
+        check("coproc >f rm x", &["coproc", "rm"], &[Background]);
+        // Before a simple command there is no NAME: the word is the program.
+        let c = p("coproc NAME rm x");
+        assert_eq!(c.commands[1].program, "NAME");
+        assert_eq!(c.commands[1].args, ["rm", "x"]);
+        check("echo coproc rm", &["echo"], &[]);
+        check(
+            "ls; coproc rm; ls",
+            &["ls", "coproc", "rm", "ls"],
+            &[Background],
+        );
+        assert!(parse("coproc").is_err());
     }
 }
