@@ -1201,7 +1201,7 @@ impl<'s, 'o> Parser<'s, 'o> {
             Some(b'(') => {
                 if self.byte(self.pos + 2) == Some(b'(') && self.is_arithmetic(self.pos + 3) {
                     self.pos += 3;
-                    self.arithmetic(start, "arithmetic expansion")?;
+                    self.arithmetic(start, "arithmetic expansion", b"))")?;
                 } else {
                     self.pos += 2;
                     self.substitution_body(start, "command substitution")?;
@@ -1218,7 +1218,7 @@ impl<'s, 'o> Parser<'s, 'o> {
             }
             Some(b'[') => {
                 self.pos += 2;
-                self.old_arithmetic(start)?;
+                self.arithmetic(start, "arithmetic expansion", b"]")?;
                 w.push_expansion(&self.src[start..self.pos]);
                 Ok(())
             }
@@ -1309,11 +1309,17 @@ impl<'s, 'o> Parser<'s, 'o> {
         false
     }
 
-    /// The body of an arithmetic expansion, from after `((` to after `))`. Its value is not
-    /// a command, but substitutions inside it run.
-    fn arithmetic(&mut self, start: usize, what: &'static str) -> Res<()> {
+    /// The body of an arithmetic expansion or command, from after its opening to after its
+    /// `close`: `))` for `((…))` and `$((…))`, `]` for bash's older `$[…]`. Its value is not a
+    /// command, but substitutions inside it run.
+    fn arithmetic(&mut self, start: usize, what: &'static str, close: &'static [u8]) -> Res<()> {
         self.enter()?;
         let body = self.pos;
+        let (open, shut) = if close == b"]" {
+            (b'[', b']')
+        } else {
+            (b'(', b')')
+        };
         let mut depth = 0usize;
         let mut scratch = Word::new();
         loop {
@@ -1321,21 +1327,21 @@ impl<'s, 'o> Parser<'s, 'o> {
                 return Err(self.unterminated(what, start));
             };
             match c {
-                b'(' => {
+                c if c == open => {
                     depth += 1;
                     self.pos += 1;
                 }
-                b')' if depth == 0 => {
-                    if self.byte(self.pos + 1) != Some(b')') {
+                c if c == shut && depth == 0 => {
+                    if !self.src[self.pos..].starts_with(close) {
                         return Err(self.syntax("expected `))`"));
                     }
                     if arith_refers(&self.src[body..self.pos]) {
                         self.flag(CommandFlag::ArithmeticEval);
                     }
-                    self.pos += 2;
+                    self.pos += close.len();
                     break;
                 }
-                b')' => {
+                c if c == shut => {
                     depth -= 1;
                     self.pos += 1;
                 }
@@ -1354,49 +1360,6 @@ impl<'s, 'o> Parser<'s, 'o> {
                 _ => self.pos += 1,
             }
         }
-        self.leave();
-        Ok(())
-    }
-
-    /// bash's older form of `$((…))`, `$[…]`, from after `$[` to after the `]`.
-    fn old_arithmetic(&mut self, start: usize) -> Res<()> {
-        self.enter()?;
-        let body = self.pos;
-        let mut depth = 0usize;
-        let mut scratch = Word::new();
-        loop {
-            let Some(c) = self.byte(self.pos) else {
-                return Err(self.unterminated("arithmetic expansion", start));
-            };
-            match c {
-                b'[' => {
-                    depth += 1;
-                    self.pos += 1;
-                }
-                b']' if depth == 0 => break,
-                b']' => {
-                    depth -= 1;
-                    self.pos += 1;
-                }
-                b'$' => self.dollar(&mut scratch, true)?,
-                b'`' => self.backquoted(&mut scratch, true)?,
-                b'"' => self.double_quoted(&mut scratch)?,
-                b'\'' => {
-                    let open = self.pos;
-                    self.pos += 1;
-                    let Some(len) = self.src[self.pos..].iter().position(|&b| b == b'\'') else {
-                        return Err(self.unterminated("single quote", open));
-                    };
-                    self.pos += len + 1;
-                }
-                b'\\' => self.pos = (self.pos + 2).min(self.src.len()),
-                _ => self.pos += 1,
-            }
-        }
-        if arith_refers(&self.src[body..self.pos]) {
-            self.flag(CommandFlag::ArithmeticEval);
-        }
-        self.pos += 1;
         self.leave();
         Ok(())
     }
@@ -1780,7 +1743,7 @@ impl<'s, 'o> Parser<'s, 'o> {
                 if self.byte(self.pos) == Some(b'(') && self.is_arithmetic(self.pos + 1) {
                     let start = self.pos;
                     self.pos += 1;
-                    self.arithmetic(start, "arithmetic command")?;
+                    self.arithmetic(start, "arithmetic command", b"))")?;
                 } else {
                     self.enter()?;
                     self.parse_list()?;
@@ -1915,7 +1878,7 @@ impl<'s, 'o> Parser<'s, 'o> {
             }
             let start = self.pos;
             self.pos += 1;
-            self.arithmetic(start, "arithmetic for")?;
+            self.arithmetic(start, "arithmetic for", b"))")?;
         } else {
             match self.next()? {
                 Tok::Word(_) => {}
