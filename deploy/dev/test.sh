@@ -36,7 +36,7 @@ deploy/compose/engine.sh start
 cargo build --workspace --bins
 log=$(mktemp)
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary: "N passed, N failed".
 summary=$(awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed", p, f }' "$log")
 rm -f "$log"
