@@ -407,6 +407,119 @@ fn pgbench(node: &TestNode, token: &str, args: &[&str]) -> String {
     text
 }
 
+/// A row the target sends is held whole while the gateway looks at it. One over
+/// `max_target_message_bytes` ends the session with a clear error and is on record as having
+/// run; large rows under it share the node's `target_message_memory_bytes`: a session whose
+/// row does not fit waits for the memory, and every row arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13c_large_rows_are_bounded_by_the_node_s_memory_for_them() {
+    const MIB: usize = 1 << 20;
+    let node = TestNode::start(NodeOptions {
+        postgres_extra: "max_target_message_bytes = 4194304\ntarget_message_memory_bytes = 5242880",
+        ..Default::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let offset = pg_log_len();
+
+    // Three sessions at once, each reading 3 MiB rows: two never fit together.
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        let (client, _task) = node.client(&token).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            for round in 0..4 {
+                let fill = format!("{}", (i * 4 + round) % 10);
+                let row = client
+                    .query_one(
+                        "SELECT repeat($1, 3 * 1048576) AS big, 'after' AS tail",
+                        &[&fill],
+                    )
+                    .await
+                    .unwrap();
+                let big: String = row.get(0);
+                assert_eq!(big.len(), 3 * MIB);
+                assert!(big.bytes().all(|b| b == fill.as_bytes()[0]));
+                assert_eq!(row.get::<_, String>(1), "after");
+            }
+        }));
+    }
+    for r in readers {
+        tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .expect("every session gets its rows")
+            .unwrap();
+    }
+    assert_eq!(
+        metric(&node.metrics().await, "vigil_target_message_memory_bytes"),
+        0.0,
+        "all memory lent to large rows is given back"
+    );
+
+    // Over the limit: the session ends with 54000; the statement ran and says so.
+    let (client, task) = node.client(&token).await.unwrap();
+    let err = client
+        .simple_query("SELECT repeat('z', 5 * 1048576) AS too_big")
+        .await
+        .expect_err("a 5 MiB row is over the limit");
+    let db = err.as_db_error().expect("an error from the gateway");
+    assert_eq!(db.code().code(), "54000");
+    assert!(
+        db.message()
+            .contains("postgres.max_target_message_bytes = 4194304"),
+        "{}",
+        db.message()
+    );
+    assert!(client.is_closed() || client.simple_query("SELECT 1").await.is_err());
+    let _ = task.await;
+    let ran: Vec<String> = pg_executed(&node.files.db, offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert!(
+        ran.contains(&"SELECT repeat('z', 5 * 1048576) AS too_big".to_string()),
+        "{ran:?}"
+    );
+
+    let records = node.records_after_sessions(4).await;
+    let too_big = of_kind(&records, Kind::Response)
+        .into_iter()
+        .find_map(|r| {
+            let e = r.body.pg_response()?.error.clone()?;
+            (e.sqlstate == "54000").then_some((r.body.outcome, e.message))
+        })
+        .expect("the statement's response record");
+    assert_eq!(too_big.0, Some(Outcome::Error));
+    // The row's length field: itself, the column count, the value's length, the value.
+    let declared = 4 + 2 + 4 + 5 * MIB;
+    assert!(
+        too_big.1.contains(&format!(
+            "the target sent a message of {declared} bytes, over postgres.max_target_message_bytes (4194304)"
+        )),
+        "{}",
+        too_big.1
+    );
+    let ends: Vec<String> = of_kind(&records, Kind::SessionEnd)
+        .into_iter()
+        .filter(|r| r.body.outcome == Some(Outcome::Error))
+        .filter_map(|r| r.body.detail.clone())
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert!(
+        ends[0].contains("over postgres.max_target_message_bytes"),
+        "{ends:?}"
+    );
+    // Twelve rows of 3 MiB went through, on record.
+    let big_rows = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter(|r| {
+            r.body
+                .pg_response()
+                .is_some_and(|p| p.rows == 1 && p.bytes > 3 * MIB as u64)
+        })
+        .count();
+    assert_eq!(big_rows, 12);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t14_pgbench_init_and_all_query_modes() {
     let node = TestNode::start(NodeOptions::default()).await;

@@ -602,6 +602,95 @@ async fn t73d_a_fetch_is_masked_whatever_cursor_its_describe_saw() {
     }
 }
 
+/// A prepared statement's rows are masked by what its portal runs, not by what a Describe of the
+/// statement saw earlier: the same text is planned again at Bind on another table once a
+/// temporary table it named is gone, and an `EXECUTE name` runs whatever `name` holds when it
+/// runs. Both are masked under the client column rule on `customers.name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73e_rows_are_masked_by_what_runs_not_by_an_earlier_describe() {
+    use vigil_chaos::wire::{self, Wire};
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let su = direct_superuser(&node.files.db).await;
+    let clear: String = su
+        .query_one("SELECT name FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut w = Wire::app_session(node.port(), &token).await;
+    let ok = |r: &[wire::Msg]| {
+        let errors: Vec<_> = r.iter().filter_map(wire::Msg::error).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+    };
+    let rows = |r: &[wire::Msg]| -> Vec<Option<String>> {
+        r.iter()
+            .filter(|m| m.tag == b'D')
+            .flat_map(wire::Msg::values)
+            .collect()
+    };
+
+    // Described while a temporary table of the same name and shape shadowed it.
+    ok(&w
+        .batch(&[wire::query(
+            "BEGIN; CREATE TEMP TABLE customers (id int, name text); \
+             INSERT INTO pg_temp.customers VALUES (1, 'harmless')",
+        )])
+        .await);
+    let r = w
+        .batch(&[
+            wire::parse("s", "SELECT name FROM customers WHERE id = 1"),
+            wire::describe(b'S', "s"),
+            wire::bind("", "s", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
+    ok(&r);
+    assert_eq!(rows(&r), [Some("harmless".to_string())]);
+    ok(&w.batch(&[wire::query("ROLLBACK")]).await);
+    let r = w
+        .batch(&[wire::bind("", "s", &[]), wire::execute(""), wire::sync()])
+        .await;
+    ok(&r);
+    // The column is known again: masked by its rule (a token), not whole.
+    let got = rows(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let token = got[0].clone().expect("a value");
+    assert!(token != clear && token != "harmless", "{token:?}");
+
+    // `EXECUTE p` described while p held a harmless text.
+    ok(&w
+        .batch(&[wire::query("PREPARE p AS SELECT 'harmless'::text AS label")])
+        .await);
+    ok(&w
+        .batch(&[
+            wire::parse("e", "EXECUTE p"),
+            wire::describe(b'S', "e"),
+            wire::sync(),
+        ])
+        .await);
+    ok(&w
+        .batch(&[wire::query(
+            "DEALLOCATE p; PREPARE p AS SELECT name FROM customers WHERE id = 1",
+        )])
+        .await);
+    let r = w
+        .batch(&[wire::bind("", "e", &[]), wire::execute(""), wire::sync()])
+        .await;
+    ok(&r);
+    assert_eq!(rows(&r), [Some("[redacted]".to_string())], "not {clear:?}");
+
+    for f in files_under(node.files.dir.path()) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&bytes).contains(&clear), "{f:?}");
+    }
+}
+
 /// COPY … FROM STDIN writes what its data carries: on a connection whose clients receive masked
 /// values, a mask in the data (whole, split between two CopyData messages, or the data's last
 /// bytes) fails the COPY on the target, over the extended protocol (tokio-postgres) and the

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub peer_calls_refused: Counter,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
+    /// Bytes of memory lent to large target messages now (`postgres.target_message_memory_bytes`).
+    pub target_message_memory: Gauge,
 }
 
 impl Metrics {
@@ -243,6 +245,11 @@ impl Metrics {
             "peer_calls_refused",
             "Calls from other gateway nodes refused (unsigned, bad signature, stale, malformed)",
             self.peer_calls_refused.clone(),
+        );
+        registry.register(
+            "target_message_memory_bytes",
+            "Memory lent to target messages over 1 MiB now (postgres.target_message_memory_bytes)",
+            self.target_message_memory.clone(),
         );
         registry.register(
             "bytes_to_target",

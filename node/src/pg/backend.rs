@@ -15,8 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// Largest message accepted from a target (PostgreSQL's own limit for a field is 1 GB).
-pub const MAX_BACKEND_FRAME: usize = 1 << 30;
+/// Largest message accepted from a target in the gateway's own exchanges with it (startup,
+/// catalog lookups); a session's answers are limited by `postgres.max_target_message_bytes`.
+pub const MAX_BACKEND_FRAME: usize = super::budget::LARGE_MESSAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -21,8 +21,11 @@ use vigil_proto::coordinator as pb;
 use vigil_proto::record::{self, PreparedText};
 
 /// What the gateway asks the target, in the session, right before a held statement: the
-/// settings that decide what its names mean and what it may do.
-pub const PROBE: &str = "SELECT current_database(), current_user, current_setting('search_path')";
+/// settings that decide what its names mean and what it may do. Qualified, so that functions
+/// of those names in a schema on the `search_path` ahead of `pg_catalog` are not what answers
+/// (`current_user` is a keyword, not a function name).
+pub const PROBE: &str =
+    "SELECT pg_catalog.current_database(), current_user, pg_catalog.current_setting('search_path')";
 
 /// The approver's copy may be at most this large (text, prepared texts and parameters).
 pub const MAX_SHOWN: usize = 2 * 1024 * 1024;
@@ -155,7 +158,9 @@ impl Binding<'_> {
                 null: value.is_none(),
                 value: value
                     .as_deref()
-                    .map(|v| masker.mask(v, None, false, Some(counts)).into_owned())
+                    .map(|v| {
+                        super::messages::mask_shown(masker, v, None, Some(counts)).into_owned()
+                    })
                     .unwrap_or_default(),
                 binary: *binary,
                 type_oid: *type_oid,

@@ -11,10 +11,17 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     pub listen: SocketAddr,
-    /// Largest message accepted from a client, in bytes (target messages may be up to 1 GiB,
-    /// PostgreSQL's own limit).
+    /// Largest message accepted from a client, in bytes.
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
+    /// Largest message accepted from a target (a row, a notice), in bytes; a longer one ends
+    /// the session with `54000`.
+    #[serde(default = "default_max_target_message")]
+    pub max_target_message_bytes: usize,
+    /// Memory the node lends to target messages over 1 MiB at once; a session whose next
+    /// message does not fit waits for it (see `budget`).
+    #[serde(default = "default_target_message_memory")]
+    pub target_message_memory_bytes: usize,
     /// Largest message accepted before the client is authenticated (startup packets, the
     /// password message): an unauthenticated client cannot make the gateway buffer more. Read
     /// it with [`PostgresConfig::preauth_message_limit`].
@@ -43,6 +50,14 @@ pub struct PostgresConfig {
 fn default_max_frame() -> usize {
     64 * 1024 * 1024
 }
+fn default_max_target_message() -> usize {
+    256 * 1024 * 1024
+}
+fn default_target_message_memory() -> usize {
+    1024 * 1024 * 1024
+}
+/// PostgreSQL's own limit for a message.
+const MAX_TARGET_MESSAGE: usize = 1 << 30;
 /// PostgreSQL caps startup packets at 10,000 bytes; a token takes a few KiB.
 const DEFAULT_MAX_PREAUTH_MESSAGE: usize = 16 * 1024;
 fn default_max_unauthenticated_connections() -> usize {
@@ -139,6 +154,20 @@ impl PostgresConfig {
             return Err(invalid(
                 "postgres.max_preauth_message_bytes",
                 "must be at least 1024 and at most postgres.max_frame_bytes",
+            ));
+        }
+        if !(1 << 20..=MAX_TARGET_MESSAGE).contains(&self.max_target_message_bytes) {
+            return Err(invalid(
+                "postgres.max_target_message_bytes",
+                "must be at least 1048576 (1 MiB) and at most 1073741824 (1 GiB)",
+            ));
+        }
+        if self.target_message_memory_bytes < self.max_target_message_bytes
+            || self.target_message_memory_bytes > 4 * MAX_TARGET_MESSAGE
+        {
+            return Err(invalid(
+                "postgres.target_message_memory_bytes",
+                "must be at least postgres.max_target_message_bytes and at most 4294967296 (4 GiB)",
             ));
         }
         if self.max_unauthenticated_connections == 0 {

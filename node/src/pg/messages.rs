@@ -1,7 +1,9 @@
 //! Typed views of the PostgreSQL messages the gateway inspects, parsed on demand from raw
 //! frame bodies, and builders for the messages it sends itself.
 
+use crate::policy::masking::{ColumnRule, Counts, Masker};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::borrow::Cow;
 
 /// Protocol codes of the untyped startup-phase packets.
 pub const PROTOCOL_3_0: i32 = 196_608;
@@ -308,6 +310,28 @@ pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Malformed> {
     Ok(values)
 }
 
+/// A value as [`display_value`] shows it, masked for a copy that is not the client's: by its
+/// column's rule, else by the detectors. A value shown as hex is looked through as text (see
+/// [`Masker::detects_in_bytes`]) and shown `[redacted]` when they find something in it.
+pub fn mask_shown<'a>(
+    masker: &Masker,
+    shown: &'a str,
+    rule: Option<&ColumnRule>,
+    counts: Option<&mut Counts>,
+) -> Cow<'a, str> {
+    let hex = shown.strip_prefix("\\x").and_then(|h| hex::decode(h).ok());
+    match hex {
+        Some(bytes) if rule.is_none() => {
+            if masker.detects_in_bytes(&bytes, false, counts) {
+                Cow::Owned("[redacted]".into())
+            } else {
+                Cow::Borrowed(shown)
+            }
+        }
+        _ => masker.mask(shown, rule, false, counts),
+    }
+}
+
 /// A value for the audit record: printable UTF-8 as is (text format, or a binary-format text
 /// value), anything else as `\x` hex.
 pub fn display_value(v: &[u8]) -> String {
@@ -412,6 +436,14 @@ pub fn parse(sql: &str) -> Bytes {
 
 /// The gateway's own read of the session, as one batch: Parse and Bind of `sql` under `name`
 /// (statement and portal), Execute, Close of both, Sync.
+/// A Describe of portal `name`.
+pub fn describe_portal(name: &str) -> Bytes {
+    typed(b'D', |b| {
+        b.put_u8(b'P');
+        put_cstr(b, name);
+    })
+}
+
 pub fn settings_probe(name: &str, sql: &str) -> Bytes {
     let mut b = BytesMut::new();
     b.extend_from_slice(&typed(b'P', |b| {

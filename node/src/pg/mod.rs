@@ -4,6 +4,7 @@
 
 pub mod backend;
 mod binding;
+mod budget;
 pub mod cancel;
 pub mod catalog;
 pub mod codec;
@@ -48,6 +49,8 @@ pub struct PgContext {
     pub classifier: crate::policy::Classifier,
     /// Table names behind result columns, per connection name (for column masking rules).
     pub catalogs: HashMap<String, Arc<catalog::Catalog>>,
+    /// The memory sessions may hold for large target messages.
+    pub budget: budget::MessageBudget,
 }
 
 /// The PostgreSQL listener, bound.
@@ -87,6 +90,8 @@ impl PgServer {
         let listener = TcpListener::bind(pg.listen)
             .await
             .with_context(|| format!("cannot bind postgres.listen {}", pg.listen))?;
+        let budget =
+            budget::MessageBudget::new(pg.target_message_memory_bytes, core.metrics.clone());
         let ctx = Arc::new(PgContext {
             config: pg.clone(),
             tls,
@@ -97,6 +102,7 @@ impl PgServer {
             policy,
             classifier: crate::policy::Classifier::default(),
             catalogs,
+            budget,
         });
         Ok(Self { listener, ctx })
     }

@@ -7,10 +7,11 @@
 //! the response records, and injects the gateway's own answers (a refused statement) at the
 //! right place in the stream.
 
-use super::backend::{Backend, MAX_BACKEND_FRAME};
+use super::backend::Backend;
 use super::binding::{self, Binding, Settings};
+use super::budget::{large_pending, Lent, MessageBudget, LARGE_MESSAGE};
 use super::cancel::CancelGuard;
-use super::codec::{split_frame, Frame};
+use super::codec::{split_frame, Frame, FrameError};
 use super::encoding::{self, EncodingError};
 use super::messages::{self, display_value};
 use super::refusal::sql_error;
@@ -31,7 +32,7 @@ use bytes::{Bytes, BytesMut};
 use messages::Field;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -160,7 +161,12 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest, secrets: &mut Vec<Stri
         .binding
         .iter_mut()
         .flat_map(|b| [&mut b.database, &mut b.role, &mut b.search_path]);
-    for v in values.chain(prepared).chain(settings) {
+    for v in values {
+        if let Cow::Owned(t) = messages::mask_shown(masker, v, None, Some(&mut counts)) {
+            *v = t;
+        }
+    }
+    for v in prepared.chain(settings) {
         if let Cow::Owned(t) = masker.mask(v, None, false, Some(&mut counts)) {
             *v = t;
         }
@@ -278,6 +284,9 @@ enum Pending {
     Bind(Vec<Op>),
     Close(Vec<Op>),
     Describe(Option<Described>),
+    /// The gateway's own Describe of a portal it just bound (see [`ClientHalf::on_bind`]):
+    /// its answer goes to no one.
+    OwnDescribe(Arc<Portal>),
     Execute(Unit),
     Query(Unit),
     Sync,
@@ -365,6 +374,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         flush_asked: false,
         copy_scan: None,
         probe_name: format!("vigil_probe_{}", hex::encode(rand::random::<[u8; 8]>())),
+        bound_portals: Some(HashSet::new()),
     };
     let mut target_half = TargetHalf {
         ctx: ctx.clone(),
@@ -383,6 +393,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         drop_syncs_until_copy_end: false,
         discarding: None,
         unsolicited: None,
+        lent: None,
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
     // hands the target half (a queue the target half polls but never waits on, see `queued`)
@@ -434,6 +445,16 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
                 .write_all(&messages::error_response(true, "08P01", &message))
                 .await;
         }
+        End::TargetTooLarge { len, max } => {
+            let message = format!(
+                "vigil: the target's answer holds a message of {len} bytes, more than this \
+                 gateway passes on (postgres.max_target_message_bytes = {max}); the session is ended"
+            );
+            let _ = target_half
+                .write
+                .write_all(&messages::error_response(true, "54000", &message))
+                .await;
+        }
         End::TokenExpired => {
             end_by_gateway(
                 ctx,
@@ -450,7 +471,16 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         }
         _ => {}
     }
-    target_half.abandon_pending();
+    target_half.abandon_pending(match &end {
+        End::TargetTooLarge { .. } => PgError {
+            sqlstate: "54000".into(),
+            message: format!("the answer was not passed on: {end}; the session was ended"),
+        },
+        _ => PgError {
+            sqlstate: String::new(),
+            message: "no answer: the session ended first".into(),
+        },
+    });
     let mut body = session.body(&ctx.core.audit, Kind::SessionEnd);
     body.duration_us = Some(session.started.elapsed().as_micros() as u64);
     // What the target said as it ended the session, if it said anything.
@@ -466,6 +496,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         End::TargetClosed
         | End::ClientProtocol(_)
         | End::TargetProtocol(_)
+        | End::TargetTooLarge { .. }
         | End::ReadingChanged(_)
         | End::NodeShutdown => Outcome::Error,
         End::TokenExpired => Outcome::Denied,
@@ -482,6 +513,11 @@ enum End {
     TargetClosed,
     ClientProtocol(String),
     TargetProtocol(String),
+    /// A target message over `postgres.max_target_message_bytes`.
+    TargetTooLarge {
+        len: i64,
+        max: usize,
+    },
     /// The target reports a setting that changes how it reads statements: a client encoding
     /// other than UTF-8, or strings that are not standard.
     ReadingChanged(EncodingError),
@@ -499,6 +535,10 @@ impl std::fmt::Display for End {
             End::TargetClosed => f.write_str("target closed the connection"),
             End::ClientProtocol(e) => write!(f, "client protocol violation: {e}"),
             End::TargetProtocol(e) => write!(f, "target protocol violation: {e}"),
+            End::TargetTooLarge { len, max } => write!(
+                f,
+                "the target sent a message of {len} bytes, over postgres.max_target_message_bytes ({max})"
+            ),
             End::ReadingChanged(e) => e.fmt(f),
             End::TokenExpired => f.write_str("token expired"),
             End::NodeShutdown => f.write_str("the gateway node shut down (drain deadline)"),
@@ -534,7 +574,14 @@ struct ClientHalf {
     copy_scan: Option<Option<MaskScan>>,
     /// This session's name for the settings probe's statement and portal.
     probe_name: String,
+    /// Every portal name the client has bound with Bind in this session (`None`: more than
+    /// [`MAX_BOUND_PORTAL_NAMES`], so any name may be one). Such a portal runs what it was bound
+    /// to, decided at its Execute; SQL `FETCH` and `MOVE` of it are refused.
+    bound_portals: Option<HashSet<String>>,
 }
+
+/// Portal names a session's `bound_portals` holds before it stands for every name.
+const MAX_BOUND_PORTAL_NAMES: usize = 10_000;
 
 /// Where the batch in flight starts.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -941,15 +988,30 @@ impl ClientHalf {
             result_formats: bind.result_formats,
             described: OnceLock::new(),
         });
+        if !bind.portal.is_empty() {
+            if let Some(names) = &mut self.bound_portals {
+                names.insert(bind.portal.to_string());
+                if names.len() > MAX_BOUND_PORTAL_NAMES {
+                    self.bound_portals = None;
+                }
+            }
+        }
         // A failed Bind may leave an older portal of that name: forget it either way.
         let name = bind.portal.to_string();
         let ops = vec![
             Op::DropPortal(Some(name.clone())),
-            Op::AddPortal(name, portal),
+            Op::AddPortal(name, portal.clone()),
         ];
         self.tables.record(&ops);
         self.expect(Pending::Bind(ops));
         out.extend_from_slice(&frame.raw);
+        // Column rules are matched against the portal's own description: the plan chosen at
+        // Bind, not one a Describe of the statement saw (the same text may be planned again
+        // on other tables: a temporary table gone, another search_path).
+        if self.ctx.core.masker.is_active() && portal.described_at_bind() {
+            out.extend_from_slice(&messages::describe_portal(bind.portal));
+            self.expect(Pending::OwnDescribe(portal));
+        }
         Ok(())
     }
 
@@ -1359,9 +1421,24 @@ impl ClientHalf {
                     "the gateway cannot tell what prepared statement {name:?} holds, so it does not run it"
                 ));
         }
-        // Whatever the policy: the gateway reads every message as UTF-8 with standard strings,
-        // so a statement that may make the target read them otherwise never runs.
         if let Ok(stmts) = class {
+            // Whatever the policy: a portal bound over the protocol runs the statement it was
+            // bound to, which a FETCH's decision and record would not name.
+            let bound = |name: &String| {
+                self.bound_portals
+                    .as_ref()
+                    .is_none_or(|names| names.contains(name))
+            };
+            if let Some(name) = stmts
+                .iter()
+                .find_map(|s| s.cursor.as_ref().filter(|n| bound(n)))
+            {
+                return gateway_block("portal-by-sql", format!(
+                    "portal {name:?} was bound over the extended protocol: it runs with Execute, not with FETCH or MOVE"
+                ));
+            }
+            // The gateway reads every message as UTF-8 with standard strings, so a statement
+            // that may make the target read them otherwise never runs.
             if stmts.iter().any(StatementInfo::leaves_utf8) {
                 return gateway_block("client-encoding", "this gateway relays UTF8 sessions only; client_encoding cannot be changed to another encoding");
             }
@@ -1377,12 +1454,20 @@ impl ClientHalf {
             (None, Ok(v)) => Ok(v.as_slice()),
             (None, Err(e)) => Err(e),
         };
-        self.ctx.policy.decide(
+        let decision = self.ctx.policy.decide(
             input,
             &self.session.principal,
             connection,
             self.session.read_only,
-        )
+        );
+        // An approval lets a statement run once; a cursor that can run its query again would
+        // run it as often as the client likes.
+        if decision.action == Action::RequireApproval
+            && input.is_ok_and(|stmts| stmts.iter().any(|s| s.reruns))
+        {
+            return gateway_block("cursor-runs-once", "a cursor over a statement that needs approval must be declared NO SCROLL and WITHOUT HOLD, so that its query runs once");
+        }
+        decision
     }
 
     /// What each statement of a text does to the statement and portal tables once the target
@@ -1625,19 +1710,25 @@ fn client_row(
                         .map(|_| Cow::Owned(b"[redacted]".to_vec()))
                 });
             }
-            // A binary value of another type cannot be rewritten: when a client-side rule
-            // covers it, it is withheld (NULL) rather than leaked.
-            if m.is_some_and(|m| {
-                !m.text && (m.unresolved || m.rule.as_ref().is_some_and(|r| r.client))
-            }) {
-                changed |= v.is_some();
-                return None;
-            }
-            v.map(|v| {
-                let text = match std::str::from_utf8(v) {
-                    Ok(t) if m.is_none_or(|m| m.text) => t,
-                    _ => return Cow::Borrowed(v),
-                };
+            let v = (*v)?;
+            let text_format = m.is_none_or(|m| m.text);
+            let text = match std::str::from_utf8(v) {
+                Ok(t) if text_format => t,
+                // Bytes that cannot be rewritten as text (a binary value of another type, or
+                // text that is not UTF-8, as a SQL_ASCII database sends it): hidden whole when
+                // a client-side rule covers the column or the detectors find something in
+                // them, a binary value withheld (NULL), text redacted.
+                _ => {
+                    let covered = m
+                        .is_some_and(|m| m.unresolved || m.rule.as_ref().is_some_and(|r| r.client));
+                    if !covered && !masker.detects_in_bytes(v, true, None) {
+                        return Some(Cow::Borrowed(v));
+                    }
+                    changed = true;
+                    return text_format.then(|| Cow::Owned(b"[redacted]".to_vec()));
+                }
+            };
+            Some({
                 let out = if m.is_some_and(|m| m.unresolved) {
                     Cow::Owned("[redacted]".to_string())
                 } else {
@@ -1725,6 +1816,24 @@ struct TargetHalf {
     /// as `57P05` idle-session timeout or `57P01` terminated by an administrator), for the
     /// `session_end` record.
     unsolicited: Option<PgError>,
+    /// The node's memory lent to the large message being read.
+    lent: Option<Lent>,
+}
+
+/// Reads more of the target's answers. The rest of a large message is read only once the node
+/// has lent it the memory; until then the target waits on its socket.
+async fn read_more(
+    read: &mut ReadHalf<BoxStream>,
+    buf: &mut BytesMut,
+    lent: &mut Option<Lent>,
+    budget: &MessageBudget,
+) -> std::io::Result<usize> {
+    if lent.is_none() {
+        if let Some(len) = large_pending(buf) {
+            *lent = Some(budget.lend(len).await);
+        }
+    }
+    read.read_buf(buf).await
 }
 
 /// The next expectation the client half has handed over, without registering to be woken for
@@ -1754,7 +1863,7 @@ impl TargetHalf {
                     // The client half has ended; its End wins the select.
                     None => std::future::pending::<()>().await,
                 },
-                read = self.read.read_buf(&mut self.buf) => match read {
+                read = read_more(&mut self.read, &mut self.buf, &mut self.lent, &self.ctx.budget) => match read {
                     Ok(0) | Err(_) => {
                         let _ = self.write.write_all(&out).await;
                         return End::TargetClosed;
@@ -1763,15 +1872,43 @@ impl TargetHalf {
                         while let Ok(p) = self.rx.try_recv() {
                             self.push(p);
                         }
+                        let max = self.ctx.config.max_target_message_bytes;
                         loop {
-                            match split_frame(&mut self.buf, MAX_BACKEND_FRAME) {
+                            match split_frame(&mut self.buf, max) {
                                 Ok(Some(frame)) => {
-                                    if let Some(end) = self.handle(frame, &mut out).await {
-                                        let _ = self.write.write_all(&out).await;
-                                        return end;
+                                    let large = frame.raw.len() > LARGE_MESSAGE;
+                                    let raw = match self.handle(frame).await {
+                                        Ok(raw) => raw,
+                                        Err(end) => {
+                                            let _ = self.write.write_all(&out).await;
+                                            return end;
+                                        }
+                                    };
+                                    if !large {
+                                        out.extend_from_slice(&raw);
+                                    } else {
+                                        // Passed on as it is (a copy would hold it twice),
+                                        // then its memory is given back.
+                                        let sent = match self.send(&mut out).await {
+                                            Ok(()) => self.pass_on(&raw).await,
+                                            Err(e) => Err(e),
+                                        };
+                                        if sent.is_err() {
+                                            return End::ClientClosed;
+                                        }
+                                        self.lent = None;
+                                        if self.buf.capacity() > LARGE_MESSAGE {
+                                            let mut rest = BytesMut::with_capacity(16 * 1024);
+                                            rest.extend_from_slice(&self.buf);
+                                            self.buf = rest;
+                                        }
                                     }
                                 }
                                 Ok(None) => break,
+                                Err(FrameError::TooLong { len, max }) => {
+                                    let _ = self.write.write_all(&out).await;
+                                    return End::TargetTooLarge { len, max };
+                                }
                                 Err(e) => {
                                     let _ = self.write.write_all(&out).await;
                                     return End::TargetProtocol(e.to_string());
@@ -1781,18 +1918,24 @@ impl TargetHalf {
                     }
                 },
             }
-            if !out.is_empty() {
-                self.ctx
-                    .core
-                    .metrics
-                    .bytes_from_target
-                    .inc_by(out.len() as u64);
-                if self.write.write_all(&out).await.is_err() {
-                    return End::ClientClosed;
-                }
-                out.clear();
+            if self.send(&mut out).await.is_err() {
+                return End::ClientClosed;
             }
         }
+    }
+
+    /// Sends what `out` holds to the client; a buffer grown by a large message is let go.
+    async fn send(&mut self, out: &mut BytesMut) -> std::io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.pass_on(out).await?;
+        if out.capacity() > LARGE_MESSAGE {
+            *out = BytesMut::with_capacity(16 * 1024);
+        } else {
+            out.clear();
+        }
+        Ok(())
     }
 
     fn push(&mut self, p: Pending) {
@@ -1842,10 +1985,19 @@ impl TargetHalf {
         self.drop_syncs_until_copy_end = end.is_none();
     }
 
-    /// Handles one target message; `Some` ends the session.
-    async fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Option<End> {
+    async fn pass_on(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.ctx
+            .core
+            .metrics
+            .bytes_from_target
+            .inc_by(bytes.len() as u64);
+        self.write.write_all(bytes).await
+    }
+
+    /// Handles one target message: what the client gets for it, or why the session ends.
+    async fn handle(&mut self, frame: Frame) -> Result<Bytes, End> {
         if self.probe_answer(&frame) {
-            return None;
+            return Ok(Bytes::new());
         }
         let mut raw = frame.raw.clone();
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
@@ -1853,6 +2005,23 @@ impl TargetHalf {
             self.queue.pop_front();
         }
         let body = frame.body();
+        if let Some(Pending::OwnDescribe(portal)) = self.queue.front() {
+            match frame.tag {
+                b'T' => {
+                    let fields = messages::parse_row_description(&body)
+                        .map_err(|e| End::TargetProtocol(e.to_string()))?;
+                    let _ = portal.described.set(fields);
+                    self.queue.pop_front();
+                    return Ok(Bytes::new());
+                }
+                b'n' => {
+                    let _ = portal.described.set(Vec::new());
+                    self.queue.pop_front();
+                    return Ok(Bytes::new());
+                }
+                _ => {}
+            }
+        }
         let handled = match frame.tag {
             b'G' => {
                 self.in_copy_in = true;
@@ -1896,11 +2065,7 @@ impl TargetHalf {
             b'Z' => self.on_ready(&body),
             _ => Ok(()),
         };
-        if let Err(end) = handled {
-            return Some(end);
-        }
-        out.extend_from_slice(&raw);
-        None
+        handled.map(|()| raw)
     }
 
     /// The answers to the gateway's settings probe go to no one; `true` when `frame` was one.
@@ -2243,14 +2408,13 @@ impl TargetHalf {
                                 *acc.masked.entry("unresolved".into()).or_default() += 1;
                                 "[redacted]".to_string()
                             }
-                            m => masker
-                                .mask(
-                                    &text,
-                                    m.and_then(|m| m.rule.as_ref()),
-                                    false,
-                                    Some(&mut acc.masked),
-                                )
-                                .into_owned(),
+                            m => messages::mask_shown(
+                                masker,
+                                &text,
+                                m.and_then(|m| m.rule.as_ref()),
+                                Some(&mut acc.masked),
+                            )
+                            .into_owned(),
                         }
                     })
                 })
@@ -2343,16 +2507,13 @@ impl TargetHalf {
     }
 
     /// Statements still in flight when the session ends get a response record too.
-    fn abandon_pending(&mut self) {
+    fn abandon_pending(&mut self, why: PgError) {
         while let Ok(p) = self.rx.try_recv() {
             self.queue.push_back(p);
         }
         while let Some(p) = self.queue.pop_front() {
             if let Pending::Execute(unit) | Pending::Query(unit) = p {
-                self.acc.response.error = Some(PgError {
-                    sqlstate: String::new(),
-                    message: "no answer: the session ended first".into(),
-                });
+                self.acc.response.error = Some(why.clone());
                 self.complete(unit, false);
             }
         }

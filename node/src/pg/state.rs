@@ -80,11 +80,10 @@ pub struct Portal {
 
 impl Portal {
     /// The columns of this portal's rows, if a Describe told them (the portal's own, else its
-    /// statement's with the formats the Bind chose). Never for a `FETCH`: its rows are those
-    /// of the cursor the name stands for when it runs, which `CLOSE` and `DECLARE` may have
-    /// changed since any Describe.
+    /// statement's with the formats the Bind chose). Never when they are decided as it runs
+    /// (see [`Self::described_at_bind`]).
     pub fn fields(&self) -> Option<Vec<Field>> {
-        if self.fetches() {
+        if !self.described_at_bind() {
             return None;
         }
         if let Some(f) = self.described.get() {
@@ -111,7 +110,7 @@ impl Portal {
     /// How many columns this portal's rows have, if a Describe told them (as `fields`, without
     /// copying them).
     pub fn width(&self) -> Option<usize> {
-        if self.fetches() {
+        if !self.described_at_bind() {
             return None;
         }
         self.described
@@ -120,19 +119,24 @@ impl Portal {
             .map(Vec::len)
     }
 
-    /// Whether it runs a `FETCH`.
-    fn fetches(&self) -> bool {
+    /// Whether a Describe of it tells the columns of its rows. Not for a `FETCH` or an
+    /// `EXECUTE name`: their rows are those of the cursor or prepared statement the name stands
+    /// for when it runs, which `CLOSE`, `DECLARE`, `DEALLOCATE` and `PREPARE` may have changed
+    /// since the Bind.
+    pub fn described_at_bind(&self) -> bool {
         let stmts = self.stmt.class.as_ref().as_ref();
-        stmts.is_ok_and(|s| s.iter().any(|s| s.fetches))
+        !stmts.is_ok_and(|s| s.iter().any(|s| s.fetches || s.executes.is_some()))
     }
 }
 
 /// Whether a statement text runs prepared statements by name (SQL `EXECUTE name`, also inside
 /// `EXPLAIN ANALYZE` or `CREATE TABLE … AS`).
 pub fn runs_by_name(class: &Classification) -> bool {
-    class
-        .as_ref()
-        .is_ok_and(|stmts| stmts.iter().any(|s| s.executes.is_some()))
+    class.as_ref().is_ok_and(|stmts| {
+        stmts
+            .iter()
+            .any(|s| s.executes.is_some() || s.cursor.is_some())
+    })
 }
 
 /// One change to the tables. Additions count only when the target confirmed the message that

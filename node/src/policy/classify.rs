@@ -269,6 +269,12 @@ pub struct StatementInfo {
     /// `FETCH` (not `MOVE`): its rows' columns are those of the cursor it names as it runs,
     /// which may not be the cursor a Describe of it saw.
     pub fetches: bool,
+    /// For `FETCH` and `MOVE`: the cursor (portal) named.
+    pub cursor: Option<String>,
+    /// A `DECLARE` whose query may run more than once: a cursor not declared `NO SCROLL` may
+    /// be moved back, which runs its plan again (volatile functions included), and one
+    /// declared `WITH HOLD` runs its query again to completion at `COMMIT`.
+    pub reruns: bool,
     /// How the statement changes this session's `client_encoding`, if it does (when several
     /// changes are possible, one that leaves UTF-8 wins).
     pub client_encoding: Option<SettingChange>,
@@ -574,7 +580,10 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
                 info.ends_portals = Some(None);
             }
         }
-        "FetchStmt" => info.fetches = body.get("ismove").and_then(Tree::as_bool) != Some(true),
+        "FetchStmt" => {
+            info.fetches = body.get("ismove").and_then(Tree::as_bool) != Some(true);
+            info.cursor = Some(str_field(body, "portalname").to_string());
+        }
         // Cursors share the portals' namespace.
         "ClosePortalStmt" => {
             let n = str_field(body, "portalname");
@@ -582,6 +591,9 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
         }
         "DeclareCursorStmt" => {
             info.ends_portals = Some(Some(str_field(body, "portalname").to_string()));
+            // CURSOR_OPT_NO_SCROLL and CURSOR_OPT_HOLD (parsenodes.h).
+            let options = body.get("options").and_then(Tree::as_i64).unwrap_or(0);
+            info.reruns = options & 0x0004 == 0 || options & 0x0020 != 0;
         }
         "TransactionStmt" => {
             use pg_query::protobuf::TransactionStmtKind as T;
@@ -1262,6 +1274,16 @@ mod tests {
         assert!(one("FETCH ALL FROM c").fetches);
         assert!(one("FETCH 10 IN c").fetches);
         assert!(!one("MOVE ALL IN c").fetches);
+        assert_eq!(one("MOVE ALL IN c").cursor.as_deref(), Some("c"));
+        assert_eq!(
+            one("FETCH 10 IN \"Pörtal\"").cursor.as_deref(),
+            Some("Pörtal")
+        );
+        assert!(one("DECLARE c CURSOR FOR SELECT 1").reruns);
+        assert!(one("DECLARE c SCROLL CURSOR FOR SELECT 1").reruns);
+        assert!(one("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT 1").reruns);
+        assert!(!one("DECLARE c NO SCROLL CURSOR WITHOUT HOLD FOR SELECT 1").reruns);
+        assert!(!one("DECLARE c BINARY INSENSITIVE NO SCROLL CURSOR FOR SELECT 1").reruns);
         // However deep the wrapping: each of these runs p.
         for sql in [
             "EXPLAIN ANALYZE EXECUTE p",

@@ -632,6 +632,19 @@ impl Masker {
 
     /// Masks one value. `rule` is the column rule of its column, if any; `client` selects the
     /// client copy (only rules marked `client`). Counts go to `counts` when given.
+    /// Looks through a value that cannot be masked as text (binary, or not UTF-8) with the
+    /// detectors, reading its runs of text as text. `true` when they find something: the value
+    /// is then hidden whole, since a mask inside its bytes would hide nothing.
+    pub fn detects_in_bytes(
+        &self,
+        value: &[u8],
+        client: bool,
+        counts: Option<&mut Counts>,
+    ) -> bool {
+        let text = String::from_utf8_lossy(value);
+        matches!(self.mask(&text, None, client, counts), Cow::Owned(_))
+    }
+
     pub fn mask<'a>(
         &self,
         value: &'a str,
