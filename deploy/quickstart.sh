@@ -35,6 +35,10 @@ listen = "127.0.0.1:$ADMIN_LISTEN"
 issuer = "$VIGIL_OIDC_ISSUER"
 audiences = ["$VIGIL_OIDC_AUDIENCE", "vigil-cli"]
 
+# The embedded coordinator takes alice's vigil-cli ID token from approvers, never an agent's.
+[coordinator]
+operator_audiences = ["vigil-cli"]
+
 [postgres]
 listen = "127.0.0.1:$PG_LISTEN"
 

@@ -437,10 +437,12 @@ allow = {{ client_ids = ["agent-reporting", "agent-ops"], groups = ["dba"] }}
             pw = pw.display(),
             target_tls = opts.target_tls,
             connection_extra = opts.connection_extra,
-            coordinator = opts
-                .coordinator
-                .clone()
-                .unwrap_or_else(|| "[coordinator]\nlisten = \"127.0.0.1:0\"".into()),
+            coordinator = opts.coordinator.clone().unwrap_or_else(|| {
+                // Operators (vigil approvals, the console) present people's ID tokens.
+                "[coordinator]\nlisten = \"127.0.0.1:0\"\n\
+                     operator_audiences = [\"vigil-cli\", \"vigil-console\"]"
+                    .into()
+            }),
             extra = opts.extra,
             protocols = opts.protocols.clone().unwrap_or_default(),
             checkpoint_every = opts.checkpoint_interval_secs,

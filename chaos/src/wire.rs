@@ -94,6 +94,18 @@ pub fn bind_formats(
     typed(b'B', &b)
 }
 
+/// A Bind with no parameters whose results are all binary.
+pub fn bind_binary_results(portal: &str, statement: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    cstr(&mut b, statement);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&1i16.to_be_bytes());
+    typed(b'B', &b)
+}
+
 pub fn execute(portal: &str) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, portal);

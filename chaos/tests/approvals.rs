@@ -14,6 +14,12 @@ kinds = ["write"]
 approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
 
 [[policy.rules]]
+id = "setval-needs-approval"
+action = "require_approval"
+functions = ["setval"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+
+[[policy.rules]]
 id = "ddl-needs-ops"
 action = "require_approval"
 kinds = ["ddl"]
@@ -34,9 +40,13 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(POLICY).await
+}
+
+async fn setup_with(policy: &'static str) -> Setup {
     let node = TestNode::start(NodeOptions {
         allow_cleartext_token: true,
-        extra: POLICY,
+        extra: policy,
         ..NodeOptions::default()
     })
     .await;
@@ -84,7 +94,7 @@ impl Setup {
     }
 
     fn approve(&self, id: &str) -> String {
-        self.cli(&["approvals", "approve", id]);
+        self.cli(&["approvals", "approve", "--yes", id]);
         self.cli(&["approvals", "show", id])
     }
 
@@ -195,7 +205,7 @@ async fn t89_parameters_are_bound_with_format_and_type_and_shown() {
         .expect("held");
     let shown = s.approve(&id);
     assert!(
-        shown.contains("param $1    '1234' (text, declared type oid 23)"),
+        shown.contains("param $1    '1234' (text, declared type int4 (oid 23))"),
         "{shown}"
     );
     // The same number as binary int4 bytes: another request.
@@ -255,6 +265,210 @@ async fn t8g_a_sql_prepared_body_is_held_at_every_protocol_execute() {
     // Once: the next Execute is held again.
     assert!(s.pending(&mut w, &run).await.is_some());
     assert_eq!(s.value("a.t").await, 5);
+}
+
+/// The first error of a batch's answer.
+fn refusal(r: &[Msg]) -> Option<(String, String)> {
+    r.iter().find_map(Msg::error)
+}
+
+/// A portal bound over the protocol runs what it was bound to, decided at its Execute: SQL
+/// `FETCH` and `MOVE` of it (which would run a held statement with no approval, and be on
+/// record as a `FETCH`) are refused, by a Query or by a prepared statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8h_a_protocol_portal_is_not_run_by_sql_fetch_or_move() {
+    let s = setup().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1 RETURNING v";
+    let fetches: [&[Vec<u8>]; 3] = [
+        &q("FETCH ALL FROM p"),
+        &q("MOVE ALL IN p"),
+        &[
+            wire::parse("f", "FETCH ALL FROM p"),
+            wire::bind("", "f", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ],
+    ];
+    for fetch in fetches {
+        w.batch(&q("BEGIN")).await;
+        // The held UPDATE parsed and bound, never executed.
+        let r = w
+            .batch(&[
+                wire::parse("u", update),
+                wire::bind("p", "u", &[]),
+                wire::sync(),
+            ])
+            .await;
+        assert_eq!(refusal(&r), None);
+        let r = w.batch(fetch).await;
+        let (code, message) = refusal(&r).expect("refused");
+        assert_eq!(code, "42501", "{message}");
+        assert!(
+            message.contains("\"p\" was bound over the extended protocol"),
+            "{message}"
+        );
+        w.batch(&q("ROLLBACK")).await;
+        w.batch(&[wire::close(b'S', "u"), wire::close(b'S', "f"), wire::sync()])
+            .await;
+    }
+    assert_eq!(s.value("a.t").await, 0, "the UPDATE never ran");
+    assert_eq!(s.ran("FETCH") + s.ran("MOVE"), 0);
+    let records = s.node.records().await;
+    assert_eq!(pg_blocked_by(&records, "portal-by-sql").len(), 3);
+    // A cursor of its own is fetched as always.
+    let r = w
+        .batch(&q(
+            "BEGIN; DECLARE c NO SCROLL CURSOR FOR SELECT v FROM t; FETCH ALL FROM c; COMMIT",
+        ))
+        .await;
+    assert_eq!(refusal(&r), None);
+}
+
+/// An approval lets a statement run once. A cursor over a held statement that could run its
+/// query again (moved back, or run again to completion at COMMIT when declared WITH HOLD) is
+/// refused; one declared NO SCROLL and WITHOUT HOLD is held, and runs its query once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8i_a_held_cursor_runs_its_query_once() {
+    let s = setup().await;
+    let gw = env().get("VIGIL_PG_GATEWAY_USER");
+    direct_superuser(&s.node.files.db)
+        .await
+        .batch_execute(&format!(
+            "CREATE SEQUENCE a.s; ALTER SEQUENCE a.s OWNER TO {gw}"
+        ))
+        .await
+        .unwrap();
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let query = "FOR SELECT setval('a.s', pg_catalog.nextval('a.s') + 10) FROM t";
+    for cursor in ["CURSOR", "SCROLL CURSOR", "NO SCROLL CURSOR WITH HOLD"] {
+        let declare = format!("DECLARE c {cursor} {query}");
+        w.batch(&q("BEGIN")).await;
+        let r = w.batch(&q(&declare)).await;
+        let (code, message) = refusal(&r).expect("refused");
+        assert_eq!(code, "42501", "{declare}: {message}");
+        assert!(message.contains("NO SCROLL and WITHOUT HOLD"), "{message}");
+        w.batch(&q("ROLLBACK")).await;
+    }
+    let declare = format!("DECLARE c NO SCROLL CURSOR WITHOUT HOLD {query}");
+    w.batch(&q("BEGIN")).await;
+    let id = s.pending(&mut w, &q(&declare)).await.expect("held");
+    w.batch(&q("ROLLBACK")).await;
+    s.approve(&id);
+    w.batch(&q("BEGIN")).await;
+    assert_eq!(
+        s.pending(&mut w, &q(&declare)).await,
+        None,
+        "approved: runs"
+    );
+    let r = w.batch(&q("FETCH ALL FROM c")).await;
+    assert_eq!(refusal(&r), None);
+    let r = w.batch(&q("FETCH ABSOLUTE 1 FROM c")).await;
+    let (_, message) = refusal(&r).expect("a NO SCROLL cursor does not go back");
+    assert!(message.contains("can only scan forward"), "{message}");
+    w.batch(&q("ROLLBACK")).await;
+    let su = direct_superuser(&s.node.files.db).await;
+    let last: i64 = su
+        .query_one("SELECT last_value FROM a.s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, 11, "the query ran once for its one row");
+}
+
+/// A client that hangs up while its statement waits for a decision gets nothing run: an
+/// approval given afterwards stays unused, until the client connects again and sends the
+/// statement again, which then runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8k_a_held_statement_whose_client_left_does_not_run() {
+    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
+    let s = setup_with(Box::leak(policy.into_boxed_str())).await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    w.send(&wire::query(update)).await;
+    let mut id = None;
+    eventually(
+        "the statement is held",
+        std::time::Duration::from_secs(10),
+        || {
+            let list = s.cli(&["approvals", "list", "--state", "pending"]);
+            id = list
+                .split_whitespace()
+                .find(|w| w.starts_with("apr-"))
+                .map(str::to_string);
+            id.is_some()
+        },
+    )
+    .await;
+    let id = id.unwrap();
+    drop(w);
+    // The gateway notices the client is gone before anyone decides.
+    let records_end = || async { of_kind(&s.node.records().await, Kind::SessionEnd).len() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while records_end().await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the session ended");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.approve(&id);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        s.value("a.t").await,
+        0,
+        "nothing ran for the client that left"
+    );
+    assert_eq!(s.ran(update), 0);
+    let state = s.cli(&["approvals", "show", &id]);
+    assert!(state.contains("state       approved"), "{state}");
+    // Sent again from a new session: it runs, once.
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    assert_eq!(refusal(&w.batch(&q(update)).await), None);
+    assert_eq!(s.value("a.t").await, 1);
+    assert_eq!(s.ran(update), 1);
+}
+
+/// Settings beyond the search_path change what the same text does: under
+/// `transform_null_equals = on`, `WHERE v = NULL` matches rows. The approval binds them and
+/// the approver is shown them; under other settings the statement is held again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8l_other_settings_are_bound_and_shown() {
+    let s = setup().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let update = "UPDATE t SET v = 7 WHERE v = NULL OR id = 2";
+    w.batch(&q("SET transform_null_equals = on")).await;
+    let id = s.pending(&mut w, &q(update)).await.expect("held");
+    let shown = s.approve(&id);
+    assert!(
+        shown.contains("settings    transform_null_equals=on\n"),
+        "{shown}"
+    );
+    // Without the setting it is another statement: held again, the approval unused.
+    w.batch(&q("RESET transform_null_equals")).await;
+    let other = s.pending(&mut w, &q(update)).await.expect("held again");
+    assert_ne!(other, id);
+    assert!(!s.cli(&["approvals", "show", &other]).contains("settings "));
+    assert_eq!(s.value("a.t").await, 0);
+    // Under what was approved: it runs, once, and matches the row whose v is NULL.
+    direct_superuser(&s.node.files.db)
+        .await
+        .batch_execute("UPDATE a.t SET v = NULL")
+        .await
+        .unwrap();
+    w.batch(&q("SET transform_null_equals = on")).await;
+    assert_eq!(s.pending(&mut w, &q(update)).await, None, "approved: runs");
+    assert_eq!(s.value("a.t").await, 7);
+    assert_eq!(s.ran(update), 1);
+    let records = s.node.records().await;
+    let bound: Vec<String> = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter_map(|r| r.body.request.as_ref()?.postgres()?.binding.clone())
+        .map(|b| b.settings)
+        .collect();
+    assert_eq!(bound, ["transform_null_equals=on"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,4 +602,88 @@ async fn t8c_a_message_needs_every_statements_approval() {
             .policy
             .as_ref()
             .is_some_and(|p| p.rule == "approval-conflict")));
+}
+
+/// `vigil approvals list` shows the beginning of each statement escaped, so that a carriage
+/// return (which ends a `--` comment for PostgreSQL) cannot make the `UPDATE` after it read as
+/// part of the comment, and marks what it cut. A decision asks first: without a terminal and
+/// without `--yes` nothing is decided; at a terminal the whole request is printed, escaped,
+/// and only a typed `yes` decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8j_the_cli_lists_escaped_and_asks_before_it_decides() {
+    let s = setup().await;
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let sneaky = "--x\rUPDATE t SET v = 9 WHERE id = 1";
+    let id = s.pending(&mut w, &q(sneaky)).await.expect("held");
+    let long = format!("UPDATE t SET v = 1 WHERE id = 1 /* {} */", "y".repeat(70));
+    s.pending(&mut w, &q(&long)).await.expect("held");
+    let list = s.cli(&["approvals", "list", "--state", "pending"]);
+    assert!(!list.contains('\r'), "{list:?}");
+    let line = |id: &str| {
+        list.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        line(&id).ends_with(r"--x\rUPDATE t SET v = 9 WHERE id = 1"),
+        "{list}"
+    );
+    let cut: String = long.chars().take(60).collect();
+    assert!(
+        list.lines().any(|l| l.ends_with(&format!("{cut}…"))),
+        "cut, and marked: {list}"
+    );
+
+    // No terminal, no --yes: refused, nothing decided.
+    let alice = id_token("alice");
+    let (code, out) = vigil(&[
+        "approvals",
+        "approve",
+        &id,
+        "--coordinator",
+        &s.coord,
+        "--token",
+        &alice,
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("nothing was decided"), "{out}");
+    let shown = s.cli(&["approvals", "show", &id]);
+    assert!(shown.contains("state       pending"), "{shown}");
+
+    // At a terminal: the request in full, escaped; anything but yes decides nothing.
+    let at_terminal = || {
+        vigil_chaos::tmux::Tmux::start(
+            &format!(
+                "{} approvals approve {id} --coordinator {} --token {alice}; sleep 60",
+                bin("vigil").display(),
+                s.coord
+            ),
+            200,
+            60,
+        )
+    };
+    let question = "approve this request, as shown above? Type yes to approve it:";
+    let t = at_terminal();
+    t.wait_for(question).await;
+    let pane = t.pane();
+    assert!(
+        pane.contains(r"statement   --x\rUPDATE t SET v = 9 WHERE id = 1"),
+        "{pane}"
+    );
+    assert!(pane.contains("target      postgres/app"), "{pane}");
+    t.keys(&["no", "Enter"]);
+    t.wait_for("Nothing was decided.").await;
+    drop(t);
+    let shown = s.cli(&["approvals", "show", &id]);
+    assert!(shown.contains("state       pending"), "{shown}");
+    let t = at_terminal();
+    t.wait_for(question).await;
+    t.keys(&["yes", "Enter"]);
+    t.wait_for("state       approved").await;
+    drop(t);
+    assert_eq!(s.pending(&mut w, &q(sneaky)).await, None, "approved: runs");
+    assert_eq!(s.value("a.t").await, 9);
+    assert_eq!(s.ran("SET v = 9"), 1, "PostgreSQL ran it once");
 }

@@ -128,6 +128,34 @@ async fn t30_verify_catches_every_kind_of_tampering() {
     assert_eq!(code, 1, "{report}");
     assert!(report.contains("gap: expected seq 0"), "{report}");
 
+    // A record appended after the stream_end, chained correctly (the chain has no key):
+    // nothing legitimate follows a stream_end, so the log fails.
+    let end = &original[n - 1];
+    assert!(end.contains("\"kind\":\"stream_end\""), "{end}");
+    let copied: serde_json::Value = serde_json::from_str(&original[n - 2]).unwrap();
+    let chain_fields = |seq: &serde_json::Value, prev: &serde_json::Value| {
+        format!("\"seq\":{seq},\"prev\":{prev}")
+    };
+    let appended_record = swap_once(
+        &original[n - 2],
+        &chain_fields(&copied["seq"], &copied["prev"]),
+        &chain_fields(
+            &serde_json::json!(n),
+            &serde_json::json!(hex::encode(vigil_proto::chain::record_hash(end.as_bytes()))),
+        ),
+    );
+    let mut appended = original.clone();
+    appended.push(appended_record);
+    let (code, report) = verify_lines(&appended);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains(&format!(
+            "stream {stream} seq {n}: record after the stream's end: the stream ended at seq {}",
+            n - 1
+        )),
+        "{report}"
+    );
+
     // Tail truncation is reported as an open stream (no stream_end); not a failure until
     // checkpoints exist, but visible.
     let (code, report) = verify_lines(&original[..n - 2]);
@@ -205,4 +233,10 @@ async fn t31_a_torn_last_record_is_reported_as_such_and_nothing_else_is() {
     assert!(report.contains("ended"), "{report}");
     assert!(report.contains(", 0 torn tails"), "{report}");
     drop(dir);
+}
+
+/// `line` with `from`, which must be in it once, replaced by `to`.
+fn swap_once(line: &str, from: &str, to: &str) -> String {
+    assert_eq!(line.matches(from).count(), 1, "{from} in {line}");
+    line.replacen(from, to, 1)
 }

@@ -261,6 +261,7 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
         "vigil",
         "approvals",
         "approve",
+        "--yes",
         &id,
         "--comment",
         "compose test",

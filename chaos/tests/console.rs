@@ -90,11 +90,20 @@ impl Setup {
 
     /// Holds the agent's statement: its task ends when the statement has run.
     async fn hold(&self) -> tokio::task::JoinHandle<(Result<u64, tokio_postgres::Error>, Instant)> {
+        self.hold_sql(STATEMENT.to_string()).await
+    }
+
+    /// Holds the agent's statement `sql`: its task ends when the statement has run (or was
+    /// refused), with the rows it changed.
+    async fn hold_sql(
+        &self,
+        sql: String,
+    ) -> tokio::task::JoinHandle<(Result<u64, tokio_postgres::Error>, Instant)> {
         let token = token_for("agent-ops", "agent-ops-secret").await;
         let (client, task) = self.node.client(&token).await.unwrap();
         tokio::spawn(async move {
             let _task = task;
-            let r = client.simple_query(STATEMENT).await.map(|m| {
+            let r = client.simple_query(&sql).await.map(|m| {
                 m.iter()
                     .filter_map(|m| match m {
                         tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
@@ -400,6 +409,249 @@ async fn t10_approver_approves_a_held_statement_in_the_browser() {
     assert_eq!(end.body.detail.as_deref(), Some("logged out"));
 }
 
+/// The pending requests as the inbox shows them: id, action, details, whether it is marked
+/// summarised, whether Approve is disabled.
+async fn inbox(browser: &Browser) -> Vec<Value> {
+    let found = browser
+        .execute(
+            "return Array.from(document.querySelectorAll('li.request')).map((li) => {\
+               const t = (n) => li.querySelector('[data-f=\"' + n + '\"]').textContent;\
+               const action = t('action');\
+               return { id: li.dataset.id, head: action.slice(0, 80), tail: action.slice(-40),\
+                        length: action.length, details: t('details'),\
+                        summarized: !li.querySelector('.summarized').hidden,\
+                        disabled: li.querySelector('button[name=approve]').disabled };\
+             });",
+            json!([]),
+        )
+        .await;
+    found.as_array().cloned().unwrap_or_default()
+}
+
+/// The inbox shows what actually runs, as `vigil approvals show` does: the text an
+/// `EXECUTE s1` runs (s1 prepared over the protocol), and each parameter with its format and
+/// declared type, so that the eight bytes `00000100` of a binary int8 do not read as the text
+/// 00000100. Approved in the browser, the DELETE runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t12_the_inbox_shows_what_an_execute_runs_and_how_parameters_read() {
+    use vigil_chaos::wire::{self, Msg, Wire};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = setup().await;
+    let shots = artefact_dir("console/t12");
+    let offset = pg_log_len();
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let delete = "DELETE FROM notes WHERE id = 1";
+    let mut by_name = Wire::app_session(s.node.port(), &token).await;
+    let r = by_name
+        .batch(&[wire::parse("s1", delete), wire::sync()])
+        .await;
+    assert_eq!(
+        r.iter().find_map(Msg::error),
+        None,
+        "preparing runs nothing"
+    );
+    let held_by_name =
+        tokio::spawn(async move { by_name.batch(&[wire::query("EXECUTE s1")]).await });
+    let mut binary = Wire::app_session(s.node.port(), &token).await;
+    let held_binary = tokio::spawn(async move {
+        binary
+            .batch(&[
+                wire::parse_typed("", "UPDATE notes SET v = v + 1 WHERE id = $1", &[20]),
+                wire::bind_formats("", "", &[Some(b"00000100")], true),
+                wire::execute(""),
+                wire::sync(),
+            ])
+            .await
+    });
+
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    log_in(&browser, &s.console, "alice", &shots).await;
+    browser
+        .wait_for("li.request + li.request", Duration::from_secs(15))
+        .await;
+    let shown = inbox(&browser).await;
+    let item = |action: &str| {
+        shown
+            .iter()
+            .find(|i| i["head"] == json!(action))
+            .unwrap_or_else(|| panic!("no request {action:?} in {shown:?}"))
+            .clone()
+    };
+    let by_name_item = item("EXECUTE s1");
+    let details = by_name_item["details"].as_str().unwrap();
+    assert!(
+        details.contains(&format!("runs        s1 = {delete}")),
+        "{details}"
+    );
+    assert!(details.contains("mode        simple"), "{details}");
+    let binary_item = item("UPDATE notes SET v = v + 1 WHERE id = $1");
+    let details = binary_item["details"].as_str().unwrap();
+    assert!(
+        details.contains("param $1    '00000100' (binary bytes, declared type int8 (oid 20))"),
+        "{details}"
+    );
+    assert!(details.contains("mode        extended"), "{details}");
+    // The CLI says the same.
+    let id = by_name_item["id"].as_str().unwrap().to_string();
+    assert!(s.show(&id).contains(&format!("runs        s1 = {delete}")));
+    browser
+        .screenshot(&shots.join("02-inbox-runs-and-params.png"))
+        .await;
+
+    let approve = browser
+        .wait_for(
+            &format!("li.request[data-id='{id}'] button[name=approve]"),
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click(&approve).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), held_by_name)
+        .await
+        .expect("EXECUTE s1 completes once approved")
+        .unwrap();
+    assert_eq!(r.iter().find_map(Msg::error), None);
+    let deleted = pg_executed(&s.node.files.db, offset)
+        .iter()
+        .filter(|r| r.prepared.as_deref() == Some(delete) || r.text == delete)
+        .count();
+    assert_eq!(deleted, 1, "PostgreSQL ran the DELETE once");
+    held_binary.abort();
+    browser.close().await;
+}
+
+/// Requests of megabytes do not blind the approval lists: with two statements held of 1.2
+/// and 2 MiB (a request then holds over 4 MiB, more than a gRPC client reads by default),
+/// `vigil approvals list` answers, marking both cut, `vigil approvals show` prints the larger
+/// whole, and the inbox lists both summarised, Approve disabled until the whole request is
+/// on the page; then approved there, the statement runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t16_statements_of_megabytes_do_not_blind_the_lists() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = setup_in(
+        NodeOptions {
+            max_frame_bytes: 4 << 20,
+            ..NodeOptions::default()
+        },
+        0,
+        "",
+    )
+    .await;
+    let shots = artefact_dir("console/t16");
+    let offset = pg_log_len();
+    let statement = |tag: &str, len: usize| {
+        let head = format!("UPDATE notes SET v = v + 1 WHERE id = 1 AND note <> '{tag}' /* ");
+        let tail = " */ AND v > -1";
+        format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+    };
+    let small = statement("a", 1_200_000);
+    // The largest a statement may be shown (2 MiB), less a little.
+    let large = statement("b", 2 * 1024 * 1024 - 16);
+    let held_small = s.hold_sql(small.clone()).await;
+    let held_large = s.hold_sql(large.clone()).await;
+
+    let alice = id_token("alice");
+    let coord = s.node.node.coordinator.join(",");
+    let mut list = String::new();
+    for _ in 0..100 {
+        let (code, out) = vigil_async(&[
+            "approvals",
+            "list",
+            "--state",
+            "pending",
+            "--coordinator",
+            &coord,
+            "--token",
+            &alice,
+        ])
+        .await;
+        assert_eq!(code, 0, "the list answers: {out}");
+        list = out;
+        if list.matches("apr-").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id_of = |sql: &str| {
+        let line = list
+            .lines()
+            .find(|l| l.ends_with(&format!("{}…", &sql[..60])))
+            .unwrap_or_else(|| panic!("not listed, cut and marked: {list}"));
+        line.split_whitespace().next().unwrap().to_string()
+    };
+    let (small_id, large_id) = (id_of(&small), id_of(&large));
+    let shown = s.show(&large_id);
+    assert!(
+        shown.contains(&format!("{} */ AND v > -1\n", "x".repeat(100))),
+        "shown whole"
+    );
+
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    log_in(&browser, &s.console, "alice", &shots).await;
+    browser
+        .wait_for("li.request + li.request", Duration::from_secs(15))
+        .await;
+    let listed = inbox(&browser).await;
+    for item in &listed {
+        assert_eq!(item["summarized"], json!(true), "{item}");
+        assert_eq!(
+            item["disabled"],
+            json!(true),
+            "no decision on a part: {item}"
+        );
+        assert!(item["length"].as_u64().unwrap() <= 1024, "{item}");
+    }
+    browser
+        .screenshot(&shots.join("02-inbox-summarised.png"))
+        .await;
+    let whole = browser
+        .wait_for(
+            &format!("li.request[data-id='{small_id}'] button.whole"),
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click(&whole).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let item = loop {
+        let found = inbox(&browser).await;
+        let item = found.iter().find(|i| i["id"] == json!(small_id)).cloned();
+        if let Some(item) = item.filter(|i| i["summarized"] == json!(false)) {
+            break item;
+        }
+        assert!(Instant::now() < deadline, "never shown whole: {found:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(item["length"], json!(small.len()), "{item}");
+    assert_eq!(item["tail"], json!(&small[small.len() - 40..]), "{item}");
+    assert_eq!(item["disabled"], json!(false), "{item}");
+    assert!(item["details"]
+        .as_str()
+        .unwrap()
+        .contains("mode        simple"));
+    browser.screenshot(&shots.join("03-inbox-whole.png")).await;
+    let approve = browser
+        .wait_for(
+            &format!("li.request[data-id='{small_id}'] button[name=approve]"),
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click(&approve).await;
+    let (ran, _) = tokio::time::timeout(Duration::from_secs(10), held_small)
+        .await
+        .expect("the statement completes once approved")
+        .unwrap();
+    assert_eq!(ran.expect("the statement runs"), 1);
+    let runs = pg_executed(&s.node.files.db, offset)
+        .iter()
+        .filter(|r| r.text.starts_with(&small[..60]))
+        .count();
+    assert_eq!(runs, 1, "PostgreSQL ran it once");
+    assert!(s.show(&large_id).contains("state       pending"));
+    held_large.abort();
+    browser.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t20_refusals_without_login_permission_or_csrf() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -418,7 +670,12 @@ async fn t20_refusals_without_login_permission_or_csrf() {
         "{csp}"
     );
     assert_eq!(res.headers()["x-frame-options"], "DENY");
-    for path in ["/api/me", "/api/approvals/events", "/static/console.js"] {
+    for path in [
+        "/api/me",
+        "/api/approvals/events",
+        "/api/approvals/apr-x",
+        "/static/console.js",
+    ] {
         let res = http.get(format!("{console}{path}")).send().await.unwrap();
         assert_eq!(res.status(), 401, "{path}");
     }
@@ -545,7 +802,12 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
     // The agent's session: a query whose rows hold markup.
     let token = token_for("agent-ops", "agent-ops-secret").await;
     let (client, task) = s.node.client(&token).await.unwrap();
-    let statement = format!("SELECT id, note FROM notes WHERE note <> '{marker}' ORDER BY id");
+    // A bidirectional isolate in the statement: the page shows it as its escape, as the CLI
+    // prints it, never as an invisible character that reorders what is around it.
+    let statement = format!(
+        "SELECT id, note FROM notes WHERE note <> '{marker}' AND note <> '\u{2067}' ORDER BY id"
+    );
+    let statement_shown = statement.replace('\u{2067}', "\\u{2067}");
     let rows = client.simple_query(&statement).await.unwrap();
     assert_eq!(
         rows.iter()
@@ -665,8 +927,18 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|t| t == &json!(statement)),
+            .any(|t| t == &json!(statement_shown)),
         "{page}"
+    );
+    let timeline = dave
+        .execute(
+            "return document.getElementById('timeline').textContent;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        !timeline.as_str().unwrap().contains('\u{2067}'),
+        "a raw isolate on the page: {timeline}"
     );
     assert!(
         page["cells"].as_array().unwrap().contains(&json!(

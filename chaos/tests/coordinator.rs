@@ -17,6 +17,7 @@ fn new_request(id: &str, hash: &str) -> pb::CreateApprovalRequest {
         requester: Some(pb::Actor {
             subject: "agent-ops".into(),
             groups: vec!["ops".into()],
+            ..Default::default()
         }),
         key: Some(pb::ActionKey {
             scope: Some(pg_scope("app")),
@@ -607,6 +608,7 @@ async fn approved_on_one_node_runs_once_on_another(cluster: &Cluster) {
     let (code, out) = cli(&[
         "approvals",
         "approve",
+        "--yes",
         &id,
         "--comment",
         "ticket 42",
@@ -1051,7 +1053,7 @@ fn decide_first_pending(coord: &str, token: &str, how: &[&str]) -> String {
             token,
         ]);
         if let Some(id) = out.split_whitespace().find(|w| w.starts_with("apr-")) {
-            let mut args = vec!["approvals", how[0], id];
+            let mut args = vec!["approvals", how[0], "--yes", id];
             args.extend_from_slice(&how[1..]);
             args.extend_from_slice(&["--coordinator", coord, "--token", token]);
             let (code, out) = vigil(&args);

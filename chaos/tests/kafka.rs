@@ -854,3 +854,104 @@ async fn t98_the_sink_ships_over_tls_with_a_client_certificate_in_zstd_batches()
     let shipped = tls_messages(&broker, &options, &untrusted).unwrap();
     assert!(shipped.is_empty(), "{} messages", shipped.len());
 }
+
+/// A record larger than the topic takes would never be delivered and would hold back every
+/// record after it. With `max_record_bytes` the node keeps every record within it: a statement
+/// whose request record would be larger is refused before the target (`58030`), and a response
+/// whose error quotes a large value is written with that value cut, its length and SHA-256
+/// kept. The topic holds the local log byte for byte, and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t99_every_record_fits_the_topic() {
+    use sha2::Digest;
+    const MAX: usize = 100_000;
+    let topic = create_topic(1);
+    let node = TestNode::start(NodeOptions {
+        kafka_topic: Some(topic.clone()),
+        kafka_extra: format!("max_record_bytes = {MAX}"),
+        checkpoint_interval_secs: 1,
+        ..NodeOptions::default()
+    })
+    .await;
+    let offset = pg_log_len();
+    let (client, task) = node.client(&agent_token().await).await.unwrap();
+    let statement = format!("SELECT '{}' AS big", "x".repeat(150_000));
+    let err = client.simple_query(&statement).await.expect_err("refused");
+    let db = err.as_db_error().expect("the gateway's error");
+    assert_eq!(db.code().code(), "58030");
+    assert!(
+        db.message()
+            .contains("more than audit.kafka.max_record_bytes (100000)"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        !pg_executed(&node.files.db, offset)
+            .iter()
+            .any(|r| r.text.starts_with("SELECT 'xxx")),
+        "the refused statement never reached PostgreSQL"
+    );
+    // The session goes on. PostgreSQL's error quotes the whole 150,000-byte value.
+    let err = client
+        .simple_query("SELECT repeat('y', 150000)::int")
+        .await
+        .expect_err("not an integer");
+    let said = err
+        .as_db_error()
+        .expect("PostgreSQL's error")
+        .message()
+        .to_string();
+    assert!(said.len() > 150_000);
+    client.simple_query("SELECT 1").await.unwrap();
+    drop(client);
+    let _ = task.await;
+
+    let written = node.records_after_sessions(1).await;
+    let cut = |s: &str| {
+        format!(
+            "…[cut by the gateway: {} bytes, sha256 {}]",
+            s.len(),
+            hex::encode(sha2::Sha256::digest(s.as_bytes()))
+        )
+    };
+    let blocked = of_kind(&written, Kind::Blocked);
+    assert_eq!(blocked.len(), 1);
+    let text = &blocked[0]
+        .body
+        .request
+        .as_ref()
+        .unwrap()
+        .postgres()
+        .unwrap()
+        .text;
+    assert!(
+        text.starts_with("SELECT 'xxx") && text.ends_with(&cut(&statement)),
+        "{text:.200}"
+    );
+    let quoted = of_kind(&written, Kind::Response)
+        .into_iter()
+        .filter_map(|r| r.body.pg_response()?.error.clone())
+        .find(|e| e.sqlstate == "22P02")
+        .expect("the error's response record");
+    assert!(
+        quoted.message.ends_with(&cut(&said)),
+        "{:.200}",
+        quoted.message
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(metric(&metrics, "vigil_audit_records_cut_total"), 2.0);
+    assert_eq!(
+        metric(&metrics, "vigil_audit_refused_statements_total"),
+        1.0
+    );
+
+    let dir = node.files.audit_dir.clone();
+    let TestNode { node: running, .. } = node;
+    running.shutdown().await;
+    let local = log_lines(&dir);
+    assert!(local.iter().all(|l| l.len() <= MAX), "every record fits");
+    let msgs = until_shipped(&topic, &dir).await;
+    let shipped: Vec<Vec<u8>> = records(&msgs).iter().map(|m| m.value.clone()).collect();
+    assert_eq!(shipped, local, "the topic is the local log, byte for byte");
+    let (code, out) = verify_topic(&topic, &[]);
+    assert_eq!(code, 0, "{out}");
+}

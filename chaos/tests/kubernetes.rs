@@ -504,6 +504,7 @@ async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
         let (code, out) = vigil_chaos::vigil(&[
             "approvals",
             "approve",
+            "--yes",
             &show_id,
             "--coordinator",
             &coord2,

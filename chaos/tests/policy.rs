@@ -3,6 +3,7 @@
 //! connections, startup options, dry-run rules.
 
 use std::collections::BTreeMap;
+use vigil_chaos::wire::{self, Wire};
 use vigil_chaos::*;
 use vigil_proto::record::{Kind, Outcome};
 
@@ -545,94 +546,96 @@ async fn read_a_mask() -> MaskedRead {
     }
 }
 
+/// A node that masks `customers.name` for its clients (`MASKING`), a protocol-level session
+/// through it, and customer 1's name in clear.
+async fn masking_wire() -> (TestNode, Wire, String) {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let clear: String = direct_superuser(&node.files.db)
+        .await
+        .query_one("SELECT name FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let w = Wire::app_session(node.port(), &agent_token().await).await;
+    (node, w, clear)
+}
+
+/// Asserts an answer holds no error.
+fn ok(r: &[wire::Msg]) {
+    let errors: Vec<_> = r.iter().filter_map(wire::Msg::error).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// The values of an answer's rows.
+fn row_values(r: &[wire::Msg]) -> Vec<Option<String>> {
+    r.iter()
+        .filter(|m| m.tag == b'D')
+        .flat_map(wire::Msg::values)
+        .collect()
+}
+
+/// Asserts no file the node wrote holds `clear`.
+fn nowhere_in(node: &TestNode, clear: &str) {
+    for f in files_under(node.files.dir.path()) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&bytes).contains(clear), "{f:?}");
+    }
+}
+
 /// A `FETCH` runs on the cursor its name stands for when it runs: a Describe made before the
 /// cursor was declared again says nothing of its rows, so a client column rule masks them whole
 /// rather than let the new cursor's values through as the old cursor's columns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t73d_a_fetch_is_masked_whatever_cursor_its_describe_saw() {
-    use vigil_chaos::wire::{self, Wire};
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        extra: MASKING,
-        ..NodeOptions::default()
-    })
+    let (node, mut w, clear) = masking_wire().await;
+    let got = run_redefined(
+        &mut w,
+        "BEGIN; DECLARE c CURSOR FOR SELECT 'harmless'::text AS label",
+        "FETCH ALL FROM c",
+        "CLOSE c; DECLARE c CURSOR FOR SELECT name FROM customers WHERE id = 1",
+    )
     .await;
-    let token = agent_token().await;
-    let su = direct_superuser(&node.files.db).await;
-    let clear: String = su
-        .query_one("SELECT name FROM customers WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let mut w = Wire::app_session(node.port(), &token).await;
-    let ok = |r: &[wire::Msg]| {
-        let errors: Vec<_> = r.iter().filter_map(wire::Msg::error).collect();
-        assert!(errors.is_empty(), "{errors:?}");
-    };
-    ok(&w
-        .batch(&[wire::query(
-            "BEGIN; DECLARE c CURSOR FOR SELECT 'harmless'::text AS label",
-        )])
-        .await);
+    assert_eq!(got, [Some("[redacted]".to_string())], "not {clear:?}");
+    nowhere_in(&node, &clear);
+}
+
+/// Runs `define`, parses `statement` as `r` and describes it, runs `redefine`, then binds and
+/// executes `r`: the values of its rows.
+async fn run_redefined(
+    w: &mut Wire,
+    define: &str,
+    statement: &str,
+    redefine: &str,
+) -> Vec<Option<String>> {
+    ok(&w.batch(&[wire::query(define)]).await);
     ok(&w
         .batch(&[
-            wire::parse("f", "FETCH ALL FROM c"),
-            wire::describe(b'S', "f"),
+            wire::parse("r", statement),
+            wire::describe(b'S', "r"),
             wire::sync(),
         ])
         .await);
-    ok(&w
-        .batch(&[wire::query(
-            "CLOSE c; DECLARE c CURSOR FOR SELECT name FROM customers WHERE id = 1",
-        )])
-        .await);
+    ok(&w.batch(&[wire::query(redefine)]).await);
     let r = w
-        .batch(&[wire::bind("", "f", &[]), wire::execute(""), wire::sync()])
+        .batch(&[wire::bind("", "r", &[]), wire::execute(""), wire::sync()])
         .await;
     ok(&r);
-    let values: Vec<_> = r
-        .iter()
-        .filter(|m| m.tag == b'D')
-        .flat_map(wire::Msg::values)
-        .collect();
-    assert_eq!(values, [Some("[redacted]".to_string())], "not {clear:?}");
-    for f in files_under(node.files.dir.path()) {
-        let bytes = std::fs::read(&f).unwrap_or_default();
-        assert!(!String::from_utf8_lossy(&bytes).contains(&clear), "{f:?}");
-    }
+    row_values(&r)
 }
 
 /// A prepared statement's rows are masked by what its portal runs, not by what a Describe of the
 /// statement saw earlier: the same text is planned again at Bind on another table once a
 /// temporary table it named is gone, and an `EXECUTE name` runs whatever `name` holds when it
-/// runs. Both are masked under the client column rule on `customers.name`.
+/// runs. Both are masked under the client column rule on `customers.name`; so is a column of a
+/// table the gateway's catalog cannot see (created in the client's open transaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t73e_rows_are_masked_by_what_runs_not_by_an_earlier_describe() {
-    use vigil_chaos::wire::{self, Wire};
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        extra: MASKING,
-        ..NodeOptions::default()
-    })
-    .await;
-    let token = agent_token().await;
-    let su = direct_superuser(&node.files.db).await;
-    let clear: String = su
-        .query_one("SELECT name FROM customers WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let mut w = Wire::app_session(node.port(), &token).await;
-    let ok = |r: &[wire::Msg]| {
-        let errors: Vec<_> = r.iter().filter_map(wire::Msg::error).collect();
-        assert!(errors.is_empty(), "{errors:?}");
-    };
-    let rows = |r: &[wire::Msg]| -> Vec<Option<String>> {
-        r.iter()
-            .filter(|m| m.tag == b'D')
-            .flat_map(wire::Msg::values)
-            .collect()
-    };
+    let (node, mut w, clear) = masking_wire().await;
 
     // Described while a temporary table of the same name and shape shadowed it.
     ok(&w
@@ -651,43 +654,237 @@ async fn t73e_rows_are_masked_by_what_runs_not_by_an_earlier_describe() {
         ])
         .await;
     ok(&r);
-    assert_eq!(rows(&r), [Some("harmless".to_string())]);
+    // A table of the client's own open transaction is unknown to the gateway's catalog
+    // lookups: a rule could cover it (`table = "*"`), so its columns are masked whole.
+    assert_eq!(row_values(&r), [Some("[redacted]".to_string())]);
     ok(&w.batch(&[wire::query("ROLLBACK")]).await);
     let r = w
         .batch(&[wire::bind("", "s", &[]), wire::execute(""), wire::sync()])
         .await;
     ok(&r);
     // The column is known again: masked by its rule (a token), not whole.
-    let got = rows(&r);
+    let got = row_values(&r);
     assert_eq!(got.len(), 1, "{got:?}");
     let token = got[0].clone().expect("a value");
     assert!(token != clear && token != "harmless", "{token:?}");
 
     // `EXECUTE p` described while p held a harmless text.
-    ok(&w
-        .batch(&[wire::query("PREPARE p AS SELECT 'harmless'::text AS label")])
-        .await);
-    ok(&w
+    let got = run_redefined(
+        &mut w,
+        "PREPARE p AS SELECT 'harmless'::text AS label",
+        "EXECUTE p",
+        "DEALLOCATE p; PREPARE p AS SELECT name FROM customers WHERE id = 1",
+    )
+    .await;
+    assert_eq!(got, [Some("[redacted]".to_string())], "not {clear:?}");
+
+    nowhere_in(&node, &clear);
+}
+
+/// Values the detectors cannot read as plain text (a binary `jsonb`, text with a control
+/// character) are shown as hex in the audit copy. They are looked through: one with a detected
+/// address is recorded `[redacted]`, never as hex that holds it; and for clients, a binary value
+/// holding a card number is withheld (NULL) instead of passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73f_values_shown_as_bytes_are_looked_through_by_the_detectors() {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let su = direct_superuser(&node.files.db).await;
+    let email: String = su
+        .query_one("SELECT email FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let card = "4111 1111 1111 1111";
+    let mut w = Wire::app_session(node.port(), &token).await;
+    let r = w
         .batch(&[
-            wire::parse("e", "EXECUTE p"),
-            wire::describe(b'S', "e"),
+            wire::parse(
+                "j",
+                &format!(
+                    "SELECT to_jsonb(email) AS j, to_jsonb('{card}'::text) AS c \
+                     FROM customers WHERE id = 1"
+                ),
+            ),
+            wire::bind_binary_results("", "j"),
+            wire::execute(""),
             wire::sync(),
         ])
-        .await);
-    ok(&w
-        .batch(&[wire::query(
-            "DEALLOCATE p; PREPARE p AS SELECT name FROM customers WHERE id = 1",
-        )])
-        .await);
-    let r = w
-        .batch(&[wire::bind("", "e", &[]), wire::execute(""), wire::sync()])
         .await;
-    ok(&r);
-    assert_eq!(rows(&r), [Some("[redacted]".to_string())], "not {clear:?}");
+    let errors: Vec<_> = r.iter().filter_map(wire::Msg::error).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let values: Vec<_> = r
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .flat_map(wire::Msg::values)
+        .collect();
+    assert_eq!(values.len(), 2, "{values:?}");
+    // The address is only masked in the audit copy; the card is masked for clients too.
+    assert!(values[0].as_deref().is_some_and(|v| v.contains(&email)));
+    assert_eq!(
+        values[1], None,
+        "the binary value with a card number is withheld"
+    );
+    let r = w
+        .batch(&[wire::query(
+            "SELECT email || chr(1) AS e FROM customers WHERE id = 1",
+        )])
+        .await;
+    assert!(r.iter().all(|m| m.error().is_none()));
 
+    let records = node.records().await;
+    let results: Vec<Vec<Option<String>>> = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter_map(|r| r.body.pg_response())
+        .flat_map(|p| p.result.clone())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            vec![
+                Some("[redacted]".to_string()),
+                Some("[redacted]".to_string())
+            ],
+            vec![Some("[redacted]".to_string())],
+        ]
+    );
+    let hidden = [
+        email.clone(),
+        hex::encode(&email),
+        card.to_string(),
+        hex::encode(card),
+    ];
     for f in files_under(node.files.dir.path()) {
-        let bytes = std::fs::read(&f).unwrap_or_default();
-        assert!(!String::from_utf8_lossy(&bytes).contains(&clear), "{f:?}");
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).into_owned();
+        for h in &hidden {
+            assert!(!text.contains(h.as_str()), "{f:?} holds {h}");
+        }
+    }
+}
+
+/// What a client gets besides rows carries values too: a notification's payload, a notice, an
+/// error quoting its input, `application_name` as the target reports it after `set_config`.
+/// Each reaches the client through the client-side detectors, and the notices and
+/// notifications are on record with the statement's response, masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73g_notices_notifications_errors_and_reports_are_masked_for_clients() {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let card = "4111 1111 1111 1111";
+    let mut w = Wire::app_session(node.port(), &token).await;
+    let mut got = Vec::new();
+    for sql in [
+        "LISTEN ch".to_string(),
+        format!("SELECT pg_notify('ch', 'card {card}')"),
+        format!("DO $$ BEGIN RAISE NOTICE 'card %', '{card}'; END $$"),
+        format!("SELECT '{card}'::int"),
+        format!("SELECT set_config('application_name', '{card}', false)"),
+    ] {
+        got.extend(w.batch(&[wire::query(&sql)]).await);
+    }
+    for tag in [b'A', b'N', b'E'] {
+        assert!(got.iter().any(|m| m.tag == tag), "a {:?} came", tag as char);
+    }
+    let reported = got
+        .iter()
+        .filter(|m| m.tag == b'S' && m.body.starts_with(b"application_name\0"))
+        .count();
+    assert_eq!(reported, 1);
+    for m in &got {
+        assert!(
+            !m.body.windows(card.len()).any(|b| b == card.as_bytes()),
+            "{:?} carries the card: {:?}",
+            m.tag as char,
+            String::from_utf8_lossy(&m.body)
+        );
+    }
+    let records = node.records().await;
+    let responses: Vec<_> = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter_map(|r| r.body.pg_response())
+        .collect();
+    let notifications: Vec<_> = responses
+        .iter()
+        .flat_map(|p| p.notifications.clone())
+        .collect();
+    assert_eq!(notifications.len(), 1, "{responses:?}");
+    assert_eq!(notifications[0].channel, "ch");
+    assert!(
+        notifications[0].payload.starts_with("card "),
+        "{notifications:?}"
+    );
+    let notices: Vec<_> = responses.iter().flat_map(|p| p.notices.clone()).collect();
+    assert_eq!(notices.len(), 1, "{responses:?}");
+    assert!(notices[0].starts_with("card "), "{notices:?}");
+    for f in files_under(node.files.dir.path()) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).into_owned();
+        assert!(!text.contains(card), "{f:?}");
+    }
+}
+
+/// A partition and an inheritance child are reported as themselves: a column rule on the parent
+/// covers their columns of the same name too, however deep, read from the child directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73h_a_rule_on_a_parent_covers_its_partitions_and_children() {
+    const RULES: &str = r#"
+[[policy.rules]]
+id = "watch-nothing"
+action = "block"
+dry_run = true
+tables = ["no_such_table"]
+
+[[policy.masking.columns]]
+table = "public.ledger"
+column = "holder"
+method = "redact"
+client = true
+
+[[policy.masking.columns]]
+table = "public.people"
+column = "holder"
+method = "redact"
+client = true
+"#;
+    let node = TestNode::start(NodeOptions {
+        extra: RULES,
+        ..NodeOptions::default()
+    })
+    .await;
+    let gw = env().get("VIGIL_PG_GATEWAY_USER");
+    direct_superuser(&node.files.db)
+        .await
+        .batch_execute(&format!(
+            "SET ROLE {gw};
+             CREATE TABLE ledger (id int, holder text) PARTITION BY RANGE (id);
+             CREATE TABLE ledger_low PARTITION OF ledger FOR VALUES FROM (0) TO (100)
+               PARTITION BY RANGE (id);
+             CREATE TABLE ledger_low_1 PARTITION OF ledger_low FOR VALUES FROM (0) TO (10);
+             INSERT INTO ledger VALUES (1, 'Ada Lovelace');
+             CREATE TABLE people (id int, holder text);
+             CREATE TABLE staff (badge int) INHERITS (people);
+             INSERT INTO staff VALUES (1, 'Grace Hopper', 7);"
+        ))
+        .await
+        .unwrap();
+    let (client, _task) = node.client(&agent_token().await).await.unwrap();
+    for table in ["ledger", "ledger_low", "ledger_low_1", "staff", "people"] {
+        let rows = client
+            .query(&format!("SELECT holder FROM {table}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{table}");
+        let holder: String = rows[0].get(0);
+        assert_eq!(holder, "[redacted]", "{table}");
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use vigil_chaos::saml::{self, Idp};
 use vigil_chaos::webdriver::{artefact_dir, Driver};
 use vigil_chaos::*;
-use vigil_proto::record::{Kind, Outcome};
+use vigil_proto::record::{Kind, Outcome, Record};
 
 /// One test at a time: the IdP (PHP's built-in server) answers one request at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -655,36 +655,8 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
     let console = sp.console.as_str();
     idp.register(&with_token_endpoint(&sp_metadata(console).await, console));
     let token_url = format!("{console}/auth/saml/token");
-    let sso = idp.metadata_url.replace("metadata.php", "SSOService.php");
-    let response = saml::sign_in(
-        &saml::authn_request_url(&sso, &token_url, &token_url),
-        "agent-saml",
-    )
-    .await;
-    let assertion = saml::assertion_of(&saml::decode(&response));
-    let assertion_id = assertion
-        .split(" ID=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap()
-        .to_string();
-    let b64url = |xml: &str| {
-        use base64::Engine as _;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(xml)
-    };
-    let exchange = |assertion: String| {
-        http()
-            .post(&token_url)
-            .form(&[
-                (
-                    "grant_type",
-                    "urn:ietf:params:oauth:grant-type:saml2-bearer".to_string(),
-                ),
-                ("assertion", assertion),
-            ])
-            .send()
-    };
-    let res = exchange(b64url(&assertion)).await.unwrap();
+    let (assertion, assertion_id) = saml_assertion(&idp, &token_url, "agent-saml").await;
+    let res = exchange(&token_url, &assertion).await;
     assert_eq!(res.status(), 200);
     let answer: serde_json::Value = res.json().await.unwrap();
     assert_eq!(answer["token_type"], "Bearer");
@@ -720,7 +692,7 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
     assert_eq!(ran, 1, "PostgreSQL ran the recorded statement once");
 
     // Not twice, and not an assertion meant for the console.
-    let res = exchange(b64url(&assertion)).await.unwrap();
+    let res = exchange(&token_url, &assertion).await;
     assert_eq!(res.status(), 400);
     let answer: serde_json::Value = res.json().await.unwrap();
     assert_eq!(answer["error"], "invalid_grant");
@@ -732,7 +704,7 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
         "{answer}"
     );
     let (_, web) = response_for(console, "agent-saml").await;
-    let res = exchange(b64url(&saml::assertion_of(&web))).await.unwrap();
+    let res = exchange(&token_url, &saml::assertion_of(&web)).await;
     let answer: serde_json::Value = res.json().await.unwrap();
     assert!(
         answer["error_description"]
@@ -753,6 +725,173 @@ async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
         .unwrap();
     let answer: serde_json::Value = res.json().await.unwrap();
     assert_eq!(answer["error"], "unsupported_grant_type");
+
+    // A grant_type of 1.9 MB (the console takes bodies up to 2 MiB) is quoted cut short in
+    // the refusal's record, with its length and hash: the record stays far below a Kafka
+    // message's limit, which a record holding all of it would pass (and hold up the stream).
+    let huge = "g".repeat(1_900_000);
+    let res = http()
+        .post(&token_url)
+        .form(&[("grant_type", huge.as_str()), ("assertion", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["error"], "unsupported_grant_type");
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(huge.as_bytes()));
+    sp.node.node.audit.flush().await;
+    let lines = log_lines(&sp.node.files.audit_dir);
+    let line = lines
+        .iter()
+        .find(|l| String::from_utf8_lossy(l).contains(&hash))
+        .expect("the refusal on record, with the grant_type's hash");
+    assert!(line.len() < 2048, "{} bytes", line.len());
+    let detail = Record::parse(line).unwrap().body.detail.unwrap();
+    assert!(
+        detail.starts_with(&format!(
+            "grant_type \"{}…\" (1900000 bytes, SHA-256 {hash})",
+            "g".repeat(256)
+        )),
+        "{detail}"
+    );
+}
+
+/// Exchanges the bearer assertion `assertion` (its XML) at the token endpoint `token_url`.
+async fn exchange(token_url: &str, assertion: &str) -> reqwest::Response {
+    use base64::Engine as _;
+    http()
+        .post(token_url)
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:saml2-bearer",
+            ),
+            (
+                "assertion",
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(assertion),
+            ),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A bearer assertion of `user` from the IdP, for the token endpoint, standing alone, and its
+/// ID.
+async fn saml_assertion(idp: &Idp, token_url: &str, user: &str) -> (String, String) {
+    let sso = idp.metadata_url.replace("metadata.php", "SSOService.php");
+    let response = saml::sign_in(&saml::authn_request_url(&sso, token_url, token_url), user).await;
+    let assertion = saml::assertion_of(&saml::decode(&response));
+    let id = assertion
+        .split(" ID=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    (assertion, id)
+}
+
+/// xmlsec1 dereferences a signature's references and runs its transforms before it checks the
+/// signature value, so what an unauthenticated poster puts there must never reach it: a
+/// reference to a URL or a file, an XSLT transform, an `Object`, a `RetrievalMethod`. Each is
+/// refused at the token endpoint with the reason, on record, and a listener the references
+/// point at is never contacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t45_a_signature_that_would_fetch_or_transform_is_refused_before_xmlsec() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = Keys::new();
+    let (idp, sp) = setup(&keys).await;
+    let console = sp.console.as_str();
+    idp.register(&with_token_endpoint(&sp_metadata(console).await, console));
+    let token_url = format!("{console}/auth/saml/token");
+
+    // What the references point at: a loopback listener that counts who connects.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lure = format!("http://{}", listener.local_addr().unwrap());
+    let contacted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = contacted.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+
+    let (assertion, id) = saml_assertion(&idp, &token_url, "agent-saml").await;
+    let reference = format!("URI=\"#{id}\"");
+    type Change<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let cases: Vec<(&str, Change<'_>, &str)> = vec![
+        (
+            "a reference to a URL",
+            Box::new(|x: &str| swap(x, &reference, &format!("URI=\"{lure}/reference\""))),
+            "Reference must be URI",
+        ),
+        (
+            "a reference to a file",
+            Box::new(|x: &str| swap(x, &reference, "URI=\"file:///dev/zero\"")),
+            "Reference must be URI",
+        ),
+        (
+            "an XSLT transform that loads a stylesheet",
+            Box::new(|x: &str| {
+                swap(
+                    x,
+                    "<ds:Transforms>",
+                    &format!(
+                        r#"<ds:Transforms><ds:Transform Algorithm="http://www.w3.org/TR/1999/REC-xslt-19991116"><xsl:stylesheet xmlns:xsl="http://www.w3.org/1999/XSL/Transform" version="1.0"><xsl:include href="{lure}/xslt"/></xsl:stylesheet></ds:Transform>"#
+                    ),
+                )
+            }),
+            "transform must be",
+        ),
+        (
+            "an Object",
+            Box::new(|x: &str| {
+                swap(
+                    x,
+                    "</ds:Signature>",
+                    "<ds:Object><x>more</x></ds:Object></ds:Signature>",
+                )
+            }),
+            "Object is refused",
+        ),
+        (
+            "a RetrievalMethod",
+            Box::new(|x: &str| {
+                swap(
+                    x,
+                    "<ds:KeyInfo>",
+                    &format!(r#"<ds:KeyInfo><ds:RetrievalMethod URI="{lure}/key"/>"#),
+                )
+            }),
+            "RetrievalMethod is refused",
+        ),
+    ];
+    for (name, change, why) in &cases {
+        let res = exchange(&token_url, &change(&assertion)).await;
+        assert_eq!(res.status(), 400, "{name}");
+        let answer: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(answer["error"], "invalid_grant", "{name}: {answer}");
+        let said = answer["error_description"].as_str().unwrap();
+        assert!(said.contains(why), "{name}: {said}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        contacted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was fetched"
+    );
+    let refusals = logins(&sp)
+        .await
+        .into_iter()
+        .filter(|(o, d, _)| *o == Outcome::Denied && d.contains("signature"))
+        .count();
+    assert_eq!(refusals, cases.len(), "every refusal on record");
+
+    // The untouched assertion is still good: each refusal was for what was changed.
+    let res = exchange(&token_url, &assertion).await;
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
 }
 
 /// `vigil login --saml`: the person signs in at the IdP (through the console), the CLI's
@@ -952,4 +1091,107 @@ until = {}
         let res = namespaces(token).await.unwrap();
         assert_eq!(res.status(), 401, "{name}");
     }
+}
+
+/// A person known to both providers: alice at the OIDC provider (subject `alice`, her
+/// `preferred_username` `alice`) and at the IdP (subject her mail `alice@example.com`, taken
+/// from the attribute `mail`, her `uid` `alice`). With the person key configured
+/// (`identity.claims.person = "preferred_username"`, `identity.saml.person_attribute = "uid"`),
+/// the SAML alice cannot approve what the OIDC alice asked for, although her subject differs
+/// and she is in the approver group; bob (SAML) can, and the statement then runs once. An
+/// agent's token (the gateway's audience) is not an operator's at the embedded coordinator.
+/// PostgreSQL's log is the ground truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t70_one_person_cannot_approve_their_own_request_under_another_identity() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let keys = Keys::new();
+    let port = free_port();
+    let console = format!("https://127.0.0.1:{port}");
+    let idp = Idp::start(&first_sp_metadata(&console));
+    let node = TestNode::start(NodeOptions {
+        identity_extra: "[identity.claims]\nperson = \"preferred_username\"",
+        protocols: Some(format!(
+            "{}subject = \"mail\"\nperson_attribute = \"uid\"\n",
+            sections(&idp, &keys, port, &console)
+        )),
+        extra: r#"
+[[policy.rules]]
+id = "writes-need-people"
+action = "require_approval"
+kinds = ["write"]
+approval = { approvers = "people", wait_secs = 0, ttl_secs = 600 }
+"#,
+        ..NodeOptions::default()
+    })
+    .await;
+    idp.register(&with_token_endpoint(&sp_metadata(&console).await, &console));
+    let gw = env().get("VIGIL_PG_GATEWAY_USER");
+    direct_superuser(&node.files.db)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE held (id int, v int); INSERT INTO held VALUES (1, 0);
+             ALTER TABLE held OWNER TO {gw}"
+        ))
+        .await
+        .unwrap();
+    let coordinator = node.node.coordinator.join(",");
+    let cli = |args: &[&str], token: &str| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--coordinator", &coordinator, "--token", token]);
+        vigil(&all)
+    };
+    let token_url = format!("{console}/auth/saml/token");
+    let saml_token = |user: &'static str| {
+        let (idp, token_url) = (&idp, &token_url);
+        async move {
+            let (assertion, _) = saml_assertion(idp, token_url, user).await;
+            let res = exchange(token_url, &assertion).await;
+            assert_eq!(res.status(), 200, "{user}");
+            let answer: serde_json::Value = res.json().await.unwrap();
+            answer["access_token"].as_str().unwrap().to_string()
+        }
+    };
+
+    // The OIDC alice's write is held.
+    let log_start = pg_log_len();
+    let update = "UPDATE held SET v = v + 1 WHERE id = 1";
+    let (alice, _task) = node.client(&id_token("alice")).await.unwrap();
+    let refusal = |e: tokio_postgres::Error| e.as_db_error().unwrap().message().to_string();
+    let held = refusal(alice.simple_query(update).await.unwrap_err());
+    let at = held
+        .find("apr-")
+        .unwrap_or_else(|| panic!("not held: {held}"));
+    let id = held[at..].split_whitespace().next().unwrap().to_string();
+
+    // The SAML alice: another subject, the same person. Refused, and nothing changes.
+    let saml_alice = saml_token("alice").await;
+    let (code, out) = cli(&["approvals", "approve", "--yes", &id], &saml_alice);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("own request"), "{out}");
+    let (_, shown) = cli(&["approvals", "show", &id], &saml_alice);
+    assert!(shown.contains("pending"), "{shown}");
+    let again = refusal(alice.simple_query(update).await.unwrap_err());
+    assert!(again.contains("apr-"), "still held: {again}");
+    let ran = |from| {
+        pg_executed(&node.files.db, from)
+            .iter()
+            .filter(|r| r.text == update)
+            .count()
+    };
+    assert_eq!(ran(log_start), 0, "PostgreSQL ran nothing of it");
+
+    // An agent's token is not an operator's: the gateway's audience is not an operator's.
+    let agent = token_for("agent-ops", "agent-ops-secret").await;
+    let (code, out) = cli(&["approvals", "list"], &agent);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("audience"), "{out}");
+
+    // Bob, another person of the approver group, approves; the statement runs, once.
+    let bob = saml_token("bob").await;
+    let (code, out) = cli(&["approvals", "approve", "--yes", &id], &bob);
+    assert_eq!(code, 0, "{out}");
+    let log_before_run = pg_log_len();
+    alice.simple_query(update).await.unwrap();
+    assert_eq!(ran(log_before_run), 1, "the approved statement ran once");
+    assert_eq!(ran(log_start), 1);
 }

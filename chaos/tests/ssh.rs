@@ -1396,6 +1396,7 @@ async fn an_exec_held_on_one_node_runs_once_on_another_after_approval() {
         let (code, out) = vigil_chaos::vigil(&[
             "approvals",
             "approve",
+            "--yes",
             &show_id,
             "--coordinator",
             &coord2,
@@ -1482,6 +1483,7 @@ async fn a_session_waiting_for_an_approval_is_not_idle() {
         vigil_chaos::vigil(&[
             "approvals",
             "approve",
+            "--yes",
             &id,
             "--coordinator",
             &coord,

@@ -204,18 +204,22 @@ enum ApprovalCommand {
     },
     /// One request in full.
     Show { id: String },
-    /// Approve a request (recorded under your token's identity).
-    Approve {
-        id: String,
-        #[arg(long)]
-        comment: Option<String>,
-    },
-    /// Deny a request.
-    Deny {
-        id: String,
-        #[arg(long)]
-        comment: Option<String>,
-    },
+    /// Approve a request (recorded under your token's identity): prints it in full and asks
+    /// you to type yes first, unless --yes.
+    Approve(Decision),
+    /// Deny a request: prints it in full and asks you to type yes first, unless --yes.
+    Deny(Decision),
+}
+
+#[derive(clap::Args)]
+struct Decision {
+    id: String,
+    #[arg(long)]
+    comment: Option<String>,
+    /// Decide without printing the request and asking first (for scripts that showed it to
+    /// the approver already). Without it a decision needs a terminal to ask at.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Subcommand)]
@@ -664,13 +668,17 @@ fn time(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-fn one_line(s: &str, max: usize) -> String {
-    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() > max {
-        format!("{}…", flat.chars().take(max).collect::<String>())
-    } else {
-        flat
+/// The first `max` characters of `s` escaped ([`esc`]: a carriage return, a newline, a
+/// bidirectional control shows as its escape, so a cut line cannot read as something else),
+/// followed by `…` when there is more to it: more escaped text, or more that the coordinator
+/// left out of a list (`summarized`). `vigil approvals show ID` prints it whole.
+fn beginning(s: &str, max: usize, summarized: bool) -> String {
+    let escaped = esc(s);
+    let mut out: String = escaped.chars().take(max).collect();
+    if summarized || out.len() < escaped.len() {
+        out.push('…');
     }
+    out
 }
 
 /// `protocol/target`, printable.
@@ -769,12 +777,11 @@ fn show_binding(b: &pb::StatementBinding) -> String {
         } else {
             format!("'{}'", escape_lines(&p.value, ""))
         };
-        let format = if p.binary { "binary" } else { "text" };
-        let declared = match p.type_oid {
-            0 => "type from the statement".to_string(),
-            oid => format!("declared type oid {oid}"),
-        };
-        out += &format!("param ${}    {value} ({format}, {declared})\n", i + 1);
+        out += &format!(
+            "param ${}    {value} ({})\n",
+            i + 1,
+            display::param_format(p.binary, p.type_oid)
+        );
     }
     out += &format!(
         "database    {}\nrole        {}\nsearch_path {}\n",
@@ -782,6 +789,9 @@ fn show_binding(b: &pb::StatementBinding) -> String {
         esc(&b.role),
         esc(&b.search_path)
     );
+    if !b.settings.is_empty() {
+        out += &format!("settings    {}\n", esc(&b.settings));
+    }
     out
 }
 
@@ -848,20 +858,51 @@ fn show_checkpoint(c: &pb::Checkpoint) -> String {
     )
 }
 
-async fn decide(
-    client: &Client,
-    id: String,
-    approve: bool,
-    comment: Option<String>,
-) -> Result<String, tonic::Status> {
+async fn decide(client: &Client, d: Decision, approve: bool) -> Result<String, tonic::Status> {
     let decided = client
         .decide_approval(pb::DecideApprovalRequest {
-            id,
+            id: d.id,
             approve,
-            comment: comment.unwrap_or_default(),
+            comment: d.comment.unwrap_or_default(),
         })
         .await?;
     Ok(show_approval(&decided))
+}
+
+/// Before a decision without `--yes`: the request in full, as `show` prints it, then the
+/// approver types `yes` at the terminal. Without a terminal to ask at, nothing is decided:
+/// an approval is given to a request someone read. `Ok(false)`: not confirmed.
+fn confirmed(
+    client: &Client,
+    runtime: &tokio::runtime::Runtime,
+    d: &Decision,
+    verb: &str,
+) -> Result<bool, String> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if d.yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "nothing was decided: `vigil approvals {verb}` prints the request and asks at a terminal; \
+             without one, read it with `vigil approvals show {}` and add --yes",
+            d.id
+        ));
+    }
+    let a = runtime
+        .block_on(client.get_approval(pb::ApprovalId { id: d.id.clone() }))
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    print!(
+        "{}\n{verb} this request, as shown above? Type yes to {verb} it: ",
+        show_approval(&a)
+    );
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| e.to_string())?;
+    Ok(answer.trim() == "yes")
 }
 
 async fn coordinator_command(
@@ -902,7 +943,7 @@ async fn coordinator_command(
                         scope(a.key.as_ref().and_then(|k| k.scope.as_ref())),
                         esc(&a.rule),
                         time(a.created_at_ms),
-                        esc(&one_line(&a.action, 60))
+                        beginning(&a.action, 60, a.summarized)
                     );
                 }
                 if approvals.is_empty() {
@@ -916,8 +957,8 @@ async fn coordinator_command(
             ApprovalCommand::Show { id } => {
                 show_approval(&client.get_approval(pb::ApprovalId { id }).await?)
             }
-            ApprovalCommand::Approve { id, comment } => decide(&client, id, true, comment).await?,
-            ApprovalCommand::Deny { id, comment } => decide(&client, id, false, comment).await?,
+            ApprovalCommand::Approve(d) => decide(&client, d, true).await?,
+            ApprovalCommand::Deny(d) => decide(&client, d, false).await?,
         },
         CoordinatorCommand::Grants(command) => match command {
             GrantCommand::Create {
@@ -1000,6 +1041,19 @@ fn run_coordinator(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let asked = match &command {
+        CoordinatorCommand::Approvals(ApprovalCommand::Approve(d)) => {
+            confirmed(&client, &runtime, d, "approve")?
+        }
+        CoordinatorCommand::Approvals(ApprovalCommand::Deny(d)) => {
+            confirmed(&client, &runtime, d, "deny")?
+        }
+        _ => true,
+    };
+    if !asked {
+        println!("Nothing was decided.");
+        return Ok(ExitCode::FAILURE);
+    }
     match runtime.block_on(coordinator_command(client, command)) {
         Ok(out) => {
             print!("{out}");

@@ -374,6 +374,7 @@ mod tests {
                     token_exp: None,
                     token_id: None,
                     saml: None,
+                    person: Some(evil()),
                 }));
                 b.connection = Some(Arc::new(Connection {
                     protocol: "postgres".into(),

@@ -19,6 +19,35 @@ pub struct Actor {
     pub subject: String,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// The token's issuer: a subject names someone only together with its issuer (empty in
+    /// what nodes of earlier releases sent).
+    #[serde(default)]
+    pub issuer: String,
+    /// The person behind the token across identity providers, when the token carries the
+    /// configured person key (`identity.claims.person`, `identity.saml.person_attribute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person: Option<String>,
+}
+
+impl Actor {
+    /// The same identity: one subject of one issuer. What an approval and a request are
+    /// bound to.
+    pub fn is(&self, other: &Actor) -> bool {
+        self.issuer == other.issuer && self.subject == other.subject
+    }
+
+    /// Whether `self` and `other` may be one person, for the rules that keep a person from
+    /// approving their own request or approving twice: the same subject (whatever the issuer:
+    /// two providers that name someone alike are taken to mean the same person, which only
+    /// ever refuses more), or the same person key (compared ignoring ASCII case, as emails and
+    /// user principal names are).
+    pub fn maybe_same_person(&self, other: &Actor) -> bool {
+        self.subject == other.subject
+            || matches!(
+                (&self.person, &other.person),
+                (Some(a), Some(b)) if a.eq_ignore_ascii_case(b)
+            )
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +66,20 @@ pub struct Vote {
     pub approve: bool,
     pub comment: Option<String>,
     pub at: Millis,
+    /// The approver's person key, when their token carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person: Option<String>,
+}
+
+impl Vote {
+    /// The approver as far as a vote remembers them (subject and person key).
+    fn voter(&self) -> Actor {
+        Actor {
+            subject: self.approver.clone(),
+            person: self.person.clone(),
+            ..Actor::default()
+        }
+    }
 }
 
 /// The protocols whose actions are approved and granted.
@@ -173,6 +216,9 @@ pub struct ShownBinding {
     pub database: String,
     pub role: String,
     pub search_path: String,
+    /// The session's other settings that differ from the server's.
+    #[serde(default)]
+    pub settings: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,11 +331,14 @@ pub enum Command {
         comment: Option<String>,
         now: Millis,
     },
-    /// Use an approved request for this principal and exact action: succeeds once. `attempt`
-    /// names the try (unique per run of the action); repeating a consume with the same attempt
-    /// answers with the request it consumed, so a node may retry after a lost reply.
+    /// Use an approved request for this principal (`subject` of `issuer`: the request's
+    /// requester) and exact action: succeeds once. `attempt` names the try (unique per run of
+    /// the action); repeating a consume with the same attempt answers with the request it
+    /// consumed, so a node may retry after a lost reply.
     Consume {
         subject: String,
+        #[serde(default)]
+        issuer: String,
         key: ActionKey,
         attempt: String,
         now: Millis,
@@ -336,11 +385,16 @@ pub enum DomainError {
     Duplicate(String),
     #[error("the request was decided already")]
     AlreadyDecided,
-    #[error("the requester cannot approve their own request")]
+    #[error(
+        "the requester cannot approve their own request (the same subject, or the same person \
+         key under another identity)"
+    )]
     SelfApproval,
     #[error("{0} is not in the approver group")]
     NotApprover(String),
-    #[error("{0} has voted on this request already")]
+    #[error(
+        "{0} has voted on this request already (as this or another identity of the same person)"
+    )]
     AlreadyVoted(String),
     #[error("the request has expired")]
     Expired,
@@ -362,7 +416,8 @@ pub enum DomainError {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
-    Request(ApprovalRequest),
+    /// Boxed: a request (with its requester and votes) is several times the other variants.
+    Request(Box<ApprovalRequest>),
     Grant(Grant),
     Checkpoint(Checkpoint),
     /// When the mark was first made, and whether it was this command that made it.
@@ -459,7 +514,7 @@ impl State {
             Command::CreateRequest { request, now } => {
                 if let Some(held) = self.requests.get(request.id.as_str()) {
                     return if held.asked == request {
-                        Ok(Applied::Request(ApprovalRequest::clone(held)))
+                        Ok(Applied::Request(Box::new(ApprovalRequest::clone(held))))
                     } else {
                         Err(DomainError::Duplicate(request.id))
                     };
@@ -490,7 +545,7 @@ impl State {
                 let id: Arc<str> = held.asked.id.as_str().into();
                 self.requests.insert(id.clone(), Arc::new(held.clone()));
                 changed.push(Changed::Request(id));
-                Ok(Applied::Request(held))
+                Ok(Applied::Request(Box::new(held)))
             }
             Command::Decide {
                 id,
@@ -509,13 +564,16 @@ impl State {
                 if r.expired(now) {
                     return Err(DomainError::Expired);
                 }
-                if approver.subject == r.asked.requester.subject {
+                if approver.maybe_same_person(&r.asked.requester) {
                     return Err(DomainError::SelfApproval);
                 }
                 if !approver.groups.contains(&r.asked.approver_group) {
                     return Err(DomainError::NotApprover(approver.subject));
                 }
-                if r.votes.iter().any(|v| v.approver == approver.subject) {
+                if r.votes
+                    .iter()
+                    .any(|v| approver.maybe_same_person(&v.voter()))
+                {
                     return Err(DomainError::AlreadyVoted(approver.subject));
                 }
                 let r = Arc::make_mut(r);
@@ -524,6 +582,7 @@ impl State {
                     approve,
                     comment,
                     at: now,
+                    person: approver.person,
                 });
                 // One denial decides; approvals decide when enough distinct approvers agree.
                 if !approve {
@@ -534,20 +593,26 @@ impl State {
                     r.state = RequestState::Approved;
                 }
                 changed.push(Changed::Request(id.as_str().into()));
-                Ok(Applied::Request(r.clone()))
+                Ok(Applied::Request(Box::new(r.clone())))
             }
             Command::Consume {
                 subject,
+                issuer,
                 key,
                 attempt,
                 now,
             } => {
+                let consumer = Actor {
+                    subject,
+                    issuer,
+                    ..Actor::default()
+                };
                 if let Some(done) = self
                     .requests
                     .values()
                     .find(|r| r.consumed_by.as_deref() == Some(attempt.as_str()))
                 {
-                    return Ok(Applied::Request(ApprovalRequest::clone(done)));
+                    return Ok(Applied::Request(Box::new(ApprovalRequest::clone(done))));
                 }
                 // The oldest matching approval is used; the compare (approved, not expired)
                 // and the set (consumed) happen in one apply, so exactly one caller wins.
@@ -556,7 +621,7 @@ impl State {
                     .values_mut()
                     .filter(|r| {
                         r.state == RequestState::Approved
-                            && r.asked.requester.subject == subject
+                            && r.asked.requester.is(&consumer)
                             && r.asked.key == key
                             && !r.expired(now)
                     })
@@ -567,7 +632,7 @@ impl State {
                 r.consumed_at = Some(now);
                 r.consumed_by = Some(attempt);
                 changed.push(Changed::Request(r.asked.id.as_str().into()));
-                Ok(Applied::Request(r.clone()))
+                Ok(Applied::Request(Box::new(r.clone())))
             }
             Command::CreateGrant { grant } => {
                 if self.grants.contains_key(grant.id.as_str()) {
@@ -770,12 +835,17 @@ impl State {
 pub(crate) mod tests {
     use super::*;
 
+    /// `subject` of the test's issuer, without a person key.
     fn actor(subject: &str, groups: &[&str]) -> Actor {
         Actor {
             subject: subject.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            issuer: ISSUER.into(),
+            person: None,
         }
     }
+
+    const ISSUER: &str = "https://idp";
 
     pub(crate) fn create(id: &str, required: u32, now: Millis) -> Command {
         Command::CreateRequest {
@@ -837,6 +907,7 @@ pub(crate) mod tests {
     fn consume_key(key: ActionKey, now: Millis) -> Command {
         Command::Consume {
             subject: "agent".into(),
+            issuer: ISSUER.into(),
             key,
             attempt: format!("try-{now}"),
             now,
@@ -951,6 +1022,70 @@ pub(crate) mod tests {
             Err(DomainError::NotApprover("mallory".into()))
         );
         assert_eq!(s.requests["r1"].state, RequestState::Pending);
+    }
+
+    /// One person with two identities (two issuers, two subjects) is one person when the
+    /// configured person key says so: they can neither approve their own request nor vote
+    /// twice. Two providers that give someone the same subject are taken to mean one person.
+    #[test]
+    fn a_person_is_the_same_under_every_identity_that_names_them() {
+        let person = |subject: &str, issuer: &str, key: Option<&str>| Actor {
+            subject: subject.into(),
+            groups: vec!["approvers".into()],
+            issuer: issuer.into(),
+            person: key.map(str::to_string),
+        };
+        let oidc_alice = person("3f1c-uuid", "https://oidc", Some("alice@example.com"));
+        let saml_alice = person("alice", "https://vigil/tokens", Some("Alice@Example.com"));
+        let mut s = State::default();
+        let mut held = create("r1", 2, 0);
+        if let Command::CreateRequest { request, .. } = &mut held {
+            request.requester = oidc_alice.clone();
+        }
+        s.apply(held).unwrap();
+        let by = |approver: &Actor, now| Command::Decide {
+            id: "r1".into(),
+            approver: approver.clone(),
+            approve: true,
+            comment: None,
+            now,
+        };
+        assert_eq!(s.apply(by(&saml_alice, 1)), Err(DomainError::SelfApproval));
+        // The same subject under another issuer: refused too.
+        let namesake = person("3f1c-uuid", "https://vigil/tokens", None);
+        assert_eq!(s.apply(by(&namesake, 2)), Err(DomainError::SelfApproval));
+        // Bob approves once, not again as his other identity.
+        let bob = person("bob", "https://oidc", Some("bob@example.com"));
+        let saml_bob = person("bob-saml", "https://vigil/tokens", Some("BOB@example.com"));
+        s.apply(by(&bob, 3)).unwrap();
+        assert_eq!(
+            s.apply(by(&saml_bob, 4)),
+            Err(DomainError::AlreadyVoted("bob-saml".into()))
+        );
+        assert_eq!(s.requests["r1"].state, RequestState::Pending);
+        // Without person keys, two subjects are two people.
+        let carol = person("carol", "https://oidc", None);
+        s.apply(by(&carol, 5)).unwrap();
+        assert_eq!(s.requests["r1"].state, RequestState::Approved);
+    }
+
+    /// An approval is used only by its requester: the same subject of the same issuer. The
+    /// same subject string from another issuer is someone else.
+    #[test]
+    fn an_approval_is_consumed_only_by_the_requesters_own_identity() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        s.apply(decide("r1", "alice", true, 1)).unwrap();
+        let elsewhere = Command::Consume {
+            subject: "agent".into(),
+            issuer: "https://vigil/tokens".into(),
+            key: key("postgres", "app"),
+            attempt: "try-other".into(),
+            now: 2,
+        };
+        assert_eq!(s.apply(elsewhere), Err(DomainError::NothingToConsume));
+        assert_eq!(s.requests["r1"].state, RequestState::Approved);
+        assert!(s.apply(consume(3)).is_ok());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! repeat with a clear error (a second vote).
 
 use crate::network::channel;
+// A member answers up to this much (tonic's default limit, 4 MiB, is below a request holding
+// a statement shown at its largest, 2 MiB, with the same text as its action).
+use crate::server::MAX_MESSAGE;
 use crate::service::{CLUSTER_TOKEN_HEADER, LEADER_HEADER};
 use crate::tls::ClientTls;
 use std::collections::HashMap;
@@ -68,7 +71,7 @@ macro_rules! unary {
             self.call(|ch, md| {
                 let mut r = Request::new(req.clone());
                 *r.metadata_mut() = md;
-                async move { $svc::new(ch).$name(r).await }
+                async move { $svc::new(ch).max_decoding_message_size(MAX_MESSAGE).$name(r).await }
             })
             .await
         }
@@ -222,7 +225,12 @@ impl Client {
         self.call(|ch, md| {
             let mut r = Request::new(req.clone());
             *r.metadata_mut() = md;
-            async move { CoordinatorClient::new(ch).watch_approval(r).await }
+            async move {
+                CoordinatorClient::new(ch)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .watch_approval(r)
+                    .await
+            }
         })
         .await
     }

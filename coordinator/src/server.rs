@@ -20,8 +20,9 @@ use vigil_proto::coordinator::cluster_server::ClusterServer;
 use vigil_proto::coordinator::coordinator_server::CoordinatorServer;
 use vigil_proto::coordinator::raft_server::RaftServer;
 
-/// Largest gRPC message a member accepts (Raft batches and snapshot chunks, JSON-encoded).
-const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+/// Largest gRPC message a member accepts or sends (Raft batches and snapshot chunks,
+/// JSON-encoded; an approval request with its statement), and that its clients read.
+pub const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 /// How long a member has to take a snapshot chunk (the last: to install the whole state).
 const INSTALL_SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -236,7 +237,8 @@ impl Member {
         let router = builder
             .add_service(
                 CoordinatorServer::new(CoordinatorService(shared.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE),
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
             )
             .add_service(ClusterServer::new(ClusterService(shared.clone())))
             .add_service(

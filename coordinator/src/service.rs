@@ -48,6 +48,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Verifies an operator's bearer token and says who it names.
 pub trait OperatorAuth: Send + Sync + 'static {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Actor, String>>;
+
+    /// Where the person key comes from, when one is configured (what a refusal names): a
+    /// decision by an operator whose token carries none ([`Actor::person`]) is refused, since
+    /// who they are across identity providers cannot be told.
+    fn person_key(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Who is calling.
@@ -104,7 +111,8 @@ impl Shared {
                 .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
             let verifier = self.operators.as_ref().ok_or_else(|| {
                 Status::unauthenticated(
-                    "this coordinator accepts no operator tokens (no [identity])",
+                    "this coordinator accepts no operator tokens (a member without [identity], \
+                     or an embedded one without coordinator.operator_audiences)",
                 )
             })?;
             return verifier
@@ -192,7 +200,7 @@ impl Shared {
             Caller::Operator(a) => {
                 a.groups.contains(&self.admin_group)
                     || a.groups.contains(&r.asked.approver_group)
-                    || a.subject == r.asked.requester.subject
+                    || a.is(&r.asked.requester)
             }
         }
     }
@@ -369,6 +377,8 @@ fn actor_pb(a: &Actor) -> pb::Actor {
     pb::Actor {
         subject: a.subject.clone(),
         groups: a.groups.clone(),
+        issuer: a.issuer.clone(),
+        person: a.person.clone().unwrap_or_default(),
     }
 }
 
@@ -447,6 +457,7 @@ fn binding_from_pb(b: pb::StatementBinding) -> ShownBinding {
         database: b.database,
         role: b.role,
         search_path: b.search_path,
+        settings: b.settings,
     }
 }
 
@@ -475,6 +486,7 @@ fn binding_pb(b: &ShownBinding) -> pb::StatementBinding {
         database: b.database.clone(),
         role: b.role.clone(),
         search_path: b.search_path.clone(),
+        settings: b.settings.clone(),
     }
 }
 
@@ -505,7 +517,37 @@ pub fn approval_pb(r: &ApprovalRequest, now: Millis) -> pb::Approval {
         consumed_at_ms: r.consumed_at.unwrap_or(0),
         node: a.node.clone(),
         rule: a.rule.clone(),
+        summarized: false,
     }
+}
+
+/// A request whose action and shown action together are larger than this is listed
+/// summarised ([`listed`]).
+pub const LISTED_WHOLE: usize = 16 * 1024;
+/// How much of a summarised request's action a list carries.
+pub const SUMMARY_ACTION: usize = 1024;
+/// A list page ends once it holds this much (at least one request): with requests of up to
+/// [`LISTED_WHOLE`], a page stays within a client's default 4 MiB message limit.
+pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// `a` as a list carries it: whole when it is small; otherwise its action cut to its first
+/// [`SUMMARY_ACTION`] bytes, its shown action left out and `summarized` set, so that a few
+/// requests of megabytes (a statement may be shown up to 2 MiB) cannot make every list too
+/// large to answer. `GetApproval` answers a request whole.
+fn listed(mut a: pb::Approval) -> pb::Approval {
+    use prost::Message as _;
+    let size = a.action.len() + a.shown.as_ref().map_or(0, |s| s.encoded_len());
+    if size <= LISTED_WHOLE {
+        return a;
+    }
+    let mut end = SUMMARY_ACTION.min(a.action.len());
+    while !a.action.is_char_boundary(end) {
+        end -= 1;
+    }
+    a.action.truncate(end);
+    a.shown = None;
+    a.summarized = true;
+    a
 }
 
 fn grant_pb(g: &Grant) -> pb::Grant {
@@ -546,6 +588,12 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 
 /// Requests in one page of `ListApprovals`, at most (and when the caller names no limit).
 pub const PAGE_SIZE: usize = 1000;
+/// The largest approval request a node may create (as sent): half the largest message a
+/// client reads ([`crate::server::MAX_MESSAGE`]), the rest left for its votes. A node sends at
+/// most about 4 MiB (a statement shown up to 2 MiB, and the same text as its action).
+pub const MAX_REQUEST: usize = crate::server::MAX_MESSAGE / 2;
+/// The longest comment a vote may carry, in bytes.
+pub const MAX_COMMENT: usize = 4096;
 
 /// Where a page token (`<created ms>.<id>`, the last request of the previous page) points.
 fn page_position(token: &str) -> Result<(Millis, String), Status> {
@@ -572,6 +620,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.0.member(req.metadata()).await?;
         let r = req.into_inner();
         required("id", &r.id)?;
+        // Every request must be readable back whole (GetApproval, WatchApproval) within the
+        // clients' message limit, with its votes.
+        let size = prost::Message::encoded_len(&r);
+        if size > MAX_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "the request is {size} bytes, more than a request may hold ({MAX_REQUEST})"
+            )));
+        }
         let key = key_from_pb(r.key)?;
         let requester = r
             .requester
@@ -584,6 +640,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 requester: Actor {
                     subject: requester.subject,
                     groups: requester.groups,
+                    issuer: requester.issuer,
+                    person: opt(requester.person),
                 },
                 key,
                 action: r.action,
@@ -615,6 +673,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let now = now_ms();
         let cmd = Command::Consume {
             subject: r.subject,
+            issuer: r.issuer,
             key,
             attempt: r.attempt,
             now,
@@ -712,9 +771,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 })
                 .collect();
             found.sort_by(|a, b| (b.created_at, b.id()).cmp(&(a.created_at, a.id())));
-            let more = found.len() > limit;
-            found.truncate(limit);
-            let page: Vec<pb::Approval> = found.iter().map(|q| approval_pb(q, now)).collect();
+            let mut page = Vec::new();
+            let mut bytes = 0;
+            for q in found.iter().take(limit) {
+                let a = listed(approval_pb(q, now));
+                let size = prost::Message::encoded_len(&a);
+                if !page.is_empty() && bytes + size > PAGE_BYTES {
+                    break;
+                }
+                bytes += size;
+                page.push(a);
+            }
+            let more = found.len() > page.len();
             (page, more)
         });
         let next_page_token = match approvals.last() {
@@ -732,8 +800,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         req: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
         let approver = self.0.operator(req.metadata()).await?;
+        let person_key = self.0.operators.as_ref().and_then(|o| o.person_key());
+        if let (Some(key), None) = (person_key, &approver.person) {
+            return Err(Status::permission_denied(format!(
+                "{} cannot decide: the token names no person ({key}), so whether they asked \
+                 for the request under another identity cannot be told",
+                approver.subject
+            )));
+        }
         let r = req.into_inner();
         required("id", &r.id)?;
+        if r.comment.len() > MAX_COMMENT {
+            return Err(Status::invalid_argument(format!(
+                "the comment is longer than {MAX_COMMENT} bytes"
+            )));
+        }
         let now = now_ms();
         let cmd = Command::Decide {
             id: r.id,

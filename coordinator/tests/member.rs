@@ -25,6 +25,7 @@ impl OperatorAuth for NamedOperators {
             Ok(Actor {
                 subject: subject.into(),
                 groups: vec!["approvers".into()],
+                ..Actor::default()
             })
         })
     }
@@ -72,7 +73,7 @@ fn request(id: &str, hash: &str, ttl_ms: u64) -> pb::CreateApprovalRequest {
         id: id.into(),
         requester: Some(pb::Actor {
             subject: "agent".into(),
-            groups: vec![],
+            ..Default::default()
         }),
         key: Some(pb::ActionKey {
             scope: Some(pb::Scope {
@@ -164,6 +165,7 @@ async fn t10_retention_keeps_state_and_snapshots_bounded() {
                             subject: "agent".into(),
                             key: key.take(),
                             attempt: format!("a-{id}"),
+                            ..Default::default()
                         })
                         .await
                         .unwrap();
@@ -324,5 +326,199 @@ async fn t11_approvals_are_listed_a_page_at_a_time_in_a_stable_order() {
     assert_eq!(newest.approvals[0].id, "p-new");
     let bad = list(10, "nonsense".into()).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    member.shutdown().await;
+}
+
+/// Requests of megabytes (a statement shown at its largest, 2 MiB, and the same text as its
+/// action) cannot blind the lists: a list carries each of them summarised (the action's first
+/// KiB, no shown action) and a page stays within a client's default 4 MiB limit, while
+/// `GetApproval` answers each whole, past that limit. Comments and requests too large to read
+/// back are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12_large_requests_are_listed_summarised_and_read_whole() {
+    use prost::Message as _;
+    use vigil_coordinator::service::{MAX_COMMENT, MAX_REQUEST, SUMMARY_ACTION};
+    let dir = tempfile::tempdir().unwrap();
+    let member = start(dir.path(), Duration::from_secs(3600)).await;
+    let node = node(&member);
+    // Each request: its action and shown text, 2 MiB and its id; a two-byte 'é' straddles
+    // the summary's cut.
+    let big = |id: &str| {
+        let mut text = String::from("UPDATE t SET v = 1 /* ");
+        text.push_str(&"x".repeat(SUMMARY_ACTION - 1 - text.len()));
+        text.push('é');
+        text.push_str(&"y".repeat(2 * 1024 * 1024 - text.len()));
+        text.push_str(&format!(" */ WHERE id = '{id}'"));
+        let mut r = request(id, &format!("h-{id}"), 600_000);
+        r.action = text.clone();
+        r.shown = Some(pb::ShownAction {
+            protocol: Some(pb::shown_action::Protocol::Postgres(pb::StatementBinding {
+                mode: "simple".into(),
+                text,
+                ..Default::default()
+            })),
+        });
+        r
+    };
+    for id in ["big1", "big2", "big3"] {
+        node.create_approval(big(id)).await.unwrap();
+    }
+    node.create_approval(request("small", "h-small", 600_000))
+        .await
+        .unwrap();
+    let alice = operator(&member, "alice");
+    let list = alice
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .expect("the list answers");
+    assert!(
+        list.encoded_len() < 4 * 1024 * 1024,
+        "{}",
+        list.encoded_len()
+    );
+    assert_eq!(list.approvals.len(), 4);
+    assert!(list.next_page_token.is_empty());
+    for a in &list.approvals {
+        if a.id == "small" {
+            assert!(!a.summarized && a.action == "DELETE FROM t WHERE id = 'small'");
+            continue;
+        }
+        assert!(a.summarized, "{}", a.id);
+        assert!(a.shown.is_none());
+        // Cut before the two-byte 'é', at a character boundary.
+        assert_eq!(a.action.len(), SUMMARY_ACTION - 1);
+        assert!(big(&a.id).action.starts_with(&a.action));
+    }
+    // Whole, one at a time: more than tonic's default 4 MiB.
+    let whole = alice
+        .get_approval(pb::ApprovalId { id: "big2".into() })
+        .await
+        .expect("a request is read whole");
+    assert!(whole.encoded_len() > 4 * 1024 * 1024);
+    assert!(!whole.summarized);
+    assert_eq!(whole.action, big("big2").action);
+    assert_eq!(whole.shown, big("big2").shown);
+
+    let long = alice
+        .decide_approval(pb::DecideApprovalRequest {
+            id: "small".into(),
+            approve: true,
+            comment: "c".repeat(MAX_COMMENT + 1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), tonic::Code::InvalidArgument, "{long:?}");
+    let mut huge = request("huge", "h-huge", 600_000);
+    huge.action = "x".repeat(MAX_REQUEST);
+    let refused = node.create_approval(huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(held(&member).await, 4);
+    member.shutdown().await;
+}
+
+/// Operators named by their token, `approver:SUBJECT@ISSUER` or
+/// `approver:SUBJECT@ISSUER#PERSON`, whose member requires a person key.
+struct PersonKeyed;
+
+impl OperatorAuth for PersonKeyed {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Actor, String>> {
+        Box::pin(async move {
+            let who = token.strip_prefix("approver:").ok_or("not an approver")?;
+            let (identity, person) = match who.split_once('#') {
+                Some((i, p)) => (i, Some(p.to_string())),
+                None => (who, None),
+            };
+            let (subject, issuer) = identity.split_once('@').ok_or("SUBJECT@ISSUER")?;
+            Ok(Actor {
+                subject: subject.into(),
+                groups: vec!["approvers".into()],
+                issuer: issuer.into(),
+                person,
+            })
+        })
+    }
+
+    fn person_key(&self) -> Option<&str> {
+        Some("identity.claims.person = \"email\"")
+    }
+}
+
+/// Through the gRPC contract: a person who asked under one identity cannot approve under
+/// another that carries the same person key; an operator whose token carries no person key
+/// cannot decide at all when the member requires one; the approval is then used only by the
+/// requester's own identity (subject and issuer), not by the same subject of another issuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13_one_person_is_one_person_across_identity_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = MemberConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+        TOKEN.into(),
+    );
+    cfg.bootstrap = true;
+    let member = Member::start(cfg, Some(Arc::new(PersonKeyed)))
+        .await
+        .expect("member starts");
+    member
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let node = node(&member);
+    let mut asked = request("r1", "h", 600_000);
+    asked.requester = Some(pb::Actor {
+        subject: "3f1c".into(),
+        groups: vec!["approvers".into()],
+        issuer: "https://oidc".into(),
+        person: "alice@example.com".into(),
+    });
+    let created = node.create_approval(asked).await.unwrap();
+    let requester = created.requester.unwrap();
+    assert_eq!(
+        (requester.issuer.as_str(), requester.person.as_str()),
+        ("https://oidc", "alice@example.com")
+    );
+    let decide = |token: &str| {
+        let by = Client::new(
+            vec![member.addr.to_string()],
+            Credential::Bearer(format!("approver:{token}")),
+        )
+        .unwrap();
+        async move {
+            by.decide_approval(pb::DecideApprovalRequest {
+                id: "r1".into(),
+                approve: true,
+                comment: String::new(),
+            })
+            .await
+        }
+    };
+    let refused = decide("alice@https://vigil/tokens#Alice@Example.com")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("own request"), "{refused:?}");
+    let refused = decide("bob@https://oidc").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("names no person"), "{refused:?}");
+    let approved = decide("bob@https://oidc#bob@example.com").await.unwrap();
+    assert_eq!(approved.state, "approved");
+
+    let consume = |issuer: &str| pb::ConsumeApprovalRequest {
+        subject: "3f1c".into(),
+        issuer: issuer.into(),
+        key: created.key.clone(),
+        attempt: format!("try-{issuer}"),
+    };
+    let elsewhere = node
+        .consume_approval(consume("https://vigil/tokens"))
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), tonic::Code::FailedPrecondition);
+    let used = node
+        .consume_approval(consume("https://oidc"))
+        .await
+        .unwrap();
+    assert_eq!(used.state, "consumed");
     member.shutdown().await;
 }

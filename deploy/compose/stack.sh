@@ -137,8 +137,10 @@ section for yours.)
   ssh -p $ssh_port -o PreferredAuthentications=keyboard-interactive vigil-ops+web@$host hostname
 
   # writes to customers wait for approval (up to 2 minutes); approve as agent-ops (group dba)
+  # (the stack's vigil runs without a terminal to ask at: read the request, then --yes)
   ${p}$c vigil approvals list --state pending
-  ${p}$c vigil approvals approve apr-… --comment "looks fine"
+  ${p}$c vigil approvals show apr-…
+  ${p}$c vigil approvals approve --yes apr-… --comment "looks fine"
 
   # the audit topic, verified against the coordinator's checkpoints
   ${p}$c compose exec node-1 vigil audit verify --kafka kafka:9092 --topic vigil-audit \\

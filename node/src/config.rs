@@ -99,6 +99,10 @@ pub struct CoordinatorConfig {
     /// With `endpoints`: reach the members over TLS, verifying them against this CA (PEM).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Embedded only: the audiences of the tokens the member takes from operators (approvers,
+    /// admins, the console acting for a person); default [`Config::operator_audiences`].
+    #[serde(default)]
+    pub operator_audiences: Option<Vec<String>>,
 }
 
 impl Default for CoordinatorConfig {
@@ -110,6 +114,7 @@ impl Default for CoordinatorConfig {
             admin_group: default_admin_group(),
             timeout_secs: default_coordinator_timeout(),
             ca_file: None,
+            operator_audiences: None,
         }
     }
 }
@@ -293,6 +298,11 @@ pub struct ClaimNames {
     pub model_version: String,
     #[serde(default = "claim_groups")]
     pub groups: String,
+    /// The claim that names the person across identity providers (an email, a UPN): the
+    /// principal's `person`, which keeps one person from approving their own request under
+    /// another identity. Absent: none.
+    #[serde(default)]
+    pub person: Option<String>,
 }
 
 impl Default for ClaimNames {
@@ -303,6 +313,7 @@ impl Default for ClaimNames {
             model: claim_model(),
             model_version: claim_model_version(),
             groups: claim_groups(),
+            person: None,
         }
     }
 }
@@ -393,6 +404,9 @@ pub struct KafkaConfig {
     /// target (fail closed) until the broker catches up.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
+    /// The largest record the topic takes, as written (below the topic's `max.message.bytes`).
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
     #[serde(default)]
     pub compression: Compression,
     /// How long the producer waits to fill a batch.
@@ -407,6 +421,9 @@ pub struct KafkaConfig {
     pub overrides: std::collections::BTreeMap<String, String>,
 }
 
+fn default_max_record_bytes() -> usize {
+    1_000_000
+}
 fn default_spool_max_bytes() -> u64 {
     1 << 30
 }
@@ -706,7 +723,79 @@ impl Config {
             t.validate()?;
         }
         self.validate_policy()?;
+        self.validate_operator_audiences()?;
         self.coordinator.validate()
+    }
+
+    /// The audiences of the tokens the embedded coordinator takes from operators:
+    /// `coordinator.operator_audiences`, or by default those of the tokens people log in
+    /// with, as this file names them: the console's client id, `vigil login`'s client id
+    /// (when the CLI keeps ID tokens, whose audience is that client) and the audience of the
+    /// tokens the cluster issues for SAML identities. Never an audience only agents' tokens
+    /// carry, unless listed here: an agent's token is not an approver's.
+    pub fn operator_audiences(&self) -> Vec<String> {
+        if let Some(listed) = &self.coordinator.operator_audiences {
+            return listed.clone();
+        }
+        let mut audiences = Vec::new();
+        let mut add = |a: &str| {
+            if !audiences.iter().any(|b| b == a) {
+                audiences.push(a.to_string());
+            }
+        };
+        if let Some(console) = &self.console {
+            add(&console.client_id);
+            if let Some(saml) = &self.identity.saml {
+                add(saml.token_audience(console));
+            }
+        }
+        if let Some(login) = self.api.as_ref().and_then(|a| a.login.as_ref()) {
+            if login.token == TokenType::IdToken {
+                add(&login.client_id);
+            }
+        }
+        audiences
+    }
+
+    /// `coordinator.operator_audiences`: accepted by the node's verifier, and holding the
+    /// audiences the console's calls as a person carry.
+    fn validate_operator_audiences(&self) -> Result<(), ConfigError> {
+        const KEY: &str = "coordinator.operator_audiences";
+        let Some(listed) = &self.coordinator.operator_audiences else {
+            return Ok(());
+        };
+        if !self.coordinator.endpoints.is_empty() {
+            return Err(invalid(
+                KEY,
+                "applies to the embedded coordinator only (members take operators' tokens by \
+                 their own identity.audiences)",
+            ));
+        }
+        if let Some(a) = listed.iter().find(|a| !self.identity.audiences.contains(a)) {
+            return Err(invalid(
+                KEY,
+                format!("{a:?} is not one of identity.audiences (the node verifies the tokens)"),
+            ));
+        }
+        if let Some(console) = &self.console {
+            let mut needed = vec![("console.client_id", console.client_id.as_str())];
+            if let Some(saml) = &self.identity.saml {
+                needed.push(("identity.saml.token_audience", saml.token_audience(console)));
+            }
+            if let Some((what, a)) = needed
+                .into_iter()
+                .find(|(_, a)| !listed.iter().any(|b| b == a))
+            {
+                return Err(invalid(
+                    KEY,
+                    format!(
+                        "must hold {a:?} ({what}): the console calls the coordinator with \
+                         people's tokens"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `[policy]`: rule ids, the targets rules name, approval settings, detectors.
@@ -840,6 +929,12 @@ impl AuditConfig {
         if k.topic.is_empty() {
             return Err(invalid("audit.kafka.topic", "must not be empty"));
         }
+        if !(65_536..=crate::audit::kafka::MAX_RECORD_BYTES).contains(&k.max_record_bytes) {
+            return Err(invalid(
+                "audit.kafka.max_record_bytes",
+                "must be at least 65536 and at most 134217728 (128 MiB)",
+            ));
+        }
         if k.spool_max_bytes < 1024 * 1024 {
             return Err(invalid(
                 "audit.kafka.spool_max_bytes",
@@ -911,6 +1006,89 @@ allow = { groups = ["dba"] }
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
+    }
+
+    /// GOOD, its audiences those of agents, the console's and `vigil login`'s, with `more`.
+    fn people_and_agents(more: &str) -> String {
+        GOOD.replace(
+            "audiences = [\"urn:vigil:gateway\"]",
+            "audiences = [\"urn:vigil:gateway\", \"vigil-cli\", \"vigil-console\", \"vigil-saml\"]\n[identity.tokens]\nissuer = \"https://vigil/tokens\"\nsigning_key = { file = \"k.pem\" }\nkey_id = \"k1\"",
+        ) + more
+    }
+
+    const CONSOLE: &str = "\n[console]\nlisten = \"127.0.0.1:0\"\nclient_id = \"vigil-console\"\npublic_url = \"https://vigil.example\"\n";
+    const LOGIN: &str =
+        "\n[api]\nlisten = \"127.0.0.1:0\"\n[api.login]\nclient_id = \"vigil-cli\"\n";
+    const SAML: &str = "\n[identity.saml]\nidp_metadata = \"idp.xml\"\n";
+
+    /// The embedded coordinator takes operators' tokens only for the audiences people's tokens
+    /// carry: by default the console's, `vigil login`'s (ID tokens) and the SAML tokens',
+    /// never the gateway's; a list of one's own must hold what the console sends.
+    #[test]
+    fn the_embedded_coordinator_takes_people_not_agents_as_operators() {
+        assert!(parse(GOOD).unwrap().operator_audiences().is_empty());
+        let both = parse(&people_and_agents(&format!("{CONSOLE}{LOGIN}{SAML}"))).unwrap();
+        assert_eq!(both.operator_audiences(), ["vigil-console", "vigil-cli"]);
+        let saml_own =
+            people_and_agents(&format!("{CONSOLE}{SAML}token_audience = \"vigil-saml\"\n"));
+        assert_eq!(
+            parse(&saml_own).unwrap().operator_audiences(),
+            ["vigil-console", "vigil-saml"]
+        );
+        let access = format!("{LOGIN}token = \"access_token\"\n");
+        assert!(parse(&people_and_agents(&access))
+            .unwrap()
+            .operator_audiences()
+            .is_empty());
+        let listed = |list: &str, more: &str| {
+            parse(&people_and_agents(&format!(
+                "{more}\n[coordinator]\noperator_audiences = {list}\n"
+            )))
+        };
+        assert_eq!(
+            listed("[\"vigil-cli\"]", "").unwrap().operator_audiences(),
+            ["vigil-cli"]
+        );
+        let e = listed("[\"vigil-cli\"]", CONSOLE).unwrap_err();
+        assert!(
+            e.contains("coordinator.operator_audiences") && e.contains("console.client_id"),
+            "{e}"
+        );
+        let e = listed(
+            "[\"vigil-console\"]",
+            &format!("{CONSOLE}{SAML}token_audience = \"vigil-saml\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.contains("identity.saml.token_audience"), "{e}");
+        let e = listed("[\"elsewhere\"]", "").unwrap_err();
+        assert!(e.contains("not one of identity.audiences"), "{e}");
+        let remote = "\n[coordinator]\nendpoints = [\"10.0.0.1:7470\"]\ncluster_token = { env = \"T\" }\noperator_audiences = [\"vigil-cli\"]\n";
+        let e = parse(&people_and_agents(remote)).unwrap_err();
+        assert!(e.contains("embedded coordinator only"), "{e}");
+    }
+
+    /// A SAML subject names a person: a transient NameID format cannot be asked for; the
+    /// person key is named for both kinds of identity or for neither.
+    #[test]
+    fn saml_asks_for_a_lasting_name_and_names_the_person_like_oidc() {
+        let with = |more: &str| parse(&people_and_agents(&format!("{CONSOLE}{SAML}{more}")));
+        let c = with("").unwrap();
+        assert_eq!(
+            c.identity.saml.unwrap().name_id_format,
+            "urn:oasis:names:tc:SAML:2.0:nameid-format:persistent"
+        );
+        for format in ["", "urn:oasis:names:tc:SAML:2.0:nameid-format:transient"] {
+            let e = with(&format!("name_id_format = \"{format}\"\n")).unwrap_err();
+            assert!(e.contains("identity.saml.name_id_format"), "{e}");
+        }
+        let e = with("person_attribute = \"mail\"\n").unwrap_err();
+        assert!(e.contains("identity.claims.person"), "{e}");
+        let claims = "[identity.claims]\nperson = \"email\"\n";
+        let e = parse(&people_and_agents(&format!("{CONSOLE}\n{claims}{SAML}"))).unwrap_err();
+        assert!(e.contains("identity.saml.person_attribute"), "{e}");
+        let both = format!("{CONSOLE}\n{claims}{SAML}person_attribute = \"mail\"\n");
+        let c = parse(&people_and_agents(&both)).unwrap();
+        assert_eq!(c.identity.claims.person.as_deref(), Some("email"));
     }
 
     /// A node serves the protocols whose sections are present; with none there is nothing

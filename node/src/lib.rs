@@ -240,7 +240,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         .audit
         .kafka
         .as_ref()
-        .map(|k| Arc::new(audit::Spool::new(k.spool_max_bytes)));
+        .map(|k| Arc::new(audit::Spool::new(k.spool_max_bytes, k.max_record_bytes)));
     let node_key = Arc::new(audit::kafka::node_key(&config.node.data_dir)?);
     let public_key = hex::encode(node_key.verifying_key().as_bytes());
     let fingerprint = vigil_proto::checkpoint::fingerprint(&public_key).unwrap_or_default();
@@ -273,7 +273,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     })?;
     let verifier = core::identity::TokenVerifier::new(config.identity.clone(), metrics.clone())
         .context("identity.tokens")?;
-    let coordination = core::approvals::start(&config, verifier.clone()).await?;
+    let coordination = core::approvals::start(&config, metrics.clone()).await?;
     let lifecycle = Arc::new(core::lifecycle::Lifecycle::new(Duration::from_secs(
         config.node.drain_timeout_secs,
     )));

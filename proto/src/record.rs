@@ -81,6 +81,10 @@ pub struct Principal {
     /// The SAML sign-in behind a Vigil-issued token: ties the record to the IdP's own log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saml: Option<SamlOrigin>,
+    /// Who the person is across identity providers: the value of the configured person key
+    /// (`identity.claims.person`, `identity.saml.person_attribute`), when the token carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person: Option<String>,
 }
 
 /// Where a SAML identity came from.
@@ -200,6 +204,10 @@ pub struct Binding {
     pub database: String,
     pub role: String,
     pub search_path: String,
+    /// The session's other settings that differ from the server's, `name=value; …` sorted by
+    /// name (client, session, role or database settings; see the policy docs).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub settings: String,
     /// Each bind parameter's format and declared type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub params: Vec<ParamType>,
@@ -255,6 +263,21 @@ pub struct PgResponse {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<PgError>,
+    /// The message of each notice (NoticeResponse: `RAISE NOTICE`, warnings) the client got
+    /// with this answer or since the previous one, masked like results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
+    /// Each notification (`LISTEN`/`NOTIFY`) the client got with this answer or since the
+    /// previous one, its payload masked like results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<PgNotification>,
+}
+
+/// A notification a PostgreSQL session received.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgNotification {
+    pub channel: String,
+    pub payload: String,
 }
 
 /// An SSH channel request (exec, shell, subsystem, forward …) as the client sent it.
@@ -898,6 +921,7 @@ mod tests {
                 idp: "https://idp.example/saml".into(),
                 assertion_id: "_a1".into(),
             }),
+            person: Some("alice@example.com".into()),
         }));
         body.connection = Some(Arc::new(Connection {
             protocol: "postgres".into(),
@@ -923,6 +947,7 @@ mod tests {
                 database: "app".into(),
                 role: "gw".into(),
                 search_path: "public".into(),
+                settings: "DateStyle=ISO, MDY".into(),
                 params: vec![ParamType {
                     format: "binary".into(),
                     type_oid: 23,
@@ -942,6 +967,11 @@ mod tests {
                 sqlstate: "42501".into(),
                 message: "m".into(),
             }),
+            notices: vec!["n".into()],
+            notifications: vec![PgNotification {
+                channel: "c".into(),
+                payload: "p".into(),
+            }],
         }));
         body.outcome = Some(Outcome::Denied);
         body.duration_us = Some(7);

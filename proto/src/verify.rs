@@ -55,6 +55,9 @@ pub enum Problem {
     /// `prev` is not the hash of the previous record: the previous record (or this one) was
     /// altered, or a record in between was removed.
     HashMismatch { expected_prev: String },
+    /// A record after the stream's `stream_end` (at `end_seq`): a node writes nothing after
+    /// it, so the record was appended by someone else, even if it chains correctly.
+    AfterStreamEnd { end_seq: u64 },
     /// A witnessed checkpoint vouches for records up to `checkpoint_seq`, but the stream stops
     /// earlier: its tail was truncated (or rolled back).
     TruncatedBeforeCheckpoint { checkpoint_seq: u64 },
@@ -97,6 +100,11 @@ impl fmt::Display for Problem {
             Problem::HashMismatch { expected_prev } => write!(
                 f,
                 "hash mismatch: prev does not match the previous record (expected {expected_prev})"
+            ),
+            Problem::AfterStreamEnd { end_seq } => write!(
+                f,
+                "record after the stream's end: the stream ended at seq {end_seq} (stream_end), \
+                 and a node writes nothing after it"
             ),
             Problem::TruncatedBeforeCheckpoint { checkpoint_seq } => write!(
                 f,
@@ -221,6 +229,8 @@ struct StreamState {
     head: ChainHead,
     /// Hash of every accepted record by seq, to tell identical from conflicting duplicates.
     seen: HashMap<u64, [u8; 32]>,
+    /// The seq of the stream's `stream_end`, once read in order.
+    end: Option<u64>,
     summary: StreamSummary,
 }
 
@@ -229,6 +239,7 @@ impl StreamState {
         Self {
             head: ChainHead::default(),
             seen: HashMap::new(),
+            end: None,
             summary: StreamSummary::default(),
         }
     }
@@ -338,15 +349,25 @@ impl Verifier {
                 }),
             }
         } else {
+            // Nothing legitimate follows a stream_end: a record after it fails, however well
+            // it chains, and the stream stays ended where its node ended it.
             let problem = state.head.follow(env.seq, &env.prev, hash);
             state.seen.insert(env.seq, hash);
             state.summary.last_seq = Some(env.seq);
             state.summary.head = hex::encode(hash);
-            state.summary.ended = env.kind == "stream_end";
-            if problem.is_none() {
-                state.summary.verified += 1;
+            match state.end {
+                Some(end_seq) => Some(problem.unwrap_or(Problem::AfterStreamEnd { end_seq })),
+                None => {
+                    if env.kind == "stream_end" {
+                        state.end = Some(env.seq);
+                        state.summary.ended = true;
+                    }
+                    if problem.is_none() {
+                        state.summary.verified += 1;
+                    }
+                    problem
+                }
             }
-            problem
         };
         if let Some(problem) = problem {
             self.fail(location, &env.stream, Some(env.seq), problem);
@@ -609,6 +630,32 @@ mod tests {
         assert!(r.ok(), "{:?}", r.failures);
         assert_eq!(r.verified(), 5);
         assert!(r.streams["a"].ended);
+    }
+
+    #[test]
+    fn a_record_chained_after_stream_end_fails() {
+        let mut chain = Chain::new("a");
+        let mut recs: Vec<Vec<u8>> = ["request", "stream_end", "request", "request"]
+            .iter()
+            .map(|kind| chain.seal_serialized(format!("{{\"kind\":\"{kind}\"}}").as_bytes()))
+            .collect();
+        let r = verify(&recs, Some("a"));
+        assert_eq!(r.failures.len(), 2, "{:?}", r.failures);
+        for (f, seq) in r.failures.iter().zip([2, 3]) {
+            assert_eq!(f.seq, Some(seq));
+            assert_eq!(f.problem, Problem::AfterStreamEnd { end_seq: 1 });
+        }
+        let said = r.failures[0].to_string();
+        assert!(
+            said.contains("stream a seq 2: record after the stream's end"),
+            "{said}"
+        );
+        assert_eq!(r.verified(), 2);
+        assert!(r.streams["a"].ended);
+        // An identical copy of the stream_end itself is still only a duplicate.
+        recs.truncate(2);
+        recs.push(recs[1].clone());
+        assert!(verify(&recs, Some("a")).ok());
     }
 
     #[test]

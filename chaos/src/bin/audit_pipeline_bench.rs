@@ -49,7 +49,7 @@ async fn main() {
     let topic = vigil_chaos::create_topic(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = Arc::new(Metrics::default());
-    let spool = Arc::new(Spool::new(8 << 30));
+    let spool = Arc::new(Spool::new(8 << 30, 1_000_000));
     let audit = AuditLog::open(
         dir.path(),
         "bench",
@@ -62,6 +62,7 @@ async fn main() {
         brokers: vec![vigil_chaos::env().get("VIGIL_KAFKA_BROKERS").to_string()],
         topic: topic.clone(),
         spool_max_bytes: 8 << 30,
+        max_record_bytes: 1_000_000,
         compression: Compression::None,
         linger_ms: 5,
         max_in_flight_records: 50_000,

@@ -200,6 +200,7 @@ fn request(i: u64) -> pb::CreateApprovalRequest {
         requester: Some(pb::Actor {
             subject: "agent-ops".into(),
             groups: vec!["ops".into()],
+            ..Default::default()
         }),
         key: Some(pb::ActionKey {
             scope: Some(pb::Scope {

@@ -54,7 +54,7 @@ async fn run(
         Some(id) => {
             let metrics = Arc::new(vigil_node::core::metrics::Metrics::default());
             let verifier = TokenVerifier::new(id, metrics).context("identity.tokens")?;
-            Some(Arc::new(OidcOperators(verifier)) as Arc<dyn OperatorAuth>)
+            Some(Arc::new(OidcOperators::new(verifier)) as Arc<dyn OperatorAuth>)
         }
         None => None,
     };

@@ -8,7 +8,6 @@
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
-use vigil_node::config::IdentityConfig;
 use vigil_node::core::saml::{SamlConfig, Sp};
 
 /// A throwaway IdP certificate: nothing the fuzzer makes is signed by its key.
@@ -17,13 +16,11 @@ const CERT: &str = "MIIDBzCCAe+gAwIBAgIUEAhRCnOTyfAm9G6P4D+kfKTIVigwDQYJKoZIhvcN
 fn sp() -> &'static Sp {
     static SP: OnceLock<Sp> = OnceLock::new();
     SP.get_or_init(|| {
-        let identity: IdentityConfig =
-            toml::from_str("issuer = \"https://idp.example\"\naudiences = [\"gw\"]").unwrap();
         let config: SamlConfig = toml::from_str("idp_metadata = \"fuzz.xml\"").unwrap();
         let metadata = format!(
             r#"<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata" entityID="https://idp.example/saml"><md:IDPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol"><md:KeyDescriptor use="signing"><ds:KeyInfo xmlns:ds="http://www.w3.org/2000/09/xmldsig#"><ds:X509Data><ds:X509Certificate>{CERT}</ds:X509Certificate></ds:X509Data></ds:KeyInfo></md:KeyDescriptor><md:SingleSignOnService Binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect" Location="https://idp.example/sso"/></md:IDPSSODescriptor></md:EntityDescriptor>"#
         );
-        Sp::from_metadata(&config, &identity, "https://vigil.example", &metadata).unwrap()
+        Sp::from_metadata(&config, "https://vigil.example", &metadata).unwrap()
     })
 }
 

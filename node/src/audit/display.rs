@@ -60,6 +60,54 @@ pub fn escape_lines<'a>(s: &'a str, indent: &str) -> Cow<'a, str> {
     Cow::Owned(out)
 }
 
+/// How a bind parameter is to be read, in the words `vigil approvals show` and the console's
+/// inbox both print after its value: its format and the type the client declared at Parse.
+/// `binary bytes` says that the value is the parameter's bytes as the client sent them, not
+/// the text they may read as: the eight bytes `00000100` of a binary `int8` are the number
+/// 3472328296227745840, not 100. A declared type of PostgreSQL's common built-in ones is named
+/// (their OIDs are fixed); any other is shown by its OID.
+pub fn param_format(binary: bool, type_oid: u32) -> String {
+    let format = if binary { "binary bytes" } else { "text" };
+    match (type_oid, type_name(type_oid)) {
+        (0, _) => format!("{format}, type from the statement"),
+        (oid, Some(name)) => format!("{format}, declared type {name} (oid {oid})"),
+        (oid, None) => format!("{format}, declared type oid {oid}"),
+    }
+}
+
+/// The name of a built-in PostgreSQL type by its fixed OID (`pg_type.dat`), for the common ones.
+fn type_name(oid: u32) -> Option<&'static str> {
+    Some(match oid {
+        16 => "bool",
+        17 => "bytea",
+        18 => "char",
+        19 => "name",
+        20 => "int8",
+        21 => "int2",
+        23 => "int4",
+        25 => "text",
+        26 => "oid",
+        114 => "json",
+        142 => "xml",
+        700 => "float4",
+        701 => "float8",
+        790 => "money",
+        869 => "inet",
+        1042 => "bpchar",
+        1043 => "varchar",
+        1082 => "date",
+        1083 => "time",
+        1114 => "timestamp",
+        1184 => "timestamptz",
+        1186 => "interval",
+        1266 => "timetz",
+        1700 => "numeric",
+        2950 => "uuid",
+        3802 => "jsonb",
+        _ => return None,
+    })
+}
+
 /// Appends bytes of terminal output that are no part of a UTF-8 character, each as `\xHH`.
 pub fn push_invalid(out: &mut String, bytes: &[u8]) {
     for b in bytes {
@@ -230,6 +278,20 @@ mod tests {
         assert_eq!(escape("a\nb"), "a\\nb");
         assert_ne!(escape("\\x1b"), escape("\x1b"));
         assert_eq!(escape("\\x0102"), "\\\\x0102");
+    }
+
+    #[test]
+    fn a_parameter_says_its_format_and_type() {
+        assert_eq!(
+            param_format(true, 20),
+            "binary bytes, declared type int8 (oid 20)"
+        );
+        assert_eq!(param_format(false, 23), "text, declared type int4 (oid 23)");
+        assert_eq!(param_format(false, 0), "text, type from the statement");
+        assert_eq!(
+            param_format(true, 99_999),
+            "binary bytes, declared type oid 99999"
+        );
     }
 
     #[test]

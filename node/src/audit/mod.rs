@@ -76,6 +76,70 @@ pub enum AuditError {
         "the audit spool is full: {unacked} bytes are waiting for the broker's acknowledgement"
     )]
     SpoolFull { unacked: u64 },
+    #[error("its audit record would be {bytes} bytes, more than audit.kafka.max_record_bytes ({max}) lets the topic take")]
+    TooLarge { bytes: usize, max: usize },
+}
+
+/// What the chain adds to a body (`v`, `stream`, `seq`, `prev`), at most.
+const RECORD_PREFIX: usize = 512;
+
+/// A serialised body made at most `max` bytes long: its longest strings are cut, each to a
+/// beginning and the marker `…[cut by the gateway: N bytes, sha256 H]` (the whole string's
+/// length and hash), until it fits. Keys come out in sorted order.
+pub fn cut_to_fit(json: &[u8], max: usize) -> Vec<u8> {
+    use serde_json::Value;
+    /// The longest string in `v` (object values and array items), by length.
+    fn longest(v: &mut Value) -> Option<&mut String> {
+        let children: Box<dyn Iterator<Item = &mut Value>> = match v {
+            Value::String(_) => return None,
+            Value::Array(a) => Box::new(a.iter_mut()),
+            Value::Object(o) => Box::new(o.values_mut()),
+            _ => return None,
+        };
+        let mut best: Option<&mut String> = None;
+        for child in children {
+            let found = match child {
+                Value::String(s) => Some(s),
+                other => longest(other),
+            };
+            if let Some(s) = found {
+                if best.as_ref().is_none_or(|b| s.len() > b.len()) {
+                    best = Some(s);
+                }
+            }
+        }
+        best
+    }
+    let Ok(mut value) = serde_json::from_slice::<Value>(json) else {
+        return json.to_vec();
+    };
+    loop {
+        let out = serde_json::to_vec(&value).expect("a JSON value serialises");
+        if out.len() <= max {
+            return out;
+        }
+        let excess = out.len() - max;
+        let Some(s) = longest(&mut value) else {
+            return out;
+        };
+        if s.len() <= 256 {
+            // Nothing long is left to cut: the record is as small as it gets.
+            return out;
+        }
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
+        let marker = format!("…[cut by the gateway: {} bytes, sha256 {digest}]", s.len());
+        // JSON escapes can make a character take up to six bytes: cut more than the excess.
+        let mut keep = s
+            .len()
+            .saturating_sub(excess + marker.len())
+            .max(128)
+            .min(s.len() / 2);
+        while !s.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        s.truncate(keep);
+        s.push_str(&marker);
+    }
 }
 
 /// A handle to the node's audit stream. Cheap to clone.
@@ -322,8 +386,24 @@ impl AuditLog {
     /// Resolves once the record is in the log (`write(2)` returned, and `sync_data` in
     /// `sync = "fsync"` mode); an error means it is not. With a Kafka sink, a spool past its
     /// limit refuses too (the refusal itself goes in with [`AuditLog::record`]).
+    /// A record the Kafka topic would not take (`audit.kafka.max_record_bytes`) is refused:
+    /// what it records does not happen.
     pub async fn append(&self, body: &Body) -> Result<(), AuditError> {
-        self.inner.submit(body.to_json(), None).await
+        let json = body.to_json();
+        if let Some(max) = self.max_record() {
+            if json.len() + RECORD_PREFIX > max {
+                return Err(AuditError::TooLarge {
+                    bytes: json.len() + RECORD_PREFIX,
+                    max,
+                });
+            }
+        }
+        self.inner.submit(json, None).await
+    }
+
+    /// The largest record the Kafka sink's topic takes, when there is one.
+    fn max_record(&self) -> Option<usize> {
+        self.inner.spool.as_ref().map(|s| s.max_record)
     }
 
     /// Resolves once every record handed over before the call is written (or kept for retry
@@ -357,9 +437,18 @@ impl AuditLog {
 
     /// Hands the record to the writer, which writes it with the next batch, or keeps it until a
     /// write succeeds.
+    /// A record the Kafka topic would not take (`audit.kafka.max_record_bytes`), which would
+    /// hold back every record after it, is cut to fit ([`cut_to_fit`]).
     pub fn record(&self, body: Body) {
+        let mut json = body.to_json();
+        if let Some(max) = self.max_record() {
+            if json.len() + RECORD_PREFIX > max {
+                json = cut_to_fit(&json, max - RECORD_PREFIX);
+                self.inner.metrics.audit_records_cut.inc();
+            }
+        }
         let entry = Entry {
-            body: body.to_json(),
+            body: json,
             reply: Reply::None,
             chunk: None,
         };
@@ -853,6 +942,34 @@ pub fn log_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_is_cut_to_fit_its_longest_strings_first_with_their_length_and_hash() {
+        use sha2::Digest;
+        let long = "é".repeat(40_000);
+        let json = serde_json::to_vec(&serde_json::json!({
+            "kind": "blocked",
+            "request": {"protocol": "postgres", "text": long, "params": ["\u{1}".repeat(9_000)]},
+            "detail": "short",
+        }))
+        .unwrap();
+        let cut = cut_to_fit(&json, 20_000);
+        assert!(cut.len() <= 20_000, "{}", cut.len());
+        let v: serde_json::Value = serde_json::from_slice(&cut).unwrap();
+        let text = v["request"]["text"].as_str().unwrap();
+        let marker = format!(
+            "…[cut by the gateway: 80000 bytes, sha256 {}]",
+            hex::encode(sha2::Sha256::digest(long.as_bytes()))
+        );
+        assert!(text.starts_with("éé") && text.ends_with(&marker), "{text}");
+        assert_eq!(v["detail"], "short");
+        // What fits is left as it is.
+        assert_eq!(
+            cut_to_fit(&json, json.len()),
+            serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(&json).unwrap())
+                .unwrap()
+        );
+    }
 
     #[test]
     fn times_are_rfc3339_with_nanoseconds() {

@@ -14,6 +14,9 @@ pub struct Spool {
     pub earlier: std::sync::atomic::AtomicU64,
     /// The most that may wait; `append` refuses beyond it.
     pub limit: u64,
+    /// The largest record the topic takes (`audit.kafka.max_record_bytes`): `append` refuses a
+    /// larger one, `record` cuts it (see `AuditLog::record`).
+    pub max_record: usize,
     /// Records written to this stream's file so far.
     pub written_records: std::sync::atomic::AtomicU64,
     /// Bytes of this stream's file holding whole records so far.
@@ -23,9 +26,10 @@ pub struct Spool {
 }
 
 impl Spool {
-    pub fn new(limit: u64) -> Self {
+    pub fn new(limit: u64, max_record: usize) -> Self {
         Self {
             limit,
+            max_record,
             ..Self::default()
         }
     }

@@ -18,6 +18,7 @@
 use super::cookies::MAX_SEALED_LEN;
 use super::{Console, PROTOCOL};
 use crate::api::ClientAddr;
+use crate::core::echo::client_text;
 use axum::extract::{ConnectInfo, FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -648,9 +649,12 @@ async fn complete(
         return Err(plain("the provider's answer is not for this login (state)"));
     }
     if let Some(error) = params.get("error") {
+        // Whoever calls the callback writes these: quoted, and cut when long.
         let description = params.get("error_description").map_or("", String::as_str);
         return Err(plain(&format!(
-            "the provider refused: {error} {description}"
+            "the provider refused: {} {}",
+            client_text(error),
+            client_text(description)
         )));
     }
     let code = params
@@ -680,7 +684,7 @@ async fn complete(
         let body = answer.text().await.unwrap_or_default();
         return Err(plain(&format!(
             "the token endpoint refused the code ({status}): {}",
-            body.chars().take(300).collect::<String>()
+            client_text(&body)
         )));
     }
     let answer: TokenAnswer = answer

@@ -7,8 +7,8 @@ use super::auth::{refuse, Visit};
 use super::Console;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ const MAX_REASON: usize = 2000;
 /// Longest window a grant may be made for here: a week.
 const MAX_MINUTES: u64 = 7 * 24 * 60;
 
-/// What the page shows of a grant, as text.
+/// What the page shows of a grant (escaped on the way out, [`super::page_json`]).
 fn view(g: &pb::Grant) -> Value {
     let scope = g.scope.as_ref();
     json!({
@@ -36,14 +36,6 @@ fn view(g: &pb::Grant) -> Value {
     })
 }
 
-fn grant_response(g: &pb::Grant) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        view(g).to_string(),
-    )
-        .into_response()
-}
-
 /// `GET /api/grants`: the grants the coordinator shows this person.
 pub async fn list(State(console): State<Arc<Console>>, visit: Visit) -> Response {
     let person = match console.person(&visit).await {
@@ -55,11 +47,7 @@ pub async fn list(State(console): State<Arc<Console>>, visit: Visit) -> Response
         .list_grants(pb::ListGrantsRequest {})
         .await
     {
-        Ok(list) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            Value::Array(list.grants.iter().map(view).collect()).to_string(),
-        )
-            .into_response(),
+        Ok(list) => super::page_json(Value::Array(list.grants.iter().map(view).collect())),
         Err(s) => super::coordinator_refusal(&s),
     }
 }
@@ -108,7 +96,7 @@ pub async fn create(State(console): State<Arc<Console>>, visit: Visit, body: Byt
         })
         .await;
     match created {
-        Ok(g) => grant_response(&g),
+        Ok(g) => super::page_json(view(&g)),
         Err(s) => super::coordinator_refusal(&s),
     }
 }
@@ -124,7 +112,7 @@ pub async fn revoke(
         Err(res) => return res,
     };
     match person.coordinator.revoke_grant(pb::GrantId { id }).await {
-        Ok(g) => grant_response(&g),
+        Ok(g) => super::page_json(view(&g)),
         Err(s) => super::coordinator_refusal(&s),
     }
 }

@@ -11,7 +11,7 @@ use super::Console;
 use crate::audit::display;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -29,30 +29,33 @@ const MAX_COMMENT: usize = 2000;
 
 /// What the page shows of a request, with what its `approval_requested` record says of the
 /// requester (client, model and version, declared intent: the coordinator's request carries
-/// the subject and groups only), once the index holds it. Values go into the page as text,
-/// never as markup, and every text the gateway did not write itself is escaped as the CLI
-/// escapes it ([`display`]): a bidirectional override or isolate, a zero-width character or a
-/// control shows as `\u{…}`, so what the approver reads is what runs (`uptime \u{2067}; rm …
-/// #\u{2069}` cannot be made to look like `uptime # rm …`). Line breaks stay, each following
-/// line marked as a continuation.
+/// the subject and groups only), once the index holds it: the facts `vigil approvals show`
+/// prints, for PostgreSQL every prepared statement the text runs by name and every parameter
+/// with its format and declared type in the CLI's words ([`display::param_format`]). Raw
+/// here: every answer escapes its texts once, on the way out ([`super::escaped`]).
 fn view(a: &pb::Approval, requester: Option<&vigil_proto::record::Principal>) -> Value {
-    let t = |s: &str| display::escape_lines(s, "").into_owned();
     let scope = a.key.as_ref().and_then(|k| k.scope.as_ref());
     let shown = match a.shown.as_ref().and_then(|s| s.protocol.as_ref()) {
         Some(pb::shown_action::Protocol::Postgres(b)) => json!({
-            "database": t(&b.database),
-            "role": t(&b.role),
-            "search_path": t(&b.search_path),
             "mode": b.mode,
-            "params": b.params.iter().map(|p| if p.null { Value::Null } else { json!(t(&p.value)) }).collect::<Vec<_>>(),
+            "runs": b.runs.iter().map(|r| json!({ "name": r.name, "text": r.text })).collect::<Vec<_>>(),
+            "params": b.params.iter().map(|p| json!({
+                "value": (!p.null).then_some(&p.value),
+                "format": display::param_format(p.binary, p.type_oid),
+            })).collect::<Vec<_>>(),
+            "database": b.database,
+            "role": b.role,
+            "search_path": b.search_path,
+            "settings": b.settings,
         }),
         Some(pb::shown_action::Protocol::Ssh(s)) => json!({
-            "login": t(&s.login),
+            "login": s.login,
             "request_type": s.request_type,
         }),
         Some(pb::shown_action::Protocol::Kubernetes(k)) => json!({
             "method": k.method,
-            "path": t(&k.path),
+            "path": k.path,
+            "body": k.body,
             "body_sha256": k.body_sha256,
         }),
         None => Value::Null,
@@ -60,31 +63,48 @@ fn view(a: &pb::Approval, requester: Option<&vigil_proto::record::Principal>) ->
     json!({
         "id": a.id,
         "requester": a.requester.as_ref().map(|r| json!({
-            "subject": t(&r.subject),
-            "groups": r.groups.iter().map(|g| t(g)).collect::<Vec<_>>(),
+            "subject": r.subject,
+            "groups": r.groups,
         })),
         "requested_by": requester.map(|p| json!({
-            "client_id": p.client_id.as_deref().map(t),
-            "model": p.model.as_deref().map(t),
-            "model_version": p.model_version.as_deref().map(t),
-            "intent": p.intent.as_deref().map(t),
+            "client_id": p.client_id,
+            "model": p.model,
+            "model_version": p.model_version,
+            "intent": p.intent,
         })),
         "protocol": scope.map(|s| s.protocol.as_str()),
-        "target": scope.map(|s| t(&s.target)),
-        "action": t(&a.action),
+        "target": scope.map(|s| s.target.as_str()),
+        "action": a.action,
         "shown": shown,
-        "rule": t(&a.rule),
-        "reason": t(&a.reason),
+        "summarized": a.summarized,
+        "rule": a.rule,
+        "reason": a.reason,
         "created_at_ms": a.created_at_ms,
         "expires_at_ms": a.expires_at_ms,
-        "approver_group": t(&a.approver_group),
+        "approver_group": a.approver_group,
         "approvals_required": a.approvals_required,
         "votes": a.votes.iter().map(|v| json!({
-            "approver": t(&v.approver), "approve": v.approve, "comment": t(&v.comment), "at_ms": v.at_ms,
+            "approver": v.approver, "approve": v.approve, "comment": v.comment, "at_ms": v.at_ms,
         })).collect::<Vec<_>>(),
         "state": a.state,
         "node": a.node,
     })
+}
+
+/// The requester of each of `approvals` as the index knows it.
+async fn requesters(
+    console: &Console,
+    approvals: &[pb::Approval],
+) -> Vec<Option<vigil_proto::record::Principal>> {
+    let index = console.index.clone();
+    let ids: Vec<String> = approvals.iter().map(|a| a.id.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|id| index.requester(id).ok().flatten())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 async fn pending(console: &Console, person: &LoginSession) -> Result<Value, tonic::Status> {
@@ -96,27 +116,43 @@ async fn pending(console: &Console, person: &LoginSession) -> Result<Value, toni
             page_token: String::new(),
         })
         .await?;
-    let index = console.index.clone();
-    let ids: Vec<String> = list.approvals.iter().map(|a| a.id.clone()).collect();
-    let requesters = tokio::task::spawn_blocking(move || {
-        ids.iter()
-            .map(|id| index.requester(id).ok().flatten())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    Ok(Value::Array(
-        list.approvals
-            .iter()
-            .enumerate()
-            .map(|(i, a)| view(a, requesters.get(i).and_then(Option::as_ref)))
-            .collect(),
-    ))
+    let requesters = requesters(console, &list.approvals).await;
+    let requests: Vec<Value> = list
+        .approvals
+        .iter()
+        .enumerate()
+        .map(|(i, a)| view(a, requesters.get(i).and_then(Option::as_ref)))
+        .collect();
+    Ok(super::escaped(json!({
+        "requests": requests,
+        "more": !list.next_page_token.is_empty(),
+    })))
 }
 
-/// `GET /api/approvals/events`: server-sent events. `approvals` carries the whole pending list
-/// (a JSON array) whenever it changed; `problem` a message while the coordinator cannot
-/// answer. The stream ends with the login.
+/// `GET /api/approvals/{id}`: one request whole, as the coordinator shows it to this person
+/// (the list carries a large one summarised: the page asks for it whole before a decision).
+pub async fn show(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<String>,
+    visit: Visit,
+) -> Response {
+    let person = match console.person(&visit).await {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    match person.coordinator.get_approval(pb::ApprovalId { id }).await {
+        Ok(a) => {
+            let requester = requesters(&console, std::slice::from_ref(&a)).await;
+            super::page_json(view(&a, requester.first().and_then(Option::as_ref)))
+        }
+        Err(s) => super::coordinator_refusal(&s),
+    }
+}
+
+/// `GET /api/approvals/events`: server-sent events. `approvals` carries the pending list
+/// (`{"requests": [...], "more": bool}`, `more` when requests older than the page also wait)
+/// whenever it changed; `problem` a message while the coordinator cannot answer. The stream
+/// ends with the login.
 pub async fn events(State(console): State<Arc<Console>>, visit: Visit) -> Response {
     let person = match console.person(&visit).await {
         Ok(p) => p,
@@ -195,11 +231,7 @@ pub async fn decide(
         })
         .await;
     match decided {
-        Ok(a) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            view(&a, None).to_string(),
-        )
-            .into_response(),
+        Ok(a) => super::page_json(view(&a, None)),
         Err(s) => super::coordinator_refusal(&s),
     }
 }
@@ -217,7 +249,7 @@ mod tests {
             reason: "needs\u{200b} a look\x1b[2J".into(),
             ..Default::default()
         };
-        let v = view(&a, None);
+        let v = super::super::escaped(view(&a, None));
         assert_eq!(v["action"], "uptime \\u{2067}; rm -rf /srv/data #\\u{2069}");
         assert_eq!(v["reason"], "needs\\u{200b} a look\\x1b[2J");
         // A statement of several lines keeps them.
@@ -226,8 +258,52 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            view(&a, None)["action"],
+            super::super::escaped(view(&a, None))["action"],
             format!("UPDATE t\n{}SET v = 1", display::CONTINUATION)
         );
+    }
+
+    /// An `EXECUTE s1` is shown with what `s1` holds, and each parameter with its format and
+    /// declared type: a binary `int8` whose bytes read `00000100` is not the text 00000100.
+    #[test]
+    fn the_inbox_shows_what_runs_by_name_and_how_each_parameter_reads() {
+        let a = pb::Approval {
+            action: "EXECUTE s1".into(),
+            shown: Some(pb::ShownAction {
+                protocol: Some(pb::shown_action::Protocol::Postgres(pb::StatementBinding {
+                    mode: "simple".into(),
+                    text: "EXECUTE s1".into(),
+                    runs: vec![pb::PreparedStatement {
+                        name: "s1".into(),
+                        text: "DELETE FROM accounts\u{202e}".into(),
+                    }],
+                    params: vec![
+                        pb::Parameter {
+                            value: "00000100".into(),
+                            binary: true,
+                            type_oid: 20,
+                            ..Default::default()
+                        },
+                        pb::Parameter {
+                            null: true,
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        let v = super::super::escaped(view(&a, None));
+        let shown = &v["shown"];
+        assert_eq!(shown["runs"][0]["name"], "s1");
+        assert_eq!(shown["runs"][0]["text"], "DELETE FROM accounts\\u{202e}");
+        assert_eq!(shown["params"][0]["value"], "00000100");
+        assert_eq!(
+            shown["params"][0]["format"],
+            "binary bytes, declared type int8 (oid 20)"
+        );
+        assert_eq!(shown["params"][1]["value"], Value::Null);
+        assert_eq!(v["summarized"], false);
     }
 }

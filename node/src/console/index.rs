@@ -19,6 +19,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
+use vigil_proto::verify::Problem;
 
 /// session → [`Summary`] (JSON).
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -91,7 +92,8 @@ pub struct StreamChain {
     pub prev: String,
     /// Records taken in order.
     pub records: u64,
-    /// Records taken again (a source that delivered them twice): not indexed twice.
+    /// Records taken again with the same bytes (a source that delivered them twice): not
+    /// indexed twice.
     pub duplicates: u64,
     /// The first record that did not continue the chain.
     pub failure: Option<ChainFailure>,
@@ -490,10 +492,18 @@ impl Index {
                             .unwrap_or_default(),
                     ),
                 };
-                if !follow(chain, &record, line, location) {
+                let hash = vigil_proto::chain::record_hash(line);
+                // A seq the chain has passed: what the index took at it, to compare.
+                let taken = if record.seq < chain.next_seq {
+                    hashes
+                        .get((record.stream.as_str(), record.seq))?
+                        .and_then(|v| <[u8; 32]>::try_from(v.value()).ok())
+                } else {
+                    None
+                };
+                if !follow(chain, &record, hash, taken, location) {
                     continue;
                 }
-                let hash = vigil_proto::chain::record_hash(line);
                 hashes.insert((record.stream.as_str(), record.seq), hash.as_slice())?;
                 if let (Kind::ApprovalRequested, Some(a), Some(p)) = (
                     record.body.kind,
@@ -713,11 +723,37 @@ fn summary(
         .and_then(|v| serde_json::from_slice(v.value()).ok()))
 }
 
-/// Follows `chain` onto `record`: false for a record it already holds (not to be added
-/// again); a record that does not continue the chain is noted (the first one) and taken.
-fn follow(chain: &mut StreamChain, record: &Record, bytes: &[u8], location: &str) -> bool {
+/// Follows `chain` onto `record`, whose hash is `hash`: false for a record not to be added.
+/// A seq the chain has passed is judged as `vigil audit verify` judges it: the same bytes as
+/// the record taken at that seq (`taken`) are a harmless duplicate, counted; other bytes are a
+/// conflicting duplicate, and a seq never taken arrives out of order: both are failures of the
+/// chain (the first one is noted), and neither is added. A record past the chain's head that
+/// does not continue it is noted and taken.
+fn follow(
+    chain: &mut StreamChain,
+    record: &Record,
+    hash: [u8; 32],
+    taken: Option<[u8; 32]>,
+    location: &str,
+) -> bool {
+    let fail = |chain: &mut StreamChain, problem: Problem| {
+        chain.failure.get_or_insert(ChainFailure {
+            seq: record.seq,
+            location: location.to_string(),
+            problem: problem.to_string(),
+        });
+    };
     if record.seq < chain.next_seq && chain.records > 0 {
-        chain.duplicates += 1;
+        match taken {
+            Some(t) if t == hash => chain.duplicates += 1,
+            Some(_) => fail(chain, Problem::ConflictingDuplicate),
+            None => fail(
+                chain,
+                Problem::OutOfOrder {
+                    expected: chain.next_seq,
+                },
+            ),
+        }
         return false;
     }
     let mut head = vigil_proto::verify::ChainHead {
@@ -727,13 +763,8 @@ fn follow(chain: &mut StreamChain, record: &Record, bytes: &[u8], location: &str
             .and_then(|p| p.try_into().ok())
             .unwrap_or([0; 32]),
     };
-    let hash = vigil_proto::chain::record_hash(bytes);
     if let Some(problem) = head.follow(record.seq, &record.prev, hash) {
-        chain.failure.get_or_insert(ChainFailure {
-            seq: record.seq,
-            location: location.to_string(),
-            problem: problem.to_string(),
-        });
+        fail(chain, problem);
     }
     chain.next_seq = head.next_seq;
     chain.prev = hex::encode(head.prev);

@@ -22,6 +22,7 @@ pub mod saml;
 mod sessions;
 
 use crate::api::TlsListener;
+use crate::audit::display;
 use crate::config::{IdentityConfig, TokenType};
 use crate::core::config_error::{invalid, ConfigError};
 use crate::core::secret::{Secret, SecretRef};
@@ -29,10 +30,12 @@ use crate::core::Core;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
+use serde_json::Value;
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -243,6 +246,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/auth/saml/token", post(saml::token))
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
+        .route("/api/approvals/{id}", get(inbox::show))
         .route("/api/approvals/{id}/decision", post(inbox::decide))
         .route("/api/grants", get(grants::list).post(grants::create))
         .route("/api/grants/{id}/revoke", post(grants::revoke))
@@ -308,6 +312,36 @@ impl Console {
     }
 }
 
+/// `value` with every text in it (and every key) escaped as `vigil` escapes what it prints
+/// ([`display::escape_lines`]): a control character, a bidirectional override or isolate or a
+/// zero-width character shows as `\x…`/`\u{…}`, and each line after a line break starts with
+/// the continuation marker. Every JSON answer the pages read passes here, once, so statements,
+/// commands, paths, principal names, intents and row values read on every page as the CLI
+/// prints them: what the page shows is what ran, or will run.
+fn escaped(value: Value) -> Value {
+    let text = |s: String| match display::escape_lines(&s, "") {
+        Cow::Borrowed(_) => s,
+        Cow::Owned(e) => e,
+    };
+    match value {
+        Value::String(s) => Value::String(text(s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(escaped).collect()),
+        Value::Object(o) => {
+            Value::Object(o.into_iter().map(|(k, v)| (text(k), escaped(v))).collect())
+        }
+        other => other,
+    }
+}
+
+/// A JSON answer for the pages: `value`, [`escaped`].
+fn page_json(value: Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        escaped(value).to_string(),
+    )
+        .into_response()
+}
+
 /// The coordinator's refusal of a call made as the person, as the console's answer.
 fn coordinator_refusal(s: &tonic::Status) -> Response {
     use axum::http::StatusCode;
@@ -319,7 +353,7 @@ fn coordinator_refusal(s: &tonic::Status) -> Response {
         Code::InvalidArgument => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     };
-    auth::refuse(status, s.message())
+    auth::refuse(status, &display::escape(s.message()))
 }
 
 /// Scripts, styles and connections only from the console itself, never inline (WebAssembly may

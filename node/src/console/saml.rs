@@ -234,7 +234,7 @@ pub(super) async fn acs(
 /// its assertion not seen before anywhere in the cluster.
 async fn verified(
     console: &Console,
-    sp: &Sp,
+    sp: &Arc<Sp>,
     visit: &Visit,
     response: &str,
 ) -> Result<(Started, SignIn), String> {
@@ -249,8 +249,35 @@ async fn verified(
             "no SAML sign-in was started in this browser, or it took too long (an \
              unsolicited response is refused)",
         )?;
-    let sign_in = sp.verify(response, &started.request_id).map_err(|e| e.0)?;
+    let (response, request_id) = (response.to_string(), started.request_id.clone());
+    let sign_in = off_the_runtime(sp, move |sp| sp.verify(&response, &request_id)).await?;
     Ok((started, used_once(console, sign_in).await?))
+}
+
+/// How long one message's checks may take.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `check` of a message by the IdP's service provider, on a blocking thread and within
+/// [`CHECK_TIMEOUT`]: libxml2 and xmlsec1 are synchronous C, and no runtime worker (which
+/// serves every other connection of the node) waits for them. A check that takes longer is
+/// refused; its thread finishes on its own.
+async fn off_the_runtime(
+    sp: &Arc<Sp>,
+    check: impl FnOnce(&Sp) -> Result<SignIn, crate::core::saml::Refused> + Send + 'static,
+) -> Result<SignIn, String> {
+    let sp = sp.clone();
+    let task = tokio::task::spawn_blocking(move || check(&sp));
+    match tokio::time::timeout(CHECK_TIMEOUT, task).await {
+        Ok(Ok(checked)) => checked.map_err(|e| e.0),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the SAML check failed");
+            Err("the message could not be checked".into())
+        }
+        Err(_) => Err(format!(
+            "the message could not be checked within {} s",
+            CHECK_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// The sign-in, if its assertion was not used before anywhere in the cluster: its id is
@@ -290,7 +317,8 @@ async fn issued(
         .issued()
         .ok_or("the cluster issues no tokens ([identity.tokens])")?;
     let until = sign_in.session_ends.unwrap_or(u64::MAX);
-    let token = keys.issue(&sign_in.principal, &sp.token_audience, until);
+    let audience = sp.config().token_audience(&console.config);
+    let token = keys.issue(&sign_in.principal, audience, until);
     let principal = console
         .core
         .verifier
@@ -345,16 +373,16 @@ pub(super) async fn token(
     if req.grant_type != SAML2_BEARER {
         let why = format!(
             "grant_type {}: only {SAML2_BEARER} is accepted here",
-            req.grant_type
+            crate::core::echo::client_text(&req.grant_type)
         );
         return oauth_error("unsupported_grant_type", &refused(why).await);
     }
     let Some(assertion) = req.assertion else {
         return oauth_error("invalid_request", &refused("no assertion".into()).await);
     };
-    let checked = match sp.verify_bearer(&assertion) {
+    let checked = match off_the_runtime(sp, move |sp| sp.verify_bearer(&assertion)).await {
         Ok(sign_in) => used_once(console, sign_in).await,
-        Err(e) => Err(e.0),
+        Err(why) => Err(why),
     };
     let done = match checked {
         Ok(sign_in) => issued(console, sp, &sign_in).await,

@@ -139,14 +139,6 @@ impl Console {
     }
 }
 
-fn json_response(value: Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        value.to_string(),
-    )
-        .into_response()
-}
-
 /// `GET /api/sessions?…`: the sessions that match, newest first ([`Query`]'s fields).
 pub async fn list(
     State(console): State<Arc<Console>>,
@@ -162,7 +154,7 @@ pub async fn list(
     };
     let started = Instant::now();
     match console.with_index(move |i| i.search(&q)).await {
-        Ok(found) => json_response(json!({
+        Ok(found) => super::page_json(json!({
             "sessions": found,
             "took_ms": started.elapsed().as_secs_f64() * 1000.0,
         })),
@@ -182,7 +174,7 @@ pub async fn show(
                 .iter()
                 .filter_map(|r| serde_json::from_slice(r).ok())
                 .collect();
-            json_response(json!({ "session": summary, "records": records }))
+            super::page_json(json!({ "session": summary, "records": records }))
         }
         Err(r) => r,
     }
@@ -307,7 +299,7 @@ pub async fn verification(
     let index = console.index.clone();
     let badge = tokio::task::spawn_blocking(move || badge(&index, &summary, witness)).await;
     match badge {
-        Ok(b) => json_response(b),
+        Ok(b) => super::page_json(b),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
@@ -465,4 +457,81 @@ fn badge_from_topic(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>
         checkpoint = Some(json!({ "seq": cp.seq, "time_ms": cp.time_ms, "hash": cp.hash }));
     }
     verified(s, anchored_seq, checkpoint, "topic", witness.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::index::Line;
+
+    /// Records 0, 1, 2 of stream `n1:1`, each chained to the one before, as a node writes them.
+    fn chained() -> Vec<String> {
+        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
+        (0..3)
+            .map(|seq| {
+                let kind = if seq == 0 { "session_start" } else { "request" };
+                let line = format!(
+                    r#"{{"v":1,"stream":"n1:1","seq":{seq},"prev":"{prev}","time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1","session":"s-a","kind":"{kind}","outcome":"success","connection":{{"protocol":"postgres","client_addr":"127.0.0.1:1","client_tls":true,"name":"app"}}}}"#
+                );
+                prev = hex::encode(vigil_proto::chain::record_hash(line.as_bytes()));
+                line
+            })
+            .collect()
+    }
+
+    fn line(location: &str, text: &str) -> Line {
+        Line {
+            location: location.into(),
+            bytes: text.as_bytes().to_vec(),
+        }
+    }
+
+    /// From the audit topic a record may come twice: the same bytes again are harmless (the
+    /// badge stays verified); other bytes at a seq the chain holds are a conflicting duplicate,
+    /// which `vigil audit verify` fails and the badge shows, and which is not taken.
+    #[test]
+    fn a_conflicting_duplicate_breaks_the_badge() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb"), dir.path()).unwrap();
+        let records = chained();
+        let first: Vec<Line> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| line(&format!("audit/0/{i}"), r))
+            .collect();
+        assert_eq!(index.take(&[], &first).unwrap(), 3);
+        assert_eq!(
+            index.take(&[], &[line("audit/0/3", &records[1])]).unwrap(),
+            0
+        );
+        let (summary, _) = index.session("s-a").unwrap().unwrap();
+        let (chain, _) = index.chain("n1:1", None).unwrap();
+        let chain = chain.unwrap();
+        assert_eq!((chain.duplicates, chain.failure), (1, None));
+        assert_eq!(
+            badge_from_topic(&index, &summary, None)["state"],
+            "verified"
+        );
+
+        let conflicting = records[1].replace(r#""outcome":"success""#, r#""outcome":"error""#);
+        assert_eq!(
+            index.take(&[], &[line("audit/0/4", &conflicting)]).unwrap(),
+            0,
+            "not taken"
+        );
+        let badge = badge_from_topic(&index, &summary, None);
+        assert_eq!(badge["state"], "broken", "{badge}");
+        assert_eq!(
+            badge["failure"],
+            json!({
+                "location": "audit/0/4",
+                "seq": 1,
+                "problem": "conflicting duplicate: same seq, different bytes",
+            })
+        );
+        assert_eq!(
+            index.session("s-a").unwrap().unwrap().1,
+            first.iter().map(|l| l.bytes.clone()).collect::<Vec<_>>()
+        );
+    }
 }

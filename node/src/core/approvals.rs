@@ -12,8 +12,9 @@
 //! step the client can observe is reported to the caller for the audit log. When the
 //! coordinator cannot be reached the statement is refused (fail closed).
 
-use crate::config::Config;
+use crate::config::{Config, IdentityConfig};
 use crate::core::identity::TokenVerifier;
+use crate::core::metrics::Metrics;
 use crate::core::Refusal;
 use crate::policy::ApprovalSpec;
 use anyhow::Context as _;
@@ -29,19 +30,49 @@ use vigil_coordinator::tls::ClientTls;
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{ApprovalRef, Body, Kind, Outcome, PolicyRef, Principal, Request};
 
-/// Operators are verified like any other principal: an OIDC token checked against the
-/// configured provider; the approver's identity is the token's subject and groups.
-pub struct OidcOperators(pub Arc<TokenVerifier>);
+/// Operators are verified like any other principal: an OIDC token (or a token the cluster
+/// issued) checked by the verifier; the approver's identity is the token's subject, issuer,
+/// groups and person key. When a person key is configured (`identity.claims.person`), a
+/// token without one may not decide.
+pub struct OidcOperators {
+    verifier: Arc<TokenVerifier>,
+    person_key: Option<String>,
+}
+
+impl OidcOperators {
+    pub fn new(verifier: Arc<TokenVerifier>) -> Self {
+        let person_key = verifier.config().claims.person.as_ref().map(|claim| {
+            format!(
+                "the claim {claim} of identity.claims.person; for SAML identities, the attribute \
+                 of identity.saml.person_attribute"
+            )
+        });
+        Self {
+            verifier,
+            person_key,
+        }
+    }
+}
 
 impl OperatorAuth for OidcOperators {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Actor, String>> {
         Box::pin(async move {
-            let p = self.0.verify(token).await.map_err(|e| e.to_string())?;
+            let p = self
+                .verifier
+                .verify(token)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(Actor {
                 subject: p.subject,
                 groups: p.groups,
+                issuer: p.issuer,
+                person: p.person,
             })
         })
+    }
+
+    fn person_key(&self) -> Option<&str> {
+        self.person_key.as_deref()
     }
 }
 
@@ -54,7 +85,7 @@ pub struct Coordination {
     pub endpoints: Vec<String>,
 }
 
-pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Result<Coordination> {
+pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Coordination> {
     let co = &config.coordinator;
     let timeout = Duration::from_secs(co.timeout_secs);
     if !co.endpoints.is_empty() {
@@ -89,7 +120,25 @@ pub async fn start(config: &Config, verifier: Arc<TokenVerifier>) -> anyhow::Res
     member.admin_group = co.admin_group.clone();
     member.bootstrap = true;
     member.discard_other_format = true;
-    let member = Member::start(member, Some(Arc::new(OidcOperators(verifier))))
+    // Operators' tokens are verified as the node's, but only for the audiences people's
+    // tokens carry (config.operator_audiences): an agent's token is not an approver's.
+    let audiences = config.operator_audiences();
+    let operators: Option<Arc<dyn OperatorAuth>> = if audiences.is_empty() {
+        tracing::warn!(
+            "the embedded coordinator takes no operator's token: nobody can approve or deny \
+             (set coordinator.operator_audiences, docs/configuration.md)"
+        );
+        None
+    } else {
+        let identity = IdentityConfig {
+            audiences,
+            ..config.identity.clone()
+        };
+        Some(Arc::new(OidcOperators::new(TokenVerifier::new(
+            identity, metrics,
+        )?)))
+    };
+    let member = Member::start(member, operators)
         .await
         .with_context(|| format!("embedded coordinator on coordinator.listen {}", co.listen))?;
     member
@@ -242,6 +291,7 @@ impl Approvals {
         let key = pb::ActionKey::from(&hold.key);
         let consume = pb::ConsumeApprovalRequest {
             subject: hold.principal.subject.clone(),
+            issuer: hold.principal.issuer.clone(),
             key: Some(key.clone()),
             attempt: new_id(&format!("{}-try", self.node)),
         };
@@ -318,6 +368,8 @@ impl Approvals {
             requester: Some(pb::Actor {
                 subject: hold.principal.subject.clone(),
                 groups: hold.principal.groups.clone(),
+                issuer: hold.principal.issuer.clone(),
+                person: hold.principal.person.clone().unwrap_or_default(),
             }),
             key: Some(key),
             action: hold.action.to_string(),

@@ -187,6 +187,11 @@ impl TokenVerifier {
         self.issued.as_ref()
     }
 
+    /// The identity configuration this verifier checks tokens against.
+    pub fn config(&self) -> &IdentityConfig {
+        &self.config
+    }
+
     /// Whether the key `kid` of the issuer that signed `principal`'s token still verifies.
     fn key_current(&self, principal: &Principal, kid: &str) -> bool {
         match &self.issued {
@@ -447,6 +452,7 @@ impl TokenVerifier {
             principal.saml = claim_string(&claims, "saml_idp")
                 .zip(claim_string(&claims, "saml_assertion"))
                 .map(|(idp, assertion_id)| SamlOrigin { idp, assertion_id });
+            principal.person = claim_string(&claims, PERSON_CLAIM);
         }
         Ok((principal, kid.to_string()))
     }
@@ -542,8 +548,16 @@ pub fn principal_from_claims(
         token_exp: claims.get("exp").and_then(Value::as_u64),
         token_id: claim_string(claims, "jti"),
         saml: None,
+        person: names
+            .person
+            .as_deref()
+            .and_then(|name| claim_string(claims, name))
+            .filter(|p| !p.is_empty()),
     })
 }
+
+/// The claim of the cluster's own tokens that carries the principal's person key.
+pub const PERSON_CLAIM: &str = "person";
 
 #[cfg(test)]
 mod tests {
@@ -577,6 +591,23 @@ mod tests {
         assert_eq!(p.groups, vec!["a", "b"]);
         assert_eq!(p.token_type, "access_token");
         assert_eq!(p.token_exp, None);
+        assert_eq!(p.person, None, "no person key configured");
+        let names = ClaimNames {
+            person: Some("email".into()),
+            ..ClaimNames::default()
+        };
+        let with = |json: &str| {
+            let claims: Map<String, Value> = serde_json::from_str(json).unwrap();
+            principal_from_claims(&claims, &names, "iss", TokenType::IdToken)
+                .unwrap()
+                .person
+        };
+        assert_eq!(
+            with(r#"{"sub":"3f1c","email":"alice@example.com"}"#).as_deref(),
+            Some("alice@example.com")
+        );
+        assert_eq!(with(r#"{"sub":"3f1c"}"#), None);
+        assert_eq!(with(r#"{"sub":"3f1c","email":""}"#), None);
         let none: Map<String, Value> = serde_json::from_str(r#"{"sub":""}"#).unwrap();
         assert!(matches!(
             principal_from_claims(&none, &ClaimNames::default(), "iss", TokenType::IdToken),
@@ -662,6 +693,7 @@ session_expiry = "none"
                 idp: "https://idp.example/saml".into(),
                 assertion_id: "_a1".into(),
             }),
+            person: Some("dave@example.com".into()),
             ..Principal::default()
         };
         let v_old = verifier(&old, "old", None);
@@ -673,6 +705,7 @@ session_expiry = "none"
         assert_eq!(p.token_type, "access_token");
         assert_eq!(p.groups, ["auditors"]);
         assert_eq!(p.saml, person.saml);
+        assert_eq!(p.person, person.person);
         assert!(p.token_exp.is_some_and(|e| e <= now + 600));
         assert_eq!(
             v_old.verify(&issue("gw", now - 10)).await,

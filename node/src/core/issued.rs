@@ -204,6 +204,7 @@ impl IssuedKeys {
             ("model", &principal.model),
             ("model_version", &principal.model_version),
             ("client_id", &principal.client_id),
+            (crate::core::identity::PERSON_CLAIM, &principal.person),
         ];
         for (name, value) in extra {
             if let Some(v) = value {

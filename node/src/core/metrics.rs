@@ -59,6 +59,8 @@ pub struct Metrics {
     pub node_key: Family<NodeKeyLabel, Gauge>,
     /// Statements refused because their record could not be written.
     pub audit_refused_statements: Counter,
+    /// Records cut to fit `audit.kafka.max_record_bytes`.
+    pub audit_records_cut: Counter,
     /// Bytes of audit records written locally and not yet acknowledged by the broker.
     pub spool_bytes: Gauge,
     /// Records written locally and not yet acknowledged by the broker.
@@ -155,6 +157,11 @@ impl Metrics {
             "audit_refused_statements",
             "Statements refused because their audit record could not be written",
             self.audit_refused_statements.clone(),
+        );
+        registry.register(
+            "audit_records_cut",
+            "Audit records whose longest strings were cut to fit audit.kafka.max_record_bytes",
+            self.audit_records_cut.clone(),
         );
         registry.register(
             "audit_spool_bytes",

@@ -5,6 +5,7 @@
 
 pub mod approvals;
 pub mod config_error;
+pub mod echo;
 pub mod identity;
 pub mod idle;
 pub mod issued;

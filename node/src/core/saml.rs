@@ -15,6 +15,7 @@
 use crate::config::IdentityConfig;
 use crate::console::ConsoleConfig;
 use crate::core::config_error::{invalid, ConfigError};
+use crate::core::echo::client_text;
 use anyhow::Context as _;
 use samael::crypto::AllowedSignatureAlgorithm;
 use samael::metadata::EntityDescriptor;
@@ -50,10 +51,25 @@ pub struct SamlConfig {
     /// The largest response accepted (decoded XML).
     #[serde(default = "default_max_bytes")]
     pub max_response_bytes: usize,
-    /// The audience of the tokens issued to SAML identities; default the first of
-    /// `identity.audiences`.
+    /// The audience of the tokens issued to SAML identities; default `console.client_id`.
     #[serde(default)]
     pub token_audience: Option<String>,
+    /// The NameID format asked of the IdP (the AuthnRequest's `NameIDPolicy`, the SP
+    /// metadata's `NameIDFormat`). Never transient: a transient NameID names a session, not
+    /// a person.
+    #[serde(default = "default_name_id_format")]
+    pub name_id_format: String,
+    /// The attribute that names the person across identity providers (as
+    /// `identity.claims.person` does for the OIDC provider): the principal's `person`.
+    #[serde(default)]
+    pub person_attribute: Option<String>,
+}
+
+/// A NameID that lives as long as the IdP's session: never a principal's subject.
+pub const TRANSIENT: &str = "urn:oasis:names:tc:SAML:2.0:nameid-format:transient";
+
+fn default_name_id_format() -> String {
+    "urn:oasis:names:tc:SAML:2.0:nameid-format:persistent".into()
 }
 
 fn default_subject() -> String {
@@ -70,6 +86,13 @@ fn default_max_bytes() -> usize {
 }
 
 impl SamlConfig {
+    /// The audience of the tokens the cluster issues for SAML identities: `token_audience`,
+    /// or the console's client id (an audience people's tokens carry, never the one agents'
+    /// tokens are for, so the embedded coordinator takes these tokens from people only).
+    pub fn token_audience<'a>(&'a self, console: &'a ConsoleConfig) -> &'a str {
+        self.token_audience.as_deref().unwrap_or(&console.client_id)
+    }
+
     pub fn validate(
         &self,
         identity: &IdentityConfig,
@@ -109,7 +132,26 @@ impl SamlConfig {
                 ));
             }
         }
-        Ok(())
+        if self.name_id_format.is_empty() || self.name_id_format == TRANSIENT {
+            return Err(invalid(
+                "identity.saml.name_id_format",
+                "must name a format that names a person, not a session (not transient): \
+                 persistent, emailAddress, unspecified …",
+            ));
+        }
+        match (&identity.claims.person, &self.person_attribute) {
+            (Some(_), None) => Err(invalid(
+                "identity.saml.person_attribute",
+                "identity.claims.person names the person across identity providers: name the \
+                 attribute that does so for SAML identities too",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "identity.claims.person",
+                "identity.saml.person_attribute names the person across identity providers: \
+                 name the claim that does so for the OIDC provider's tokens too",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -146,7 +188,6 @@ pub struct Sp {
     idp_entity_id: String,
     sso_url: String,
     pub acs_url: String,
-    pub token_audience: String,
 }
 
 impl Sp {
@@ -176,16 +217,11 @@ impl Sp {
             std::fs::read_to_string(&config.idp_metadata)
                 .with_context(|| format!("identity.saml.idp_metadata {}", config.idp_metadata))?
         };
-        Self::from_metadata(config, identity, public_url, &xml)
+        Self::from_metadata(config, public_url, &xml)
     }
 
     /// The service provider of the IdP whose metadata is `xml`.
-    pub fn from_metadata(
-        config: &SamlConfig,
-        identity: &IdentityConfig,
-        public_url: &str,
-        xml: &str,
-    ) -> anyhow::Result<Self> {
+    pub fn from_metadata(config: &SamlConfig, public_url: &str, xml: &str) -> anyhow::Result<Self> {
         refuse_dtd(&xml.to_ascii_lowercase())
             .map_err(|e| anyhow::anyhow!("the IdP's metadata: {e}"))?;
         let metadata: EntityDescriptor = xml
@@ -216,6 +252,9 @@ impl Sp {
                 .metadata_url(Some(format!("{public_url}/saml/metadata")))
                 .acs_url(Some(acs_url.to_string()))
                 .slo_url(None::<String>)
+                // The AuthnRequest's NameIDPolicy (samael sends none without it, and makes an
+                // empty format transient: validation refuses both).
+                .authn_name_id_format(Some(config.name_id_format.clone()))
                 .idp_metadata(metadata.clone())
                 .allow_idp_initiated(unsolicited)
                 .max_clock_skew(skew)
@@ -242,11 +281,6 @@ impl Sp {
             keys.is_some_and(|k| !k.is_empty()),
             "the IdP's metadata has no signing certificate: nothing it sends could be verified"
         );
-        let token_audience = config
-            .token_audience
-            .clone()
-            .or_else(|| identity.audiences.first().cloned())
-            .context("identity.audiences is empty")?;
         Ok(Self {
             sp,
             bearer,
@@ -256,7 +290,6 @@ impl Sp {
             idp_entity_id,
             sso_url,
             acs_url,
-            token_audience,
         })
     }
 
@@ -264,20 +297,27 @@ impl Sp {
         &self.idp_entity_id
     }
 
-    /// This SP's metadata, to register at the IdP: its entity id and its one assertion
-    /// consumer service (HTTP-POST); signed assertions wanted, requests unsigned; no logout
-    /// service (a console logout ends the console's login, not the IdP's session).
+    pub fn config(&self) -> &SamlConfig {
+        &self.config
+    }
+
+    /// This SP's metadata, to register at the IdP: its entity id, the NameID format it
+    /// wants, and its one assertion consumer service (HTTP-POST); signed assertions wanted,
+    /// requests unsigned; no logout service (a console logout ends the console's login, not
+    /// the IdP's session).
     pub fn metadata_xml(&self) -> String {
         format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
              <md:EntityDescriptor xmlns:md=\"urn:oasis:names:tc:SAML:2.0:metadata\" entityID=\"{}\">\n\
              <md:SPSSODescriptor AuthnRequestsSigned=\"false\" WantAssertionsSigned=\"true\" \
              protocolSupportEnumeration=\"urn:oasis:names:tc:SAML:2.0:protocol\">\n\
+             <md:NameIDFormat>{}</md:NameIDFormat>\n\
              <md:AssertionConsumerService Binding=\"urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST\" \
              Location=\"{}\" index=\"0\" isDefault=\"true\"/>\n\
              </md:SPSSODescriptor>\n\
              </md:EntityDescriptor>\n",
             xml_attr(&self.entity_id),
+            xml_attr(&self.config.name_id_format),
             xml_attr(&self.acs_url)
         )
     }
@@ -302,6 +342,7 @@ impl Sp {
     pub fn verify(&self, encoded: &str, request_id: &str) -> Result<SignIn, Refused> {
         let xml = self.decoded(encoded, &base64::engine::general_purpose::STANDARD)?;
         refuse_wrapping(&xml, Root::Response)?;
+        refuse_unsafe_signatures(&xml)?;
         let assertion = self
             .sp
             .parse_xml_response(&xml, Some(&[request_id]))
@@ -319,6 +360,7 @@ impl Sp {
         );
         let xml = self.decoded(encoded, &url_safe)?;
         refuse_wrapping(&xml, Root::Assertion)?;
+        refuse_unsafe_signatures(&xml)?;
         let assertion = self
             .bearer
             .parse_xml_response(&xml, None)
@@ -384,15 +426,27 @@ impl Sp {
                 .collect()
         };
         let subject = if self.config.subject == "nameid" {
-            a.subject
-                .as_ref()
-                .and_then(|s| s.name_id.as_ref())
-                .map(|n| n.value.trim().to_string())
+            let name_id = a.subject.as_ref().and_then(|s| s.name_id.as_ref());
+            if name_id.is_some_and(|n| n.format.as_deref() == Some(TRANSIENT)) {
+                return Err(refused(format!(
+                    "the assertion's NameID is transient ({TRANSIENT}): it names a session \
+                     at the IdP, not a person, and cannot be a subject (ask the IdP for \
+                     identity.saml.name_id_format, or take the subject from an attribute)"
+                )));
+            }
+            name_id.map(|n| n.value.trim().to_string())
         } else {
             attribute(&self.config.subject).into_iter().next()
         }
         .filter(|s| !s.is_empty())
         .ok_or_else(|| refused(format!("the assertion has no {}", self.config.subject)))?;
+        let person = self
+            .config
+            .person_attribute
+            .as_deref()
+            .and_then(|name| attribute(name).into_iter().next())
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty());
         let session_ends = a
             .authn_statements
             .iter()
@@ -412,6 +466,7 @@ impl Sp {
                 idp: self.idp_entity_id.clone(),
                 assertion_id: a.id.clone(),
             }),
+            person,
             ..Principal::default()
         };
         Ok(SignIn {
@@ -432,24 +487,62 @@ fn xml_attr(s: &str) -> String {
 
 /// Refuses what no SAML message needs and what parsers have been fooled by: a DTD or entity
 /// declaration (entity expansion, external entities), a comment (text the signature does not
-/// cover), a processing instruction (other than the XML declaration).
+/// cover), a processing instruction (other than the XML declaration). These filters read the
+/// message as the UTF-8 it was decoded as, and libxml2 reads it the way its XML declaration
+/// (or, without one, its first bytes) says: so a declared encoding other than UTF-8
+/// (`encoding="UTF-7"` makes `+ADw-!DOCTYPE` a DTD) and a NUL byte (`<\0?\0` is how libxml2
+/// recognises UTF-16 without a byte order mark; XML never allows U+0000) are refused too.
 pub fn refuse_declarations(xml: &str) -> Result<(), Refused> {
+    if xml.contains('\0') {
+        return Err(refused(
+            "a NUL character is refused (XML does not allow it; it would make the message \
+             read as UTF-16)",
+        ));
+    }
     let lower = xml.to_ascii_lowercase();
     refuse_dtd(&lower)?;
     if lower.contains("<!--") {
         return Err(refused("a comment is refused (no signature covers it)"));
     }
-    let body = lower
-        .trim_start_matches('\u{feff}')
-        .trim_start()
-        .strip_prefix("<?xml")
-        .map_or(lower.as_str(), |rest| {
-            rest.split_once("?>").map_or("", |(_, b)| b)
-        });
+    let start = lower.trim_start_matches('\u{feff}').trim_start();
+    let body = match start.strip_prefix("<?xml") {
+        Some(rest) if rest.starts_with(|c: char| c.is_ascii_whitespace()) => {
+            let (declaration, body) = rest.split_once("?>").unwrap_or((rest, ""));
+            refuse_encoding(declaration)?;
+            body
+        }
+        _ => start,
+    };
     if body.contains("<?") {
         return Err(refused("a processing instruction is refused"));
     }
     Ok(())
+}
+
+/// Refuses an XML declaration (its pseudo-attributes, lowercased) that names an encoding other
+/// than UTF-8, or whose encoding cannot be read.
+fn refuse_encoding(declaration: &str) -> Result<(), Refused> {
+    let Some((_, after)) = declaration.split_once("encoding") else {
+        return Ok(());
+    };
+    let value = after
+        .trim_start()
+        .strip_prefix('=')
+        .map(str::trim_start)
+        .and_then(|v| {
+            let quote = v.chars().next().filter(|q| *q == '"' || *q == '\'')?;
+            v[1..].split_once(quote).map(|(value, _)| value)
+        });
+    match value {
+        Some("utf-8") => Ok(()),
+        Some(other) => Err(refused(format!(
+            "the XML declaration names encoding {}: only UTF-8 is accepted",
+            client_text(other)
+        ))),
+        None => Err(refused(
+            "the XML declaration's encoding cannot be read: only encoding=\"UTF-8\" is accepted",
+        )),
+    }
 }
 
 /// The element a message must be: a `Response` (Web SSO) or a bare `Assertion` (RFC 7522).
@@ -477,7 +570,12 @@ pub fn refuse_wrapping(xml: &str, root: Root) -> Result<(), Refused> {
             }
             Ok(Event::Eof) => break,
             Ok(_) => continue,
-            Err(e) => return Err(refused(format!("the response is not well-formed XML: {e}"))),
+            Err(e) => {
+                return Err(refused(format!(
+                    "the response is not well-formed XML: {}",
+                    client_text(&e.to_string())
+                )))
+            }
         };
         let name = start.local_name();
         if depth == 0 {
@@ -514,6 +612,173 @@ pub fn refuse_wrapping(xml: &str, root: Root) -> Result<(), Refused> {
     Ok(())
 }
 
+const DSIG: &[u8] = b"http://www.w3.org/2000/09/xmldsig#";
+const PROTOCOL: &[u8] = b"urn:oasis:names:tc:SAML:2.0:protocol";
+const ASSERTION: &[u8] = b"urn:oasis:names:tc:SAML:2.0:assertion";
+/// Exclusive canonicalisation without comments: the only canonicalisation and, with
+/// [`ENVELOPED`], the only transform accepted.
+const EXC_C14N: &str = "http://www.w3.org/2001/10/xml-exc-c14n#";
+const ENVELOPED: &str = "http://www.w3.org/2000/09/xmldsig#enveloped-signature";
+
+/// Refuses every signature but the one shape an IdP uses, before xmlsec1 sees it: xmlsec1
+/// dereferences a `Reference` and runs its transforms while it computes the digests, before
+/// the signature value is checked, so what a reference or a transform could make it do is
+/// open to anyone who can post a message. A signature must be a child of the `Response` or
+/// `Assertion` it signs (at most one each), with one `Reference` whose `URI` is `#` and that
+/// element's `ID`, canonicalised with exclusive C14N (without comments), and transformed
+/// with nothing but the enveloped-signature transform and exclusive C14N (whose only child may
+/// be its `InclusiveNamespaces`). `Object`, `Manifest` and `RetrievalMethod` are refused
+/// wherever they are: none of them has a place in a SAML signature, and each makes xmlsec1
+/// read or reference more. Nothing is fetched (a `file:`, `http:` or any other URI is never a
+/// same-document `#ID`), and no XPath or XSLT runs.
+pub fn refuse_unsafe_signatures(xml: &str) -> Result<(), Refused> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    /// An element on the path from the root: its namespace and local name, its `ID`, whether
+    /// a signature of it was read.
+    struct Open {
+        ns: Vec<u8>,
+        name: Vec<u8>,
+        id: Option<String>,
+        signed: bool,
+    }
+    /// The signature being read: the `#ID` its reference must name, what it holds so far.
+    struct Signature {
+        depth: usize,
+        want: String,
+        references: usize,
+    }
+    let attr =
+        |e: &quick_xml::events::BytesStart<'_>, name: &str| -> Result<Option<String>, Refused> {
+            match e.try_get_attribute(name) {
+                Ok(Some(a)) => a
+                    .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                    .map(|v| Some(v.into_owned()))
+                    .map_err(|_| refused(format!("a {name} attribute cannot be read"))),
+                Ok(None) => Ok(None),
+                Err(_) => Err(refused(format!("a {name} attribute cannot be read"))),
+            }
+        };
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    let mut path: Vec<Open> = Vec::new();
+    let mut signature: Option<Signature> = None;
+    loop {
+        let (ns, start, empty) = match reader.read_resolved_event() {
+            Ok((ns, Event::Start(e))) => (ns, e, false),
+            Ok((ns, Event::Empty(e))) => (ns, e, true),
+            Ok((_, Event::End(_))) => {
+                path.pop();
+                if signature.as_ref().is_some_and(|s| s.depth == path.len()) {
+                    let s = signature.take().expect("checked");
+                    if s.references != 1 {
+                        return Err(refused(format!(
+                            "a signature must have exactly one Reference (this one has {})",
+                            s.references
+                        )));
+                    }
+                }
+                continue;
+            }
+            Ok((_, Event::Eof)) => break,
+            Ok(_) => continue,
+            // refuse_wrapping has read the same text: not reached for a well-formed message.
+            Err(_) => return Err(refused("the message is not well-formed XML")),
+        };
+        let ns = match ns {
+            ResolveResult::Bound(n) => n.as_ref().to_vec(),
+            _ => Vec::new(),
+        };
+        let name = start.local_name().as_ref().to_vec();
+        let dsig = ns == DSIG;
+        let local = String::from_utf8_lossy(&name).into_owned();
+        if dsig && matches!(local.as_str(), "Object" | "Manifest" | "RetrievalMethod") {
+            return Err(refused(format!(
+                "a signature's {local} is refused (no SAML signature needs one)"
+            )));
+        }
+        if dsig && local == "Signature" {
+            let signed = path.last_mut().filter(|p| {
+                (p.ns == PROTOCOL && p.name == b"Response")
+                    || (p.ns == ASSERTION && p.name == b"Assertion")
+            });
+            let Some(signed) = signed else {
+                return Err(refused(
+                    "a signature must be a child of the Response or Assertion it signs",
+                ));
+            };
+            if std::mem::replace(&mut signed.signed, true) {
+                return Err(refused("an element may carry one signature only"));
+            }
+            let id = signed
+                .id
+                .clone()
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| refused("a signed element has no ID"))?;
+            signature = Some(Signature {
+                depth: path.len(),
+                want: format!("#{id}"),
+                references: 0,
+            });
+        } else if let Some(sig) = signature.as_mut() {
+            let within = path.last().map(|p| (p.ns == DSIG, p.name.as_slice()));
+            match (dsig, local.as_str()) {
+                (true, "Reference") => {
+                    sig.references += 1;
+                    let uri = attr(&start, "URI")?;
+                    if uri.as_deref() != Some(sig.want.as_str()) {
+                        return Err(refused(format!(
+                            "a signature's Reference must be URI=\"{}\" (the element it signs), \
+                             not {}",
+                            sig.want,
+                            uri.as_deref().map_or("none".into(), client_text)
+                        )));
+                    }
+                }
+                (true, "CanonicalizationMethod")
+                    if attr(&start, "Algorithm")?.as_deref() != Some(EXC_C14N) =>
+                {
+                    return Err(refused(format!(
+                        "a signature's canonicalisation must be {EXC_C14N}"
+                    )));
+                }
+                (true, "Transform") => {
+                    let algorithm = attr(&start, "Algorithm")?;
+                    if !matches!(algorithm.as_deref(), Some(ENVELOPED | EXC_C14N)) {
+                        return Err(refused(format!(
+                            "a signature's transform must be {ENVELOPED} or {EXC_C14N}, not {}",
+                            algorithm.as_deref().map_or("none".into(), client_text)
+                        )));
+                    }
+                }
+                _ if within == Some((true, b"Transform".as_slice()))
+                    && !(ns == EXC_C14N.as_bytes() && local == "InclusiveNamespaces") =>
+                {
+                    return Err(refused(format!(
+                        "a signature's transform may hold nothing but InclusiveNamespaces, \
+                         not {}",
+                        client_text(&local)
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if !empty {
+            path.push(Open {
+                ns,
+                id: attr(&start, "ID")?,
+                name,
+                signed: false,
+            });
+        } else if signature.as_ref().is_some_and(|s| s.depth == path.len()) {
+            // `<ds:Signature/>`: a signature without a reference.
+            return Err(refused(
+                "a signature must have exactly one Reference (this one has 0)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a DTD or entity declaration (in lowercased XML).
 fn refuse_dtd(lower: &str) -> Result<(), Refused> {
     if lower.contains("<!doctype") || lower.contains("<!entity") {
@@ -538,9 +803,166 @@ mod tests {
             "<r><NameID>admin@example.com<!---->.evil</NameID></r>",
             r#"<?xml version="1.0"?><r><?php echo 1 ?></r>"#,
             "<r/><?xml-stylesheet href='x'?>",
+            "<?xml-stylesheet href='x'?><r/>",
         ] {
             assert!(refuse_declarations(bad).is_err(), "{bad}");
         }
+    }
+
+    /// An enveloped signature of element `id`, as IdPs make them, with `reference` as its
+    /// Reference's URI and `transforms` inside its Transforms.
+    fn signature(reference: &str, transforms: &str) -> String {
+        format!(
+            r##"<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#"><ds:SignedInfo><ds:CanonicalizationMethod Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/><ds:SignatureMethod Algorithm="http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"/><ds:Reference URI="{reference}"><ds:Transforms>{transforms}</ds:Transforms><ds:DigestMethod Algorithm="http://www.w3.org/2001/04/xmlenc#sha256"/><ds:DigestValue>ZGln</ds:DigestValue></ds:Reference></ds:SignedInfo><ds:SignatureValue>c2ln</ds:SignatureValue><ds:KeyInfo><ds:X509Data><ds:X509Certificate>Y2VydA==</ds:X509Certificate></ds:X509Data></ds:KeyInfo></ds:Signature>"##
+        )
+    }
+
+    const USUAL: &str = r#"<ds:Transform Algorithm="http://www.w3.org/2000/09/xmldsig#enveloped-signature"/><ds:Transform Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"><ec:InclusiveNamespaces xmlns:ec="http://www.w3.org/2001/10/xml-exc-c14n#" PrefixList="xs"/></ds:Transform>"#;
+
+    fn response(response_sig: &str, assertion_sig: &str) -> String {
+        format!(
+            r#"<samlp:Response xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_r1"><saml:Issuer>idp</saml:Issuer>{response_sig}<saml:Assertion ID="_a1"><saml:Issuer>idp</saml:Issuer>{assertion_sig}<saml:Subject/></saml:Assertion></samlp:Response>"#
+        )
+    }
+
+    #[test]
+    fn only_a_same_document_reference_with_the_usual_transforms_reaches_xmlsec() {
+        let both = response(&signature("#_r1", USUAL), &signature("#_a1", USUAL));
+        refuse_unsafe_signatures(&both).unwrap();
+        refuse_unsafe_signatures(&response("", &signature("#_a1", USUAL))).unwrap();
+        let why = |xml: String| refuse_unsafe_signatures(&xml).unwrap_err().0;
+        let assertion_signed = |sig: String| why(response("", &sig));
+        // What xmlsec1 would fetch or read: files, URLs, the whole document, another element.
+        for uri in [
+            "file:///dev/zero",
+            "http://127.0.0.1:9/x",
+            "",
+            "#_r1",
+            "#xpointer(/)",
+            "#xpointer(id('_a1'))",
+        ] {
+            let said = assertion_signed(signature(uri, USUAL));
+            assert!(said.contains("must be URI=\"#_a1\""), "{uri}: {said}");
+        }
+        let said = assertion_signed(signature("file:///dev/zero", USUAL));
+        assert!(said.ends_with("not \"file:///dev/zero\""), "{said}");
+        // Transforms that run code or select other nodes.
+        for (transform, expect) in [
+            (
+                r#"<ds:Transform Algorithm="http://www.w3.org/TR/1999/REC-xpath-19991116"><ds:XPath>count(//. | //@* | //namespace::*)</ds:XPath></ds:Transform>"#,
+                "REC-xpath",
+            ),
+            (
+                r#"<ds:Transform Algorithm="http://www.w3.org/TR/1999/REC-xslt-19991116"/>"#,
+                "REC-xslt",
+            ),
+            (
+                r#"<ds:Transform Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#WithComments"/>"#,
+                "WithComments",
+            ),
+            (
+                r#"<ds:Transform Algorithm="http://www.w3.org/2000/09/xmldsig#base64"/>"#,
+                "base64",
+            ),
+            (
+                r#"<ds:Transform Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"><ds:XPath>1</ds:XPath></ds:Transform>"#,
+                "nothing but InclusiveNamespaces",
+            ),
+        ] {
+            let said = assertion_signed(signature("#_a1", transform));
+            assert!(said.contains(expect), "{transform}: {said}");
+        }
+        // Another canonicalisation.
+        let inclusive = signature("#_a1", USUAL).replacen(
+            "http://www.w3.org/2001/10/xml-exc-c14n#\"/>",
+            "http://www.w3.org/TR/2001/REC-xml-c14n-20010315#WithComments\"/>",
+            1,
+        );
+        assert!(assertion_signed(inclusive).contains("canonicalisation must be"));
+        // Two references, or none.
+        let two = signature("#_a1", USUAL).replacen(
+            "</ds:SignedInfo>",
+            r##"<ds:Reference URI="#_a1"><ds:DigestValue>eA==</ds:DigestValue></ds:Reference></ds:SignedInfo>"##,
+            1,
+        );
+        assert!(assertion_signed(two).contains("exactly one Reference (this one has 2)"));
+        let none = r#"<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#"><ds:SignedInfo/></ds:Signature>"#;
+        assert!(assertion_signed(none.into()).contains("(this one has 0)"));
+        let empty = r#"<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#"/>"#;
+        assert!(assertion_signed(empty.into()).contains("(this one has 0)"));
+        // Object, Manifest, RetrievalMethod, wherever they are.
+        for (extra, name) in [
+            (r#"<ds:Object><x/></ds:Object>"#, "Object"),
+            (
+                r##"<ds:Object><ds:Manifest><ds:Reference URI="file:///etc/passwd"/></ds:Manifest></ds:Object>"##,
+                "Object",
+            ),
+            (
+                r#"<ds:Manifest xmlns:ds="http://www.w3.org/2000/09/xmldsig#"/>"#,
+                "Manifest",
+            ),
+        ] {
+            let sig = signature("#_a1", USUAL).replacen(
+                "</ds:Signature>",
+                &format!("{extra}</ds:Signature>"),
+                1,
+            );
+            assert!(assertion_signed(sig).contains(name), "{extra}");
+        }
+        let retrieval = signature("#_a1", USUAL).replacen(
+            "<ds:X509Data>",
+            r#"<ds:RetrievalMethod URI="http://127.0.0.1:9/key"/><ds:X509Data>"#,
+            1,
+        );
+        assert!(assertion_signed(retrieval).contains("RetrievalMethod"));
+        // A signature anywhere but as the child of what it signs, or twice on one element.
+        let misplaced = response("", "").replacen(
+            "<saml:Subject/>",
+            &format!("<saml:Subject>{}</saml:Subject>", signature("#_a1", USUAL)),
+            1,
+        );
+        assert!(why(misplaced).contains("must be a child of the Response or Assertion"));
+        let twice = response("", &format!("{0}{0}", signature("#_a1", USUAL)));
+        assert!(why(twice).contains("one signature only"));
+        let no_id = response("", &signature("#_a1", USUAL)).replacen(" ID=\"_a1\"", "", 1);
+        assert!(why(no_id).contains("no ID"));
+    }
+
+    #[test]
+    fn only_utf8_is_read_as_the_filters_read_it() {
+        for ok in [
+            r#"<?xml version="1.0" encoding="UTF-8"?><r/>"#,
+            r#"<?xml version='1.0' encoding = 'utf-8' standalone="no"?><r/>"#,
+            "\u{feff}<?xml version=\"1.0\"?><r/>",
+        ] {
+            refuse_declarations(ok).unwrap();
+        }
+        let why = |xml: &str| refuse_declarations(xml).unwrap_err().0;
+        // UTF-7: `+ADw-` is `<`, so libxml2 would read a DTD the filters never saw.
+        let utf7 = r#"<?xml version="1.0" encoding="UTF-7"?>+ADw-!DOCTYPE r+AD4-<r/>"#;
+        assert_eq!(
+            why(utf7),
+            "the XML declaration names encoding \"utf-7\": only UTF-8 is accepted"
+        );
+        for bad in [
+            r#"<?xml version="1.0" encoding="ISO-8859-1"?><r/>"#,
+            r#"<?xml version="1.0" encoding="UTF-16"?><r/>"#,
+            r#"<?xml version="1.0" encoding="utf8"?><r/>"#,
+        ] {
+            assert!(why(bad).contains("only UTF-8 is accepted"), "{bad}");
+        }
+        for unreadable in [
+            r#"<?xml version="1.0" encoding=UTF-7?><r/>"#,
+            r#"<?xml version="1.0" encoding="UTF-8?><r/>"#,
+        ] {
+            assert!(why(unreadable).contains("cannot be read"), "{unreadable}");
+        }
+        // UTF-16 without a byte order mark, as libxml2 recognises it: `<` NUL `?` NUL.
+        let utf16: String = "<?xml version=\"1.0\"?><!DOCTYPE r><r/>"
+            .chars()
+            .flat_map(|c| [c, '\0'])
+            .collect();
+        assert!(why(&utf16).contains("NUL"), "{}", why(&utf16));
     }
 
     #[test]

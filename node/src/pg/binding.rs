@@ -8,8 +8,11 @@
 //!   text the target holds under it;
 //! - for each bind parameter: NULL or its exact bytes, its format (text or binary) and the type
 //!   the client declared at Parse (0 when the server infers it from the text);
-//! - the session's database, role (`current_user`) and `search_path`, as the target reports
-//!   them just before the statement runs ([`PROBE`]).
+//! - the session's database, role (`current_user`) and `search_path`, and every other setting
+//!   the session, its client or `ALTER ROLE`/`ALTER DATABASE` changed from the server's
+//!   (`transform_null_equals`, `DateStyle`, `session_replication_role` …), as the target
+//!   reports them just before the statement runs ([`PROBE`]). Custom settings (`app.tenant`)
+//!   are not among them: PostgreSQL does not list them.
 //!
 //! The statement hash is SHA-256 over all of it; an approval is consumed only by a statement
 //! whose hash is equal. The approver is shown every part, values masked so that the statement
@@ -21,11 +24,20 @@ use vigil_proto::coordinator as pb;
 use vigil_proto::record::{self, PreparedText};
 
 /// What the gateway asks the target, in the session, right before a held statement: the
-/// settings that decide what its names mean and what it may do. Qualified, so that functions
-/// of those names in a schema on the `search_path` ahead of `pg_catalog` are not what answers
-/// (`current_user` is a keyword, not a function name).
-pub const PROBE: &str =
-    "SELECT pg_catalog.current_database(), current_user, pg_catalog.current_setting('search_path')";
+/// settings that decide what its names mean and what it may do. Functions and operators are
+/// named with their schema, so that functions or operators of those names in a schema on the
+/// `search_path` ahead of `pg_catalog` are not what answers (`current_user` is a keyword, not
+/// a function name). The fourth column lists, `name=value` sorted by name, every setting whose
+/// value comes from the client, the session, the role or the database, but those shown apart
+/// (`search_path`, `role`, `session_authorization`) and those that change no statement's
+/// meaning (`application_name`, `extra_float_digits`, and `client_encoding` and
+/// `standard_conforming_strings`, which the gateway holds at UTF8 and on).
+pub const PROBE: &str = "SELECT pg_catalog.current_database(), current_user, \
+pg_catalog.current_setting('search_path'), \
+(SELECT pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, '; ' ORDER BY name) \
+FROM pg_catalog.pg_settings \
+WHERE source OPERATOR(pg_catalog.=) ANY (ARRAY['client', 'session', 'user', 'database', 'database user']) \
+AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY['search_path', 'role', 'session_authorization', 'application_name', 'client_encoding', 'standard_conforming_strings', 'extra_float_digits']))";
 
 /// The approver's copy may be at most this large (text, prepared texts and parameters).
 pub const MAX_SHOWN: usize = 2 * 1024 * 1024;
@@ -36,20 +48,26 @@ pub struct Settings {
     pub database: String,
     pub role: String,
     pub search_path: String,
+    /// The other settings that differ from the server's (see [`PROBE`]), `name=value; …`.
+    pub others: String,
 }
 
 impl Settings {
-    /// From the probe's row (three text values).
+    /// From the probe's row (four text values, the last NULL when no other setting differs).
     pub fn from_row(values: &[Option<&[u8]>]) -> Option<Self> {
         let text = |i: usize| -> Option<String> {
             let v = (*values.get(i)?)?;
             std::str::from_utf8(v).ok().map(str::to_string)
         };
-        (values.len() == 3).then_some(())?;
+        (values.len() == 4).then_some(())?;
         Some(Self {
             database: text(0)?,
             role: text(1)?,
             search_path: text(2)?,
+            others: match values[3] {
+                None => String::new(),
+                Some(_) => text(3)?,
+            },
         })
     }
 }
@@ -112,6 +130,7 @@ impl Binding<'_> {
         part(self.settings.database.as_bytes());
         part(self.settings.role.as_bytes());
         part(self.settings.search_path.as_bytes());
+        part(self.settings.others.as_bytes());
         hex::encode(h.finalize())
     }
 
@@ -121,6 +140,7 @@ impl Binding<'_> {
             database: self.settings.database.clone(),
             role: self.settings.role.clone(),
             search_path: self.settings.search_path.clone(),
+            settings: self.settings.others.clone(),
             params: self
                 .params
                 .iter()
@@ -183,6 +203,7 @@ impl Binding<'_> {
             database: mask(&self.settings.database),
             role: mask(&self.settings.role),
             search_path: mask(&self.settings.search_path),
+            settings: mask(&self.settings.others),
         })
     }
 }
@@ -207,6 +228,7 @@ mod tests {
             database: "app".into(),
             role: "gw".into(),
             search_path: search_path.into(),
+            others: "DateStyle=ISO, MDY".into(),
         }
     }
 
@@ -256,6 +278,14 @@ mod tests {
                 },
             )
             .hash(),
+            binding(
+                std::slice::from_ref(&text),
+                Settings {
+                    others: "DateStyle=ISO, MDY; transform_null_equals=on".into(),
+                    ..settings("public")
+                },
+            )
+            .hash(),
         ];
         for v in &variants {
             assert_ne!(v, &base);
@@ -267,17 +297,28 @@ mod tests {
     }
 
     #[test]
-    fn settings_come_from_a_three_column_row() {
-        let row: [Option<&[u8]>; 3] = [Some(b"app"), Some(b"gw"), Some(b"\"$user\", public")];
+    fn settings_come_from_a_four_column_row() {
+        let row: [Option<&[u8]>; 4] = [
+            Some(b"app"),
+            Some(b"gw"),
+            Some(b"\"$user\", public"),
+            Some(b"TimeZone=UTC"),
+        ];
         assert_eq!(
             Settings::from_row(&row),
             Some(Settings {
                 database: "app".into(),
                 role: "gw".into(),
                 search_path: "\"$user\", public".into(),
+                others: "TimeZone=UTC".into(),
             })
         );
-        assert_eq!(Settings::from_row(&row[..2]), None);
-        assert_eq!(Settings::from_row(&[None, Some(b"gw"), Some(b"x")]), None);
+        let none = [row[0], row[1], row[2], None];
+        assert_eq!(Settings::from_row(&none).unwrap().others, "");
+        assert_eq!(Settings::from_row(&row[..3]), None);
+        assert_eq!(
+            Settings::from_row(&[None, Some(b"gw"), Some(b"x"), None]),
+            None
+        );
     }
 }

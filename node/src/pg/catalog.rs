@@ -13,12 +13,14 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-/// A table's schema, name and columns by number.
+/// A table's schema, name and columns by number, and the tables it is a partition or an
+/// inheritance child of (nearest first), whose column rules cover its columns of the same name.
 #[derive(Debug, Default)]
 pub struct TableInfo {
     pub schema: String,
     pub name: String,
     pub columns: HashMap<i16, String>,
+    pub ancestors: Vec<(String, String)>,
 }
 
 pub struct Catalog {
@@ -39,17 +41,28 @@ impl Catalog {
         }
     }
 
-    /// Resolves the given table OIDs (unknown OIDs are absent from the result).
-    pub async fn tables(&self, oids: &[u32]) -> Result<HashMap<u32, Arc<TableInfo>>, BackendError> {
+    /// Resolves the tables of the given columns (table OID, column number). A table the cache
+    /// holds without one of the columns (added since) is looked up again; tables the target
+    /// does not know to the gateway's own connection (dropped, or created in a client's
+    /// transaction not yet committed) are absent from the result.
+    pub async fn tables(
+        &self,
+        columns: &[(u32, i16)],
+    ) -> Result<HashMap<u32, Arc<TableInfo>>, BackendError> {
         let mut out = HashMap::new();
         let mut missing = Vec::new();
-        for &oid in oids {
+        for &(oid, column) in columns {
+            if oid == 0 || missing.contains(&oid) {
+                continue;
+            }
             match self.cache.get(&oid) {
-                Some(t) => {
+                Some(t) if t.columns.contains_key(&column) => {
                     out.insert(oid, t);
                 }
-                None if oid != 0 && !missing.contains(&oid) => missing.push(oid),
-                None => {}
+                _ => {
+                    out.remove(&oid);
+                    missing.push(oid);
+                }
             }
         }
         if missing.is_empty() {
@@ -87,12 +100,21 @@ impl Catalog {
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        // Two result sets: the columns (five values a row), then the ancestors (three).
         let sql = format!(
             "SELECT c.oid::text, n.nspname, c.relname, a.attnum::text, a.attname \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-             WHERE a.attnum > 0 AND c.oid IN ({list})"
+             WHERE a.attnum > 0 AND c.oid IN ({list}); \
+             WITH RECURSIVE up(child, parent, depth) AS ( \
+               SELECT inhrelid, inhparent, 1 FROM pg_catalog.pg_inherits WHERE inhrelid IN ({list}) \
+               UNION ALL SELECT up.child, i.inhparent, up.depth + 1 \
+               FROM up JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.parent WHERE up.depth < 32) \
+             SELECT up.child::text, n.nspname, c.relname FROM up \
+             JOIN pg_catalog.pg_class c ON c.oid = up.parent \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             ORDER BY up.child, up.depth"
         );
         let mut q = BytesMut::new();
         q.put_u8(b'Q');
@@ -133,6 +155,13 @@ impl Catalog {
                             .map(|b| String::from_utf8_lossy(b).into_owned())
                             .unwrap_or_default()
                     };
+                    if v.len() == 3 {
+                        let child = text(0).parse::<u32>().ok();
+                        if let Some(t) = child.and_then(|o| out.get_mut(&o)) {
+                            t.ancestors.push((text(1), text(2)));
+                        }
+                        continue;
+                    }
                     let (Ok(oid), Ok(attnum)) = (text(0).parse::<u32>(), text(3).parse::<i16>())
                     else {
                         continue;
@@ -141,6 +170,7 @@ impl Catalog {
                         schema: text(1),
                         name: text(2),
                         columns: HashMap::new(),
+                        ancestors: Vec::new(),
                     });
                     t.columns.insert(attnum, text(4));
                 }

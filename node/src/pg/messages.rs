@@ -241,6 +241,68 @@ pub fn parse_error_fields(body: &[u8]) -> (String, String) {
     (code, message)
 }
 
+/// The fields of an ErrorResponse or NoticeResponse (`tag`) with each value passed through
+/// `mask`; `None` when no value changed.
+pub fn mask_fields(
+    tag: u8,
+    body: &[u8],
+    mut mask: impl FnMut(&str) -> Option<String>,
+) -> Result<Option<Bytes>, Malformed> {
+    let what = if tag == b'E' {
+        "ErrorResponse"
+    } else {
+        "NoticeResponse"
+    };
+    let mut r = Reader::new(body, what);
+    let mut fields = Vec::new();
+    let mut changed = false;
+    loop {
+        let field = r.u8()?;
+        if field == 0 {
+            break;
+        }
+        let value = r.cstr()?;
+        let masked = mask(value);
+        changed |= masked.is_some();
+        fields.push((field, masked.unwrap_or_else(|| value.to_string())));
+    }
+    r.finish()?;
+    Ok(changed.then(|| {
+        typed(tag, |b| {
+            for (field, value) in &fields {
+                b.put_u8(*field);
+                put_cstr(b, value);
+            }
+            b.put_u8(0);
+        })
+    }))
+}
+
+pub fn parameter_status(name: &str, value: &str) -> Bytes {
+    typed(b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    })
+}
+
+/// A NotificationResponse: the notifying backend's process id, the channel, the payload.
+pub fn parse_notification(body: &[u8]) -> Result<(i32, &str, &str), Malformed> {
+    let mut r = Reader::new(body, "NotificationResponse");
+    let pid = r.i32()?;
+    let channel = r.cstr()?;
+    let payload = r.cstr()?;
+    r.finish()?;
+    Ok((pid, channel, payload))
+}
+
+pub fn notification(pid: i32, channel: &str, payload: &str) -> Bytes {
+    typed(b'A', |b| {
+        b.put_i32(pid);
+        put_cstr(b, channel);
+        put_cstr(b, payload);
+    })
+}
+
 /// One column of a RowDescription.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Field {

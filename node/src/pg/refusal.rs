@@ -63,10 +63,11 @@ pub fn sql_error(r: &Refusal) -> (&'static str, String) {
             ),
         ),
         Refusal::AuditUnwritable {
-            spool_full: false, ..
+            spool_full: false,
+            why,
         } => (
             "58030",
-            "statement refused: the gateway cannot write its audit record; nothing was sent to the database".into(),
+            format!("statement refused: the gateway cannot write its audit record ({why}); nothing was sent to the database"),
         ),
     }
 }

@@ -43,8 +43,8 @@ use tokio::sync::mpsc;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{
-    ApprovalRef, Body, Connection, Kind, Outcome, Parties, PgError, PgRequest, PgResponse,
-    PolicyRef, PreparedText, Principal, Request, Response,
+    ApprovalRef, Body, Connection, Kind, Outcome, Parties, PgError, PgNotification, PgRequest,
+    PgResponse, PolicyRef, PreparedText, Principal, Request, Response,
 };
 
 /// Holds a statement that needs approval until the coordinator's answer (see
@@ -86,6 +86,7 @@ async fn hold(
         b.database = shown_binding.database.clone();
         b.role = shown_binding.role.clone();
         b.search_path = shown_binding.search_path.clone();
+        b.settings = shown_binding.settings.clone();
     }
     let policy = ctx.policy.reference(decision);
     let audit = &ctx.core.audit;
@@ -125,6 +126,31 @@ async fn hold(
     ctx.core.approvals.settle(hold, &mut record).await
 }
 
+/// Waits for a held statement's verdict while watching its client. A client that hangs up
+/// meanwhile gets nothing run: the wait ends, and an approval given later stays unused (a
+/// client that connects again and sends the statement again can use it). What the client sends
+/// meanwhile waits in `buf`, read up to [`BATCH_BUFFER`]; beyond that it waits in the socket.
+async fn watching_client(
+    read: &mut ReadHalf<BoxStream>,
+    buf: &mut BytesMut,
+    verdict: impl Future<Output = Verdict>,
+) -> Result<Verdict, Halt> {
+    tokio::pin!(verdict);
+    loop {
+        if buf.len() >= BATCH_BUFFER {
+            return Ok(verdict.await);
+        }
+        tokio::select! {
+            v = &mut verdict => return Ok(v),
+            n = read.read_buf(buf) => {
+                if matches!(n, Ok(0) | Err(_)) {
+                    return Err(Halt::End(End::ClientClosed));
+                }
+            }
+        }
+    }
+}
+
 /// A statement that needs approval but cannot be held: its binding could not be established
 /// or it cannot be shown faithfully. Refused; nothing runs.
 fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
@@ -157,10 +183,14 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest, secrets: &mut Vec<Stri
     }
     let values = request.params.iter_mut().flatten().flatten();
     let prepared = request.prepared.iter_mut().map(|p| &mut p.text);
-    let settings = request
-        .binding
-        .iter_mut()
-        .flat_map(|b| [&mut b.database, &mut b.role, &mut b.search_path]);
+    let settings = request.binding.iter_mut().flat_map(|b| {
+        [
+            &mut b.database,
+            &mut b.role,
+            &mut b.search_path,
+            &mut b.settings,
+        ]
+    });
     for v in values {
         if let Cow::Owned(t) = messages::mask_shown(masker, v, None, Some(&mut counts)) {
             *v = t;
@@ -851,8 +881,8 @@ impl ClientHalf {
                         &decision,
                         &binding,
                         &hash,
-                    )
-                    .await;
+                    );
+                    let verdict = watching_client(&mut self.read, &mut self.buf, verdict).await?;
                     request.binding = Some(binding.record(&hash));
                     verdict
                 }
@@ -1090,8 +1120,9 @@ impl ClientHalf {
                         let stmt_no = self.stmts.load(Ordering::Relaxed) + 1;
                         let (ctx, session) = (&self.ctx, &self.session);
                         let hash = binding.hash();
+                        let verdict = hold(ctx, session, stmt_no, &request, &d, &binding, &hash);
                         let verdict =
-                            hold(ctx, session, stmt_no, &request, &d, &binding, &hash).await;
+                            watching_client(&mut self.read, &mut self.buf, verdict).await?;
                         request.binding = Some(binding.record(&hash));
                         verdict
                     }
@@ -2000,6 +2031,7 @@ impl TargetHalf {
             return Ok(Bytes::new());
         }
         let mut raw = frame.raw.clone();
+        let mut instead = None;
         // A stray CopyDone outside copy-in gets no answer; it must not shift the queue.
         while matches!(self.queue.front(), Some(Pending::CopyEnd)) {
             self.queue.pop_front();
@@ -2061,10 +2093,16 @@ impl TargetHalf {
                 }
                 Ok(())
             }
-            b'S' => self.on_parameter_status(&body),
+            // What these carry goes to the client through its detectors (`Some`: instead).
+            b'N' => self.on_notice(&body).map(|i| instead = i),
+            b'A' => self.on_notification(&body).map(|i| instead = i),
+            b'S' => self.on_parameter_status(&body).map(|i| instead = i),
             b'Z' => self.on_ready(&body),
             _ => Ok(()),
         };
+        if let Some(instead) = instead {
+            raw = instead;
+        }
         handled.map(|()| raw)
     }
 
@@ -2192,10 +2230,76 @@ impl TargetHalf {
             Some(_) => self.batch_failed(error),
             None => self.unsolicited = Some(error),
         }
-        None
+        // An error quotes values (`invalid input syntax for type integer: "…"`, `Key (…)=(…)
+        // already exists`); one the gateway cannot read is passed on as it came.
+        self.client_fields(b'E', body).ok().flatten()
     }
 
-    fn on_parameter_status(&mut self, body: &[u8]) -> Result<(), End> {
+    /// A NoticeResponse: its message on record, the client's copy through the client-side
+    /// detectors (`Some`: send this instead).
+    fn on_notice(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
+        let (_, message) = messages::parse_error_fields(body);
+        if self.keep(message.len()) {
+            self.acc.response.notices.push(message);
+        }
+        self.client_fields(b'N', body)
+    }
+
+    /// A NotificationResponse: on record, its payload through the client-side detectors for
+    /// the client (`Some`: send this instead).
+    fn on_notification(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
+        let (pid, channel, payload) =
+            messages::parse_notification(body).map_err(|e| End::TargetProtocol(e.to_string()))?;
+        if self.keep(channel.len() + payload.len()) {
+            self.acc.response.notifications.push(PgNotification {
+                channel: channel.to_string(),
+                payload: payload.to_string(),
+            });
+        }
+        Ok(self
+            .client_masked(payload)
+            .map(|payload| messages::notification(pid, channel, &payload)))
+    }
+
+    /// Whether `len` more bytes of what came back fit in the response record
+    /// (`audit.max_result_bytes`, shared with the rows); else the record says it is
+    /// `truncated`.
+    fn keep(&mut self, len: usize) -> bool {
+        let acc = &mut self.acc;
+        if acc.response.truncated || acc.result_bytes + len > self.ctx.max_result_bytes {
+            acc.response.truncated = true;
+            return false;
+        }
+        acc.result_bytes += len;
+        true
+    }
+
+    /// `value` as the client-side detectors mask it, when they change it on this connection.
+    fn client_masked(&self, value: &str) -> Option<String> {
+        let masker = &self.ctx.core.masker;
+        let conn = self.session.conn.name.as_deref().unwrap_or("");
+        if !masker.masks_clients(conn) {
+            return None;
+        }
+        match masker.mask(value, None, true, None) {
+            Cow::Owned(m) => Some(m),
+            Cow::Borrowed(_) => None,
+        }
+    }
+
+    /// The client's copy of an ErrorResponse or NoticeResponse: every field through the
+    /// client-side detectors (`None`: unchanged).
+    fn client_fields(&self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, End> {
+        let conn = self.session.conn.name.as_deref().unwrap_or("");
+        if !self.ctx.core.masker.masks_clients(conn) {
+            return Ok(None);
+        }
+        messages::mask_fields(tag, body, |v| self.client_masked(v))
+            .map_err(|e| End::TargetProtocol(e.to_string()))
+    }
+
+    /// A ParameterStatus (`Some`: the client gets this instead).
+    fn on_parameter_status(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
         // The gateway reads every client message as UTF-8 with standard strings; once the
         // target reads them otherwise, it can no longer tell what runs.
         match super::encoding::check_parameter_status(body) {
@@ -2206,10 +2310,15 @@ impl TargetHalf {
             Err(e) => return Err(End::TargetProtocol(e.to_string())),
         }
         if let Ok(("application_name", value)) = messages::parse_parameter_status(body) {
+            // The client may set it from values (`set_config('application_name', …)`).
+            let instead = self
+                .client_masked(value)
+                .map(|v| messages::parameter_status("application_name", &v));
             let value = self.ctx.core.scrub(value);
             self.session.application_reported(&value);
+            return Ok(instead);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// ReadyForQuery: a sync point answered.
@@ -2328,14 +2437,14 @@ impl TargetHalf {
         if !masker.is_active() {
             return None;
         }
-        let oids: Vec<u32> = fields
+        let columns: Vec<(u32, i16)> = fields
             .iter()
-            .map(|f| f.table_oid)
-            .filter(|&o| o != 0)
+            .map(|f| (f.table_oid, f.column))
+            .filter(|&(o, _)| o != 0)
             .collect();
         let tables = match ctx.catalogs.get(conn) {
-            Some(catalog) if masker.has_column_rules() && !oids.is_empty() => {
-                match catalog.tables(&oids).await {
+            Some(catalog) if masker.has_column_rules() && !columns.is_empty() => {
+                match catalog.tables(&columns).await {
                     Ok(t) => Some(t),
                     Err(e) => {
                         tracing::warn!(error = %crate::error_chain(&e), "cannot resolve result tables; masking those columns whole");
@@ -2349,17 +2458,26 @@ impl TargetHalf {
             fields
                 .iter()
                 .map(|f| {
-                    let (rule, unresolved) = match &tables {
-                        None => (None, f.table_oid != 0),
-                        Some(t) => (
-                            t.get(&f.table_oid)
-                                .and_then(|t| {
-                                    let column = t.columns.get(&f.column)?;
-                                    masker.column_rule(conn, &t.schema, &t.name, column)
-                                })
-                                .cloned(),
-                            false,
-                        ),
+                    // A column of a table the catalog does not know (a table of the client's
+                    // own open transaction, or one dropped since) may be covered by a rule
+                    // (`table = "*"`): masked whole, like a table that cannot be looked up.
+                    let found = tables.as_ref().map(|t| {
+                        let table = t.get(&f.table_oid)?;
+                        Some((table, table.columns.get(&f.column)?))
+                    });
+                    let (rule, unresolved) = match found {
+                        _ if !masker.has_column_rules() || f.table_oid == 0 => (None, false),
+                        Some(Some((t, column))) => {
+                            // A partition's or inheritance child's column is also covered by
+                            // its ancestors' rules.
+                            let own = std::iter::once((&t.schema, &t.name));
+                            let ancestors = t.ancestors.iter().map(|(s, n)| (s, n));
+                            let rule = own
+                                .chain(ancestors)
+                                .find_map(|(s, n)| masker.column_rule(conn, s, n, column));
+                            (rule.cloned(), false)
+                        }
+                        Some(None) | None => (None, true),
                     };
                     ColMask {
                         rule,
@@ -2462,16 +2580,24 @@ impl TargetHalf {
         if let Some(r) = request.as_mut() {
             take_credentials(&mut r.text, &mut acc.masked, &mut secrets);
         }
-        // The target's error may quote the statement (`syntax error at or near "…"`).
-        if let Some(e) = acc.response.error.as_mut() {
-            scrub_values(&mut e.message, &secrets, &mut acc.masked);
-        }
-        if masker.is_active() {
-            if let Some(e) = acc.response.error.as_mut() {
-                if let Cow::Owned(m) = masker.mask(&e.message, None, false, Some(&mut acc.masked)) {
-                    e.message = m;
+        // The target's error may quote the statement (`syntax error at or near "…"`), and so
+        // may its notices and notifications.
+        let said = acc.response.error.iter_mut().map(|e| &mut e.message);
+        let notices = acc.response.notices.iter_mut();
+        let notified = acc
+            .response
+            .notifications
+            .iter_mut()
+            .map(|n| &mut n.payload);
+        for text in said.chain(notices).chain(notified) {
+            scrub_values(text, &secrets, &mut acc.masked);
+            if masker.is_active() {
+                if let Cow::Owned(m) = masker.mask(text, None, false, Some(&mut acc.masked)) {
+                    *text = m;
                 }
             }
+        }
+        if masker.is_active() {
             // A column's name is the client's to choose (`SELECT 1 AS "…"`).
             for c in acc.response.columns.iter_mut() {
                 if let Cow::Owned(m) = masker.mask(c, None, false, Some(&mut acc.masked)) {

@@ -4,7 +4,7 @@
 'use strict';
 
 let csrf = '';
-let latest = [];
+let latest = { requests: [], more: false };
 
 function $(id) { return document.getElementById(id); }
 
@@ -22,30 +22,55 @@ function until(ms) {
   return 'in ' + (s < 120 ? s + ' s' : Math.floor(s / 60) + ' min') + ' (' + at + ')';
 }
 
+// What the action's hash binds besides its text, in the words and order `vigil approvals show`
+// prints it (the server sends every text escaped as the CLI escapes it).
 function details(a) {
-  const s = a.shown || {};
-  const parts = [];
-  for (const k of Object.keys(s)) {
-    const v = s[k];
-    if (v === '' || v === null || (Array.isArray(v) && v.length === 0)) continue;
-    parts.push(k + ': ' + (typeof v === 'string' ? v : JSON.stringify(v)));
+  const s = a.shown;
+  if (!s) return a.summarized ? '' : '—';
+  const lines = [];
+  const line = (label, value) => lines.push(label.padEnd(12) + value);
+  if (a.protocol === 'postgres') {
+    line('mode', s.mode);
+    for (const r of s.runs) line('runs', r.name + ' = ' + r.text);
+    s.params.forEach((p, i) => line('param $' + (i + 1), (p.value === null ? 'NULL' : "'" + p.value + "'") + ' (' + p.format + ')'));
+    line('database', s.database);
+    line('role', s.role);
+    line('search_path', s.search_path);
+    if (s.settings) line('settings', s.settings);
+    if (s.settings) line('settings', s.settings);
+  } else if (a.protocol === 'ssh') {
+    line('login', s.login);
+    line('request', s.request_type);
+  } else if (a.protocol === 'kubernetes') {
+    line('method', s.method);
+    line('path', s.path);
+    line('body', s.body);
+    line('body sha256', s.body_sha256);
   }
-  return parts.join('; ');
+  return lines.join('\n');
 }
 
-function render(list) {
-  latest = list;
+// The requests the list summarised (too large to list whole) that the approver asked for whole:
+// id → the request as the coordinator answers it.
+const whole = new Map();
+
+function render(page) {
+  latest = page;
+  const list = page.requests;
   const inbox = $('inbox');
   const keep = new Map();
   for (const li of inbox.children) keep.set(li.dataset.id, li);
   const seen = new Set();
-  for (const a of list) {
-    seen.add(a.id);
+  for (const listed of list) {
+    seen.add(listed.id);
+    // The text and what it binds never change: once read whole, shown whole.
+    const a = whole.get(listed.id) || listed;
     let li = keep.get(a.id);
     if (!li) {
       li = $('request').content.firstElementChild.cloneNode(true);
       li.dataset.id = a.id;
       li.querySelector('form').addEventListener('submit', (e) => decide(e, a.id, li));
+      li.querySelector('button.whole').addEventListener('click', () => readWhole(a.id, li));
       inbox.appendChild(li);
     }
     const f = (name, text) => { li.querySelector('[data-f="' + name + '"]').textContent = text; };
@@ -53,22 +78,44 @@ function render(list) {
     f('protocol', a.protocol || '?');
     f('target', a.target || '?');
     f('action', a.action);
-    const by = a.requested_by || {};
+    // Summarised: the beginning only, and no deciding until the whole request is on the page.
+    li.querySelector('.summarized').hidden = !a.summarized;
+    for (const b of li.querySelectorAll('form.decide button')) b.disabled = a.summarized;
+    const by = listed.requested_by || a.requested_by || {};
     const model = [by.model, by.model_version].filter(Boolean).join(' ');
     const who = [by.client_id && 'client ' + by.client_id, model && 'model ' + model, by.intent && 'intent: ' + by.intent].filter(Boolean);
     f('requester', r.subject + (who.length ? ' (' + who.join(', ') + ')' : '') + (r.groups.length ? '; groups: ' + r.groups.join(', ') : ''));
     f('rule', a.rule);
     f('reason', a.reason || '—');
-    f('details', details(a) || '—');
-    f('age', ago(a.created_at_ms));
-    f('expires', until(a.expires_at_ms));
-    const yes = a.votes.filter((v) => v.approve).length;
-    const votes = a.votes.map((v) => v.approver + (v.approve ? ' approved' : ' denied') + (v.comment ? ': ' + v.comment : ''));
-    f('approvals', yes + ' of ' + a.approvals_required + ' (group ' + a.approver_group + ')' + (votes.length ? ' — ' + votes.join('; ') : ''));
+    f('details', details(a));
+    f('age', ago(listed.created_at_ms));
+    f('expires', until(listed.expires_at_ms));
+    const yes = listed.votes.filter((v) => v.approve).length;
+    const votes = listed.votes.map((v) => v.approver + (v.approve ? ' approved' : ' denied') + (v.comment ? ': ' + v.comment : ''));
+    f('approvals', yes + ' of ' + listed.approvals_required + ' (group ' + listed.approver_group + ')' + (votes.length ? ' — ' + votes.join('; ') : ''));
     f('id', a.id);
   }
   for (const [id, li] of keep) if (!seen.has(id)) li.remove();
+  for (const id of [...whole.keys()]) if (!seen.has(id)) whole.delete(id);
   $('empty').hidden = list.length !== 0;
+  $('more').hidden = !page.more;
+}
+
+// A summarised request, whole (`GET /api/approvals/ID`), before anyone may decide on it.
+async function readWhole(id, li) {
+  const out = li.querySelector('.outcome');
+  out.classList.remove('error');
+  out.textContent = 'Loading the whole request…';
+  const res = await fetch('/api/approvals/' + encodeURIComponent(id), { credentials: 'same-origin' });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    out.classList.add('error');
+    out.textContent = 'Cannot load it: ' + (body.error || res.status);
+    return;
+  }
+  out.textContent = '';
+  whole.set(id, body);
+  render(latest);
 }
 
 async function decide(e, id, li) {
