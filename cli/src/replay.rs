@@ -301,6 +301,12 @@ fn response(out: &mut String, b: &vigil_proto::record::Body, resp: &Response) {
                     esc(resp.digest.as_deref().unwrap_or("-"))
                 );
             }
+            for notice in &resp.notices {
+                let _ = writeln!(out, "     notice: {}", esc(notice));
+            }
+            for n in &resp.notifications {
+                let _ = writeln!(out, "     notify {}: {}", esc(&n.channel), esc(&n.payload));
+            }
         }
         Response::Ssh(resp) => {
             let exit = match (&resp.exit_status, &resp.exit_signal) {
@@ -404,6 +410,11 @@ mod tests {
                         sqlstate: evil(),
                         message: evil(),
                     }),
+                    notices: vec![evil()],
+                    notifications: vec![vigil_proto::record::PgNotification {
+                        channel: evil(),
+                        payload: evil(),
+                    }],
                     ..Default::default()
                 }));
             }),
@@ -493,6 +504,8 @@ mod tests {
             "     body ",
             "     | ",
             "     … truncated",
+            "     notice: ",
+            "     notify ",
             "  ~ channel ",
             "[",
         ];
