@@ -368,8 +368,20 @@ async fn each_request_of_a_connection_records_its_own_intent() {
             && k.query.as_deref().is_some_and(|q| q.starts_with("limit="))
     });
     assert_eq!(asked.len(), intents.len(), "a record per request");
-    let sessions: HashSet<_> = asked.iter().map(|r| &r.body.session).collect();
-    assert_eq!(sessions.len(), 1, "kube-rs sent them on one connection");
+    // kube-rs reuses its connection (its pool may open a second one when the first is not yet
+    // back from the previous answer): some connection carries requests of different intents.
+    let mut by_session: std::collections::HashMap<_, HashSet<_>> = Default::default();
+    for r in &asked {
+        let intent = r.body.principal.as_ref().and_then(|p| p.intent.clone());
+        by_session
+            .entry(&r.body.session)
+            .or_default()
+            .insert(intent);
+    }
+    assert!(
+        by_session.values().any(|intents| intents.len() > 1),
+        "one connection carried requests of different intents: {by_session:?}"
+    );
     for (i, intent) in intents.iter().enumerate() {
         let limit = format!("limit={}", i + 1);
         let request = asked
