@@ -85,7 +85,9 @@ const RECORD_PREFIX: usize = 512;
 
 /// A serialised body made at most `max` bytes long: its longest strings are cut, each to a
 /// beginning and the marker `…[cut by the gateway: N bytes, sha256 H]` (the whole string's
-/// length and hash), until it fits. Keys come out in sorted order.
+/// length and hash), until it fits. When cutting the 16 longest does not make it fit (many
+/// short strings), its fields larger than 1 KiB are left out and `detail` says so, with the
+/// whole record's length and hash. Keys come out in sorted order.
 pub fn cut_to_fit(json: &[u8], max: usize) -> Vec<u8> {
     use serde_json::Value;
     /// The longest string in `v` (object values and array items), by length.
@@ -113,21 +115,20 @@ pub fn cut_to_fit(json: &[u8], max: usize) -> Vec<u8> {
     let Ok(mut value) = serde_json::from_slice::<Value>(json) else {
         return json.to_vec();
     };
-    loop {
+    let marker = |len: usize, of: &[u8]| {
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(of));
+        format!("…[cut by the gateway: {len} bytes, sha256 {digest}]")
+    };
+    for _ in 0..16 {
         let out = serde_json::to_vec(&value).expect("a JSON value serialises");
         if out.len() <= max {
             return out;
         }
         let excess = out.len() - max;
-        let Some(s) = longest(&mut value) else {
-            return out;
+        let Some(s) = longest(&mut value).filter(|s| s.len() > 256) else {
+            break;
         };
-        if s.len() <= 256 {
-            // Nothing long is left to cut: the record is as small as it gets.
-            return out;
-        }
-        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
-        let marker = format!("…[cut by the gateway: {} bytes, sha256 {digest}]", s.len());
+        let marker = marker(s.len(), s.as_bytes());
         // JSON escapes can make a character take up to six bytes: cut more than the excess.
         let mut keep = s
             .len()
@@ -140,6 +141,26 @@ pub fn cut_to_fit(json: &[u8], max: usize) -> Vec<u8> {
         s.truncate(keep);
         s.push_str(&marker);
     }
+    let out = serde_json::to_vec(&value).expect("a JSON value serialises");
+    if out.len() <= max {
+        return out;
+    }
+    // Its fields larger than 1 KiB left out; `detail` names the whole record.
+    let Value::Object(fields) = value else {
+        return out;
+    };
+    let mut kept: serde_json::Map<String, Value> = fields
+        .into_iter()
+        .filter(|(k, v)| k != "detail" && serde_json::to_vec(v).map_or(0, |b| b.len()) <= 1024)
+        .collect();
+    kept.insert(
+        "detail".into(),
+        Value::String(format!(
+            "{} (the record's fields over 1 KiB are left out to fit the topic)",
+            marker(json.len(), json)
+        )),
+    );
+    serde_json::to_vec(&Value::Object(kept)).expect("a JSON value serialises")
 }
 
 /// A handle to the node's audit stream. Cheap to clone.
@@ -963,6 +984,23 @@ mod tests {
         );
         assert!(text.starts_with("éé") && text.ends_with(&marker), "{text}");
         assert_eq!(v["detail"], "short");
+        // Many short strings: the large fields are left out, and the detail says so.
+        let many = serde_json::to_vec(&serde_json::json!({
+            "kind": "blocked",
+            "stmt": 3,
+            "request": {"protocol": "postgres", "params": vec!["x".repeat(200); 500]},
+        }))
+        .unwrap();
+        let cut = cut_to_fit(&many, 20_000);
+        assert!(cut.len() <= 20_000, "{}", cut.len());
+        let v: serde_json::Value = serde_json::from_slice(&cut).unwrap();
+        assert_eq!(v["stmt"], 3);
+        assert!(v.get("request").is_none());
+        let detail = v["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(&format!("…[cut by the gateway: {} bytes", many.len())),
+            "{detail}"
+        );
         // What fits is left as it is.
         assert_eq!(
             cut_to_fit(&json, json.len()),

@@ -21,6 +21,8 @@ const UNIT: usize = 1024;
 /// The node's memory for large target messages.
 pub struct MessageBudget {
     permits: Arc<Semaphore>,
+    /// All the permits there are.
+    units: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -39,16 +41,21 @@ impl Drop for Lent {
 
 impl MessageBudget {
     pub fn new(bytes: usize, metrics: Arc<Metrics>) -> Self {
+        let units = u32::try_from(bytes / UNIT).unwrap_or(u32::MAX);
         Self {
-            permits: Arc::new(Semaphore::new(bytes / UNIT)),
+            permits: Arc::new(Semaphore::new(units as usize)),
+            units,
             metrics,
         }
     }
 
-    /// Waits until `bytes` are free and lends them (`bytes` is at most the budget: the config
-    /// check keeps `max_target_message_bytes` within it).
+    /// Waits until `bytes` are free and lends them: at most the whole budget, so that a message
+    /// as large as the budget (the config check keeps `max_target_message_bytes` within it)
+    /// is lent all of it rather than waiting forever.
     pub async fn lend(&self, bytes: usize) -> Lent {
-        let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
+        let units = u32::try_from(bytes.div_ceil(UNIT))
+            .unwrap_or(u32::MAX)
+            .min(self.units);
         let permit = self
             .permits
             .clone()
@@ -118,5 +125,8 @@ mod tests {
         assert_eq!(metrics.target_message_memory.get(), 2 << 20);
         drop(second);
         assert_eq!(metrics.target_message_memory.get(), 0);
+        // A message a byte over the whole budget (a length rounded up) still gets it all.
+        let all = budget.lend((3 << 20) + 1).await;
+        drop(all);
     }
 }

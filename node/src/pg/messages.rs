@@ -15,6 +15,9 @@ pub const CANCEL_REQUEST: i32 = 80_877_102;
 #[error("malformed {0} message")]
 pub struct Malformed(pub &'static str);
 
+/// The longest statement or portal name PostgreSQL tells apart.
+pub const MAX_NAME: usize = 63;
+
 /// A cursor over a message body.
 pub struct Reader<'a> {
     buf: &'a [u8],
@@ -65,6 +68,19 @@ impl<'a> Reader<'a> {
         let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
         self.buf = &self.buf[end + 1..];
         Ok(s)
+    }
+
+    /// A statement or portal name. PostgreSQL keys them by their first 63 bytes
+    /// (`NAMEDATALEN - 1`), so two longer names the gateway would tell apart may be one name
+    /// to the target: refused.
+    pub fn name(&mut self) -> Result<&'a str, Malformed> {
+        let name = self.cstr()?;
+        if name.len() > MAX_NAME {
+            return Err(Malformed(
+                "statement or portal name longer than 63 bytes in a protocol",
+            ));
+        }
+        Ok(name)
     }
 
     /// A non-negative count from an i16 field.
@@ -126,7 +142,7 @@ impl Startup {
 /// a parameter's type to the server).
 pub fn parse_parse(body: &[u8]) -> Result<(&str, &str, Vec<u32>), Malformed> {
     let mut r = Reader::new(body, "Parse");
-    let name = r.cstr()?;
+    let name = r.name()?;
     let query = r.cstr()?;
     let n = r.count16()?;
     let mut types = Vec::with_capacity(n);
@@ -151,8 +167,8 @@ pub struct Bind<'a> {
 
 pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
     let mut r = Reader::new(body, "Bind");
-    let portal = r.cstr()?;
-    let statement = r.cstr()?;
+    let portal = r.name()?;
+    let statement = r.name()?;
     let nfmt = r.count16()?;
     let mut formats = Vec::with_capacity(nfmt);
     for _ in 0..nfmt {
@@ -188,7 +204,7 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, Malformed> {
 /// Execute: portal name and row limit.
 pub fn parse_execute(body: &[u8]) -> Result<(&str, i32), Malformed> {
     let mut r = Reader::new(body, "Execute");
-    let portal = r.cstr()?;
+    let portal = r.name()?;
     let max_rows = r.i32()?;
     r.finish()?;
     Ok((portal, max_rows))
@@ -201,7 +217,7 @@ pub fn parse_target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a s
     if kind != b'S' && kind != b'P' {
         return Err(Malformed(what));
     }
-    let name = r.cstr()?;
+    let name = r.name()?;
     r.finish()?;
     Ok((kind, name))
 }
@@ -642,6 +658,22 @@ mod tests {
             vec![Some(&b"7"[..]), None]
         );
         assert!(parse_row_description(&desc[..10]).is_err());
+    }
+
+    #[test]
+    fn names_postgres_would_cut_short_are_refused() {
+        let body = |name: &str| [name.as_bytes(), b"\0"].concat();
+        let at_limit = "p".repeat(MAX_NAME);
+        assert_eq!(
+            parse_execute(&[body(&at_limit), vec![0; 4]].concat())
+                .unwrap()
+                .0,
+            at_limit
+        );
+        let over = format!("{at_limit}x");
+        assert!(parse_execute(&[body(&over), vec![0; 4]].concat()).is_err());
+        assert!(parse_target(&[vec![b'P'], body(&over)].concat(), "Close").is_err());
+        assert!(parse_parse(&[body(&over), body("SELECT 1"), vec![0; 2]].concat()).is_err());
     }
 
     #[test]

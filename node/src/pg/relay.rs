@@ -1927,12 +1927,13 @@ impl TargetHalf {
                                         if sent.is_err() {
                                             return End::ClientClosed;
                                         }
+                                        // The message's allocation goes with it: the rest
+                                        // moves to a buffer of the usual size.
+                                        drop(raw);
+                                        let mut rest = BytesMut::with_capacity(16 * 1024);
+                                        rest.extend_from_slice(&self.buf);
+                                        self.buf = rest;
                                         self.lent = None;
-                                        if self.buf.capacity() > LARGE_MESSAGE {
-                                            let mut rest = BytesMut::with_capacity(16 * 1024);
-                                            rest.extend_from_slice(&self.buf);
-                                            self.buf = rest;
-                                        }
                                     }
                                 }
                                 Ok(None) => break,
