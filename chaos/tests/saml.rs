@@ -132,6 +132,15 @@ async fn setup(keys: &Keys) -> (Idp, Sp) {
 }
 
 /// The node's own SP metadata (`/saml/metadata` of the console at `console`).
+/// [`setup`], with the IdP knowing the token endpoint as a recipient; and that endpoint's URL.
+async fn setup_token_endpoint(keys: &Keys) -> (Idp, Sp, String) {
+    let (idp, sp) = setup(keys).await;
+    let console = sp.console.as_str();
+    idp.register(&with_token_endpoint(&sp_metadata(console).await, console));
+    let token_url = format!("{console}/auth/saml/token");
+    (idp, sp, token_url)
+}
+
 async fn sp_metadata(console: &str) -> String {
     let res = http()
         .get(format!("{console}/saml/metadata"))
@@ -651,10 +660,8 @@ async fn t30_an_assertion_is_used_once_in_the_whole_cluster() {
 async fn t40_a_workload_exchanges_a_bearer_assertion_and_uses_postgres() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let keys = Keys::new();
-    let (idp, sp) = setup(&keys).await;
+    let (idp, sp, token_url) = setup_token_endpoint(&keys).await;
     let console = sp.console.as_str();
-    idp.register(&with_token_endpoint(&sp_metadata(console).await, console));
-    let token_url = format!("{console}/auth/saml/token");
     let (assertion, assertion_id) = saml_assertion(&idp, &token_url, "agent-saml").await;
     let res = exchange(&token_url, &assertion).await;
     assert_eq!(res.status(), 200);
@@ -802,10 +809,7 @@ async fn saml_assertion(idp: &Idp, token_url: &str, user: &str) -> (String, Stri
 async fn t45_a_signature_that_would_fetch_or_transform_is_refused_before_xmlsec() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let keys = Keys::new();
-    let (idp, sp) = setup(&keys).await;
-    let console = sp.console.as_str();
-    idp.register(&with_token_endpoint(&sp_metadata(console).await, console));
-    let token_url = format!("{console}/auth/saml/token");
+    let (idp, sp, token_url) = setup_token_endpoint(&keys).await;
 
     // What the references point at: a loopback listener that counts who connects.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

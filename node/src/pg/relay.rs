@@ -1717,6 +1717,14 @@ impl ClientHalf {
     }
 }
 
+/// `value` as the client-side detectors mask it, when they change it.
+fn client_detected(masker: &crate::policy::masking::Masker, value: &str) -> Option<String> {
+    match masker.mask(value, None, true, None) {
+        Cow::Owned(m) => Some(m),
+        Cow::Borrowed(_) => None,
+    }
+}
+
 /// A DataRow as the client gets it when masking rules apply to clients; `None` when no value
 /// changes. `unknown`: the columns could not be resolved to tables (text is redacted, anything
 /// else withheld).
@@ -2282,10 +2290,7 @@ impl TargetHalf {
         if !masker.masks_clients(conn) {
             return None;
         }
-        match masker.mask(value, None, true, None) {
-            Cow::Owned(m) => Some(m),
-            Cow::Borrowed(_) => None,
-        }
+        client_detected(masker, value)
     }
 
     /// The client's copy of an ErrorResponse or NoticeResponse: every field through the
@@ -2295,7 +2300,8 @@ impl TargetHalf {
         if !self.ctx.core.masker.masks_clients(conn) {
             return Ok(None);
         }
-        messages::mask_fields(tag, body, |v| self.client_masked(v))
+        let masker = &self.ctx.core.masker;
+        messages::mask_fields(tag, body, |v| client_detected(masker, v))
             .map_err(|e| End::TargetProtocol(e.to_string()))
     }
 
@@ -2462,23 +2468,26 @@ impl TargetHalf {
                     // A column of a table the catalog does not know (a table of the client's
                     // own open transaction, or one dropped since) may be covered by a rule
                     // (`table = "*"`): masked whole, like a table that cannot be looked up.
-                    let found = tables.as_ref().map(|t| {
-                        let table = t.get(&f.table_oid)?;
+                    let found = || {
+                        let table = tables.as_ref()?.get(&f.table_oid)?;
                         Some((table, table.columns.get(&f.column)?))
-                    });
-                    let (rule, unresolved) = match found {
-                        _ if !masker.has_column_rules() || f.table_oid == 0 => (None, false),
-                        Some(Some((t, column))) => {
-                            // A partition's or inheritance child's column is also covered by
-                            // its ancestors' rules.
-                            let own = std::iter::once((&t.schema, &t.name));
-                            let ancestors = t.ancestors.iter().map(|(s, n)| (s, n));
-                            let rule = own
-                                .chain(ancestors)
-                                .find_map(|(s, n)| masker.column_rule(conn, s, n, column));
-                            (rule.cloned(), false)
+                    };
+                    let (rule, unresolved) = if !masker.has_column_rules() || f.table_oid == 0 {
+                        (None, false)
+                    } else {
+                        match found() {
+                            Some((t, column)) => {
+                                // A partition's or inheritance child's column is also covered by
+                                // its ancestors' rules.
+                                let own = std::iter::once((&t.schema, &t.name));
+                                let ancestors = t.ancestors.iter().map(|(s, n)| (s, n));
+                                let rule = own
+                                    .chain(ancestors)
+                                    .find_map(|(s, n)| masker.column_rule(conn, s, n, column));
+                                (rule.cloned(), false)
+                            }
+                            None => (None, true),
                         }
-                        Some(None) | None => (None, true),
                     };
                     ColMask {
                         rule,
