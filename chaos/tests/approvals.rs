@@ -326,6 +326,103 @@ async fn t8h_a_protocol_portal_is_not_run_by_sql_fetch_or_move() {
     assert_eq!(refusal(&r), None);
 }
 
+/// A held statement is not bound on the target before its Execute is approved: a portal the
+/// target held could be run by name from SQL with no Execute (`cursor_to_xml`, a PL/pgSQL
+/// function that FETCHes a refcursor; the unnamed portal by its empty name). The client's
+/// Describe of the portal is answered with the formats it asked for, and the approved Execute
+/// runs the statement once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8m_a_held_statement_is_not_bound_on_the_target_before_its_approval() {
+    let s = setup().await;
+    let su = direct_superuser(&s.node.files.db).await;
+    su.batch_execute(
+        "CREATE FUNCTION public.drain(c refcursor) RETURNS int LANGUAGE plpgsql AS $$
+         DECLARE r record; n int := 0;
+         BEGIN LOOP FETCH c INTO r; EXIT WHEN NOT FOUND; n := n + 1; END LOOP; RETURN n; END $$",
+    )
+    .await
+    .unwrap();
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1 RETURNING v";
+    for (portal, runner) in [
+        ("p", "SELECT cursor_to_xml('p', 10, false, false, '')"),
+        ("p", "SELECT public.drain('p')"),
+        ("", "SELECT cursor_to_xml('', 10, false, false, '')"),
+        ("", "SELECT public.drain('')"),
+    ] {
+        // One batch, so one transaction: the UPDATE parsed and bound, never executed, then a
+        // statement that fetches its portal by name.
+        let r = w
+            .batch(&[
+                wire::parse("u", update),
+                wire::bind(portal, "u", &[]),
+                wire::parse("f", runner),
+                wire::bind("x", "f", &[]),
+                wire::execute("x"),
+                wire::sync(),
+            ])
+            .await;
+        assert_eq!(r.iter().filter(|m| m.tag == b'2').count(), 2, "{r:?}");
+        let (code, message) = refusal(&r).expect("no such portal on the target");
+        assert_eq!(code, "34000", "{runner}: {message}");
+        w.batch(&[wire::close(b'S', "u"), wire::close(b'S', "f"), wire::sync()])
+            .await;
+    }
+    assert_eq!(s.value("a.t").await, 0, "the UPDATE never ran");
+
+    // As libpq's PQexecParams sends it, with binary results: held, then approved, it runs once.
+    let run = [
+        wire::parse("", update),
+        wire::bind_binary_results("", ""),
+        wire::describe(b'P', ""),
+        wire::execute(""),
+        wire::sync(),
+    ];
+    let id = s.pending(&mut w, &run).await.expect("held");
+    s.approve(&id);
+    let r = w.batch(&run).await;
+    let tags: String = r.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "12TDCZ", "{r:?}");
+    let description = &r[2];
+    assert_eq!(description.columns(), ["v"]);
+    assert_eq!(
+        description.body[description.body.len() - 2..],
+        [0, 1],
+        "binary"
+    );
+    assert_eq!(
+        r[3].body[2..],
+        [0, 0, 0, 4, 0, 0, 0, 1],
+        "v = 1 as binary int4"
+    );
+    assert_eq!(s.value("a.t").await, 1);
+    assert_eq!(s.ran("UPDATE t SET v = v + 1"), 1);
+
+    // A portal whose statement was replaced after its Bind is refused: a Bind sent now would
+    // bind what the name holds now.
+    let r = w
+        .batch(&[
+            wire::parse("u", update),
+            wire::bind("p", "u", &[]),
+            wire::close(b'S', "u"),
+            wire::parse("u", "UPDATE t SET v = v + 100 WHERE id = 1"),
+            wire::describe(b'P', "p"),
+            wire::execute("p"),
+            wire::sync(),
+        ])
+        .await;
+    let (code, message) = refusal(&r).expect("refused");
+    assert_eq!(code, "42501", "{message}");
+    assert!(
+        message.contains("closed or replaced after portal \"p\""),
+        "{message}"
+    );
+    assert_eq!(s.value("a.t").await, 1);
+    let records = s.node.records().await;
+    assert_eq!(pg_blocked_by(&records, "portal-statement-changed").len(), 1);
+}
+
 /// An approval lets a statement run once. A cursor over a held statement that could run its
 /// query again (moved back, or run again to completion at COMMIT when declared WITH HOLD) is
 /// refused; one declared NO SCROLL and WITHOUT HOLD is held, and runs its query once.

@@ -254,3 +254,89 @@ async fn t42_rows_the_gateway_cannot_match_to_their_columns_end_the_session() {
         );
     }
 }
+
+/// A detector that masks card numbers for clients too.
+const CARDS: &str = r#"
+[[policy.masking.detectors]]
+kind = "card"
+method = "redact"
+client = true
+"#;
+
+const CARD: &str = "4111 1111 1111 1111";
+
+/// What the proxy puts in place of `marker` in PostgreSQL's errors and notices: `josé` in
+/// Latin-1 (not UTF-8, as a database in SQL_ASCII quotes a stored value), then the card.
+fn latin1_with_card(mut m: Msg, marker: &[u8]) -> Msg {
+    if let Some(at) = m.body.windows(marker.len()).position(|w| w == marker) {
+        let value = [&b"jos\xe9 "[..], CARD.as_bytes()].concat();
+        m.body.splice(at..at + marker.len(), value);
+    }
+    m
+}
+
+/// t43: an error or a notice whose text is not UTF-8 still goes through the client-side
+/// detectors: a field with a card number reaches the client `[redacted]`, and the session goes
+/// on. An ErrorResponse the gateway cannot read ends the session instead of passing as it
+/// came. Neither the client nor any file of the node gets the card.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t43_errors_and_notices_that_are_not_utf8_are_masked_for_clients() {
+    let proxy = TamperProxy::start().await;
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: CARDS,
+        target_port: Some(proxy.port()),
+        ..NodeOptions::default()
+    })
+    .await;
+    proxy.rewrite(|m| match m.tag {
+        b'E' | b'N' => vec![latin1_with_card(m, b"CARD-HERE")],
+        _ => vec![m],
+    });
+    let token = agent_token().await;
+    let mut w = session(node.port(), &token).await;
+    let mut got = Vec::new();
+    for sql in [
+        "SELECT 'CARD-HERE'::int",
+        "DO $$ BEGIN RAISE NOTICE 'CARD-HERE'; END $$",
+        "SELECT 1",
+    ] {
+        got.extend(w.batch(&[wire::query(sql)]).await);
+    }
+    let error = got.iter().find(|m| m.tag == b'E').expect("the cast fails");
+    assert_eq!(error.error().unwrap().0, "22P02");
+    let notice = got.iter().find(|m| m.tag == b'N').expect("the notice came");
+    for m in [error, notice] {
+        assert!(contains(&m.body, b"M[redacted]\0"), "{m:?}");
+    }
+    assert!(got.iter().any(|m| m.values() == [Some("1".to_string())]));
+    assert!(!got.iter().any(|m| contains(&m.body, CARD.as_bytes())));
+
+    // An error whose last field runs off its end: the session ends, the card stays behind.
+    proxy.rewrite(|m| match m.tag {
+        b'E' => {
+            let mut m = latin1_with_card(m, b"BROKEN-HERE");
+            m.body.truncate(m.body.len() - 2);
+            vec![m]
+        }
+        _ => vec![m],
+    });
+    w.send(&wire::query("SELECT 'BROKEN-HERE'::int")).await;
+    let msgs = answer(&mut w).await;
+    assert!(
+        !msgs.iter().any(|m| contains(&m.body, CARD.as_bytes())),
+        "{msgs:?}"
+    );
+    assert!(
+        !msgs.iter().any(|m| m.tag == b'Z'),
+        "the session ended: {msgs:?}"
+    );
+    let (outcome, detail) = nth_session_end(&node.files, 1).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    assert!(detail.contains("malformed ErrorResponse"), "{detail}");
+    proxy.pass();
+    for path in files_under(node.files.dir.path()) {
+        let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+        assert!(!text.contains(CARD), "{}", path.display());
+    }
+}

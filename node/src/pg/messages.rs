@@ -64,9 +64,15 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string, which must be UTF-8.
     pub fn cstr(&mut self) -> Result<&'a str, Malformed> {
+        let err = self.err();
+        std::str::from_utf8(self.cstr_bytes()?).map_err(|_| err)
+    }
+
+    /// A NUL-terminated string's bytes, whatever their encoding.
+    pub fn cstr_bytes(&mut self) -> Result<&'a [u8], Malformed> {
         let end = self.buf.iter().position(|&b| b == 0).ok_or(self.err())?;
-        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
-        self.buf = &self.buf[end + 1..];
+        let (s, rest) = self.buf.split_at(end);
+        self.buf = &rest[1..];
         Ok(s)
     }
 
@@ -247,10 +253,11 @@ pub fn parse_error_fields(body: &[u8]) -> (String, String) {
         if field == 0 {
             break;
         }
-        let Ok(value) = r.cstr() else { break };
+        // A database in SQL_ASCII quotes values in bytes that need not be UTF-8.
+        let Ok(value) = r.cstr_bytes() else { break };
         match field {
-            b'C' => code = value.to_string(),
-            b'M' => message = value.to_string(),
+            b'C' => code = String::from_utf8_lossy(value).into_owned(),
+            b'M' => message = String::from_utf8_lossy(value).into_owned(),
             _ => {}
         }
     }
@@ -258,7 +265,8 @@ pub fn parse_error_fields(body: &[u8]) -> (String, String) {
 }
 
 /// The fields of an ErrorResponse or NoticeResponse (`tag`) with each value passed through
-/// `mask`; `None` when no value changed.
+/// `mask`; `None` when no value changed. A value that is not UTF-8 (a database in SQL_ASCII
+/// quoting a value) is read as text for `mask`, and hidden whole when `mask` changes it.
 pub fn mask_fields(
     tag: u8,
     body: &[u8],
@@ -277,17 +285,21 @@ pub fn mask_fields(
         if field == 0 {
             break;
         }
-        let value = r.cstr()?;
-        let masked = mask(value);
+        let value = r.cstr_bytes()?;
+        let masked = match std::str::from_utf8(value) {
+            Ok(text) => mask(text).map(String::into_bytes),
+            Err(_) => mask(&String::from_utf8_lossy(value)).map(|_| b"[redacted]".to_vec()),
+        };
         changed |= masked.is_some();
-        fields.push((field, masked.unwrap_or_else(|| value.to_string())));
+        fields.push((field, masked.unwrap_or_else(|| value.to_vec())));
     }
     r.finish()?;
     Ok(changed.then(|| {
         typed(tag, |b| {
             for (field, value) in &fields {
                 b.put_u8(*field);
-                put_cstr(b, value);
+                b.put_slice(value);
+                b.put_u8(0);
             }
             b.put_u8(0);
         })
@@ -512,8 +524,6 @@ pub fn parse(sql: &str) -> Bytes {
     })
 }
 
-/// The gateway's own read of the session, as one batch: Parse and Bind of `sql` under `name`
-/// (statement and portal), Execute, Close of both, Sync.
 /// A Describe of portal `name`.
 pub fn describe_portal(name: &str) -> Bytes {
     typed(b'D', |b| {
@@ -522,6 +532,28 @@ pub fn describe_portal(name: &str) -> Bytes {
     })
 }
 
+/// A Close of portal `name`.
+pub fn close_portal(name: &str) -> Bytes {
+    typed(b'C', |b| {
+        b.put_u8(b'P');
+        put_cstr(b, name);
+    })
+}
+
+/// Bind message `raw` with its portal renamed `portal`.
+pub fn rename_bind(raw: &[u8], portal: &str) -> Result<Bytes, Malformed> {
+    let body = raw.get(5..).ok_or(Malformed("Bind"))?;
+    let mut r = Reader::new(body, "Bind");
+    r.cstr()?;
+    let rest = &body[body.len() - r.remaining()..];
+    Ok(typed(b'B', |b| {
+        put_cstr(b, portal);
+        b.put_slice(rest);
+    }))
+}
+
+/// The gateway's own read of the session, as one batch: Parse and Bind of `sql` under `name`
+/// (statement and portal), Execute, Close of both, Sync.
 pub fn settings_probe(name: &str, sql: &str) -> Bytes {
     let mut b = BytesMut::new();
     b.extend_from_slice(&typed(b'P', |b| {
@@ -605,6 +637,32 @@ mod tests {
     }
 
     #[test]
+    fn error_fields_that_are_not_utf8_are_read_and_hidden_whole() {
+        // SQL_ASCII quotes a value as it is stored: here Latin-1 bytes around an e-mail.
+        let body = b"SERROR\0C22P02\0Minvalid input: \"jos\xe9 bob@example.com\"\0\0";
+        let (code, message) = parse_error_fields(body);
+        assert_eq!(code, "22P02");
+        assert_eq!(message, "invalid input: \"jos\u{fffd} bob@example.com\"");
+        let masked = mask_fields(b'E', body, |v| {
+            v.contains("@example.com")
+                .then(|| v.replace("bob@example.com", "***"))
+        });
+        let masked = body_of(masked.unwrap().unwrap());
+        assert_eq!(&masked[..], b"SERROR\0C22P02\0M[redacted]\0\0");
+        // UTF-8 values keep the mask's own text; unchanged ones their bytes.
+        let body = b"SERROR\0Mbob@example.com\0Djos\xe9\0\0";
+        let masked = mask_fields(b'E', body, |v| {
+            (v == "bob@example.com").then(|| "***".into())
+        });
+        let masked = body_of(masked.unwrap().unwrap());
+        assert_eq!(&masked[..], b"SERROR\0M***\0Djos\xe9\0\0");
+        assert_eq!(
+            mask_fields(b'E', b"SERROR\0Mx\0", |_| None),
+            Err(Malformed("ErrorResponse"))
+        );
+    }
+
+    #[test]
     fn startup_messages_round_trip() {
         let p = startup_message(&[("user", "u"), ("database", "d")]);
         let s = Startup::parse(&p[8..]).unwrap();
@@ -658,6 +716,22 @@ mod tests {
             vec![Some(&b"7"[..]), None]
         );
         assert!(parse_row_description(&desc[..10]).is_err());
+    }
+
+    #[test]
+    fn a_bind_is_renamed_with_all_else_kept() {
+        let raw = typed(b'B', |b| {
+            put_cstr(b, "client");
+            put_cstr(b, "s1");
+            b.put_slice(&[0, 1, 0, 1, 0, 1, 0, 0, 0, 1, b'7', 0, 0]);
+        });
+        let renamed = rename_bind(&raw, "vigil_probe_00").unwrap();
+        let body = body_of(renamed);
+        let bind = parse_bind(&body).unwrap();
+        assert_eq!((bind.portal, bind.statement), ("vigil_probe_00", "s1"));
+        assert_eq!(bind.params, [Some(&b"7"[..])]);
+        assert_eq!(bind.param_formats, [1]);
+        assert!(rename_bind(&raw[..8], "x").is_err());
     }
 
     #[test]

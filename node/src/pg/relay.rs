@@ -314,9 +314,14 @@ enum Pending {
     Bind(Vec<Op>),
     Close(Vec<Op>),
     Describe(Option<Described>),
-    /// The gateway's own Describe of a portal it just bound (see [`ClientHalf::on_bind`]):
+    /// The gateway's own Describe of a portal it just bound (see [`ClientHalf::send_bind`]):
     /// its answer goes to no one.
     OwnDescribe(Arc<Portal>),
+    /// A Bind the client heard BindComplete for already (see [`ClientHalf::on_bind`]): its
+    /// changes to the tables.
+    OwnBind(Vec<Op>),
+    /// The gateway's Close of a portal of its own: its answer goes to no one.
+    OwnClose,
     Execute(Unit),
     Query(Unit),
     Sync,
@@ -775,6 +780,11 @@ impl ClientHalf {
                 } else {
                     self.portal(name, out).await?.map(Described::Portal)
                 };
+                if let Some(Described::Portal(p)) = &described {
+                    if p.held_back.is_some() {
+                        return self.describe_held_back(name, p.clone(), out).await;
+                    }
+                }
                 self.expect(Pending::Describe(described));
                 out.extend_from_slice(&frame.raw);
                 Ok(())
@@ -1009,6 +1019,13 @@ impl ClientHalf {
                 .collect();
             binding::params_digest(&bound)
         });
+        // A statement that may be held, or is decided again at each Execute, is not bound on
+        // the target before its Execute is decided: a portal the target holds runs by name
+        // from SQL without an Execute (`cursor_to_xml('p', …)`, a PL/pgSQL `FETCH` of a
+        // refcursor, a function in any language that finds it), and planning it may call
+        // functions already. The client hears BindComplete now; the Bind goes in front of the
+        // Execute that may run it (see `on_execute`).
+        let held_back = stmt.may_hold().then(|| frame.raw.clone());
         let portal = Arc::new(Portal {
             statement: bind.statement.to_string(),
             params_digest,
@@ -1017,6 +1034,7 @@ impl ClientHalf {
             param_formats: bind.param_formats,
             result_formats: bind.result_formats,
             described: OnceLock::new(),
+            held_back,
         });
         if !bind.portal.is_empty() {
             if let Some(names) = &mut self.bound_portals {
@@ -1026,22 +1044,104 @@ impl ClientHalf {
                 }
             }
         }
-        // A failed Bind may leave an older portal of that name: forget it either way.
-        let name = bind.portal.to_string();
-        let ops = vec![
-            Op::DropPortal(Some(name.clone())),
-            Op::AddPortal(name, portal.clone()),
-        ];
+        if portal.held_back.is_some() {
+            // The target binds it under this session's private name and closes it at once,
+            // with nothing in between: it fails as the Bind would (parameters, statement,
+            // transaction), and the client hears its answer.
+            let ops = bind_ops(bind.portal, &portal);
+            self.tables.record(&ops);
+            self.expect(Pending::Bind(ops));
+            self.bind_privately(&frame.raw, out)?;
+            self.own_close(out);
+            return Ok(());
+        }
+        self.send_bind(bind.portal, &frame.raw, portal, Pending::Bind, out);
+        Ok(())
+    }
+
+    /// Sends Bind `raw` under this session's private portal name (closed by the caller, with
+    /// nothing of the client's in between).
+    fn bind_privately(&mut self, raw: &[u8], out: &mut BytesMut) -> Result<(), Halt> {
+        out.extend_from_slice(&messages::rename_bind(raw, &self.probe_name)?);
+        Ok(())
+    }
+
+    /// Closes the portal of this session's private name.
+    fn own_close(&mut self, out: &mut BytesMut) {
+        out.extend_from_slice(&messages::close_portal(&self.probe_name));
+        self.expect(Pending::OwnClose);
+    }
+
+    /// Sends the Bind `raw` of `portal` under `name`, expecting its answer as `pending`.
+    fn send_bind(
+        &mut self,
+        name: &str,
+        raw: &[u8],
+        portal: Arc<Portal>,
+        pending: fn(Vec<Op>) -> Pending,
+        out: &mut BytesMut,
+    ) {
+        let ops = bind_ops(name, &portal);
         self.tables.record(&ops);
-        self.expect(Pending::Bind(ops));
-        out.extend_from_slice(&frame.raw);
+        self.expect(pending(ops));
+        out.extend_from_slice(raw);
         // Column rules are matched against the portal's own description: the plan chosen at
         // Bind, not one a Describe of the statement saw (the same text may be planned again
         // on other tables: a temporary table gone, another search_path).
         if self.ctx.core.masker.is_active() && portal.described_at_bind() {
-            out.extend_from_slice(&messages::describe_portal(bind.portal));
+            out.extend_from_slice(&messages::describe_portal(name));
             self.expect(Pending::OwnDescribe(portal));
         }
+    }
+
+    /// Whether the prepared statement a kept-back Bind names still holds what the portal
+    /// was bound to (a Bind sent now binds what the name holds now).
+    async fn still_bound(&mut self, portal: &Portal, out: &mut BytesMut) -> Result<bool, Halt> {
+        let now = self.statement(&portal.statement, out).await?;
+        Ok(now.is_some_and(|s| Arc::ptr_eq(&s, &portal.stmt)))
+    }
+
+    /// Refuses a message about portal `name`, whose Bind was kept back, when its prepared
+    /// statement was closed or replaced since.
+    fn refuse_rebound(&mut self, name: &str, portal: &Portal, out: &mut BytesMut) {
+        let request = PgRequest {
+            mode: "extended".into(),
+            text: portal.stmt.text.to_string(),
+            statement: Some(portal.statement.clone()),
+            portal: Some(name.to_string()),
+            ..PgRequest::default()
+        };
+        let decision = gateway_block(
+            "portal-statement-changed",
+            format!(
+                "prepared statement {:?} was closed or replaced after portal {name:?} was bound to it; bind the portal again",
+                portal.statement
+            ),
+        );
+        self.block(request, &decision, false, out);
+        self.skip_until_sync = true;
+    }
+
+    /// A Describe of portal `name`, whose Bind is kept back: the target binds it under this
+    /// session's private name, describes that and closes it, with nothing in between.
+    async fn describe_held_back(
+        &mut self,
+        name: &str,
+        portal: Arc<Portal>,
+        out: &mut BytesMut,
+    ) -> Result<(), Halt> {
+        if !self.still_bound(&portal, out).await? {
+            self.refuse_rebound(name, &portal, out);
+            return Ok(());
+        }
+        let Some(bind) = &portal.held_back else {
+            return Ok(());
+        };
+        self.bind_privately(bind, out)?;
+        self.expect(Pending::OwnBind(Vec::new()));
+        out.extend_from_slice(&messages::describe_portal(&self.probe_name));
+        self.expect(Pending::Describe(Some(Described::Portal(portal))));
+        self.own_close(out);
         Ok(())
     }
 
@@ -1070,6 +1170,10 @@ impl ClientHalf {
             params: Some(portal.params.clone()),
             ..PgRequest::default()
         };
+        if portal.held_back.is_some() && !self.still_bound(&portal, out).await? {
+            self.refuse_rebound(name, &portal, out);
+            return Ok(());
+        }
         let resolved = self.resolve(&stmt.text, &stmt.class, out).await?;
         let values = portal.params.iter().flatten().map(String::as_str);
         if let Some(refusal) = self.masked_write(writes(&stmt.class, &resolved), values) {
@@ -1142,6 +1246,15 @@ impl ClientHalf {
         let per_statement = self.statement_effects(&stmt.text, &stmt.class, &decided.0, &decided.1);
         match self.audit_request(request, Some(decided), approval).await {
             Ok(mut unit) => {
+                // A kept-back Bind goes first: decided, the portal may now exist.
+                let portal = match portal.held_back.clone() {
+                    Some(bind) => {
+                        let bound = Arc::new(portal.bound());
+                        self.send_bind(name, &bind, bound.clone(), Pending::OwnBind, out);
+                        bound
+                    }
+                    None => portal,
+                };
                 for ops in &per_statement {
                     self.tables.record(ops);
                 }
@@ -2063,6 +2176,19 @@ impl TargetHalf {
                 _ => {}
             }
         }
+        match (self.queue.front(), frame.tag) {
+            // The client heard BindComplete when the gateway kept the Bind back.
+            (Some(Pending::OwnBind(ops)), b'2') => {
+                self.tables.settle(ops, true);
+                self.queue.pop_front();
+                return Ok(Bytes::new());
+            }
+            (Some(Pending::OwnClose), b'3') => {
+                self.queue.pop_front();
+                return Ok(Bytes::new());
+            }
+            _ => {}
+        }
         let handled = match frame.tag {
             b'G' => {
                 self.in_copy_in = true;
@@ -2096,12 +2222,7 @@ impl TargetHalf {
                 self.on_complete(frame.tag, &body);
                 Ok(())
             }
-            b'E' => {
-                if let Some(instead) = self.on_error(&body) {
-                    raw = instead;
-                }
-                Ok(())
-            }
+            b'E' => self.on_error(&body).map(|i| instead = i),
             // What these carry goes to the client through its detectors (`Some`: instead).
             b'N' => self.on_notice(&body).map(|i| instead = i),
             b'A' => self.on_notification(&body).map(|i| instead = i),
@@ -2216,8 +2337,9 @@ impl TargetHalf {
         }
     }
 
-    /// An ErrorResponse; `Some`: the client gets this instead (a refusal's own error).
-    fn on_error(&mut self, body: &[u8]) -> Option<Bytes> {
+    /// An ErrorResponse; `Some`: the client gets this instead (a refusal's own error, or the
+    /// error through the client-side detectors).
+    fn on_error(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
         self.end_copy_in();
         let (sqlstate, message) = messages::parse_error_fields(body);
         let error = PgError { sqlstate, message };
@@ -2230,7 +2352,7 @@ impl TargetHalf {
                     // nothing was queued behind the stand-in but that Sync.
                     self.queue.pop_front();
                 }
-                return Some(instead);
+                return Ok(Some(instead));
             }
             Some(Pending::Query(_)) if self.acc.response.error.is_none() => {
                 self.acc.response.error = Some(error);
@@ -2240,8 +2362,8 @@ impl TargetHalf {
             None => self.unsolicited = Some(error),
         }
         // An error quotes values (`invalid input syntax for type integer: "…"`, `Key (…)=(…)
-        // already exists`); one the gateway cannot read is passed on as it came.
-        self.client_fields(b'E', body).ok().flatten()
+        // already exists`).
+        self.client_fields(b'E', body)
     }
 
     /// A NoticeResponse: its message on record, the client's copy through the client-side
@@ -2393,7 +2515,12 @@ impl TargetHalf {
                 Some(_) => {}
             }
             match self.queue.pop_front() {
-                Some(Pending::Parse { ops, .. } | Pending::Bind(ops) | Pending::Close(ops)) => {
+                Some(
+                    Pending::Parse { ops, .. }
+                    | Pending::Bind(ops)
+                    | Pending::Close(ops)
+                    | Pending::OwnBind(ops),
+                ) => {
                     self.tables.settle(&ops, false);
                 }
                 Some(Pending::Execute(unit) | Pending::Query(unit)) => {
@@ -2695,6 +2822,15 @@ async fn end_by_gateway(
 
 /// Whether a statement text writes (an INSERT, UPDATE, DELETE or MERGE anywhere in it, or in
 /// the prepared statements it runs).
+/// What a Bind of `portal` under `name` does to the tables. A failed Bind may leave an older
+/// portal of that name: it is forgotten either way.
+fn bind_ops(name: &str, portal: &Arc<Portal>) -> Vec<Op> {
+    vec![
+        Op::DropPortal(Some(name.to_string())),
+        Op::AddPortal(name.to_string(), portal.clone()),
+    ]
+}
+
 fn writes(class: &Classification, resolved: &Resolved) -> bool {
     let any = |stmts: &[StatementInfo]| stmts.iter().any(|s| s.writes);
     class.as_ref().is_ok_and(|s| any(s)) || resolved.decided.as_deref().is_some_and(any)

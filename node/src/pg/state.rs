@@ -20,6 +20,7 @@
 use super::binding::Settings;
 use super::messages::Field;
 use crate::policy::{Classification, Decision};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
@@ -76,9 +77,26 @@ pub struct Portal {
     pub result_formats: Vec<i16>,
     /// Columns from a Describe of this portal.
     pub described: OnceLock<Vec<Field>>,
+    /// The client's Bind, kept from the target until an Execute of the portal is decided
+    /// (`Some`: the target does not hold this portal; see `relay::ClientHalf::on_bind`).
+    pub held_back: Option<Bytes>,
 }
 
 impl Portal {
+    /// The portal as the target holds it once its held-back Bind was sent.
+    pub fn bound(&self) -> Self {
+        Portal {
+            statement: self.statement.clone(),
+            stmt: self.stmt.clone(),
+            params: self.params.clone(),
+            param_formats: self.param_formats.clone(),
+            params_digest: self.params_digest,
+            result_formats: self.result_formats.clone(),
+            described: OnceLock::new(),
+            held_back: None,
+        }
+    }
+
     /// The columns of this portal's rows, if a Describe told them (the portal's own, else its
     /// statement's with the formats the Bind chose). Never when they are decided as it runs
     /// (see [`Self::described_at_bind`]).
