@@ -509,6 +509,14 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
         assert!(std::time::Instant::now() < deadline, "the session ended");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The wait's end is on record: the request stays pending.
+    let records = s.node.records().await;
+    let ended = of_kind(&records, Kind::ApprovalDecided);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        ended[0].body.detail.as_deref(),
+        Some("the client left while it was held")
+    );
     s.approve(&id);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(

@@ -18,6 +18,7 @@ use crate::core::metrics::Metrics;
 use crate::core::Refusal;
 use crate::policy::ApprovalSpec;
 use anyhow::Context as _;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -284,7 +285,16 @@ impl Approvals {
     }
 
     /// Decides what happens to a held statement; `record` is told every step on the way.
-    pub async fn settle(&self, hold: Hold<'_>, record: &mut (dyn FnMut(Step) + Send)) -> Verdict {
+    /// `left` resolves when the client goes away: that ends the wait for a decision (the
+    /// request stays pending, and a client that sends the statement again can use its
+    /// approval), never a call to the coordinator halfway (an approval consumed must be
+    /// followed by its statement; a request created must be on record).
+    pub async fn settle(
+        &self,
+        hold: Hold<'_>,
+        record: &mut (dyn FnMut(Step) + Send),
+        left: impl Future<Output = ()>,
+    ) -> Verdict {
         if let Some(verdict) = self.granted(&hold).await {
             return verdict;
         }
@@ -305,15 +315,17 @@ impl Approvals {
             Ok(id) => id,
             Err(e) => return unavailable(&e),
         };
-        let waited = tokio::time::timeout(
-            Duration::from_secs(spec.wait_secs),
-            self.await_decision(&id),
-        )
-        .await;
+        let wait = Duration::from_secs(spec.wait_secs);
+        let waited = tokio::select! {
+            w = tokio::time::timeout(wait, self.await_decision(&id)) => {
+                w.map_err(|_| format!("no decision within {} s", spec.wait_secs))
+            }
+            () = left => Err("the client left while it was held".to_string()),
+        };
         match waited {
             Ok(Ok(decided)) => self.decided(decided, &consume, record).await,
             Ok(Err(e)) => unavailable(&e),
-            Err(_) => {
+            Err(detail) => {
                 let pending = ApprovalRef {
                     id: id.clone(),
                     state: "pending".into(),
@@ -322,7 +334,7 @@ impl Approvals {
                 record(Step {
                     outcome: Outcome::Pending,
                     approval: pending.clone(),
-                    detail: format!("no decision within {} s", spec.wait_secs),
+                    detail,
                     requested: false,
                 });
                 Verdict::refuse(

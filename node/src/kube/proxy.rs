@@ -705,7 +705,12 @@ impl Conn {
             reason: decision.reason.as_deref(),
             spec,
         };
-        self.ctx.core.approvals.settle(hold, &mut record).await
+        let left = std::future::pending();
+        self.ctx
+            .core
+            .approvals
+            .settle(hold, &mut record, left)
+            .await
     }
 
     /// exec, attach and port-forward: the request goes to the API server over HTTP/1.1; when

@@ -51,7 +51,9 @@ use vigil_proto::record::{
 /// [`crate::core::approvals::Approvals::settle`]); each step is recorded under the statement
 /// number `stmt` its request will get. The approval is bound to `binding` (its `hash`), and
 /// the approver is shown all of it, masked without changing how it reads; what cannot be
-/// shown that way is not held.
+/// shown that way is not held. `left` resolves when the client hangs up (see
+/// [`client_left`]).
+#[allow(clippy::too_many_arguments)]
 async fn hold(
     ctx: &PgContext,
     session: &Session,
@@ -60,6 +62,7 @@ async fn hold(
     decision: &Decision,
     binding: &Binding<'_>,
     hash: &str,
+    left: impl Future<Output = ()>,
 ) -> Verdict {
     let spec = match crate::core::approvals::spec_of(decision) {
         Ok(s) => s,
@@ -123,32 +126,21 @@ async fn hold(
         reason: decision.reason.as_deref(),
         spec,
     };
-    ctx.core.approvals.settle(hold, &mut record).await
+    ctx.core.approvals.settle(hold, &mut record, left).await
 }
 
-/// Waits for a held statement's verdict while watching its client. A client that hangs up
-/// meanwhile gets nothing run: the wait ends, and an approval given later stays unused (a
-/// client that connects again and sends the statement again can use it). What the client sends
-/// meanwhile waits in `buf`, read up to [`BATCH_BUFFER`]; beyond that it waits in the socket.
-async fn watching_client(
-    read: &mut ReadHalf<BoxStream>,
-    buf: &mut BytesMut,
-    verdict: impl Future<Output = Verdict>,
-) -> Result<Verdict, Halt> {
-    tokio::pin!(verdict);
-    loop {
-        if buf.len() >= BATCH_BUFFER {
-            return Ok(verdict.await);
-        }
-        tokio::select! {
-            v = &mut verdict => return Ok(v),
-            n = read.read_buf(buf) => {
-                if matches!(n, Ok(0) | Err(_)) {
-                    return Err(Halt::End(End::ClientClosed));
-                }
-            }
+/// Resolves when the client hangs up, setting `left`: a held statement's wait for a decision
+/// then ends, nothing runs, and an approval given later stays unused (a client that connects
+/// again and sends the statement again can use it). What the client sends meanwhile waits in
+/// `buf`, read up to [`BATCH_BUFFER`]; beyond that it waits in the socket, unwatched.
+async fn client_left(read: &mut ReadHalf<BoxStream>, buf: &mut BytesMut, left: &mut bool) {
+    while buf.len() < BATCH_BUFFER {
+        if matches!(read.read_buf(buf).await, Ok(0) | Err(_)) {
+            *left = true;
+            return;
         }
     }
+    std::future::pending().await
 }
 
 /// A statement that needs approval but cannot be held: its binding could not be established
@@ -881,20 +873,7 @@ impl ClientHalf {
                         params_digest: None,
                         settings,
                     };
-                    let stmt = self.stmts.load(Ordering::Relaxed) + 1;
-                    let hash = binding.hash();
-                    let verdict = hold(
-                        &self.ctx,
-                        &self.session,
-                        stmt,
-                        &request,
-                        &decision,
-                        &binding,
-                        &hash,
-                    );
-                    let verdict = watching_client(&mut self.read, &mut self.buf, verdict).await?;
-                    request.binding = Some(binding.record(&hash));
-                    verdict
+                    self.held(&mut request, &decision, &binding).await?
                 }
                 Err(why) => unbound(&decision.rule, why),
             };
@@ -1221,14 +1200,7 @@ impl ClientHalf {
                             params_digest: portal.params_digest,
                             settings,
                         };
-                        let stmt_no = self.stmts.load(Ordering::Relaxed) + 1;
-                        let (ctx, session) = (&self.ctx, &self.session);
-                        let hash = binding.hash();
-                        let verdict = hold(ctx, session, stmt_no, &request, &d, &binding, &hash);
-                        let verdict =
-                            watching_client(&mut self.read, &mut self.buf, verdict).await?;
-                        request.binding = Some(binding.record(&hash));
-                        verdict
+                        self.held(&mut request, &d, &binding).await?
                     }
                     Err(why) => unbound(&d.rule, why),
                 };
@@ -1675,6 +1647,28 @@ impl ClientHalf {
                 ops
             })
             .collect()
+    }
+
+    /// Holds `request` for approval (see [`hold`]) under the number its record will get,
+    /// bound to `binding`, which its record then carries. The session ends if the client
+    /// hangs up during the wait.
+    async fn held(
+        &mut self,
+        request: &mut PgRequest,
+        decision: &Decision,
+        binding: &Binding<'_>,
+    ) -> Result<Verdict, Halt> {
+        let stmt = self.stmts.load(Ordering::Relaxed) + 1;
+        let hash = binding.hash();
+        let mut left = false;
+        let watch = client_left(&mut self.read, &mut self.buf, &mut left);
+        let (ctx, session) = (&self.ctx, &self.session);
+        let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
+        if left {
+            return Err(Halt::End(End::ClientClosed));
+        }
+        request.binding = Some(binding.record(&hash));
+        Ok(verdict)
     }
 
     /// Refuses a message that names a statement or portal the gateway cannot vouch for.

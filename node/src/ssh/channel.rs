@@ -569,7 +569,12 @@ async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &Pol
         reason: run.decision.reason.as_deref(),
         spec,
     };
-    conn.ctx.core.approvals.settle(hold, &mut record).await
+    let left = std::future::pending();
+    conn.ctx
+        .core
+        .approvals
+        .settle(hold, &mut record, left)
+        .await
 }
 
 /// Hex SHA-256 over the login, the request type and the command line, each length-prefixed:
