@@ -520,6 +520,71 @@ async fn t13c_large_rows_are_bounded_by_the_node_s_memory_for_them() {
     assert_eq!(big_rows, 12);
 }
 
+/// A message over 1 MiB holds the node's memory for large messages until the client has taken
+/// it. A client that stops reading cannot hold it on: past `client_read_grace_secs` plus the
+/// message's length at `min_client_read_bytes_per_sec`, its session ends and the memory is
+/// given back. A client that reads gets the same message whole under the same settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13d_a_client_that_stops_reading_gives_back_the_memory_of_a_large_row() {
+    const MIB: usize = 1 << 20;
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        postgres_extra: "client_read_grace_secs = 1\nmin_client_read_bytes_per_sec = 67108864",
+        ..Default::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let select = "SELECT repeat('x', 40 * 1048576) AS big";
+    let (client, _task) = node.client(&token).await.unwrap();
+    let row = client.query_one(select, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0).len(), 40 * MIB);
+    drop(client);
+
+    // Sends the statement, then reads nothing.
+    let mut w = vigil_chaos::wire::Wire::app_session(node.port(), &token).await;
+    w.send(&vigil_chaos::wire::query(select)).await;
+    let started = std::time::Instant::now();
+    let ends = || async {
+        of_kind(&node.records().await, Kind::SessionEnd)
+            .into_iter()
+            .filter_map(|r| Some((r.body.outcome?, r.body.detail.clone()?)))
+            .filter(|(_, d)| d.contains("did not take"))
+            .collect::<Vec<_>>()
+    };
+    let mut ended = ends().await;
+    while ended.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the session ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ended = ends().await;
+    }
+    assert_eq!(ended[0].0, Outcome::Error);
+    let declared = 4 + 2 + 4 + 40 * MIB;
+    assert!(
+        ended[0].1.starts_with(&format!(
+            "the client did not take a message of {} bytes within 1 s",
+            declared + 1
+        )),
+        "{ended:?}"
+    );
+    assert_eq!(
+        metric(&node.metrics().await, "vigil_target_message_memory_bytes"),
+        0.0,
+        "the memory is given back"
+    );
+    // The statement ran, and its response record says it was not passed on.
+    let records = node.records().await;
+    let responses: Vec<_> = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter_map(|r| r.body.pg_response())
+        .collect();
+    assert_eq!(responses.len(), 2, "{responses:?}");
+    assert!(responses[1].error.is_some(), "{responses:?}");
+    drop(w);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t14_pgbench_init_and_all_query_modes() {
     let node = TestNode::start(NodeOptions::default()).await;

@@ -6,7 +6,9 @@
 //! `postgres.target_message_memory_bytes`, the memory the whole node lends to messages over
 //! [`LARGE_MESSAGE`]. A session whose next message does not fit reads nothing more from its
 //! target until other sessions have passed theirs on: the target waits on its socket, and
-//! nothing is lost.
+//! nothing is lost. A client must take a large message within its deadline
+//! (`PostgresConfig::large_write_deadline`), else its session ends: a client that stops
+//! reading cannot hold the memory.
 
 use crate::core::metrics::Metrics;
 use std::sync::Arc;

@@ -22,6 +22,13 @@ pub struct PostgresConfig {
     /// message does not fit waits for it (see `budget`).
     #[serde(default = "default_target_message_memory")]
     pub target_message_memory_bytes: usize,
+    /// A message over 1 MiB holds the node's memory until the client has taken it: it must
+    /// within this many seconds plus its length at `min_client_read_bytes_per_sec`, or the
+    /// session ends (see [`PostgresConfig::large_write_deadline`]).
+    #[serde(default = "default_client_read_grace")]
+    pub client_read_grace_secs: u64,
+    #[serde(default = "default_min_client_read_rate")]
+    pub min_client_read_bytes_per_sec: u64,
     /// Largest message accepted before the client is authenticated (startup packets, the
     /// password message): an unauthenticated client cannot make the gateway buffer more. Read
     /// it with [`PostgresConfig::preauth_message_limit`].
@@ -56,6 +63,12 @@ fn default_max_target_message() -> usize {
 fn default_target_message_memory() -> usize {
     1024 * 1024 * 1024
 }
+fn default_client_read_grace() -> u64 {
+    30
+}
+fn default_min_client_read_rate() -> u64 {
+    1024 * 1024
+}
 /// PostgreSQL's own limit for a message.
 const MAX_TARGET_MESSAGE: usize = 1 << 30;
 /// PostgreSQL caps startup packets at 10,000 bytes; a token takes a few KiB.
@@ -76,6 +89,15 @@ impl PostgresConfig {
             .filter(|c| c.read_only)
             .map(|c| c.name.clone())
             .collect()
+    }
+
+    /// How long a client may take to take a message of `bytes` over 1 MiB, which holds the
+    /// node's memory for large messages until then (`client_read_grace_secs` plus its length
+    /// at `min_client_read_bytes_per_sec`).
+    pub fn large_write_deadline(&self, bytes: usize) -> std::time::Duration {
+        let secs = bytes as f64 / self.min_client_read_bytes_per_sec as f64;
+        std::time::Duration::from_secs(self.client_read_grace_secs)
+            + std::time::Duration::from_secs_f64(secs)
     }
 
     /// `max_preauth_message_bytes`; by default 16 KiB, or `max_frame_bytes` if that is smaller.
@@ -168,6 +190,18 @@ impl PostgresConfig {
             return Err(invalid(
                 "postgres.target_message_memory_bytes",
                 "must be at least postgres.max_target_message_bytes and at most 4294967296 (4 GiB)",
+            ));
+        }
+        if self.client_read_grace_secs == 0 || self.client_read_grace_secs > 86_400 {
+            return Err(invalid(
+                "postgres.client_read_grace_secs",
+                "must be at least 1 and at most 86400",
+            ));
+        }
+        if self.min_client_read_bytes_per_sec < 1024 {
+            return Err(invalid(
+                "postgres.min_client_read_bytes_per_sec",
+                "must be at least 1024",
             ));
         }
         if self.max_unauthenticated_connections == 0 {

@@ -524,6 +524,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         | End::ClientProtocol(_)
         | End::TargetProtocol(_)
         | End::TargetTooLarge { .. }
+        | End::ClientTooSlow { .. }
         | End::ReadingChanged(_)
         | End::NodeShutdown => Outcome::Error,
         End::TokenExpired => Outcome::Denied,
@@ -548,6 +549,12 @@ enum End {
     /// The target reports a setting that changes how it reads statements: a client encoding
     /// other than UTF-8, or strings that are not standard.
     ReadingChanged(EncodingError),
+    /// The client did not take a message over 1 MiB within its deadline (see
+    /// `PostgresConfig::large_write_deadline`).
+    ClientTooSlow {
+        bytes: usize,
+        secs: u64,
+    },
     /// The session's token expired (`identity.session_expiry = "token"`).
     TokenExpired,
     /// The node drained and the drain deadline passed.
@@ -565,6 +572,11 @@ impl std::fmt::Display for End {
             End::TargetTooLarge { len, max } => write!(
                 f,
                 "the target sent a message of {len} bytes, over postgres.max_target_message_bytes ({max})"
+            ),
+            End::ClientTooSlow { bytes, secs } => write!(
+                f,
+                "the client did not take a message of {bytes} bytes within {secs} s \
+                 (postgres.client_read_grace_secs, postgres.min_client_read_bytes_per_sec)"
             ),
             End::ReadingChanged(e) => e.fmt(f),
             End::TokenExpired => f.write_str("token expired"),
@@ -2034,13 +2046,23 @@ impl TargetHalf {
                                         out.extend_from_slice(&raw);
                                     } else {
                                         // Passed on as it is (a copy would hold it twice),
-                                        // then its memory is given back.
-                                        let sent = match self.send(&mut out).await {
-                                            Ok(()) => self.pass_on(&raw).await,
-                                            Err(e) => Err(e),
-                                        };
-                                        if sent.is_err() {
-                                            return End::ClientClosed;
+                                        // then its memory is given back; a client that does
+                                        // not take it in time would hold that memory on.
+                                        let config = &self.ctx.config;
+                                        let deadline = config.large_write_deadline(raw.len());
+                                        let sent = tokio::time::timeout(deadline, async {
+                                            self.send(&mut out).await?;
+                                            self.pass_on(&raw).await
+                                        });
+                                        match sent.await {
+                                            Ok(Ok(())) => {}
+                                            Ok(Err(_)) => return End::ClientClosed,
+                                            Err(_) => {
+                                                return End::ClientTooSlow {
+                                                    bytes: raw.len(),
+                                                    secs: deadline.as_secs(),
+                                                }
+                                            }
                                         }
                                         // The message's allocation goes with it: the rest
                                         // moves to a buffer of the usual size.
