@@ -548,7 +548,7 @@ async fn t8l_other_settings_are_bound_and_shown() {
     let id = s.pending(&mut w, &q(update)).await.expect("held");
     let shown = s.approve(&id);
     assert!(
-        shown.contains("settings    transform_null_equals=on\n"),
+        shown.contains("settings    transform_null_equals='on'\n"),
         "{shown}"
     );
     // Without the setting it is another statement: held again, the approval unused.
@@ -573,7 +573,21 @@ async fn t8l_other_settings_are_bound_and_shown() {
         .filter_map(|r| r.body.request.as_ref()?.postgres()?.binding.clone())
         .map(|b| b.settings)
         .collect();
-    assert_eq!(bound, ["transform_null_equals=on"]);
+    assert_eq!(bound, ["transform_null_equals='on'"]);
+
+    // A value may hold `; name=value` (a list of quoted names): quoted as a literal, it does
+    // not read as the setting approved above, and the statement is held again.
+    w.batch(&q("RESET transform_null_equals")).await;
+    let forged = "SET local_preload_libraries = 'x;', 'transform_null_equals=on'";
+    assert_eq!(refusal(&w.batch(&q(forged)).await), None);
+    let id = s.pending(&mut w, &q(update)).await.expect("held again");
+    let shown = s.cli(&["approvals", "show", &id]);
+    assert!(
+        shown.contains(
+            "settings    local_preload_libraries='\"x;\", \"transform_null_equals=on\"'\n"
+        ),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

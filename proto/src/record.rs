@@ -947,7 +947,7 @@ mod tests {
                 database: "app".into(),
                 role: "gw".into(),
                 search_path: "public".into(),
-                settings: "DateStyle=ISO, MDY".into(),
+                settings: "DateStyle='ISO, MDY'".into(),
                 params: vec![ParamType {
                     format: "binary".into(),
                     type_oid: 23,

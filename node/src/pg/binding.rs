@@ -27,14 +27,16 @@ use vigil_proto::record::{self, PreparedText};
 /// settings that decide what its names mean and what it may do. Functions and operators are
 /// named with their schema, so that functions or operators of those names in a schema on the
 /// `search_path` ahead of `pg_catalog` are not what answers (`current_user` is a keyword, not
-/// a function name). The fourth column lists, `name=value` sorted by name, every setting whose
+/// a function name). The fourth column lists, `name='value'` sorted by name (the value quoted
+/// as a SQL literal, so that a value holding `; other=…` cannot read as two settings), every
+/// setting whose
 /// value comes from the client, the session, the role or the database, but those shown apart
 /// (`search_path`, `role`, `session_authorization`) and those that change no statement's
 /// meaning (`application_name`, `extra_float_digits`, and `client_encoding` and
 /// `standard_conforming_strings`, which the gateway holds at UTF8 and on).
 pub const PROBE: &str = "SELECT pg_catalog.current_database(), current_user, \
 pg_catalog.current_setting('search_path'), \
-(SELECT pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, '; ' ORDER BY name) \
+(SELECT pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(setting), '; ' ORDER BY name) \
 FROM pg_catalog.pg_settings \
 WHERE source OPERATOR(pg_catalog.=) ANY (ARRAY['client', 'session', 'user', 'database', 'database user']) \
 AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY['search_path', 'role', 'session_authorization', 'application_name', 'client_encoding', 'standard_conforming_strings', 'extra_float_digits']))";
@@ -48,7 +50,7 @@ pub struct Settings {
     pub database: String,
     pub role: String,
     pub search_path: String,
-    /// The other settings that differ from the server's (see [`PROBE`]), `name=value; …`.
+    /// The other settings that differ from the server's (see [`PROBE`]), `name='value'; …`.
     pub others: String,
 }
 
@@ -118,7 +120,7 @@ impl Binding<'_> {
             h.update((p.len() as u64).to_be_bytes());
             h.update(p);
         };
-        part(b"vigil approval binding v2");
+        part(b"vigil approval binding v3");
         part(self.mode.as_bytes());
         part(self.text.as_bytes());
         part(&(self.runs.len() as u64).to_be_bytes());
@@ -228,7 +230,7 @@ mod tests {
             database: "app".into(),
             role: "gw".into(),
             search_path: search_path.into(),
-            others: "DateStyle=ISO, MDY".into(),
+            others: "DateStyle='ISO, MDY'".into(),
         }
     }
 
@@ -281,7 +283,7 @@ mod tests {
             binding(
                 std::slice::from_ref(&text),
                 Settings {
-                    others: "DateStyle=ISO, MDY; transform_null_equals=on".into(),
+                    others: "DateStyle='ISO, MDY'; transform_null_equals='on'".into(),
                     ..settings("public")
                 },
             )
