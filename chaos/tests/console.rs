@@ -1375,10 +1375,12 @@ async fn t60_an_admin_grants_and_revokes_in_the_browser() {
         )
         .await;
     assert_eq!(row[0], json!("agent-ops"), "{row}");
-    assert_eq!(row[3], json!("write"), "{row}");
-    assert_eq!(row[6], json!("carol"), "{row}");
-    assert_eq!(row[7], json!(reason), "the reason as text: {row}");
-    assert_eq!(row[8], json!("active"), "{row}");
+    // The issuer: carol's own, as the form was filled in for her.
+    assert_eq!(row[1], json!(env().get("VIGIL_OIDC_ISSUER")), "{row}");
+    assert_eq!(row[4], json!("write"), "{row}");
+    assert_eq!(row[7], json!("carol"), "{row}");
+    assert_eq!(row[8], json!(reason), "the reason as text: {row}");
+    assert_eq!(row[9], json!("active"), "{row}");
     carol.screenshot(&shots.join("11-grant-active.png")).await;
 
     // The coordinator holds it, as the CLI shows.
@@ -1404,7 +1406,7 @@ async fn t60_an_admin_grants_and_revokes_in_the_browser() {
     loop {
         let state = carol
             .execute(
-                "const td = document.querySelectorAll('#grants tbody tr td'); return td.length ? td[8].textContent : '';",
+                "const td = document.querySelectorAll('#grants tbody tr td'); return td.length ? td[9].textContent : '';",
                 json!([]),
             )
             .await;
@@ -1433,7 +1435,7 @@ async fn t60_an_admin_grants_and_revokes_in_the_browser() {
         .header("cookie", &cookie)
         .header("x-csrf-token", &csrf)
         .header("content-type", "application/json")
-        .body(r#"{"subject":"bob","protocol":"postgres","target":"app","access_class":"write","minutes":30}"#)
+        .body(r#"{"subject":"bob","issuer":"https://idp.example","protocol":"postgres","target":"app","access_class":"write","minutes":30}"#)
         .send()
         .await
         .unwrap();
@@ -1443,7 +1445,7 @@ async fn t60_an_admin_grants_and_revokes_in_the_browser() {
         .post(format!("{console}/api/grants"))
         .header("cookie", &cookie)
         .header("content-type", "application/json")
-        .body(r#"{"subject":"bob","protocol":"postgres","target":"app","access_class":"write","minutes":30}"#)
+        .body(r#"{"subject":"bob","issuer":"https://idp.example","protocol":"postgres","target":"app","access_class":"write","minutes":30}"#)
         .send()
         .await
         .unwrap();

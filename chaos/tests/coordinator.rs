@@ -257,6 +257,7 @@ async fn t83_a_paused_old_leader_serves_no_stale_authorisation() {
     let grant = nodes
         .create_grant(pb::CreateGrantRequest {
             subject: "agent-ops".into(),
+            issuer: env().get("VIGIL_OIDC_ISSUER").into(),
             scope: Some(pg_scope("app")),
             access_class: "write".into(),
             not_before_ms: now,
@@ -268,6 +269,7 @@ async fn t83_a_paused_old_leader_serves_no_stale_authorisation() {
         .expect("grant");
     let check = pb::CheckGrantRequest {
         subject: "agent-ops".into(),
+        issuer: env().get("VIGIL_OIDC_ISSUER").into(),
         scope: Some(pg_scope("app")),
         access_class: "write".into(),
     };
@@ -348,6 +350,7 @@ async fn t84_a_full_cluster_restart_keeps_everything() {
     let grant = nodes
         .create_grant(pb::CreateGrantRequest {
             subject: "agent-ops".into(),
+            issuer: env().get("VIGIL_OIDC_ISSUER").into(),
             scope: Some(pg_scope("app")),
             access_class: "write".into(),
             not_before_ms: now,
@@ -1115,6 +1118,8 @@ async fn t87_the_embedded_coordinator_holds_and_releases_statements() {
         "create",
         "--subject",
         "agent-ops",
+        "--issuer",
+        env().get("VIGIL_OIDC_ISSUER"),
         "--connection",
         "app",
         "--class",

@@ -228,6 +228,10 @@ enum GrantCommand {
     Create {
         #[arg(long)]
         subject: String,
+        /// The identity provider SUBJECT is from: its tokens' `iss` (for SAML, the IdP's
+        /// entity id). The same subject from another provider is someone else.
+        #[arg(long)]
+        issuer: String,
         /// The protocol of the target: postgres, ssh or kubernetes.
         #[arg(long, default_value = "postgres")]
         protocol: String,
@@ -797,9 +801,10 @@ fn show_binding(b: &pb::StatementBinding) -> String {
 
 fn show_grant(g: &pb::Grant) -> String {
     format!(
-        "{}  {}  {}  {}  {} .. {}  by {}{}{}",
+        "{}  {} ({})  {}  {}  {} .. {}  by {}{}{}",
         esc(&g.id),
         esc(&g.subject),
+        esc(&g.issuer),
         scope(g.scope.as_ref()),
         esc(&g.access_class),
         time(g.not_before_ms),
@@ -963,6 +968,7 @@ async fn coordinator_command(
         CoordinatorCommand::Grants(command) => match command {
             GrantCommand::Create {
                 subject,
+                issuer,
                 protocol,
                 target,
                 access_class,
@@ -972,6 +978,7 @@ async fn coordinator_command(
                 let g = client
                     .create_grant(pb::CreateGrantRequest {
                         subject,
+                        issuer,
                         scope: Some(pb::Scope { protocol, target }),
                         access_class,
                         duration_ms: minutes.saturating_mul(60_000),

@@ -288,6 +288,10 @@ impl ApprovalRequest {
 pub struct Grant {
     pub id: String,
     pub subject: String,
+    /// The identity provider of `subject` (empty in grants of earlier releases: those cover
+    /// no one).
+    #[serde(default)]
+    pub issuer: String,
     pub scope: Scope,
     /// What the grant covers, e.g. `write`.
     pub access_class: String,
@@ -796,16 +800,20 @@ impl State {
         out
     }
 
-    /// An active grant for this principal, scope and access class at `now`.
+    /// An active grant for this principal (subject of issuer), scope and access class at
+    /// `now`.
     pub fn active_grant(
         &self,
         subject: &str,
+        issuer: &str,
         scope: &Scope,
         access_class: &str,
         now: Millis,
     ) -> Option<&Grant> {
         self.grants.values().map(Arc::as_ref).find(|g| {
             g.subject == subject
+                && !g.issuer.is_empty()
+                && g.issuer == issuer
                 && g.scope == *scope
                 && g.access_class == access_class
                 && g.active(now)
@@ -889,6 +897,7 @@ pub(crate) mod tests {
             grant: Grant {
                 id: id.into(),
                 subject: "agent".into(),
+                issuer: ISSUER.into(),
                 scope: Scope::new("postgres", "prod"),
                 access_class: "write".into(),
                 not_before: 0,
@@ -935,11 +944,13 @@ pub(crate) mod tests {
         s.apply(prod_grant("g1")).unwrap();
         let prod = |protocol| Scope::new(protocol, "prod");
         assert!(s
-            .active_grant("agent", &prod("postgres"), "write", 5)
+            .active_grant("agent", ISSUER, &prod("postgres"), "write", 5)
             .is_some());
-        assert!(s.active_grant("agent", &prod("ssh"), "write", 5).is_none());
         assert!(s
-            .active_grant("agent", &prod("kubernetes"), "write", 5)
+            .active_grant("agent", ISSUER, &prod("ssh"), "write", 5)
+            .is_none());
+        assert!(s
+            .active_grant("agent", ISSUER, &prod("kubernetes"), "write", 5)
             .is_none());
         // A scope must name a known protocol and a target.
         let mut bad = create("r2", 1, 5);
@@ -1184,6 +1195,7 @@ pub(crate) mod tests {
             grant: Grant {
                 id: id.into(),
                 subject: "agent".into(),
+                issuer: ISSUER.into(),
                 scope: Scope::new("postgres", "app"),
                 access_class: "write".into(),
                 not_before: 0,
@@ -1236,6 +1248,7 @@ pub(crate) mod tests {
         let grant = Grant {
             id: "g1".into(),
             subject: "agent".into(),
+            issuer: ISSUER.into(),
             scope: Scope::new("postgres", "app"),
             access_class: "write".into(),
             not_before: 100,
@@ -1248,16 +1261,26 @@ pub(crate) mod tests {
             grant: grant.clone(),
         })
         .unwrap();
-        assert!(s.active_grant("agent", &app, "write", 99).is_none());
-        assert!(s.active_grant("agent", &app, "write", 150).is_some());
-        assert!(s.active_grant("agent", &app, "read", 150).is_none());
-        assert!(s.active_grant("agent", &app, "write", 200).is_none());
+        assert!(s.active_grant("agent", ISSUER, &app, "write", 99).is_none());
+        assert!(s
+            .active_grant("agent", ISSUER, &app, "write", 150)
+            .is_some());
+        // The same subject from another identity provider is someone else.
+        assert!(s
+            .active_grant("agent", "https://other.example", &app, "write", 150)
+            .is_none());
+        assert!(s.active_grant("agent", ISSUER, &app, "read", 150).is_none());
+        assert!(s
+            .active_grant("agent", ISSUER, &app, "write", 200)
+            .is_none());
         s.apply(Command::RevokeGrant {
             id: "g1".into(),
             now: 160,
         })
         .unwrap();
-        assert!(s.active_grant("agent", &app, "write", 170).is_none());
+        assert!(s
+            .active_grant("agent", ISSUER, &app, "write", 170)
+            .is_none());
         let empty = Grant {
             id: "g2".into(),
             not_after: 100,

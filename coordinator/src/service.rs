@@ -554,6 +554,7 @@ fn grant_pb(g: &Grant) -> pb::Grant {
     pb::Grant {
         id: g.id.clone(),
         subject: g.subject.clone(),
+        issuer: g.issuer.clone(),
         scope: Some(pb::Scope::from(&g.scope)),
         access_class: g.access_class.clone(),
         not_before_ms: g.not_before,
@@ -836,12 +837,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let by = self.0.admin(req.metadata()).await?;
         let r = req.into_inner();
         required("subject", &r.subject)?;
+        required("issuer", &r.issuer)?;
         let scope = scope_from_pb(r.scope)?;
         required("access_class", &r.access_class)?;
         let now = now_ms();
         let grant = Grant {
             id: new_id("g"),
             subject: r.subject,
+            issuer: r.issuer,
             scope,
             access_class: r.access_class,
             not_before: if r.not_before_ms == 0 {
@@ -887,7 +890,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .filter(|g| match &caller {
                     Caller::Member => true,
                     Caller::Operator(a) => {
-                        a.groups.contains(&self.0.admin_group) || a.subject == g.subject
+                        a.groups.contains(&self.0.admin_group)
+                            || (a.subject == g.subject && a.issuer == g.issuer)
                     }
                 })
                 .map(grant_pb)
@@ -906,7 +910,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let scope = scope_from_pb(r.scope)?;
         let now = now_ms();
         let grant = self.0.sm.read(|s| {
-            s.active_grant(&r.subject, &scope, &r.access_class, now)
+            s.active_grant(&r.subject, &r.issuer, &scope, &r.access_class, now)
                 .map(grant_pb)
         });
         Ok(Response::new(pb::CheckGrantResponse { grant }))

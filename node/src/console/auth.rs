@@ -774,6 +774,7 @@ pub async fn me(State(console): State<Arc<Console>>, visit: Visit) -> Response {
         [(header::CONTENT_TYPE, "application/json")],
         json!({
             "subject": p.subject,
+            "issuer": p.issuer,
             "groups": p.groups,
             "expires_at_ms": ms(person.expires),
             "auditor": member(&console.config.auditor_group),

@@ -25,6 +25,7 @@ fn view(g: &pb::Grant) -> Value {
     json!({
         "id": g.id,
         "subject": g.subject,
+        "issuer": g.issuer,
         "protocol": scope.map(|s| s.protocol.as_str()),
         "target": scope.map(|s| s.target.as_str()),
         "access_class": g.access_class,
@@ -56,6 +57,7 @@ pub async fn list(State(console): State<Arc<Console>>, visit: Visit) -> Response
 #[serde(deny_unknown_fields)]
 struct NewGrant {
     subject: String,
+    issuer: String,
     protocol: String,
     target: String,
     access_class: String,
@@ -66,8 +68,7 @@ struct NewGrant {
 
 /// `POST /api/grants` (JSON, with the CSRF token): a grant from now for `minutes`.
 pub async fn create(State(console): State<Arc<Console>>, visit: Visit, body: Bytes) -> Response {
-    let hint =
-        "send {\"subject\", \"protocol\", \"target\", \"access_class\", \"minutes\", \"reason\"}";
+    let hint = "send {\"subject\", \"issuer\", \"protocol\", \"target\", \"access_class\", \"minutes\", \"reason\"}";
     let (person, new): (_, NewGrant) = match console.change(&visit, &body, hint).await {
         Ok(found) => found,
         Err(res) => return res,
@@ -85,6 +86,7 @@ pub async fn create(State(console): State<Arc<Console>>, visit: Visit, body: Byt
         .coordinator
         .create_grant(pb::CreateGrantRequest {
             subject: new.subject,
+            issuer: new.issuer,
             scope: Some(pb::Scope {
                 protocol: new.protocol,
                 target: new.target,

@@ -354,6 +354,7 @@ impl Approvals {
         let class = hold.spec.grant_class.as_ref()?;
         let check = pb::CheckGrantRequest {
             subject: hold.principal.subject.clone(),
+            issuer: hold.principal.issuer.clone(),
             scope: Some(pb::Scope::from(&hold.key.scope)),
             access_class: class.clone(),
         };

@@ -422,7 +422,7 @@ async function grants() {
     const tr = document.createElement('tr');
     tr.dataset.id = g.id;
     const state = g.revoked_at_ms ? 'revoked' : (g.not_after_ms <= now ? 'expired' : 'active');
-    for (const c of [g.subject, g.protocol, g.target, g.access_class, msUtc(g.not_before_ms), msUtc(g.not_after_ms), g.granted_by, g.reason || '—', state]) {
+    for (const c of [g.subject, g.issuer, g.protocol, g.target, g.access_class, msUtc(g.not_before_ms), msUtc(g.not_after_ms), g.granted_by, g.reason || '—', state]) {
       tr.appendChild(el('td', c));
     }
     const td = el('td');
@@ -488,6 +488,8 @@ async function start() {
   $('nav-sessions').hidden = !me.auditor;
   $('nav-grants').hidden = !me.admin;
   $('grant-new').addEventListener('submit', createGrant);
+  // A grant names its subject with an identity provider: this person's, unless changed.
+  $('grant-issuer').value = me.issuer;
   $('search').addEventListener('submit', (e) => { e.preventDefault(); search(false); });
   $('older').addEventListener('click', () => search(true));
   window.addEventListener('hashchange', route);
