@@ -601,6 +601,126 @@ async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
+/// A client that goes away while its request waits for approval gets nothing run: the wait
+/// ends (on record), and the approval given later stays for the request sent again, which
+/// then runs once. The API server's audit log is the ground truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_whose_client_left_does_not_run() {
+    grant_dba().await;
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
+    let gw = Gateway::start_in(&policy, Some(cluster.node_section())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = gw.kubeconfig(dir.path(), &ops);
+    let ns = format!("vt-{}", vigil_chaos::random_suffix());
+    assert!(admin(&["create", "namespace", &ns]).await.status.success());
+    let out = admin(&[
+        "-n",
+        &ns,
+        "create",
+        "deployment",
+        "web",
+        "--image=vigil/none",
+        "--replicas=1",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let offset = audit_len();
+    let scale = ["-n", &ns, "scale", "deployment", "web", "--replicas=3"];
+    let mut held = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        // As `kubectl()` runs it below: the same request (the timeout is in its query).
+        .args(["--request-timeout", "30s"])
+        .args(scale)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl runs");
+    let coord = cluster.endpoints().join(",");
+    let cli = move |args: Vec<String>| {
+        let coord = coord.clone();
+        tokio::task::spawn_blocking(move || {
+            let alice = vigil_chaos::id_token("alice");
+            let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+            all.extend_from_slice(&["--coordinator", &coord, "--token", &alice]);
+            vigil_chaos::vigil(&all)
+        })
+    };
+    let mut id = None;
+    for _ in 0..100 {
+        let list = ["approvals", "list", "--state", "pending"].map(String::from);
+        let (_, out) = cli(list.to_vec()).await.unwrap();
+        id = out
+            .split_whitespace()
+            .find(|w| w.starts_with("apr-"))
+            .map(str::to_string);
+        if id.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let id = id.expect("the scale is held");
+    held.kill().await.unwrap();
+    // The gateway notices: the wait ends, on record.
+    let mut ended = false;
+    for _ in 0..100 {
+        ended = gw.node.records().await.iter().any(|r| {
+            r.body.kind == Kind::ApprovalDecided
+                && r.body.detail.as_deref() == Some("the client left while it was held")
+        });
+        if ended {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the wait's end is on record");
+    let (code, out) = cli(vec![
+        "approvals".into(),
+        "approve".into(),
+        "--yes".into(),
+        id,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let replicas = || async {
+        let out = admin(&[
+            "-n",
+            &ns,
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ])
+        .await;
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(
+        replicas().await,
+        "1",
+        "nothing ran for the client that left"
+    );
+    // Sent again: the approval lets it run, once.
+    let out = kubectl(&config, &scale).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(replicas().await, "3");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let patches = audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            e["user"]["username"] == "vigil-gateway"
+                && e["stage"] == "ResponseComplete"
+                && e["objectRef"]["subresource"] == "scale"
+                && e["objectRef"]["namespace"] == ns.as_str()
+        })
+        .count();
+    assert_eq!(patches, 1, "the API server saw the scale exactly once");
+    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
     grant_dba().await;

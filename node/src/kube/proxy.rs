@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tracing::Instrument as _;
 use vigil_coordinator::approvals::{ActionKey, Scope};
@@ -62,6 +63,9 @@ struct Conn {
     trace: tracing::Span,
 }
 
+/// Changes (its sender dropped) when a request's client has gone away.
+type Left = watch::Receiver<()>;
+
 /// Serves one TLS connection (HTTP/1.1 or HTTP/2) until it closes; then ends its session.
 pub async fn connection(
     ctx: Arc<KubeContext>,
@@ -88,9 +92,24 @@ pub async fn connection(
         let conn = conn.clone();
         hyper::service::service_fn(move |req| {
             let conn = conn.clone();
-            // Requests run on hyper's tasks: their log events name the session.
+            // Requests run on tasks of their own: their log events name the session.
             let span = conn.trace.clone();
-            async move { Ok::<_, Infallible>(conn.handle(req).await) }.instrument(span)
+            async move {
+                // hyper drops this future when its client goes away mid-request (an HTTP/1
+                // connection closed, an HTTP/2 stream reset). The request runs on to its end:
+                // once decided (an approval consumed, its record written) it reaches the API
+                // server and its answer is on record. Only a wait for approval ends when the
+                // client leaves (`gone` dropped, see `hold`).
+                let (gone, left) = watch::channel(());
+                let run =
+                    tokio::spawn(async move { conn.handle(req, left).await }.instrument(span));
+                let response = run.await.unwrap_or_else(|_| {
+                    let why = "the gateway failed while handling this request";
+                    status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why)
+                });
+                drop(gone);
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let mut builder =
@@ -255,7 +274,8 @@ impl Conn {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ClientBody> {
+    /// One request; `left` changes (its sender dropped) when the client goes away.
+    async fn handle(&self, mut req: Request<Incoming>, left: Left) -> Response<ClientBody> {
         let started = Instant::now();
         let upgrade = req
             .headers()
@@ -306,7 +326,7 @@ impl Conn {
                 );
             }
         };
-        self.decide_and_forward(principal, routed, parts, body, started)
+        self.decide_and_forward(principal, routed, parts, body, started, left)
             .await
     }
 
@@ -508,6 +528,7 @@ impl Conn {
         parts: http::request::Parts,
         body: Bytes,
         started: Instant,
+        left: Left,
     ) -> Response<ClientBody> {
         let cluster_name = routed.cluster.config.name.clone();
         let mut routed = routed;
@@ -567,6 +588,7 @@ impl Conn {
                         &body,
                         &request,
                         stmt.n,
+                        left,
                     )
                     .await
                 {
@@ -648,6 +670,7 @@ impl Conn {
         body: &Bytes,
         request: &KubeRequest,
         stmt: u64,
+        mut left: Left,
     ) -> Verdict {
         let spec = match crate::core::approvals::spec_of(decision) {
             Ok(s) => s,
@@ -705,7 +728,9 @@ impl Conn {
             reason: decision.reason.as_deref(),
             spec,
         };
-        let left = std::future::pending();
+        let left = async move {
+            let _ = left.changed().await;
+        };
         self.ctx
             .core
             .approvals
