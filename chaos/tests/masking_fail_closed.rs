@@ -340,3 +340,63 @@ async fn t43_errors_and_notices_that_are_not_utf8_are_masked_for_clients() {
         assert!(!text.contains(CARD), "{}", path.display());
     }
 }
+
+/// t44: the lookup of the tables behind result columns runs over one connection per target,
+/// shared by its sessions. A lookup the target never finishes answering ends after
+/// `postgres.catalog_timeout_secs`: the columns are masked whole (fail closed) and the session
+/// goes on; the next lookup opens a fresh connection and columns no rule covers are shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t44_a_catalog_lookup_that_hangs_masks_whole_and_stalls_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let proxy = TamperProxy::start().await;
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        postgres_extra: "catalog_timeout_secs = 1",
+        target_port: Some(proxy.port()),
+        ..NodeOptions::default()
+    })
+    .await;
+    // The catalog's answer loses its ReadyForQuery, once: the lookup never ends by itself.
+    let lookup = AtomicBool::new(false);
+    let dropped = std::sync::Arc::new(AtomicBool::new(false));
+    let once = dropped.clone();
+    proxy.rewrite(move |m| {
+        if m.tag == b'T' && m.columns().iter().any(|c| c == "attname") {
+            lookup.store(true, Ordering::SeqCst);
+        }
+        if m.tag == b'Z'
+            && lookup.swap(false, Ordering::SeqCst)
+            && !once.swap(true, Ordering::SeqCst)
+        {
+            return Vec::new();
+        }
+        vec![m]
+    });
+    let token = agent_token().await;
+    let mut w = session(node.port(), &token).await;
+    let started = std::time::Instant::now();
+    let r = w
+        .batch(&[wire::query("SELECT id, name FROM customers WHERE id = 1")])
+        .await;
+    assert!(dropped.load(Ordering::SeqCst), "the lookup was cut");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let rows: Vec<_> = r.iter().filter(|m| m.tag == b'D').collect();
+    assert_eq!(
+        rows[0].values(),
+        [
+            Some("[redacted]".to_string()),
+            Some("[redacted]".to_string())
+        ],
+        "the table unresolved: every column masked whole"
+    );
+    // A fresh lookup: `name` is under no rule.
+    let r = w
+        .batch(&[wire::query("SELECT id, name FROM customers WHERE id = 2")])
+        .await;
+    let rows: Vec<_> = r.iter().filter(|m| m.tag == b'D').collect();
+    assert_eq!(
+        rows[0].values(),
+        [Some("2".to_string()), Some("customer 2".to_string())]
+    );
+}

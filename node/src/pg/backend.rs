@@ -25,6 +25,8 @@ pub enum BackendError {
     Connect(#[source] std::io::Error),
     #[error("timed out connecting to the target")]
     Timeout,
+    #[error("the target did not answer the gateway's catalog lookup within {0} s")]
+    LookupTimeout(u64),
     #[error("the target does not offer TLS")]
     TlsRefused,
     #[error("the target closed the connection during startup")]

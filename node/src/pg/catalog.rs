@@ -25,14 +25,18 @@ pub struct TableInfo {
 
 pub struct Catalog {
     target: Arc<Target>,
+    /// How long a lookup may take (`postgres.catalog_timeout_secs`): the connection is shared
+    /// by the target's masked sessions, which wait for it meanwhile.
+    timeout: std::time::Duration,
     conn: Mutex<Option<Backend>>,
     cache: moka::sync::Cache<u32, Arc<TableInfo>>,
 }
 
 impl Catalog {
-    pub fn new(target: Arc<Target>) -> Self {
+    pub fn new(target: Arc<Target>, timeout: std::time::Duration) -> Self {
         Self {
             target,
+            timeout,
             conn: Mutex::new(None),
             cache: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -69,7 +73,9 @@ impl Catalog {
             return Ok(out);
         }
         let mut conn = self.conn.lock().await;
-        let result = self.query(&mut conn, &missing).await;
+        let result = tokio::time::timeout(self.timeout, self.query(&mut conn, &missing))
+            .await
+            .unwrap_or(Err(BackendError::LookupTimeout(self.timeout.as_secs())));
         if result.is_err() {
             // Start over with a fresh connection next time.
             *conn = None;

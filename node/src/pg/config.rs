@@ -29,6 +29,10 @@ pub struct PostgresConfig {
     pub client_read_grace_secs: u64,
     #[serde(default = "default_min_client_read_rate")]
     pub min_client_read_bytes_per_sec: u64,
+    /// How long the lookup of the tables behind result columns (for column masking rules)
+    /// may take; past it, the columns are masked whole.
+    #[serde(default = "default_catalog_timeout")]
+    pub catalog_timeout_secs: u64,
     /// Largest message accepted before the client is authenticated (startup packets, the
     /// password message): an unauthenticated client cannot make the gateway buffer more. Read
     /// it with [`PostgresConfig::preauth_message_limit`].
@@ -68,6 +72,9 @@ fn default_client_read_grace() -> u64 {
 }
 fn default_min_client_read_rate() -> u64 {
     1024 * 1024
+}
+fn default_catalog_timeout() -> u64 {
+    10
 }
 /// PostgreSQL's own limit for a message.
 const MAX_TARGET_MESSAGE: usize = 1 << 30;
@@ -196,6 +203,12 @@ impl PostgresConfig {
             return Err(invalid(
                 "postgres.client_read_grace_secs",
                 "must be at least 1 and at most 86400",
+            ));
+        }
+        if !(1..=300).contains(&self.catalog_timeout_secs) {
+            return Err(invalid(
+                "postgres.catalog_timeout_secs",
+                "must be at least 1 and at most 300",
             ));
         }
         if self.min_client_read_bytes_per_sec < 1024 {

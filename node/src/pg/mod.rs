@@ -77,9 +77,13 @@ impl PgServer {
                 .with_context(|| format!("TLS settings of connection {name:?}"))?;
             targets.insert(name, Arc::new(target));
         }
+        let lookup = std::time::Duration::from_secs(pg.catalog_timeout_secs);
         let catalogs = targets
             .iter()
-            .map(|(name, t)| (name.clone(), Arc::new(catalog::Catalog::new(t.clone()))))
+            .map(|(name, t)| {
+                let catalog = catalog::Catalog::new(t.clone(), lookup);
+                (name.clone(), Arc::new(catalog))
+            })
             .collect();
         let tls = crate::core::tls::server_config(
             pg.tls_cert.as_deref(),
