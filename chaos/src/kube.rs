@@ -199,6 +199,39 @@ pub async fn kubectl(config: &Path, args: &[&str]) -> std::process::Output {
         .expect("kubectl runs")
 }
 
+/// A namespace of its own holding deployment `web` at one replica, made by the cluster's
+/// admin: the namespace's name.
+pub async fn namespace_with_web() -> String {
+    let ns = format!("vt-{}", crate::random_suffix());
+    let out = admin(&["create", "namespace", &ns]).await;
+    assert!(out.status.success(), "{out:?}");
+    let web = [
+        "-n",
+        &ns,
+        "create",
+        "deployment",
+        "web",
+        "--image=vigil/none",
+    ];
+    let out = admin(&web).await;
+    assert!(out.status.success(), "{out:?}");
+    ns
+}
+
+/// The replicas of deployment `web` in `ns`, as the API server has them.
+pub async fn web_replicas(ns: &str) -> String {
+    let get = [
+        "-n",
+        ns,
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ];
+    String::from_utf8_lossy(&admin(&get).await.stdout).into_owned()
+}
+
 /// `kubectl` as the cluster's admin, directly (set-up and checks, never through Vigil).
 pub async fn admin(args: &[&str]) -> std::process::Output {
     kubectl(

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use vigil_chaos::kube::{
     admin, audit_events, audit_len, client, end_of, event_key, gateway_events, grant_dba,
-    record_key, requests, Gateway, RequestKey,
+    namespace_with_web, record_key, requests, Gateway, RequestKey,
 };
 use vigil_chaos::{of_kind, token_for};
 use vigil_proto::record::{Kind, Record, Response};
@@ -108,19 +108,7 @@ async fn t10_kube_rs_through_the_gateway_is_impersonated_decided_and_recorded() 
     let dir = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let client = client(&g.kubeconfig(dir.path(), &ops)).await;
-    let ns = format!("vt-{}", vigil_chaos::random_suffix());
-    let out = admin(&["create", "namespace", &ns]).await;
-    assert!(out.status.success(), "{out:?}");
-    let out = admin(&[
-        "-n",
-        &ns,
-        "create",
-        "deployment",
-        "web",
-        "--image=vigil/none",
-    ])
-    .await;
-    assert!(out.status.success(), "{out:?}");
+    let ns = namespace_with_web().await;
     let offset = audit_len();
     println!("phase: list, then watch from the list's resourceVersion");
 

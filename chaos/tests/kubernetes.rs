@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 use vigil_chaos::kube::{
     admin, audit_events, audit_len, end_of, event_key, every_completed_request_recorded,
-    gateway_events, grant_dba, kubectl, record_key, recorded_bytes, requests, same_request,
-    wait_for_end, Agent, Gateway, NO_RM_IN_PODS,
+    gateway_events, grant_dba, kubectl, namespace_with_web, record_key, recorded_bytes, requests,
+    same_request, wait_for_end, web_replicas, Agent, Gateway, NO_RM_IN_PODS,
 };
 use vigil_chaos::kubelet::ran_once;
 use vigil_chaos::{of_kind, token_for};
@@ -429,6 +429,19 @@ async fn a_watch_streams_events_as_they_happen() {
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
+/// How many scales in `ns` the API server completed for the gateway since `offset`.
+fn scales_seen(ns: &str, offset: usize) -> usize {
+    audit_events(offset)
+        .into_iter()
+        .filter(|e| {
+            e["user"]["username"] == "vigil-gateway"
+                && e["stage"] == "ResponseComplete"
+                && e["objectRef"]["subresource"] == "scale"
+                && e["objectRef"]["namespace"] == ns
+        })
+        .count()
+}
+
 const APPROVAL_POLICY: &str = r#"
 [[policy.rules]]
 id = "scaling-needs-approval"
@@ -451,19 +464,7 @@ async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
         a.kubeconfig(dir.path(), &ops),
         b.kubeconfig(dir.path(), &ops),
     );
-    let ns = format!("vt-{}", vigil_chaos::random_suffix());
-    assert!(admin(&["create", "namespace", &ns]).await.status.success());
-    let out = admin(&[
-        "-n",
-        &ns,
-        "create",
-        "deployment",
-        "web",
-        "--image=vigil/none",
-        "--replicas=1",
-    ])
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
+    let ns = namespace_with_web().await;
     let offset = audit_len();
     let scale = [
         "-n",
@@ -482,20 +483,7 @@ async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
         .collect();
-    let replicas = || async {
-        let out = admin(&[
-            "-n",
-            &ns,
-            "get",
-            "deployment",
-            "web",
-            "-o",
-            "jsonpath={.spec.replicas}",
-        ])
-        .await;
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    assert_eq!(replicas().await, "1", "held, not run");
+    assert_eq!(web_replicas(&ns).await, "1", "held, not run");
 
     let coord = cluster.endpoints().join(",");
     let alice = vigil_chaos::id_token("alice");
@@ -579,25 +567,20 @@ async fn a_scale_held_on_one_node_runs_once_through_another_after_approval() {
         said.contains("apr-") && !said.contains(&id),
         "held anew, not run under {id}: {said}"
     );
-    assert_eq!(replicas().await, "1", "not run");
+    assert_eq!(web_replicas(&ns).await, "1", "not run");
 
     // Run again through the other node: it runs, once.
     let out = kubectl(&on_b, &scale).await;
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(replicas().await, "3");
+    assert_eq!(web_replicas(&ns).await, "3");
     let out = kubectl(&on_b, &scale).await;
     assert!(!out.status.success(), "a second run needs a new approval");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let patches = audit_events(offset)
-        .into_iter()
-        .filter(|e| {
-            e["user"]["username"] == "vigil-gateway"
-                && e["stage"] == "ResponseComplete"
-                && e["objectRef"]["subresource"] == "scale"
-                && e["objectRef"]["namespace"] == ns.as_str()
-        })
-        .count();
-    assert_eq!(patches, 1, "the API server saw the scale exactly once");
+    assert_eq!(
+        scales_seen(&ns, offset),
+        1,
+        "the API server saw the scale exactly once"
+    );
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
@@ -613,19 +596,7 @@ async fn a_held_request_whose_client_left_does_not_run() {
     let dir = tempfile::tempdir().unwrap();
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let config = gw.kubeconfig(dir.path(), &ops);
-    let ns = format!("vt-{}", vigil_chaos::random_suffix());
-    assert!(admin(&["create", "namespace", &ns]).await.status.success());
-    let out = admin(&[
-        "-n",
-        &ns,
-        "create",
-        "deployment",
-        "web",
-        "--image=vigil/none",
-        "--replicas=1",
-    ])
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
+    let ns = namespace_with_web().await;
     let offset = audit_len();
     let scale = ["-n", &ns, "scale", "deployment", "web", "--replicas=3"];
     let mut held = tokio::process::Command::new("kubectl")
@@ -685,39 +656,21 @@ async fn a_held_request_whose_client_left_does_not_run() {
     .unwrap();
     assert_eq!(code, 0, "{out}");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let replicas = || async {
-        let out = admin(&[
-            "-n",
-            &ns,
-            "get",
-            "deployment",
-            "web",
-            "-o",
-            "jsonpath={.spec.replicas}",
-        ])
-        .await;
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
     assert_eq!(
-        replicas().await,
+        web_replicas(&ns).await,
         "1",
         "nothing ran for the client that left"
     );
     // Sent again: the approval lets it run, once.
     let out = kubectl(&config, &scale).await;
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(replicas().await, "3");
+    assert_eq!(web_replicas(&ns).await, "3");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let patches = audit_events(offset)
-        .into_iter()
-        .filter(|e| {
-            e["user"]["username"] == "vigil-gateway"
-                && e["stage"] == "ResponseComplete"
-                && e["objectRef"]["subresource"] == "scale"
-                && e["objectRef"]["namespace"] == ns.as_str()
-        })
-        .count();
-    assert_eq!(patches, 1, "the API server saw the scale exactly once");
+    assert_eq!(
+        scales_seen(&ns, offset),
+        1,
+        "the API server saw the scale exactly once"
+    );
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
