@@ -785,8 +785,8 @@ impl ClientHalf {
                     self.portal(name, out).await?.map(Described::Portal)
                 };
                 if let Some(Described::Portal(p)) = &described {
-                    if p.held_back.is_some() {
-                        return self.describe_held_back(name, p.clone(), out).await;
+                    if let Some(bind) = p.held_back.clone() {
+                        return self.describe_held_back(name, p.clone(), &bind, out).await;
                     }
                 }
                 self.expect(Pending::Describe(described));
@@ -1113,21 +1113,19 @@ impl ClientHalf {
         self.skip_until_sync = true;
     }
 
-    /// A Describe of portal `name`, whose Bind is kept back: the target binds it under this
-    /// session's private name, describes that and closes it, with nothing in between.
+    /// A Describe of portal `name`, whose Bind `bind` is kept back: the target binds it under
+    /// this session's private name, describes that and closes it, with nothing in between.
     async fn describe_held_back(
         &mut self,
         name: &str,
         portal: Arc<Portal>,
+        bind: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), Halt> {
         if !self.still_bound(&portal, out).await? {
             self.refuse_rebound(name, &portal, out);
             return Ok(());
         }
-        let Some(bind) = &portal.held_back else {
-            return Ok(());
-        };
         self.bind_privately(bind, out)?;
         self.expect(Pending::OwnBind(Vec::new()));
         out.extend_from_slice(&messages::describe_portal(&self.probe_name));
@@ -2058,10 +2056,11 @@ impl TargetHalf {
                                             Ok(Ok(())) => {}
                                             Ok(Err(_)) => return End::ClientClosed,
                                             Err(_) => {
+                                                let secs = deadline.as_secs_f64().ceil();
                                                 return End::ClientTooSlow {
                                                     bytes: raw.len(),
-                                                    secs: deadline.as_secs(),
-                                                }
+                                                    secs: secs as u64,
+                                                };
                                             }
                                         }
                                         // The message's allocation goes with it: the rest
@@ -2836,8 +2835,6 @@ async fn end_by_gateway(
         .await;
 }
 
-/// Whether a statement text writes (an INSERT, UPDATE, DELETE or MERGE anywhere in it, or in
-/// the prepared statements it runs).
 /// What a Bind of `portal` under `name` does to the tables. A failed Bind may leave an older
 /// portal of that name: it is forgotten either way.
 fn bind_ops(name: &str, portal: &Arc<Portal>) -> Vec<Op> {
@@ -2847,6 +2844,8 @@ fn bind_ops(name: &str, portal: &Arc<Portal>) -> Vec<Op> {
     ]
 }
 
+/// Whether a statement text writes (an INSERT, UPDATE, DELETE or MERGE anywhere in it, or in
+/// the prepared statements it runs).
 fn writes(class: &Classification, resolved: &Resolved) -> bool {
     let any = |stmts: &[StatementInfo]| stmts.iter().any(|s| s.writes);
     class.as_ref().is_ok_and(|s| any(s)) || resolved.decided.as_deref().is_some_and(any)
