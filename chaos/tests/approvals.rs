@@ -421,6 +421,34 @@ async fn t8m_a_held_statement_is_not_bound_on_the_target_before_its_approval() {
     assert_eq!(s.value("a.t").await, 1);
     let records = s.node.records().await;
     assert_eq!(pg_blocked_by(&records, "portal-statement-changed").len(), 1);
+
+    // A named portal that exists is not bound again, as PostgreSQL refuses it: at the Bind,
+    // not after an approval that the late Bind would then waste.
+    w.batch(&q("BEGIN")).await;
+    let r = w
+        .batch(&[
+            wire::parse("s", "SELECT 1"),
+            wire::bind("q", "s", &[]),
+            wire::execute("q"),
+            wire::sync(),
+        ])
+        .await;
+    assert_eq!(refusal(&r), None);
+    let r = w
+        .batch(&[
+            wire::parse("u2", update),
+            wire::bind("q", "u2", &[]),
+            wire::execute("q"),
+            wire::sync(),
+        ])
+        .await;
+    let (code, message) = refusal(&r).expect("refused");
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("42P03", "cursor \"q\" already exists")
+    );
+    w.batch(&q("ROLLBACK")).await;
+    assert_eq!(s.value("a.t").await, 1);
 }
 
 /// An approval lets a statement run once. A cursor over a held statement that could run its

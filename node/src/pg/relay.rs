@@ -1011,11 +1011,12 @@ impl ClientHalf {
             binding::params_digest(&bound)
         });
         // A statement that may be held, or is decided again at each Execute, is not bound on
-        // the target before its Execute is decided: a portal the target holds runs by name
-        // from SQL without an Execute (`cursor_to_xml('p', …)`, a PL/pgSQL `FETCH` of a
-        // refcursor, a function in any language that finds it), and planning it may call
-        // functions already. The client hears BindComplete now; the Bind goes in front of the
-        // Execute that may run it (see `on_execute`).
+        // the target under the client's name before its Execute is decided: a portal the
+        // target holds runs by name from SQL without an Execute (`cursor_to_xml('p', …)`, a
+        // PL/pgSQL `FETCH` of a refcursor, a function in any language that finds it). The
+        // client's Bind goes in front of the Execute that may run it (see `on_execute`).
+        // (Binding it privately, below, still plans it, as the Bind itself would have: stable
+        // functions in it may be evaluated then, and its locks are taken.)
         let held_back = stmt.may_hold().then(|| frame.raw.clone());
         let portal = Arc::new(Portal {
             statement: bind.statement.to_string(),
@@ -1036,6 +1037,13 @@ impl ClientHalf {
             }
         }
         if portal.held_back.is_some() {
+            if !bind.portal.is_empty() && self.portal(bind.portal, out).await?.is_some() {
+                // PostgreSQL refuses to bind a named portal that exists; the late Bind would
+                // fail only after the approval.
+                let message = format!("cursor {:?} already exists", bind.portal);
+                self.fail_like_postgres("42P03", &message, out);
+                return Ok(());
+            }
             // The target binds it under this session's private name and closes it at once,
             // with nothing in between: it fails as the Bind would (parameters, statement,
             // transaction), and the client hears its answer.
@@ -1793,6 +1801,17 @@ impl ClientHalf {
         };
         let (sqlstate, message) = sql_error(&refusal);
         self.refuse(refusal.outcome(), sqlstate, &message, simple, out);
+    }
+
+    /// Fails the message in hand as PostgreSQL would (`sqlstate`, `message`), through a
+    /// stand-in: the target skips the rest of the batch up to Sync.
+    fn fail_like_postgres(&mut self, sqlstate: &str, message: &str, out: &mut BytesMut) {
+        out.extend_from_slice(&messages::parse(STAND_IN));
+        self.expect(Pending::StandIn {
+            error: messages::error_response(false, sqlstate, message),
+            simple: false,
+        });
+        self.skip_until_sync = true;
     }
 
     /// Counts a refused statement and sends the target a stand-in that fails, whose error the
