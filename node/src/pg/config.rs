@@ -199,7 +199,7 @@ impl PostgresConfig {
                 "must be at least postgres.max_target_message_bytes and at most 4294967296 (4 GiB)",
             ));
         }
-        if self.client_read_grace_secs == 0 || self.client_read_grace_secs > 86_400 {
+        if !(1..=86_400).contains(&self.client_read_grace_secs) {
             return Err(invalid(
                 "postgres.client_read_grace_secs",
                 "must be at least 1 and at most 86400",

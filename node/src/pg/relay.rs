@@ -1041,7 +1041,8 @@ impl ClientHalf {
                 // PostgreSQL refuses to bind a named portal that exists; the late Bind would
                 // fail only after the approval.
                 let message = format!("cursor {:?} already exists", bind.portal);
-                self.fail_like_postgres("42P03", &message, out);
+                self.stand_in("42P03", &message, false, out);
+                self.skip_until_sync = true;
                 return Ok(());
             }
             // The target binds it under this session's private name and closes it at once,
@@ -1803,17 +1804,6 @@ impl ClientHalf {
         self.refuse(refusal.outcome(), sqlstate, &message, simple, out);
     }
 
-    /// Fails the message in hand as PostgreSQL would (`sqlstate`, `message`), through a
-    /// stand-in: the target skips the rest of the batch up to Sync.
-    fn fail_like_postgres(&mut self, sqlstate: &str, message: &str, out: &mut BytesMut) {
-        out.extend_from_slice(&messages::parse(STAND_IN));
-        self.expect(Pending::StandIn {
-            error: messages::error_response(false, sqlstate, message),
-            simple: false,
-        });
-        self.skip_until_sync = true;
-    }
-
     /// Counts a refused statement and sends the target a stand-in that fails, whose error the
     /// client sees as `message` (see [`Pending::StandIn`]).
     fn refuse(
@@ -1830,6 +1820,12 @@ impl ClientHalf {
             .statements
             .get_or_create(&OutcomeLabel::of(outcome))
             .inc();
+        self.stand_in(sqlstate, message, simple, out);
+    }
+
+    /// Fails the message in hand as PostgreSQL fails on an error (`sqlstate`, `message`):
+    /// the target is sent a stand-in that does not parse, and its error is replaced.
+    fn stand_in(&mut self, sqlstate: &str, message: &str, simple: bool, out: &mut BytesMut) {
         out.extend_from_slice(&if simple {
             // A Query stand-in is a sync point the target answers like any Query.
             self.tables.sync_point();
