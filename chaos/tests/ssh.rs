@@ -1477,8 +1477,22 @@ async fn a_session_waiting_for_an_approval_is_not_idle() {
     let id = requested[0].body.approval.as_ref().unwrap().id.clone();
     // More than two idle timeouts pass while the approver makes up their mind.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    approve(&cluster, &id).await;
+
+    let (out, err, status) = run.await.unwrap();
+    assert_eq!(status, Some(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        command.trim_start_matches("echo ")
+    );
+    assert!(host_ran(before).contains(&command), "the host ran it");
+}
+
+/// Alice approves request `id` with the CLI.
+async fn approve(cluster: &vigil_chaos::cluster::Cluster, id: &str) {
     let coord = cluster.endpoints().join(",");
     let alice = vigil_chaos::id_token("alice");
+    let id = id.to_string();
     let (code, out) = tokio::task::spawn_blocking(move || {
         vigil_chaos::vigil(&[
             "approvals",
@@ -1494,14 +1508,86 @@ async fn a_session_waiting_for_an_approval_is_not_idle() {
     .await
     .unwrap();
     assert_eq!(code, 0, "{out}");
+}
 
-    let (out, err, status) = run.await.unwrap();
+/// A held exec waits in a task of its own: the connection's other channels run meanwhile, and
+/// a client that goes away ends the wait. Approved afterwards, nothing runs (the host's own
+/// log); sent again, it runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_client_left() {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
+    let g = Gateway::start_in(&policy, cluster.node_section()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let suffix = vigil_chaos::random_suffix();
+    let command = format!("echo restart-{suffix}");
+    let before = host_command_count();
+
+    let session = std::sync::Arc::new(token_login(g.port(), &g.user(), &token).await.unwrap());
+    let (held, on) = (command.clone(), session.clone());
+    let run = tokio::spawn(async move { exec(&on, &held).await });
+    let records = records_when(&g, |r| !of_kind(r, Kind::ApprovalRequested).is_empty()).await;
+    let requested = of_kind(&records, Kind::ApprovalRequested);
+    let id = requested[0].body.approval.as_ref().unwrap().id.clone();
+
+    // Another channel of the same connection runs while the first is held.
+    let other = format!("echo other-{suffix}");
+    let (out, err, status) = tokio::time::timeout(Duration::from_secs(30), exec(&session, &other))
+        .await
+        .expect("another channel runs while one is held");
     assert_eq!(status, Some(0), "{}", String::from_utf8_lossy(&err));
     assert_eq!(
         String::from_utf8_lossy(&out).trim(),
-        command.trim_start_matches("echo ")
+        format!("other-{suffix}")
     );
-    assert!(host_ran(before).contains(&command), "the host ran it");
+    assert!(!host_ran(before).contains(&command), "held, not run");
+
+    // The client goes away while it is held: the wait ends, on record.
+    run.abort();
+    let _ = run.await;
+    session
+        .disconnect(russh::Disconnect::ByApplication, "", "")
+        .await
+        .unwrap();
+    let left = |r: &Record| {
+        r.body.kind == Kind::ApprovalDecided
+            && r.body.detail.as_deref() == Some("the client left while it was held")
+    };
+    let records = records_when(&g, |r| r.iter().any(left)).await;
+    let ended: Vec<_> = records.iter().filter(|r| left(r)).collect();
+    assert_eq!(ended.len(), 1, "the wait ended when the client left");
+    assert_eq!(ended[0].body.outcome, Some(Outcome::Pending));
+
+    // Approved afterwards: nothing runs, no request record claims it did.
+    approve(&cluster, &id).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !host_ran(before).contains(&command),
+        "nobody is left to run it"
+    );
+    let ran_record = |r: &Record| {
+        r.body.kind == Kind::Request
+            && matches!(&r.body.request, Some(Request::Ssh(s)) if s.command.as_deref() == Some(command.as_str()))
+    };
+    assert!(!g.node.records().await.iter().any(ran_record));
+
+    // Sent again, the approval lets it run, once.
+    let again = token_login(g.port(), &g.user(), &token).await.unwrap();
+    let (out, err, status) = exec(&again, &command).await;
+    assert_eq!(status, Some(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        format!("restart-{suffix}")
+    );
+    let ran = host_ran(before);
+    assert_eq!(ran.iter().filter(|c| **c == command).count(), 1, "{ran:?}");
+    let records = g.node.records().await;
+    let approved: Vec<_> = records.iter().filter(|r| ran_record(r)).collect();
+    assert_eq!(approved.len(), 1);
+    assert_eq!(
+        approved[0].body.approval.as_ref().map(|a| a.id.as_str()),
+        Some(id.as_str())
+    );
 }
 
 #[tokio::test]

@@ -1,12 +1,14 @@
-//! Channels: requests decided by policy and forwarded to the host one at a time (so each
-//! reply the client gets is the host's own, in order), then, once something runs, two tasks
-//! per channel: input (client → host) recorded before the host sees it, output (host → client)
-//! recorded before the client sees it.
+//! Channels: requests decided by policy and forwarded to the host in order (so each reply the
+//! client gets is the host's own, in its turn). The request that runs something goes on in a
+//! task of the channel's own (an approval's wait must not stop the connection), then, once
+//! something runs, two tasks per channel: input (client → host) recorded before the host sees
+//! it, output (host → client) recorded before the client sees it.
 
 use super::command::{self, CommandLine, SimpleCommand};
 use super::session::Conn;
 use super::sftp::SftpOperation;
 use super::sftp_guard::SftpGuard;
+use super::target::Pinned;
 use super::typed::{Decided, Echoes, TypedLines};
 use crate::audit::{ChunkOf, RecordingFile};
 use crate::core::approvals::{Hold, Step, Verdict};
@@ -21,7 +23,7 @@ use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
@@ -51,8 +53,13 @@ pub enum Chan {
     Idle,
     /// The host's channel is open; requests that set it up (pty, env) went to it.
     Setup(russh::Channel<client::Msg>),
-    /// Something runs: input goes to the channel's input task.
-    Running(mpsc::Sender<Input>),
+    /// Something runs, or is on its way (held for an approval, sent to the host): input
+    /// goes to the channel's input task. Dropping `_left` (the client closed the channel, the
+    /// connection ended) ends a wait for an approval.
+    Running {
+        input: mpsc::Sender<Input>,
+        _left: Option<oneshot::Sender<()>>,
+    },
     /// Refused or ended: further input is dropped.
     Done,
 }
@@ -69,6 +76,8 @@ pub enum Input {
     Signal(Sig),
     Eof,
     Close,
+    /// Another request the channel cannot take (it runs one): answered no, in its turn.
+    Refuse,
 }
 
 pub struct Pty {
@@ -86,10 +95,9 @@ async fn host_channel(conn: &mut Conn, id: ChannelId) -> Option<&mut russh::Chan
     let host = conn.host.clone()?;
     let slot = conn.channels.get_mut(&id)?;
     if matches!(slot, Chan::Idle) {
-        match host.channel_open_session().await {
-            Ok(c) => *slot = Chan::Setup(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "the host refused a session channel");
+        match open_host_channel(&host).await {
+            Some(c) => *slot = Chan::Setup(c),
+            None => {
                 *slot = Chan::Done;
                 return None;
             }
@@ -99,6 +107,14 @@ async fn host_channel(conn: &mut Conn, id: ChannelId) -> Option<&mut russh::Chan
         Chan::Setup(c) => Some(c),
         _ => None,
     }
+}
+
+/// A new session channel on the host; `None` when the host refuses it.
+async fn open_host_channel(host: &client::Handle<Pinned>) -> Option<russh::Channel<client::Msg>> {
+    host.channel_open_session()
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "the host refused a session channel"))
+        .ok()
 }
 
 /// Waits for the host's answer to the request just sent on `host`.
@@ -146,8 +162,10 @@ pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session
     };
     if ok {
         conn.ptys.insert(id);
+        reply(session, id, true);
+    } else {
+        answer_no(conn, id, session).await;
     }
-    reply(session, id, ok);
 }
 
 /// `env`: a variable on the allow-list is recorded (by name only: values may be secrets) and
@@ -344,109 +362,252 @@ fn ssh_request(conn: &Conn, id: ChannelId, request_type: &str, command: Option<S
     })
 }
 
-/// Decides, holds for approval, records and forwards a request that runs something; on
-/// success the channel runs.
+/// Decides a request that runs something. A refusal is answered here; anything else goes on
+/// in a task of its own ([`Starting::go`]): held for an approval, recorded and forwarded, so
+/// that a request waiting for an approver does not stop the connection's other channels, and
+/// the client closing the channel or the connection ends the wait.
 async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session) {
+    if !matches!(conn.channels.get(&id), Some(Chan::Idle | Chan::Setup(_))) {
+        // A channel runs one request; another on it gets no, in its turn.
+        refuse_request(
+            conn,
+            Some(id),
+            run.request_type,
+            "the channel already runs a request",
+        );
+        answer_no(conn, id, session).await;
+        return;
+    }
     conn.stmt += 1;
     let stmt = conn.stmt;
     let span = conn.statement_span(stmt);
     let policy = conn.ctx.policy.reference(&run.decision);
+    let request = ssh_request(conn, id, run.request_type, run.command.map(str::to_string));
     let mut body = conn.body(Kind::Request);
     body.stmt = Some(stmt);
-    body.request = Some(ssh_request(
-        conn,
-        id,
-        run.request_type,
-        run.command.map(str::to_string),
-    ));
+    body.request = Some(request.clone());
     body.policy = Some(policy.clone());
     body.detail = run.decision.dry_run_note();
-    match run.decision.action {
-        Action::Allow => {}
-        Action::Block => {
-            let why = run
-                .decision
-                .reason
-                .clone()
-                .unwrap_or_else(|| "the policy does not allow it".into());
-            let refusal = Refusal::Blocked {
-                rule: run.decision.rule.clone(),
-                reason: why,
-            };
-            refuse(conn, id, body, &refusal, &span, session);
-            return;
-        }
-        Action::RequireApproval => match hold(conn, id, &run, stmt, &policy).await {
-            Verdict::Run(approval) => body.approval = Some(approval),
-            Verdict::Refuse { refusal, approval } => {
-                body.approval = approval;
-                refuse(conn, id, body, &refusal, &span, session);
-                return;
-            }
-        },
-    }
-    if let Err(e) = conn.ctx.core.audit.append(&body).await {
-        let refusal = Refusal::AuditUnwritable {
-            spool_full: matches!(e, crate::audit::AuditError::SpoolFull { .. }),
-            why: e.to_string(),
+    if run.decision.action == Action::Block {
+        let why = run
+            .decision
+            .reason
+            .clone()
+            .unwrap_or_else(|| "the policy does not allow it".into());
+        let refusal = Refusal::Blocked {
+            rule: run.decision.rule.clone(),
+            reason: why,
         };
-        body.kind = Kind::Blocked;
         refuse(conn, id, body, &refusal, &span, session);
         return;
     }
-    start(conn, id, &run, Stmt { n: stmt, span }, session).await;
+    let host = match conn.channels.remove(&id) {
+        Some(Chan::Setup(c)) => Some(c),
+        _ => None,
+    };
+    let (input, rx) = mpsc::channel(INPUT_QUEUE);
+    let (left, gone) = oneshot::channel();
+    conn.channels.insert(
+        id,
+        Chan::Running {
+            input,
+            _left: Some(left),
+        },
+    );
+    let starting = Starting {
+        ctx: conn.ctx.clone(),
+        host_conn: conn.host.clone(),
+        host,
+        login: conn.login.clone(),
+        target: conn.target.clone(),
+        recorder: Recorder::new(
+            conn,
+            id,
+            Stmt {
+                n: stmt,
+                span: span.clone(),
+            },
+        ),
+        client: session.handle(),
+        typed: run.request_type == "shell" && conn.ptys.contains(&id),
+        request_type: run.request_type.to_string(),
+        command: run.command.map(str::to_string),
+        decision: run.decision,
+        policy,
+        request,
+        rx,
+        gone,
+    };
+    tokio::spawn(starting.go(body).instrument(span));
 }
 
-/// Sends the request to the host; with the host's yes the channel runs, with its no the client
-/// gets the host's refusal.
-async fn start(conn: &mut Conn, id: ChannelId, run: &Run<'_>, stmt: Stmt, session: &mut Session) {
-    let started = Instant::now();
-    let accepted = match host_channel(conn, id).await {
-        Some(host) => {
-            let sent = match (run.request_type, run.command) {
-                ("exec" | "scp", Some(c)) => host.exec(true, c.as_bytes()).await,
-                ("subsystem", Some(name)) => host.request_subsystem(true, name).await,
-                _ => host.request_shell(true).await,
-            };
-            sent.is_ok() && host_reply(host).await
+/// A request on its way to running (see [`run`]): what its task needs of the connection.
+struct Starting {
+    ctx: Arc<super::SshContext>,
+    /// The connection to the host, and the host's channel when one is open already (pty, env).
+    host_conn: Option<Arc<client::Handle<Pinned>>>,
+    host: Option<russh::Channel<client::Msg>>,
+    login: String,
+    target: String,
+    recorder: Recorder,
+    client: russh::server::Handle,
+    /// An interactive shell on a terminal: typed lines are recorded.
+    typed: bool,
+    request_type: String,
+    command: Option<String>,
+    decision: Decision,
+    policy: PolicyRef,
+    request: Request,
+    /// The client's input while the request is held or starts.
+    rx: mpsc::Receiver<Input>,
+    /// Resolves when the client closes the channel or the connection ends.
+    gone: oneshot::Receiver<()>,
+}
+
+impl Starting {
+    /// Runs the request whose record is `body` (written before the host sees the request).
+    async fn go(mut self, mut body: Body) {
+        if self.decision.action == Action::RequireApproval {
+            match self.hold().await {
+                Verdict::Run(approval) => body.approval = Some(approval),
+                Verdict::Refuse { refusal, approval } => {
+                    body.approval = approval;
+                    self.refuse(body, &refusal).await;
+                    return;
+                }
+            }
         }
-        None => false,
-    };
-    let recorder = Recorder::new(conn, id, stmt);
-    if !accepted {
-        conn.channels.insert(id, Chan::Done);
-        reply(session, id, false);
-        recorder.response(
-            SshResponse {
-                channel: id.number(),
-                error: Some(SshError {
-                    reason_code: None,
-                    message: "the host refused the request".into(),
-                }),
-                ..SshResponse::default()
-            },
-            Outcome::Error,
-            started,
+        if let Err(e) = self.ctx.core.audit.append(&body).await {
+            let refusal = Refusal::AuditUnwritable {
+                spool_full: matches!(e, crate::audit::AuditError::SpoolFull { .. }),
+                why: e.to_string(),
+            };
+            body.kind = Kind::Blocked;
+            self.refuse(body, &refusal).await;
+            return;
+        }
+        self.start().await;
+    }
+
+    /// Holds the request for approval: bound to the protocol, the host, the login and the
+    /// exact request. Only the wait for a decision ends when the client goes.
+    async fn hold(&mut self) -> Verdict {
+        // Waiting for an approver is not the session's idleness.
+        let activity = self.recorder.scope.activity.clone();
+        let _waiting = activity.waiting();
+        let spec = match crate::core::approvals::spec_of(&self.decision) {
+            Ok(s) => s,
+            Err(refused) => return *refused,
+        };
+        let command = self.command.as_deref().unwrap_or("");
+        let core = &self.ctx.core;
+        if core.scrub(command) != command {
+            return Verdict::Refuse {
+                refusal: Refusal::Unbound {
+                    rule: self.decision.rule.clone(),
+                    why: "the command holds values the approver may not see; it cannot be shown faithfully".into(),
+                },
+                approval: None,
+            };
+        }
+        let hash = action_hash(&self.login, &self.request_type, command);
+        let mut record = Step::recorder(
+            core.audit.clone(),
+            self.recorder.scope.body(Kind::ApprovalRequested),
+            self.recorder.stmt,
+            self.request.clone(),
+            self.policy.clone(),
         );
-        return;
+        let principal = self.recorder.scope.principal.clone().unwrap_or_default();
+        let hold = Hold {
+            principal: &principal,
+            key: ActionKey {
+                scope: Scope::new(super::PROTOCOL, &self.target),
+                hash,
+            },
+            action: command,
+            shown: pb::ShownAction {
+                protocol: Some(pb::shown_action::Protocol::Ssh(pb::SshCommand {
+                    login: self.login.clone(),
+                    request_type: self.request_type.clone(),
+                    command: command.into(),
+                })),
+            },
+            rule: &self.decision.rule,
+            reason: self.decision.reason.as_deref(),
+            spec,
+        };
+        let gone = &mut self.gone;
+        let left = async move {
+            let _ = gone.await;
+        };
+        core.approvals.settle(hold, &mut record, left).await
     }
-    let Some(Chan::Setup(host)) = conn.channels.insert(id, Chan::Done) else {
-        return;
-    };
-    reply(session, id, true);
-    let sftp = (run.request_type == "subsystem" && run.command == Some("sftp")).then(|| {
-        Arc::new(SftpGuard::new(
-            conn.ctx.policy.clone(),
-            conn.principal.clone().unwrap_or_default(),
-            conn.target.clone(),
-            conn.login.clone(),
-        ))
-    });
-    let mut pumps = Pumps::new(recorder, session.handle(), sftp);
-    if run.request_type == "shell" && conn.ptys.contains(&id) {
-        pumps.typed = Some(Arc::default());
+
+    /// Sends the request to the host; with the host's yes the channel runs, with its no the
+    /// client gets the host's refusal.
+    async fn start(self) {
+        let started = Instant::now();
+        let id = self.recorder.channel;
+        let mut host = match (self.host, &self.host_conn) {
+            (Some(c), _) => Some(c),
+            (None, Some(h)) => open_host_channel(h).await,
+            (None, None) => None,
+        };
+        let accepted = match &mut host {
+            Some(host) => {
+                let sent = match (self.request_type.as_str(), self.command.as_deref()) {
+                    ("exec" | "scp", Some(c)) => host.exec(true, c.as_bytes()).await,
+                    ("subsystem", Some(name)) => host.request_subsystem(true, name).await,
+                    _ => host.request_shell(true).await,
+                };
+                sent.is_ok() && host_reply(host).await
+            }
+            None => false,
+        };
+        let (true, Some(host)) = (accepted, host) else {
+            let _ = self.client.channel_failure(id).await;
+            self.recorder.response(
+                SshResponse {
+                    channel: id.number(),
+                    error: Some(SshError {
+                        reason_code: None,
+                        message: "the host refused the request".into(),
+                    }),
+                    ..SshResponse::default()
+                },
+                Outcome::Error,
+                started,
+            );
+            return;
+        };
+        let _ = self.client.channel_success(id).await;
+        let sftp = (self.request_type == "subsystem" && self.command.as_deref() == Some("sftp"))
+            .then(|| {
+                Arc::new(SftpGuard::new(
+                    self.ctx.policy.clone(),
+                    self.recorder.scope.principal.clone().unwrap_or_default(),
+                    self.target.clone(),
+                    self.login.clone(),
+                ))
+            });
+        let mut pumps = Pumps::new(self.recorder, self.client, sftp);
+        if self.typed {
+            pumps.typed = Some(Arc::default());
+        }
+        pumps.run(self.rx, host, started);
     }
-    pumps.spawn(conn, id, host, started);
+
+    /// Records a refused run and tells the client (see [`refuse`]).
+    async fn refuse(self, body: Body, refusal: &Refusal) {
+        let message = refusal_record(&self.ctx.core, body, refusal, &self.recorder.span);
+        let (client, id) = (&self.client, self.recorder.channel);
+        let _ = client.channel_success(id).await;
+        let _ = client.extended_data(id, 1, refused_line(&message)).await;
+        let _ = client.exit_status_request(id, REFUSED_EXIT_STATUS).await;
+        let _ = client.eof(id).await;
+        let _ = client.close(id).await;
+    }
 }
 
 /// The two tasks of a running channel and what they share.
@@ -485,7 +646,11 @@ impl Pumps {
         started: Instant,
     ) {
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-        conn.channels.insert(id, Chan::Running(tx));
+        let running = Chan::Running {
+            input: tx,
+            _left: None,
+        };
+        conn.channels.insert(id, running);
         self.run(rx, host, started);
     }
 
@@ -521,60 +686,15 @@ fn reply(session: &mut Session, id: ChannelId, ok: bool) {
     };
 }
 
-/// Holds the request for approval: bound to the protocol, the host, the login and the exact
-/// request.
-async fn hold(conn: &Conn, id: ChannelId, run: &Run<'_>, stmt: u64, policy: &PolicyRef) -> Verdict {
-    // Waiting for an approver is not the session's idleness.
-    let _waiting = conn.activity.waiting();
-    let spec = match crate::core::approvals::spec_of(&run.decision) {
-        Ok(s) => s,
-        Err(refused) => return *refused,
-    };
-    let command = run.command.unwrap_or("");
-    let shown_command = conn.ctx.core.scrub(command);
-    if shown_command != command {
-        return Verdict::Refuse {
-            refusal: Refusal::Unbound {
-                rule: run.decision.rule.clone(),
-                why: "the command holds values the approver may not see; it cannot be shown faithfully".into(),
-            },
-            approval: None,
-        };
+/// Answers no to a request on channel `id`, in its turn: a channel whose request is on its
+/// way owes that request's answer first, so its task gives this one after it.
+async fn answer_no(conn: &mut Conn, id: ChannelId, session: &mut Session) {
+    match conn.channels.get(&id) {
+        Some(Chan::Running { input, .. }) => {
+            let _ = input.send(Input::Refuse).await;
+        }
+        _ => reply(session, id, false),
     }
-    let hash = action_hash(&conn.login, run.request_type, command);
-    let request = ssh_request(conn, id, run.request_type, run.command.map(str::to_string));
-    let mut record = Step::recorder(
-        conn.ctx.core.audit.clone(),
-        conn.body(Kind::ApprovalRequested),
-        stmt,
-        request,
-        policy.clone(),
-    );
-    let principal = conn.principal.clone().unwrap_or_default();
-    let hold = Hold {
-        principal: &principal,
-        key: ActionKey {
-            scope: Scope::new(super::PROTOCOL, &conn.target.clone()),
-            hash,
-        },
-        action: command,
-        shown: pb::ShownAction {
-            protocol: Some(pb::shown_action::Protocol::Ssh(pb::SshCommand {
-                login: conn.login.clone(),
-                request_type: run.request_type.into(),
-                command: command.into(),
-            })),
-        },
-        rule: &run.decision.rule,
-        reason: run.decision.reason.as_deref(),
-        spec,
-    };
-    let left = std::future::pending();
-    conn.ctx
-        .core
-        .approvals
-        .settle(hold, &mut record, left)
-        .await
 }
 
 /// Hex SHA-256 over the login, the request type and the command line, each length-prefixed:
@@ -594,12 +714,28 @@ pub fn action_hash(login: &str, request_type: &str, command: &str) -> String {
 fn refuse(
     conn: &mut Conn,
     id: ChannelId,
-    mut body: Body,
+    body: Body,
     refusal: &Refusal,
     span: &tracing::Span,
     session: &mut Session,
 ) {
-    let message = conn.ctx.core.scrub(&refusal.to_string());
+    let message = refusal_record(&conn.ctx.core, body, refusal, span);
+    conn.channels.insert(id, Chan::Done);
+    let _ = session.channel_success(id);
+    let _ = session.extended_data(id, 1, refused_line(&message));
+    let _ = session.exit_status_request(id, REFUSED_EXIT_STATUS);
+    let _ = session.eof(id);
+    let _ = session.close(id);
+}
+
+/// Writes a refused run's record; returns the reason the client is told.
+fn refusal_record(
+    core: &crate::core::Core,
+    mut body: Body,
+    refusal: &Refusal,
+    span: &tracing::Span,
+) -> String {
+    let message = core.scrub(&refusal.to_string());
     tracing::info!(reason = %message, "ssh request refused");
     if body.kind == Kind::Request {
         body.kind = Kind::Blocked;
@@ -611,13 +747,13 @@ fn refuse(
         None => message.clone(),
     });
     crate::core::trace::from_record(span, &body);
-    conn.ctx.core.audit.record(body);
-    conn.channels.insert(id, Chan::Done);
-    let _ = session.channel_success(id);
-    let _ = session.extended_data(id, 1, format!("vigil: {message}\r\n").into_bytes());
-    let _ = session.exit_status_request(id, REFUSED_EXIT_STATUS);
-    let _ = session.eof(id);
-    let _ = session.close(id);
+    core.audit.record(body);
+    message
+}
+
+/// The line on stderr that tells the client why its request was refused.
+fn refused_line(message: &str) -> Vec<u8> {
+    format!("vigil: {message}\r\n").into_bytes()
 }
 
 /// A refused run that has no decision (it could not be decided at all).
@@ -664,7 +800,12 @@ pub fn refuse_request(conn: &Conn, id: Option<ChannelId>, request_type: &str, wh
 /// (nothing runs that could read it).
 pub async fn input(conn: &mut Conn, id: ChannelId, input: Input) {
     match conn.channels.get_mut(&id) {
-        Some(Chan::Running(tx)) => {
+        // A close never waits for room: the handler lets go of the channel next, and the
+        // input task takes that as the close.
+        Some(Chan::Running { input: tx, .. }) if matches!(input, Input::Close) => {
+            let _ = tx.try_send(input);
+        }
+        Some(Chan::Running { input: tx, .. }) => {
             let _ = tx.send(input).await;
         }
         Some(slot @ Chan::Setup(_)) if matches!(input, Input::Close) => *slot = Chan::Done,
@@ -921,10 +1062,10 @@ async fn input_task(
     let mut ended = p.ended.subscribe();
     loop {
         let input = tokio::select! {
-            input = rx.recv() => input,
-            () = closed(&mut ended) => None,
+            // The handler let go of the channel (the client closed it, the connection ended).
+            input = rx.recv() => input.unwrap_or(Input::Close),
+            () = closed(&mut ended) => break,
         };
-        let Some(input) = input else { break };
         rec.scope.activity.touch();
         let sent = match input {
             Input::Data(mut bytes) => {
@@ -992,6 +1133,10 @@ async fn input_task(
             Input::Close => {
                 let _ = write.close().await;
                 break;
+            }
+            Input::Refuse => {
+                let _ = client.channel_failure(id).await;
+                continue;
             }
         };
         if sent.is_err() {
