@@ -846,7 +846,7 @@ pub fn pg_executed(db: &str, offset: u64) -> Vec<Ran> {
             }
         } else if let Some((_, rest)) = line.split_once("LOG:  execute ") {
             let (name, text) = rest.split_once(": ").expect("execute NAME: TEXT");
-            if name.starts_with("vigil_probe_") && text == vigil_node::pg::SETTINGS_PROBE {
+            if name.starts_with("vigil_probe_") && vigil_node::pg::is_settings_probe(text) {
                 // The gateway's own read of a session's settings, before a held statement.
                 continue;
             }

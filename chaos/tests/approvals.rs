@@ -618,6 +618,68 @@ async fn t8l_other_settings_are_bound_and_shown() {
     );
 }
 
+/// Custom settings (`app.*`, what row-level security policies read) are in no list PostgreSQL
+/// keeps: the approval binds, by name, those the session set (`SET`, `set_config`) and those
+/// `ALTER ROLE … SET` gave its login. Approved where the statement matches no row, it does not
+/// run where the setting makes it match one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8n_custom_settings_are_bound_and_shown() {
+    let s = setup().await;
+    let update = "UPDATE t SET v = 7 WHERE id = pg_catalog.current_setting('app.row')::int";
+    let shows = |id: &str, value: &str| {
+        let shown = s.cli(&["approvals", "show", id]);
+        assert!(
+            shown.contains(&format!("settings    app.row='{value}'\n")),
+            "{shown}"
+        );
+    };
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    w.batch(&q("SET app.row = '2'")).await;
+    let id = s.pending(&mut w, &q(update)).await.expect("held");
+    s.approve(&id);
+    shows(&id, "2");
+    // Set again, by set_config and spelt otherwise: another value, another statement.
+    let set = "SELECT pg_catalog.set_config('App.Row', '1', false)";
+    assert_eq!(refusal(&w.batch(&q(set)).await), None);
+    let other = s.pending(&mut w, &q(update)).await.expect("held again");
+    assert_ne!(other, id);
+    shows(&other, "1");
+
+    // A new session whose login has the value from ALTER ROLE … IN DATABASE: bound too.
+    let (gw, db) = (env().get("VIGIL_PG_GATEWAY_USER"), &s.node.files.db);
+    direct_superuser(db)
+        .await
+        .batch_execute(&format!(
+            "ALTER ROLE {gw} IN DATABASE {db} SET app.row = '1'"
+        ))
+        .await
+        .unwrap();
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    w.batch(&q("SET search_path = a")).await;
+    let third = s
+        .pending(&mut w, &q(update))
+        .await
+        .expect("held under the role's value");
+    assert_ne!(third, id);
+    shows(&third, "1");
+    assert_eq!(s.ran(update), 0);
+    assert_eq!(s.value("a.t").await, 0);
+
+    // Under the approved value it runs, once, and matches nothing.
+    w.batch(&q("SET app.row = '2'")).await;
+    assert_eq!(s.pending(&mut w, &q(update)).await, None, "approved: runs");
+    assert_eq!(s.ran(update), 1);
+    assert_eq!(s.value("a.t").await, 0);
+    let records = s.node.records().await;
+    let bound: Vec<String> = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter_map(|r| r.body.request.as_ref()?.postgres()?.binding.clone())
+        .map(|b| b.settings)
+        .collect();
+    assert_eq!(bound, ["app.row='2'"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
     let s = setup().await;

@@ -11,8 +11,10 @@
 //! - the session's database, role (`current_user`) and `search_path`, and every other setting
 //!   the session, its client or `ALTER ROLE`/`ALTER DATABASE` changed from the server's
 //!   (`transform_null_equals`, `DateStyle`, `session_replication_role` …), as the target
-//!   reports them just before the statement runs ([`PROBE`]). Custom settings (`app.tenant`)
-//!   are not among them: PostgreSQL does not list them.
+//!   reports them just before the statement runs ([`CustomSettings::probe`]); and the custom
+//!   settings (`app.tenant`, which row-level security policies read) that the session may have
+//!   given a value: PostgreSQL lists none of them, so the gateway names those it saw set
+//!   ([`CustomSettings`]) and those `ALTER ROLE`/`ALTER DATABASE` set.
 //!
 //! The statement hash is SHA-256 over all of it; an approval is consumed only by a statement
 //! whose hash is equal. The approver is shown every part, values masked so that the statement
@@ -23,23 +25,104 @@ use sha2::{Digest, Sha256};
 use vigil_proto::coordinator as pb;
 use vigil_proto::record::{self, PreparedText};
 
-/// What the gateway asks the target, in the session, right before a held statement: the
-/// settings that decide what its names mean and what it may do. Functions and operators are
-/// named with their schema, so that functions or operators of those names in a schema on the
-/// `search_path` ahead of `pg_catalog` are not what answers (`current_user` is a keyword, not
-/// a function name). The fourth column lists, `name='value'` sorted by name (the value quoted
-/// as a SQL literal, so that a value holding `; other=…` cannot read as two settings), every
-/// setting whose
-/// value comes from the client, the session, the role or the database, but those shown apart
-/// (`search_path`, `role`, `session_authorization`) and those that change no statement's
-/// meaning (`application_name`, `extra_float_digits`, and `client_encoding` and
-/// `standard_conforming_strings`, which the gateway holds at UTF8 and on).
-pub const PROBE: &str = "SELECT pg_catalog.current_database(), current_user, \
+/// The start of what the gateway asks the target, in the session, right before a held
+/// statement: the settings that decide what its names mean and what it may do (see
+/// [`CustomSettings::probe`]). Functions and operators are named with their schema, so that
+/// functions or operators of those names in a schema on the `search_path` ahead of
+/// `pg_catalog` are not what answers (`current_user` is a keyword, not a function name). The
+/// fourth column lists, `name='value'` sorted by name (the value quoted as a SQL literal, so
+/// that a value holding `; other=…` cannot read as two settings):
+///
+/// - every setting whose value comes from the client, the session, the role or the database,
+///   but those shown apart (`search_path`, `role`, `session_authorization`) and those that
+///   change no statement's meaning (`application_name`, `extra_float_digits`, and
+///   `client_encoding` and `standard_conforming_strings`, which the gateway holds at UTF8 and
+///   on);
+/// - every custom setting (a name with a dot that no loaded module defines, so PostgreSQL does
+///   not list it) that has a value and is named by `ALTER ROLE`/`ALTER DATABASE … SET` for
+///   this session's login and database, or in the array that [`PROBE_END`] closes (the names
+///   the session was seen to set).
+pub const PROBE_START: &str = "SELECT pg_catalog.current_database(), current_user, \
 pg_catalog.current_setting('search_path'), \
-(SELECT pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(setting), '; ' ORDER BY name) \
-FROM pg_catalog.pg_settings \
+(SELECT pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(setting), '; ' ORDER BY name) FROM (\
+SELECT name, setting FROM pg_catalog.pg_settings \
 WHERE source OPERATOR(pg_catalog.=) ANY (ARRAY['client', 'session', 'user', 'database', 'database user']) \
-AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY['search_path', 'role', 'session_authorization', 'application_name', 'client_encoding', 'standard_conforming_strings', 'extra_float_digits']))";
+AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY['search_path', 'role', 'session_authorization', 'application_name', 'client_encoding', 'standard_conforming_strings', 'extra_float_digits']) \
+UNION \
+SELECT c.name, pg_catalog.current_setting(c.name, true) FROM (\
+SELECT pg_catalog.lower(pg_catalog.split_part(setting, '=', 1)) \
+FROM pg_catalog.pg_db_role_setting, pg_catalog.unnest(setconfig) AS setting \
+WHERE setdatabase OPERATOR(pg_catalog.=) ANY (ARRAY[0, (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())]::pg_catalog.oid[]) \
+AND setrole OPERATOR(pg_catalog.=) ANY (ARRAY[0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) session_user)]::pg_catalog.oid[]) \
+UNION SELECT pg_catalog.unnest(";
+
+/// The end of the probe, after the array of the custom settings' names the session set.
+pub const PROBE_END: &str = "::pg_catalog.text[])) AS c(name) \
+WHERE pg_catalog.strpos(c.name, '.') OPERATOR(pg_catalog.>) 0 \
+AND pg_catalog.current_setting(c.name, true) IS NOT NULL \
+AND NOT EXISTS (SELECT FROM pg_catalog.pg_settings p WHERE p.name OPERATOR(pg_catalog.=) c.name)\
+) AS s)";
+
+/// Whether `text` is the gateway's settings probe (for readers of the target's log).
+pub fn is_probe(text: &str) -> bool {
+    text.starts_with(PROBE_START) && text.ends_with(PROBE_END)
+}
+
+/// A session may name at most this many custom settings; past them, statements are not held
+/// (the gateway could not bind their values).
+pub const MAX_CUSTOM_SETTINGS: usize = 256;
+
+/// The custom settings (`app.tenant`) a session was seen to give a value: by `SET`, `SET
+/// LOCAL`, `RESET`, `set_config` with a constant name (in the statement or in SQL text it
+/// carries as a constant), or at startup (`options`, when `policy.allowed_startup_settings`
+/// lets one through). PostgreSQL lists none of them, so the probe asks for each by name.
+/// One set by a name built at run time, or inside a function, is not seen.
+#[derive(Debug, Default)]
+pub struct CustomSettings {
+    names: std::collections::BTreeSet<String>,
+    /// More names than [`MAX_CUSTOM_SETTINGS`] were set.
+    overflow: bool,
+}
+
+impl CustomSettings {
+    /// Notes names set (those without a dot are not custom; names PostgreSQL would not take
+    /// as custom ones cannot have been set, and are left out).
+    pub fn note<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            let name = name.to_ascii_lowercase();
+            let valid = name.contains('.')
+                && name.split('.').all(|part| !part.is_empty())
+                && name.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.') || !c.is_ascii()
+                });
+            if !valid || self.names.contains(&name) {
+                continue;
+            }
+            if self.names.len() == MAX_CUSTOM_SETTINGS {
+                self.overflow = true;
+                return;
+            }
+            self.names.insert(name);
+        }
+    }
+
+    /// The probe for this session: [`PROBE_START`], the names as a SQL array, [`PROBE_END`].
+    /// `Err` when the session set more custom settings than the gateway binds.
+    pub fn probe(&self) -> Result<String, String> {
+        if self.overflow {
+            return Err(format!(
+                "the session set more than {MAX_CUSTOM_SETTINGS} custom settings, whose values the gateway cannot all bind"
+            ));
+        }
+        // A name is letters, digits, `_`, `$`, dots and non-ASCII characters ([`Self::note`]):
+        // it needs no escaping inside quotes.
+        let names: Vec<String> = self.names.iter().map(|n| format!("'{n}'")).collect();
+        Ok(format!(
+            "{PROBE_START}ARRAY[{}]{PROBE_END}",
+            names.join(", ")
+        ))
+    }
+}
 
 /// The approver's copy may be at most this large (text, prepared texts and parameters).
 pub const MAX_SHOWN: usize = 2 * 1024 * 1024;
@@ -50,7 +133,8 @@ pub struct Settings {
     pub database: String,
     pub role: String,
     pub search_path: String,
-    /// The other settings that differ from the server's (see [`PROBE`]), `name='value'; …`.
+    /// The other settings that differ from the server's, and the custom ones (see
+    /// [`PROBE_START`]), `name='value'; …`.
     pub others: String,
 }
 
@@ -322,5 +406,39 @@ mod tests {
             Settings::from_row(&[None, Some(b"gw"), Some(b"x"), None]),
             None
         );
+    }
+
+    #[test]
+    fn custom_settings_are_asked_for_by_name() {
+        let mut c = CustomSettings::default();
+        assert!(is_probe(&c.probe().unwrap()));
+        assert!(c
+            .probe()
+            .unwrap()
+            .contains("unnest(ARRAY[]::pg_catalog.text[])"));
+        c.note([
+            "App.Tenant",
+            "app.tenant",
+            "search_path",
+            "x.y'); DROP TABLE t; --",
+            "a..b",
+            ".a",
+            "jwt.claims.sub$1",
+            "é.ü",
+        ]);
+        let probe = c.probe().unwrap();
+        assert!(is_probe(&probe));
+        assert!(
+            probe.contains(
+                "unnest(ARRAY['app.tenant', 'jwt.claims.sub$1', 'é.ü']::pg_catalog.text[])"
+            ),
+            "{probe}"
+        );
+        // Past the limit nothing is held: a probe that left names out would bind too little.
+        let more: Vec<String> = (0..MAX_CUSTOM_SETTINGS)
+            .map(|i| format!("n.v{i}"))
+            .collect();
+        c.note(more.iter().map(String::as_str));
+        assert!(c.probe().is_err());
     }
 }

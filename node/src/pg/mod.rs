@@ -12,7 +12,7 @@ pub mod config;
 pub mod encoding;
 pub mod messages;
 /// The statement the gateway runs in a session right before a held statement.
-pub use binding::PROBE as SETTINGS_PROBE;
+pub use binding::is_probe as is_settings_probe;
 mod refusal;
 mod relay;
 mod session;

@@ -8,7 +8,7 @@
 //! right place in the stream.
 
 use super::backend::Backend;
-use super::binding::{self, Binding, Settings};
+use super::binding::{self, Binding, CustomSettings, Settings};
 use super::budget::{large_pending, Lent, MessageBudget, LARGE_MESSAGE};
 use super::cancel::CancelGuard;
 use super::codec::{split_frame, Frame, FrameError};
@@ -369,6 +369,14 @@ struct Resolved {
     unknown: Option<String>,
 }
 
+/// The custom settings a client may give at startup (those `policy.allowed_startup_settings`
+/// lets through that have a dot), read like the ones the session sets.
+fn startup_custom_settings(policy: &crate::policy::Policy) -> CustomSettings {
+    let mut custom = CustomSettings::default();
+    custom.note(policy.allowed_startup_settings().iter().map(String::as_str));
+    custom
+}
+
 pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let Established {
         session,
@@ -402,6 +410,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         copy_scan: None,
         probe_name: format!("vigil_probe_{}", hex::encode(rand::random::<[u8; 8]>())),
         bound_portals: Some(HashSet::new()),
+        custom_settings: startup_custom_settings(&ctx.policy),
     };
     let mut target_half = TargetHalf {
         ctx: ctx.clone(),
@@ -617,6 +626,9 @@ struct ClientHalf {
     /// [`MAX_BOUND_PORTAL_NAMES`], so any name may be one). Such a portal runs what it was bound
     /// to, decided at its Execute; SQL `FETCH` and `MOVE` of it are refused.
     bound_portals: Option<HashSet<String>>,
+    /// The custom settings the session may have given a value, which a held statement's
+    /// binding reads by name.
+    custom_settings: CustomSettings,
 }
 
 /// Portal names a session's `bound_portals` holds before it stands for every name.
@@ -1314,7 +1326,11 @@ impl ClientHalf {
             }
         };
         let tail = out.split_off(at);
-        out.extend_from_slice(&messages::settings_probe(&self.probe_name, binding::PROBE));
+        let probe = match self.custom_settings.probe() {
+            Ok(p) => p,
+            Err(why) => return Ok(Err(why)),
+        };
+        out.extend_from_slice(&messages::settings_probe(&self.probe_name, &probe));
         out.unsplit(tail);
         self.pending.insert(count, Pending::Probe(None));
         self.tables.sync_before_batch();
@@ -1365,6 +1381,13 @@ impl ClientHalf {
         if let Some(refusal) = self.settle_reading(text, out).await? {
             return Ok(refusal);
         }
+        // Names it sets are read from now on, before the statement runs.
+        let stmts = resolved
+            .decided
+            .as_deref()
+            .or(class.as_ref().ok().map(Vec::as_slice));
+        let set = stmts.into_iter().flatten().flat_map(|s| &s.custom_settings);
+        self.custom_settings.note(set.map(String::as_str));
         let masked = self.masked_write(writes(class, resolved), [text]);
         Ok(masked.unwrap_or_else(|| self.decide(class, resolved)))
     }

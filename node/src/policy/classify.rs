@@ -280,6 +280,10 @@ pub struct StatementInfo {
     pub client_encoding: Option<SettingChange>,
     /// The same for `standard_conforming_strings` (one that turns it off wins).
     pub standard_conforming_strings: Option<SettingChange>,
+    /// Custom settings (a name with a dot, `app.tenant`) a `SET`, `RESET` or `set_config`
+    /// with a constant name gives a value, lower case as written: PostgreSQL does not list
+    /// them, so the gateway asks for them by name when it binds an approval.
+    pub custom_settings: BTreeSet<String>,
 }
 
 impl StatementInfo {
@@ -352,6 +356,7 @@ impl StatementInfo {
         self.tables.extend(inner.tables);
         self.functions.extend(inner.functions);
         self.flags.extend(inner.flags);
+        self.custom_settings.extend(inner.custom_settings);
         if let Some(change) = inner.client_encoding {
             self.note_setting(ReadingSetting::ClientEncoding, change);
         }
@@ -973,6 +978,9 @@ impl Walk {
                 if var == "role" || var == "session_authorization" || var.is_empty() {
                     info.flags.insert(Flag::RoleChange);
                 }
+                if var.contains('.') {
+                    info.custom_settings.insert(var);
+                }
                 K::Session
             }
             "DiscardStmt" | "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt"
@@ -1157,6 +1165,9 @@ impl Walk {
             };
             match arg(0) {
                 Some(name) => {
+                    if name.contains('.') {
+                        self.info.custom_settings.insert(name.to_ascii_lowercase());
+                    }
                     if let Some(setting) = ReadingSetting::named(&name) {
                         let change = arg(1).map_or(SettingChange::NotConstant, SettingChange::To);
                         self.info.note_setting(setting, change);
@@ -1541,6 +1552,33 @@ mod tests {
         .leaves_utf8());
         // A role's or a database's setting is for later sessions, not this one.
         assert_eq!(enc("ALTER ROLE r SET client_encoding = 'SJIS'"), None);
+    }
+
+    #[test]
+    fn custom_settings_set_by_name() {
+        let custom = |sql: &str| -> Vec<String> {
+            classify(sql)
+                .unwrap()
+                .into_iter()
+                .flat_map(|s| s.custom_settings)
+                .collect()
+        };
+        assert_eq!(custom("SET app.tenant = 5"), ["app.tenant"]);
+        assert_eq!(custom("SET LOCAL \"App.Tenant\" TO 'x'"), ["app.tenant"]);
+        assert_eq!(custom("RESET app.tenant"), ["app.tenant"]);
+        assert_eq!(
+            custom("SELECT pg_catalog.set_config('Request.JWT.claims', '{}', true)"),
+            ["request.jwt.claims"]
+        );
+        assert_eq!(
+            custom(
+                "SELECT query_to_xml('select set_config(''a.b'', ''1'', false)', true, false, '')"
+            ),
+            ["a.b"]
+        );
+        assert!(custom("SET search_path = a").is_empty());
+        assert!(custom("SELECT set_config('work_mem', '1MB', false)").is_empty());
+        assert!(custom("RESET ALL").is_empty());
     }
 
     #[test]

@@ -439,6 +439,11 @@ impl Policy {
         self.default_decision()
     }
 
+    /// The settings a client may pass in the startup `options`.
+    pub fn allowed_startup_settings(&self) -> &[String] {
+        &self.config.allowed_startup_settings
+    }
+
     pub fn allowed_startup_setting(&self, name: &str) -> bool {
         self.config
             .allowed_startup_settings
