@@ -832,6 +832,83 @@ async fn t73g_notices_notifications_errors_and_reports_are_masked_for_clients() 
     }
 }
 
+/// A notification that comes while the session is idle (another session's NOTIFY on a channel
+/// it listens on) is on record when it comes, in an `unsolicited` record of the listening
+/// session, masked; the response of the statement sent next does not claim it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73i_a_notification_to_an_idle_session_has_a_record_of_its_own() {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        extra: MASKING,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let card = "4111 1111 1111 1111";
+    let mut w = Wire::app_session(node.port(), &token).await;
+    w.batch(&[wire::query("LISTEN ch")]).await;
+    let mut other = Wire::app_session(node.port(), &token).await;
+    other
+        .batch(&[wire::query(&format!("NOTIFY ch, 'card {card}'"))])
+        .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let records = loop {
+        let records = node.records().await;
+        if !of_kind(&records, Kind::Unsolicited).is_empty()
+            || tokio::time::Instant::now() > deadline
+        {
+            break records;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let listening = of_kind(&records, Kind::Request)
+        .into_iter()
+        .find(|r| {
+            r.body
+                .request
+                .as_ref()
+                .and_then(|q| q.postgres())
+                .is_some_and(|q| q.text == "LISTEN ch")
+        })
+        .expect("the LISTEN is on record")
+        .body
+        .session
+        .clone();
+    let unsolicited = of_kind(&records, Kind::Unsolicited);
+    assert_eq!(unsolicited.len(), 1, "one record, as the notification came");
+    assert_eq!(unsolicited[0].body.session, listening);
+    assert_eq!(unsolicited[0].body.outcome, Some(Outcome::Success));
+    let response = unsolicited[0].body.pg_response().expect("what came");
+    assert_eq!(response.notifications.len(), 1);
+    assert_eq!(response.notifications[0].channel, "ch");
+    let payload = &response.notifications[0].payload;
+    assert!(
+        payload.starts_with("card ") && !payload.contains(card),
+        "{payload}"
+    );
+
+    // The client gets it (masked) before the answer to its next statement, whose response
+    // record does not claim it.
+    let got = w.batch(&[wire::query("SELECT 1")]).await;
+    let notified: Vec<_> = got.iter().filter(|m| m.tag == b'A').collect();
+    assert_eq!(notified.len(), 1);
+    assert!(!notified[0]
+        .body
+        .windows(card.len())
+        .any(|b| b == card.as_bytes()));
+    let records = node.records().await;
+    let claimed = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter(|r| r.body.session == listening)
+        .filter_map(|r| r.body.pg_response())
+        .any(|p| !p.notifications.is_empty());
+    assert!(!claimed, "no statement's response claims it");
+    for f in files_under(node.files.dir.path()) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).into_owned();
+        assert!(!text.contains(card), "{f:?}");
+    }
+}
+
 /// A partition and an inheritance child are reported as themselves: a column rule on the parent
 /// covers their columns of the same name too, however deep, read from the child directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,10 @@ pub enum Kind {
     /// A held statement's request was decided while the gateway waited (approved, denied) or
     /// the wait ended without a decision (`pending`).
     ApprovalDecided,
+    /// The target sent something with no request in flight (PostgreSQL: a notification of a
+    /// channel the session listens on, a notice), on record when it came (`response`), not
+    /// with whatever request came next.
+    Unsolicited,
 }
 
 /// How an action ended.
@@ -264,11 +268,12 @@ pub struct PgResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<PgError>,
     /// The message of each notice (NoticeResponse: `RAISE NOTICE`, warnings) the client got
-    /// with this answer or since the previous one, masked like results.
+    /// with this answer, masked like results (one with no statement in flight has an
+    /// `unsolicited` record of its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notices: Vec<String>,
-    /// Each notification (`LISTEN`/`NOTIFY`) the client got with this answer or since the
-    /// previous one, its payload masked like results.
+    /// Each notification (`LISTEN`/`NOTIFY`) the client got with this answer, its payload
+    /// masked like results (one with no statement in flight: see `notices`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<PgNotification>,
 }
@@ -844,7 +849,8 @@ mod tests {
             | Kind::Cancel
             | Kind::ProtocolError
             | Kind::ApprovalRequested
-            | Kind::ApprovalDecided => k,
+            | Kind::ApprovalDecided
+            | Kind::Unsolicited => k,
         };
         [
             Kind::StreamStart,
@@ -859,6 +865,7 @@ mod tests {
             Kind::ProtocolError,
             Kind::ApprovalRequested,
             Kind::ApprovalDecided,
+            Kind::Unsolicited,
         ]
         .into_iter()
         .map(listed)

@@ -2423,7 +2423,12 @@ impl TargetHalf {
     /// detectors (`Some`: send this instead).
     fn on_notice(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
         let (_, message) = messages::parse_error_fields(body);
-        if self.keep(message.len()) {
+        if self.queue.is_empty() {
+            self.record_unsolicited(PgResponse {
+                notices: vec![message],
+                ..PgResponse::default()
+            });
+        } else if self.keep(message.len()) {
             self.acc.response.notices.push(message);
         }
         self.client_fields(b'N', body)
@@ -2434,15 +2439,42 @@ impl TargetHalf {
     fn on_notification(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
         let (pid, channel, payload) =
             messages::parse_notification(body).map_err(|e| End::TargetProtocol(e.to_string()))?;
-        if self.keep(channel.len() + payload.len()) {
-            self.acc.response.notifications.push(PgNotification {
-                channel: channel.to_string(),
-                payload: payload.to_string(),
+        let notification = PgNotification {
+            channel: channel.to_string(),
+            payload: payload.to_string(),
+        };
+        if self.queue.is_empty() {
+            self.record_unsolicited(PgResponse {
+                notifications: vec![notification],
+                ..PgResponse::default()
             });
+        } else if self.keep(channel.len() + payload.len()) {
+            self.acc.response.notifications.push(notification);
         }
         Ok(self
             .client_masked(payload)
             .map(|payload| messages::notification(pid, channel, &payload)))
+    }
+
+    /// A notice or notification that came with no statement in flight (another session's
+    /// `NOTIFY` on a channel this one listens on, a notice before the server shuts down): on
+    /// record now, on its own, rather than in the response of whatever statement comes next.
+    /// Its texts are masked like results.
+    fn record_unsolicited(&self, mut response: PgResponse) {
+        let mut rec = self.session.body(&self.ctx.core.audit, Kind::Unsolicited);
+        let masker = &self.ctx.core.masker;
+        if masker.is_active() {
+            let notices = response.notices.iter_mut();
+            let notified = response.notifications.iter_mut().map(|n| &mut n.payload);
+            for text in notices.chain(notified) {
+                if let Cow::Owned(m) = masker.mask(text, None, false, Some(&mut rec.masked)) {
+                    *text = m;
+                }
+            }
+        }
+        rec.response = Some(Response::Postgres(response));
+        rec.outcome = Some(Outcome::Success);
+        self.ctx.core.audit.record(rec);
     }
 
     /// Whether `len` more bytes of what came back fit in the response record
