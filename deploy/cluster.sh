@@ -14,6 +14,7 @@
 #   deploy/cluster.sh down     stop what this script started (by PID), keep the state
 #   deploy/cluster.sh status   one line per part; exit 3 if any part is down
 #   deploy/cluster.sh token CLIENT   an access token of a dev agent (agent-reporting, agent-ops)
+#   deploy/cluster.sh id-token LOGIN an ID token of a dev person (alice approves: group dba)
 #
 # The node and member configurations are the Compose stack's templates
 # (deploy/compose/vigil-node.toml, vigil-coordinator.toml), rendered by the image's
@@ -484,6 +485,11 @@ token() { # client id
   "$VIGIL_NODE" "$VIGIL_OIDC_DIR/token.mjs" --issuer "$VIGIL_OIDC_ISSUER" --client "$1" --secret "$1-secret"
 }
 
+id_token() { # login of a person
+  load_dev_env || die "no $dev_dir/env: start the dev servers (deploy/dev/servers.sh start)"
+  "$VIGIL_NODE" "$VIGIL_OIDC_DIR/id-token.mjs" --issuer "$VIGIL_OIDC_ISSUER" --user "$1"
+}
+
 # What the printed ssh and kubectl commands use: the nodes' shared SSH host key as known for
 # the balancer's port, and a kubeconfig for the balancer trusting the shared certificate.
 write_client_files() {
@@ -575,8 +581,9 @@ cmd_up() {
   cat <<EOF
 psql through HAProxy (an agent's access token from the dev provider as the password):
   psql "host=127.0.0.1 port=$lb_port dbname=app user=agent sslmode=require password=\$($0 token agent-reporting)"
-held writes (to customers), approved as agent-ops (group dba) against the coordinator cluster:
-  . $env_file; export VIGIL_TOKEN=\$($0 token agent-ops)
+held writes (to customers), approved by the person alice (group dba; an agent's token is not
+taken by the coordinator members) against the coordinator cluster:
+  . $env_file; export VIGIL_TOKEN=\$($0 id-token alice)
   $bin_dir/vigil approvals list --state pending
 ssh through HAProxy to host "web" (the dev sshd) as $VIGIL_DEV_SSH_LOGIN; answer the prompt with
 the token of \`$0 token agent-ops\`:
@@ -640,5 +647,6 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   token) token "${2:?usage: $0 token CLIENT_ID}" ;;
-  *) printf 'usage: %s up|down|status|token CLIENT\n' "$0" >&2; exit 2 ;;
+  id-token) id_token "${2:?usage: $0 id-token LOGIN}" ;;
+  *) printf 'usage: %s up|down|status|token CLIENT|id-token LOGIN\n' "$0" >&2; exit 2 ;;
 esac

@@ -267,7 +267,7 @@ fn t10_compose_stack_psql_through_haproxy_with_an_approval() {
         "compose test",
     ]);
     assert!(shown.contains("state       approved"), "{shown}");
-    assert!(shown.contains("vote        agent-ops approved"), "{shown}");
+    assert!(shown.contains("vote        alice approved"), "{shown}");
     let node = shown
         .lines()
         .find_map(|l| l.strip_prefix("node        "))

@@ -127,8 +127,14 @@ fn t10_config_templates_render_to_valid_files() {
             ]);
         }
         let path = render(&root.join(template), &vars, dir.path(), "member.toml");
-        vigil_node::config::CoordinatorFile::load(&path)
+        let member = vigil_node::config::CoordinatorFile::load(&path)
             .unwrap_or_else(|e| panic!("{template} renders to an invalid member file: {e}"));
+        // Every token a member accepts is an operator's: never the agents' audience.
+        let audiences = member.identity.expect("operators' provider").audiences;
+        assert!(
+            !audiences.iter().any(|a| a == "urn:vigil:gateway"),
+            "{template}: {audiences:?}"
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\nid = 3\n"), "{template}:\n{text}");
     }

@@ -6,7 +6,8 @@
 #   deploy/compose/stack.sh build [--bins DIR]
 #   deploy/compose/stack.sh token CLIENT      an agent's access token from the stack's provider
 #   deploy/compose/stack.sh vigil ARGS…       the vigil CLI against the stack's coordinator,
-#                                             as agent-ops (group dba) unless VIGIL_TOKEN is set
+#                                             as the person alice (group dba; VIGIL_PERSON=LOGIN
+#                                             for another) unless VIGIL_TOKEN is set
 #   deploy/compose/stack.sh compose ARGS…     docker-compose with this stack's file and project
 #
 # build: the base image if there is none (deploy/docker/base-image.sh), the vigil image from
@@ -136,7 +137,8 @@ section for yours.)
   # (${p}$c token agent-ops); the gateway's host key is $ssh_dir/node/gateway_host_ed25519_key.pub
   ssh -p $ssh_port -o PreferredAuthentications=keyboard-interactive vigil-ops+web@$host hostname
 
-  # writes to customers wait for approval (up to 2 minutes); approve as agent-ops (group dba)
+  # writes to customers wait for approval (up to 2 minutes); approve as the person alice
+  # (group dba; her ID token from the stack's provider; VIGIL_PERSON=… for another login)
   # (the stack's vigil runs without a terminal to ask at: read the request, then --yes)
   ${p}$c vigil approvals list --state pending
   ${p}$c vigil approvals show apr-…
@@ -160,7 +162,9 @@ case "${1:-}" in
     need_engine; compose exec -T oidc token "$2" ;;
   vigil)
     shift; need_engine
-    token="${VIGIL_TOKEN:-$(compose exec -T oidc token agent-ops)}" || die "no token from the provider"
+    # A person's ID token (the coordinator members take no agent's token).
+    token="${VIGIL_TOKEN:-$(compose exec -T oidc node /app/id-token.mjs --issuer http://oidc:8080 \
+      --user "${VIGIL_PERSON:-alice}")}" || die "no ID token from the provider"
     compose run --rm -T -e VIGIL_TOKEN="$token" vigil "$@" ;;
   compose) shift; need_engine; compose "$@" ;;
   *) sed -n '2,12p' "$0" >&2; exit 2 ;;
