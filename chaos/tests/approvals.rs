@@ -84,6 +84,13 @@ impl Setup {
         Some(message[at..].split_whitespace().next()?.to_string())
     }
 
+    /// A session of the agent through the node, its `search_path` set to schema `a`.
+    async fn session(&self) -> Wire {
+        let mut w = Wire::app_session(self.node.port(), &self.token).await;
+        w.batch(&q("SET search_path = a")).await;
+        w
+    }
+
     fn cli(&self, args: &[&str]) -> String {
         let alice = id_token("alice");
         let mut all = args.to_vec();
@@ -118,6 +125,24 @@ impl Setup {
                 r.text.contains(needle) || r.prepared.as_deref().is_some_and(|p| p.contains(needle))
             })
             .count()
+    }
+
+    /// The settings each run statement's approval was bound to, from its request record.
+    async fn bound_settings(&self) -> Vec<String> {
+        of_kind(&self.node.records().await, Kind::Request)
+            .into_iter()
+            .filter_map(|r| r.body.request.as_ref()?.postgres()?.binding.clone())
+            .map(|b| b.settings)
+            .collect()
+    }
+
+    /// Runs `sql` on the target as its superuser, not through the node.
+    async fn superuser(&self, sql: &str) {
+        direct_superuser(&self.node.files.db)
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap();
     }
 
     async fn value(&self, table: &str) -> i32 {
@@ -188,8 +213,7 @@ const BINARY_1234: [u8; 4] = 1234i32.to_be_bytes();
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t89_parameters_are_bound_with_format_and_type_and_shown() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let sql = "UPDATE t SET v = $1 WHERE id = 1";
     let text_run = |value: &[u8], binary: bool| {
         vec![
@@ -225,8 +249,7 @@ async fn t89_parameters_are_bound_with_format_and_type_and_shown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8a_execute_name_binds_the_prepared_text() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     s.prepare(&mut w, "PREPARE p AS UPDATE t SET v = 7 WHERE id = 1")
         .await;
     let id = s.pending(&mut w, &q("EXECUTE p")).await.expect("held");
@@ -236,8 +259,7 @@ async fn t8a_execute_name_binds_the_prepared_text() {
         "{shown}"
     );
     // Another session prepares `p` as something else: the approval does not cover it.
-    let mut other = Wire::app_session(s.node.port(), &s.token).await;
-    other.batch(&q("SET search_path = a")).await;
+    let mut other = s.session().await;
     s.prepare(&mut other, "PREPARE p AS UPDATE t SET v = 666 WHERE id = 1")
         .await;
     assert!(s.pending(&mut other, &q("EXECUTE p")).await.is_some());
@@ -251,8 +273,7 @@ async fn t8a_execute_name_binds_the_prepared_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8g_a_sql_prepared_body_is_held_at_every_protocol_execute() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let prepare = "PREPARE p AS UPDATE t SET v = v + 5 WHERE id = 1";
     s.prepare(&mut w, prepare).await;
     let run = [wire::bind("", "p", &[]), wire::execute(""), wire::sync()];
@@ -278,8 +299,7 @@ fn refusal(r: &[Msg]) -> Option<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8h_a_protocol_portal_is_not_run_by_sql_fetch_or_move() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let update = "UPDATE t SET v = v + 1 WHERE id = 1 RETURNING v";
     let fetches: [&[Vec<u8>]; 3] = [
         &q("FETCH ALL FROM p"),
@@ -342,8 +362,7 @@ async fn t8m_a_held_statement_is_not_bound_on_the_target_before_its_approval() {
     )
     .await
     .unwrap();
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let update = "UPDATE t SET v = v + 1 WHERE id = 1 RETURNING v";
     for (portal, runner) in [
         ("p", "SELECT cursor_to_xml('p', 10, false, false, '')"),
@@ -458,15 +477,11 @@ async fn t8m_a_held_statement_is_not_bound_on_the_target_before_its_approval() {
 async fn t8i_a_held_cursor_runs_its_query_once() {
     let s = setup().await;
     let gw = env().get("VIGIL_PG_GATEWAY_USER");
-    direct_superuser(&s.node.files.db)
-        .await
-        .batch_execute(&format!(
-            "CREATE SEQUENCE a.s; ALTER SEQUENCE a.s OWNER TO {gw}"
-        ))
-        .await
-        .unwrap();
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    s.superuser(&format!(
+        "CREATE SEQUENCE a.s; ALTER SEQUENCE a.s OWNER TO {gw}"
+    ))
+    .await;
+    let mut w = s.session().await;
     let query = "FOR SELECT setval('a.s', pg_catalog.nextval('a.s') + 10) FROM t";
     for cursor in ["CURSOR", "SCROLL CURSOR", "NO SCROLL CURSOR WITH HOLD"] {
         let declare = format!("DECLARE c {cursor} {query}");
@@ -511,8 +526,7 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
     let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
     let s = setup_with(Box::leak(policy.into_boxed_str())).await;
     let update = "UPDATE t SET v = v + 1 WHERE id = 1";
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     w.send(&wire::query(update)).await;
     let mut id = None;
     eventually(
@@ -556,8 +570,7 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
     let state = s.cli(&["approvals", "show", &id]);
     assert!(state.contains("state       approved"), "{state}");
     // Sent again from a new session: it runs, once.
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     assert_eq!(refusal(&w.batch(&q(update)).await), None);
     assert_eq!(s.value("a.t").await, 1);
     assert_eq!(s.ran(update), 1);
@@ -569,8 +582,7 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8l_other_settings_are_bound_and_shown() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let update = "UPDATE t SET v = 7 WHERE v = NULL OR id = 2";
     w.batch(&q("SET transform_null_equals = on")).await;
     let id = s.pending(&mut w, &q(update)).await.expect("held");
@@ -586,22 +598,12 @@ async fn t8l_other_settings_are_bound_and_shown() {
     assert!(!s.cli(&["approvals", "show", &other]).contains("settings "));
     assert_eq!(s.value("a.t").await, 0);
     // Under what was approved: it runs, once, and matches the row whose v is NULL.
-    direct_superuser(&s.node.files.db)
-        .await
-        .batch_execute("UPDATE a.t SET v = NULL")
-        .await
-        .unwrap();
+    s.superuser("UPDATE a.t SET v = NULL").await;
     w.batch(&q("SET transform_null_equals = on")).await;
     assert_eq!(s.pending(&mut w, &q(update)).await, None, "approved: runs");
     assert_eq!(s.value("a.t").await, 7);
     assert_eq!(s.ran(update), 1);
-    let records = s.node.records().await;
-    let bound: Vec<String> = of_kind(&records, Kind::Request)
-        .into_iter()
-        .filter_map(|r| r.body.request.as_ref()?.postgres()?.binding.clone())
-        .map(|b| b.settings)
-        .collect();
-    assert_eq!(bound, ["transform_null_equals='on'"]);
+    assert_eq!(s.bound_settings().await, ["transform_null_equals='on'"]);
 
     // A value may hold `; name=value` (a list of quoted names): quoted as a literal, it does
     // not read as the setting approved above, and the statement is held again.
@@ -633,8 +635,7 @@ async fn t8n_custom_settings_are_bound_and_shown() {
             "{shown}"
         );
     };
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     w.batch(&q("SET app.row = '2'")).await;
     let id = s.pending(&mut w, &q(update)).await.expect("held");
     s.approve(&id);
@@ -648,15 +649,11 @@ async fn t8n_custom_settings_are_bound_and_shown() {
 
     // A new session whose login has the value from ALTER ROLE … IN DATABASE: bound too.
     let (gw, db) = (env().get("VIGIL_PG_GATEWAY_USER"), &s.node.files.db);
-    direct_superuser(db)
-        .await
-        .batch_execute(&format!(
-            "ALTER ROLE {gw} IN DATABASE {db} SET app.row = '1'"
-        ))
-        .await
-        .unwrap();
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    s.superuser(&format!(
+        "ALTER ROLE {gw} IN DATABASE {db} SET app.row = '1'"
+    ))
+    .await;
+    let mut w = s.session().await;
     let third = s
         .pending(&mut w, &q(update))
         .await
@@ -671,20 +668,13 @@ async fn t8n_custom_settings_are_bound_and_shown() {
     assert_eq!(s.pending(&mut w, &q(update)).await, None, "approved: runs");
     assert_eq!(s.ran(update), 1);
     assert_eq!(s.value("a.t").await, 0);
-    let records = s.node.records().await;
-    let bound: Vec<String> = of_kind(&records, Kind::Request)
-        .into_iter()
-        .filter_map(|r| r.body.request.as_ref()?.postgres()?.binding.clone())
-        .map(|b| b.settings)
-        .collect();
-    assert_eq!(bound, ["app.row='2'"]);
+    assert_eq!(s.bound_settings().await, ["app.row='2'"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     // Long: past the old 16 KiB cap, the end of the statement is what matters.
     let long = format!(
         "UPDATE t SET v = 1 /* {} */ WHERE id = 1 OR true",
@@ -729,8 +719,7 @@ async fn t8b_the_approver_sees_all_of_it_and_masking_keeps_its_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8d_no_hold_where_the_settings_are_not_known() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let refusal = |r: &[Msg]| {
         r.iter()
             .find_map(Msg::error)
@@ -794,8 +783,7 @@ async fn t8d_no_hold_where_the_settings_are_not_known() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8c_a_message_needs_every_statements_approval() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     // A write (approvers) and DDL (ops) in one message: no one request can carry both.
     let r = w
         .batch(&q(
@@ -821,8 +809,7 @@ async fn t8c_a_message_needs_every_statements_approval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8j_the_cli_lists_escaped_and_asks_before_it_decides() {
     let s = setup().await;
-    let mut w = Wire::app_session(s.node.port(), &s.token).await;
-    w.batch(&q("SET search_path = a")).await;
+    let mut w = s.session().await;
     let sneaky = "--x\rUPDATE t SET v = 9 WHERE id = 1";
     let id = s.pending(&mut w, &q(sneaky)).await.expect("held");
     let long = format!("UPDATE t SET v = 1 WHERE id = 1 /* {} */", "y".repeat(70));

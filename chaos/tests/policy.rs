@@ -767,12 +767,8 @@ async fn t73f_values_shown_as_bytes_are_looked_through_by_the_detectors() {
     }
 }
 
-/// What a client gets besides rows carries values too: a notification's payload, a notice, an
-/// error quoting its input, `application_name` as the target reports it after `set_config`.
-/// Each reaches the client through the client-side detectors, and the notices and
-/// notifications are on record with the statement's response, masked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t73g_notices_notifications_errors_and_reports_are_masked_for_clients() {
+/// A node with the masking rules, an agent's token, and a session of that agent through it.
+async fn masking_session() -> (TestNode, String, Wire) {
     let node = TestNode::start(NodeOptions {
         allow_cleartext_token: true,
         extra: MASKING,
@@ -780,8 +776,18 @@ async fn t73g_notices_notifications_errors_and_reports_are_masked_for_clients() 
     })
     .await;
     let token = agent_token().await;
+    let w = Wire::app_session(node.port(), &token).await;
+    (node, token, w)
+}
+
+/// What a client gets besides rows carries values too: a notification's payload, a notice, an
+/// error quoting its input, `application_name` as the target reports it after `set_config`.
+/// Each reaches the client through the client-side detectors, and the notices and
+/// notifications are on record with the statement's response, masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73g_notices_notifications_errors_and_reports_are_masked_for_clients() {
+    let (node, _, mut w) = masking_session().await;
     let card = "4111 1111 1111 1111";
-    let mut w = Wire::app_session(node.port(), &token).await;
     let mut got = Vec::new();
     for sql in [
         "LISTEN ch".to_string(),
@@ -837,15 +843,8 @@ async fn t73g_notices_notifications_errors_and_reports_are_masked_for_clients() 
 /// session, masked; the response of the statement sent next does not claim it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t73i_a_notification_to_an_idle_session_has_a_record_of_its_own() {
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        extra: MASKING,
-        ..NodeOptions::default()
-    })
-    .await;
-    let token = agent_token().await;
+    let (node, token, mut w) = masking_session().await;
     let card = "4111 1111 1111 1111";
-    let mut w = Wire::app_session(node.port(), &token).await;
     w.batch(&[wire::query("LISTEN ch")]).await;
     let mut other = Wire::app_session(node.port(), &token).await;
     other

@@ -1590,6 +1590,55 @@ async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_clien
     );
 }
 
+/// A channel runs one request. Another that wants an answer while the first is held could not
+/// be answered in its turn (russh keeps one "wants a reply" flag per channel): the channel is
+/// closed, on record, the wait ends, and neither runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_request_on_a_channel_whose_request_is_held_closes_it() {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
+    let g = Gateway::start_in(&policy, cluster.node_section()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let suffix = vigil_chaos::random_suffix();
+    let command = format!("echo restart-{suffix}");
+    let second = format!("echo second-{suffix}");
+    let before = host_command_count();
+
+    let session = token_login(g.port(), &g.user(), &token).await.unwrap();
+    let mut ch = session.channel_open_session().await.unwrap();
+    ch.exec(true, command.as_str()).await.unwrap();
+    records_when(&g, |r| !of_kind(r, Kind::ApprovalRequested).is_empty()).await;
+    ch.exec(true, second.as_str()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(msg) = ch.wait().await {
+            if matches!(msg, russh::ChannelMsg::Close) {
+                return true;
+            }
+        }
+        true
+    })
+    .await
+    .expect("the channel is closed");
+    assert!(closed);
+
+    let left = |r: &Record| {
+        r.body.kind == Kind::ApprovalDecided
+            && r.body.detail.as_deref() == Some("the client left while it was held")
+    };
+    let records = records_when(&g, |r| r.iter().any(left)).await;
+    assert!(records.iter().any(left), "the wait ended");
+    let refused = of_kind(&records, Kind::Blocked).into_iter().any(|r| {
+        r.body
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("the channel already runs a request"))
+    });
+    assert!(refused, "the second request is on record, refused");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ran = host_ran(before);
+    assert!(!ran.contains(&command) && !ran.contains(&second), "{ran:?}");
+}
+
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let g = Gateway::start(&policy()).await;

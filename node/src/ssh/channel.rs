@@ -76,8 +76,6 @@ pub enum Input {
     Signal(Sig),
     Eof,
     Close,
-    /// Another request the channel cannot take (it runs one): answered no, in its turn.
-    Refuse,
 }
 
 pub struct Pty {
@@ -131,6 +129,9 @@ async fn host_reply(host: &mut russh::Channel<client::Msg>) -> bool {
 /// `pty-req`: on record (a replay needs the terminal's size), then forwarded; the host's
 /// answer is the client's.
 pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session) {
+    if busy(conn, id, "pty-req", session) {
+        return;
+    }
     let mut body = conn.body(Kind::Request);
     body.request = Some(ssh_request(
         conn,
@@ -162,10 +163,8 @@ pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session
     };
     if ok {
         conn.ptys.insert(id);
-        reply(session, id, true);
-    } else {
-        answer_no(conn, id, session).await;
     }
+    reply(session, id, ok);
 }
 
 /// `env`: a variable on the allow-list is recorded (by name only: values may be secrets) and
@@ -367,15 +366,7 @@ fn ssh_request(conn: &Conn, id: ChannelId, request_type: &str, command: Option<S
 /// that a request waiting for an approver does not stop the connection's other channels, and
 /// the client closing the channel or the connection ends the wait.
 async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session) {
-    if !matches!(conn.channels.get(&id), Some(Chan::Idle | Chan::Setup(_))) {
-        // A channel runs one request; another on it gets no, in its turn.
-        refuse_request(
-            conn,
-            Some(id),
-            run.request_type,
-            "the channel already runs a request",
-        );
-        answer_no(conn, id, session).await;
+    if busy(conn, id, run.request_type, session) {
         return;
     }
     conn.stmt += 1;
@@ -458,7 +449,9 @@ struct Starting {
     decision: Decision,
     policy: PolicyRef,
     request: Request,
-    /// The client's input while the request is held or starts.
+    /// The client's input while the request is held or starts. The connection's handler may
+    /// wait for room in it, so it is read, or let go of, before this task waits for the
+    /// connection (a `Handle` send): else each would wait for the other.
     rx: mpsc::Receiver<Input>,
     /// Resolves when the client closes the channel or the connection ends.
     gone: oneshot::Receiver<()>,
@@ -467,6 +460,10 @@ struct Starting {
 impl Starting {
     /// Runs the request whose record is `body` (written before the host sees the request).
     async fn go(mut self, mut body: Body) {
+        // A client that has gone already is not waited for, and nothing runs for it.
+        if self.left() {
+            return;
+        }
         if self.decision.action == Action::RequireApproval {
             match self.hold().await {
                 Verdict::Run(approval) => body.approval = Some(approval),
@@ -487,6 +484,14 @@ impl Starting {
             return;
         }
         self.start().await;
+    }
+
+    /// Whether the client has closed the channel or the connection.
+    fn left(&mut self) -> bool {
+        !matches!(
+            self.gone.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        )
     }
 
     /// Holds the request for approval: bound to the protocol, the host, the login and the
@@ -566,7 +571,11 @@ impl Starting {
             None => false,
         };
         let (true, Some(host)) = (accepted, host) else {
+            drop(self.rx);
+            // Closed as well: a request the client sent meanwhile (a window-change) may have
+            // taken the place of the one this failure answers (russh keeps one flag per channel).
             let _ = self.client.channel_failure(id).await;
+            let _ = self.client.close(id).await;
             self.recorder.response(
                 SshResponse {
                     channel: id.number(),
@@ -581,7 +590,6 @@ impl Starting {
             );
             return;
         };
-        let _ = self.client.channel_success(id).await;
         let sftp = (self.request_type == "subsystem" && self.command.as_deref() == Some("sftp"))
             .then(|| {
                 Arc::new(SftpGuard::new(
@@ -595,11 +603,14 @@ impl Starting {
         if self.typed {
             pumps.typed = Some(Arc::default());
         }
+        // The client's yes goes first on the output side, once the input side reads `rx`.
+        pumps.answer_first = true;
         pumps.run(self.rx, host, started);
     }
 
     /// Records a refused run and tells the client (see [`refuse`]).
     async fn refuse(self, body: Body, refusal: &Refusal) {
+        drop(self.rx);
         let message = refusal_record(&self.ctx.core, body, refusal, &self.recorder.span);
         let (client, id) = (&self.client, self.recorder.channel);
         let _ = client.channel_success(id).await;
@@ -623,6 +634,9 @@ pub(super) struct Pumps {
     /// An interactive shell on a terminal: lines typed are recorded (see [`super::typed`]),
     /// those the host echoed as text; both tasks watch for the echo.
     typed: Option<Arc<std::sync::Mutex<Echoes>>>,
+    /// The output task first tells the client its request succeeded (the request's task
+    /// leaves that to it, see [`Starting::rx`]).
+    answer_first: bool,
 }
 
 impl Pumps {
@@ -634,6 +648,7 @@ impl Pumps {
             ended: Arc::new(watch::channel(false).0),
             sftp,
             typed: None,
+            answer_first: false,
         }
     }
 
@@ -670,6 +685,7 @@ impl Pumps {
             ended: self.ended.clone(),
             sftp: self.sftp.clone(),
             typed: self.typed.clone(),
+            answer_first: false,
         };
         // The channel's log events name its request (and session).
         let span = self.rec.span.clone();
@@ -686,15 +702,33 @@ fn reply(session: &mut Session, id: ChannelId, ok: bool) {
     };
 }
 
-/// Answers no to a request on channel `id`, in its turn: a channel whose request is on its
-/// way owes that request's answer first, so its task gives this one after it.
-async fn answer_no(conn: &mut Conn, id: ChannelId, session: &mut Session) {
+/// Whether channel `id` cannot take a request that wants an answer (`request_type`) because it
+/// runs one already, or ended; if so, the request is refused. One that runs something, or
+/// whose request is on its way, is closed, on record: russh keeps one "wants a reply" flag per
+/// channel, so a second answer owed on it could not be given in its turn (OpenSSH never asks
+/// this). One that ended gets no.
+pub fn busy(conn: &mut Conn, id: ChannelId, request_type: &str, session: &mut Session) -> bool {
     match conn.channels.get(&id) {
-        Some(Chan::Running { input, .. }) => {
-            let _ = input.send(Input::Refuse).await;
+        Some(Chan::Idle | Chan::Setup(_)) => false,
+        Some(Chan::Running { .. }) => {
+            let why = "the channel already runs a request; it is closed";
+            refuse_request(conn, Some(id), request_type, why);
+            close_channel(conn, id, session);
+            true
         }
-        _ => reply(session, id, false),
+        Some(Chan::Done) | None => {
+            reply(session, id, false);
+            true
+        }
     }
+}
+
+/// Closes client channel `id` from the gateway's side: what runs on it gets the client's
+/// close, a request held for approval stops waiting.
+fn close_channel(conn: &mut Conn, id: ChannelId, session: &mut Session) {
+    conn.channels.insert(id, Chan::Done);
+    let _ = session.eof(id);
+    let _ = session.close(id);
 }
 
 /// Hex SHA-256 over the login, the request type and the command line, each length-prefixed:
@@ -1134,10 +1168,6 @@ async fn input_task(
                 let _ = write.close().await;
                 break;
             }
-            Input::Refuse => {
-                let _ = client.channel_failure(id).await;
-                continue;
-            }
         };
         if sent.is_err() {
             break;
@@ -1158,6 +1188,9 @@ async fn output_task(
 ) {
     let (rec, client) = (&p.rec, &p.client);
     let id = rec.channel;
+    if p.answer_first {
+        let _ = client.channel_success(id).await;
+    }
     let mut response = SshResponse {
         channel: id.number(),
         ..SshResponse::default()

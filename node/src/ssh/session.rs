@@ -625,6 +625,9 @@ impl russh::server::Handler for Conn {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if channel::busy(self, channel, "x11-req", session) {
+            return Ok(());
+        }
         channel::refuse_request(
             self,
             Some(channel),
@@ -638,8 +641,11 @@ impl russh::server::Handler for Conn {
     async fn agent_request(
         &mut self,
         channel: ChannelId,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        if channel::busy(self, channel, "auth-agent-req@openssh.com", session) {
+            return Ok(false);
+        }
         channel::refuse_request(
             self,
             Some(channel),
