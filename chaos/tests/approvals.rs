@@ -647,10 +647,12 @@ async fn t8n_custom_settings_are_bound_and_shown() {
     assert_ne!(other, id);
     shows(&other, "1");
 
-    // A new session whose login has the value from ALTER ROLE … IN DATABASE: bound too.
+    // A new session whose login has the value from ALTER ROLE … IN DATABASE: bound too (next
+    // to a setting only a superuser may read, which the probe must not ask for).
     let (gw, db) = (env().get("VIGIL_PG_GATEWAY_USER"), &s.node.files.db);
     s.superuser(&format!(
-        "ALTER ROLE {gw} IN DATABASE {db} SET app.row = '1'"
+        "ALTER ROLE {gw} IN DATABASE {db} SET app.row = '1';
+         ALTER ROLE {gw} IN DATABASE {db} SET dynamic_library_path = '$libdir'"
     ))
     .await;
     let mut w = s.session().await;

@@ -902,6 +902,32 @@ async fn t73i_a_notification_to_an_idle_session_has_a_record_of_its_own() {
         .filter_map(|r| r.body.pg_response())
         .any(|p| !p.notifications.is_empty());
     assert!(!claimed, "no statement's response claims it");
+
+    // A flood (another session's NOTIFY loop) makes at most 20 records a second; the rest of
+    // that second is in one record, on record before the next statement's answer.
+    other
+        .batch(&[wire::query(
+            "SELECT pg_notify('ch', 'n' || i) FROM generate_series(1, 100) i",
+        )])
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let got = w.batch(&[wire::query("SELECT 2")]).await;
+    assert_eq!(got.iter().filter(|m| m.tag == b'A').count(), 100);
+    let records = node.records().await;
+    let unsolicited = of_kind(&records, Kind::Unsolicited);
+    let notified: usize = unsolicited
+        .iter()
+        .filter_map(|r| r.body.pg_response())
+        .map(|p| p.notifications.len())
+        .sum();
+    assert_eq!(notified, 101, "every notification is on record");
+    assert!(unsolicited.len() <= 22, "{} records", unsolicited.len());
+    let surplus = unsolicited
+        .iter()
+        .filter_map(|r| r.body.detail.as_deref())
+        .find(|d| d.contains("in one record"))
+        .expect("a record of the surplus");
+    assert!(surplus.contains("past the first 20"), "{surplus}");
     for f in files_under(node.files.dir.path()) {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).into_owned();
         assert!(!text.contains(card), "{f:?}");

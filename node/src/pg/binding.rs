@@ -49,7 +49,8 @@ SELECT name, setting FROM pg_catalog.pg_settings \
 WHERE source OPERATOR(pg_catalog.=) ANY (ARRAY['client', 'session', 'user', 'database', 'database user']) \
 AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY['search_path', 'role', 'session_authorization', 'application_name', 'client_encoding', 'standard_conforming_strings', 'extra_float_digits']) \
 UNION \
-SELECT c.name, pg_catalog.current_setting(c.name, true) FROM (\
+SELECT c.name, c.setting FROM (SELECT c.name, \
+CASE WHEN pg_catalog.strpos(c.name, '.') OPERATOR(pg_catalog.>) 0 THEN pg_catalog.current_setting(c.name, true) END AS setting FROM (\
 SELECT pg_catalog.lower(pg_catalog.split_part(setting, '=', 1)) \
 FROM pg_catalog.pg_db_role_setting, pg_catalog.unnest(setconfig) AS setting \
 WHERE setdatabase OPERATOR(pg_catalog.=) ANY (ARRAY[0, (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())]::pg_catalog.oid[]) \
@@ -57,9 +58,8 @@ AND setrole OPERATOR(pg_catalog.=) ANY (ARRAY[0, (SELECT oid FROM pg_catalog.pg_
 UNION SELECT pg_catalog.unnest(";
 
 /// The end of the probe, after the array of the custom settings' names the session set.
-pub const PROBE_END: &str = "::pg_catalog.text[])) AS c(name) \
-WHERE pg_catalog.strpos(c.name, '.') OPERATOR(pg_catalog.>) 0 \
-AND pg_catalog.current_setting(c.name, true) IS NOT NULL \
+pub const PROBE_END: &str = "::pg_catalog.text[])) AS c(name)) AS c \
+WHERE c.setting IS NOT NULL \
 AND NOT EXISTS (SELECT FROM pg_catalog.pg_settings p WHERE p.name OPERATOR(pg_catalog.=) c.name)\
 ) AS s)";
 
@@ -68,9 +68,10 @@ pub fn is_probe(text: &str) -> bool {
     text.starts_with(PROBE_START) && text.ends_with(PROBE_END)
 }
 
-/// A session may name at most this many custom settings; past them, statements are not held
-/// (the gateway could not bind their values).
+/// A session may name at most this many custom settings, of at most this many bytes in all;
+/// past them, statements are not held (the gateway could not bind their values).
 pub const MAX_CUSTOM_SETTINGS: usize = 256;
+pub const MAX_CUSTOM_SETTINGS_BYTES: usize = 16 * 1024;
 
 /// The custom settings (`app.tenant`) a session was seen to give a value: by `SET`, `SET
 /// LOCAL`, `RESET`, `set_config` with a constant name (in the statement or in SQL text it
@@ -80,7 +81,8 @@ pub const MAX_CUSTOM_SETTINGS: usize = 256;
 #[derive(Debug, Default)]
 pub struct CustomSettings {
     names: std::collections::BTreeSet<String>,
-    /// More names than [`MAX_CUSTOM_SETTINGS`] were set.
+    bytes: usize,
+    /// More names than [`MAX_CUSTOM_SETTINGS`] (or [`MAX_CUSTOM_SETTINGS_BYTES`]) were set.
     overflow: bool,
 }
 
@@ -98,10 +100,13 @@ impl CustomSettings {
             if !valid || self.names.contains(&name) {
                 continue;
             }
-            if self.names.len() == MAX_CUSTOM_SETTINGS {
+            if self.names.len() == MAX_CUSTOM_SETTINGS
+                || self.bytes + name.len() > MAX_CUSTOM_SETTINGS_BYTES
+            {
                 self.overflow = true;
                 return;
             }
+            self.bytes += name.len();
             self.names.insert(name);
         }
     }
@@ -111,7 +116,7 @@ impl CustomSettings {
     pub fn probe(&self) -> Result<String, String> {
         if self.overflow {
             return Err(format!(
-                "the session set more than {MAX_CUSTOM_SETTINGS} custom settings, whose values the gateway cannot all bind"
+                "the session set more than {MAX_CUSTOM_SETTINGS} custom settings (or {MAX_CUSTOM_SETTINGS_BYTES} bytes of their names), whose values the gateway cannot all bind"
             ));
         }
         // A name is letters, digits, `_`, `$`, dots and non-ASCII characters ([`Self::note`]):

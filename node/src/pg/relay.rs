@@ -429,6 +429,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         drop_syncs_until_copy_end: false,
         discarding: None,
         unsolicited: None,
+        idle: Idle::default(),
         lent: None,
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
@@ -2012,6 +2013,26 @@ struct TargetHalf {
     unsolicited: Option<PgError>,
     /// The node's memory lent to the large message being read.
     lent: Option<Lent>,
+    /// Notices and notifications that came with no statement in flight (see
+    /// [`TargetHalf::record_unsolicited`]).
+    idle: Idle,
+}
+
+/// At most this many `unsolicited` records a second per session; the rest of that second's
+/// notices and notifications go into one record (a flood from another session's `NOTIFY` loop
+/// must not flood the audit log).
+const UNSOLICITED_PER_SEC: u32 = 20;
+
+/// The `unsolicited` records of a session's current second, and what came past their limit.
+#[derive(Default)]
+struct Idle {
+    since: Option<Instant>,
+    written: u32,
+    /// What came past the limit, up to `audit.max_result_bytes` (then `truncated`).
+    surplus: PgResponse,
+    /// How many messages `surplus` stands for, and their bytes.
+    surplus_count: u64,
+    surplus_bytes: usize,
 }
 
 /// Reads more of the target's answers. The rest of a large message is read only once the node
@@ -2145,6 +2166,10 @@ impl TargetHalf {
     }
 
     fn push(&mut self, p: Pending) {
+        // What came past the limit while idle is on record before the next statement's answer.
+        if self.idle.surplus_count > 0 && matches!(p, Pending::Query(_) | Pending::Execute(_)) {
+            self.flush_unsolicited();
+        }
         if self.drop_syncs_until_copy_end {
             match p {
                 Pending::Sync => {
@@ -2423,7 +2448,7 @@ impl TargetHalf {
     /// detectors (`Some`: send this instead).
     fn on_notice(&mut self, body: &[u8]) -> Result<Option<Bytes>, End> {
         let (_, message) = messages::parse_error_fields(body);
-        if self.queue.is_empty() {
+        if self.nothing_in_flight() {
             self.record_unsolicited(PgResponse {
                 notices: vec![message],
                 ..PgResponse::default()
@@ -2443,7 +2468,7 @@ impl TargetHalf {
             channel: channel.to_string(),
             payload: payload.to_string(),
         };
-        if self.queue.is_empty() {
+        if self.nothing_in_flight() {
             self.record_unsolicited(PgResponse {
                 notifications: vec![notification],
                 ..PgResponse::default()
@@ -2456,12 +2481,76 @@ impl TargetHalf {
             .map(|payload| messages::notification(pid, channel, &payload)))
     }
 
+    /// Whether no statement of the client's is in flight: nothing queued but sync points and
+    /// the gateway's own messages (a Sync's answer, the settings probe), whose response record
+    /// a notice or notification would otherwise join.
+    fn nothing_in_flight(&self) -> bool {
+        !self
+            .queue
+            .iter()
+            .any(|p| matches!(p, Pending::Query(_) | Pending::Execute(_)))
+    }
+
     /// A notice or notification that came with no statement in flight (another session's
     /// `NOTIFY` on a channel this one listens on, a notice before the server shuts down): on
-    /// record now, on its own, rather than in the response of whatever statement comes next.
-    /// Its texts are masked like results.
-    fn record_unsolicited(&self, mut response: PgResponse) {
+    /// record now, on its own, rather than in the response of whatever statement comes next;
+    /// past [`UNSOLICITED_PER_SEC`] in a second, kept for one record of the surplus.
+    fn record_unsolicited(&mut self, response: PgResponse) {
+        let now = Instant::now();
+        let idle = &mut self.idle;
+        if idle
+            .since
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
+            self.flush_unsolicited();
+            self.idle.since = Some(now);
+            self.idle.written = 0;
+        }
+        let idle = &mut self.idle;
+        if idle.written < UNSOLICITED_PER_SEC {
+            idle.written += 1;
+            self.write_unsolicited(response, None);
+            return;
+        }
+        let len: usize = response.notices.iter().map(String::len).sum::<usize>()
+            + response
+                .notifications
+                .iter()
+                .map(|n| n.channel.len() + n.payload.len())
+                .sum::<usize>();
+        idle.surplus_count += 1;
+        idle.surplus_bytes += len;
+        let surplus = &mut idle.surplus;
+        if surplus.truncated || idle.surplus_bytes > self.ctx.max_result_bytes {
+            surplus.truncated = true;
+        } else {
+            surplus.notices.extend(response.notices);
+            surplus.notifications.extend(response.notifications);
+        }
+    }
+
+    /// Writes what came past the limit, if anything did: one record for all of it.
+    fn flush_unsolicited(&mut self) {
+        let idle = &mut self.idle;
+        if idle.surplus_count == 0 {
+            return;
+        }
+        let detail = format!(
+            "{} notices and notifications ({} bytes) that came in one second past the first {UNSOLICITED_PER_SEC}, in one record{}",
+            idle.surplus_count,
+            idle.surplus_bytes,
+            if idle.surplus.truncated { ", cut at audit.max_result_bytes" } else { "" }
+        );
+        let surplus = std::mem::take(&mut idle.surplus);
+        idle.surplus_count = 0;
+        idle.surplus_bytes = 0;
+        self.write_unsolicited(surplus, Some(detail));
+    }
+
+    /// An `unsolicited` record: its texts masked like results.
+    fn write_unsolicited(&self, mut response: PgResponse, detail: Option<String>) {
         let mut rec = self.session.body(&self.ctx.core.audit, Kind::Unsolicited);
+        rec.detail = detail;
         let masker = &self.ctx.core.masker;
         if masker.is_active() {
             let notices = response.notices.iter_mut();
@@ -2856,6 +2945,7 @@ impl TargetHalf {
 
     /// Statements still in flight when the session ends get a response record too.
     fn abandon_pending(&mut self, why: PgError) {
+        self.flush_unsolicited();
         while let Ok(p) = self.rx.try_recv() {
             self.queue.push_back(p);
         }
