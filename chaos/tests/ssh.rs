@@ -1510,15 +1510,28 @@ async fn approve(cluster: &vigil_chaos::cluster::Cluster, id: &str) {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A coordinator, a gateway that holds `echo restart-*` up to 120 s for an approver, and an
+/// agent's token.
+async fn holding_gateway() -> (vigil_chaos::cluster::Cluster, Gateway, String) {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
+    let g = Gateway::start_in(&policy, cluster.node_section()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    (cluster, g, token)
+}
+
+/// The record of a wait for an approval that ended because the client left.
+fn client_left(r: &Record) -> bool {
+    r.body.kind == Kind::ApprovalDecided
+        && r.body.detail.as_deref() == Some("the client left while it was held")
+}
+
 /// A held exec waits in a task of its own: the connection's other channels run meanwhile, and
 /// a client that goes away ends the wait. Approved afterwards, nothing runs (the host's own
 /// log); sent again, it runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_client_left() {
-    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
-    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
-    let g = Gateway::start_in(&policy, cluster.node_section()).await;
-    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let (cluster, g, token) = holding_gateway().await;
     let suffix = vigil_chaos::random_suffix();
     let command = format!("echo restart-{suffix}");
     let before = host_command_count();
@@ -1549,12 +1562,8 @@ async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_clien
         .disconnect(russh::Disconnect::ByApplication, "", "")
         .await
         .unwrap();
-    let left = |r: &Record| {
-        r.body.kind == Kind::ApprovalDecided
-            && r.body.detail.as_deref() == Some("the client left while it was held")
-    };
-    let records = records_when(&g, |r| r.iter().any(left)).await;
-    let ended: Vec<_> = records.iter().filter(|r| left(r)).collect();
+    let records = records_when(&g, |r| r.iter().any(client_left)).await;
+    let ended: Vec<_> = records.iter().filter(|r| client_left(r)).collect();
     assert_eq!(ended.len(), 1, "the wait ended when the client left");
     assert_eq!(ended[0].body.outcome, Some(Outcome::Pending));
 
@@ -1595,10 +1604,7 @@ async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_clien
 /// closed, on record, the wait ends, and neither runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_request_on_a_channel_whose_request_is_held_closes_it() {
-    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
-    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
-    let g = Gateway::start_in(&policy, cluster.node_section()).await;
-    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let (_cluster, g, token) = holding_gateway().await;
     let suffix = vigil_chaos::random_suffix();
     let command = format!("echo restart-{suffix}");
     let second = format!("echo second-{suffix}");
@@ -1621,12 +1627,8 @@ async fn a_second_request_on_a_channel_whose_request_is_held_closes_it() {
     .expect("the channel is closed");
     assert!(closed);
 
-    let left = |r: &Record| {
-        r.body.kind == Kind::ApprovalDecided
-            && r.body.detail.as_deref() == Some("the client left while it was held")
-    };
-    let records = records_when(&g, |r| r.iter().any(left)).await;
-    assert!(records.iter().any(left), "the wait ended");
+    let records = records_when(&g, |r| r.iter().any(client_left)).await;
+    assert!(records.iter().any(client_left), "the wait ended");
     let refused = of_kind(&records, Kind::Blocked).into_iter().any(|r| {
         r.body
             .detail
