@@ -604,7 +604,10 @@ impl Inner {
             Ok(writer) => writer,
             Err(TryLockError::WouldBlock) => return Err(entry),
             // A write panicked: the chain's state is unknown, nothing more is written.
-            Err(TryLockError::Poisoned(_)) => return Ok(Err(AuditError::Closed)),
+            Err(TryLockError::Poisoned(_)) => {
+                self.fail_all();
+                return Ok(Err(AuditError::Closed));
+            }
         };
         let mut batch = {
             let mut q = self.lock();
@@ -616,6 +619,22 @@ impl Inner {
         };
         batch.push(entry);
         Ok(writer.write(self, batch).unwrap_or(Err(AuditError::Closed)))
+    }
+
+    /// After a write panicked: the log is closed, and every append and flush still queued is
+    /// told so (rather than waiting for a writer that will never come).
+    fn fail_all(&self) {
+        tracing::error!("a write to the audit log panicked: the log is closed");
+        let (queued, _closing) = {
+            let mut q = self.lock();
+            q.closed = true;
+            (std::mem::take(&mut q.entries), q.closing.take())
+        };
+        let lost = queued.iter().filter(|e| !e.reply.waited()).count();
+        self.metrics.audit_dropped_records.inc_by(lost as u64);
+        for e in queued {
+            e.reply.tell(Err(AuditError::Closed), &mut None);
+        }
     }
 
     fn push(&self, entry: Entry) -> Result<(), AuditError> {
@@ -698,6 +717,7 @@ impl Writer {
             }
             // A write panicked (poisoned): the chain's state is unknown, nothing more is written.
             let Ok(mut writer) = inner.writer.lock() else {
+                inner.fail_all();
                 return;
             };
             // Taken under the writer: a session writing meanwhile may have taken them already.
@@ -1190,6 +1210,37 @@ mod tests {
         let text = std::fs::read_to_string(log.path()).unwrap();
         assert!(text.contains("\"detail\":\"while busy\""));
         log.close().await;
+    }
+
+    /// A write that panicked leaves the chain's state unknown: the log closes, and appends and
+    /// flushes, queued or new, are refused rather than left waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_panicked_closes_the_log_and_nobody_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let log = AuditLog::open(dir.path(), "n1", SyncMode::Write, metrics, None).unwrap();
+        log.append(&log.body(None, Kind::Request)).await.unwrap();
+        let poisoner = std::thread::spawn({
+            let log = log.clone();
+            move || {
+                let _writer = log.inner.writer.lock().unwrap();
+                panic!("a write panics");
+            }
+        });
+        assert!(poisoner.join().is_err());
+        let appended = tokio::time::timeout(
+            Duration::from_secs(10),
+            log.append(&log.body(Some("s"), Kind::Request)),
+        )
+        .await
+        .expect("the append is answered");
+        assert!(matches!(appended, Err(AuditError::Closed)), "{appended:?}");
+        tokio::time::timeout(Duration::from_secs(10), log.flush())
+            .await
+            .expect("the flush is answered");
+        tokio::time::timeout(Duration::from_secs(10), log.close())
+            .await
+            .expect("the close is answered");
     }
 
     #[test]
