@@ -1171,15 +1171,22 @@ mod tests {
         }
     }
 
+    /// A log in `sync = "write"` mode (in a directory that lives as long as the first value)
+    /// with one request appended.
+    async fn log_with_one_request() -> (tempfile::TempDir, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let log = AuditLog::open(dir.path(), "n1", SyncMode::Write, metrics, None).unwrap();
+        log.append(&log.body(None, Kind::Request)).await.unwrap();
+        (dir, log)
+    }
+
     /// With `sync = "write"`, an append that finds the writer held (another session writing,
     /// here the test) is not written by its session: the writer thread writes it once the
     /// writer is free, and only then does the append resolve.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_append_that_finds_the_writer_busy_is_written_by_the_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let log = AuditLog::open(dir.path(), "n1", SyncMode::Write, metrics, None).unwrap();
-        log.append(&log.body(None, Kind::Request)).await.unwrap();
+        let (_dir, log) = log_with_one_request().await;
         // Another writer: a thread holding the writer until told to let go.
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
@@ -1216,10 +1223,7 @@ mod tests {
     /// flushes, queued or new, are refused rather than left waiting.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_panicked_closes_the_log_and_nobody_waits() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let log = AuditLog::open(dir.path(), "n1", SyncMode::Write, metrics, None).unwrap();
-        log.append(&log.body(None, Kind::Request)).await.unwrap();
+        let (_dir, log) = log_with_one_request().await;
         let poisoner = std::thread::spawn({
             let log = log.clone();
             move || {
