@@ -5,6 +5,7 @@ use bytes::{BufMut, BytesMut};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use vigil_node::core::tls::BoxStream;
 
 /// A StartupMessage for protocol 3.0.
 pub fn startup(params: &[(&str, &str)]) -> Vec<u8> {
@@ -211,18 +212,48 @@ impl Msg {
     }
 }
 
-/// A session over cleartext (the node must allow a cleartext token).
+/// A session over cleartext (the node must allow a cleartext token), or over TLS.
 pub struct Wire {
-    stream: TcpStream,
+    stream: BoxStream,
 }
 
 impl Wire {
     /// Starts a session with `params` (user, database …) and the token as the password; returns
     /// it after the first ReadyForQuery, or the refusal.
     pub async fn connect(port: u16, params: &[(&str, &str)], token: &str) -> Result<Self, Msg> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        stream.write_all(&startup(params)).await.unwrap();
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        Self::start(Box::new(stream), params, token).await
+    }
+
+    /// As `connect`, over TLS (SSLRequest first; the gateway's certificate is not checked).
+    /// `receive_buffer` sets the socket's SO_RCVBUF before it connects: a small one keeps the
+    /// TCP window, and so the room the gateway finds in its socket, small.
+    pub async fn connect_tls(
+        port: u16,
+        params: &[(&str, &str)],
+        token: &str,
+        receive_buffer: Option<u32>,
+    ) -> Result<Self, Msg> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = receive_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let mut request = BytesMut::new();
+        request.put_i32(8);
+        request.put_i32(80_877_103);
+        tcp.write_all(&request).await.unwrap();
+        assert_eq!(tcp.read_u8().await.unwrap(), b'S', "the gateway offers TLS");
+        let connector =
+            tokio_rustls::TlsConnector::from(vigil_node::core::tls::unverified_client_config());
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        Self::start(Box::new(tls), params, token).await
+    }
+
+    async fn start(stream: BoxStream, params: &[(&str, &str)], token: &str) -> Result<Self, Msg> {
         let mut w = Wire { stream };
+        w.send(&startup(params)).await;
         let first = w.read().await;
         if first.tag != b'R' {
             return Err(first);
@@ -252,6 +283,7 @@ impl Wire {
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
     }
 
     /// Reads one message; panics after 30 s of silence or when the server closes.
@@ -266,6 +298,43 @@ impl Wire {
         tokio::time::timeout(Duration::from_secs(30), Msg::read_from(&mut self.stream))
             .await
             .expect("the gateway answers within 30 s")
+    }
+
+    /// Reads the bytes of messages up to and including the next ReadyForQuery, at most `chunk`
+    /// bytes at a time with `pause` after each read: a client slower than the gateway. Returns
+    /// the number of bytes, or None when nothing came for `silence`.
+    pub async fn slowly_until_ready(
+        &mut self,
+        chunk: usize,
+        pause: Duration,
+        silence: Duration,
+    ) -> Option<usize> {
+        let mut buf = vec![0; chunk];
+        let mut held: Vec<u8> = Vec::new();
+        let mut total = 0;
+        loop {
+            let n = tokio::time::timeout(silence, self.stream.read(&mut buf))
+                .await
+                .ok()?
+                .expect("the gateway keeps the session open");
+            assert!(n > 0, "the gateway closed the session");
+            total += n;
+            held.extend_from_slice(&buf[..n]);
+            // Whole messages off the front; the last one is ReadyForQuery.
+            while held.len() >= 5 {
+                let len = u32::from_be_bytes(held[1..5].try_into().unwrap()) as usize;
+                if held.len() < 1 + len {
+                    break;
+                }
+                let tag = held[0];
+                held.drain(..1 + len);
+                if tag == b'Z' {
+                    assert!(held.is_empty(), "nothing after ReadyForQuery");
+                    return Some(total);
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
     }
 
     /// Reads messages up to and including the next ReadyForQuery.

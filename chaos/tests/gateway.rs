@@ -586,6 +586,64 @@ async fn t13d_a_client_that_stops_reading_gives_back_the_memory_of_a_large_row()
     drop(w);
 }
 
+/// A client that reads its answers slower than the gateway writes them gets each one whole.
+/// Over TLS, the gateway's last write of an answer can end on a full socket, with the last
+/// records still in the TLS session's buffer: they must go once the client makes room, not
+/// wait for a next write that never comes (the session hung there, the client waiting for
+/// ReadyForQuery). The client's small receive buffer keeps the room the gateway finds in its
+/// socket small; where an answer's last write falls against that room depends on the answer's
+/// size, so the answers step through sizes by 64 KB, TLS's buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13e_a_client_that_reads_slowly_over_tls_gets_each_answer_whole() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let token = agent_token().await;
+    let offset = pg_log_len();
+    let mut w = vigil_chaos::wire::Wire::connect_tls(
+        node.port(),
+        &[("user", "agent"), ("database", "app")],
+        &token,
+        Some(16 * 1024),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("session refused: {:?}", e.error()));
+    const STEPS: usize = 12;
+    let rows = |i: usize| 1_000 + i * 8;
+    let size = |i: usize| rows(i) * 8_000;
+    for i in 0..STEPS {
+        let select = format!(
+            "SELECT repeat('y', 8000) FROM generate_series(1, {})",
+            rows(i)
+        );
+        w.send(&vigil_chaos::wire::query(&select)).await;
+        let got = w
+            .slowly_until_ready(64 * 1024, Duration::ZERO, Duration::from_secs(5))
+            .await;
+        // The row's message and the answer's others: RowDescription, CommandComplete,
+        // ReadyForQuery.
+        assert!(
+            got.is_some_and(|n| n > size(i)),
+            "the answer of {select} stopped short: {got:?}"
+        );
+    }
+    let answer = w.batch(&[vigil_chaos::wire::query("SELECT 'after'")]).await;
+    assert!(answer
+        .iter()
+        .any(|m| m.values() == vec![Some("after".to_string())]));
+    drop(w);
+    let ran = pg_executed(&node.files.db, offset)
+        .into_iter()
+        .filter(|r| r.text.starts_with("SELECT repeat('y', 8000)"))
+        .count();
+    assert_eq!(ran, STEPS);
+    let records = node.records_after_sessions(1).await;
+    let answered = of_kind(&records, Kind::Response)
+        .into_iter()
+        .filter_map(|r| r.body.pg_response())
+        .filter(|p| p.rows >= 1_000 && p.bytes > 8_000_000)
+        .count();
+    assert_eq!(answered, STEPS);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t14_pgbench_init_and_all_query_modes() {
     let node = TestNode::start(NodeOptions::default()).await;

@@ -6,12 +6,25 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A byte stream, plain or TLS, client or target side.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub type BoxStream = Box<dyn Stream>;
+
+/// Writes all of `bytes` to `stream`, then flushes it. Over TLS, `write_all` can return while
+/// the last records are still in the TLS session's buffer (the socket was full when they were
+/// made), and nothing sends them before the next write: a peer waiting for them would wait for
+/// ever (a client for the end of its answer, a target for the rest of a statement). Every
+/// write to a stream that may be TLS goes through here.
+pub async fn send_all<W: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

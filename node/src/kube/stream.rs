@@ -584,10 +584,10 @@ impl Half {
         Arc::new(tokio::sync::Mutex::new(Self { io, torn: false }))
     }
 
-    /// Writes all of `bytes`.
+    /// Writes all of `bytes`, flushed (TLS may hold the last of them otherwise).
     async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.torn = true;
-        let written = self.io.write_all(bytes).await;
+        let written = crate::core::tls::send_all(&mut self.io, bytes).await;
         self.torn = false;
         written
     }

@@ -5,7 +5,7 @@
 use super::codec::{split_frame, Frame, FrameError};
 use super::config::{PgTarget, TargetTls};
 use super::messages::{self, Reader};
-use crate::core::tls::BoxStream;
+use crate::core::tls::{send_all, BoxStream};
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use rustls::pki_types::ServerName;
@@ -129,8 +129,7 @@ impl Target {
         let mut stream = self.open().await?;
         let mut startup = vec![("user", c.user.as_str()), ("database", c.database.as_str())];
         startup.extend_from_slice(params);
-        stream
-            .write_all(&messages::startup_message(&startup))
+        send_all(&mut stream, &messages::startup_message(&startup))
             .await
             .map_err(BackendError::Connect)?;
         let mut buf = BytesMut::with_capacity(8192);
@@ -160,8 +159,7 @@ impl Target {
                     let code = Reader::new(&body, "Authentication").i32()?;
                     match self.auth_reply(code, &body[4..], &mut scram)? {
                         AuthStep::Done => return Ok(()),
-                        AuthStep::Reply(reply) => stream
-                            .write_all(&reply)
+                        AuthStep::Reply(reply) => send_all(stream, &reply)
                             .await
                             .map_err(BackendError::Connect)?,
                         AuthStep::Wait => {}

@@ -7,10 +7,11 @@
 use super::backend::{Backend, BackendError, Target};
 use super::codec::split_frame;
 use super::messages;
+use crate::core::tls::send_all;
 use bytes::{BufMut, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::Mutex;
 
 /// A table's schema, name and columns by number, and the tables it is a partition or an
@@ -127,9 +128,7 @@ impl Catalog {
         q.put_i32((sql.len() + 5) as i32);
         q.put_slice(sql.as_bytes());
         q.put_u8(0);
-        backend
-            .stream
-            .write_all(&q)
+        send_all(&mut backend.stream, &q)
             .await
             .map_err(BackendError::Connect)?;
         let mut out: HashMap<u32, TableInfo> = HashMap::new();

@@ -21,7 +21,7 @@ use crate::audit::{AuditError, AuditLog};
 use crate::core::approvals::{Hold, Step, Verdict};
 use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
-use crate::core::tls::BoxStream;
+use crate::core::tls::{send_all, BoxStream};
 use crate::core::Refusal;
 use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{
@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::Poll;
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use vigil_coordinator::approvals::{ActionKey, Scope};
 use vigil_proto::coordinator as pb;
@@ -477,20 +477,22 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
                 }
                 other => other.to_string(),
             };
-            let _ = target_half
-                .write
-                .write_all(&messages::error_response(true, "08P01", &message))
-                .await;
+            let _ = send_all(
+                &mut target_half.write,
+                &messages::error_response(true, "08P01", &message),
+            )
+            .await;
         }
         End::TargetTooLarge { len, max } => {
             let message = format!(
                 "vigil: the target's answer holds a message of {len} bytes, more than this \
                  gateway passes on (postgres.max_target_message_bytes = {max}); the session is ended"
             );
-            let _ = target_half
-                .write
-                .write_all(&messages::error_response(true, "54000", &message))
-                .await;
+            let _ = send_all(
+                &mut target_half.write,
+                &messages::error_response(true, "54000", &message),
+            )
+            .await;
         }
         End::TokenExpired => {
             end_by_gateway(
@@ -702,7 +704,7 @@ impl ClientHalf {
             .metrics
             .bytes_to_target
             .inc_by(out.len() as u64);
-        let r = self.write.write_all(out).await;
+        let r = send_all(&mut self.write, out).await;
         out.clear();
         r
     }
@@ -737,7 +739,7 @@ impl ClientHalf {
             .metrics
             .bytes_to_target
             .inc_by(earlier.len() as u64);
-        let r = self.write.write_all(&earlier).await;
+        let r = send_all(&mut self.write, &earlier).await;
         earlier.clear();
         r
     }
@@ -2080,7 +2082,7 @@ impl TargetHalf {
                 },
                 read = read_more(&mut self.read, &mut self.buf, &mut self.lent, &self.ctx.budget) => match read {
                     Ok(0) | Err(_) => {
-                        let _ = self.write.write_all(&out).await;
+                        let _ = send_all(&mut self.write, &out).await;
                         return End::TargetClosed;
                     }
                     Ok(_) => {
@@ -2095,7 +2097,7 @@ impl TargetHalf {
                                     let raw = match self.handle(frame).await {
                                         Ok(raw) => raw,
                                         Err(end) => {
-                                            let _ = self.write.write_all(&out).await;
+                                            let _ = send_all(&mut self.write, &out).await;
                                             return end;
                                         }
                                     };
@@ -2133,11 +2135,11 @@ impl TargetHalf {
                                 }
                                 Ok(None) => break,
                                 Err(FrameError::TooLong { len, max }) => {
-                                    let _ = self.write.write_all(&out).await;
+                                    let _ = send_all(&mut self.write, &out).await;
                                     return End::TargetTooLarge { len, max };
                                 }
                                 Err(e) => {
-                                    let _ = self.write.write_all(&out).await;
+                                    let _ = send_all(&mut self.write, &out).await;
                                     return End::TargetProtocol(e.to_string());
                                 }
                             }
@@ -2222,7 +2224,7 @@ impl TargetHalf {
             .metrics
             .bytes_from_target
             .inc_by(bytes.len() as u64);
-        self.write.write_all(bytes).await
+        send_all(&mut self.write, bytes).await
     }
 
     /// Handles one target message: what the client gets for it, or why the session ends.
@@ -2990,9 +2992,7 @@ async fn end_by_gateway(
 ) {
     let (pid, secret) = cancel_guard.key();
     super::cancel::forward(ctx, &session.conn, pid, secret).await;
-    let _ = client
-        .write_all(&messages::error_response(true, "57P01", why))
-        .await;
+    let _ = send_all(client, &messages::error_response(true, "57P01", why)).await;
 }
 
 /// What a Bind of `portal` under `name` does to the tables. A failed Bind may leave an older

@@ -10,7 +10,7 @@ use super::relay::{self, Session};
 use super::PgContext;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::proxy_protocol::Origin;
-use crate::core::tls::BoxStream;
+use crate::core::tls::{send_all, BoxStream};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -159,9 +159,7 @@ async fn refuse(
             body.connection = conn;
             body.detail = Some(message.clone());
             ctx.core.audit.record(body);
-            let _ = stream
-                .write_all(&messages::error_response(true, sqlstate, &message))
-                .await;
+            let _ = send_all(stream, &messages::error_response(true, sqlstate, &message)).await;
         }
         Refusal::Protocol(message) => {
             let message = ctx.core.scrub(&message);
@@ -172,9 +170,7 @@ async fn refuse(
             body.connection = conn;
             body.detail = Some(message.clone());
             ctx.core.audit.record(body);
-            let _ = stream
-                .write_all(&messages::error_response(true, "08P01", &message))
-                .await;
+            let _ = send_all(stream, &messages::error_response(true, "08P01", &message)).await;
         }
         Refusal::Quiet => {}
     }
@@ -309,8 +305,7 @@ async fn handshake(
             "TLS is required: the password is an access token; connect with sslmode=require",
         ));
     }
-    stream
-        .write_all(&messages::auth_request(3, &[]))
+    send_all(stream, &messages::auth_request(3, &[]))
         .await
         .map_err(|_| Refusal::Quiet)?;
     let token = read_password(stream, &mut buf, max).await?;
@@ -373,8 +368,7 @@ async fn handshake(
         backend_secret,
         session: id.to_string(),
     });
-    stream
-        .write_all(&welcome(&backend.parameters, key))
+    send_all(stream, &welcome(&backend.parameters, key))
         .await
         .map_err(|_| Refusal::Quiet)?;
     Ok(relay::Established {
