@@ -307,6 +307,13 @@ pub async fn exec(
 ) -> (Vec<u8>, Vec<u8>, Option<u32>) {
     let mut ch = h.channel_open_session().await.unwrap();
     ch.exec(true, command).await.unwrap();
+    outcome(&mut ch).await
+}
+
+/// What a channel gives until it closes: stdout, stderr, exit status.
+pub async fn outcome(
+    ch: &mut russh::Channel<russh::client::Msg>,
+) -> (Vec<u8>, Vec<u8>, Option<u32>) {
     let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
     while let Some(msg) = ch.wait().await {
         match msg {

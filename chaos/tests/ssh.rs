@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use vigil_chaos::ssh::{exec, keygen, token_login, Gateway, OPS_PRINCIPAL};
+use vigil_chaos::ssh::{exec, keygen, outcome, token_login, Gateway, OPS_PRINCIPAL};
 use vigil_chaos::tmux::Tmux;
 use vigil_chaos::{agent_token, env, of_kind, output_text, token_for};
 use vigil_proto::record::{ChunkStore, Kind, Outcome, Record, Request, Response};
@@ -1597,6 +1597,98 @@ async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_clien
         approved[0].body.approval.as_ref().map(|a| a.id.as_str()),
         Some(id.as_str())
     );
+}
+
+/// Input sent into a channel whose request is held is kept for when it runs, up to 1 MiB: the
+/// connection's other channels go on meanwhile and the command gets every byte once approved
+/// (before, 64 messages filled the channel's queue and the whole connection waited for room
+/// until the wait ended). More than that ends the wait, on record, and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_sent_into_a_held_channel_is_kept_for_it_up_to_a_bound() {
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = format!(
+        "{}{}",
+        APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120"),
+        r#"
+[[policy.rules]]
+id = "counts-need-approval"
+protocol = "ssh"
+action = "require_approval"
+programs = ["wc"]
+approval = { approvers = "approvers", wait_secs = 120, ttl_secs = 600 }
+"#
+    );
+    let g = Gateway::start_in(&policy, cluster.node_section()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let suffix = vigil_chaos::random_suffix();
+    let before = host_command_count();
+    let session = token_login(g.port(), &g.user(), &token).await.unwrap();
+    let requested = |n: usize| move |r: &[Record]| of_kind(r, Kind::ApprovalRequested).len() >= n;
+
+    // 200 messages of 1,000 bytes into the held `wc -c`, then its EOF.
+    let mut ch = session.channel_open_session().await.unwrap();
+    ch.exec(true, "wc -c").await.unwrap();
+    let records = records_when(&g, requested(1)).await;
+    let id = of_kind(&records, Kind::ApprovalRequested)[0]
+        .body
+        .approval
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
+    let chunk = vec![b'k'; 1000];
+    for _ in 0..200 {
+        ch.data(&chunk[..]).await.unwrap();
+    }
+    ch.eof().await.unwrap();
+    let other = format!("echo other-{suffix}");
+    let (out, _, status) = tokio::time::timeout(Duration::from_secs(30), exec(&session, &other))
+        .await
+        .expect("the connection's other channels run");
+    assert_eq!(status, Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        format!("other-{suffix}")
+    );
+    approve(&cluster, &id).await;
+    let (out, err, status) = tokio::time::timeout(Duration::from_secs(30), outcome(&mut ch))
+        .await
+        .expect("the approved command ends");
+    assert_eq!(status, Some(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "200000");
+
+    // Over 1 MiB: the wait ends, the client is told, the host runs nothing.
+    let mut ch = session.channel_open_session().await.unwrap();
+    ch.exec(true, "wc -c").await.unwrap();
+    records_when(&g, requested(2)).await;
+    for _ in 0..1100 {
+        if ch.data(&chunk[..]).await.is_err() {
+            break;
+        }
+    }
+    let (out, err, status) = tokio::time::timeout(Duration::from_secs(30), outcome(&mut ch))
+        .await
+        .expect("the refused channel closes");
+    assert!(out.is_empty());
+    assert_eq!(status, Some(126), "{}", String::from_utf8_lossy(&err));
+    let over = |r: &Record| {
+        r.body.kind == Kind::ApprovalDecided
+            && r.body.detail.as_deref()
+                == Some("the client sent more than 1 MiB of input while it was held")
+    };
+    let records = records_when(&g, |r| r.iter().any(over)).await;
+    let ended: Vec<_> = records.iter().filter(|r| over(r)).collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].body.outcome, Some(Outcome::Pending));
+    let (out, _, status) = exec(&session, &other).await;
+    assert_eq!(status, Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        format!("other-{suffix}")
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ran = host_ran(before);
+    assert_eq!(ran.iter().filter(|c| *c == "wc -c").count(), 1, "{ran:?}");
 }
 
 /// A channel runs one request. Another that wants an answer while the first is held could not

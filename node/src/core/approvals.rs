@@ -243,6 +243,9 @@ pub fn spec_of(decision: &crate::policy::Decision) -> Result<&ApprovalSpec, Box<
     })
 }
 
+/// Why a held request's wait ended early: its client went away.
+pub const CLIENT_LEFT: &str = "the client left while it was held";
+
 pub struct Approvals {
     client: Client,
     node: String,
@@ -285,15 +288,16 @@ impl Approvals {
     }
 
     /// Decides what happens to a held statement; `record` is told every step on the way.
-    /// `left` resolves when the client goes away: that ends the wait for a decision (the
-    /// request stays pending, and a client that sends the statement again can use its
-    /// approval), never a call to the coordinator halfway (an approval consumed must be
-    /// followed by its statement; a request created must be on record).
+    /// `left` resolves, with why, when the client goes away ([`CLIENT_LEFT`]) or cannot be
+    /// waited for any longer: that ends the wait for a decision (the request stays pending,
+    /// and a client that sends the statement again can use its approval), never a call to the
+    /// coordinator halfway (an approval consumed must be followed by its statement; a request
+    /// created must be on record).
     pub async fn settle(
         &self,
         hold: Hold<'_>,
         record: &mut (dyn FnMut(Step) + Send),
-        left: impl Future<Output = ()>,
+        left: impl Future<Output = &'static str>,
     ) -> Verdict {
         if let Some(verdict) = self.granted(&hold).await {
             return verdict;
@@ -320,7 +324,7 @@ impl Approvals {
             w = tokio::time::timeout(wait, self.await_decision(&id)) => {
                 w.map_err(|_| format!("no decision within {} s", spec.wait_secs))
             }
-            () = left => Err("the client left while it was held".to_string()),
+            why = left => Err(why.to_string()),
         };
         match waited {
             Ok(Ok(decided)) => self.decided(decided, &consume, record).await,

@@ -730,6 +730,7 @@ impl Conn {
         };
         let left = async move {
             let _ = left.changed().await;
+            crate::core::approvals::CLIENT_LEFT
         };
         self.ctx
             .core

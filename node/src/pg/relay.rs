@@ -18,7 +18,7 @@ use super::refusal::sql_error;
 use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
-use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::approvals::{Hold, Step, Verdict, CLIENT_LEFT};
 use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::{send_all, BoxStream};
@@ -62,7 +62,7 @@ async fn hold(
     decision: &Decision,
     binding: &Binding<'_>,
     hash: &str,
-    left: impl Future<Output = ()>,
+    left: impl Future<Output = &'static str>,
 ) -> Verdict {
     let spec = match crate::core::approvals::spec_of(decision) {
         Ok(s) => s,
@@ -133,11 +133,15 @@ async fn hold(
 /// then ends, nothing runs, and an approval given later stays unused (a client that connects
 /// again and sends the statement again can use it). What the client sends meanwhile waits in
 /// `buf`, read up to [`BATCH_BUFFER`]; beyond that it waits in the socket, unwatched.
-async fn client_left(read: &mut ReadHalf<BoxStream>, buf: &mut BytesMut, left: &mut bool) {
+async fn client_left(
+    read: &mut ReadHalf<BoxStream>,
+    buf: &mut BytesMut,
+    left: &mut bool,
+) -> &'static str {
     while buf.len() < BATCH_BUFFER {
         if matches!(read.read_buf(buf).await, Ok(0) | Err(_)) {
             *left = true;
-            return;
+            return CLIENT_LEFT;
         }
     }
     std::future::pending().await

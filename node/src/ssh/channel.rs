@@ -11,7 +11,7 @@ use super::sftp_guard::SftpGuard;
 use super::target::Pinned;
 use super::typed::{Decided, Echoes, TypedLines};
 use crate::audit::{ChunkOf, RecordingFile};
-use crate::core::approvals::{Hold, Step, Verdict};
+use crate::core::approvals::{Hold, Step, Verdict, CLIENT_LEFT};
 use crate::core::idle::Activity;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
@@ -44,6 +44,58 @@ const EOF_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Input messages a running channel may queue before the client is slowed down.
 pub(super) const INPUT_QUEUE: usize = 64;
+
+/// The most client input a held request keeps for when it runs (see [`ClientInput::keep`]);
+/// each message counts 64 bytes more than its data.
+pub(super) const MAX_HELD_INPUT: usize = 1 << 20;
+
+/// Why a held request's wait ended when its client sent more than [`MAX_HELD_INPUT`].
+const HELD_INPUT_OVER: &str = "the client sent more than 1 MiB of input while it was held";
+
+/// The client's input to a channel: what came while its request was held, then what the
+/// connection's handler queues.
+pub(super) struct ClientInput {
+    kept: std::collections::VecDeque<Input>,
+    kept_bytes: usize,
+    rx: mpsc::Receiver<Input>,
+}
+
+impl ClientInput {
+    pub(super) fn new(rx: mpsc::Receiver<Input>) -> Self {
+        Self {
+            kept: Default::default(),
+            kept_bytes: 0,
+            rx,
+        }
+    }
+
+    /// The next input, what was kept first; `None` once the handler has let go of the channel.
+    async fn recv(&mut self) -> Option<Input> {
+        match self.kept.pop_front() {
+            Some(input) => Some(input),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// Takes what the client sends while its request is held, for when it runs: the handler
+    /// waits for room in the queue, and russh's handler is the whole connection's, so a
+    /// queue left full would stop every channel of the connection (keepalives included) for
+    /// as long as the wait. Resolves once more than [`MAX_HELD_INPUT`] came.
+    async fn keep(&mut self) {
+        while let Some(input) = self.rx.recv().await {
+            self.kept_bytes += 64;
+            if let Input::Data(data) = &input {
+                self.kept_bytes += data.len();
+            }
+            self.kept.push_back(input);
+            if self.kept_bytes > MAX_HELD_INPUT {
+                return;
+            }
+        }
+        // The handler let go of the channel: the client's leaving ends the wait.
+        std::future::pending().await
+    }
+}
 
 /// A client channel, as far as it got.
 #[derive(Default)]
@@ -426,7 +478,7 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
         decision: run.decision,
         policy,
         request,
-        rx,
+        input: ClientInput::new(rx),
         gone,
     };
     tokio::spawn(starting.go(body).instrument(span));
@@ -452,7 +504,7 @@ struct Starting {
     /// The client's input while the request is held or starts. The connection's handler may
     /// wait for room in it, so it is read, or let go of, before this task waits for the
     /// connection (a `Handle` send): else each would wait for the other.
-    rx: mpsc::Receiver<Input>,
+    input: ClientInput,
     /// Resolves when the client closes the channel or the connection ends.
     gone: oneshot::Receiver<()>,
 }
@@ -542,9 +594,12 @@ impl Starting {
             reason: self.decision.reason.as_deref(),
             spec,
         };
-        let gone = &mut self.gone;
+        let (gone, input) = (&mut self.gone, &mut self.input);
         let left = async move {
-            let _ = gone.await;
+            tokio::select! {
+                _ = gone => CLIENT_LEFT,
+                () = input.keep() => HELD_INPUT_OVER,
+            }
         };
         core.approvals.settle(hold, &mut record, left).await
     }
@@ -571,7 +626,7 @@ impl Starting {
             None => false,
         };
         let (true, Some(host)) = (accepted, host) else {
-            drop(self.rx);
+            drop(self.input);
             // Closed as well: a request the client sent meanwhile (a window-change) may have
             // taken the place of the one this failure answers (russh keeps one flag per channel).
             let _ = self.client.channel_failure(id).await;
@@ -605,12 +660,12 @@ impl Starting {
         }
         // The client's yes goes first on the output side, once the input side reads `rx`.
         pumps.answer_first = true;
-        pumps.run(self.rx, host, started);
+        pumps.run(self.input, host, started);
     }
 
     /// Records a refused run and tells the client (see [`refuse`]).
     async fn refuse(self, body: Body, refusal: &Refusal) {
-        drop(self.rx);
+        drop(self.input);
         let message = refusal_record(&self.ctx.core, body, refusal, &self.recorder.span);
         let (client, id) = (&self.client, self.recorder.channel);
         let _ = client.channel_success(id).await;
@@ -666,16 +721,11 @@ impl Pumps {
             _left: None,
         };
         conn.channels.insert(id, running);
-        self.run(rx, host, started);
+        self.run(ClientInput::new(rx), host, started);
     }
 
     /// Runs the channel with its client input from `rx`.
-    pub fn run(
-        self,
-        rx: mpsc::Receiver<Input>,
-        host: russh::Channel<client::Msg>,
-        started: Instant,
-    ) {
+    pub fn run(self, rx: ClientInput, host: russh::Channel<client::Msg>, started: Instant) {
         let (read, write) = host.split();
         let (inject, injected) = mpsc::unbounded_channel();
         let input = Pumps {
@@ -1083,7 +1133,7 @@ impl Recorder {
 /// refused requests are taken out (their replies go to the output task).
 async fn input_task(
     p: Pumps,
-    mut rx: mpsc::Receiver<Input>,
+    mut rx: ClientInput,
     write: russh::ChannelWriteHalf<client::Msg>,
     inject: mpsc::UnboundedSender<Vec<u8>>,
 ) {

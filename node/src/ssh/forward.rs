@@ -6,7 +6,7 @@
 //! each connection's end is recorded with its byte counts and duration. The bytes themselves
 //! are counted, not recorded.
 
-use super::channel::{self, Input, Pumps, Recorder, SessionScope, INPUT_QUEUE};
+use super::channel::{self, ClientInput, Input, Pumps, Recorder, SessionScope, INPUT_QUEUE};
 use super::session::Conn;
 use super::target::Pinned;
 use crate::core::trace::Stmt;
@@ -513,7 +513,7 @@ impl RemoteForwards {
             span,
         };
         let rec = Recorder::of(client.scope.clone(), None, id, stmt);
-        Pumps::new(rec, client.handle.clone(), None).run(rx, host, started);
+        Pumps::new(rec, client.handle.clone(), None).run(ClientInput::new(rx), host, started);
     }
 }
 
