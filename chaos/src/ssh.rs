@@ -209,8 +209,16 @@ impl Gateway {
     /// Stock OpenSSH, BatchMode, with `key` and its certificate (a child process: the node
     /// runs on this test's runtime).
     pub async fn ssh(&self, key: &Path, args: &[&str]) -> std::process::Output {
-        tokio::process::Command::new("ssh")
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        self.ssh_command(key, args)
+            .output()
+            .await
+            .expect("ssh runs")
+    }
+
+    /// The `ssh` command of [`Gateway::ssh`], to be started by the caller.
+    pub fn ssh_command(&self, key: &Path, args: &[&str]) -> tokio::process::Command {
+        let mut ssh = tokio::process::Command::new("ssh");
+        ssh.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
             .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
             .args(["-o", "IdentitiesOnly=yes", "-i"])
             .arg(key)
@@ -224,10 +232,8 @@ impl Gateway {
             ))
             .args(["-p", &self.port().to_string()])
             .arg(format!("{}@127.0.0.1", self.user()))
-            .args(args)
-            .output()
-            .await
-            .expect("ssh runs")
+            .args(args);
+        ssh
     }
 
     /// `vigil ARGS --gateway URL --gateway-ca CERT --home HOME` (a child process; the node runs

@@ -1758,6 +1758,42 @@ async fn a_session_ends_when_its_token_expires() {
     );
 }
 
+/// A client that stops reading cannot keep its session past its token's expiry: russh sends
+/// the gateway's disconnect only once the channel's waiting output has gone, so a few seconds
+/// after the session should have ended its connection is closed, on record.
+#[tokio::test]
+async fn a_session_whose_client_stopped_reading_still_ends_when_its_token_expires() {
+    let g = Gateway::start(&policy()).await;
+    // The test config's leeway is 5 s: a token that expires in 1 s ends the session in ~6 s.
+    let exp = vigil_chaos::now_secs() + 1;
+    let principal = format!(
+        r#"{{"subject":"agent-ops","client_id":"agent-ops","groups":["ops","dba"],"issuer":"test","token_type":"access_token","token_exp":{exp}}}"#
+    );
+    let key = g.certificate(&g.keys.path().join("ca"), "stalled", &principal, "-5m:+1h");
+    // Output the client never takes: ssh stops reading when its stdout, a pipe, is full.
+    let mut ssh = g
+        .ssh_command(&key, &["head -c 50000000 /dev/zero; sleep 60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+    let ended = loop {
+        let records = g.node.records().await;
+        if let Some(end) = of_kind(&records, Kind::SessionEnd).first() {
+            break end.body.detail.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session outlived its token"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(ended.as_deref(), Some("the session's token expired"));
+    let _ = ssh.kill().await;
+}
+
 #[tokio::test]
 async fn a_session_idle_for_the_timeout_ends_and_a_busy_one_runs_on() {
     let g = Gateway::start_settings(&policy(), "idle_timeout_secs = 2", None).await;

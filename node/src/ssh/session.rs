@@ -11,14 +11,18 @@ use crate::core::identity::TokenError;
 use crate::core::idle::Activity;
 use crate::core::lifecycle::until;
 use crate::core::proxy_protocol::{self, Guarded, Origin};
+use futures_util::task::AtomicWaker;
 use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::Certificate;
 use russh::server::{Auth, Msg, Session};
 use russh::{client, Channel, ChannelId, MethodKind, MethodSet};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument as _;
@@ -73,19 +77,26 @@ async fn serve(
         refusals: 0,
         expires: None,
         ended_by: Arc::new(OnceLock::new()),
+        cut: Arc::default(),
         activity: Arc::default(),
         ender: None,
         credential: None,
         trace,
     };
     let authenticated = conn.authenticated.clone();
+    let cut = conn.cut.clone();
     // The identification exchange counts against the authentication time too: a client that
     // connects and says nothing must not hold a pre-authentication permit.
     let deadline = tokio::time::Instant::now() + auth_timeout;
     // The server speaks first in SSH: a PROXY header at the client's start is found as russh
     // reads it.
-    let stream = Guarded::new(tcp);
-    let proxy_header = stream.found();
+    let guarded = Guarded::new(tcp);
+    let proxy_header = guarded.found();
+    let sever = Arc::new(Sever::default());
+    let stream = Severable {
+        inner: guarded,
+        sever: sever.clone(),
+    };
     let started = tokio::time::timeout_at(
         deadline,
         russh::server::run_stream(ctx.russh.clone(), stream, conn),
@@ -121,11 +132,103 @@ async fn serve(
                 .await;
         }
     });
-    if let Err(e) = running.await {
+    tokio::pin!(running);
+    let ended = tokio::select! {
+        ended = &mut running => ended,
+        () = async {
+            cut.notified().await;
+            tokio::time::sleep(DISCONNECT_GRACE).await;
+        } => {
+            tracing::info!("the client did not take the gateway's disconnect; its connection is cut");
+            sever.now();
+            running.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "ssh session ended with an error");
     }
     watchdog.abort();
 }
+
+/// The client's connection, which the gateway can cut: once [`Sever::now`], its reads and
+/// writes fail wherever the session's loop waits on them, the loop ends (the handler's drop
+/// records the session's end) and the connection closes.
+struct Severable<S> {
+    inner: S,
+    sever: Arc<Sever>,
+}
+
+#[derive(Default)]
+struct Sever {
+    done: AtomicBool,
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl Sever {
+    fn now(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.read.wake();
+        self.write.wake();
+    }
+
+    /// The error that ends the stream once cut; registers `cx` with `waker` to learn of it.
+    fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> Option<std::io::Error> {
+        waker.register(cx.waker());
+        self.done.load(Ordering::SeqCst).then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the gateway ended the session",
+            )
+        })
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Severable<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.sever.check(&this.sever.read, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(e) = this.sever.check(&this.sever.write, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.sever.check(&this.sever.write, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a session the gateway ends is given to take the disconnect message. russh sends
+/// it from the session's loop, which takes nothing from the gateway's side while a channel's
+/// data waits for the client's window: a client that stops reading would keep its session
+/// (and its host channels) past its token's expiry, its idleness or the node's drain.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// The state of one client connection (russh's handler).
 pub(super) struct Conn {
@@ -159,6 +262,9 @@ pub(super) struct Conn {
     /// Why the gateway ended the session (its token expired, it was idle, the node shut down),
     /// if it did.
     ended_by: Arc<OnceLock<&'static str>>,
+    /// Told when the gateway ends the session: past [`DISCONNECT_GRACE`] the connection is
+    /// closed whether the disconnect went out or not.
+    cut: Arc<tokio::sync::Notify>,
     /// When something last happened in the session (`ssh.idle_timeout_secs`).
     pub activity: Arc<Activity>,
     /// Ends the session when its token expires, when it has been idle for
@@ -448,7 +554,7 @@ impl russh::server::Handler for Conn {
         let scope = SessionScope::of(self);
         self.forwards
             .begin(scope, session.handle(), self.login.clone());
-        let (handle, ended_by) = (session.handle(), self.ended_by.clone());
+        let (handle, ended_by, cut) = (session.handle(), self.ended_by.clone(), self.cut.clone());
         let lifecycle = self.ctx.core.lifecycle.clone();
         let expires = self.expires.map(|left| tokio::time::Instant::now() + left);
         let (activity, idle) = (
@@ -472,6 +578,7 @@ impl russh::server::Handler for Conn {
                 ),
             };
             let _ = ended_by.set(why);
+            cut.notify_one();
             let _ = handle
                 .disconnect(
                     russh::Disconnect::ByApplication,
