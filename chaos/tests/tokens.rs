@@ -220,6 +220,78 @@ async fn t23_a_session_ends_when_its_token_expires() {
     fresh.simple_query("SELECT 1").await.unwrap();
 }
 
+/// A client that stops reading cannot keep its session, and the target's transaction, past its
+/// token: the gateway was writing an answer the client does not take when the token expired.
+/// The session ends on record; the gateway adds no error after the part of a message the
+/// client has, and the target's backend goes (its transaction rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23b_a_session_whose_client_stopped_reading_ends_when_its_token_expires() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let exp = now_secs() + 2;
+    let token = forge(
+        &with(&base_claims(), "exp", json!(exp)),
+        env().get("VIGIL_OIDC_KID"),
+        None,
+    );
+    let mut w = wire::Wire::connect_tls(
+        node.port(),
+        &[("user", "agent"), ("database", "app")],
+        &token,
+        Some(4096),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("session refused: {:?}", e.error()));
+    let marker = format!("stalled-{}", random_suffix());
+    w.send(&wire::query(&format!(
+        "BEGIN; SELECT '{marker}', repeat('z', 8000) FROM generate_series(1, 5000)"
+    )))
+    .await;
+    // The client reads nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(LEEWAY as u64 + 20);
+    let end = loop {
+        let records = node.records().await;
+        if let Some(end) = of_kind(&records, Kind::SessionEnd).first() {
+            break (*end).clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session outlived its token"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(end.body.outcome, Some(Outcome::Denied));
+    assert!(
+        end.body
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with("token expired")),
+        "{:?}",
+        end.body.detail
+    );
+    // The target's backend for it is gone (the marker is in its query, not in this one's).
+    let admin = direct_superuser(&node.files.db).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = admin
+            .query(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' \
+                 AND pid <> pg_backend_pid()",
+                &[&marker],
+            )
+            .await
+            .unwrap();
+        if rows[0].get::<_, i64>(0) == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the target's backend ends"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(w);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t24_with_session_expiry_none_a_session_outlives_its_token() {
     let node = TestNode::start(NodeOptions {

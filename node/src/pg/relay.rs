@@ -435,6 +435,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         unsolicited: None,
         idle: Idle::default(),
         lent: None,
+        torn: false,
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
     // hands the target half (a queue the target half polls but never waits on, see `queued`)
@@ -481,36 +482,23 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
                 }
                 other => other.to_string(),
             };
-            let _ = send_all(
-                &mut target_half.write,
-                &messages::error_response(true, "08P01", &message),
-            )
-            .await;
+            let said = messages::error_response(true, "08P01", &message);
+            target_half.last_words(&said, false).await;
         }
         End::TargetTooLarge { len, max } => {
             let message = format!(
                 "vigil: the target's answer holds a message of {len} bytes, more than this \
                  gateway passes on (postgres.max_target_message_bytes = {max}); the session is ended"
             );
-            let _ = send_all(
-                &mut target_half.write,
-                &messages::error_response(true, "54000", &message),
-            )
-            .await;
+            let said = messages::error_response(true, "54000", &message);
+            target_half.last_words(&said, false).await;
         }
         End::TokenExpired => {
-            end_by_gateway(
-                ctx,
-                &session,
-                &cancel_guard,
-                &mut target_half.write,
-                EXPIRED,
-            )
-            .await;
+            end_by_gateway(ctx, &session, &cancel_guard, &mut target_half, EXPIRED).await;
         }
         End::NodeShutdown => {
             let why = crate::core::lifecycle::SHUTTING_DOWN;
-            end_by_gateway(ctx, &session, &cancel_guard, &mut target_half.write, why).await;
+            end_by_gateway(ctx, &session, &cancel_guard, &mut target_half, why).await;
         }
         _ => {}
     }
@@ -2019,6 +2007,9 @@ struct TargetHalf {
     unsolicited: Option<PgError>,
     /// The node's memory lent to the large message being read.
     lent: Option<Lent>,
+    /// A write to the client was under way when it stopped (the session ended meanwhile):
+    /// the client has part of a message, so the gateway says nothing more.
+    torn: bool,
     /// Notices and notifications that came with no statement in flight (see
     /// [`TargetHalf::record_unsolicited`]).
     idle: Idle,
@@ -2086,7 +2077,7 @@ impl TargetHalf {
                 },
                 read = read_more(&mut self.read, &mut self.buf, &mut self.lent, &self.ctx.budget) => match read {
                     Ok(0) | Err(_) => {
-                        let _ = send_all(&mut self.write, &out).await;
+                        self.last_words(&out, true).await;
                         return End::TargetClosed;
                     }
                     Ok(_) => {
@@ -2101,7 +2092,7 @@ impl TargetHalf {
                                     let raw = match self.handle(frame).await {
                                         Ok(raw) => raw,
                                         Err(end) => {
-                                            let _ = send_all(&mut self.write, &out).await;
+                                            self.last_words(&out, true).await;
                                             return end;
                                         }
                                     };
@@ -2139,11 +2130,11 @@ impl TargetHalf {
                                 }
                                 Ok(None) => break,
                                 Err(FrameError::TooLong { len, max }) => {
-                                    let _ = send_all(&mut self.write, &out).await;
+                                    self.last_words(&out, true).await;
                                     return End::TargetTooLarge { len, max };
                                 }
                                 Err(e) => {
-                                    let _ = send_all(&mut self.write, &out).await;
+                                    self.last_words(&out, true).await;
                                     return End::TargetProtocol(e.to_string());
                                 }
                             }
@@ -2228,7 +2219,27 @@ impl TargetHalf {
             .metrics
             .bytes_from_target
             .inc_by(bytes.len() as u64);
-        send_all(&mut self.write, bytes).await
+        self.torn = true;
+        send_all(&mut self.write, bytes).await?;
+        self.torn = false;
+        Ok(())
+    }
+
+    /// Sends what is left for the client as the session ends: the target's last messages
+    /// (`from_target`) or the gateway's own error. Never after part of a message (an end that
+    /// came while one was being written: the client would read the rest as that message's),
+    /// and for no longer than a client is given to take a message: a client that stopped
+    /// reading cannot keep the session, and the target's transaction, open.
+    async fn last_words(&mut self, bytes: &[u8], from_target: bool) {
+        if self.torn || bytes.is_empty() {
+            return;
+        }
+        let deadline = self.ctx.config.large_write_deadline(bytes.len());
+        if from_target {
+            let _ = tokio::time::timeout(deadline, self.pass_on(bytes)).await;
+        } else {
+            let _ = tokio::time::timeout(deadline, send_all(&mut self.write, bytes)).await;
+        }
     }
 
     /// Handles one target message: what the client gets for it, or why the session ends.
@@ -2991,12 +3002,13 @@ async fn end_by_gateway(
     ctx: &PgContext,
     session: &Session,
     cancel_guard: &CancelGuard,
-    client: &mut WriteHalf<BoxStream>,
+    target_half: &mut TargetHalf,
     why: &str,
 ) {
     let (pid, secret) = cancel_guard.key();
     super::cancel::forward(ctx, &session.conn, pid, secret).await;
-    let _ = send_all(client, &messages::error_response(true, "57P01", why)).await;
+    let said = messages::error_response(true, "57P01", why);
+    target_half.last_words(&said, false).await;
 }
 
 /// What a Bind of `portal` under `name` does to the tables. A failed Bind may leave an older

@@ -139,7 +139,7 @@ async fn refuse(
     let mut conn = conn;
     conn.name = conn.name.map(|n| ctx.core.scrub(&n));
     let conn = Some(Arc::new(conn));
-    match refusal {
+    let said = match refusal {
         Refusal::Deny {
             sqlstate,
             message,
@@ -159,7 +159,7 @@ async fn refuse(
             body.connection = conn;
             body.detail = Some(message.clone());
             ctx.core.audit.record(body);
-            let _ = send_all(stream, &messages::error_response(true, sqlstate, &message)).await;
+            Some(messages::error_response(true, sqlstate, &message))
         }
         Refusal::Protocol(message) => {
             let message = ctx.core.scrub(&message);
@@ -170,11 +170,18 @@ async fn refuse(
             body.connection = conn;
             body.detail = Some(message.clone());
             ctx.core.audit.record(body);
-            let _ = send_all(stream, &messages::error_response(true, "08P01", &message)).await;
+            Some(messages::error_response(true, "08P01", &message))
         }
-        Refusal::Quiet => {}
-    }
-    let _ = stream.shutdown().await;
+        Refusal::Quiet => None,
+    };
+    // A client that does not read cannot hold the task.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if let Some(said) = said {
+            let _ = send_all(stream, &said).await;
+        }
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// A message longer than the pre-authentication limit: said as such to the client.
@@ -230,7 +237,7 @@ async fn read_startup_message(
                 conn.client_tls = true;
             }
             messages::GSSENC_REQUEST => {
-                stream.write_all(b"N").await.map_err(|_| Refusal::Quiet)?;
+                send_all(stream, b"N").await.map_err(|_| Refusal::Quiet)?;
             }
             messages::CANCEL_REQUEST => {
                 let (pid, secret) = (r.i32()?, r.i32()?);
