@@ -673,4 +673,40 @@ async fn t40_an_idle_exec_is_ended_and_told_why_and_a_busy_one_runs_on() {
         let ran = vigil_chaos::kubelet::ran_once(&idle);
         assert_eq!(ran["transport"], transport(spdy), "{ran}");
     }
+
+    // A kubectl that stops reading (its stdout, a pipe, full) idles the streams too: they are
+    // ended and on record although the client never takes the gateway's last words.
+    let stalled = format!("echo {marker}-stalled; head -c 50000000 /dev/zero; sleep 30");
+    let mut kubectl = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["exec", "-n", "default", "shell", "--", "sh", "-c", &stalled])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let is_stalled =
+        |k: &KubeRequest| k.subresource.as_deref() == Some("exec") && k.command.contains(&stalled);
+    let request = loop {
+        let records = g.node.records().await;
+        if let Some(r) = requests(&records, is_stalled).first() {
+            break (*r).clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let response = loop {
+        let records = g.node.records().await;
+        if let Some((_, k)) = end_of(&records, &request) {
+            break k.clone();
+        }
+        assert!(Instant::now() < deadline, "the stalled exec is never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        response.error.map(|e| e.message).as_deref(),
+        Some("the streams were idle for kubernetes.idle_timeout_secs")
+    );
+    let _ = kubectl.kill().await;
 }

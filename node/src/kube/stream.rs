@@ -530,9 +530,14 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
         () = shared.activity.idle_for(idle) => IDLE,
     };
     abort.abort();
-    tell_client(&shared, &to_client, &ending).await;
+    // A client that stopped reading (the reason the streams went idle, perhaps) cannot keep
+    // them: its connection is dropped if it does not take the last words in time.
+    let _ = tokio::time::timeout(LAST_WORDS, tell_client(&shared, &to_client, &ending)).await;
     finish(&shared, Some(ending.why.to_string()));
 }
+
+/// How long the gateway waits for a client to take why its streams end, and the close.
+const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// The gateway ends the streams: the client is told why where the streams have a place for it
 /// (an exec's error stream), then its connection is closed.
