@@ -341,6 +341,10 @@ impl AuditLog {
             .append(true)
             .create_new(true)
             .open(&path)?;
+        if sync == SyncMode::Fsync {
+            // The file's name too must survive a power loss, not only what is written in it.
+            sync_dir(dir)?;
+        }
         let writer = Writer {
             file,
             len: 0,
@@ -490,7 +494,9 @@ impl AuditLog {
         let rel = Path::new(RECORDINGS_DIR).join(format!("{session}.bin"));
         let path = dir.join(format!("{session}.bin"));
         let salt: [u8; vigil_proto::record::SALT_LEN] = rand::random();
+        let fsync = !self.inner.inline;
         let file = tokio::task::spawn_blocking(move || {
+            let new_dir = !dir.exists();
             std::fs::create_dir_all(&dir)?;
             use std::os::unix::fs::OpenOptionsExt;
             let mut file = OpenOptions::new()
@@ -499,6 +505,14 @@ impl AuditLog {
                 .mode(0o600)
                 .open(&path)?;
             file.write_all(&salt)?;
+            if fsync {
+                // Under `sync = "fsync"` the chunks are synced with their records; the
+                // file's name (and the directory's, the first time) must last as well.
+                if let (true, Some(parent)) = (new_dir, dir.parent()) {
+                    sync_dir(parent)?;
+                }
+                sync_dir(&dir)?;
+            }
             Ok::<_, std::io::Error>(file)
         })
         .await
@@ -978,6 +992,11 @@ pub fn log_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// Makes the entries of directory `dir` (a file created in it) survive a power loss.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
