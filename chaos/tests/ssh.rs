@@ -1733,15 +1733,20 @@ async fn a_second_request_on_a_channel_whose_request_is_held_closes_it() {
     assert!(!ran.contains(&command) && !ran.contains(&second), "{ran:?}");
 }
 
-#[tokio::test]
-async fn a_session_ends_when_its_token_expires() {
-    let g = Gateway::start(&policy()).await;
-    // The test config's leeway is 5 s: a token that expires in 1 s ends the session in ~6 s.
+/// A certificate `name` for agent-ops whose token expires in 1 s: with the test config's
+/// leeway of 5 s, its session is ended ~6 s from now.
+fn expiring_certificate(g: &Gateway, name: &str) -> std::path::PathBuf {
     let exp = vigil_chaos::now_secs() + 1;
     let principal = format!(
         r#"{{"subject":"agent-ops","client_id":"agent-ops","groups":["ops","dba"],"issuer":"test","token_type":"access_token","token_exp":{exp}}}"#
     );
-    let key = g.certificate(&g.keys.path().join("ca"), "short", &principal, "-5m:+1h");
+    g.certificate(&g.keys.path().join("ca"), name, &principal, "-5m:+1h")
+}
+
+#[tokio::test]
+async fn a_session_ends_when_its_token_expires() {
+    let g = Gateway::start(&policy()).await;
+    let key = expiring_certificate(&g, "short");
     let started = std::time::Instant::now();
     let out = g.ssh(&key, &["sleep 30; echo never"]).await;
     let took = started.elapsed();
@@ -1764,12 +1769,7 @@ async fn a_session_ends_when_its_token_expires() {
 #[tokio::test]
 async fn a_session_whose_client_stopped_reading_still_ends_when_its_token_expires() {
     let g = Gateway::start(&policy()).await;
-    // The test config's leeway is 5 s: a token that expires in 1 s ends the session in ~6 s.
-    let exp = vigil_chaos::now_secs() + 1;
-    let principal = format!(
-        r#"{{"subject":"agent-ops","client_id":"agent-ops","groups":["ops","dba"],"issuer":"test","token_type":"access_token","token_exp":{exp}}}"#
-    );
-    let key = g.certificate(&g.keys.path().join("ca"), "stalled", &principal, "-5m:+1h");
+    let key = expiring_certificate(&g, "stalled");
     // Output the client never takes: ssh stops reading when its stdout, a pipe, is full.
     let mut ssh = g
         .ssh_command(&key, &["head -c 50000000 /dev/zero; sleep 60"])
