@@ -710,3 +710,49 @@ async fn t40_an_idle_exec_is_ended_and_told_why_and_a_busy_one_runs_on() {
     );
     let _ = kubectl.kill().await;
 }
+
+/// Streams last as long as the token they were opened with (`identity.session_expiry`), as a
+/// PostgreSQL or SSH session does: an exec still running when its token expires is ended,
+/// told why on its error stream, and its response record says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_is_ended_when_its_token_expires() {
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The harness's leeway is 5 s: a token that expires in 2 s ends the streams in ~8 s.
+    let mut claims = vigil_chaos::base_claims();
+    claims["sub"] = "agent-ops".into();
+    claims["client_id"] = "agent-ops".into();
+    claims["groups"] = serde_json::json!(["ops", "dba"]);
+    claims["exp"] = (vigil_chaos::now_secs() + 2).into();
+    let token = vigil_chaos::forge(&claims, vigil_chaos::env().get("VIGIL_OIDC_KID"), None);
+    let config = g.kubeconfig(dir.path(), &token);
+    let marker = random_suffix();
+    let script = format!("echo {marker}-start; sleep 40; echo {marker}-never");
+    let started = Instant::now();
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["exec", "-n", "default", "shell", "--", "sh", "-c", &script])
+        .output()
+        .await
+        .expect("kubectl runs");
+    let took = started.elapsed();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(took < Duration::from_secs(25), "ended at expiry: {took:?}");
+    assert!(!out.status.success());
+    assert!(stdout.contains(&format!("{marker}-start")), "{stdout}");
+    assert!(!stdout.contains("-never"), "{stdout}");
+    assert!(stderr.contains("vigil: the token expired"), "{stderr}");
+    let records = g.node.records().await;
+    let request = request_record(&records, |k| k.command.contains(&script));
+    let (_, _, response) = wait_for_end(&g.node, request).await;
+    assert_eq!(
+        response.error.map(|e| e.message).as_deref(),
+        Some("the token expired")
+    );
+    vigil_chaos::kubelet::ran_once(&script);
+}

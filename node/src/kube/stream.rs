@@ -451,6 +451,14 @@ const IDLE: Ending = Ending {
     code: 408,
 };
 
+/// The token the streams were opened with expired (`identity.session_expiry = "token"`).
+const EXPIRED: Ending = Ending {
+    why: "the token expired",
+    said: "vigil: the token expired; run the command again with a fresh token",
+    reason: "Unauthorized",
+    code: 401,
+};
+
 /// The node's drain deadline passed.
 const DRAINED: Ending = Ending {
     why: SHUTTING_DOWN,
@@ -519,6 +527,16 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
     );
     let abort = up.abort_handle();
     let idle = Duration::from_secs(shared.streams.ctx.config.idle_timeout_secs);
+    // Streams last as long as their token does, like a PostgreSQL or SSH session: a request
+    // is verified when it is made, an exec or attach can run for hours.
+    let core = &shared.streams.ctx.core;
+    let expires = shared
+        .streams
+        .base
+        .principal
+        .as_ref()
+        .and_then(|p| core.verifier.session_remaining(p))
+        .map(|left| tokio::time::Instant::now() + left);
     let ending = tokio::select! {
         (down, up) = async { tokio::join!(down, up) } => {
             let error = [down, up.unwrap_or_else(|e| Err(e.to_string()))]
@@ -528,6 +546,7 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
         }
         () = shared.streams.ctx.core.lifecycle.ended() => DRAINED,
         () = shared.activity.idle_for(idle) => IDLE,
+        () = crate::core::lifecycle::until(expires) => EXPIRED,
     };
     abort.abort();
     // A client that stopped reading (the reason the streams went idle, perhaps) cannot keep
