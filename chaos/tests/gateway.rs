@@ -616,7 +616,7 @@ async fn t13e_a_client_that_reads_slowly_over_tls_gets_each_answer_whole() {
         );
         w.send(&vigil_chaos::wire::query(&select)).await;
         let got = w
-            .slowly_until_ready(64 * 1024, Duration::ZERO, Duration::from_secs(5))
+            .in_chunks_until_ready(64 * 1024, Duration::from_secs(5))
             .await;
         // The row's message and the answer's others: RowDescription, CommandComplete,
         // ReadyForQuery.

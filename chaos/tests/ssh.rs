@@ -1763,21 +1763,31 @@ async fn a_session_ends_when_its_token_expires() {
     );
 }
 
-/// A client that stops reading cannot keep its session past its token's expiry: russh sends
-/// the gateway's disconnect only once the channel's waiting output has gone, so a few seconds
-/// after the session should have ended its connection is closed, on record.
+/// A client that stops reading cannot keep its session past its token's expiry. russh sends
+/// the gateway's disconnect only once a channel's waiting output has gone, and a client that
+/// goes on sending while the host, its output stuck, takes no more, fills the channel's input
+/// queue, on which russh's loop (the whole connection's) waits: a few seconds after the
+/// session should have ended, its connection is cut, on record.
 #[tokio::test]
 async fn a_session_whose_client_stopped_reading_still_ends_when_its_token_expires() {
     let g = Gateway::start(&policy()).await;
     let key = expiring_certificate(&g, "stalled");
-    // Output the client never takes: ssh stops reading when its stdout, a pipe, is full.
+    // `cat` sends back what it gets; the client's stdout, a pipe, is never read, and its stdin
+    // never ends.
     let mut ssh = g
-        .ssh_command(&key, &["head -c 50000000 /dev/zero; sleep 60"])
+        .ssh_command(&key, &["cat"])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let mut stdin = ssh.stdin.take().unwrap();
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let line = vec![b'y'; 64 * 1024];
+        while stdin.write_all(&line).await.is_ok() {}
+    });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
     let ended = loop {
         let records = g.node.records().await;
@@ -1792,6 +1802,7 @@ async fn a_session_whose_client_stopped_reading_still_ends_when_its_token_expire
     };
     assert_eq!(ended.as_deref(), Some("the session's token expired"));
     let _ = ssh.kill().await;
+    feeder.abort();
 }
 
 #[tokio::test]

@@ -268,6 +268,21 @@ async fn t23b_a_session_whose_client_stopped_reading_ends_when_its_token_expires
         "{:?}",
         end.body.detail
     );
+    // What the client got: whole messages, then at most one cut short (the write under way
+    // at the expiry), with nothing of the gateway's after or inside it.
+    let got = w.until_closed().await;
+    let mut rest = &got[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        if rest.len() < 1 + len {
+            assert!(
+                !String::from_utf8_lossy(rest).contains("token expired"),
+                "the gateway's error inside a message cut short"
+            );
+            break;
+        }
+        rest = &rest[1 + len..];
+    }
     // The target's backend for it is gone (the marker is in its query, not in this one's).
     let admin = direct_superuser(&node.files.db).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -182,6 +182,9 @@ struct Inner {
     writer: Mutex<Writer>,
     /// `sync = "write"`: an append may be written by its own session when the writer is free.
     inline: bool,
+    /// The recordings directory's entry is synced (`sync = "fsync"`; once is enough, but a
+    /// file is not written before it is).
+    recordings_dir_synced: AtomicBool,
     /// Records of a failed write wait for a retry (the writer thread retries every 100 ms).
     retrying: AtomicBool,
     /// The last record written: seq, hash, and the file's length up to it (the hash kept as
@@ -342,8 +345,12 @@ impl AuditLog {
             .create_new(true)
             .open(&path)?;
         if sync == SyncMode::Fsync {
-            // The file's name too must survive a power loss, not only what is written in it.
+            // The file's name too must survive a power loss, not only what is written in it
+            // (and the directory's, made above on a first start).
             sync_dir(dir)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
         }
         let writer = Writer {
             file,
@@ -361,6 +368,7 @@ impl AuditLog {
             wake: Condvar::new(),
             writer: Mutex::new(writer),
             inline: sync == SyncMode::Write,
+            recordings_dir_synced: AtomicBool::new(false),
             retrying: AtomicBool::new(false),
             head: Mutex::new(None),
             healthy: AtomicBool::new(true),
@@ -495,8 +503,8 @@ impl AuditLog {
         let path = dir.join(format!("{session}.bin"));
         let salt: [u8; vigil_proto::record::SALT_LEN] = rand::random();
         let fsync = !self.inner.inline;
+        let inner = self.inner.clone();
         let file = tokio::task::spawn_blocking(move || {
-            let new_dir = !dir.exists();
             std::fs::create_dir_all(&dir)?;
             use std::os::unix::fs::OpenOptionsExt;
             let mut file = OpenOptions::new()
@@ -508,8 +516,11 @@ impl AuditLog {
             if fsync {
                 // Under `sync = "fsync"` the chunks are synced with their records; the
                 // file's name (and the directory's, the first time) must last as well.
-                if let (true, Some(parent)) = (new_dir, dir.parent()) {
-                    sync_dir(parent)?;
+                if !inner.recordings_dir_synced.load(Ordering::Acquire) {
+                    if let Some(parent) = dir.parent() {
+                        sync_dir(parent)?;
+                    }
+                    inner.recordings_dir_synced.store(true, Ordering::Release);
                 }
                 sync_dir(&dir)?;
             }

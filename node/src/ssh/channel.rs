@@ -658,7 +658,7 @@ impl Starting {
         if self.typed {
             pumps.typed = Some(Arc::default());
         }
-        // The client's yes goes first on the output side, once the input side reads `rx`.
+        // The client's yes goes first on the output side, once the input side reads its input.
         pumps.answer_first = true;
         pumps.run(self.input, host, started);
     }
@@ -690,7 +690,7 @@ pub(super) struct Pumps {
     /// those the host echoed as text; both tasks watch for the echo.
     typed: Option<Arc<std::sync::Mutex<Echoes>>>,
     /// The output task first tells the client its request succeeded (the request's task
-    /// leaves that to it, see [`Starting::rx`]).
+    /// leaves that to it, see [`Starting::input`]).
     answer_first: bool,
 }
 
@@ -889,8 +889,15 @@ pub async fn input(conn: &mut Conn, id: ChannelId, input: Input) {
         Some(Chan::Running { input: tx, .. }) if matches!(input, Input::Close) => {
             let _ = tx.try_send(input);
         }
+        // Waiting for room stops the whole connection (russh's loop runs this handler): never
+        // past the gateway's cut of a session it ended.
         Some(Chan::Running { input: tx, .. }) => {
-            let _ = tx.send(input).await;
+            if let Err(mpsc::error::TrySendError::Full(input)) = tx.try_send(input) {
+                tokio::select! {
+                    _ = tx.send(input) => {}
+                    () = conn.sever.cut() => {}
+                }
+            }
         }
         Some(slot @ Chan::Setup(_)) if matches!(input, Input::Close) => *slot = Chan::Done,
         _ => {}

@@ -77,14 +77,14 @@ async fn serve(
         refusals: 0,
         expires: None,
         ended_by: Arc::new(OnceLock::new()),
-        cut: Arc::default(),
+        sever: Arc::default(),
         activity: Arc::default(),
         ender: None,
         credential: None,
         trace,
     };
     let authenticated = conn.authenticated.clone();
-    let cut = conn.cut.clone();
+    let sever = conn.sever.clone();
     // The identification exchange counts against the authentication time too: a client that
     // connects and says nothing must not hold a pre-authentication permit.
     let deadline = tokio::time::Instant::now() + auth_timeout;
@@ -92,7 +92,6 @@ async fn serve(
     // reads it.
     let guarded = Guarded::new(tcp);
     let proxy_header = guarded.found();
-    let sever = Arc::new(Sever::default());
     let stream = Severable {
         inner: guarded,
         sever: sever.clone(),
@@ -136,12 +135,18 @@ async fn serve(
     let ended = tokio::select! {
         ended = &mut running => ended,
         () = async {
-            cut.notified().await;
+            sever.ending.notified().await;
             tokio::time::sleep(DISCONNECT_GRACE).await;
         } => {
             tracing::info!("the client did not take the gateway's disconnect; its connection is cut");
             sever.now();
-            running.await
+            match tokio::time::timeout(DISCONNECT_GRACE, running).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::warn!("the session's loop did not end once its connection was cut");
+                    Ok(())
+                }
+            }
         }
     };
     if let Err(e) = ended {
@@ -158,11 +163,26 @@ struct Severable<S> {
     sever: Arc<Sever>,
 }
 
-#[derive(Default)]
-struct Sever {
+/// Ending a session: the ender tells [`serve`] (`ending`), which cuts the connection
+/// ([`Sever::now`]) if the session has not ended [`DISCONNECT_GRACE`] later.
+pub(super) struct Sever {
+    ending: tokio::sync::Notify,
     done: AtomicBool,
     read: AtomicWaker,
     write: AtomicWaker,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Sever {
+    fn default() -> Self {
+        Self {
+            ending: Default::default(),
+            done: Default::default(),
+            read: Default::default(),
+            write: Default::default(),
+            cut: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Sever {
@@ -170,6 +190,13 @@ impl Sever {
         self.done.store(true, Ordering::SeqCst);
         self.read.wake();
         self.write.wake();
+        self.cut.send_replace(true);
+    }
+
+    /// Resolves once the connection is cut: the session's handler must not wait past that
+    /// (russh runs it in the session's loop, which must get back to its failing stream).
+    pub(super) async fn cut(&self) {
+        let _ = self.cut.subscribe().wait_for(|cut| *cut).await;
     }
 
     /// The error that ends the stream once cut; registers `cx` with `waker` to learn of it.
@@ -264,7 +291,7 @@ pub(super) struct Conn {
     ended_by: Arc<OnceLock<&'static str>>,
     /// Told when the gateway ends the session: past [`DISCONNECT_GRACE`] the connection is
     /// closed whether the disconnect went out or not.
-    cut: Arc<tokio::sync::Notify>,
+    pub(super) sever: Arc<Sever>,
     /// When something last happened in the session (`ssh.idle_timeout_secs`).
     pub activity: Arc<Activity>,
     /// Ends the session when its token expires, when it has been idle for
@@ -554,7 +581,8 @@ impl russh::server::Handler for Conn {
         let scope = SessionScope::of(self);
         self.forwards
             .begin(scope, session.handle(), self.login.clone());
-        let (handle, ended_by, cut) = (session.handle(), self.ended_by.clone(), self.cut.clone());
+        let (handle, ended_by, sever) =
+            (session.handle(), self.ended_by.clone(), self.sever.clone());
         let lifecycle = self.ctx.core.lifecycle.clone();
         let expires = self.expires.map(|left| tokio::time::Instant::now() + left);
         let (activity, idle) = (
@@ -578,7 +606,7 @@ impl russh::server::Handler for Conn {
                 ),
             };
             let _ = ended_by.set(why);
-            cut.notify_one();
+            sever.ending.notify_one();
             let _ = handle
                 .disconnect(
                     russh::Disconnect::ByApplication,
