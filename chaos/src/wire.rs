@@ -301,10 +301,13 @@ impl Wire {
     }
 
     /// Reads the bytes of messages up to and including the next ReadyForQuery, at most `chunk`
-    /// bytes at a time. Returns the number of bytes, or None when nothing came for `silence`.
-    pub async fn in_chunks_until_ready(
+    /// bytes at a time with a `pause` after each read (even `Duration::ZERO` waits for the
+    /// timer's next tick): a client slower than the gateway. Returns the number of bytes, or
+    /// None when nothing came for `silence`.
+    pub async fn slowly_until_ready(
         &mut self,
         chunk: usize,
+        pause: Duration,
         silence: Duration,
     ) -> Option<usize> {
         let mut buf = vec![0; chunk];
@@ -331,6 +334,7 @@ impl Wire {
                     return Some(total);
                 }
             }
+            tokio::time::sleep(pause).await;
         }
     }
 

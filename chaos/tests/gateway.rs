@@ -606,7 +606,7 @@ async fn t13e_a_client_that_reads_slowly_over_tls_gets_each_answer_whole() {
     )
     .await
     .unwrap_or_else(|e| panic!("session refused: {:?}", e.error()));
-    const STEPS: usize = 12;
+    const STEPS: usize = 24;
     let rows = |i: usize| 1_000 + i * 8;
     let size = |i: usize| rows(i) * 8_000;
     for i in 0..STEPS {
@@ -616,7 +616,7 @@ async fn t13e_a_client_that_reads_slowly_over_tls_gets_each_answer_whole() {
         );
         w.send(&vigil_chaos::wire::query(&select)).await;
         let got = w
-            .in_chunks_until_ready(64 * 1024, Duration::from_secs(5))
+            .slowly_until_ready(64 * 1024, Duration::ZERO, Duration::from_secs(5))
             .await;
         // The row's message and the answer's others: RowDescription, CommandComplete,
         // ReadyForQuery.
