@@ -256,6 +256,20 @@ pub fn audit_len() -> usize {
         .unwrap_or(0)
 }
 
+/// A token of agent-ops (groups `ops` and `dba`) that expires `secs` from now, and its `exp`.
+pub fn expiring_ops_token(secs: i64) -> (String, i64) {
+    let exp = crate::now_secs() + secs;
+    let mut claims = crate::base_claims();
+    claims["sub"] = "agent-ops".into();
+    claims["client_id"] = "agent-ops".into();
+    claims["groups"] = serde_json::json!(["ops", "dba"]);
+    claims["exp"] = exp.into();
+    (
+        crate::forge(&claims, crate::env().get("VIGIL_OIDC_KID"), None),
+        exp,
+    )
+}
+
 /// Lets the principals of the tests act in the dev cluster: the gateway impersonates them with
 /// their groups prefixed `vigil:`, and `vigil:dba` is bound to cluster-admin.
 pub async fn grant_dba() {

@@ -1535,7 +1535,15 @@ async fn t70_a_login_holds_on_every_node_and_a_logout_ends_it_everywhere() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    // A logout at A, with the token B handed out, ends the login at B as well.
+    // A logout at A, with the token B handed out, ends the login at B as well, and the
+    // inbox's event stream open at B with it.
+    let mut events = http
+        .get(format!("{}/api/approvals/events", b.console))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
     let res = http
         .post(format!("{}/auth/logout", a.console))
         .header("cookie", &cookie)
@@ -1548,6 +1556,11 @@ async fn t70_a_login_holds_on_every_node_and_a_logout_ends_it_everywhere() {
         let res = me(console, &cookie).await.unwrap();
         assert_eq!(res.status(), 401, "{console}");
     }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await
+    .expect("the event stream ends with the login");
     let res = http
         .get(format!("{}/", b.console))
         .header("cookie", &cookie)

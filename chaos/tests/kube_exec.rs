@@ -720,12 +720,7 @@ async fn an_exec_is_ended_when_its_token_expires() {
     let g = Gateway::start("").await;
     let dir = tempfile::tempdir().unwrap();
     // The harness's leeway is 5 s: a token that expires in 2 s ends the streams in ~8 s.
-    let mut claims = vigil_chaos::base_claims();
-    claims["sub"] = "agent-ops".into();
-    claims["client_id"] = "agent-ops".into();
-    claims["groups"] = serde_json::json!(["ops", "dba"]);
-    claims["exp"] = (vigil_chaos::now_secs() + 2).into();
-    let token = vigil_chaos::forge(&claims, vigil_chaos::env().get("VIGIL_OIDC_KID"), None);
+    let (token, _) = vigil_chaos::kube::expiring_ops_token(2);
     let config = g.kubeconfig(dir.path(), &token);
     let marker = random_suffix();
     let script = format!("echo {marker}-start; sleep 40; echo {marker}-never");

@@ -674,6 +674,70 @@ async fn a_held_request_whose_client_left_does_not_run() {
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
 }
 
+/// Everything a request's token allows ends with the token (`identity.session_expiry`), as a
+/// PostgreSQL or SSH session does: a watch the API server would keep open ends at the token's
+/// expiry, on record, and a request held for approval stops waiting then and never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_and_a_held_request_end_with_their_token() {
+    grant_dba().await;
+    let cluster = vigil_chaos::cluster::Cluster::start(1).await;
+    let policy = APPROVAL_POLICY.replace("wait_secs = 0", "wait_secs = 120");
+    let gw = Gateway::start_in(&policy, Some(cluster.node_section())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = namespace_with_web().await;
+    let offset = audit_len();
+    // The harness's leeway is 5 s: a token that expires in 2 s is good for ~8 s.
+    let (token, exp) = vigil_chaos::kube::expiring_ops_token(2);
+    let config = gw.kubeconfig(dir.path(), &token);
+    let kubectl_with = |args: Vec<String>| {
+        tokio::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&config)
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+    };
+    let watch = kubectl_with(
+        ["-n", &ns, "get", "configmaps", "--watch", "-o", "name"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let scale = kubectl_with(
+        ["-n", &ns, "scale", "deployment", "web", "--replicas=3"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let (watch, scale) = tokio::time::timeout(std::time::Duration::from_secs(40), async {
+        tokio::join!(watch, scale)
+    })
+    .await
+    .expect("both end with the token, not the API server's or the approval's timeout");
+    let scale = scale.unwrap();
+    assert!(watch.is_ok());
+    assert!(
+        vigil_chaos::now_secs() > exp + 5,
+        "not before the token's end"
+    );
+    assert!(!scale.status.success(), "{}", text(&scale));
+    assert!(text(&scale).contains("pending"), "{}", text(&scale));
+
+    let records = gw.node.records().await;
+    let held_ended = records.iter().any(|r| {
+        r.body.kind == Kind::ApprovalDecided
+            && r.body.detail.as_deref() == Some("the token expired while it was held")
+    });
+    assert!(held_ended, "the wait ended with the token, on record");
+    let watch_ended = records.iter().any(|r| {
+        r.body.kind == Kind::Response
+            && matches!(&r.body.response, Some(vigil_proto::record::Response::Kubernetes(k))
+                if k.error.as_ref().is_some_and(|e| e.message == "the token expired"))
+    });
+    assert!(watch_ended, "the watch ended with the token, on record");
+    assert_eq!(web_replicas(&ns).await, "1", "the held scale never ran");
+    assert_eq!(scales_seen(&ns, offset), 0, "the API server never saw it");
+    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_watch_leaves_what_reached_the_api_server_on_record() {
     grant_dba().await;

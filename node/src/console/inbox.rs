@@ -152,7 +152,7 @@ pub async fn show(
 /// `GET /api/approvals/events`: server-sent events. `approvals` carries the pending list
 /// (`{"requests": [...], "more": bool}`, `more` when requests older than the page also wait)
 /// whenever it changed; `problem` a message while the coordinator cannot answer. The stream
-/// ends with the login.
+/// ends with the login: at its expiry, or within a poll of a logout on any node.
 pub async fn events(State(console): State<Arc<Console>>, visit: Visit) -> Response {
     let person = match console.person(&visit).await {
         Ok(p) => p,
@@ -165,8 +165,17 @@ pub async fn events(State(console): State<Arc<Console>>, visit: Visit) -> Respon
                 tokio::time::sleep(POLL).await;
             }
             loop {
-                // The login ended: so does the stream (the page then finds itself logged out).
+                // The login ended, with its token or by a logout on any node: so does the
+                // stream (the page then finds itself logged out). A coordinator that cannot
+                // say is the `problem` below: it cannot list anything either.
                 if person.expires <= SystemTime::now() {
+                    return None;
+                }
+                let state = person
+                    .coordinator
+                    .get_login_state(pb::LoginStateRequest {})
+                    .await;
+                if state.is_ok_and(|s| s.ended) {
                     return None;
                 }
                 let event = match pending(&console, &person).await {

@@ -246,6 +246,10 @@ pub fn spec_of(decision: &crate::policy::Decision) -> Result<&ApprovalSpec, Box<
 /// Why a held request's wait ended early: its client went away.
 pub const CLIENT_LEFT: &str = "the client left while it was held";
 
+/// Why a held request's wait ended early: the token it was made with expired
+/// (`identity.session_expiry`), and it would run without authority.
+pub const TOKEN_EXPIRED: &str = "the token expired while it was held";
+
 pub struct Approvals {
     client: Client,
     node: String,

@@ -9,6 +9,7 @@ use super::KubeContext;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -116,6 +117,8 @@ pub struct Done {
 /// record.
 pub struct Tap {
     inner: Incoming,
+    /// When the answer is cut short, and why (see [`Tap::end_at`]).
+    end: Option<(Pin<Box<tokio::time::Sleep>>, &'static str)>,
     seen: Vec<u8>,
     bytes: u64,
     limit: usize,
@@ -128,6 +131,7 @@ impl Tap {
     pub fn new(inner: Incoming, limit: usize, count: Option<Count>, done: Done) -> Self {
         let mut tap = Self {
             inner,
+            end: None,
             seen: Vec::new(),
             bytes: 0,
             limit,
@@ -139,6 +143,12 @@ impl Tap {
             tap.finish(None);
         }
         tap
+    }
+
+    /// Ends the answer at `at` if it has not ended by then: the client gets the end of the
+    /// body, the record `why` as its error.
+    pub fn end_at(&mut self, at: tokio::time::Instant, why: &'static str) {
+        self.end = Some((Box::pin(tokio::time::sleep_until(at)), why));
     }
 
     fn finish(&mut self, error: Option<String>) {
@@ -207,6 +217,14 @@ impl Body for Tap {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some((at, why)) = &mut this.end {
+            if at.as_mut().poll(cx).is_ready() {
+                let why = why.to_string();
+                this.end = None;
+                this.finish(Some(why));
+                return Poll::Ready(None);
+            }
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -36,6 +36,10 @@ use tokio_rustls::TlsAcceptor;
 
 pub const PROTOCOL: &str = "kubernetes";
 
+/// Why a stream, a watch or a followed log was ended by the gateway: the token it was opened
+/// with expired (`identity.session_expiry`).
+const TOKEN_ENDED: &str = "the token expired";
+
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -728,9 +728,19 @@ impl Conn {
             reason: decision.reason.as_deref(),
             spec,
         };
+        // A request runs under its token: the wait ends when the token does (a PostgreSQL or
+        // SSH session, and with it its held statement, ends then too).
+        let expires = self
+            .ctx
+            .core
+            .verifier
+            .session_remaining(principal)
+            .map(|remaining| tokio::time::Instant::now() + remaining);
         let left = async move {
-            let _ = left.changed().await;
-            crate::core::approvals::CLIENT_LEFT
+            tokio::select! {
+                _ = left.changed() => crate::core::approvals::CLIENT_LEFT,
+                () = crate::core::lifecycle::until(expires) => crate::core::approvals::TOKEN_EXPIRED,
+            }
         };
         self.ctx
             .core
@@ -851,6 +861,11 @@ impl Conn {
         let mut rec = self.body(Kind::Response, Some(principal), Some(cluster));
         rec.stmt = Some(stmt.n);
         let count = Count::of(info, &parts.headers);
+        // A watch or a followed log streams for as long as the API server lets it: it ends
+        // with the token, like the other protocols' sessions (`identity.session_expiry`).
+        let expires = count
+            .as_ref()
+            .and_then(|_| self.ctx.core.verifier.session_remaining(principal));
         let done = Done {
             ctx: self.ctx.clone(),
             rec,
@@ -859,7 +874,10 @@ impl Conn {
             started,
             span: stmt.span,
         };
-        let tap = Tap::new(incoming, self.ctx.config.max_record_body_bytes, count, done);
+        let mut tap = Tap::new(incoming, self.ctx.config.max_record_body_bytes, count, done);
+        if let Some(remaining) = expires {
+            tap.end_at(tokio::time::Instant::now() + remaining, super::TOKEN_ENDED);
+        }
         Response::from_parts(parts, tap.boxed())
     }
 

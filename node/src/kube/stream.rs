@@ -453,7 +453,7 @@ const IDLE: Ending = Ending {
 
 /// The token the streams were opened with expired (`identity.session_expiry = "token"`).
 const EXPIRED: Ending = Ending {
-    why: "the token expired",
+    why: super::TOKEN_ENDED,
     said: "vigil: the token expired; run the command again with a fresh token",
     reason: "Unauthorized",
     code: 401,

@@ -49,6 +49,10 @@ pub(super) const INPUT_QUEUE: usize = 64;
 /// each message counts 64 bytes more than its data.
 pub(super) const MAX_HELD_INPUT: usize = 1 << 20;
 
+/// Why an approved request did not run: its client had left when the approval came.
+const APPROVED_AFTER_LEAVING: &str =
+    "approved, but the client had left (or its session ended): not run";
+
 /// Why a held request's wait ended when its client sent more than [`MAX_HELD_INPUT`].
 const HELD_INPUT_OVER: &str = "the client sent more than 1 MiB of input while it was held";
 
@@ -524,6 +528,16 @@ impl Starting {
                     self.refuse(body, &refusal).await;
                     return;
                 }
+            }
+            // The approval came as the client left (a call to the coordinator under way is
+            // finished first), or the session ended meanwhile: nothing runs for nobody, and
+            // the approval used is on record as such.
+            if self.left() {
+                body.kind = Kind::Blocked;
+                body.outcome = Some(Outcome::Error);
+                body.detail = Some(APPROVED_AFTER_LEAVING.into());
+                self.ctx.core.audit.record(body);
+                return;
             }
         }
         if let Err(e) = self.ctx.core.audit.append(&body).await {
