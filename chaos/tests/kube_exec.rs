@@ -720,7 +720,7 @@ async fn an_exec_is_ended_when_its_token_expires() {
     let g = Gateway::start("").await;
     let dir = tempfile::tempdir().unwrap();
     // The harness's leeway is 5 s: a token that expires in 2 s ends the streams in ~8 s.
-    let (token, _) = vigil_chaos::kube::expiring_ops_token(2);
+    let (token, exp) = vigil_chaos::kube::expiring_ops_token(2);
     let config = g.kubeconfig(dir.path(), &token);
     let marker = random_suffix();
     let script = format!("echo {marker}-start; sleep 40; echo {marker}-never");
@@ -738,6 +738,10 @@ async fn an_exec_is_ended_when_its_token_expires() {
         String::from_utf8_lossy(&out.stderr).to_string(),
     );
     assert!(took < Duration::from_secs(25), "ended at expiry: {took:?}");
+    assert!(
+        vigil_chaos::now_secs() > exp + 5,
+        "not before the token's end"
+    );
     assert!(!out.status.success());
     assert!(stdout.contains(&format!("{marker}-start")), "{stdout}");
     assert!(!stdout.contains("-never"), "{stdout}");

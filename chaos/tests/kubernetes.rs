@@ -702,6 +702,10 @@ async fn a_watch_and_a_held_request_end_with_their_token() {
             .map(String::from)
             .to_vec(),
     );
+    let watch = async {
+        let out = watch.await;
+        (out, vigil_chaos::now_secs())
+    };
     let scale = kubectl_with(
         ["-n", &ns, "scale", "deployment", "web", "--replicas=3"]
             .map(String::from)
@@ -713,10 +717,15 @@ async fn a_watch_and_a_held_request_end_with_their_token() {
     .await
     .expect("both end with the token, not the API server's or the approval's timeout");
     let scale = scale.unwrap();
+    let (watch, watch_ended) = watch;
     assert!(watch.is_ok());
     assert!(
+        watch_ended > exp + 5,
+        "the watch ended with the token, not before"
+    );
+    assert!(
         vigil_chaos::now_secs() > exp + 5,
-        "not before the token's end"
+        "the wait ended with the token, not before"
     );
     assert!(!scale.status.success(), "{}", text(&scale));
     assert!(text(&scale).contains("pending"), "{}", text(&scale));

@@ -175,10 +175,13 @@ pub async fn events(State(console): State<Arc<Console>>, visit: Visit) -> Respon
                     .coordinator
                     .get_login_state(pb::LoginStateRequest {})
                     .await;
-                if state.is_ok_and(|s| s.ended) {
-                    return None;
-                }
-                let event = match pending(&console, &person).await {
+                let listed = match state {
+                    Ok(state) if state.ended => return None,
+                    Ok(_) => pending(&console, &person).await,
+                    // Whether the login still holds is unknown: nothing is listed.
+                    Err(s) => Err(s),
+                };
+                let event = match listed {
                     Ok(list) => {
                         let text = list.to_string();
                         (last.as_deref() != Some(text.as_str())).then(|| {
