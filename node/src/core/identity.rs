@@ -320,6 +320,12 @@ impl TokenVerifier {
         session_remaining(&self.config, principal, SystemTime::now())
     }
 
+    /// [`Self::session_remaining`] as the instant it runs out, for a timer.
+    pub fn session_deadline(&self, principal: &Principal) -> Option<tokio::time::Instant> {
+        self.session_remaining(principal)
+            .map(|left| tokio::time::Instant::now() + left)
+    }
+
     /// Loads the provider's keys, retrying with backoff until it answers; until then every
     /// token is refused (fail closed).
     pub async fn load_keys(self: Arc<Self>) {

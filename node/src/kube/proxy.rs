@@ -730,12 +730,7 @@ impl Conn {
         };
         // A request runs under its token: the wait ends when the token does (a PostgreSQL or
         // SSH session, and with it its held statement, ends then too).
-        let expires = self
-            .ctx
-            .core
-            .verifier
-            .session_remaining(principal)
-            .map(|remaining| tokio::time::Instant::now() + remaining);
+        let expires = self.ctx.core.verifier.session_deadline(principal);
         let left = async move {
             tokio::select! {
                 _ = left.changed() => crate::core::approvals::CLIENT_LEFT,
@@ -865,7 +860,7 @@ impl Conn {
         // with the token, like the other protocols' sessions (`identity.session_expiry`).
         let expires = count
             .as_ref()
-            .and_then(|_| self.ctx.core.verifier.session_remaining(principal));
+            .and_then(|_| self.ctx.core.verifier.session_deadline(principal));
         let done = Done {
             ctx: self.ctx.clone(),
             rec,
@@ -875,8 +870,8 @@ impl Conn {
             span: stmt.span,
         };
         let mut tap = Tap::new(incoming, self.ctx.config.max_record_body_bytes, count, done);
-        if let Some(remaining) = expires {
-            tap.end_at(tokio::time::Instant::now() + remaining, super::TOKEN_ENDED);
+        if let Some(at) = expires {
+            tap.end_at(at, super::TOKEN_ENDED);
         }
         Response::from_parts(parts, tap.boxed())
     }

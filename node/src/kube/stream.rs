@@ -535,8 +535,7 @@ pub async fn relay(streams: Streams, client: Upgraded, server: Upgraded) {
         .base
         .principal
         .as_ref()
-        .and_then(|p| core.verifier.session_remaining(p))
-        .map(|left| tokio::time::Instant::now() + left);
+        .and_then(|p| core.verifier.session_deadline(p));
     let ending = tokio::select! {
         (down, up) = async { tokio::join!(down, up) } => {
             let error = [down, up.unwrap_or_else(|e| Err(e.to_string()))]

@@ -382,11 +382,7 @@ async fn handshake(
         session,
         client_buf: buf,
         backend,
-        expires: ctx
-            .core
-            .verifier
-            .session_remaining(&principal)
-            .map(|left| tokio::time::Instant::now() + left),
+        expires: ctx.core.verifier.session_deadline(&principal),
         _cancel_guard: cancel_guard,
     })
 }

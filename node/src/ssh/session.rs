@@ -167,7 +167,6 @@ struct Severable<S> {
 /// ([`Sever::now`]) if the session has not ended [`DISCONNECT_GRACE`] later.
 pub(super) struct Sever {
     ending: tokio::sync::Notify,
-    done: AtomicBool,
     read: AtomicWaker,
     write: AtomicWaker,
     cut: tokio::sync::watch::Sender<bool>,
@@ -177,7 +176,6 @@ impl Default for Sever {
     fn default() -> Self {
         Self {
             ending: Default::default(),
-            done: Default::default(),
             read: Default::default(),
             write: Default::default(),
             cut: tokio::sync::watch::Sender::new(false),
@@ -187,10 +185,9 @@ impl Default for Sever {
 
 impl Sever {
     fn now(&self) {
-        self.done.store(true, Ordering::SeqCst);
+        self.cut.send_replace(true);
         self.read.wake();
         self.write.wake();
-        self.cut.send_replace(true);
     }
 
     /// Resolves once the connection is cut: the session's handler must not wait past that
@@ -202,7 +199,7 @@ impl Sever {
     /// The error that ends the stream once cut; registers `cx` with `waker` to learn of it.
     fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> Option<std::io::Error> {
         waker.register(cx.waker());
-        self.done.load(Ordering::SeqCst).then(|| {
+        self.cut.borrow().then(|| {
             std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "the gateway ended the session",
