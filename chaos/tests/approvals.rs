@@ -50,9 +50,22 @@ async fn setup_with(policy: &'static str) -> Setup {
         ..NodeOptions::default()
     })
     .await;
+    tables(&node.files.db).await;
+    let coord = node.node.coordinator.join(",");
+    Setup {
+        token: token_for("agent-ops", "agent-ops-secret").await,
+        log_offset: pg_log_len(),
+        coord,
+        node,
+    }
+}
+
+/// Schemas `a` and `b` with a table `t` each (one row, `v = 0`) in `db`, owned by the
+/// gateway's role, and a role the gateway may become that may use them.
+async fn tables(db: &str) {
     let gw = env().get("VIGIL_PG_GATEWAY_USER");
-    let su = direct_superuser(&node.files.db).await;
-    let other = format!("vt_other_{}", &node.files.db[3..]);
+    let su = direct_superuser(db).await;
+    let other = format!("vt_other_{}", &db[3..]);
     su.batch_execute(&format!(
         "CREATE SCHEMA a; CREATE SCHEMA b;
          CREATE TABLE a.t (id int, v int); INSERT INTO a.t VALUES (1, 0);
@@ -64,13 +77,6 @@ async fn setup_with(policy: &'static str) -> Setup {
     ))
     .await
     .unwrap();
-    let coord = node.node.coordinator.join(",");
-    Setup {
-        token: token_for("agent-ops", "agent-ops-secret").await,
-        log_offset: pg_log_len(),
-        coord,
-        node,
-    }
 }
 
 impl Setup {
@@ -574,6 +580,138 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
     assert_eq!(refusal(&w.batch(&q(update)).await), None);
     assert_eq!(s.value("a.t").await, 1);
     assert_eq!(s.ran(update), 1);
+}
+
+/// A statement held when its session's token expires stops waiting then: the wait's end is
+/// on record with why, the session ends as every session does at its token's expiry, and an
+/// approval given afterwards runs nothing. (Before, the expiry dropped the session in the
+/// middle of the hold: no record said the wait had ended.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8l_a_held_statement_stops_waiting_when_its_token_expires() {
+    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
+    let s = setup_with(Box::leak(policy.into_boxed_str())).await;
+    let exp = now_secs() + 4;
+    let token = forge(
+        &tokens::with(&base_claims(), "exp", serde_json::json!(exp)),
+        env().get("VIGIL_OIDC_KID"),
+        None,
+    );
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    let mut w = Wire::app_session(s.node.port(), &token).await;
+    w.batch(&q("SET search_path = a")).await;
+    w.send(&wire::query(update)).await;
+    let mut id = None;
+    eventually(
+        "the statement is held",
+        std::time::Duration::from_secs(3),
+        || {
+            let list = s.cli(&["approvals", "list", "--state", "pending"]);
+            id = list
+                .split_whitespace()
+                .find(|w| w.starts_with("apr-"))
+                .map(str::to_string);
+            id.is_some()
+        },
+    )
+    .await;
+    let id = id.unwrap();
+    // The client is told its token expired, and the session ends.
+    let said = String::from_utf8_lossy(&w.until_closed().await).into_owned();
+    assert!(now_secs() >= exp, "not before the expiry");
+    assert!(said.contains("token expired"), "{said}");
+    let records = s.node.records().await;
+    let ended = of_kind(&records, Kind::ApprovalDecided);
+    assert_eq!(ended.len(), 1, "the wait's end is on record");
+    assert_eq!(
+        ended[0].body.detail.as_deref(),
+        Some("the token expired while it was held")
+    );
+    assert_eq!(ended[0].body.approval.as_ref().unwrap().id, id);
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(end.len(), 1);
+    assert!(
+        end[0]
+            .body
+            .detail
+            .as_deref()
+            .unwrap()
+            .starts_with("token expired"),
+        "{:?}",
+        end[0].body.detail
+    );
+    assert!(ended[0].seq < end[0].seq);
+    s.approve(&id);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(s.value("a.t").await, 0, "nothing ran after the expiry");
+    assert_eq!(s.ran(update), 0);
+}
+
+/// At the node's drain deadline a held statement stops waiting as at its token's expiry: the
+/// wait's end is on record with why, the session ends as every session does then, and the
+/// statement does not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8m_a_held_statement_stops_waiting_at_the_drain_deadline() {
+    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        allow_cleartext_token: true,
+        node_extra: "drain_timeout_secs = 1",
+        extra: Box::leak(policy.into_boxed_str()),
+        ..NodeOptions::default()
+    })
+    .await;
+    tables(&files.db).await;
+    let offset = pg_log_len();
+    let mut child = spawn_node(&files, admin_port).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    let mut w = Wire::app_session(pg_port, &token).await;
+    w.batch(&q("SET search_path = a")).await;
+    w.send(&wire::query(update)).await;
+    eventually(
+        "the statement is held",
+        std::time::Duration::from_secs(10),
+        || {
+            files
+                .records()
+                .iter()
+                .any(|r| r.body.kind == Kind::ApprovalRequested)
+        },
+    )
+    .await;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let said = String::from_utf8_lossy(&w.until_closed().await).into_owned();
+    assert!(said.contains("shutting down"), "{said}");
+    let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+    let records = files.records();
+    let ended = of_kind(&records, Kind::ApprovalDecided);
+    assert_eq!(ended.len(), 1, "the wait's end is on record");
+    assert_eq!(
+        ended[0].body.detail.as_deref(),
+        Some("the node ended its sessions (drain deadline) while it was held")
+    );
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(end.len(), 1);
+    assert!(ended[0].seq < end[0].seq);
+    let su = direct_superuser(&files.db).await;
+    let v: i32 = su
+        .query_one("SELECT v FROM a.t WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 0, "nothing ran");
+    assert!(!pg_executed(&files.db, offset)
+        .iter()
+        .any(|r| r.text.contains(update)));
 }
 
 /// Settings beyond the search_path change what the same text does: under

@@ -250,6 +250,10 @@ pub const CLIENT_LEFT: &str = "the client left while it was held";
 /// (`identity.session_expiry`), and it would run without authority.
 pub const TOKEN_EXPIRED: &str = "the token expired while it was held";
 
+/// Why a held request's wait ended early: the node's drain deadline came and it ends its
+/// sessions.
+pub const NODE_ENDING: &str = "the node ended its sessions (drain deadline) while it was held";
+
 pub struct Approvals {
     client: Client,
     node: String,

@@ -62,6 +62,11 @@ impl Lifecycle {
         self.ending.send_replace(true);
     }
 
+    /// Whether open sessions must end now.
+    pub fn is_ending(&self) -> bool {
+        *self.ending.borrow()
+    }
+
     /// Resolves when open sessions must end.
     pub async fn ended(&self) {
         let mut rx = self.ending.subscribe();

@@ -18,7 +18,7 @@ use super::refusal::sql_error;
 use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
-use crate::core::approvals::{Hold, Step, Verdict, CLIENT_LEFT};
+use crate::core::approvals::{Hold, Step, Verdict, CLIENT_LEFT, NODE_ENDING, TOKEN_EXPIRED};
 use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::{send_all, BoxStream};
@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::Poll;
 use std::time::Instant;
@@ -396,6 +396,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let copy_in = Arc::new(AtomicU64::new(0));
     let stmts = Arc::new(AtomicU64::new(0));
     let confirmed = Confirmed::new();
+    let holding = Arc::new(AtomicBool::new(false));
     let mut client_half = ClientHalf {
         ctx: ctx.clone(),
         session: session.clone(),
@@ -415,6 +416,8 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         probe_name: format!("vigil_probe_{}", hex::encode(rand::random::<[u8; 8]>())),
         bound_portals: Some(HashSet::new()),
         custom_settings: startup_custom_settings(&ctx.policy),
+        expires,
+        holding: holding.clone(),
     };
     let mut target_half = TargetHalf {
         ctx: ctx.clone(),
@@ -442,11 +445,14 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     // is taken up in the same turn. A channel that woke its receiver would wake this task from
     // inside its own poll, and the runtime reschedules a task that wakes itself as a yield and
     // wakes an idle worker to steal it: two context switches per statement.
+    // The token's expiry and the drain deadline end the session, but not in the middle of a
+    // held statement: the hold sees them too, and ends first (see `ClientHalf::held`).
     let end = {
         let mut client = std::pin::pin!(client_half.run());
         let mut target = std::pin::pin!(target_half.run());
         let mut expiry = std::pin::pin!(until(expires));
         let mut shutdown = std::pin::pin!(ctx.core.lifecycle.ended());
+        let (mut expired, mut ending) = (false, false);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(end) = client.as_mut().poll(cx) {
                 return Poll::Ready(end);
@@ -454,10 +460,15 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
             if let Poll::Ready(end) = target.as_mut().poll(cx) {
                 return Poll::Ready(end);
             }
-            if expiry.as_mut().poll(cx).is_ready() {
+            expired = expired || expiry.as_mut().poll(cx).is_ready();
+            ending = ending || shutdown.as_mut().poll(cx).is_ready();
+            if holding.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            if expired {
                 return Poll::Ready(End::TokenExpired);
             }
-            if shutdown.as_mut().poll(cx).is_ready() {
+            if ending {
                 return Poll::Ready(End::NodeShutdown);
             }
             Poll::Pending
@@ -624,6 +635,12 @@ struct ClientHalf {
     /// The custom settings the session may have given a value, which a held statement's
     /// binding reads by name.
     custom_settings: CustomSettings,
+    /// When the session's token runs out: a held statement stops waiting then.
+    expires: Option<tokio::time::Instant>,
+    /// Set while a statement is held: the session's end at its token's expiry or the node's
+    /// drain deadline waits for the hold, which stops waiting then but finishes a call to the
+    /// coordinator halfway (an approval consumed is on record, with its statement run or not).
+    holding: Arc<AtomicBool>,
 }
 
 /// Portal names a session's `bound_portals` holds before it stands for every name.
@@ -1688,7 +1705,8 @@ impl ClientHalf {
 
     /// Holds `request` for approval (see [`hold`]) under the number its record will get,
     /// bound to `binding`, which its record then carries. The session ends if the client
-    /// hangs up during the wait.
+    /// hangs up during the wait; the wait also ends when the token expires or the node's
+    /// drain deadline comes, and the session ends right after the hold (see [`run`]).
     async fn held(
         &mut self,
         request: &mut PgRequest,
@@ -1698,11 +1716,43 @@ impl ClientHalf {
         let stmt = self.stmts.load(Ordering::Relaxed) + 1;
         let hash = binding.hash();
         let mut left = false;
-        let watch = client_left(&mut self.read, &mut self.buf, &mut left);
-        let (ctx, session) = (&self.ctx, &self.session);
+        let (ctx, session, expires) = (&self.ctx, &self.session, self.expires);
+        // Read in the same turn as the expiry or the deadline: not held (nothing to consume
+        // or ask for once the session has no authority left).
+        if expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            return Err(Halt::End(End::TokenExpired));
+        }
+        if ctx.core.lifecycle.is_ending() {
+            return Err(Halt::End(End::NodeShutdown));
+        }
+        let mut ended = None;
+        let client = client_left(&mut self.read, &mut self.buf, &mut left);
+        let watch = async {
+            tokio::select! {
+                why = client => why,
+                () = until(expires) => {
+                    ended = Some(End::TokenExpired);
+                    TOKEN_EXPIRED
+                }
+                () = ctx.core.lifecycle.ended() => {
+                    ended = Some(End::NodeShutdown);
+                    NODE_ENDING
+                }
+            }
+        };
+        self.holding.store(true, Ordering::Relaxed);
         let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
-        if left {
-            return Err(Halt::End(End::ClientClosed));
+        self.holding.store(false, Ordering::Relaxed);
+        // A wait that ended early refuses the statement, and the session ends with nobody to
+        // tell. An approval consumed (its decision came in the same turn) is followed by its
+        // statement whatever else happened.
+        if !matches!(verdict, Verdict::Run(_)) {
+            if left {
+                return Err(Halt::End(End::ClientClosed));
+            }
+            if let Some(end) = ended {
+                return Err(Halt::End(end));
+            }
         }
         request.binding = Some(binding.record(&hash));
         Ok(verdict)
