@@ -587,7 +587,7 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
 /// approval given afterwards runs nothing. (Before, the expiry dropped the session in the
 /// middle of the hold: no record said the wait had ended.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t8l_a_held_statement_stops_waiting_when_its_token_expires() {
+async fn t8o_a_held_statement_stops_waiting_when_its_token_expires() {
     let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
     let s = setup_with(Box::leak(policy.into_boxed_str())).await;
     let exp = now_secs() + 4;
@@ -650,7 +650,7 @@ async fn t8l_a_held_statement_stops_waiting_when_its_token_expires() {
 /// wait's end is on record with why, the session ends as every session does then, and the
 /// statement does not run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t8m_a_held_statement_stops_waiting_at_the_drain_deadline() {
+async fn t8p_a_held_statement_stops_waiting_at_the_drain_deadline() {
     let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
     let (pg_port, admin_port) = (free_port(), free_port());
     let files = NodeFiles::new(&NodeOptions {

@@ -1721,13 +1721,24 @@ async fn a_second_request_on_a_channel_whose_request_is_held_closes_it() {
 
     let records = records_when(&g, |r| r.iter().any(client_left)).await;
     assert!(records.iter().any(client_left), "the wait ended");
-    let refused = of_kind(&records, Kind::Blocked).into_iter().any(|r| {
-        r.body
-            .detail
-            .as_deref()
-            .is_some_and(|d| d.contains("the channel already runs a request"))
-    });
-    assert!(refused, "the second request is on record, refused");
+    let refused: Vec<_> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter(|r| {
+            r.body
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("the channel already runs a request"))
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "the second request is on record, refused");
+    // With the command line it asked for.
+    match &refused[0].body.request {
+        Some(Request::Ssh(r)) => {
+            assert_eq!(r.request_type, "exec");
+            assert_eq!(r.command.as_deref(), Some(second.as_str()));
+        }
+        other => panic!("{other:?}"),
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ran = host_ran(before);
     assert!(!ran.contains(&command) && !ran.contains(&second), "{ran:?}");

@@ -254,6 +254,11 @@ pub const TOKEN_EXPIRED: &str = "the token expired while it was held";
 /// sessions.
 pub const NODE_ENDING: &str = "the node ended its sessions (drain deadline) while it was held";
 
+/// Why an approved request did not run: the approval came (or a call to the coordinator that
+/// used it finished) as its client left or its session ended.
+pub const APPROVED_TOO_LATE: &str =
+    "approved, but the client had left (or its session ended): not run";
+
 pub struct Approvals {
     client: Client,
     node: String,
@@ -299,8 +304,9 @@ impl Approvals {
     /// `left` resolves, with why, when the client goes away ([`CLIENT_LEFT`]) or cannot be
     /// waited for any longer: that ends the wait for a decision (the request stays pending,
     /// and a client that sends the statement again can use its approval), never a call to the
-    /// coordinator halfway (an approval consumed must be followed by its statement; a request
-    /// created must be on record).
+    /// coordinator halfway (an approval consumed must be on record, with its statement run or,
+    /// when its client or its session went meanwhile, [`APPROVED_TOO_LATE`]; a request created
+    /// must be on record).
     pub async fn settle(
         &self,
         hold: Hold<'_>,

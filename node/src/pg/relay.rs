@@ -18,7 +18,9 @@ use super::refusal::sql_error;
 use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt};
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
-use crate::core::approvals::{Hold, Step, Verdict, CLIENT_LEFT, NODE_ENDING, TOKEN_EXPIRED};
+use crate::core::approvals::{
+    Hold, Step, Verdict, APPROVED_TOO_LATE, CLIENT_LEFT, NODE_ENDING, TOKEN_EXPIRED,
+};
 use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::{send_all, BoxStream};
@@ -1725,37 +1727,41 @@ impl ClientHalf {
         if ctx.core.lifecycle.is_ending() {
             return Err(Halt::End(End::NodeShutdown));
         }
-        let mut ended = None;
         let client = client_left(&mut self.read, &mut self.buf, &mut left);
         let watch = async {
             tokio::select! {
                 why = client => why,
-                () = until(expires) => {
-                    ended = Some(End::TokenExpired);
-                    TOKEN_EXPIRED
-                }
-                () = ctx.core.lifecycle.ended() => {
-                    ended = Some(End::NodeShutdown);
-                    NODE_ENDING
-                }
+                () = until(expires) => TOKEN_EXPIRED,
+                () = ctx.core.lifecycle.ended() => NODE_ENDING,
             }
         };
         self.holding.store(true, Ordering::Relaxed);
         let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
         self.holding.store(false, Ordering::Relaxed);
-        // A wait that ended early refuses the statement, and the session ends with nobody to
-        // tell. An approval consumed (its decision came in the same turn) is followed by its
-        // statement whatever else happened.
-        if !matches!(verdict, Verdict::Run(_)) {
-            if left {
-                return Err(Halt::End(End::ClientClosed));
-            }
-            if let Some(end) = ended {
-                return Err(Halt::End(end));
-            }
-        }
         request.binding = Some(binding.record(&hash));
-        Ok(verdict)
+        // The session ends here when the client left, the token expired or the drain deadline
+        // came while the statement was held. A wait that ended early is on record already;
+        // an approval that came all the same (a call to the coordinator under way is
+        // finished, see `Approvals::settle`) is on record as used, and nothing runs: nobody
+        // is there for it, or nobody with authority.
+        let end = if left {
+            End::ClientClosed
+        } else if expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            End::TokenExpired
+        } else if self.ctx.core.lifecycle.is_ending() {
+            End::NodeShutdown
+        } else {
+            return Ok(verdict);
+        };
+        if let Verdict::Run(approval) = verdict {
+            let detail = match decision.dry_run_note() {
+                Some(note) => format!("{APPROVED_TOO_LATE}; {note}"),
+                None => APPROVED_TOO_LATE.to_string(),
+            };
+            let request = request.clone();
+            self.record_blocked(request, decision, Outcome::Error, &detail, Some(approval));
+        }
+        Err(Halt::End(end))
     }
 
     /// Refuses a message that names a statement or portal the gateway cannot vouch for.
@@ -1790,7 +1796,7 @@ impl ClientHalf {
     /// session continues.
     fn refuse_held(
         &mut self,
-        mut request: PgRequest,
+        request: PgRequest,
         decision: &Decision,
         refusal: Refusal,
         approval: Option<ApprovalRef>,
@@ -1806,6 +1812,20 @@ impl ClientHalf {
             (Refusal::Blocked { reason, .. }, None) => reason.clone(),
             _ => message.clone(),
         };
+        self.record_blocked(request, decision, outcome, &detail, approval);
+        self.refuse(outcome, sqlstate, &message, simple, out);
+    }
+
+    /// The `blocked` record of a statement that does not run: its audit copy (masked), the
+    /// rule that decided it, why, and the approval it came with.
+    fn record_blocked(
+        &mut self,
+        mut request: PgRequest,
+        decision: &Decision,
+        outcome: Outcome,
+        detail: &str,
+        approval: Option<ApprovalRef>,
+    ) {
         let stmt = self.next_stmt();
         let masked = self.mask_request(&mut request, &mut Vec::new());
         let mut rec = self.session.body(&self.ctx.core.audit, Kind::Blocked);
@@ -1815,11 +1835,10 @@ impl ClientHalf {
         rec.masked = masked;
         rec.policy = Some(self.ctx.policy.reference(decision));
         // A parser's message quotes the text near its error: through the detectors, like it.
-        rec.detail = Some(self.ctx.core.scrub(&detail));
+        rec.detail = Some(self.ctx.core.scrub(detail));
         rec.approval = approval;
         crate::core::trace::refused(&self.session.trace, super::PROTOCOL, &rec);
         self.ctx.core.audit.record(rec);
-        self.refuse(outcome, sqlstate, &message, simple, out);
     }
 
     /// Writes a request record and waits until it is in the log. An error means it could not

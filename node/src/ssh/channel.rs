@@ -11,7 +11,7 @@ use super::sftp_guard::SftpGuard;
 use super::target::Pinned;
 use super::typed::{Decided, Echoes, TypedLines};
 use crate::audit::{ChunkOf, RecordingFile};
-use crate::core::approvals::{Hold, Step, Verdict, CLIENT_LEFT};
+use crate::core::approvals::{Hold, Step, Verdict, APPROVED_TOO_LATE, CLIENT_LEFT};
 use crate::core::idle::Activity;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
@@ -48,10 +48,6 @@ pub(super) const INPUT_QUEUE: usize = 64;
 /// The most client input a held request keeps for when it runs (see [`ClientInput::keep`]);
 /// each message counts 64 bytes more than its data.
 pub(super) const MAX_HELD_INPUT: usize = 1 << 20;
-
-/// Why an approved request did not run: its client had left when the approval came.
-const APPROVED_AFTER_LEAVING: &str =
-    "approved, but the client had left (or its session ended): not run";
 
 /// Why a held request's wait ended when its client sent more than [`MAX_HELD_INPUT`].
 const HELD_INPUT_OVER: &str = "the client sent more than 1 MiB of input while it was held";
@@ -185,7 +181,7 @@ async fn host_reply(host: &mut russh::Channel<client::Msg>) -> bool {
 /// `pty-req`: on record (a replay needs the terminal's size), then forwarded; the host's
 /// answer is the client's.
 pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session) {
-    if busy(conn, id, "pty-req", session) {
+    if busy(conn, id, "pty-req", None, session) {
         return;
     }
     let mut body = conn.body(Kind::Request);
@@ -236,8 +232,9 @@ pub async fn env(conn: &mut Conn, id: ChannelId, name: &str, value: &str) {
     if !allowed {
         refuse_request(
             conn,
-            Some(id),
+            id,
             "env",
+            Some(name),
             &format!("environment variable {name:?} is not on ssh.allowed_env"),
         );
         return;
@@ -422,7 +419,7 @@ fn ssh_request(conn: &Conn, id: ChannelId, request_type: &str, command: Option<S
 /// that a request waiting for an approver does not stop the connection's other channels, and
 /// the client closing the channel or the connection ends the wait.
 async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session) {
-    if busy(conn, id, run.request_type, session) {
+    if busy(conn, id, run.request_type, run.command, session) {
         return;
     }
     conn.stmt += 1;
@@ -535,7 +532,7 @@ impl Starting {
             if self.left() {
                 body.kind = Kind::Blocked;
                 body.outcome = Some(Outcome::Error);
-                body.detail = Some(APPROVED_AFTER_LEAVING.into());
+                body.detail = Some(with_note(APPROVED_TOO_LATE, body.detail.take()));
                 self.ctx.core.audit.record(body);
                 return;
             }
@@ -771,12 +768,18 @@ fn reply(session: &mut Session, id: ChannelId, ok: bool) {
 /// whose request is on its way, is closed, on record: russh keeps one "wants a reply" flag per
 /// channel, so a second answer owed on it could not be given in its turn (OpenSSH never asks
 /// this). One that ended gets no.
-pub fn busy(conn: &mut Conn, id: ChannelId, request_type: &str, session: &mut Session) -> bool {
+pub fn busy(
+    conn: &mut Conn,
+    id: ChannelId,
+    request_type: &str,
+    command: Option<&str>,
+    session: &mut Session,
+) -> bool {
     match conn.channels.get(&id) {
         Some(Chan::Idle | Chan::Setup(_)) => false,
         Some(Chan::Running { .. }) => {
             let why = "the channel already runs a request; it is closed";
-            refuse_request(conn, Some(id), request_type, why);
+            refuse_request(conn, id, request_type, command, why);
             close_channel(conn, id, session);
             true
         }
@@ -839,14 +842,18 @@ fn refusal_record(
         body.kind = Kind::Blocked;
     }
     body.outcome = Some(refusal.outcome());
-    // What dry-run rules would have done stays on record next to the refusal.
-    body.detail = Some(match body.detail.take() {
-        Some(note) => format!("{message}; {note}"),
-        None => message.clone(),
-    });
+    body.detail = Some(with_note(&message, body.detail.take()));
     crate::core::trace::from_record(span, &body);
     core.audit.record(body);
     message
+}
+
+/// Why a request did not run, with what dry-run rules would have done (`note`) kept next to it.
+fn with_note(why: &str, note: Option<String>) -> String {
+    match note {
+        Some(note) => format!("{why}; {note}"),
+        None => why.to_string(),
+    }
 }
 
 /// The line on stderr that tells the client why its request was refused.
@@ -881,14 +888,20 @@ fn refuse_run(
 }
 
 /// Records a refused request that has no channel to end (env, agent and X11 forwarding).
-pub fn refuse_request(conn: &Conn, id: Option<ChannelId>, request_type: &str, why: &str) {
+pub fn refuse_request(
+    conn: &Conn,
+    id: ChannelId,
+    request_type: &str,
+    command: Option<&str>,
+    why: &str,
+) {
     let mut body = conn.body(Kind::Blocked);
-    body.request = Some(Request::Ssh(SshRequest {
-        channel: id.map(|c| c.number()).unwrap_or(0),
-        request_type: request_type.into(),
-        login: Some(conn.login.clone()),
-        ..SshRequest::default()
-    }));
+    body.request = Some(ssh_request(
+        conn,
+        id,
+        request_type,
+        command.map(str::to_string),
+    ));
     body.outcome = Some(Outcome::Blocked);
     body.detail = Some(conn.ctx.core.scrub(why));
     conn.ctx.core.audit.record(body);

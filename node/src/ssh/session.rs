@@ -757,13 +757,14 @@ impl russh::server::Handler for Conn {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if channel::busy(self, channel, "x11-req", session) {
+        if channel::busy(self, channel, "x11-req", None, session) {
             return Ok(());
         }
         channel::refuse_request(
             self,
-            Some(channel),
+            channel,
             "x11-req",
+            None,
             "X11 forwarding is not allowed",
         );
         session.channel_failure(channel)?;
@@ -775,13 +776,14 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if channel::busy(self, channel, "auth-agent-req@openssh.com", session) {
+        if channel::busy(self, channel, "auth-agent-req@openssh.com", None, session) {
             return Ok(false);
         }
         channel::refuse_request(
             self,
-            Some(channel),
+            channel,
             "auth-agent-req@openssh.com",
+            None,
             "agent forwarding is not allowed",
         );
         Ok(false)
