@@ -97,6 +97,26 @@ impl Setup {
         w
     }
 
+    /// The id of the approval request a statement is held on, once the coordinator lists it
+    /// as pending (within `secs`).
+    async fn held(&self, secs: u64) -> String {
+        let mut id = None;
+        eventually(
+            "the statement is held",
+            std::time::Duration::from_secs(secs),
+            || {
+                let list = self.cli(&["approvals", "list", "--state", "pending"]);
+                id = list
+                    .split_whitespace()
+                    .find(|w| w.starts_with("apr-"))
+                    .map(str::to_string);
+                id.is_some()
+            },
+        )
+        .await;
+        id.unwrap()
+    }
+
     fn cli(&self, args: &[&str]) -> String {
         let alice = id_token("alice");
         let mut all = args.to_vec();
@@ -534,21 +554,7 @@ async fn t8k_a_held_statement_whose_client_left_does_not_run() {
     let update = "UPDATE t SET v = v + 1 WHERE id = 1";
     let mut w = s.session().await;
     w.send(&wire::query(update)).await;
-    let mut id = None;
-    eventually(
-        "the statement is held",
-        std::time::Duration::from_secs(10),
-        || {
-            let list = s.cli(&["approvals", "list", "--state", "pending"]);
-            id = list
-                .split_whitespace()
-                .find(|w| w.starts_with("apr-"))
-                .map(str::to_string);
-            id.is_some()
-        },
-    )
-    .await;
-    let id = id.unwrap();
+    let id = s.held(10).await;
     drop(w);
     // The gateway notices the client is gone before anyone decides.
     let records_end = || async { of_kind(&s.node.records().await, Kind::SessionEnd).len() };
@@ -600,21 +606,7 @@ async fn t8o_a_held_statement_stops_waiting_when_its_token_expires() {
     let mut w = Wire::app_session(s.node.port(), &token).await;
     w.batch(&q("SET search_path = a")).await;
     w.send(&wire::query(update)).await;
-    let mut id = None;
-    eventually(
-        "the statement is held",
-        std::time::Duration::from_secs(3),
-        || {
-            let list = s.cli(&["approvals", "list", "--state", "pending"]);
-            id = list
-                .split_whitespace()
-                .find(|w| w.starts_with("apr-"))
-                .map(str::to_string);
-            id.is_some()
-        },
-    )
-    .await;
-    let id = id.unwrap();
+    let id = s.held(3).await;
     // The client is told its token expired, and the session ends.
     let said = String::from_utf8_lossy(&w.until_closed().await).into_owned();
     assert!(now_secs() >= exp, "not before the expiry");
