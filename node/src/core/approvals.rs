@@ -259,6 +259,17 @@ pub const NODE_ENDING: &str = "the node ended its sessions (drain deadline) whil
 pub const APPROVED_TOO_LATE: &str =
     "approved, but the client had left (or its session ended): not run";
 
+/// Whether `left` has resolved already (without waiting for it): why, if so.
+async fn gone(
+    left: std::pin::Pin<&mut impl Future<Output = &'static str>>,
+) -> Option<&'static str> {
+    tokio::select! {
+        biased;
+        why = left => Some(why),
+        () = std::future::ready(()) => None,
+    }
+}
+
 pub struct Approvals {
     client: Client,
     node: String,
@@ -313,8 +324,14 @@ impl Approvals {
         record: &mut (dyn FnMut(Step) + Send),
         left: impl Future<Output = &'static str>,
     ) -> Verdict {
+        let mut left = std::pin::pin!(left);
         if let Some(verdict) = self.granted(&hold).await {
             return verdict;
+        }
+        // Each call to the coordinator is finished once begun; none begins for a client that
+        // went, or a session that ended, meanwhile.
+        if let Some(why) = gone(left.as_mut()).await {
+            return Verdict::refuse(Refusal::NotHeld { why }, None);
         }
         let key = pb::ActionKey::from(&hold.key);
         let consume = pb::ConsumeApprovalRequest {
@@ -328,6 +345,9 @@ impl Approvals {
             Err(e) if e.code() == Code::FailedPrecondition => {}
             Err(e) => return unavailable(&e),
         }
+        if let Some(why) = gone(left.as_mut()).await {
+            return Verdict::refuse(Refusal::NotHeld { why }, None);
+        }
         let (spec, rule) = (hold.spec, hold.rule.to_string());
         let id = match self.request(hold, key, record).await {
             Ok(id) => id,
@@ -338,7 +358,7 @@ impl Approvals {
             w = tokio::time::timeout(wait, self.await_decision(&id)) => {
                 w.map_err(|_| format!("no decision within {} s", spec.wait_secs))
             }
-            why = left => Err(why.to_string()),
+            why = &mut left => Err(why.to_string()),
         };
         match waited {
             Ok(Ok(decided)) => self.decided(decided, &consume, record).await,

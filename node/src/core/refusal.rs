@@ -27,6 +27,8 @@ pub enum Refusal {
     UsedElsewhere { request: String },
     /// The coordinator could not be reached, or did not answer in time.
     CoordinatorUnavailable { why: String },
+    /// Not held: its client went, or its session ended, before the coordinator was asked.
+    NotHeld { why: &'static str },
     /// The action's audit record could not be written; `spool_full`: the broker is behind.
     AuditUnwritable { spool_full: bool, why: String },
 }
@@ -42,9 +44,9 @@ impl Refusal {
             Refusal::Denied { .. } | Refusal::Ended { .. } | Refusal::UsedElsewhere { .. } => {
                 Outcome::Denied
             }
-            Refusal::CoordinatorUnavailable { .. } | Refusal::AuditUnwritable { .. } => {
-                Outcome::Error
-            }
+            Refusal::CoordinatorUnavailable { .. }
+            | Refusal::AuditUnwritable { .. }
+            | Refusal::NotHeld { .. } => Outcome::Error,
         }
     }
 }
@@ -74,6 +76,7 @@ impl std::fmt::Display for Refusal {
         Refusal::CoordinatorUnavailable { why } => {
             format!("the approval service is unavailable: {why}")
         }
+        Refusal::NotHeld { why } => format!("refused before its approval was asked for: {why}"),
         Refusal::AuditUnwritable { why, .. } => {
             format!("the gateway cannot record this request: {why}")
         }

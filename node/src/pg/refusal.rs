@@ -53,6 +53,10 @@ pub fn sql_error(r: &Refusal) -> (&'static str, String) {
                 "statement refused: the approval service is unavailable ({why}); nothing was run"
             ),
         ),
+        Refusal::NotHeld { why } => (
+            "42501",
+            format!("statement refused before its approval was asked for: {why}; nothing was run"),
+        ),
         Refusal::AuditUnwritable {
             spool_full: true,
             why,

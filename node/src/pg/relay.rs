@@ -639,9 +639,10 @@ struct ClientHalf {
     custom_settings: CustomSettings,
     /// When the session's token runs out: a held statement stops waiting then.
     expires: Option<tokio::time::Instant>,
-    /// Set while a statement is held: the session's end at its token's expiry or the node's
-    /// drain deadline waits for the hold, which stops waiting then but finishes a call to the
-    /// coordinator halfway (an approval consumed is on record, with its statement run or not).
+    /// Set while a statement is held, and after it until the client half next reads its
+    /// client: the session's end at its token's expiry or the node's drain deadline waits for
+    /// the hold, which stops waiting then but finishes a call to the coordinator halfway (an
+    /// approval used is on record, with its statement recorded and sent, or as not run).
     holding: Arc<AtomicBool>,
 }
 
@@ -669,6 +670,15 @@ impl ClientHalf {
                     Ok(None) => break,
                     Err(e) => return self.protocol_error(e.to_string()).await,
                 };
+                // After a held statement the session's end waits for nothing else: what the
+                // client sent behind it is not looked at once the token expired or the drain
+                // deadline came.
+                if self.holding.load(Ordering::Relaxed) {
+                    if let Some(end) = self.must_end() {
+                        let _ = self.flush(&mut out).await;
+                        return end;
+                    }
+                }
                 match self.handle(frame, &mut out).await {
                     Ok(()) => {}
                     Err(Halt::End(end)) => {
@@ -693,6 +703,9 @@ impl ClientHalf {
             if sent.is_err() {
                 return End::TargetClosed;
             }
+            // A held statement allowed to run is recorded and sent by now: the session may
+            // end at its token's expiry or the drain deadline again.
+            self.holding.store(false, Ordering::Relaxed);
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return End::ClientClosed,
                 Ok(_) => {}
@@ -1718,15 +1731,12 @@ impl ClientHalf {
         let stmt = self.stmts.load(Ordering::Relaxed) + 1;
         let hash = binding.hash();
         let mut left = false;
-        let (ctx, session, expires) = (&self.ctx, &self.session, self.expires);
         // Read in the same turn as the expiry or the deadline: not held (nothing to consume
         // or ask for once the session has no authority left).
-        if expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-            return Err(Halt::End(End::TokenExpired));
+        if let Some(end) = self.must_end() {
+            return Err(Halt::End(end));
         }
-        if ctx.core.lifecycle.is_ending() {
-            return Err(Halt::End(End::NodeShutdown));
-        }
+        let (ctx, session, expires) = (&self.ctx, &self.session, self.expires);
         let client = client_left(&mut self.read, &mut self.buf, &mut left);
         let watch = async {
             tokio::select! {
@@ -1735,33 +1745,56 @@ impl ClientHalf {
                 () = ctx.core.lifecycle.ended() => NODE_ENDING,
             }
         };
+        // Stays set after a statement allowed to run, until it is recorded and sent (cleared
+        // when the client half next reads its client, see `run`).
         self.holding.store(true, Ordering::Relaxed);
         let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
-        self.holding.store(false, Ordering::Relaxed);
         request.binding = Some(binding.record(&hash));
         // The session ends here when the client left, the token expired or the drain deadline
         // came while the statement was held. A wait that ended early is on record already;
         // an approval that came all the same (a call to the coordinator under way is
         // finished, see `Approvals::settle`) is on record as used, and nothing runs: nobody
-        // is there for it, or nobody with authority.
-        let end = if left {
-            End::ClientClosed
-        } else if expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-            End::TokenExpired
-        } else if self.ctx.core.lifecycle.is_ending() {
-            End::NodeShutdown
-        } else {
-            return Ok(verdict);
+        // is there for it, or nobody with authority. Any other refusal is on record too.
+        let end = match (left, self.must_end()) {
+            (true, _) => End::ClientClosed,
+            (false, Some(end)) => end,
+            (false, None) => return Ok(verdict),
         };
-        if let Verdict::Run(approval) = verdict {
-            let detail = match decision.dry_run_note() {
-                Some(note) => format!("{APPROVED_TOO_LATE}; {note}"),
-                None => APPROVED_TOO_LATE.to_string(),
-            };
-            let request = request.clone();
-            self.record_blocked(request, decision, Outcome::Error, &detail, Some(approval));
+        match verdict {
+            Verdict::Run(approval) => {
+                let detail = match decision.dry_run_note() {
+                    Some(note) => format!("{APPROVED_TOO_LATE}; {note}"),
+                    None => APPROVED_TOO_LATE.to_string(),
+                };
+                let request = request.clone();
+                self.record_blocked(request, decision, Outcome::Error, &detail, Some(approval));
+            }
+            Verdict::Refuse {
+                refusal: Refusal::Pending { .. },
+                ..
+            } => {}
+            Verdict::Refuse { refusal, approval } => {
+                let (_, message) = sql_error(&refusal);
+                let request = request.clone();
+                self.record_blocked(request, decision, refusal.outcome(), &message, approval);
+            }
         }
         Err(Halt::End(end))
+    }
+
+    /// Why the session must end now, if it must: its token expired, or the node's drain
+    /// deadline came.
+    fn must_end(&self) -> Option<End> {
+        if self
+            .expires
+            .is_some_and(|at| at <= tokio::time::Instant::now())
+        {
+            Some(End::TokenExpired)
+        } else if self.ctx.core.lifecycle.is_ending() {
+            Some(End::NodeShutdown)
+        } else {
+            None
+        }
     }
 
     /// Refuses a message that names a statement or portal the gateway cannot vouch for.
