@@ -455,25 +455,31 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         let mut expiry = std::pin::pin!(until(expires));
         let mut shutdown = std::pin::pin!(ctx.core.lifecycle.ended());
         let (mut expired, mut ending) = (false, false);
+        // Looked at before the halves too: once the expiry or the deadline has come, nothing
+        // more the client sent is handled (a hold under way excepted).
+        let mut ended = |cx: &mut std::task::Context<'_>| {
+            expired = expired || expiry.as_mut().poll(cx).is_ready();
+            ending = ending || shutdown.as_mut().poll(cx).is_ready();
+            match (holding.load(Ordering::Relaxed), expired, ending) {
+                (true, _, _) | (false, false, false) => None,
+                (false, true, _) => Some(End::TokenExpired),
+                (false, false, true) => Some(End::NodeShutdown),
+            }
+        };
         std::future::poll_fn(|cx| {
+            if let Some(end) = ended(cx) {
+                return Poll::Ready(end);
+            }
             if let Poll::Ready(end) = client.as_mut().poll(cx) {
                 return Poll::Ready(end);
             }
             if let Poll::Ready(end) = target.as_mut().poll(cx) {
                 return Poll::Ready(end);
             }
-            expired = expired || expiry.as_mut().poll(cx).is_ready();
-            ending = ending || shutdown.as_mut().poll(cx).is_ready();
-            if holding.load(Ordering::Relaxed) {
-                return Poll::Pending;
+            match ended(cx) {
+                Some(end) => Poll::Ready(end),
+                None => Poll::Pending,
             }
-            if expired {
-                return Poll::Ready(End::TokenExpired);
-            }
-            if ending {
-                return Poll::Ready(End::NodeShutdown);
-            }
-            Poll::Pending
         })
         .await
     };
@@ -639,10 +645,10 @@ struct ClientHalf {
     custom_settings: CustomSettings,
     /// When the session's token runs out: a held statement stops waiting then.
     expires: Option<tokio::time::Instant>,
-    /// Set while a statement is held, and after it until the client half next reads its
-    /// client: the session's end at its token's expiry or the node's drain deadline waits for
-    /// the hold, which stops waiting then but finishes a call to the coordinator halfway (an
-    /// approval used is on record, with its statement recorded and sent, or as not run).
+    /// Set while a statement is held, until the message that holds it is handled: the
+    /// session's end at its token's expiry or the node's drain deadline waits for the hold,
+    /// which stops waiting then but finishes a call to the coordinator halfway (an approval
+    /// used is on record, with its statement recorded and sent, or as not run).
     holding: Arc<AtomicBool>,
 }
 
@@ -670,15 +676,6 @@ impl ClientHalf {
                     Ok(None) => break,
                     Err(e) => return self.protocol_error(e.to_string()).await,
                 };
-                // After a held statement the session's end waits for nothing else: what the
-                // client sent behind it is not looked at once the token expired or the drain
-                // deadline came.
-                if self.holding.load(Ordering::Relaxed) {
-                    if let Some(end) = self.must_end() {
-                        let _ = self.flush(&mut out).await;
-                        return end;
-                    }
-                }
                 match self.handle(frame, &mut out).await {
                     Ok(()) => {}
                     Err(Halt::End(end)) => {
@@ -689,6 +686,16 @@ impl ClientHalf {
                         // Nothing more is sent; what was recorded gets its response record.
                         self.release(self.pending.len());
                         return self.protocol_error(msg).await;
+                    }
+                }
+                // The message held a statement for approval: decided, recorded and in `out`
+                // (or refused) by now. The session's end at its token's expiry or the drain
+                // deadline, put off for the hold, comes now, before anything the client sent
+                // behind it is looked at; what `out` holds goes first, with its records.
+                if self.holding.swap(false, Ordering::Relaxed) {
+                    if let Some(end) = self.must_end() {
+                        let _ = self.flush(&mut out).await;
+                        return end;
                     }
                 }
             }
@@ -703,9 +710,6 @@ impl ClientHalf {
             if sent.is_err() {
                 return End::TargetClosed;
             }
-            // A held statement allowed to run is recorded and sent by now: the session may
-            // end at its token's expiry or the drain deadline again.
-            self.holding.store(false, Ordering::Relaxed);
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return End::ClientClosed,
                 Ok(_) => {}
@@ -1745,8 +1749,7 @@ impl ClientHalf {
                 () = ctx.core.lifecycle.ended() => NODE_ENDING,
             }
         };
-        // Stays set after a statement allowed to run, until it is recorded and sent (cleared
-        // when the client half next reads its client, see `run`).
+        // Cleared once the message that holds the statement is handled (see `run`).
         self.holding.store(true, Ordering::Relaxed);
         let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
         request.binding = Some(binding.record(&hash));
