@@ -456,27 +456,31 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         let mut shutdown = std::pin::pin!(ctx.core.lifecycle.ended());
         let (mut expired, mut ending) = (false, false);
         // Looked at before the halves too: once the expiry or the deadline has come, nothing
-        // more the client sent is handled (a hold under way excepted).
-        let mut ended = |cx: &mut std::task::Context<'_>| {
-            expired = expired || expiry.as_mut().poll(cx).is_ready();
-            ending = ending || shutdown.as_mut().poll(cx).is_ready();
-            match (holding.load(Ordering::Relaxed), expired, ending) {
-                (true, _, _) | (false, false, false) => None,
-                (false, true, _) => Some(End::TokenExpired),
-                (false, false, true) => Some(End::NodeShutdown),
-            }
+        // more the client sent is handled (a hold under way excepted); the target half still
+        // passes on and records what the target already answered.
+        let end_now = |expired: bool, ending: bool| match (
+            holding.load(Ordering::Relaxed),
+            expired,
+            ending,
+        ) {
+            (true, _, _) | (false, false, false) => None,
+            (false, true, _) => Some(End::TokenExpired),
+            (false, false, true) => Some(End::NodeShutdown),
         };
         std::future::poll_fn(|cx| {
-            if let Some(end) = ended(cx) {
-                return Poll::Ready(end);
-            }
-            if let Poll::Ready(end) = client.as_mut().poll(cx) {
-                return Poll::Ready(end);
+            expired = expired || expiry.as_mut().poll(cx).is_ready();
+            ending = ending || shutdown.as_mut().poll(cx).is_ready();
+            let end = end_now(expired, ending);
+            if end.is_none() {
+                if let Poll::Ready(end) = client.as_mut().poll(cx) {
+                    return Poll::Ready(end);
+                }
             }
             if let Poll::Ready(end) = target.as_mut().poll(cx) {
                 return Poll::Ready(end);
             }
-            match ended(cx) {
+            // The client half may have finished a hold.
+            match end.or_else(|| end_now(expired, ending)) {
                 Some(end) => Poll::Ready(end),
                 None => Poll::Pending,
             }
