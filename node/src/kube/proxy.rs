@@ -962,10 +962,7 @@ impl Conn {
         rec.request = Some(RecordRequest::Kubernetes(request));
         rec.outcome = Some(r.outcome);
         let message = self.ctx.core.scrub(&r.message);
-        rec.detail = Some(match rec.detail.take() {
-            Some(note) => format!("{message}; {note}"),
-            None => message,
-        });
+        rec.detail = Some(crate::policy::with_note(&message, rec.detail.take()));
         tracing::info!(reason = %r.message, "kubernetes request refused");
         crate::core::trace::from_record(&stmt.span, &rec);
         self.ctx.core.audit.record(rec);

@@ -29,7 +29,7 @@ use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{
     produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
 };
-use crate::policy::{Action, Classification, Decision};
+use crate::policy::{with_note, Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
 use messages::Field;
 use sha2::{Digest, Sha256};
@@ -1769,10 +1769,7 @@ impl ClientHalf {
         };
         match verdict {
             Verdict::Run(approval) => {
-                let detail = match decision.dry_run_note() {
-                    Some(note) => format!("{APPROVED_TOO_LATE}; {note}"),
-                    None => APPROVED_TOO_LATE.to_string(),
-                };
+                let detail = with_note(APPROVED_TOO_LATE, decision.dry_run_note());
                 let request = request.clone();
                 self.record_blocked(request, decision, Outcome::Error, &detail, Some(approval));
             }
@@ -1848,8 +1845,7 @@ impl ClientHalf {
         // The record says why in the policy's words (and what dry-run rules would have done);
         // an approval's refusal, as the client hears it.
         let detail = match (&refusal, decision.dry_run_note()) {
-            (Refusal::Blocked { reason, .. }, Some(note)) => format!("{reason}; {note}"),
-            (Refusal::Blocked { reason, .. }, None) => reason.clone(),
+            (Refusal::Blocked { reason, .. }, note) => with_note(reason, note),
             _ => message.clone(),
         };
         self.record_blocked(request, decision, outcome, &detail, approval);

@@ -379,6 +379,15 @@ impl Decision {
     }
 }
 
+/// A refused action's record detail: why, with what dry-run rules would have done (`note`, see
+/// [`Decision::dry_run_note`]) kept next to it.
+pub fn with_note(why: &str, note: Option<String>) -> String {
+    match note {
+        Some(note) => format!("{why}; {note}"),
+        None => why.to_string(),
+    }
+}
+
 /// A policy in force, with its version.
 #[derive(Debug)]
 pub struct Policy {

@@ -16,7 +16,7 @@ use crate::core::idle::Activity;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
 use crate::policy::ssh::{SshAction, SshRequestKind};
-use crate::policy::{Action, Decision};
+use crate::policy::{with_note, Action, Decision};
 use russh::server::Session;
 use russh::{client, ChannelId, ChannelMsg, Sig};
 use sha2::{Digest, Sha256};
@@ -846,14 +846,6 @@ fn refusal_record(
     crate::core::trace::from_record(span, &body);
     core.audit.record(body);
     message
-}
-
-/// Why a request did not run, with what dry-run rules would have done (`note`) kept next to it.
-fn with_note(why: &str, note: Option<String>) -> String {
-    match note {
-        Some(note) => format!("{why}; {note}"),
-        None => why.to_string(),
-    }
 }
 
 /// The line on stderr that tells the client why its request was refused.
