@@ -56,6 +56,8 @@
 #   CARGO_TARGET_DIR=/var/cache/vigil/target   SKIP_BUILD=1 uses the binaries already there
 #   BUILD_PROFILE=release  the cargo profile built and run (`profiling`: the same code with
 #                        line tables, for perf)
+#   VIGIL_NODE_BIN=PATH  run this vigil-node instead (a build of another commit, for a before and
+#                        after in the same hour)
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, samples, audit logs, recordings)
 #   AUDIT_SYNC=write     the gateway's audit.sync: write, or fsync
 #   PROFILE=1            perf record -e cpu-clock -g the gateway during the last round's vigil
@@ -173,7 +175,7 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
   (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --profile "$BUILD_PROFILE" -p vigil-kube-load) \
     || die "cargo build failed"
 fi
-vigil_node="$target_dir/$BUILD_PROFILE/vigil-node"
+vigil_node="${VIGIL_NODE_BIN:-$target_dir/$BUILD_PROFILE/vigil-node}"
 vigil_cli="$target_dir/$BUILD_PROFILE/vigil"
 kube_load="$target_dir/$BUILD_PROFILE/kube-load"
 for b in "$vigil_node" "$vigil_cli" "$kube_load"; do

@@ -587,7 +587,10 @@ impl Body {
         let Some(parties) = cached else {
             return serde_json::to_vec(self).expect("a record body always serialises");
         };
-        let mut out = Vec::with_capacity(parties.json.len() + 512);
+        // Room for the long strings as escaped (a JSON body's quotes: an eighth more), so a
+        // record that keeps a 64 KiB body is not copied from buffer to buffer as it grows.
+        let long = self.long_strings();
+        let mut out = Vec::with_capacity(parties.json.len() + 512 + long + long / 4);
         parties::LEAVE_OUT.with(|leave_out| {
             leave_out.set(true);
             let written = serde_json::to_writer(&mut out, self);
@@ -616,6 +619,21 @@ impl Body {
         out[after_kind] = b',';
         out[after_kind + 1..after_kind + add].copy_from_slice(&parties.json);
         out
+    }
+
+    /// The bytes of the strings a record may keep long: a statement's text, a Kubernetes
+    /// request's and response's body.
+    fn long_strings(&self) -> usize {
+        let request = match &self.request {
+            Some(Request::Postgres(r)) => r.text.len(),
+            Some(Request::Kubernetes(r)) => r.body.as_ref().map_or(0, String::len),
+            _ => 0,
+        };
+        let response = match &self.response {
+            Some(Response::Kubernetes(r)) => r.body.as_ref().map_or(0, String::len),
+            _ => 0,
+        };
+        request + response
     }
 
     /// The PostgreSQL request of this record, if it has one.

@@ -155,26 +155,21 @@ impl Tap {
         let Some(mut d) = self.done.take() else {
             return;
         };
-        // The first bytes of a longer body are never JSON whole: not worth parsing.
-        let text = if self.bytes > self.seen.len() as u64 {
-            super::redact::audit_copy_of_start(&self.seen, d.holds, self.limit)
-        } else {
-            super::redact::audit_copy(&self.seen, d.holds, self.limit)
-        };
-        let mut counts = crate::policy::masking::Counts::new();
-        let body = text.map(|t| {
-            d.ctx
-                .core
-                .masker
-                .mask(&t, None, false, Some(&mut counts))
-                .into_owned()
-        });
+        let seen = std::mem::take(&mut self.seen);
         let error = error
             .map(|m| KubeError {
                 reason: "StreamError".into(),
                 message: m,
             })
-            .or_else(|| (d.status.as_u16() >= 400).then(|| status_error(&self.seen, d.status)));
+            .or_else(|| (d.status.as_u16() >= 400).then(|| status_error(&seen, d.status)));
+        // The first bytes of a longer body are never JSON whole: not worth parsing.
+        let text = if self.bytes > seen.len() as u64 {
+            super::redact::audit_copy_of_start(seen, d.holds, self.limit)
+        } else {
+            super::redact::audit_copy(&seen, d.holds, self.limit)
+        };
+        let mut counts = crate::policy::masking::Counts::new();
+        let body = text.map(|t| d.ctx.core.masker.mask_owned(t, Some(&mut counts)));
         d.rec.masked = counts;
         d.rec.outcome = Some(if d.status.is_success() && error.is_none() {
             Outcome::Success
@@ -233,7 +228,16 @@ impl Body for Tap {
                         c.push(data);
                     }
                     let room = (this.limit + 1).saturating_sub(this.seen.len());
-                    this.seen.extend_from_slice(&data[..data.len().min(room)]);
+                    let keep = &data[..data.len().min(room)];
+                    // Grown as a `Vec` grows, but never past what is kept: doubling past it
+                    // would allocate twice the limit for every long answer (128 KiB with the
+                    // default, which glibc maps and the kernel faults in page by page).
+                    let want = this.seen.len() + keep.len();
+                    if want > this.seen.capacity() {
+                        let grown = want.max(2 * this.seen.capacity()).min(this.limit + 1);
+                        this.seen.reserve_exact(grown - this.seen.len());
+                    }
+                    this.seen.extend_from_slice(keep);
                 }
                 // A body of known length is not polled past its last frame.
                 if this.inner.is_end_stream() {

@@ -974,13 +974,7 @@ impl Conn {
         text: Option<String>,
     ) -> (Option<String>, std::collections::BTreeMap<String, u64>) {
         let mut counts = crate::policy::masking::Counts::new();
-        let masked = text.map(|t| {
-            self.ctx
-                .core
-                .masker
-                .mask(&t, None, false, Some(&mut counts))
-                .into_owned()
-        });
+        let masked = text.map(|t| self.ctx.core.masker.mask_owned(t, Some(&mut counts)));
         (masked, counts)
     }
 

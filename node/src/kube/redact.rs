@@ -95,24 +95,27 @@ pub fn audit_copy(bytes: &[u8], holds: Holds, limit: usize) -> Option<String> {
             };
             Some(cut(text, limit))
         }
-        None => audit_copy_of_start(bytes, holds, limit),
+        None => audit_copy_of_start(bytes.to_vec(), holds, limit),
     }
 }
 
 /// What a record keeps of a body that is not JSON, or of the first bytes of a longer one
 /// (never JSON whole, so not parsed): only what cannot hold a Secret's values or a token.
-pub fn audit_copy_of_start(bytes: &[u8], holds: Holds, limit: usize) -> Option<String> {
-    if bytes.is_empty() || holds != Holds::Nothing || names_a_holder(bytes) {
+/// The bytes become the copy (no copy of them is made).
+pub fn audit_copy_of_start(bytes: Vec<u8>, holds: Holds, limit: usize) -> Option<String> {
+    if bytes.is_empty() || holds != Holds::Nothing || names_a_holder(&bytes) {
         return None;
     }
-    Some(match std::str::from_utf8(bytes) {
-        Ok(t) => cut(t.to_string(), limit),
-        // Cut in the middle of a character, or not text.
-        Err(e) if e.error_len().is_none() => cut(
-            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
-            limit,
-        ),
-        Err(_) => format!("<{} bytes, not UTF-8>", bytes.len()),
+    Some(match String::from_utf8(bytes) {
+        Ok(t) => cut(t, limit),
+        // Cut in the middle of a character: up to it.
+        Err(e) if e.utf8_error().error_len().is_none() => {
+            let valid = e.utf8_error().valid_up_to();
+            let mut bytes = e.into_bytes();
+            bytes.truncate(valid);
+            cut(String::from_utf8(bytes).unwrap_or_default(), limit)
+        }
+        Err(e) => format!("<{} bytes, not UTF-8>", e.as_bytes().len()),
     })
 }
 
@@ -588,7 +591,7 @@ mod tests {
             None
         );
         assert_eq!(
-            audit_copy_of_start(minted.as_bytes(), Holds::Nothing, 1 << 20),
+            audit_copy_of_start(minted.as_bytes().to_vec(), Holds::Nothing, 1 << 20),
             None
         );
         assert_eq!(Holds::of("serviceaccounts", "token"), Holds::TokenRequest);
@@ -605,17 +608,25 @@ mod tests {
         let copy = audit_copy(escaped.as_bytes(), Holds::Nothing, 1 << 20).unwrap();
         assert!(!copy.contains("czNjcjN0"), "{copy}");
         assert_eq!(
-            audit_copy_of_start(b"{\"kind\":\"Secret\",\"da", Holds::Nothing, 1 << 20),
+            audit_copy_of_start(
+                b"{\"kind\":\"Secret\",\"da".to_vec(),
+                Holds::Nothing,
+                1 << 20
+            ),
             None
         );
         assert_eq!(
-            audit_copy_of_start("{\"kind\":\"Pod\",\"é".as_bytes(), Holds::Nothing, 1 << 20)
-                .as_deref(),
+            audit_copy_of_start(
+                "{\"kind\":\"Pod\",\"é".as_bytes().to_vec(),
+                Holds::Nothing,
+                1 << 20
+            )
+            .as_deref(),
             Some("{\"kind\":\"Pod\",\"é")
         );
         let cut_in_char = &"{\"a\":\"é".as_bytes()[..7];
         assert_eq!(
-            audit_copy_of_start(cut_in_char, Holds::Nothing, 1 << 20).as_deref(),
+            audit_copy_of_start(cut_in_char.to_vec(), Holds::Nothing, 1 << 20).as_deref(),
             Some("{\"a\":\"")
         );
         assert_eq!(

@@ -645,6 +645,15 @@ impl Masker {
         matches!(self.mask(&text, None, client, counts), Cow::Owned(_))
     }
 
+    /// [`Masker::mask`] of a value the caller owns: the value itself back when nothing in it
+    /// is masked (no copy).
+    pub fn mask_owned(&self, value: String, counts: Option<&mut Counts>) -> String {
+        match self.mask(&value, None, false, counts) {
+            Cow::Owned(masked) => masked,
+            Cow::Borrowed(_) => value,
+        }
+    }
+
     pub fn mask<'a>(
         &self,
         value: &'a str,
