@@ -1795,3 +1795,73 @@ async fn a_create_by_update_or_server_side_apply_is_decided_as_a_create() {
     }
     let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }
+
+/// An answer longer than `max_record_body_bytes` is recorded as its first bytes, exactly as
+/// the client got them and cut on a character boundary, with its whole length; one within
+/// the limit is recorded whole. The lists come in several pieces, and their bytes at the limit
+/// are mostly inside two-byte characters (the cut of one: also `redact`'s unit tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_answer_is_recorded_as_its_first_bytes() {
+    const LIMIT: usize = 50_001;
+    grant_dba().await;
+    let section = vigil_chaos::kube::kube_section("").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:0\"\nmax_record_body_bytes = {LIMIT}"),
+    );
+    let g = Gateway::start_with(section, None).await;
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let ns = format!("vt-{}", vigil_chaos::random_suffix());
+    let out = admin(&["create", "namespace", &ns]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    // Twelve ConfigMaps of ~8 KB of two-byte characters each.
+    let value = "é".repeat(4000);
+    for i in 0..12 {
+        let name = format!("long-x{i}");
+        let literal = format!("--from-literal=v={value}");
+        let out = admin(&["-n", &ns, "create", "configmap", &name, &literal]).await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let list = format!("/api/v1/namespaces/{ns}/configmaps");
+    let mut answers = Vec::new();
+    for path in [
+        list.clone(),
+        format!("{list}?limit=7"),
+        format!("{list}/long-x0"),
+    ] {
+        let (code, said) = raw(&g, &ops, "GET", &path, &[], None).await;
+        assert_eq!(code, 200, "{path}: {said}");
+        answers.push(said);
+    }
+    assert!(answers[0].len() > 2 * LIMIT && answers[1].len() > LIMIT);
+    assert!(answers[2].len() < LIMIT);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let gets = requests(&records, |k| {
+        k.resource.as_deref() == Some("configmaps") && k.namespace.as_deref() == Some(&ns)
+    });
+    assert_eq!(gets.len(), 3, "{gets:?}");
+    for (request, answer) in gets.into_iter().zip(&answers) {
+        let (_, k) = end_of(&records, request).expect("a response record");
+        assert_eq!(k.status, 200);
+        assert_eq!(k.bytes, answer.len() as u64, "the whole length on record");
+        let body = k.body.as_deref().expect("a body on record");
+        if answer.len() <= LIMIT {
+            assert_eq!(
+                body, answer,
+                "an answer within the limit is on record whole"
+            );
+            continue;
+        }
+        let mut at = LIMIT;
+        while !answer.is_char_boundary(at) {
+            at -= 1;
+        }
+        assert_eq!(body.len(), at, "cut at the limit, on a character boundary");
+        assert_eq!(
+            body,
+            &answer[..at],
+            "the first bytes, as the client got them"
+        );
+    }
+    let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
