@@ -706,6 +706,48 @@ async fn t8p_a_held_statement_stops_waiting_at_the_drain_deadline() {
         .any(|r| r.text.contains(update)));
 }
 
+/// The target ending the session while a statement is held (an administrator's
+/// `pg_terminate_backend`, a restart) ends the wait as the client's leaving does: the wait's
+/// end is on record with why, before the session's end, and the statement does not run, even
+/// once approved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8q_a_held_statement_stops_waiting_when_the_target_ends_the_session() {
+    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
+    let s = setup_with(Box::leak(policy.into_boxed_str())).await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    let mut w = s.session().await;
+    w.send(&wire::query(update)).await;
+    let id = s.held(10).await;
+    let gw = env().get("VIGIL_PG_GATEWAY_USER");
+    s.superuser(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND usename = '{gw}'"
+    ))
+    .await;
+    let said = String::from_utf8_lossy(&w.until_closed().await).into_owned();
+    assert!(said.contains("administrator command"), "{said}");
+    let records = s.node.records().await;
+    let ended = of_kind(&records, Kind::ApprovalDecided);
+    assert_eq!(ended.len(), 1, "the wait's end is on record");
+    assert_eq!(
+        ended[0].body.detail.as_deref(),
+        Some("the target ended the session while it was held")
+    );
+    assert_eq!(ended[0].body.approval.as_ref().unwrap().id, id);
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(end.len(), 1);
+    let detail = end[0].body.detail.as_deref().unwrap();
+    assert!(
+        detail.starts_with("target closed the connection"),
+        "{detail}"
+    );
+    assert!(ended[0].seq < end[0].seq);
+    s.approve(&id);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(s.value("a.t").await, 0, "nothing ran");
+    assert_eq!(s.ran(update), 0);
+}
+
 /// Settings beyond the search_path change what the same text does: under
 /// `transform_null_equals = on`, `WHERE v = NULL` matches rows. The approval binds them and
 /// the approver is shown them; under other settings the statement is held again.

@@ -254,6 +254,10 @@ pub const TOKEN_EXPIRED: &str = "the token expired while it was held";
 /// sessions.
 pub const NODE_ENDING: &str = "the node ended its sessions (drain deadline) while it was held";
 
+/// Why a held request's wait ended early: the target ended the session (an administrator's
+/// `pg_terminate_backend`, a restart), and nothing can run on it.
+pub const TARGET_CLOSED: &str = "the target ended the session while it was held";
+
 /// Why an approved request did not run: the approval came (or a call to the coordinator that
 /// used it finished) as its client left or its session ended.
 pub const APPROVED_TOO_LATE: &str =

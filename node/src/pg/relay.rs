@@ -19,7 +19,7 @@ use super::state::{runs_by_name, Confirmed, Lookup, Op, Portal, Projection, Stmt
 use super::PgContext;
 use crate::audit::{AuditError, AuditLog};
 use crate::core::approvals::{
-    Hold, Step, Verdict, APPROVED_TOO_LATE, CLIENT_LEFT, NODE_ENDING, TOKEN_EXPIRED,
+    Hold, Step, Verdict, APPROVED_TOO_LATE, CLIENT_LEFT, NODE_ENDING, TARGET_CLOSED, TOKEN_EXPIRED,
 };
 use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
@@ -399,6 +399,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     let stmts = Arc::new(AtomicU64::new(0));
     let confirmed = Confirmed::new();
     let holding = Arc::new(AtomicBool::new(false));
+    let target_gone = Arc::new(Gone::default());
     let mut client_half = ClientHalf {
         ctx: ctx.clone(),
         session: session.clone(),
@@ -420,6 +421,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         custom_settings: startup_custom_settings(&ctx.policy),
         expires,
         holding: holding.clone(),
+        target_gone: target_gone.clone(),
     };
     let mut target_half = TargetHalf {
         ctx: ctx.clone(),
@@ -447,14 +449,17 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
     // is taken up in the same turn. A channel that woke its receiver would wake this task from
     // inside its own poll, and the runtime reschedules a task that wakes itself as a yield and
     // wakes an idle worker to steal it: two context switches per statement.
-    // The token's expiry and the drain deadline end the session, but not in the middle of a
-    // held statement: the hold sees them too, and ends first (see `ClientHalf::held`).
+    // The token's expiry, the drain deadline and the target's end end the session, but not in
+    // the middle of a held statement: the hold sees them too, and ends first (see
+    // `ClientHalf::held`).
     let end = {
         let mut client = std::pin::pin!(client_half.run());
         let mut target = std::pin::pin!(target_half.run());
         let mut expiry = std::pin::pin!(until(expires));
         let mut shutdown = std::pin::pin!(ctx.core.lifecycle.ended());
         let (mut expired, mut ending) = (false, false);
+        // The target half's end while the client half held a statement: the session's.
+        let mut target_end = None;
         // Looked at before the halves too: once the expiry or the deadline has come, nothing
         // more the client sent is handled (a hold under way excepted); the target half still
         // passes on and records what the target already answered.
@@ -473,11 +478,18 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
             let end = end_now(expired, ending);
             if end.is_none() {
                 if let Poll::Ready(end) = client.as_mut().poll(cx) {
-                    return Poll::Ready(end);
+                    return Poll::Ready(target_end.take().unwrap_or(end));
                 }
             }
-            if let Poll::Ready(end) = target.as_mut().poll(cx) {
-                return Poll::Ready(end);
+            if target_end.is_none() {
+                if let Poll::Ready(end) = target.as_mut().poll(cx) {
+                    if !holding.load(Ordering::Relaxed) {
+                        return Poll::Ready(end);
+                    }
+                    // The hold sees it (this wakes the task) and ends; so does the client half.
+                    target_end = Some(end);
+                    target_gone.set();
+                }
             }
             // The client half may have finished a hold.
             match end.or_else(|| end_now(expired, ending)) {
@@ -652,8 +664,36 @@ struct ClientHalf {
     /// Set while a statement is held, until the message that holds it is handled: the
     /// session's end at its token's expiry or the node's drain deadline waits for the hold,
     /// which stops waiting then but finishes a call to the coordinator halfway (an approval
-    /// used is on record, with its statement recorded and sent, or as not run).
+    /// used is on record, with its statement recorded and sent, or as not run). So does the
+    /// session's end when the target ends it.
     holding: Arc<AtomicBool>,
+    /// Set when the target half has ended while a statement was held.
+    target_gone: Arc<Gone>,
+}
+
+/// That the target half has ended, for a hold under way in the client half (see `run`).
+#[derive(Default)]
+struct Gone {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Gone {
+    fn set(&self) {
+        self.set.store(true, Ordering::Relaxed);
+        // A permit if nobody waits yet: the next `wait` does not sleep.
+        self.notify.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Relaxed)
+    }
+
+    async fn wait(&self) {
+        if !self.is_set() {
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// Portal names a session's `bound_portals` holds before it stands for every name.
@@ -1728,8 +1768,9 @@ impl ClientHalf {
 
     /// Holds `request` for approval (see [`hold`]) under the number its record will get,
     /// bound to `binding`, which its record then carries. The session ends if the client
-    /// hangs up during the wait; the wait also ends when the token expires or the node's
-    /// drain deadline comes, and the session ends right after the hold (see [`run`]).
+    /// hangs up during the wait; the wait also ends when the token expires, the node's drain
+    /// deadline comes or the target ends the session, and the session ends right after the
+    /// hold (see [`run`]).
     async fn held(
         &mut self,
         request: &mut PgRequest,
@@ -1745,23 +1786,26 @@ impl ClientHalf {
             return Err(Halt::End(end));
         }
         let (ctx, session, expires) = (&self.ctx, &self.session, self.expires);
+        let gone = &self.target_gone;
         let client = client_left(&mut self.read, &mut self.buf, &mut left);
         let watch = async {
             tokio::select! {
                 why = client => why,
                 () = until(expires) => TOKEN_EXPIRED,
                 () = ctx.core.lifecycle.ended() => NODE_ENDING,
+                () = gone.wait() => TARGET_CLOSED,
             }
         };
         // Cleared once the message that holds the statement is handled (see `run`).
         self.holding.store(true, Ordering::Relaxed);
         let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
         request.binding = Some(binding.record(&hash));
-        // The session ends here when the client left, the token expired or the drain deadline
-        // came while the statement was held. A wait that ended early is on record already;
-        // an approval that came all the same (a call to the coordinator under way is
-        // finished, see `Approvals::settle`) is on record as used, and nothing runs: nobody
-        // is there for it, or nobody with authority. Any other refusal is on record too.
+        // The session ends here when the client left, the token expired, the drain deadline
+        // came or the target ended the session while the statement was held. A wait that
+        // ended early is on record already; an approval that came all the same (a call to the
+        // coordinator under way is finished, see `Approvals::settle`) is on record as used,
+        // and nothing runs: nobody is there for it, nobody with authority, or no session to
+        // run it on. Any other refusal is on record too.
         let end = match (left, self.must_end()) {
             (true, _) => End::ClientClosed,
             (false, Some(end)) => end,
@@ -1786,8 +1830,8 @@ impl ClientHalf {
         Err(Halt::End(end))
     }
 
-    /// Why the session must end now, if it must: its token expired, or the node's drain
-    /// deadline came.
+    /// Why the session must end now, if it must: its token expired, the node's drain
+    /// deadline came, or the target ended the session while a statement was held.
     fn must_end(&self) -> Option<End> {
         if self
             .expires
@@ -1796,6 +1840,8 @@ impl ClientHalf {
             Some(End::TokenExpired)
         } else if self.ctx.core.lifecycle.is_ending() {
             Some(End::NodeShutdown)
+        } else if self.target_gone.is_set() {
+            Some(End::TargetClosed)
         } else {
             None
         }
