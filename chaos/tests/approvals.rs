@@ -171,6 +171,26 @@ impl Setup {
             .unwrap();
     }
 
+    /// After the hold of approval request `id` ended early with `why`: that end on record
+    /// before the session's, whose detail starts with `end`; then the approval, given late,
+    /// runs nothing (`update` is not in PostgreSQL's log, and the table is as it was).
+    async fn ended_early(&self, id: &str, why: &str, end: &str, update: &str) {
+        let records = self.node.records().await;
+        let ended = of_kind(&records, Kind::ApprovalDecided);
+        assert_eq!(ended.len(), 1, "the wait's end is on record");
+        assert_eq!(ended[0].body.detail.as_deref(), Some(why));
+        assert_eq!(ended[0].body.approval.as_ref().unwrap().id, id);
+        let ends = of_kind(&records, Kind::SessionEnd);
+        assert_eq!(ends.len(), 1);
+        let detail = ends[0].body.detail.as_deref().unwrap();
+        assert!(detail.starts_with(end), "{detail}");
+        assert!(ended[0].seq < ends[0].seq);
+        self.approve(id);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(self.value("a.t").await, 0, "nothing ran");
+        assert_eq!(self.ran(update), 0);
+    }
+
     async fn value(&self, table: &str) -> i32 {
         let su = direct_superuser(&self.node.files.db).await;
         su.query_one(&format!("SELECT v FROM {table} WHERE id = 1"), &[])
@@ -178,6 +198,18 @@ impl Setup {
             .unwrap()
             .get(0)
     }
+}
+
+/// A node whose approvals wait 120 s, and a session of the agent whose `UPDATE` of `a.t` is
+/// held there: the node, the session, the statement and the id of its approval request.
+async fn a_held_update() -> (Setup, Wire, &'static str, String) {
+    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
+    let s = setup_with(Box::leak(policy.into_boxed_str())).await;
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    let mut w = s.session().await;
+    w.send(&wire::query(update)).await;
+    let id = s.held(10).await;
+    (s, w, update, id)
 }
 
 fn q(sql: &str) -> Vec<Vec<u8>> {
@@ -549,12 +581,7 @@ async fn t8i_a_held_cursor_runs_its_query_once() {
 /// statement again, which then runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8k_a_held_statement_whose_client_left_does_not_run() {
-    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
-    let s = setup_with(Box::leak(policy.into_boxed_str())).await;
-    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
-    let mut w = s.session().await;
-    w.send(&wire::query(update)).await;
-    let id = s.held(10).await;
+    let (s, w, update, id) = a_held_update().await;
     drop(w);
     // The gateway notices the client is gone before anyone decides.
     let records_end = || async { of_kind(&s.node.records().await, Kind::SessionEnd).len() };
@@ -611,31 +638,13 @@ async fn t8o_a_held_statement_stops_waiting_when_its_token_expires() {
     let said = String::from_utf8_lossy(&w.until_closed().await).into_owned();
     assert!(now_secs() >= exp, "not before the expiry");
     assert!(said.contains("token expired"), "{said}");
-    let records = s.node.records().await;
-    let ended = of_kind(&records, Kind::ApprovalDecided);
-    assert_eq!(ended.len(), 1, "the wait's end is on record");
-    assert_eq!(
-        ended[0].body.detail.as_deref(),
-        Some("the token expired while it was held")
-    );
-    assert_eq!(ended[0].body.approval.as_ref().unwrap().id, id);
-    let end = of_kind(&records, Kind::SessionEnd);
-    assert_eq!(end.len(), 1);
-    assert!(
-        end[0]
-            .body
-            .detail
-            .as_deref()
-            .unwrap()
-            .starts_with("token expired"),
-        "{:?}",
-        end[0].body.detail
-    );
-    assert!(ended[0].seq < end[0].seq);
-    s.approve(&id);
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(s.value("a.t").await, 0, "nothing ran after the expiry");
-    assert_eq!(s.ran(update), 0);
+    s.ended_early(
+        &id,
+        "the token expired while it was held",
+        "token expired",
+        update,
+    )
+    .await;
 }
 
 /// At the node's drain deadline a held statement stops waiting as at its token's expiry: the
@@ -712,12 +721,7 @@ async fn t8p_a_held_statement_stops_waiting_at_the_drain_deadline() {
 /// once approved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8q_a_held_statement_stops_waiting_when_the_target_ends_the_session() {
-    let policy = POLICY.replacen("wait_secs = 0", "wait_secs = 120", 1);
-    let s = setup_with(Box::leak(policy.into_boxed_str())).await;
-    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
-    let mut w = s.session().await;
-    w.send(&wire::query(update)).await;
-    let id = s.held(10).await;
+    let (s, mut w, update, id) = a_held_update().await;
     let gw = env().get("VIGIL_PG_GATEWAY_USER");
     s.superuser(&format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -726,26 +730,9 @@ async fn t8q_a_held_statement_stops_waiting_when_the_target_ends_the_session() {
     .await;
     let said = String::from_utf8_lossy(&w.until_closed().await).into_owned();
     assert!(said.contains("administrator command"), "{said}");
-    let records = s.node.records().await;
-    let ended = of_kind(&records, Kind::ApprovalDecided);
-    assert_eq!(ended.len(), 1, "the wait's end is on record");
-    assert_eq!(
-        ended[0].body.detail.as_deref(),
-        Some("the target ended the session while it was held")
-    );
-    assert_eq!(ended[0].body.approval.as_ref().unwrap().id, id);
-    let end = of_kind(&records, Kind::SessionEnd);
-    assert_eq!(end.len(), 1);
-    let detail = end[0].body.detail.as_deref().unwrap();
-    assert!(
-        detail.starts_with("target closed the connection"),
-        "{detail}"
-    );
-    assert!(ended[0].seq < end[0].seq);
-    s.approve(&id);
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(s.value("a.t").await, 0, "nothing ran");
-    assert_eq!(s.ran(update), 0);
+    let why = "the target ended the session while it was held";
+    s.ended_early(&id, why, "target closed the connection", update)
+        .await;
 }
 
 /// Settings beyond the search_path change what the same text does: under
