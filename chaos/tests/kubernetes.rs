@@ -1813,9 +1813,9 @@ async fn a_long_answer_is_recorded_as_its_first_bytes() {
     let ns = format!("vt-{}", vigil_chaos::random_suffix());
     let out = admin(&["create", "namespace", &ns]).await;
     assert!(out.status.success(), "{}", text(&out));
-    // Twelve ConfigMaps of ~8 KB of two-byte characters each.
+    // Sixteen ConfigMaps of ~8 KB of two-byte characters each.
     let value = "é".repeat(4000);
-    for i in 0..12 {
+    for i in 0..16 {
         let name = format!("long-x{i}");
         let literal = format!("--from-literal=v={value}");
         let out = admin(&["-n", &ns, "create", "configmap", &name, &literal]).await;

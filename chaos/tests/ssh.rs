@@ -1754,6 +1754,40 @@ fn expiring_certificate(g: &Gateway, name: &str) -> std::path::PathBuf {
     g.certificate(&g.keys.path().join("ca"), name, &principal, "-5m:+1h")
 }
 
+/// A request held as the session's token expires stops waiting for that reason, on record
+/// (not as if its client had left), and the session ends; approved afterwards, nothing runs
+/// (the host's own log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_exec_stops_waiting_when_the_sessions_token_expires() {
+    let (cluster, g, _) = holding_gateway().await;
+    let key = expiring_certificate(&g, "held");
+    let command = format!("echo restart-{}", vigil_chaos::random_suffix());
+    let before = host_command_count();
+    let out = g.ssh(&key, &[&command]).await;
+    assert!(!out.status.success());
+    let expired = |r: &Record| {
+        r.body.kind == Kind::ApprovalDecided
+            && r.body.detail.as_deref() == Some("the token expired while it was held")
+    };
+    let records = records_when(&g, |r| r.iter().any(expired)).await;
+    let ended: Vec<_> = records.iter().filter(|r| expired(r)).collect();
+    assert_eq!(
+        ended.len(),
+        1,
+        "the wait's end is on record with why: {records:?}"
+    );
+    assert_eq!(ended[0].body.outcome, Some(Outcome::Pending));
+    let end = of_kind(&records, Kind::SessionEnd);
+    assert_eq!(
+        end[0].body.detail.as_deref(),
+        Some("the session's token expired")
+    );
+    let id = ended[0].body.approval.as_ref().unwrap().id.clone();
+    approve(&cluster, &id).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!host_ran(before).contains(&command), "nothing ran");
+}
+
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let g = Gateway::start(&policy()).await;

@@ -587,8 +587,9 @@ impl Body {
         let Some(parties) = cached else {
             return serde_json::to_vec(self).expect("a record body always serialises");
         };
-        // Room for the long strings as escaped (a JSON body's quotes: an eighth more), so a
-        // record that keeps a 64 KiB body is not copied from buffer to buffer as it grows.
+        // Room for the long strings as escaped (a JSON body's escaped quotes add about an
+        // eighth; a quarter is kept), so a record that keeps a 64 KiB body is not copied from
+        // buffer to buffer as it grows.
         let long = self.long_strings();
         let mut out = Vec::with_capacity(parties.json.len() + 512 + long + long / 4);
         parties::LEAVE_OUT.with(|leave_out| {

@@ -44,6 +44,10 @@ pub struct KubeConfig {
 fn default_max_request_body() -> usize {
     3 * 1024 * 1024
 }
+
+/// The most of a body a record may keep (`kubernetes.max_record_body_bytes`).
+const MAX_RECORD_BODY: usize = 64 << 20;
+
 fn default_max_record_body() -> usize {
     64 * 1024
 }
@@ -103,6 +107,12 @@ impl KubeConfig {
                 "must be at least 1 (and max_header_bytes at least 1024)",
             ));
         }
+        if self.max_record_body_bytes > MAX_RECORD_BODY {
+            return Err(invalid(
+                "kubernetes.max_record_body_bytes",
+                "must be at most 67108864 (64 MiB)",
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let at = |field: &str| format!("kubernetes.clusters[{i}].{field}");
@@ -145,5 +155,25 @@ impl KubeConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_keeps_at_most_64_mib_of_a_body() {
+        let with = |bytes: usize| {
+            toml::from_str::<KubeConfig>(&format!(
+                "listen = \"127.0.0.1:0\"\nmax_record_body_bytes = {bytes}"
+            ))
+            .unwrap()
+            .validate()
+        };
+        assert!(with(MAX_RECORD_BODY).is_ok());
+        let e = with(MAX_RECORD_BODY + 1).unwrap_err().to_string();
+        assert!(e.contains("kubernetes.max_record_body_bytes"), "{e}");
+        assert!(with(i64::MAX as usize).is_err());
     }
 }

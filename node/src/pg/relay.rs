@@ -483,12 +483,12 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
             }
             if target_end.is_none() {
                 if let Poll::Ready(end) = target.as_mut().poll(cx) {
-                    if !holding.load(Ordering::Relaxed) {
+                    if !target_gone.watched() {
                         return Poll::Ready(end);
                     }
                     // The hold sees it (this wakes the task) and ends; so does the client half.
+                    target_gone.set(held_end(&end));
                     target_end = Some(end);
-                    target_gone.set();
                 }
             }
             // The client half may have finished a hold.
@@ -664,35 +664,58 @@ struct ClientHalf {
     /// Set while a statement is held, until the message that holds it is handled: the
     /// session's end at its token's expiry or the node's drain deadline waits for the hold,
     /// which stops waiting then but finishes a call to the coordinator halfway (an approval
-    /// used is on record, with its statement recorded and sent, or as not run). So does the
-    /// session's end when the target ends it.
+    /// used is on record, with its statement recorded and sent, or as not run).
     holding: Arc<AtomicBool>,
-    /// Set when the target half has ended while a statement was held.
+    /// The target half's end during a hold.
     target_gone: Arc<Gone>,
 }
 
-/// That the target half has ended, for a hold under way in the client half (see `run`).
+/// The target half's end while the client half waits for a held statement's decision (see
+/// `run`): the session's end then waits for the wait's, which ends on record with why.
 #[derive(Default)]
 struct Gone {
-    set: AtomicBool,
+    /// Set while the client half waits for a decision.
+    watched: AtomicBool,
+    /// Why the wait ended, once the target half has ended during it.
+    why: OnceLock<&'static str>,
     notify: tokio::sync::Notify,
 }
 
 impl Gone {
-    fn set(&self) {
-        self.set.store(true, Ordering::Relaxed);
+    fn watched(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
+    }
+
+    fn watch(&self, on: bool) {
+        self.watched.store(on, Ordering::Relaxed);
+    }
+
+    fn set(&self, why: &'static str) {
+        let _ = self.why.set(why);
         // A permit if nobody waits yet: the next `wait` does not sleep.
         self.notify.notify_one();
     }
 
     fn is_set(&self) -> bool {
-        self.set.load(Ordering::Relaxed)
+        self.why.get().is_some()
     }
 
-    async fn wait(&self) {
-        if !self.is_set() {
+    async fn wait(&self) -> &'static str {
+        loop {
+            if let Some(why) = self.why.get() {
+                return why;
+            }
             self.notify.notified().await;
         }
+    }
+}
+
+/// Why a held statement's wait ended when the target half ended the session `end`.
+fn held_end(end: &End) -> &'static str {
+    match end {
+        End::TargetClosed => TARGET_CLOSED,
+        End::ClientClosed | End::ClientTerminated => CLIENT_LEFT,
+        _ => "the session ended while it was held (its session_end record says why)",
     }
 }
 
@@ -1793,12 +1816,16 @@ impl ClientHalf {
                 why = client => why,
                 () = until(expires) => TOKEN_EXPIRED,
                 () = ctx.core.lifecycle.ended() => NODE_ENDING,
-                () = gone.wait() => TARGET_CLOSED,
+                why = gone.wait() => why,
             }
         };
         // Cleared once the message that holds the statement is handled (see `run`).
         self.holding.store(true, Ordering::Relaxed);
+        // The target half's end waits for the decision's; not for what comes after (an end
+        // then stops the session at once, and nothing more is sent).
+        gone.watch(true);
         let verdict = hold(ctx, session, stmt, request, decision, binding, &hash, watch).await;
+        gone.watch(false);
         request.binding = Some(binding.record(&hash));
         // The session ends here when the client left, the token expired, the drain deadline
         // came or the target ended the session while the statement was held. A wait that
@@ -1831,7 +1858,8 @@ impl ClientHalf {
     }
 
     /// Why the session must end now, if it must: its token expired, the node's drain
-    /// deadline came, or the target ended the session while a statement was held.
+    /// deadline came, or the target half ended while a statement's decision was awaited (the
+    /// session's end is then the target half's, see `run`).
     fn must_end(&self) -> Option<End> {
         if self
             .expires

@@ -5,7 +5,7 @@
 //! it, output (host → client) recorded before the client sees it.
 
 use super::command::{self, CommandLine, SimpleCommand};
-use super::session::Conn;
+use super::session::{Conn, Ended};
 use super::sftp::SftpOperation;
 use super::sftp_guard::SftpGuard;
 use super::target::Pinned;
@@ -21,7 +21,7 @@ use russh::server::Session;
 use russh::{client, ChannelId, ChannelMsg, Sig};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
@@ -481,6 +481,7 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
         request,
         input: ClientInput::new(rx),
         gone,
+        ended_by: conn.ended_by.clone(),
     };
     tokio::spawn(starting.go(body).instrument(span));
 }
@@ -508,6 +509,8 @@ struct Starting {
     input: ClientInput,
     /// Resolves when the client closes the channel or the connection ends.
     gone: oneshot::Receiver<()>,
+    /// Why the gateway ended the session, once it has: the connection then ends too.
+    ended_by: Arc<OnceLock<Ended>>,
 }
 
 impl Starting {
@@ -605,10 +608,12 @@ impl Starting {
             reason: self.decision.reason.as_deref(),
             spec,
         };
-        let (gone, input) = (&mut self.gone, &mut self.input);
+        let (gone, input, ended_by) = (&mut self.gone, &mut self.input, &self.ended_by);
+        // The connection ends when the client goes, and when the gateway ends the session (its
+        // token expired, the node's drain deadline came), which says so first.
         let left = async move {
             tokio::select! {
-                _ = gone => CLIENT_LEFT,
+                _ = gone => ended_by.get().map_or(CLIENT_LEFT, |e| e.held),
                 () = input.keep() => HELD_INPUT_OVER,
             }
         };

@@ -7,6 +7,7 @@ use super::forward::{self, RemoteForwards};
 use super::target::{Pinned, Target};
 use super::SshContext;
 use crate::audit::RecordingFile;
+use crate::core::approvals;
 use crate::core::identity::TokenError;
 use crate::core::idle::Activity;
 use crate::core::lifecycle::until;
@@ -255,6 +256,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// The state of one client connection (russh's handler).
+/// Why the gateway ended a session.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Ended {
+    /// The `session_end` record's detail.
+    detail: &'static str,
+    /// What the client is told as it is disconnected.
+    message: &'static str,
+    /// Why a request held for approval stopped waiting (its `approval_decided` record).
+    pub held: &'static str,
+}
+
+impl Ended {
+    const TOKEN_EXPIRED: Self = Self {
+        detail: "the session's token expired",
+        message: "vigil: the session's token expired; log in again",
+        held: approvals::TOKEN_EXPIRED,
+    };
+    /// A session waiting for an approver is not idle: a held request never sees this one.
+    const IDLE: Self = Self {
+        detail: "the session was idle for ssh.idle_timeout_secs",
+        message: "vigil: the session was idle for too long; reconnect to continue",
+        held: "the session was idle for ssh.idle_timeout_secs while it was held",
+    };
+    const NODE_ENDING: Self = Self {
+        detail: "the gateway node shut down (drain deadline)",
+        message: "vigil: this gateway node is shutting down; reconnect to continue",
+        held: approvals::NODE_ENDING,
+    };
+}
+
 pub(super) struct Conn {
     pub ctx: Arc<SshContext>,
     pub id: String,
@@ -285,7 +316,7 @@ pub(super) struct Conn {
     expires: Option<Duration>,
     /// Why the gateway ended the session (its token expired, it was idle, the node shut down),
     /// if it did.
-    ended_by: Arc<OnceLock<&'static str>>,
+    pub(super) ended_by: Arc<OnceLock<Ended>>,
     /// Told when the gateway ends the session: past [`DISCONNECT_GRACE`] the connection is
     /// closed whether the disconnect went out or not.
     pub(super) sever: Arc<Sever>,
@@ -490,8 +521,8 @@ impl Drop for Conn {
             self.ctx.core.metrics.active_sessions.dec();
             let mut body = self.body(Kind::SessionEnd);
             body.duration_us = Some(started.elapsed().as_micros() as u64);
-            if let Some(why) = self.ended_by.get() {
-                body.detail = Some((*why).into());
+            if let Some(ended) = self.ended_by.get() {
+                body.detail = Some(ended.detail.into());
             }
             self.ctx.core.audit.record(body);
         } else if self.tried && self.refusals == 0 {
@@ -588,26 +619,18 @@ impl russh::server::Handler for Conn {
         );
         activity.touch();
         self.ender = Some(tokio::spawn(async move {
-            let (why, message) = tokio::select! {
-                () = until(expires) => (
-                    "the session's token expired",
-                    "vigil: the session's token expired; log in again",
-                ),
-                () = activity.idle_for(idle) => (
-                    "the session was idle for ssh.idle_timeout_secs",
-                    "vigil: the session was idle for too long; reconnect to continue",
-                ),
-                () = lifecycle.ended() => (
-                    "the gateway node shut down (drain deadline)",
-                    "vigil: this gateway node is shutting down; reconnect to continue",
-                ),
+            let ended = tokio::select! {
+                () = until(expires) => Ended::TOKEN_EXPIRED,
+                () = activity.idle_for(idle) => Ended::IDLE,
+                () = lifecycle.ended() => Ended::NODE_ENDING,
             };
-            let _ = ended_by.set(why);
+            // Before the connection ends: a request held meanwhile tells why its wait ended.
+            let _ = ended_by.set(ended);
             sever.ending.notify_one();
             let _ = handle
                 .disconnect(
                     russh::Disconnect::ByApplication,
-                    message.into(),
+                    ended.message.into(),
                     String::new(),
                 )
                 .await;
