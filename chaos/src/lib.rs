@@ -658,6 +658,32 @@ pub fn of_kind(records: &[Record], kind: Kind) -> Vec<&Record> {
     records.iter().filter(|r| r.body.kind == kind).collect()
 }
 
+/// Asserts that what a held request's records say happened after its wait ended (the request
+/// run, or refused) bears a time no earlier than that end (`approval_decided`), and returns
+/// how many such records there are.
+pub fn timed_after_the_wait(records: &[Record]) -> usize {
+    let mut after = 0;
+    for ended in of_kind(records, Kind::ApprovalDecided) {
+        for r in records.iter().filter(|r| {
+            r.seq > ended.seq
+                && r.body.session == ended.body.session
+                && r.body.stmt == ended.body.stmt
+                && matches!(r.body.kind, Kind::Request | Kind::Blocked)
+        }) {
+            // RFC 3339 with nine fractional digits, in UTC: in time order as text.
+            assert!(
+                r.body.time >= ended.body.time,
+                "{:?} at {} before the wait's end at {}",
+                r.body.kind,
+                r.body.time,
+                ended.body.time
+            );
+            after += 1;
+        }
+    }
+    after
+}
+
 /// Starts `vigil-node` as a child process (so a test can kill it) and waits until its
 /// `/readyz` on `admin_port` answers.
 pub async fn spawn_node(files: &NodeFiles, admin_port: u16) -> std::process::Child {

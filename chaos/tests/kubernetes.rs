@@ -646,6 +646,12 @@ async fn a_held_request_whose_client_left_does_not_run() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(ended, "the wait's end is on record");
+    let records = gw.node.records().await;
+    assert_eq!(
+        vigil_chaos::timed_after_the_wait(&records),
+        1,
+        "its refusal"
+    );
     let (code, out) = cli(vec![
         "approvals".into(),
         "approve".into(),

@@ -1782,6 +1782,12 @@ async fn a_held_exec_stops_waiting_when_the_sessions_token_expires() {
         end[0].body.detail.as_deref(),
         Some("the session's token expired")
     );
+    let records = g.node.records().await;
+    assert_eq!(
+        vigil_chaos::timed_after_the_wait(&records),
+        1,
+        "its refusal"
+    );
     let id = ended[0].body.approval.as_ref().unwrap().id.clone();
     approve(&cluster, &id).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

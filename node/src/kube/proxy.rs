@@ -578,7 +578,7 @@ impl Conn {
                 return self.refuse_record(rec, request, refusal_status(&refusal), &stmt);
             }
             Action::RequireApproval => {
-                match self
+                let verdict = self
                     .hold(
                         &principal,
                         &cluster_name,
@@ -590,8 +590,10 @@ impl Conn {
                         stmt.n,
                         left,
                     )
-                    .await
-                {
+                    .await;
+                // Its record says what happened after the wait, so it bears the time it ended.
+                rec.time = crate::audit::now_rfc3339();
+                match verdict {
                     Verdict::Run(approval) => rec.approval = Some(approval),
                     Verdict::Refuse { refusal, approval } => {
                         rec.approval = approval;

@@ -521,7 +521,10 @@ impl Starting {
             return;
         }
         if self.decision.action == Action::RequireApproval {
-            match self.hold().await {
+            let verdict = self.hold().await;
+            // Its record says what happened after the wait, so it bears the time it ended.
+            body.time = crate::audit::now_rfc3339();
+            match verdict {
                 Verdict::Run(approval) => body.approval = Some(approval),
                 Verdict::Refuse { refusal, approval } => {
                     body.approval = approval;
