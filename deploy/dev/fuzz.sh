@@ -16,6 +16,13 @@ export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${VIGIL_FUZZ_TARGET_DIR:-/var/cache/vigil/fuzz-target}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Every target is built first: a target that no longer compiles is a failure of its own, not a
+# crash found.
+if ! cargo fuzz build -O >"$work/build.log" 2>&1; then
+  tail -n 60 "$work/build.log"
+  echo "fuzz.sh: the fuzz targets do not build (node/fuzz)" >&2
+  exit 1
+fi
 for target in $(cargo fuzz list); do
   mkdir -p "$work/$target"
   echo "fuzz.sh: $target for ${seconds}s"

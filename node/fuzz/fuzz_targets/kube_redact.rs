@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let limit = [16, 256, 4096, 1 << 20][usize::from(first >> 2) % 4];
     for copy in [
         audit_copy(body, holds, limit),
-        audit_copy_of_start(body, holds, limit),
+        audit_copy_of_start(body.to_vec(), holds, limit),
     ]
     .into_iter()
     .flatten()
