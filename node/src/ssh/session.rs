@@ -255,7 +255,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
 /// (and its host channels) past its token's expiry, its idleness or the node's drain.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
-/// The state of one client connection (russh's handler).
 /// Why the gateway ended a session.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Ended {
@@ -286,6 +285,7 @@ impl Ended {
     };
 }
 
+/// The state of one client connection (russh's handler).
 pub(super) struct Conn {
     pub ctx: Arc<SshContext>,
     pub id: String,
