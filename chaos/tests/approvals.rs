@@ -924,6 +924,23 @@ async fn t8d_no_hold_where_the_settings_are_not_known() {
     let r = w.batch(&q("UPDATE t SET v = 43 WHERE id = 1")).await;
     assert!(refusal(&r).contains("did not report"), "{r:?}");
     w.batch(&q("ROLLBACK")).await;
+    // More custom settings than an approval binds (256), then the statement in a batch of its
+    // own: refused with why. The refusal's stand-in takes the place of the batch it refuses,
+    // so the target's error for the stand-in is not read as its answer to the client's Parse.
+    let sets: String = (0..257).map(|i| format!("SET app.s{i} = '1';")).collect();
+    assert_eq!(refusal(&w.batch(&q(&sets)).await), "");
+    let r = w
+        .batch(&[
+            wire::parse("", "UPDATE t SET v = 44 WHERE id = 1"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
+    assert!(
+        refusal(&r).contains("more than 256 custom settings"),
+        "{r:?}"
+    );
     assert_eq!(s.ran("UPDATE t SET v = 4"), 0, "nothing held ran");
     assert_eq!(s.value("a.t").await, 0);
     let records = s.node.records().await;
@@ -934,7 +951,14 @@ async fn t8d_no_hold_where_the_settings_are_not_known() {
                 && r.body.detail.as_deref().is_some_and(|d| d
                     .contains("it needs approval (Vigil policy rule writes-need-approval), but")))
             .count(),
-        3
+        4
+    );
+    assert!(
+        !records.iter().any(|r| r.body.kind == Kind::Response
+            && r.body
+                .pg_request()
+                .is_some_and(|q| q.text.contains("v = 44"))),
+        "the target never saw the refused statement"
     );
     assert!(!records
         .iter()

@@ -267,3 +267,65 @@ async fn t41_one_statement_in_one_byte_writes_and_many_pipelined() {
         .get(0);
     assert_eq!(n, 50, "nothing was truncated");
 }
+
+/// t4m: a statement the gateway recorded but never sent, because the same read brought a
+/// message that broke the protocol and ended the session, has a response record that says it
+/// was not sent; PostgreSQL's own log shows it never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t4m_a_recorded_statement_cut_off_by_a_violation_is_recorded_as_not_sent() {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let log_offset = pg_log_len();
+    let violations: [(&str, Vec<u8>); 2] = [
+        // Not even a frame: the read's frames end there.
+        ("length 2", vec![b'Q', 0, 0, 0, 2]),
+        // A frame the handler refuses.
+        ("unknown type", typed(b'@', b"")),
+    ];
+    for (i, (name, violation)) in violations.iter().enumerate() {
+        let mut s = session(node.port(), &token).await;
+        // Execute puts the statement on record before it is forwarded; the violation in the
+        // same write stops the session before anything is sent.
+        let mut bytes = parse(&format!("SELECT 'cut off {i}'"));
+        bytes.extend(bind_execute());
+        bytes.extend_from_slice(violation);
+        s.write_all(&bytes).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: hang"))
+            .ok();
+        assert!(String::from_utf8_lossy(&out).contains("08P01"), "{name}");
+    }
+    let records = node.records_after_sessions(violations.len()).await;
+    for (i, (name, _)) in violations.iter().enumerate() {
+        let text = format!("SELECT 'cut off {i}'");
+        let request = records
+            .iter()
+            .find(|r| r.body.kind == Kind::Request && r.body.pg_request().unwrap().text == text)
+            .unwrap_or_else(|| panic!("{name}: the statement was recorded at its Execute"));
+        let response = records
+            .iter()
+            .find(|r| {
+                r.body.kind == Kind::Response
+                    && r.body.session == request.body.session
+                    && r.body.stmt == request.body.stmt
+            })
+            .unwrap_or_else(|| panic!("{name}: {text} has no response record"));
+        let error = response.body.pg_response().unwrap().error.as_ref();
+        assert!(
+            error.is_some_and(|e| e.message.starts_with("not sent")),
+            "{name}: {:?}",
+            response.body.pg_response()
+        );
+    }
+    let ran = pg_executed(&node.files.db, log_offset);
+    assert!(
+        !ran.iter().any(|r| r.text.contains("cut off")),
+        "PostgreSQL ran a statement the gateway did not send: {ran:?}"
+    );
+}

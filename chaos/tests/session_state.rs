@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vigil_chaos::wire::{self, Msg, Wire};
 use vigil_chaos::*;
-use vigil_proto::record::{Kind, Record};
+use vigil_proto::record::{Kind, Outcome, Record};
 
 const POLICY: &str = r#"
 [[policy.rules]]
@@ -685,4 +685,133 @@ async fn t7j_names_are_not_trusted_after_sql_the_gateway_did_not_see() {
     let ran = s.ran();
     assert_eq!(s.amount().await, 100, "the swapped-in UPDATE never ran");
     assert_records_name_what_ran(&ran, &s.node.records().await, "t7j");
+}
+
+/// t7k: outside a transaction block an extended batch is one implicit transaction that
+/// commits at its Sync. When it ends with an error instead (its Sync fails at a deferred
+/// constraint, a later message fails, or the gateway refuses one), what its earlier
+/// statements did is rolled back although their `response` records say they completed: an
+/// `unsolicited` error record names them. PostgreSQL's table is the ground truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7k_a_batch_whose_implicit_transaction_fails_says_what_was_rolled_back() {
+    let s = setup().await;
+    let su = direct_superuser(&s.node.files.db).await;
+    su.batch_execute(&format!(
+        "CREATE TABLE rb (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED);
+         ALTER TABLE rb OWNER TO {}",
+        env().get("VIGIL_PG_GATEWAY_USER")
+    ))
+    .await
+    .unwrap();
+    let log_offset = pg_log_len();
+    let mut w = Wire::app_session(s.node.port(), &s.token).await;
+    let run = |sql: &str| {
+        vec![
+            wire::parse("", sql),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+        ]
+    };
+    let batch = |parts: &[Vec<Vec<u8>>]| {
+        let mut msgs: Vec<Vec<u8>> = parts.concat();
+        msgs.push(wire::sync());
+        msgs
+    };
+    // Both rows go in; the key is checked at commit, at the Sync.
+    let r = w
+        .batch(&batch(&[
+            run("INSERT INTO rb VALUES (1)"),
+            run("INSERT INTO rb VALUES (1) -- again"),
+        ]))
+        .await;
+    assert_eq!(errors(&r).len(), 1, "{:?}", errors(&r));
+    assert_eq!(errors(&r)[0].0, "23505");
+    // A later statement fails.
+    let r = w
+        .batch(&batch(&[
+            run("INSERT INTO rb VALUES (2)"),
+            run("SELECT 1/0"),
+        ]))
+        .await;
+    assert_eq!(errors(&r)[0].0, "22012");
+    // The gateway refuses a later statement (it needs an approval, and this policy's
+    // approvals do not wait).
+    let r = w
+        .batch(&batch(&[
+            run("INSERT INTO rb VALUES (3)"),
+            run("UPDATE payroll SET amount = 0 WHERE id = 1"),
+        ]))
+        .await;
+    assert_eq!(errors(&r).len(), 1, "{:?}", errors(&r));
+    // Inside a transaction block the block's own end says what happened: no such record.
+    w.batch(&[wire::query("BEGIN")]).await;
+    w.batch(&batch(&[
+        run("INSERT INTO rb VALUES (4)"),
+        run("SELECT 1/0"),
+    ]))
+    .await;
+    w.batch(&[wire::query("ROLLBACK")]).await;
+    // And a batch that commits.
+    let r = w.batch(&batch(&[run("INSERT INTO rb VALUES (5)")])).await;
+    assert!(errors(&r).is_empty(), "{:?}", errors(&r));
+    // What PostgreSQL ran (its log), before the read below adds to it.
+    let ran = pg_executed(&s.node.files.db, log_offset);
+
+    let rows: Vec<i32> = su
+        .query("SELECT id FROM rb ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [5], "PostgreSQL kept only the last batch's row");
+
+    let records = s.node.records().await;
+    let stmt_of = |text: &str| {
+        records
+            .iter()
+            .find(|r| {
+                r.body.kind == Kind::Request && r.body.pg_request().is_some_and(|q| q.text == text)
+            })
+            .and_then(|r| r.body.stmt)
+            .unwrap_or_else(|| panic!("no request record for {text}"))
+    };
+    let rollbacks: Vec<_> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Unsolicited)
+        .map(|r| {
+            let error = r.body.pg_response().and_then(|x| x.error.clone());
+            (
+                r.body.outcome,
+                error.map(|e| e.sqlstate),
+                r.body.detail.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let (a, b) = (
+        stmt_of("INSERT INTO rb VALUES (1)"),
+        stmt_of("INSERT INTO rb VALUES (1) -- again"),
+    );
+    let expected = [
+        (
+            "23505",
+            format!("the target failed the batch's Sync: the batch's implicit transaction did not commit, so what statements {a} to {b} did (recorded as completed) was rolled back"),
+        ),
+        (
+            "22012",
+            format!("a message of the batch failed: the batch's implicit transaction did not commit, so what statement {} did (recorded as completed) was rolled back", stmt_of("INSERT INTO rb VALUES (2)")),
+        ),
+        (
+            "42501",
+            format!("the gateway refused a message of the batch: the batch's implicit transaction did not commit, so what statement {} did (recorded as completed) was rolled back", stmt_of("INSERT INTO rb VALUES (3)")),
+        ),
+    ];
+    assert_eq!(rollbacks.len(), expected.len(), "{rollbacks:#?}");
+    for ((outcome, sqlstate, detail), (want_state, want_detail)) in rollbacks.iter().zip(&expected)
+    {
+        assert_eq!(*outcome, Some(Outcome::Error));
+        assert_eq!(sqlstate.as_deref(), Some(*want_state), "{detail}");
+        assert_eq!(detail, want_detail);
+    }
+    assert_records_name_what_ran(&ran, &records, "t7k");
 }

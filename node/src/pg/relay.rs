@@ -412,6 +412,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         copy_in: copy_in.clone(),
         stmts: stmts.clone(),
         pending: Vec::new(),
+        in_append: None,
         batch: Batch::Empty,
         ran_in_batch: false,
         flush_asked: false,
@@ -443,6 +444,8 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         idle: Idle::default(),
         lent: None,
         torn: false,
+        in_block: false,
+        unsynced: None,
     };
     // Both halves run in this one task, the client half polled first in every turn: what it
     // hands the target half (a queue the target half polls but never waits on, see `queued`)
@@ -547,6 +550,13 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
             message: "no answer: the session ended first".into(),
         },
     });
+    target_half.abandon(
+        client_half.unsent(),
+        PgError {
+            sqlstate: String::new(),
+            message: NOT_SENT.into(),
+        },
+    );
     let mut body = session.body(&ctx.core.audit, Kind::SessionEnd);
     body.duration_us = Some(session.started.elapsed().as_micros() as u64);
     // What the target said as it ended the session, if it said anything.
@@ -640,6 +650,9 @@ struct ClientHalf {
     stmts: Arc<AtomicU64>,
     /// What the target half expects for the bytes in `out`, handed over when they are sent.
     pending: Vec<Pending>,
+    /// The statement whose request record is being written: if the session ends before the
+    /// write is confirmed (this half is dropped there), the statement was never sent.
+    in_append: Option<u64>,
     /// Where the batch in flight (the messages since the last sync point) starts.
     batch: Batch,
     /// A statement of the batch in flight was forwarded to run.
@@ -745,15 +758,16 @@ impl ClientHalf {
                 };
                 match self.handle(frame, &mut out).await {
                     Ok(()) => {}
-                    Err(Halt::End(end)) => {
+                    // What the client sent before its Terminate goes. After any other end
+                    // (the client left during a wait, the token expired, the target is gone)
+                    // nothing more is sent, and what was recorded gets its response record
+                    // (see `unsent`).
+                    Err(Halt::End(End::ClientTerminated)) => {
                         let _ = self.flush(&mut out).await;
-                        return end;
+                        return End::ClientTerminated;
                     }
-                    Err(Halt::Violation(msg)) => {
-                        // Nothing more is sent; what was recorded gets its response record.
-                        self.release(self.pending.len());
-                        return self.protocol_error(msg).await;
-                    }
+                    Err(Halt::End(end)) => return end,
+                    Err(Halt::Violation(msg)) => return self.protocol_error(msg).await,
                 }
                 // The message held a statement for approval: decided, recorded and in `out`
                 // (or refused) by now. The session's end at its token's expiry or the drain
@@ -837,6 +851,16 @@ impl ClientHalf {
         let r = send_all(&mut self.write, &earlier).await;
         earlier.clear();
         r
+    }
+
+    /// Once this half has stopped: the statements it recorded and never sent (the bytes in
+    /// its `out` go with it, as does a statement whose record was still being written).
+    fn unsent(&mut self) -> Vec<Pending> {
+        let mut unsent = std::mem::take(&mut self.pending);
+        if let Some(stmt) = self.in_append.take() {
+            unsent.push(Pending::Execute(Unit::new(&self.session, stmt)));
+        }
+        unsent
     }
 
     /// Hands the first `count` expectations to the target half.
@@ -1423,11 +1447,11 @@ impl ClientHalf {
                 ))
             }
         };
-        let tail = out.split_off(at);
         let probe = match self.custom_settings.probe() {
             Ok(p) => p,
             Err(why) => return Ok(Err(why)),
         };
+        let tail = out.split_off(at);
         out.extend_from_slice(&messages::settings_probe(&self.probe_name, &probe));
         out.unsplit(tail);
         self.pending.insert(count, Pending::Probe(None));
@@ -1970,7 +1994,10 @@ impl ClientHalf {
             rec.policy = Some(policy);
             rec.detail = note;
         }
-        match self.ctx.core.audit.append(&rec).await {
+        self.in_append = Some(stmt);
+        let appended = self.ctx.core.audit.append(&rec).await;
+        self.in_append = None;
+        match appended {
             Ok(()) => {
                 let mut unit = Unit::new(&self.session, stmt);
                 unit.secrets = secrets;
@@ -2189,6 +2216,12 @@ struct TargetHalf {
     /// A write to the client was under way when it stopped (the session ended meanwhile):
     /// the client has part of a message, so the gateway says nothing more.
     torn: bool,
+    /// Inside a transaction block, as the target reported at its last ReadyForQuery and the
+    /// command tags since (`BEGIN`, `COMMIT` …).
+    in_block: bool,
+    /// The first and last statement the target completed in the extended batch in flight
+    /// outside a transaction block: they commit at the batch's Sync, or not at all.
+    unsynced: Option<(u64, u64)>,
     /// Notices and notifications that came with no statement in flight (see
     /// [`TargetHalf::record_unsolicited`]).
     idle: Idle,
@@ -2289,7 +2322,7 @@ impl TargetHalf {
                                         });
                                         match sent.await {
                                             Ok(Ok(())) => {}
-                                            Ok(Err(_)) => return End::ClientClosed,
+                                            Ok(Err(_)) => return self.client_write_failed(),
                                             Err(_) => {
                                                 let secs = deadline.as_secs_f64().ceil();
                                                 return End::ClientTooSlow {
@@ -2322,8 +2355,17 @@ impl TargetHalf {
                 },
             }
             if self.send(&mut out).await.is_err() {
-                return End::ClientClosed;
+                return self.client_write_failed();
             }
+        }
+    }
+
+    /// The session's end when a write to the client fails: the client's, unless the target
+    /// had ended the session already (an error with nothing in flight, see `unsolicited`).
+    fn client_write_failed(&self) -> End {
+        match self.unsolicited {
+            Some(_) => End::TargetClosed,
+            None => End::ClientClosed,
         }
     }
 
@@ -2596,8 +2638,8 @@ impl TargetHalf {
     /// CommandComplete, EmptyQueryResponse or PortalSuspended.
     fn on_complete(&mut self, tag: u8, body: &[u8]) {
         self.end_copy_in();
+        let text = body.strip_suffix(b"\0").unwrap_or(body);
         if tag == b'C' {
-            let text = body.strip_suffix(b"\0").unwrap_or(body);
             self.acc
                 .response
                 .tags
@@ -2605,6 +2647,7 @@ impl TargetHalf {
         }
         if let Some(Pending::Execute(_)) = self.queue.front() {
             if let Some(Pending::Execute(unit)) = self.queue.pop_front() {
+                self.track_block(unit.stmt, text);
                 // A suspended portal has not completed its statement yet.
                 self.complete(unit, tag != b's');
             }
@@ -2625,6 +2668,12 @@ impl TargetHalf {
                     // The target now discards everything up to Sync, as after any error;
                     // nothing was queued behind the stand-in but that Sync.
                     self.queue.pop_front();
+                    if self.unsynced.is_some() {
+                        // The refusal's error ended the implicit transaction, as any would.
+                        let (sqlstate, message) = messages::parse_error_fields(&instead[5..]);
+                        let refused = PgError { sqlstate, message };
+                        self.rolled_back(refused, "the gateway refused a message of the batch");
+                    }
                 }
                 return Ok(Some(instead));
             }
@@ -2749,16 +2798,20 @@ impl TargetHalf {
         rec.detail = detail;
         let masker = &self.ctx.core.masker;
         if masker.is_active() {
+            let said = response.error.iter_mut().map(|e| &mut e.message);
             let notices = response.notices.iter_mut();
             let notified = response.notifications.iter_mut().map(|n| &mut n.payload);
-            for text in notices.chain(notified) {
+            for text in said.chain(notices).chain(notified) {
                 if let Cow::Owned(m) = masker.mask(text, None, false, Some(&mut rec.masked)) {
                     *text = m;
                 }
             }
         }
+        rec.outcome = Some(match response.error {
+            Some(_) => Outcome::Error,
+            None => Outcome::Success,
+        });
         rec.response = Some(Response::Postgres(response));
-        rec.outcome = Some(Outcome::Success);
         self.ctx.core.audit.record(rec);
     }
 
@@ -2823,6 +2876,8 @@ impl TargetHalf {
     /// ReadyForQuery: a sync point answered.
     fn on_ready(&mut self, body: &[u8]) -> Result<(), End> {
         self.status = body.first().copied().unwrap_or(b'I');
+        self.in_block = self.status != b'I';
+        self.unsynced = None;
         match self.queue.pop_front() {
             Some(Pending::Query(unit)) => {
                 self.complete(unit, true);
@@ -2845,6 +2900,10 @@ impl TargetHalf {
     /// would have added to the tables is not there; whatever they would have removed is
     /// forgotten anyway.
     fn batch_failed(&mut self, error: PgError) {
+        if let Some(Pending::Sync) = self.queue.front() {
+            return self.rolled_back(error, "the target failed the batch's Sync");
+        }
+        let said = self.unsynced.is_some().then(|| error.clone());
         let mut error = Some(error);
         if let Some(Pending::Parse { name, text, ops }) = self.queue.front() {
             // A statement that does not parse never runs; its attempt is recorded with the
@@ -2865,6 +2924,46 @@ impl TargetHalf {
         self.discarding = Some(error);
         self.discard_skipped();
         self.acc = Acc::default();
+        if let Some(error) = said {
+            self.rolled_back(error, "a message of the batch failed");
+        }
+    }
+
+    /// Keeps `in_block` and `unsynced` as an extended-protocol statement `stmt` completes
+    /// with command tag `tag` (empty: its portal was suspended).
+    fn track_block(&mut self, stmt: u64, tag: &[u8]) {
+        match tag {
+            b"BEGIN" | b"START TRANSACTION" => self.in_block = true,
+            b"COMMIT" | b"ROLLBACK" | b"PREPARE TRANSACTION" => self.in_block = false,
+            _ if !self.in_block => {
+                let first = self.unsynced.map_or(stmt, |(first, _)| first);
+                self.unsynced = Some((first, stmt));
+                return;
+            }
+            _ => {}
+        }
+        self.unsynced = None;
+    }
+
+    /// The implicit transaction of the extended batch in flight ended with `error` (`what`
+    /// failed: a message of the batch, or its Sync after every message had succeeded, as a
+    /// deferred constraint or a serialization failure does at commit). What its statements
+    /// did is rolled back, though their `response` records say they completed: on record as
+    /// an `unsolicited` error that names them.
+    fn rolled_back(&mut self, error: PgError, what: &str) {
+        let statements = match self.unsynced.take() {
+            Some((first, last)) if first == last => format!("statement {first}"),
+            Some((first, last)) => format!("statements {first} to {last}"),
+            None => "its statements".into(),
+        };
+        let response = PgResponse {
+            error: Some(error),
+            ..PgResponse::default()
+        };
+        let detail = format!(
+            "{what}: the batch's implicit transaction did not commit, so what {statements} did (recorded as completed) was rolled back"
+        );
+        self.write_unsolicited(response, Some(detail));
     }
 
     /// After an error the target discards every message up to Sync, including those the
@@ -3145,7 +3244,13 @@ impl TargetHalf {
         while let Ok(p) = self.rx.try_recv() {
             self.queue.push_back(p);
         }
-        while let Some(p) = self.queue.pop_front() {
+        let queue = std::mem::take(&mut self.queue);
+        self.abandon(queue, why);
+    }
+
+    /// Records `why` as the response of each statement in `pending`.
+    fn abandon(&mut self, pending: impl IntoIterator<Item = Pending>, why: PgError) {
+        for p in pending {
             if let Pending::Execute(unit) | Pending::Query(unit) = p {
                 self.acc.response.error = Some(why.clone());
                 self.complete(unit, false);
@@ -3166,6 +3271,10 @@ fn statement_texts<'a>(text: &'a str, stmts: &[StatementInfo]) -> Vec<&'a str> {
     }
     vec![text; stmts.len()]
 }
+
+/// The response of a statement recorded but never sent: the session ended first (its client
+/// left or broke the protocol, its token expired, the target or the node went away).
+const NOT_SENT: &str = "not sent: the session ended before it was forwarded to the target";
 
 /// The message a client gets when its session ends because its token expired.
 const EXPIRED: &str =
