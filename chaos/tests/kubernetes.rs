@@ -1527,8 +1527,16 @@ async fn tokens_minted_or_reviewed_through_the_gateway_are_in_no_record() {
 /// kube-evil), in JSON or in protobuf (ObjectMeta given twice, which the API server merges
 /// too), is refused with 400 and on record, and never reaches the API server; the same create
 /// without the repeated key goes through.
+/// A key whose json-iterator hash is that of `metadata`: the API server 1.20 reads it as
+/// `metadata` (the test below shows it, directly).
+const METADATA_ALIAS: &str = "es\u{1}z\u{17}\u{10};\t2\u{14}%\u{16}\u{1f}5\u{8}\\";
+
+/// A create whose body gives `metadata` twice, or under a key the API server's JSON reader
+/// takes for `metadata`, or twice in protobuf, names another object to the API server than to
+/// any other reader: refused before it is decided, on record, never in the API server's log.
+/// So are a merge patch and a JSON patch that would add such a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_create_that_hides_its_name_in_a_repeated_key_never_reaches_the_api_server() {
+async fn a_create_that_hides_its_name_in_a_repeated_or_aliased_key_never_reaches_the_api_server() {
     let agent = Agent::start("").await;
     let (g, ns) = (&agent.gateway, &agent.namespace);
     let ops = token_for("agent-ops", "agent-ops-secret").await;
@@ -1541,8 +1549,29 @@ async fn a_create_that_hides_its_name_in_a_repeated_key_never_reaches_the_api_se
     ] {
         let (code, said) = raw(g, &ops, "POST", &path, &json, Some(body.as_bytes())).await;
         assert_eq!(code, 400, "{body}: {said}");
-        assert!(said.contains("gives a key twice"), "{said}");
+        assert!(said.contains("twice in one object"), "{said}");
     }
+    let alias = serde_json::to_string(METADATA_ALIAS).unwrap();
+    let aliased_as = |name: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"benign"}},{alias}:{{"name":"{name}"}}}}"#
+        )
+    };
+    // Sent to the API server directly, such a body creates the name under the other key.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("aliased.json");
+    std::fs::write(&file, aliased_as("kube-aliased")).unwrap();
+    let out = admin(&["create", "--raw", &path, "-f", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = admin(&["-n", ns, "get", "configmap", "kube-aliased"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let aliased = aliased_as("kube-evil");
+    let (code, said) = raw(g, &ops, "POST", &path, &json, Some(aliased.as_bytes())).await;
+    assert_eq!(code, 400, "{said}");
+    assert!(
+        said.contains(r#"which the API server's JSON reader takes for the field \"metadata\""#),
+        "{said}"
+    );
     // runtime.Unknown{typeMeta{v1, ConfigMap}, raw: ConfigMap{ObjectMeta{name}, ObjectMeta{namespace}}}
     let field = |n: u8, value: &[u8]| [&[n << 3 | 2, value.len() as u8][..], value].concat();
     let object = [
@@ -1561,6 +1590,30 @@ async fn a_create_that_hides_its_name_in_a_repeated_key_never_reaches_the_api_se
         r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"kube-good","labels":{}}}"#;
     let (code, said) = raw(g, &ops, "POST", &path, &json, Some(good.as_bytes())).await;
     assert_eq!(code, 201, "{said}");
+    // Neither a merge patch nor a JSON patch may add the key to it.
+    let good_path = format!("{path}/kube-good");
+    let merge = format!(r#"{{{alias}:{{"name":"kube-evil"}}}}"#);
+    let json_patch = serde_json::json!([
+        {"op": "add", "path": format!("/{}", METADATA_ALIAS.replace('~', "~0").replace('/', "~1")), "value": {"labels": {"evil": "yes"}}}
+    ])
+    .to_string();
+    for (media, patch) in [
+        ("application/merge-patch+json", merge),
+        ("application/json-patch+json", json_patch),
+    ] {
+        let headers = [("Content-Type", media)];
+        let (code, said) = raw(
+            g,
+            &ops,
+            "PATCH",
+            &good_path,
+            &headers,
+            Some(patch.as_bytes()),
+        )
+        .await;
+        assert_eq!(code, 400, "{media}: {said}");
+        assert!(said.contains("takes for the field"), "{said}");
+    }
 
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let records = g.node.records().await;
@@ -1571,7 +1624,7 @@ async fn a_create_that_hides_its_name_in_a_repeated_key_never_reaches_the_api_se
                 if k.verb == "create" && k.resource.as_deref() == Some("configmaps"))
         })
         .collect();
-    assert_eq!(refused.len(), 3, "each refusal on record: {refused:?}");
+    assert_eq!(refused.len(), 4, "each refusal on record: {refused:?}");
     assert!(refused
         .iter()
         .all(|r| r.body.outcome == Some(Outcome::Blocked)));
@@ -1582,6 +1635,12 @@ async fn a_create_that_hides_its_name_in_a_repeated_key_never_reaches_the_api_se
         .collect();
     assert_eq!(creates.len(), 1, "{creates:?}");
     assert_eq!(creates[0]["objectRef"]["name"], "kube-good");
+    let patched: Vec<_> = audit_events(offset)
+        .into_iter()
+        .filter(|e| e["verb"] == "patch" && e["objectRef"]["name"] == "kube-good")
+        .collect();
+    assert!(patched.is_empty(), "{patched:?}");
+    assert_eq!(requests_refused_verb(&records, "patch"), 2);
     // From anyone, nothing named kube-evil.
     let evil: Vec<_> = audit_events(offset)
         .into_iter()
@@ -1629,6 +1688,17 @@ async fn nodes_proxy_is_refused_unless_a_rule_allows_it() {
         .filter(|e| e["objectRef"]["subresource"] == "proxy")
         .collect();
     assert!(proxied.is_empty(), "reached the API server: {proxied:?}");
+}
+
+/// The number of `blocked` records of ConfigMap requests with `verb`.
+fn requests_refused_verb(records: &[Record], verb: &str) -> usize {
+    of_kind(records, Kind::Blocked)
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.body.request, Some(Request::Kubernetes(k))
+                if k.verb == verb && k.resource.as_deref() == Some("configmaps"))
+        })
+        .count()
 }
 
 /// The number of `blocked` records of requests for `resource`/`subresource`.

@@ -9,6 +9,7 @@
 
 mod answer;
 pub mod config;
+pub mod keys;
 mod proxy;
 pub mod redact;
 pub mod request_info;

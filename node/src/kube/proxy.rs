@@ -532,6 +532,16 @@ impl Conn {
     ) -> Response<ClientBody> {
         let cluster_name = routed.cluster.config.name.clone();
         let mut routed = routed;
+        // What the record shows of a body must be what the API server reads (see keys.rs).
+        if let Some(fault) = body_fault(&body, routed.content_type.as_deref()) {
+            let request = kube_request_parts(&parts, &routed, Some(&body));
+            let r = Refused::new(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("vigil: {fault}"),
+            );
+            return self.refuse(&principal, Some(&cluster_name), request, None, r);
+        }
         // A create names its object in the body: the API server's record names it, and so do
         // Vigil's record and the decision. A body Vigil cannot read is refused.
         if routed.info.verb == "create"
@@ -1373,6 +1383,25 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What is wrong with the keys of a JSON body (or the paths of a JSON patch), if anything:
+/// the API server would read another field than the one the body names ([`super::keys`]).
+/// Protobuf bodies name fields by number, and a body that is not JSON has no keys to check.
+fn body_fault(body: &[u8], content_type: Option<&str>) -> Option<super::keys::Fault> {
+    if body.is_empty() || body.starts_with(b"k8s\x00") {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    match super::keys::fault(text) {
+        None | Some(super::keys::Fault::NotJson) => {}
+        fault => return fault,
+    }
+    let media = content_type?.split(';').next()?.trim();
+    if media.eq_ignore_ascii_case("application/json-patch+json") {
+        return super::keys::patch_fault(text);
+    }
+    None
+}
+
 /// The name a create gives its object (`metadata.name`; empty with only `generateName`, which
 /// the API server completes), from a JSON body or a Kubernetes protobuf envelope (what kubectl
 /// sends for built-in kinds). Vigil decides on what it reads: any other body is refused, and
@@ -1394,8 +1423,8 @@ fn created_name(body: &[u8]) -> Result<String, String> {
     let serde_json::Value::Object(object) = &v else {
         return Err("the body of a create must be a JSON object".into());
     };
-    if !super::redact::keys_once(text) {
-        return Err("the body of a create gives a key twice in one object (the API server merges what a JSON reader takes as the last)".into());
+    if let Some(fault) = super::keys::fault(text) {
+        return Err(fault.to_string());
     }
     let meta = match object.get("metadata") {
         None => return Ok(String::new()),

@@ -90,7 +90,9 @@ pub fn audit_copy(bytes: &[u8], holds: Holds, limit: usize) -> Option<String> {
                 Holds::TokenReview => token_review(&mut v),
             }
             let text = match (before, whole) {
-                (Some(before), Some(text)) if before == v && keys_once(text) => text.to_string(),
+                (Some(before), Some(text)) if before == v && super::keys::fault(text).is_none() => {
+                    text.to_string()
+                }
                 _ => v.to_string(),
             };
             Some(cut(text, limit))
@@ -307,58 +309,6 @@ fn hide(v: &mut Value) {
         }
         _ => *v = Value::String(REDACTED.into()),
     }
-}
-
-/// Whether no object in the JSON text gives a key twice (keys compared unescaped). Also what
-/// a create's body must satisfy before its name is read ([`super::proxy`]): the API server's
-/// JSON reader merges a struct key given twice, where a JSON tree keeps the last.
-pub(super) fn keys_once(text: &str) -> bool {
-    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
-    struct Unique;
-    impl<'de> Deserialize<'de> for Unique {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_any(Unique)
-        }
-    }
-    impl<'de> Visitor<'de> for Unique {
-        type Value = Unique;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("JSON")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
-            let mut keys = std::collections::HashSet::new();
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if !keys.insert(key) {
-                    return Err(A::Error::custom("a key given twice"));
-                }
-                map.next_value::<Unique>()?;
-            }
-            Ok(Unique)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
-            while seq.next_element::<Unique>()?.is_some() {}
-            Ok(Unique)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
-            Ok(Unique)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
-            Ok(Unique)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
-            Ok(Unique)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
-            Ok(Unique)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
-            Ok(Unique)
-        }
-        fn visit_unit<E>(self) -> Result<Unique, E> {
-            Ok(Unique)
-        }
-    }
-    serde_json::from_str::<Unique>(text).is_ok()
 }
 
 /// Whether the text may name a kind whose objects are redacted (`Secret`, `SecretList`,
