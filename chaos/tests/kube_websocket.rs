@@ -470,3 +470,102 @@ async fn kube_rs_attach_and_a_followed_log_go_through_the_gateway() {
         "the log's end is recorded with its lines: {lines_counted:?}"
     );
 }
+
+/// Reading pods is allowed, and exec is blocked by a rule written for its `create` (what
+/// kubectl's SPDY exec is).
+const READ_PODS_NO_EXEC: &str = r#"
+[[policy.rules]]
+id = "read-pods"
+protocol = "kubernetes"
+action = "allow"
+verbs = ["get", "list", "watch"]
+resources = ["pods"]
+
+[[policy.rules]]
+id = "no-exec"
+protocol = "kubernetes"
+action = "block"
+verbs = ["create"]
+resources = ["pods/exec"]
+reason = "no commands in pods"
+"#;
+
+/// A WebSocket exec or port-forward is a GET, which the API server 1.20 authorises as `get`:
+/// a rule allowing `get` on `pods` must not open it. The exec is decided as `create` too, so
+/// the rule blocking `create` of `pods/exec` refuses it; the port-forward is not named by the
+/// rule that covers `pods`, so no rule allows it. Neither reaches the API server or the
+/// kubelet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_allowing_get_on_pods_opens_no_websocket_exec_or_port_forward() {
+    grant_dba().await;
+    let g = Gateway::start(READ_PODS_NO_EXEC).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let pods: Api<Pod> = Api::namespaced(client(&g.kubeconfig(dir.path(), &ops)).await, "default");
+    let offset = vigil_chaos::kube::audit_len();
+    pods.get("shell").await.expect("reading a pod is allowed");
+
+    let marker = format!("ws-get-{}", vigil_chaos::random_suffix());
+    let exec = pods
+        .exec("shell", ["echo", marker.as_str()], &AttachParams::default())
+        .await;
+    let err = exec.err().expect("the exec is refused").to_string();
+    assert!(
+        err.contains("403") || err.contains("no commands in pods"),
+        "{err}"
+    );
+    let forward = pods.portforward("shell", &[9]).await;
+    let err = forward
+        .err()
+        .expect("the port-forward is refused")
+        .to_string();
+    assert!(
+        err.contains("403") || err.contains("no rule allows port-forward"),
+        "{err}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused = |sub: &str| {
+        records
+            .iter()
+            .filter(|r| r.body.kind == Kind::Blocked)
+            .filter(|r| {
+                matches!(&r.body.request, Some(Request::Kubernetes(k))
+                if k.verb == "get" && k.subresource.as_deref() == Some(sub))
+            })
+            .map(|r| {
+                (
+                    r.body.policy.as_ref().map(|p| p.rule.clone()),
+                    r.body.detail.clone().unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let exec = refused("exec");
+    assert_eq!(exec.len(), 1, "{exec:?}");
+    assert_eq!(exec[0].0.as_deref(), Some("no-exec"), "{exec:?}");
+    let forward = refused("portforward");
+    assert_eq!(forward.len(), 1, "{forward:?}");
+    assert!(
+        forward[0].1.contains("no rule allows port-forward"),
+        "{forward:?}"
+    );
+    let reached: Vec<_> = vigil_chaos::kube::gateway_events(offset, &records)
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e["objectRef"]["subresource"].as_str(),
+                Some("exec" | "portforward")
+            )
+        })
+        .collect();
+    assert!(reached.is_empty(), "reached the API server: {reached:?}");
+    let ran: Vec<_> = exec_log_since(0)
+        .into_iter()
+        .filter(|e| {
+            e.to_string().contains(&marker) || (e["kind"] == "portforward" && e["port"] == 9)
+        })
+        .collect();
+    assert!(ran.is_empty(), "the kubelet ran it: {ran:?}");
+}

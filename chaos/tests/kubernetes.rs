@@ -1334,6 +1334,24 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
     // kubectl's own table (name, type, keys, age): on record as the API server printed it.
     let table = run(on(&["get", "secrets"])).await;
     assert!(table.contains("db") && table.contains("app"), "{table}");
+    // A merge patch the API server cannot decode: its error quotes the whole patched Secret,
+    // the stored value included; the record keeps the error's reason, not its message.
+    let bad = on(&[
+        "patch",
+        "secret",
+        "db",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"x":"!"}}"#,
+    ]);
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let out = kubectl(config, &bad).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&b64(values[3])),
+        "the API server's answer quotes the stored value: {}",
+        text(&out)
+    );
 
     let records = g.node.records().await;
     let tables: Vec<_> = requests(&records, |k| {
@@ -1357,8 +1375,8 @@ async fn secret_values_are_in_no_record_however_a_secret_is_written_or_read() {
         .filter(|e| e["verb"] == "patch" && e["objectRef"]["resource"] == "secrets")
         .count();
     assert_eq!(
-        patches, 4,
-        "the API server ran the three patches and the second apply"
+        patches, 5,
+        "the API server ran the three patches, the second apply and the failed patch"
     );
     let writes = requests(&records, |k| {
         k.resource.as_deref() == Some("secrets") && matches!(k.verb.as_str(), "create" | "patch")
@@ -1940,4 +1958,123 @@ async fn a_long_answer_is_recorded_as_its_first_bytes() {
         );
     }
     let _ = admin(&["delete", "namespace", &ns, "--wait=false"]).await;
+}
+
+const NO_SECRETS_OR_POD_DELETES_IN_AGENT_NAMESPACES: &str = r#"
+[[policy.rules]]
+id = "no-agent-secrets"
+protocol = "kubernetes"
+action = "block"
+resources = ["secrets"]
+namespaces = ["vt-*"]
+reason = "the agents' namespaces keep their secrets"
+
+[[policy.rules]]
+id = "no-pod-deletes"
+protocol = "kubernetes"
+action = "block"
+verbs = ["delete"]
+resources = ["pods"]
+namespaces = ["vt-*"]
+reason = "pods are deleted by their controllers"
+"#;
+
+/// A rule confined to some namespaces applies to what reaches them another way: a list across
+/// all namespaces (`kubectl get secrets -A`, which returns theirs too) and an eviction (which
+/// deletes the pod). Both are refused with the rule's reason and never reach the API server;
+/// the same list in another namespace goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespaced_rule_covers_lists_across_namespaces_and_evictions() {
+    let agent = Agent::start(NO_SECRETS_OR_POD_DELETES_IN_AGENT_NAMESPACES).await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let offset = audit_len();
+    let out = kubectl(config, &["get", "secrets", "-A"]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the agents' namespaces keep their secrets"),
+        "{}",
+        text(&out)
+    );
+    kubectl_ok(
+        config,
+        &[
+            "get".into(),
+            "secrets".into(),
+            "-n".into(),
+            "default".into(),
+        ],
+    )
+    .await;
+    let body = format!(
+        r#"{{"apiVersion":"policy/v1beta1","kind":"Eviction","metadata":{{"name":"nope","namespace":"{ns}"}}}}"#
+    );
+    let json = [("Content-Type", "application/json")];
+    let path = format!("/api/v1/namespaces/{ns}/pods/nope/eviction");
+    let (code, said) = raw(g, &ops, "POST", &path, &json, Some(body.as_bytes())).await;
+    assert_eq!(code, 403, "{said}");
+    assert!(
+        said.contains("pods are deleted by their controllers"),
+        "{said}"
+    );
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let blocked: Vec<_> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Kubernetes(k)) => Some((
+                k.verb.clone(),
+                k.resource.clone().unwrap_or_default(),
+                k.namespace.clone().unwrap_or_default(),
+                r.body
+                    .policy
+                    .as_ref()
+                    .map(|p| p.rule.clone())
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        blocked,
+        [
+            (
+                "list".into(),
+                "secrets".into(),
+                String::new(),
+                "no-agent-secrets".into()
+            ),
+            (
+                "create".into(),
+                "pods".into(),
+                ns.clone(),
+                "no-pod-deletes".into()
+            ),
+        ],
+        "{blocked:?}"
+    );
+    let seen = every_completed_request_recorded(offset, &records);
+    let secret_lists: Vec<_> = seen
+        .iter()
+        .filter(|e| e["objectRef"]["resource"] == "secrets")
+        .map(|e| {
+            e["objectRef"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        secret_lists,
+        ["default"],
+        "only the allowed list reached it"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["objectRef"]["subresource"] == "eviction"),
+        "the eviction never reached the API server"
+    );
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }

@@ -161,7 +161,7 @@ impl Tap {
                 reason: "StreamError".into(),
                 message: m,
             })
-            .or_else(|| (d.status.as_u16() >= 400).then(|| status_error(&seen, d.status)));
+            .or_else(|| (d.status.as_u16() >= 400).then(|| status_error(&seen, d.status, d.holds)));
         // The first bytes of a longer body are never JSON whole: not worth parsing.
         let text = if self.bytes > seen.len() as u64 {
             super::redact::audit_copy_of_start(seen, d.holds, self.limit)
@@ -170,6 +170,11 @@ impl Tap {
         };
         let mut counts = crate::policy::masking::Counts::new();
         let body = text.map(|t| d.ctx.core.masker.mask_owned(t, Some(&mut counts)));
+        // The API server's message may quote what the request or the object held.
+        let error = error.map(|e| KubeError {
+            message: d.ctx.core.masker.mask_owned(e.message, Some(&mut counts)),
+            ..e
+        });
         d.rec.masked = counts;
         d.rec.outcome = Some(if d.status.is_success() && error.is_none() {
             Outcome::Success
@@ -191,15 +196,23 @@ impl Tap {
     }
 }
 
-/// The reason and message of a `Status` body (else the HTTP reason).
-fn status_error(body: &[u8], code: StatusCode) -> KubeError {
+/// The reason and message of a `Status` body (else the HTTP reason). For a resource whose
+/// objects are redacted the message is not kept: the API server's message about a failed
+/// patch of a Secret quotes the whole patched object, stored values included, and one about a
+/// body it could not decode quotes the body around the fault (a token, a value).
+fn status_error(body: &[u8], code: StatusCode, holds: Holds) -> KubeError {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let message = v["message"].as_str().unwrap_or_default();
     KubeError {
         reason: v["reason"]
             .as_str()
             .unwrap_or(code.canonical_reason().unwrap_or(""))
             .to_string(),
-        message: v["message"].as_str().unwrap_or_default().to_string(),
+        message: match holds {
+            Holds::Nothing => message.to_string(),
+            _ if message.is_empty() => String::new(),
+            _ => super::redact::REDACTED.to_string(),
+        },
     }
 }
 

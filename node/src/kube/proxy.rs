@@ -420,6 +420,16 @@ impl Conn {
             .cloned()
             .ok_or((None, not_found()))?;
         let named = Some(cluster.config.name.clone());
+        if let Some(reserved) = reserved_identity(principal, &cluster.config.group_prefix) {
+            return Err((
+                named,
+                Refused::new(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    format!("vigil: {reserved} is in the system: namespace, which Kubernetes keeps for its own identities (system:masters passes every authorization check); Vigil does not impersonate it (give the cluster a group_prefix)"),
+                ),
+            ));
+        }
         if !cluster.config.allow.admits(principal) {
             return Err((
                 named,
@@ -1023,6 +1033,7 @@ fn decide(
     command: &[String],
     content_type: Option<&str>,
 ) -> Decision {
+    let by_name = kube::only_by_rule(&info.verb, &info.resource, &info.subresource);
     let action = KubeAction {
         verb: &info.verb,
         api_group: &info.api_group,
@@ -1032,42 +1043,61 @@ fn decide(
         name: &info.name,
         command: None,
         line: None,
+        by_name: by_name.is_some(),
+        all_namespaces: kube::across_namespaces(&info.api_group, &info.resource, &info.namespace),
     };
     // An exec's command is decided like an SSH exec line: each command of it on its own.
     let line = (!command.is_empty()).then(|| {
         let quoted: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
         crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
     });
+    // Decided as `create` too: what may create its object, and an exec, attach or
+    // port-forward asked for with a GET (WebSocket), which runs what the POST (SPDY, `create`)
+    // runs.
     let creates = kube::may_create(
         &info.verb,
         &info.api_group,
         &info.resource,
         &info.subresource,
         content_type,
-    );
+    ) || kube::runs_like_create(&info.verb, &info.subresource);
+    let mut variants = vec![action];
+    if creates {
+        variants.push(KubeAction {
+            verb: "create",
+            ..action
+        });
+    }
+    // An eviction deletes its pod: decided as the pod's `delete` too.
+    if kube::evicts(
+        &info.verb,
+        &info.api_group,
+        &info.resource,
+        &info.subresource,
+    ) {
+        variants.push(KubeAction {
+            verb: "delete",
+            subresource: "",
+            ..action
+        });
+    }
     let actions: Result<Vec<KubeAction>, String> = match &line {
-        None if creates => Ok(vec![
-            action,
-            KubeAction {
-                verb: "create",
-                ..action
-            },
-        ]),
-        None => Ok(vec![action]),
+        None => Ok(variants),
         Some(Err(e)) => Err(format!("the exec command cannot be read: {e}")),
-        Some(Ok(l)) => Ok(l
-            .commands
+        Some(Ok(l)) => Ok(variants
             .iter()
-            .map(|c| KubeAction {
-                command: Some(c),
-                line: Some(l),
-                ..action
+            .flat_map(|v| {
+                l.commands.iter().map(move |c| KubeAction {
+                    command: Some(c),
+                    line: Some(l),
+                    ..*v
+                })
             })
             .collect()),
     };
     let decision =
         policy.decide_actions(actions.as_deref().map_err(Clone::clone), principal, cluster);
-    match kube::only_by_rule(&info.verb, &info.resource, &info.subresource) {
+    match by_name {
         Some(what) => decision.only_by_rule(|| format!("no rule allows {what}")),
         None => decision,
     }
@@ -1156,6 +1186,23 @@ fn upstream_request(
         headers.insert("impersonate-extra-model", value(model)?);
     }
     Ok(out)
+}
+
+/// The caller's user name or one of its groups as the cluster would get them (with
+/// `group_prefix`), if one is in the `system:` namespace: Kubernetes's own identities
+/// (`system:masters`, `system:nodes`, `system:serviceaccount:…`, the control plane's
+/// components), which an identity provider's name must never become.
+fn reserved_identity(principal: &Principal, group_prefix: &str) -> Option<String> {
+    let reserved = |name: &str| name.to_ascii_lowercase().starts_with("system:");
+    if reserved(&principal.subject) {
+        return Some(format!("the user name {:?}", principal.subject));
+    }
+    principal
+        .groups
+        .iter()
+        .map(|g| format!("{group_prefix}{g}"))
+        .find(|g| reserved(g))
+        .map(|g| format!("the group {g:?}"))
 }
 
 /// How a core refusal reads as a Kubernetes `Status`.
@@ -1984,6 +2031,29 @@ allow = {}
             groups.len(),
             2,
             "the prefixed group and system:authenticated"
+        );
+    }
+
+    #[test]
+    fn no_identity_in_the_system_namespace_is_impersonated() {
+        let p = |subject: &str, group: &str| Principal {
+            subject: subject.into(),
+            groups: vec![group.into()],
+            ..Principal::default()
+        };
+        assert_eq!(reserved_identity(&p("agent-ops", "dba"), ""), None);
+        assert_eq!(
+            reserved_identity(&p("agent-ops", "system:masters"), ""),
+            Some(r#"the group "system:masters""#.into())
+        );
+        assert_eq!(
+            reserved_identity(&p("agent-ops", "system:masters"), "vigil:"),
+            None
+        );
+        assert!(reserved_identity(&p("agent-ops", "masters"), "System:").is_some());
+        assert_eq!(
+            reserved_identity(&p("system:kube-controller-manager", "dba"), "vigil:"),
+            Some(r#"the user name "system:kube-controller-manager""#.into())
         );
     }
 }

@@ -31,7 +31,7 @@
 
 use serde_json::Value;
 
-const REDACTED: &str = "<redacted>";
+pub(super) const REDACTED: &str = "<redacted>";
 
 /// `kubectl apply`'s copy of the object it applied, as JSON text.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -281,7 +281,9 @@ fn token_object(v: &mut Value, this: fn(&mut Value), spec: &[&str], status: &[&s
             "spec" => only(value, spec),
             "status" if error && value.is_string() => {}
             "status" => only(value, status),
-            "message" | "reason" | "code" | "details" if error => {}
+            // Not its message or details: they may quote the token (a body the API server
+            // could not decode, around the fault).
+            "reason" | "code" if error => {}
             _ => hide(value),
         }
     }
@@ -526,13 +528,16 @@ mod tests {
             let copy = audit_copy(body.as_bytes(), holds, 1 << 20).expect("a copy");
             assert!(!copy.contains(token), "{body}\n-> {copy}");
         }
-        // An error from the API server is kept whole.
-        let error = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"serviceaccounts \"x\" not found","reason":"NotFound","code":404}"#;
-        let copy = audit_copy(error.as_bytes(), Holds::TokenRequest, 1 << 20).unwrap();
+        // An error from the API server keeps its reason and code, not its message (which may
+        // quote a body it could not decode, token and all).
+        let error = format!(
+            r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","message":"couldn't decode around \"{token}\"","reason":"BadRequest","code":400}}"#
+        );
+        let copy = audit_copy(error.as_bytes(), Holds::TokenReview, 1 << 20).unwrap();
         assert!(
-            copy.contains(r#""message":"serviceaccounts \"x\" not found""#)
-                && copy.contains(r#""code":404"#)
-                && !copy.contains(REDACTED),
+            copy.contains(r#""reason":"BadRequest""#)
+                && copy.contains(r#""code":400"#)
+                && !copy.contains(token),
             "{copy}"
         );
         // What cannot be read whole is not kept.

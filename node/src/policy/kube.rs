@@ -17,7 +17,9 @@ pub struct KubeMatch {
     pub resources: Vec<String>,
     /// Globs on the subresource (`exec`, `attach`, `portforward`, `log`, `scale`, `status`).
     pub subresources: Vec<String>,
-    /// Globs on the namespace; a cluster-scoped request has none and matches no entry.
+    /// Globs on the namespace; a cluster-scoped request has none and matches no entry. A
+    /// request across all namespaces ([`KubeAction::all_namespaces`]) matches every entry of a
+    /// rule that blocks or holds (it reaches those namespaces too), none of a rule that allows.
     pub namespaces: Vec<String>,
     /// Globs on the object's name.
     pub names: Vec<String>,
@@ -36,15 +38,31 @@ pub struct KubeAction<'a> {
     pub name: &'a str,
     pub command: Option<&'a SimpleCommand>,
     pub line: Option<&'a CommandLine>,
+    /// Only a rule that names what it reaches may allow it ([`only_by_rule`]: a port-forward,
+    /// a proxy): see [`KubeMatch::names`].
+    pub by_name: bool,
+    /// A request of a namespaced resource across all namespaces ([`across_namespaces`]).
+    pub all_namespaces: bool,
 }
 
 impl KubeMatch {
     pub fn matches(&self, a: &KubeAction<'_>) -> bool {
+        self.matches_in(a, false)
+    }
+
+    /// Whether the rule matches `a` with its `namespaces` condition taken to hold (`a` reaches
+    /// every namespace).
+    pub fn matches_in_every_namespace(&self, a: &KubeAction<'_>) -> bool {
+        self.matches_in(a, true)
+    }
+
+    fn matches_in(&self, a: &KubeAction<'_>, every_namespace: bool) -> bool {
         let any = |globs: &[String], text: &str| globs.iter().any(|g| glob_match(g, text));
         (self.verbs.is_empty() || self.verbs.iter().any(|v| v == "*" || v == a.verb))
             && (self.resources.is_empty() || self.resources.iter().any(|r| resource_matches(r, a)))
             && (self.subresources.is_empty() || any(&self.subresources, a.subresource))
             && (self.namespaces.is_empty()
+                || every_namespace
                 || (!a.namespace.is_empty() && any(&self.namespaces, a.namespace)))
             && (self.names.is_empty() || (!a.name.is_empty() && any(&self.names, a.name)))
             && self.command.matches(a.command, a.line)
@@ -52,6 +70,25 @@ impl KubeMatch {
 
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Whether the rule names what the action reaches rather than only covering it: a
+    /// `subresources` condition, or a resource pattern that matches the resource with its
+    /// subresource but not the resource alone (`pods/portforward`, `*/proxy`, `pods/*`, where
+    /// `pods` and `*` also match `pods`); for the legacy `proxy` verb, `verbs` listing it.
+    pub fn names(&self, a: &KubeAction<'_>) -> bool {
+        if a.subresource.is_empty() {
+            return self.verbs.iter().any(|v| v == a.verb);
+        }
+        let bare = KubeAction {
+            subresource: "",
+            ..*a
+        };
+        !self.subresources.is_empty()
+            || self
+                .resources
+                .iter()
+                .any(|r| resource_matches(r, a) && !resource_matches(r, &bare))
     }
 }
 
@@ -129,6 +166,67 @@ pub fn may_create(
     }
 }
 
+/// The cluster-scoped resources of Kubernetes 1.20 (`NamespaceScoped() == false` in
+/// `pkg/registry`, apiextensions and kube-aggregator), as `(group, resource)`.
+const CLUSTER_SCOPED: &[(&str, &str)] = &[
+    ("", "componentstatuses"),
+    ("", "namespaces"),
+    ("", "nodes"),
+    ("", "persistentvolumes"),
+    (
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "validatingwebhookconfigurations",
+    ),
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("apiregistration.k8s.io", "apiservices"),
+    ("authentication.k8s.io", "tokenreviews"),
+    ("authorization.k8s.io", "selfsubjectaccessreviews"),
+    ("authorization.k8s.io", "selfsubjectrulesreviews"),
+    ("authorization.k8s.io", "subjectaccessreviews"),
+    ("certificates.k8s.io", "certificatesigningrequests"),
+    ("flowcontrol.apiserver.k8s.io", "flowschemas"),
+    (
+        "flowcontrol.apiserver.k8s.io",
+        "prioritylevelconfigurations",
+    ),
+    ("internal.apiserver.k8s.io", "storageversions"),
+    ("networking.k8s.io", "ingressclasses"),
+    ("node.k8s.io", "runtimeclasses"),
+    ("policy", "podsecuritypolicies"),
+    ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("rbac.authorization.k8s.io", "clusterroles"),
+    ("scheduling.k8s.io", "priorityclasses"),
+    ("storage.k8s.io", "csidrivers"),
+    ("storage.k8s.io", "csinodes"),
+    ("storage.k8s.io", "storageclasses"),
+    ("storage.k8s.io", "volumeattachments"),
+];
+
+/// Whether a request with no namespace reaches every namespace: a resource that is not
+/// cluster-scoped ([`CLUSTER_SCOPED`]; a custom resource counts as namespaced, the safe side),
+/// as a list or watch across all namespaces (`kubectl get secrets -A`) is.
+pub fn across_namespaces(api_group: &str, resource: &str, namespace: &str) -> bool {
+    namespace.is_empty() && !resource.is_empty() && !CLUSTER_SCOPED.contains(&(api_group, resource))
+}
+
+/// Whether a request deletes a pod though its verb is another: an eviction (`create` of
+/// `pods/eviction`), which the API server carries out by deleting the pod.
+pub fn evicts(verb: &str, api_group: &str, resource: &str, subresource: &str) -> bool {
+    (verb, api_group, resource, subresource) == ("create", "", "pods", "eviction")
+}
+
+/// Whether a request runs what a `create` runs though its verb is another: an exec, attach or
+/// port-forward asked for with a GET (the WebSocket protocols), which the API server 1.20
+/// authorises as `get` and newer ones as `create` too, and which does what the POST of the
+/// SPDY protocol (`create`) does.
+pub fn runs_like_create(verb: &str, subresource: &str) -> bool {
+    verb != "create" && matches!(subresource, "exec" | "attach" | "portforward")
+}
+
 /// What a request reaches through the API server that a rule must allow by name (the policy's
 /// `default` does not apply): a port-forward (any protocol on a pod's port) and the `proxy`
 /// subresource of nodes (the kubelet's own API: `/run`, `/exec`, `/logs`, a command execution
@@ -162,6 +260,8 @@ mod tests {
             name: "web",
             command: None,
             line: None,
+            by_name: false,
+            all_namespaces: false,
         }
     }
 

@@ -493,7 +493,7 @@ impl Policy {
         };
         self.combine(actions, |a, dry_run| {
             self.first_rule(
-                |rule| rule.applies(target, principal) && a.matched_by(&rule.matcher),
+                |rule| rule.applies(target, principal) && a.matched_by(rule),
                 dry_run,
             )
         })
@@ -594,19 +594,27 @@ impl Policy {
 
 /// An action of a protocol whose rules have their own matcher (SSH, Kubernetes).
 pub trait ProtocolAction {
-    /// Whether `matcher` is this protocol's and matches the action.
-    fn matched_by(&self, matcher: &Matcher) -> bool;
+    /// Whether `rule` is for this protocol and matches the action.
+    fn matched_by(&self, rule: &Rule) -> bool;
 }
 
 impl ProtocolAction for ssh::SshAction<'_> {
-    fn matched_by(&self, matcher: &Matcher) -> bool {
-        matches!(matcher, Matcher::Ssh(m) if m.matches(self))
+    fn matched_by(&self, rule: &Rule) -> bool {
+        matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(self))
     }
 }
 
 impl ProtocolAction for kube::KubeAction<'_> {
-    fn matched_by(&self, matcher: &Matcher) -> bool {
-        matches!(matcher, Matcher::Kube(m) if m.matches(self))
+    /// An action only a rule naming it may allow ([`kube::KubeAction::by_name`]) is not
+    /// allowed by a rule that covers it without naming it (`resources = ["pods"]`, `*`); such a
+    /// rule may still block it or hold it.
+    /// A request across all namespaces is in every namespace for a rule that blocks or holds,
+    /// in none for one that allows ([`kube::KubeMatch::namespaces`]).
+    fn matched_by(&self, rule: &Rule) -> bool {
+        let allows = rule.action == Action::Allow;
+        matches!(&rule.matcher, Matcher::Kube(m) if
+            (m.matches(self) || (self.all_namespaces && !allows && m.matches_in_every_namespace(self)))
+            && (!self.by_name || !allows || m.names(self)))
     }
 }
 
@@ -983,6 +991,8 @@ programs = ["rm"]
                 name: "x",
                 command: None,
                 line: None,
+                by_name: false,
+                all_namespaces: false,
             };
             let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
             (d.action, d.rule)
@@ -1014,6 +1024,8 @@ programs = ["rm"]
                 name: "web",
                 command: Some(c),
                 line: Some(&line),
+                by_name: false,
+                all_namespaces: false,
             })
             .collect();
         let d = p.decide_actions(Ok(&actions), &agent(), "dev");
@@ -1023,6 +1035,135 @@ programs = ["rm"]
         );
         let d = p.decide_actions::<kube::KubeAction>(Err("unclassifiable".into()), &agent(), "dev");
         assert_eq!((d.action, d.rule.as_str()), (Action::Block, "parse-error"));
+    }
+
+    /// A list across all namespaces is in the namespaces of a rule that blocks, not of one
+    /// that allows.
+    #[test]
+    fn a_request_across_all_namespaces_is_in_every_namespace_of_a_block() {
+        let p = policy(
+            r#"
+default = "allow"
+[[rules]]
+id = "no-prod-secrets"
+action = "block"
+protocol = "kubernetes"
+resources = ["secrets"]
+namespaces = ["prod"]
+[[rules]]
+id = "dev-pods-only"
+action = "allow"
+protocol = "kubernetes"
+resources = ["pods"]
+namespaces = ["dev"]
+[[rules]]
+id = "no-other-pods"
+action = "block"
+protocol = "kubernetes"
+resources = ["pods"]
+"#,
+        );
+        let list = |resource: &str, ns: &str| {
+            let a = kube::KubeAction {
+                verb: "list",
+                api_group: "",
+                resource,
+                subresource: "",
+                namespace: ns,
+                name: "",
+                command: None,
+                line: None,
+                by_name: false,
+                all_namespaces: kube::across_namespaces("", resource, ns),
+            };
+            let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
+            (d.action, d.rule)
+        };
+        assert_eq!(
+            list("secrets", ""),
+            (Action::Block, "no-prod-secrets".into())
+        );
+        assert_eq!(list("secrets", "dev"), (Action::Allow, "default".into()));
+        assert_eq!(list("pods", "dev"), (Action::Allow, "dev-pods-only".into()));
+        assert_eq!(list("pods", ""), (Action::Block, "no-other-pods".into()));
+        assert!(!kube::across_namespaces("", "nodes", ""));
+        assert!(kube::across_namespaces("example.com", "widgets", ""));
+    }
+
+    /// A port-forward or proxy (`by_name`) is allowed only by a rule that names it; a rule
+    /// that covers it without naming it may still block it.
+    #[test]
+    fn only_a_rule_naming_a_port_forward_allows_it() {
+        let rules = |extra: &str| {
+            policy(&format!(
+                r#"
+default = "allow"
+{extra}
+[[rules]]
+id = "read-pods"
+action = "allow"
+protocol = "kubernetes"
+verbs = ["get", "list", "watch"]
+resources = ["pods"]
+"#
+            ))
+        };
+        let forward = |p: &Policy, ns: &str| {
+            let a = kube::KubeAction {
+                verb: "get",
+                api_group: "",
+                resource: "pods",
+                subresource: "portforward",
+                namespace: ns,
+                name: "db-0",
+                command: None,
+                line: None,
+                by_name: true,
+                all_namespaces: false,
+            };
+            let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
+            (d.action, d.rule)
+        };
+        // Covered by `pods`, not named: the rule does not allow it (the default decides).
+        assert_eq!(
+            forward(&rules(""), "staging"),
+            (Action::Allow, "default".into())
+        );
+        let named = r#"
+[[rules]]
+id = "no-prod"
+action = "block"
+protocol = "kubernetes"
+resources = ["pods"]
+namespaces = ["prod"]
+[[rules]]
+id = "forward-db"
+action = "allow"
+protocol = "kubernetes"
+resources = ["pods/portforward"]
+"#;
+        let p = rules(named);
+        assert_eq!(forward(&p, "staging"), (Action::Allow, "forward-db".into()));
+        // A block that covers it without naming it still blocks it.
+        assert_eq!(forward(&p, "prod"), (Action::Block, "no-prod".into()));
+        for (pattern, names) in [
+            ("pods/portforward", true),
+            ("*/portforward", true),
+            ("pods/*", true),
+            ("core/pods/portforward", true),
+            ("pods", false),
+            ("*", false),
+            ("core/*", false),
+        ] {
+            let p = policy(&format!(
+                "[[rules]]\nid = \"r\"\naction = \"allow\"\nprotocol = \"kubernetes\"\nresources = [\"{pattern}\"]"
+            ));
+            assert_eq!(forward(&p, "staging").1 == "r", names, "{pattern}");
+        }
+        let p = policy(
+            "[[rules]]\nid = \"r\"\naction = \"allow\"\nprotocol = \"kubernetes\"\nsubresources = [\"portforward\"]",
+        );
+        assert_eq!(forward(&p, "staging").1, "r");
     }
 
     #[test]
