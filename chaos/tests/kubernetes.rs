@@ -1658,7 +1658,11 @@ async fn a_create_that_hides_its_name_in_a_repeated_or_aliased_key_never_reaches
         .filter(|e| e["verb"] == "patch" && e["objectRef"]["name"] == "kube-good")
         .collect();
     assert!(patched.is_empty(), "{patched:?}");
-    assert_eq!(requests_refused_verb(&records, "patch"), 2);
+    assert_eq!(
+        requests_refused(&records, |k| k.verb == "patch"
+            && k.resource.as_deref() == Some("configmaps")),
+        2
+    );
     // From anyone, nothing named kube-evil.
     let evil: Vec<_> = audit_events(offset)
         .into_iter()
@@ -1697,7 +1701,9 @@ async fn nodes_proxy_is_refused_unless_a_rule_allows_it() {
     }
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let records = g.node.records().await;
-    let refused = requests_refused(&records, "nodes", "proxy");
+    let refused = requests_refused(&records, |k| {
+        k.resource.as_deref() == Some("nodes") && k.subresource.as_deref() == Some("proxy")
+    });
     assert_eq!(refused, 3, "each refusal on record");
     let seen = every_completed_request_recorded(offset, &records);
     assert!(seen.iter().any(|e| e["objectRef"]["resource"] == "nodes"));
@@ -1708,26 +1714,14 @@ async fn nodes_proxy_is_refused_unless_a_rule_allows_it() {
     assert!(proxied.is_empty(), "reached the API server: {proxied:?}");
 }
 
-/// The number of `blocked` records of ConfigMap requests with `verb`.
-fn requests_refused_verb(records: &[Record], verb: &str) -> usize {
+/// The number of `blocked` records of requests that `pick` picks.
+fn requests_refused(
+    records: &[Record],
+    pick: impl Fn(&vigil_proto::record::KubeRequest) -> bool,
+) -> usize {
     of_kind(records, Kind::Blocked)
         .into_iter()
-        .filter(|r| {
-            matches!(&r.body.request, Some(Request::Kubernetes(k))
-                if k.verb == verb && k.resource.as_deref() == Some("configmaps"))
-        })
-        .count()
-}
-
-/// The number of `blocked` records of requests for `resource`/`subresource`.
-fn requests_refused(records: &[Record], resource: &str, subresource: &str) -> usize {
-    of_kind(records, Kind::Blocked)
-        .into_iter()
-        .filter(|r| {
-            matches!(&r.body.request, Some(Request::Kubernetes(k))
-                if k.resource.as_deref() == Some(resource)
-                    && k.subresource.as_deref() == Some(subresource))
-        })
+        .filter(|r| matches!(&r.body.request, Some(Request::Kubernetes(k)) if pick(k)))
         .count()
 }
 
