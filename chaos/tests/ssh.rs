@@ -314,6 +314,14 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
         "/bin/rm -rf /tmp/x",
         "env rm -rf /tmp/x",
         "> ~/.ssh/authorized_keys",
+        // From an outside review, each of which ran `rm` through the gateway under bash 5.2:
+        // a `$'…'` whose `\c` takes the quote, a `]]` glued to `&&`, single quotes ending a
+        // double-quoted `${…}` later than the gateway read, a NUL decoded from `$'…'`.
+        "uptime $'\\c'; rm -rf /tmp/x; echo '\\'",
+        "echo $'\\c\\' ';rm -rf /tmp/x;echo '\\'",
+        "uptime; [[ a ]]&&rm -rf /tmp/x ]]",
+        "uptime \"${x:-'}\"'}\" ; rm -rf /tmp/x ; echo '\\'",
+        "$'rm\\0' -rf /tmp/x",
     ] {
         let out = g.ssh(&key, &[evasion]).await;
         assert_eq!(out.status.code(), Some(126), "{evasion}: {out:?}");
@@ -326,12 +334,12 @@ async fn stock_openssh_with_a_vigil_certificate_runs_commands_and_blocked_ones_n
         "no refused command ran (other tests run commands too): {ran:?}"
     );
 
-    let records = g.node.records_after_sessions(8).await;
+    let records = g.node.records_after_sessions(13).await;
     let blocked: Vec<_> = ssh_requests(&records)
         .into_iter()
         .filter(|(k, _, _)| *k == Kind::Blocked)
         .collect();
-    assert_eq!(blocked.len(), 7, "{blocked:?}");
+    assert_eq!(blocked.len(), 12, "{blocked:?}");
 }
 
 /// bash expands a command substitution inside an array subscript whenever it evaluates a word

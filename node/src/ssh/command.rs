@@ -1054,11 +1054,15 @@ impl<'s, 'o> Parser<'s, 'o> {
 
     /// Lexes one word. In `[[ … ]]` (`cond`), `&&`, `||`, `(`, `)`, `<`, `>`, `|` and `!`
     /// are part of words, as bash treats them there, and a `<(…)` or `>(…)` anywhere in a
-    /// word is a process substitution.
+    /// word is a process substitution; but a word that is `]]` so far ends before any of
+    /// those, where bash's `]]` ends the conditional (`[[ a ]]&&rm x` runs `rm`).
     fn lex_word(&mut self, cond: bool) -> Res<Word> {
         let mut w = Word::new();
         let start = self.pos;
         while let Some(c) = self.byte(self.pos) {
+            if cond && !w.quoted && w.text == b"]]" && b"&|()<>".contains(&c) {
+                break;
+            }
             match c {
                 b' ' | b'\t' | b'\n' | b';' => break,
                 b'&' if !cond || self.byte(self.pos + 1) != Some(b'&') => break,
@@ -1239,7 +1243,10 @@ impl<'s, 'o> Parser<'s, 'o> {
                             break;
                         }
                         b'\\' => self.pos = (self.pos + 2).min(self.src.len()),
-                        b'\'' if !in_dquote => {
+                        // Quoting for where the expansion ends, inside double quotes too:
+                        // bash 5.2 reads `"${x:-'}'}"` to its second `}`, whatever the
+                        // operator (it keeps the quotes in the value of some).
+                        b'\'' => {
                             let open = self.pos;
                             self.pos += 1;
                             let Some(len) = self.src[self.pos..].iter().position(|&b| b == b'\'')
@@ -1457,28 +1464,35 @@ impl<'s, 'o> Parser<'s, 'o> {
         Ok(())
     }
 
-    /// `$'…'`: decodes the escapes bash knows into bytes.
+    /// `$'…'`: decodes the escapes bash knows into bytes. Where the string ends is found first,
+    /// as bash's lexer finds it: a backslash takes the byte after it whatever that is, so in
+    /// `$'\c'` the first quote is taken by `\c`'s backslash and the second ends the string
+    /// (decoding `\c` then reads no quote). A string that decodes to a NUL byte is refused:
+    /// bash cuts the word there (`$'rm\0x'` runs `rm`).
     fn ansi_c(&mut self, w: &mut Word) -> Res<()> {
         let open = self.pos;
-        self.pos += 2;
-        w.quoted = true;
-        w.name_so_far = false;
+        let mut end = open + 2;
         loop {
-            let Some(c) = self.byte(self.pos) else {
-                return Err(self.unterminated("$'…' string", open));
-            };
-            self.pos += 1;
-            if c == b'\'' {
-                return Ok(());
+            match self.byte(end) {
+                None => return Err(self.unterminated("$'…' string", open)),
+                Some(b'\'') => break,
+                Some(b'\\') => end += 2,
+                Some(_) => end += 1,
             }
+        }
+        let at = |pos: usize| if pos < end { self.byte(pos) } else { None };
+        let decoded_from = w.text.len();
+        let mut pos = open + 2;
+        while pos < end {
+            let c = self.src[pos];
+            pos += 1;
             if c != b'\\' {
                 w.push_quoted(c);
                 continue;
             }
-            let Some(e) = self.byte(self.pos) else {
-                return Err(self.unterminated("$'…' string", open));
-            };
-            self.pos += 1;
+            // Inside the string a backslash always has its byte (see above).
+            let e = self.src[pos];
+            pos += 1;
             let simple = match e {
                 b'a' => Some(7),
                 b'b' => Some(8),
@@ -1499,10 +1513,10 @@ impl<'s, 'o> Parser<'s, 'o> {
                 b'0'..=b'7' => {
                     let mut v = u32::from(e - b'0');
                     for _ in 0..2 {
-                        match self.byte(self.pos) {
+                        match at(pos) {
                             Some(d @ b'0'..=b'7') => {
                                 v = v * 8 + u32::from(d - b'0');
-                                self.pos += 1;
+                                pos += 1;
                             }
                             _ => break,
                         }
@@ -1518,10 +1532,10 @@ impl<'s, 'o> Parser<'s, 'o> {
                     let mut v: u32 = 0;
                     let mut n = 0;
                     while n < max {
-                        match self.byte(self.pos).and_then(|d| (d as char).to_digit(16)) {
+                        match at(pos).and_then(|d| (d as char).to_digit(16)) {
                             Some(d) => {
                                 v = v.wrapping_mul(16).wrapping_add(d);
-                                self.pos += 1;
+                                pos += 1;
                                 n += 1;
                             }
                             None => break,
@@ -1540,12 +1554,22 @@ impl<'s, 'o> Parser<'s, 'o> {
                         }
                     }
                 }
-                b'c' => match self.byte(self.pos) {
+                // `\cX` is control-X; `\c\\` is control-backslash, both backslashes taken.
+                b'c' => match at(pos) {
                     Some(x) => {
-                        self.pos += 1;
+                        pos += 1;
+                        if x == b'\\' && at(pos) == Some(b'\\') {
+                            pos += 1;
+                        }
                         w.push_quoted(x & 0x1f);
                     }
-                    None => return Err(self.unterminated("$'…' string", open)),
+                    None => {
+                        return Err(CommandError::Syntax {
+                            offset: self.base + open,
+                            message: "a $'…' string ends in \\c, which controls no character"
+                                .into(),
+                        })
+                    }
                 },
                 other => {
                     w.push_quoted(b'\\');
@@ -1553,6 +1577,14 @@ impl<'s, 'o> Parser<'s, 'o> {
                 }
             }
         }
+        self.pos = end + 1;
+        if w.text[decoded_from..].contains(&0) {
+            return Err(CommandError::Syntax {
+                offset: self.base + open,
+                message: "a $'…' string decodes to a NUL byte, where bash cuts the word".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Reads the bodies of the here-documents declared at the current substitution level;
@@ -1959,6 +1991,13 @@ impl<'s, 'o> Parser<'s, 'o> {
             }
             match self.byte(self.pos) {
                 None => return Err(self.unterminated("[[", start)),
+                // A comment, as bash reads one there: to the end of the line.
+                Some(b'#') => {
+                    while self.byte(self.pos).is_some_and(|b| b != b'\n') {
+                        self.pos += 1;
+                    }
+                    continue;
+                }
                 Some(b';') => return Err(self.syntax("unexpected `;` in `[[ ]]`")),
                 Some(b'&') if self.byte(self.pos + 1) != Some(b'&') => {
                     return Err(self.syntax("unexpected `&` in `[[ ]]`"))
@@ -3130,6 +3169,49 @@ mod tests {
         assert_eq!(got, programs, "programs of {line:?}");
         let want: BTreeSet<CommandFlag> = expected.iter().copied().collect();
         assert_eq!(parsed.flags, want, "flags of {line:?}");
+    }
+
+    // --- an outside review's bypasses (each ran `rm` under bash 5.2) --------------------
+
+    #[test]
+    fn a_backslash_in_ansi_c_quoting_takes_the_byte_after_it_before_anything_is_decoded() {
+        // `\c` then a quote: bash's `$'…'` ends at the next quote.
+        assert!(names("echo $'\\c\\' ';rm -f F;echo '\\'").contains(&"rm".to_string()));
+        // `\c` with nothing after it controls nothing: refused.
+        assert!(parse("uptime $'\\c'; rm -rf /srv; echo '\\'").is_err());
+        assert!(parse("uptime $'\\c'").is_err());
+        // Control-backslash takes both backslashes.
+        assert_eq!(p("printf $'\\c\\\\x'").commands[0].args, ["\u{1c}x"]);
+    }
+
+    #[test]
+    fn a_nul_from_ansi_c_quoting_is_refused() {
+        for line in [
+            "$'rm\\0' -rf /srv",
+            "$'rm\\x00'",
+            "$'rm\\c@'",
+            "r$'m\\u0000zz' x",
+            "systemctl $'restart\\0' nginx",
+        ] {
+            assert!(parse(line).is_err(), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_conditional_ends_at_its_closing_brackets_whatever_follows() {
+        assert_eq!(names("uptime; [[ a ]]&&rm -rf /srv ]]"), ["uptime", "rm"]);
+        assert!(names("[[ a ]]|rm -f F ]]").contains(&"rm".to_string()));
+        assert!(names("( [[ a ]])\nrm -f F\n( [[ b ]] )").contains(&"rm".to_string()));
+        // A comment inside `[[`: to the end of the line.
+        assert!(names("uptime; [[ -n a #'\n]]; rm -f F; echo '\\' ]]").contains(&"rm".to_string()));
+        // Still words inside: a regular expression, `&&` between operands.
+        assert_eq!(names("[[ a =~ (x|y) && b ]] && ls"), ["ls"]);
+    }
+
+    #[test]
+    fn single_quotes_inside_a_double_quoted_parameter_expansion_quote_its_end() {
+        let line = "uptime \"${x:-'}\"'}\" ; rm -f /tmp/rv/p1 ; echo '\\'";
+        assert!(names(line).contains(&"rm".to_string()), "{:?}", names(line));
     }
 
     // --- evasion attempts from the brief ---------------------------------------------
