@@ -50,6 +50,10 @@ const BASE: &[(&str, Option<&str>)] = &[
     ("DELETE FROM customers", Some("no-destruction")),
     ("UPDATE customers SET name = 'x'", Some("no-destruction")),
     (
+        "INSERT INTO customers SELECT * FROM customers ON CONFLICT (id) DO UPDATE SET name = 'x'",
+        Some("no-destruction"),
+    ),
+    (
         "ALTER TABLE customers ADD COLUMN x int",
         Some("no-destruction"),
     ),
@@ -75,6 +79,20 @@ const BASE: &[(&str, Option<&str>)] = &[
     ),
     ("COPY customers FROM '/etc/hostname'", Some("no-escape")),
     ("SELECT pg_read_file('/etc/hostname')", Some("no-escape")),
+    // Attribute notation: `x.f` calls `f(x)`.
+    (
+        "SELECT ('/etc/hostname'::text).pg_read_file",
+        Some("no-escape"),
+    ),
+    (
+        "SELECT q.pg_ls_dir FROM CAST('.' AS text) q",
+        Some("no-escape"),
+    ),
+    (
+        "SELECT ('/etc/hostname'::text).lo_import",
+        Some("no-escape"),
+    ),
+    ("SELECT (0).pg_terminate_backend", Some("no-escape")),
     (
         "SELECT x FROM (SELECT lo_import('/etc/hostname') AS x) s",
         Some("no-escape"),
@@ -450,6 +468,9 @@ async fn t72_read_only_connections_and_startup_options() {
         "EXPLAIN ANALYZE WITH d AS (DELETE FROM customers RETURNING 1) SELECT * FROM d",
         "EXPLAIN ANALYZE CREATE TABLE t2 AS SELECT 1",
         "PREPARE w AS DELETE FROM customers",
+        // Attribute notation calls the function: a read of a server file, SQL run as text.
+        "SELECT ('/etc/hostname'::text).pg_read_file",
+        "SELECT q.ts_stat FROM CAST('SELECT to_tsvector(name) FROM customers' AS text) q",
     ] {
         let err = client.simple_query(sql).await.unwrap_err();
         assert_eq!(err.code().unwrap().code(), "42501", "{sql}");

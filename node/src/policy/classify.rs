@@ -39,7 +39,7 @@
 
 use super::dangerous_functions::DANGEROUS_FUNCTIONS;
 use super::tree::Tree;
-use pg_query::protobuf::{CmdType, ObjectType, VariableSetKind};
+use pg_query::protobuf::{CmdType, ObjectType, OnConflictAction, VariableSetKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
@@ -1082,6 +1082,9 @@ impl Walk {
         if name == "FuncCall" {
             return self.call(body, ctx);
         }
+        if matches!(name, "ColumnRef" | "AIndirection") {
+            return self.attribute_calls(name, body, ctx);
+        }
         let info = &mut self.info;
         match name {
             n if is_write_node(n) => {
@@ -1104,6 +1107,13 @@ impl Walk {
                 }
                 if body.get("where_clause").is_some_and(Tree::is_null) {
                     without_where(n, info);
+                }
+                // An upsert of a query's rows whose `DO UPDATE` has no WHERE of its own
+                // rewrites every row its source conflicts with (`INSERT INTO t SELECT * FROM t
+                // ON CONFLICT (id) DO UPDATE SET email = NULL`), as MERGE does; one of listed
+                // values changes only those rows.
+                if n == "InsertStmt" && upserts_a_query_without_where(body) {
+                    without_where("UpdateStmt", info);
                 }
             }
             // A MERGE action without its own condition acts on every matched row.
@@ -1130,33 +1140,41 @@ impl Walk {
         }
     }
 
+    /// PostgreSQL's attribute notation: `x.f` and `(expr).f` call `f(x)` when `x` has no
+    /// column `f` (`SELECT ('/etc/passwd'::text).pg_read_file`), and the parse tree holds a
+    /// column reference or an indirection there, not a call. The last field of a qualified
+    /// column reference and each field name of an indirection are taken as possible calls
+    /// (with the indirection's argument): a column of the same name as a function a rule names
+    /// counts as a call of it, the safe side.
+    fn attribute_calls(&mut self, name: &str, body: &Tree, ctx: Ctx) {
+        let field = |f: &Tree| {
+            f.pointer("/node/String/sval")
+                .and_then(Tree::as_str)
+                .map(str::to_ascii_lowercase)
+        };
+        if name == "ColumnRef" {
+            let fields = body.get("fields").and_then(Tree::as_array);
+            if let Some(called) = fields
+                .filter(|f| f.len() >= 2)
+                .and_then(|f| f.last())
+                .and_then(field)
+            {
+                self.called(called, std::iter::empty(), ctx);
+            }
+            return;
+        }
+        let arg = body.pointer("/arg/node");
+        let fields = body.get("indirection").and_then(Tree::as_array);
+        for called in fields.into_iter().flatten().filter_map(field) {
+            self.called(called, arg, ctx);
+        }
+    }
+
     fn call(&mut self, body: &Tree, ctx: Ctx) {
         let Some(name) = body.get("funcname").and_then(last_name) else {
             return;
         };
         let args = body.get("args").and_then(Tree::as_array);
-        let constants = || {
-            args.into_iter()
-                .flatten()
-                .filter_map(|a| a.get("node").and_then(constant_text))
-        };
-        match sql_text_function(&name) {
-            Some(SqlText::Query) => {
-                self.pending.extend(constants().map(|text| Pending {
-                    text,
-                    runs: ctx.runs,
-                }));
-            }
-            Some(SqlText::Table) => {
-                if let Some(table) = constants().next() {
-                    self.info.tables.insert(table);
-                }
-            }
-            Some(SqlText::Opaque) | None => {}
-        }
-        if sql_text_function(&name).is_some() {
-            self.info.flags.insert(Flag::ExecutesSqlText);
-        }
         if name == "set_config" {
             let arg = |i: usize| {
                 args.and_then(|a| a.get(i))
@@ -1183,8 +1201,48 @@ impl Walk {
                 }
             }
         }
+        let args = args.into_iter().flatten().filter_map(|a| a.get("node"));
+        self.called(name, args, ctx);
+    }
+
+    /// A call of function `name` with the argument expressions `args`: the SQL text it runs
+    /// (a constant argument of a function that runs SQL text) is read too.
+    fn called<'t>(&mut self, name: String, args: impl IntoIterator<Item = &'t Tree>, ctx: Ctx) {
+        if let Some(runs) = sql_text_function(&name) {
+            self.info.flags.insert(Flag::ExecutesSqlText);
+            let mut constants = args.into_iter().filter_map(constant_text);
+            match runs {
+                SqlText::Query => {
+                    self.pending.extend(constants.map(|text| Pending {
+                        text,
+                        runs: ctx.runs,
+                    }));
+                }
+                SqlText::Table => {
+                    if let Some(table) = constants.next() {
+                        self.info.tables.insert(table);
+                    }
+                }
+                SqlText::Opaque => {}
+            }
+        }
         self.info.note_function(name);
     }
+}
+
+/// Whether an INSERT takes its rows from a query (not a VALUES list) and updates the rows they
+/// conflict with, with no WHERE on the update.
+fn upserts_a_query_without_where(insert: &Tree) -> bool {
+    let Some(conflict) = insert.get("on_conflict_clause") else {
+        return false;
+    };
+    let updates = conflict.get("action").and_then(Tree::as_i64)
+        == Some(OnConflictAction::OnconflictUpdate as i64);
+    let values = insert
+        .pointer("/select_stmt/node/SelectStmt/values_lists")
+        .and_then(Tree::as_array)
+        .is_some_and(|v| !v.is_empty());
+    updates && !values && conflict.get("where_clause").is_none_or(Tree::is_null)
 }
 
 fn without_where(write: &str, info: &mut StatementInfo) {
@@ -1254,6 +1312,23 @@ mod tests {
         let mut v = classify(sql).unwrap();
         assert_eq!(v.len(), 1, "{sql}");
         v.remove(0)
+    }
+
+    #[test]
+    fn an_upsert_of_a_query_without_where_updates_without_where() {
+        let flagged = |sql: &str| one(sql).flags.contains(&F::UpdateWithoutWhere);
+        assert!(flagged(
+            "INSERT INTO t2 SELECT * FROM t2 ON CONFLICT (id) DO UPDATE SET email = NULL"
+        ));
+        assert!(!flagged(
+            "INSERT INTO t2 SELECT * FROM t2 ON CONFLICT (id) DO UPDATE SET email = NULL WHERE t2.id = 1"
+        ));
+        assert!(!flagged(
+            "INSERT INTO t2 VALUES (1, 'a') ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email"
+        ));
+        assert!(!flagged(
+            "INSERT INTO t2 SELECT * FROM t3 ON CONFLICT DO NOTHING"
+        ));
     }
 
     #[test]
@@ -1413,6 +1488,36 @@ mod tests {
             "IMPORT FOREIGN SCHEMA x FROM SERVER s INTO public",
             F::ForeignData
         ));
+    }
+
+    /// `x.f` calls `f(x)` (attribute notation): an outside review read server files, ran
+    /// SQL over dblink and slept through these on a read-only connection.
+    #[test]
+    fn functions_called_with_attribute_notation_are_calls() {
+        for sql in [
+            "SELECT ('/etc/hostname'::text).pg_read_file",
+            "SELECT q.pg_ls_dir FROM CAST('.' AS text) q",
+            "SELECT ('/etc/hostname'::text).lo_import",
+            "SELECT (0).pg_terminate_backend",
+        ] {
+            let s = one(sql);
+            assert!(s.flags.contains(&F::DangerousFunction), "{sql}: {s:?}");
+        }
+        let s = one("SELECT ('/etc/hostname'::text).pg_read_file");
+        assert!(s.flags.contains(&F::ServerFile));
+        assert!(s.functions.contains("pg_read_file"));
+        // SQL text given as the argument is read like a call's.
+        let d = one("SELECT ('DELETE FROM payroll'::text).dblink_exec");
+        assert!(d.flags.contains(&F::ExecutesSqlText), "{d:?}");
+        assert!(d.tables.contains("payroll") && d.flags.contains(&F::DeleteWithoutWhere));
+        let t = one("SELECT q.dblink_exec FROM CAST('DELETE FROM payroll' AS text) q");
+        assert!(t.flags.contains(&F::ExecutesSqlText), "{t:?}");
+        assert!(one("SELECT (1e6::float8).pg_sleep")
+            .functions
+            .contains("pg_sleep"));
+        // An ordinary qualified column is no call of anything dangerous.
+        let c = one("SELECT c.id, c.email FROM customers c");
+        assert!(c.flags.is_empty(), "{c:?}");
     }
 
     #[test]
