@@ -471,6 +471,8 @@ async fn t72_read_only_connections_and_startup_options() {
         // Attribute notation calls the function: a read of a server file, SQL run as text.
         "SELECT ('/etc/hostname'::text).pg_read_file",
         "SELECT q.ts_stat FROM CAST('SELECT to_tsvector(name) FROM customers' AS text) q",
+        // Commits (or discards) another session's prepared writes.
+        "COMMIT PREPARED 'x'",
     ] {
         let err = client.simple_query(sql).await.unwrap_err();
         assert_eq!(err.code().unwrap().code(), "42501", "{sql}");

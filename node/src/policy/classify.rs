@@ -985,7 +985,23 @@ impl Walk {
             }
             "DiscardStmt" | "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt"
             | "DeallocateStmt" => K::Session,
-            "TransactionStmt" => K::Transaction,
+            "TransactionStmt" => {
+                use pg_query::protobuf::TransactionStmtKind as T;
+                // Two-phase commit: COMMIT PREPARED commits writes of another session (any
+                // session of the role), ROLLBACK PREPARED discards them, PREPARE TRANSACTION
+                // keeps this one's locks past the session: writes, not transaction control.
+                let two_phase = [
+                    T::TransStmtPrepare,
+                    T::TransStmtCommitPrepared,
+                    T::TransStmtRollbackPrepared,
+                ];
+                let kind = body.get("kind").and_then(Tree::as_i64);
+                if two_phase.iter().any(|k| Some(*k as i64) == kind) {
+                    K::Write
+                } else {
+                    K::Transaction
+                }
+            }
             "LoadStmt" => {
                 info.flags.insert(Flag::ServerFile);
                 K::Utility
@@ -1312,6 +1328,18 @@ mod tests {
         let mut v = classify(sql).unwrap();
         assert_eq!(v.len(), 1, "{sql}");
         v.remove(0)
+    }
+
+    #[test]
+    fn two_phase_commit_is_a_write() {
+        for sql in [
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
+            "PREPARE TRANSACTION 'x'",
+        ] {
+            assert_eq!(one(sql).kind(), K::Write, "{sql}");
+        }
+        assert_eq!(one("COMMIT").kind(), K::Transaction);
     }
 
     #[test]

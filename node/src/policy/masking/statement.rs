@@ -117,8 +117,10 @@ fn delimited(token: i32, text: &str) -> Option<(&str, &str, &str, &'static [&'st
         let close = text.len().checked_sub(tag).filter(|&c| c >= tag)?;
         return Some((&text[..tag], &text[tag..close], &text[close..], &["$"]));
     }
+    // A string continued on the next line (`'a' -- note⏎'b'` is one literal, `ab`) holds a
+    // comment between its parts: a comment marker must not be gained or lost either.
     if literal {
-        return quoted('\'', &["'", "\\"]);
+        return quoted('\'', &["'", "\\", "--", "/*", "*/"]);
     }
     if (token == Token::Ident as i32 || token == Token::Uident as i32) && text.ends_with('"') {
         return quoted('"', &["\""]);
@@ -330,6 +332,51 @@ fn by_line(masker: &Masker, text: &str, counts: &mut Counts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz target `approver_copy`: PostgreSQL reads `'y' --… ⏎'y'` as one string
+    /// (a literal continued on the next line, a comment between its parts); an e-mail found
+    /// across the comment's `--` would have turned the comment into text in the copy.
+    #[test]
+    fn a_comment_inside_a_continued_string_keeps_its_marker() {
+        use crate::policy::masking::{Counts, DetectorRule, Masker, MaskingConfig, Method};
+        let sql = "U7V3ice@example.cQQQQo!mmple.com,W xODR\n'y' --3ice@example.cASS a PASSWORD 'DR\n'y' -- cd cQQQQQQQQQQQQQQQQQQQQQQQd = 1";
+        for method in [Method::Redact, Method::KeepLast, Method::Token] {
+            let masker = Masker::new(
+                MaskingConfig {
+                    columns: Vec::new(),
+                    detectors: DetectorRule::every_kind(method, false),
+                },
+                b"fuzz".to_vec(),
+            );
+            let shown = mask_statement(&masker, sql, &mut Counts::new());
+            if matches!(method, Method::Redact) {
+                assert!(shown.is_err(), "{shown:?}");
+            }
+            if let Ok(shown) = shown {
+                assert_eq!(
+                    shown.matches('\n').count(),
+                    sql.matches('\n').count(),
+                    "{method:?} {sql:?} -> {shown:?}"
+                );
+                let comments = |s: &str| {
+                    use pg_query::protobuf::Token;
+                    pg_query::scan_tokens(s).ok().map(|t| {
+                        t.iter()
+                            .filter(|t| {
+                                t.token == Token::SqlComment as i32
+                                    || t.token == Token::CComment as i32
+                            })
+                            .count()
+                    })
+                };
+                assert_eq!(
+                    comments(&shown),
+                    comments(sql),
+                    "{method:?} {sql:?} -> {shown:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn credentials_are_taken_out_of_statements() {
