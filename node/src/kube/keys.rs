@@ -73,8 +73,11 @@ fn alias(key: &str) -> Option<&'static str> {
 /// The first fault of the JSON text's keys (compared unescaped), if it has one.
 pub fn fault(text: &str) -> Option<Fault> {
     let mut found = None;
-    let walked =
-        Keys { found: &mut found }.deserialize(&mut serde_json::Deserializer::from_str(text));
+    let mut json = serde_json::Deserializer::from_str(text);
+    // One value, and nothing after it.
+    let walked = Keys { found: &mut found }
+        .deserialize(&mut json)
+        .and_then(|()| json.end());
     match (walked, found) {
         (_, Some(fault)) => Some(fault),
         (Ok(()), None) => None,
@@ -227,6 +230,8 @@ mod tests {
         assert_eq!(fault(r#"{"metadata":{"name":"a"},"data":{"x":"y"}}"#), None);
         assert_eq!(fault(r#"{"a":1"#), Some(Fault::NotJson));
         assert_eq!(fault("name: a"), Some(Fault::NotJson));
+        // Found by the fuzz target: a value with more after it is not JSON.
+        assert_eq!(fault(r#""me{"metadata":{}}"#), Some(Fault::NotJson));
     }
 
     #[test]
