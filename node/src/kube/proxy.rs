@@ -426,7 +426,7 @@ impl Conn {
                 Refused::new(
                     StatusCode::FORBIDDEN,
                     "Forbidden",
-                    format!("vigil: {reserved} is in the system: namespace, which Kubernetes keeps for its own identities (system:masters passes every authorization check); Vigil does not impersonate it (give the cluster a group_prefix)"),
+                    format!("vigil: {reserved} is reserved: Kubernetes keeps names that begin with system: for its own identities (system:masters passes every authorization check) and trims blanks at a name's ends; Vigil does not impersonate it (give the cluster a group_prefix)"),
                 ),
             ));
         }
@@ -1044,23 +1044,36 @@ fn decide(
         command: None,
         line: None,
         by_name: by_name.is_some(),
-        all_namespaces: kube::across_namespaces(&info.api_group, &info.resource, &info.namespace),
+        all_namespaces: kube::across_namespaces(
+            &info.verb,
+            &info.api_group,
+            &info.resource,
+            &info.namespace,
+        ),
     };
     // An exec's command is decided like an SSH exec line: each command of it on its own.
     let line = (!command.is_empty()).then(|| {
         let quoted: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
         crate::ssh::command::parse(&quoted.join(" ")).map_err(|e| e.to_string())
     });
-    // Decided as `create` too: what may create its object, and an exec, attach or
-    // port-forward asked for with a GET (WebSocket), which runs what the POST (SPDY, `create`)
-    // runs.
+    // Decided as `create` too: what may create its object.
     let creates = kube::may_create(
         &info.verb,
         &info.api_group,
         &info.resource,
         &info.subresource,
         content_type,
-    ) || kube::runs_like_create(&info.verb, &info.subresource);
+    );
+    // An exec, attach or port-forward asked for with a GET (WebSocket) runs what the POST
+    // (SPDY, `create`) runs: decided as that `create`, so that one rule covers both, and a
+    // port-forward is allowed by name or not at all (the record keeps the API server's verb).
+    let action = match kube::runs_like_create(&info.verb, &info.subresource) {
+        true => KubeAction {
+            verb: "create",
+            ..action
+        },
+        false => action,
+    };
     let mut variants = vec![action];
     if creates {
         variants.push(KubeAction {
@@ -1193,7 +1206,14 @@ fn upstream_request(
 /// (`system:masters`, `system:nodes`, `system:serviceaccount:…`, the control plane's
 /// components), which an identity provider's name must never become.
 fn reserved_identity(principal: &Principal, group_prefix: &str) -> Option<String> {
-    let reserved = |name: &str| name.to_ascii_lowercase().starts_with("system:");
+    // The API server's header reader trims blanks: ` system:masters` arrives as
+    // `system:masters`. A name with blanks or control characters at its ends is refused too.
+    let reserved = |name: &str| {
+        name.trim_matches(|c: char| c.is_whitespace() || c.is_control())
+            .to_ascii_lowercase()
+            .starts_with("system:")
+            || name.trim() != name
+    };
     if reserved(&principal.subject) {
         return Some(format!("the user name {:?}", principal.subject));
     }
@@ -2051,6 +2071,9 @@ allow = {}
             None
         );
         assert!(reserved_identity(&p("agent-ops", "masters"), "System:").is_some());
+        assert!(reserved_identity(&p("agent-ops", " system:masters"), "").is_some());
+        assert!(reserved_identity(&p("agent-ops", "\tsystem:masters"), "").is_some());
+        assert!(reserved_identity(&p(" system:admin", "dba"), "vigil:").is_some());
         assert_eq!(
             reserved_identity(&p("system:kube-controller-manager", "dba"), "vigil:"),
             Some(r#"the user name "system:kube-controller-manager""#.into())

@@ -2216,8 +2216,10 @@ struct TargetHalf {
     /// A write to the client was under way when it stopped (the session ended meanwhile):
     /// the client has part of a message, so the gateway says nothing more.
     torn: bool,
-    /// Inside a transaction block, as the target reported at its last ReadyForQuery and the
-    /// command tags since (`BEGIN`, `COMMIT` …).
+    /// Inside a transaction block as the target reported at its last ReadyForQuery, or a
+    /// transaction-control statement ran in the batch since (`BEGIN`, `COMMIT`, `ROLLBACK TO`
+    /// …, whose effect on the batch's other statements is not followed): no rollback is
+    /// reported until the next ReadyForQuery.
     in_block: bool,
     /// The first and last statement the target completed in the extended batch in flight
     /// outside a transaction block: they commit at the batch's Sync, or not at all.
@@ -2678,6 +2680,10 @@ impl TargetHalf {
                 return Ok(Some(instead));
             }
             Some(Pending::Query(_)) if self.acc.response.error.is_none() => {
+                // A Query sent inside an extended batch runs in the batch's transaction.
+                if self.unsynced.is_some() {
+                    self.rolled_back(error.clone(), "a query of the batch failed");
+                }
                 self.acc.response.error = Some(error);
             }
             Some(Pending::Query(_)) => {}
@@ -2930,19 +2936,29 @@ impl TargetHalf {
     }
 
     /// Keeps `in_block` and `unsynced` as an extended-protocol statement `stmt` completes
-    /// with command tag `tag` (empty: its portal was suspended).
+    /// with command tag `tag` (empty: its portal was suspended). A transaction-control tag
+    /// stops the tracking until the next ReadyForQuery: `ROLLBACK` is also the tag of
+    /// `ROLLBACK TO SAVEPOINT`, `COMMIT` that of `COMMIT AND CHAIN`, and a `ROLLBACK` outside a
+    /// block rolls the batch's statements back with a warning only.
     fn track_block(&mut self, stmt: u64, tag: &[u8]) {
-        match tag {
-            b"BEGIN" | b"START TRANSACTION" => self.in_block = true,
-            b"COMMIT" | b"ROLLBACK" | b"PREPARE TRANSACTION" => self.in_block = false,
-            _ if !self.in_block => {
-                let first = self.unsynced.map_or(stmt, |(first, _)| first);
-                self.unsynced = Some((first, stmt));
-                return;
-            }
-            _ => {}
+        const CONTROL: &[&[u8]] = &[
+            b"BEGIN",
+            b"START TRANSACTION",
+            b"COMMIT",
+            b"ROLLBACK",
+            b"SAVEPOINT",
+            b"RELEASE",
+            b"PREPARE TRANSACTION",
+            b"COMMIT PREPARED",
+            b"ROLLBACK PREPARED",
+        ];
+        if CONTROL.contains(&tag) {
+            self.in_block = true;
+            self.unsynced = None;
+        } else if !self.in_block {
+            let first = self.unsynced.map_or(stmt, |(first, _)| first);
+            self.unsynced = Some((first, stmt));
         }
-        self.unsynced = None;
     }
 
     /// The implicit transaction of the extended batch in flight ended with `error` (`what`

@@ -1158,10 +1158,10 @@ impl Walk {
 
     /// PostgreSQL's attribute notation: `x.f` and `(expr).f` call `f(x)` when `x` has no
     /// column `f` (`SELECT ('/etc/passwd'::text).pg_read_file`), and the parse tree holds a
-    /// column reference or an indirection there, not a call. The last field of a qualified
-    /// column reference and each field name of an indirection are taken as possible calls
-    /// (with the indirection's argument): a column of the same name as a function a rule names
-    /// counts as a call of it, the safe side.
+    /// column reference or an indirection there, not a call. Each field name of an indirection
+    /// is taken as a possible call (with the indirection's argument), and so is the last field
+    /// of a qualified column reference when it names a dangerous function or one that runs SQL
+    /// text: a column of such a name counts as a call of it, the safe side.
     fn attribute_calls(&mut self, name: &str, body: &Tree, ctx: Ctx) {
         let field = |f: &Tree| {
             f.pointer("/node/String/sval")
@@ -1170,11 +1170,14 @@ impl Walk {
         };
         if name == "ColumnRef" {
             let fields = body.get("fields").and_then(Tree::as_array);
-            if let Some(called) = fields
+            // Most qualified columns are columns (`c.name`, `excluded.id`): only a name that is a
+            // dangerous function or one that runs SQL text counts here.
+            let called = fields
                 .filter(|f| f.len() >= 2)
                 .and_then(|f| f.last())
                 .and_then(field)
-            {
+                .filter(|n| dangerous_function(n).is_some() || sql_text_function(n).is_some());
+            if let Some(called) = called {
                 self.called(called, std::iter::empty(), ctx);
             }
             return;
@@ -1543,6 +1546,10 @@ mod tests {
         assert!(one("SELECT (1e6::float8).pg_sleep")
             .functions
             .contains("pg_sleep"));
+        // A qualified column is a column unless its name is that of such a function.
+        assert!(!one("SELECT p.version FROM packages p")
+            .functions
+            .contains("version"));
         // An ordinary qualified column is no call of anything dangerous.
         let c = one("SELECT c.id, c.email FROM customers c");
         assert!(c.flags.is_empty(), "{c:?}");

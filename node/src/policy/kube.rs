@@ -206,11 +206,15 @@ const CLUSTER_SCOPED: &[(&str, &str)] = &[
     ("storage.k8s.io", "volumeattachments"),
 ];
 
-/// Whether a request with no namespace reaches every namespace: a resource that is not
-/// cluster-scoped ([`CLUSTER_SCOPED`]; a custom resource counts as namespaced, the safe side),
-/// as a list or watch across all namespaces (`kubectl get secrets -A`) is.
-pub fn across_namespaces(api_group: &str, resource: &str, namespace: &str) -> bool {
-    namespace.is_empty() && !resource.is_empty() && !CLUSTER_SCOPED.contains(&(api_group, resource))
+/// Whether a request with no namespace reaches every namespace: a list or watch (the only
+/// requests the API server serves across namespaces) of a resource that is not cluster-scoped
+/// ([`CLUSTER_SCOPED`]; a custom resource counts as namespaced, the safe side), as
+/// `kubectl get secrets -A` is.
+pub fn across_namespaces(verb: &str, api_group: &str, resource: &str, namespace: &str) -> bool {
+    matches!(verb, "list" | "watch")
+        && namespace.is_empty()
+        && !resource.is_empty()
+        && !CLUSTER_SCOPED.contains(&(api_group, resource))
 }
 
 /// Whether a request deletes a pod though its verb is another: an eviction (`create` of
@@ -221,7 +225,7 @@ pub fn evicts(verb: &str, api_group: &str, resource: &str, subresource: &str) ->
 
 /// Whether a request runs what a `create` runs though its verb is another: an exec, attach or
 /// port-forward asked for with a GET (the WebSocket protocols), which the API server 1.20
-/// authorises as `get` and newer ones as `create` too, and which does what the POST of the
+/// authorises as `get` (newer ones check `create` too), and which does what the POST of the
 /// SPDY protocol (`create`) does.
 pub fn runs_like_create(verb: &str, subresource: &str) -> bool {
     verb != "create" && matches!(subresource, "exec" | "attach" | "portforward")

@@ -1074,7 +1074,7 @@ resources = ["pods"]
                 command: None,
                 line: None,
                 by_name: false,
-                all_namespaces: kube::across_namespaces("", resource, ns),
+                all_namespaces: kube::across_namespaces("list", "", resource, ns),
             };
             let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
             (d.action, d.rule)
@@ -1086,8 +1086,19 @@ resources = ["pods"]
         assert_eq!(list("secrets", "dev"), (Action::Allow, "default".into()));
         assert_eq!(list("pods", "dev"), (Action::Allow, "dev-pods-only".into()));
         assert_eq!(list("pods", ""), (Action::Block, "no-other-pods".into()));
-        assert!(!kube::across_namespaces("", "nodes", ""));
-        assert!(kube::across_namespaces("example.com", "widgets", ""));
+        assert!(!kube::across_namespaces("list", "", "nodes", ""));
+        assert!(kube::across_namespaces(
+            "watch",
+            "example.com",
+            "widgets",
+            ""
+        ));
+        assert!(!kube::across_namespaces(
+            "create",
+            "example.com",
+            "clusterwidgets",
+            ""
+        ));
     }
 
     /// A port-forward or proxy (`by_name`) is allowed only by a rule that names it; a rule
