@@ -653,6 +653,16 @@ pub fn pg_blocked_by<'a>(records: &'a [Record], rule: &str) -> Vec<&'a PgRequest
         .collect()
 }
 
+/// The `response` record of the statement (or request) of `request`, a record of the same
+/// session and `stmt`.
+pub fn response_to<'a>(records: &'a [Record], request: &Record) -> Option<&'a Record> {
+    records.iter().find(|r| {
+        r.body.kind == Kind::Response
+            && r.body.session == request.body.session
+            && r.body.stmt == request.body.stmt
+    })
+}
+
 /// Records of one kind.
 pub fn of_kind(records: &[Record], kind: Kind) -> Vec<&Record> {
     records.iter().filter(|r| r.body.kind == kind).collect()

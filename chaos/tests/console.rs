@@ -299,7 +299,7 @@ async fn t10_approver_approves_a_held_statement_in_the_browser() {
         shown["requester"]
             .as_str()
             .unwrap()
-            .starts_with("agent-ops"),
+            .starts_with("\"agent-ops\""),
         "{shown}"
     );
     // What the agent's records say of it (client, model and version, declared intent) joins
@@ -313,9 +313,9 @@ async fn t10_approver_approves_a_held_statement_in_the_browser() {
             )
             .await;
         let text = requester.as_str().unwrap_or_default().to_string();
-        if text.contains("client agent-ops") {
-            assert!(text.contains("model claude-opus"), "{text}");
-            assert!(text.contains("intent: vigil-tests"), "{text}");
+        if text.contains("client \"agent-ops\"") {
+            assert!(text.contains("model \"claude-opus"), "{text}");
+            assert!(text.contains("intent \"vigil-tests\""), "{text}");
             break;
         }
         assert!(
@@ -345,7 +345,11 @@ async fn t10_approver_approves_a_held_statement_in_the_browser() {
     let comment = browser
         .wait_for("li.request input[name=comment]", Duration::from_secs(5))
         .await;
-    browser.type_into(&comment, "ticket <42> ok").await;
+    // Enter in the comment field decides nothing (WebDriver's Enter key is U+E007).
+    browser.type_into(&comment, "ticket <42> ok\u{E007}").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!held.is_finished(), "Enter in the comment field decided");
+    assert_eq!(s.value().await, 0, "Enter in the comment field decided");
     let approve = browser
         .wait_for("li.request button[name=approve]", Duration::from_secs(5))
         .await;

@@ -967,6 +967,17 @@ allow = {{ client_ids = ["agent-reporting"] }}
         said.as_deref().is_some_and(|m| m.contains(&third)),
         "{refused}"
     );
+    // A string may be SQL that runs (a `DO` body): what could end it there is never taken out
+    // with a password, so the DELETE stays on record (an outside review hid it behind
+    // `http://u:[redacted]@h`).
+    let scratch = format!("vt_scratch_{suffix}");
+    let hidden =
+        format!("DO $$BEGIN PERFORM 'http://u:'; DELETE FROM {scratch}; PERFORM '@h'; END$$");
+    client
+        .batch_execute(&format!("CREATE TEMP TABLE {scratch} (x int)"))
+        .await
+        .unwrap();
+    client.batch_execute(&hidden).await.unwrap();
     drop(client);
     let _ = conn.await;
     // The target got them as sent: its log ran both, and the second password logs in.
@@ -978,6 +989,7 @@ allow = {{ client_ids = ["agent-reporting"] }}
         ran.iter().any(|t| t.contains(&first)) && ran.iter().any(|t| t.contains(&second)),
         "{ran:?}"
     );
+    assert!(ran.contains(&hidden), "{ran:?}");
     let direct = format!(
         "host={} port={} user={role} password={second} dbname=app",
         e.get("VIGIL_PG_HOST"),
@@ -996,6 +1008,12 @@ allow = {{ client_ids = ["agent-reporting"] }}
         .filter(|(text, _)| text.contains(&role))
         .collect();
     let secret = std::collections::BTreeMap::from([("secret".to_string(), 1)]);
+    assert!(
+        of_kind(&records, Kind::Request)
+            .iter()
+            .any(|r| r.body.pg_request().is_some_and(|q| q.text == hidden)),
+        "the DO block is not on record as it ran"
+    );
     assert_eq!(
         requests,
         [

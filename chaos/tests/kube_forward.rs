@@ -8,7 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use vigil_chaos::kube::{audit_len, gateway_events, grant_dba, Gateway, OPS_FORWARD_TO_SHELL};
 use vigil_chaos::kubelet::exec_log_since;
-use vigil_chaos::token_for;
+use vigil_chaos::{response_to, token_for};
 use vigil_proto::record::{Kind, Outcome, Record, Request};
 
 /// A server on 127.0.0.1 (where the test kubelet forwards to) that answers each line with
@@ -130,14 +130,8 @@ fn forward_response<'a>(records: &'a [Record], want: &str) -> Option<(&'a Record
     portforward_records(records, Kind::Request)
         .into_iter()
         .find_map(|q| {
-            records
-                .iter()
-                .find(|r| {
-                    r.body.kind == Kind::Response
-                        && r.body.stmt == q.body.stmt
-                        && r.body.session == q.body.session
-                        && r.body.detail.as_deref() == Some(want)
-                })
+            response_to(records, q)
+                .filter(|r| r.body.detail.as_deref() == Some(want))
                 .map(|r| (q, r))
         })
 }

@@ -26,7 +26,7 @@ use vigil_chaos::kube::{
     admin, audit_events, audit_len, client, end_of, event_key, gateway_events, grant_dba,
     namespace_with_web, record_key, requests, Gateway, RequestKey,
 };
-use vigil_chaos::{of_kind, token_for};
+use vigil_chaos::{of_kind, response_to, token_for};
 use vigil_proto::record::{Kind, Record, Response};
 
 const POLICY: &str = r#"
@@ -279,13 +279,7 @@ async fn t10_kube_rs_through_the_gateway_is_impersonated_decided_and_recorded() 
             .iter()
             .find(|(v, _)| v == k)
             .unwrap_or_else(|| panic!("{k:?} has no Vigil request record"));
-        let response = records
-            .iter()
-            .find(|r| {
-                r.body.kind == Kind::Response
-                    && r.body.session == request.body.session
-                    && r.body.stmt == request.body.stmt
-            })
+        let response = response_to(&records, request)
             .unwrap_or_else(|| panic!("{k:?} has no Vigil response record"));
         let Some(Response::Kubernetes(answer)) = &response.body.response else {
             panic!("{k:?}: not a Kubernetes response: {:?}", response.body)

@@ -308,13 +308,7 @@ async fn t4m_a_recorded_statement_cut_off_by_a_violation_is_recorded_as_not_sent
             .iter()
             .find(|r| r.body.kind == Kind::Request && r.body.pg_request().unwrap().text == text)
             .unwrap_or_else(|| panic!("{name}: the statement was recorded at its Execute"));
-        let response = records
-            .iter()
-            .find(|r| {
-                r.body.kind == Kind::Response
-                    && r.body.session == request.body.session
-                    && r.body.stmt == request.body.stmt
-            })
+        let response = response_to(&records, request)
             .unwrap_or_else(|| panic!("{name}: {text} has no response record"));
         let error = response.body.pg_response().unwrap().error.as_ref();
         assert!(

@@ -754,6 +754,14 @@ async fn t7k_a_batch_whose_implicit_transaction_fails_says_what_was_rolled_back(
     // And a batch that commits.
     let r = w.batch(&batch(&[run("INSERT INTO rb VALUES (5)")])).await;
     assert!(errors(&r).is_empty(), "{:?}", errors(&r));
+    // A simple Query of several statements is one implicit transaction too: its response
+    // record says what was rolled back; not when a COMMIT in it ended that transaction first.
+    let rolled = "INSERT INTO rb VALUES (6); INSERT INTO rb VALUES (7); SELECT 1/0";
+    let committed = "INSERT INTO rb VALUES (8); COMMIT; SELECT 1/0";
+    for text in [rolled, committed] {
+        let r = w.batch(&[wire::query(text)]).await;
+        assert_eq!(errors(&r)[0].0, "22012", "{text}");
+    }
     // What PostgreSQL ran (its log), before the read below adds to it.
     let ran = pg_executed(&s.node.files.db, log_offset);
 
@@ -764,7 +772,11 @@ async fn t7k_a_batch_whose_implicit_transaction_fails_says_what_was_rolled_back(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(rows, [5], "PostgreSQL kept only the last batch's row");
+    assert_eq!(
+        rows,
+        [5, 8],
+        "PostgreSQL kept the last batch's row and the committed one"
+    );
 
     let records = s.node.records().await;
     let stmt_of = |text: &str| {
@@ -813,5 +825,19 @@ async fn t7k_a_batch_whose_implicit_transaction_fails_says_what_was_rolled_back(
         assert_eq!(sqlstate.as_deref(), Some(*want_state), "{detail}");
         assert_eq!(detail, want_detail);
     }
+    let query_detail = |text: &str| {
+        let stmt = stmt_of(text);
+        let response = records
+            .iter()
+            .find(|r| r.body.kind == Kind::Response && r.body.stmt == Some(stmt))
+            .unwrap_or_else(|| panic!("no response record for {text}"));
+        assert_eq!(response.body.outcome, Some(Outcome::Error), "{text}");
+        response.body.detail.clone()
+    };
+    assert_eq!(
+        query_detail(rolled).as_deref(),
+        Some("the query's implicit transaction did not commit, so what its first 2 statements did (recorded as completed in tags) was rolled back")
+    );
+    assert_eq!(query_detail(committed), None);
     assert_records_name_what_ran(&ran, &records, "t7k");
 }

@@ -2166,6 +2166,8 @@ struct Acc {
     /// What describes the rows of the current result set.
     columns: Columns,
     masked: Counts,
+    /// The response record's `detail`.
+    detail: Option<String>,
 }
 
 /// What describes the rows of the current result set. Column rules are matched by position,
@@ -2684,6 +2686,7 @@ impl TargetHalf {
                 if self.unsynced.is_some() {
                     self.rolled_back(error.clone(), "a query of the batch failed");
                 }
+                self.acc.detail = self.query_rolled_back();
                 self.acc.response.error = Some(error);
             }
             Some(Pending::Query(_)) => {}
@@ -2727,9 +2730,17 @@ impl TargetHalf {
         } else if self.keep(channel.len() + payload.len()) {
             self.acc.response.notifications.push(notification);
         }
-        Ok(self
-            .client_masked(payload)
-            .map(|payload| messages::notification(pid, channel, &payload)))
+        // The channel too: a session can LISTEN on a value it read (`format('LISTEN %I', …)`).
+        let (masked_channel, masked_payload) =
+            (self.client_masked(channel), self.client_masked(payload));
+        if masked_channel.is_none() && masked_payload.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(messages::notification(
+            pid,
+            masked_channel.as_deref().unwrap_or(channel),
+            masked_payload.as_deref().unwrap_or(payload),
+        )))
     }
 
     /// Whether no statement of the client's is in flight: nothing queued but sync points and
@@ -2806,7 +2817,10 @@ impl TargetHalf {
         if masker.is_active() {
             let said = response.error.iter_mut().map(|e| &mut e.message);
             let notices = response.notices.iter_mut();
-            let notified = response.notifications.iter_mut().map(|n| &mut n.payload);
+            let notified = response
+                .notifications
+                .iter_mut()
+                .flat_map(|n| [&mut n.channel, &mut n.payload]);
             for text in said.chain(notices).chain(notified) {
                 if let Cow::Owned(m) = masker.mask(text, None, false, Some(&mut rec.masked)) {
                     *text = m;
@@ -2867,16 +2881,19 @@ impl TargetHalf {
             }
             Err(e) => return Err(End::TargetProtocol(e.to_string())),
         }
-        if let Ok(("application_name", value)) = messages::parse_parameter_status(body) {
-            // The client may set it from values (`set_config('application_name', …)`).
-            let instead = self
-                .client_masked(value)
-                .map(|v| messages::parameter_status("application_name", &v));
+        let Ok((name, value)) = messages::parse_parameter_status(body) else {
+            return Ok(None);
+        };
+        // The client may set a reported setting from values (`set_config('application_name',
+        // …)`, a time zone `<…>+0` made of a column).
+        let instead = self
+            .client_masked(value)
+            .map(|v| messages::parameter_status(name, &v));
+        if name == "application_name" {
             let value = self.ctx.core.scrub(value);
             self.session.application_reported(&value);
-            return Ok(instead);
         }
-        Ok(None)
+        Ok(instead)
     }
 
     /// ReadyForQuery: a sync point answered.
@@ -2941,24 +2958,36 @@ impl TargetHalf {
     /// `ROLLBACK TO SAVEPOINT`, `COMMIT` that of `COMMIT AND CHAIN`, and a `ROLLBACK` outside a
     /// block rolls the batch's statements back with a warning only.
     fn track_block(&mut self, stmt: u64, tag: &[u8]) {
-        const CONTROL: &[&[u8]] = &[
-            b"BEGIN",
-            b"START TRANSACTION",
-            b"COMMIT",
-            b"ROLLBACK",
-            b"SAVEPOINT",
-            b"RELEASE",
-            b"PREPARE TRANSACTION",
-            b"COMMIT PREPARED",
-            b"ROLLBACK PREPARED",
-        ];
-        if CONTROL.contains(&tag) {
+        if TRANSACTION_CONTROL.contains(&tag) {
             self.in_block = true;
             self.unsynced = None;
         } else if !self.in_block {
             let first = self.unsynced.map_or(stmt, |(first, _)| first);
             self.unsynced = Some((first, stmt));
         }
+    }
+
+    /// A simple Query failed: outside a transaction block its statements are one implicit
+    /// transaction, so what those it completed before the error did (their tags are in its
+    /// `response`) was rolled back. Said only when that is certain: the Query started outside
+    /// a block and none of its completed statements was transaction control.
+    fn query_rolled_back(&self) -> Option<String> {
+        let tags = &self.acc.response.tags;
+        if self.in_block
+            || tags.is_empty()
+            || tags
+                .iter()
+                .any(|t| TRANSACTION_CONTROL.contains(&t.as_bytes()))
+        {
+            return None;
+        }
+        let what = match tags.len() {
+            1 => "its first statement".to_string(),
+            n => format!("its first {n} statements"),
+        };
+        Some(format!(
+            "the query's implicit transaction did not commit, so what {what} did (recorded as completed in tags) was rolled back"
+        ))
     }
 
     /// The implicit transaction of the extended batch in flight ended with `error` (`what`
@@ -3210,7 +3239,7 @@ impl TargetHalf {
             .response
             .notifications
             .iter_mut()
-            .map(|n| &mut n.payload);
+            .flat_map(|n| [&mut n.channel, &mut n.payload]);
         for text in said.chain(notices).chain(notified) {
             scrub_values(text, &secrets, &mut acc.masked);
             if masker.is_active() {
@@ -3247,6 +3276,7 @@ impl TargetHalf {
         rec.stmt = Some(unit.stmt);
         rec.request = request.map(Request::Postgres);
         rec.masked = acc.masked;
+        rec.detail = acc.detail;
         rec.response = Some(Response::Postgres(acc.response));
         rec.outcome = Some(outcome);
         rec.duration_us = Some(unit.started.elapsed().as_micros() as u64);
@@ -3287,6 +3317,19 @@ fn statement_texts<'a>(text: &'a str, stmts: &[StatementInfo]) -> Vec<&'a str> {
     }
     vec![text; stmts.len()]
 }
+
+/// The command tags of transaction control.
+const TRANSACTION_CONTROL: &[&[u8]] = &[
+    b"BEGIN",
+    b"START TRANSACTION",
+    b"COMMIT",
+    b"ROLLBACK",
+    b"SAVEPOINT",
+    b"RELEASE",
+    b"PREPARE TRANSACTION",
+    b"COMMIT PREPARED",
+    b"ROLLBACK PREPARED",
+];
 
 /// The response of a statement recorded but never sent: the session ended first (its client
 /// left or broke the protocol, its token expired, the target or the node went away).

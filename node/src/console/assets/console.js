@@ -69,7 +69,12 @@ function render(page) {
     if (!li) {
       li = $('request').content.firstElementChild.cloneNode(true);
       li.dataset.id = a.id;
-      li.querySelector('form').addEventListener('submit', (e) => decide(e, a.id, li));
+      // Only a click on Approve or Deny decides: Enter in the comment field submits nothing
+      // (as the form's first button, Approve would be what an implicit submission sends).
+      li.querySelector('form').addEventListener('submit', (e) => e.preventDefault());
+      for (const b of li.querySelectorAll('form.decide button')) {
+        b.addEventListener('click', () => decide(b.value === 'true', a.id, li));
+      }
       li.querySelector('button.whole').addEventListener('click', () => readWhole(a.id, li));
       inbox.appendChild(li);
     }
@@ -83,15 +88,18 @@ function render(page) {
     for (const b of li.querySelectorAll('form.decide button')) b.disabled = a.summarized;
     const by = listed.requested_by || a.requested_by || {};
     const model = [by.model, by.model_version].filter(Boolean).join(' ');
-    const who = [by.client_id && 'client ' + by.client_id, model && 'model ' + model, by.intent && 'intent: ' + by.intent].filter(Boolean);
-    f('requester', r.subject + (who.length ? ' (' + who.join(', ') + ')' : '') + (r.groups.length ? '; groups: ' + r.groups.join(', ') : ''));
+    // What the requester chose (its model, intent, groups' names) is quoted: none of it can
+    // read as the page's own separators.
+    const q = (s) => JSON.stringify(String(s));
+    const who = [by.client_id && 'client ' + q(by.client_id), model && 'model ' + q(model), by.intent && 'intent ' + q(by.intent)].filter(Boolean);
+    f('requester', q(r.subject) + (who.length ? ' (' + who.join(', ') + ')' : '') + (r.groups.length ? '; groups: ' + r.groups.map(q).join(', ') : ''));
     f('rule', a.rule);
     f('reason', a.reason || '—');
     f('details', details(a));
     f('age', ago(listed.created_at_ms));
     f('expires', until(listed.expires_at_ms));
     const yes = listed.votes.filter((v) => v.approve).length;
-    const votes = listed.votes.map((v) => v.approver + (v.approve ? ' approved' : ' denied') + (v.comment ? ': ' + v.comment : ''));
+    const votes = listed.votes.map((v) => q(v.approver) + (v.approve ? ' approved' : ' denied') + (v.comment ? ': ' + q(v.comment) : ''));
     f('approvals', yes + ' of ' + listed.approvals_required + ' (group ' + listed.approver_group + ')' + (votes.length ? ' — ' + votes.join('; ') : ''));
     f('id', a.id);
   }
@@ -118,9 +126,7 @@ async function readWhole(id, li) {
   render(latest);
 }
 
-async function decide(e, id, li) {
-  e.preventDefault();
-  const approve = e.submitter ? e.submitter.value === 'true' : false;
+async function decide(approve, id, li) {
   const comment = li.querySelector('input[name="comment"]').value;
   const out = li.querySelector('.outcome');
   out.classList.remove('error');

@@ -12,6 +12,7 @@
 //! refuses to hold the statement rather than show it.
 
 use super::{Counts, Masker};
+use crate::policy::tree::Tree;
 use pg_query::protobuf::Token;
 use std::fmt;
 
@@ -87,7 +88,28 @@ pub fn mask_statement(
         out.push_str(close);
     }
     out.push_str(&sql[at..]);
+    // Each token kept its delimiters; the whole copy must then read as the statement does.
+    if out != sql && outline(&out) != outline(sql) {
+        return Err(Unfaithful(
+            "the masked copy would not read as the statement does".into(),
+        ));
+    }
     Ok(out)
+}
+
+/// What a masked copy must keep of a text: its line breaks, and the kinds of its literals,
+/// quoted identifiers and comments, in order (`None` when the scanner cannot read it).
+fn outline(text: &str) -> Option<(usize, Vec<i32>)> {
+    let tokens = pg_query::scan_tokens(text).ok()?;
+    let kinds = tokens
+        .iter()
+        .filter(|t| {
+            text.get(t.start as usize..t.end as usize)
+                .is_some_and(|s| delimited(t.token, s).is_some())
+        })
+        .map(|t| t.token)
+        .collect();
+    Some((text.matches('\n').count(), kinds))
 }
 
 /// A literal, quoted identifier or comment: its opening, inside, closing, and the markers whose
@@ -203,7 +225,11 @@ fn credentials_out(sql: &str) -> Credentials {
         return Credentials::Unreadable;
     };
     let mut out = String::with_capacity(sql.len());
-    let (mut at, mut values, mut after_password) = (0, Vec::new(), false);
+    // Where the word `password` before this token starts, if it is there.
+    let (mut at, mut values, mut after_password) = (0, Vec::new(), None);
+    // `password 'text'` is also a literal of a type named `password`, which a function may run
+    // as SQL (`query_to_xml(password 'DELETE …', …)`): such a literal is no password.
+    let mut typed: Option<Vec<i64>> = None;
     for t in &tokens {
         let (start, end) = (t.start as usize, t.end as usize);
         let (Some(gap), Some(text)) = (sql.get(at..start), sql.get(start..end)) else {
@@ -211,8 +237,13 @@ fn credentials_out(sql: &str) -> Credentials {
         };
         let string = t.token == Token::Sconst as i32 || t.token == Token::Usconst as i32;
         let comment = t.token == Token::SqlComment as i32 || t.token == Token::CComment as i32;
+        let password_here = after_password.is_some_and(|word| {
+            !typed
+                .get_or_insert_with(|| password_casts(sql))
+                .contains(&word)
+        });
         let taken = match delimited(t.token, text) {
-            Some((open, inner, close, _)) if string && after_password => {
+            Some((open, inner, close, _)) if string && password_here => {
                 values.push(inner.to_string());
                 Some(format!("{open}{PLACEHOLDER}{}{close}", line_breaks(inner)))
             }
@@ -222,7 +253,7 @@ fn credentials_out(sql: &str) -> Credentials {
             }
             // A password without quotes (a syntax error, which the target's answer quotes):
             // a name or a number, whole. (A keyword is left: `SELECT password FROM t`.)
-            _ if after_password
+            _ if password_here
                 && [Token::Ident, Token::Uident, Token::Iconst, Token::Fconst]
                     .iter()
                     .any(|k| *k as i32 == t.token) =>
@@ -236,9 +267,10 @@ fn credentials_out(sql: &str) -> Credentials {
         out.push_str(taken.as_deref().unwrap_or(text));
         at = end;
         if !comment {
-            after_password = t.token == Token::Password as i32
+            let password = t.token == Token::Password as i32
                 || ((t.token == Token::Ident as i32 || t.token == Token::Uident as i32)
                     && text.trim_matches('"').eq_ignore_ascii_case("password"));
+            after_password = password.then_some(i64::from(t.start));
         }
     }
     out.push_str(&sql[at..]);
@@ -246,6 +278,60 @@ fn credentials_out(sql: &str) -> Credentials {
         return Credentials::None;
     }
     Credentials::Taken(Taken { text: out, values })
+}
+
+/// Where `sql` names a type `password` in a cast (a typed literal `password '…'`): the
+/// locations of those type names.
+fn password_casts(sql: &str) -> Vec<i64> {
+    fn find(t: &Tree, found: &mut Vec<i64>) {
+        match t {
+            Tree::Object(fields) => {
+                for (k, v) in fields {
+                    let type_name = v.get("type_name").filter(|_| *k == "TypeCast");
+                    let password = type_name
+                        .and_then(|n| n.get("names")?.as_array()?.last())
+                        .and_then(|n| n.pointer("/node/String/sval")?.as_str())
+                        .is_some_and(|name| name.eq_ignore_ascii_case("password"));
+                    if let Some(at) = type_name
+                        .filter(|_| password)
+                        .and_then(|n| n.get("location")?.as_i64())
+                    {
+                        found.push(at);
+                    }
+                    find(v, found);
+                }
+            }
+            Tree::Array(items) => items.iter().for_each(|i| find(i, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    if let Some(tree) = pg_query::parse(sql, 0)
+        .ok()
+        .and_then(|parsed| Tree::of(&parsed.protobuf).ok())
+    {
+        find(&tree, &mut found);
+    }
+    found
+}
+
+/// How many bytes at the start of `text` may be taken out as a credential: up to the first
+/// blank, control character, quote, backslash, dollar, semicolon or parenthesis, or comment
+/// marker. The string holding it may be SQL that runs later (a `DO` body, `dblink_exec`'s
+/// text): a value that could end a string, a comment or a statement there would hide code.
+fn secret_len(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    (0..bytes.len())
+        .find(|&i| {
+            let b = bytes[i];
+            b.is_ascii_whitespace()
+                || b.is_ascii_control()
+                || b"'\"\\$;()`".contains(&b)
+                || [b"--", b"/*", b"*/"]
+                    .iter()
+                    .any(|m| bytes[i..].starts_with(*m))
+        })
+        .unwrap_or(bytes.len())
 }
 
 /// The line breaks of `text`, in order.
@@ -270,23 +356,23 @@ fn connection_string_without_password(inner: &str, values: &mut Vec<String>) -> 
             continue;
         };
         let value = value.trim_start();
+        // A quoted value (`''…''` inside an SQL string) keeps its quotes.
+        let value = value.strip_prefix("''").unwrap_or(value);
         let head = rest.len() - value.len();
-        let len = match value.strip_prefix("''") {
-            // A quoted value: up to the next pair of quotes.
-            Some(quoted) => quoted.find("''").map_or(value.len(), |end| end + 4),
-            None => value.find(char::is_whitespace).unwrap_or(value.len()),
-        };
+        let len = secret_len(value);
         out.push_str(&rest[..head]);
-        out.push_str(PLACEHOLDER);
-        out.push_str(&line_breaks(&value[..len]));
-        values.push(value[..len].to_string());
         rest = &value[len..];
-        taken = true;
+        if len > 0 {
+            out.push_str(PLACEHOLDER);
+            values.push(value[..len].to_string());
+            taken = true;
+        }
     }
     out.push_str(rest);
-    // A URI's user information: `://user:password@`.
+    // A URI's user information: `://user:password@`, within what may be a credential.
     if let Some(scheme) = out.find("://") {
         let authority = &out[scheme + 3..];
+        let authority = &authority[..secret_len(authority)];
         let end = authority.find(['/', '?', '#']).unwrap_or(authority.len());
         if let Some(userinfo) = authority[..end].rfind('@').map(|at| &authority[..at]) {
             if let Some(colon) = userinfo.find(':') {
@@ -294,8 +380,7 @@ fn connection_string_without_password(inner: &str, values: &mut Vec<String>) -> 
                 let to = scheme + 3 + userinfo.len();
                 if from < to && &out[from..to] != PLACEHOLDER {
                     values.push(out[from..to].to_string());
-                    let breaks = line_breaks(&out[from..to]);
-                    out.replace_range(from..to, &format!("{PLACEHOLDER}{breaks}"));
+                    out.replace_range(from..to, PLACEHOLDER);
                     taken = true;
                 }
             }
@@ -338,17 +423,9 @@ mod tests {
     /// across the comment's `--` would have turned the comment into text in the copy.
     #[test]
     fn a_comment_inside_a_continued_string_keeps_its_marker() {
-        use crate::policy::masking::{Counts, DetectorRule, Masker, MaskingConfig, Method};
         let sql = "U7V3ice@example.cQQQQo!mmple.com,W xODR\n'y' --3ice@example.cASS a PASSWORD 'DR\n'y' -- cd cQQQQQQQQQQQQQQQQQQQQQQQd = 1";
         for method in [Method::Redact, Method::KeepLast, Method::Token] {
-            let masker = Masker::new(
-                MaskingConfig {
-                    columns: Vec::new(),
-                    detectors: DetectorRule::every_kind(method, false),
-                },
-                b"fuzz".to_vec(),
-            );
-            let shown = mask_statement(&masker, sql, &mut Counts::new());
+            let shown = shown(method, sql);
             if matches!(method, Method::Redact) {
                 assert!(shown.is_err(), "{shown:?}");
             }
@@ -410,8 +487,8 @@ mod tests {
                 "CREATE SUBSCRIPTION s CONNECTION 'host=db user=rep password=[redacted] dbname=x' PUBLICATION p",
             ),
             (
-                "SELECT dblink_connect('c', 'password = ''pw 4'' host=h')",
-                "SELECT dblink_connect('c', 'password = [redacted] host=h')",
+                "SELECT dblink_connect('c', 'password = ''pw4'' host=h')",
+                "SELECT dblink_connect('c', 'password = ''[redacted]'' host=h')",
             ),
             (
                 "SELECT dblink('postgresql://rep:pw5@db:5432/x', 'select 1')",
@@ -456,6 +533,52 @@ mod tests {
             "SELECT 'mypassword=x'",
         ] {
             assert_eq!(without_credentials(sql, &mut Counts::new()), None, "{sql}");
+        }
+        // A string may be SQL that runs later: a value ends where it could end a string, a
+        // comment or a statement there, so no code is taken out with it (found by an outside
+        // review: each of these hid a DELETE or DROP behind `[redacted]`).
+        for (sql, want) in [
+            (
+                "DO $$BEGIN PERFORM 'http://u:'; DELETE FROM accounts; PERFORM '@h'; END$$",
+                None,
+            ),
+            (
+                "DO $$BEGIN PERFORM 'password=';DROP/**/TABLE/**/accounts;PERFORM' x'; END$$",
+                None,
+            ),
+            (
+                "SELECT dblink_exec('dbname=app', 'SELECT ''http://u:''; DROP TABLE accounts; SELECT ''@h''')",
+                None,
+            ),
+            (
+                "SELECT query_to_xml('SELECT ''password='' UNION SELECT ssn FROM c WHERE ''''=''''', true, true, '')",
+                None,
+            ),
+            (
+                "DO $$BEGIN PERFORM 1 /*password=x*/; DROP TABLE accounts; END$$",
+                Some("DO $$BEGIN PERFORM 1 /*password=[redacted]*/; DROP TABLE accounts; END$$"),
+            ),
+            (
+                "SELECT dblink_connect('c', 'password = ''pw 4'' host=h')",
+                Some("SELECT dblink_connect('c', 'password = ''[redacted] 4'' host=h')"),
+            ),
+            // A literal of a type named `password` is a value, which a function may run.
+            (
+                "SELECT query_to_xml(password 'DELETE FROM accounts RETURNING 1', true, true, '')",
+                None,
+            ),
+            (
+                "SELECT query_to_xml(\"password\" 'DELETE FROM accounts RETURNING 1', true, true, ''); ALTER ROLE a PASSWORD 'pw'",
+                Some("SELECT query_to_xml(\"password\" 'DELETE FROM accounts RETURNING 1', true, true, ''); ALTER ROLE a PASSWORD '[redacted]'"),
+            ),
+        ] {
+            assert_eq!(
+                without_credentials(sql, &mut Counts::new())
+                    .map(|t| t.text)
+                    .as_deref(),
+                want,
+                "{sql}"
+            );
         }
         // What cannot be read token by token keeps nothing after the first word or URI.
         assert_eq!(
