@@ -278,6 +278,10 @@ struct Unit {
     per_statement: Vec<Vec<Op>>,
     /// Credentials taken out of its request record, taken out of the target's error too.
     secrets: Vec<String>,
+    /// Whether its result columns without a table may carry a value a column rule covers
+    /// (`Some(client)`: masked whole, for the client too when `client`; see
+    /// [`ClientHalf::derives`]).
+    derives: Option<bool>,
 }
 
 impl Unit {
@@ -291,6 +295,7 @@ impl Unit {
             always: Vec::new(),
             per_statement: Vec::new(),
             secrets: Vec::new(),
+            derives: None,
         }
     }
 }
@@ -1051,6 +1056,7 @@ impl ClientHalf {
                     Op::DropPortal(Some(String::new())),
                 ];
                 unit.per_statement = per_statement;
+                unit.derives = self.derives(&class);
                 self.tables.sync_point();
                 self.expect(Pending::Query(unit));
                 out.extend_from_slice(&frame.raw);
@@ -1385,6 +1391,7 @@ impl ClientHalf {
                 }
                 unit.portal = Some(portal);
                 unit.per_statement = per_statement;
+                unit.derives = self.derives(&stmt.class);
                 self.expect(Pending::Execute(unit));
                 self.ran_in_batch = true;
                 out.extend_from_slice(&frame.raw);
@@ -1752,6 +1759,30 @@ impl ClientHalf {
 
     /// What each statement of a text does to the statement and portal tables once the target
     /// completed it.
+    /// Whether a result column PostgreSQL reports no table for may carry a value a column
+    /// rule covers, in what the message runs ([`Masker::derives`] for each statement). A
+    /// `FETCH` or `EXECUTE` returns the rows of a query another statement named, and a
+    /// statement that cannot be classified says nothing: as if they named every ruled column.
+    fn derives(&self, class: &Classification) -> Option<bool> {
+        let masker = &self.ctx.core.masker;
+        if !masker.has_column_rules() {
+            return None;
+        }
+        let conn = self.session.conn.name.as_deref().unwrap_or("");
+        let any = || Some(masker.client_columns(conn));
+        let Ok(stmts) = class else { return any() };
+        stmts
+            .iter()
+            .filter_map(|s| {
+                if s.fetches || s.executes.is_some() {
+                    return any();
+                }
+                let tables = s.tables.iter().map(String::as_str);
+                masker.derives(conn, tables, s.columns.iter().map(String::as_str))
+            })
+            .reduce(|a, b| a || b)
+    }
+
     fn statement_effects(
         &self,
         text: &str,
@@ -2114,8 +2145,8 @@ fn client_row(
                 // a client-side rule covers the column or the detectors find something in
                 // them, a binary value withheld (NULL), text redacted.
                 _ => {
-                    let covered = m
-                        .is_some_and(|m| m.unresolved || m.rule.as_ref().is_some_and(|r| r.client));
+                    let covered = m.is_some_and(ColMask::client_whole)
+                        || m.is_some_and(|m| m.rule.as_ref().is_some_and(|r| r.client));
                     if !covered && !masker.detects_in_bytes(v, true, None) {
                         return Some(Cow::Borrowed(v));
                     }
@@ -2124,7 +2155,7 @@ fn client_row(
                 }
             };
             Some({
-                let out = if m.is_some_and(|m| m.unresolved) {
+                let out = if m.is_some_and(ColMask::client_whole) {
                     Cow::Owned("[redacted]".to_string())
                 } else {
                     masker.mask(text, m.and_then(|m| m.rule.as_ref()), true, None)
@@ -2150,8 +2181,18 @@ struct ColMask {
     rule: Option<ColumnRule>,
     /// Its table could not be resolved: masked whole (fail closed).
     unresolved: bool,
+    /// It has no table, and what it is made of may be a column a rule covers: masked whole in
+    /// the record, and for the client when `Some(true)`.
+    derived: Option<bool>,
     /// Text format (only text values are rewritten for the client).
     text: bool,
+}
+
+impl ColMask {
+    /// Masked whole in the client's copy.
+    fn client_whole(&self) -> bool {
+        self.unresolved || self.derived == Some(true)
+    }
 }
 
 /// What came back so far for the statement at the head of the queue.
@@ -3075,12 +3116,21 @@ impl TargetHalf {
         let ctx = self.ctx.clone();
         let conn = self.session.conn.name.clone().unwrap_or_default();
         let fields = fields.to_vec();
-        async move { Self::masks(&ctx, &conn, &fields).await }
+        let derives = match self.queue.front() {
+            Some(Pending::Query(unit) | Pending::Execute(unit)) => unit.derives,
+            _ => None,
+        };
+        async move { Self::masks(&ctx, &conn, &fields, derives).await }
     }
 
     /// Column masks for a result set, resolving the tables behind its columns. (Takes the
     /// context rather than `self`: the half's streams are not `Sync`.)
-    async fn masks(ctx: &PgContext, conn: &str, fields: &[Field]) -> Option<Arc<Vec<ColMask>>> {
+    async fn masks(
+        ctx: &PgContext,
+        conn: &str,
+        fields: &[Field],
+        derives: Option<bool>,
+    ) -> Option<Arc<Vec<ColMask>>> {
         let masker = &ctx.core.masker;
         if !masker.is_active() {
             return None;
@@ -3133,6 +3183,7 @@ impl TargetHalf {
                     ColMask {
                         rule,
                         unresolved,
+                        derived: derives.filter(|_| f.table_oid == 0 && masker.has_column_rules()),
                         text: f.format == 0 || messages::is_text_type(f.type_oid),
                     }
                 })
@@ -3175,6 +3226,10 @@ impl TargetHalf {
                             }
                             Some(m) if m.unresolved => {
                                 *acc.masked.entry("unresolved".into()).or_default() += 1;
+                                "[redacted]".to_string()
+                            }
+                            Some(m) if m.derived.is_some() => {
+                                *acc.masked.entry("derived".into()).or_default() += 1;
                                 "[redacted]".to_string()
                             }
                             m => messages::mask_shown(

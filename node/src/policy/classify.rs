@@ -284,6 +284,11 @@ pub struct StatementInfo {
     /// with a constant name gives a value, lower case as written: PostgreSQL does not list
     /// them, so the gateway asks for them by name when it binds an approval.
     pub custom_settings: BTreeSet<String>,
+    /// Columns referenced in what a query returns (a target list, `RETURNING`, `VALUES`, at
+    /// any depth), by the last name of each reference as the parser gives it (`*` for `t.*`
+    /// and `*`): what a result column PostgreSQL reports no table for (a set operation's, a
+    /// scalar subquery's, a cast's) may be made of.
+    pub columns: BTreeSet<String>,
 }
 
 impl StatementInfo {
@@ -526,7 +531,13 @@ struct Ctx {
     depth: usize,
     /// What is here runs when the statement runs (false under a plain `EXPLAIN`).
     runs: bool,
+    /// Under a list of what a query returns (its target list, `RETURNING`, `VALUES`): a
+    /// column referenced here may be in a result.
+    output: bool,
 }
+
+/// The fields that hold what a query returns.
+const OUTPUT_LISTS: &[&str] = &["target_list", "returning_clause", "values_lists"];
 
 struct Walk {
     info: StatementInfo,
@@ -544,6 +555,7 @@ fn classify_statement(node: &Tree) -> (StatementInfo, Vec<Pending>) {
     let ctx = Ctx {
         depth: 0,
         runs: true,
+        output: false,
     };
     w.walk(node, ctx);
     top_level(name, body, &mut w.info);
@@ -1058,6 +1070,7 @@ impl Walk {
                 ctx.depth
             },
             runs: ctx.runs && (name != "ExplainStmt" || explain_analyze(body)),
+            output: ctx.output,
         };
         self.walk(body, ctx);
     }
@@ -1073,8 +1086,9 @@ impl Walk {
                     if v.get("relpersistence").is_some() {
                         add_table(v, &mut self.info);
                     }
-                    for (_, value) in fields {
-                        self.walk(value, ctx);
+                    for (key, value) in fields {
+                        let output = ctx.output || OUTPUT_LISTS.contains(key);
+                        self.walk(value, Ctx { output, ..ctx });
                     }
                 }
             }
@@ -1170,6 +1184,14 @@ impl Walk {
         };
         if name == "ColumnRef" {
             let fields = body.get("fields").and_then(Tree::as_array);
+            let last = fields.and_then(|f| f.last()).filter(|_| ctx.output);
+            if let Some(column) = last.and_then(|f| {
+                f.pointer("/node/String/sval")
+                    .and_then(Tree::as_str)
+                    .or(f.pointer("/node/AStar").map(|_| "*"))
+            }) {
+                self.info.columns.insert(column.to_string());
+            }
             // Most qualified columns are columns (`c.name`, `excluded.id`): only a name that is a
             // dangerous function or one that runs SQL text counts here.
             let called = fields
@@ -1331,6 +1353,24 @@ mod tests {
         let mut v = classify(sql).unwrap();
         assert_eq!(v.len(), 1, "{sql}");
         v.remove(0)
+    }
+
+    #[test]
+    fn the_columns_a_result_may_be_made_of() {
+        let columns = |sql: &str| one(sql).columns.into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            columns("SELECT name FROM c WHERE id = 1 UNION SELECT x FROM d"),
+            ["name", "x"]
+        );
+        assert_eq!(columns("SELECT (SELECT c.ssn FROM c LIMIT 1)"), ["ssn"]);
+        assert_eq!(columns("SELECT t.* FROM c t WHERE t.ssn = '1'"), ["*"]);
+        assert_eq!(
+            columns("DELETE FROM c WHERE ssn = '1' RETURNING name"),
+            ["name"]
+        );
+        assert_eq!(columns("VALUES ((SELECT ssn FROM c))"), ["ssn"]);
+        // Only what a query returns: a filter's columns are not.
+        assert!(columns("SELECT count(*) FROM c WHERE name = 'x' GROUP BY ssn").is_empty());
     }
 
     #[test]

@@ -571,12 +571,56 @@ impl Masker {
 
     /// Whether any rule masks what clients receive on `connection`.
     pub fn masks_clients(&self, connection: &str) -> bool {
-        self.config.detectors.iter().any(|d| d.client)
-            || self
-                .config
-                .columns
-                .iter()
-                .any(|r| r.client && connects(r, connection))
+        self.config.detectors.iter().any(|d| d.client) || self.client_columns(connection)
+    }
+
+    /// Whether a result column PostgreSQL reports no table for (a set operation's, a scalar
+    /// subquery's, a cast's) may carry a value a column rule covers, in a statement that names
+    /// `tables` (as written: `table` or `schema.table`) and references `columns` (`*` for a
+    /// star): some rule of the connection names one of those tables and one of those columns.
+    /// `Some(client)` then, `client` when such a rule also masks the client's copy.
+    pub fn derives<'a>(
+        &self,
+        connection: &str,
+        tables: impl IntoIterator<Item = &'a str> + Clone,
+        columns: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> Option<bool> {
+        // A name as written may be unqualified: it may be the rule's table in any schema.
+        fn last(name: &str) -> &str {
+            name.rsplit('.').next().unwrap_or(name)
+        }
+        let names = |rule: &str, written: &str| {
+            glob(rule, written)
+                || (!rule.contains('.') && glob(rule, last(written)))
+                || (!written.contains('.') && glob(last(rule), written))
+        };
+        let mut found = None;
+        for r in self
+            .config
+            .columns
+            .iter()
+            .filter(|r| connects(r, connection))
+        {
+            let table = tables.clone().into_iter().any(|t| names(&r.table, t));
+            let column = || {
+                columns
+                    .clone()
+                    .into_iter()
+                    .any(|c| c == "*" || glob(&r.column, c))
+            };
+            if table && column() {
+                found = Some(found.unwrap_or(false) || r.client);
+            }
+        }
+        found
+    }
+
+    /// Whether a column rule of the connection masks the client's copy.
+    pub fn client_columns(&self, connection: &str) -> bool {
+        self.config
+            .columns
+            .iter()
+            .any(|r| r.client && connects(r, connection))
     }
 
     /// The column rule for a result column from `schema.table`.`column`.
