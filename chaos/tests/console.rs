@@ -1013,6 +1013,16 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
         .filter(|r| r.body.session.as_deref() == Some(session.as_str()))
         .collect();
     assert_eq!(downloaded, of_session);
+    // Another site's link to it (a navigation carries the SameSite=Lax cookie) makes no look
+    // on record under dave's name: refused before it is written.
+    let res = http
+        .get(format!("{console}/api/sessions/{session}/records.jsonl"))
+        .header("cookie", &dave_cookie)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
 
     // One byte of the statement's request record altered in the log: the badge says where the
     // chain breaks.

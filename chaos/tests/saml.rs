@@ -543,6 +543,18 @@ async fn t20_what_an_attacker_or_a_broken_idp_sends_is_refused() {
             "audience",
         ),
         (
+            // Every AudienceRestriction must admit the service provider (SAML core 2.5.1.4).
+            "a second AudienceRestriction for another audience",
+            Box::new(move |x: &str| {
+                by_idp(&swap(
+                    x,
+                    "</saml:AudienceRestriction>",
+                    "</saml:AudienceRestriction><saml:AudienceRestriction><saml:Audience>https://other.example/sp</saml:Audience></saml:AudienceRestriction>",
+                ))
+            }),
+            "audience",
+        ),
+        (
             "another recipient",
             Box::new(move |x: &str| {
                 by_idp(&swap(

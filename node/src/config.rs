@@ -496,6 +496,10 @@ fn check_identity(key: &str, id: &IdentityConfig) -> Result<(), ConfigError> {
             "must accept at least one token type",
         ));
     }
+    // Past its expiry a token is accepted for the leeway: minutes at most, as for SAML.
+    if id.leeway_secs > 300 {
+        return Err(invalid(key("leeway_secs"), "must be at most 300"));
+    }
     if id.http_timeout_secs == 0 {
         return Err(invalid(key("http_timeout_secs"), "must be at least 1"));
     }
@@ -1151,6 +1155,15 @@ allow = { groups = ["dba"] }
         assert!(e.contains("postgres.connections[0].allow"), "{e}");
         let e = parse(&GOOD.replace("[\"urn:vigil:gateway\"]", "[]")).unwrap_err();
         assert!(e.contains("identity.audiences"), "{e}");
+        let leeway = |secs: u32| {
+            parse(&GOOD.replace(
+                "audiences = [",
+                &format!("leeway_secs = {secs}\naudiences = ["),
+            ))
+        };
+        leeway(300).unwrap();
+        let e = leeway(301).unwrap_err();
+        assert!(e.contains("identity.leeway_secs"), "{e}");
         let e = parse(&GOOD.replace("\"127.0.0.1:0\"", "\"nowhere\"")).unwrap_err();
         assert!(e.contains("listen"), "{e}");
         let e = parse(

@@ -140,11 +140,13 @@ fn needs_escape(c: char) -> bool {
 }
 
 /// Format characters (Cf), line and paragraph separators, and characters that render as
-/// nothing. (`char::is_control` covers C0, DEL and C1.)
+/// nothing (Unicode's Default_Ignorable_Code_Point: variation selectors, fillers, tags).
+/// (`char::is_control` covers C0, DEL and C1.)
 fn invisible(c: char) -> bool {
     matches!(
         c as u32,
         0x00AD
+            | 0x034F
             | 0x0600..=0x0605
             | 0x061C
             | 0x06DD
@@ -152,22 +154,23 @@ fn invisible(c: char) -> bool {
             | 0x0890..=0x0891
             | 0x08E2
             | 0x115F..=0x1160
-            | 0x180E
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
             | 0x200B..=0x200F
             | 0x2028..=0x202E
             | 0x2060..=0x2064
             | 0x2066..=0x206F
             | 0x3164
+            | 0xFE00..=0xFE0F
             | 0xFEFF
             | 0xFFA0
-            | 0xFFF9..=0xFFFB
+            | 0xFFF0..=0xFFFB
             | 0x110BD
             | 0x110CD
             | 0x13430..=0x1343F
             | 0x1BCA0..=0x1BCA3
             | 0x1D173..=0x1D17A
-            | 0xE0001
-            | 0xE0020..=0xE007F
+            | 0xE0000..=0xE0FFF
     )
 }
 
@@ -261,6 +264,9 @@ mod tests {
         for c in [
             0x00ad, 0x200b, 0x200c, 0x200d, 0x2060, 0x2063, 0xfeff, 0x2028, 0x2029, 0x180e, 0x3164,
             0xfff9, 0xe0001, 0xe0041,
+            // Default-ignorable (found by an outside review: `"accounts\u{fe00}"` read as
+            // `"accounts"`): variation selectors, the grapheme joiner, fillers, tags.
+            0x034f, 0x17b4, 0x180b, 0x180f, 0xfe00, 0xfe0f, 0xfff0, 0xe0000, 0xe0100, 0xe01ef,
         ] {
             let c = char::from_u32(c).unwrap();
             let e = escape(&c.to_string()).into_owned();

@@ -129,6 +129,16 @@ impl Console {
         id: String,
         action: &str,
     ) -> Result<(Summary, Vec<Vec<u8>>), Response> {
+        // A look is on record under the auditor's name: another site's link or page must not
+        // make one in their browser (the cookie is SameSite=Lax, so a top-level navigation
+        // from elsewhere carries it). Browsers say where a request comes from.
+        let site = visit.headers.get("sec-fetch-site").map(|v| v.as_bytes());
+        if site.is_some_and(|s| s != b"same-origin") {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "recorded sessions open from the console's own pages",
+            ));
+        }
         let person = self.auditor(visit).await?;
         let found = self.with_index(move |i| i.session(&id)).await?;
         let Some((summary, records)) = found else {

@@ -397,11 +397,13 @@ impl Sp {
             .conditions
             .as_ref()
             .ok_or_else(|| refused("the assertion has no Conditions"))?;
-        let ours = conditions
-            .audience_restrictions
-            .iter()
-            .flatten()
-            .any(|r| r.audience.iter().any(|a| a == audience));
+        // Each AudienceRestriction must admit this service provider (SAML core §2.5.1.4: an
+        // assertion restricted to two audiences in two elements is for neither alone).
+        let restrictions = conditions.audience_restrictions.iter().flatten();
+        let ours = restrictions.clone().next().is_some()
+            && restrictions
+                .clone()
+                .all(|r| r.audience.iter().any(|a| a == audience));
         if !ours {
             return Err(refused(format!(
                 "the assertion is not for this service provider (no Audience {audience})"
