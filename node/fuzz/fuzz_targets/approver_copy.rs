@@ -1,12 +1,13 @@
-//! Arbitrary text through the masking of an approver's copy, with every detector and every
-//! method: errors are fine (the statement is then refused), panics are not; and a copy that is
-//! shown reads like the statement: the same line breaks, and as many comments as it has.
+//! Arbitrary text through the masking of an approver's copy and of a record's copy, with every
+//! detector and every method: errors are fine (the statement is then refused), panics are not;
+//! and a copy that is shown or recorded reads like the statement: the same line breaks, and as
+//! many comments as it has (for a text the scanner reads).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pg_query::protobuf::Token;
 use vigil_node::policy::masking::{
-    mask_statement, Counts, DetectorRule, Masker, MaskingConfig, Method,
+    mask_recorded, mask_statement, Counts, DetectorRule, Masker, MaskingConfig, Method,
 };
 
 fn comments(sql: &str) -> Option<usize> {
@@ -32,6 +33,17 @@ fuzz_target!(|data: &[u8]| {
             },
             b"fuzz".to_vec(),
         );
+        // A record's copy is never refused, and reads like the statement too.
+        if let Some(recorded) = mask_recorded(&masker, sql, &mut Counts::new()) {
+            if comments(sql).is_some() {
+                assert_eq!(
+                    recorded.matches('\n').count(),
+                    sql.matches('\n').count(),
+                    "{sql:?} -> {recorded:?}"
+                );
+                assert_eq!(comments(&recorded), comments(sql), "{sql:?} -> {recorded:?}");
+            }
+        }
         let Ok(shown) = mask_statement(&masker, sql, &mut Counts::new()) else {
             continue;
         };

@@ -27,7 +27,8 @@ use crate::core::tls::{send_all, BoxStream};
 use crate::core::Refusal;
 use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{
-    produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
+    mask_recorded, produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
+    Masker,
 };
 use crate::policy::{with_note, Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
@@ -176,11 +177,14 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest, secrets: &mut Vec<Stri
     if !masker.is_active() {
         return counts;
     }
-    if let Cow::Owned(t) = masker.mask(&request.text, None, false, Some(&mut counts)) {
-        request.text = t;
+    // A statement's text is masked token by token, so that its copy reads as it runs (a
+    // masked number after `/` must not open a comment); only when there is something to mask.
+    let statements =
+        std::iter::once(&mut request.text).chain(request.prepared.iter_mut().map(|p| &mut p.text));
+    for text in statements {
+        mask_statement_copy(masker, text, &mut counts);
     }
     let values = request.params.iter_mut().flatten().flatten();
-    let prepared = request.prepared.iter_mut().map(|p| &mut p.text);
     let settings = request.binding.iter_mut().flat_map(|b| {
         [
             &mut b.database,
@@ -194,12 +198,22 @@ fn mask_request(ctx: &PgContext, request: &mut PgRequest, secrets: &mut Vec<Stri
             *v = t;
         }
     }
-    for v in prepared.chain(settings) {
+    for v in settings {
         if let Cow::Owned(t) = masker.mask(v, None, false, Some(&mut counts)) {
             *v = t;
         }
     }
     counts
+}
+
+/// Masks a statement's audit copy with the detectors, token by token ([`mask_recorded`]) when
+/// there is something to mask.
+fn mask_statement_copy(masker: &Masker, text: &mut String, counts: &mut Counts) {
+    if let Cow::Owned(_) = masker.mask(text, None, false, None) {
+        if let Some(t) = mask_recorded(masker, text, counts) {
+            *text = t;
+        }
+    }
 }
 
 /// Takes the credentials out of a statement's audit copy (counted as `secret` values); the
@@ -3311,9 +3325,7 @@ impl TargetHalf {
                 }
             }
             if let Some(r) = request.as_mut() {
-                if let Cow::Owned(m) = masker.mask(&r.text, None, false, Some(&mut acc.masked)) {
-                    r.text = m;
-                }
+                mask_statement_copy(masker, &mut r.text, &mut acc.masked);
             }
         }
         let outcome = if acc.response.error.is_some() {

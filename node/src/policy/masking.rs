@@ -775,7 +775,9 @@ fn connects(r: &ColumnRule, connection: &str) -> bool {
 #[cfg(test)]
 mod corpus;
 mod statement;
-pub use statement::{mask_statement, scrub_values, without_credentials, Taken, Unfaithful};
+pub use statement::{
+    mask_recorded, mask_statement, scrub_values, without_credentials, Taken, Unfaithful,
+};
 
 #[cfg(test)]
 mod tests {

@@ -53,6 +53,31 @@ pub fn mask_statement(
     if !masker.is_active() {
         return Ok(sql.to_string());
     }
+    by_tokens(masker, sql, counts, false)
+}
+
+/// A statement's copy for its record (credentials already taken out): detected values masked
+/// token by token like [`mask_statement`]'s, but never refused. A literal or comment whose
+/// masked inside would change where it ends shows `[redacted]` as its whole inside; a text the
+/// scanner cannot read (a statement the target will refuse) is masked as plain text.
+pub fn mask_recorded(masker: &Masker, sql: &str, counts: &mut Counts) -> Option<String> {
+    let out = match by_tokens(masker, sql, counts, true) {
+        Ok(out) => out,
+        // A text the scanner cannot read: the target refuses it too.
+        Err(_) if pg_query::scan_tokens(sql).is_err() => by_line(masker, sql, counts),
+        Err(_) => format!("{PLACEHOLDER}{}", line_breaks(sql)),
+    };
+    (out != sql).then_some(out)
+}
+
+/// See [`mask_statement`]; `whole`: a delimited token whose masking would move its end gets
+/// [`PLACEHOLDER`] as its inside instead of refusing the statement.
+fn by_tokens(
+    masker: &Masker,
+    sql: &str,
+    counts: &mut Counts,
+    whole: bool,
+) -> Result<String, Unfaithful> {
     let tokens = pg_query::scan_tokens(sql)
         .map_err(|e| Unfaithful(format!("the statement cannot be read token by token: {e}")))?;
     let mut out = String::with_capacity(sql.len());
@@ -69,19 +94,22 @@ pub fn mask_statement(
             out.push_str(if masked == text { text } else { PLACEHOLDER });
             continue;
         };
-        let masked = by_line(masker, inner, counts);
+        let mut masked = by_line(masker, inner, counts);
         if markers
             .iter()
             .any(|m| masked.matches(m).count() != inner.matches(m).count())
         {
-            return Err(Unfaithful(format!(
-                "masking a value would change where a {} ends",
-                if t.token == Token::SqlComment as i32 || t.token == Token::CComment as i32 {
-                    "comment"
-                } else {
-                    "literal"
-                }
-            )));
+            if !whole {
+                return Err(Unfaithful(format!(
+                    "masking a value would change where a {} ends",
+                    if t.token == Token::SqlComment as i32 || t.token == Token::CComment as i32 {
+                        "comment"
+                    } else {
+                        "literal"
+                    }
+                )));
+            }
+            masked = format!("{PLACEHOLDER}{}", line_breaks(inner));
         }
         out.push_str(open);
         out.push_str(&masked);
@@ -675,6 +703,41 @@ mod tests {
             assert!(!out.contains("alice@"), "{out}");
             assert_eq!(kinds(&out), kinds(sql), "{sql} -> {out}");
         }
+    }
+
+    #[test]
+    fn a_recorded_copy_keeps_how_the_statement_reads() {
+        // Kept-last masking inside a comment would make `*/` and end it early: the record shows
+        // the comment's inside as `[redacted]` instead (found by an outside review: the plain
+        // copy read `10/************1111`, an unterminated comment hiding a DELETE).
+        let keep_last = masker(Method::KeepLast);
+        let mut counts = Counts::new();
+        for (sql, want) in [
+            (
+                "SELECT 10/4111111111111111 AS n; DELETE FROM customers WHERE id = 7",
+                "SELECT 10/[redacted] AS n; DELETE FROM customers WHERE id = 7",
+            ),
+            (
+                "SELECT 1 /* 4111111111111111/ ; DROP TABLE customers; */",
+                "SELECT 1 /*[redacted]*/",
+            ),
+            (
+                "SELECT 'card 4111111111111111'",
+                "SELECT 'card ****************'",
+            ),
+        ] {
+            assert_eq!(
+                mask_recorded(&keep_last, sql, &mut counts).as_deref(),
+                Some(want),
+                "{sql}"
+            );
+            assert_eq!(outline(want), outline(sql), "{sql}");
+        }
+        assert_eq!(
+            mask_recorded(&keep_last, "SELECT 1", &mut counts),
+            None,
+            "nothing to mask"
+        );
     }
 
     #[test]
