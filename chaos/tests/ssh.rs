@@ -2662,3 +2662,106 @@ command_flags = ["arithmetic_eval"]
         assert!(blocked.contains(line), "{line}: {blocked:?}");
     }
 }
+
+/// The mode bits of a file on the host.
+fn mode_of(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions())
+        & 0o7777
+}
+
+/// A request on an SFTP handle is decided on the file the handle was opened with; a handle
+/// the host has not returned yet, or one whose CLOSE the client sent, names no file the
+/// gateway knows (sshd's first handle is always the four bytes 0, and it reuses a closed
+/// handle for the next OPEN), so a request on it is refused. Ground truth: the protected file's mode on disk.
+#[tokio::test]
+async fn sftp_requests_on_handles_the_host_has_not_returned_or_that_were_closed_are_refused() {
+    use vigil_chaos::ssh::{fxp, SftpChannel, SftpPacket};
+    let g = Gateway::start(&policy()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let h = token_login(g.port(), &g.user(), &token)
+        .await
+        .expect("logged in");
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let open_dir = host_dir();
+    let conf = protected.path().join("app.conf");
+    let ok = open_dir.path().join("ok");
+    // Both owned by the login, whose chmod of them the host would carry out.
+    let made = exec(
+        &h,
+        &format!(
+            "install -m 644 /dev/null {} && install -m 644 /dev/null {}",
+            conf.display(),
+            ok.display()
+        ),
+    )
+    .await;
+    assert_eq!(made.2, Some(0), "{made:?}");
+    let (conf_s, ok_s) = (conf.display().to_string(), ok.display().to_string());
+    let mut sftp = SftpChannel::start(&h).await;
+
+    // OPEN of the protected file for reading and FSETSTAT on the handle sshd will return, in
+    // one write.
+    let mut w = SftpPacket::open(1, &conf_s, fxp::READ);
+    w.extend(SftpPacket::chmod(2, &[0; 4], 0o777));
+    sftp.send(&w).await;
+    let r = sftp.replies(2).await;
+    let handle = SftpChannel::reply_to(&r, 1).handle();
+    assert_eq!(handle, [0; 4]);
+    assert_eq!(SftpChannel::reply_to(&r, 2).status(), fxp::FX_FAILURE);
+    assert_eq!(mode_of(&conf), 0o644);
+    sftp.send(&SftpPacket::close(3, &handle)).await;
+    assert_eq!(sftp.replies(1).await[0].status(), fxp::FX_OK);
+
+    // A handle open on an allowed file; then its CLOSE, an OPEN of the protected file (which
+    // the host gives the same handle) and FSETSTAT on that handle, in one write.
+    sftp.send(&SftpPacket::open(4, &ok_s, fxp::READ)).await;
+    let handle = sftp.replies(1).await[0].handle();
+    let mut w = SftpPacket::close(5, &handle);
+    w.extend(SftpPacket::open(6, &conf_s, fxp::READ));
+    w.extend(SftpPacket::chmod(7, &handle, 0o777));
+    sftp.send(&w).await;
+    let r = sftp.replies(3).await;
+    assert_eq!(SftpChannel::reply_to(&r, 5).status(), fxp::FX_OK);
+    assert_eq!(SftpChannel::reply_to(&r, 6).handle(), handle, "reused");
+    assert_eq!(SftpChannel::reply_to(&r, 7).status(), fxp::FX_FAILURE);
+    assert_eq!(mode_of(&conf), 0o644);
+    assert_eq!(mode_of(&ok), 0o644);
+
+    // A request on a handle the host returned goes through: the raw client reaches the host.
+    sftp.send(&SftpPacket::close(8, &handle)).await;
+    sftp.replies(1).await;
+    sftp.send(&SftpPacket::open(9, &ok_s, fxp::READ)).await;
+    let handle = sftp.replies(1).await[0].handle();
+    sftp.send(&SftpPacket::chmod(10, &handle, 0o600)).await;
+    assert_eq!(sftp.replies(1).await[0].status(), fxp::FX_OK);
+    assert_eq!(mode_of(&ok), 0o600);
+    drop(sftp);
+    drop(h);
+
+    let records = g.node.records_after_sessions(1).await;
+    let refused: Vec<(Option<String>, String)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.operation.as_deref() == Some("set_stat") => {
+                Some((s.path.clone(), r.body.policy.as_ref().unwrap().rule.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (None, "unknown-handle".to_string()),
+            (None, "unknown-handle".to_string())
+        ]
+    );
+}

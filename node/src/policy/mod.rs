@@ -620,10 +620,16 @@ impl ProtocolAction for kube::KubeAction<'_> {
 
 /// The decision on what cannot be classified or parsed: refused, saying why.
 fn parse_error(why: String) -> Decision {
+    gateway_block("parse-error", why)
+}
+
+/// A refusal decided by the gateway itself, whatever the policy says, under a built-in rule
+/// name (`parse-error`, `unknown-handle` …).
+pub fn gateway_block(rule: &str, reason: impl Into<String>) -> Decision {
     Decision {
         action: Action::Block,
-        rule: "parse-error".into(),
-        reason: Some(why),
+        rule: rule.into(),
+        reason: Some(reason.into()),
         dry_run: Vec::new(),
         approval: None,
     }

@@ -247,6 +247,13 @@ pub struct SftpRequest {
     pub target: Option<String>,
     /// A path was not valid UTF-8: `path`/`target` show it with replacement characters.
     pub path_not_utf8: bool,
+    /// The request names a handle (for copy-data, either handle) that is not open as far as
+    /// the gateway knows: one the host has not returned yet (a client that sends `OPEN` and
+    /// a request on the handle it expects in one write; sshd's first handle is always
+    /// `00000000`), or one whose `CLOSE` the client has sent (the host may hand the same
+    /// handle to the next `OPEN`). Which file it acts on cannot be known, so it cannot be
+    /// decided: the gateway refuses it.
+    pub handle_unknown: bool,
     /// READ and copy-data: the length asked for; WRITE: the data's length.
     pub length: u64,
     /// READ and WRITE: the file offset.
@@ -263,6 +270,7 @@ impl SftpRequest {
             path: None,
             target: None,
             path_not_utf8: false,
+            handle_unknown: false,
             length: 0,
             offset: 0,
             attrs: None,
@@ -521,6 +529,10 @@ struct OpenFile {
     operation: SftpOperation,
     /// The first failure on this handle, which becomes the record's status.
     failed: bool,
+    /// The client sent its CLOSE: the file stays until the CLOSE's reply (which ends its
+    /// record), but no later request may use the handle (see
+    /// [`SftpRequest::handle_unknown`]).
+    closing: bool,
 }
 
 /// Follows one SFTP channel. See the module documentation for how the gateway uses it.
@@ -620,10 +632,9 @@ impl SftpTracker {
         open.into_iter().map(|f| f.operation).collect()
     }
 
-    fn path_of(&self, handle: &[u8]) -> Option<String> {
-        self.handles
-            .get(handle)
-            .and_then(|f| f.operation.request.path.clone())
+    /// The file open under `handle`, unless its CLOSE was sent.
+    fn open_file(&self, handle: &[u8]) -> Option<&OpenFile> {
+        self.handles.get(handle).filter(|f| !f.closing)
     }
 
     fn decode_request(&mut self, raw: &[u8]) -> Result<SftpRequest, SftpError> {
@@ -785,7 +796,10 @@ impl SftpTracker {
                         req.length = r.u64()?;
                         let to = r.handle()?;
                         req.offset = r.u64()?;
-                        req.target = self.path_of(to);
+                        match self.open_file(to) {
+                            Some(f) => req.target = f.operation.request.path.clone(),
+                            None => req.handle_unknown = true,
+                        }
                         handle = Some(from);
                         SftpOp::CopyData
                     }
@@ -794,14 +808,25 @@ impl SftpTracker {
             }
             other => req.op = SftpOp::Unknown(other),
         }
-        if let Some(h) = &handle {
-            req.path = self.path_of(h);
-        }
         if self.pending.contains_key(&id) {
             return Err(SftpError::DuplicateId(id));
         }
         if self.pending.len() >= MAX_PENDING {
             return Err(SftpError::TooManyPending(MAX_PENDING));
+        }
+        if let Some(h) = &handle {
+            match self.open_file(h) {
+                Some(f) => req.path = f.operation.request.path.clone(),
+                None => req.handle_unknown = true,
+            }
+            // The handle is dead from its CLOSE on, not from the host's reply: the host may
+            // give it to an OPEN sent right after, and the client's requests on it then would
+            // be decided on the closed file's path.
+            if req.op == SftpOp::Close {
+                if let Some(f) = self.handles.get_mut(h) {
+                    f.closing = true;
+                }
+            }
         }
         self.pending.insert(
             id,
@@ -860,6 +885,7 @@ impl SftpTracker {
                         OpenFile {
                             operation: op,
                             failed: false,
+                            closing: false,
                         },
                     );
                     return Ok(());
@@ -1358,6 +1384,62 @@ mod tests {
         assert_eq!(ops[0].request.op, SftpOp::OpenDir);
         assert_eq!(ops[0].entries, 2);
         assert_eq!(ops[0].status, Some(SSH_FX_OK));
+    }
+
+    #[test]
+    fn requests_on_handles_that_are_not_open_are_marked_unknown() {
+        let fsetstat = |id: u32, h: &[u8]| {
+            P::new(FXP_FSETSTAT)
+                .u32(id)
+                .s(h)
+                .u32(ATTR_PERMISSIONS)
+                .u32(0o777)
+                .done()
+        };
+        let mut t = started();
+        // OPEN and a request on the handle sshd will return, in one write.
+        let mut c = open(1, b"/srv/config/app.conf", PFLAG_READ);
+        c.extend(fsetstat(2, b"00000000"));
+        let r = requests(&mut t, &c);
+        assert!(!r[0].handle_unknown);
+        assert!(r[1].handle_unknown);
+        assert_eq!(r[1].path, None);
+        t.refused(2, SSH_FX_FAILURE, "unknown handle").unwrap();
+        t.server_bytes(&handle(1, b"00000000")).unwrap();
+        let r = requests(&mut t, &fsetstat(3, b"00000000"));
+        assert!(!r[0].handle_unknown);
+        assert_eq!(r[0].path.as_deref(), Some("/srv/config/app.conf"));
+        t.server_bytes(&status(3, SSH_FX_OK)).unwrap();
+        // A handle is dead from its CLOSE on: the host may give it to the next OPEN.
+        let mut c = close(4, b"00000000");
+        c.extend(open(5, b"/tmp/other", PFLAG_WRITE));
+        c.extend(fsetstat(6, b"00000000"));
+        let r = requests(&mut t, &c);
+        assert!(!r[0].handle_unknown, "the CLOSE itself");
+        assert!(r[2].handle_unknown);
+        t.refused(6, SSH_FX_FAILURE, "unknown handle").unwrap();
+        // The CLOSE's reply still ends the file's record.
+        let ops = t.server_bytes(&status(4, SSH_FX_OK)).unwrap();
+        assert_eq!(ops[0].request.path.as_deref(), Some("/srv/config/app.conf"));
+        t.server_bytes(&handle(5, b"00000000")).unwrap();
+        assert!(!requests(&mut t, &fsetstat(7, b"00000000"))[0].handle_unknown);
+        // copy-data: either handle unknown.
+        for (from, to) in [
+            (&b"00000000"[..], &b"00000001"[..]),
+            (b"00000001", b"00000000"),
+        ] {
+            let copy = P::new(FXP_EXTENDED)
+                .u32(8)
+                .s(b"copy-data")
+                .s(from)
+                .u64(0)
+                .u64(0)
+                .s(to)
+                .u64(0)
+                .done();
+            assert!(requests(&mut t, &copy)[0].handle_unknown);
+            t.refused(8, SSH_FX_FAILURE, "unknown handle").unwrap();
+        }
     }
 
     #[test]

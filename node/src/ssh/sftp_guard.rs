@@ -2,10 +2,17 @@
 //! its operation and its paths); a refused request never reaches the host, the client gets
 //! `SSH_FX_PERMISSION_DENIED` from the gateway, and the refusal is on record. Each finished
 //! operation becomes one record (a file transfer from open to close, a removal, a rename …).
+//!
+//! A request the gateway cannot decide is refused whatever the policy says: one on a handle
+//! that is not open as far as the gateway knows ([`SftpRequest::handle_unknown`], rule
+//! `unknown-handle`, answered `SSH_FX_FAILURE` as sshd answers a bad handle).
 
-use super::sftp::{status_reply, SftpError, SftpOperation, SftpTracker, SSH_FX_PERMISSION_DENIED};
+use super::sftp::{
+    status_reply, SftpError, SftpOperation, SftpRequest, SftpTracker, SSH_FX_FAILURE,
+    SSH_FX_PERMISSION_DENIED,
+};
 use crate::policy::ssh::{SshAction, SshRequestKind};
-use crate::policy::{Action, Decision, Policy};
+use crate::policy::{gateway_block, Action, Decision, Policy};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vigil_proto::record::Principal;
 
@@ -51,7 +58,10 @@ impl SftpGuard {
         let mut forward = Vec::with_capacity(data.len());
         let mut refused = Vec::new();
         for p in packets {
-            let decision = self.decide(&p.request);
+            let (decision, code) = match self.undecidable(&p.request) {
+                Some(refusal) => (refusal, SSH_FX_FAILURE),
+                None => (self.decide(&p.request), SSH_FX_PERMISSION_DENIED),
+            };
             match (decision.action, p.request.id) {
                 (Action::Allow, _) | (_, None) => forward.extend_from_slice(&p.raw),
                 (action, Some(id)) => {
@@ -65,10 +75,10 @@ impl SftpGuard {
                     };
                     let operation = self
                         .tracker()
-                        .refused(id, SSH_FX_PERMISSION_DENIED, &why)
+                        .refused(id, code, &why)
                         .unwrap_or_else(|| SftpOperation::new(p.request.clone()));
                     refused.push(Refused {
-                        reply: status_reply(id, SSH_FX_PERMISSION_DENIED, &format!("vigil: {why}")),
+                        reply: status_reply(id, code, &format!("vigil: {why}")),
                         operation,
                         decision,
                     });
@@ -78,9 +88,19 @@ impl SftpGuard {
         Ok((forward, refused))
     }
 
+    /// The gateway's own refusal of a request it cannot decide, whatever the rules.
+    fn undecidable(&self, request: &SftpRequest) -> Option<Decision> {
+        request.handle_unknown.then(|| {
+            gateway_block(
+                "unknown-handle",
+                "the request names a handle the host has not returned, or one already closed: which file it acts on cannot be known",
+            )
+        })
+    }
+
     /// A request's decision: its path and, for a rename or link, the path it creates, each
     /// decided (a block of either refuses it).
-    fn decide(&self, request: &super::sftp::SftpRequest) -> Decision {
+    fn decide(&self, request: &SftpRequest) -> Decision {
         let paths = std::iter::once(request.path.as_deref()).chain(
             request
                 .target
