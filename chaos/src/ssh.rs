@@ -349,8 +349,11 @@ pub mod fxp {
     pub const STATUS: u8 = 101;
     pub const HANDLE: u8 = 102;
     pub const READ: u32 = 0x01;
+    pub const WRITE: u32 = 0x02;
+    pub const CREAT: u32 = 0x08;
     pub const ATTR_PERMISSIONS: u32 = 0x04;
     pub const FX_OK: u32 = 0;
+    pub const FX_PERMISSION_DENIED: u32 = 3;
     pub const FX_FAILURE: u32 = 4;
 }
 

@@ -2765,3 +2765,89 @@ async fn sftp_requests_on_handles_the_host_has_not_returned_or_that_were_closed_
         ]
     );
 }
+
+/// SFTP paths are decided normalised (`//`, `.`, `..` resolved lexically), so a path spelt
+/// around a rule's glob is still the path the host writes; a relative path, which the host
+/// resolves against a directory the gateway does not know, is refused where a rule names
+/// paths. Ground truth: the files on the host.
+#[tokio::test]
+async fn sftp_paths_are_decided_normalised_and_relative_ones_refused() {
+    use vigil_chaos::ssh::{fxp, SftpChannel, SftpPacket};
+    let g = Gateway::start(&policy()).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let name = protected.path().file_name().unwrap().to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let upload = local.path().join("upload");
+    std::fs::write(&upload, b"new\n").unwrap();
+    let u = upload.display();
+    let batch = local.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "-put {u} /tmp//{name}/a\n-put {u} /tmp/./{name}/b\n-put {u} /var/../tmp/{name}/c\n"
+        ),
+    )
+    .unwrap();
+    let out = run(
+        "sftp",
+        &[
+            "-F",
+            config.to_str().unwrap(),
+            "-b",
+            batch.to_str().unwrap(),
+            "web",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    for f in ["a", "b", "c"] {
+        assert!(!protected.path().join(f).exists(), "{f} was written");
+    }
+
+    // A relative path (from the login's home, up to /tmp), sent by a raw client.
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let h = token_login(g.port(), &g.user(), &token)
+        .await
+        .expect("logged in");
+    let mut sftp = SftpChannel::start(&h).await;
+    let relative = format!("../../../../tmp/{name}/d");
+    sftp.send(&SftpPacket::open(1, &relative, fxp::WRITE | fxp::CREAT))
+        .await;
+    assert_eq!(sftp.replies(1).await[0].status(), fxp::FX_PERMISSION_DENIED);
+    assert!(!protected.path().join("d").exists(), "d was written");
+    drop(sftp);
+    drop(h);
+
+    let records = g.node.records_after_sessions(2).await;
+    let refused: Vec<(String, Option<String>)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.operation.as_deref() == Some("open") => {
+                Some((r.body.policy.as_ref().unwrap().rule.clone(), s.path.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let p = protected.path().display();
+    assert_eq!(
+        refused,
+        [
+            ("protected-files".to_string(), Some(format!("{p}/a"))),
+            ("protected-files".to_string(), Some(format!("{p}/b"))),
+            ("protected-files".to_string(), Some(format!("{p}/c"))),
+            ("relative-path".to_string(), Some(relative)),
+        ]
+    );
+}

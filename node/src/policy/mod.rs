@@ -443,6 +443,22 @@ impl Policy {
                 .any(|r| r.targets.is_empty() || r.targets.iter().any(|c| c == connection))
     }
 
+    /// Whether a rule that may decide requests of `kind` by `principal` on `target` has a
+    /// condition on paths (a dry-run rule too): a relative path, which the host resolves
+    /// against a directory the gateway does not know, cannot be decided against it.
+    pub fn names_paths(
+        &self,
+        kind: ssh::SshRequestKind,
+        principal: &Principal,
+        target: &str,
+    ) -> bool {
+        self.config.rules.iter().any(|r| {
+            r.applies(target, principal)
+                && matches!(&r.matcher, Matcher::Ssh(m) if !m.paths.is_empty()
+                    && (m.requests.is_empty() || m.requests.contains(&kind)))
+        })
+    }
+
     /// The decision on a connection nothing governs.
     pub fn ungoverned(&self) -> Decision {
         self.default_decision()
@@ -1356,5 +1372,34 @@ approval = { approvers = "ops" }
             (Action::Block, "approval-conflict")
         );
         assert!(d.reason.unwrap().contains("dba, ops"));
+    }
+
+    #[test]
+    fn rules_that_name_paths_for_a_kind() {
+        use ssh::SshRequestKind::{Exec, Forward, Sftp};
+        let p = policy(
+            r#"
+            [[rules]]
+            id = "tunnel"
+            protocol = "ssh"
+            action = "allow"
+            requests = ["forward"]
+            paths = ["db:5432"]
+
+            [[rules]]
+            id = "elsewhere"
+            protocol = "ssh"
+            action = "block"
+            connections = ["other"]
+            paths = ["/srv/*"]
+            "#,
+        );
+        assert!(p.names_paths(Forward, &agent(), "web"));
+        assert!(!p.names_paths(Sftp, &agent(), "web"));
+        assert!(p.names_paths(Sftp, &agent(), "other"));
+        assert!(
+            p.names_paths(Exec, &agent(), "other"),
+            "no requests: any kind"
+        );
     }
 }

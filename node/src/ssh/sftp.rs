@@ -22,8 +22,12 @@
 //!
 //! Paths are bytes in SFTP. They are shown as UTF-8, lossily: a request whose path was not
 //! valid UTF-8 says so ([`SftpRequest::path_not_utf8`]), since a policy comparing strings
-//! cannot be sure which file it names.
+//! cannot be sure which file it names. An absolute path is normalised lexically
+//! ([`normalize_path`]: `/srv//config/./a` and `/tmp/../srv/config/a` are `/srv/config/a`),
+//! so that rules and records see one spelling of it; the host still gets the client's bytes.
+//! A relative path is kept as written.
 
+use super::command::normalize_path;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -238,7 +242,7 @@ pub struct SftpRequest {
     /// The request id; INIT has none.
     pub id: Option<u32>,
     pub op: SftpOp,
-    /// The path the request acts on. For requests on a handle (READ, WRITE, CLOSE, FSTAT,
+    /// The path the request acts on, normalised if absolute. For requests on a handle (READ, WRITE, CLOSE, FSTAT,
     /// FSETSTAT, READDIR, fsync, copy-data), the path the handle was opened with, if the
     /// tracker saw that. For RENAME and hardlink the existing path; for SYMLINK the text the
     /// link will point to.
@@ -507,12 +511,16 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Lossy UTF-8 of a path, and whether it was lossy.
+/// Lossy UTF-8 of a path, normalised if absolute, and whether it was lossy.
 fn path_string(bytes: &[u8]) -> (String, bool) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => (s.to_string(), false),
-        Err(_) => (String::from_utf8_lossy(bytes).into_owned(), true),
-    }
+    let (text, lossy) = match std::str::from_utf8(bytes) {
+        Ok(s) => (std::borrow::Cow::Borrowed(s), false),
+        Err(_) => (String::from_utf8_lossy(bytes), true),
+    };
+    (
+        normalize_path(&text).unwrap_or_else(|| text.into_owned()),
+        lossy,
+    )
 }
 
 /// A request awaiting its reply.
@@ -1574,6 +1582,31 @@ mod tests {
         assert_eq!(ops.len(), 1);
         let r = requests(&mut t, &P::new(99).done());
         assert_eq!((r[0].id, &r[0].op), (None, &SftpOp::Unknown(99)));
+    }
+
+    #[test]
+    fn absolute_paths_are_normalised_and_relative_ones_kept() {
+        let mut t = started();
+        let cases = [
+            ("/srv//config/a", "/srv/config/a"),
+            ("/srv/./config/b", "/srv/config/b"),
+            ("/tmp/../srv/config/c", "/srv/config/c"),
+            ("/../../srv/config/d", "/srv/config/d"),
+            ("/srv/config/", "/srv/config"),
+            ("//", "/"),
+            ("config/../a", "config/../a"),
+            ("", ""),
+        ];
+        for (id, (raw, want)) in cases.into_iter().enumerate() {
+            let rename = P::new(FXP_RENAME)
+                .u32(id as u32)
+                .s(b"/x/./y")
+                .s(raw.as_bytes())
+                .done();
+            let r = requests(&mut t, &rename);
+            assert_eq!(r[0].path.as_deref(), Some("/x/y"));
+            assert_eq!(r[0].target.as_deref(), Some(want), "{raw}");
+        }
     }
 
     #[test]
