@@ -2851,3 +2851,110 @@ async fn sftp_paths_are_decided_normalised_and_relative_ones_refused() {
         ]
     );
 }
+
+/// `sftp -s /usr/lib/openssh/sftp-server` runs the SFTP server as an exec: its requests are
+/// decided like those of the `sftp` subsystem; `sftp-server` anywhere else in a line (here
+/// behind `sudo`) is refused, since the gateway could not follow its stream. Ground truth:
+/// the files on the host and its log of what the login shell ran.
+#[tokio::test]
+async fn sftp_server_run_as_an_exec_is_decided_like_the_sftp_subsystem() {
+    let g = Gateway::start(&policy()).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let p = protected.path().display().to_string();
+    std::fs::write(protected.path().join("keep"), b"protected content\n").unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let upload = local.path().join("upload");
+    std::fs::write(&upload, b"new\n").unwrap();
+    let got = local.path().join("got");
+    let batch = local.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "-put {} {p}/new\n-rm {p}/keep\nget {p}/keep {}\n",
+            upload.display(),
+            got.display()
+        ),
+    )
+    .unwrap();
+    let before = host_command_count();
+    let server = "/usr/lib/openssh/sftp-server";
+    let out = run(
+        "sftp",
+        &[
+            "-F",
+            cfg,
+            "-s",
+            server,
+            "-b",
+            batch.to_str().unwrap(),
+            "web",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(!protected.path().join("new").exists(), "new was written");
+    assert_eq!(
+        std::fs::read(protected.path().join("keep")).unwrap(),
+        b"protected content\n"
+    );
+    assert_eq!(std::fs::read(&got).unwrap(), b"protected content\n");
+    let sudo = format!("sudo {server}");
+    let out = run(
+        "sftp",
+        &["-F", cfg, "-s", &sudo, "-b", batch.to_str().unwrap(), "web"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    let ran = host_ran(before);
+    assert!(ran.contains(&server.to_string()), "{ran:?}");
+    assert!(!ran.contains(&sudo), "{ran:?}");
+
+    let records = g.node.records_after_sessions(2).await;
+    let decided: Vec<(Kind, String, Option<String>, String)> = records
+        .iter()
+        .filter(|r| matches!(r.body.kind, Kind::Blocked | Kind::Request))
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "exec" || s.request_type == "sftp" => {
+                Some((
+                    r.body.kind,
+                    s.operation.clone().unwrap_or_default(),
+                    s.path.clone().or(s.command.clone()),
+                    r.body.policy.as_ref().unwrap().rule.clone(),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    let has = |kind: Kind, op: &str, what: &str, rule: &str| {
+        decided
+            .iter()
+            .any(|(k, o, w, r)| *k == kind && o == op && w.as_deref() == Some(what) && r == rule)
+    };
+    assert!(has(Kind::Request, "", server, "default"), "{decided:#?}");
+    assert!(has(
+        Kind::Blocked,
+        "open",
+        &format!("{p}/new"),
+        "protected-files"
+    ));
+    assert!(has(
+        Kind::Blocked,
+        "remove",
+        &format!("{p}/keep"),
+        "protected-files"
+    ));
+    assert!(has(Kind::Blocked, "", &sudo, "sftp-server"), "{decided:#?}");
+}
