@@ -2958,3 +2958,68 @@ async fn sftp_server_run_as_an_exec_is_decided_like_the_sftp_subsystem() {
     ));
     assert!(has(Kind::Blocked, "", &sudo, "sftp-server"), "{decided:#?}");
 }
+
+/// A forward's host is decided in one spelling: `LOCALHOST`, `localhost.` and
+/// `::ffff:127.0.0.1` are the `localhost`/`127.0.0.1` a rule blocks, and the numeric spellings
+/// the host's resolver also takes for 127.0.0.1 (`127.1`, `0x7f.1`, `2130706433`) are refused.
+/// Ground truth: PostgreSQL on 127.0.0.1 answers an SSLRequest through any forward that
+/// reached it.
+#[tokio::test]
+async fn forward_hosts_are_decided_in_one_spelling() {
+    let policy = r#"
+[[policy.rules]]
+id = "not-the-hosts-own-ports"
+protocol = "ssh"
+action = "block"
+requests = ["forward"]
+paths = ["localhost:*", "127.0.0.1:*"]
+reason = "the host's own ports are not for forwarding"
+
+[[policy.rules]]
+id = "other-forwards"
+protocol = "ssh"
+action = "allow"
+requests = ["forward"]
+"#;
+    let g = Gateway::start(policy).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let ssl_request = local.path().join("ssl-request");
+    std::fs::write(&ssl_request, [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).unwrap();
+    let port = env().get("VIGIL_PG_PORT");
+    let cases = [
+        ("127.1", "127.1", "forward-host"),
+        ("0x7f.1", "0x7f.1", "forward-host"),
+        ("2130706433", "2130706433", "forward-host"),
+        ("LOCALHOST", "localhost", "not-the-hosts-own-ports"),
+        ("localhost.", "localhost", "not-the-hosts-own-ports"),
+        ("[::ffff:127.0.0.1]", "127.0.0.1", "not-the-hosts-own-ports"),
+    ];
+    for (host, _, _) in cases {
+        let to = format!("{host}:{port}");
+        let out = run("ssh", &["-F", cfg, "-W", &to, "web"], Some(&ssl_request)).await;
+        assert!(out.stdout.is_empty(), "{to} reached PostgreSQL: {out:?}");
+        assert_ne!(out.status.code(), Some(0), "{to}: {out:?}");
+    }
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = g.node.records().await;
+    let refused: Vec<(Option<String>, String)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "direct-tcpip" => Some((
+                s.forward.clone(),
+                r.body.policy.as_ref().unwrap().rule.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(Option<String>, String)> = cases
+        .iter()
+        .map(|(_, decided, rule)| (Some(format!("{decided}:{port}")), rule.to_string()))
+        .collect();
+    assert_eq!(refused, want);
+}
