@@ -3023,3 +3023,57 @@ requests = ["forward"]
         .collect();
     assert_eq!(refused, want);
 }
+
+/// A rule that names no request kind (an allow of everything for a group) does not allow
+/// forwards: only a rule naming `forward` (or `remote_forward`) does. Ground truth: the
+/// SSLRequest sent through the forward never reaches PostgreSQL.
+#[tokio::test]
+async fn a_rule_that_names_no_request_kind_allows_no_forward() {
+    let policy = r#"
+[[policy.rules]]
+id = "ops-anything"
+protocol = "ssh"
+action = "allow"
+principals = { groups = ["ops"] }
+"#;
+    let g = Gateway::start(policy).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let ssl_request = local.path().join("ssl-request");
+    std::fs::write(&ssl_request, [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).unwrap();
+    let out = run(
+        "ssh",
+        &["-F", cfg, "-W", &pg_addr(), "web"],
+        Some(&ssl_request),
+    )
+    .await;
+    assert!(out.stdout.is_empty(), "reached PostgreSQL: {out:?}");
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    // The rule still allows what it covers.
+    let out = run("ssh", &["-F", cfg, "web", "echo allowed"], None).await;
+    assert_eq!(out.stdout, b"allowed\n", "{out:?}");
+
+    let records = g.node.records_after_sessions(2).await;
+    let refused: Vec<(Option<String>, String, Option<String>)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "direct-tcpip" => Some((
+                s.forward.clone(),
+                r.body.policy.as_ref().unwrap().rule.clone(),
+                r.body.detail.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [(
+            Some(pg_addr()),
+            "default".to_string(),
+            Some(format!("no rule allows forwarding to {}", pg_addr()))
+        )]
+    );
+}

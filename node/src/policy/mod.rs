@@ -615,8 +615,13 @@ pub trait ProtocolAction {
 }
 
 impl ProtocolAction for ssh::SshAction<'_> {
+    /// A forward ([`ssh::SshRequestKind::by_name`]) is not allowed by a rule whose `requests`
+    /// do not name its kind (an allow of everything for a group was not written with tunnels
+    /// into the host's network in mind); such a rule may still block it.
     fn matched_by(&self, rule: &Rule) -> bool {
-        matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(self))
+        let allows = rule.action == Action::Allow;
+        matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(self)
+            && (!allows || !self.kind.by_name() || m.requests.contains(&self.kind)))
     }
 }
 
@@ -1372,6 +1377,74 @@ approval = { approvers = "ops" }
             (Action::Block, "approval-conflict")
         );
         assert!(d.reason.unwrap().contains("dba, ops"));
+    }
+
+    #[test]
+    fn only_a_rule_naming_forwards_allows_them() {
+        use ssh::{SshAction, SshRequestKind};
+        let forward = |kind| SshAction {
+            kind,
+            login: "deploy",
+            command: None,
+            line: None,
+            path: Some("db:5432"),
+            operation: None,
+        };
+        let decide = |p: &Policy, kind| {
+            p.decide_actions(Ok(&[forward(kind)]), &agent(), "web")
+                .only_by_rule(|| "no rule".into())
+        };
+        let broad = r#"
+            [[rules]]
+            id = "analysts-anything"
+            protocol = "ssh"
+            action = "allow"
+            principals = { groups = ["analysts"] }
+            "#;
+        let p = policy(broad);
+        for kind in [SshRequestKind::Forward, SshRequestKind::RemoteForward] {
+            let d = decide(&p, kind);
+            assert_eq!((d.action, d.rule.as_str()), (Action::Block, "default"));
+        }
+        let exec = SshAction {
+            kind: SshRequestKind::Exec,
+            path: None,
+            ..forward(SshRequestKind::Exec)
+        };
+        let d = p.decide_actions(Ok(&[exec]), &agent(), "web");
+        assert_eq!(d.rule, "analysts-anything", "other requests as before");
+        let p = policy(&format!(
+            r#"
+            [[rules]]
+            id = "no-db"
+            protocol = "ssh"
+            action = "block"
+            paths = ["db:*"]
+            {broad}
+            [[rules]]
+            id = "tunnels"
+            protocol = "ssh"
+            action = "allow"
+            requests = ["forward"]
+            "#
+        ));
+        assert_eq!(
+            decide(&p, SshRequestKind::Forward).rule,
+            "no-db",
+            "a broad block"
+        );
+        let p = policy(&format!(
+            r#"{broad}
+            [[rules]]
+            id = "tunnels"
+            protocol = "ssh"
+            action = "allow"
+            requests = ["forward"]
+            "#
+        ));
+        let d = decide(&p, SshRequestKind::Forward);
+        assert_eq!((d.action, d.rule.as_str()), (Action::Allow, "tunnels"));
+        assert_eq!(decide(&p, SshRequestKind::RemoteForward).rule, "default");
     }
 
     #[test]

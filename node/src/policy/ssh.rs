@@ -30,6 +30,14 @@ pub enum SshRequestKind {
     Subsystem,
 }
 
+impl SshRequestKind {
+    /// Whether only a rule that names this kind in its `requests` may allow it (forwards):
+    /// the policy's `default` does not apply to it either.
+    pub fn by_name(self) -> bool {
+        matches!(self, Self::Forward | Self::RemoteForward)
+    }
+}
+
 /// The SSH part of a rule. Every condition given must hold; inside a list any entry may match.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SshMatch {
