@@ -1208,7 +1208,7 @@ impl Recorder {
             body.detail = if !echoed {
                 Some("typed while the host echoed nothing (a password prompt): the line is not on record, its keystrokes are in the recording".into())
             } else if typed.inexact {
-                Some("edited with cursor keys, completion or a long paste: the shell may have run another line (see the recording)".into())
+                Some("edited with cursor keys, control keys (history search or recall, kill and yank …), completion or a long paste: the shell may have run another line (see the recording)".into())
             } else {
                 None
             };
