@@ -332,3 +332,158 @@ pub async fn outcome(
     }
     (out, err, status)
 }
+
+/// A raw SFTP client (version 3) on a channel of a russh connection: it sends the packets a
+/// test builds, in the writes it chooses (a stock client never pipelines a request on a
+/// handle before the host returned it), and reads the replies.
+pub struct SftpChannel {
+    ch: russh::Channel<russh::client::Msg>,
+    buf: Vec<u8>,
+}
+
+/// SFTP packet types and flags the tests use (draft-ietf-secsh-filexfer-02).
+pub mod fxp {
+    pub const OPEN: u8 = 3;
+    pub const CLOSE: u8 = 4;
+    pub const FSETSTAT: u8 = 10;
+    pub const STATUS: u8 = 101;
+    pub const HANDLE: u8 = 102;
+    pub const READ: u32 = 0x01;
+    pub const WRITE: u32 = 0x02;
+    pub const CREAT: u32 = 0x08;
+    pub const ATTR_PERMISSIONS: u32 = 0x04;
+    pub const FX_OK: u32 = 0;
+    pub const FX_PERMISSION_DENIED: u32 = 3;
+    pub const FX_FAILURE: u32 = 4;
+}
+
+/// Builds one SFTP packet: its type, then fields as they go on the wire.
+pub struct SftpPacket(Vec<u8>);
+
+impl SftpPacket {
+    pub fn new(packet_type: u8) -> Self {
+        Self(vec![packet_type])
+    }
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    pub fn string(mut self, s: &[u8]) -> Self {
+        self = self.u32(s.len() as u32);
+        self.0.extend_from_slice(s);
+        self
+    }
+    /// The packet with its length prefix.
+    pub fn done(self) -> Vec<u8> {
+        let mut out = (self.0.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&self.0);
+        out
+    }
+    /// `OPEN(id, path, pflags)` with no attributes.
+    pub fn open(id: u32, path: &str, pflags: u32) -> Vec<u8> {
+        Self::new(fxp::OPEN)
+            .u32(id)
+            .string(path.as_bytes())
+            .u32(pflags)
+            .u32(0)
+            .done()
+    }
+    /// `FSETSTAT(id, handle)` setting the permissions to `mode`.
+    pub fn chmod(id: u32, handle: &[u8], mode: u32) -> Vec<u8> {
+        Self::new(fxp::FSETSTAT)
+            .u32(id)
+            .string(handle)
+            .u32(fxp::ATTR_PERMISSIONS)
+            .u32(mode)
+            .done()
+    }
+    pub fn close(id: u32, handle: &[u8]) -> Vec<u8> {
+        Self::new(fxp::CLOSE).u32(id).string(handle).done()
+    }
+}
+
+/// A reply: its type, its request id and the rest of its payload.
+#[derive(Debug)]
+pub struct SftpReply {
+    pub packet_type: u8,
+    pub id: u32,
+    pub rest: Vec<u8>,
+}
+
+impl SftpReply {
+    /// A HANDLE reply's handle.
+    pub fn handle(&self) -> Vec<u8> {
+        assert_eq!(self.packet_type, fxp::HANDLE, "{self:?}");
+        self.rest[4..].to_vec()
+    }
+    /// A STATUS reply's code.
+    pub fn status(&self) -> u32 {
+        assert_eq!(self.packet_type, fxp::STATUS, "{self:?}");
+        u32::from_be_bytes(self.rest[..4].try_into().unwrap())
+    }
+}
+
+impl SftpChannel {
+    /// The `sftp` subsystem on a new channel, past INIT and VERSION.
+    pub async fn start(h: &russh::client::Handle<TokenClient>) -> Self {
+        let ch = h.channel_open_session().await.unwrap();
+        ch.request_subsystem(true, "sftp").await.unwrap();
+        let mut s = Self {
+            ch,
+            buf: Vec::new(),
+        };
+        s.send(&SftpPacket::new(1).u32(3).done()).await;
+        let version = s.packet().await;
+        assert_eq!(version[0], 2, "VERSION");
+        s
+    }
+
+    /// Sends `bytes` in one data message.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.ch.data(bytes).await.unwrap();
+    }
+
+    /// The next `n` replies.
+    pub async fn replies(&mut self, n: usize) -> Vec<SftpReply> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let p = self.packet().await;
+            out.push(SftpReply {
+                packet_type: p[0],
+                id: u32::from_be_bytes(p[1..5].try_into().unwrap()),
+                rest: p[5..].to_vec(),
+            });
+        }
+        out
+    }
+
+    /// The reply to `id` among `replies`.
+    pub fn reply_to(replies: &[SftpReply], id: u32) -> &SftpReply {
+        replies
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap_or_else(|| panic!("no reply to {id}: {replies:?}"))
+    }
+
+    /// The next packet's payload (type first).
+    async fn packet(&mut self) -> Vec<u8> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                if self.buf.len() >= 4 + len {
+                    let p = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    return p;
+                }
+            }
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(10), self.ch.wait())
+                .await
+                .expect("the SFTP channel answers");
+            match msg {
+                Some(russh::ChannelMsg::Data { data }) => self.buf.extend_from_slice(&data),
+                Some(russh::ChannelMsg::Close) | None => panic!("the SFTP channel ended"),
+                Some(_) => {}
+            }
+        }
+    }
+}

@@ -2662,3 +2662,418 @@ command_flags = ["arithmetic_eval"]
         assert!(blocked.contains(line), "{line}: {blocked:?}");
     }
 }
+
+/// The mode bits of a file on the host.
+fn mode_of(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions())
+        & 0o7777
+}
+
+/// A request on an SFTP handle is decided on the file the handle was opened with; a handle
+/// the host has not returned yet, or one whose CLOSE the client sent, names no file the
+/// gateway knows (sshd's first handle is always the four bytes 0, and it reuses a closed
+/// handle for the next OPEN), so a request on it is refused. Ground truth: the protected file's mode on disk.
+#[tokio::test]
+async fn sftp_requests_on_handles_the_host_has_not_returned_or_that_were_closed_are_refused() {
+    use vigil_chaos::ssh::{fxp, SftpChannel, SftpPacket};
+    let g = Gateway::start(&policy()).await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let h = token_login(g.port(), &g.user(), &token)
+        .await
+        .expect("logged in");
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let open_dir = host_dir();
+    let conf = protected.path().join("app.conf");
+    let ok = open_dir.path().join("ok");
+    // Both owned by the login, whose chmod of them the host would carry out.
+    let made = exec(
+        &h,
+        &format!(
+            "install -m 644 /dev/null {} && install -m 644 /dev/null {}",
+            conf.display(),
+            ok.display()
+        ),
+    )
+    .await;
+    assert_eq!(made.2, Some(0), "{made:?}");
+    let (conf_s, ok_s) = (conf.display().to_string(), ok.display().to_string());
+    let mut sftp = SftpChannel::start(&h).await;
+
+    // OPEN of the protected file for reading and FSETSTAT on the handle sshd will return, in
+    // one write.
+    let mut w = SftpPacket::open(1, &conf_s, fxp::READ);
+    w.extend(SftpPacket::chmod(2, &[0; 4], 0o777));
+    sftp.send(&w).await;
+    let r = sftp.replies(2).await;
+    let handle = SftpChannel::reply_to(&r, 1).handle();
+    assert_eq!(handle, [0; 4]);
+    assert_eq!(SftpChannel::reply_to(&r, 2).status(), fxp::FX_FAILURE);
+    assert_eq!(mode_of(&conf), 0o644);
+    sftp.send(&SftpPacket::close(3, &handle)).await;
+    assert_eq!(sftp.replies(1).await[0].status(), fxp::FX_OK);
+
+    // A handle open on an allowed file; then its CLOSE, an OPEN of the protected file (which
+    // the host gives the same handle) and FSETSTAT on that handle, in one write.
+    sftp.send(&SftpPacket::open(4, &ok_s, fxp::READ)).await;
+    let handle = sftp.replies(1).await[0].handle();
+    let mut w = SftpPacket::close(5, &handle);
+    w.extend(SftpPacket::open(6, &conf_s, fxp::READ));
+    w.extend(SftpPacket::chmod(7, &handle, 0o777));
+    sftp.send(&w).await;
+    let r = sftp.replies(3).await;
+    assert_eq!(SftpChannel::reply_to(&r, 5).status(), fxp::FX_OK);
+    assert_eq!(SftpChannel::reply_to(&r, 6).handle(), handle, "reused");
+    assert_eq!(SftpChannel::reply_to(&r, 7).status(), fxp::FX_FAILURE);
+    assert_eq!(mode_of(&conf), 0o644);
+    assert_eq!(mode_of(&ok), 0o644);
+
+    // A request on a handle the host returned goes through: the raw client reaches the host.
+    sftp.send(&SftpPacket::close(8, &handle)).await;
+    sftp.replies(1).await;
+    sftp.send(&SftpPacket::open(9, &ok_s, fxp::READ)).await;
+    let handle = sftp.replies(1).await[0].handle();
+    sftp.send(&SftpPacket::chmod(10, &handle, 0o600)).await;
+    assert_eq!(sftp.replies(1).await[0].status(), fxp::FX_OK);
+    assert_eq!(mode_of(&ok), 0o600);
+    drop(sftp);
+    drop(h);
+
+    let records = g.node.records_after_sessions(1).await;
+    let refused: Vec<(Option<String>, String)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.operation.as_deref() == Some("set_stat") => {
+                Some((s.path.clone(), r.body.policy.as_ref().unwrap().rule.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (None, "unknown-handle".to_string()),
+            (None, "unknown-handle".to_string())
+        ]
+    );
+}
+
+/// SFTP paths are decided normalised (`//`, `.`, `..` resolved lexically), so a path spelt
+/// around a rule's glob is still the path the host writes; a relative path, which the host
+/// resolves against a directory the gateway does not know, is refused where a rule names
+/// paths. Ground truth: the files on the host.
+#[tokio::test]
+async fn sftp_paths_are_decided_normalised_and_relative_ones_refused() {
+    use vigil_chaos::ssh::{fxp, SftpChannel, SftpPacket};
+    let g = Gateway::start(&policy()).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let name = protected.path().file_name().unwrap().to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let upload = local.path().join("upload");
+    std::fs::write(&upload, b"new\n").unwrap();
+    let u = upload.display();
+    let batch = local.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "-put {u} /tmp//{name}/a\n-put {u} /tmp/./{name}/b\n-put {u} /var/../tmp/{name}/c\n"
+        ),
+    )
+    .unwrap();
+    let out = run(
+        "sftp",
+        &[
+            "-F",
+            config.to_str().unwrap(),
+            "-b",
+            batch.to_str().unwrap(),
+            "web",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    for f in ["a", "b", "c"] {
+        assert!(!protected.path().join(f).exists(), "{f} was written");
+    }
+
+    // A relative path (from the login's home, up to /tmp), sent by a raw client.
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let h = token_login(g.port(), &g.user(), &token)
+        .await
+        .expect("logged in");
+    let mut sftp = SftpChannel::start(&h).await;
+    let relative = format!("../../../../tmp/{name}/d");
+    sftp.send(&SftpPacket::open(1, &relative, fxp::WRITE | fxp::CREAT))
+        .await;
+    assert_eq!(sftp.replies(1).await[0].status(), fxp::FX_PERMISSION_DENIED);
+    assert!(!protected.path().join("d").exists(), "d was written");
+    drop(sftp);
+    drop(h);
+
+    let records = g.node.records_after_sessions(2).await;
+    let refused: Vec<(String, Option<String>)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.operation.as_deref() == Some("open") => {
+                Some((r.body.policy.as_ref().unwrap().rule.clone(), s.path.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let p = protected.path().display();
+    assert_eq!(
+        refused,
+        [
+            ("protected-files".to_string(), Some(format!("{p}/a"))),
+            ("protected-files".to_string(), Some(format!("{p}/b"))),
+            ("protected-files".to_string(), Some(format!("{p}/c"))),
+            ("relative-path".to_string(), Some(relative)),
+        ]
+    );
+}
+
+/// `sftp -s /usr/lib/openssh/sftp-server` runs the SFTP server as an exec: its requests are
+/// decided like those of the `sftp` subsystem; `sftp-server` anywhere else in a line (here
+/// behind `sudo`) is refused, since the gateway could not follow its stream. Ground truth:
+/// the files on the host and its log of what the login shell ran.
+#[tokio::test]
+async fn sftp_server_run_as_an_exec_is_decided_like_the_sftp_subsystem() {
+    let g = Gateway::start(&policy()).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let p = protected.path().display().to_string();
+    std::fs::write(protected.path().join("keep"), b"protected content\n").unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let upload = local.path().join("upload");
+    std::fs::write(&upload, b"new\n").unwrap();
+    let got = local.path().join("got");
+    let batch = local.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "-put {} {p}/new\n-rm {p}/keep\nget {p}/keep {}\n",
+            upload.display(),
+            got.display()
+        ),
+    )
+    .unwrap();
+    let before = host_command_count();
+    let server = "/usr/lib/openssh/sftp-server";
+    let out = run(
+        "sftp",
+        &[
+            "-F",
+            cfg,
+            "-s",
+            server,
+            "-b",
+            batch.to_str().unwrap(),
+            "web",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(!protected.path().join("new").exists(), "new was written");
+    assert_eq!(
+        std::fs::read(protected.path().join("keep")).unwrap(),
+        b"protected content\n"
+    );
+    assert_eq!(std::fs::read(&got).unwrap(), b"protected content\n");
+    let sudo = format!("sudo {server}");
+    let out = run(
+        "sftp",
+        &["-F", cfg, "-s", &sudo, "-b", batch.to_str().unwrap(), "web"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    let ran = host_ran(before);
+    assert!(ran.contains(&server.to_string()), "{ran:?}");
+    assert!(!ran.contains(&sudo), "{ran:?}");
+
+    let records = g.node.records_after_sessions(2).await;
+    let decided: Vec<(Kind, String, Option<String>, String)> = records
+        .iter()
+        .filter(|r| matches!(r.body.kind, Kind::Blocked | Kind::Request))
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "exec" || s.request_type == "sftp" => {
+                Some((
+                    r.body.kind,
+                    s.operation.clone().unwrap_or_default(),
+                    s.path.clone().or(s.command.clone()),
+                    r.body.policy.as_ref().unwrap().rule.clone(),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    let has = |kind: Kind, op: &str, what: &str, rule: &str| {
+        decided
+            .iter()
+            .any(|(k, o, w, r)| *k == kind && o == op && w.as_deref() == Some(what) && r == rule)
+    };
+    assert!(has(Kind::Request, "", server, "default"), "{decided:#?}");
+    assert!(has(
+        Kind::Blocked,
+        "open",
+        &format!("{p}/new"),
+        "protected-files"
+    ));
+    assert!(has(
+        Kind::Blocked,
+        "remove",
+        &format!("{p}/keep"),
+        "protected-files"
+    ));
+    assert!(has(Kind::Blocked, "", &sudo, "sftp-server"), "{decided:#?}");
+}
+
+/// A forward's host is decided in one spelling: `LOCALHOST`, `localhost.` and
+/// `::ffff:127.0.0.1` are the `localhost`/`127.0.0.1` a rule blocks, and the numeric spellings
+/// the host's resolver also takes for 127.0.0.1 (`127.1`, `0x7f.1`, `2130706433`) are refused.
+/// Ground truth: PostgreSQL on 127.0.0.1 answers an SSLRequest through any forward that
+/// reached it.
+#[tokio::test]
+async fn forward_hosts_are_decided_in_one_spelling() {
+    let policy = r#"
+[[policy.rules]]
+id = "not-the-hosts-own-ports"
+protocol = "ssh"
+action = "block"
+requests = ["forward"]
+paths = ["localhost:*", "127.0.0.1:*"]
+reason = "the host's own ports are not for forwarding"
+
+[[policy.rules]]
+id = "other-forwards"
+protocol = "ssh"
+action = "allow"
+requests = ["forward"]
+"#;
+    let g = Gateway::start(policy).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let ssl_request = local.path().join("ssl-request");
+    std::fs::write(&ssl_request, [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).unwrap();
+    let port = env().get("VIGIL_PG_PORT");
+    let cases = [
+        ("127.1", "127.1", "forward-host"),
+        ("0x7f.1", "0x7f.1", "forward-host"),
+        ("2130706433", "2130706433", "forward-host"),
+        ("LOCALHOST", "localhost", "not-the-hosts-own-ports"),
+        ("localhost.", "localhost", "not-the-hosts-own-ports"),
+        ("[::ffff:127.0.0.1]", "127.0.0.1", "not-the-hosts-own-ports"),
+    ];
+    for (host, _, _) in cases {
+        let to = format!("{host}:{port}");
+        let out = run("ssh", &["-F", cfg, "-W", &to, "web"], Some(&ssl_request)).await;
+        assert!(out.stdout.is_empty(), "{to} reached PostgreSQL: {out:?}");
+        assert_ne!(out.status.code(), Some(0), "{to}: {out:?}");
+    }
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = g.node.records().await;
+    let refused: Vec<(Option<String>, String)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "direct-tcpip" => Some((
+                s.forward.clone(),
+                r.body.policy.as_ref().unwrap().rule.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(Option<String>, String)> = cases
+        .iter()
+        .map(|(_, decided, rule)| (Some(format!("{decided}:{port}")), rule.to_string()))
+        .collect();
+    assert_eq!(refused, want);
+}
+
+/// A rule that names no request kind (an allow of everything for a group) does not allow
+/// forwards: only a rule naming `forward` (or `remote_forward`) does. Ground truth: the
+/// SSLRequest sent through the forward never reaches PostgreSQL.
+#[tokio::test]
+async fn a_rule_that_names_no_request_kind_allows_no_forward() {
+    let policy = r#"
+[[policy.rules]]
+id = "ops-anything"
+protocol = "ssh"
+action = "allow"
+principals = { groups = ["ops"] }
+"#;
+    let g = Gateway::start(policy).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let ssl_request = local.path().join("ssl-request");
+    std::fs::write(&ssl_request, [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).unwrap();
+    let out = run(
+        "ssh",
+        &["-F", cfg, "-W", &pg_addr(), "web"],
+        Some(&ssl_request),
+    )
+    .await;
+    assert!(out.stdout.is_empty(), "reached PostgreSQL: {out:?}");
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    // The rule still allows what it covers.
+    let out = run("ssh", &["-F", cfg, "web", "echo allowed"], None).await;
+    assert_eq!(out.stdout, b"allowed\n", "{out:?}");
+
+    let records = g.node.records_after_sessions(2).await;
+    let refused: Vec<(Option<String>, String, Option<String>)> = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) if s.request_type == "direct-tcpip" => Some((
+                s.forward.clone(),
+                r.body.policy.as_ref().unwrap().rule.clone(),
+                r.body.detail.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [(
+            Some(pg_addr()),
+            "default".to_string(),
+            Some(format!("no rule allows forwarding to {}", pg_addr()))
+        )]
+    );
+}

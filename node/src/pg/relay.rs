@@ -30,7 +30,7 @@ use crate::policy::masking::{
     mask_recorded, produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
     Masker,
 };
-use crate::policy::{with_note, Action, Classification, Decision};
+use crate::policy::{gateway_block, with_note, Action, Classification, Decision};
 use bytes::{Bytes, BytesMut};
 use messages::Field;
 use sha2::{Digest, Sha256};
@@ -3447,15 +3447,4 @@ fn masked_value_write(mask: &str) -> Decision {
         "masked-value-write",
         format!("the statement writes {mask:?}, a value this gateway masks for the clients of this connection; it would replace the real value (write the real value, or leave the column out)"),
     )
-}
-
-/// A refusal decided by the gateway itself, whatever the policy says.
-fn gateway_block(rule: &str, reason: impl Into<String>) -> Decision {
-    Decision {
-        action: Action::Block,
-        rule: rule.into(),
-        reason: Some(reason.into()),
-        dry_run: Vec::new(),
-        approval: None,
-    }
 }

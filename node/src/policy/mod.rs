@@ -443,6 +443,22 @@ impl Policy {
                 .any(|r| r.targets.is_empty() || r.targets.iter().any(|c| c == connection))
     }
 
+    /// Whether a rule that may decide requests of `kind` by `principal` on `target` has a
+    /// condition on paths (a dry-run rule too): a relative path, which the host resolves
+    /// against a directory the gateway does not know, cannot be decided against it.
+    pub fn names_paths(
+        &self,
+        kind: ssh::SshRequestKind,
+        principal: &Principal,
+        target: &str,
+    ) -> bool {
+        self.config.rules.iter().any(|r| {
+            r.applies(target, principal)
+                && matches!(&r.matcher, Matcher::Ssh(m) if !m.paths.is_empty()
+                    && (m.requests.is_empty() || m.requests.contains(&kind)))
+        })
+    }
+
     /// The decision on a connection nothing governs.
     pub fn ungoverned(&self) -> Decision {
         self.default_decision()
@@ -599,8 +615,13 @@ pub trait ProtocolAction {
 }
 
 impl ProtocolAction for ssh::SshAction<'_> {
+    /// A forward ([`ssh::SshRequestKind::by_name`]) is not allowed by a rule whose `requests`
+    /// do not name its kind (an allow of everything for a group was not written with tunnels
+    /// into the host's network in mind); such a rule may still block it.
     fn matched_by(&self, rule: &Rule) -> bool {
-        matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(self))
+        let allows = rule.action == Action::Allow;
+        matches!(&rule.matcher, Matcher::Ssh(m) if m.matches(self)
+            && (!allows || !self.kind.by_name() || m.requests.contains(&self.kind)))
     }
 }
 
@@ -620,10 +641,16 @@ impl ProtocolAction for kube::KubeAction<'_> {
 
 /// The decision on what cannot be classified or parsed: refused, saying why.
 fn parse_error(why: String) -> Decision {
+    gateway_block("parse-error", why)
+}
+
+/// A refusal decided by the gateway itself, whatever the policy says, under a built-in rule
+/// name (`parse-error`, `unknown-handle` …).
+pub fn gateway_block(rule: &str, reason: impl Into<String>) -> Decision {
     Decision {
         action: Action::Block,
-        rule: "parse-error".into(),
-        reason: Some(why),
+        rule: rule.into(),
+        reason: Some(reason.into()),
         dry_run: Vec::new(),
         approval: None,
     }
@@ -1350,5 +1377,102 @@ approval = { approvers = "ops" }
             (Action::Block, "approval-conflict")
         );
         assert!(d.reason.unwrap().contains("dba, ops"));
+    }
+
+    #[test]
+    fn only_a_rule_naming_forwards_allows_them() {
+        use ssh::{SshAction, SshRequestKind};
+        let forward = |kind| SshAction {
+            kind,
+            login: "deploy",
+            command: None,
+            line: None,
+            path: Some("db:5432"),
+            operation: None,
+        };
+        let decide = |p: &Policy, kind| {
+            p.decide_actions(Ok(&[forward(kind)]), &agent(), "web")
+                .only_by_rule(|| "no rule".into())
+        };
+        let broad = r#"
+            [[rules]]
+            id = "analysts-anything"
+            protocol = "ssh"
+            action = "allow"
+            principals = { groups = ["analysts"] }
+            "#;
+        let p = policy(broad);
+        for kind in [SshRequestKind::Forward, SshRequestKind::RemoteForward] {
+            let d = decide(&p, kind);
+            assert_eq!((d.action, d.rule.as_str()), (Action::Block, "default"));
+        }
+        let exec = SshAction {
+            kind: SshRequestKind::Exec,
+            path: None,
+            ..forward(SshRequestKind::Exec)
+        };
+        let d = p.decide_actions(Ok(&[exec]), &agent(), "web");
+        assert_eq!(d.rule, "analysts-anything", "other requests as before");
+        let p = policy(&format!(
+            r#"
+            [[rules]]
+            id = "no-db"
+            protocol = "ssh"
+            action = "block"
+            paths = ["db:*"]
+            {broad}
+            [[rules]]
+            id = "tunnels"
+            protocol = "ssh"
+            action = "allow"
+            requests = ["forward"]
+            "#
+        ));
+        assert_eq!(
+            decide(&p, SshRequestKind::Forward).rule,
+            "no-db",
+            "a broad block"
+        );
+        let p = policy(&format!(
+            r#"{broad}
+            [[rules]]
+            id = "tunnels"
+            protocol = "ssh"
+            action = "allow"
+            requests = ["forward"]
+            "#
+        ));
+        let d = decide(&p, SshRequestKind::Forward);
+        assert_eq!((d.action, d.rule.as_str()), (Action::Allow, "tunnels"));
+        assert_eq!(decide(&p, SshRequestKind::RemoteForward).rule, "default");
+    }
+
+    #[test]
+    fn rules_that_name_paths_for_a_kind() {
+        use ssh::SshRequestKind::{Exec, Forward, Sftp};
+        let p = policy(
+            r#"
+            [[rules]]
+            id = "tunnel"
+            protocol = "ssh"
+            action = "allow"
+            requests = ["forward"]
+            paths = ["db:5432"]
+
+            [[rules]]
+            id = "elsewhere"
+            protocol = "ssh"
+            action = "block"
+            connections = ["other"]
+            paths = ["/srv/*"]
+            "#,
+        );
+        assert!(p.names_paths(Forward, &agent(), "web"));
+        assert!(!p.names_paths(Sftp, &agent(), "web"));
+        assert!(p.names_paths(Sftp, &agent(), "other"));
+        assert!(
+            p.names_paths(Exec, &agent(), "other"),
+            "no requests: any kind"
+        );
     }
 }

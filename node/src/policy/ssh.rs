@@ -30,6 +30,14 @@ pub enum SshRequestKind {
     Subsystem,
 }
 
+impl SshRequestKind {
+    /// Whether only a rule that names this kind in its `requests` may allow it (forwards):
+    /// the policy's `default` does not apply to it either.
+    pub fn by_name(self) -> bool {
+        matches!(self, Self::Forward | Self::RemoteForward)
+    }
+}
+
 /// The SSH part of a rule. Every condition given must hold; inside a list any entry may match.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SshMatch {
@@ -110,5 +118,101 @@ impl SshMatch {
 
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+}
+
+/// The host of a forward in the one spelling rules are matched against (and records hold):
+/// lower case, without one trailing dot; an IP address in canonical form (an IPv4-mapped
+/// IPv6 address as its IPv4 address). A rule on `127.0.0.1:*` or `localhost:*` must not be
+/// passed by `127.1`, `0x7f.1`, `2130706433`, `0177.0.0.1`, `0`, `LOCALHOST`, `localhost.` or
+/// `::ffff:127.0.0.1`, which the host's resolver (glibc's `inet_aton`, then DNS) takes for
+/// the same address. A numeric IPv4 spelling other than the canonical dotted quad is refused
+/// rather than converted (what `inet_aton` makes of it is the host's C library's business),
+/// and so is anything that is neither an IP address nor made of the characters of a host name
+/// (letters, digits, `.`, `-`, `_`). An empty host (a remote forward on every address) and
+/// `*` stay as they are. The error says why, for the client and the record.
+pub fn forward_host(host: &str) -> Result<String, String> {
+    let lower = host.to_ascii_lowercase();
+    let host = lower.strip_suffix('.').unwrap_or(&lower);
+    if host.is_empty() || host == "*" {
+        return Ok(host.to_string());
+    }
+    if let Ok(v6) = host.parse::<std::net::Ipv6Addr>() {
+        return Ok(match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        });
+    }
+    let numeric = host.split('.').all(|part| {
+        let digits = part
+            .strip_prefix("0x")
+            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .is_some();
+        digits || (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if numeric {
+        return match host.parse::<std::net::Ipv4Addr>() {
+            // Rust reads only the canonical dotted quad (no leading zeros).
+            Ok(v4) if v4.to_string() == host => Ok(host.to_string()),
+            _ => Err(format!(
+                "the host {host:?} is a numeric address not written as a dotted quad (a.b.c.d, decimal, no leading zeros); write it so"
+            )),
+        };
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    {
+        return Err(format!(
+            "the host {host:?} is neither an IP address nor a host name"
+        ));
+    }
+    Ok(host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forward_host;
+
+    #[test]
+    fn forward_hosts_are_decided_in_one_spelling() {
+        for (host, want) in [
+            ("127.0.0.1", "127.0.0.1"),
+            ("127.0.0.1.", "127.0.0.1"),
+            ("LOCALHOST", "localhost"),
+            ("localhost.", "localhost"),
+            ("Db.Internal.", "db.internal"),
+            ("::ffff:127.0.0.1", "127.0.0.1"),
+            ("::FFFF:7f00:1", "127.0.0.1"),
+            ("0:0:0:0:0:0:0:1", "::1"),
+            ("::1", "::1"),
+            ("", ""),
+            ("*", "*"),
+            ("0.0.0.0", "0.0.0.0"),
+            ("cafe.de", "cafe.de"),
+            ("1e5", "1e5"),
+            ("web-1_a", "web-1_a"),
+        ] {
+            assert_eq!(forward_host(host).as_deref(), Ok(want), "{host}");
+        }
+        for host in [
+            "127.1",
+            "0x7f.1",
+            "0X7F.0.0.1",
+            "2130706433",
+            "0177.0.0.1",
+            "127.000.0.1",
+            "0",
+            "0x",
+            "1.2.3.4.5",
+            "999.1.1.1",
+            "127.0.0.1 ",
+            "fe80::1%eth0",
+            "[::1]",
+            "a b",
+        ] {
+            let refused = forward_host(host);
+            assert!(refused.is_err(), "{host}: {refused:?}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use crate::core::idle::Activity;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
 use crate::policy::ssh::{SshAction, SshRequestKind};
-use crate::policy::{with_note, Action, Decision};
+use crate::policy::{gateway_block, with_note, Action, Decision};
 use russh::server::Session;
 use russh::{client, ChannelId, ChannelMsg, Sig};
 use sha2::{Digest, Sha256};
@@ -250,7 +250,8 @@ pub async fn env(conn: &mut Conn, id: ChannelId, name: &str, value: &str) {
 }
 
 /// `exec`: the command line is parsed and each command decided; `scp -t`/`-f` is decided on
-/// its paths too.
+/// its paths too; `sftp-server` run on its own is decided as `sftp` too and followed like the
+/// `sftp` subsystem, anywhere else in a line it is refused (see [`sftp_server`]).
 pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Session) {
     let Ok(line) = std::str::from_utf8(data) else {
         let why = "the command line is not UTF-8: it cannot be decided or shown faithfully";
@@ -259,18 +260,79 @@ pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Ses
     };
     let parsed = command::parse(line);
     let login = conn.login.clone();
+    let sftp = parsed
+        .as_ref()
+        .map_or(SftpServer::No, |p| sftp_server(line, p));
     let decision = {
         let actions = parsed
             .as_ref()
-            .map(|p| exec_actions(p, &login, line.trim().is_empty()))
+            .map(|p| {
+                let mut actions = exec_actions(p, &login, line.trim().is_empty());
+                if sftp == SftpServer::Alone {
+                    actions.push(SshAction {
+                        kind: SshRequestKind::Sftp,
+                        login: &login,
+                        command: None,
+                        line: None,
+                        path: None,
+                        operation: None,
+                    });
+                }
+                actions
+            })
             .map_err(|e| format!("the command line does not parse: {e}"));
-        decide(conn, actions.as_deref().map_err(Clone::clone))
+        match sftp {
+            SftpServer::Elsewhere => gateway_block(
+                "sftp-server",
+                "sftp-server runs only alone on its line (a path and options), where the gateway follows its SFTP stream",
+            ),
+            _ => decide(conn, actions.as_deref().map_err(Clone::clone)),
+        }
     };
     let kind = match &parsed {
         Ok(p) if p.commands.iter().any(scp_server) => "scp",
         _ => "exec",
     };
-    run(conn, id, Run::new(kind, Some(line), decision), session).await;
+    let request = Run {
+        sftp: sftp == SftpServer::Alone,
+        ..Run::new(kind, Some(line), decision)
+    };
+    run(conn, id, request, session).await;
+}
+
+/// How an exec line runs OpenSSH's `sftp-server` (`sftp -s /usr/lib/openssh/sftp-server`
+/// sends its path as an exec), which speaks SFTP on the channel: every request inside would
+/// reach the host undecided unless the gateway follows the stream as it follows the `sftp`
+/// subsystem's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SftpServer {
+    No,
+    /// The line is that one command, its program and options in plain characters (no
+    /// redirection, quote, expansion or assignment can hide in it): its channel carries the
+    /// client's SFTP stream, which the gateway follows.
+    Alone,
+    /// Anywhere else (`sudo sftp-server`, `sftp-server < file`, `sh -c sftp-server`): the
+    /// stream may not be the client's, or not on the channel, so it cannot be followed.
+    Elsewhere,
+}
+
+/// See [`SftpServer`]; by the program's last component, so any copy of the program counts.
+fn sftp_server(text: &str, line: &CommandLine) -> SftpServer {
+    if !line
+        .commands
+        .iter()
+        .any(|c| c.program_name() == "sftp-server")
+    {
+        return SftpServer::No;
+    }
+    let plain = text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-, \t".contains(&b));
+    if plain && line.commands.len() == 1 {
+        SftpServer::Alone
+    } else {
+        SftpServer::Elsewhere
+    }
 }
 
 /// The actions of an exec line: each command with the line's flags; for an `scp` in server
@@ -392,6 +454,9 @@ struct Run<'a> {
     request_type: &'a str,
     command: Option<&'a str>,
     decision: Decision,
+    /// The channel carries SFTP (the `sftp` subsystem, or `sftp-server` as an exec): each
+    /// request inside is decided ([`SftpGuard`]).
+    sftp: bool,
 }
 
 impl<'a> Run<'a> {
@@ -400,6 +465,7 @@ impl<'a> Run<'a> {
             request_type,
             command,
             decision,
+            sftp: request_type == "subsystem" && command == Some("sftp"),
         }
     }
 }
@@ -474,6 +540,7 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
         ),
         client: session.handle(),
         typed: run.request_type == "shell" && conn.ptys.contains(&id),
+        sftp: run.sftp,
         request_type: run.request_type.to_string(),
         command: run.command.map(str::to_string),
         decision: run.decision,
@@ -498,6 +565,8 @@ struct Starting {
     client: russh::server::Handle,
     /// An interactive shell on a terminal: typed lines are recorded.
     typed: bool,
+    /// The channel carries SFTP (see [`Run::sftp`]).
+    sftp: bool,
     request_type: String,
     command: Option<String>,
     decision: Decision,
@@ -664,15 +733,14 @@ impl Starting {
             );
             return;
         };
-        let sftp = (self.request_type == "subsystem" && self.command.as_deref() == Some("sftp"))
-            .then(|| {
-                Arc::new(SftpGuard::new(
-                    self.ctx.policy.clone(),
-                    self.recorder.scope.principal.clone().unwrap_or_default(),
-                    self.target.clone(),
-                    self.login.clone(),
-                ))
-            });
+        let sftp = self.sftp.then(|| {
+            Arc::new(SftpGuard::new(
+                self.ctx.policy.clone(),
+                self.recorder.scope.principal.clone().unwrap_or_default(),
+                self.target.clone(),
+                self.login.clone(),
+            ))
+        });
         let mut pumps = Pumps::new(self.recorder, self.client, sftp);
         if self.typed {
             pumps.typed = Some(Arc::default());
@@ -1140,7 +1208,7 @@ impl Recorder {
             body.detail = if !echoed {
                 Some("typed while the host echoed nothing (a password prompt): the line is not on record, its keystrokes are in the recording".into())
             } else if typed.inexact {
-                Some("edited with cursor keys, completion or a long paste: the shell may have run another line (see the recording)".into())
+                Some("edited with cursor keys, control keys (history search or recall, kill and yank …), completion or a long paste: the shell may have run another line (see the recording)".into())
             } else {
                 None
             };
@@ -1403,5 +1471,33 @@ fn sig_name(sig: &Sig) -> String {
     match sig {
         Sig::Custom(name) => name.clone(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sftp_server_is_followed_only_alone_on_its_line() {
+        let of = |text: &str| sftp_server(text, &command::parse(text).unwrap());
+        for alone in [
+            "/usr/lib/openssh/sftp-server",
+            "sftp-server -l DEBUG3 -d /srv -P read,write",
+        ] {
+            assert!(of(alone) == SftpServer::Alone, "{alone}");
+        }
+        for elsewhere in [
+            "sudo /usr/lib/openssh/sftp-server",
+            "sftp-server < /tmp/requests",
+            "sftp-server; rm -rf /srv",
+            "sh -c sftp-server",
+            "'/usr/lib/openssh/sftp-server'",
+            "LD_PRELOAD=/tmp/x.so sftp-server",
+            "exec sftp-server",
+        ] {
+            assert!(of(elsewhere) == SftpServer::Elsewhere, "{elsewhere}");
+        }
+        assert!(of("ls /usr/lib/openssh/sftp-server") == SftpServer::No);
     }
 }

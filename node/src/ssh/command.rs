@@ -3029,9 +3029,11 @@ fn join_words(args: &[Word]) -> Vec<u8> {
     joined
 }
 
-/// Resolves `.`, `..` and repeated slashes of an absolute path lexically, so that
-/// `//dev/./sda` and `/dev/../dev/sda` are recognised as `/dev/sda`.
-fn normalize_path(path: &str) -> Option<String> {
+/// Resolves `.`, `..` (never above `/`), repeated slashes and a trailing slash of an
+/// absolute path lexically, so that `//dev/./sda` and `/dev/../dev/sda` are recognised as
+/// `/dev/sda`; `None` for a relative path. Lexically: the host resolves `..` after a symlink
+/// from where the link points.
+pub fn normalize_path(path: &str) -> Option<String> {
     if !path.starts_with('/') {
         return None;
     }

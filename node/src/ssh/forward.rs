@@ -10,8 +10,8 @@ use super::channel::{self, ClientInput, Input, Pumps, Recorder, SessionScope, IN
 use super::session::Conn;
 use super::target::Pinned;
 use crate::core::trace::Stmt;
-use crate::policy::ssh::{SshAction, SshRequestKind};
-use crate::policy::Action;
+use crate::policy::ssh::{forward_host, SshAction, SshRequestKind};
+use crate::policy::{gateway_block, Action};
 use russh::{client, server, ChannelMsg, ChannelOpenFailure};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -27,20 +27,44 @@ use vigil_proto::record::{
 const PENDING_WAIT: Duration = Duration::from_secs(5);
 
 /// A forward as the client asked for it.
-struct Ask<'a> {
+struct Ask {
     kind: SshRequestKind,
     request_type: &'static str,
-    /// `host:port`: where a local forward connects, where a remote forward listens.
-    to: &'a str,
+    /// Where a local forward connects, where a remote forward listens: as decided
+    /// ([`forward_host`]), or as the client wrote it when it cannot be decided.
+    host: String,
+    port: u32,
+    /// Why the host cannot be decided (then the forward is refused).
+    unreadable: Option<String>,
     channel: u32,
 }
 
-impl Ask<'_> {
+impl Ask {
+    fn new(kind: SshRequestKind, request_type: &'static str, host: &str, port: u32) -> Self {
+        let (host, unreadable) = match forward_host(host) {
+            Ok(decided) => (decided, None),
+            Err(why) => (host.to_string(), Some(why)),
+        };
+        Self {
+            kind,
+            request_type,
+            host,
+            port,
+            unreadable,
+            channel: 0,
+        }
+    }
+
+    /// `host:port`, the forward's path for the rules and its record.
+    fn to(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
     /// How a refusal names the forward.
     fn what(&self) -> String {
         match self.kind {
-            SshRequestKind::RemoteForward => format!("remote forwarding from {}", self.to),
-            _ => format!("forwarding to {}", self.to),
+            SshRequestKind::RemoteForward => format!("remote forwarding from {}", self.to()),
+            _ => format!("forwarding to {}", self.to()),
         }
     }
 }
@@ -51,19 +75,23 @@ impl Ask<'_> {
 /// connection comes back with the policy that allowed it and the forward's trace span.
 async fn admit(
     conn: &mut Conn,
-    ask: &Ask<'_>,
+    ask: &Ask,
 ) -> Option<(Arc<client::Handle<Pinned>>, PolicyRef, tracing::Span)> {
     let login = conn.login.clone();
+    let to = ask.to();
     let action = SshAction {
         kind: ask.kind,
         login: &login,
         command: None,
         line: None,
-        path: Some(ask.to),
+        path: Some(&to),
         operation: None,
     };
-    let decision = channel::decide(conn, Ok(&[action]))
-        .only_by_rule(|| format!("no rule allows {}", ask.what()));
+    let decision = match &ask.unreadable {
+        Some(why) => gateway_block("forward-host", why.as_str()),
+        None => channel::decide(conn, Ok(&[action]))
+            .only_by_rule(|| format!("no rule allows {}", ask.what())),
+    };
     conn.stmt += 1;
     let span = conn.statement_span(conn.stmt);
     let mut body = conn.body(Kind::Request);
@@ -71,7 +99,7 @@ async fn admit(
     body.request = Some(forward_request(
         ask.channel,
         ask.request_type,
-        ask.to,
+        &to,
         None,
         &login,
     ));
@@ -172,7 +200,8 @@ fn open_refused(who: &str, e: &russh::Error) -> (ChannelOpenFailure, SshError) {
 }
 
 /// `direct-tcpip` (a local forward): decided with `host:port` as its path; when allowed, the
-/// host opens the connection and the channel runs, its bytes counted.
+/// host opens the connection (to the host as decided: see [`forward_host`]) and the channel
+/// runs, its bytes counted.
 pub async fn direct_tcpip(
     conn: &mut Conn,
     channel: russh::Channel<server::Msg>,
@@ -183,12 +212,9 @@ pub async fn direct_tcpip(
 ) {
     let id = channel.id();
     drop(channel);
-    let to = format!("{host_name}:{port}");
     let ask = Ask {
-        kind: SshRequestKind::Forward,
-        request_type: "direct-tcpip",
-        to: &to,
         channel: id.number(),
+        ..Ask::new(SshRequestKind::Forward, "direct-tcpip", host_name, port)
     };
     let Some((host, _, span)) = admit(conn, &ask).await else {
         reply
@@ -198,7 +224,7 @@ pub async fn direct_tcpip(
     };
     let started = Instant::now();
     let opened = host
-        .channel_open_direct_tcpip(host_name, port, "127.0.0.1", 0)
+        .channel_open_direct_tcpip(ask.host, port, "127.0.0.1", 0)
         .await;
     let host = match opened {
         Ok(host) => host,
@@ -218,17 +244,18 @@ pub async fn direct_tcpip(
     Pumps::new(rec, session.handle(), None).spawn(conn, id, host, started);
 }
 
-/// `tcpip-forward` (a remote forward, `ssh -R`): decided with `ADDRESS:PORT` as its path (as
-/// the client sent it; port 0 asks the host to choose). When allowed, the host is asked to
-/// listen, its answer is on record (with the port it listens on) and is the client's answer.
+/// `tcpip-forward` (a remote forward, `ssh -R`): decided with `ADDRESS:PORT` as its path (the
+/// address as [`forward_host`] spells it; port 0 asks the host to choose). When allowed, the
+/// host is asked to listen on the address as the client sent it (the same address: the host
+/// names it so in each connection it sends back, and the client knows its forward by it), its
+/// answer is on record (with the port it listens on) and is the client's answer.
 pub async fn tcpip_forward(conn: &mut Conn, address: &str, port: &mut u32) -> bool {
-    let to = format!("{address}:{port}");
-    let ask = Ask {
-        kind: SshRequestKind::RemoteForward,
-        request_type: "tcpip-forward",
-        to: &to,
-        channel: 0,
-    };
+    let ask = Ask::new(
+        SshRequestKind::RemoteForward,
+        "tcpip-forward",
+        address,
+        *port,
+    );
     let Some((host, policy, span)) = admit(conn, &ask).await else {
         return false;
     };

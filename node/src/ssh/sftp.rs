@@ -22,8 +22,12 @@
 //!
 //! Paths are bytes in SFTP. They are shown as UTF-8, lossily: a request whose path was not
 //! valid UTF-8 says so ([`SftpRequest::path_not_utf8`]), since a policy comparing strings
-//! cannot be sure which file it names.
+//! cannot be sure which file it names. An absolute path is normalised lexically
+//! ([`normalize_path`]: `/srv//config/./a` and `/tmp/../srv/config/a` are `/srv/config/a`),
+//! so that rules and records see one spelling of it; the host still gets the client's bytes.
+//! A relative path is kept as written.
 
+use super::command::normalize_path;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -238,7 +242,7 @@ pub struct SftpRequest {
     /// The request id; INIT has none.
     pub id: Option<u32>,
     pub op: SftpOp,
-    /// The path the request acts on. For requests on a handle (READ, WRITE, CLOSE, FSTAT,
+    /// The path the request acts on, normalised if absolute. For requests on a handle (READ, WRITE, CLOSE, FSTAT,
     /// FSETSTAT, READDIR, fsync, copy-data), the path the handle was opened with, if the
     /// tracker saw that. For RENAME and hardlink the existing path; for SYMLINK the text the
     /// link will point to.
@@ -247,6 +251,13 @@ pub struct SftpRequest {
     pub target: Option<String>,
     /// A path was not valid UTF-8: `path`/`target` show it with replacement characters.
     pub path_not_utf8: bool,
+    /// The request names a handle (for copy-data, either handle) that is not open as far as
+    /// the gateway knows: one the host has not returned yet (a client that sends `OPEN` and
+    /// a request on the handle it expects in one write; sshd's first handle is always
+    /// `00000000`), or one whose `CLOSE` the client has sent (the host may hand the same
+    /// handle to the next `OPEN`). Which file it acts on cannot be known, so it cannot be
+    /// decided: the gateway refuses it.
+    pub handle_unknown: bool,
     /// READ and copy-data: the length asked for; WRITE: the data's length.
     pub length: u64,
     /// READ and WRITE: the file offset.
@@ -263,6 +274,7 @@ impl SftpRequest {
             path: None,
             target: None,
             path_not_utf8: false,
+            handle_unknown: false,
             length: 0,
             offset: 0,
             attrs: None,
@@ -499,12 +511,16 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Lossy UTF-8 of a path, and whether it was lossy.
+/// Lossy UTF-8 of a path, normalised if absolute, and whether it was lossy.
 fn path_string(bytes: &[u8]) -> (String, bool) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => (s.to_string(), false),
-        Err(_) => (String::from_utf8_lossy(bytes).into_owned(), true),
-    }
+    let (text, lossy) = match std::str::from_utf8(bytes) {
+        Ok(s) => (std::borrow::Cow::Borrowed(s), false),
+        Err(_) => (String::from_utf8_lossy(bytes), true),
+    };
+    (
+        normalize_path(&text).unwrap_or_else(|| text.into_owned()),
+        lossy,
+    )
 }
 
 /// A request awaiting its reply.
@@ -521,6 +537,10 @@ struct OpenFile {
     operation: SftpOperation,
     /// The first failure on this handle, which becomes the record's status.
     failed: bool,
+    /// The client sent its CLOSE: the file stays until the CLOSE's reply (which ends its
+    /// record), but no later request may use the handle (see
+    /// [`SftpRequest::handle_unknown`]).
+    closing: bool,
 }
 
 /// Follows one SFTP channel. See the module documentation for how the gateway uses it.
@@ -620,10 +640,9 @@ impl SftpTracker {
         open.into_iter().map(|f| f.operation).collect()
     }
 
-    fn path_of(&self, handle: &[u8]) -> Option<String> {
-        self.handles
-            .get(handle)
-            .and_then(|f| f.operation.request.path.clone())
+    /// The file open under `handle`, unless its CLOSE was sent.
+    fn open_file(&self, handle: &[u8]) -> Option<&OpenFile> {
+        self.handles.get(handle).filter(|f| !f.closing)
     }
 
     fn decode_request(&mut self, raw: &[u8]) -> Result<SftpRequest, SftpError> {
@@ -785,7 +804,10 @@ impl SftpTracker {
                         req.length = r.u64()?;
                         let to = r.handle()?;
                         req.offset = r.u64()?;
-                        req.target = self.path_of(to);
+                        match self.open_file(to) {
+                            Some(f) => req.target = f.operation.request.path.clone(),
+                            None => req.handle_unknown = true,
+                        }
                         handle = Some(from);
                         SftpOp::CopyData
                     }
@@ -794,14 +816,25 @@ impl SftpTracker {
             }
             other => req.op = SftpOp::Unknown(other),
         }
-        if let Some(h) = &handle {
-            req.path = self.path_of(h);
-        }
         if self.pending.contains_key(&id) {
             return Err(SftpError::DuplicateId(id));
         }
         if self.pending.len() >= MAX_PENDING {
             return Err(SftpError::TooManyPending(MAX_PENDING));
+        }
+        if let Some(h) = &handle {
+            match self.open_file(h) {
+                Some(f) => req.path = f.operation.request.path.clone(),
+                None => req.handle_unknown = true,
+            }
+            // The handle is dead from its CLOSE on, not from the host's reply: the host may
+            // give it to an OPEN sent right after, and the client's requests on it then would
+            // be decided on the closed file's path.
+            if req.op == SftpOp::Close {
+                if let Some(f) = self.handles.get_mut(h) {
+                    f.closing = true;
+                }
+            }
         }
         self.pending.insert(
             id,
@@ -860,6 +893,7 @@ impl SftpTracker {
                         OpenFile {
                             operation: op,
                             failed: false,
+                            closing: false,
                         },
                     );
                     return Ok(());
@@ -1361,6 +1395,62 @@ mod tests {
     }
 
     #[test]
+    fn requests_on_handles_that_are_not_open_are_marked_unknown() {
+        let fsetstat = |id: u32, h: &[u8]| {
+            P::new(FXP_FSETSTAT)
+                .u32(id)
+                .s(h)
+                .u32(ATTR_PERMISSIONS)
+                .u32(0o777)
+                .done()
+        };
+        let mut t = started();
+        // OPEN and a request on the handle sshd will return, in one write.
+        let mut c = open(1, b"/srv/config/app.conf", PFLAG_READ);
+        c.extend(fsetstat(2, b"00000000"));
+        let r = requests(&mut t, &c);
+        assert!(!r[0].handle_unknown);
+        assert!(r[1].handle_unknown);
+        assert_eq!(r[1].path, None);
+        t.refused(2, SSH_FX_FAILURE, "unknown handle").unwrap();
+        t.server_bytes(&handle(1, b"00000000")).unwrap();
+        let r = requests(&mut t, &fsetstat(3, b"00000000"));
+        assert!(!r[0].handle_unknown);
+        assert_eq!(r[0].path.as_deref(), Some("/srv/config/app.conf"));
+        t.server_bytes(&status(3, SSH_FX_OK)).unwrap();
+        // A handle is dead from its CLOSE on: the host may give it to the next OPEN.
+        let mut c = close(4, b"00000000");
+        c.extend(open(5, b"/tmp/other", PFLAG_WRITE));
+        c.extend(fsetstat(6, b"00000000"));
+        let r = requests(&mut t, &c);
+        assert!(!r[0].handle_unknown, "the CLOSE itself");
+        assert!(r[2].handle_unknown);
+        t.refused(6, SSH_FX_FAILURE, "unknown handle").unwrap();
+        // The CLOSE's reply still ends the file's record.
+        let ops = t.server_bytes(&status(4, SSH_FX_OK)).unwrap();
+        assert_eq!(ops[0].request.path.as_deref(), Some("/srv/config/app.conf"));
+        t.server_bytes(&handle(5, b"00000000")).unwrap();
+        assert!(!requests(&mut t, &fsetstat(7, b"00000000"))[0].handle_unknown);
+        // copy-data: either handle unknown.
+        for (from, to) in [
+            (&b"00000000"[..], &b"00000001"[..]),
+            (b"00000001", b"00000000"),
+        ] {
+            let copy = P::new(FXP_EXTENDED)
+                .u32(8)
+                .s(b"copy-data")
+                .s(from)
+                .u64(0)
+                .u64(0)
+                .s(to)
+                .u64(0)
+                .done();
+            assert!(requests(&mut t, &copy)[0].handle_unknown);
+            t.refused(8, SSH_FX_FAILURE, "unknown handle").unwrap();
+        }
+    }
+
+    #[test]
     fn refused_requests() {
         let mut t = started();
         let p = t
@@ -1492,6 +1582,31 @@ mod tests {
         assert_eq!(ops.len(), 1);
         let r = requests(&mut t, &P::new(99).done());
         assert_eq!((r[0].id, &r[0].op), (None, &SftpOp::Unknown(99)));
+    }
+
+    #[test]
+    fn absolute_paths_are_normalised_and_relative_ones_kept() {
+        let mut t = started();
+        let cases = [
+            ("/srv//config/a", "/srv/config/a"),
+            ("/srv/./config/b", "/srv/config/b"),
+            ("/tmp/../srv/config/c", "/srv/config/c"),
+            ("/../../srv/config/d", "/srv/config/d"),
+            ("/srv/config/", "/srv/config"),
+            ("//", "/"),
+            ("config/../a", "config/../a"),
+            ("", ""),
+        ];
+        for (id, (raw, want)) in cases.into_iter().enumerate() {
+            let rename = P::new(FXP_RENAME)
+                .u32(id as u32)
+                .s(b"/x/./y")
+                .s(raw.as_bytes())
+                .done();
+            let r = requests(&mut t, &rename);
+            assert_eq!(r[0].path.as_deref(), Some("/x/y"));
+            assert_eq!(r[0].target.as_deref(), Some(want), "{raw}");
+        }
     }
 
     #[test]

@@ -2,10 +2,23 @@
 //! its operation and its paths); a refused request never reaches the host, the client gets
 //! `SSH_FX_PERMISSION_DENIED` from the gateway, and the refusal is on record. Each finished
 //! operation becomes one record (a file transfer from open to close, a removal, a rename …).
+//!
+//! A request the gateway cannot decide is refused whatever the policy says: one on a handle
+//! that is not open as far as the gateway knows ([`SftpRequest::handle_unknown`], rule
+//! `unknown-handle`, answered `SSH_FX_FAILURE` as sshd answers a bad handle); and, when a rule
+//! that may decide it names paths, one with a relative path (rule `relative-path`): the host
+//! resolves it against a directory the gateway does not know (the login's home, or what
+//! `sftp-server -d` made it), and the rules' globs are absolute. `REALPATH` (with
+//! `expand-path@openssh.com`) is the exception: it changes and reads nothing, and clients
+//! start by asking it for `.`, to make every later path absolute. Paths are compared
+//! normalised (see [`super::sftp`]).
 
-use super::sftp::{status_reply, SftpError, SftpOperation, SftpTracker, SSH_FX_PERMISSION_DENIED};
+use super::sftp::{
+    status_reply, SftpError, SftpOp, SftpOperation, SftpRequest, SftpTracker, SSH_FX_FAILURE,
+    SSH_FX_PERMISSION_DENIED,
+};
 use crate::policy::ssh::{SshAction, SshRequestKind};
-use crate::policy::{Action, Decision, Policy};
+use crate::policy::{gateway_block, Action, Decision, Policy};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vigil_proto::record::Principal;
 
@@ -15,6 +28,8 @@ pub struct SftpGuard {
     principal: Arc<Principal>,
     target: String,
     login: String,
+    /// A rule that may decide this channel's requests names paths.
+    names_paths: bool,
 }
 
 /// A request the gateway refused: the reply the client gets instead of the host's, and the
@@ -33,6 +48,7 @@ impl SftpGuard {
         login: String,
     ) -> Self {
         Self {
+            names_paths: policy.names_paths(SshRequestKind::Sftp, &principal, &target),
             tracker: Mutex::new(SftpTracker::new()),
             policy,
             principal,
@@ -51,7 +67,9 @@ impl SftpGuard {
         let mut forward = Vec::with_capacity(data.len());
         let mut refused = Vec::new();
         for p in packets {
-            let decision = self.decide(&p.request);
+            let (decision, code) = self
+                .undecidable(&p.request)
+                .unwrap_or_else(|| (self.decide(&p.request), SSH_FX_PERMISSION_DENIED));
             match (decision.action, p.request.id) {
                 (Action::Allow, _) | (_, None) => forward.extend_from_slice(&p.raw),
                 (action, Some(id)) => {
@@ -65,10 +83,10 @@ impl SftpGuard {
                     };
                     let operation = self
                         .tracker()
-                        .refused(id, SSH_FX_PERMISSION_DENIED, &why)
+                        .refused(id, code, &why)
                         .unwrap_or_else(|| SftpOperation::new(p.request.clone()));
                     refused.push(Refused {
-                        reply: status_reply(id, SSH_FX_PERMISSION_DENIED, &format!("vigil: {why}")),
+                        reply: status_reply(id, code, &format!("vigil: {why}")),
                         operation,
                         decision,
                     });
@@ -78,9 +96,28 @@ impl SftpGuard {
         Ok((forward, refused))
     }
 
+    /// The gateway's own refusal of a request it cannot decide, whatever the rules, with the
+    /// status code of its reply.
+    fn undecidable(&self, request: &SftpRequest) -> Option<(Decision, u32)> {
+        if request.handle_unknown {
+            let why = "the request names a handle the host has not returned, or one already closed: which file it acts on cannot be known";
+            return Some((gateway_block("unknown-handle", why), SSH_FX_FAILURE));
+        }
+        let relative = |p: &Option<String>| p.as_deref().is_some_and(|p| !p.starts_with('/'));
+        let decided_on_paths = self.names_paths && request.op != SftpOp::RealPath;
+        (decided_on_paths && (relative(&request.path) || relative(&request.target))).then(|| {
+            let why =
+                "a relative path cannot be decided against the rules on paths; send it absolute";
+            (
+                gateway_block("relative-path", why),
+                SSH_FX_PERMISSION_DENIED,
+            )
+        })
+    }
+
     /// A request's decision: its path and, for a rename or link, the path it creates, each
     /// decided (a block of either refuses it).
-    fn decide(&self, request: &super::sftp::SftpRequest) -> Decision {
+    fn decide(&self, request: &SftpRequest) -> Decision {
         let paths = std::iter::once(request.path.as_deref()).chain(
             request
                 .target

@@ -16,7 +16,8 @@ const MAX_LINE: usize = 4096;
 #[derive(Default)]
 pub struct TypedLines {
     line: Vec<u8>,
-    /// The line was edited in a way this reading cannot follow (cursor keys, completion).
+    /// The line was edited in a way this reading cannot follow (cursor keys, completion,
+    /// a control key of the line editor).
     inexact: bool,
     /// Inside an escape sequence (ESC, then `[` or `O` and parameters, up to a final byte).
     escape: Escape,
@@ -82,11 +83,13 @@ impl TypedLines {
                         }
                     }
                 }
-                // Ctrl-C and Ctrl-U drop the line; Ctrl-W a word.
-                0x03 | 0x15 => {
+                // Ctrl-C drops the line; Ctrl-U what is before the cursor, which is the whole
+                // line only if the cursor was never moved; Ctrl-W a word.
+                0x03 => {
                     self.line.clear();
                     self.inexact = false;
                 }
+                0x15 => self.line.clear(),
                 0x17 => {
                     while self.line.last() == Some(&b' ') {
                         self.line.pop();
@@ -95,8 +98,11 @@ impl TypedLines {
                         self.line.pop();
                     }
                 }
-                b'\t' => self.inexact = true,
-                b if b < 0x20 => {}
+                // Tab (completion), and any other control key: readline's history search
+                // (Ctrl-R) and recall (Ctrl-P/N), cursor moves (Ctrl-A/E/B/F), kill and yank
+                // (Ctrl-K/Y), transposition (Ctrl-T), deletion (Ctrl-D) … change the line in
+                // ways only the shell knows.
+                b if b < 0x20 => self.inexact = true,
                 b => {
                     if self.line.len() < MAX_LINE {
                         self.line.push(b);
@@ -330,6 +336,19 @@ mod tests {
             [("ok".into(), false)],
             "the next line starts exact"
         );
+        // Readline's control keys: history search and recall, cursor moves, kill and yank,
+        // transposition, deletion under the cursor.
+        for key in [
+            0x12u8, 0x10, 0x0e, 0x01, 0x05, 0x02, 0x06, 0x0b, 0x19, 0x14, 0x04, 0x00, 0x1f,
+        ] {
+            let mut input = b"echo hi".to_vec();
+            input.push(key);
+            input.push(b'\r');
+            assert_eq!(lines(&input), [("echo hi".into(), true)], "{key:#04x}");
+        }
+        // Ctrl-U after the cursor moved kills only what is before it.
+        assert_eq!(lines(b"rm x\x01\x15ls\r"), [("ls".into(), true)]);
+        assert_eq!(lines(b"rm x\x15ls\r"), [("ls".into(), false)]);
     }
 
     fn typed(line: &str) -> Typed {
