@@ -171,6 +171,17 @@ const BASE: &[(&str, Option<&str>)] = &[
         Some("no-destruction"),
     ),
     ("ALTER SYSTEM SET work_mem = '77MB'", Some("no-destruction")),
+    // DISCARD ALL sets the session authorization back; a subscription connects to another
+    // server; a tablespace's location is a directory of the server.
+    ("DISCARD ALL", Some("no-escape")),
+    (
+        "CREATE SUBSCRIPTION evil_sub CONNECTION 'host=127.0.0.1 port=1 dbname=x' PUBLICATION p",
+        Some("no-escape"),
+    ),
+    (
+        "CREATE TABLESPACE evil_ts LOCATION '/nonexistent/evil'",
+        Some("no-escape"),
+    ),
     // The session's encoding: the gateway parses UTF-8 only, whatever the policy says.
     ("SET NAMES 'SJIS'", Some("client-encoding")),
     ("SET client_encoding TO 'GBK'", Some("client-encoding")),
@@ -1546,7 +1557,7 @@ async fn t74_differential_classification_agrees_with_postgres() {
 
 /// Statements that read payroll without naming it as a table: a name given as a string
 /// (`table_to_xml`'s `tbl`, by name after another argument), a query connectby or xpath_table
-/// pastes their arguments into, a name the gateway cannot know (an OID). A
+/// pastes their arguments into, a name the gateway cannot know (an OID), a `CASCADE`. A
 /// `tables` rule on payroll refuses each of them.
 const PAYROLL_UNNAMED: &[&str] = &[
     "SELECT table_to_xml(targetns => '', tbl => 'payroll', nulls => true, tableforest => false)",
@@ -1557,6 +1568,7 @@ const PAYROLL_UNNAMED: &[&str] = &[
     "SELECT * FROM connectby('payroll', 'id', 'parent', 'id', '1', 0) AS t(id int, parent int, level int, o int)",
     "SELECT * FROM (VALUES ('payroll')) v(r), connectby(v.r, 'id', 'parent', '1', 0) AS t(id int, parent int, level int)",
     "SELECT * FROM xpath_table('id', 'doc', 'payroll', '/a', 'true') AS t(id int, a text)",
+    "TRUNCATE customers CASCADE",
 ];
 
 /// Ground truth: PostgreSQL runs each statement of [`PAYROLL_UNNAMED`] when sent directly (each

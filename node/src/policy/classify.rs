@@ -42,7 +42,9 @@
 
 use super::dangerous_functions::DANGEROUS_FUNCTIONS;
 use super::tree::Tree;
-use pg_query::protobuf::{CmdType, ObjectType, OnConflictAction, VariableSetKind};
+use pg_query::protobuf::{
+    CmdType, DiscardMode, DropBehavior, ObjectType, OnConflictAction, VariableSetKind,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
@@ -743,12 +745,9 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
                 }
             }
         }
-        "DiscardStmt" => {
-            let all = pg_query::protobuf::DiscardMode::DiscardAll as i64;
-            if body.get("target").and_then(Tree::as_i64) == Some(all) {
-                info.deallocates = Some(None);
-                info.ends_portals = Some(None);
-            }
+        "DiscardStmt" if discards_all(body) => {
+            info.deallocates = Some(None);
+            info.ends_portals = Some(None);
         }
         "FetchStmt" => {
             info.fetches = body.get("ismove").and_then(Tree::as_bool) != Some(true);
@@ -820,6 +819,22 @@ fn reading_set(body: &Tree) -> Vec<(ReadingSetting, SettingChange)> {
     };
     vec![(setting, change)]
 }
+
+/// `DISCARD ALL`: what `RESET ALL`, `SET SESSION AUTHORIZATION DEFAULT`, `DEALLOCATE ALL`
+/// and `CLOSE ALL` do, and more.
+fn discards_all(body: &Tree) -> bool {
+    body.get("target").and_then(Tree::as_i64) == Some(DiscardMode::DiscardAll as i64)
+}
+
+/// Settings whose value is a shell command the server runs (archiving, recovery, the SSL key's
+/// passphrase): `ALTER SYSTEM` of one is a way to run a program, like `COPY … PROGRAM`.
+const SHELL_COMMAND_SETTINGS: &[&str] = &[
+    "archive_cleanup_command",
+    "archive_command",
+    "recovery_end_command",
+    "restore_command",
+    "ssl_passphrase_command",
+];
 
 fn explain_analyze(body: &Tree) -> bool {
     body.get("options")
@@ -1035,6 +1050,8 @@ fn is_foreign_data(name: &str, body: &Tree) -> bool {
             | "CreateUserMappingStmt"
             | "AlterUserMappingStmt"
             | "ImportForeignSchemaStmt"
+            | "CreateSubscriptionStmt"
+            | "AlterSubscriptionStmt"
     ) || (name == "AlterTableStmt"
         && body.get("objtype").and_then(Tree::as_i64)
             == Some(ObjectType::ObjectForeignTable as i64))
@@ -1048,6 +1065,13 @@ impl Walk {
         // Every DROP … and ALTER … carries its flag, whatever its object.
         if name.starts_with("Drop") {
             info.flags.insert(Flag::Drop);
+        }
+        // What a CASCADE reaches (a schema's tables, those referencing a truncated one) and
+        // what DROP OWNED drops are tables the statement does not name.
+        let cascades =
+            body.get("behavior").and_then(Tree::as_i64) == Some(DropBehavior::DropCascade as i64);
+        if (cascades && matches!(name, "DropStmt" | "TruncateStmt")) || name == "DropOwnedStmt" {
+            info.tables.insert(ANY_TABLE.into());
         }
         if name.starts_with("Alter") || name == "RenameStmt" {
             info.flags.insert(Flag::Alter);
@@ -1095,8 +1119,23 @@ impl Walk {
                 info.flags.insert(Flag::Truncate);
                 K::Ddl
             }
+            // It writes postgresql.auto.conf, which the server reads at its next start or reload.
             "AlterSystemStmt" => {
                 info.flags.insert(Flag::AlterSystem);
+                info.flags.insert(Flag::ServerFile);
+                let setting = body.pointer("/setstmt/name").and_then(Tree::as_str);
+                if setting.is_some_and(|s| {
+                    SHELL_COMMAND_SETTINGS
+                        .iter()
+                        .any(|c| c.eq_ignore_ascii_case(s))
+                }) {
+                    info.flags.insert(Flag::CopyProgram);
+                }
+                K::Ddl
+            }
+            // Its LOCATION is a directory of the server's file system, which it writes.
+            "CreateTableSpaceStmt" => {
+                info.flags.insert(Flag::ServerFile);
                 K::Ddl
             }
             "AlterTableStmt"
@@ -1148,8 +1187,14 @@ impl Walk {
                 }
                 K::Session
             }
-            "DiscardStmt" | "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt"
-            | "DeallocateStmt" => K::Session,
+            // DISCARD ALL sets the session authorization back, as RESET ALL does.
+            "DiscardStmt" => {
+                if discards_all(body) {
+                    info.flags.insert(Flag::RoleChange);
+                }
+                K::Session
+            }
+            "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt" | "DeallocateStmt" => K::Session,
             "TransactionStmt" => {
                 use pg_query::protobuf::TransactionStmtKind as T;
                 // Two-phase commit: COMMIT PREPARED commits writes of another session (any
@@ -1929,6 +1974,50 @@ mod tests {
             classify("SELECT * FROM connectby('payroll', 'id)', 'parent', '1', 0) AS t(id int, parent int, level int)"),
             Err(ClassifyError::TooComplex(_))
         ));
+    }
+
+    /// Review findings: what these reach outside the statement's data or names.
+    #[test]
+    fn server_files_programs_subscriptions_and_cascades() {
+        let system = one("ALTER SYSTEM SET work_mem = '77MB'");
+        assert!(system.flags.contains(&F::ServerFile) && !system.flags.contains(&F::CopyProgram));
+        for sql in [
+            "ALTER SYSTEM SET archive_command = 'curl http://x'",
+            "ALTER SYSTEM SET \"Restore_Command\" TO 'sh -c id'",
+            "ALTER SYSTEM SET ssl_passphrase_command = 'id'",
+            "ALTER SYSTEM RESET archive_cleanup_command",
+            "ALTER SYSTEM SET recovery_end_command = 'id'",
+        ] {
+            let c = one(sql);
+            assert!(
+                c.flags.contains(&F::CopyProgram) && c.flags.contains(&F::ServerFile),
+                "{sql}"
+            );
+        }
+        assert!(has(
+            "CREATE TABLESPACE ts LOCATION '/tmp/ts'",
+            F::ServerFile
+        ));
+        for sql in [
+            "CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p",
+            "ALTER SUBSCRIPTION s CONNECTION 'host=y'",
+        ] {
+            assert!(has(sql, F::ForeignData), "{sql}");
+        }
+        assert!(has("DISCARD ALL", F::RoleChange));
+        assert!(!has("DISCARD PLANS", F::RoleChange));
+        for sql in [
+            "TRUNCATE a CASCADE",
+            "DROP SCHEMA s CASCADE",
+            "DROP TABLE a CASCADE",
+            "DROP TYPE t CASCADE",
+            "DROP OWNED BY r",
+        ] {
+            assert!(one(sql).tables.contains(ANY_TABLE), "{sql}");
+        }
+        for sql in ["TRUNCATE a", "DROP SCHEMA s", "DROP TABLE a RESTRICT"] {
+            assert!(!one(sql).tables.contains(ANY_TABLE), "{sql}");
+        }
     }
 
     #[test]
