@@ -1571,16 +1571,29 @@ const PAYROLL_UNNAMED: &[&str] = &[
     "TRUNCATE customers CASCADE",
 ];
 
-/// Ground truth: PostgreSQL runs each statement of [`PAYROLL_UNNAMED`] when sent directly (each
-/// reaches payroll) and never ran one through the gateway.
+/// Functions called with attribute notation on a qualified name: a `functions` rule refuses
+/// them.
+const CALLED_AS_COLUMNS: &[&str] = &[
+    "SELECT q.nextval FROM CAST('payroll_id_seq' AS regclass) q",
+    "SELECT q.pg_sleep FROM CAST(0 AS float8) q",
+];
+
+/// Ground truth: PostgreSQL runs each statement of [`PAYROLL_UNNAMED`] and
+/// [`CALLED_AS_COLUMNS`] when sent directly (each reaches payroll or calls the function) and
+/// never ran one through the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t76_tables_not_named_as_tables_match_tables_rules() {
+async fn t76_what_a_statement_reaches_without_naming_it_matches_rules() {
     let node = TestNode::start(NodeOptions {
         extra: r#"
 [[policy.rules]]
 id = "no-payroll"
 action = "block"
 tables = ["payroll"]
+
+[[policy.rules]]
+id = "no-sequences-or-sleep"
+action = "block"
+functions = ["nextval", "pg_sleep"]
 "#,
         ..NodeOptions::default()
     })
@@ -1590,23 +1603,33 @@ tables = ["payroll"]
     su.batch_execute(
         "CREATE EXTENSION tablefunc; CREATE EXTENSION xml2;
          CREATE TABLE payroll (id int, parent int, doc text, customer int REFERENCES customers (id));
-         INSERT INTO payroll VALUES (1, NULL, '<a>1</a>', 1), (2, 1, '<a>2</a>', 2)",
+         INSERT INTO payroll VALUES (1, NULL, '<a>1</a>', 1), (2, 1, '<a>2</a>', 2);
+         CREATE SEQUENCE payroll_id_seq",
     )
     .await
     .unwrap();
     let offset = pg_log_len();
     let (client, _c) = node.client(&agent_token().await).await.unwrap();
-    for sql in PAYROLL_UNNAMED {
+    let cases = PAYROLL_UNNAMED.iter().map(|sql| (sql, "no-payroll")).chain(
+        CALLED_AS_COLUMNS
+            .iter()
+            .map(|sql| (sql, "no-sequences-or-sleep")),
+    );
+    for (sql, rule) in cases {
         let err = client.simple_query(sql).await.unwrap_err();
         let message = err.as_db_error().expect("a refusal").message().to_string();
-        assert!(message.contains("rule no-payroll"), "{sql}: {message}");
+        assert!(
+            message.contains(&format!("rule {rule}")),
+            "{sql}: {message}"
+        );
     }
     // A table given as a string that is not payroll passes.
     client
         .simple_query("SELECT table_to_xml('customers', true, false, '')")
         .await
         .unwrap();
-    for sql in PAYROLL_UNNAMED {
+    let every = || PAYROLL_UNNAMED.iter().chain(CALLED_AS_COLUMNS);
+    for sql in every() {
         su.batch_execute("BEGIN").await.unwrap();
         su.simple_query(sql)
             .await
@@ -1619,12 +1642,19 @@ tables = ["payroll"]
         .unwrap()
         .get(0);
     assert_eq!(payroll, 2);
+    // A sequence is not rolled back: one nextval, the direct one.
+    let last: i64 = su
+        .query_one("SELECT last_value FROM payroll_id_seq WHERE is_called", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, 1);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let ran: Vec<String> = pg_executed(&db, offset)
         .into_iter()
         .map(|r| r.text)
         .collect();
-    for sql in PAYROLL_UNNAMED {
+    for sql in every() {
         let runs = ran.iter().filter(|r| r == sql).count();
         assert_eq!(
             runs, 1,

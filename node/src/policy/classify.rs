@@ -1376,8 +1376,9 @@ impl Walk {
     /// column `f` (`SELECT ('/etc/passwd'::text).pg_read_file`), and the parse tree holds a
     /// column reference or an indirection there, not a call. Each field name of an indirection
     /// is taken as a possible call (with the indirection's argument), and so is the last field
-    /// of a qualified column reference when it names a dangerous function or one that runs SQL
-    /// text: a column of such a name counts as a call of it, the safe side.
+    /// of a qualified column reference (`q.nextval FROM CAST('s' AS regclass) q`): a column of
+    /// the name of a function a rule lists counts as a call of it, the safe side. Only a
+    /// dangerous name makes the statement dangerous.
     fn attribute_calls(&mut self, name: &str, body: &Tree, ctx: Ctx) {
         let field = |f: &Tree| {
             f.pointer("/node/String/sval")
@@ -1394,13 +1395,10 @@ impl Walk {
             }) {
                 self.info.columns.insert(column.to_string());
             }
-            // Most qualified columns are columns (`c.name`, `excluded.id`): only a name that is a
-            // dangerous function or one that runs SQL text counts here.
             let called = fields
                 .filter(|f| f.len() >= 2)
                 .and_then(|f| f.last())
-                .and_then(field)
-                .filter(|n| dangerous_function(n).is_some() || sql_text_function(n).is_some());
+                .and_then(field);
             if let Some(called) = called {
                 self.called(called, std::iter::empty(), ctx);
             }
@@ -1806,13 +1804,18 @@ mod tests {
         assert!(one("SELECT (1e6::float8).pg_sleep")
             .functions
             .contains("pg_sleep"));
-        // A qualified column is a column unless its name is that of such a function.
-        assert!(!one("SELECT p.version FROM packages p")
+        // Any function: an outside review advanced a sequence and slept past `functions` rules.
+        let n = one("SELECT q.nextval FROM CAST('payroll_id_seq' AS regclass) q");
+        assert!(
+            n.functions.contains("nextval") && n.flags.is_empty(),
+            "{n:?}"
+        );
+        assert!(one("SELECT q.pg_sleep FROM CAST(5 AS float8) q")
             .functions
-            .contains("version"));
-        // An ordinary qualified column is no call of anything dangerous.
+            .contains("pg_sleep"));
+        // A qualified column of the same name counts too; it is no call of anything dangerous.
         let c = one("SELECT c.id, c.email FROM customers c");
-        assert!(c.flags.is_empty(), "{c:?}");
+        assert!(c.functions.contains("email") && c.flags.is_empty(), "{c:?}");
     }
 
     #[test]
