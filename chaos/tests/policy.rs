@@ -101,6 +101,10 @@ const BASE: &[(&str, Option<&str>)] = &[
         "SELECT pg_catalog.pg_terminate_backend(pg_backend_pid())",
         Some("no-escape"),
     ),
+    // Dangerous without an ACL to say so: pageinspect checks for a superuser in C, pg_prewarm's
+    // dump writes a server file for anyone.
+    ("SELECT get_raw_page('customers', 0)", Some("no-escape")),
+    ("SELECT autoprewarm_dump_now()", Some("no-escape")),
     ("SET ROLE postgres", Some("no-escape")),
     ("SET SESSION AUTHORIZATION postgres", Some("no-escape")),
     (

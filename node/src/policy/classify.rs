@@ -2236,6 +2236,11 @@ mod tests {
             ("pg_advisory_lock", FunctionArea::AdvisoryLocks),
             ("dblink_exec", FunctionArea::OtherServers),
             ("pg_stat_reset", FunctionArea::Privileged),
+            // No ACL, superuser-only in C (pageinspect), or not at all (pg_prewarm's dump).
+            ("get_raw_page", FunctionArea::Privileged),
+            ("heap_page_items", FunctionArea::Privileged),
+            ("autoprewarm_dump_now", FunctionArea::Privileged),
+            ("autoprewarm_start_worker", FunctionArea::Privileged),
         ] {
             assert_eq!(dangerous_function(name), Some(area), "{name}");
         }
