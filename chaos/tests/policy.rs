@@ -101,6 +101,10 @@ const BASE: &[(&str, Option<&str>)] = &[
         "SELECT pg_catalog.pg_terminate_backend(pg_backend_pid())",
         Some("no-escape"),
     ),
+    // Dangerous without an ACL to say so: pageinspect checks for a superuser in C, pg_prewarm's
+    // dump writes a server file for anyone.
+    ("SELECT get_raw_page('customers', 0)", Some("no-escape")),
+    ("SELECT autoprewarm_dump_now()", Some("no-escape")),
     ("SET ROLE postgres", Some("no-escape")),
     ("SET SESSION AUTHORIZATION postgres", Some("no-escape")),
     (
@@ -151,6 +155,12 @@ const BASE: &[(&str, Option<&str>)] = &[
         "CREATE FUNCTION evil_f() RETURNS int LANGUAGE sql AS 'DELETE FROM customers RETURNING 1'",
         Some("no-destruction"),
     ),
+    // SQL text PostgreSQL 15 runs (`system_user` is an alias there) and the gateway's grammar
+    // does not read: refused as unclassifiable, not passed on the functions it appears to call.
+    (
+        "SELECT query_to_xml('SELECT pg_read_file(''/etc/hostname'') AS x FROM (SELECT 1) AS system_user', true, false, '')",
+        Some("parse-error"),
+    ),
     // Statements inside statements.
     (
         "CREATE SCHEMA evil_s CREATE TABLE evil3 (a int) GRANT ALL ON evil3 TO PUBLIC",
@@ -165,6 +175,17 @@ const BASE: &[(&str, Option<&str>)] = &[
         Some("no-destruction"),
     ),
     ("ALTER SYSTEM SET work_mem = '77MB'", Some("no-destruction")),
+    // DISCARD ALL sets the session authorization back; a subscription connects to another
+    // server; a tablespace's location is a directory of the server.
+    ("DISCARD ALL", Some("no-escape")),
+    (
+        "CREATE SUBSCRIPTION evil_sub CONNECTION 'host=127.0.0.1 port=1 dbname=x' PUBLICATION p",
+        Some("no-escape"),
+    ),
+    (
+        "CREATE TABLESPACE evil_ts LOCATION '/nonexistent/evil'",
+        Some("no-escape"),
+    ),
     // The session's encoding: the gateway parses UTF-8 only, whatever the policy says.
     ("SET NAMES 'SJIS'", Some("client-encoding")),
     ("SET client_encoding TO 'GBK'", Some("client-encoding")),
@@ -1536,4 +1557,112 @@ async fn t74_differential_classification_agrees_with_postgres() {
         }
     }
     assert!(checked >= 200, "{checked} statements checked");
+}
+
+/// Statements that read payroll without naming it as a table: a name given as a string
+/// (`table_to_xml`'s `tbl`, by name after another argument), a query connectby or xpath_table
+/// pastes their arguments into, a name the gateway cannot know (an OID), a `CASCADE`. A
+/// `tables` rule on payroll refuses each of them.
+const PAYROLL_UNNAMED: &[&str] = &[
+    "SELECT table_to_xml(targetns => '', tbl => 'payroll', nulls => true, tableforest => false)",
+    "SELECT table_to_xml(' \"payroll\" ', true, false, '')",
+    "SELECT table_to_xml('PUBLIC.PAYROLL', true, false, '')",
+    "SELECT table_to_xml(c.oid::regclass, true, false, '') FROM pg_class c WHERE c.relname = 'payroll'",
+    "SELECT * FROM connectby('payroll', 'id', 'parent', '1', 0) AS t(id int, parent int, level int)",
+    "SELECT * FROM connectby('payroll', 'id', 'parent', 'id', '1', 0) AS t(id int, parent int, level int, o int)",
+    "SELECT * FROM (VALUES ('payroll')) v(r), connectby(v.r, 'id', 'parent', '1', 0) AS t(id int, parent int, level int)",
+    "SELECT * FROM xpath_table('id', 'doc', 'payroll', '/a', 'true') AS t(id int, a text)",
+    "TRUNCATE customers CASCADE",
+];
+
+/// Functions called with attribute notation on a qualified name: a `functions` rule refuses
+/// them.
+const CALLED_AS_COLUMNS: &[&str] = &[
+    "SELECT q.nextval FROM CAST('payroll_id_seq' AS regclass) q",
+    "SELECT q.pg_sleep FROM CAST(0 AS float8) q",
+];
+
+/// Ground truth: PostgreSQL runs each statement of [`PAYROLL_UNNAMED`] and
+/// [`CALLED_AS_COLUMNS`] when sent directly (each reaches payroll or calls the function) and
+/// never ran one through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t76_what_a_statement_reaches_without_naming_it_matches_rules() {
+    let node = TestNode::start(NodeOptions {
+        extra: r#"
+[[policy.rules]]
+id = "no-payroll"
+action = "block"
+tables = ["payroll"]
+
+[[policy.rules]]
+id = "no-sequences-or-sleep"
+action = "block"
+functions = ["nextval", "pg_sleep"]
+"#,
+        ..NodeOptions::default()
+    })
+    .await;
+    let db = node.files.db.clone();
+    let su = direct_superuser(&db).await;
+    su.batch_execute(
+        "CREATE EXTENSION tablefunc; CREATE EXTENSION xml2;
+         CREATE TABLE payroll (id int, parent int, doc text, customer int REFERENCES customers (id));
+         INSERT INTO payroll VALUES (1, NULL, '<a>1</a>', 1), (2, 1, '<a>2</a>', 2);
+         CREATE SEQUENCE payroll_id_seq",
+    )
+    .await
+    .unwrap();
+    let offset = pg_log_len();
+    let (client, _c) = node.client(&agent_token().await).await.unwrap();
+    let cases = PAYROLL_UNNAMED.iter().map(|sql| (sql, "no-payroll")).chain(
+        CALLED_AS_COLUMNS
+            .iter()
+            .map(|sql| (sql, "no-sequences-or-sleep")),
+    );
+    for (sql, rule) in cases {
+        let err = client.simple_query(sql).await.unwrap_err();
+        let message = err.as_db_error().expect("a refusal").message().to_string();
+        assert!(
+            message.contains(&format!("rule {rule}")),
+            "{sql}: {message}"
+        );
+    }
+    // A table given as a string that is not payroll passes.
+    client
+        .simple_query("SELECT table_to_xml('customers', true, false, '')")
+        .await
+        .unwrap();
+    let every = || PAYROLL_UNNAMED.iter().chain(CALLED_AS_COLUMNS);
+    for sql in every() {
+        su.batch_execute("BEGIN").await.unwrap();
+        su.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        su.batch_execute("ROLLBACK").await.unwrap();
+    }
+    let payroll: i64 = su
+        .query_one("SELECT count(*) FROM payroll", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(payroll, 2);
+    // A sequence is not rolled back: one nextval, the direct one.
+    let last: i64 = su
+        .query_one("SELECT last_value FROM payroll_id_seq WHERE is_called", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, 1);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let ran: Vec<String> = pg_executed(&db, offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    for sql in every() {
+        let runs = ran.iter().filter(|r| r == sql).count();
+        assert_eq!(
+            runs, 1,
+            "{sql} ran {runs} times, once directly expected: {ran:#?}"
+        );
+    }
 }

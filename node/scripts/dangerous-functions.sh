@@ -7,7 +7,9 @@
 # every extension the server offers into it). The derivation is documented in docs/policy.md
 # (section "Dangerous functions"); in short, a function is dangerous when
 #   1. PostgreSQL withholds EXECUTE from PUBLIC by default (core functions and those of the
-#      contrib extensions): the project's own judgement that it is not for every user, or
+#      contrib extensions): the project's own judgement that it is not for every user; or the
+#      function checks for a superuser in C instead (pageinspect's, pg_prewarm's autoprewarm
+#      workers: a short list below, as no catalog property says so), or
 #   2. it belongs to a named area that acts outside the statement's data although PUBLIC may
 #      call it: signalling other sessions, changing configuration, large objects,
 #      replication and WAL, advisory locks, other servers (dblink, postgres_fdw).
@@ -31,9 +33,14 @@ version=$(psql "$in_scratch" -At -c "SHOW server_version"); version=${version%% 
 rows=$(psql "$in_scratch" -At -F ' ' <<'SQL'
 WITH fn AS (
   SELECT p.proname AS name, p.prosrc AS src, e.extname AS ext,
-         p.proacl IS NOT NULL AND NOT EXISTS (
-           SELECT 1 FROM aclexplode(p.proacl) a
-           WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS privileged
+         (p.proacl IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM aclexplode(p.proacl) a
+            WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))
+         -- Superuser-only by a check in C, with an ACL that lets PUBLIC call them: every
+         -- function of pageinspect (raw pages of any relation), and pg_prewarm's workers and
+         -- dump file.
+         OR e.extname = 'pageinspect'
+         OR p.proname IN ('autoprewarm_dump_now', 'autoprewarm_start_worker') AS privileged
   FROM pg_proc p
   LEFT JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
   LEFT JOIN pg_extension e ON e.oid = d.refobjid

@@ -28,7 +28,10 @@
 //!   at run time (`query_to_xml('select ' || x, …)`, `EXECUTE` inside PL/pgSQL, a `DO` block)
 //!   is visible only as the flag `executes_sql_text` or `procedural`.
 //! - The parser is libpg_query's grammar (PostgreSQL 18) while the target may be older: a text
-//!   only the newer grammar accepts is classified and then rejected by the target.
+//!   only the newer grammar accepts is classified and then rejected by the target; one only the
+//!   older accepts is refused, whether it is the statement or SQL text it gives a function.
+//! - A table given by an expression, an OID or reached by `CASCADE` cannot be known: it is
+//!   recorded as [`ANY_TABLE`], which every `tables` pattern matches.
 //! - A tree deeper than libpg_query serialises (10,000 messages: about 1,660 nested
 //!   `(SELECT …)`, about 5,000 chained operators) is refused as a parse error, although a
 //!   server with a raised `max_stack_depth` could run it; PostgreSQL 15 with its default 2 MB
@@ -39,7 +42,9 @@
 
 use super::dangerous_functions::DANGEROUS_FUNCTIONS;
 use super::tree::Tree;
-use pg_query::protobuf::{CmdType, ObjectType, OnConflictAction, VariableSetKind};
+use pg_query::protobuf::{
+    CmdType, DiscardMode, DropBehavior, ObjectType, OnConflictAction, VariableSetKind,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
@@ -146,10 +151,13 @@ pub fn dangerous_function(name: &str) -> Option<FunctionArea> {
 /// What a function that runs SQL text takes as its text.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SqlText {
-    /// Constant string arguments are SQL (those that parse are classified).
+    /// Constant string arguments may be SQL (those that parse are classified); the one at its
+    /// SQL position ([`is_sql_argument`]) is, and must parse.
     Query,
-    /// Its first constant string argument names a table it reads.
+    /// Its argument `tbl` names a table it reads.
     Table,
+    /// Pastes its arguments into a query of its own ([`built_query`]).
+    Built,
     /// Names a schema or nothing: what it reads is not in the statement.
     Opaque,
 }
@@ -158,7 +166,7 @@ enum SqlText {
 /// Not derivable from the catalog (no property says so): PostgreSQL 15's XML export and text
 /// search functions, and those of the contrib extensions dblink, tablefunc and xml2.
 const SQL_TEXT_FUNCTIONS: &[(&str, SqlText)] = &[
-    ("connectby", SqlText::Table),
+    ("connectby", SqlText::Built),
     ("crosstab", SqlText::Query),
     ("crosstab2", SqlText::Query),
     ("crosstab3", SqlText::Query),
@@ -183,7 +191,7 @@ const SQL_TEXT_FUNCTIONS: &[(&str, SqlText)] = &[
     ("table_to_xmlschema", SqlText::Table),
     ("ts_rewrite", SqlText::Query),
     ("ts_stat", SqlText::Query),
-    ("xpath_table", SqlText::Opaque),
+    ("xpath_table", SqlText::Built),
 ];
 
 fn sql_text_function(name: &str) -> Option<SqlText> {
@@ -191,6 +199,137 @@ fn sql_text_function(name: &str) -> Option<SqlText> {
         .binary_search_by(|(n, _)| (*n).cmp(name))
         .ok()
         .map(|i| SQL_TEXT_FUNCTIONS[i].1)
+}
+
+/// Whether argument `i` of a call of `function` (a [`SqlText::Query`] one) is SQL that
+/// PostgreSQL runs, by the signatures of PostgreSQL 15 and its contrib modules; the other
+/// arguments are a connection, a cursor name, a namespace, weights, a `tsquery` or crosstab's
+/// number of categories. A boolean constant where dblink takes `fail_on_error` tells its
+/// overloads apart (`dblink(sql, true)` against `dblink(conn, sql)`), an integer constant
+/// crosstab's (`crosstab(sql, 3)` against `crosstab(sql, category_sql)`).
+fn is_sql_argument(function: &str, args: &[&Tree], i: usize) -> bool {
+    let constant = |i: usize, kind: &str| {
+        args.get(i)
+            .is_some_and(|a| a.pointer(&format!("/AConst/val/{kind}")).is_some())
+    };
+    let at = match (function, args.len()) {
+        ("query_to_xml" | "query_to_xmlschema" | "query_to_xml_and_xmlschema" | "ts_stat", _) => {
+            parameter(args, 0, "query")
+        }
+        ("crosstab", 2) if i == 1 => (!constant(1, "Ival")).then_some(1),
+        ("dblink" | "dblink_exec", 1) => Some(0),
+        ("dblink" | "dblink_exec", 2) if constant(1, "Boolval") => Some(0),
+        ("dblink" | "dblink_exec" | "dblink_send_query" | "ts_rewrite", 2) => Some(1),
+        ("dblink" | "dblink_exec", _) => Some(1),
+        ("dblink_open", 2) => Some(1),
+        ("dblink_open", 3) if constant(2, "Boolval") => Some(1),
+        ("dblink_open", _) => Some(2),
+        ("crosstab" | "crosstab2" | "crosstab3" | "crosstab4", _) => Some(0),
+        _ => None,
+    };
+    at == Some(i)
+}
+
+/// Which of `args` is the function's parameter `name`, its `position`th: the argument written
+/// with that name (`tbl => 'payroll'`), or the one at that position (positional arguments come
+/// first).
+fn parameter(args: &[&Tree], position: usize, name: &str) -> Option<usize> {
+    let named = |a: &Tree| {
+        a.pointer("/NamedArgExpr/name")
+            .and_then(Tree::as_str)
+            .map(str::to_string)
+    };
+    args.iter()
+        .position(|a| named(a).as_deref() == Some(name))
+        .or_else(|| {
+            args.get(position)
+                .filter(|a| named(a).is_none())
+                .map(|_| position)
+        })
+}
+
+/// The query `connectby` (tablefunc) or `xpath_table` (xml2) pastes its arguments into, as
+/// they build it (`SELECT key, parent FROM relname WHERE …`, `SELECT key, document FROM
+/// relation WHERE condition`), or `None` when an argument it pastes is not a constant.
+/// connectby quotes its `start_with`: an empty literal stands for it.
+fn built_query(function: &str, args: &[&Tree]) -> Option<String> {
+    let text = |i: usize| args.get(i).copied().and_then(constant_text);
+    match function {
+        "xpath_table" => Some(format!(
+            "SELECT {}, {} FROM {} WHERE {}",
+            text(0)?,
+            text(1)?,
+            text(2)?,
+            text(4)?
+        )),
+        "connectby" => {
+            let (relname, key, parent) = (text(0)?, text(1)?, text(2)?);
+            let query = format!(
+                "SELECT {key}, {parent} FROM {relname} WHERE {parent} = '' AND {key} IS NOT NULL AND {key} <> {parent}"
+            );
+            // connectby(relname, keyid_fld, parent_keyid_fld, [orderby_fld,] start_with,
+            // max_depth [, branch_delim]): with six arguments, an integer fifth is max_depth.
+            let ordered = args.len() == 7
+                || (args.len() == 6 && args[4].pointer("/AConst/val/Ival").is_none());
+            if ordered {
+                Some(format!("{query} ORDER BY {}", text(3)?))
+            } else {
+                Some(query)
+            }
+        }
+        _ => None,
+    }
+}
+
+/// What `tables` holds for a table that cannot be known: named by an expression, an OID or a
+/// string that is no table name, or reached by `CASCADE`. It matches every `tables` pattern.
+pub const ANY_TABLE: &str = "*";
+
+/// A table name given as a string, read as `regclass` input reads it: blanks around names
+/// trimmed, a `"quoted"` name kept as written (`""` is a quote), an unquoted one lower-cased,
+/// `schema.table` (a leading database name dropped). `None` for an OID, and for what
+/// PostgreSQL rejects.
+fn regclass_name(text: &str) -> Option<String> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // scanner_isspace: what SplitIdentifierString skips around names.
+    let blank = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0c');
+    let mut parts = Vec::new();
+    let mut rest = text.trim_start_matches(blank);
+    loop {
+        let (name, after) = if let Some(quoted) = rest.strip_prefix('"') {
+            let mut name = String::new();
+            let mut chars = quoted.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (i, '"') if quoted[i + 1..].starts_with('"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    (i, '"') => break i + 1,
+                    (_, c) => name.push(c),
+                }
+            };
+            (name, &quoted[end..])
+        } else {
+            let end = rest
+                .find(|c: char| c == '.' || blank(c))
+                .unwrap_or(rest.len());
+            (rest[..end].to_ascii_lowercase(), &rest[end..])
+        };
+        if name.is_empty() {
+            return None;
+        }
+        parts.push(name);
+        rest = after.trim_start_matches(blank);
+        match rest.strip_prefix('.') {
+            Some(next) => rest = next.trim_start_matches(blank),
+            None if rest.is_empty() => break,
+            None => return None,
+        }
+    }
+    (parts.len() <= 3).then(|| parts[parts.len().saturating_sub(2)..].join("."))
 }
 
 /// A setting that decides how the target reads statement text (see `pg::encoding`).
@@ -249,7 +388,8 @@ impl SettingChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StatementInfo {
     pub kind: Option<StatementKind>,
-    /// Tables named, `schema.table` or `table` as written (case as the parser resolved it).
+    /// Tables named, `schema.table` or `table` as written (case as the parser resolved it);
+    /// [`ANY_TABLE`] for one that cannot be known.
     pub tables: BTreeSet<String>,
     /// Functions called or bound (by DDL), last name component, lower case.
     pub functions: BTreeSet<String>,
@@ -376,7 +516,8 @@ impl StatementInfo {
 pub enum ClassifyError {
     #[error("the statement does not parse: {0}")]
     Syntax(String),
-    /// A limit of the classifier that a statement reached (deterministic).
+    /// A limit of the classifier that a statement reached (deterministic): too many SQL
+    /// texts, or SQL text its grammar does not read.
     #[error("the statement cannot be classified: {0}")]
     TooComplex(String),
     /// The classifier could not run this time (no thread); trying again may succeed.
@@ -482,6 +623,11 @@ struct Pending {
     text: String,
     /// It runs when the statement runs (not under a plain `EXPLAIN`).
     runs: bool,
+    /// Where the text goes when it is SQL for certain (a function's SQL argument, the body of a
+    /// `LANGUAGE sql` function): there a text the parser rejects refuses the statement, since
+    /// an older server may run it. `None`: it may be something else (a dblink connection
+    /// string), and adds nothing when it does not parse.
+    sql_of: Option<String>,
 }
 
 fn classify_here(sql: &str) -> Result<Vec<StatementInfo>, ClassifyError> {
@@ -494,10 +640,19 @@ fn classify_here(sql: &str) -> Result<Vec<StatementInfo>, ClassifyError> {
                     "more than {MAX_SQL_TEXTS} SQL texts inside one message"
                 ))
             })?;
-            // A constant that is not SQL (a connection string) adds nothing: the flag that
-            // queued it is set, and PostgreSQL rejects what does not parse.
-            let Ok(inner) = parse_statements(&p.text) else {
-                continue;
+            // A constant that may not be SQL (a connection string) adds nothing when it does
+            // not parse: the flag that queued it is set. SQL text the parser rejects is not
+            // necessarily rejected by the target (PostgreSQL 15 takes `system_user` as an
+            // alias, 18 does not), so what it would run is unknown: refused.
+            let inner = match (parse_statements(&p.text), p.sql_of) {
+                (Ok(inner), _) => inner,
+                (Err(_), None) => continue,
+                (Err(ClassifyError::Syntax(e)), Some(of)) => {
+                    return Err(ClassifyError::TooComplex(format!(
+                        "the SQL text of {of} does not parse: {e}"
+                    )))
+                }
+                (Err(e), Some(_)) => return Err(e),
             };
             for (i, more) in inner {
                 info.absorb(i, p.runs);
@@ -590,12 +745,9 @@ fn top_level(name: &str, body: &Tree, info: &mut StatementInfo) {
                 }
             }
         }
-        "DiscardStmt" => {
-            let all = pg_query::protobuf::DiscardMode::DiscardAll as i64;
-            if body.get("target").and_then(Tree::as_i64) == Some(all) {
-                info.deallocates = Some(None);
-                info.ends_portals = Some(None);
-            }
+        "DiscardStmt" if discards_all(body) => {
+            info.deallocates = Some(None);
+            info.ends_portals = Some(None);
         }
         "FetchStmt" => {
             info.fetches = body.get("ismove").and_then(Tree::as_bool) != Some(true);
@@ -667,6 +819,22 @@ fn reading_set(body: &Tree) -> Vec<(ReadingSetting, SettingChange)> {
     };
     vec![(setting, change)]
 }
+
+/// `DISCARD ALL`: what `RESET ALL`, `SET SESSION AUTHORIZATION DEFAULT`, `DEALLOCATE ALL`
+/// and `CLOSE ALL` do, and more.
+fn discards_all(body: &Tree) -> bool {
+    body.get("target").and_then(Tree::as_i64) == Some(DiscardMode::DiscardAll as i64)
+}
+
+/// Settings whose value is a shell command the server runs (archiving, recovery, the SSL key's
+/// passphrase): `ALTER SYSTEM` of one is a way to run a program, like `COPY … PROGRAM`.
+const SHELL_COMMAND_SETTINGS: &[&str] = &[
+    "archive_cleanup_command",
+    "archive_command",
+    "recovery_end_command",
+    "restore_command",
+    "ssl_passphrase_command",
+];
 
 fn explain_analyze(body: &Tree) -> bool {
     body.get("options")
@@ -882,6 +1050,8 @@ fn is_foreign_data(name: &str, body: &Tree) -> bool {
             | "CreateUserMappingStmt"
             | "AlterUserMappingStmt"
             | "ImportForeignSchemaStmt"
+            | "CreateSubscriptionStmt"
+            | "AlterSubscriptionStmt"
     ) || (name == "AlterTableStmt"
         && body.get("objtype").and_then(Tree::as_i64)
             == Some(ObjectType::ObjectForeignTable as i64))
@@ -895,6 +1065,13 @@ impl Walk {
         // Every DROP … and ALTER … carries its flag, whatever its object.
         if name.starts_with("Drop") {
             info.flags.insert(Flag::Drop);
+        }
+        // What a CASCADE reaches (a schema's tables, those referencing a truncated one) and
+        // what DROP OWNED drops are tables the statement does not name.
+        let cascades =
+            body.get("behavior").and_then(Tree::as_i64) == Some(DropBehavior::DropCascade as i64);
+        if (cascades && matches!(name, "DropStmt" | "TruncateStmt")) || name == "DropOwnedStmt" {
+            info.tables.insert(ANY_TABLE.into());
         }
         if name.starts_with("Alter") || name == "RenameStmt" {
             info.flags.insert(Flag::Alter);
@@ -942,8 +1119,23 @@ impl Walk {
                 info.flags.insert(Flag::Truncate);
                 K::Ddl
             }
+            // It writes postgresql.auto.conf, which the server reads at its next start or reload.
             "AlterSystemStmt" => {
                 info.flags.insert(Flag::AlterSystem);
+                info.flags.insert(Flag::ServerFile);
+                let setting = body.pointer("/setstmt/name").and_then(Tree::as_str);
+                if setting.is_some_and(|s| {
+                    SHELL_COMMAND_SETTINGS
+                        .iter()
+                        .any(|c| c.eq_ignore_ascii_case(s))
+                }) {
+                    info.flags.insert(Flag::CopyProgram);
+                }
+                K::Ddl
+            }
+            // Its LOCATION is a directory of the server's file system, which it writes.
+            "CreateTableSpaceStmt" => {
+                info.flags.insert(Flag::ServerFile);
                 K::Ddl
             }
             "AlterTableStmt"
@@ -995,8 +1187,14 @@ impl Walk {
                 }
                 K::Session
             }
-            "DiscardStmt" | "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt"
-            | "DeallocateStmt" => K::Session,
+            // DISCARD ALL sets the session authorization back, as RESET ALL does.
+            "DiscardStmt" => {
+                if discards_all(body) {
+                    info.flags.insert(Flag::RoleChange);
+                }
+                K::Session
+            }
+            "ClosePortalStmt" | "ListenStmt" | "UnlistenStmt" | "DeallocateStmt" => K::Session,
             "TransactionStmt" => {
                 use pg_query::protobuf::TransactionStmtKind as T;
                 // Two-phase commit: COMMIT PREPARED commits writes of another session (any
@@ -1055,7 +1253,11 @@ impl Walk {
             .and_then(Tree::as_array);
         for t in texts.into_iter().flatten() {
             if let Some(text) = t.pointer("/node").and_then(constant_text) {
-                self.pending.push(Pending { text, runs: true });
+                self.pending.push(Pending {
+                    text,
+                    runs: true,
+                    sql_of: Some("a LANGUAGE sql function".into()),
+                });
             }
         }
     }
@@ -1174,8 +1376,9 @@ impl Walk {
     /// column `f` (`SELECT ('/etc/passwd'::text).pg_read_file`), and the parse tree holds a
     /// column reference or an indirection there, not a call. Each field name of an indirection
     /// is taken as a possible call (with the indirection's argument), and so is the last field
-    /// of a qualified column reference when it names a dangerous function or one that runs SQL
-    /// text: a column of such a name counts as a call of it, the safe side.
+    /// of a qualified column reference (`q.nextval FROM CAST('s' AS regclass) q`): a column of
+    /// the name of a function a rule lists counts as a call of it, the safe side. Only a
+    /// dangerous name makes the statement dangerous.
     fn attribute_calls(&mut self, name: &str, body: &Tree, ctx: Ctx) {
         let field = |f: &Tree| {
             f.pointer("/node/String/sval")
@@ -1192,13 +1395,10 @@ impl Walk {
             }) {
                 self.info.columns.insert(column.to_string());
             }
-            // Most qualified columns are columns (`c.name`, `excluded.id`): only a name that is a
-            // dangerous function or one that runs SQL text counts here.
             let called = fields
                 .filter(|f| f.len() >= 2)
                 .and_then(|f| f.last())
-                .and_then(field)
-                .filter(|n| dangerous_function(n).is_some() || sql_text_function(n).is_some());
+                .and_then(field);
             if let Some(called) = called {
                 self.called(called, std::iter::empty(), ctx);
             }
@@ -1251,19 +1451,37 @@ impl Walk {
     fn called<'t>(&mut self, name: String, args: impl IntoIterator<Item = &'t Tree>, ctx: Ctx) {
         if let Some(runs) = sql_text_function(&name) {
             self.info.flags.insert(Flag::ExecutesSqlText);
-            let mut constants = args.into_iter().filter_map(constant_text);
+            let args: Vec<&Tree> = args.into_iter().collect();
             match runs {
                 SqlText::Query => {
-                    self.pending.extend(constants.map(|text| Pending {
-                        text,
-                        runs: ctx.runs,
-                    }));
-                }
-                SqlText::Table => {
-                    if let Some(table) = constants.next() {
-                        self.info.tables.insert(table);
+                    for (i, arg) in args.iter().enumerate() {
+                        if let Some(text) = constant_text(arg) {
+                            self.pending.push(Pending {
+                                text,
+                                runs: ctx.runs,
+                                sql_of: is_sql_argument(&name, &args, i).then(|| name.clone()),
+                            });
+                        }
                     }
                 }
+                SqlText::Table => {
+                    let table = parameter(&args, 0, "tbl")
+                        .and_then(|i| constant_text(args[i]))
+                        .and_then(|t| regclass_name(&t));
+                    self.info
+                        .tables
+                        .insert(table.unwrap_or_else(|| ANY_TABLE.into()));
+                }
+                SqlText::Built => match built_query(&name, &args) {
+                    Some(text) => self.pending.push(Pending {
+                        text,
+                        runs: ctx.runs,
+                        sql_of: Some(name.clone()),
+                    }),
+                    None => {
+                        self.info.tables.insert(ANY_TABLE.into());
+                    }
+                },
                 SqlText::Opaque => {}
             }
         }
@@ -1586,13 +1804,18 @@ mod tests {
         assert!(one("SELECT (1e6::float8).pg_sleep")
             .functions
             .contains("pg_sleep"));
-        // A qualified column is a column unless its name is that of such a function.
-        assert!(!one("SELECT p.version FROM packages p")
+        // Any function: an outside review advanced a sequence and slept past `functions` rules.
+        let n = one("SELECT q.nextval FROM CAST('payroll_id_seq' AS regclass) q");
+        assert!(
+            n.functions.contains("nextval") && n.flags.is_empty(),
+            "{n:?}"
+        );
+        assert!(one("SELECT q.pg_sleep FROM CAST(5 AS float8) q")
             .functions
-            .contains("version"));
-        // An ordinary qualified column is no call of anything dangerous.
+            .contains("pg_sleep"));
+        // A qualified column of the same name counts too; it is no call of anything dangerous.
         let c = one("SELECT c.id, c.email FROM customers c");
-        assert!(c.flags.is_empty(), "{c:?}");
+        assert!(c.functions.contains("email") && c.flags.is_empty(), "{c:?}");
     }
 
     #[test]
@@ -1645,6 +1868,159 @@ mod tests {
             classify(&format!("SELECT {many}")),
             Err(ClassifyError::TooComplex(_))
         ));
+    }
+
+    /// PostgreSQL 15 runs SQL text that the gateway's grammar (PostgreSQL 18) rejects
+    /// (`system_user` is an alias there): an outside review read a server file through it as a
+    /// plain read. Such text where a function takes SQL refuses the statement; a constant that
+    /// may be something else (a connection string, a namespace, weights) is still skipped.
+    #[test]
+    fn sql_text_that_does_not_parse_is_refused() {
+        for sql in [
+            "SELECT query_to_xml('SELECT pg_read_file(''/etc/hostname'') AS x FROM (SELECT 1) AS system_user', true, false, '')",
+            "SELECT query_to_xml(targetns => '', query => 'SELEC 1', nulls => true, tableforest => false)",
+            "SELECT * FROM dblink('dbname=x', 'SELEC 1') AS t(x text)",
+            "SELECT dblink_exec('SELEC 1', false)",
+            "SELECT dblink_open('c', 'SELEC 1')",
+            "SELECT dblink_open('conn', 'c', 'SELEC 1')",
+            "SELECT ts_rewrite('a'::tsquery, 'SELEC 1')",
+            "SELECT * FROM crosstab('SELEC 1') AS t(a text)",
+            "SELECT * FROM crosstab('SELECT 1', 'SELEC 1') AS t(a text)",
+            "SELECT ('SELEC 1'::text).ts_stat",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELEC 1'",
+        ] {
+            let err = classify(sql).unwrap_err();
+            assert!(matches!(err, ClassifyError::TooComplex(_)), "{sql}: {err}");
+        }
+        let err = classify("SELECT query_to_xml('SELEC 1', true, false, '')").unwrap_err();
+        assert!(
+            err.to_string().contains("SQL text of query_to_xml"),
+            "{err}"
+        );
+        for sql in [
+            "SELECT * FROM dblink('dbname=x', 'SELECT 1') AS t(x text)",
+            "SELECT dblink_exec('myconn', 'DELETE FROM t WHERE id = 1', false)",
+            "SELECT dblink_open('conn', 'a cursor', 'SELECT 1', true)",
+            "SELECT query_to_xml('SELECT 1', true, false, 'http://example.com/ns')",
+            "SELECT ts_stat('SELECT v FROM d', 'ab')",
+            "SELECT ts_rewrite('a & b'::tsquery, 'a'::tsquery, 'c'::tsquery)",
+            "SELECT * FROM crosstab('SELECT 1', 3) AS t(a text)",
+        ] {
+            assert!(classify(sql).is_ok(), "{sql}");
+        }
+    }
+
+    /// A table given as a string is read as `regclass` input reads it, from the argument `tbl`
+    /// by name or position (an outside review read payroll past a `tables` rule with
+    /// `targetns => '', tbl => 'payroll'`: the first constant was taken); connectby and
+    /// xpath_table paste their arguments into a query, which is classified; a table that
+    /// cannot be known is [`ANY_TABLE`].
+    #[test]
+    fn tables_given_as_strings() {
+        let tables = |sql: &str| one(sql).tables.into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            tables("SELECT table_to_xml(targetns => '', tbl => 'payroll', nulls => true, tableforest => false)"),
+            ["payroll"]
+        );
+        assert_eq!(
+            tables("SELECT table_to_xml(' \"Pay Roll\" ', true, false, '')"),
+            ["Pay Roll"]
+        );
+        assert_eq!(
+            tables("SELECT table_to_xmlschema('DB.Public . PAYROLL', true, false, '')"),
+            ["public.payroll"]
+        );
+        assert_eq!(
+            tables("SELECT table_to_xml('\"a\"\"b\".c', true, false, '')"),
+            ["a\"b.c"]
+        );
+        for sql in [
+            "SELECT table_to_xml(16384, true, false, '')",
+            "SELECT table_to_xml('16384', true, false, '')",
+            "SELECT table_to_xml('', true, false, '')",
+            "SELECT table_to_xml('a b', true, false, '')",
+            "SELECT table_to_xml('\"unterminated', true, false, '')",
+            "SELECT table_to_xml('a.b.c.d', true, false, '')",
+            "SELECT table_to_xml($1, true, false, '')",
+            "SELECT table_to_xml(nulls => true, tableforest => false, targetns => '', tbl => c.oid) FROM c",
+        ] {
+            assert!(one(sql).tables.contains(ANY_TABLE), "{sql}");
+        }
+        // connectby and xpath_table run the query they build from their arguments.
+        let c = one(
+            "SELECT * FROM connectby('payroll', 'id', 'parent', '1', 0) AS t(id int, parent int, level int)",
+        );
+        assert!(c.tables.contains("payroll") && c.flags.contains(&F::ExecutesSqlText));
+        for sql in [
+            "SELECT * FROM connectby('(SELECT pg_read_file(''/etc/hostname'') AS k, ''x''::text AS p) s', 'k', 'p', 'x', 0) AS t(k text, p text, level int)",
+            "SELECT * FROM connectby('payroll', 'length(pg_read_file(''/etc/hostname''))', 'parent', 'id', '1', 0) AS t(k int, p int, level int, o int)",
+            "SELECT * FROM connectby('payroll', 'id', 'parent', 'pg_read_file(''/etc/hostname'')', '1', 0, '~') AS t(k int, p int, level int, b text, o int)",
+            "SELECT * FROM xpath_table('id', 'doc', '(SELECT 1 AS id, pg_read_file(''/etc/hostname'') AS doc) s', '/a', 'true') AS t(id int, a text)",
+        ] {
+            assert!(has(sql, F::DangerousFunction), "{sql}");
+        }
+        // An integer fifth of six arguments is max_depth: the fourth is start_with, a literal.
+        assert!(classify(
+            "SELECT * FROM connectby('payroll', 'id', 'parent', 'not an expression', 0, '~') AS t(id int, parent int, level int, b text)"
+        )
+        .is_ok());
+        assert!(has(
+            "SELECT * FROM xpath_table('id', 'doc', 'payroll', '/a', 'true') AS t(id int, a text)",
+            F::ExecutesSqlText
+        ));
+        assert!(
+            one("SELECT * FROM (VALUES ('payroll')) v(r), connectby(v.r, 'id', 'parent', '1', 0) AS t(id int, parent int, level int)")
+                .tables
+                .contains(ANY_TABLE)
+        );
+        assert!(matches!(
+            classify("SELECT * FROM connectby('payroll', 'id)', 'parent', '1', 0) AS t(id int, parent int, level int)"),
+            Err(ClassifyError::TooComplex(_))
+        ));
+    }
+
+    /// Review findings: what these reach outside the statement's data or names.
+    #[test]
+    fn server_files_programs_subscriptions_and_cascades() {
+        let system = one("ALTER SYSTEM SET work_mem = '77MB'");
+        assert!(system.flags.contains(&F::ServerFile) && !system.flags.contains(&F::CopyProgram));
+        for sql in [
+            "ALTER SYSTEM SET archive_command = 'curl http://x'",
+            "ALTER SYSTEM SET \"Restore_Command\" TO 'sh -c id'",
+            "ALTER SYSTEM SET ssl_passphrase_command = 'id'",
+            "ALTER SYSTEM RESET archive_cleanup_command",
+            "ALTER SYSTEM SET recovery_end_command = 'id'",
+        ] {
+            let c = one(sql);
+            assert!(
+                c.flags.contains(&F::CopyProgram) && c.flags.contains(&F::ServerFile),
+                "{sql}"
+            );
+        }
+        assert!(has(
+            "CREATE TABLESPACE ts LOCATION '/tmp/ts'",
+            F::ServerFile
+        ));
+        for sql in [
+            "CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p",
+            "ALTER SUBSCRIPTION s CONNECTION 'host=y'",
+        ] {
+            assert!(has(sql, F::ForeignData), "{sql}");
+        }
+        assert!(has("DISCARD ALL", F::RoleChange));
+        assert!(!has("DISCARD PLANS", F::RoleChange));
+        for sql in [
+            "TRUNCATE a CASCADE",
+            "DROP SCHEMA s CASCADE",
+            "DROP TABLE a CASCADE",
+            "DROP TYPE t CASCADE",
+            "DROP OWNED BY r",
+        ] {
+            assert!(one(sql).tables.contains(ANY_TABLE), "{sql}");
+        }
+        for sql in ["TRUNCATE a", "DROP SCHEMA s", "DROP TABLE a RESTRICT"] {
+            assert!(!one(sql).tables.contains(ANY_TABLE), "{sql}");
+        }
     }
 
     #[test]
@@ -1860,6 +2236,11 @@ mod tests {
             ("pg_advisory_lock", FunctionArea::AdvisoryLocks),
             ("dblink_exec", FunctionArea::OtherServers),
             ("pg_stat_reset", FunctionArea::Privileged),
+            // No ACL, superuser-only in C (pageinspect), or not at all (pg_prewarm's dump).
+            ("get_raw_page", FunctionArea::Privileged),
+            ("heap_page_items", FunctionArea::Privileged),
+            ("autoprewarm_dump_now", FunctionArea::Privileged),
+            ("autoprewarm_start_worker", FunctionArea::Privileged),
         ] {
             assert_eq!(dangerous_function(name), Some(area), "{name}");
         }

@@ -756,6 +756,9 @@ fn principal_matches(m: &PrincipalMatch, p: &Principal) -> bool {
 }
 
 fn table_matches(pattern: &str, table: &str) -> bool {
+    if table == classify::ANY_TABLE {
+        return true;
+    }
     let norm = |s: &str| s.to_ascii_lowercase();
     let (pattern, table) = (norm(pattern), norm(table));
     if pattern == table {
@@ -1320,6 +1323,8 @@ resources = ["pods/portforward"]
         assert!(table_matches("Public.Customers", "public.customers"));
         assert!(!table_matches("other.customers", "public.customers"));
         assert!(!table_matches("customers", "customers_archive"));
+        // A table the classifier cannot know may be any.
+        assert!(table_matches("public.payroll", classify::ANY_TABLE));
     }
 
     #[test]
