@@ -1027,19 +1027,21 @@ async fn an_scp_in_server_mode_is_decided_on_its_paths_however_it_is_written() {
     let g = Gateway::start(&policy()).await;
     let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
     let before = host_command_count();
+    // A directory or a tree is refused whatever its path (its names arrive in the protocol).
     let lines = [
-        "scp -dt /etc/vigil-never-dt",
-        "scp -rt /etc/cron.d",
-        "scp -t /etc/vigil-never-seq; :",
-        "env scp -v -t /etc/vigil-never-env",
-        "true && scp -pf /etc/passwd",
+        ("scp -dt /etc/vigil-never-dt", "scp-path"),
+        ("scp -rt /etc/cron.d", "scp-path"),
+        ("scp -t /etc/vigil-never-seq; :", "no-scp-into-etc"),
+        ("env scp -v -t /etc/vigil-never-env", "no-scp-into-etc"),
+        ("true && scp -pf /etc/passwd", "no-scp-into-etc"),
     ];
-    for line in lines {
+    for (line, rule) in lines {
         let out = g.ssh(&key, &[line]).await;
         assert_eq!(out.status.code(), Some(126), "{line}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("no-scp-into-etc"), "{line}: {stderr}");
+        assert!(stderr.contains(rule), "{line}: {stderr}");
     }
+    let lines = lines.map(|(line, _)| line);
     let ran = host_ran(before);
     for line in lines {
         assert!(!ran.contains(&line.to_string()), "{line} ran: {ran:?}");
@@ -3076,4 +3078,92 @@ principals = { groups = ["ops"] }
             Some(format!("no rule allows forwarding to {}", pg_addr()))
         )]
     );
+}
+
+/// Where a rule names scp paths, a legacy scp (`scp -O`, an exec of `scp -t`) whose path the
+/// host's shell would turn into another (a glob, `~`, a relative path, an expansion), or
+/// which copies a tree (`-r`, whose names arrive inside the protocol), is refused. Ground
+/// truth: the protected directory on the host, and the host's log of what its shell ran.
+#[tokio::test]
+async fn legacy_scp_paths_the_hosts_shell_would_rewrite_are_refused() {
+    let policy = r#"
+[[policy.rules]]
+id = "protected-scp"
+protocol = "ssh"
+action = "block"
+requests = ["scp"]
+paths = ["/tmp/vigil-protected-*"]
+"#;
+    let g = Gateway::start(policy).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let protected = tempfile::Builder::new()
+        .prefix("vigil-protected-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        protected.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let name = protected.path().file_name().unwrap().to_str().unwrap();
+    let suffix = name.strip_prefix("vigil-protected-").unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let small = local.path().join("small");
+    std::fs::write(&small, b"x\n").unwrap();
+    let tree = local.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("f"), b"x\n").unwrap();
+    let before = host_command_count();
+    let targets = [
+        // Into the directory the glob names (a glob matches only what exists).
+        format!("/tmp/vigil-p?otected-{suffix}"),
+        format!("../../tmp/{name}/relative"),
+        format!("~/../../tmp/{name}/tilde"),
+        format!("$HOME/../../tmp/{name}/expansion"),
+    ];
+    for target in &targets {
+        let to = format!("web:{target}");
+        let out = run(
+            "scp",
+            &["-F", cfg, "-O", small.to_str().unwrap(), &to],
+            None,
+        )
+        .await;
+        assert!(!out.status.success(), "{target}: {out:?}");
+    }
+    let open = host_dir();
+    let to = format!("web:{}/tree", open.path().display());
+    let out = run(
+        "scp",
+        &["-F", cfg, "-O", "-r", tree.to_str().unwrap(), &to],
+        None,
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    let written: Vec<_> = std::fs::read_dir(protected.path()).unwrap().collect();
+    assert!(written.is_empty(), "{written:?}");
+    assert!(!open.path().join("tree").exists());
+    let ran = host_ran(before);
+    assert!(!ran.iter().any(|c| c.starts_with("scp ")), "{ran:?}");
+    // A plain absolute path is decided by the rule, and other plain paths run.
+    let to = format!("web:{}/plain", open.path().display());
+    let out = run(
+        "scp",
+        &["-F", cfg, "-O", small.to_str().unwrap(), &to],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(open.path().join("plain").exists());
+
+    let records = g.node.records_after_sessions(targets.len() + 2).await;
+    let refused = records
+        .iter()
+        .filter(|r| r.body.kind == Kind::Blocked)
+        .filter(|r| matches!(&r.body.request, Some(Request::Ssh(s)) if s.request_type == "scp"))
+        .filter(|r| r.body.policy.as_ref().unwrap().rule == "scp-path")
+        .count();
+    assert_eq!(refused, targets.len() + 1);
 }

@@ -281,11 +281,24 @@ pub async fn exec(conn: &mut Conn, id: ChannelId, data: &[u8], session: &mut Ses
                 actions
             })
             .map_err(|e| format!("the command line does not parse: {e}"));
-        match sftp {
-            SftpServer::Elsewhere => gateway_block(
+        let principal = conn.principal.clone().unwrap_or_default();
+        let scp_paths_decided =
+            conn.ctx
+                .policy
+                .names_paths(SshRequestKind::Scp, &principal, &conn.target);
+        let scp = parsed.as_ref().ok().and_then(|p| {
+            p.commands
+                .iter()
+                .filter(|c| scp_server(c))
+                .find_map(scp_undecidable)
+                .filter(|_| scp_paths_decided)
+        });
+        match (sftp, scp) {
+            (SftpServer::Elsewhere, _) => gateway_block(
                 "sftp-server",
                 "sftp-server runs only alone on its line (a path and options), where the gateway follows its SFTP stream",
             ),
+            (_, Some(why)) => gateway_block("scp-path", why),
             _ => decide(conn, actions.as_deref().map_err(Clone::clone)),
         }
     };
@@ -400,6 +413,24 @@ fn scp_server(c: &SimpleCommand) -> bool {
             a.strip_prefix('-')
                 .is_some_and(|o| !o.starts_with('-') && o.contains(['t', 'f']))
         })
+}
+
+/// Why an `scp` in server mode cannot be decided on its paths (see [`exec`]: where a rule
+/// names paths, it is then refused): it copies a tree (`-r`) or into a directory (`-d`), whose
+/// names arrive inside the scp protocol, never seen by the rules; or a path is relative or
+/// starts with `~` (the host resolves it against the login's home), or holds a glob or
+/// expansion character (`*?[{$` or a backquote: the host's shell makes other paths of it).
+fn scp_undecidable(c: &SimpleCommand) -> Option<&'static str> {
+    let (options, paths): (Vec<&String>, Vec<&String>) =
+        c.args.iter().partition(|a| a.starts_with('-'));
+    let options = options.iter().filter(|o| !o.starts_with("--"));
+    if options.into_iter().any(|o| o.contains(['r', 'd'])) {
+        return Some("a recursive or directory scp (-r, -d) writes names the rules never see; copy single files, or use SFTP");
+    }
+    paths
+        .iter()
+        .any(|p| !p.starts_with('/') || p.contains(['*', '?', '[', '{', '$', '`']))
+        .then_some("an scp path must be absolute and plain (no ~, glob or expansion): the host's shell would make another path of it")
 }
 
 /// `shell`: allowed or refused as a whole (commands typed in it are recorded, not decided).
@@ -1499,5 +1530,36 @@ mod tests {
             assert!(of(elsewhere) == SftpServer::Elsewhere, "{elsewhere}");
         }
         assert!(of("ls /usr/lib/openssh/sftp-server") == SftpServer::No);
+    }
+
+    #[test]
+    fn scp_paths_that_cannot_be_decided() {
+        let of = |text: &str| {
+            let line = command::parse(text).unwrap();
+            let scp = line.commands.iter().find(|c| scp_server(c)).unwrap();
+            scp_undecidable(scp)
+        };
+        for plain in [
+            "scp -t /srv/up/a",
+            "scp -v -p -f /etc/passwd",
+            "scp -t -- /x",
+        ] {
+            assert_eq!(of(plain), None, "{plain}");
+        }
+        for undecidable in [
+            "scp -r -t /srv/up",
+            "scp -dt /srv/up",
+            "scp -t .",
+            "scp -t up/a",
+            "scp -t ~/../../srv/up",
+            "scp -t '/srv/u*/a'",
+            "scp -t /srv/up/[a]",
+            "scp -t /srv/up/a?",
+            "scp -t /srv/{up,down}/a",
+            "scp -t '$HOME/a'",
+            "scp -t /srv/`x`",
+        ] {
+            assert!(of(undecidable).is_some(), "{undecidable}");
+        }
     }
 }
