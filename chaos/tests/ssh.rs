@@ -1060,12 +1060,20 @@ async fn an_scp_in_server_mode_is_decided_on_its_paths_however_it_is_written() {
     }
 }
 
-#[tokio::test]
-async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recorded() {
-    let g = Gateway::start(&policy()).await;
-    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
-    let config = g.client_config(&key);
-    let cfg = config.to_str().unwrap();
+/// A directory on the host that `policy()`'s rules protect (`/tmp/vigil-protected-…`, which
+/// every login may write to, holding `keep`), and a local one with a file to upload, the path
+/// a download lands at and the path of an sftp batch file.
+struct SftpScene {
+    protected: tempfile::TempDir,
+    /// The protected directory's path.
+    p: String,
+    local: tempfile::TempDir,
+    upload: std::path::PathBuf,
+    got: std::path::PathBuf,
+    batch: std::path::PathBuf,
+}
+
+fn sftp_scene() -> SftpScene {
     let protected = tempfile::Builder::new()
         .prefix("vigil-protected-")
         .tempdir_in("/tmp")
@@ -1080,8 +1088,30 @@ async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recor
     let local = tempfile::tempdir().unwrap();
     let upload = local.path().join("upload");
     std::fs::write(&upload, b"new\n").unwrap();
-    let got = local.path().join("got");
-    let batch = local.path().join("batch");
+    SftpScene {
+        got: local.path().join("got"),
+        batch: local.path().join("batch"),
+        protected,
+        p,
+        local,
+        upload,
+    }
+}
+
+#[tokio::test]
+async fn sftp_changes_to_protected_paths_are_refused_and_each_operation_is_recorded() {
+    let g = Gateway::start(&policy()).await;
+    let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
+    let config = g.client_config(&key);
+    let cfg = config.to_str().unwrap();
+    let SftpScene {
+        protected,
+        p,
+        local: _local,
+        upload,
+        got,
+        batch,
+    } = sftp_scene();
     std::fs::write(
         &batch,
         format!(
@@ -2864,22 +2894,14 @@ async fn sftp_server_run_as_an_exec_is_decided_like_the_sftp_subsystem() {
     let key = g.certificate(&g.keys.path().join("ca"), "user", OPS_PRINCIPAL, "-5m:+1h");
     let config = g.client_config(&key);
     let cfg = config.to_str().unwrap();
-    let protected = tempfile::Builder::new()
-        .prefix("vigil-protected-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        protected.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let p = protected.path().display().to_string();
-    std::fs::write(protected.path().join("keep"), b"protected content\n").unwrap();
-    let local = tempfile::tempdir().unwrap();
-    let upload = local.path().join("upload");
-    std::fs::write(&upload, b"new\n").unwrap();
-    let got = local.path().join("got");
-    let batch = local.path().join("batch");
+    let SftpScene {
+        protected,
+        p,
+        local: _local,
+        upload,
+        got,
+        batch,
+    } = sftp_scene();
     std::fs::write(
         &batch,
         format!(
