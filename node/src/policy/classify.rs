@@ -1407,6 +1407,10 @@ impl Walk {
         let arg = body.pointer("/arg/node");
         let fields = body.get("indirection").and_then(Tree::as_array);
         for called in fields.into_iter().flatten().filter_map(field) {
+            if ctx.output {
+                // `(c).ssn` returns the column `ssn` of the row `c`.
+                self.info.columns.insert(called.clone());
+            }
             self.called(called, arg, ctx);
         }
     }
@@ -1515,6 +1519,14 @@ fn without_where(write: &str, info: &mut StatementInfo) {
 fn add_table(range_var: &Tree, info: &mut StatementInfo) {
     let rel = str_field(range_var, "relname");
     let schema = str_field(range_var, "schemaname");
+    // `customers t(id, name, x)` renames its columns: `x` may be any of them.
+    let renamed = range_var
+        .pointer("/alias/colnames")
+        .and_then(Tree::as_array)
+        .is_some_and(|names| !names.is_empty());
+    if renamed {
+        info.columns.insert("*".to_string());
+    }
     if !rel.is_empty() {
         info.tables.insert(if schema.is_empty() {
             rel.to_string()
@@ -1587,6 +1599,9 @@ mod tests {
             ["name"]
         );
         assert_eq!(columns("VALUES ((SELECT ssn FROM c))"), ["ssn"]);
+        // Renamed columns and a row's field (an outside review).
+        assert_eq!(columns("SELECT x::text FROM c t(id, name, x)"), ["*", "x"]);
+        assert_eq!(columns("SELECT (c).ssn::text FROM c"), ["c", "ssn"]);
         // Only what a query returns: a filter's columns are not.
         assert!(columns("SELECT count(*) FROM c WHERE name = 'x' GROUP BY ssn").is_empty());
     }

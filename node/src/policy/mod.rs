@@ -98,13 +98,24 @@ pub struct SqlMatch {
 }
 
 impl SqlMatch {
-    pub fn matches(&self, s: &StatementInfo) -> bool {
+    /// Whether the statement is one this matcher names. A table the classifier cannot know
+    /// (`*`: a name computed at run time, what a `CASCADE` reaches) is any table to a rule that
+    /// blocks or holds, and none to one that allows (`action`), as a Kubernetes request across
+    /// all namespaces is: an unknown table must not let a statement through.
+    pub fn matches(&self, s: &StatementInfo, action: Action) -> bool {
+        let table = |t: &str, x: &str| {
+            if x == classify::ANY_TABLE {
+                action != Action::Allow
+            } else {
+                table_matches(t, x)
+            }
+        };
         (self.kinds.is_empty() || self.kinds.contains(&s.kind()))
             && (self.tables.is_empty()
                 || self
                     .tables
                     .iter()
-                    .any(|t| s.tables.iter().any(|x| table_matches(t, x))))
+                    .any(|t| s.tables.iter().any(|x| table(t, x))))
             && (self.functions.is_empty()
                 || self
                     .functions
@@ -756,9 +767,6 @@ fn principal_matches(m: &PrincipalMatch, p: &Principal) -> bool {
 }
 
 fn table_matches(pattern: &str, table: &str) -> bool {
-    if table == classify::ANY_TABLE {
-        return true;
-    }
     let norm = |s: &str| s.to_ascii_lowercase();
     let (pattern, table) = (norm(pattern), norm(table));
     if pattern == table {
@@ -779,7 +787,8 @@ impl Rule {
 }
 
 fn rule_matches(rule: &Rule, s: &StatementInfo, p: &Principal, connection: &str) -> bool {
-    rule.applies(connection, p) && matches!(&rule.matcher, Matcher::Sql(m) if m.matches(s))
+    rule.applies(connection, p)
+        && matches!(&rule.matcher, Matcher::Sql(m) if m.matches(s, rule.action))
 }
 
 /// The classification of one message: its statements, or why it does not parse.
@@ -1323,8 +1332,48 @@ resources = ["pods/portforward"]
         assert!(table_matches("Public.Customers", "public.customers"));
         assert!(!table_matches("other.customers", "public.customers"));
         assert!(!table_matches("customers", "customers_archive"));
-        // A table the classifier cannot know may be any.
-        assert!(table_matches("public.payroll", classify::ANY_TABLE));
+    }
+
+    /// A table the classifier cannot know may be any to a rule that blocks or holds, and is
+    /// none to one that allows (found by an outside review: `table_to_xml($1, …)` matched an
+    /// allow on `public.reports` and dumped payroll).
+    #[test]
+    fn an_unknown_table_matches_blocks_not_allows() {
+        let p = policy(
+            r#"
+            default = "block"
+            [[rules]]
+            id = "reports"
+            action = "allow"
+            tables = ["public.reports"]
+            [[rules]]
+            id = "no-payroll"
+            action = "block"
+            tables = ["payroll"]
+            "#,
+        );
+        let decided = |sql: &str| decide(&p, sql, false).rule;
+        assert_eq!(decided("SELECT * FROM public.reports"), "reports");
+        assert_eq!(
+            decided("SELECT table_to_xml($1, true, false, '')"),
+            "no-payroll"
+        );
+        assert_eq!(decided("DROP SCHEMA s CASCADE"), "no-payroll");
+        let allow_only = policy(
+            r#"
+            default = "block"
+            [[rules]]
+            id = "reports"
+            action = "allow"
+            tables = ["public.reports"]
+            "#,
+        );
+        let d = decide(
+            &allow_only,
+            "SELECT table_to_xml($1, true, false, '')",
+            false,
+        );
+        assert_eq!(d.rule, "default");
     }
 
     #[test]

@@ -170,9 +170,45 @@ pub fn forward_host(host: &str) -> Result<String, String> {
     Ok(host.to_string())
 }
 
+/// The host a local forward (`direct-tcpip`) connects to, as [`forward_host`] decides it, but
+/// never an empty host, `*` or an unspecified address (`0.0.0.0`, `::`): connecting there
+/// reaches the host itself, past a rule on `127.0.0.1:*` or `localhost:*`.
+pub fn connect_host(host: &str) -> Result<String, String> {
+    let decided = forward_host(host)?;
+    let unspecified = decided.is_empty()
+        || decided == "*"
+        || decided
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+    if unspecified {
+        return Err(format!(
+            "the host {host:?} names no one address (a connection to it reaches the host itself); name the address"
+        ));
+    }
+    Ok(decided)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::forward_host;
+    use super::{connect_host, forward_host};
+
+    #[test]
+    fn a_local_forward_connects_to_one_address() {
+        for host in [
+            "0.0.0.0",
+            "::",
+            "0:0:0:0:0:0:0:0",
+            "",
+            ".",
+            "*",
+            "::ffff:0.0.0.0",
+        ] {
+            let refused = connect_host(host);
+            assert!(refused.is_err(), "{host:?}: {refused:?}");
+        }
+        assert_eq!(connect_host("LocalHost.").as_deref(), Ok("localhost"));
+        assert_eq!(connect_host("10.0.0.1").as_deref(), Ok("10.0.0.1"));
+    }
 
     #[test]
     fn forward_hosts_are_decided_in_one_spelling() {

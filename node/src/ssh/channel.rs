@@ -418,8 +418,9 @@ fn scp_server(c: &SimpleCommand) -> bool {
 /// Why an `scp` in server mode cannot be decided on its paths (see [`exec`]: where a rule
 /// names paths, it is then refused): it copies a tree (`-r`) or into a directory (`-d`), whose
 /// names arrive inside the scp protocol, never seen by the rules; or a path is relative or
-/// starts with `~` (the host resolves it against the login's home), or holds a glob or
-/// expansion character (`*?[{$` or a backquote: the host's shell makes other paths of it).
+/// starts with `~` (the host resolves it against the login's home), is not in its plain
+/// spelling (`//`, `.`, `..`: a rule names the plain one), or holds a glob or expansion
+/// character (`*?[{$` or a backquote: the host's shell makes other paths of it).
 fn scp_undecidable(c: &SimpleCommand) -> Option<&'static str> {
     let (options, paths): (Vec<&String>, Vec<&String>) =
         c.args.iter().partition(|a| a.starts_with('-'));
@@ -427,10 +428,16 @@ fn scp_undecidable(c: &SimpleCommand) -> Option<&'static str> {
     if options.into_iter().any(|o| o.contains(['r', 'd'])) {
         return Some("a recursive or directory scp (-r, -d) writes names the rules never see; copy single files, or use SFTP");
     }
+    // Decided as written, so written as the host resolves it: no `//`, `.` or `..` (those
+    // are another spelling of a path a rule names; a trailing `/` is kept by scp's target).
+    let plain = |p: &str| {
+        let p = p.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(p);
+        super::command::normalize_path(p).as_deref() == Some(p)
+    };
     paths
         .iter()
-        .any(|p| !p.starts_with('/') || p.contains(['*', '?', '[', '{', '$', '`']))
-        .then_some("an scp path must be absolute and plain (no ~, glob or expansion): the host's shell would make another path of it")
+        .any(|p| !plain(p) || p.contains(['*', '?', '[', '{', '$', '`']))
+        .then_some("an scp path must be absolute and plain (no ~, //, . or .., glob or expansion): the host would make another path of it")
 }
 
 /// `shell`: allowed or refused as a whole (commands typed in it are recorded, not decided).
@@ -1543,6 +1550,8 @@ mod tests {
             "scp -t /srv/up/a",
             "scp -v -p -f /etc/passwd",
             "scp -t -- /x",
+            "scp -t /srv/up/",
+            "scp -t /",
         ] {
             assert_eq!(of(plain), None, "{plain}");
         }
@@ -1558,6 +1567,11 @@ mod tests {
             "scp -t /srv/{up,down}/a",
             "scp -t '$HOME/a'",
             "scp -t /srv/`x`",
+            // Another spelling of a path a rule names (an outside review: /srv//config).
+            "scp -t /srv//up/a",
+            "scp -t /srv/./up",
+            "scp -t /tmp/../srv/up/a",
+            "scp -t /srv/up//",
         ] {
             assert!(of(undecidable).is_some(), "{undecidable}");
         }

@@ -10,7 +10,7 @@ use super::channel::{self, ClientInput, Input, Pumps, Recorder, SessionScope, IN
 use super::session::Conn;
 use super::target::Pinned;
 use crate::core::trace::Stmt;
-use crate::policy::ssh::{forward_host, SshAction, SshRequestKind};
+use crate::policy::ssh::{connect_host, forward_host, SshAction, SshRequestKind};
 use crate::policy::{gateway_block, Action};
 use russh::{client, server, ChannelMsg, ChannelOpenFailure};
 use std::fmt;
@@ -41,7 +41,11 @@ struct Ask {
 
 impl Ask {
     fn new(kind: SshRequestKind, request_type: &'static str, host: &str, port: u32) -> Self {
-        let (host, unreadable) = match forward_host(host) {
+        let decided = match kind {
+            SshRequestKind::Forward => connect_host(host),
+            _ => forward_host(host),
+        };
+        let (host, unreadable) = match decided {
             Ok(decided) => (decided, None),
             Err(why) => (host.to_string(), Some(why)),
         };

@@ -258,6 +258,9 @@ pub struct SftpRequest {
     /// handle to the next `OPEN`). Which file it acts on cannot be known, so it cannot be
     /// decided: the gateway refuses it.
     pub handle_unknown: bool,
+    /// A path named `..`: the host resolves it from where a symlink before it points, which
+    /// the text (decided normalised) does not show.
+    pub climbs: bool,
     /// READ and copy-data: the length asked for; WRITE: the data's length.
     pub length: u64,
     /// READ and WRITE: the file offset.
@@ -275,6 +278,7 @@ impl SftpRequest {
             target: None,
             path_not_utf8: false,
             handle_unknown: false,
+            climbs: false,
             length: 0,
             offset: 0,
             attrs: None,
@@ -511,15 +515,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Lossy UTF-8 of a path, normalised if absolute, and whether it was lossy.
-fn path_string(bytes: &[u8]) -> (String, bool) {
+/// Lossy UTF-8 of a path, normalised if absolute; whether it was lossy, and whether it named
+/// `..`.
+fn path_string(bytes: &[u8]) -> (String, bool, bool) {
     let (text, lossy) = match std::str::from_utf8(bytes) {
         Ok(s) => (std::borrow::Cow::Borrowed(s), false),
         Err(_) => (String::from_utf8_lossy(bytes), true),
     };
+    let climbs = text.split('/').any(|part| part == "..");
     (
         normalize_path(&text).unwrap_or_else(|| text.into_owned()),
         lossy,
+        climbs,
     )
 }
 
@@ -679,14 +686,16 @@ impl SftpTracker {
         let mut req = SftpRequest::new(Some(id), SftpOp::Close);
         let mut handle: Option<Vec<u8>> = None;
         let set_path = |req: &mut SftpRequest, bytes: &[u8]| {
-            let (p, lossy) = path_string(bytes);
+            let (p, lossy, climbs) = path_string(bytes);
             req.path = Some(p);
             req.path_not_utf8 |= lossy;
+            req.climbs |= climbs;
         };
         let set_target = |req: &mut SftpRequest, bytes: &[u8]| {
-            let (p, lossy) = path_string(bytes);
+            let (p, lossy, climbs) = path_string(bytes);
             req.target = Some(p);
             req.path_not_utf8 |= lossy;
+            req.climbs |= climbs;
         };
         match packet_type {
             FXP_OPEN => {

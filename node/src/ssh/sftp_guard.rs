@@ -105,13 +105,20 @@ impl SftpGuard {
         }
         let relative = |p: &Option<String>| p.as_deref().is_some_and(|p| !p.starts_with('/'));
         let decided_on_paths = self.names_paths && request.op != SftpOp::RealPath;
-        (decided_on_paths && (relative(&request.path) || relative(&request.target))).then(|| {
+        if !decided_on_paths {
+            return None;
+        }
+        if relative(&request.path) || relative(&request.target) {
             let why =
                 "a relative path cannot be decided against the rules on paths; send it absolute";
-            (
+            return Some((
                 gateway_block("relative-path", why),
                 SSH_FX_PERMISSION_DENIED,
-            )
+            ));
+        }
+        request.climbs.then(|| {
+            let why = "a path with .. cannot be decided against the rules on paths: the host resolves it from where a symlink before it points; send the path without ..";
+            (gateway_block("parent-path", why), SSH_FX_PERMISSION_DENIED)
         })
     }
 

@@ -257,7 +257,7 @@ fn credentials_out(sql: &str) -> Credentials {
     let (mut at, mut values, mut after_password) = (0, Vec::new(), None);
     // `password 'text'` is also a literal of a type named `password`, which a function may run
     // as SQL (`query_to_xml(password 'DELETE …', …)`): such a literal is no password.
-    let mut typed: Option<Vec<i64>> = None;
+    let mut typed: Option<Vec<(i64, i64)>> = None;
     for t in &tokens {
         let (start, end) = (t.start as usize, t.end as usize);
         let (Some(gap), Some(text)) = (sql.get(at..start), sql.get(start..end)) else {
@@ -268,7 +268,8 @@ fn credentials_out(sql: &str) -> Credentials {
         let password_here = after_password.is_some_and(|word| {
             !typed
                 .get_or_insert_with(|| password_casts(sql))
-                .contains(&word)
+                .iter()
+                .any(|&(start, end)| start <= word && word < end)
         });
         let taken = match delimited(t.token, text) {
             Some((open, inner, close, _)) if string && password_here => {
@@ -308,10 +309,10 @@ fn credentials_out(sql: &str) -> Credentials {
     Credentials::Taken(Taken { text: out, values })
 }
 
-/// Where `sql` names a type `password` in a cast (a typed literal `password '…'`): the
-/// locations of those type names.
-fn password_casts(sql: &str) -> Vec<i64> {
-    fn find(t: &Tree, found: &mut Vec<i64>) {
+/// Where `sql` names a type `password` in a cast (a typed literal `password '…'`, or
+/// `public.password '…'`): for each, the span from the type name's start to its value's.
+fn password_casts(sql: &str) -> Vec<(i64, i64)> {
+    fn find(t: &Tree, found: &mut Vec<(i64, i64)>) {
         match t {
             Tree::Object(fields) => {
                 for (k, v) in fields {
@@ -320,11 +321,17 @@ fn password_casts(sql: &str) -> Vec<i64> {
                         .and_then(|n| n.get("names")?.as_array()?.last())
                         .and_then(|n| n.pointer("/node/String/sval")?.as_str())
                         .is_some_and(|name| name.eq_ignore_ascii_case("password"));
-                    if let Some(at) = type_name
+                    let start = type_name
                         .filter(|_| password)
-                        .and_then(|n| n.get("location")?.as_i64())
-                    {
-                        found.push(at);
+                        .and_then(|n| n.get("location")?.as_i64());
+                    if let Some(start) = start {
+                        // The value's location; without one, the whole text from the name on.
+                        let end = v
+                            .pointer("/arg/node/AConst/location")
+                            .and_then(Tree::as_i64)
+                            .filter(|&end| end > start)
+                            .unwrap_or(i64::MAX);
+                        found.push((start, end));
                     }
                     find(v, found);
                 }
@@ -593,6 +600,10 @@ mod tests {
             // A literal of a type named `password` is a value, which a function may run.
             (
                 "SELECT query_to_xml(password 'DELETE FROM accounts RETURNING 1', true, true, '')",
+                None,
+            ),
+            (
+                "SELECT query_to_xml(public.password 'DELETE FROM accounts RETURNING 1', true, true, '')",
                 None,
             ),
             (
