@@ -526,6 +526,21 @@ impl TestNode {
         Self::start_with(files).await
     }
 
+    /// `--gateway URL --gateway-ca CERT --home HOME`: what a `vigil` command needs to reach
+    /// this node's API (`[api]`).
+    pub fn cli_args(&self, home: &Path) -> Vec<String> {
+        let url = format!("https://{}", self.node.api_addr.expect("an API listener"));
+        let ca = self.files.dir.path().join("tls-api").join("cert.pem");
+        vec![
+            "--gateway".into(),
+            url,
+            "--gateway-ca".into(),
+            ca.display().to_string(),
+            "--home".into(),
+            home.display().to_string(),
+        ]
+    }
+
     pub async fn start_with(files: NodeFiles) -> Self {
         let config = vigil_node::config::Config::load(&files.config_path).expect("valid config");
         let node = vigil_node::start(config).await.expect("node starts");

@@ -248,19 +248,7 @@ impl Gateway {
     /// `--gateway URL --gateway-ca CERT --home HOME`: what a `vigil` command needs to reach
     /// this gateway's API.
     pub fn cli_args(&self, home: &Path) -> Vec<String> {
-        let url = format!(
-            "https://{}",
-            self.node.node.api_addr.expect("an API listener")
-        );
-        let ca = self.node.files.dir.path().join("tls-api").join("cert.pem");
-        vec![
-            "--gateway".into(),
-            url,
-            "--gateway-ca".into(),
-            ca.display().to_string(),
-            "--home".into(),
-            home.display().to_string(),
-        ]
+        self.node.cli_args(home)
     }
 }
 

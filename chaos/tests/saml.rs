@@ -114,10 +114,12 @@ key_id = "t1"
 [identity.saml]
 idp_metadata = "{metadata}"
 model_attribute = "model"
+workload_audience = "{agents}"
 "#,
         cookie = keys.path("cookie-key").display(),
         token = keys.path("token-key.pem").display(),
         metadata = idp.metadata_url,
+        agents = env().get("VIGIL_OIDC_AUDIENCE"),
     )
 }
 
@@ -913,65 +915,38 @@ async fn t45_a_signature_that_would_fetch_or_transform_is_refused_before_xmlsec(
 /// `vigil login --saml`: the person signs in at the IdP (through the console), the CLI's
 /// loopback listener gets a sealed code, redeems it at the gateway with its PKCE verifier, keeps
 /// the token and gets an SSH certificate; psql works with the token. The code works only with
-/// the verifier.
+/// the verifier. Without `workload_audience` the token endpoint issues nothing, and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
-    use tokio::io::AsyncBufReadExt as _;
     let _serial = ONE_AT_A_TIME.lock().await;
     let keys = Keys::new();
     let port = free_port();
     let console = format!("https://127.0.0.1:{port}");
     let idp = Idp::start(&first_sp_metadata(&console));
     let more = sections(&idp, &keys, port, &console);
+    let workload = format!(
+        "workload_audience = \"{}\"\n",
+        env().get("VIGIL_OIDC_AUDIENCE")
+    );
+    assert!(more.contains(&workload));
+    let more = more.replace(&workload, "");
     let g = vigil_chaos::ssh::Gateway::start_more("", &more).await;
     idp.register(&sp_metadata(&console).await);
+    let res = exchange(&format!("{console}/auth/saml/token"), "<saml:Assertion/>").await;
+    assert_eq!(res.status(), 400);
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["error"], "unsupported_grant_type", "{answer}");
+    let why = answer["error_description"].as_str().unwrap();
+    assert!(why.contains("identity.saml.workload_audience"), "{why}");
+    let on_record = g.node.records().await.into_iter().any(|r| {
+        r.body.kind == Kind::SessionStart
+            && r.body.outcome == Some(Outcome::Denied)
+            && r.body.detail.as_deref() == Some(why)
+    });
+    assert!(on_record, "the refusal on record");
+
     let home = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(bin("vigil"))
-        .args(["login", "--saml", "--no-browser"])
-        .args(g.cli_args(home.path()))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next_line().await.unwrap().expect("the sign-in URL");
-        if let Some(u) = line.trim().strip_prefix("https://") {
-            break format!("https://{u}");
-        }
-    };
-    assert!(
-        url.starts_with(&format!("{console}/auth/saml/login?cli_port=")),
-        "{url}"
-    );
-    // The browser: the console, the IdP, back to the console's ACS, on to the CLI.
-    let res = http().get(&url).send().await.unwrap();
-    assert_eq!(res.status(), 303);
-    let cookie = res.headers()["set-cookie"].to_str().unwrap();
-    let cookie = cookie.split(';').next().unwrap().to_string();
-    let to_idp = res.headers()["location"].to_str().unwrap().to_string();
-    let response = saml::sign_in(&to_idp, "agent-saml").await;
-    let res = http()
-        .post(format!("{console}/auth/saml/acs"))
-        .header("cookie", &cookie)
-        .form(&[("SAMLResponse", response)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 303);
-    let to_cli = res.headers()["location"].to_str().unwrap().to_string();
-    assert!(to_cli.starts_with("http://127.0.0.1:"), "{to_cli}");
-    let code = reqwest::Url::parse(&to_cli)
-        .unwrap()
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .map(|(_, v)| v.into_owned())
-        .unwrap();
-    assert_eq!(reqwest::get(&to_cli).await.unwrap().status(), 200);
-    let out = child.wait_with_output().await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
+    let (stdout, code) = login_saml(&console, g.cli_args(home.path()), "agent-saml").await;
     assert!(stdout.contains("logged in as agent-saml"), "{stdout}");
     assert!(stdout.contains("certificate"), "{stdout}");
 
@@ -1018,6 +993,60 @@ async fn t50_vigil_login_saml_gets_the_token_and_the_ssh_certificate() {
     assert_eq!(res.status(), 400);
     let why: serde_json::Value = res.json().await.unwrap();
     assert!(why["error"].as_str().unwrap().contains("verifier"), "{why}");
+}
+
+/// `vigil login --saml --no-browser CLI_ARGS` signing `user` in, the browser's part (the
+/// console, the IdP, back to the console's ACS, on to the CLI) done here: what the CLI printed
+/// and the code the console sent it.
+async fn login_saml(console: &str, cli_args: Vec<String>, user: &str) -> (String, String) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(bin("vigil"))
+        .args(["login", "--saml", "--no-browser"])
+        .args(cli_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("the sign-in URL");
+        if let Some(u) = line.trim().strip_prefix("https://") {
+            break format!("https://{u}");
+        }
+    };
+    assert!(
+        url.starts_with(&format!("{console}/auth/saml/login?cli_port=")),
+        "{url}"
+    );
+    // The browser: the console, the IdP, back to the console's ACS, on to the CLI.
+    let res = http().get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    let cookie = res.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let to_idp = res.headers()["location"].to_str().unwrap().to_string();
+    let response = saml::sign_in(&to_idp, user).await;
+    let res = http()
+        .post(format!("{console}/auth/saml/acs"))
+        .header("cookie", &cookie)
+        .form(&[("SAMLResponse", response)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    let to_cli = res.headers()["location"].to_str().unwrap().to_string();
+    assert!(to_cli.starts_with("http://127.0.0.1:"), "{to_cli}");
+    let code = reqwest::Url::parse(&to_cli)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    assert_eq!(reqwest::get(&to_cli).await.unwrap().status(), 200);
+    let out = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    (stdout.into_owned(), code)
 }
 
 /// A token the cluster issued stops working, on every protocol, once it has expired or once
@@ -1115,8 +1144,10 @@ until = {}
 /// (`identity.claims.person = "preferred_username"`, `identity.saml.person_attribute = "uid"`),
 /// the SAML alice cannot approve what the OIDC alice asked for, although her subject differs
 /// and she is in the approver group; bob (SAML) can, and the statement then runs once. An
-/// agent's token (the gateway's audience) is not an operator's at the embedded coordinator.
-/// PostgreSQL's log is the ground truth.
+/// agent's token (the gateway's audience) is not an operator's at the embedded coordinator,
+/// nor is a token the SAML token endpoint issued to a workload, even one the IdP puts in the
+/// approver group (bob's assertion for the token endpoint). PostgreSQL's log is the ground
+/// truth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t70_one_person_cannot_approve_their_own_request_under_another_identity() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -1127,7 +1158,8 @@ async fn t70_one_person_cannot_approve_their_own_request_under_another_identity(
     let node = TestNode::start(NodeOptions {
         identity_extra: "[identity.claims]\nperson = \"preferred_username\"",
         protocols: Some(format!(
-            "{}subject = \"mail\"\nperson_attribute = \"uid\"\n",
+            "{}subject = \"mail\"\nperson_attribute = \"uid\"\n\
+             [api]\nlisten = \"127.0.0.1:0\"\n",
             sections(&idp, &keys, port, &console)
         )),
         extra: r#"
@@ -1156,15 +1188,15 @@ approval = { approvers = "people", wait_secs = 0, ttl_secs = 600 }
         all.extend_from_slice(&["--coordinator", &coordinator, "--token", token]);
         vigil(&all)
     };
-    let token_url = format!("{console}/auth/saml/token");
+    // People's tokens, as `vigil login --saml` gets them (the console's audience).
     let saml_token = |user: &'static str| {
-        let (idp, token_url) = (&idp, &token_url);
+        let (node, console) = (&node, &console);
         async move {
-            let (assertion, _) = saml_assertion(idp, token_url, user).await;
-            let res = exchange(token_url, &assertion).await;
-            assert_eq!(res.status(), 200, "{user}");
-            let answer: serde_json::Value = res.json().await.unwrap();
-            answer["access_token"].as_str().unwrap().to_string()
+            let home = tempfile::tempdir().unwrap();
+            login_saml(console, node.cli_args(home.path()), user).await;
+            let (status, token) = vigil(&["token", "--home", &home.path().display().to_string()]);
+            assert_eq!(status, 0, "{token}");
+            token.trim().to_string()
         }
     };
 
@@ -1196,11 +1228,28 @@ approval = { approvers = "people", wait_secs = 0, ttl_secs = 600 }
     };
     assert_eq!(ran(log_start), 0, "PostgreSQL ran nothing of it");
 
-    // An agent's token is not an operator's: the gateway's audience is not an operator's.
+    // An agent's token is not an operator's: the gateway's audience is not an operator's,
+    // whether the token comes from the OIDC provider or from the SAML token endpoint, and
+    // although the workload's assertion puts it in the approver group (bob's groups).
     let agent = token_for("agent-ops", "agent-ops-secret").await;
-    let (code, out) = cli(&["approvals", "list"], &agent);
-    assert_ne!(code, 0, "{out}");
-    assert!(out.contains("audience"), "{out}");
+    let token_url = format!("{console}/auth/saml/token");
+    let (assertion, _) = saml_assertion(&idp, &token_url, "bob").await;
+    let res = exchange(&token_url, &assertion).await;
+    assert_eq!(res.status(), 200);
+    let answer: serde_json::Value = res.json().await.unwrap();
+    let workload = answer["access_token"].as_str().unwrap().to_string();
+    for token in [&agent, &workload] {
+        for args in [
+            &["approvals", "list"][..],
+            &["approvals", "approve", "--yes", &id][..],
+        ] {
+            let (code, out) = cli(args, token);
+            assert_ne!(code, 0, "{out}");
+            assert!(out.contains("audience"), "{out}");
+        }
+    }
+    let (_, shown) = cli(&["approvals", "show", &id], &saml_alice);
+    assert!(shown.contains("pending"), "{shown}");
 
     // Bob, another person of the approver group, approves; the statement runs, once.
     let bob = saml_token("bob").await;

@@ -762,9 +762,26 @@ impl Config {
     }
 
     /// `coordinator.operator_audiences`: accepted by the node's verifier, and holding the
-    /// audiences the console's calls as a person carry.
+    /// audiences the console's calls as a person carry; never the audience of the tokens
+    /// workloads get at the SAML token endpoint.
     fn validate_operator_audiences(&self) -> Result<(), ConfigError> {
         const KEY: &str = "coordinator.operator_audiences";
+        let workload = self
+            .identity
+            .saml
+            .as_ref()
+            .and_then(|s| s.workload_audience.as_ref());
+        if let Some(aud) = workload.filter(|_| self.coordinator.endpoints.is_empty()) {
+            if self.operator_audiences().contains(aud) {
+                return Err(invalid(
+                    "identity.saml.workload_audience",
+                    format!(
+                        "{aud:?} is an audience the embedded coordinator takes from operators \
+                         ({KEY}): a workload's token is not an approver's"
+                    ),
+                ));
+            }
+        }
         let Some(listed) = &self.coordinator.operator_audiences else {
             return Ok(());
         };
@@ -1064,6 +1081,31 @@ allow = { groups = ["dba"] }
         )
         .unwrap_err();
         assert!(e.contains("identity.saml.token_audience"), "{e}");
+        // The token endpoint's audience (workloads') is never an operator's.
+        let workload = |aud: &str, more: &str| {
+            parse(&people_and_agents(&format!(
+                "{CONSOLE}{SAML}workload_audience = \"{aud}\"\n{more}"
+            )))
+        };
+        assert!(workload("urn:vigil:gateway", "").is_ok());
+        for people in ["vigil-console", "vigil-saml"] {
+            let e = workload(people, "token_audience = \"vigil-saml\"\n").unwrap_err();
+            assert!(
+                e.contains("identity.saml.workload_audience") && e.contains("not a person's"),
+                "{e}"
+            );
+        }
+        let e = workload(
+            "vigil-cli",
+            "\n[coordinator]\noperator_audiences = [\"vigil-console\", \"vigil-cli\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("identity.saml.workload_audience") && e.contains("not an approver's"),
+            "{e}"
+        );
+        let e = workload("elsewhere", "").unwrap_err();
+        assert!(e.contains("must be one of identity.audiences"), "{e}");
         let e = listed("[\"elsewhere\"]", "").unwrap_err();
         assert!(e.contains("not one of identity.audiences"), "{e}");
         let remote = "\n[coordinator]\nendpoints = [\"10.0.0.1:7470\"]\ncluster_token = { env = \"T\" }\noperator_audiences = [\"vigil-cli\"]\n";

@@ -184,7 +184,7 @@ pub(super) async fn acs(
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
     let done = match verified(&console, sp, &visit, &posted.response).await {
-        Ok((started, sign_in)) => issued(&console, sp, &sign_in)
+        Ok((started, sign_in)) => issued(&console, &sign_in, sp.config().token_audience(&console.config))
             .await
             .map(|issued| (started, issued)),
         Err(why) => Err(why),
@@ -308,8 +308,8 @@ const UNCHECKED: &str = "the assertion cannot be checked against replays";
 /// console keeps or hands out is what every node and the coordinator accept).
 async fn issued(
     console: &Console,
-    sp: &Sp,
     sign_in: &SignIn,
+    audience: &str,
 ) -> Result<(String, Principal), String> {
     let keys = console
         .core
@@ -317,7 +317,6 @@ async fn issued(
         .issued()
         .ok_or("the cluster issues no tokens ([identity.tokens])")?;
     let until = sign_in.session_ends.unwrap_or(u64::MAX);
-    let audience = sp.config().token_audience(&console.config);
     let token = keys.issue(&sign_in.principal, audience, until);
     let principal = console
         .core
@@ -377,6 +376,10 @@ pub(super) async fn token(
         );
         return oauth_error("unsupported_grant_type", &refused(why).await);
     }
+    let Some(audience) = sp.config().workload_audience.clone() else {
+        let why = "the token endpoint issues no tokens: identity.saml.workload_audience is not set";
+        return oauth_error("unsupported_grant_type", &refused(why.into()).await);
+    };
     let Some(assertion) = req.assertion else {
         return oauth_error("invalid_request", &refused("no assertion".into()).await);
     };
@@ -385,7 +388,7 @@ pub(super) async fn token(
         Err(why) => Err(why),
     };
     let done = match checked {
-        Ok(sign_in) => issued(console, sp, &sign_in).await,
+        Ok(sign_in) => issued(console, &sign_in, &audience).await,
         Err(why) => Err(why),
     };
     let (token, principal) = match done {

@@ -54,6 +54,10 @@ pub struct SamlConfig {
     /// The audience of the tokens issued to SAML identities; default `console.client_id`.
     #[serde(default)]
     pub token_audience: Option<String>,
+    /// The audience of the tokens the token endpoint issues to workloads (RFC 7522): an
+    /// agent's audience, never an operator's. Unset, the token endpoint issues nothing.
+    #[serde(default)]
+    pub workload_audience: Option<String>,
     /// The NameID format asked of the IdP (the AuthnRequest's `NameIDPolicy`, the SP
     /// metadata's `NameIDFormat`). Never transient: a transient NameID names a session, not
     /// a person.
@@ -129,6 +133,22 @@ impl SamlConfig {
                 return Err(invalid(
                     "identity.saml.token_audience",
                     "must be one of identity.audiences (the nodes verify the tokens)",
+                ));
+            }
+        }
+        if let Some(aud) = &self.workload_audience {
+            if !identity.audiences.contains(aud) {
+                return Err(invalid(
+                    "identity.saml.workload_audience",
+                    "must be one of identity.audiences (the nodes verify the tokens)",
+                ));
+            }
+            let people = console.map(|c| (c.client_id.as_str(), self.token_audience(c)));
+            if people.is_some_and(|(console, saml)| aud == console || aud == saml) {
+                return Err(invalid(
+                    "identity.saml.workload_audience",
+                    "must differ from console.client_id and identity.saml.token_audience: a \
+                     workload's token is not a person's",
                 ));
             }
         }
