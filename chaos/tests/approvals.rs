@@ -1068,3 +1068,98 @@ async fn t8j_the_cli_lists_escaped_and_asks_before_it_decides() {
     assert_eq!(s.value("a.t").await, 9);
     assert_eq!(s.ran("SET v = 9"), 1, "PostgreSQL ran it once");
 }
+
+/// An approval binds the rule that held the statement and the principal as rules tell its
+/// tokens apart (outside review, 2026-12-07): one subject's tokens of two models, where a
+/// strict rule holds `gpt-5`'s writes for the group `security` and a lenient one everyone
+/// else's for `approvers`. Approved under the lenient rule (the small model's token), the
+/// update is held again, not run, with the `gpt-5` token, and with a token of more groups; it
+/// runs once with the token it was approved for. PostgreSQL's log is the ground truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8r_an_approval_binds_the_rule_and_the_token_it_was_asked_for() {
+    const ISSUER: &str = "https://vigil.test/tokens";
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("token-key.pem");
+    vigil_chaos::saml::token_key(&key);
+    let identity = format!(
+        "[identity.tokens]\nissuer = \"{ISSUER}\"\nsigning_key = {{ file = \"{}\" }}\nkey_id = \"k1\"",
+        key.display()
+    );
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        identity_extra: Box::leak(identity.into_boxed_str()),
+        extra: r#"
+[[policy.rules]]
+id = "gpt5-writes-need-security"
+action = "require_approval"
+kinds = ["write"]
+principals = { models = ["gpt-5"] }
+approval = { approvers = "security", wait_secs = 0, ttl_secs = 600 }
+
+[[policy.rules]]
+id = "writes-need-approval"
+action = "require_approval"
+kinds = ["write"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+"#,
+        ..NodeOptions::default()
+    })
+    .await;
+    tables(&node.files.db).await;
+    let s = Setup {
+        token: String::new(),
+        log_offset: pg_log_len(),
+        coord: node.node.coordinator.join(","),
+        node,
+    };
+    // Tokens the cluster would issue to one subject, `agent-x`.
+    let pem = std::fs::read(&key).unwrap();
+    let sign = |model: &str, groups: &[&str]| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        header.typ = Some("at+jwt".into());
+        let claims = serde_json::json!({
+            "iss": ISSUER, "sub": "agent-x", "aud": env().get("VIGIL_OIDC_AUDIENCE"),
+            "groups": groups, "model": model, "iat": now - 5, "nbf": now - 5,
+            "exp": now + 600, "jti": random_suffix(),
+        });
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let session = |token: String| {
+        let port = s.node.port();
+        async move {
+            let mut w = Wire::app_session(port, &token).await;
+            w.batch(&q("SET search_path = a")).await;
+            w
+        }
+    };
+    let update = "UPDATE t SET v = v + 1 WHERE id = 1";
+    let mut small = session(sign("small-model", &["dba"])).await;
+    let mut gpt5 = session(sign("gpt-5", &["dba"])).await;
+    let mut more_groups = session(sign("small-model", &["dba", "ops"])).await;
+
+    let id = s.pending(&mut small, &q(update)).await.expect("held");
+    let shown = s.approve(&id);
+    assert!(shown.contains("writes-need-approval"), "{shown}");
+    assert!(shown.contains("state       approved"), "{shown}");
+    let answer = gpt5.batch(&q(update)).await;
+    let (_, held) = answer.iter().find_map(Msg::error).expect("held, not run");
+    assert!(
+        held.contains("rule gpt5-writes-need-security") && !held.contains(&id),
+        "held under the strict rule, as a request of its own: {held}"
+    );
+    let other = s.pending(&mut more_groups, &q(update)).await;
+    assert_ne!(other.expect("another token's update is held"), id);
+    assert_eq!(s.ran(update), 0, "PostgreSQL ran nothing yet");
+    assert_eq!(
+        s.pending(&mut small, &q(update)).await,
+        None,
+        "approved: runs"
+    );
+    assert_eq!(s.ran(update), 1, "PostgreSQL ran it once");
+    assert!(s
+        .cli(&["approvals", "show", &id])
+        .contains("state       consumed"));
+}

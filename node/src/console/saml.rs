@@ -184,9 +184,13 @@ pub(super) async fn acs(
         return refuse(StatusCode::NOT_FOUND, "SAML is not configured");
     };
     let done = match verified(&console, sp, &visit, &posted.response).await {
-        Ok((started, sign_in)) => issued(&console, &sign_in, sp.config().token_audience(&console.config))
-            .await
-            .map(|issued| (started, issued)),
+        Ok((started, sign_in)) => issued(
+            &console,
+            &sign_in,
+            sp.config().token_audience(&console.config),
+        )
+        .await
+        .map(|issued| (started, issued)),
         Err(why) => Err(why),
     };
     let (started, (token, principal)) = match done {

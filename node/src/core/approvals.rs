@@ -171,6 +171,46 @@ pub struct Hold<'a> {
     pub spec: &'a ApprovalSpec,
 }
 
+/// The hash an approval is requested and used under: the protocol's hash of the action
+/// (`hold.key.hash`: what runs, where, under which settings) with the deciding rule and what
+/// it asks of approvers, and the principal as far as rules tell a subject's tokens apart
+/// (client, model, groups, person). So an approval given under a lenient rule, or for one of
+/// a subject's tokens, is never used under a stricter rule, or by another token of the subject
+/// that rules (or, on Kubernetes, RBAC through the impersonated groups) treat otherwise. The
+/// stated intent is not bound: an agent words it anew on each try, and each record carries its
+/// own.
+fn bound_hash(hold: &Hold<'_>) -> String {
+    use sha2::{Digest as _, Sha256};
+    let p = hold.principal;
+    let mut groups: Vec<&str> = p.groups.iter().map(String::as_str).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let mut h = Sha256::new();
+    let mut put = |field: Option<&str>| match field {
+        // Length-prefixed, and an absent field apart from an empty one.
+        Some(f) => {
+            h.update([1]);
+            h.update((f.len() as u64).to_be_bytes());
+            h.update(f.as_bytes());
+        }
+        None => h.update([0]),
+    };
+    put(Some("vigil-approval-binding-v1"));
+    put(Some(&hold.key.hash));
+    put(Some(hold.rule));
+    put(Some(&hold.spec.approvers));
+    put(Some(&hold.spec.required.to_string()));
+    put(p.client_id.as_deref());
+    put(p.model.as_deref());
+    put(p.model_version.as_deref());
+    put(p.person.as_deref());
+    put(Some(&groups.len().to_string()));
+    for g in groups {
+        put(Some(g));
+    }
+    hex::encode(h.finalize())
+}
+
 /// A step worth an audit record.
 pub struct Step {
     pub outcome: Outcome,
@@ -328,6 +368,8 @@ impl Approvals {
         record: &mut (dyn FnMut(Step) + Send),
         left: impl Future<Output = &'static str>,
     ) -> Verdict {
+        let mut hold = hold;
+        hold.key.hash = bound_hash(&hold);
         let mut left = std::pin::pin!(left);
         if let Some(verdict) = self.granted(&hold).await {
             return verdict;
