@@ -1163,3 +1163,43 @@ approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
         .cli(&["approvals", "show", &id])
         .contains("state       consumed"));
 }
+
+/// A Query of several statements is not held when one before its last may change the settings
+/// the approver is shown (outside review, 2026-12-07): `ROLLBACK` undoes the `SET ROLE` and
+/// `SET search_path` of the open transaction, so `ROLLBACK; UPDATE t …`, shown as run by the
+/// restricted role on schema `b`, would update `a.t` as the gateway's login. It is refused
+/// (no request) and PostgreSQL runs none of it; so is one after `set_config`. `BEGIN` before
+/// the write still holds, and the write alone is held as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8s_no_hold_where_the_message_may_change_its_settings_before_the_statement() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    let role = format!("vt_other_{}", &s.node.files.db[3..]);
+    w.batch(&q("BEGIN")).await;
+    w.batch(&q(&format!("SET ROLE {role}"))).await;
+    w.batch(&q("SET search_path = b")).await;
+    for sneaky in [
+        "ROLLBACK; UPDATE t SET v = 7 WHERE id = 1",
+        "SELECT set_config('search_path', 'a', false); UPDATE t SET v = 7 WHERE id = 1",
+    ] {
+        let r = w.batch(&q(sneaky)).await;
+        let (_, message) = r.iter().find_map(Msg::error).expect("refused");
+        assert!(
+            message.contains("statement 1 of the message may change the session's settings")
+                && !message.contains("apr-"),
+            "refused, not held: {message}"
+        );
+        w.batch(&q("ROLLBACK")).await;
+        w.batch(&q("BEGIN")).await;
+    }
+    w.batch(&q("ROLLBACK")).await;
+    let list = s.cli(&["approvals", "list", "--state", "pending"]);
+    assert!(!list.contains("apr-"), "no request: {list}");
+    assert_eq!(s.ran("SET v = 7"), 0, "PostgreSQL ran none of it");
+    assert_eq!((s.value("a.t").await, s.value("b.t").await), (0, 0));
+    let begin = "BEGIN; UPDATE t SET v = 7 WHERE id = 1";
+    assert!(s.pending(&mut w, &q(begin)).await.is_some(), "held");
+    w.batch(&q("ROLLBACK")).await;
+    let alone = "UPDATE t SET v = 7 WHERE id = 1";
+    assert!(s.pending(&mut w, &q(alone)).await.is_some(), "held");
+}

@@ -25,7 +25,7 @@ use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::{send_all, BoxStream};
 use crate::core::Refusal;
-use crate::policy::classify::{StatementInfo, StatementKind};
+use crate::policy::classify::{Flag, StatementInfo, StatementKind};
 use crate::policy::masking::{
     mask_recorded, produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
     Masker,
@@ -152,6 +152,35 @@ async fn client_left(
 
 /// A statement that needs approval but cannot be held: its binding could not be established
 /// or it cannot be shown faithfully. Refused; nothing runs.
+/// Why a Query of several statements cannot be held: a statement before its last may change
+/// the settings the gateway reads before the message and shows the approver (a transaction
+/// end reverts what `SET` and `SET LOCAL` did inside it; `SET`, `RESET`, `DISCARD`, `SET ROLE`,
+/// `set_config`, a `DO` block or a procedure set them), so a later statement would run under
+/// settings the approver was not shown.
+fn settings_may_change_within(class: &Classification) -> Option<String> {
+    let Ok(statements) = class else {
+        return None;
+    };
+    let (_, before_last) = statements.split_last()?;
+    let at = before_last.iter().position(|s| {
+        matches!(
+            s.kind,
+            Some(StatementKind::Session | StatementKind::Procedural)
+        ) || s.ends_portals == Some(None) // a transaction's end (not BEGIN, SAVEPOINT, RELEASE)
+            || [Flag::RoleChange, Flag::Procedural, Flag::ClientEncodingChange]
+            .iter()
+            .any(|f| s.flags.contains(f))
+            || s.functions.contains("set_config")
+            || !s.custom_settings.is_empty()
+    })?;
+    Some(format!(
+        "statement {} of the message may change the session's settings or end its \
+         transaction, so the statements after it may not run under the settings an approver \
+         would be shown: send the statement that needs approval in a message of its own",
+        at + 1
+    ))
+}
+
 fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
     Verdict::Refuse {
         refusal: Refusal::Unbound {
@@ -1027,7 +1056,11 @@ impl ClientHalf {
         };
         let mut request = request;
         let approval = if decision.action == Action::RequireApproval {
-            let verdict = match self.settings(out).await? {
+            let settled = match settings_may_change_within(&class) {
+                Some(why) => Ok(Err(why)),
+                None => self.settings(out).await,
+            };
+            let verdict = match settled? {
                 Ok(settings) => {
                     let runs = request.prepared.clone();
                     let binding = Binding {
