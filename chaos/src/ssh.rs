@@ -84,6 +84,7 @@ pub fn certificate(
         .args(["-I", "test-cert", "-n"])
         .arg(subject["subject"].as_str().unwrap())
         .args(["-V", validity, "-O", "clear", "-O", "permit-pty"])
+        .args(["-O", "critical:vigil-gateway-only@vigil"])
         .arg("-O")
         .arg(format!("extension:principal@vigil={principal_json}"))
         .arg(key.with_extension("pub"))

@@ -127,3 +127,43 @@ async fn t61_replay_escapes_what_records_hold() {
     assert!(!list.contains('\x1b') && !list.contains('\r'), "{list}");
     node.node.shutdown().await;
 }
+
+/// `vigil login` and `vigil ssh-config` send the token to the gateway's API: never in clear.
+/// An `http://` gateway is refused before anything is sent (a listener there sees no
+/// connection; outside review, 2026-12-07).
+#[test]
+fn t62_the_cli_sends_no_token_to_a_plain_http_gateway() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().display().to_string();
+    for args in [
+        vec![
+            "login",
+            "--token",
+            "eyJ.x.y",
+            "--gateway",
+            &gateway,
+            "--home",
+            &home,
+        ],
+        vec![
+            "ssh-config",
+            "--token",
+            "eyJ.x.y",
+            "--gateway",
+            &gateway,
+            "--home",
+            &home,
+        ],
+    ] {
+        let (code, out) = vigil(&args);
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains("must be an https:// URL"), "{out}");
+    }
+    assert!(
+        listener.accept().is_err(),
+        "nothing connected to the listener"
+    );
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use vigil_chaos::ssh::Gateway;
-use vigil_chaos::{bin, env, of_kind, vigil};
+use vigil_chaos::{bin, env, eventually, free_port, of_kind, vigil};
 use vigil_proto::record::Kind;
 
 fn browser_script() -> PathBuf {
@@ -103,6 +103,8 @@ async fn a_person_logs_in_through_a_browser_and_stock_ssh_runs_as_them() {
         .unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("alice"), "{shown}");
+    assert!(shown.contains("vigil-gateway-only@vigil"), "{shown}");
+    refused_by_a_host_that_trusts_the_ca(&g, home.path()).await;
     let marker = format!("login-{}", vigil_chaos::random_suffix());
     let out = ssh_as_kept_login(&g, home.path(), &format!("echo {marker}")).await;
     assert_eq!(out.trim(), marker);
@@ -230,5 +232,75 @@ async fn an_expired_kept_token_is_not_handed_out() {
     assert!(
         out.contains("expired") && out.contains("vigil login"),
         "{out}"
+    );
+}
+
+/// A host whose sshd trusts Vigil's user CA by mistake (`TrustedUserCAKeys`, alice's
+/// certificate principal allowed for root) still does not let the certificate in: sshd refuses
+/// the critical option `vigil-gateway-only@vigil` every certificate Vigil issues carries, so
+/// nobody gets past the gateway's policy and recording with one (outside review, 2026-12-07).
+async fn refused_by_a_host_that_trusts_the_ca(g: &Gateway, home: &std::path::Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = g.keys.path().join("ca");
+    let ca_pub = std::fs::read_to_string(ca.with_extension("pub")).unwrap();
+    std::fs::write(d.join("ca.pub"), ca_pub).unwrap();
+    std::fs::write(d.join("principals"), "alice\n").unwrap();
+    vigil_chaos::ssh::keygen(d, "host");
+    let port = free_port();
+    let log = d.join("sshd.log");
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nTrustedUserCAKeys {d}/ca.pub\n\
+         AuthorizedPrincipalsFile {d}/principals\nAuthorizedKeysFile none\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nPermitRootLogin yes\nStrictModes no\nPidFile none\n\
+         UsePAM no\nLogLevel VERBOSE\n",
+        host = d.join("host").display(),
+        d = d.display(),
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    let mut sshd = tokio::process::Command::new("/usr/sbin/sshd")
+        .args(["-D", "-f"])
+        .arg(d.join("sshd_config"))
+        .arg("-E")
+        .arg(&log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("sshd listens", std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let key = home.join("ssh/id_ed25519");
+    let out = tokio::process::Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg("-i")
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("CertificateFile={}-cert.pub", key.display()))
+        .args([
+            "-p",
+            &port.to_string(),
+            "root@127.0.0.1",
+            "echo DIRECT-LOGIN",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let _ = sshd.kill().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && !stdout.contains("DIRECT-LOGIN"),
+        "{stdout}"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("critical option") && log.contains("vigil-gateway-only@vigil"),
+        "sshd refused the certificate for its critical option: {log}"
     );
 }

@@ -121,8 +121,19 @@ impl GatewayArgs {
         Ok(self.home()?.join("ssh").join("id_ed25519"))
     }
 
+    /// A client for the gateway's API: HTTPS only (the calls carry tokens, and answer with
+    /// certificates and tokens), redirects included.
     fn client(&self) -> Result<reqwest::Client, String> {
-        let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+        if !self.gateway.to_ascii_lowercase().starts_with("https://") {
+            return Err(format!(
+                "--gateway {}: must be an https:// URL (the gateway's API is TLS, and a token \
+                 must not cross a network in clear)",
+                crate::display::escape(&self.gateway)
+            ));
+        }
+        let mut b = reqwest::Client::builder()
+            .https_only(true)
+            .timeout(std::time::Duration::from_secs(30));
         if let Some(ca) = &self.gateway_ca {
             let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)

@@ -1,6 +1,7 @@
 //! One client connection: authentication (a Vigil certificate or an OIDC token), the login to
 //! the host, and the channel requests, each decided and recorded before the host sees it.
 
+use super::ca::GATEWAY_ONLY;
 use super::channel::{self, Chan, SessionScope};
 use super::config::split_user;
 use super::forward::{self, RemoteForwards};
@@ -369,7 +370,8 @@ impl Conn {
     }
 
     /// The principal a certificate carries, if Vigil's CA signed it for a user, it is valid
-    /// now, and it has no critical option (none is issued; an unknown one must refuse).
+    /// now, and its only critical option is [`GATEWAY_ONLY`] (which every certificate Vigil
+    /// issues carries; an unknown one must refuse).
     fn certificate_principal(&self, cert: &Certificate) -> Result<Principal, String> {
         let ca = self
             .ctx
@@ -391,9 +393,16 @@ impl Conn {
         if cert.cert_type() != CertType::User {
             return Err("certificate refused: not a user certificate".into());
         }
-        if let Some((name, _)) = cert.critical_options().iter().next() {
+        let options = cert.critical_options();
+        if let Some((name, _)) = options.iter().find(|(name, _)| *name != GATEWAY_ONLY) {
             return Err(format!(
                 "certificate refused: unknown critical option {name:?}"
+            ));
+        }
+        if !options.contains_key(GATEWAY_ONLY) {
+            return Err(format!(
+                "certificate refused: it lacks the critical option {GATEWAY_ONLY} of every \
+                 certificate Vigil issues"
             ));
         }
         let json = cert
