@@ -163,6 +163,11 @@ pub struct Hold<'a> {
     pub principal: &'a Principal,
     /// The protocol, the target and the hash of everything the approval binds.
     pub key: ActionKey,
+    /// Where the action runs, as this node's configuration names the target's server
+    /// (PostgreSQL `host:port`, an SSH host's `host:port`, a cluster's API server URL): bound,
+    /// so that nodes whose configurations give one target name to different servers (two
+    /// fleets sharing a coordinator) do not carry approvals over.
+    pub place: String,
     /// What the approver reads: all of it, masked.
     pub action: &'a str,
     pub shown: pb::ShownAction,
@@ -172,7 +177,8 @@ pub struct Hold<'a> {
 }
 
 /// The hash an approval is requested and used under: the protocol's hash of the action
-/// (`hold.key.hash`: what runs, where, under which settings) with the deciding rule and what
+/// (`hold.key.hash`: what runs, under which settings) and its server (`hold.place`), with
+/// the deciding rule and what
 /// it asks of approvers, and the principal as far as rules tell a subject's tokens apart
 /// (client, model, groups, person). So an approval given under a lenient rule, or for one of
 /// a subject's tokens, is never used under a stricter rule, or by another token of the subject
@@ -197,6 +203,7 @@ fn bound_hash(hold: &Hold<'_>) -> String {
     };
     put(Some("vigil-approval-binding-v1"));
     put(Some(&hold.key.hash));
+    put(Some(&hold.place));
     put(Some(hold.rule));
     put(Some(&hold.spec.approvers));
     put(Some(&hold.spec.required.to_string()));
@@ -575,5 +582,76 @@ impl Approvals {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an approval binds besides the action: its server, the rule and what it asks of
+    /// approvers, and the principal's client, model, groups (in any order) and person; not
+    /// the stated intent.
+    #[test]
+    fn an_approval_binds_the_place_the_rule_and_the_token() {
+        let principal = Principal {
+            subject: "agent-x".into(),
+            issuer: "https://idp".into(),
+            model: Some("small".into()),
+            groups: vec!["dba".into(), "ops".into()],
+            ..Principal::default()
+        };
+        let spec = ApprovalSpec {
+            approvers: "approvers".into(),
+            required: 1,
+            ttl_secs: 600,
+            wait_secs: 0,
+            grant_class: None,
+        };
+        let hash = |principal: &Principal, place: &str, rule: &str, spec: &ApprovalSpec| {
+            bound_hash(&Hold {
+                principal,
+                key: ActionKey {
+                    scope: vigil_coordinator::approvals::Scope::new("postgres", "app"),
+                    hash: "ab".repeat(32),
+                },
+                place: place.into(),
+                action: "UPDATE t SET v = 1",
+                shown: pb::ShownAction::default(),
+                rule,
+                reason: None,
+                spec,
+            })
+        };
+        let base = hash(&principal, "db-1:5432", "writes", &spec);
+        let same = |p: &Principal| hash(p, "db-1:5432", "writes", &spec) == base;
+        let mut reordered = principal.clone();
+        reordered.groups.reverse();
+        let mut intent = principal.clone();
+        intent.intent = Some("retrying after the approval".into());
+        assert!(same(&reordered) && same(&intent));
+        let mut model = principal.clone();
+        model.model = Some("gpt-5".into());
+        let mut groups = principal.clone();
+        groups.groups.push("admins".into());
+        let mut client = principal.clone();
+        client.client_id = Some("agent-ops".into());
+        let mut person = principal.clone();
+        person.person = Some("alice".into());
+        for other in [&model, &groups, &client, &person] {
+            assert!(!same(other), "{other:?}");
+        }
+        assert_ne!(hash(&principal, "db-2:5432", "writes", &spec), base);
+        assert_ne!(hash(&principal, "db-1:5432", "other-rule", &spec), base);
+        let stricter = ApprovalSpec {
+            required: 2,
+            ..spec.clone()
+        };
+        assert_ne!(hash(&principal, "db-1:5432", "writes", &stricter), base);
+        let security = ApprovalSpec {
+            approvers: "security".into(),
+            ..spec.clone()
+        };
+        assert_ne!(hash(&principal, "db-1:5432", "writes", &security), base);
     }
 }

@@ -737,6 +737,7 @@ impl Conn {
                 scope: Scope::new(PROTOCOL, cluster),
                 hash,
             },
+            place: routed.cluster.config.server.clone(),
             action: &action,
             shown: pb::ShownAction {
                 protocol: Some(pb::shown_action::Protocol::Kubernetes(pb::KubeRequest {

@@ -115,12 +115,20 @@ async fn hold(
         audit.record(rec);
     };
     let target = session.conn.name.as_deref().unwrap_or("");
+    let place = ctx
+        .config
+        .connections
+        .iter()
+        .find(|c| c.name == target)
+        .map(|c| format!("{}:{}", c.host, c.port))
+        .unwrap_or_default();
     let hold = Hold {
         principal: &session.principal,
         key: ActionKey {
             scope: Scope::new(super::PROTOCOL, target),
             hash: hash.to_string(),
         },
+        place,
         action: &shown_binding.text,
         shown: pb::ShownAction {
             protocol: Some(pb::shown_action::Protocol::Postgres(shown_binding.clone())),

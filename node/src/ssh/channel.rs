@@ -706,6 +706,12 @@ impl Starting {
                 scope: Scope::new(super::PROTOCOL, &self.target),
                 hash,
             },
+            place: self
+                .ctx
+                .targets
+                .get(&self.target)
+                .map(|t| t.config.address.clone())
+                .unwrap_or_default(),
             action: command,
             shown: pb::ShownAction {
                 protocol: Some(pb::shown_action::Protocol::Ssh(pb::SshCommand {
