@@ -38,6 +38,7 @@ pub mod display;
 pub mod kafka;
 pub mod read;
 pub mod recording;
+pub mod screen;
 pub mod sink;
 mod spool;
 pub mod terminal;

@@ -16,7 +16,8 @@
 //! The dump ([`dump`]) prints the output escaped, like every text `vigil` did not write
 //! ([`crate::audit::display`]): an escape sequence is shown, never run, and each line of output shows
 //! its own terminator (`\r\n`, `\n`) and sits behind the continuation marker. Only [`play`],
-//! which the operator asks for by name, writes the recorded bytes to the terminal as they are.
+//! which the operator asks for by name, writes the recorded bytes to the terminal, through
+//! [`crate::audit::screen`]: what draws, never what would make the terminal act otherwise.
 
 use crate::audit::display::{escape as esc, escape_lines, push_invalid, CONTINUATION};
 use crate::audit::recording::{chunk_name, ChunkReader, Continuity, Utf8Stream};
@@ -774,6 +775,9 @@ pub struct Pace {
 /// output and error bytes raw, at the pace their records were written.
 pub fn play(s: &Session<'_>, pace: &Pace, out: &mut impl std::io::Write) -> std::io::Result<()> {
     out.write_all(header(s).as_bytes())?;
+    // The other side's output draws on the operator's terminal, and does nothing else there.
+    let mut screen = crate::audit::screen::Screen::new();
+    let mut drawn = Vec::new();
     for c in &s.channels {
         let what = c.run().map_or("-", |step| step.label.as_str());
         write!(
@@ -794,13 +798,24 @@ pub fn play(s: &Session<'_>, pace: &Pace, out: &mut impl std::io::Write) -> std:
                         std::thread::sleep(Duration::from_secs_f64(idle / pace.speed));
                     }
                     last = at.or(last);
-                    out.write_all(bytes)?;
+                    drawn.clear();
+                    screen.filter(bytes, &mut drawn);
+                    out.write_all(&drawn)?;
                     out.flush()?;
                 }
                 Event::End(_, end) => write!(out, "\r\n--- {} ---\r\n", esc(&end.label))?,
                 _ => {}
             }
         }
+    }
+    if screen.dropped > 0 {
+        write!(
+            out,
+            "\x1b[0m\r\n--- {} escape sequences or control characters of the output were not \
+             given to the terminal (they would act beyond drawing: `vigil replay` without \
+             --play shows them escaped) ---\r\n",
+            screen.dropped
+        )?;
     }
     out.flush()
 }
@@ -1078,6 +1093,35 @@ pub mod tests {
         assert!(out.starts_with("session s1  ssh\n"), "{out}");
         assert!(
             out.ends_with("--- channel 1: exec: printf 'caf\\\\xc3\\\\xa9' ---\r\ncaf\u{e9} \x1b[31mred\x1b[0m\r\noops\n\r\n--- exit 3 ---\r\n"),
+            "{out:?}"
+        );
+    }
+
+    /// The host's output draws on the operator's terminal and does nothing else there: a
+    /// clipboard write (OSC 52) and a status report request are not passed on, and the end
+    /// says how many were left out.
+    #[test]
+    fn play_gives_the_terminal_only_what_draws() {
+        let mut records = session();
+        records[8] = chunk(
+            9,
+            2700,
+            "error",
+            0,
+            b"oo\x1b]52;c;cm0gLXJmIH4K\x07\x1b[6nps\n",
+        );
+        let s = read(Protocol::Ssh, &records, &mut ChunkReader::new(None)).unwrap();
+        let mut out = Vec::new();
+        let pace = Pace {
+            speed: 1000.0,
+            max_idle: Some(0.0),
+        };
+        play(&s, &pace, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("]52") && !out.contains("[6n"), "{out:?}");
+        assert!(out.contains("\x1b[31mred\x1b[0m\r\noops\n"), "{out:?}");
+        assert!(
+            out.ends_with("--- 2 escape sequences or control characters of the output were not given to the terminal (they would act beyond drawing: `vigil replay` without --play shows them escaped) ---\r\n"),
             "{out:?}"
         );
     }
