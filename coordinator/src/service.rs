@@ -6,8 +6,10 @@
 //! - operators present an OIDC token (`authorization: Bearer …`), verified by the
 //!   [`OperatorAuth`] the member was started with; decisions are recorded under the identity
 //!   the token proves, never one the request names;
-//! - membership changes and grants need an operator in the admin group (or the cluster token,
-//!   for automation).
+//! - grants need an operator in the admin group (or the cluster token, for automation);
+//! - membership changes need the cluster token, or an operator in the admin group only where
+//!   members speak TLS to each other (see [`Shared::membership_change`]); the embedded
+//!   coordinator refuses them all.
 //!
 //! Writes go through Raft (`client_write`); reads that authorise an action first confirm
 //! leadership with `ensure_linearizable`. A member that is not the leader answers `UNAVAILABLE`
@@ -78,6 +80,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// TLS on the gRPC port: `Raft` RPCs then need a member's client certificate.
     pub tls: bool,
+    /// A gateway node's in-process member: its membership never changes.
+    pub embedded: bool,
 }
 
 pub fn now_ms() -> Millis {
@@ -148,6 +152,35 @@ impl Shared {
     async fn admin(&self, md: &MetadataMap) -> Result<String, Status> {
         match self.caller(md).await? {
             Caller::Member => Ok("cluster-token".into()),
+            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
+            Caller::Operator(a) => Err(Status::permission_denied(format!(
+                "{} is not in the admin group {}",
+                a.subject, self.admin_group
+            ))),
+        }
+    }
+
+    /// Who may add or remove a member; answers who, for the log.
+    ///
+    /// A new member gets the leader's Raft RPCs at once, and every one carries the cluster
+    /// token, with which the holder is the cluster (creates requests in anyone's name, consumes
+    /// approvals, registers checkpoints). So whoever names the address must already hold the
+    /// token, unless TLS protects it: with `[member.tls]` the leader sends nothing to a peer
+    /// whose certificate the cluster CA did not issue. The embedded coordinator is a cluster of
+    /// one with a token only its process knows: it has nothing to add or remove.
+    async fn membership_change(&self, md: &MetadataMap) -> Result<String, Status> {
+        let caller = self.caller(md).await?;
+        if self.embedded {
+            return Err(Status::failed_precondition(
+                "the embedded coordinator is a single in-process member: its membership does                  not change (run separate vigil-coordinator members for a cluster,                  docs/operations.md)",
+            ));
+        }
+        match caller {
+            Caller::Member => Ok("cluster-token".into()),
+            Caller::Operator(a) if !self.tls => Err(Status::permission_denied(format!(
+                "{} may not change membership with an operator token: these members speak                  without TLS, so the leader would send the cluster token in the clear to the                  address named; use the cluster token (--cluster-token-env), or configure                  [member.tls]",
+                a.subject
+            ))),
             Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
             Caller::Operator(a) => Err(Status::permission_denied(format!(
                 "{} is not in the admin group {}",
@@ -1131,12 +1164,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::Member>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        self.0.admin(req.metadata()).await?;
+        let by = self.0.membership_change(req.metadata()).await?;
         let m = req.into_inner();
         required("address", &m.address)?;
         if m.id == 0 {
             return Err(Status::invalid_argument("member ids start at 1"));
         }
+        tracing::info!(%by, id = m.id, address = %m.address, "adding a member");
         self.0
             .raft
             .add_learner(m.id, BasicNode::new(&m.address), true)
@@ -1156,8 +1190,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberId>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        self.0.admin(req.metadata()).await?;
+        let by = self.0.membership_change(req.metadata()).await?;
         let id = req.into_inner().id;
+        tracing::info!(%by, id, "removing a member");
         let mut voters = self.voters();
         if !voters.remove(&id) {
             return Err(Status::not_found(format!("{id} is not a voting member")));
