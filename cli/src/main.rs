@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vigil_cli::{asciicast, display, recording, replay, terminal};
 use vigil_coordinator::client::{Client, Credential};
+use vigil_coordinator::service::MAX_GRANT_MINUTES;
 use vigil_coordinator::tls::ClientTls;
 use vigil_node::config::Config;
 use vigil_proto::checkpoint::{Checkpoint, PinnedKeys};
@@ -241,8 +242,8 @@ enum GrantCommand {
         /// The access class a rule's `grant_class` names (e.g. `write`).
         #[arg(long = "class")]
         access_class: String,
-        /// How long, in minutes, from now.
-        #[arg(long)]
+        /// How long, in minutes, from now: 1 to 10080 (7 days, the coordinator's limit).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_GRANT_MINUTES))]
         minutes: u64,
         #[arg(long)]
         reason: Option<String>,

@@ -54,6 +54,9 @@ pub struct MemberConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// TLS on the gRPC port (mutual between members); none: plaintext.
     pub tls: Option<MemberTls>,
+    /// A gateway node's in-process coordinator: a cluster of one whose membership never
+    /// changes (`AddMember` and `RemoveMember` are refused, whoever asks).
+    pub embedded: bool,
 }
 
 /// Three days: long enough to look at last weekend's decisions with `vigil approvals`.
@@ -77,6 +80,7 @@ impl MemberConfig {
             retention: DEFAULT_RETENTION,
             metrics_listen: None,
             tls: None,
+            embedded: false,
         }
     }
 }
@@ -212,6 +216,7 @@ impl Member {
             admin_group: cfg.admin_group,
             metrics: metrics.clone(),
             tls: server_tls.is_some(),
+            embedded: cfg.embedded,
         });
         let mut tasks = vec![
             metrics.watch_leader(&shared.raft),

@@ -6,8 +6,10 @@
 //! - operators present an OIDC token (`authorization: Bearer …`), verified by the
 //!   [`OperatorAuth`] the member was started with; decisions are recorded under the identity
 //!   the token proves, never one the request names;
-//! - membership changes and grants need an operator in the admin group (or the cluster token,
-//!   for automation).
+//! - grants need an operator in the admin group (or the cluster token, for automation);
+//! - membership changes need the cluster token, or an operator in the admin group only where
+//!   members speak TLS to each other (see [`Shared::membership_change`]); the embedded
+//!   coordinator refuses them all.
 //!
 //! Writes go through Raft (`client_write`); reads that authorise an action first confirm
 //! leadership with `ensure_linearizable`. A member that is not the leader answers `UNAVAILABLE`
@@ -42,6 +44,11 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a mark is kept (a login lasts no longer than its token, an assertion no longer
 /// than its conditions).
 const MAX_MARK_AGE: Millis = 7 * 24 * 3600 * 1000;
+/// The longest window a grant may have, in minutes: a week, the console's cap. Longer access is
+/// a rule, not a grant.
+pub const MAX_GRANT_MINUTES: u64 = 7 * 24 * 60;
+/// How far before the leader's "now" a grant may start: the caller's clock may be behind.
+const GRANT_START_SKEW: Millis = 5 * 60 * 1000;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -78,6 +85,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// TLS on the gRPC port: `Raft` RPCs then need a member's client certificate.
     pub tls: bool,
+    /// A gateway node's in-process member: its membership never changes.
+    pub embedded: bool,
 }
 
 pub fn now_ms() -> Millis {
@@ -148,6 +157,35 @@ impl Shared {
     async fn admin(&self, md: &MetadataMap) -> Result<String, Status> {
         match self.caller(md).await? {
             Caller::Member => Ok("cluster-token".into()),
+            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
+            Caller::Operator(a) => Err(Status::permission_denied(format!(
+                "{} is not in the admin group {}",
+                a.subject, self.admin_group
+            ))),
+        }
+    }
+
+    /// Who may add or remove a member; answers who, for the log.
+    ///
+    /// A new member gets the leader's Raft RPCs at once, and every one carries the cluster
+    /// token, with which the holder is the cluster (creates requests in anyone's name, consumes
+    /// approvals, registers checkpoints). So whoever names the address must already hold the
+    /// token, unless TLS protects it: with `[member.tls]` the leader sends nothing to a peer
+    /// whose certificate the cluster CA did not issue. The embedded coordinator is a cluster of
+    /// one with a token only its process knows: it has nothing to add or remove.
+    async fn membership_change(&self, md: &MetadataMap) -> Result<String, Status> {
+        let caller = self.caller(md).await?;
+        if self.embedded {
+            return Err(Status::failed_precondition(
+                "the embedded coordinator is a single in-process member: its membership does                  not change (run separate vigil-coordinator members for a cluster,                  docs/operations.md)",
+            ));
+        }
+        match caller {
+            Caller::Member => Ok("cluster-token".into()),
+            Caller::Operator(a) if !self.tls => Err(Status::permission_denied(format!(
+                "{} may not change membership with an operator token: these members speak                  without TLS, so the leader would send the cluster token in the clear to the                  address named; use the cluster token (--cluster-token-env), or configure                  [member.tls]",
+                a.subject
+            ))),
             Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
             Caller::Operator(a) => Err(Status::permission_denied(format!(
                 "{} is not in the admin group {}",
@@ -834,29 +872,40 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::CreateGrantRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
-        let by = self.0.admin(req.metadata()).await?;
+        // Who, as `admin` checks it, keeping the operator to compare with the grantee.
+        let admin = match self.0.caller(req.metadata()).await? {
+            Caller::Member => None,
+            Caller::Operator(a) if a.groups.contains(&self.0.admin_group) => Some(a),
+            Caller::Operator(a) => {
+                return Err(Status::permission_denied(format!(
+                    "{} is not in the admin group {}",
+                    a.subject, self.0.admin_group
+                )))
+            }
+        };
         let r = req.into_inner();
         required("subject", &r.subject)?;
         required("issuer", &r.issuer)?;
+        let by = match admin {
+            None => "cluster-token".to_string(),
+            Some(a) => {
+                refuse_self_grant(&a, &r.subject, &r.issuer)?;
+                a.subject
+            }
+        };
         let scope = scope_from_pb(r.scope)?;
         required("access_class", &r.access_class)?;
         let now = now_ms();
+        let (not_before, not_after) =
+            grant_window(r.not_before_ms, r.not_after_ms, r.duration_ms, now)?;
         let grant = Grant {
             id: new_id("g"),
             subject: r.subject,
             issuer: r.issuer,
             scope,
             access_class: r.access_class,
-            not_before: if r.not_before_ms == 0 {
-                now
-            } else {
-                r.not_before_ms
-            },
-            not_after: if r.duration_ms > 0 {
-                now.saturating_add(r.duration_ms)
-            } else {
-                r.not_after_ms
-            },
+            not_before,
+            not_after,
             granted_by: by,
             revoked_at: None,
             reason: opt(r.reason),
@@ -1131,12 +1180,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::Member>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        self.0.admin(req.metadata()).await?;
+        let by = self.0.membership_change(req.metadata()).await?;
         let m = req.into_inner();
         required("address", &m.address)?;
         if m.id == 0 {
             return Err(Status::invalid_argument("member ids start at 1"));
         }
+        tracing::info!(%by, id = m.id, address = %m.address, "adding a member");
         self.0
             .raft
             .add_learner(m.id, BasicNode::new(&m.address), true)
@@ -1156,8 +1206,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberId>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        self.0.admin(req.metadata()).await?;
+        let by = self.0.membership_change(req.metadata()).await?;
         let id = req.into_inner().id;
+        tracing::info!(%by, id, "removing a member");
         let mut voters = self.voters();
         if !voters.remove(&id) {
             return Err(Status::not_found(format!("{id} is not a voting member")));
@@ -1237,6 +1288,67 @@ impl pb::raft_server::Raft for RaftService {
         }
         encode(&self.0.raft.install_snapshot(rpc).await)
     }
+}
+
+/// Refuses a grant an admin makes for someone who may be themselves: the same subject (from any
+/// issuer, as for self-approval: [`Actor::maybe_same_person`]), or a subject that is the
+/// admin's person key. A grant is standing access without a second person; an admin who needs
+/// it asks another admin. What is not caught: the admin's other identity under another subject
+/// and another person key (the grant names no person key; see docs/threat-model.md).
+fn refuse_self_grant(admin: &Actor, subject: &str, issuer: &str) -> Result<(), Status> {
+    let grantee = Actor {
+        subject: subject.into(),
+        issuer: issuer.into(),
+        ..Actor::default()
+    };
+    let own_person = admin
+        .person
+        .as_deref()
+        .is_some_and(|p| p.eq_ignore_ascii_case(subject));
+    if admin.maybe_same_person(&grantee) || own_person {
+        return Err(Status::permission_denied(format!(
+            "{} may not grant access to themselves ({subject}): another admin must",
+            admin.subject
+        )));
+    }
+    Ok(())
+}
+
+/// A grant's window from the request: it starts at `not_before_ms` (0: `now`), no more than
+/// [`GRANT_START_SKEW`] in the past, and ends `duration_ms` after `now` or at `not_after_ms`,
+/// after it starts and at most [`MAX_GRANT_MINUTES`] later.
+fn grant_window(
+    not_before_ms: Millis,
+    not_after_ms: Millis,
+    duration_ms: Millis,
+    now: Millis,
+) -> Result<(Millis, Millis), Status> {
+    let not_before = if not_before_ms == 0 {
+        now
+    } else {
+        not_before_ms
+    };
+    let not_after = if duration_ms > 0 {
+        now.saturating_add(duration_ms)
+    } else {
+        not_after_ms
+    };
+    if not_before < now.saturating_sub(GRANT_START_SKEW) {
+        return Err(Status::invalid_argument(
+            "the grant would start in the past (not_before_ms is more than 5 minutes ago)",
+        ));
+    }
+    if not_after <= not_before {
+        return Err(Status::invalid_argument(
+            "the grant's window is empty: it must end after it starts",
+        ));
+    }
+    if not_after - not_before > MAX_GRANT_MINUTES * 60_000 {
+        return Err(Status::invalid_argument(format!(
+            "a grant lasts at most {MAX_GRANT_MINUTES} minutes (7 days)"
+        )));
+    }
+    Ok((not_before, not_after))
 }
 
 /// The single-member membership a fresh cluster starts from.

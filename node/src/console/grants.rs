@@ -16,8 +16,8 @@ use vigil_proto::coordinator as pb;
 
 /// Longest reason sent with a grant.
 const MAX_REASON: usize = 2000;
-/// Longest window a grant may be made for here: a week.
-const MAX_MINUTES: u64 = 7 * 24 * 60;
+/// Longest window a grant may be made for: a week, as the coordinator allows.
+const MAX_MINUTES: u64 = vigil_coordinator::service::MAX_GRANT_MINUTES;
 
 /// What the page shows of a grant (escaped on the way out, [`super::page_json`]).
 fn view(g: &pb::Grant) -> Value {

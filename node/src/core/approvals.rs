@@ -121,6 +121,8 @@ pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Coo
     member.admin_group = co.admin_group.clone();
     member.bootstrap = true;
     member.discard_other_format = true;
+    // Nobody adds members to it: the leader would hand them this token (docs/threat-model.md).
+    member.embedded = true;
     // Operators' tokens are verified as the node's, but only for the audiences people's
     // tokens carry (config.operator_audiences): an agent's token is not an approver's.
     let audiences = config.operator_audiences();
