@@ -1032,9 +1032,34 @@ async fn login_saml(console: &str, cli_args: Vec<String>, user: &str) -> (String
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 303);
-    let to_cli = res.headers()["location"].to_str().unwrap().to_string();
-    assert!(to_cli.starts_with("http://127.0.0.1:"), "{to_cli}");
+    // A page that says which port asks for a token as whom; nothing goes to the CLI until
+    // the person follows its link (whoever sent the sign-in link chose the port).
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("location").is_none());
+    let page = res.text().await.unwrap();
+    let port = url
+        .split("cli_port=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    assert!(
+        page.contains(&format!(
+            "listening on port {port} of this computer asks for a token as <b>{user}"
+        )),
+        "{page}"
+    );
+    let to_cli = page
+        .split(r#"<a id="continue" href=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the link to the CLI")
+        .replace("&amp;", "&");
+    assert!(
+        to_cli.starts_with(&format!("http://127.0.0.1:{port}/callback?")),
+        "{to_cli}"
+    );
     let code = reqwest::Url::parse(&to_cli)
         .unwrap()
         .query_pairs()

@@ -202,7 +202,8 @@ pub(super) async fn acs(
         }
     };
     if let Some(cli) = started.cli {
-        let detail = "signed in with SAML for vigil login (a token was issued to it)";
+        let detail = "signed in with SAML for vigil login (a token was issued to it, handed \
+                      over once the person confirms)";
         console
             .record_sign_in(
                 visit.origin,
@@ -222,7 +223,7 @@ pub(super) async fn acs(
             "http://127.0.0.1:{}/callback?state={}&code={code}",
             cli.cli_port, cli.cli_state
         );
-        let mut res = Redirect::to(&url).into_response();
+        let mut res = confirmation(cli.cli_port, &principal, &url);
         res.headers_mut().insert(
             header::SET_COOKIE,
             super::auth::set_cookie_for(SAML_COOKIE, "", std::time::Duration::ZERO, "None"),
@@ -232,6 +233,42 @@ pub(super) async fn acs(
     console
         .logged_in(visit.origin, session, principal, token, SAML_COOKIE)
         .await
+}
+
+/// The page that hands a `vigil login --saml` its code: only when the person follows its link.
+/// Whoever sent them to the sign-in link chose the port and the PKCE challenge, so the page
+/// says which port asks for a token as whom, and nothing goes to that port unless the person
+/// confirms they started it (a link, not a redirect). The code is on this page only: the
+/// person's browser, not the one who sent the link, holds it.
+fn confirmation(port: u16, principal: &Principal, url: &str) -> Response {
+    let html = |text: &str| {
+        crate::audit::display::escape(text)
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&#39;")
+    };
+    let page = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Vigil: vigil login</title></head>
+<body>
+<h1>vigil login</h1>
+<p>A <code>vigil login --saml</code> listening on port {port} of this computer asks for a token as <b>{subject}</b> (identity provider {idp}).</p>
+<p>Continue only if you started it yourself, just now. If you did not, close this page: the token goes nowhere, and the sign-in link you followed came from someone else.</p>
+<p><a id="continue" href="{url}">Continue: give the token to vigil login on port {port}</a></p>
+</body></html>
+"#,
+        subject = html(&principal.subject),
+        idp = html(principal.saml.as_ref().map_or("", |s| s.idp.as_str())),
+        url = html(url),
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
 }
 
 /// The response checked: for a request this browser started on this cluster, verified, and
