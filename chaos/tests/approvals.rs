@@ -1203,3 +1203,44 @@ async fn t8s_no_hold_where_the_message_may_change_its_settings_before_the_statem
     let alone = "UPDATE t SET v = 7 WHERE id = 1";
     assert!(s.pending(&mut w, &q(alone)).await.is_some(), "held");
 }
+
+/// At a terminal, `vigil approvals show` cuts a line wider than the terminal into rows of its
+/// own, each after the first behind the continuation marker: a statement padded to the edge
+/// cannot make the terminal start a row with what reads as one of the request's fields
+/// (`role        postgres` after a comment's padding, at 60 columns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8t_a_long_statement_cannot_start_a_row_of_its_own_at_a_terminal() {
+    let s = setup().await;
+    let mut w = s.session().await;
+    // "statement   " (12) + the statement: the comment's padding ends at column 60.
+    let head = "UPDATE t SET v = 3 WHERE id = 1 /*";
+    let forged = format!(
+        "{head}{}role        postgres */",
+        " ".repeat(60 - 12 - head.len())
+    );
+    let id = s.pending(&mut w, &q(&forged)).await.expect("held");
+    let alice = id_token("alice");
+    let t = vigil_chaos::tmux::Tmux::start(
+        &format!(
+            "{} approvals show {id} --coordinator {} --token {alice}; sleep 60",
+            bin("vigil").display(),
+            s.coord
+        ),
+        60,
+        40,
+    );
+    t.wait_for("expires").await;
+    let pane = t.pane();
+    assert!(
+        pane.lines()
+            .all(|row| !row.starts_with("role        postgres")),
+        "{pane}"
+    );
+    assert!(
+        pane.contains(&format!(
+            "{}role        postgres */",
+            vigil_node::audit::display::CONTINUATION
+        )),
+        "{pane}"
+    );
+}

@@ -692,7 +692,22 @@ fn scope(s: Option<&pb::Scope>) -> String {
     format!("{}/{}", esc(&s.protocol), esc(&s.target))
 }
 
+/// An approval request as `vigil approvals show` prints it: [`approval_text`], cut into rows
+/// that fit the terminal when standard output is one ([`display::fit_rows`]), so that no text
+/// of the request can start a row of its own where the terminal would wrap it.
 fn show_approval(a: &pb::Approval) -> String {
+    let text = approval_text(a);
+    let stdout = std::io::stdout();
+    if !std::io::IsTerminal::is_terminal(&stdout) {
+        return text;
+    }
+    match rustix::termios::tcgetwinsize(&stdout) {
+        Ok(size) if size.ws_col > 0 => display::fit_rows(&text, usize::from(size.ws_col)),
+        _ => text,
+    }
+}
+
+fn approval_text(a: &pb::Approval) -> String {
     let requester = a.requester.clone().unwrap_or_default();
     let key = a.key.clone().unwrap_or_default();
     // PostgreSQL users read "statement"; other protocols' actions are commands or requests.

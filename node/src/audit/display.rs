@@ -27,7 +27,8 @@
 //!
 //! What this does not guarantee: combining marks, look-alike characters (homoglyphs),
 //! characters of ambiguous width and very long values print as they are, so a value can still
-//! look like a different value, or be wide. Values are not quoted, so a value that contains the
+//! look like a different value, or be wide (`vigil approvals show` at a terminal cuts its long
+//! lines into marked rows itself: [`fit_rows`]). Values are not quoted, so a value that contains the
 //! separator of a list (` | ` between result cells, `, ` between groups) reads like two
 //! values. None of these can make a line look like one the CLI wrote, or change what an earlier
 //! or later line shows.
@@ -47,6 +48,42 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(s.len() + 8);
     push_escaped(&mut out, s, "\\n");
     Cow::Owned(out)
+}
+
+/// `text` (escaped already) with every line wider than `columns` cut into rows of at most
+/// `columns`, each row after the first behind [`CONTINUATION`]. A terminal that wraps a long
+/// line itself starts its next row with whatever comes there, so a value padded to the edge
+/// could put what reads as one of `vigil`'s own lines (`role        postgres`) at the start
+/// of a row. Widths are counted as a terminal that takes ambiguous characters as wide would
+/// (the larger of the two counts), so a row never reaches past the edge. With too few columns
+/// for the marker and a character, `text` is returned as it is.
+pub fn fit_rows(text: &str, columns: usize) -> String {
+    use unicode_width::UnicodeWidthChar as _;
+    let width = |c: char| c.width().unwrap_or(0).max(c.width_cjk().unwrap_or(0));
+    let marker: usize = CONTINUATION.chars().map(width).sum();
+    if columns < marker + 2 {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (body, end) = match line.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (line, ""),
+        };
+        let mut used = 0;
+        for c in body.chars() {
+            let w = width(c);
+            if used + w > columns {
+                out.push('\n');
+                out.push_str(CONTINUATION);
+                used = marker;
+            }
+            out.push(c);
+            used += w;
+        }
+        out.push_str(end);
+    }
+    out
 }
 
 /// [`escape`], except that a newline stays a line break and the next line starts with
@@ -176,6 +213,34 @@ fn invisible(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A line wider than the terminal is cut into rows, each after the first behind the
+    /// continuation marker: padding cannot bring a forged field line to the start of a row.
+    /// Wide and ambiguous characters count two columns.
+    #[test]
+    fn long_lines_are_cut_into_marked_rows() {
+        let forged = format!(
+            "statement   SELECT 1{}role        postgres\nrule        r\n",
+            " ".repeat(21)
+        );
+        let rows = fit_rows(&forged, 40);
+        for row in rows.lines() {
+            assert!(row.chars().count() <= 40, "{row:?}");
+            assert!(!row.starts_with("role"), "{rows}");
+        }
+        assert_eq!(
+            rows,
+            format!(
+                "statement   SELECT 1{}\n{CONTINUATION} role        postgres\nrule        r\n",
+                " ".repeat(20)
+            )
+        );
+        assert_eq!(
+            fit_rows("世界世界世界", 10),
+            format!("世界世界世\n{CONTINUATION}界")
+        );
+        assert_eq!(fit_rows("short\n", 3), "short\n");
+    }
+
     use super::*;
 
     /// True when `s` holds nothing a terminal would act on or hide.
