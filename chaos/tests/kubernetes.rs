@@ -2072,3 +2072,140 @@ async fn a_namespaced_rule_covers_lists_across_namespaces_and_evictions() {
     );
     let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }
+
+const ONE_SECRET_AND_CONFIGMAP_DELETES: &str = r#"
+[[policy.rules]]
+id = "top-secret"
+protocol = "kubernetes"
+action = "block"
+verbs = ["get", "list", "watch"]
+resources = ["secrets"]
+names = ["top-secret"]
+reason = "top-secret is read by people"
+
+[[policy.rules]]
+id = "configmap-deletes"
+protocol = "kubernetes"
+action = "require_approval"
+verbs = ["delete"]
+resources = ["configmaps"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+"#;
+
+/// A rule that blocks or holds one named object covers every collection request that
+/// reaches it (outside review): the list of its namespace (`kubectl get secrets -o
+/// jsonpath`), a watch, a list whose selector excludes another name, the list across all
+/// namespaces; and a deletecollection is held by the rule holding deletes. None reaches the
+/// API server (its audit log), each is on record blocked under its rule, top-secret's value
+/// is in no answer, and cm1 still exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_on_one_object_covers_the_lists_watches_and_deletecollections_reaching_it() {
+    let agent = Agent::start(ONE_SECRET_AND_CONFIGMAP_DELETES).await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let made = admin(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "top-secret",
+        "--from-literal=password=hunter2-top",
+    ])
+    .await;
+    assert!(made.status.success(), "{}", text(&made));
+    let made = admin(&["-n", ns, "create", "configmap", "cm1", "--from-literal=a=b"]).await;
+    assert!(made.status.success(), "{}", text(&made));
+    let offset = audit_len();
+
+    let out = kubectl(config, &["-n", ns, "get", "secret", "top-secret"]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = kubectl(
+        config,
+        &[
+            "-n",
+            ns,
+            "get",
+            "secrets",
+            "-o",
+            "jsonpath={..data.password}",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("top-secret is read by people"),
+        "{}",
+        text(&out)
+    );
+    let secrets = format!("/api/v1/namespaces/{ns}/secrets");
+    for path in [
+        format!("{secrets}?watch=1&timeoutSeconds=2"),
+        format!("{secrets}?fieldSelector=metadata.name%21%3Dx"),
+        "/api/v1/secrets".to_string(),
+    ] {
+        let (code, said) = raw(g, &ops, "GET", &path, &[], None).await;
+        assert_eq!(code, 403, "{path}: {said}");
+        assert!(!said.contains("aHVudGVyMi10b3A"), "{path}: {said}");
+    }
+    let path = format!("/api/v1/namespaces/{ns}/configmaps?fieldSelector=metadata.name%3Dcm1");
+    let (code, said) = raw(g, &ops, "DELETE", &path, &[], None).await;
+    assert_ne!(code / 100, 2, "{said}");
+    assert!(said.contains("apr-"), "held: {said}");
+    let still = admin(&["-n", ns, "get", "configmap", "cm1"]).await;
+    assert!(
+        still.status.success(),
+        "cm1 is not deleted: {}",
+        text(&still)
+    );
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused: Vec<(String, String)> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Kubernetes(k)) => Some((
+                k.verb.clone(),
+                r.body
+                    .policy
+                    .as_ref()
+                    .map(|p| p.rule.clone())
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let top = |v: &str| (v.to_string(), "top-secret".to_string());
+    for want in [
+        top("get"),
+        top("list"),
+        top("watch"),
+        top("list"),
+        top("list"),
+    ] {
+        let n = |w: &(String, String)| refused.iter().filter(|r| *r == w).count();
+        assert!(n(&want) >= 1, "{want:?} in {refused:?}");
+    }
+    assert_eq!(
+        refused.iter().filter(|r| r.1 == "top-secret").count(),
+        5,
+        "{refused:?}"
+    );
+    assert!(
+        records.iter().any(|r| matches!(&r.body.request,
+            Some(Request::Kubernetes(k)) if k.verb == "deletecollection")
+            && r.body
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.rule == "configmap-deletes")),
+        "the deletecollection is held"
+    );
+    let seen = every_completed_request_recorded(offset, &records);
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["objectRef"]["resource"] == "secrets" || e["verb"] == "deletecollection"),
+        "nothing reached the API server: {seen:?}"
+    );
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
+}

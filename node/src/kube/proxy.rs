@@ -1024,7 +1024,9 @@ impl Conn {
 /// `create`) is decided as well as the same request with the verb `create`, and the stricter
 /// of the two decisions applies; the record keeps the API server's verb. A port-forward and a
 /// proxy subresource ([`kube::only_by_rule`]) are refused unless a rule allows them, whatever
-/// the default.
+/// the default. A list or watch is decided as a `get`, a deletecollection as a `delete`, of
+/// everything it reaches too, by the rules that block or hold
+/// ([`Policy::decide_actions_reaching`]).
 fn decide(
     policy: &Policy,
     principal: &Principal,
@@ -1050,6 +1052,7 @@ fn decide(
             &info.resource,
             &info.namespace,
         ),
+        all_names: kube::whole_collection(&info.verb, &info.resource, &info.name),
     };
     // An exec's command is decided like an SSH exec line: each command of it on its own.
     let line = (!command.is_empty()).then(|| {
@@ -1108,8 +1111,18 @@ fn decide(
             })
             .collect()),
     };
-    let decision =
-        policy.decide_actions(actions.as_deref().map_err(Clone::clone), principal, cluster);
+    // A list or watch gets, a deletecollection deletes, each object it reaches: decided as
+    // that `get` or `delete` too, by the rules that block or hold it.
+    let reached: Vec<KubeAction> = kube::per_object_verb(&info.verb)
+        .map(|verb| KubeAction { verb, ..action })
+        .into_iter()
+        .collect();
+    let decision = policy.decide_actions_reaching(
+        actions.as_deref().map_err(Clone::clone),
+        &reached,
+        principal,
+        cluster,
+    );
     match by_name {
         Some(what) => decision.only_by_rule(|| format!("no rule allows {what}")),
         None => decision,
@@ -1905,6 +1918,138 @@ resources = ["leases"]
             (Action::RequireApproval, "creates-need-approval".into())
         );
         assert_eq!(decided(&p, "PUT", cm, None), allowed);
+    }
+
+    /// A rule that blocks or holds one named object covers a list, watch or deletecollection
+    /// that reaches it (every name, and the per-object `get` or `delete`); a names-restricted
+    /// allow never allows a collection, and a rule allowing `list` is not undone by a default
+    /// that would block `get`.
+    #[test]
+    fn a_collection_reaches_every_object_a_rule_names() {
+        let p = policy(
+            r#"
+default = "allow"
+[[rules]]
+id = "top-secret"
+action = "block"
+protocol = "kubernetes"
+verbs = ["get", "list", "watch"]
+resources = ["secrets"]
+names = ["top-secret"]
+
+[[rules]]
+id = "secret-reads"
+action = "block"
+protocol = "kubernetes"
+verbs = ["get"]
+resources = ["tokens"]
+
+[[rules]]
+id = "cm-deletes"
+action = "require_approval"
+protocol = "kubernetes"
+verbs = ["delete"]
+resources = ["configmaps"]
+approval = { approvers = "sre" }
+"#,
+        );
+        let at = |method: &str, path: &str, query: Option<&str>| {
+            let d = decide(
+                &p,
+                &Principal::default(),
+                "dev",
+                &request_info::classify(method, path, query).unwrap(),
+                &[],
+                None,
+            );
+            (d.action, d.rule)
+        };
+        let blocked = (Action::Block, "top-secret".to_string());
+        let allowed = (Action::Allow, "default".to_string());
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/secrets/top-secret", None),
+            blocked
+        );
+        assert_eq!(at("GET", "/api/v1/namespaces/a/secrets", None), blocked);
+        assert_eq!(at("GET", "/api/v1/secrets", None), blocked);
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/secrets", Some("watch=1")),
+            blocked
+        );
+        assert_eq!(
+            at(
+                "GET",
+                "/api/v1/namespaces/a/secrets",
+                Some("fieldSelector=metadata.name%21%3Dx")
+            ),
+            blocked
+        );
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/secrets/other", None),
+            allowed
+        );
+        assert_eq!(
+            at(
+                "GET",
+                "/api/v1/namespaces/a/secrets",
+                Some("fieldSelector=metadata.name%3Dother")
+            ),
+            allowed,
+            "a selector of one other name reaches only it"
+        );
+        // A rule on `get` alone covers the list and the watch of what it gets.
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/tokens", None),
+            (Action::Block, "secret-reads".into())
+        );
+        let held = (Action::RequireApproval, "cm-deletes".to_string());
+        assert_eq!(
+            at("DELETE", "/api/v1/namespaces/a/configmaps/c", None),
+            held
+        );
+        assert_eq!(
+            at(
+                "DELETE",
+                "/api/v1/namespaces/a/configmaps",
+                Some("fieldSelector=metadata.name%3Dcm1")
+            ),
+            held
+        );
+        assert_eq!(at("DELETE", "/api/v1/namespaces/a/configmaps", None), held);
+        assert_eq!(at("GET", "/api/v1/namespaces/a/configmaps", None), allowed);
+
+        // Allow rules keep the strict reading; the default does not decide what is reached.
+        let p = policy(
+            r#"
+default = "block"
+[[rules]]
+id = "one-secret"
+action = "allow"
+protocol = "kubernetes"
+verbs = ["get", "list"]
+resources = ["secrets"]
+names = ["public"]
+
+[[rules]]
+id = "list-pods"
+action = "allow"
+protocol = "kubernetes"
+verbs = ["list"]
+resources = ["pods"]
+"#,
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/a/secrets/public", None),
+            (Action::Allow, "one-secret".into())
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/a/secrets", None),
+            (Action::Block, "default".into())
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/a/pods", None),
+            (Action::Allow, "list-pods".into())
+        );
     }
 
     /// `nodes/proxy` reaches the kubelet's own API (`/run`, `/exec`): refused unless a rule
