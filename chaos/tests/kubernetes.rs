@@ -2209,3 +2209,72 @@ async fn a_rule_on_one_object_covers_the_lists_watches_and_deletecollections_rea
     );
     let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }
+
+/// A body is read only in a format Vigil reads as the API server does (outside review): the
+/// review's Role as YAML, a raw NEL in its name (YAML folds it into a space: the API server
+/// would create `rv-role x` while Vigil recorded `rv-role\u{85}x`), the same body as a
+/// server-side apply, and a CBOR body are refused with Vigil's reason (403, on record), never
+/// reach the API server (its audit log), and no such Role exists; `kubectl apply
+/// --server-side` (JSON as `application/apply-patch+yaml`) still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_a_format_the_api_server_reads_otherwise_is_refused() {
+    let agent = Agent::start("").await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let offset = audit_len();
+    let role = "{\"apiVersion\":\"rbac.authorization.k8s.io/v1\",\"kind\":\"Role\",\
+                \"metadata\":{\"name\":\"rv-role\u{85}x\"},\"rules\":[]}";
+    let roles = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles");
+    let yaml = [("Content-Type", "application/yaml")];
+    let (code, said) = raw(g, &ops, "POST", &roles, &yaml, Some(role.as_bytes())).await;
+    assert_eq!(code, 403, "{said}");
+    assert!(
+        said.contains("vigil: a request body of Content-Type"),
+        "{said}"
+    );
+    let apply = [("Content-Type", "application/apply-patch+yaml")];
+    let path = format!("{roles}/rv-role?fieldManager=t");
+    let (code, said) = raw(g, &ops, "PATCH", &path, &apply, Some(role.as_bytes())).await;
+    assert_eq!(code, 403, "{said}");
+    assert!(said.contains("U+0085"), "{said}");
+    let cbor = [("Content-Type", "application/cbor")];
+    let path = format!("/api/v1/namespaces/{ns}/configmaps");
+    let (code, said) = raw(g, &ops, "POST", &path, &cbor, Some(b"\xa0")).await;
+    assert_eq!(code, 403, "{said}");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("cm.json");
+    let cm = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"ssa","namespace":"{ns}"}},"data":{{"a":"caf\u00e9"}}}}"#
+    );
+    std::fs::write(&manifest, cm).unwrap();
+    let apply = ["apply", "--server-side", "-f", manifest.to_str().unwrap()];
+    kubectl_ok(config, &apply.map(String::from)).await;
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused = requests_refused(&records, |k| {
+        k.content_type.as_deref().is_some_and(|t| {
+            [
+                "application/yaml",
+                "application/apply-patch+yaml",
+                "application/cbor",
+            ]
+            .contains(&t)
+        })
+    });
+    assert_eq!(refused, 3, "each refusal on record");
+    let seen = every_completed_request_recorded(offset, &records);
+    assert!(
+        !seen.iter().any(|e| e["objectRef"]["resource"] == "roles"
+            || (e["objectRef"]["resource"] == "configmaps" && e["verb"] == "create")),
+        "nothing refused reached the API server: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| e["objectRef"]["name"] == "ssa" && e["verb"] == "patch"),
+        "the server-side apply went through"
+    );
+    let roles = admin(&["-n", ns, "get", "roles", "-o", "name"]).await;
+    assert_eq!(text(&roles).trim(), "", "no Role was created");
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
+}
