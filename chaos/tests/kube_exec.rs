@@ -821,6 +821,7 @@ async fn a_spdy_client_cannot_write_the_recorded_output_or_exit_status() {
         while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
+    drop(s);
 
     let records = g.node.records().await;
     let request = request_record(&records, |k| k.command.contains(&script));
