@@ -1482,8 +1482,8 @@ const APPLY_YAML: &str = "application/apply-patch+yaml";
 
 /// Whether the body of a request is in a format Vigil reads as the API server does, where
 /// the API server decodes it (a request of a resource that is not a proxy, with a body): the
-/// decision (a create's name) and the record must name what the API server reads. Refused:
-/// a body without a `Content-Type`, YAML (`application/yaml`), CBOR (`application/cbor`,
+/// decision (a create's name) and the record must name what the API server reads (a body
+/// without a `Content-Type` is JSON to both). Refused: YAML (`application/yaml`), CBOR (`application/cbor`,
 /// `application/apply-patch+cbor`) and anything else the API server might decode otherwise
 /// than as the JSON or protobuf Vigil reads; JSON in a protobuf envelope's place and the
 /// other way round. A server-side apply (`application/apply-patch+yaml`, what `kubectl apply
@@ -1502,7 +1502,9 @@ fn body_format(info: &RequestInfo, body: &[u8], content_type: Option<&str>) -> R
         .map(|m| m.trim().to_ascii_lowercase())
         .unwrap_or_default();
     let protobuf = body.starts_with(b"k8s\x00");
-    if JSON_TYPES.contains(&media.as_str()) && !protobuf {
+    // Without a Content-Type the API server takes its first type, JSON (`kubectl create
+    // --raw -f` sends none).
+    if (media.is_empty() || JSON_TYPES.contains(&media.as_str())) && !protobuf {
         return Ok(());
     }
     if media == PROTOBUF && protobuf {
@@ -1513,12 +1515,10 @@ fn body_format(info: &RequestInfo, body: &[u8], content_type: Option<&str>) -> R
             format!("the body of a server-side apply must be JSON that YAML reads alike: {why}")
         });
     }
-    Err(match content_type {
-        None => "a request body needs a Content-Type".into(),
-        Some(t) => format!(
-            "a request body of Content-Type {t:?} is not read: send JSON or Kubernetes protobuf"
-        ),
-    })
+    Err(format!(
+        "a request body of Content-Type {:?} is not read: send JSON or Kubernetes protobuf",
+        content_type.unwrap_or_default()
+    ))
 }
 
 /// Whether a body is JSON that the API server's YAML reader (go-yaml, YAML 1.1, turning the
@@ -2040,7 +2040,8 @@ resources = ["leases"]
         assert!(!ok(&create, nel.as_bytes(), Some("application/yaml")));
         assert!(!ok(&create, json, Some("application/yaml")));
         assert!(!ok(&create, json, Some("application/cbor")));
-        assert!(!ok(&create, json, None));
+        assert!(ok(&create, json, None), "JSON to the API server too");
+        assert!(!ok(&create, b"k8s\x00\x0a", None));
         assert!(!ok(&create, json, Some("text/plain")));
         assert!(ok(&create, b"", None), "no body");
         let ssa = Some("application/apply-patch+yaml");
