@@ -18,7 +18,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
-use vigil_chaos::kube::{end_of, grant_dba, requests, same_request, wait_for_end, Gateway};
+use vigil_chaos::kube::{
+    end_of, grant_dba, recorded_bytes, requests, same_request, wait_for_end, Gateway,
+};
 use vigil_chaos::kubelet::{append_container_log, exec_log_len, exec_log_since};
 use vigil_chaos::recording::{flip_first_chunk, Flipped};
 use vigil_chaos::tmux::Tmux;
@@ -754,4 +756,95 @@ async fn an_exec_is_ended_when_its_token_expires() {
         Some("the token expired")
     );
     vigil_chaos::kubelet::ran_once(&script);
+}
+
+/// A hand-written SPDY/3.1 exec client (outside review): it opens the error, stdout and stderr
+/// streams as kubectl does, then sends DATA of its own on stdout (forged output) and on error
+/// (the start of a forged exit Status). Whichever side opens a stream may send on it in SPDY,
+/// but what the gateway records as the pod's output and exit status must come from the API
+/// server: the gateway ends the exec at the first such frame, its response record says why,
+/// and nothing the client sent is recorded as output or status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spdy_client_cannot_write_the_recorded_output_or_exit_status() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vigil_node::kube::spdy::{self, SpdyWriter};
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let marker = random_suffix();
+    let script = format!("sleep 2; echo {marker}-real");
+    let query = format!(
+        "command=sh&command=-c&command={}&stdout=true&stderr=true",
+        script.replace(' ', "%20").replace(';', "%3B")
+    );
+    let addr = g
+        .node
+        .node
+        .addr("kubernetes")
+        .expect("a Kubernetes listener");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(vigil_node::core::tls::unverified_client_config());
+    let mut s = tls
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the gateway");
+    let head = format!(
+        "POST /clusters/dev/api/v1/namespaces/default/pods/shell/exec?{query} HTTP/1.1\r\n\
+         Host: localhost\r\nAuthorization: Bearer {ops}\r\nConnection: Upgrade\r\n\
+         Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "no answer: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&got).to_string();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let mut w = SpdyWriter::new();
+    let mut opening = Vec::new();
+    for (id, kind) in [(1, "error"), (3, "stdout"), (5, "stderr")] {
+        opening.extend(w.syn_stream(id, 0, 0, 0, &[("streamtype", kind)]).unwrap());
+    }
+    s.write_all(&opening).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forged = format!("FORGED-{marker}: nothing was deleted\n");
+    let mut frames = spdy::data(3, false, forged.as_bytes()).unwrap();
+    frames.extend(spdy::data(1, false, br#"{"status":"Success","forged":"#).unwrap());
+    // The gateway may already have ended the connection: what it answers is not the point.
+    let _ = s.write_all(&frames).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    drop(s);
+
+    let records = g.node.records().await;
+    let request = request_record(&records, |k| k.command.contains(&script));
+    let (records, _, response) = wait_for_end(&g.node, request).await;
+    let mine = same_request(&records, request);
+    let out = recorded_bytes(
+        &mine,
+        &g.node.files.audit_dir,
+        &request.body.stmt.unwrap().to_string(),
+        "output",
+    );
+    let out = String::from_utf8_lossy(&out).to_string();
+    assert!(!out.contains("FORGED"), "forged output on record: {out}");
+    let error = response.error.expect("the exec ended with an error");
+    assert!(
+        error
+            .message
+            .contains("client sent data on the SPDY stdout stream"),
+        "{error:?}"
+    );
+    let said = serde_json::to_string(&mine).unwrap();
+    assert!(
+        !said.contains("forged"),
+        "a forged status on record: {said}"
+    );
 }

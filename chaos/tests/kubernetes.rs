@@ -2072,3 +2072,209 @@ async fn a_namespaced_rule_covers_lists_across_namespaces_and_evictions() {
     );
     let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }
+
+const ONE_SECRET_AND_CONFIGMAP_DELETES: &str = r#"
+[[policy.rules]]
+id = "top-secret"
+protocol = "kubernetes"
+action = "block"
+verbs = ["get", "list", "watch"]
+resources = ["secrets"]
+names = ["top-secret"]
+reason = "top-secret is read by people"
+
+[[policy.rules]]
+id = "configmap-deletes"
+protocol = "kubernetes"
+action = "require_approval"
+verbs = ["delete"]
+resources = ["configmaps"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+"#;
+
+/// A rule that blocks or holds one named object covers every collection request that
+/// reaches it (outside review): the list of its namespace (`kubectl get secrets -o
+/// jsonpath`), a watch, a list whose selector excludes another name, the list across all
+/// namespaces; and a deletecollection is held by the rule holding deletes. None reaches the
+/// API server (its audit log), each is on record blocked under its rule, top-secret's value
+/// is in no answer, and cm1 still exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_on_one_object_covers_the_lists_watches_and_deletecollections_reaching_it() {
+    let agent = Agent::start(ONE_SECRET_AND_CONFIGMAP_DELETES).await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let made = admin(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "top-secret",
+        "--from-literal=password=hunter2-top",
+    ])
+    .await;
+    assert!(made.status.success(), "{}", text(&made));
+    let made = admin(&["-n", ns, "create", "configmap", "cm1", "--from-literal=a=b"]).await;
+    assert!(made.status.success(), "{}", text(&made));
+    let offset = audit_len();
+
+    let out = kubectl(config, &["-n", ns, "get", "secret", "top-secret"]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = kubectl(
+        config,
+        &[
+            "-n",
+            ns,
+            "get",
+            "secrets",
+            "-o",
+            "jsonpath={..data.password}",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("top-secret is read by people"),
+        "{}",
+        text(&out)
+    );
+    let secrets = format!("/api/v1/namespaces/{ns}/secrets");
+    for path in [
+        format!("{secrets}?watch=1&timeoutSeconds=2"),
+        format!("{secrets}?fieldSelector=metadata.name%21%3Dx"),
+        "/api/v1/secrets".to_string(),
+    ] {
+        let (code, said) = raw(g, &ops, "GET", &path, &[], None).await;
+        assert_eq!(code, 403, "{path}: {said}");
+        assert!(!said.contains("aHVudGVyMi10b3A"), "{path}: {said}");
+    }
+    let path = format!("/api/v1/namespaces/{ns}/configmaps?fieldSelector=metadata.name%3Dcm1");
+    let (code, said) = raw(g, &ops, "DELETE", &path, &[], None).await;
+    assert_ne!(code / 100, 2, "{said}");
+    assert!(said.contains("apr-"), "held: {said}");
+    let still = admin(&["-n", ns, "get", "configmap", "cm1"]).await;
+    assert!(
+        still.status.success(),
+        "cm1 is not deleted: {}",
+        text(&still)
+    );
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused: Vec<(String, String)> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Kubernetes(k)) => Some((
+                k.verb.clone(),
+                r.body
+                    .policy
+                    .as_ref()
+                    .map(|p| p.rule.clone())
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let top = |v: &str| (v.to_string(), "top-secret".to_string());
+    for want in [
+        top("get"),
+        top("list"),
+        top("watch"),
+        top("list"),
+        top("list"),
+    ] {
+        let n = |w: &(String, String)| refused.iter().filter(|r| *r == w).count();
+        assert!(n(&want) >= 1, "{want:?} in {refused:?}");
+    }
+    assert_eq!(
+        refused.iter().filter(|r| r.1 == "top-secret").count(),
+        5,
+        "{refused:?}"
+    );
+    assert!(
+        records.iter().any(|r| matches!(&r.body.request,
+            Some(Request::Kubernetes(k)) if k.verb == "deletecollection")
+            && r.body
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.rule == "configmap-deletes")),
+        "the deletecollection is held"
+    );
+    let seen = every_completed_request_recorded(offset, &records);
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["objectRef"]["resource"] == "secrets" || e["verb"] == "deletecollection"),
+        "nothing reached the API server: {seen:?}"
+    );
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
+}
+
+/// A body is read only in a format Vigil reads as the API server does (outside review): the
+/// review's Role as YAML, a raw NEL in its name (YAML folds it into a space: the API server
+/// would create `rv-role x` while Vigil recorded `rv-role\u{85}x`), the same body as a
+/// server-side apply, and a CBOR body are refused with Vigil's reason (403, on record), never
+/// reach the API server (its audit log), and no such Role exists; `kubectl apply
+/// --server-side` (JSON as `application/apply-patch+yaml`) still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_a_format_the_api_server_reads_otherwise_is_refused() {
+    let agent = Agent::start("").await;
+    let (g, config, ns) = (&agent.gateway, &agent.config, &agent.namespace);
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let offset = audit_len();
+    let role = "{\"apiVersion\":\"rbac.authorization.k8s.io/v1\",\"kind\":\"Role\",\
+                \"metadata\":{\"name\":\"rv-role\u{85}x\"},\"rules\":[]}";
+    let roles = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles");
+    let yaml = [("Content-Type", "application/yaml")];
+    let (code, said) = raw(g, &ops, "POST", &roles, &yaml, Some(role.as_bytes())).await;
+    assert_eq!(code, 403, "{said}");
+    assert!(
+        said.contains("vigil: a request body of Content-Type"),
+        "{said}"
+    );
+    let apply = [("Content-Type", "application/apply-patch+yaml")];
+    let path = format!("{roles}/rv-role?fieldManager=t");
+    let (code, said) = raw(g, &ops, "PATCH", &path, &apply, Some(role.as_bytes())).await;
+    assert_eq!(code, 403, "{said}");
+    assert!(said.contains("U+0085"), "{said}");
+    let cbor = [("Content-Type", "application/cbor")];
+    let path = format!("/api/v1/namespaces/{ns}/configmaps");
+    let (code, said) = raw(g, &ops, "POST", &path, &cbor, Some(b"\xa0")).await;
+    assert_eq!(code, 403, "{said}");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("cm.json");
+    let cm = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"ssa","namespace":"{ns}"}},"data":{{"a":"caf\u00e9"}}}}"#
+    );
+    std::fs::write(&manifest, cm).unwrap();
+    let apply = ["apply", "--server-side", "-f", manifest.to_str().unwrap()];
+    kubectl_ok(config, &apply.map(String::from)).await;
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let refused = requests_refused(&records, |k| {
+        k.content_type.as_deref().is_some_and(|t| {
+            [
+                "application/yaml",
+                "application/apply-patch+yaml",
+                "application/cbor",
+            ]
+            .contains(&t)
+        })
+    });
+    assert_eq!(refused, 3, "each refusal on record");
+    let seen = every_completed_request_recorded(offset, &records);
+    assert!(
+        !seen.iter().any(|e| e["objectRef"]["resource"] == "roles"
+            || (e["objectRef"]["resource"] == "configmaps" && e["verb"] == "create")),
+        "nothing refused reached the API server: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| e["objectRef"]["name"] == "ssa" && e["verb"] == "patch"),
+        "the server-side apply went through"
+    );
+    let roles = admin(&["-n", ns, "get", "roles", "-o", "name"]).await;
+    assert_eq!(text(&roles).trim(), "", "no Role was created");
+    let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
+}

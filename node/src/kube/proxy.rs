@@ -542,6 +542,12 @@ impl Conn {
     ) -> Response<ClientBody> {
         let cluster_name = routed.cluster.config.name.clone();
         let mut routed = routed;
+        // A body the API server decodes must be in a format Vigil reads as it does.
+        if let Err(why) = body_format(&routed.info, &body, routed.content_type.as_deref()) {
+            let request = kube_request_parts(&parts, &routed, Some(&body));
+            let r = Refused::new(StatusCode::FORBIDDEN, "Forbidden", format!("vigil: {why}"));
+            return self.refuse(&principal, Some(&cluster_name), request, None, r);
+        }
         // What the record shows of a body must be what the API server reads (see keys.rs).
         if let Some(fault) = body_fault(&body, routed.content_type.as_deref()) {
             let request = kube_request_parts(&parts, &routed, Some(&body));
@@ -1025,7 +1031,9 @@ impl Conn {
 /// `create`) is decided as well as the same request with the verb `create`, and the stricter
 /// of the two decisions applies; the record keeps the API server's verb. A port-forward and a
 /// proxy subresource ([`kube::only_by_rule`]) are refused unless a rule allows them, whatever
-/// the default.
+/// the default. A list or watch is decided as a `get`, a deletecollection as a `delete`, of
+/// everything it reaches too, by the rules that block or hold
+/// ([`Policy::decide_actions_reaching`]).
 fn decide(
     policy: &Policy,
     principal: &Principal,
@@ -1051,6 +1059,7 @@ fn decide(
             &info.resource,
             &info.namespace,
         ),
+        all_names: kube::whole_collection(&info.verb, &info.resource, &info.name),
     };
     // An exec's command is decided like an SSH exec line: each command of it on its own.
     let line = (!command.is_empty()).then(|| {
@@ -1109,8 +1118,18 @@ fn decide(
             })
             .collect()),
     };
-    let decision =
-        policy.decide_actions(actions.as_deref().map_err(Clone::clone), principal, cluster);
+    // A list or watch gets, a deletecollection deletes, each object it reaches: decided as
+    // that `get` or `delete` too, by the rules that block or hold it.
+    let reached: Vec<KubeAction> = kube::per_object_verb(&info.verb)
+        .map(|verb| KubeAction { verb, ..action })
+        .into_iter()
+        .collect();
+    let decision = policy.decide_actions_reaching(
+        actions.as_deref().map_err(Clone::clone),
+        &reached,
+        principal,
+        cluster,
+    );
     match by_name {
         Some(what) => decision.only_by_rule(|| format!("no rule allows {what}")),
         None => decision,
@@ -1449,6 +1468,90 @@ fn decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The media types of a body Vigil reads as the API server does: JSON (and the JSON patch
+/// types), and Kubernetes protobuf (its `k8s\0` envelope).
+const JSON_TYPES: &[&str] = &[
+    "application/json",
+    "application/merge-patch+json",
+    "application/json-patch+json",
+    "application/strategic-merge-patch+json",
+];
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
+const APPLY_YAML: &str = "application/apply-patch+yaml";
+
+/// Whether the body of a request is in a format Vigil reads as the API server does, where
+/// the API server decodes it (a request of a resource that is not a proxy, with a body): the
+/// decision (a create's name) and the record must name what the API server reads (a body
+/// without a `Content-Type` is JSON to both). Refused: YAML (`application/yaml`), CBOR (`application/cbor`,
+/// `application/apply-patch+cbor`) and anything else the API server might decode otherwise
+/// than as the JSON or protobuf Vigil reads; JSON in a protobuf envelope's place and the
+/// other way round. A server-side apply (`application/apply-patch+yaml`, what `kubectl apply
+/// --server-side` sends, with a JSON body) is taken when its body is JSON that YAML reads as
+/// the same text ([`yaml_reads_as_json`]).
+fn body_format(info: &RequestInfo, body: &[u8], content_type: Option<&str>) -> Result<(), String> {
+    if body.is_empty()
+        || !info.is_resource_request
+        || info.subresource == "proxy"
+        || info.verb == "proxy"
+    {
+        return Ok(());
+    }
+    let media = content_type
+        .and_then(|t| t.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let protobuf = body.starts_with(b"k8s\x00");
+    // Without a Content-Type the API server takes its first type, JSON (`kubectl create
+    // --raw -f` sends none).
+    if (media.is_empty() || JSON_TYPES.contains(&media.as_str())) && !protobuf {
+        return Ok(());
+    }
+    if media == PROTOBUF && protobuf {
+        return Ok(());
+    }
+    if media == APPLY_YAML {
+        return yaml_reads_as_json(body).map_err(|why| {
+            format!("the body of a server-side apply must be JSON that YAML reads alike: {why}")
+        });
+    }
+    Err(format!(
+        "a request body of Content-Type {:?} is not read: send JSON or Kubernetes protobuf",
+        content_type.unwrap_or_default()
+    ))
+}
+
+/// Whether a body is JSON that the API server's YAML reader (go-yaml, YAML 1.1, turning the
+/// document into JSON) reads as the same text, character for character. In a JSON text every
+/// string is double-quoted and every escape YAML's double-quoted style also has, so they differ
+/// only by characters YAML treats otherwise: NEL (U+0085), LS (U+2028) and PS (U+2029) are
+/// line breaks in YAML 1.1 and fold into a space inside a quoted string (`"a<NEL>b"` is
+/// `"a b"`), a BOM (U+FEFF) is dropped, a tab is not allowed everywhere JSON allows it, and
+/// the characters YAML does not print (C0 and C1 controls, DEL, surrogates, U+FFFE/U+FFFF)
+/// are refused or read otherwise; all are refused here (JSON only lets them into strings raw,
+/// where kubectl, whose encoder escapes LS and PS, does not put them). A key `"<<"` is refused
+/// too: quoted, go-yaml does not read it as a merge key, but nothing is lost by not relying
+/// on that.
+fn yaml_reads_as_json(body: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(body).map_err(|_| "it is not UTF-8".to_string())?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|_| "it is not JSON".to_string())?;
+    let alike = |c: char| {
+        matches!(c, '\n' | '\r' | ' '..='~' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}')
+            && !matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
+            || c >= '\u{10000}'
+    };
+    if let Some(c) = text.chars().find(|c| !alike(*c)) {
+        return Err(format!(
+            "it holds U+{:04X}, which YAML reads otherwise",
+            c as u32
+        ));
+    }
+    if text.contains("\"<<\"") {
+        return Err("it has a key \"<<\" (YAML's merge key)".into());
+    }
+    Ok(())
 }
 
 /// What is wrong with the keys of a JSON body (or the paths of a JSON patch), if anything:
@@ -1906,6 +2009,200 @@ resources = ["leases"]
             (Action::RequireApproval, "creates-need-approval".into())
         );
         assert_eq!(decided(&p, "PUT", cm, None), allowed);
+    }
+
+    /// A body the API server decodes is read only as JSON or protobuf, and a server-side
+    /// apply only as JSON that YAML reads alike (outside review: a raw NEL in a YAML body
+    /// named another Role than the API server created).
+    #[test]
+    fn a_body_is_read_only_in_a_format_read_as_the_api_server_reads_it() {
+        let create = info(
+            "POST",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/a/roles",
+        );
+        let apply = info("PATCH", "/api/v1/namespaces/a/configmaps/c");
+        let nel = "{\"metadata\":{\"name\":\"rv-role\u{85}x\"}}";
+        let json = br#"{"metadata":{"name":"rv-role"},"data":{"a":"caf\u00e9 \u2028"}}"#;
+        let ok = |i: &RequestInfo, b: &[u8], t: Option<&str>| body_format(i, b, t).is_ok();
+        assert!(ok(&create, json, Some("application/json")));
+        assert!(ok(&create, json, Some("Application/JSON; charset=utf-8")));
+        assert!(ok(&create, nel.as_bytes(), Some("application/json")));
+        assert!(ok(
+            &create,
+            b"k8s\x00\x0a",
+            Some("application/vnd.kubernetes.protobuf")
+        ));
+        assert!(!ok(&create, b"k8s\x00\x0a", Some("application/json")));
+        assert!(!ok(
+            &create,
+            json,
+            Some("application/vnd.kubernetes.protobuf")
+        ));
+        assert!(!ok(&create, nel.as_bytes(), Some("application/yaml")));
+        assert!(!ok(&create, json, Some("application/yaml")));
+        assert!(!ok(&create, json, Some("application/cbor")));
+        assert!(ok(&create, json, None), "JSON to the API server too");
+        assert!(!ok(&create, b"k8s\x00\x0a", None));
+        assert!(!ok(&create, json, Some("text/plain")));
+        assert!(ok(&create, b"", None), "no body");
+        let ssa = Some("application/apply-patch+yaml");
+        assert!(ok(&apply, json, ssa));
+        assert!(ok(
+            &apply,
+            "{\"a\":\"caf\u{e9} \u{1F600}\"}".as_bytes(),
+            ssa
+        ));
+        for bad in [
+            nel,
+            "{\"a\":\"x\u{2028}y\"}",
+            "{\"a\":\"x\u{2029}y\"}",
+            "\u{feff}{\"a\":1}",
+            "{\"a\":\"x\u{feff}\"}",
+            "{\t\"a\":1}",
+            "{\"a\":\"\u{7f}\"}",
+            "{\"a\":\"\u{9c}\"}",
+            "{\"<<\":{\"a\":1}}",
+            "a: b",
+        ] {
+            assert!(!ok(&apply, bad.as_bytes(), ssa), "{bad:?}");
+        }
+        assert!(!ok(&apply, json, Some("application/apply-patch+cbor")));
+        // What the API server does not decode: a proxy's body, a non-resource URL.
+        let proxy = info("POST", "/api/v1/namespaces/a/services/s/proxy/upload");
+        assert!(ok(&proxy, b"a: b", Some("application/yaml")));
+        assert!(ok(&info("POST", "/version"), b"a: b", None));
+    }
+
+    /// A rule that blocks or holds one named object covers a list, watch or deletecollection
+    /// that reaches it (every name, and the per-object `get` or `delete`); a names-restricted
+    /// allow never allows a collection, and a rule allowing `list` is not undone by a default
+    /// that would block `get`.
+    #[test]
+    fn a_collection_reaches_every_object_a_rule_names() {
+        let p = policy(
+            r#"
+default = "allow"
+[[rules]]
+id = "top-secret"
+action = "block"
+protocol = "kubernetes"
+verbs = ["get", "list", "watch"]
+resources = ["secrets"]
+names = ["top-secret"]
+
+[[rules]]
+id = "secret-reads"
+action = "block"
+protocol = "kubernetes"
+verbs = ["get"]
+resources = ["tokens"]
+
+[[rules]]
+id = "cm-deletes"
+action = "require_approval"
+protocol = "kubernetes"
+verbs = ["delete"]
+resources = ["configmaps"]
+approval = { approvers = "sre" }
+"#,
+        );
+        let at = |method: &str, path: &str, query: Option<&str>| {
+            let d = decide(
+                &p,
+                &Principal::default(),
+                "dev",
+                &request_info::classify(method, path, query).unwrap(),
+                &[],
+                None,
+            );
+            (d.action, d.rule)
+        };
+        let blocked = (Action::Block, "top-secret".to_string());
+        let allowed = (Action::Allow, "default".to_string());
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/secrets/top-secret", None),
+            blocked
+        );
+        assert_eq!(at("GET", "/api/v1/namespaces/a/secrets", None), blocked);
+        assert_eq!(at("GET", "/api/v1/secrets", None), blocked);
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/secrets", Some("watch=1")),
+            blocked
+        );
+        assert_eq!(
+            at(
+                "GET",
+                "/api/v1/namespaces/a/secrets",
+                Some("fieldSelector=metadata.name%21%3Dx")
+            ),
+            blocked
+        );
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/secrets/other", None),
+            allowed
+        );
+        assert_eq!(
+            at(
+                "GET",
+                "/api/v1/namespaces/a/secrets",
+                Some("fieldSelector=metadata.name%3Dother")
+            ),
+            allowed,
+            "a selector of one other name reaches only it"
+        );
+        // A rule on `get` alone covers the list and the watch of what it gets.
+        assert_eq!(
+            at("GET", "/api/v1/namespaces/a/tokens", None),
+            (Action::Block, "secret-reads".into())
+        );
+        let held = (Action::RequireApproval, "cm-deletes".to_string());
+        assert_eq!(
+            at("DELETE", "/api/v1/namespaces/a/configmaps/c", None),
+            held
+        );
+        assert_eq!(
+            at(
+                "DELETE",
+                "/api/v1/namespaces/a/configmaps",
+                Some("fieldSelector=metadata.name%3Dcm1")
+            ),
+            held
+        );
+        assert_eq!(at("DELETE", "/api/v1/namespaces/a/configmaps", None), held);
+        assert_eq!(at("GET", "/api/v1/namespaces/a/configmaps", None), allowed);
+
+        // Allow rules keep the strict reading; the default does not decide what is reached.
+        let p = policy(
+            r#"
+default = "block"
+[[rules]]
+id = "one-secret"
+action = "allow"
+protocol = "kubernetes"
+verbs = ["get", "list"]
+resources = ["secrets"]
+names = ["public"]
+
+[[rules]]
+id = "list-pods"
+action = "allow"
+protocol = "kubernetes"
+verbs = ["list"]
+resources = ["pods"]
+"#,
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/a/secrets/public", None),
+            (Action::Allow, "one-secret".into())
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/a/secrets", None),
+            (Action::Block, "default".into())
+        );
+        assert_eq!(
+            decided(&p, "GET", "/api/v1/namespaces/a/pods", None),
+            (Action::Allow, "list-pods".into())
+        );
     }
 
     /// `nodes/proxy` reaches the kubelet's own API (`/run`, `/exec`): refused unless a rule

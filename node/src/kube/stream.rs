@@ -310,6 +310,14 @@ fn ws_meaning(message: &WsMessage) -> Option<Meaning> {
     })
 }
 
+/// Who sends on a stream, as a refusal names it.
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Client => "client",
+        Side::Server => "API server",
+    }
+}
+
 impl Shared {
     /// Takes note of a SPDY frame `from` sent: what it means for these streams, or why it
     /// does not fit them.
@@ -348,6 +356,22 @@ impl Shared {
                 let FrameKind::Data { payload, .. } = frame else {
                     return Ok(Vec::new());
                 };
+                // Whichever side opened a stream may send on it in SPDY: what is recorded as
+                // the pod's output or the exit status comes only from the API server, what
+                // is recorded as input only from the client (as the WebSocket channels are).
+                let sender = match (port_forward, stream_type) {
+                    (_, StreamType::Data) => None,
+                    (false, StreamType::Stdin | StreamType::Resize) => Some(Side::Client),
+                    (_, _) => Some(Side::Server),
+                };
+                if sender.is_some_and(|s| s != from) && !payload.is_empty() {
+                    return Err(format!(
+                        "the {} sent data on the SPDY {stream_type} stream, which carries \
+                         data only from the {}",
+                        side_name(from),
+                        side_name(from.other())
+                    ));
+                }
                 match (port_forward, stream_type, port) {
                     (false, StreamType::Stdin, _) => {
                         Meaning::Chunk(Recorded::Stdin, payload.clone())

@@ -21,7 +21,9 @@ pub struct KubeMatch {
     /// request across all namespaces ([`KubeAction::all_namespaces`]) matches every entry of a
     /// rule that blocks or holds (it reaches those namespaces too), none of a rule that allows.
     pub namespaces: Vec<String>,
-    /// Globs on the object's name.
+    /// Globs on the object's name. A request of a whole collection (a `list`, `watch` or
+    /// `deletecollection` with no name, [`KubeAction::all_names`]) matches every entry of a
+    /// rule that blocks or holds (it reaches those objects too), none of a rule that allows.
     pub names: Vec<String>,
     /// What an exec's command is, as for an SSH exec.
     pub command: CommandMatch,
@@ -43,20 +45,24 @@ pub struct KubeAction<'a> {
     pub by_name: bool,
     /// A request of a namespaced resource across all namespaces ([`across_namespaces`]).
     pub all_namespaces: bool,
+    /// A request of a whole collection, which reaches every object of it ([`whole_collection`]).
+    pub all_names: bool,
 }
 
 impl KubeMatch {
     pub fn matches(&self, a: &KubeAction<'_>) -> bool {
-        self.matches_in(a, false)
+        self.matches_in(a, false, false)
     }
 
-    /// Whether the rule matches `a` with its `namespaces` condition taken to hold (`a` reaches
-    /// every namespace).
-    pub fn matches_in_every_namespace(&self, a: &KubeAction<'_>) -> bool {
-        self.matches_in(a, true)
+    /// Whether the rule matches `a` with its `namespaces` condition taken to hold where `a`
+    /// reaches every namespace ([`KubeAction::all_namespaces`]) and its `names` condition
+    /// where `a` reaches every object ([`KubeAction::all_names`]): how a rule that blocks or
+    /// holds sees it.
+    pub fn matches_everything_reached(&self, a: &KubeAction<'_>) -> bool {
+        self.matches_in(a, a.all_namespaces, a.all_names)
     }
 
-    fn matches_in(&self, a: &KubeAction<'_>, every_namespace: bool) -> bool {
+    fn matches_in(&self, a: &KubeAction<'_>, every_namespace: bool, every_name: bool) -> bool {
         let any = |globs: &[String], text: &str| globs.iter().any(|g| glob_match(g, text));
         (self.verbs.is_empty() || self.verbs.iter().any(|v| v == "*" || v == a.verb))
             && (self.resources.is_empty() || self.resources.iter().any(|r| resource_matches(r, a)))
@@ -64,7 +70,9 @@ impl KubeMatch {
             && (self.namespaces.is_empty()
                 || every_namespace
                 || (!a.namespace.is_empty() && any(&self.namespaces, a.namespace)))
-            && (self.names.is_empty() || (!a.name.is_empty() && any(&self.names, a.name)))
+            && (self.names.is_empty()
+                || every_name
+                || (!a.name.is_empty() && any(&self.names, a.name)))
             && self.command.matches(a.command, a.line)
     }
 
@@ -217,6 +225,24 @@ pub fn across_namespaces(verb: &str, api_group: &str, resource: &str, namespace:
         && !CLUSTER_SCOPED.contains(&(api_group, resource))
 }
 
+/// Whether a request reaches every object of its collection: a `list`, `watch` or
+/// `deletecollection` with no name (a `fieldSelector` that requires one name gives the request
+/// that name; any other selector, `metadata.name!=x` included, still reads or deletes the
+/// object a rule names).
+pub fn whole_collection(verb: &str, resource: &str, name: &str) -> bool {
+    matches!(verb, "list" | "watch" | "deletecollection") && name.is_empty() && !resource.is_empty()
+}
+
+/// The verb a collection request also does to each object it reaches: a `list` or `watch`
+/// returns each object as a `get` would, a `deletecollection` deletes each as a `delete`.
+pub fn per_object_verb(verb: &str) -> Option<&'static str> {
+    match verb {
+        "list" | "watch" => Some("get"),
+        "deletecollection" => Some("delete"),
+        _ => None,
+    }
+}
+
 /// Whether a request deletes a pod though its verb is another: an eviction (`create` of
 /// `pods/eviction`), which the API server carries out by deleting the pod.
 pub fn evicts(verb: &str, api_group: &str, resource: &str, subresource: &str) -> bool {
@@ -266,6 +292,7 @@ mod tests {
             line: None,
             by_name: false,
             all_namespaces: false,
+            all_names: false,
         }
     }
 

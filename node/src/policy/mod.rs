@@ -514,15 +514,49 @@ impl Policy {
         principal: &Principal,
         target: &str,
     ) -> Decision {
+        self.decide_actions_reaching(actions, &[], principal, target)
+    }
+
+    /// As [`Self::decide_actions`], with `reached`: what the request also does to what it
+    /// reaches (a list gets each object it returns, a deletecollection deletes each one),
+    /// which only a rule that blocks or holds decides: a rule that allows it, or the default,
+    /// leaves the decision to `actions` (a rule allowing `list` is not undone by a default
+    /// that blocks `get`). The strictest decision of all wins.
+    pub fn decide_actions_reaching<A: ProtocolAction>(
+        &self,
+        actions: Result<&[A], String>,
+        reached: &[A],
+        principal: &Principal,
+        target: &str,
+    ) -> Decision {
         let actions = match actions {
             Ok(a) => a,
             Err(why) => return parse_error(why),
         };
-        self.combine(actions, |a, dry_run| {
-            self.first_rule(
-                |rule| rule.applies(target, principal) && a.matched_by(rule),
-                dry_run,
-            )
+        let parts: Vec<(&A, bool)> = actions
+            .iter()
+            .map(|a| (a, false))
+            .chain(reached.iter().map(|a| (a, true)))
+            .collect();
+        self.combine(&parts, |&(a, reach), dry_run| {
+            let matches = |rule: &Rule| {
+                (!reach || rule.action != Action::Allow)
+                    && rule.applies(target, principal)
+                    && a.matched_by(rule)
+            };
+            let unrestricted = reach && !self.config.rules.iter().any(|r| !r.dry_run && matches(r));
+            let d = self.first_rule(matches, dry_run);
+            match unrestricted {
+                // No rule restricts what it reaches: it adds nothing (the actions come first,
+                // so this allow is never the one that decides).
+                true => Decision {
+                    action: Action::Allow,
+                    reason: None,
+                    approval: None,
+                    ..d
+                },
+                false => d,
+            }
         })
     }
 
@@ -641,11 +675,13 @@ impl ProtocolAction for kube::KubeAction<'_> {
     /// allowed by a rule that covers it without naming it (`resources = ["pods"]`, `*`); such a
     /// rule may still block it or hold it.
     /// A request across all namespaces is in every namespace for a rule that blocks or holds,
-    /// in none for one that allows ([`kube::KubeMatch::namespaces`]).
+    /// in none for one that allows ([`kube::KubeMatch::namespaces`]); a request of a whole
+    /// collection has every name the same way ([`kube::KubeMatch::names`]).
     fn matched_by(&self, rule: &Rule) -> bool {
         let allows = rule.action == Action::Allow;
         matches!(&rule.matcher, Matcher::Kube(m) if
-            (m.matches(self) || (self.all_namespaces && !allows && m.matches_in_every_namespace(self)))
+            (m.matches(self)
+                || ((self.all_namespaces || self.all_names) && !allows && m.matches_everything_reached(self)))
             && (!self.by_name || !allows || m.names(self)))
     }
 }
@@ -1032,6 +1068,7 @@ programs = ["rm"]
                 line: None,
                 by_name: false,
                 all_namespaces: false,
+                all_names: false,
             };
             let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
             (d.action, d.rule)
@@ -1065,6 +1102,7 @@ programs = ["rm"]
                 line: Some(&line),
                 by_name: false,
                 all_namespaces: false,
+                all_names: false,
             })
             .collect();
         let d = p.decide_actions(Ok(&actions), &agent(), "dev");
@@ -1114,6 +1152,7 @@ resources = ["pods"]
                 line: None,
                 by_name: false,
                 all_namespaces: kube::across_namespaces("list", "", resource, ns),
+                all_names: false,
             };
             let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
             (d.action, d.rule)
@@ -1170,6 +1209,7 @@ resources = ["pods"]
                 line: None,
                 by_name: true,
                 all_namespaces: false,
+                all_names: false,
             };
             let d = p.decide_actions(Ok(&[a]), &agent(), "dev");
             (d.action, d.rule)
