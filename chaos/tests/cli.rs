@@ -138,26 +138,16 @@ fn t62_the_cli_sends_no_token_to_a_plain_http_gateway() {
     let gateway = format!("http://{}", listener.local_addr().unwrap());
     let home = tempfile::tempdir().unwrap();
     let home = home.path().display().to_string();
-    for args in [
-        vec![
-            "login",
+    for command in ["login", "ssh-config"] {
+        let args = [
+            command,
             "--token",
             "eyJ.x.y",
             "--gateway",
             &gateway,
             "--home",
             &home,
-        ],
-        vec![
-            "ssh-config",
-            "--token",
-            "eyJ.x.y",
-            "--gateway",
-            &gateway,
-            "--home",
-            &home,
-        ],
-    ] {
+        ];
         let (code, out) = vigil(&args);
         assert_ne!(code, 0, "{out}");
         assert!(out.contains("must be an https:// URL"), "{out}");
