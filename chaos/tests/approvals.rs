@@ -1168,8 +1168,9 @@ approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
 /// the approver is shown (outside review, 2026-12-07): `ROLLBACK` undoes the `SET ROLE` and
 /// `SET search_path` of the open transaction, so `ROLLBACK; UPDATE t …`, shown as run by the
 /// restricted role on schema `b`, would update `a.t` as the gateway's login. It is refused
-/// (no request) and PostgreSQL runs none of it; so is one after `set_config`. `BEGIN` before
-/// the write still holds, and the write alone is held as ever.
+/// (no request) and PostgreSQL runs none of it; so is one after `set_config`, called directly
+/// or in SQL run as text. `BEGIN` before the write still holds, and the write alone is held as
+/// ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8s_no_hold_where_the_message_may_change_its_settings_before_the_statement() {
     let s = setup().await;
@@ -1181,11 +1182,14 @@ async fn t8s_no_hold_where_the_message_may_change_its_settings_before_the_statem
     for sneaky in [
         "ROLLBACK; UPDATE t SET v = 7 WHERE id = 1",
         "SELECT set_config('search_path', 'a', false); UPDATE t SET v = 7 WHERE id = 1",
+        // SQL run as text (final review, 2026-12-07): the function is out of sight.
+        "SELECT query_to_xml('select set_config(''search_path'',''a'',false)', true, true, ''); \
+         UPDATE t SET v = 7 WHERE id = 1",
     ] {
         let r = w.batch(&q(sneaky)).await;
         let (_, message) = r.iter().find_map(Msg::error).expect("refused");
         assert!(
-            message.contains("statement 1 of the message may change the session's settings")
+            message.contains("statement 1 of the message runs before the one held")
                 && !message.contains("apr-"),
             "refused, not held: {message}"
         );

@@ -177,13 +177,18 @@ impl Shared {
         let caller = self.caller(md).await?;
         if self.embedded {
             return Err(Status::failed_precondition(
-                "the embedded coordinator is a single in-process member: its membership does                  not change (run separate vigil-coordinator members for a cluster,                  docs/operations.md)",
+                "the embedded coordinator is a single in-process member: its membership does \
+                 not change (run separate vigil-coordinator members for a cluster, \
+                 docs/operations.md)",
             ));
         }
         match caller {
             Caller::Member => Ok("cluster-token".into()),
             Caller::Operator(a) if !self.tls => Err(Status::permission_denied(format!(
-                "{} may not change membership with an operator token: these members speak                  without TLS, so the leader would send the cluster token in the clear to the                  address named; use the cluster token (--cluster-token-env), or configure                  [member.tls]",
+                "{} may not change membership with an operator token: these members speak \
+                 without TLS, so the leader would send the cluster token in the clear to the \
+                 address named; use the cluster token (--cluster-token-env), or configure \
+                 [member.tls]",
                 a.subject
             ))),
             Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),

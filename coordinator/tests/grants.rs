@@ -2,13 +2,14 @@
 //! bounded (at most 7 days, not starting in the past, not empty), whoever asks.
 
 use std::sync::Arc;
-use std::time::Duration;
 use tonic::Code;
 use vigil_coordinator::approvals::Actor;
-use vigil_coordinator::client::{Client, Credential};
-use vigil_coordinator::server::{Member, MemberConfig};
+use vigil_coordinator::client::Credential;
 use vigil_coordinator::service::{now_ms, BoxFuture, OperatorAuth, MAX_GRANT_MINUTES};
 use vigil_proto::coordinator as pb;
+
+mod common;
+use common::client;
 
 const TOKEN: &str = "grants-test-cluster-token";
 const ISSUER: &str = "https://idp.example";
@@ -31,12 +32,6 @@ impl OperatorAuth for Admins {
     }
 }
 
-fn client(member: &Member, credential: Credential) -> Client {
-    Client::new(vec![member.addr.to_string()], credential)
-        .unwrap()
-        .retry_for(Duration::from_secs(2))
-}
-
 fn grant(subject: &str, issuer: &str, minutes: u64) -> pb::CreateGrantRequest {
     pb::CreateGrantRequest {
         subject: subject.into(),
@@ -54,20 +49,10 @@ fn grant(subject: &str, issuer: &str, minutes: u64) -> pb::CreateGrantRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t92_no_self_grants_and_bounded_windows() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = MemberConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-        TOKEN.into(),
-    );
-    cfg.bootstrap = true;
-    let member = Member::start(cfg, Some(Arc::new(Admins)))
-        .await
-        .expect("member starts");
-    member
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let member = common::member(dir.path(), 1, TOKEN, Arc::new(Admins), |cfg| {
+        cfg.bootstrap = true
+    })
+    .await;
     let carol = client(
         &member,
         Credential::Bearer("admin:carol:Carol@Example.com".into()),

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vigil_coordinator::approvals::Actor;
 use vigil_coordinator::client::{Client, Credential};
-use vigil_coordinator::server::{Member, MemberConfig};
+use vigil_coordinator::server::Member;
 use vigil_coordinator::service::{BoxFuture, OperatorAuth};
 use vigil_proto::coordinator as pb;
+
+mod common;
 
 const TOKEN: &str = "member-test-cluster-token";
 
@@ -32,24 +34,13 @@ impl OperatorAuth for NamedOperators {
 }
 
 async fn start(dir: &std::path::Path, retention: Duration) -> Member {
-    let mut cfg = MemberConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.to_path_buf(),
-        TOKEN.into(),
-    );
-    cfg.bootstrap = true;
-    cfg.snapshot_after = 50;
-    cfg.retention = retention;
-    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    let member = Member::start(cfg, Some(Arc::new(NamedOperators)))
-        .await
-        .expect("member starts");
-    member
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
-    member
+    common::member(dir, 1, TOKEN, Arc::new(NamedOperators), |cfg| {
+        cfg.bootstrap = true;
+        cfg.snapshot_after = 50;
+        cfg.retention = retention;
+        cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
 }
 
 fn node(member: &Member) -> Client {
@@ -450,20 +441,10 @@ impl OperatorAuth for PersonKeyed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t13_one_person_is_one_person_across_identity_providers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = MemberConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-        TOKEN.into(),
-    );
-    cfg.bootstrap = true;
-    let member = Member::start(cfg, Some(Arc::new(PersonKeyed)))
-        .await
-        .expect("member starts");
-    member
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let member = common::member(dir.path(), 1, TOKEN, Arc::new(PersonKeyed), |cfg| {
+        cfg.bootstrap = true
+    })
+    .await;
     let node = node(&member);
     let mut asked = request("r1", "h", 600_000);
     asked.requester = Some(pb::Actor {

@@ -9,6 +9,12 @@
 //! alternate screen, character sets, a few modes). Everything else is left out whole and
 //! counted. A sequence split across chunks is followed across them.
 
+/// What `vigil replay --play` writes before each of its own lines and at the end: the text
+/// attributes, the scroll region, the insert and newline modes, origin mode, autowrap, the
+/// cursor, the main screen, the character sets, the keypads and bracketed paste back to their
+/// defaults, whatever state the recorded output left the terminal in.
+pub const RESET: &str = "\x1b[0m\x1b[r\x1b[4l\x1b[20l\x1b[?6l\x1b[?7h\x1b[?25h\x1b[?1049l\x1b(B\x1b)B\x0f\x1b>\x1b[?1l\x1b[?2004l";
+
 /// The longest escape sequence followed; a longer one is left out (a terminal would not
 /// draw anything from it either).
 const MAX_SEQUENCE: usize = 256;
@@ -126,12 +132,13 @@ impl Screen {
                     _ => State::Text(b),
                 };
             }
+            // `ESC \` ends the string; an `ESC` before anything else ends it too (as in the
+            // DEC parser a terminal runs), and starts a sequence of its own.
             State::TextEscape => {
-                self.state = if b == b'\\' {
-                    State::Ground
-                } else {
-                    State::Text(0)
-                };
+                self.state = State::Ground;
+                if b != b'\\' {
+                    self.escape(b, out);
+                }
             }
         }
     }
@@ -196,8 +203,8 @@ impl Screen {
             // decided with the byte that ends it.
             0x20..=0x2f => self.state = State::EscapeArgument(b),
             // Save and restore the cursor, index, next line, tab set, reverse index, keypad
-            // modes, full reset.
-            b'7' | b'8' | b'D' | b'E' | b'H' | b'M' | b'=' | b'>' | b'c' => {
+            // modes. Not `ESC c`, the full reset (it may clear the scrollback).
+            b'7' | b'8' | b'D' | b'E' | b'H' | b'M' | b'=' | b'>' => {
                 out.extend_from_slice(&[0x1b, b]);
             }
             0x1b => {
@@ -288,6 +295,13 @@ mod tests {
             (b"\x9b6n", "\u{fffd}6n", 0),
             (b"\xed\xa0\x80\xe0\x80\x80x", "\u{fffd}\u{fffd}x", 0),
             (b"\x1b[1$p\x1b[0 qx", "x", 2),
+            // An ESC inside a string ends it: what follows is read (final review, 2026-12-07).
+            (
+                b"a\x1b]0;t\x1b[31mVISIBLE\r\nmore",
+                "a\x1b[31mVISIBLE\r\nmore",
+                1,
+            ),
+            (b"x\x1bP\x1b[1mafter\x1bc", "x\x1b[1mafter", 2),
             ("\x1b]52;c;x\u{9c}y".as_bytes(), "y", 1),
             (b"\x1b]52;c;x\x9cy\x1b P", "y", 2),
         ];

@@ -774,15 +774,17 @@ pub struct Pace {
 /// Plays the session to `out`: the header and each channel's request and exit escaped, its
 /// output and error bytes raw, at the pace their records were written.
 pub fn play(s: &Session<'_>, pace: &Pace, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    use crate::audit::screen::{Screen, RESET};
     out.write_all(header(s).as_bytes())?;
-    // The other side's output draws on the operator's terminal, and does nothing else there.
-    let mut screen = crate::audit::screen::Screen::new();
-    let mut drawn = Vec::new();
+    // The other side's output draws on the operator's terminal, and does nothing else there;
+    // each channel was a terminal of its own, and vigil's own lines come after a reset.
+    let (mut dropped, mut drawn) = (0, Vec::new());
     for c in &s.channels {
+        let mut screen = Screen::new();
         let what = c.run().map_or("-", |step| step.label.as_str());
         write!(
             out,
-            "\r\n--- {} {}: {} ---\r\n",
+            "{RESET}\r\n--- {} {}: {} ---\r\n",
             s.protocol.noun(),
             esc(&c.number),
             escape_lines(what, "")
@@ -803,18 +805,19 @@ pub fn play(s: &Session<'_>, pace: &Pace, out: &mut impl std::io::Write) -> std:
                     out.write_all(&drawn)?;
                     out.flush()?;
                 }
-                Event::End(_, end) => write!(out, "\r\n--- {} ---\r\n", esc(&end.label))?,
+                Event::End(_, end) => write!(out, "{RESET}\r\n--- {} ---\r\n", esc(&end.label))?,
                 _ => {}
             }
         }
+        dropped += screen.dropped;
     }
-    if screen.dropped > 0 {
+    out.write_all(RESET.as_bytes())?;
+    if dropped > 0 {
         write!(
             out,
-            "\x1b[0m\r\n--- {} escape sequences or control characters of the output were not \
+            "\r\n--- {dropped} escape sequences or control characters of the output were not \
              given to the terminal (they would act beyond drawing: `vigil replay` without \
-             --play shows them escaped) ---\r\n",
-            screen.dropped
+             --play shows them escaped) ---\r\n"
         )?;
     }
     out.flush()
@@ -1077,7 +1080,8 @@ pub mod tests {
     }
 
     #[test]
-    fn play_writes_the_output_raw_and_paces_it_by_the_records_time() {
+    fn play_writes_the_output_and_paces_it_by_the_records_time() {
+        use crate::audit::screen::RESET;
         let records = session();
         let s = read(Protocol::Ssh, &records, &mut ChunkReader::new(None)).unwrap();
         let mut out = Vec::new();
@@ -1092,7 +1096,7 @@ pub mod tests {
         let out = String::from_utf8(out).unwrap();
         assert!(out.starts_with("session s1  ssh\n"), "{out}");
         assert!(
-            out.ends_with("--- channel 1: exec: printf 'caf\\\\xc3\\\\xa9' ---\r\ncaf\u{e9} \x1b[31mred\x1b[0m\r\noops\n\r\n--- exit 3 ---\r\n"),
+            out.ends_with(&format!("{RESET}\r\n--- channel 1: exec: printf 'caf\\\\xc3\\\\xa9' ---\r\ncaf\u{e9} \x1b[31mred\x1b[0m\r\noops\n{RESET}\r\n--- exit 3 ---\r\n{RESET}")),
             "{out:?}"
         );
     }

@@ -25,7 +25,7 @@ use crate::core::lifecycle::until;
 use crate::core::metrics::OutcomeLabel;
 use crate::core::tls::{send_all, BoxStream};
 use crate::core::Refusal;
-use crate::policy::classify::{Flag, StatementInfo, StatementKind};
+use crate::policy::classify::{StatementInfo, StatementKind};
 use crate::policy::masking::{
     mask_recorded, produced_mask, scrub_values, without_credentials, ColumnRule, Counts, MaskScan,
     Masker,
@@ -158,37 +158,32 @@ async fn client_left(
     std::future::pending().await
 }
 
-/// A statement that needs approval but cannot be held: its binding could not be established
-/// or it cannot be shown faithfully. Refused; nothing runs.
-/// Why a Query of several statements cannot be held: a statement before its last may change
-/// the settings the gateway reads before the message and shows the approver (a transaction
-/// end reverts what `SET` and `SET LOCAL` did inside it; `SET`, `RESET`, `DISCARD`, `SET ROLE`,
-/// `set_config`, a `DO` block or a procedure set them), so a later statement would run under
-/// settings the approver was not shown.
+/// Why a Query of several statements cannot be held: the settings the approver is shown are
+/// read before the message, and any statement before the held one but `BEGIN`, `START
+/// TRANSACTION`, `SAVEPOINT` or `RELEASE` may change them for the statements after it: a
+/// transaction's end reverts what `SET` and `SET LOCAL` did inside it; `SET`, `RESET`,
+/// `DISCARD`, `SET ROLE`, `set_config` set them, and so may any function a statement calls
+/// (directly, in SQL it runs as text, in a procedure or a `DO` block), which the gateway cannot
+/// see into.
 fn settings_may_change_within(class: &Classification) -> Option<String> {
     let Ok(statements) = class else {
         return None;
     };
     let (_, before_last) = statements.split_last()?;
-    let at = before_last.iter().position(|s| {
-        matches!(
-            s.kind,
-            Some(StatementKind::Session | StatementKind::Procedural)
-        ) || s.ends_portals == Some(None) // a transaction's end (not BEGIN, SAVEPOINT, RELEASE)
-            || [Flag::RoleChange, Flag::Procedural, Flag::ClientEncodingChange]
-            .iter()
-            .any(|f| s.flags.contains(f))
-            || s.functions.contains("set_config")
-            || !s.custom_settings.is_empty()
-    })?;
+    // A transaction's start or a savepoint: kind Transaction, and no transaction ends there.
+    let at = before_last
+        .iter()
+        .position(|s| s.kind != Some(StatementKind::Transaction) || s.ends_portals.is_some())?;
     Some(format!(
-        "statement {} of the message may change the session's settings or end its \
-         transaction, so the statements after it may not run under the settings an approver \
-         would be shown: send the statement that needs approval in a message of its own",
+        "statement {} of the message runs before the one held and may change the settings it \
+         runs under (only BEGIN, START TRANSACTION, SAVEPOINT and RELEASE may come first): send \
+         the statement that needs approval in a message of its own",
         at + 1
     ))
 }
 
+/// A statement that needs approval but cannot be held: its binding could not be established
+/// or it cannot be shown faithfully. Refused; nothing runs.
 fn unbound(rule: &str, why: impl std::fmt::Display) -> Verdict {
     Verdict::Refuse {
         refusal: Refusal::Unbound {
