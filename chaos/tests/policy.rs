@@ -393,8 +393,15 @@ async fn t70_evasion_corpus_on_both_protocols() {
     assert_eq!(version.len(), 64);
     for r in &blocked {
         let p = r.body.policy.as_ref().unwrap();
-        // A statement held for approval and not decided in time is refused as `pending`.
-        let outcome = if p.rule == "payroll-needs-approval" {
+        // A statement held for approval and not decided in time is refused as `pending`; one
+        // after another statement of its message is not held at all (the statement before it
+        // may change the settings it runs under), and is refused as `blocked`.
+        let alone = !r
+            .body
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("runs before the one held"));
+        let outcome = if p.rule == "payroll-needs-approval" && alone {
             Outcome::Pending
         } else {
             Outcome::Blocked
