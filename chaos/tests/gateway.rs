@@ -237,6 +237,54 @@ async fn t11_extended_protocol_prepared_statements_transactions() {
     assert_eq!(req_stmts, resp_stmts);
 }
 
+/// A Sync the client sends after PostgreSQL failed its `COPY … FROM STDIN` and before its
+/// CopyDone cannot be placed: PostgreSQL ignored it if it read it while still copying and
+/// answers it if it read it after. Taken as ignored, every later answer was recorded for the
+/// statement after its own (outside review, 2026-12-07). The session ends instead, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12b_a_sync_after_a_failed_copy_in_ends_the_session() {
+    use vigil_chaos::wire::{self, Msg, Wire};
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let mut w = Wire::app_session(node.port(), &token).await;
+    w.batch(&[wire::query("CREATE TABLE cp (id int, v text)")])
+        .await;
+    w.send(
+        &[
+            wire::query("COPY cp FROM STDIN"),
+            wire::typed(b'd', b"notanint\tx\n"),
+        ]
+        .concat(),
+    )
+    .await;
+    let failed = w.until_ready().await;
+    let (code, _) = failed.iter().find_map(Msg::error).expect("the copy fails");
+    assert_eq!(code, "22P02");
+    w.send(
+        &[
+            wire::sync(),
+            wire::typed(b'c', b""),
+            wire::query("SELECT 'after'"),
+        ]
+        .concat(),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(20), w.until_closed())
+        .await
+        .expect("the session ends");
+    let records = node.records_after_sessions(1).await;
+    let end = of_kind(&records, Kind::SessionEnd);
+    let detail = end[0].body.detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("the client sent Sync after the target failed its COPY FROM STDIN"),
+        "{detail}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12_copy_in_and_out() {
     let node = TestNode::start(NodeOptions::default()).await;

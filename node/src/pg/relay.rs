@@ -490,6 +490,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         stmts: stmts.clone(),
         in_copy_in: false,
         drop_syncs_until_copy_end: false,
+        lost_step: None,
         discarding: None,
         unsolicited: None,
         idle: Idle::default(),
@@ -2294,8 +2295,11 @@ struct TargetHalf {
     stmts: Arc<AtomicU64>,
     /// The statement at the head is in copy-in mode (CopyInResponse seen).
     in_copy_in: bool,
-    /// Copy-in ended before the client's CopyEnd marker arrived: drop Syncs until it does.
+    /// Copy-in ended (the target failed it) before the client's CopyEnd marker arrived: a
+    /// Sync the client sends before that marker ends the session ([`Self::push`]).
     drop_syncs_until_copy_end: bool,
+    /// Why the session must end, found while queueing what the client half sent.
+    lost_step: Option<String>,
     /// An extended-protocol batch failed and its Sync has not been queued yet: what the
     /// client half queues until then never runs. Holds the batch's error until a statement
     /// carries it.
@@ -2378,6 +2382,9 @@ impl TargetHalf {
                         while let Ok(p) = self.rx.try_recv() {
                             self.push(p);
                         }
+                        if let Some(why) = self.lost_step.take() {
+                            return End::ClientProtocol(why);
+                        }
                     }
                     // The client half has ended; its End wins the select.
                     None => std::future::pending::<()>().await,
@@ -2390,6 +2397,9 @@ impl TargetHalf {
                     Ok(_) => {
                         while let Ok(p) = self.rx.try_recv() {
                             self.push(p);
+                        }
+                        if let Some(why) = self.lost_step.take() {
+                            return End::ClientProtocol(why);
                         }
                         let max = self.ctx.config.max_target_message_bytes;
                         loop {
@@ -2486,8 +2496,17 @@ impl TargetHalf {
         if self.drop_syncs_until_copy_end {
             match p {
                 Pending::Sync => {
-                    // Ignored by the target: a sync point it will not answer.
-                    self.tables.sync_resolved();
+                    // The target failed the copy-in before the client ended it: a Sync it read
+                    // while still copying was ignored, one it read after is answered, and
+                    // which it was cannot be known here. Were it taken as ignored when it was
+                    // answered, every later answer would be recorded for the statement after
+                    // its own (outside review, 2026-12-07). The session ends, fail closed.
+                    self.lost_step = Some(
+                        "the client sent Sync after the target failed its COPY FROM STDIN and \
+                         before its CopyDone or CopyFail: whether the target answers that Sync \
+                         cannot be known, so the session ends"
+                            .into(),
+                    );
                     return;
                 }
                 Pending::CopyEnd => {
