@@ -241,14 +241,7 @@ pub(super) async fn acs(
 /// confirms they started it (a link, not a redirect). The code is on this page only: the
 /// person's browser, not the one who sent the link, holds it.
 fn confirmation(port: u16, principal: &Principal, url: &str) -> Response {
-    let html = |text: &str| {
-        crate::audit::display::escape(text)
-            .replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-            .replace('\'', "&#39;")
-    };
+    let html = |text: &str| crate::core::saml::xml_attr(&crate::audit::display::escape(text));
     let page = format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Vigil: vigil login</title></head>

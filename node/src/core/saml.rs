@@ -499,8 +499,8 @@ impl Sp {
     }
 }
 
-/// `s` as an XML attribute value.
-fn xml_attr(s: &str) -> String {
+/// `s` as an XML (or HTML) attribute value or text, in double-quoted attributes.
+pub(crate) fn xml_attr(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
