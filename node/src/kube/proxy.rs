@@ -1498,10 +1498,7 @@ fn body_format(info: &RequestInfo, body: &[u8], content_type: Option<&str>) -> R
     {
         return Ok(());
     }
-    let media = content_type
-        .and_then(|t| t.split(';').next())
-        .map(|m| m.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let media = content_type.map(media_type).unwrap_or_default();
     let protobuf = body.starts_with(b"k8s\x00");
     // Without a Content-Type the API server takes its first type, JSON (`kubectl create
     // --raw -f` sends none).
@@ -1520,6 +1517,12 @@ fn body_format(info: &RequestInfo, body: &[u8], content_type: Option<&str>) -> R
         "a request body of Content-Type {:?} is not read: send JSON or Kubernetes protobuf",
         content_type.unwrap_or_default()
     ))
+}
+
+/// A `Content-Type`'s media type, lower case, without its parameters.
+fn media_type(content_type: &str) -> String {
+    let media = content_type.split(';').next().unwrap_or_default();
+    media.trim().to_ascii_lowercase()
 }
 
 /// Whether a body is JSON that the API server's YAML reader (go-yaml, YAML 1.1, turning the
@@ -1562,8 +1565,7 @@ fn body_fault(body: &[u8], content_type: Option<&str>) -> Option<super::keys::Fa
         None | Some(super::keys::Fault::NotJson) => {}
         fault => return fault,
     }
-    let media = content_type?.split(';').next()?.trim();
-    if media.eq_ignore_ascii_case("application/json-patch+json") {
+    if media_type(content_type?) == "application/json-patch+json" {
         return super::keys::patch_fault(text);
     }
     None
