@@ -285,6 +285,67 @@ async fn t12b_a_sync_after_a_failed_copy_in_ends_the_session() {
     );
 }
 
+/// A FunctionCall inside an extended-protocol batch, before its Sync: PostgreSQL answers it
+/// with ReadyForQuery like a Query, and the gateway's refusal of it (a Query stand-in) is such
+/// a sync point too. The batch had stayed buffered behind it and the next Execute waited for
+/// the stand-in's answer forever (outside review, 2026-12-07).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12c_a_function_call_inside_an_extended_batch_is_refused_and_the_batch_goes_on() {
+    use vigil_chaos::wire::{self, Wire};
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let offset = pg_log_len();
+    let mut w = Wire::app_session(node.port(), &token).await;
+    let mut call = Vec::new();
+    call.extend_from_slice(&957u32.to_be_bytes()); // any function oid
+    call.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no arguments, text result
+    w.send(
+        &[
+            wire::parse("", "SELECT 'in the batch'"),
+            wire::bind("", "", &[]),
+            wire::typed(b'F', &call),
+            wire::execute(""),
+            wire::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(20), w.until_ready())
+        .await
+        .expect("the FunctionCall is answered");
+    let tags: Vec<u8> = first.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"12EZ", "{first:?}");
+    assert_eq!(first[2].error().unwrap().0, "42501");
+    // PostgreSQL ended the implicit transaction, and with it the portal: the gateway, which
+    // follows what the target confirmed, no longer knows the portal and refuses the Execute.
+    let second = tokio::time::timeout(Duration::from_secs(20), w.until_ready())
+        .await
+        .expect("the Execute after it is answered");
+    let (code, message) = second
+        .iter()
+        .find_map(wire::Msg::error)
+        .unwrap_or_else(|| panic!("{second:?}"));
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("what portal \"\" holds"), "{message}");
+    let after = w.batch(&[wire::query("SELECT 'after'")]).await;
+    assert_eq!(after.last().unwrap().tag, b'Z');
+    let ran: Vec<String> = pg_executed(&node.files.db, offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert_eq!(ran, vec!["SELECT 'after'".to_string()], "{ran:?}");
+    let records = node.records().await;
+    let blocked: Vec<String> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .map(|r| r.body.pg_request().unwrap().mode.clone())
+        .collect();
+    assert_eq!(blocked, ["function_call", "extended"], "{records:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12_copy_in_and_out() {
     let node = TestNode::start(NodeOptions::default()).await;

@@ -949,7 +949,9 @@ impl ClientHalf {
             };
         }
         let r = self.dispatch(&frame, out).await;
-        if frame.tag == b'S' || frame.tag == b'Q' {
+        // Sync, Query and FunctionCall (refused with a Query stand-in) are sync points: the
+        // batch ends with them.
+        if b"SQF".contains(&frame.tag) {
             self.batch = Batch::Empty;
             self.ran_in_batch = false;
         }
