@@ -346,6 +346,81 @@ async fn t12c_a_function_call_inside_an_extended_batch_is_refused_and_the_batch_
     assert_eq!(blocked, ["function_call", "extended"], "{records:#?}");
 }
 
+/// A Query inside COPY FROM STDIN data: PostgreSQL fails the copy on it and discards it
+/// without an answer, so the gateway, which expected one, would have recorded the next
+/// statement's answer for it. The session ends instead, whether the Query came in the same
+/// write as the COPY or after the target started the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12d_a_message_inside_copy_in_data_ends_the_session() {
+    use vigil_chaos::wire::{self, Wire};
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    let offset = pg_log_len();
+    for pipelined in [true, false] {
+        let mut w = Wire::app_session(node.port(), &token).await;
+        w.batch(&[wire::query("CREATE TABLE IF NOT EXISTS cq (id int)")])
+            .await;
+        if pipelined {
+            w.send(
+                &[
+                    wire::query("COPY cq FROM STDIN"),
+                    wire::typed(b'd', b"1\n"),
+                    wire::query("SELECT 'inside the copy'"),
+                ]
+                .concat(),
+            )
+            .await;
+        } else {
+            w.send(&wire::query("COPY cq FROM STDIN")).await;
+            assert_eq!(w.read().await.tag, b'G');
+            w.send(
+                &[
+                    wire::typed(b'd', b"1\n"),
+                    wire::query("SELECT 'inside the copy'"),
+                ]
+                .concat(),
+            )
+            .await;
+        }
+        tokio::time::timeout(Duration::from_secs(20), w.until_closed())
+            .await
+            .expect("the session ends");
+    }
+    let ran: Vec<String> = pg_executed(&node.files.db, offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert!(
+        !ran.iter().any(|t| t.contains("inside the copy")),
+        "{ran:?}"
+    );
+    let records = node.records_after_sessions(2).await;
+    let ends: Vec<String> = of_kind(&records, Kind::SessionEnd)
+        .into_iter()
+        .filter_map(|r| r.body.detail.clone())
+        .collect();
+    assert_eq!(ends.len(), 2, "{ends:?}");
+    for detail in ends {
+        assert!(
+            detail.contains("a message other than COPY data")
+                && detail.contains("the session ends"),
+            "{detail}"
+        );
+    }
+    // The copied row was not written: the copy failed.
+    let (client, _conn) = node.client(&token).await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM cq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12_copy_in_and_out() {
     let node = TestNode::start(NodeOptions::default()).await;

@@ -393,6 +393,9 @@ enum Pending {
 /// How much of a batch that has run nothing yet the gateway keeps until the rest arrives.
 const BATCH_BUFFER: usize = 1 << 20;
 
+/// Why a session ends whose client sent another message inside its COPY FROM STDIN data.
+const COPY_INTERRUPTED: &str = "the client sent a message other than COPY data, CopyDone, CopyFail, Sync or Flush during COPY FROM STDIN: the target fails the copy on it and discards it unanswered, so the session ends";
+
 /// What the target is sent in place of a refused statement: it never parses.
 const STAND_IN: &str = "vigil_refused_this_statement";
 
@@ -491,6 +494,7 @@ pub async fn run(ctx: &Arc<PgContext>, est: Established, client: BoxStream) {
         in_copy_in: false,
         drop_syncs_until_copy_end: false,
         lost_step: None,
+        copy_unended: false,
         discarding: None,
         unsolicited: None,
         idle: Idle::default(),
@@ -2302,6 +2306,10 @@ struct TargetHalf {
     drop_syncs_until_copy_end: bool,
     /// Why the session must end, found while queueing what the client half sent.
     lost_step: Option<String>,
+    /// The target is in copy-in and the client's CopyDone or CopyFail has not been queued: a
+    /// message other than a Sync queued now reaches the target during the copy, which fails
+    /// the copy on it and discards it unanswered ([`Self::copy_in_started`]).
+    copy_unended: bool,
     /// An extended-protocol batch failed and its Sync has not been queued yet: what the
     /// client half queues until then never runs. Holds the batch's error until a statement
     /// carries it.
@@ -2495,6 +2503,16 @@ impl TargetHalf {
         if self.idle.surplus_count > 0 && matches!(p, Pending::Query(_) | Pending::Execute(_)) {
             self.flush_unsolicited();
         }
+        if self.copy_unended {
+            match p {
+                Pending::Sync => {}
+                Pending::CopyEnd => self.copy_unended = false,
+                _ => {
+                    self.lost_step = Some(COPY_INTERRUPTED.into());
+                    return;
+                }
+            }
+        }
         if self.drop_syncs_until_copy_end {
             match p {
                 Pending::Sync => {
@@ -2522,9 +2540,32 @@ impl TargetHalf {
         self.discard_skipped();
     }
 
+    /// A CopyInResponse: the target now reads only COPY data, CopyDone and CopyFail (it
+    /// ignores Sync and Flush). Any other message the client sent before its CopyDone or
+    /// CopyFail makes the target fail the copy and discard that message without an answer,
+    /// which would leave every later answer recorded for the statement before its own: the
+    /// session ends instead.
+    fn copy_in_started(&mut self) -> Result<(), End> {
+        self.in_copy_in = true;
+        self.tables.copy_in_started();
+        // The head is the statement that started the copy.
+        let end = self
+            .queue
+            .iter()
+            .skip(1)
+            .position(|p| matches!(p, Pending::CopyEnd));
+        let mut before_end = self.queue.iter().skip(1).take(end.unwrap_or(usize::MAX));
+        if before_end.any(|p| !matches!(p, Pending::Sync)) {
+            return Err(End::ClientProtocol(COPY_INTERRUPTED.into()));
+        }
+        self.copy_unended = end.is_none();
+        Ok(())
+    }
+
     /// The target ignores Sync messages received during copy-in. When a copy-in ends, forget
     /// the Syncs the client sent between the COPY and its CopyDone/CopyFail.
     fn end_copy_in(&mut self) {
+        self.copy_unended = false;
         if !std::mem::take(&mut self.in_copy_in) {
             return;
         }
@@ -2622,11 +2663,7 @@ impl TargetHalf {
             _ => {}
         }
         let handled = match frame.tag {
-            b'G' => {
-                self.in_copy_in = true;
-                self.tables.copy_in_started();
-                Ok(())
-            }
+            b'G' => self.copy_in_started(),
             b'1' | b'2' | b'3' => match self.queue.pop_front() {
                 Some(Pending::Parse { ops, .. } | Pending::Bind(ops) | Pending::Close(ops)) => {
                     self.tables.settle(&ops, true);
