@@ -544,18 +544,17 @@ impl Policy {
                     && rule.applies(target, principal)
                     && a.matched_by(rule)
             };
-            let unrestricted = reach && !self.config.rules.iter().any(|r| !r.dry_run && matches(r));
-            let d = self.first_rule(matches, dry_run);
-            match unrestricted {
+            match self.matching_rule(matches, dry_run) {
+                Some(d) => d,
                 // No rule restricts what it reaches: it adds nothing (the actions come first,
                 // so this allow is never the one that decides).
-                true => Decision {
+                None if reach => Decision {
                     action: Action::Allow,
                     reason: None,
                     approval: None,
-                    ..d
+                    ..self.default_decision()
                 },
-                false => d,
+                None => self.default_decision(),
             }
         })
     }
@@ -591,20 +590,31 @@ impl Policy {
     /// The first rule that matches and is not a dry run decides; dry runs that match are
     /// noted; with none, the default.
     fn first_rule(&self, matches: impl Fn(&Rule) -> bool, dry_run: &mut Vec<String>) -> Decision {
+        self.matching_rule(matches, dry_run)
+            .unwrap_or_else(|| self.default_decision())
+    }
+
+    /// The decision of the first rule that matches and is not a dry run (the dry runs before
+    /// it noted); `None` when there is none.
+    fn matching_rule(
+        &self,
+        matches: impl Fn(&Rule) -> bool,
+        dry_run: &mut Vec<String>,
+    ) -> Option<Decision> {
         for rule in self.config.rules.iter().filter(|r| matches(r)) {
             if rule.dry_run {
                 dry_run.push(format!("{}:{}", rule.id, action_name(rule.action)));
                 continue;
             }
-            return Decision {
+            return Some(Decision {
                 action: rule.action,
                 rule: rule.id.clone(),
                 reason: rule.reason.clone(),
                 dry_run: Vec::new(),
                 approval: self.approval_for(Some(rule), rule.action),
-            };
+            });
         }
-        self.default_decision()
+        None
     }
 
     fn default_decision(&self) -> Decision {
