@@ -918,6 +918,98 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
     assert!(report.contains("recorded chunks:"), "{report}");
 }
 
+/// An exec's command and a request's query are what a client wrote: the masking detectors
+/// apply to them in every record, read decoded (kubectl sends `@` as `%40`, `' '` as `+`), and
+/// a held request whose line they change is refused, never shown to approvers in clear
+/// (outside review, 2026-12-07: both were recorded and held in clear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_command_and_query_are_masked_in_every_record_and_never_held_in_clear() {
+    grant_dba().await;
+    let g = Gateway::start(
+        r#"
+[[policy.masking.detectors]]
+kind = "email"
+method = "redact"
+
+[[policy.rules]]
+id = "printf-needs-approval"
+protocol = "kubernetes"
+action = "require_approval"
+programs = ["printf"]
+approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
+"#,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let config = g.kubeconfig(dir.path(), &ops);
+    let marker = vigil_chaos::random_suffix();
+    let address = format!("alice.{marker}@example.com");
+    let script = format!("echo done; true {address}");
+    let out = kubectl(
+        &config,
+        &["exec", "-n", "default", "shell", "--", "sh", "-c", &script],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    ran_once(&script);
+    // Held: the approver would see the address. Refused instead, and it never runs.
+    let held = format!("carol.{marker}@example.com");
+    let out = kubectl(
+        &config,
+        &["exec", "-n", "default", "shell", "--", "printf", &held],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("values the approver may not see"),
+        "{}",
+        text(&out)
+    );
+    let exec_log =
+        std::fs::read_to_string(vigil_chaos::env().get("VIGIL_DEV_KUBE_EXEC_LOG")).unwrap();
+    assert!(!exec_log.contains(&held), "the held exec never ran");
+
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    for r in &records {
+        let json = serde_json::to_string(r).unwrap();
+        assert!(
+            !json.contains(&marker),
+            "an address in clear on record: {json}"
+        );
+    }
+    let ran = requests(&records, |k| {
+        k.command.first().map(String::as_str) == Some("sh")
+            && k.command.iter().any(|c| c.contains("[redacted]"))
+    });
+    assert_eq!(ran.len(), 1, "{records:#?}");
+    // Masked where it is written twice: in the command and in the query.
+    assert_eq!(
+        ran[0].body.masked.get("email"),
+        Some(&2),
+        "{:?}",
+        ran[0].body
+    );
+    let query = match &ran[0].body.request {
+        Some(Request::Kubernetes(k)) => k.query.clone().unwrap_or_default(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        query.contains("command=echo%20done%3B%20true%20%5Bredacted%5D"),
+        "{query}"
+    );
+    let refused = of_kind(&records, Kind::Blocked);
+    assert!(
+        refused.iter().any(|r| matches!(
+            &r.body.request,
+            Some(Request::Kubernetes(k)) if k.command.first().map(String::as_str) == Some("printf")
+        )),
+        "{refused:#?}"
+    );
+    assert!(of_kind(&records, Kind::ApprovalRequested).is_empty());
+}
+
 /// kubectl exec -i over WebSocket v5: the piped stdin reaches the command, and its end — v5's
 /// close signal, which the gateway must pass on — is the command's EOF: `wc -c` finishes and
 /// prints the count, kubectl exits with the command's code, and the input is on record.

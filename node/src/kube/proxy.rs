@@ -14,6 +14,7 @@ use crate::core::proxy_protocol::Origin;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
 use crate::policy::kube::{self, KubeAction};
+use crate::policy::masking::{Counts, Masker};
 use crate::policy::{Action, Decision, Policy};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -22,6 +23,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -582,8 +584,10 @@ impl Conn {
         let mut request = kube_request_parts(&parts, &routed, Some(&body));
         let holds = Holds::of(&info.resource, &info.subresource);
         let limit = self.ctx.config.max_record_body_bytes;
-        let (recorded_body, masked) = self.masked(super::redact::audit_copy(&body, holds, limit));
+        let (recorded_body, mut masked) =
+            self.masked(super::redact::audit_copy(&body, holds, limit));
         request.body = recorded_body;
+        mask_line(&self.ctx.core.masker, &mut request, &mut masked);
         let stmt = self.next_stmt();
         let mut rec = self.body(Kind::Request, Some(&principal), Some(&cluster_name));
         rec.stmt = Some(stmt.n);
@@ -710,9 +714,11 @@ impl Conn {
         };
         let shown_body = request.body.clone().unwrap_or_default();
         let exact = std::str::from_utf8(body).ok();
-        if exact != Some(shown_body.as_str()) && !body.is_empty()
-            || self.ctx.core.scrub(&path) != path
-        {
+        // The record's request line is masked ([`mask_line`]): the approver sees that copy.
+        let line_masked = request.path != routed.path
+            || request.query != routed.query
+            || request.command != routed.command;
+        if exact != Some(shown_body.as_str()) && !body.is_empty() || line_masked {
             return Verdict::Refuse {
                 refusal: Refusal::Unbound {
                     rule: decision.rule.clone(),
@@ -942,12 +948,9 @@ impl Conn {
             None => self.body(Kind::SessionStart, None, None),
             Some(p) => self.body(Kind::Blocked, Some(p), None),
         };
-        rec.request = Some(RecordRequest::Kubernetes(kube_request(
-            req,
-            None,
-            &[],
-            None,
-        )));
+        let mut request = kube_request(req, None, &[], None);
+        mask_line(&self.ctx.core.masker, &mut request, &mut rec.masked);
+        rec.request = Some(RecordRequest::Kubernetes(request));
         rec.outcome = Some(r.outcome);
         rec.detail = Some(self.ctx.core.scrub(&r.message));
         self.ctx.core.audit.record(rec);
@@ -958,7 +961,7 @@ impl Conn {
         &self,
         principal: &Arc<Principal>,
         cluster: Option<&str>,
-        request: KubeRequest,
+        mut request: KubeRequest,
         policy: Option<vigil_proto::record::PolicyRef>,
         r: Refused,
     ) -> Response<ClientBody> {
@@ -966,6 +969,7 @@ impl Conn {
         let mut rec = self.body(Kind::Blocked, Some(principal), cluster);
         rec.stmt = Some(stmt.n);
         rec.policy = policy;
+        mask_line(&self.ctx.core.masker, &mut request, &mut rec.masked);
         self.refuse_record(rec, request, r, &stmt)
     }
 
@@ -1446,28 +1450,70 @@ fn url_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
 }
 
 fn decode(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).and_then(|b| hex(*b)),
-            bytes.get(i + 2).and_then(|b| hex(*b)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
+    String::from_utf8_lossy(&request_info::decode_query_component(s)).into_owned()
+}
+
+/// Masks with the detectors what a client wrote into a request's line, as every protocol's
+/// record masks what a client chose: the exec command's words, the name and namespace, the
+/// path and the query's values, read decoded (`%40` is an `@` to the detectors too). A query
+/// value they change is recorded masked and encoded again; a path they change is recorded
+/// decoded and masked. Hits are counted in `counts`.
+fn mask_line(masker: &Masker, r: &mut KubeRequest, counts: &mut Counts) {
+    let mut mask = |v: &str| match masker.mask(v, None, false, Some(counts)) {
+        Cow::Owned(m) => Some(m),
+        Cow::Borrowed(_) => None,
+    };
+    for word in &mut r.command {
+        if let Some(m) = mask(word) {
+            *word = m;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    for field in [&mut r.name, &mut r.namespace].into_iter().flatten() {
+        if let Some(m) = mask(field) {
+            *field = m;
+        }
+    }
+    if let Some(m) = mask(&decode_path_lossy(&r.path)) {
+        r.path = m;
+    }
+    if let Some(query) = &mut r.query {
+        let mut changed = false;
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                match mask(&decode(value)) {
+                    Some(m) => {
+                        changed = true;
+                        format!("{key}={}", encode_component(&m))
+                    }
+                    None => pair.to_string(),
+                }
+            })
+            .collect();
+        if changed {
+            *query = pairs.join("&");
+        }
+    }
+}
+
+/// A path with its `%XX` escapes decoded (a malformed one kept as it is).
+fn decode_path_lossy(path: &str) -> String {
+    // `+` is a plus in a path.
+    decode(&path.replace('+', "%2B"))
+}
+
+/// A query component percent-encoded: everything but RFC 3986's unreserved characters.
+fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The media types of a body Vigil reads as the API server does: JSON (and the JSON patch
@@ -1743,6 +1789,47 @@ fn fill(r: &mut KubeRequest, i: &RequestInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_client_wrote_into_the_request_line_is_masked_decoded() {
+        use crate::policy::masking::{DetectorRule, MaskingConfig, Method};
+        let masker = Masker::new(
+            MaskingConfig {
+                columns: Vec::new(),
+                detectors: DetectorRule::every_kind(Method::Redact, false),
+            },
+            b"key".to_vec(),
+        );
+        let mut r = KubeRequest {
+            path: "/api/v1/namespaces/default/serviceaccounts/bob%40example.com".into(),
+            name: Some("bob@example.com".into()),
+            query: Some("command=echo&command=x+bob%40example.com&stdout=true".into()),
+            command: vec!["echo".into(), "x bob@example.com".into()],
+            ..KubeRequest::default()
+        };
+        let mut counts = Counts::new();
+        mask_line(&masker, &mut r, &mut counts);
+        assert_eq!(
+            r.path,
+            "/api/v1/namespaces/default/serviceaccounts/[redacted]"
+        );
+        assert_eq!(r.name.as_deref(), Some("[redacted]"));
+        assert_eq!(
+            r.query.as_deref(),
+            Some("command=echo&command=x%20%5Bredacted%5D&stdout=true")
+        );
+        assert_eq!(r.command, ["echo", "x [redacted]"]);
+        assert_eq!(counts.get("email"), Some(&4));
+        // Nothing to mask: the line is kept as written, escapes and all.
+        let mut plain = KubeRequest {
+            path: "/api/v1/namespaces/default/pods/a%2Bb".into(),
+            query: Some("labelSelector=app%3Dweb+x".into()),
+            ..KubeRequest::default()
+        };
+        let before = plain.clone();
+        mask_line(&masker, &mut plain, &mut counts);
+        assert_eq!(plain, before);
+    }
 
     #[test]
     fn a_create_names_its_object_in_json_or_protobuf() {

@@ -105,7 +105,12 @@ pub fn audit_copy(bytes: &[u8], holds: Holds, limit: usize) -> Option<String> {
 /// (never JSON whole, so not parsed): only what cannot hold a Secret's values or a token.
 /// The bytes become the copy (no copy of them is made).
 pub fn audit_copy_of_start(bytes: Vec<u8>, holds: Holds, limit: usize) -> Option<String> {
-    if bytes.is_empty() || holds != Holds::Nothing || names_a_holder(&bytes) {
+    // A `\u` escape of a letter could spell `Secret` (the API server never escapes letters).
+    if bytes.is_empty()
+        || holds != Holds::Nothing
+        || names_a_holder(&bytes)
+        || escapes_a_letter(&bytes)
+    {
         return None;
     }
     Some(match String::from_utf8(bytes) {
@@ -320,6 +325,18 @@ fn names_a_holder(bytes: &[u8]) -> bool {
         || memchr::memmem::find(bytes, b"TokenRe").is_some()
 }
 
+/// Whether JSON text holds a `\u` escape of an ASCII letter.
+fn escapes_a_letter(bytes: &[u8]) -> bool {
+    memchr::memmem::find_iter(bytes, b"\\u").any(|at| {
+        let hex = bytes
+            .get(at + 2..at + 6)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        hex.and_then(|h| u32::from_str_radix(h, 16).ok())
+            .and_then(char::from_u32)
+            .is_some_and(|c| c.is_ascii_alphabetic())
+    })
+}
+
 /// Cuts at `limit` bytes, on a character boundary.
 fn cut(mut text: String, limit: usize) -> String {
     if text.len() > limit {
@@ -335,6 +352,21 @@ fn cut(mut text: String, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_of_a_long_body_that_escapes_a_letter_is_not_kept() {
+        // The first bytes of a body too long to be parsed are kept, unless a letter is
+        // escaped (`\u0053ecret` is `Secret` to the API server).
+        let hidden = r#"{"kind":"\u0053ecret","data":{"password":"aHVudGVyMg=="},"pad":"xxx"#;
+        assert_eq!(
+            audit_copy_of_start(hidden.into(), Holds::Nothing, 1 << 20),
+            None
+        );
+        // The escapes the API server writes (`<`, `>`, `&`) keep the start as it is.
+        let html = r#"{"kind":"Pod","note":"a \u003c b","pad":"xxx"#;
+        let copy = audit_copy_of_start(html.into(), Holds::Nothing, 1 << 20);
+        assert_eq!(copy.as_deref(), Some(html));
+    }
 
     #[test]
     fn secret_values_are_redacted_wherever_they_are() {

@@ -517,7 +517,7 @@ impl Query {
 }
 
 /// Decodes a query key or value already checked for well-formed escapes: `+` is a space.
-fn decode_query_component(raw: &str) -> Vec<u8> {
+pub(crate) fn decode_query_component(raw: &str) -> Vec<u8> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut at = 0;
