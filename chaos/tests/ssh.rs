@@ -1603,10 +1603,22 @@ async fn a_held_exec_leaves_its_connection_working_and_never_runs_once_its_clien
         .disconnect(russh::Disconnect::ByApplication, "", "")
         .await
         .unwrap();
-    let records = records_when(&g, |r| r.iter().any(client_left)).await;
+    let session_id = requested[0].body.session.clone();
+    let end_of_session =
+        |r: &Record| r.body.kind == Kind::SessionEnd && r.body.session == session_id;
+    let records = records_when(&g, |r| {
+        r.iter().any(client_left) && r.iter().any(end_of_session)
+    })
+    .await;
     let ended: Vec<_> = records.iter().filter(|r| client_left(r)).collect();
     assert_eq!(ended.len(), 1, "the wait ended when the client left");
     assert_eq!(ended[0].body.outcome, Some(Outcome::Pending));
+    // The session's end is its last record: it waits for the held request's task.
+    let last = records
+        .iter()
+        .rposition(|r| r.body.session == session_id)
+        .unwrap();
+    assert_eq!(records[last].body.kind, Kind::SessionEnd, "{records:#?}");
 
     // Approved afterwards: nothing runs, no request record claims it did.
     approve(&cluster, &id).await;

@@ -5,7 +5,7 @@
 //! it, output (host → client) recorded before the client sees it.
 
 use super::command::{self, CommandLine, SimpleCommand};
-use super::session::{Conn, Ended};
+use super::session::{Conn, Ended, SessionEnd};
 use super::sftp::SftpOperation;
 use super::sftp_guard::SftpGuard;
 use super::target::Pinned;
@@ -1061,6 +1061,8 @@ pub(super) struct SessionScope {
     trace: tracing::Span,
     /// Touched by the session's channels as they pass bytes on (`ssh.idle_timeout_secs`).
     activity: Arc<Activity>,
+    /// Held while this scope may write records: the session's end waits for it.
+    _end: Option<Arc<SessionEnd>>,
 }
 
 impl SessionScope {
@@ -1072,6 +1074,7 @@ impl SessionScope {
             connection: Some(Arc::new(conn.conn.clone())),
             trace: conn.trace.clone(),
             activity: conn.activity.clone(),
+            _end: conn.end.clone(),
         }
     }
 

@@ -73,7 +73,7 @@ async fn serve(
         channels: HashMap::new(),
         ptys: Default::default(),
         stmt: 0,
-        started: None,
+        end: None,
         authenticated: Arc::new(AtomicBool::new(false)),
         tried: false,
         refusals: 0,
@@ -306,8 +306,8 @@ pub(super) struct Conn {
     pub ptys: std::collections::HashSet<ChannelId>,
     /// Requests so far: each channel request that runs something gets the next number.
     pub stmt: u64,
-    /// When the session started (authenticated, host logged in, on record).
-    started: Option<Instant>,
+    /// The session's end record, once it started (authenticated, host logged in, on record).
+    pub(super) end: Option<Arc<SessionEnd>>,
     /// Set once the client is in (the authentication watchdog stands down).
     authenticated: Arc<AtomicBool>,
     /// The client asked to authenticate (a connection that only exchanged keys, like
@@ -499,7 +499,11 @@ impl Conn {
         self.ctx.core.metrics.active_sessions.inc();
         self.host = Some(Arc::new(host));
         self.recording = Some(recording);
-        self.started = Some(Instant::now());
+        self.end = Some(Arc::new(SessionEnd {
+            scope: SessionScope::of(self),
+            started: Instant::now(),
+            ended_by: self.ended_by.clone(),
+        }));
         self.expires = self.ctx.core.verifier.session_remaining(&principal);
         self.authenticated.store(true, Ordering::SeqCst);
         Auth::Accept
@@ -521,20 +525,35 @@ impl Conn {
     }
 }
 
+/// Writes a session's `session_end` when the last part of the session that writes records is
+/// gone: the connection and every task of its channels hold it, so a held request's decision
+/// or a channel's last chunk, written after the client left, still comes before the end.
+pub(super) struct SessionEnd {
+    /// The session's scope (without an end of its own).
+    scope: SessionScope,
+    started: Instant,
+    ended_by: Arc<OnceLock<Ended>>,
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        let core = &self.scope.core;
+        core.metrics.active_sessions.dec();
+        let mut body = self.scope.body(Kind::SessionEnd);
+        body.duration_us = Some(self.started.elapsed().as_micros() as u64);
+        if let Some(ended) = self.ended_by.get() {
+            body.detail = Some(ended.detail.into());
+        }
+        core.audit.record(body);
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(ender) = self.ender.take() {
             ender.abort();
         }
-        if let Some(started) = self.started {
-            self.ctx.core.metrics.active_sessions.dec();
-            let mut body = self.body(Kind::SessionEnd);
-            body.duration_us = Some(started.elapsed().as_micros() as u64);
-            if let Some(ended) = self.ended_by.get() {
-                body.detail = Some(ended.detail.into());
-            }
-            self.ctx.core.audit.record(body);
-        } else if self.tried && self.refusals == 0 {
+        if self.end.take().is_none() && self.tried && self.refusals == 0 {
             // russh refuses some credentials before the gateway sees them: an expired or
             // not yet valid certificate, a certificate or key whose signature does not verify.
             self.deny(
