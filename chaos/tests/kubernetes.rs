@@ -908,6 +908,25 @@ async fn kubectl_exec_is_decided_recorded_and_passes_streams_and_exit_code() {
         "{:?}",
         end.body
     );
+    // The session's end is its last record: it waits for the switched stream's records
+    // (it came when the connection switched, before them).
+    let session = exec.body.session.clone();
+    let mut records = records.clone();
+    for _ in 0..100 {
+        if records
+            .iter()
+            .any(|r| r.body.kind == Kind::SessionEnd && r.body.session == session)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        records = g.node.records().await;
+    }
+    let last = records
+        .iter()
+        .rposition(|r| r.body.session == session)
+        .unwrap();
+    assert_eq!(records[last].body.kind, Kind::SessionEnd, "{records:#?}");
     let dir = g.node.files.audit_dir.to_str().unwrap().to_string();
     let (code, report) = tokio::task::spawn_blocking(move || {
         vigil_chaos::vigil(&["audit", "verify", "--log", &dir])

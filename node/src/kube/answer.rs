@@ -104,6 +104,8 @@ impl Count {
 /// The response record, written once the body has ended (or the client went away).
 pub struct Done {
     pub ctx: Arc<KubeContext>,
+    /// The session stays open until the answer's record is written.
+    pub _open: super::Open,
     pub rec: RecordBody,
     pub status: StatusCode,
     /// What the body may hold that the record may not.

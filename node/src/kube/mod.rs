@@ -17,6 +17,11 @@ pub mod spdy;
 mod stream;
 pub mod websocket;
 
+/// Keeps a client connection's session open: its `session_end` is recorded when the last
+/// holder is gone (the connection, a request still running, an answer still streaming, a
+/// switched exec, attach or port-forward stream), so it is the session's last record.
+pub(crate) type Open = std::sync::Arc<dyn Send + Sync>;
+
 use crate::core::lifecycle::Sessions;
 use crate::core::proxy_protocol::{self, FirstWord};
 use crate::core::server::{ProtocolServer, Shutdown};

@@ -141,7 +141,6 @@ pub async fn connection(
     if let Err(e) = served {
         tracing::debug!(error = %e, "kubernetes connection ended with an error");
     }
-    conn.end();
 }
 
 /// What the client is told about a refusal: a Kubernetes `Status`.
@@ -277,7 +276,11 @@ impl Conn {
     }
 
     /// One request; `left` changes (its sender dropped) when the client goes away.
-    async fn handle(&self, mut req: Request<Incoming>, left: Left) -> Response<ClientBody> {
+    async fn handle(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        left: Left,
+    ) -> Response<ClientBody> {
         let started = Instant::now();
         let upgrade = req
             .headers()
@@ -534,7 +537,7 @@ impl Conn {
     }
 
     async fn decide_and_forward(
-        &self,
+        self: &Arc<Self>,
         principal: Arc<Principal>,
         routed: Routed,
         parts: http::request::Parts,
@@ -787,7 +790,7 @@ impl Conn {
     /// as it is.
     #[allow(clippy::too_many_arguments)]
     async fn switch(
-        &self,
+        self: &Arc<Self>,
         routed: &Routed,
         upstream: Request<OutBody>,
         client_side: hyper::upgrade::OnUpgrade,
@@ -839,6 +842,7 @@ impl Conn {
         let server_side = hyper::upgrade::on(&mut resp);
         let streams = super::stream::Streams {
             ctx: self.ctx.clone(),
+            _open: self.clone(),
             base: self.body(Kind::Response, Some(principal), Some(cluster)),
             stmt,
             file,
@@ -870,7 +874,7 @@ impl Conn {
 
     /// Streams the API server's answer back; its record is written when the body ends.
     fn relay(
-        &self,
+        self: &Arc<Self>,
         resp: Response<Incoming>,
         principal: &Arc<Principal>,
         cluster: &str,
@@ -898,6 +902,7 @@ impl Conn {
             .and_then(|_| self.ctx.core.verifier.session_deadline(principal));
         let done = Done {
             ctx: self.ctx.clone(),
+            _open: self.clone(),
             rec,
             status: parts.status,
             holds: Holds::of(&info.resource, &info.subresource),
@@ -1010,9 +1015,13 @@ impl Conn {
         let masked = text.map(|t| self.ctx.core.masker.mask_owned(t, Some(&mut counts)));
         (masked, counts)
     }
+}
 
-    /// The connection closed: its session (if one started) ends.
-    fn end(&self) {
+/// The session ends (if one started) when nothing of it can write another record: the
+/// connection has closed, and no request still runs, no answer still streams and no switched
+/// stream is open (each holds the connection, see [`super::Open`]).
+impl Drop for Conn {
+    fn drop(&mut self) {
         let principal = self
             .principal
             .lock()

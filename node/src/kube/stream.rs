@@ -65,6 +65,8 @@ pub enum Purpose {
 /// One switched exec, attach or port-forward: where its records go.
 pub struct Streams {
     pub ctx: Arc<KubeContext>,
+    /// The session stays open until the streams' records are written.
+    pub _open: super::Open,
     /// A record of the request's session (principal, connection), to copy.
     pub base: Body,
     pub stmt: Stmt,
