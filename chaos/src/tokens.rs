@@ -116,6 +116,24 @@ pub fn bad_tokens(claims: &Value) -> Vec<BadToken> {
                 .unwrap();
         format!("{input}.{sig}")
     };
+    // Signed with the real key under a header of its own.
+    let with_header = |header: Value, claims: &Value| {
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let pem = std::fs::read(crate::env().get("VIGIL_OIDC_KEY")).expect("the dev signing key");
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+        let sig =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key, jsonwebtoken::Algorithm::RS256)
+                .unwrap();
+        format!("{input}.{sig}")
+    };
+    let critical = with_header(
+        json!({"alg": "RS256", "typ": "at+jwt", "kid": kid, "crit": ["urn:example:must-understand"]}),
+        claims,
+    );
     let without_exp = {
         let mut c = claims.clone();
         c.as_object_mut().unwrap().remove("exp");
@@ -172,5 +190,21 @@ pub fn bad_tokens(claims: &Value) -> Vec<BadToken> {
         bad("tampered signature", tamper_signature(&good), "signature"),
         bad("garbage", "not-a-token-at-all".into(), "well-formed"),
         bad("missing exp", forge(&without_exp), "exp"),
+        bad(
+            "an exp that is not a time",
+            forge(&with(claims, "exp", json!("tomorrow"))),
+            "exp claim",
+        ),
+        bad("a critical header", critical, "critical header"),
+        bad(
+            "a line break in the subject",
+            forge(&with(claims, "sub", json!("agent-ops\nFORGED log line"))),
+            "sub claim is not valid",
+        ),
+        bad(
+            "an escape sequence in the model",
+            forge(&with(claims, "model", json!("gpt\u{1b}]52;c;aGk=\u{7}"))),
+            "model claim is not valid",
+        ),
     ]
 }

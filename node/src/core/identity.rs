@@ -50,6 +50,10 @@ pub enum TokenError {
     TypeNotAccepted(String),
     #[error("the token lacks the {0} claim")]
     MissingClaim(String),
+    #[error("the token's {0} claim is not valid")]
+    BadClaim(String),
+    #[error("the token has critical header parameters (crit) the gateway does not understand")]
+    CriticalHeader,
     #[error("cannot verify tokens now: the identity provider is unavailable")]
     ProviderUnavailable,
 }
@@ -70,6 +74,8 @@ impl TokenError {
             TokenError::WrongAudience => "audience",
             TokenError::TypeNotAccepted(_) => "type",
             TokenError::MissingClaim(_) => "missing_claim",
+            TokenError::BadClaim(_) => "bad_claim",
+            TokenError::CriticalHeader => "critical_header",
             TokenError::ProviderUnavailable => "provider_unavailable",
         }
     }
@@ -249,6 +255,10 @@ impl TokenVerifier {
             let Some(kid) = jwk.common.key_id.clone() else {
                 continue;
             };
+            // A key published for another use (encryption) never verifies a signature.
+            if !for_signatures(&jwk.common) {
+                continue;
+            }
             // A key this library cannot use is skipped, not fatal: others may still verify.
             let Ok(key) = DecodingKey::from_jwk(jwk) else {
                 continue;
@@ -381,6 +391,10 @@ impl TokenVerifier {
             .copied()
             .find(|a| format!("{a:?}") == alg_name)
             .ok_or_else(|| TokenError::AlgorithmNotAllowed(alg_name.to_string()))?;
+        // RFC 7515 4.1.11: extensions named critical must be understood; none is.
+        if header.contains_key("crit") {
+            return Err(TokenError::CriticalHeader);
+        }
         let typ = header.get("typ").and_then(Value::as_str).unwrap_or("JWT");
         let token_type = match typ.to_ascii_lowercase().as_str() {
             "at+jwt" | "application/at+jwt" => TokenType::AccessToken,
@@ -446,10 +460,8 @@ impl TokenVerifier {
                 }
             })?;
         let claims = data.claims;
-        let iat = claims
-            .get("iat")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| TokenError::MissingClaim("iat".into()))?;
+        let iat =
+            numeric_date(&claims, "iat")?.ok_or_else(|| TokenError::MissingClaim("iat".into()))?;
         if iat > now_secs() + self.config.leeway_secs {
             return Err(TokenError::IssuedInFuture);
         }
@@ -462,6 +474,51 @@ impl TokenVerifier {
         }
         Ok((principal, kid.to_string()))
     }
+}
+
+/// Whether a published key may verify signatures: its `use`, when given, is `sig`, and its
+/// `key_ops`, when given, include `verify` (RFC 7517 4.2, 4.3).
+fn for_signatures(common: &jsonwebtoken::jwk::CommonParameters) -> bool {
+    use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
+    common
+        .public_key_use
+        .as_ref()
+        .is_none_or(|u| *u == PublicKeyUse::Signature)
+        && common
+            .key_operations
+            .as_ref()
+            .is_none_or(|ops| ops.contains(&KeyOperations::Verify))
+}
+
+/// The latest NumericDate a token may give: 9999-12-31T23:59:59Z (later ones are read as it,
+/// so that no time computed from them overflows).
+const LAST_NUMERIC_DATE: u64 = 253_402_300_799;
+
+/// A NumericDate claim (RFC 7519 2: seconds since the epoch, which may be fractional), in
+/// whole seconds rounded down and at most [`LAST_NUMERIC_DATE`]; `Err` when it is present but
+/// not such a number.
+fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, TokenError> {
+    let Some(value) = claims.get(name) else {
+        return Ok(None);
+    };
+    let secs = value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    });
+    match secs {
+        Some(secs) => Ok(Some(secs.min(LAST_NUMERIC_DATE))),
+        None => Err(TokenError::BadClaim(name.into())),
+    }
+}
+
+/// Whether a claim's text would be shown otherwise than it reads: a control character (a
+/// line break forging a log line, an escape sequence for a terminal) or a bidirectional
+/// override reordering what an operator's terminal or browser shows.
+fn unshowable(text: &str) -> bool {
+    text.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
 }
 
 /// [`TokenVerifier::session_remaining`] at `now`.
@@ -530,6 +587,26 @@ pub fn principal_from_claims(
     let subject = claim_string(claims, &names.subject)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| TokenError::MissingClaim(names.subject.clone()))?;
+    let shown = [
+        names.subject.as_str(),
+        &names.client_id,
+        "azp",
+        &names.model,
+        &names.model_version,
+        &names.groups,
+    ]
+    .into_iter()
+    .chain(names.person.as_deref());
+    for name in shown {
+        let texts: Vec<&str> = match claims.get(name) {
+            Some(Value::String(s)) => vec![s],
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        if texts.into_iter().any(unshowable) {
+            return Err(TokenError::BadClaim(name.into()));
+        }
+    }
     let groups = match claims.get(&names.groups) {
         Some(Value::Array(items)) => items
             .iter()
@@ -551,7 +628,7 @@ pub fn principal_from_claims(
             TokenType::AccessToken => "access_token",
         }
         .to_string(),
-        token_exp: claims.get("exp").and_then(Value::as_u64),
+        token_exp: numeric_date(claims, "exp")?,
         token_id: claim_string(claims, "jti"),
         saml: None,
         person: names
@@ -568,6 +645,93 @@ pub const PERSON_CLAIM: &str = "person";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numeric_dates_may_be_fractional_and_are_held_to_year_9999() {
+        let claims = |v: Value| Map::from_iter([("exp".to_string(), v)]);
+        let read = |v: Value| numeric_date(&claims(v), "exp");
+        assert_eq!(
+            read(serde_json::json!(1_800_000_000)),
+            Ok(Some(1_800_000_000))
+        );
+        assert_eq!(
+            read(serde_json::json!(1_800_000_000.9)),
+            Ok(Some(1_800_000_000))
+        );
+        assert_eq!(
+            read(serde_json::json!(u64::MAX)),
+            Ok(Some(LAST_NUMERIC_DATE))
+        );
+        assert_eq!(read(serde_json::json!(1e300)), Ok(Some(LAST_NUMERIC_DATE)));
+        assert!(read(serde_json::json!(-1)).is_err());
+        assert!(read(serde_json::json!("tomorrow")).is_err());
+        assert_eq!(numeric_date(&Map::new(), "exp"), Ok(None));
+        // A fractional exp bounds the principal (and so its SSH certificate and session).
+        let claims = serde_json::json!({"sub": "agent", "exp": 1_800_000_020.5});
+        let p = principal_from_claims(
+            claims.as_object().unwrap(),
+            &ClaimNames::default(),
+            "iss",
+            TokenType::AccessToken,
+        )
+        .unwrap();
+        assert_eq!(p.token_exp, Some(1_800_000_020));
+        // The latest time a token may give is one the clock can add to.
+        let far = refused_from(LAST_NUMERIC_DATE, 30);
+        assert!(far > SystemTime::now());
+    }
+
+    #[test]
+    fn claims_shown_to_people_and_logs_hold_no_control_or_reordering_characters() {
+        let names = ClaimNames::default();
+        let claims = |sub: &str, groups: Value| {
+            serde_json::json!({"sub": sub, "groups": groups, "exp": 1_800_000_000})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let map = |c| principal_from_claims(&c, &names, "iss", TokenType::AccessToken);
+        assert!(map(claims("agent", serde_json::json!(["ops"]))).is_ok());
+        for (sub, groups) in [
+            ("agent\nFORGED", serde_json::json!([])),
+            ("agent\u{1b}[2J", serde_json::json!([])),
+            ("agent\u{202e}txt.exe", serde_json::json!([])),
+            (
+                "agent",
+                serde_json::json!(["ops\r\nImpersonate-Group: system:masters"]),
+            ),
+        ] {
+            assert_eq!(
+                map(claims(sub, groups.clone())).err().map(|e| e.reason()),
+                Some("bad_claim"),
+                "{sub:?} {groups}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_keys_published_for_signatures_verify() {
+        use jsonwebtoken::jwk::{CommonParameters, KeyOperations, PublicKeyUse};
+        let common = |u: Option<PublicKeyUse>, ops: Option<Vec<KeyOperations>>| CommonParameters {
+            public_key_use: u,
+            key_operations: ops,
+            ..CommonParameters::default()
+        };
+        assert!(for_signatures(&common(None, None)));
+        assert!(for_signatures(&common(Some(PublicKeyUse::Signature), None)));
+        assert!(!for_signatures(&common(
+            Some(PublicKeyUse::Encryption),
+            None
+        )));
+        assert!(for_signatures(&common(
+            None,
+            Some(vec![KeyOperations::Verify])
+        )));
+        assert!(!for_signatures(&common(
+            None,
+            Some(vec![KeyOperations::Encrypt, KeyOperations::WrapKey])
+        )));
+    }
 
     #[test]
     fn headers_are_parsed_without_trust() {

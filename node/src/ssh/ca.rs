@@ -62,10 +62,11 @@ impl UserCa {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut valid_before = now + self.max_validity_secs;
-        if let Some(exp) = principal.token_exp {
-            valid_before = valid_before.min(exp);
-        }
+        // A certificate ends with its token; a token without an end gets none.
+        let exp = principal
+            .token_exp
+            .ok_or("the token has no expiry (exp): no certificate outlives its token")?;
+        let valid_before = (now + self.max_validity_secs).min(exp);
         if valid_before <= now {
             return Err("the token has expired".into());
         }
