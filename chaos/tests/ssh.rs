@@ -1991,6 +1991,51 @@ async fn exit_statuses_reach_clients_on_a_multiplexed_connection() {
     let _ = run("ssh", &["-F", cfg, "-S", ctl, "-O", "exit", "web"], None).await;
 }
 
+/// A client that sends its identification line (and a KEXINIT, or nothing) and then stops is
+/// cut off at `auth_timeout_secs` like one that sends nothing: russh ignores a disconnect
+/// asked for during its key exchange, so such clients held their pre-authentication places for
+/// good and, once they held all of them, no one could log in (outside review, 2026-12-07).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_during_the_handshake_are_cut_off_and_let_others_in() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let g = Gateway::start_settings(
+        &policy(),
+        "auth_timeout_secs = 2\nmax_unauthenticated_connections = 4",
+        None,
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", g.port()))
+            .await
+            .unwrap();
+        s.write_all(b"SSH-2.0-stalled_client\r\n").await.unwrap();
+        stalled.push(s);
+    }
+    // Each is closed: its reads end (the gateway's identification and KEXINIT come first).
+    for s in &mut stalled {
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a stalled handshake is still held after 15 s"
+        );
+    }
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let session = token_login(g.port(), &g.user(), &token)
+        .await
+        .expect("a client logs in once the stalled ones are gone");
+    let (_, _, status) = exec(&session, "true").await;
+    assert_eq!(status, Some(0));
+}
+
 #[tokio::test]
 async fn the_keyboard_interactive_path_refuses_every_bad_token_and_records_why() {
     let g = Gateway::start(&policy()).await;

@@ -121,9 +121,14 @@ async fn serve(
     };
     let handle = running.handle();
     // A client that has not authenticated in time is cut off (it holds a pre-auth permit).
+    // russh ignores a disconnect asked for during its key exchange, which a client that
+    // stops after its identification line keeps going for good: the connection is cut
+    // [`DISCONNECT_GRACE`] later whatever russh did with the disconnect.
+    let cut = sever.clone();
     let watchdog = tokio::spawn(async move {
         tokio::time::sleep_until(deadline).await;
         if !authenticated.load(Ordering::SeqCst) {
+            cut.ending.notify_one();
             let _ = handle
                 .disconnect(
                     russh::Disconnect::ByApplication,
