@@ -2,6 +2,7 @@
 //! `/readyz` (the node can authenticate clients and record what they do).
 
 use crate::audit::AuditLog;
+use crate::core::http;
 use crate::core::identity::TokenVerifier;
 use crate::core::lifecycle::Lifecycle;
 use crate::core::metrics::Metrics;
@@ -34,18 +35,21 @@ pub async fn serve(
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let metrics_of = state.metrics.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(peers::PG_CANCEL_PATH, post(pg_cancel))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "admin server failed");
-    }
+    let listener = http::Plain {
+        tcp: listener,
+        limit: http::ConnectionLimit::new(http::MAX_ADMIN_CONNECTIONS),
+        metrics: metrics_of,
+    };
+    // A passed-on cancel is the largest body here (a few hundred bytes).
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(16 * 1024));
+    http::serve(listener, app, 16 * 1024, shutdown).await;
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

@@ -7,6 +7,7 @@
 
 use crate::config::{IdentityConfig, TokenType};
 use crate::core::config_error::{invalid, ConfigError};
+use crate::core::http::{Accept, ConnectionLimit};
 use crate::core::proxy_protocol::{self, FirstWord, Origin};
 use crate::core::Core;
 use crate::ssh::ca::UserCa;
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use vigil_proto::record::{Connection, Kind, Outcome, Principal, Request, SshRequest};
@@ -150,6 +151,18 @@ pub struct SamlCli {
 /// Largest request body (a public key, a few hundred bytes).
 const MAX_BODY: usize = 16 * 1024;
 
+/// Time a client has to send a request's body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request's body, of at most [`MAX_BODY`] bytes sent within [`BODY_TIMEOUT`]; `Err` when
+/// it is larger, slower or broken.
+async fn read_body(body: axum::body::Body) -> Result<Bytes, ()> {
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        _ => Err(()),
+    }
+}
+
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -227,14 +240,11 @@ pub async fn serve(
             login: login.map(Arc::new),
             saml: logins.saml.map(Arc::new),
         });
-    let service = app.into_make_service_with_connect_info::<ClientAddr>();
-    if let Err(e) = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "api server failed");
-    }
+    crate::core::http::serve(listener, app, MAX_HEAD, shutdown).await;
 }
+
+/// Largest request head on the API and console listeners (a token, a cookie).
+pub(crate) const MAX_HEAD: usize = 32 * 1024;
 
 /// A JSON error answer: `{"error": "..."}`.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -261,10 +271,11 @@ async fn login_info(State(state): State<ApiState>) -> Response {
 /// `POST /v1/saml/code` `{"code": …, "code_verifier": …}`: the token of a `vigil login --saml`,
 /// for the code the console sent to the CLI's loopback listener (once, within a minute, with
 /// the verifier of the challenge the CLI started with).
-async fn saml_code(State(state): State<ApiState>, body: Bytes) -> Response {
+async fn saml_code(State(state): State<ApiState>, body: axum::body::Body) -> Response {
     let Some(saml) = &state.saml else {
         return error(StatusCode::NOT_FOUND, "this gateway offers no SAML login");
     };
+    let body = read_body(body).await.unwrap_or_default();
     let asked = serde_json::from_slice::<serde_json::Value>(&body).ok();
     let field = |name: &str| {
         asked
@@ -309,7 +320,7 @@ async fn certificate(
     State(state): State<ApiState>,
     ConnectInfo(ClientAddr(origin)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Some(ssh) = state.ssh.clone() else {
         return error(
@@ -332,13 +343,17 @@ async fn certificate(
         Err((status, why)) => Err((status, why)),
         Ok(principal) => {
             rec.principal = Some(Arc::new(principal.clone()));
-            let key = serde_json::from_slice::<serde_json::Value>(&body)
+            // Read only once the caller is known, and only so much.
+            let body = read_body(body).await;
+            let key = body
+                .as_ref()
                 .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
                 .and_then(|v| v["public_key"].as_str().map(str::to_string));
             match key {
-                None if body.len() > MAX_BODY => Err((
+                None if body.is_err() => Err((
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "the body is too large".into(),
+                    "the body is too large (or was not sent in time)".into(),
                 )),
                 None => Err((
                     StatusCode::BAD_REQUEST,
@@ -412,8 +427,7 @@ async fn hosts(State(state): State<ApiState>, headers: HeaderMap) -> Response {
 /// PROXY protocol, [`proxy_protocol::admit`], and the handshake) run in their own tasks (a slow
 /// client holds up no one), finished streams are handed to axum.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, Origin)>,
-    addr: SocketAddr,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, Origin, OwnedSemaphorePermit)>,
 }
 
 impl TlsListener {
@@ -425,8 +439,8 @@ impl TlsListener {
         core: Arc<Core>,
         protocol: &'static str,
     ) -> Self {
-        let addr = tcp.local_addr().expect("a bound listener has an address");
         let (tx, ready) = mpsc::channel(64);
+        let limit = ConnectionLimit::new(crate::core::http::MAX_CONNECTIONS);
         tokio::spawn(async move {
             loop {
                 let (mut stream, peer) = match tcp.accept().await {
@@ -436,6 +450,11 @@ impl TlsListener {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                // A place is taken before anything is read: the TLS handshake counts too.
+                let Some(place) = limit.enter() else {
+                    core.metrics.preauth_refused.inc();
+                    continue;
                 };
                 let (acceptor, ready, core) = (acceptor.clone(), tx.clone(), core.clone());
                 tokio::spawn(async move {
@@ -452,7 +471,7 @@ impl TlsListener {
                     let handshake =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
                     if let Ok(Ok(tls)) = handshake.await {
-                        let _ = ready.send((tls, origin)).await;
+                        let _ = ready.send((tls, origin, place)).await;
                     }
                 });
                 if tx.is_closed() {
@@ -460,35 +479,22 @@ impl TlsListener {
                 }
             }
         });
-        Self { ready, addr }
+        Self { ready }
     }
 }
 
-impl axum::serve::Listener for TlsListener {
+impl Accept for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = Origin;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    async fn accept(&mut self) -> (Self::Io, Origin, OwnedSemaphorePermit) {
         match self.ready.recv().await {
             Some(s) => s,
             // The accept task is gone (the runtime is shutting down): never yield again.
             None => std::future::pending().await,
         }
     }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(Origin::direct(self.addr))
-    }
 }
 
 /// Who the client is (behind a load balancer: the client it named), for records.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub Origin);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
-    }
-}

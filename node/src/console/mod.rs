@@ -27,6 +27,7 @@ use crate::config::{IdentityConfig, TokenType};
 use crate::core::config_error::{invalid, ConfigError};
 use crate::core::secret::{Secret, SecretRef};
 use crate::core::Core;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
@@ -234,6 +235,9 @@ impl Setup {
 }
 
 fn router(console: Arc<Console>) -> Router {
+    // A SAML response or assertion, in a form.
+    let saml_form =
+        DefaultBodyLimit::max(console.saml.as_ref().map_or(0, |sp| sp.max_form_bytes()));
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{file}", get(assets::file))
@@ -242,8 +246,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/auth/logout", post(auth::logout))
         .route("/saml/metadata", get(saml::metadata))
         .route("/auth/saml/login", get(saml::login))
-        .route("/auth/saml/acs", post(saml::acs))
-        .route("/auth/saml/token", post(saml::token))
+        .route("/auth/saml/acs", post(saml::acs).layer(saml_form.clone()))
+        .route("/auth/saml/token", post(saml::token).layer(saml_form))
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
         .route("/api/approvals/{id}", get(inbox::show))
@@ -262,6 +266,8 @@ fn router(console: Arc<Console>) -> Router {
             get(sessions::asciicast),
         )
         .layer(axum::middleware::from_fn(security_headers))
+        // A vote, a grant, a token request: a few KiB.
+        .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(console)
 }
 
@@ -270,13 +276,7 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let service = app.into_make_service_with_connect_info::<crate::api::ClientAddr>();
-    if let Err(e) = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "console server failed");
-    }
+    crate::core::http::serve(listener, app, crate::api::MAX_HEAD, shutdown).await;
 }
 
 /// The body of a change: JSON only (a cross-site form cannot send it), read as `T`; else the

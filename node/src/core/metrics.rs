@@ -82,7 +82,9 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     /// Sessions ended because the target's answers could not be read or matched.
     pub target_protocol_errors: Counter,
-    /// Connections turned away because `max_unauthenticated_connections` were authenticating.
+    /// Connections turned away because a listener held all it may (PostgreSQL's and SSH's
+    /// `max_unauthenticated_connections`, `kubernetes.max_connections`, the API's, the
+    /// console's and the admin listener's limits).
     pub preauth_refused: Counter,
     pub cancel_requests: Counter,
     /// 1 while the last probe of the coordinator was answered (with a leader), else 0.
@@ -225,7 +227,7 @@ impl Metrics {
         );
         registry.register(
             "preauth_refused",
-            "Connections refused at once because too many were authenticating",
+            "Connections refused at once because a listener held all the connections it may (authenticating ones for PostgreSQL and SSH)",
             self.preauth_refused.clone(),
         );
         registry.register(

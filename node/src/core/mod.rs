@@ -6,6 +6,7 @@
 pub mod approvals;
 pub mod config_error;
 pub mod echo;
+pub mod http;
 pub mod identity;
 pub mod idle;
 pub mod issued;

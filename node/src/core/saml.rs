@@ -241,6 +241,15 @@ impl Sp {
     }
 
     /// The service provider of the IdP whose metadata is `xml`.
+    /// The largest form the assertion consumer service and the token endpoint read: a
+    /// response (or an assertion) of
+    /// `max_response_bytes`, base64 (4/3) and then form encoded (each character at most 3),
+    /// and the rest of the form. A larger response is refused here, on record, not by the
+    /// HTTP server.
+    pub fn max_form_bytes(&self) -> usize {
+        self.config.max_response_bytes / 3 * 4 * 3 + 16 * 1024
+    }
+
     pub fn from_metadata(config: &SamlConfig, public_url: &str, xml: &str) -> anyhow::Result<Self> {
         refuse_dtd(&xml.to_ascii_lowercase())
             .map_err(|e| anyhow::anyhow!("the IdP's metadata: {e}"))?;

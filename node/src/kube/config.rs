@@ -33,6 +33,9 @@ pub struct KubeConfig {
     /// Largest request head (request line and headers).
     #[serde(default = "default_max_header")]
     pub max_header_bytes: usize,
+    /// Client connections held at once (accepted, before TLS too); one more is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// An exec, attach or port-forward stream on which no byte crosses either way for this
     /// long is ended by the gateway; `0`: never.
     #[serde(default)]
@@ -53,6 +56,9 @@ fn default_max_record_body() -> usize {
 }
 fn default_max_header() -> usize {
     64 * 1024
+}
+fn default_max_connections() -> usize {
+    1024
 }
 
 /// One API server clients may reach as `/clusters/NAME`.
@@ -101,6 +107,9 @@ fn default_connect_timeout() -> u64 {
 
 impl KubeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(invalid("kubernetes.max_connections", "must be at least 1"));
+        }
         if self.max_request_body_bytes == 0 || self.max_header_bytes < 1024 {
             return Err(invalid(
                 "kubernetes.max_request_body_bytes",

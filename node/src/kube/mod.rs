@@ -193,18 +193,23 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let sessions = Sessions::default();
+    let limit = crate::core::http::ConnectionLimit::new(ctx.config.max_connections);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let Some(place) = limit.enter() else {
+                        ctx.core.metrics.preauth_refused.inc();
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let threads = &ctx.core.threads;
                     let (tls, ctx, sessions) = (tls.clone(), ctx.clone(), sessions.clone());
                     let open = sessions.enter();
                     let session = move |mut tcp| async move {
-                        let _open = open;
+                        let (_open, _place) = (open, place);
                         // Refused (recorded) before TLS: nothing the client could read.
                         let admitted =
                             proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Client);

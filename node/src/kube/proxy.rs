@@ -114,14 +114,7 @@ pub async fn connection(
             }
         })
     };
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(ctx.config.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .max_header_list_size(ctx.config.max_header_bytes as u32);
+    let builder = crate::core::http::builder(ctx.config.max_header_bytes);
     let io = hyper_util::rt::TokioIo::new(stream);
     let serving = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(serving);

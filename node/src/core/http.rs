@@ -1,0 +1,161 @@
+//! What every connection to the node's own HTTP servers (the API, the console, the admin
+//! listener and the Kubernetes listener) is held to, before it authenticates and between its
+//! requests: a bounded number of connections per listener, a time limit on a request's head,
+//! keep-alive probes on HTTP/2, and a bounded number of requests in flight per connection.
+//! Without them a client that opens connections and sends nothing, or half a request head,
+//! held its connections for good, and enough of them took every file descriptor of the node
+//! (all its listeners, PostgreSQL's and SSH's included, refused new clients).
+
+use crate::api::ClientAddr;
+use crate::core::proxy_protocol::Origin;
+use axum::extract::connect_info::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// Time a client has to send a request's whole head, from the first byte it is read for (on
+/// a kept-alive HTTP/1.1 connection, also the time it may stay idle between requests).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An HTTP/2 connection is pinged after this long without a frame, and closed when the ping
+/// is not answered within as long again.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// Requests in flight at once on one HTTP/2 connection (hyper's default is 200, each of which
+/// may hold a body being read).
+pub const MAX_STREAMS: u32 = 32;
+
+/// Connections at once on the API and console listeners (each holds a file descriptor and,
+/// while its TLS handshake or request runs, memory).
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Connections at once on the admin listener (metrics scrapers and health checks).
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
+
+/// A hyper connection builder with the limits above; `max_header_bytes` bounds a request's
+/// head (HTTP/1.1) and header list (HTTP/2).
+pub fn builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEP_ALIVE)
+        .keep_alive_timeout(KEEP_ALIVE)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// The connections a listener may hold at once: one is taken when a connection is accepted,
+/// before anything is read from it, and given back when it closes. A connection that comes
+/// when none is left is closed at once (counted by the caller).
+#[derive(Clone)]
+pub struct ConnectionLimit(Arc<Semaphore>);
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(Semaphore::new(max)))
+    }
+
+    /// A place for a new connection, or `None` when all are taken.
+    pub fn enter(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Where [`serve`] gets its connections: each with its client and its place under the
+/// listener's [`ConnectionLimit`].
+pub trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&mut self) -> impl Future<Output = (Self::Io, Origin, OwnedSemaphorePermit)> + Send;
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// A plain TCP listener (the admin endpoints) under a [`ConnectionLimit`].
+pub struct Plain {
+    pub tcp: tokio::net::TcpListener,
+    pub limit: ConnectionLimit,
+    pub metrics: Arc<crate::core::metrics::Metrics>,
+}
+
+impl Accept for Plain {
+    type Io = tokio::net::TcpStream;
+
+    async fn accept(&mut self) -> (Self::Io, Origin, OwnedSemaphorePermit) {
+        loop {
+            match self.tcp.accept().await {
+                Ok((tcp, peer)) => match self.limit.enter() {
+                    Some(place) => return (tcp, Origin::direct(peer), place),
+                    None => {
+                        self.metrics.preauth_refused.inc();
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves `app` on every connection `listener` accepts, with [`builder`]'s limits, until
+/// `shutdown` resolves; then stops accepting, lets each connection finish the requests it
+/// has (HTTP/2 gets GOAWAY) and returns once all are closed. Handlers see the client as
+/// `ConnectInfo<ClientAddr>`.
+pub async fn serve(
+    mut listener: impl Accept,
+    app: Router,
+    max_header_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let builder = Arc::new(builder(max_header_bytes));
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (io, origin, place) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        // Finished connections' tasks are let go of as new ones come.
+        while connections.try_join_next().is_some() {}
+        let service = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(ConnectInfo(ClientAddr(origin)))),
+        );
+        let (builder, mut stopping) = (builder.clone(), stopping.clone());
+        connections.spawn(async move {
+            let _place = place;
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = stopped(&mut stopping) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+}
