@@ -246,7 +246,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/auth/logout", post(auth::logout))
         .route("/saml/metadata", get(saml::metadata))
         .route("/auth/saml/login", get(saml::login))
-        .route("/auth/saml/acs", post(saml::acs).layer(saml_form.clone()))
+        .route("/auth/saml/acs", post(saml::acs).layer(saml_form))
         .route("/auth/saml/token", post(saml::token).layer(saml_form))
         .route("/api/me", get(auth::me))
         .route("/api/approvals/events", get(inbox::events))
