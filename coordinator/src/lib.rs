@@ -4,7 +4,8 @@
 //! - [`approvals`]: the domain, a deterministic state machine free of Raft types;
 //! - [`store`]: openraft's log and state-machine storage on redb (fsync'd);
 //! - [`network`]: Raft RPCs between members over gRPC;
-//! - [`service`]: the gRPC services (nodes, operators, members) and their authentication;
+//! - [`service`]: the gRPC services (nodes, operators, members) and who may call what;
+//! - [`gate`]: authentication on a call's headers, before its body is read;
 //! - [`server`]: one member, started from its configuration;
 //! - [`retention`]: forgetting settled requests, by a purge the leader proposes;
 //! - [`metrics`]: the member's `/metrics`, `/healthz` and `/readyz`;
@@ -14,6 +15,7 @@
 
 pub mod approvals;
 pub mod client;
+pub mod gate;
 pub mod metrics;
 pub mod network;
 pub mod retention;

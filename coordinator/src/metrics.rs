@@ -47,6 +47,9 @@ pub struct Metrics {
     pub peer_rpc_errors: Family<KindLabel, Counter>,
     /// Settled requests and ended grants forgotten by retention.
     pub purged: Family<KindLabel, Counter>,
+    /// Calls the gate refused before reading their body (no or wrong credentials, an
+    /// operator on `Raft`), by service (`Coordinator`, `Cluster`, `Raft`).
+    pub refused_calls: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -58,6 +61,7 @@ impl Default for Metrics {
             commit_errors: Counter::default(),
             peer_rpc_errors: Family::default(),
             purged: Family::default(),
+            refused_calls: Family::default(),
         }
     }
 }
@@ -145,6 +149,11 @@ impl Metrics {
             "peer_rpc_errors",
             "Raft RPCs to other members that failed, by RPC",
             self.peer_rpc_errors.clone(),
+        );
+        registry.register(
+            "refused_calls",
+            "Calls refused on their headers, before their body was read, by service",
+            self.refused_calls.clone(),
         );
         registry.register(
             "requests",

@@ -1,9 +1,11 @@
 //! One coordinator member: its Raft node, its store and its gRPC listener.
 
+use crate::gate::{Admit, Gate};
 use crate::metrics::Metrics;
 use crate::network::Network;
 use crate::service::{
     first_member, ClusterService, CoordinatorService, OperatorAuth, Proposer, RaftService, Shared,
+    MAX_REQUEST,
 };
 use crate::store::{self, NodeId, Raft};
 use crate::tls::MemberTls;
@@ -20,9 +22,36 @@ use vigil_proto::coordinator::cluster_server::ClusterServer;
 use vigil_proto::coordinator::coordinator_server::CoordinatorServer;
 use vigil_proto::coordinator::raft_server::RaftServer;
 
-/// Largest gRPC message a member accepts or sends (Raft batches and snapshot chunks,
-/// JSON-encoded; an approval request with its statement), and that its clients read.
+/// Largest gRPC message a member sends (Raft batches and snapshot chunks, JSON-encoded; an
+/// approval request with its statement and votes), and that its clients read. Of what it
+/// reads, only `Raft` messages, from holders of the cluster token, may be this large.
 pub const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+/// Largest message the `Cluster` service reads: its requests name a member at most.
+const CLUSTER_MESSAGE: usize = 64 * 1024;
+/// HTTP/2 streams one connection may have open at once. A gateway node sends all its calls
+/// over one connection, and each request it holds for an approver keeps a `WatchApproval`
+/// stream open there until decided (minutes): a limit near the number of requests a node may
+/// hold at once would make its next create or consume wait behind the watches. A refused
+/// stream holds its place only until the gate answers it, at once.
+const MAX_STREAMS: u32 = 1024;
+/// Calls one connection may have in the handlers at once (a `WatchApproval` counts until its
+/// stream is answered, a write until it commits); more wait their turn, their bodies unread. Four
+/// times the 64 callers of `loadtest/bench.sh coordinator`.
+const MAX_IN_FLIGHT: usize = 256;
+/// HTTP/2 flow-control window of each connection and of each stream: hyper's default, set here
+/// because it is what bounds the data a connection can make the member buffer unread (the
+/// calls the gate has not let through yet, their bearer tokens being verified, hold at most
+/// this much together).
+const WINDOW: u32 = 1024 * 1024;
+/// Largest header block of one call: hyper's default, set here because it is what a stream
+/// costs before the gate has authenticated it.
+const MAX_HEADERS: u32 = 16 * 1024;
+/// A connection is pinged this often, and closed when a ping is not answered within as long:
+/// a peer that vanished stops holding its streams and their buffers.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// TCP keep-alive on accepted sockets: a host that vanished before speaking HTTP/2 (where
+/// the pings above start) does not hold its socket forever.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long a member has to take a snapshot chunk (the last: to install the whole state).
 const INSTALL_SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -235,26 +264,47 @@ impl Member {
             )));
         }
         let (stop, stopped) = oneshot::channel::<()>();
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder()
+            .initial_connection_window_size(WINDOW)
+            .initial_stream_window_size(WINDOW)
+            .http2_max_header_list_size(MAX_HEADERS)
+            .max_concurrent_streams(MAX_STREAMS)
+            .concurrency_limit_per_connection(MAX_IN_FLIGHT)
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE));
         if let Some(tls) = server_tls {
             builder = builder.tls_config(tls).context("TLS")?;
         }
+        // Every service behind the gate: credentials are checked on the headers, before the
+        // message limit below lets a body in (see `gate`).
         let router = builder
-            .add_service(
+            .add_service(Gate::new(
                 CoordinatorServer::new(CoordinatorService(shared.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_decoding_message_size(MAX_REQUEST)
                     .max_encoding_message_size(MAX_MESSAGE),
-            )
-            .add_service(ClusterServer::new(ClusterService(shared.clone())))
-            .add_service(
+                shared.clone(),
+                Admit::Authenticated,
+            ))
+            .add_service(Gate::new(
+                ClusterServer::new(ClusterService(shared.clone()))
+                    .max_decoding_message_size(CLUSTER_MESSAGE),
+                shared.clone(),
+                Admit::Authenticated,
+            ))
+            .add_service(Gate::new(
                 RaftServer::new(RaftService(shared.clone()))
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
-            );
-        // tonic applies its `tcp_nodelay` only to listeners it binds itself; an accepted
-        // socket with Nagle's algorithm on holds a small reply (a follower's AppendEntries
-        // answer, a committed call's response) until the peer's delayed ACK, 40 ms later.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                shared.clone(),
+                Admit::Members,
+            ));
+        // tonic applies its `tcp_nodelay` and `tcp_keepalive` only to listeners it binds
+        // itself; an accepted socket with Nagle's algorithm on holds a small reply (a
+        // follower's AppendEntries answer, a committed call's response) until the peer's
+        // delayed ACK, 40 ms later.
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(TCP_KEEPALIVE));
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         }));

@@ -11,6 +11,9 @@
 //!   members speak TLS to each other (see [`Shared::membership_change`]); the embedded
 //!   coordinator refuses them all.
 //!
+//! The caller is authenticated once, from the request's headers, before its body is read
+//! ([`crate::gate`]); the methods here decide from that [`Caller`] what it may do.
+//!
 //! Writes go through Raft (`client_write`); reads that authorise an action first confirm
 //! leadership with `ensure_linearizable`. A member that is not the leader answers `UNAVAILABLE`
 //! with the leader's address in `x-vigil-leader`.
@@ -31,7 +34,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataMap;
+use tonic::codegen::http::HeaderMap;
 use tonic::{Request, Response, Status};
 use vigil_proto::coordinator as pb;
 
@@ -64,11 +67,45 @@ pub trait OperatorAuth: Send + Sync + 'static {
     }
 }
 
-/// Who is calling.
-enum Caller {
+/// Who is calling, as the gate established it ([`Shared::authenticate`]).
+#[derive(Clone, Debug)]
+pub enum Caller {
     /// A gateway node or a member: holds the cluster token.
     Member,
     Operator(Actor),
+}
+
+impl Caller {
+    /// Only holders of the cluster token: gateway nodes and members.
+    pub fn member(&self) -> Result<(), Status> {
+        match self {
+            Caller::Member => Ok(()),
+            Caller::Operator(_) => Err(Status::permission_denied(
+                "only gateway nodes and members (cluster token) may call this",
+            )),
+        }
+    }
+}
+
+/// The caller the gate authenticated and put in the request's extensions. None (a service
+/// served without its gate) is refused: nothing is answered unauthenticated.
+fn caller<T>(req: &Request<T>) -> Result<&Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .ok_or_else(|| Status::unauthenticated("this call was not authenticated"))
+}
+
+fn member<T>(req: &Request<T>) -> Result<(), Status> {
+    caller(req)?.member()
+}
+
+fn operator<T>(req: &Request<T>) -> Result<Actor, Status> {
+    match caller(req)? {
+        Caller::Operator(a) => Ok(a.clone()),
+        Caller::Member => Err(Status::permission_denied(
+            "this call needs an operator's OIDC token: the decision is recorded under it",
+        )),
+    }
 }
 
 /// What every service of one member shares.
@@ -102,8 +139,11 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Shared {
-    async fn caller(&self, md: &MetadataMap) -> Result<Caller, Status> {
-        if let Some(token) = md.get(CLUSTER_TOKEN_HEADER) {
+    /// Who presented the credentials in `headers`: the cluster token (compared in constant
+    /// time), or an operator token the [`OperatorAuth`] verifies. Runs in the gate, before the
+    /// request's body is read.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Status> {
+        if let Some(token) = headers.get(CLUSTER_TOKEN_HEADER) {
             return if same_secret(token.as_bytes(), self.cluster_token.as_bytes()) {
                 Ok(Caller::Member)
             } else {
@@ -112,7 +152,7 @@ impl Shared {
                 ))
             };
         }
-        if let Some(auth) = md.get("authorization") {
+        if let Some(auth) = headers.get("authorization") {
             let bearer = auth
                 .to_str()
                 .ok()
@@ -135,29 +175,11 @@ impl Shared {
         ))
     }
 
-    async fn member(&self, md: &MetadataMap) -> Result<(), Status> {
-        match self.caller(md).await? {
-            Caller::Member => Ok(()),
-            Caller::Operator(_) => Err(Status::permission_denied(
-                "only gateway nodes (cluster token) may call this",
-            )),
-        }
-    }
-
-    async fn operator(&self, md: &MetadataMap) -> Result<Actor, Status> {
-        match self.caller(md).await? {
-            Caller::Operator(a) => Ok(a),
-            Caller::Member => Err(Status::permission_denied(
-                "this call needs an operator's OIDC token: the decision is recorded under it",
-            )),
-        }
-    }
-
     /// The cluster token, or an operator in the admin group; answers who, for the record.
-    async fn admin(&self, md: &MetadataMap) -> Result<String, Status> {
-        match self.caller(md).await? {
+    fn admin<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        match caller(req)? {
             Caller::Member => Ok("cluster-token".into()),
-            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
+            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject.clone()),
             Caller::Operator(a) => Err(Status::permission_denied(format!(
                 "{} is not in the admin group {}",
                 a.subject, self.admin_group
@@ -173,8 +195,8 @@ impl Shared {
     /// token, unless TLS protects it: with `[member.tls]` the leader sends nothing to a peer
     /// whose certificate the cluster CA did not issue. The embedded coordinator is a cluster of
     /// one with a token only its process knows: it has nothing to add or remove.
-    async fn membership_change(&self, md: &MetadataMap) -> Result<String, Status> {
-        let caller = self.caller(md).await?;
+    fn membership_change<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let caller = caller(req)?;
         if self.embedded {
             return Err(Status::failed_precondition(
                 "the embedded coordinator is a single in-process member: its membership does \
@@ -191,7 +213,7 @@ impl Shared {
                  [member.tls]",
                 a.subject
             ))),
-            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject),
+            Caller::Operator(a) if a.groups.contains(&self.admin_group) => Ok(a.subject.clone()),
             Caller::Operator(a) => Err(Status::permission_denied(format!(
                 "{} is not in the admin group {}",
                 a.subject, self.admin_group
@@ -201,10 +223,11 @@ impl Shared {
 
     /// The operator's login: the mark of their verified bearer token (`logout:` and its
     /// SHA-256).
-    async fn login(&self, md: &MetadataMap) -> Result<String, Status> {
+    fn login<T>(&self, req: &Request<T>) -> Result<String, Status> {
         use sha2::Digest as _;
-        self.operator(md).await?;
-        let token = md
+        operator(req)?;
+        let token = req
+            .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -632,9 +655,12 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 
 /// Requests in one page of `ListApprovals`, at most (and when the caller names no limit).
 pub const PAGE_SIZE: usize = 1000;
-/// The largest approval request a node may create (as sent): half the largest message a
-/// client reads ([`crate::server::MAX_MESSAGE`]), the rest left for its votes. A node sends at
-/// most about 4 MiB (a statement shown up to 2 MiB, and the same text as its action).
+/// The largest approval request a node may create (as sent), so that every request can be read
+/// back whole (`GetApproval`, `WatchApproval`) with its votes: half the largest message a
+/// client reads ([`crate::server::MAX_MESSAGE`]). A node sends at most about 4 MiB (a statement
+/// shown up to 2 MiB, and the same text as its action). It is the `Coordinator` service's
+/// limit on any message it reads, so a larger one is refused (`OUT_OF_RANGE`) as its length is
+/// read, before it is.
 pub const MAX_REQUEST: usize = crate::server::MAX_MESSAGE / 2;
 /// The longest comment a vote may carry, in bytes.
 pub const MAX_COMMENT: usize = 4096;
@@ -661,17 +687,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::CreateApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let r = req.into_inner();
         required("id", &r.id)?;
-        // Every request must be readable back whole (GetApproval, WatchApproval) within the
-        // clients' message limit, with its votes.
-        let size = prost::Message::encoded_len(&r);
-        if size > MAX_REQUEST {
-            return Err(Status::invalid_argument(format!(
-                "the request is {size} bytes, more than a request may hold ({MAX_REQUEST})"
-            )));
-        }
         let key = key_from_pb(r.key)?;
         let requester = r
             .requester
@@ -709,7 +727,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ConsumeApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let r = req.into_inner();
         required("subject", &r.subject)?;
         let key = key_from_pb(r.key)?;
@@ -734,7 +752,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ApprovalId>,
     ) -> Result<Response<Self::WatchApprovalStream>, Status> {
-        let caller = self.0.caller(req.metadata()).await?;
+        let caller = caller(&req)?.clone();
         // From the leader, up to date: a member that has not applied the request yet (a new
         // leader just after an election, a lagging follower) would call it unknown.
         self.0.linearizable().await?;
@@ -777,7 +795,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ApprovalId>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let caller = self.0.caller(req.metadata()).await?;
+        let caller = caller(&req)?.clone();
         self.0.linearizable().await?;
         Ok(Response::new(
             self.0.visible_request(&caller, &req.into_inner().id)?,
@@ -788,7 +806,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ApprovalList>, Status> {
-        let caller = self.0.caller(req.metadata()).await?;
+        let caller = caller(&req)?.clone();
         let r = req.into_inner();
         let after = match r.page_token.as_str() {
             "" => None,
@@ -843,7 +861,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let approver = self.0.operator(req.metadata()).await?;
+        let approver = operator(&req)?;
         let person_key = self.0.operators.as_ref().and_then(|o| o.person_key());
         if let (Some(key), None) = (person_key, &approver.person) {
             return Err(Status::permission_denied(format!(
@@ -878,7 +896,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         req: Request<pb::CreateGrantRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
         // Who, as `admin` checks it, keeping the operator to compare with the grantee.
-        let admin = match self.0.caller(req.metadata()).await? {
+        let admin = match caller(&req)?.clone() {
             Caller::Member => None,
             Caller::Operator(a) if a.groups.contains(&self.0.admin_group) => Some(a),
             Caller::Operator(a) => {
@@ -920,7 +938,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn revoke_grant(&self, req: Request<pb::GrantId>) -> Result<Response<pb::Grant>, Status> {
-        self.0.admin(req.metadata()).await?;
+        self.0.admin(&req)?;
         let id = req.into_inner().id;
         required("id", &id)?;
         let applied = self
@@ -934,7 +952,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::GrantList>, Status> {
-        let caller = self.0.caller(req.metadata()).await?;
+        let caller = caller(&req)?.clone();
         self.0.linearizable().await?;
         // Nodes and admins see every grant; an operator sees their own.
         let grants = self.0.sm.read(|s| {
@@ -958,7 +976,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::CheckGrantRequest>,
     ) -> Result<Response<pb::CheckGrantResponse>, Status> {
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         self.0.linearizable().await?;
         let r = req.into_inner();
         let scope = scope_from_pb(r.scope)?;
@@ -974,7 +992,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::Checkpoint>,
     ) -> Result<Response<pb::Checkpoint>, Status> {
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let checkpoint = Checkpoint::from(req.into_inner());
         required("stream", &checkpoint.stream)?;
         checkpoint
@@ -995,7 +1013,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListCheckpointsRequest>,
     ) -> Result<Response<pb::CheckpointList>, Status> {
-        self.0.caller(req.metadata()).await?;
+        caller(&req)?;
         self.0.linearizable().await?;
         let checkpoints = self.0.sm.read(|s| {
             s.checkpoints
@@ -1010,7 +1028,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::EndLoginRequest>,
     ) -> Result<Response<pb::LoginState>, Status> {
-        let login = self.0.login(req.metadata()).await?;
+        let login = self.0.login(&req)?;
         let now = now_ms();
         let until = req.into_inner().until_ms.clamp(now, now + MAX_MARK_AGE);
         let mark = Command::Mark {
@@ -1031,7 +1049,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::MarkRequest>,
     ) -> Result<Response<pb::MarkResult>, Status> {
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let r = req.into_inner();
         if r.key.starts_with("logout:") {
             return Err(Status::invalid_argument(
@@ -1055,7 +1073,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::LoginStateRequest>,
     ) -> Result<Response<pb::LoginState>, Status> {
-        let login = self.0.login(req.metadata()).await?;
+        let login = self.0.login(&req)?;
         self.0.linearizable().await?;
         let at = self
             .0
@@ -1071,7 +1089,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListNodeKeysRequest>,
     ) -> Result<Response<pb::NodeKeyList>, Status> {
-        self.0.caller(req.metadata()).await?;
+        caller(&req)?;
         self.0.linearizable().await?;
         let keys = self.0.sm.read(|s| {
             s.node_keys
@@ -1156,7 +1174,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::InitRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        self.0.admin(req.metadata()).await?;
+        self.0.admin(&req)?;
         match self
             .0
             .raft
@@ -1185,7 +1203,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::Member>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let by = self.0.membership_change(req.metadata()).await?;
+        let by = self.0.membership_change(&req)?;
         let m = req.into_inner();
         required("address", &m.address)?;
         if m.id == 0 {
@@ -1211,7 +1229,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberId>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let by = self.0.membership_change(req.metadata()).await?;
+        let by = self.0.membership_change(&req)?;
         let id = req.into_inner().id;
         tracing::info!(%by, id, "removing a member");
         let mut voters = self.voters();
@@ -1233,7 +1251,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        self.0.caller(req.metadata()).await?;
+        caller(&req)?;
         Ok(Response::new(self.status()))
     }
 }
@@ -1262,8 +1280,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        crate::tls::require_member_certificate(self.0.tls, &req)?;
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let rpc = decode(req.into_inner())?;
         encode(&self.0.raft.append_entries(rpc).await)
     }
@@ -1272,8 +1289,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        crate::tls::require_member_certificate(self.0.tls, &req)?;
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let rpc = decode(req.into_inner())?;
         encode(&self.0.raft.vote(rpc).await)
     }
@@ -1282,8 +1298,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        crate::tls::require_member_certificate(self.0.tls, &req)?;
-        self.0.member(req.metadata()).await?;
+        member(&req)?;
         let mut msg = req.into_inner();
         let data = std::mem::take(&mut msg.snapshot_data);
         let mut rpc: openraft::raft::InstallSnapshotRequest<crate::store::TypeConfig> =

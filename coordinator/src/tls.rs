@@ -3,8 +3,9 @@
 //! One port serves three kinds of caller, so the server asks for a client certificate without
 //! demanding one:
 //! - members call each other with mutual TLS: each presents its own certificate (the one it
-//!   serves with), verified against the cluster's CA in the handshake, and the `Raft` service
-//!   refuses a caller that presented none ([`require_member_certificate`]); a certificate from
+//!   serves with), verified against the cluster's CA in the handshake, and the gate in front of
+//!   the `Raft` service refuses a caller that presented none ([`require_member_certificate`]),
+//!   before reading its message; a certificate from
 //!   another CA fails the handshake itself;
 //! - gateway nodes and operators connect over TLS and verify the member's certificate against
 //!   the CA they are given; they authenticate inside with the cluster token or an OIDC token.
@@ -16,6 +17,8 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tonic::codegen::http::Extensions;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::Status;
 
@@ -140,9 +143,14 @@ impl ClientTls {
 }
 
 /// With TLS on, a `Raft` RPC must come from a member: a caller that presented a certificate
-/// the cluster's CA signed (the handshake verified it; here it is only required).
-pub fn require_member_certificate<T>(tls: bool, req: &tonic::Request<T>) -> Result<(), Status> {
-    if !tls || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+/// the cluster's CA signed (the handshake verified it; here it is only required). Checked by
+/// the gate on the call's extensions, where tonic puts the connection's, before the message is
+/// read.
+pub fn require_member_certificate(tls: bool, extensions: &Extensions) -> Result<(), Status> {
+    let certificates = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|c| c.peer_certs());
+    if !tls || certificates.is_some_and(|c| !c.is_empty()) {
         Ok(())
     } else {
         Err(Status::unauthenticated(

@@ -324,7 +324,7 @@ async fn t11_approvals_are_listed_a_page_at_a_time_in_a_stable_order() {
 /// action) cannot blind the lists: a list carries each of them summarised (the action's first
 /// KiB, no shown action) and a page stays within a client's default 4 MiB limit, while
 /// `GetApproval` answers each whole, past that limit. Comments and requests too large to read
-/// back are refused.
+/// back are refused (a request larger than `MAX_REQUEST` before it is read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12_large_requests_are_listed_summarised_and_read_whole() {
     use prost::Message as _;
@@ -401,8 +401,9 @@ async fn t12_large_requests_are_listed_summarised_and_read_whole() {
     assert_eq!(long.code(), tonic::Code::InvalidArgument, "{long:?}");
     let mut huge = request("huge", "h-huge", 600_000);
     huge.action = "x".repeat(MAX_REQUEST);
+    // Refused by the service's message limit, as its length is read.
     let refused = node.create_approval(huge).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
     assert_eq!(held(&member).await, 4);
     member.shutdown().await;
 }
