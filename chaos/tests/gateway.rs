@@ -411,6 +411,21 @@ async fn t12d_a_message_inside_copy_in_data_ends_the_session() {
             "{detail}"
         );
     }
+    // The statement sent inside the copy, recorded as requested, has its answer on record:
+    // none, as the session ended first.
+    let inside: Vec<_> = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter(|r| r.body.pg_request().unwrap().text == "SELECT 'inside the copy'")
+        .filter_map(|r| r.body.stmt.map(|n| (r.body.session.clone(), n)))
+        .collect();
+    for (session, stmt) in &inside {
+        assert!(
+            records.iter().any(|r| r.body.kind == Kind::Response
+                && &r.body.session == session
+                && r.body.stmt == Some(*stmt)),
+            "no response record for {session:?} {stmt}: {records:#?}"
+        );
+    }
     // The copied row was not written: the copy failed.
     let (client, _conn) = node.client(&token).await.unwrap();
     let n: i64 = client

@@ -236,8 +236,12 @@ impl Setup {
 
 fn router(console: Arc<Console>) -> Router {
     // A SAML response or assertion, in a form.
-    let saml_form =
-        DefaultBodyLimit::max(console.saml.as_ref().map_or(0, |sp| sp.max_form_bytes()));
+    let saml_form = DefaultBodyLimit::max(
+        console
+            .saml
+            .as_ref()
+            .map_or(64 * 1024, |sp| sp.max_form_bytes()),
+    );
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{file}", get(assets::file))

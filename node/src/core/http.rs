@@ -27,9 +27,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// is not answered within as long again.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Requests in flight at once on one HTTP/2 connection (hyper's default is 200, each of which
-/// may hold a body being read).
-pub const MAX_STREAMS: u32 = 32;
+/// Requests in flight at once on one HTTP/2 connection of the Kubernetes listener (hyper's
+/// default is 200, each of which may hold a body being read). Only that listener speaks
+/// HTTP/2 (its TLS offers `h2`): clients of the others, which offer nothing, speak HTTP/1.1,
+/// and HTTP/2 with prior knowledge is not served there.
+pub const KUBE_MAX_STREAMS: u32 = 100;
 
 /// Connections at once on the API and console listeners (each holds a file descriptor and,
 /// while its TLS handshake or request runs, memory).
@@ -39,8 +41,11 @@ pub const MAX_CONNECTIONS: usize = 512;
 pub const MAX_ADMIN_CONNECTIONS: usize = 32;
 
 /// A hyper connection builder with the limits above; `max_header_bytes` bounds a request's
-/// head (HTTP/1.1) and header list (HTTP/2).
-pub fn builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
+/// head (HTTP/1.1) and header list (HTTP/2). `h2_streams`: HTTP/2 is served too, with this
+/// many requests in flight per connection; `None`: HTTP/1.1 only, so that the time for a
+/// request's head runs from the connection's start (the detection of the version, which
+/// waits for the client's first bytes, has no time limit of its own).
+pub fn builder(max_header_bytes: usize, h2_streams: Option<u32>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -52,9 +57,12 @@ pub fn builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE)
         .keep_alive_timeout(KEEP_ALIVE)
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(h2_streams.unwrap_or(1))
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
-    builder
+    match h2_streams {
+        Some(_) => builder,
+        None => builder.http1_only(),
+    }
 }
 
 /// The connections a listener may hold at once: one is taken when a connection is accepted,
@@ -114,9 +122,9 @@ impl Accept for Plain {
     }
 }
 
-/// Serves `app` on every connection `listener` accepts, with [`builder`]'s limits, until
-/// `shutdown` resolves; then stops accepting, lets each connection finish the requests it
-/// has (HTTP/2 gets GOAWAY) and returns once all are closed. Handlers see the client as
+/// Serves `app` over HTTP/1.1 on every connection `listener` accepts, with [`builder`]'s
+/// limits, until `shutdown` resolves; then stops accepting, lets each connection finish the
+/// request it has and returns once all are closed. Handlers see the client as
 /// `ConnectInfo<ClientAddr>`.
 pub async fn serve(
     mut listener: impl Accept,
@@ -124,7 +132,7 @@ pub async fn serve(
     max_header_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let builder = Arc::new(builder(max_header_bytes));
+    let builder = Arc::new(builder(max_header_bytes, None));
     let (stop, stopping) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);

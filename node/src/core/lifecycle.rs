@@ -103,6 +103,11 @@ impl Default for Sessions {
 /// A session being served; counted until dropped.
 pub struct SessionGuard(Arc<watch::Sender<usize>>);
 
+/// How long a session's end record waits, after its connection closed, for what of the
+/// session still runs (a held request's decision, a closing channel or stream): then it is
+/// written all the same, saying so, and the session no longer holds up the node's drain.
+pub const END_GRACE: Duration = Duration::from_secs(10);
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);

@@ -209,7 +209,7 @@ async fn serve(
                     let (tls, ctx, sessions) = (tls.clone(), ctx.clone(), sessions.clone());
                     let open = sessions.enter();
                     let session = move |mut tcp| async move {
-                        let (_open, _place) = (open, place);
+                        let _place = place;
                         // Refused (recorded) before TLS: nothing the client could read.
                         let admitted =
                             proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Client);
@@ -221,7 +221,8 @@ async fn serve(
                         else {
                             return;
                         };
-                        proxy::connection(ctx, stream, origin, sessions).await;
+                        // The session's end record lets go of `open` (see proxy's `Conn`).
+                        proxy::connection(ctx, stream, origin, sessions, open).await;
                     };
                     threads.spawn_connection(tcp, session);
                 }

@@ -9,7 +9,7 @@ use super::stream::{Framing, Purpose};
 use super::websocket::{self, StreamKind};
 use super::{Cluster, KubeContext, PROTOCOL};
 use crate::core::approvals::{Hold, Step, Verdict};
-use crate::core::lifecycle::Sessions;
+use crate::core::lifecycle::{SessionGuard, Sessions, END_GRACE};
 use crate::core::proxy_protocol::Origin;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
@@ -61,6 +61,9 @@ struct Conn {
     recording: tokio::sync::OnceCell<Arc<crate::audit::RecordingFile>>,
     /// The listener's sessions: a switched stream outlives its connection and counts too.
     sessions: Sessions,
+    /// Counts the connection for the node's drain until its end is on record; `None` once
+    /// it is (see [`Conn::write_end`]).
+    open: Mutex<Option<SessionGuard>>,
     /// The session's trace span (core/trace.rs), the parent of its requests' spans.
     trace: tracing::Span,
 }
@@ -74,6 +77,7 @@ pub async fn connection(
     stream: TlsStream<TcpStream>,
     origin: Origin,
     sessions: Sessions,
+    open: SessionGuard,
 ) {
     let session = crate::core::new_session_id();
     let trace =
@@ -89,6 +93,7 @@ pub async fn connection(
         started: Instant::now(),
         recording: tokio::sync::OnceCell::new(),
         sessions,
+        open: Mutex::new(Some(open)),
     });
     let service = {
         let conn = conn.clone();
@@ -114,25 +119,45 @@ pub async fn connection(
             }
         })
     };
-    let builder = crate::core::http::builder(ctx.config.max_header_bytes);
+    let builder = crate::core::http::builder(
+        ctx.config.max_header_bytes,
+        Some(crate::core::http::KUBE_MAX_STREAMS),
+    );
     let io = hyper_util::rt::TokioIo::new(stream);
-    let serving = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(serving);
-    // Draining: the request in flight finishes (HTTP/2 gets GOAWAY), then the connection
-    // closes; a watch or log stream still open at the drain deadline is cut.
-    let lifecycle = &ctx.core.lifecycle;
-    let served = tokio::select! {
-        served = serving.as_mut() => served,
-        () = lifecycle.draining() => {
-            serving.as_mut().graceful_shutdown();
-            tokio::select! {
-                served = serving.as_mut() => served,
-                () = lifecycle.ended() => Ok(()),
+    {
+        let serving = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(serving);
+        // Draining: the request in flight finishes (HTTP/2 gets GOAWAY), then the connection
+        // closes; a watch or log stream still open at the drain deadline is cut.
+        let lifecycle = &ctx.core.lifecycle;
+        let served = tokio::select! {
+            served = serving.as_mut() => served,
+            () = lifecycle.draining() => {
+                serving.as_mut().graceful_shutdown();
+                tokio::select! {
+                    served = serving.as_mut() => served,
+                    () = lifecycle.ended() => Ok(()),
+                }
             }
+        };
+        if let Err(e) = served {
+            tracing::debug!(error = %e, "kubernetes connection ended with an error");
         }
-    };
-    if let Err(e) = served {
-        tracing::debug!(error = %e, "kubernetes connection ended with an error");
+    }
+    // What of the session still runs (a request whose client left, an answer still streaming,
+    // a switched stream) holds the connection: its end is written when the last lets go, or
+    // END_GRACE from now at the latest.
+    let late = Arc::downgrade(&conn);
+    drop(conn);
+    if late.strong_count() > 0 {
+        tokio::spawn(async move {
+            tokio::time::sleep(END_GRACE).await;
+            if let Some(conn) = late.upgrade() {
+                conn.write_end(Some(
+                    "written when the grace after the connection closed was over, while a request or stream of it still ran",
+                ));
+            }
+        });
     }
 }
 
@@ -1012,9 +1037,21 @@ impl Conn {
 
 /// The session ends (if one started) when nothing of it can write another record: the
 /// connection has closed, and no request still runs, no answer still streams and no switched
-/// stream is open (each holds the connection, see [`super::Open`]).
+/// stream is open (each holds the connection, see [`super::Open`]); or [`END_GRACE`] after
+/// the connection closed, whichever comes first.
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.write_end(None);
+    }
+}
+
+impl Conn {
+    /// Writes the session's end, once (if it started), and lets the node's drain go on;
+    /// `still`: what of the session still ran then.
+    fn write_end(&self, still: Option<&str>) {
+        let Some(open) = self.open.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
         let principal = self
             .principal
             .lock()
@@ -1024,10 +1061,15 @@ impl Drop for Conn {
             let mut rec = self.body(Kind::SessionEnd, Some(&p), None);
             rec.outcome = Some(Outcome::Success);
             rec.duration_us = Some(self.started.elapsed().as_micros() as u64);
-            rec.detail = Some(format!("{} requests", self.stmt.load(Ordering::SeqCst)));
+            let requests = format!("{} requests", self.stmt.load(Ordering::SeqCst));
+            rec.detail = Some(match still {
+                Some(s) => format!("{requests}; {s}"),
+                None => requests,
+            });
             self.ctx.core.audit.record(rec);
             self.ctx.core.metrics.active_sessions.dec();
         }
+        drop(open);
     }
 }
 
@@ -1456,8 +1498,9 @@ fn decode(s: &str) -> String {
 }
 
 /// Masks with the detectors what a client wrote into a request's line, as every protocol's
-/// record masks what a client chose: the exec command's words, the name and namespace, the
-/// path and the query's values, read decoded (`%40` is an `@` to the detectors too). A query
+/// record masks what a client chose: the exec command's words, the fields read from the path
+/// (name, namespace, resource, subresource, API group and version), the path and the query's
+/// values, read decoded (`%40` is an `@` to the detectors too). A query
 /// value they change is recorded masked and encoded again; a path they change is recorded
 /// decoded and masked. Hits are counted in `counts`.
 fn mask_line(masker: &Masker, r: &mut KubeRequest, counts: &mut Counts) {
@@ -1470,7 +1513,17 @@ fn mask_line(masker: &Masker, r: &mut KubeRequest, counts: &mut Counts) {
             *word = m;
         }
     }
-    for field in [&mut r.name, &mut r.namespace].into_iter().flatten() {
+    let named = [
+        &mut r.name,
+        &mut r.namespace,
+        &mut r.resource,
+        &mut r.subresource,
+    ];
+    let fields = named
+        .into_iter()
+        .flatten()
+        .chain([&mut r.api_group, &mut r.api_version]);
+    for field in fields {
         if let Some(m) = mask(field) {
             *field = m;
         }

@@ -2508,8 +2508,10 @@ impl TargetHalf {
                 Pending::Sync => {}
                 Pending::CopyEnd => self.copy_unended = false,
                 _ => {
+                    // Queued all the same: the session ends, and what was recorded as
+                    // requested gets its record of no answer.
+                    self.copy_unended = false;
                     self.lost_step = Some(COPY_INTERRUPTED.into());
-                    return;
                 }
             }
         }

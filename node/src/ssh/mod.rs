@@ -183,9 +183,9 @@ async fn serve(listener: TcpListener, ctx: Arc<SshContext>, shutdown: impl Futur
                         let admitted =
                             proxy_protocol::admit(&ctx.core, PROTOCOL, &mut tcp, peer, FirstWord::Server);
                         if let Ok(origin) = admitted.await {
-                            session::run(ctx, tcp, origin, permit).await;
+                            // The session's end record lets go of `open` (see SessionEnd).
+                            session::run(ctx, tcp, origin, permit, open).await;
                         }
-                        drop(open);
                     };
                     threads.spawn_connection(tcp, session);
                 }

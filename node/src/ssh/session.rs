@@ -11,7 +11,7 @@ use crate::audit::RecordingFile;
 use crate::core::approvals;
 use crate::core::identity::TokenError;
 use crate::core::idle::Activity;
-use crate::core::lifecycle::until;
+use crate::core::lifecycle::{until, SessionGuard, END_GRACE};
 use crate::core::proxy_protocol::{self, Guarded, Origin};
 use futures_util::task::AtomicWaker;
 use russh::keys::ssh_key::certificate::CertType;
@@ -21,7 +21,7 @@ use russh::{client, Channel, ChannelId, MethodKind, MethodSet};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -40,11 +40,12 @@ pub async fn run(
     tcp: TcpStream,
     origin: Origin,
     preauth: OwnedSemaphorePermit,
+    open: SessionGuard,
 ) {
     let id = crate::core::new_session_id();
     let span =
         crate::core::trace::session(super::PROTOCOL, &id, ctx.core.audit.node(), &origin.client);
-    serve(ctx, tcp, origin, preauth, id, span.clone())
+    serve(ctx, tcp, origin, preauth, open, id, span.clone())
         .instrument(span)
         .await;
 }
@@ -55,11 +56,13 @@ async fn serve(
     tcp: TcpStream,
     origin: Origin,
     preauth: OwnedSemaphorePermit,
+    open: SessionGuard,
     id: String,
     trace: tracing::Span,
 ) {
     let auth_timeout = Duration::from_secs(ctx.config.auth_timeout_secs);
     let conn = Conn {
+        open: Some(open),
         ctx: ctx.clone(),
         id,
         conn: origin.connection(super::PROTOCOL),
@@ -313,6 +316,8 @@ pub(super) struct Conn {
     pub stmt: u64,
     /// The session's end record, once it started (authenticated, host logged in, on record).
     pub(super) end: Option<Arc<SessionEnd>>,
+    /// Counts the connection for the node's drain; handed to `end` once the session starts.
+    open: Option<SessionGuard>,
     /// Set once the client is in (the authentication watchdog stands down).
     authenticated: Arc<AtomicBool>,
     /// The client asked to authenticate (a connection that only exchanged keys, like
@@ -508,6 +513,7 @@ impl Conn {
             scope: SessionScope::of(self),
             started: Instant::now(),
             ended_by: self.ended_by.clone(),
+            open: Mutex::new(self.open.take()),
         }));
         self.expires = self.ctx.core.verifier.session_remaining(&principal);
         self.authenticated.store(true, Ordering::SeqCst);
@@ -530,26 +536,48 @@ impl Conn {
     }
 }
 
+/// The note of a `session_end` written while a channel's task still waited on the host.
+const STILL_RUNNING: &str =
+    "written when the grace after the connection closed was over, while a channel still waited on the host";
+
 /// Writes a session's `session_end` when the last part of the session that writes records is
 /// gone: the connection and every task of its channels hold it, so a held request's decision
-/// or a channel's last chunk, written after the client left, still comes before the end.
+/// or a channel's last chunk, written after the client left, still comes before the end. A
+/// task that still waits on the host [`END_GRACE`] after the connection closed (a command
+/// that does not read its input, a host that does not answer) does not hold the end longer:
+/// it is written then, saying so (see [`Conn`]'s drop).
 pub(super) struct SessionEnd {
     /// The session's scope (without an end of its own).
     scope: SessionScope,
     started: Instant,
     ended_by: Arc<OnceLock<Ended>>,
+    /// Counts the session for the node's drain until its end is on record; `None` once it is.
+    open: Mutex<Option<SessionGuard>>,
 }
 
-impl Drop for SessionEnd {
-    fn drop(&mut self) {
+impl SessionEnd {
+    /// Writes the record, once; `still`: what of the session still ran then.
+    fn write(&self, still: Option<&str>) {
+        let Some(open) = self.open.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
         let core = &self.scope.core;
         core.metrics.active_sessions.dec();
         let mut body = self.scope.body(Kind::SessionEnd);
         body.duration_us = Some(self.started.elapsed().as_micros() as u64);
-        if let Some(ended) = self.ended_by.get() {
-            body.detail = Some(ended.detail.into());
-        }
+        let ended = self.ended_by.get().map(|e| e.detail);
+        body.detail = match (ended, still) {
+            (Some(e), Some(s)) => Some(format!("{e}; {s}")),
+            (e, s) => e.or(s).map(str::to_string),
+        };
         core.audit.record(body);
+        drop(open);
+    }
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        self.write(None);
     }
 }
 
@@ -558,7 +586,20 @@ impl Drop for Conn {
         if let Some(ender) = self.ender.take() {
             ender.abort();
         }
-        if self.end.take().is_none() && self.tried && self.refusals == 0 {
+        if let Some(end) = self.end.take() {
+            let late = Arc::downgrade(&end);
+            drop(end);
+            if late.strong_count() > 0 {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        tokio::time::sleep(END_GRACE).await;
+                        if let Some(end) = late.upgrade() {
+                            end.write(Some(STILL_RUNNING));
+                        }
+                    });
+                }
+            }
+        } else if self.tried && self.refusals == 0 {
             // russh refuses some credentials before the gateway sees them: an expired or
             // not yet valid certificate, a certificate or key whose signature does not verify.
             self.deny(
