@@ -237,6 +237,17 @@ async fn t11_extended_protocol_prepared_statements_transactions() {
     assert_eq!(req_stmts, resp_stmts);
 }
 
+/// A node that takes a token in clear (raw protocol sessions with `wire::Wire`), and the
+/// agent's token.
+async fn raw_session_node() -> (TestNode, String) {
+    let node = TestNode::start(NodeOptions {
+        allow_cleartext_token: true,
+        ..NodeOptions::default()
+    })
+    .await;
+    (node, agent_token().await)
+}
+
 /// A Sync the client sends after PostgreSQL failed its `COPY … FROM STDIN` and before its
 /// CopyDone cannot be placed: PostgreSQL ignored it if it read it while still copying and
 /// answers it if it read it after. Taken as ignored, every later answer was recorded for the
@@ -244,12 +255,7 @@ async fn t11_extended_protocol_prepared_statements_transactions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12b_a_sync_after_a_failed_copy_in_ends_the_session() {
     use vigil_chaos::wire::{self, Msg, Wire};
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        ..NodeOptions::default()
-    })
-    .await;
-    let token = agent_token().await;
+    let (node, token) = raw_session_node().await;
     let mut w = Wire::app_session(node.port(), &token).await;
     w.batch(&[wire::query("CREATE TABLE cp (id int, v text)")])
         .await;
@@ -292,12 +298,7 @@ async fn t12b_a_sync_after_a_failed_copy_in_ends_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12c_a_function_call_inside_an_extended_batch_is_refused_and_the_batch_goes_on() {
     use vigil_chaos::wire::{self, Wire};
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        ..NodeOptions::default()
-    })
-    .await;
-    let token = agent_token().await;
+    let (node, token) = raw_session_node().await;
     let offset = pg_log_len();
     let mut w = Wire::app_session(node.port(), &token).await;
     let mut call = Vec::new();
@@ -353,12 +354,7 @@ async fn t12c_a_function_call_inside_an_extended_batch_is_refused_and_the_batch_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12d_a_message_inside_copy_in_data_ends_the_session() {
     use vigil_chaos::wire::{self, Wire};
-    let node = TestNode::start(NodeOptions {
-        allow_cleartext_token: true,
-        ..NodeOptions::default()
-    })
-    .await;
-    let token = agent_token().await;
+    let (node, token) = raw_session_node().await;
     let offset = pg_log_len();
     for pipelined in [true, false] {
         let mut w = Wire::app_session(node.port(), &token).await;

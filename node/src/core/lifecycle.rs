@@ -108,6 +108,28 @@ pub struct SessionGuard(Arc<watch::Sender<usize>>);
 /// written all the same, saying so, and the session no longer holds up the node's drain.
 pub const END_GRACE: Duration = Duration::from_secs(10);
 
+/// The connection of a session has closed and lets go of `held`, whose drop writes the
+/// session's end; what of the session still runs holds it too. If something still does
+/// [`END_GRACE`] later, `force` writes the end then.
+pub fn end_after_grace<T: Send + Sync + 'static>(
+    held: Arc<T>,
+    force: impl FnOnce(&T) + Send + 'static,
+) {
+    let late = Arc::downgrade(&held);
+    drop(held);
+    if late.strong_count() == 0 {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            tokio::time::sleep(END_GRACE).await;
+            if let Some(held) = late.upgrade() {
+                force(&held);
+            }
+        });
+    }
+}
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);

@@ -9,7 +9,7 @@ use super::stream::{Framing, Purpose};
 use super::websocket::{self, StreamKind};
 use super::{Cluster, KubeContext, PROTOCOL};
 use crate::core::approvals::{Hold, Step, Verdict};
-use crate::core::lifecycle::{SessionGuard, Sessions, END_GRACE};
+use crate::core::lifecycle::{end_after_grace, SessionGuard, Sessions};
 use crate::core::proxy_protocol::Origin;
 use crate::core::trace::Stmt;
 use crate::core::Refusal;
@@ -147,18 +147,11 @@ pub async fn connection(
     // What of the session still runs (a request whose client left, an answer still streaming,
     // a switched stream) holds the connection: its end is written when the last lets go, or
     // END_GRACE from now at the latest.
-    let late = Arc::downgrade(&conn);
-    drop(conn);
-    if late.strong_count() > 0 {
-        tokio::spawn(async move {
-            tokio::time::sleep(END_GRACE).await;
-            if let Some(conn) = late.upgrade() {
-                conn.write_end(Some(
-                    "written when the grace after the connection closed was over, while a request or stream of it still ran",
-                ));
-            }
-        });
-    }
+    end_after_grace(conn, |conn| {
+        conn.write_end(Some(
+            "written when the grace after the connection closed was over, while a request or stream of it still ran",
+        ))
+    });
 }
 
 /// What the client is told about a refusal: a Kubernetes `Status`.
@@ -1037,7 +1030,7 @@ impl Conn {
 
 /// The session ends (if one started) when nothing of it can write another record: the
 /// connection has closed, and no request still runs, no answer still streams and no switched
-/// stream is open (each holds the connection, see [`super::Open`]); or [`END_GRACE`] after
+/// stream is open (each holds the connection, see [`super::Open`]); or [`END_GRACE`](crate::core::lifecycle::END_GRACE) after
 /// the connection closed, whichever comes first.
 impl Drop for Conn {
     fn drop(&mut self) {

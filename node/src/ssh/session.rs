@@ -11,7 +11,7 @@ use crate::audit::RecordingFile;
 use crate::core::approvals;
 use crate::core::identity::TokenError;
 use crate::core::idle::Activity;
-use crate::core::lifecycle::{until, SessionGuard, END_GRACE};
+use crate::core::lifecycle::{end_after_grace, until, SessionGuard};
 use crate::core::proxy_protocol::{self, Guarded, Origin};
 use futures_util::task::AtomicWaker;
 use russh::keys::ssh_key::certificate::CertType;
@@ -543,7 +543,7 @@ const STILL_RUNNING: &str =
 /// Writes a session's `session_end` when the last part of the session that writes records is
 /// gone: the connection and every task of its channels hold it, so a held request's decision
 /// or a channel's last chunk, written after the client left, still comes before the end. A
-/// task that still waits on the host [`END_GRACE`] after the connection closed (a command
+/// task that still waits on the host [`END_GRACE`](crate::core::lifecycle::END_GRACE) after the connection closed (a command
 /// that does not read its input, a host that does not answer) does not hold the end longer:
 /// it is written then, saying so (see [`Conn`]'s drop).
 pub(super) struct SessionEnd {
@@ -587,18 +587,7 @@ impl Drop for Conn {
             ender.abort();
         }
         if let Some(end) = self.end.take() {
-            let late = Arc::downgrade(&end);
-            drop(end);
-            if late.strong_count() > 0 {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move {
-                        tokio::time::sleep(END_GRACE).await;
-                        if let Some(end) = late.upgrade() {
-                            end.write(Some(STILL_RUNNING));
-                        }
-                    });
-                }
-            }
+            end_after_grace(end, |end| end.write(Some(STILL_RUNNING)));
         } else if self.tried && self.refusals == 0 {
             // russh refuses some credentials before the gateway sees them: an expired or
             // not yet valid certificate, a certificate or key whose signature does not verify.
