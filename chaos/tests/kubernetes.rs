@@ -2389,3 +2389,99 @@ async fn a_body_in_a_format_the_api_server_reads_otherwise_is_refused() {
     assert_eq!(text(&roles).trim(), "", "no Role was created");
     let _ = admin(&["delete", "namespace", ns, "--wait=false"]).await;
 }
+
+/// An API server that takes a connection and never answers (wedged, or a host that accepts
+/// and hangs) does not hold the request for good: after the cluster's
+/// `response_timeout_secs` the client gets 504, on record with outcome `error`. The bound is on
+/// the answer's head only: a watch that sends its head and then nothing for longer streams on
+/// until the API server ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_that_does_not_answer_is_a_timeout_on_record_but_a_quiet_watch_goes_on() {
+    // Accepts connections and holds them without a byte (no TLS handshake, no answer).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let dev = vigil_chaos::kube::kube_section("");
+    let dev = dev.replacen(
+        "group_prefix = \"vigil:\"\n",
+        "group_prefix = \"vigil:\"\nresponse_timeout_secs = 2\n",
+        1,
+    );
+    let wedged = dev
+        .split("[[kubernetes.clusters]]")
+        .nth(1)
+        .unwrap()
+        .replacen("name = \"dev\"", "name = \"wedged\"", 1);
+    let url = vigil_chaos::env().get("VIGIL_DEV_KUBE_URL");
+    let wedged = wedged.replacen(&url, &format!("https://127.0.0.1:{silent_port}"), 1);
+    let g = Gateway::start_with(format!("{dev}\n[[kubernetes.clusters]]{wedged}"), None).await;
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let curl = |url: String| {
+        let mut c = tokio::process::Command::new("curl");
+        c.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(g.ca())
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {ops}"))
+            .arg(url);
+        c
+    };
+    let wedged_url = g.server().replace("/clusters/dev", "/clusters/wedged");
+    let asked = std::time::Instant::now();
+    let out = curl(format!("{wedged_url}/api/v1/namespaces/default/pods"))
+        .output()
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "504");
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(15),
+        "answered after {waited:?}"
+    );
+    // A watch of an empty selection: its head at once, then nothing for 5 s (past the 2 s
+    // bound), then the API server ends it.
+    let asked = std::time::Instant::now();
+    let out = curl(format!(
+        "{}/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=5&labelSelector=vigil-none%3Dnone",
+        g.server()
+    ))
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert!(asked.elapsed() >= std::time::Duration::from_secs(4));
+    held.abort();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let records = g.node.records().await;
+    let timed_out: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r.body.kind == Kind::Response
+                && matches!(&r.body.response,
+                    Some(vigil_proto::record::Response::Kubernetes(k)) if k.status == 504)
+        })
+        .collect();
+    assert_eq!(timed_out.len(), 1, "the timeout on record");
+    assert_eq!(timed_out[0].body.outcome, Some(Outcome::Error));
+    let Some(vigil_proto::record::Response::Kubernetes(k)) = &timed_out[0].body.response else {
+        unreachable!()
+    };
+    let error = k.error.as_ref().expect("the reason on record");
+    assert!(
+        error.message.contains("did not answer within 2 s"),
+        "{error:?}"
+    );
+    let watch_end = records.iter().find(|r| {
+        r.body.kind == Kind::Response
+            && matches!(&r.body.response,
+                Some(vigil_proto::record::Response::Kubernetes(k)) if k.status == 200 && k.events.is_some())
+    });
+    assert!(
+        watch_end.is_some(),
+        "the watch ended on record as the API server ended it"
+    );
+}

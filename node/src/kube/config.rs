@@ -94,6 +94,10 @@ pub struct KubeClusterConfig {
     pub extra_groups: Vec<String>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// The longest wait for the API server's answer to a forwarded request (its status and
+    /// headers; a watch's or a stream's body is not bounded by it).
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout_secs: u64,
     /// Who may use this cluster. Required: an empty match admits nobody.
     pub allow: PrincipalMatch,
 }
@@ -103,6 +107,9 @@ fn default_extra_groups() -> Vec<String> {
 }
 fn default_connect_timeout() -> u64 {
     10
+}
+fn default_response_timeout() -> u64 {
+    120
 }
 
 impl KubeConfig {
@@ -161,6 +168,9 @@ impl KubeConfig {
             }
             if c.allow.is_empty() {
                 return Err(invalid(at("allow"), "admits nobody: name who may use it"));
+            }
+            if c.response_timeout_secs == 0 {
+                return Err(invalid(at("response_timeout_secs"), "must be at least 1"));
             }
         }
         Ok(())

@@ -62,6 +62,32 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Sends a request upstream and waits for the API server's answer head (status and
+    /// headers) at most `response_timeout_secs`; the body (a watch, `logs -f`, a switched
+    /// stream) streams on without that bound. The error is the client's answer: 504 when the
+    /// API server did not answer in time, 502 when it could not be reached.
+    async fn send(
+        &self,
+        request: http::Request<proxy::OutBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, (http::StatusCode, String)> {
+        let name = &self.config.name;
+        let wait = Duration::from_secs(self.config.response_timeout_secs);
+        match tokio::time::timeout(wait, self.client().request(request)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err((
+                http::StatusCode::BAD_GATEWAY,
+                format!("vigil: the API server of cluster {name:?} cannot be reached: {e}"),
+            )),
+            Err(_) => Err((
+                http::StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "vigil: the API server of cluster {name:?} did not answer within {} s",
+                    wait.as_secs()
+                ),
+            )),
+        }
+    }
+
     /// The pooled client of the calling thread.
     fn client(&self) -> &Upstream {
         // The last is for any other thread; `min` keeps a thread of another node's (in one

@@ -679,15 +679,11 @@ impl Conn {
                 )
                 .await;
         }
-        match routed.cluster.client().request(upstream).await {
+        match routed.cluster.send(upstream).await {
             Ok(resp) => self.relay(resp, &principal, &cluster_name, stmt, &routed.info, started),
-            Err(e) => self.respond_error(
-                &principal,
-                &cluster_name,
-                &stmt,
-                started,
-                format!("vigil: the API server of cluster {cluster_name:?} cannot be reached: {e}"),
-            ),
+            Err((code, why)) => {
+                self.respond_status(&principal, &cluster_name, &stmt, started, code, why)
+            }
         }
     }
 
@@ -822,12 +818,10 @@ impl Conn {
                 return self.respond_error(principal, cluster, &stmt, started, why);
             }
         };
-        let mut resp = match routed.cluster.client().request(upstream).await {
+        let mut resp = match routed.cluster.send(upstream).await {
             Ok(r) => r,
-            Err(e) => {
-                let why =
-                    format!("vigil: the API server of cluster {cluster:?} cannot be reached: {e}");
-                return self.respond_error(principal, cluster, &stmt, started, why);
+            Err((code, why)) => {
+                return self.respond_status(principal, cluster, &stmt, started, code, why);
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -935,21 +929,41 @@ impl Conn {
         started: Instant,
         why: String,
     ) -> Response<ClientBody> {
+        let code = StatusCode::BAD_GATEWAY;
+        self.respond_status(principal, cluster, stmt, started, code, why)
+    }
+
+    /// The answer, on record, to a request the gateway could not complete upstream: 502 (the
+    /// API server could not be reached, or its answer cannot be followed) or 504 (it did not
+    /// answer in time).
+    fn respond_status(
+        &self,
+        principal: &Arc<Principal>,
+        cluster: &str,
+        stmt: &Stmt,
+        started: Instant,
+        code: StatusCode,
+        why: String,
+    ) -> Response<ClientBody> {
+        let reason = match code {
+            StatusCode::GATEWAY_TIMEOUT => "Timeout",
+            _ => "ServiceUnavailable",
+        };
         let mut rec = self.body(Kind::Response, Some(principal), Some(cluster));
         rec.stmt = Some(stmt.n);
         rec.outcome = Some(Outcome::Error);
         rec.duration_us = Some(started.elapsed().as_micros() as u64);
         rec.response = Some(RecordResponse::Kubernetes(KubeResponse {
-            status: StatusCode::BAD_GATEWAY.as_u16(),
+            status: code.as_u16(),
             error: Some(KubeError {
-                reason: "BadGateway".into(),
+                reason: reason.into(),
                 message: why.clone(),
             }),
             ..KubeResponse::default()
         }));
         crate::core::trace::from_record(&stmt.span, &rec);
         self.ctx.core.audit.record(rec);
-        status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &why)
+        status(code, reason, &why)
     }
 
     /// A request refused before it could be authenticated: a `session_start` refusal when the
