@@ -116,3 +116,49 @@ async fn the_api_reads_no_body_before_it_knows_the_caller_and_no_large_one_after
     });
     assert!(refused, "{records:#?}");
 }
+
+/// A body that does not come is not waited for past 30 s from its head: the admin listener
+/// reads a passed-on cancel's body before it checks its signature, and a client sending a
+/// byte now and then held its connection (one of 32 places, health checks' included) for as
+/// long as it liked (final review, 2026-12-07). The API and the console share the same server
+/// loop, and so the same bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_come_is_cut_after_its_time() {
+    let g = vigil_chaos::ssh::Gateway::start("").await;
+    let admin = g.node.node.admin_addr;
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+            vigil_node::core::peers::PG_CANCEL_PATH
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    // A byte every 5 s: never idle for long, never done.
+    let answer = tokio::time::timeout(Duration::from_secs(45), async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                n = s.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                },
+                () = tokio::time::sleep(Duration::from_secs(5)) => {
+                    let _ = s.write_all(b"x").await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the connection is closed within 45 s");
+    assert!(started.elapsed() >= Duration::from_secs(25));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}

@@ -163,9 +163,6 @@ async fn read_body(body: axum::body::Body) -> Result<Bytes, ()> {
     }
 }
 
-/// Time a client has to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Binds the API listener; serve it with [`serve`].
 pub async fn bind(
     config: &ApiConfig,
@@ -468,8 +465,10 @@ impl TlsListener {
                     let Ok(origin) = admitted.await else {
                         return;
                     };
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let handshake = tokio::time::timeout(
+                        crate::core::http::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    );
                     if let Ok(Ok(tls)) = handshake.await {
                         let _ = ready.send((tls, origin, place)).await;
                     }

@@ -19,9 +19,18 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+/// Time a client has to finish the TLS handshake on the API, console and Kubernetes listeners.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Time a client has to send a request's whole head, from the first byte it is read for (on
 /// a kept-alive HTTP/1.1 connection, also the time it may stay idle between requests).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time a client of the API, console and admin listeners has to send a request's whole body,
+/// from its head on. Their handlers read a body before they can judge it (a SAML form before
+/// its signature is checked, a vote before the person's session), so a body sent a byte at a
+/// time would otherwise hold its connection, and its place, for good.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An HTTP/2 connection is pinged after this long without a frame, and closed when the ping
 /// is not answered within as long again.
@@ -133,6 +142,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let builder = Arc::new(builder(max_header_bytes, None));
+    let app = app.layer(axum::middleware::map_request(with_body_deadline));
     let (stop, stopping) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -166,4 +176,63 @@ pub async fn serve(
     }
     let _ = stop.send(true);
     while connections.join_next().await.is_some() {}
+}
+
+/// The request with its body held to [`BODY_READ_TIMEOUT`] from now (its head read).
+async fn with_body_deadline(req: axum::extract::Request) -> axum::extract::Request {
+    req.map(|body| axum::body::Body::new(Deadline::new(body, BODY_READ_TIMEOUT)))
+}
+
+/// A request body that fails once it has not ended within its time (see
+/// [`BODY_READ_TIMEOUT`]): the handler reading it gets an error (axum answers 400) and the
+/// connection closes.
+struct Deadline<B> {
+    body: B,
+    within: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Deadline<B> {
+    fn new(body: B, within: Duration) -> Self {
+        Self {
+            body,
+            within,
+            sleep: Box::pin(tokio::time::sleep(within)),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Deadline<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = B::Data;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "the request's body did not come within {} s",
+                self.within.as_secs()
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }

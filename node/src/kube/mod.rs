@@ -46,9 +46,6 @@ pub const PROTOCOL: &str = "kubernetes";
 /// with expired (`identity.session_expiry`).
 const TOKEN_ENDED: &str = "the token expired";
 
-/// Time a client has to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 type Upstream = Client<hyper_rustls::HttpsConnector<HttpConnector>, proxy::OutBody>;
 
 /// A cluster and the client the gateway reaches its API server with.
@@ -243,7 +240,7 @@ async fn serve(
                             return;
                         };
                         let Ok(Ok(stream)) =
-                            tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
+                            tokio::time::timeout(crate::core::http::HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
                         else {
                             return;
                         };
