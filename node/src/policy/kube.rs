@@ -49,7 +49,99 @@ pub struct KubeAction<'a> {
     pub all_names: bool,
 }
 
+/// Every verb a request is classified with (`kube::request_info`): the API server's, and the
+/// lower-case HTTP methods of non-resource URLs.
+const VERBS: [&str; 12] = [
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "proxy",
+    "head",
+    "post",
+    "put",
+];
+
+/// The singular names of built-in kinds, which the API server never uses in a path: a rule
+/// naming one would never match.
+const SINGULARS: [(&str, &str); 22] = [
+    ("pod", "pods"),
+    ("secret", "secrets"),
+    ("configmap", "configmaps"),
+    ("namespace", "namespaces"),
+    ("node", "nodes"),
+    ("service", "services"),
+    ("serviceaccount", "serviceaccounts"),
+    ("endpoint", "endpoints"),
+    ("event", "events"),
+    ("persistentvolume", "persistentvolumes"),
+    ("persistentvolumeclaim", "persistentvolumeclaims"),
+    ("deployment", "deployments"),
+    ("replicaset", "replicasets"),
+    ("statefulset", "statefulsets"),
+    ("daemonset", "daemonsets"),
+    ("job", "jobs"),
+    ("cronjob", "cronjobs"),
+    ("role", "roles"),
+    ("rolebinding", "rolebindings"),
+    ("clusterrole", "clusterroles"),
+    ("clusterrolebinding", "clusterrolebindings"),
+    ("lease", "leases"),
+];
+
 impl KubeMatch {
+    /// Refuses, at load, a verb, resource or subresource the API server never names that way
+    /// (`DELETE`, `secret`, `Pods`, `logs`): such a rule would never match, and a guardrail
+    /// would silently not be there.
+    pub(super) fn check(&self) -> Result<(), String> {
+        if let Some(v) = self
+            .verbs
+            .iter()
+            .find(|v| v.as_str() != "*" && !VERBS.contains(&v.as_str()))
+        {
+            return Err(format!(
+                "verbs: {v:?} is not a verb of a Kubernetes request; use `*` or: {}",
+                VERBS.join(", ")
+            ));
+        }
+        for (field, patterns) in [
+            ("resources", &self.resources),
+            ("subresources", &self.subresources),
+        ] {
+            for p in patterns {
+                if p.chars().any(|c| c.is_ascii_uppercase()) {
+                    return Err(format!(
+                        "{field}: {p:?} has upper case, but the API server names resources in lower case, as in its paths"
+                    ));
+                }
+                for part in p.split('/') {
+                    if let Some((_, plural)) = SINGULARS.iter().find(|(one, _)| *one == part) {
+                        return Err(format!(
+                            "{field}: {p:?} names {part:?}, but the API server names resources in the plural, as in its paths: {plural:?}"
+                        ));
+                    }
+                    if field == "subresources" || p.ends_with(&format!("/{part}")) {
+                        if let Some(right) = match part {
+                            "logs" => Some("log"),
+                            "port-forward" | "portforwards" => Some("portforward"),
+                            "evictions" => Some("eviction"),
+                            _ => None,
+                        } {
+                            return Err(format!(
+                                "{field}: {p:?} names the subresource {part:?}, which the API server calls {right:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn matches(&self, a: &KubeAction<'_>) -> bool {
         self.matches_in(a, false, false)
     }

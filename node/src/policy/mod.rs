@@ -125,6 +125,33 @@ impl SqlMatch {
     }
 }
 
+impl SqlMatch {
+    /// Refuses, at load, a pattern that could never match what the classifier reports: a rule
+    /// that never matches is a guardrail that silently is not there.
+    fn check(&self) -> Result<(), String> {
+        for t in &self.tables {
+            if t.is_empty() || t.split('.').count() > 2 || t.split('.').any(str::is_empty) {
+                return Err(format!(
+                    "tables: {t:?} is not `table` or `schema.table` (a database name is not part of it)"
+                ));
+            }
+            if t.contains(['*', '?', '[']) {
+                return Err(format!(
+                    "tables: {t:?} is a glob, but table names are matched exactly: list each table (each partition)"
+                ));
+            }
+        }
+        for f in &self.functions {
+            if f.is_empty() || f.contains(['.', '(', ')', ' ', '*', '?']) {
+                return Err(format!(
+                    "functions: {f:?} is not a function's name: write it without schema, arguments or globs (`pg_sleep`); calls are matched by name in every schema"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A rule as written in the config (`[[policy.rules]]`), and as hashed into the policy
 /// version: one flat table, unknown keys refused. Fields of another protocol than the rule's
 /// are refused too. The SSH fields are left out of the hashed form when empty, so the version
@@ -211,6 +238,10 @@ impl TryFrom<RuleTable> for Rule {
             ..ssh::SshMatch::default()
         };
         let id = &t.id;
+        sql.check()
+            .and_then(|()| kube_only.check())
+            .and_then(|()| ssh_only.check())
+            .map_err(|e| format!("rule {id:?}: {e}"))?;
         let sql_empty = sql == SqlMatch::default();
         // The command conditions (programs, args, command_flags) are shared by SSH exec and
         // Kubernetes exec; the rest belongs to one protocol.
@@ -1285,6 +1316,73 @@ resources = ["pods/portforward"]
         )
         .unwrap();
         assert!(matches!(&ok.rules[0].matcher, Matcher::Kube(m) if m.command.programs == ["rm"]));
+    }
+
+    /// A value no request is ever classified with is refused at load, naming what to write:
+    /// a rule that can never match is a guardrail that is silently not there (outside review,
+    /// 2026-12-07: `verbs = ["DELETE"]`, `resources = ["secret"]`, `operations = ["delete"]`,
+    /// `functions = ["pg_catalog.pg_sleep"]`, `tables = ["app.hr.payroll"]` and
+    /// `tables = ["payroll*"]` loaded, and each rule let through what it named).
+    #[test]
+    fn a_rule_value_that_can_never_match_is_refused_at_load() {
+        let refused = |protocol: &str, condition: &str, says: &str| {
+            let e = toml::from_str::<PolicyConfig>(&format!(
+                "[[rules]]\nid = \"r\"\naction = \"block\"\nprotocol = \"{protocol}\"\n{condition}"
+            ))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(says), "{condition}: {e}");
+        };
+        refused("kubernetes", "verbs = [\"DELETE\"]", "is not a verb");
+        refused("kubernetes", "verbs = [\"exec\"]", "is not a verb");
+        refused("kubernetes", "resources = [\"secret\"]", "\"secrets\"");
+        refused(
+            "kubernetes",
+            "resources = [\"apps/deployment/scale\"]",
+            "\"deployments\"",
+        );
+        refused("kubernetes", "resources = [\"Pods\"]", "upper case");
+        refused("kubernetes", "resources = [\"pods/logs\"]", "\"log\"");
+        refused(
+            "kubernetes",
+            "subresources = [\"port-forward\"]",
+            "\"portforward\"",
+        );
+        refused("ssh", "operations = [\"delete\"]", "not an SFTP operation");
+        refused(
+            "postgres",
+            "functions = [\"pg_catalog.pg_sleep\"]",
+            "without schema",
+        );
+        refused(
+            "postgres",
+            "functions = [\"pg_sleep(float8)\"]",
+            "without schema",
+        );
+        refused("postgres", "tables = [\"app.hr.payroll\"]", "schema.table");
+        refused("postgres", "tables = [\"payroll*\"]", "glob");
+        for (protocol, condition) in [
+            (
+                "kubernetes",
+                "verbs = [\"*\", \"deletecollection\", \"post\"]",
+            ),
+            (
+                "kubernetes",
+                "resources = [\"apps/deployments/scale\", \"pods/*\", \"*\"]",
+            ),
+            ("kubernetes", "subresources = [\"log\", \"exec\"]"),
+            ("ssh", "operations = [\"modify\", \"remove\", \"set_stat\"]"),
+            (
+                "postgres",
+                "functions = [\"pg_sleep\"]\ntables = [\"hr.payroll\", \"payroll\"]",
+            ),
+        ] {
+            let rule = format!(
+                "[[rules]]\nid = \"r\"\naction = \"block\"\nprotocol = \"{protocol}\"\n{condition}"
+            );
+            toml::from_str::<PolicyConfig>(&rule).unwrap_or_else(|e| panic!("{condition}: {e}"));
+        }
     }
 
     #[test]

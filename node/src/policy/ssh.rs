@@ -55,6 +55,24 @@ pub struct SshMatch {
     pub operations: Vec<String>,
 }
 
+impl SshMatch {
+    /// Refuses, at load, an SFTP operation that is not one (a rule naming `delete` instead of
+    /// `remove` would never match).
+    pub(super) fn check(&self) -> Result<(), String> {
+        match self
+            .operations
+            .iter()
+            .find(|o| o.as_str() != "modify" && !SftpOp::NAMES.contains(&o.as_str()))
+        {
+            Some(o) => Err(format!(
+                "operations: {o:?} is not an SFTP operation; use `modify` or one of: {}",
+                SftpOp::NAMES.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The conditions on a command of an exec line, shared by SSH and Kubernetes exec rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommandMatch {

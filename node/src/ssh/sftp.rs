@@ -152,6 +152,30 @@ pub enum SftpOp {
 }
 
 impl SftpOp {
+    /// Every [`SftpOp::name`] a rule's `operations` may name (`init` is not decided).
+    pub const NAMES: [&'static str; 20] = [
+        "open",
+        "close",
+        "read",
+        "write",
+        "stat",
+        "set_stat",
+        "open_dir",
+        "read_dir",
+        "remove",
+        "mkdir",
+        "rmdir",
+        "real_path",
+        "rename",
+        "read_link",
+        "symlink",
+        "hardlink",
+        "copy_data",
+        "fsync",
+        "extended",
+        "unknown",
+    ];
+
     /// A stable name for policy rules and audit records.
     pub fn name(&self) -> &'static str {
         match self {
@@ -1739,7 +1763,12 @@ mod tests {
             SftpOp::Hardlink,
             SftpOp::CopyData,
             SftpOp::Fsync,
+            SftpOp::Extended(String::new()),
+            SftpOp::Unknown(0),
         ];
+        // Every operation but `init` has its name in the list rules are checked against.
+        let named: Vec<_> = all[1..].iter().map(SftpOp::name).collect();
+        assert_eq!(named, SftpOp::NAMES);
         // For the unit variants, name() is the serde name.
         for op in all {
             if let serde_json::Value::String(s) = serde_json::to_value(&op).unwrap() {
