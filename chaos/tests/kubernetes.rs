@@ -2206,7 +2206,8 @@ approval = { approvers = "approvers", wait_secs = 0, ttl_secs = 600 }
 /// A rule that blocks or holds one named object covers every collection request that
 /// reaches it (outside review): the list of its namespace (`kubectl get secrets -o
 /// jsonpath`), a watch, a list whose selector excludes another name, the list across all
-/// namespaces; and a deletecollection is held by the rule holding deletes. None reaches the
+/// namespaces, a merge patch (dry run or not: it answers with the Secret); and a
+/// deletecollection is held by the rule holding deletes. None reaches the
 /// API server (its audit log), each is on record blocked under its rule, top-secret's value
 /// is in no answer, and cm1 still exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2259,6 +2260,16 @@ async fn a_rule_on_one_object_covers_the_lists_watches_and_deletecollections_rea
         assert_eq!(code, 403, "{path}: {said}");
         assert!(!said.contains("aHVudGVyMi10b3A"), "{path}: {said}");
     }
+    // A merge patch of a label, with or without dryRun, is answered with the Secret as
+    // stored: it reads it, and is refused as its get.
+    let merge = [("Content-Type", "application/merge-patch+json")];
+    for query in ["", "?dryRun=All"] {
+        let path = format!("{secrets}/top-secret{query}");
+        let body = br#"{"metadata":{"labels":{"vigil-test":"x"}}}"#;
+        let (code, said) = raw(g, &ops, "PATCH", &path, &merge, Some(body)).await;
+        assert_eq!(code, 403, "{path}: {said}");
+        assert!(!said.contains("aHVudGVyMi10b3A"), "{path}: {said}");
+    }
     let path = format!("/api/v1/namespaces/{ns}/configmaps?fieldSelector=metadata.name%3Dcm1");
     let (code, said) = raw(g, &ops, "DELETE", &path, &[], None).await;
     assert_ne!(code / 100, 2, "{said}");
@@ -2293,13 +2304,14 @@ async fn a_rule_on_one_object_covers_the_lists_watches_and_deletecollections_rea
         top("watch"),
         top("list"),
         top("list"),
+        top("patch"),
     ] {
         let n = |w: &(String, String)| refused.iter().filter(|r| *r == w).count();
         assert!(n(&want) >= 1, "{want:?} in {refused:?}");
     }
     assert_eq!(
         refused.iter().filter(|r| r.1 == "top-secret").count(),
-        5,
+        7,
         "{refused:?}"
     );
     assert!(

@@ -1173,11 +1173,12 @@ fn decide(
             })
             .collect()),
     };
-    // A list or watch gets, a deletecollection deletes, each object it reaches: decided as
-    // that `get` or `delete` too, by the rules that block or hold it.
-    let reached: Vec<KubeAction> = kube::per_object_verb(&info.verb)
-        .map(|verb| KubeAction { verb, ..action })
-        .into_iter()
+    // A list or watch gets, a deletecollection deletes, each object it reaches, and what
+    // answers with the object as stored gets it: decided as that `get` or `delete` too, by
+    // the rules that block or hold it.
+    let reached: Vec<KubeAction> = kube::per_object_verbs(&info.verb)
+        .iter()
+        .map(|&verb| KubeAction { verb, ..action })
         .collect();
     let decision = policy.decide_actions_reaching(
         actions.as_deref().map_err(Clone::clone),
@@ -2302,6 +2303,31 @@ approval = { approvers = "sre" }
         assert_eq!(
             at("GET", "/api/v1/namespaces/a/tokens", None),
             (Action::Block, "secret-reads".into())
+        );
+        // A change answered with the object as stored reads it, dry run or not.
+        for (method, query) in [
+            ("PATCH", None),
+            ("PATCH", Some("dryRun=All")),
+            ("PUT", None),
+            ("DELETE", None),
+            ("DELETE", Some("dryRun=All")),
+        ] {
+            assert_eq!(
+                at(method, "/api/v1/namespaces/a/secrets/top-secret", query),
+                blocked,
+                "{method} {query:?}"
+            );
+            assert_eq!(
+                at(method, "/api/v1/namespaces/a/secrets/other", query),
+                allowed,
+                "{method} {query:?}"
+            );
+        }
+        assert_eq!(at("DELETE", "/api/v1/namespaces/a/secrets", None), blocked);
+        assert_eq!(
+            at("POST", "/api/v1/namespaces/a/secrets", None),
+            allowed,
+            "a create is answered with what it sent"
         );
         let held = (Action::RequireApproval, "cm-deletes".to_string());
         assert_eq!(

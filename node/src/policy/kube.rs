@@ -325,13 +325,16 @@ pub fn whole_collection(verb: &str, resource: &str, name: &str) -> bool {
     matches!(verb, "list" | "watch" | "deletecollection") && name.is_empty() && !resource.is_empty()
 }
 
-/// The verb a collection request also does to each object it reaches: a `list` or `watch`
-/// returns each object as a `get` would, a `deletecollection` deletes each as a `delete`.
-pub fn per_object_verb(verb: &str) -> Option<&'static str> {
+/// What a request also does to each object it reaches: a `list` or `watch` returns each
+/// object as a `get` would; a `deletecollection` deletes each as a `delete` and, as a
+/// `delete`, `patch` or `update` does, answers with the objects as stored, values the client
+/// did not send included (a merge patch of a label, or any of them with `dryRun`, reads a
+/// Secret whole; outside review, 2026-12-07).
+pub fn per_object_verbs(verb: &str) -> &'static [&'static str] {
     match verb {
-        "list" | "watch" => Some("get"),
-        "deletecollection" => Some("delete"),
-        _ => None,
+        "list" | "watch" | "patch" | "update" | "delete" => &["get"],
+        "deletecollection" => &["delete", "get"],
+        _ => &[],
     }
 }
 
