@@ -3249,3 +3249,87 @@ paths = ["/tmp/vigil-protected-*"]
         .count();
     assert_eq!(refused, targets.len() + 1);
 }
+
+/// A connection holds at most `ssh.max_channels` channels: one more is refused (resource
+/// shortage) and on record, and a place is free again once a channel closes. Without a bound,
+/// one connection opened a channel per held request, each keeping up to 1 MiB of input, until
+/// the node's memory and the approvers' inbox filled (outside review, 2026-12-07). And an
+/// `env` sent once the channel's exec runs reaches nothing: it is on record as refused, not as
+/// passed, and the command runs without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_a_bounded_number_of_channels_and_a_late_env_is_refused() {
+    let g = Gateway::start_settings(
+        &policy(),
+        "max_channels = 3\nallowed_env = [\"LANG\"]",
+        None,
+    )
+    .await;
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let h = token_login(g.port(), &g.user(), &token).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(h.channel_open_session().await.expect("within the limit"));
+    }
+    let refused = h.channel_open_session().await;
+    assert!(
+        matches!(
+            refused,
+            Err(russh::Error::ChannelOpenFailure(
+                russh::ChannelOpenFailure::ResourceShortage
+            ))
+        ),
+        "{:?}",
+        refused.map(|c| c.id())
+    );
+    // A closed channel frees its place.
+    let first = open.remove(0);
+    first.close().await.unwrap();
+    drop(first);
+    let mut late = None;
+    for _ in 0..50 {
+        if let Ok(ch) = h.channel_open_session().await {
+            late = Some(ch);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ch = late.expect("a place is free again");
+    let suffix = vigil_chaos::random_suffix();
+    let command = format!("sleep 1; echo LANG=[$LANG] {suffix}");
+    ch.exec(false, command.as_str()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ch.set_env(false, "LANG", "C.after-exec").await.unwrap();
+    let (out, _, status) = outcome(&mut ch).await;
+    assert_eq!(status, Some(0));
+    let out = String::from_utf8_lossy(&out);
+    assert!(!out.contains("after-exec"), "{out}");
+    drop((open, ch, h));
+    let records = g.node.records_after_sessions(1).await;
+    let blocked: Vec<(String, Option<String>, String)> = of_kind(&records, Kind::Blocked)
+        .into_iter()
+        .filter_map(|r| match &r.body.request {
+            Some(Request::Ssh(s)) => Some((
+                s.request_type.clone(),
+                s.command.clone(),
+                r.body.detail.clone().unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        blocked.iter().any(|(kind, _, why)| kind == "session"
+            && why.contains("3 channels open, the most ssh.max_channels allows")),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked.iter().any(|(kind, name, why)| kind == "env"
+            && name.as_deref() == Some("LANG")
+            && why.contains("already runs a request")),
+        "{blocked:?}"
+    );
+    let passed = ssh_requests(&records)
+        .into_iter()
+        .filter(|(kind, request_type, _)| *kind == Kind::Request && request_type == "env")
+        .count();
+    assert_eq!(passed, 0, "no env on record as passed");
+}

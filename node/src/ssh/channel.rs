@@ -223,6 +223,17 @@ pub async fn pty(conn: &mut Conn, id: ChannelId, pty: Pty, session: &mut Session
 /// passed to the host; others are refused and recorded. No reply either way: OpenSSH asks for none,
 /// and a reply nobody waits for would be taken as the answer to a later request.
 pub async fn env(conn: &mut Conn, id: ChannelId, name: &str, value: &str) {
+    match conn.channels.get(&id) {
+        Some(Chan::Idle | Chan::Setup(_)) => {}
+        // What runs (or is held) has its environment already: the variable would reach
+        // nothing, so it is on record as refused, not as passed (outside review, 2026-12-07).
+        Some(Chan::Running { .. }) => {
+            let why = "the channel already runs a request: a variable set now reaches nothing";
+            refuse_request(conn, id, "env", Some(name), why);
+            return;
+        }
+        Some(Chan::Done) | None => return,
+    }
     let allowed = conn
         .ctx
         .config
@@ -908,6 +919,21 @@ pub fn busy(
             true
         }
     }
+}
+
+/// Whether the connection already has `ssh.max_channels` channels open, so that channel `id`
+/// (of `kind`, being opened) is refused: then on record as a `blocked` request naming the
+/// limit. Without a limit, each channel could hold a request for approval with its input, and
+/// one connection filled the node's memory and the approvers' inbox (outside review,
+/// 2026-12-07).
+pub fn over_limit(conn: &Conn, id: ChannelId, kind: &str) -> bool {
+    let max = conn.ctx.config.max_channels;
+    if conn.channels.len() < max {
+        return false;
+    }
+    let why = format!("the connection has {max} channels open, the most ssh.max_channels allows");
+    refuse_request(conn, id, kind, None, &why);
+    true
 }
 
 /// Closes client channel `id` from the gateway's side: what runs on it gets the client's

@@ -36,6 +36,10 @@ pub struct SshConfig {
     /// Authentication attempts per connection.
     #[serde(default = "default_max_auth_attempts")]
     pub max_auth_attempts: usize,
+    /// Channels a connection may have open at once (sessions and forwards), as sshd's
+    /// `MaxSessions`: each may hold a request for approval and the input sent meanwhile.
+    #[serde(default = "default_max_channels")]
+    pub max_channels: usize,
     /// A session in which nothing happens for this long (no byte on any channel in either
     /// direction, no channel opened) is ended by the gateway; `0`: never.
     #[serde(default)]
@@ -59,6 +63,9 @@ fn default_max_unauthenticated_connections() -> usize {
 }
 fn default_max_auth_attempts() -> usize {
     6
+}
+fn default_max_channels() -> usize {
+    10
 }
 fn default_env_allow() -> Vec<String> {
     vec!["LANG".into(), "LC_*".into(), "TERM".into()]
@@ -106,6 +113,9 @@ impl SshConfig {
                 "ssh.max_unauthenticated_connections",
                 "must be at least 1",
             ));
+        }
+        if self.max_channels == 0 {
+            return Err(invalid("ssh.max_channels", "must be at least 1"));
         }
         if self.max_auth_attempts == 0 {
             return Err(invalid("ssh.max_auth_attempts", "must be at least 1"));

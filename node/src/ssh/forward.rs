@@ -216,6 +216,10 @@ pub async fn direct_tcpip(
 ) {
     let id = channel.id();
     drop(channel);
+    if channel::over_limit(conn, id, "direct-tcpip") {
+        reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        return;
+    }
     let ask = Ask {
         channel: id.number(),
         ..Ask::new(SshRequestKind::Forward, "direct-tcpip", host_name, port)

@@ -708,6 +708,12 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.activity.touch();
+        if channel::over_limit(self, channel.id(), "session") {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
         self.channels.insert(channel.id(), Chan::default());
         reply.accept().await;
         Ok(())
