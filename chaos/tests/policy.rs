@@ -1673,3 +1673,46 @@ functions = ["nextval", "pg_sleep"]
         );
     }
 }
+
+/// A quoted name holding a detected value is recorded as a bare `[redacted]`, which names
+/// nothing. Masked inside its quotes (`"…1111"`, a token's `"tok_…"`), the records of two
+/// statements on different tables read the same, and as naming a table that may exist
+/// (outside review, 2026-12-07). PostgreSQL's log shows what ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t75b_a_quoted_name_with_a_detected_value_is_recorded_as_naming_nothing() {
+    let (node, _, mut w) = masking_session().await;
+    let offset = pg_log_len();
+    let card = "4111111111111111";
+    let statements = [
+        format!("CREATE TEMP TABLE \"{card}\" (i int)"),
+        format!("DROP TABLE \"{card}\""),
+    ];
+    for sql in &statements {
+        let got = w.batch(&[wire::query(sql)]).await;
+        assert!(got.iter().any(|m| m.tag == b'C'), "{sql}: {got:?}");
+    }
+    drop(w);
+    let ran: Vec<String> = pg_executed(&node.files.db, offset)
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    for sql in &statements {
+        assert!(ran.contains(sql), "{sql} ran: {ran:#?}");
+    }
+    let records = node.records_after_sessions(1).await;
+    let recorded: Vec<&str> = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter_map(|r| r.body.pg_request())
+        .map(|r| r.text.as_str())
+        .collect();
+    for want in [
+        "CREATE TEMP TABLE [redacted] (i int)",
+        "DROP TABLE [redacted]",
+    ] {
+        assert!(recorded.contains(&want), "{want} in {recorded:#?}");
+    }
+    assert!(
+        !recorded.iter().any(|t| t.contains("1111\"")),
+        "{recorded:#?}"
+    );
+}

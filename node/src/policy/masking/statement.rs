@@ -95,6 +95,20 @@ fn by_tokens(
             continue;
         };
         let mut masked = by_line(masker, inner, counts);
+        // A quoted name is a name, not a value: masked inside its quotes it would name
+        // another object (`"ops@example.com"` as `"tok_…"`, a table that may exist; outside
+        // review, 2026-12-07). The record shows it as `[redacted]`, which names nothing; an
+        // approver cannot be shown what the statement reaches.
+        if quoted_name(t.token, text) && masked != inner {
+            if !whole {
+                return Err(Unfaithful(
+                    "a quoted name holds a detected value: masked, it would name another object"
+                        .into(),
+                ));
+            }
+            out.push_str(PLACEHOLDER);
+            continue;
+        }
         if markers
             .iter()
             .any(|m| masked.matches(m).count() != inner.matches(m).count())
@@ -129,11 +143,12 @@ fn by_tokens(
 /// quoted identifiers and comments, in order (`None` when the scanner cannot read it).
 fn outline(text: &str) -> Option<(usize, Vec<i32>)> {
     let tokens = pg_query::scan_tokens(text).ok()?;
+    // Quoted names are left out: one with a detected value is shown as `[redacted]` whole.
     let kinds = tokens
         .iter()
         .filter(|t| {
             text.get(t.start as usize..t.end as usize)
-                .is_some_and(|s| delimited(t.token, s).is_some())
+                .is_some_and(|s| delimited(t.token, s).is_some() && !quoted_name(t.token, s))
         })
         .map(|t| t.token)
         .collect();
@@ -172,10 +187,15 @@ fn delimited(token: i32, text: &str) -> Option<(&str, &str, &str, &'static [&'st
     if literal {
         return quoted('\'', &["'", "\\", "--", "/*", "*/"]);
     }
-    if (token == Token::Ident as i32 || token == Token::Uident as i32) && text.ends_with('"') {
+    if quoted_name(token, text) {
         return quoted('"', &["\""]);
     }
     None
+}
+
+/// A quoted identifier (`"Name"`, `U&"…"`).
+fn quoted_name(token: i32, text: &str) -> bool {
+    (token == Token::Ident as i32 || token == Token::Uident as i32) && text.ends_with('"')
 }
 
 /// The statement with the credentials it carries taken out of its string constants: the
@@ -704,15 +724,55 @@ mod tests {
         // A kept-last mask inside a comment makes `*` next to `/`.
         let sql = "SELECT 1 /* 4111111111111111/ */";
         assert!(shown(Method::KeepLast, sql).is_err());
-        // Dollar quotes, escaped quotes and identifiers keep their delimiters.
+        // Dollar quotes and escaped quotes keep their delimiters.
         for sql in [
             "SELECT $q$ alice@example.com $q$",
             "SELECT E'it''s alice@example.com\\n'",
-            "SELECT 1 AS \"alice@example.com\"",
         ] {
             let out = shown(Method::Redact, sql).unwrap();
             assert!(!out.contains("alice@"), "{out}");
             assert_eq!(kinds(&out), kinds(sql), "{sql} -> {out}");
+        }
+        // A quoted name with a detected value cannot be shown: masked, it names another object.
+        for method in [Method::Redact, Method::KeepLast, Method::Token] {
+            let e = shown(method, "DROP TABLE \"alice@example.com\"").unwrap_err();
+            assert!(e.0.contains("quoted name"), "{e}");
+        }
+        assert_eq!(
+            shown(Method::Token, "DROP TABLE \"Payroll\"").unwrap(),
+            "DROP TABLE \"Payroll\""
+        );
+    }
+
+    /// A quoted name is recorded as `[redacted]`, which names nothing: masked inside its
+    /// quotes, two different tables dropped were recorded as the same statement, and the
+    /// token's `tok_…` was a name a table could have (outside review, 2026-12-07).
+    #[test]
+    fn a_quoted_name_with_a_detected_value_is_recorded_as_naming_nothing() {
+        for method in [Method::Redact, Method::KeepLast, Method::Token] {
+            let mut counts = Counts::new();
+            for (sql, want) in [
+                (
+                    "DELETE FROM \"ops@example.com\" WHERE id = 1",
+                    "DELETE FROM [redacted] WHERE id = 1",
+                ),
+                (
+                    "DROP TABLE \"4111111111111111\", \"Payroll\"",
+                    "DROP TABLE [redacted], \"Payroll\"",
+                ),
+                ("SELECT 'ops@example.com' FROM U&\"ops@example.com\"", ""),
+            ] {
+                let got = mask_recorded(&masker(method), sql, &mut counts).unwrap();
+                if want.is_empty() {
+                    assert!(
+                        got.ends_with("FROM [redacted]"),
+                        "{method:?} {sql} -> {got}"
+                    );
+                    assert!(!got.contains("ops@"), "{got}");
+                } else {
+                    assert_eq!(got, want, "{method:?}");
+                }
+            }
         }
     }
 
