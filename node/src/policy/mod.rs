@@ -242,6 +242,16 @@ impl TryFrom<RuleTable> for Rule {
             .and_then(|()| kube_only.check())
             .and_then(|()| ssh_only.check())
             .map_err(|e| format!("rule {id:?}: {e}"))?;
+        // A program written with a path matches only commands written with that path: a rule
+        // that blocks or holds `/usr/bin/rm` would let `rm` and `/bin/rm` run.
+        if t.action != Action::Allow {
+            if let Some(p) = command.programs.iter().find(|p| p.contains('/')) {
+                return Err(format!(
+                    "rule {id:?}: programs: {p:?} matches only commands written with that path; a rule that blocks or holds names the program ({:?}), which matches it under every path",
+                    p.rsplit('/').next().unwrap_or(p)
+                ));
+            }
+        }
         let sql_empty = sql == SqlMatch::default();
         // The command conditions (programs, args, command_flags) are shared by SSH exec and
         // Kubernetes exec; the rest belongs to one protocol.
@@ -1362,6 +1372,8 @@ resources = ["pods/portforward"]
         );
         refused("postgres", "tables = [\"app.hr.payroll\"]", "schema.table");
         refused("postgres", "tables = [\"payroll*\"]", "glob");
+        refused("ssh", "programs = [\"/usr/bin/rm\"]", "(\"rm\")");
+        refused("kubernetes", "programs = [\"/bin/*\"]", "under every path");
         for (protocol, condition) in [
             (
                 "kubernetes",
