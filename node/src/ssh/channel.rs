@@ -20,7 +20,7 @@ use crate::policy::{gateway_block, with_note, Action, Decision};
 use russh::server::Session;
 use russh::{client, ChannelId, ChannelMsg, Sig};
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -49,8 +49,16 @@ pub(super) const INPUT_QUEUE: usize = 64;
 /// each message counts 64 bytes more than its data.
 pub(super) const MAX_HELD_INPUT: usize = 1 << 20;
 
+/// The most client input all held requests of the node keep at once: with `ssh.max_channels`
+/// per connection, connections are what bounds the rest.
+pub(super) const MAX_NODE_HELD_INPUT: usize = 64 << 20;
+
 /// Why a held request's wait ended when its client sent more than [`MAX_HELD_INPUT`].
 const HELD_INPUT_OVER: &str = "the client sent more than 1 MiB of input while it was held";
+
+/// Why a held request's wait ended when the node held [`MAX_NODE_HELD_INPUT`] of input.
+const NODE_HELD_INPUT_OVER: &str =
+    "the node holds 64 MiB of input for held requests: the client sent more while it was held";
 
 /// The client's input to a channel: what came while its request was held, then what the
 /// connection's handler queues.
@@ -58,6 +66,17 @@ pub(super) struct ClientInput {
     kept: std::collections::VecDeque<Input>,
     kept_bytes: usize,
     rx: mpsc::Receiver<Input>,
+    /// The node's count of kept input (`SshContext::held_input`), of which `kept_bytes` is
+    /// this channel's share until it is read or let go of.
+    node_kept: Option<Arc<AtomicUsize>>,
+}
+
+/// What a kept input counts against the bounds: 64 bytes more than its data.
+fn kept_cost(input: &Input) -> usize {
+    64 + match input {
+        Input::Data(data) => data.len(),
+        _ => 0,
+    }
 }
 
 impl ClientInput {
@@ -66,34 +85,65 @@ impl ClientInput {
             kept: Default::default(),
             kept_bytes: 0,
             rx,
+            node_kept: None,
         }
+    }
+
+    /// An input that may be held, its kept bytes counted in `node_kept` too.
+    fn counted(rx: mpsc::Receiver<Input>, node_kept: Arc<AtomicUsize>) -> Self {
+        let mut input = Self::new(rx);
+        input.node_kept = Some(node_kept);
+        input
     }
 
     /// The next input, what was kept first; `None` once the handler has let go of the channel.
     async fn recv(&mut self) -> Option<Input> {
         match self.kept.pop_front() {
-            Some(input) => Some(input),
+            Some(input) => {
+                self.release(kept_cost(&input));
+                Some(input)
+            }
             None => self.rx.recv().await,
+        }
+    }
+
+    fn release(&mut self, cost: usize) {
+        self.kept_bytes -= cost;
+        if let Some(node) = &self.node_kept {
+            node.fetch_sub(cost, Ordering::Relaxed);
         }
     }
 
     /// Takes what the client sends while its request is held, for when it runs: the handler
     /// waits for room in the queue, and russh's handler is the whole connection's, so a
     /// queue left full would stop every channel of the connection (keepalives included) for
-    /// as long as the wait. Resolves once more than [`MAX_HELD_INPUT`] came.
-    async fn keep(&mut self) {
+    /// as long as the wait. Resolves, saying why, once more than [`MAX_HELD_INPUT`] came, or
+    /// the node keeps more than [`MAX_NODE_HELD_INPUT`] for all its held requests.
+    async fn keep(&mut self) -> &'static str {
         while let Some(input) = self.rx.recv().await {
-            self.kept_bytes += 64;
-            if let Input::Data(data) = &input {
-                self.kept_bytes += data.len();
-            }
+            let cost = kept_cost(&input);
+            self.kept_bytes += cost;
+            let node = self
+                .node_kept
+                .as_ref()
+                .map_or(0, |n| n.fetch_add(cost, Ordering::Relaxed) + cost);
             self.kept.push_back(input);
             if self.kept_bytes > MAX_HELD_INPUT {
-                return;
+                return HELD_INPUT_OVER;
+            }
+            if node > MAX_NODE_HELD_INPUT {
+                return NODE_HELD_INPUT_OVER;
             }
         }
         // The handler let go of the channel: the client's leaving ends the wait.
         std::future::pending().await
+    }
+}
+
+impl Drop for ClientInput {
+    fn drop(&mut self) {
+        let rest = self.kept_bytes;
+        self.release(rest);
     }
 }
 
@@ -595,7 +645,7 @@ async fn run(conn: &mut Conn, id: ChannelId, run: Run<'_>, session: &mut Session
         decision: run.decision,
         policy,
         request,
-        input: ClientInput::new(rx),
+        input: ClientInput::counted(rx, conn.ctx.held_input.clone()),
         gone,
         ended_by: conn.ended_by.clone(),
     };
@@ -741,7 +791,7 @@ impl Starting {
         let left = async move {
             tokio::select! {
                 _ = gone => ended_by.get().map_or(CLIENT_LEFT, |e| e.held),
-                () = input.keep() => HELD_INPUT_OVER,
+                over = input.keep() => over,
             }
         };
         core.approvals.settle(hold, &mut record, left).await
@@ -1550,6 +1600,55 @@ fn sig_name(sig: &Sig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Input kept for held requests counts against the node's bound until it is read or let
+    /// go of: a held request whose input would take the node past it stops waiting, saying
+    /// why (outside review, 2026-12-07: 150 held channels on one connection, 1 MiB each).
+    #[tokio::test]
+    async fn held_input_counts_against_the_node_until_read_or_let_go_of() {
+        let node = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let mut first = ClientInput::counted(rx, node.clone());
+        tx.send(Input::Data(vec![0; 1000])).await.unwrap();
+        tx.send(Input::Eof).await.unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), first.keep()).await;
+        assert!(waited.is_err(), "within both bounds: still held");
+        assert_eq!(node.load(Ordering::Relaxed), 1000 + 64 + 64);
+        assert!(matches!(first.recv().await, Some(Input::Data(d)) if d.len() == 1000));
+        assert_eq!(
+            node.load(Ordering::Relaxed),
+            64,
+            "what was read is released"
+        );
+
+        // Another held request takes the node past its bound.
+        node.fetch_add(MAX_NODE_HELD_INPUT - 100, Ordering::Relaxed);
+        let (tx2, rx2) = mpsc::channel(INPUT_QUEUE);
+        let mut second = ClientInput::counted(rx2, node.clone());
+        tx2.send(Input::Data(vec![0; 100])).await.unwrap();
+        assert_eq!(second.keep().await, NODE_HELD_INPUT_OVER);
+        drop(second);
+        drop(first);
+        assert_eq!(
+            node.load(Ordering::Relaxed),
+            MAX_NODE_HELD_INPUT - 100,
+            "what was kept and never read is released when let go of"
+        );
+
+        // One request's own bound.
+        let (tx3, rx3) = mpsc::channel(INPUT_QUEUE);
+        let mut third = ClientInput::counted(rx3, Arc::new(AtomicUsize::new(0)));
+        let sender = tokio::spawn(async move {
+            for _ in 0..20 {
+                if tx3.send(Input::Data(vec![0; 64 << 10])).await.is_err() {
+                    break;
+                }
+            }
+        });
+        assert_eq!(third.keep().await, HELD_INPUT_OVER);
+        drop(third);
+        let _ = sender.await;
+    }
 
     #[test]
     fn sftp_server_is_followed_only_alone_on_its_line() {

@@ -50,6 +50,9 @@ pub struct SshContext {
     /// The fingerprint of Vigil's user CA: certificates it signed are accepted.
     pub user_ca: Option<russh::keys::ssh_key::Fingerprint>,
     russh: Arc<russh::server::Config>,
+    /// Bytes of client input the node keeps for requests held for approval, all connections
+    /// together (bounded by `channel::MAX_NODE_HELD_INPUT`).
+    held_input: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The SSH listener, bound.
@@ -101,6 +104,7 @@ impl SshServer {
             targets,
             user_ca,
             russh,
+            held_input: Default::default(),
         });
         Ok(Self {
             listener,
