@@ -2430,7 +2430,7 @@ async fn an_api_server_that_does_not_answer_is_a_timeout_on_record_but_a_quiet_w
         .unwrap()
         .replacen("name = \"dev\"", "name = \"wedged\"", 1);
     let url = vigil_chaos::env().get("VIGIL_DEV_KUBE_URL");
-    let wedged = wedged.replacen(&url, &format!("https://127.0.0.1:{silent_port}"), 1);
+    let wedged = wedged.replacen(url, &format!("https://127.0.0.1:{silent_port}"), 1);
     let g = Gateway::start_with(format!("{dev}\n[[kubernetes.clusters]]{wedged}"), None).await;
     let ops = token_for("agent-ops", "agent-ops-secret").await;
     let curl = |url: String| {

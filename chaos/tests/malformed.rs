@@ -103,6 +103,17 @@ async fn t40_malformed_frames_get_an_error_never_a_hang() {
             v
         }),
         ("truncated then closed", vec![0, 0, 0, 100, 0, 3, 0, 0]),
+        // PostgreSQL takes the last of a repeated parameter: the gateway would have recorded
+        // the first `application_name` (outside review, 2026-12-07).
+        (
+            "a parameter given twice",
+            wire::startup(&[
+                ("user", "agent"),
+                ("database", "app"),
+                ("application_name", "claimed"),
+                ("application_name", "real"),
+            ]),
+        ),
     ];
     for i in 0..20u64 {
         let mut v = rand::random::<[u8; 64]>().to_vec();
@@ -111,6 +122,13 @@ async fn t40_malformed_frames_get_an_error_never_a_hang() {
     }
     for (name, bytes) in &cases {
         let out = exchange(port, bytes).await;
+        if *name == "a parameter given twice" {
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                out.first() == Some(&b'E') && text.contains("a parameter given twice"),
+                "{name}: {text}"
+            );
+        }
         if !out.is_empty() {
             assert_eq!(
                 out[0],

@@ -129,6 +129,13 @@ impl Startup {
                 break;
             }
             let value = r.cstr()?;
+            // PostgreSQL takes the last of a repeated parameter; the gateway reads, records
+            // and decides by one value, so a parameter given twice is refused (outside
+            // review, 2026-12-07: two `application_name`s, the first on record, the last in
+            // effect).
+            if params.iter().any(|(k, _): &(String, String)| k == key) {
+                return Err(Malformed("StartupMessage (a parameter given twice)"));
+            }
             params.push((key.to_string(), value.to_string()));
         }
         r.finish()?;
@@ -668,6 +675,15 @@ mod tests {
         let s = Startup::parse(&p[8..]).unwrap();
         assert_eq!(s.get("database"), Some("d"));
         assert_eq!(Startup::parse(b"user\0u"), Err(Malformed("StartupMessage")));
+        let twice = startup_message(&[
+            ("user", "u"),
+            ("application_name", "claimed"),
+            ("application_name", "real"),
+        ]);
+        assert_eq!(
+            Startup::parse(&twice[8..]),
+            Err(Malformed("StartupMessage (a parameter given twice)"))
+        );
     }
 
     #[test]
