@@ -340,25 +340,82 @@ fn badge(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value 
     let failure = report
         .failures
         .iter()
-        .find(|f| f.stream == s.stream && f.seq.is_none_or(|seq| seq <= s.last_seq));
+        .find(|f| f.stream == s.stream && reaches_session(f, s.last_seq));
     let stream = report.streams.get(&s.stream).cloned().unwrap_or_default();
-    let checkpoint = witness
-        .as_ref()
-        .and_then(|w| w.iter().find(|c| Some(c.seq) == stream.anchored_seq))
-        .map(|c| json!({ "seq": c.seq, "time_ms": c.time_ms, "hash": c.hash }));
-    match failure {
-        Some(f) => json!({
+    let broken = |location: &str, seq: Option<u64>, problem: String| {
+        json!({
             "state": "broken",
             "stream": s.stream,
             "failure": {
-                "location": f.location.rsplit('/').next().unwrap_or(&f.location),
-                "seq": f.seq,
-                "problem": f.problem.to_string(),
+                "location": location.rsplit('/').next().unwrap_or(location),
+                "seq": seq,
+                "problem": problem,
             },
             "changed": changed_since_indexed(index, s, &file),
-        }),
-        None => verified(s, stream.anchored_seq, checkpoint, "log", witness.is_some()),
+        })
+    };
+    if let Some(f) = failure {
+        return broken(&f.location, f.seq, f.problem.to_string());
     }
+    // Every record through the session's last must be there, in order: a log that stops
+    // before it (its tail cut off, with no checkpoint past it to say so) holds none of them.
+    if stream.last_seq.is_none_or(|last| last < s.last_seq) {
+        let held = stream
+            .last_seq
+            .map_or("no record of the stream".into(), |l| {
+                format!("records through seq {l}")
+            });
+        let problem = format!(
+            "the log holds {held}; the session's records run through seq {}",
+            s.last_seq
+        );
+        return broken(&file.to_string_lossy(), Some(s.last_seq), problem);
+    }
+    // A checkpoint the verifier found fault with anchors nothing.
+    let checkpoint_failed = report
+        .failures
+        .iter()
+        .any(|f| f.stream == s.stream && is_checkpoint_problem(&f.problem));
+    let anchored_seq = stream.anchored_seq.filter(|_| !checkpoint_failed);
+    let checkpoint = witness
+        .as_ref()
+        .and_then(|w| w.iter().find(|c| Some(c.seq) == anchored_seq))
+        .map(|c| json!({ "seq": c.seq, "time_ms": c.time_ms, "hash": c.hash }));
+    verified(s, anchored_seq, checkpoint, "log", witness.is_some())
+}
+
+/// Whether a failure of the session's stream bears on its records, which end at `last_seq`:
+/// one located at or before it; a gap reported at a later record whose missing records start
+/// at or before it (records removed from the middle of the log are reported at the first one
+/// after them); a broken link right after it (a record is altered, or removed, where the
+/// next one's `prev` no longer matches: the session's last record, when that is it).
+fn reaches_session(f: &vigil_proto::verify::Failure, last_seq: u64) -> bool {
+    use vigil_proto::verify::Problem;
+    match (&f.problem, f.seq) {
+        (Problem::Gap { expected }, _) | (Problem::OutOfOrder { expected }, _) => {
+            *expected <= last_seq
+        }
+        (Problem::HashMismatch { .. }, Some(seq)) => seq <= last_seq.saturating_add(1),
+        // The stream stops short of a checkpoint: the session's records are missing when
+        // it stops before them (checked on its own, with or without a checkpoint).
+        (Problem::TruncatedBeforeCheckpoint { .. } | Problem::MissingStream { .. }, _) => false,
+        (_, seq) => seq.is_none_or(|seq| seq <= last_seq),
+    }
+}
+
+fn is_checkpoint_problem(p: &vigil_proto::verify::Problem) -> bool {
+    use vigil_proto::verify::Problem;
+    matches!(
+        p,
+        Problem::TruncatedBeforeCheckpoint { .. }
+            | Problem::MissingStream { .. }
+            | Problem::CheckpointMismatch
+            | Problem::BadCheckpointSignature(_)
+            | Problem::UnknownCheckpointKey
+            | Problem::UnpinnedKey { .. }
+            | Problem::MalformedCheckpoint(_)
+            | Problem::MisfiledCheckpoint { .. }
+    )
 }
 
 /// The session's records whose bytes in the log file are not the ones the index took when they
@@ -487,6 +544,79 @@ mod tests {
                 line
             })
             .collect()
+    }
+
+    /// The badge from the local log: a session whose records were taken out of the middle of
+    /// the file, cut off its end, or whose last record was altered is broken, whatever the
+    /// records after it say (outside review, 2026-12-07: records removed from the middle
+    /// were reported at the first record after the hole, past the session, and the badge
+    /// said verified).
+    #[test]
+    fn a_session_whose_records_left_the_log_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb"), dir.path()).unwrap();
+        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
+        let records: Vec<String> = (0..6u64)
+            .map(|seq| {
+                let session = if seq < 3 { "s-a" } else { "s-b" };
+                let kind = if seq % 3 == 0 { "session_start" } else { "request" };
+                let line = format!(
+                    r#"{{"v":{v},"stream":"n1:1","seq":{seq},"prev":"{prev}","time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1","session":"{session}","kind":"{kind}","outcome":"success","connection":{{"protocol":"postgres","client_addr":"127.0.0.1:1","client_tls":true,"name":"app"}}}}"#,
+                    v = vigil_proto::record::SCHEMA_VERSION
+                );
+                prev = hex::encode(vigil_proto::chain::record_hash(line.as_bytes()));
+                line
+            })
+            .collect();
+        let lines: Vec<Line> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| line(&format!("n1-1.jsonl:{}", i + 1), r))
+            .collect();
+        index.take(&[], &lines).unwrap();
+        let (summary, _) = index.session("s-a").unwrap().unwrap();
+        assert_eq!(summary.last_seq, 2);
+        let file = dir.path().join(format!("n1-1{}", crate::audit::LOG_SUFFIX));
+        let write = |keep: &[String]| {
+            std::fs::write(
+                &file,
+                keep.iter().map(|r| format!("{r}\n")).collect::<String>(),
+            )
+            .unwrap()
+        };
+        let state = || badge(&index, &summary, None);
+
+        write(&records);
+        assert_eq!(state()["state"], "verified", "{}", state());
+        // Its records 1 and 2 taken out of the middle: the gap is seen at seq 3.
+        write(&[records[0].clone(), records[3].clone(), records[4].clone()]);
+        let b = state();
+        assert_eq!(b["state"], "broken", "{b}");
+        assert!(
+            b["failure"]["problem"].as_str().unwrap().contains("gap"),
+            "{b}"
+        );
+        // The file cut off after seq 0.
+        write(&records[..1]);
+        let b = state();
+        assert_eq!(b["state"], "broken", "{b}");
+        assert!(
+            b["failure"]["problem"]
+                .as_str()
+                .unwrap()
+                .contains("through seq 0"),
+            "{b}"
+        );
+        // Its last record altered: only the next record's `prev` shows it.
+        let mut altered = records.clone();
+        altered[2] = altered[2].replace(r#""outcome":"success""#, r#""outcome":"error""#);
+        write(&altered);
+        assert_eq!(state()["state"], "broken", "{}", state());
+        // Another session's record altered further on: this one stays verified.
+        let mut later = records.clone();
+        later[4] = later[4].replace(r#""outcome":"success""#, r#""outcome":"error""#);
+        write(&later);
+        assert_eq!(state()["state"], "verified", "{}", state());
     }
 
     fn line(location: &str, text: &str) -> Line {
