@@ -674,6 +674,7 @@ async fn t20_refusals_without_login_permission_or_csrf() {
         "{csp}"
     );
     assert_eq!(res.headers()["x-frame-options"], "DENY");
+    assert_eq!(res.headers()["cross-origin-opener-policy"], "same-origin");
     for path in [
         "/api/me",
         "/api/approvals/events",
@@ -1044,6 +1045,24 @@ async fn t30_auditor_finds_opens_and_verifies_a_session() {
     }
     let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
     dave.execute("window.location.reload();", json!([])).await;
+    // A page opened at a session's address (a reload, a link from anywhere) shows it only
+    // once asked: until then no look is on record.
+    let open = dave
+        .wait_for("#s-offer:not([hidden]) #s-open", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let looks_before = s
+        .node
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.body.request, Some(vigil_proto::record::Request::Console(q))
+                if q.action == "view_session" && q.session == session)
+        })
+        .count();
+    assert_eq!(looks_before, 2, "no look before the person asks");
+    dave.click(&open).await;
     dave.wait_for("#badge.broken", Duration::from_secs(15))
         .await;
     let broken = dave

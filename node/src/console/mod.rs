@@ -376,6 +376,13 @@ async fn security_headers(req: Request, next: Next) -> Response {
          connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     );
     set(h, header::X_FRAME_OPTIONS, "DENY");
+    // A page of another site that opened the console keeps no handle on it: it cannot
+    // navigate it (a fragment change would open a session in the person's name).
+    set(
+        h,
+        axum::http::HeaderName::from_static("cross-origin-opener-policy"),
+        "same-origin",
+    );
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::REFERRER_POLICY, "no-referrer");
     set(

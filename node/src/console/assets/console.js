@@ -37,7 +37,6 @@ function details(a) {
     line('role', s.role);
     line('search_path', s.search_path);
     if (s.settings) line('settings', s.settings);
-    if (s.settings) line('settings', s.settings);
   } else if (a.protocol === 'ssh') {
     line('login', s.login);
     line('request', s.request_type);
@@ -165,8 +164,21 @@ function listen() {
   };
 }
 
+// "Logged out" only once the node says so: when the logout cannot be kept (the coordinator
+// unreachable, a refusal), the login still holds and the page says that instead.
 async function logout() {
-  await fetch('/auth/logout', { method: 'POST', headers: { 'x-csrf-token': csrf }, credentials: 'same-origin' });
+  let res;
+  try {
+    res = await fetch('/auth/logout', { method: 'POST', headers: { 'x-csrf-token': csrf }, credentials: 'same-origin' });
+  } catch (e) {
+    $('status').textContent = 'Not logged out: the node cannot be reached. Your login still holds; try again.';
+    return;
+  }
+  const answer = await res.json().catch(() => ({}));
+  if (!res.ok || answer.logged_out !== true) {
+    $('status').textContent = 'Not logged out: ' + (answer.error || res.status) + '. Your login still holds; try again.';
+    return;
+  }
   document.body.textContent = 'Logged out. ';
   const again = document.createElement('a');
   again.href = '/';
@@ -353,7 +365,20 @@ async function showBadge(id) {
   }
 }
 
+// A session named by the address the page was opened with (a link, perhaps on another site,
+// which the SameSite=Lax cookie follows) is shown only once the person asks: opening it is a
+// look on record, which another site must not be able to make in their name.
+function offerSession(id) {
+  $('s-id').textContent = id;
+  $('timeline').textContent = '';
+  $('s-summary').textContent = '';
+  $('badge').textContent = '';
+  $('s-offer').hidden = false;
+  $('s-open').onclick = () => { $('s-offer').hidden = true; showSession(id); };
+}
+
 async function showSession(id) {
+  $('s-offer').hidden = true;
   $('s-id').textContent = id;
   $('timeline').textContent = '';
   $('s-summary').textContent = '';
@@ -472,14 +497,18 @@ async function revoke(id) {
 
 let inboxStarted = false;
 
-function route() {
+function route(event) {
   const hash = decodeURIComponent(window.location.hash.slice(1));
   const page = hash.startsWith('session/') ? 'session' : (['sessions', 'grants'].includes(hash) ? hash : 'approvals');
   for (const p of ['approvals', 'sessions', 'session', 'grants']) $('page-' + p).hidden = p !== page;
   if (page === 'grants') grants();
   if (page === 'approvals' && !inboxStarted) { inboxStarted = true; listen(); }
   if (page === 'sessions' && !$('sessions').querySelector('tbody').children.length) search(false);
-  if (page === 'session') showSession(hash.slice('session/'.length));
+  if (page === 'session') {
+    const id = hash.slice('session/'.length);
+    // `event` is the hashchange of a link in the page; without it, the page's first address.
+    if (event) showSession(id); else offerSession(id);
+  }
   const h = $('page-' + page).querySelector('h2');
   if (h) { h.tabIndex = -1; h.focus(); }
 }
