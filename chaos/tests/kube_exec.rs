@@ -758,6 +758,72 @@ async fn an_exec_is_ended_when_its_token_expires() {
     vigil_chaos::kubelet::ran_once(&script);
 }
 
+/// A connection to the gateway that asked for an exec over SPDY/3.1 (`query`: the command and
+/// streams) and got its switch: what follows is up to the test.
+async fn spdy_exec(
+    g: &Gateway,
+    token: &str,
+    query: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = g
+        .node
+        .node
+        .addr("kubernetes")
+        .expect("a Kubernetes listener");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(vigil_node::core::tls::unverified_client_config());
+    let mut s = tls
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the gateway");
+    let head = format!(
+        "POST /clusters/dev/api/v1/namespaces/default/pods/shell/exec?{query} HTTP/1.1\r\n\
+         Host: localhost\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\n\
+         Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "no answer: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&got).to_string();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    s
+}
+
+/// An exec whose client switched protocols and then opened no stream and left: the record
+/// says the streams ended before the command reported how it ended (outside review, 2026-12-07: an error with an empty reason and
+/// message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_whose_client_opens_no_stream_is_on_record_as_such() {
+    grant_dba().await;
+    let g = Gateway::start("").await;
+    let ops = token_for("agent-ops", "agent-ops-secret").await;
+    let marker = random_suffix();
+    let query = format!("command=echo&command=unopened-{marker}&stdout=true");
+    let s = spdy_exec(&g, &ops, &query).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(s);
+    let records = g.node.records().await;
+    let request = request_record(&records, |k| {
+        k.command.iter().any(|c| c == &format!("unopened-{marker}"))
+    });
+    let (_, _, response) = wait_for_end(&g.node, request).await;
+    let error = response.error.expect("the exec ended without a status");
+    assert_eq!(error.reason, "StreamError", "{error:?}");
+    assert!(
+        error
+            .message
+            .contains("before the command reported how it ended"),
+        "{error:?}"
+    );
+}
+
 /// A hand-written SPDY/3.1 exec client (outside review): it opens the error, stdout and stderr
 /// streams as kubectl does, then sends DATA of its own on stdout (forged output) and on error
 /// (the start of a forged exit Status). Whichever side opens a stream may send on it in SPDY,
@@ -777,33 +843,7 @@ async fn a_spdy_client_cannot_write_the_recorded_output_or_exit_status() {
         "command=sh&command=-c&command={}&stdout=true&stderr=true",
         script.replace(' ', "%20").replace(';', "%3B")
     );
-    let addr = g
-        .node
-        .node
-        .addr("kubernetes")
-        .expect("a Kubernetes listener");
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(vigil_node::core::tls::unverified_client_config());
-    let mut s = tls
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("TLS to the gateway");
-    let head = format!(
-        "POST /clusters/dev/api/v1/namespaces/default/pods/shell/exec?{query} HTTP/1.1\r\n\
-         Host: localhost\r\nAuthorization: Bearer {ops}\r\nConnection: Upgrade\r\n\
-         Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
-         Content-Length: 0\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "no answer: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    let answer = String::from_utf8_lossy(&got).to_string();
-    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let mut s = spdy_exec(&g, &ops, &query).await;
     let mut w = SpdyWriter::new();
     let mut opening = Vec::new();
     for (id, kind) in [(1, "error"), (3, "stdout"), (5, "stderr")] {

@@ -307,7 +307,7 @@ impl Conn {
                 r
             }
             Err((cluster, r)) => {
-                let request = kube_request(&req, None, &[], None);
+                let request = self.unrouted(&req);
                 return self.refuse(&principal, cluster.as_deref(), request, None, r);
             }
         };
@@ -978,13 +978,38 @@ impl Conn {
             None => self.body(Kind::SessionStart, None, None),
             Some(p) => self.body(Kind::Blocked, Some(p), None),
         };
-        let mut request = kube_request(req, None, &[], None);
+        let mut request = self.unrouted(req);
         mask_line(&self.ctx.core.masker, &mut request, &mut rec.masked);
         rec.request = Some(RecordRequest::Kubernetes(request));
         rec.outcome = Some(r.outcome);
         rec.detail = Some(self.ctx.core.scrub(&r.message));
         self.ctx.core.audit.record(rec);
         status(r.code, r.reason, &r.message)
+    }
+
+    /// The record's request for a request refused before it was routed: as any other's, its
+    /// path after the cluster's prefix and what it is (verb, resource, namespace, name), when
+    /// it names a cluster and its path can be read; else the path as received.
+    fn unrouted(&self, req: &Request<Incoming>) -> KubeRequest {
+        let mut r = KubeRequest {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().map(str::to_string),
+            ..KubeRequest::default()
+        };
+        let Some(rest) = r.path.strip_prefix(super::config::CLUSTER_PREFIX) else {
+            return r;
+        };
+        let (name, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if !self.ctx.clusters.contains_key(name) {
+            return r;
+        }
+        let path = if path.is_empty() { "/" } else { path }.to_string();
+        if let Ok(info) = request_info::classify(&r.method, &path, r.query.as_deref()) {
+            fill(&mut r, &info);
+        }
+        r.path = path;
+        r
     }
 
     fn refuse(
@@ -1223,6 +1248,7 @@ fn upstream_request(
             && name != header::HOST
             && name != header::SEC_WEBSOCKET_PROTOCOL
             && name != header::SEC_WEBSOCKET_EXTENSIONS
+            && name != header::ACCEPT_ENCODING
             && !(tunnel && name.as_str().starts_with("sec-websocket-"))
             && !name.as_str().starts_with("x-vigil-")
             && !forges_audit(name)
@@ -1240,6 +1266,13 @@ fn upstream_request(
             HeaderValue::from_static("portforward.k8s.io"),
         );
     }
+    // Answers come uncompressed: a gzipped body (the API server compresses answers over 128
+    // KiB for clients that accept it, as Go clients do) could be neither recorded, masked nor
+    // counted.
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let value = |v: &str| {
         HeaderValue::from_str(v).map_err(|_| format!("vigil: {v:?} cannot be sent in a header"))
     };
@@ -1791,30 +1824,7 @@ fn protobuf_field<'a>(
     Ok(found)
 }
 
-/// The record's view of a request that has not been routed (what the client sent).
-fn kube_request(
-    req: &Request<Incoming>,
-    info: Option<&RequestInfo>,
-    command: &[String],
-    body: Option<&[u8]>,
-) -> KubeRequest {
-    let mut r = KubeRequest {
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
-        query: req.uri().query().map(str::to_string),
-        command: command.to_vec(),
-        body_sha256: body
-            .filter(|b| !b.is_empty())
-            .map(|b| hex::encode(Sha256::digest(b))),
-        body_bytes: body.map_or(0, |b| b.len() as u64),
-        ..KubeRequest::default()
-    };
-    if let Some(i) = info {
-        fill(&mut r, i);
-    }
-    r
-}
-
+/// The record's view of a routed request: its path after the cluster's prefix, as decided.
 fn kube_request_parts(
     parts: &http::request::Parts,
     routed: &Routed,
@@ -2482,6 +2492,7 @@ allow = {}
             ("authorization", "Bearer client-token"),
             ("x-vigil-intent", "look"),
             ("accept", "application/json"),
+            ("accept-encoding", "gzip"),
             ("user-agent", "kubectl/v1.32"),
         ] {
             req = req.header(name, value);
@@ -2515,6 +2526,11 @@ allow = {}
         }
         assert_eq!(h["authorization"], "Bearer gateway-token");
         assert_eq!(h["accept"], "application/json");
+        assert_eq!(
+            h["accept-encoding"], "identity",
+            "answers come uncompressed"
+        );
+        assert_eq!(h.get_all("accept-encoding").iter().count(), 1);
         assert_eq!(h["user-agent"], "kubectl/v1.32");
         assert_eq!(h["impersonate-user"], "agent-ops");
         assert_eq!(h["impersonate-extra-session-id"], "s-1");

@@ -771,6 +771,13 @@ fn exec_outcome(shared: &Shared, rec: &mut Body, error: &Option<String>) -> Opti
             reason: String::new(),
             message: s.ctx.core.scrub(&String::from_utf8_lossy(&bytes)),
         }),
+        // Nothing came on the error channel: the streams ended (the client opened none, or
+        // left) before the command reported how it ended (outside review, 2026-12-07: this
+        // was recorded as an error with an empty reason and message).
+        (None, _) if bytes.is_empty() => Some(stream_error(
+            s,
+            "the streams ended before the command reported how it ended (no status on the error channel)",
+        )),
         (None, _) => Some(KubeError {
             reason: status["reason"].as_str().unwrap_or_default().to_string(),
             message: s
