@@ -1344,36 +1344,40 @@ resources = ["pods/portforward"]
             .to_string();
             assert!(e.contains(says), "{condition}: {e}");
         };
-        refused("kubernetes", "verbs = [\"DELETE\"]", "is not a verb");
-        refused("kubernetes", "verbs = [\"exec\"]", "is not a verb");
-        refused("kubernetes", "resources = [\"secret\"]", "\"secrets\"");
-        refused(
-            "kubernetes",
-            "resources = [\"apps/deployment/scale\"]",
-            "\"deployments\"",
-        );
-        refused("kubernetes", "resources = [\"Pods\"]", "upper case");
-        refused("kubernetes", "resources = [\"pods/logs\"]", "\"log\"");
-        refused(
-            "kubernetes",
-            "subresources = [\"port-forward\"]",
-            "\"portforward\"",
-        );
-        refused("ssh", "operations = [\"delete\"]", "not an SFTP operation");
-        refused(
-            "postgres",
-            "functions = [\"pg_catalog.pg_sleep\"]",
-            "without schema",
-        );
-        refused(
-            "postgres",
-            "functions = [\"pg_sleep(float8)\"]",
-            "without schema",
-        );
-        refused("postgres", "tables = [\"app.hr.payroll\"]", "schema.table");
-        refused("postgres", "tables = [\"payroll*\"]", "glob");
-        refused("ssh", "programs = [\"/usr/bin/rm\"]", "(\"rm\")");
-        refused("kubernetes", "programs = [\"/bin/*\"]", "under every path");
+        for (protocol, condition, says) in [
+            ("kubernetes", "verbs = [\"DELETE\"]", "is not a verb"),
+            ("kubernetes", "verbs = [\"exec\"]", "is not a verb"),
+            ("kubernetes", "resources = [\"secret\"]", "\"secrets\""),
+            (
+                "kubernetes",
+                "resources = [\"apps/deployment/scale\"]",
+                "\"deployments\"",
+            ),
+            ("kubernetes", "resources = [\"Pods\"]", "upper case"),
+            ("kubernetes", "resources = [\"pods/logs\"]", "\"log\""),
+            (
+                "kubernetes",
+                "subresources = [\"port-forward\"]",
+                "\"portforward\"",
+            ),
+            ("ssh", "operations = [\"delete\"]", "not an SFTP operation"),
+            (
+                "postgres",
+                "functions = [\"pg_catalog.pg_sleep\"]",
+                "without schema",
+            ),
+            (
+                "postgres",
+                "functions = [\"pg_sleep(float8)\"]",
+                "without schema",
+            ),
+            ("postgres", "tables = [\"app.hr.payroll\"]", "schema.table"),
+            ("postgres", "tables = [\"payroll*\"]", "glob"),
+            ("ssh", "programs = [\"/usr/bin/rm\"]", "(\"rm\")"),
+            ("kubernetes", "programs = [\"/bin/*\"]", "under every path"),
+        ] {
+            refused(protocol, condition, says);
+        }
         for (protocol, condition) in [
             (
                 "kubernetes",
