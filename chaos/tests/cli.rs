@@ -126,6 +126,27 @@ async fn t61_replay_escapes_what_records_hold() {
     assert_eq!(code, 0, "{list}");
     assert!(!list.contains('\x1b') && !list.contains('\r'), "{list}");
     node.node.shutdown().await;
+
+    // A stream of one's own making (it needs no key) with a record naming the session: the
+    // replay would have shown it among the session's statements (outside review,
+    // 2026-12-07); it refuses the session instead.
+    let request = of_kind(&records, Kind::Request)[0];
+    let real = serde_json::to_string(request).unwrap();
+    let forged = real
+        .replace(
+            &format!("\"stream\":\"{}\"", request.stream),
+            "\"stream\":\"forger:5\"",
+        )
+        .replace(&format!("\"seq\":{},", request.seq), "\"seq\":0,");
+    assert_ne!(forged, real);
+    std::fs::write(
+        node.files.audit_dir.join("forger-5.jsonl"),
+        format!("{forged}\n"),
+    )
+    .unwrap();
+    let (code, refused) = vigil(&["replay", &session[..8], "--log", &dir]);
+    assert_ne!(code, 0, "{refused}");
+    assert!(refused.contains("streams"), "{refused}");
 }
 
 /// `vigil login` and `vigil ssh-config` send the token to the gateway's API: never in clear.

@@ -3303,6 +3303,14 @@ async fn a_connection_holds_a_bounded_number_of_channels_and_a_late_env_is_refus
     assert_eq!(status, Some(0));
     let out = String::from_utf8_lossy(&out);
     assert!(!out.contains("after-exec"), "{out}");
+    // Channels whose commands ended free their places, however they were closed: more
+    // commands than the limit run one after another (a ControlMaster connection was refused
+    // its 11th; final review, 2026-12-07).
+    for i in 0..6 {
+        let (out, _, status) = exec(&h, &format!("echo one-after-another-{i}")).await;
+        assert_eq!(status, Some(0), "command {i}");
+        assert_eq!(out, format!("one-after-another-{i}\n").as_bytes());
+    }
     drop((open, ch, h));
     let records = g.node.records_after_sessions(1).await;
     let blocked: Vec<(String, Option<String>, String)> = of_kind(&records, Kind::Blocked)

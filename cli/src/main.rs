@@ -569,12 +569,28 @@ fn one_session(
         .filter_map(|r| r.body.session.as_deref())
         .collect();
     match ids.len() {
-        0 => Err(format!("no session {prefix:?} in {}", path.display())),
-        1 => Ok(records),
-        n => Err(format!(
-            "{n} sessions start with {prefix:?}; give more of the id"
-        )),
+        0 => return Err(format!("no session {prefix:?} in {}", path.display())),
+        1 => {}
+        n => {
+            return Err(format!(
+                "{n} sessions start with {prefix:?}; give more of the id"
+            ))
+        }
     }
+    // A session is written in one stream, by its node: records naming it in another were
+    // written by someone else (a stream needs no key to be made), and which are the real ones
+    // cannot be told here.
+    let streams: std::collections::BTreeSet<_> =
+        records.iter().map(|r| r.stream.as_str()).collect();
+    if streams.len() > 1 {
+        let listed: Vec<_> = streams.iter().map(|s| esc(s).into_owned()).collect();
+        return Err(format!(
+            "the session's records are in {} streams ({}): a session is written in one, so records in the others were written by someone else; run vigil audit verify --witness",
+            streams.len(),
+            listed.join(", ")
+        ));
+    }
+    Ok(records)
 }
 
 /// A chunk that does not verify: the replay or export is refused (exit 1), with which chunk.

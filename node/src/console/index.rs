@@ -141,6 +141,11 @@ pub struct Summary {
     /// The seq of its first and last record in `stream`.
     pub first_seq: u64,
     pub last_seq: u64,
+    /// A record naming this session in another stream than `stream` (`STREAM seq N`), the
+    /// first one seen: a session is written in one stream, by its node, so one of the two was
+    /// written by someone else. Such records are not taken into the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreign: Option<String>,
 }
 
 impl Summary {
@@ -541,6 +546,12 @@ impl Index {
                         e.insert(s)
                     }
                 };
+                if record.stream != summary.stream {
+                    summary
+                        .foreign
+                        .get_or_insert_with(|| format!("{} seq {}", record.stream, record.seq));
+                    continue;
+                }
                 records.insert((id.as_str(), summary.records), line.as_slice())?;
                 add(summary, &record);
                 if let Some(text) = text_of(&record) {

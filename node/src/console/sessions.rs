@@ -307,7 +307,8 @@ pub async fn verification(
         }
     };
     let index = console.index.clone();
-    let badge = tokio::task::spawn_blocking(move || badge(&index, &summary, witness)).await;
+    let own = console.core.audit.node().to_string();
+    let badge = tokio::task::spawn_blocking(move || badge(&index, &own, &summary, witness)).await;
     match badge {
         Ok(b) => super::page_json(b),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
@@ -317,14 +318,41 @@ pub async fn verification(
 /// The badge of `s`: `verified` (every record of its stream up to its last one is present,
 /// in order and unaltered; `anchored_seq` says which witnessed checkpoint covers it, if one
 /// does yet), `broken` (the first failure at or before its last record, located), or
-/// `missing`. A stream this node wrote is verified from its file in the local log; another
-/// node's, from the chain as the index followed it on the audit topic.
-fn badge(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
+/// `missing`. A stream this node (`own`) wrote is verified from its file in the local log,
+/// and only from it; another node's, from the chain as the index followed it on the audit
+/// topic.
+fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
+    // Records naming the session in a second stream: one of the two was written by someone
+    // else (a stream needs no key to be made), and the page shows only the first.
+    if let Some(other) = &s.foreign {
+        return json!({
+            "state": "broken",
+            "stream": s.stream,
+            "failure": {
+                "location": other,
+                "seq": null,
+                "problem": format!("records naming this session are in another stream too ({other}): a session is written in one stream, so one of them was written by someone else"),
+            },
+            "changed": [],
+        });
+    }
     let file = crate::audit::log_files(index.log_dir())
         .unwrap_or_default()
         .into_iter()
         .find(|f| crate::audit::stream_of(f).as_deref() == Some(s.stream.as_str()));
     let Some(file) = file else {
+        // This node's own stream is vouched for by its file alone: the index's copy is not
+        // evidence (outside review, 2026-12-07: a deleted file read "verified" from it).
+        if s.stream
+            .rsplit_once(':')
+            .is_some_and(|(node, _)| node == own)
+        {
+            return json!({
+                "state": "missing",
+                "stream": s.stream,
+                "detail": "the stream's file is not in the local log (removed, or past retention)",
+            });
+        }
         return badge_from_topic(index, s, witness);
     };
     let mut verifier = match crate::audit::read::verify_path(&file) {
@@ -356,6 +384,30 @@ fn badge(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value 
     };
     if let Some(f) = failure {
         return broken(&f.location, f.seq, f.problem.to_string());
+    }
+    // A checkpoint vouches for records the log no longer holds, and the log stops with this
+    // session's last record: where the session really ended cannot be told (the index may
+    // have been rebuilt from the cut log).
+    let cut_short = report.failures.iter().any(|f| {
+        f.stream == s.stream
+            && matches!(
+                f.problem,
+                vigil_proto::verify::Problem::TruncatedBeforeCheckpoint { .. }
+            )
+    });
+    if cut_short && stream.last_seq.is_some_and(|last| last <= s.last_seq) {
+        let problem = format!(
+            "the log stops at this session's record seq {}, but a witnessed checkpoint vouches for later records: the rest of the session may have been cut off",
+            s.last_seq
+        );
+        return broken(&file.to_string_lossy(), Some(s.last_seq), problem);
+    }
+    // A record of the session whose bytes are not the ones taken when it was written.
+    let changed = changed_since_indexed(index, s, &file);
+    if let Some(first) = changed.first() {
+        let problem = "a record of this session was altered since it was written".to_string();
+        let location = first["location"].as_str().unwrap_or_default().to_string();
+        return broken(&location, first["seq"].as_u64(), problem);
     }
     // Every record through the session's last must be there, in order: a log that stops
     // before it (its tail cut off, with no checkpoint past it to say so) holds none of them.
@@ -392,8 +444,10 @@ fn badge(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value 
 fn reaches_session(f: &vigil_proto::verify::Failure, last_seq: u64) -> bool {
     use vigil_proto::verify::Problem;
     match (&f.problem, f.seq) {
+        // `expected` one past the session: the record after it was removed, which may hide
+        // an alteration of its last record (a gap is reported instead of the broken link).
         (Problem::Gap { expected }, _) | (Problem::OutOfOrder { expected }, _) => {
-            *expected <= last_seq
+            *expected <= last_seq.saturating_add(1)
         }
         (Problem::HashMismatch { .. }, Some(seq)) => seq <= last_seq.saturating_add(1),
         // The stream stops short of a checkpoint: the session's records are missing when
@@ -584,7 +638,7 @@ mod tests {
             )
             .unwrap()
         };
-        let state = || badge(&index, &summary, None);
+        let state = || badge(&index, "n1", &summary, None);
 
         write(&records);
         assert_eq!(state()["state"], "verified", "{}", state());
@@ -612,11 +666,47 @@ mod tests {
         altered[2] = altered[2].replace(r#""outcome":"success""#, r#""outcome":"error""#);
         write(&altered);
         assert_eq!(state()["state"], "broken", "{}", state());
+        // Its last record altered and the record after it removed: the gap hides the broken
+        // link, and the record's bytes are not the ones indexed.
+        let mut hidden = altered.clone();
+        hidden.remove(3);
+        write(&hidden);
+        assert_eq!(state()["state"], "broken", "{}", state());
         // Another session's record altered further on: this one stays verified.
         let mut later = records.clone();
         later[4] = later[4].replace(r#""outcome":"success""#, r#""outcome":"error""#);
         write(&later);
         assert_eq!(state()["state"], "verified", "{}", state());
+        // The file of this node's own stream gone: nothing vouches for it (the index's copy
+        // is not evidence).
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(state()["state"], "missing", "{}", state());
+        assert_ne!(
+            badge(&index, "another-node", &summary, None)["state"],
+            "missing",
+            "another node's stream is read from the topic's chain"
+        );
+        // Records naming the session in a second stream, which needs no key to be made.
+        write(&records);
+        let forged = records[1]
+            .replace(r#""stream":"n1:1""#, r#""stream":"n1:2""#)
+            .replace(r#""seq":1,"#, r#""seq":0,"#);
+        index.take(&[], &[line("n1-2.jsonl:1", &forged)]).unwrap();
+        let (summary, taken) = index.session("s-a").unwrap().unwrap();
+        assert_eq!(
+            taken.len(),
+            3,
+            "the foreign record is not taken into the session"
+        );
+        let b = badge(&index, "n1", &summary, None);
+        assert_eq!(b["state"], "broken", "{b}");
+        assert!(
+            b["failure"]["problem"]
+                .as_str()
+                .unwrap()
+                .contains("another stream"),
+            "{b}"
+        );
     }
 
     fn line(location: &str, text: &str) -> Line {

@@ -307,13 +307,24 @@ impl Conn {
                 r
             }
             Err((cluster, r)) => {
-                let request = self.unrouted(&req);
+                let (request, _) = self.unrouted(&req);
                 return self.refuse(&principal, cluster.as_deref(), request, None, r);
             }
         };
         let (parts, incoming) = req.into_parts();
         let limit = self.ctx.config.max_request_body_bytes;
-        let body = match Limited::new(incoming, limit).collect().await {
+        // A body must come whole within its time, as on the node's other listeners.
+        let within = crate::core::http::BODY_READ_TIMEOUT;
+        let collected = tokio::time::timeout(within, Limited::new(incoming, limit).collect())
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the request body did not come within {} s",
+                    within.as_secs()
+                )
+                .into())
+            });
+        let body = match collected {
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 let request = kube_request_parts(&parts, &routed, None);
@@ -974,11 +985,11 @@ impl Conn {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let (mut request, cluster) = self.unrouted(req);
         let mut rec = match &session {
-            None => self.body(Kind::SessionStart, None, None),
-            Some(p) => self.body(Kind::Blocked, Some(p), None),
+            None => self.body(Kind::SessionStart, None, cluster.as_deref()),
+            Some(p) => self.body(Kind::Blocked, Some(p), cluster.as_deref()),
         };
-        let mut request = self.unrouted(req);
         mask_line(&self.ctx.core.masker, &mut request, &mut rec.masked);
         rec.request = Some(RecordRequest::Kubernetes(request));
         rec.outcome = Some(r.outcome);
@@ -987,10 +998,11 @@ impl Conn {
         status(r.code, r.reason, &r.message)
     }
 
-    /// The record's request for a request refused before it was routed: as any other's, its
-    /// path after the cluster's prefix and what it is (verb, resource, namespace, name), when
-    /// it names a cluster and its path can be read; else the path as received.
-    fn unrouted(&self, req: &Request<Incoming>) -> KubeRequest {
+    /// The record's request for a request refused before it was routed, and the cluster it
+    /// names: as any other's, its path after the cluster's prefix and what it is (verb,
+    /// resource, namespace, name), when it names a configured cluster and its path can be
+    /// read; else the path as received, and no cluster.
+    fn unrouted(&self, req: &Request<Incoming>) -> (KubeRequest, Option<String>) {
         let mut r = KubeRequest {
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
@@ -998,18 +1010,21 @@ impl Conn {
             ..KubeRequest::default()
         };
         let Some(rest) = r.path.strip_prefix(super::config::CLUSTER_PREFIX) else {
-            return r;
+            return (r, None);
         };
         let (name, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         if !self.ctx.clusters.contains_key(name) {
-            return r;
+            return (r, None);
         }
-        let path = if path.is_empty() { "/" } else { path }.to_string();
+        let (name, path) = (
+            name.to_string(),
+            if path.is_empty() { "/" } else { path }.to_string(),
+        );
         if let Ok(info) = request_info::classify(&r.method, &path, r.query.as_deref()) {
             fill(&mut r, &info);
         }
         r.path = path;
-        r
+        (r, Some(name))
     }
 
     fn refuse(

@@ -976,8 +976,17 @@ pub fn busy(
 /// limit. Without a limit, each channel could hold a request for approval with its input, and
 /// one connection filled the node's memory and the approvers' inbox (outside review,
 /// 2026-12-07).
-pub fn over_limit(conn: &Conn, id: ChannelId, kind: &str) -> bool {
+pub fn over_limit(conn: &mut Conn, id: ChannelId, kind: &str) -> bool {
     let max = conn.ctx.config.max_channels;
+    // Channels the gateway ended (refused, closed, or whose command ended) are let go of
+    // here: russh forgets a channel once the gateway has closed it, so the client's close
+    // never reaches the handler, and they would stay for the connection's life (a
+    // ControlMaster connection was refused its 11th command; final review, 2026-12-07).
+    conn.channels.retain(|_, c| match c {
+        Chan::Done => false,
+        Chan::Running { input, .. } => !input.is_closed(),
+        Chan::Idle | Chan::Setup(_) => true,
+    });
     if conn.channels.len() < max {
         return false;
     }
