@@ -978,14 +978,16 @@ pub fn busy(
 /// 2026-12-07).
 pub fn over_limit(conn: &mut Conn, id: ChannelId, kind: &str) -> bool {
     let max = conn.ctx.config.max_channels;
-    // Channels the gateway ended (refused, closed, or whose command ended) are let go of
-    // here: russh forgets a channel once the gateway has closed it, so the client's close
-    // never reaches the handler, and they would stay for the connection's life (a
-    // ControlMaster connection was refused its 11th command; final review, 2026-12-07).
+    // Channels whose command ended are let go of here (the gateway forgets the ones it
+    // closes or refuses as it does): russh forgets a channel once the gateway has closed it,
+    // so the client's close never reaches the handler, and they would stay for the
+    // connection's life (a ControlMaster connection was refused its 11th command; final
+    // review, 2026-12-07). A running channel's input ends when its command's output has
+    // ended (the client's channel is closed then) or the client closed it. `Done` channels
+    // are still open on the client's side (the host refused to open one): they count.
     conn.channels.retain(|_, c| match c {
-        Chan::Done => false,
         Chan::Running { input, .. } => !input.is_closed(),
-        Chan::Idle | Chan::Setup(_) => true,
+        Chan::Idle | Chan::Setup(_) | Chan::Done => true,
     });
     if conn.channels.len() < max {
         return false;
@@ -998,7 +1000,9 @@ pub fn over_limit(conn: &mut Conn, id: ChannelId, kind: &str) -> bool {
 /// Closes client channel `id` from the gateway's side: what runs on it gets the client's
 /// close, a request held for approval stops waiting.
 fn close_channel(conn: &mut Conn, id: ChannelId, session: &mut Session) {
-    conn.channels.insert(id, Chan::Done);
+    // Forgotten, not kept as `Done`: russh forgets the channel once the gateway closes it, so
+    // the client's close never reaches the handler (see [`over_limit`]).
+    conn.channels.remove(&id);
     let _ = session.eof(id);
     let _ = session.close(id);
 }
@@ -1026,7 +1030,7 @@ fn refuse(
     session: &mut Session,
 ) {
     let message = refusal_record(&conn.ctx.core, body, refusal, span);
-    conn.channels.insert(id, Chan::Done);
+    conn.channels.remove(&id);
     let _ = session.channel_success(id);
     let _ = session.extended_data(id, 1, refused_line(&message));
     let _ = session.exit_status_request(id, REFUSED_EXIT_STATUS);
