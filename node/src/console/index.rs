@@ -97,6 +97,9 @@ pub struct StreamChain {
     pub duplicates: u64,
     /// The first record that did not continue the chain.
     pub failure: Option<ChainFailure>,
+    /// The seq of the stream's `stream_end`, once taken: its node writes nothing after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -767,6 +770,14 @@ fn follow(
         }
         return false;
     }
+    // Whoever can write the source and read a stream's last record can append records that
+    // chain (a stream needs no key); after its `stream_end`, none is its node's (final
+    // review, 2026-12-07: such a record, naming a session, showed in it under a verified
+    // badge). Noted as the chain's failure, as `vigil audit verify` reports it, and not taken.
+    if let Some(end_seq) = chain.end {
+        fail(chain, Problem::AfterStreamEnd { end_seq });
+        return false;
+    }
     let mut head = vigil_proto::verify::ChainHead {
         next_seq: chain.next_seq,
         prev: hex::decode(&chain.prev)
@@ -780,6 +791,9 @@ fn follow(
     chain.next_seq = head.next_seq;
     chain.prev = hex::encode(head.prev);
     chain.records += 1;
+    if record.body.kind == Kind::StreamEnd {
+        chain.end = Some(record.seq);
+    }
     true
 }
 

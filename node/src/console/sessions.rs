@@ -716,6 +716,43 @@ mod tests {
         }
     }
 
+    /// A record chained after a stream's `stream_end` (anyone who can write the topic and read
+    /// its last record can make one) is the chain's failure and is not taken into the session
+    /// it names.
+    #[test]
+    fn a_record_after_the_streams_end_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb"), dir.path()).unwrap();
+        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
+        let lines: Vec<Line> = ["session_start", "request", "stream_end", "request"]
+            .iter()
+            .enumerate()
+            .map(|(seq, kind)| {
+                let session = if *kind == "stream_end" {
+                    String::new()
+                } else {
+                    r#","session":"s-a""#.to_string()
+                };
+                let text = format!(
+                    r#"{{"v":{v},"stream":"n1:1","seq":{seq},"prev":"{prev}","time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1"{session},"kind":"{kind}","outcome":"success"}}"#,
+                    v = vigil_proto::record::SCHEMA_VERSION
+                );
+                prev = hex::encode(vigil_proto::chain::record_hash(text.as_bytes()));
+                line(&format!("audit/0/{seq}"), &text)
+            })
+            .collect();
+        assert_eq!(index.take(&[], &lines).unwrap(), 2, "the session's two records");
+        let (_, records) = index.session("s-a").unwrap().unwrap();
+        assert_eq!(records.len(), 2, "the appended record is not the session's");
+        let (chain, _) = index.chain("n1:1", None).unwrap();
+        let failure = chain.unwrap().failure.expect("the chain's failure");
+        assert_eq!(failure.seq, 3);
+        assert!(
+            failure.problem.contains("after the stream's end"),
+            "{failure:?}"
+        );
+    }
+
     /// From the audit topic a record may come twice: the same bytes again are harmless (the
     /// badge stays verified); other bytes at a seq the chain holds are a conflicting duplicate,
     /// which `vigil audit verify` fails and the badge shows, and which is not taken.
