@@ -741,7 +741,11 @@ mod tests {
                 line(&format!("audit/0/{seq}"), &text)
             })
             .collect();
-        assert_eq!(index.take(&[], &lines).unwrap(), 2, "the session's two records");
+        assert_eq!(
+            index.take(&[], &lines).unwrap(),
+            2,
+            "the session's two records"
+        );
         let (_, records) = index.session("s-a").unwrap().unwrap();
         assert_eq!(records.len(), 2, "the appended record is not the session's");
         let (chain, _) = index.chain("n1:1", None).unwrap();
