@@ -1822,7 +1822,11 @@ async fn a_held_exec_stops_waiting_when_the_sessions_token_expires() {
         r.body.kind == Kind::ApprovalDecided
             && r.body.detail.as_deref() == Some("the token expired while it was held")
     };
-    let records = records_when(&g, |r| r.iter().any(expired)).await;
+    // The session's end is written after the wait's (its channel lets go of it then).
+    let records = records_when(&g, |r| {
+        r.iter().any(expired) && !of_kind(r, Kind::SessionEnd).is_empty()
+    })
+    .await;
     let ended: Vec<_> = records.iter().filter(|r| expired(r)).collect();
     assert_eq!(
         ended.len(),
@@ -1831,6 +1835,10 @@ async fn a_held_exec_stops_waiting_when_the_sessions_token_expires() {
     );
     assert_eq!(ended[0].body.outcome, Some(Outcome::Pending));
     let end = of_kind(&records, Kind::SessionEnd);
+    assert!(
+        !end.is_empty(),
+        "the session's end is on record: {records:?}"
+    );
     assert_eq!(
         end[0].body.detail.as_deref(),
         Some("the session's token expired")
