@@ -106,7 +106,9 @@ fn by_tokens(
                         .into(),
                 ));
             }
+            // Its line breaks are kept, after it: a line must not be lost or gained.
             out.push_str(PLACEHOLDER);
+            out.push_str(&line_breaks(inner));
             continue;
         }
         if markers
@@ -761,6 +763,11 @@ mod tests {
                     "DROP TABLE [redacted], \"Payroll\"",
                 ),
                 ("SELECT 'ops@example.com' FROM U&\"ops@example.com\"", ""),
+                // Found by the fuzz target: a name's line break stays a line break.
+                (
+                    "DROP TABLE \"x@y.example\nz\" -- note\n;",
+                    "DROP TABLE [redacted]\n -- note\n;",
+                ),
             ] {
                 let got = mask_recorded(&masker(method), sql, &mut counts).unwrap();
                 if want.is_empty() {
@@ -809,6 +816,25 @@ mod tests {
             None,
             "nothing to mask"
         );
+    }
+
+    /// The fuzz target's find (approver_copy, 2026-12-07): a quoted name with a detected
+    /// value and a line break, recorded as `[redacted]`, lost its line.
+    #[test]
+    fn a_recorded_copy_keeps_the_line_breaks_of_a_redacted_name() {
+        let sql = "AAOS- ROLE a PASSWORS \"x@yWSD 'x\ny'a PAOS111116111 1111 1111 1111', 10/4111111111111111 AS \"x@yWSD 'x\ny' -- ci\n;";
+        for method in [Method::Redact, Method::KeepLast, Method::Token] {
+            let recorded = mask_recorded(&masker(method), sql, &mut Counts::new()).unwrap();
+            assert_eq!(
+                recorded.matches('\n').count(),
+                sql.matches('\n').count(),
+                "{recorded:?}"
+            );
+            assert_eq!(outline(&recorded).map(|o| o.0), outline(sql).map(|o| o.0));
+            if let Ok(shown) = shown(method, sql) {
+                assert_eq!(shown.matches('\n').count(), sql.matches('\n').count());
+            }
+        }
     }
 
     #[test]
