@@ -503,6 +503,58 @@ async fn t52_repeated_kill_9_with_large_results_every_stream_verifies() {
         &["--nodes", "another-node"],
     );
     assert_eq!(code, 0, "{report}");
+
+    phase("a stream written by hand fails verify --witness, however well it chains");
+    // Outside review, 2026-12-07: a stream needs no key to be made, and one the witness had
+    // never seen passed.
+    let node = vigil_proto::chain::node_of(&gone).unwrap().to_string();
+    let forged = format!("{node}:1796000000000000000");
+    let mut chain = vigil_proto::chain::Chain::new(forged.clone());
+    let mut text = Vec::new();
+    for body in [
+        r#"{"kind":"stream_start","detail":"vigil-node 0.1.0"}"#.to_string(),
+        format!(r#"{{"kind":"session_start","session":"s-forged","node":"{node}"}}"#),
+        r#"{"kind":"request","session":"s-forged","stmt":{"sql":"DROP TABLE payroll"}}"#.into(),
+    ] {
+        text.extend(chain.seal_serialized(body.as_bytes()));
+        text.push(b'\n');
+    }
+    let path = copy.path().join(format!(
+        "{}{}",
+        forged.replace(':', "-"),
+        vigil_node::audit::LOG_SUFFIX
+    ));
+    std::fs::write(&path, text).unwrap();
+    let (code, report) = verify_witnessed(
+        copy.path(),
+        &cluster,
+        &token_file,
+        &["--allow-missing-streams"],
+    );
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("FAIL ")).count(),
+        1,
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "FAIL witness: stream {forged} seq 1: unwitnessed: the witness holds no checkpoint"
+        )),
+        "{report}"
+    );
+    // The chain alone cannot tell: let through, the forgery verifies.
+    let (code, report) = verify_witnessed(
+        copy.path(),
+        &cluster,
+        &token_file,
+        &["--allow-missing-streams", "--allow-unwitnessed"],
+    );
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains(&format!("stream {forged}: 3 records verified")),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -307,6 +307,10 @@ struct VerifyArgs {
     /// prefer --nodes).
     #[arg(long)]
     allow_missing_streams: bool,
+    /// With --witness: report streams with records of which the witness holds no checkpoint
+    /// without failing them (streams written before the witness's store was replaced).
+    #[arg(long, requires = "witness")]
+    allow_unwitnessed: bool,
     /// Trust only these checkpoint keys: a file of `<node id> <public key>` lines, as
     /// `vigil witness keys` prints. A checkpoint signed by any other key fails.
     #[arg(long)]
@@ -408,16 +412,7 @@ fn witnessed(args: &VerifyArgs) -> Result<Vec<Checkpoint>, String> {
     let list = runtime
         .block_on(client.list_checkpoints(pb::ListCheckpointsRequest {}))
         .map_err(|s| format!("the witness: {:?}: {}", s.code(), s.message()))?;
-    Ok(list
-        .checkpoints
-        .into_iter()
-        .map(Checkpoint::from)
-        .filter(|c| {
-            args.nodes.is_empty()
-                || vigil_proto::chain::node_of(&c.stream)
-                    .is_some_and(|n| args.nodes.iter().any(|w| w == n))
-        })
-        .collect())
+    Ok(list.checkpoints.into_iter().map(Checkpoint::from).collect())
 }
 
 fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
@@ -472,11 +467,24 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
             (verifier, path.display().to_string(), files)
         }
     };
+    // `--nodes` says which nodes' streams the source must hold; the witness's checkpoints of
+    // the streams it does hold anchor them whatever their node.
+    let witness = witness.map(|w| {
+        w.into_iter()
+            .filter(|c| {
+                args.nodes.is_empty()
+                    || verifier.holds(&c.stream)
+                    || vigil_proto::chain::node_of(&c.stream)
+                        .is_some_and(|n| args.nodes.iter().any(|w| w == n))
+            })
+            .collect::<Vec<_>>()
+    });
     checkpoints += witness.as_ref().map_or(0, Vec::len);
     verifier.check_checkpoints(&Trust {
         witness: witness.as_deref(),
         pinned: pinned.as_ref(),
         allow_missing_streams: args.allow_missing_streams,
+        allow_unwitnessed: args.allow_unwitnessed,
     });
     let report = verifier.report();
     for (stream, s) in &report.streams {

@@ -30,6 +30,25 @@ struct Envelope<'a> {
     kind: std::borrow::Cow<'a, str>,
 }
 
+/// The fields of a node's `stream_start` (its `detail` names the node's release) and
+/// `stream_end` records.
+const FRAME_FIELDS: [&str; 8] = [
+    "v", "stream", "seq", "prev", "time", "node", "kind", "detail",
+];
+
+/// Whether the record is a bare frame of its stream, one that says nothing of any session:
+/// `stream_start` at seq 0 or `stream_end`, with none but the frame's fields.
+fn is_frame(env: &Envelope<'_>, bytes: &[u8]) -> bool {
+    let kind_fits = match env.kind.as_ref() {
+        "stream_start" => env.seq == 0,
+        "stream_end" => true,
+        _ => false,
+    };
+    kind_fits
+        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes)
+            .is_ok_and(|m| m.keys().all(|k| FRAME_FIELDS.contains(&k.as_str())))
+}
+
 /// Whether `bytes` are a whole record: a JSON object with the chain fields (whatever their
 /// values). The last line of a stream file that is not is torn or malformed.
 pub fn is_record(bytes: &[u8]) -> bool {
@@ -77,6 +96,11 @@ pub enum Problem {
     MalformedCheckpoint(String),
     /// A checkpoint message whose key is not the stream the checkpoint covers.
     MisfiledCheckpoint { key: Option<String> },
+    /// With a witness: the stream holds records besides its `stream_start` and `stream_end`,
+    /// and the witness holds no checkpoint of it. A stream needs no key to be made, and a
+    /// node has its stream witnessed from its first seconds, so nothing tells these records
+    /// from ones written by someone else.
+    Unwitnessed,
     /// The bytes of a recorded chunk, read from its store, are not the ones its `recording`
     /// record proves (or cannot be read): which chunk, and what is wrong.
     BadChunk(String),
@@ -130,6 +154,10 @@ impl fmt::Display for Problem {
                 None => write!(f, "checkpoint published without a message key"),
             },
             Problem::BadChunk(e) => write!(f, "recorded chunk does not verify: {e}"),
+            Problem::Unwitnessed => write!(
+                f,
+                "unwitnessed: the witness holds no checkpoint of this stream, so nothing tells its records from ones written by someone else"
+            ),
         }
     }
 }
@@ -231,6 +259,9 @@ struct StreamState {
     seen: HashMap<u64, [u8; 32]>,
     /// The seq of the stream's `stream_end`, once read in order.
     end: Option<u64>,
+    /// The seq of the first record read in order that is not a bare `stream_start` or
+    /// `stream_end` ([`is_frame`]): what a witness must vouch for.
+    first_content: Option<u64>,
     summary: StreamSummary,
 }
 
@@ -240,6 +271,7 @@ impl StreamState {
             head: ChainHead::default(),
             seen: HashMap::new(),
             end: None,
+            first_content: None,
             summary: StreamSummary::default(),
         }
     }
@@ -257,6 +289,10 @@ pub struct Trust<'a> {
     /// Report streams that have a checkpoint but no record in the source without failing
     /// them (a source that holds only some nodes' streams on purpose).
     pub allow_missing_streams: bool,
+    /// With a witness: report streams with records of which the witness holds no checkpoint
+    /// without failing them ([`Problem::Unwitnessed`]; streams written before the witness's
+    /// store was replaced).
+    pub allow_unwitnessed: bool,
 }
 
 /// What became of one recorded chunk: the verifier holds no store, its reader checks the
@@ -293,6 +329,13 @@ pub struct Verifier {
 impl Verifier {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether a record of `stream` was read.
+    pub fn holds(&self, stream: &str) -> bool {
+        self.streams
+            .get(stream)
+            .is_some_and(|s| s.summary.last_seq.is_some())
     }
 
     /// Feeds one record. `expected_stream`, when given, is the only stream this record may
@@ -352,6 +395,9 @@ impl Verifier {
             // Nothing legitimate follows a stream_end: a record after it fails, however well
             // it chains, and the stream stays ended where its node ended it.
             let problem = state.head.follow(env.seq, &env.prev, hash);
+            if state.first_content.is_none() && !is_frame(&env, bytes) {
+                state.first_content = Some(env.seq);
+            }
             state.seen.insert(env.seq, hash);
             state.summary.last_seq = Some(env.seq);
             state.summary.head = hex::encode(hash);
@@ -527,10 +573,19 @@ impl Verifier {
                 self.fail("checkpoint", &stream, Some(seq), p);
             }
         }
-        for state in self.streams.values_mut() {
+        let mut unwitnessed = Vec::new();
+        for (stream, state) in &mut self.streams {
             if state.summary.anchored_seq.is_none() {
                 state.summary.unanchored = state.summary.last_seq.map_or(0, |l| l + 1);
+                if trust.witness.is_some() && !trust.allow_unwitnessed {
+                    if let Some(seq) = state.first_content {
+                        unwitnessed.push((stream.clone(), seq));
+                    }
+                }
             }
+        }
+        for (stream, seq) in unwitnessed {
+            self.fail("witness", &stream, Some(seq), Problem::Unwitnessed);
         }
     }
 
@@ -894,6 +949,73 @@ mod tests {
         );
         assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
         assert_eq!(r.failures[0].problem, Problem::CheckpointMismatch);
+    }
+
+    /// A stream needs no key to be made: one the witness never heard of, holding anything but
+    /// its frame, is not vouched for by anyone (outside review, 2026-12-07: a stream written
+    /// by hand passed `verify --witness`).
+    #[test]
+    fn a_stream_the_witness_never_saw_fails_unless_it_is_a_bare_frame() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let known = stream("a", 4);
+        let witness = [signed(&key, "a", &known, 3).1];
+        let trust = Trust {
+            witness: Some(&witness),
+            ..Trust::default()
+        };
+        let frame = |name: &str, kinds: &[&str]| {
+            let mut chain = Chain::new(name);
+            kinds
+                .iter()
+                .map(|k| match *k {
+                    "stream_start" => chain
+                        .seal_serialized(br#"{"kind":"stream_start","detail":"vigil-node 0.1.0"}"#),
+                    k => chain.seal_serialized(format!(r#"{{"kind":"{k}"}}"#).as_bytes()),
+                })
+                .collect::<Vec<_>>()
+        };
+        // A node that stopped (or failed) before its first checkpoint: nothing to vouch for.
+        let bare = frame("b", &["stream_start", "stream_end"]);
+        let r = verify_with(&[known.clone(), bare].concat(), &[], &trust);
+        assert!(r.ok(), "{:?}", r.failures);
+        // A session in a stream the witness never saw fails at its first record.
+        let forged = frame(
+            "c",
+            &["stream_start", "session_start", "request", "stream_end"],
+        );
+        let r = verify_with(&[known.clone(), forged.clone()].concat(), &[], &trust);
+        assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+        assert_eq!(
+            (r.failures[0].stream.as_str(), r.failures[0].seq),
+            ("c", Some(1))
+        );
+        assert_eq!(r.failures[0].problem, Problem::Unwitnessed);
+        // So does a frame that says more than a frame does, or comes where none does.
+        let mut chain = Chain::new("d");
+        let dressed = vec![
+            chain.seal_serialized(br#"{"kind":"stream_start","stmt":{"sql":"DROP TABLE t"}}"#)
+        ];
+        let late = frame("e", &["session_start", "stream_start"]);
+        let r = verify_with(&[known.clone(), dressed, late].concat(), &[], &trust);
+        let failed: Vec<_> = r
+            .failures
+            .iter()
+            .map(|f| (f.stream.as_str(), f.seq, &f.problem))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("d", Some(0), &Problem::Unwitnessed),
+                ("e", Some(0), &Problem::Unwitnessed)
+            ]
+        );
+        // Allowed: reported, not failed; and without a witness there is nothing to ask.
+        let allowed = Trust {
+            allow_unwitnessed: true,
+            ..trust
+        };
+        assert!(verify_with(&[known, forged.clone()].concat(), &[], &allowed).ok());
+        assert!(verify_with(&forged, &[], &Trust::default()).ok());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vigil_proto::checkpoint::Checkpoint;
 use vigil_proto::coordinator as pb;
-use vigil_proto::verify::Trust;
+use vigil_proto::verify::{Problem, Trust};
 
 /// How often the index looks for new lines in the log.
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
@@ -363,6 +363,7 @@ fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>
         witness: witness.as_deref(),
         pinned: None,
         allow_missing_streams: true,
+        allow_unwitnessed: false,
     });
     let report = verifier.report();
     let failure = report
@@ -556,6 +557,9 @@ fn badge_from_topic(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>
             "the index has not read the stream this far".into(),
         );
     }
+    if cp.is_none() && witness.is_some() {
+        return broken(&s.stream, None, Problem::Unwitnessed.to_string());
+    }
     let mut anchored_seq = None;
     let mut checkpoint = None;
     // A checkpoint past what the index has read cannot be checked yet: not anchored.
@@ -677,6 +681,30 @@ mod tests {
         later[4] = later[4].replace(r#""outcome":"success""#, r#""outcome":"error""#);
         write(&later);
         assert_eq!(state()["state"], "verified", "{}", state());
+        // The witness, asked, holds no checkpoint of the stream: nothing tells it from a
+        // stream written by hand, on this node's log or on the topic (outside review,
+        // 2026-12-07). With one of it, the session is verified and anchored.
+        write(&records);
+        for node in ["n1", "another-node"] {
+            let b = badge(&index, node, &summary, Some(Vec::new()));
+            assert_eq!(b["state"], "broken", "{b}");
+            assert!(
+                b["failure"]["problem"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("unwitnessed"),
+                "{b}"
+            );
+        }
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let hash = hex::encode(vigil_proto::chain::record_hash(records[5].as_bytes()));
+        let cp = Checkpoint::sign(&key, "n1:1", 5, &hash, 1);
+        let b = badge(&index, "n1", &summary, Some(vec![cp]));
+        assert_eq!(
+            (&b["state"], &b["anchored"]),
+            (&json!("verified"), &json!(true)),
+            "{b}"
+        );
         // The file of this node's own stream gone: nothing vouches for it (the index's copy
         // is not evidence).
         std::fs::remove_file(&file).unwrap();
