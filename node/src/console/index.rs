@@ -84,6 +84,14 @@ db_errors!(
     redb::CommitError
 );
 
+/// `"format"` → the [`FORMAT`] the index was written in.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// What the index stores and how it judged what it took. An index of another format (or of
+/// none: written before the mark) is rebuilt from its source: what it took under other rules
+/// is not re-checked otherwise (2: a session's records in a second stream are not taken, and
+/// are named in its summary).
+const FORMAT: u64 = 2;
+
 /// One stream's chain as the index followed it from its source, record by record.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StreamChain {
@@ -332,8 +340,15 @@ impl Index {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let db = Database::create(path)?;
+        let mut db = Database::create(path)?;
+        if let Some(found) = other_format(&db)? {
+            tracing::warn!(path = %path.display(), found, format = FORMAT, "console: the session index was written in another format; rebuilding it from its source");
+            drop(db);
+            std::fs::remove_file(path)?;
+            db = Database::create(path)?;
+        }
         let w = db.begin_write()?;
+        w.open_table(META)?.insert("format", FORMAT)?;
         w.open_table(SESSIONS)?;
         w.open_table(BY_TIME)?;
         w.open_multimap_table(WORDS)?;
@@ -704,6 +719,21 @@ impl Index {
 
 /// The sessions under `key` in `table` (under every key beginning with it, `by_prefix`),
 /// among `within` when given.
+/// The format of an index that is not empty and not of [`FORMAT`] (0: written before the
+/// mark).
+fn other_format(db: &Database) -> Result<Option<u64>, IndexError> {
+    let r = db.begin_read()?;
+    if r.list_tables()?.next().is_none() {
+        return Ok(None);
+    }
+    let found = match r.open_table(META) {
+        Ok(meta) => meta.get("format")?.map_or(0, |v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((found != FORMAT).then_some(found))
+}
+
 fn found(
     table: &redb::ReadOnlyMultimapTable<&'static str, &'static str>,
     key: &str,
@@ -972,6 +1002,46 @@ mod tests {
             .unwrap();
         assert_eq!(by_principal.len(), 2);
         assert_eq!(index.session("s-a").unwrap().unwrap().1.len(), 3);
+    }
+
+    /// An index written by an earlier release judged what it took by other rules: it is
+    /// rebuilt from the log, not trusted (its summaries would not be re-checked otherwise).
+    #[test]
+    fn an_index_of_another_format_is_rebuilt_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::create_dir_all(&log).unwrap();
+        std::fs::write(
+            log.join("n1-1.jsonl"),
+            record("n1:1", 0, "s-a", "session_start", r#","outcome":"success""#) + "\n",
+        )
+        .unwrap();
+        let path = dir.path().join("index.redb");
+        let index = Index::open(&path, &log).unwrap();
+        assert_eq!(index.catch_up().unwrap().records, 1);
+        // What an earlier release left: a session the log does not hold, and no format mark.
+        let w = index.db.begin_write().unwrap();
+        w.open_table(SESSIONS)
+            .unwrap()
+            .insert("s-ghost", &b"{}"[..])
+            .unwrap();
+        w.delete_table(META).unwrap();
+        w.commit().unwrap();
+        drop(index);
+        let index = Index::open(&path, &log).unwrap();
+        assert_eq!(
+            index.sessions().unwrap(),
+            0,
+            "rebuilt, empty until it reads"
+        );
+        assert_eq!(index.catch_up().unwrap().records, 1);
+        assert!(index.session("s-ghost").unwrap().is_none());
+        assert!(index.session("s-a").unwrap().is_some());
+        drop(index);
+        // Of this format, it is kept as it is.
+        let index = Index::open(&path, &log).unwrap();
+        assert_eq!(index.sessions().unwrap(), 1);
+        assert_eq!(index.catch_up().unwrap(), Taken::default());
     }
 
     #[test]
