@@ -371,6 +371,8 @@ fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>
         .iter()
         .find(|f| f.stream == s.stream && reaches_session(f, s.last_seq));
     let stream = report.streams.get(&s.stream).cloned().unwrap_or_default();
+    // A record of the session whose bytes are not the ones taken when it was written.
+    let changed = changed_since_indexed(index, s, &file);
     let broken = |location: &str, seq: Option<u64>, problem: String| {
         json!({
             "state": "broken",
@@ -380,7 +382,7 @@ fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>
                 "seq": seq,
                 "problem": problem,
             },
-            "changed": changed_since_indexed(index, s, &file),
+            "changed": changed,
         })
     };
     if let Some(f) = failure {
@@ -403,8 +405,6 @@ fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>
         );
         return broken(&file.to_string_lossy(), Some(s.last_seq), problem);
     }
-    // A record of the session whose bytes are not the ones taken when it was written.
-    let changed = changed_since_indexed(index, s, &file);
     if let Some(first) = changed.first() {
         let problem = "a record of this session was altered since it was written".to_string();
         let location = first["location"].as_str().unwrap_or_default().to_string();
@@ -589,19 +589,32 @@ mod tests {
     use super::*;
     use crate::console::index::Line;
 
-    /// Records 0, 1, 2 of stream `n1:1`, each chained to the one before, as a node writes them.
-    fn chained() -> Vec<String> {
-        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
-        (0..3)
-            .map(|seq| {
-                let kind = if seq == 0 { "session_start" } else { "request" };
-                let line = format!(
-                    r#"{{"v":1,"stream":"n1:1","seq":{seq},"prev":"{prev}","time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1","session":"s-a","kind":"{kind}","outcome":"success","connection":{{"protocol":"postgres","client_addr":"127.0.0.1:1","client_tls":true,"name":"app"}}}}"#
+    /// Records of stream `n1:1` from seq 0, each chained to the one before as a node writes
+    /// them: each its kind and the session it names, if any.
+    fn chain_of(records: &[(&str, Option<&str>)]) -> Vec<String> {
+        let mut chain = vigil_proto::chain::Chain::new("n1:1");
+        records
+            .iter()
+            .enumerate()
+            .map(|(seq, (kind, session))| {
+                let session = session.map_or(String::new(), |s| {
+                    format!(r#","session":"{s}","connection":{{"protocol":"postgres","client_addr":"127.0.0.1:1","client_tls":true,"name":"app"}}"#)
+                });
+                let body = format!(
+                    r#"{{"time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1"{session},"kind":"{kind}","outcome":"success"}}"#
                 );
-                prev = hex::encode(vigil_proto::chain::record_hash(line.as_bytes()));
-                line
+                String::from_utf8(chain.seal_serialized(body.as_bytes())).unwrap()
             })
             .collect()
+    }
+
+    /// Records 0, 1, 2 of stream `n1:1`: session `s-a`.
+    fn chained() -> Vec<String> {
+        chain_of(&[
+            ("session_start", Some("s-a")),
+            ("request", Some("s-a")),
+            ("request", Some("s-a")),
+        ])
     }
 
     /// The badge from the local log: a session whose records were taken out of the middle of
@@ -613,19 +626,14 @@ mod tests {
     fn a_session_whose_records_left_the_log_is_broken() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("index.redb"), dir.path()).unwrap();
-        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
-        let records: Vec<String> = (0..6u64)
-            .map(|seq| {
-                let session = if seq < 3 { "s-a" } else { "s-b" };
-                let kind = if seq % 3 == 0 { "session_start" } else { "request" };
-                let line = format!(
-                    r#"{{"v":{v},"stream":"n1:1","seq":{seq},"prev":"{prev}","time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1","session":"{session}","kind":"{kind}","outcome":"success","connection":{{"protocol":"postgres","client_addr":"127.0.0.1:1","client_tls":true,"name":"app"}}}}"#,
-                    v = vigil_proto::record::SCHEMA_VERSION
-                );
-                prev = hex::encode(vigil_proto::chain::record_hash(line.as_bytes()));
-                line
-            })
-            .collect();
+        let records = chain_of(&[
+            ("session_start", Some("s-a")),
+            ("request", Some("s-a")),
+            ("request", Some("s-a")),
+            ("session_start", Some("s-b")),
+            ("request", Some("s-b")),
+            ("request", Some("s-b")),
+        ]);
         let lines: Vec<Line> = records
             .iter()
             .enumerate()
@@ -751,24 +759,16 @@ mod tests {
     fn a_record_after_the_streams_end_is_not_taken() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("index.redb"), dir.path()).unwrap();
-        let mut prev = vigil_proto::chain::GENESIS_PREV.to_string();
-        let lines: Vec<Line> = ["session_start", "request", "stream_end", "request"]
-            .iter()
-            .enumerate()
-            .map(|(seq, kind)| {
-                let session = if *kind == "stream_end" {
-                    String::new()
-                } else {
-                    r#","session":"s-a""#.to_string()
-                };
-                let text = format!(
-                    r#"{{"v":{v},"stream":"n1:1","seq":{seq},"prev":"{prev}","time":"2026-12-03T10:00:0{seq}.000000000Z","node":"n1"{session},"kind":"{kind}","outcome":"success"}}"#,
-                    v = vigil_proto::record::SCHEMA_VERSION
-                );
-                prev = hex::encode(vigil_proto::chain::record_hash(text.as_bytes()));
-                line(&format!("audit/0/{seq}"), &text)
-            })
-            .collect();
+        let lines: Vec<Line> = chain_of(&[
+            ("session_start", Some("s-a")),
+            ("request", Some("s-a")),
+            ("stream_end", None),
+            ("request", Some("s-a")),
+        ])
+        .iter()
+        .enumerate()
+        .map(|(seq, text)| line(&format!("audit/0/{seq}"), text))
+        .collect();
         assert_eq!(
             index.take(&[], &lines).unwrap(),
             2,

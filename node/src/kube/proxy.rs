@@ -426,13 +426,7 @@ impl Conn {
         principal: &Principal,
     ) -> Result<Routed, (Option<String>, Refused)> {
         let full = req.uri().path();
-        let rest = full
-            .strip_prefix(super::config::CLUSTER_PREFIX)
-            .unwrap_or("");
-        let (name, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
+        let (name, path) = split_cluster(full).unwrap_or(("", "/"));
         let not_found = || {
             Refused::new(
                 StatusCode::NOT_FOUND,
@@ -1009,17 +1003,12 @@ impl Conn {
             query: req.uri().query().map(str::to_string),
             ..KubeRequest::default()
         };
-        let Some(rest) = r.path.strip_prefix(super::config::CLUSTER_PREFIX) else {
+        let Some((name, path)) = split_cluster(&r.path)
+            .filter(|(name, _)| self.ctx.clusters.contains_key(*name))
+            .map(|(name, path)| (name.to_string(), path.to_string()))
+        else {
             return (r, None);
         };
-        let (name, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if !self.ctx.clusters.contains_key(name) {
-            return (r, None);
-        }
-        let (name, path) = (
-            name.to_string(),
-            if path.is_empty() { "/" } else { path }.to_string(),
-        );
         if let Ok(info) = request_info::classify(&r.method, &path, r.query.as_deref()) {
             fill(&mut r, &info);
         }
@@ -1329,6 +1318,16 @@ fn upstream_request(
 /// `group_prefix`), if one is in the `system:` namespace: Kubernetes's own identities
 /// (`system:masters`, `system:nodes`, `system:serviceaccount:…`, the control plane's
 /// components), which an identity provider's name must never become.
+/// The cluster a gateway path names, and the API server's path after it (`/` when none):
+/// `/clusters/NAME/api/v1/pods` is `NAME` and `/api/v1/pods`. `None` without the prefix.
+fn split_cluster(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(super::config::CLUSTER_PREFIX)?;
+    Some(match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    })
+}
+
 fn reserved_identity(principal: &Principal, group_prefix: &str) -> Option<String> {
     // The API server's header reader trims blanks: ` system:masters` arrives as
     // `system:masters`. A name with blanks or control characters at its ends is refused too.
