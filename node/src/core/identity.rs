@@ -634,9 +634,23 @@ pub fn principal_from_claims(
         person: names
             .person
             .as_deref()
+            .filter(|name| *name != "email" || !unverified_email(claims))
             .and_then(|name| claim_string(claims, name))
             .filter(|p| !p.is_empty()),
     })
+}
+
+/// Whether the token says its `email` is not verified (`email_verified` false, as a boolean
+/// or, as some providers send it, a string): whoever holds the account may have typed in
+/// anyone's address, so it names no person. Providers that do not send the claim are taken at
+/// their word.
+fn unverified_email(claims: &Map<String, Value>) -> bool {
+    match claims.get("email_verified") {
+        Some(Value::Bool(verified)) => !verified,
+        Some(Value::String(s)) => !s.eq_ignore_ascii_case("true"),
+        Some(_) => true,
+        None => false,
+    }
 }
 
 /// The claim of the cluster's own tokens that carries the principal's person key.
@@ -777,6 +791,25 @@ mod tests {
             Some("alice@example.com")
         );
         assert_eq!(with(r#"{"sub":"3f1c"}"#), None);
+        // An address the provider has not verified names nobody: anyone can type one in.
+        for verified in [r#"true"#, r#""true""#] {
+            assert_eq!(
+                with(&format!(
+                    r#"{{"sub":"3f1c","email":"alice@example.com","email_verified":{verified}}}"#
+                ))
+                .as_deref(),
+                Some("alice@example.com")
+            );
+        }
+        for unverified in [r#"false"#, r#""false""#, r#"0"#, r#"null"#] {
+            assert_eq!(
+                with(&format!(
+                    r#"{{"sub":"3f1c","email":"alice@example.com","email_verified":{unverified}}}"#
+                )),
+                None,
+                "email_verified {unverified}"
+            );
+        }
         assert_eq!(with(r#"{"sub":"3f1c","email":""}"#), None);
         let none: Map<String, Value> = serde_json::from_str(r#"{"sub":""}"#).unwrap();
         assert!(matches!(
