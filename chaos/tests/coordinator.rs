@@ -1165,3 +1165,96 @@ async fn t87_the_embedded_coordinator_holds_and_releases_statements() {
         .as_ref()
         .is_some_and(|a| a.state == "denied")));
 }
+
+/// A statement held for request R2 and approved while held runs with R2, not with an older
+/// approval of the same statement (R1, approved after its client had gone): its records name
+/// the request whose approval the node saw, and R1 stays for the run it was asked for. Before,
+/// the node consumed the oldest approved request with the statement's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8g_a_statement_approved_while_held_runs_with_that_approval() {
+    const POLICY: &str = r#"
+[[policy.rules]]
+id = "writes-need-approval"
+action = "require_approval"
+kinds = ["write"]
+approval = { approvers = "approvers", wait_secs = 8, ttl_secs = 600 }
+"#;
+    let node = TestNode::start(NodeOptions {
+        extra: POLICY,
+        ..NodeOptions::default()
+    })
+    .await;
+    let coord = node.node.coordinator.join(",");
+    let token = token_for("agent-ops", "agent-ops-secret").await;
+    let stmt = "UPDATE customers SET name = 'twice held' WHERE id = 1";
+    let alice = id_token("alice");
+    let approve = |id: &str| {
+        let (code, out) = vigil(&[
+            "approvals",
+            "approve",
+            "--yes",
+            id,
+            "--coordinator",
+            &coord,
+            "--token",
+            &alice,
+        ]);
+        assert_eq!(code, 0, "{out}");
+    };
+
+    // R1: held until its wait ran out; nobody waits for it any more.
+    let (first, _task) = node.client(&token).await.unwrap();
+    let r1 = pending_id(&first.simple_query(stmt).await.unwrap_err());
+    drop(first);
+
+    // R2: the same statement again, held while both are approved, R1 first.
+    let (second, _task) = node.client(&token).await.unwrap();
+    let held = tokio::spawn(async move { second.simple_query(stmt).await.map(|_| second) });
+    let r2 = loop {
+        let (_, out) = vigil(&[
+            "approvals",
+            "list",
+            "--state",
+            "pending",
+            "--coordinator",
+            &coord,
+            "--token",
+            &alice,
+        ]);
+        if let Some(id) = out
+            .split_whitespace()
+            .find(|w| w.starts_with("apr-") && *w != r1)
+        {
+            break id.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    approve(&r1);
+    approve(&r2);
+    held.await.unwrap().expect("approved while held, then run");
+
+    let records = node.records_after_sessions(2).await;
+    let ran: Vec<_> = of_kind(&records, Kind::Request)
+        .into_iter()
+        .filter_map(|r| r.body.approval.clone())
+        .collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert_eq!(
+        (ran[0].id.as_str(), ran[0].state.as_str()),
+        (r2.as_str(), "consumed")
+    );
+    let (code, out) = vigil(&[
+        "approvals",
+        "show",
+        &r1,
+        "--coordinator",
+        &coord,
+        "--token",
+        &alice,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("state       approved"),
+        "R1 is still there to use: {out}"
+    );
+}

@@ -338,13 +338,16 @@ pub enum Command {
     /// Use an approved request for this principal (`subject` of `issuer`: the request's
     /// requester) and exact action: succeeds once. `attempt` names the try (unique per run of
     /// the action); repeating a consume with the same attempt answers with the request it
-    /// consumed, so a node may retry after a lost reply.
+    /// consumed, so a node may retry after a lost reply. With `request`, only that request
+    /// may be used (the one the node held the action for); without, the oldest that matches.
     Consume {
         subject: String,
         #[serde(default)]
         issuer: String,
         key: ActionKey,
         attempt: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
         now: Millis,
     },
     CreateGrant {
@@ -604,6 +607,7 @@ impl State {
                 issuer,
                 key,
                 attempt,
+                request,
                 now,
             } => {
                 let consumer = Actor {
@@ -618,8 +622,9 @@ impl State {
                 {
                     return Ok(Applied::Request(Box::new(ApprovalRequest::clone(done))));
                 }
-                // The oldest matching approval is used; the compare (approved, not expired)
-                // and the set (consumed) happen in one apply, so exactly one caller wins.
+                // The named request, or else the oldest matching approval, is used; the
+                // compare (approved, not expired) and the set (consumed) happen in one apply,
+                // so exactly one caller wins.
                 let r = self
                     .requests
                     .values_mut()
@@ -628,6 +633,7 @@ impl State {
                             && r.asked.requester.is(&consumer)
                             && r.asked.key == key
                             && !r.expired(now)
+                            && request.as_deref().is_none_or(|id| r.asked.id == id)
                     })
                     .min_by_key(|r| (r.created_at, r.asked.id.clone()))
                     .ok_or(DomainError::NothingToConsume)?;
@@ -919,6 +925,7 @@ pub(crate) mod tests {
             issuer: ISSUER.into(),
             key,
             attempt: format!("try-{now}"),
+            request: None,
             now,
         }
     }
@@ -1092,11 +1099,47 @@ pub(crate) mod tests {
             issuer: "https://vigil/tokens".into(),
             key: key("postgres", "app"),
             attempt: "try-other".into(),
+            request: None,
             now: 2,
         };
         assert_eq!(s.apply(elsewhere), Err(DomainError::NothingToConsume));
         assert_eq!(s.requests["r1"].state, RequestState::Approved);
         assert!(s.apply(consume(3)).is_ok());
+    }
+
+    /// A node that held an action for a request and saw it approved uses that request, not an
+    /// older approval of the same action (its record names the request, and who approved it,
+    /// that let the action run); once that one is used elsewhere, nothing else stands in.
+    #[test]
+    fn a_consume_that_names_its_request_uses_only_that_one() {
+        let mut s = State::default();
+        s.apply(create("r1", 1, 0)).unwrap();
+        s.apply(create("r2", 1, 2)).unwrap();
+        s.apply(decide("r1", "alice", true, 3)).unwrap();
+        s.apply(decide("r2", "carol", true, 4)).unwrap();
+        let named = |attempt: &str, now| Command::Consume {
+            subject: "agent".into(),
+            issuer: ISSUER.into(),
+            key: key("postgres", "app"),
+            attempt: attempt.into(),
+            request: Some("r2".into()),
+            now,
+        };
+        let Ok(Applied::Request(used)) = s.apply(named("try-a", 5)) else {
+            panic!("r2 is consumed");
+        };
+        assert_eq!(used.asked.id, "r2");
+        assert_eq!(s.requests["r1"].state, RequestState::Approved);
+        assert_eq!(
+            s.apply(named("try-b", 6)),
+            Err(DomainError::NothingToConsume),
+            "r2 is used, and r1 does not stand in for it"
+        );
+        // Without a name, the oldest.
+        let Ok(Applied::Request(used)) = s.apply(consume(7)) else {
+            panic!("r1 is consumed");
+        };
+        assert_eq!(used.asked.id, "r1");
     }
 
     #[test]

@@ -738,6 +738,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             issuer: r.issuer,
             key,
             attempt: r.attempt,
+            request: (!r.request_id.is_empty()).then_some(r.request_id),
             now,
         };
         Ok(Response::new(expect_request(

@@ -491,6 +491,7 @@ async fn t13_one_person_is_one_person_across_identity_providers() {
         issuer: issuer.into(),
         key: created.key.clone(),
         attempt: format!("try-{issuer}"),
+        request_id: String::new(),
     };
     let elsewhere = node
         .consume_approval(consume("https://vigil/tokens"))

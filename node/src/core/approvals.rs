@@ -394,6 +394,7 @@ impl Approvals {
             issuer: hold.principal.issuer.clone(),
             key: Some(key.clone()),
             attempt: new_id(&format!("{}-try", self.node)),
+            request_id: String::new(),
         };
         match self.consume(&consume).await {
             Ok(a) => return Verdict::Run(reference(&a, "consumed")),
@@ -516,7 +517,13 @@ impl Approvals {
                 detail: "approved while held".into(),
                 requested: false,
             });
-            return match self.consume(consume).await {
+            // This request, the one the approvers saw: not an older approval of the same
+            // action, whose approvers the records would then name.
+            let consume = pb::ConsumeApprovalRequest {
+                request_id: id.clone(),
+                ..consume.clone()
+            };
+            return match self.consume(&consume).await {
                 Ok(a) => Verdict::Run(reference(&a, "consumed")),
                 Err(e) if e.code() == Code::FailedPrecondition => Verdict::refuse(
                     Refusal::UsedElsewhere { request: id },
