@@ -2,7 +2,8 @@
 //! SIGKILL in the middle of a stream of statements; a full disk refuses statements before the
 //! target and loses no record; repeated kills while large results are recorded leave streams
 //! that verify against the witness, torn tails reported as such; a deleted stream file fails
-//! `verify --witness`; a young stream killed early is anchored close to its end.
+//! `verify --witness`; a young stream killed early is anchored close to its end; a node serves
+//! only once the witness holds a checkpoint of its stream.
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
@@ -591,6 +592,83 @@ async fn t53_a_young_stream_killed_early_is_anchored_near_its_end() {
         report.contains(&format!("anchored at seq {last}, 0 unanchored")),
         "every record is anchored: {report}"
     );
+}
+
+/// A node serves nothing before the witness holds a checkpoint of its stream: started while
+/// its coordinator is down, it is not ready and answers no client; once the coordinator is
+/// back it serves, and a kill right after leaves a stream the witness vouches for (outside
+/// review, 2026-12-08: a node that recorded sessions with its coordinator down, then was
+/// killed, left a stream `verify --witness` could not tell from a forgery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t55_a_node_serves_once_its_stream_is_witnessed() {
+    let mut cluster = Cluster::start(1).await;
+    let (pg_port, admin_port) = (free_port(), free_port());
+    let files = NodeFiles::new(&NodeOptions {
+        pg_port,
+        admin_port,
+        coordinator: Some(cluster.node_section()),
+        ..NodeOptions::default()
+    })
+    .await;
+    let token = agent_token().await;
+    cluster.kill(1);
+    let mut child = Command::new(bin("vigil-node"))
+        .arg("--config")
+        .arg(&files.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let readyz = || async {
+        let url = format!("http://127.0.0.1:{admin_port}/readyz");
+        match reqwest::get(&url).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    let mut answer = (0, String::new());
+    for _ in 0..100 {
+        answer = readyz().await;
+        if answer.0 != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer.0, 503, "{answer:?}");
+    assert!(
+        answer.1.starts_with(
+            "not ready: the coordinator has not yet taken the first checkpoint of the audit stream"
+        ),
+        "{answer:?}"
+    );
+    let conn = format!("host=127.0.0.1 port={pg_port} user=agent dbname=app password={token}");
+    let early = tokio::time::timeout(Duration::from_secs(3), connect_tls(&conn)).await;
+    assert!(early.is_err(), "no session before the stream is witnessed");
+
+    cluster.spawn(1);
+    cluster.wait_up(1).await;
+    let mut ready = false;
+    for _ in 0..150 {
+        if readyz().await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready,
+        "ready once the coordinator is back: {:?}",
+        readyz().await
+    );
+    let (client, _task) = connect_tls(&conn).await.unwrap();
+    client.simple_query("SELECT 'witnessed'").await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let token_file = files.dir.path().join("operator-token");
+    std::fs::write(&token_file, id_token("alice")).unwrap();
+    let (code, report) = verify_witnessed(&files.audit_dir, &cluster, &token_file, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("anchored at seq"), "{report}");
 }
 
 /// A session the target ends on its own (here PostgreSQL's `idle_session_timeout`, the way to

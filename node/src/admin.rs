@@ -28,6 +28,9 @@ pub struct AdminState {
     /// Cancels other nodes pass on (see [`crate::core::peers`]); `None` without PostgreSQL.
     pub pg_cancels: Option<PassedCancels>,
     pub coordinator: Arc<Reachability>,
+    /// Whether the coordinator holds a checkpoint of the node's stream (the listeners serve
+    /// from then on).
+    pub witnessed: tokio::sync::watch::Receiver<bool>,
 }
 
 pub async fn serve(
@@ -69,6 +72,11 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: draining (the node is shutting down)",
+        )
+    } else if !*state.witnessed.borrow() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the coordinator has not yet taken the first checkpoint of the audit stream",
         )
     } else if !state.verifier.is_ready() {
         (

@@ -343,6 +343,41 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
     tokio::spawn(verifier.clone().load_keys());
 
     let (shutdown, stop_rx) = watch::channel(false);
+    // No listener that writes records serves before the witness holds a checkpoint of the
+    // stream: a stream it never saw holds nothing but its frame, so one that holds more was
+    // written by someone else (docs/audit-schema.md, verification rule 15).
+    let witness = audit::witness::Witness::new(
+        audit.clone(),
+        coordination.approvals.clone(),
+        node_key,
+        metrics.clone(),
+    );
+    let (witnessed_tx, witnessed) = watch::channel(false);
+    {
+        let witness = witness.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if witness.witnessed(&mut stop).await {
+                let _ = witnessed_tx.send(true);
+            }
+        });
+    }
+    // A listener's serving future, once the stream is witnessed (nothing, if the node stops
+    // first).
+    let once_witnessed =
+        |serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+            let mut witnessed = witnessed.clone();
+            let stop = stop_rx.clone();
+            async move {
+                let ready = tokio::select! {
+                    taken = witnessed.wait_for(|w| *w) => taken.is_ok(),
+                    () = wait_for(stop) => false,
+                };
+                if ready {
+                    serve.await;
+                }
+            }
+        };
     let reachability = core::reachability::Reachability::new(metrics.clone());
     tokio::spawn(
         reachability
@@ -356,6 +391,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         lifecycle: lifecycle.clone(),
         pg_cancels,
         coordinator: reachability.clone(),
+        witnessed: witnessed.clone(),
     };
     // The admin endpoints answer until the node has stopped: while it drains, /readyz says so
     // and /metrics shows the sessions left.
@@ -375,7 +411,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         _ => None,
     };
     let api_addr = api.map(|(listener, addr)| {
-        tokio::spawn(api::serve(
+        tokio::spawn(once_witnessed(Box::pin(api::serve(
             listener,
             core.clone(),
             ssh_api,
@@ -387,21 +423,19 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
                 saml: saml_cli,
             },
             wait_for(stop_rx.clone()),
-        ));
+        ))));
         addr
     });
     let console_addr = console.map(|(listener, addr, app)| {
-        tokio::spawn(console::serve(listener, app, wait_for(stop_rx.clone())));
+        tokio::spawn(once_witnessed(Box::pin(console::serve(
+            listener,
+            app,
+            wait_for(stop_rx.clone()),
+        ))));
         addr
     });
     let audit_path = audit.path().to_path_buf();
     let checkpoint_every = Duration::from_secs(config.audit.checkpoint_interval_secs);
-    let witness = audit::witness::Witness::new(
-        audit.clone(),
-        coordination.approvals.clone(),
-        node_key,
-        metrics.clone(),
-    );
     tokio::spawn(witness.clone().run(checkpoint_every, stop_rx.clone()));
     let (ship_stop, ship_stop_rx) = watch::channel(false);
     let shipping = sink.map(|sink| {
@@ -413,7 +447,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<RunningNode> {
         .collect();
     let serving: Vec<_> = servers
         .into_iter()
-        .map(|s| tokio::spawn(s.serve(Box::pin(wait_for(stop_rx.clone())))))
+        .map(|s| tokio::spawn(once_witnessed(s.serve(Box::pin(wait_for(stop_rx.clone()))))))
         .collect();
     let embedded = coordination.member;
     let audit_handle = audit.clone();

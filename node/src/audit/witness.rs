@@ -10,7 +10,7 @@ use std::time::Duration;
 use vigil_proto::checkpoint::Checkpoint;
 
 /// Signs checkpoints of this node's stream and hands them to the coordinator (the witness):
-/// at once (covering `stream_start`), then soon after the stream grows, at spacings that
+/// at once (covering `stream_start`, before the node serves: [`Witness::witnessed`]), then soon after the stream grows, at spacings that
 /// double from [`FIRST_SPACING`] up to the interval, and once more at stream end.
 #[derive(Clone)]
 pub struct Witness {
@@ -26,6 +26,10 @@ pub struct Witness {
 /// unanchored; with spacings of 0.25, 0.5, 1, 2, 4 s … a young stream's unanchored tail is as
 /// short as its age allows.
 pub const FIRST_SPACING: Duration = Duration::from_millis(250);
+
+/// How often a stream's first checkpoint is offered again while the coordinator does not take
+/// it (the node serves nothing meanwhile).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 impl Witness {
     pub fn new(
@@ -56,8 +60,29 @@ impl Witness {
             if *stop.borrow() {
                 return;
             }
-            if self.checkpoint().await {
+            // The first tick may find the stream as [`Witness::witnessed`] left it.
+            if self.checkpoint().await || spacing.is_zero() {
                 spacing = (spacing * 2).max(FIRST_SPACING).min(every);
+            }
+        }
+    }
+
+    /// Offers a checkpoint of the stream every [`RETRY_FIRST`] until the coordinator takes one
+    /// (of `stream_start` at least): true then, false if `stop` comes first. The node serves
+    /// no session before: records in a stream the witness never saw cannot be told from ones
+    /// written by someone else.
+    pub async fn witnessed(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+        loop {
+            self.checkpoint().await;
+            if self.last.lock().await.is_some() {
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_FIRST) => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return false;
             }
         }
     }

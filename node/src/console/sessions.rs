@@ -288,27 +288,31 @@ pub async fn verification(
         Ok(None) => return refuse(StatusCode::NOT_FOUND, "no such session"),
         Err(r) => return r,
     };
-    // The witness first: what it vouches for was written before the log is read.
+    // The witness first: what it vouches for was written before the log is read. Without
+    // it nothing tells the session's stream from one written by hand: no badge (outside
+    // review, 2026-12-08: a stalled witness turned a forged session's badge "verified").
     let witness = match person
         .coordinator
         .list_checkpoints(pb::ListCheckpointsRequest {})
         .await
     {
-        Ok(list) => Some(
-            list.checkpoints
-                .into_iter()
-                .map(Checkpoint::from)
-                .filter(|c| c.stream == summary.stream)
-                .collect::<Vec<_>>(),
-        ),
+        Ok(list) => list
+            .checkpoints
+            .into_iter()
+            .map(Checkpoint::from)
+            .filter(|c| c.stream == summary.stream)
+            .collect::<Vec<_>>(),
         Err(e) => {
             tracing::warn!(error = %e.message(), "console: the witness cannot be asked");
-            None
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the witness cannot be asked: {}", e.message()),
+            );
         }
     };
     let index = console.index.clone();
     let own = console.core.audit.node().to_string();
-    let badge = tokio::task::spawn_blocking(move || badge(&index, &own, &summary, witness)).await;
+    let badge = tokio::task::spawn_blocking(move || badge(&index, &own, &summary, &witness)).await;
     match badge {
         Ok(b) => super::page_json(b),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
@@ -321,7 +325,7 @@ pub async fn verification(
 /// `missing`. A stream this node (`own`) wrote is verified from its file in the local log,
 /// and only from it; another node's, from the chain as the index followed it on the audit
 /// topic.
-fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
+fn badge(index: &Index, own: &str, s: &Summary, witness: &[Checkpoint]) -> Value {
     // Records naming the session in a second stream: one of the two was written by someone
     // else (a stream needs no key to be made), and the page shows only the first.
     if let Some(other) = &s.foreign {
@@ -360,7 +364,7 @@ fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>
         Err(e) => return json!({ "state": "missing", "stream": s.stream, "detail": e.to_string() }),
     };
     verifier.check_checkpoints(&Trust {
-        witness: witness.as_deref(),
+        witness: Some(witness),
         pinned: None,
         allow_missing_streams: true,
         allow_unwitnessed: false,
@@ -431,10 +435,10 @@ fn badge(index: &Index, own: &str, s: &Summary, witness: Option<Vec<Checkpoint>>
         .any(|f| f.stream == s.stream && is_checkpoint_problem(&f.problem));
     let anchored_seq = stream.anchored_seq.filter(|_| !checkpoint_failed);
     let checkpoint = witness
-        .as_ref()
-        .and_then(|w| w.iter().find(|c| Some(c.seq) == anchored_seq))
+        .iter()
+        .find(|c| Some(c.seq) == anchored_seq)
         .map(|c| json!({ "seq": c.seq, "time_ms": c.time_ms, "hash": c.hash }));
-    verified(s, anchored_seq, checkpoint, "log", witness.is_some())
+    verified(s, anchored_seq, checkpoint, "log")
 }
 
 /// Whether a failure of the session's stream bears on its records, which end at `last_seq`:
@@ -510,7 +514,6 @@ fn verified(
     anchored_seq: Option<u64>,
     checkpoint: Option<Value>,
     source: &str,
-    witness: bool,
 ) -> Value {
     json!({
         "state": "verified",
@@ -520,15 +523,14 @@ fn verified(
         "anchored": anchored_seq.is_some_and(|a| a >= s.last_seq),
         "anchored_seq": anchored_seq,
         "checkpoint": checkpoint,
-        "witness": witness,
     })
 }
 
 /// The badge of a stream not in the local log: the chain as the index followed it on the
 /// audit topic, and the witness's checkpoint of that stream (its signature, and its hash
 /// against the record the index took at its seq).
-fn badge_from_topic(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>) -> Value {
-    let cp = witness.as_ref().and_then(|w| w.first().cloned());
+fn badge_from_topic(index: &Index, s: &Summary, witness: &[Checkpoint]) -> Value {
+    let cp = witness.first().cloned();
     let (chain, hash) = match index.chain(&s.stream, cp.as_ref().map(|c| c.seq)) {
         Ok(found) => found,
         Err(e) => return json!({ "state": "missing", "stream": s.stream, "detail": e.to_string() }),
@@ -557,13 +559,13 @@ fn badge_from_topic(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>
             "the index has not read the stream this far".into(),
         );
     }
-    if cp.is_none() && witness.is_some() {
+    let Some(cp) = cp else {
         return broken(&s.stream, None, Problem::Unwitnessed.to_string());
-    }
+    };
     let mut anchored_seq = None;
     let mut checkpoint = None;
     // A checkpoint past what the index has read cannot be checked yet: not anchored.
-    if let (Some(cp), Some(hash)) = (cp, hash) {
+    if let Some(hash) = hash {
         if let Err(e) = cp.verify() {
             return broken(
                 &s.stream,
@@ -581,7 +583,7 @@ fn badge_from_topic(index: &Index, s: &Summary, witness: Option<Vec<Checkpoint>>
         anchored_seq = Some(cp.seq);
         checkpoint = Some(json!({ "seq": cp.seq, "time_ms": cp.time_ms, "hash": cp.hash }));
     }
-    verified(s, anchored_seq, checkpoint, "topic", witness.is_some())
+    verified(s, anchored_seq, checkpoint, "topic")
 }
 
 #[cfg(test)]
@@ -606,6 +608,13 @@ mod tests {
                 String::from_utf8(chain.seal_serialized(body.as_bytes())).unwrap()
             })
             .collect()
+    }
+
+    /// The witness's checkpoint of record 0 of stream `n1:1`: the stream is one a node wrote.
+    fn seq_0_witnessed(records: &[String]) -> Checkpoint {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let hash = hex::encode(vigil_proto::chain::record_hash(records[0].as_bytes()));
+        Checkpoint::sign(&key, "n1:1", 0, &hash, 1)
     }
 
     /// Records 0, 1, 2 of stream `n1:1`: session `s-a`.
@@ -650,7 +659,8 @@ mod tests {
             )
             .unwrap()
         };
-        let state = || badge(&index, "n1", &summary, None);
+        let witnessed = [seq_0_witnessed(&records)];
+        let state = || badge(&index, "n1", &summary, &witnessed);
 
         write(&records);
         assert_eq!(state()["state"], "verified", "{}", state());
@@ -694,7 +704,7 @@ mod tests {
         // 2026-12-07). With one of it, the session is verified and anchored.
         write(&records);
         for node in ["n1", "another-node"] {
-            let b = badge(&index, node, &summary, Some(Vec::new()));
+            let b = badge(&index, node, &summary, &[]);
             assert_eq!(b["state"], "broken", "{b}");
             assert!(
                 b["failure"]["problem"]
@@ -707,7 +717,7 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let hash = hex::encode(vigil_proto::chain::record_hash(records[5].as_bytes()));
         let cp = Checkpoint::sign(&key, "n1:1", 5, &hash, 1);
-        let b = badge(&index, "n1", &summary, Some(vec![cp]));
+        let b = badge(&index, "n1", &summary, &[cp]);
         assert_eq!(
             (&b["state"], &b["anchored"]),
             (&json!("verified"), &json!(true)),
@@ -718,7 +728,7 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         assert_eq!(state()["state"], "missing", "{}", state());
         assert_ne!(
-            badge(&index, "another-node", &summary, None)["state"],
+            badge(&index, "another-node", &summary, &witnessed)["state"],
             "missing",
             "another node's stream is read from the topic's chain"
         );
@@ -734,7 +744,7 @@ mod tests {
             3,
             "the foreign record is not taken into the session"
         );
-        let b = badge(&index, "n1", &summary, None);
+        let b = badge(&index, "n1", &summary, &witnessed);
         assert_eq!(b["state"], "broken", "{b}");
         assert!(
             b["failure"]["problem"]
@@ -807,8 +817,9 @@ mod tests {
         let (chain, _) = index.chain("n1:1", None).unwrap();
         let chain = chain.unwrap();
         assert_eq!((chain.duplicates, chain.failure), (1, None));
+        let witnessed = [seq_0_witnessed(&records)];
         assert_eq!(
-            badge_from_topic(&index, &summary, None)["state"],
+            badge_from_topic(&index, &summary, &witnessed)["state"],
             "verified"
         );
 
@@ -818,7 +829,7 @@ mod tests {
             0,
             "not taken"
         );
-        let badge = badge_from_topic(&index, &summary, None);
+        let badge = badge_from_topic(&index, &summary, &witnessed);
         assert_eq!(badge["state"], "broken", "{badge}");
         assert_eq!(
             badge["failure"],

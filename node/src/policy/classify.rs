@@ -697,12 +697,16 @@ const OUTPUT_LISTS: &[&str] = &["target_list", "returning_clause", "values_lists
 struct Walk {
     info: StatementInfo,
     pending: Vec<Pending>,
+    /// The names a row of a table read is known by in the statement (its alias, else its
+    /// name): a reference to one of them returns the whole row.
+    ranges: BTreeSet<String>,
 }
 
 fn classify_statement(node: &Tree) -> (StatementInfo, Vec<Pending>) {
     let mut w = Walk {
         info: StatementInfo::default(),
         pending: Vec::new(),
+        ranges: BTreeSet::new(),
     };
     let Some((name, body)) = single(node) else {
         return (w.info, w.pending);
@@ -713,6 +717,11 @@ fn classify_statement(node: &Tree) -> (StatementInfo, Vec<Pending>) {
         output: false,
     };
     w.walk(node, ctx);
+    // A whole row returned (`SELECT c FROM customers c`, `row_to_json(c)`, `c::text`): every
+    // column of it, as `c.*`.
+    if w.info.columns.iter().any(|c| w.ranges.contains(c)) {
+        w.info.columns.insert("*".to_string());
+    }
     top_level(name, body, &mut w.info);
     if name == "ExplainStmt" && explain_analyze(body) && w.info.kind() != StatementKind::Read {
         w.info.flags.insert(Flag::ExplainAnalyzeWrite);
@@ -1287,6 +1296,11 @@ impl Walk {
                     // A RangeVar held directly in a field (`relation`) is not wrapped.
                     if v.get("relpersistence").is_some() {
                         add_table(v, &mut self.info);
+                        let alias = v.pointer("/alias/aliasname").and_then(Tree::as_str);
+                        let name = alias.unwrap_or(str_field(v, "relname"));
+                        if !name.is_empty() {
+                            self.ranges.insert(name.to_string());
+                        }
                     }
                     for (key, value) in fields {
                         let output = ctx.output || OUTPUT_LISTS.contains(key);
@@ -1601,7 +1615,20 @@ mod tests {
         assert_eq!(columns("VALUES ((SELECT ssn FROM c))"), ["ssn"]);
         // Renamed columns and a row's field (an outside review).
         assert_eq!(columns("SELECT x::text FROM c t(id, name, x)"), ["*", "x"]);
-        assert_eq!(columns("SELECT (c).ssn::text FROM c"), ["c", "ssn"]);
+        // The row `c` is named as a whole: counted as every column, the safe side.
+        assert_eq!(columns("SELECT (c).ssn::text FROM c"), ["*", "c", "ssn"]);
+        // A whole row, by its alias or its table's name (an outside review: `row_to_json(c)`
+        // returned every ruled column in clear).
+        assert_eq!(columns("SELECT c FROM customers c"), ["*", "c"]);
+        assert_eq!(
+            columns("SELECT row_to_json(c) FROM customers c WHERE c.id = 1"),
+            ["*", "c"]
+        );
+        assert_eq!(
+            columns("SELECT customers::text FROM public.customers"),
+            ["*", "customers"]
+        );
+        assert_eq!(columns("SELECT name FROM customers c"), ["name"]);
         // Only what a query returns: a filter's columns are not.
         assert!(columns("SELECT count(*) FROM c WHERE name = 'x' GROUP BY ssn").is_empty());
     }
