@@ -1419,6 +1419,25 @@ async fn t73_masking_of_results_audit_and_client_copies() {
         let column = usize::from(sql.starts_with("SELECT *"));
         assert_eq!(prepared.get::<_, String>(column), "[redacted]", "{sql}");
     }
+    // A whole row of the ruled table, by its alias or its name: no column is named, and
+    // PostgreSQL reports no table for it (an outside review: `row_to_json(c)` sent every
+    // ruled column in clear).
+    for (sql, text) in [
+        ("SELECT c FROM customers c WHERE id = 1", false),
+        ("SELECT row_to_json(c) FROM customers c WHERE id = 1", false),
+        ("SELECT customers::text FROM customers WHERE id = 1", true),
+        (
+            "SELECT to_jsonb(c)::text FROM customers c WHERE c.id = 1",
+            true,
+        ),
+    ] {
+        let got = rows(client.simple_query(sql).await.unwrap());
+        assert_eq!(got[0][0].as_deref(), Some("[redacted]"), "{sql}: {got:?}");
+        if text {
+            let prepared = client.query_one(sql, &[]).await.unwrap();
+            assert_eq!(prepared.get::<_, String>(0), "[redacted]", "{sql}");
+        }
+    }
     let counted = rows(
         client
             .simple_query("SELECT count(*) FROM customers WHERE id <= 2")
