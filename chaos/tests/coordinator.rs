@@ -1041,21 +1041,29 @@ async fn t82_three_nodes_race_for_one_approval_and_one_wins() {
     assert_eq!(ran, 1);
 }
 
+/// The ids of the pending requests that `token`'s holder may see.
+fn pending(coord: &str, token: &str) -> Vec<String> {
+    let (_, out) = vigil(&[
+        "approvals",
+        "list",
+        "--state",
+        "pending",
+        "--coordinator",
+        coord,
+        "--token",
+        token,
+    ]);
+    out.split_whitespace()
+        .filter(|w| w.starts_with("apr-"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Waits (in a blocking thread: it runs the CLI) for a pending request and decides it with
 /// `vigil approvals <how> ID`; returns its id.
 fn decide_first_pending(coord: &str, token: &str, how: &[&str]) -> String {
     for _ in 0..200 {
-        let (_, out) = vigil(&[
-            "approvals",
-            "list",
-            "--state",
-            "pending",
-            "--coordinator",
-            coord,
-            "--token",
-            token,
-        ]);
-        if let Some(id) = out.split_whitespace().find(|w| w.starts_with("apr-")) {
+        if let Some(id) = pending(coord, token).first() {
             let mut args = vec!["approvals", how[0], "--yes", id];
             args.extend_from_slice(&how[1..]);
             args.extend_from_slice(&["--coordinator", coord, "--token", token]);
@@ -1211,21 +1219,8 @@ approval = { approvers = "approvers", wait_secs = 8, ttl_secs = 600 }
     let (second, _task) = node.client(&token).await.unwrap();
     let held = tokio::spawn(async move { second.simple_query(stmt).await.map(|_| second) });
     let r2 = loop {
-        let (_, out) = vigil(&[
-            "approvals",
-            "list",
-            "--state",
-            "pending",
-            "--coordinator",
-            &coord,
-            "--token",
-            &alice,
-        ]);
-        if let Some(id) = out
-            .split_whitespace()
-            .find(|w| w.starts_with("apr-") && *w != r1)
-        {
-            break id.to_string();
+        if let Some(id) = pending(&coord, &alice).into_iter().find(|id| *id != r1) {
+            break id;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
