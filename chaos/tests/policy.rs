@@ -1430,12 +1430,33 @@ async fn t73_masking_of_results_audit_and_client_copies() {
             "SELECT to_jsonb(c)::text FROM customers c WHERE c.id = 1",
             true,
         ),
+        // By a join's alias, and through a function in FROM (a second outside review).
+        (
+            "SELECT j FROM (customers c JOIN customers d USING (id)) j WHERE j.id = 1",
+            false,
+        ),
+        (
+            "SELECT x FROM customers c, unnest(ARRAY[c.name]) x WHERE c.id = 1",
+            true,
+        ),
+        (
+            "SELECT value FROM customers c, jsonb_each_text(to_jsonb(c)) WHERE c.id = 1",
+            true,
+        ),
+        (
+            "SELECT x FROM customers c, LATERAL unnest(ARRAY[c]) x WHERE c.id = 1",
+            false,
+        ),
     ] {
         let got = rows(client.simple_query(sql).await.unwrap());
-        assert_eq!(got[0][0].as_deref(), Some("[redacted]"), "{sql}: {got:?}");
+        assert!(!got.is_empty(), "{sql}");
+        for row in &got {
+            assert_eq!(row[0].as_deref(), Some("[redacted]"), "{sql}: {got:?}");
+        }
         if text {
-            let prepared = client.query_one(sql, &[]).await.unwrap();
-            assert_eq!(prepared.get::<_, String>(0), "[redacted]", "{sql}");
+            for row in client.query(sql, &[]).await.unwrap() {
+                assert_eq!(row.get::<_, String>(0), "[redacted]", "{sql}");
+            }
         }
     }
     let counted = rows(

@@ -692,13 +692,25 @@ struct Ctx {
 }
 
 /// The fields that hold what a query returns.
-const OUTPUT_LISTS: &[&str] = &["target_list", "returning_clause", "values_lists"];
+/// The fields whose values a query returns: its target list, `RETURNING` and `VALUES`, and
+/// what a function in `FROM` (`unnest(ARRAY[c.ssn])`, `jsonb_each_text(to_jsonb(c))`), an
+/// `XMLTABLE` or a `JSON_TABLE` is given (its rows are the query's, an outside review).
+const OUTPUT_LISTS: &[&str] = &[
+    "target_list",
+    "returning_clause",
+    "values_lists",
+    "functions",
+    "docexpr",
+    "rowexpr",
+    "context_item",
+];
 
 struct Walk {
     info: StatementInfo,
     pending: Vec<Pending>,
-    /// The names a row of a table read is known by in the statement (its alias, else its
-    /// name): a reference to one of them returns the whole row.
+    /// The names a row is known by in the statement (a table's name, any alias in `FROM`:
+    /// a table's, a join's, a subquery's, a function's): a reference to one of them returns
+    /// the whole row.
     ranges: BTreeSet<String>,
 }
 
@@ -1296,11 +1308,13 @@ impl Walk {
                     // A RangeVar held directly in a field (`relation`) is not wrapped.
                     if v.get("relpersistence").is_some() {
                         add_table(v, &mut self.info);
-                        let alias = v.pointer("/alias/aliasname").and_then(Tree::as_str);
-                        let name = alias.unwrap_or(str_field(v, "relname"));
+                        let name = str_field(v, "relname");
                         if !name.is_empty() {
                             self.ranges.insert(name.to_string());
                         }
+                    }
+                    if let Some(alias) = v.pointer("/alias/aliasname").and_then(Tree::as_str) {
+                        self.ranges.insert(alias.to_string());
                     }
                     for (key, value) in fields {
                         let output = ctx.output || OUTPUT_LISTS.contains(key);
@@ -1629,6 +1643,20 @@ mod tests {
             ["*", "customers"]
         );
         assert_eq!(columns("SELECT name FROM customers c"), ["name"]);
+        // A join's or a subquery's alias names a row too; what a function in FROM is given is
+        // what the query returns (an outside review: both sent ruled values in clear).
+        assert_eq!(
+            columns("SELECT j FROM (customers c JOIN customers d USING (id)) j"),
+            ["*", "j"]
+        );
+        assert_eq!(
+            columns("SELECT x FROM customers c, unnest(ARRAY[c.ssn]) x WHERE c.id = 1"),
+            ["*", "ssn", "x"]
+        );
+        assert_eq!(
+            columns("SELECT value FROM customers c, jsonb_each_text(to_jsonb(c))"),
+            ["*", "c", "value"]
+        );
         // Only what a query returns: a filter's columns are not.
         assert!(columns("SELECT count(*) FROM c WHERE name = 'x' GROUP BY ssn").is_empty());
     }
