@@ -4,8 +4,9 @@
 //! HAProxy's `send-proxy-v2` does; the node lists 127.0.0.2 in `node.proxy_protocol_from`. Judged
 //! by the node's records: a client through the balancer is recorded with its own address and
 //! the balancer's apart; a client that connects directly from 127.0.0.1 is recorded with its
-//! own address, and if it sends a header of its own it is refused, recorded with its real
-//! address, and the address it claimed is on no record.
+//! own address, and if it sends a header of its own (at once, or begun and not finished within
+//! 5 s) it is refused, recorded with its real address, and the address it claimed is on no
+//! record.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -270,6 +271,37 @@ async fn t13_ssh_kubernetes_and_api_clients_behind_a_proxy_protocol_balancer() {
     // The API's records are the SSH certificate endpoint's.
     let claim = claim_directly(&node, api_addr).await;
     refusal_on_record(&node, "ssh", claim).await;
+
+    phase("a header begun and not finished within 5 s is refused the same way");
+    // An outside review: the first byte, then the rest 6 s later, escaped the refusal and its
+    // record (the listener took the connection as the protocol's own).
+    let after = node.records().await.len();
+    let mut s = TcpStream::connect(kube_addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    let header = v2_header(CLAIMED.parse().unwrap(), kube_addr);
+    s.write_all(&header[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let _ = s.write_all(&header[1..]).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the node closes the connection")
+        .ok();
+    let records = records_until(&node, "the slow header's refusal", |r| {
+        !of_client(&r[after.min(r.len())..], "kubernetes", me).is_empty()
+    })
+    .await;
+    let mine = of_client(&records[after..], "kubernetes", me);
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].body.kind, Kind::ProtocolError);
+    assert_eq!(
+        mine[0].body.detail.as_deref(),
+        Some(
+            format!("refused: {me} began a PROXY protocol header and did not finish it within 5 s")
+                .as_str()
+        )
+    );
+
     let records = node.records().await;
     assert!(
         records.iter().all(|r| r
@@ -280,5 +312,5 @@ async fn t13_ssh_kubernetes_and_api_clients_behind_a_proxy_protocol_balancer() {
         "the claimed address is on no record"
     );
     let metrics = node.metrics().await;
-    assert!(metric(&metrics, "vigil_protocol_errors_total") >= 3.0);
+    assert!(metric(&metrics, "vigil_protocol_errors_total") >= 4.0);
 }

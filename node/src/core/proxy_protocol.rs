@@ -425,20 +425,37 @@ pub async fn admit(
         Origin::direct(peer)
     };
     if first == FirstWord::Client {
-        let peeked = tokio::time::timeout(HEADER_TIMEOUT, peek_start(tcp)).await;
-        if let Ok(Ok(Start::Header(version))) = peeked {
-            return Err(refuse(core, protocol, origin, refusal(version, &origin)));
+        // A client that begins a signature and does not finish it in time is refused as one
+        // that sends it whole (an outside review: a header sent slowly escaped its refusal
+        // and its record).
+        let mut seen = Start::Other;
+        let peeked = tokio::time::timeout(HEADER_TIMEOUT, peek_start(tcp, &mut seen)).await;
+        match peeked {
+            Ok(Ok(Start::Header(version))) => {
+                return Err(refuse(core, protocol, origin, refusal(version, &origin)));
+            }
+            Err(_) if seen == Start::Undecided => {
+                let why = format!(
+                    "refused: {} began a PROXY protocol header and did not finish it within {} s",
+                    origin.client,
+                    HEADER_TIMEOUT.as_secs()
+                );
+                return Err(refuse(core, protocol, origin, why));
+            }
+            _ => {}
         }
     }
     Ok(origin)
 }
 
-/// What the first bytes waiting on `tcp` are, without taking them.
-async fn peek_start(tcp: &TcpStream) -> std::io::Result<Start> {
+/// What the first bytes waiting on `tcp` are, without taking them; `seen` says what they were
+/// at the last look, for a caller that stops waiting first.
+async fn peek_start(tcp: &TcpStream, seen: &mut Start) -> std::io::Result<Start> {
     let mut buf = [0u8; SIGNATURE.len()];
     loop {
         let n = tcp.peek(&mut buf).await?;
-        match start(&buf[..n]) {
+        *seen = start(&buf[..n]);
+        match *seen {
             // Peeking again returns at once while nothing new arrived.
             Start::Undecided => tokio::time::sleep(Duration::from_millis(20)).await,
             decided => return Ok(decided),
@@ -753,6 +770,27 @@ mod tests {
         assert_eq!(start(&[0x16, 3, 1]), Start::Other);
         assert_eq!(start(b"SSH-2.0-OpenSSH_9.2"), Start::Other);
         assert_eq!(start(b"PROXIMA"), Start::Other);
+    }
+
+    /// A signature begun and not finished leaves the look undecided when the caller stops
+    /// waiting; bytes that decide, decide.
+    #[tokio::test]
+    async fn a_begun_signature_is_seen_undecided() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"\r\n").await.unwrap();
+        let mut seen = Start::Other;
+        let waited = Duration::from_millis(200);
+        let peeked = tokio::time::timeout(waited, peek_start(&server, &mut seen)).await;
+        assert!(peeked.is_err());
+        assert_eq!(seen, Start::Undecided);
+        client.write_all(&SIGNATURE[2..]).await.unwrap();
+        let peeked = tokio::time::timeout(waited, peek_start(&server, &mut seen)).await;
+        assert_eq!(peeked.unwrap().unwrap(), Start::Header(Version::V2));
     }
 
     #[tokio::test]
