@@ -299,7 +299,8 @@ struct VerifyArgs {
     #[arg(long, value_name = "FILE")]
     witness_ca: Option<PathBuf>,
     /// With --witness: expect only the streams of these node ids (`id,…`) in the source; the
-    /// witness's streams of other nodes are left out.
+    /// witness's streams of other nodes are not expected (those the source holds are still
+    /// checked against it).
     #[arg(long, value_delimiter = ',', requires = "witness")]
     nodes: Vec<String>,
     /// Report streams that a checkpoint names (the witness's or the topic's) but of which the
